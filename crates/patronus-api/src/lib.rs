@@ -1,0 +1,30 @@
+//! Types shared by the Patronus controller, edge and CLI.
+//!
+//! Everything here is data with a serde shape: the controller stores and serves these types, the
+//! edge receives them in its configuration, and the path engine (`patronus-core`) compiles them.
+//!
+//! Values are parsed into valid types at the boundary ("parse, don't validate"): a [`Prefix`],
+//! a [`Name`], a [`PortRange`] or a [`Dscp`] cannot hold an invalid value once built, so a
+//! malformed document fails in deserialization with a message naming the problem. Rules that
+//! span several fields (a port range on ICMP, a failover interval out of range, two policies with
+//! the same order) are checked by `validate()`, which reports every problem with the dotted path
+//! of the offending key, never only the first.
+
+mod error;
+mod failover;
+mod link;
+mod name;
+mod policy;
+mod prefix;
+mod sla;
+
+pub use error::{FieldError, FieldErrors};
+pub use failover::FailoverSettings;
+pub use link::{Link, LinkKind};
+pub use name::{Name, NameError};
+pub use policy::{
+    Dscp, LinkPreference, Match, MeteredUse, Policy, PortRange, Protocol, SteeringMode,
+    validate_policies,
+};
+pub use prefix::{Prefix, PrefixError};
+pub use sla::SlaClass;
