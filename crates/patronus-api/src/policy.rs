@@ -359,7 +359,8 @@ impl Policy {
         let mut errs = FieldErrors::default();
         let m = &self.matches;
         if let Some(p) = m.protocol {
-            if !p.has_ports() && !(m.src_ports.is_empty() && m.dst_ports.is_empty()) {
+            let has_port_ranges = !(m.src_ports.is_empty() && m.dst_ports.is_empty());
+            if !p.has_ports() && has_port_ranges {
                 errs.push(
                     "match.protocol",
                     format!("{p} has no ports, but the policy matches ports"),

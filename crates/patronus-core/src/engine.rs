@@ -1,0 +1,917 @@
+//! The engine: peers, their paths, the flow table and the timers, behind the verb set of a
+//! sans-IO state machine (`decide`, `handle_*`, `poll_*`).
+//!
+//! # Flow table
+//!
+//! A flow (5-tuple) is classified and routed once, on its first packet; its decision is cached
+//! with its peer's *epoch*. Every packet of the flow then costs one hash lookup and one integer
+//! compare (the fast path). A peer's epoch changes whenever something about its paths changes
+//! that could move a flow: a path goes Up or Down, starts or stops meeting a class's SLA, ends a
+//! hold-down, is added or removed. The next packet of each flow of that peer then reconsiders its
+//! decision under the move rule of [`crate::select`]. A policy change reclassifies every flow on
+//! its next packet the same way. So a failover moves every flow on the dead path the moment
+//! each sends its next packet, and costs nothing for flows of other peers.
+//!
+//! The table is bounded (`flow_capacity`). Flows idle for `flow_idle_timeout` are forgotten by a
+//! sweep that runs every quarter of the timeout (at most once a second); an expired flow is simply
+//! decided afresh on its next packet. When the table is full, new flows are still decided and
+//! forwarded, just not cached (counted in [`EngineStats::flow_table_full`]).
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::time::{Duration, Instant};
+
+use patronus_api::{
+    FailoverSettings, FieldErrors, Link, Name, Policy, Prefix, SlaClass, SteeringMode,
+    validate_policies,
+};
+use rustc_hash::FxHashMap;
+
+use crate::classify::Classifier;
+use crate::packet::{FlowKey, PacketMeta};
+use crate::path::{Ctx, LinkEnd, Path, PathCounters};
+use crate::probe::{self, NtpTime, PROBE_LEN, ProbeError, ProbeReply};
+use crate::route::RouteTable;
+use crate::score::{SlaBounds, score};
+use crate::select::{self, Cand, Profile};
+use crate::{ClassId, Decision, DropReason, Event, MoveReason, PathId, PathState, PeerId};
+
+/// Events kept for `poll_event` before the oldest are dropped (and counted).
+const MAX_QUEUED_EVENTS: usize = 65_536;
+
+/// Everything the engine is configured with. The same types the controller stores.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub failover: FailoverSettings,
+    pub classes: Vec<SlaClass>,
+    pub policies: Vec<Policy>,
+    /// The class of traffic no policy matches.
+    pub default_class: Name,
+    pub default_steering: SteeringMode,
+    /// Most flows cached at once. Each costs about 100 bytes.
+    pub flow_capacity: usize,
+    /// A flow with no packet for this long is forgotten (and decided afresh if it returns).
+    pub flow_idle_timeout: Duration,
+    /// Resolved probes the loss estimate is computed over (2 s of an active path at the default
+    /// cadence, 10 s of a standby one). Longer is steadier, shorter reacts faster.
+    pub loss_window: usize,
+    /// Tags this run's probes so that replies to a previous run are refused; pick it at random
+    /// when the edge starts.
+    pub instance: u32,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            failover: FailoverSettings::default(),
+            classes: SlaClass::builtins(),
+            policies: Vec::new(),
+            default_class: Name::new("business").expect("a valid name"),
+            default_steering: SteeringMode::BestQuality,
+            flow_capacity: 262_144,
+            flow_idle_timeout: Duration::from_secs(120),
+            loss_window: 100,
+            instance: 0,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Every problem, by key.
+    pub fn validate(&self) -> Result<(), FieldErrors> {
+        let mut errs = FieldErrors::default();
+        if let Err(e) = self.failover.validate() {
+            errs.extend_prefixed("failover", e);
+        }
+        if self.classes.is_empty() || self.classes.len() > 64 {
+            errs.push(
+                "classes",
+                format!("need 1 to 64 classes, got {}", self.classes.len()),
+            );
+        }
+        for (i, c) in self.classes.iter().enumerate() {
+            if let Err(e) = c.validate() {
+                errs.extend_prefixed(&format!("classes[{i}]"), e);
+            }
+            if self.classes[..i].iter().any(|o| o.name == c.name) {
+                errs.push(
+                    format!("classes[{i}].name"),
+                    format!("another class is named {}", c.name),
+                );
+            }
+        }
+        if let Err(e) = validate_policies(&self.policies, &self.classes) {
+            errs.0.extend(e.0);
+        }
+        if !self.classes.iter().any(|c| c.name == self.default_class) {
+            errs.push(
+                "default_class",
+                format!("no SLA class named {:?}", self.default_class.as_str()),
+            );
+        }
+        if !(10..=1000).contains(&self.loss_window) {
+            errs.push(
+                "loss_window",
+                format!("must be within 10..=1000, got {}", self.loss_window),
+            );
+        }
+        if self.flow_capacity == 0 {
+            errs.push("flow_capacity", "must be at least 1");
+        }
+        if self.flow_idle_timeout < Duration::from_secs(1) {
+            errs.push("flow_idle_timeout", "must be at least 1 s");
+        }
+        errs.into_result()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Invalid(#[from] FieldErrors),
+    #[error("prefix {prefix} already belongs to peer {owner}")]
+    PrefixTaken { prefix: Prefix, owner: String },
+    #[error("no peer {0:?}")]
+    UnknownPeer(PeerId),
+    #[error("peer {peer} already has a path from local link {local} to remote link {remote}")]
+    DuplicatePath {
+        peer: String,
+        local: Name,
+        remote: Name,
+    },
+    #[error("a peer may have at most 65536 links and an edge at most 65536 local links")]
+    TooManyLinks,
+}
+
+/// A probe to send: the payload of a UDP datagram to the peer's STAMP port, inside the tunnel
+/// of `path`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transmit {
+    pub path: PathId,
+    pub payload: [u8; PROBE_LEN],
+}
+
+/// Engine-wide counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub packets: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub reconsidered: u64,
+    pub dropped_no_route: u64,
+    pub dropped_no_path: u64,
+    pub dropped_sla: u64,
+    pub flow_table_full: u64,
+    pub flows_expired: u64,
+    pub events_dropped: u64,
+    pub probe_requests_rejected: u64,
+    pub replies_rejected: u64,
+}
+
+/// A path as export and status see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PathSnapshot {
+    pub id: PathId,
+    pub peer: PeerId,
+    pub peer_name: String,
+    pub local_link: Name,
+    pub remote_link: Name,
+    pub state: PathState,
+    pub up_since: Option<Instant>,
+    /// Smoothed RTT, and percentiles over the last [`crate::estimate::RTT_WINDOW`] samples.
+    pub rtt: Option<Duration>,
+    pub rtt_p50: Option<Duration>,
+    pub rtt_p90: Option<Duration>,
+    pub rtt_p99: Option<Duration>,
+    pub jitter: Duration,
+    /// Loss fraction over the window, and how many resolved probes the window holds.
+    pub loss: f64,
+    pub loss_samples: u32,
+    pub probe_interval: Duration,
+    pub flows: u32,
+    pub flaps: u64,
+    pub counters: PathCounters,
+    pub classes: Vec<ClassHealthSnapshot>,
+}
+
+/// How a path stands for one class.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassHealthSnapshot {
+    pub class: ClassId,
+    pub name: Name,
+    /// The score (see [`crate::score`]); `None` when the path is Down.
+    pub score: Option<f64>,
+    pub meets_sla: bool,
+    /// Meets the SLA and is out of hold-down: may attract flows.
+    pub eligible: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Flow {
+    peer: PeerId,
+    profile: u32,
+    decision: Decision,
+    epoch: u32,
+    cfg_gen: u32,
+    last_seen: Instant,
+    /// When the flow took its current path.
+    settled: Instant,
+}
+
+#[derive(Debug)]
+struct Peer {
+    name: String,
+    paths: Vec<PathId>,
+    remote_links: Vec<Name>,
+    epoch: u32,
+}
+
+/// The path engine of one edge. See the crate documentation for how to drive it.
+#[derive(Debug)]
+pub struct Engine {
+    settings: FailoverSettings,
+    margin: f64,
+    classes: Vec<SlaClass>,
+    bounds: Vec<SlaBounds>,
+    default_class: Name,
+    default_steering: SteeringMode,
+    classifier: Classifier,
+    /// One per enabled policy in evaluation order, then the default.
+    profiles: Vec<Profile>,
+    profile_names: Vec<Option<Name>>,
+    routes: RouteTable,
+    peers: Vec<Peer>,
+    paths: Vec<Option<Path>>,
+    local_links: Vec<Name>,
+    flows: FxHashMap<FlowKey, Flow>,
+    flow_capacity: usize,
+    flow_idle: Duration,
+    loss_window: usize,
+    instance: u32,
+    epoch: Instant,
+    cfg_gen: u32,
+    timers: BinaryHeap<Reverse<(Instant, u32, u32)>>,
+    next_sweep: Instant,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<(Instant, Event)>,
+    scratch_events: Vec<Event>,
+    scratch_cands: Vec<Cand>,
+    scratch_due: Vec<(u32, u32)>,
+    stats: EngineStats,
+}
+
+fn compile(
+    policies: &[Policy],
+    classes: &[SlaClass],
+    default_class: &Name,
+    default_steering: SteeringMode,
+) -> (Classifier, Vec<Profile>, Vec<Option<Name>>) {
+    let class_id = |n: &Name| ClassId(classes.iter().position(|c| &c.name == n).unwrap_or(0) as u8);
+    let mut active: Vec<&Policy> = policies.iter().filter(|p| p.enabled).collect();
+    active.sort_by_key(|p| p.order);
+    let classifier = Classifier::new(&active.iter().map(|p| &p.matches).collect::<Vec<_>>());
+    let mut profiles: Vec<Profile> = active
+        .iter()
+        .map(|p| Profile {
+            class: class_id(&p.class),
+            mode: p.steering,
+            only: select::kinds(&p.links.only),
+            avoid: select::kinds(&p.links.avoid),
+            prefer: select::kinds(&p.links.prefer),
+            metered: p.links.metered,
+            strict: p.strict,
+        })
+        .collect();
+    let mut names: Vec<Option<Name>> = active.iter().map(|p| Some(p.name.clone())).collect();
+    profiles.push(Profile {
+        class: class_id(default_class),
+        mode: default_steering,
+        only: 0,
+        avoid: 0,
+        prefer: 0,
+        metered: patronus_api::MeteredUse::Allow,
+        strict: false,
+    });
+    names.push(None);
+    (classifier, profiles, names)
+}
+
+/// Schedules a path's next wake-up, unless an earlier one is already in the heap (an early
+/// wake-up finds nothing due and reschedules).
+fn reschedule(
+    timers: &mut BinaryHeap<Reverse<(Instant, u32, u32)>>,
+    p: &mut Path,
+    settings: &FailoverSettings,
+) {
+    let wake = p.next_wake(settings);
+    if p.scheduled.is_none_or(|s| wake < s) {
+        p.timer_gen = p.timer_gen.wrapping_add(1);
+        p.scheduled = Some(wake);
+        timers.push(Reverse((wake, p.id.0, p.timer_gen)));
+    }
+}
+
+fn release(paths: &mut [Option<Path>], d: Decision) {
+    for id in d.paths() {
+        if let Some(Some(p)) = paths.get_mut(id.0 as usize) {
+            p.flows = p.flows.saturating_sub(1);
+        }
+    }
+}
+
+fn acquire(paths: &mut [Option<Path>], d: Decision) {
+    for id in d.paths() {
+        if let Some(Some(p)) = paths.get_mut(id.0 as usize) {
+            p.flows += 1;
+        }
+    }
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig, now: Instant) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let (classifier, profiles, profile_names) = compile(
+            &config.policies,
+            &config.classes,
+            &config.default_class,
+            config.default_steering,
+        );
+        Ok(Self {
+            margin: f64::from(config.failover.min_improvement_pct) / 100.0,
+            settings: config.failover,
+            bounds: config.classes.iter().map(SlaBounds::from_class).collect(),
+            classes: config.classes,
+            default_class: config.default_class,
+            default_steering: config.default_steering,
+            classifier,
+            profiles,
+            profile_names,
+            routes: RouteTable::default(),
+            peers: Vec::new(),
+            paths: Vec::new(),
+            local_links: Vec::new(),
+            flows: FxHashMap::default(),
+            flow_capacity: config.flow_capacity,
+            flow_idle: config.flow_idle_timeout,
+            loss_window: config.loss_window,
+            instance: config.instance,
+            epoch: now,
+            cfg_gen: 0,
+            timers: BinaryHeap::new(),
+            next_sweep: now + config.flow_idle_timeout / 4,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            scratch_events: Vec::new(),
+            scratch_cands: Vec::new(),
+            scratch_due: Vec::new(),
+            stats: EngineStats::default(),
+        })
+    }
+
+    /// Replaces the policies. Every flow is reclassified on its next packet; a flow whose class
+    /// and path stay acceptable keeps its path.
+    pub fn set_policies(&mut self, policies: Vec<Policy>) -> Result<(), ConfigError> {
+        validate_policies(&policies, &self.classes)?;
+        let (classifier, profiles, names) = compile(
+            &policies,
+            &self.classes,
+            &self.default_class,
+            self.default_steering,
+        );
+        self.classifier = classifier;
+        self.profiles = profiles;
+        self.profile_names = names;
+        self.cfg_gen = self.cfg_gen.wrapping_add(1);
+        Ok(())
+    }
+
+    /// Adds a peer site and the LAN prefixes behind it.
+    pub fn add_peer(&mut self, name: &str, lan_prefixes: &[Prefix]) -> Result<PeerId, ConfigError> {
+        let id = PeerId(self.peers.len() as u32);
+        for (i, prefix) in lan_prefixes.iter().enumerate() {
+            if let Err(owner) = self.routes.insert(*prefix, id) {
+                // Undo this peer's earlier prefixes; the table is as it was.
+                if i > 0 {
+                    self.routes.remove_peer(id);
+                }
+                return Err(ConfigError::PrefixTaken {
+                    prefix: *prefix,
+                    owner: self.peers[owner.0 as usize].name.clone(),
+                });
+            }
+        }
+        self.peers.push(Peer {
+            name: name.to_owned(),
+            paths: Vec::new(),
+            remote_links: Vec::new(),
+            epoch: 0,
+        });
+        Ok(id)
+    }
+
+    /// Adds the path from one of our links to one of the peer's links. It starts Down and is
+    /// probed at once.
+    pub fn add_path(
+        &mut self,
+        peer: PeerId,
+        local: &Link,
+        remote: &Link,
+        now: Instant,
+    ) -> Result<PathId, ConfigError> {
+        let p = self
+            .peers
+            .get_mut(peer.0 as usize)
+            .ok_or(ConfigError::UnknownPeer(peer))?;
+        let intern = |names: &mut Vec<Name>, n: &Name| -> Result<u16, ConfigError> {
+            let i = match names.iter().position(|x| x == n) {
+                Some(i) => i,
+                None => {
+                    names.push(n.clone());
+                    names.len() - 1
+                }
+            };
+            u16::try_from(i).map_err(|_| ConfigError::TooManyLinks)
+        };
+        let remote_id = intern(&mut p.remote_links, &remote.name)?;
+        let local_id = intern(&mut self.local_links, &local.name)?;
+        let duplicate = p.paths.iter().any(|id| {
+            self.paths[id.0 as usize]
+                .as_ref()
+                .is_some_and(|q| q.local.id == local_id && q.remote.id == remote_id)
+        });
+        if duplicate {
+            return Err(ConfigError::DuplicatePath {
+                peer: p.name.clone(),
+                local: local.name.clone(),
+                remote: remote.name.clone(),
+            });
+        }
+        let end = |id, l: &Link| LinkEnd {
+            id,
+            name: l.name.clone(),
+            kind: l.kind,
+            metered: l.metered,
+            cost_per_gb: l.cost_per_gb.unwrap_or(0.0),
+            priority: l.priority,
+        };
+        let capacity = match (local.up_kbps, remote.down_kbps) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => 0,
+        };
+        let id = PathId(self.paths.len() as u32);
+        let mut path = Path::new(
+            id,
+            peer,
+            end(local_id, local),
+            end(remote_id, remote),
+            capacity,
+            self.classes.len(),
+            self.loss_window,
+            &self.settings,
+            now,
+        );
+        reschedule(&mut self.timers, &mut path, &self.settings);
+        self.paths.push(Some(path));
+        p.paths.push(id);
+        p.epoch = p.epoch.wrapping_add(1);
+        Ok(id)
+    }
+
+    /// Removes a path; its flows move on their next packet.
+    pub fn remove_path(&mut self, id: PathId) {
+        let Some(slot) = self.paths.get_mut(id.0 as usize) else {
+            return;
+        };
+        if let Some(p) = slot.take() {
+            if let Some(peer) = self.peers.get_mut(p.peer.0 as usize) {
+                peer.paths.retain(|x| *x != id);
+                peer.epoch = peer.epoch.wrapping_add(1);
+            }
+        }
+    }
+
+    /// Decides what to do with a packet from the LAN: the per-packet fast path.
+    pub fn decide(&mut self, meta: &PacketMeta, len: usize, now: Instant) -> Decision {
+        self.stats.packets += 1;
+        if let Some(flow) = self.flows.get_mut(&meta.key) {
+            let fresh = flow.cfg_gen == self.cfg_gen
+                && self
+                    .peers
+                    .get(flow.peer.0 as usize)
+                    .is_some_and(|p| p.epoch == flow.epoch);
+            if fresh {
+                flow.last_seen = now;
+                let d = flow.decision;
+                self.stats.cache_hits += 1;
+                self.account_tx(d, len, now);
+                return d;
+            }
+        }
+        self.decide_slow(meta, len, now)
+    }
+
+    fn account_tx(&mut self, d: Decision, len: usize, now: Instant) {
+        for id in d.paths() {
+            if let Some(Some(p)) = self.paths.get_mut(id.0 as usize) {
+                if p.on_data_sent(len, now, &self.settings) {
+                    reschedule(&mut self.timers, p, &self.settings);
+                }
+            }
+        }
+    }
+
+    fn decide_slow(&mut self, meta: &PacketMeta, len: usize, now: Instant) -> Decision {
+        let key = meta.key;
+        let existing = self.flows.get(&key).copied();
+        match existing {
+            Some(_) => self.stats.reconsidered += 1,
+            None => self.stats.cache_misses += 1,
+        }
+        let classified = existing
+            .filter(|f| f.cfg_gen == self.cfg_gen)
+            .map(|f| (f.peer, f.profile));
+        let (peer, profile_idx) = match classified {
+            Some(x) => x,
+            None => {
+                let Some(peer) = self.routes.lookup(key.dst_bits(), key.is_ipv6()) else {
+                    if let Some(f) = existing {
+                        self.flows.remove(&key);
+                        release(&mut self.paths, f.decision);
+                    }
+                    self.stats.dropped_no_route += 1;
+                    return Decision::Drop(DropReason::NoRoute);
+                };
+                let default = self.profiles.len() - 1;
+                (
+                    peer,
+                    self.classifier.classify(meta).unwrap_or(default) as u32,
+                )
+            }
+        };
+        let profile = &self.profiles[profile_idx as usize];
+        let Some(peer_ref) = self.peers.get(peer.0 as usize) else {
+            return Decision::Drop(DropReason::NoRoute);
+        };
+        let mut cands = std::mem::take(&mut self.scratch_cands);
+        select::candidates(
+            &peer_ref.paths,
+            &self.paths,
+            &self.bounds,
+            profile,
+            now,
+            &mut cands,
+        );
+        let (decision, moved) = match existing {
+            Some(f) if f.peer == peer => {
+                let paths = &self.paths;
+                let r =
+                    select::reconsider(&cands, profile, f.decision, f.settled, self.margin, |id| {
+                        match paths.get(id.0 as usize) {
+                            Some(Some(p)) if p.state == PathState::Down => MoveReason::PathDown,
+                            Some(Some(_)) => MoveReason::PolicyChanged,
+                            _ => MoveReason::PathRemoved,
+                        }
+                    });
+                (r.decision, r.moved)
+            }
+            Some(_) => (
+                select::choose(&cands, profile),
+                Some(MoveReason::PolicyChanged),
+            ),
+            None => (select::choose(&cands, profile), None),
+        };
+        self.scratch_cands = cands;
+
+        if let (Some(reason), Some(f)) = (moved, existing) {
+            if let (Some(from), Some(to)) = (f.decision.primary(), decision.primary()) {
+                if from != to {
+                    self.push_event(
+                        now,
+                        Event::FlowMoved {
+                            flow: key,
+                            from,
+                            to,
+                            reason,
+                        },
+                    );
+                }
+            }
+        }
+        match decision {
+            Decision::Drop(DropReason::NoPath) => self.stats.dropped_no_path += 1,
+            Decision::Drop(DropReason::SlaUnavailable) => self.stats.dropped_sla += 1,
+            _ => {}
+        }
+        let settled = match existing {
+            Some(f) if f.decision.primary() == decision.primary() => f.settled,
+            _ => now,
+        };
+        let flow = Flow {
+            peer,
+            profile: profile_idx,
+            decision,
+            epoch: self.peers[peer.0 as usize].epoch,
+            cfg_gen: self.cfg_gen,
+            last_seen: now,
+            settled,
+        };
+        let cached = match existing {
+            Some(old) => {
+                if old.decision != decision {
+                    release(&mut self.paths, old.decision);
+                    acquire(&mut self.paths, decision);
+                }
+                true
+            }
+            None => {
+                if self.flows.len() >= self.flow_capacity {
+                    self.sweep(now);
+                }
+                if self.flows.len() < self.flow_capacity {
+                    acquire(&mut self.paths, decision);
+                    true
+                } else {
+                    self.stats.flow_table_full += 1;
+                    false
+                }
+            }
+        };
+        if cached {
+            self.flows.insert(key, flow);
+        }
+        self.account_tx(decision, len, now);
+        decision
+    }
+
+    /// A probe reply arrived on `path`. Refused replies change nothing but a counter.
+    pub fn handle_probe_reply(
+        &mut self,
+        path: PathId,
+        bytes: &[u8],
+        now: Instant,
+    ) -> Result<(), ProbeError> {
+        let result = ProbeReply::decode(bytes);
+        let Some(Some(p)) = self.paths.get_mut(path.0 as usize) else {
+            self.stats.replies_rejected += 1;
+            return Err(result.err().unwrap_or(ProbeError::UnknownPath(path.0)));
+        };
+        let ctx = Ctx {
+            settings: &self.settings,
+            classes: &self.bounds,
+            instance: self.instance,
+            epoch: self.epoch,
+        };
+        let outcome =
+            result.and_then(|reply| p.on_reply(&reply, now, &ctx, &mut self.scratch_events));
+        match outcome {
+            Ok(change) => {
+                if change.any() {
+                    if let Some(peer) = self.peers.get_mut(p.peer.0 as usize) {
+                        peer.epoch = peer.epoch.wrapping_add(1);
+                    }
+                }
+                reschedule(&mut self.timers, p, &self.settings);
+                self.flush_events(now);
+                Ok(())
+            }
+            Err(e) => {
+                p.counters.replies_rejected += 1;
+                self.stats.replies_rejected += 1;
+                Err(e)
+            }
+        }
+    }
+
+    /// A probe request arrived on `path` (with the IP TTL or hop limit it arrived with, 0 if
+    /// unknown): returns the reply to send back on the same path. Requests prove only one
+    /// direction, so they are not evidence of life.
+    pub fn handle_probe_request(
+        &mut self,
+        path: PathId,
+        bytes: &[u8],
+        ttl: u8,
+        now: Instant,
+    ) -> Result<[u8; PROBE_LEN], ProbeError> {
+        let t = NtpTime::from_duration(now.saturating_duration_since(self.epoch));
+        let reply = probe::reflect(bytes, t, t, ttl);
+        match (&reply, self.paths.get_mut(path.0 as usize)) {
+            (Err(_), _) => self.stats.probe_requests_rejected += 1,
+            (Ok(_), Some(Some(p))) => p.counters.probes_reflected += 1,
+            (Ok(_), _) => {}
+        }
+        reply
+    }
+
+    /// A data packet of `len` bytes arrived from the peer on `path`.
+    pub fn handle_data_received(&mut self, path: PathId, len: usize, now: Instant) {
+        if let Some(Some(p)) = self.paths.get_mut(path.0 as usize) {
+            if p.on_data_received(len, now, &self.settings) {
+                reschedule(&mut self.timers, p, &self.settings);
+            }
+        }
+    }
+
+    /// Runs everything due at `now`: probes, loss and Down detection, hold-down ends, flow
+    /// expiry. Call it when [`Engine::poll_timeout`] is reached (calling it early is harmless).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let mut due = std::mem::take(&mut self.scratch_due);
+        due.clear();
+        while let Some(&Reverse((at, idx, tgen))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            due.push((idx, tgen));
+        }
+        for &(idx, tgen) in &due {
+            let Some(Some(p)) = self.paths.get_mut(idx as usize) else {
+                continue;
+            };
+            if p.timer_gen != tgen {
+                continue;
+            }
+            p.scheduled = None;
+            let ctx = Ctx {
+                settings: &self.settings,
+                classes: &self.bounds,
+                instance: self.instance,
+                epoch: self.epoch,
+            };
+            let (change, probe) = p.on_timeout(now, &ctx, &mut self.scratch_events);
+            if let Some(payload) = probe {
+                self.transmits.push_back(Transmit {
+                    path: p.id,
+                    payload,
+                });
+            }
+            if change.any() {
+                if let Some(peer) = self.peers.get_mut(p.peer.0 as usize) {
+                    peer.epoch = peer.epoch.wrapping_add(1);
+                }
+            }
+            reschedule(&mut self.timers, p, &self.settings);
+        }
+        self.scratch_due = due;
+        if now >= self.next_sweep {
+            self.sweep(now);
+        }
+        self.flush_events(now);
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        let idle = self.flow_idle;
+        let paths = &mut self.paths;
+        let before = self.flows.len();
+        self.flows.retain(|_, f| {
+            let keep = now.saturating_duration_since(f.last_seen) < idle;
+            if !keep {
+                release(paths, f.decision);
+            }
+            keep
+        });
+        self.stats.flows_expired += (before - self.flows.len()) as u64;
+        self.next_sweep = now + (idle / 4).max(Duration::from_secs(1));
+    }
+
+    /// When the engine next needs [`Engine::handle_timeout`]. Drain `poll_transmit` and
+    /// `poll_event` first.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        while let Some(&Reverse((_, idx, tgen))) = self.timers.peek() {
+            let live = matches!(self.paths.get(idx as usize), Some(Some(p)) if p.timer_gen == tgen);
+            if live {
+                break;
+            }
+            self.timers.pop();
+        }
+        let timer = self.timers.peek().map(|Reverse((at, _, _))| *at);
+        let sweep = (!self.flows.is_empty()).then_some(self.next_sweep);
+        match (timer, sweep) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The next probe to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event, with the time it happened.
+    pub fn poll_event(&mut self) -> Option<(Instant, Event)> {
+        self.events.pop_front()
+    }
+
+    fn push_event(&mut self, now: Instant, e: Event) {
+        if self.events.len() >= MAX_QUEUED_EVENTS {
+            self.events.pop_front();
+            self.stats.events_dropped += 1;
+        }
+        self.events.push_back((now, e));
+    }
+
+    fn flush_events(&mut self, now: Instant) {
+        let mut evs = std::mem::take(&mut self.scratch_events);
+        for e in evs.drain(..) {
+            self.push_event(now, e);
+        }
+        self.scratch_events = evs;
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        self.stats
+    }
+
+    pub fn flow_count(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// The cached decision of a flow, if it is in the table.
+    pub fn flow_decision(&self, key: &FlowKey) -> Option<Decision> {
+        self.flows.get(key).map(|f| f.decision)
+    }
+
+    /// The class and policy name (None for the default) a cached flow was classified into.
+    pub fn flow_class(&self, key: &FlowKey) -> Option<(ClassId, Option<&Name>)> {
+        let f = self.flows.get(key)?;
+        let i = f.profile as usize;
+        Some((
+            self.profiles.get(i)?.class,
+            self.profile_names.get(i)?.as_ref(),
+        ))
+    }
+
+    pub fn class_id(&self, name: &str) -> Option<ClassId> {
+        self.classes
+            .iter()
+            .position(|c| c.name.as_str() == name)
+            .map(|i| ClassId(i as u8))
+    }
+
+    pub fn class_name(&self, id: ClassId) -> Option<&Name> {
+        self.classes.get(usize::from(id.0)).map(|c| &c.name)
+    }
+
+    pub fn peer_paths(&self, peer: PeerId) -> &[PathId] {
+        self.peers
+            .get(peer.0 as usize)
+            .map(|p| &p.paths[..])
+            .unwrap_or(&[])
+    }
+
+    pub fn path_ids(&self) -> impl Iterator<Item = PathId> + '_ {
+        self.paths.iter().flatten().map(|p| p.id)
+    }
+
+    /// The state of a path as export and status see it.
+    pub fn path(&self, id: PathId, now: Instant) -> Option<PathSnapshot> {
+        let p = self.paths.get(id.0 as usize)?.as_ref()?;
+        let live = p.state != PathState::Down;
+        Some(PathSnapshot {
+            id,
+            peer: p.peer,
+            peer_name: self
+                .peers
+                .get(p.peer.0 as usize)
+                .map(|x| x.name.clone())
+                .unwrap_or_default(),
+            local_link: p.local.name.clone(),
+            remote_link: p.remote.name.clone(),
+            state: p.state,
+            up_since: p.up_since,
+            rtt: if live { p.srtt() } else { None },
+            rtt_p50: p.rtt_percentile(0.5),
+            rtt_p90: p.rtt_percentile(0.9),
+            rtt_p99: p.rtt_percentile(0.99),
+            jitter: p.metrics.jitter,
+            loss: p.metrics.loss,
+            loss_samples: p.loss_samples(),
+            probe_interval: p.interval,
+            flows: p.flows,
+            flaps: p.flaps,
+            counters: p.counters,
+            classes: self
+                .classes
+                .iter()
+                .zip(&self.bounds)
+                .enumerate()
+                .map(|(i, (c, b))| {
+                    let class = ClassId(i as u8);
+                    ClassHealthSnapshot {
+                        class,
+                        name: c.name.clone(),
+                        score: live.then(|| score(&p.metrics, b)),
+                        meets_sla: live && p.classes[i].compliant,
+                        eligible: p.tier(class, now) == Some(0),
+                    }
+                })
+                .collect(),
+        })
+    }
+
+    /// The hold-down a path that became healthy now would serve (flap damping included).
+    pub fn hold_down(&self, id: PathId, now: Instant) -> Option<Duration> {
+        let p = self.paths.get(id.0 as usize)?.as_ref()?;
+        Some(p.hold_down(now, &self.settings))
+    }
+}

@@ -1,0 +1,680 @@
+//! One path (local link × remote link to one peer): its probes, estimators, state and health.
+//!
+//! # Model
+//!
+//! A path is `Down` until a reply to one of its probes arrives: only a reply proves that both
+//! directions work, so **a path is never Up without a reply**. A live path is `Up` when it meets
+//! every class's SLA and `Degraded` when it breaks at least one (see [`crate::score`]).
+//!
+//! **Liveness** is BFD-like. Evidence of life is a valid probe reply or a data packet received
+//! on the path (data proves only the peer-to-us direction; a path whose other direction died
+//! still goes Down, because the peer stops sending on a path whose probes it sees fail). A path
+//! is declared Down when no evidence arrived for
+//!
+//! ```text
+//! detection time = down_after_misses × probe interval + 4 × RTTVAR
+//! ```
+//!
+//! counted from the last evidence, or from one smoothed RTT after the probe interval last
+//! changed, whichever is later. The RTTVAR term keeps a jittery path from being declared Down by
+//! its own jitter; on a steady path it is close to zero. A sudden delay increase larger than the
+//! detection time looks like an outage and is treated as one. Probe requests *from* the peer are
+//! not evidence: they prove only one direction, and a peer keeps probing a path it sees Down.
+//!
+//! **Cadence**: a path that carries traffic (it has flows, or data crossed it in the last
+//! second) is probed every `active_probe_interval`; an idle or Down path every
+//! `standby_probe_interval`. **A Down path keeps being probed**, so it can come back. When a path
+//! becomes active, a probe goes out at once.
+//!
+//! **Health per class**: each class tracks whether the path meets it. A path that failed a class
+//! (broke its SLA, or went Down) must meet it continuously for the hold-down before it is
+//! *eligible* again, that is before it attracts flows that are elsewhere; until then it is used
+//! only when nothing eligible meets the class.
+//!
+//! **Flap damping**: each failure episode (going Down, or breaking some class's SLA) adds 1 to a
+//! penalty that halves every `flap_half_life`; the hold-down is multiplied by
+//! `2^(penalty - 1)` (at least 1, at most `max_hold_down`). A path that fails once waits the
+//! plain hold-down; one that keeps failing waits longer each time.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use patronus_api::{FailoverSettings, LinkKind};
+
+use crate::estimate::{Jitter, LossWindow, RttEstimator};
+use crate::probe::{NtpTime, PROBE_LEN, ProbeError, ProbeReply, ProbeRequest};
+use crate::score::{Metrics, SlaBounds};
+use crate::{ClassId, Event, PathId, PathState, PeerId};
+
+/// How long after data last crossed a path it still counts as active.
+pub const ACTIVE_GRACE: Duration = Duration::from_secs(1);
+/// How long a probe's record is kept after it was sent, to recognise late replies.
+const LATE_REPLY_WINDOW: Duration = Duration::from_secs(3);
+/// Bounds of the waiting time after which an unanswered probe counts as lost (RFC 7680's Tmax).
+const MIN_WAIT: Duration = Duration::from_millis(100);
+const MAX_WAIT: Duration = Duration::from_secs(2);
+/// Waiting time before the path has an RTT estimate.
+const INITIAL_WAIT: Duration = Duration::from_secs(1);
+/// The most probe records kept; beyond this the oldest are resolved (as lost if unanswered).
+const MAX_PENDING: usize = 1024;
+
+/// What changed in a path, so the engine knows whether flows must reconsider it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Change(u8);
+
+impl Change {
+    pub const NONE: Change = Change(0);
+    pub const STATE: Change = Change(1);
+    pub const COMPLIANCE: Change = Change(2);
+    pub const ELIGIBILITY: Change = Change(4);
+
+    pub fn any(self) -> bool {
+        self.0 != 0
+    }
+}
+
+impl std::ops::BitOr for Change {
+    type Output = Change;
+    fn bitor(self, rhs: Change) -> Change {
+        Change(self.0 | rhs.0)
+    }
+}
+
+impl std::ops::BitOrAssign for Change {
+    fn bitor_assign(&mut self, rhs: Change) {
+        self.0 |= rhs.0;
+    }
+}
+
+/// What the engine lends a path to act: settings, SLA classes and the probe clock.
+pub(crate) struct Ctx<'a> {
+    pub settings: &'a FailoverSettings,
+    pub classes: &'a [SlaBounds],
+    pub instance: u32,
+    pub epoch: Instant,
+}
+
+impl Ctx<'_> {
+    fn ntp(&self, now: Instant) -> NtpTime {
+        NtpTime::from_duration(now.saturating_duration_since(self.epoch))
+    }
+}
+
+/// One end of a path: a WAN link and what steering needs to know about it.
+#[derive(Debug, Clone)]
+pub(crate) struct LinkEnd {
+    /// Interned link id: unique per local link on this edge, per remote link within a peer.
+    pub id: u16,
+    pub name: patronus_api::Name,
+    pub kind: LinkKind,
+    pub metered: bool,
+    pub cost_per_gb: f64,
+    pub priority: u8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Waiting,
+    Received,
+    Lost,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    seq: u32,
+    sent: Instant,
+    t1: NtpTime,
+    deadline: Instant,
+    outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ClassHealth {
+    pub compliant: bool,
+    /// The path failed this class and has not yet been compliant for a full hold-down.
+    pub failed: bool,
+    /// When the hold-down ends (set while compliant and `failed`).
+    pub eligible_at: Option<Instant>,
+    /// When the path last broke this class's SLA.
+    pub violated_at: Option<Instant>,
+    /// When the path last became eligible for this class (met it, out of hold-down).
+    pub eligible_since: Option<Instant>,
+}
+
+/// Traffic and probe counters of a path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PathCounters {
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub probes_sent: u64,
+    pub probes_received: u64,
+    pub probes_lost: u64,
+    pub probes_late: u64,
+    pub replies_rejected: u64,
+    /// Probe requests from the peer answered on this path.
+    pub probes_reflected: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Path {
+    pub id: PathId,
+    pub peer: PeerId,
+    pub local: LinkEnd,
+    pub remote: LinkEnd,
+    /// Capacity in kbit/s in the sending direction (local up, remote down), 0 if unknown.
+    pub capacity_kbps: u64,
+    pub state: PathState,
+    pub up_since: Option<Instant>,
+    pub down_since: Option<Instant>,
+    last_evidence: Option<Instant>,
+    cadence_changed: Instant,
+    pub interval: Duration,
+    next_probe_at: Instant,
+    next_seq: u32,
+    pending: VecDeque<Pending>,
+    /// Records before this index are resolved.
+    cursor: usize,
+    rtt: RttEstimator,
+    fwd: Jitter,
+    rev: Jitter,
+    loss: LossWindow,
+    pub metrics: Metrics,
+    pub classes: Vec<ClassHealth>,
+    penalty: f64,
+    penalty_at: Instant,
+    pub flaps: u64,
+    pub flows: u32,
+    pub last_data: Option<Instant>,
+    pub counters: PathCounters,
+    /// Timer bookkeeping for the engine's heap.
+    pub timer_gen: u32,
+    pub scheduled: Option<Instant>,
+}
+
+impl Path {
+    #[allow(clippy::too_many_arguments)] // a constructor of a record with this many parts
+    pub fn new(
+        id: PathId,
+        peer: PeerId,
+        local: LinkEnd,
+        remote: LinkEnd,
+        capacity_kbps: u64,
+        classes: usize,
+        loss_window: usize,
+        settings: &FailoverSettings,
+        now: Instant,
+    ) -> Self {
+        Self {
+            id,
+            peer,
+            local,
+            remote,
+            capacity_kbps,
+            state: PathState::Down,
+            up_since: None,
+            down_since: None,
+            last_evidence: None,
+            cadence_changed: now,
+            interval: settings.standby_probe_interval(),
+            next_probe_at: now,
+            next_seq: 0,
+            pending: VecDeque::new(),
+            cursor: 0,
+            rtt: RttEstimator::default(),
+            fwd: Jitter::default(),
+            rev: Jitter::default(),
+            loss: LossWindow::new(loss_window),
+            metrics: Metrics::default(),
+            classes: vec![ClassHealth::default(); classes],
+            penalty: 0.0,
+            penalty_at: now,
+            flaps: 0,
+            flows: 0,
+            last_data: None,
+            counters: PathCounters::default(),
+            timer_gen: 0,
+            scheduled: None,
+        }
+    }
+
+    pub fn srtt(&self) -> Option<Duration> {
+        self.rtt.srtt()
+    }
+
+    pub fn rtt_percentile(&self, q: f64) -> Option<Duration> {
+        self.rtt.percentile(q)
+    }
+
+    pub fn loss_samples(&self) -> u32 {
+        self.loss.resolved()
+    }
+
+    /// 0 = eligible (meets the class, out of hold-down), 1 = meets it but in hold-down,
+    /// 2 = live but breaking it; `None` when Down.
+    pub fn tier(&self, class: ClassId, now: Instant) -> Option<u8> {
+        if self.state == PathState::Down {
+            return None;
+        }
+        let h = self.classes.get(usize::from(class.0))?;
+        Some(if !h.compliant {
+            2
+        } else if !h.failed || h.eligible_at.is_some_and(|t| t <= now) {
+            0
+        } else {
+            1
+        })
+    }
+
+    /// When the path became eligible for the class, if it is now.
+    pub fn eligible_since(&self, class: ClassId, now: Instant) -> Option<Instant> {
+        if self.tier(class, now) != Some(0) {
+            return None;
+        }
+        let h = self.classes.get(usize::from(class.0))?;
+        if h.failed {
+            h.eligible_at
+        } else {
+            h.eligible_since
+        }
+    }
+
+    fn is_active(&self, now: Instant) -> bool {
+        self.state != PathState::Down
+            && (self.flows > 0
+                || self
+                    .last_data
+                    .is_some_and(|t| now.saturating_duration_since(t) < ACTIVE_GRACE))
+    }
+
+    /// Data was sent on the path. Returns true when the path's next wake-up moved earlier
+    /// (it switched to the active cadence and probes now).
+    pub fn on_data_sent(&mut self, len: usize, now: Instant, settings: &FailoverSettings) -> bool {
+        self.counters.tx_packets += 1;
+        self.counters.tx_bytes += len as u64;
+        self.last_data = Some(now);
+        self.speed_up(now, settings)
+    }
+
+    /// Data arrived on the path: evidence of life (if the path is live) and activity.
+    pub fn on_data_received(
+        &mut self,
+        len: usize,
+        now: Instant,
+        settings: &FailoverSettings,
+    ) -> bool {
+        self.counters.rx_packets += 1;
+        self.counters.rx_bytes += len as u64;
+        self.last_data = Some(now);
+        if self.state != PathState::Down {
+            self.last_evidence = Some(now);
+        }
+        self.speed_up(now, settings)
+    }
+
+    /// Switches a live path to the active cadence, probing at once.
+    pub fn speed_up(&mut self, now: Instant, settings: &FailoverSettings) -> bool {
+        let active = settings.active_probe_interval();
+        if self.state == PathState::Down || self.interval == active {
+            return false;
+        }
+        self.interval = active;
+        self.cadence_changed = now;
+        self.next_probe_at = self.next_probe_at.min(now);
+        true
+    }
+
+    fn waiting_time(&self) -> Duration {
+        match self.rtt.srtt() {
+            Some(srtt) => (srtt * 2 + self.rtt.rttvar() * 4).clamp(MIN_WAIT, MAX_WAIT),
+            None => INITIAL_WAIT,
+        }
+    }
+
+    fn down_deadline(&self, settings: &FailoverSettings) -> Option<Instant> {
+        if self.state == PathState::Down {
+            return None;
+        }
+        let evidence = self.last_evidence.or(self.up_since)?;
+        let after_cadence = self.cadence_changed + self.rtt.srtt().unwrap_or_default();
+        let anchor = evidence.max(after_cadence);
+        Some(anchor + self.interval * settings.down_after_misses + self.rtt.rttvar() * 4)
+    }
+
+    /// The earliest moment the path has something to do.
+    pub fn next_wake(&self, settings: &FailoverSettings) -> Instant {
+        let mut wake = self.next_probe_at;
+        if let Some(p) = self.pending.get(self.cursor) {
+            wake = wake.min(p.deadline);
+        }
+        if let Some(d) = self.down_deadline(settings) {
+            wake = wake.min(d);
+        }
+        for h in &self.classes {
+            if h.compliant && h.failed {
+                if let Some(t) = h.eligible_at {
+                    wake = wake.min(t);
+                }
+            }
+        }
+        wake
+    }
+
+    /// Runs whatever is due: losses, Down detection, hold-down ends, and the next probe.
+    pub fn on_timeout(
+        &mut self,
+        now: Instant,
+        ctx: &Ctx<'_>,
+        events: &mut Vec<Event>,
+    ) -> (Change, Option<[u8; PROBE_LEN]>) {
+        let mut change = self.resolve(now, ctx, events);
+        if self.down_deadline(ctx.settings).is_some_and(|d| now >= d) {
+            change |= self.go_down(now, ctx, events);
+        }
+        for h in &mut self.classes {
+            if h.compliant && h.failed && h.eligible_at.is_some_and(|t| t <= now) {
+                h.failed = false;
+                h.eligible_since = h.eligible_at.take();
+                change |= Change::ELIGIBILITY;
+            }
+        }
+        let probe = (now >= self.next_probe_at).then(|| self.make_probe(now, ctx));
+        (change, probe)
+    }
+
+    fn make_probe(&mut self, now: Instant, ctx: &Ctx<'_>) -> [u8; PROBE_LEN] {
+        let interval = if self.is_active(now) {
+            ctx.settings.active_probe_interval()
+        } else {
+            ctx.settings.standby_probe_interval()
+        };
+        if interval != self.interval {
+            self.interval = interval;
+            self.cadence_changed = now;
+        }
+        let mut next = self.next_probe_at + self.interval;
+        if next <= now {
+            next = now + self.interval;
+        }
+        self.next_probe_at = next;
+
+        if self.pending.len() >= MAX_PENDING {
+            if self.cursor == 0 {
+                if let Some(p) = self.pending.front_mut() {
+                    if p.outcome == Outcome::Waiting {
+                        p.outcome = Outcome::Lost;
+                        self.counters.probes_lost += 1;
+                    }
+                    self.loss.record(p.outcome == Outcome::Lost);
+                }
+                self.cursor = 1;
+            }
+            self.pending.pop_front();
+            self.cursor -= 1;
+        }
+        let seq = self.next_seq;
+        self.next_seq = self.next_seq.wrapping_add(1);
+        let t1 = ctx.ntp(now);
+        let mut deadline = now + self.waiting_time();
+        if let Some(last) = self.pending.back() {
+            deadline = deadline.max(last.deadline);
+        }
+        self.pending.push_back(Pending {
+            seq,
+            sent: now,
+            t1,
+            deadline,
+            outcome: Outcome::Waiting,
+        });
+        self.counters.probes_sent += 1;
+        ProbeRequest {
+            seq,
+            t1,
+            path: self.id.0,
+            instance: ctx.instance,
+        }
+        .encode()
+    }
+
+    /// Resolves probe records in send order: replied ones as received, expired ones as lost;
+    /// forgets records too old for a late reply.
+    fn resolve(&mut self, now: Instant, ctx: &Ctx<'_>, events: &mut Vec<Event>) -> Change {
+        let mut recorded = false;
+        while let Some(p) = self.pending.get_mut(self.cursor) {
+            match p.outcome {
+                Outcome::Waiting if p.deadline <= now => {
+                    p.outcome = Outcome::Lost;
+                    self.counters.probes_lost += 1;
+                    self.loss.record(true);
+                }
+                Outcome::Waiting => break,
+                Outcome::Received => self.loss.record(false),
+                Outcome::Lost => self.loss.record(true),
+            }
+            recorded = true;
+            self.cursor += 1;
+        }
+        while self.cursor > 0
+            && self
+                .pending
+                .front()
+                .is_some_and(|p| p.sent + LATE_REPLY_WINDOW <= now)
+        {
+            self.pending.pop_front();
+            self.cursor -= 1;
+        }
+        if recorded && self.state != PathState::Down {
+            self.evaluate(now, ctx, events, false)
+        } else {
+            Change::NONE
+        }
+    }
+
+    /// Takes a reply that arrived on this path at `now`.
+    pub fn on_reply(
+        &mut self,
+        reply: &ProbeReply,
+        now: Instant,
+        ctx: &Ctx<'_>,
+        events: &mut Vec<Event>,
+    ) -> Result<Change, ProbeError> {
+        let r = &reply.request;
+        if r.path != self.id.0 {
+            return Err(ProbeError::WrongPath {
+                expected: self.id.0,
+                got: r.path,
+            });
+        }
+        if r.instance != ctx.instance {
+            return Err(ProbeError::WrongInstance {
+                expected: ctx.instance,
+                got: r.instance,
+            });
+        }
+        let front = self.pending.front().ok_or(ProbeError::Stale(r.seq))?.seq;
+        let idx = r.seq.wrapping_sub(front) as usize;
+        let p = self.pending.get_mut(idx).ok_or(ProbeError::Stale(r.seq))?;
+        if p.t1 != r.t1 {
+            return Err(ProbeError::EchoMismatch(r.seq));
+        }
+        let rtt_ns =
+            i64::try_from(now.saturating_duration_since(p.sent).as_nanos()).unwrap_or(i64::MAX);
+        let dwell_ns = reply.t3.nanos_since(reply.t2);
+        if dwell_ns < 0 || dwell_ns > rtt_ns {
+            return Err(ProbeError::BadTimestamps { dwell_ns, rtt_ns });
+        }
+        match p.outcome {
+            Outcome::Received => return Err(ProbeError::Duplicate(r.seq)),
+            Outcome::Lost => self.counters.probes_late += 1,
+            Outcome::Waiting => p.outcome = Outcome::Received,
+        }
+        self.counters.probes_received += 1;
+        self.last_evidence = Some(now);
+
+        let mut change = Change::NONE;
+        let came_up = self.state == PathState::Down;
+        if came_up {
+            // Whatever was lost while the path was Down is the outage, already accounted for
+            // by the Down event and the hold-down; the estimators start afresh.
+            for p in self.pending.iter_mut().take(idx) {
+                if p.outcome == Outcome::Waiting {
+                    p.outcome = Outcome::Lost;
+                }
+            }
+            self.cursor = self.cursor.max(idx);
+            self.loss.reset();
+            self.rtt = RttEstimator::default();
+            self.fwd = Jitter::default();
+            self.rev = Jitter::default();
+            self.state = PathState::Up;
+            self.up_since = Some(now);
+            self.down_since = None;
+            self.cadence_changed = now;
+            change |= Change::STATE;
+        }
+        self.rtt
+            .on_sample(Duration::from_nanos((rtt_ns - dwell_ns).unsigned_abs()));
+        self.fwd.on_transit(reply.t2.nanos_since(r.t1));
+        self.rev.on_transit(ctx.ntp(now).nanos_since(reply.t3));
+        if came_up {
+            events.push(Event::PathUp {
+                path: self.id,
+                rtt: self.rtt.srtt().unwrap_or_default(),
+            });
+        }
+        // Record this outcome (and any resolved before it) in the loss window.
+        let _ = self.resolve_quiet();
+        change |= self.evaluate(now, ctx, events, came_up);
+        Ok(change)
+    }
+
+    /// Advances the cursor over received records without evaluating (the caller does).
+    fn resolve_quiet(&mut self) -> bool {
+        let mut recorded = false;
+        while let Some(p) = self.pending.get(self.cursor) {
+            match p.outcome {
+                Outcome::Waiting => break,
+                Outcome::Received => self.loss.record(false),
+                Outcome::Lost => self.loss.record(true),
+            }
+            recorded = true;
+            self.cursor += 1;
+        }
+        recorded
+    }
+
+    fn go_down(&mut self, now: Instant, ctx: &Ctx<'_>, events: &mut Vec<Event>) -> Change {
+        let silent_for =
+            now.saturating_duration_since(self.last_evidence.or(self.up_since).unwrap_or(now));
+        self.state = PathState::Down;
+        self.up_since = None;
+        self.down_since = Some(now);
+        self.interval = ctx.settings.standby_probe_interval();
+        self.cadence_changed = now;
+        for h in &mut self.classes {
+            h.compliant = false;
+            h.failed = true;
+            h.eligible_at = None;
+            h.eligible_since = None;
+        }
+        self.add_penalty(now, ctx.settings);
+        events.push(Event::PathDown {
+            path: self.id,
+            silent_for,
+            flows: self.flows,
+        });
+        Change::STATE | Change::COMPLIANCE
+    }
+
+    fn add_penalty(&mut self, now: Instant, settings: &FailoverSettings) {
+        self.penalty = self.penalty_now(now, settings) + 1.0;
+        self.penalty_at = now;
+        self.flaps += 1;
+    }
+
+    fn penalty_now(&self, now: Instant, settings: &FailoverSettings) -> f64 {
+        let half_lives = now.saturating_duration_since(self.penalty_at).as_secs_f64()
+            / settings.flap_half_life().as_secs_f64().max(1e-3);
+        self.penalty * 0.5f64.powf(half_lives)
+    }
+
+    /// The hold-down a path that becomes healthy at `now` must wait: doubled for each point of
+    /// damping penalty above 1, capped.
+    pub fn hold_down(&self, now: Instant, settings: &FailoverSettings) -> Duration {
+        let exp = (self.penalty_now(now, settings) - 1.0).max(0.0);
+        let base = settings.hold_down().as_secs_f64();
+        let damped = base * 2f64.powf(exp);
+        Duration::from_secs_f64(damped.min(settings.max_hold_down().as_secs_f64().max(base)))
+    }
+
+    /// Recomputes metrics and per-class compliance.
+    fn evaluate(
+        &mut self,
+        now: Instant,
+        ctx: &Ctx<'_>,
+        events: &mut Vec<Event>,
+        initial: bool,
+    ) -> Change {
+        self.metrics = Metrics {
+            rtt: self.rtt.srtt().unwrap_or_default(),
+            jitter: self.fwd.get().max(self.rev.get()),
+            loss: self.loss.fraction(),
+        };
+        let m = self.metrics;
+        let hold_down = self.hold_down(now, ctx.settings);
+        let mut change = Change::NONE;
+        let mut violated = false;
+        for (i, (h, sla)) in self.classes.iter_mut().zip(ctx.classes).enumerate() {
+            let class = ClassId(i as u8);
+            let now_compliant = if initial || !h.compliant {
+                if initial {
+                    !sla.violated_by(&m)
+                } else {
+                    sla.cleared_by(&m)
+                }
+            } else {
+                !sla.violated_by(&m)
+            };
+            if now_compliant == h.compliant && !initial {
+                continue;
+            }
+            change |= Change::COMPLIANCE;
+            h.compliant = now_compliant;
+            if now_compliant {
+                h.eligible_at = h.failed.then_some(now + hold_down);
+                h.eligible_since = (!h.failed).then_some(now);
+                if !initial {
+                    events.push(Event::SlaRestored {
+                        path: self.id,
+                        class,
+                    });
+                }
+            } else {
+                h.failed = true;
+                h.eligible_at = None;
+                h.eligible_since = None;
+                h.violated_at = Some(now);
+                violated = true;
+                events.push(Event::SlaViolated {
+                    path: self.id,
+                    class,
+                    metrics: m,
+                });
+            }
+        }
+        if violated && !initial {
+            self.add_penalty(now, ctx.settings);
+        }
+        let state = if self.classes.iter().all(|h| h.compliant) {
+            PathState::Up
+        } else {
+            PathState::Degraded
+        };
+        if state != self.state {
+            self.state = state;
+            change |= Change::STATE;
+        }
+        change
+    }
+}

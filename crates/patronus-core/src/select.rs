@@ -1,0 +1,593 @@
+//! Path selection: which path (or pair of paths) a flow of a class takes to its peer, and when
+//! a flow that already has a path moves.
+//!
+//! # Ranking
+//!
+//! Candidates are the peer's live paths that the class's link preferences admit (`only`, and
+//! `metered = never`, exclude; Down paths are never candidates). They are ranked by, in order:
+//!
+//! 1. **tier**: 0 meets the class's SLA and is out of hold-down; 1 meets it but is in
+//!    hold-down; 2 is live but breaks it;
+//! 2. **fate**: 1 when the path shares its local or remote link with another path of the same
+//!    peer that went Down, or broke this class's SLA, in the last [`FATE_WINDOW`]. The other
+//!    paths over a cut or impaired link are about to be found Down or degraded too, but an idle
+//!    path is probed slowly and its estimators lag; failing over onto it would cost a second
+//!    outage or a second move. Fate only steers where a flow goes when it must move: it never
+//!    moves a flow off a path that meets its SLA;
+//! 3. **preference**: 0 preferred link kinds at both ends, 2 an avoided kind (or a metered
+//!    link when the class avoids metered links) at either end, 1 otherwise;
+//! 4. in tiers 0 and 1, the mode's own order: `lowest-cost` by cost (unmetered first, then
+//!    price per GB, then link priority, then link kind), then score; the other modes by score
+//!    (see [`crate::score`]), then cost. In tier 2 always by score: with no path meeting the
+//!    SLA, the least-bad path wins whatever the mode;
+//! 5. the path id, so that equal paths always rank the same way.
+//!
+//! # Modes
+//!
+//! - `best-quality` and `lowest-cost`: the top-ranked path.
+//! - `load-balance`: among the paths ranked equal to the best on (tier, fate, preference), the
+//!   one with the fewest flows per unit of capacity, so flows spread in proportion to capacity
+//!   (equally when some path's capacity is unknown). Counts flows, not bytes.
+//! - `duplicate`: the top-ranked path and the best path sharing the fewest links with it.
+//!   Each packet is encrypted once, under the WireGuard session of the first path, and the same
+//!   ciphertext is sent on both paths; the receiver finds the session by the receiver index in
+//!   the packet, whichever path it came on, so the second copy to arrive fails WireGuard's replay
+//!   check and is dropped there. No extra header, no extra state.
+//!
+//! # The move rule (stickiness and hysteresis)
+//!
+//! A flow that has a path keeps it while the path meets the flow's SLA: needless moves reorder
+//! packets. It moves:
+//!
+//! - when its path is Down, removed, or no longer admitted by its policy: at once, to the
+//!   top-ranked path;
+//! - when its path breaks its SLA: to a path that meets it, or, if none does, to the least-bad
+//!   path only if that is better by the margin;
+//! - while its path meets its SLA, only to a path that became *eligible* (tier 0) after the
+//!   flow settled on its current path (a path back from a failure and out of its hold-down, or
+//!   a new one), and only if that path ranks ahead by link preference, or is cheaper
+//!   (`lowest-cost`), or scores better by the margin (`best-quality`, `duplicate`). Metrics
+//!   drifting on paths the flow already passed over never move it; new flows take the best
+//!   path of the moment. `load-balance` flows stay while their path meets the SLA; new flows
+//!   fill the other paths.
+//!
+//! The margin: `candidate + max(2 % of the budget, min_improvement × current) < current`.
+//! Flows reconsider only when something about their peer's paths changed (state, compliance,
+//! end of a hold-down), never on every probe.
+
+use std::cmp::Ordering;
+use std::time::{Duration, Instant};
+
+use patronus_api::{LinkKind, MeteredUse, SteeringMode};
+
+use crate::path::Path;
+use crate::score::{SlaBounds, score};
+use crate::{ClassId, Decision, DropReason, MoveReason, PathId};
+
+/// How long after a path went Down (or broke a class's SLA) the paths sharing a link with it
+/// rank behind the others (for that class). Long enough for an idle path, probed ten times a
+/// second, to show the same fault in its own estimators.
+pub const FATE_WINDOW: Duration = Duration::from_secs(5);
+/// The smallest score improvement that moves a flow off a path meeting its SLA.
+pub const MIN_IMPROVEMENT_FLOOR: f64 = 0.02;
+
+/// What a policy (or the default) asks of selection, compiled.
+#[derive(Debug, Clone)]
+pub(crate) struct Profile {
+    pub class: ClassId,
+    pub mode: SteeringMode,
+    pub only: u8,
+    pub avoid: u8,
+    pub prefer: u8,
+    pub metered: MeteredUse,
+    pub strict: bool,
+}
+
+pub(crate) fn kinds(ks: &[LinkKind]) -> u8 {
+    ks.iter().fold(0, |acc, k| acc | kind_bit(*k))
+}
+
+fn kind_bit(k: LinkKind) -> u8 {
+    1 << LinkKind::ALL.iter().position(|x| *x == k).unwrap_or(0)
+}
+
+impl Profile {
+    fn admits(&self, p: &Path) -> bool {
+        let (a, b) = (kind_bit(p.local.kind), kind_bit(p.remote.kind));
+        let metered = p.local.metered || p.remote.metered;
+        (self.only == 0 || (self.only & a != 0 && self.only & b != 0))
+            && !(metered && self.metered == MeteredUse::Never)
+    }
+
+    fn preference(&self, p: &Path) -> u8 {
+        let (a, b) = (kind_bit(p.local.kind), kind_bit(p.remote.kind));
+        let metered = p.local.metered || p.remote.metered;
+        if self.avoid & (a | b) != 0 || (metered && self.metered == MeteredUse::Avoid) {
+            2
+        } else if self.prefer & a != 0 && self.prefer & b != 0 {
+            0
+        } else {
+            1
+        }
+    }
+}
+
+/// (metered, price per GB in thousandths, priority, worst kind rank): lower is cheaper.
+pub(crate) type CostKey = (u8, u64, u16, u8);
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Cand {
+    pub id: PathId,
+    pub tier: u8,
+    pub fate: u8,
+    pub pref: u8,
+    pub cost: CostKey,
+    pub score: f64,
+    /// When the path became eligible for the class (tier 0 only).
+    pub eligible_since: Option<Instant>,
+    local: u16,
+    remote: u16,
+    flows: u32,
+    capacity: u64,
+}
+
+pub(crate) fn cost_key(p: &Path) -> CostKey {
+    let per_gb = (p.local.cost_per_gb + p.remote.cost_per_gb) * 1000.0;
+    (
+        u8::from(p.local.metered || p.remote.metered),
+        per_gb as u64,
+        u16::from(p.local.priority) + u16::from(p.remote.priority),
+        p.local.kind.cost_rank().max(p.remote.kind.cost_rank()),
+    )
+}
+
+/// Fills `out` with the candidate paths among `peer_paths` for a profile.
+pub(crate) fn candidates(
+    peer_paths: &[PathId],
+    paths: &[Option<Path>],
+    classes: &[SlaBounds],
+    profile: &Profile,
+    now: Instant,
+    out: &mut Vec<Cand>,
+) {
+    out.clear();
+    let get = |id: &PathId| paths.get(id.0 as usize).and_then(Option::as_ref);
+    let recent =
+        |t: Option<Instant>| t.is_some_and(|t| now.saturating_duration_since(t) < FATE_WINDOW);
+    let class = usize::from(profile.class.0);
+    let shares_fate = |p: &Path| {
+        peer_paths.iter().filter_map(get).any(|q| {
+            q.id != p.id
+                && (q.local.id == p.local.id || q.remote.id == p.remote.id)
+                && (recent(q.down_since)
+                    || recent(q.classes.get(class).and_then(|h| h.violated_at)))
+        })
+    };
+    let Some(sla) = classes.get(usize::from(profile.class.0)) else {
+        return;
+    };
+    for p in peer_paths.iter().filter_map(get) {
+        let Some(tier) = p.tier(profile.class, now) else {
+            continue;
+        };
+        if !profile.admits(p) {
+            continue;
+        }
+        out.push(Cand {
+            id: p.id,
+            tier,
+            fate: u8::from(shares_fate(p)),
+            pref: profile.preference(p),
+            cost: cost_key(p),
+            score: score(&p.metrics, sla),
+            eligible_since: p.eligible_since(profile.class, now),
+            local: p.local.id,
+            remote: p.remote.id,
+            flows: p.flows,
+            capacity: p.capacity_kbps,
+        });
+    }
+}
+
+/// The ranking order of two candidates under a mode (`Less` ranks first).
+pub(crate) fn order(a: &Cand, b: &Cand, mode: SteeringMode) -> Ordering {
+    (a.tier, a.fate, a.pref)
+        .cmp(&(b.tier, b.fate, b.pref))
+        .then_with(|| {
+            if a.tier == 2 || mode != SteeringMode::LowestCost {
+                a.score.total_cmp(&b.score).then(a.cost.cmp(&b.cost))
+            } else {
+                a.cost.cmp(&b.cost).then(a.score.total_cmp(&b.score))
+            }
+        })
+        .then(a.id.cmp(&b.id))
+}
+
+fn best(cands: &[Cand], mode: SteeringMode) -> Option<&Cand> {
+    cands.iter().min_by(|a, b| order(a, b, mode))
+}
+
+/// The second path of a duplicated flow: the best-ranked one sharing the fewest links with
+/// the first.
+fn secondary(cands: &[Cand], first: &Cand) -> Option<PathId> {
+    let shared = |c: &Cand| u8::from(c.local == first.local) + u8::from(c.remote == first.remote);
+    cands
+        .iter()
+        .filter(|c| c.id != first.id)
+        .min_by(|a, b| {
+            shared(a)
+                .cmp(&shared(b))
+                .then_with(|| order(a, b, SteeringMode::BestQuality))
+        })
+        .map(|c| c.id)
+}
+
+/// Where a new flow goes.
+pub(crate) fn choose(cands: &[Cand], profile: &Profile) -> Decision {
+    let Some(top) = best(cands, profile.mode) else {
+        return Decision::Drop(DropReason::NoPath);
+    };
+    if profile.strict && top.tier == 2 {
+        return Decision::Drop(DropReason::SlaUnavailable);
+    }
+    match profile.mode {
+        SteeringMode::BestQuality | SteeringMode::LowestCost => Decision::Send(top.id),
+        SteeringMode::LoadBalance => {
+            let group = |c: &&Cand| (c.tier, c.fate, c.pref) == (top.tier, top.fate, top.pref);
+            let weighted = cands.iter().filter(group).all(|c| c.capacity > 0);
+            let load = |c: &Cand| {
+                if weighted {
+                    // (flows + 1) / capacity, compared by cross-multiplication.
+                    (u128::from(c.flows) + 1, u128::from(c.capacity))
+                } else {
+                    (u128::from(c.flows) + 1, 1)
+                }
+            };
+            let pick = cands
+                .iter()
+                .filter(group)
+                .min_by(|a, b| {
+                    let ((fa, ca), (fb, cb)) = (load(a), load(b));
+                    (fa * cb)
+                        .cmp(&(fb * ca))
+                        .then_with(|| order(a, b, profile.mode))
+                })
+                .unwrap_or(top);
+            Decision::Send(pick.id)
+        }
+        SteeringMode::Duplicate => match secondary(cands, top) {
+            Some(second) => Decision::Duplicate {
+                primary: top.id,
+                secondary: second,
+            },
+            None => Decision::Send(top.id),
+        },
+    }
+}
+
+fn improves(candidate: f64, current: f64, margin: f64) -> bool {
+    candidate + MIN_IMPROVEMENT_FLOOR.max(margin * current) < current
+}
+
+/// Whether a flow that settled on `cur` at `settled` moves to `top` (the best-ranked
+/// candidate), and why.
+pub(crate) fn should_move(
+    cur: &Cand,
+    top: &Cand,
+    mode: SteeringMode,
+    margin: f64,
+    settled: Instant,
+) -> Option<MoveReason> {
+    if cur.id == top.id {
+        return None;
+    }
+    if cur.tier == 2 {
+        return (top.tier < 2 || improves(top.score, cur.score, margin))
+            .then_some(MoveReason::SlaViolated);
+    }
+    let newly_eligible = top.tier == 0 && top.eligible_since.is_some_and(|t| t > settled);
+    if !newly_eligible || mode == SteeringMode::LoadBalance {
+        return None;
+    }
+    match top.pref.cmp(&cur.pref) {
+        Ordering::Less => return Some(MoveReason::Better),
+        Ordering::Greater => return None,
+        Ordering::Equal => {}
+    }
+    if mode == SteeringMode::LowestCost {
+        match top.cost.cmp(&cur.cost) {
+            Ordering::Less => return Some(MoveReason::Better),
+            Ordering::Greater => return None,
+            Ordering::Equal => {}
+        }
+    }
+    improves(top.score, cur.score, margin).then_some(MoveReason::Better)
+}
+
+/// The outcome of reconsidering a flow that already has a decision.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Reconsidered {
+    pub decision: Decision,
+    pub moved: Option<MoveReason>,
+}
+
+/// Reconsiders a flow's decision. `gone` says why the current primary path is not a
+/// candidate (Down, removed, or excluded by the policy).
+pub(crate) fn reconsider(
+    cands: &[Cand],
+    profile: &Profile,
+    current: Decision,
+    settled: Instant,
+    margin: f64,
+    gone: impl Fn(PathId) -> MoveReason,
+) -> Reconsidered {
+    let fresh = choose(cands, profile);
+    let Some(cur_id) = current.primary() else {
+        return Reconsidered {
+            decision: fresh,
+            moved: None,
+        };
+    };
+    let (Some(cur), Some(top)) = (
+        cands.iter().find(|c| c.id == cur_id),
+        best(cands, profile.mode),
+    ) else {
+        let moved = fresh.primary().map(|_| gone(cur_id));
+        return Reconsidered {
+            decision: fresh,
+            moved,
+        };
+    };
+    if profile.strict && top.tier == 2 {
+        return Reconsidered {
+            decision: Decision::Drop(DropReason::SlaUnavailable),
+            moved: None,
+        };
+    }
+    match should_move(cur, top, profile.mode, margin, settled) {
+        Some(reason) => Reconsidered {
+            decision: fresh,
+            moved: Some(reason),
+        },
+        None => {
+            let decision = match profile.mode {
+                SteeringMode::Duplicate => match secondary(cands, cur) {
+                    Some(second) => Decision::Duplicate {
+                        primary: cur.id,
+                        secondary: second,
+                    },
+                    None => Decision::Send(cur.id),
+                },
+                _ => Decision::Send(cur.id),
+            };
+            Reconsidered {
+                decision,
+                moved: None,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t0() -> Instant {
+        use std::sync::OnceLock;
+        static T0: OnceLock<Instant> = OnceLock::new();
+        *T0.get_or_init(Instant::now)
+    }
+
+    /// A candidate that became eligible (if tier 0) one second after the flow settled at t0.
+    fn cand(id: u32, tier: u8, score: f64) -> Cand {
+        Cand {
+            id: PathId(id),
+            tier,
+            fate: 0,
+            pref: 1,
+            cost: (0, 0, 200, 0),
+            score,
+            eligible_since: (tier == 0).then(|| t0() + Duration::from_secs(1)),
+            local: id as u16,
+            remote: 0,
+            flows: 0,
+            capacity: 0,
+        }
+    }
+
+    /// The hysteresis rule as a table: (current, best, mode) → move?
+    #[test]
+    fn the_move_rule_table() {
+        use MoveReason::*;
+        use SteeringMode::*;
+        let m = 0.2;
+        let cheap = |mut c: Cand| {
+            c.cost = (0, 0, 100, 0);
+            c
+        };
+        let avoided = |mut c: Cand| {
+            c.pref = 2;
+            c
+        };
+        let shared = |mut c: Cand| {
+            c.fate = 1;
+            c
+        };
+        let old = |mut c: Cand| {
+            c.eligible_since = Some(t0());
+            c
+        };
+        let rows: &[(Cand, Cand, SteeringMode, Option<MoveReason>, &str)] = &[
+            (
+                cand(1, 0, 0.50),
+                cand(2, 0, 0.45),
+                BestQuality,
+                None,
+                "10 % better is within the 20 % margin",
+            ),
+            (
+                cand(1, 0, 0.50),
+                cand(2, 0, 0.39),
+                BestQuality,
+                Some(Better),
+                "22 % better beats the margin",
+            ),
+            (
+                cand(1, 0, 0.05),
+                cand(2, 0, 0.035),
+                BestQuality,
+                None,
+                "tiny scores: the 0.02 floor applies",
+            ),
+            (
+                cand(1, 0, 0.50),
+                cand(2, 1, 0.01),
+                BestQuality,
+                None,
+                "a path in hold-down attracts no flow",
+            ),
+            (
+                cand(1, 2, 1.50),
+                cand(2, 1, 0.90),
+                BestQuality,
+                Some(SlaViolated),
+                "breaking the SLA: any compliant path",
+            ),
+            (
+                cand(1, 2, 1.50),
+                cand(2, 2, 1.40),
+                BestQuality,
+                None,
+                "nothing compliant: stay unless better by the margin",
+            ),
+            (
+                cand(1, 2, 1.50),
+                cand(2, 2, 1.10),
+                BestQuality,
+                Some(SlaViolated),
+                "nothing compliant: least-bad by the margin",
+            ),
+            (
+                cand(1, 0, 0.50),
+                cheap(cand(2, 0, 0.90)),
+                LowestCost,
+                Some(Better),
+                "cheaper and eligible attracts",
+            ),
+            (
+                cheap(cand(1, 0, 0.90)),
+                cand(2, 0, 0.10),
+                LowestCost,
+                None,
+                "dearer never attracts in lowest-cost",
+            ),
+            (
+                cand(1, 0, 0.50),
+                cand(2, 0, 0.10),
+                LoadBalance,
+                None,
+                "load-balance flows stay while compliant",
+            ),
+            (
+                avoided(cand(1, 0, 0.10)),
+                cand(2, 0, 0.90),
+                BestQuality,
+                Some(Better),
+                "leaving an avoided link kind",
+            ),
+            (
+                shared(cand(1, 0, 0.50)),
+                cand(2, 0, 0.49),
+                BestQuality,
+                None,
+                "fate never moves a compliant flow",
+            ),
+            (
+                cand(1, 0, 0.50),
+                old(cand(2, 0, 0.10)),
+                BestQuality,
+                None,
+                "a path eligible when the flow settled never attracts it",
+            ),
+            (
+                cand(1, 2, 1.50),
+                old(cand(2, 0, 0.90)),
+                BestQuality,
+                Some(SlaViolated),
+                "but takes it when its path breaks the SLA",
+            ),
+            (
+                cand(1, 0, 0.10),
+                cand(1, 0, 0.10),
+                BestQuality,
+                None,
+                "already on the best path",
+            ),
+        ];
+        for (cur, top, mode, want, why) in rows {
+            assert_eq!(should_move(cur, top, *mode, m, t0()), *want, "{why}");
+        }
+    }
+
+    #[test]
+    fn the_least_bad_path_wins_in_tier_two_whatever_the_mode() {
+        let a = cand(1, 2, 3.0);
+        let mut b = cand(2, 2, 1.5);
+        b.cost = (1, 9000, 400, 4);
+        assert_eq!(order(&b, &a, SteeringMode::LowestCost), Ordering::Less);
+        assert_eq!(
+            order(&cand(3, 0, 0.9), &a, SteeringMode::BestQuality),
+            Ordering::Less
+        );
+    }
+
+    #[test]
+    fn load_balance_fills_paths_in_proportion_to_capacity() {
+        let profile = Profile {
+            class: ClassId(0),
+            mode: SteeringMode::LoadBalance,
+            only: 0,
+            avoid: 0,
+            prefer: 0,
+            metered: MeteredUse::Allow,
+            strict: false,
+        };
+        let mut cands = vec![cand(1, 0, 0.1), cand(2, 0, 0.2)];
+        cands[0].capacity = 100_000;
+        cands[1].capacity = 50_000;
+        for _ in 0..300 {
+            let Decision::Send(id) = choose(&cands, &profile) else {
+                panic!()
+            };
+            cands.iter_mut().find(|c| c.id == id).unwrap().flows += 1;
+        }
+        assert_eq!((cands[0].flows, cands[1].flows), (200, 100));
+    }
+
+    #[test]
+    fn duplicate_picks_a_link_disjoint_second_path() {
+        let profile = Profile {
+            class: ClassId(0),
+            mode: SteeringMode::Duplicate,
+            only: 0,
+            avoid: 0,
+            prefer: 0,
+            metered: MeteredUse::Allow,
+            strict: false,
+        };
+        // Paths 1 and 2 share local link 7; path 3 is on local link 8.
+        let mut cands = vec![cand(1, 0, 0.1), cand(2, 0, 0.2), cand(3, 0, 0.6)];
+        cands[0].local = 7;
+        cands[1].local = 7;
+        cands[1].remote = 1;
+        cands[2].local = 8;
+        cands[2].remote = 1;
+        assert_eq!(
+            choose(&cands, &profile),
+            Decision::Duplicate {
+                primary: PathId(1),
+                secondary: PathId(3)
+            }
+        );
+    }
+}

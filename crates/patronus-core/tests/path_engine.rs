@@ -1,0 +1,570 @@
+//! The path engine on a simulated network: two or more real engines exchanging real probes over
+//! links with delay, jitter, loss and blackholes, under a virtual clock.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test with a line number
+
+mod sim;
+
+use std::time::Duration;
+
+use patronus_api::{LinkKind, Name, Policy, SteeringMode};
+use patronus_core::{Decision, EngineConfig, Event, MoveReason, PathId, PathState};
+use sim::{MS, Net, SiteSpec, link};
+
+const SEC: Duration = Duration::from_secs(1);
+const UDP: u8 = 17;
+const TCP: u8 = 6;
+
+/// Two sites, each with an MPLS link (5 ms one way) and a broadband link (10 ms one way), in a
+/// full mesh of four paths. The best path is mpls>mpls (20 ms round trip).
+fn two_sites(config: &EngineConfig) -> Net {
+    let sites = || {
+        vec![
+            link("mpls", LinkKind::Mpls),
+            link("inet", LinkKind::Broadband),
+        ]
+    };
+    let mut net = Net::new(
+        config,
+        vec![
+            SiteSpec {
+                name: "a",
+                lan: "10.1.0.0/16",
+                links: sites(),
+            },
+            SiteSpec {
+                name: "b",
+                lan: "10.2.0.0/16",
+                links: sites(),
+            },
+        ],
+        5 * MS,
+        7,
+    );
+    net.impair("a", "inet", |i| i.delay = 10 * MS);
+    net.impair("b", "inet", |i| i.delay = 10 * MS);
+    net
+}
+
+/// A policy from `name order class steering [protocol dst-port]`, built from the API's own
+/// types as the controller will send them.
+fn policy(spec: &str) -> Policy {
+    let w: Vec<&str> = spec.split_whitespace().collect();
+    let mut p = Policy {
+        name: Name::new(w[0]).unwrap(),
+        order: w[1].parse().unwrap(),
+        enabled: true,
+        matches: Default::default(),
+        class: Name::new(w[2]).unwrap(),
+        steering: w[3].parse::<SteeringMode>().unwrap(),
+        links: Default::default(),
+        strict: false,
+    };
+    if w.len() > 4 {
+        p.matches.protocol = Some(w[4].parse().unwrap());
+        p.matches.dst_ports = vec![w[5].parse().unwrap()];
+    }
+    p
+}
+
+fn config_with(policies: Vec<Policy>) -> EngineConfig {
+    EngineConfig {
+        policies,
+        ..EngineConfig::default()
+    }
+}
+
+/// The time and payload of every FlowMoved event of a site.
+fn moves(net: &Net, site: &str) -> Vec<(Duration, PathId, PathId, MoveReason)> {
+    net.events(site)
+        .into_iter()
+        .filter_map(|(t, e)| match e {
+            Event::FlowMoved {
+                from, to, reason, ..
+            } => Some((t, from, to, reason)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn moves_of(net: &Net, site: &str, stream: usize) -> Vec<(Duration, PathId, PathId, MoveReason)> {
+    let key = net.streams[stream].meta.key;
+    net.events(site)
+        .into_iter()
+        .filter_map(|(t, e)| match e {
+            Event::FlowMoved {
+                flow,
+                from,
+                to,
+                reason,
+            } if flow == key => Some((t, from, to, reason)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn downs(net: &Net, site: &str, path: PathId) -> Vec<Duration> {
+    net.events(site)
+        .into_iter()
+        .filter_map(|(t, e)| matches!(e, Event::PathDown { path: p, .. } if p == path).then_some(t))
+        .collect()
+}
+
+fn ups(net: &Net, site: &str, path: PathId) -> Vec<Duration> {
+    net.events(site)
+        .into_iter()
+        .filter_map(|(t, e)| matches!(e, Event::PathUp { path: p, .. } if p == path).then_some(t))
+        .collect()
+}
+
+fn last_reply_before(net: &Net, site: &str, path: PathId, t: Duration) -> Duration {
+    let s = net.site(site);
+    net.replies
+        .iter()
+        .filter(|(at, i, p)| *i == s && *p == path && *at - net.start < t)
+        .map(|(at, _, _)| *at - net.start)
+        .max()
+        .unwrap()
+}
+
+fn current_path(net: &Net, stream: usize) -> Option<PathId> {
+    net.streams[stream]
+        .sent
+        .last()
+        .and_then(|(_, d)| d.primary())
+}
+
+#[test]
+fn a_blackholed_active_path_is_abandoned_within_its_down_after_window() {
+    let mut net = two_sites(&EngineConfig::default());
+    net.run_for(2 * SEC);
+    let s = net.stream("a", "b", UDP, 5004, 46, 100);
+    net.run_for(3 * SEC);
+    let primary = net.path("a", "mpls", "b", "mpls");
+    assert_eq!(current_path(&net, s), Some(primary));
+
+    let cut = net.elapsed();
+    net.cut("a", "mpls");
+    net.run_for(2 * SEC);
+
+    // Detection: exactly down_after_misses (3) active intervals (20 ms) after the last reply,
+    // plus 4 × RTTVAR, which a steady path has driven to (nearly) zero.
+    let down = downs(&net, "a", primary);
+    assert_eq!(down.len(), 1, "{down:?}");
+    let last = last_reply_before(&net, "a", primary, down[0]);
+    let detection = down[0] - last;
+    assert!(
+        detection >= 60 * MS && detection < 60 * MS + Duration::from_micros(10),
+        "{detection:?}"
+    );
+    assert!(
+        down[0] - cut <= 60 * MS + 20 * MS,
+        "down {:?} after the cut",
+        down[0] - cut
+    );
+
+    // The flow moves on its first packet after the Down, off the cut link.
+    let m = moves_of(&net, "a", s);
+    assert_eq!(m[0].1, primary);
+    assert_eq!(m[0].3, MoveReason::PathDown);
+    assert!(
+        m[0].0 >= down[0] && m[0].0 < down[0] + 10 * MS,
+        "{:?} vs {:?}",
+        m[0].0,
+        down[0]
+    );
+    assert!(
+        !net.path_name("a", m[0].2).starts_with("mpls"),
+        "{}",
+        net.path_name("a", m[0].2)
+    );
+
+    // Loss-derived outage (RFC 6412): lost packets × 10 ms.
+    let r = net.report(s, cut - SEC, net.elapsed() - SEC);
+    assert!(r.outage <= 90 * MS, "{r:?}");
+    assert!(r.lost > 0, "the cut must cost something: {r:?}");
+}
+
+#[test]
+fn an_unreachable_path_is_never_reported_up() {
+    let mut net = two_sites(&EngineConfig::default());
+    net.cut("a", "inet");
+    net.run_for(10 * SEC);
+    for remote in ["mpls", "inet"] {
+        let p = net.path("a", "inet", "b", remote);
+        assert!(ups(&net, "a", p).is_empty());
+        let snap = net.engine("a").path(p, net.now).unwrap();
+        assert_eq!(snap.state, PathState::Down);
+        assert_eq!(snap.rtt, None);
+        // A Down path keeps being probed, at the standby rate: 10 per second from t = 0.
+        assert_eq!(snap.counters.probes_sent, 101);
+        assert_eq!(snap.counters.probes_received, 0);
+    }
+}
+
+#[test]
+fn a_path_that_only_receives_is_never_reported_up_on_either_side() {
+    let mut net = two_sites(&EngineConfig::default());
+    net.impair_egress("a", "inet", |i| i.blackhole = true);
+    net.run_for(5 * SEC);
+    let ab = net.path("a", "inet", "b", "inet");
+    let ba = net.path("b", "inet", "a", "inet");
+    assert!(ups(&net, "a", ab).is_empty());
+    assert!(ups(&net, "b", ba).is_empty());
+    // A reflected B's probes (they reached it) but its replies died on the way out.
+    assert!(
+        net.engine("a")
+            .path(ab, net.now)
+            .unwrap()
+            .counters
+            .probes_reflected
+            > 0
+    );
+}
+
+#[test]
+fn a_down_path_comes_back_within_one_standby_interval_of_the_repair() {
+    let mut net = two_sites(&EngineConfig::default());
+    net.cut("a", "inet");
+    net.run_for(3 * SEC);
+    let repaired = net.elapsed();
+    net.restore("a", "inet");
+    net.run_for(SEC);
+    let p = net.path("a", "inet", "b", "inet");
+    let up = ups(&net, "a", p);
+    assert_eq!(up.len(), 1);
+    // Next standby probe (≤ 100 ms) plus one round trip (40 ms).
+    assert!(up[0] - repaired <= 140 * MS, "{:?}", up[0] - repaired);
+}
+
+#[test]
+fn probes_run_every_20ms_on_a_path_with_traffic_and_every_100ms_on_an_idle_one() {
+    let mut net = two_sites(&EngineConfig::default());
+    net.run_for(2 * SEC);
+    let _s = net.stream("a", "b", UDP, 9, 0, 50);
+    net.run_for(SEC);
+    let active = net.path("a", "mpls", "b", "mpls");
+    let idle = net.path("a", "inet", "b", "inet");
+    let count = |net: &Net, p| {
+        net.engine("a")
+            .path(p, net.now)
+            .unwrap()
+            .counters
+            .probes_sent
+    };
+    let (a0, i0) = (count(&net, active), count(&net, idle));
+    net.run_for(2 * SEC);
+    assert_eq!(count(&net, active) - a0, 100);
+    assert_eq!(count(&net, idle) - i0, 20);
+    let snap = net.engine("a").path(active, net.now).unwrap();
+    assert_eq!(snap.probe_interval, 20 * MS);
+    assert_eq!(snap.flows, 1);
+}
+
+#[test]
+fn poll_timeout_names_the_next_probe_deadline_exactly() {
+    let net = two_sites(&EngineConfig::default());
+    let mut engine = patronus_core::Engine::new(EngineConfig::default(), net.start).unwrap();
+    let peer = engine
+        .add_peer("b", &["10.2.0.0/16".parse().unwrap()])
+        .unwrap();
+    let p = engine
+        .add_path(
+            peer,
+            &link("mpls", LinkKind::Mpls),
+            &link("mpls", LinkKind::Mpls),
+            net.start,
+        )
+        .unwrap();
+    assert_eq!(engine.poll_timeout(), Some(net.start));
+    engine.handle_timeout(net.start);
+    let t = engine.poll_transmit().unwrap();
+    assert_eq!(t.path, p);
+    assert!(engine.poll_transmit().is_none());
+    // The next probe of a Down path is one standby interval later.
+    assert_eq!(engine.poll_timeout(), Some(net.start + 100 * MS));
+}
+
+#[test]
+fn voice_leaves_a_path_whose_jitter_breaks_its_sla_while_bulk_stays() {
+    let cfg = config_with(vec![
+        policy("voice 10 realtime best-quality udp 5004"),
+        policy("backup 20 bulk best-quality tcp 873"),
+    ]);
+    let mut net = two_sites(&cfg);
+    // A long-haul MPLS link: 50 ms one way, so jitter can grow around it without a delay step.
+    net.impair("a", "mpls", |i| i.delay = 50 * MS);
+    net.impair("a", "inet", |i| i.delay = 60 * MS);
+    net.run_for(2 * SEC);
+    let voice = net.stream("a", "b", UDP, 5004, 46, 50);
+    let bulk = net.stream("a", "b", TCP, 873, 0, 50);
+    net.run_for(3 * SEC);
+    let primary = net.path("a", "mpls", "b", "mpls");
+    assert_eq!(current_path(&net, voice), Some(primary));
+    assert_eq!(current_path(&net, bulk), Some(primary));
+
+    // Jitter builds up on the MPLS link, 10 ms more every half second, to ±60 ms: RFC 3550
+    // jitter of about 40 ms, beyond realtime's 30 ms.
+    let start = net.elapsed();
+    for j in 1..=6 {
+        net.impair("a", "mpls", |i| i.jitter = 10 * j * MS);
+        net.run_for(SEC / 2);
+    }
+    net.run_for(2 * SEC);
+
+    let realtime = net.engine("a").class_id("realtime").unwrap();
+    let violated = net.events("a").into_iter().find_map(|(t, e)| match e {
+        Event::SlaViolated {
+            path,
+            class,
+            metrics,
+        } if path == primary && class == realtime => Some((t, metrics)),
+        _ => None,
+    });
+    let (violated_at, metrics) = violated.expect("the MPLS path breaks the realtime SLA");
+    assert!(metrics.jitter > 30 * MS, "{metrics:?}");
+    let vm = moves_of(&net, "a", voice);
+    assert_eq!(vm.len(), 1, "{vm:?}");
+    assert_eq!((vm[0].1, vm[0].3), (primary, MoveReason::SlaViolated));
+    assert!(
+        vm[0].0 - violated_at < 20 * MS,
+        "voice moves on its next packet"
+    );
+    assert!(vm[0].0 > start);
+    assert!(
+        downs(&net, "a", primary).is_empty(),
+        "jitter is not an outage"
+    );
+    assert!(
+        moves_of(&net, "a", bulk).is_empty(),
+        "bulk has no jitter bound and stays: {:?} {:#?}",
+        moves_of(&net, "a", bulk),
+        net.events("a")
+            .iter()
+            .filter(|(_, e)| !matches!(e, Event::FlowMoved { .. }))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(current_path(&net, bulk), Some(primary));
+}
+
+#[test]
+fn traffic_returns_to_a_recovered_primary_only_after_the_hold_down() {
+    let mut net = two_sites(&EngineConfig::default());
+    net.run_for(2 * SEC);
+    let s = net.stream("a", "b", UDP, 5004, 46, 100);
+    net.run_for(2 * SEC);
+    let primary = net.path("a", "mpls", "b", "mpls");
+    net.cut("a", "mpls");
+    net.run_for(2 * SEC);
+    assert_ne!(current_path(&net, s), Some(primary));
+    let restored = net.elapsed();
+    net.restore("a", "mpls");
+    net.run_for(8 * SEC);
+
+    let up = ups(&net, "a", primary);
+    let up_at = *up.last().unwrap();
+    assert!(up_at > restored);
+    let back: Vec<_> = moves_of(&net, "a", s)
+        .into_iter()
+        .filter(|m| m.2 == primary)
+        .collect();
+    assert_eq!(back.len(), 1, "{back:?}");
+    assert_eq!(back[0].3, MoveReason::Better);
+    let hold_down = back[0].0 - up_at;
+    // Exactly the 5 s hold-down, then the flow's next packet (every 10 ms).
+    assert!(
+        hold_down >= 5 * SEC && hold_down < 5 * SEC + 10 * MS,
+        "{hold_down:?}"
+    );
+    // Failback is make-before-break: nothing lost once the link was back.
+    let r = net.report(s, restored, net.elapsed() - SEC);
+    assert_eq!(r.lost, 0, "{r:?}");
+}
+
+#[test]
+fn periodic_half_loss_bursts_cause_no_oscillation() {
+    let cfg = config_with(vec![policy("voice 10 realtime best-quality udp 5004")]);
+    let mut net = two_sites(&cfg);
+    net.run_for(2 * SEC);
+    let s = net.stream("a", "b", UDP, 5004, 46, 50);
+    net.run_for(2 * SEC);
+    let primary = net.path("a", "mpls", "b", "mpls");
+    assert_eq!(current_path(&net, s), Some(primary));
+    // 300 ms of 50 % loss every 3 s, for a minute.
+    for _ in 0..20 {
+        net.impair("a", "mpls", |i| i.loss = 0.5);
+        net.run_for(300 * MS);
+        net.impair("a", "mpls", |i| i.loss = 0.0);
+        net.run_for(2700 * MS);
+    }
+    // The flow leaves once and never comes back. (It may move once more between the backups:
+    // the failover picks the path sharing no link with the failed one, and a better backup
+    // attracts it once its own link is cleared.)
+    let m = moves_of(&net, "a", s);
+    assert!(!m.is_empty() && m.len() <= 2, "{m:?}");
+    assert_eq!(m[0].1, primary);
+    assert!(m.iter().all(|mv| mv.2 != primary), "{m:?}");
+    let flaps = net.engine("a").path(primary, net.now).unwrap().flaps;
+    assert!(flaps >= 10, "every burst is counted as a flap: {flaps}");
+    // Damping has stretched the hold-down far beyond the burst period.
+    assert!(net.engine("a").hold_down(primary, net.now).unwrap() >= 30 * SEC);
+}
+
+#[test]
+fn a_path_that_keeps_failing_waits_longer_each_time() {
+    let mut net = two_sites(&EngineConfig::default());
+    net.run_for(2 * SEC);
+    let s = net.stream("a", "b", UDP, 5004, 46, 100);
+    net.run_for(2 * SEC);
+    let primary = net.path("a", "mpls", "b", "mpls");
+    let mut waits = Vec::new();
+    for _ in 0..2 {
+        net.cut("a", "mpls");
+        net.run_for(SEC);
+        let restored = net.elapsed();
+        net.restore("a", "mpls");
+        net.run_for(30 * SEC);
+        let up_at = *ups(&net, "a", primary).last().unwrap();
+        let back = moves_of(&net, "a", s)
+            .into_iter()
+            .filter(|m| m.2 == primary && m.0 > restored)
+            .map(|m| m.0)
+            .next()
+            .expect("the flow comes back");
+        waits.push(back - up_at);
+    }
+    assert!(
+        waits[0] >= 5 * SEC && waits[0] < 5 * SEC + 10 * MS,
+        "{waits:?}"
+    );
+    // Second failure ~36 s later: penalty 1 × 2^(-36/30) + 1 ≈ 1.44, hold-down 5 × 2^0.44 ≈ 6.8 s.
+    assert!(waits[1] > 6 * SEC && waits[1] < 8 * SEC, "{waits:?}");
+}
+
+#[test]
+fn lowest_cost_keeps_using_broadband_while_it_meets_the_sla_and_lte_takes_over_only_when_it_does_not()
+ {
+    let cfg = EngineConfig {
+        default_steering: SteeringMode::LowestCost,
+        ..EngineConfig::default()
+    };
+    let mut lte = link("lte", LinkKind::Lte);
+    lte.metered = true;
+    lte.cost_per_gb = Some(5.0);
+    let mut net = Net::new(
+        &cfg,
+        vec![
+            SiteSpec {
+                name: "a",
+                lan: "10.1.0.0/16",
+                links: vec![link("inet", LinkKind::Broadband), lte],
+            },
+            SiteSpec {
+                name: "b",
+                lan: "10.2.0.0/16",
+                links: vec![link("inet", LinkKind::Broadband)],
+            },
+        ],
+        5 * MS,
+        11,
+    );
+    // Broadband is slower than LTE here, and still preferred: it is cheaper.
+    net.impair("a", "inet", |i| i.delay = 30 * MS);
+    net.run_for(2 * SEC);
+    let s = net.stream("a", "b", TCP, 443, 0, 50);
+    net.run_for(2 * SEC);
+    let inet = net.path("a", "inet", "b", "inet");
+    let lte = net.path("a", "lte", "b", "inet");
+    assert_eq!(current_path(&net, s), Some(inet));
+
+    // 1 % loss is within business's 3 %: broadband keeps the flow.
+    net.impair_egress("a", "inet", |i| i.loss = 0.01);
+    net.run_for(5 * SEC);
+    assert!(moves_of(&net, "a", s).is_empty());
+
+    // 10 % loss is not: LTE takes over.
+    net.impair_egress("a", "inet", |i| i.loss = 0.10);
+    net.run_for(3 * SEC);
+    let m = moves_of(&net, "a", s);
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert_eq!(
+        (m[0].1, m[0].2, m[0].3),
+        (inet, lte, MoveReason::SlaViolated)
+    );
+
+    // Repaired: once its loss window is clean and it has served the hold-down, broadband
+    // takes the flow back because it is cheaper.
+    net.impair_egress("a", "inet", |i| i.loss = 0.0);
+    let repaired = net.elapsed();
+    net.run_for(30 * SEC);
+    let m = moves_of(&net, "a", s);
+    assert_eq!(m.len(), 2, "{m:?}");
+    assert_eq!((m[1].1, m[1].2, m[1].3), (lte, inet, MoveReason::Better));
+    assert!(m[1].0 - repaired >= 5 * SEC);
+}
+
+#[test]
+fn duplicate_mode_loses_nothing_when_the_primary_is_cut() {
+    let cfg = config_with(vec![policy("voice 10 realtime duplicate udp 5004")]);
+    let mut net = two_sites(&cfg);
+    net.run_for(2 * SEC);
+    let s = net.stream("a", "b", UDP, 5004, 46, 100);
+    net.run_for(2 * SEC);
+    let Some((_, Decision::Duplicate { primary, secondary })) = net.streams[s].sent.last().copied()
+    else {
+        panic!("duplicate mode sends on two paths");
+    };
+    assert_eq!(net.path_name("a", primary), "mpls>mpls");
+    assert_eq!(
+        net.path_name("a", secondary),
+        "inet>inet",
+        "the second path shares no link"
+    );
+    let before = net.elapsed();
+    net.cut("a", "mpls");
+    net.run_for(3 * SEC);
+    let r = net.report(s, before - SEC, net.elapsed() - SEC);
+    assert_eq!(r.lost, 0, "{r:?}");
+    assert!(r.duplicates > 0);
+}
+
+#[test]
+fn load_balance_spreads_new_flows_in_proportion_to_capacity() {
+    let cfg = EngineConfig {
+        default_steering: SteeringMode::LoadBalance,
+        ..EngineConfig::default()
+    };
+    let mut big = link("fiber", LinkKind::Broadband);
+    big.up_kbps = Some(100_000);
+    let mut small = link("dsl", LinkKind::Broadband);
+    small.up_kbps = Some(50_000);
+    let mut net = Net::new(
+        &cfg,
+        vec![
+            SiteSpec {
+                name: "a",
+                lan: "10.1.0.0/16",
+                links: vec![big, small],
+            },
+            SiteSpec {
+                name: "b",
+                lan: "10.2.0.0/16",
+                links: vec![link("inet", LinkKind::Broadband)],
+            },
+        ],
+        5 * MS,
+        3,
+    );
+    net.run_for(2 * SEC);
+    let streams: Vec<usize> = (0..300)
+        .map(|i| net.stream("a", "b", UDP, 1000 + i, 0, 2))
+        .collect();
+    net.run_for(SEC);
+    let fiber = net.path("a", "fiber", "b", "inet");
+    let on_fiber = streams
+        .iter()
+        .filter(|&&s| current_path(&net, s) == Some(fiber))
+        .count();
+    assert_eq!(on_fiber, 200);
+    assert!(moves(&net, "a").is_empty());
+}
