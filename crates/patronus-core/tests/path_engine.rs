@@ -568,3 +568,184 @@ fn load_balance_spreads_new_flows_in_proportion_to_capacity() {
     assert_eq!(on_fiber, 200);
     assert!(moves(&net, "a").is_empty());
 }
+
+/// Two engines wired by hand, for tests that handle probe bytes themselves.
+fn engine_pair() -> (
+    patronus_core::Engine,
+    patronus_core::Engine,
+    PathId,
+    PathId,
+    std::time::Instant,
+) {
+    let t0 = std::time::Instant::now();
+    let mk = |instance, peer: &str, lan: &str| {
+        let mut e = patronus_core::Engine::new(
+            EngineConfig {
+                instance,
+                ..EngineConfig::default()
+            },
+            t0,
+        )
+        .unwrap();
+        let p = e.add_peer(peer, &[lan.parse().unwrap()]).unwrap();
+        let l = link("mpls", LinkKind::Mpls);
+        let l2 = link("inet", LinkKind::Broadband);
+        let a = e.add_path(p, &l, &l, t0).unwrap();
+        e.add_path(p, &l2, &l2, t0).unwrap();
+        (e, a)
+    };
+    let (a, pa) = mk(1, "b", "10.2.0.0/16");
+    let (b, pb) = mk(2, "a", "10.1.0.0/16");
+    (a, b, pa, pb, t0)
+}
+
+#[test]
+fn garbage_replayed_and_misdirected_replies_change_nothing_and_crash_nothing() {
+    use patronus_core::ProbeError;
+    let (mut a, mut b, pa, pb, t0) = engine_pair();
+    a.handle_timeout(t0);
+    let probe = a.poll_transmit().unwrap();
+    assert_eq!(probe.path, pa);
+    let reply = b
+        .handle_probe_request(pb, &probe.payload, 64, t0 + 5 * MS)
+        .unwrap();
+    let t = t0 + 10 * MS;
+    a.handle_probe_reply(pa, &reply, t).unwrap();
+    let before = a.path(pa, t).unwrap();
+    assert_eq!(before.state, PathState::Up);
+    assert_eq!(before.rtt, Some(10 * MS));
+
+    let other = a.path_ids().find(|p| *p != pa).unwrap();
+    assert!(matches!(
+        a.handle_probe_reply(pa, &reply, t),
+        Err(ProbeError::Duplicate(0))
+    ));
+    assert!(matches!(
+        a.handle_probe_reply(other, &reply, t),
+        Err(ProbeError::WrongPath { .. })
+    ));
+    assert!(matches!(
+        a.handle_probe_reply(PathId(99), &reply, t),
+        Err(ProbeError::UnknownPath(99))
+    ));
+    assert!(matches!(
+        a.handle_probe_reply(pa, &probe.payload, t),
+        Err(ProbeError::WrongKind { .. })
+    ));
+    let mut forged = patronus_core::probe::ProbeReply::decode(&reply).unwrap();
+    forged.request.t1 = patronus_core::probe::NtpTime(forged.request.t1.0 + 1);
+    assert!(matches!(
+        a.handle_probe_reply(pa, &forged.encode(), t),
+        Err(ProbeError::EchoMismatch(0))
+    ));
+    forged.request.seq = 7;
+    assert!(matches!(
+        a.handle_probe_reply(pa, &forged.encode(), t),
+        Err(ProbeError::Stale(7))
+    ));
+    let mut rng = sim::Rng::new(1);
+    for len in 0..200 {
+        let junk: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+        assert!(a.handle_probe_reply(pa, &junk, t).is_err());
+        assert!(a.handle_probe_request(pa, &junk, 64, t).is_err());
+        let _ = patronus_core::PacketMeta::parse(&junk);
+    }
+    // A reply to a previous run of the sender (another instance tag) is stale.
+    let (mut a2, _, pa2, _, _) = engine_pair();
+    let mut old = patronus_core::probe::ProbeReply::decode(&reply).unwrap();
+    old.request.instance = 77;
+    assert!(matches!(
+        a2.handle_probe_reply(pa2, &old.encode(), t),
+        Err(ProbeError::WrongInstance { .. })
+    ));
+
+    let after = a.path(pa, t).unwrap();
+    assert_eq!(
+        (after.state, after.rtt, after.loss),
+        (before.state, before.rtt, before.loss)
+    );
+    assert_eq!(after.counters.probes_received, 1);
+    // Duplicate, wrong kind, forged echo, stale, and 200 junk ones on this path; the misdirected
+    // one counts on the other path and the unknown-path one only engine-wide.
+    assert_eq!(after.counters.replies_rejected, 204);
+    assert_eq!(a.stats().replies_rejected, 206);
+}
+
+#[test]
+fn a_reply_with_a_lying_reflector_clock_is_refused() {
+    let (mut a, mut b, pa, pb, t0) = engine_pair();
+    a.handle_timeout(t0);
+    let probe = a.poll_transmit().unwrap();
+    let honest = b
+        .handle_probe_request(pb, &probe.payload, 64, t0 + 5 * MS)
+        .unwrap();
+    let mut r = patronus_core::probe::ProbeReply::decode(&honest).unwrap();
+    // The reflector claims it held the probe 50 ms, longer than the whole 10 ms round trip.
+    r.t3 = patronus_core::probe::NtpTime::from_duration(Duration::from_millis(60));
+    r.t2 = patronus_core::probe::NtpTime::from_duration(Duration::from_millis(10));
+    let err = a
+        .handle_probe_reply(pa, &r.encode(), t0 + 10 * MS)
+        .unwrap_err();
+    assert!(
+        matches!(err, patronus_core::ProbeError::BadTimestamps { .. }),
+        "{err}"
+    );
+    assert_eq!(a.path(pa, t0 + 10 * MS).unwrap().state, PathState::Down);
+}
+
+#[test]
+fn idle_flows_expire_and_a_full_table_still_forwards() {
+    let cfg = EngineConfig {
+        flow_capacity: 2,
+        flow_idle_timeout: 10 * SEC,
+        ..EngineConfig::default()
+    };
+    let mut net = two_sites(&cfg);
+    net.run_for(2 * SEC);
+    let s: Vec<usize> = (0..3)
+        .map(|i| net.stream("a", "b", UDP, 100 + i, 0, 10))
+        .collect();
+    net.run_for(SEC);
+    assert_eq!(net.engine("a").flow_count(), 2);
+    assert!(net.engine("a").stats().flow_table_full > 0);
+    // The uncached flow is still forwarded, on the same path as the others.
+    let r = net.report(s[2], 2 * SEC, 2500 * MS);
+    assert_eq!((r.lost, r.sent), (0, 5));
+    for &i in &s {
+        net.streams[i].stop_at = Some(net.now);
+    }
+    net.run_for(15 * SEC);
+    assert_eq!(net.engine("a").flow_count(), 0);
+    assert_eq!(net.engine("a").stats().flows_expired, 2);
+    let snap = net
+        .engine("a")
+        .path(net.path("a", "mpls", "b", "mpls"), net.now)
+        .unwrap();
+    assert_eq!(snap.flows, 0, "expired flows release their paths");
+}
+
+#[test]
+fn a_policy_change_reclassifies_flows_and_keeps_those_whose_path_still_fits() {
+    let mut net = two_sites(&EngineConfig::default());
+    net.run_for(2 * SEC);
+    let voice = net.stream("a", "b", UDP, 5004, 46, 50);
+    let web = net.stream("a", "b", TCP, 443, 0, 50);
+    net.run_for(SEC);
+    let key = net.streams[voice].meta.key;
+    let business = net.engine("a").class_id("business").unwrap();
+    assert_eq!(net.engine("a").flow_class(&key), Some((business, None)));
+    net.engine_mut("a")
+        .set_policies(vec![policy("voice 10 realtime best-quality udp 5004")])
+        .unwrap();
+    net.run_for(SEC);
+    let realtime = net.engine("a").class_id("realtime").unwrap();
+    let (class, name) = net.engine("a").flow_class(&key).unwrap();
+    assert_eq!((class, name.map(|n| n.as_str())), (realtime, Some("voice")));
+    assert!(
+        moves(&net, "a").is_empty(),
+        "both flows' path still meets their class"
+    );
+    assert_eq!(current_path(&net, web), current_path(&net, voice));
+    let bad = policy("x 10 nosuchclass best-quality udp 1");
+    assert!(net.engine_mut("a").set_policies(vec![bad]).is_err());
+}

@@ -389,9 +389,7 @@ impl Net {
         while let Some(t) = self.sites[site].engine.poll_transmit() {
             self.send(site, t.path, Payload::Probe(t.payload.to_vec()));
         }
-        while let Some((at, e)) = self.sites[site].engine.poll_event() {
-            self.log.push((at, site, e));
-        }
+        self.drain_events(site);
     }
 
     /// Advances virtual time to `self.now + d`, running everything due on the way.
@@ -456,6 +454,37 @@ impl Net {
             if now >= end {
                 break;
             }
+        }
+    }
+
+    /// The site a path of `site` leads to.
+    pub fn peer_site_of(&self, site: &str, path: PathId) -> Option<&'static str> {
+        let s = self.site(site);
+        self.sites[s]
+            .paths
+            .get(&path)
+            .map(|(p, _, _)| self.sites[*p].name)
+    }
+
+    pub fn site_name(&self, i: usize) -> &'static str {
+        self.sites[i].name
+    }
+
+    /// Decides one more packet of a stream now, outside its schedule (nothing is sent).
+    pub fn decide_now(&mut self, stream: usize) -> Decision {
+        let (from, meta, len) = {
+            let st = &self.streams[stream];
+            (st.from, st.meta, st.len)
+        };
+        let now = self.now;
+        let d = self.sites[from].engine.decide(&meta, len, now);
+        self.drain_events(from);
+        d
+    }
+
+    fn drain_events(&mut self, site: usize) {
+        while let Some((at, e)) = self.sites[site].engine.poll_event() {
+            self.log.push((at, site, e));
         }
     }
 
