@@ -25,9 +25,9 @@ use patronus_api::{
     FailoverSettings, FieldErrors, Link, Name, Policy, Prefix, SlaClass, SteeringMode,
     validate_policies,
 };
-use rustc_hash::FxHashMap;
 
 use crate::classify::Classifier;
+use crate::flow_table::{Flow, FlowTable};
 use crate::packet::{FlowKey, PacketMeta};
 use crate::path::{Ctx, LinkEnd, Path, PathCounters};
 use crate::probe::{self, NtpTime, PROBE_LEN, ProbeError, ProbeReply};
@@ -206,24 +206,19 @@ pub struct ClassHealthSnapshot {
     pub eligible: bool,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Flow {
-    peer: PeerId,
-    profile: u32,
-    decision: Decision,
-    epoch: u32,
-    cfg_gen: u32,
-    last_seen: Instant,
-    /// When the flow took its current path.
-    settled: Instant,
-}
-
 #[derive(Debug)]
 struct Peer {
     name: String,
     paths: Vec<PathId>,
     remote_links: Vec<Name>,
-    epoch: u32,
+}
+
+/// What the engine counts for each path on the packet path, kept apart from the path so that a
+/// flow-cache hit touches 16 bytes of it.
+#[derive(Debug, Clone, Copy, Default)]
+struct TxCount {
+    packets: u64,
+    bytes: u64,
 }
 
 /// The path engine of one edge. See the crate documentation for how to drive it.
@@ -241,15 +236,19 @@ pub struct Engine {
     profile_names: Vec<Option<Name>>,
     routes: RouteTable,
     peers: Vec<Peer>,
+    /// Each peer's epoch (see the module documentation), apart from `peers` so the fast path
+    /// reads a small dense array.
+    epochs: Vec<u32>,
     paths: Vec<Option<Path>>,
+    /// Transmit counters per path id.
+    tx: Vec<TxCount>,
     local_links: Vec<Name>,
-    flows: FxHashMap<FlowKey, Flow>,
-    flow_capacity: usize,
+    flows: FlowTable,
     flow_idle: Duration,
     loss_window: usize,
     instance: u32,
     epoch: Instant,
-    cfg_gen: u32,
+    cfg_gen: u16,
     timers: BinaryHeap<Reverse<(Instant, u32, u32)>>,
     next_sweep: Instant,
     transmits: VecDeque<Transmit>,
@@ -311,18 +310,27 @@ fn reschedule(
     }
 }
 
+/// Advances a peer's epoch: every cached decision for it is reconsidered on its next packet.
+/// Returns the new epoch.
+fn bump(epochs: &mut [u32], peer: PeerId) -> u32 {
+    match epochs.get_mut(peer.0 as usize) {
+        Some(e) => {
+            *e = e.wrapping_add(1);
+            *e
+        }
+        None => 0,
+    }
+}
+
+/// Whole seconds since the engine's epoch: the flow table's clock (136 years before it wraps).
+fn secs_since(epoch: Instant, now: Instant) -> u32 {
+    u32::try_from(now.saturating_duration_since(epoch).as_secs()).unwrap_or(u32::MAX)
+}
+
 fn release(paths: &mut [Option<Path>], d: Decision) {
     for id in d.paths() {
         if let Some(Some(p)) = paths.get_mut(id.0 as usize) {
             p.flows = p.flows.saturating_sub(1);
-        }
-    }
-}
-
-fn acquire(paths: &mut [Option<Path>], d: Decision) {
-    for id in d.paths() {
-        if let Some(Some(p)) = paths.get_mut(id.0 as usize) {
-            p.flows += 1;
         }
     }
 }
@@ -348,10 +356,11 @@ impl Engine {
             profile_names,
             routes: RouteTable::default(),
             peers: Vec::new(),
+            epochs: Vec::new(),
             paths: Vec::new(),
+            tx: Vec::new(),
             local_links: Vec::new(),
-            flows: FxHashMap::default(),
-            flow_capacity: config.flow_capacity,
+            flows: FlowTable::new(config.flow_capacity),
             flow_idle: config.flow_idle_timeout,
             loss_window: config.loss_window,
             instance: config.instance,
@@ -382,6 +391,13 @@ impl Engine {
         self.profiles = profiles;
         self.profile_names = names;
         self.cfg_gen = self.cfg_gen.wrapping_add(1);
+        if self.cfg_gen == 0 {
+            // The generation wrapped: a flow idle through 65536 changes could look current.
+            self.flows.clear();
+            for p in self.paths.iter_mut().flatten() {
+                p.flows = 0;
+            }
+        }
         Ok(())
     }
 
@@ -404,8 +420,8 @@ impl Engine {
             name: name.to_owned(),
             paths: Vec::new(),
             remote_links: Vec::new(),
-            epoch: 0,
         });
+        self.epochs.push(0);
         Ok(id)
     }
 
@@ -473,8 +489,9 @@ impl Engine {
         );
         reschedule(&mut self.timers, &mut path, &self.settings);
         self.paths.push(Some(path));
+        self.tx.push(TxCount::default());
         p.paths.push(id);
-        p.epoch = p.epoch.wrapping_add(1);
+        bump(&mut self.epochs, peer);
         Ok(id)
     }
 
@@ -486,35 +503,42 @@ impl Engine {
         if let Some(p) = slot.take() {
             if let Some(peer) = self.peers.get_mut(p.peer.0 as usize) {
                 peer.paths.retain(|x| *x != id);
-                peer.epoch = peer.epoch.wrapping_add(1);
             }
+            bump(&mut self.epochs, p.peer);
         }
     }
 
     /// Decides what to do with a packet from the LAN: the per-packet fast path.
     pub fn decide(&mut self, meta: &PacketMeta, len: usize, now: Instant) -> Decision {
         self.stats.packets += 1;
-        if let Some(flow) = self.flows.get_mut(&meta.key) {
-            let fresh = flow.cfg_gen == self.cfg_gen
-                && self
-                    .peers
-                    .get(flow.peer.0 as usize)
-                    .is_some_and(|p| p.epoch == flow.epoch);
-            if fresh {
-                flow.last_seen = now;
-                let d = flow.decision;
+        if let Some(i) = self.flows.find(&meta.key) {
+            let (peer, epoch, cfg_gen) = self.flows.freshness(i);
+            if cfg_gen == self.cfg_gen && self.epochs.get(peer as usize) == Some(&epoch) {
+                let d = self.flows.touch(i, secs_since(self.epoch, now));
                 self.stats.cache_hits += 1;
-                self.account_tx(d, len, now);
+                self.count_tx(d, len);
                 return d;
             }
         }
         self.decide_slow(meta, len, now)
     }
 
-    fn account_tx(&mut self, d: Decision, len: usize, now: Instant) {
+    fn count_tx(&mut self, d: Decision, len: usize) {
+        for id in d.paths() {
+            if let Some(t) = self.tx.get_mut(id.0 as usize) {
+                t.packets += 1;
+                t.bytes += len as u64;
+            }
+        }
+    }
+
+    /// Counts a flow on the paths of its decision; a path that gets its first flow switches to
+    /// the active probe cadence at once.
+    fn acquire(&mut self, d: Decision, now: Instant) {
         for id in d.paths() {
             if let Some(Some(p)) = self.paths.get_mut(id.0 as usize) {
-                if p.on_data_sent(len, now, &self.settings) {
+                p.flows += 1;
+                if p.speed_up(now, &self.settings) {
                     reschedule(&mut self.timers, p, &self.settings);
                 }
             }
@@ -523,7 +547,7 @@ impl Engine {
 
     fn decide_slow(&mut self, meta: &PacketMeta, len: usize, now: Instant) -> Decision {
         let key = meta.key;
-        let existing = self.flows.get(&key).copied();
+        let existing = self.flows.get(&key);
         match existing {
             Some(_) => self.stats.reconsidered += 1,
             None => self.stats.cache_misses += 1,
@@ -545,7 +569,7 @@ impl Engine {
                 let default = self.profiles.len() - 1;
                 (
                     peer,
-                    self.classifier.classify(meta).unwrap_or(default) as u32,
+                    self.classifier.classify(meta).unwrap_or(default) as u16,
                 )
             }
         };
@@ -566,9 +590,9 @@ impl Engine {
             Some(f) if f.peer == peer => {
                 let paths = &self.paths;
                 let r =
-                    select::reconsider(&cands, profile, f.decision, f.settled, self.margin, |id| {
+                    select::reconsider(&cands, profile, f.decision, f.epoch, self.margin, |id| {
                         match paths.get(id.0 as usize) {
-                            Some(Some(p)) if p.state == PathState::Down => MoveReason::PathDown,
+                            Some(Some(p)) if p.state() == PathState::Down => MoveReason::PathDown,
                             Some(Some(_)) => MoveReason::PolicyChanged,
                             _ => MoveReason::PathRemoved,
                         }
@@ -603,44 +627,47 @@ impl Engine {
             Decision::Drop(DropReason::SlaUnavailable) => self.stats.dropped_sla += 1,
             _ => {}
         }
-        let settled = match existing {
-            Some(f) if f.decision.primary() == decision.primary() => f.settled,
-            _ => now,
-        };
         let flow = Flow {
             peer,
             profile: profile_idx,
             decision,
-            epoch: self.peers[peer.0 as usize].epoch,
+            epoch: self.epochs[peer.0 as usize],
             cfg_gen: self.cfg_gen,
-            last_seen: now,
-            settled,
+            last_seen: secs_since(self.epoch, now),
         };
         let cached = match existing {
             Some(old) => {
                 if old.decision != decision {
                     release(&mut self.paths, old.decision);
-                    acquire(&mut self.paths, decision);
+                    self.acquire(decision, now);
                 }
                 true
             }
             None => {
-                if self.flows.len() >= self.flow_capacity {
+                if self.flows.is_full() {
                     self.sweep(now);
                 }
-                if self.flows.len() < self.flow_capacity {
-                    acquire(&mut self.paths, decision);
+                if !self.flows.is_full() {
+                    self.acquire(decision, now);
                     true
                 } else {
+                    // Not cached, still forwarded; its paths must still be probed as active.
                     self.stats.flow_table_full += 1;
+                    for id in decision.paths() {
+                        if let Some(Some(p)) = self.paths.get_mut(id.0 as usize) {
+                            if p.speed_up(now, &self.settings) {
+                                reschedule(&mut self.timers, p, &self.settings);
+                            }
+                        }
+                    }
                     false
                 }
             }
         };
         if cached {
-            self.flows.insert(key, flow);
+            self.flows.insert(&key, &flow);
         }
-        self.account_tx(decision, len, now);
+        self.count_tx(decision, len);
         decision
     }
 
@@ -667,16 +694,14 @@ impl Engine {
         match outcome {
             Ok(change) => {
                 if change.any() {
-                    if let Some(peer) = self.peers.get_mut(p.peer.0 as usize) {
-                        peer.epoch = peer.epoch.wrapping_add(1);
-                    }
+                    p.stamp(bump(&mut self.epochs, p.peer));
                 }
                 reschedule(&mut self.timers, p, &self.settings);
                 self.flush_events(now);
                 Ok(())
             }
             Err(e) => {
-                p.counters.replies_rejected += 1;
+                p.count_rejected_reply();
                 self.stats.replies_rejected += 1;
                 Err(e)
             }
@@ -697,7 +722,7 @@ impl Engine {
         let reply = probe::reflect(bytes, t, t, ttl);
         match (&reply, self.paths.get_mut(path.0 as usize)) {
             (Err(_), _) => self.stats.probe_requests_rejected += 1,
-            (Ok(_), Some(Some(p))) => p.counters.probes_reflected += 1,
+            (Ok(_), Some(Some(p))) => p.count_reflected(),
             (Ok(_), _) => {}
         }
         reply
@@ -746,9 +771,7 @@ impl Engine {
                 });
             }
             if change.any() {
-                if let Some(peer) = self.peers.get_mut(p.peer.0 as usize) {
-                    peer.epoch = peer.epoch.wrapping_add(1);
-                }
+                p.stamp(bump(&mut self.epochs, p.peer));
             }
             reschedule(&mut self.timers, p, &self.settings);
         }
@@ -760,18 +783,21 @@ impl Engine {
     }
 
     fn sweep(&mut self, now: Instant) {
-        let idle = self.flow_idle;
+        let idle = u32::try_from(self.flow_idle.as_secs())
+            .unwrap_or(u32::MAX)
+            .max(1);
+        let now_s = secs_since(self.epoch, now);
         let paths = &mut self.paths;
         let before = self.flows.len();
-        self.flows.retain(|_, f| {
-            let keep = now.saturating_duration_since(f.last_seen) < idle;
+        self.flows.retain(|f| {
+            let keep = now_s.saturating_sub(f.last_seen) < idle;
             if !keep {
                 release(paths, f.decision);
             }
             keep
         });
         self.stats.flows_expired += (before - self.flows.len()) as u64;
-        self.next_sweep = now + (idle / 4).max(Duration::from_secs(1));
+        self.next_sweep = now + (self.flow_idle / 4).max(Duration::from_secs(1));
     }
 
     /// When the engine next needs [`Engine::handle_timeout`]. Drain `poll_transmit` and
@@ -826,6 +852,11 @@ impl Engine {
         self.flows.len()
     }
 
+    /// Memory held by the flow table (64 bytes per slot; the table is at most half full).
+    pub fn flow_table_bytes(&self) -> usize {
+        self.flows.bytes()
+    }
+
     /// The cached decision of a flow, if it is in the table.
     pub fn flow_decision(&self, key: &FlowKey) -> Option<Decision> {
         self.flows.get(key).map(|f| f.decision)
@@ -834,7 +865,7 @@ impl Engine {
     /// The class and policy name (None for the default) a cached flow was classified into.
     pub fn flow_class(&self, key: &FlowKey) -> Option<(ClassId, Option<&Name>)> {
         let f = self.flows.get(key)?;
-        let i = f.profile as usize;
+        let i = usize::from(f.profile);
         Some((
             self.profiles.get(i)?.class,
             self.profile_names.get(i)?.as_ref(),
@@ -866,7 +897,7 @@ impl Engine {
     /// The state of a path as export and status see it.
     pub fn path(&self, id: PathId, now: Instant) -> Option<PathSnapshot> {
         let p = self.paths.get(id.0 as usize)?.as_ref()?;
-        let live = p.state != PathState::Down;
+        let live = p.state() != PathState::Down;
         Some(PathSnapshot {
             id,
             peer: p.peer,
@@ -877,7 +908,7 @@ impl Engine {
                 .unwrap_or_default(),
             local_link: p.local.name.clone(),
             remote_link: p.remote.name.clone(),
-            state: p.state,
+            state: p.state(),
             up_since: p.up_since,
             rtt: if live { p.srtt() } else { None },
             rtt_p50: p.rtt_percentile(0.5),
@@ -886,10 +917,13 @@ impl Engine {
             jitter: p.metrics.jitter,
             loss: p.metrics.loss,
             loss_samples: p.loss_samples(),
-            probe_interval: p.interval,
+            probe_interval: p.interval(),
             flows: p.flows,
             flaps: p.flaps,
-            counters: p.counters,
+            counters: {
+                let t = self.tx.get(id.0 as usize).copied().unwrap_or_default();
+                p.counters(t.packets, t.bytes)
+            },
             classes: self
                 .classes
                 .iter()

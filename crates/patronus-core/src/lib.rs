@@ -32,6 +32,7 @@
 pub mod classify;
 pub mod engine;
 pub mod estimate;
+mod flow_table;
 pub mod packet;
 pub mod path;
 pub mod probe;

@@ -21,8 +21,8 @@
 //! detection time looks like an outage and is treated as one. Probe requests *from* the peer are
 //! not evidence: they prove only one direction, and a peer keeps probing a path it sees Down.
 //!
-//! **Cadence**: a path that carries traffic (it has flows, or data crossed it in the last
-//! second) is probed every `active_probe_interval`; an idle or Down path every
+//! **Cadence**: a path that carries traffic (flows are assigned to it, or data arrived on it
+//! in the last second) is probed every `active_probe_interval`; an idle or Down path every
 //! `standby_probe_interval`. **A Down path keeps being probed**, so it can come back. When a path
 //! becomes active, a probe goes out at once.
 //!
@@ -46,7 +46,7 @@ use crate::probe::{NtpTime, PROBE_LEN, ProbeError, ProbeReply, ProbeRequest};
 use crate::score::{Metrics, SlaBounds};
 use crate::{ClassId, Event, PathId, PathState, PeerId};
 
-/// How long after data last crossed a path it still counts as active.
+/// How long after data last arrived on a path it still counts as active.
 pub const ACTIVE_GRACE: Duration = Duration::from_secs(1);
 /// How long a probe's record is kept after it was sent, to recognise late replies.
 const LATE_REPLY_WINDOW: Duration = Duration::from_secs(3);
@@ -137,8 +137,11 @@ pub(crate) struct ClassHealth {
     pub eligible_at: Option<Instant>,
     /// When the path last broke this class's SLA.
     pub violated_at: Option<Instant>,
-    /// When the path last became eligible for this class (met it, out of hold-down).
-    pub eligible_since: Option<Instant>,
+    /// The peer epoch at which the path last became eligible for this class (met it, out of
+    /// hold-down); see [`Path::stamp`].
+    pub eligible_epoch: Option<u32>,
+    /// Became eligible, not yet stamped with the epoch of that change.
+    unstamped: bool,
 }
 
 /// Traffic and probe counters of a path.
@@ -165,12 +168,14 @@ pub(crate) struct Path {
     pub remote: LinkEnd,
     /// Capacity in kbit/s in the sending direction (local up, remote down), 0 if unknown.
     pub capacity_kbps: u64,
-    pub state: PathState,
+    state: PathState,
+    interval: Duration,
+    /// When data last arrived on the path.
+    last_rx: Option<Instant>,
     pub up_since: Option<Instant>,
     pub down_since: Option<Instant>,
     last_evidence: Option<Instant>,
     cadence_changed: Instant,
-    pub interval: Duration,
     next_probe_at: Instant,
     next_seq: u32,
     pending: VecDeque<Pending>,
@@ -186,8 +191,8 @@ pub(crate) struct Path {
     penalty_at: Instant,
     pub flaps: u64,
     pub flows: u32,
-    pub last_data: Option<Instant>,
-    pub counters: PathCounters,
+    /// Every counter but the transmit ones, which the engine keeps (see `Engine::decide`).
+    counters: PathCounters,
     /// Timer bookkeeping for the engine's heap.
     pub timer_gen: u32,
     pub scheduled: Option<Instant>,
@@ -213,11 +218,12 @@ impl Path {
             remote,
             capacity_kbps,
             state: PathState::Down,
+            interval: settings.standby_probe_interval(),
+            last_rx: None,
             up_since: None,
             down_since: None,
             last_evidence: None,
             cadence_changed: now,
-            interval: settings.standby_probe_interval(),
             next_probe_at: now,
             next_seq: 0,
             pending: VecDeque::new(),
@@ -232,11 +238,36 @@ impl Path {
             penalty_at: now,
             flaps: 0,
             flows: 0,
-            last_data: None,
             counters: PathCounters::default(),
             timer_gen: 0,
             scheduled: None,
         }
+    }
+
+    pub fn state(&self) -> PathState {
+        self.state
+    }
+
+    /// The current probe interval.
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// The path's counters; the transmit ones are the engine's (`tx_packets`, `tx_bytes`).
+    pub fn counters(&self, tx_packets: u64, tx_bytes: u64) -> PathCounters {
+        PathCounters {
+            tx_packets,
+            tx_bytes,
+            ..self.counters
+        }
+    }
+
+    pub fn count_rejected_reply(&mut self) {
+        self.counters.replies_rejected += 1;
+    }
+
+    pub fn count_reflected(&mut self) {
+        self.counters.probes_reflected += 1;
     }
 
     pub fn srtt(&self) -> Option<Duration> {
@@ -267,16 +298,23 @@ impl Path {
         })
     }
 
-    /// When the path became eligible for the class, if it is now.
-    pub fn eligible_since(&self, class: ClassId, now: Instant) -> Option<Instant> {
+    /// The peer epoch at which the path became eligible for the class, if it is eligible now
+    /// and the engine has stamped that change.
+    pub fn eligible_epoch(&self, class: ClassId, now: Instant) -> Option<u32> {
         if self.tier(class, now) != Some(0) {
             return None;
         }
-        let h = self.classes.get(usize::from(class.0))?;
-        if h.failed {
-            h.eligible_at
-        } else {
-            h.eligible_since
+        self.classes.get(usize::from(class.0))?.eligible_epoch
+    }
+
+    /// Records the peer epoch that the change which made classes eligible produced. Flows
+    /// whose decision is older than that epoch have not yet considered this path for them.
+    pub fn stamp(&mut self, epoch: u32) {
+        for h in &mut self.classes {
+            if h.unstamped {
+                h.eligible_epoch = Some(epoch);
+                h.unstamped = false;
+            }
         }
     }
 
@@ -284,17 +322,8 @@ impl Path {
         self.state != PathState::Down
             && (self.flows > 0
                 || self
-                    .last_data
+                    .last_rx
                     .is_some_and(|t| now.saturating_duration_since(t) < ACTIVE_GRACE))
-    }
-
-    /// Data was sent on the path. Returns true when the path's next wake-up moved earlier
-    /// (it switched to the active cadence and probes now).
-    pub fn on_data_sent(&mut self, len: usize, now: Instant, settings: &FailoverSettings) -> bool {
-        self.counters.tx_packets += 1;
-        self.counters.tx_bytes += len as u64;
-        self.last_data = Some(now);
-        self.speed_up(now, settings)
     }
 
     /// Data arrived on the path: evidence of life (if the path is live) and activity.
@@ -306,7 +335,7 @@ impl Path {
     ) -> bool {
         self.counters.rx_packets += 1;
         self.counters.rx_bytes += len as u64;
-        self.last_data = Some(now);
+        self.last_rx = Some(now);
         if self.state != PathState::Down {
             self.last_evidence = Some(now);
         }
@@ -375,7 +404,8 @@ impl Path {
         for h in &mut self.classes {
             if h.compliant && h.failed && h.eligible_at.is_some_and(|t| t <= now) {
                 h.failed = false;
-                h.eligible_since = h.eligible_at.take();
+                h.eligible_at = None;
+                h.unstamped = true;
                 change |= Change::ELIGIBILITY;
             }
         }
@@ -576,7 +606,8 @@ impl Path {
             h.compliant = false;
             h.failed = true;
             h.eligible_at = None;
-            h.eligible_since = None;
+            h.eligible_epoch = None;
+            h.unstamped = false;
         }
         self.add_penalty(now, ctx.settings);
         events.push(Event::PathDown {
@@ -643,7 +674,7 @@ impl Path {
             h.compliant = now_compliant;
             if now_compliant {
                 h.eligible_at = h.failed.then_some(now + hold_down);
-                h.eligible_since = (!h.failed).then_some(now);
+                h.unstamped = !h.failed;
                 if !initial {
                     events.push(Event::SlaRestored {
                         path: self.id,
@@ -653,7 +684,8 @@ impl Path {
             } else {
                 h.failed = true;
                 h.eligible_at = None;
-                h.eligible_since = None;
+                h.eligible_epoch = None;
+                h.unstamped = false;
                 h.violated_at = Some(now);
                 violated = true;
                 events.push(Event::SlaViolated {

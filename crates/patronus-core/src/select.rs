@@ -43,13 +43,13 @@
 //!   top-ranked path;
 //! - when its path breaks its SLA: to a path that meets it, or, if none does, to the least-bad
 //!   path only if that is better by the margin;
-//! - while its path meets its SLA, only to a path that became *eligible* (tier 0) after the
-//!   flow settled on its current path (a path back from a failure and out of its hold-down, or
-//!   a new one), and only if that path ranks ahead by link preference, or is cheaper
-//!   (`lowest-cost`), or scores better by the margin (`best-quality`, `duplicate`). Metrics
-//!   drifting on paths the flow already passed over never move it; new flows take the best
-//!   path of the moment. `load-balance` flows stay while their path meets the SLA; new flows
-//!   fill the other paths.
+//! - while its path meets its SLA, only to a path that became *eligible* (tier 0) since the
+//!   flow's decision was last made or confirmed (a path back from a failure and out of its
+//!   hold-down, or a new one), and only if that path ranks ahead by link preference, or is
+//!   cheaper (`lowest-cost`), or scores better by the margin (`best-quality`, `duplicate`).
+//!   Metrics drifting on paths the flow already passed over never move it; new flows take the
+//!   best path of the moment. `load-balance` flows stay while their path meets the SLA; new
+//!   flows fill the other paths.
 //!
 //! The margin: `candidate + max(2 % of the budget, min_improvement × current) < current`.
 //! Flows reconsider only when something about their peer's paths changed (state, compliance,
@@ -123,8 +123,8 @@ pub(crate) struct Cand {
     pub pref: u8,
     pub cost: CostKey,
     pub score: f64,
-    /// When the path became eligible for the class (tier 0 only).
-    pub eligible_since: Option<Instant>,
+    /// The peer epoch at which the path became eligible for the class (tier 0 only).
+    pub eligible_epoch: Option<u32>,
     local: u16,
     remote: u16,
     flows: u32,
@@ -180,7 +180,7 @@ pub(crate) fn candidates(
             pref: profile.preference(p),
             cost: cost_key(p),
             score: score(&p.metrics, sla),
-            eligible_since: p.eligible_since(profile.class, now),
+            eligible_epoch: p.eligible_epoch(profile.class, now),
             local: p.local.id,
             remote: p.remote.id,
             flows: p.flows,
@@ -269,14 +269,14 @@ fn improves(candidate: f64, current: f64, margin: f64) -> bool {
     candidate + MIN_IMPROVEMENT_FLOOR.max(margin * current) < current
 }
 
-/// Whether a flow that settled on `cur` at `settled` moves to `top` (the best-ranked
-/// candidate), and why.
+/// Whether a flow on `cur`, last decided at peer epoch `decided`, moves to `top` (the
+/// best-ranked candidate), and why.
 pub(crate) fn should_move(
     cur: &Cand,
     top: &Cand,
     mode: SteeringMode,
     margin: f64,
-    settled: Instant,
+    decided: u32,
 ) -> Option<MoveReason> {
     if cur.id == top.id {
         return None;
@@ -285,7 +285,11 @@ pub(crate) fn should_move(
         return (top.tier < 2 || improves(top.score, cur.score, margin))
             .then_some(MoveReason::SlaViolated);
     }
-    let newly_eligible = top.tier == 0 && top.eligible_since.is_some_and(|t| t > settled);
+    // Epochs wrap; "after" is judged over half the u32 range.
+    let newly_eligible = top.tier == 0
+        && top
+            .eligible_epoch
+            .is_some_and(|e| (e.wrapping_sub(decided) as i32) > 0);
     if !newly_eligible || mode == SteeringMode::LoadBalance {
         return None;
     }
@@ -317,7 +321,7 @@ pub(crate) fn reconsider(
     cands: &[Cand],
     profile: &Profile,
     current: Decision,
-    settled: Instant,
+    decided: u32,
     margin: f64,
     gone: impl Fn(PathId) -> MoveReason,
 ) -> Reconsidered {
@@ -344,7 +348,7 @@ pub(crate) fn reconsider(
             moved: None,
         };
     }
-    match should_move(cur, top, profile.mode, margin, settled) {
+    match should_move(cur, top, profile.mode, margin, decided) {
         Some(reason) => Reconsidered {
             decision: fresh,
             moved: Some(reason),
@@ -372,13 +376,10 @@ pub(crate) fn reconsider(
 mod tests {
     use super::*;
 
-    fn t0() -> Instant {
-        use std::sync::OnceLock;
-        static T0: OnceLock<Instant> = OnceLock::new();
-        *T0.get_or_init(Instant::now)
-    }
+    /// The epoch at which the flows of these tests were last decided.
+    const DECIDED: u32 = 10;
 
-    /// A candidate that became eligible (if tier 0) one second after the flow settled at t0.
+    /// A candidate that (if tier 0) became eligible after the flow was last decided.
     fn cand(id: u32, tier: u8, score: f64) -> Cand {
         Cand {
             id: PathId(id),
@@ -387,7 +388,7 @@ mod tests {
             pref: 1,
             cost: (0, 0, 200, 0),
             score,
-            eligible_since: (tier == 0).then(|| t0() + Duration::from_secs(1)),
+            eligible_epoch: (tier == 0).then_some(DECIDED + 1),
             local: id as u16,
             remote: 0,
             flows: 0,
@@ -414,7 +415,7 @@ mod tests {
             c
         };
         let old = |mut c: Cand| {
-            c.eligible_since = Some(t0());
+            c.eligible_epoch = Some(DECIDED);
             c
         };
         let rows: &[(Cand, Cand, SteeringMode, Option<MoveReason>, &str)] = &[
@@ -525,7 +526,7 @@ mod tests {
             ),
         ];
         for (cur, top, mode, want, why) in rows {
-            assert_eq!(should_move(cur, top, *mode, m, t0()), *want, "{why}");
+            assert_eq!(should_move(cur, top, *mode, m, DECIDED), *want, "{why}");
         }
     }
 

@@ -1,1 +1,31 @@
-fn main() {}
+//! `patronus`: one binary for every part of Patronus. `main` is plumbing: parse the command
+//! line, run the command, report errors.
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "patronus",
+    version,
+    about = "Patronus SD-WAN",
+    propagate_version = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Benchmarks; each prints one JSON object on stdout.
+    #[command(subcommand)]
+    Bench(bench::Bench),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Bench(b) => bench::run(b),
+    }
+}

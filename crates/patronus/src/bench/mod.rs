@@ -1,0 +1,61 @@
+//! `patronus bench …`: benchmarks that measure the real code and print JSON. Each states what
+//! it ran and on what machine; the numbers in the docs are copied from their output.
+
+use std::io::Write;
+
+use clap::Subcommand;
+
+mod path_select;
+
+#[derive(Debug, Subcommand)]
+pub enum Bench {
+    /// The per-packet decision of the path engine: parse, classify, select, on a flow-cache hit
+    /// and on a miss.
+    PathSelect(path_select::Args),
+}
+
+pub fn run(b: Bench) -> anyhow::Result<()> {
+    let report = match b {
+        Bench::PathSelect(args) => path_select::run(&args)?,
+    };
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, &report)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// What the benchmark ran on: CPU model and count, from /proc (Linux); null where unknown.
+pub fn machine() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_owned())
+    });
+    serde_json::json!({
+        "cpu": cpu,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).ok(),
+        "os": std::env::consts::OS,
+        "arch": std::env::consts::ARCH,
+    })
+}
+
+/// Nearest-rank percentiles of a sample, in the sample's unit.
+pub fn percentiles(samples: &mut [u64]) -> serde_json::Value {
+    samples.sort_unstable();
+    let at = |q: f64| -> Option<u64> {
+        if samples.is_empty() {
+            return None;
+        }
+        let rank = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
+        Some(samples[rank - 1])
+    };
+    serde_json::json!({
+        "samples": samples.len(),
+        "p50_ns": at(0.50),
+        "p90_ns": at(0.90),
+        "p99_ns": at(0.99),
+        "p999_ns": at(0.999),
+        "max_ns": samples.last(),
+    })
+}
