@@ -393,10 +393,19 @@ impl Policy {
     }
 }
 
+/// The most policies a deployment may have.
+pub const MAX_POLICIES: usize = 10_000;
+
 /// Validates a policy set: each policy on its own, plus unique names and unique orders (so that
-/// "first match" is never ambiguous).
+/// "first match" is never ambiguous), and at most [`MAX_POLICIES`].
 pub fn validate_policies(policies: &[Policy], classes: &[SlaClass]) -> Result<(), FieldErrors> {
     let mut errs = FieldErrors::default();
+    if policies.len() > MAX_POLICIES {
+        errs.push(
+            "policies",
+            format!("at most {MAX_POLICIES} policies, got {}", policies.len()),
+        );
+    }
     let mut orders: BTreeMap<u32, &Name> = BTreeMap::new();
     let mut names = BTreeSet::new();
     for (i, p) in policies.iter().enumerate() {

@@ -303,6 +303,21 @@ mod tests {
     }
 
     #[test]
+    fn a_later_fragment_matches_no_port_rule_even_one_covering_port_zero() {
+        let rules = [m("proto=udp dport=0-100"), m("proto=udp")];
+        let c = Classifier::new(&rules.iter().collect::<Vec<_>>());
+        let mut frag = ipv4([1, 1, 1, 1], [2, 2, 2, 2], 17, 5, 6, 0);
+        frag[7] = 1; // fragment offset 8 bytes: no UDP header here
+        let meta = PacketMeta::parse(&frag).unwrap();
+        assert_eq!(c.classify(&meta), Some(1));
+        assert!(!matches(&rules[0], &meta));
+        assert_eq!(
+            c.classify(&pkt([1, 1, 1, 1], [2, 2, 2, 2], 17, 5, 6, 0)),
+            Some(0)
+        );
+    }
+
+    #[test]
     fn an_ipv6_only_rule_never_matches_ipv4() {
         let rules = [m("src=2001:db8::/32"), m("src=10.0.0.0/8,2001:db8::/32")];
         let c = Classifier::new(&rules.iter().collect::<Vec<_>>());

@@ -118,8 +118,9 @@ impl EngineConfig {
         if self.flow_capacity == 0 {
             errs.push("flow_capacity", "must be at least 1");
         }
-        if self.flow_idle_timeout < Duration::from_secs(1) {
-            errs.push("flow_idle_timeout", "must be at least 1 s");
+        if !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&self.flow_idle_timeout)
+        {
+            errs.push("flow_idle_timeout", "must be within 1 s ..= 24 h");
         }
         errs.into_result()
     }
@@ -390,6 +391,13 @@ impl Engine {
         self.classifier = classifier;
         self.profiles = profiles;
         self.profile_names = names;
+        self.config_changed();
+        Ok(())
+    }
+
+    /// Policies or routes changed: every cached flow is classified and routed again on its
+    /// next packet (and keeps its path if that still fits).
+    fn config_changed(&mut self) {
         self.cfg_gen = self.cfg_gen.wrapping_add(1);
         if self.cfg_gen == 0 {
             // The generation wrapped: a flow idle through 65536 changes could look current.
@@ -398,7 +406,6 @@ impl Engine {
                 p.flows = 0;
             }
         }
-        Ok(())
     }
 
     /// Adds a peer site and the LAN prefixes behind it.
@@ -422,6 +429,8 @@ impl Engine {
             remote_links: Vec::new(),
         });
         self.epochs.push(0);
+        // The new prefixes may be more specific than ones other peers own.
+        self.config_changed();
         Ok(id)
     }
 
@@ -438,18 +447,18 @@ impl Engine {
             .peers
             .get_mut(peer.0 as usize)
             .ok_or(ConfigError::UnknownPeer(peer))?;
-        let intern = |names: &mut Vec<Name>, n: &Name| -> Result<u16, ConfigError> {
-            let i = match names.iter().position(|x| x == n) {
-                Some(i) => i,
-                None => {
-                    names.push(n.clone());
-                    names.len() - 1
-                }
-            };
-            u16::try_from(i).map_err(|_| ConfigError::TooManyLinks)
+        // Interned link ids: the position of the name, or the next one. Checked for room
+        // before anything is recorded, so a refused path leaves no trace.
+        let slot =
+            |names: &[Name], n: &Name| names.iter().position(|x| x == n).unwrap_or(names.len());
+        let (remote_id, local_id) = (
+            slot(&p.remote_links, &remote.name),
+            slot(&self.local_links, &local.name),
+        );
+        let (Ok(remote_id), Ok(local_id)) = (u16::try_from(remote_id), u16::try_from(local_id))
+        else {
+            return Err(ConfigError::TooManyLinks);
         };
-        let remote_id = intern(&mut p.remote_links, &remote.name)?;
-        let local_id = intern(&mut self.local_links, &local.name)?;
         let duplicate = p.paths.iter().any(|id| {
             self.paths[id.0 as usize]
                 .as_ref()
@@ -475,6 +484,12 @@ impl Engine {
             (Some(a), None) | (None, Some(a)) => a,
             (None, None) => 0,
         };
+        if usize::from(remote_id) == p.remote_links.len() {
+            p.remote_links.push(remote.name.clone());
+        }
+        if usize::from(local_id) == self.local_links.len() {
+            self.local_links.push(local.name.clone());
+        }
         let id = PathId(self.paths.len() as u32);
         let mut path = Path::new(
             id,
@@ -644,9 +659,8 @@ impl Engine {
                 true
             }
             None => {
-                if self.flows.is_full() {
-                    self.sweep(now);
-                }
+                // A full table waits for the periodic sweep: sweeping here would walk the whole
+                // table on every packet of every uncached flow.
                 if !self.flows.is_full() {
                     self.acquire(decision, now);
                     true

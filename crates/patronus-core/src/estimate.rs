@@ -84,17 +84,24 @@ impl RttEstimator {
 /// RFC 3550 interarrival jitter over a sequence of transit times (in ns, any fixed offset).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Jitter {
-    prev_transit: Option<i64>,
+    /// The previous transit time and the round trip of the probe it came from.
+    prev: Option<(i64, i64)>,
     jitter_ns: f64,
 }
 
 impl Jitter {
-    pub fn on_transit(&mut self, transit_ns: i64) {
-        if let Some(prev) = self.prev_transit {
-            let d = transit_ns.saturating_sub(prev).unsigned_abs() as f64;
-            self.jitter_ns += (d - self.jitter_ns) / 16.0;
+    /// Takes the transit time of one direction of a probe and the probe's round trip. A change
+    /// in one-way delay larger than the round trip is not delay: it is the other clock jumping
+    /// (the peer restarted, so its timestamps count from a new epoch). The sample then only
+    /// restarts the sequence.
+    pub fn on_transit(&mut self, transit_ns: i64, rtt_ns: i64) {
+        if let Some((prev, prev_rtt)) = self.prev {
+            let d = transit_ns.saturating_sub(prev).unsigned_abs();
+            if d <= rtt_ns.max(prev_rtt).unsigned_abs() {
+                self.jitter_ns += (d as f64 - self.jitter_ns) / 16.0;
+            }
         }
-        self.prev_transit = Some(transit_ns);
+        self.prev = Some((transit_ns, rtt_ns));
     }
 
     pub fn get(&self) -> Duration {
@@ -173,16 +180,31 @@ mod tests {
 
     #[test]
     fn constant_transit_has_no_jitter_and_alternating_transit_converges_to_the_step() {
+        let rtt = 40_000_000;
         let mut j = Jitter::default();
         for _ in 0..10 {
-            j.on_transit(5_000_000);
+            j.on_transit(5_000_000, rtt);
         }
         assert_eq!(j.get(), Duration::ZERO);
         for i in 0..400 {
-            j.on_transit(if i % 2 == 0 { 0 } else { 10_000_000 });
+            j.on_transit(if i % 2 == 0 { 0 } else { 10_000_000 }, rtt);
         }
         let got = j.get().as_secs_f64() * 1e3;
         assert!((9.9..=10.0).contains(&got), "{got}");
+    }
+
+    #[test]
+    fn a_jump_of_the_reflector_clock_is_not_jitter() {
+        let rtt = 20_000_000;
+        let mut j = Jitter::default();
+        j.on_transit(1_000, rtt);
+        j.on_transit(2_000, rtt);
+        let before = j.get();
+        // The peer restarted: its timestamps now count from a new epoch, an hour earlier.
+        j.on_transit(2_000 - 3_600_000_000_000, rtt);
+        assert_eq!(j.get(), before);
+        j.on_transit(3_000 - 3_600_000_000_000, rtt);
+        assert!(j.get() < Duration::from_micros(1), "{:?}", j.get());
     }
 
     #[test]

@@ -19,7 +19,9 @@ use crate::{Decision, DropReason, PathId, PeerId};
 
 const OCCUPIED: u8 = 1;
 const V6: u8 = 2;
+const PORTS: u8 = 16;
 const KIND_SHIFT: u8 = 2;
+const KIND_MASK: u8 = 3;
 const KIND_SEND: u8 = 0;
 const KIND_DUPLICATE: u8 = 1;
 const KIND_NO_PATH: u8 = 2;
@@ -87,6 +89,7 @@ impl Slot {
             && self.dport == k.dport()
             && self.proto == k.proto()
             && (self.flags & V6 != 0) == k.is_ipv6()
+            && (self.flags & PORTS != 0) == k.has_ports()
     }
 
     fn key(&self) -> FlowKey {
@@ -94,14 +97,14 @@ impl Slot {
             self.src,
             self.dst,
             self.proto,
-            self.sport,
-            self.dport,
+            (self.sport, self.dport),
             self.flags & V6 != 0,
+            self.flags & PORTS != 0,
         )
     }
 
     fn flow(&self) -> Flow {
-        let decision = match self.flags >> KIND_SHIFT {
+        let decision = match (self.flags >> KIND_SHIFT) & KIND_MASK {
             KIND_SEND => Decision::Send(PathId(self.primary)),
             KIND_DUPLICATE => Decision::Duplicate {
                 primary: PathId(self.primary),
@@ -135,7 +138,7 @@ impl Slot {
         self.last_seen = f.last_seen;
         self.profile = f.profile;
         self.cfg_gen = f.cfg_gen;
-        self.flags = (self.flags & (OCCUPIED | V6)) | (kind << KIND_SHIFT);
+        self.flags = (self.flags & (OCCUPIED | V6 | PORTS)) | (kind << KIND_SHIFT);
     }
 }
 
@@ -257,7 +260,9 @@ impl FlowTable {
             sport: k.sport(),
             dport: k.dport(),
             proto: k.proto(),
-            flags: OCCUPIED | if k.is_ipv6() { V6 } else { 0 },
+            flags: OCCUPIED
+                | if k.is_ipv6() { V6 } else { 0 }
+                | if k.has_ports() { PORTS } else { 0 },
             ..EMPTY
         };
         s.set_flow(f);

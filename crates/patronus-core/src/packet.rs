@@ -20,19 +20,38 @@ pub struct FlowKey {
     dport: u16,
     proto: u8,
     v6: bool,
+    /// The packet carried a transport header with ports.
+    ports: bool,
+}
+
+/// Protocols whose transport header starts with a source and a destination port.
+fn carries_ports(proto: u8) -> bool {
+    matches!(proto, 6 | 17 | 132 | 136)
 }
 
 impl FlowKey {
+    /// A flow key; for TCP, UDP, SCTP and UDP-Lite the ports are part of it.
     pub fn new(src: IpAddr, dst: IpAddr, proto: u8, sport: u16, dport: u16) -> Self {
+        let ports = carries_ports(proto);
         let (src, v6) = ip_to_u128(src);
         let (dst, _) = ip_to_u128(dst);
         Self {
             src: split(src),
             dst: split(dst),
-            sport,
-            dport,
+            sport: if ports { sport } else { 0 },
+            dport: if ports { dport } else { 0 },
             proto,
             v6,
+            ports,
+        }
+    }
+
+    /// The key of a packet whose ports cannot be read: a later fragment, or a transport header
+    /// cut short. It matches only policies without port ranges.
+    pub fn without_ports(src: IpAddr, dst: IpAddr, proto: u8) -> Self {
+        Self {
+            ports: false,
+            ..Self::new(src, dst, proto, 0, 0)
         }
     }
 
@@ -56,9 +75,9 @@ impl FlowKey {
         src: [u64; 2],
         dst: [u64; 2],
         proto: u8,
-        sport: u16,
-        dport: u16,
+        (sport, dport): (u16, u16),
         v6: bool,
+        ports: bool,
     ) -> Self {
         Self {
             src,
@@ -67,6 +86,7 @@ impl FlowKey {
             dport,
             proto,
             v6,
+            ports,
         }
     }
 
@@ -94,9 +114,9 @@ impl FlowKey {
         self.dport
     }
 
-    /// True when the protocol carries ports (the ports are then meaningful, possibly 0).
+    /// True when the packet carried ports (they are then meaningful, possibly 0).
     pub fn has_ports(&self) -> bool {
-        matches!(self.proto, 6 | 17 | 132 | 136)
+        self.ports
     }
 }
 
@@ -206,13 +226,13 @@ impl PacketMeta {
         let src = Ipv4Addr::new(hdr[12], hdr[13], hdr[14], hdr[15]);
         let dst = Ipv4Addr::new(hdr[16], hdr[17], hdr[18], hdr[19]);
         let frag_offset = u16::from_be_bytes([hdr[6], hdr[7]]) & 0x1fff;
-        let (sport, dport) = if frag_offset == 0 {
+        let ports = if frag_offset == 0 {
             ports(proto, pkt.get(ihl..))
         } else {
-            (0, 0)
+            None
         };
         Ok(PacketMeta {
-            key: FlowKey::new(src.into(), dst.into(), proto, sport, dport),
+            key: key(src.into(), dst.into(), proto, ports),
             dscp,
         })
     }
@@ -251,30 +271,36 @@ impl PacketMeta {
                 _ => break,
             }
         }
-        let (sport, dport) = if first_fragment {
+        let ports = if first_fragment {
             ports(next, pkt.get(off..))
         } else {
-            (0, 0)
+            None
         };
         Ok(PacketMeta {
-            key: FlowKey::new(
+            key: key(
                 Ipv6Addr::from(src).into(),
                 Ipv6Addr::from(dst).into(),
                 next,
-                sport,
-                dport,
+                ports,
             ),
             dscp,
         })
     }
 }
 
-fn ports(proto: u8, l4: Option<&[u8]>) -> (u16, u16) {
-    match (proto, l4) {
-        (6 | 17 | 132 | 136, Some([a, b, c, d, ..])) => {
-            (u16::from_be_bytes([*a, *b]), u16::from_be_bytes([*c, *d]))
+fn ports(proto: u8, l4: Option<&[u8]>) -> Option<(u16, u16)> {
+    match l4 {
+        Some([a, b, c, d, ..]) if carries_ports(proto) => {
+            Some((u16::from_be_bytes([*a, *b]), u16::from_be_bytes([*c, *d])))
         }
-        _ => (0, 0),
+        _ => None,
+    }
+}
+
+fn key(src: IpAddr, dst: IpAddr, proto: u8, ports: Option<(u16, u16)>) -> FlowKey {
+    match ports {
+        Some((s, d)) => FlowKey::new(src, dst, proto, s, d),
+        None => FlowKey::without_ports(src, dst, proto),
     }
 }
 
@@ -321,7 +347,13 @@ pub(crate) mod tests {
         let mut frag = ipv4([10, 1, 0, 5], [10, 2, 0, 9], 17, 1, 2, 0);
         frag[7] = 10; // fragment offset 80 bytes
         let m = PacketMeta::parse(&frag).unwrap();
-        assert_eq!((m.key.sport(), m.key.dport()), (0, 0));
+        assert_eq!(
+            (m.key.sport(), m.key.dport(), m.key.has_ports()),
+            (0, 0, false)
+        );
+        // A later fragment is not the flow of the first one, nor of a real port-0 flow.
+        let first = PacketMeta::parse(&ipv4([10, 1, 0, 5], [10, 2, 0, 9], 17, 0, 0, 0)).unwrap();
+        assert_ne!(m.key, first.key);
     }
 
     #[test]
@@ -363,6 +395,9 @@ pub(crate) mod tests {
         assert_eq!(PacketMeta::parse(&p), Err(PacketError::BadIhl(16)));
         // A TCP packet cut inside its header keeps its addresses and has no ports.
         let m = PacketMeta::parse(&ipv4([1, 1, 1, 1], [2, 2, 2, 2], 6, 1, 2, 0)[..22]).unwrap();
-        assert_eq!((m.key.sport(), m.key.dport()), (0, 0));
+        assert_eq!(
+            (m.key.sport(), m.key.dport(), m.key.has_ports()),
+            (0, 0, false)
+        );
     }
 }

@@ -117,6 +117,9 @@ enum Outcome {
     Waiting,
     Received,
     Lost,
+    /// Lost (no reply within the waiting time), then answered late: still lost for the loss
+    /// estimate, and a second late reply is a duplicate.
+    LateReceived,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -436,7 +439,7 @@ impl Path {
                         p.outcome = Outcome::Lost;
                         self.counters.probes_lost += 1;
                     }
-                    self.loss.record(p.outcome == Outcome::Lost);
+                    self.loss.record(p.outcome != Outcome::Received);
                 }
                 self.cursor = 1;
             }
@@ -480,7 +483,7 @@ impl Path {
                 }
                 Outcome::Waiting => break,
                 Outcome::Received => self.loss.record(false),
-                Outcome::Lost => self.loss.record(true),
+                Outcome::Lost | Outcome::LateReceived => self.loss.record(true),
             }
             recorded = true;
             self.cursor += 1;
@@ -535,8 +538,11 @@ impl Path {
             return Err(ProbeError::BadTimestamps { dwell_ns, rtt_ns });
         }
         match p.outcome {
-            Outcome::Received => return Err(ProbeError::Duplicate(r.seq)),
-            Outcome::Lost => self.counters.probes_late += 1,
+            Outcome::Received | Outcome::LateReceived => return Err(ProbeError::Duplicate(r.seq)),
+            Outcome::Lost => {
+                p.outcome = Outcome::LateReceived;
+                self.counters.probes_late += 1;
+            }
             Outcome::Waiting => p.outcome = Outcome::Received,
         }
         self.counters.probes_received += 1;
@@ -550,6 +556,7 @@ impl Path {
             for p in self.pending.iter_mut().take(idx) {
                 if p.outcome == Outcome::Waiting {
                     p.outcome = Outcome::Lost;
+                    self.counters.probes_lost += 1;
                 }
             }
             self.cursor = self.cursor.max(idx);
@@ -563,10 +570,12 @@ impl Path {
             self.cadence_changed = now;
             change |= Change::STATE;
         }
+        let rtt_sample = rtt_ns - dwell_ns;
         self.rtt
-            .on_sample(Duration::from_nanos((rtt_ns - dwell_ns).unsigned_abs()));
-        self.fwd.on_transit(reply.t2.nanos_since(r.t1));
-        self.rev.on_transit(ctx.ntp(now).nanos_since(reply.t3));
+            .on_sample(Duration::from_nanos(rtt_sample.unsigned_abs()));
+        self.fwd.on_transit(reply.t2.nanos_since(r.t1), rtt_sample);
+        self.rev
+            .on_transit(ctx.ntp(now).nanos_since(reply.t3), rtt_sample);
         if came_up {
             events.push(Event::PathUp {
                 path: self.id,
@@ -586,7 +595,7 @@ impl Path {
             match p.outcome {
                 Outcome::Waiting => break,
                 Outcome::Received => self.loss.record(false),
-                Outcome::Lost => self.loss.record(true),
+                Outcome::Lost | Outcome::LateReceived => self.loss.record(true),
             }
             recorded = true;
             self.cursor += 1;

@@ -672,6 +672,69 @@ fn garbage_replayed_and_misdirected_replies_change_nothing_and_crash_nothing() {
 }
 
 #[test]
+fn a_late_reply_proves_the_path_alive_once_and_still_counts_as_lost() {
+    let (mut a, mut b, pa, pb, t0) = engine_pair();
+    a.handle_timeout(t0);
+    let probe = a.poll_transmit().unwrap();
+    let reply = b
+        .handle_probe_request(pb, &probe.payload, 64, t0 + 700 * MS)
+        .unwrap();
+    // No RTT estimate yet: the waiting time is 1 s. At 1 s the probe is lost.
+    a.handle_timeout(t0 + SEC);
+    assert_eq!(a.path(pa, t0 + SEC).unwrap().counters.probes_lost, 1);
+    let late = t0 + 1400 * MS;
+    a.handle_probe_reply(pa, &reply, late).unwrap();
+    let snap = a.path(pa, late).unwrap();
+    // Alive (a late reply is still a reply), and Degraded: a 1.4 s round trip meets no SLA.
+    assert_eq!(snap.state, PathState::Degraded);
+    assert_eq!(
+        (snap.counters.probes_late, snap.counters.probes_lost),
+        (1, 1)
+    );
+    assert!(matches!(
+        a.handle_probe_reply(pa, &reply, late + MS),
+        Err(patronus_core::ProbeError::Duplicate(0))
+    ));
+}
+
+#[test]
+fn a_more_specific_peer_prefix_reroutes_cached_flows() {
+    let t0 = std::time::Instant::now();
+    let mut e = patronus_core::Engine::new(EngineConfig::default(), t0).unwrap();
+    let wide = e.add_peer("hub", &["10.0.0.0/8".parse().unwrap()]).unwrap();
+    let l = link("mpls", LinkKind::Mpls);
+    let hub_path = e.add_path(wide, &l, &l, t0).unwrap();
+    let mut b = patronus_core::Engine::new(
+        EngineConfig {
+            instance: 9,
+            ..EngineConfig::default()
+        },
+        t0,
+    )
+    .unwrap();
+    let back = b.add_peer("a", &["10.1.0.0/16".parse().unwrap()]).unwrap();
+    let bp = b.add_path(back, &l, &l, t0).unwrap();
+    e.handle_timeout(t0);
+    let probe = e.poll_transmit().unwrap();
+    let reply = b.handle_probe_request(bp, &probe.payload, 64, t0).unwrap();
+    e.handle_probe_reply(hub_path, &reply, t0 + MS).unwrap();
+    let pkt = sim::ipv4_packet([10, 1, 0, 1], [10, 2, 0, 1], 17, 1, 2, 0);
+    let meta = patronus_core::PacketMeta::parse(&pkt).unwrap();
+    assert_eq!(e.decide(&meta, 100, t0 + MS), Decision::Send(hub_path));
+    e.add_peer("b", &["10.2.0.0/16".parse().unwrap()]).unwrap();
+    // Peer b has no live path yet: the flow is now b's, and has nowhere to go.
+    assert_eq!(
+        e.decide(&meta, 100, t0 + 2 * MS),
+        Decision::Drop(patronus_core::DropReason::NoPath)
+    );
+    assert_eq!(
+        e.path(hub_path, t0 + 2 * MS).unwrap().flows,
+        0,
+        "the hub path released it"
+    );
+}
+
+#[test]
 fn a_reply_with_a_lying_reflector_clock_is_refused() {
     let (mut a, mut b, pa, pb, t0) = engine_pair();
     a.handle_timeout(t0);

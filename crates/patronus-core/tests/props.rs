@@ -249,6 +249,14 @@ proptest! {
                 let any_live = engine.path_ids()
                     .filter(|p| net.peer_site_of(from, *p) == Some(*to))
                     .any(|p| engine.path(p, net.now).unwrap().state != PathState::Down);
+                // Every path's flow count is the number of cached flows deciding for it.
+                for p in engine.path_ids() {
+                    let cached = streams.iter().filter(|&&x| net.streams[x].from == net.site(from))
+                        .filter_map(|&x| engine.flow_decision(&net.streams[x].meta.key))
+                        .filter(|d| d.paths().any(|q| q == p))
+                        .count();
+                    prop_assert_eq!(engine.path(p, net.now).unwrap().flows as usize, cached);
+                }
                 match d {
                     Decision::Drop(DropReason::NoPath) => prop_assert!(!any_live, "dropped although a live path exists"),
                     Decision::Drop(DropReason::SlaUnavailable) => prop_assert!(strict && *port == 5004, "only a strict policy drops for SLA"),
