@@ -1,6 +1,8 @@
 //! `patronus`: one binary for every part of Patronus. `main` is plumbing: parse the command
 //! line, run the command, report errors.
 
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 
 mod bench;
@@ -24,8 +26,16 @@ enum Command {
     Bench(bench::Bench),
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
         Command::Bench(b) => bench::run(b),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The error chain on one line, without a backtrace: this is for the operator.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
