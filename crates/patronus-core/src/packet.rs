@@ -304,11 +304,34 @@ fn key(src: IpAddr, dst: IpAddr, proto: u8, ports: Option<(u16, u16)>) -> FlowKe
     }
 }
 
+/// The 28 bytes `PacketMeta::parse` reads of an IPv4 packet: a 20-byte header (no options,
+/// checksum left zero) and the first 8 bytes of a transport header with the given ports. For
+/// tests and benchmarks that feed the engine packets without a network.
+pub fn ipv4_header(
+    src: [u8; 4],
+    dst: [u8; 4],
+    proto: u8,
+    sport: u16,
+    dport: u16,
+    dscp: u8,
+) -> [u8; 28] {
+    let mut p = [0u8; 28];
+    p[0] = 0x45;
+    p[1] = dscp << 2;
+    p[2..4].copy_from_slice(&28u16.to_be_bytes());
+    p[8] = 64;
+    p[9] = proto;
+    p[12..16].copy_from_slice(&src);
+    p[16..20].copy_from_slice(&dst);
+    p[20..22].copy_from_slice(&sport.to_be_bytes());
+    p[22..24].copy_from_slice(&dport.to_be_bytes());
+    p
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
 
-    /// A minimal IPv4 packet with a transport header (checksums are not the parser's business).
     pub(crate) fn ipv4(
         src: [u8; 4],
         dst: [u8; 4],
@@ -317,17 +340,7 @@ pub(crate) mod tests {
         dport: u16,
         dscp: u8,
     ) -> Vec<u8> {
-        let mut p = vec![0u8; 28];
-        p[0] = 0x45;
-        p[1] = dscp << 2;
-        p[2..4].copy_from_slice(&28u16.to_be_bytes());
-        p[8] = 64;
-        p[9] = proto;
-        p[12..16].copy_from_slice(&src);
-        p[16..20].copy_from_slice(&dst);
-        p[20..22].copy_from_slice(&sport.to_be_bytes());
-        p[22..24].copy_from_slice(&dport.to_be_bytes());
-        p
+        ipv4_header(src, dst, proto, sport, dport, dscp).to_vec()
     }
 
     #[test]

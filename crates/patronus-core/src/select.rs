@@ -396,6 +396,19 @@ mod tests {
         }
     }
 
+    /// A profile for class 0 with no link preferences.
+    fn plain(mode: SteeringMode) -> Profile {
+        Profile {
+            class: ClassId(0),
+            mode,
+            only: 0,
+            avoid: 0,
+            prefer: 0,
+            metered: MeteredUse::Allow,
+            strict: false,
+        }
+    }
+
     /// The hysteresis rule as a table: (current, best, mode) → move?
     #[test]
     fn the_move_rule_table() {
@@ -544,15 +557,7 @@ mod tests {
 
     #[test]
     fn load_balance_fills_paths_in_proportion_to_capacity() {
-        let profile = Profile {
-            class: ClassId(0),
-            mode: SteeringMode::LoadBalance,
-            only: 0,
-            avoid: 0,
-            prefer: 0,
-            metered: MeteredUse::Allow,
-            strict: false,
-        };
+        let profile = plain(SteeringMode::LoadBalance);
         let mut cands = vec![cand(1, 0, 0.1), cand(2, 0, 0.2)];
         cands[0].capacity = 100_000;
         cands[1].capacity = 50_000;
@@ -567,15 +572,7 @@ mod tests {
 
     #[test]
     fn duplicate_picks_a_link_disjoint_second_path() {
-        let profile = Profile {
-            class: ClassId(0),
-            mode: SteeringMode::Duplicate,
-            only: 0,
-            avoid: 0,
-            prefer: 0,
-            metered: MeteredUse::Allow,
-            strict: false,
-        };
+        let profile = plain(SteeringMode::Duplicate);
         // Paths 1 and 2 share local link 7; path 3 is on local link 8.
         let mut cands = vec![cand(1, 0, 0.1), cand(2, 0, 0.2), cand(3, 0, 0.6)];
         cands[0].local = 7;

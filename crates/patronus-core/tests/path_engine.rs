@@ -718,7 +718,7 @@ fn a_more_specific_peer_prefix_reroutes_cached_flows() {
     let probe = e.poll_transmit().unwrap();
     let reply = b.handle_probe_request(bp, &probe.payload, 64, t0).unwrap();
     e.handle_probe_reply(hub_path, &reply, t0 + MS).unwrap();
-    let pkt = sim::ipv4_packet([10, 1, 0, 1], [10, 2, 0, 1], 17, 1, 2, 0);
+    let pkt = patronus_core::packet::ipv4_header([10, 1, 0, 1], [10, 2, 0, 1], 17, 1, 2, 0);
     let meta = patronus_core::PacketMeta::parse(&pkt).unwrap();
     assert_eq!(e.decide(&meta, 100, t0 + MS), Decision::Send(hub_path));
     e.add_peer("b", &["10.2.0.0/16".parse().unwrap()]).unwrap();

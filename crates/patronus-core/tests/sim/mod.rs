@@ -14,6 +14,7 @@ use std::collections::{BinaryHeap, HashMap};
 use std::time::{Duration, Instant};
 
 use patronus_api::{Link, LinkKind, Name, Prefix};
+use patronus_core::packet::ipv4_header;
 use patronus_core::{Decision, Engine, EngineConfig, Event, PacketMeta, PathId, PeerId};
 
 pub const MS: Duration = Duration::from_millis(1);
@@ -304,7 +305,7 @@ impl Net {
         let src = host(self.sites[f].lan, 10);
         let dst = host(self.sites[t].lan, 20);
         let sport = 40_000 + self.streams.len() as u16;
-        let meta = PacketMeta::parse(&ipv4_packet(src, dst, proto, sport, dport, dscp)).unwrap();
+        let meta = PacketMeta::parse(&ipv4_header(src, dst, proto, sport, dport, dscp)).unwrap();
         self.streams.push(Stream {
             from: f,
             to: t,
@@ -541,26 +542,4 @@ impl Net {
         }
         runs
     }
-}
-
-/// A minimal IPv4 packet with a transport header.
-pub fn ipv4_packet(
-    src: [u8; 4],
-    dst: [u8; 4],
-    proto: u8,
-    sport: u16,
-    dport: u16,
-    dscp: u8,
-) -> Vec<u8> {
-    let mut p = vec![0u8; 28];
-    p[0] = 0x45;
-    p[1] = dscp << 2;
-    p[2..4].copy_from_slice(&28u16.to_be_bytes());
-    p[8] = 64;
-    p[9] = proto;
-    p[12..16].copy_from_slice(&src);
-    p[16..20].copy_from_slice(&dst);
-    p[20..22].copy_from_slice(&sport.to_be_bytes());
-    p[22..24].copy_from_slice(&dport.to_be_bytes());
-    p
 }

@@ -28,6 +28,7 @@ use anyhow::{Context, bail};
 use patronus_api::{
     Link, LinkKind, Match, Name, Policy, PortRange, Protocol, SlaClass, SteeringMode,
 };
+use patronus_core::packet::ipv4_header;
 use patronus_core::probe::{self, NtpTime};
 use patronus_core::{Engine, EngineConfig, PacketMeta, PathState};
 
@@ -77,20 +78,6 @@ impl Rng {
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
     }
-}
-
-fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, sport: u16, dport: u16, dscp: u8) -> [u8; 28] {
-    let mut p = [0u8; 28];
-    p[0] = 0x45;
-    p[1] = dscp << 2;
-    p[2..4].copy_from_slice(&28u16.to_be_bytes());
-    p[8] = 64;
-    p[9] = proto;
-    p[12..16].copy_from_slice(&src);
-    p[16..20].copy_from_slice(&dst);
-    p[20..22].copy_from_slice(&sport.to_be_bytes());
-    p[22..24].copy_from_slice(&dport.to_be_bytes());
-    p
 }
 
 fn name(s: &str) -> anyhow::Result<Name> {
@@ -248,7 +235,7 @@ pub fn run(a: &Args) -> anyhow::Result<serde_json::Value> {
                     1000 + 100 * rule as u16 + rng.below(100) as u16,
                 )
             };
-            ipv4(
+            ipv4_header(
                 src,
                 dst,
                 proto,
