@@ -23,8 +23,8 @@ pub use failover::FailoverSettings;
 pub use link::{Link, LinkKind};
 pub use name::{Name, NameError};
 pub use policy::{
-    Dscp, LinkPreference, Match, MeteredUse, Policy, PortRange, Protocol, SteeringMode,
-    validate_policies,
+    Dscp, LinkPreference, MAX_POLICIES, Match, MeteredUse, Policy, PortRange, Protocol,
+    SteeringMode, validate_policies,
 };
 pub use prefix::{Prefix, PrefixError};
 pub use sla::SlaClass;

@@ -397,7 +397,7 @@ impl Policy {
 pub const MAX_POLICIES: usize = 10_000;
 
 /// Validates a policy set: each policy on its own, plus unique names and unique orders (so that
-/// "first match" is never ambiguous), and at most [`MAX_POLICIES`].
+/// "first match" is never ambiguous), and at most [`crate::MAX_POLICIES`].
 pub fn validate_policies(policies: &[Policy], classes: &[SlaClass]) -> Result<(), FieldErrors> {
     let mut errs = FieldErrors::default();
     if policies.len() > MAX_POLICIES {

@@ -4,8 +4,9 @@
 //! # Flow table
 //!
 //! A flow (5-tuple) is classified and routed once, on its first packet; its decision is cached
-//! with its peer's *epoch*. Every packet of the flow then costs one hash lookup and one integer
-//! compare (the fast path). A peer's epoch changes whenever something about its paths changes
+//! with its peer's *epoch*. Every packet of the flow then costs one flow-table lookup (one
+//! 64-byte slot holds the key and the decision) and one integer compare (the fast path). A
+//! peer's epoch changes whenever something about its paths changes
 //! that could move a flow: a path goes Up or Down, starts or stops meeting a class's SLA, ends a
 //! hold-down, is added or removed. The next packet of each flow of that peer then reconsiders its
 //! decision under the move rule of [`crate::select`]. A policy change reclassifies every flow on

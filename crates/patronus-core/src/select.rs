@@ -521,7 +521,7 @@ mod tests {
                 old(cand(2, 0, 0.10)),
                 BestQuality,
                 None,
-                "a path eligible when the flow settled never attracts it",
+                "a path the flow already passed over never attracts it",
             ),
             (
                 cand(1, 2, 1.50),
