@@ -599,16 +599,26 @@ fn engine_pair() -> (
     (a, b, pa, pb, t0)
 }
 
+/// A's first probe, and B's reply to it sent at `at`.
+fn first_exchange(
+    a: &mut patronus_core::Engine,
+    b: &mut patronus_core::Engine,
+    pb: PathId,
+    t0: std::time::Instant,
+    at: std::time::Instant,
+) -> (patronus_core::Transmit, [u8; patronus_core::PROBE_LEN]) {
+    a.handle_timeout(t0);
+    let probe = a.poll_transmit().unwrap();
+    let reply = b.handle_probe_request(pb, &probe.payload, 64, at).unwrap();
+    (probe, reply)
+}
+
 #[test]
 fn garbage_replayed_and_misdirected_replies_change_nothing_and_crash_nothing() {
     use patronus_core::ProbeError;
     let (mut a, mut b, pa, pb, t0) = engine_pair();
-    a.handle_timeout(t0);
-    let probe = a.poll_transmit().unwrap();
+    let (probe, reply) = first_exchange(&mut a, &mut b, pb, t0, t0 + 5 * MS);
     assert_eq!(probe.path, pa);
-    let reply = b
-        .handle_probe_request(pb, &probe.payload, 64, t0 + 5 * MS)
-        .unwrap();
     let t = t0 + 10 * MS;
     a.handle_probe_reply(pa, &reply, t).unwrap();
     let before = a.path(pa, t).unwrap();
@@ -674,11 +684,7 @@ fn garbage_replayed_and_misdirected_replies_change_nothing_and_crash_nothing() {
 #[test]
 fn a_late_reply_proves_the_path_alive_once_and_still_counts_as_lost() {
     let (mut a, mut b, pa, pb, t0) = engine_pair();
-    a.handle_timeout(t0);
-    let probe = a.poll_transmit().unwrap();
-    let reply = b
-        .handle_probe_request(pb, &probe.payload, 64, t0 + 700 * MS)
-        .unwrap();
+    let (_, reply) = first_exchange(&mut a, &mut b, pb, t0, t0 + 700 * MS);
     // No RTT estimate yet: the waiting time is 1 s. At 1 s the probe is lost.
     a.handle_timeout(t0 + SEC);
     assert_eq!(a.path(pa, t0 + SEC).unwrap().counters.probes_lost, 1);
@@ -737,11 +743,7 @@ fn a_more_specific_peer_prefix_reroutes_cached_flows() {
 #[test]
 fn a_reply_with_a_lying_reflector_clock_is_refused() {
     let (mut a, mut b, pa, pb, t0) = engine_pair();
-    a.handle_timeout(t0);
-    let probe = a.poll_transmit().unwrap();
-    let honest = b
-        .handle_probe_request(pb, &probe.payload, 64, t0 + 5 * MS)
-        .unwrap();
+    let (_, honest) = first_exchange(&mut a, &mut b, pb, t0, t0 + 5 * MS);
     let mut r = patronus_core::probe::ProbeReply::decode(&honest).unwrap();
     // The reflector claims it held the probe 50 ms, longer than the whole 10 ms round trip.
     r.t3 = patronus_core::probe::NtpTime::from_duration(Duration::from_millis(60));
