@@ -2,10 +2,9 @@
 //! slots, each holding a flow's key *and* its cached decision.
 //!
 //! A lookup that hits reads one cache line (a general-purpose hash map reads its control bytes
-//! and then the entry, two dependent random accesses). On the machines we measure on, each
-//! dependent random access to a table larger than the L2 cache adds a few hundred nanoseconds at
-//! the tail, so this is what keeps the per-packet decision under a microsecond at p99 with
-//! 100,000 flows (`patronus bench path-select`).
+//! and then the entry, two dependent random accesses). Each dependent random read into a table
+//! larger than the L2 cache has its own chance to stall; `patronus bench path-select` reports
+//! what one such read costs on the machine at hand next to what a cache hit costs.
 //!
 //! Deletion uses backward shifting (Knuth, TAOCP vol. 3, 6.4, algorithm R), so there are no
 //! tombstones and lookups never degrade. The table starts small and doubles while it is at most
