@@ -9,7 +9,7 @@
 //! Deletion uses backward shifting (Knuth, TAOCP vol. 3, 6.4, algorithm R), so there are no
 //! tombstones and lookups never degrade. The table starts small and doubles while it is at most
 //! half full, up to twice the configured number of flows; the doubling rehashes every entry
-//! (a one-off pause of a few milliseconds at 100,000 flows).
+//! (a one-off pause proportional to the table size, on a cache miss).
 
 use std::hash::Hasher;
 
