@@ -156,7 +156,6 @@ pub struct Transmit {
 /// Engine-wide counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EngineStats {
-    pub packets: u64,
     pub cache_hits: u64,
     pub cache_misses: u64,
     pub reconsidered: u64,
@@ -168,6 +167,13 @@ pub struct EngineStats {
     pub events_dropped: u64,
     pub probe_requests_rejected: u64,
     pub replies_rejected: u64,
+}
+
+impl EngineStats {
+    /// Packets decided: every decision is a hit, a miss or a reconsideration.
+    pub fn packets(&self) -> u64 {
+        self.cache_hits + self.cache_misses + self.reconsidered
+    }
 }
 
 /// A path as export and status see it.
@@ -526,7 +532,6 @@ impl Engine {
 
     /// Decides what to do with a packet from the LAN: the per-packet fast path.
     pub fn decide(&mut self, meta: &PacketMeta, len: usize, now: Instant) -> Decision {
-        self.stats.packets += 1;
         if let Some(i) = self.flows.find(&meta.key) {
             let (peer, epoch, cfg_gen) = self.flows.freshness(i);
             if cfg_gen == self.cfg_gen && self.epochs.get(peer as usize) == Some(&epoch) {

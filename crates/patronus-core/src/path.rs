@@ -473,6 +473,17 @@ impl Path {
     /// Resolves probe records in send order: replied ones as received, expired ones as lost;
     /// forgets records too old for a late reply.
     fn resolve(&mut self, now: Instant, ctx: &Ctx<'_>, events: &mut Vec<Event>) -> Change {
+        if self.record_outcomes(now) && self.state != PathState::Down {
+            self.evaluate(now, ctx, events, false)
+        } else {
+            Change::NONE
+        }
+    }
+
+    /// Records resolved probes in the loss window in send order (expiring those past their
+    /// waiting time) and forgets records too old for a late reply. True if anything was
+    /// recorded.
+    fn record_outcomes(&mut self, now: Instant) -> bool {
         let mut recorded = false;
         while let Some(p) = self.pending.get_mut(self.cursor) {
             match p.outcome {
@@ -497,11 +508,7 @@ impl Path {
             self.pending.pop_front();
             self.cursor -= 1;
         }
-        if recorded && self.state != PathState::Down {
-            self.evaluate(now, ctx, events, false)
-        } else {
-            Change::NONE
-        }
+        recorded
     }
 
     /// Takes a reply that arrived on this path at `now`.
@@ -583,24 +590,9 @@ impl Path {
             });
         }
         // Record this outcome (and any resolved before it) in the loss window.
-        let _ = self.resolve_quiet();
+        self.record_outcomes(now);
         change |= self.evaluate(now, ctx, events, came_up);
         Ok(change)
-    }
-
-    /// Advances the cursor over received records without evaluating (the caller does).
-    fn resolve_quiet(&mut self) -> bool {
-        let mut recorded = false;
-        while let Some(p) = self.pending.get(self.cursor) {
-            match p.outcome {
-                Outcome::Waiting => break,
-                Outcome::Received => self.loss.record(false),
-                Outcome::Lost | Outcome::LateReceived => self.loss.record(true),
-            }
-            recorded = true;
-            self.cursor += 1;
-        }
-        recorded
     }
 
     fn go_down(&mut self, now: Instant, ctx: &Ctx<'_>, events: &mut Vec<Event>) -> Change {
