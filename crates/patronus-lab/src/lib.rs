@@ -1,0 +1,23 @@
+//! `patronus-lab`: a multi-site WAN inside one Linux machine.
+//!
+//! A [`Topology`] (data: a file or a named builder) becomes a running [`Lab`]: one network
+//! namespace per site edge, per LAN host and for the WAN in between, joined by veth pairs, with a
+//! userspace [`emulator`] that applies delay, jitter, loss (random and bursty), rate limits and
+//! cuts to every emulated WAN link, changeable while the lab runs. The lab provides the
+//! measurement tools the rest of Patronus is tested and benchmarked with: a constant-rate UDP
+//! [`stream`] with loss-derived outage time, and TCP throughput through `iperf3`.
+//!
+//! Everything here needs root; [`netns::privilege_problem`] says why when it is missing.
+
+pub mod emulator;
+pub mod impair;
+pub mod iperf;
+pub mod lab;
+pub mod netns;
+pub mod stream;
+pub mod topology;
+
+pub use emulator::{Dir, EmulatorStatus, LinkStatus};
+pub use impair::Impairment;
+pub use lab::{Lab, LabError, LabOptions, LabState};
+pub use topology::{Plan, Topology};
