@@ -14,7 +14,8 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use crate::emulator::{Dir, EmuLink, Emulator, EmulatorStatus};
 use crate::impair::Impairment;
@@ -36,13 +37,13 @@ const EDGE_TABLE_BASE: u32 = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
-    #[error("{0}")]
+    #[error(transparent)]
     Topology(#[from] TopologyError),
-    #[error("{0}")]
+    #[error(transparent)]
     Netns(#[from] NetnsError),
-    #[error("{0}")]
+    #[error(transparent)]
     Emulator(#[from] crate::emulator::EmulatorError),
-    #[error("{0}")]
+    #[error(transparent)]
     Impair(#[from] crate::impair::ImpairError),
     #[error("cannot build a lab: {0}")]
     Privilege(String),
@@ -50,18 +51,15 @@ pub enum LabError {
     NoNode(String, String),
     #[error("no link {0:?} in this lab (links: {1})")]
     NoLink(String, String),
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
+    #[error("{what}: {error}")]
+    Io { what: String, error: std::io::Error },
     #[error("{0}")]
     Other(String),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LabError {
     let what = what.into();
-    move |source| LabError::Io { what, source }
+    move |error| LabError::Io { what, error }
 }
 
 /// How to build a lab.
@@ -128,9 +126,9 @@ pub fn new_run_id() -> String {
 #[derive(Debug)]
 pub struct Lab {
     state: LabState,
-    emulator: Option<Emulator>,
+    emulator: Mutex<Option<Emulator>>,
     children: Mutex<Vec<Child>>,
-    torn_down: bool,
+    torn_down: AtomicBool,
 }
 
 impl Lab {
@@ -153,9 +151,9 @@ impl Lab {
                 plain_routing: opts.plain_routing,
                 ready: false,
             },
-            emulator: None,
+            emulator: Mutex::new(None),
             children: Mutex::new(Vec::new()),
-            torn_down: false,
+            torn_down: AtomicBool::new(false),
         };
         // Written before anything exists, so that a crash during setup leaves a trace `clean` finds.
         lab.write_state()?;
@@ -253,7 +251,7 @@ impl Lab {
                 }
             })
             .collect::<Vec<_>>();
-        self.emulator = Some(Emulator::start(&wan, emu_links.clone(), seed)?);
+        *self.emulator_slot() = Some(Emulator::start(&wan, emu_links, seed)?);
 
         // The wan namespace: gateways, TUNs, and the policy routing described in emulator.rs.
         let (mut v4, mut v6) = (vec!["link set lo up".to_string()], Vec::new());
@@ -488,10 +486,19 @@ impl Lab {
         Ok(pid)
     }
 
-    fn emulator(&self) -> Result<&Emulator, LabError> {
-        self.emulator
-            .as_ref()
-            .ok_or_else(|| LabError::Other("the lab has no emulator (torn down?)".into()))
+    fn emulator_slot(&self) -> MutexGuard<'_, Option<Emulator>> {
+        self.emulator.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the emulator, if the lab still has one.
+    fn with_emulator<T>(
+        &self,
+        f: impl FnOnce(&Emulator) -> Result<T, crate::emulator::EmulatorError>,
+    ) -> Result<T, LabError> {
+        match self.emulator_slot().as_ref() {
+            Some(e) => Ok(f(e)?),
+            None => Err(LabError::Other("the lab has been torn down".into())),
+        }
     }
 
     fn link_index(&self, site_link: &str) -> Result<usize, LabError> {
@@ -522,7 +529,7 @@ impl Lab {
     /// Sets the impairment of `site/link` in direction `dir`.
     pub fn set_link(&self, site_link: &str, dir: Dir, imp: Impairment) -> Result<(), LabError> {
         let k = self.link_index(site_link)?;
-        Ok(self.emulator()?.set(k, dir, imp)?)
+        self.with_emulator(|e| e.set(k, dir, imp))
     }
 
     /// Applies a link command as the CLI spells it: `set key=value...` (with optional `dir=`),
@@ -552,7 +559,6 @@ impl Lab {
             Dir::Down => vec![(Dir::Down, status.down)],
             Dir::Both => vec![(Dir::Up, status.up), (Dir::Down, status.down)],
         };
-        let emu = self.emulator()?;
         for (d, mut imp) in dirs {
             match verb {
                 "show" => {}
@@ -567,7 +573,7 @@ impl Lab {
                 }
             }
             if verb != "show" {
-                emu.set(k, d, imp)?;
+                self.with_emulator(|e| e.set(k, d, imp))?;
             }
         }
         self.link_status(site_link)
@@ -575,8 +581,7 @@ impl Lab {
 
     pub fn link_status(&self, site_link: &str) -> Result<crate::emulator::LinkStatus, LabError> {
         self.link_index(site_link)?;
-        self.emulator()?
-            .status()?
+        self.with_emulator(|e| e.status())?
             .links
             .into_iter()
             .find(|l| l.name == site_link)
@@ -584,26 +589,26 @@ impl Lab {
     }
 
     pub fn emulator_status(&self) -> Result<EmulatorStatus, LabError> {
-        Ok(self.emulator()?.status()?)
+        self.with_emulator(|e| e.status())
     }
 
     /// Removes everything the lab created. Called by `Drop`; call it directly to see errors.
-    pub fn down(mut self) -> Result<(), LabError> {
+    pub fn down(self) -> Result<(), LabError> {
         self.teardown()
     }
 
-    fn teardown(&mut self) -> Result<(), LabError> {
-        if self.torn_down {
+    /// Like [`Lab::down`], for a lab shared with other threads; the first call does the work.
+    pub fn teardown(&self) -> Result<(), LabError> {
+        if self.torn_down.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        self.torn_down = true;
         if let Ok(mut children) = self.children.lock() {
             for c in children.iter_mut() {
                 let _ = c.kill();
                 let _ = c.wait();
             }
         }
-        self.emulator = None; // joins the thread; its TUN devices go with it
+        *self.emulator_slot() = None; // joins the thread; its TUN devices go with it
         let mut first_err = None;
         for n in self.namespaces() {
             if let Err(e) = netns::destroy(&n) {

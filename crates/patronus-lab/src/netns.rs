@@ -26,7 +26,7 @@ pub enum NetnsError {
     NoIp(std::io::Error),
     #[error("entering network namespace {name}: {message}")]
     Enter { name: String, message: String },
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 

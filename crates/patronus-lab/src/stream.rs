@@ -113,16 +113,16 @@ pub enum StreamError {
     #[error("stream: {0}")]
     Config(String),
     #[error("stream: {0}")]
-    Netns(#[from] NetnsError),
-    #[error("stream: {what}: {source}")]
+    Netns(NetnsError),
+    #[error("stream: {what}: {error}")]
     Io {
         what: &'static str,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
 fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> StreamError {
-    move |source| StreamError::Io { what, source }
+    move |error| StreamError::Io { what, error }
 }
 
 /// One received packet: sequence number, receive time, send time (ns, CLOCK_MONOTONIC).
@@ -167,7 +167,7 @@ pub fn run(
                 Ok(s) => s,
                 Err(e) => {
                     let _ = port_tx.send(None);
-                    return Err(e.into());
+                    return Err(StreamError::Netns(e));
                 }
             };
             let port = sock.local_addr().map_err(io("receiver address"))?.port();
@@ -238,7 +238,7 @@ pub fn run(
                 Ok((count, errors))
             });
             done.store(true, Ordering::Release);
-            Ok(r?)
+            r.map_err(StreamError::Netns)
         });
 
         let sent = sender

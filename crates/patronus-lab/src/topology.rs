@@ -89,11 +89,8 @@ pub struct LinkSpec {
 pub enum TopologyError {
     #[error("{0}")]
     Invalid(String),
-    #[error("reading {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("reading {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("parsing {path}: {message}")]
     Parse { path: String, message: String },
 }
@@ -236,9 +233,9 @@ impl Topology {
     /// Reads a topology from a `.json` file, or a TOML file otherwise.
     pub fn load(path: &Path) -> Result<Self, TopologyError> {
         let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| TopologyError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| TopologyError::Read {
             path: p.clone(),
-            source,
+            error,
         })?;
         let t: Self = if path.extension().is_some_and(|e| e == "json") {
             serde_json::from_str(&text).map_err(|e| TopologyError::Parse {

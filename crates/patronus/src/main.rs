@@ -5,7 +5,19 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// `println!` for command output: when stdout is closed early (`| head`), end quietly with
+/// success instead of panicking.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout(), $($t)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+
 mod bench;
+mod lab_cmd;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -24,11 +36,15 @@ enum Command {
     /// Benchmarks; each prints one JSON object on stdout.
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// A multi-site WAN in network namespaces on this machine, with emulated WAN links (root).
+    #[command(subcommand)]
+    Lab(lab_cmd::LabCmd),
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Bench(b) => bench::run(b),
+        Command::Lab(l) => lab_cmd::run(l),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,17 +6,22 @@ use std::io::Write;
 use clap::Subcommand;
 
 mod path_select;
+mod wan_emulator;
 
 #[derive(Debug, Subcommand)]
 pub enum Bench {
     /// The per-packet decision of the path engine: parse, classify, select, on a flow-cache hit
     /// and on a miss.
     PathSelect(path_select::Args),
+    /// (root) The lab's WAN emulator: TCP throughput through it against a bare veth in the
+    /// same run, and the accuracy of delay, jitter and loss on real packets.
+    WanEmulator(wan_emulator::Args),
 }
 
 pub fn run(b: Bench) -> anyhow::Result<()> {
     let report = match b {
         Bench::PathSelect(args) => path_select::run(&args)?,
+        Bench::WanEmulator(args) => wan_emulator::run(&args)?,
     };
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, &report)?;
