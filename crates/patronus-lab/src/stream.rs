@@ -68,8 +68,12 @@ pub struct DelayStats {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
-    /// RFC 3550 interarrival jitter.
+    /// RFC 3550 interarrival jitter: the smoothed (gain 1/16) |ΔD| at the end of the stream.
     pub jitter_ms: f64,
+    /// Mean |IPDV| (RFC 5481) over all consecutive arrivals: the unsmoothed counterpart of
+    /// `jitter_ms`, steadier for comparing runs. For independent normal delays of standard
+    /// deviation σ it is 2σ/√π ≈ 1.13σ.
+    pub ipdv_mean_ms: f64,
 }
 
 /// A run of consecutive lost packets.
@@ -285,6 +289,7 @@ pub fn report(
     let mut max_seq: Option<u64> = None;
     let mut delays = Vec::with_capacity(arrivals.len());
     let mut jitter = 0.0f64;
+    let mut ipdv_sum = 0.0f64;
     let mut last_transit: Option<f64> = None;
     let mut longest_silence = 0u64;
     let mut foreign = foreign;
@@ -306,6 +311,7 @@ pub fn report(
         delays.push(transit / 1e6);
         if let Some(prev) = last_transit {
             jitter += ((transit - prev).abs() - jitter) / 16.0;
+            ipdv_sum += (transit - prev).abs();
         }
         last_transit = Some(transit);
         if i > 0 {
@@ -373,12 +379,16 @@ pub fn report(
         } else {
             lost as f64 / bursts as f64
         },
-        delay: delay_stats(&mut delays, jitter / 1e6),
+        delay: delay_stats(
+            &mut delays,
+            jitter / 1e6,
+            ipdv_sum / 1e6 / (received.max(2) - 1) as f64,
+        ),
         gaps,
     }
 }
 
-fn delay_stats(d: &mut [f64], jitter_ms: f64) -> DelayStats {
+fn delay_stats(d: &mut [f64], jitter_ms: f64, ipdv_mean_ms: f64) -> DelayStats {
     if d.is_empty() {
         return DelayStats::default();
     }
@@ -395,6 +405,7 @@ fn delay_stats(d: &mut [f64], jitter_ms: f64) -> DelayStats {
         p99_ms: pct(0.99),
         max_ms: d[d.len() - 1],
         jitter_ms,
+        ipdv_mean_ms,
     }
 }
 

@@ -260,7 +260,7 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
         bail!("the lab did not come up:\n{}", log.trim());
     }
     let state = find(Some(run_id))?;
-    print_summary(&state);
+    outln!("{}", summary(&state).trim_end());
     outln!(
         "\nlab {} is up (owner pid {}). `patronus lab status`, `patronus lab exec <node> -- <cmd>`, \
          `patronus lab link <site/link> set delay=40ms`, `patronus lab down`.",
@@ -298,6 +298,11 @@ fn foreground(a: UpArgs) -> anyhow::Result<()> {
     // The one line `lab up` waits for; nothing else goes to stdout, which `lab up` closes.
     outln!("{}", serde_json::json!({ "ready": lab.run_id() }));
     std::io::stdout().flush()?;
+    eprintln!(
+        "{}\nlab {} is up; Ctrl-C (or `patronus lab down`) removes it.",
+        summary(lab.state()).trim_end(),
+        lab.run_id()
+    );
     let sig = signals.wait()?;
     eprintln!("lab {}: {sig:?}, tearing down", lab.run_id());
     let _ = std::fs::remove_file(&sock_path);
@@ -385,8 +390,11 @@ fn find(run: Option<String>) -> anyhow::Result<LabState> {
     }
 }
 
-fn print_summary(s: &LabState) {
-    outln!(
+fn summary(s: &LabState) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
         "lab {} ({}), owner pid {}, plain routing {}",
         s.run_id,
         s.topology.name,
@@ -394,12 +402,17 @@ fn print_summary(s: &LabState) {
         if s.plain_routing { "on" } else { "off" }
     );
     for site in &s.plan.sites {
-        outln!("site {}: LAN {} {}", site.name, site.lan4, site.lan6);
+        let _ = writeln!(o, "site {}: LAN {} {}", site.name, site.lan4, site.lan6);
         for h in &site.hosts {
-            outln!("  host {}/{}: {} {}", site.name, h.name, h.addr4, h.addr6);
+            let _ = writeln!(
+                o,
+                "  host {}/{}: {} {}",
+                site.name, h.name, h.addr4, h.addr6
+            );
         }
         for l in &site.links {
-            outln!(
+            let _ = writeln!(
+                o,
                 "  link {}/{} ({}{}): {} {} via {} {}",
                 site.name,
                 l.name,
@@ -413,8 +426,9 @@ fn print_summary(s: &LabState) {
         }
     }
     if let Some(l) = &s.plan.controller {
-        outln!("controller: {} {}", l.addr4, l.addr6);
+        let _ = writeln!(o, "controller: {} {}", l.addr4, l.addr6);
     }
+    o
 }
 
 fn print_link(l: &LinkStatus) {
@@ -452,7 +466,7 @@ fn status(run: Option<String>, json: bool) -> anyhow::Result<()> {
             all.push(serde_json::json!({ "lab": s, "emulator": emu }));
             continue;
         }
-        print_summary(s);
+        outln!("{}", summary(s).trim_end());
         match &emu {
             Some(e) => {
                 for l in &e.links {
