@@ -109,6 +109,18 @@ pub fn run_dir(run: &str) -> PathBuf {
     Path::new(RUN_ROOT).join(run)
 }
 
+/// Creates a lab's run directory, readable by root only: its control socket changes the network.
+pub fn create_private_dir(dir: &Path) -> Result<(), LabError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(format!("creating {}", dir.display())))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io(format!("restricting {}", dir.display())))
+}
+
 /// A fresh run id: 6 characters of base 36 from the clock and the PID.
 pub fn new_run_id() -> String {
     let mut x = crate::emulator::now_ns() ^ ((std::process::id() as u64) << 32);
@@ -141,7 +153,7 @@ impl Lab {
         clean(false)?;
         let run_id = opts.run_id.clone().unwrap_or_else(new_run_id);
         let dir = run_dir(&run_id);
-        std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+        create_private_dir(&dir)?;
         let mut lab = Lab {
             state: LabState {
                 run_id,

@@ -579,6 +579,22 @@ mod tests {
     }
 
     #[test]
+    fn the_commented_example_file_parses_and_plans() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("topologies/example.toml");
+        let t = Topology::load(&path).unwrap();
+        let p = t.plan().unwrap();
+        assert_eq!(p.sites[0].hosts[1].addr4, Ipv4Addr::new(192, 168, 10, 11));
+        assert_eq!(
+            p.link("paris/fiber").unwrap().1.impairment.rate_bps,
+            Some(500_000_000)
+        );
+        assert!(!p.link("lyon/bare").unwrap().1.emulated);
+        assert!(p.controller.is_some());
+        let t2 = Topology::from_cli(path.to_str().unwrap(), &[]).unwrap();
+        assert_eq!(t, t2);
+    }
+
+    #[test]
     fn a_topology_file_round_trips_and_bad_fields_are_named() {
         let t = Topology::three_sites_mixed();
         let text = toml::to_string(&t).unwrap();

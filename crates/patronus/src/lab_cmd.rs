@@ -229,7 +229,7 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
     }
     let run_id = lab::new_run_id();
     let dir = run_dir(&run_id);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    lab::create_private_dir(&dir)?;
     let log_path = dir.join("owner.log");
     let log = std::fs::File::create(&log_path)?;
     let mut cmd = Command::new(std::env::current_exe()?);
