@@ -5,13 +5,14 @@
 //!
 //! Each emulated link `k` has a TUN device `t<k>` in the wan namespace, owned by this thread.
 //! Policy routing sends it every packet that enters the WAN from link `k` (`iif l<k>` → table
-//! `100+k` → `default dev t<k>`), and the main table routes packets *for* an emulated link to its
-//! TUN too (for senders on unemulated links). The emulator reads a packet, finds its source and
-//! destination links by longest-prefix match on the addresses, passes it through the source
-//! link's `up` shaper and then the destination link's `down` shaper, holds it until its release
-//! time, and writes it to the destination link's TUN. The kernel then delivers it (`iif t<k>` →
-//! table 200, the real veth routes). So every packet crosses one userspace hop however many
-//! shapers it passes.
+//! `1000+k` → `default dev t<k>`), and the main table routes packets *for* an emulated link to
+//! its TUN too (from unemulated links and from the wan namespace itself). A packet read from
+//! `t<k>` that is not for link `k` came from link `k` and passes `k`'s `up` shaper; it is then
+//! held until it leaves `up`, passes its destination link's `down` shaper at that moment (so
+//! `down` sees the packets of all sources in time order), is held again until it leaves `down`,
+//! and is written to the destination link's TUN. The kernel then delivers it (`iif t<k>` →
+//! table 200, the real veth routes). Every packet crosses one userspace hop however many shapers
+//! it passes; the destination link is found by longest-prefix match on the destination address.
 //!
 //! # I/O
 //!
@@ -35,7 +36,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use nix::sys::eventfd::EventFd;
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use patronus_api::Prefix;
@@ -102,8 +103,10 @@ pub struct EmulatorStatus {
     pub unroutable: u64,
     /// Packets dropped because [`MAX_QUEUED`] were already waiting.
     pub overflow: u64,
-    /// Packets the kernel refused on write.
+    /// Batched writes to a TUN device that the kernel refused (each may carry several packets).
     pub tx_errors: u64,
+    /// Reads from a TUN device that failed (a packet that could not be split is lost with it).
+    pub read_errors: u64,
     /// Packets waiting for their release time now.
     pub queued: usize,
 }
@@ -156,7 +159,10 @@ impl Emulator {
     /// once the TUN devices exist (they are down; the caller brings them up and routes to them).
     pub fn start(netns: &str, links: Vec<EmuLink>, seed: u64) -> Result<Self, EmulatorError> {
         let (tx, rx) = mpsc::channel();
-        let wake = Arc::new(EventFd::new().map_err(|e| EmulatorError::Setup(e.to_string()))?);
+        let wake = Arc::new(
+            EventFd::from_flags(EfdFlags::EFD_CLOEXEC)
+                .map_err(|e| EmulatorError::Setup(e.to_string()))?,
+        );
         let (ready_tx, ready_rx) = mpsc::channel();
         let ns = netns.to_string();
         let wake2 = wake.clone();
@@ -226,12 +232,14 @@ impl Drop for Emulator {
     }
 }
 
-/// A packet waiting for its release time.
+/// A packet waiting for its release time (ordered by release time, then arrival).
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Held {
     release: u64,
     seq: u64,
     tun: usize,
+    /// The link whose `down` shaper the packet still has to pass, at `release`.
+    down: Option<usize>,
     buf: Vec<u8>,
 }
 
@@ -242,8 +250,10 @@ const READ_BUDGET: usize = 32;
 
 struct Loop {
     links: Vec<EmuLink>,
-    /// `tun_of[link]`: position in `tuns` of an emulated link's TUN.
+    /// `tun_of[global index]`: position in `tuns` of an emulated link's TUN.
     tun_of: Vec<Option<usize>>,
+    /// `link_of_tun[tun]`: position in `links` of the link a TUN belongs to.
+    link_of_tun: Vec<usize>,
     tuns: Vec<SyncDevice>,
     /// `(network, prefix length, link)`, longest first.
     routes4: Vec<(u32, u8, usize)>,
@@ -266,6 +276,7 @@ struct Loop {
     unroutable: u64,
     overflow: u64,
     tx_errors: u64,
+    read_errors: u64,
 }
 
 fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> EmulatorError + '_ {
@@ -295,8 +306,9 @@ impl Loop {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(setup("epoll"))?;
         let mut tuns = Vec::new();
         let mut tun_of = vec![None; links.iter().map(|l| l.index + 1).max().unwrap_or(0)];
+        let mut link_of_tun = Vec::new();
         let mut shapers = Vec::new();
-        for l in &links {
+        for (pos, l) in links.iter().enumerate() {
             let s = seed ^ (l.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
             shapers.push([
                 Shaper::new(l.impairment.clone(), s),
@@ -320,9 +332,9 @@ impl Loop {
                 )
                 .map_err(setup("epoll add"))?;
             tun_of[l.index] = Some(tuns.len());
+            link_of_tun.push(pos);
             tuns.push(dev);
         }
-        // Shapers are indexed by position in `links`; keep `tun_of` by global index.
         let timer = TimerFd::new(
             ClockId::CLOCK_MONOTONIC,
             TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
@@ -356,6 +368,7 @@ impl Loop {
         Ok(Self {
             links,
             tun_of,
+            link_of_tun,
             tuns,
             routes4,
             routes6,
@@ -376,6 +389,7 @@ impl Loop {
             unroutable: 0,
             overflow: 0,
             tx_errors: 0,
+            read_errors: 0,
         })
     }
 
@@ -461,6 +475,7 @@ impl Loop {
             unroutable: self.unroutable,
             overflow: self.overflow,
             tx_errors: self.tx_errors,
+            read_errors: self.read_errors,
             queued: self.heap.len(),
         }
     }
@@ -517,10 +532,29 @@ impl Loop {
             ) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // A malformed offload packet: skip it, never stop the lab.
-                    eprintln!("wan emulator: reading t{tun}: {e}");
-                    continue;
+                    // A packet tun-rs cannot split (e.g. a GSO packet of more segments than a
+                    // batch holds) is dropped and counted. A dead device (EBADFD: someone
+                    // deleted t<k>) is taken out of the loop instead of spinning on it.
+                    self.read_errors += 1;
+                    let dead = e.raw_os_error() == Some(nix::errno::Errno::EBADFD as i32);
+                    if dead || self.read_errors.is_power_of_two() {
+                        eprintln!(
+                            "wan emulator: reading t{}: {e} ({} read errors so far{})",
+                            self.links[self.link_of_tun[tun]].index,
+                            self.read_errors,
+                            if dead {
+                                "; device gone, no longer read"
+                            } else {
+                                ""
+                            }
+                        );
+                    }
+                    if dead {
+                        let _ = self.epoll.delete(dev);
+                    }
+                    return;
                 }
             };
             let now = now_ns();
@@ -530,58 +564,75 @@ impl Loop {
         }
     }
 
-    /// Passes packet `rx[i]` read from TUN position `from` through its shapers.
+    /// Passes packet `rx[i]` read from TUN position `from` through the source link's `up`
+    /// shaper. Its destination link's `down` shaper runs when it leaves `up` (see
+    /// [`Loop::release_due`]), so that `down` sees packets from every source in time order.
     fn admit(&mut self, from: usize, i: usize, now: u64) {
         let len = self.sizes[i];
         let pkt = &self.rx[i][VIRTIO_NET_HDR_LEN..VIRTIO_NET_HDR_LEN + len];
-        let Some((src, dst)) = addresses(pkt) else {
+        let Some(dst_link) = destination(pkt).and_then(|d| self.lookup(d)) else {
             self.unroutable += 1;
             return;
-        };
-        let Some(dst_link) = self.lookup(dst) else {
-            self.unroutable += 1;
-            return;
-        };
-        let src_link = self.lookup(src);
-        let mut t = now;
-        if let Some(s) = src_link.filter(|&s| self.links[s].emulated) {
-            match self.shapers[s][0].admit(t, len) {
-                Ok(r) => t = r,
-                Err(_) => return,
-            }
-        }
-        let out_tun = if self.links[dst_link].emulated {
-            match self.shapers[dst_link][1].admit(t, len) {
-                Ok(r) => t = r,
-                Err(_) => return,
-            }
-            self.tun_of[self.links[dst_link].index].unwrap_or(from)
-        } else {
-            from
         };
         if self.heap.len() >= MAX_QUEUED {
             self.overflow += 1;
             return;
         }
+        // What arrives on t<k> either entered the WAN from link k (policy routing by input
+        // interface) or is for link k from somewhere unemulated (the main table).
+        let from_link = self.link_of_tun[from];
+        let down = self.links[dst_link].emulated.then_some(dst_link);
+        let out = self.tun_of[self.links[dst_link].index].unwrap_or(from);
+        let (release, down) = if from_link != dst_link {
+            match self.shapers[from_link][0].admit(now, len) {
+                Ok(t) => (t, down),
+                Err(_) => return,
+            }
+        } else {
+            match down.map(|d| self.shapers[d][1].admit(now, len)) {
+                Some(Ok(t)) => (t, None),
+                Some(Err(_)) => return,
+                None => (now, None),
+            }
+        };
         let fresh = self.pool.pop().unwrap_or_else(|| vec![0; self.buf_len]);
         let mut buf = std::mem::replace(&mut self.rx[i], fresh);
         buf.truncate(VIRTIO_NET_HDR_LEN + len);
         self.seq += 1;
         self.heap.push(Reverse(Held {
-            release: t,
+            release,
             seq: self.seq,
-            tun: out_tun,
+            tun: out,
+            down,
             buf,
         }));
     }
 
+    /// Moves every packet due by `now` on: through its `down` shaper if it still has one to
+    /// pass (at the time it left `up`), else out of its TUN.
     fn release_due(&mut self, now: u64) {
         let mut any = false;
         while self.heap.peek().is_some_and(|Reverse(h)| h.release <= now) {
-            if let Some(Reverse(h)) = self.heap.pop() {
-                self.out[h.tun].push(h.buf);
-                any = true;
+            let Some(Reverse(mut h)) = self.heap.pop() else {
+                break;
+            };
+            if let Some(d) = h.down.take() {
+                let len = h.buf.len() - VIRTIO_NET_HDR_LEN;
+                match self.shapers[d][1].admit(h.release, len) {
+                    Ok(t) if t > now => {
+                        h.release = t;
+                        self.heap.push(Reverse(h));
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        self.recycle(h.buf);
+                        continue;
+                    }
+                }
             }
+            self.out[h.tun].push(h.buf);
+            any = true;
         }
         if !any {
             return;
@@ -601,30 +652,32 @@ impl Loop {
                     );
                 }
             }
-            for mut b in bufs.drain(..) {
-                b.resize(self.buf_len, 0);
-                if b.capacity() > 4 * self.buf_len {
-                    b.shrink_to(self.buf_len);
-                }
-                self.pool.push(b);
+            for b in bufs.drain(..) {
+                self.recycle(b);
             }
             self.out[t] = bufs;
         }
     }
+
+    fn recycle(&mut self, mut b: Vec<u8>) {
+        b.resize(self.buf_len, 0);
+        if b.capacity() > 4 * self.buf_len {
+            b.shrink_to(self.buf_len);
+        }
+        self.pool.push(b);
+    }
 }
 
-/// Source and destination of an IPv4 or IPv6 packet, or `None` if it is neither.
-fn addresses(pkt: &[u8]) -> Option<(IpAddr, IpAddr)> {
+/// Destination of an IPv4 or IPv6 packet, or `None` if it is neither.
+fn destination(pkt: &[u8]) -> Option<IpAddr> {
     match pkt.first()? >> 4 {
         4 if pkt.len() >= 20 => {
-            let s: [u8; 4] = pkt[12..16].try_into().ok()?;
             let d: [u8; 4] = pkt[16..20].try_into().ok()?;
-            Some((IpAddr::from(s), IpAddr::from(d)))
+            Some(IpAddr::from(d))
         }
         6 if pkt.len() >= 40 => {
-            let s: [u8; 16] = pkt[8..24].try_into().ok()?;
             let d: [u8; 16] = pkt[24..40].try_into().ok()?;
-            Some((IpAddr::from(s), IpAddr::from(d)))
+            Some(IpAddr::from(d))
         }
         _ => None,
     }
@@ -635,25 +688,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn addresses_are_read_from_v4_and_v6_headers_and_garbage_is_refused() {
+    fn destinations_are_read_from_v4_and_v6_headers_and_garbage_is_refused() {
         let mut v4 = [0u8; 20];
         v4[0] = 0x45;
         v4[12..16].copy_from_slice(&[10, 0, 0, 1]);
         v4[16..20].copy_from_slice(&[10, 0, 0, 2]);
-        assert_eq!(
-            addresses(&v4),
-            Some(("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()))
-        );
+        assert_eq!(destination(&v4), Some("10.0.0.2".parse().unwrap()));
         let mut v6 = [0u8; 40];
         v6[0] = 0x60;
         v6[23] = 1;
         v6[39] = 2;
-        assert_eq!(
-            addresses(&v6),
-            Some(("::1".parse().unwrap(), "::2".parse().unwrap()))
-        );
-        assert_eq!(addresses(&v4[..19]), None);
-        assert_eq!(addresses(&[]), None);
-        assert_eq!(addresses(&[0x55; 60]), None);
+        assert_eq!(destination(&v6), Some("::2".parse().unwrap()));
+        assert_eq!(destination(&v4[..19]), None);
+        assert_eq!(destination(&[]), None);
+        assert_eq!(destination(&[0x55; 60]), None);
     }
 }

@@ -121,6 +121,18 @@ pub fn create_private_dir(dir: &Path) -> Result<(), LabError> {
         .map_err(io(format!("restricting {}", dir.display())))
 }
 
+/// Length of a run id.
+pub const RUN_ID_LEN: usize = 6;
+
+/// True for what [`new_run_id`] makes: six lowercase letters or digits. Only namespaces and
+/// directories named with a valid id are ever touched by [`clean`].
+pub fn valid_run_id(run: &str) -> bool {
+    run.len() == RUN_ID_LEN
+        && run
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
 /// A fresh run id: 6 characters of base 36 from the clock and the PID.
 pub fn new_run_id() -> String {
     let mut x = crate::emulator::now_ns() ^ ((std::process::id() as u64) << 32);
@@ -150,8 +162,16 @@ impl Lab {
             return Err(LabError::Privilege(p));
         }
         let plan = topology.plan()?;
-        clean(false)?;
+        // Remains of crashed labs go first; what cannot be removed is reported, not fatal.
+        for e in clean(false)?.errors {
+            eprintln!("lab: cleaning up an old lab: {e}");
+        }
         let run_id = opts.run_id.clone().unwrap_or_else(new_run_id);
+        if !valid_run_id(&run_id) {
+            return Err(LabError::Other(format!(
+                "run id {run_id:?} must be {RUN_ID_LEN} lowercase letters or digits"
+            )));
+        }
         let dir = run_dir(&run_id);
         create_private_dir(&dir)?;
         let mut lab = Lab {
@@ -177,9 +197,12 @@ impl Lab {
 
     fn write_state(&self) -> Result<(), LabError> {
         let path = run_dir(&self.state.run_id).join("state.json");
+        let tmp = path.with_extension("json.tmp");
         let text = serde_json::to_string_pretty(&self.state)
             .map_err(|e| LabError::Other(format!("serialising lab state: {e}")))?;
-        std::fs::write(&path, text).map_err(io(format!("writing {}", path.display())))
+        // Written whole and renamed, so a reader never sees half a state.
+        std::fs::write(&tmp, text).map_err(io(format!("writing {}", tmp.display())))?;
+        std::fs::rename(&tmp, &path).map_err(io(format!("writing {}", path.display())))
     }
 
     fn build(&mut self, seed: u64) -> Result<(), LabError> {
@@ -651,6 +674,9 @@ pub fn runs() -> BTreeMap<String, Result<LabState, String>> {
     };
     for e in dir.flatten() {
         let run = e.file_name().to_string_lossy().into_owned();
+        if !valid_run_id(&run) {
+            continue;
+        }
         let path = e.path().join("state.json");
         let state = std::fs::read_to_string(&path)
             .map_err(|e| format!("{}: {e}", path.display()))
@@ -660,19 +686,41 @@ pub fn runs() -> BTreeMap<String, Result<LabState, String>> {
     out
 }
 
-/// What [`clean`] removed.
+/// What [`clean`] removed, and what it could not.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Cleaned {
     pub runs: Vec<String>,
     pub namespaces: Vec<String>,
     pub processes: usize,
+    pub errors: Vec<String>,
 }
 
-/// Removes labs whose owner process is gone (or every lab, with `all`): their processes,
-/// namespaces and state. Only namespaces named `patronus-<run>-...` are touched.
+/// Removes labs whose owner process is gone (or every lab, with `all`, after asking their owners
+/// to stop): their processes, namespaces and state. Only namespaces named
+/// `patronus-<valid run id>-...` are touched. Keeps going past errors and reports them.
 pub fn clean(all: bool) -> Result<Cleaned, LabError> {
     let states = runs();
-    let me = std::process::id() as i32;
+    let mut cleaned = Cleaned::default();
+    if all {
+        // Ask running owners to tear down their own labs, and give them the time to.
+        let owners: Vec<i32> = states
+            .values()
+            .flatten()
+            .map(|s| s.owner_pid)
+            .filter(|&p| p != std::process::id() as i32 && netns::alive(p))
+            .collect();
+        for &p in &owners {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while owners.iter().any(|&p| netns::alive(p)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    let states = runs();
     // A run is live while its owner runs. A run directory without a readable state is a lab
     // being created (`lab up` makes the directory before its child writes the state): it is
     // left alone for a minute.
@@ -683,36 +731,34 @@ pub fn clean(all: bool) -> Result<Cleaned, LabError> {
             .is_ok_and(|t| t.elapsed().is_ok_and(|e| e.as_secs() < 60)),
         None => false,
     };
-    let mut cleaned = Cleaned::default();
     let note = |cleaned: &mut Cleaned, run: &str| {
         if !cleaned.runs.iter().any(|r| r == run) {
             cleaned.runs.push(run.to_string());
         }
     };
-    if all {
-        for s in states.values().flatten() {
-            if s.owner_pid != me && netns::alive(s.owner_pid) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(s.owner_pid),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-            }
-        }
-    }
     for ns in netns::list() {
         let Some((run, _)) = ns.strip_prefix(NS_PREFIX).and_then(|r| r.split_once('-')) else {
             continue;
         };
-        if !all && live(run) {
+        if !valid_run_id(run) || (!all && live(run)) {
             continue;
         }
-        cleaned.processes += netns::destroy(&ns)?;
-        cleaned.namespaces.push(ns.clone());
-        note(&mut cleaned, run);
+        match netns::destroy(&ns) {
+            Ok(n) => {
+                cleaned.processes += n;
+                cleaned.namespaces.push(ns.clone());
+                note(&mut cleaned, run);
+            }
+            Err(e) => cleaned.errors.push(e.to_string()),
+        }
     }
     for run in states.keys() {
         if all || !live(run) {
-            let _ = std::fs::remove_dir_all(run_dir(run));
+            if let Err(e) = std::fs::remove_dir_all(run_dir(run)) {
+                cleaned
+                    .errors
+                    .push(format!("removing {}: {e}", run_dir(run).display()));
+            }
             note(&mut cleaned, run);
         }
     }

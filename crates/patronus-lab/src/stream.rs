@@ -32,6 +32,8 @@ const MAGIC: &[u8; 4] = b"PLS1";
 pub const HEADER: usize = 24;
 /// Longest list of gaps a report carries.
 pub const MAX_GAPS: usize = 1000;
+/// Most packets in one stream (the receiver keeps 25 bytes per packet).
+pub const MAX_PACKETS: u64 = 10_000_000;
 
 #[derive(Debug, Clone)]
 pub struct StreamConfig {
@@ -154,6 +156,11 @@ pub fn run(
     }
     let size = cfg.size.max(HEADER);
     let count = (cfg.duration.as_secs_f64() * cfg.rate_pps as f64).round() as u64;
+    if count > MAX_PACKETS {
+        return Err(StreamError::Config(format!(
+            "{count} packets (rate × duration) is more than one stream holds ({MAX_PACKETS})"
+        )));
+    }
     let stream_id = (now_ns() as u32) ^ std::process::id().rotate_left(16);
     let done = &AtomicBool::new(false);
     let (port_tx, port_rx) = mpsc::channel();
@@ -252,8 +259,9 @@ pub fn run(
         let received = receiver
             .join()
             .unwrap_or_else(|_| Err(StreamError::Config("the receiver panicked".into())));
-        let (sent, send_errors) = sent?;
+        // The receiver's error first: when it failed, the sender only knows that it did.
         let (arrivals, foreign) = received?;
+        let (sent, send_errors) = sent?;
         Ok(report(
             cfg.rate_pps,
             size,

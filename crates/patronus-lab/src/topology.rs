@@ -30,6 +30,9 @@ pub const MAX_LINK_NAME: usize = 15;
 pub const MAX_HOSTS: u8 = 50;
 /// Largest number of WAN links in one lab (the size of the address plan).
 pub const MAX_LINKS: usize = 16_384;
+/// Where WAN link addresses come from; LAN prefixes may not overlap them.
+pub const WAN_PLAN4: &str = "100.64.0.0/10";
+pub const WAN_PLAN6: &str = "fd00:2::/32";
 /// Node names the lab uses itself.
 pub const RESERVED: [&str; 2] = ["wan", "controller"];
 
@@ -268,6 +271,12 @@ impl Topology {
                     s.name.as_str()
                 )));
             }
+            if s.name.as_str().contains('.') {
+                // Host namespaces are `<site>.<host>`: a dotted site name could collide.
+                return Err(invalid(format!(
+                    "{at}.name: a site name may not contain '.'"
+                )));
+            }
             if !seen.insert(s.name.clone()) {
                 return Err(invalid(format!("{at}.name: another site has this name")));
             }
@@ -307,6 +316,13 @@ impl Topology {
                 ),
             };
             for (p, field) in [(lan4, "lan"), (lan6, "lan6")] {
+                let wan = if p.is_ipv4() { WAN_PLAN4 } else { WAN_PLAN6 };
+                let wan: Prefix = wan.parse().map_err(|_| invalid("WAN plan prefix"))?;
+                if p.overlaps(&wan) {
+                    return Err(invalid(format!(
+                        "{at}.{field}: {p} overlaps {wan}, where the lab numbers its WAN links"
+                    )));
+                }
                 if let Some((_, other)) = lans.iter().find(|(q, _)| q.overlaps(&p)) {
                     return Err(invalid(format!(
                         "{at}.{field}: {p} overlaps the LAN of {other}"
@@ -318,12 +334,12 @@ impl Topology {
             let mut link_names = HashSet::new();
             for (j, l) in s.links.iter().enumerate() {
                 let at = format!("{at}.links[{j}] ({})", l.name);
-                if l.name.as_str().len() > MAX_LINK_NAME
-                    || l.name.as_str() == "lan"
-                    || l.name.as_str() == "lo"
-                {
+                let n = l.name.as_str();
+                let host_port =
+                    n.len() > 1 && n.starts_with('h') && n[1..].bytes().all(|b| b.is_ascii_digit());
+                if n.len() > MAX_LINK_NAME || n == "lan" || n == "lo" || host_port {
                     return Err(invalid(format!(
-                        "{at}.name: a link name becomes an interface name: at most {MAX_LINK_NAME} characters, not `lan` or `lo`"
+                        "{at}.name: a link name becomes an interface name beside `lo`, `lan` and the host ports `h1`, `h2`, ...: at most {MAX_LINK_NAME} characters and none of those"
                     )));
                 }
                 if !link_names.insert(l.name.clone()) {
@@ -627,6 +643,15 @@ mod tests {
             "sites[1] (b).lan: 10.0.5.0/24 overlaps the LAN of a",
         );
         bad(&|t| t.sites[0].name = name("wan"), "reserved");
+        bad(&|t| t.sites[0].name = name("a.h1"), "may not contain '.'");
+        bad(
+            &|t| t.sites[0].links[0].name = name("h1"),
+            "links[0] (h1).name",
+        );
+        bad(
+            &|t| t.sites[0].lan = Some("100.64.3.0/24".parse().unwrap()),
+            "sites[0] (a).lan: 100.64.3.0/24 overlaps 100.64.0.0/10",
+        );
         let e = toml::from_str::<Topology>("name = 'x'\nsites = []\nsurprise = 1").unwrap_err();
         assert!(e.to_string().contains("surprise"), "{e}");
     }

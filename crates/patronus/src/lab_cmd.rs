@@ -129,6 +129,10 @@ pub struct UpArgs {
 }
 
 pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
+    // Every lab command reads root-only state or enters namespaces.
+    if let Some(p) = netns::privilege_problem() {
+        bail!("patronus lab: {p}");
+    }
     match cmd {
         LabCmd::Up(a) => up(a),
         LabCmd::Run(a) => foreground(a),
@@ -242,6 +246,7 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
     if let Some(s) = a.seed {
         cmd.args(["--seed", &s.to_string()]);
     }
+    // The owner removes the lab by itself if this process dies before reading its ready line.
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -296,8 +301,21 @@ fn foreground(a: UpArgs) -> anyhow::Result<()> {
         .name("lab-control".into())
         .spawn(move || serve(&served, listener))?;
     // The one line `lab up` waits for; nothing else goes to stdout, which `lab up` closes.
-    outln!("{}", serde_json::json!({ "ready": lab.run_id() }));
-    std::io::stdout().flush()?;
+    // If `lab up` is gone (interrupted before the lab was ready), nobody will ever take this
+    // lab down: remove it now rather than leave it behind.
+    let mut stdout = std::io::stdout();
+    if writeln!(stdout, "{}", serde_json::json!({ "ready": lab.run_id() }))
+        .and_then(|()| stdout.flush())
+        .is_err()
+    {
+        eprintln!(
+            "lab {}: nobody is waiting for it (lab up interrupted?): removing it",
+            lab.run_id()
+        );
+        let _ = std::fs::remove_file(&sock_path);
+        lab.teardown()?;
+        return Ok(());
+    }
     eprintln!(
         "{}\nlab {} is up; Ctrl-C (or `patronus lab down`) removes it.",
         summary(lab.state()).trim_end(),
@@ -500,6 +518,14 @@ fn down(run: Option<String>) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
         while netns::alive(s.owner_pid) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
+        }
+        if netns::alive(s.owner_pid) {
+            bail!(
+                "lab {}: its owner (pid {}) is still tearing down after 60 s; see {}",
+                s.run_id,
+                s.owner_pid,
+                run_dir(&s.run_id).join("owner.log").display()
+            );
         }
     }
     // Whatever the owner could not remove (or if it was already dead).

@@ -22,6 +22,15 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Takes the lab down when the test ends, also when an assertion fails half way.
+struct Down(String);
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = patronus(&["lab", "down", "--run", &self.0]);
+    }
+}
+
 #[test]
 fn lab_up_link_exec_status_and_down_work_from_the_command_line() {
     if let Some(problem) = patronus_lab::netns::privilege_problem() {
@@ -42,6 +51,7 @@ fn lab_up_link_exec_status_and_down_work_from_the_command_line() {
 
     let up = ok(&["lab", "up", "two-sites-two-links", "--plain-routing"]);
     let run = up.split_whitespace().nth(1).unwrap().to_string();
+    let guard = Down(run.clone());
     let r = ["--run", run.as_str()];
 
     let set = ok(&[
@@ -78,6 +88,13 @@ fn lab_up_link_exec_status_and_down_work_from_the_command_line() {
     assert_eq!(links[0]["name"], "a/mpls");
     assert!(links[0]["up_stats"]["forwarded"].as_u64().unwrap() >= 2);
 
+    // Resolve IPv6 neighbours first: the kernel may spend a fresh path's first packet on that.
+    ok(&[
+        &["lab", "exec"][..],
+        &r,
+        &["b/h1", "--", "ping", "-c", "1", "-W", "2", "fd00:1::a"],
+    ]
+    .concat());
     let stream: serde_json::Value = serde_json::from_str(&ok(&[
         &["lab", "stream"][..],
         &r,
@@ -98,6 +115,7 @@ fn lab_up_link_exec_status_and_down_work_from_the_command_line() {
     assert_eq!(stream["sent"], 200);
     assert_eq!(stream["lost"], 0);
 
+    std::mem::forget(guard);
     ok(&[&["lab", "down"][..], &r].concat());
     let left: Vec<_> = patronus_lab::netns::list()
         .into_iter()
