@@ -273,6 +273,27 @@ pub fn run(
     })
 }
 
+/// What a perfect emulator would report for this stream through one direction set to `imp`:
+/// the same [`crate::impair::Shaper`] driven in virtual time, packets sent exactly on schedule
+/// and delivered exactly at their release time. Measured reports are compared with this, so that
+/// what is tested is the emulator's timing, not the statistics of the settings (the FIFO rule, for
+/// one, narrows the delay's spread below `jitter`).
+pub fn model(imp: &crate::impair::Impairment, cfg: &StreamConfig, seed: u64) -> StreamReport {
+    let mut shaper = crate::impair::Shaper::new(imp.clone(), seed);
+    let size = cfg.size.max(HEADER);
+    let count = (cfg.duration.as_secs_f64() * cfg.rate_pps as f64).round() as u64;
+    let interval = 1e9 / cfg.rate_pps as f64;
+    let wire = size + 28; // the IPv4 and UDP headers the emulator sees
+    let mut arrivals: Vec<Arrival> = (0..count)
+        .filter_map(|seq| {
+            let t = (seq as f64 * interval) as u64;
+            shaper.admit(t, wire).ok().map(|r| (seq, r, t))
+        })
+        .collect();
+    arrivals.sort_by_key(|a| (a.1, a.0));
+    report(cfg.rate_pps, size, count, 0, &arrivals, 0)
+}
+
 fn parse(b: &[u8], stream_id: u32) -> Option<(u64, u64)> {
     if b.len() < HEADER || &b[..4] != MAGIC || b[4..8] != stream_id.to_be_bytes() {
         return None;

@@ -73,7 +73,7 @@ pub fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
 
     let mut imp = Impairment::default();
     imp.apply(&["delay=50ms", "jitter=5ms", "loss=10%"])?;
-    lab.set_link("a/emulated", Dir::Up, imp)?;
+    lab.set_link("a/emulated", Dir::Up, imp.clone())?;
     let cfg = StreamConfig {
         rate_pps: 100,
         duration: Duration::from_secs(args.accuracy_seconds),
@@ -82,6 +82,7 @@ pub fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
         ..Default::default()
     };
     let acc = stream::run(&a, &b, addr("b/emulated")?, &cfg).context("accuracy stream")?;
+    let model = stream::model(&imp, &cfg, 99);
     lab.down()?;
 
     Ok(serde_json::json!({
@@ -106,9 +107,16 @@ pub fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
             "delay_p99_ms": acc.delay.p99_ms,
             "rfc3550_jitter_ms": acc.delay.jitter_ms,
             "ipdv_mean_ms": acc.delay.ipdv_mean_ms,
-            "jitter_expected_ms": 5.0 * 2.0 / std::f64::consts::PI.sqrt(),
             "loss_pct": acc.loss_pct,
             "reordered": acc.reordered,
+            // The same shaper in virtual time (stream::model): a perfect emulator's figures.
+            "model": {
+                "mean_delay_ms": model.delay.mean_ms,
+                "delay_stddev_ms": model.delay.stddev_ms,
+                "rfc3550_jitter_ms": model.delay.jitter_ms,
+                "ipdv_mean_ms": model.delay.ipdv_mean_ms,
+                "loss_pct": model.loss_pct,
+            },
         },
         "machine": super::machine(),
     }))
