@@ -464,12 +464,10 @@ impl Lab {
 
     /// The IPv4 or IPv6 address of `node` as the rest of the lab reaches it.
     pub fn addr(&self, node: &str, v6: bool) -> Result<IpAddr, LabError> {
-        let a = if v6 {
-            self.state.plan.addr6(node).map(IpAddr::V6)
-        } else {
-            self.state.plan.addr4(node).map(IpAddr::V4)
-        };
-        a.ok_or_else(|| LabError::NoNode(node.into(), self.state.plan.nodes().join(", ")))
+        self.state
+            .plan
+            .addr(node, v6)
+            .ok_or_else(|| LabError::NoNode(node.into(), self.state.plan.nodes().join(", ")))
     }
 
     /// A command that runs `program` inside `node`'s namespace.

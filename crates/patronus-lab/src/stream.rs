@@ -353,27 +353,7 @@ pub fn report(
     let mut gaps = Vec::new();
     let mut bursts = 0u64;
     let mut longest = 0u64;
-    let mut run: Option<(u64, u64)> = None;
-    for (seq, got) in seen.iter().enumerate() {
-        match (got, run.as_mut()) {
-            (false, Some((_, n))) => *n += 1,
-            (false, None) => run = Some((seq as u64, 1)),
-            (true, Some(&mut (first, n))) => {
-                bursts += 1;
-                longest = longest.max(n);
-                if gaps.len() < MAX_GAPS {
-                    gaps.push(Gap {
-                        first_seq: first,
-                        lost: n,
-                        ms: n as f64 * interval_ms,
-                    });
-                }
-                run = None;
-            }
-            (true, None) => {}
-        }
-    }
-    if let Some((first, n)) = run {
+    let mut close = |first: u64, n: u64| {
         bursts += 1;
         longest = longest.max(n);
         if gaps.len() < MAX_GAPS {
@@ -383,6 +363,21 @@ pub fn report(
                 ms: n as f64 * interval_ms,
             });
         }
+    };
+    let mut run: Option<(u64, u64)> = None;
+    for (seq, got) in seen.iter().enumerate() {
+        match (got, run.as_mut()) {
+            (false, Some((_, n))) => *n += 1,
+            (false, None) => run = Some((seq as u64, 1)),
+            (true, Some(&mut (first, n))) => {
+                close(first, n);
+                run = None;
+            }
+            (true, None) => {}
+        }
+    }
+    if let Some((first, n)) = run {
+        close(first, n);
     }
     StreamReport {
         rate_pps,

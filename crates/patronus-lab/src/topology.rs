@@ -527,11 +527,12 @@ impl Plan {
         v
     }
 
-    /// The IPv4 address by which the rest of the lab reaches `node`: a host's LAN address, an
-    /// edge's first link, the controller's uplink.
-    pub fn addr4(&self, node: &str) -> Option<Ipv4Addr> {
+    /// The address (IPv6 if `v6`) by which the rest of the lab reaches `node`: a host's LAN
+    /// address, an edge's first link, the controller's uplink.
+    pub fn addr(&self, node: &str, v6: bool) -> Option<IpAddr> {
+        let pick = |a4: Ipv4Addr, a6: Ipv6Addr| if v6 { IpAddr::V6(a6) } else { IpAddr::V4(a4) };
         if node == "controller" {
-            return self.controller.as_ref().map(|l| l.addr4);
+            return self.controller.as_ref().map(|l| pick(l.addr4, l.addr6));
         }
         match node.split_once('/') {
             Some((s, h)) => self
@@ -539,24 +540,12 @@ impl Plan {
                 .hosts
                 .iter()
                 .find(|x| x.name == h)
-                .map(|x| x.addr4),
-            None => self.site(node)?.links.first().map(|l| l.addr4),
-        }
-    }
-
-    /// Like [`Plan::addr4`], for IPv6.
-    pub fn addr6(&self, node: &str) -> Option<Ipv6Addr> {
-        if node == "controller" {
-            return self.controller.as_ref().map(|l| l.addr6);
-        }
-        match node.split_once('/') {
-            Some((s, h)) => self
-                .site(s)?
-                .hosts
-                .iter()
-                .find(|x| x.name == h)
-                .map(|x| x.addr6),
-            None => self.site(node)?.links.first().map(|l| l.addr6),
+                .map(|x| pick(x.addr4, x.addr6)),
+            None => self
+                .site(node)?
+                .links
+                .first()
+                .map(|l| pick(l.addr4, l.addr6)),
         }
     }
 }
@@ -590,7 +579,10 @@ mod tests {
             p.link("b/inet").unwrap().1.addr4,
             Ipv4Addr::new(100, 64, 3, 2)
         );
-        assert_eq!(p.addr4("a/h1"), Some(Ipv4Addr::new(10, 128, 0, 10)));
+        assert_eq!(
+            p.addr("a/h1", false),
+            Some(IpAddr::V4(Ipv4Addr::new(10, 128, 0, 10)))
+        );
         assert_eq!(p.nodes(), ["wan", "a", "a/h1", "b", "b/h1"]);
     }
 

@@ -71,15 +71,8 @@ pub enum LabCmd {
     /// A constant-rate UDP stream between two nodes: loss, loss-derived outage, gaps, one-way
     /// delay and jitter, as JSON.
     Stream {
-        #[arg(long)]
-        run: Option<String>,
-        #[arg(long)]
-        from: String,
-        #[arg(long)]
-        to: String,
-        /// Use IPv6 addresses.
-        #[arg(long)]
-        v6: bool,
+        #[command(flatten)]
+        between: Between,
         /// Packets per second.
         #[arg(long, default_value_t = 1000)]
         rate: u32,
@@ -98,17 +91,42 @@ pub enum LabCmd {
     },
     /// One TCP stream with iperf3 between two nodes, as JSON.
     Iperf {
-        #[arg(long)]
-        run: Option<String>,
-        #[arg(long)]
-        from: String,
-        #[arg(long)]
-        to: String,
-        #[arg(long)]
-        v6: bool,
+        #[command(flatten)]
+        between: Between,
         #[arg(long, default_value_t = 10)]
         seconds: u32,
     },
+}
+
+/// Two nodes of a lab, for the measurement commands.
+#[derive(Debug, clap::Args)]
+pub struct Between {
+    #[arg(long)]
+    run: Option<String>,
+    /// Sending node (a site, `site/hN`, `controller`).
+    #[arg(long)]
+    from: String,
+    /// Receiving node.
+    #[arg(long)]
+    to: String,
+    /// Use IPv6 addresses.
+    #[arg(long)]
+    v6: bool,
+}
+
+impl Between {
+    /// The lab, the sender's and receiver's namespaces, and the receiver's address.
+    fn resolve(self) -> anyhow::Result<(String, String, std::net::IpAddr)> {
+        let state = find(self.run)?;
+        let dst = state.plan.addr(&self.to, self.v6).ok_or_else(|| {
+            anyhow!(
+                "no node {:?} (nodes: {})",
+                self.to,
+                state.plan.nodes().join(", ")
+            )
+        })?;
+        Ok((state.ns(&self.from)?, state.ns(&self.to)?, dst))
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -161,18 +179,14 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
             Ok(())
         }
         LabCmd::Stream {
-            run,
-            from,
-            to,
-            v6,
+            between,
             rate,
             duration,
             size,
             linger,
             gaps,
         } => {
-            let state = find(run)?;
-            let dst = addr(&state, &to, v6)?;
+            let (from, to, dst) = between.resolve()?;
             let cfg = StreamConfig {
                 rate_pps: rate,
                 duration: secs(duration, "--duration")?,
@@ -180,23 +194,16 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
                 port: 0,
                 linger: secs(linger, "--linger")?,
             };
-            let mut r = stream::run(&state.ns(&from)?, &state.ns(&to)?, dst, &cfg)?;
+            let mut r = stream::run(&from, &to, dst, &cfg)?;
             if !gaps {
                 r.gaps.clear();
             }
             outln!("{}", serde_json::to_string_pretty(&r)?);
             Ok(())
         }
-        LabCmd::Iperf {
-            run,
-            from,
-            to,
-            v6,
-            seconds,
-        } => {
-            let state = find(run)?;
-            let dst = addr(&state, &to, v6)?;
-            let r = iperf::tcp(&state.ns(&to)?, &state.ns(&from)?, dst, None, seconds)?;
+        LabCmd::Iperf { between, seconds } => {
+            let (from, to, dst) = between.resolve()?;
+            let r = iperf::tcp(&to, &from, dst, None, seconds)?;
             outln!("{}", serde_json::to_string_pretty(&r)?);
             Ok(())
         }
@@ -205,20 +212,6 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
 
 fn secs(x: f64, flag: &str) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(x).map_err(|_| anyhow!("{flag}: {x} is not a duration in seconds"))
-}
-
-fn addr(state: &LabState, node: &str, v6: bool) -> anyhow::Result<std::net::IpAddr> {
-    let a = if v6 {
-        state.plan.addr6(node).map(Into::into)
-    } else {
-        state.plan.addr4(node).map(Into::into)
-    };
-    a.ok_or_else(|| {
-        anyhow!(
-            "no node {node:?} (nodes: {})",
-            state.plan.nodes().join(", ")
-        )
-    })
 }
 
 fn topology(a: &UpArgs) -> anyhow::Result<Topology> {
