@@ -10,6 +10,7 @@
 //! the same order) are checked by `validate()`, which reports every problem with the dotted path
 //! of the offending key, never only the first.
 
+mod edge;
 mod error;
 mod failover;
 mod link;
@@ -18,6 +19,9 @@ mod policy;
 mod prefix;
 mod sla;
 
+pub use edge::{
+    EdgeConfig, EdgeLink, KeyError, PeerConfig, WgPublicKey, key_from_base64, key_to_base64,
+};
 pub use error::{FieldError, FieldErrors};
 pub use failover::FailoverSettings;
 pub use link::{Link, LinkKind};

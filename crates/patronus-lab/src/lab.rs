@@ -494,6 +494,25 @@ impl Lab {
 
     /// Starts a process in `node` that the lab kills when it is torn down.
     pub fn spawn(&self, node: &str, cmd: Command) -> Result<u32, LabError> {
+        self.spawn_with(node, cmd, None)
+    }
+
+    /// Like [`Lab::spawn`], with the process's stdout and stderr going to `log`.
+    pub fn spawn_logged(
+        &self,
+        node: &str,
+        cmd: Command,
+        log: std::fs::File,
+    ) -> Result<u32, LabError> {
+        self.spawn_with(node, cmd, Some(log))
+    }
+
+    fn spawn_with(
+        &self,
+        node: &str,
+        cmd: Command,
+        log: Option<std::fs::File>,
+    ) -> Result<u32, LabError> {
         let program = cmd.get_program().to_string_lossy().into_owned();
         let args: Vec<_> = cmd.get_args().map(|a| a.to_os_string()).collect();
         let mut c = self.command(node, &program)?;
@@ -506,6 +525,10 @@ impl Lab {
         }
         if let Some(d) = cmd.get_current_dir() {
             c.current_dir(d);
+        }
+        if let Some(log) = log {
+            let err = log.try_clone().map_err(io("duplicating a log file"))?;
+            c.stdout(log).stderr(err);
         }
         let child = c
             .stdin(Stdio::null())
@@ -636,7 +659,18 @@ impl Lab {
             return Ok(());
         }
         if let Ok(mut children) = self.children.lock() {
+            // SIGTERM first, so that processes can remove what they made; SIGKILL after 2 s.
+            for c in children.iter() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(c.id() as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
             for c in children.iter_mut() {
+                while matches!(c.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
                 let _ = c.kill();
                 let _ = c.wait();
             }

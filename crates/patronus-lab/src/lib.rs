@@ -9,6 +9,7 @@
 //!
 //! Everything here needs root; [`netns::privilege_problem`] says why when it is missing.
 
+pub mod edges;
 pub mod emulator;
 pub mod impair;
 pub mod iperf;

@@ -17,6 +17,7 @@ macro_rules! outln {
 }
 
 mod bench;
+mod edge_cmd;
 mod lab_cmd;
 
 #[derive(Debug, Parser)]
@@ -36,6 +37,10 @@ enum Command {
     /// Benchmarks; each prints one JSON object on stdout.
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// A site's data plane: WireGuard tunnels over every WAN link pair, steered by the path
+    /// engine.
+    #[command(subcommand)]
+    Edge(edge_cmd::EdgeCmd),
     /// A multi-site WAN in network namespaces on this machine, with emulated WAN links (root).
     #[command(subcommand)]
     Lab(lab_cmd::LabCmd),
@@ -45,6 +50,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Bench(b) => bench::run(b),
         Command::Lab(l) => lab_cmd::run(l),
+        Command::Edge(e) => edge_cmd::run(e),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

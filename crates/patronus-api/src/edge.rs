@@ -1,0 +1,278 @@
+//! What an edge runs from: its links, its peers and their links, and the steering configuration.
+//! Until the controller pushes it (a later issue), an edge reads it from a local TOML file; the
+//! controller will serve these same types.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use crate::{
+    FailoverSettings, FieldErrors, Link, Name, Policy, Prefix, SlaClass, SteeringMode,
+    validate_policies,
+};
+
+/// A WireGuard public key (Curve25519), written as WireGuard writes it: 44 characters of
+/// standard base64. Only public keys appear in configuration; a private key never leaves the
+/// edge that generated it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct WgPublicKey(pub [u8; 32]);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a WireGuard key is 44 characters of base64 encoding 32 bytes: {0}")]
+pub struct KeyError(String);
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard base64 of 32 bytes (44 characters with one `=`).
+pub fn key_to_base64(k: &[u8; 32]) -> String {
+    let mut out = String::with_capacity(44);
+    for chunk in k.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Parses the 44-character base64 form of a 32-byte key.
+pub fn key_from_base64(s: &str) -> Result<[u8; 32], KeyError> {
+    let s = s.trim();
+    let bytes = s.as_bytes();
+    if bytes.len() != 44 || bytes[43] != b'=' || bytes[42] == b'=' {
+        return Err(KeyError(format!("got {} characters", s.len())));
+    }
+    let mut out = [0u8; 32];
+    let mut acc = 0u32;
+    let mut bits = 0;
+    let mut n = 0;
+    for &c in &bytes[..43] {
+        let v = B64
+            .iter()
+            .position(|&x| x == c)
+            .ok_or_else(|| KeyError(format!("{:?} is not a base64 character", c as char)))?;
+        acc = (acc << 6) | v as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            if n < 32 {
+                out[n] = (acc >> bits) as u8;
+            }
+            n += 1;
+        }
+    }
+    if acc & ((1 << bits) - 1) != 0 {
+        return Err(KeyError("trailing bits are not zero".into()));
+    }
+    Ok(out)
+}
+
+impl FromStr for WgPublicKey {
+    type Err = KeyError;
+    fn from_str(s: &str) -> Result<Self, KeyError> {
+        key_from_base64(s).map(WgPublicKey)
+    }
+}
+
+impl TryFrom<String> for WgPublicKey {
+    type Error = KeyError;
+    fn try_from(s: String) -> Result<Self, KeyError> {
+        s.parse()
+    }
+}
+
+impl From<WgPublicKey> for String {
+    fn from(k: WgPublicKey) -> String {
+        k.to_string()
+    }
+}
+
+impl fmt::Display for WgPublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&key_to_base64(&self.0))
+    }
+}
+
+impl fmt::Debug for WgPublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WgPublicKey({self})")
+    }
+}
+
+fn default_port() -> u16 {
+    51820
+}
+
+fn default_class() -> Name {
+    Name::new("business").unwrap_or_else(|_| unreachable!("a valid literal name"))
+}
+
+/// One of the edge's own WAN links.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeLink {
+    #[serde(flatten)]
+    pub link: Link,
+    /// The interface the link's socket is bound to (SO_BINDTODEVICE); defaults to the link name.
+    #[serde(default)]
+    pub interface: Option<String>,
+    /// The local address the link's socket is bound to.
+    pub address: IpAddr,
+}
+
+/// Another site this edge builds tunnels to.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub name: Name,
+    pub public_key: WgPublicKey,
+    /// The peer's overlay address (probes are addressed to it inside the tunnels).
+    pub overlay: IpAddr,
+    /// Prefixes reached through this peer.
+    pub lan_prefixes: Vec<Prefix>,
+    /// The peer's WAN links; those with an `endpoint` are dialled from every local link.
+    pub links: Vec<Link>,
+}
+
+/// Everything an edge runs from.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeConfig {
+    /// This site's name.
+    pub site: Name,
+    /// Where the private key lives (created 0600 on first start if missing).
+    pub private_key_file: PathBuf,
+    /// This site's overlay address, put on the tunnel interface.
+    pub overlay: IpAddr,
+    /// The UDP port every link's socket listens on.
+    #[serde(default = "default_port")]
+    pub listen_port: u16,
+    /// Name of the TUN interface.
+    #[serde(default = "default_tun")]
+    pub tun_name: String,
+    pub links: Vec<EdgeLink>,
+    pub peers: Vec<PeerConfig>,
+    #[serde(default = "SlaClass::builtins")]
+    pub classes: Vec<SlaClass>,
+    #[serde(default)]
+    pub policies: Vec<Policy>,
+    #[serde(default)]
+    pub failover: FailoverSettings,
+    /// The class of traffic no policy matches.
+    #[serde(default = "default_class")]
+    pub default_class: Name,
+    #[serde(default)]
+    pub default_steering: SteeringMode,
+    /// Where the edge serves Prometheus metrics (`/metrics`) and its status (`/status`).
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+fn default_tun() -> String {
+    "patronus0".into()
+}
+
+impl EdgeConfig {
+    /// Checks everything that can be checked without the machine; every problem is reported
+    /// with its dotted path (`peers[1].links[0].endpoint`).
+    pub fn validate(&self) -> Result<(), FieldErrors> {
+        let mut errs = FieldErrors::default();
+        if self.links.is_empty() {
+            errs.push("links", "an edge needs at least one WAN link");
+        }
+        if self.tun_name.is_empty() || self.tun_name.len() > 15 {
+            errs.push("tun_name", "an interface name is 1 to 15 characters");
+        }
+        let mut names = Vec::new();
+        for (i, l) in self.links.iter().enumerate() {
+            if let Err(e) = l.link.validate() {
+                errs.extend_prefixed(&format!("links[{i}]"), e);
+            }
+            if names.contains(&&l.link.name) {
+                errs.push(format!("links[{i}].name"), "another link has this name");
+            }
+            names.push(&l.link.name);
+            if l.address.is_unspecified() {
+                errs.push(
+                    format!("links[{i}].address"),
+                    "must be the link's own address",
+                );
+            }
+        }
+        let mut peer_names = Vec::new();
+        for (i, p) in self.peers.iter().enumerate() {
+            let at = format!("peers[{i}]");
+            if p.name == self.site || peer_names.contains(&&p.name) {
+                errs.push(format!("{at}.name"), "names another peer or this site");
+            }
+            peer_names.push(&p.name);
+            if p.overlay == self.overlay {
+                errs.push(
+                    format!("{at}.overlay"),
+                    "is this edge's own overlay address",
+                );
+            }
+            if p.links.is_empty() {
+                errs.push(format!("{at}.links"), "a peer needs at least one link");
+            }
+            for (j, l) in p.links.iter().enumerate() {
+                if let Err(e) = l.validate() {
+                    errs.extend_prefixed(&format!("{at}.links[{j}]"), e);
+                }
+            }
+        }
+        if let Err(e) = self.failover.validate() {
+            errs.extend_prefixed("failover", e);
+        }
+        if !self.classes.iter().any(|c| c.name == self.default_class) {
+            errs.push("default_class", "names no class in `classes`");
+        }
+        if let Err(e) = validate_policies(&self.policies, &self.classes) {
+            errs.0.extend(e.0);
+        }
+        errs.into_result()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_through_wireguard_base64_and_bad_ones_are_refused() {
+        // A key printed by `wg genkey | wg pubkey`.
+        let s = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+        let k: WgPublicKey = s.parse().unwrap();
+        assert_eq!(k.to_string(), s);
+        assert_eq!(
+            key_to_base64(&[0; 32]),
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+        );
+        for (i, k) in [[0u8; 32], [255; 32], core::array::from_fn(|i| i as u8)]
+            .iter()
+            .enumerate()
+        {
+            assert_eq!(key_from_base64(&key_to_base64(k)).unwrap(), *k, "{i}");
+        }
+        for bad in [
+            "",
+            "short=",
+            &s[..43],
+            &format!("{}A", &s[..43]),
+            "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8D!=",
+        ] {
+            assert!(bad.parse::<WgPublicKey>().is_err(), "{bad:?}");
+        }
+    }
+}

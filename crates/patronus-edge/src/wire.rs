@@ -1,0 +1,271 @@
+//! Bytes on the wire: which WireGuard message a datagram is and which tunnel it belongs to, and
+//! the overlay packets that carry probes inside a tunnel.
+//!
+//! # Demultiplexing
+//!
+//! Every path has its own WireGuard session (`boringtun::noise::Tunn`), created with tunnel index
+//! `path id + 1`; boringtun puts that index in the top 24 bits of every session index it hands
+//! out. So a handshake response, cookie or data message names its tunnel in its receiver index,
+//! whatever socket or address it arrived from (a duplicated packet, sent on a second path under
+//! the first path's session, is decrypted by the first path's session, whose replay window then
+//! drops the other copy). A handshake initiation names nobody: it belongs to the path of the local
+//! link it arrived on and the remote endpoint it came from.
+//!
+//! # Probes
+//!
+//! Probes are STAMP packets (see `patronus_core::probe`) in UDP between the two sites' overlay
+//! addresses, inside the tunnel of the path they measure: requests go from port
+//! [`PROBE_SENDER_PORT`] to port 862, replies come back from 862.
+
+use std::net::IpAddr;
+
+use patronus_core::probe::STAMP_PORT;
+
+/// The UDP port probes are sent from.
+pub const PROBE_SENDER_PORT: u16 = 863;
+
+/// A WireGuard message, as far as routing it to a tunnel needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WgMessage {
+    /// Type 1: belongs to the path it arrived on.
+    Initiation,
+    /// Types 2, 3 and 4, with their receiver index.
+    ToSession(u32),
+}
+
+/// Classifies a datagram; `None` for anything that is not a well-formed WireGuard message.
+pub fn classify(d: &[u8]) -> Option<WgMessage> {
+    let le = |at: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(d.get(at..at + 4)?.try_into().ok()?))
+    };
+    if d.len() < 4 || d[1..4] != [0, 0, 0] {
+        return None;
+    }
+    match (d[0], d.len()) {
+        (1, 148) => Some(WgMessage::Initiation),
+        (2, 92) => Some(WgMessage::ToSession(le(8)?)),
+        (3, 64) => Some(WgMessage::ToSession(le(4)?)),
+        (4, n) if n >= 32 => Some(WgMessage::ToSession(le(4)?)),
+        _ => None,
+    }
+}
+
+/// The tunnel index a session index belongs to.
+pub fn tunnel_of(receiver: u32) -> u32 {
+    receiver >> 8
+}
+
+/// Internet checksum (RFC 1071) of `data`, starting from `sum`.
+fn checksum(mut sum: u32, data: &[u8]) -> u16 {
+    let mut chunks = data.chunks_exact(2);
+    for c in &mut chunks {
+        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    if let [last] = chunks.remainder() {
+        sum += u32::from(*last) << 8;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Writes an IP/UDP packet carrying `payload` into `out` (cleared first). The families of `src`
+/// and `dst` must match; `None` if they do not.
+pub fn udp_packet(
+    src: IpAddr,
+    dst: IpAddr,
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> Option<()> {
+    out.clear();
+    let udp_len = (8 + payload.len()) as u16;
+    let mut udp = [0u8; 8];
+    udp[0..2].copy_from_slice(&sport.to_be_bytes());
+    udp[2..4].copy_from_slice(&dport.to_be_bytes());
+    udp[4..6].copy_from_slice(&udp_len.to_be_bytes());
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut ip = [0u8; 20];
+            ip[0] = 0x45;
+            ip[2..4].copy_from_slice(&(20 + udp_len).to_be_bytes());
+            ip[8] = 64;
+            ip[9] = 17;
+            ip[12..16].copy_from_slice(&s.octets());
+            ip[16..20].copy_from_slice(&d.octets());
+            let c = checksum(0, &ip);
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            out.extend_from_slice(&ip);
+            // UDP checksum 0: optional over IPv4, and the tunnel authenticates every byte.
+            out.extend_from_slice(&udp);
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut ip = [0u8; 40];
+            ip[0] = 0x60;
+            ip[4..6].copy_from_slice(&udp_len.to_be_bytes());
+            ip[6] = 17;
+            ip[7] = 64;
+            ip[8..24].copy_from_slice(&s.octets());
+            ip[24..40].copy_from_slice(&d.octets());
+            // Pseudo-header sum, then the UDP header and payload (mandatory over IPv6).
+            let mut sum = 0u32;
+            for c in ip[8..40].chunks_exact(2) {
+                sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+            }
+            sum += u32::from(udp_len) + 17;
+            let mut seg = Vec::with_capacity(8 + payload.len());
+            seg.extend_from_slice(&udp);
+            seg.extend_from_slice(payload);
+            let c = match checksum(sum, &seg) {
+                0 => 0xffff,
+                c => c,
+            };
+            udp[6..8].copy_from_slice(&c.to_be_bytes());
+            out.extend_from_slice(&ip);
+            out.extend_from_slice(&udp);
+        }
+        _ => return None,
+    }
+    out.extend_from_slice(payload);
+    Some(())
+}
+
+/// What a packet that came out of a tunnel is, for the edge.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Inner<'a> {
+    /// A probe request for our reflector: reply to `from:sport` on the same path.
+    ProbeRequest {
+        payload: &'a [u8],
+        from: IpAddr,
+        sport: u16,
+        ttl: u8,
+    },
+    /// A reply to one of our probes.
+    ProbeReply { payload: &'a [u8] },
+    /// Anything else: traffic for the LAN.
+    Data,
+}
+
+/// Looks at a decapsulated packet addressed to `overlay` (our overlay address).
+pub fn inspect(pkt: &[u8], overlay: IpAddr) -> Inner<'_> {
+    let (src, dst, proto, ttl, l4) = match pkt.first().map(|b| b >> 4) {
+        Some(4) if pkt.len() >= 20 => {
+            let ihl = usize::from(pkt[0] & 0x0f) * 4;
+            let frag = u16::from_be_bytes([pkt[6], pkt[7]]) & 0x3fff;
+            if ihl < 20 || pkt.len() < ihl || frag != 0 {
+                return Inner::Data;
+            }
+            let s: [u8; 4] = pkt[12..16].try_into().unwrap_or_default();
+            let d: [u8; 4] = pkt[16..20].try_into().unwrap_or_default();
+            (
+                IpAddr::from(s),
+                IpAddr::from(d),
+                pkt[9],
+                pkt[8],
+                &pkt[ihl..],
+            )
+        }
+        Some(6) if pkt.len() >= 40 => {
+            let s: [u8; 16] = pkt[8..24].try_into().unwrap_or_default();
+            let d: [u8; 16] = pkt[24..40].try_into().unwrap_or_default();
+            (IpAddr::from(s), IpAddr::from(d), pkt[6], pkt[7], &pkt[40..])
+        }
+        _ => return Inner::Data,
+    };
+    if proto != 17 || dst != overlay || l4.len() < 8 {
+        return Inner::Data;
+    }
+    let sport = u16::from_be_bytes([l4[0], l4[1]]);
+    let dport = u16::from_be_bytes([l4[2], l4[3]]);
+    let payload = &l4[8..];
+    match (sport, dport) {
+        (_, STAMP_PORT) => Inner::ProbeRequest {
+            payload,
+            from: src,
+            sport,
+            ttl,
+        },
+        (STAMP_PORT, PROBE_SENDER_PORT) => Inner::ProbeReply { payload },
+        _ => Inner::Data,
+    }
+}
+
+/// The source address of an IP packet.
+pub fn source(pkt: &[u8]) -> Option<IpAddr> {
+    match pkt.first()? >> 4 {
+        4 => Some(IpAddr::from(<[u8; 4]>::try_from(pkt.get(12..16)?).ok()?)),
+        6 => Some(IpAddr::from(<[u8; 16]>::try_from(pkt.get(8..24)?).ok()?)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wireguard_messages_are_told_apart_and_garbage_is_none() {
+        let mut data = vec![4, 0, 0, 0, 0x05, 0x03, 0, 0];
+        data.resize(48, 0);
+        assert_eq!(classify(&data), Some(WgMessage::ToSession(0x0305)));
+        assert_eq!(tunnel_of(0x0305), 3);
+        let mut init = vec![1, 0, 0, 0];
+        init.resize(148, 9);
+        assert_eq!(classify(&init), Some(WgMessage::Initiation));
+        assert_eq!(classify(&init[..147]), None);
+        let mut resp = vec![2, 0, 0, 0, 1, 1, 1, 1, 0x10, 0x20, 0, 0];
+        resp.resize(92, 0);
+        assert_eq!(classify(&resp), Some(WgMessage::ToSession(0x2010)));
+        for bad in [&[][..], &[4, 0, 0], &[4, 1, 0, 0, 0, 0, 0, 0], &[9; 64]] {
+            assert_eq!(classify(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn probe_packets_are_built_and_recognised_over_v4_and_v6() {
+        let payload = [7u8; 60];
+        let mut buf = Vec::new();
+        for (a, b) in [("10.255.0.1", "10.255.0.2"), ("fd00:ff::1", "fd00:ff::2")] {
+            let (a, b): (IpAddr, IpAddr) = (a.parse().unwrap(), b.parse().unwrap());
+            udp_packet(a, b, PROBE_SENDER_PORT, STAMP_PORT, &payload, &mut buf).unwrap();
+            assert_eq!(
+                inspect(&buf, b),
+                Inner::ProbeRequest {
+                    payload: &payload,
+                    from: a,
+                    sport: PROBE_SENDER_PORT,
+                    ttl: 64
+                }
+            );
+            assert_eq!(inspect(&buf, a), Inner::Data, "not for us");
+            assert_eq!(source(&buf), Some(a));
+            udp_packet(b, a, STAMP_PORT, PROBE_SENDER_PORT, &payload, &mut buf).unwrap();
+            assert_eq!(inspect(&buf, a), Inner::ProbeReply { payload: &payload });
+        }
+        // The IPv4 header checksum verifies.
+        udp_packet(
+            "10.0.0.1".parse().unwrap(),
+            "10.0.0.2".parse().unwrap(),
+            1,
+            2,
+            &[],
+            &mut buf,
+        )
+        .unwrap();
+        assert_eq!(checksum(0, &buf[..20]), 0);
+        assert!(
+            udp_packet(
+                "10.0.0.1".parse().unwrap(),
+                "::1".parse().unwrap(),
+                1,
+                2,
+                &[],
+                &mut buf
+            )
+            .is_none()
+        );
+        assert_eq!(inspect(&[0x45], "10.0.0.1".parse().unwrap()), Inner::Data);
+    }
+}
