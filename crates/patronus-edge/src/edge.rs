@@ -624,7 +624,14 @@ impl Edge {
         }
     }
 
-    fn handle_datagram(&mut self, id: PathId, link: usize, from: SocketAddr, n: usize, now: Instant) {
+    fn handle_datagram(
+        &mut self,
+        id: PathId,
+        link: usize,
+        from: SocketAddr,
+        n: usize,
+        now: Instant,
+    ) {
         let idx = id.0 as usize;
         let mut first = true;
         loop {

@@ -174,3 +174,107 @@ pub fn wait_for_tunnel(
         }
     }
 }
+
+/// The result of [`failover_trials`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FailoverRun {
+    /// Loss-derived outage of each cut, in ms (0 when nothing was lost).
+    pub outages_ms: Vec<f64>,
+    /// Loss outside every cut's window, in ms: should be 0.
+    pub unexplained_ms: f64,
+    /// The links cut, in order.
+    pub cut: Vec<String>,
+    pub stream: crate::stream::StreamReport,
+}
+
+/// Scenario "hard failover": a constant-rate UDP stream from `from` to `to` (LAN hosts of two
+/// sites running edges); `trials` times, cut the link of `site` that carries it (found on the
+/// emulated link's counters, not from the edge), restore it a second later, and let 1.5 s pass.
+/// The flow stays where it failed over to, so the next trial cuts the other link. Each cut's
+/// outage is the loss-derived time of the gaps that start within its window.
+pub fn failover_trials(
+    lab: &Lab,
+    from: &str,
+    to: &str,
+    site: &str,
+    trials: usize,
+    rate_pps: u32,
+) -> Result<FailoverRun, LabError> {
+    let links: Vec<String> = lab
+        .plan()
+        .site(site)
+        .ok_or_else(|| LabError::NoNode(site.into(), lab.plan().nodes().join(", ")))?
+        .links
+        .iter()
+        .map(|l| format!("{site}/{}", l.name))
+        .collect();
+    let dst = lab.addr(to, false)?;
+    let (from_ns, to_ns) = (lab.ns(from)?, lab.ns(to)?);
+    let settle = Duration::from_secs(1);
+    let period = Duration::from_millis(2500);
+    let cfg = crate::stream::StreamConfig {
+        rate_pps,
+        duration: settle + period * trials as u32 + Duration::from_millis(500),
+        size: 100,
+        linger: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let forwarded =
+        |l: &str| -> Result<u64, LabError> { Ok(lab.link_status(l)?.up_stats.forwarded) };
+    std::thread::scope(|s| {
+        let t0 = Instant::now();
+        let h = s.spawn(|| crate::stream::run(&from_ns, &to_ns, dst, &cfg));
+        let mut cuts = Vec::new();
+        let mut cut_names = Vec::new();
+        let result = (|| -> Result<(), LabError> {
+            std::thread::sleep(settle);
+            for _ in 0..trials {
+                // The busy link: most packets over the last 200 ms.
+                let before: Vec<u64> = links
+                    .iter()
+                    .map(|l| forwarded(l))
+                    .collect::<Result<_, _>>()?;
+                std::thread::sleep(Duration::from_millis(200));
+                let mut best = (0, 0u64);
+                for (i, l) in links.iter().enumerate() {
+                    let d = forwarded(l)? - before[i];
+                    if d > best.1 {
+                        best = (i, d);
+                    }
+                }
+                let link = &links[best.0];
+                cuts.push(t0.elapsed());
+                lab.link_command(link, &["cut"])?;
+                cut_names.push(link.clone());
+                std::thread::sleep(Duration::from_secs(1));
+                lab.link_command(link, &["restore"])?;
+                std::thread::sleep(period - Duration::from_millis(1200));
+            }
+            Ok(())
+        })();
+        let report = h
+            .join()
+            .map_err(|_| LabError::Other("the stream thread panicked".into()))?
+            .map_err(|e| LabError::Other(e.to_string()))?;
+        result?;
+        let interval = 1.0 / f64::from(rate_pps);
+        let mut outages = vec![0.0; cuts.len()];
+        let mut unexplained = 0.0;
+        for g in &report.gaps {
+            let at = g.first_seq as f64 * interval;
+            match cuts.iter().position(|c| {
+                let c = c.as_secs_f64();
+                at >= c - 0.2 && at <= c + 1.2
+            }) {
+                Some(i) => outages[i] += g.ms,
+                None => unexplained += g.ms,
+            }
+        }
+        Ok(FailoverRun {
+            outages_ms: outages,
+            unexplained_ms: unexplained,
+            cut: cut_names,
+            stream: report,
+        })
+    })
+}

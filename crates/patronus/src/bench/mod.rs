@@ -5,6 +5,7 @@ use std::io::Write;
 
 use clap::Subcommand;
 
+mod failover;
 mod path_select;
 mod wan_emulator;
 
@@ -16,12 +17,16 @@ pub enum Bench {
     /// (root) The lab's WAN emulator: TCP throughput through it against a bare veth in the
     /// same run, and the accuracy of delay, jitter and loss on real packets.
     WanEmulator(wan_emulator::Args),
+    /// (root) Hard failover through real edges in the lab: loss-derived outage per link cut,
+    /// with the default steering and with `duplicate`.
+    Failover(failover::Args),
 }
 
 pub fn run(b: Bench) -> anyhow::Result<()> {
     let report = match b {
         Bench::PathSelect(args) => path_select::run(&args)?,
         Bench::WanEmulator(args) => wan_emulator::run(&args)?,
+        Bench::Failover(args) => failover::run(&args)?,
     };
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, &report)?;
