@@ -16,7 +16,7 @@
 //!    anything else to the TUN (if its source is one the peer may use), and counts as evidence
 //!    that the path is alive.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
@@ -38,6 +38,7 @@ use patronus_core::{Decision, Event, PathId};
 use tun_rs::{DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use crate::keys::PrivateKey;
+use crate::status::{self, EdgeStatus, PathStatus, Shared};
 use crate::wire::{self, Inner, PROBE_SENDER_PORT, WgMessage};
 
 /// WireGuard's overhead on an IPv6 underlay: 40 (IPv6) + 8 (UDP) + 32 (WireGuard).
@@ -137,6 +138,13 @@ pub struct RecentEvent {
 }
 
 pub struct Edge {
+    site: String,
+    public_key: String,
+    tun_name: String,
+    started: Instant,
+    shared: Shared,
+    next_publish: Instant,
+    failovers: BTreeMap<String, u64>,
     overlay: IpAddr,
     engine: Engine,
     tun: SyncDevice,
@@ -320,7 +328,24 @@ impl Edge {
             add(l.sock.as_fd(), TOKEN_LINK_BASE + i as u64)?;
         }
         let buf_len = VIRTIO_NET_HDR_LEN + usize::from(tun_mtu).max(1500) + 64;
+        let shared: Shared = Arc::default();
+        if let Some(addr) = cfg.metrics_listen {
+            let listener = std::net::TcpListener::bind(addr)
+                .map_err(io_err(format!("metrics_listen {addr}")))?;
+            let s = shared.clone();
+            std::thread::Builder::new()
+                .name("edge-status".into())
+                .spawn(move || status::serve(listener, s))
+                .map_err(io_err("starting the status thread"))?;
+        }
         Ok(Self {
+            site: cfg.site.to_string(),
+            public_key: key.public().to_string(),
+            tun_name: cfg.tun_name.clone(),
+            started: now,
+            shared,
+            next_publish: now,
+            failovers: BTreeMap::new(),
             overlay: cfg.overlay,
             engine,
             tun,
@@ -380,6 +405,10 @@ impl Edge {
                 self.wg_tick();
                 self.next_wg_tick = now + WG_TICK;
             }
+            if now >= self.next_publish {
+                self.publish(now);
+                self.next_publish = now + status::PUBLISH_EVERY;
+            }
             self.arm_timer();
             let n = match self.epoll.wait(&mut events, EpollTimeout::NONE) {
                 Ok(n) => n,
@@ -400,8 +429,64 @@ impl Edge {
         }
     }
 
+    /// A snapshot of everything, for status and metrics.
+    pub fn status(&self, now: Instant) -> EdgeStatus {
+        let paths = self
+            .engine
+            .path_ids()
+            .filter_map(|id| {
+                let snap = self.engine.path(id, now)?;
+                let rt = self.paths.get(id.0 as usize)?.as_ref()?;
+                let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                let c = snap.counters;
+                Some(PathStatus {
+                    id: id.0,
+                    peer: snap.peer_name.clone(),
+                    local_link: snap.local_link.to_string(),
+                    remote_link: snap.remote_link.to_string(),
+                    endpoint: rt.endpoint,
+                    state: format!("{:?}", snap.state).to_lowercase(),
+                    rtt_ms: snap.rtt.map(ms),
+                    rtt_p99_ms: snap.rtt_p99.map(ms),
+                    jitter_ms: ms(snap.jitter),
+                    loss_pct: snap.loss * 100.0,
+                    probe_interval_ms: ms(snap.probe_interval),
+                    flows: snap.flows,
+                    flaps: snap.flaps,
+                    tx_packets: c.tx_packets,
+                    tx_bytes: c.tx_bytes,
+                    rx_packets: c.rx_packets,
+                    rx_bytes: c.rx_bytes,
+                    probes_sent: c.probes_sent,
+                    probes_received: c.probes_received,
+                    probes_lost: c.probes_lost,
+                    last_handshake_s: rt.tunn.time_since_last_handshake().map(|d| d.as_secs_f64()),
+                })
+            })
+            .collect();
+        EdgeStatus {
+            site: self.site.clone(),
+            public_key: self.public_key.clone(),
+            tun: self.tun_name.clone(),
+            tun_mtu: self.tun_mtu,
+            uptime_s: now.duration_since(self.started).as_secs_f64(),
+            counters: self.counters.into(),
+            failovers: self.failovers.clone(),
+            flows: self.engine.flow_count(),
+            paths,
+            events: self.events.iter().map(Into::into).collect(),
+        }
+    }
+
+    fn publish(&mut self, now: Instant) {
+        let s = Arc::new(self.status(now));
+        if let Ok(mut slot) = self.shared.lock() {
+            *slot = s;
+        }
+    }
+
     fn arm_timer(&mut self) {
-        let mut at = self.next_wg_tick;
+        let mut at = self.next_wg_tick.min(self.next_publish);
         if let Some(t) = self.engine.poll_timeout() {
             at = at.min(t);
         }
@@ -415,7 +500,14 @@ impl Edge {
     }
 
     fn record(&mut self, text: String) {
-        eprintln!("edge: {text}");
+        self.record_as(text, true);
+    }
+
+    /// Keeps an event for status; `log` also prints it (flow moves are too many to print each).
+    fn record_as(&mut self, text: String, log: bool) {
+        if log {
+            eprintln!("edge: {text}");
+        }
         if self.events.len() == RECENT_EVENTS {
             self.events.pop_front();
         }
@@ -434,7 +526,9 @@ impl Edge {
     }
 
     fn drain_events(&mut self, now: Instant) {
+        let mut moves = 0u32;
         while let Some((_, ev)) = self.engine.poll_event() {
+            let is_move = matches!(ev, Event::FlowMoved { .. });
             let text = match ev {
                 Event::PathUp { path, rtt } => {
                     format!(
@@ -467,15 +561,32 @@ impl Edge {
                     from,
                     to,
                     reason,
-                } => format!(
-                    "flow {} -> {} moved from {} to {} ({reason:?})",
-                    flow.src(),
-                    flow.dst(),
-                    self.path_name(from, now),
-                    self.path_name(to, now)
-                ),
+                } => {
+                    *self
+                        .failovers
+                        .entry(reason.as_str().to_string())
+                        .or_default() += 1;
+                    format!(
+                        "flow {} -> {} moved from {} to {} ({reason:?})",
+                        flow.src(),
+                        flow.dst(),
+                        self.path_name(from, now),
+                        self.path_name(to, now)
+                    )
+                }
             };
-            self.record(text);
+            if is_move {
+                // A failover moves every flow of a path; print the first few, count them all.
+                moves += 1;
+                if moves <= 5 {
+                    self.record_as(text, true);
+                }
+            } else {
+                self.record(text);
+            }
+        }
+        if moves > 5 {
+            self.record(format!("... and {} more flow moves", moves - 5));
         }
     }
 

@@ -16,6 +16,7 @@
 pub mod edge;
 pub mod keys;
 pub mod routes;
+pub mod status;
 pub mod wire;
 
 pub use edge::{Edge, EdgeError, StopHandle};

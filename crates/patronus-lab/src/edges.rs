@@ -17,6 +17,8 @@ use crate::topology::Plan;
 
 /// The UDP port every edge listens on in the lab.
 pub const EDGE_PORT: u16 = 51820;
+/// Where each edge serves `/status` and `/metrics` inside its namespace (127.0.0.1).
+pub const STATUS_PORT: u16 = 9101;
 
 /// Overlay address of the site at `index` in the plan.
 pub fn overlay4(index: usize) -> Ipv4Addr {
@@ -87,7 +89,7 @@ pub fn edge_config(
         failover: Default::default(),
         default_class: patronus_api::Name::new("business").unwrap_or_else(|_| unreachable!()),
         default_steering: Default::default(),
-        metrics_listen: None,
+        metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], STATUS_PORT))),
     }
 }
 

@@ -22,6 +22,14 @@ pub enum EdgeCmd {
         #[arg(long)]
         key: PathBuf,
     },
+    /// Show a running edge's peers, paths and recent events (from its `metrics_listen` address).
+    Status {
+        #[arg(long, default_value = "127.0.0.1:9101")]
+        addr: std::net::SocketAddr,
+        /// Print the JSON snapshot instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a configuration file and print every problem in it.
     Check {
         #[arg(long)]
@@ -36,6 +44,7 @@ pub fn run(cmd: EdgeCmd) -> anyhow::Result<()> {
             outln!("{}", k.public());
             Ok(())
         }
+        EdgeCmd::Status { addr, json } => status(addr, json),
         EdgeCmd::Check { config } => {
             load(&config)?;
             outln!("{}: ok", config.display());
@@ -85,4 +94,69 @@ fn load(path: &Path) -> anyhow::Result<EdgeConfig> {
         bail!("{}: {e}", path.display());
     }
     Ok(cfg)
+}
+
+fn status(addr: std::net::SocketAddr, json: bool) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let mut conn =
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))
+            .with_context(|| format!("no edge answers on {addr} (is metrics_listen set?)"))?;
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    conn.write_all(format!("GET /status HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+    let mut resp = String::new();
+    conn.read_to_string(&mut resp)?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .context("the edge's answer has no body")?;
+    if json {
+        outln!("{body}");
+        return Ok(());
+    }
+    let s: patronus_edge::status::EdgeStatus =
+        serde_json::from_str(body).context("the edge's status is not what this version reads")?;
+    outln!(
+        "edge {} (key {}), {} MTU {}, up {:.0} s, {} flows",
+        s.site,
+        s.public_key,
+        s.tun,
+        s.tun_mtu,
+        s.uptime_s,
+        s.flows
+    );
+    outln!(
+        "{:<24} {:<9} {:>9} {:>9} {:>7} {:>6} {:>12} {:>12} {:>9}",
+        "path",
+        "state",
+        "rtt ms",
+        "jitter ms",
+        "loss %",
+        "flows",
+        "tx bytes",
+        "rx bytes",
+        "handshake"
+    );
+    for p in &s.paths {
+        let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+        outln!(
+            "{:<24} {:<9} {:>9} {:>9.1} {:>7.1} {:>6} {:>12} {:>12} {:>9}",
+            format!("{}:{}->{}", p.peer, p.local_link, p.remote_link),
+            p.state,
+            opt(p.rtt_ms),
+            p.jitter_ms,
+            p.loss_pct,
+            p.flows,
+            p.tx_bytes,
+            p.rx_bytes,
+            p.last_handshake_s
+                .map_or("-".to_string(), |v| format!("{v:.0}s ago"))
+        );
+    }
+    if !s.failovers.is_empty() {
+        outln!("flow moves: {:?}", s.failovers);
+    }
+    for e in s.events.iter().rev().take(10).rev() {
+        outln!("  {} {}", e.unix_ms, e.text);
+    }
+    Ok(())
 }

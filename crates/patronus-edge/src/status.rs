@@ -1,0 +1,354 @@
+//! What the edge shows about itself: a status snapshot (JSON at `/status`, a table from
+//! `patronus edge status`) and Prometheus metrics (`/metrics`), served on the configured local
+//! address by one small HTTP thread. The event loop publishes a fresh snapshot every
+//! [`PUBLISH_EVERY`]; the HTTP thread never touches the loop's state.
+//!
+//! # Metrics
+//!
+//! Per path (labels `peer`, `local_link`, `remote_link`): `patronus_path_up` (1 Up, 0.5
+//! Degraded, 0 Down), `patronus_path_rtt_seconds`, `patronus_path_jitter_seconds`,
+//! `patronus_path_loss_ratio`, `patronus_path_flows`, `patronus_path_flaps_total`,
+//! `patronus_path_{tx,rx}_{packets,bytes}_total`, `patronus_path_probes_{sent,received,lost}_total`.
+//! Per edge: `patronus_failovers_total{reason}`, and the edge's counters as
+//! `patronus_edge_<name>_total`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::edge::{EdgeCounters, RecentEvent};
+
+/// How often the loop publishes a snapshot.
+pub const PUBLISH_EVERY: Duration = Duration::from_millis(250);
+
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct PathStatus {
+    pub id: u32,
+    pub peer: String,
+    pub local_link: String,
+    pub remote_link: String,
+    pub endpoint: Option<SocketAddr>,
+    /// `up`, `degraded` or `down`.
+    pub state: String,
+    pub rtt_ms: Option<f64>,
+    pub rtt_p99_ms: Option<f64>,
+    pub jitter_ms: f64,
+    pub loss_pct: f64,
+    pub probe_interval_ms: f64,
+    pub flows: u32,
+    pub flaps: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub probes_sent: u64,
+    pub probes_received: u64,
+    pub probes_lost: u64,
+    /// Seconds since the last WireGuard handshake of this path's session.
+    pub last_handshake_s: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct EdgeStatus {
+    pub site: String,
+    pub public_key: String,
+    pub tun: String,
+    pub tun_mtu: u16,
+    pub uptime_s: f64,
+    pub counters: EdgeCountersView,
+    /// Flow moves by reason (`path-down`, `sla-violated`, ...).
+    pub failovers: BTreeMap<String, u64>,
+    pub flows: usize,
+    pub paths: Vec<PathStatus>,
+    pub events: Vec<EventView>,
+}
+
+/// [`EdgeCounters`] as status carries them (deserialisable for `patronus edge status`).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct EdgeCountersView {
+    pub tun_packets: u64,
+    pub tun_bytes: u64,
+    pub delivered_packets: u64,
+    pub delivered_bytes: u64,
+    pub rx_unknown: u64,
+    pub rx_rejected: u64,
+    pub rx_spoofed: u64,
+    pub tx_dropped: u64,
+    pub tx_errors: u64,
+    pub probes_sent: u64,
+}
+
+impl From<EdgeCounters> for EdgeCountersView {
+    fn from(c: EdgeCounters) -> Self {
+        Self {
+            tun_packets: c.tun_packets,
+            tun_bytes: c.tun_bytes,
+            delivered_packets: c.delivered_packets,
+            delivered_bytes: c.delivered_bytes,
+            rx_unknown: c.rx_unknown,
+            rx_rejected: c.rx_rejected,
+            rx_spoofed: c.rx_spoofed,
+            tx_dropped: c.tx_dropped,
+            tx_errors: c.tx_errors,
+            probes_sent: c.probes_sent,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct EventView {
+    pub unix_ms: u128,
+    pub text: String,
+}
+
+impl From<&RecentEvent> for EventView {
+    fn from(e: &RecentEvent) -> Self {
+        Self {
+            unix_ms: e.unix_ms,
+            text: e.text.clone(),
+        }
+    }
+}
+
+/// Where the loop publishes and the HTTP thread reads.
+pub type Shared = Arc<Mutex<Arc<EdgeStatus>>>;
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Prometheus text exposition of a snapshot.
+pub fn render_metrics(s: &EdgeStatus) -> String {
+    let mut o = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in rows {
+            let _ = writeln!(o, "{name}{labels} {v}");
+        }
+    };
+    let labels = |p: &PathStatus| {
+        format!(
+            "{{peer=\"{}\",local_link=\"{}\",remote_link=\"{}\"}}",
+            esc(&p.peer),
+            esc(&p.local_link),
+            esc(&p.remote_link)
+        )
+    };
+    let per_path = |f: &dyn Fn(&PathStatus) -> Option<f64>| -> Vec<(String, f64)> {
+        s.paths
+            .iter()
+            .filter_map(|p| f(p).map(|v| (labels(p), v)))
+            .collect()
+    };
+    family(
+        "patronus_path_up",
+        "gauge",
+        "Path state: 1 up, 0.5 degraded (breaks some SLA), 0 down.",
+        per_path(&|p| {
+            Some(match p.state.as_str() {
+                "up" => 1.0,
+                "degraded" => 0.5,
+                _ => 0.0,
+            })
+        }),
+    );
+    family(
+        "patronus_path_rtt_seconds",
+        "gauge",
+        "Smoothed round-trip time of the path's probes (absent while the path has none).",
+        per_path(&|p| p.rtt_ms.map(|v| v / 1e3)),
+    );
+    family(
+        "patronus_path_jitter_seconds",
+        "gauge",
+        "RFC 3550 interarrival jitter of the path's probes, worse direction.",
+        per_path(&|p| Some(p.jitter_ms / 1e3)),
+    );
+    family(
+        "patronus_path_loss_ratio",
+        "gauge",
+        "Share of the path's recent probes without a reply.",
+        per_path(&|p| Some(p.loss_pct / 100.0)),
+    );
+    family(
+        "patronus_path_flows",
+        "gauge",
+        "Flows currently steered onto the path.",
+        per_path(&|p| Some(f64::from(p.flows))),
+    );
+    family(
+        "patronus_path_flaps_total",
+        "counter",
+        "Times the path went down after being up.",
+        per_path(&|p| Some(p.flaps as f64)),
+    );
+    for (name, help, f) in [
+        (
+            "tx_packets",
+            "Packets sent on the path.",
+            (|p: &PathStatus| p.tx_packets) as fn(&PathStatus) -> u64,
+        ),
+        ("tx_bytes", "Bytes sent on the path.", |p| p.tx_bytes),
+        ("rx_packets", "Packets received on the path.", |p| {
+            p.rx_packets
+        }),
+        ("rx_bytes", "Bytes received on the path.", |p| p.rx_bytes),
+        ("probes_sent", "Probes sent on the path.", |p| p.probes_sent),
+        (
+            "probes_received",
+            "Probe replies accepted on the path.",
+            |p| p.probes_received,
+        ),
+        ("probes_lost", "Probes without a reply in time.", |p| {
+            p.probes_lost
+        }),
+    ] {
+        family(
+            &format!("patronus_path_{name}_total"),
+            "counter",
+            help,
+            per_path(&|p| Some(f(p) as f64)),
+        );
+    }
+    family(
+        "patronus_failovers_total",
+        "counter",
+        "Flow moves from one path to another, by reason.",
+        s.failovers
+            .iter()
+            .map(|(r, n)| (format!("{{reason=\"{}\"}}", esc(r)), *n as f64))
+            .collect(),
+    );
+    let c = &s.counters;
+    for (name, help, v) in [
+        (
+            "tun_packets",
+            "Packets read from the LAN (TUN).",
+            c.tun_packets,
+        ),
+        ("tun_bytes", "Bytes read from the LAN (TUN).", c.tun_bytes),
+        (
+            "delivered_packets",
+            "Decrypted packets written to the LAN.",
+            c.delivered_packets,
+        ),
+        (
+            "delivered_bytes",
+            "Decrypted bytes written to the LAN.",
+            c.delivered_bytes,
+        ),
+        (
+            "rx_unknown",
+            "Datagrams that are not WireGuard or name no session.",
+            c.rx_unknown,
+        ),
+        (
+            "rx_rejected",
+            "Datagrams a session refused (MAC, replay, stale).",
+            c.rx_rejected,
+        ),
+        (
+            "rx_spoofed",
+            "Decrypted packets with a source the peer may not use.",
+            c.rx_spoofed,
+        ),
+        (
+            "tx_dropped",
+            "LAN packets dropped by the engine (no route, no path).",
+            c.tx_dropped,
+        ),
+        ("tx_errors", "Sends the kernel refused.", c.tx_errors),
+        ("probes_sent", "Probes sent on all paths.", c.probes_sent),
+    ] {
+        family(
+            &format!("patronus_edge_{name}_total"),
+            "counter",
+            help,
+            vec![(String::new(), v as f64)],
+        );
+    }
+    o
+}
+
+/// Serves `/metrics` and `/status` from `shared` on `listener`, one request at a time, until
+/// the process ends.
+pub fn serve(listener: TcpListener, shared: Shared) {
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
+        // The request line, then the headers up to the blank line (read and ignored, so the
+        // client is never cut off mid-request); at most 64 lines.
+        let mut reader = BufReader::new(&conn);
+        let mut line = String::new();
+        if reader.read_line(&mut line).is_err() {
+            continue;
+        }
+        let mut header = String::new();
+        for _ in 0..64 {
+            header.clear();
+            match reader.read_line(&mut header) {
+                Ok(n) if n > 0 && !header.trim().is_empty() => {}
+                _ => break,
+            }
+        }
+        let path = line.split_whitespace().nth(1).unwrap_or("");
+        let snapshot = shared.lock().map(|s| s.clone()).unwrap_or_default();
+        let (status, ctype, body) = match path {
+            "/metrics" => (
+                "200 OK",
+                "text/plain; version=0.0.4",
+                render_metrics(&snapshot),
+            ),
+            "/status" => (
+                "200 OK",
+                "application/json",
+                serde_json::to_string_pretty(&*snapshot).unwrap_or_default(),
+            ),
+            _ => (
+                "404 Not Found",
+                "application/json",
+                r#"{"error":{"code":"not_found","message":"try /metrics or /status"}}"#.to_string(),
+            ),
+        };
+        let _ = write!(
+            conn,
+            "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_carry_one_series_per_path_and_escape_labels() {
+        let s = EdgeStatus {
+            paths: vec![PathStatus {
+                peer: "b\"x".into(),
+                local_link: "mpls".into(),
+                remote_link: "inet".into(),
+                state: "degraded".into(),
+                rtt_ms: Some(12.5),
+                ..Default::default()
+            }],
+            failovers: [("path-down".to_string(), 3)].into_iter().collect(),
+            ..Default::default()
+        };
+        let m = render_metrics(&s);
+        assert!(
+            m.contains(r#"patronus_path_up{peer="b\"x",local_link="mpls",remote_link="inet"} 0.5"#),
+            "{m}"
+        );
+        assert!(m.contains("patronus_path_rtt_seconds{peer=\"b\\\"x\",local_link=\"mpls\",remote_link=\"inet\"} 0.0125"));
+        assert!(m.contains("patronus_failovers_total{reason=\"path-down\"} 3"));
+        assert!(m.contains("patronus_edge_rx_rejected_total 0"));
+    }
+}
