@@ -471,6 +471,8 @@ impl Edge {
             tun_mtu: self.tun_mtu,
             uptime_s: now.duration_since(self.started).as_secs_f64(),
             counters: self.counters.into(),
+            probe_requests_rejected: self.engine.stats().probe_requests_rejected,
+            probe_replies_rejected: self.engine.stats().replies_rejected,
             failovers: self.failovers.clone(),
             flows: self.engine.flow_count(),
             paths,

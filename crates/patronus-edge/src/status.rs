@@ -59,6 +59,9 @@ pub struct EdgeStatus {
     pub tun_mtu: u16,
     pub uptime_s: f64,
     pub counters: EdgeCountersView,
+    /// Probe requests and replies the engine refused (malformed, stale, wrong path).
+    pub probe_requests_rejected: u64,
+    pub probe_replies_rejected: u64,
     /// Flow moves by reason (`path-down`, `sla-violated`, ...).
     pub failovers: BTreeMap<String, u64>,
     pub flows: usize,
@@ -264,6 +267,16 @@ pub fn render_metrics(s: &EdgeStatus) -> String {
         ),
         ("tx_errors", "Sends the kernel refused.", c.tx_errors),
         ("probes_sent", "Probes sent on all paths.", c.probes_sent),
+        (
+            "probe_requests_rejected",
+            "Probe requests refused as malformed.",
+            s.probe_requests_rejected,
+        ),
+        (
+            "probe_replies_rejected",
+            "Probe replies refused (malformed, stale, wrong path).",
+            s.probe_replies_rejected,
+        ),
     ] {
         family(
             &format!("patronus_edge_{name}_total"),

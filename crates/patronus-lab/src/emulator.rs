@@ -133,6 +133,17 @@ enum Cmd {
     Status {
         reply: mpsc::Sender<EmulatorStatus>,
     },
+    /// Copy the next `count` packets entering the WAN from link `link`.
+    Capture {
+        link: usize,
+        count: usize,
+        reply: mpsc::Sender<Result<(), EmulatorError>>,
+    },
+    /// Hand over what the capture on `link` holds so far, and stop it.
+    TakeCapture {
+        link: usize,
+        reply: mpsc::Sender<Vec<Vec<u8>>>,
+    },
     Stop,
 }
 
@@ -149,6 +160,8 @@ impl std::fmt::Debug for Cmd {
         f.write_str(match self {
             Cmd::Set { .. } => "Set",
             Cmd::Status { .. } => "Status",
+            Cmd::Capture { .. } => "Capture",
+            Cmd::TakeCapture { .. } => "TakeCapture",
             Cmd::Stop => "Stop",
         })
     }
@@ -221,6 +234,25 @@ impl Emulator {
         self.send(Cmd::Status { reply })?;
         rx.recv().map_err(|_| EmulatorError::Stopped)
     }
+
+    /// Starts copying the next `count` IP packets that enter the WAN from emulated link
+    /// `index` (as they arrive, before any impairment), replacing an earlier capture.
+    pub fn capture(&self, index: usize, count: usize) -> Result<(), EmulatorError> {
+        let (reply, rx) = mpsc::channel();
+        self.send(Cmd::Capture {
+            link: index,
+            count,
+            reply,
+        })?;
+        rx.recv().map_err(|_| EmulatorError::Stopped)?
+    }
+
+    /// The packets captured on link `index` so far; ends the capture.
+    pub fn take_capture(&self, index: usize) -> Result<Vec<Vec<u8>>, EmulatorError> {
+        let (reply, rx) = mpsc::channel();
+        self.send(Cmd::TakeCapture { link: index, reply })?;
+        rx.recv().map_err(|_| EmulatorError::Stopped)
+    }
 }
 
 impl Drop for Emulator {
@@ -277,6 +309,8 @@ struct Loop {
     overflow: u64,
     tx_errors: u64,
     read_errors: u64,
+    /// Active captures: link position, packets still wanted, packets copied.
+    captures: Vec<(usize, usize, Vec<Vec<u8>>)>,
 }
 
 fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> EmulatorError + '_ {
@@ -390,6 +424,7 @@ impl Loop {
             overflow: 0,
             tx_errors: 0,
             read_errors: 0,
+            captures: Vec::new(),
         })
     }
 
@@ -451,6 +486,26 @@ impl Loop {
                 }
                 Cmd::Status { reply } => {
                     let _ = reply.send(self.status());
+                }
+                Cmd::Capture { link, count, reply } => {
+                    let r = match self.links.iter().position(|l| l.index == link) {
+                        Some(pos) if self.links[pos].emulated => {
+                            self.captures.retain(|c| c.0 != pos);
+                            self.captures.push((pos, count, Vec::new()));
+                            Ok(())
+                        }
+                        Some(pos) => Err(EmulatorError::NotEmulated(self.links[pos].name.clone())),
+                        None => Err(EmulatorError::NoLink(link)),
+                    };
+                    let _ = reply.send(r);
+                }
+                Cmd::TakeCapture { link, reply } => {
+                    let pos = self.links.iter().position(|l| l.index == link);
+                    let mut got = Vec::new();
+                    if let Some(i) = self.captures.iter().position(|c| Some(c.0) == pos) {
+                        got = self.captures.swap_remove(i).2;
+                    }
+                    let _ = reply.send(got);
                 }
             }
         }
@@ -581,6 +636,16 @@ impl Loop {
         // What arrives on t<k> either entered the WAN from link k (policy routing by input
         // interface) or is for link k from somewhere unemulated (the main table).
         let from_link = self.link_of_tun[from];
+        if from_link != dst_link {
+            if let Some(c) = self
+                .captures
+                .iter_mut()
+                .find(|c| c.0 == from_link && c.1 > 0)
+            {
+                c.1 -= 1;
+                c.2.push(self.rx[i][VIRTIO_NET_HDR_LEN..VIRTIO_NET_HDR_LEN + len].to_vec());
+            }
+        }
         let down = self.links[dst_link].emulated.then_some(dst_link);
         let out = self.tun_of[self.links[dst_link].index].unwrap_or(from);
         let (release, down) = if from_link != dst_link {

@@ -644,6 +644,18 @@ impl Lab {
             .ok_or_else(|| LabError::NoLink(site_link.into(), String::new()))
     }
 
+    /// Starts copying the next `count` packets that enter the WAN from `site/link`.
+    pub fn capture(&self, site_link: &str, count: usize) -> Result<(), LabError> {
+        let k = self.link_index(site_link)?;
+        self.with_emulator(|e| e.capture(k, count))
+    }
+
+    /// The packets captured on `site/link` so far (whole IP packets); ends the capture.
+    pub fn take_capture(&self, site_link: &str) -> Result<Vec<Vec<u8>>, LabError> {
+        let k = self.link_index(site_link)?;
+        self.with_emulator(|e| e.take_capture(k))
+    }
+
     pub fn emulator_status(&self) -> Result<EmulatorStatus, LabError> {
         self.with_emulator(|e| e.status())
     }

@@ -264,3 +264,153 @@ fn a_packet_too_big_for_the_tunnel_gets_an_icmp_error_not_a_silent_drop() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
 }
+
+fn edge_status(lab: &Lab, site: &str) -> serde_json::Value {
+    let out = lab
+        .exec(
+            site,
+            &[patronus().to_str().unwrap(), "edge", "status", "--json"],
+        )
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The UDP payload of an IPv4 packet to `port`, if it is one.
+fn udp_payload(pkt: &[u8], port: u16) -> Option<&[u8]> {
+    let ihl = usize::from(pkt.first()? & 0x0f) * 4;
+    if pkt[0] >> 4 != 4 || *pkt.get(9)? != 17 {
+        return None;
+    }
+    let udp = pkt.get(ihl..)?;
+    (u16::from_be_bytes([udp[2], udp[3]]) == port).then(|| &udp[8..])
+}
+
+#[test]
+fn garbage_replays_and_malformed_probes_change_nothing_and_crash_nothing() {
+    let Some(_g) = serial() else { return };
+    let lab = lab_with_edges(&Topology::two_sites_two_links(), Underlay::V4);
+    let b_host = lab.addr("b/h1", false).unwrap();
+    edges::wait_for_tunnel(&lab, "a/h1", b_host, Duration::from_secs(15)).unwrap();
+    let stream_cfg = StreamConfig {
+        rate_pps: 500,
+        duration: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let (a_h1, b_h1) = (lab.ns("a/h1").unwrap(), lab.ns("b/h1").unwrap());
+
+    // Record real tunnel traffic on both of a's links while a stream runs.
+    lab.capture("a/mpls", 300).unwrap();
+    lab.capture("a/inet", 300).unwrap();
+    let r = stream::run(&a_h1, &b_h1, b_host, &stream_cfg).unwrap();
+    assert_eq!(r.lost, 0);
+    let mut captured = lab.take_capture("a/mpls").unwrap();
+    captured.extend(lab.take_capture("a/inet").unwrap());
+    let replays: Vec<Vec<u8>> = captured
+        .iter()
+        .filter_map(|p| udp_payload(p, edges::EDGE_PORT).map(<[u8]>::to_vec))
+        .collect();
+    assert!(replays.len() > 100, "captured {} datagrams", replays.len());
+    let before = edge_status(&lab, "b");
+    let endpoints: Vec<_> = before["paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["endpoint"].clone())
+        .collect();
+
+    // From a's namespace but another port, and from a/h1's LAN address (off-path attackers):
+    // every captured datagram again, garbage, and WireGuard-shaped garbage.
+    let b_links: Vec<std::net::SocketAddr> = ["b/mpls", "b/inet"]
+        .iter()
+        .map(|l| {
+            let (_, p) = lab.plan().link(l).unwrap();
+            std::net::SocketAddr::new(p.addr4.into(), edges::EDGE_PORT)
+        })
+        .collect();
+    let mut sent = 0u64;
+    netns::run_in(&lab.ns("a").unwrap(), || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:40000")?;
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for to in &b_links {
+            for d in &replays {
+                s.send_to(d, to)?;
+                sent += 1;
+            }
+            for i in 0..2000usize {
+                let len = (rnd() % 1500) as usize;
+                let mut d: Vec<u8> = (0..len).map(|_| rnd() as u8).collect();
+                if let Some(first) = d.first_mut() {
+                    // Half of it claims to be a WireGuard message of some type.
+                    if i % 2 == 0 {
+                        *first = 1 + (i / 2 % 4) as u8;
+                        for b in d.iter_mut().skip(1).take(3) {
+                            *b = 0;
+                        }
+                    }
+                }
+                s.send_to(&d, to)?;
+                sent += 1;
+            }
+            // Exact-size handshake initiations full of noise.
+            for _ in 0..50 {
+                let mut d = vec![1u8, 0, 0, 0];
+                d.extend((0..144).map(|_| rnd() as u8));
+                s.send_to(&d, to)?;
+                sent += 1;
+            }
+        }
+        Ok(())
+    })
+    .unwrap();
+    // Malformed probes from inside the tunnel: a LAN host of a sends junk to b's reflector port,
+    // and junk "replies" to b's probe sender port.
+    netns::run_in(&a_h1, || {
+        let b_overlay = std::net::SocketAddr::from((edges::overlay4(1), 862));
+        let s = std::net::UdpSocket::bind("0.0.0.0:862")?;
+        for len in [0usize, 1, 20, 59, 60, 61, 200] {
+            s.send_to(&vec![0xa5; len], b_overlay)?;
+            s.send_to(&vec![0x5a; len], (edges::overlay4(1), 863))?;
+        }
+        Ok(())
+    })
+    .unwrap();
+
+    // Nothing changed: the same endpoints, every path alive, traffic flows, and the edge counted
+    // what it refused.
+    let r = stream::run(&a_h1, &b_h1, b_host, &stream_cfg).unwrap();
+    assert_eq!(r.lost, 0, "{:?}", r.gaps);
+    let after = edge_status(&lab, "b");
+    let paths = after["paths"].as_array().unwrap();
+    let endpoints_after: Vec<_> = paths.iter().map(|p| p["endpoint"].clone()).collect();
+    assert_eq!(endpoints, endpoints_after, "an attacker moved an endpoint");
+    assert!(paths.iter().all(|p| p["state"] != "down"), "{paths:?}");
+    let c = &after["counters"];
+    let refused = c["rx_unknown"].as_u64().unwrap() + c["rx_rejected"].as_u64().unwrap();
+    let _ = writeln!(
+        std::io::stderr(),
+        "sent {sent} bad datagrams; b counted {c}"
+    );
+    assert!(refused >= replays.len() as u64, "{c}");
+    let delivered = |s: &serde_json::Value| s["counters"]["delivered_packets"].as_u64().unwrap();
+    assert_eq!(
+        delivered(&after) - delivered(&before),
+        r.received,
+        "only the stream got through"
+    );
+    let rejected = |s: &serde_json::Value, k: &str| s[k].as_u64().unwrap();
+    assert!(
+        rejected(&after, "probe_requests_rejected")
+            >= rejected(&before, "probe_requests_rejected") + 7
+    );
+    assert!(
+        rejected(&after, "probe_replies_rejected")
+            >= rejected(&before, "probe_replies_rejected") + 7
+    );
+}
