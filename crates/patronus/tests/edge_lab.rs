@@ -414,3 +414,117 @@ fn garbage_replays_and_malformed_probes_change_nothing_and_crash_nothing() {
             >= rejected(&before, "probe_replies_rejected") + 7
     );
 }
+
+/// Packets that entered the WAN from each of `links` during `window`.
+fn rates(lab: &Lab, links: &[&str], window: Duration) -> Vec<u64> {
+    let before: Vec<u64> = links.iter().map(|l| forwarded_up(lab, l)).collect();
+    std::thread::sleep(window);
+    links
+        .iter()
+        .zip(before)
+        .map(|(l, b)| forwarded_up(lab, l) - b)
+        .collect()
+}
+
+#[test]
+fn a_brownout_moves_realtime_within_a_second_leaves_bulk_and_failback_waits_for_the_hold_down() {
+    let Some(_g) = serial() else { return };
+    // MPLS is clean, broadband has 10 ms each way: MPLS is the better path for everything.
+    let mut t = Topology::two_sites_two_links();
+    for s in &mut t.sites {
+        s.links[1].impair = Some("delay=10ms".into());
+    }
+    let lab = Lab::up(&t, LabOptions::default()).unwrap();
+    let policies: toml::Table = toml::from_str(
+        r#"
+        [[p]]
+        name = "voice"
+        order = 10
+        class = "realtime"
+        match = { protocol = "udp", dst_ports = ["40000"] }
+        [[p]]
+        name = "backup"
+        order = 20
+        class = "bulk"
+        match = { protocol = "udp", dst_ports = ["40001"] }
+        "#,
+    )
+    .unwrap();
+    let policies: Vec<patronus_api::Policy> = policies["p"].clone().try_into().unwrap();
+    edges::start_edges(&lab, patronus(), Underlay::V4, |c| {
+        c.policies = policies.clone()
+    })
+    .unwrap();
+    let b_host = lab.addr("b/h1", false).unwrap();
+    edges::wait_for_tunnel(&lab, "a/h1", b_host, Duration::from_secs(15)).unwrap();
+    // Let the estimators see the 10 ms difference.
+    std::thread::sleep(Duration::from_secs(1));
+
+    let (a_h1, b_h1) = (lab.ns("a/h1").unwrap(), lab.ns("b/h1").unwrap());
+    let stream = |port: u16, pps: u32| StreamConfig {
+        rate_pps: pps,
+        duration: Duration::from_secs(12),
+        port,
+        linger: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let (voice_cfg, bulk_cfg) = (stream(40000, 200), stream(40001, 500));
+    let links = ["a/mpls", "a/inet"];
+    let (voice, bulk, checks) = std::thread::scope(|s| {
+        let v = s.spawn(|| stream::run(&a_h1, &b_h1, b_host, &voice_cfg).unwrap());
+        let b = s.spawn(|| stream::run(&a_h1, &b_h1, b_host, &bulk_cfg).unwrap());
+        std::thread::sleep(Duration::from_millis(700));
+        let start = rates(&lab, &links, Duration::from_millis(500));
+        // Brownout on MPLS: one-way delay ramps to 80 ms each way (RTT 160 ms, over realtime's
+        // 150 ms) in 10 ms steps. A step of tens of ms at once would look like an outage (no
+        // reply within the detection time) and move everything, which is a different scenario.
+        for d in (10..=80).step_by(10) {
+            lab.link_command("a/mpls", &["set", &format!("delay={d}ms")])
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(60));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let brownout = rates(&lab, &links, Duration::from_secs(1));
+        // Failback: MPLS is clean again; voice must wait out the hold-down (5 s) on broadband.
+        lab.link_command("a/mpls", &["clear"]).unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        let held = rates(&lab, &links, Duration::from_secs(1));
+        std::thread::sleep(Duration::from_millis(3500));
+        let back = rates(&lab, &links, Duration::from_secs(1));
+        (
+            v.join().unwrap(),
+            b.join().unwrap(),
+            [start, brownout, held, back],
+        )
+    });
+    let _ = writeln!(
+        std::io::stderr(),
+        "packets per window [mpls, inet]: start {:?}, brownout {:?}, hold-down {:?}, after {:?}",
+        checks[0],
+        checks[1],
+        checks[2],
+        checks[3]
+    );
+    let [start, brownout, held, back] = checks;
+    // Each link also carries probes and probe replies: up to about 150 packets/s (50/s on a
+    // path that carries traffic, 10/s on a standby one, in both directions' sessions). The
+    // streams are 200/s (voice) and 500/s (bulk).
+    // Start: both streams on MPLS (350 packets in 0.5 s), broadband carries only probes.
+    assert!(start[0] >= 350 && start[1] < 80, "start {start:?}");
+    // A second after the ramp: voice on broadband, bulk still on MPLS.
+    assert!((200..350).contains(&brownout[1]), "brownout {brownout:?}");
+    assert!((500..720).contains(&brownout[0]), "brownout {brownout:?}");
+    // 2-3 s after MPLS recovered: voice still on broadband (hold-down).
+    assert!((200..350).contains(&held[1]), "held {held:?}");
+    assert!((500..720).contains(&held[0]), "held {held:?}");
+    // 5.5-6.5 s after: back on MPLS.
+    assert!(back[0] >= 700 && back[1] < 150, "back {back:?}");
+    // And not one packet lost, in either stream, through all of it.
+    assert_eq!(
+        (voice.lost, bulk.lost),
+        (0, 0),
+        "{:?} {:?}",
+        voice.gaps,
+        bulk.gaps
+    );
+}
