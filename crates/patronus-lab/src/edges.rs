@@ -98,6 +98,58 @@ pub fn edge_dir(lab: &Lab, site: &str) -> PathBuf {
     run_dir(lab.run_id()).join("edges").join(site)
 }
 
+/// Has site `site`'s edge generate its key (in its own namespace, into the lab's run
+/// directory, 0600) and returns the public half.
+pub fn public_key(lab: &Lab, patronus: &Path, site: &str) -> Result<WgPublicKey, LabError> {
+    let dir = edge_dir(lab, site);
+    crate::lab::create_private_dir(&dir)?;
+    let out = lab.exec(
+        site,
+        &[
+            patronus.to_string_lossy().as_ref(),
+            "edge",
+            "pubkey",
+            "--key",
+            dir.join("private.key").to_string_lossy().as_ref(),
+        ],
+    )?;
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map_err(|e| {
+            LabError::Other(format!(
+                "edge {site}: no public key ({e}): {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        })
+}
+
+/// Writes `cfg` for site `site` and starts its edge (logging to `edge.log` beside it).
+pub fn start_edge(
+    lab: &Lab,
+    patronus: &Path,
+    site: &str,
+    cfg: &EdgeConfig,
+) -> Result<(), LabError> {
+    let dir = edge_dir(lab, site);
+    crate::lab::create_private_dir(&dir)?;
+    let path = dir.join("edge.toml");
+    let text = toml::to_string(cfg)
+        .map_err(|e| LabError::Other(format!("edge {site}: writing config: {e}")))?;
+    std::fs::write(&path, text).map_err(|error| LabError::Io {
+        what: format!("writing {}", path.display()),
+        error,
+    })?;
+    let log = std::fs::File::create(dir.join("edge.log")).map_err(|error| LabError::Io {
+        what: "creating the edge log".into(),
+        error,
+    })?;
+    let mut cmd = Command::new(patronus);
+    cmd.args(["edge", "run", "--config"]).arg(&path);
+    lab.spawn_logged(site, cmd, log)?;
+    Ok(())
+}
+
 /// Starts an edge in every site of `lab` with `patronus` (the binary), after letting `adjust`
 /// change each configuration. Returns once every edge process runs; use
 /// [`wait_for_tunnel`] for the tunnels.
@@ -108,49 +160,17 @@ pub fn start_edges(
     adjust: impl Fn(&mut EdgeConfig),
 ) -> Result<Vec<EdgeConfig>, LabError> {
     let plan = lab.plan().clone();
-    let mut keys = Vec::new();
-    for s in &plan.sites {
-        let dir = edge_dir(lab, s.name.as_str());
-        crate::lab::create_private_dir(&dir)?;
-        let out = lab.exec(
-            s.name.as_str(),
-            &[
-                patronus.to_string_lossy().as_ref(),
-                "edge",
-                "pubkey",
-                "--key",
-                dir.join("private.key").to_string_lossy().as_ref(),
-            ],
-        )?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let key: WgPublicKey = text.trim().parse().map_err(|e| {
-            LabError::Other(format!(
-                "edge {}: no public key ({e}): {}",
-                s.name,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        })?;
-        keys.push(key);
-    }
+    let keys = plan
+        .sites
+        .iter()
+        .map(|s| public_key(lab, patronus, s.name.as_str()))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut configs = Vec::new();
     for (i, s) in plan.sites.iter().enumerate() {
         let dir = edge_dir(lab, s.name.as_str());
         let mut cfg = edge_config(&plan, i, &keys, dir.join("private.key"), underlay);
         adjust(&mut cfg);
-        let path = dir.join("edge.toml");
-        let text = toml::to_string(&cfg)
-            .map_err(|e| LabError::Other(format!("edge {}: writing config: {e}", s.name)))?;
-        std::fs::write(&path, text).map_err(|error| LabError::Io {
-            what: format!("writing {}", path.display()),
-            error,
-        })?;
-        let log = std::fs::File::create(dir.join("edge.log")).map_err(|error| LabError::Io {
-            what: "creating the edge log".into(),
-            error,
-        })?;
-        let mut cmd = Command::new(patronus);
-        cmd.args(["edge", "run", "--config"]).arg(&path);
-        lab.spawn_logged(s.name.as_str(), cmd, log)?;
+        start_edge(lab, patronus, s.name.as_str(), &cfg)?;
         configs.push(cfg);
     }
     Ok(configs)

@@ -30,6 +30,12 @@ pub enum EdgeCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Answer Patronus path probes (STAMP, RFC 8762 layout) on a peer that does not run a Patronus
+    /// edge, e.g. a stock WireGuard box: listen on its overlay address, port 862.
+    Reflect {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
     /// Check a configuration file and print every problem in it.
     Check {
         #[arg(long)]
@@ -45,6 +51,7 @@ pub fn run(cmd: EdgeCmd) -> anyhow::Result<()> {
             Ok(())
         }
         EdgeCmd::Status { addr, json } => status(addr, json),
+        EdgeCmd::Reflect { listen } => reflect(listen),
         EdgeCmd::Check { config } => {
             load(&config)?;
             outln!("{}: ok", config.display());
@@ -159,4 +166,22 @@ fn status(addr: std::net::SocketAddr, json: bool) -> anyhow::Result<()> {
         outln!("  {} {}", e.unix_ms, e.text);
     }
     Ok(())
+}
+
+/// A stateless STAMP session-reflector: every well-formed request gets its reply, timestamped
+/// on this host's clock (the sender's estimators need only differences of it).
+fn reflect(listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    use patronus_core::probe::{NtpTime, reflect};
+    let sock = std::net::UdpSocket::bind(listen).with_context(|| format!("binding {listen}"))?;
+    let epoch = std::time::Instant::now();
+    let mut buf = [0u8; 2048];
+    eprintln!("reflecting probes on {listen}");
+    loop {
+        let (n, from) = sock.recv_from(&mut buf)?;
+        let t2 = NtpTime::from_duration(epoch.elapsed());
+        // Malformed requests are ignored: a reflector answers only what it can parse.
+        if let Ok(reply) = reflect(&buf[..n], t2, NtpTime::from_duration(epoch.elapsed()), 0) {
+            let _ = sock.send_to(&reply, from);
+        }
+    }
 }
