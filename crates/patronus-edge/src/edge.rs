@@ -18,8 +18,9 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::os::fd::AsFd;
+use std::io::{IoSlice, IoSliceMut};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -27,7 +28,10 @@ use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use nix::sys::socket::{setsockopt, sockopt};
+use nix::sys::socket::{
+    ControlMessage, ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, sendmsg, setsockopt,
+    sockopt,
+};
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use patronus_api::{EdgeConfig, Prefix};
@@ -49,8 +53,30 @@ pub const OVERHEAD_V4: u16 = 60;
 const WG_TICK: Duration = Duration::from_millis(100);
 /// Events kept for status.
 const RECENT_EVENTS: usize = 256;
-/// Datagrams read per socket per wake-up, so one busy link cannot starve the others.
-const READ_BUDGET: usize = 256;
+/// Receives (each up to 64 KB of coalesced datagrams) per socket per wake-up, so one busy link
+/// cannot starve the others.
+const READ_BUDGET: usize = 64;
+/// Most segments in one UDP_SEGMENT send (the kernel's limit).
+const GSO_MAX_SEGMENTS: usize = 64;
+/// Most bytes in one UDP_SEGMENT send: a UDP payload is at most 65,507 bytes over IPv4.
+const GSO_MAX_BYTES: usize = 64_000;
+/// Room for one encrypted datagram in a batch: the largest TUN packet we accept plus
+/// WireGuard's 32 bytes of header and tag, plus padding to 16.
+const MAX_DATAGRAM: usize = 9216 + 48;
+/// Socket buffers: a few milliseconds of line rate, so bursts are not dropped.
+const SOCKET_BUFFER: usize = 8 << 20;
+
+/// Encrypted datagrams for one path (or path pair, in duplicate mode), sent with one
+/// UDP_SEGMENT `sendmsg`: every datagram but the last has the same length.
+struct TxBatch {
+    key: Option<(PathId, Option<PathId>)>,
+    buf: Vec<u8>,
+    stride: usize,
+    count: usize,
+    len: usize,
+    /// The last datagram was shorter than the stride: nothing more can follow it.
+    closed: bool,
+}
 
 const TOKEN_TUN: u64 = 0;
 const TOKEN_TIMER: u64 = 1;
@@ -169,6 +195,9 @@ pub struct Edge {
     to_tun: Vec<Vec<u8>>,
     tun_pool: Vec<Vec<u8>>,
     gro: GROTable,
+    tx: TxBatch,
+    /// Cleared when the kernel refuses UDP_SEGMENT; sends then go one datagram at a time.
+    gso: bool,
 }
 
 impl std::fmt::Debug for Edge {
@@ -223,6 +252,13 @@ impl Edge {
             .map_err(sys_err(format!("link {name}: binding to device {dev}")))?;
             sock.set_nonblocking(true)
                 .map_err(io_err(format!("link {name}: non-blocking")))?;
+            // Coalesced receive (UDP_GRO) and large buffers; both only help, so a kernel that
+            // refuses them is noted and the edge carries on.
+            if let Err(e) = setsockopt(&sock, sockopt::UdpGroSegment, &true) {
+                eprintln!("edge: link {name}: no UDP_GRO ({e}); receiving one datagram per call");
+            }
+            let _ = setsockopt(&sock, sockopt::RcvBufForce, &SOCKET_BUFFER);
+            let _ = setsockopt(&sock, sockopt::SndBufForce, &SOCKET_BUFFER);
             links.push(LinkSock {
                 name,
                 sock,
@@ -369,6 +405,15 @@ impl Edge {
             to_tun: Vec::new(),
             tun_pool: Vec::new(),
             gro: GROTable::new(),
+            tx: TxBatch {
+                key: None,
+                buf: vec![0; GSO_MAX_BYTES + MAX_DATAGRAM],
+                stride: 0,
+                count: 0,
+                len: 0,
+                closed: false,
+            },
+            gso: true,
         })
     }
 
@@ -681,6 +726,7 @@ impl Edge {
                 self.handle_lan_packet(&buf[VIRTIO_NET_HDR_LEN..VIRTIO_NET_HDR_LEN + len], now);
                 self.rx_bufs[i] = buf;
             }
+            self.flush_tx();
         }
     }
 
@@ -691,49 +737,195 @@ impl Edge {
             self.counters.tx_dropped += 1;
             return;
         };
-        match self.engine.decide(&meta, pkt.len(), now) {
-            Decision::Send(p) => {
-                let n = self.encapsulate(p, pkt);
-                if n > 0 {
-                    self.send_on(p, n, true);
-                }
+        let key = match self.engine.decide(&meta, pkt.len(), now) {
+            Decision::Send(p) => (p, None),
+            Decision::Duplicate { primary, secondary } => (primary, Some(secondary)),
+            Decision::Drop(_) => {
+                self.counters.tx_dropped += 1;
+                return;
             }
-            Decision::Duplicate { primary, secondary } => {
-                let n = self.encapsulate(primary, pkt);
-                if n > 0 {
-                    self.send_on(primary, n, true);
-                    self.send_on(secondary, n, true);
-                }
-            }
-            Decision::Drop(_) => self.counters.tx_dropped += 1,
+        };
+        self.batch(key, pkt);
+    }
+
+    /// Encrypts `pkt` under `key.0`'s session straight into the send batch, sending the batch
+    /// first if the packet cannot join it.
+    fn batch(&mut self, key: (PathId, Option<PathId>), pkt: &[u8]) {
+        let room = (pkt.len() + 48).max(148);
+        if self.tx.key != Some(key)
+            || self.tx.closed
+            || self.tx.count == GSO_MAX_SEGMENTS
+            || self.tx.len + room > GSO_MAX_BYTES
+        {
+            self.flush_tx();
+            self.tx.key = Some(key);
         }
+        let Some(Some(p)) = self.paths.get_mut(key.0.0 as usize) else {
+            return;
+        };
+        let at = self.tx.len;
+        let n = match p.tunn.encapsulate(pkt, &mut self.tx.buf[at..at + room]) {
+            TunnResult::WriteToNetwork(d) => d.len(),
+            // Queued behind a handshake, which boringtun sends itself.
+            _ => return,
+        };
+        let tx = &mut self.tx;
+        if tx.count == 0 {
+            tx.stride = n;
+        } else if n > tx.stride {
+            // Longer than the batch's datagrams: send the batch, then start a new one with it.
+            let key = tx.key;
+            self.flush_tx();
+            self.tx.buf.copy_within(at..at + n, 0);
+            self.tx.key = key;
+            self.tx.stride = n;
+            self.tx.len = n;
+            self.tx.count = 1;
+            return;
+        } else if n < tx.stride {
+            tx.closed = true;
+        }
+        tx.len += n;
+        tx.count += 1;
+    }
+
+    /// Sends the batch: one UDP_SEGMENT `sendmsg` per destination.
+    fn flush_tx(&mut self) {
+        let Some((primary, secondary)) = self.tx.key else {
+            return;
+        };
+        if self.tx.count > 0 {
+            for id in std::iter::once(primary).chain(secondary) {
+                let Some(Some(p)) = self.paths.get(id.0 as usize) else {
+                    continue;
+                };
+                let Some(ep) = p.endpoint else {
+                    continue;
+                };
+                let sock = &self.links[p.link].sock;
+                let data = &self.tx.buf[..self.tx.len];
+                let sent = if self.tx.count > 1 && self.gso {
+                    let seg = self.tx.stride as u16;
+                    let cmsg = [ControlMessage::UdpGsoSegments(&seg)];
+                    let addr = SockaddrStorage::from(ep);
+                    match sendmsg(
+                        sock.as_raw_fd(),
+                        &[IoSlice::new(data)],
+                        &cmsg,
+                        MsgFlags::empty(),
+                        Some(&addr),
+                    ) {
+                        Ok(_) => true,
+                        Err(
+                            nix::errno::Errno::EIO
+                            | nix::errno::Errno::EINVAL
+                            | nix::errno::Errno::EOPNOTSUPP,
+                        ) => {
+                            eprintln!(
+                                "edge: the kernel refuses UDP_SEGMENT; sending datagrams one by one"
+                            );
+                            self.gso = false;
+                            false
+                        }
+                        Err(e) => {
+                            self.counters.tx_errors += 1;
+                            if self.counters.tx_errors.is_power_of_two() {
+                                eprintln!("edge: sending {} datagrams to {ep}: {e}", self.tx.count);
+                            }
+                            true
+                        }
+                    }
+                } else {
+                    false
+                };
+                if !sent {
+                    for d in data.chunks(self.tx.stride.max(1)) {
+                        if sock.send_to(d, ep).is_err() {
+                            self.counters.tx_errors += 1;
+                        }
+                    }
+                }
+            }
+        }
+        self.tx.key = None;
+        self.tx.count = 0;
+        self.tx.len = 0;
+        self.tx.closed = false;
     }
 
     fn read_link(&mut self, link: usize) {
+        let mut cmsg = nix::cmsg_space!(i32);
         for _ in 0..READ_BUDGET {
             let Some(l) = self.links.get(link) else {
                 return;
             };
-            let (n, from) = match l.sock.recv_from(&mut self.net_buf) {
-                Ok(x) => x,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(_) => return,
+            let fd = l.sock.as_raw_fd();
+            let (n, from, seg) = {
+                let mut iov = [IoSliceMut::new(&mut self.net_buf)];
+                let msg = match recvmsg::<SockaddrStorage>(
+                    fd,
+                    &mut iov,
+                    Some(&mut cmsg),
+                    MsgFlags::empty(),
+                ) {
+                    Ok(m) => m,
+                    Err(nix::errno::Errno::EAGAIN) => return,
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(_) => return,
+                };
+                let from = msg.address.as_ref().and_then(|a| {
+                    a.as_sockaddr_in()
+                        .map(|a| SocketAddr::V4(SocketAddrV4::from(*a)))
+                        .or_else(|| {
+                            a.as_sockaddr_in6()
+                                .map(|a| SocketAddr::V6(SocketAddrV6::from(*a)))
+                        })
+                });
+                let mut seg = msg.bytes;
+                if let Ok(cmsgs) = msg.cmsgs() {
+                    for c in cmsgs {
+                        if let ControlMessageOwned::UdpGroSegments(s) = c {
+                            seg = usize::try_from(s).unwrap_or(msg.bytes).max(1);
+                        }
+                    }
+                }
+                (msg.bytes, from, seg)
+            };
+            let Some(from) = from else {
+                continue;
             };
             let now = Instant::now();
-            let id = match wire::classify(&self.net_buf[..n]) {
-                Some(WgMessage::Initiation) => self.by_endpoint.get(&(link, from)).copied(),
-                Some(WgMessage::ToSession(r)) => {
-                    let t = wire::tunnel_of(r);
-                    (t > 0).then(|| PathId(t - 1))
-                }
-                None => None,
-            };
-            match id {
-                Some(id) if matches!(self.paths.get(id.0 as usize), Some(Some(_))) => {
-                    self.handle_datagram(id, link, from, n, now)
-                }
-                _ => self.counters.rx_unknown += 1,
+            let mut at = 0;
+            while at < n {
+                let end = (at + seg).min(n);
+                self.handle_segment(link, from, at, end, now);
+                at = end;
             }
+        }
+    }
+
+    /// One datagram, `net_buf[start..end]`, from `from` on `link`.
+    fn handle_segment(
+        &mut self,
+        link: usize,
+        from: SocketAddr,
+        start: usize,
+        end: usize,
+        now: Instant,
+    ) {
+        let id = match wire::classify(&self.net_buf[start..end]) {
+            Some(WgMessage::Initiation) => self.by_endpoint.get(&(link, from)).copied(),
+            Some(WgMessage::ToSession(r)) => {
+                let t = wire::tunnel_of(r);
+                (t > 0).then(|| PathId(t - 1))
+            }
+            None => None,
+        };
+        match id {
+            Some(id) if matches!(self.paths.get(id.0 as usize), Some(Some(_))) => {
+                self.handle_datagram(id, link, from, start, end, now)
+            }
+            _ => self.counters.rx_unknown += 1,
         }
     }
 
@@ -742,7 +934,8 @@ impl Edge {
         id: PathId,
         link: usize,
         from: SocketAddr,
-        n: usize,
+        start: usize,
+        end: usize,
         now: Instant,
     ) {
         let idx = id.0 as usize;
@@ -751,7 +944,11 @@ impl Edge {
             let Some(Some(p)) = self.paths.get_mut(idx) else {
                 return;
             };
-            let input: &[u8] = if first { &self.net_buf[..n] } else { &[] };
+            let input: &[u8] = if first {
+                &self.net_buf[start..end]
+            } else {
+                &[]
+            };
             let result = p
                 .tunn
                 .decapsulate(Some(from.ip()), input, &mut self.out_buf);

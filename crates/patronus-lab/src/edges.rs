@@ -124,13 +124,14 @@ pub fn public_key(lab: &Lab, patronus: &Path, site: &str) -> Result<WgPublicKey,
         })
 }
 
-/// Writes `cfg` for site `site` and starts its edge (logging to `edge.log` beside it).
+/// Writes `cfg` for site `site` and starts its edge (logging to `edge.log` beside it); returns
+/// its PID.
 pub fn start_edge(
     lab: &Lab,
     patronus: &Path,
     site: &str,
     cfg: &EdgeConfig,
-) -> Result<(), LabError> {
+) -> Result<u32, LabError> {
     let dir = edge_dir(lab, site);
     crate::lab::create_private_dir(&dir)?;
     let path = dir.join("edge.toml");
@@ -146,19 +147,18 @@ pub fn start_edge(
     })?;
     let mut cmd = Command::new(patronus);
     cmd.args(["edge", "run", "--config"]).arg(&path);
-    lab.spawn_logged(site, cmd, log)?;
-    Ok(())
+    lab.spawn_logged(site, cmd, log)
 }
 
 /// Starts an edge in every site of `lab` with `patronus` (the binary), after letting `adjust`
-/// change each configuration. Returns once every edge process runs; use
-/// [`wait_for_tunnel`] for the tunnels.
+/// change each configuration. Returns each edge's configuration and PID once every edge process
+/// runs; use [`wait_for_tunnel`] for the tunnels.
 pub fn start_edges(
     lab: &Lab,
     patronus: &Path,
     underlay: Underlay,
     adjust: impl Fn(&mut EdgeConfig),
-) -> Result<Vec<EdgeConfig>, LabError> {
+) -> Result<Vec<(EdgeConfig, u32)>, LabError> {
     let plan = lab.plan().clone();
     let keys = plan
         .sites
@@ -170,8 +170,8 @@ pub fn start_edges(
         let dir = edge_dir(lab, s.name.as_str());
         let mut cfg = edge_config(&plan, i, &keys, dir.join("private.key"), underlay);
         adjust(&mut cfg);
-        start_edge(lab, patronus, s.name.as_str(), &cfg)?;
-        configs.push(cfg);
+        let pid = start_edge(lab, patronus, s.name.as_str(), &cfg)?;
+        configs.push((cfg, pid));
     }
     Ok(configs)
 }
@@ -299,4 +299,151 @@ pub fn failover_trials(
             stream: report,
         })
     })
+}
+
+/// A peer of a stock WireGuard interface.
+#[derive(Debug, Clone)]
+pub struct StockPeer {
+    pub public_key: WgPublicKey,
+    pub endpoint: SocketAddr,
+    /// Allowed IPs, also routed through the interface.
+    pub allowed: Vec<String>,
+}
+
+/// Generates a WireGuard key with `wg genkey` in site `site`'s namespace, into the lab's run
+/// directory (0600); returns its path and public key.
+pub fn wg_keypair(lab: &Lab, site: &str) -> Result<(PathBuf, WgPublicKey), LabError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = edge_dir(lab, site);
+    crate::lab::create_private_dir(&dir)?;
+    let path = dir.join("wg.key");
+    let out = lab.exec(site, &["wg", "genkey"])?;
+    if !out.status.success() {
+        return Err(LabError::Other(format!(
+            "wg genkey: {} (apt-get install wireguard-tools)",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let io = |what: &str| {
+        let what = format!("{what} {}", path.display());
+        move |error| LabError::Io { what, error }
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io("creating"))?;
+    f.write_all(&out.stdout).map_err(io("writing"))?;
+    let mut c = lab.command(site, "wg")?;
+    c.arg("pubkey")
+        .stdin(std::fs::File::open(&path).map_err(io("reading"))?)
+        .stdout(std::process::Stdio::piped());
+    let out = c.output().map_err(io("wg pubkey for"))?;
+    let key = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map_err(|e| LabError::Other(format!("wg pubkey: {e}")))?;
+    Ok((path, key))
+}
+
+/// The interface name of site `site`'s stock WireGuard peer. wireguard-go's control socket
+/// (`/var/run/wireguard/<name>.sock`) is shared by every namespace, so each site's must differ.
+pub fn wg_ifname(lab: &Lab, site: &str) -> Result<String, LabError> {
+    let i = lab
+        .plan()
+        .sites
+        .iter()
+        .position(|s| s.name.as_str() == site)
+        .ok_or_else(|| LabError::NoNode(site.into(), lab.plan().nodes().join(", ")))?;
+    // Run id and site index: unique across labs and sites, and within 15 characters.
+    Ok(format!("wg{}{i}", lab.run_id()))
+}
+
+/// Runs Debian's `wireguard-go` in site `site` (interface [`wg_ifname`]) with the private key
+/// at `key`, the overlay address `overlay`, and `peers` (configured with `wg`, routes added for
+/// their allowed IPs). Returns the daemon's PID once the interface is configured; its output
+/// goes to `wireguard-go.log` in the site's edge directory.
+pub fn start_wireguard_go(
+    lab: &Lab,
+    site: &str,
+    key: &Path,
+    overlay: Ipv4Addr,
+    peers: &[StockPeer],
+) -> Result<u32, LabError> {
+    let ifname = wg_ifname(lab, site)?;
+    let dir = edge_dir(lab, site);
+    crate::lab::create_private_dir(&dir)?;
+    let log =
+        std::fs::File::create(dir.join("wireguard-go.log")).map_err(|error| LabError::Io {
+            what: "creating the wireguard-go log".into(),
+            error,
+        })?;
+    let mut c = Command::new("wireguard-go");
+    c.args(["-f", &ifname]);
+    let pid = lab.spawn_logged(site, c, log)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lab
+        .exec(site, &["ip", "link", "show", &ifname])?
+        .status
+        .success()
+    {
+        if Instant::now() >= deadline {
+            return Err(LabError::Other(format!(
+                "wireguard-go made no wg0 in {site} (apt-get install wireguard-go)"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let run = |args: &[&str]| -> Result<(), LabError> {
+        let out = lab.exec(site, args)?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(LabError::Other(format!(
+                "{}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )))
+        }
+    };
+    let key = key.to_string_lossy();
+    run(&[
+        "wg",
+        "set",
+        &ifname,
+        "private-key",
+        &key,
+        "listen-port",
+        &EDGE_PORT.to_string(),
+    ])?;
+    for p in peers {
+        run(&[
+            "wg",
+            "set",
+            &ifname,
+            "peer",
+            &p.public_key.to_string(),
+            "endpoint",
+            &p.endpoint.to_string(),
+            "allowed-ips",
+            &p.allowed.join(","),
+        ])?;
+    }
+    run(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{overlay}/32"),
+        "dev",
+        &ifname,
+    ])?;
+    run(&["ip", "link", "set", &ifname, "up"])?;
+    for p in peers {
+        for a in &p.allowed {
+            run(&["ip", "route", "replace", a, "dev", &ifname])?;
+        }
+    }
+    Ok(pid)
 }

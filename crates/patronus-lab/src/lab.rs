@@ -542,6 +542,31 @@ impl Lab {
         Ok(pid)
     }
 
+    /// Stops a process started with [`Lab::spawn`]: SIGTERM, then SIGKILL after 2 s.
+    pub fn stop(&self, pid: u32) -> Result<(), LabError> {
+        let mut children = self
+            .children
+            .lock()
+            .map_err(|_| LabError::Other("lab child list poisoned".into()))?;
+        let Some(i) = children.iter().position(|c| c.id() == pid) else {
+            return Err(LabError::Other(format!(
+                "no process {pid} was started by this lab"
+            )));
+        };
+        let mut c = children.swap_remove(i);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while matches!(c.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        Ok(())
+    }
+
     fn emulator_slot(&self) -> MutexGuard<'_, Option<Emulator>> {
         self.emulator.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -7,6 +7,7 @@ use clap::Subcommand;
 
 mod failover;
 mod path_select;
+mod throughput;
 mod wan_emulator;
 
 #[derive(Debug, Subcommand)]
@@ -20,6 +21,9 @@ pub enum Bench {
     /// (root) Hard failover through real edges in the lab: loss-derived outage per link cut,
     /// with the default steering and with `duplicate`.
     Failover(failover::Args),
+    /// (root) One TCP stream between LAN hosts of two sites: through Patronus, through a pair
+    /// of wireguard-go peers, and over the bare veth, in one run.
+    Throughput(throughput::Args),
 }
 
 pub fn run(b: Bench) -> anyhow::Result<()> {
@@ -27,6 +31,7 @@ pub fn run(b: Bench) -> anyhow::Result<()> {
         Bench::PathSelect(args) => path_select::run(&args)?,
         Bench::WanEmulator(args) => wan_emulator::run(&args)?,
         Bench::Failover(args) => failover::run(&args)?,
+        Bench::Throughput(args) => throughput::run(&args)?,
     };
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, &report)?;
