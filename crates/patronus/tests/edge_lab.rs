@@ -543,29 +543,9 @@ fn a_stock_wireguard_go_peer_exchanges_traffic_with_a_patronus_edge() {
     }
     let lab = Lab::up(&Topology::two_sites_two_links(), LabOptions::default()).unwrap();
     let plan = lab.plan().clone();
-    // Site b runs Debian's wireguard-go, configured with wg, on its MPLS link only.
-    let b_dir = edges::edge_dir(&lab, "b");
-    patronus_lab::lab::create_private_dir(&b_dir).unwrap();
-    let wg_key = lab.exec("b", &["wg", "genkey"]).unwrap();
-    let key_path = b_dir.join("wg.key");
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&key_path)
-            .unwrap();
-        f.write_all(&wg_key.stdout).unwrap();
-    }
-    let b_pub: patronus_api::WgPublicKey = {
-        let mut c = lab.command("b", "wg").unwrap();
-        c.arg("pubkey")
-            .stdin(std::fs::File::open(&key_path).unwrap())
-            .stdout(std::process::Stdio::piped());
-        let out = c.output().unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-    };
+    // Site b runs Debian's wireguard-go, configured with wg, on its MPLS link only; site a runs
+    // Patronus with that one peer link.
+    let (b_key, b_pub) = edges::wg_keypair(&lab, "b").unwrap();
     let a_pub = edges::public_key(&lab, patronus(), "a").unwrap();
     let mut cfg = edges::edge_config(
         &plan,
@@ -577,61 +557,23 @@ fn a_stock_wireguard_go_peer_exchanges_traffic_with_a_patronus_edge() {
     cfg.links.truncate(1);
     cfg.peers[0].links.truncate(1);
     edges::start_edge(&lab, patronus(), "a", &cfg).unwrap();
-
-    let mut wg_go = std::process::Command::new("wireguard-go");
-    wg_go.args(["-f", "wg0"]);
-    lab.spawn("b", wg_go).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !lab
-        .exec("b", &["ip", "link", "show", "wg0"])
-        .unwrap()
-        .status
-        .success()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "wireguard-go made no wg0"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
     let a = &plan.sites[0];
-    let a_mpls = &a.links[0];
-    let allowed = format!("{}/32,{},{}", edges::overlay4(0), a.lan4, a.lan6);
-    let run = |args: &[&str]| {
-        let out = lab.exec("b", args).unwrap();
-        assert!(out.status.success(), "{args:?}: {out:?}");
-    };
-    run(&[
-        "wg",
-        "set",
-        "wg0",
-        "private-key",
-        key_path.to_str().unwrap(),
-        "listen-port",
-        "51820",
-        "peer",
-        &a_pub.to_string(),
-        "endpoint",
-        &format!("{}:51820", a_mpls.addr4),
-        "allowed-ips",
-        &allowed,
-    ]);
-    run(&[
-        "ip",
-        "addr",
-        "add",
-        &format!("{}/32", edges::overlay4(1)),
-        "dev",
-        "wg0",
-    ]);
-    run(&["ip", "link", "set", "wg0", "up"]);
-    for p in [
-        format!("{}/32", edges::overlay4(0)),
-        a.lan4.to_string(),
-        a.lan6.to_string(),
-    ] {
-        run(&["ip", "route", "add", &p, "dev", "wg0"]);
-    }
+    edges::start_wireguard_go(
+        &lab,
+        "b",
+        &b_key,
+        edges::overlay4(1),
+        &[edges::StockPeer {
+            public_key: a_pub,
+            endpoint: std::net::SocketAddr::new(a.links[0].addr4.into(), edges::EDGE_PORT),
+            allowed: vec![
+                format!("{}/32", edges::overlay4(0)),
+                a.lan4.to_string(),
+                a.lan6.to_string(),
+            ],
+        }],
+    )
+    .unwrap();
     // Probes need an answer on the stock side: Patronus's stateless reflector.
     let mut reflector = std::process::Command::new(patronus());
     reflector.args([
@@ -660,8 +602,9 @@ fn a_stock_wireguard_go_peer_exchanges_traffic_with_a_patronus_edge() {
     )
     .unwrap();
     assert!(tcp.gbps > 0.0);
+    let ifname = edges::wg_ifname(&lab, "b").unwrap();
     let hs = lab
-        .exec("b", &["wg", "show", "wg0", "latest-handshakes"])
+        .exec("b", &["wg", "show", &ifname, "latest-handshakes"])
         .unwrap();
     let text = String::from_utf8_lossy(&hs.stdout);
     assert!(
