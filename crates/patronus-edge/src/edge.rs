@@ -105,7 +105,7 @@ fn sys_err(what: impl Into<String>) -> impl FnOnce(nix::Error) -> EdgeError {
 
 /// Counters of things the edge refused or could not do; every one of them is a packet lost or
 /// a peer misbehaving, so they are all exported.
-#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct EdgeCounters {
     pub tun_packets: u64,
     pub tun_bytes: u64,
@@ -515,7 +515,7 @@ impl Edge {
             tun: self.tun_name.clone(),
             tun_mtu: self.tun_mtu,
             uptime_s: now.duration_since(self.started).as_secs_f64(),
-            counters: self.counters.into(),
+            counters: self.counters,
             probe_requests_rejected: self.engine.stats().probe_requests_rejected,
             probe_replies_rejected: self.engine.stats().replies_rejected,
             failovers: self.failovers.clone(),

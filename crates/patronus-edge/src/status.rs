@@ -58,7 +58,7 @@ pub struct EdgeStatus {
     pub tun: String,
     pub tun_mtu: u16,
     pub uptime_s: f64,
-    pub counters: EdgeCountersView,
+    pub counters: EdgeCounters,
     /// Probe requests and replies the engine refused (malformed, stale, wrong path).
     pub probe_requests_rejected: u64,
     pub probe_replies_rejected: u64,
@@ -67,38 +67,6 @@ pub struct EdgeStatus {
     pub flows: usize,
     pub paths: Vec<PathStatus>,
     pub events: Vec<EventView>,
-}
-
-/// [`EdgeCounters`] as status carries them (deserialisable for `patronus edge status`).
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct EdgeCountersView {
-    pub tun_packets: u64,
-    pub tun_bytes: u64,
-    pub delivered_packets: u64,
-    pub delivered_bytes: u64,
-    pub rx_unknown: u64,
-    pub rx_rejected: u64,
-    pub rx_spoofed: u64,
-    pub tx_dropped: u64,
-    pub tx_errors: u64,
-    pub probes_sent: u64,
-}
-
-impl From<EdgeCounters> for EdgeCountersView {
-    fn from(c: EdgeCounters) -> Self {
-        Self {
-            tun_packets: c.tun_packets,
-            tun_bytes: c.tun_bytes,
-            delivered_packets: c.delivered_packets,
-            delivered_bytes: c.delivered_bytes,
-            rx_unknown: c.rx_unknown,
-            rx_rejected: c.rx_rejected,
-            rx_spoofed: c.rx_spoofed,
-            tx_dropped: c.tx_dropped,
-            tx_errors: c.tx_errors,
-            probes_sent: c.probes_sent,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]

@@ -134,18 +134,33 @@ impl Topology {
     /// Two sites `a` and `b`, each with an MPLS link `mpls` and a broadband link `inet`, no
     /// impairment: four paths between the sites, the workhorse of the tests.
     pub fn two_sites_two_links() -> Self {
+        Self::two_sites(
+            "two-sites-two-links",
+            &[
+                ("mpls", LinkKind::Mpls, true),
+                ("inet", LinkKind::Broadband, true),
+            ],
+        )
+    }
+
+    /// Two sites `a` and `b` with the same links, each `(name, kind, emulated)`; panics on an
+    /// invalid link name (for literal names in builders, tests and benchmarks).
+    pub fn two_sites(name: &str, links: &[(&str, LinkKind, bool)]) -> Self {
         Self {
-            name: "two-sites-two-links".into(),
+            name: name.into(),
             controller: false,
             sites: ["a", "b"]
                 .iter()
                 .map(|s| {
                     site(
                         s,
-                        vec![
-                            link("mpls", LinkKind::Mpls),
-                            link("inet", LinkKind::Broadband),
-                        ],
+                        links
+                            .iter()
+                            .map(|(n, kind, emulated)| LinkSpec {
+                                emulated: *emulated,
+                                ..link(n, *kind)
+                            })
+                            .collect(),
                     )
                 })
                 .collect(),

@@ -7,9 +7,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
-use patronus_api::{LinkKind, Name};
+use patronus_api::LinkKind;
 use patronus_lab::edges::{self, StockPeer, Underlay};
-use patronus_lab::topology::{LinkSpec, SiteSpec};
 use patronus_lab::{Lab, LabOptions, Topology, iperf};
 
 #[derive(Debug, clap::Args)]
@@ -19,35 +18,12 @@ pub struct Args {
     seconds: u32,
 }
 
-fn topology() -> anyhow::Result<Topology> {
-    let site = |n: &str| -> anyhow::Result<SiteSpec> {
-        Ok(SiteSpec {
-            name: Name::new(n)?,
-            lan: None,
-            lan6: None,
-            hosts: 1,
-            links: vec![LinkSpec {
-                name: Name::new("wan")?,
-                kind: LinkKind::Other,
-                emulated: false,
-                impair: None,
-                mtu: None,
-            }],
-        })
-    };
-    Ok(Topology {
-        name: "bench-throughput".into(),
-        controller: false,
-        sites: vec![site("a")?, site("b")?],
-    })
-}
-
 pub fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
     // Plain routing gives the raw baseline: LAN to LAN over the veths, no tunnel. The tunnels'
     // routes (through their TUN devices) then take precedence: they are more specific than
     // the edges' default routes.
     let lab = Lab::up(
-        &topology()?,
+        &Topology::two_sites("bench-throughput", &[("wan", LinkKind::Other, false)]),
         LabOptions {
             plain_routing: true,
             ..Default::default()

@@ -11,9 +11,8 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use patronus_api::{LinkKind, Name};
+use patronus_api::LinkKind;
 use patronus_lab::stream::{self, StreamConfig};
-use patronus_lab::topology::{LinkSpec, SiteSpec};
 use patronus_lab::{Dir, Impairment, Lab, LabOptions, Topology, iperf};
 
 #[derive(Debug, clap::Args)]
@@ -26,34 +25,15 @@ pub struct Args {
     accuracy_seconds: u64,
 }
 
-fn topology() -> anyhow::Result<Topology> {
-    let link = |n: &str, emulated| -> anyhow::Result<LinkSpec> {
-        Ok(LinkSpec {
-            name: Name::new(n)?,
-            kind: LinkKind::Other,
-            emulated,
-            impair: None,
-            mtu: None,
-        })
-    };
-    let site = |n: &str| -> anyhow::Result<SiteSpec> {
-        Ok(SiteSpec {
-            name: Name::new(n)?,
-            lan: None,
-            lan6: None,
-            hosts: 1,
-            links: vec![link("emulated", true)?, link("bare", false)?],
-        })
-    };
-    Ok(Topology {
-        name: "bench-wan-emulator".into(),
-        controller: false,
-        sites: vec![site("a")?, site("b")?],
-    })
-}
-
 pub fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
-    let lab = Lab::up(&topology()?, LabOptions::default()).context("building the bench lab")?;
+    let topology = Topology::two_sites(
+        "bench-wan-emulator",
+        &[
+            ("emulated", LinkKind::Other, true),
+            ("bare", LinkKind::Other, false),
+        ],
+    );
+    let lab = Lab::up(&topology, LabOptions::default()).context("building the bench lab")?;
     let (a, b) = (lab.ns("a")?, lab.ns("b")?);
     let addr = |l: &str| -> anyhow::Result<std::net::IpAddr> {
         let (_, p) = lab.plan().link(l).context("bench link")?;
