@@ -21,3 +21,32 @@ pub mod wire;
 
 pub use edge::{Edge, EdgeError, StopHandle};
 pub use keys::PrivateKey;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_commented_example_configuration_parses_and_validates() {
+        let text = include_str!("../edge.example.toml");
+        let cfg: patronus_api::EdgeConfig = toml::from_str(text).unwrap_or_else(|e| panic!("{e}"));
+        cfg.validate().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.peers[0].links.len(), 2);
+        assert_eq!(cfg.policies.len(), 2);
+    }
+
+    #[test]
+    fn a_bad_configuration_is_reported_key_by_key() {
+        let text = include_str!("../edge.example.toml")
+            .replace("down_after_misses = 3", "down_after_misses = 0")
+            .replace("overlay = \"10.255.0.2\"", "overlay = \"10.255.0.1\"");
+        let cfg: patronus_api::EdgeConfig = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("failover.down_after_misses"), "{e}");
+        assert!(e.contains("peers[0].overlay"), "{e}");
+        let e = toml::from_str::<patronus_api::EdgeConfig>(
+            &include_str!("../edge.example.toml").replace("site = ", "sight = "),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("sight"), "{e}");
+    }
+}
