@@ -8,12 +8,15 @@
 //!
 //! 1. **tier**: 0 meets the class's SLA and is out of hold-down; 1 meets it but is in
 //!    hold-down; 2 is live but breaks it;
-//! 2. **fate**: 1 when the path shares its local or remote link with another path of the same
-//!    peer that went Down, or broke this class's SLA, in the last [`FATE_WINDOW`]. The other
-//!    paths over a cut or impaired link are about to be found Down or degraded too, but an idle
-//!    path is probed slowly and its estimators lag; failing over onto it would cost a second
-//!    outage or a second move. Fate only steers where a flow goes when it must move: it never
-//!    moves a flow off a path that meets its SLA;
+//! 2. **fate**: 2 when the path shares its local or remote link with another path of the same
+//!    peer that went Down in the last [`FATE_WINDOW`], 1 when it shares one with a path that
+//!    broke this class's SLA then, 0 otherwise. The other paths over a cut or impaired link are
+//!    about to be found Down or degraded too, but an idle path is probed slowly and its
+//!    estimators lag; failing over onto it would cost a second outage or a second move. So among
+//!    the paths that meet the SLA (tiers 0 and 1), one sharing a link with a path that just went
+//!    Down ranks after every other, even one still in hold-down: a recovered path is a better bet
+//!    than the sibling of a dead one. Fate only steers where a flow goes when it must move: it
+//!    never moves a flow off a path that meets its SLA;
 //! 3. **preference**: 0 preferred link kinds at both ends, 2 an avoided kind (or a metered
 //!    link when the class avoids metered links) at either end, 1 otherwise;
 //! 4. in tiers 0 and 1, the mode's own order: `lowest-cost` by cost (unmetered first, then
@@ -155,13 +158,19 @@ pub(crate) fn candidates(
     let recent =
         |t: Option<Instant>| t.is_some_and(|t| now.saturating_duration_since(t) < FATE_WINDOW);
     let class = usize::from(profile.class.0);
-    let shares_fate = |p: &Path| {
-        peer_paths.iter().filter_map(get).any(|q| {
-            q.id != p.id
-                && (q.local.id == p.local.id || q.remote.id == p.remote.id)
-                && (recent(q.down_since)
-                    || recent(q.classes.get(class).and_then(|h| h.violated_at)))
-        })
+    let fate = |p: &Path| {
+        let siblings = || {
+            peer_paths.iter().filter_map(get).filter(|q| {
+                q.id != p.id && (q.local.id == p.local.id || q.remote.id == p.remote.id)
+            })
+        };
+        if siblings().any(|q| recent(q.down_since)) {
+            2
+        } else if siblings().any(|q| recent(q.classes.get(class).and_then(|h| h.violated_at))) {
+            1
+        } else {
+            0
+        }
     };
     let Some(sla) = classes.get(usize::from(profile.class.0)) else {
         return;
@@ -176,7 +185,7 @@ pub(crate) fn candidates(
         out.push(Cand {
             id: p.id,
             tier,
-            fate: u8::from(shares_fate(p)),
+            fate: fate(p),
             pref: profile.preference(p),
             cost: cost_key(p),
             score: score(&p.metrics, sla),
@@ -189,10 +198,16 @@ pub(crate) fn candidates(
     }
 }
 
+/// The ranking key before the mode's own order: SLA-meeting paths first, among them the ones
+/// not doomed by a dead sibling, then tier, fate and preference (see the module doc).
+fn rank(c: &Cand) -> (bool, bool, u8, u8, u8) {
+    (c.tier == 2, c.fate == 2, c.tier, c.fate, c.pref)
+}
+
 /// The ranking order of two candidates under a mode (`Less` ranks first).
 pub(crate) fn order(a: &Cand, b: &Cand, mode: SteeringMode) -> Ordering {
-    (a.tier, a.fate, a.pref)
-        .cmp(&(b.tier, b.fate, b.pref))
+    rank(a)
+        .cmp(&rank(b))
         .then_with(|| {
             if a.tier == 2 || mode != SteeringMode::LowestCost {
                 a.score.total_cmp(&b.score).then(a.cost.cmp(&b.cost))
@@ -233,7 +248,7 @@ pub(crate) fn choose(cands: &[Cand], profile: &Profile) -> Decision {
     match profile.mode {
         SteeringMode::BestQuality | SteeringMode::LowestCost => Decision::Send(top.id),
         SteeringMode::LoadBalance => {
-            let group = |c: &&Cand| (c.tier, c.fate, c.pref) == (top.tier, top.fate, top.pref);
+            let group = |c: &&Cand| rank(c) == rank(top);
             let weighted = cands.iter().filter(group).all(|c| c.capacity > 0);
             let load = |c: &Cand| {
                 if weighted {
@@ -552,6 +567,34 @@ mod tests {
         assert_eq!(
             order(&cand(3, 0, 0.9), &a, SteeringMode::BestQuality),
             Ordering::Less
+        );
+    }
+
+    #[test]
+    fn a_path_in_hold_down_beats_the_sibling_of_a_path_that_just_went_down() {
+        // The flow's path died; path 2 shares its link (fate 2), path 3 is recovering from an
+        // earlier failure (tier 1). Regression: the sibling used to win on tier, went Down a
+        // detection time later, and the flow lost packets twice.
+        let mut sibling = cand(2, 0, 0.1);
+        sibling.fate = 2;
+        let recovering = cand(3, 1, 0.5);
+        assert_eq!(
+            choose(&[sibling, recovering], &plain(SteeringMode::BestQuality)),
+            Decision::Send(PathId(3))
+        );
+        // A path that breaks the SLA does not beat it, though: the sibling may well be fine
+        // (the dead path may have died at its other end).
+        let breaking = cand(4, 2, 1.5);
+        assert_eq!(
+            choose(&[sibling, breaking], &plain(SteeringMode::BestQuality)),
+            Decision::Send(PathId(2))
+        );
+        // Sharing a link with a path that broke the SLA (fate 1) only orders within a tier.
+        let mut dented = cand(5, 0, 0.1);
+        dented.fate = 1;
+        assert_eq!(
+            choose(&[dented, recovering], &plain(SteeringMode::BestQuality)),
+            Decision::Send(PathId(5))
         );
     }
 
