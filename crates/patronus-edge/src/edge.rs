@@ -290,7 +290,10 @@ impl Edge {
                 if p.overlay.is_ipv4() { 32 } else { 128 },
             ));
         }
-        crate::routes::install(&cfg.tun_name, cfg.overlay, &routed).map_err(EdgeError::Config)?;
+        let index = nix::net::if_::if_nametoindex(cfg.tun_name.as_str())
+            .map_err(sys_err(format!("finding {}", cfg.tun_name)))?;
+        crate::routes::install(&cfg.tun_name, index, cfg.overlay, &routed)
+            .map_err(EdgeError::Config)?;
 
         // Peers and their paths: every local link × every remote link of the same family.
         let secret: &StaticSecret = key.secret();

@@ -190,7 +190,13 @@ fn an_ipv6_underlay_carries_both_families_between_lan_hosts() {
         },
     )
     .unwrap();
-    assert_eq!(r.lost, 0);
+    assert_eq!(
+        r.lost,
+        0,
+        "gaps {:?}; a: {}",
+        r.gaps,
+        edge_status(&lab, "a")["events"]
+    );
     // The edges' sockets are bound to their links' IPv6 addresses only, so whatever crossed the
     // links (the emulator counted it) crossed over IPv6.
     let up = |l: &str| lab.link_status(l).unwrap().up_stats.forwarded;
@@ -275,7 +281,13 @@ fn garbage_replays_and_malformed_probes_change_nothing_and_crash_nothing() {
     lab.capture("a/mpls", 300).unwrap();
     lab.capture("a/inet", 300).unwrap();
     let r = stream::run(&a_h1, &b_h1, b_host, &stream_cfg).unwrap();
-    assert_eq!(r.lost, 0);
+    assert_eq!(
+        r.lost,
+        0,
+        "gaps {:?}; a: {}",
+        r.gaps,
+        edge_status(&lab, "a")["events"]
+    );
     let mut captured = lab.take_capture("a/mpls").unwrap();
     captured.extend(lab.take_capture("a/inet").unwrap());
     let replays: Vec<Vec<u8>> = captured
