@@ -174,7 +174,9 @@ pub struct EdgeConfig {
     pub default_class: Name,
     #[serde(default)]
     pub default_steering: SteeringMode,
-    /// Where the edge serves Prometheus metrics (`/metrics`) and its status (`/status`).
+    /// Where the edge serves Prometheus metrics (`/metrics`) and its status (`/status`). A
+    /// loopback address: the endpoint has no authentication (a scraper on another host goes
+    /// through a local agent or, later, the controller).
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
 }
@@ -230,6 +232,16 @@ impl EdgeConfig {
                 if let Err(e) = l.validate() {
                     errs.extend_prefixed(&format!("{at}.links[{j}]"), e);
                 }
+            }
+        }
+        if let Some(a) = self.metrics_listen {
+            if !a.ip().is_loopback() {
+                errs.push(
+                    "metrics_listen",
+                    format!(
+                        "{a} is not a loopback address; the status endpoint has no authentication"
+                    ),
+                );
             }
         }
         if let Err(e) = self.failover.validate() {

@@ -691,6 +691,16 @@ impl Engine {
         decision
     }
 
+    /// The peer that owns `addr`: the longest configured prefix containing it. The edge checks
+    /// a decrypted packet's source against it (WireGuard's cryptokey routing): a peer may only
+    /// send from addresses routed to it.
+    pub fn peer_for(&self, addr: std::net::IpAddr) -> Option<PeerId> {
+        match addr {
+            std::net::IpAddr::V4(a) => self.routes.lookup(u128::from(u32::from(a)), false),
+            std::net::IpAddr::V6(a) => self.routes.lookup(u128::from(a), true),
+        }
+    }
+
     /// A probe reply arrived on `path`. Refused replies change nothing but a counter.
     pub fn handle_probe_reply(
         &mut self,

@@ -814,3 +814,27 @@ fn a_policy_change_reclassifies_flows_and_keeps_those_whose_path_still_fits() {
     let bad = policy("x 10 nosuchclass best-quality udp 1");
     assert!(net.engine_mut("a").set_policies(vec![bad]).is_err());
 }
+
+#[test]
+fn a_source_belongs_to_the_peer_with_the_longest_prefix_for_it() {
+    // What the edge checks decrypted packets against: a hub announcing 10/8 may not send from
+    // a spoke's 10.2/16, nor from the spoke's overlay address inside 10/8.
+    let t0 = std::time::Instant::now();
+    let mut e = patronus_core::Engine::new(EngineConfig::default(), t0).unwrap();
+    let hub = e.add_peer("hub", &["10.0.0.0/8".parse().unwrap()]).unwrap();
+    let spoke = e
+        .add_peer(
+            "spoke",
+            &[
+                "10.2.0.0/16".parse().unwrap(),
+                "10.255.0.2/32".parse().unwrap(),
+            ],
+        )
+        .unwrap();
+    let at = |s: &str| e.peer_for(s.parse().unwrap());
+    assert_eq!(at("10.2.3.4"), Some(spoke));
+    assert_eq!(at("10.255.0.2"), Some(spoke));
+    assert_eq!(at("10.3.0.1"), Some(hub));
+    assert_eq!(at("192.168.0.1"), None);
+    assert_eq!(at("::1"), None);
+}

@@ -113,7 +113,8 @@ pub struct EdgeCounters {
     pub delivered_bytes: u64,
     /// Datagrams that are not WireGuard, or name no session of ours.
     pub rx_unknown: u64,
-    /// Datagrams a session refused (bad MAC, replay, stale).
+    /// Datagrams a session refused (bad MAC, replay, stale). In `duplicate` mode the second
+    /// copy of every packet lands here too.
     pub rx_rejected: u64,
     /// Decrypted packets whose source the peer may not use.
     pub rx_spoofed: u64,
@@ -135,15 +136,15 @@ struct LinkSock {
 struct PathRt {
     peer: usize,
     link: usize,
-    /// Where the peer's end of this path is; learned from authenticated packets if not
-    /// configured (a peer behind NAT).
+    /// Where the peer's end of this path is, from the configuration. Endpoints are never
+    /// learned from traffic: a cookie reply is "authentic" to anyone who knows our public key,
+    /// and a duplicated packet arrives from the other path's address.
     endpoint: Option<SocketAddr>,
     tunn: Box<Tunn>,
 }
 
 struct PeerRt {
     overlay: IpAddr,
-    allowed: Vec<Prefix>,
 }
 
 /// A handle that stops a running edge from another thread.
@@ -341,10 +342,7 @@ impl Edge {
                     });
                 }
             }
-            peers.push(PeerRt {
-                overlay: p.overlay,
-                allowed,
-            });
+            peers.push(PeerRt { overlay: p.overlay });
         }
 
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(sys_err("epoll"))?;
@@ -469,7 +467,7 @@ impl Edge {
                     TOKEN_TIMER => {
                         let _ = self.timer.wait();
                     }
-                    TOKEN_TUN => self.read_tun(),
+                    TOKEN_TUN => self.read_tun()?,
                     t => self.read_link((t - TOKEN_LINK_BASE) as usize),
                 }
             }
@@ -710,7 +708,7 @@ impl Edge {
         }
     }
 
-    fn read_tun(&mut self) {
+    fn read_tun(&mut self) -> Result<(), EdgeError> {
         for _ in 0..16 {
             let n = match self.tun.recv_multiple(
                 &mut self.rx_orig,
@@ -719,8 +717,18 @@ impl Edge {
                 VIRTIO_NET_HDR_LEN,
             ) {
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // The device is gone (deleted under us) or broken: stop, loudly, rather than
+                // spin on it.
+                Err(e) if e.raw_os_error().is_some() => {
+                    return Err(io_err(format!("reading {}", self.tun_name))(e));
+                }
+                // A packet tun-rs could not split: lost, counted.
+                Err(_) => {
+                    self.counters.tx_dropped += 1;
+                    continue;
+                }
             };
             let now = Instant::now();
             for i in 0..n {
@@ -731,6 +739,7 @@ impl Edge {
             }
             self.flush_tx();
         }
+        Ok(())
     }
 
     fn handle_lan_packet(&mut self, pkt: &[u8], now: Instant) {
@@ -769,9 +778,23 @@ impl Edge {
         let at = self.tx.len;
         let n = match p.tunn.encapsulate(pkt, &mut self.tx.buf[at..at + room]) {
             TunnResult::WriteToNetwork(d) => d.len(),
-            // Queued behind a handshake, which boringtun sends itself.
             _ => return,
         };
+        if self.tx.buf[at] != 4 {
+            // No session yet: boringtun queued the packet and handed back a handshake
+            // initiation, which goes on the primary path alone, now, outside the batch.
+            let (link, ep) = (p.link, p.endpoint);
+            if let Some(ep) = ep {
+                if self.links[link]
+                    .sock
+                    .send_to(&self.tx.buf[at..at + n], ep)
+                    .is_err()
+                {
+                    self.counters.tx_errors += 1;
+                }
+            }
+            return;
+        }
         let tx = &mut self.tx;
         if tx.count == 0 {
             tx.stride = n;
@@ -973,31 +996,14 @@ impl Edge {
                             self.counters.tx_errors += 1;
                         }
                     }
-                    self.learn_endpoint(id, link, from, was_first);
                 }
                 TunnResult::WriteToTunnelV4(pkt, _) | TunnResult::WriteToTunnelV6(pkt, _) => {
                     let len = pkt.len();
-                    self.learn_endpoint(id, link, from, was_first);
                     self.deliver(id, len, now);
                     return;
                 }
             }
         }
-    }
-
-    /// Roaming: a peer whose endpoint on this path was unknown (or moved) is answered where its
-    /// authenticated packets come from. Only the path's own link counts.
-    fn learn_endpoint(&mut self, id: PathId, link: usize, from: SocketAddr, authenticated: bool) {
-        let Some(Some(p)) = self.paths.get_mut(id.0 as usize) else {
-            return;
-        };
-        if !authenticated || p.link != link || p.endpoint == Some(from) {
-            return;
-        }
-        if let Some(old) = p.endpoint.replace(from) {
-            self.by_endpoint.remove(&(link, old));
-        }
-        self.by_endpoint.insert((link, from), id);
     }
 
     /// A packet decrypted on path `id` is in `out_buf[..len]`.
@@ -1007,11 +1013,11 @@ impl Edge {
         };
         let peer = p.peer;
         let pkt = &self.out_buf[..len];
-        if len == 0 {
-            return; // keepalive
-        }
+        // Cryptokey routing: the source must be routed to this very peer (the longest prefix
+        // containing it is one of this peer's), not merely inside one of its prefixes.
         let allowed = wire::source(pkt)
-            .is_some_and(|s| self.peers[peer].allowed.iter().any(|a| a.contains(s)));
+            .and_then(|s| self.engine.peer_for(s))
+            .is_some_and(|owner| owner.0 as usize == peer);
         if !allowed {
             self.counters.rx_spoofed += 1;
             return;

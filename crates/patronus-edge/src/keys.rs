@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use boringtun::x25519::{PublicKey, StaticSecret};
@@ -52,8 +52,25 @@ impl PrivateKey {
             path: p.clone(),
             error,
         };
-        match std::fs::metadata(path) {
+        // The link itself, not what it points to: a key must be a regular file of our own.
+        match std::fs::symlink_metadata(path) {
             Ok(meta) => {
+                if !meta.file_type().is_file() {
+                    return Err(KeyFileError::Bad {
+                        path: p,
+                        problem: "is not a regular file (a symlink or a directory?)".into(),
+                    });
+                }
+                let me = nix::unistd::geteuid().as_raw();
+                if meta.uid() != me {
+                    return Err(KeyFileError::Bad {
+                        path: p,
+                        problem: format!(
+                            "belongs to uid {}, not to this process's uid {me}",
+                            meta.uid()
+                        ),
+                    });
+                }
                 let mode = meta.permissions().mode();
                 if mode & 0o077 != 0 {
                     return Err(KeyFileError::Bad {
@@ -125,6 +142,10 @@ mod tests {
         assert!(e.contains("chmod 600"), "{e}");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert!(PrivateKey::load_or_create(&path).is_ok());
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        let e = PrivateKey::load_or_create(&link).unwrap_err().to_string();
+        assert!(e.contains("regular file"), "{e}");
         std::fs::write(&path, "not a key").unwrap();
         assert!(PrivateKey::load_or_create(&path).is_err());
         let _ = std::fs::remove_dir_all(dir);

@@ -37,11 +37,16 @@ mod tests {
     fn a_bad_configuration_is_reported_key_by_key() {
         let text = include_str!("../edge.example.toml")
             .replace("down_after_misses = 3", "down_after_misses = 0")
-            .replace("overlay = \"10.255.0.2\"", "overlay = \"10.255.0.1\"");
+            .replace("overlay = \"10.255.0.2\"", "overlay = \"10.255.0.1\"")
+            .replace("127.0.0.1:9101", "0.0.0.0:9101");
         let cfg: patronus_api::EdgeConfig = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains("failover.down_after_misses"), "{e}");
         assert!(e.contains("peers[0].overlay"), "{e}");
+        assert!(
+            e.contains("metrics_listen: 0.0.0.0:9101 is not a loopback address"),
+            "{e}"
+        );
         let e = toml::from_str::<patronus_api::EdgeConfig>(
             &include_str!("../edge.example.toml").replace("site = ", "sight = "),
         )

@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -264,18 +264,23 @@ pub fn serve(listener: TcpListener, shared: Shared) {
         let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
         let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
         // The request line, then the headers up to the blank line (read and ignored, so the
-        // client is never cut off mid-request); at most 64 lines.
-        let mut reader = BufReader::new(&conn);
+        // client is never cut off mid-request): at most 8 KiB and 2 s in all, so a slow or
+        // endless client can neither exhaust memory nor hold the server.
+        let started = std::time::Instant::now();
+        let mut reader = BufReader::new(Read::take(&conn, 8 * 1024));
         let mut line = String::new();
         if reader.read_line(&mut line).is_err() {
             continue;
         }
         let mut header = String::new();
-        for _ in 0..64 {
+        loop {
             header.clear();
             match reader.read_line(&mut header) {
                 Ok(n) if n > 0 && !header.trim().is_empty() => {}
                 _ => break,
+            }
+            if started.elapsed() > Duration::from_secs(2) {
+                break;
             }
         }
         let path = line.split_whitespace().nth(1).unwrap_or("");

@@ -194,6 +194,8 @@ pub fn wait_for_tunnel(
                 "no tunnel from {from} to {to} within {timeout:?}"
             )));
         }
+        // ping fails at once while there is no route yet; do not spin on it.
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -391,7 +393,7 @@ pub fn start_wireguard_go(
     {
         if Instant::now() >= deadline {
             return Err(LabError::Other(format!(
-                "wireguard-go made no wg0 in {site} (apt-get install wireguard-go)"
+                "wireguard-go made no {ifname} in {site} (apt-get install wireguard-go)"
             )));
         }
         std::thread::sleep(Duration::from_millis(20));
