@@ -63,6 +63,9 @@ const GSO_MAX_BYTES: usize = 64_000;
 /// Room for one encrypted datagram in a batch: the largest TUN packet we accept plus
 /// WireGuard's 32 bytes of header and tag, plus padding to 16.
 const MAX_DATAGRAM: usize = 9216 + 48;
+/// Capacity of each buffer written to the TUN: a coalesced packet (at most 64 KB) plus the
+/// virtio header, twice over as tun-rs's GRO asks.
+const TUN_WRITE_CAPACITY: usize = 65_536 + 2 * VIRTIO_NET_HDR_LEN + 64;
 /// Socket buffers: a few milliseconds of line rate, so bursts are not dropped.
 const SOCKET_BUFFER: usize = 8 << 20;
 
@@ -717,7 +720,7 @@ impl Edge {
                 VIRTIO_NET_HDR_LEN,
             ) {
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // The device is gone (deleted under us) or broken: stop, loudly, rather than
                 // spin on it.
@@ -737,8 +740,10 @@ impl Edge {
                 self.handle_lan_packet(&buf[VIRTIO_NET_HDR_LEN..VIRTIO_NET_HDR_LEN + len], now);
                 self.rx_bufs[i] = buf;
             }
-            self.flush_tx();
         }
+        // One send for everything read in this turn: small packets (TCP ACKs, say) of one path
+        // share a UDP_SEGMENT batch just as the segments of a TCP super-packet do.
+        self.flush_tx();
         Ok(())
     }
 
@@ -1049,7 +1054,12 @@ impl Edge {
                 self.engine.handle_data_received(id, len, now);
                 self.counters.delivered_packets += 1;
                 self.counters.delivered_bytes += len as u64;
-                let mut b = self.tun_pool.pop().unwrap_or_default();
+                // Room for a whole coalesced 64 KB packet: tun-rs's GRO only merges into a
+                // buffer that can take the result without reallocating.
+                let mut b = self
+                    .tun_pool
+                    .pop()
+                    .unwrap_or_else(|| Vec::with_capacity(TUN_WRITE_CAPACITY));
                 b.clear();
                 b.resize(VIRTIO_NET_HDR_LEN, 0);
                 b.extend_from_slice(&self.out_buf[..len]);

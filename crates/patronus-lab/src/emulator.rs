@@ -47,6 +47,8 @@ use crate::netns;
 
 /// Most packets held in the emulator at once.
 pub const MAX_QUEUED: usize = 32_768;
+/// Capacity of the buffers packets are written from: a coalesced 64 KB packet plus headroom.
+const WRITE_CAPACITY: usize = 65_536 + 2 * VIRTIO_NET_HDR_LEN + 64;
 
 /// A link as the emulator sees it.
 #[derive(Debug, Clone)]
@@ -296,6 +298,8 @@ struct Loop {
     seq: u64,
     buf_len: usize,
     pool: Vec<Vec<u8>>,
+    /// Write buffers (capacity [`WRITE_CAPACITY`]), reused.
+    big_pool: Vec<Vec<u8>>,
     rx: Vec<Vec<u8>>,
     sizes: Vec<usize>,
     original: Vec<u8>,
@@ -411,6 +415,7 @@ impl Loop {
             seq: 0,
             buf_len,
             pool: Vec::new(),
+            big_pool: Vec::new(),
             rx: (0..IDEAL_BATCH_SIZE).map(|_| vec![0; buf_len]).collect(),
             sizes: vec![0; IDEAL_BATCH_SIZE],
             original: vec![0; VIRTIO_NET_HDR_LEN + 65_536],
@@ -676,7 +681,7 @@ impl Loop {
     /// Moves every packet due by `now` on: through its `down` shaper if it still has one to
     /// pass (at the time it left `up`), else out of its TUN.
     fn release_due(&mut self, now: u64) {
-        let mut any = false;
+        let mut pending = 0;
         while self.heap.peek().is_some_and(|Reverse(h)| h.release <= now) {
             let Some(Reverse(mut h)) = self.heap.pop() else {
                 break;
@@ -696,12 +701,30 @@ impl Loop {
                     }
                 }
             }
-            self.out[h.tun].push(h.buf);
-            any = true;
+            // Written from a buffer that can hold a whole coalesced 64 KB packet: tun-rs's GRO
+            // merges only into a buffer that needs no reallocation.
+            let mut big = self
+                .big_pool
+                .pop()
+                .unwrap_or_else(|| Vec::with_capacity(WRITE_CAPACITY));
+            big.clear();
+            big.extend_from_slice(&h.buf);
+            self.recycle(h.buf);
+            self.out[h.tun].push(big);
+            pending += 1;
+            // Bounded: at most this many large buffers exist at once.
+            if pending == IDEAL_BATCH_SIZE {
+                self.write_out();
+                pending = 0;
+            }
         }
-        if !any {
-            return;
+        if pending > 0 {
+            self.write_out();
         }
+    }
+
+    /// Writes what `out` holds to each TUN, coalesced, and keeps the buffers for reuse.
+    fn write_out(&mut self) {
         for t in 0..self.out.len() {
             if self.out[t].is_empty() {
                 continue;
@@ -717,9 +740,7 @@ impl Loop {
                     );
                 }
             }
-            for b in bufs.drain(..) {
-                self.recycle(b);
-            }
+            self.big_pool.append(&mut bufs);
             self.out[t] = bufs;
         }
     }
