@@ -282,6 +282,8 @@ impl Edge {
             .name(cfg.tun_name.clone())
             .mtu(tun_mtu)
             .offload(true)
+            // Room for a burst from the LAN while the loop is busy with the WAN side.
+            .tx_queue_len(5_000)
             .build_sync()
             .map_err(io_err(format!("creating TUN {}", cfg.tun_name)))?;
         tun.set_nonblocking(true)

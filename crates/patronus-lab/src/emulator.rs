@@ -359,6 +359,10 @@ impl Loop {
                 .name(format!("t{}", l.index))
                 .mtu(max_mtu as u16)
                 .offload(true)
+                // The kernel's queue in front of the emulator must not drop what the emulated
+                // link would have carried: the shapers decide what is lost, not a 500-packet
+                // default queue overflowing while this thread is busy.
+                .tx_queue_len(20_000)
                 .build_sync()
                 .map_err(setup(&format!("creating TUN t{}", l.index)))?;
             dev.set_nonblocking(true)

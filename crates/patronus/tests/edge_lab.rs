@@ -31,6 +31,21 @@ fn lab_with_edges(t: &Topology, underlay: Underlay) -> Lab {
     lab
 }
 
+/// A constant-rate UDP stream from a/h1 to `dst` (an address of b/h1).
+fn a_to_b(lab: &Lab, dst: std::net::IpAddr, rate_pps: u32, secs: u64) -> stream::StreamReport {
+    stream::run(
+        &lab.ns("a/h1").unwrap(),
+        &lab.ns("b/h1").unwrap(),
+        dst,
+        &StreamConfig {
+            rate_pps,
+            duration: Duration::from_secs(secs),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
 fn forwarded_up(lab: &Lab, link: &str) -> u64 {
     lab.link_status(link).unwrap().up_stats.forwarded
 }
@@ -44,17 +59,7 @@ fn two_sites_reach_each_other_through_the_tunnels_on_the_path_the_engine_chose()
 
     // A UDP stream leaves on exactly one of a's links: the one the engine chose for the flow.
     let before = (forwarded_up(&lab, "a/mpls"), forwarded_up(&lab, "a/inet"));
-    let r = stream::run(
-        &lab.ns("a/h1").unwrap(),
-        &lab.ns("b/h1").unwrap(),
-        b_host,
-        &StreamConfig {
-            rate_pps: 1000,
-            duration: Duration::from_secs(2),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let r = a_to_b(&lab, b_host, 1000, 2);
     assert_eq!(r.lost, 0, "{:?}", r.gaps);
     let after = (forwarded_up(&lab, "a/mpls"), forwarded_up(&lab, "a/inet"));
     let (mpls, inet) = (after.0 - before.0, after.1 - before.1);
@@ -179,17 +184,7 @@ fn an_ipv6_underlay_carries_both_families_between_lan_hosts() {
     let b6 = lab.addr("b/h1", true).unwrap();
     edges::wait_for_tunnel(&lab, "a/h1", b4, Duration::from_secs(15)).unwrap();
     edges::wait_for_tunnel(&lab, "a/h1", b6, Duration::from_secs(15)).unwrap();
-    let r = stream::run(
-        &lab.ns("a/h1").unwrap(),
-        &lab.ns("b/h1").unwrap(),
-        b6,
-        &StreamConfig {
-            rate_pps: 500,
-            duration: Duration::from_secs(1),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let r = a_to_b(&lab, b6, 500, 1);
     assert_eq!(
         r.lost,
         0,
@@ -353,6 +348,21 @@ fn garbage_replays_and_malformed_probes_change_nothing_and_crash_nothing() {
         Ok(())
     })
     .unwrap();
+    // Let the flood drain before what follows is measured: b's refusal counters stop moving.
+    let refusals = || {
+        let c = &edge_status(&lab, "b")["counters"];
+        c["rx_unknown"].as_u64().unwrap() + c["rx_rejected"].as_u64().unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut last = refusals();
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = refusals();
+        if now == last || std::time::Instant::now() > deadline {
+            break;
+        }
+        last = now;
+    }
     // Malformed probes from inside the tunnel: a LAN host of a sends junk to b's reflector port,
     // and junk "replies" to b's probe sender port.
     netns::run_in(&a_h1, || {
@@ -389,14 +399,14 @@ fn garbage_replays_and_malformed_probes_change_nothing_and_crash_nothing() {
         "only the stream got through"
     );
     let rejected = |s: &serde_json::Value, k: &str| s[k].as_u64().unwrap();
-    assert!(
-        rejected(&after, "probe_requests_rejected")
-            >= rejected(&before, "probe_requests_rejected") + 7
-    );
-    assert!(
-        rejected(&after, "probe_replies_rejected")
-            >= rejected(&before, "probe_replies_rejected") + 7
-    );
+    for k in ["probe_requests_rejected", "probe_replies_rejected"] {
+        assert!(
+            rejected(&after, k) >= rejected(&before, k) + 7,
+            "{k}: before {} after {}; b: {after}",
+            rejected(&before, k),
+            rejected(&after, k)
+        );
+    }
 }
 
 /// Packets that entered the WAN from each of `links` during `window`.
