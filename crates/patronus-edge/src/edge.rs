@@ -161,7 +161,7 @@ impl StopHandle {
 }
 
 /// A recent event, for status.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct RecentEvent {
     pub unix_ms: u128,
     pub text: String,
@@ -527,7 +527,7 @@ impl Edge {
             failovers: self.failovers.clone(),
             flows: self.engine.flow_count(),
             paths,
-            events: self.events.iter().map(Into::into).collect(),
+            events: self.events.iter().cloned().collect(),
         }
     }
 
@@ -643,20 +643,19 @@ impl Edge {
         }
     }
 
-    /// Sends `datagram` on path `id` (its link socket, to its endpoint).
-    fn send_on(&mut self, id: PathId, len: usize, from_out_buf: bool) {
+    /// Sends `out_buf[..len]` on path `id` (its link socket, to its endpoint).
+    fn send_on(&mut self, id: PathId, len: usize) {
         let Some(Some(p)) = self.paths.get(id.0 as usize) else {
             return;
         };
         let Some(ep) = p.endpoint else {
             return;
         };
-        let buf = if from_out_buf {
-            &self.out_buf
-        } else {
-            &self.net_buf
-        };
-        if self.links[p.link].sock.send_to(&buf[..len], ep).is_err() {
+        if self.links[p.link]
+            .sock
+            .send_to(&self.out_buf[..len], ep)
+            .is_err()
+        {
             self.counters.tx_errors += 1;
         }
     }
@@ -692,7 +691,7 @@ impl Edge {
             {
                 let n = self.encapsulate(t.path, &pkt);
                 if n > 0 {
-                    self.send_on(t.path, n, true);
+                    self.send_on(t.path, n);
                 }
                 self.counters.probes_sent += 1;
             }
@@ -706,9 +705,9 @@ impl Edge {
             let Some(Some(p)) = self.paths.get_mut(i) else {
                 continue;
             };
-            if let TunnResult::WriteToNetwork(d) = p.tunn.update_timers(&mut self.net_buf) {
+            if let TunnResult::WriteToNetwork(d) = p.tunn.update_timers(&mut self.out_buf) {
                 let n = d.len();
-                self.send_on(PathId(i as u32), n, false);
+                self.send_on(PathId(i as u32), n);
             }
         }
     }
@@ -1046,7 +1045,7 @@ impl Edge {
                     {
                         let n = self.encapsulate(id, &pkt);
                         if n > 0 {
-                            self.send_on(id, n, true);
+                            self.send_on(id, n);
                         }
                     }
                     self.probe_buf = pkt;

@@ -66,22 +66,7 @@ pub struct EdgeStatus {
     pub failovers: BTreeMap<String, u64>,
     pub flows: usize,
     pub paths: Vec<PathStatus>,
-    pub events: Vec<EventView>,
-}
-
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct EventView {
-    pub unix_ms: u128,
-    pub text: String,
-}
-
-impl From<&RecentEvent> for EventView {
-    fn from(e: &RecentEvent) -> Self {
-        Self {
-            unix_ms: e.unix_ms,
-            text: e.text.clone(),
-        }
-    }
+    pub events: Vec<RecentEvent>,
 }
 
 /// Where the loop publishes and the HTTP thread reads.

@@ -55,8 +55,9 @@ pub fn tunnel_of(receiver: u32) -> u32 {
     receiver >> 8
 }
 
-/// Internet checksum (RFC 1071) of `data`, starting from `sum`.
-fn checksum(mut sum: u32, data: &[u8]) -> u16 {
+/// Adds `data` to a one's-complement sum (RFC 1071); all but the last piece summed must have
+/// an even length.
+fn add(mut sum: u32, data: &[u8]) -> u32 {
     let mut chunks = data.chunks_exact(2);
     for c in &mut chunks {
         sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
@@ -64,10 +65,20 @@ fn checksum(mut sum: u32, data: &[u8]) -> u16 {
     if let [last] = chunks.remainder() {
         sum += u32::from(*last) << 8;
     }
+    sum
+}
+
+/// Folds and complements a sum into the Internet checksum.
+fn finish(mut sum: u32) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
+}
+
+/// Internet checksum (RFC 1071) of `data`.
+fn checksum(data: &[u8]) -> u16 {
+    finish(add(0, data))
 }
 
 /// Writes an IP/UDP packet carrying `payload` into `out` (cleared first). The families of `src`
@@ -95,7 +106,7 @@ pub fn udp_packet(
             ip[9] = 17;
             ip[12..16].copy_from_slice(&s.octets());
             ip[16..20].copy_from_slice(&d.octets());
-            let c = checksum(0, &ip);
+            let c = checksum(&ip);
             ip[10..12].copy_from_slice(&c.to_be_bytes());
             out.extend_from_slice(&ip);
             // UDP checksum 0: optional over IPv4, and the tunnel authenticates every byte.
@@ -109,16 +120,9 @@ pub fn udp_packet(
             ip[7] = 64;
             ip[8..24].copy_from_slice(&s.octets());
             ip[24..40].copy_from_slice(&d.octets());
-            // Pseudo-header sum, then the UDP header and payload (mandatory over IPv6).
-            let mut sum = 0u32;
-            for c in ip[8..40].chunks_exact(2) {
-                sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
-            }
-            sum += u32::from(udp_len) + 17;
-            let mut seg = Vec::with_capacity(8 + payload.len());
-            seg.extend_from_slice(&udp);
-            seg.extend_from_slice(payload);
-            let c = match checksum(sum, &seg) {
+            // Pseudo-header, then the UDP header and payload (mandatory over IPv6).
+            let sum = add(u32::from(udp_len) + 17, &ip[8..40]);
+            let c = match finish(add(add(sum, &udp), payload)) {
                 0 => 0xffff,
                 c => c,
             };
@@ -254,7 +258,7 @@ mod tests {
             &mut buf,
         )
         .unwrap();
-        assert_eq!(checksum(0, &buf[..20]), 0);
+        assert_eq!(checksum(&buf[..20]), 0);
         assert!(
             udp_packet(
                 "10.0.0.1".parse().unwrap(),

@@ -553,17 +553,8 @@ impl Lab {
                 "no process {pid} was started by this lab"
             )));
         };
-        let mut c = children.swap_remove(i);
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        while matches!(c.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        let _ = c.kill();
-        let _ = c.wait();
+        let c = children.swap_remove(i);
+        terminate(&mut [c]);
         Ok(())
     }
 
@@ -696,21 +687,7 @@ impl Lab {
             return Ok(());
         }
         if let Ok(mut children) = self.children.lock() {
-            // SIGTERM first, so that processes can remove what they made; SIGKILL after 2 s.
-            for c in children.iter() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(c.id() as i32),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-            }
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-            for c in children.iter_mut() {
-                while matches!(c.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+            terminate(&mut children);
         }
         *self.emulator_slot() = None; // joins the thread; its TUN devices go with it
         let mut first_err = None;
@@ -732,6 +709,25 @@ impl Drop for Lab {
         if let Err(e) = self.teardown() {
             eprintln!("lab {}: teardown: {e}", self.state.run_id);
         }
+    }
+}
+
+/// Stops processes: SIGTERM to all, so that they can remove what they made, then SIGKILL to
+/// whatever still runs 2 s later; reaps them all.
+fn terminate(children: &mut [Child]) {
+    for c in children.iter() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    for c in children.iter_mut() {
+        while matches!(c.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
     }
 }
 
@@ -784,10 +780,7 @@ pub fn clean(all: bool) -> Result<Cleaned, LabError> {
                 nix::sys::signal::Signal::SIGTERM,
             );
         }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while owners.iter().any(|&p| netns::alive(p)) && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        netns::wait_exit(&owners, std::time::Duration::from_secs(30));
     }
     let states = runs();
     // A run is live while its owner runs. A run directory without a readable state is a lab

@@ -172,6 +172,18 @@ pub fn destroy(name: &str) -> Result<usize, NetnsError> {
     Ok(victims.len())
 }
 
+/// Waits until none of `pids` runs, or `timeout` passes; true if they all ended.
+pub fn wait_exit(pids: &[i32], timeout: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while pids.iter().any(|&p| alive(p)) {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    true
+}
+
 /// True if a process with this PID exists.
 pub fn alive(pid: i32) -> bool {
     pid > 0 && kill(Pid::from_raw(pid), None).is_ok()

@@ -10,7 +10,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use clap::Subcommand;
@@ -508,10 +508,7 @@ fn down(run: Option<String>) -> anyhow::Result<()> {
     if netns::alive(s.owner_pid) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(s.owner_pid), Signal::SIGTERM)?;
         // Wait for the owner's own teardown; it finishes in well under a second per site.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while netns::alive(s.owner_pid) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        netns::wait_exit(&[s.owner_pid], Duration::from_secs(60));
         if netns::alive(s.owner_pid) {
             bail!(
                 "lab {}: its owner (pid {}) is still tearing down after 60 s; see {}",

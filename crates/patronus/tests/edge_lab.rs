@@ -46,6 +46,18 @@ fn a_to_b(lab: &Lab, dst: std::net::IpAddr, rate_pps: u32, secs: u64) -> stream:
     .unwrap()
 }
 
+/// One 2-second iperf3 TCP stream from a/h1 to `dst` (an address of b/h1).
+fn tcp_a_to_b(lab: &Lab, dst: std::net::IpAddr) -> patronus_lab::iperf::Throughput {
+    patronus_lab::iperf::tcp(
+        &lab.ns("b/h1").unwrap(),
+        &lab.ns("a/h1").unwrap(),
+        dst,
+        None,
+        2,
+    )
+    .unwrap()
+}
+
 fn forwarded_up(lab: &Lab, link: &str) -> u64 {
     lab.link_status(link).unwrap().up_stats.forwarded
 }
@@ -109,14 +121,7 @@ fn two_sites_reach_each_other_through_the_tunnels_on_the_path_the_engine_chose()
 
     // TCP between the LAN hosts, last: it loads this 2-core machine enough to lose probes, and
     // the engine rightly reacts to that.
-    let tcp = patronus_lab::iperf::tcp(
-        &lab.ns("b/h1").unwrap(),
-        &lab.ns("a/h1").unwrap(),
-        b_host,
-        None,
-        2,
-    )
-    .unwrap();
+    let tcp = tcp_a_to_b(&lab, b_host);
     assert!(tcp.gbps > 0.0, "{tcp:?}");
     let _ = writeln!(
         std::io::stderr(),
@@ -595,14 +600,7 @@ fn a_stock_wireguard_go_peer_exchanges_traffic_with_a_patronus_edge() {
         Duration::from_secs(5),
     )
     .unwrap();
-    let tcp = patronus_lab::iperf::tcp(
-        &lab.ns("b/h1").unwrap(),
-        &lab.ns("a/h1").unwrap(),
-        b_host,
-        None,
-        2,
-    )
-    .unwrap();
+    let tcp = tcp_a_to_b(&lab, b_host);
     assert!(tcp.gbps > 0.0);
     let ifname = edges::wg_ifname(&lab, "b").unwrap();
     let hs = lab
