@@ -437,10 +437,12 @@ fn a_slow_sender_does_not_hold_up_a_fast_one_at_a_shared_destination() {
         let fast = s.spawn(|| stream::run(&ns("branch2"), &ns("branch1"), dst, &cfg).unwrap());
         (slow.join().unwrap(), fast.join().unwrap())
     });
-    // hq: 100 ms up + 5 ms down; branch2: 10 ms ± 1 ms up + 5 ms down.
-    assert!(slow.delay.mean_ms >= 105.0, "slow {}", slow.delay.mean_ms);
+    // hq: 100 ms up + 5 ms down; branch2: 10 ms ± 1 ms up + 5 ms down, a mean of 15 ms that
+    // the jitter puts on either side of 15 (CI once measured 14.99). Held up behind hq's
+    // packets it would be over 100.
+    assert!(slow.delay.mean_ms >= 104.0, "slow {}", slow.delay.mean_ms);
     assert!(
-        (15.0..20.0).contains(&fast.delay.mean_ms),
+        (14.0..20.0).contains(&fast.delay.mean_ms),
         "fast {}",
         fast.delay.mean_ms
     );
