@@ -12,14 +12,21 @@
 //! 4. TUN → classify and decide (the engine) → encrypt under the chosen path's session → send on
 //!    that path's link socket to the peer's endpoint on that path. `duplicate` encrypts once and
 //!    sends the same datagram on both paths.
-//! 5. Link socket → find the session (see [`crate::wire`]) → decrypt → a probe goes to the engine,
-//!    anything else to the TUN (if its source is one the peer may use), and counts as evidence
-//!    that the path is alive.
+//! 5. Link socket (`recvmmsg`, up to 8 receives of up to 64 KB each, coalesced by UDP_GRO) →
+//!    find the session (see [`crate::wire`]) → decrypt → a probe goes to the engine, anything
+//!    else to the TUN (if its source is one the peer may use), and counts as evidence that the
+//!    path is alive. TCP segments are decrypted in place into larger packets (see
+//!    [`crate::coalesce`]), one TUN write each.
+//!
+//! Sends use `sendmsg` with UDP_SEGMENT, up to 64 datagrams per call, not `sendmmsg`: what one
+//! turn sends to one destination is already one call, and consecutive batches differ in socket
+//! or in segment size, which one `sendmmsg` (whose control messages are shared) cannot carry.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -29,8 +36,8 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{
-    ControlMessage, ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, sendmsg, setsockopt,
-    sockopt,
+    ControlMessage, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg,
+    sendmsg, setsockopt, sockopt,
 };
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
@@ -39,8 +46,9 @@ use patronus_core::engine::{Engine, EngineConfig};
 use patronus_core::packet::PacketMeta;
 use patronus_core::probe::STAMP_PORT;
 use patronus_core::{Decision, Event, PathId};
-use tun_rs::{DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
+use tun_rs::{DeviceBuilder, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
 
+use crate::coalesce::Coalescer;
 use crate::keys::PrivateKey;
 use crate::status::{self, EdgeStatus, PathStatus, Shared};
 use crate::wire::{self, Inner, PROBE_SENDER_PORT, WgMessage};
@@ -53,9 +61,10 @@ pub const OVERHEAD_V4: u16 = 60;
 const WG_TICK: Duration = Duration::from_millis(100);
 /// Events kept for status.
 const RECENT_EVENTS: usize = 256;
-/// Receives (each up to 64 KB of coalesced datagrams) per socket per wake-up, so one busy link
-/// cannot starve the others.
-const READ_BUDGET: usize = 64;
+/// `recvmmsg` calls per socket per wake-up, so one busy link cannot starve the others.
+const READ_BUDGET: usize = 16;
+/// Receives per `recvmmsg`, each up to 64 KB of datagrams the kernel coalesced.
+const RECV_BATCH: usize = 8;
 /// Most segments in one UDP_SEGMENT send (the kernel's limit).
 const GSO_MAX_SEGMENTS: usize = 64;
 /// Most bytes in one UDP_SEGMENT send: a UDP payload is at most 65,507 bytes over IPv4.
@@ -63,9 +72,6 @@ const GSO_MAX_BYTES: usize = 64_000;
 /// Room for one encrypted datagram in a batch: the largest TUN packet we accept plus
 /// WireGuard's 32 bytes of header and tag, plus padding to 16.
 const MAX_DATAGRAM: usize = 9216 + 48;
-/// Capacity of each buffer written to the TUN: a coalesced packet (at most 64 KB) plus the
-/// virtio header, twice over as tun-rs's GRO asks.
-const TUN_WRITE_CAPACITY: usize = 65_536 + 2 * VIRTIO_NET_HDR_LEN + 64;
 /// Socket buffers: a few milliseconds of line rate, so bursts are not dropped.
 const SOCKET_BUFFER: usize = 8 << 20;
 
@@ -114,6 +120,10 @@ pub struct EdgeCounters {
     pub tun_bytes: u64,
     pub delivered_packets: u64,
     pub delivered_bytes: u64,
+    /// Writes to the TUN that carried them (fewer: segments of a TCP flow are coalesced).
+    pub tun_writes: u64,
+    /// Writes to the TUN that the kernel refused.
+    pub tun_write_errors: u64,
     /// Datagrams that are not WireGuard, or name no session of ours.
     pub rx_unknown: u64,
     /// Datagrams a session refused (bad MAC, replay, stale). In `duplicate` mode the second
@@ -185,6 +195,9 @@ pub struct Edge {
     peers: Vec<PeerRt>,
     epoll: Epoll,
     timer: TimerFd,
+    /// When the timer will fire, if armed: it is re-armed only for an earlier deadline (a
+    /// later one just costs a wake-up that re-arms it), saving a system call per turn.
+    timer_at: Option<Instant>,
     stop: Arc<EventFd>,
     next_wg_tick: Instant,
     counters: EdgeCounters,
@@ -193,12 +206,12 @@ pub struct Edge {
     rx_orig: Vec<u8>,
     rx_bufs: Vec<Vec<u8>>,
     rx_sizes: Vec<usize>,
-    net_buf: Vec<u8>,
+    /// Receive buffers, one per message of a `recvmmsg`.
+    net_bufs: Vec<Vec<u8>>,
     out_buf: Vec<u8>,
     probe_buf: Vec<u8>,
-    to_tun: Vec<Vec<u8>>,
-    tun_pool: Vec<Vec<u8>>,
-    gro: GROTable,
+    /// Decrypted packets on their way to the TUN.
+    to_tun: Coalescer,
     tx: TxBatch,
     /// Cleared when the kernel refuses UDP_SEGMENT; sends then go one datagram at a time.
     gso: bool,
@@ -398,6 +411,7 @@ impl Edge {
             peers,
             epoll,
             timer,
+            timer_at: None,
             stop,
             next_wg_tick: now,
             counters: EdgeCounters::default(),
@@ -405,12 +419,10 @@ impl Edge {
             rx_orig: vec![0; VIRTIO_NET_HDR_LEN + 65_536],
             rx_bufs: (0..IDEAL_BATCH_SIZE).map(|_| vec![0; buf_len]).collect(),
             rx_sizes: vec![0; IDEAL_BATCH_SIZE],
-            net_buf: vec![0; 65_536 + 148],
+            net_bufs: (0..RECV_BATCH).map(|_| vec![0; 65_536 + 148]).collect(),
             out_buf: vec![0; 65_536 + 148],
             probe_buf: Vec::with_capacity(128),
-            to_tun: Vec::new(),
-            tun_pool: Vec::new(),
-            gro: GROTable::new(),
+            to_tun: Coalescer::new(),
             tx: TxBatch {
                 key: None,
                 buf: vec![0; GSO_MAX_BYTES + MAX_DATAGRAM],
@@ -471,12 +483,13 @@ impl Edge {
                     TOKEN_STOP => return Ok(()),
                     TOKEN_TIMER => {
                         let _ = self.timer.wait();
+                        self.timer_at = None;
                     }
                     TOKEN_TUN => self.read_tun()?,
                     t => self.read_link((t - TOKEN_LINK_BASE) as usize),
                 }
             }
-            self.flush_tun();
+            self.flush_tun(false);
         }
     }
 
@@ -543,9 +556,17 @@ impl Edge {
         if let Some(t) = self.engine.poll_timeout() {
             at = at.min(t);
         }
+        let now = Instant::now();
+        if self
+            .timer_at
+            .is_some_and(|armed| armed <= at && armed > now)
+        {
+            return;
+        }
         let wait = at
-            .saturating_duration_since(Instant::now())
+            .saturating_duration_since(now)
             .max(Duration::from_micros(1));
+        self.timer_at = Some(now + wait);
         let _ = self.timer.set(
             Expiration::OneShot(TimeSpec::from_duration(wait)),
             TimerSetTimeFlags::empty(),
@@ -885,67 +906,92 @@ impl Edge {
         self.tx.closed = false;
     }
 
+    /// Reads what `link`'s socket has: up to [`RECV_BATCH`] receives per `recvmmsg`, each up to
+    /// 64 KB of datagrams the kernel coalesced (UDP_GRO).
     fn read_link(&mut self, link: usize) {
-        let mut cmsg = nix::cmsg_space!(i32);
         for _ in 0..READ_BUDGET {
             let Some(l) = self.links.get(link) else {
                 return;
             };
             let fd = l.sock.as_raw_fd();
-            let (n, from, seg) = {
-                let mut iov = [IoSliceMut::new(&mut self.net_buf)];
-                let msg = match recvmsg::<SockaddrStorage>(
-                    fd,
-                    &mut iov,
-                    Some(&mut cmsg),
-                    MsgFlags::empty(),
-                ) {
-                    Ok(m) => m,
-                    Err(nix::errno::Errno::EAGAIN) => return,
-                    Err(nix::errno::Errno::EINTR) => continue,
-                    Err(_) => return,
-                };
-                let from = msg.address.as_ref().and_then(|a| {
-                    a.as_sockaddr_in()
-                        .map(|a| SocketAddr::V4(SocketAddrV4::from(*a)))
-                        .or_else(|| {
-                            a.as_sockaddr_in6()
-                                .map(|a| SocketAddr::V6(SocketAddrV6::from(*a)))
-                        })
+            // (bytes, source, segment size) of each receive.
+            let mut got = [(0usize, None::<SocketAddr>, 0usize); RECV_BATCH];
+            let n = {
+                // Fresh headers for every call: nix's `recvmmsg` does not reset the lengths of
+                // the address and control buffers that the kernel shortened on the previous
+                // call, and a receive without the UDP_GRO message would then leave no room for
+                // it on the next one (its datagrams would be read as one).
+                let mut mmsg = MultiHeaders::<SockaddrStorage>::preallocate(
+                    RECV_BATCH,
+                    Some(nix::cmsg_space!(i32)),
+                );
+                let mut bufs = self.net_bufs.iter_mut();
+                let mut iovs: [[IoSliceMut<'_>; 1]; RECV_BATCH] = std::array::from_fn(|_| {
+                    [IoSliceMut::new(
+                        bufs.next().map_or(&mut [][..], |b| &mut b[..]),
+                    )]
                 });
-                let mut seg = msg.bytes;
-                if let Ok(cmsgs) = msg.cmsgs() {
-                    for c in cmsgs {
-                        if let ControlMessageOwned::UdpGroSegments(s) = c {
-                            seg = usize::try_from(s).unwrap_or(msg.bytes).max(1);
+                let results =
+                    match recvmmsg(fd, &mut mmsg, iovs.iter_mut(), MsgFlags::MSG_DONTWAIT, None) {
+                        Ok(r) => r,
+                        Err(nix::errno::Errno::EINTR) => continue,
+                        // EAGAIN: drained. Anything else: nothing to read now either.
+                        Err(_) => return,
+                    };
+                let mut n = 0;
+                for (slot, msg) in got.iter_mut().zip(results) {
+                    let from = msg.address.as_ref().and_then(|a| {
+                        a.as_sockaddr_in()
+                            .map(|a| SocketAddr::V4(SocketAddrV4::from(*a)))
+                            .or_else(|| {
+                                a.as_sockaddr_in6()
+                                    .map(|a| SocketAddr::V6(SocketAddrV6::from(*a)))
+                            })
+                    });
+                    let mut seg = msg.bytes;
+                    if let Ok(cmsgs) = msg.cmsgs() {
+                        for c in cmsgs {
+                            if let ControlMessageOwned::UdpGroSegments(s) = c {
+                                seg = usize::try_from(s).unwrap_or(msg.bytes).max(1);
+                            }
                         }
                     }
+                    *slot = (msg.bytes, from, seg.max(1));
+                    n += 1;
                 }
-                (msg.bytes, from, seg)
-            };
-            let Some(from) = from else {
-                continue;
+                n
             };
             let now = Instant::now();
-            let mut at = 0;
-            while at < n {
-                let end = (at + seg).min(n);
-                self.handle_segment(link, from, at, end, now);
-                at = end;
+            for (buf, &(len, from, seg)) in got[..n].iter().enumerate() {
+                let Some(from) = from else {
+                    continue;
+                };
+                let mut at = 0;
+                while at < len {
+                    let end = (at + seg).min(len);
+                    self.handle_segment(link, from, buf, at..end, now);
+                    at = end;
+                }
+            }
+            // Coalesced packets that nothing more can join go now; the one still growing may
+            // take segments from the next receive.
+            self.flush_tun(true);
+            if n < RECV_BATCH {
+                return;
             }
         }
     }
 
-    /// One datagram, `net_buf[start..end]`, from `from` on `link`.
+    /// One datagram, `net_bufs[buf][at]`, from `from` on `link`.
     fn handle_segment(
         &mut self,
         link: usize,
         from: SocketAddr,
-        start: usize,
-        end: usize,
+        buf: usize,
+        at: Range<usize>,
         now: Instant,
     ) {
-        let id = match wire::classify(&self.net_buf[start..end]) {
+        let id = match wire::classify(&self.net_bufs[buf][at.clone()]) {
             Some(WgMessage::Initiation) => self.by_endpoint.get(&(link, from)).copied(),
             Some(WgMessage::ToSession(r)) => {
                 let t = wire::tunnel_of(r);
@@ -955,7 +1001,7 @@ impl Edge {
         };
         match id {
             Some(id) if matches!(self.paths.get(id.0 as usize), Some(Some(_))) => {
-                self.handle_datagram(id, link, from, start, end, now)
+                self.handle_datagram(id, link, from, buf, at, now)
             }
             _ => self.counters.rx_unknown += 1,
         }
@@ -966,71 +1012,86 @@ impl Edge {
         id: PathId,
         link: usize,
         from: SocketAddr,
-        start: usize,
-        end: usize,
+        buf: usize,
+        at: Range<usize>,
         now: Instant,
     ) {
         let idx = id.0 as usize;
-        let mut first = true;
-        loop {
-            let Some(Some(p)) = self.paths.get_mut(idx) else {
-                return;
-            };
-            let input: &[u8] = if first {
-                &self.net_buf[start..end]
-            } else {
-                &[]
-            };
-            let result = p
-                .tunn
-                .decapsulate(Some(from.ip()), input, &mut self.out_buf);
-            let was_first = first;
-            first = false;
-            match result {
-                TunnResult::Done => return,
-                TunnResult::Err(_) => {
-                    if was_first {
-                        self.counters.rx_rejected += 1;
-                    }
-                    return;
-                }
-                TunnResult::WriteToNetwork(d) => {
-                    // Handshake responses and queued packets go back the way the peer came.
-                    let len = d.len();
-                    if let Some(l) = self.links.get(link) {
-                        if l.sock.send_to(&self.out_buf[..len], from).is_err() {
-                            self.counters.tx_errors += 1;
-                        }
+        let Some(Some(p)) = self.paths.get_mut(idx) else {
+            return;
+        };
+        // The datagram is decrypted where it will be written to the TUN if it is data (see
+        // [`crate::coalesce`]): its plaintext is no longer than it.
+        let dst = self.to_tun.slot(at.len());
+        let result = p
+            .tunn
+            .decapsulate(Some(from.ip()), &self.net_bufs[buf][at], dst);
+        match result {
+            TunnResult::Done => self.to_tun.discard(),
+            TunnResult::Err(_) => {
+                self.to_tun.discard();
+                self.counters.rx_rejected += 1;
+            }
+            TunnResult::WriteToNetwork(d) => {
+                // A handshake response: back the way the peer came; then whatever the session
+                // queued behind the handshake.
+                if let Some(l) = self.links.get(link) {
+                    if l.sock.send_to(d, from).is_err() {
+                        self.counters.tx_errors += 1;
                     }
                 }
-                TunnResult::WriteToTunnelV4(pkt, _) | TunnResult::WriteToTunnelV6(pkt, _) => {
-                    let len = pkt.len();
-                    self.deliver(id, len, now);
-                    return;
-                }
+                self.to_tun.discard();
+                self.send_queued(idx, link, from);
+            }
+            TunnResult::WriteToTunnelV4(pkt, _) | TunnResult::WriteToTunnelV6(pkt, _) => {
+                let len = pkt.len();
+                self.deliver(id, len, now);
             }
         }
     }
 
-    /// A packet decrypted on path `id` is in `out_buf[..len]`.
+    /// Sends the packets a session queued while it had no keys, now that it has.
+    fn send_queued(&mut self, idx: usize, link: usize, to: SocketAddr) {
+        loop {
+            let Some(Some(p)) = self.paths.get_mut(idx) else {
+                return;
+            };
+            match p.tunn.decapsulate(None, &[], &mut self.out_buf) {
+                TunnResult::WriteToNetwork(d) => {
+                    let len = d.len();
+                    if let Some(l) = self.links.get(link) {
+                        if l.sock.send_to(&self.out_buf[..len], to).is_err() {
+                            self.counters.tx_errors += 1;
+                        }
+                    }
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// A packet of `len` bytes decrypted on path `id` is in the TUN queue's slot.
     fn deliver(&mut self, id: PathId, len: usize, now: Instant) {
         let Some(Some(p)) = self.paths.get(id.0 as usize) else {
+            self.to_tun.discard();
             return;
         };
         let peer = p.peer;
-        let pkt = &self.out_buf[..len];
+        let pkt = self.to_tun.packet(len);
         // Cryptokey routing: the source must be routed to this very peer (the longest prefix
         // containing it is one of this peer's), not merely inside one of its prefixes.
         let allowed = wire::source(pkt)
             .and_then(|s| self.engine.peer_for(s))
             .is_some_and(|owner| owner.0 as usize == peer);
         if !allowed {
+            self.to_tun.discard();
             self.counters.rx_spoofed += 1;
             return;
         }
         match wire::inspect(pkt, self.overlay) {
             Inner::ProbeReply { payload } => {
                 let _ = self.engine.handle_probe_reply(id, payload, now);
+                self.to_tun.discard();
             }
             Inner::ProbeRequest {
                 payload,
@@ -1038,7 +1099,9 @@ impl Edge {
                 sport,
                 ttl,
             } => {
-                if let Ok(reply) = self.engine.handle_probe_request(id, payload, ttl, now) {
+                let reply = self.engine.handle_probe_request(id, payload, ttl, now);
+                self.to_tun.discard();
+                if let Ok(reply) = reply {
                     let mut pkt = std::mem::take(&mut self.probe_buf);
                     if wire::udp_packet(self.overlay, from, STAMP_PORT, sport, &reply, &mut pkt)
                         .is_some()
@@ -1055,35 +1118,20 @@ impl Edge {
                 self.engine.handle_data_received(id, len, now);
                 self.counters.delivered_packets += 1;
                 self.counters.delivered_bytes += len as u64;
-                // Room for a whole coalesced 64 KB packet: tun-rs's GRO only merges into a
-                // buffer that can take the result without reallocating.
-                let mut b = self
-                    .tun_pool
-                    .pop()
-                    .unwrap_or_else(|| Vec::with_capacity(TUN_WRITE_CAPACITY));
-                b.clear();
-                b.resize(VIRTIO_NET_HDR_LEN, 0);
-                b.extend_from_slice(&self.out_buf[..len]);
-                self.to_tun.push(b);
-                if self.to_tun.len() >= IDEAL_BATCH_SIZE {
-                    self.flush_tun();
-                }
+                self.to_tun.commit(len);
             }
         }
     }
 
-    /// Writes the decrypted packets gathered so far to the TUN, coalesced where possible.
-    fn flush_tun(&mut self) {
-        if self.to_tun.is_empty() {
+    /// Writes the decrypted packets gathered so far to the TUN; with `keep_open`, not those
+    /// that later segments may still join.
+    fn flush_tun(&mut self, keep_open: bool) {
+        if self.to_tun.pending() == 0 {
             return;
         }
-        if self
-            .tun
-            .send_multiple(&mut self.gro, &mut self.to_tun, VIRTIO_NET_HDR_LEN)
-            .is_err()
-        {
-            self.counters.tx_errors += 1;
-        }
-        self.tun_pool.append(&mut self.to_tun);
+        self.to_tun.flush(self.tun.as_fd(), keep_open);
+        let c = self.to_tun.counts();
+        self.counters.tun_writes = c.writes;
+        self.counters.tun_write_errors = c.errors;
     }
 }

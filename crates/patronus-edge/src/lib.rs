@@ -13,6 +13,7 @@
 //! encrypted once under the primary path's session and the same datagram sent on both paths; the
 //! second copy to arrive fails that session's replay check and is dropped.
 
+pub mod coalesce;
 pub mod edge;
 pub mod keys;
 pub mod routes;

@@ -199,6 +199,16 @@ pub fn render_metrics(s: &EdgeStatus) -> String {
             c.delivered_bytes,
         ),
         (
+            "tun_writes",
+            "Writes to the TUN carrying the delivered packets (TCP segments coalesced).",
+            c.tun_writes,
+        ),
+        (
+            "tun_write_errors",
+            "Writes to the TUN the kernel refused.",
+            c.tun_write_errors,
+        ),
+        (
             "rx_unknown",
             "Datagrams that are not WireGuard or name no session.",
             c.rx_unknown,

@@ -123,6 +123,7 @@ fn two_sites_reach_each_other_through_the_tunnels_on_the_path_the_engine_chose()
     // the engine rightly reacts to that.
     let tcp = tcp_a_to_b(&lab, b_host);
     assert!(tcp.gbps > 0.0, "{tcp:?}");
+    assert_coalesced(&lab, "b");
     let _ = writeln!(
         std::io::stderr(),
         "stream on one link: mpls {mpls}, inet {inet}; then tcp {:.2} Gbit/s",
@@ -201,6 +202,10 @@ fn an_ipv6_underlay_carries_both_families_between_lan_hosts() {
     // links (the emulator counted it) crossed over IPv6.
     let up = |l: &str| lab.link_status(l).unwrap().up_stats.forwarded;
     assert!(up("a/mpls") + up("a/inet") >= r.sent);
+    // TCP over IPv6 in the overlay: b's edge writes it to its TUN as TCPv6 GSO packets.
+    let tcp = tcp_a_to_b(&lab, b6);
+    assert!(tcp.gbps > 0.0, "{tcp:?}");
+    assert_coalesced(&lab, "b");
 }
 
 #[test]
@@ -241,6 +246,19 @@ fn a_packet_too_big_for_the_tunnel_gets_an_icmp_error_not_a_silent_drop() {
     // And a packet that fits goes through.
     let (ok, text) = ping_df(1412);
     assert!(ok, "{text}");
+}
+
+/// The site's edge joined TCP segments into larger TUN writes (see `patronus_edge::coalesce`),
+/// and the kernel took them: the TCP stream before this completed.
+fn assert_coalesced(lab: &Lab, site: &str) {
+    let s = edge_status(lab, site);
+    let c = &s["counters"];
+    let (packets, writes) = (
+        c["delivered_packets"].as_u64().unwrap(),
+        c["tun_writes"].as_u64().unwrap(),
+    );
+    assert!(packets > 2 * writes, "{c}");
+    assert_eq!(c["tun_write_errors"], 0, "{c}");
 }
 
 fn edge_status(lab: &Lab, site: &str) -> serde_json::Value {
