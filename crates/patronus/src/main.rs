@@ -17,6 +17,7 @@ macro_rules! outln {
 }
 
 mod bench;
+mod controller_cmd;
 mod edge_cmd;
 mod lab_cmd;
 
@@ -37,6 +38,8 @@ enum Command {
     /// Benchmarks; each prints one JSON object on stdout.
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// The controller: the network's desired state behind an authenticated REST API.
+    Controller(controller_cmd::ControllerArgs),
     /// A site's data plane: WireGuard tunnels over every WAN link pair, steered by the path
     /// engine.
     #[command(subcommand)]
@@ -49,6 +52,7 @@ enum Command {
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Bench(b) => bench::run(b),
+        Command::Controller(c) => controller_cmd::run(c),
         Command::Lab(l) => lab_cmd::run(l),
         Command::Edge(e) => edge_cmd::run(e),
     };

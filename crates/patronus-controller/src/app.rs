@@ -1,0 +1,199 @@
+//! The HTTP application: state, the router, and what wraps every request (request id, log line,
+//! timeout, body limit, the JSON 404/405).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::connect_info::MockConnectInfo;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, MatchedPath, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+
+use crate::auth::{Lockout, RateLimiter, Role, Tokens};
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::store::{Actor, Store, UserRow};
+
+/// Everything a handler may need.
+#[derive(Debug, Clone)]
+pub struct AppState(Arc<Inner>);
+
+#[derive(Debug)]
+pub struct Inner {
+    pub config: Config,
+    pub store: Store,
+    pub tokens: Tokens,
+    pub auth_limiter: RateLimiter,
+    pub lockout: Lockout,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub fn new(config: Config, store: Store, key: &[u8]) -> Self {
+        Self(Arc::new(Inner {
+            tokens: Tokens::new(key, config.access_token_ttl, config.refresh_token_ttl),
+            auth_limiter: RateLimiter::new(config.auth_rate_per_minute),
+            lockout: Lockout::new(config.lockout_after_failures),
+            config,
+            store,
+        }))
+    }
+}
+
+/// The request's id: the client's `X-Request-Id` if it is a sane one, else a new one. It is in
+/// the response's `X-Request-Id` and in the log line.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// The calling client's address (the TCP peer).
+pub fn client_ip(parts: &Parts) -> IpAddr {
+    let ext = &parts.extensions;
+    ext.get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .or_else(|| ext.get::<MockConnectInfo<SocketAddr>>().map(|c| c.0.ip()))
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+}
+
+/// An authenticated caller: a valid access token of an enabled user. The role is the user's
+/// current one, read with every request.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub user: UserRow,
+    pub role: Role,
+    pub ip: IpAddr,
+}
+
+impl Principal {
+    /// 403 unless the caller has at least `role`.
+    pub fn require(&self, role: Role) -> Result<(), ApiError> {
+        if self.role >= role {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!(
+                "this needs the {} role; you are {}",
+                role.as_str(),
+                self.role.as_str()
+            )))
+        }
+    }
+
+    pub fn actor(&self) -> Actor {
+        Actor {
+            id: Some(self.user.id),
+            name: self.user.email.clone(),
+            source: self.ip.to_string(),
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for Principal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let ip = client_ip(parts);
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .ok_or_else(|| {
+                ApiError::unauthorized("authentication required: Authorization: Bearer <token>")
+            })?;
+        let id = state
+            .tokens
+            .check_access(token)
+            .ok_or_else(|| ApiError::unauthorized("the access token is invalid or expired"))?;
+        let user = state
+            .store
+            .user(id)
+            .await?
+            .filter(|u| !u.disabled)
+            .ok_or_else(|| ApiError::unauthorized("the access token is invalid or expired"))?;
+        let role = Role::parse(&user.role).ok_or_else(|| {
+            ApiError::internal(format!("user {} has role {}", user.id, user.role))
+        })?;
+        Ok(Self { user, role, ip })
+    }
+}
+
+/// The whole API.
+pub fn router(state: AppState) -> Router {
+    let limit = state.config.max_body_bytes;
+    Router::new()
+        .merge(crate::routes::system::routes())
+        .merge(crate::routes::auth::routes())
+        .merge(crate::routes::users::routes())
+        .merge(crate::routes::audit::routes())
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take that method",
+            )
+        })
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(state.clone(), around))
+        .with_state(state)
+}
+
+/// Request id, timeout and the log line, around every request.
+async fn around(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| crate::auth::b64url(&crate::auth::random_bytes::<12>()));
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let method = req.method().clone();
+    // The route's pattern (`/api/v1/users/{id}`), never the raw path or query.
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let mut resp = match tokio::time::timeout(state.config.request_timeout, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            "the request took longer than the controller allows",
+        )
+        .into_response(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    tracing::info!(
+        request_id = %id,
+        %method,
+        route = %route,
+        status = resp.status().as_u16(),
+        ms = started.elapsed().as_secs_f64() * 1e3,
+        "request"
+    );
+    resp
+}

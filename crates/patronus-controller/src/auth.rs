@@ -1,0 +1,448 @@
+//! Who is calling, and may they: passwords (argon2id), access tokens (short-lived HS256 JWTs
+//! signed with a key generated on first start), refresh tokens (opaque, stored hashed, rotated on
+//! every use), roles, per-client rate limits and per-account lockout.
+//!
+//! A refresh token is 32 random bytes, not a JWT, so it can never pass as an access token; an
+//! access token carries `typ: "access"` and is checked for it. Every authenticated request
+//! re-reads the user, so disabling a user or changing a role takes effect at once, not when the
+//! token expires.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::store::StoreError;
+
+/// Roles, each allowed what the one below it is and more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Reads everything but users, API keys, settings and the audit log.
+    Viewer,
+    /// Also writes network objects (sites, links, topology, classes, policies).
+    Operator,
+    /// Also manages users, API keys and settings, and reads the audit log.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "viewer" => Some(Role::Viewer),
+            "operator" => Some(Role::Operator),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// Random bytes from the operating system.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    // getrandom fails only without an entropy source, where nothing here can be secure.
+    if let Err(e) = getrandom::getrandom(&mut b) {
+        panic!("no secure random source: {e}");
+    }
+    b
+}
+
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+const B64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+/// Unpadded base64url.
+pub fn b64url(data: &[u8]) -> String {
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(char::from(B64URL[(n >> (18 - 6 * i) & 63) as usize]));
+        }
+    }
+    out
+}
+
+/// The access-token key: read from `path`, or generated there (0600) when missing.
+pub fn load_or_create_key(path: &Path) -> Result<Vec<u8>, StoreError> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |what: String| move |error| StoreError::Io { what, error };
+    match std::fs::read(path) {
+        Ok(key) => {
+            let mode = std::fs::metadata(path)
+                .map_err(io(format!("reading {}", path.display())))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                return Err(StoreError::Io {
+                    what: format!("{}", path.display()),
+                    error: std::io::Error::other(format!(
+                        "the signing key is readable by others (mode {:o}); chmod 600 it",
+                        mode & 0o777
+                    )),
+                });
+            }
+            if key.len() < 32 {
+                return Err(StoreError::Io {
+                    what: format!("{}", path.display()),
+                    error: std::io::Error::other("the signing key must be at least 32 bytes"),
+                });
+            }
+            Ok(key)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                crate::store::create_private_dir(dir)?;
+            }
+            let key = random_bytes::<32>().to_vec();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(io(format!("creating {}", path.display())))?;
+            f.write_all(&key)
+                .and_then(|_| f.sync_all())
+                .map_err(io(format!("writing {}", path.display())))?;
+            Ok(key)
+        }
+        Err(error) => Err(StoreError::Io {
+            what: format!("reading {}", path.display()),
+            error,
+        }),
+    }
+}
+
+/// The claims of an access token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user's id.
+    pub sub: String,
+    pub role: Role,
+    /// Always "access".
+    pub typ: String,
+    pub iat: i64,
+    pub exp: i64,
+    pub jti: String,
+}
+
+/// Signs and checks access tokens.
+pub struct Tokens {
+    enc: EncodingKey,
+    dec: DecodingKey,
+    pub access_ttl: Duration,
+    pub refresh_ttl: Duration,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("Tokens")
+            .field("access_ttl", &self.access_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tokens {
+    pub fn new(key: &[u8], access_ttl: Duration, refresh_ttl: Duration) -> Self {
+        Self {
+            enc: EncodingKey::from_secret(key),
+            dec: DecodingKey::from_secret(key),
+            access_ttl,
+            refresh_ttl,
+        }
+    }
+
+    pub fn access(&self, user_id: i64, role: Role, now: i64) -> String {
+        let claims = Claims {
+            sub: user_id.to_string(),
+            role,
+            typ: "access".into(),
+            iat: now,
+            exp: now + self.access_ttl.as_secs() as i64,
+            jti: b64url(&random_bytes::<12>()),
+        };
+        // HS256 over our own claims cannot fail.
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.enc).unwrap_or_default()
+    }
+
+    /// The user id of a valid, unexpired access token.
+    pub fn check_access(&self, token: &str) -> Option<i64> {
+        let mut v = Validation::new(Algorithm::HS256);
+        v.leeway = 0;
+        v.set_required_spec_claims(&["exp", "sub"]);
+        let data = jsonwebtoken::decode::<Claims>(token, &self.dec, &v).ok()?;
+        if data.claims.typ != "access" {
+            return None;
+        }
+        data.claims.sub.parse().ok()
+    }
+
+    /// A new refresh token and the hash that is stored.
+    pub fn refresh() -> (String, [u8; 32]) {
+        let token = format!("prt_{}", b64url(&random_bytes::<32>()));
+        let hash = sha256(token.as_bytes());
+        (token, hash)
+    }
+}
+
+// ----- passwords -----
+
+/// At least 12 characters and three of: lower case, upper case, digits, other; not containing
+/// the account's email name.
+pub fn password_problem(password: &str, email: &str) -> Option<String> {
+    if password.chars().count() < 12 {
+        return Some("must be at least 12 characters".into());
+    }
+    if password.len() > 1024 {
+        return Some("must be at most 1024 bytes".into());
+    }
+    let classes = [
+        password.chars().any(|c| c.is_lowercase()),
+        password.chars().any(|c| c.is_uppercase()),
+        password.chars().any(|c| c.is_ascii_digit()),
+        password.chars().any(|c| !c.is_alphanumeric()),
+    ]
+    .iter()
+    .filter(|&&b| b)
+    .count();
+    if classes < 3 {
+        return Some(
+            "must mix at least three of: lower case, upper case, digits, other characters".into(),
+        );
+    }
+    let local = email.split('@').next().unwrap_or("").to_lowercase();
+    if local.len() >= 4 && password.to_lowercase().contains(&local) {
+        return Some("must not contain the email's name".into());
+    }
+    None
+}
+
+/// argon2id, the crate's default cost (19 MiB, 2 passes, 1 lane), random salt.
+pub fn hash_password(password: &str) -> Result<String, String> {
+    let salt = SaltString::encode_b64(&random_bytes::<16>()).map_err(|e| e.to_string())?;
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
+}
+
+pub fn verify_password(password: &str, hash: &str) -> bool {
+    PasswordHash::new(hash)
+        .map(|h| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &h)
+                .is_ok()
+        })
+        .unwrap_or(false)
+}
+
+/// A hash to verify against when the account does not exist, so that a login for an unknown
+/// email takes as long as one with a wrong password.
+pub fn dummy_hash() -> &'static str {
+    static H: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    H.get_or_init(|| hash_password("not the password of anyone").unwrap_or_default())
+}
+
+// ----- rate limits and lockout -----
+
+/// Token buckets per client address: `per_minute` requests, refilled continuously.
+#[derive(Debug)]
+pub struct RateLimiter {
+    per_minute: u32,
+    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    pub fn new(per_minute: u32) -> Self {
+        Self {
+            per_minute: per_minute.max(1),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `Ok` to go on, or `Err(seconds)` to wait.
+    pub fn check(&self, ip: IpAddr, now: Instant) -> Result<(), u64> {
+        let cap = f64::from(self.per_minute);
+        let rate = cap / 60.0;
+        let mut b = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if b.len() > 100_000 {
+            // Forget full buckets rather than grow without bound under a spray of addresses.
+            b.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * rate < cap
+            });
+        }
+        let (tokens, at) = b.entry(ip).or_insert((cap, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(cap);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - *tokens) / rate).ceil() as u64)
+        }
+    }
+}
+
+/// Failed logins per account (by the email given, existing or not, so that a lockout says
+/// nothing about which accounts exist). After `after` failures in a row the account is locked
+/// for one minute, doubling with each further failure up to an hour; a success clears it.
+#[derive(Debug)]
+pub struct Lockout {
+    after: u32,
+    state: Mutex<HashMap<String, (u32, Option<Instant>)>>,
+}
+
+impl Lockout {
+    pub fn new(after: u32) -> Self {
+        Self {
+            after: after.max(1),
+            state: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `Err(seconds)` while locked.
+    pub fn check(&self, email: &str, now: Instant) -> Result<(), u64> {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match s.get(&email.to_lowercase()) {
+            Some((_, Some(until))) if *until > now => {
+                Err(until.duration_since(now).as_secs_f64().ceil() as u64)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn failed(&self, email: &str, now: Instant) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.len() > 100_000 {
+            s.retain(|_, (_, until)| until.is_some_and(|u| u > now));
+        }
+        let (n, until) = s.entry(email.to_lowercase()).or_insert((0, None));
+        *n += 1;
+        if *n >= self.after {
+            let doublings = (*n - self.after).min(6);
+            let lock = Duration::from_secs(60 << doublings).min(Duration::from_secs(3600));
+            *until = Some(now + lock);
+        }
+    }
+
+    pub fn succeeded(&self, email: &str) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.remove(&email.to_lowercase());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refresh_token_or_a_forged_or_expired_token_is_not_an_access_token() {
+        let t = Tokens::new(&[7; 32], Duration::from_secs(60), Duration::from_secs(3600));
+        let now = crate::store::now_s();
+        let good = t.access(42, Role::Operator, now);
+        assert_eq!(t.check_access(&good), Some(42));
+        let (refresh, _) = Tokens::refresh();
+        assert_eq!(t.check_access(&refresh), None);
+        let other = Tokens::new(&[8; 32], Duration::from_secs(60), Duration::from_secs(3600));
+        assert_eq!(other.check_access(&good), None, "another key");
+        let old = t.access(42, Role::Operator, now - 120);
+        assert_eq!(t.check_access(&old), None, "expired");
+        // alg=none with the same claims.
+        let parts: Vec<&str> = good.split('.').collect();
+        let none = format!("{}.{}.", b64url(br#"{"alg":"none","typ":"JWT"}"#), parts[1]);
+        assert_eq!(t.check_access(&none), None);
+    }
+
+    #[test]
+    fn base64url_matches_the_rfc_4648_vectors() {
+        for (i, o) in [
+            ("", ""),
+            ("f", "Zg"),
+            ("fo", "Zm8"),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg"),
+            ("fooba", "Zm9vYmE"),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(b64url(i.as_bytes()), o);
+        }
+        assert_eq!(b64url(&[0xfb, 0xff]), "-_8");
+    }
+
+    #[test]
+    fn weak_passwords_are_refused_with_the_reason() {
+        assert!(
+            password_problem("short1A!", "a@b.c")
+                .unwrap()
+                .contains("12")
+        );
+        assert!(
+            password_problem("alllowercaseletters", "a@b.c")
+                .unwrap()
+                .contains("three")
+        );
+        assert!(
+            password_problem("Alice-Secret-99", "alice@x.org")
+                .unwrap()
+                .contains("email")
+        );
+        assert_eq!(password_problem("Correct-Horse-42", "alice@x.org"), None);
+    }
+
+    #[test]
+    fn hashes_verify_only_their_password() {
+        let h = hash_password("Correct-Horse-42").unwrap();
+        assert!(h.starts_with("$argon2id$"));
+        assert!(verify_password("Correct-Horse-42", &h));
+        assert!(!verify_password("Correct-Horse-43", &h));
+        assert!(!verify_password("Correct-Horse-42", "not a hash"));
+    }
+
+    #[test]
+    fn the_rate_limit_refills_and_the_lockout_doubles() {
+        let now = Instant::now();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let r = RateLimiter::new(3);
+        for _ in 0..3 {
+            assert!(r.check(ip, now).is_ok());
+        }
+        let wait = r.check(ip, now).unwrap_err();
+        assert!((1..=20).contains(&wait), "{wait}");
+        assert!(r.check(ip, now + Duration::from_secs(20)).is_ok());
+        assert!(r.check("192.0.2.2".parse().unwrap(), now).is_ok());
+
+        let l = Lockout::new(2);
+        l.failed("A@x", now);
+        assert!(l.check("a@x", now).is_ok());
+        l.failed("a@x", now);
+        assert_eq!(l.check("a@X", now), Err(60));
+        l.failed("a@x", now);
+        assert_eq!(l.check("a@x", now), Err(120));
+        assert!(l.check("a@x", now + Duration::from_secs(121)).is_ok());
+        l.succeeded("a@x");
+        l.failed("a@x", now);
+        assert!(l.check("a@x", now).is_ok());
+    }
+}

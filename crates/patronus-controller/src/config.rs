@@ -1,0 +1,330 @@
+//! The controller's configuration: a TOML file, then `PATRONUS_*` environment variables, then
+//! command-line flags, each overriding the one before. Every bad key is reported, by name and
+//! by where it came from, in one error.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use patronus_api::FieldErrors;
+use serde::de::DeserializeOwned;
+
+/// Where the controller keeps its state when nothing says otherwise.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/patronus";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Address the HTTP API listens on.
+    pub listen: SocketAddr,
+    /// Directory for the database and the token signing key (created 0700).
+    pub data_dir: PathBuf,
+    /// The SQLite database file; default `<data_dir>/controller.db`.
+    pub database: PathBuf,
+    /// The access-token signing key (32 random bytes, created 0600 on first start when
+    /// missing); default `<data_dir>/jwt.key`.
+    pub jwt_key_file: PathBuf,
+    pub access_token_ttl: Duration,
+    pub refresh_token_ttl: Duration,
+    /// Longest time a request may take before it is answered 503.
+    pub request_timeout: Duration,
+    /// Largest request body accepted (413 above it).
+    pub max_body_bytes: usize,
+    /// Login and token requests allowed per client address per minute (429 above it).
+    pub auth_rate_per_minute: u32,
+    /// Failed logins in a row after which an account is locked for a while.
+    pub lockout_after_failures: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self::with_data_dir(PathBuf::from(DEFAULT_DATA_DIR))
+    }
+}
+
+impl Config {
+    /// The defaults, with the state in `dir`.
+    pub fn with_data_dir(dir: PathBuf) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            database: dir.join("controller.db"),
+            jwt_key_file: dir.join("jwt.key"),
+            data_dir: dir,
+            access_token_ttl: Duration::from_secs(15 * 60),
+            refresh_token_ttl: Duration::from_secs(30 * 24 * 3600),
+            request_timeout: Duration::from_secs(30),
+            max_body_bytes: 1 << 20,
+            auth_rate_per_minute: 30,
+            lockout_after_failures: 5,
+        }
+    }
+}
+
+/// The keys a configuration file may hold, each also `PATRONUS_<KEY>` in the environment.
+pub const KEYS: &[&str] = &[
+    "listen",
+    "data_dir",
+    "database",
+    "jwt_key_file",
+    "access_token_ttl_s",
+    "refresh_token_ttl_s",
+    "request_timeout_s",
+    "max_body_bytes",
+    "auth_rate_per_minute",
+    "lockout_after_failures",
+];
+
+/// Values given on the command line; `None` leaves the file's or the environment's.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub database: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {error}")]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{path}: {error}")]
+    Parse { path: PathBuf, error: String },
+    #[error("configuration: {0}")]
+    Invalid(FieldErrors),
+}
+
+/// One key's value and where it came from, for messages.
+struct Source {
+    value: toml::Value,
+    from: String,
+}
+
+impl Config {
+    /// Loads `file` (if given), then the environment (`env`, normally `std::env::vars()`),
+    /// then `flags`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let mut errors = FieldErrors::default();
+        let mut values: Vec<(String, Source)> = Vec::new();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+                path: path.to_owned(),
+                error,
+            })?;
+            let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                path: path.to_owned(),
+                error: e.to_string(),
+            })?;
+            for (k, v) in table {
+                if KEYS.contains(&k.as_str()) {
+                    let from = format!("{} ({})", k, path.display());
+                    values.push((k, Source { value: v, from }));
+                } else {
+                    errors.push(
+                        format!("{k} ({})", path.display()),
+                        format!("unknown key; known keys are {}", KEYS.join(", ")),
+                    );
+                }
+            }
+        }
+        for (name, raw) in env {
+            let Some(key) = name.strip_prefix("PATRONUS_") else {
+                continue;
+            };
+            let key = key.to_ascii_lowercase();
+            if !KEYS.contains(&key.as_str()) {
+                // Other PATRONUS_ variables belong to other parts (the first admin, the lab).
+                continue;
+            }
+            // Numbers are numbers; anything else is a string for its type to parse.
+            let value = raw
+                .parse::<i64>()
+                .map(toml::Value::Integer)
+                .unwrap_or_else(|_| toml::Value::String(raw.clone()));
+            values.retain(|(k, _)| *k != key);
+            values.push((key, Source { value, from: name }));
+        }
+
+        let data_dir = flags
+            .data_dir
+            .clone()
+            .or_else(|| take::<PathBuf>(&values, "data_dir", &mut errors));
+        let mut c = Config::with_data_dir(data_dir.unwrap_or_else(|| DEFAULT_DATA_DIR.into()));
+        if let Some(v) = take(&values, "listen", &mut errors) {
+            c.listen = v;
+        }
+        if let Some(v) = take(&values, "database", &mut errors) {
+            c.database = v;
+        }
+        if let Some(v) = take(&values, "jwt_key_file", &mut errors) {
+            c.jwt_key_file = v;
+        }
+        let secs = |key: &str, min: u64, max: u64, errors: &mut FieldErrors| {
+            let v: u64 = take(&values, key, errors)?;
+            if (min..=max).contains(&v) {
+                Some(Duration::from_secs(v))
+            } else {
+                let from = &values.iter().find(|(k, _)| k == key)?.1.from;
+                errors.push(
+                    from.clone(),
+                    format!("must be between {min} and {max} seconds"),
+                );
+                None
+            }
+        };
+        if let Some(v) = secs("access_token_ttl_s", 60, 24 * 3600, &mut errors) {
+            c.access_token_ttl = v;
+        }
+        if let Some(v) = secs("refresh_token_ttl_s", 3600, 365 * 24 * 3600, &mut errors) {
+            c.refresh_token_ttl = v;
+        }
+        if let Some(v) = secs("request_timeout_s", 1, 600, &mut errors) {
+            c.request_timeout = v;
+        }
+        if let Some(v) = take::<usize>(&values, "max_body_bytes", &mut errors) {
+            if v < 1024 {
+                errors.push(
+                    source_of(&values, "max_body_bytes"),
+                    "must be at least 1024",
+                );
+            } else {
+                c.max_body_bytes = v;
+            }
+        }
+        if let Some(v) = take::<u32>(&values, "auth_rate_per_minute", &mut errors) {
+            if v == 0 {
+                errors.push(
+                    source_of(&values, "auth_rate_per_minute"),
+                    "must be at least 1",
+                );
+            } else {
+                c.auth_rate_per_minute = v;
+            }
+        }
+        if let Some(v) = take::<u32>(&values, "lockout_after_failures", &mut errors) {
+            if v == 0 {
+                errors.push(
+                    source_of(&values, "lockout_after_failures"),
+                    "must be at least 1",
+                );
+            } else {
+                c.lockout_after_failures = v;
+            }
+        }
+        if let Some(v) = flags.listen {
+            c.listen = v;
+        }
+        if let Some(v) = &flags.database {
+            c.database = v.clone();
+        }
+        errors.into_result().map_err(ConfigError::Invalid)?;
+        Ok(c)
+    }
+}
+
+fn source_of(values: &[(String, Source)], key: &str) -> String {
+    values
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, s)| s.from.clone())
+        .unwrap_or_else(|| key.to_owned())
+}
+
+/// The value of `key` as a `T`, or an error naming where it came from.
+fn take<T: DeserializeOwned>(
+    values: &[(String, Source)],
+    key: &str,
+    errors: &mut FieldErrors,
+) -> Option<T> {
+    let (_, s) = values.iter().find(|(k, _)| k == key)?;
+    match s.value.clone().try_into::<T>() {
+        Ok(v) => Some(v),
+        Err(e) => {
+            errors.push(s.from.clone(), e.to_string().trim().to_owned());
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_commented_example_file_parses() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("controller.toml");
+        std::fs::write(&path, include_str!("../controller.example.toml")).unwrap();
+        let c = Config::load(Some(&path), [], &Overrides::default()).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.database, PathBuf::from("/var/lib/patronus/controller.db"));
+        assert_eq!(c.access_token_ttl, Duration::from_secs(900));
+    }
+
+    #[test]
+    fn flags_override_the_environment_which_overrides_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:1000\"\ndata_dir = \"/srv/a\"\nrequest_timeout_s = 5\n",
+        )
+        .unwrap();
+        let c = Config::load(
+            Some(&path),
+            env(&[
+                ("PATRONUS_LISTEN", "127.0.0.1:2000"),
+                ("PATRONUS_REQUEST_TIMEOUT_S", "7"),
+                ("PATRONUS_ADMIN_EMAIL", "not a config key"),
+                ("HOME", "/root"),
+            ]),
+            &Overrides {
+                listen: Some("127.0.0.1:3000".parse().unwrap()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.listen, "127.0.0.1:3000".parse().unwrap());
+        assert_eq!(c.request_timeout, Duration::from_secs(7));
+        assert_eq!(c.database, PathBuf::from("/srv/a/controller.db"));
+    }
+
+    #[test]
+    fn every_bad_key_is_named_with_where_it_came_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "listne = \"x\"\naccess_token_ttl_s = 5\nmax_body_bytes = \"lots\"\n",
+        )
+        .unwrap();
+        let e = Config::load(
+            Some(&path),
+            env(&[("PATRONUS_LISTEN", "localhost")]),
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "listne",
+            "unknown key",
+            "access_token_ttl_s",
+            "between 60 and 86400",
+            "max_body_bytes",
+            "PATRONUS_LISTEN",
+        ] {
+            assert!(e.contains(want), "{want} in {e}");
+        }
+    }
+}

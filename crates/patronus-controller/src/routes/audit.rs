@@ -1,0 +1,64 @@
+//! `/api/v1/audit`: every write, who made it, when, and from where. Admins only.
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use crate::app::{AppState, Principal};
+use crate::auth::Role;
+use crate::error::{ApiError, extract};
+use crate::routes::{Page, Paging};
+use crate::store::{AuditQuery, AuditRow};
+
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/api/v1/audit", get(list))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    pub limit: Option<i64>,
+    pub offset: Option<i64>,
+    /// The actor's email (or `cli`, `bootstrap`).
+    pub actor: Option<String>,
+    /// `user.create`, `user.update`, ...
+    pub action: Option<String>,
+    /// Unix milliseconds, inclusive.
+    pub since: Option<i64>,
+    /// Unix milliseconds, exclusive.
+    pub until: Option<i64>,
+    /// `asc` for oldest first; newest first by default.
+    pub order: Option<String>,
+}
+
+async fn list(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Query(q): extract::Query<ListQuery>,
+) -> Result<Json<Page<AuditRow>>, ApiError> {
+    p.require(Role::Admin)?;
+    let paging = Paging::new(q.limit, q.offset)?;
+    let oldest_first = match q.order.as_deref() {
+        None | Some("desc") => false,
+        Some("asc") => true,
+        Some(_) => return Err(ApiError::field("order", "must be asc or desc")),
+    };
+    let (items, total) = s
+        .store
+        .audit_log(&AuditQuery {
+            actor: q.actor,
+            action: q.action,
+            since_ms: q.since,
+            until_ms: q.until,
+            oldest_first,
+            limit: paging.limit,
+            offset: paging.offset,
+        })
+        .await?;
+    Ok(Json(Page {
+        items,
+        total,
+        limit: paging.limit,
+        offset: paging.offset,
+    }))
+}

@@ -1,0 +1,213 @@
+//! `/api/v1/auth`: login, refresh (rotating), logout, and who am I.
+
+use std::time::Instant;
+
+use axum::extract::{FromRequestParts, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use crate::app::{AppState, Principal, client_ip};
+use crate::auth::{self as a, Role, Tokens};
+use crate::error::{ApiError, extract};
+use crate::store::{Actor, RefreshOutcome, Store, UserRow, now_s};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/auth/login", post(login))
+        .route("/api/v1/auth/refresh", post(refresh))
+        .route("/api/v1/auth/logout", post(logout))
+        .route("/api/v1/auth/me", get(me))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    pub email: String,
+    pub password: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TokenResponse {
+    pub access_token: String,
+    pub refresh_token: String,
+    /// Always `Bearer`.
+    pub token_type: String,
+    /// Seconds the access token is valid for.
+    pub expires_in: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshRequest {
+    pub refresh_token: String,
+}
+
+/// Admits the request under the per-client limit on login and token requests (429 with
+/// `Retry-After` beyond it).
+#[derive(Debug)]
+pub struct AuthRateLimited;
+
+impl FromRequestParts<AppState> for AuthRateLimited {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        state
+            .auth_limiter
+            .check(client_ip(parts), Instant::now())
+            .map_err(|wait| {
+                ApiError::too_many("too many login or token requests from this address", wait)
+            })?;
+        Ok(Self)
+    }
+}
+
+/// Issues a token pair in a new refresh family.
+async fn issue(
+    store: &Store,
+    tokens: &Tokens,
+    user: &UserRow,
+    role: Role,
+    actor: &Actor,
+) -> Result<TokenResponse, ApiError> {
+    let now = now_s();
+    let (refresh, hash) = Tokens::refresh();
+    let family = a::b64url(&a::random_bytes::<16>());
+    let mut tx = store.begin().await?;
+    Store::insert_refresh(
+        &mut tx,
+        user.id,
+        &family,
+        &hash,
+        now + tokens.refresh_ttl.as_secs() as i64,
+    )
+    .await?;
+    Store::audit(
+        &mut tx,
+        actor,
+        "auth.login",
+        &format!("user/{}", user.id),
+        serde_json::json!({}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(TokenResponse {
+        access_token: tokens.access(user.id, role, now),
+        refresh_token: refresh,
+        token_type: "Bearer".into(),
+        expires_in: tokens.access_ttl.as_secs(),
+    })
+}
+
+async fn login(
+    State(s): State<AppState>,
+    _limit: AuthRateLimited,
+    parts: ClientIp,
+    extract::Json(req): extract::Json<LoginRequest>,
+) -> Result<Json<TokenResponse>, ApiError> {
+    let now = Instant::now();
+    let email = req.email.trim().to_owned();
+    s.lockout.check(&email, now).map_err(|wait| {
+        ApiError::too_many(
+            "too many failed logins for this account; it is locked for a while",
+            wait,
+        )
+    })?;
+    let user = s.store.user_by_email(&email).await?;
+    let hash = user
+        .as_ref()
+        .map(|u| u.password_hash.clone())
+        .unwrap_or_else(|| a::dummy_hash().to_owned());
+    let password = req.password;
+    // argon2 takes tens of milliseconds of CPU: off the async workers.
+    let ok = tokio::task::spawn_blocking(move || a::verify_password(&password, &hash))
+        .await
+        .map_err(ApiError::internal)?;
+    let user = match user {
+        Some(u) if ok => u,
+        _ => {
+            s.lockout.failed(&email, now);
+            return Err(ApiError::unauthorized("wrong email or password"));
+        }
+    };
+    s.lockout.succeeded(&email);
+    if user.disabled {
+        return Err(ApiError::forbidden("this account is disabled"));
+    }
+    let role = Role::parse(&user.role).ok_or_else(|| ApiError::internal("bad role in store"))?;
+    let actor = Actor {
+        id: Some(user.id),
+        name: user.email.clone(),
+        source: parts.0.to_string(),
+    };
+    Ok(Json(issue(&s.store, &s.tokens, &user, role, &actor).await?))
+}
+
+/// The client's address, as an extractor.
+#[derive(Debug)]
+pub struct ClientIp(pub std::net::IpAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        Ok(Self(client_ip(parts)))
+    }
+}
+
+async fn refresh(
+    State(s): State<AppState>,
+    _limit: AuthRateLimited,
+    extract::Json(req): extract::Json<RefreshRequest>,
+) -> Result<Json<TokenResponse>, ApiError> {
+    let old = a::sha256(req.refresh_token.as_bytes());
+    let (token, new) = Tokens::refresh();
+    let expires = now_s() + s.tokens.refresh_ttl.as_secs() as i64;
+    let user_id = match s.store.rotate_refresh(&old, &new, expires).await? {
+        RefreshOutcome::Rotated { user_id } => user_id,
+        RefreshOutcome::Invalid => {
+            return Err(ApiError::unauthorized(
+                "the refresh token is invalid or expired",
+            ));
+        }
+        RefreshOutcome::Reused => {
+            tracing::warn!("a rotated refresh token was used again; its session is revoked");
+            return Err(ApiError::unauthorized(
+                "this refresh token was already used; the session is revoked, log in again",
+            ));
+        }
+    };
+    let user = s
+        .store
+        .user(user_id)
+        .await?
+        .filter(|u| !u.disabled)
+        .ok_or_else(|| ApiError::unauthorized("the refresh token is invalid or expired"))?;
+    let role = Role::parse(&user.role).ok_or_else(|| ApiError::internal("bad role in store"))?;
+    Ok(Json(TokenResponse {
+        access_token: s.tokens.access(user.id, role, now_s()),
+        refresh_token: token,
+        token_type: "Bearer".into(),
+        expires_in: s.tokens.access_ttl.as_secs(),
+    }))
+}
+
+/// Ends the session the refresh token belongs to (the access token lapses on its own within
+/// its short lifetime).
+async fn logout(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Json(req): extract::Json<RefreshRequest>,
+) -> Result<StatusCode, ApiError> {
+    let hash = a::sha256(req.refresh_token.as_bytes());
+    if !s.store.revoke_refresh(&hash, p.user.id).await? {
+        return Err(ApiError::not_found("that refresh token of yours"));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn me(p: Principal) -> Json<UserRow> {
+    Json(p.user)
+}

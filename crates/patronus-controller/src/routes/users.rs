@@ -1,0 +1,432 @@
+//! `/api/v1/users`: accounts and roles. Admins manage them; everyone may read themselves and
+//! change their own password.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use patronus_api::FieldErrors;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::app::{AppState, Principal};
+use crate::auth::{self as a, Role};
+use crate::error::{ApiError, extract};
+use crate::routes::{Page, Paging};
+use crate::store::{Actor, Store, UserQuery, UserRow, UserSort, now_s};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/users", get(list).post(create))
+        .route("/api/v1/users/{id}", get(show).patch(update).delete(remove))
+        .route("/api/v1/users/{id}/password", post(set_password))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewUser {
+    pub email: String,
+    #[serde(default)]
+    pub name: String,
+    pub role: Role,
+    pub password: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserPatch {
+    pub email: Option<String>,
+    pub name: Option<String>,
+    pub role: Option<Role>,
+    pub disabled: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordChange {
+    /// Required when changing one's own password.
+    pub current_password: Option<String>,
+    pub new_password: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    pub limit: Option<i64>,
+    pub offset: Option<i64>,
+    pub role: Option<Role>,
+    pub disabled: Option<bool>,
+    /// Part of the email or name.
+    pub q: Option<String>,
+    /// `email`, `-email`, `name`, `role`, `created_at`, `id` (default).
+    pub sort: Option<String>,
+}
+
+pub fn email_problem(email: &str) -> Option<&'static str> {
+    let mut parts = email.split('@');
+    let (local, domain) = (parts.next().unwrap_or(""), parts.next());
+    if email.len() > 254 {
+        Some("must be at most 254 characters")
+    } else if email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Some("must not contain spaces")
+    } else if local.is_empty() || domain.is_none_or(str::is_empty) || parts.next().is_some() {
+        Some("must be an email address (name@domain)")
+    } else {
+        None
+    }
+}
+
+fn etag(u: &UserRow) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{}\"", u.version))
+        .unwrap_or(HeaderValue::from_static("\"0\""))
+}
+
+fn with_etag(status: StatusCode, u: UserRow) -> Response {
+    let tag = etag(&u);
+    let mut r = (status, Json(u)).into_response();
+    r.headers_mut().insert(header::ETAG, tag);
+    r
+}
+
+/// Creates a user; shared with the offline command and the first-admin bootstrap.
+pub async fn create_user(store: &Store, actor: &Actor, new: NewUser) -> Result<UserRow, ApiError> {
+    let email = new.email.trim().to_owned();
+    let mut e = FieldErrors::default();
+    if let Some(p) = email_problem(&email) {
+        e.push("email", p);
+    }
+    if new.name.chars().count() > 200 {
+        e.push("name", "must be at most 200 characters");
+    }
+    if let Some(p) = a::password_problem(&new.password, &email) {
+        e.push("password", p);
+    }
+    e.into_result().map_err(ApiError::validation)?;
+    let password = new.password;
+    let hash = tokio::task::spawn_blocking(move || a::hash_password(&password))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?;
+    let now = now_s();
+    let mut tx = store.begin().await?;
+    let r = sqlx::query(
+        "INSERT INTO users (email, name, role, password_hash, created_at, updated_at)
+         VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&email)
+    .bind(&new.name)
+    .bind(new.role.as_str())
+    .bind(&hash)
+    .bind(now)
+    .bind(now)
+    .execute(&mut *tx)
+    .await;
+    let id = match r {
+        Ok(r) => r.last_insert_rowid(),
+        Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {
+            return Err(ApiError::conflict(format!(
+                "a user with email {email} exists"
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Store::audit(
+        &mut tx,
+        actor,
+        "user.create",
+        &format!("user/{id}"),
+        json!({ "email": email, "role": new.role }),
+    )
+    .await?;
+    tx.commit().await?;
+    store
+        .user(id)
+        .await?
+        .ok_or_else(|| ApiError::internal("the new user vanished"))
+}
+
+async fn list(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Query(q): extract::Query<ListQuery>,
+) -> Result<Json<Page<UserRow>>, ApiError> {
+    p.require(Role::Admin)?;
+    let paging = Paging::new(q.limit, q.offset)?;
+    let sort = q.sort.as_deref().unwrap_or("id");
+    let (descending, key) = match sort.strip_prefix('-') {
+        Some(k) => (true, k),
+        None => (false, sort),
+    };
+    let sort = match key {
+        "id" => UserSort::Id,
+        "email" => UserSort::Email,
+        "name" => UserSort::Name,
+        "role" => UserSort::Role,
+        "created_at" => UserSort::CreatedAt,
+        _ => {
+            return Err(ApiError::field(
+                "sort",
+                "must be one of id, email, name, role, created_at (- in front for descending)",
+            ));
+        }
+    };
+    let (items, total) = s
+        .store
+        .users(&UserQuery {
+            role: q.role.map(|r| r.as_str().to_owned()),
+            disabled: q.disabled,
+            search: q.q,
+            sort,
+            descending,
+            limit: paging.limit,
+            offset: paging.offset,
+        })
+        .await?;
+    Ok(Json(Page {
+        items,
+        total,
+        limit: paging.limit,
+        offset: paging.offset,
+    }))
+}
+
+async fn create(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Json(new): extract::Json<NewUser>,
+) -> Result<Response, ApiError> {
+    p.require(Role::Admin)?;
+    let u = create_user(&s.store, &p.actor(), new).await?;
+    let mut r = with_etag(StatusCode::CREATED, u.clone());
+    if let Ok(v) = HeaderValue::from_str(&format!("/api/v1/users/{}", u.id)) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(r)
+}
+
+async fn show(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Path(id): extract::Path<i64>,
+) -> Result<Response, ApiError> {
+    if p.user.id != id {
+        p.require(Role::Admin)?;
+    }
+    let u = s
+        .store
+        .user(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("user {id}")))?;
+    Ok(with_etag(StatusCode::OK, u))
+}
+
+/// `If-Match: "<version>"`, if given, must name the current version (412 otherwise).
+fn check_if_match(headers: &HeaderMap, current: &UserRow) -> Result<(), ApiError> {
+    let Some(v) = headers.get(header::IF_MATCH) else {
+        return Ok(());
+    };
+    let want = v.to_str().unwrap_or("").trim();
+    if want == "*" || want == etag(current).to_str().unwrap_or("") {
+        Ok(())
+    } else {
+        Err(ApiError::precondition_failed(format!(
+            "the user changed since you read it (now version {}); read it again",
+            current.version
+        )))
+    }
+}
+
+/// Enabled admins other than `except`.
+async fn other_admins(store: &Store, except: i64) -> Result<i64, ApiError> {
+    Ok(sqlx::query_scalar(
+        "SELECT COUNT(*) FROM users WHERE role = 'admin' AND disabled = 0 AND id != ?",
+    )
+    .bind(except)
+    .fetch_one(store.pool())
+    .await?)
+}
+
+async fn update(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Path(id): extract::Path<i64>,
+    headers: HeaderMap,
+    extract::Json(patch): extract::Json<UserPatch>,
+) -> Result<Response, ApiError> {
+    p.require(Role::Admin)?;
+    let cur = s
+        .store
+        .user(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("user {id}")))?;
+    check_if_match(&headers, &cur)?;
+    let mut e = FieldErrors::default();
+    let email = patch
+        .email
+        .as_deref()
+        .map(str::trim)
+        .unwrap_or(&cur.email)
+        .to_owned();
+    if let Some(p) = email_problem(&email) {
+        e.push("email", p);
+    }
+    let name = patch.name.clone().unwrap_or_else(|| cur.name.clone());
+    if name.chars().count() > 200 {
+        e.push("name", "must be at most 200 characters");
+    }
+    e.into_result().map_err(ApiError::validation)?;
+    let role = patch.role.map(Role::as_str).unwrap_or(&cur.role).to_owned();
+    let disabled = patch.disabled.unwrap_or(cur.disabled);
+    let stays_admin = role == "admin" && !disabled;
+    if cur.role == "admin"
+        && !cur.disabled
+        && !stays_admin
+        && other_admins(&s.store, id).await? == 0
+    {
+        return Err(ApiError::conflict(
+            "this is the last enabled admin; make another admin first",
+        ));
+    }
+    let mut tx = s.store.begin().await?;
+    // The version in the WHERE makes a concurrent update lose cleanly (412), not silently.
+    let r = sqlx::query(
+        "UPDATE users SET email = ?, name = ?, role = ?, disabled = ?, version = version + 1,
+         updated_at = ? WHERE id = ? AND version = ?",
+    )
+    .bind(&email)
+    .bind(&name)
+    .bind(&role)
+    .bind(disabled as i64)
+    .bind(now_s())
+    .bind(id)
+    .bind(cur.version)
+    .execute(&mut *tx)
+    .await;
+    match r {
+        Ok(r) if r.rows_affected() == 0 => {
+            return Err(ApiError::precondition_failed(
+                "the user changed while this update ran; read it again",
+            ));
+        }
+        Ok(_) => {}
+        Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {
+            return Err(ApiError::conflict(format!(
+                "a user with email {email} exists"
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    if disabled || role != cur.role {
+        // Sessions end with the access they were granted under.
+        Store::revoke_all_refresh(&mut tx, id).await?;
+    }
+    Store::audit(
+        &mut tx,
+        &p.actor(),
+        "user.update",
+        &format!("user/{id}"),
+        json!({ "email": patch.email, "name": patch.name, "role": patch.role, "disabled": patch.disabled }),
+    )
+    .await?;
+    tx.commit().await?;
+    let u = s
+        .store
+        .user(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("user {id}")))?;
+    Ok(with_etag(StatusCode::OK, u))
+}
+
+async fn remove(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Path(id): extract::Path<i64>,
+) -> Result<StatusCode, ApiError> {
+    p.require(Role::Admin)?;
+    if id == p.user.id {
+        return Err(ApiError::conflict("you cannot delete yourself"));
+    }
+    let cur = s
+        .store
+        .user(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("user {id}")))?;
+    if cur.role == "admin" && !cur.disabled && other_admins(&s.store, id).await? == 0 {
+        return Err(ApiError::conflict("this is the last enabled admin"));
+    }
+    let mut tx = s.store.begin().await?;
+    sqlx::query("DELETE FROM users WHERE id = ?")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    Store::audit(
+        &mut tx,
+        &p.actor(),
+        "user.delete",
+        &format!("user/{id}"),
+        json!({ "email": cur.email }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn set_password(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Path(id): extract::Path<i64>,
+    extract::Json(req): extract::Json<PasswordChange>,
+) -> Result<StatusCode, ApiError> {
+    let own = id == p.user.id;
+    if !own {
+        p.require(Role::Admin)?;
+    }
+    let target = s
+        .store
+        .user(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("user {id}")))?;
+    if own {
+        let Some(current) = req.current_password else {
+            return Err(ApiError::field(
+                "current_password",
+                "is required to change your own password",
+            ));
+        };
+        let hash = target.password_hash.clone();
+        let ok = tokio::task::spawn_blocking(move || a::verify_password(&current, &hash))
+            .await
+            .map_err(ApiError::internal)?;
+        if !ok {
+            return Err(ApiError::field("current_password", "is wrong"));
+        }
+    }
+    if let Some(problem) = a::password_problem(&req.new_password, &target.email) {
+        return Err(ApiError::field("new_password", problem));
+    }
+    let new = req.new_password;
+    let hash = tokio::task::spawn_blocking(move || a::hash_password(&new))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?;
+    let mut tx = s.store.begin().await?;
+    sqlx::query(
+        "UPDATE users SET password_hash = ?, version = version + 1, updated_at = ? WHERE id = ?",
+    )
+    .bind(&hash)
+    .bind(now_s())
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    Store::revoke_all_refresh(&mut tx, id).await?;
+    Store::audit(
+        &mut tx,
+        &p.actor(),
+        "user.password",
+        &format!("user/{id}"),
+        json!({}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}

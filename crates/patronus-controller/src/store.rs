@@ -1,0 +1,577 @@
+//! The controller's store: SQLite (WAL, foreign keys on, `synchronous = FULL`, so a write the API
+//! acknowledged survives the process being killed), with versioned migrations applied at start.
+//!
+//! Every write that the API acknowledges is one transaction that also appends its audit record.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+
+/// The schema, in order. A migration is never edited once released: a change is a new one.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "users, refresh tokens, audit log",
+    r#"
+CREATE TABLE users (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    email         TEXT    NOT NULL UNIQUE COLLATE NOCASE,
+    name          TEXT    NOT NULL DEFAULT '',
+    role          TEXT    NOT NULL CHECK (role IN ('admin', 'operator', 'viewer')),
+    password_hash TEXT    NOT NULL,
+    disabled      INTEGER NOT NULL DEFAULT 0,
+    version       INTEGER NOT NULL DEFAULT 1,
+    created_at    INTEGER NOT NULL,
+    updated_at    INTEGER NOT NULL
+);
+CREATE TABLE refresh_tokens (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id     INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    family      TEXT    NOT NULL,
+    token_hash  BLOB    NOT NULL UNIQUE,
+    expires_at  INTEGER NOT NULL,
+    rotated     INTEGER NOT NULL DEFAULT 0,
+    revoked     INTEGER NOT NULL DEFAULT 0,
+    created_at  INTEGER NOT NULL
+);
+CREATE INDEX refresh_tokens_family ON refresh_tokens(family);
+CREATE INDEX refresh_tokens_user ON refresh_tokens(user_id);
+CREATE TABLE audit_log (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms     INTEGER NOT NULL,
+    actor_id  INTEGER,
+    actor     TEXT    NOT NULL,
+    action    TEXT    NOT NULL,
+    target    TEXT    NOT NULL,
+    details   TEXT    NOT NULL DEFAULT '{}',
+    source    TEXT    NOT NULL DEFAULT ''
+);
+CREATE INDEX audit_log_at ON audit_log(at_ms);
+"#,
+)];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{what}: {error}")]
+    Io { what: String, error: std::io::Error },
+    #[error("{what}: {error}")]
+    Db { what: String, error: sqlx::Error },
+}
+
+fn db(what: impl Into<String>) -> impl FnOnce(sqlx::Error) -> StoreError {
+    let what = what.into();
+    move |error| StoreError::Db { what, error }
+}
+
+pub fn now_s() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs() as i64
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis() as i64
+}
+
+/// Who did something, for the audit log.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    pub id: Option<i64>,
+    /// An email, `cli` for offline commands, `bootstrap` for the first admin.
+    pub name: String,
+    /// The client's address, if over the network.
+    pub source: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UserRow {
+    pub id: i64,
+    pub email: String,
+    pub name: String,
+    pub role: String,
+    #[serde(skip)]
+    pub password_hash: String,
+    pub disabled: bool,
+    pub version: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl UserRow {
+    fn from_row(r: &SqliteRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            id: r.try_get("id")?,
+            email: r.try_get("email")?,
+            name: r.try_get("name")?,
+            role: r.try_get("role")?,
+            password_hash: r.try_get("password_hash")?,
+            disabled: r.try_get::<i64, _>("disabled")? != 0,
+            version: r.try_get("version")?,
+            created_at: r.try_get("created_at")?,
+            updated_at: r.try_get("updated_at")?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuditRow {
+    pub id: i64,
+    pub at_ms: i64,
+    pub actor_id: Option<i64>,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub details: serde_json::Value,
+    pub source: String,
+}
+
+/// What a refresh token turned out to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefreshOutcome {
+    /// Valid: rotated; the new token's row is written. Carries the user id.
+    Rotated { user_id: i64 },
+    /// Unknown or expired.
+    Invalid,
+    /// Already rotated or revoked: someone replayed it. Its whole family is now revoked.
+    Reused,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+impl Store {
+    /// Opens (creating on first start: the directory 0700, the file 0600) and migrates.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            create_private_dir(dir)?;
+        }
+        create_private_file(path)?;
+        let opts = SqliteConnectOptions::from_str("sqlite://")
+            .map_err(db("database options"))?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(opts)
+            .await
+            .map_err(db(format!("opening {}", path.display())))?;
+        let store = Self { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)",
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(db("creating schema_migrations"))?;
+        let applied: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db("reading schema_migrations"))?;
+        for (version, name, sql) in MIGRATIONS {
+            if *version <= applied {
+                continue;
+            }
+            let mut tx = self.pool.begin().await.map_err(db("migration"))?;
+            sqlx::raw_sql(sql)
+                .execute(&mut *tx)
+                .await
+                .map_err(db(format!("migration {version} ({name})")))?;
+            sqlx::query(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+            )
+            .bind(version)
+            .bind(name)
+            .bind(now_s())
+            .execute(&mut *tx)
+            .await
+            .map_err(db("recording a migration"))?;
+            tx.commit().await.map_err(db("migration commit"))?;
+        }
+        Ok(())
+    }
+
+    /// The newest schema version applied.
+    pub async fn schema_version(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+            .fetch_one(&self.pool)
+            .await
+    }
+
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn begin(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
+        self.pool.begin().await
+    }
+
+    // ----- users -----
+
+    pub async fn user_count(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM users")
+            .fetch_one(&self.pool)
+            .await
+    }
+
+    pub async fn user(&self, id: i64) -> Result<Option<UserRow>, sqlx::Error> {
+        sqlx::query("SELECT * FROM users WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| UserRow::from_row(&r))
+            .transpose()
+    }
+
+    pub async fn user_by_email(&self, email: &str) -> Result<Option<UserRow>, sqlx::Error> {
+        sqlx::query("SELECT * FROM users WHERE email = ?")
+            .bind(email)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| UserRow::from_row(&r))
+            .transpose()
+    }
+
+    /// A page of users and the total matching.
+    pub async fn users(&self, q: &UserQuery) -> Result<(Vec<UserRow>, i64), sqlx::Error> {
+        let mut filter = String::from(" WHERE 1=1");
+        if q.role.is_some() {
+            filter.push_str(" AND role = ?");
+        }
+        if q.disabled.is_some() {
+            filter.push_str(" AND disabled = ?");
+        }
+        if q.search.is_some() {
+            filter.push_str(" AND (email LIKE ? ESCAPE '\\' OR name LIKE ? ESCAPE '\\')");
+        }
+        let like = q.search.as_ref().map(|s| {
+            format!(
+                "%{}%",
+                s.replace('\\', "\\\\")
+                    .replace('%', "\\%")
+                    .replace('_', "\\_")
+            )
+        });
+        macro_rules! bind_filters {
+            ($query:expr) => {{
+                let mut query = $query;
+                if let Some(r) = &q.role {
+                    query = query.bind(r.clone());
+                }
+                if let Some(d) = q.disabled {
+                    query = query.bind(d as i64);
+                }
+                if let Some(l) = &like {
+                    query = query.bind(l.clone()).bind(l.clone());
+                }
+                query
+            }};
+        }
+        let count = format!("SELECT COUNT(*) FROM users{filter}");
+        let total: i64 = bind_filters!(sqlx::query_scalar(&count))
+            .fetch_one(&self.pool)
+            .await?;
+        let sql = format!(
+            "SELECT * FROM users{filter} ORDER BY {} {}, id LIMIT ? OFFSET ?",
+            q.sort.column(),
+            if q.descending { "DESC" } else { "ASC" }
+        );
+        let rows = bind_filters!(sqlx::query(&sql))
+            .bind(q.limit)
+            .bind(q.offset)
+            .fetch_all(&self.pool)
+            .await?;
+        let users = rows
+            .iter()
+            .map(UserRow::from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((users, total))
+    }
+
+    // ----- audit -----
+
+    /// Appends an audit record inside the write's own transaction.
+    pub async fn audit(
+        tx: &mut Transaction<'static, Sqlite>,
+        actor: &Actor,
+        action: &str,
+        target: &str,
+        details: serde_json::Value,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO audit_log (at_ms, actor_id, actor, action, target, details, source)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(now_ms())
+        .bind(actor.id)
+        .bind(&actor.name)
+        .bind(action)
+        .bind(target)
+        .bind(details.to_string())
+        .bind(&actor.source)
+        .execute(&mut **tx)
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn audit_log(&self, q: &AuditQuery) -> Result<(Vec<AuditRow>, i64), sqlx::Error> {
+        let mut filter = String::from(" WHERE 1=1");
+        if q.actor.is_some() {
+            filter.push_str(" AND actor = ?");
+        }
+        if q.action.is_some() {
+            filter.push_str(" AND action = ?");
+        }
+        if q.since_ms.is_some() {
+            filter.push_str(" AND at_ms >= ?");
+        }
+        if q.until_ms.is_some() {
+            filter.push_str(" AND at_ms < ?");
+        }
+        macro_rules! bind_filters {
+            ($query:expr) => {{
+                let mut query = $query;
+                if let Some(v) = &q.actor {
+                    query = query.bind(v.clone());
+                }
+                if let Some(v) = &q.action {
+                    query = query.bind(v.clone());
+                }
+                if let Some(v) = q.since_ms {
+                    query = query.bind(v);
+                }
+                if let Some(v) = q.until_ms {
+                    query = query.bind(v);
+                }
+                query
+            }};
+        }
+        let count = format!("SELECT COUNT(*) FROM audit_log{filter}");
+        let total: i64 = bind_filters!(sqlx::query_scalar(&count))
+            .fetch_one(&self.pool)
+            .await?;
+        let sql = format!(
+            "SELECT * FROM audit_log{filter} ORDER BY id {} LIMIT ? OFFSET ?",
+            if q.oldest_first { "ASC" } else { "DESC" }
+        );
+        let rows = bind_filters!(sqlx::query(&sql))
+            .bind(q.limit)
+            .bind(q.offset)
+            .fetch_all(&self.pool)
+            .await?;
+        let items = rows
+            .iter()
+            .map(|r| {
+                Ok(AuditRow {
+                    id: r.try_get("id")?,
+                    at_ms: r.try_get("at_ms")?,
+                    actor_id: r.try_get("actor_id")?,
+                    actor: r.try_get("actor")?,
+                    action: r.try_get("action")?,
+                    target: r.try_get("target")?,
+                    details: serde_json::from_str(r.try_get::<&str, _>("details")?)
+                        .unwrap_or(serde_json::Value::Null),
+                    source: r.try_get("source")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok((items, total))
+    }
+
+    // ----- refresh tokens -----
+
+    pub async fn insert_refresh(
+        tx: &mut Transaction<'static, Sqlite>,
+        user_id: i64,
+        family: &str,
+        token_hash: &[u8],
+        expires_at: i64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO refresh_tokens (user_id, family, token_hash, expires_at, created_at)
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(user_id)
+        .bind(family)
+        .bind(token_hash)
+        .bind(expires_at)
+        .bind(now_s())
+        .execute(&mut **tx)
+        .await
+        .map(|_| ())
+    }
+
+    /// Rotates the refresh token whose hash is `old`: marks it used and stores `new` in its
+    /// family. A token used twice revokes its family (RFC 6819 5.2.2.3, refresh token rotation).
+    pub async fn rotate_refresh(
+        &self,
+        old: &[u8],
+        new: &[u8],
+        expires_at: i64,
+    ) -> Result<RefreshOutcome, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "SELECT user_id, family, expires_at, rotated, revoked FROM refresh_tokens
+             WHERE token_hash = ?",
+        )
+        .bind(old)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(RefreshOutcome::Invalid);
+        };
+        let user_id: i64 = row.try_get("user_id")?;
+        let family: String = row.try_get("family")?;
+        if row.try_get::<i64, _>("rotated")? != 0 || row.try_get::<i64, _>("revoked")? != 0 {
+            sqlx::query("UPDATE refresh_tokens SET revoked = 1 WHERE family = ?")
+                .bind(&family)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Ok(RefreshOutcome::Reused);
+        }
+        if row.try_get::<i64, _>("expires_at")? <= now_s() {
+            return Ok(RefreshOutcome::Invalid);
+        }
+        sqlx::query("UPDATE refresh_tokens SET rotated = 1 WHERE token_hash = ?")
+            .bind(old)
+            .execute(&mut *tx)
+            .await?;
+        Self::insert_refresh(&mut tx, user_id, &family, new, expires_at).await?;
+        tx.commit().await?;
+        Ok(RefreshOutcome::Rotated { user_id })
+    }
+
+    /// Revokes the family of the token whose hash is `hash`, if it belongs to `user_id`.
+    /// Returns whether there was one.
+    pub async fn revoke_refresh(&self, hash: &[u8], user_id: i64) -> Result<bool, sqlx::Error> {
+        let r = sqlx::query(
+            "UPDATE refresh_tokens SET revoked = 1 WHERE family IN
+               (SELECT family FROM refresh_tokens WHERE token_hash = ? AND user_id = ?)",
+        )
+        .bind(hash)
+        .bind(user_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Revokes every refresh token of a user (password change, disable, role change).
+    pub async fn revoke_all_refresh(
+        tx: &mut Transaction<'static, Sqlite>,
+        user_id: i64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE refresh_tokens SET revoked = 1 WHERE user_id = ?")
+            .bind(user_id)
+            .execute(&mut **tx)
+            .await
+            .map(|_| ())
+    }
+}
+
+/// How to list users.
+#[derive(Debug, Clone)]
+pub struct UserQuery {
+    pub role: Option<String>,
+    pub disabled: Option<bool>,
+    pub search: Option<String>,
+    pub sort: UserSort,
+    pub descending: bool,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserSort {
+    Id,
+    Email,
+    Name,
+    Role,
+    CreatedAt,
+}
+
+impl UserSort {
+    fn column(self) -> &'static str {
+        match self {
+            UserSort::Id => "id",
+            UserSort::Email => "email",
+            UserSort::Name => "name",
+            UserSort::Role => "role",
+            UserSort::CreatedAt => "created_at",
+        }
+    }
+}
+
+/// How to read the audit log.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub actor: Option<String>,
+    pub action: Option<String>,
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    pub oldest_first: bool,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+/// Creates `dir` (and its parents) with mode 0700 if missing.
+pub fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|error| StoreError::Io {
+            what: format!("creating {}", dir.display()),
+            error,
+        })
+}
+
+/// Creates `path` empty with mode 0600 if missing (SQLite then gives its WAL and shared-memory
+/// files the same mode).
+fn create_private_file(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(error) => Err(StoreError::Io {
+            what: format!("creating {}", path.display()),
+            error,
+        }),
+    }
+}

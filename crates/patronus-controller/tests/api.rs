@@ -1,0 +1,748 @@
+//! The API over HTTP semantics, through the real router, against a real SQLite file in a
+//! temporary directory: success, validation, 401/403/404/405/409/412/413/422/429.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test with a line number
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::connect_info::MockConnectInfo;
+use axum::http::{HeaderMap, Method, Request, StatusCode, header};
+use http_body_util::BodyExt;
+use patronus_controller::auth::{Role, Tokens};
+use patronus_controller::config::Config;
+use patronus_controller::{AppState, router};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+const ADMIN: &str = "admin@example.net";
+const ADMIN_PW: &str = "Correct-Horse-Battery-1";
+
+struct Api {
+    app: Router,
+    state: AppState,
+    dir: tempfile::TempDir,
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Value,
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.status, self.body)
+    }
+}
+
+async fn api_with(tune: impl FnOnce(&mut Config)) -> Api {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::with_data_dir(dir.path().join("state"));
+    config.auth_rate_per_minute = 10_000;
+    tune(&mut config);
+    let env = vec![
+        ("PATRONUS_ADMIN_EMAIL".to_string(), ADMIN.to_string()),
+        ("PATRONUS_ADMIN_PASSWORD".to_string(), ADMIN_PW.to_string()),
+    ];
+    let state = patronus_controller::server::prepare(config, &env)
+        .await
+        .unwrap();
+    let app =
+        router(state.clone()).layer(MockConnectInfo(SocketAddr::from(([192, 0, 2, 7], 40000))));
+    Api { app, state, dir }
+}
+
+async fn api() -> Api {
+    api_with(|_| {}).await
+}
+
+impl Api {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Reply {
+        self.call_with(method, path, token, body, &[]).await
+    }
+
+    async fn call_with(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+        extra: &[(&str, &str)],
+    ) -> Reply {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(t) = token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        for (k, v) in extra {
+            req = req.header(*k, *v);
+        }
+        let req = match body {
+            Some(b) => req
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(b.to_string())),
+            None => req.body(Body::empty()),
+        }
+        .unwrap();
+        let resp = self.app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{e}: {bytes:?}"))
+        };
+        // Every error has the one shape.
+        if !status.is_success() {
+            assert!(body["error"]["code"].is_string(), "{status} {body}");
+            assert!(body["error"]["message"].is_string(), "{status} {body}");
+        }
+        assert!(headers.contains_key("x-request-id"));
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    async fn login(&self, email: &str, password: &str) -> Reply {
+        self.call(
+            Method::POST,
+            "/api/v1/auth/login",
+            None,
+            Some(json!({ "email": email, "password": password })),
+        )
+        .await
+    }
+
+    async fn token(&self, email: &str, password: &str) -> String {
+        let r = self.login(email, password).await;
+        assert_eq!(r.status, StatusCode::OK, "{r:?}");
+        r.body["access_token"].as_str().unwrap().to_owned()
+    }
+
+    async fn admin(&self) -> String {
+        self.token(ADMIN, ADMIN_PW).await
+    }
+
+    /// Creates a user with `role`; returns (id, access token).
+    async fn user(&self, admin: &str, email: &str, role: &str) -> (i64, String) {
+        let r = self
+            .call(
+                Method::POST,
+                "/api/v1/users",
+                Some(admin),
+                Some(json!({ "email": email, "role": role, "password": "Some-Password-9" })),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+        let id = r.body["id"].as_i64().unwrap();
+        (id, self.token(email, "Some-Password-9").await)
+    }
+}
+
+#[tokio::test]
+async fn public_endpoints_answer_and_unknown_routes_and_methods_get_the_error_shape() {
+    let a = api().await;
+    let r = a.call(Method::GET, "/health", None, None).await;
+    assert_eq!(
+        (r.status, r.body["status"].as_str()),
+        (StatusCode::OK, Some("ok"))
+    );
+    let r = a.call(Method::GET, "/ready", None, None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = a.call(Method::GET, "/api/v1/version", None, None).await;
+    assert_eq!(r.body["api"], "v1");
+    assert_eq!(r.body["schema_version"], 1);
+    let r = a
+        .call(Method::GET, "/api/v1/nothing-here", None, None)
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = a.call(Method::PUT, "/api/v1/auth/login", None, None).await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    // A sane request id is echoed; anything else is replaced.
+    let r = a
+        .call_with(
+            Method::GET,
+            "/health",
+            None,
+            None,
+            &[("x-request-id", "abc-123")],
+        )
+        .await;
+    assert_eq!(r.headers["x-request-id"], "abc-123");
+    let r = a
+        .call_with(
+            Method::GET,
+            "/health",
+            None,
+            None,
+            &[("x-request-id", "a b\tc")],
+        )
+        .await;
+    assert_ne!(r.headers["x-request-id"], "a b\tc");
+}
+
+#[tokio::test]
+async fn login_refresh_rotation_reuse_and_logout() {
+    let a = api().await;
+    let r = a.login(ADMIN, ADMIN_PW).await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(r.body["token_type"], "Bearer");
+    assert_eq!(r.body["expires_in"], 900);
+    let access = r.body["access_token"].as_str().unwrap().to_owned();
+    let refresh1 = r.body["refresh_token"].as_str().unwrap().to_owned();
+
+    let me = a
+        .call(Method::GET, "/api/v1/auth/me", Some(&access), None)
+        .await;
+    assert_eq!(
+        (me.status, me.body["email"].as_str()),
+        (StatusCode::OK, Some(ADMIN))
+    );
+    assert!(me.body.get("password_hash").is_none());
+
+    // A refresh token is never an access token.
+    let r = a
+        .call(Method::GET, "/api/v1/auth/me", Some(&refresh1), None)
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+
+    // Rotation: the first refresh gives a new pair.
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/auth/refresh",
+            None,
+            Some(json!({ "refresh_token": refresh1 })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    let refresh2 = r.body["refresh_token"].as_str().unwrap().to_owned();
+    assert_ne!(refresh1, refresh2);
+    // Reusing the rotated token revokes the family: the new one dies too.
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/auth/refresh",
+            None,
+            Some(json!({ "refresh_token": refresh1 })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("already used")
+    );
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/auth/refresh",
+            None,
+            Some(json!({ "refresh_token": refresh2 })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+
+    // Logout ends a session.
+    let r = a.login(ADMIN, ADMIN_PW).await;
+    let (access, refresh) = (
+        r.body["access_token"].as_str().unwrap().to_owned(),
+        r.body["refresh_token"].as_str().unwrap().to_owned(),
+    );
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/auth/logout",
+            Some(&access),
+            Some(json!({ "refresh_token": refresh })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/auth/refresh",
+            None,
+            Some(json!({ "refresh_token": refresh })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn missing_bad_expired_and_foreign_tokens_are_401() {
+    let a = api().await;
+    let r = a.call(Method::GET, "/api/v1/users", None, None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let r = a
+        .call(Method::GET, "/api/v1/users", Some("not.a.token"), None)
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let key = std::fs::read(a.dir.path().join("state/jwt.key")).unwrap();
+    let t = Tokens::new(
+        &key,
+        std::time::Duration::from_secs(60),
+        std::time::Duration::from_secs(60),
+    );
+    let now = patronus_controller::store::now_s();
+    let expired = t.access(1, Role::Admin, now - 3600);
+    let r = a
+        .call(Method::GET, "/api/v1/users", Some(&expired), None)
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let valid = t.access(1, Role::Admin, now);
+    let r = a
+        .call(Method::GET, "/api/v1/users", Some(&valid), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    // Signed with another key (another controller's, or a guess).
+    let other = Tokens::new(
+        &[1; 32],
+        std::time::Duration::from_secs(60),
+        std::time::Duration::from_secs(60),
+    );
+    let r = a
+        .call(
+            Method::GET,
+            "/api/v1/users",
+            Some(&other.access(1, Role::Admin, now)),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    // Wrong password and unknown account: the same answer.
+    let r1 = a.login(ADMIN, "Wrong-Password-1").await;
+    let r2 = a.login("nobody@example.net", "Wrong-Password-1").await;
+    assert_eq!(
+        (r1.status, r2.status),
+        (StatusCode::UNAUTHORIZED, StatusCode::UNAUTHORIZED)
+    );
+    assert_eq!(r1.body, r2.body);
+}
+
+#[tokio::test]
+async fn each_role_below_the_required_one_is_403() {
+    let a = api().await;
+    let admin = a.admin().await;
+    let (op_id, op) = a.user(&admin, "op@example.net", "operator").await;
+    let (_, viewer) = a.user(&admin, "viewer@example.net", "viewer").await;
+    let (target, _) = a.user(&admin, "target@example.net", "viewer").await;
+    let new_user =
+        json!({ "email": "x@example.net", "role": "viewer", "password": "Some-Password-9" });
+    // (method, path, body, least role that may)
+    let other = format!("/api/v1/users/{target}");
+    let cases: Vec<(Method, String, Option<Value>, Role)> = vec![
+        (Method::GET, "/api/v1/users".into(), None, Role::Admin),
+        (
+            Method::POST,
+            "/api/v1/users".into(),
+            Some(new_user),
+            Role::Admin,
+        ),
+        (Method::GET, other.clone(), None, Role::Admin),
+        (
+            Method::PATCH,
+            other.clone(),
+            Some(json!({ "name": "V" })),
+            Role::Admin,
+        ),
+        (
+            Method::POST,
+            format!("{other}/password"),
+            Some(json!({ "new_password": "Another-Password-7" })),
+            Role::Admin,
+        ),
+        (Method::GET, "/api/v1/audit".into(), None, Role::Admin),
+        (Method::GET, "/api/v1/auth/me".into(), None, Role::Viewer),
+        (
+            Method::GET,
+            format!("/api/v1/users/{op_id}"),
+            None,
+            Role::Operator,
+        ),
+        (Method::DELETE, other.clone(), None, Role::Admin),
+    ];
+    for (method, path, body, least) in cases {
+        for (role, token) in [(Role::Viewer, &viewer), (Role::Operator, &op)] {
+            let r = a
+                .call(method.clone(), &path, Some(token), body.clone())
+                .await;
+            if role >= least {
+                assert!(r.status.is_success(), "{method} {path} as {role:?}: {r:?}");
+            } else {
+                assert_eq!(
+                    r.status,
+                    StatusCode::FORBIDDEN,
+                    "{method} {path} as {role:?}: {r:?}"
+                );
+            }
+        }
+        let r = a
+            .call(method.clone(), &path, Some(&admin), body.clone())
+            .await;
+        assert!(r.status.is_success(), "{method} {path} as admin: {r:?}");
+    }
+}
+
+#[tokio::test]
+async fn users_validate_conflict_paginate_and_update_with_if_match() {
+    let a = api().await;
+    let admin = a.admin().await;
+    // 422 naming every bad field.
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/users",
+            Some(&admin),
+            Some(json!({ "email": "not an email", "role": "viewer", "password": "short" })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{r:?}");
+    let fields: Vec<&str> = r.body["error"]["details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["email", "password"]);
+    // An unknown role or field, or a missing one: 422 naming it; broken JSON: 400.
+    for (body, want) in [
+        (
+            json!({ "email": "a@b.c", "role": "god", "password": "Some-Password-9" }),
+            "god",
+        ),
+        (
+            json!({ "email": "a@b.c", "role": "viewer", "password": "Some-Password-9", "x": 1 }),
+            "x",
+        ),
+        (json!({ "email": "a@b.c", "role": "viewer" }), "password"),
+    ] {
+        let r = a
+            .call(Method::POST, "/api/v1/users", Some(&admin), Some(body))
+            .await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{r:?}");
+        assert!(
+            r.body["error"]["message"].as_str().unwrap().contains(want),
+            "{r:?}"
+        );
+    }
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("/api/v1/users")
+        .header(header::AUTHORIZATION, format!("Bearer {admin}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from("{\"email\": "))
+        .unwrap();
+    assert_eq!(
+        a.app.clone().oneshot(req).await.unwrap().status(),
+        StatusCode::BAD_REQUEST
+    );
+
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/users",
+            Some(&admin),
+            Some(json!({ "email": "Bob@Example.net", "name": "Bob", "role": "operator", "password": "Some-Password-9" })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    let id = r.body["id"].as_i64().unwrap();
+    assert_eq!(r.headers[header::LOCATION], format!("/api/v1/users/{id}"));
+    assert_eq!(r.headers[header::ETAG], "\"1\"");
+    // Email is case-insensitive: 409.
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/users",
+            Some(&admin),
+            Some(json!({ "email": "bob@example.net", "role": "viewer", "password": "Some-Password-9" })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+
+    for i in 0..5 {
+        a.user(&admin, &format!("v{i}@example.net"), "viewer").await;
+    }
+    let r = a
+        .call(
+            Method::GET,
+            "/api/v1/users?role=viewer&limit=2&offset=1&sort=-email",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(r.body["total"], 5);
+    let emails: Vec<&str> = r.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["email"].as_str().unwrap())
+        .collect();
+    assert_eq!(emails, ["v3@example.net", "v2@example.net"]);
+    let r = a
+        .call(Method::GET, "/api/v1/users?q=bob", Some(&admin), None)
+        .await;
+    assert_eq!(r.body["total"], 1);
+    for bad in [
+        "limit=0",
+        "limit=501",
+        "offset=-1",
+        "sort=password_hash",
+        "limit=x",
+        "role=god",
+    ] {
+        let r = a
+            .call(
+                Method::GET,
+                &format!("/api/v1/users?{bad}"),
+                Some(&admin),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {r:?}");
+    }
+
+    // Optimistic concurrency.
+    let path = format!("/api/v1/users/{id}");
+    let r = a
+        .call_with(
+            Method::PATCH,
+            &path,
+            Some(&admin),
+            Some(json!({ "name": "Robert" })),
+            &[("if-match", "\"1\"")],
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["version"].as_i64()),
+        (StatusCode::OK, Some(2)),
+        "{r:?}"
+    );
+    let r = a
+        .call_with(
+            Method::PATCH,
+            &path,
+            Some(&admin),
+            Some(json!({ "name": "Rob" })),
+            &[("if-match", "\"1\"")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::PRECONDITION_FAILED, "{r:?}");
+    let r = a.call(Method::GET, &path, Some(&admin), None).await;
+    assert_eq!(r.body["name"], "Robert");
+    // 404s.
+    for p in ["/api/v1/users/9999", "/api/v1/users/abc"] {
+        let r = a.call(Method::GET, p, Some(&admin), None).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{p}");
+    }
+}
+
+#[tokio::test]
+async fn the_last_admin_stays_and_a_disabled_user_is_out_at_once() {
+    let a = api().await;
+    let admin = a.admin().await;
+    let me = a
+        .call(Method::GET, "/api/v1/auth/me", Some(&admin), None)
+        .await;
+    let admin_id = me.body["id"].as_i64().unwrap();
+    let path = format!("/api/v1/users/{admin_id}");
+    let r = a
+        .call(
+            Method::PATCH,
+            &path,
+            Some(&admin),
+            Some(json!({ "role": "viewer" })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{r:?}");
+    let r = a.call(Method::DELETE, &path, Some(&admin), None).await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+
+    let (id, op) = a.user(&admin, "op@example.net", "operator").await;
+    let r = a
+        .call(Method::GET, "/api/v1/auth/me", Some(&op), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = a
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/users/{id}"),
+            Some(&admin),
+            Some(json!({ "disabled": true })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = a
+        .call(Method::GET, "/api/v1/auth/me", Some(&op), None)
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let r = a.login("op@example.net", "Some-Password-9").await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn changing_a_password_needs_the_current_one_and_ends_sessions() {
+    let a = api().await;
+    let admin = a.admin().await;
+    let (id, op) = a.user(&admin, "op@example.net", "operator").await;
+    let refresh = a.login("op@example.net", "Some-Password-9").await.body["refresh_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = format!("/api/v1/users/{id}/password");
+    let r = a
+        .call(
+            Method::POST,
+            &path,
+            Some(&op),
+            Some(json!({ "new_password": "Brand-New-Pass-1" })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let r = a
+        .call(
+            Method::POST,
+            &path,
+            Some(&op),
+            Some(json!({ "current_password": "Wrong-Password-9", "new_password": "Brand-New-Pass-1" })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let r = a
+        .call(
+            Method::POST,
+            &path,
+            Some(&op),
+            Some(json!({ "current_password": "Some-Password-9", "new_password": "weak" })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let r = a
+        .call(
+            Method::POST,
+            &path,
+            Some(&op),
+            Some(json!({ "current_password": "Some-Password-9", "new_password": "Brand-New-Pass-1" })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/auth/refresh",
+            None,
+            Some(json!({ "refresh_token": refresh })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        a.login("op@example.net", "Some-Password-9").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        a.login("op@example.net", "Brand-New-Pass-1").await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn logins_are_rate_limited_per_client_and_failures_lock_the_account() {
+    let a = api_with(|c| {
+        c.auth_rate_per_minute = 4;
+        c.lockout_after_failures = 2;
+    })
+    .await;
+    for _ in 0..2 {
+        assert_eq!(
+            a.login(ADMIN, "Wrong-Password-1").await.status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    // Locked: even the right password waits.
+    let r = a.login(ADMIN, ADMIN_PW).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{r:?}");
+    assert_eq!(r.headers[header::RETRY_AFTER], "60");
+    // The fourth request from this address in the minute is over the limit.
+    let r = a.login("other@example.net", "x").await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let r = a.login("other@example.net", "x").await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(r.headers.contains_key(header::RETRY_AFTER));
+}
+
+#[tokio::test]
+async fn writes_are_audited_with_who_and_from_where() {
+    let a = api().await;
+    let admin = a.admin().await;
+    let (id, _) = a.user(&admin, "op@example.net", "operator").await;
+    a.call(
+        Method::PATCH,
+        &format!("/api/v1/users/{id}"),
+        Some(&admin),
+        Some(json!({ "name": "Op" })),
+    )
+    .await;
+    let r = a
+        .call(
+            Method::GET,
+            "/api/v1/audit?action=user.update",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(r.body["total"], 1, "{r:?}");
+    let e = &r.body["items"][0];
+    assert_eq!(e["actor"], ADMIN);
+    assert_eq!(e["source"], "192.0.2.7");
+    assert_eq!(e["target"], format!("user/{id}"));
+    let r = a
+        .call(
+            Method::GET,
+            "/api/v1/audit?order=asc&limit=1",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(r.body["items"][0]["action"], "user.create");
+    assert_eq!(r.body["items"][0]["actor"], "bootstrap");
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_413_and_state_files_are_private() {
+    let a = api_with(|c| c.max_body_bytes = 2048).await;
+    let admin = a.admin().await;
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/users",
+            Some(&admin),
+            Some(json!({ "email": "a@b.c", "role": "viewer", "password": "x".repeat(4096) })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{r:?}");
+    let mode = |p: &str| {
+        std::fs::metadata(a.dir.path().join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("state"), 0o700);
+    assert_eq!(mode("state/jwt.key"), 0o600);
+    assert_eq!(mode("state/controller.db"), 0o600);
+    let _ = &a.state;
+}

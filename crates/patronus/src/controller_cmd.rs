@@ -1,0 +1,129 @@
+//! `patronus controller`: serve the API, or manage its database offline.
+
+use std::io::{BufRead, IsTerminal};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use patronus_controller::auth::Role;
+use patronus_controller::config::{Config, Overrides};
+use patronus_controller::routes::users::{NewUser, create_user};
+use patronus_controller::store::{Actor, Store};
+
+#[derive(Debug, Args)]
+pub struct ControllerArgs {
+    #[command(subcommand)]
+    cmd: Option<ControllerCmd>,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// Where the configuration and the state are; for every subcommand.
+#[derive(Debug, Args)]
+struct Common {
+    /// A TOML configuration file (see crates/patronus-controller/controller.example.toml);
+    /// also PATRONUS_CONFIG.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, global = true)]
+    listen: Option<SocketAddr>,
+    /// Directory for the database and signing key [default: /var/lib/patronus].
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// The SQLite database [default: <data-dir>/controller.db].
+    #[arg(long, global = true)]
+    database: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ControllerCmd {
+    /// Serve the API (what `patronus controller` alone does).
+    Run,
+    /// Add a user to the database directly, without the API (the first admin, or a way back
+    /// in). Reads the password from the first line of stdin.
+    AddUser {
+        #[arg(long)]
+        email: String,
+        /// admin, operator or viewer.
+        #[arg(long, default_value = "admin")]
+        role: String,
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+}
+
+pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let c = &args.common;
+    let file = c
+        .config
+        .clone()
+        .or_else(|| std::env::var_os("PATRONUS_CONFIG").map(PathBuf::from));
+    let config = Config::load(
+        file.as_deref(),
+        env.clone(),
+        &Overrides {
+            listen: c.listen,
+            data_dir: c.data_dir.clone(),
+            database: c.database.clone(),
+        },
+    )?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    match args.cmd.unwrap_or(ControllerCmd::Run) {
+        ControllerCmd::Run => rt.block_on(async {
+            let state = patronus_controller::server::prepare(config, &env).await?;
+            patronus_controller::server::serve(
+                state,
+                patronus_controller::server::shutdown_signal(),
+                |addr| {
+                    eprintln!(
+                        "controller: listening on http://{addr}/ (API under /api/v1; log in \
+                         with POST /api/v1/auth/login)"
+                    )
+                },
+            )
+            .await
+        }),
+        ControllerCmd::AddUser { email, role, name } => rt.block_on(async {
+            let role = Role::parse(&role)
+                .with_context(|| format!("--role {role}: must be admin, operator or viewer"))?;
+            let mut password = String::new();
+            std::io::stdin()
+                .lock()
+                .read_line(&mut password)
+                .context("reading the password from stdin")?;
+            let password = password.trim_end_matches(['\r', '\n']).to_owned();
+            patronus_controller::store::create_private_dir(&config.data_dir)?;
+            let store = Store::open(&config.database).await?;
+            let actor = Actor {
+                id: None,
+                name: "cli".into(),
+                source: "local".into(),
+            };
+            let u = create_user(
+                &store,
+                &actor,
+                NewUser {
+                    email,
+                    name,
+                    role,
+                    password,
+                },
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            outln!("added user {} ({}) with id {}", u.email, u.role, u.id);
+            Ok(())
+        }),
+    }
+}
