@@ -14,10 +14,11 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 
 /// The schema, in order. A migration is never edited once released: a change is a new one.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "users, refresh tokens, audit log",
-    r#"
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "users, refresh tokens, audit log",
+        r#"
 CREATE TABLE users (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
     email         TEXT    NOT NULL UNIQUE COLLATE NOCASE,
@@ -53,7 +54,39 @@ CREATE TABLE audit_log (
 );
 CREATE INDEX audit_log_at ON audit_log(at_ms);
 "#,
-)];
+    ),
+    (
+        2,
+        "sites and their WAN links",
+        r#"
+CREATE TABLE sites (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    name         TEXT    NOT NULL UNIQUE,
+    description  TEXT    NOT NULL DEFAULT '',
+    location     TEXT    NOT NULL DEFAULT '',
+    latitude     REAL,
+    longitude    REAL,
+    lan_prefixes TEXT    NOT NULL DEFAULT '[]',
+    status       TEXT    NOT NULL DEFAULT 'active'
+                         CHECK (status IN ('planned', 'active', 'disabled')),
+    version      INTEGER NOT NULL DEFAULT 1,
+    created_at   INTEGER NOT NULL,
+    updated_at   INTEGER NOT NULL
+);
+CREATE TABLE links (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    site_id    INTEGER NOT NULL REFERENCES sites(id) ON DELETE CASCADE,
+    name       TEXT    NOT NULL,
+    -- The patronus_api::Link the edges receive, as JSON.
+    spec       TEXT    NOT NULL,
+    version    INTEGER NOT NULL DEFAULT 1,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    UNIQUE (site_id, name)
+);
+"#,
+    ),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

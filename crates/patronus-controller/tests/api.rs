@@ -162,7 +162,7 @@ async fn public_endpoints_answer_and_unknown_routes_and_methods_get_the_error_sh
     assert_eq!(r.status, StatusCode::OK);
     let r = a.call(Method::GET, "/api/v1/version", None, None).await;
     assert_eq!(r.body["api"], "v1");
-    assert_eq!(r.body["schema_version"], 1);
+    assert_eq!(r.body["schema_version"], 2);
     let r = a
         .call(Method::GET, "/api/v1/nothing-here", None, None)
         .await;
@@ -340,7 +340,7 @@ async fn each_role_below_the_required_one_is_403() {
     let (_, viewer) = a.user(&admin, "viewer@example.net", "viewer").await;
     let (target, _) = a.user(&admin, "target@example.net", "viewer").await;
     let new_user =
-        json!({ "email": "x@example.net", "role": "viewer", "password": "Some-Password-9" });
+        json!({ "email": "x#N@example.net", "role": "viewer", "password": "Some-Password-9" });
     // (method, path, body, least role that may)
     let other = format!("/api/v1/users/{target}");
     let cases: Vec<(Method, String, Option<Value>, Role)> = vec![
@@ -372,13 +372,72 @@ async fn each_role_below_the_required_one_is_403() {
             None,
             Role::Operator,
         ),
+        (Method::GET, "/api/v1/sites".into(), None, Role::Viewer),
+        (
+            Method::POST,
+            "/api/v1/sites".into(),
+            Some(site("s#N", &["10.#N.0.0/16"])),
+            Role::Operator,
+        ),
+        (Method::GET, "/api/v1/sites/1".into(), None, Role::Viewer),
+        (
+            Method::PATCH,
+            "/api/v1/sites/1".into(),
+            Some(json!({ "location": "Paris" })),
+            Role::Operator,
+        ),
+        (
+            Method::GET,
+            "/api/v1/sites/1/links".into(),
+            None,
+            Role::Viewer,
+        ),
+        (
+            Method::POST,
+            "/api/v1/sites/1/links".into(),
+            Some(json!({ "name": "lte#N", "kind": "lte" })),
+            Role::Operator,
+        ),
+        (
+            Method::GET,
+            "/api/v1/sites/1/links/1".into(),
+            None,
+            Role::Viewer,
+        ),
+        (
+            Method::PATCH,
+            "/api/v1/sites/1/links/1".into(),
+            Some(json!({ "priority": 5 })),
+            Role::Operator,
+        ),
+        // Links 5 and 6 are the operator's and the admin's from the case above (1 to 4 came
+        // with sites 1 and 2).
+        (
+            Method::DELETE,
+            "/api/v1/sites/1/links/#L".into(),
+            None,
+            Role::Operator,
+        ),
         (Method::DELETE, other.clone(), None, Role::Admin),
     ];
+    // `#N` in a path or body is the caller's number, `#L` that plus 4: each caller creates or
+    // deletes its own object, so that a case never fails for what the one before did.
     for (method, path, body, least) in cases {
-        for (role, token) in [(Role::Viewer, &viewer), (Role::Operator, &op)] {
-            let r = a
-                .call(method.clone(), &path, Some(token), body.clone())
-                .await;
+        let callers = [
+            (Role::Viewer, &viewer),
+            (Role::Operator, &op),
+            (Role::Admin, &admin),
+        ];
+        for (n, (role, token)) in callers.into_iter().enumerate() {
+            let fill = |t: &str| {
+                t.replace("#N", &n.to_string())
+                    .replace("#L", &(n + 4).to_string())
+            };
+            let path = fill(&path);
+            let body = body
+                .as_ref()
+                .map(|b| serde_json::from_str(&fill(&b.to_string())).unwrap());
+            let r = a.call(method.clone(), &path, Some(token), body).await;
             if role >= least {
                 assert!(r.status.is_success(), "{method} {path} as {role:?}: {r:?}");
             } else {
@@ -389,10 +448,6 @@ async fn each_role_below_the_required_one_is_403() {
                 );
             }
         }
-        let r = a
-            .call(method.clone(), &path, Some(&admin), body.clone())
-            .await;
-        assert!(r.status.is_success(), "{method} {path} as admin: {r:?}");
     }
 }
 
@@ -745,4 +800,334 @@ async fn a_body_over_the_limit_is_413_and_state_files_are_private() {
     assert_eq!(mode("state/jwt.key"), 0o600);
     assert_eq!(mode("state/controller.db"), 0o600);
     let _ = &a.state;
+}
+
+fn site(name: &str, prefixes: &[&str]) -> Value {
+    json!({
+        "name": name,
+        "location": "Lyon",
+        "lan_prefixes": prefixes,
+        "links": [
+            { "name": "mpls", "kind": "mpls", "endpoint": "198.51.100.1:51820", "up_kbps": 50000 },
+            { "name": "inet", "kind": "broadband", "metered": false, "monthly_cost": 40.0 }
+        ]
+    })
+}
+
+#[tokio::test]
+async fn sites_with_links_are_created_read_by_viewers_and_written_by_operators() {
+    let a = api().await;
+    let admin = a.admin().await;
+    let (_, op) = a.user(&admin, "op@example.net", "operator").await;
+    let (_, viewer) = a.user(&admin, "viewer@example.net", "viewer").await;
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/sites",
+            Some(&viewer),
+            Some(site("hq", &["10.1.0.0/16"])),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/sites",
+            Some(&op),
+            Some(site("hq", &["10.1.0.0/16"])),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    let id = r.body["id"].as_i64().unwrap();
+    assert_eq!(r.headers[header::LOCATION], format!("/api/v1/sites/{id}"));
+    assert_eq!(r.body["links"][0]["kind"], "mpls");
+    assert_eq!(r.body["links"][0]["mtu"], 1500, "defaults filled in");
+    assert_eq!(r.body["links"][1]["monthly_cost"], 40.0);
+    assert_eq!(r.body["status"], "active");
+    let r = a
+        .call(
+            Method::GET,
+            &format!("/api/v1/sites/{id}"),
+            Some(&viewer),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["name"].as_str()),
+        (StatusCode::OK, Some("hq"))
+    );
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/sites",
+            Some(&op),
+            Some(site("hq", &["10.2.0.0/16"])),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "same name");
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/sites",
+            Some(&op),
+            Some(site("branch", &["10.1.128.0/24"])),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{r:?}");
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("site hq"),
+        "{r:?}"
+    );
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/sites",
+            Some(&op),
+            Some(site("branch", &["10.2.0.0/24"])),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+
+    let r = a
+        .call(
+            Method::GET,
+            "/api/v1/sites?sort=-name&limit=1",
+            Some(&viewer),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (
+            r.body["total"].as_i64(),
+            r.body["items"][0]["name"].as_str()
+        ),
+        (Some(2), Some("hq"))
+    );
+    assert_eq!(r.body["items"][0]["links"].as_array().unwrap().len(), 2);
+    let r = a
+        .call(Method::GET, "/api/v1/sites?q=bran", Some(&viewer), None)
+        .await;
+    assert_eq!(r.body["total"], 1);
+    let r = a
+        .call(
+            Method::GET,
+            "/api/v1/sites?status=disabled",
+            Some(&viewer),
+            None,
+        )
+        .await;
+    assert_eq!(r.body["total"], 0);
+}
+
+#[tokio::test]
+async fn bad_sites_and_links_are_422_naming_the_field() {
+    let a = api().await;
+    let admin = a.admin().await;
+    for (body, field) in [
+        (site("a", &["10.0.0.0/33"]), "lan_prefixes"),
+        (site("a", &["10.0.0.1/8x"]), "lan_prefixes"),
+        (site("bad name", &[]), "name"),
+        (json!({ "name": "a", "latitude": 45.0 }), "latitude"),
+        (
+            json!({ "name": "a", "latitude": 95.0, "longitude": 0.0 }),
+            "latitude",
+        ),
+        (
+            json!({ "name": "a", "lan_prefixes": ["10.0.0.0/8", "10.9.0.0/16"] }),
+            "lan_prefixes[1]",
+        ),
+        (
+            json!({ "name": "a", "links": [{ "name": "x", "kind": "lte", "mtu": 100 }] }),
+            "links[0].mtu",
+        ),
+        (
+            json!({ "name": "a", "links": [{ "name": "x", "kind": "lte" }, { "name": "x", "kind": "mpls" }] }),
+            "links[1].name",
+        ),
+        (
+            json!({ "name": "a", "links": [{ "name": "x", "kind": "carrier-pigeon" }] }),
+            "carrier-pigeon",
+        ),
+        (json!({ "name": "a", "colour": "red" }), "colour"),
+    ] {
+        let r = a
+            .call(
+                Method::POST,
+                "/api/v1/sites",
+                Some(&admin),
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {r:?}");
+        assert!(
+            r.body["error"].to_string().contains(field),
+            "{field} in {r:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sites_and_links_update_by_merge_patch_with_if_match_and_delete_together() {
+    let a = api().await;
+    let op = a.admin().await;
+    let hq = a
+        .call(
+            Method::POST,
+            "/api/v1/sites",
+            Some(&op),
+            Some(site("hq", &["10.1.0.0/16"])),
+        )
+        .await;
+    let id = hq.body["id"].as_i64().unwrap();
+    a.call(
+        Method::POST,
+        "/api/v1/sites",
+        Some(&op),
+        Some(site("branch", &["10.2.0.0/16"])),
+    )
+    .await;
+    let path = format!("/api/v1/sites/{id}");
+    let r = a
+        .call_with(
+            Method::PATCH,
+            &path,
+            Some(&op),
+            Some(json!({ "description": "head office", "latitude": 45.75, "longitude": 4.85 })),
+            &[("if-match", "\"1\"")],
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["version"].as_i64()),
+        (StatusCode::OK, Some(2)),
+        "{r:?}"
+    );
+    assert_eq!(r.body["location"], "Lyon", "untouched keys stay");
+    let r = a
+        .call_with(
+            Method::PATCH,
+            &path,
+            Some(&op),
+            Some(json!({ "description": "x" })),
+            &[("if-match", "\"1\"")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::PRECONDITION_FAILED);
+    let r = a
+        .call(
+            Method::PATCH,
+            &path,
+            Some(&op),
+            Some(json!({ "latitude": null, "longitude": null })),
+        )
+        .await;
+    assert_eq!(
+        (r.status, &r.body["latitude"]),
+        (StatusCode::OK, &Value::Null)
+    );
+    let r = a
+        .call(
+            Method::PATCH,
+            &path,
+            Some(&op),
+            Some(json!({ "lan_prefixes": ["10.2.5.0/24"] })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "overlaps branch");
+    let r = a
+        .call(
+            Method::PATCH,
+            &path,
+            Some(&op),
+            Some(json!({ "links": [] })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    // Links.
+    let links = format!("{path}/links");
+    let r = a
+        .call(
+            Method::POST,
+            &links,
+            Some(&op),
+            Some(json!({ "name": "lte", "kind": "lte", "metered": true })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    let lte = r.body["id"].as_i64().unwrap();
+    let r = a
+        .call(
+            Method::POST,
+            &links,
+            Some(&op),
+            Some(json!({ "name": "lte", "kind": "lte" })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    let r = a
+        .call(
+            Method::POST,
+            &links,
+            Some(&op),
+            Some(json!({ "name": "sat", "kind": "satellite", "up_kbps": 0 })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(r.body["error"]["details"][0]["field"], "up_kbps", "{r:?}");
+    let r = a
+        .call_with(
+            Method::PATCH,
+            &format!("{links}/{lte}"),
+            Some(&op),
+            Some(json!({ "priority": 10 })),
+            &[("if-match", "\"1\"")],
+        )
+        .await;
+    assert_eq!(
+        (
+            r.status,
+            r.body["priority"].as_i64(),
+            r.body["metered"].as_bool()
+        ),
+        (StatusCode::OK, Some(10), Some(true)),
+        "{r:?}"
+    );
+    let r = a.call(Method::GET, &links, Some(&op), None).await;
+    assert_eq!(r.body["total"], 3);
+    // A link is reached only through its own site.
+    let other = format!("/api/v1/sites/{}/links/{lte}", id + 1);
+    assert_eq!(
+        a.call(Method::GET, &other, Some(&op), None).await.status,
+        StatusCode::NOT_FOUND
+    );
+    let r = a
+        .call(Method::DELETE, &format!("{links}/{lte}"), Some(&op), None)
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+
+    let mpls = hq.body["links"][0]["id"].as_i64().unwrap();
+    let r = a.call(Method::DELETE, &path, Some(&op), None).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        a.call(Method::GET, &path, Some(&op), None).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        a.call(Method::GET, &format!("{links}/{mpls}"), Some(&op), None)
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    let r = a
+        .call(
+            Method::GET,
+            "/api/v1/audit?action=site.delete",
+            Some(&op),
+            None,
+        )
+        .await;
+    assert_eq!(r.body["items"][0]["details"]["links"], 2);
 }

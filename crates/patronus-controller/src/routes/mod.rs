@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod sites;
 pub mod system;
 pub mod users;
 
@@ -51,5 +52,128 @@ impl Paging {
         }
         e.into_result().map_err(ApiError::validation)?;
         Ok(self)
+    }
+}
+
+/// The `ETag` of a versioned object: its version, quoted.
+pub fn etag(version: i64) -> axum::http::HeaderValue {
+    axum::http::HeaderValue::from_str(&format!("\"{version}\""))
+        .unwrap_or(axum::http::HeaderValue::from_static("\"0\""))
+}
+
+/// A JSON response with the object's `ETag`.
+pub fn with_etag(
+    status: axum::http::StatusCode,
+    version: i64,
+    body: impl Serialize,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let mut r = (status, axum::Json(body)).into_response();
+    r.headers_mut()
+        .insert(axum::http::header::ETAG, etag(version));
+    r
+}
+
+/// 201 with `Location` and `ETag`.
+pub fn created(location: String, version: i64, body: impl Serialize) -> axum::response::Response {
+    let mut r = with_etag(axum::http::StatusCode::CREATED, version, body);
+    if let Ok(v) = axum::http::HeaderValue::from_str(&location) {
+        r.headers_mut().insert(axum::http::header::LOCATION, v);
+    }
+    r
+}
+
+/// `If-Match`, when given, must name the current version (or be `*`): 412 otherwise, so that an
+/// update based on a stale read fails instead of undoing someone else's.
+pub fn check_if_match(headers: &axum::http::HeaderMap, version: i64) -> Result<(), ApiError> {
+    let Some(v) = headers.get(axum::http::header::IF_MATCH) else {
+        return Ok(());
+    };
+    let given = v.to_str().unwrap_or("");
+    let current = format!("\"{version}\"");
+    if given
+        .split(',')
+        .map(|t| t.trim().trim_start_matches("W/"))
+        .any(|t| t == "*" || t == current)
+    {
+        Ok(())
+    } else {
+        Err(ApiError::precondition_failed(format!(
+            "it changed since you read it (now version {version}); read it again"
+        )))
+    }
+}
+
+/// JSON merge patch (RFC 7386): objects merge key by key, `null` removes, anything else replaces.
+pub fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    use serde_json::Value;
+    let Value::Object(p) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(serde_json::Map::new());
+    }
+    if let Value::Object(t) = target {
+        for (k, v) in p {
+            if v.is_null() {
+                t.remove(k);
+            } else {
+                merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn merge_patch_follows_rfc_7386_appendix_a() {
+        for (target, patch, want) in [
+            (json!({"a": "b"}), json!({"a": "c"}), json!({"a": "c"})),
+            (
+                json!({"a": "b"}),
+                json!({"b": "c"}),
+                json!({"a": "b", "b": "c"}),
+            ),
+            (json!({"a": "b"}), json!({"a": null}), json!({})),
+            (
+                json!({"a": "b", "b": "c"}),
+                json!({"a": null}),
+                json!({"b": "c"}),
+            ),
+            (json!({"a": ["b"]}), json!({"a": "c"}), json!({"a": "c"})),
+            (
+                json!({"a": {"b": "c"}}),
+                json!({"a": {"b": "d", "c": null}}),
+                json!({"a": {"b": "d"}}),
+            ),
+            (
+                json!({"a": [{"b": "c"}]}),
+                json!({"a": [1]}),
+                json!({"a": [1]}),
+            ),
+            (
+                json!({"e": null}),
+                json!({"a": 1}),
+                json!({"e": null, "a": 1}),
+            ),
+            (
+                json!([1, 2]),
+                json!({"a": "b", "c": null}),
+                json!({"a": "b"}),
+            ),
+            (
+                json!({}),
+                json!({"a": {"bb": {"ccc": null}}}),
+                json!({"a": {"bb": {}}}),
+            ),
+        ] {
+            let mut t = target.clone();
+            super::merge_patch(&mut t, &patch);
+            assert_eq!(t, want, "{target} + {patch}");
+        }
     }
 }

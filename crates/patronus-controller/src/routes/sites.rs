@@ -1,0 +1,727 @@
+//! `/api/v1/sites` and `/api/v1/sites/{id}/links`: the sites of the network and their WAN links.
+//!
+//! A link is stored as the very [`patronus_api::Link`] the edges will receive. LAN prefixes are
+//! valid CIDRs by type, and never overlap, within a site or between sites (409 naming the other
+//! site). Deleting a site deletes its links. Updates are JSON merge patches (RFC 7386) checked
+//! against the version in `If-Match`.
+
+use std::collections::HashMap;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::routing::get;
+use axum::{Json, Router};
+use patronus_api::{FieldErrors, Link, Name, Prefix};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sqlx::Row;
+use sqlx::sqlite::SqliteRow;
+
+use crate::app::{AppState, Principal};
+use crate::auth::Role;
+use crate::error::{ApiError, extract};
+use crate::routes::{Page, Paging, check_if_match, created, merge_patch, with_etag};
+use crate::store::{Store, now_s};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/sites", get(list).post(create))
+        .route("/api/v1/sites/{id}", get(show).patch(update).delete(remove))
+        .route(
+            "/api/v1/sites/{id}/links",
+            get(list_links).post(create_link),
+        )
+        .route(
+            "/api/v1/sites/{id}/links/{link}",
+            get(show_link).patch(update_link).delete(remove_link),
+        )
+}
+
+/// Whether a site is meant to carry traffic. (Whether its edge is online comes from the edge.)
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SiteStatus {
+    /// Defined, not yet deployed.
+    Planned,
+    #[default]
+    Active,
+    /// Kept, but given no paths.
+    Disabled,
+}
+
+impl SiteStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            SiteStatus::Planned => "planned",
+            SiteStatus::Active => "active",
+            SiteStatus::Disabled => "disabled",
+        }
+    }
+}
+
+/// What a client writes about a site.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteSpec {
+    pub name: Name,
+    #[serde(default)]
+    pub description: String,
+    /// Free text: an address, a city.
+    #[serde(default)]
+    pub location: String,
+    #[serde(default)]
+    pub latitude: Option<f64>,
+    #[serde(default)]
+    pub longitude: Option<f64>,
+    #[serde(default)]
+    pub lan_prefixes: Vec<Prefix>,
+    #[serde(default)]
+    pub status: SiteStatus,
+    /// On creation only: the site's WAN links. Afterwards, `/sites/{id}/links`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub links: Option<Vec<Link>>,
+}
+
+impl SiteSpec {
+    fn validate(&self) -> FieldErrors {
+        let mut e = FieldErrors::default();
+        if self.description.chars().count() > 1000 {
+            e.push("description", "must be at most 1000 characters");
+        }
+        if self.location.chars().count() > 500 {
+            e.push("location", "must be at most 500 characters");
+        }
+        match (self.latitude, self.longitude) {
+            (Some(lat), Some(lon)) => {
+                if !(lat.is_finite() && (-90.0..=90.0).contains(&lat)) {
+                    e.push("latitude", "must be within -90..=90");
+                }
+                if !(lon.is_finite() && (-180.0..=180.0).contains(&lon)) {
+                    e.push("longitude", "must be within -180..=180");
+                }
+            }
+            (None, None) => {}
+            _ => e.push("latitude", "latitude and longitude go together"),
+        }
+        if self.lan_prefixes.len() > 256 {
+            e.push("lan_prefixes", "at most 256 prefixes");
+        }
+        for (i, a) in self.lan_prefixes.iter().enumerate() {
+            if a.prefix_len() == 0 {
+                e.push(format!("lan_prefixes[{i}]"), "a default route is not a LAN");
+            }
+            if let Some(j) = self.lan_prefixes[..i].iter().position(|b| b.overlaps(a)) {
+                e.push(
+                    format!("lan_prefixes[{i}]"),
+                    format!("{a} overlaps lan_prefixes[{j}] ({})", self.lan_prefixes[j]),
+                );
+            }
+        }
+        if let Some(links) = &self.links {
+            validate_links(links, &mut e);
+        }
+        e
+    }
+}
+
+fn validate_links(links: &[Link], e: &mut FieldErrors) {
+    if links.len() > 16 {
+        e.push("links", "at most 16 links per site");
+    }
+    for (i, l) in links.iter().enumerate() {
+        if let Err(le) = l.validate() {
+            e.extend_prefixed(&format!("links[{i}]"), le);
+        }
+        if links[..i].iter().any(|o| o.name == l.name) {
+            e.push(
+                format!("links[{i}].name"),
+                format!("{} is used twice", l.name),
+            );
+        }
+    }
+}
+
+/// A link as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkView {
+    pub id: i64,
+    pub site_id: i64,
+    #[serde(flatten)]
+    pub link: Link,
+    pub version: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// A site as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SiteView {
+    pub id: i64,
+    pub name: String,
+    pub description: String,
+    pub location: String,
+    pub latitude: Option<f64>,
+    pub longitude: Option<f64>,
+    pub lan_prefixes: Vec<Prefix>,
+    pub status: SiteStatus,
+    pub links: Vec<LinkView>,
+    pub version: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl SiteView {
+    fn spec(&self) -> Result<SiteSpec, ApiError> {
+        Ok(SiteSpec {
+            name: Name::new(self.name.clone()).map_err(ApiError::internal)?,
+            description: self.description.clone(),
+            location: self.location.clone(),
+            latitude: self.latitude,
+            longitude: self.longitude,
+            lan_prefixes: self.lan_prefixes.clone(),
+            status: self.status,
+            links: None,
+        })
+    }
+}
+
+fn site_from_row(r: &SqliteRow) -> Result<SiteView, ApiError> {
+    let prefixes: String = r.try_get("lan_prefixes")?;
+    let status: String = r.try_get("status")?;
+    Ok(SiteView {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        description: r.try_get("description")?,
+        location: r.try_get("location")?,
+        latitude: r.try_get("latitude")?,
+        longitude: r.try_get("longitude")?,
+        lan_prefixes: serde_json::from_str(&prefixes).map_err(ApiError::internal)?,
+        status: serde_json::from_value(Value::String(status)).map_err(ApiError::internal)?,
+        links: Vec::new(),
+        version: r.try_get("version")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+fn link_from_row(r: &SqliteRow) -> Result<LinkView, ApiError> {
+    let spec: String = r.try_get("spec")?;
+    Ok(LinkView {
+        id: r.try_get("id")?,
+        site_id: r.try_get("site_id")?,
+        link: serde_json::from_str(&spec).map_err(ApiError::internal)?,
+        version: r.try_get("version")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+/// Fills in the links of `sites` with one query.
+async fn attach_links(store: &Store, sites: &mut [SiteView]) -> Result<(), ApiError> {
+    if sites.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<String> = sites.iter().map(|s| s.id.to_string()).collect();
+    // Ids are integers from the database: safe to inline.
+    let sql = format!(
+        "SELECT * FROM links WHERE site_id IN ({}) ORDER BY site_id, id",
+        ids.join(",")
+    );
+    let rows = sqlx::query(&sql).fetch_all(store.pool()).await?;
+    let mut by_site: HashMap<i64, Vec<LinkView>> = HashMap::new();
+    for r in &rows {
+        let l = link_from_row(r)?;
+        by_site.entry(l.site_id).or_default().push(l);
+    }
+    for s in sites {
+        s.links = by_site.remove(&s.id).unwrap_or_default();
+    }
+    Ok(())
+}
+
+pub async fn load_site(store: &Store, id: i64) -> Result<SiteView, ApiError> {
+    let row = sqlx::query("SELECT * FROM sites WHERE id = ?")
+        .bind(id)
+        .fetch_optional(store.pool())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("site {id}")))?;
+    let mut s = [site_from_row(&row)?];
+    attach_links(store, &mut s).await?;
+    let [s] = s;
+    Ok(s)
+}
+
+/// 409 if one of `prefixes` overlaps a prefix of another site.
+async fn check_overlap(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    site_id: Option<i64>,
+    prefixes: &[Prefix],
+) -> Result<(), ApiError> {
+    let rows = sqlx::query("SELECT id, name, lan_prefixes FROM sites WHERE id != ?")
+        .bind(site_id.unwrap_or(-1))
+        .fetch_all(&mut **tx)
+        .await?;
+    for r in &rows {
+        let theirs: Vec<Prefix> =
+            serde_json::from_str(r.try_get("lan_prefixes")?).map_err(ApiError::internal)?;
+        for (i, p) in prefixes.iter().enumerate() {
+            if let Some(q) = theirs.iter().find(|q| q.overlaps(p)) {
+                let name: String = r.try_get("name")?;
+                let mut e = ApiError::conflict(format!(
+                    "lan_prefixes[{i}]: {p} overlaps {q} of site {name}"
+                ));
+                e.details = Some(json!([{ "field": format!("lan_prefixes[{i}]"),
+                    "problem": format!("overlaps {q} of site {name}") }]));
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+async fn insert_link(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    site_id: i64,
+    link: &Link,
+) -> Result<i64, ApiError> {
+    let now = now_s();
+    let r = sqlx::query(
+        "INSERT INTO links (site_id, name, spec, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(site_id)
+    .bind(link.name.as_str())
+    .bind(serde_json::to_string(link).map_err(ApiError::internal)?)
+    .bind(now)
+    .bind(now)
+    .execute(&mut **tx)
+    .await;
+    match r {
+        Ok(r) => Ok(r.last_insert_rowid()),
+        Err(e) if unique_violation(&e) => Err(ApiError::conflict(format!(
+            "the site already has a link named {}",
+            link.name
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    pub limit: Option<i64>,
+    pub offset: Option<i64>,
+    /// Exact name.
+    pub name: Option<String>,
+    /// Part of the name, description or location.
+    pub q: Option<String>,
+    pub status: Option<SiteStatus>,
+    /// `id` (default), `name`, `created_at`, `updated_at`; `-` in front for descending.
+    pub sort: Option<String>,
+}
+
+async fn list(
+    State(s): State<AppState>,
+    _p: Principal,
+    extract::Query(q): extract::Query<ListQuery>,
+) -> Result<Json<Page<SiteView>>, ApiError> {
+    let paging = Paging::new(q.limit, q.offset)?;
+    let sort = q.sort.as_deref().unwrap_or("id");
+    let (desc, key) = sort.strip_prefix('-').map_or((false, sort), |k| (true, k));
+    let column = match key {
+        "id" | "name" | "created_at" | "updated_at" => key,
+        _ => {
+            return Err(ApiError::field(
+                "sort",
+                "must be one of id, name, created_at, updated_at (- in front for descending)",
+            ));
+        }
+    };
+    let mut filter = String::from(" WHERE 1=1");
+    let mut binds: Vec<String> = Vec::new();
+    if let Some(n) = q.name {
+        filter.push_str(" AND name = ?");
+        binds.push(n);
+    }
+    if let Some(st) = q.status {
+        filter.push_str(" AND status = ?");
+        binds.push(st.as_str().to_owned());
+    }
+    if let Some(t) = q.q {
+        let like = format!(
+            "%{}%",
+            t.replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        );
+        filter.push_str(
+            " AND (name LIKE ? ESCAPE '\\' OR description LIKE ? ESCAPE '\\' OR location LIKE ? ESCAPE '\\')",
+        );
+        binds.extend([like.clone(), like.clone(), like]);
+    }
+    let count_sql = format!("SELECT COUNT(*) FROM sites{filter}");
+    let mut count = sqlx::query_scalar::<_, i64>(&count_sql);
+    for b in &binds {
+        count = count.bind(b);
+    }
+    let total = count.fetch_one(s.store.pool()).await?;
+    let sql = format!(
+        "SELECT * FROM sites{filter} ORDER BY {column} {}, id LIMIT ? OFFSET ?",
+        if desc { "DESC" } else { "ASC" }
+    );
+    let mut query = sqlx::query(&sql);
+    for b in &binds {
+        query = query.bind(b);
+    }
+    let rows = query
+        .bind(paging.limit)
+        .bind(paging.offset)
+        .fetch_all(s.store.pool())
+        .await?;
+    let mut items = rows
+        .iter()
+        .map(site_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    attach_links(&s.store, &mut items).await?;
+    Ok(Json(Page {
+        items,
+        total,
+        limit: paging.limit,
+        offset: paging.offset,
+    }))
+}
+
+async fn create(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Json(spec): extract::Json<SiteSpec>,
+) -> Result<Response, ApiError> {
+    p.require(Role::Operator)?;
+    spec.validate()
+        .into_result()
+        .map_err(ApiError::validation)?;
+    let now = now_s();
+    let mut tx = s.store.begin().await?;
+    check_overlap(&mut tx, None, &spec.lan_prefixes).await?;
+    let r = sqlx::query(
+        "INSERT INTO sites (name, description, location, latitude, longitude, lan_prefixes,
+         status, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(spec.name.as_str())
+    .bind(&spec.description)
+    .bind(&spec.location)
+    .bind(spec.latitude)
+    .bind(spec.longitude)
+    .bind(serde_json::to_string(&spec.lan_prefixes).map_err(ApiError::internal)?)
+    .bind(spec.status.as_str())
+    .bind(now)
+    .bind(now)
+    .execute(&mut *tx)
+    .await;
+    let id = match r {
+        Ok(r) => r.last_insert_rowid(),
+        Err(e) if unique_violation(&e) => {
+            return Err(ApiError::conflict(format!(
+                "a site named {} exists",
+                spec.name
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    for l in spec.links.iter().flatten() {
+        insert_link(&mut tx, id, l).await?;
+    }
+    Store::audit(
+        &mut tx,
+        &p.actor(),
+        "site.create",
+        &format!("site/{id}"),
+        serde_json::to_value(&spec).unwrap_or_default(),
+    )
+    .await?;
+    tx.commit().await?;
+    let site = load_site(&s.store, id).await?;
+    Ok(created(format!("/api/v1/sites/{id}"), site.version, site))
+}
+
+async fn show(
+    State(s): State<AppState>,
+    _p: Principal,
+    extract::Path(id): extract::Path<i64>,
+) -> Result<Response, ApiError> {
+    let site = load_site(&s.store, id).await?;
+    Ok(with_etag(StatusCode::OK, site.version, site))
+}
+
+async fn update(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Path(id): extract::Path<i64>,
+    headers: HeaderMap,
+    extract::Json(patch): extract::Json<Value>,
+) -> Result<Response, ApiError> {
+    p.require(Role::Operator)?;
+    let cur = load_site(&s.store, id).await?;
+    check_if_match(&headers, cur.version)?;
+    if patch.get("links").is_some() {
+        return Err(ApiError::field(
+            "links",
+            "links change through /api/v1/sites/{id}/links",
+        ));
+    }
+    let mut doc = serde_json::to_value(cur.spec()?).map_err(ApiError::internal)?;
+    merge_patch(&mut doc, &patch);
+    let spec: SiteSpec = serde_json::from_value(doc).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            e.to_string(),
+        )
+    })?;
+    spec.validate()
+        .into_result()
+        .map_err(ApiError::validation)?;
+    let mut tx = s.store.begin().await?;
+    check_overlap(&mut tx, Some(id), &spec.lan_prefixes).await?;
+    let r = sqlx::query(
+        "UPDATE sites SET name = ?, description = ?, location = ?, latitude = ?, longitude = ?,
+         lan_prefixes = ?, status = ?, version = version + 1, updated_at = ?
+         WHERE id = ? AND version = ?",
+    )
+    .bind(spec.name.as_str())
+    .bind(&spec.description)
+    .bind(&spec.location)
+    .bind(spec.latitude)
+    .bind(spec.longitude)
+    .bind(serde_json::to_string(&spec.lan_prefixes).map_err(ApiError::internal)?)
+    .bind(spec.status.as_str())
+    .bind(now_s())
+    .bind(id)
+    .bind(cur.version)
+    .execute(&mut *tx)
+    .await;
+    match r {
+        Ok(r) if r.rows_affected() == 0 => {
+            return Err(ApiError::precondition_failed(
+                "the site changed while this update ran; read it again",
+            ));
+        }
+        Ok(_) => {}
+        Err(e) if unique_violation(&e) => {
+            return Err(ApiError::conflict(format!(
+                "a site named {} exists",
+                spec.name
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Store::audit(
+        &mut tx,
+        &p.actor(),
+        "site.update",
+        &format!("site/{id}"),
+        patch,
+    )
+    .await?;
+    tx.commit().await?;
+    let site = load_site(&s.store, id).await?;
+    Ok(with_etag(StatusCode::OK, site.version, site))
+}
+
+async fn remove(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Path(id): extract::Path<i64>,
+) -> Result<StatusCode, ApiError> {
+    p.require(Role::Operator)?;
+    let cur = load_site(&s.store, id).await?;
+    let mut tx = s.store.begin().await?;
+    // Its links go with it (ON DELETE CASCADE), and so does its place among the hubs.
+    sqlx::query("DELETE FROM sites WHERE id = ?")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    Store::audit(
+        &mut tx,
+        &p.actor(),
+        "site.delete",
+        &format!("site/{id}"),
+        json!({ "name": cur.name, "links": cur.links.len() }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn load_link(store: &Store, site: i64, link: i64) -> Result<LinkView, ApiError> {
+    let row = sqlx::query("SELECT * FROM links WHERE id = ? AND site_id = ?")
+        .bind(link)
+        .bind(site)
+        .fetch_optional(store.pool())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("link {link} of site {site}")))?;
+    link_from_row(&row)
+}
+
+async fn list_links(
+    State(s): State<AppState>,
+    _p: Principal,
+    extract::Path(id): extract::Path<i64>,
+) -> Result<Json<Page<LinkView>>, ApiError> {
+    let site = load_site(&s.store, id).await?;
+    let n = site.links.len() as i64;
+    Ok(Json(Page {
+        items: site.links,
+        total: n,
+        limit: n,
+        offset: 0,
+    }))
+}
+
+async fn create_link(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Path(id): extract::Path<i64>,
+    extract::Json(link): extract::Json<Link>,
+) -> Result<Response, ApiError> {
+    p.require(Role::Operator)?;
+    let site = load_site(&s.store, id).await?;
+    let mut e = FieldErrors::default();
+    let mut all: Vec<Link> = site.links.iter().map(|l| l.link.clone()).collect();
+    all.push(link.clone());
+    validate_links(&all, &mut e);
+    // Errors about the new link only, under its own field names.
+    let prefix = format!("links[{}].", all.len() - 1);
+    let mine: Vec<_> =
+        e.0.into_iter()
+            .filter_map(|mut fe| {
+                if fe.field == "links" {
+                    return Some(fe);
+                }
+                fe.field = fe.field.strip_prefix(&prefix)?.to_owned();
+                Some(fe)
+            })
+            .collect();
+    if mine.iter().any(|fe| fe.field == "name") {
+        return Err(ApiError::conflict(format!(
+            "the site already has a link named {}",
+            link.name
+        )));
+    }
+    FieldErrors(mine)
+        .into_result()
+        .map_err(ApiError::validation)?;
+    let mut tx = s.store.begin().await?;
+    let link_id = insert_link(&mut tx, id, &link).await?;
+    Store::audit(
+        &mut tx,
+        &p.actor(),
+        "link.create",
+        &format!("site/{id}/link/{link_id}"),
+        serde_json::to_value(&link).unwrap_or_default(),
+    )
+    .await?;
+    tx.commit().await?;
+    let l = load_link(&s.store, id, link_id).await?;
+    Ok(created(
+        format!("/api/v1/sites/{id}/links/{link_id}"),
+        l.version,
+        l,
+    ))
+}
+
+async fn show_link(
+    State(s): State<AppState>,
+    _p: Principal,
+    extract::Path((site, link)): extract::Path<(i64, i64)>,
+) -> Result<Response, ApiError> {
+    let l = load_link(&s.store, site, link).await?;
+    Ok(with_etag(StatusCode::OK, l.version, l))
+}
+
+async fn update_link(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Path((site, link)): extract::Path<(i64, i64)>,
+    headers: HeaderMap,
+    extract::Json(patch): extract::Json<Value>,
+) -> Result<Response, ApiError> {
+    p.require(Role::Operator)?;
+    let cur = load_link(&s.store, site, link).await?;
+    check_if_match(&headers, cur.version)?;
+    let mut doc = serde_json::to_value(&cur.link).map_err(ApiError::internal)?;
+    merge_patch(&mut doc, &patch);
+    let new: Link = serde_json::from_value(doc).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            e.to_string(),
+        )
+    })?;
+    new.validate().map_err(ApiError::validation)?;
+    let mut tx = s.store.begin().await?;
+    let r = sqlx::query(
+        "UPDATE links SET name = ?, spec = ?, version = version + 1, updated_at = ?
+         WHERE id = ? AND version = ?",
+    )
+    .bind(new.name.as_str())
+    .bind(serde_json::to_string(&new).map_err(ApiError::internal)?)
+    .bind(now_s())
+    .bind(link)
+    .bind(cur.version)
+    .execute(&mut *tx)
+    .await;
+    match r {
+        Ok(r) if r.rows_affected() == 0 => {
+            return Err(ApiError::precondition_failed(
+                "the link changed while this update ran; read it again",
+            ));
+        }
+        Ok(_) => {}
+        Err(e) if unique_violation(&e) => {
+            return Err(ApiError::conflict(format!(
+                "the site already has a link named {}",
+                new.name
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Store::audit(
+        &mut tx,
+        &p.actor(),
+        "link.update",
+        &format!("site/{site}/link/{link}"),
+        patch,
+    )
+    .await?;
+    tx.commit().await?;
+    let l = load_link(&s.store, site, link).await?;
+    Ok(with_etag(StatusCode::OK, l.version, l))
+}
+
+async fn remove_link(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Path((site, link)): extract::Path<(i64, i64)>,
+) -> Result<StatusCode, ApiError> {
+    p.require(Role::Operator)?;
+    let cur = load_link(&s.store, site, link).await?;
+    let mut tx = s.store.begin().await?;
+    sqlx::query("DELETE FROM links WHERE id = ?")
+        .bind(link)
+        .execute(&mut *tx)
+        .await?;
+    Store::audit(
+        &mut tx,
+        &p.actor(),
+        "link.delete",
+        &format!("site/{site}/link/{link}"),
+        json!({ "name": cur.link.name }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
