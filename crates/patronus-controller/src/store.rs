@@ -86,6 +86,28 @@ CREATE TABLE links (
 );
 "#,
     ),
+    (
+        3,
+        "topology and overlay address plan",
+        r#"
+CREATE TABLE topology (
+    id             INTEGER PRIMARY KEY CHECK (id = 1),
+    mode           TEXT    NOT NULL CHECK (mode IN ('full-mesh', 'hub-spoke')),
+    overlay_prefix TEXT    NOT NULL,
+    version        INTEGER NOT NULL DEFAULT 1,
+    updated_at     INTEGER NOT NULL
+);
+INSERT INTO topology (id, mode, overlay_prefix, updated_at) VALUES (1, 'full-mesh', '10.255.0.0/16', 0);
+CREATE TABLE hubs (
+    site_id INTEGER PRIMARY KEY REFERENCES sites(id) ON DELETE CASCADE
+);
+-- Host number within the overlay prefix (1 = its first address).
+CREATE TABLE overlay_addresses (
+    site_id INTEGER PRIMARY KEY REFERENCES sites(id) ON DELETE CASCADE,
+    host    INTEGER NOT NULL UNIQUE
+);
+"#,
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

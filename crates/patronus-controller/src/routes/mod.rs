@@ -4,6 +4,7 @@ pub mod audit;
 pub mod auth;
 pub mod sites;
 pub mod system;
+pub mod topology;
 pub mod users;
 
 use serde::Serialize;

@@ -165,6 +165,8 @@ pub struct SiteView {
     pub longitude: Option<f64>,
     pub lan_prefixes: Vec<Prefix>,
     pub status: SiteStatus,
+    /// Its address in the overlay (see `/api/v1/topology`).
+    pub overlay_address: Option<std::net::IpAddr>,
     pub links: Vec<LinkView>,
     pub version: i64,
     pub created_at: i64,
@@ -198,6 +200,7 @@ fn site_from_row(r: &SqliteRow) -> Result<SiteView, ApiError> {
         longitude: r.try_get("longitude")?,
         lan_prefixes: serde_json::from_str(&prefixes).map_err(ApiError::internal)?,
         status: serde_json::from_value(Value::String(status)).map_err(ApiError::internal)?,
+        overlay_address: None,
         links: Vec::new(),
         version: r.try_get("version")?,
         created_at: r.try_get("created_at")?,
@@ -234,10 +237,25 @@ async fn attach_links(store: &Store, sites: &mut [SiteView]) -> Result<(), ApiEr
         let l = link_from_row(r)?;
         by_site.entry(l.site_id).or_default().push(l);
     }
+    let addrs = crate::routes::topology::addresses(store).await?;
     for s in sites {
         s.links = by_site.remove(&s.id).unwrap_or_default();
+        s.overlay_address = addrs.get(&s.id).copied();
     }
     Ok(())
+}
+
+/// Every site with its links, in id order.
+pub async fn load_sites(store: &Store) -> Result<Vec<SiteView>, ApiError> {
+    let rows = sqlx::query("SELECT * FROM sites ORDER BY id")
+        .fetch_all(store.pool())
+        .await?;
+    let mut sites = rows
+        .iter()
+        .map(site_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    attach_links(store, &mut sites).await?;
+    Ok(sites)
 }
 
 pub async fn load_site(store: &Store, id: i64) -> Result<SiteView, ApiError> {
@@ -258,6 +276,14 @@ async fn check_overlap(
     site_id: Option<i64>,
     prefixes: &[Prefix],
 ) -> Result<(), ApiError> {
+    let overlay = crate::routes::topology::overlay_prefix(tx).await?;
+    for (i, p) in prefixes.iter().enumerate() {
+        if p.overlaps(&overlay) {
+            return Err(ApiError::conflict(format!(
+                "lan_prefixes[{i}]: {p} overlaps the overlay prefix {overlay}"
+            )));
+        }
+    }
     let rows = sqlx::query("SELECT id, name, lan_prefixes FROM sites WHERE id != ?")
         .bind(site_id.unwrap_or(-1))
         .fetch_all(&mut **tx)
@@ -434,6 +460,7 @@ async fn create(
     for l in spec.links.iter().flatten() {
         insert_link(&mut tx, id, l).await?;
     }
+    crate::routes::topology::allocate(&mut tx, id).await?;
     Store::audit(
         &mut tx,
         &p.actor(),

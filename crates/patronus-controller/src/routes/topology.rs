@@ -1,0 +1,491 @@
+//! `/api/v1/topology` and `/api/v1/paths`: which sites talk to which, the overlay address plan,
+//! and the paths that follow from them.
+//!
+//! - **Mode**: `full-mesh` (every pair of active sites) or `hub-spoke` (every spoke with every
+//!   hub, and the hubs with each other).
+//! - **Overlay plan**: one prefix; every site gets the lowest free host address in it when it is
+//!   created (in the same transaction, so two sites never get the same one), and loses it when
+//!   deleted. Changing the prefix renumbers every site in the order they were created. No LAN
+//!   prefix may overlap the overlay prefix.
+//! - **Paths** are derived, never stored: one per local link × remote link for every connected
+//!   pair of active sites, identified by the two link ids (`"3-7"`, lower first). Until the edges
+//!   report (a later issue), their measurements are `null`: nothing is invented.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::routing::get;
+use axum::{Json, Router};
+use patronus_api::{LinkKind, Prefix};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sqlx::{Row, Sqlite, Transaction};
+
+use crate::app::{AppState, Principal};
+use crate::auth::Role;
+use crate::error::{ApiError, extract};
+use crate::routes::sites::{SiteStatus, SiteView, load_sites};
+use crate::routes::{Page, Paging, check_if_match, merge_patch, with_etag};
+use crate::store::{Store, now_s};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/topology", get(show).patch(update))
+        .route("/api/v1/paths", get(list_paths))
+        .route("/api/v1/paths/{id}", get(show_path))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    FullMesh,
+    HubSpoke,
+}
+
+/// The topology as stored.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub mode: Mode,
+    pub overlay_prefix: Prefix,
+    pub hubs: BTreeSet<i64>,
+    pub version: i64,
+    pub updated_at: i64,
+}
+
+/// What a client may change (a merge patch of it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopologySpec {
+    pub mode: Mode,
+    /// Site ids.
+    pub hubs: Vec<i64>,
+    pub overlay_prefix: Prefix,
+}
+
+pub async fn load(store: &Store) -> Result<Topology, ApiError> {
+    let row =
+        sqlx::query("SELECT mode, overlay_prefix, version, updated_at FROM topology WHERE id = 1")
+            .fetch_one(store.pool())
+            .await?;
+    let hubs = sqlx::query_scalar::<_, i64>("SELECT site_id FROM hubs")
+        .fetch_all(store.pool())
+        .await?;
+    Ok(Topology {
+        mode: serde_json::from_value(Value::String(row.try_get("mode")?))
+            .map_err(ApiError::internal)?,
+        overlay_prefix: row
+            .try_get::<String, _>("overlay_prefix")?
+            .parse()
+            .map_err(ApiError::internal)?,
+        hubs: hubs.into_iter().collect(),
+        version: row.try_get("version")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+/// The overlay prefix, inside a transaction.
+pub async fn overlay_prefix(tx: &mut Transaction<'static, Sqlite>) -> Result<Prefix, ApiError> {
+    let p: String = sqlx::query_scalar("SELECT overlay_prefix FROM topology WHERE id = 1")
+        .fetch_one(&mut **tx)
+        .await?;
+    p.parse().map_err(ApiError::internal)
+}
+
+/// Host numbers usable in `p`: not the network address, nor the IPv4 broadcast. (Capped for
+/// IPv6: nobody has 2^32 sites.)
+fn host_range(p: &Prefix) -> (u128, u128) {
+    let (lo, hi) = p.range();
+    let size = hi - lo + 1;
+    let last = if p.is_ipv4() {
+        size.saturating_sub(2)
+    } else {
+        (size - 1).min(u128::from(u32::MAX))
+    };
+    (1, last)
+}
+
+pub fn host_addr(p: &Prefix, host: u128) -> IpAddr {
+    let (lo, _) = p.range();
+    match p.addr() {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::from((lo + host) as u32)),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(lo + host)),
+    }
+}
+
+/// Gives `site` the lowest free overlay address, in the site's own transaction.
+pub async fn allocate(
+    tx: &mut Transaction<'static, Sqlite>,
+    site: i64,
+) -> Result<IpAddr, ApiError> {
+    let prefix = overlay_prefix(tx).await?;
+    let used: Vec<i64> = sqlx::query_scalar("SELECT host FROM overlay_addresses ORDER BY host")
+        .fetch_all(&mut **tx)
+        .await?;
+    let (first, last) = host_range(&prefix);
+    let mut host = first;
+    for u in used {
+        let u = u as u128;
+        if u == host {
+            host += 1;
+        } else if u > host {
+            break;
+        }
+    }
+    if host > last {
+        return Err(ApiError::conflict(format!(
+            "the overlay prefix {prefix} has no free address; widen it in /api/v1/topology"
+        )));
+    }
+    sqlx::query("INSERT INTO overlay_addresses (site_id, host) VALUES (?, ?)")
+        .bind(site)
+        .bind(host as i64)
+        .execute(&mut **tx)
+        .await?;
+    Ok(host_addr(&prefix, host))
+}
+
+/// Every site's overlay address.
+pub async fn addresses(store: &Store) -> Result<BTreeMap<i64, IpAddr>, ApiError> {
+    let prefix = load(store).await?.overlay_prefix;
+    let rows = sqlx::query("SELECT site_id, host FROM overlay_addresses")
+        .fetch_all(store.pool())
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get("site_id")?,
+                host_addr(&prefix, r.try_get::<i64, _>("host")? as u128),
+            ))
+        })
+        .collect()
+}
+
+#[derive(Debug, Serialize)]
+struct TopologyView {
+    mode: Mode,
+    overlay_prefix: Prefix,
+    hubs: Vec<Value>,
+    /// Each site's overlay address.
+    addresses: Vec<Value>,
+    version: i64,
+    updated_at: i64,
+}
+
+async fn view(store: &Store) -> Result<(TopologyView, i64), ApiError> {
+    let t = load(store).await?;
+    let names: BTreeMap<i64, String> = sqlx::query("SELECT id, name FROM sites")
+        .fetch_all(store.pool())
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get("id")?, r.try_get("name")?)))
+        .collect::<Result<_, sqlx::Error>>()?;
+    let addrs = addresses(store).await?;
+    let v = TopologyView {
+        mode: t.mode,
+        overlay_prefix: t.overlay_prefix,
+        hubs: t
+            .hubs
+            .iter()
+            .map(|id| json!({ "site_id": id, "site": names.get(id) }))
+            .collect(),
+        addresses: addrs
+            .iter()
+            .map(|(id, a)| json!({ "site_id": id, "site": names.get(id), "address": a }))
+            .collect(),
+        version: t.version,
+        updated_at: t.updated_at,
+    };
+    Ok((v, t.version))
+}
+
+async fn show(State(s): State<AppState>, _p: Principal) -> Result<Response, ApiError> {
+    let (v, version) = view(&s.store).await?;
+    Ok(with_etag(StatusCode::OK, version, v))
+}
+
+async fn update(
+    State(s): State<AppState>,
+    p: Principal,
+    headers: HeaderMap,
+    extract::Json(patch): extract::Json<Value>,
+) -> Result<Response, ApiError> {
+    p.require(Role::Operator)?;
+    let cur = load(&s.store).await?;
+    check_if_match(&headers, cur.version)?;
+    let mut doc = serde_json::to_value(TopologySpec {
+        mode: cur.mode,
+        hubs: cur.hubs.iter().copied().collect(),
+        overlay_prefix: cur.overlay_prefix,
+    })
+    .map_err(ApiError::internal)?;
+    merge_patch(&mut doc, &patch);
+    let spec: TopologySpec = serde_json::from_value(doc).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            e.to_string(),
+        )
+    })?;
+    let hubs: BTreeSet<i64> = spec.hubs.iter().copied().collect();
+    if spec.mode == Mode::HubSpoke && hubs.is_empty() {
+        return Err(ApiError::field("hubs", "hub-spoke needs at least one hub"));
+    }
+    let mut tx = s.store.begin().await?;
+    let sites: Vec<(i64, String, String)> =
+        sqlx::query("SELECT id, name, lan_prefixes FROM sites ORDER BY id")
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("id")?,
+                    r.try_get("name")?,
+                    r.try_get("lan_prefixes")?,
+                ))
+            })
+            .collect::<Result<_, sqlx::Error>>()?;
+    for h in &hubs {
+        if !sites.iter().any(|(id, _, _)| id == h) {
+            return Err(ApiError::field("hubs", format!("there is no site {h}")));
+        }
+    }
+    let prefix = spec.overlay_prefix;
+    if prefix != cur.overlay_prefix {
+        let (first, last) = host_range(&prefix);
+        if (sites.len() as u128) > last.saturating_sub(first) + 1 {
+            return Err(ApiError::field(
+                "overlay_prefix",
+                format!(
+                    "{prefix} has room for {} sites; there are {}",
+                    last + 1 - first,
+                    sites.len()
+                ),
+            ));
+        }
+        for (_, name, lan) in &sites {
+            let lan: Vec<Prefix> = serde_json::from_str(lan).map_err(ApiError::internal)?;
+            if let Some(q) = lan.iter().find(|q| q.overlaps(&prefix)) {
+                return Err(ApiError::conflict(format!(
+                    "overlay_prefix: {prefix} overlaps {q} of site {name}"
+                )));
+            }
+        }
+        // Renumber in creation order.
+        sqlx::query("DELETE FROM overlay_addresses")
+            .execute(&mut *tx)
+            .await?;
+        for (i, (id, _, _)) in sites.iter().enumerate() {
+            sqlx::query("INSERT INTO overlay_addresses (site_id, host) VALUES (?, ?)")
+                .bind(id)
+                .bind((first + i as u128) as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
+    let mode = serde_json::to_value(spec.mode).map_err(ApiError::internal)?;
+    let r = sqlx::query(
+        "UPDATE topology SET mode = ?, overlay_prefix = ?, version = version + 1, updated_at = ?
+         WHERE id = 1 AND version = ?",
+    )
+    .bind(mode.as_str())
+    .bind(prefix.to_string())
+    .bind(now_s())
+    .bind(cur.version)
+    .execute(&mut *tx)
+    .await?;
+    if r.rows_affected() == 0 {
+        return Err(ApiError::precondition_failed(
+            "the topology changed while this update ran; read it again",
+        ));
+    }
+    sqlx::query("DELETE FROM hubs").execute(&mut *tx).await?;
+    for h in &hubs {
+        sqlx::query("INSERT INTO hubs (site_id) VALUES (?)")
+            .bind(h)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Store::audit(&mut tx, &p.actor(), "topology.update", "topology", patch).await?;
+    tx.commit().await?;
+    let (v, version) = view(&s.store).await?;
+    Ok(with_etag(StatusCode::OK, version, v))
+}
+
+// ----- paths -----
+
+/// One end of a path.
+#[derive(Debug, Clone, Serialize)]
+pub struct PathEnd {
+    pub site_id: i64,
+    pub site: String,
+    pub link_id: i64,
+    pub link: String,
+    pub kind: LinkKind,
+}
+
+/// A path between two sites, over one link of each. Its live fields are `null` until an edge
+/// reports them.
+#[derive(Debug, Clone, Serialize)]
+pub struct PathView {
+    pub id: String,
+    pub a: PathEnd,
+    pub b: PathEnd,
+    pub state: Option<String>,
+    pub rtt_ms: Option<f64>,
+    pub jitter_ms: Option<f64>,
+    pub loss_pct: Option<f64>,
+    pub last_report: Option<i64>,
+}
+
+/// Pairs of sites that the topology connects, lower id first, in order.
+pub fn connected_pairs<'a>(
+    t: &Topology,
+    sites: &'a [SiteView],
+) -> Vec<(&'a SiteView, &'a SiteView)> {
+    let active: Vec<&SiteView> = sites
+        .iter()
+        .filter(|s| s.status == SiteStatus::Active)
+        .collect();
+    let mut pairs = Vec::new();
+    for (i, a) in active.iter().enumerate() {
+        for b in &active[i + 1..] {
+            let linked = match t.mode {
+                Mode::FullMesh => true,
+                Mode::HubSpoke => t.hubs.contains(&a.id) || t.hubs.contains(&b.id),
+            };
+            if linked {
+                pairs.push((*a, *b));
+            }
+        }
+    }
+    pairs
+}
+
+fn end(s: &SiteView, l: &crate::routes::sites::LinkView) -> PathEnd {
+    PathEnd {
+        site_id: s.id,
+        site: s.name.clone(),
+        link_id: l.id,
+        link: l.link.name.to_string(),
+        kind: l.link.kind,
+    }
+}
+
+fn path(
+    a: &SiteView,
+    la: &crate::routes::sites::LinkView,
+    b: &SiteView,
+    lb: &crate::routes::sites::LinkView,
+) -> PathView {
+    PathView {
+        id: format!("{}-{}", la.id.min(lb.id), la.id.max(lb.id)),
+        a: end(a, la),
+        b: end(b, lb),
+        state: None,
+        rtt_ms: None,
+        jitter_ms: None,
+        loss_pct: None,
+        last_report: None,
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PathQuery {
+    pub limit: Option<i64>,
+    pub offset: Option<i64>,
+    /// Paths with this site (id) at one end.
+    pub site: Option<i64>,
+    /// `up`, `degraded`, `down` or `unknown` (no report yet).
+    pub state: Option<String>,
+}
+
+async fn list_paths(
+    State(s): State<AppState>,
+    _p: Principal,
+    extract::Query(q): extract::Query<PathQuery>,
+) -> Result<Json<Page<PathView>>, ApiError> {
+    let paging = Paging::new(q.limit, q.offset)?;
+    match q.state.as_deref() {
+        None | Some("unknown") => {}
+        Some("up" | "degraded" | "down") => {
+            // No edge reports yet: no path is known to be in any state.
+            return Ok(Json(Page {
+                items: vec![],
+                total: 0,
+                limit: paging.limit,
+                offset: paging.offset,
+            }));
+        }
+        Some(_) => {
+            return Err(ApiError::field(
+                "state",
+                "must be up, degraded, down or unknown",
+            ));
+        }
+    }
+    let t = load(&s.store).await?;
+    let sites = load_sites(&s.store).await?;
+    let pairs: Vec<_> = connected_pairs(&t, &sites)
+        .into_iter()
+        .filter(|(a, b)| q.site.is_none_or(|id| a.id == id || b.id == id))
+        .collect();
+    let total: i64 = pairs
+        .iter()
+        .map(|(a, b)| (a.links.len() * b.links.len()) as i64)
+        .sum();
+    let mut skip = paging.offset;
+    let mut items = Vec::new();
+    'pairs: for (a, b) in pairs {
+        let n = (a.links.len() * b.links.len()) as i64;
+        if skip >= n {
+            skip -= n;
+            continue;
+        }
+        for la in &a.links {
+            for lb in &b.links {
+                if skip > 0 {
+                    skip -= 1;
+                    continue;
+                }
+                if items.len() as i64 == paging.limit {
+                    break 'pairs;
+                }
+                items.push(path(a, la, b, lb));
+            }
+        }
+    }
+    Ok(Json(Page {
+        items,
+        total,
+        limit: paging.limit,
+        offset: paging.offset,
+    }))
+}
+
+async fn show_path(
+    State(s): State<AppState>,
+    _p: Principal,
+    extract::Path(id): extract::Path<String>,
+) -> Result<Json<PathView>, ApiError> {
+    let not_found = || ApiError::not_found(format!("path {id}"));
+    let (x, y) = id.split_once('-').ok_or_else(not_found)?;
+    let (x, y): (i64, i64) = (
+        x.parse().map_err(|_| not_found())?,
+        y.parse().map_err(|_| not_found())?,
+    );
+    let t = load(&s.store).await?;
+    let sites = load_sites(&s.store).await?;
+    for (a, b) in connected_pairs(&t, &sites) {
+        for la in &a.links {
+            for lb in &b.links {
+                if (la.id, lb.id) == (x, y) || (la.id, lb.id) == (y, x) {
+                    return Ok(Json(path(a, la, b, lb)));
+                }
+            }
+        }
+    }
+    Err(not_found())
+}
