@@ -140,6 +140,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::routes::users::routes())
         .merge(crate::routes::sites::routes())
         .merge(crate::routes::topology::routes())
+        .merge(crate::routes::policies::routes())
         .merge(crate::routes::audit::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {

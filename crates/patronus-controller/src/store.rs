@@ -108,6 +108,38 @@ CREATE TABLE overlay_addresses (
 );
 "#,
     ),
+    (
+        4,
+        "SLA classes (the four built-ins seeded), policies, settings",
+        r#"
+CREATE TABLE sla_classes (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    name       TEXT    NOT NULL UNIQUE,
+    -- The patronus_api::SlaClass the edges receive, as JSON.
+    spec       TEXT    NOT NULL,
+    builtin    INTEGER NOT NULL DEFAULT 0,
+    version    INTEGER NOT NULL DEFAULT 1,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE policies (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    name       TEXT    NOT NULL UNIQUE,
+    ord        INTEGER NOT NULL UNIQUE,
+    -- The patronus_api::Policy the edges receive, as JSON.
+    spec       TEXT    NOT NULL,
+    version    INTEGER NOT NULL DEFAULT 1,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE settings (
+    key        TEXT    PRIMARY KEY,
+    value      TEXT    NOT NULL,
+    version    INTEGER NOT NULL DEFAULT 1,
+    updated_at INTEGER NOT NULL
+);
+"#,
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -256,6 +288,11 @@ impl Store {
                 .execute(&mut *tx)
                 .await
                 .map_err(db(format!("migration {version} ({name})")))?;
+            if *version == 4 {
+                seed_classes(&mut tx)
+                    .await
+                    .map_err(db("seeding the built-in SLA classes"))?;
+            }
             sqlx::query(
                 "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
             )
@@ -549,6 +586,24 @@ impl Store {
             .await
             .map(|_| ())
     }
+}
+
+/// The built-in SLA classes, once, with the migration that makes their table.
+async fn seed_classes(tx: &mut Transaction<'static, Sqlite>) -> Result<(), sqlx::Error> {
+    let now = now_s();
+    for c in patronus_api::SlaClass::builtins() {
+        sqlx::query(
+            "INSERT INTO sla_classes (name, spec, builtin, created_at, updated_at)
+             VALUES (?, ?, 1, ?, ?)",
+        )
+        .bind(c.name.as_str())
+        .bind(serde_json::to_string(&c).unwrap_or_default())
+        .bind(now)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
 }
 
 /// How to list users.

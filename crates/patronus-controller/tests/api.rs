@@ -162,7 +162,7 @@ async fn public_endpoints_answer_and_unknown_routes_and_methods_get_the_error_sh
     assert_eq!(r.status, StatusCode::OK);
     let r = a.call(Method::GET, "/api/v1/version", None, None).await;
     assert_eq!(r.body["api"], "v1");
-    assert_eq!(r.body["schema_version"], 3);
+    assert_eq!(r.body["schema_version"], 4);
     let r = a
         .call(Method::GET, "/api/v1/nothing-here", None, None)
         .await;
@@ -418,10 +418,57 @@ async fn each_role_below_the_required_one_is_403() {
             None,
             Role::Operator,
         ),
+        (Method::GET, "/api/v1/topology".into(), None, Role::Viewer),
+        (
+            Method::PATCH,
+            "/api/v1/topology".into(),
+            Some(json!({ "mode": "full-mesh" })),
+            Role::Operator,
+        ),
+        (Method::GET, "/api/v1/paths".into(), None, Role::Viewer),
+        (
+            Method::GET,
+            "/api/v1/sla-classes".into(),
+            None,
+            Role::Viewer,
+        ),
+        (
+            Method::POST,
+            "/api/v1/sla-classes".into(),
+            Some(json!({ "name": "c#N" })),
+            Role::Operator,
+        ),
+        (
+            Method::GET,
+            "/api/v1/sla-classes/1".into(),
+            None,
+            Role::Viewer,
+        ),
+        (
+            Method::PATCH,
+            "/api/v1/sla-classes/1".into(),
+            Some(json!({ "max_jitter_ms": 20 })),
+            Role::Operator,
+        ),
+        (
+            Method::POST,
+            "/api/v1/policies".into(),
+            Some(json!({ "name": "p#N", "order": "#O", "class": "realtime" })),
+            Role::Operator,
+        ),
+        (Method::GET, "/api/v1/policies".into(), None, Role::Viewer),
+        (Method::GET, "/api/v1/failover".into(), None, Role::Viewer),
+        (
+            Method::PATCH,
+            "/api/v1/failover".into(),
+            Some(json!({ "hold_down_ms": 6000 })),
+            Role::Operator,
+        ),
         (Method::DELETE, other.clone(), None, Role::Admin),
     ];
-    // `#N` in a path or body is the caller's number, `#L` that plus 4: each caller creates or
-    // deletes its own object, so that a case never fails for what the one before did.
+    // `#N` in a path or body is the caller's number, `#L` that plus 4, `"#O"` that plus 1000 (a
+    // number): each caller creates or deletes its own object, so that a case never fails for
+    // what the one before did.
     for (method, path, body, least) in cases {
         let callers = [
             (Role::Viewer, &viewer),
@@ -432,6 +479,7 @@ async fn each_role_below_the_required_one_is_403() {
             let fill = |t: &str| {
                 t.replace("#N", &n.to_string())
                     .replace("#L", &(n + 4).to_string())
+                    .replace("\"#O\"", &(1000 + n).to_string())
             };
             let path = fill(&path);
             let body = body
@@ -1366,4 +1414,266 @@ async fn paths_follow_sites_links_and_the_topology_and_invent_no_measurements() 
         .call(Method::GET, "/api/v1/topology", Some(&t), None)
         .await;
     assert_eq!(r.body["hubs"], json!([]));
+}
+
+fn voice(name: &str, order: u32, class: &str) -> Value {
+    json!({
+        "name": name,
+        "order": order,
+        "match": { "protocol": "udp", "dst_ports": ["16384-32767"], "dscp": ["ef"] },
+        "class": class,
+        "steering": "duplicate",
+        "links": { "avoid": ["lte"] }
+    })
+}
+
+#[tokio::test]
+async fn sla_classes_start_with_four_built_ins_that_can_be_edited_not_deleted() {
+    let a = api().await;
+    let t = a.admin().await;
+    let r = a
+        .call(Method::GET, "/api/v1/sla-classes", Some(&t), None)
+        .await;
+    let names: Vec<&str> = r.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["realtime", "interactive", "business", "bulk"]);
+    assert_eq!(r.body["items"][0]["max_latency_ms"], 150);
+    assert_eq!(r.body["items"][0]["builtin"], true);
+    let r = a
+        .call(
+            Method::PATCH,
+            "/api/v1/sla-classes/1",
+            Some(&t),
+            Some(json!({ "max_latency_ms": 200 })),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["max_latency_ms"].as_i64()),
+        (StatusCode::OK, Some(200)),
+        "{r:?}"
+    );
+    let r = a
+        .call(Method::DELETE, "/api/v1/sla-classes/1", Some(&t), None)
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/sla-classes",
+            Some(&t),
+            Some(json!({ "name": "gold", "max_loss_pct": 200.0 })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(r.body["error"]["details"][0]["field"], "max_loss_pct");
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/sla-classes",
+            Some(&t),
+            Some(json!({ "name": "gold", "max_latency_ms": 80 })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/sla-classes",
+            Some(&t),
+            Some(json!({ "name": "gold" })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+}
+
+#[tokio::test]
+async fn policies_reference_classes_and_keep_names_and_orders_unique() {
+    let a = api().await;
+    let t = a.admin().await;
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/sla-classes",
+            Some(&t),
+            Some(json!({ "name": "gold" })),
+        )
+        .await;
+    let gold = r.body["id"].as_i64().unwrap();
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/policies",
+            Some(&t),
+            Some(voice("voice", 10, "gold")),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    let id = r.body["id"].as_i64().unwrap();
+    assert_eq!(r.body["match"]["dst_ports"], json!(["16384-32767"]));
+    assert_eq!(r.body["enabled"], true);
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/policies",
+            Some(&t),
+            Some(voice("voice", 20, "gold")),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/policies",
+            Some(&t),
+            Some(voice("video", 10, "gold")),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("voice"),
+        "{r:?}"
+    );
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/policies",
+            Some(&t),
+            Some(voice("video", 20, "platinum")),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(r.body["error"]["details"][0]["field"], "class");
+    let mut icmp = voice("ping", 30, "bulk");
+    icmp["match"]["protocol"] = json!("icmp");
+    let r = a
+        .call(Method::POST, "/api/v1/policies", Some(&t), Some(icmp))
+        .await;
+    assert_eq!(
+        r.body["error"]["details"][0]["field"], "match.protocol",
+        "{r:?}"
+    );
+    let mut bad = voice("bad", 40, "bulk");
+    bad["match"]["dst_ports"] = json!(["90-80"]);
+    let r = a
+        .call(Method::POST, "/api/v1/policies", Some(&t), Some(bad))
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{r:?}");
+
+    // The class is in use: it stays, under its name.
+    let r = a
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/sla-classes/{gold}"),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    let r = a
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/sla-classes/{gold}"),
+            Some(&t),
+            Some(json!({ "name": "au" })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    let r = a
+        .call(Method::GET, "/api/v1/policies?class=gold", Some(&t), None)
+        .await;
+    assert_eq!(r.body["total"], 1);
+    let r = a
+        .call_with(
+            Method::PATCH,
+            &format!("/api/v1/policies/{id}"),
+            Some(&t),
+            Some(json!({ "enabled": false, "match": { "dscp": null } })),
+            &[("if-match", "\"1\"")],
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["enabled"].as_bool()),
+        (StatusCode::OK, Some(false)),
+        "{r:?}"
+    );
+    assert_eq!(r.body["match"]["dscp"], json!([]));
+    assert_eq!(r.body["match"]["protocol"], "udp");
+    let r = a
+        .call(Method::GET, "/api/v1/policies?enabled=true", Some(&t), None)
+        .await;
+    assert_eq!(r.body["total"], 0);
+    a.call(
+        Method::DELETE,
+        &format!("/api/v1/policies/{id}"),
+        Some(&t),
+        None,
+    )
+    .await;
+    let r = a
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/sla-classes/{gold}"),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn failover_settings_have_defaults_and_validated_ranges() {
+    let a = api().await;
+    let t = a.admin().await;
+    let r = a
+        .call(Method::GET, "/api/v1/failover", Some(&t), None)
+        .await;
+    assert_eq!(
+        (
+            r.body["down_after_misses"].as_i64(),
+            r.body["hold_down_ms"].as_i64()
+        ),
+        (Some(3), Some(5000))
+    );
+    assert_eq!(r.headers[header::ETAG], "\"0\"");
+    let r = a
+        .call(
+            Method::PATCH,
+            "/api/v1/failover",
+            Some(&t),
+            Some(json!({ "down_after_misses": 0 })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(r.body["error"]["details"][0]["field"], "down_after_misses");
+    let r = a
+        .call_with(
+            Method::PATCH,
+            "/api/v1/failover",
+            Some(&t),
+            Some(json!({ "hold_down_ms": 10000 })),
+            &[("if-match", "\"0\"")],
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["hold_down_ms"].as_i64()),
+        (StatusCode::OK, Some(10000)),
+        "{r:?}"
+    );
+    let r = a
+        .call_with(
+            Method::PATCH,
+            "/api/v1/failover",
+            Some(&t),
+            Some(json!({ "hold_down_ms": 9000 })),
+            &[("if-match", "\"0\"")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::PRECONDITION_FAILED);
 }

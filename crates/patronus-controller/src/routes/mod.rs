@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod policies;
 pub mod sites;
 pub mod system;
 pub mod topology;

@@ -1,0 +1,552 @@
+//! `/api/v1/sla-classes`, `/api/v1/policies` and `/api/v1/failover`: what traffic needs and how
+//! it is steered, stored as the very [`SlaClass`], [`Policy`] and [`FailoverSettings`] the edges
+//! receive, with their own `validate()`.
+//!
+//! The four built-in classes (`realtime`, `interactive`, `business`, `bulk`) exist from the first
+//! start and can be edited, not deleted. A class that a policy uses can be neither deleted nor
+//! renamed (409 naming the policy). Policy names and orders are unique (409 naming the other
+//! policy), so "first match" is never ambiguous.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::routing::get;
+use axum::{Json, Router};
+use patronus_api::{FailoverSettings, Policy, SlaClass};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use sqlx::Row;
+use sqlx::sqlite::SqliteRow;
+
+use crate::app::{AppState, Principal};
+use crate::auth::Role;
+use crate::error::{ApiError, extract};
+use crate::routes::{Page, Paging, check_if_match, created, merge_patch, with_etag};
+use crate::store::{Store, now_s};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/sla-classes", get(list_classes).post(create_class))
+        .route(
+            "/api/v1/sla-classes/{id}",
+            get(show_class).patch(update_class).delete(remove_class),
+        )
+        .route("/api/v1/policies", get(list_policies).post(create_policy))
+        .route(
+            "/api/v1/policies/{id}",
+            get(show_policy).patch(update_policy).delete(remove_policy),
+        )
+        .route(
+            "/api/v1/failover",
+            get(show_failover).patch(update_failover),
+        )
+}
+
+/// A stored document and its bookkeeping, as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Doc<T> {
+    pub id: i64,
+    #[serde(flatten)]
+    pub spec: T,
+    /// Built-in classes only: these cannot be deleted.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub builtin: bool,
+    pub version: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+fn doc<T: DeserializeOwned>(r: &SqliteRow) -> Result<Doc<T>, ApiError> {
+    let spec: String = r.try_get("spec")?;
+    Ok(Doc {
+        id: r.try_get("id")?,
+        spec: serde_json::from_str(&spec).map_err(ApiError::internal)?,
+        builtin: r.try_get::<i64, _>("builtin").unwrap_or(0) != 0,
+        version: r.try_get("version")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+pub async fn all_classes(store: &Store) -> Result<Vec<Doc<SlaClass>>, ApiError> {
+    sqlx::query("SELECT * FROM sla_classes ORDER BY id")
+        .fetch_all(store.pool())
+        .await?
+        .iter()
+        .map(doc)
+        .collect()
+}
+
+pub async fn all_policies(store: &Store) -> Result<Vec<Doc<Policy>>, ApiError> {
+    sqlx::query("SELECT * FROM policies ORDER BY ord, id")
+        .fetch_all(store.pool())
+        .await?
+        .iter()
+        .map(doc)
+        .collect()
+}
+
+fn unprocessable(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+        e.to_string(),
+    )
+}
+
+fn unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+fn page<T>(items: Vec<T>, paging: Paging) -> Page<T> {
+    let total = items.len() as i64;
+    let items = items
+        .into_iter()
+        .skip(paging.offset as usize)
+        .take(paging.limit as usize)
+        .collect();
+    Page {
+        items,
+        total,
+        limit: paging.limit,
+        offset: paging.offset,
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct ListQuery {
+    pub limit: Option<i64>,
+    pub offset: Option<i64>,
+    /// Policies of this class.
+    pub class: Option<String>,
+    pub enabled: Option<bool>,
+}
+
+// ----- SLA classes -----
+
+async fn list_classes(
+    State(s): State<AppState>,
+    _p: Principal,
+    extract::Query(q): extract::Query<ListQuery>,
+) -> Result<Json<Page<Doc<SlaClass>>>, ApiError> {
+    let paging = Paging::new(q.limit, q.offset)?;
+    Ok(Json(page(all_classes(&s.store).await?, paging)))
+}
+
+async fn load_class(store: &Store, id: i64) -> Result<Doc<SlaClass>, ApiError> {
+    let r = sqlx::query("SELECT * FROM sla_classes WHERE id = ?")
+        .bind(id)
+        .fetch_optional(store.pool())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("SLA class {id}")))?;
+    doc(&r)
+}
+
+async fn show_class(
+    State(s): State<AppState>,
+    _p: Principal,
+    extract::Path(id): extract::Path<i64>,
+) -> Result<Response, ApiError> {
+    let c = load_class(&s.store, id).await?;
+    Ok(with_etag(StatusCode::OK, c.version, c))
+}
+
+async fn create_class(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Json(class): extract::Json<SlaClass>,
+) -> Result<Response, ApiError> {
+    p.require(Role::Operator)?;
+    class.validate().map_err(ApiError::validation)?;
+    let now = now_s();
+    let mut tx = s.store.begin().await?;
+    let r = sqlx::query(
+        "INSERT INTO sla_classes (name, spec, builtin, created_at, updated_at) VALUES (?, ?, 0, ?, ?)",
+    )
+    .bind(class.name.as_str())
+    .bind(serde_json::to_string(&class).map_err(ApiError::internal)?)
+    .bind(now)
+    .bind(now)
+    .execute(&mut *tx)
+    .await;
+    let id = match r {
+        Ok(r) => r.last_insert_rowid(),
+        Err(e) if unique_violation(&e) => {
+            return Err(ApiError::conflict(format!(
+                "an SLA class named {} exists",
+                class.name
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Store::audit(
+        &mut tx,
+        &p.actor(),
+        "sla_class.create",
+        &format!("sla-class/{id}"),
+        serde_json::to_value(&class).unwrap_or_default(),
+    )
+    .await?;
+    tx.commit().await?;
+    let c = load_class(&s.store, id).await?;
+    Ok(created(format!("/api/v1/sla-classes/{id}"), c.version, c))
+}
+
+/// The enabled or disabled policies that use class `name`.
+async fn users_of_class(store: &Store, name: &str) -> Result<Vec<String>, ApiError> {
+    Ok(all_policies(store)
+        .await?
+        .into_iter()
+        .filter(|p| p.spec.class.as_str() == name)
+        .map(|p| p.spec.name.to_string())
+        .collect())
+}
+
+async fn update_class(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Path(id): extract::Path<i64>,
+    headers: HeaderMap,
+    extract::Json(patch): extract::Json<Value>,
+) -> Result<Response, ApiError> {
+    p.require(Role::Operator)?;
+    let cur = load_class(&s.store, id).await?;
+    check_if_match(&headers, cur.version)?;
+    let mut d = serde_json::to_value(&cur.spec).map_err(ApiError::internal)?;
+    merge_patch(&mut d, &patch);
+    let class: SlaClass = serde_json::from_value(d).map_err(unprocessable)?;
+    class.validate().map_err(ApiError::validation)?;
+    if class.name != cur.spec.name {
+        let users = users_of_class(&s.store, cur.spec.name.as_str()).await?;
+        if !users.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "class {} is used by policies {}; it cannot be renamed",
+                cur.spec.name,
+                users.join(", ")
+            )));
+        }
+    }
+    let mut tx = s.store.begin().await?;
+    let r = sqlx::query(
+        "UPDATE sla_classes SET name = ?, spec = ?, version = version + 1, updated_at = ?
+         WHERE id = ? AND version = ?",
+    )
+    .bind(class.name.as_str())
+    .bind(serde_json::to_string(&class).map_err(ApiError::internal)?)
+    .bind(now_s())
+    .bind(id)
+    .bind(cur.version)
+    .execute(&mut *tx)
+    .await;
+    match r {
+        Ok(r) if r.rows_affected() == 0 => {
+            return Err(ApiError::precondition_failed(
+                "the class changed while this update ran; read it again",
+            ));
+        }
+        Ok(_) => {}
+        Err(e) if unique_violation(&e) => {
+            return Err(ApiError::conflict(format!(
+                "an SLA class named {} exists",
+                class.name
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Store::audit(
+        &mut tx,
+        &p.actor(),
+        "sla_class.update",
+        &format!("sla-class/{id}"),
+        patch,
+    )
+    .await?;
+    tx.commit().await?;
+    let c = load_class(&s.store, id).await?;
+    Ok(with_etag(StatusCode::OK, c.version, c))
+}
+
+async fn remove_class(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Path(id): extract::Path<i64>,
+) -> Result<StatusCode, ApiError> {
+    p.require(Role::Operator)?;
+    let cur = load_class(&s.store, id).await?;
+    if cur.builtin {
+        return Err(ApiError::conflict(format!(
+            "{} is a built-in class: edit it, but it stays",
+            cur.spec.name
+        )));
+    }
+    let users = users_of_class(&s.store, cur.spec.name.as_str()).await?;
+    if !users.is_empty() {
+        return Err(ApiError::conflict(format!(
+            "class {} is used by policies {}",
+            cur.spec.name,
+            users.join(", ")
+        )));
+    }
+    let mut tx = s.store.begin().await?;
+    sqlx::query("DELETE FROM sla_classes WHERE id = ?")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    Store::audit(
+        &mut tx,
+        &p.actor(),
+        "sla_class.delete",
+        &format!("sla-class/{id}"),
+        json!({ "name": cur.spec.name }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ----- policies -----
+
+async fn list_policies(
+    State(s): State<AppState>,
+    _p: Principal,
+    extract::Query(q): extract::Query<ListQuery>,
+) -> Result<Json<Page<Doc<Policy>>>, ApiError> {
+    let paging = Paging::new(q.limit, q.offset)?;
+    let items = all_policies(&s.store)
+        .await?
+        .into_iter()
+        .filter(|p| {
+            q.class
+                .as_deref()
+                .is_none_or(|c| p.spec.class.as_str() == c)
+        })
+        .filter(|p| q.enabled.is_none_or(|e| p.spec.enabled == e))
+        .collect();
+    Ok(Json(page(items, paging)))
+}
+
+async fn load_policy(store: &Store, id: i64) -> Result<Doc<Policy>, ApiError> {
+    let r = sqlx::query("SELECT * FROM policies WHERE id = ?")
+        .bind(id)
+        .fetch_optional(store.pool())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("policy {id}")))?;
+    doc(&r)
+}
+
+async fn show_policy(
+    State(s): State<AppState>,
+    _p: Principal,
+    extract::Path(id): extract::Path<i64>,
+) -> Result<Response, ApiError> {
+    let p = load_policy(&s.store, id).await?;
+    Ok(with_etag(StatusCode::OK, p.version, p))
+}
+
+/// Validation against the classes, and uniqueness of name and order against the other
+/// policies (409 naming the one in the way).
+async fn check_policy(store: &Store, policy: &Policy, id: Option<i64>) -> Result<(), ApiError> {
+    let classes: Vec<SlaClass> = all_classes(store)
+        .await?
+        .into_iter()
+        .map(|c| c.spec)
+        .collect();
+    policy.validate(&classes).map_err(ApiError::validation)?;
+    for other in all_policies(store).await? {
+        if Some(other.id) == id {
+            continue;
+        }
+        if other.spec.name == policy.name {
+            return Err(ApiError::conflict(format!(
+                "a policy named {} exists",
+                policy.name
+            )));
+        }
+        if other.spec.order == policy.order {
+            return Err(ApiError::conflict(format!(
+                "order {} is used by policy {}: first match must be unambiguous",
+                policy.order, other.spec.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn create_policy(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Json(policy): extract::Json<Policy>,
+) -> Result<Response, ApiError> {
+    p.require(Role::Operator)?;
+    check_policy(&s.store, &policy, None).await?;
+    let now = now_s();
+    let mut tx = s.store.begin().await?;
+    let r = sqlx::query(
+        "INSERT INTO policies (name, ord, spec, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(policy.name.as_str())
+    .bind(i64::from(policy.order))
+    .bind(serde_json::to_string(&policy).map_err(ApiError::internal)?)
+    .bind(now)
+    .bind(now)
+    .execute(&mut *tx)
+    .await;
+    let id = match r {
+        Ok(r) => r.last_insert_rowid(),
+        // A concurrent writer took the name or order between the check and here.
+        Err(e) if unique_violation(&e) => {
+            return Err(ApiError::conflict(
+                "a policy with that name or order exists",
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Store::audit(
+        &mut tx,
+        &p.actor(),
+        "policy.create",
+        &format!("policy/{id}"),
+        serde_json::to_value(&policy).unwrap_or_default(),
+    )
+    .await?;
+    tx.commit().await?;
+    let d = load_policy(&s.store, id).await?;
+    Ok(created(format!("/api/v1/policies/{id}"), d.version, d))
+}
+
+async fn update_policy(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Path(id): extract::Path<i64>,
+    headers: HeaderMap,
+    extract::Json(patch): extract::Json<Value>,
+) -> Result<Response, ApiError> {
+    p.require(Role::Operator)?;
+    let cur = load_policy(&s.store, id).await?;
+    check_if_match(&headers, cur.version)?;
+    let mut d = serde_json::to_value(&cur.spec).map_err(ApiError::internal)?;
+    merge_patch(&mut d, &patch);
+    let policy: Policy = serde_json::from_value(d).map_err(unprocessable)?;
+    check_policy(&s.store, &policy, Some(id)).await?;
+    let mut tx = s.store.begin().await?;
+    let r = sqlx::query(
+        "UPDATE policies SET name = ?, ord = ?, spec = ?, version = version + 1, updated_at = ?
+         WHERE id = ? AND version = ?",
+    )
+    .bind(policy.name.as_str())
+    .bind(i64::from(policy.order))
+    .bind(serde_json::to_string(&policy).map_err(ApiError::internal)?)
+    .bind(now_s())
+    .bind(id)
+    .bind(cur.version)
+    .execute(&mut *tx)
+    .await;
+    match r {
+        Ok(r) if r.rows_affected() == 0 => {
+            return Err(ApiError::precondition_failed(
+                "the policy changed while this update ran; read it again",
+            ));
+        }
+        Ok(_) => {}
+        Err(e) if unique_violation(&e) => {
+            return Err(ApiError::conflict(
+                "a policy with that name or order exists",
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Store::audit(
+        &mut tx,
+        &p.actor(),
+        "policy.update",
+        &format!("policy/{id}"),
+        patch,
+    )
+    .await?;
+    tx.commit().await?;
+    let d = load_policy(&s.store, id).await?;
+    Ok(with_etag(StatusCode::OK, d.version, d))
+}
+
+async fn remove_policy(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Path(id): extract::Path<i64>,
+) -> Result<StatusCode, ApiError> {
+    p.require(Role::Operator)?;
+    let cur = load_policy(&s.store, id).await?;
+    let mut tx = s.store.begin().await?;
+    sqlx::query("DELETE FROM policies WHERE id = ?")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    Store::audit(
+        &mut tx,
+        &p.actor(),
+        "policy.delete",
+        &format!("policy/{id}"),
+        json!({ "name": cur.spec.name }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ----- failover settings -----
+
+pub async fn failover(store: &Store) -> Result<(FailoverSettings, i64), ApiError> {
+    let r = sqlx::query("SELECT value, version FROM settings WHERE key = 'failover'")
+        .fetch_optional(store.pool())
+        .await?;
+    match r {
+        Some(r) => {
+            let v: String = r.try_get("value")?;
+            Ok((
+                serde_json::from_str(&v).map_err(ApiError::internal)?,
+                r.try_get("version")?,
+            ))
+        }
+        None => Ok((FailoverSettings::default(), 0)),
+    }
+}
+
+async fn show_failover(State(s): State<AppState>, _p: Principal) -> Result<Response, ApiError> {
+    let (f, version) = failover(&s.store).await?;
+    Ok(with_etag(StatusCode::OK, version, f))
+}
+
+async fn update_failover(
+    State(s): State<AppState>,
+    p: Principal,
+    headers: HeaderMap,
+    extract::Json(patch): extract::Json<Value>,
+) -> Result<Response, ApiError> {
+    p.require(Role::Operator)?;
+    let (cur, version) = failover(&s.store).await?;
+    check_if_match(&headers, version)?;
+    let mut d = serde_json::to_value(&cur).map_err(ApiError::internal)?;
+    merge_patch(&mut d, &patch);
+    let new: FailoverSettings = serde_json::from_value(d).map_err(unprocessable)?;
+    new.validate().map_err(ApiError::validation)?;
+    let mut tx = s.store.begin().await?;
+    let r = sqlx::query(
+        "INSERT INTO settings (key, value, version, updated_at) VALUES ('failover', ?, 1, ?)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value, version = version + 1,
+         updated_at = excluded.updated_at WHERE version = ?",
+    )
+    .bind(serde_json::to_string(&new).map_err(ApiError::internal)?)
+    .bind(now_s())
+    .bind(version)
+    .execute(&mut *tx)
+    .await?;
+    if r.rows_affected() == 0 {
+        return Err(ApiError::precondition_failed(
+            "the settings changed while this update ran; read them again",
+        ));
+    }
+    Store::audit(&mut tx, &p.actor(), "failover.update", "failover", patch).await?;
+    tx.commit().await?;
+    let (f, version) = failover(&s.store).await?;
+    Ok(with_etag(StatusCode::OK, version, f))
+}
