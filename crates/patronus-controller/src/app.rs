@@ -65,11 +65,18 @@ pub fn client_ip(parts: &Parts) -> IpAddr {
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
 }
 
-/// An authenticated caller: a valid access token of an enabled user. The role is the user's
-/// current one, read with every request.
+/// Who is calling: a user (with an access token) or an API key.
+#[derive(Debug, Clone)]
+pub enum Subject {
+    User(UserRow),
+    ApiKey { id: i64, name: String },
+}
+
+/// An authenticated caller: a valid access token of an enabled user, or a valid API key. The
+/// role is the user's current one (read with every request) or the key's.
 #[derive(Debug, Clone)]
 pub struct Principal {
-    pub user: UserRow,
+    pub subject: Subject,
     pub role: Role,
     pub ip: IpAddr,
 }
@@ -88,10 +95,22 @@ impl Principal {
         }
     }
 
+    /// The calling user's id (none for an API key).
+    pub fn user_id(&self) -> Option<i64> {
+        match &self.subject {
+            Subject::User(u) => Some(u.id),
+            Subject::ApiKey { .. } => None,
+        }
+    }
+
     pub fn actor(&self) -> Actor {
+        let (id, name) = match &self.subject {
+            Subject::User(u) => (Some(u.id), u.email.clone()),
+            Subject::ApiKey { id, name } => (None, format!("api-key/{id} ({name})")),
+        };
         Actor {
-            id: Some(self.user.id),
-            name: self.user.email.clone(),
+            id,
+            name,
             source: self.ip.to_string(),
         }
     }
@@ -114,6 +133,18 @@ impl FromRequestParts<AppState> for Principal {
             .ok_or_else(|| {
                 ApiError::unauthorized("authentication required: Authorization: Bearer <token>")
             })?;
+        if token.starts_with(crate::routes::api_keys::PREFIX) {
+            let (id, name, role) = crate::routes::api_keys::check(&state.store, token)
+                .await?
+                .ok_or_else(|| {
+                    ApiError::unauthorized("the API key is invalid, revoked or expired")
+                })?;
+            return Ok(Self {
+                subject: Subject::ApiKey { id, name },
+                role,
+                ip,
+            });
+        }
         let id = state
             .tokens
             .check_access(token)
@@ -127,7 +158,11 @@ impl FromRequestParts<AppState> for Principal {
         let role = Role::parse(&user.role).ok_or_else(|| {
             ApiError::internal(format!("user {} has role {}", user.id, user.role))
         })?;
-        Ok(Self { user, role, ip })
+        Ok(Self {
+            subject: Subject::User(user),
+            role,
+            ip,
+        })
     }
 }
 
@@ -141,6 +176,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::routes::sites::routes())
         .merge(crate::routes::topology::routes())
         .merge(crate::routes::policies::routes())
+        .merge(crate::routes::api_keys::routes())
         .merge(crate::routes::audit::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {

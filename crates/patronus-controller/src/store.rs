@@ -140,6 +140,24 @@ CREATE TABLE settings (
 );
 "#,
     ),
+    (
+        5,
+        "API keys",
+        r#"
+CREATE TABLE api_keys (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    name         TEXT    NOT NULL,
+    role         TEXT    NOT NULL CHECK (role IN ('admin', 'operator', 'viewer')),
+    key_hash     BLOB    NOT NULL UNIQUE,
+    hint         TEXT    NOT NULL,
+    created_by   INTEGER REFERENCES users(id) ON DELETE SET NULL,
+    created_at   INTEGER NOT NULL,
+    expires_at   INTEGER NOT NULL,
+    last_used_at INTEGER,
+    revoked      INTEGER NOT NULL DEFAULT 0
+);
+"#,
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

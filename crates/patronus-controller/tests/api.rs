@@ -162,7 +162,7 @@ async fn public_endpoints_answer_and_unknown_routes_and_methods_get_the_error_sh
     assert_eq!(r.status, StatusCode::OK);
     let r = a.call(Method::GET, "/api/v1/version", None, None).await;
     assert_eq!(r.body["api"], "v1");
-    assert_eq!(r.body["schema_version"], 4);
+    assert_eq!(r.body["schema_version"], 5);
     let r = a
         .call(Method::GET, "/api/v1/nothing-here", None, None)
         .await;
@@ -463,6 +463,13 @@ async fn each_role_below_the_required_one_is_403() {
             "/api/v1/failover".into(),
             Some(json!({ "hold_down_ms": 6000 })),
             Role::Operator,
+        ),
+        (Method::GET, "/api/v1/api-keys".into(), None, Role::Admin),
+        (
+            Method::POST,
+            "/api/v1/api-keys".into(),
+            Some(json!({ "name": "k#N", "role": "viewer" })),
+            Role::Admin,
         ),
         (Method::DELETE, other.clone(), None, Role::Admin),
     ];
@@ -1676,4 +1683,85 @@ async fn failover_settings_have_defaults_and_validated_ranges() {
         )
         .await;
     assert_eq!(r.status, StatusCode::PRECONDITION_FAILED);
+}
+
+#[tokio::test]
+async fn api_keys_are_shown_once_work_as_bearer_tokens_with_their_role_and_die_when_revoked() {
+    let a = api().await;
+    let t = a.admin().await;
+    let (_, op) = a.user(&t, "op@example.net", "operator").await;
+    let body = json!({ "name": "ci", "role": "viewer", "expires_in_days": 30 });
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/api-keys",
+            Some(&op),
+            Some(body.clone()),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/api-keys",
+            Some(&t),
+            Some(json!({ "name": "x", "role": "viewer", "expires_in_days": 0 })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let r = a
+        .call(Method::POST, "/api/v1/api-keys", Some(&t), Some(body))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    let key = r.body["key"].as_str().unwrap().to_owned();
+    let id = r.body["id"].as_i64().unwrap();
+    assert!(key.starts_with("pak_") && key.len() > 40);
+    // Never shown again.
+    let r = a
+        .call(Method::GET, "/api/v1/api-keys", Some(&t), None)
+        .await;
+    assert!(r.body["items"][0].get("key").is_none());
+    assert!(!r.body.to_string().contains(&key));
+    // A viewer key reads, and writes nothing.
+    let r = a.call(Method::GET, "/api/v1/sites", Some(&key), None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/sites",
+            Some(&key),
+            Some(site("x", &[])),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = a
+        .call(Method::GET, "/api/v1/auth/me", Some(&key), None)
+        .await;
+    assert_eq!(
+        (r.body["role"].as_str(), r.body["api_key"]["name"].as_str()),
+        (Some("viewer"), Some("ci"))
+    );
+    let r = a
+        .call(Method::GET, "/api/v1/sites", Some("pak_guessed"), None)
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        a.call(
+            Method::DELETE,
+            &format!("/api/v1/api-keys/{id}"),
+            Some(&t),
+            None
+        )
+        .await
+        .status,
+        StatusCode::NO_CONTENT
+    );
+    let r = a.call(Method::GET, "/api/v1/sites", Some(&key), None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    // The database holds no key, only its hash.
+    let db = std::fs::read(a.dir.path().join("state/controller.db")).unwrap();
+    let wal = std::fs::read(a.dir.path().join("state/controller.db-wal")).unwrap_or_default();
+    for bytes in [db, wal] {
+        assert!(!bytes.windows(key.len()).any(|w| w == key.as_bytes()));
+    }
 }

@@ -9,7 +9,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use crate::app::{AppState, Principal, client_ip};
+use crate::app::{AppState, Principal, Subject, client_ip};
 use crate::auth::{self as a, Role, Tokens};
 use crate::error::{ApiError, extract};
 use crate::store::{Actor, RefreshOutcome, Store, UserRow, now_s};
@@ -202,12 +202,23 @@ async fn logout(
     extract::Json(req): extract::Json<RefreshRequest>,
 ) -> Result<StatusCode, ApiError> {
     let hash = a::sha256(req.refresh_token.as_bytes());
-    if !s.store.revoke_refresh(&hash, p.user.id).await? {
+    let Some(user) = p.user_id() else {
+        return Err(ApiError::bad_request(
+            "an API key has no session to log out of",
+        ));
+    };
+    if !s.store.revoke_refresh(&hash, user).await? {
         return Err(ApiError::not_found("that refresh token of yours"));
     }
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn me(p: Principal) -> Json<UserRow> {
-    Json(p.user)
+/// The calling user, or for an API key its id, name and role.
+async fn me(p: Principal) -> Json<serde_json::Value> {
+    Json(match p.subject {
+        Subject::User(u) => serde_json::to_value(u).unwrap_or_default(),
+        Subject::ApiKey { id, name } => {
+            serde_json::json!({ "api_key": { "id": id, "name": name }, "role": p.role })
+        }
+    })
 }

@@ -1,5 +1,6 @@
 //! The API's routes, one module per resource.
 
+pub mod api_keys;
 pub mod audit;
 pub mod auth;
 pub mod policies;

@@ -209,7 +209,7 @@ async fn show(
     p: Principal,
     extract::Path(id): extract::Path<i64>,
 ) -> Result<Response, ApiError> {
-    if p.user.id != id {
+    if p.user_id() != Some(id) {
         p.require(Role::Admin)?;
     }
     let u = s
@@ -343,7 +343,7 @@ async fn remove(
     extract::Path(id): extract::Path<i64>,
 ) -> Result<StatusCode, ApiError> {
     p.require(Role::Admin)?;
-    if id == p.user.id {
+    if p.user_id() == Some(id) {
         return Err(ApiError::conflict("you cannot delete yourself"));
     }
     let cur = s
@@ -377,7 +377,7 @@ async fn set_password(
     extract::Path(id): extract::Path<i64>,
     extract::Json(req): extract::Json<PasswordChange>,
 ) -> Result<StatusCode, ApiError> {
-    let own = id == p.user.id;
+    let own = p.user_id() == Some(id);
     if !own {
         p.require(Role::Admin)?;
     }

@@ -1,0 +1,213 @@
+//! `/api/v1/api-keys`: credentials for scripts and integrations. An admin issues a key with a
+//! role and an expiry; the key is shown once, in the response that creates it, and stored only
+//! as its SHA-256 (it is 32 random bytes: a fast hash is enough, unlike a password). It is used
+//! exactly like an access token: `Authorization: Bearer pak_...`.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sqlx::Row;
+
+use crate::app::{AppState, Principal};
+use crate::auth::{self as a, Role};
+use crate::error::{ApiError, extract};
+use crate::routes::{Page, Paging, created};
+use crate::store::{Store, now_s};
+
+/// Every API key starts with this, so that it is told apart from an access token (and found by
+/// secret scanners).
+pub const PREFIX: &str = "pak_";
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/api-keys", get(list).post(create))
+        .route("/api/v1/api-keys/{id}", delete(revoke))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewKey {
+    pub name: String,
+    pub role: Role,
+    /// 1 to 365 days; 90 when left out.
+    #[serde(default = "default_days")]
+    pub expires_in_days: u32,
+}
+
+fn default_days() -> u32 {
+    90
+}
+
+#[derive(Debug, Serialize)]
+pub struct KeyView {
+    pub id: i64,
+    pub name: String,
+    pub role: Role,
+    /// The first characters of the key, to recognise it.
+    pub hint: String,
+    pub created_by: Option<i64>,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub last_used_at: Option<i64>,
+    pub revoked: bool,
+    /// Only in the response that creates the key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+fn view(r: &sqlx::sqlite::SqliteRow) -> Result<KeyView, ApiError> {
+    Ok(KeyView {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        role: Role::parse(r.try_get("role")?).ok_or_else(|| ApiError::internal("bad role"))?,
+        hint: r.try_get("hint")?,
+        created_by: r.try_get("created_by")?,
+        created_at: r.try_get("created_at")?,
+        expires_at: r.try_get("expires_at")?,
+        last_used_at: r.try_get("last_used_at")?,
+        revoked: r.try_get::<i64, _>("revoked")? != 0,
+        key: None,
+    })
+}
+
+/// The id, name and role of a valid key; records its use.
+pub async fn check(store: &Store, key: &str) -> Result<Option<(i64, String, Role)>, ApiError> {
+    let hash = a::sha256(key.as_bytes());
+    let now = now_s();
+    let Some(r) = sqlx::query(
+        "SELECT id, name, role FROM api_keys WHERE key_hash = ? AND revoked = 0 AND expires_at > ?",
+    )
+    .bind(&hash[..])
+    .bind(now)
+    .fetch_optional(store.pool())
+    .await?
+    else {
+        return Ok(None);
+    };
+    let id: i64 = r.try_get("id")?;
+    // At most one write a minute per key.
+    sqlx::query(
+        "UPDATE api_keys SET last_used_at = ? WHERE id = ? AND COALESCE(last_used_at, 0) < ?",
+    )
+    .bind(now)
+    .bind(id)
+    .bind(now - 60)
+    .execute(store.pool())
+    .await?;
+    let role = Role::parse(r.try_get("role")?).ok_or_else(|| ApiError::internal("bad role"))?;
+    Ok(Some((id, r.try_get("name")?, role)))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    pub limit: Option<i64>,
+    pub offset: Option<i64>,
+}
+
+async fn list(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Query(q): extract::Query<ListQuery>,
+) -> Result<Json<Page<KeyView>>, ApiError> {
+    p.require(Role::Admin)?;
+    let paging = Paging::new(q.limit, q.offset)?;
+    let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_keys")
+        .fetch_one(s.store.pool())
+        .await?;
+    let items = sqlx::query("SELECT * FROM api_keys ORDER BY id LIMIT ? OFFSET ?")
+        .bind(paging.limit)
+        .bind(paging.offset)
+        .fetch_all(s.store.pool())
+        .await?
+        .iter()
+        .map(view)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Json(Page {
+        items,
+        total,
+        limit: paging.limit,
+        offset: paging.offset,
+    }))
+}
+
+async fn create(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Json(new): extract::Json<NewKey>,
+) -> Result<Response, ApiError> {
+    p.require(Role::Admin)?;
+    let mut e = patronus_api::FieldErrors::default();
+    let name = new.name.trim().to_owned();
+    if name.is_empty() || name.chars().count() > 100 {
+        e.push("name", "must be 1 to 100 characters");
+    }
+    if !(1..=365).contains(&new.expires_in_days) {
+        e.push("expires_in_days", "must be between 1 and 365");
+    }
+    e.into_result().map_err(ApiError::validation)?;
+    let key = format!("{PREFIX}{}", a::b64url(&a::random_bytes::<32>()));
+    let hint = key.chars().take(PREFIX.len() + 6).collect::<String>();
+    let now = now_s();
+    let expires = now + i64::from(new.expires_in_days) * 86_400;
+    let mut tx = s.store.begin().await?;
+    let id = sqlx::query(
+        "INSERT INTO api_keys (name, role, key_hash, hint, created_by, created_at, expires_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&name)
+    .bind(new.role.as_str())
+    .bind(&a::sha256(key.as_bytes())[..])
+    .bind(&hint)
+    .bind(p.user_id())
+    .bind(now)
+    .bind(expires)
+    .execute(&mut *tx)
+    .await?
+    .last_insert_rowid();
+    Store::audit(
+        &mut tx,
+        &p.actor(),
+        "api_key.create",
+        &format!("api-key/{id}"),
+        json!({ "name": name, "role": new.role, "expires_at": expires }),
+    )
+    .await?;
+    tx.commit().await?;
+    let r = sqlx::query("SELECT * FROM api_keys WHERE id = ?")
+        .bind(id)
+        .fetch_one(s.store.pool())
+        .await?;
+    let mut v = view(&r)?;
+    v.key = Some(key);
+    Ok(created(format!("/api/v1/api-keys/{id}"), 1, v))
+}
+
+async fn revoke(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Path(id): extract::Path<i64>,
+) -> Result<StatusCode, ApiError> {
+    p.require(Role::Admin)?;
+    let mut tx = s.store.begin().await?;
+    let r = sqlx::query("UPDATE api_keys SET revoked = 1 WHERE id = ?")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    if r.rows_affected() == 0 {
+        return Err(ApiError::not_found(format!("API key {id}")));
+    }
+    Store::audit(
+        &mut tx,
+        &p.actor(),
+        "api_key.revoke",
+        &format!("api-key/{id}"),
+        json!({}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
