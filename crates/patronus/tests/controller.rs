@@ -1,0 +1,292 @@
+//! The controller as a process: killed with SIGKILL in the middle of a stream of writes, it
+//! loses none that it acknowledged and starts again cleanly; its logs hold no secret; its state
+//! is private.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test with a line number
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const ADMIN: &str = "root@example.net";
+const PASSWORD: &str = "Unguessable-Pass-42";
+
+fn patronus() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_patronus"))
+}
+
+/// A running controller, its address, and everything it wrote to stderr so far.
+struct Controller {
+    child: Child,
+    addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(dir: &Path) -> Controller {
+    let mut child = Command::new(patronus())
+        .args(["controller", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .env("PATRONUS_ADMIN_EMAIL", ADMIN)
+        .env("PATRONUS_ADMIN_PASSWORD", PASSWORD)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                let addr = rest.split('/').next().unwrap_or("").to_owned();
+                let _ = tx.send(addr);
+            }
+            let mut l = sink.lock().unwrap();
+            l.push_str(&line);
+            l.push('\n');
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("the controller did not start: {}", log.lock().unwrap()))
+        .parse()
+        .unwrap();
+    Controller { child, addr, log }
+}
+
+/// One HTTP/1.1 request on its own connection; (status, body).
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let body = body.unwrap_or("");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {resp:?}")))?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+fn login(addr: SocketAddr) -> serde_json::Value {
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/api/v1/auth/login",
+        None,
+        Some(&format!(r#"{{"email":"{ADMIN}","password":"{PASSWORD}"}}"#)),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    json(&body)
+}
+
+#[test]
+fn a_controller_killed_mid_write_loses_no_acknowledged_write_and_logs_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let c = start(&state);
+    let tokens = login(c.addr);
+    let token = tokens["access_token"].as_str().unwrap().to_owned();
+
+    // A stream of writes from one client; SIGKILL lands in the middle of it.
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let writer = {
+        let (acked, addr, token) = (acked.clone(), c.addr, token.clone());
+        std::thread::spawn(move || {
+            for i in 0.. {
+                let name = format!("site-{i}");
+                let body = format!(
+                    r#"{{"name":"{name}","lan_prefixes":["10.{}.{}.0/24"]}}"#,
+                    i / 250,
+                    i % 250
+                );
+                match http(addr, "POST", "/api/v1/sites", Some(&token), Some(&body)) {
+                    Ok((201, _)) => acked.lock().unwrap().push(name),
+                    Ok((status, body)) => panic!("{status} {body}"),
+                    // The controller is gone.
+                    Err(_) => return i,
+                }
+            }
+            unreachable!()
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.lock().unwrap().len() < 40 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut c = c;
+    c.child.kill().unwrap();
+    c.child.wait().unwrap();
+    let attempted = writer.join().unwrap();
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() >= 40,
+        "only {} writes before the kill",
+        acked.len()
+    );
+    let first_log = c.log.lock().unwrap().clone();
+    drop(c);
+
+    // It starts again on the same state, and every acknowledged write is there.
+    let c = start(&state);
+    let (status, body) = http(c.addr, "GET", "/ready", None, None).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let token2 = login(c.addr)["access_token"].as_str().unwrap().to_owned();
+    let (_, body) = http(
+        c.addr,
+        "GET",
+        "/api/v1/sites?limit=500",
+        Some(&token2),
+        None,
+    )
+    .unwrap();
+    let stored: Vec<String> = json(&body)["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect();
+    for name in &acked {
+        assert!(stored.contains(name), "{name} was acknowledged and is gone");
+    }
+    // At most the one request in flight at the kill may have landed unacknowledged.
+    assert!(stored.len() <= attempted + 1 && stored.len() >= acked.len());
+    eprintln!(
+        "{} writes acknowledged before SIGKILL, {} stored after restart",
+        acked.len(),
+        stored.len()
+    );
+
+    // An API key, to look for in the logs too.
+    let (status, body) = http(
+        c.addr,
+        "POST",
+        "/api/v1/api-keys",
+        Some(&token2),
+        Some(r#"{"name":"ci","role":"viewer"}"#),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let key = json(&body)["key"].as_str().unwrap().to_owned();
+    let (status, _) = http(c.addr, "GET", "/api/v1/sites", Some(&key), None).unwrap();
+    assert_eq!(status, 200);
+    // A failed login with a password-like string.
+    let (status, _) = http(
+        c.addr,
+        "POST",
+        "/api/v1/auth/login",
+        None,
+        Some(&format!(
+            r#"{{"email":"{ADMIN}","password":"{PASSWORD}-wrong"}}"#
+        )),
+    )
+    .unwrap();
+    assert_eq!(status, 401);
+    std::thread::sleep(Duration::from_millis(200));
+    let log = format!("{first_log}{}", c.log.lock().unwrap());
+    let jwt_key = std::fs::read(state.join("jwt.key")).unwrap();
+    let hex: String = jwt_key.iter().map(|b| format!("{b:02x}")).collect();
+    for secret in [
+        PASSWORD,
+        &token,
+        &token2,
+        tokens["refresh_token"].as_str().unwrap(),
+        &key,
+        &hex,
+    ] {
+        assert!(!log.contains(secret), "a secret is in the log:\n{log}");
+    }
+    assert!(log.contains("request"), "the log has request lines: {log}");
+
+    // Private state.
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&state), 0o700);
+    for f in ["controller.db", "controller.db-wal", "jwt.key"] {
+        assert_eq!(mode(&state.join(f)), 0o600, "{f}");
+    }
+}
+
+#[test]
+fn sigterm_finishes_cleanly_and_a_bad_configuration_names_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = start(&dir.path().join("state"));
+    let (status, _) = http(c.addr, "GET", "/health", None, None).unwrap();
+    assert_eq!(status, 200);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = c.child.try_wait().unwrap() {
+            assert!(status.success(), "{status:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running 10 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(c.log.lock().unwrap().contains("shutting down"));
+
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        "listen = \"nowhere\"\nrequest_timeout_s = 0\nlisten_port = 1\n",
+    )
+    .unwrap();
+    let out = Command::new(patronus())
+        .args(["controller", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    for key in [
+        "listen (",
+        "request_timeout_s",
+        "listen_port",
+        "unknown key",
+    ] {
+        assert!(err.contains(key), "{key} in {err}");
+    }
+}
