@@ -29,6 +29,7 @@ pub struct Inner {
     pub tokens: Tokens,
     pub auth_limiter: RateLimiter,
     pub lockout: Lockout,
+    pub http: crate::metrics::HttpMetrics,
 }
 
 impl std::ops::Deref for AppState {
@@ -45,6 +46,7 @@ impl AppState {
             tokens: Tokens::new(key, config.access_token_ttl, config.refresh_token_ttl),
             auth_limiter: RateLimiter::new(config.auth_rate_per_minute),
             lockout: Lockout::new(config.lockout_after_failures),
+            http: crate::metrics::HttpMetrics::default(),
             config,
             store,
         }))
@@ -226,6 +228,12 @@ async fn around(State(state): State<AppState>, mut req: Request, next: Next) -> 
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
     }
+    state.http.record(
+        &route,
+        method.as_str(),
+        resp.status().as_u16(),
+        started.elapsed(),
+    );
     tracing::info!(
         request_id = %id,
         %method,

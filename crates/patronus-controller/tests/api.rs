@@ -99,7 +99,11 @@ impl Api {
         let body = if bytes.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{e}: {bytes:?}"))
+            // Text (the metrics) as a JSON string; everything else must be JSON.
+            serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                assert!(status.is_success(), "{status}: {e}");
+                Value::String(String::from_utf8_lossy(&bytes).into_owned())
+            })
         };
         // Every error has the one shape.
         if !status.is_success() {
@@ -471,6 +475,7 @@ async fn each_role_below_the_required_one_is_403() {
             Some(json!({ "name": "k#N", "role": "viewer" })),
             Role::Admin,
         ),
+        (Method::GET, "/metrics".into(), None, Role::Viewer),
         (Method::DELETE, other.clone(), None, Role::Admin),
     ];
     // `#N` in a path or body is the caller's number, `#L` that plus 4, `"#O"` that plus 1000 (a
@@ -1763,5 +1768,46 @@ async fn api_keys_are_shown_once_work_as_bearer_tokens_with_their_role_and_die_w
     let wal = std::fs::read(a.dir.path().join("state/controller.db-wal")).unwrap_or_default();
     for bytes in [db, wal] {
         assert!(!bytes.windows(key.len()).any(|w| w == key.as_bytes()));
+    }
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_and_objects_by_kind_for_authenticated_scrapers() {
+    let a = api().await;
+    let t = a.admin().await;
+    sites(&a, &t, &["hq"]).await;
+    a.call(Method::GET, "/api/v1/sites/999", Some(&t), None)
+        .await;
+    let r = a
+        .app
+        .clone()
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let req = Request::get("/metrics")
+        .header(header::AUTHORIZATION, format!("Bearer {t}"))
+        .body(Body::empty())
+        .unwrap();
+    let r = a.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(
+        r.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text =
+        String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    for want in [
+        r#"patronus_http_requests_total{route="/api/v1/sites",method="POST",status="201"} 1"#,
+        r#"patronus_http_requests_total{route="/api/v1/sites/{id}",method="GET",status="404"} 1"#,
+        r#"patronus_http_request_duration_seconds_count{route="/api/v1/auth/login",method="POST"} 1"#,
+        r#"patronus_objects{kind="sites"} 1"#,
+        r#"patronus_objects{kind="links"} 2"#,
+        r#"patronus_objects{kind="sla_classes"} 4"#,
+        "patronus_db_pool_connections{state=\"idle\"}",
+    ] {
+        assert!(text.contains(want), "{want} in\n{text}");
     }
 }
