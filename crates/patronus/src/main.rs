@@ -16,6 +16,8 @@ macro_rules! outln {
     }};
 }
 
+mod admin_cmd;
+mod api_client;
 mod bench;
 mod controller_cmd;
 mod edge_cmd;
@@ -47,6 +49,18 @@ enum Command {
     /// A multi-site WAN in network namespaces on this machine, with emulated WAN links (root).
     #[command(subcommand)]
     Lab(lab_cmd::LabCmd),
+    /// Log in to a controller (the password is read from stdin); the session is kept 0600 in
+    /// ~/.config/patronus.
+    Login(admin_cmd::LoginArgs),
+    /// Sites, through the controller's API.
+    #[command(subcommand)]
+    Site(admin_cmd::SiteCmd),
+    /// WAN links of sites, through the controller's API.
+    #[command(subcommand)]
+    Link(admin_cmd::LinkCmd),
+    /// Traffic policies, through the controller's API.
+    #[command(subcommand)]
+    Policy(admin_cmd::PolicyCmd),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +69,10 @@ fn main() -> ExitCode {
         Command::Controller(c) => controller_cmd::run(c),
         Command::Lab(l) => lab_cmd::run(l),
         Command::Edge(e) => edge_cmd::run(e),
+        Command::Login(a) => admin_cmd::login(a),
+        Command::Site(c) => admin_cmd::site(c),
+        Command::Link(c) => admin_cmd::link(c),
+        Command::Policy(c) => admin_cmd::policy(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

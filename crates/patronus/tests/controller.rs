@@ -290,3 +290,137 @@ fn sigterm_finishes_cleanly_and_a_bad_configuration_names_the_key() {
         assert!(err.contains(key), "{key} in {err}");
     }
 }
+
+/// Runs the CLI with its config directory in `home`, `stdin` on its standard input.
+fn cli(home: &Path, args: &[&str], stdin: &str) -> (bool, String, String) {
+    let mut child = Command::new(patronus())
+        .args(args)
+        .env("XDG_CONFIG_HOME", home)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_admin_cli_logs_in_keeps_its_session_private_and_manages_sites_and_links() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(&dir.path().join("state"));
+    let home = dir.path().join("home");
+    let url = format!("http://{}", c.addr);
+    let (ok, _, err) = cli(
+        &home,
+        &["login", "--url", &url, "--email", ADMIN],
+        "wrong\n",
+    );
+    assert!(!ok && err.contains("wrong email or password"), "{err}");
+    let (ok, out, err) = cli(
+        &home,
+        &["login", "--url", &url, "--email", ADMIN],
+        &format!("{PASSWORD}\n"),
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("logged in"), "{out}");
+    let creds = home.join("patronus/credentials.json");
+    assert_eq!(
+        std::fs::metadata(&creds).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::metadata(home.join("patronus"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
+    );
+
+    let (ok, out, err) = cli(
+        &home,
+        &[
+            "site",
+            "create",
+            "hq",
+            "--lan",
+            "10.1.0.0/16",
+            "--location",
+            "Lyon",
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("hq") && out.contains("10.255.0.1"), "{out}");
+    let (ok, _, err) = cli(&home, &["site", "create", "hq"], "");
+    assert!(
+        !ok && err.contains("409") && err.contains("exists"),
+        "{err}"
+    );
+    let (ok, _, err) = cli(&home, &["site", "create", "b", "--lan", "10.1.2.0/24"], "");
+    assert!(!ok && err.contains("overlaps"), "{err}");
+    let (ok, _, err) = cli(
+        &home,
+        &[
+            "link",
+            "add",
+            "hq",
+            "mpls",
+            "--kind",
+            "mpls",
+            "--endpoint",
+            "198.51.100.1:51820",
+            "--up-kbps",
+            "50000",
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(
+        &home,
+        &["link", "add", "hq", "sat", "--kind", "carrier-pigeon"],
+        "",
+    );
+    assert!(!ok && err.contains("carrier-pigeon"), "{err}");
+    let (ok, out, _) = cli(&home, &["site", "show", "hq"], "");
+    assert!(
+        ok && out.contains("mpls") && out.contains("198.51.100.1:51820"),
+        "{out}"
+    );
+    let (ok, out, _) = cli(&home, &["site", "list", "--output", "json"], "");
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["total"], 1);
+    let (ok, out, _) = cli(&home, &["policy", "list"], "");
+    assert!(ok && out.starts_with("ID"), "{out}");
+
+    // A lapsed access token is refreshed, and the new session kept.
+    let mut saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&creds).unwrap()).unwrap();
+    let old_refresh = saved["refresh_token"].clone();
+    saved["access_token"] = "lapsed".into();
+    std::fs::write(&creds, saved.to_string()).unwrap();
+    let (ok, out, err) = cli(&home, &["link", "list", "hq"], "");
+    assert!(ok && out.contains("mpls"), "{out}{err}");
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&creds).unwrap()).unwrap();
+    assert_ne!(saved["refresh_token"], old_refresh);
+
+    let (ok, _, err) = cli(&home, &["link", "delete", "hq", "mpls"], "");
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(&home, &["site", "delete", "hq"], "");
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(&home, &["site", "show", "hq"], "");
+    assert!(!ok && err.contains("no site named hq"), "{err}");
+}

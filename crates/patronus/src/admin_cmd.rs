@@ -1,0 +1,372 @@
+//! Admin commands that talk to the controller's API: `patronus login`, `site`, `link`,
+//! `policy`.
+
+use std::io::BufRead;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::{Value, json};
+
+use crate::api_client::{self, Credentials, Session};
+
+#[derive(Debug, Clone, Copy, Default, ValueEnum)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// The controller's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    #[arg(long)]
+    email: String,
+}
+
+/// Logs in (the password is the first line of stdin) and keeps the tokens 0600 in the user's
+/// config directory.
+pub fn login(a: LoginArgs) -> anyhow::Result<()> {
+    let mut password = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut password)
+        .context("reading the password from stdin")?;
+    let password = password.trim_end_matches(['\r', '\n']);
+    let r = api_client::request(
+        &a.url,
+        "POST",
+        "/api/v1/auth/login",
+        None,
+        Some(&json!({ "email": a.email, "password": password })),
+    )?;
+    if r.status != 200 {
+        bail!("login failed: {}", api_client::error_text(&r));
+    }
+    let creds = Credentials {
+        url: a.url.trim_end_matches('/').to_owned(),
+        email: a.email,
+        access_token: r.body["access_token"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        refresh_token: r.body["refresh_token"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+    };
+    let path = api_client::save(&creds)?;
+    outln!(
+        "logged in to {} as {} (session kept in {})",
+        creds.url,
+        creds.email,
+        path.display()
+    );
+    Ok(())
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SiteCmd {
+    /// All sites.
+    List {
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// One site (by name or id), with its links.
+    Show {
+        site: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    Create {
+        name: String,
+        /// A LAN prefix (repeat for more).
+        #[arg(long = "lan")]
+        lan: Vec<String>,
+        #[arg(long, default_value = "")]
+        location: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Deletes a site and its links.
+    Delete { site: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LinkCmd {
+    /// The links of a site.
+    List {
+        site: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Adds a WAN link to a site.
+    Add {
+        site: String,
+        name: String,
+        /// mpls, broadband, lte, satellite or other.
+        #[arg(long)]
+        kind: String,
+        /// The link's public ip:port, if it has a fixed one.
+        #[arg(long)]
+        endpoint: Option<String>,
+        #[arg(long)]
+        up_kbps: Option<u64>,
+        #[arg(long)]
+        down_kbps: Option<u64>,
+        #[arg(long)]
+        metered: bool,
+        #[arg(long)]
+        priority: Option<u8>,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    Delete {
+        site: String,
+        link: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCmd {
+    /// All policies, in evaluation order.
+    List {
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+/// A site's id, from its id or name.
+fn site_id(s: &mut Session, site: &str) -> anyhow::Result<i64> {
+    if let Ok(id) = site.parse() {
+        return Ok(id);
+    }
+    let r = s.call(
+        "GET",
+        &format!("/api/v1/sites?name={}", urlencode(site)),
+        None,
+    )?;
+    r["items"][0]["id"]
+        .as_i64()
+        .with_context(|| format!("no site named {site}"))
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn print(output: Output, v: &Value, columns: &[(&str, &str)]) {
+    match output {
+        Output::Json => outln!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+        Output::Table => {
+            let rows: Vec<&Value> = match v.get("items") {
+                Some(Value::Array(a)) => a.iter().collect(),
+                _ => vec![v],
+            };
+            table(&rows, columns);
+        }
+    }
+}
+
+/// Aligned columns: (header, JSON key).
+fn table(rows: &[&Value], columns: &[(&str, &str)]) {
+    let cell = |r: &Value, k: &str| match &r[k] {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        Value::Array(a) => a
+            .iter()
+            .map(|x| {
+                x.as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| x.to_string())
+            })
+            .collect::<Vec<_>>()
+            .join(","),
+        other => other.to_string(),
+    };
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| columns.iter().map(|(_, k)| cell(r, k)).collect())
+        .collect();
+    let widths: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, (h, _))| {
+            cells
+                .iter()
+                .map(|c| c[i].len())
+                .max()
+                .unwrap_or(0)
+                .max(h.len())
+        })
+        .collect();
+    let line = |c: Vec<String>| {
+        c.iter()
+            .zip(&widths)
+            .map(|(s, w)| format!("{s:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    outln!(
+        "{}",
+        line(columns.iter().map(|(h, _)| h.to_string()).collect())
+    );
+    for c in cells {
+        outln!("{}", line(c));
+    }
+}
+
+const SITE_COLUMNS: &[(&str, &str)] = &[
+    ("ID", "id"),
+    ("NAME", "name"),
+    ("STATUS", "status"),
+    ("OVERLAY", "overlay_address"),
+    ("LAN", "lan_prefixes"),
+    ("LOCATION", "location"),
+];
+
+const LINK_COLUMNS: &[(&str, &str)] = &[
+    ("ID", "id"),
+    ("NAME", "name"),
+    ("KIND", "kind"),
+    ("ENDPOINT", "endpoint"),
+    ("UP KBPS", "up_kbps"),
+    ("DOWN KBPS", "down_kbps"),
+    ("METERED", "metered"),
+    ("PRIORITY", "priority"),
+];
+
+pub fn site(cmd: SiteCmd) -> anyhow::Result<()> {
+    let mut s = Session::open()?;
+    match cmd {
+        SiteCmd::List { output } => {
+            let v = s.call("GET", "/api/v1/sites?limit=500", None)?;
+            print(output, &v, SITE_COLUMNS);
+        }
+        SiteCmd::Show { site, output } => {
+            let id = site_id(&mut s, &site)?;
+            let v = s.call("GET", &format!("/api/v1/sites/{id}"), None)?;
+            print(output, &v, SITE_COLUMNS);
+            if let (Output::Table, Some(links)) = (output, v["links"].as_array()) {
+                outln!();
+                table(&links.iter().collect::<Vec<_>>(), LINK_COLUMNS);
+            }
+        }
+        SiteCmd::Create {
+            name,
+            lan,
+            location,
+            description,
+            output,
+        } => {
+            let v = s.call(
+                "POST",
+                "/api/v1/sites",
+                Some(&json!({
+                    "name": name, "lan_prefixes": lan, "location": location,
+                    "description": description
+                })),
+            )?;
+            print(output, &v, SITE_COLUMNS);
+        }
+        SiteCmd::Delete { site } => {
+            let id = site_id(&mut s, &site)?;
+            s.call("DELETE", &format!("/api/v1/sites/{id}"), None)?;
+            outln!("deleted site {site}");
+        }
+    }
+    Ok(())
+}
+
+pub fn link(cmd: LinkCmd) -> anyhow::Result<()> {
+    let mut s = Session::open()?;
+    match cmd {
+        LinkCmd::List { site, output } => {
+            let id = site_id(&mut s, &site)?;
+            let v = s.call("GET", &format!("/api/v1/sites/{id}/links"), None)?;
+            print(output, &v, LINK_COLUMNS);
+        }
+        LinkCmd::Add {
+            site,
+            name,
+            kind,
+            endpoint,
+            up_kbps,
+            down_kbps,
+            metered,
+            priority,
+            output,
+        } => {
+            let id = site_id(&mut s, &site)?;
+            let mut body = json!({ "name": name, "kind": kind, "metered": metered });
+            for (k, v) in [
+                ("endpoint", endpoint.map(Value::from)),
+                ("up_kbps", up_kbps.map(Value::from)),
+                ("down_kbps", down_kbps.map(Value::from)),
+                ("priority", priority.map(Value::from)),
+            ] {
+                if let Some(v) = v {
+                    body[k] = v;
+                }
+            }
+            let v = s.call("POST", &format!("/api/v1/sites/{id}/links"), Some(&body))?;
+            print(output, &v, LINK_COLUMNS);
+        }
+        LinkCmd::Delete { site, link } => {
+            let id = site_id(&mut s, &site)?;
+            let link_id = match link.parse::<i64>() {
+                Ok(l) => l,
+                Err(_) => {
+                    let v = s.call("GET", &format!("/api/v1/sites/{id}/links"), None)?;
+                    v["items"]
+                        .as_array()
+                        .and_then(|a| a.iter().find(|l| l["name"] == link.as_str()))
+                        .and_then(|l| l["id"].as_i64())
+                        .with_context(|| format!("site {site} has no link named {link}"))?
+                }
+            };
+            s.call(
+                "DELETE",
+                &format!("/api/v1/sites/{id}/links/{link_id}"),
+                None,
+            )?;
+            outln!("deleted link {link} of site {site}");
+        }
+    }
+    Ok(())
+}
+
+pub fn policy(cmd: PolicyCmd) -> anyhow::Result<()> {
+    let mut s = Session::open()?;
+    match cmd {
+        PolicyCmd::List { output } => {
+            let v = s.call("GET", "/api/v1/policies?limit=500", None)?;
+            print(
+                output,
+                &v,
+                &[
+                    ("ID", "id"),
+                    ("ORDER", "order"),
+                    ("NAME", "name"),
+                    ("CLASS", "class"),
+                    ("STEERING", "steering"),
+                    ("ENABLED", "enabled"),
+                ],
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,308 @@
+//! A small blocking client of the controller's API for the admin commands: plain HTTP/1.1 over
+//! TCP, one connection per request, credentials kept 0600 in the user's config directory, the
+//! access token refreshed when it lapses.
+//!
+//! It speaks `http://` only. A controller served beyond loopback sits behind a TLS proxy; reach
+//! it from the CLI through an SSH tunnel (or run the CLI on the controller's host) until this
+//! client learns TLS.
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// What `patronus login` stores.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Credentials {
+    pub url: String,
+    pub email: String,
+    pub access_token: String,
+    pub refresh_token: String,
+}
+
+/// `$XDG_CONFIG_HOME/patronus/credentials.json`, or `~/.config/patronus/credentials.json`.
+pub fn credentials_path() -> anyhow::Result<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .context("neither XDG_CONFIG_HOME nor HOME is set: nowhere to keep the login")?;
+    Ok(base.join("patronus").join("credentials.json"))
+}
+
+pub fn save(c: &Credentials) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    let path = credentials_path()?;
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // Write beside, then rename: never a half-written file, never a moment with wider mode.
+    let tmp = path.with_extension("json.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(serde_json::to_string_pretty(c)?.as_bytes())?;
+    f.sync_all()?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+pub fn load() -> anyhow::Result<Credentials> {
+    let path = credentials_path()?;
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "no login at {}: run `patronus login --url http://HOST:8080 --email YOU` first",
+            path.display()
+        )
+    })?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is damaged; log in again", path.display()))
+}
+
+/// One HTTP response.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub body: Value,
+}
+
+/// `http://host:port` → `host:port`.
+fn authority(url: &str) -> anyhow::Result<String> {
+    if url.starts_with("https://") {
+        bail!(
+            "{url}: this CLI speaks plain HTTP only; reach a TLS-fronted controller through an \
+             SSH tunnel (ssh -L 8080:127.0.0.1:8080 host) and use http://127.0.0.1:8080"
+        );
+    }
+    let rest = url
+        .strip_prefix("http://")
+        .with_context(|| format!("{url}: the URL must start with http://"))?;
+    let host = rest.trim_end_matches('/');
+    if host.is_empty() || host.contains('/') {
+        bail!("{url}: give the controller's base URL, like http://127.0.0.1:8080");
+    }
+    Ok(if host.contains(':') && !host.ends_with(']') {
+        host.to_owned()
+    } else {
+        format!("{host}:80")
+    })
+}
+
+/// Sends one request and reads the whole response.
+pub fn request(
+    url: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> anyhow::Result<Response> {
+    let auth = authority(url)?;
+    let addr = auth
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {auth}"))?
+        .next()
+        .with_context(|| format!("{auth} resolves to nothing"))?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .with_context(|| format!("connecting to the controller at {url}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {auth}\r\nConnection: close\r\nAccept: application/json\r\nUser-Agent: patronus-cli/{}\r\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    if let Some(t) = token {
+        head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    if !body.is_empty() {
+        head.push_str("Content-Type: application/json\r\n");
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    s.write_all(head.as_bytes())?;
+    s.write_all(body.as_bytes())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)
+        .context("reading the controller's answer")?;
+    parse(&raw)
+}
+
+fn parse(raw: &[u8]) -> anyhow::Result<Response> {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("the controller's answer is not HTTP")?;
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let status: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("the controller's answer has no status")?;
+    let mut body = raw[split + 4..].to_vec();
+    if head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.contains("chunked"))
+    {
+        body = dechunk(&body)?;
+    }
+    let body = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()))
+    };
+    Ok(Response { status, body })
+}
+
+fn dechunk(mut b: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = b
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .context("bad chunk")?;
+        let size = usize::from_str_radix(
+            String::from_utf8_lossy(&b[..line_end])
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim(),
+            16,
+        )
+        .context("bad chunk size")?;
+        b = &b[line_end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        out.extend_from_slice(b.get(..size).context("short chunk")?);
+        b = b.get(size + 2..).context("short chunk")?;
+    }
+}
+
+/// The API's error message, or the status.
+pub fn error_text(r: &Response) -> String {
+    r.body["error"]["message"]
+        .as_str()
+        .map(|m| {
+            let details = r.body["error"]["details"]
+                .as_array()
+                .map(|d| {
+                    d.iter()
+                        .filter_map(|e| {
+                            Some(format!(
+                                "\n  {}: {}",
+                                e["field"].as_str()?,
+                                e["problem"].as_str()?
+                            ))
+                        })
+                        .collect::<String>()
+                })
+                .unwrap_or_default();
+            format!("{} ({}){details}", m, r.status)
+        })
+        .unwrap_or_else(|| format!("HTTP {}", r.status))
+}
+
+/// A logged-in session: calls the API, refreshing the access token once when it has lapsed.
+#[derive(Debug)]
+pub struct Session {
+    creds: Credentials,
+}
+
+impl Session {
+    pub fn open() -> anyhow::Result<Self> {
+        Ok(Self { creds: load()? })
+    }
+
+    /// Calls the API; `Err` with the API's message unless the status is 2xx.
+    pub fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<Value> {
+        let mut r = request(
+            &self.creds.url,
+            method,
+            path,
+            Some(&self.creds.access_token),
+            body,
+        )?;
+        if r.status == 401 {
+            self.refresh()?;
+            r = request(
+                &self.creds.url,
+                method,
+                path,
+                Some(&self.creds.access_token),
+                body,
+            )?;
+        }
+        if !(200..300).contains(&r.status) {
+            bail!("{method} {path}: {}", error_text(&r));
+        }
+        Ok(r.body)
+    }
+
+    fn refresh(&mut self) -> anyhow::Result<()> {
+        let r = request(
+            &self.creds.url,
+            "POST",
+            "/api/v1/auth/refresh",
+            None,
+            Some(&serde_json::json!({ "refresh_token": self.creds.refresh_token })),
+        )?;
+        if r.status != 200 {
+            bail!(
+                "the session has ended ({}); run `patronus login` again",
+                error_text(&r)
+            );
+        }
+        self.creds.access_token = r.body["access_token"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        self.creds.refresh_token = r.body["refresh_token"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        save(&self.creds)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_responses_and_chunks_parse() {
+        assert_eq!(
+            authority("http://127.0.0.1:8080/").unwrap(),
+            "127.0.0.1:8080"
+        );
+        assert_eq!(authority("http://ctl").unwrap(), "ctl:80");
+        assert_eq!(authority("http://[::1]:8080").unwrap(), "[::1]:8080");
+        assert!(
+            authority("https://ctl")
+                .unwrap_err()
+                .to_string()
+                .contains("SSH tunnel")
+        );
+        assert!(authority("ctl:8080").is_err());
+        let r = parse(b"HTTP/1.1 404 Not Found\r\nContent-Length: 41\r\n\r\n{\"error\":{\"code\":\"x\",\"message\":\"gone\"}}").unwrap();
+        assert_eq!((r.status, error_text(&r)), (404, "gone (404)".to_owned()));
+        let r = parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\n\r\n").unwrap();
+        assert_eq!(r.body["a"], 1);
+    }
+}
