@@ -2,6 +2,7 @@ use std::fmt;
 
 /// One problem with one key of a document: `field` is its dotted path (`policies[2].match.dscp`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FieldError {
     pub field: String,
     pub problem: String,

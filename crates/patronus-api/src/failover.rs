@@ -6,6 +6,7 @@ use crate::FieldErrors;
 /// against stability or probe overhead; the defaults are chosen for sub-second failover on
 /// terrestrial links.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct FailoverSettings {
     /// Probe interval of a path that carries traffic. Shorter detects failure sooner; each probe

@@ -15,6 +15,8 @@ mod error;
 mod failover;
 mod link;
 mod name;
+#[cfg(feature = "openapi")]
+mod openapi;
 mod policy;
 mod prefix;
 mod sla;

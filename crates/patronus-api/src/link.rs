@@ -7,6 +7,7 @@ use crate::{FieldErrors, Name};
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum LinkKind {
     Mpls,
@@ -58,12 +59,14 @@ fn default_priority() -> u8 {
 
 /// A WAN link of a site.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Link {
     pub name: Name,
     pub kind: LinkKind,
     /// Where peers reach this link (`ip:port`), when it has a stable public address.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "198.51.100.1:51820"))]
     pub endpoint: Option<SocketAddr>,
     /// Upstream and downstream capacity in kbit/s, when known. `load-balance` spreads flows in
     /// proportion to the capacity of each path; unknown capacity counts as equal shares.

@@ -8,6 +8,7 @@ use crate::{FieldErrors, LinkKind, Name, Prefix, SlaClass};
 /// links allowed by `links`. Policies are evaluated in ascending `order`; the first match wins.
 /// A packet no policy matches gets the engine's default class.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     pub name: Name,
@@ -36,6 +37,7 @@ fn yes() -> bool {
 /// What a policy matches. Each list is "any of"; an empty list matches everything; all given
 /// fields must match. Port ranges match only packets that carry ports (TCP, UDP, SCTP, UDP-Lite).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct Match {
     pub src: Vec<Prefix>,
@@ -50,6 +52,7 @@ pub struct Match {
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
 )]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum SteeringMode {
     /// The path with the best score for the class.
@@ -99,6 +102,7 @@ impl FromStr for SteeringMode {
 /// needs both ends to be of a listed kind, `avoid` demotes a path when either end is, `prefer`
 /// promotes a path when both ends are.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct LinkPreference {
     pub prefer: Vec<LinkKind>,
@@ -109,6 +113,7 @@ pub struct LinkPreference {
 
 /// Whether a class may use a metered link (either end metered makes the path metered).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum MeteredUse {
     #[default]

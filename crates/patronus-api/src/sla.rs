@@ -11,6 +11,7 @@ use crate::{FieldErrors, Name};
 /// - `max_loss_pct` bounds the share of probes lost (no reply within the waiting time, RFC 7680)
 ///   over the path's sliding window.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SlaClass {
     pub name: Name,

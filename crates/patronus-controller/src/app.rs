@@ -168,18 +168,34 @@ impl FromRequestParts<AppState> for Principal {
     }
 }
 
+/// The routes and the OpenAPI document, from the same registrations: a handler is served only
+/// if it is documented (`#[utoipa::path]` + `routes!`), so the two cannot drift.
+pub fn routes_and_document() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    use utoipa::OpenApi as _;
+    let (routes, doc) =
+        utoipa_axum::router::OpenApiRouter::with_openapi(crate::docs::ApiDoc::openapi())
+            .merge(crate::routes::system::routes())
+            .merge(crate::routes::auth::routes())
+            .merge(crate::routes::users::routes())
+            .merge(crate::routes::sites::routes())
+            .merge(crate::routes::topology::routes())
+            .merge(crate::routes::policies::routes())
+            .merge(crate::routes::api_keys::routes())
+            .merge(crate::routes::audit::routes())
+            .split_for_parts();
+    (routes, doc)
+}
+
+/// The OpenAPI document, as served.
+pub fn document() -> serde_json::Value {
+    crate::docs::close_composed_objects(routes_and_document().1)
+}
+
 /// The whole API.
 pub fn router(state: AppState) -> Router {
     let limit = state.config.max_body_bytes;
-    Router::new()
-        .merge(crate::routes::system::routes())
-        .merge(crate::routes::auth::routes())
-        .merge(crate::routes::users::routes())
-        .merge(crate::routes::sites::routes())
-        .merge(crate::routes::topology::routes())
-        .merge(crate::routes::policies::routes())
-        .merge(crate::routes::api_keys::routes())
-        .merge(crate::routes::audit::routes())
+    let (routes, _) = routes_and_document();
+    routes
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(

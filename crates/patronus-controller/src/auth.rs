@@ -22,7 +22,9 @@ use sha2::{Digest, Sha256};
 use crate::store::StoreError;
 
 /// Roles, each allowed what the one below it is and more.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Reads everything but users, API keys, settings and the audit log.

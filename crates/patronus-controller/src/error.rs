@@ -187,6 +187,70 @@ impl From<PathRejection> for ApiError {
     }
 }
 
+/// The error shape, for the OpenAPI document.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, for programs: `validation_failed`, `conflict`, `rate_limited`, ...
+    pub code: String,
+    /// For people.
+    pub message: String,
+    /// For `validation_failed` (and some conflicts): every field and its problem.
+    #[schema(nullable = false)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<Vec<patronus_api::FieldError>>,
+}
+
+/// The error responses an operation may give, all in the one shape.
+#[derive(Debug)]
+pub struct ApiErrors;
+
+impl utoipa::IntoResponses for ApiErrors {
+    fn responses() -> std::collections::BTreeMap<
+        String,
+        utoipa::openapi::RefOr<utoipa::openapi::response::Response>,
+    > {
+        use utoipa::openapi::response::ResponseBuilder;
+        use utoipa::openapi::{ContentBuilder, Ref};
+        [
+            ("400", "Malformed request (not JSON)"),
+            ("401", "Missing, invalid or expired credentials"),
+            ("403", "The caller's role does not allow this"),
+            ("404", "No such object or route"),
+            (
+                "409",
+                "Conflicts with the stored state (duplicate name, overlap, in use)",
+            ),
+            ("412", "If-Match names an older version"),
+            ("413", "Body too large"),
+            ("415", "Body not sent as application/json"),
+            ("422", "Invalid fields; `details` names each"),
+            ("429", "Rate limited or account locked; see Retry-After"),
+            ("500", "Internal error; the log has the cause"),
+            ("503", "Not ready, or the request took too long"),
+        ]
+        .into_iter()
+        .map(|(status, description)| {
+            let content = ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                .build();
+            (
+                status.to_owned(),
+                ResponseBuilder::new()
+                    .description(description)
+                    .content("application/json", content)
+                    .build()
+                    .into(),
+            )
+        })
+        .collect()
+    }
+}
+
 /// Extractors whose rejections use the one error shape.
 pub mod extract {
     use axum::extract::{FromRequest, FromRequestParts, Request};

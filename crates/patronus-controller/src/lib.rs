@@ -12,6 +12,7 @@
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod docs;
 pub mod error;
 pub mod metrics;
 pub mod routes;

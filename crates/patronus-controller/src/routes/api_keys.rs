@@ -3,14 +3,15 @@
 //! as its SHA-256 (it is 32 random bytes: a fast hash is enough, unlike a password). It is used
 //! exactly like an access token: `Authorization: Bearer pak_...`.
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::{delete, get};
-use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::Row;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::app::{AppState, Principal};
 use crate::auth::{self as a, Role};
@@ -22,13 +23,13 @@ use crate::store::{Store, now_s};
 /// secret scanners).
 pub const PREFIX: &str = "pak_";
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/api-keys", get(list).post(create))
-        .route("/api/v1/api-keys/{id}", delete(revoke))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(revoke))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewKey {
     pub name: String,
@@ -42,7 +43,7 @@ fn default_days() -> u32 {
     90
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct KeyView {
     pub id: i64,
     pub name: String,
@@ -102,12 +103,22 @@ pub async fn check(store: &Store, key: &str) -> Result<Option<(i64, String, Role
     Ok(Some((id, r.try_get("name")?, role)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     pub limit: Option<i64>,
     pub offset: Option<i64>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/api-keys",
+    tag = "api-keys",
+    summary = "List API keys (never the keys themselves).",
+    params(ListQuery),
+    security(("bearer" = [])),
+    responses((status = 200, body = Page<KeyView>), crate::error::ApiErrors)
+)]
 async fn list(
     State(s): State<AppState>,
     p: Principal,
@@ -134,6 +145,15 @@ async fn list(
     }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/api-keys",
+    tag = "api-keys",
+    summary = "Issue an API key; the key is in this response only.",
+    request_body = NewKey,
+    security(("bearer" = [])),
+    responses((status = 201, body = KeyView), crate::error::ApiErrors)
+)]
 async fn create(
     State(s): State<AppState>,
     p: Principal,
@@ -186,6 +206,15 @@ async fn create(
     Ok(created(format!("/api/v1/api-keys/{id}"), 1, v))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/api-keys/{id}",
+    tag = "api-keys",
+    summary = "Revoke an API key.",
+    params(("id" = i64, Path, description = "The object's id")),
+    security(("bearer" = [])),
+    responses((status = 204, description = "Revoked"), crate::error::ApiErrors)
+)]
 async fn revoke(
     State(s): State<AppState>,
     p: Principal,

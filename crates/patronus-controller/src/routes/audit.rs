@@ -1,9 +1,10 @@
 //! `/api/v1/audit`: every write, who made it, when, and from where. Admins only.
 
+use axum::Json;
 use axum::extract::State;
-use axum::routing::get;
-use axum::{Json, Router};
 use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::app::{AppState, Principal};
 use crate::auth::Role;
@@ -11,11 +12,12 @@ use crate::error::{ApiError, extract};
 use crate::routes::{Page, Paging};
 use crate::store::{AuditQuery, AuditRow};
 
-pub fn routes() -> Router<AppState> {
-    Router::new().route("/api/v1/audit", get(list))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(list))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     pub limit: Option<i64>,
     pub offset: Option<i64>,
@@ -31,6 +33,15 @@ pub struct ListQuery {
     pub order: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/audit",
+    tag = "audit",
+    summary = "Read the audit log, newest first.",
+    params(ListQuery),
+    security(("bearer" = [])),
+    responses((status = 200, body = Page<AuditRow>), crate::error::ApiErrors)
+)]
 async fn list(
     State(s): State<AppState>,
     p: Principal,

@@ -1,12 +1,13 @@
 //! `/api/v1/auth`: login, refresh (rotating), logout, and who am I.
 
 use std::time::Instant;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use axum::Json;
 use axum::extract::{FromRequestParts, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use crate::app::{AppState, Principal, Subject, client_ip};
@@ -14,22 +15,22 @@ use crate::auth::{self as a, Role, Tokens};
 use crate::error::{ApiError, extract};
 use crate::store::{Actor, RefreshOutcome, Store, UserRow, now_s};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/auth/login", post(login))
-        .route("/api/v1/auth/refresh", post(refresh))
-        .route("/api/v1/auth/logout", post(logout))
-        .route("/api/v1/auth/me", get(me))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(login))
+        .routes(routes!(refresh))
+        .routes(routes!(logout))
+        .routes(routes!(me))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginRequest {
     pub email: String,
     pub password: String,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TokenResponse {
     pub access_token: String,
     pub refresh_token: String,
@@ -39,7 +40,7 @@ pub struct TokenResponse {
     pub expires_in: u64,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RefreshRequest {
     pub refresh_token: String,
@@ -101,6 +102,14 @@ async fn issue(
     })
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/auth/login",
+    tag = "auth",
+    summary = "Log in with email and password.",
+    request_body = LoginRequest,
+    responses((status = 200, body = TokenResponse), crate::error::ApiErrors)
+)]
 async fn login(
     State(s): State<AppState>,
     _limit: AuthRateLimited,
@@ -157,6 +166,14 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/auth/refresh",
+    tag = "auth",
+    summary = "Rotate a refresh token for a new token pair.",
+    request_body = RefreshRequest,
+    responses((status = 200, body = TokenResponse), crate::error::ApiErrors)
+)]
 async fn refresh(
     State(s): State<AppState>,
     _limit: AuthRateLimited,
@@ -196,6 +213,15 @@ async fn refresh(
 
 /// Ends the session the refresh token belongs to (the access token lapses on its own within
 /// its short lifetime).
+#[utoipa::path(
+    post,
+    path = "/api/v1/auth/logout",
+    tag = "auth",
+    summary = "End the session a refresh token belongs to.",
+    request_body = RefreshRequest,
+    security(("bearer" = [])),
+    responses((status = 204, description = "Logged out"), crate::error::ApiErrors)
+)]
 async fn logout(
     State(s): State<AppState>,
     p: Principal,
@@ -214,6 +240,14 @@ async fn logout(
 }
 
 /// The calling user, or for an API key its id, name and role.
+#[utoipa::path(
+    get,
+    path = "/api/v1/auth/me",
+    tag = "auth",
+    summary = "The calling user (or API key).",
+    security(("bearer" = [])),
+    responses((status = 200, body = serde_json::Value), crate::error::ApiErrors)
+)]
 async fn me(p: Principal) -> Json<serde_json::Value> {
     Json(match p.subject {
         Subject::User(u) => serde_json::to_value(u).unwrap_or_default(),

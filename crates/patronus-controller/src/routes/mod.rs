@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::error::ApiError;
 
 /// A page of a list, with the total that matched.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Page<T> {
     pub items: Vec<T>,
     pub total: i64,

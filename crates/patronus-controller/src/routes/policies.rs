@@ -7,17 +7,18 @@
 //! renamed (409 naming the policy). Policy names and orders are unique (409 naming the other
 //! policy), so "first match" is never ambiguous.
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use axum::routing::get;
-use axum::{Json, Router};
 use patronus_api::{FailoverSettings, Policy, SlaClass};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::app::{AppState, Principal};
 use crate::auth::Role;
@@ -25,26 +26,17 @@ use crate::error::{ApiError, extract};
 use crate::routes::{Page, Paging, check_if_match, created, merge_patch, with_etag};
 use crate::store::{Store, now_s};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/sla-classes", get(list_classes).post(create_class))
-        .route(
-            "/api/v1/sla-classes/{id}",
-            get(show_class).patch(update_class).delete(remove_class),
-        )
-        .route("/api/v1/policies", get(list_policies).post(create_policy))
-        .route(
-            "/api/v1/policies/{id}",
-            get(show_policy).patch(update_policy).delete(remove_policy),
-        )
-        .route(
-            "/api/v1/failover",
-            get(show_failover).patch(update_failover),
-        )
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_classes, create_class))
+        .routes(routes!(show_class, update_class, remove_class))
+        .routes(routes!(list_policies, create_policy))
+        .routes(routes!(show_policy, update_policy, remove_policy))
+        .routes(routes!(show_failover, update_failover))
 }
 
 /// A stored document and its bookkeeping, as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Doc<T> {
     pub id: i64,
     #[serde(flatten)]
@@ -114,7 +106,8 @@ fn page<T>(items: Vec<T>, paging: Paging) -> Page<T> {
     }
 }
 
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     pub limit: Option<i64>,
     pub offset: Option<i64>,
@@ -125,6 +118,15 @@ pub struct ListQuery {
 
 // ----- SLA classes -----
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/sla-classes",
+    tag = "sla-classes",
+    summary = "List SLA classes.",
+    params(ListQuery),
+    security(("bearer" = [])),
+    responses((status = 200, body = Page<Doc<SlaClass>>), crate::error::ApiErrors)
+)]
 async fn list_classes(
     State(s): State<AppState>,
     _p: Principal,
@@ -143,6 +145,15 @@ async fn load_class(store: &Store, id: i64) -> Result<Doc<SlaClass>, ApiError> {
     doc(&r)
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/sla-classes/{id}",
+    tag = "sla-classes",
+    summary = "Read an SLA class.",
+    params(("id" = i64, Path, description = "The object's id")),
+    security(("bearer" = [])),
+    responses((status = 200, body = Doc<SlaClass>), crate::error::ApiErrors)
+)]
 async fn show_class(
     State(s): State<AppState>,
     _p: Principal,
@@ -152,6 +163,15 @@ async fn show_class(
     Ok(with_etag(StatusCode::OK, c.version, c))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/sla-classes",
+    tag = "sla-classes",
+    summary = "Create an SLA class.",
+    request_body = SlaClass,
+    security(("bearer" = [])),
+    responses((status = 201, body = Doc<SlaClass>), crate::error::ApiErrors)
+)]
 async fn create_class(
     State(s): State<AppState>,
     p: Principal,
@@ -203,6 +223,16 @@ async fn users_of_class(store: &Store, name: &str) -> Result<Vec<String>, ApiErr
         .collect())
 }
 
+#[utoipa::path(
+    patch,
+    path = "/api/v1/sla-classes/{id}",
+    tag = "sla-classes",
+    summary = "Change an SLA class (JSON merge patch; If-Match).",
+    params(("id" = i64, Path, description = "The object's id")),
+    request_body(content = serde_json::Value, description = "A JSON merge patch (RFC 7386) of the object"),
+    security(("bearer" = [])),
+    responses((status = 200, body = Doc<SlaClass>), crate::error::ApiErrors)
+)]
 async fn update_class(
     State(s): State<AppState>,
     p: Principal,
@@ -267,6 +297,15 @@ async fn update_class(
     Ok(with_etag(StatusCode::OK, c.version, c))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/sla-classes/{id}",
+    tag = "sla-classes",
+    summary = "Delete an SLA class no policy uses (not a built-in).",
+    params(("id" = i64, Path, description = "The object's id")),
+    security(("bearer" = [])),
+    responses((status = 204, description = "Deleted"), crate::error::ApiErrors)
+)]
 async fn remove_class(
     State(s): State<AppState>,
     p: Principal,
@@ -307,6 +346,15 @@ async fn remove_class(
 
 // ----- policies -----
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/policies",
+    tag = "policies",
+    summary = "List policies in evaluation order.",
+    params(ListQuery),
+    security(("bearer" = [])),
+    responses((status = 200, body = Page<Doc<Policy>>), crate::error::ApiErrors)
+)]
 async fn list_policies(
     State(s): State<AppState>,
     _p: Principal,
@@ -335,6 +383,15 @@ async fn load_policy(store: &Store, id: i64) -> Result<Doc<Policy>, ApiError> {
     doc(&r)
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/policies/{id}",
+    tag = "policies",
+    summary = "Read a policy.",
+    params(("id" = i64, Path, description = "The object's id")),
+    security(("bearer" = [])),
+    responses((status = 200, body = Doc<Policy>), crate::error::ApiErrors)
+)]
 async fn show_policy(
     State(s): State<AppState>,
     _p: Principal,
@@ -373,6 +430,15 @@ async fn check_policy(store: &Store, policy: &Policy, id: Option<i64>) -> Result
     Ok(())
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/policies",
+    tag = "policies",
+    summary = "Create a policy.",
+    request_body = Policy,
+    security(("bearer" = [])),
+    responses((status = 201, body = Doc<Policy>), crate::error::ApiErrors)
+)]
 async fn create_policy(
     State(s): State<AppState>,
     p: Principal,
@@ -415,6 +481,16 @@ async fn create_policy(
     Ok(created(format!("/api/v1/policies/{id}"), d.version, d))
 }
 
+#[utoipa::path(
+    patch,
+    path = "/api/v1/policies/{id}",
+    tag = "policies",
+    summary = "Change a policy (JSON merge patch; If-Match).",
+    params(("id" = i64, Path, description = "The object's id")),
+    request_body(content = serde_json::Value, description = "A JSON merge patch (RFC 7386) of the object"),
+    security(("bearer" = [])),
+    responses((status = 200, body = Doc<Policy>), crate::error::ApiErrors)
+)]
 async fn update_policy(
     State(s): State<AppState>,
     p: Principal,
@@ -469,6 +545,15 @@ async fn update_policy(
     Ok(with_etag(StatusCode::OK, d.version, d))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/policies/{id}",
+    tag = "policies",
+    summary = "Delete a policy.",
+    params(("id" = i64, Path, description = "The object's id")),
+    security(("bearer" = [])),
+    responses((status = 204, description = "Deleted"), crate::error::ApiErrors)
+)]
 async fn remove_policy(
     State(s): State<AppState>,
     p: Principal,
@@ -511,11 +596,28 @@ pub async fn failover(store: &Store) -> Result<(FailoverSettings, i64), ApiError
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/failover",
+    tag = "failover",
+    summary = "Read the failover settings.",
+    security(("bearer" = [])),
+    responses((status = 200, body = FailoverSettings), crate::error::ApiErrors)
+)]
 async fn show_failover(State(s): State<AppState>, _p: Principal) -> Result<Response, ApiError> {
     let (f, version) = failover(&s.store).await?;
     Ok(with_etag(StatusCode::OK, version, f))
 }
 
+#[utoipa::path(
+    patch,
+    path = "/api/v1/failover",
+    tag = "failover",
+    summary = "Change the failover settings (JSON merge patch; If-Match).",
+    request_body(content = serde_json::Value, description = "A JSON merge patch (RFC 7386) of the object"),
+    security(("bearer" = [])),
+    responses((status = 200, body = FailoverSettings), crate::error::ApiErrors)
+)]
 async fn update_failover(
     State(s): State<AppState>,
     p: Principal,

@@ -6,12 +6,13 @@
 //! against the version in `If-Match`.
 
 use std::collections::HashMap;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use axum::routing::get;
-use axum::{Json, Router};
 use patronus_api::{FieldErrors, Link, Name, Prefix};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -24,22 +25,16 @@ use crate::error::{ApiError, extract};
 use crate::routes::{Page, Paging, check_if_match, created, merge_patch, with_etag};
 use crate::store::{Store, now_s};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/sites", get(list).post(create))
-        .route("/api/v1/sites/{id}", get(show).patch(update).delete(remove))
-        .route(
-            "/api/v1/sites/{id}/links",
-            get(list_links).post(create_link),
-        )
-        .route(
-            "/api/v1/sites/{id}/links/{link}",
-            get(show_link).patch(update_link).delete(remove_link),
-        )
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(show, update, remove))
+        .routes(routes!(list_links, create_link))
+        .routes(routes!(show_link, update_link, remove_link))
 }
 
 /// Whether a site is meant to carry traffic. (Whether its edge is online comes from the edge.)
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SiteStatus {
     /// Defined, not yet deployed.
@@ -61,7 +56,7 @@ impl SiteStatus {
 }
 
 /// What a client writes about a site.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SiteSpec {
     pub name: Name,
@@ -143,7 +138,7 @@ fn validate_links(links: &[Link], e: &mut FieldErrors) {
 }
 
 /// A link as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct LinkView {
     pub id: i64,
     pub site_id: i64,
@@ -155,7 +150,7 @@ pub struct LinkView {
 }
 
 /// A site as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct SiteView {
     pub id: i64,
     pub name: String,
@@ -166,6 +161,7 @@ pub struct SiteView {
     pub lan_prefixes: Vec<Prefix>,
     pub status: SiteStatus,
     /// Its address in the overlay (see `/api/v1/topology`).
+    #[schema(value_type = Option<String>)]
     pub overlay_address: Option<std::net::IpAddr>,
     pub links: Vec<LinkView>,
     pub version: i64,
@@ -336,7 +332,8 @@ async fn insert_link(
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     pub limit: Option<i64>,
     pub offset: Option<i64>,
@@ -349,6 +346,15 @@ pub struct ListQuery {
     pub sort: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/sites",
+    tag = "sites",
+    summary = "List sites with their links.",
+    params(ListQuery),
+    security(("bearer" = [])),
+    responses((status = 200, body = Page<SiteView>), crate::error::ApiErrors)
+)]
 async fn list(
     State(s): State<AppState>,
     _p: Principal,
@@ -420,6 +426,15 @@ async fn list(
     }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/sites",
+    tag = "sites",
+    summary = "Create a site, with its links.",
+    request_body = SiteSpec,
+    security(("bearer" = [])),
+    responses((status = 201, body = SiteView), crate::error::ApiErrors)
+)]
 async fn create(
     State(s): State<AppState>,
     p: Principal,
@@ -474,6 +489,15 @@ async fn create(
     Ok(created(format!("/api/v1/sites/{id}"), site.version, site))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/sites/{id}",
+    tag = "sites",
+    summary = "Read a site.",
+    params(("id" = i64, Path, description = "The object's id")),
+    security(("bearer" = [])),
+    responses((status = 200, body = SiteView), crate::error::ApiErrors)
+)]
 async fn show(
     State(s): State<AppState>,
     _p: Principal,
@@ -483,6 +507,16 @@ async fn show(
     Ok(with_etag(StatusCode::OK, site.version, site))
 }
 
+#[utoipa::path(
+    patch,
+    path = "/api/v1/sites/{id}",
+    tag = "sites",
+    summary = "Change a site (JSON merge patch; If-Match).",
+    params(("id" = i64, Path, description = "The object's id")),
+    request_body(content = serde_json::Value, description = "A JSON merge patch (RFC 7386) of the object"),
+    security(("bearer" = [])),
+    responses((status = 200, body = SiteView), crate::error::ApiErrors)
+)]
 async fn update(
     State(s): State<AppState>,
     p: Principal,
@@ -558,6 +592,15 @@ async fn update(
     Ok(with_etag(StatusCode::OK, site.version, site))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/sites/{id}",
+    tag = "sites",
+    summary = "Delete a site and its links.",
+    params(("id" = i64, Path, description = "The object's id")),
+    security(("bearer" = [])),
+    responses((status = 204, description = "Deleted"), crate::error::ApiErrors)
+)]
 async fn remove(
     State(s): State<AppState>,
     p: Principal,
@@ -593,6 +636,15 @@ async fn load_link(store: &Store, site: i64, link: i64) -> Result<LinkView, ApiE
     link_from_row(&row)
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/sites/{id}/links",
+    tag = "links",
+    summary = "List the links of a site.",
+    params(("id" = i64, Path, description = "The object's id")),
+    security(("bearer" = [])),
+    responses((status = 200, body = Page<LinkView>), crate::error::ApiErrors)
+)]
 async fn list_links(
     State(s): State<AppState>,
     _p: Principal,
@@ -608,6 +660,16 @@ async fn list_links(
     }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/sites/{id}/links",
+    tag = "links",
+    summary = "Add a WAN link to a site.",
+    params(("id" = i64, Path, description = "The object's id")),
+    request_body = Link,
+    security(("bearer" = [])),
+    responses((status = 201, body = LinkView), crate::error::ApiErrors)
+)]
 async fn create_link(
     State(s): State<AppState>,
     p: Principal,
@@ -660,6 +722,15 @@ async fn create_link(
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/sites/{id}/links/{link}",
+    tag = "links",
+    summary = "Read a link.",
+    params(("id" = i64, Path, description = "The site's id"), ("link" = i64, Path, description = "The link's id")),
+    security(("bearer" = [])),
+    responses((status = 200, body = LinkView), crate::error::ApiErrors)
+)]
 async fn show_link(
     State(s): State<AppState>,
     _p: Principal,
@@ -669,6 +740,16 @@ async fn show_link(
     Ok(with_etag(StatusCode::OK, l.version, l))
 }
 
+#[utoipa::path(
+    patch,
+    path = "/api/v1/sites/{id}/links/{link}",
+    tag = "links",
+    summary = "Change a link (JSON merge patch; If-Match).",
+    params(("id" = i64, Path, description = "The site's id"), ("link" = i64, Path, description = "The link's id")),
+    request_body(content = serde_json::Value, description = "A JSON merge patch (RFC 7386) of the object"),
+    security(("bearer" = [])),
+    responses((status = 200, body = LinkView), crate::error::ApiErrors)
+)]
 async fn update_link(
     State(s): State<AppState>,
     p: Principal,
@@ -729,6 +810,15 @@ async fn update_link(
     Ok(with_etag(StatusCode::OK, l.version, l))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/sites/{id}/links/{link}",
+    tag = "links",
+    summary = "Delete a link.",
+    params(("id" = i64, Path, description = "The site's id"), ("link" = i64, Path, description = "The link's id")),
+    security(("bearer" = [])),
+    responses((status = 204, description = "Deleted"), crate::error::ApiErrors)
+)]
 async fn remove_link(
     State(s): State<AppState>,
     p: Principal,

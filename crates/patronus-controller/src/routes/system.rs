@@ -1,10 +1,11 @@
 //! Liveness, readiness and version: public, for load balancers and monitoring.
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::get;
-use axum::{Json, Router};
 use serde_json::{Value, json};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
@@ -13,16 +14,26 @@ use crate::app::{AppState, Principal};
 use crate::error::ApiError;
 use crate::metrics::gauge;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/api/v1/version", get(version))
-        .route("/metrics", get(metrics))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(ready))
+        .routes(routes!(version))
+        .routes(routes!(metrics))
+        .routes(routes!(crate::docs::openapi_json))
+        .routes(routes!(crate::docs::docs_page))
 }
 
 /// Prometheus text format. Needs a viewer's credentials: give Prometheus an API key
 /// (`authorization: { credentials: pak_... }` in its scrape configuration).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "system",
+    summary = "Prometheus metrics (text format).",
+    security(("bearer" = [])),
+    responses((status = 200, content_type = "text/plain", body = String), crate::error::ApiErrors)
+)]
 async fn metrics(State(s): State<AppState>, _p: Principal) -> Result<Response, ApiError> {
     let mut out = String::new();
     s.http.render(&mut out);
@@ -69,11 +80,25 @@ async fn metrics(State(s): State<AppState>, _p: Principal) -> Result<Response, A
 }
 
 /// The process answers.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "system",
+    summary = "Liveness: the process answers.",
+    responses((status = 200, body = serde_json::Value), crate::error::ApiErrors)
+)]
 async fn health() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
 /// The database answers.
+#[utoipa::path(
+    get,
+    path = "/ready",
+    tag = "system",
+    summary = "Readiness: the database answers.",
+    responses((status = 200, body = serde_json::Value), crate::error::ApiErrors)
+)]
 async fn ready(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
     match s.store.ping().await {
         Ok(()) => Ok(Json(json!({ "status": "ready" }))),
@@ -88,6 +113,13 @@ async fn ready(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/version",
+    tag = "system",
+    summary = "Versions of the controller, the API and the schema.",
+    responses((status = 200, body = serde_json::Value), crate::error::ApiErrors)
+)]
 async fn version(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({
         "version": env!("CARGO_PKG_VERSION"),

@@ -13,12 +13,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use axum::routing::get;
-use axum::{Json, Router};
 use patronus_api::{LinkKind, Prefix};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -31,14 +32,14 @@ use crate::routes::sites::{SiteStatus, SiteView, load_sites};
 use crate::routes::{Page, Paging, check_if_match, merge_patch, with_etag};
 use crate::store::{Store, now_s};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/topology", get(show).patch(update))
-        .route("/api/v1/paths", get(list_paths))
-        .route("/api/v1/paths/{id}", get(show_path))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(show, update))
+        .routes(routes!(list_paths))
+        .routes(routes!(show_path))
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     FullMesh,
@@ -163,11 +164,11 @@ pub async fn addresses(store: &Store) -> Result<BTreeMap<i64, IpAddr>, ApiError>
         .collect()
 }
 
-#[derive(Debug, Serialize)]
-struct TopologyView {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TopologyView {
     mode: Mode,
-    overlay_prefix: Prefix,
-    hubs: Vec<Value>,
+    pub overlay_prefix: Prefix,
+    pub hubs: Vec<Value>,
     /// Each site's overlay address.
     addresses: Vec<Value>,
     version: i64,
@@ -201,11 +202,28 @@ async fn view(store: &Store) -> Result<(TopologyView, i64), ApiError> {
     Ok((v, t.version))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/topology",
+    tag = "topology",
+    summary = "Read the topology and overlay address plan.",
+    security(("bearer" = [])),
+    responses((status = 200, body = TopologyView), crate::error::ApiErrors)
+)]
 async fn show(State(s): State<AppState>, _p: Principal) -> Result<Response, ApiError> {
     let (v, version) = view(&s.store).await?;
     Ok(with_etag(StatusCode::OK, version, v))
 }
 
+#[utoipa::path(
+    patch,
+    path = "/api/v1/topology",
+    tag = "topology",
+    summary = "Change mode, hubs or overlay prefix (JSON merge patch; If-Match).",
+    request_body(content = serde_json::Value, description = "A JSON merge patch (RFC 7386) of the object"),
+    security(("bearer" = [])),
+    responses((status = 200, body = TopologyView), crate::error::ApiErrors)
+)]
 async fn update(
     State(s): State<AppState>,
     p: Principal,
@@ -317,7 +335,7 @@ async fn update(
 // ----- paths -----
 
 /// One end of a path.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PathEnd {
     pub site_id: i64,
     pub site: String,
@@ -328,7 +346,7 @@ pub struct PathEnd {
 
 /// A path between two sites, over one link of each. Its live fields are `null` until an edge
 /// reports them.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PathView {
     pub id: String,
     pub a: PathEnd,
@@ -392,7 +410,8 @@ fn path(
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PathQuery {
     pub limit: Option<i64>,
     pub offset: Option<i64>,
@@ -402,6 +421,15 @@ pub struct PathQuery {
     pub state: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/paths",
+    tag = "paths",
+    summary = "List the paths the topology gives.",
+    params(PathQuery),
+    security(("bearer" = [])),
+    responses((status = 200, body = Page<PathView>), crate::error::ApiErrors)
+)]
 async fn list_paths(
     State(s): State<AppState>,
     _p: Principal,
@@ -465,6 +493,15 @@ async fn list_paths(
     }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/paths/{id}",
+    tag = "paths",
+    summary = "Read a path.",
+    params(("id" = String, Path, description = "The two link ids, lower first: 3-7")),
+    security(("bearer" = [])),
+    responses((status = 200, body = PathView), crate::error::ApiErrors)
+)]
 async fn show_path(
     State(s): State<AppState>,
     _p: Principal,

@@ -1,14 +1,15 @@
 //! `/api/v1/users`: accounts and roles. Admins manage them; everyone may read themselves and
 //! change their own password.
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use patronus_api::FieldErrors;
 use serde::Deserialize;
 use serde_json::json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::app::{AppState, Principal};
 use crate::auth::{self as a, Role};
@@ -16,14 +17,14 @@ use crate::error::{ApiError, extract};
 use crate::routes::{Page, Paging};
 use crate::store::{Actor, Store, UserQuery, UserRow, UserSort, now_s};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/users", get(list).post(create))
-        .route("/api/v1/users/{id}", get(show).patch(update).delete(remove))
-        .route("/api/v1/users/{id}/password", post(set_password))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(show, update, remove))
+        .routes(routes!(set_password))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewUser {
     pub email: String,
@@ -33,7 +34,7 @@ pub struct NewUser {
     pub password: String,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UserPatch {
     pub email: Option<String>,
@@ -42,7 +43,7 @@ pub struct UserPatch {
     pub disabled: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PasswordChange {
     /// Required when changing one's own password.
@@ -50,7 +51,8 @@ pub struct PasswordChange {
     pub new_password: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     pub limit: Option<i64>,
     pub offset: Option<i64>,
@@ -145,6 +147,15 @@ pub async fn create_user(store: &Store, actor: &Actor, new: NewUser) -> Result<U
         .ok_or_else(|| ApiError::internal("the new user vanished"))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/users",
+    tag = "users",
+    summary = "List users.",
+    params(ListQuery),
+    security(("bearer" = [])),
+    responses((status = 200, body = Page<UserRow>), crate::error::ApiErrors)
+)]
 async fn list(
     State(s): State<AppState>,
     p: Principal,
@@ -190,6 +201,15 @@ async fn list(
     }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/users",
+    tag = "users",
+    summary = "Create a user.",
+    request_body = NewUser,
+    security(("bearer" = [])),
+    responses((status = 201, body = UserRow), crate::error::ApiErrors)
+)]
 async fn create(
     State(s): State<AppState>,
     p: Principal,
@@ -204,6 +224,15 @@ async fn create(
     Ok(r)
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/users/{id}",
+    tag = "users",
+    summary = "Read a user.",
+    params(("id" = i64, Path, description = "The object's id")),
+    security(("bearer" = [])),
+    responses((status = 200, body = UserRow), crate::error::ApiErrors)
+)]
 async fn show(
     State(s): State<AppState>,
     p: Principal,
@@ -246,6 +275,16 @@ async fn other_admins(store: &Store, except: i64) -> Result<i64, ApiError> {
     .await?)
 }
 
+#[utoipa::path(
+    patch,
+    path = "/api/v1/users/{id}",
+    tag = "users",
+    summary = "Change a user (If-Match).",
+    params(("id" = i64, Path, description = "The object's id")),
+    request_body = UserPatch,
+    security(("bearer" = [])),
+    responses((status = 200, body = UserRow), crate::error::ApiErrors)
+)]
 async fn update(
     State(s): State<AppState>,
     p: Principal,
@@ -337,6 +376,15 @@ async fn update(
     Ok(with_etag(StatusCode::OK, u))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/users/{id}",
+    tag = "users",
+    summary = "Delete a user.",
+    params(("id" = i64, Path, description = "The object's id")),
+    security(("bearer" = [])),
+    responses((status = 204, description = "Deleted"), crate::error::ApiErrors)
+)]
 async fn remove(
     State(s): State<AppState>,
     p: Principal,
@@ -371,6 +419,16 @@ async fn remove(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/users/{id}/password",
+    tag = "users",
+    summary = "Change a password (your own needs the current one).",
+    params(("id" = i64, Path, description = "The object's id")),
+    request_body = PasswordChange,
+    security(("bearer" = [])),
+    responses((status = 204, description = "Changed"), crate::error::ApiErrors)
+)]
 async fn set_password(
     State(s): State<AppState>,
     p: Principal,
