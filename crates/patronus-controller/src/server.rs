@@ -16,48 +16,90 @@ pub async fn prepare(config: Config, env: &[(String, String)]) -> anyhow::Result
     create_private_dir(&config.data_dir)?;
     let store = Store::open(&config.database).await?;
     let key = auth::load_or_create_key(&config.jwt_key_file)?;
-    bootstrap_admin(&store, env).await?;
+    bootstrap_admin(&store, &config.data_dir, env).await?;
     Ok(AppState::new(config, store, &key))
 }
 
-/// With an empty database, `PATRONUS_ADMIN_EMAIL` and `PATRONUS_ADMIN_PASSWORD` create the first
+/// With an empty database, `PATRONUS_ADMIN_EMAIL` (and `PATRONUS_ADMIN_PASSWORD`, or else a
+/// generated password written 0600 to `<data_dir>/initial-admin-password`) create the first
 /// admin. There is no other way in over the network.
-async fn bootstrap_admin(store: &Store, env: &[(String, String)]) -> anyhow::Result<()> {
+async fn bootstrap_admin(
+    store: &Store,
+    data_dir: &std::path::Path,
+    env: &[(String, String)],
+) -> anyhow::Result<()> {
     if store.user_count().await? > 0 {
         return Ok(());
     }
     let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    match (get("PATRONUS_ADMIN_EMAIL"), get("PATRONUS_ADMIN_PASSWORD")) {
-        (Some(email), Some(password)) => {
-            let actor = Actor {
-                id: None,
-                name: "bootstrap".into(),
-                source: "environment".into(),
-            };
-            let u = create_user(
-                store,
-                &actor,
-                NewUser {
-                    email,
-                    name: "Administrator".into(),
-                    role: Role::Admin,
-                    password,
-                },
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!("creating the first admin from PATRONUS_ADMIN_EMAIL and PATRONUS_ADMIN_PASSWORD: {}", e.message))?;
-            tracing::info!(email = %u.email, "created the first admin");
+    let Some(email) = get("PATRONUS_ADMIN_EMAIL") else {
+        if get("PATRONUS_ADMIN_PASSWORD").is_some() {
+            anyhow::bail!("PATRONUS_ADMIN_PASSWORD is set without PATRONUS_ADMIN_EMAIL");
         }
-        (None, None) => {
-            tracing::warn!(
-                "the database has no users: nobody can log in. Set PATRONUS_ADMIN_EMAIL and \
-                 PATRONUS_ADMIN_PASSWORD and restart, or run `patronus controller add-user`"
-            );
+        tracing::warn!(
+            "the database has no users: nobody can log in. Set PATRONUS_ADMIN_EMAIL (and \
+             PATRONUS_ADMIN_PASSWORD, or one is generated) and restart, or run \
+             `patronus controller add-user`"
+        );
+        return Ok(());
+    };
+    let (password, file) = match get("PATRONUS_ADMIN_PASSWORD") {
+        Some(p) => (p, None),
+        None => {
+            // 144 random bits, and the four character classes the strength rule asks for.
+            let p = format!("{}-Aa1", auth::b64url(&auth::random_bytes::<18>()));
+            let path = data_dir.join("initial-admin-password");
+            write_private(&path, &p)?;
+            (p, Some(path))
         }
-        _ => anyhow::bail!(
-            "set both PATRONUS_ADMIN_EMAIL and PATRONUS_ADMIN_PASSWORD to create the first admin"
+    };
+    let actor = Actor {
+        id: None,
+        name: "bootstrap".into(),
+        source: "environment".into(),
+    };
+    let u = create_user(
+        store,
+        &actor,
+        NewUser {
+            email,
+            name: "Administrator".into(),
+            role: Role::Admin,
+            password,
+        },
+    )
+    .await
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "creating the first admin from PATRONUS_ADMIN_EMAIL and PATRONUS_ADMIN_PASSWORD: {}",
+            e.message
+        )
+    })?;
+    match file {
+        Some(path) => tracing::info!(
+            email = %u.email,
+            password_file = %path.display(),
+            "created the first admin; the generated password is in the file (0600): log in, \
+             change it, delete the file"
         ),
+        None => tracing::info!(email = %u.email, "created the first admin"),
     }
+    Ok(())
+}
+
+/// Writes a new file readable by its owner only; refuses to overwrite one.
+fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
     Ok(())
 }
 
@@ -81,19 +123,18 @@ pub async fn serve(
     .context("serving HTTP")
 }
 
-/// Completes on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
+/// A future that completes on SIGTERM or SIGINT. The handlers are installed now, before the
+/// listener is announced, so that a signal sent as soon as the controller is up is caught, not
+/// fatal. Call it inside the runtime.
+pub fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch SIGTERM");
-            return std::future::pending().await;
+    let mut term = signal(SignalKind::terminate()).context("watching SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("watching SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-    tracing::info!("shutting down: finishing requests in flight");
+        tracing::info!("shutting down: finishing requests in flight");
+    })
 }

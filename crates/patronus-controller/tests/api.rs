@@ -1857,6 +1857,57 @@ async fn the_document_lists_every_route_the_router_serves_and_nothing_else() {
         }
     }
     assert!(operations >= 40, "{operations} operations");
+
+    // Every operation that needs credentials refuses none, a bad one, a refresh token and an
+    // expired access token with 401; the public ones are the system's.
+    let login = a.login(ADMIN, ADMIN_PW).await;
+    let refresh = login.body["refresh_token"].as_str().unwrap().to_owned();
+    let key = std::fs::read(a.dir.path().join("state/jwt.key")).unwrap();
+    let t = Tokens::new(
+        &key,
+        std::time::Duration::from_secs(60),
+        std::time::Duration::from_secs(60),
+    );
+    let expired = t.access(1, Role::Admin, patronus_controller::store::now_s() - 3600);
+    let mut public = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        let concrete = path.replace("{id}", "1").replace("{link}", "1");
+        for (method, op) in item.as_object().unwrap() {
+            if op.get("security").is_none() {
+                public.push(format!("{method} {path}"));
+                continue;
+            }
+            let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            for token in [
+                None,
+                Some("garbage"),
+                Some(refresh.as_str()),
+                Some(expired.as_str()),
+            ] {
+                let r = a
+                    .call(method.clone(), &concrete, token, Some(json!({})))
+                    .await;
+                assert_eq!(
+                    r.status,
+                    StatusCode::UNAUTHORIZED,
+                    "{method} {path} with {token:?}: {r:?}"
+                );
+            }
+        }
+    }
+    public.sort();
+    assert_eq!(
+        public,
+        [
+            "get /api/v1/openapi.json",
+            "get /api/v1/version",
+            "get /docs",
+            "get /health",
+            "get /ready",
+            "post /api/v1/auth/login",
+            "post /api/v1/auth/refresh",
+        ]
+    );
     // Every route is registered with its documentation (`routes!` of an annotated handler):
     // no plain axum `.route(` anywhere in the controller's source.
     let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");

@@ -81,17 +81,14 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     match args.cmd.unwrap_or(ControllerCmd::Run) {
         ControllerCmd::Run => rt.block_on(async {
+            let shutdown = patronus_controller::server::shutdown_signal()?;
             let state = patronus_controller::server::prepare(config, &env).await?;
-            patronus_controller::server::serve(
-                state,
-                patronus_controller::server::shutdown_signal(),
-                |addr| {
-                    eprintln!(
-                        "controller: listening on http://{addr}/ (API under /api/v1; log in \
+            patronus_controller::server::serve(state, shutdown, |addr| {
+                eprintln!(
+                    "controller: listening on http://{addr}/ (API under /api/v1; log in \
                          with POST /api/v1/auth/login)"
-                    )
-                },
-            )
+                )
+            })
             .await
         }),
         ControllerCmd::AddUser { email, role, name } => rt.block_on(async {

@@ -34,11 +34,20 @@ impl Drop for Controller {
 }
 
 fn start(dir: &Path) -> Controller {
+    start_with(
+        dir,
+        &[
+            ("PATRONUS_ADMIN_EMAIL", ADMIN),
+            ("PATRONUS_ADMIN_PASSWORD", PASSWORD),
+        ],
+    )
+}
+
+fn start_with(dir: &Path, env: &[(&str, &str)]) -> Controller {
     let mut child = Command::new(patronus())
         .args(["controller", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir)
-        .env("PATRONUS_ADMIN_EMAIL", ADMIN)
-        .env("PATRONUS_ADMIN_PASSWORD", PASSWORD)
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -423,4 +432,30 @@ fn the_admin_cli_logs_in_keeps_its_session_private_and_manages_sites_and_links()
     assert!(ok, "{err}");
     let (ok, _, err) = cli(&home, &["site", "show", "hq"], "");
     assert!(!ok && err.contains("no site named hq"), "{err}");
+}
+
+#[test]
+fn without_a_given_password_the_first_admin_gets_a_generated_one_in_a_private_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let c = start_with(&state, &[("PATRONUS_ADMIN_EMAIL", ADMIN)]);
+    let file = state.join("initial-admin-password");
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let password = std::fs::read_to_string(&file).unwrap();
+    assert!(password.trim().len() >= 24);
+    let home = dir.path().join("home");
+    let url = format!("http://{}", c.addr);
+    let (ok, _, err) = cli(
+        &home,
+        &["login", "--url", &url, "--email", ADMIN],
+        &password,
+    );
+    assert!(ok, "{err}");
+    std::thread::sleep(Duration::from_millis(100));
+    let log = c.log.lock().unwrap().clone();
+    assert!(log.contains("initial-admin-password"), "{log}");
+    assert!(!log.contains(password.trim()), "the password is in the log");
 }
