@@ -114,13 +114,17 @@ pub async fn serve(
         .await
         .with_context(|| format!("listening on {addr}"))?;
     on_listening(listener.local_addr()?);
+    let store = state.store.clone();
     axum::serve(
         listener,
         router(state).into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown)
     .await
-    .context("serving HTTP")
+    .context("serving HTTP")?;
+    // Closing the pool checkpoints the write-ahead log into the database file.
+    store.pool().close().await;
+    Ok(())
 }
 
 /// A future that completes on SIGTERM or SIGINT. The handlers are installed now, before the

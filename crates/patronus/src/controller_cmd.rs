@@ -32,7 +32,7 @@ struct Common {
     /// Directory for the database and signing key [default: /var/lib/patronus].
     #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
-    /// The SQLite database [default: <data-dir>/controller.db].
+    /// The SQLite database [default: DATA_DIR/controller.db].
     #[arg(long, global = true)]
     database: Option<PathBuf>,
 }
