@@ -459,3 +459,56 @@ fn without_a_given_password_the_first_admin_gets_a_generated_one_in_a_private_fi
     assert!(log.contains("initial-admin-password"), "{log}");
     assert!(!log.contains(password.trim()), "the password is in the log");
 }
+
+#[test]
+fn add_user_puts_a_user_in_the_database_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let add = |password: &str| {
+        let mut child = Command::new(patronus())
+            .args([
+                "controller",
+                "add-user",
+                "--email",
+                "ops@example.net",
+                "--role",
+                "operator",
+                "--data-dir",
+            ])
+            .arg(&state)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(password.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = add("weak\n");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 12"));
+    let out = add("Offline-Added-77\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ops@example.net (operator)"));
+    // The controller starts on that database with no first admin to create, and the user logs in.
+    let c = start_with(&state, &[]);
+    let (status, body) = http(
+        c.addr,
+        "POST",
+        "/api/v1/auth/login",
+        None,
+        Some(r#"{"email":"ops@example.net","password":"Offline-Added-77"}"#),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(!state.join("initial-admin-password").exists());
+}

@@ -108,6 +108,8 @@ pub async fn check(store: &Store, key: &str) -> Result<Option<(i64, String, Role
 pub struct ListQuery {
     pub limit: Option<i64>,
     pub offset: Option<i64>,
+    /// `id` (default), `name`, `created_at`, `expires_at`; `-` in front for descending.
+    pub sort: Option<String>,
 }
 
 #[utoipa::path(
@@ -129,7 +131,19 @@ async fn list(
     let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_keys")
         .fetch_one(s.store.pool())
         .await?;
-    let items = sqlx::query("SELECT * FROM api_keys ORDER BY id LIMIT ? OFFSET ?")
+    let sort = q.sort.as_deref().unwrap_or("id");
+    let (desc, key) = sort.strip_prefix('-').map_or((false, sort), |k| (true, k));
+    if !matches!(key, "id" | "name" | "created_at" | "expires_at") {
+        return Err(ApiError::field(
+            "sort",
+            "must be one of id, name, created_at, expires_at (- in front for descending)",
+        ));
+    }
+    let sql = format!(
+        "SELECT * FROM api_keys ORDER BY {key} {}, id LIMIT ? OFFSET ?",
+        if desc { "DESC" } else { "ASC" }
+    );
+    let items = sqlx::query(&sql)
         .bind(paging.limit)
         .bind(paging.offset)
         .fetch_all(s.store.pool())

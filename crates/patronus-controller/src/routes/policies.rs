@@ -114,6 +114,39 @@ pub struct ListQuery {
     /// Policies of this class.
     pub class: Option<String>,
     pub enabled: Option<bool>,
+    /// Classes: `id` (default) or `name`; policies: `order` (default), `name` or `id`. `-` in
+    /// front for descending.
+    pub sort: Option<String>,
+}
+
+/// Sorts `items` by the key `sort` names among `keys` (the first is the default).
+fn sort_by<T>(
+    items: &mut [T],
+    sort: Option<&str>,
+    keys: &[(&str, fn(&T) -> String)],
+) -> Result<(), ApiError> {
+    let sort = sort.unwrap_or(keys[0].0);
+    let (desc, name) = sort.strip_prefix('-').map_or((false, sort), |k| (true, k));
+    let Some((_, key)) = keys.iter().find(|(k, _)| *k == name) else {
+        let names: Vec<&str> = keys.iter().map(|(k, _)| *k).collect();
+        return Err(ApiError::field(
+            "sort",
+            format!(
+                "must be one of {} (- in front for descending)",
+                names.join(", ")
+            ),
+        ));
+    };
+    items.sort_by_cached_key(|x| key(x));
+    if desc {
+        items.reverse();
+    }
+    Ok(())
+}
+
+/// Zero-padded, so that numbers sort as strings.
+fn num(n: i64) -> String {
+    format!("{n:020}")
 }
 
 // ----- SLA classes -----
@@ -133,7 +166,13 @@ async fn list_classes(
     extract::Query(q): extract::Query<ListQuery>,
 ) -> Result<Json<Page<Doc<SlaClass>>>, ApiError> {
     let paging = Paging::new(q.limit, q.offset)?;
-    Ok(Json(page(all_classes(&s.store).await?, paging)))
+    let mut items = all_classes(&s.store).await?;
+    sort_by(
+        &mut items,
+        q.sort.as_deref(),
+        &[("id", |c| num(c.id)), ("name", |c| c.spec.name.to_string())],
+    )?;
+    Ok(Json(page(items, paging)))
 }
 
 async fn load_class(store: &Store, id: i64) -> Result<Doc<SlaClass>, ApiError> {
@@ -361,7 +400,7 @@ async fn list_policies(
     extract::Query(q): extract::Query<ListQuery>,
 ) -> Result<Json<Page<Doc<Policy>>>, ApiError> {
     let paging = Paging::new(q.limit, q.offset)?;
-    let items = all_policies(&s.store)
+    let mut items: Vec<_> = all_policies(&s.store)
         .await?
         .into_iter()
         .filter(|p| {
@@ -371,6 +410,15 @@ async fn list_policies(
         })
         .filter(|p| q.enabled.is_none_or(|e| p.spec.enabled == e))
         .collect();
+    sort_by(
+        &mut items,
+        q.sort.as_deref(),
+        &[
+            ("order", |p| num(p.spec.order.into())),
+            ("name", |p| p.spec.name.to_string()),
+            ("id", |p| num(p.id)),
+        ],
+    )?;
     Ok(Json(page(items, paging)))
 }
 
