@@ -197,6 +197,33 @@ pub struct Actor {
     pub source: String,
 }
 
+/// An audit record to write in the same transaction as its change.
+#[derive(Debug, Clone)]
+pub struct Audit {
+    pub actor: Actor,
+    /// `site.delete`, `user.update`, ...
+    pub action: &'static str,
+    /// `site/3`, `site/3/link/7`, ...
+    pub target: String,
+    pub details: serde_json::Value,
+}
+
+impl Audit {
+    pub fn new(
+        actor: Actor,
+        action: &'static str,
+        target: &str,
+        details: serde_json::Value,
+    ) -> Self {
+        Self {
+            actor,
+            action,
+            target: target.to_owned(),
+            details,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct UserRow {
     pub id: i64,
@@ -449,6 +476,30 @@ impl Store {
         .execute(&mut **tx)
         .await
         .map(|_| ())
+    }
+
+    /// Deletes row `id` of `table` (a name from the code, never from a request) with its audit
+    /// record, in one transaction.
+    pub async fn delete_audited(
+        &self,
+        table: &'static str,
+        id: i64,
+        audit: Audit,
+    ) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(&format!("DELETE FROM {table} WHERE id = ?"))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        Self::audit(
+            &mut tx,
+            &audit.actor,
+            audit.action,
+            &audit.target,
+            audit.details,
+        )
+        .await?;
+        tx.commit().await
     }
 
     pub async fn audit_log(&self, q: &AuditQuery) -> Result<(Vec<AuditRow>, i64), sqlx::Error> {

@@ -23,8 +23,8 @@ use utoipa_axum::routes;
 use crate::app::{AppState, Principal};
 use crate::auth::Role;
 use crate::error::{ApiError, extract};
-use crate::routes::{Page, Paging, check_if_match, created, merge_patch, with_etag};
-use crate::store::{Store, now_s};
+use crate::routes::{Page, Paging, check_if_match, created, inserted, patched, updated, with_etag};
+use crate::store::{Audit, Store, now_s};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -79,18 +79,6 @@ pub async fn all_policies(store: &Store) -> Result<Vec<Doc<Policy>>, ApiError> {
         .collect()
 }
 
-fn unprocessable(e: impl std::fmt::Display) -> ApiError {
-    ApiError::new(
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "validation_failed",
-        e.to_string(),
-    )
-}
-
-fn unique_violation(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
-}
-
 fn page<T>(items: Vec<T>, paging: Paging) -> Page<T> {
     let total = items.len() as i64;
     let items = items
@@ -119,12 +107,11 @@ pub struct ListQuery {
     pub sort: Option<String>,
 }
 
+/// A sort key's name and how to get it.
+type SortKey<T> = (&'static str, fn(&T) -> String);
+
 /// Sorts `items` by the key `sort` names among `keys` (the first is the default).
-fn sort_by<T>(
-    items: &mut [T],
-    sort: Option<&str>,
-    keys: &[(&str, fn(&T) -> String)],
-) -> Result<(), ApiError> {
+fn sort_by<T>(items: &mut [T], sort: Option<&str>, keys: &[SortKey<T>]) -> Result<(), ApiError> {
     let sort = sort.unwrap_or(keys[0].0);
     let (desc, name) = sort.strip_prefix('-').map_or((false, sort), |k| (true, k));
     let Some((_, key)) = keys.iter().find(|(k, _)| *k == name) else {
@@ -137,7 +124,7 @@ fn sort_by<T>(
             ),
         ));
     };
-    items.sort_by_cached_key(|x| key(x));
+    items.sort_by_cached_key(key);
     if desc {
         items.reverse();
     }
@@ -229,16 +216,7 @@ async fn create_class(
     .bind(now)
     .execute(&mut *tx)
     .await;
-    let id = match r {
-        Ok(r) => r.last_insert_rowid(),
-        Err(e) if unique_violation(&e) => {
-            return Err(ApiError::conflict(format!(
-                "an SLA class named {} exists",
-                class.name
-            )));
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let id = inserted(r, || format!("an SLA class named {} exists", class.name))?;
     Store::audit(
         &mut tx,
         &p.actor(),
@@ -282,9 +260,7 @@ async fn update_class(
     p.require(Role::Operator)?;
     let cur = load_class(&s.store, id).await?;
     check_if_match(&headers, cur.version)?;
-    let mut d = serde_json::to_value(&cur.spec).map_err(ApiError::internal)?;
-    merge_patch(&mut d, &patch);
-    let class: SlaClass = serde_json::from_value(d).map_err(unprocessable)?;
+    let class: SlaClass = patched(&cur.spec, &patch)?;
     class.validate().map_err(ApiError::validation)?;
     if class.name != cur.spec.name {
         let users = users_of_class(&s.store, cur.spec.name.as_str()).await?;
@@ -308,21 +284,9 @@ async fn update_class(
     .bind(cur.version)
     .execute(&mut *tx)
     .await;
-    match r {
-        Ok(r) if r.rows_affected() == 0 => {
-            return Err(ApiError::precondition_failed(
-                "the class changed while this update ran; read it again",
-            ));
-        }
-        Ok(_) => {}
-        Err(e) if unique_violation(&e) => {
-            return Err(ApiError::conflict(format!(
-                "an SLA class named {} exists",
-                class.name
-            )));
-        }
-        Err(e) => return Err(e.into()),
-    }
+    updated(r, "class", || {
+        format!("an SLA class named {} exists", class.name)
+    })?;
     Store::audit(
         &mut tx,
         &p.actor(),
@@ -366,20 +330,13 @@ async fn remove_class(
             users.join(", ")
         )));
     }
-    let mut tx = s.store.begin().await?;
-    sqlx::query("DELETE FROM sla_classes WHERE id = ?")
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-    Store::audit(
-        &mut tx,
-        &p.actor(),
+    let audit = Audit::new(
+        p.actor(),
         "sla_class.delete",
         &format!("sla-class/{id}"),
         json!({ "name": cur.spec.name }),
-    )
-    .await?;
-    tx.commit().await?;
+    );
+    s.store.delete_audited("sla_classes", id, audit).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -506,16 +463,7 @@ async fn create_policy(
     .bind(now)
     .execute(&mut *tx)
     .await;
-    let id = match r {
-        Ok(r) => r.last_insert_rowid(),
-        // A concurrent writer took the name or order between the check and here.
-        Err(e) if unique_violation(&e) => {
-            return Err(ApiError::conflict(
-                "a policy with that name or order exists",
-            ));
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let id = inserted(r, || "a policy with that name or order exists")?;
     Store::audit(
         &mut tx,
         &p.actor(),
@@ -549,9 +497,7 @@ async fn update_policy(
     p.require(Role::Operator)?;
     let cur = load_policy(&s.store, id).await?;
     check_if_match(&headers, cur.version)?;
-    let mut d = serde_json::to_value(&cur.spec).map_err(ApiError::internal)?;
-    merge_patch(&mut d, &patch);
-    let policy: Policy = serde_json::from_value(d).map_err(unprocessable)?;
+    let policy: Policy = patched(&cur.spec, &patch)?;
     check_policy(&s.store, &policy, Some(id)).await?;
     let mut tx = s.store.begin().await?;
     let r = sqlx::query(
@@ -566,20 +512,7 @@ async fn update_policy(
     .bind(cur.version)
     .execute(&mut *tx)
     .await;
-    match r {
-        Ok(r) if r.rows_affected() == 0 => {
-            return Err(ApiError::precondition_failed(
-                "the policy changed while this update ran; read it again",
-            ));
-        }
-        Ok(_) => {}
-        Err(e) if unique_violation(&e) => {
-            return Err(ApiError::conflict(
-                "a policy with that name or order exists",
-            ));
-        }
-        Err(e) => return Err(e.into()),
-    }
+    updated(r, "policy", || "a policy with that name or order exists")?;
     Store::audit(
         &mut tx,
         &p.actor(),
@@ -609,20 +542,13 @@ async fn remove_policy(
 ) -> Result<StatusCode, ApiError> {
     p.require(Role::Operator)?;
     let cur = load_policy(&s.store, id).await?;
-    let mut tx = s.store.begin().await?;
-    sqlx::query("DELETE FROM policies WHERE id = ?")
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-    Store::audit(
-        &mut tx,
-        &p.actor(),
+    let audit = Audit::new(
+        p.actor(),
         "policy.delete",
         &format!("policy/{id}"),
         json!({ "name": cur.spec.name }),
-    )
-    .await?;
-    tx.commit().await?;
+    );
+    s.store.delete_audited("policies", id, audit).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -675,9 +601,7 @@ async fn update_failover(
     p.require(Role::Operator)?;
     let (cur, version) = failover(&s.store).await?;
     check_if_match(&headers, version)?;
-    let mut d = serde_json::to_value(&cur).map_err(ApiError::internal)?;
-    merge_patch(&mut d, &patch);
-    let new: FailoverSettings = serde_json::from_value(d).map_err(unprocessable)?;
+    let new: FailoverSettings = patched(&cur, &patch)?;
     new.validate().map_err(ApiError::validation)?;
     let mut tx = s.store.begin().await?;
     let r = sqlx::query(

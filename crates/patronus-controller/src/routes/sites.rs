@@ -22,8 +22,8 @@ use sqlx::sqlite::SqliteRow;
 use crate::app::{AppState, Principal};
 use crate::auth::Role;
 use crate::error::{ApiError, extract};
-use crate::routes::{Page, Paging, check_if_match, created, merge_patch, with_etag};
-use crate::store::{Store, now_s};
+use crate::routes::{Page, Paging, check_if_match, created, inserted, patched, updated, with_etag};
+use crate::store::{Audit, Store, now_s};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -302,10 +302,6 @@ async fn check_overlap(
     Ok(())
 }
 
-fn unique_violation(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
-}
-
 async fn insert_link(
     tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
     site_id: i64,
@@ -322,14 +318,9 @@ async fn insert_link(
     .bind(now)
     .execute(&mut **tx)
     .await;
-    match r {
-        Ok(r) => Ok(r.last_insert_rowid()),
-        Err(e) if unique_violation(&e) => Err(ApiError::conflict(format!(
-            "the site already has a link named {}",
-            link.name
-        ))),
-        Err(e) => Err(e.into()),
-    }
+    inserted(r, || {
+        format!("the site already has a link named {}", link.name)
+    })
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -462,16 +453,7 @@ async fn create(
     .bind(now)
     .execute(&mut *tx)
     .await;
-    let id = match r {
-        Ok(r) => r.last_insert_rowid(),
-        Err(e) if unique_violation(&e) => {
-            return Err(ApiError::conflict(format!(
-                "a site named {} exists",
-                spec.name
-            )));
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let id = inserted(r, || format!("a site named {} exists", spec.name))?;
     for l in spec.links.iter().flatten() {
         insert_link(&mut tx, id, l).await?;
     }
@@ -533,15 +515,7 @@ async fn update(
             "links change through /api/v1/sites/{id}/links",
         ));
     }
-    let mut doc = serde_json::to_value(cur.spec()?).map_err(ApiError::internal)?;
-    merge_patch(&mut doc, &patch);
-    let spec: SiteSpec = serde_json::from_value(doc).map_err(|e| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "validation_failed",
-            e.to_string(),
-        )
-    })?;
+    let spec: SiteSpec = patched(&cur.spec()?, &patch)?;
     spec.validate()
         .into_result()
         .map_err(ApiError::validation)?;
@@ -564,21 +538,7 @@ async fn update(
     .bind(cur.version)
     .execute(&mut *tx)
     .await;
-    match r {
-        Ok(r) if r.rows_affected() == 0 => {
-            return Err(ApiError::precondition_failed(
-                "the site changed while this update ran; read it again",
-            ));
-        }
-        Ok(_) => {}
-        Err(e) if unique_violation(&e) => {
-            return Err(ApiError::conflict(format!(
-                "a site named {} exists",
-                spec.name
-            )));
-        }
-        Err(e) => return Err(e.into()),
-    }
+    updated(r, "site", || format!("a site named {} exists", spec.name))?;
     Store::audit(
         &mut tx,
         &p.actor(),
@@ -608,21 +568,14 @@ async fn remove(
 ) -> Result<StatusCode, ApiError> {
     p.require(Role::Operator)?;
     let cur = load_site(&s.store, id).await?;
-    let mut tx = s.store.begin().await?;
     // Its links go with it (ON DELETE CASCADE), and so does its place among the hubs.
-    sqlx::query("DELETE FROM sites WHERE id = ?")
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-    Store::audit(
-        &mut tx,
-        &p.actor(),
+    let audit = Audit::new(
+        p.actor(),
         "site.delete",
         &format!("site/{id}"),
         json!({ "name": cur.name, "links": cur.links.len() }),
-    )
-    .await?;
-    tx.commit().await?;
+    );
+    s.store.delete_audited("sites", id, audit).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -760,15 +713,7 @@ async fn update_link(
     p.require(Role::Operator)?;
     let cur = load_link(&s.store, site, link).await?;
     check_if_match(&headers, cur.version)?;
-    let mut doc = serde_json::to_value(&cur.link).map_err(ApiError::internal)?;
-    merge_patch(&mut doc, &patch);
-    let new: Link = serde_json::from_value(doc).map_err(|e| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "validation_failed",
-            e.to_string(),
-        )
-    })?;
+    let new: Link = patched(&cur.link, &patch)?;
     new.validate().map_err(ApiError::validation)?;
     let mut tx = s.store.begin().await?;
     let r = sqlx::query(
@@ -782,21 +727,9 @@ async fn update_link(
     .bind(cur.version)
     .execute(&mut *tx)
     .await;
-    match r {
-        Ok(r) if r.rows_affected() == 0 => {
-            return Err(ApiError::precondition_failed(
-                "the link changed while this update ran; read it again",
-            ));
-        }
-        Ok(_) => {}
-        Err(e) if unique_violation(&e) => {
-            return Err(ApiError::conflict(format!(
-                "the site already has a link named {}",
-                new.name
-            )));
-        }
-        Err(e) => return Err(e.into()),
-    }
+    updated(r, "link", || {
+        format!("the site already has a link named {}", new.name)
+    })?;
     Store::audit(
         &mut tx,
         &p.actor(),
@@ -826,19 +759,12 @@ async fn remove_link(
 ) -> Result<StatusCode, ApiError> {
     p.require(Role::Operator)?;
     let cur = load_link(&s.store, site, link).await?;
-    let mut tx = s.store.begin().await?;
-    sqlx::query("DELETE FROM links WHERE id = ?")
-        .bind(link)
-        .execute(&mut *tx)
-        .await?;
-    Store::audit(
-        &mut tx,
-        &p.actor(),
+    let audit = Audit::new(
+        p.actor(),
         "link.delete",
         &format!("site/{site}/link/{link}"),
         json!({ "name": cur.link.name }),
-    )
-    .await?;
-    tx.commit().await?;
+    );
+    s.store.delete_audited("links", link, audit).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -29,7 +29,7 @@ use crate::app::{AppState, Principal};
 use crate::auth::Role;
 use crate::error::{ApiError, extract};
 use crate::routes::sites::{SiteStatus, SiteView, load_sites};
-use crate::routes::{Page, Paging, check_if_match, merge_patch, with_etag};
+use crate::routes::{Page, Paging, check_if_match, patched, with_etag};
 use crate::store::{Store, now_s};
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -233,20 +233,14 @@ async fn update(
     p.require(Role::Operator)?;
     let cur = load(&s.store).await?;
     check_if_match(&headers, cur.version)?;
-    let mut doc = serde_json::to_value(TopologySpec {
-        mode: cur.mode,
-        hubs: cur.hubs.iter().copied().collect(),
-        overlay_prefix: cur.overlay_prefix,
-    })
-    .map_err(ApiError::internal)?;
-    merge_patch(&mut doc, &patch);
-    let spec: TopologySpec = serde_json::from_value(doc).map_err(|e| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "validation_failed",
-            e.to_string(),
-        )
-    })?;
+    let spec: TopologySpec = patched(
+        &TopologySpec {
+            mode: cur.mode,
+            hubs: cur.hubs.iter().copied().collect(),
+            overlay_prefix: cur.overlay_prefix,
+        },
+        &patch,
+    )?;
     let hubs: BTreeSet<i64> = spec.hubs.iter().copied().collect();
     if spec.mode == Mode::HubSpoke && hubs.is_empty() {
         return Err(ApiError::field("hubs", "hub-spoke needs at least one hub"));

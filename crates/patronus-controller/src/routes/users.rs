@@ -14,8 +14,8 @@ use utoipa_axum::routes;
 use crate::app::{AppState, Principal};
 use crate::auth::{self as a, Role};
 use crate::error::{ApiError, extract};
-use crate::routes::{Page, Paging};
-use crate::store::{Actor, Store, UserQuery, UserRow, UserSort, now_s};
+use crate::routes::{Page, Paging, inserted, updated};
+use crate::store::{Actor, Audit, Store, UserQuery, UserRow, UserSort, now_s};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -123,15 +123,7 @@ pub async fn create_user(store: &Store, actor: &Actor, new: NewUser) -> Result<U
     .bind(now)
     .execute(&mut *tx)
     .await;
-    let id = match r {
-        Ok(r) => r.last_insert_rowid(),
-        Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {
-            return Err(ApiError::conflict(format!(
-                "a user with email {email} exists"
-            )));
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let id = inserted(r, || format!("a user with email {email} exists"))?;
     Store::audit(
         &mut tx,
         actor,
@@ -341,20 +333,7 @@ async fn update(
     .bind(cur.version)
     .execute(&mut *tx)
     .await;
-    match r {
-        Ok(r) if r.rows_affected() == 0 => {
-            return Err(ApiError::precondition_failed(
-                "the user changed while this update ran; read it again",
-            ));
-        }
-        Ok(_) => {}
-        Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {
-            return Err(ApiError::conflict(format!(
-                "a user with email {email} exists"
-            )));
-        }
-        Err(e) => return Err(e.into()),
-    }
+    updated(r, "user", || format!("a user with email {email} exists"))?;
     if disabled || role != cur.role {
         // Sessions end with the access they were granted under.
         Store::revoke_all_refresh(&mut tx, id).await?;
@@ -402,20 +381,13 @@ async fn remove(
     if cur.role == "admin" && !cur.disabled && other_admins(&s.store, id).await? == 0 {
         return Err(ApiError::conflict("this is the last enabled admin"));
     }
-    let mut tx = s.store.begin().await?;
-    sqlx::query("DELETE FROM users WHERE id = ?")
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-    Store::audit(
-        &mut tx,
-        &p.actor(),
+    let audit = Audit::new(
+        p.actor(),
         "user.delete",
         &format!("user/{id}"),
         json!({ "email": cur.email }),
-    )
-    .await?;
-    tx.commit().await?;
+    );
+    s.store.delete_audited("users", id, audit).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
