@@ -151,12 +151,7 @@ async fn list(
         .iter()
         .map(view)
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Json(Page {
-        items,
-        total,
-        limit: paging.limit,
-        offset: paging.offset,
-    }))
+    Ok(Json(Page::new(items, total, paging)))
 }
 
 #[utoipa::path(

@@ -66,10 +66,5 @@ async fn list(
             offset: paging.offset,
         })
         .await?;
-    Ok(Json(Page {
-        items,
-        total,
-        limit: paging.limit,
-        offset: paging.offset,
-    }))
+    Ok(Json(Page::new(items, total, paging)))
 }

@@ -22,6 +22,17 @@ pub struct Page<T> {
     pub offset: i64,
 }
 
+impl<T> Page<T> {
+    pub fn new(items: Vec<T>, total: i64, paging: Paging) -> Self {
+        Self {
+            items,
+            total,
+            limit: paging.limit,
+            offset: paging.offset,
+        }
+    }
+}
+
 /// `limit` and `offset` of a list request. (Each list's query type has them as its own fields:
 /// `#[serde(flatten)]` would make every query value a string.)
 #[derive(Debug, Clone, Copy)]

@@ -86,12 +86,7 @@ fn page<T>(items: Vec<T>, paging: Paging) -> Page<T> {
         .skip(paging.offset as usize)
         .take(paging.limit as usize)
         .collect();
-    Page {
-        items,
-        total,
-        limit: paging.limit,
-        offset: paging.offset,
-    }
+    Page::new(items, total, paging)
 }
 
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]

@@ -409,12 +409,7 @@ async fn list(
         .map(site_from_row)
         .collect::<Result<Vec<_>, _>>()?;
     attach_links(&s.store, &mut items).await?;
-    Ok(Json(Page {
-        items,
-        total,
-        limit: paging.limit,
-        offset: paging.offset,
-    }))
+    Ok(Json(Page::new(items, total, paging)))
 }
 
 #[utoipa::path(

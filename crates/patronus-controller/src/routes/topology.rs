@@ -479,12 +479,7 @@ async fn list_paths(
             }
         }
     }
-    Ok(Json(Page {
-        items,
-        total,
-        limit: paging.limit,
-        offset: paging.offset,
-    }))
+    Ok(Json(Page::new(items, total, paging)))
 }
 
 #[utoipa::path(

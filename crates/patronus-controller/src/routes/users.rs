@@ -185,12 +185,7 @@ async fn list(
             offset: paging.offset,
         })
         .await?;
-    Ok(Json(Page {
-        items,
-        total,
-        limit: paging.limit,
-        offset: paging.offset,
-    }))
+    Ok(Json(Page::new(items, total, paging)))
 }
 
 #[utoipa::path(
