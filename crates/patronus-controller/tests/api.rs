@@ -471,7 +471,7 @@ async fn each_role_below_the_required_one_is_403() {
             Method::PATCH,
             "/api/v1/failover".into(),
             Some(json!({ "hold_down_ms": 6000 })),
-            Role::Operator,
+            Role::Admin,
         ),
         (Method::GET, "/api/v1/api-keys".into(), None, Role::Admin),
         (

@@ -593,7 +593,8 @@ async fn update_failover(
     headers: HeaderMap,
     extract::Json(patch): extract::Json<Value>,
 ) -> Result<Response, ApiError> {
-    p.require(Role::Operator)?;
+    // Settings are the admins' (operators write network objects).
+    p.require(Role::Admin)?;
     let (cur, version) = failover(&s.store).await?;
     check_if_match(&headers, version)?;
     let new: FailoverSettings = patched(&cur, &patch)?;
