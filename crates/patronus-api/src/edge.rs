@@ -145,6 +145,24 @@ pub struct PeerConfig {
     pub links: Vec<Link>,
 }
 
+/// What the controller compiles for one site: everything its edge needs that is not a fact of
+/// the edge's own machine (its key file, which interface and address each link uses). The edge
+/// combines it with those local facts into an [`EdgeConfig`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    pub site: Name,
+    pub overlay: IpAddr,
+    pub lan_prefixes: Vec<Prefix>,
+    /// The site's own links, as the controller knows them.
+    pub links: Vec<Link>,
+    /// The sites the topology connects this one to, that have enrolled (have a key).
+    pub peers: Vec<PeerConfig>,
+    pub classes: Vec<SlaClass>,
+    pub policies: Vec<Policy>,
+    pub failover: FailoverSettings,
+}
+
 /// Everything an edge runs from.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -11,6 +11,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod compile;
 pub mod config;
 pub mod docs;
 pub mod error;

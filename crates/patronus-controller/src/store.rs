@@ -158,6 +158,13 @@ CREATE TABLE api_keys (
 );
 "#,
     ),
+    (
+        6,
+        "a site's WireGuard public key, set when its edge enrols",
+        r#"
+ALTER TABLE sites ADD COLUMN public_key TEXT;
+"#,
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

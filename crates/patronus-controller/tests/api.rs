@@ -171,7 +171,7 @@ async fn public_endpoints_answer_and_unknown_routes_and_methods_get_the_error_sh
     assert_eq!(r.status, StatusCode::OK);
     let r = a.call(Method::GET, "/api/v1/version", None, None).await;
     assert_eq!(r.body["api"], "v1");
-    assert_eq!(r.body["schema_version"], 5);
+    assert_eq!(r.body["schema_version"], 6);
     let r = a
         .call(Method::GET, "/api/v1/nothing-here", None, None)
         .await;
@@ -2042,4 +2042,121 @@ async fn every_list_checks_its_paging_and_sort_and_sorts() {
         (StatusCode::OK, Some(30))
     );
     assert_eq!(r.headers[header::ETAG], "\"1\"");
+}
+
+/// Gives site `id` a public key, as its edge's enrolment will.
+async fn enrol(a: &Api, id: i64, key_byte: u8) {
+    let key = patronus_api::key_to_base64(&[key_byte; 32]);
+    sqlx::query("UPDATE sites SET public_key = ? WHERE id = ?")
+        .bind(key)
+        .bind(id)
+        .execute(a.state.store.pool())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn each_site_gets_its_peers_by_topology_and_a_change_reaches_only_the_configurations_it_concerns()
+ {
+    use patronus_controller::compile::{Network, compile, parse};
+    let a = api().await;
+    let t = a.admin().await;
+    let ids = sites(&a, &t, &["hq", "b1", "b2", "b3"]).await;
+    for (i, id) in ids[..3].iter().enumerate() {
+        enrol(&a, *id, i as u8 + 1).await;
+    }
+    let configs =
+        |net: &Network| -> std::collections::BTreeMap<String, (u64, patronus_api::SiteConfig)> {
+            compile(net)
+                .unwrap()
+                .iter()
+                .map(|c| {
+                    let s = parse(c).unwrap();
+                    (s.site.to_string(), (c.version, s))
+                })
+                .collect()
+        };
+    let peers = |c: &patronus_api::SiteConfig| -> Vec<String> {
+        c.peers.iter().map(|p| p.name.to_string()).collect()
+    };
+    let full = configs(&Network::load(&a.state.store).await.unwrap());
+    // b3 has not enrolled: it has a configuration, but is nobody's peer.
+    assert_eq!(full.len(), 4);
+    assert_eq!(peers(&full["hq"].1), ["b1", "b2"]);
+    assert_eq!(peers(&full["b3"].1), ["hq", "b1", "b2"]);
+    let hq = &full["hq"].1;
+    assert_eq!(hq.overlay.to_string(), "10.255.0.1");
+    assert_eq!(hq.classes.len(), 4);
+    assert_eq!(hq.links.len(), 2);
+    let b1 = &hq.peers[0];
+    assert_eq!(
+        (
+            b1.overlay.to_string(),
+            b1.links[0].endpoint.unwrap().to_string()
+        ),
+        ("10.255.0.2".into(), "198.51.100.1:51820".into())
+    );
+
+    // Hub and spoke around hq: the spokes see only the hub.
+    let r = a
+        .call(
+            Method::PATCH,
+            "/api/v1/topology",
+            Some(&t),
+            Some(json!({ "mode": "hub-spoke", "hubs": [ids[0]] })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let hs = configs(&Network::load(&a.state.store).await.unwrap());
+    assert_eq!(peers(&hs["hq"].1), ["b1", "b2"]);
+    assert_eq!(peers(&hs["b1"].1), ["hq"]);
+    // A change to b2's link: b2 and the hub change, b1 does not.
+    let link = json!({ "priority": 7 });
+    let r = a
+        .call(
+            Method::GET,
+            &format!("/api/v1/sites/{}", ids[2]),
+            Some(&t),
+            None,
+        )
+        .await;
+    let link_id = r.body["links"][0]["id"].as_i64().unwrap();
+    a.call(
+        Method::PATCH,
+        &format!("/api/v1/sites/{}/links/{link_id}", ids[2]),
+        Some(&t),
+        Some(link),
+    )
+    .await;
+    let after = configs(&Network::load(&a.state.store).await.unwrap());
+    assert_ne!(after["b2"].0, hs["b2"].0);
+    assert_ne!(after["hq"].0, hs["hq"].0);
+    assert_eq!(after["b1"].0, hs["b1"].0);
+    assert_eq!(after["b3"].0, hs["b3"].0);
+    // A policy reaches everyone.
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/policies",
+            Some(&t),
+            Some(voice("voice", 10, "realtime")),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let with_policy = configs(&Network::load(&a.state.store).await.unwrap());
+    for site in ["hq", "b1", "b2", "b3"] {
+        assert_ne!(with_policy[site].0, after[site].0, "{site}");
+        assert_eq!(with_policy[site].1.policies.len(), 1);
+    }
+    // A disabled site has no configuration and is no one's peer.
+    a.call(
+        Method::PATCH,
+        &format!("/api/v1/sites/{}", ids[1]),
+        Some(&t),
+        Some(json!({ "status": "disabled" })),
+    )
+    .await;
+    let d = configs(&Network::load(&a.state.store).await.unwrap());
+    assert!(!d.contains_key("b1"));
+    assert_eq!(peers(&d["hq"].1), ["b2"]);
 }

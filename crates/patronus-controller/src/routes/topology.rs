@@ -362,15 +362,27 @@ pub fn connected_pairs<'a>(
         .filter(|s| s.status == SiteStatus::Active)
         .collect();
     let mut pairs = Vec::new();
-    for (i, a) in active.iter().enumerate() {
-        for b in &active[i + 1..] {
-            let linked = match t.mode {
-                Mode::FullMesh => true,
-                Mode::HubSpoke => t.hubs.contains(&a.id) || t.hubs.contains(&b.id),
-            };
-            if linked {
-                pairs.push((*a, *b));
+    match t.mode {
+        Mode::FullMesh => {
+            for (i, a) in active.iter().enumerate() {
+                for b in &active[i + 1..] {
+                    pairs.push((*a, *b));
+                }
             }
+        }
+        // Every hub with every other site, once: hubs × sites, not sites².
+        Mode::HubSpoke => {
+            let hubs = active.iter().filter(|h| t.hubs.contains(&h.id));
+            for h in hubs {
+                for s in &active {
+                    // A hub with itself never; two hubs once.
+                    if s.id == h.id || (t.hubs.contains(&s.id) && s.id < h.id) {
+                        continue;
+                    }
+                    pairs.push(if h.id < s.id { (*h, *s) } else { (*s, *h) });
+                }
+            }
+            pairs.sort_by_key(|(a, b)| (a.id, b.id));
         }
     }
     pairs

@@ -6,6 +6,7 @@ use std::io::Write;
 use clap::Subcommand;
 
 mod failover;
+mod mesh;
 mod path_select;
 mod throughput;
 mod wan_emulator;
@@ -24,6 +25,9 @@ pub enum Bench {
     /// (root) One TCP stream between LAN hosts of two sites: through Patronus, through a pair
     /// of wireguard-go peers, and over the bare veth, in one run.
     Throughput(throughput::Args),
+    /// N sites with two links each in a real controller store; every site's configuration
+    /// compiled for a full mesh and for hub and spoke: time, size, memory.
+    Mesh(mesh::Args),
 }
 
 pub fn run(b: Bench) -> anyhow::Result<()> {
@@ -32,6 +36,7 @@ pub fn run(b: Bench) -> anyhow::Result<()> {
         Bench::WanEmulator(args) => wan_emulator::run(&args)?,
         Bench::Failover(args) => failover::run(&args)?,
         Bench::Throughput(args) => throughput::run(&args)?,
+        Bench::Mesh(args) => mesh::run(&args)?,
     };
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, &report)?;

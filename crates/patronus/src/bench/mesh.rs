@@ -1,0 +1,203 @@
+//! `patronus bench mesh`: N sites with two links each in a real controller store (SQLite in a
+//! temporary directory), then every site's configuration compiled for a full mesh and for hub
+//! and spoke, timed, sized and weighed.
+//!
+//! The sites are written straight into the store in one transaction, as the API's create and
+//! an edge's enrolment would leave them: names, LAN prefixes, two links with endpoints, an
+//! overlay address, and a public key made for the benchmark (32 random bytes; the controller
+//! never sees a private key either way).
+
+use std::time::Instant;
+
+use anyhow::Context;
+use patronus_controller::compile::{Network, compile};
+use patronus_controller::store::{Store, now_s};
+use serde_json::{Value, json};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Sites in the network.
+    #[arg(long, default_value_t = 1000)]
+    sites: usize,
+    /// Hubs for the hub-and-spoke run.
+    #[arg(long, default_value_t = 2)]
+    hubs: usize,
+    /// Which topologies to compile: `full-mesh`, `hub-spoke` or `both` (a full mesh of 10,000
+    /// sites holds 200 million path entries: run that size with `hub-spoke`).
+    #[arg(long, default_value = "both")]
+    topology: String,
+}
+
+/// This process's resident memory, MiB.
+fn rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+async fn populate(store: &Store, n: usize) -> anyhow::Result<()> {
+    let now = now_s();
+    let mut tx = store.begin().await?;
+    for i in 0..n {
+        let (hi, lo) = (i / 256, i % 256);
+        let lan = format!("[\"10.{hi}.{lo}.0/24\"]");
+        let mut key = [0u8; 32];
+        getrandom::getrandom(&mut key).context("random key")?;
+        let id = sqlx::query(
+            "INSERT INTO sites (name, lan_prefixes, public_key, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(format!("site-{i:05}"))
+        .bind(&lan)
+        .bind(patronus_api::key_to_base64(&key))
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .last_insert_rowid();
+        for (j, (name, kind)) in [("mpls", "mpls"), ("inet", "broadband")].iter().enumerate() {
+            let link = json!({
+                "name": name,
+                "kind": kind,
+                "endpoint": format!("100.{}.{}.{}:{}", 64 + j * 16 + hi / 256, hi % 256, lo, 51820),
+                "up_kbps": 100_000,
+                "down_kbps": 100_000,
+            });
+            sqlx::query(
+                "INSERT INTO links (site_id, name, spec, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(id)
+            .bind(name)
+            .bind(link.to_string())
+            .bind(now)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query("INSERT INTO overlay_addresses (site_id, host) VALUES (?, ?)")
+            .bind(id)
+            .bind(i as i64 + 1)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Loads the network and compiles every configuration; the configurations are kept while the
+/// memory is read, as a controller serving them keeps them.
+async fn run_one(store: &Store, rss_before: Option<f64>) -> anyhow::Result<Value> {
+    let t = Instant::now();
+    let net = Network::load(store)
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))?;
+    let load_ms = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    let configs = compile(&net).map_err(|e| anyhow::anyhow!(e.message))?;
+    let compile_ms = t.elapsed().as_secs_f64() * 1e3;
+    let bytes: usize = configs.iter().map(|c| c.len()).sum();
+    let largest = configs.iter().map(|c| c.len()).max().unwrap_or(0);
+    // Every configuration laid out as it is sent, one at a time, through one buffer.
+    let t = Instant::now();
+    let mut buf = Vec::new();
+    let mut written = 0usize;
+    for c in &configs {
+        buf.clear();
+        for p in &c.parts {
+            buf.extend_from_slice(p);
+        }
+        written += buf.len();
+    }
+    let serialize_ms = t.elapsed().as_secs_f64() * 1e3;
+    anyhow::ensure!(written == bytes);
+    let pairs = patronus_controller::routes::topology::connected_pairs(&net.topology, &net.sites);
+    let paths: usize = pairs
+        .iter()
+        .map(|(a, b)| a.links.len() * b.links.len())
+        .sum();
+    let rss = rss_mb();
+    let n = configs.len().max(1) as f64;
+    Ok(json!({
+        "configurations": configs.len(),
+        "paths": paths,
+        "load_ms": load_ms,
+        "compile_ms": compile_ms,
+        "write_out_ms": serialize_ms,
+        "bytes_per_site": bytes as f64 / n,
+        "largest_bytes": largest,
+        "rss_mb": rss,
+        "rss_kb_per_site": rss.map(|r| r * 1024.0 / n),
+        "rss_growth_mb": rss.zip(rss_before).map(|(a, b)| a - b),
+    }))
+}
+
+pub fn run(args: &Args) -> anyhow::Result<Value> {
+    anyhow::ensure!(
+        (1..=60_000).contains(&args.sites),
+        "--sites must be 1 to 60000 (LAN prefixes are 10.x.y.0/24 below the overlay's 10.255.0.0/16)"
+    );
+    anyhow::ensure!(
+        args.hubs >= 1 && args.hubs <= args.sites,
+        "--hubs must be 1 to --sites"
+    );
+    let dir = std::env::temp_dir().join(format!("patronus-bench-mesh-{}", std::process::id()));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(async {
+        let rss_start = rss_mb();
+        let store = Store::open(&dir.join("controller.db")).await?;
+        let t = Instant::now();
+        populate(&store, args.sites).await?;
+        let populate_ms = t.elapsed().as_secs_f64() * 1e3;
+        let (mesh, spoke) = match args.topology.as_str() {
+            "both" => (true, true),
+            "full-mesh" => (true, false),
+            "hub-spoke" => (false, true),
+            other => anyhow::bail!("--topology {other}: full-mesh, hub-spoke or both"),
+        };
+        let full_mesh = if mesh {
+            run_one(&store, rss_start).await?
+        } else {
+            Value::Null
+        };
+        if !spoke {
+            store.pool().close().await;
+            return anyhow::Ok(json!({
+                "bench": "mesh",
+                "sites": args.sites,
+                "links_per_site": 2,
+                "populate_ms": populate_ms,
+                "full_mesh": full_mesh,
+                "machine": super::machine(),
+            }));
+        }
+        sqlx::query("UPDATE topology SET mode = 'hub-spoke' WHERE id = 1")
+            .execute(store.pool())
+            .await?;
+        sqlx::query("INSERT INTO hubs (site_id) SELECT id FROM sites ORDER BY id LIMIT ?")
+            .bind(args.hubs as i64)
+            .execute(store.pool())
+            .await?;
+        let hub_spoke = run_one(&store, rss_start).await?;
+        store.pool().close().await;
+        anyhow::Ok(json!({
+            "bench": "mesh",
+            "sites": args.sites,
+            "links_per_site": 2,
+            "hubs": args.hubs,
+            "populate_ms": populate_ms,
+            "full_mesh": full_mesh,
+            "hub_spoke": hub_spoke,
+            "machine": super::machine(),
+        }))
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
