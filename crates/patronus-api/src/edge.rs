@@ -133,11 +133,13 @@ pub struct EdgeLink {
 
 /// Another site this edge builds tunnels to.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PeerConfig {
     pub name: Name,
     pub public_key: WgPublicKey,
     /// The peer's overlay address (probes are addressed to it inside the tunnels).
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub overlay: IpAddr,
     /// Prefixes reached through this peer.
     pub lan_prefixes: Vec<Prefix>,
@@ -149,9 +151,11 @@ pub struct PeerConfig {
 /// the edge's own machine (its key file, which interface and address each link uses). The edge
 /// combines it with those local facts into an [`EdgeConfig`].
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SiteConfig {
     pub site: Name,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub overlay: IpAddr,
     pub lan_prefixes: Vec<Prefix>,
     /// The site's own links, as the controller knows them.

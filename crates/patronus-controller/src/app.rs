@@ -118,23 +118,34 @@ impl Principal {
     }
 }
 
+/// The bearer token of a request, or 401.
+pub fn bearer(parts: &Parts) -> Result<&str, ApiError> {
+    parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            ApiError::unauthorized("authentication required: Authorization: Bearer <token>")
+        })
+}
+
 impl FromRequestParts<AppState> for Principal {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let ip = client_ip(parts);
-        let token = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .ok_or_else(|| {
-                ApiError::unauthorized("authentication required: Authorization: Bearer <token>")
-            })?;
+        let token = bearer(parts)?;
+        if token.starts_with(crate::routes::enrol::CREDENTIAL_PREFIX) {
+            return Err(ApiError::forbidden(
+                "a site's credential is for its edge's own configuration (/api/v1/edge/...)",
+            ));
+        }
         if token.starts_with(crate::routes::api_keys::PREFIX) {
             let (id, name, role) = crate::routes::api_keys::check(&state.store, token)
                 .await?
@@ -182,6 +193,7 @@ pub fn routes_and_document() -> (Router<AppState>, utoipa::openapi::OpenApi) {
             .merge(crate::routes::policies::routes())
             .merge(crate::routes::api_keys::routes())
             .merge(crate::routes::audit::routes())
+            .merge(crate::routes::enrol::routes())
             .split_for_parts();
     (routes, doc)
 }

@@ -165,6 +165,28 @@ CREATE TABLE api_keys (
 ALTER TABLE sites ADD COLUMN public_key TEXT;
 "#,
     ),
+    (
+        7,
+        "enrolment tokens and site credentials",
+        r#"
+CREATE TABLE enrollment_tokens (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    site_id    INTEGER NOT NULL REFERENCES sites(id) ON DELETE CASCADE,
+    token_hash BLOB    NOT NULL UNIQUE,
+    expires_at INTEGER NOT NULL,
+    used_at    INTEGER,
+    created_by INTEGER REFERENCES users(id) ON DELETE SET NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE site_credentials (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    site_id     INTEGER NOT NULL REFERENCES sites(id) ON DELETE CASCADE,
+    secret_hash BLOB    NOT NULL UNIQUE,
+    created_at  INTEGER NOT NULL,
+    revoked     INTEGER NOT NULL DEFAULT 0
+);
+"#,
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -93,6 +93,13 @@ pub enum SiteCmd {
     },
     /// Deletes a site and its links.
     Delete { site: String },
+    /// A one-time, expiring token for the site's edge to enrol with (printed once).
+    EnrollToken {
+        site: String,
+        /// 1 to 10080.
+        #[arg(long, default_value_t = 60)]
+        expires_in_minutes: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -286,6 +293,22 @@ pub fn site(cmd: SiteCmd) -> anyhow::Result<()> {
             let id = site_id(&mut s, &site)?;
             s.call("DELETE", &format!("/api/v1/sites/{id}"), None)?;
             outln!("deleted site {site}");
+        }
+        SiteCmd::EnrollToken {
+            site,
+            expires_in_minutes,
+        } => {
+            let id = site_id(&mut s, &site)?;
+            let v = s.call(
+                "POST",
+                &format!("/api/v1/sites/{id}/enrollment-tokens"),
+                Some(&json!({ "expires_in_minutes": expires_in_minutes })),
+            )?;
+            // The token alone on stdout, for scripts; what it is on stderr.
+            eprintln!(
+                "enrolment token for site {site}, valid {expires_in_minutes} min, usable once:"
+            );
+            outln!("{}", v["token"].as_str().unwrap_or_default());
         }
     }
     Ok(())

@@ -426,6 +426,28 @@ fn the_admin_cli_logs_in_keeps_its_session_private_and_manages_sites_and_links()
         serde_json::from_str(&std::fs::read_to_string(&creds).unwrap()).unwrap();
     assert_ne!(saved["refresh_token"], old_refresh);
 
+    let (ok, out, err) = cli(
+        &home,
+        &["site", "enroll-token", "hq", "--expires-in-minutes", "5"],
+        "",
+    );
+    assert!(
+        ok && out.trim().starts_with("pet_") && err.contains("usable once"),
+        "{out}{err}"
+    );
+    let (status, body) = http(
+        c.addr,
+        "POST",
+        "/api/v1/enroll",
+        None,
+        Some(&format!(
+            r#"{{"token":"{}","public_key":"{}"}}"#,
+            out.trim(),
+            patronus_api::key_to_base64(&[3; 32])
+        )),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
     let (ok, _, err) = cli(&home, &["link", "delete", "hq", "mpls"], "");
     assert!(ok, "{err}");
     let (ok, _, err) = cli(&home, &["site", "delete", "hq"], "");

@@ -3,6 +3,7 @@
 pub mod api_keys;
 pub mod audit;
 pub mod auth;
+pub mod enrol;
 pub mod policies;
 pub mod sites;
 pub mod system;

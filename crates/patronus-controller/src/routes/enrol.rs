@@ -1,0 +1,307 @@
+//! Enrolment: how an edge becomes a site's edge. An operator asks for a one-time, expiring token
+//! for a site; the edge presents it once, with the public key it generated itself (the private
+//! key never leaves the edge) and, optionally, its links' public endpoints; it receives a
+//! credential of its own, which from then on authenticates it as that site and nothing else.
+//!
+//! Tokens and credentials are 32 random bytes, shown once, stored as SHA-256. A token is spent
+//! by the same statement that checks it, so two edges racing with one token cannot both win;
+//! enrolling again (a replaced machine) revokes the site's earlier credentials.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use patronus_api::WgPublicKey;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sqlx::Row;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::app::{AppState, Principal, bearer};
+use crate::auth::{self as a, Role};
+use crate::compile::{Network, compile_one};
+use crate::error::{ApiError, extract};
+use crate::routes::auth::AuthRateLimited;
+use crate::routes::sites::load_site;
+use crate::store::{Actor, Store, now_s};
+
+/// Prefix of an enrolment token.
+pub const TOKEN_PREFIX: &str = "pet_";
+/// Prefix of a site credential.
+pub const CREDENTIAL_PREFIX: &str = "psc_";
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_token))
+        .routes(routes!(enroll))
+        .routes(routes!(edge_config))
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewToken {
+    /// 1 to 10080 (a week); 60 when left out.
+    #[serde(default)]
+    pub expires_in_minutes: Option<u32>,
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TokenView {
+    pub site_id: i64,
+    /// Shown once: give it to the edge (`patronus edge --controller URL --token T`).
+    pub token: String,
+    pub expires_at: i64,
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    pub token: String,
+    /// The edge's WireGuard public key (the edge generated the pair and keeps the private key).
+    pub public_key: WgPublicKey,
+    /// Public `ip:port` of some of the site's links, by link name (links behind NAT or with
+    /// dynamic addresses are left out).
+    #[serde(default)]
+    #[schema(value_type = BTreeMap<String, String>)]
+    pub endpoints: BTreeMap<String, SocketAddr>,
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Enrolled {
+    pub site_id: i64,
+    pub site: String,
+    /// The edge's credential from now on (`Authorization: Bearer psc_...`); shown once.
+    pub credential: String,
+}
+
+/// An enrolled edge, authenticated by its site credential: it may act as its own site only.
+#[derive(Debug, Clone)]
+pub struct SiteCaller {
+    pub site_id: i64,
+    pub site: String,
+}
+
+impl FromRequestParts<AppState> for SiteCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = bearer(parts)?;
+        if !token.starts_with(CREDENTIAL_PREFIX) {
+            return Err(ApiError::unauthorized(
+                "this is for enrolled edges: authenticate with the site's credential",
+            ));
+        }
+        let hash = a::sha256(token.as_bytes());
+        let row = sqlx::query(
+            "SELECT s.id, s.name FROM site_credentials c JOIN sites s ON s.id = c.site_id
+             WHERE c.secret_hash = ? AND c.revoked = 0",
+        )
+        .bind(&hash[..])
+        .fetch_optional(state.store.pool())
+        .await?
+        .ok_or_else(|| ApiError::unauthorized("the site credential is invalid or revoked"))?;
+        Ok(Self {
+            site_id: row.try_get("id")?,
+            site: row.try_get("name")?,
+        })
+    }
+}
+
+#[utoipa::path(
+    post,
+    path = "/api/v1/sites/{id}/enrollment-tokens",
+    tag = "enrolment",
+    summary = "A one-time, expiring token that lets an edge enrol as this site.",
+    params(("id" = i64, Path, description = "The site's id")),
+    request_body = NewToken,
+    security(("bearer" = [])),
+    responses((status = 201, body = TokenView), crate::error::ApiErrors)
+)]
+async fn create_token(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Path(id): extract::Path<i64>,
+    extract::Json(req): extract::Json<NewToken>,
+) -> Result<Response, ApiError> {
+    p.require(Role::Operator)?;
+    let minutes = req.expires_in_minutes.unwrap_or(60);
+    if !(1..=10_080).contains(&minutes) {
+        return Err(ApiError::field(
+            "expires_in_minutes",
+            "must be between 1 and 10080",
+        ));
+    }
+    let site = load_site(&s.store, id).await?;
+    let token = format!("{TOKEN_PREFIX}{}", a::b64url(&a::random_bytes::<32>()));
+    let now = now_s();
+    let expires_at = now + i64::from(minutes) * 60;
+    let mut tx = s.store.begin().await?;
+    sqlx::query(
+        "INSERT INTO enrollment_tokens (site_id, token_hash, expires_at, created_by, created_at)
+         VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(id)
+    .bind(&a::sha256(token.as_bytes())[..])
+    .bind(expires_at)
+    .bind(p.user_id())
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    Store::audit(
+        &mut tx,
+        &p.actor(),
+        "site.enrollment_token",
+        &format!("site/{id}"),
+        json!({ "site": site.name, "expires_at": expires_at }),
+    )
+    .await?;
+    tx.commit().await?;
+    let body = TokenView {
+        site_id: id,
+        token,
+        expires_at,
+    };
+    Ok((StatusCode::CREATED, axum::Json(body)).into_response())
+}
+
+#[utoipa::path(
+    post,
+    path = "/api/v1/enroll",
+    tag = "enrolment",
+    summary = "An edge enrols with a token and its public key, and gets its site credential.",
+    request_body = EnrollRequest,
+    responses((status = 200, body = Enrolled), crate::error::ApiErrors)
+)]
+async fn enroll(
+    State(s): State<AppState>,
+    _limit: AuthRateLimited,
+    ip: crate::routes::auth::ClientIp,
+    extract::Json(req): extract::Json<EnrollRequest>,
+) -> Result<axum::Json<Enrolled>, ApiError> {
+    let hash = a::sha256(req.token.as_bytes());
+    let now = now_s();
+    let mut tx = s.store.begin().await?;
+    // Checked and spent in one statement.
+    let site_id: Option<i64> = sqlx::query_scalar(
+        "UPDATE enrollment_tokens SET used_at = ?
+         WHERE token_hash = ? AND used_at IS NULL AND expires_at > ? RETURNING site_id",
+    )
+    .bind(now)
+    .bind(&hash[..])
+    .bind(now)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(site_id) = site_id else {
+        let why =
+            sqlx::query("SELECT used_at, expires_at FROM enrollment_tokens WHERE token_hash = ?")
+                .bind(&hash[..])
+                .fetch_optional(&mut *tx)
+                .await?;
+        let message = match why {
+            Some(r) if r.try_get::<Option<i64>, _>("used_at")?.is_some() => {
+                "this enrolment token was already used; ask for a new one"
+            }
+            Some(_) => "this enrolment token has expired; ask for a new one",
+            None => "unknown enrolment token",
+        };
+        return Err(ApiError::unauthorized(message));
+    };
+    let site = load_site(&s.store, site_id).await?;
+    // Endpoints for links the site has; anything else undoes the enrolment (the token stays).
+    for (name, endpoint) in &req.endpoints {
+        let Some(l) = site.links.iter().find(|l| l.link.name.as_str() == name) else {
+            return Err(ApiError::field(
+                &format!("endpoints.{name}"),
+                format!("site {} has no link named {name}", site.name),
+            ));
+        };
+        let mut link = l.link.clone();
+        link.endpoint = Some(*endpoint);
+        sqlx::query(
+            "UPDATE links SET spec = ?, version = version + 1, updated_at = ? WHERE id = ?",
+        )
+        .bind(serde_json::to_string(&link).map_err(ApiError::internal)?)
+        .bind(now)
+        .bind(l.id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::query(
+        "UPDATE sites SET public_key = ?, version = version + 1, updated_at = ? WHERE id = ?",
+    )
+    .bind(req.public_key.to_string())
+    .bind(now)
+    .bind(site_id)
+    .execute(&mut *tx)
+    .await?;
+    // One edge per site: a new enrolment replaces the old machine's credential.
+    sqlx::query("UPDATE site_credentials SET revoked = 1 WHERE site_id = ?")
+        .bind(site_id)
+        .execute(&mut *tx)
+        .await?;
+    let credential = format!("{CREDENTIAL_PREFIX}{}", a::b64url(&a::random_bytes::<32>()));
+    sqlx::query("INSERT INTO site_credentials (site_id, secret_hash, created_at) VALUES (?, ?, ?)")
+        .bind(site_id)
+        .bind(&a::sha256(credential.as_bytes())[..])
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    let actor = Actor {
+        id: None,
+        name: format!("edge of {}", site.name),
+        source: ip.0.to_string(),
+    };
+    Store::audit(
+        &mut tx,
+        &actor,
+        "site.enroll",
+        &format!("site/{site_id}"),
+        json!({ "public_key": req.public_key.to_string(), "endpoints": req.endpoints }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(axum::Json(Enrolled {
+        site_id,
+        site: site.name,
+        credential,
+    }))
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/edge/config",
+    tag = "enrolment",
+    summary = "The calling edge's configuration (site credential). ETag is its version; \
+               If-None-Match with it answers 304 when nothing changed.",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = patronus_api::SiteConfig),
+        (status = 304, description = "Unchanged since the version in If-None-Match"),
+        crate::error::ApiErrors
+    )
+)]
+async fn edge_config(
+    State(s): State<AppState>,
+    site: SiteCaller,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let net = Network::load(&s.store).await?;
+    let c = compile_one(&net, site.site_id)?;
+    let etag = format!("\"{:016x}\"", c.version);
+    let tag = HeaderValue::from_str(&etag).map_err(ApiError::internal)?;
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|v| v.as_bytes() == etag.as_bytes())
+    {
+        let mut r = StatusCode::NOT_MODIFIED.into_response();
+        r.headers_mut().insert(header::ETAG, tag);
+        return Ok(r);
+    }
+    let mut r = ([(header::CONTENT_TYPE, "application/json")], c.to_json()).into_response();
+    r.headers_mut().insert(header::ETAG, tag);
+    Ok(r)
+}
