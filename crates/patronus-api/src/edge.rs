@@ -167,6 +167,104 @@ pub struct SiteConfig {
     pub failover: FailoverSettings,
 }
 
+/// What an edge that a controller runs knows of its own machine; everything else comes from the
+/// controller as a [`SiteConfig`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeLocal {
+    /// The controller's base URL (`http://host:port`).
+    pub controller: String,
+    /// Where the edge keeps its private key, its credential and the last configuration it got
+    /// (created 0700; the files in it 0600).
+    pub state_dir: PathBuf,
+    #[serde(default = "default_port")]
+    pub listen_port: u16,
+    #[serde(default = "default_tun")]
+    pub tun_name: String,
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// This machine's WAN links, named as the controller knows them.
+    pub links: Vec<LocalLink>,
+}
+
+/// One of this machine's WAN links.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalLink {
+    pub name: Name,
+    /// The interface the link's socket is bound to; defaults to the link name.
+    #[serde(default)]
+    pub interface: Option<String>,
+    /// The local address the link's socket is bound to.
+    pub address: IpAddr,
+    /// The `ip:port` peers reach this link at, registered at enrolment; leave it out behind
+    /// NAT or on a dynamic address.
+    #[serde(default)]
+    pub public_endpoint: Option<SocketAddr>,
+}
+
+impl EdgeLocal {
+    /// The edge's whole configuration: the controller's view of the site, on this machine's
+    /// links. A link the controller lists but this machine does not have is left out (and
+    /// named in the returned notes); a link of this machine the controller does not know is
+    /// an error, as is having none in common.
+    pub fn edge_config(
+        &self,
+        site: &SiteConfig,
+        private_key_file: PathBuf,
+    ) -> Result<(EdgeConfig, Vec<String>), FieldErrors> {
+        let mut errs = FieldErrors::default();
+        let mut notes = Vec::new();
+        for (i, l) in self.links.iter().enumerate() {
+            if !site.links.iter().any(|s| s.name == l.name) {
+                errs.push(
+                    format!("links[{i}].name"),
+                    format!(
+                        "the controller knows no link {} at site {}",
+                        l.name, site.site
+                    ),
+                );
+            }
+        }
+        let links: Vec<EdgeLink> = site
+            .links
+            .iter()
+            .filter_map(|s| {
+                let Some(l) = self.links.iter().find(|l| l.name == s.name) else {
+                    notes.push(format!("link {} is not on this machine: not used", s.name));
+                    return None;
+                };
+                Some(EdgeLink {
+                    link: s.clone(),
+                    interface: l.interface.clone(),
+                    address: l.address,
+                })
+            })
+            .collect();
+        if links.is_empty() {
+            errs.push("links", "no link of this machine is one of the site's");
+        }
+        errs.into_result()?;
+        let cfg = EdgeConfig {
+            site: site.site.clone(),
+            private_key_file,
+            overlay: site.overlay,
+            listen_port: self.listen_port,
+            tun_name: self.tun_name.clone(),
+            links,
+            peers: site.peers.clone(),
+            classes: site.classes.clone(),
+            policies: site.policies.clone(),
+            failover: site.failover.clone(),
+            default_class: default_class(),
+            default_steering: SteeringMode::default(),
+            metrics_listen: self.metrics_listen,
+        };
+        cfg.validate()?;
+        Ok((cfg, notes))
+    }
+}
+
 /// Everything an edge runs from.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]

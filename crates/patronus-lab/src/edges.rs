@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use patronus_api::{EdgeConfig, EdgeLink, Link, PeerConfig, WgPublicKey};
+use patronus_api::{EdgeConfig, EdgeLink, EdgeLocal, Link, LocalLink, PeerConfig, WgPublicKey};
 
 use crate::lab::{Lab, LabError, run_dir};
 use crate::topology::Plan;
@@ -174,6 +174,82 @@ pub fn start_edges(
         configs.push((cfg, pid));
     }
     Ok(configs)
+}
+
+/// Site `index`'s local part of a controller-run edge (IPv4 underlay): its links by name with
+/// their lab addresses, registered as their public endpoints at enrolment.
+pub fn local_config(plan: &Plan, index: usize, controller: &str, state_dir: PathBuf) -> EdgeLocal {
+    let me = &plan.sites[index];
+    EdgeLocal {
+        controller: controller.to_owned(),
+        state_dir,
+        listen_port: EDGE_PORT,
+        tun_name: "patronus0".into(),
+        metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], STATUS_PORT))),
+        links: me
+            .links
+            .iter()
+            .map(|l| LocalLink {
+                name: l.name.clone(),
+                interface: None,
+                address: l.addr4.into(),
+                public_endpoint: Some(SocketAddr::new(l.addr4.into(), EDGE_PORT)),
+            })
+            .collect(),
+    }
+}
+
+/// Runs `patronus edge <verb> --local <file>` for site `site` (writing `local` beside its
+/// state): `enroll` to completion (with `token`), or `run` as a lab process; returns the PID
+/// for `run`, 0 for `enroll`.
+pub fn controller_edge(
+    lab: &Lab,
+    patronus: &Path,
+    site: &str,
+    local: &EdgeLocal,
+    verb: &str,
+    token: Option<&str>,
+) -> Result<u32, LabError> {
+    let dir = edge_dir(lab, site);
+    crate::lab::create_private_dir(&dir)?;
+    let path = dir.join("local.toml");
+    let text = toml::to_string(local)
+        .map_err(|e| LabError::Other(format!("edge {site}: writing local config: {e}")))?;
+    std::fs::write(&path, text).map_err(|error| LabError::Io {
+        what: format!("writing {}", path.display()),
+        error,
+    })?;
+    let mut cmd = Command::new(patronus);
+    cmd.args(["edge", verb, "--local"]).arg(&path);
+    if let Some(t) = token {
+        cmd.env("PATRONUS_ENROLL_TOKEN", t);
+    }
+    if verb == "run" {
+        let log = std::fs::File::create(dir.join("edge.log")).map_err(|error| LabError::Io {
+            what: "creating the edge log".into(),
+            error,
+        })?;
+        return lab.spawn_logged(site, cmd, log);
+    }
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let mut c = lab.command(site, &program)?;
+    c.args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        if let Some(v) = v {
+            c.env(k, v);
+        }
+    }
+    let out = c.output().map_err(|error| LabError::Io {
+        what: format!("running patronus edge {verb} in {site}"),
+        error,
+    })?;
+    if !out.status.success() {
+        return Err(LabError::Other(format!(
+            "edge {site}: patronus edge {verb} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(0)
 }
 
 /// Waits until `from` can ping `to` (an address across the tunnels), or `timeout` passes.

@@ -10,11 +10,30 @@ use patronus_edge::{Edge, PrivateKey};
 
 #[derive(Debug, Subcommand)]
 pub enum EdgeCmd {
-    /// Run the edge (root: it creates a TUN device and routes).
+    /// Run the edge (root: it creates a TUN device and routes): from a whole local
+    /// configuration (`--config`), or from a controller (`--local`: this machine's links and
+    /// the controller's URL; the rest comes from the controller).
     Run {
-        /// The edge's TOML configuration.
+        /// The edge's whole TOML configuration (standalone).
+        #[arg(long, conflicts_with_all = ["local", "token"], required_unless_present = "local")]
+        config: Option<PathBuf>,
+        /// This machine's part of the configuration (controller mode).
         #[arg(long)]
-        config: PathBuf,
+        local: Option<PathBuf>,
+        /// A one-time enrolment token (`patronus site enroll-token`), for the first start;
+        /// also PATRONUS_ENROLL_TOKEN.
+        #[arg(long, requires = "local")]
+        token: Option<String>,
+    },
+    /// Enrol with a controller (generating this edge's key pair; only the public key is sent)
+    /// without starting the data plane; `run --local` then starts it.
+    Enroll {
+        /// This machine's part of the configuration.
+        #[arg(long)]
+        local: PathBuf,
+        /// The one-time token from `patronus site enroll-token`; also PATRONUS_ENROLL_TOKEN.
+        #[arg(long)]
+        token: Option<String>,
     },
     /// Print the edge's public key, generating its private key (0600) first if there is none.
     Pubkey {
@@ -51,13 +70,23 @@ pub fn run(cmd: EdgeCmd) -> anyhow::Result<()> {
             Ok(())
         }
         EdgeCmd::Status { addr, json } => status(addr, json),
+        EdgeCmd::Enroll { local, token } => {
+            let token = token.or_else(|| std::env::var("PATRONUS_ENROLL_TOKEN").ok());
+            let local_cfg = read_local(&local)?;
+            enrol(&local_cfg, token)?;
+            Ok(())
+        }
         EdgeCmd::Reflect { listen } => reflect(listen),
         EdgeCmd::Check { config } => {
             load(&config)?;
             outln!("{}: ok", config.display());
             Ok(())
         }
-        EdgeCmd::Run { config } => {
+        EdgeCmd::Run {
+            config,
+            local,
+            token,
+        } => {
             // Shutdown signals are taken by one thread with sigwait, which stops the loop; the
             // TUN device (and with it every route through it) goes when the edge exits.
             let mut signals = SigSet::empty();
@@ -65,8 +94,18 @@ pub fn run(cmd: EdgeCmd) -> anyhow::Result<()> {
                 signals.add(s);
             }
             signals.thread_block()?;
-            let cfg = load(&config)?;
-            let key = PrivateKey::load_or_create(&cfg.private_key_file)?;
+            let (cfg, key) = match (config, local) {
+                (Some(config), _) => {
+                    let cfg = load(&config)?;
+                    let key = PrivateKey::load_or_create(&cfg.private_key_file)?;
+                    (cfg, key)
+                }
+                (None, Some(local)) => {
+                    let token = token.or_else(|| std::env::var("PATRONUS_ENROLL_TOKEN").ok());
+                    from_controller(&local, token)?
+                }
+                (None, None) => bail!("give --config or --local"),
+            };
             let mut edge = Edge::new(&cfg, &key).context("starting the edge")?;
             let stop = edge.stop_handle();
             std::thread::Builder::new()
@@ -89,6 +128,151 @@ pub fn run(cmd: EdgeCmd) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Controller mode: enrols on the first start (generating the key pair here; only the public
+/// key leaves), then fetches the site's configuration, keeping the last good one so that the
+/// edge starts and forwards with the controller down.
+fn from_controller(path: &Path, token: Option<String>) -> anyhow::Result<(EdgeConfig, PrivateKey)> {
+    use patronus_api::SiteConfig;
+    let local = read_local(path)?;
+    let (key, credential) = enrol(&local, token)?;
+    let dir = &local.state_dir;
+    let key_file = dir.join("private.key");
+    let cache = dir.join("site-config.json");
+    let fetched = crate::api_client::request(
+        &local.controller,
+        "GET",
+        "/api/v1/edge/config",
+        Some(&credential),
+        None,
+    );
+    let site: SiteConfig = match fetched {
+        Ok(r) if r.status == 200 => {
+            let site: SiteConfig = serde_json::from_value(r.body)
+                .context("the controller's configuration does not parse")?;
+            write_private(&cache, serde_json::to_string_pretty(&site)?.as_bytes())?;
+            site
+        }
+        Ok(r) if r.status == 401 => bail!(
+            "the controller refused this edge's credential ({}): was the site enrolled again \
+             elsewhere?",
+            crate::api_client::error_text(&r)
+        ),
+        other => {
+            let why = match other {
+                Ok(r) => crate::api_client::error_text(&r),
+                Err(e) => format!("{e:#}"),
+            };
+            let text = std::fs::read_to_string(&cache).with_context(|| {
+                format!("the controller is unreachable ({why}) and there is no configuration from it yet")
+            })?;
+            eprintln!(
+                "edge: the controller is unreachable ({why}); running on the last configuration ({})",
+                cache.display()
+            );
+            serde_json::from_str(&text)
+                .with_context(|| format!("{} is damaged", cache.display()))?
+        }
+    };
+    let (cfg, notes) = local
+        .edge_config(&site, key_file)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    for n in notes {
+        eprintln!("edge: {n}");
+    }
+    Ok((cfg, key))
+}
+
+fn read_local(path: &Path) -> anyhow::Result<patronus_api::EdgeLocal> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// This edge's key and site credential: enrols first if it has no credential yet.
+fn enrol(
+    local: &patronus_api::EdgeLocal,
+    token: Option<String>,
+) -> anyhow::Result<(PrivateKey, String)> {
+    let dir = &local.state_dir;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let key = PrivateKey::load_or_create(&dir.join("private.key"))?;
+    let cred_path = dir.join("credential");
+    let credential = match std::fs::read_to_string(&cred_path) {
+        Ok(c) => {
+            if token.is_some() {
+                eprintln!(
+                    "edge: already enrolled ({}); the token is not used (delete that file to \
+                     enrol again)",
+                    cred_path.display()
+                );
+            }
+            c.trim().to_owned()
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let token = token.context(
+                "this edge has not enrolled yet: give --token (from `patronus site enroll-token`)",
+            )?;
+            let endpoints: serde_json::Map<String, serde_json::Value> = local
+                .links
+                .iter()
+                .filter_map(|l| Some((l.name.to_string(), l.public_endpoint?.to_string().into())))
+                .collect();
+            let r = crate::api_client::request(
+                &local.controller,
+                "POST",
+                "/api/v1/enroll",
+                None,
+                Some(&serde_json::json!({
+                    "token": token,
+                    "public_key": key.public().to_string(),
+                    "endpoints": endpoints,
+                })),
+            )?;
+            if r.status != 200 {
+                bail!("enrolment refused: {}", crate::api_client::error_text(&r));
+            }
+            let c = r.body["credential"]
+                .as_str()
+                .context("the controller's answer has no credential")?
+                .to_owned();
+            write_private(&cred_path, c.as_bytes())?;
+            eprintln!(
+                "edge: enrolled as site {} with public key {}",
+                r.body["site"].as_str().unwrap_or("?"),
+                key.public()
+            );
+            c
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", cred_path.display())),
+    };
+    Ok((key, credential))
+}
+
+/// Writes a file readable by its owner only, replacing it whole (beside, then renamed).
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
 }
 
 /// Reads and validates a configuration, naming every bad key.

@@ -163,6 +163,8 @@ pub struct SiteView {
     /// Its address in the overlay (see `/api/v1/topology`).
     #[schema(value_type = Option<String>)]
     pub overlay_address: Option<std::net::IpAddr>,
+    /// Its edge's WireGuard public key, once the edge has enrolled.
+    pub public_key: Option<String>,
     pub links: Vec<LinkView>,
     pub version: i64,
     pub created_at: i64,
@@ -197,6 +199,7 @@ fn site_from_row(r: &SqliteRow) -> Result<SiteView, ApiError> {
         lan_prefixes: serde_json::from_str(&prefixes).map_err(ApiError::internal)?,
         status: serde_json::from_value(Value::String(status)).map_err(ApiError::internal)?,
         overlay_address: None,
+        public_key: r.try_get("public_key")?,
         links: Vec::new(),
         version: r.try_get("version")?,
         created_at: r.try_get("created_at")?,

@@ -1,0 +1,202 @@
+//! Controller and edges as one system, in the lab: sites created through the controller's CLI,
+//! edges enrolled with one-time tokens (their keys made on their own machines), configurations
+//! from the controller, traffic through the tunnels. Needs root: without it the test says so on
+//! stderr and passes, unless `PATRONUS_REQUIRE_LAB=1`.
+#![allow(clippy::unwrap_used)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use patronus_lab::edges;
+use patronus_lab::{Lab, LabOptions, Topology, netns};
+
+fn patronus() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_patronus"))
+}
+
+/// Runs the admin CLI inside the controller's namespace; (ok, stdout, stderr).
+fn cli(lab: &Lab, home: &Path, args: &[&str], stdin: &str) -> (bool, String, String) {
+    let mut c = lab
+        .command("controller", patronus().to_str().unwrap())
+        .unwrap();
+    c.args(args)
+        .env("XDG_CONFIG_HOME", home)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
+    if !netns::lab_available("controller lab test") {
+        return;
+    }
+    let lab = Lab::up(&Topology::three_sites_mixed(), LabOptions::default()).unwrap();
+    let run: PathBuf = patronus_lab::lab::run_dir(lab.run_id());
+    let plan = lab.plan().clone();
+    let ctl = lab.addr("controller", false).unwrap();
+    let url = format!("http://{ctl}:8080");
+
+    // The controller, in its own namespace, with a first admin whose password it generates.
+    let state = run.join("controller");
+    let mut cmd = Command::new(patronus());
+    cmd.args([
+        "controller",
+        "--listen",
+        &format!("{ctl}:8080"),
+        "--data-dir",
+    ])
+    .arg(&state)
+    .env("PATRONUS_ADMIN_EMAIL", "admin@example.net");
+    let log = std::fs::File::create(run.join("controller.log")).unwrap();
+    lab.spawn_logged("controller", cmd, log).unwrap();
+    let home = run.join("cli");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let password =
+            std::fs::read_to_string(state.join("initial-admin-password")).unwrap_or_default();
+        let (ok, _, err) = cli(
+            &lab,
+            &home,
+            &["login", "--url", &url, "--email", "admin@example.net"],
+            &password,
+        );
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no controller: {err}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The sites and their links, as an operator would enter them.
+    for s in &plan.sites {
+        let (lan4, lan6) = (s.lan4.to_string(), s.lan6.to_string());
+        let (ok, _, err) = cli(
+            &lab,
+            &home,
+            &[
+                "site",
+                "create",
+                s.name.as_str(),
+                "--lan",
+                &lan4,
+                "--lan",
+                &lan6,
+            ],
+            "",
+        );
+        assert!(ok, "{err}");
+        for l in &s.links {
+            let (ok, _, err) = cli(
+                &lab,
+                &home,
+                &[
+                    "link",
+                    "add",
+                    s.name.as_str(),
+                    l.name.as_str(),
+                    "--kind",
+                    l.kind.as_str(),
+                ],
+                "",
+            );
+            assert!(ok, "{err}");
+        }
+    }
+    // Each edge enrols with its own token; the data planes start once all have enrolled.
+    let mut locals = Vec::new();
+    for (i, s) in plan.sites.iter().enumerate() {
+        let (ok, token, err) = cli(&lab, &home, &["site", "enroll-token", s.name.as_str()], "");
+        assert!(ok, "{err}");
+        let local = edges::local_config(
+            &plan,
+            i,
+            &url,
+            edges::edge_dir(&lab, s.name.as_str()).join("state"),
+        );
+        edges::controller_edge(
+            &lab,
+            patronus(),
+            s.name.as_str(),
+            &local,
+            "enroll",
+            Some(token.trim()),
+        )
+        .unwrap();
+        // The token is spent.
+        let err = edges::controller_edge(
+            &lab,
+            patronus(),
+            "branch1",
+            &edges::local_config(&plan, 1, &url, run.join("intruder")),
+            "enroll",
+            Some(token.trim()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("already used"), "{err}");
+        locals.push(local);
+    }
+    for (s, local) in plan.sites.iter().zip(&locals) {
+        edges::controller_edge(&lab, patronus(), s.name.as_str(), local, "run", None).unwrap();
+    }
+    for (from, to) in [
+        ("hq/h1", "branch1/h1"),
+        ("hq/h1", "branch2/h1"),
+        ("branch1/h1", "branch2/h1"),
+    ] {
+        let dst = lab.addr(to, false).unwrap();
+        edges::wait_for_tunnel(&lab, from, dst, Duration::from_secs(20)).unwrap_or_else(|e| {
+            let logs: String = plan
+                .sites
+                .iter()
+                .map(|s| {
+                    std::fs::read_to_string(edges::edge_dir(&lab, s.name.as_str()).join("edge.log"))
+                        .unwrap_or_default()
+                })
+                .collect();
+            panic!("{e}\n{logs}")
+        });
+    }
+    // The controller holds each edge's public key, the one the edge made and keeps.
+    for s in &plan.sites {
+        let (ok, out, _) = cli(
+            &lab,
+            &home,
+            &["site", "show", s.name.as_str(), "--output", "json"],
+            "",
+        );
+        assert!(ok);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let key_file = edges::edge_dir(&lab, s.name.as_str()).join("state/private.key");
+        let out = Command::new(patronus())
+            .args(["edge", "pubkey", "--key"])
+            .arg(&key_file)
+            .output()
+            .unwrap();
+        assert_eq!(
+            v["public_key"].as_str().unwrap(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&key_file).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    lab.down().unwrap();
+}
