@@ -30,7 +30,15 @@ pub struct Inner {
     pub auth_limiter: RateLimiter,
     pub lockout: Lockout,
     pub http: crate::metrics::HttpMetrics,
+    /// Bumped after every write the API acknowledges: edges waiting for a new configuration
+    /// wake on it.
+    pub changes: tokio::sync::watch::Sender<u64>,
+    /// Every site's configuration, compiled once per generation of `changes`.
+    pub compiled: tokio::sync::Mutex<Option<(u64, Compiled)>>,
 }
+
+/// Every site's compiled configuration, by site id.
+pub type Compiled = Arc<std::collections::HashMap<i64, crate::compile::Compiled>>;
 
 impl std::ops::Deref for AppState {
     type Target = Inner;
@@ -41,12 +49,40 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
+    /// Every site's configuration as of now: compiled at most once per change, however many
+    /// edges ask.
+    pub async fn configs(&self) -> Result<Compiled, ApiError> {
+        let generation = *self.changes.borrow();
+        let mut cache = self.compiled.lock().await;
+        if let Some((g, c)) = &*cache {
+            if *g == generation {
+                return Ok(c.clone());
+            }
+        }
+        let net = crate::compile::Network::load(&self.store).await?;
+        let all: Compiled = Arc::new(
+            crate::compile::compile(&net)?
+                .into_iter()
+                .map(|c| (c.site_id, c))
+                .collect(),
+        );
+        *cache = Some((generation, all.clone()));
+        Ok(all)
+    }
+
+    /// Tells waiting edges that the state changed.
+    pub fn changed(&self) {
+        self.changes.send_modify(|g| *g += 1);
+    }
+
     pub fn new(config: Config, store: Store, key: &[u8]) -> Self {
         Self(Arc::new(Inner {
             tokens: Tokens::new(key, config.access_token_ttl, config.refresh_token_ttl),
             auth_limiter: RateLimiter::new(config.auth_rate_per_minute),
             lockout: Lockout::new(config.lockout_after_failures),
             http: crate::metrics::HttpMetrics::default(),
+            changes: tokio::sync::watch::channel(0).0,
+            compiled: tokio::sync::Mutex::new(None),
             config,
             store,
         }))
@@ -262,6 +298,12 @@ async fn around(State(state): State<AppState>, mut req: Request, next: Next) -> 
         resp.status().as_u16(),
         started.elapsed(),
     );
+    // Every acknowledged write may change some edge's configuration.
+    if !matches!(method, axum::http::Method::GET | axum::http::Method::HEAD)
+        && resp.status().is_success()
+    {
+        state.changed();
+    }
     tracing::info!(
         request_id = %id,
         %method,

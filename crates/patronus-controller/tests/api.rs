@@ -2349,3 +2349,85 @@ async fn an_edge_enrols_once_with_a_token_and_then_acts_as_its_own_site_only() {
         assert!(!log.contains(secret.as_str()));
     }
 }
+
+#[tokio::test]
+async fn a_waiting_edge_gets_a_change_as_soon_as_it_is_made_and_304_when_there_is_none() {
+    let a = api().await;
+    let t = a.admin().await;
+    let ids = sites(&a, &t, &["hq", "b1"]).await;
+    let r = a
+        .call(
+            Method::POST,
+            &format!("/api/v1/sites/{}/enrollment-tokens", ids[0]),
+            Some(&t),
+            Some(json!({})),
+        )
+        .await;
+    let key = patronus_api::key_to_base64(&[5; 32]);
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/enroll",
+            None,
+            Some(json!({ "token": r.body["token"], "public_key": key })),
+        )
+        .await;
+    let cred = r.body["credential"].as_str().unwrap().to_owned();
+    let r = a
+        .call(Method::GET, "/api/v1/edge/config", Some(&cred), None)
+        .await;
+    let etag = r.headers[header::ETAG].to_str().unwrap().to_owned();
+    // Nothing changes: 304 once the wait is over.
+    let t0 = std::time::Instant::now();
+    let r = a
+        .call_with(
+            Method::GET,
+            "/api/v1/edge/config?wait=1",
+            Some(&cred),
+            None,
+            &[("if-none-match", &etag)],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_MODIFIED);
+    assert!(t0.elapsed() >= std::time::Duration::from_millis(900));
+    let r = a
+        .call(
+            Method::GET,
+            "/api/v1/edge/config?wait=99",
+            Some(&cred),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    // A change while the edge waits: the answer comes with it, not at the end of the wait.
+    let app = a.app.clone();
+    let (c2, e2) = (cred.clone(), etag.clone());
+    let waiting = tokio::spawn(async move {
+        let req = Request::get("/api/v1/edge/config?wait=20")
+            .header(header::AUTHORIZATION, format!("Bearer {c2}"))
+            .header(header::IF_NONE_MATCH, e2)
+            .body(Body::empty())
+            .unwrap();
+        let started = std::time::Instant::now();
+        let resp = app.oneshot(req).await.unwrap();
+        (
+            resp.status(),
+            resp.headers()[header::ETAG].clone(),
+            started.elapsed(),
+        )
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/policies",
+            Some(&t),
+            Some(voice("voice", 10, "realtime")),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let (status, new_etag, took) = waiting.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_ne!(new_etag.to_str().unwrap(), etag);
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+}

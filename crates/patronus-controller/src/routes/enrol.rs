@@ -23,7 +23,6 @@ use utoipa_axum::routes;
 
 use crate::app::{AppState, Principal, bearer};
 use crate::auth::{self as a, Role};
-use crate::compile::{Network, compile_one};
 use crate::error::{ApiError, extract};
 use crate::routes::auth::AuthRateLimited;
 use crate::routes::sites::load_site;
@@ -271,12 +270,25 @@ async fn enroll(
     }))
 }
 
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ConfigQuery {
+    /// With `If-None-Match`: hold the request up to this many seconds (at most 25) until the
+    /// configuration changes, then answer at once (a long poll: a change reaches the edge
+    /// without polling delay).
+    pub wait: Option<u64>,
+}
+
+/// The longest a long poll is held (below the request timeout).
+pub const MAX_WAIT_S: u64 = 25;
+
 #[utoipa::path(
     get,
     path = "/api/v1/edge/config",
     tag = "enrolment",
-    summary = "The calling edge's configuration (site credential). ETag is its version; \
-               If-None-Match with it answers 304 when nothing changed.",
+    summary = "The calling edge's configuration (site credential). ETag is its version; with \
+               If-None-Match it answers 304 when nothing changed, after waiting up to `wait` s.",
+    params(ConfigQuery),
     security(("bearer" = [])),
     responses(
         (status = 200, body = patronus_api::SiteConfig),
@@ -288,20 +300,46 @@ async fn edge_config(
     State(s): State<AppState>,
     site: SiteCaller,
     headers: HeaderMap,
+    extract::Query(q): extract::Query<ConfigQuery>,
 ) -> Result<Response, ApiError> {
-    let net = Network::load(&s.store).await?;
-    let c = compile_one(&net, site.site_id)?;
-    let etag = format!("\"{:016x}\"", c.version);
-    let tag = HeaderValue::from_str(&etag).map_err(ApiError::internal)?;
-    if headers
-        .get(header::IF_NONE_MATCH)
-        .is_some_and(|v| v.as_bytes() == etag.as_bytes())
-    {
-        let mut r = StatusCode::NOT_MODIFIED.into_response();
-        r.headers_mut().insert(header::ETAG, tag);
-        return Ok(r);
+    let wait = q.wait.unwrap_or(0);
+    if wait > MAX_WAIT_S {
+        return Err(ApiError::field(
+            "wait",
+            format!("must be at most {MAX_WAIT_S}"),
+        ));
     }
-    let mut r = ([(header::CONTENT_TYPE, "application/json")], c.to_json()).into_response();
-    r.headers_mut().insert(header::ETAG, tag);
-    Ok(r)
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(wait);
+    // Subscribed before the first look, so that a change between the look and the wait is
+    // not missed.
+    let mut changes = s.changes.subscribe();
+    let seen = headers
+        .get(header::IF_NONE_MATCH)
+        .map(|v| v.as_bytes().to_vec());
+    loop {
+        let configs = s.configs().await?;
+        let c = configs.get(&site.site_id).ok_or_else(|| {
+            ApiError::not_found(format!(
+                "a configuration for site {} (is it active?)",
+                site.site
+            ))
+        })?;
+        let etag = format!("\"{:016x}\"", c.version);
+        let tag = HeaderValue::from_str(&etag).map_err(ApiError::internal)?;
+        let unchanged = seen.as_deref() == Some(etag.as_bytes());
+        if !unchanged {
+            let mut r = ([(header::CONTENT_TYPE, "application/json")], c.to_json()).into_response();
+            r.headers_mut().insert(header::ETAG, tag);
+            return Ok(r);
+        }
+        let timed_out = tokio::select! {
+            r = changes.changed() => r.is_err(),
+            _ = tokio::time::sleep_until(deadline) => true,
+        };
+        if timed_out {
+            let mut r = StatusCode::NOT_MODIFIED.into_response();
+            r.headers_mut().insert(header::ETAG, tag);
+            return Ok(r);
+        }
+    }
 }
