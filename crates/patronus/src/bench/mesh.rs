@@ -41,7 +41,7 @@ fn rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-async fn populate(store: &Store, n: usize) -> anyhow::Result<()> {
+pub(super) async fn populate(store: &Store, n: usize) -> anyhow::Result<()> {
     let now = now_s();
     let mut tx = store.begin().await?;
     for i in 0..n {

@@ -8,6 +8,7 @@ use clap::Subcommand;
 mod failover;
 mod mesh;
 mod path_select;
+mod push;
 mod throughput;
 mod wan_emulator;
 
@@ -28,6 +29,10 @@ pub enum Bench {
     /// N sites with two links each in a real controller store; every site's configuration
     /// compiled for a full mesh and for hub and spoke: time, size, memory.
     Mesh(mesh::Args),
+    /// A real controller and N simulated edges (real clients of the configuration long poll)
+    /// in one process: the time from one policy write until every edge holds its new
+    /// configuration.
+    Push(push::Args),
 }
 
 pub fn run(b: Bench) -> anyhow::Result<()> {
@@ -37,6 +42,7 @@ pub fn run(b: Bench) -> anyhow::Result<()> {
         Bench::Failover(args) => failover::run(&args)?,
         Bench::Throughput(args) => throughput::run(&args)?,
         Bench::Mesh(args) => mesh::run(&args)?,
+        Bench::Push(args) => push::run(&args)?,
     };
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, &report)?;

@@ -1,0 +1,273 @@
+//! `patronus bench push`: a real controller (its HTTP server on loopback, its SQLite store in a
+//! temporary directory) and N simulated edges in this process, each a real client of the
+//! configuration protocol: it fetches its configuration, then waits for the next one with a
+//! long poll (`If-None-Match` + `wait`). One policy is created through the API; the benchmark
+//! reports how long after that write each edge held its new configuration.
+//!
+//! The sites are written into the store as in `bench mesh`, each with a site credential (as
+//! enrolment would leave it).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use patronus_controller::config::Config;
+use patronus_controller::store::now_s;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Simulated edges (one site each).
+    #[arg(long, default_value_t = 1000)]
+    edges: usize,
+    /// `hub-spoke` (2 hubs) or `full-mesh`.
+    #[arg(long, default_value = "hub-spoke")]
+    topology: String,
+}
+
+/// One request on its own connection: (status, etag, body length).
+async fn get(
+    addr: SocketAddr,
+    path: &str,
+    token: &str,
+    if_none_match: Option<&str>,
+) -> anyhow::Result<(u16, Option<String>, usize)> {
+    let mut s = TcpStream::connect(addr).await?;
+    let inm = if_none_match
+        .map(|e| format!("If-None-Match: {e}\r\n"))
+        .unwrap_or_default();
+    s.write_all(
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n{inm}Connection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("not HTTP")?;
+    let head = String::from_utf8_lossy(&buf[..split]);
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no status")?;
+    let etag = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("etag").then(|| v.trim().to_owned())
+    });
+    Ok((status, etag, buf.len() - split - 4))
+}
+
+async fn post(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    body: &Value,
+) -> anyhow::Result<(u16, Value)> {
+    let mut s = TcpStream::connect(addr).await?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let body = body.to_string();
+    s.write_all(
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no status")?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str(b).ok())
+        .unwrap_or(Value::Null);
+    Ok((status, body))
+}
+
+/// Lets this process hold a socket per edge on both ends.
+fn raise_fd_limit(need: u64) -> anyhow::Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < need {
+        anyhow::ensure!(
+            hard >= need,
+            "{need} file descriptors are needed and the hard limit is {hard}"
+        );
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(())
+}
+
+pub fn run(args: &Args) -> anyhow::Result<Value> {
+    anyhow::ensure!(
+        (1..=20_000).contains(&args.edges),
+        "--edges must be 1 to 20000"
+    );
+    let hub_spoke = match args.topology.as_str() {
+        "hub-spoke" => true,
+        "full-mesh" => false,
+        other => bail!("--topology {other}: hub-spoke or full-mesh"),
+    };
+    raise_fd_limit(2 * args.edges as u64 + 256)?;
+    let dir = std::env::temp_dir().join(format!("patronus-bench-push-{}", std::process::id()));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(async {
+        let mut config = Config::with_data_dir(dir.clone());
+        config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.auth_rate_per_minute = 1_000_000;
+        let mut pw = [0u8; 18];
+        getrandom::getrandom(&mut pw)?;
+        let password = format!("{}-Aa1", patronus_controller::auth::b64url(&pw));
+        let env = vec![
+            (
+                "PATRONUS_ADMIN_EMAIL".to_owned(),
+                "bench@example.net".to_owned(),
+            ),
+            ("PATRONUS_ADMIN_PASSWORD".to_owned(), password.clone()),
+        ];
+        let state = patronus_controller::server::prepare(config, &env).await?;
+        let store = state.store.clone();
+        super::mesh::populate(&store, args.edges).await?;
+        if hub_spoke {
+            sqlx::query("UPDATE topology SET mode = 'hub-spoke' WHERE id = 1")
+                .execute(store.pool())
+                .await?;
+            sqlx::query("INSERT INTO hubs (site_id) SELECT id FROM sites ORDER BY id LIMIT 2")
+                .execute(store.pool())
+                .await?;
+        }
+        // A credential per site, as enrolment leaves them.
+        let mut creds = Vec::with_capacity(args.edges);
+        let mut tx = store.begin().await?;
+        let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM sites ORDER BY id")
+            .fetch_all(&mut *tx)
+            .await?;
+        for id in &ids {
+            let mut b = [0u8; 32];
+            getrandom::getrandom(&mut b)?;
+            let c = format!("psc_{}", patronus_controller::auth::b64url(&b));
+            sqlx::query(
+                "INSERT INTO site_credentials (site_id, secret_hash, created_at) VALUES (?, ?, ?)",
+            )
+            .bind(id)
+            .bind(&patronus_controller::auth::sha256(c.as_bytes())[..])
+            .bind(now_s())
+            .execute(&mut *tx)
+            .await?;
+            creds.push(c);
+        }
+        tx.commit().await?;
+
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(patronus_controller::server::serve(
+            state,
+            async {
+                let _ = stop_rx.await;
+            },
+            move |a| {
+                let _ = addr_tx.send(a);
+            },
+        ));
+        let addr = addr_rx.await.context("the controller did not start")?;
+
+        // Every edge fetches its configuration, then waits for the next.
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let mut edges = Vec::new();
+        let t = Instant::now();
+        for c in creds {
+            let waiting = waiting.clone();
+            edges.push(tokio::spawn(async move {
+                let (status, etag, _) = get(addr, "/api/v1/edge/config", &c, None).await?;
+                anyhow::ensure!(status == 200, "initial fetch: {status}");
+                let etag = etag.context("no ETag")?;
+                waiting.fetch_add(1, Ordering::SeqCst);
+                let (status, new, bytes) =
+                    get(addr, "/api/v1/edge/config?wait=25", &c, Some(&etag)).await?;
+                let at = Instant::now();
+                anyhow::ensure!(
+                    status == 200 && new.as_deref() != Some(&etag),
+                    "long poll: {status}"
+                );
+                anyhow::Ok((at, bytes))
+            }));
+        }
+        while waiting.load(Ordering::SeqCst) < args.edges {
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(120),
+                "edges did not all connect"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let initial_ms = t.elapsed().as_secs_f64() * 1e3;
+        // Let the last long polls reach the server.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        let (status, login) = post(
+            addr,
+            "/api/v1/auth/login",
+            None,
+            &json!({ "email": "bench@example.net", "password": password }),
+        )
+        .await?;
+        anyhow::ensure!(status == 200, "login: {status}");
+        let token = login["access_token"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let policy = json!({
+            "name": "voice", "order": 10, "class": "realtime", "steering": "duplicate",
+            "match": { "protocol": "udp", "dst_ports": ["16384-32767"] }
+        });
+        let t0 = Instant::now();
+        let (status, _) = post(addr, "/api/v1/policies", Some(&token), &policy).await?;
+        anyhow::ensure!(status == 201, "policy: {status}");
+        let write_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let mut delays_us = Vec::with_capacity(edges.len());
+        let mut bytes = 0usize;
+        for e in edges {
+            let (at, b) = e.await??;
+            delays_us.push(at.saturating_duration_since(t0).as_micros() as u64);
+            bytes += b;
+        }
+        let _ = stop_tx.send(());
+        let _ = server.await;
+        delays_us.sort_unstable();
+        let pct = |q: f64| {
+            let rank = ((q * delays_us.len() as f64).ceil() as usize).clamp(1, delays_us.len());
+            delays_us[rank - 1] as f64 / 1e3
+        };
+        anyhow::Ok(json!({
+            "bench": "push",
+            "edges": args.edges,
+            "topology": args.topology,
+            "initial_fetch_ms": initial_ms,
+            "policy_write_ms": write_ms,
+            "p50_ms": pct(0.50),
+            "p99_ms": pct(0.99),
+            "max_ms": pct(1.0),
+            "bytes_per_edge": bytes as f64 / args.edges as f64,
+            "machine": super::machine(),
+        }))
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
