@@ -298,9 +298,12 @@ async fn around(State(state): State<AppState>, mut req: Request, next: Next) -> 
         resp.status().as_u16(),
         started.elapsed(),
     );
-    // Every acknowledged write may change some edge's configuration.
+    // An acknowledged write may change some edge's configuration (one to users, API keys or
+    // sessions cannot: it wakes no edge).
+    let no_config = ["/api/v1/auth/", "/api/v1/users", "/api/v1/api-keys"];
     if !matches!(method, axum::http::Method::GET | axum::http::Method::HEAD)
         && resp.status().is_success()
+        && !no_config.iter().any(|p| route.starts_with(p))
     {
         state.changed();
     }
