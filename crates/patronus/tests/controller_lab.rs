@@ -64,7 +64,7 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
     .arg(&state)
     .env("PATRONUS_ADMIN_EMAIL", "admin@example.net");
     let log = std::fs::File::create(run.join("controller.log")).unwrap();
-    lab.spawn_logged("controller", cmd, log).unwrap();
+    let controller = lab.spawn_logged("controller", cmd, log).unwrap();
     let home = run.join("cli");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -152,8 +152,11 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
         assert!(err.contains("already used"), "{err}");
         locals.push(local);
     }
+    let mut pids = Vec::new();
     for (s, local) in plan.sites.iter().zip(&locals) {
-        edges::controller_edge(&lab, patronus(), s.name.as_str(), local, "run", None).unwrap();
+        pids.push(
+            edges::controller_edge(&lab, patronus(), s.name.as_str(), local, "run", None).unwrap(),
+        );
     }
     for (from, to) in [
         ("hq/h1", "branch1/h1"),
@@ -198,5 +201,28 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
         );
         assert_eq!(mode & 0o777, 0o600);
     }
+
+    // Headless: with the controller gone, traffic goes on, and an edge restarted meanwhile
+    // comes back on the configuration it kept.
+    lab.stop(controller).unwrap();
+    let dst = lab.addr("branch1/h1", false).unwrap();
+    let cfg = patronus_lab::stream::StreamConfig {
+        rate_pps: 200,
+        duration: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let r = patronus_lab::stream::run(
+        &lab.ns("hq/h1").unwrap(),
+        &lab.ns("branch1/h1").unwrap(),
+        dst,
+        &cfg,
+    )
+    .unwrap();
+    assert_eq!(r.lost, 0, "{r:?}");
+    lab.stop(pids[0]).unwrap();
+    edges::controller_edge(&lab, patronus(), "hq", &locals[0], "run", None).unwrap();
+    edges::wait_for_tunnel(&lab, "hq/h1", dst, Duration::from_secs(20)).unwrap();
+    let log = std::fs::read_to_string(edges::edge_dir(&lab, "hq").join("edge.log")).unwrap();
+    assert!(log.contains("running on the last configuration"), "{log}");
     lab.down().unwrap();
 }
