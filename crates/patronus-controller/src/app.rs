@@ -35,7 +35,21 @@ pub struct Inner {
     pub changes: tokio::sync::watch::Sender<u64>,
     /// Every site's configuration, compiled once per generation of `changes`.
     pub compiled: tokio::sync::Mutex<Option<(u64, Compiled)>>,
+    /// When each site's edge was last heard from, and how many of its requests are open.
+    pub presence: std::sync::Mutex<std::collections::HashMap<i64, Presence>>,
 }
+
+/// What the controller has seen of a site's edge since it started.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Presence {
+    /// Unix seconds.
+    pub last_seen: i64,
+    /// Requests in progress (a waiting long poll is one).
+    pub open: u32,
+}
+
+/// A site whose edge has an open request, or was heard from this recently, is online.
+pub const ONLINE_WITHIN_S: i64 = 60;
 
 /// Every site's compiled configuration, by site id.
 pub type Compiled = Arc<std::collections::HashMap<i64, crate::compile::Compiled>>;
@@ -70,6 +84,30 @@ impl AppState {
         Ok(all)
     }
 
+    /// Whether site `id`'s edge is online, and when it was last heard from.
+    pub fn presence_of(&self, id: i64) -> (bool, Option<i64>) {
+        let p = self.presence.lock().unwrap_or_else(|e| e.into_inner());
+        match p.get(&id) {
+            Some(p) => (
+                p.open > 0 || crate::store::now_s() - p.last_seen <= ONLINE_WITHIN_S,
+                Some(p.last_seen),
+            ),
+            None => (false, None),
+        }
+    }
+
+    /// Records that site `id`'s edge is in touch; the guard marks the end of its request.
+    pub fn heard_from(&self, id: i64) -> HeardGuard {
+        let mut p = self.presence.lock().unwrap_or_else(|e| e.into_inner());
+        let e = p.entry(id).or_default();
+        e.last_seen = crate::store::now_s();
+        e.open += 1;
+        HeardGuard {
+            state: self.clone(),
+            id,
+        }
+    }
+
     /// Tells waiting edges that the state changed.
     pub fn changed(&self) {
         self.changes.send_modify(|g| *g += 1);
@@ -83,9 +121,31 @@ impl AppState {
             http: crate::metrics::HttpMetrics::default(),
             changes: tokio::sync::watch::channel(0).0,
             compiled: tokio::sync::Mutex::new(None),
+            presence: std::sync::Mutex::new(std::collections::HashMap::new()),
             config,
             store,
         }))
+    }
+}
+
+/// Ends an edge's request in [`AppState::heard_from`]'s count (however the request ends).
+#[derive(Debug)]
+pub struct HeardGuard {
+    state: AppState,
+    id: i64,
+}
+
+impl Drop for HeardGuard {
+    fn drop(&mut self) {
+        let mut p = self
+            .state
+            .presence
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = p.get_mut(&self.id) {
+            e.open = e.open.saturating_sub(1);
+            e.last_seen = crate::store::now_s();
+        }
     }
 }
 

@@ -2431,3 +2431,43 @@ async fn a_waiting_edge_gets_a_change_as_soon_as_it_is_made_and_304_when_there_i
     assert_ne!(new_etag.to_str().unwrap(), etag);
     assert!(took < std::time::Duration::from_secs(5), "{took:?}");
 }
+
+#[tokio::test]
+async fn a_site_is_online_while_its_edge_is_in_touch() {
+    let a = api().await;
+    let t = a.admin().await;
+    let ids = sites(&a, &t, &["hq"]).await;
+    let path = format!("/api/v1/sites/{}", ids[0]);
+    let r = a.call(Method::GET, &path, Some(&t), None).await;
+    assert_eq!(
+        (r.body["online"].as_bool(), &r.body["last_seen"]),
+        (Some(false), &Value::Null)
+    );
+    let r = a
+        .call(
+            Method::POST,
+            &format!("{path}/enrollment-tokens"),
+            Some(&t),
+            Some(json!({})),
+        )
+        .await;
+    let key = patronus_api::key_to_base64(&[5; 32]);
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/enroll",
+            None,
+            Some(json!({ "token": r.body["token"], "public_key": key })),
+        )
+        .await;
+    let cred = r.body["credential"].as_str().unwrap().to_owned();
+    let r = a
+        .call(Method::GET, "/api/v1/edge/config", Some(&cred), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = a.call(Method::GET, &path, Some(&t), None).await;
+    assert_eq!(r.body["online"], true);
+    assert!(r.body["last_seen"].as_i64().unwrap() > 0);
+    let r = a.call(Method::GET, "/api/v1/sites", Some(&t), None).await;
+    assert_eq!(r.body["items"][0]["online"], true);
+}

@@ -302,6 +302,7 @@ async fn edge_config(
     headers: HeaderMap,
     extract::Query(q): extract::Query<ConfigQuery>,
 ) -> Result<Response, ApiError> {
+    let _heard = s.heard_from(site.site_id);
     let wait = q.wait.unwrap_or(0);
     if wait > MAX_WAIT_S {
         return Err(ApiError::field(

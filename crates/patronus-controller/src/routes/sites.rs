@@ -165,6 +165,11 @@ pub struct SiteView {
     pub overlay_address: Option<std::net::IpAddr>,
     /// Its edge's WireGuard public key, once the edge has enrolled.
     pub public_key: Option<String>,
+    /// Whether its edge is in touch with the controller (has a request open, or had one in the
+    /// last minute). False until the edge first connects after the controller started.
+    pub online: bool,
+    /// When the controller last heard from its edge (unix seconds), since it started.
+    pub last_seen: Option<i64>,
     pub links: Vec<LinkView>,
     pub version: i64,
     pub created_at: i64,
@@ -200,6 +205,8 @@ fn site_from_row(r: &SqliteRow) -> Result<SiteView, ApiError> {
         status: serde_json::from_value(Value::String(status)).map_err(ApiError::internal)?,
         overlay_address: None,
         public_key: r.try_get("public_key")?,
+        online: false,
+        last_seen: None,
         links: Vec::new(),
         version: r.try_get("version")?,
         created_at: r.try_get("created_at")?,
@@ -412,6 +419,9 @@ async fn list(
         .map(site_from_row)
         .collect::<Result<Vec<_>, _>>()?;
     attach_links(&s.store, &mut items).await?;
+    for site in &mut items {
+        (site.online, site.last_seen) = s.presence_of(site.id);
+    }
     Ok(Json(Page::new(items, total, paging)))
 }
 
@@ -483,7 +493,8 @@ async fn show(
     _p: Principal,
     extract::Path(id): extract::Path<i64>,
 ) -> Result<Response, ApiError> {
-    let site = load_site(&s.store, id).await?;
+    let mut site = load_site(&s.store, id).await?;
+    (site.online, site.last_seen) = s.presence_of(id);
     Ok(with_etag(StatusCode::OK, site.version, site))
 }
 
@@ -546,7 +557,8 @@ async fn update(
     )
     .await?;
     tx.commit().await?;
-    let site = load_site(&s.store, id).await?;
+    let mut site = load_site(&s.store, id).await?;
+    (site.online, site.last_seen) = s.presence_of(id);
     Ok(with_etag(StatusCode::OK, site.version, site))
 }
 
