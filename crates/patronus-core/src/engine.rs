@@ -530,6 +530,20 @@ impl Engine {
         }
     }
 
+    /// Removes a peer: its paths and the prefixes routed to it. Its flows are routed again on
+    /// their next packet (to nowhere, unless another peer owns their destination); other
+    /// peers' flows keep their paths. The id is not used again.
+    pub fn remove_peer(&mut self, peer: PeerId) {
+        let Some(p) = self.peers.get(peer.0 as usize) else {
+            return;
+        };
+        for id in p.paths.clone() {
+            self.remove_path(id);
+        }
+        self.routes.remove_peer(peer);
+        self.config_changed();
+    }
+
     /// Decides what to do with a packet from the LAN: the per-packet fast path.
     pub fn decide(&mut self, meta: &PacketMeta, len: usize, now: Instant) -> Decision {
         if let Some(i) = self.flows.find(&meta.key) {

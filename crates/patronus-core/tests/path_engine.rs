@@ -838,3 +838,62 @@ fn a_source_belongs_to_the_peer_with_the_longest_prefix_for_it() {
     assert_eq!(at("192.168.0.1"), None);
     assert_eq!(at("::1"), None);
 }
+
+#[test]
+fn removing_a_peer_unroutes_its_prefixes_and_leaves_the_other_peers_flows_on_their_paths() {
+    use patronus_api::{Link, Prefix};
+    use patronus_core::engine::Engine;
+    use patronus_core::packet::{FlowKey, PacketMeta};
+    let now = std::time::Instant::now();
+    let mut e = Engine::new(EngineConfig::default(), now).unwrap();
+    let local = Link::new(Name::new("mpls").unwrap(), LinkKind::Mpls);
+    let remote = Link::new(Name::new("mpls").unwrap(), LinkKind::Mpls);
+    let b = e
+        .add_peer("b", &["10.2.0.0/16".parse::<Prefix>().unwrap()])
+        .unwrap();
+    let c = e
+        .add_peer("c", &["10.3.0.0/16".parse::<Prefix>().unwrap()])
+        .unwrap();
+    let pb = e.add_path(b, &local, &remote, now).unwrap();
+    let pc = e.add_path(c, &local, &remote, now).unwrap();
+    let meta = |dst: &str| PacketMeta {
+        key: FlowKey::new(
+            "10.1.0.10".parse().unwrap(),
+            dst.parse().unwrap(),
+            UDP,
+            4000,
+            5000,
+        ),
+        dscp: 0,
+    };
+    use patronus_core::DropReason::{NoPath, NoRoute};
+    // Paths start Down (no probe has come back): routed, but no live path yet.
+    assert_eq!(
+        e.decide(&meta("10.2.0.10"), 100, now),
+        Decision::Drop(NoPath)
+    );
+    e.remove_peer(b);
+    assert_eq!(
+        e.decide(&meta("10.2.0.10"), 100, now),
+        Decision::Drop(NoRoute)
+    );
+    assert_eq!(e.peer_for("10.2.0.10".parse().unwrap()), None);
+    assert!(e.path(pb, now).is_none());
+    assert_eq!(e.peer_for("10.3.0.10".parse().unwrap()), Some(c));
+    assert!(e.path(pc, now).is_some());
+    assert_eq!(
+        e.decide(&meta("10.3.0.10"), 100, now),
+        Decision::Drop(NoPath)
+    );
+    // The prefix can be given to a new peer, whose path is a new one.
+    let b2 = e
+        .add_peer("b", &["10.2.0.0/16".parse::<Prefix>().unwrap()])
+        .unwrap();
+    let pb2 = e.add_path(b2, &local, &remote, now).unwrap();
+    assert_ne!(pb2, pb);
+    assert_eq!(e.peer_for("10.2.0.10".parse().unwrap()), Some(b2));
+    assert_eq!(
+        e.decide(&meta("10.2.0.10"), 100, now),
+        Decision::Drop(NoPath)
+    );
+}

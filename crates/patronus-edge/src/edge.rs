@@ -41,11 +41,11 @@ use nix::sys::socket::{
 };
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
-use patronus_api::{EdgeConfig, Prefix};
+use patronus_api::{EdgeConfig, EdgeLink, PeerConfig, Prefix};
 use patronus_core::engine::{Engine, EngineConfig};
 use patronus_core::packet::PacketMeta;
 use patronus_core::probe::STAMP_PORT;
-use patronus_core::{Decision, Event, PathId};
+use patronus_core::{Decision, Event, PathId, PeerId};
 use tun_rs::{DeviceBuilder, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use crate::coalesce::Coalescer;
@@ -90,6 +90,7 @@ struct TxBatch {
 const TOKEN_TUN: u64 = 0;
 const TOKEN_TIMER: u64 = 1;
 const TOKEN_STOP: u64 = 2;
+const TOKEN_CONFIG: u64 = 3;
 const TOKEN_LINK_BASE: u64 = 16;
 
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +159,96 @@ struct PathRt {
 
 struct PeerRt {
     overlay: IpAddr,
+    /// As configured; a peer whose configuration changes is removed and added again.
+    config: PeerConfig,
+    /// False once removed (its id is not used again).
+    active: bool,
+}
+
+/// The prefixes routed through the TUN for a peer: its LAN prefixes and its overlay address.
+fn routed(p: &PeerConfig) -> Vec<Prefix> {
+    let host = if p.overlay.is_ipv4() { 32 } else { 128 };
+    let mut v = p.lan_prefixes.clone();
+    v.push(Prefix::truncating(p.overlay, host));
+    v
+}
+
+/// Registers peer `p` with the engine and builds a WireGuard session for each of its paths:
+/// every local link × every remote link of the same address family.
+fn build_peer(
+    engine: &mut Engine,
+    local_links: &[EdgeLink],
+    secret: &StaticSecret,
+    p: &PeerConfig,
+    now: Instant,
+    paths: &mut Vec<Option<PathRt>>,
+    by_endpoint: &mut HashMap<(usize, SocketAddr), PathId>,
+) -> Result<(PeerId, PeerRt), EdgeError> {
+    let peer = engine
+        .add_peer(p.name.as_str(), &routed(p))
+        .map_err(|e| EdgeError::Config(format!("peer {}: {e}", p.name)))?;
+    let rt = PeerRt {
+        overlay: p.overlay,
+        config: p.clone(),
+        active: true,
+    };
+    for (li, l) in local_links.iter().enumerate() {
+        for r in &p.links {
+            if r.endpoint
+                .is_some_and(|e| e.is_ipv6() != l.address.is_ipv6())
+            {
+                continue;
+            }
+            let id = match engine.add_path(peer, &l.link, r, now) {
+                Ok(id) => id,
+                Err(e) => {
+                    // The peer goes as a whole or not at all.
+                    engine.remove_peer(peer);
+                    return Err(EdgeError::Config(format!("peer {}: {e}", p.name)));
+                }
+            };
+            let tunn = Tunn::new(
+                secret.clone(),
+                PublicKey::from(p.public_key.0),
+                None,
+                None,
+                id.0 + 1,
+                None,
+            );
+            let slot = id.0 as usize;
+            if paths.len() <= slot {
+                paths.resize_with(slot + 1, || None);
+            }
+            if let Some(ep) = r.endpoint {
+                by_endpoint.insert((li, ep), id);
+            }
+            paths[slot] = Some(PathRt {
+                peer: peer.0 as usize,
+                link: li,
+                endpoint: r.endpoint,
+                tunn: Box::new(tunn),
+            });
+        }
+    }
+    Ok((peer, rt))
+}
+
+/// Where a new configuration is handed to a running edge (from another thread).
+#[derive(Debug)]
+pub struct ConfigInbox {
+    slot: std::sync::Mutex<Option<EdgeConfig>>,
+    wake: EventFd,
+}
+
+impl ConfigInbox {
+    /// Hands `cfg` to the edge, replacing one it has not taken yet; the edge applies it in its
+    /// loop.
+    pub fn send(&self, cfg: EdgeConfig) {
+        if let Ok(mut s) = self.slot.lock() {
+            *s = Some(cfg);
+        }
+        let _ = self.wake.write(1);
+    }
 }
 
 /// A handle that stops a running edge from another thread.
@@ -213,6 +304,12 @@ pub struct Edge {
     /// Decrypted packets on their way to the TUN.
     to_tun: Coalescer,
     tx: TxBatch,
+    // For changes while running.
+    secret: StaticSecret,
+    local_links: Vec<EdgeLink>,
+    tun_index: u32,
+    current: EdgeConfig,
+    inbox: Arc<ConfigInbox>,
     /// Cleared when the kernel refuses UDP_SEGMENT; sends then go one datagram at a time.
     gso: bool,
 }
@@ -301,66 +398,29 @@ impl Edge {
             .map_err(io_err(format!("creating TUN {}", cfg.tun_name)))?;
         tun.set_nonblocking(true)
             .map_err(io_err("non-blocking TUN"))?;
-        let mut routed: Vec<Prefix> = Vec::new();
-        for p in &cfg.peers {
-            routed.extend(p.lan_prefixes.iter().copied());
-            routed.push(Prefix::truncating(
-                p.overlay,
-                if p.overlay.is_ipv4() { 32 } else { 128 },
-            ));
-        }
-        let index = nix::net::if_::if_nametoindex(cfg.tun_name.as_str())
+        let all_routed: Vec<Prefix> = cfg.peers.iter().flat_map(routed).collect();
+        let tun_index = nix::net::if_::if_nametoindex(cfg.tun_name.as_str())
             .map_err(sys_err(format!("finding {}", cfg.tun_name)))?;
-        crate::routes::install(&cfg.tun_name, index, cfg.overlay, &routed)
+        crate::routes::install(&cfg.tun_name, tun_index, cfg.overlay, &all_routed)
             .map_err(EdgeError::Config)?;
 
-        // Peers and their paths: every local link × every remote link of the same family.
-        let secret: &StaticSecret = key.secret();
+        // Peers and their paths.
+        let secret: StaticSecret = key.secret().clone();
         let mut peers = Vec::new();
         let mut paths: Vec<Option<PathRt>> = Vec::new();
         let mut by_endpoint = HashMap::new();
         for p in &cfg.peers {
-            let host = if p.overlay.is_ipv4() { 32 } else { 128 };
-            let mut allowed = p.lan_prefixes.clone();
-            allowed.push(Prefix::truncating(p.overlay, host));
-            let peer = engine
-                .add_peer(p.name.as_str(), &allowed)
-                .map_err(|e| EdgeError::Config(format!("peer {}: {e}", p.name)))?;
-            for (li, l) in cfg.links.iter().enumerate() {
-                for r in &p.links {
-                    if r.endpoint
-                        .is_some_and(|e| e.is_ipv6() != l.address.is_ipv6())
-                    {
-                        continue;
-                    }
-                    let id = engine
-                        .add_path(peer, &l.link, r, now)
-                        .map_err(|e| EdgeError::Config(format!("peer {}: {e}", p.name)))?;
-                    let index = id.0 + 1;
-                    let tunn = Tunn::new(
-                        secret.clone(),
-                        PublicKey::from(p.public_key.0),
-                        None,
-                        None,
-                        index,
-                        None,
-                    );
-                    let slot = id.0 as usize;
-                    if paths.len() <= slot {
-                        paths.resize_with(slot + 1, || None);
-                    }
-                    if let Some(ep) = r.endpoint {
-                        by_endpoint.insert((li, ep), id);
-                    }
-                    paths[slot] = Some(PathRt {
-                        peer: peer.0 as usize,
-                        link: li,
-                        endpoint: r.endpoint,
-                        tunn: Box::new(tunn),
-                    });
-                }
-            }
-            peers.push(PeerRt { overlay: p.overlay });
+            let (id, rt) = build_peer(
+                &mut engine,
+                &cfg.links,
+                &secret,
+                p,
+                now,
+                &mut paths,
+                &mut by_endpoint,
+            )?;
+            debug_assert_eq!(id.0 as usize, peers.len());
+            peers.push(rt);
         }
 
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(sys_err("epoll"))?;
@@ -379,6 +439,12 @@ impl Edge {
         add(tun.as_fd(), TOKEN_TUN)?;
         add(timer.as_fd(), TOKEN_TIMER)?;
         add(stop.as_fd(), TOKEN_STOP)?;
+        let inbox = Arc::new(ConfigInbox {
+            slot: std::sync::Mutex::new(None),
+            wake: EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                .map_err(sys_err("eventfd"))?,
+        });
+        add(inbox.wake.as_fd(), TOKEN_CONFIG)?;
         for (i, l) in links.iter().enumerate() {
             add(l.sock.as_fd(), TOKEN_LINK_BASE + i as u64)?;
         }
@@ -432,12 +498,125 @@ impl Edge {
                 closed: false,
             },
             gso: true,
+            secret,
+            local_links: cfg.links.clone(),
+            tun_index,
+            current: cfg.clone(),
+            inbox,
         })
     }
 
     /// The TUN device's MTU.
     pub fn tun_mtu(&self) -> u16 {
         self.tun_mtu
+    }
+
+    /// Where another thread hands this edge a new configuration.
+    pub fn config_inbox(&self) -> Arc<ConfigInbox> {
+        self.inbox.clone()
+    }
+
+    /// Applies a new configuration without disturbing what it does not change: peers that are
+    /// the same keep their sessions, paths and flows; a peer that is new is added, one that is
+    /// gone is removed, one that changed (key, links, prefixes) is removed and added again;
+    /// new policies reclassify flows on their next packet, and a flow keeps its path if it
+    /// still fits. What cannot change in a running edge (its own links, overlay address, TUN,
+    /// port; the SLA classes and failover settings) is reported and waits for a restart.
+    /// Returns what was done, one line each.
+    pub fn apply(&mut self, new: &EdgeConfig) -> Vec<String> {
+        let mut notes = Vec::new();
+        let cur = &self.current;
+        if new.site != cur.site
+            || new.overlay != cur.overlay
+            || new.links != cur.links
+            || new.listen_port != cur.listen_port
+            || new.tun_name != cur.tun_name
+            || new.metrics_listen != cur.metrics_listen
+        {
+            notes.push(
+                "this edge's own links or addresses changed: applied at its next start".into(),
+            );
+        }
+        if new.classes != cur.classes
+            || new.failover != cur.failover
+            || new.default_class != cur.default_class
+            || new.default_steering != cur.default_steering
+        {
+            notes
+                .push("SLA classes or failover settings changed: applied at the next start".into());
+        }
+        let now = Instant::now();
+        let (mut added, mut removed) = (0, 0);
+        // Gone or changed peers leave first, so that a changed peer can take its prefixes again.
+        for i in 0..self.peers.len() {
+            let rt = &self.peers[i];
+            if !rt.active || new.peers.contains(&rt.config) {
+                continue;
+            }
+            self.remove_peer_rt(i);
+            removed += 1;
+        }
+        for p in &new.peers {
+            if self.peers.iter().any(|rt| rt.active && rt.config == *p) {
+                continue;
+            }
+            match build_peer(
+                &mut self.engine,
+                &self.local_links,
+                &self.secret,
+                p,
+                now,
+                &mut self.paths,
+                &mut self.by_endpoint,
+            ) {
+                Ok((id, rt)) => {
+                    debug_assert_eq!(id.0 as usize, self.peers.len());
+                    self.peers.push(rt);
+                    if let Err(e) = crate::routes::add(&self.tun_name, self.tun_index, &routed(p)) {
+                        notes.push(format!("peer {}: {e}", p.name));
+                    }
+                    added += 1;
+                }
+                Err(e) => notes.push(e.to_string()),
+            }
+        }
+        if new.policies != self.current.policies {
+            match self.engine.set_policies(new.policies.clone()) {
+                Ok(()) => notes.push(format!("{} policies in force", new.policies.len())),
+                Err(e) => notes.push(format!("the new policies were refused: {e}")),
+            }
+        }
+        if added + removed > 0 {
+            notes.push(format!("peers: {added} added, {removed} removed"));
+        }
+        self.current = new.clone();
+        for n in &notes {
+            self.record(format!("configuration: {n}"));
+        }
+        self.publish(now);
+        notes
+    }
+
+    /// Removes peer `i`: its sessions and paths, its prefixes from the engine and the routes.
+    fn remove_peer_rt(&mut self, i: usize) {
+        let id = PeerId(i as u32);
+        for pid in self.engine.peer_paths(id).to_vec() {
+            if let Some(slot) = self.paths.get_mut(pid.0 as usize) {
+                *slot = None;
+            }
+        }
+        let paths = &self.paths;
+        self.by_endpoint
+            .retain(|_, p| matches!(paths.get(p.0 as usize), Some(Some(_))));
+        self.engine.remove_peer(id);
+        let prefixes = routed(&self.peers[i].config);
+        if let Err(e) = crate::routes::remove(&self.tun_name, self.tun_index, &prefixes) {
+            self.record(format!(
+                "configuration: peer {}: {e}",
+                self.peers[i].config.name
+            ));
+        }
+        self.peers[i].active = false;
     }
 
     pub fn stop_handle(&self) -> StopHandle {
@@ -481,6 +660,13 @@ impl Edge {
             for ev in &events[..n] {
                 match ev.data() {
                     TOKEN_STOP => return Ok(()),
+                    TOKEN_CONFIG => {
+                        let _ = self.inbox.wake.read();
+                        let next = self.inbox.slot.lock().ok().and_then(|mut s| s.take());
+                        if let Some(cfg) = next {
+                            self.apply(&cfg);
+                        }
+                    }
                     TOKEN_TIMER => {
                         let _ = self.timer.wait();
                         self.timer_at = None;

@@ -130,23 +130,55 @@ pub fn install(name: &str, index: u32, overlay: IpAddr, prefixes: &[Prefix]) -> 
         &format!("bringing {name} up"),
     )?;
 
+    add_routes(&mut nl, name, index, prefixes)
+}
+
+fn route_message(index: u32, p: &Prefix) -> RouteMessage {
+    let mut route = RouteMessage::default();
+    route.header.address_family = family(p.addr());
+    route.header.destination_prefix_length = p.prefix_len();
+    route.header.table = RouteHeader::RT_TABLE_MAIN;
+    route.header.protocol = RouteProtocol::Static;
+    route.header.scope = RouteScope::Link;
+    route.header.kind = RouteType::Unicast;
+    route
+        .attributes
+        .push(RouteAttribute::Destination(route_address(p.addr())));
+    route.attributes.push(RouteAttribute::Oif(index));
+    route
+}
+
+fn add_routes(nl: &mut Rtnl, name: &str, index: u32, prefixes: &[Prefix]) -> Result<(), String> {
     for p in prefixes {
-        let mut route = RouteMessage::default();
-        route.header.address_family = family(p.addr());
-        route.header.destination_prefix_length = p.prefix_len();
-        route.header.table = RouteHeader::RT_TABLE_MAIN;
-        route.header.protocol = RouteProtocol::Static;
-        route.header.scope = RouteScope::Link;
-        route.header.kind = RouteType::Unicast;
-        route
-            .attributes
-            .push(RouteAttribute::Destination(route_address(p.addr())));
-        route.attributes.push(RouteAttribute::Oif(index));
         nl.request(
-            RouteNetlinkMessage::NewRoute(route),
+            RouteNetlinkMessage::NewRoute(route_message(index, p)),
             NLM_F_CREATE | NLM_F_REPLACE,
             &format!("routing {p} through {name}"),
         )?;
+    }
+    Ok(())
+}
+
+/// Routes `prefixes` through the interface `index` (a peer that joined).
+pub fn add(name: &str, index: u32, prefixes: &[Prefix]) -> Result<(), String> {
+    let mut nl = Rtnl::open().map_err(|e| format!("opening a netlink socket: {e}"))?;
+    add_routes(&mut nl, name, index, prefixes)
+}
+
+/// Removes the routes of `prefixes` through the interface `index` (a peer that left); one
+/// already gone is not an error.
+pub fn remove(name: &str, index: u32, prefixes: &[Prefix]) -> Result<(), String> {
+    let mut nl = Rtnl::open().map_err(|e| format!("opening a netlink socket: {e}"))?;
+    for p in prefixes {
+        match nl.request(
+            RouteNetlinkMessage::DelRoute(route_message(index, p)),
+            0,
+            &format!("removing the route of {p} through {name}"),
+        ) {
+            Ok(()) => {}
+            Err(e) if e.contains("No such process") => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }

@@ -93,6 +93,12 @@ pub enum SiteCmd {
     },
     /// Deletes a site and its links.
     Delete { site: String },
+    /// Changes a site's status: `active` sites have paths, `planned` and `disabled` ones none.
+    SetStatus {
+        site: String,
+        /// active, planned or disabled.
+        status: String,
+    },
     /// A one-time, expiring token for the site's edge to enrol with (printed once).
     EnrollToken {
         site: String,
@@ -141,6 +147,13 @@ pub enum LinkCmd {
 pub enum PolicyCmd {
     /// All policies, in evaluation order.
     List {
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Creates a policy from its JSON (as `GET /api/v1/policies/{id}` shows one), e.g.
+    /// '{"name":"voice","order":10,"class":"realtime","match":{"protocol":"udp"}}'.
+    Create {
+        json: String,
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
@@ -294,6 +307,15 @@ pub fn site(cmd: SiteCmd) -> anyhow::Result<()> {
             s.call("DELETE", &format!("/api/v1/sites/{id}"), None)?;
             outln!("deleted site {site}");
         }
+        SiteCmd::SetStatus { site, status } => {
+            let id = site_id(&mut s, &site)?;
+            s.call(
+                "PATCH",
+                &format!("/api/v1/sites/{id}"),
+                Some(&json!({ "status": status })),
+            )?;
+            outln!("site {site} is {status}");
+        }
         SiteCmd::EnrollToken {
             site,
             expires_in_minutes,
@@ -374,21 +396,23 @@ pub fn link(cmd: LinkCmd) -> anyhow::Result<()> {
 
 pub fn policy(cmd: PolicyCmd) -> anyhow::Result<()> {
     let mut s = Session::open()?;
+    let columns = [
+        ("ID", "id"),
+        ("ORDER", "order"),
+        ("NAME", "name"),
+        ("CLASS", "class"),
+        ("STEERING", "steering"),
+        ("ENABLED", "enabled"),
+    ];
     match cmd {
+        PolicyCmd::Create { json, output } => {
+            let body: Value = serde_json::from_str(&json).context("the policy is not JSON")?;
+            let v = s.call("POST", "/api/v1/policies", Some(&body))?;
+            print(output, &v, &columns);
+        }
         PolicyCmd::List { output } => {
             let v = s.call("GET", "/api/v1/policies?limit=500", None)?;
-            print(
-                output,
-                &v,
-                &[
-                    ("ID", "id"),
-                    ("ORDER", "order"),
-                    ("NAME", "name"),
-                    ("CLASS", "class"),
-                    ("STEERING", "steering"),
-                    ("ENABLED", "enabled"),
-                ],
-            );
+            print(output, &v, &columns);
         }
     }
     Ok(())

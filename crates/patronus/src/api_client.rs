@@ -76,6 +76,7 @@ pub fn load() -> anyhow::Result<Credentials> {
 pub struct Response {
     pub status: u16,
     pub body: Value,
+    pub etag: Option<String>,
 }
 
 /// `http://host:port` → `host:port`.
@@ -108,6 +109,18 @@ pub fn request(
     token: Option<&str>,
     body: Option<&Value>,
 ) -> anyhow::Result<Response> {
+    request_with(url, method, path, token, body, &[])
+}
+
+/// [`request`] with more headers (`If-None-Match`, say).
+pub fn request_with(
+    url: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<Response> {
     let auth = authority(url)?;
     let addr = auth
         .to_socket_addrs()
@@ -127,6 +140,9 @@ pub fn request(
     }
     if !body.is_empty() {
         head.push_str("Content-Type: application/json\r\n");
+    }
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
     s.write_all(head.as_bytes())?;
@@ -161,7 +177,13 @@ fn parse(raw: &[u8]) -> anyhow::Result<Response> {
         serde_json::from_slice(&body)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()))
     };
-    Ok(Response { status, body })
+    let etag = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("etag")
+            .then(|| v.trim().to_owned())
+    });
+    Ok(Response { status, body, etag })
 }
 
 fn dechunk(mut b: &[u8]) -> anyhow::Result<Vec<u8>> {

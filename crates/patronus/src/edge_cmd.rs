@@ -94,20 +94,27 @@ pub fn run(cmd: EdgeCmd) -> anyhow::Result<()> {
                 signals.add(s);
             }
             signals.thread_block()?;
-            let (cfg, key) = match (config, local) {
+            let (cfg, key, follow) = match (config, local) {
                 (Some(config), _) => {
                     let cfg = load(&config)?;
                     let key = PrivateKey::load_or_create(&cfg.private_key_file)?;
-                    (cfg, key)
+                    (cfg, key, None)
                 }
                 (None, Some(local)) => {
                     let token = token.or_else(|| std::env::var("PATRONUS_ENROLL_TOKEN").ok());
-                    from_controller(&local, token)?
+                    let (cfg, key, follow) = from_controller(&local, token)?;
+                    (cfg, key, Some(follow))
                 }
                 (None, None) => bail!("give --config or --local"),
             };
             let mut edge = Edge::new(&cfg, &key).context("starting the edge")?;
             let stop = edge.stop_handle();
+            if let Some(f) = follow {
+                let inbox = edge.config_inbox();
+                std::thread::Builder::new()
+                    .name("controller".into())
+                    .spawn(move || f.run(&inbox))?;
+            }
             std::thread::Builder::new()
                 .name("signals".into())
                 .spawn(move || {
@@ -133,7 +140,92 @@ pub fn run(cmd: EdgeCmd) -> anyhow::Result<()> {
 /// Controller mode: enrols on the first start (generating the key pair here; only the public
 /// key leaves), then fetches the site's configuration, keeping the last good one so that the
 /// edge starts and forwards with the controller down.
-fn from_controller(path: &Path, token: Option<String>) -> anyhow::Result<(EdgeConfig, PrivateKey)> {
+/// What the edge needs to keep following the controller once it runs.
+struct Follow {
+    local: patronus_api::EdgeLocal,
+    credential: String,
+    /// The version of the configuration in force (none when it came from the cache).
+    etag: Option<String>,
+}
+
+impl Follow {
+    /// Waits for each new configuration (a long poll) and hands it to the running edge; keeps
+    /// it on disk as the last good one. Retries with backoff while the controller is away;
+    /// stops if the controller refuses the credential.
+    fn run(mut self, inbox: &patronus_edge::edge::ConfigInbox) {
+        let dir = &self.local.state_dir;
+        let mut backoff = std::time::Duration::from_secs(1);
+        loop {
+            let mut headers = Vec::new();
+            if let Some(e) = &self.etag {
+                headers.push(("If-None-Match", e.as_str()));
+            }
+            let r = crate::api_client::request_with(
+                &self.local.controller,
+                "GET",
+                "/api/v1/edge/config?wait=25",
+                Some(&self.credential),
+                None,
+                &headers,
+            );
+            match r {
+                Ok(r) if r.status == 304 => backoff = std::time::Duration::from_secs(1),
+                Ok(r) if r.status == 200 => {
+                    backoff = std::time::Duration::from_secs(1);
+                    let site: patronus_api::SiteConfig = match serde_json::from_value(r.body) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            eprintln!("edge: the controller's configuration does not parse: {e}");
+                            std::thread::sleep(std::time::Duration::from_secs(5));
+                            continue;
+                        }
+                    };
+                    match self.local.edge_config(&site, dir.join("private.key")) {
+                        Ok((cfg, notes)) => {
+                            for n in notes {
+                                eprintln!("edge: {n}");
+                            }
+                            if let Ok(text) = serde_json::to_string_pretty(&site) {
+                                let _ =
+                                    write_private(&dir.join("site-config.json"), text.as_bytes());
+                            }
+                            eprintln!(
+                                "edge: new configuration {}",
+                                r.etag.as_deref().unwrap_or("?")
+                            );
+                            inbox.send(cfg);
+                            self.etag = r.etag;
+                        }
+                        Err(e) => {
+                            eprintln!("edge: the new configuration does not fit this machine: {e}")
+                        }
+                    }
+                }
+                Ok(r) if r.status == 401 => {
+                    eprintln!(
+                        "edge: the controller refused this edge's credential ({}); no more updates",
+                        crate::api_client::error_text(&r)
+                    );
+                    return;
+                }
+                other => {
+                    let why = match other {
+                        Ok(r) => crate::api_client::error_text(&r),
+                        Err(e) => format!("{e:#}"),
+                    };
+                    eprintln!("edge: the controller is away ({why}); retrying in {backoff:?}");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
+                }
+            }
+        }
+    }
+}
+
+fn from_controller(
+    path: &Path,
+    token: Option<String>,
+) -> anyhow::Result<(EdgeConfig, PrivateKey, Follow)> {
     use patronus_api::SiteConfig;
     let local = read_local(path)?;
     let (key, credential) = enrol(&local, token)?;
@@ -147,8 +239,10 @@ fn from_controller(path: &Path, token: Option<String>) -> anyhow::Result<(EdgeCo
         Some(&credential),
         None,
     );
+    let mut etag = None;
     let site: SiteConfig = match fetched {
         Ok(r) if r.status == 200 => {
+            etag = r.etag;
             let site: SiteConfig = serde_json::from_value(r.body)
                 .context("the controller's configuration does not parse")?;
             write_private(&cache, serde_json::to_string_pretty(&site)?.as_bytes())?;
@@ -181,7 +275,15 @@ fn from_controller(path: &Path, token: Option<String>) -> anyhow::Result<(EdgeCo
     for n in notes {
         eprintln!("edge: {n}");
     }
-    Ok((cfg, key))
+    Ok((
+        cfg,
+        key,
+        Follow {
+            local,
+            credential,
+            etag,
+        },
+    ))
 }
 
 fn read_local(path: &Path) -> anyhow::Result<patronus_api::EdgeLocal> {

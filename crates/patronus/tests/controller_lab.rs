@@ -202,6 +202,92 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
         assert_eq!(mode & 0o777, 0o600);
     }
 
+    // A policy written through the API reaches the running edges and moves traffic: this UDP
+    // port may only use LTE links from now on. (1000 packets/s, so that the probes every path
+    // carries are a small part of what the links count.)
+    let forwarded = |l: &str| lab.link_status(l).unwrap().up_stats.forwarded;
+    let stream = || {
+        let dst = lab.addr("branch1/h1", false).unwrap();
+        let cfg = patronus_lab::stream::StreamConfig {
+            rate_pps: 1000,
+            duration: Duration::from_secs(2),
+            port: 45000,
+            ..Default::default()
+        };
+        let (lte, mpls) = (forwarded("hq/lte"), forwarded("hq/mpls"));
+        let r = patronus_lab::stream::run(
+            &lab.ns("hq/h1").unwrap(),
+            &lab.ns("branch1/h1").unwrap(),
+            dst,
+            &cfg,
+        )
+        .unwrap();
+        assert_eq!(r.lost, 0, "{r:?}");
+        (
+            r.sent,
+            forwarded("hq/lte") - lte,
+            forwarded("hq/mpls") - mpls,
+        )
+    };
+    let (sent, lte, mpls) = stream();
+    assert!(
+        mpls >= sent * 9 / 10 && lte < sent / 2,
+        "before: sent {sent}, lte {lte}, mpls {mpls}"
+    );
+    let (ok, _, err) = cli(
+        &lab,
+        &home,
+        &[
+            "policy",
+            "create",
+            r#"{"name":"lte-only","order":10,"class":"bulk","match":{"protocol":"udp","dst_ports":[45000]},"links":{"only":["lte"]}}"#,
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    std::thread::sleep(Duration::from_secs(1));
+    let (sent, lte, mpls) = stream();
+    assert!(
+        lte >= sent * 9 / 10 && mpls < sent / 2,
+        "after: sent {sent}, lte {lte}, mpls {mpls}"
+    );
+    let hq_log = std::fs::read_to_string(edges::edge_dir(&lab, "hq").join("edge.log")).unwrap();
+    assert!(hq_log.contains("new configuration"), "{hq_log}");
+
+    // A site disabled through the API leaves the other edges' peers (its routes go), and comes
+    // back, with new sessions, when it is active again; the other pairs are not disturbed.
+    let b2 = lab.addr("branch2/h1", false).unwrap();
+    let (ok, _, err) = cli(
+        &lab,
+        &home,
+        &["site", "set-status", "branch2", "disabled"],
+        "",
+    );
+    assert!(ok, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lab
+        .exec("hq/h1", &["ping", "-c", "1", "-W", "1", &b2.to_string()])
+        .unwrap()
+        .status
+        .success()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "hq still reaches the disabled site"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (sent, ..) = stream();
+    assert!(sent > 0, "hq still reaches branch1");
+    let (ok, _, err) = cli(
+        &lab,
+        &home,
+        &["site", "set-status", "branch2", "active"],
+        "",
+    );
+    assert!(ok, "{err}");
+    edges::wait_for_tunnel(&lab, "hq/h1", b2, Duration::from_secs(20)).unwrap();
+
     // Headless: with the controller gone, traffic goes on, and an edge restarted meanwhile
     // comes back on the configuration it kept.
     lab.stop(controller).unwrap();
