@@ -167,6 +167,37 @@ pub struct SiteConfig {
     pub failover: FailoverSettings,
 }
 
+/// What an edge reports to its controller about its paths, every few seconds.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Telemetry {
+    pub paths: Vec<PathReport>,
+}
+
+/// One path as the reporting edge measures it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PathReport {
+    /// The peer site's name.
+    pub peer: String,
+    /// The reporting site's link.
+    pub local_link: String,
+    /// The peer's link.
+    pub remote_link: String,
+    /// `up`, `degraded` or `down`.
+    pub state: String,
+    /// Round-trip time, ms (none before the first reply).
+    pub rtt_ms: Option<f64>,
+    /// RFC 3550 interarrival jitter, ms.
+    pub jitter_ms: f64,
+    /// Probe loss over the sliding window, percent.
+    pub loss_pct: f64,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+}
+
 /// What an edge that a controller runs knows of its own machine; everything else comes from the
 /// controller as a [`SiteConfig`].
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

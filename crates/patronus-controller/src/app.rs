@@ -37,7 +37,24 @@ pub struct Inner {
     pub compiled: tokio::sync::Mutex<Option<(u64, Compiled)>>,
     /// When each site's edge was last heard from, and how many of its requests are open.
     pub presence: std::sync::Mutex<std::collections::HashMap<i64, Presence>>,
+    /// The latest measurement of each path (by path id), as an edge at one of its ends
+    /// reported it.
+    pub live: std::sync::Mutex<std::collections::HashMap<String, LivePath>>,
 }
+
+/// A path's latest reported measurement.
+#[derive(Debug, Clone)]
+pub struct LivePath {
+    pub state: String,
+    pub rtt_ms: Option<f64>,
+    pub jitter_ms: f64,
+    pub loss_pct: f64,
+    /// Unix seconds.
+    pub at: i64,
+}
+
+/// A report older than this says nothing about the path now: its fields read `null`.
+pub const LIVE_FOR_S: i64 = 30;
 
 /// What the controller has seen of a site's edge since it started.
 #[derive(Debug, Clone, Copy, Default)]
@@ -122,6 +139,7 @@ impl AppState {
             changes: tokio::sync::watch::channel(0).0,
             compiled: tokio::sync::Mutex::new(None),
             presence: std::sync::Mutex::new(std::collections::HashMap::new()),
+            live: std::sync::Mutex::new(std::collections::HashMap::new()),
             config,
             store,
         }))
@@ -358,9 +376,14 @@ async fn around(State(state): State<AppState>, mut req: Request, next: Next) -> 
         resp.status().as_u16(),
         started.elapsed(),
     );
-    // An acknowledged write may change some edge's configuration (one to users, API keys or
-    // sessions cannot: it wakes no edge).
-    let no_config = ["/api/v1/auth/", "/api/v1/users", "/api/v1/api-keys"];
+    // An acknowledged write may change some edge's configuration (one to users, API keys,
+    // sessions or an edge's own reports cannot: it wakes no edge).
+    let no_config = [
+        "/api/v1/auth/",
+        "/api/v1/users",
+        "/api/v1/api-keys",
+        "/api/v1/edge/",
+    ];
     if !matches!(method, axum::http::Method::GET | axum::http::Method::HEAD)
         && resp.status().is_success()
         && !no_config.iter().any(|p| route.starts_with(p))

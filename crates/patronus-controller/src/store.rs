@@ -187,6 +187,23 @@ CREATE TABLE site_credentials (
 );
 "#,
     ),
+    (
+        8,
+        "path measurements reported by the edges",
+        r#"
+CREATE TABLE path_samples (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    path_id   TEXT    NOT NULL,
+    site_id   INTEGER NOT NULL REFERENCES sites(id) ON DELETE CASCADE,
+    at_s      INTEGER NOT NULL,
+    state     TEXT    NOT NULL,
+    rtt_ms    REAL,
+    jitter_ms REAL    NOT NULL,
+    loss_pct  REAL    NOT NULL
+);
+CREATE INDEX path_samples_path_at ON path_samples(path_id, at_s);
+"#,
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

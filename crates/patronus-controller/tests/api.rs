@@ -171,7 +171,7 @@ async fn public_endpoints_answer_and_unknown_routes_and_methods_get_the_error_sh
     assert_eq!(r.status, StatusCode::OK);
     let r = a.call(Method::GET, "/api/v1/version", None, None).await;
     assert_eq!(r.body["api"], "v1");
-    assert_eq!(r.body["schema_version"], 7);
+    assert_eq!(r.body["schema_version"], 8);
     let r = a
         .call(Method::GET, "/api/v1/nothing-here", None, None)
         .await;
@@ -2470,4 +2470,116 @@ async fn a_site_is_online_while_its_edge_is_in_touch() {
     assert!(r.body["last_seen"].as_i64().unwrap() > 0);
     let r = a.call(Method::GET, "/api/v1/sites", Some(&t), None).await;
     assert_eq!(r.body["items"][0]["online"], true);
+}
+
+#[tokio::test]
+async fn edges_report_their_paths_and_the_api_shows_what_they_measured() {
+    let a = api().await;
+    let t = a.admin().await;
+    let ids = sites(&a, &t, &["hq", "b1"]).await;
+    let r = a
+        .call(
+            Method::POST,
+            &format!("/api/v1/sites/{}/enrollment-tokens", ids[0]),
+            Some(&t),
+            Some(json!({})),
+        )
+        .await;
+    let key = patronus_api::key_to_base64(&[5; 32]);
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/enroll",
+            None,
+            Some(json!({ "token": r.body["token"], "public_key": key })),
+        )
+        .await;
+    let cred = r.body["credential"].as_str().unwrap().to_owned();
+    let report = |state: &str, rtt: f64| {
+        json!({ "paths": [
+            { "peer": "b1", "local_link": "mpls", "remote_link": "mpls", "state": state,
+              "rtt_ms": rtt, "jitter_ms": 0.4, "loss_pct": 0.0, "tx_bytes": 1000, "rx_bytes": 900 },
+            { "peer": "gone", "local_link": "mpls", "remote_link": "x", "state": "down",
+              "rtt_ms": null, "jitter_ms": 0.0, "loss_pct": 100.0, "tx_bytes": 0, "rx_bytes": 0 }
+        ]})
+    };
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/edge/telemetry",
+            Some(&cred),
+            Some(report("up", 21.5)),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/edge/telemetry",
+            Some(&t),
+            Some(report("up", 21.5)),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "only an edge reports");
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/edge/telemetry",
+            Some(&cred),
+            Some(report("sideways", 1.0)),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let r = a
+        .call(Method::GET, "/api/v1/paths?state=up", Some(&t), None)
+        .await;
+    assert_eq!(r.body["total"], 1, "{r:?}");
+    let p = &r.body["items"][0];
+    assert_eq!(
+        (
+            p["a"]["link"].as_str(),
+            p["b"]["site"].as_str(),
+            p["rtt_ms"].as_f64()
+        ),
+        (Some("mpls"), Some("b1"), Some(21.5))
+    );
+    let id = p["id"].as_str().unwrap().to_owned();
+    let r = a
+        .call(Method::GET, "/api/v1/paths?state=unknown", Some(&t), None)
+        .await;
+    assert_eq!(r.body["total"], 3);
+    a.call(
+        Method::POST,
+        "/api/v1/edge/telemetry",
+        Some(&cred),
+        Some(report("degraded", 180.0)),
+    )
+    .await;
+    let r = a
+        .call(Method::GET, &format!("/api/v1/paths/{id}"), Some(&t), None)
+        .await;
+    assert_eq!(
+        (r.body["state"].as_str(), r.body["rtt_ms"].as_f64()),
+        (Some("degraded"), Some(180.0))
+    );
+    let r = a
+        .call(
+            Method::GET,
+            &format!("/api/v1/paths/{id}/metrics"),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(r.body["total"], 2);
+    assert_eq!(r.body["items"][1]["state"], "degraded");
+    // An old report is no data: the path reads unknown again, its history stays.
+    a.state.live.lock().unwrap().get_mut(&id).unwrap().at -= 3600;
+    let r = a
+        .call(Method::GET, &format!("/api/v1/paths/{id}"), Some(&t), None)
+        .await;
+    assert!(
+        r.body["state"].is_null() && r.body["rtt_ms"].is_null(),
+        "{r:?}"
+    );
+    assert!(r.body["last_report"].as_i64().is_some());
 }

@@ -511,6 +511,11 @@ impl Edge {
         self.tun_mtu
     }
 
+    /// The status snapshot the loop publishes (every 250 ms), for reporters.
+    pub fn status_shared(&self) -> Shared {
+        self.shared.clone()
+    }
+
     /// Where another thread hands this edge a new configuration.
     pub fn config_inbox(&self) -> Arc<ConfigInbox> {
         self.inbox.clone()

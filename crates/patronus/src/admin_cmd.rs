@@ -144,6 +144,71 @@ pub enum LinkCmd {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum PathCmd {
+    /// The paths the topology gives, with what their edges last measured.
+    List {
+        /// Only paths with this site (name or id) at one end.
+        #[arg(long)]
+        site: Option<String>,
+        /// up, degraded, down or unknown.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+pub fn path(cmd: PathCmd) -> anyhow::Result<()> {
+    let mut s = Session::open()?;
+    match cmd {
+        PathCmd::List {
+            site,
+            state,
+            output,
+        } => {
+            let mut q = String::from("/api/v1/paths?limit=500");
+            if let Some(site) = site {
+                let id = site_id(&mut s, &site)?;
+                q.push_str(&format!("&site={id}"));
+            }
+            if let Some(st) = state {
+                q.push_str(&format!("&state={}", urlencode(&st)));
+            }
+            let mut v = s.call("GET", &q, None)?;
+            // Flatten the two ends for the table.
+            if let Some(items) = v["items"].as_array_mut() {
+                for p in items {
+                    let end = |e: &Value| {
+                        format!(
+                            "{}/{}",
+                            e["site"].as_str().unwrap_or("?"),
+                            e["link"].as_str().unwrap_or("?")
+                        )
+                    };
+                    let (a, b) = (end(&p["a"]), end(&p["b"]));
+                    p["from"] = a.into();
+                    p["to"] = b.into();
+                }
+            }
+            print(
+                output,
+                &v,
+                &[
+                    ("ID", "id"),
+                    ("FROM", "from"),
+                    ("TO", "to"),
+                    ("STATE", "state"),
+                    ("RTT MS", "rtt_ms"),
+                    ("JITTER MS", "jitter_ms"),
+                    ("LOSS %", "loss_pct"),
+                ],
+            );
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Subcommand)]
 pub enum PolicyCmd {
     /// All policies, in evaluation order.
     List {

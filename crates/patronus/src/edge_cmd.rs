@@ -110,6 +110,11 @@ pub fn run(cmd: EdgeCmd) -> anyhow::Result<()> {
             let mut edge = Edge::new(&cfg, &key).context("starting the edge")?;
             let stop = edge.stop_handle();
             if let Some(f) = follow {
+                let status = edge.status_shared();
+                let (url, credential) = (f.local.controller.clone(), f.credential.clone());
+                std::thread::Builder::new()
+                    .name("telemetry".into())
+                    .spawn(move || report(&url, &credential, &status))?;
                 let inbox = edge.config_inbox();
                 std::thread::Builder::new()
                     .name("controller".into())
@@ -140,6 +145,58 @@ pub fn run(cmd: EdgeCmd) -> anyhow::Result<()> {
 /// Controller mode: enrols on the first start (generating the key pair here; only the public
 /// key leaves), then fetches the site's configuration, keeping the last good one so that the
 /// edge starts and forwards with the controller down.
+/// Every 5 s, the paths' measurements to the controller (best effort: a report that cannot be
+/// delivered is dropped, and the next one says where things are).
+fn report(url: &str, credential: &str, status: &patronus_edge::status::Shared) {
+    let mut failing = false;
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(5));
+        let snap = match status.lock() {
+            Ok(s) => s.clone(),
+            Err(_) => return,
+        };
+        let t = patronus_api::Telemetry {
+            paths: snap
+                .paths
+                .iter()
+                .map(|p| patronus_api::PathReport {
+                    peer: p.peer.clone(),
+                    local_link: p.local_link.clone(),
+                    remote_link: p.remote_link.clone(),
+                    state: p.state.clone(),
+                    rtt_ms: p.rtt_ms,
+                    jitter_ms: p.jitter_ms,
+                    loss_pct: p.loss_pct,
+                    tx_bytes: p.tx_bytes,
+                    rx_bytes: p.rx_bytes,
+                })
+                .collect(),
+        };
+        let Ok(body) = serde_json::to_value(&t) else {
+            continue;
+        };
+        let r = crate::api_client::request(
+            url,
+            "POST",
+            "/api/v1/edge/telemetry",
+            Some(credential),
+            Some(&body),
+        );
+        match r {
+            Ok(r) if r.status == 204 => failing = false,
+            other if !failing => {
+                failing = true;
+                let why = match other {
+                    Ok(r) => crate::api_client::error_text(&r),
+                    Err(e) => format!("{e:#}"),
+                };
+                eprintln!("edge: telemetry not delivered ({why}); retrying every 5 s");
+            }
+            _ => {}
+        }
+    }
+}
+
 /// What the edge needs to keep following the controller once it runs.
 struct Follow {
     local: patronus_api::EdgeLocal,

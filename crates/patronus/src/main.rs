@@ -61,6 +61,9 @@ enum Command {
     /// Traffic policies, through the controller's API.
     #[command(subcommand)]
     Policy(admin_cmd::PolicyCmd),
+    /// Paths and what their edges measure, through the controller's API.
+    #[command(subcommand)]
+    Path(admin_cmd::PathCmd),
 }
 
 fn main() -> ExitCode {
@@ -73,6 +76,7 @@ fn main() -> ExitCode {
         Command::Site(c) => admin_cmd::site(c),
         Command::Link(c) => admin_cmd::link(c),
         Command::Policy(c) => admin_cmd::policy(c),
+        Command::Path(c) => admin_cmd::path(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -176,6 +176,38 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
             panic!("{e}\n{logs}")
         });
     }
+    // The edges report what they measure: the controller shows hq's MPLS path to branch1 up,
+    // with a round trip near the emulated 20 ms.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, out, err) = cli(
+            &lab,
+            &home,
+            &[
+                "path", "list", "--site", "hq", "--state", "up", "--output", "json",
+            ],
+            "",
+        );
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let found = v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["from"] == "hq/mpls" && p["to"] == "branch1/mpls")
+            .cloned();
+        if let Some(p) = found {
+            let rtt = p["rtt_ms"].as_f64().unwrap();
+            assert!((15.0..60.0).contains(&rtt), "{p}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no report of hq/mpls - branch1/mpls: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
     // The controller holds each edge's public key, the one the edge made and keeps.
     for s in &plan.sites {
         let (ok, out, _) = cli(

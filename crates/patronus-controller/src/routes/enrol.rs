@@ -38,6 +38,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(create_token))
         .routes(routes!(enroll))
         .routes(routes!(edge_config))
+        .routes(routes!(telemetry))
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
@@ -343,4 +344,103 @@ async fn edge_config(
             return Ok(r);
         }
     }
+}
+
+/// How long reported samples are kept.
+pub const SAMPLE_RETENTION_S: i64 = 7 * 24 * 3600;
+
+#[utoipa::path(
+    post,
+    path = "/api/v1/edge/telemetry",
+    tag = "enrolment",
+    summary = "The calling edge reports its paths' measurements (site credential).",
+    request_body = patronus_api::Telemetry,
+    security(("bearer" = [])),
+    responses((status = 204, description = "Recorded"), crate::error::ApiErrors)
+)]
+async fn telemetry(
+    State(s): State<AppState>,
+    site: SiteCaller,
+    extract::Json(t): extract::Json<patronus_api::Telemetry>,
+) -> Result<StatusCode, ApiError> {
+    let _heard = s.heard_from(site.site_id);
+    if t.paths.len() > 4096 {
+        return Err(ApiError::field("paths", "at most 4096 paths per report"));
+    }
+    // Link ids by (site name, link name): the reporter's and its peers'.
+    let rows = sqlx::query(
+        "SELECT l.id, l.name AS link, s.name AS site FROM links l JOIN sites s ON s.id = l.site_id",
+    )
+    .fetch_all(s.store.pool())
+    .await?;
+    let mut ids: std::collections::HashMap<(String, String), i64> = Default::default();
+    for r in &rows {
+        ids.insert((r.try_get("site")?, r.try_get("link")?), r.try_get("id")?);
+    }
+    let now = now_s();
+    let mut samples = Vec::new();
+    for (i, p) in t.paths.iter().enumerate() {
+        if !matches!(p.state.as_str(), "up" | "degraded" | "down") {
+            return Err(ApiError::field(
+                &format!("paths[{i}].state"),
+                "must be up, degraded or down",
+            ));
+        }
+        let finite = |v: f64| v.is_finite() && v >= 0.0;
+        if !finite(p.jitter_ms) || !finite(p.loss_pct) || p.rtt_ms.is_some_and(|r| !finite(r)) {
+            return Err(ApiError::field(
+                &format!("paths[{i}]"),
+                "measurements must be finite and >= 0",
+            ));
+        }
+        let (Some(a), Some(b)) = (
+            ids.get(&(site.site.clone(), p.local_link.clone())),
+            ids.get(&(p.peer.clone(), p.remote_link.clone())),
+        ) else {
+            // A path of a configuration the controller no longer has: not an error.
+            continue;
+        };
+        samples.push((crate::routes::topology::path_id(*a, *b), p));
+    }
+    {
+        let mut live = s.live.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, p) in &samples {
+            live.insert(
+                id.clone(),
+                crate::app::LivePath {
+                    state: p.state.clone(),
+                    rtt_ms: p.rtt_ms,
+                    jitter_ms: p.jitter_ms,
+                    loss_pct: p.loss_pct,
+                    at: now,
+                },
+            );
+        }
+    }
+    let mut tx = s.store.begin().await?;
+    for (id, p) in &samples {
+        sqlx::query(
+            "INSERT INTO path_samples (path_id, site_id, at_s, state, rtt_ms, jitter_ms, loss_pct)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(site.site_id)
+        .bind(now)
+        .bind(&p.state)
+        .bind(p.rtt_ms)
+        .bind(p.jitter_ms)
+        .bind(p.loss_pct)
+        .execute(&mut *tx)
+        .await?;
+    }
+    // Retention: what is older goes, a little at a time.
+    sqlx::query(
+        "DELETE FROM path_samples WHERE id IN
+           (SELECT id FROM path_samples WHERE at_s < ? ORDER BY id LIMIT 1000)",
+    )
+    .bind(now - SAMPLE_RETENTION_S)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
 }

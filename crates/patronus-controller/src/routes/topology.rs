@@ -37,6 +37,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(show, update))
         .routes(routes!(list_paths))
         .routes(routes!(show_path))
+        .routes(routes!(path_metrics))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -398,21 +399,35 @@ fn end(s: &SiteView, l: &crate::routes::sites::LinkView) -> PathEnd {
     }
 }
 
+/// The id of the path between two links: their ids, lower first.
+pub fn path_id(x: i64, y: i64) -> String {
+    format!("{}-{}", x.min(y), x.max(y))
+}
+
+type Live = std::collections::HashMap<String, crate::app::LivePath>;
+
 fn path(
     a: &SiteView,
     la: &crate::routes::sites::LinkView,
     b: &SiteView,
     lb: &crate::routes::sites::LinkView,
+    live: &Live,
+    now: i64,
 ) -> PathView {
+    let id = path_id(la.id, lb.id);
+    // Only a recent report speaks for the path now; an old one is no data.
+    let m = live
+        .get(&id)
+        .filter(|m| now - m.at <= crate::app::LIVE_FOR_S);
     PathView {
-        id: format!("{}-{}", la.id.min(lb.id), la.id.max(lb.id)),
         a: end(a, la),
         b: end(b, lb),
-        state: None,
-        rtt_ms: None,
-        jitter_ms: None,
-        loss_pct: None,
-        last_report: None,
+        state: m.map(|m| m.state.clone()),
+        rtt_ms: m.and_then(|m| m.rtt_ms),
+        jitter_ms: m.map(|m| m.jitter_ms),
+        loss_pct: m.map(|m| m.loss_pct),
+        last_report: live.get(&id).map(|m| m.at),
+        id,
     }
 }
 
@@ -442,18 +457,8 @@ async fn list_paths(
     extract::Query(q): extract::Query<PathQuery>,
 ) -> Result<Json<Page<PathView>>, ApiError> {
     let paging = Paging::new(q.limit, q.offset)?;
-    match q.state.as_deref() {
-        None | Some("unknown") => {}
-        Some("up" | "degraded" | "down") => {
-            // No edge reports yet: no path is known to be in any state.
-            return Ok(Json(Page {
-                items: vec![],
-                total: 0,
-                limit: paging.limit,
-                offset: paging.offset,
-            }));
-        }
-        Some(_) => {
+    if let Some(st) = q.state.as_deref() {
+        if !matches!(st, "up" | "degraded" | "down" | "unknown") {
             return Err(ApiError::field(
                 "state",
                 "must be up, degraded, down or unknown",
@@ -462,10 +467,32 @@ async fn list_paths(
     }
     let t = load(&s.store).await?;
     let sites = load_sites(&s.store).await?;
+    let live = s.live.lock().map(|l| l.clone()).unwrap_or_default();
+    let now = crate::store::now_s();
     let pairs: Vec<_> = connected_pairs(&t, &sites)
         .into_iter()
         .filter(|(a, b)| q.site.is_none_or(|id| a.id == id || b.id == id))
         .collect();
+    if let Some(st) = q.state.as_deref() {
+        // Filtered by state: every path is looked at.
+        let all: Vec<PathView> = pairs
+            .iter()
+            .flat_map(|(a, b)| {
+                let live = &live;
+                a.links
+                    .iter()
+                    .flat_map(move |la| b.links.iter().map(move |lb| path(a, la, b, lb, live, now)))
+            })
+            .filter(|p| p.state.as_deref().unwrap_or("unknown") == st)
+            .collect();
+        let total = all.len() as i64;
+        let items = all
+            .into_iter()
+            .skip(paging.offset as usize)
+            .take(paging.limit as usize)
+            .collect();
+        return Ok(Json(Page::new(items, total, paging)));
+    }
     let total: i64 = pairs
         .iter()
         .map(|(a, b)| (a.links.len() * b.links.len()) as i64)
@@ -487,7 +514,7 @@ async fn list_paths(
                 if items.len() as i64 == paging.limit {
                     break 'pairs;
                 }
-                items.push(path(a, la, b, lb));
+                items.push(path(a, la, b, lb, &live, now));
             }
         }
     }
@@ -520,10 +547,87 @@ async fn show_path(
         for la in &a.links {
             for lb in &b.links {
                 if (la.id, lb.id) == (x, y) || (la.id, lb.id) == (y, x) {
-                    return Ok(Json(path(a, la, b, lb)));
+                    let live = s.live.lock().map(|l| l.clone()).unwrap_or_default();
+                    return Ok(Json(path(a, la, b, lb, &live, crate::store::now_s())));
                 }
             }
         }
     }
     Err(not_found())
+}
+
+/// One reported measurement of a path.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PathSample {
+    /// Unix seconds.
+    pub at: i64,
+    /// The site whose edge reported it.
+    pub site_id: i64,
+    pub state: String,
+    pub rtt_ms: Option<f64>,
+    pub jitter_ms: f64,
+    pub loss_pct: f64,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct MetricsQuery {
+    pub limit: Option<i64>,
+    pub offset: Option<i64>,
+    /// Unix seconds, inclusive.
+    pub since: Option<i64>,
+    /// Unix seconds, exclusive.
+    pub until: Option<i64>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/paths/{id}/metrics",
+    tag = "paths",
+    summary = "A path's measurements as its edges reported them, oldest first.",
+    params(("id" = String, Path, description = "The two link ids, lower first: 3-7"), MetricsQuery),
+    security(("bearer" = [])),
+    responses((status = 200, body = Page<PathSample>), crate::error::ApiErrors)
+)]
+async fn path_metrics(
+    State(s): State<AppState>,
+    _p: Principal,
+    extract::Path(id): extract::Path<String>,
+    extract::Query(q): extract::Query<MetricsQuery>,
+) -> Result<Json<Page<PathSample>>, ApiError> {
+    let paging = Paging::new(q.limit, q.offset)?;
+    let (since, until) = (q.since.unwrap_or(0), q.until.unwrap_or(i64::MAX));
+    let total: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM path_samples WHERE path_id = ? AND at_s >= ? AND at_s < ?",
+    )
+    .bind(&id)
+    .bind(since)
+    .bind(until)
+    .fetch_one(s.store.pool())
+    .await?;
+    let rows = sqlx::query(
+        "SELECT at_s, site_id, state, rtt_ms, jitter_ms, loss_pct FROM path_samples
+         WHERE path_id = ? AND at_s >= ? AND at_s < ? ORDER BY id LIMIT ? OFFSET ?",
+    )
+    .bind(&id)
+    .bind(since)
+    .bind(until)
+    .bind(paging.limit)
+    .bind(paging.offset)
+    .fetch_all(s.store.pool())
+    .await?;
+    let items = rows
+        .iter()
+        .map(|r| {
+            Ok(PathSample {
+                at: r.try_get("at_s")?,
+                site_id: r.try_get("site_id")?,
+                state: r.try_get("state")?,
+                rtt_ms: r.try_get("rtt_ms")?,
+                jitter_ms: r.try_get("jitter_ms")?,
+                loss_pct: r.try_get("loss_pct")?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    Ok(Json(Page::new(items, total, paging)))
 }
