@@ -2572,6 +2572,32 @@ async fn edges_report_their_paths_and_the_api_shows_what_they_measured() {
         .await;
     assert_eq!(r.body["total"], 2);
     assert_eq!(r.body["items"][1]["state"], "degraded");
+    let req = Request::get("/metrics")
+        .header(header::AUTHORIZATION, format!("Bearer {t}"))
+        .body(Body::empty())
+        .unwrap();
+    let text = String::from_utf8(
+        a.app
+            .clone()
+            .oneshot(req)
+            .await
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        text.contains(&format!("patronus_path_rtt_ms{{path=\"{id}\"}} 180")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("patronus_path_up{{path=\"{id}\"}} 0.5")),
+        "{text}"
+    );
     // An old report is no data: the path reads unknown again, its history stays.
     a.state.live.lock().unwrap().get_mut(&id).unwrap().at -= 3600;
     let r = a

@@ -71,6 +71,51 @@ async fn metrics(State(s): State<AppState>, _p: Principal) -> Result<Response, A
         "Objects in the store, by kind.",
         &counts,
     );
+    // What the edges last reported of each path (fresh reports only).
+    let now = crate::store::now_s();
+    let live = s.live.lock().map(|l| l.clone()).unwrap_or_default();
+    let mut fresh: Vec<_> = live
+        .into_iter()
+        .filter(|(_, m)| now - m.at <= crate::app::LIVE_FOR_S)
+        .collect();
+    fresh.sort_by(|a, b| a.0.cmp(&b.0));
+    let label = |id: &str| format!("{{path=\"{id}\"}}");
+    let series = |f: &dyn Fn(&crate::app::LivePath) -> Option<f64>| -> Vec<(String, f64)> {
+        fresh
+            .iter()
+            .filter_map(|(id, m)| Some((label(id), f(m)?)))
+            .collect()
+    };
+    gauge(
+        &mut out,
+        "patronus_path_up",
+        "1 if the path's edge reports it up, 0.5 degraded, 0 down.",
+        &series(&|m| {
+            Some(match m.state.as_str() {
+                "up" => 1.0,
+                "degraded" => 0.5,
+                _ => 0.0,
+            })
+        }),
+    );
+    gauge(
+        &mut out,
+        "patronus_path_rtt_ms",
+        "Round-trip time the path's edge reports, ms.",
+        &series(&|m| m.rtt_ms),
+    );
+    gauge(
+        &mut out,
+        "patronus_path_jitter_ms",
+        "RFC 3550 jitter the path's edge reports, ms.",
+        &series(&|m| Some(m.jitter_ms)),
+    );
+    gauge(
+        &mut out,
+        "patronus_path_loss_percent",
+        "Probe loss the path's edge reports, percent.",
+        &series(&|m| Some(m.loss_pct)),
+    );
     let mut r = out.into_response();
     r.headers_mut().insert(
         header::CONTENT_TYPE,
