@@ -173,6 +173,29 @@ pub struct SiteConfig {
 #[serde(deny_unknown_fields)]
 pub struct Telemetry {
     pub paths: Vec<PathReport>,
+    /// Failovers since the last report (an edge keeps its last 256).
+    #[serde(default)]
+    pub failovers: Vec<FailoverEvent>,
+}
+
+/// Flows that moved from one path to another at once, for one reason.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct FailoverEvent {
+    /// The edge's own count of failover events, from 1.
+    pub seq: u64,
+    /// Unix milliseconds.
+    pub at_ms: i64,
+    /// The peer site of both paths.
+    pub peer: String,
+    pub from_local_link: String,
+    pub from_remote_link: String,
+    pub to_local_link: String,
+    pub to_remote_link: String,
+    /// `path-down`, `sla-violated`, `better-path`, `returned`, ...
+    pub reason: String,
+    pub flows: u32,
 }
 
 /// One path as the reporting edge measures it.

@@ -204,6 +204,26 @@ CREATE TABLE path_samples (
 CREATE INDEX path_samples_path_at ON path_samples(path_id, at_s);
 "#,
     ),
+    (
+        9,
+        "failover events reported by the edges",
+        r#"
+CREATE TABLE failover_events (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    site_id   INTEGER NOT NULL REFERENCES sites(id) ON DELETE CASCADE,
+    seq       INTEGER NOT NULL,
+    at_ms     INTEGER NOT NULL,
+    peer      TEXT    NOT NULL,
+    from_path TEXT,
+    to_path   TEXT,
+    detail    TEXT    NOT NULL,
+    reason    TEXT    NOT NULL,
+    flows     INTEGER NOT NULL,
+    UNIQUE (site_id, seq, at_ms)
+);
+CREATE INDEX failover_events_at ON failover_events(at_ms);
+"#,
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

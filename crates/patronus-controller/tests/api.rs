@@ -171,7 +171,7 @@ async fn public_endpoints_answer_and_unknown_routes_and_methods_get_the_error_sh
     assert_eq!(r.status, StatusCode::OK);
     let r = a.call(Method::GET, "/api/v1/version", None, None).await;
     assert_eq!(r.body["api"], "v1");
-    assert_eq!(r.body["schema_version"], 8);
+    assert_eq!(r.body["schema_version"], 9);
     let r = a
         .call(Method::GET, "/api/v1/nothing-here", None, None)
         .await;
@@ -2598,6 +2598,51 @@ async fn edges_report_their_paths_and_the_api_shows_what_they_measured() {
         text.contains(&format!("patronus_path_up{{path=\"{id}\"}} 0.5")),
         "{text}"
     );
+    // A failover, reported twice (an answer lost on the way back): kept once.
+    let event = json!({ "paths": [], "failovers": [{
+        "seq": 1, "at_ms": 1_795_000_000_000i64, "peer": "b1",
+        "from_local_link": "mpls", "from_remote_link": "mpls",
+        "to_local_link": "inet", "to_remote_link": "mpls",
+        "reason": "path-down", "flows": 3 }] });
+    for _ in 0..2 {
+        let r = a
+            .call(
+                Method::POST,
+                "/api/v1/edge/telemetry",
+                Some(&cred),
+                Some(event.clone()),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
+    }
+    let r = a
+        .call(
+            Method::GET,
+            "/api/v1/failover/events?reason=path-down",
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(r.body["total"], 1, "{r:?}");
+    let e = &r.body["items"][0];
+    assert_eq!(
+        (
+            e["site"].as_str(),
+            e["from_path"].as_str(),
+            e["flows"].as_i64()
+        ),
+        (Some("hq"), Some(id.as_str()), Some(3))
+    );
+    assert_eq!(e["to"], "inet>mpls");
+    let r = a
+        .call(
+            Method::GET,
+            "/api/v1/failover/events?reason=sla-violated",
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(r.body["total"], 0);
     // An old report is no data: the path reads unknown again, its history stays.
     a.state.live.lock().unwrap().get_mut(&id).unwrap().at -= 3600;
     let r = a

@@ -276,6 +276,9 @@ pub struct Edge {
     shared: Shared,
     next_publish: Instant,
     failovers: BTreeMap<String, u64>,
+    /// Structured failover events, for the controller.
+    failover_log: VecDeque<patronus_api::FailoverEvent>,
+    failover_seq: u64,
     overlay: IpAddr,
     engine: Engine,
     tun: SyncDevice,
@@ -467,6 +470,8 @@ impl Edge {
             shared,
             next_publish: now,
             failovers: BTreeMap::new(),
+            failover_log: VecDeque::new(),
+            failover_seq: 0,
             overlay: cfg.overlay,
             engine,
             tun,
@@ -729,6 +734,7 @@ impl Edge {
             probe_requests_rejected: self.engine.stats().probe_requests_rejected,
             probe_replies_rejected: self.engine.stats().replies_rejected,
             failovers: self.failovers.clone(),
+            failover_events: self.failover_log.iter().cloned().collect(),
             flows: self.engine.flow_count(),
             paths,
             events: self.events.iter().cloned().collect(),
@@ -792,6 +798,8 @@ impl Edge {
 
     fn drain_events(&mut self, now: Instant) {
         let mut moves = 0u32;
+        // Flow moves of this turn, by (from, to, reason): one failover event each.
+        let mut batch: BTreeMap<(u32, u32, &'static str), u32> = BTreeMap::new();
         while let Some((_, ev)) = self.engine.poll_event() {
             let is_move = matches!(ev, Event::FlowMoved { .. });
             let text = match ev {
@@ -831,6 +839,7 @@ impl Edge {
                         .failovers
                         .entry(reason.as_str().to_string())
                         .or_default() += 1;
+                    *batch.entry((from.0, to.0, reason.as_str())).or_default() += 1;
                     format!(
                         "flow {} -> {} moved from {} to {} ({reason:?})",
                         flow.src(),
@@ -852,6 +861,33 @@ impl Edge {
         }
         if moves > 5 {
             self.record(format!("... and {} more flow moves", moves - 5));
+        }
+        let at_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        for ((from, to, reason), flows) in batch {
+            let (Some(f), Some(t)) = (
+                self.engine.path(PathId(from), now),
+                self.engine.path(PathId(to), now),
+            ) else {
+                continue;
+            };
+            self.failover_seq += 1;
+            if self.failover_log.len() == RECENT_EVENTS {
+                self.failover_log.pop_front();
+            }
+            self.failover_log.push_back(patronus_api::FailoverEvent {
+                seq: self.failover_seq,
+                at_ms,
+                peer: f.peer_name.clone(),
+                from_local_link: f.local_link.to_string(),
+                from_remote_link: f.remote_link.to_string(),
+                to_local_link: t.local_link.to_string(),
+                to_remote_link: t.remote_link.to_string(),
+                reason: reason.to_owned(),
+                flows,
+            });
         }
     }
 

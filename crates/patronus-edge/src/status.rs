@@ -64,6 +64,9 @@ pub struct EdgeStatus {
     pub probe_replies_rejected: u64,
     /// Flow moves by reason (`path-down`, `sla-violated`, ...).
     pub failovers: BTreeMap<String, u64>,
+    /// The last failover events, oldest first.
+    #[serde(default)]
+    pub failover_events: Vec<patronus_api::FailoverEvent>,
     pub flows: usize,
     pub paths: Vec<PathStatus>,
     pub events: Vec<RecentEvent>,

@@ -145,6 +145,14 @@ pub enum LinkCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum PathCmd {
+    /// Failovers the edges reported, newest first.
+    Failovers {
+        /// Only those of this site's edge (name or id).
+        #[arg(long)]
+        site: Option<String>,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
     /// The paths the topology gives, with what their edges last measured.
     List {
         /// Only paths with this site (name or id) at one end.
@@ -161,6 +169,27 @@ pub enum PathCmd {
 pub fn path(cmd: PathCmd) -> anyhow::Result<()> {
     let mut s = Session::open()?;
     match cmd {
+        PathCmd::Failovers { site, output } => {
+            let mut q = String::from("/api/v1/failover/events?limit=500");
+            if let Some(site) = site {
+                let id = site_id(&mut s, &site)?;
+                q.push_str(&format!("&site={id}"));
+            }
+            let v = s.call("GET", &q, None)?;
+            print(
+                output,
+                &v,
+                &[
+                    ("AT MS", "at_ms"),
+                    ("SITE", "site"),
+                    ("PEER", "peer"),
+                    ("FROM", "from"),
+                    ("TO", "to"),
+                    ("REASON", "reason"),
+                    ("FLOWS", "flows"),
+                ],
+            );
+        }
         PathCmd::List {
             site,
             state,

@@ -149,6 +149,8 @@ pub fn run(cmd: EdgeCmd) -> anyhow::Result<()> {
 /// delivered is dropped, and the next one says where things are).
 fn report(url: &str, credential: &str, status: &patronus_edge::status::Shared) {
     let mut failing = false;
+    // The last failover event the controller has.
+    let mut reported = 0u64;
     loop {
         std::thread::sleep(std::time::Duration::from_secs(5));
         let snap = match status.lock() {
@@ -171,7 +173,14 @@ fn report(url: &str, credential: &str, status: &patronus_edge::status::Shared) {
                     rx_bytes: p.rx_bytes,
                 })
                 .collect(),
+            failovers: snap
+                .failover_events
+                .iter()
+                .filter(|e| e.seq > reported)
+                .cloned()
+                .collect(),
         };
+        let newest = t.failovers.iter().map(|e| e.seq).max();
         let Ok(body) = serde_json::to_value(&t) else {
             continue;
         };
@@ -183,7 +192,10 @@ fn report(url: &str, credential: &str, status: &patronus_edge::status::Shared) {
             Some(&body),
         );
         match r {
-            Ok(r) if r.status == 204 => failing = false,
+            Ok(r) if r.status == 204 => {
+                failing = false;
+                reported = newest.unwrap_or(reported);
+            }
             other if !failing => {
                 failing = true;
                 let why = match other {

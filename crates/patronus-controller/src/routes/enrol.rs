@@ -367,6 +367,12 @@ async fn telemetry(
     if t.paths.len() > 4096 {
         return Err(ApiError::field("paths", "at most 4096 paths per report"));
     }
+    if t.failovers.len() > 1024 {
+        return Err(ApiError::field(
+            "failovers",
+            "at most 1024 events per report",
+        ));
+    }
     // Link ids by (site name, link name): the reporter's and its peers'.
     let rows = sqlx::query(
         "SELECT l.id, l.name AS link, s.name AS site FROM links l JOIN sites s ON s.id = l.site_id",
@@ -430,6 +436,31 @@ async fn telemetry(
         .bind(p.rtt_ms)
         .bind(p.jitter_ms)
         .bind(p.loss_pct)
+        .execute(&mut *tx)
+        .await?;
+    }
+    for e in &t.failovers {
+        let path = |l: &str, r: &str| {
+            Some(crate::routes::topology::path_id(
+                *ids.get(&(site.site.clone(), l.to_owned()))?,
+                *ids.get(&(e.peer.clone(), r.to_owned()))?,
+            ))
+        };
+        // A report delivered twice (an answer lost on the way back) is kept once.
+        sqlx::query(
+            "INSERT OR IGNORE INTO failover_events
+             (site_id, seq, at_ms, peer, from_path, to_path, detail, reason, flows)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(site.site_id)
+        .bind(e.seq as i64)
+        .bind(e.at_ms)
+        .bind(&e.peer)
+        .bind(path(&e.from_local_link, &e.from_remote_link))
+        .bind(path(&e.to_local_link, &e.to_remote_link))
+        .bind(serde_json::to_string(e).map_err(ApiError::internal)?)
+        .bind(&e.reason)
+        .bind(i64::from(e.flows))
         .execute(&mut *tx)
         .await?;
     }

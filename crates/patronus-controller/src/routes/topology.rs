@@ -38,6 +38,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(list_paths))
         .routes(routes!(show_path))
         .routes(routes!(path_metrics))
+        .routes(routes!(failover_events))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -629,5 +630,105 @@ async fn path_metrics(
             })
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    Ok(Json(Page::new(items, total, paging)))
+}
+
+/// Flows that moved from one path to another, as the edge of `site_id` reported it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct FailoverView {
+    pub id: i64,
+    pub site_id: i64,
+    pub site: String,
+    /// Unix milliseconds, the edge's clock.
+    pub at_ms: i64,
+    pub peer: String,
+    /// The path ids (null if the controller no longer has one of the links).
+    pub from_path: Option<String>,
+    pub to_path: Option<String>,
+    /// The links by name, as the edge reported them.
+    pub from: String,
+    pub to: String,
+    pub reason: String,
+    pub flows: i64,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct FailoverQuery {
+    pub limit: Option<i64>,
+    pub offset: Option<i64>,
+    /// Events reported by this site's edge (id).
+    pub site: Option<i64>,
+    /// `path-down`, `sla-violated`, ...
+    pub reason: Option<String>,
+    /// Unix milliseconds, inclusive.
+    pub since: Option<i64>,
+    /// Unix milliseconds, exclusive.
+    pub until: Option<i64>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/failover/events",
+    tag = "paths",
+    summary = "Failovers the edges reported, newest first.",
+    params(FailoverQuery),
+    security(("bearer" = [])),
+    responses((status = 200, body = Page<FailoverView>), crate::error::ApiErrors)
+)]
+async fn failover_events(
+    State(s): State<AppState>,
+    _p: Principal,
+    extract::Query(q): extract::Query<FailoverQuery>,
+) -> Result<Json<Page<FailoverView>>, ApiError> {
+    let paging = Paging::new(q.limit, q.offset)?;
+    let filter = " WHERE (? IS NULL OR e.site_id = ?) AND (? IS NULL OR e.reason = ?)
+                   AND e.at_ms >= ? AND e.at_ms < ?";
+    let (since, until) = (q.since.unwrap_or(0), q.until.unwrap_or(i64::MAX));
+    let count = format!("SELECT COUNT(*) FROM failover_events e{filter}");
+    let total: i64 = sqlx::query_scalar(&count)
+        .bind(q.site)
+        .bind(q.site)
+        .bind(&q.reason)
+        .bind(&q.reason)
+        .bind(since)
+        .bind(until)
+        .fetch_one(s.store.pool())
+        .await?;
+    let sql = format!(
+        "SELECT e.*, s.name AS site FROM failover_events e JOIN sites s ON s.id = e.site_id{filter}
+         ORDER BY e.at_ms DESC, e.id DESC LIMIT ? OFFSET ?"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(q.site)
+        .bind(q.site)
+        .bind(&q.reason)
+        .bind(&q.reason)
+        .bind(since)
+        .bind(until)
+        .bind(paging.limit)
+        .bind(paging.offset)
+        .fetch_all(s.store.pool())
+        .await?;
+    let items = rows
+        .iter()
+        .map(|r| {
+            let e: patronus_api::FailoverEvent =
+                serde_json::from_str(r.try_get("detail")?).map_err(ApiError::internal)?;
+            Ok(FailoverView {
+                id: r.try_get("id")?,
+                site_id: r.try_get("site_id")?,
+                site: r.try_get("site")?,
+                at_ms: r.try_get("at_ms")?,
+                peer: r.try_get("peer")?,
+                from_path: r.try_get("from_path")?,
+                to_path: r.try_get("to_path")?,
+                from: format!("{}>{}", e.from_local_link, e.from_remote_link),
+                to: format!("{}>{}", e.to_local_link, e.to_remote_link),
+                reason: r.try_get("reason")?,
+                flows: r.try_get("flows")?,
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
     Ok(Json(Page::new(items, total, paging)))
 }
