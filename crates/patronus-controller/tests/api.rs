@@ -2045,6 +2045,30 @@ async fn every_list_checks_its_paging_and_sort_and_sorts() {
     assert_eq!(r.headers[header::ETAG], "\"1\"");
 }
 
+/// Enrols site `id` with a token and a key made of `key_byte`; returns its credential.
+async fn enrolled(a: &Api, t: &str, id: i64, key_byte: u8) -> String {
+    let r = a
+        .call(
+            Method::POST,
+            &format!("/api/v1/sites/{id}/enrollment-tokens"),
+            Some(t),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    let key = patronus_api::key_to_base64(&[key_byte; 32]);
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/enroll",
+            None,
+            Some(json!({ "token": r.body["token"], "public_key": key })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    r.body["credential"].as_str().unwrap().to_owned()
+}
+
 /// Gives site `id` a public key, as its edge's enrolment will.
 async fn enrol(a: &Api, id: i64, key_byte: u8) {
     let key = patronus_api::key_to_base64(&[key_byte; 32]);
@@ -2355,24 +2379,7 @@ async fn a_waiting_edge_gets_a_change_as_soon_as_it_is_made_and_304_when_there_i
     let a = api().await;
     let t = a.admin().await;
     let ids = sites(&a, &t, &["hq", "b1"]).await;
-    let r = a
-        .call(
-            Method::POST,
-            &format!("/api/v1/sites/{}/enrollment-tokens", ids[0]),
-            Some(&t),
-            Some(json!({})),
-        )
-        .await;
-    let key = patronus_api::key_to_base64(&[5; 32]);
-    let r = a
-        .call(
-            Method::POST,
-            "/api/v1/enroll",
-            None,
-            Some(json!({ "token": r.body["token"], "public_key": key })),
-        )
-        .await;
-    let cred = r.body["credential"].as_str().unwrap().to_owned();
+    let cred = enrolled(&a, &t, ids[0], 5).await;
     let r = a
         .call(Method::GET, "/api/v1/edge/config", Some(&cred), None)
         .await;
@@ -2443,24 +2450,7 @@ async fn a_site_is_online_while_its_edge_is_in_touch() {
         (r.body["online"].as_bool(), &r.body["last_seen"]),
         (Some(false), &Value::Null)
     );
-    let r = a
-        .call(
-            Method::POST,
-            &format!("{path}/enrollment-tokens"),
-            Some(&t),
-            Some(json!({})),
-        )
-        .await;
-    let key = patronus_api::key_to_base64(&[5; 32]);
-    let r = a
-        .call(
-            Method::POST,
-            "/api/v1/enroll",
-            None,
-            Some(json!({ "token": r.body["token"], "public_key": key })),
-        )
-        .await;
-    let cred = r.body["credential"].as_str().unwrap().to_owned();
+    let cred = enrolled(&a, &t, ids[0], 5).await;
     let r = a
         .call(Method::GET, "/api/v1/edge/config", Some(&cred), None)
         .await;
@@ -2477,24 +2467,7 @@ async fn edges_report_their_paths_and_the_api_shows_what_they_measured() {
     let a = api().await;
     let t = a.admin().await;
     let ids = sites(&a, &t, &["hq", "b1"]).await;
-    let r = a
-        .call(
-            Method::POST,
-            &format!("/api/v1/sites/{}/enrollment-tokens", ids[0]),
-            Some(&t),
-            Some(json!({})),
-        )
-        .await;
-    let key = patronus_api::key_to_base64(&[5; 32]);
-    let r = a
-        .call(
-            Method::POST,
-            "/api/v1/enroll",
-            None,
-            Some(json!({ "token": r.body["token"], "public_key": key })),
-        )
-        .await;
-    let cred = r.body["credential"].as_str().unwrap().to_owned();
+    let cred = enrolled(&a, &t, ids[0], 5).await;
     let report = |state: &str, rtt: f64| {
         json!({ "paths": [
             { "peer": "b1", "local_link": "mpls", "remote_link": "mpls", "state": state,

@@ -34,7 +34,7 @@ pub fn credentials_path() -> anyhow::Result<PathBuf> {
 }
 
 pub fn save(c: &Credentials) -> anyhow::Result<PathBuf> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    use std::os::unix::fs::DirBuilderExt;
     let path = credentials_path()?;
     if let Some(dir) = path.parent() {
         std::fs::DirBuilder::new()
@@ -43,8 +43,15 @@ pub fn save(c: &Credentials) -> anyhow::Result<PathBuf> {
             .create(dir)
             .with_context(|| format!("creating {}", dir.display()))?;
     }
-    // Write beside, then rename: never a half-written file, never a moment with wider mode.
-    let tmp = path.with_extension("json.tmp");
+    write_private(&path, serde_json::to_string_pretty(c)?.as_bytes())?;
+    Ok(path)
+}
+
+/// Writes a file readable by its owner only, replacing it whole: written beside, then renamed,
+/// so there is never a half-written file nor a moment with a wider mode.
+pub fn write_private(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -52,11 +59,10 @@ pub fn save(c: &Credentials) -> anyhow::Result<PathBuf> {
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(serde_json::to_string_pretty(c)?.as_bytes())?;
+    f.write_all(bytes)?;
     f.sync_all()?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(path)
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
 }
 
 pub fn load() -> anyhow::Result<Credentials> {

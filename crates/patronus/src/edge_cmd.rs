@@ -255,8 +255,10 @@ impl Follow {
                                 eprintln!("edge: {n}");
                             }
                             if let Ok(text) = serde_json::to_string_pretty(&site) {
-                                let _ =
-                                    write_private(&dir.join("site-config.json"), text.as_bytes());
+                                let _ = crate::api_client::write_private(
+                                    &dir.join("site-config.json"),
+                                    text.as_bytes(),
+                                );
                             }
                             eprintln!(
                                 "edge: new configuration {}",
@@ -314,7 +316,10 @@ fn from_controller(
             etag = r.etag;
             let site: SiteConfig = serde_json::from_value(r.body)
                 .context("the controller's configuration does not parse")?;
-            write_private(&cache, serde_json::to_string_pretty(&site)?.as_bytes())?;
+            crate::api_client::write_private(
+                &cache,
+                serde_json::to_string_pretty(&site)?.as_bytes(),
+            )?;
             site
         }
         Ok(r) if r.status == 401 => bail!(
@@ -415,7 +420,7 @@ fn enrol(
                 .as_str()
                 .context("the controller's answer has no credential")?
                 .to_owned();
-            write_private(&cred_path, c.as_bytes())?;
+            crate::api_client::write_private(&cred_path, c.as_bytes())?;
             eprintln!(
                 "edge: enrolled as site {} with public key {}",
                 r.body["site"].as_str().unwrap_or("?"),
@@ -426,24 +431,6 @@ fn enrol(
         Err(e) => return Err(e).with_context(|| format!("reading {}", cred_path.display())),
     };
     Ok((key, credential))
-}
-
-/// Writes a file readable by its owner only, replacing it whole (beside, then renamed).
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
 }
 
 /// Reads and validates a configuration, naming every bad key.
