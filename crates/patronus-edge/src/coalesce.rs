@@ -139,23 +139,24 @@ impl Seg {
             df,
         })
     }
+}
 
-    fn addrs(&self) -> std::ops::Range<usize> {
-        if self.v6 { 8..40 } else { 12..20 }
-    }
+/// Where the source and destination addresses are in an IP header.
+fn addrs(v6: bool) -> std::ops::Range<usize> {
+    if v6 { 8..40 } else { 12..20 }
 }
 
 /// The one's-complement sum of the TCP pseudo-header, unfolded.
 /// `tcp_len` is at most 65,535: no packet here is longer.
-fn pseudo(pkt: &[u8], s: &Seg, tcp_len: usize) -> u64 {
-    let sum = checksum_no_fold(&pkt[s.addrs()], 0);
+fn pseudo(pkt: &[u8], v6: bool, tcp_len: usize) -> u64 {
+    let sum = checksum_no_fold(&pkt[addrs(v6)], 0);
     let len = (tcp_len as u16).to_be_bytes();
     checksum_no_fold(&[0, TCP, len[0], len[1]], sum)
 }
 
 fn checksum_ok(pkt: &[u8], s: &Seg) -> bool {
     let tcp_len = pkt.len() - s.iph;
-    checksum(&pkt[s.iph..], pseudo(pkt, s, tcp_len)) == 0xffff
+    checksum(&pkt[s.iph..], pseudo(pkt, s.v6, tcp_len)) == 0xffff
 }
 
 /// Whether `s` (`pkt`) belongs to the flow of `first`, the first segment's headers.
@@ -164,10 +165,9 @@ fn same_flow(first: &[u8], o: &Open, pkt: &[u8], s: &Seg) -> bool {
 }
 
 fn same_tcp_flow(first: &[u8], o: &Open, pkt: &[u8], v6: bool, iph: usize) -> bool {
-    let addrs = if v6 { 8..40 } else { 12..20 };
     o.v6 == v6
         && pkt.len() >= iph + 4
-        && first[addrs.clone()] == pkt[addrs]
+        && first[addrs(v6)] == pkt[addrs(v6)]
         && first[o.iph..o.iph + 4] == pkt[iph..iph + 4]
 }
 
@@ -308,10 +308,8 @@ impl Coalescer {
     pub fn packet(&self, len: usize) -> &[u8] {
         match self.slot {
             Slot::Behind { open, pos } => &self.out[self.opens[open].idx].data[pos..pos + len],
-            Slot::Fresh | Slot::None => match self.out.last() {
-                Some(b) if matches!(self.slot, Slot::Fresh) => &b.data[HDR..HDR + len],
-                _ => &[],
-            },
+            Slot::Fresh => self.out.last().map_or(&[], |b| &b.data[HDR..HDR + len]),
+            Slot::None => &[],
         }
     }
 
@@ -330,7 +328,11 @@ impl Coalescer {
 
     /// The packet of `len` bytes in the slot goes to the TUN.
     pub fn commit(&mut self, len: usize) {
-        match std::mem::replace(&mut self.slot, Slot::None) {
+        let slot = std::mem::replace(&mut self.slot, Slot::None);
+        if !matches!(slot, Slot::None) {
+            self.counts.packets += 1;
+        }
+        match slot {
             Slot::None => {}
             Slot::Fresh => {
                 let i = self.out.len() - 1;
@@ -359,7 +361,6 @@ impl Coalescer {
                 self.consider(self.out.len() - 1);
             }
         }
-        self.counts.packets += 1;
     }
 
     /// Puts back the bytes the slot behind `opens[k]` overwrote.
@@ -377,7 +378,6 @@ impl Coalescer {
         }
         o.last_id = s.id;
         o.segs += 1;
-        self.counts.packets += 1;
         if s.psh {
             // PSH is carried on the coalesced packet, and ends it.
             let (idx, iph) = (o.idx, o.iph);
@@ -394,28 +394,20 @@ impl Coalescer {
     /// or make it one.
     fn consider(&mut self, i: usize) {
         self.out[i].data[..HDR].fill(0);
-        let Some(s) = Seg::parse(self.out[i].packet()) else {
-            // Another TCP packet of a flow being coalesced (a bare ACK, a FIN, ...) ends that
-            // flow's packet, so that it is written after it, in order, as it came.
-            if let Some((v6, iph)) = tcp_header_at(self.out[i].packet()) {
-                let pkt = self.out[i].packet();
-                let found = self.opens.iter().position(|o| {
-                    same_tcp_flow(&self.out[o.idx].data[HDR..HDR + o.hdrs], o, pkt, v6, iph)
-                });
-                if let Some(k) = found {
-                    self.close(k);
-                }
-            }
+        let pkt = self.out[i].packet();
+        let Some((v6, iph)) = tcp_header_at(pkt) else {
             return;
         };
-        let pkt = self.out[i].packet();
+        let seg = Seg::parse(pkt);
         let found = self
             .opens
             .iter()
-            .position(|o| same_flow(&self.out[o.idx].data[HDR..HDR + o.hdrs], o, pkt, &s));
+            .position(|o| same_tcp_flow(&self.out[o.idx].data[HDR..HDR + o.hdrs], o, pkt, v6, iph));
         if let Some(k) = found {
             let o = self.opens[k];
-            if joinable(&self.out[o.idx].data[HDR..HDR + o.hdrs], &o, pkt, &s) {
+            if let Some(s) =
+                seg.filter(|s| joinable(&self.out[o.idx].data[HDR..HDR + o.hdrs], &o, pkt, s))
+            {
                 // Append the payload to the flow's packet; the buffer goes back.
                 let Some(nb) = self.out.pop() else { return };
                 let at = HDR + self.out[o.idx].len;
@@ -423,14 +415,16 @@ impl Coalescer {
                     .copy_from_slice(&nb.data[HDR + s.hdrs..HDR + nb.len]);
                 self.out[o.idx].len += s.payload;
                 self.pool.push(nb);
-                // `joined` counts it; `commit` already did.
-                self.counts.packets -= 1;
                 self.joined(k, &s);
                 return;
             }
-            // Out of order or different: the flow's packet is finished; this one follows it.
+            // Out of order, different, or another kind of TCP packet of the flow (a bare ACK,
+            // a FIN): the flow's packet is finished, and this one is written after it.
             self.close(k);
         }
+        let Some(s) = seg else {
+            return;
+        };
         if s.payload >= MIN_SEGMENT && !s.psh && checksum_ok(self.out[i].packet(), &s) {
             if self.opens.len() == MAX_OPEN {
                 self.close(0);
@@ -474,17 +468,7 @@ impl Coalescer {
         }
         // Checksum partial: the TCP checksum field holds the pseudo-header's sum, and the
         // kernel finishes it (or trusts it, delivering locally).
-        let s = Seg {
-            v6: o.v6,
-            iph: o.iph,
-            hdrs: o.hdrs,
-            seq: 0,
-            payload: 0,
-            psh: false,
-            id: 0,
-            df: false,
-        };
-        let sum = checksum(&[], pseudo(pkt, &s, len - o.iph));
+        let sum = checksum(&[], pseudo(pkt, o.v6, len - o.iph));
         pkt[o.iph + 16..o.iph + 18].copy_from_slice(&sum.to_be_bytes());
         let hdr = VirtioNetHdr {
             flags: NEEDS_CSUM,
@@ -733,21 +717,11 @@ mod tests {
     }
 
     fn set_port(p: &mut [u8], port: u16) {
-        let (v6, iph) = tcp_header_at(p).unwrap();
-        let s = Seg {
-            v6,
-            iph,
-            hdrs: 0,
-            seq: 0,
-            payload: 0,
-            psh: false,
-            id: 0,
-            df: false,
-        };
-        p[s.iph..s.iph + 2].copy_from_slice(&port.to_be_bytes());
-        p[s.iph + 16..s.iph + 18].fill(0);
-        let sum = tcp_checksum(p, s.iph);
-        p[s.iph + 16..s.iph + 18].copy_from_slice(&sum.to_be_bytes());
+        let (_, iph) = tcp_header_at(p).unwrap();
+        p[iph..iph + 2].copy_from_slice(&port.to_be_bytes());
+        p[iph + 16..iph + 18].fill(0);
+        let sum = tcp_checksum(p, iph);
+        p[iph + 16..iph + 18].copy_from_slice(&sum.to_be_bytes());
     }
 
     fn check_lossless(pkts: &[Vec<u8>], written: &[Vec<u8>]) {
