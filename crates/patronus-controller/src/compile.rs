@@ -221,14 +221,6 @@ pub fn compile(net: &Network) -> Result<Vec<Compiled>, ApiError> {
     Ok(out)
 }
 
-/// One site's configuration (or 404 if it has none: disabled, planned, or unknown).
-pub fn compile_one(net: &Network, site_id: i64) -> Result<Compiled, ApiError> {
-    compile(net)?
-        .into_iter()
-        .find(|c| c.site_id == site_id)
-        .ok_or_else(|| ApiError::not_found(format!("a configuration for site {site_id}")))
-}
-
 /// Reads a compiled configuration back, as an edge does.
 pub fn parse(c: &Compiled) -> Result<SiteConfig, serde_json::Error> {
     serde_json::from_slice(&c.to_json())

@@ -651,7 +651,7 @@ impl Edge {
         loop {
             let now = Instant::now();
             self.engine.handle_timeout(now);
-            self.send_probes(now);
+            self.send_probes();
             self.drain_events(now);
             if now >= self.next_wg_tick {
                 self.wg_tick();
@@ -920,7 +920,7 @@ impl Edge {
         }
     }
 
-    fn send_probes(&mut self, now: Instant) {
+    fn send_probes(&mut self) {
         while let Some(t) = self.engine.poll_transmit() {
             let Some(Some(p)) = self.paths.get(t.path.0 as usize) else {
                 continue;
@@ -945,7 +945,6 @@ impl Edge {
             }
             self.probe_buf = pkt;
         }
-        let _ = now;
     }
 
     fn wg_tick(&mut self) {

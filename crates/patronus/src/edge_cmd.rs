@@ -222,7 +222,6 @@ impl Follow {
     /// it on disk as the last good one. Retries with backoff while the controller is away;
     /// stops if the controller refuses the credential.
     fn run(mut self, inbox: &patronus_edge::edge::ConfigInbox) {
-        let dir = &self.local.state_dir;
         let mut backoff = std::time::Duration::from_secs(1);
         loop {
             let mut headers = Vec::new();
@@ -249,17 +248,8 @@ impl Follow {
                             continue;
                         }
                     };
-                    match self.local.edge_config(&site, dir.join("private.key")) {
-                        Ok((cfg, notes)) => {
-                            for n in notes {
-                                eprintln!("edge: {n}");
-                            }
-                            if let Ok(text) = serde_json::to_string_pretty(&site) {
-                                let _ = crate::api_client::write_private(
-                                    &dir.join("site-config.json"),
-                                    text.as_bytes(),
-                                );
-                            }
+                    match adopt(&self.local, &site) {
+                        Ok(cfg) => {
                             eprintln!(
                                 "edge: new configuration {}",
                                 r.etag.as_deref().unwrap_or("?")
@@ -267,9 +257,7 @@ impl Follow {
                             inbox.send(cfg);
                             self.etag = r.etag;
                         }
-                        Err(e) => {
-                            eprintln!("edge: the new configuration does not fit this machine: {e}")
-                        }
+                        Err(e) => eprintln!("edge: the new configuration is not used: {e:#}"),
                     }
                 }
                 Ok(r) if r.status == 401 => {
@@ -293,6 +281,25 @@ impl Follow {
     }
 }
 
+/// Makes the controller's view of the site this machine's configuration, and keeps it as the
+/// last good one (only if it fits: a configuration this machine cannot run is never kept).
+fn adopt(
+    local: &patronus_api::EdgeLocal,
+    site: &patronus_api::SiteConfig,
+) -> anyhow::Result<EdgeConfig> {
+    let (cfg, notes) = local
+        .edge_config(site, local.state_dir.join("private.key"))
+        .map_err(|e| anyhow::anyhow!("it does not fit this machine: {e}"))?;
+    for n in notes {
+        eprintln!("edge: {n}");
+    }
+    crate::api_client::write_private(
+        &local.state_dir.join("site-config.json"),
+        serde_json::to_string_pretty(site)?.as_bytes(),
+    )?;
+    Ok(cfg)
+}
+
 fn from_controller(
     path: &Path,
     token: Option<String>,
@@ -300,9 +307,7 @@ fn from_controller(
     use patronus_api::SiteConfig;
     let local = read_local(path)?;
     let (key, credential) = enrol(&local, token)?;
-    let dir = &local.state_dir;
-    let key_file = dir.join("private.key");
-    let cache = dir.join("site-config.json");
+    let cache = local.state_dir.join("site-config.json");
     let fetched = crate::api_client::request(
         &local.controller,
         "GET",
@@ -314,13 +319,8 @@ fn from_controller(
     let site: SiteConfig = match fetched {
         Ok(r) if r.status == 200 => {
             etag = r.etag;
-            let site: SiteConfig = serde_json::from_value(r.body)
-                .context("the controller's configuration does not parse")?;
-            crate::api_client::write_private(
-                &cache,
-                serde_json::to_string_pretty(&site)?.as_bytes(),
-            )?;
-            site
+            serde_json::from_value(r.body)
+                .context("the controller's configuration does not parse")?
         }
         Ok(r) if r.status == 401 => bail!(
             "the controller refused this edge's credential ({}): was the site enrolled again \
@@ -343,12 +343,7 @@ fn from_controller(
                 .with_context(|| format!("{} is damaged", cache.display()))?
         }
     };
-    let (cfg, notes) = local
-        .edge_config(&site, key_file)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    for n in notes {
-        eprintln!("edge: {n}");
-    }
+    let cfg = adopt(&local, &site).with_context(|| format!("{}", path.display()))?;
     Ok((
         cfg,
         key,

@@ -373,12 +373,21 @@ async fn telemetry(
             "at most 1024 events per report",
         ));
     }
-    // Link ids by (site name, link name): the reporter's and its peers'.
-    let rows = sqlx::query(
-        "SELECT l.id, l.name AS link, s.name AS site FROM links l JOIN sites s ON s.id = l.site_id",
-    )
-    .fetch_all(s.store.pool())
-    .await?;
+    // Link ids by (site name, link name), of the reporter and the peers it names only.
+    let mut names: std::collections::BTreeSet<&str> =
+        t.paths.iter().map(|p| p.peer.as_str()).collect();
+    names.extend(t.failovers.iter().map(|e| e.peer.as_str()));
+    names.insert(site.site.as_str());
+    let sql = format!(
+        "SELECT l.id, l.name AS link, s.name AS site FROM links l JOIN sites s ON s.id = l.site_id
+         WHERE s.name IN ({})",
+        vec!["?"; names.len()].join(",")
+    );
+    let mut query = sqlx::query(&sql);
+    for n in &names {
+        query = query.bind(*n);
+    }
+    let rows = query.fetch_all(s.store.pool()).await?;
     let mut ids: std::collections::HashMap<(String, String), i64> = Default::default();
     for r in &rows {
         ids.insert((r.try_get("site")?, r.try_get("link")?), r.try_get("id")?);

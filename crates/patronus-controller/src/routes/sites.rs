@@ -120,9 +120,12 @@ impl SiteSpec {
     }
 }
 
+/// The most WAN links one site may have.
+const MAX_LINKS: usize = 16;
+
 fn validate_links(links: &[Link], e: &mut FieldErrors) {
-    if links.len() > 16 {
-        e.push("links", "at most 16 links per site");
+    if links.len() > MAX_LINKS {
+        e.push("links", format!("at most {MAX_LINKS} links per site"));
     }
     for (i, l) in links.iter().enumerate() {
         if let Err(le) = l.validate() {
@@ -641,31 +644,14 @@ async fn create_link(
 ) -> Result<Response, ApiError> {
     p.require(Role::Operator)?;
     let site = load_site(&s.store, id).await?;
-    let mut e = FieldErrors::default();
-    let mut all: Vec<Link> = site.links.iter().map(|l| l.link.clone()).collect();
-    all.push(link.clone());
-    validate_links(&all, &mut e);
-    // Errors about the new link only, under its own field names.
-    let prefix = format!("links[{}].", all.len() - 1);
-    let mine: Vec<_> =
-        e.0.into_iter()
-            .filter_map(|mut fe| {
-                if fe.field == "links" {
-                    return Some(fe);
-                }
-                fe.field = fe.field.strip_prefix(&prefix)?.to_owned();
-                Some(fe)
-            })
-            .collect();
-    if mine.iter().any(|fe| fe.field == "name") {
-        return Err(ApiError::conflict(format!(
-            "the site already has a link named {}",
-            link.name
-        )));
+    link.validate().map_err(ApiError::validation)?;
+    if site.links.len() >= MAX_LINKS {
+        return Err(ApiError::field(
+            "links",
+            format!("at most {MAX_LINKS} links per site"),
+        ));
     }
-    FieldErrors(mine)
-        .into_result()
-        .map_err(ApiError::validation)?;
+    // A name the site already has is a conflict, found by the insert (UNIQUE (site_id, name)).
     let mut tx = s.store.begin().await?;
     let link_id = insert_link(&mut tx, id, &link).await?;
     Store::audit(

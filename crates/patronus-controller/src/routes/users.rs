@@ -3,8 +3,8 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use patronus_api::FieldErrors;
 use serde::Deserialize;
 use serde_json::json;
@@ -14,7 +14,7 @@ use utoipa_axum::routes;
 use crate::app::{AppState, Principal};
 use crate::auth::{self as a, Role};
 use crate::error::{ApiError, extract};
-use crate::routes::{Page, Paging, inserted, updated};
+use crate::routes::{Page, Paging, check_if_match, created, inserted, updated, with_etag};
 use crate::store::{Actor, Audit, Store, UserQuery, UserRow, UserSort, now_s};
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -76,18 +76,6 @@ pub fn email_problem(email: &str) -> Option<&'static str> {
     } else {
         None
     }
-}
-
-fn etag(u: &UserRow) -> HeaderValue {
-    HeaderValue::from_str(&format!("\"{}\"", u.version))
-        .unwrap_or(HeaderValue::from_static("\"0\""))
-}
-
-fn with_etag(status: StatusCode, u: UserRow) -> Response {
-    let tag = etag(&u);
-    let mut r = (status, Json(u)).into_response();
-    r.headers_mut().insert(header::ETAG, tag);
-    r
 }
 
 /// Creates a user; shared with the offline command and the first-admin bootstrap.
@@ -204,11 +192,7 @@ async fn create(
 ) -> Result<Response, ApiError> {
     p.require(Role::Admin)?;
     let u = create_user(&s.store, &p.actor(), new).await?;
-    let mut r = with_etag(StatusCode::CREATED, u.clone());
-    if let Ok(v) = HeaderValue::from_str(&format!("/api/v1/users/{}", u.id)) {
-        r.headers_mut().insert(header::LOCATION, v);
-    }
-    Ok(r)
+    Ok(created(format!("/api/v1/users/{}", u.id), u.version, u))
 }
 
 #[utoipa::path(
@@ -233,23 +217,7 @@ async fn show(
         .user(id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("user {id}")))?;
-    Ok(with_etag(StatusCode::OK, u))
-}
-
-/// `If-Match: "<version>"`, if given, must name the current version (412 otherwise).
-fn check_if_match(headers: &HeaderMap, current: &UserRow) -> Result<(), ApiError> {
-    let Some(v) = headers.get(header::IF_MATCH) else {
-        return Ok(());
-    };
-    let want = v.to_str().unwrap_or("").trim();
-    if want == "*" || want == etag(current).to_str().unwrap_or("") {
-        Ok(())
-    } else {
-        Err(ApiError::precondition_failed(format!(
-            "the user changed since you read it (now version {}); read it again",
-            current.version
-        )))
-    }
+    Ok(with_etag(StatusCode::OK, u.version, u))
 }
 
 /// Enabled admins other than `except`.
@@ -285,7 +253,7 @@ async fn update(
         .user(id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("user {id}")))?;
-    check_if_match(&headers, &cur)?;
+    check_if_match(&headers, cur.version)?;
     let mut e = FieldErrors::default();
     let email = patch
         .email
@@ -347,7 +315,7 @@ async fn update(
         .user(id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("user {id}")))?;
-    Ok(with_etag(StatusCode::OK, u))
+    Ok(with_etag(StatusCode::OK, u.version, u))
 }
 
 #[utoipa::path(
