@@ -40,6 +40,11 @@ pub struct Inner {
     /// The latest measurement of each path (by path id), as an edge at one of its ends
     /// reported it.
     pub live: std::sync::Mutex<std::collections::HashMap<String, LivePath>>,
+    /// The state of each path as each of its ends last reported it (by site id and path id):
+    /// a change is an event.
+    pub reported: std::sync::Mutex<std::collections::HashMap<(i64, String), String>>,
+    /// Wakes the webhook delivery worker when a delivery is queued.
+    pub webhook_wake: tokio::sync::Notify,
 }
 
 /// A path's latest reported measurement.
@@ -63,10 +68,19 @@ pub struct Presence {
     pub last_seen: i64,
     /// Requests in progress (a waiting long poll is one).
     pub open: u32,
+    /// Whether it was last announced online (`site.online`) rather than offline.
+    pub announced_online: bool,
 }
 
-/// A site whose edge has an open request, or was heard from this recently, is online.
-pub const ONLINE_WITHIN_S: i64 = 60;
+impl Presence {
+    fn online(&self, now: i64) -> bool {
+        self.open > 0 || now - self.last_seen <= ONLINE_WITHIN_S
+    }
+}
+
+/// A site whose edge has an open request, or was heard from this recently, is online. (An edge
+/// reports every 5 s and keeps a long poll open.)
+pub const ONLINE_WITHIN_S: i64 = 15;
 
 /// Every site's compiled configuration, by site id.
 pub type Compiled = Arc<std::collections::HashMap<i64, crate::compile::Compiled>>;
@@ -105,20 +119,39 @@ impl AppState {
     pub fn presence_of(&self, id: i64) -> (bool, Option<i64>) {
         let p = self.presence.lock().unwrap_or_else(|e| e.into_inner());
         match p.get(&id) {
-            Some(p) => (
-                p.open > 0 || crate::store::now_s() - p.last_seen <= ONLINE_WITHIN_S,
-                Some(p.last_seen),
-            ),
+            Some(p) => (p.online(crate::store::now_s()), Some(p.last_seen)),
             None => (false, None),
         }
     }
 
+    /// The sites announced online whose edges have gone quiet since: they are announced
+    /// offline now.
+    pub fn newly_offline(&self) -> Vec<i64> {
+        let now = crate::store::now_s();
+        let mut p = self.presence.lock().unwrap_or_else(|e| e.into_inner());
+        p.iter_mut()
+            .filter(|(_, p)| p.announced_online && !p.online(now))
+            .map(|(id, p)| {
+                p.announced_online = false;
+                *id
+            })
+            .collect()
+    }
+
     /// Records that site `id`'s edge is in touch; the guard marks the end of its request.
-    pub fn heard_from(&self, id: i64) -> HeardGuard {
+    pub fn heard_from(&self, id: i64, name: &str) -> HeardGuard {
         let mut p = self.presence.lock().unwrap_or_else(|e| e.into_inner());
         let e = p.entry(id).or_default();
         e.last_seen = crate::store::now_s();
         e.open += 1;
+        if !e.announced_online {
+            e.announced_online = true;
+            crate::webhooks::emit_soon(
+                self,
+                crate::webhooks::EventKind::SiteOnline,
+                serde_json::json!({ "site_id": id, "site": name }),
+            );
+        }
         HeardGuard {
             state: self.clone(),
             id,
@@ -140,6 +173,8 @@ impl AppState {
             compiled: tokio::sync::Mutex::new(None),
             presence: std::sync::Mutex::new(std::collections::HashMap::new()),
             live: std::sync::Mutex::new(std::collections::HashMap::new()),
+            reported: std::sync::Mutex::new(std::collections::HashMap::new()),
+            webhook_wake: tokio::sync::Notify::new(),
             config,
             store,
         }))
@@ -308,6 +343,7 @@ pub fn routes_and_document() -> (Router<AppState>, utoipa::openapi::OpenApi) {
             .merge(crate::routes::api_keys::routes())
             .merge(crate::routes::audit::routes())
             .merge(crate::routes::enrol::routes())
+            .merge(crate::routes::webhooks::routes())
             .split_for_parts();
     (routes, doc)
 }
@@ -352,6 +388,7 @@ async fn around(State(state): State<AppState>, mut req: Request, next: Next) -> 
         .unwrap_or_else(|| crate::auth::b64url(&crate::auth::random_bytes::<12>()));
     req.extensions_mut().insert(RequestId(id.clone()));
     let method = req.method().clone();
+    let path = req.uri().path().to_owned();
     // The route's pattern (`/api/v1/users/{id}`), never the raw path or query.
     let route = req
         .extensions()
@@ -383,12 +420,23 @@ async fn around(State(state): State<AppState>, mut req: Request, next: Next) -> 
         "/api/v1/users",
         "/api/v1/api-keys",
         "/api/v1/edge/",
+        "/api/v1/webhooks",
     ];
     if !matches!(method, axum::http::Method::GET | axum::http::Method::HEAD)
         && resp.status().is_success()
         && !no_config.iter().any(|p| route.starts_with(p))
     {
         state.changed();
+        crate::webhooks::emit_soon(
+            &state,
+            crate::webhooks::EventKind::ConfigChanged,
+            serde_json::json!({
+                "method": method.as_str(),
+                "path": path,
+                "request_id": id,
+                "generation": *state.changes.borrow(),
+            }),
+        );
     }
     tracing::info!(
         request_id = %id,

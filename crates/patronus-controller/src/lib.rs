@@ -7,6 +7,7 @@
 //! - [`auth`]: argon2id passwords, short-lived HS256 access tokens, rotating refresh tokens,
 //!   roles, rate limits and lockout.
 //! - [`app`] and [`routes`]: the axum router, one error shape ([`error`]).
+//! - [`webhooks`]: events told to the URLs admins registered, signed, retried.
 //! - [`server`]: start-up (first admin, key, database), serving and graceful shutdown.
 
 pub mod app;
@@ -19,6 +20,7 @@ pub mod metrics;
 pub mod routes;
 pub mod server;
 pub mod store;
+pub mod webhooks;
 
 pub use app::{AppState, router};
 pub use config::Config;

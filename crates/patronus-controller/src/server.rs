@@ -115,6 +115,7 @@ pub async fn serve(
         .with_context(|| format!("listening on {addr}"))?;
     on_listening(listener.local_addr()?);
     let store = state.store.clone();
+    crate::webhooks::start(&state);
     axum::serve(
         listener,
         router(state).into_make_service_with_connect_info::<SocketAddr>(),

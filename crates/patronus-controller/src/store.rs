@@ -224,6 +224,39 @@ CREATE TABLE failover_events (
 CREATE INDEX failover_events_at ON failover_events(at_ms);
 "#,
     ),
+    (
+        10,
+        "webhooks and their deliveries",
+        r#"
+CREATE TABLE webhooks (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    url         TEXT    NOT NULL,
+    events      TEXT    NOT NULL,
+    description TEXT    NOT NULL DEFAULT '',
+    secret      TEXT    NOT NULL,
+    enabled     INTEGER NOT NULL DEFAULT 1,
+    version     INTEGER NOT NULL DEFAULT 1,
+    created_at  INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL
+);
+CREATE TABLE webhook_deliveries (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    webhook_id      INTEGER NOT NULL REFERENCES webhooks(id) ON DELETE CASCADE,
+    event_id        TEXT    NOT NULL,
+    event           TEXT    NOT NULL,
+    payload         TEXT    NOT NULL,
+    status          TEXT    NOT NULL CHECK (status IN ('pending', 'delivered', 'failed')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_ms INTEGER NOT NULL,
+    last_status     INTEGER,
+    last_error      TEXT,
+    created_ms      INTEGER NOT NULL,
+    delivered_ms    INTEGER
+);
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries(status, next_attempt_ms);
+CREATE INDEX webhook_deliveries_hook ON webhook_deliveries(webhook_id, id);
+"#,
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -432,8 +465,11 @@ impl Store {
             .map(|_| ())
     }
 
+    /// A write transaction, holding SQLite's write lock from its first statement: one that
+    /// reads before it writes then waits its turn (busy timeout) instead of failing with
+    /// "database is locked" when another writer committed meanwhile.
     pub async fn begin(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
-        self.pool.begin().await
+        self.pool.begin_with("BEGIN IMMEDIATE").await
     }
 
     // ----- users -----
@@ -552,7 +588,7 @@ impl Store {
         id: i64,
         audit: Audit,
     ) -> Result<(), sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         sqlx::query(&format!("DELETE FROM {table} WHERE id = ?"))
             .bind(id)
             .execute(&mut *tx)
@@ -663,7 +699,7 @@ impl Store {
         new: &[u8],
         expires_at: i64,
     ) -> Result<RefreshOutcome, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let row = sqlx::query(
             "SELECT user_id, family, expires_at, rotated, revoked FROM refresh_tokens
              WHERE token_hash = ?",

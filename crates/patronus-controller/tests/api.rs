@@ -171,7 +171,7 @@ async fn public_endpoints_answer_and_unknown_routes_and_methods_get_the_error_sh
     assert_eq!(r.status, StatusCode::OK);
     let r = a.call(Method::GET, "/api/v1/version", None, None).await;
     assert_eq!(r.body["api"], "v1");
-    assert_eq!(r.body["schema_version"], 9);
+    assert_eq!(r.body["schema_version"], 10);
     let r = a
         .call(Method::GET, "/api/v1/nothing-here", None, None)
         .await;
@@ -481,6 +481,13 @@ async fn each_role_below_the_required_one_is_403() {
             Role::Admin,
         ),
         (Method::GET, "/metrics".into(), None, Role::Viewer),
+        (Method::GET, "/api/v1/webhooks".into(), None, Role::Admin),
+        (
+            Method::POST,
+            "/api/v1/webhooks".into(),
+            Some(json!({ "url": "http://127.0.0.1:9/h#N", "events": ["failover"] })),
+            Role::Admin,
+        ),
         (Method::DELETE, other.clone(), None, Role::Admin),
     ];
     // `#N` in a path or body is the caller's number, `#L` that plus 4, `"#O"` that plus 1000 (a
@@ -2626,4 +2633,304 @@ async fn edges_report_their_paths_and_the_api_shows_what_they_measured() {
         "{r:?}"
     );
     assert!(r.body["last_report"].as_i64().is_some());
+}
+
+/// What a webhook receiver got: (headers, body) of each request.
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(HeaderMap, String)>>>;
+
+/// A webhook receiver on loopback that answers 500 to its first `fail_first` requests, then 204.
+async fn receiver(fail_first: usize) -> (String, Received) {
+    let got: Received = Default::default();
+    let seen = got.clone();
+    let app = Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: String| {
+            let seen = seen.clone();
+            async move {
+                let mut g = seen.lock().unwrap();
+                g.push((headers, body));
+                if g.len() <= fail_first {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    StatusCode::NO_CONTENT
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, got)
+}
+
+/// Waits until the receiver has a request whose body's `type` is `kind`; its body.
+async fn wait_for(got: &Received, kind: &str) -> (HeaderMap, Value) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let found = got.lock().unwrap().iter().find_map(|(h, b)| {
+            let v: Value = serde_json::from_str(b).unwrap();
+            (v["type"] == kind).then(|| (h.clone(), v))
+        });
+        if let Some(f) = found {
+            return f;
+        }
+        let kinds: Vec<String> = got.lock().unwrap().iter().map(|(_, b)| b.clone()).collect();
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {kind} delivered: {kinds:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Checks a request's signature as a receiver would, with the hmac crate directly.
+fn signed_with(secret: &str, headers: &HeaderMap, body: &str) -> bool {
+    use hmac::Mac;
+    let sig = headers["x-patronus-signature"].to_str().unwrap();
+    let (t, v1) = sig.split_once(",v1=").unwrap();
+    let t = t.strip_prefix("t=").unwrap();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{t}.{body}").as_bytes());
+    let want: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let age = patronus_controller::store::now_s() - t.parse::<i64>().unwrap();
+    want == v1 && (0..60).contains(&age)
+}
+
+#[tokio::test]
+async fn webhooks_get_signed_events_retried_until_delivered_with_their_status_in_the_api() {
+    let a = api().await;
+    let t = a.admin().await;
+    patronus_controller::webhooks::start(&a.state);
+    let (url, got) = receiver(1).await;
+    // Refused: no TLS client yet, no events, an unknown event.
+    for (body, field) in [
+        (
+            json!({ "url": "https://example.net/h", "events": ["failover"] }),
+            "url",
+        ),
+        (json!({ "url": url, "events": [] }), "events"),
+    ] {
+        let r = a
+            .call(Method::POST, "/api/v1/webhooks", Some(&t), Some(body))
+            .await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{r:?}");
+        assert!(
+            r.body["error"]["details"].to_string().contains(field),
+            "{r:?}"
+        );
+    }
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/webhooks",
+            Some(&t),
+            Some(json!({ "url": url, "events": ["sideways"] })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{r:?}");
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/webhooks",
+            Some(&t),
+            Some(json!({
+                "url": url,
+                "events": ["config.changed", "site.online", "path.down", "path.up",
+                           "sla.violated", "failover"],
+                "description": "the NOC"
+            })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    let hook = r.body["id"].as_i64().unwrap();
+    let secret = r.body["secret"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("whsec_"));
+    let r = a
+        .call(
+            Method::GET,
+            &format!("/api/v1/webhooks/{hook}"),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert!(r.body.get("secret").is_none(), "shown once: {r:?}");
+
+    // A change of the desired state: the first attempt gets a 500, the retry (after about a
+    // second) gets through; both are signed, and carry the same event id.
+    let ids = sites(&a, &t, &["hq", "b1"]).await;
+    let (h, v) = wait_for(&got, "config.changed").await;
+    assert_eq!(v["data"]["path"], "/api/v1/sites");
+    assert_eq!(v["data"]["method"], "POST");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let r = a
+            .call(
+                Method::GET,
+                &format!("/api/v1/webhooks/{hook}/deliveries?event=config.changed"),
+                Some(&t),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{r:?}");
+        let first = r.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["event_id"] == v["id"])
+            .cloned()
+            .unwrap();
+        if first["status"] == "delivered" {
+            assert_eq!(first["attempts"], 2, "{first}");
+            assert_eq!(first["last_status"], 204, "{first}");
+            assert_eq!(first["payload"], v);
+            break;
+        }
+        assert_eq!(first["status"], "pending", "{first}");
+        assert!(tokio::time::Instant::now() < deadline, "{first}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    {
+        let g = got.lock().unwrap();
+        let same: Vec<_> = g
+            .iter()
+            .filter(|(_, b)| serde_json::from_str::<Value>(b).unwrap()["id"] == v["id"])
+            .collect();
+        assert_eq!(same.len(), 2);
+        for (h, b) in same {
+            assert!(signed_with(&secret, h, b), "bad signature");
+            assert!(!signed_with("whsec_other", h, b));
+            assert_eq!(h["x-patronus-event"], "config.changed");
+        }
+    }
+    assert_eq!(h["content-type"], "application/json");
+
+    // An edge: online, a path down, a failover.
+    let cred = enrolled(&a, &t, ids[0], 5).await;
+    let r = a
+        .call(Method::GET, "/api/v1/edge/config", Some(&cred), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let (_, v) = wait_for(&got, "site.online").await;
+    assert_eq!(v["data"]["site"], "hq");
+    let report = json!({
+        "paths": [{ "peer": "b1", "local_link": "mpls", "remote_link": "mpls", "state": "down",
+                    "rtt_ms": null, "jitter_ms": 0.0, "loss_pct": 100.0,
+                    "tx_bytes": 0, "rx_bytes": 0 }],
+        "failovers": [{ "seq": 1, "at_ms": 1_795_000_000_000i64, "peer": "b1",
+                        "from_local_link": "mpls", "from_remote_link": "mpls",
+                        "to_local_link": "inet", "to_remote_link": "mpls",
+                        "reason": "path-down", "flows": 3 }]
+    });
+    for _ in 0..2 {
+        let r = a
+            .call(
+                Method::POST,
+                "/api/v1/edge/telemetry",
+                Some(&cred),
+                Some(report.clone()),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
+    }
+    let (_, v) = wait_for(&got, "path.down").await;
+    assert_eq!(
+        (v["data"]["from"].as_str(), v["data"]["to"].as_str()),
+        (Some("hq/mpls"), Some("b1/mpls"))
+    );
+    let (_, v) = wait_for(&got, "failover").await;
+    assert_eq!(
+        (v["data"]["reason"].as_str(), v["data"]["flows"].as_u64()),
+        (Some("path-down"), Some(3))
+    );
+    // A report repeated is not news: one path.down, one failover.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let count = |kind: &str| {
+        got.lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, b)| serde_json::from_str::<Value>(b).unwrap()["type"] == kind)
+            .count()
+    };
+    assert_eq!((count("path.down"), count("failover")), (1, 1));
+    let up = report["paths"][0].clone();
+    let mut up = json!({ "paths": [up] });
+    up["paths"][0]["state"] = json!("up");
+    up["paths"][0]["rtt_ms"] = json!(20.0);
+    a.call(
+        Method::POST,
+        "/api/v1/edge/telemetry",
+        Some(&cred),
+        Some(up),
+    )
+    .await;
+    wait_for(&got, "path.up").await;
+
+    // A ping on request; a disabled webhook hears nothing, and cannot be pinged.
+    let r = a
+        .call(
+            Method::POST,
+            &format!("/api/v1/webhooks/{hook}/ping"),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{r:?}");
+    let (_, v) = wait_for(&got, "ping").await;
+    assert_eq!(v["id"], r.body["event_id"]);
+    let r = a
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/webhooks/{hook}"),
+            Some(&t),
+            Some(json!({ "enabled": false })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(r.body["enabled"], false);
+    let r = a
+        .call(
+            Method::POST,
+            &format!("/api/v1/webhooks/{hook}/ping"),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{r:?}");
+    let before = got.lock().unwrap().len();
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/sites",
+            Some(&t),
+            Some(site("b2", &["10.9.0.0/16"])),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(got.lock().unwrap().len(), before);
+    // Deleted with its deliveries; the secret is in no audit record.
+    let r = a
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/webhooks/{hook}"),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM webhook_deliveries")
+        .fetch_one(a.state.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    let r = a
+        .call(Method::GET, "/api/v1/audit?limit=500", Some(&t), None)
+        .await;
+    assert!(r.body.to_string().contains("webhook.create"));
+    assert!(!r.body.to_string().contains(&secret));
 }

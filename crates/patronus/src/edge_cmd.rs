@@ -145,18 +145,29 @@ pub fn run(cmd: EdgeCmd) -> anyhow::Result<()> {
 /// Controller mode: enrols on the first start (generating the key pair here; only the public
 /// key leaves), then fetches the site's configuration, keeping the last good one so that the
 /// edge starts and forwards with the controller down.
-/// Every 5 s, the paths' measurements to the controller (best effort: a report that cannot be
-/// delivered is dropped, and the next one says where things are).
+/// Every 5 s, the paths' measurements to the controller, and at once when there is a failover
+/// to tell (best effort: measurements that cannot be delivered are dropped, and the next report
+/// says where things are; failover events are sent again until the controller has them).
 fn report(url: &str, credential: &str, status: &patronus_edge::status::Shared) {
+    use std::time::{Duration, Instant};
     let mut failing = false;
     // The last failover event the controller has.
     let mut reported = 0u64;
+    let mut last = Instant::now();
     loop {
-        std::thread::sleep(std::time::Duration::from_secs(5));
-        let snap = match status.lock() {
-            Ok(s) => s.clone(),
-            Err(_) => return,
+        std::thread::sleep(Duration::from_millis(200));
+        let snap = {
+            let Ok(s) = status.lock() else { return };
+            let news = s.failover_events.iter().any(|e| e.seq > reported);
+            let every = if failing { 5 } else { 1 };
+            let due = last.elapsed() >= Duration::from_secs(5)
+                || (news && last.elapsed() >= Duration::from_secs(every));
+            if !due {
+                continue;
+            }
+            s.clone()
         };
+        last = Instant::now();
         let t = patronus_api::Telemetry {
             paths: snap
                 .paths

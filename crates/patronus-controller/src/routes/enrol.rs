@@ -303,7 +303,7 @@ async fn edge_config(
     headers: HeaderMap,
     extract::Query(q): extract::Query<ConfigQuery>,
 ) -> Result<Response, ApiError> {
-    let _heard = s.heard_from(site.site_id);
+    let _heard = s.heard_from(site.site_id, &site.site);
     let wait = q.wait.unwrap_or(0);
     if wait > MAX_WAIT_S {
         return Err(ApiError::field(
@@ -363,7 +363,7 @@ async fn telemetry(
     site: SiteCaller,
     extract::Json(t): extract::Json<patronus_api::Telemetry>,
 ) -> Result<StatusCode, ApiError> {
-    let _heard = s.heard_from(site.site_id);
+    let _heard = s.heard_from(site.site_id, &site.site);
     if t.paths.len() > 4096 {
         return Err(ApiError::field("paths", "at most 4096 paths per report"));
     }
@@ -417,6 +417,38 @@ async fn telemetry(
         };
         samples.push((crate::routes::topology::path_id(*a, *b), p));
     }
+    // Each end's view of a path changing is an event: down, up again, or breaking an SLA.
+    let mut events = Vec::new();
+    {
+        use crate::webhooks::EventKind;
+        let mut reported = s.reported.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, p) in &samples {
+            let before = reported.insert((site.site_id, id.clone()), p.state.clone());
+            let kind = match (before.as_deref(), p.state.as_str()) {
+                (b, now) if b == Some(now) => None,
+                (_, "down") => Some(EventKind::PathDown),
+                (Some("down"), _) => Some(EventKind::PathUp),
+                (_, "degraded") => Some(EventKind::SlaViolated),
+                _ => None,
+            };
+            if let Some(kind) = kind {
+                events.push((
+                    kind,
+                    json!({
+                        "path_id": id,
+                        "reported_by": site.site,
+                        "from": format!("{}/{}", site.site, p.local_link),
+                        "to": format!("{}/{}", p.peer, p.remote_link),
+                        "state": p.state,
+                        "was": before,
+                        "rtt_ms": p.rtt_ms,
+                        "jitter_ms": p.jitter_ms,
+                        "loss_pct": p.loss_pct,
+                    }),
+                ));
+            }
+        }
+    }
     {
         let mut live = s.live.lock().unwrap_or_else(|e| e.into_inner());
         for (id, p) in &samples {
@@ -456,7 +488,11 @@ async fn telemetry(
             ))
         };
         // A report delivered twice (an answer lost on the way back) is kept once.
-        sqlx::query(
+        let (from, to) = (
+            path(&e.from_local_link, &e.from_remote_link),
+            path(&e.to_local_link, &e.to_remote_link),
+        );
+        let new = sqlx::query(
             "INSERT OR IGNORE INTO failover_events
              (site_id, seq, at_ms, peer, from_path, to_path, detail, reason, flows)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -465,13 +501,31 @@ async fn telemetry(
         .bind(e.seq as i64)
         .bind(e.at_ms)
         .bind(&e.peer)
-        .bind(path(&e.from_local_link, &e.from_remote_link))
-        .bind(path(&e.to_local_link, &e.to_remote_link))
+        .bind(&from)
+        .bind(&to)
         .bind(serde_json::to_string(e).map_err(ApiError::internal)?)
         .bind(&e.reason)
         .bind(i64::from(e.flows))
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected()
+            == 1;
+        if new {
+            events.push((
+                crate::webhooks::EventKind::Failover,
+                json!({
+                    "site": site.site,
+                    "peer": e.peer,
+                    "at_ms": e.at_ms,
+                    "reason": e.reason,
+                    "flows": e.flows,
+                    "from": format!("{}>{}", e.from_local_link, e.from_remote_link),
+                    "to": format!("{}>{}", e.to_local_link, e.to_remote_link),
+                    "from_path_id": from,
+                    "to_path_id": to,
+                }),
+            ));
+        }
     }
     // Retention: what is older goes, a little at a time.
     sqlx::query(
@@ -482,5 +536,8 @@ async fn telemetry(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
+    for (kind, data) in events {
+        crate::webhooks::emit_soon(&s, kind, data);
+    }
     Ok(StatusCode::NO_CONTENT)
 }

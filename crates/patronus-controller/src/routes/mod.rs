@@ -9,6 +9,7 @@ pub mod sites;
 pub mod system;
 pub mod topology;
 pub mod users;
+pub mod webhooks;
 
 use serde::Serialize;
 

@@ -1,0 +1,478 @@
+//! `/api/v1/webhooks`: admins register URLs to be told of events ([`crate::webhooks`] delivers
+//! them), and read how each delivery went.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sqlx::Row;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::app::{AppState, Principal};
+use crate::auth::{self as a, Role};
+use crate::error::{ApiError, extract};
+use crate::routes::{Page, Paging, check_if_match, created, patched, updated, with_etag};
+use crate::store::{Audit, Store, now_ms, now_s};
+use crate::webhooks::EventKind;
+
+/// Every webhook secret starts with this.
+pub const SECRET_PREFIX: &str = "whsec_";
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(show, update, remove))
+        .routes(routes!(ping))
+        .routes(routes!(deliveries))
+        .routes(routes!(redeliver))
+}
+
+/// What a webhook is: where to post, and which events.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSpec {
+    /// `http://host[:port]/path`.
+    pub url: String,
+    /// The kinds of event to post (at least one).
+    pub events: Vec<EventKind>,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct WebhookView {
+    pub id: i64,
+    #[serde(flatten)]
+    pub spec: WebhookSpec,
+    pub version: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+    /// The signing key: only in the response that creates the webhook.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+fn check(spec: &mut WebhookSpec) -> Result<(), ApiError> {
+    let mut e = patronus_api::FieldErrors::default();
+    spec.url = spec.url.trim().to_owned();
+    if let Err(why) = crate::webhooks::check_url(&spec.url) {
+        e.push("url", why);
+    }
+    if spec.events.is_empty() {
+        e.push("events", "name at least one event");
+    }
+    if spec.events.contains(&EventKind::Ping) {
+        e.push(
+            "events",
+            "ping is sent on request (POST .../ping), not subscribed to",
+        );
+    }
+    spec.events.sort_by_key(|k| k.as_str());
+    spec.events.dedup();
+    if spec.description.chars().count() > 500 {
+        e.push("description", "must be at most 500 characters");
+    }
+    e.into_result().map_err(ApiError::validation)
+}
+
+async fn load(store: &Store, id: i64) -> Result<WebhookView, ApiError> {
+    let r = sqlx::query("SELECT * FROM webhooks WHERE id = ?")
+        .bind(id)
+        .fetch_optional(store.pool())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("webhook {id}")))?;
+    view(&r)
+}
+
+fn view(r: &sqlx::sqlite::SqliteRow) -> Result<WebhookView, ApiError> {
+    Ok(WebhookView {
+        id: r.try_get("id")?,
+        spec: WebhookSpec {
+            url: r.try_get("url")?,
+            events: serde_json::from_str(r.try_get::<&str, _>("events")?)
+                .map_err(ApiError::internal)?,
+            description: r.try_get("description")?,
+            enabled: r.try_get::<i64, _>("enabled")? != 0,
+        },
+        version: r.try_get("version")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+        secret: None,
+    })
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    pub limit: Option<i64>,
+    pub offset: Option<i64>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/webhooks",
+    tag = "webhooks",
+    summary = "List webhooks (never their secrets).",
+    params(ListQuery),
+    security(("bearer" = [])),
+    responses((status = 200, body = Page<WebhookView>), crate::error::ApiErrors)
+)]
+async fn list(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Query(q): extract::Query<ListQuery>,
+) -> Result<axum::Json<Page<WebhookView>>, ApiError> {
+    p.require(Role::Admin)?;
+    let paging = Paging::new(q.limit, q.offset)?;
+    let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM webhooks")
+        .fetch_one(s.store.pool())
+        .await?;
+    let items = sqlx::query("SELECT * FROM webhooks ORDER BY id LIMIT ? OFFSET ?")
+        .bind(paging.limit)
+        .bind(paging.offset)
+        .fetch_all(s.store.pool())
+        .await?
+        .iter()
+        .map(view)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(axum::Json(Page::new(items, total, paging)))
+}
+
+#[utoipa::path(
+    post,
+    path = "/api/v1/webhooks",
+    tag = "webhooks",
+    summary = "Register a webhook; its signing secret is in this response only.",
+    request_body = WebhookSpec,
+    security(("bearer" = [])),
+    responses((status = 201, body = WebhookView), crate::error::ApiErrors)
+)]
+async fn create(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Json(mut spec): extract::Json<WebhookSpec>,
+) -> Result<Response, ApiError> {
+    p.require(Role::Admin)?;
+    check(&mut spec)?;
+    let secret = format!("{SECRET_PREFIX}{}", a::b64url(&a::random_bytes::<32>()));
+    let now = now_s();
+    let mut tx = s.store.begin().await?;
+    let id = sqlx::query(
+        "INSERT INTO webhooks (url, events, description, secret, enabled, created_at, updated_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&spec.url)
+    .bind(serde_json::to_string(&spec.events).map_err(ApiError::internal)?)
+    .bind(&spec.description)
+    .bind(&secret)
+    .bind(spec.enabled)
+    .bind(now)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?
+    .last_insert_rowid();
+    Store::audit(
+        &mut tx,
+        &p.actor(),
+        "webhook.create",
+        &format!("webhook/{id}"),
+        json!({ "url": spec.url, "events": spec.events }),
+    )
+    .await?;
+    tx.commit().await?;
+    let mut v = load(&s.store, id).await?;
+    v.secret = Some(secret);
+    Ok(created(format!("/api/v1/webhooks/{id}"), v.version, v))
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/webhooks/{id}",
+    tag = "webhooks",
+    summary = "Read a webhook.",
+    params(("id" = i64, Path, description = "The object's id")),
+    security(("bearer" = [])),
+    responses((status = 200, body = WebhookView), crate::error::ApiErrors)
+)]
+async fn show(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Path(id): extract::Path<i64>,
+) -> Result<Response, ApiError> {
+    p.require(Role::Admin)?;
+    let v = load(&s.store, id).await?;
+    Ok(with_etag(StatusCode::OK, v.version, v))
+}
+
+#[utoipa::path(
+    patch,
+    path = "/api/v1/webhooks/{id}",
+    tag = "webhooks",
+    summary = "Change a webhook (JSON merge patch; If-Match): its URL, events, description, \
+               or `enabled`.",
+    params(("id" = i64, Path, description = "The object's id")),
+    request_body(content = serde_json::Value, description = "A JSON merge patch (RFC 7386) of the object"),
+    security(("bearer" = [])),
+    responses((status = 200, body = WebhookView), crate::error::ApiErrors)
+)]
+async fn update(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Path(id): extract::Path<i64>,
+    headers: HeaderMap,
+    extract::Json(patch): extract::Json<Value>,
+) -> Result<Response, ApiError> {
+    p.require(Role::Admin)?;
+    let cur = load(&s.store, id).await?;
+    check_if_match(&headers, cur.version)?;
+    let mut spec: WebhookSpec = patched(&cur.spec, &patch)?;
+    check(&mut spec)?;
+    let mut tx = s.store.begin().await?;
+    let r = sqlx::query(
+        "UPDATE webhooks SET url = ?, events = ?, description = ?, enabled = ?,
+         version = version + 1, updated_at = ? WHERE id = ? AND version = ?",
+    )
+    .bind(&spec.url)
+    .bind(serde_json::to_string(&spec.events).map_err(ApiError::internal)?)
+    .bind(&spec.description)
+    .bind(spec.enabled)
+    .bind(now_s())
+    .bind(id)
+    .bind(cur.version)
+    .execute(&mut *tx)
+    .await;
+    updated(r, "webhook", || "conflict")?;
+    Store::audit(
+        &mut tx,
+        &p.actor(),
+        "webhook.update",
+        &format!("webhook/{id}"),
+        patch,
+    )
+    .await?;
+    tx.commit().await?;
+    let v = load(&s.store, id).await?;
+    Ok(with_etag(StatusCode::OK, v.version, v))
+}
+
+#[utoipa::path(
+    delete,
+    path = "/api/v1/webhooks/{id}",
+    tag = "webhooks",
+    summary = "Delete a webhook and its deliveries.",
+    params(("id" = i64, Path, description = "The object's id")),
+    security(("bearer" = [])),
+    responses((status = 204, description = "Deleted"), crate::error::ApiErrors)
+)]
+async fn remove(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Path(id): extract::Path<i64>,
+) -> Result<StatusCode, ApiError> {
+    p.require(Role::Admin)?;
+    let cur = load(&s.store, id).await?;
+    let audit = Audit::new(
+        p.actor(),
+        "webhook.delete",
+        &format!("webhook/{id}"),
+        json!({ "url": cur.spec.url }),
+    );
+    s.store.delete_audited("webhooks", id, audit).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Queued {
+    /// The event's id (the body's `id`).
+    pub event_id: String,
+}
+
+#[utoipa::path(
+    post,
+    path = "/api/v1/webhooks/{id}/ping",
+    tag = "webhooks",
+    summary = "Send this webhook a `ping` event now, to test it; see its deliveries for how it went.",
+    params(("id" = i64, Path, description = "The object's id")),
+    security(("bearer" = [])),
+    responses((status = 202, body = Queued), crate::error::ApiErrors)
+)]
+async fn ping(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Path(id): extract::Path<i64>,
+) -> Result<Response, ApiError> {
+    p.require(Role::Admin)?;
+    let hook = load(&s.store, id).await?;
+    if !hook.spec.enabled {
+        return Err(ApiError::conflict(format!(
+            "webhook {id} is disabled: enable it first"
+        )));
+    }
+    let event_id = crate::webhooks::emit(
+        &s,
+        EventKind::Ping,
+        json!({ "webhook_id": id, "by": p.actor().name }),
+        Some(id),
+    )
+    .await?
+    .ok_or_else(|| ApiError::internal("the ping was not queued"))?;
+    Ok((StatusCode::ACCEPTED, axum::Json(Queued { event_id })).into_response())
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct DeliveryView {
+    pub id: i64,
+    pub webhook_id: i64,
+    pub event_id: String,
+    pub event: String,
+    /// `pending` (queued, or waiting for its next attempt), `delivered` or `failed` (every
+    /// attempt failed).
+    pub status: String,
+    pub attempts: i64,
+    /// Unix ms of the next attempt, while pending.
+    pub next_attempt_ms: Option<i64>,
+    /// The HTTP status of the last answer, if there was one.
+    pub last_status: Option<i64>,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+    pub created_ms: i64,
+    pub delivered_ms: Option<i64>,
+    /// The body posted.
+    pub payload: Value,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DeliveryQuery {
+    pub limit: Option<i64>,
+    pub offset: Option<i64>,
+    /// `pending`, `delivered` or `failed`.
+    pub status: Option<String>,
+    /// An event kind, e.g. `failover`.
+    pub event: Option<String>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/webhooks/{id}/deliveries",
+    tag = "webhooks",
+    summary = "This webhook's deliveries, newest first.",
+    params(("id" = i64, Path, description = "The object's id"), DeliveryQuery),
+    security(("bearer" = [])),
+    responses((status = 200, body = Page<DeliveryView>), crate::error::ApiErrors)
+)]
+async fn deliveries(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Path(id): extract::Path<i64>,
+    extract::Query(q): extract::Query<DeliveryQuery>,
+) -> Result<axum::Json<Page<DeliveryView>>, ApiError> {
+    p.require(Role::Admin)?;
+    let paging = Paging::new(q.limit, q.offset)?;
+    load(&s.store, id).await?;
+    if let Some(st) = &q.status {
+        if !matches!(st.as_str(), "pending" | "delivered" | "failed") {
+            return Err(ApiError::field(
+                "status",
+                "must be pending, delivered or failed",
+            ));
+        }
+    }
+    let filter = "webhook_id = ?1 AND (?2 IS NULL OR status = ?2) AND (?3 IS NULL OR event = ?3)";
+    let total: i64 = sqlx::query_scalar(&format!(
+        "SELECT COUNT(*) FROM webhook_deliveries WHERE {filter}"
+    ))
+    .bind(id)
+    .bind(&q.status)
+    .bind(&q.event)
+    .fetch_one(s.store.pool())
+    .await?;
+    let rows = sqlx::query(&format!(
+        "SELECT * FROM webhook_deliveries WHERE {filter} ORDER BY id DESC LIMIT ?4 OFFSET ?5"
+    ))
+    .bind(id)
+    .bind(&q.status)
+    .bind(&q.event)
+    .bind(paging.limit)
+    .bind(paging.offset)
+    .fetch_all(s.store.pool())
+    .await?;
+    let items = rows
+        .iter()
+        .map(|r| {
+            let status: String = r.try_get("status")?;
+            Ok(DeliveryView {
+                id: r.try_get("id")?,
+                webhook_id: r.try_get("webhook_id")?,
+                event_id: r.try_get("event_id")?,
+                event: r.try_get("event")?,
+                next_attempt_ms: (status == "pending")
+                    .then(|| r.try_get("next_attempt_ms"))
+                    .transpose()?,
+                status,
+                attempts: r.try_get("attempts")?,
+                last_status: r.try_get("last_status")?,
+                last_error: r.try_get("last_error")?,
+                created_ms: r.try_get("created_ms")?,
+                delivered_ms: r.try_get("delivered_ms")?,
+                payload: serde_json::from_str(r.try_get::<&str, _>("payload")?)
+                    .unwrap_or(Value::Null),
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    Ok(axum::Json(Page::new(items, total, paging)))
+}
+
+#[utoipa::path(
+    post,
+    path = "/api/v1/webhooks/{id}/deliveries/{delivery_id}/retry",
+    tag = "webhooks",
+    summary = "Try a failed delivery again, now (its attempts start over).",
+    params(
+        ("id" = i64, Path, description = "The webhook's id"),
+        ("delivery_id" = i64, Path, description = "The delivery's id")
+    ),
+    security(("bearer" = [])),
+    responses((status = 202, description = "Queued"), crate::error::ApiErrors)
+)]
+async fn redeliver(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Path((id, delivery)): extract::Path<(i64, i64)>,
+) -> Result<StatusCode, ApiError> {
+    p.require(Role::Admin)?;
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM webhook_deliveries WHERE id = ? AND webhook_id = ?")
+            .bind(delivery)
+            .bind(id)
+            .fetch_optional(s.store.pool())
+            .await?;
+    match status.as_deref() {
+        None => Err(ApiError::not_found(format!(
+            "delivery {delivery} of webhook {id}"
+        ))),
+        Some("failed") => {
+            sqlx::query(
+                "UPDATE webhook_deliveries SET status = 'pending', attempts = 0,
+                 next_attempt_ms = ? WHERE id = ?",
+            )
+            .bind(now_ms())
+            .bind(delivery)
+            .execute(s.store.pool())
+            .await?;
+            s.webhook_wake.notify_one();
+            Ok(StatusCode::ACCEPTED)
+        }
+        Some(other) => Err(ApiError::conflict(format!(
+            "delivery {delivery} is {other}: only a failed one is tried again"
+        ))),
+    }
+}

@@ -1,0 +1,492 @@
+//! Webhooks: what happens in the network, told to the URLs admins registered.
+//!
+//! An event (a site coming online or going offline, a path going down or up, a path breaking an
+//! SLA, a failover, a change of the desired state) becomes one delivery per webhook that asked
+//! for its kind, written to the database before anyone is told: a delivery survives a restart
+//! of the controller. A worker posts each one; anything but a 2xx answer within
+//! [`ATTEMPT_TIMEOUT`] is retried with exponential backoff (1 s, 2 s, 4 s, ... at most
+//! [`MAX_BACKOFF_MS`] apart, ±20 %), until [`MAX_ATTEMPTS`]; then the delivery is `failed` (an
+//! admin can ask for it again). Every delivery's status, attempts and last answer are in the API.
+//!
+//! Each request is signed: `X-Patronus-Signature: t=<unix seconds>,v1=<hex>`, where `<hex>` is
+//! HMAC-SHA256, keyed with the webhook's secret (shown once, when it is created), of
+//! `"<t>." + body`. A receiver recomputes it, compares in constant time, and refuses a `t` too
+//! far from its clock (a replayed request). `X-Patronus-Event` is the kind, `X-Patronus-Delivery`
+//! the delivery's id; the body's `id` is the event's, the same on every retry, to drop
+//! duplicates.
+//!
+//! Only `http://` URLs for now: this controller has no TLS client yet (a receiver elsewhere sits
+//! behind a local TLS-terminating proxy).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::Uri;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sqlx::Row;
+
+use crate::app::AppState;
+use crate::store::now_ms;
+
+/// What a webhook can ask to hear about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+pub enum EventKind {
+    /// A site's edge got in touch (after starting, or after being offline).
+    #[serde(rename = "site.online")]
+    SiteOnline,
+    /// A site's edge has not been heard from for [`crate::app::ONLINE_WITHIN_S`] seconds.
+    #[serde(rename = "site.offline")]
+    SiteOffline,
+    /// An edge reports a path down (no probe answered).
+    #[serde(rename = "path.down")]
+    PathDown,
+    /// An edge reports a path that was down alive again.
+    #[serde(rename = "path.up")]
+    PathUp,
+    /// An edge reports a path alive but breaking an SLA class (degraded).
+    #[serde(rename = "sla.violated")]
+    SlaViolated,
+    /// An edge moved flows from one path to another.
+    #[serde(rename = "failover")]
+    Failover,
+    /// The desired state changed (an acknowledged write to sites, links, topology, policies...).
+    #[serde(rename = "config.changed")]
+    ConfigChanged,
+    /// Asked for by an admin, to test a webhook; sent whatever the webhook's events.
+    #[serde(rename = "ping")]
+    Ping,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SiteOnline => "site.online",
+            Self::SiteOffline => "site.offline",
+            Self::PathDown => "path.down",
+            Self::PathUp => "path.up",
+            Self::SlaViolated => "sla.violated",
+            Self::Failover => "failover",
+            Self::ConfigChanged => "config.changed",
+            Self::Ping => "ping",
+        }
+    }
+}
+
+/// Attempts before a delivery is given up (`failed`).
+pub const MAX_ATTEMPTS: i64 = 10;
+/// The longest wait between two attempts.
+pub const MAX_BACKOFF_MS: i64 = 5 * 60 * 1000;
+/// How long one attempt may take, connection included.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deliveries in flight at once.
+const CONCURRENCY: usize = 16;
+/// How long finished deliveries are kept.
+pub const RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
+
+/// Why a URL cannot be a webhook's.
+pub fn check_url(url: &str) -> Result<Uri, String> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| format!("not a URL ({e}): give http://host[:port]/path"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(
+                "https:// is not supported yet (this controller has no TLS client): \
+                        point it at a local TLS-terminating proxy over http://"
+                    .into(),
+            );
+        }
+        _ => return Err("must start with http://".into()),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err("has no host".into());
+    }
+    if url.len() > 2000 {
+        return Err("is longer than 2000 characters".into());
+    }
+    Ok(uri)
+}
+
+/// Queues `kind` for every enabled webhook that asked for it (`only`: for that webhook alone,
+/// whatever it asked for) and wakes the worker. Returns the event's id, if anyone will hear it.
+pub async fn emit(
+    state: &AppState,
+    kind: EventKind,
+    data: Value,
+    only: Option<i64>,
+) -> Result<Option<String>, sqlx::Error> {
+    let rows = sqlx::query("SELECT id, events FROM webhooks WHERE enabled = 1")
+        .fetch_all(state.store.pool())
+        .await?;
+    let mut hooks = Vec::new();
+    for r in &rows {
+        let id: i64 = r.try_get("id")?;
+        let events: Vec<EventKind> =
+            serde_json::from_str(r.try_get::<&str, _>("events")?).unwrap_or_default();
+        let wanted = match only {
+            Some(o) => o == id,
+            None => events.contains(&kind),
+        };
+        if wanted {
+            hooks.push(id);
+        }
+    }
+    if hooks.is_empty() {
+        return Ok(None);
+    }
+    let id = format!(
+        "evt_{}",
+        crate::auth::b64url(&crate::auth::random_bytes::<12>())
+    );
+    let now = now_ms();
+    let payload = json!({ "id": id, "type": kind, "at_ms": now, "data": data }).to_string();
+    let mut tx = state.store.begin().await?;
+    for hook in hooks {
+        sqlx::query(
+            "INSERT INTO webhook_deliveries
+             (webhook_id, event_id, event, payload, status, next_attempt_ms, created_ms)
+             VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+        )
+        .bind(hook)
+        .bind(&id)
+        .bind(kind.as_str())
+        .bind(&payload)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    state.webhook_wake.notify_one();
+    Ok(Some(id))
+}
+
+/// [`emit`] without waiting: for callers that must not be slowed or failed by it (a failure
+/// is logged).
+pub fn emit_soon(state: &AppState, kind: EventKind, data: Value) {
+    let state = state.clone();
+    tokio::spawn(async move {
+        if let Err(e) = emit(&state, kind, data, None).await {
+            tracing::warn!(event = kind.as_str(), error = %e, "webhook event not queued");
+        }
+    });
+}
+
+/// Starts the delivery worker and the watch for edges gone quiet. Call once, inside the
+/// runtime.
+pub fn start(state: &AppState) {
+    tokio::spawn(deliver_forever(state.clone()));
+    tokio::spawn(watch_presence(state.clone()));
+}
+
+/// Every few seconds: sites whose edge went quiet are announced offline.
+async fn watch_presence(state: AppState) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        for id in state.newly_offline() {
+            let name: Option<String> = sqlx::query_scalar("SELECT name FROM sites WHERE id = ?")
+                .bind(id)
+                .fetch_optional(state.store.pool())
+                .await
+                .ok()
+                .flatten();
+            if let Some(name) = name {
+                let (_, last_seen) = state.presence_of(id);
+                emit_soon(
+                    &state,
+                    EventKind::SiteOffline,
+                    json!({ "site_id": id, "site": name, "last_seen": last_seen }),
+                );
+            }
+        }
+    }
+}
+
+struct Due {
+    id: i64,
+    url: String,
+    secret: String,
+    event: String,
+    payload: String,
+    attempts: i64,
+}
+
+async fn deliver_forever(state: AppState) {
+    let in_flight: Arc<Mutex<HashSet<i64>>> = Arc::default();
+    let slots = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
+    let mut last_cleanup = 0;
+    loop {
+        let now = now_ms();
+        if now - last_cleanup > 3_600_000 {
+            last_cleanup = now;
+            let r = sqlx::query(
+                "DELETE FROM webhook_deliveries WHERE status != 'pending' AND created_ms < ?",
+            )
+            .bind(now - RETENTION_MS)
+            .execute(state.store.pool())
+            .await;
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "old webhook deliveries not removed");
+            }
+        }
+        let due = match due(&state, now).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading webhook deliveries");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                continue;
+            }
+        };
+        for d in due {
+            if !lock(&in_flight).insert(d.id) {
+                continue;
+            }
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let (state, in_flight) = (state.clone(), in_flight.clone());
+            tokio::spawn(async move {
+                let id = d.id;
+                attempt(&state, d).await;
+                lock(&in_flight).remove(&id);
+                drop(permit);
+                state.webhook_wake.notify_one();
+            });
+        }
+        // Until the next one is due (at most a second: one may come due while others are in
+        // flight), or something new is queued.
+        let next: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(next_attempt_ms) FROM webhook_deliveries WHERE status = 'pending'",
+        )
+        .fetch_one(state.store.pool())
+        .await
+        .ok()
+        .flatten();
+        let wait = next.map_or(1000, |n| (n - now_ms()).clamp(10, 1000));
+        tokio::select! {
+            _ = state.webhook_wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(wait as u64)) => {}
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn due(state: &AppState, now: i64) -> Result<Vec<Due>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT d.id, d.event, d.payload, d.attempts, w.url, w.secret
+         FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id
+         WHERE d.status = 'pending' AND d.next_attempt_ms <= ? AND w.enabled = 1
+         ORDER BY d.next_attempt_ms, d.id LIMIT 64",
+    )
+    .bind(now)
+    .fetch_all(state.store.pool())
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Due {
+                id: r.try_get("id")?,
+                url: r.try_get("url")?,
+                secret: r.try_get("secret")?,
+                event: r.try_get("event")?,
+                payload: r.try_get("payload")?,
+                attempts: r.try_get("attempts")?,
+            })
+        })
+        .collect()
+}
+
+/// One attempt at a delivery, and its outcome written down.
+async fn attempt(state: &AppState, d: Due) {
+    let t = crate::store::now_s();
+    let signature = format!("t={t},v1={}", sign(&d.secret, t, d.payload.as_bytes()));
+    let headers = [
+        ("content-type", "application/json".to_owned()),
+        (
+            "user-agent",
+            format!("patronus/{}", env!("CARGO_PKG_VERSION")),
+        ),
+        ("x-patronus-event", d.event.clone()),
+        ("x-patronus-delivery", d.id.to_string()),
+        ("x-patronus-signature", signature),
+    ];
+    let outcome = match tokio::time::timeout(
+        ATTEMPT_TIMEOUT,
+        post(&d.url, &headers, d.payload.clone().into_bytes()),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {} s", ATTEMPT_TIMEOUT.as_secs())),
+    };
+    let attempts = d.attempts + 1;
+    let now = now_ms();
+    let (status, code, error, next) = match outcome {
+        Ok(code) if (200..300).contains(&code) => ("delivered", Some(code), None, now),
+        Ok(code) => (
+            "pending",
+            Some(code),
+            Some(format!("answered HTTP {code}")),
+            now,
+        ),
+        Err(e) => ("pending", None, Some(e), now),
+    };
+    let (status, next) = if status == "pending" {
+        if attempts >= MAX_ATTEMPTS {
+            ("failed", next)
+        } else {
+            ("pending", now + backoff_ms(attempts))
+        }
+    } else {
+        (status, next)
+    };
+    let r = sqlx::query(
+        "UPDATE webhook_deliveries SET status = ?, attempts = ?, next_attempt_ms = ?,
+         last_status = ?, last_error = ?,
+         delivered_ms = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_ms END
+         WHERE id = ?",
+    )
+    .bind(status)
+    .bind(attempts)
+    .bind(next)
+    .bind(code.map(i64::from))
+    .bind(&error)
+    .bind(status)
+    .bind(now)
+    .bind(d.id)
+    .execute(state.store.pool())
+    .await;
+    if let Err(e) = r {
+        tracing::warn!(delivery = d.id, error = %e, "webhook delivery outcome not recorded");
+    }
+    match (status, error) {
+        ("failed", Some(e)) => tracing::warn!(
+            delivery = d.id,
+            event = %d.event,
+            attempts,
+            error = %e,
+            "webhook delivery failed for good"
+        ),
+        (_, Some(e)) => tracing::info!(
+            delivery = d.id,
+            event = %d.event,
+            attempts,
+            error = %e,
+            "webhook delivery will be retried"
+        ),
+        _ => {}
+    }
+}
+
+/// The wait after the `attempts`-th failed attempt: 1 s doubling, at most [`MAX_BACKOFF_MS`],
+/// ±20 % so that deliveries failed together are not retried together.
+pub fn backoff_ms(attempts: i64) -> i64 {
+    let base = 1000i64
+        .saturating_mul(1 << (attempts - 1).clamp(0, 20))
+        .min(MAX_BACKOFF_MS);
+    let r = i64::from(u16::from_le_bytes(crate::auth::random_bytes::<2>()));
+    base + base * (r - 32_768) / 163_840
+}
+
+/// `HMAC-SHA256(secret, "<t>." + body)`, in lower-case hex.
+pub fn sign(secret: &str, t: i64, body: &[u8]) -> String {
+    let Ok(mut mac) = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()) else {
+        // HMAC takes a key of any length.
+        return String::new();
+    };
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(body);
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// One `POST` over a fresh HTTP/1.1 connection; the answer's status code.
+async fn post(url: &str, headers: &[(&str, String)], body: Vec<u8>) -> Result<u16, String> {
+    use http_body_util::{BodyExt, Full};
+    let uri = check_url(url)?;
+    let host = uri.host().unwrap_or_default();
+    let port = uri.port_u16().unwrap_or(80);
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let addr = tokio::net::lookup_host((bare, port))
+        .await
+        .map_err(|e| format!("resolving {host}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{host} has no address"))?;
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP with {addr}: {e}"))?;
+    tokio::spawn(conn);
+    let authority = uri.authority().map_or(host, |a| a.as_str());
+    let mut req = axum::http::Request::post(uri.path_and_query().map_or("/", |p| p.as_str()))
+        .header("host", authority);
+    for (k, v) in headers {
+        req = req.header(*k, v);
+    }
+    let req = req
+        .body(Full::new(hyper::body::Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("HTTP with {addr}: {e}"))?;
+    let status = resp.status().as_u16();
+    // Read (and drop) what it says, so that the connection closes cleanly.
+    let _ = resp.into_body().collect().await;
+    Ok(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_is_hmac_sha256_of_timestamp_dot_body() {
+        // Computed independently: Python's hmac.new(b"whsec_test", b'1700000000.{"id":"evt_1"}',
+        // hashlib.sha256).hexdigest().
+        assert_eq!(
+            sign("whsec_test", 1_700_000_000, br#"{"id":"evt_1"}"#),
+            "c89214b5b5da833daed6f0b8c5bb6bd58cea9022bd80ccc78230f3942d632925"
+        );
+        // The timestamp is part of what is signed.
+        assert_ne!(sign("k", 1, b"x"), sign("k", 2, b"x"));
+    }
+
+    #[test]
+    fn backoff_doubles_within_twenty_percent_and_is_capped() {
+        for attempts in 1..=12 {
+            let base = (1000i64 << (attempts - 1)).min(MAX_BACKOFF_MS);
+            for _ in 0..50 {
+                let b = backoff_ms(attempts);
+                assert!(b >= base * 8 / 10 && b <= base * 12 / 10, "{attempts}: {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn only_plain_http_urls_with_a_host() {
+        assert!(check_url("http://127.0.0.1:9000/hook").is_ok());
+        assert!(check_url("http://[::1]:9000/").is_ok());
+        assert!(
+            check_url("https://example.net/")
+                .unwrap_err()
+                .contains("TLS")
+        );
+        assert!(check_url("ftp://example.net/").is_err());
+        assert!(check_url("not a url").is_err());
+        assert!(check_url("/relative").is_err());
+    }
+}
