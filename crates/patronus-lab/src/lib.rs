@@ -5,7 +5,8 @@
 //! userspace [`emulator`] that applies delay, jitter, loss (random and bursty), rate limits and
 //! cuts to every emulated WAN link, changeable while the lab runs. The lab provides the
 //! measurement tools the rest of Patronus is tested and benchmarked with: a constant-rate UDP
-//! [`stream`] with loss-derived outage time, and TCP throughput through `iperf3`.
+//! [`stream`] with loss-derived outage time, TCP throughput through `iperf3`, and a [`webhook`]
+//! receiver.
 //!
 //! Everything here needs root; [`netns::privilege_problem`] says why when it is missing.
 
@@ -17,6 +18,7 @@ pub mod lab;
 pub mod netns;
 pub mod stream;
 pub mod topology;
+pub mod webhook;
 
 pub use emulator::{Dir, EmulatorStatus, LinkStatus};
 pub use impair::Impairment;

@@ -1,5 +1,5 @@
 //! Admin commands that talk to the controller's API: `patronus login`, `site`, `link`,
-//! `policy`.
+//! `policy`, `path`, `webhook`.
 
 use std::io::BufRead;
 
@@ -507,6 +507,122 @@ pub fn policy(cmd: PolicyCmd) -> anyhow::Result<()> {
         PolicyCmd::List { output } => {
             let v = s.call("GET", "/api/v1/policies?limit=500", None)?;
             print(output, &v, &columns);
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WebhookCmd {
+    /// Registered webhooks.
+    List {
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Registers a URL for events; prints the signing secret (shown this once).
+    Create {
+        /// `http://host[:port]/path`.
+        url: String,
+        /// An event to post (repeat): site.online, site.offline, path.down, path.up,
+        /// sla.violated, failover, config.changed.
+        #[arg(long = "event", required = true)]
+        events: Vec<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    Delete {
+        id: i64,
+    },
+    /// Sends the webhook a `ping` event now.
+    Ping {
+        id: i64,
+    },
+    /// A webhook's deliveries, newest first: status, attempts, last answer.
+    Deliveries {
+        id: i64,
+        /// pending, delivered or failed.
+        #[arg(long)]
+        status: Option<String>,
+        /// Only this kind of event.
+        #[arg(long)]
+        event: Option<String>,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+pub fn webhook(cmd: WebhookCmd) -> anyhow::Result<()> {
+    let mut s = Session::open()?;
+    let columns = [
+        ("ID", "id"),
+        ("URL", "url"),
+        ("EVENTS", "events"),
+        ("ENABLED", "enabled"),
+        ("DESCRIPTION", "description"),
+    ];
+    match cmd {
+        WebhookCmd::List { output } => {
+            let v = s.call("GET", "/api/v1/webhooks?limit=500", None)?;
+            print(output, &v, &columns);
+        }
+        WebhookCmd::Create {
+            url,
+            events,
+            description,
+            output,
+        } => {
+            let body = json!({ "url": url, "events": events, "description": description });
+            let v = s.call("POST", "/api/v1/webhooks", Some(&body))?;
+            match output {
+                Output::Json => print(output, &v, &columns),
+                Output::Table => {
+                    print(output, &v, &columns);
+                    outln!(
+                        "signing secret (shown once; verify X-Patronus-Signature with it): {}",
+                        v["secret"].as_str().unwrap_or_default()
+                    );
+                }
+            }
+        }
+        WebhookCmd::Delete { id } => {
+            s.call("DELETE", &format!("/api/v1/webhooks/{id}"), None)?;
+            outln!("deleted webhook {id}");
+        }
+        WebhookCmd::Ping { id } => {
+            let v = s.call("POST", &format!("/api/v1/webhooks/{id}/ping"), None)?;
+            outln!(
+                "ping {} queued: see `patronus webhook deliveries {id}`",
+                v["event_id"].as_str().unwrap_or_default()
+            );
+        }
+        WebhookCmd::Deliveries {
+            id,
+            status,
+            event,
+            output,
+        } => {
+            let mut q = format!("/api/v1/webhooks/{id}/deliveries?limit=100");
+            for (k, v) in [("status", status), ("event", event)] {
+                if let Some(v) = v {
+                    q.push_str(&format!("&{k}={}", urlencode(&v)));
+                }
+            }
+            let v = s.call("GET", &q, None)?;
+            print(
+                output,
+                &v,
+                &[
+                    ("ID", "id"),
+                    ("EVENT", "event"),
+                    ("STATUS", "status"),
+                    ("ATTEMPTS", "attempts"),
+                    ("HTTP", "last_status"),
+                    ("ERROR", "last_error"),
+                    ("CREATED_MS", "created_ms"),
+                ],
+            );
         }
     }
     Ok(())

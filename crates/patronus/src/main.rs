@@ -64,6 +64,9 @@ enum Command {
     /// Paths and what their edges measure, through the controller's API.
     #[command(subcommand)]
     Path(admin_cmd::PathCmd),
+    /// Webhooks: URLs told of events (signed), and how each delivery went.
+    #[command(subcommand)]
+    Webhook(admin_cmd::WebhookCmd),
 }
 
 fn main() -> ExitCode {
@@ -77,6 +80,7 @@ fn main() -> ExitCode {
         Command::Link(c) => admin_cmd::link(c),
         Command::Policy(c) => admin_cmd::policy(c),
         Command::Path(c) => admin_cmd::path(c),
+        Command::Webhook(c) => admin_cmd::webhook(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

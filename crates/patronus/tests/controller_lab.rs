@@ -208,7 +208,36 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
         std::thread::sleep(Duration::from_millis(500));
     }
 
-    // A cut of the link carrying a stream shows up in the API as a failover of hq's edge.
+    // An admin registers a webhook for failovers and paths going down; the receiver listens
+    // beside the controller.
+    let hook = patronus_lab::webhook::Receiver::start_in(
+        &lab.ns("controller").unwrap(),
+        std::net::SocketAddr::new(ctl, 0),
+    )
+    .unwrap();
+    let (ok, out, err) = cli(
+        &lab,
+        &home,
+        &[
+            "webhook",
+            "create",
+            &hook.url(),
+            "--event",
+            "failover",
+            "--event",
+            "path.down",
+            "--output",
+            "json",
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    let created: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(created["secret"].as_str().unwrap().starts_with("whsec_"));
+    let hook_id = created["id"].to_string();
+
+    // A cut of the link carrying a stream shows up in the API as a failover of hq's edge, and
+    // as a signed webhook delivery.
     let b1 = lab.addr("branch1/h1", false).unwrap();
     let (from_ns, to_ns) = (lab.ns("hq/h1").unwrap(), lab.ns("branch1/h1").unwrap());
     let r = std::thread::scope(|sc| {
@@ -249,6 +278,50 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
         assert!(Instant::now() < deadline, "no failover reported: {out}");
         std::thread::sleep(Duration::from_millis(500));
     }
+    let got = hook
+        .wait_for(Duration::from_secs(20), |r| {
+            let v = r.json();
+            v["type"] == "failover"
+                && v["data"]["site"] == "hq"
+                && v["data"]["reason"] == "path-down"
+                && v["data"]["from"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("mpls>")
+        })
+        .unwrap_or_else(|| panic!("no failover webhook: {:?}", hook.received()));
+    let sig = got.header("x-patronus-signature").unwrap();
+    assert!(sig.starts_with("t=") && sig.contains(",v1="), "{sig}");
+    assert_eq!(got.header("x-patronus-event"), Some("failover"));
+    assert!(
+        hook.received()
+            .iter()
+            .any(|r| r.json()["type"] == "path.down")
+    );
+    let (ok, out, err) = cli(
+        &lab,
+        &home,
+        &[
+            "webhook",
+            "deliveries",
+            &hook_id,
+            "--event",
+            "failover",
+            "--output",
+            "json",
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["status"] == "delivered" && d["payload"]["id"] == got.json()["id"]),
+        "{out}"
+    );
 
     // The controller holds each edge's public key, the one the edge made and keeps.
     for s in &plan.sites {
@@ -364,27 +437,71 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
     assert!(ok, "{err}");
     edges::wait_for_tunnel(&lab, "hq/h1", b2, Duration::from_secs(20)).unwrap();
 
-    // Headless: with the controller gone, traffic goes on, and an edge restarted meanwhile
-    // comes back on the configuration it kept.
+    // Headless for a minute: with the controller gone, a stream between branch1 and branch2
+    // loses nothing for the whole minute, while hq's edge is restarted (it comes back on the
+    // configuration it kept and forwards) and then fails over a cut on its own.
     lab.stop(controller).unwrap();
-    let dst = lab.addr("branch1/h1", false).unwrap();
-    let cfg = patronus_lab::stream::StreamConfig {
-        rate_pps: 200,
-        duration: Duration::from_secs(2),
-        ..Default::default()
-    };
-    let r = patronus_lab::stream::run(
-        &lab.ns("hq/h1").unwrap(),
-        &lab.ns("branch1/h1").unwrap(),
-        dst,
-        &cfg,
-    )
-    .unwrap();
+    let headless = Instant::now();
+    let (b1_ns, b2_ns) = (lab.ns("branch1/h1").unwrap(), lab.ns("branch2/h1").unwrap());
+    let b1 = lab.addr("branch1/h1", false).unwrap();
+    let r = std::thread::scope(|sc| {
+        let run = sc.spawn(|| {
+            let cfg = patronus_lab::stream::StreamConfig {
+                rate_pps: 200,
+                duration: Duration::from_secs(60),
+                port: 47000,
+                ..Default::default()
+            };
+            patronus_lab::stream::run(&b1_ns, &b2_ns, b2, &cfg).unwrap()
+        });
+        std::thread::sleep(Duration::from_secs(5));
+        lab.stop(pids[0]).unwrap();
+        edges::controller_edge(&lab, patronus(), "hq", &locals[0], "run", None).unwrap();
+        edges::wait_for_tunnel(&lab, "hq/h1", b1, Duration::from_secs(20)).unwrap();
+        let log = std::fs::read_to_string(edges::edge_dir(&lab, "hq").join("edge.log")).unwrap();
+        assert!(log.contains("running on the last configuration"), "{log}");
+        lab.link_command("hq/mpls", &["cut"]).unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        let ping = lab
+            .exec(
+                "hq/h1",
+                &["ping", "-c", "3", "-i", "0.2", "-W", "1", &b1.to_string()],
+            )
+            .unwrap();
+        assert!(ping.status.success(), "hq does not fail over headless");
+        lab.link_command("hq/mpls", &["restore"]).unwrap();
+        run.join().unwrap()
+    });
+    assert!(headless.elapsed() >= Duration::from_secs(60));
     assert_eq!(r.lost, 0, "{r:?}");
-    lab.stop(pids[0]).unwrap();
-    edges::controller_edge(&lab, patronus(), "hq", &locals[0], "run", None).unwrap();
-    edges::wait_for_tunnel(&lab, "hq/h1", dst, Duration::from_secs(20)).unwrap();
-    let log = std::fs::read_to_string(edges::edge_dir(&lab, "hq").join("edge.log")).unwrap();
-    assert!(log.contains("running on the last configuration"), "{log}");
+    assert!(r.received >= 11_900, "{r:?}");
+
+    // The controller back: the edges find it by themselves and are online again.
+    let mut cmd = Command::new(patronus());
+    cmd.args([
+        "controller",
+        "--listen",
+        &format!("{ctl}:8080"),
+        "--data-dir",
+    ])
+    .arg(&state);
+    let log = std::fs::File::create(run.join("controller-2.log")).unwrap();
+    lab.spawn_logged("controller", cmd, log).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (ok, out, _) = cli(&lab, &home, &["site", "list", "--output", "json"], "");
+        if ok {
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            let items = v["items"].as_array().unwrap();
+            if items.len() == 3 && items.iter().all(|s| s["online"] == true) {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the edges did not come back: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     lab.down().unwrap();
 }
