@@ -127,15 +127,114 @@ pub fn request_with(
     body: Option<&Value>,
     headers: &[(&str, &str)],
 ) -> anyhow::Result<Response> {
+    request_via(None, url, method, path, token, body, headers)
+}
+
+/// The local addresses an edge's requests may leave from: one per WAN link. With the
+/// source-based routing a multi-homed edge has (a rule per link address), each address leaves
+/// over its own link, so the edge reaches its controller over whichever link works; the one
+/// that worked last is tried first.
+#[derive(Debug, Default)]
+pub struct Via {
+    sources: Vec<std::net::IpAddr>,
+    preferred: std::sync::atomic::AtomicUsize,
+}
+
+impl Via {
+    pub fn new(sources: Vec<std::net::IpAddr>) -> Self {
+        Self {
+            sources,
+            preferred: Default::default(),
+        }
+    }
+
+    /// Connects to `addr` from each source of its family in turn.
+    fn connect(&self, addr: std::net::SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+        use std::sync::atomic::Ordering;
+        let n = self.sources.len();
+        let first = self.preferred.load(Ordering::Relaxed);
+        let mut last = None;
+        for k in 0..n {
+            let i = (first + k) % n;
+            let src = self.sources[i];
+            if src.is_ipv4() != addr.is_ipv4() {
+                continue;
+            }
+            match connect_from(src, addr, timeout) {
+                Ok(s) => {
+                    self.preferred.store(i, Ordering::Relaxed);
+                    return Ok(s);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        match last {
+            Some(e) => Err(e),
+            None => TcpStream::connect_timeout(&addr, timeout),
+        }
+    }
+}
+
+/// A TCP connection to `addr` from local address `src`.
+fn connect_from(
+    src: std::net::IpAddr,
+    addr: std::net::SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()?;
+    rt.block_on(async {
+        let sock = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        sock.bind(std::net::SocketAddr::new(src, 0))?;
+        let s = tokio::time::timeout(timeout, sock.connect(addr))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no connection from {src} within {timeout:?}"),
+                )
+            })??;
+        let s = s.into_std()?;
+        s.set_nonblocking(false)?;
+        Ok(s)
+    })
+}
+
+/// [`request_with`], leaving from `via`'s addresses if given.
+pub fn request_via(
+    via: Option<&Via>,
+    url: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<Response> {
     let auth = authority(url)?;
     let addr = auth
         .to_socket_addrs()
         .with_context(|| format!("resolving {auth}"))?
         .next()
         .with_context(|| format!("{auth} resolves to nothing"))?;
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-        .with_context(|| format!("connecting to the controller at {url}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let timeout = Duration::from_secs(if via.is_some() { 3 } else { 10 });
+    let mut s = match via {
+        Some(v) => v.connect(addr, timeout),
+        None => TcpStream::connect_timeout(&addr, timeout),
+    }
+    .with_context(|| format!("connecting to the controller at {url}"))?;
+    // An edge's longest request is a 25 s long poll: beyond 35 s its link is likely dead, and
+    // the next attempt goes over another.
+    s.set_read_timeout(Some(Duration::from_secs(if via.is_some() {
+        35
+    } else {
+        60
+    })))?;
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let mut head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {auth}\r\nConnection: close\r\nAccept: application/json\r\nUser-Agent: patronus-cli/{}\r\n",

@@ -73,7 +73,7 @@ pub fn run(cmd: EdgeCmd) -> anyhow::Result<()> {
         EdgeCmd::Enroll { local, token } => {
             let token = token.or_else(|| std::env::var("PATRONUS_ENROLL_TOKEN").ok());
             let local_cfg = read_local(&local)?;
-            enrol(&local_cfg, token)?;
+            enrol(&local_cfg, &via(&local_cfg), token)?;
             Ok(())
         }
         EdgeCmd::Reflect { listen } => reflect(listen),
@@ -112,9 +112,10 @@ pub fn run(cmd: EdgeCmd) -> anyhow::Result<()> {
             if let Some(f) = follow {
                 let status = edge.status_shared();
                 let (url, credential) = (f.local.controller.clone(), f.credential.clone());
+                let via = f.via.clone();
                 std::thread::Builder::new()
                     .name("telemetry".into())
-                    .spawn(move || report(&url, &credential, &status))?;
+                    .spawn(move || report(&via, &url, &credential, &status))?;
                 let inbox = edge.config_inbox();
                 std::thread::Builder::new()
                     .name("controller".into())
@@ -148,7 +149,12 @@ pub fn run(cmd: EdgeCmd) -> anyhow::Result<()> {
 /// Every 5 s, the paths' measurements to the controller, and at once when there is a failover
 /// to tell (best effort: measurements that cannot be delivered are dropped, and the next report
 /// says where things are; failover events are sent again until the controller has them).
-fn report(url: &str, credential: &str, status: &patronus_edge::status::Shared) {
+fn report(
+    via: &crate::api_client::Via,
+    url: &str,
+    credential: &str,
+    status: &patronus_edge::status::Shared,
+) {
     use std::time::{Duration, Instant};
     let mut failing = false;
     // The last failover event the controller has.
@@ -195,12 +201,14 @@ fn report(url: &str, credential: &str, status: &patronus_edge::status::Shared) {
         let Ok(body) = serde_json::to_value(&t) else {
             continue;
         };
-        let r = crate::api_client::request(
+        let r = crate::api_client::request_via(
+            Some(via),
             url,
             "POST",
             "/api/v1/edge/telemetry",
             Some(credential),
             Some(&body),
+            &[],
         );
         match r {
             Ok(r) if r.status == 204 => {
@@ -223,6 +231,8 @@ fn report(url: &str, credential: &str, status: &patronus_edge::status::Shared) {
 /// What the edge needs to keep following the controller once it runs.
 struct Follow {
     local: patronus_api::EdgeLocal,
+    /// The links' addresses, to reach the controller over whichever link works.
+    via: std::sync::Arc<crate::api_client::Via>,
     credential: String,
     /// The version of the configuration in force (none when it came from the cache).
     etag: Option<String>,
@@ -239,7 +249,8 @@ impl Follow {
             if let Some(e) = &self.etag {
                 headers.push(("If-None-Match", e.as_str()));
             }
-            let r = crate::api_client::request_with(
+            let r = crate::api_client::request_via(
+                Some(&self.via),
                 &self.local.controller,
                 "GET",
                 "/api/v1/edge/config?wait=25",
@@ -317,14 +328,17 @@ fn from_controller(
 ) -> anyhow::Result<(EdgeConfig, PrivateKey, Follow)> {
     use patronus_api::SiteConfig;
     let local = read_local(path)?;
-    let (key, credential) = enrol(&local, token)?;
+    let via = std::sync::Arc::new(via(&local));
+    let (key, credential) = enrol(&local, &via, token)?;
     let cache = local.state_dir.join("site-config.json");
-    let fetched = crate::api_client::request(
+    let fetched = crate::api_client::request_via(
+        Some(&via),
         &local.controller,
         "GET",
         "/api/v1/edge/config",
         Some(&credential),
         None,
+        &[],
     );
     let mut etag = None;
     let site: SiteConfig = match fetched {
@@ -360,10 +374,16 @@ fn from_controller(
         key,
         Follow {
             local,
+            via,
             credential,
             etag,
         },
     ))
+}
+
+/// The controller is reached from each link's address in turn.
+fn via(local: &patronus_api::EdgeLocal) -> crate::api_client::Via {
+    crate::api_client::Via::new(local.links.iter().map(|l| l.address).collect())
 }
 
 fn read_local(path: &Path) -> anyhow::Result<patronus_api::EdgeLocal> {
@@ -375,6 +395,7 @@ fn read_local(path: &Path) -> anyhow::Result<patronus_api::EdgeLocal> {
 /// This edge's key and site credential: enrols first if it has no credential yet.
 fn enrol(
     local: &patronus_api::EdgeLocal,
+    via: &crate::api_client::Via,
     token: Option<String>,
 ) -> anyhow::Result<(PrivateKey, String)> {
     let dir = &local.state_dir;
@@ -408,7 +429,8 @@ fn enrol(
                 .iter()
                 .filter_map(|l| Some((l.name.to_string(), l.public_endpoint?.to_string().into())))
                 .collect();
-            let r = crate::api_client::request(
+            let r = crate::api_client::request_via(
+                Some(via),
                 &local.controller,
                 "POST",
                 "/api/v1/enroll",
@@ -418,6 +440,7 @@ fn enrol(
                     "public_key": key.public().to_string(),
                     "endpoints": endpoints,
                 })),
+                &[],
             )?;
             if r.status != 200 {
                 bail!("enrolment refused: {}", crate::api_client::error_text(&r));

@@ -21,6 +21,10 @@ use patronus_lab::{EmulatorStatus, Lab, LabOptions, LinkStatus, Topology, iperf,
 
 #[derive(Debug, Subcommand)]
 pub enum LabCmd {
+    /// The whole system in one command: a controller and three sites enrolled through its API,
+    /// traffic, a live view of paths, flows and events, links cut and degraded on a schedule;
+    /// the API stays reachable (on --listen) until Ctrl-C removes everything.
+    Demo(crate::demo::DemoArgs),
     /// Build a lab and leave it running in the background (until `patronus lab down`).
     Up(UpArgs),
     /// Build a lab and hold it in the foreground; Ctrl-C removes it.
@@ -152,6 +156,7 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
         bail!("patronus lab: {p}");
     }
     match cmd {
+        LabCmd::Demo(a) => crate::demo::run(a),
         LabCmd::Up(a) => up(a),
         LabCmd::Run(a) => foreground(a),
         LabCmd::Status { run, json } => status(run, json),
@@ -286,13 +291,7 @@ fn foreground(a: UpArgs) -> anyhow::Result<()> {
             seed: a.seed,
         },
     )?);
-    let sock_path = run_dir(lab.run_id()).join("control.sock");
-    let listener = UnixListener::bind(&sock_path)
-        .with_context(|| format!("binding {}", sock_path.display()))?;
-    let served = lab.clone();
-    std::thread::Builder::new()
-        .name("lab-control".into())
-        .spawn(move || serve(&served, listener))?;
+    let sock_path = serve_control(&lab)?;
     // The one line `lab up` waits for; nothing else goes to stdout, which `lab up` closes.
     // If `lab up` is gone (interrupted before the lab was ready), nobody will ever take this
     // lab down: remove it now rather than leave it behind.
@@ -319,6 +318,18 @@ fn foreground(a: UpArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&sock_path);
     lab.teardown()?;
     Ok(())
+}
+
+/// Serves the lab's control socket (`patronus lab link`, `status`) on a thread; its path.
+pub(crate) fn serve_control(lab: &Arc<Lab>) -> anyhow::Result<PathBuf> {
+    let sock_path = run_dir(lab.run_id()).join("control.sock");
+    let listener = UnixListener::bind(&sock_path)
+        .with_context(|| format!("binding {}", sock_path.display()))?;
+    let served = lab.clone();
+    std::thread::Builder::new()
+        .name("lab-control".into())
+        .spawn(move || serve(&served, listener))?;
+    Ok(sock_path)
 }
 
 fn serve(lab: &Lab, listener: UnixListener) {

@@ -20,6 +20,7 @@ mod admin_cmd;
 mod api_client;
 mod bench;
 mod controller_cmd;
+mod demo;
 mod edge_cmd;
 mod lab_cmd;
 

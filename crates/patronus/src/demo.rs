@@ -1,0 +1,692 @@
+//! `patronus lab demo`: the whole system on one machine, in one command.
+//!
+//! It builds the `three-sites-mixed` lab (hq with MPLS, broadband and LTE; branch1 with MPLS
+//! and LTE; branch2 with broadband and LTE, each link with its own emulated delay), starts a
+//! controller in the lab's controller namespace, and then does what an operator would, through
+//! the API: creates the sites and links, two traffic policies (voice in the `realtime` class,
+//! bulk in `bulk`), a webhook for every event, and one enrolment token per site, with which
+//! each edge enrols (its key pair made on its own machine). Then UDP streams run between the
+//! sites' LAN hosts, and on a schedule a link is cut and restored, another degraded beyond the
+//! voice SLA and repaired; the live view shows every path that carries flows or is not up,
+//! the streams' losses, and each event as the controller's webhook tells it.
+//!
+//! The API stays reachable on `--listen` (a forwarder into the controller's namespace), with
+//! the admin's credentials printed, so that a user can log in and look, or cut links with
+//! `patronus lab link`. Ctrl-C removes everything.
+
+use std::collections::VecDeque;
+use std::io::{IsTerminal, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use nix::sys::signal::{SigSet, Signal};
+use patronus_edge::status::EdgeStatus;
+use patronus_lab::edges::{self, STATUS_PORT};
+use patronus_lab::lab::run_dir;
+use patronus_lab::webhook::Receiver;
+use patronus_lab::{Dir, Lab, LabOptions, Topology, netns, stream};
+use serde_json::{Value, json};
+
+use crate::api_client;
+
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Where the controller's API is reachable from this machine.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Stop after this many rounds of the schedule (cut, restore, degrade, repair: 80 s each);
+    /// without it, the demo runs until Ctrl-C.
+    #[arg(long)]
+    cycles: Option<u32>,
+}
+
+const ADMIN: &str = "admin@example.net";
+/// One round of the schedule.
+const CYCLE: Duration = Duration::from_secs(80);
+
+/// A scheduled step: seconds into the cycle, what, and the lab command.
+const SCHEDULE: &[(u64, &str, &str, &[&str])] = &[
+    (15, "cut", "hq/mpls", &["cut"]),
+    (30, "restore", "hq/mpls", &["restore"]),
+    (
+        45,
+        "degrade",
+        "branch1/mpls",
+        &["set", "delay=20ms", "jitter=10ms", "loss=4%"],
+    ),
+    (65, "repair", "branch1/mpls", &[]),
+];
+
+/// The streams: (name, from, to, UDP port, packets/s).
+const STREAMS: &[(&str, &str, &str, u16, u32)] = &[
+    ("voice", "hq/h1", "branch1/h1", 5004, 100),
+    ("bulk", "hq/h1", "branch1/h1", 9000, 500),
+    ("voice", "branch1/h1", "branch2/h1", 5006, 100),
+    ("voice", "hq/h1", "branch2/h1", 5008, 100),
+];
+
+/// What the streams have seen.
+#[derive(Debug, Default, Clone)]
+struct StreamTally {
+    sent: u64,
+    lost: u64,
+    last_outage_ms: f64,
+}
+
+/// The shared event log of the view.
+#[derive(Debug, Default)]
+struct Log {
+    lines: VecDeque<String>,
+    printed: usize,
+    total: usize,
+}
+
+impl Log {
+    fn push(&mut self, start: Instant, line: String) {
+        let t = start.elapsed();
+        self.lines.push_back(format!(
+            "{:02}:{:02}.{:03}  {line}",
+            t.as_secs() / 60,
+            t.as_secs() % 60,
+            t.subsec_millis()
+        ));
+        self.total += 1;
+        while self.lines.len() > 14 {
+            self.lines.pop_front();
+            self.printed = self.printed.saturating_sub(1);
+        }
+    }
+}
+
+pub fn run(a: DemoArgs) -> anyhow::Result<()> {
+    // Shutdown signals go to one thread that sets `stop`; the main loop then removes the lab.
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        signals.add(s);
+    }
+    signals.thread_block()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if signals.wait().is_ok() {
+                    stop.store(true, Ordering::SeqCst);
+                }
+            })?;
+    }
+    let exe = std::env::current_exe().context("finding this program")?;
+    let listener = TcpListener::bind(a.listen).with_context(|| {
+        format!(
+            "listening on {} for the API (is a controller already running? choose another \
+             address with --listen)",
+            a.listen
+        )
+    })?;
+    say("building the lab: 3 sites, 7 WAN links, a controller namespace");
+    let lab = Arc::new(Lab::up(
+        &Topology::three_sites_mixed(),
+        LabOptions::default(),
+    )?);
+    crate::lab_cmd::serve_control(&lab)?;
+    let result = demo(&a, &lab, &exe, listener, &stop);
+    if let Err(e) = &result {
+        eprintln!("demo: {e:#}");
+        eprintln!(
+            "(logs in {} until the lab is removed)",
+            run_dir(lab.run_id()).display()
+        );
+    }
+    say("removing the lab");
+    lab.teardown()?;
+    result
+}
+
+fn say(s: &str) {
+    outln!("demo: {s}");
+}
+
+fn demo(
+    a: &DemoArgs,
+    lab: &Arc<Lab>,
+    exe: &Path,
+    listener: TcpListener,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    let run = run_dir(lab.run_id());
+    let plan = lab.plan().clone();
+    let ctl = lab.addr("controller", false)?;
+    let inside = format!("http://{ctl}:8080");
+    let url = format!("http://{}", listener.local_addr()?);
+
+    say("starting the controller");
+    let state = run.join("controller");
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args([
+        "controller",
+        "--listen",
+        &format!("{ctl}:8080"),
+        "--data-dir",
+    ])
+    .arg(&state)
+    .env("PATRONUS_ADMIN_EMAIL", ADMIN)
+    .env("RUST_LOG", "warn");
+    let log = std::fs::File::create(run.join("controller.log"))?;
+    lab.spawn_logged("controller", cmd, log)?;
+    let ns = lab.ns("controller")?;
+    {
+        let ns = ns.clone();
+        let to = SocketAddr::new(ctl, 8080);
+        std::thread::Builder::new()
+            .name("api-forwarder".into())
+            .spawn(move || forward(&listener, &ns, to))?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (password, token) = loop {
+        let password = std::fs::read_to_string(state.join("initial-admin-password"))
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        if !password.is_empty() {
+            let r = api_client::request(
+                &url,
+                "POST",
+                "/api/v1/auth/login",
+                None,
+                Some(&json!({ "email": ADMIN, "password": password })),
+            );
+            if let Ok(r) = r {
+                if r.status == 200 {
+                    let t = r.body["access_token"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned();
+                    break (password, t);
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the controller did not come up in 30 s; its log:\n{}",
+                std::fs::read_to_string(run.join("controller.log")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let api = |method: &str, path: &str, body: Option<Value>| -> anyhow::Result<Value> {
+        let r = api_client::request(&url, method, path, Some(&token), body.as_ref())?;
+        if !(200..300).contains(&r.status) {
+            bail!("{method} {path}: {}", crate::api_client::error_text(&r));
+        }
+        Ok(r.body)
+    };
+
+    say("creating the sites, their links, two policies and a webhook through the API");
+    let mut site_ids = Vec::new();
+    for s in &plan.sites {
+        let v = api(
+            "POST",
+            "/api/v1/sites",
+            Some(json!({
+                "name": s.name.as_str(),
+                "lan_prefixes": [s.lan4.to_string(), s.lan6.to_string()],
+                "description": "lab demo",
+            })),
+        )?;
+        let id = v["id"].as_i64().context("the site has no id")?;
+        for l in &s.links {
+            api(
+                "POST",
+                &format!("/api/v1/sites/{id}/links"),
+                Some(json!({ "name": l.name.as_str(), "kind": l.kind.as_str() })),
+            )?;
+        }
+        site_ids.push(id);
+    }
+    api(
+        "POST",
+        "/api/v1/policies",
+        Some(json!({ "name": "voice", "order": 10, "class": "realtime",
+                     "steering": "best-quality",
+                     "match": { "protocol": "udp", "dst_ports": ["5004-5009"] } })),
+    )?;
+    api(
+        "POST",
+        "/api/v1/policies",
+        Some(json!({ "name": "bulk", "order": 20, "class": "bulk",
+                     "steering": "lowest-cost",
+                     "match": { "protocol": "udp", "dst_ports": [9000] } })),
+    )?;
+    let hook = Receiver::start_in(&ns, SocketAddr::new(ctl, 0))?;
+    api(
+        "POST",
+        "/api/v1/webhooks",
+        Some(json!({
+            "url": hook.url(),
+            "events": ["site.online", "site.offline", "path.down", "path.up",
+                       "sla.violated", "failover"],
+            "description": "the demo's live view",
+        })),
+    )?;
+
+    say("enrolling each edge with a one-time token (keys are made on the edges)");
+    let mut locals = Vec::new();
+    for (i, (s, id)) in plan.sites.iter().zip(&site_ids).enumerate() {
+        let t = api(
+            "POST",
+            &format!("/api/v1/sites/{id}/enrollment-tokens"),
+            Some(json!({ "expires_in_minutes": 10 })),
+        )?;
+        let local = edges::local_config(
+            &plan,
+            i,
+            &inside,
+            edges::edge_dir(lab, s.name.as_str()).join("state"),
+        );
+        edges::controller_edge(
+            lab,
+            exe,
+            s.name.as_str(),
+            &local,
+            "enroll",
+            t["token"].as_str(),
+        )?;
+        locals.push(local);
+    }
+    for (s, local) in plan.sites.iter().zip(&locals) {
+        edges::controller_edge(lab, exe, s.name.as_str(), local, "run", None)?;
+    }
+    for (from, to) in [
+        ("hq/h1", "branch1/h1"),
+        ("hq/h1", "branch2/h1"),
+        ("branch1/h1", "branch2/h1"),
+    ] {
+        edges::wait_for_tunnel(lab, from, lab.addr(to, false)?, Duration::from_secs(30))?;
+    }
+
+    let start = Instant::now();
+    let log: Arc<Mutex<Log>> = Arc::default();
+    let tallies: Arc<Mutex<Vec<StreamTally>>> =
+        Arc::new(Mutex::new(vec![StreamTally::default(); STREAMS.len()]));
+    let streams_stop = Arc::new(AtomicBool::new(false));
+    for (i, &(name, from, to, port, rate)) in STREAMS.iter().enumerate() {
+        let (src, dst_ns, dst) = (lab.ns(from)?, lab.ns(to)?, lab.addr(to, false)?);
+        let (log, tallies, streams_stop) = (log.clone(), tallies.clone(), streams_stop.clone());
+        std::thread::Builder::new()
+            .name(format!("stream-{i}"))
+            .spawn(move || {
+                let cfg = stream::StreamConfig {
+                    rate_pps: rate,
+                    duration: Duration::from_secs(5),
+                    port,
+                    linger: Duration::from_millis(500),
+                    ..Default::default()
+                };
+                while !streams_stop.load(Ordering::SeqCst) {
+                    let r = match stream::run(&src, &dst_ns, dst, &cfg) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            lock(&log).push(start, format!("stream {name} {from} → {to}: {e}"));
+                            std::thread::sleep(Duration::from_secs(1));
+                            continue;
+                        }
+                    };
+                    let mut t = tallies.lock().unwrap_or_else(|e| e.into_inner());
+                    t[i].sent += r.sent;
+                    t[i].lost += r.lost;
+                    if r.lost > 0 {
+                        t[i].last_outage_ms = r.outage_ms;
+                        lock(&log).push(
+                            start,
+                            format!(
+                                "stream {name} {from} → {to}: {} of {} lost in the last 5 s \
+                                 ({:.0} ms of outage)",
+                                r.lost, r.sent, r.outage_ms
+                            ),
+                        );
+                    }
+                }
+            })?;
+    }
+
+    let tty = std::io::stdout().is_terminal();
+    let banner = format!(
+        "Patronus demo (lab {run_id}): a controller and 3 sites, enrolled with tokens\n\
+         API  {url}  (OpenAPI docs: {url}/docs)\n\
+         \x20    admin {ADMIN}, password {password}\n\
+         \x20    patronus login --url {url} --email {ADMIN}   (the password on stdin), then\n\
+         \x20    patronus path list --site hq | patronus path failovers | patronus webhook list\n\
+         Lab  patronus lab link hq/lte cut | patronus lab status | patronus lab exec hq -- ip route\n\
+         Ctrl-C stops the demo and removes everything.",
+        run_id = lab.run_id(),
+    );
+    if !tty {
+        outln!("{banner}");
+    }
+    let mut seen_hooks = 0;
+    let mut last_draw = Instant::now() - Duration::from_secs(10);
+    let mut last_table = Instant::now();
+    let mut saved: Option<(&str, patronus_lab::Impairment, patronus_lab::Impairment)> = None;
+    let mut cycle = 0u32;
+    let mut step = 0usize;
+    let mut prev_tx: std::collections::HashMap<String, (u64, Instant)> = Default::default();
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        // The schedule.
+        let in_cycle = start.elapsed().saturating_sub(CYCLE * cycle);
+        if let Some(&(at, what, link, args)) = SCHEDULE.get(step) {
+            if in_cycle >= Duration::from_secs(at) {
+                if what == "degrade" {
+                    saved = Some((
+                        link,
+                        lab.impairment(link, Dir::Up)?,
+                        lab.impairment(link, Dir::Down)?,
+                    ));
+                }
+                if args.is_empty() {
+                    if let Some((l, up, down)) = saved.take() {
+                        lab.set_link(l, Dir::Up, up)?;
+                        lab.set_link(l, Dir::Down, down)?;
+                    }
+                } else {
+                    lab.link_command(link, args)?;
+                }
+                let detail = if args.len() > 1 {
+                    format!(" ({})", args[1..].join(" "))
+                } else {
+                    String::new()
+                };
+                lock(&log).push(start, format!("lab: {what} {link}{detail}"));
+                step += 1;
+            }
+        } else if in_cycle >= CYCLE {
+            cycle += 1;
+            step = 0;
+            if a.cycles.is_some_and(|n| cycle >= n) {
+                break;
+            }
+        }
+        // Events, as the controller's webhook delivers them.
+        let got = hook.received();
+        for r in &got[seen_hooks..] {
+            if let Some(line) = describe(&r.json()) {
+                lock(&log).push(start, line);
+            }
+        }
+        seen_hooks = got.len();
+        // The view.
+        if tty && last_draw.elapsed() >= Duration::from_secs(1) {
+            last_draw = Instant::now();
+            let mut out = String::from("\x1b[H\x1b[2J");
+            out.push_str(&banner);
+            out.push_str("\n\n");
+            out.push_str(&next_step(in_cycle, step));
+            out.push_str(&paths_view(lab, &plan, &mut prev_tx));
+            out.push_str(&streams_view(&tallies));
+            out.push_str("\nEVENTS\n");
+            for l in &lock(&log).lines {
+                out.push_str(l);
+                out.push('\n');
+            }
+            let mut so = std::io::stdout().lock();
+            if so
+                .write_all(out.as_bytes())
+                .and_then(|()| so.flush())
+                .is_err()
+            {
+                break;
+            }
+        } else if !tty {
+            let mut l = lock(&log);
+            let new: Vec<String> = l
+                .lines
+                .iter()
+                .skip(l.printed.min(l.lines.len()))
+                .cloned()
+                .collect();
+            l.printed = l.lines.len();
+            drop(l);
+            for line in new {
+                outln!("{line}");
+            }
+            if last_table.elapsed() >= Duration::from_secs(20) {
+                last_table = Instant::now();
+                outln!("{}", paths_view(lab, &plan, &mut prev_tx));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    streams_stop.store(true, Ordering::SeqCst);
+    let t = lock(&tallies).clone();
+    outln!("\n{}", streams_view(&tallies));
+    // What happened, for scripts (and the demo's test).
+    let events: Vec<Value> = hook.received().iter().map(|r| r.json()).collect();
+    let failovers: Vec<Value> = events
+        .iter()
+        .filter(|e| e["type"] == "failover")
+        .map(|e| {
+            json!({ "site": e["data"]["site"], "peer": e["data"]["peer"],
+                         "reason": e["data"]["reason"] })
+        })
+        .collect();
+    let summary = json!({
+        "run_id": lab.run_id(),
+        "seconds": start.elapsed().as_secs(),
+        "webhook_events": events.len(),
+        "failovers": failovers,
+        "streams": t.iter().zip(STREAMS).map(|(t, (name, from, to, port, rate))| json!({
+            "name": name, "from": from, "to": to, "port": port, "rate_pps": rate,
+            "sent": t.sent, "lost": t.lost,
+        })).collect::<Vec<_>>(),
+    });
+    outln!("demo: summary {summary}");
+    Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn next_step(in_cycle: Duration, step: usize) -> String {
+    match SCHEDULE.get(step) {
+        Some((at, what, link, _)) => format!(
+            "next: {what} {link} in {} s\n\n",
+            at.saturating_sub(in_cycle.as_secs())
+        ),
+        None => format!(
+            "next: a new round in {} s\n\n",
+            CYCLE.as_secs().saturating_sub(in_cycle.as_secs())
+        ),
+    }
+}
+
+/// One line for a webhook event.
+fn describe(v: &Value) -> Option<String> {
+    let d = &v["data"];
+    let s = |k: &str| d[k].as_str().unwrap_or("?").to_owned();
+    let ms = |k: &str| {
+        d[k].as_f64()
+            .map_or_else(|| "-".to_owned(), |x| format!("{x:.1}"))
+    };
+    Some(match v["type"].as_str()? {
+        "failover" => format!(
+            "{}: failover to {}: {} ⇒ {} ({}, {} flow{})",
+            s("site"),
+            s("peer"),
+            s("from"),
+            s("to"),
+            s("reason"),
+            d["flows"],
+            if d["flows"] == 1 { "" } else { "s" }
+        ),
+        "path.down" => format!(
+            "{}: path {} — {} down",
+            s("reported_by"),
+            s("from"),
+            s("to")
+        ),
+        "path.up" => format!(
+            "{}: path {} — {} up again (rtt {} ms)",
+            s("reported_by"),
+            s("from"),
+            s("to"),
+            ms("rtt_ms")
+        ),
+        "sla.violated" => format!(
+            "{}: path {} — {} breaks an SLA (rtt {} ms, jitter {} ms, loss {} %)",
+            s("reported_by"),
+            s("from"),
+            s("to"),
+            ms("rtt_ms"),
+            ms("jitter_ms"),
+            ms("loss_pct")
+        ),
+        "site.online" => format!("{}: online (the controller hears its edge)", s("site")),
+        "site.offline" => format!("{}: offline", s("site")),
+        _ => return None,
+    })
+}
+
+/// Each site's paths that carry flows or are not up, from the edges' own status.
+fn paths_view(
+    lab: &Lab,
+    plan: &patronus_lab::Plan,
+    prev: &mut std::collections::HashMap<String, (u64, Instant)>,
+) -> String {
+    use std::fmt::Write as _;
+    let mut o = format!(
+        "{:<8} {:<8} {:<11} {:<9} {:>7} {:>7} {:>7} {:>5} {:>9}\n",
+        "SITE", "PEER", "PATH", "STATE", "RTT ms", "JIT ms", "LOSS %", "FLOWS", "TX kbit/s"
+    );
+    for s in &plan.sites {
+        let site = s.name.as_str();
+        let Ok(st) = edge_status(lab, site) else {
+            let _ = writeln!(o, "{site:<8} (the edge's status does not answer)");
+            continue;
+        };
+        let (mut up, mut total) = (0, 0);
+        for p in &st.paths {
+            total += 1;
+            up += usize::from(p.state == "up");
+            let key = format!("{site}/{}/{}>{}", p.peer, p.local_link, p.remote_link);
+            let now = Instant::now();
+            let rate = prev
+                .insert(key, (p.tx_bytes, now))
+                .map(|(b, t)| {
+                    (p.tx_bytes.saturating_sub(b)) as f64 * 8.0
+                        / 1e3
+                        / now.duration_since(t).as_secs_f64().max(1e-3)
+                })
+                .unwrap_or(0.0);
+            if p.flows == 0 && p.state == "up" {
+                continue;
+            }
+            let _ = writeln!(
+                o,
+                "{site:<8} {:<8} {:<11} {:<9} {:>7} {:>7.1} {:>7.1} {:>5} {:>9.0}",
+                p.peer,
+                format!("{}>{}", p.local_link, p.remote_link),
+                p.state,
+                p.rtt_ms.map_or_else(|| "-".into(), |r| format!("{r:.1}")),
+                p.jitter_ms,
+                p.loss_pct,
+                p.flows,
+                rate
+            );
+        }
+        let _ = writeln!(
+            o,
+            "{site:<8} {up} of {total} paths up, {} flows, {} failovers",
+            st.flows,
+            st.failovers.values().sum::<u64>()
+        );
+    }
+    o
+}
+
+fn streams_view(t: &Arc<Mutex<Vec<StreamTally>>>) -> String {
+    use std::fmt::Write as _;
+    let t = lock(t).clone();
+    let mut o = String::from("\nSTREAMS (UDP, constant rate)\n");
+    for (tally, (name, from, to, port, rate)) in t.iter().zip(STREAMS) {
+        let _ = writeln!(
+            o,
+            "{name:<6} {from:>10} → {to:<11} port {port:<5} {rate:>4} pkt/s  sent {:>7}  lost {:>5}  last outage {:.0} ms",
+            tally.sent, tally.lost, tally.last_outage_ms
+        );
+    }
+    o
+}
+
+/// The edge's `/status`, read inside its namespace.
+fn edge_status(lab: &Lab, site: &str) -> anyhow::Result<EdgeStatus> {
+    let ns = lab.ns(site)?;
+    let r = in_ns(&ns, || {
+        api_client::request(
+            &format!("http://127.0.0.1:{STATUS_PORT}"),
+            "GET",
+            "/status",
+            None,
+            None,
+        )
+    })?;
+    Ok(serde_json::from_value(r.body)?)
+}
+
+/// Runs `f` on a thread inside namespace `ns`.
+fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> anyhow::Result<T> + Send) -> anyhow::Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            netns::enter(ns)?;
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| bail!("a thread in {ns} panicked"))
+    })
+}
+
+/// Forwards connections on `listener` to `to` inside namespace `ns`.
+fn forward(listener: &TcpListener, ns: &str, to: SocketAddr) {
+    for conn in listener.incoming() {
+        let Ok(client) = conn else { continue };
+        let ns = ns.to_owned();
+        let _ = std::thread::Builder::new()
+            .name("api-forward".into())
+            .spawn(move || {
+                let Ok(server) = in_ns(&ns, || {
+                    Ok(TcpStream::connect_timeout(&to, Duration::from_secs(5))?)
+                }) else {
+                    return;
+                };
+                let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
+                    return;
+                };
+                let up = std::thread::spawn(move || pump(client, s2));
+                pump(server, c2);
+                let _ = up.join();
+            });
+    }
+}
+
+/// Copies `from` to `to` until `from` ends, then ends `to`'s writing side.
+fn pump(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
