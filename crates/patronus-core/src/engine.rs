@@ -402,6 +402,72 @@ impl Engine {
         Ok(())
     }
 
+    /// Replaces the SLA classes, the failover settings, the default class and steering, and
+    /// the policies (which name the classes), in a running engine: nothing is checked half.
+    /// A path keeps its measurements, sessions and hold-downs; each class that stays keeps its
+    /// health and is checked against its new bounds at once (a path that now breaks it is
+    /// Degraded, with an `SlaViolated` event); new probe cadences apply from the next probe.
+    /// Every flow is classified and placed again on its next packet, keeping its path if that
+    /// still fits.
+    pub fn reconfigure(
+        &mut self,
+        failover: FailoverSettings,
+        classes: Vec<SlaClass>,
+        default_class: Name,
+        default_steering: SteeringMode,
+        policies: Vec<Policy>,
+        now: Instant,
+    ) -> Result<(), ConfigError> {
+        EngineConfig {
+            failover: failover.clone(),
+            classes: classes.clone(),
+            policies: policies.clone(),
+            default_class: default_class.clone(),
+            default_steering,
+            flow_capacity: 1,
+            flow_idle_timeout: self.flow_idle,
+            loss_window: self.loss_window,
+            instance: self.instance,
+        }
+        .validate()?;
+        let map: Vec<Option<usize>> = classes
+            .iter()
+            .map(|c| self.classes.iter().position(|o| o.name == c.name))
+            .collect();
+        self.margin = f64::from(failover.min_improvement_pct) / 100.0;
+        self.settings = failover;
+        self.bounds = classes.iter().map(SlaBounds::from_class).collect();
+        self.classes = classes;
+        self.default_class = default_class;
+        self.default_steering = default_steering;
+        let (classifier, profiles, names) = compile(
+            &policies,
+            &self.classes,
+            &self.default_class,
+            self.default_steering,
+        );
+        self.classifier = classifier;
+        self.profiles = profiles;
+        self.profile_names = names;
+        let ctx = Ctx {
+            settings: &self.settings,
+            classes: &self.bounds,
+            instance: self.instance,
+            epoch: self.epoch,
+        };
+        for p in self.paths.iter_mut().flatten() {
+            let change = p.reconfigure(&map, now, &ctx, &mut self.scratch_events);
+            if change.any() {
+                p.stamp(bump(&mut self.epochs, p.peer));
+            }
+            p.scheduled = None;
+            reschedule(&mut self.timers, p, &self.settings);
+        }
+        self.config_changed();
+        self.flush_events(now);
+        Ok(())
+    }
+
     /// Policies or routes changed: every cached flow is classified and routed again on its
     /// next packet (and keeps its path if that still fits).
     fn config_changed(&mut self) {

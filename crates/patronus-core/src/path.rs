@@ -640,6 +640,58 @@ impl Path {
         Duration::from_secs_f64(damped.min(settings.max_hold_down().as_secs_f64().max(base)))
     }
 
+    /// The SLA classes changed (`map[i]`: the old index of new class `i`, if it existed):
+    /// a class that stays keeps its health (its hold-down, its failure) and is checked against
+    /// its new bounds; a new one starts from what the path measures now, with no hold-down.
+    /// Takes new probe cadences into account at once.
+    pub fn reconfigure(
+        &mut self,
+        map: &[Option<usize>],
+        now: Instant,
+        ctx: &Ctx<'_>,
+        events: &mut Vec<Event>,
+    ) -> Change {
+        let alive = self.state != PathState::Down;
+        let old = std::mem::take(&mut self.classes);
+        self.classes = map
+            .iter()
+            .zip(ctx.classes)
+            .map(|(m, sla)| match m.and_then(|i| old.get(i)) {
+                Some(h) => h.clone(),
+                None if alive => {
+                    let compliant = !sla.violated_by(&self.metrics);
+                    ClassHealth {
+                        compliant,
+                        failed: !compliant,
+                        unstamped: compliant,
+                        violated_at: (!compliant).then_some(now),
+                        ..ClassHealth::default()
+                    }
+                }
+                None => ClassHealth {
+                    failed: true,
+                    ..ClassHealth::default()
+                },
+            })
+            .collect();
+        // The cadence the settings now ask for, from the next probe on.
+        let interval = if self.state == PathState::Down {
+            ctx.settings.standby_probe_interval()
+        } else {
+            self.interval
+        };
+        if interval != self.interval {
+            self.interval = interval;
+            self.cadence_changed = now;
+            self.next_probe_at = self.next_probe_at.min(now + interval);
+        }
+        let mut change = Change::COMPLIANCE;
+        if alive {
+            change |= self.evaluate(now, ctx, events, false);
+        }
+        change
+    }
+
     /// Recomputes metrics and per-class compliance.
     fn evaluate(
         &mut self,

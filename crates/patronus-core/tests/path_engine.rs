@@ -897,3 +897,91 @@ fn removing_a_peer_unroutes_its_prefixes_and_leaves_the_other_peers_flows_on_the
         Decision::Drop(NoPath)
     );
 }
+
+#[test]
+fn sla_classes_and_failover_settings_change_in_a_running_engine_without_a_restart() {
+    let cfg = config_with(vec![
+        policy("voice 10 realtime best-quality udp 5004"),
+        policy("web 20 business best-quality tcp 443"),
+    ]);
+    let mut net = two_sites(&cfg);
+    // The MPLS link jitters a little (RFC 3550 jitter of a few ms): within every class.
+    net.impair("a", "mpls", |i| i.jitter = 6 * MS);
+    net.run_for(2 * SEC);
+    let voice = net.stream("a", "b", UDP, 5004, 46, 50);
+    let web = net.stream("a", "b", TCP, 443, 0, 50);
+    net.run_for(2 * SEC);
+    let primary = net.path("a", "mpls", "b", "mpls");
+    assert_eq!(current_path(&net, voice), Some(primary));
+    assert_eq!(current_path(&net, web), Some(primary));
+
+    // A refused change changes nothing: the class a policy names must exist.
+    let classes = patronus_api::SlaClass::builtins();
+    let failover = patronus_api::FailoverSettings::default();
+    let now = net.now;
+    let e = net.engine_mut("a").reconfigure(
+        failover.clone(),
+        classes.clone(),
+        Name::new("nosuch").unwrap(),
+        SteeringMode::BestQuality,
+        cfg.policies.clone(),
+        now,
+    );
+    assert!(e.is_err());
+    assert!(net.engine("a").class_id("realtime").is_some());
+
+    // Realtime now bounds jitter at 1 ms, and a new class joins with a policy naming it; the
+    // settings ask for a wider margin. The MPLS path breaks realtime at once: voice moves on
+    // its next packet; web (business has no jitter bound) stays; no path goes down.
+    let mut classes = classes;
+    classes[0].max_jitter_ms = Some(1);
+    classes.push(patronus_api::SlaClass {
+        name: Name::new("gold").unwrap(),
+        description: String::new(),
+        max_latency_ms: Some(100),
+        max_jitter_ms: None,
+        max_loss_pct: Some(0.5),
+    });
+    let mut policies = cfg.policies.clone();
+    policies.push(policy("ssh 30 gold best-quality tcp 22"));
+    let failover = patronus_api::FailoverSettings {
+        min_improvement_pct: 20,
+        ..failover
+    };
+    let (at, now) = (net.elapsed(), net.now);
+    net.engine_mut("a")
+        .reconfigure(
+            failover,
+            classes,
+            Name::new("business").unwrap(),
+            SteeringMode::BestQuality,
+            policies,
+            now,
+        )
+        .unwrap();
+    net.run_for(2 * SEC);
+    let realtime = net.engine("a").class_id("realtime").unwrap();
+    let violated = net.events("a").into_iter().any(|(t, e)| {
+        matches!(e, Event::SlaViolated { path, class, .. } if path == primary && class == realtime)
+            && t >= at
+    });
+    assert!(violated, "the jittery path breaks the new bound");
+    let vm = moves_of(&net, "a", voice);
+    assert_eq!(vm.len(), 1, "{vm:?}");
+    assert_eq!((vm[0].1, vm[0].3), (primary, MoveReason::SlaViolated));
+    assert!(vm[0].0 - at < 100 * MS, "{vm:?}");
+    assert_eq!(current_path(&net, web), Some(primary));
+    assert!(moves_of(&net, "a", web).is_empty());
+    assert!(downs(&net, "a", primary).is_empty());
+    let ssh = net.stream("a", "b", TCP, 22, 0, 50);
+    net.run_for(SEC);
+    let key = net.streams[ssh].meta.key;
+    let (class, name) = net.engine("a").flow_class(&key).unwrap();
+    assert_eq!(
+        (
+            net.engine("a").class_name(class).map(|n| n.as_str()),
+            name.map(|n| n.as_str())
+        ),
+        (Some("gold"), Some("ssh"))
+    );
+}

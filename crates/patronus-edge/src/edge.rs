@@ -529,9 +529,10 @@ impl Edge {
     /// Applies a new configuration without disturbing what it does not change: peers that are
     /// the same keep their sessions, paths and flows; a peer that is new is added, one that is
     /// gone is removed, one that changed (key, links, prefixes) is removed and added again;
-    /// new policies reclassify flows on their next packet, and a flow keeps its path if it
-    /// still fits. What cannot change in a running edge (its own links, overlay address, TUN,
-    /// port; the SLA classes and failover settings) is reported and waits for a restart.
+    /// new policies, SLA classes or failover settings take effect at once (paths keep their
+    /// measurements and hold-downs, flows are placed again on their next packet and keep their
+    /// path if it still fits). What cannot change in a running edge (its own links, overlay
+    /// address, TUN, port) is reported and waits for a restart.
     /// Returns what was done, one line each.
     pub fn apply(&mut self, new: &EdgeConfig) -> Vec<String> {
         let mut notes = Vec::new();
@@ -547,15 +548,12 @@ impl Edge {
                 "this edge's own links or addresses changed: applied at its next start".into(),
             );
         }
-        if new.classes != cur.classes
+        let classes_changed = new.classes != cur.classes
             || new.failover != cur.failover
             || new.default_class != cur.default_class
-            || new.default_steering != cur.default_steering
-        {
-            notes
-                .push("SLA classes or failover settings changed: applied at the next start".into());
-        }
+            || new.default_steering != cur.default_steering;
         let now = Instant::now();
+        let mut refused = false;
         let (mut added, mut removed) = (0, 0);
         // Gone or changed peers leave first, so that a changed peer can take its prefixes again.
         for i in 0..self.peers.len() {
@@ -590,16 +588,48 @@ impl Edge {
                 Err(e) => notes.push(e.to_string()),
             }
         }
-        if new.policies != self.current.policies {
+        if classes_changed {
+            match self.engine.reconfigure(
+                new.failover.clone(),
+                new.classes.clone(),
+                new.default_class.clone(),
+                new.default_steering,
+                new.policies.clone(),
+                now,
+            ) {
+                Ok(()) => notes.push(format!(
+                    "{} SLA classes, the failover settings and {} policies in force",
+                    new.classes.len(),
+                    new.policies.len()
+                )),
+                Err(e) => {
+                    refused = true;
+                    notes.push(format!(
+                        "the new SLA classes, failover settings and policies were refused: {e}"
+                    ));
+                }
+            }
+        } else if new.policies != self.current.policies {
             match self.engine.set_policies(new.policies.clone()) {
                 Ok(()) => notes.push(format!("{} policies in force", new.policies.len())),
-                Err(e) => notes.push(format!("the new policies were refused: {e}")),
+                Err(e) => {
+                    refused = true;
+                    notes.push(format!("the new policies were refused: {e}"));
+                }
             }
         }
         if added + removed > 0 {
             notes.push(format!("peers: {added} added, {removed} removed"));
         }
-        self.current = new.clone();
+        let old = std::mem::replace(&mut self.current, new.clone());
+        if refused {
+            // What is in force is still the old: a later configuration is compared with it.
+            self.current.classes = old.classes;
+            self.current.failover = old.failover;
+            self.current.default_class = old.default_class;
+            self.current.default_steering = old.default_steering;
+            self.current.policies = old.policies;
+        }
         for n in &notes {
             self.record(format!("configuration: {n}"));
         }

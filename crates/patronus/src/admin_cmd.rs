@@ -1,5 +1,5 @@
 //! Admin commands that talk to the controller's API: `patronus login`, `site`, `link`,
-//! `policy`, `path`, `webhook`.
+//! `policy`, `class`, `failover`, `path`, `webhook`.
 
 use std::io::BufRead;
 
@@ -623,6 +623,102 @@ pub fn webhook(cmd: WebhookCmd) -> anyhow::Result<()> {
                     ("CREATED_MS", "created_ms"),
                 ],
             );
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClassCmd {
+    /// The SLA classes.
+    List {
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Changes a class with a JSON merge patch, e.g. `class update realtime '{"max_loss_pct":0.5}'`
+    /// (`null` removes a bound); running edges apply it at once.
+    Update {
+        /// The class's name or id.
+        class: String,
+        patch: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+const CLASS_COLUMNS: &[(&str, &str)] = &[
+    ("ID", "id"),
+    ("NAME", "name"),
+    ("LATENCY_MS", "max_latency_ms"),
+    ("JITTER_MS", "max_jitter_ms"),
+    ("LOSS_%", "max_loss_pct"),
+    ("DESCRIPTION", "description"),
+];
+
+pub fn class(cmd: ClassCmd) -> anyhow::Result<()> {
+    let mut s = Session::open()?;
+    match cmd {
+        ClassCmd::List { output } => {
+            let v = s.call("GET", "/api/v1/sla-classes?limit=500", None)?;
+            print(output, &v, CLASS_COLUMNS);
+        }
+        ClassCmd::Update {
+            class,
+            patch,
+            output,
+        } => {
+            let patch: Value = serde_json::from_str(&patch).context("the patch is not JSON")?;
+            let id = match class.parse::<i64>() {
+                Ok(id) => id,
+                Err(_) => {
+                    let v = s.call("GET", "/api/v1/sla-classes?limit=500", None)?;
+                    v["items"]
+                        .as_array()
+                        .and_then(|a| a.iter().find(|c| c["name"] == class.as_str()))
+                        .and_then(|c| c["id"].as_i64())
+                        .with_context(|| format!("no SLA class named {class}"))?
+                }
+            };
+            let v = s.call("PATCH", &format!("/api/v1/sla-classes/{id}"), Some(&patch))?;
+            print(output, &v, CLASS_COLUMNS);
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FailoverCmd {
+    /// The failover settings (probe cadences, down detection, hold-down, margin).
+    Show {
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Changes them with a JSON merge patch, e.g. `failover update '{"hold_down_ms":5000}'`
+    /// (admin); running edges apply it at once.
+    Update {
+        patch: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+pub fn failover(cmd: FailoverCmd) -> anyhow::Result<()> {
+    let mut s = Session::open()?;
+    let (v, output) = match cmd {
+        FailoverCmd::Show { output } => (s.call("GET", "/api/v1/failover", None)?, output),
+        FailoverCmd::Update { patch, output } => {
+            let patch: Value = serde_json::from_str(&patch).context("the patch is not JSON")?;
+            (s.call("PATCH", "/api/v1/failover", Some(&patch))?, output)
+        }
+    };
+    match output {
+        Output::Json => print(output, &v, &[]),
+        Output::Table => {
+            if let Some(o) = v.as_object() {
+                for (k, x) in o {
+                    outln!("{k:<28} {x}");
+                }
+            }
         }
     }
     Ok(())

@@ -62,6 +62,12 @@ enum Command {
     /// Traffic policies, through the controller's API.
     #[command(subcommand)]
     Policy(admin_cmd::PolicyCmd),
+    /// SLA classes, through the controller's API.
+    #[command(subcommand)]
+    Class(admin_cmd::ClassCmd),
+    /// Failover settings, through the controller's API.
+    #[command(subcommand)]
+    Failover(admin_cmd::FailoverCmd),
     /// Paths and what their edges measure, through the controller's API.
     #[command(subcommand)]
     Path(admin_cmd::PathCmd),
@@ -81,6 +87,8 @@ fn main() -> ExitCode {
         Command::Link(c) => admin_cmd::link(c),
         Command::Policy(c) => admin_cmd::policy(c),
         Command::Path(c) => admin_cmd::path(c),
+        Command::Class(c) => admin_cmd::class(c),
+        Command::Failover(c) => admin_cmd::failover(c),
         Command::Webhook(c) => admin_cmd::webhook(c),
     };
     match result {

@@ -403,6 +403,25 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
     let hq_log = std::fs::read_to_string(edges::edge_dir(&lab, "hq").join("edge.log")).unwrap();
     assert!(hq_log.contains("new configuration"), "{hq_log}");
 
+    // SLA classes and failover settings reach the running edges too, and apply there at once.
+    for args in [
+        &["class", "update", "realtime", r#"{"max_loss_pct":0.5}"#][..],
+        &["failover", "update", r#"{"hold_down_ms":4000}"#][..],
+    ] {
+        let (ok, _, err) = cli(&lab, &home, args, "");
+        assert!(ok, "{err}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = std::fs::read_to_string(edges::edge_dir(&lab, "hq").join("edge.log")).unwrap();
+        if log.contains("SLA classes, the failover settings and") {
+            assert!(!log.contains("were refused"), "{log}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not applied live: {log}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
     // A site disabled through the API leaves the other edges' peers (its routes go), and comes
     // back, with new sessions, when it is active again; the other pairs are not disturbed.
     let b2 = lab.addr("branch2/h1", false).unwrap();
