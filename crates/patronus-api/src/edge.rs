@@ -176,6 +176,23 @@ pub struct Telemetry {
     /// Failovers since the last report (an edge keeps its last 256).
     #[serde(default)]
     pub failovers: Vec<FailoverEvent>,
+    /// What each SLA class's traffic sent since this run of the edge started.
+    #[serde(default)]
+    pub classes: Vec<ClassReport>,
+    /// When this run of the edge started (Unix ms): its counters count from 0 since then, so
+    /// a report with another start is a new run, not a counter going backwards.
+    #[serde(default)]
+    pub started_ms: i64,
+}
+
+/// One SLA class's traffic, as the reporting edge sent it (counters since the edge started).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ClassReport {
+    pub class: String,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
 }
 
 /// Flows that moved from one path to another at once, for one reason.
@@ -217,8 +234,13 @@ pub struct PathReport {
     pub jitter_ms: f64,
     /// Probe loss over the sliding window, percent.
     pub loss_pct: f64,
+    /// Counters since the edge started.
     pub tx_bytes: u64,
     pub rx_bytes: u64,
+    #[serde(default)]
+    pub tx_packets: u64,
+    #[serde(default)]
+    pub rx_packets: u64,
 }
 
 /// What an edge that a controller runs knows of its own machine; everything else comes from the

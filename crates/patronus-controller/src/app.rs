@@ -344,6 +344,7 @@ pub fn routes_and_document() -> (Router<AppState>, utoipa::openapi::OpenApi) {
             .merge(crate::routes::audit::routes())
             .merge(crate::routes::enrol::routes())
             .merge(crate::routes::webhooks::routes())
+            .merge(crate::routes::traffic::routes())
             .split_for_parts();
     (routes, doc)
 }

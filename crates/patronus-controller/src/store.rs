@@ -257,6 +257,36 @@ CREATE INDEX webhook_deliveries_due ON webhook_deliveries(status, next_attempt_m
 CREATE INDEX webhook_deliveries_hook ON webhook_deliveries(webhook_id, id);
 "#,
     ),
+    (
+        11,
+        "traffic counters reported by the edges, per path and per SLA class",
+        r#"
+CREATE TABLE traffic_counters (
+    site_id    INTEGER NOT NULL REFERENCES sites(id) ON DELETE CASCADE,
+    key        TEXT    NOT NULL,
+    started_ms INTEGER NOT NULL,
+    tx_packets INTEGER NOT NULL,
+    tx_bytes   INTEGER NOT NULL,
+    rx_packets INTEGER NOT NULL,
+    rx_bytes   INTEGER NOT NULL,
+    PRIMARY KEY (site_id, key)
+);
+CREATE TABLE traffic_samples (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    site_id    INTEGER NOT NULL REFERENCES sites(id) ON DELETE CASCADE,
+    at_s       INTEGER NOT NULL,
+    path_id    TEXT,
+    class      TEXT,
+    tx_packets INTEGER NOT NULL,
+    tx_bytes   INTEGER NOT NULL,
+    rx_packets INTEGER NOT NULL,
+    rx_bytes   INTEGER NOT NULL,
+    CHECK ((path_id IS NULL) != (class IS NULL))
+);
+CREATE INDEX traffic_samples_at ON traffic_samples(at_s);
+CREATE INDEX traffic_samples_site_at ON traffic_samples(site_id, at_s);
+"#,
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

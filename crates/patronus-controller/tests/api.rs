@@ -171,7 +171,7 @@ async fn public_endpoints_answer_and_unknown_routes_and_methods_get_the_error_sh
     assert_eq!(r.status, StatusCode::OK);
     let r = a.call(Method::GET, "/api/v1/version", None, None).await;
     assert_eq!(r.body["api"], "v1");
-    assert_eq!(r.body["schema_version"], 10);
+    assert_eq!(r.body["schema_version"], 11);
     let r = a
         .call(Method::GET, "/api/v1/nothing-here", None, None)
         .await;
@@ -2933,4 +2933,112 @@ async fn webhooks_get_signed_events_retried_until_delivered_with_their_status_in
         .await;
     assert!(r.body.to_string().contains("webhook.create"));
     assert!(!r.body.to_string().contains(&secret));
+}
+
+#[tokio::test]
+async fn traffic_stats_add_up_what_edges_sent_per_class_path_and_site_across_restarts() {
+    let a = api().await;
+    let t = a.admin().await;
+    let ids = sites(&a, &t, &["hq", "b1"]).await;
+    let cred = enrolled(&a, &t, ids[0], 5).await;
+    let report = |started: i64, tx: u64, voice: u64| {
+        json!({
+            "started_ms": started,
+            "paths": [{ "peer": "b1", "local_link": "mpls", "remote_link": "mpls", "state": "up",
+                        "rtt_ms": 20.0, "jitter_ms": 0.1, "loss_pct": 0.0,
+                        "tx_bytes": tx, "rx_bytes": tx / 2, "tx_packets": tx / 100,
+                        "rx_packets": tx / 200 }],
+            "classes": [{ "class": "realtime", "tx_packets": voice / 100, "tx_bytes": voice },
+                        { "class": "business", "tx_packets": 3, "tx_bytes": 300 }]
+        })
+    };
+    // Running totals: 1000, the same again (an answer lost, the report sent twice), 1500;
+    // then the edge restarts and has sent 200 since.
+    for body in [
+        report(1000, 1000, 500),
+        report(1000, 1000, 500),
+        report(1000, 1500, 800),
+        report(2000, 200, 100),
+    ] {
+        let r = a
+            .call(
+                Method::POST,
+                "/api/v1/edge/telemetry",
+                Some(&cred),
+                Some(body),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
+    }
+    let sum = |v: &Value, field: &str, filter: &dyn Fn(&Value) -> bool| -> i64 {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| filter(i))
+            .map(|i| i[field].as_i64().unwrap())
+            .sum()
+    };
+    let r = a
+        .call(Method::GET, "/api/v1/traffic/stats", Some(&t), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    let class = |c: &'static str| move |i: &Value| i["class"] == c;
+    assert_eq!(sum(&r.body, "tx_bytes", &class("realtime")), 900);
+    assert_eq!(sum(&r.body, "tx_bytes", &class("business")), 600);
+    assert!(r.body["items"][0]["rx_bytes"].is_null(), "{r:?}");
+    assert_eq!(r.body["items"][0]["site"], "hq");
+    let r = a
+        .call(
+            Method::GET,
+            "/api/v1/traffic/stats?by=path&bucket=5",
+            Some(&t),
+            None,
+        )
+        .await;
+    let all = |_: &Value| true;
+    assert_eq!(sum(&r.body, "tx_bytes", &all), 1700);
+    assert_eq!(sum(&r.body, "rx_bytes", &all), 850);
+    assert_eq!(sum(&r.body, "tx_packets", &all), 17);
+    let path_id = r.body["items"][0]["path_id"].as_str().unwrap().to_owned();
+    let r = a
+        .call(
+            Method::GET,
+            &format!("/api/v1/traffic/stats?path={path_id}&site={}", ids[0]),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(sum(&r.body, "tx_bytes", &all), 1700);
+    let r = a
+        .call(Method::GET, "/api/v1/traffic/stats?by=site", Some(&t), None)
+        .await;
+    assert_eq!(sum(&r.body, "tx_bytes", &all), 1700);
+    assert!(r.body["items"][0].get("path_id").is_none());
+    let r = a
+        .call(
+            Method::GET,
+            &format!("/api/v1/traffic/stats?site={}", ids[1]),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(r.body["total"], 0);
+    for bad in [
+        "bucket=1",
+        "by=nope",
+        "from=100&to=50",
+        "by=class&path=1-2",
+        "path=1-2&class=bulk",
+    ] {
+        let r = a
+            .call(
+                Method::GET,
+                &format!("/api/v1/traffic/stats?{bad}"),
+                Some(&t),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {r:?}");
+    }
 }

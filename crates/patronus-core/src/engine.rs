@@ -250,6 +250,8 @@ pub struct Engine {
     paths: Vec<Option<Path>>,
     /// Transmit counters per path id.
     tx: Vec<TxCount>,
+    /// Transmit counters per SLA class (by class id): what each class of traffic sent.
+    class_tx: Vec<TxCount>,
     local_links: Vec<Name>,
     flows: FlowTable,
     flow_idle: Duration,
@@ -356,6 +358,7 @@ impl Engine {
             margin: f64::from(config.failover.min_improvement_pct) / 100.0,
             settings: config.failover,
             bounds: config.classes.iter().map(SlaBounds::from_class).collect(),
+            class_tx: vec![TxCount::default(); config.classes.len()],
             classes: config.classes,
             default_class: config.default_class,
             default_steering: config.default_steering,
@@ -433,6 +436,13 @@ impl Engine {
         let map: Vec<Option<usize>> = classes
             .iter()
             .map(|c| self.classes.iter().position(|o| o.name == c.name))
+            .collect();
+        self.class_tx = map
+            .iter()
+            .map(|m| {
+                m.and_then(|i| self.class_tx.get(i).copied())
+                    .unwrap_or_default()
+            })
             .collect();
         self.margin = f64::from(failover.min_improvement_pct) / 100.0;
         self.settings = failover;
@@ -618,10 +628,23 @@ impl Engine {
                 let d = self.flows.touch(i, secs_since(self.epoch, now));
                 self.stats.cache_hits += 1;
                 self.count_tx(d, len);
+                self.count_class(self.flows.profile(i), d, len);
                 return d;
             }
         }
         self.decide_slow(meta, len, now)
+    }
+
+    /// Counts a forwarded packet for its class (once, however many paths carry it).
+    fn count_class(&mut self, profile: u16, d: Decision, len: usize) {
+        if matches!(d, Decision::Drop(_)) {
+            return;
+        }
+        let class = self.profiles.get(usize::from(profile)).map(|p| p.class.0);
+        if let Some(t) = class.and_then(|c| self.class_tx.get_mut(usize::from(c))) {
+            t.packets += 1;
+            t.bytes += len as u64;
+        }
     }
 
     fn count_tx(&mut self, d: Decision, len: usize) {
@@ -768,6 +791,7 @@ impl Engine {
             self.flows.insert(&key, &flow);
         }
         self.count_tx(decision, len);
+        self.count_class(profile_idx, decision, len);
         decision
     }
 
@@ -987,6 +1011,15 @@ impl Engine {
             .iter()
             .position(|c| c.name.as_str() == name)
             .map(|i| ClassId(i as u8))
+    }
+
+    /// What each SLA class's traffic sent since the engine started (a class that was removed
+    /// and added again starts over): (class, packets, bytes).
+    pub fn class_counters(&self) -> impl Iterator<Item = (&Name, u64, u64)> + '_ {
+        self.classes
+            .iter()
+            .zip(&self.class_tx)
+            .map(|(c, t)| (&c.name, t.packets, t.bytes))
     }
 
     pub fn class_name(&self, id: ClassId) -> Option<&Name> {

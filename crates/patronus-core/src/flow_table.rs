@@ -229,6 +229,11 @@ impl FlowTable {
         (s.peer, s.epoch, s.cfg_gen)
     }
 
+    /// The policy profile of the flow in slot `i`.
+    pub fn profile(&self, i: usize) -> u16 {
+        self.slots[i].profile
+    }
+
     /// Marks slot `i` seen and returns its decision.
     pub fn touch(&mut self, i: usize, now_secs: u32) -> Decision {
         let s = &mut self.slots[i];

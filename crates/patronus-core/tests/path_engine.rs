@@ -985,3 +985,25 @@ fn sla_classes_and_failover_settings_change_in_a_running_engine_without_a_restar
         (Some("gold"), Some("ssh"))
     );
 }
+
+#[test]
+fn each_class_counts_what_its_flows_sent_once_even_when_duplicated() {
+    let cfg = config_with(vec![
+        policy("voice 10 realtime duplicate udp 5004"),
+        policy("web 20 business best-quality tcp 443"),
+    ]);
+    let mut net = two_sites(&cfg);
+    net.run_for(2 * SEC);
+    let voice = net.stream("a", "b", UDP, 5004, 46, 50);
+    let web = net.stream("a", "b", TCP, 443, 0, 20);
+    net.run_for(2 * SEC);
+    let counted: std::collections::HashMap<String, (u64, u64)> = net
+        .engine("a")
+        .class_counters()
+        .map(|(n, p, b)| (n.to_string(), (p, b)))
+        .collect();
+    let sent = |s: usize| net.streams[s].sent.len() as u64;
+    assert_eq!(counted["realtime"], (sent(voice), 200 * sent(voice)));
+    assert_eq!(counted["business"], (sent(web), 200 * sent(web)));
+    assert_eq!(counted["bulk"], (0, 0));
+}

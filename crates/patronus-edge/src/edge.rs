@@ -273,6 +273,8 @@ pub struct Edge {
     public_key: String,
     tun_name: String,
     started: Instant,
+    /// The same moment, Unix ms: the counters' origin for whoever reads them elsewhere.
+    started_unix_ms: i64,
     shared: Shared,
     next_publish: Instant,
     failovers: BTreeMap<String, u64>,
@@ -467,6 +469,9 @@ impl Edge {
             public_key: key.public().to_string(),
             tun_name: cfg.tun_name.clone(),
             started: now,
+            started_unix_ms: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
             shared,
             next_publish: now,
             failovers: BTreeMap::new(),
@@ -766,6 +771,16 @@ impl Edge {
             failovers: self.failovers.clone(),
             failover_events: self.failover_log.iter().cloned().collect(),
             flows: self.engine.flow_count(),
+            started_unix_ms: self.started_unix_ms,
+            classes: self
+                .engine
+                .class_counters()
+                .map(|(c, p, b)| status::ClassStatus {
+                    class: c.to_string(),
+                    tx_packets: p,
+                    tx_bytes: b,
+                })
+                .collect(),
             paths,
             events: self.events.iter().cloned().collect(),
         }

@@ -9,6 +9,7 @@
 //! Degraded, 0 Down), `patronus_path_rtt_seconds`, `patronus_path_jitter_seconds`,
 //! `patronus_path_loss_ratio`, `patronus_path_flows`, `patronus_path_flaps_total`,
 //! `patronus_path_{tx,rx}_{packets,bytes}_total`, `patronus_path_probes_{sent,received,lost}_total`.
+//! Per SLA class: `patronus_class_tx_{packets,bytes}_total{class}`.
 //! Per edge: `patronus_failovers_total{reason}`, and the edge's counters as
 //! `patronus_edge_<name>_total`.
 
@@ -51,6 +52,14 @@ pub struct PathStatus {
     pub last_handshake_s: Option<f64>,
 }
 
+/// One SLA class's traffic.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct ClassStatus {
+    pub class: String,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+}
+
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct EdgeStatus {
     pub site: String,
@@ -68,6 +77,12 @@ pub struct EdgeStatus {
     #[serde(default)]
     pub failover_events: Vec<patronus_api::FailoverEvent>,
     pub flows: usize,
+    /// When this run started (Unix ms).
+    #[serde(default)]
+    pub started_unix_ms: i64,
+    /// What each SLA class's traffic sent since the edge started.
+    #[serde(default)]
+    pub classes: Vec<ClassStatus>,
     pub paths: Vec<PathStatus>,
     pub events: Vec<RecentEvent>,
 }
@@ -172,6 +187,28 @@ pub fn render_metrics(s: &EdgeStatus) -> String {
             "counter",
             help,
             per_path(&|p| Some(f(p) as f64)),
+        );
+    }
+    for (name, help, f) in [
+        (
+            "patronus_class_tx_packets_total",
+            "Packets each SLA class's traffic sent into the tunnels (once, however many paths).",
+            (|c: &ClassStatus| c.tx_packets) as fn(&ClassStatus) -> u64,
+        ),
+        (
+            "patronus_class_tx_bytes_total",
+            "Bytes each SLA class's traffic sent into the tunnels (inner packets).",
+            |c: &ClassStatus| c.tx_bytes,
+        ),
+    ] {
+        family(
+            name,
+            "counter",
+            help,
+            s.classes
+                .iter()
+                .map(|c| (format!("{{class=\"{}\"}}", esc(&c.class)), f(c) as f64))
+                .collect(),
         );
     }
     family(

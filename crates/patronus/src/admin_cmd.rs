@@ -1,5 +1,5 @@
 //! Admin commands that talk to the controller's API: `patronus login`, `site`, `link`,
-//! `policy`, `class`, `failover`, `path`, `webhook`.
+//! `policy`, `class`, `failover`, `path`, `traffic`, `webhook`.
 
 use std::io::BufRead;
 
@@ -721,5 +721,65 @@ pub fn failover(cmd: FailoverCmd) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TrafficCmd {
+    /// What the edges sent (and received), per SLA class, path or site, in time buckets.
+    Stats {
+        /// class, path or site.
+        #[arg(long, default_value = "class")]
+        by: String,
+        /// Only this site (name or id).
+        #[arg(long)]
+        site: Option<String>,
+        /// The last this many minutes.
+        #[arg(long, default_value_t = 60)]
+        minutes: i64,
+        /// Seconds per bucket.
+        #[arg(long, default_value_t = 60)]
+        bucket: i64,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+pub fn traffic(cmd: TrafficCmd) -> anyhow::Result<()> {
+    let mut s = Session::open()?;
+    let TrafficCmd::Stats {
+        by,
+        site,
+        minutes,
+        bucket,
+        output,
+    } = cmd;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let mut q = format!(
+        "/api/v1/traffic/stats?limit=500&by={}&bucket={bucket}&from={}",
+        urlencode(&by),
+        now - minutes * 60
+    );
+    if let Some(site) = site {
+        let id = site_id(&mut s, &site)?;
+        q.push_str(&format!("&site={id}"));
+    }
+    let v = s.call("GET", &q, None)?;
+    print(
+        output,
+        &v,
+        &[
+            ("START", "start"),
+            ("SITE", "site"),
+            ("CLASS", "class"),
+            ("PATH", "path_id"),
+            ("TX_PACKETS", "tx_packets"),
+            ("TX_BYTES", "tx_bytes"),
+            ("RX_PACKETS", "rx_packets"),
+            ("RX_BYTES", "rx_bytes"),
+        ],
+    );
     Ok(())
 }

@@ -188,8 +188,20 @@ fn report(
                     loss_pct: p.loss_pct,
                     tx_bytes: p.tx_bytes,
                     rx_bytes: p.rx_bytes,
+                    tx_packets: p.tx_packets,
+                    rx_packets: p.rx_packets,
                 })
                 .collect(),
+            classes: snap
+                .classes
+                .iter()
+                .map(|c| patronus_api::ClassReport {
+                    class: c.class.clone(),
+                    tx_packets: c.tx_packets,
+                    tx_bytes: c.tx_bytes,
+                })
+                .collect(),
+            started_ms: snap.started_unix_ms,
             failovers: snap
                 .failover_events
                 .iter()

@@ -71,6 +71,9 @@ enum Command {
     /// Paths and what their edges measure, through the controller's API.
     #[command(subcommand)]
     Path(admin_cmd::PathCmd),
+    /// Traffic the edges reported, through the controller's API.
+    #[command(subcommand)]
+    Traffic(admin_cmd::TrafficCmd),
     /// Webhooks: URLs told of events (signed), and how each delivery went.
     #[command(subcommand)]
     Webhook(admin_cmd::WebhookCmd),
@@ -90,6 +93,7 @@ fn main() -> ExitCode {
         Command::Class(c) => admin_cmd::class(c),
         Command::Failover(c) => admin_cmd::failover(c),
         Command::Webhook(c) => admin_cmd::webhook(c),
+        Command::Traffic(c) => admin_cmd::traffic(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

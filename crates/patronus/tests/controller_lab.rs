@@ -403,6 +403,32 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
     let hq_log = std::fs::read_to_string(edges::edge_dir(&lab, "hq").join("edge.log")).unwrap();
     assert!(hq_log.contains("new configuration"), "{hq_log}");
 
+    // The edges' traffic counters reach the API: hq's bulk class (the LTE-only policy) sent
+    // at least the 2000 packets of the stream above.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, out, err) = cli(
+            &lab,
+            &home,
+            &["traffic", "stats", "--site", "hq", "--output", "json"],
+            "",
+        );
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let bulk: i64 = v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b["class"] == "bulk")
+            .map(|b| b["tx_packets"].as_i64().unwrap())
+            .sum();
+        if bulk >= 2000 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no bulk traffic reported: {out}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
     // SLA classes and failover settings reach the running edges too, and apply there at once.
     for args in [
         &["class", "update", "realtime", r#"{"max_loss_pct":0.5}"#][..],

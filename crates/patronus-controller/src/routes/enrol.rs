@@ -367,6 +367,9 @@ async fn telemetry(
     if t.paths.len() > 4096 {
         return Err(ApiError::field("paths", "at most 4096 paths per report"));
     }
+    if t.classes.len() > 256 {
+        return Err(ApiError::field("classes", "at most 256 classes per report"));
+    }
     if t.failovers.len() > 1024 {
         return Err(ApiError::field(
             "failovers",
@@ -527,10 +530,18 @@ async fn telemetry(
             ));
         }
     }
+    record_traffic(&mut tx, site.site_id, now, &t, &samples).await?;
     // Retention: what is older goes, a little at a time.
     sqlx::query(
         "DELETE FROM path_samples WHERE id IN
            (SELECT id FROM path_samples WHERE at_s < ? ORDER BY id LIMIT 1000)",
+    )
+    .bind(now - SAMPLE_RETENTION_S)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "DELETE FROM traffic_samples WHERE id IN
+           (SELECT id FROM traffic_samples WHERE at_s < ? ORDER BY id LIMIT 1000)",
     )
     .bind(now - SAMPLE_RETENTION_S)
     .execute(&mut *tx)
@@ -540,4 +551,137 @@ async fn telemetry(
         crate::webhooks::emit_soon(&s, kind, data);
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Counters as an edge reports them: totals since its run started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Totals {
+    tx_packets: u64,
+    tx_bytes: u64,
+    rx_packets: u64,
+    rx_bytes: u64,
+}
+
+/// Turns the report's running totals into what was sent since the previous report (kept per
+/// site and key in `traffic_counters`, so that a report delivered twice adds nothing and a
+/// restarted controller loses nothing), and keeps the differences that are not zero as
+/// samples.
+async fn record_traffic(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    site_id: i64,
+    now: i64,
+    t: &patronus_api::Telemetry,
+    samples: &[(String, &patronus_api::PathReport)],
+) -> Result<(), ApiError> {
+    let mut current: Vec<(String, Option<&str>, Option<&str>, Totals)> = Vec::new();
+    for (id, p) in samples {
+        current.push((
+            format!("path:{id}"),
+            Some(id.as_str()),
+            None,
+            Totals {
+                tx_packets: p.tx_packets,
+                tx_bytes: p.tx_bytes,
+                rx_packets: p.rx_packets,
+                rx_bytes: p.rx_bytes,
+            },
+        ));
+    }
+    for c in &t.classes {
+        current.push((
+            format!("class:{}", c.class),
+            None,
+            Some(c.class.as_str()),
+            Totals {
+                tx_packets: c.tx_packets,
+                tx_bytes: c.tx_bytes,
+                ..Totals::default()
+            },
+        ));
+    }
+    if current.is_empty() {
+        return Ok(());
+    }
+    let rows = sqlx::query("SELECT * FROM traffic_counters WHERE site_id = ?")
+        .bind(site_id)
+        .fetch_all(&mut **tx)
+        .await?;
+    let mut before: std::collections::HashMap<String, (i64, Totals)> = Default::default();
+    for r in &rows {
+        let n = |k: &str| r.try_get::<i64, _>(k).map(|v| v as u64);
+        before.insert(
+            r.try_get("key")?,
+            (
+                r.try_get("started_ms")?,
+                Totals {
+                    tx_packets: n("tx_packets")?,
+                    tx_bytes: n("tx_bytes")?,
+                    rx_packets: n("rx_packets")?,
+                    rx_bytes: n("rx_bytes")?,
+                },
+            ),
+        );
+    }
+    for (key, path, class, cur) in current {
+        let delta = match before.get(&key) {
+            // The same run: what it sent since. (Counters that went backwards within one run
+            // are not to be trusted: counted as a new start.)
+            Some((started, b))
+                if *started == t.started_ms
+                    && cur.tx_packets >= b.tx_packets
+                    && cur.tx_bytes >= b.tx_bytes
+                    && cur.rx_packets >= b.rx_packets
+                    && cur.rx_bytes >= b.rx_bytes =>
+            {
+                Totals {
+                    tx_packets: cur.tx_packets - b.tx_packets,
+                    tx_bytes: cur.tx_bytes - b.tx_bytes,
+                    rx_packets: cur.rx_packets - b.rx_packets,
+                    rx_bytes: cur.rx_bytes - b.rx_bytes,
+                }
+            }
+            // A new run of the edge (or the first report): all of it is new.
+            _ => cur,
+        };
+        if delta == Totals::default() && before.get(&key).is_some_and(|(s, _)| *s == t.started_ms) {
+            continue;
+        }
+        let i = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        sqlx::query(
+            "INSERT INTO traffic_counters
+             (site_id, key, started_ms, tx_packets, tx_bytes, rx_packets, rx_bytes)
+             VALUES (?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (site_id, key) DO UPDATE SET started_ms = excluded.started_ms,
+               tx_packets = excluded.tx_packets, tx_bytes = excluded.tx_bytes,
+               rx_packets = excluded.rx_packets, rx_bytes = excluded.rx_bytes",
+        )
+        .bind(site_id)
+        .bind(&key)
+        .bind(t.started_ms)
+        .bind(i(cur.tx_packets))
+        .bind(i(cur.tx_bytes))
+        .bind(i(cur.rx_packets))
+        .bind(i(cur.rx_bytes))
+        .execute(&mut **tx)
+        .await?;
+        if delta == Totals::default() {
+            continue;
+        }
+        sqlx::query(
+            "INSERT INTO traffic_samples
+             (site_id, at_s, path_id, class, tx_packets, tx_bytes, rx_packets, rx_bytes)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(site_id)
+        .bind(now)
+        .bind(path)
+        .bind(class)
+        .bind(i(delta.tx_packets))
+        .bind(i(delta.tx_bytes))
+        .bind(i(delta.rx_packets))
+        .bind(i(delta.rx_bytes))
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
 }

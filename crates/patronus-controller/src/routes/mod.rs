@@ -8,6 +8,7 @@ pub mod policies;
 pub mod sites;
 pub mod system;
 pub mod topology;
+pub mod traffic;
 pub mod users;
 pub mod webhooks;
 

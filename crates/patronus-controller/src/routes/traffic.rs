@@ -1,0 +1,167 @@
+//! `/api/v1/traffic/stats`: what the edges sent and received, per SLA class, per path or per
+//! site, in time buckets. The edges report running totals; the controller keeps what changed
+//! between two reports (see `enrol::record_traffic`), so a bucket holds what was sent in it,
+//! to the resolution of the reports (5 s).
+
+use axum::Json;
+use axum::extract::State;
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::app::{AppState, Principal};
+use crate::error::{ApiError, extract};
+use crate::routes::{Page, Paging};
+use crate::store::now_s;
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(stats))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct StatsQuery {
+    pub limit: Option<i64>,
+    pub offset: Option<i64>,
+    /// `class` (default: what each SLA class's traffic sent, per site), `path` (each path's
+    /// traffic as the site at one end sent and received it) or `site` (all of a site's paths).
+    pub by: Option<String>,
+    /// Only this site (id).
+    pub site: Option<i64>,
+    /// Only this path (id, as in `/paths`); implies `by=path`.
+    pub path: Option<String>,
+    /// Only this SLA class (name); implies `by=class`.
+    pub class: Option<String>,
+    /// Unix seconds; an hour before `to` when left out.
+    pub from: Option<i64>,
+    /// Unix seconds, excluded; now when left out.
+    pub to: Option<i64>,
+    /// Seconds per bucket, 5 to 86400; 60 when left out.
+    pub bucket: Option<i64>,
+}
+
+/// What was sent (and, for paths and sites, received) in one bucket.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TrafficBucket {
+    /// Unix seconds at which the bucket starts.
+    pub start: i64,
+    pub site_id: i64,
+    pub site: String,
+    /// With `by=path`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_id: Option<String>,
+    /// With `by=class`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+    pub tx_packets: i64,
+    pub tx_bytes: i64,
+    /// Not measured per class: `null` there.
+    pub rx_packets: Option<i64>,
+    pub rx_bytes: Option<i64>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/traffic/stats",
+    tag = "paths",
+    summary = "Traffic the edges reported, per SLA class, path or site, in time buckets.",
+    params(StatsQuery),
+    security(("bearer" = [])),
+    responses((status = 200, body = Page<TrafficBucket>), crate::error::ApiErrors)
+)]
+async fn stats(
+    State(s): State<AppState>,
+    _p: Principal,
+    extract::Query(q): extract::Query<StatsQuery>,
+) -> Result<Json<Page<TrafficBucket>>, ApiError> {
+    let paging = Paging::new(q.limit, q.offset)?;
+    let by = match (q.by.as_deref(), &q.path, &q.class) {
+        (_, Some(_), Some(_)) => {
+            return Err(ApiError::field("path", "give path or class, not both"));
+        }
+        (None | Some("path"), Some(_), None) => "path",
+        (None | Some("class"), None, Some(_)) => "class",
+        (None, None, None) => "class",
+        (Some(b @ ("class" | "path" | "site")), None, None) => b,
+        (Some(_), _, _) => {
+            return Err(ApiError::field(
+                "by",
+                "must be class, path or site (and agree with path or class)",
+            ));
+        }
+    };
+    let bucket = q.bucket.unwrap_or(60);
+    let to = q.to.unwrap_or_else(|| now_s() + 1);
+    let from = q.from.unwrap_or(to - 3600);
+    let mut e = patronus_api::FieldErrors::default();
+    if !(5..=86_400).contains(&bucket) {
+        e.push("bucket", "must be between 5 and 86400 seconds");
+    }
+    if from >= to {
+        e.push("from", "must be before to");
+    } else if bucket > 0 && (to - from) / bucket > 100_000 {
+        e.push(
+            "bucket",
+            "makes more than 100000 buckets: widen it or narrow the range",
+        );
+    }
+    e.into_result().map_err(ApiError::validation)?;
+    let (key, kind) = match by {
+        "class" => ("t.class", "t.class IS NOT NULL"),
+        "path" => ("t.path_id", "t.path_id IS NOT NULL"),
+        _ => ("NULL", "t.path_id IS NOT NULL"),
+    };
+    let grouped = format!(
+        "SELECT (t.at_s / ?1) * ?1 AS start, t.site_id, s.name AS site, {key} AS k,
+                SUM(t.tx_packets) AS tx_packets, SUM(t.tx_bytes) AS tx_bytes,
+                SUM(t.rx_packets) AS rx_packets, SUM(t.rx_bytes) AS rx_bytes
+         FROM traffic_samples t JOIN sites s ON s.id = t.site_id
+         WHERE t.at_s >= ?2 AND t.at_s < ?3 AND {kind}
+           AND (?4 IS NULL OR t.site_id = ?4)
+           AND (?5 IS NULL OR t.path_id = ?5)
+           AND (?6 IS NULL OR t.class = ?6)
+         GROUP BY start, t.site_id, k"
+    );
+    let total: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM ({grouped})"))
+        .bind(bucket)
+        .bind(from)
+        .bind(to)
+        .bind(q.site)
+        .bind(&q.path)
+        .bind(&q.class)
+        .fetch_one(s.store.pool())
+        .await?;
+    let rows = sqlx::query(&format!(
+        "{grouped} ORDER BY start, t.site_id, k LIMIT ?7 OFFSET ?8"
+    ))
+    .bind(bucket)
+    .bind(from)
+    .bind(to)
+    .bind(q.site)
+    .bind(&q.path)
+    .bind(&q.class)
+    .bind(paging.limit)
+    .bind(paging.offset)
+    .fetch_all(s.store.pool())
+    .await?;
+    let items = rows
+        .iter()
+        .map(|r| {
+            let k: Option<String> = r.try_get("k")?;
+            let per_class = by == "class";
+            Ok(TrafficBucket {
+                start: r.try_get("start")?,
+                site_id: r.try_get("site_id")?,
+                site: r.try_get("site")?,
+                path_id: if by == "path" { k.clone() } else { None },
+                class: if per_class { k } else { None },
+                tx_packets: r.try_get("tx_packets")?,
+                tx_bytes: r.try_get("tx_bytes")?,
+                rx_packets: (!per_class).then(|| r.try_get("rx_packets")).transpose()?,
+                rx_bytes: (!per_class).then(|| r.try_get("rx_bytes")).transpose()?,
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    Ok(Json(Page::new(items, total, paging)))
+}
