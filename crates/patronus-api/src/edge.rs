@@ -145,6 +145,10 @@ pub struct PeerConfig {
     pub lan_prefixes: Vec<Prefix>,
     /// The peer's WAN links; those with an `endpoint` are dialled from every local link.
     pub links: Vec<Link>,
+    /// The peer's next key while it rotates: handshakes made with it are accepted too, so
+    /// that the peer can move its sessions to it without losing a packet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_public_key: Option<WgPublicKey>,
 }
 
 /// What the controller compiles for one site: everything its edge needs that is not a fact of
@@ -160,6 +164,10 @@ pub struct SiteConfig {
     pub lan_prefixes: Vec<Prefix>,
     /// The site's own links, as the controller knows them.
     pub links: Vec<Link>,
+    /// Key rotations asked for this site (`patronus site rotate-key`): an edge that has done
+    /// fewer makes a new key pair and rolls to it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub key_rotation: u64,
     /// The sites the topology connects this one to, that have enrolled (have a key).
     pub peers: Vec<PeerConfig>,
     pub classes: Vec<SlaClass>,
@@ -451,6 +459,10 @@ impl EdgeConfig {
         }
         errs.into_result()
     }
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 #[cfg(test)]

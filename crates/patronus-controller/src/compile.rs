@@ -27,6 +27,10 @@ use crate::store::Store;
 pub struct Network {
     pub sites: Vec<SiteView>,
     pub keys: HashMap<i64, WgPublicKey>,
+    /// The key a site's edge is rolling to, while it does.
+    pub next_keys: HashMap<i64, WgPublicKey>,
+    /// Key rotations asked for, by site (absent: none).
+    pub rotations: HashMap<i64, u64>,
     pub topology: Topology,
     pub classes: Vec<SlaClass>,
     pub policies: Vec<Policy>,
@@ -35,17 +39,30 @@ pub struct Network {
 
 impl Network {
     pub async fn load(store: &Store) -> Result<Self, ApiError> {
-        let keys = sqlx::query_as::<_, (i64, String)>(
-            "SELECT id, public_key FROM sites WHERE public_key IS NOT NULL",
+        let rows = sqlx::query_as::<_, (i64, Option<String>, Option<String>, i64)>(
+            "SELECT id, public_key, next_public_key, key_rotation FROM sites
+             WHERE public_key IS NOT NULL OR key_rotation > 0",
         )
         .fetch_all(store.pool())
-        .await?
-        .into_iter()
-        .filter_map(|(id, k)| Some((id, k.parse().ok()?)))
-        .collect();
+        .await?;
+        let (mut keys, mut next_keys, mut rotations) =
+            (HashMap::new(), HashMap::new(), HashMap::new());
+        for (id, key, next, rotation) in rows {
+            if let Some(k) = key.and_then(|k| k.parse().ok()) {
+                keys.insert(id, k);
+            }
+            if let Some(k) = next.and_then(|k| k.parse().ok()) {
+                next_keys.insert(id, k);
+            }
+            if rotation > 0 {
+                rotations.insert(id, rotation as u64);
+            }
+        }
         Ok(Self {
             sites: load_sites(store).await?,
             keys,
+            next_keys,
+            rotations,
             topology: topology::load(store).await?,
             classes: crate::routes::policies::all_classes(store)
                 .await?
@@ -129,6 +146,12 @@ struct Head<'a> {
     overlay: IpAddr,
     lan_prefixes: &'a [patronus_api::Prefix],
     links: Vec<&'a patronus_api::Link>,
+    #[serde(skip_serializing_if = "is_zero")]
+    key_rotation: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// Fields that are the same for every site.
@@ -159,6 +182,7 @@ pub fn compile(net: &Network) -> Result<Vec<Compiled>, ApiError> {
             overlay,
             lan_prefixes: s.lan_prefixes.clone(),
             links: s.links.iter().map(|l| l.link.clone()).collect(),
+            next_public_key: net.next_keys.get(&s.id).copied(),
         };
         as_peer.insert(s.id, Fragment::new(json(&peer)?));
     }
@@ -190,6 +214,7 @@ pub fn compile(net: &Network) -> Result<Vec<Compiled>, ApiError> {
             overlay,
             lan_prefixes: &s.lan_prefixes,
             links: s.links.iter().map(|l| &l.link).collect(),
+            key_rotation: net.rotations.get(&s.id).copied().unwrap_or(0),
         })?;
         head.pop();
         head.extend_from_slice(b",\"peers\":[");

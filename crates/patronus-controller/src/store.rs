@@ -287,6 +287,14 @@ CREATE INDEX traffic_samples_at ON traffic_samples(at_s);
 CREATE INDEX traffic_samples_site_at ON traffic_samples(site_id, at_s);
 "#,
     ),
+    (
+        12,
+        "key rotation: rotations asked for, and the key an edge is rolling to",
+        r#"
+ALTER TABLE sites ADD COLUMN key_rotation INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sites ADD COLUMN next_public_key TEXT;
+"#,
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

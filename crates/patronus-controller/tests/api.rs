@@ -171,7 +171,7 @@ async fn public_endpoints_answer_and_unknown_routes_and_methods_get_the_error_sh
     assert_eq!(r.status, StatusCode::OK);
     let r = a.call(Method::GET, "/api/v1/version", None, None).await;
     assert_eq!(r.body["api"], "v1");
-    assert_eq!(r.body["schema_version"], 11);
+    assert_eq!(r.body["schema_version"], 12);
     let r = a
         .call(Method::GET, "/api/v1/nothing-here", None, None)
         .await;
@@ -3041,4 +3041,94 @@ async fn traffic_stats_add_up_what_edges_sent_per_class_path_and_site_across_res
             .await;
         assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {r:?}");
     }
+}
+
+#[tokio::test]
+async fn a_key_rotation_is_asked_by_an_operator_announced_to_peers_then_committed_by_the_edge() {
+    let a = api().await;
+    let t = a.admin().await;
+    let ids = sites(&a, &t, &["hq", "b1"]).await;
+    let (_, viewer) = a.user(&t, "v@example.net", "viewer").await;
+    let path = format!("/api/v1/sites/{}/rotate-key", ids[0]);
+    // Not before the site has an edge; not by a viewer.
+    let r = a.call(Method::POST, &path, Some(&t), None).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{r:?}");
+    let hq = enrolled(&a, &t, ids[0], 5).await;
+    let b1 = enrolled(&a, &t, ids[1], 6).await;
+    let r = a.call(Method::POST, &path, Some(&viewer), None).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = a.call(Method::POST, &path, Some(&t), None).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{r:?}");
+    assert_eq!(r.body["key_rotation"], 1);
+    let config = |cred: &str| {
+        let cred = cred.to_owned();
+        let a = &a;
+        async move {
+            a.call(Method::GET, "/api/v1/edge/config", Some(&cred), None)
+                .await
+                .body
+        }
+    };
+    assert_eq!(config(&hq).await["key_rotation"], 1);
+    assert!(config(&b1).await.get("key_rotation").is_none());
+    let old = patronus_api::key_to_base64(&[5; 32]);
+    let new = patronus_api::key_to_base64(&[7; 32]);
+    let step = |v: Value| {
+        let hq = hq.clone();
+        let a = &a;
+        async move {
+            a.call(Method::POST, "/api/v1/edge/key", Some(&hq), Some(v))
+                .await
+        }
+    };
+    // The edge announces its new key: the peers accept both.
+    let r = step(json!({ "next": old })).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{r:?}");
+    let r = step(json!({ "commit": new })).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "not announced: {r:?}");
+    let r = step(json!({ "next": new })).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
+    let peer = config(&b1).await["peers"][0].clone();
+    assert_eq!(
+        (
+            peer["public_key"].as_str(),
+            peer["next_public_key"].as_str()
+        ),
+        (Some(old.as_str()), Some(new.as_str()))
+    );
+    let r = a
+        .call(
+            Method::GET,
+            &format!("/api/v1/sites/{}", ids[0]),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(r.body["next_public_key"], new.as_str());
+    // Another site's credential cannot roll hq's key: it acts as its own site only.
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/edge/key",
+            Some(&b1),
+            Some(json!({ "commit": new })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{r:?}");
+    // Committed (twice: an answer lost): the new key is the site's, the old one goes.
+    for _ in 0..2 {
+        let r = step(json!({ "commit": new })).await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
+    }
+    let peer = config(&b1).await["peers"][0].clone();
+    assert_eq!(peer["public_key"], new.as_str());
+    assert!(peer.get("next_public_key").is_none(), "{peer}");
+    let r = a
+        .call(Method::GET, "/api/v1/audit?limit=500", Some(&t), None)
+        .await;
+    let text = r.body.to_string();
+    assert!(
+        text.contains("site.rotate_key") && text.contains("site.key_rotated"),
+        "{text}"
+    );
 }

@@ -137,6 +137,9 @@ pub struct EdgeCounters {
     /// Sends the kernel refused.
     pub tx_errors: u64,
     pub probes_sent: u64,
+    /// Paths whose sending session moved to a new key (ours or the peer's) in a key roll.
+    #[serde(default)]
+    pub sessions_rekeyed: u64,
 }
 
 /// One WAN link's socket.
@@ -154,7 +157,70 @@ struct PathRt {
     /// learned from traffic: a cookie reply is "authentic" to anyone who knows our public key,
     /// and a duplicated packet arrives from the other path's address.
     endpoint: Option<SocketAddr>,
+    /// The session that sends.
     tunn: Box<Tunn>,
+    /// The peer's key `tunn` was made with.
+    peer_key: [u8; 32],
+    /// Which of the two index spaces `tunn`'s sessions use (see [`tunnel_index`]).
+    side: u32,
+    /// During a key roll (ours or the peer's), the path's other session.
+    alt: Option<Alt>,
+}
+
+/// A path's second WireGuard session while a key rolls. Receiving is by session index, so both
+/// sessions receive what is addressed to them; a handshake initiation is tried on both.
+struct Alt {
+    tunn: Box<Tunn>,
+    /// Made with the new key (ours, or the peer's): it takes over sending as soon as it has a
+    /// session. Otherwise it is the old one, kept to receive what is still in flight.
+    next: bool,
+    peer_key: [u8; 32],
+}
+
+/// Bit of a tunnel index that tells a path's two sessions (sides) apart during a key roll.
+const GEN_BIT: u32 = 1 << 22;
+
+/// The WireGuard index (24 bits) of path `id`'s session on side `side` (0 or 1).
+fn tunnel_index(id: PathId, side: u32) -> u32 {
+    (id.0 + 1) | (side * GEN_BIT)
+}
+
+/// A WireGuard session of ours (`secret`) with a peer's key.
+fn new_tunn(secret: &StaticSecret, peer_key: [u8; 32], id: PathId, side: u32) -> Box<Tunn> {
+    Box::new(Tunn::new(
+        secret.clone(),
+        PublicKey::from(peer_key),
+        None,
+        None,
+        tunnel_index(id, side),
+        None,
+    ))
+}
+
+/// What a decapsulation produced, without the borrow of the buffer it wrote to.
+enum Decap {
+    Done,
+    Rejected,
+    /// A datagram of this length, copied to the start of `reply`, to send back (a handshake
+    /// message).
+    Network(usize),
+    /// A packet of this length, at the start of `dst`, to deliver.
+    Tunnel(usize),
+}
+
+fn decap(t: &mut Tunn, from: IpAddr, datagram: &[u8], dst: &mut [u8], reply: &mut [u8]) -> Decap {
+    match t.decapsulate(Some(from), datagram, dst) {
+        TunnResult::Done => Decap::Done,
+        TunnResult::Err(_) => Decap::Rejected,
+        TunnResult::WriteToNetwork(d) => {
+            let n = d.len().min(reply.len());
+            reply[..n].copy_from_slice(&d[..n]);
+            Decap::Network(n)
+        }
+        TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _) => {
+            Decap::Tunnel(p.len())
+        }
+    }
 }
 
 struct PeerRt {
@@ -207,14 +273,21 @@ fn build_peer(
                     return Err(EdgeError::Config(format!("peer {}: {e}", p.name)));
                 }
             };
-            let tunn = Tunn::new(
-                secret.clone(),
-                PublicKey::from(p.public_key.0),
-                None,
-                None,
-                id.0 + 1,
-                None,
-            );
+            if id.0 + 1 >= GEN_BIT {
+                engine.remove_peer(peer);
+                return Err(EdgeError::Config(format!(
+                    "peer {}: more than {} paths",
+                    p.name,
+                    GEN_BIT - 2
+                )));
+            }
+            let tunn = new_tunn(secret, p.public_key.0, id, 0);
+            // A peer rolling its key: its next key is accepted from the start.
+            let alt = p.next_public_key.map(|k| Alt {
+                tunn: new_tunn(secret, k.0, id, 1),
+                next: true,
+                peer_key: k.0,
+            });
             let slot = id.0 as usize;
             if paths.len() <= slot {
                 paths.resize_with(slot + 1, || None);
@@ -226,7 +299,10 @@ fn build_peer(
                 peer: peer.0 as usize,
                 link: li,
                 endpoint: r.endpoint,
-                tunn: Box::new(tunn),
+                tunn,
+                peer_key: p.public_key.0,
+                side: 0,
+                alt,
             });
         }
     }
@@ -237,12 +313,33 @@ fn build_peer(
 #[derive(Debug)]
 pub struct ConfigInbox {
     slot: std::sync::Mutex<Option<EdgeConfig>>,
+    roll: std::sync::Mutex<Option<Roll>>,
     wake: EventFd,
+}
+
+/// A step of this edge's key roll, handed to the running edge.
+#[derive(Debug)]
+pub enum Roll {
+    /// Start moving every path's session to this new key (the peers have been told to accept
+    /// it): each path handshakes with it beside its current session, and sends on it once the
+    /// handshake is done.
+    Begin(PrivateKey),
+    /// The controller has made the new key the site's: the paths that have not moved (down
+    /// ones) move now, and new sessions use it.
+    Commit,
 }
 
 impl ConfigInbox {
     /// Hands `cfg` to the edge, replacing one it has not taken yet; the edge applies it in its
     /// loop.
+    /// Hands the edge a step of its key roll.
+    pub fn roll(&self, step: Roll) {
+        if let Ok(mut s) = self.roll.lock() {
+            *s = Some(step);
+        }
+        let _ = self.wake.write(1);
+    }
+
     pub fn send(&self, cfg: EdgeConfig) {
         if let Ok(mut s) = self.slot.lock() {
             *s = Some(cfg);
@@ -275,6 +372,8 @@ pub struct Edge {
     started: Instant,
     /// The same moment, Unix ms: the counters' origin for whoever reads them elsewhere.
     started_unix_ms: i64,
+    /// This edge's key roll in progress: the new key, its public half, and when it began.
+    roll: Option<(StaticSecret, String, Instant)>,
     shared: Shared,
     next_publish: Instant,
     failovers: BTreeMap<String, u64>,
@@ -446,6 +545,7 @@ impl Edge {
         add(stop.as_fd(), TOKEN_STOP)?;
         let inbox = Arc::new(ConfigInbox {
             slot: std::sync::Mutex::new(None),
+            roll: std::sync::Mutex::new(None),
             wake: EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
                 .map_err(sys_err("eventfd"))?,
         });
@@ -469,6 +569,7 @@ impl Edge {
             public_key: key.public().to_string(),
             tun_name: cfg.tun_name.clone(),
             started: now,
+            roll: None,
             started_unix_ms: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as i64),
@@ -560,6 +661,28 @@ impl Edge {
         let now = Instant::now();
         let mut refused = false;
         let (mut added, mut removed) = (0, 0);
+        // A peer whose keys alone changed rolls its key: its sessions move in place.
+        let mut rekeyed = 0;
+        for i in 0..self.peers.len() {
+            let rt = &self.peers[i];
+            if !rt.active || new.peers.contains(&rt.config) {
+                continue;
+            }
+            let same = |np: &&PeerConfig| {
+                let mut a = (*np).clone();
+                a.public_key = rt.config.public_key;
+                a.next_public_key = rt.config.next_public_key;
+                a == rt.config
+            };
+            if let Some(np) = new.peers.iter().find(same) {
+                let np = np.clone();
+                self.rekey_peer(i, &np);
+                rekeyed += 1;
+            }
+        }
+        if rekeyed > 0 {
+            notes.push(format!("{rekeyed} peers' keys rolled in place"));
+        }
         // Gone or changed peers leave first, so that a changed peer can take its prefixes again.
         for i in 0..self.peers.len() {
             let rt = &self.peers[i];
@@ -711,6 +834,12 @@ impl Edge {
                         if let Some(cfg) = next {
                             self.apply(&cfg);
                         }
+                        let roll = self.inbox.roll.lock().ok().and_then(|mut s| s.take());
+                        match roll {
+                            Some(Roll::Begin(key)) => self.begin_roll(&key, Instant::now()),
+                            Some(Roll::Commit) => self.commit_roll(),
+                            None => {}
+                        }
                     }
                     TOKEN_TIMER => {
                         let _ = self.timer.wait();
@@ -772,6 +901,29 @@ impl Edge {
             failover_events: self.failover_log.iter().cloned().collect(),
             flows: self.engine.flow_count(),
             started_unix_ms: self.started_unix_ms,
+            key_roll: self.roll.as_ref().map(|(_, public, since)| {
+                let mut r = status::RollStatus {
+                    public_key: public.clone(),
+                    since_s: now.saturating_duration_since(*since).as_secs_f64(),
+                    ..Default::default()
+                };
+                for id in self.engine.path_ids() {
+                    let Some(Some(p)) = self.paths.get(id.0 as usize) else {
+                        continue;
+                    };
+                    if self
+                        .engine
+                        .path(id, now)
+                        .is_none_or(|s| s.state == patronus_core::PathState::Down)
+                    {
+                        continue;
+                    }
+                    r.live_paths += 1;
+                    // Moved: its new-key session took over (the old one is kept, not `next`).
+                    r.moved += usize::from(p.alt.as_ref().is_some_and(|a| !a.next));
+                }
+                r
+            }),
             classes: self
                 .engine
                 .class_counters()
@@ -994,14 +1146,131 @@ impl Edge {
 
     fn wg_tick(&mut self) {
         for i in 0..self.paths.len() {
+            for alt in [false, true] {
+                let Some(Some(p)) = self.paths.get_mut(i) else {
+                    break;
+                };
+                let t = match (&mut p.alt, alt) {
+                    (Some(a), true) => &mut a.tunn,
+                    (None, true) => break,
+                    (_, false) => &mut p.tunn,
+                };
+                if let TunnResult::WriteToNetwork(d) = t.update_timers(&mut self.out_buf) {
+                    let n = d.len();
+                    self.send_on(PathId(i as u32), n);
+                }
+            }
+        }
+    }
+
+    /// Starts this edge's key roll: every path gets a second session, made with the new key,
+    /// which handshakes at once (the peers accept both keys) and takes over sending when it is
+    /// up ([`Self::handle_datagram`]); the old one keeps carrying traffic until then.
+    pub fn begin_roll(&mut self, key: &PrivateKey, now: Instant) {
+        let secret = key.secret().clone();
+        for i in 0..self.paths.len() {
             let Some(Some(p)) = self.paths.get_mut(i) else {
                 continue;
             };
-            if let TunnResult::WriteToNetwork(d) = p.tunn.update_timers(&mut self.out_buf) {
-                let n = d.len();
-                self.send_on(PathId(i as u32), n);
+            if !self.peers.get(p.peer).is_some_and(|r| r.active) {
+                continue;
+            }
+            let id = PathId(i as u32);
+            let mut t = new_tunn(&secret, p.peer_key, id, p.side ^ 1);
+            let n = match t.format_handshake_initiation(&mut self.out_buf, false) {
+                TunnResult::WriteToNetwork(d) => d.len(),
+                _ => 0,
+            };
+            p.alt = Some(Alt {
+                tunn: t,
+                next: true,
+                peer_key: p.peer_key,
+            });
+            if n > 0 {
+                self.send_on(id, n);
             }
         }
+        let public = key.public().to_string();
+        self.record(format!(
+            "key roll: moving every path's session to the new key {public}"
+        ));
+        self.roll = Some((secret, public, now));
+        self.publish(now);
+    }
+
+    /// Ends this edge's key roll: paths that have not moved yet (down, say) move now, and the
+    /// new key is the edge's.
+    pub fn commit_roll(&mut self) {
+        let Some((secret, public, _)) = self.roll.take() else {
+            return;
+        };
+        for i in 0..self.paths.len() {
+            let Some(Some(p)) = self.paths.get_mut(i) else {
+                continue;
+            };
+            match &p.alt {
+                // Our roll's session (same peer key, our new key): it sends from now on.
+                Some(a) if a.next && a.peer_key == p.peer_key => self.promote(i),
+                Some(_) => {}
+                // Made with the old key after the roll began (a peer added since): remade.
+                None => {
+                    let id = PathId(i as u32);
+                    p.tunn = new_tunn(&secret, p.peer_key, id, p.side ^ 1);
+                    p.side ^= 1;
+                }
+            }
+        }
+        self.secret = secret;
+        self.record(format!("key roll: done, the edge's key is {public}"));
+        self.public_key = public;
+        self.publish(Instant::now());
+    }
+
+    /// A peer's keys changed and nothing else (it rolls its key): its paths' sessions move in
+    /// place, without touching its routes, paths or flows. A new `next_public_key` gets a
+    /// second session on every path, which takes over when the peer handshakes with it; a new
+    /// `public_key` that is that one promotes it (if it has not taken over already).
+    fn rekey_peer(&mut self, i: usize, np: &PeerConfig) {
+        let want = np.public_key.0;
+        let next = np.next_public_key.map(|k| k.0).filter(|k| *k != want);
+        for pid in self.engine.peer_paths(PeerId(i as u32)).to_vec() {
+            let idx = pid.0 as usize;
+            let Some(Some(p)) = self.paths.get_mut(idx) else {
+                continue;
+            };
+            if p.peer_key != want {
+                if p.alt.as_ref().is_some_and(|a| a.peer_key == want) {
+                    self.promote(idx);
+                } else {
+                    p.tunn = new_tunn(&self.secret, want, pid, p.side ^ 1);
+                    p.side ^= 1;
+                    p.peer_key = want;
+                    p.alt = None;
+                }
+            }
+            let Some(Some(p)) = self.paths.get_mut(idx) else {
+                continue;
+            };
+            match next {
+                Some(k) => {
+                    if !p.alt.as_ref().is_some_and(|a| a.next && a.peer_key == k) {
+                        p.alt = Some(Alt {
+                            tunn: new_tunn(&self.secret, k, pid, p.side ^ 1),
+                            next: true,
+                            peer_key: k,
+                        });
+                    }
+                }
+                // The roll is over (or given up): an unused new session goes; an old one
+                // stays, to receive what is in flight.
+                None => {
+                    if p.alt.as_ref().is_some_and(|a| a.next) {
+                        p.alt = None;
+                    }
+                }
+            }
+        }
+        self.peers[i].config = np.clone();
     }
 
     fn read_tun(&mut self) -> Result<(), EdgeError> {
@@ -1262,25 +1531,30 @@ impl Edge {
         at: Range<usize>,
         now: Instant,
     ) {
-        let id = match wire::classify(&self.net_bufs[buf][at.clone()]) {
-            Some(WgMessage::Initiation) => self.by_endpoint.get(&(link, from)).copied(),
+        let (id, side) = match wire::classify(&self.net_bufs[buf][at.clone()]) {
+            Some(WgMessage::Initiation) => (self.by_endpoint.get(&(link, from)).copied(), None),
             Some(WgMessage::ToSession(r)) => {
                 let t = wire::tunnel_of(r);
-                (t > 0).then(|| PathId(t - 1))
+                let path = t & (GEN_BIT - 1);
+                ((path > 0).then(|| PathId(path - 1)), Some(t / GEN_BIT))
             }
-            None => None,
+            None => (None, None),
         };
         match id {
             Some(id) if matches!(self.paths.get(id.0 as usize), Some(Some(_))) => {
-                self.handle_datagram(id, link, from, buf, at, now)
+                self.handle_datagram(id, side, link, from, buf, at, now)
             }
             _ => self.counters.rx_unknown += 1,
         }
     }
 
+    /// One WireGuard datagram for path `id`: for the session on `side` (by its index), or, a
+    /// handshake initiation (`side` none), for whichever of the path's sessions accepts it.
+    #[allow(clippy::too_many_arguments)] // the datagram's coordinates, passed down as they are
     fn handle_datagram(
         &mut self,
         id: PathId,
+        side: Option<u32>,
         link: usize,
         from: SocketAddr,
         buf: usize,
@@ -1294,40 +1568,79 @@ impl Edge {
         // The datagram is decrypted where it will be written to the TUN if it is data (see
         // [`crate::coalesce`]): its plaintext is no longer than it.
         let dst = self.to_tun.slot(at.len());
-        let result = p
-            .tunn
-            .decapsulate(Some(from.ip()), &self.net_bufs[buf][at], dst);
+        let datagram = &self.net_bufs[buf][at];
+        let mut on_alt = side.is_some_and(|g| g != p.side);
+        let reply = &mut self.out_buf[..];
+        let mut result = match (&mut p.alt, on_alt) {
+            (Some(a), true) => decap(&mut a.tunn, from.ip(), datagram, dst, reply),
+            (None, true) => Decap::Rejected,
+            (_, false) => decap(&mut p.tunn, from.ip(), datagram, dst, reply),
+        };
+        if side.is_none() && matches!(result, Decap::Rejected) {
+            // An initiation made with the other key of a roll.
+            if let Some(a) = &mut p.alt {
+                result = decap(&mut a.tunn, from.ip(), datagram, dst, reply);
+                on_alt = true;
+            }
+        }
+        // The new key's session takes over as soon as it can send.
+        if on_alt
+            && p.alt
+                .as_ref()
+                .is_some_and(|a| a.next && a.tunn.time_since_last_handshake().is_some())
+        {
+            self.promote(idx);
+            on_alt = false;
+        }
         match result {
-            TunnResult::Done => self.to_tun.discard(),
-            TunnResult::Err(_) => {
+            Decap::Done => self.to_tun.discard(),
+            Decap::Rejected => {
                 self.to_tun.discard();
                 self.counters.rx_rejected += 1;
             }
-            TunnResult::WriteToNetwork(d) => {
+            Decap::Network(n) => {
                 // A handshake response: back the way the peer came; then whatever the session
                 // queued behind the handshake.
                 if let Some(l) = self.links.get(link) {
-                    if l.sock.send_to(d, from).is_err() {
+                    if l.sock.send_to(&self.out_buf[..n], from).is_err() {
                         self.counters.tx_errors += 1;
                     }
                 }
                 self.to_tun.discard();
-                self.send_queued(idx, link, from);
+                self.send_queued(idx, on_alt, link, from);
             }
-            TunnResult::WriteToTunnelV4(pkt, _) | TunnResult::WriteToTunnelV6(pkt, _) => {
-                let len = pkt.len();
-                self.deliver(id, len, now);
-            }
+            Decap::Tunnel(len) => self.deliver(id, len, now),
         }
     }
 
-    /// Sends the packets a session queued while it had no keys, now that it has.
-    fn send_queued(&mut self, idx: usize, link: usize, to: SocketAddr) {
+    /// Path `idx`'s new-key session sends from now on; the old one stays to receive.
+    fn promote(&mut self, idx: usize) {
+        let Some(Some(p)) = self.paths.get_mut(idx) else {
+            return;
+        };
+        let Some(a) = &mut p.alt else {
+            return;
+        };
+        std::mem::swap(&mut p.tunn, &mut a.tunn);
+        std::mem::swap(&mut p.peer_key, &mut a.peer_key);
+        a.next = false;
+        p.side ^= 1;
+        self.counters.sessions_rekeyed += 1;
+    }
+
+    /// Sends the packets a session (`alt`: the path's other one) queued while it had no keys,
+    /// now that it has.
+    fn send_queued(&mut self, idx: usize, alt: bool, link: usize, to: SocketAddr) {
         loop {
             let Some(Some(p)) = self.paths.get_mut(idx) else {
                 return;
             };
-            match p.tunn.decapsulate(None, &[], &mut self.out_buf) {
+            let t = match (&mut p.alt, alt) {
+                (Some(a), true) => &mut a.tunn,
+                (None, true) => return,
+                (_, false) => &mut p.tunn,
+            };
+            match t.decapsulate(None, &[], &mut self.out_buf) {
                 TunnResult::WriteToNetwork(d) => {
                     let len = d.len();
                     if let Some(l) = self.links.get(link) {

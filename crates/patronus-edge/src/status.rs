@@ -52,6 +52,17 @@ pub struct PathStatus {
     pub last_handshake_s: Option<f64>,
 }
 
+/// This edge's key roll in progress.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct RollStatus {
+    /// The key the edge is rolling to.
+    pub public_key: String,
+    pub since_s: f64,
+    /// Paths that are not down, and how many of them send on the new key already.
+    pub live_paths: usize,
+    pub moved: usize,
+}
+
 /// One SLA class's traffic.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ClassStatus {
@@ -83,6 +94,9 @@ pub struct EdgeStatus {
     /// What each SLA class's traffic sent since the edge started.
     #[serde(default)]
     pub classes: Vec<ClassStatus>,
+    /// The key roll in progress, if any.
+    #[serde(default)]
+    pub key_roll: Option<RollStatus>,
     pub paths: Vec<PathStatus>,
     pub events: Vec<RecentEvent>,
 }

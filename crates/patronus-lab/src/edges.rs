@@ -82,6 +82,7 @@ pub fn edge_config(
                 overlay: overlay4(j).into(),
                 lan_prefixes: vec![s.lan4, s.lan6],
                 links: s.links.iter().map(|l| link(l, true)).collect(),
+                next_public_key: None,
             })
             .collect(),
         classes: patronus_api::SlaClass::builtins(),

@@ -106,6 +106,9 @@ pub enum SiteCmd {
         #[arg(long, default_value_t = 60)]
         expires_in_minutes: u32,
     },
+    /// Asks the site's edge to roll to a new key pair, made on the edge; its peers accept both
+    /// keys until every session has moved, so no traffic is lost. `site show` gives the key.
+    RotateKey { site: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -425,6 +428,15 @@ pub fn site(cmd: SiteCmd) -> anyhow::Result<()> {
                 "enrolment token for site {site}, valid {expires_in_minutes} min, usable once:"
             );
             outln!("{}", v["token"].as_str().unwrap_or_default());
+        }
+        SiteCmd::RotateKey { site } => {
+            let id = site_id(&mut s, &site)?;
+            let v = s.call("POST", &format!("/api/v1/sites/{id}/rotate-key"), None)?;
+            outln!(
+                "key rotation {} asked of site {site}'s edge: it makes a new key pair and rolls \
+                 to it; `patronus site show {site}` shows the key in use",
+                v["key_rotation"]
+            );
         }
     }
     Ok(())

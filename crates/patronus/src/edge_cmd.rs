@@ -117,9 +117,10 @@ pub fn run(cmd: EdgeCmd) -> anyhow::Result<()> {
                     .name("telemetry".into())
                     .spawn(move || report(&via, &url, &credential, &status))?;
                 let inbox = edge.config_inbox();
+                let status = edge.status_shared();
                 std::thread::Builder::new()
                     .name("controller".into())
-                    .spawn(move || f.run(&inbox))?;
+                    .spawn(move || f.run(inbox, status))?;
             }
             std::thread::Builder::new()
                 .name("signals".into())
@@ -248,15 +249,193 @@ struct Follow {
     credential: String,
     /// The version of the configuration in force (none when it came from the cache).
     etag: Option<String>,
+    /// Key rotations asked for in the configuration last seen.
+    key_rotation: u64,
+}
+
+/// How many key rotations this edge has done (`<state>/key-rotations`).
+fn rotations_done(local: &patronus_api::EdgeLocal) -> u64 {
+    std::fs::read_to_string(local.state_dir.join("key-rotations"))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// One step of a key roll to the controller, retried while it is away; `Ok(false)` if it
+/// says the key is already the site's (a step done before an answer was lost).
+fn post_key(
+    local: &patronus_api::EdgeLocal,
+    via: &crate::api_client::Via,
+    credential: &str,
+    step: &serde_json::Value,
+) -> anyhow::Result<bool> {
+    let started = std::time::Instant::now();
+    loop {
+        let r = crate::api_client::request_via(
+            Some(via),
+            &local.controller,
+            "POST",
+            "/api/v1/edge/key",
+            Some(credential),
+            Some(step),
+            &[],
+        );
+        match r {
+            Ok(r) if r.status == 204 => return Ok(true),
+            Ok(r) if r.status == 422 && r.body.to_string().contains("current key") => {
+                return Ok(false);
+            }
+            Ok(r) if (400..500).contains(&r.status) => {
+                bail!(
+                    "the controller refused {step}: {}",
+                    crate::api_client::error_text(&r)
+                )
+            }
+            other => {
+                if started.elapsed() > std::time::Duration::from_secs(120) {
+                    let why = match other {
+                        Ok(r) => crate::api_client::error_text(&r),
+                        Err(e) => format!("{e:#}"),
+                    };
+                    bail!("the controller did not take {step}: {why}");
+                }
+                std::thread::sleep(std::time::Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// Rolls this edge to a new key pair made here, without losing a packet: the controller
+/// first tells the peers to accept the new key beside the old; the running edge then gives
+/// every path a second session with it and sends on it once its handshake is done; when every
+/// live path has moved (or 30 s have passed), the controller makes it the site's key and the
+/// file becomes `private.key`.
+fn roll_key(
+    local: &patronus_api::EdgeLocal,
+    via: &crate::api_client::Via,
+    credential: &str,
+    inbox: &patronus_edge::edge::ConfigInbox,
+    status: &patronus_edge::status::Shared,
+    rotation: u64,
+) -> anyhow::Result<()> {
+    use std::time::{Duration, Instant};
+    let dir = &local.state_dir;
+    let next_path = dir.join("private.key.next");
+    let key = PrivateKey::load_or_create(&next_path)?;
+    let public = key.public().to_string();
+    post_key(
+        local,
+        via,
+        credential,
+        &serde_json::json!({ "next": public }),
+    )?;
+    eprintln!("edge: key rotation {rotation}: the peers are told to accept {public} too");
+    // The peers take the change from their long polls at once; a second is plenty.
+    std::thread::sleep(Duration::from_secs(1));
+    inbox.roll(patronus_edge::edge::Roll::Begin(key));
+    let started = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let r = status.lock().ok().and_then(|s| s.key_roll.clone());
+        if let Some(r) = r {
+            if r.live_paths > 0 && r.moved == r.live_paths {
+                eprintln!(
+                    "edge: key rotation {rotation}: all {} live paths moved in {:.1} s",
+                    r.live_paths, r.since_s
+                );
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                eprintln!(
+                    "edge: key rotation {rotation}: {} of {} live paths moved in 30 s; the rest \
+                     move now",
+                    r.moved, r.live_paths
+                );
+                break;
+            }
+        }
+    }
+    post_key(
+        local,
+        via,
+        credential,
+        &serde_json::json!({ "commit": public }),
+    )?;
+    std::fs::rename(&next_path, dir.join("private.key"))
+        .with_context(|| format!("renaming {}", next_path.display()))?;
+    inbox.roll(patronus_edge::edge::Roll::Commit);
+    crate::api_client::write_private(&dir.join("key-rotations"), rotation.to_string().as_bytes())?;
+    Ok(())
+}
+
+/// A key roll that a restart interrupted: the new key (`private.key.next`) is made the site's
+/// and this edge's before it starts (its sessions are new anyway).
+fn finish_interrupted_roll(
+    local: &patronus_api::EdgeLocal,
+    via: &crate::api_client::Via,
+    credential: &str,
+) -> anyhow::Result<()> {
+    let dir = &local.state_dir;
+    let next_path = dir.join("private.key.next");
+    if !next_path.exists() {
+        return Ok(());
+    }
+    let key = PrivateKey::load_or_create(&next_path)?;
+    let public = key.public().to_string();
+    eprintln!("edge: finishing an interrupted key roll to {public}");
+    if post_key(
+        local,
+        via,
+        credential,
+        &serde_json::json!({ "next": public }),
+    )? {
+        post_key(
+            local,
+            via,
+            credential,
+            &serde_json::json!({ "commit": public }),
+        )?;
+    }
+    std::fs::rename(&next_path, dir.join("private.key"))
+        .with_context(|| format!("renaming {}", next_path.display()))?;
+    Ok(())
 }
 
 impl Follow {
     /// Waits for each new configuration (a long poll) and hands it to the running edge; keeps
     /// it on disk as the last good one. Retries with backoff while the controller is away;
     /// stops if the controller refuses the credential.
-    fn run(mut self, inbox: &patronus_edge::edge::ConfigInbox) {
+    fn run(
+        mut self,
+        inbox: std::sync::Arc<patronus_edge::edge::ConfigInbox>,
+        status: patronus_edge::status::Shared,
+    ) {
+        let rolling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut backoff = std::time::Duration::from_secs(1);
         loop {
+            // A key rotation asked for and not done yet: rolled on a thread of its own, while
+            // configurations keep coming (the peers' included).
+            if self.key_rotation > rotations_done(&self.local)
+                && !rolling.swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                let (local, via, credential) = (
+                    self.local.clone(),
+                    self.via.clone(),
+                    self.credential.clone(),
+                );
+                let (inbox, status, rolling) = (inbox.clone(), status.clone(), rolling.clone());
+                let rotation = self.key_rotation;
+                let _ = std::thread::Builder::new()
+                    .name("key-roll".into())
+                    .spawn(move || {
+                        if let Err(e) =
+                            roll_key(&local, &via, &credential, &inbox, &status, rotation)
+                        {
+                            eprintln!("edge: key rotation {rotation} failed: {e:#}");
+                        }
+                        rolling.store(false, std::sync::atomic::Ordering::SeqCst);
+                    });
+            }
             let mut headers = Vec::new();
             if let Some(e) = &self.etag {
                 headers.push(("If-None-Match", e.as_str()));
@@ -282,6 +461,7 @@ impl Follow {
                             continue;
                         }
                     };
+                    self.key_rotation = site.key_rotation;
                     match adopt(&self.local, &site) {
                         Ok(cfg) => {
                             eprintln!(
@@ -341,7 +521,12 @@ fn from_controller(
     use patronus_api::SiteConfig;
     let local = read_local(path)?;
     let via = std::sync::Arc::new(via(&local));
-    let (key, credential) = enrol(&local, &via, token)?;
+    let (_, credential) = enrol(&local, &via, token)?;
+    let resumed = local.state_dir.join("private.key.next").exists();
+    if let Err(e) = finish_interrupted_roll(&local, &via, &credential) {
+        eprintln!("edge: {e:#}; running on the key in private.key");
+    }
+    let key = PrivateKey::load_or_create(&local.state_dir.join("private.key"))?;
     let cache = local.state_dir.join("site-config.json");
     let fetched = crate::api_client::request_via(
         Some(&via),
@@ -381,10 +566,17 @@ fn from_controller(
         }
     };
     let cfg = adopt(&local, &site).with_context(|| format!("{}", path.display()))?;
+    if resumed && !local.state_dir.join("private.key.next").exists() {
+        crate::api_client::write_private(
+            &local.state_dir.join("key-rotations"),
+            site.key_rotation.to_string().as_bytes(),
+        )?;
+    }
     Ok((
         cfg,
         key,
         Follow {
+            key_rotation: site.key_rotation,
             local,
             via,
             credential,

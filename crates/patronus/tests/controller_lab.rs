@@ -482,6 +482,77 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
     assert!(ok, "{err}");
     edges::wait_for_tunnel(&lab, "hq/h1", b2, Duration::from_secs(20)).unwrap();
 
+    // A key rotation, under a stream: hq's edge makes a new key pair, its peers accept both
+    // keys while each path's session moves to the new one, and nothing is lost.
+    let key_of = |site: &str| {
+        let out = Command::new(patronus())
+            .args(["edge", "pubkey", "--key"])
+            .arg(edges::edge_dir(&lab, site).join("state/private.key"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let before = key_of("hq");
+    let dst = lab.addr("branch1/h1", false).unwrap();
+    let r = std::thread::scope(|sc| {
+        let run = sc.spawn(|| {
+            let cfg = patronus_lab::stream::StreamConfig {
+                rate_pps: 1000,
+                duration: Duration::from_secs(8),
+                port: 48000,
+                ..Default::default()
+            };
+            patronus_lab::stream::run(
+                &lab.ns("hq/h1").unwrap(),
+                &lab.ns("branch1/h1").unwrap(),
+                dst,
+                &cfg,
+            )
+            .unwrap()
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        let (ok, _, err) = cli(&lab, &home, &["site", "rotate-key", "hq"], "");
+        assert!(ok, "{err}");
+        run.join().unwrap()
+    });
+    assert_eq!(r.lost, 0, "{r:?}");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let (ok, out, err) = cli(&lab, &home, &["site", "show", "hq", "--output", "json"], "");
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let after = key_of("hq");
+        if after != before && v["public_key"] == after.as_str() && v["next_public_key"].is_null() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the key did not roll: {out}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let hq_log = std::fs::read_to_string(edges::edge_dir(&lab, "hq").join("edge.log")).unwrap();
+    assert!(hq_log.contains("key roll: done"), "{hq_log}");
+    assert!(hq_log.contains("live paths moved in"), "{hq_log}");
+    let b1_log =
+        std::fs::read_to_string(edges::edge_dir(&lab, "branch1").join("edge.log")).unwrap();
+    assert!(b1_log.contains("peers' keys rolled in place"), "{b1_log}");
+    eprintln!(
+        "{}",
+        hq_log
+            .lines()
+            .chain(b1_log.lines())
+            .filter(|l| l.contains("key r") || l.contains("rolled"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    for to in ["branch1/h1", "branch2/h1"] {
+        edges::wait_for_tunnel(
+            &lab,
+            "hq/h1",
+            lab.addr(to, false).unwrap(),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    }
+
     // Headless for a minute: with the controller gone, a stream between branch1 and branch2
     // loses nothing for the whole minute, while hq's edge is restarted (it comes back on the
     // configuration it kept and forwards) and then fails over a cut on its own.

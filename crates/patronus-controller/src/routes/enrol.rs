@@ -39,6 +39,162 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(enroll))
         .routes(routes!(edge_config))
         .routes(routes!(telemetry))
+        .routes(routes!(rotate_key))
+        .routes(routes!(edge_key))
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Rotation {
+    pub site_id: i64,
+    /// Rotations asked for this site so far; the edge rolls to a new key when it sees a number
+    /// higher than the ones it has done.
+    pub key_rotation: i64,
+}
+
+#[utoipa::path(
+    post,
+    path = "/api/v1/sites/{id}/rotate-key",
+    tag = "enrolment",
+    summary = "Ask the site's edge to roll to a new key pair (made on the edge); peers accept \
+               both keys until it has.",
+    params(("id" = i64, Path, description = "The site's id")),
+    security(("bearer" = [])),
+    responses((status = 202, body = Rotation), crate::error::ApiErrors)
+)]
+async fn rotate_key(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Path(id): extract::Path<i64>,
+) -> Result<Response, ApiError> {
+    p.require(Role::Operator)?;
+    let site = load_site(&s.store, id).await?;
+    let mut tx = s.store.begin().await?;
+    let r = sqlx::query(
+        "UPDATE sites SET key_rotation = key_rotation + 1, version = version + 1, updated_at = ?
+         WHERE id = ? AND public_key IS NOT NULL RETURNING key_rotation",
+    )
+    .bind(now_s())
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(r) = r else {
+        return Err(ApiError::conflict(format!(
+            "site {} has no edge yet: enrol one first",
+            site.name
+        )));
+    };
+    let rotation: i64 = r.try_get("key_rotation")?;
+    Store::audit(
+        &mut tx,
+        &p.actor(),
+        "site.rotate_key",
+        &format!("site/{id}"),
+        json!({ "site": site.name, "key_rotation": rotation }),
+    )
+    .await?;
+    tx.commit().await?;
+    let body = Rotation {
+        site_id: id,
+        key_rotation: rotation,
+    };
+    Ok((StatusCode::ACCEPTED, axum::Json(body)).into_response())
+}
+
+/// An edge's step in rolling its key.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum KeyStep {
+    /// The edge made this key pair and is about to use it: peers are told to accept it too.
+    Next(WgPublicKey),
+    /// The edge's sessions use this key now (it was `next`): it becomes the site's key, and
+    /// peers stop accepting the old one.
+    Commit(WgPublicKey),
+}
+
+#[utoipa::path(
+    post,
+    path = "/api/v1/edge/key",
+    tag = "enrolment",
+    summary = "The calling edge rolls to a new key (site credential): first `next`, then \
+               `commit` once its sessions use it.",
+    request_body = KeyStep,
+    security(("bearer" = [])),
+    responses((status = 204, description = "Recorded"), crate::error::ApiErrors)
+)]
+async fn edge_key(
+    State(s): State<AppState>,
+    site: SiteCaller,
+    ip: crate::routes::auth::ClientIp,
+    extract::Json(step): extract::Json<KeyStep>,
+) -> Result<StatusCode, ApiError> {
+    let _heard = s.heard_from(site.site_id, &site.site);
+    let now = now_s();
+    let mut tx = s.store.begin().await?;
+    let (current, next): (Option<String>, Option<String>) =
+        sqlx::query_as("SELECT public_key, next_public_key FROM sites WHERE id = ?")
+            .bind(site.site_id)
+            .fetch_one(&mut *tx)
+            .await?;
+    let (action, detail) = match &step {
+        KeyStep::Next(k) => {
+            let k = k.to_string();
+            if current.as_deref() == Some(k.as_str()) {
+                return Err(ApiError::field("next", "is the site's current key"));
+            }
+            sqlx::query(
+                "UPDATE sites SET next_public_key = ?, version = version + 1, updated_at = ?
+                 WHERE id = ?",
+            )
+            .bind(&k)
+            .bind(now)
+            .bind(site.site_id)
+            .execute(&mut *tx)
+            .await?;
+            ("site.key_next", json!({ "next_public_key": k }))
+        }
+        KeyStep::Commit(k) => {
+            let k = k.to_string();
+            if current.as_deref() == Some(k.as_str()) && next.is_none() {
+                // Done already (an answer lost on the way back).
+                return Ok(StatusCode::NO_CONTENT);
+            }
+            if next.as_deref() != Some(k.as_str()) {
+                return Err(ApiError::conflict(
+                    "that key was not announced as next: announce it first",
+                ));
+            }
+            sqlx::query(
+                "UPDATE sites SET public_key = ?, next_public_key = NULL, version = version + 1,
+                 updated_at = ? WHERE id = ?",
+            )
+            .bind(&k)
+            .bind(now)
+            .bind(site.site_id)
+            .execute(&mut *tx)
+            .await?;
+            (
+                "site.key_rotated",
+                json!({ "public_key": k, "previous": current }),
+            )
+        }
+    };
+    let actor = Actor {
+        id: None,
+        name: format!("edge of {}", site.site),
+        source: ip.0.to_string(),
+    };
+    Store::audit(
+        &mut tx,
+        &actor,
+        action,
+        &format!("site/{}", site.site_id),
+        detail,
+    )
+    .await?;
+    tx.commit().await?;
+    // An edge's own reports wake no one; this changes its peers' configurations.
+    s.changed();
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]

@@ -168,8 +168,12 @@ pub struct SiteView {
     pub overlay_address: Option<std::net::IpAddr>,
     /// Its edge's WireGuard public key, once the edge has enrolled.
     pub public_key: Option<String>,
+    /// The key its edge is rolling to, while it does (peers accept both).
+    pub next_public_key: Option<String>,
+    /// Key rotations asked for (`POST .../rotate-key`).
+    pub key_rotation: i64,
     /// Whether its edge is in touch with the controller (has a request open, or had one in the
-    /// last minute). False until the edge first connects after the controller started.
+    /// last 15 s). False until the edge first connects after the controller started.
     pub online: bool,
     /// When the controller last heard from its edge (unix seconds), since it started.
     pub last_seen: Option<i64>,
@@ -208,6 +212,8 @@ fn site_from_row(r: &SqliteRow) -> Result<SiteView, ApiError> {
         status: serde_json::from_value(Value::String(status)).map_err(ApiError::internal)?,
         overlay_address: None,
         public_key: r.try_get("public_key")?,
+        next_public_key: r.try_get("next_public_key")?,
+        key_rotation: r.try_get("key_rotation")?,
         online: false,
         last_seen: None,
         links: Vec::new(),
