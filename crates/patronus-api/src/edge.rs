@@ -175,6 +175,82 @@ pub struct SiteConfig {
     pub failover: FailoverSettings,
 }
 
+/// A [`SiteConfig`]'s own fields (all but the peers and the shared fields).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct SiteHead {
+    pub site: Name,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub overlay: IpAddr,
+    pub lan_prefixes: Vec<Prefix>,
+    pub links: Vec<Link>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub key_rotation: u64,
+}
+
+/// The fields every site's [`SiteConfig`] shares.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct SiteShared {
+    pub classes: Vec<SlaClass>,
+    pub policies: Vec<Policy>,
+    pub failover: FailoverSettings,
+}
+
+/// What turns one version of a site's configuration into the next: only what changed. A
+/// policy change in a full mesh of 1000 sites is then a few hundred bytes per edge instead of
+/// the whole list of 999 peers.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ConfigDelta {
+    /// The version (ETag, without quotes) it applies to.
+    pub base: String,
+    /// The version it makes.
+    pub version: String,
+    /// The site's own fields, when they changed.
+    #[serde(default)]
+    pub head: Option<SiteHead>,
+    /// The shared fields (classes, policies, failover settings), when they changed.
+    #[serde(default)]
+    pub shared: Option<SiteShared>,
+    /// Peers that are gone, by name.
+    #[serde(default)]
+    pub remove: Vec<Name>,
+    /// Peers that are new or changed (replacing the one of that name).
+    #[serde(default)]
+    pub upsert: Vec<PeerConfig>,
+}
+
+impl ConfigDelta {
+    /// `base` with this delta applied. Peers keep their order; new ones go last.
+    pub fn apply(&self, base: &SiteConfig) -> SiteConfig {
+        let mut c = base.clone();
+        if let Some(h) = &self.head {
+            c.site = h.site.clone();
+            c.overlay = h.overlay;
+            c.lan_prefixes = h.lan_prefixes.clone();
+            c.links = h.links.clone();
+            c.key_rotation = h.key_rotation;
+        }
+        if let Some(s) = &self.shared {
+            c.classes = s.classes.clone();
+            c.policies = s.policies.clone();
+            c.failover = s.failover.clone();
+        }
+        c.peers.retain(|p| !self.remove.contains(&p.name));
+        for u in &self.upsert {
+            match c.peers.iter_mut().find(|p| p.name == u.name) {
+                Some(p) => *p = u.clone(),
+                None => c.peers.push(u.clone()),
+            }
+        }
+        c
+    }
+}
+
 /// What an edge reports to its controller about its paths, every few seconds.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -22,8 +22,9 @@ mod prefix;
 mod sla;
 
 pub use edge::{
-    ClassReport, EdgeConfig, EdgeLink, EdgeLocal, FailoverEvent, KeyError, LocalLink, PathReport,
-    PeerConfig, SiteConfig, Telemetry, WgPublicKey, key_from_base64, key_to_base64,
+    ClassReport, ConfigDelta, EdgeConfig, EdgeLink, EdgeLocal, FailoverEvent, KeyError, LocalLink,
+    PathReport, PeerConfig, SiteConfig, SiteHead, SiteShared, Telemetry, WgPublicKey,
+    key_from_base64, key_to_base64,
 };
 pub use error::{FieldError, FieldErrors};
 pub use failover::FailoverSettings;

@@ -35,6 +35,9 @@ pub struct Inner {
     pub changes: tokio::sync::watch::Sender<u64>,
     /// Every site's configuration, compiled once per generation of `changes`.
     pub compiled: tokio::sync::Mutex<Option<(u64, Compiled)>>,
+    /// The generation compiled before that one: what edges one change behind hold, for
+    /// deltas.
+    pub previous: std::sync::Mutex<Option<Compiled>>,
     /// When each site's edge was last heard from, and how many of its requests are open.
     pub presence: std::sync::Mutex<std::collections::HashMap<i64, Presence>>,
     /// The latest measurement of each path (by path id), as an edge at one of its ends
@@ -111,8 +114,19 @@ impl AppState {
                 .map(|c| (c.site_id, c))
                 .collect(),
         );
-        *cache = Some((generation, all.clone()));
+        if let Some((_, old)) = cache.replace((generation, all.clone())) {
+            *self.previous.lock().unwrap_or_else(|e| e.into_inner()) = Some(old);
+        }
         Ok(all)
+    }
+
+    /// Site `id`'s configuration of the previous generation, if its ETag is `etag`.
+    pub fn previous_config(&self, id: i64, etag: &[u8]) -> Option<crate::compile::Compiled> {
+        let prev = self.previous.lock().unwrap_or_else(|e| e.into_inner());
+        prev.as_ref()?
+            .get(&id)
+            .filter(|c| format!("\"{:016x}\"", c.version).as_bytes() == etag)
+            .cloned()
     }
 
     /// Whether site `id`'s edge is online, and when it was last heard from.
@@ -171,6 +185,7 @@ impl AppState {
             http: crate::metrics::HttpMetrics::default(),
             changes: tokio::sync::watch::channel(0).0,
             compiled: tokio::sync::Mutex::new(None),
+            previous: std::sync::Mutex::new(None),
             presence: std::sync::Mutex::new(std::collections::HashMap::new()),
             live: std::sync::Mutex::new(std::collections::HashMap::new()),
             reported: std::sync::Mutex::new(std::collections::HashMap::new()),

@@ -10,7 +10,7 @@
 //! combines the hashes of its fragments (each hashed once): it changes exactly when the
 //! configuration does, so a change reaches only the edges it concerns.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::error::ApiError;
 use crate::routes::sites::{SiteStatus, SiteView, load_sites};
-use crate::routes::topology::{self, Topology, connected_pairs};
+use crate::routes::topology::{self, Mode, Topology};
 use crate::store::Store;
 
 /// Everything the configurations are compiled from, read in one go.
@@ -79,40 +79,193 @@ impl Network {
     }
 }
 
-/// One site's configuration, as sent: the concatenation of `parts`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One site's configuration, as sent: `head`, the peers separated by commas, `tail`.
+#[derive(Debug, Clone)]
 pub struct Compiled {
     pub site_id: i64,
-    /// Equal versions, equal configurations (a 64-bit hash of the fragments in order).
+    /// Equal versions, equal configurations (a 64-bit hash of the fragments).
     pub version: u64,
-    pub parts: Vec<Arc<[u8]>>,
+    /// `{` + the site's own fields + `,"peers":[`.
+    pub head: Fragment,
+    /// Its peers, as a selection of the one list of every site as a peer.
+    pub peers: Peers,
+    /// `],` + the fields every site shares + `}`.
+    pub tail: Fragment,
+}
+
+/// One site as a peer: serialized once, shared by every configuration that lists it.
+#[derive(Debug, Clone)]
+pub struct PeerEntry {
+    pub site_id: i64,
+    pub name: Arc<str>,
+    pub fragment: Fragment,
+}
+
+/// A site's peers: all of the shared list but itself (a full mesh, a hub), or some of it (a
+/// spoke: its hubs). Nothing is copied per site: a full mesh of N sites holds N peers, not N².
+#[derive(Debug, Clone)]
+pub struct Peers {
+    pub all: Arc<[PeerEntry]>,
+    pub selection: Selection,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selection {
+    /// Every entry but this one (the site itself, when it is in the list).
+    AllBut(Option<usize>),
+    /// These entries, in order.
+    Only(Vec<u32>),
+}
+
+impl Peers {
+    pub fn iter(&self) -> impl Iterator<Item = &PeerEntry> + '_ {
+        let (skip, only) = match &self.selection {
+            Selection::AllBut(skip) => (*skip, None),
+            Selection::Only(v) => (None, Some(v)),
+        };
+        let all = self
+            .all
+            .iter()
+            .enumerate()
+            .filter(move |(i, _)| Some(*i) != skip);
+        let (a, b) = match only {
+            None => (Some(all.map(|(_, p)| p)), None),
+            Some(v) => (
+                None,
+                Some(v.iter().filter_map(|i| self.all.get(*i as usize))),
+            ),
+        };
+        a.into_iter().flatten().chain(b.into_iter().flatten())
+    }
+
+    pub fn len(&self) -> usize {
+        match &self.selection {
+            Selection::AllBut(skip) => self.all.len() - usize::from(skip.is_some()),
+            Selection::Only(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl Compiled {
     /// Length of the JSON, bytes.
     pub fn len(&self) -> usize {
-        self.parts.iter().map(|p| p.len()).sum()
+        self.head.bytes.len()
+            + self
+                .peers
+                .iter()
+                .map(|p| p.fragment.bytes.len())
+                .sum::<usize>()
+            + self.peers.len().saturating_sub(1)
+            + self.tail.bytes.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// Appends the JSON to `out`.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.head.bytes);
+        for (i, p) in self.peers.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(&p.fragment.bytes);
+        }
+        out.extend_from_slice(&self.tail.bytes);
+    }
+
     /// The JSON, laid out.
     pub fn to_json(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(self.len());
-        for p in &self.parts {
-            v.extend_from_slice(p);
-        }
+        self.write_to(&mut v);
         v
+    }
+
+    /// What turns configuration `base` of the same site into this one, as a
+    /// [`patronus_api::ConfigDelta`] in JSON: the site's own fields if they changed, the shared
+    /// ones if they changed, the peers that went (by name) and those that are new or changed.
+    /// The bytes are the fragments' own: nothing is serialized again. Both peer lists are in
+    /// site order, so they are compared in one walk.
+    pub fn delta_from(&self, base: &Compiled) -> Vec<u8> {
+        let mut out = format!(
+            "{{\"base\":\"{:016x}\",\"version\":\"{:016x}\"",
+            base.version, self.version
+        )
+        .into_bytes();
+        if self.head.hash != base.head.hash {
+            // `{...,"peers":[` → `{...}`.
+            let h = &self.head.bytes;
+            out.extend_from_slice(b",\"head\":");
+            out.extend_from_slice(&h[..h.len() - b",\"peers\":[".len()]);
+            out.push(b'}');
+        }
+        if self.tail.hash != base.tail.hash {
+            // `],...}` → `{...}`.
+            out.extend_from_slice(b",\"shared\":{");
+            out.extend_from_slice(&self.tail.bytes[2..]);
+        }
+        let (mut removed, mut upserted) = (Vec::new(), Vec::new());
+        if !(Arc::ptr_eq(&self.peers.all, &base.peers.all)
+            && self.peers.selection == base.peers.selection)
+        {
+            let (mut old, mut new) = (base.peers.iter().peekable(), self.peers.iter().peekable());
+            loop {
+                match (old.peek(), new.peek()) {
+                    (None, None) => break,
+                    (Some(o), Some(n)) if o.site_id == n.site_id => {
+                        if o.fragment.hash != n.fragment.hash || o.name != n.name {
+                            if o.name != n.name {
+                                removed.push(o.name.clone());
+                            }
+                            upserted.push(n.fragment.bytes.clone());
+                        }
+                        old.next();
+                        new.next();
+                    }
+                    (Some(o), Some(n)) if o.site_id < n.site_id => {
+                        removed.push(o.name.clone());
+                        old.next();
+                    }
+                    (Some(o), None) => {
+                        removed.push(o.name.clone());
+                        old.next();
+                    }
+                    (_, Some(n)) => {
+                        upserted.push(n.fragment.bytes.clone());
+                        new.next();
+                    }
+                }
+            }
+        }
+        out.extend_from_slice(b",\"remove\":[");
+        for (i, n) in removed.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(&serde_json::to_vec(&**n).unwrap_or_default());
+        }
+        out.extend_from_slice(b"],\"upsert\":[");
+        for (i, f) in upserted.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(f);
+        }
+        out.extend_from_slice(b"]}");
+        out
     }
 }
 
 /// A fragment and its hash.
-#[derive(Debug, Clone)]
-struct Fragment {
-    bytes: Arc<[u8]>,
-    hash: u64,
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fragment {
+    pub bytes: Arc<[u8]>,
+    pub hash: u64,
 }
 
 impl Fragment {
@@ -162,15 +315,26 @@ struct Tail<'a> {
     failover: &'a FailoverSettings,
 }
 
-/// The configuration of every active site that has an overlay address, in site order.
+/// Mixes a peer's hash before it is summed into a version, so that peers do not cancel out.
+fn mix(h: u64) -> u64 {
+    (h ^ (h >> 29))
+        .wrapping_mul(0xbf58_476d_1ce4_e5b9)
+        .rotate_left(31)
+}
+
+/// The configuration of every active site that has an overlay address, in site order. The
+/// work is linear in the number of sites whatever the topology: every site is serialized once
+/// as a peer, and each configuration selects from that one list; its version sums its peers'
+/// (mixed) hashes, so that "all but me" costs one subtraction.
 pub fn compile(net: &Network) -> Result<Vec<Compiled>, ApiError> {
     let active: Vec<&SiteView> = net
         .sites
         .iter()
-        .filter(|s| s.status == SiteStatus::Active && s.overlay_address.is_some())
+        .filter(|s| s.status == SiteStatus::Active)
         .collect();
-    // Each enrolled site as a peer, serialized once.
-    let mut as_peer: HashMap<i64, Fragment> = HashMap::new();
+    // Each active, enrolled site with an address, as a peer, in site order.
+    let mut all = Vec::new();
+    let mut index_of: HashMap<i64, usize> = HashMap::new();
     for s in &active {
         let (Some(key), Some(overlay)) = (net.keys.get(&s.id), s.overlay_address) else {
             continue;
@@ -184,8 +348,17 @@ pub fn compile(net: &Network) -> Result<Vec<Compiled>, ApiError> {
             links: s.links.iter().map(|l| l.link.clone()).collect(),
             next_public_key: net.next_keys.get(&s.id).copied(),
         };
-        as_peer.insert(s.id, Fragment::new(json(&peer)?));
+        index_of.insert(s.id, all.len());
+        all.push(PeerEntry {
+            site_id: s.id,
+            name: Arc::from(s.name.as_str()),
+            fragment: Fragment::new(json(&peer)?),
+        });
     }
+    let all: Arc<[PeerEntry]> = all.into();
+    let sum_all = all
+        .iter()
+        .fold(0u64, |h, p| h.wrapping_add(mix(p.fragment.hash)));
     // `],` + the fields every site shares + `}`.
     let mut tail = b"],".to_vec();
     tail.extend_from_slice(
@@ -196,13 +369,16 @@ pub fn compile(net: &Network) -> Result<Vec<Compiled>, ApiError> {
         })?[1..],
     );
     let tail = Fragment::new(tail);
-    let comma = Fragment::new(b",".to_vec());
-    // Who talks to whom.
-    let mut peers_of: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
-    for (a, b) in connected_pairs(&net.topology, &net.sites) {
-        peers_of.entry(a.id).or_default().push(b.id);
-        peers_of.entry(b.id).or_default().push(a.id);
-    }
+    // Who talks to whom (as `connected_pairs` says): in a full mesh everyone with everyone; in
+    // hub and spoke, a hub with everyone and a spoke with the hubs.
+    let hubs: Vec<u32> = match net.topology.mode {
+        Mode::HubSpoke => active
+            .iter()
+            .filter(|s| net.topology.hubs.contains(&s.id))
+            .filter_map(|s| index_of.get(&s.id).map(|i| *i as u32))
+            .collect(),
+        Mode::FullMesh => Vec::new(),
+    };
     let mut out = Vec::with_capacity(active.len());
     for s in active {
         let Some(overlay) = s.overlay_address else {
@@ -219,28 +395,32 @@ pub fn compile(net: &Network) -> Result<Vec<Compiled>, ApiError> {
         head.pop();
         head.extend_from_slice(b",\"peers\":[");
         let head = Fragment::new(head);
-        let peers: Vec<&Fragment> = peers_of
-            .get(&s.id)
-            .into_iter()
-            .flatten()
-            .filter_map(|p| as_peer.get(p))
-            .collect();
-        let mut parts = Vec::with_capacity(2 * peers.len() + 2);
-        let mut version = combine(0, head.hash);
-        parts.push(head.bytes);
-        for (i, p) in peers.into_iter().enumerate() {
-            if i > 0 {
-                parts.push(comma.bytes.clone());
-            }
-            parts.push(p.bytes.clone());
-            version = combine(version, p.hash);
-        }
-        parts.push(tail.bytes.clone());
-        version = combine(version, tail.hash);
+        let me = index_of.get(&s.id).copied();
+        let everyone = net.topology.mode == Mode::FullMesh || net.topology.hubs.contains(&s.id);
+        let (selection, peers_sum) = if everyone {
+            let own = me.map_or(0, |i| mix(all[i].fragment.hash));
+            (Selection::AllBut(me), sum_all.wrapping_sub(own))
+        } else {
+            let only: Vec<u32> = hubs
+                .iter()
+                .copied()
+                .filter(|i| Some(*i as usize) != me)
+                .collect();
+            let sum = only.iter().fold(0u64, |h, i| {
+                h.wrapping_add(mix(all[*i as usize].fragment.hash))
+            });
+            (Selection::Only(only), sum)
+        };
+        let version = combine(combine(combine(0, head.hash), peers_sum), tail.hash);
         out.push(Compiled {
             site_id: s.id,
             version,
-            parts,
+            head,
+            peers: Peers {
+                all: all.clone(),
+                selection,
+            },
+            tail: tail.clone(),
         });
     }
     Ok(out)

@@ -3132,3 +3132,104 @@ async fn a_key_rotation_is_asked_by_an_operator_announced_to_peers_then_committe
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_delta_carries_only_what_changed_and_makes_the_same_configuration() {
+    let a = api().await;
+    let t = a.admin().await;
+    let ids = sites(&a, &t, &["hq", "b1", "b2"]).await;
+    let hq = enrolled(&a, &t, ids[0], 5).await;
+    enrolled(&a, &t, ids[1], 6).await;
+    let full = |cred: &str| {
+        let cred = cred.to_owned();
+        let a = &a;
+        async move {
+            let r = a
+                .call(Method::GET, "/api/v1/edge/config", Some(&cred), None)
+                .await;
+            let etag = r.headers[header::ETAG].to_str().unwrap().to_owned();
+            let c: patronus_api::SiteConfig = serde_json::from_value(r.body).unwrap();
+            (etag, c)
+        }
+    };
+    let delta = |etag: &str| {
+        let (hq, etag) = (hq.clone(), etag.to_owned());
+        let a = &a;
+        async move {
+            a.call_with(
+                Method::GET,
+                "/api/v1/edge/config/delta",
+                Some(&hq),
+                None,
+                &[("if-none-match", etag.as_str())],
+            )
+            .await
+        }
+    };
+    let (e1, c1) = full(&hq).await;
+    let r = delta(&e1).await;
+    assert_eq!(r.status, StatusCode::NOT_MODIFIED);
+    // A policy: only the shared fields travel.
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/policies",
+            Some(&t),
+            Some(voice("voice", 10, "realtime")),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let r = delta(&e1).await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert!(
+        r.body.get("head").is_none() || r.body["head"].is_null(),
+        "{r:?}"
+    );
+    assert_eq!(r.body["upsert"], json!([]));
+    assert_eq!(r.body["shared"]["policies"][0]["name"], "voice");
+    let d: patronus_api::ConfigDelta = serde_json::from_value(r.body.clone()).unwrap();
+    let (e2, c2) = full(&hq).await;
+    assert_eq!(format!("\"{}\"", d.version), e2);
+    assert_eq!(d.apply(&c1), c2);
+    // A peer enrols: it is the one peer sent.
+    enrolled(&a, &t, ids[2], 7).await;
+    let r = delta(&e2).await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    let d: patronus_api::ConfigDelta = serde_json::from_value(r.body.clone()).unwrap();
+    assert_eq!(d.upsert.len(), 1, "{r:?}");
+    assert_eq!(d.upsert[0].name.as_str(), "b2");
+    assert!(d.shared.is_none() && d.remove.is_empty());
+    let (e3, c3) = full(&hq).await;
+    assert_eq!(d.apply(&c2), c3);
+    // A peer disabled: it goes, by name.
+    let r = a
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/sites/{}", ids[1]),
+            Some(&t),
+            Some(json!({ "status": "disabled" })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    let r = delta(&e3).await;
+    let d: patronus_api::ConfigDelta = serde_json::from_value(r.body.clone()).unwrap();
+    assert_eq!(
+        d.remove.iter().map(|n| n.as_str()).collect::<Vec<_>>(),
+        ["b1"],
+        "{r:?}"
+    );
+    assert!(
+        d.upsert.is_empty() && d.head.is_none() && d.shared.is_none(),
+        "{r:?}"
+    );
+    let (_, c4) = full(&hq).await;
+    assert_eq!(d.apply(&c3), c4);
+    // A version the controller no longer has; no version at all.
+    let r = delta("\"0000000000000000\"").await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{r:?}");
+    assert_eq!(r.body["error"]["code"], "base_unknown");
+    let r = a
+        .call(Method::GET, "/api/v1/edge/config/delta", Some(&hq), None)
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{r:?}");
+}

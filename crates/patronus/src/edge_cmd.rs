@@ -251,6 +251,8 @@ struct Follow {
     etag: Option<String>,
     /// Key rotations asked for in the configuration last seen.
     key_rotation: u64,
+    /// The configuration of version `etag`, that deltas apply to.
+    site: Option<patronus_api::SiteConfig>,
 }
 
 /// How many key rotations this edge has done (`<state>/key-rotations`).
@@ -440,23 +442,43 @@ impl Follow {
             if let Some(e) = &self.etag {
                 headers.push(("If-None-Match", e.as_str()));
             }
+            // Holding a version the controller sent, the edge asks for what changed since;
+            // otherwise (first start, or on the cached one) for the whole configuration.
+            let delta = self.etag.is_some() && self.site.is_some();
+            let path = if delta {
+                "/api/v1/edge/config/delta?wait=25"
+            } else {
+                "/api/v1/edge/config?wait=25"
+            };
             let r = crate::api_client::request_via(
                 Some(&self.via),
                 &self.local.controller,
                 "GET",
-                "/api/v1/edge/config?wait=25",
+                path,
                 Some(&self.credential),
                 None,
                 &headers,
             );
             match r {
                 Ok(r) if r.status == 304 => backoff = std::time::Duration::from_secs(1),
+                Ok(r) if r.status == 409 && delta => {
+                    // The controller no longer has our version: the whole configuration.
+                    self.etag = None;
+                }
                 Ok(r) if r.status == 200 => {
                     backoff = std::time::Duration::from_secs(1);
-                    let site: patronus_api::SiteConfig = match serde_json::from_value(r.body) {
+                    let parsed = match (delta, &self.site) {
+                        (true, Some(base)) => {
+                            serde_json::from_value::<patronus_api::ConfigDelta>(r.body)
+                                .map(|d| d.apply(base))
+                        }
+                        _ => serde_json::from_value::<patronus_api::SiteConfig>(r.body),
+                    };
+                    let site = match parsed {
                         Ok(s) => s,
                         Err(e) => {
                             eprintln!("edge: the controller's configuration does not parse: {e}");
+                            self.etag = None;
                             std::thread::sleep(std::time::Duration::from_secs(5));
                             continue;
                         }
@@ -465,11 +487,13 @@ impl Follow {
                     match adopt(&self.local, &site) {
                         Ok(cfg) => {
                             eprintln!(
-                                "edge: new configuration {}",
-                                r.etag.as_deref().unwrap_or("?")
+                                "edge: new configuration {}{}",
+                                r.etag.as_deref().unwrap_or("?"),
+                                if delta { " (a delta)" } else { "" }
                             );
                             inbox.send(cfg);
                             self.etag = r.etag;
+                            self.site = Some(site);
                         }
                         Err(e) => eprintln!("edge: the new configuration is not used: {e:#}"),
                     }
@@ -577,6 +601,7 @@ fn from_controller(
         key,
         Follow {
             key_rotation: site.key_rotation,
+            site: etag.is_some().then(|| site.clone()),
             local,
             via,
             credential,

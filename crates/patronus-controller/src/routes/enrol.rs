@@ -38,6 +38,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(create_token))
         .routes(routes!(enroll))
         .routes(routes!(edge_config))
+        .routes(routes!(edge_config_delta))
         .routes(routes!(telemetry))
         .routes(routes!(rotate_key))
         .routes(routes!(edge_key))
@@ -460,7 +461,106 @@ async fn edge_config(
     extract::Query(q): extract::Query<ConfigQuery>,
 ) -> Result<Response, ApiError> {
     let _heard = s.heard_from(site.site_id, &site.site);
-    let wait = q.wait.unwrap_or(0);
+    let seen = headers
+        .get(header::IF_NONE_MATCH)
+        .map(|v| v.as_bytes().to_vec());
+    match next_config(&s, &site, seen.as_deref(), q.wait).await? {
+        Next::Unchanged(tag) => not_modified(tag),
+        Next::Changed(configs, tag) => {
+            let c = configs.get(&site.site_id).ok_or_else(|| no_config(&site))?;
+            let mut r = ([(header::CONTENT_TYPE, "application/json")], c.to_json()).into_response();
+            r.headers_mut().insert(header::ETAG, tag);
+            Ok(r)
+        }
+    }
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/edge/config/delta",
+    tag = "enrolment",
+    summary = "What changed in the calling edge's configuration since the version in \
+               If-None-Match (required), after waiting up to `wait` s: 304 when nothing did; \
+               409 when the controller no longer has that version (fetch the whole \
+               configuration then).",
+    params(ConfigQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = patronus_api::ConfigDelta),
+        (status = 304, description = "Unchanged since the version in If-None-Match"),
+        crate::error::ApiErrors
+    )
+)]
+async fn edge_config_delta(
+    State(s): State<AppState>,
+    site: SiteCaller,
+    headers: HeaderMap,
+    extract::Query(q): extract::Query<ConfigQuery>,
+) -> Result<Response, ApiError> {
+    let _heard = s.heard_from(site.site_id, &site.site);
+    let seen = headers
+        .get(header::IF_NONE_MATCH)
+        .ok_or_else(|| {
+            ApiError::field(
+                "If-None-Match",
+                "name the version the delta applies to (the ETag you hold)",
+            )
+        })?
+        .as_bytes()
+        .to_vec();
+    match next_config(&s, &site, Some(&seen), q.wait).await? {
+        Next::Unchanged(tag) => not_modified(tag),
+        Next::Changed(configs, tag) => {
+            let c = configs.get(&site.site_id).ok_or_else(|| no_config(&site))?;
+            let base = s.previous_config(site.site_id, &seen).ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    "base_unknown",
+                    "the controller no longer has the version you hold: fetch \
+                     /api/v1/edge/config",
+                )
+            })?;
+            let mut r = (
+                [(header::CONTENT_TYPE, "application/json")],
+                c.delta_from(&base),
+            )
+                .into_response();
+            r.headers_mut().insert(header::ETAG, tag);
+            Ok(r)
+        }
+    }
+}
+
+/// What a (long) poll for a configuration found.
+enum Next {
+    /// Still the version the edge holds (its ETag).
+    Unchanged(HeaderValue),
+    /// Another one: every site's configurations, and this site's ETag.
+    Changed(crate::app::Compiled, HeaderValue),
+}
+
+fn no_config(site: &SiteCaller) -> ApiError {
+    ApiError::not_found(format!(
+        "a configuration for site {} (is it active?)",
+        site.site
+    ))
+}
+
+fn not_modified(tag: HeaderValue) -> Result<Response, ApiError> {
+    let mut r = StatusCode::NOT_MODIFIED.into_response();
+    r.headers_mut().insert(header::ETAG, tag);
+    Ok(r)
+}
+
+/// The site's configuration once it differs from `seen` (an ETag), waiting up to `wait`
+/// seconds for a change.
+async fn next_config(
+    s: &AppState,
+    site: &SiteCaller,
+    seen: Option<&[u8]>,
+    wait: Option<u64>,
+) -> Result<Next, ApiError> {
+    let wait = wait.unwrap_or(0);
     if wait > MAX_WAIT_S {
         return Err(ApiError::field(
             "wait",
@@ -471,33 +571,20 @@ async fn edge_config(
     // Subscribed before the first look, so that a change between the look and the wait is
     // not missed.
     let mut changes = s.changes.subscribe();
-    let seen = headers
-        .get(header::IF_NONE_MATCH)
-        .map(|v| v.as_bytes().to_vec());
     loop {
         let configs = s.configs().await?;
-        let c = configs.get(&site.site_id).ok_or_else(|| {
-            ApiError::not_found(format!(
-                "a configuration for site {} (is it active?)",
-                site.site
-            ))
-        })?;
+        let c = configs.get(&site.site_id).ok_or_else(|| no_config(site))?;
         let etag = format!("\"{:016x}\"", c.version);
         let tag = HeaderValue::from_str(&etag).map_err(ApiError::internal)?;
-        let unchanged = seen.as_deref() == Some(etag.as_bytes());
-        if !unchanged {
-            let mut r = ([(header::CONTENT_TYPE, "application/json")], c.to_json()).into_response();
-            r.headers_mut().insert(header::ETAG, tag);
-            return Ok(r);
+        if seen != Some(etag.as_bytes()) {
+            return Ok(Next::Changed(configs, tag));
         }
         let timed_out = tokio::select! {
             r = changes.changed() => r.is_err(),
             _ = tokio::time::sleep_until(deadline) => true,
         };
         if timed_out {
-            let mut r = StatusCode::NOT_MODIFIED.into_response();
-            r.headers_mut().insert(header::ETAG, tag);
-            return Ok(r);
+            return Ok(Next::Unchanged(tag));
         }
     }
 }

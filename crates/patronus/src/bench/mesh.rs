@@ -109,9 +109,7 @@ async fn run_one(store: &Store, rss_before: Option<f64>) -> anyhow::Result<Value
     let mut written = 0usize;
     for c in &configs {
         buf.clear();
-        for p in &c.parts {
-            buf.extend_from_slice(p);
-        }
+        c.write_to(&mut buf);
         written += buf.len();
     }
     let serialize_ms = t.elapsed().as_secs_f64() * 1e3;

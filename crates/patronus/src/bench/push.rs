@@ -1,7 +1,8 @@
 //! `patronus bench push`: a real controller (its HTTP server on loopback, its SQLite store in a
 //! temporary directory) and N simulated edges in this process, each a real client of the
-//! configuration protocol: it fetches its configuration, then waits for the next one with a
-//! long poll (`If-None-Match` + `wait`). One policy is created through the API; the benchmark
+//! configuration protocol: it fetches its configuration, then waits for what changes with a
+//! long poll (`If-None-Match` + `wait`) on the delta endpoint (`--full`: the whole
+//! configuration). One policy is created through the API; the benchmark
 //! reports how long after that write each edge held its new configuration.
 //!
 //! The sites are written into the store as in `bench mesh`, each with a site credential (as
@@ -27,6 +28,10 @@ pub struct Args {
     /// `hub-spoke` (2 hubs) or `full-mesh`.
     #[arg(long, default_value = "hub-spoke")]
     topology: String,
+    /// Long-poll for the whole configuration instead of a delta (what changed since the
+    /// version held), to compare.
+    #[arg(long)]
+    full: bool,
 }
 
 /// One request on its own connection: (status, etag, body length).
@@ -193,6 +198,11 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
         let waiting = Arc::new(AtomicUsize::new(0));
         let mut edges = Vec::new();
         let t = Instant::now();
+        let poll = if args.full {
+            "/api/v1/edge/config?wait=25"
+        } else {
+            "/api/v1/edge/config/delta?wait=25"
+        };
         for c in creds {
             let waiting = waiting.clone();
             edges.push(tokio::spawn(async move {
@@ -200,8 +210,7 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
                 anyhow::ensure!(status == 200, "initial fetch: {status}");
                 let etag = etag.context("no ETag")?;
                 waiting.fetch_add(1, Ordering::SeqCst);
-                let (status, new, bytes) =
-                    get(addr, "/api/v1/edge/config?wait=25", &c, Some(&etag)).await?;
+                let (status, new, bytes) = get(addr, poll, &c, Some(&etag)).await?;
                 let at = Instant::now();
                 anyhow::ensure!(
                     status == 200 && new.as_deref() != Some(&etag),
@@ -259,6 +268,7 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
             "bench": "push",
             "edges": args.edges,
             "topology": args.topology,
+            "protocol": if args.full { "full" } else { "delta" },
             "initial_fetch_ms": initial_ms,
             "policy_write_ms": write_ms,
             "p50_ms": pct(0.50),
