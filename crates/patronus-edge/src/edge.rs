@@ -1165,7 +1165,7 @@ impl Edge {
 
     /// Starts this edge's key roll: every path gets a second session, made with the new key,
     /// which handshakes at once (the peers accept both keys) and takes over sending when it is
-    /// up ([`Self::handle_datagram`]); the old one keeps carrying traffic until then.
+    /// up (when a datagram shows it can send); the old one keeps carrying traffic until then.
     pub fn begin_roll(&mut self, key: &PrivateKey, now: Instant) {
         let secret = key.secret().clone();
         for i in 0..self.paths.len() {
