@@ -48,6 +48,8 @@ pub struct Inner {
     pub reported: std::sync::Mutex<std::collections::HashMap<(i64, String), String>>,
     /// Wakes the webhook delivery worker when a delivery is queued.
     pub webhook_wake: tokio::sync::Notify,
+    /// The TLS client of `https://` webhooks.
+    pub webhook_tls: Arc<rustls::ClientConfig>,
 }
 
 /// A path's latest reported measurement.
@@ -177,7 +179,12 @@ impl AppState {
         self.changes.send_modify(|g| *g += 1);
     }
 
-    pub fn new(config: Config, store: Store, key: &[u8]) -> Self {
+    pub fn new(
+        config: Config,
+        store: Store,
+        key: &[u8],
+        webhook_tls: Arc<rustls::ClientConfig>,
+    ) -> Self {
         Self(Arc::new(Inner {
             tokens: Tokens::new(key, config.access_token_ttl, config.refresh_token_ttl),
             auth_limiter: RateLimiter::new(config.auth_rate_per_minute),
@@ -190,6 +197,7 @@ impl AppState {
             live: std::sync::Mutex::new(std::collections::HashMap::new()),
             reported: std::sync::Mutex::new(std::collections::HashMap::new()),
             webhook_wake: tokio::sync::Notify::new(),
+            webhook_tls,
             config,
             store,
         }))

@@ -33,6 +33,9 @@ pub struct Config {
     pub auth_rate_per_minute: u32,
     /// Failed logins in a row after which an account is locked for a while.
     pub lockout_after_failures: u32,
+    /// CA certificates (PEM) trusted for `https://` webhook URLs, beside the Mozilla roots
+    /// compiled in: an internal CA, say.
+    pub webhook_ca_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -55,6 +58,7 @@ impl Config {
             max_body_bytes: 1 << 20,
             auth_rate_per_minute: 30,
             lockout_after_failures: 5,
+            webhook_ca_file: None,
         }
     }
 }
@@ -71,6 +75,7 @@ pub const KEYS: &[&str] = &[
     "max_body_bytes",
     "auth_rate_per_minute",
     "lockout_after_failures",
+    "webhook_ca_file",
 ];
 
 /// Values given on the command line; `None` leaves the file's or the environment's.
@@ -159,6 +164,9 @@ impl Config {
         }
         if let Some(v) = take(&values, "database", &mut errors) {
             c.database = v;
+        }
+        if let Some(v) = take(&values, "webhook_ca_file", &mut errors) {
+            c.webhook_ca_file = Some(v);
         }
         if let Some(v) = take(&values, "jwt_key_file", &mut errors) {
             c.jwt_key_file = v;

@@ -17,7 +17,8 @@ pub async fn prepare(config: Config, env: &[(String, String)]) -> anyhow::Result
     let store = Store::open(&config.database).await?;
     let key = auth::load_or_create_key(&config.jwt_key_file)?;
     bootstrap_admin(&store, &config.data_dir, env).await?;
-    Ok(AppState::new(config, store, &key))
+    let webhook_tls = crate::webhooks::tls_client(&config).map_err(anyhow::Error::msg)?;
+    Ok(AppState::new(config, store, &key, webhook_tls))
 }
 
 /// With an empty database, `PATRONUS_ADMIN_EMAIL` (and `PATRONUS_ADMIN_PASSWORD`, or else a

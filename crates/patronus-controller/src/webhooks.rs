@@ -15,8 +15,9 @@
 //! the delivery's id; the body's `id` is the event's, the same on every retry, to drop
 //! duplicates.
 //!
-//! Only `http://` URLs for now: this controller has no TLS client yet (a receiver elsewhere sits
-//! behind a local TLS-terminating proxy).
+//! `https://` URLs are verified against the Mozilla roots compiled in (`webpki-roots`) and
+//! the CA certificates of the `webhook_ca_file` setting; `http://` ones are for receivers on a
+//! trusted network.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -90,17 +91,9 @@ pub const RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
 pub fn check_url(url: &str) -> Result<Uri, String> {
     let uri: Uri = url
         .parse()
-        .map_err(|e| format!("not a URL ({e}): give http://host[:port]/path"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(
-                "https:// is not supported yet (this controller has no TLS client): \
-                        point it at a local TLS-terminating proxy over http://"
-                    .into(),
-            );
-        }
-        _ => return Err("must start with http://".into()),
+        .map_err(|e| format!("not a URL ({e}): give https://host[:port]/path"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err("must start with https:// (or http://)".into());
     }
     if uri.host().is_none_or(str::is_empty) {
         return Err("has no host".into());
@@ -319,7 +312,12 @@ async fn attempt(state: &AppState, d: Due) {
     ];
     let outcome = match tokio::time::timeout(
         ATTEMPT_TIMEOUT,
-        post(&d.url, &headers, d.payload.clone().into_bytes()),
+        post(
+            &state.webhook_tls,
+            &d.url,
+            &headers,
+            d.payload.clone().into_bytes(),
+        ),
     )
     .await
     {
@@ -410,12 +408,48 @@ pub fn sign(secret: &str, t: i64, body: &[u8]) -> String {
         .collect()
 }
 
-/// One `POST` over a fresh HTTP/1.1 connection; the answer's status code.
-async fn post(url: &str, headers: &[(&str, String)], body: Vec<u8>) -> Result<u16, String> {
-    use http_body_util::{BodyExt, Full};
+/// The TLS client of `https://` webhooks: the Mozilla roots compiled in, and the CA
+/// certificates of `webhook_ca_file`. A file that cannot be read or holds no certificate is an
+/// error at start, not a silent fallback.
+pub fn tls_client(
+    config: &crate::config::Config,
+) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(path) = &config.webhook_ca_file {
+        let what = |e: &dyn std::fmt::Display| format!("webhook_ca_file {}: {e}", path.display());
+        let mut added = 0;
+        for c in CertificateDer::pem_file_iter(path).map_err(|e| what(&e))? {
+            roots.add(c.map_err(|e| what(&e))?).map_err(|e| what(&e))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(what(&"holds no PEM certificate"));
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(tls))
+}
+
+/// One `POST` over a fresh HTTP/1.1 connection (TLS for `https://`); the answer's status code.
+async fn post(
+    tls: &std::sync::Arc<rustls::ClientConfig>,
+    url: &str,
+    headers: &[(&str, String)],
+    body: Vec<u8>,
+) -> Result<u16, String> {
     let uri = check_url(url)?;
+    let https = uri.scheme_str() == Some("https");
     let host = uri.host().unwrap_or_default();
-    let port = uri.port_u16().unwrap_or(80);
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     let addr = tokio::net::lookup_host((bare, port))
         .await
@@ -425,10 +459,34 @@ async fn post(url: &str, headers: &[(&str, String)], body: Vec<u8>) -> Result<u1
     let stream = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    if !https {
+        return exchange(stream, &uri, headers, body).await;
+    }
+    let name = rustls::pki_types::ServerName::try_from(bare.to_owned())
+        .map_err(|e| format!("{host} cannot be checked against a certificate: {e}"))?;
+    let stream = tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(name, stream)
+        .await
+        .map_err(|e| format!("TLS with {host} ({addr}): {e}"))?;
+    exchange(stream, &uri, headers, body).await
+}
+
+/// The request and its answer's status, over an open connection.
+async fn exchange<S>(
+    io: S,
+    uri: &Uri,
+    headers: &[(&str, String)],
+    body: Vec<u8>,
+) -> Result<u16, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use http_body_util::{BodyExt, Full};
+    let host = uri.host().unwrap_or_default();
     let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
             .await
-            .map_err(|e| format!("HTTP with {addr}: {e}"))?;
+            .map_err(|e| format!("HTTP with {host}: {e}"))?;
     tokio::spawn(conn);
     let authority = uri.authority().map_or(host, |a| a.as_str());
     let mut req = axum::http::Request::post(uri.path_and_query().map_or("/", |p| p.as_str()))
@@ -442,7 +500,7 @@ async fn post(url: &str, headers: &[(&str, String)], body: Vec<u8>) -> Result<u1
     let resp = sender
         .send_request(req)
         .await
-        .map_err(|e| format!("HTTP with {addr}: {e}"))?;
+        .map_err(|e| format!("HTTP with {host}: {e}"))?;
     let status = resp.status().as_u16();
     // Read (and drop) what it says, so that the connection closes cleanly.
     let _ = resp.into_body().collect().await;
@@ -477,14 +535,10 @@ mod tests {
     }
 
     #[test]
-    fn only_plain_http_urls_with_a_host() {
+    fn only_http_and_https_urls_with_a_host() {
         assert!(check_url("http://127.0.0.1:9000/hook").is_ok());
         assert!(check_url("http://[::1]:9000/").is_ok());
-        assert!(
-            check_url("https://example.net/")
-                .unwrap_err()
-                .contains("TLS")
-        );
+        assert!(check_url("https://example.net/hooks/patronus").is_ok());
         assert!(check_url("ftp://example.net/").is_err());
         assert!(check_url("not a url").is_err());
         assert!(check_url("/relative").is_err());

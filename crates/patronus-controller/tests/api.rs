@@ -2707,10 +2707,10 @@ async fn webhooks_get_signed_events_retried_until_delivered_with_their_status_in
     let t = a.admin().await;
     patronus_controller::webhooks::start(&a.state);
     let (url, got) = receiver(1).await;
-    // Refused: no TLS client yet, no events, an unknown event.
+    // Refused: not http(s), no events, an unknown event.
     for (body, field) in [
         (
-            json!({ "url": "https://example.net/h", "events": ["failover"] }),
+            json!({ "url": "ftp://example.net/h", "events": ["failover"] }),
             "url",
         ),
         (json!({ "url": url, "events": [] }), "events"),
@@ -3232,4 +3232,175 @@ async fn a_delta_carries_only_what_changed_and_makes_the_same_configuration() {
         .call(Method::GET, "/api/v1/edge/config/delta", Some(&hq), None)
         .await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{r:?}");
+}
+
+/// A TLS webhook receiver on loopback with a certificate for `localhost` that `issuer`
+/// signed; it answers 204 to one request per connection and keeps the bodies.
+async fn tls_receiver(
+    issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
+) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, issuer)
+        .unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let got: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let seen = got.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, seen) = (acceptor.clone(), seen.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // Headers, then Content-Length bytes of body.
+                loop {
+                    let Ok(n) = tls.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).into_owned();
+                    let Some(end) = text.find("\r\n\r\n") else {
+                        continue;
+                    };
+                    let len: usize = text[..end]
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse().ok())?
+                        })
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + len {
+                        seen.lock()
+                            .unwrap()
+                            .push(String::from_utf8_lossy(&buf[end + 4..]).into_owned());
+                        let _ = tls
+                            .write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+                            .await;
+                        let _ = tls.shutdown().await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, got)
+}
+
+#[tokio::test]
+async fn https_webhooks_are_verified_against_the_configured_ca_and_refused_otherwise() {
+    // A CA of our own, given to the controller as `webhook_ca_file`.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "Patronus test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+    let trusted = rcgen::Issuer::new(ca, ca_key);
+    // Another CA, that nobody told the controller about.
+    let rogue_key = rcgen::KeyPair::generate().unwrap();
+    let mut rogue = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    rogue.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let rogue = rcgen::Issuer::new(rogue, rogue_key);
+
+    let a = api_with(|c| c.webhook_ca_file = Some(ca_file.clone())).await;
+    let t = a.admin().await;
+    patronus_controller::webhooks::start(&a.state);
+    let (good_port, good) = tls_receiver(&trusted).await;
+    let (bad_port, bad) = tls_receiver(&rogue).await;
+    let mut hooks = Vec::new();
+    for port in [good_port, bad_port] {
+        let url = format!("https://localhost:{port}/hook");
+        let r = a
+            .call(
+                Method::POST,
+                "/api/v1/webhooks",
+                Some(&t),
+                Some(json!({ "url": url, "events": ["failover"] })),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+        let id = r.body["id"].as_i64().unwrap();
+        let r = a
+            .call(
+                Method::POST,
+                &format!("/api/v1/webhooks/{id}/ping"),
+                Some(&t),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED);
+        hooks.push(id);
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let mut last = Vec::new();
+        for id in &hooks {
+            let r = a
+                .call(
+                    Method::GET,
+                    &format!("/api/v1/webhooks/{id}/deliveries"),
+                    Some(&t),
+                    None,
+                )
+                .await;
+            last.push(r.body["items"][0].clone());
+        }
+        let (ok, refused) = (&last[0], &last[1]);
+        if ok["status"] == "delivered" && refused["attempts"].as_i64() >= Some(1) {
+            assert_eq!(ok["last_status"], 204);
+            assert_eq!(refused["status"], "pending", "retried later: {refused}");
+            let why = refused["last_error"].as_str().unwrap_or("");
+            assert!(why.contains("TLS") && why.contains("certificate"), "{why}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{ok} {refused}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(good.lock().unwrap().len(), 1);
+    assert!(
+        bad.lock().unwrap().is_empty(),
+        "nothing sent to an untrusted server"
+    );
+    // A CA file that holds no certificate stops the controller at start, by name.
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let mut config = Config::with_data_dir(dir.path().join("other"));
+    config.webhook_ca_file = Some(empty);
+    let e = patronus_controller::server::prepare(config, &[])
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("webhook_ca_file") && e.contains("no PEM certificate"),
+        "{e}"
+    );
 }
