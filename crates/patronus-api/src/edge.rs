@@ -332,8 +332,12 @@ pub struct PathReport {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeLocal {
-    /// The controller's base URL (`http://host:port`).
+    /// The controller's base URL (`https://host[:port]`, or `http://` on a trusted network).
     pub controller: String,
+    /// CA certificates (PEM) trusted for an `https://` controller, beside the Mozilla roots
+    /// compiled in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
     /// Where the edge keeps its private key, its credential and the last configuration it got
     /// (created 0700; the files in it 0600).
     pub state_dir: PathBuf,

@@ -183,6 +183,7 @@ pub fn local_config(plan: &Plan, index: usize, controller: &str, state_dir: Path
     let me = &plan.sites[index];
     EdgeLocal {
         controller: controller.to_owned(),
+        ca_file: None,
         state_dir,
         listen_port: EDGE_PORT,
         tun_name: "patronus0".into(),

@@ -2,9 +2,9 @@
 //! TCP, one connection per request, credentials kept 0600 in the user's config directory, the
 //! access token refreshed when it lapses.
 //!
-//! It speaks `http://` only. A controller served beyond loopback sits behind a TLS proxy; reach
-//! it from the CLI through an SSH tunnel (or run the CLI on the controller's host) until this
-//! client learns TLS.
+//! It speaks `https://` (rustls; the Mozilla roots compiled in, plus the CA certificates of
+//! `PATRONUS_CA_FILE` or an edge's `ca_file`) and `http://` (loopback, a lab, a trusted
+//! network). A controller served beyond loopback sits behind a TLS-terminating proxy.
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -85,26 +85,95 @@ pub struct Response {
     pub etag: Option<String>,
 }
 
-/// `http://host:port` → `host:port`.
-fn authority(url: &str) -> anyhow::Result<String> {
-    if url.starts_with("https://") {
-        bail!(
-            "{url}: this CLI speaks plain HTTP only; reach a TLS-fronted controller through an \
-             SSH tunnel (ssh -L 8080:127.0.0.1:8080 host) and use http://127.0.0.1:8080"
-        );
-    }
-    let rest = url
-        .strip_prefix("http://")
-        .with_context(|| format!("{url}: the URL must start with http://"))?;
-    let host = rest.trim_end_matches('/');
-    if host.is_empty() || host.contains('/') {
-        bail!("{url}: give the controller's base URL, like http://127.0.0.1:8080");
-    }
-    Ok(if host.contains(':') && !host.ends_with(']') {
-        host.to_owned()
+/// A controller's base URL, taken apart.
+struct Target {
+    tls: bool,
+    /// The host as the certificate must name it (no brackets around an IPv6 address).
+    host: String,
+    /// `host:port`.
+    authority: String,
+}
+
+/// `https://host[:port]` or `http://host[:port]`.
+fn target(url: &str) -> anyhow::Result<Target> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("http://") {
+        (false, r)
     } else {
-        format!("{host}:80")
+        bail!("{url}: the URL must start with https:// or http://");
+    };
+    let hostport = rest.trim_end_matches('/');
+    if hostport.is_empty() || hostport.contains('/') {
+        bail!("{url}: give the controller's base URL, like https://controller.example.net");
+    }
+    let has_port = hostport.rsplit_once(':').is_some_and(|(h, p)| {
+        !p.is_empty()
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && (!h.starts_with('[') || h.ends_with(']'))
+    });
+    let (host, authority) = if has_port {
+        let (h, _) = hostport.rsplit_once(':').unwrap_or((hostport, ""));
+        (h, hostport.to_owned())
+    } else {
+        (
+            hostport,
+            format!("{hostport}:{}", if tls { 443 } else { 80 }),
+        )
+    };
+    Ok(Target {
+        tls,
+        host: host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+        authority,
     })
+}
+
+static CA_FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Trust the CA certificates of `path` (PEM) for `https://` controllers, beside the Mozilla
+/// roots (an edge's `ca_file`). Without it, `PATRONUS_CA_FILE` is read.
+pub fn set_ca_file(path: PathBuf) {
+    let _ = CA_FILE.set(path);
+}
+
+/// The TLS client configuration, built once.
+fn tls_config() -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
+    static TLS: std::sync::OnceLock<Result<std::sync::Arc<rustls::ClientConfig>, String>> =
+        std::sync::OnceLock::new();
+    let built = TLS.get_or_init(|| {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        let file = CA_FILE
+            .get()
+            .cloned()
+            .or_else(|| std::env::var_os("PATRONUS_CA_FILE").map(PathBuf::from));
+        if let Some(path) = file {
+            let what = |e: &dyn std::fmt::Display| format!("CA file {}: {e}", path.display());
+            let mut added = 0;
+            for c in CertificateDer::pem_file_iter(&path).map_err(|e| what(&e))? {
+                roots.add(c.map_err(|e| what(&e))?).map_err(|e| what(&e))?;
+                added += 1;
+            }
+            if added == 0 {
+                return Err(what(&"holds no PEM certificate"));
+            }
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        Ok(std::sync::Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        ))
+    });
+    built.clone().map_err(anyhow::Error::msg)
 }
 
 /// Sends one request and reads the whole response.
@@ -216,7 +285,8 @@ pub fn request_via(
     body: Option<&Value>,
     headers: &[(&str, &str)],
 ) -> anyhow::Result<Response> {
-    let auth = authority(url)?;
+    let t = target(url)?;
+    let auth = t.authority.as_str();
     let addr = auth
         .to_socket_addrs()
         .with_context(|| format!("resolving {auth}"))?
@@ -250,11 +320,29 @@ pub fn request_via(
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
-    s.write_all(head.as_bytes())?;
-    s.write_all(body.as_bytes())?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw)
-        .context("reading the controller's answer")?;
+    if t.tls {
+        let name = rustls::pki_types::ServerName::try_from(t.host.clone())
+            .with_context(|| format!("{}: not a name a certificate can hold", t.host))?;
+        let conn = rustls::ClientConnection::new(tls_config()?, name)?;
+        let mut s = rustls::StreamOwned::new(conn, s);
+        s.write_all(head.as_bytes())
+            .and_then(|()| s.write_all(body.as_bytes()))
+            .with_context(|| format!("TLS with the controller at {url}"))?;
+        match s.read_to_end(&mut raw) {
+            Ok(_) => {}
+            // A server that closes without close_notify after a complete answer (many do).
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("TLS with the controller at {url}"));
+            }
+        }
+    } else {
+        s.write_all(head.as_bytes())?;
+        s.write_all(body.as_bytes())?;
+        s.read_to_end(&mut raw)
+            .context("reading the controller's answer")?;
+    }
     parse(&raw)
 }
 
@@ -414,19 +502,21 @@ mod tests {
 
     #[test]
     fn urls_responses_and_chunks_parse() {
+        let t = |u: &str| target(u).map(|t| (t.tls, t.host, t.authority));
+        let ok = |tls: bool, host: &str, auth: &str| (tls, host.to_owned(), auth.to_owned());
         assert_eq!(
-            authority("http://127.0.0.1:8080/").unwrap(),
-            "127.0.0.1:8080"
+            t("http://127.0.0.1:8080/").unwrap(),
+            ok(false, "127.0.0.1", "127.0.0.1:8080")
         );
-        assert_eq!(authority("http://ctl").unwrap(), "ctl:80");
-        assert_eq!(authority("http://[::1]:8080").unwrap(), "[::1]:8080");
-        assert!(
-            authority("https://ctl")
-                .unwrap_err()
-                .to_string()
-                .contains("SSH tunnel")
+        assert_eq!(t("http://ctl").unwrap(), ok(false, "ctl", "ctl:80"));
+        assert_eq!(t("https://ctl").unwrap(), ok(true, "ctl", "ctl:443"));
+        assert_eq!(
+            t("https://[::1]:8443").unwrap(),
+            ok(true, "::1", "[::1]:8443")
         );
-        assert!(authority("ctl:8080").is_err());
+        assert_eq!(t("http://[::1]").unwrap(), ok(false, "::1", "[::1]:80"));
+        assert!(t("ctl:8080").is_err());
+        assert!(t("https://ctl/api").is_err());
         let r = parse(b"HTTP/1.1 404 Not Found\r\nContent-Length: 41\r\n\r\n{\"error\":{\"code\":\"x\",\"message\":\"gone\"}}").unwrap();
         assert_eq!((r.status, error_text(&r)), (404, "gone (404)".to_owned()));
         let r = parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\n\r\n").unwrap();

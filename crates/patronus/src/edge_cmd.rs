@@ -618,7 +618,12 @@ fn via(local: &patronus_api::EdgeLocal) -> crate::api_client::Via {
 fn read_local(path: &Path) -> anyhow::Result<patronus_api::EdgeLocal> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    let local: patronus_api::EdgeLocal =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    if let Some(ca) = &local.ca_file {
+        crate::api_client::set_ca_file(ca.clone());
+    }
+    Ok(local)
 }
 
 /// This edge's key and site credential: enrols first if it has no credential yet.
