@@ -19,8 +19,7 @@
 //! the CA certificates of the `webhook_ca_file` setting; `http://` ones are for receivers on a
 //! trusted network.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::Uri;
@@ -84,6 +83,10 @@ pub const MAX_BACKOFF_MS: i64 = 5 * 60 * 1000;
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deliveries in flight at once.
 const CONCURRENCY: usize = 16;
+/// How long a claimed delivery is not due again: longer than an attempt can take.
+const LEASE_MS: i64 = ATTEMPT_TIMEOUT.as_millis() as i64 + 5_000;
+/// The most of a receiver's answer that is read (and dropped).
+const MAX_ANSWER: usize = 64 * 1024;
 /// How long finished deliveries are kept.
 pub const RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
 
@@ -210,7 +213,6 @@ struct Due {
 }
 
 async fn deliver_forever(state: AppState) {
-    let in_flight: Arc<Mutex<HashSet<i64>>> = Arc::default();
     let slots = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
     let mut last_cleanup = 0;
     loop {
@@ -236,25 +238,37 @@ async fn deliver_forever(state: AppState) {
             }
         };
         for d in due {
-            if !lock(&in_flight).insert(d.id) {
-                continue;
-            }
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 return;
             };
-            let (state, in_flight) = (state.clone(), in_flight.clone());
+            // Claimed in the database: the row is not due again until this attempt is over
+            // (or could not have lasted longer), so it is never posted twice at once, and a
+            // row that changed since it was read (done, or rescheduled) is left alone.
+            let claimed = sqlx::query(
+                "UPDATE webhook_deliveries SET next_attempt_ms = ?
+                 WHERE id = ? AND status = 'pending' AND attempts = ? AND next_attempt_ms <= ?",
+            )
+            .bind(now_ms() + LEASE_MS)
+            .bind(d.id)
+            .bind(d.attempts)
+            .bind(now_ms())
+            .execute(state.store.pool())
+            .await
+            .is_ok_and(|r| r.rows_affected() == 1);
+            if !claimed {
+                continue;
+            }
+            let state = state.clone();
             tokio::spawn(async move {
-                let id = d.id;
                 attempt(&state, d).await;
-                lock(&in_flight).remove(&id);
                 drop(permit);
                 state.webhook_wake.notify_one();
             });
         }
-        // Until the next one is due (at most a second: one may come due while others are in
-        // flight), or something new is queued.
+        // Until the next one is due (at most a second), or something new is queued.
         let next: Option<i64> = sqlx::query_scalar(
-            "SELECT MIN(next_attempt_ms) FROM webhook_deliveries WHERE status = 'pending'",
+            "SELECT MIN(d.next_attempt_ms) FROM webhook_deliveries d
+             JOIN webhooks w ON w.id = d.webhook_id WHERE d.status = 'pending' AND w.enabled = 1",
         )
         .fetch_one(state.store.pool())
         .await
@@ -266,10 +280,6 @@ async fn deliver_forever(state: AppState) {
             _ = tokio::time::sleep(Duration::from_millis(wait as u64)) => {}
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 async fn due(state: &AppState, now: i64) -> Result<Vec<Due>, sqlx::Error> {
@@ -349,7 +359,7 @@ async fn attempt(state: &AppState, d: Due) {
         "UPDATE webhook_deliveries SET status = ?, attempts = ?, next_attempt_ms = ?,
          last_status = ?, last_error = ?,
          delivered_ms = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_ms END
-         WHERE id = ?",
+         WHERE id = ? AND attempts = ?",
     )
     .bind(status)
     .bind(attempts)
@@ -359,6 +369,7 @@ async fn attempt(state: &AppState, d: Due) {
     .bind(status)
     .bind(now)
     .bind(d.id)
+    .bind(d.attempts)
     .execute(state.store.pool())
     .await;
     if let Err(e) = r {
@@ -503,7 +514,9 @@ where
         .map_err(|e| format!("HTTP with {host}: {e}"))?;
     let status = resp.status().as_u16();
     // Read (and drop) what it says, so that the connection closes cleanly.
-    let _ = resp.into_body().collect().await;
+    let _ = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER)
+        .collect()
+        .await;
     Ok(status)
 }
 

@@ -2954,10 +2954,12 @@ async fn traffic_stats_add_up_what_edges_sent_per_class_path_and_site_across_res
     };
     // Running totals: 1000, the same again (an answer lost, the report sent twice), 1500;
     // then the edge restarts and has sent 200 since.
+    // A late report (older totals of the same run) adds nothing either.
     for body in [
         report(1000, 1000, 500),
         report(1000, 1000, 500),
         report(1000, 1500, 800),
+        report(1000, 1200, 600),
         report(2000, 200, 100),
     ] {
         let r = a
@@ -3096,6 +3098,37 @@ async fn a_key_rotation_is_asked_by_an_operator_announced_to_peers_then_committe
         ),
         (Some(old.as_str()), Some(new.as_str()))
     );
+    // One roll at a time between connected sites: b1 waits for hq's to end.
+    let r = a
+        .call(
+            Method::POST,
+            &format!("/api/v1/sites/{}/rotate-key", ids[1]),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{r:?}");
+    assert_eq!(r.body["error"]["code"], "peer_rolling");
+    let b1_next = patronus_api::key_to_base64(&[8; 32]);
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/edge/key",
+            Some(&b1),
+            Some(json!({ "next": b1_next })),
+        )
+        .await;
+    assert_eq!(r.body["error"]["code"], "peer_rolling", "{r:?}");
+    // Nor may a site announce another site's key.
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/edge/key",
+            Some(&b1),
+            Some(json!({ "next": old })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{r:?}");
     let r = a
         .call(
             Method::GET,

@@ -161,6 +161,8 @@ struct PathRt {
     tunn: Box<Tunn>,
     /// The peer's key `tunn` was made with.
     peer_key: [u8; 32],
+    /// Our (public) key `tunn` was made with.
+    own: [u8; 32],
     /// Which of the two index spaces `tunn`'s sessions use (see [`tunnel_index`]).
     side: u32,
     /// During a key roll (ours or the peer's), the path's other session.
@@ -172,9 +174,20 @@ struct PathRt {
 struct Alt {
     tunn: Box<Tunn>,
     /// Made with the new key (ours, or the peer's): it takes over sending as soon as it has a
-    /// session. Otherwise it is the old one, kept to receive what is still in flight.
+    /// session. Otherwise it is the old one, kept only to receive what is still in flight (it
+    /// takes no new handshake) until `drop_at`.
     next: bool,
     peer_key: [u8; 32],
+    own: [u8; 32],
+    drop_at: Option<Instant>,
+}
+
+/// How long a replaced session still receives what was sent on it before the switch.
+const OLD_SESSION_GRACE: Duration = Duration::from_secs(10);
+
+/// The public half of a secret, as bytes.
+fn public_of(secret: &StaticSecret) -> [u8; 32] {
+    PublicKey::from(secret).to_bytes()
 }
 
 /// Bit of a tunnel index that tells a path's two sessions (sides) apart during a key roll.
@@ -287,6 +300,8 @@ fn build_peer(
                 tunn: new_tunn(secret, k.0, id, 1),
                 next: true,
                 peer_key: k.0,
+                own: public_of(secret),
+                drop_at: None,
             });
             let slot = id.0 as usize;
             if paths.len() <= slot {
@@ -301,6 +316,7 @@ fn build_peer(
                 endpoint: r.endpoint,
                 tunn,
                 peer_key: p.public_key.0,
+                own: public_of(secret),
                 side: 0,
                 alt,
             });
@@ -901,7 +917,8 @@ impl Edge {
             failover_events: self.failover_log.iter().cloned().collect(),
             flows: self.engine.flow_count(),
             started_unix_ms: self.started_unix_ms,
-            key_roll: self.roll.as_ref().map(|(_, public, since)| {
+            key_roll: self.roll.as_ref().map(|(secret, public, since)| {
+                let new = public_of(secret);
                 let mut r = status::RollStatus {
                     public_key: public.clone(),
                     since_s: now.saturating_duration_since(*since).as_secs_f64(),
@@ -919,8 +936,8 @@ impl Edge {
                         continue;
                     }
                     r.live_paths += 1;
-                    // Moved: its new-key session took over (the old one is kept, not `next`).
-                    r.moved += usize::from(p.alt.as_ref().is_some_and(|a| !a.next));
+                    // Moved: its sending session is made with the new key.
+                    r.moved += usize::from(p.own == new);
                 }
                 r
             }),
@@ -1145,6 +1162,15 @@ impl Edge {
     }
 
     fn wg_tick(&mut self) {
+        let now = Instant::now();
+        for p in self.paths.iter_mut().flatten() {
+            if p.alt
+                .as_ref()
+                .is_some_and(|a| a.drop_at.is_some_and(|t| t <= now))
+            {
+                p.alt = None;
+            }
+        }
         for i in 0..self.paths.len() {
             for alt in [false, true] {
                 let Some(Some(p)) = self.paths.get_mut(i) else {
@@ -1185,6 +1211,8 @@ impl Edge {
                 tunn: t,
                 next: true,
                 peer_key: p.peer_key,
+                own: public_of(&secret),
+                drop_at: None,
             });
             if n > 0 {
                 self.send_on(id, n);
@@ -1198,26 +1226,40 @@ impl Edge {
         self.publish(now);
     }
 
-    /// Ends this edge's key roll: paths that have not moved yet (down, say) move now, and the
-    /// new key is the edge's.
+    /// Ends this edge's key roll: paths that have not moved yet (down, say) move now, and
+    /// every session still made with the old key (a peer's, added during the roll, say) is made
+    /// again with the new one: the old key completes no handshake any more.
     pub fn commit_roll(&mut self) {
         let Some((secret, public, _)) = self.roll.take() else {
             return;
         };
+        let new = public_of(&secret);
         for i in 0..self.paths.len() {
             let Some(Some(p)) = self.paths.get_mut(i) else {
                 continue;
             };
-            match &p.alt {
-                // Our roll's session (same peer key, our new key): it sends from now on.
-                Some(a) if a.next && a.peer_key == p.peer_key => self.promote(i),
-                Some(_) => {}
-                // Made with the old key after the roll began (a peer added since): remade.
-                None => {
+            if p.own != new {
+                if p.alt
+                    .as_ref()
+                    .is_some_and(|a| a.next && a.own == new && a.peer_key == p.peer_key)
+                {
+                    // Our roll's session: it sends from now on.
+                    self.promote(i);
+                } else {
                     let id = PathId(i as u32);
                     p.tunn = new_tunn(&secret, p.peer_key, id, p.side ^ 1);
+                    p.own = new;
                     p.side ^= 1;
+                    p.alt = None;
                 }
+            }
+            let Some(Some(p)) = self.paths.get_mut(i) else {
+                continue;
+            };
+            // A peer's next key, accepted with our old one: with the new one now.
+            if let Some(a) = p.alt.as_mut().filter(|a| a.next && a.own != new) {
+                a.tunn = new_tunn(&secret, a.peer_key, PathId(i as u32), p.side ^ 1);
+                a.own = new;
             }
         }
         self.secret = secret;
@@ -1238,13 +1280,18 @@ impl Edge {
             let Some(Some(p)) = self.paths.get_mut(idx) else {
                 continue;
             };
+            let own = public_of(&self.secret);
             if p.peer_key != want {
-                if p.alt.as_ref().is_some_and(|a| a.peer_key == want) {
+                if p.alt
+                    .as_ref()
+                    .is_some_and(|a| a.peer_key == want && a.own == own)
+                {
                     self.promote(idx);
                 } else {
                     p.tunn = new_tunn(&self.secret, want, pid, p.side ^ 1);
                     p.side ^= 1;
                     p.peer_key = want;
+                    p.own = own;
                     p.alt = None;
                 }
             }
@@ -1258,11 +1305,13 @@ impl Edge {
                             tunn: new_tunn(&self.secret, k, pid, p.side ^ 1),
                             next: true,
                             peer_key: k,
+                            own,
+                            drop_at: None,
                         });
                     }
                 }
                 // The roll is over (or given up): an unused new session goes; an old one
-                // stays, to receive what is in flight.
+                // stays until its grace ends, to receive what is in flight.
                 None => {
                     if p.alt.as_ref().is_some_and(|a| a.next) {
                         p.alt = None;
@@ -1577,8 +1626,8 @@ impl Edge {
             (_, false) => decap(&mut p.tunn, from.ip(), datagram, dst, reply),
         };
         if side.is_none() && matches!(result, Decap::Rejected) {
-            // An initiation made with the other key of a roll.
-            if let Some(a) = &mut p.alt {
+            // An initiation made with the new key of a roll (an old session takes none).
+            if let Some(a) = p.alt.as_mut().filter(|a| a.next) {
                 result = decap(&mut a.tunn, from.ip(), datagram, dst, reply);
                 on_alt = true;
             }
@@ -1623,7 +1672,9 @@ impl Edge {
         };
         std::mem::swap(&mut p.tunn, &mut a.tunn);
         std::mem::swap(&mut p.peer_key, &mut a.peer_key);
+        std::mem::swap(&mut p.own, &mut a.own);
         a.next = false;
+        a.drop_at = Some(Instant::now() + OLD_SESSION_GRACE);
         p.side ^= 1;
         self.counters.sessions_rekeyed += 1;
     }

@@ -237,10 +237,9 @@ impl Via {
                 Err(e) => last = Some(e),
             }
         }
-        match last {
-            Some(e) => Err(e),
-            None => TcpStream::connect_timeout(&addr, timeout),
-        }
+        // Last, as the routing table says (a management network, a link whose address is
+        // not local any more).
+        TcpStream::connect_timeout(&addr, timeout).map_err(|e| last.unwrap_or(e))
     }
 }
 

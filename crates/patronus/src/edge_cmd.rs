@@ -287,6 +287,13 @@ fn post_key(
             Ok(r) if r.status == 422 && r.body.to_string().contains("current key") => {
                 return Ok(false);
             }
+            // A connected site is rolling its key: ours waits for it.
+            Ok(r) if r.status == 409 && r.body["error"]["code"] == "peer_rolling" => {
+                if started.elapsed() > std::time::Duration::from_secs(120) {
+                    bail!("{}", crate::api_client::error_text(&r));
+                }
+                std::thread::sleep(std::time::Duration::from_secs(2));
+            }
             Ok(r) if (400..500).contains(&r.status) => {
                 bail!(
                     "the controller refused {step}: {}",
@@ -684,6 +691,15 @@ fn enrol(
                 .context("the controller's answer has no credential")?
                 .to_owned();
             crate::api_client::write_private(&cred_path, c.as_bytes())?;
+            // Its key is new: the rotations asked for so far are done.
+            crate::api_client::write_private(
+                &dir.join("key-rotations"),
+                r.body["key_rotation"]
+                    .as_i64()
+                    .unwrap_or(0)
+                    .to_string()
+                    .as_bytes(),
+            )?;
             eprintln!(
                 "edge: enrolled as site {} with public key {}",
                 r.body["site"].as_str().unwrap_or("?"),

@@ -69,6 +69,13 @@ async fn rotate_key(
 ) -> Result<Response, ApiError> {
     p.require(Role::Operator)?;
     let site = load_site(&s.store, id).await?;
+    if let Some(other) = rolling_neighbour(&s.store, id).await? {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "peer_rolling",
+            format!("{other} is rolling its key: one roll at a time between connected sites"),
+        ));
+    }
     let mut tx = s.store.begin().await?;
     let r = sqlx::query(
         "UPDATE sites SET key_rotation = key_rotation + 1, version = version + 1, updated_at = ?
@@ -141,6 +148,30 @@ async fn edge_key(
             let k = k.to_string();
             if current.as_deref() == Some(k.as_str()) {
                 return Err(ApiError::field("next", "is the site's current key"));
+            }
+            let taken: Option<String> = sqlx::query_scalar(
+                "SELECT name FROM sites WHERE id != ? AND (public_key = ? OR next_public_key = ?)",
+            )
+            .bind(site.site_id)
+            .bind(&k)
+            .bind(&k)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(other) = taken {
+                return Err(ApiError::field(
+                    "next",
+                    format!("is site {other}'s key: make a new one"),
+                ));
+            }
+            if let Some(other) = rolling_neighbour(&s.store, site.site_id)
+                .await?
+                .filter(|o| *o != site.site)
+            {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "peer_rolling",
+                    format!("{other} is rolling its key: try again when it is done"),
+                ));
             }
             sqlx::query(
                 "UPDATE sites SET next_public_key = ?, version = version + 1, updated_at = ?
@@ -233,6 +264,9 @@ pub struct Enrolled {
     pub site: String,
     /// The edge's credential from now on (`Authorization: Bearer psc_...`); shown once.
     pub credential: String,
+    /// Key rotations asked for this site so far: a new edge starts with a new key, so it
+    /// counts them as done.
+    pub key_rotation: i64,
 }
 
 /// An enrolled edge, authenticated by its site credential: it may act as its own site only.
@@ -387,8 +421,10 @@ async fn enroll(
         .execute(&mut *tx)
         .await?;
     }
+    // A roll the replaced machine left unfinished ends here: its next key is not trusted.
     sqlx::query(
-        "UPDATE sites SET public_key = ?, version = version + 1, updated_at = ? WHERE id = ?",
+        "UPDATE sites SET public_key = ?, next_public_key = NULL, version = version + 1,
+         updated_at = ? WHERE id = ?",
     )
     .bind(req.public_key.to_string())
     .bind(now)
@@ -420,11 +456,16 @@ async fn enroll(
         json!({ "public_key": req.public_key.to_string(), "endpoints": req.endpoints }),
     )
     .await?;
+    let key_rotation: i64 = sqlx::query_scalar("SELECT key_rotation FROM sites WHERE id = ?")
+        .bind(site_id)
+        .fetch_one(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(axum::Json(Enrolled {
         site_id,
         site: site.name,
         credential,
+        key_rotation,
     }))
 }
 
@@ -865,17 +906,23 @@ async fn record_traffic(
             ),
         );
     }
+    let mut seen = std::collections::HashSet::new();
     for (key, path, class, cur) in current {
+        // A key named twice in one report counts once.
+        if !seen.insert(key.clone()) {
+            continue;
+        }
         let delta = match before.get(&key) {
-            // The same run: what it sent since. (Counters that went backwards within one run
-            // are not to be trusted: counted as a new start.)
-            Some((started, b))
-                if *started == t.started_ms
-                    && cur.tx_packets >= b.tx_packets
-                    && cur.tx_bytes >= b.tx_bytes
-                    && cur.rx_packets >= b.rx_packets
-                    && cur.rx_bytes >= b.rx_bytes =>
-            {
+            // The same run: what it sent since.
+            Some((started, b)) if *started == t.started_ms => {
+                if cur.tx_packets < b.tx_packets
+                    || cur.tx_bytes < b.tx_bytes
+                    || cur.rx_packets < b.rx_packets
+                    || cur.rx_bytes < b.rx_bytes
+                {
+                    // Older than what was counted (a late report): nothing new in it.
+                    continue;
+                }
                 Totals {
                     tx_packets: cur.tx_packets - b.tx_packets,
                     tx_bytes: cur.tx_bytes - b.tx_bytes,
@@ -927,4 +974,35 @@ async fn record_traffic(
         .await?;
     }
     Ok(())
+}
+
+/// The name of a site connected to site `id` by the topology (or `id` itself) whose edge is
+/// rolling its key, if one is: two connected sites rolling at once could each accept the
+/// other's next key with its own old one.
+async fn rolling_neighbour(store: &Store, id: i64) -> Result<Option<String>, ApiError> {
+    let rolling: Vec<(i64, String)> =
+        sqlx::query_as("SELECT id, name FROM sites WHERE next_public_key IS NOT NULL")
+            .fetch_all(store.pool())
+            .await?;
+    if rolling.is_empty() {
+        return Ok(None);
+    }
+    if let Some((_, name)) = rolling.iter().find(|(r, _)| *r == id) {
+        return Ok(Some(name.clone()));
+    }
+    let t = crate::routes::topology::load(store).await?;
+    let sites = crate::routes::sites::load_sites(store).await?;
+    for (a, b) in crate::routes::topology::connected_pairs(&t, &sites) {
+        let other = if a.id == id {
+            b
+        } else if b.id == id {
+            a
+        } else {
+            continue;
+        };
+        if let Some((_, name)) = rolling.iter().find(|(r, _)| *r == other.id) {
+            return Ok(Some(name.clone()));
+        }
+    }
+    Ok(None)
 }

@@ -93,14 +93,14 @@ async fn stats(
     };
     let bucket = q.bucket.unwrap_or(60);
     let to = q.to.unwrap_or_else(|| now_s() + 1);
-    let from = q.from.unwrap_or(to - 3600);
+    let from = q.from.unwrap_or(to.saturating_sub(3600));
     let mut e = patronus_api::FieldErrors::default();
     if !(5..=86_400).contains(&bucket) {
         e.push("bucket", "must be between 5 and 86400 seconds");
     }
     if from >= to {
         e.push("from", "must be before to");
-    } else if bucket > 0 && (to - from) / bucket > 100_000 {
+    } else if bucket > 0 && to.saturating_sub(from) / bucket > 100_000 {
         e.push(
             "bucket",
             "makes more than 100000 buckets: widen it or narrow the range",
