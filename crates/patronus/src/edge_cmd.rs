@@ -270,6 +270,7 @@ fn post_key(
     via: &crate::api_client::Via,
     credential: &str,
     step: &serde_json::Value,
+    patience: std::time::Duration,
 ) -> anyhow::Result<bool> {
     let started = std::time::Instant::now();
     loop {
@@ -289,7 +290,7 @@ fn post_key(
             }
             // A connected site is rolling its key: ours waits for it.
             Ok(r) if r.status == 409 && r.body["error"]["code"] == "peer_rolling" => {
-                if started.elapsed() > std::time::Duration::from_secs(120) {
+                if started.elapsed() > patience {
                     bail!("{}", crate::api_client::error_text(&r));
                 }
                 std::thread::sleep(std::time::Duration::from_secs(2));
@@ -301,7 +302,7 @@ fn post_key(
                 )
             }
             other => {
-                if started.elapsed() > std::time::Duration::from_secs(120) {
+                if started.elapsed() > patience {
                     let why = match other {
                         Ok(r) => crate::api_client::error_text(&r),
                         Err(e) => format!("{e:#}"),
@@ -332,11 +333,13 @@ fn roll_key(
     let next_path = dir.join("private.key.next");
     let key = PrivateKey::load_or_create(&next_path)?;
     let public = key.public().to_string();
+    let patience = Duration::from_secs(120);
     post_key(
         local,
         via,
         credential,
         &serde_json::json!({ "next": public }),
+        patience,
     )?;
     eprintln!("edge: key rotation {rotation}: the peers are told to accept {public} too");
     // The peers take the change from their long polls at once; a second is plenty.
@@ -369,6 +372,7 @@ fn roll_key(
         via,
         credential,
         &serde_json::json!({ "commit": public }),
+        patience,
     )?;
     std::fs::rename(&next_path, dir.join("private.key"))
         .with_context(|| format!("renaming {}", next_path.display()))?;
@@ -392,17 +396,22 @@ fn finish_interrupted_roll(
     let key = PrivateKey::load_or_create(&next_path)?;
     let public = key.public().to_string();
     eprintln!("edge: finishing an interrupted key roll to {public}");
+    // Not long: with the controller away the edge starts on the key it has, and the roll is
+    // finished (with this same next key) once the controller is back.
+    let patience = std::time::Duration::from_secs(10);
     if post_key(
         local,
         via,
         credential,
         &serde_json::json!({ "next": public }),
+        patience,
     )? {
         post_key(
             local,
             via,
             credential,
             &serde_json::json!({ "commit": public }),
+            patience,
         )?;
     }
     std::fs::rename(&next_path, dir.join("private.key"))
