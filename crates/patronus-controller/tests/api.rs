@@ -2552,6 +2552,38 @@ async fn edges_report_their_paths_and_the_api_shows_what_they_measured() {
         .await;
     assert_eq!(r.body["total"], 2);
     assert_eq!(r.body["items"][1]["state"], "degraded");
+    // At a resolution: the reports of a bucket summed up, the worst state kept.
+    let r = a
+        .call(
+            Method::GET,
+            &format!("/api/v1/paths/{id}/metrics?resolution=86400"),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    let items = r.body["items"].as_array().unwrap();
+    let n: i64 = items.iter().map(|i| i["samples"].as_i64().unwrap()).sum();
+    assert_eq!(n, 2, "{r:?}");
+    assert!(items.iter().any(|i| i["state"] == "degraded"), "{r:?}");
+    assert!(
+        items
+            .iter()
+            .any(|i| i["rtt_ms_max"].as_f64() == Some(180.0)),
+        "{r:?}"
+    );
+    if let [one] = items.as_slice() {
+        assert_eq!(one["rtt_ms"].as_f64(), Some(100.75), "{r:?}");
+    }
+    let r = a
+        .call(
+            Method::GET,
+            &format!("/api/v1/paths/{id}/metrics?resolution=1"),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{r:?}");
     let req = Request::get("/metrics")
         .header(header::AUTHORIZATION, format!("Bearer {t}"))
         .body(Body::empty())

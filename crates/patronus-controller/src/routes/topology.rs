@@ -568,6 +568,12 @@ pub struct PathSample {
     pub rtt_ms: Option<f64>,
     pub jitter_ms: f64,
     pub loss_pct: f64,
+    /// With `resolution`: the reports the bucket sums up (RTT, jitter and loss are their
+    /// means, the RTT's worst is `rtt_ms_max`, and `state` the worst state among them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub samples: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rtt_ms_max: Option<f64>,
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -579,6 +585,9 @@ pub struct MetricsQuery {
     pub since: Option<i64>,
     /// Unix seconds, exclusive.
     pub until: Option<i64>,
+    /// Seconds per bucket (5 to 86400): each reporting site's samples in a bucket summed up
+    /// into one. Without it, every report.
+    pub resolution: Option<i64>,
 }
 
 #[utoipa::path(
@@ -598,6 +607,15 @@ async fn path_metrics(
 ) -> Result<Json<Page<PathSample>>, ApiError> {
     let paging = Paging::new(q.limit, q.offset)?;
     let (since, until) = (q.since.unwrap_or(0), q.until.unwrap_or(i64::MAX));
+    if let Some(res) = q.resolution {
+        if !(5..=86_400).contains(&res) {
+            return Err(ApiError::field(
+                "resolution",
+                "must be between 5 and 86400 seconds",
+            ));
+        }
+        return path_metrics_bucketed(&s, &id, since, until, res, paging).await;
+    }
     let total: i64 = sqlx::query_scalar(
         "SELECT COUNT(*) FROM path_samples WHERE path_id = ? AND at_s >= ? AND at_s < ?",
     )
@@ -627,6 +645,60 @@ async fn path_metrics(
                 rtt_ms: r.try_get("rtt_ms")?,
                 jitter_ms: r.try_get("jitter_ms")?,
                 loss_pct: r.try_get("loss_pct")?,
+                samples: None,
+                rtt_ms_max: None,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    Ok(Json(Page::new(items, total, paging)))
+}
+
+/// A path's samples summed up per `res` seconds and reporting site.
+async fn path_metrics_bucketed(
+    s: &AppState,
+    id: &str,
+    since: i64,
+    until: i64,
+    res: i64,
+    paging: Paging,
+) -> Result<Json<Page<PathSample>>, ApiError> {
+    let grouped = "SELECT (at_s / ?1) * ?1 AS bucket, site_id, COUNT(*) AS n,
+                AVG(rtt_ms) AS rtt, MAX(rtt_ms) AS rtt_max, AVG(jitter_ms) AS jitter,
+                AVG(loss_pct) AS loss,
+                MAX(CASE state WHEN 'down' THEN 2 WHEN 'degraded' THEN 1 ELSE 0 END) AS worst
+         FROM path_samples WHERE path_id = ?2 AND at_s >= ?3 AND at_s < ?4
+         GROUP BY bucket, site_id";
+    let total: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM ({grouped})"))
+        .bind(res)
+        .bind(id)
+        .bind(since)
+        .bind(until)
+        .fetch_one(s.store.pool())
+        .await?;
+    let rows = sqlx::query(&format!(
+        "{grouped} ORDER BY bucket, site_id LIMIT ?5 OFFSET ?6"
+    ))
+    .bind(res)
+    .bind(id)
+    .bind(since)
+    .bind(until)
+    .bind(paging.limit)
+    .bind(paging.offset)
+    .fetch_all(s.store.pool())
+    .await?;
+    let items = rows
+        .iter()
+        .map(|r| {
+            let worst: i64 = r.try_get("worst")?;
+            Ok(PathSample {
+                at: r.try_get("bucket")?,
+                site_id: r.try_get("site_id")?,
+                state: ["up", "degraded", "down"][worst.clamp(0, 2) as usize].to_owned(),
+                rtt_ms: r.try_get("rtt")?,
+                jitter_ms: r.try_get("jitter")?,
+                loss_pct: r.try_get("loss")?,
+                samples: Some(r.try_get("n")?),
+                rtt_ms_max: r.try_get("rtt_max")?,
             })
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
