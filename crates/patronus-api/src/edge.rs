@@ -260,6 +260,10 @@ pub struct Telemetry {
     /// Failovers since the last report (an edge keeps its last 256).
     #[serde(default)]
     pub failovers: Vec<FailoverEvent>,
+    /// Path state changes since the last report, each at the moment the edge saw it (an edge
+    /// keeps its last 256).
+    #[serde(default)]
+    pub path_events: Vec<PathEvent>,
     /// What each SLA class's traffic sent since this run of the edge started.
     #[serde(default)]
     pub classes: Vec<ClassReport>,
@@ -277,6 +281,38 @@ pub struct ClassReport {
     pub class: String,
     pub tx_packets: u64,
     pub tx_bytes: u64,
+}
+
+/// A path's change of state, as the reporting edge saw it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PathEvent {
+    /// The edge's own count of path events in this run, from 1.
+    pub seq: u64,
+    /// Unix milliseconds.
+    pub at_ms: i64,
+    pub peer: String,
+    pub local_link: String,
+    pub remote_link: String,
+    /// `down` (no sign of life for the detection time), `up` (alive again, or for the first
+    /// time), `sla-violated`, `sla-restored` (for `class`).
+    pub kind: String,
+    #[serde(default)]
+    pub class: Option<String>,
+    /// What the path measured: the first reply's RTT for `up`; RTT, jitter and loss for
+    /// `sla-violated`.
+    #[serde(default)]
+    pub rtt_ms: Option<f64>,
+    #[serde(default)]
+    pub jitter_ms: Option<f64>,
+    #[serde(default)]
+    pub loss_pct: Option<f64>,
+    /// For `down`: how long the path had been silent, and the flows that were on it.
+    #[serde(default)]
+    pub silent_ms: Option<f64>,
+    #[serde(default)]
+    pub flows: Option<u32>,
 }
 
 /// Flows that moved from one path to another at once, for one reason.

@@ -23,7 +23,7 @@ mod sla;
 
 pub use edge::{
     ClassReport, ConfigDelta, EdgeConfig, EdgeLink, EdgeLocal, FailoverEvent, KeyError, LocalLink,
-    PathReport, PeerConfig, SiteConfig, SiteHead, SiteShared, Telemetry, WgPublicKey,
+    PathEvent, PathReport, PeerConfig, SiteConfig, SiteHead, SiteShared, Telemetry, WgPublicKey,
     key_from_base64, key_to_base64,
 };
 pub use error::{FieldError, FieldErrors};

@@ -43,9 +43,6 @@ pub struct Inner {
     /// The latest measurement of each path (by path id), as an edge at one of its ends
     /// reported it.
     pub live: std::sync::Mutex<std::collections::HashMap<String, LivePath>>,
-    /// The state of each path as each of its ends last reported it (by site id and path id):
-    /// a change is an event.
-    pub reported: std::sync::Mutex<std::collections::HashMap<(i64, String), String>>,
     /// Wakes the webhook delivery worker when a delivery is queued.
     pub webhook_wake: tokio::sync::Notify,
     /// The TLS client of `https://` webhooks.
@@ -195,7 +192,6 @@ impl AppState {
             previous: std::sync::Mutex::new(None),
             presence: std::sync::Mutex::new(std::collections::HashMap::new()),
             live: std::sync::Mutex::new(std::collections::HashMap::new()),
-            reported: std::sync::Mutex::new(std::collections::HashMap::new()),
             webhook_wake: tokio::sync::Notify::new(),
             webhook_tls,
             config,

@@ -295,6 +295,27 @@ ALTER TABLE sites ADD COLUMN key_rotation INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE sites ADD COLUMN next_public_key TEXT;
 "#,
     ),
+    (
+        13,
+        "path state changes reported by the edges, at the moment they saw them",
+        r#"
+CREATE TABLE path_events (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    site_id INTEGER NOT NULL REFERENCES sites(id) ON DELETE CASCADE,
+    seq     INTEGER NOT NULL,
+    at_ms   INTEGER NOT NULL,
+    path_id TEXT,
+    kind    TEXT    NOT NULL,
+    class   TEXT,
+    detail  TEXT    NOT NULL,
+    -- When the controller got it (retention counts from this, not from the edge's clock).
+    received_s INTEGER NOT NULL,
+    UNIQUE (site_id, seq, at_ms)
+);
+CREATE INDEX path_events_path_at ON path_events(path_id, at_ms);
+CREATE INDEX path_events_received ON path_events(received_s);
+"#,
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -171,7 +171,7 @@ async fn public_endpoints_answer_and_unknown_routes_and_methods_get_the_error_sh
     assert_eq!(r.status, StatusCode::OK);
     let r = a.call(Method::GET, "/api/v1/version", None, None).await;
     assert_eq!(r.body["api"], "v1");
-    assert_eq!(r.body["schema_version"], 12);
+    assert_eq!(r.body["schema_version"], 13);
     let r = a
         .call(Method::GET, "/api/v1/nothing-here", None, None)
         .await;
@@ -2856,7 +2856,10 @@ async fn webhooks_get_signed_events_retried_until_delivered_with_their_status_in
         "failovers": [{ "seq": 1, "at_ms": 1_795_000_000_000i64, "peer": "b1",
                         "from_local_link": "mpls", "from_remote_link": "mpls",
                         "to_local_link": "inet", "to_remote_link": "mpls",
-                        "reason": "path-down", "flows": 3 }]
+                        "reason": "path-down", "flows": 3 }],
+        "path_events": [{ "seq": 1, "at_ms": 1_794_999_999_940i64, "peer": "b1",
+                          "local_link": "mpls", "remote_link": "mpls", "kind": "down",
+                          "silent_ms": 64.5, "flows": 3 }]
     });
     for _ in 0..2 {
         let r = a
@@ -2874,6 +2877,9 @@ async fn webhooks_get_signed_events_retried_until_delivered_with_their_status_in
         (v["data"]["from"].as_str(), v["data"]["to"].as_str()),
         (Some("hq/mpls"), Some("b1/mpls"))
     );
+    // At the moment the edge saw it, to the millisecond.
+    assert_eq!(v["data"]["at_ms"], 1_794_999_999_940i64);
+    assert_eq!(v["data"]["silent_ms"], 64.5);
     let (_, v) = wait_for(&got, "failover").await;
     assert_eq!(
         (v["data"]["reason"].as_str(), v["data"]["flows"].as_u64()),
@@ -2888,9 +2894,20 @@ async fn webhooks_get_signed_events_retried_until_delivered_with_their_status_in
             .filter(|(_, b)| serde_json::from_str::<Value>(b).unwrap()["type"] == kind)
             .count()
     };
-    assert_eq!((count("path.down"), count("failover")), (1, 1));
+    assert_eq!(
+        (count("path.down"), count("failover")),
+        (1, 1),
+        "{:?}",
+        got.lock()
+            .unwrap()
+            .iter()
+            .map(|(_, b)| b.clone())
+            .collect::<Vec<_>>()
+    );
     let up = report["paths"][0].clone();
-    let mut up = json!({ "paths": [up] });
+    let mut up = json!({ "paths": [up], "path_events": [{ "seq": 2,
+        "at_ms": 1_795_000_004_000i64, "peer": "b1", "local_link": "mpls",
+        "remote_link": "mpls", "kind": "up", "rtt_ms": 20.0 }] });
     up["paths"][0]["state"] = json!("up");
     up["paths"][0]["rtt_ms"] = json!(20.0);
     a.call(
@@ -2901,6 +2918,34 @@ async fn webhooks_get_signed_events_retried_until_delivered_with_their_status_in
     )
     .await;
     wait_for(&got, "path.up").await;
+    // The path's history of state changes.
+    let path_id = v_path_id(&a, &t).await;
+    let r = a
+        .call(
+            Method::GET,
+            &format!("/api/v1/paths/{path_id}/events"),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    let kinds: Vec<&str> = r.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["down", "up"], "{r:?}");
+    assert_eq!(r.body["items"][0]["detail"]["flows"], 3);
+    let r = a
+        .call(
+            Method::GET,
+            &format!("/api/v1/paths/{path_id}/events?kind=sideways"),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
 
     // A ping on request; a disabled webhook hears nothing, and cannot be pinged.
     let r = a
@@ -3468,4 +3513,23 @@ async fn https_webhooks_are_verified_against_the_configured_ca_and_refused_other
         e.contains("webhook_ca_file") && e.contains("no PEM certificate"),
         "{e}"
     );
+}
+
+/// The id of hq's MPLS path to b1 (link ids, lower first).
+async fn v_path_id(a: &Api, t: &str) -> String {
+    let r = a
+        .call(Method::GET, "/api/v1/paths?limit=500", Some(t), None)
+        .await;
+    r.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| {
+            p["a"]["site"] == "hq"
+                && p["a"]["link"] == "mpls"
+                && p["b"]["site"] == "b1"
+                && p["b"]["link"] == "mpls"
+        })
+        .map(|p| p["id"].as_str().unwrap().to_owned())
+        .unwrap_or_else(|| panic!("no hq/mpls - b1/mpls path: {r:?}"))
 }

@@ -396,6 +396,9 @@ pub struct Edge {
     /// Structured failover events, for the controller.
     failover_log: VecDeque<patronus_api::FailoverEvent>,
     failover_seq: u64,
+    /// Structured path state changes, for the controller.
+    path_log: VecDeque<patronus_api::PathEvent>,
+    path_seq: u64,
     overlay: IpAddr,
     engine: Engine,
     tun: SyncDevice,
@@ -594,6 +597,8 @@ impl Edge {
             failovers: BTreeMap::new(),
             failover_log: VecDeque::new(),
             failover_seq: 0,
+            path_log: VecDeque::new(),
+            path_seq: 0,
             overlay: cfg.overlay,
             engine,
             tun,
@@ -915,6 +920,7 @@ impl Edge {
             probe_replies_rejected: self.engine.stats().replies_rejected,
             failovers: self.failovers.clone(),
             failover_events: self.failover_log.iter().cloned().collect(),
+            path_events: self.path_log.iter().cloned().collect(),
             flows: self.engine.flow_count(),
             started_unix_ms: self.started_unix_ms,
             key_roll: self.roll.as_ref().map(|(secret, public, since)| {
@@ -1016,6 +1022,7 @@ impl Edge {
         let mut batch: BTreeMap<(u32, u32, &'static str), u32> = BTreeMap::new();
         while let Some((_, ev)) = self.engine.poll_event() {
             let is_move = matches!(ev, Event::FlowMoved { .. });
+            self.log_path_event(&ev, now);
             let text = match ev {
                 Event::PathUp { path, rtt } => {
                     format!(
@@ -1103,6 +1110,71 @@ impl Edge {
                 flows,
             });
         }
+    }
+
+    /// Keeps a path's change of state as a structured event for the controller.
+    fn log_path_event(&mut self, ev: &Event, now: Instant) {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let (path, kind, class, metrics, silent, flows, rtt) = match *ev {
+            Event::PathUp { path, rtt } => (path, "up", None, None, None, None, Some(ms(rtt))),
+            Event::PathDown {
+                path,
+                silent_for,
+                flows,
+            } => (
+                path,
+                "down",
+                None,
+                None,
+                Some(ms(silent_for)),
+                Some(flows),
+                None,
+            ),
+            Event::SlaViolated {
+                path,
+                class,
+                metrics,
+            } => (
+                path,
+                "sla-violated",
+                Some(class),
+                Some(metrics),
+                None,
+                None,
+                None,
+            ),
+            Event::SlaRestored { path, class } => {
+                (path, "sla-restored", Some(class), None, None, None, None)
+            }
+            Event::FlowMoved { .. } => return,
+        };
+        let Some(p) = self.engine.path(path, now) else {
+            return;
+        };
+        self.path_seq += 1;
+        if self.path_log.len() == RECENT_EVENTS {
+            self.path_log.pop_front();
+        }
+        let at_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        self.path_log.push_back(patronus_api::PathEvent {
+            seq: self.path_seq,
+            at_ms,
+            peer: p.peer_name.clone(),
+            local_link: p.local_link.to_string(),
+            remote_link: p.remote_link.to_string(),
+            kind: kind.to_owned(),
+            class: class
+                .and_then(|c| self.engine.class_name(c))
+                .map(|n| n.to_string()),
+            rtt_ms: rtt.or(metrics.map(|m| ms(m.rtt))),
+            jitter_ms: metrics.map(|m| ms(m.jitter)),
+            loss_pct: metrics.map(|m| m.loss * 100.0),
+            silent_ms: silent,
+            flows,
+        });
     }
 
     /// Sends `out_buf[..len]` on path `id` (its link socket, to its endpoint).

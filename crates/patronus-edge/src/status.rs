@@ -87,6 +87,9 @@ pub struct EdgeStatus {
     /// The last failover events, oldest first.
     #[serde(default)]
     pub failover_events: Vec<patronus_api::FailoverEvent>,
+    /// The last path state changes, oldest first.
+    #[serde(default)]
+    pub path_events: Vec<patronus_api::PathEvent>,
     pub flows: usize,
     /// When this run started (Unix ms).
     #[serde(default)]

@@ -160,12 +160,15 @@ fn report(
     let mut failing = false;
     // The last failover event the controller has.
     let mut reported = 0u64;
+    // The last path event the controller has.
+    let mut reported_paths = 0u64;
     let mut last = Instant::now();
     loop {
         std::thread::sleep(Duration::from_millis(200));
         let snap = {
             let Ok(s) = status.lock() else { return };
-            let news = s.failover_events.iter().any(|e| e.seq > reported);
+            let news = s.failover_events.iter().any(|e| e.seq > reported)
+                || s.path_events.iter().any(|e| e.seq > reported_paths);
             let every = if failing { 5 } else { 1 };
             let due = last.elapsed() >= Duration::from_secs(5)
                 || (news && last.elapsed() >= Duration::from_secs(every));
@@ -209,8 +212,15 @@ fn report(
                 .filter(|e| e.seq > reported)
                 .cloned()
                 .collect(),
+            path_events: snap
+                .path_events
+                .iter()
+                .filter(|e| e.seq > reported_paths)
+                .cloned()
+                .collect(),
         };
         let newest = t.failovers.iter().map(|e| e.seq).max();
+        let newest_path = t.path_events.iter().map(|e| e.seq).max();
         let Ok(body) = serde_json::to_value(&t) else {
             continue;
         };
@@ -227,6 +237,7 @@ fn report(
             Ok(r) if r.status == 204 => {
                 failing = false;
                 reported = newest.unwrap_or(reported);
+                reported_paths = newest_path.unwrap_or(reported_paths);
             }
             other if !failing => {
                 failing = true;

@@ -654,6 +654,12 @@ async fn telemetry(
     if t.classes.len() > 256 {
         return Err(ApiError::field("classes", "at most 256 classes per report"));
     }
+    if t.path_events.len() > 1024 {
+        return Err(ApiError::field(
+            "path_events",
+            "at most 1024 events per report",
+        ));
+    }
     if t.failovers.len() > 1024 {
         return Err(ApiError::field(
             "failovers",
@@ -664,6 +670,7 @@ async fn telemetry(
     let mut names: std::collections::BTreeSet<&str> =
         t.paths.iter().map(|p| p.peer.as_str()).collect();
     names.extend(t.failovers.iter().map(|e| e.peer.as_str()));
+    names.extend(t.path_events.iter().map(|e| e.peer.as_str()));
     names.insert(site.site.as_str());
     let sql = format!(
         "SELECT l.id, l.name AS link, s.name AS site FROM links l JOIN sites s ON s.id = l.site_id
@@ -704,38 +711,7 @@ async fn telemetry(
         };
         samples.push((crate::routes::topology::path_id(*a, *b), p));
     }
-    // Each end's view of a path changing is an event: down, up again, or breaking an SLA.
     let mut events = Vec::new();
-    {
-        use crate::webhooks::EventKind;
-        let mut reported = s.reported.lock().unwrap_or_else(|e| e.into_inner());
-        for (id, p) in &samples {
-            let before = reported.insert((site.site_id, id.clone()), p.state.clone());
-            let kind = match (before.as_deref(), p.state.as_str()) {
-                (b, now) if b == Some(now) => None,
-                (_, "down") => Some(EventKind::PathDown),
-                (Some("down"), _) => Some(EventKind::PathUp),
-                (_, "degraded") => Some(EventKind::SlaViolated),
-                _ => None,
-            };
-            if let Some(kind) = kind {
-                events.push((
-                    kind,
-                    json!({
-                        "path_id": id,
-                        "reported_by": site.site,
-                        "from": format!("{}/{}", site.site, p.local_link),
-                        "to": format!("{}/{}", p.peer, p.remote_link),
-                        "state": p.state,
-                        "was": before,
-                        "rtt_ms": p.rtt_ms,
-                        "jitter_ms": p.jitter_ms,
-                        "loss_pct": p.loss_pct,
-                    }),
-                ));
-            }
-        }
-    }
     {
         let mut live = s.live.lock().unwrap_or_else(|e| e.into_inner());
         for (id, p) in &samples {
@@ -814,6 +790,58 @@ async fn telemetry(
             ));
         }
     }
+    // Each end's view of a path changing, at the moment it saw it: kept once (a report may
+    // come twice), and told to webhooks (down, up again, breaking an SLA).
+    for e in &t.path_events {
+        let path = match (
+            ids.get(&(site.site.clone(), e.local_link.clone())),
+            ids.get(&(e.peer.clone(), e.remote_link.clone())),
+        ) {
+            (Some(a), Some(b)) => Some(crate::routes::topology::path_id(*a, *b)),
+            _ => None,
+        };
+        let new = sqlx::query(
+            "INSERT OR IGNORE INTO path_events
+             (site_id, seq, at_ms, path_id, kind, class, detail, received_s)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(site.site_id)
+        .bind(e.seq as i64)
+        .bind(e.at_ms)
+        .bind(&path)
+        .bind(&e.kind)
+        .bind(&e.class)
+        .bind(serde_json::to_string(e).map_err(ApiError::internal)?)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        let kind = match e.kind.as_str() {
+            "down" => crate::webhooks::EventKind::PathDown,
+            "up" => crate::webhooks::EventKind::PathUp,
+            "sla-violated" => crate::webhooks::EventKind::SlaViolated,
+            _ => continue,
+        };
+        if new {
+            events.push((
+                kind,
+                json!({
+                    "path_id": path,
+                    "reported_by": site.site,
+                    "at_ms": e.at_ms,
+                    "from": format!("{}/{}", site.site, e.local_link),
+                    "to": format!("{}/{}", e.peer, e.remote_link),
+                    "class": e.class,
+                    "rtt_ms": e.rtt_ms,
+                    "jitter_ms": e.jitter_ms,
+                    "loss_pct": e.loss_pct,
+                    "silent_ms": e.silent_ms,
+                    "flows": e.flows,
+                }),
+            ));
+        }
+    }
     record_traffic(&mut tx, site.site_id, now, &t, &samples).await?;
     // Retention: what is older goes, a little at a time.
     sqlx::query(
@@ -826,6 +854,13 @@ async fn telemetry(
     sqlx::query(
         "DELETE FROM traffic_samples WHERE id IN
            (SELECT id FROM traffic_samples WHERE at_s < ? ORDER BY id LIMIT 1000)",
+    )
+    .bind(now - SAMPLE_RETENTION_S)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "DELETE FROM path_events WHERE id IN
+           (SELECT id FROM path_events WHERE received_s < ? ORDER BY id LIMIT 1000)",
     )
     .bind(now - SAMPLE_RETENTION_S)
     .execute(&mut *tx)

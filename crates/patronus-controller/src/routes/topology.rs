@@ -38,6 +38,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(list_paths))
         .routes(routes!(show_path))
         .routes(routes!(path_metrics))
+        .routes(routes!(path_events))
         .routes(routes!(failover_events))
 }
 
@@ -702,6 +703,102 @@ async fn path_metrics_bucketed(
             })
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    Ok(Json(Page::new(items, total, paging)))
+}
+
+/// A path's change of state, as the edge of `site_id` saw it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PathEventView {
+    pub id: i64,
+    pub site_id: i64,
+    pub site: String,
+    /// Unix milliseconds, the edge's clock.
+    pub at_ms: i64,
+    /// `down`, `up`, `sla-violated`, `sla-restored`.
+    pub kind: String,
+    pub class: Option<String>,
+    /// The event as the edge reported it.
+    pub detail: patronus_api::PathEvent,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PathEventQuery {
+    pub limit: Option<i64>,
+    pub offset: Option<i64>,
+    /// Unix milliseconds, inclusive.
+    pub since_ms: Option<i64>,
+    /// Unix milliseconds, exclusive.
+    pub until_ms: Option<i64>,
+    /// Only this kind.
+    pub kind: Option<String>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/paths/{id}/events",
+    tag = "paths",
+    summary = "A path's changes of state (down, up, SLA broken or met again) as its edges saw \
+               them, to the millisecond, oldest first.",
+    params(("id" = String, Path, description = "The two link ids, lower first: 3-7"), PathEventQuery),
+    security(("bearer" = [])),
+    responses((status = 200, body = Page<PathEventView>), crate::error::ApiErrors)
+)]
+async fn path_events(
+    State(s): State<AppState>,
+    _p: Principal,
+    extract::Path(id): extract::Path<String>,
+    extract::Query(q): extract::Query<PathEventQuery>,
+) -> Result<Json<Page<PathEventView>>, ApiError> {
+    let paging = Paging::new(q.limit, q.offset)?;
+    if let Some(k) = q.kind.as_deref() {
+        if !matches!(k, "down" | "up" | "sla-violated" | "sla-restored") {
+            return Err(ApiError::field(
+                "kind",
+                "must be down, up, sla-violated or sla-restored",
+            ));
+        }
+    }
+    let (since, until) = (q.since_ms.unwrap_or(0), q.until_ms.unwrap_or(i64::MAX));
+    let filter =
+        "e.path_id = ?1 AND e.at_ms >= ?2 AND e.at_ms < ?3 AND (?4 IS NULL OR e.kind = ?4)";
+    let total: i64 = sqlx::query_scalar(&format!(
+        "SELECT COUNT(*) FROM path_events e WHERE {filter}"
+    ))
+    .bind(&id)
+    .bind(since)
+    .bind(until)
+    .bind(&q.kind)
+    .fetch_one(s.store.pool())
+    .await?;
+    let rows = sqlx::query(&format!(
+        "SELECT e.id, e.site_id, s.name AS site, e.at_ms, e.kind, e.class, e.detail
+         FROM path_events e JOIN sites s ON s.id = e.site_id WHERE {filter}
+         ORDER BY e.at_ms, e.id LIMIT ?5 OFFSET ?6"
+    ))
+    .bind(&id)
+    .bind(since)
+    .bind(until)
+    .bind(&q.kind)
+    .bind(paging.limit)
+    .bind(paging.offset)
+    .fetch_all(s.store.pool())
+    .await?;
+    let items = rows
+        .iter()
+        .map(|r| {
+            Ok(PathEventView {
+                id: r.try_get("id")?,
+                site_id: r.try_get("site_id")?,
+                site: r.try_get("site")?,
+                at_ms: r.try_get("at_ms")?,
+                kind: r.try_get("kind")?,
+                class: r.try_get("class")?,
+                detail: serde_json::from_str(r.try_get::<&str, _>("detail")?)
+                    .map_err(ApiError::internal)?,
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
     Ok(Json(Page::new(items, total, paging)))
 }
 
