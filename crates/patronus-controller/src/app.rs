@@ -124,7 +124,7 @@ impl AppState {
         let prev = self.previous.lock().unwrap_or_else(|e| e.into_inner());
         prev.as_ref()?
             .get(&id)
-            .filter(|c| format!("\"{:016x}\"", c.version).as_bytes() == etag)
+            .filter(|c| c.etag().as_bytes() == etag)
             .cloned()
     }
 

@@ -119,23 +119,14 @@ pub enum Selection {
 
 impl Peers {
     pub fn iter(&self) -> impl Iterator<Item = &PeerEntry> + '_ {
-        let (skip, only) = match &self.selection {
-            Selection::AllBut(skip) => (*skip, None),
-            Selection::Only(v) => (None, Some(v)),
+        let n = match &self.selection {
+            Selection::AllBut(_) => self.all.len(),
+            Selection::Only(v) => v.len(),
         };
-        let all = self
-            .all
-            .iter()
-            .enumerate()
-            .filter(move |(i, _)| Some(*i) != skip);
-        let (a, b) = match only {
-            None => (Some(all.map(|(_, p)| p)), None),
-            Some(v) => (
-                None,
-                Some(v.iter().filter_map(|i| self.all.get(*i as usize))),
-            ),
-        };
-        a.into_iter().flatten().chain(b.into_iter().flatten())
+        (0..n).filter_map(move |k| match &self.selection {
+            Selection::AllBut(skip) => (Some(k) != *skip).then(|| &self.all[k]),
+            Selection::Only(v) => self.all.get(v[k] as usize),
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -165,6 +156,11 @@ impl Compiled {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Its version as an HTTP entity tag (quoted hex).
+    pub fn etag(&self) -> String {
+        format!("\"{:016x}\"", self.version)
     }
 
     /// Appends the JSON to `out`.

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod routes;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod webhooks;
 
 pub use app::{AppState, router};

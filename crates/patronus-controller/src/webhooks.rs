@@ -425,29 +425,7 @@ pub fn sign(secret: &str, t: i64, body: &[u8]) -> String {
 pub fn tls_client(
     config: &crate::config::Config,
 ) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    if let Some(path) = &config.webhook_ca_file {
-        let what = |e: &dyn std::fmt::Display| format!("webhook_ca_file {}: {e}", path.display());
-        let mut added = 0;
-        for c in CertificateDer::pem_file_iter(path).map_err(|e| what(&e))? {
-            roots.add(c.map_err(|e| what(&e))?).map_err(|e| what(&e))?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err(what(&"holds no PEM certificate"));
-        }
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(std::sync::Arc::new(tls))
+    crate::tls::client_config(config.webhook_ca_file.as_deref(), "webhook_ca_file")
 }
 
 /// One `POST` over a fresh HTTP/1.1 connection (TLS for `https://`); the answer's status code.

@@ -169,6 +169,17 @@ struct PathRt {
     alt: Option<Alt>,
 }
 
+impl PathRt {
+    /// The sending session, or (`alt`) the other one of a key roll, if there is one.
+    fn session(&mut self, alt: bool) -> Option<&mut Tunn> {
+        if alt {
+            self.alt.as_mut().map(|a| &mut *a.tunn)
+        } else {
+            Some(&mut self.tunn)
+        }
+    }
+}
+
 /// A path's second WireGuard session while a key rolls. Receiving is by session index, so both
 /// sessions receive what is addressed to them; a handshake initiation is tried on both.
 struct Alt {
@@ -1248,10 +1259,8 @@ impl Edge {
                 let Some(Some(p)) = self.paths.get_mut(i) else {
                     break;
                 };
-                let t = match (&mut p.alt, alt) {
-                    (Some(a), true) => &mut a.tunn,
-                    (None, true) => break,
-                    (_, false) => &mut p.tunn,
+                let Some(t) = p.session(alt) else {
+                    break;
                 };
                 if let TunnResult::WriteToNetwork(d) = t.update_timers(&mut self.out_buf) {
                     let n = d.len();
@@ -1692,10 +1701,9 @@ impl Edge {
         let datagram = &self.net_bufs[buf][at];
         let mut on_alt = side.is_some_and(|g| g != p.side);
         let reply = &mut self.out_buf[..];
-        let mut result = match (&mut p.alt, on_alt) {
-            (Some(a), true) => decap(&mut a.tunn, from.ip(), datagram, dst, reply),
-            (None, true) => Decap::Rejected,
-            (_, false) => decap(&mut p.tunn, from.ip(), datagram, dst, reply),
+        let mut result = match p.session(on_alt) {
+            Some(t) => decap(t, from.ip(), datagram, dst, reply),
+            None => Decap::Rejected,
         };
         if side.is_none() && matches!(result, Decap::Rejected) {
             // An initiation made with the new key of a roll (an old session takes none).
@@ -1758,10 +1766,8 @@ impl Edge {
             let Some(Some(p)) = self.paths.get_mut(idx) else {
                 return;
             };
-            let t = match (&mut p.alt, alt) {
-                (Some(a), true) => &mut a.tunn,
-                (None, true) => return,
-                (_, false) => &mut p.tunn,
+            let Some(t) = p.session(alt) else {
+                return;
             };
             match t.decapsulate(None, &[], &mut self.out_buf) {
                 TunnResult::WriteToNetwork(d) => {

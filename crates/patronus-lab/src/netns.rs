@@ -110,11 +110,12 @@ pub fn enter(name: &str) -> Result<(), NetnsError> {
     })
 }
 
-/// Runs `f` on a fresh thread inside namespace `name` and returns its result.
-pub fn run_in<T: Send>(
+/// Runs `f` on a fresh thread inside namespace `name` and returns its result (sockets it opens
+/// stay in that namespace).
+pub fn run_in<T: Send, E: From<NetnsError> + Send>(
     name: &str,
-    f: impl FnOnce() -> Result<T, NetnsError> + Send,
-) -> Result<T, NetnsError> {
+    f: impl FnOnce() -> Result<T, E> + Send,
+) -> Result<T, E> {
     std::thread::scope(|s| {
         s.spawn(|| {
             enter(name)?;
@@ -125,7 +126,8 @@ pub fn run_in<T: Send>(
             Err(NetnsError::Enter {
                 name: name.into(),
                 message: "the thread working in it panicked".into(),
-            })
+            }
+            .into())
         })
     })
 }

@@ -144,34 +144,11 @@ fn tls_config() -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
     static TLS: std::sync::OnceLock<Result<std::sync::Arc<rustls::ClientConfig>, String>> =
         std::sync::OnceLock::new();
     let built = TLS.get_or_init(|| {
-        use rustls::pki_types::CertificateDer;
-        use rustls::pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        };
         let file = CA_FILE
             .get()
             .cloned()
             .or_else(|| std::env::var_os("PATRONUS_CA_FILE").map(PathBuf::from));
-        if let Some(path) = file {
-            let what = |e: &dyn std::fmt::Display| format!("CA file {}: {e}", path.display());
-            let mut added = 0;
-            for c in CertificateDer::pem_file_iter(&path).map_err(|e| what(&e))? {
-                roots.add(c.map_err(|e| what(&e))?).map_err(|e| what(&e))?;
-                added += 1;
-            }
-            if added == 0 {
-                return Err(what(&"holds no PEM certificate"));
-            }
-        }
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        Ok(std::sync::Arc::new(
-            rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .map_err(|e| e.to_string())?
-                .with_root_certificates(roots)
-                .with_no_client_auth(),
-        ))
+        patronus_controller::tls::client_config(file.as_deref(), "CA file")
     });
     built.clone().map_err(anyhow::Error::msg)
 }

@@ -628,7 +628,7 @@ fn streams_view(t: &Arc<Mutex<Vec<StreamTally>>>) -> String {
 /// The edge's `/status`, read inside its namespace.
 fn edge_status(lab: &Lab, site: &str) -> anyhow::Result<EdgeStatus> {
     let ns = lab.ns(site)?;
-    let r = in_ns(&ns, || {
+    let r = netns::run_in::<_, anyhow::Error>(&ns, || {
         api_client::request(
             &format!("http://127.0.0.1:{STATUS_PORT}"),
             "GET",
@@ -640,18 +640,6 @@ fn edge_status(lab: &Lab, site: &str) -> anyhow::Result<EdgeStatus> {
     Ok(serde_json::from_value(r.body)?)
 }
 
-/// Runs `f` on a thread inside namespace `ns`.
-fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> anyhow::Result<T> + Send) -> anyhow::Result<T> {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            netns::enter(ns)?;
-            f()
-        })
-        .join()
-        .unwrap_or_else(|_| bail!("a thread in {ns} panicked"))
-    })
-}
-
 /// Forwards connections on `listener` to `to` inside namespace `ns`.
 fn forward(listener: &TcpListener, ns: &str, to: SocketAddr) {
     for conn in listener.incoming() {
@@ -660,7 +648,7 @@ fn forward(listener: &TcpListener, ns: &str, to: SocketAddr) {
         let _ = std::thread::Builder::new()
             .name("api-forward".into())
             .spawn(move || {
-                let Ok(server) = in_ns(&ns, || {
+                let Ok(server) = netns::run_in::<_, anyhow::Error>(&ns, || {
                     Ok(TcpStream::connect_timeout(&to, Duration::from_secs(5))?)
                 }) else {
                     return;

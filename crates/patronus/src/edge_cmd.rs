@@ -274,6 +274,11 @@ fn rotations_done(local: &patronus_api::EdgeLocal) -> u64 {
         .unwrap_or(0)
 }
 
+/// Records that the key rotations asked for up to `n` are done.
+fn set_rotations_done(state_dir: &Path, n: u64) -> anyhow::Result<()> {
+    crate::api_client::write_private(&state_dir.join("key-rotations"), n.to_string().as_bytes())
+}
+
 /// One step of a key roll to the controller, retried while it is away; `Ok(false)` if it
 /// says the key is already the site's (a step done before an answer was lost).
 fn post_key(
@@ -388,8 +393,7 @@ fn roll_key(
     std::fs::rename(&next_path, dir.join("private.key"))
         .with_context(|| format!("renaming {}", next_path.display()))?;
     inbox.roll(patronus_edge::edge::Roll::Commit);
-    crate::api_client::write_private(&dir.join("key-rotations"), rotation.to_string().as_bytes())?;
-    Ok(())
+    set_rotations_done(dir, rotation)
 }
 
 /// A key roll that a restart interrupted: the new key (`private.key.next`) is made the site's
@@ -618,10 +622,7 @@ fn from_controller(
     };
     let cfg = adopt(&local, &site).with_context(|| format!("{}", path.display()))?;
     if resumed && !local.state_dir.join("private.key.next").exists() {
-        crate::api_client::write_private(
-            &local.state_dir.join("key-rotations"),
-            site.key_rotation.to_string().as_bytes(),
-        )?;
+        set_rotations_done(&local.state_dir, site.key_rotation)?;
     }
     Ok((
         cfg,
@@ -712,14 +713,7 @@ fn enrol(
                 .to_owned();
             crate::api_client::write_private(&cred_path, c.as_bytes())?;
             // Its key is new: the rotations asked for so far are done.
-            crate::api_client::write_private(
-                &dir.join("key-rotations"),
-                r.body["key_rotation"]
-                    .as_i64()
-                    .unwrap_or(0)
-                    .to_string()
-                    .as_bytes(),
-            )?;
+            set_rotations_done(dir, r.body["key_rotation"].as_u64().unwrap_or(0))?;
             eprintln!(
                 "edge: enrolled as site {} with public key {}",
                 r.body["site"].as_str().unwrap_or("?"),

@@ -105,7 +105,7 @@ fn two_sites_reach_each_other_through_the_tunnels_on_the_path_the_engine_chose()
         .unwrap();
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(table.contains("b:mpls->inet"), "{table}");
-    let metrics = netns::run_in(&lab.ns("a").unwrap(), || {
+    let metrics = netns::run_in::<_, netns::NetnsError>(&lab.ns("a").unwrap(), || {
         use std::io::{Read, Write as _};
         let mut c = std::net::TcpStream::connect(("127.0.0.1", edges::STATUS_PORT))?;
         c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
@@ -331,7 +331,7 @@ fn garbage_replays_and_malformed_probes_change_nothing_and_crash_nothing() {
         })
         .collect();
     let mut sent = 0u64;
-    netns::run_in(&lab.ns("a").unwrap(), || {
+    netns::run_in::<_, netns::NetnsError>(&lab.ns("a").unwrap(), || {
         let s = std::net::UdpSocket::bind("0.0.0.0:40000")?;
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         let mut rnd = || {
@@ -388,7 +388,7 @@ fn garbage_replays_and_malformed_probes_change_nothing_and_crash_nothing() {
     }
     // Malformed probes from inside the tunnel: a LAN host of a sends junk to b's reflector port,
     // and junk "replies" to b's probe sender port.
-    netns::run_in(&a_h1, || {
+    netns::run_in::<_, netns::NetnsError>(&a_h1, || {
         let b_overlay = std::net::SocketAddr::from((edges::overlay4(1), 862));
         let s = std::net::UdpSocket::bind("0.0.0.0:862")?;
         for len in [0usize, 1, 20, 59, 60, 61, 200] {

@@ -615,7 +615,7 @@ async fn next_config(
     loop {
         let configs = s.configs().await?;
         let c = configs.get(&site.site_id).ok_or_else(|| no_config(site))?;
-        let etag = format!("\"{:016x}\"", c.version);
+        let etag = c.etag();
         let tag = HeaderValue::from_str(&etag).map_err(ApiError::internal)?;
         if seen != Some(etag.as_bytes()) {
             return Ok(Next::Changed(configs, tag));
