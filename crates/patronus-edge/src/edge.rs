@@ -196,6 +196,13 @@ struct Alt {
 /// How long a replaced session still receives what was sent on it before the switch.
 const OLD_SESSION_GRACE: Duration = Duration::from_secs(10);
 
+/// Now, in Unix milliseconds (the clock events are reported with).
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// The public half of a secret, as bytes.
 fn public_of(secret: &StaticSecret) -> [u8; 32] {
     PublicKey::from(secret).to_bytes()
@@ -600,9 +607,7 @@ impl Edge {
             tun_name: cfg.tun_name.clone(),
             started: now,
             roll: None,
-            started_unix_ms: SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64),
+            started_unix_ms: unix_ms(),
             shared,
             next_publish: now,
             failovers: BTreeMap::new(),
@@ -1013,11 +1018,10 @@ impl Edge {
         if self.events.len() == RECENT_EVENTS {
             self.events.pop_front();
         }
-        let unix_ms = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or(0);
-        self.events.push_back(RecentEvent { unix_ms, text });
+        self.events.push_back(RecentEvent {
+            unix_ms: unix_ms() as u128,
+            text,
+        });
     }
 
     fn path_name(&self, id: PathId, now: Instant) -> String {
@@ -1094,10 +1098,7 @@ impl Edge {
         if moves > 5 {
             self.record(format!("... and {} more flow moves", moves - 5));
         }
-        let at_ms = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
+        let at_ms = unix_ms();
         for ((from, to, reason), flows) in batch {
             let (Some(f), Some(t)) = (
                 self.engine.path(PathId(from), now),
@@ -1166,10 +1167,7 @@ impl Edge {
         if self.path_log.len() == RECENT_EVENTS {
             self.path_log.pop_front();
         }
-        let at_ms = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
+        let at_ms = unix_ms();
         self.path_log.push_back(patronus_api::PathEvent {
             seq: self.path_seq,
             at_ms,
