@@ -298,31 +298,36 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
             .iter()
             .any(|r| r.json()["type"] == "path.down")
     );
-    let (ok, out, err) = cli(
-        &lab,
-        &home,
-        &[
-            "webhook",
-            "deliveries",
-            &hook_id,
-            "--event",
-            "failover",
-            "--output",
-            "json",
-        ],
-        "",
-    );
-    assert!(ok, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert!(
-        v["items"]
+    // The receiver has the body; the controller records the answer right after.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (ok, out, err) = cli(
+            &lab,
+            &home,
+            &[
+                "webhook",
+                "deliveries",
+                &hook_id,
+                "--event",
+                "failover",
+                "--output",
+                "json",
+            ],
+            "",
+        );
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let delivered = v["items"]
             .as_array()
             .unwrap()
             .iter()
-            .any(|d| d["status"] == "delivered" && d["payload"]["id"] == got.json()["id"]),
-        "{out}"
-    );
-
+            .any(|d| d["status"] == "delivered" && d["payload"]["id"] == got.json()["id"]);
+        if delivered {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{out}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // The controller holds each edge's public key, the one the edge made and keeps.
     for s in &plan.sites {
         let (ok, out, _) = cli(
