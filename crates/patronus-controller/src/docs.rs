@@ -57,7 +57,8 @@ pub async fn docs_page() -> axum::response::Html<String> {
         title = "Patronus controller API",
         description = "The desired state of a Patronus SD-WAN. Authenticate with \
             `POST /api/v1/auth/login` and send `Authorization: Bearer <access_token>` (or an API \
-            key). Every error is an object `error` with `code`, `message` and `details`. \
+            key). Each operation's security requirement names the least role it needs (`viewer`, \
+            `operator`, `admin`); a caller below it gets 403. Every error is an object `error` with `code`, `message` and `details`. \
             Updates are JSON merge patches; send the `ETag` you read as `If-Match` to get 412 \
             instead of overwriting a change you have not seen."
     ),
@@ -79,6 +80,18 @@ impl Modify for Bearer {
                     .scheme(HttpAuthScheme::Bearer)
                     .description(Some(
                         "An access token from /api/v1/auth/login, or an API key (pak_...).",
+                    ))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "site",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "An enrolled edge's site credential (from POST /api/v1/enroll): it \
+                         authenticates that site on /api/v1/edge/... and nowhere else.",
                     ))
                     .build(),
             ),

@@ -572,10 +572,15 @@ async fn users_validate_conflict_paginate_and_update_with_if_match() {
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from("{\"email\": "))
         .unwrap();
-    assert_eq!(
-        a.app.clone().oneshot(req).await.unwrap().status(),
-        StatusCode::BAD_REQUEST
-    );
+    let resp = a.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let headers = resp.headers().clone();
+    let body: Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    // The one error shape, and what the document says of a 400 here.
+    assert_eq!(body["error"]["code"], "bad_request", "{body}");
+    assert!(body["error"]["message"].is_string(), "{body}");
+    schema::check_response("post".into(), "/api/v1/users", 400, &headers, &body);
 
     let r = a
         .call(
@@ -809,6 +814,19 @@ async fn logins_are_rate_limited_per_client_and_failures_lock_the_account() {
     let r = a.login("other@example.net", "x").await;
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
     assert!(r.headers.contains_key(header::RETRY_AFTER));
+    // Refreshing and enrolling count against the same allowance: guessing a refresh token or
+    // an enrolment token is no cheaper than guessing a password.
+    for (path, body) in [
+        ("/api/v1/auth/refresh", json!({ "refresh_token": "guess" })),
+        (
+            "/api/v1/enroll",
+            json!({ "token": "guess", "public_key": patronus_api::key_to_base64(&[7; 32]) }),
+        ),
+    ] {
+        let r = a.call(Method::POST, path, None, Some(body)).await;
+        assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{path}: {r:?}");
+        assert!(r.headers.contains_key(header::RETRY_AFTER), "{path}");
+    }
 }
 
 #[tokio::test]
@@ -3532,4 +3550,270 @@ async fn v_path_id(a: &Api, t: &str) -> String {
         })
         .map(|p| p["id"].as_str().unwrap().to_owned())
         .unwrap_or_else(|| panic!("no hq/mpls - b1/mpls path: {r:?}"))
+}
+
+/// One of every object, for the sweeps over every documented operation.
+struct World {
+    admin: String,
+    operator: String,
+    viewer: String,
+    /// hq's site credential, as its edge holds it.
+    site: String,
+    /// The id a path parameter stands for, by the path segment before it.
+    ids: std::collections::HashMap<&'static str, String>,
+}
+
+async fn world(a: &Api) -> World {
+    let admin = a.admin().await;
+    let (_, operator) = a.user(&admin, "op@example.net", "operator").await;
+    let (_, viewer) = a.user(&admin, "viewer@example.net", "viewer").await;
+    let (target, _) = a.user(&admin, "target@example.net", "viewer").await;
+    let s = sites(a, &admin, &["hq", "b1"]).await;
+    let site = enrolled(a, &admin, s[0], 1).await;
+    let mut ids = std::collections::HashMap::new();
+    let post = async |path: &str, body: Value| {
+        let r = a.call(Method::POST, path, Some(&admin), Some(body)).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{path}: {r:?}");
+        r.body["id"].to_string()
+    };
+    ids.insert("users", target.to_string());
+    ids.insert("sites", s[0].to_string());
+    ids.insert(
+        "sla-classes",
+        post("/api/v1/sla-classes", json!({ "name": "gold" })).await,
+    );
+    ids.insert(
+        "policies",
+        post("/api/v1/policies", voice("voice", 10, "gold")).await,
+    );
+    let hook = post(
+        "/api/v1/webhooks",
+        json!({ "url": "http://127.0.0.1:9/h", "events": ["failover"] }),
+    )
+    .await;
+    ids.insert(
+        "api-keys",
+        post("/api/v1/api-keys", json!({ "name": "k", "role": "viewer" })).await,
+    );
+    let r = a
+        .call(
+            Method::GET,
+            &format!("/api/v1/sites/{}/links", s[0]),
+            Some(&admin),
+            None,
+        )
+        .await;
+    ids.insert("links", r.body["items"][0]["id"].to_string());
+    ids.insert("paths", v_path_id(a, &admin).await);
+    let r = a
+        .call(
+            Method::POST,
+            &format!("/api/v1/webhooks/{hook}/ping"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert!(r.status.is_success(), "{r:?}");
+    let r = a
+        .call(
+            Method::GET,
+            &format!("/api/v1/webhooks/{hook}/deliveries"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    ids.insert("deliveries", r.body["items"][0]["id"].to_string());
+    ids.insert("webhooks", hook);
+    World {
+        admin,
+        operator,
+        viewer,
+        site,
+        ids,
+    }
+}
+
+/// `path` with its parameters filled from `w`; the `missing`-th one names nothing.
+fn concrete(path: &str, w: &World, missing: Option<usize>) -> String {
+    let mut out = Vec::new();
+    let mut n = 0;
+    let segments: Vec<&str> = path.split('/').collect();
+    for (i, seg) in segments.iter().enumerate() {
+        if seg.starts_with('{') {
+            let of = segments[i - 1];
+            out.push(if missing == Some(n) {
+                if of == "paths" {
+                    "999998-999999"
+                } else {
+                    "999999"
+                }
+                .to_owned()
+            } else {
+                w.ids
+                    .get(of)
+                    .unwrap_or_else(|| panic!("no fixture for {seg} after {of} in {path}"))
+                    .clone()
+            });
+            n += 1;
+        } else {
+            out.push((*seg).to_owned());
+        }
+    }
+    out.join("/")
+}
+
+/// A body the operation accepts (so that what is checked is not the body).
+fn body_for(method: &str, path: &str) -> Option<Value> {
+    match (method, path) {
+        ("get" | "delete", _) => None,
+        ("post", "/api/v1/sites/{id}/links") => Some(json!({ "name": "lte9", "kind": "lte" })),
+        ("post", "/api/v1/users/{id}/password") => {
+            Some(json!({ "new_password": "Another-Password-7" }))
+        }
+        _ => Some(json!({})),
+    }
+}
+
+#[tokio::test]
+async fn every_operation_enforces_the_role_its_document_names_and_404s_what_does_not_exist() {
+    let a = api().await;
+    let w = world(&a).await;
+    let doc = patronus_controller::app::document();
+    let roles = [
+        (Role::Viewer, w.viewer.as_str()),
+        (Role::Operator, w.operator.as_str()),
+        (Role::Admin, w.admin.as_str()),
+    ];
+    let mut checked = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let Some(security) = op.get("security") else {
+                continue;
+            };
+            let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let body = body_for(method, path);
+            let params = path.matches('{').count();
+            let (scheme, scopes) = security[0].as_object().unwrap().iter().next().unwrap();
+            let here = concrete(path, &w, None);
+            if scheme == "site" {
+                // An edge's operation: no user's token is its credential...
+                for (role, t) in roles {
+                    let r = a.call(m.clone(), &here, Some(t), body.clone()).await;
+                    assert_eq!(
+                        r.status,
+                        StatusCode::UNAUTHORIZED,
+                        "{role:?} {method} {path}"
+                    );
+                }
+                // ... and the site's is let in.
+                let r = a.call(m.clone(), &here, Some(&w.site), body.clone()).await;
+                assert!(
+                    !matches!(r.status.as_u16(), 401 | 403),
+                    "site {method} {path}: {r:?}"
+                );
+                checked += 1;
+                continue;
+            }
+            assert_eq!(scheme, "bearer", "{method} {path}");
+            let least = scopes
+                .as_array()
+                .and_then(|s| s.first())
+                .and_then(Value::as_str)
+                .and_then(Role::parse)
+                .unwrap_or_else(|| panic!("{method} {path} names no role: {security}"));
+            // A site's credential is for its edge's operations only.
+            let r = a.call(m.clone(), &here, Some(&w.site), body.clone()).await;
+            assert_eq!(
+                r.status,
+                StatusCode::FORBIDDEN,
+                "site {method} {path}: {r:?}"
+            );
+            for (role, t) in roles {
+                if role < least {
+                    // Refused before anything else is looked at: a body that does not even
+                    // parse gets the same 403.
+                    for b in [body.clone(), Some(json!({ "unexpected": [1, 2] }))] {
+                        let r = a.call(m.clone(), &here, Some(t), b).await;
+                        assert_eq!(
+                            r.status,
+                            StatusCode::FORBIDDEN,
+                            "{role:?} {method} {path}: {r:?}"
+                        );
+                    }
+                } else if params == 0 {
+                    if method == "get" {
+                        let r = a.call(m.clone(), &here, Some(t), None).await;
+                        assert!(r.status.is_success(), "{role:?} {method} {path}: {r:?}");
+                    }
+                } else {
+                    // Let in, and told that what the path names does not exist, whichever
+                    // of its parameters names nothing.
+                    for missing in 0..params {
+                        let there = concrete(path, &w, Some(missing));
+                        let r = a.call(m.clone(), &there, Some(t), body.clone()).await;
+                        assert_eq!(
+                            r.status,
+                            StatusCode::NOT_FOUND,
+                            "{role:?} {method} {there}: {r:?}"
+                        );
+                    }
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 55, "{checked} operations");
+
+    // Every update checks If-Match: a stale version is 412 and changes nothing.
+    let mut patches = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        if item.get("patch").is_none() {
+            continue;
+        }
+        let here = concrete(path, &w, None);
+        let before = a.call(Method::GET, &here, Some(&w.admin), None).await;
+        assert_eq!(before.status, StatusCode::OK, "{path}: {before:?}");
+        let r = a
+            .call_with(
+                Method::PATCH,
+                &here,
+                Some(&w.admin),
+                Some(json!({})),
+                &[("if-match", "\"999999\"")],
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::PRECONDITION_FAILED, "{path}: {r:?}");
+        let after = a.call(Method::GET, &here, Some(&w.admin), None).await;
+        assert_eq!(before.body, after.body, "{path}");
+        patches += 1;
+    }
+    assert!(patches >= 8, "{patches} updates");
+
+    // A delivery is tried again by hand only once it has failed.
+    let hook = &w.ids["webhooks"];
+    let delivery = &w.ids["deliveries"];
+    let retry = format!("/api/v1/webhooks/{hook}/deliveries/{delivery}/retry");
+    let r = a.call(Method::POST, &retry, Some(&w.admin), None).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{r:?}");
+    sqlx::query("UPDATE webhook_deliveries SET status = 'failed', attempts = 10 WHERE id = ?")
+        .bind(delivery.parse::<i64>().unwrap())
+        .execute(a.state.store.pool())
+        .await
+        .unwrap();
+    let r = a.call(Method::POST, &retry, Some(&w.admin), None).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{r:?}");
+    let r = a
+        .call(
+            Method::GET,
+            &format!("/api/v1/webhooks/{hook}/deliveries"),
+            Some(&w.admin),
+            None,
+        )
+        .await;
+    let d = &r.body["items"][0];
+    assert_eq!(
+        (d["status"].as_str(), d["attempts"].as_i64()),
+        (Some("pending"), Some(0)),
+        "{d}"
+    );
 }

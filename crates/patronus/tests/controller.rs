@@ -216,6 +216,48 @@ fn a_controller_killed_mid_write_loses_no_acknowledged_write_and_logs_no_secret(
     let key = json(&body)["key"].as_str().unwrap().to_owned();
     let (status, _) = http(c.addr, "GET", "/api/v1/sites", Some(&key), None).unwrap();
     assert_eq!(status, 200);
+    // An enrolment token, spent by an edge for its site credential, which it then uses; the
+    // same token tried again; a webhook's signing secret.
+    let (_, body) = http(c.addr, "GET", "/api/v1/sites?limit=1", Some(&token2), None).unwrap();
+    let site = json(&body)["items"][0]["id"].as_i64().unwrap();
+    let (status, body) = http(
+        c.addr,
+        "POST",
+        &format!("/api/v1/sites/{site}/enrollment-tokens"),
+        Some(&token2),
+        Some("{}"),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let enrol_token = json(&body)["token"].as_str().unwrap().to_owned();
+    let enrol = format!(
+        r#"{{"token":"{enrol_token}","public_key":"{}"}}"#,
+        patronus_api::key_to_base64(&[9; 32])
+    );
+    let (status, body) = http(c.addr, "POST", "/api/v1/enroll", None, Some(&enrol)).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let credential = json(&body)["credential"].as_str().unwrap().to_owned();
+    let (status, _) = http(
+        c.addr,
+        "GET",
+        "/api/v1/edge/config",
+        Some(&credential),
+        None,
+    )
+    .unwrap();
+    assert_eq!(status, 200);
+    let (status, _) = http(c.addr, "POST", "/api/v1/enroll", None, Some(&enrol)).unwrap();
+    assert_eq!(status, 401);
+    let (status, body) = http(
+        c.addr,
+        "POST",
+        "/api/v1/webhooks",
+        Some(&token2),
+        Some(r#"{"url":"http://127.0.0.1:9/hook","events":["failover"]}"#),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let webhook_secret = json(&body)["secret"].as_str().unwrap().to_owned();
     // A failed login with a password-like string.
     let (status, _) = http(
         c.addr,
@@ -239,6 +281,9 @@ fn a_controller_killed_mid_write_loses_no_acknowledged_write_and_logs_no_secret(
         tokens["refresh_token"].as_str().unwrap(),
         &key,
         &hex,
+        &enrol_token,
+        &credential,
+        &webhook_secret,
     ] {
         assert!(!log.contains(secret), "a secret is in the log:\n{log}");
     }

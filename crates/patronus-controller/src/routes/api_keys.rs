@@ -13,7 +13,7 @@ use sqlx::Row;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::app::{AppState, Principal};
+use crate::app::{Admin, AppState};
 use crate::auth::{self as a, Role};
 use crate::error::{ApiError, extract};
 use crate::routes::{Page, Paging, created};
@@ -118,15 +118,14 @@ pub struct ListQuery {
     tag = "api-keys",
     summary = "List API keys (never the keys themselves).",
     params(ListQuery),
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     responses((status = 200, body = Page<KeyView>), crate::error::ApiErrors)
 )]
 async fn list(
     State(s): State<AppState>,
-    p: Principal,
+    Admin(_p): Admin,
     extract::Query(q): extract::Query<ListQuery>,
 ) -> Result<Json<Page<KeyView>>, ApiError> {
-    p.require(Role::Admin)?;
     let paging = Paging::new(q.limit, q.offset)?;
     let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_keys")
         .fetch_one(s.store.pool())
@@ -160,15 +159,14 @@ async fn list(
     tag = "api-keys",
     summary = "Issue an API key; the key is in this response only.",
     request_body = NewKey,
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     responses((status = 201, body = KeyView), crate::error::ApiErrors)
 )]
 async fn create(
     State(s): State<AppState>,
-    p: Principal,
+    Admin(p): Admin,
     extract::Json(new): extract::Json<NewKey>,
 ) -> Result<Response, ApiError> {
-    p.require(Role::Admin)?;
     let mut e = patronus_api::FieldErrors::default();
     let name = new.name.trim().to_owned();
     if name.is_empty() || name.chars().count() > 100 {
@@ -221,15 +219,14 @@ async fn create(
     tag = "api-keys",
     summary = "Revoke an API key.",
     params(("id" = i64, Path, description = "The object's id")),
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     responses((status = 204, description = "Revoked"), crate::error::ApiErrors)
 )]
 async fn revoke(
     State(s): State<AppState>,
-    p: Principal,
+    Admin(p): Admin,
     extract::Path(id): extract::Path<i64>,
 ) -> Result<StatusCode, ApiError> {
-    p.require(Role::Admin)?;
     let mut tx = s.store.begin().await?;
     let r = sqlx::query("UPDATE api_keys SET revoked = 1 WHERE id = ?")
         .bind(id)

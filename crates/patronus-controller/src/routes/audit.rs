@@ -6,8 +6,7 @@ use serde::Deserialize;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::app::{AppState, Principal};
-use crate::auth::Role;
+use crate::app::{Admin, AppState};
 use crate::error::{ApiError, extract};
 use crate::routes::{Page, Paging};
 use crate::store::{AuditQuery, AuditRow};
@@ -39,15 +38,14 @@ pub struct ListQuery {
     tag = "audit",
     summary = "Read the audit log, newest first.",
     params(ListQuery),
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     responses((status = 200, body = Page<AuditRow>), crate::error::ApiErrors)
 )]
 async fn list(
     State(s): State<AppState>,
-    p: Principal,
+    Admin(_p): Admin,
     extract::Query(q): extract::Query<ListQuery>,
 ) -> Result<Json<Page<AuditRow>>, ApiError> {
-    p.require(Role::Admin)?;
     let paging = Paging::new(q.limit, q.offset)?;
     let oldest_first = match q.order.as_deref() {
         None | Some("desc") => false,

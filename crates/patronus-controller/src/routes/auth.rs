@@ -219,7 +219,7 @@ async fn refresh(
     tag = "auth",
     summary = "End the session a refresh token belongs to.",
     request_body = RefreshRequest,
-    security(("bearer" = [])),
+    security(("bearer" = ["viewer"])),
     responses((status = 204, description = "Logged out"), crate::error::ApiErrors)
 )]
 async fn logout(
@@ -239,20 +239,36 @@ async fn logout(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Who is calling: a user, or an API key with its role.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum Me {
+    User(UserRow),
+    ApiKey { api_key: KeyRef, role: Role },
+}
+
+/// An API key, by id and name (never its secret).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct KeyRef {
+    pub id: i64,
+    pub name: String,
+}
+
 /// The calling user, or for an API key its id, name and role.
 #[utoipa::path(
     get,
     path = "/api/v1/auth/me",
     tag = "auth",
     summary = "The calling user (or API key).",
-    security(("bearer" = [])),
-    responses((status = 200, body = serde_json::Value), crate::error::ApiErrors)
+    security(("bearer" = ["viewer"])),
+    responses((status = 200, body = Me), crate::error::ApiErrors)
 )]
-async fn me(p: Principal) -> Json<serde_json::Value> {
+async fn me(p: Principal) -> Json<Me> {
     Json(match p.subject {
-        Subject::User(u) => serde_json::to_value(u).unwrap_or_default(),
-        Subject::ApiKey { id, name } => {
-            serde_json::json!({ "api_key": { "id": id, "name": name }, "role": p.role })
-        }
+        Subject::User(u) => Me::User(u),
+        Subject::ApiKey { id, name } => Me::ApiKey {
+            api_key: KeyRef { id, name },
+            role: p.role,
+        },
     })
 }

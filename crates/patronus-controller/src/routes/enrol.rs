@@ -21,8 +21,8 @@ use sqlx::Row;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::app::{AppState, Principal, bearer};
-use crate::auth::{self as a, Role};
+use crate::app::{AppState, Operator, bearer};
+use crate::auth::{self as a};
 use crate::error::{ApiError, extract};
 use crate::routes::auth::AuthRateLimited;
 use crate::routes::sites::load_site;
@@ -59,15 +59,14 @@ pub struct Rotation {
     summary = "Ask the site's edge to roll to a new key pair (made on the edge); peers accept \
                both keys until it has.",
     params(("id" = i64, Path, description = "The site's id")),
-    security(("bearer" = [])),
+    security(("bearer" = ["operator"])),
     responses((status = 202, body = Rotation), crate::error::ApiErrors)
 )]
 async fn rotate_key(
     State(s): State<AppState>,
-    p: Principal,
+    Operator(p): Operator,
     extract::Path(id): extract::Path<i64>,
 ) -> Result<Response, ApiError> {
-    p.require(Role::Operator)?;
     let site = load_site(&s.store, id).await?;
     if let Some(other) = rolling_neighbour(&s.store, id).await? {
         return Err(ApiError::new(
@@ -126,7 +125,7 @@ pub enum KeyStep {
     summary = "The calling edge rolls to a new key (site credential): first `next`, then \
                `commit` once its sessions use it.",
     request_body = KeyStep,
-    security(("bearer" = [])),
+    security(("site" = [])),
     responses((status = 204, description = "Recorded"), crate::error::ApiErrors)
 )]
 async fn edge_key(
@@ -309,16 +308,15 @@ impl FromRequestParts<AppState> for SiteCaller {
     summary = "A one-time, expiring token that lets an edge enrol as this site.",
     params(("id" = i64, Path, description = "The site's id")),
     request_body = NewToken,
-    security(("bearer" = [])),
+    security(("bearer" = ["operator"])),
     responses((status = 201, body = TokenView), crate::error::ApiErrors)
 )]
 async fn create_token(
     State(s): State<AppState>,
-    p: Principal,
+    Operator(p): Operator,
     extract::Path(id): extract::Path<i64>,
     extract::Json(req): extract::Json<NewToken>,
 ) -> Result<Response, ApiError> {
-    p.require(Role::Operator)?;
     let minutes = req.expires_in_minutes.unwrap_or(60);
     if !(1..=10_080).contains(&minutes) {
         return Err(ApiError::field(
@@ -488,7 +486,7 @@ pub const MAX_WAIT_S: u64 = 25;
     summary = "The calling edge's configuration (site credential). ETag is its version; with \
                If-None-Match it answers 304 when nothing changed, after waiting up to `wait` s.",
     params(ConfigQuery),
-    security(("bearer" = [])),
+    security(("site" = [])),
     responses(
         (status = 200, body = patronus_api::SiteConfig),
         (status = 304, description = "Unchanged since the version in If-None-Match"),
@@ -525,7 +523,7 @@ async fn edge_config(
                409 when the controller no longer has that version (fetch the whole \
                configuration then).",
     params(ConfigQuery),
-    security(("bearer" = [])),
+    security(("site" = [])),
     responses(
         (status = 200, body = patronus_api::ConfigDelta),
         (status = 304, description = "Unchanged since the version in If-None-Match"),
@@ -639,7 +637,7 @@ pub const SAMPLE_RETENTION_S: i64 = 7 * 24 * 3600;
     tag = "enrolment",
     summary = "The calling edge reports its paths' measurements (site credential).",
     request_body = patronus_api::Telemetry,
-    security(("bearer" = [])),
+    security(("site" = [])),
     responses((status = 204, description = "Recorded"), crate::error::ApiErrors)
 )]
 async fn telemetry(

@@ -20,8 +20,7 @@ use sqlx::sqlite::SqliteRow;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::app::{AppState, Principal};
-use crate::auth::Role;
+use crate::app::{Admin, AppState, Operator, Principal};
 use crate::error::{ApiError, extract};
 use crate::routes::{Page, Paging, check_if_match, created, inserted, patched, updated, with_etag};
 use crate::store::{Audit, Store, now_s};
@@ -139,7 +138,7 @@ fn num(n: i64) -> String {
     tag = "sla-classes",
     summary = "List SLA classes.",
     params(ListQuery),
-    security(("bearer" = [])),
+    security(("bearer" = ["viewer"])),
     responses((status = 200, body = Page<Doc<SlaClass>>), crate::error::ApiErrors)
 )]
 async fn list_classes(
@@ -172,7 +171,7 @@ async fn load_class(store: &Store, id: i64) -> Result<Doc<SlaClass>, ApiError> {
     tag = "sla-classes",
     summary = "Read an SLA class.",
     params(("id" = i64, Path, description = "The object's id")),
-    security(("bearer" = [])),
+    security(("bearer" = ["viewer"])),
     responses((status = 200, body = Doc<SlaClass>), crate::error::ApiErrors)
 )]
 async fn show_class(
@@ -190,15 +189,14 @@ async fn show_class(
     tag = "sla-classes",
     summary = "Create an SLA class.",
     request_body = SlaClass,
-    security(("bearer" = [])),
+    security(("bearer" = ["operator"])),
     responses((status = 201, body = Doc<SlaClass>), crate::error::ApiErrors)
 )]
 async fn create_class(
     State(s): State<AppState>,
-    p: Principal,
+    Operator(p): Operator,
     extract::Json(class): extract::Json<SlaClass>,
 ) -> Result<Response, ApiError> {
-    p.require(Role::Operator)?;
     class.validate().map_err(ApiError::validation)?;
     let now = now_s();
     let mut tx = s.store.begin().await?;
@@ -242,17 +240,16 @@ async fn users_of_class(store: &Store, name: &str) -> Result<Vec<String>, ApiErr
     summary = "Change an SLA class (JSON merge patch; If-Match).",
     params(("id" = i64, Path, description = "The object's id")),
     request_body(content = serde_json::Value, description = "A JSON merge patch (RFC 7386) of the object"),
-    security(("bearer" = [])),
+    security(("bearer" = ["operator"])),
     responses((status = 200, body = Doc<SlaClass>), crate::error::ApiErrors)
 )]
 async fn update_class(
     State(s): State<AppState>,
-    p: Principal,
+    Operator(p): Operator,
     extract::Path(id): extract::Path<i64>,
     headers: HeaderMap,
     extract::Json(patch): extract::Json<Value>,
 ) -> Result<Response, ApiError> {
-    p.require(Role::Operator)?;
     let cur = load_class(&s.store, id).await?;
     check_if_match(&headers, cur.version)?;
     let class: SlaClass = patched(&cur.spec, &patch)?;
@@ -301,15 +298,14 @@ async fn update_class(
     tag = "sla-classes",
     summary = "Delete an SLA class no policy uses (not a built-in).",
     params(("id" = i64, Path, description = "The object's id")),
-    security(("bearer" = [])),
+    security(("bearer" = ["operator"])),
     responses((status = 204, description = "Deleted"), crate::error::ApiErrors)
 )]
 async fn remove_class(
     State(s): State<AppState>,
-    p: Principal,
+    Operator(p): Operator,
     extract::Path(id): extract::Path<i64>,
 ) -> Result<StatusCode, ApiError> {
-    p.require(Role::Operator)?;
     let cur = load_class(&s.store, id).await?;
     if cur.builtin {
         return Err(ApiError::conflict(format!(
@@ -343,7 +339,7 @@ async fn remove_class(
     tag = "policies",
     summary = "List policies in evaluation order.",
     params(ListQuery),
-    security(("bearer" = [])),
+    security(("bearer" = ["viewer"])),
     responses((status = 200, body = Page<Doc<Policy>>), crate::error::ApiErrors)
 )]
 async fn list_policies(
@@ -389,7 +385,7 @@ async fn load_policy(store: &Store, id: i64) -> Result<Doc<Policy>, ApiError> {
     tag = "policies",
     summary = "Read a policy.",
     params(("id" = i64, Path, description = "The object's id")),
-    security(("bearer" = [])),
+    security(("bearer" = ["viewer"])),
     responses((status = 200, body = Doc<Policy>), crate::error::ApiErrors)
 )]
 async fn show_policy(
@@ -436,15 +432,14 @@ async fn check_policy(store: &Store, policy: &Policy, id: Option<i64>) -> Result
     tag = "policies",
     summary = "Create a policy.",
     request_body = Policy,
-    security(("bearer" = [])),
+    security(("bearer" = ["operator"])),
     responses((status = 201, body = Doc<Policy>), crate::error::ApiErrors)
 )]
 async fn create_policy(
     State(s): State<AppState>,
-    p: Principal,
+    Operator(p): Operator,
     extract::Json(policy): extract::Json<Policy>,
 ) -> Result<Response, ApiError> {
-    p.require(Role::Operator)?;
     check_policy(&s.store, &policy, None).await?;
     let now = now_s();
     let mut tx = s.store.begin().await?;
@@ -479,17 +474,16 @@ async fn create_policy(
     summary = "Change a policy (JSON merge patch; If-Match).",
     params(("id" = i64, Path, description = "The object's id")),
     request_body(content = serde_json::Value, description = "A JSON merge patch (RFC 7386) of the object"),
-    security(("bearer" = [])),
+    security(("bearer" = ["operator"])),
     responses((status = 200, body = Doc<Policy>), crate::error::ApiErrors)
 )]
 async fn update_policy(
     State(s): State<AppState>,
-    p: Principal,
+    Operator(p): Operator,
     extract::Path(id): extract::Path<i64>,
     headers: HeaderMap,
     extract::Json(patch): extract::Json<Value>,
 ) -> Result<Response, ApiError> {
-    p.require(Role::Operator)?;
     let cur = load_policy(&s.store, id).await?;
     check_if_match(&headers, cur.version)?;
     let policy: Policy = patched(&cur.spec, &patch)?;
@@ -527,15 +521,14 @@ async fn update_policy(
     tag = "policies",
     summary = "Delete a policy.",
     params(("id" = i64, Path, description = "The object's id")),
-    security(("bearer" = [])),
+    security(("bearer" = ["operator"])),
     responses((status = 204, description = "Deleted"), crate::error::ApiErrors)
 )]
 async fn remove_policy(
     State(s): State<AppState>,
-    p: Principal,
+    Operator(p): Operator,
     extract::Path(id): extract::Path<i64>,
 ) -> Result<StatusCode, ApiError> {
-    p.require(Role::Operator)?;
     let cur = load_policy(&s.store, id).await?;
     let audit = Audit::new(
         p.actor(),
@@ -570,7 +563,7 @@ pub async fn failover(store: &Store) -> Result<(FailoverSettings, i64), ApiError
     path = "/api/v1/failover",
     tag = "failover",
     summary = "Read the failover settings.",
-    security(("bearer" = [])),
+    security(("bearer" = ["viewer"])),
     responses((status = 200, body = FailoverSettings), crate::error::ApiErrors)
 )]
 async fn show_failover(State(s): State<AppState>, _p: Principal) -> Result<Response, ApiError> {
@@ -584,17 +577,16 @@ async fn show_failover(State(s): State<AppState>, _p: Principal) -> Result<Respo
     tag = "failover",
     summary = "Change the failover settings (JSON merge patch; If-Match).",
     request_body(content = serde_json::Value, description = "A JSON merge patch (RFC 7386) of the object"),
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     responses((status = 200, body = FailoverSettings), crate::error::ApiErrors)
 )]
 async fn update_failover(
     State(s): State<AppState>,
-    p: Principal,
+    Admin(p): Admin,
     headers: HeaderMap,
     extract::Json(patch): extract::Json<Value>,
 ) -> Result<Response, ApiError> {
     // Settings are the admins' (operators write network objects).
-    p.require(Role::Admin)?;
     let (cur, version) = failover(&s.store).await?;
     check_if_match(&headers, version)?;
     let new: FailoverSettings = patched(&cur, &patch)?;

@@ -19,8 +19,7 @@ use serde_json::{Value, json};
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 
-use crate::app::{AppState, Principal};
-use crate::auth::Role;
+use crate::app::{AppState, Operator, Principal};
 use crate::error::{ApiError, extract};
 use crate::routes::{Page, Paging, check_if_match, created, inserted, patched, updated, with_etag};
 use crate::store::{Audit, Store, now_s};
@@ -362,7 +361,7 @@ pub struct ListQuery {
     tag = "sites",
     summary = "List sites with their links.",
     params(ListQuery),
-    security(("bearer" = [])),
+    security(("bearer" = ["viewer"])),
     responses((status = 200, body = Page<SiteView>), crate::error::ApiErrors)
 )]
 async fn list(
@@ -440,15 +439,14 @@ async fn list(
     tag = "sites",
     summary = "Create a site, with its links.",
     request_body = SiteSpec,
-    security(("bearer" = [])),
+    security(("bearer" = ["operator"])),
     responses((status = 201, body = SiteView), crate::error::ApiErrors)
 )]
 async fn create(
     State(s): State<AppState>,
-    p: Principal,
+    Operator(p): Operator,
     extract::Json(spec): extract::Json<SiteSpec>,
 ) -> Result<Response, ApiError> {
-    p.require(Role::Operator)?;
     spec.validate()
         .into_result()
         .map_err(ApiError::validation)?;
@@ -494,7 +492,7 @@ async fn create(
     tag = "sites",
     summary = "Read a site.",
     params(("id" = i64, Path, description = "The object's id")),
-    security(("bearer" = [])),
+    security(("bearer" = ["viewer"])),
     responses((status = 200, body = SiteView), crate::error::ApiErrors)
 )]
 async fn show(
@@ -514,17 +512,16 @@ async fn show(
     summary = "Change a site (JSON merge patch; If-Match).",
     params(("id" = i64, Path, description = "The object's id")),
     request_body(content = serde_json::Value, description = "A JSON merge patch (RFC 7386) of the object"),
-    security(("bearer" = [])),
+    security(("bearer" = ["operator"])),
     responses((status = 200, body = SiteView), crate::error::ApiErrors)
 )]
 async fn update(
     State(s): State<AppState>,
-    p: Principal,
+    Operator(p): Operator,
     extract::Path(id): extract::Path<i64>,
     headers: HeaderMap,
     extract::Json(patch): extract::Json<Value>,
 ) -> Result<Response, ApiError> {
-    p.require(Role::Operator)?;
     let cur = load_site(&s.store, id).await?;
     check_if_match(&headers, cur.version)?;
     if patch.get("links").is_some() {
@@ -577,15 +574,14 @@ async fn update(
     tag = "sites",
     summary = "Delete a site and its links.",
     params(("id" = i64, Path, description = "The object's id")),
-    security(("bearer" = [])),
+    security(("bearer" = ["operator"])),
     responses((status = 204, description = "Deleted"), crate::error::ApiErrors)
 )]
 async fn remove(
     State(s): State<AppState>,
-    p: Principal,
+    Operator(p): Operator,
     extract::Path(id): extract::Path<i64>,
 ) -> Result<StatusCode, ApiError> {
-    p.require(Role::Operator)?;
     let cur = load_site(&s.store, id).await?;
     // Its links go with it (ON DELETE CASCADE), and so does its place among the hubs.
     let audit = Audit::new(
@@ -614,7 +610,7 @@ async fn load_link(store: &Store, site: i64, link: i64) -> Result<LinkView, ApiE
     tag = "links",
     summary = "List the links of a site.",
     params(("id" = i64, Path, description = "The object's id")),
-    security(("bearer" = [])),
+    security(("bearer" = ["viewer"])),
     responses((status = 200, body = Page<LinkView>), crate::error::ApiErrors)
 )]
 async fn list_links(
@@ -639,16 +635,15 @@ async fn list_links(
     summary = "Add a WAN link to a site.",
     params(("id" = i64, Path, description = "The object's id")),
     request_body = Link,
-    security(("bearer" = [])),
+    security(("bearer" = ["operator"])),
     responses((status = 201, body = LinkView), crate::error::ApiErrors)
 )]
 async fn create_link(
     State(s): State<AppState>,
-    p: Principal,
+    Operator(p): Operator,
     extract::Path(id): extract::Path<i64>,
     extract::Json(link): extract::Json<Link>,
 ) -> Result<Response, ApiError> {
-    p.require(Role::Operator)?;
     let site = load_site(&s.store, id).await?;
     link.validate().map_err(ApiError::validation)?;
     if site.links.len() >= MAX_LINKS {
@@ -683,7 +678,7 @@ async fn create_link(
     tag = "links",
     summary = "Read a link.",
     params(("id" = i64, Path, description = "The site's id"), ("link" = i64, Path, description = "The link's id")),
-    security(("bearer" = [])),
+    security(("bearer" = ["viewer"])),
     responses((status = 200, body = LinkView), crate::error::ApiErrors)
 )]
 async fn show_link(
@@ -702,17 +697,16 @@ async fn show_link(
     summary = "Change a link (JSON merge patch; If-Match).",
     params(("id" = i64, Path, description = "The site's id"), ("link" = i64, Path, description = "The link's id")),
     request_body(content = serde_json::Value, description = "A JSON merge patch (RFC 7386) of the object"),
-    security(("bearer" = [])),
+    security(("bearer" = ["operator"])),
     responses((status = 200, body = LinkView), crate::error::ApiErrors)
 )]
 async fn update_link(
     State(s): State<AppState>,
-    p: Principal,
+    Operator(p): Operator,
     extract::Path((site, link)): extract::Path<(i64, i64)>,
     headers: HeaderMap,
     extract::Json(patch): extract::Json<Value>,
 ) -> Result<Response, ApiError> {
-    p.require(Role::Operator)?;
     let cur = load_link(&s.store, site, link).await?;
     check_if_match(&headers, cur.version)?;
     let new: Link = patched(&cur.link, &patch)?;
@@ -751,15 +745,14 @@ async fn update_link(
     tag = "links",
     summary = "Delete a link.",
     params(("id" = i64, Path, description = "The site's id"), ("link" = i64, Path, description = "The link's id")),
-    security(("bearer" = [])),
+    security(("bearer" = ["operator"])),
     responses((status = 204, description = "Deleted"), crate::error::ApiErrors)
 )]
 async fn remove_link(
     State(s): State<AppState>,
-    p: Principal,
+    Operator(p): Operator,
     extract::Path((site, link)): extract::Path<(i64, i64)>,
 ) -> Result<StatusCode, ApiError> {
-    p.require(Role::Operator)?;
     let cur = load_link(&s.store, site, link).await?;
     let audit = Audit::new(
         p.actor(),

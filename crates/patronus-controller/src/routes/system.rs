@@ -3,7 +3,6 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use serde_json::{Value, json};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -31,7 +30,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
     path = "/metrics",
     tag = "system",
     summary = "Prometheus metrics (text format).",
-    security(("bearer" = [])),
+    security(("bearer" = ["viewer"])),
     responses((status = 200, content_type = "text/plain", body = String), crate::error::ApiErrors)
 )]
 async fn metrics(State(s): State<AppState>, _p: Principal) -> Result<Response, ApiError> {
@@ -124,16 +123,34 @@ async fn metrics(State(s): State<AppState>, _p: Principal) -> Result<Response, A
     Ok(r)
 }
 
+/// A liveness or readiness answer.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Status {
+    /// `ok` (live) or `ready`.
+    pub status: &'static str,
+}
+
+/// What is running.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct VersionInfo {
+    /// The controller's version.
+    pub version: &'static str,
+    /// The API's version (the path prefix).
+    pub api: &'static str,
+    /// The database's migration level.
+    pub schema_version: i64,
+}
+
 /// The process answers.
 #[utoipa::path(
     get,
     path = "/health",
     tag = "system",
     summary = "Liveness: the process answers.",
-    responses((status = 200, body = serde_json::Value), crate::error::ApiErrors)
+    responses((status = 200, body = Status), crate::error::ApiErrors)
 )]
-async fn health() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+async fn health() -> Json<Status> {
+    Json(Status { status: "ok" })
 }
 
 /// The database answers.
@@ -142,11 +159,11 @@ async fn health() -> Json<Value> {
     path = "/ready",
     tag = "system",
     summary = "Readiness: the database answers.",
-    responses((status = 200, body = serde_json::Value), crate::error::ApiErrors)
+    responses((status = 200, body = Status), crate::error::ApiErrors)
 )]
-async fn ready(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
+async fn ready(State(s): State<AppState>) -> Result<Json<Status>, ApiError> {
     match s.store.ping().await {
-        Ok(()) => Ok(Json(json!({ "status": "ready" }))),
+        Ok(()) => Ok(Json(Status { status: "ready" })),
         Err(e) => {
             tracing::warn!(error = %e, "not ready: database");
             Err(ApiError::new(
@@ -163,12 +180,12 @@ async fn ready(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
     path = "/api/v1/version",
     tag = "system",
     summary = "Versions of the controller, the API and the schema.",
-    responses((status = 200, body = serde_json::Value), crate::error::ApiErrors)
+    responses((status = 200, body = VersionInfo), crate::error::ApiErrors)
 )]
-async fn version(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "api": "v1",
-        "schema_version": s.store.schema_version().await?,
-    })))
+async fn version(State(s): State<AppState>) -> Result<Json<VersionInfo>, ApiError> {
+    Ok(Json(VersionInfo {
+        version: env!("CARGO_PKG_VERSION"),
+        api: "v1",
+        schema_version: s.store.schema_version().await?,
+    }))
 }

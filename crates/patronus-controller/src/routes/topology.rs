@@ -25,8 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::{Row, Sqlite, Transaction};
 
-use crate::app::{AppState, Principal};
-use crate::auth::Role;
+use crate::app::{AppState, Operator, Principal};
 use crate::error::{ApiError, extract};
 use crate::routes::sites::{SiteStatus, SiteView, load_sites};
 use crate::routes::{Page, Paging, check_if_match, patched, with_etag};
@@ -210,7 +209,7 @@ async fn view(store: &Store) -> Result<(TopologyView, i64), ApiError> {
     path = "/api/v1/topology",
     tag = "topology",
     summary = "Read the topology and overlay address plan.",
-    security(("bearer" = [])),
+    security(("bearer" = ["viewer"])),
     responses((status = 200, body = TopologyView), crate::error::ApiErrors)
 )]
 async fn show(State(s): State<AppState>, _p: Principal) -> Result<Response, ApiError> {
@@ -224,16 +223,15 @@ async fn show(State(s): State<AppState>, _p: Principal) -> Result<Response, ApiE
     tag = "topology",
     summary = "Change mode, hubs or overlay prefix (JSON merge patch; If-Match).",
     request_body(content = serde_json::Value, description = "A JSON merge patch (RFC 7386) of the object"),
-    security(("bearer" = [])),
+    security(("bearer" = ["operator"])),
     responses((status = 200, body = TopologyView), crate::error::ApiErrors)
 )]
 async fn update(
     State(s): State<AppState>,
-    p: Principal,
+    Operator(p): Operator,
     headers: HeaderMap,
     extract::Json(patch): extract::Json<Value>,
 ) -> Result<Response, ApiError> {
-    p.require(Role::Operator)?;
     let cur = load(&s.store).await?;
     check_if_match(&headers, cur.version)?;
     let spec: TopologySpec = patched(
@@ -450,7 +448,7 @@ pub struct PathQuery {
     tag = "paths",
     summary = "List the paths the topology gives.",
     params(PathQuery),
-    security(("bearer" = [])),
+    security(("bearer" = ["viewer"])),
     responses((status = 200, body = Page<PathView>), crate::error::ApiErrors)
 )]
 async fn list_paths(
@@ -529,7 +527,7 @@ async fn list_paths(
     tag = "paths",
     summary = "Read a path.",
     params(("id" = String, Path, description = "The two link ids, lower first: 3-7")),
-    security(("bearer" = [])),
+    security(("bearer" = ["viewer"])),
     responses((status = 200, body = PathView), crate::error::ApiErrors)
 )]
 async fn show_path(
@@ -537,12 +535,20 @@ async fn show_path(
     _p: Principal,
     extract::Path(id): extract::Path<String>,
 ) -> Result<Json<PathView>, ApiError> {
-    let not_found = || ApiError::not_found(format!("path {id}"));
-    let (x, y) = id.split_once('-').ok_or_else(not_found)?;
-    let (x, y): (i64, i64) = (
-        x.parse().map_err(|_| not_found())?,
-        y.parse().map_err(|_| not_found())?,
-    );
+    current_path(&s, &id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("path {id}")))
+}
+
+/// The path `id` names in the current sites, links and topology, if any.
+async fn current_path(s: &AppState, id: &str) -> Result<Option<PathView>, ApiError> {
+    let Some((x, y)) = id
+        .split_once('-')
+        .and_then(|(x, y)| Some((x.parse::<i64>().ok()?, y.parse::<i64>().ok()?)))
+    else {
+        return Ok(None);
+    };
     let t = load(&s.store).await?;
     let sites = load_sites(&s.store).await?;
     for (a, b) in connected_pairs(&t, &sites) {
@@ -550,12 +556,32 @@ async fn show_path(
             for lb in &b.links {
                 if (la.id, lb.id) == (x, y) || (la.id, lb.id) == (y, x) {
                     let live = s.live.lock().map(|l| l.clone()).unwrap_or_default();
-                    return Ok(Json(path(a, la, b, lb, &live, crate::store::now_s())));
+                    return Ok(Some(path(a, la, b, lb, &live, crate::store::now_s())));
                 }
             }
         }
     }
-    Err(not_found())
+    Ok(None)
+}
+
+/// 404 unless `id` is a path now, or was one whose history is still kept (a removed link's
+/// measurements stay readable until their retention ends).
+async fn known_path(s: &AppState, id: &str) -> Result<(), ApiError> {
+    if current_path(s, id).await?.is_some() {
+        return Ok(());
+    }
+    let kept: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM path_samples WHERE path_id = ?1)
+             OR EXISTS (SELECT 1 FROM path_events WHERE path_id = ?1)",
+    )
+    .bind(id)
+    .fetch_one(s.store.pool())
+    .await?;
+    if kept {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(format!("path {id}")))
+    }
 }
 
 /// One reported measurement of a path.
@@ -597,7 +623,7 @@ pub struct MetricsQuery {
     tag = "paths",
     summary = "A path's measurements as its edges reported them, oldest first.",
     params(("id" = String, Path, description = "The two link ids, lower first: 3-7"), MetricsQuery),
-    security(("bearer" = [])),
+    security(("bearer" = ["viewer"])),
     responses((status = 200, body = Page<PathSample>), crate::error::ApiErrors)
 )]
 async fn path_metrics(
@@ -607,6 +633,7 @@ async fn path_metrics(
     extract::Query(q): extract::Query<MetricsQuery>,
 ) -> Result<Json<Page<PathSample>>, ApiError> {
     let paging = Paging::new(q.limit, q.offset)?;
+    known_path(&s, &id).await?;
     let (since, until) = (q.since.unwrap_or(0), q.until.unwrap_or(i64::MAX));
     if let Some(res) = q.resolution {
         if !(5..=86_400).contains(&res) {
@@ -741,7 +768,7 @@ pub struct PathEventQuery {
     summary = "A path's changes of state (down, up, SLA broken or met again) as its edges saw \
                them, to the millisecond, oldest first.",
     params(("id" = String, Path, description = "The two link ids, lower first: 3-7"), PathEventQuery),
-    security(("bearer" = [])),
+    security(("bearer" = ["viewer"])),
     responses((status = 200, body = Page<PathEventView>), crate::error::ApiErrors)
 )]
 async fn path_events(
@@ -759,6 +786,7 @@ async fn path_events(
             ));
         }
     }
+    known_path(&s, &id).await?;
     let (since, until) = (q.since_ms.unwrap_or(0), q.until_ms.unwrap_or(i64::MAX));
     let filter =
         "e.path_id = ?1 AND e.at_ms >= ?2 AND e.at_ms < ?3 AND (?4 IS NULL OR e.kind = ?4)";
@@ -842,7 +870,7 @@ pub struct FailoverQuery {
     tag = "paths",
     summary = "Failovers the edges reported, newest first.",
     params(FailoverQuery),
-    security(("bearer" = [])),
+    security(("bearer" = ["viewer"])),
     responses((status = 200, body = Page<FailoverView>), crate::error::ApiErrors)
 )]
 async fn failover_events(

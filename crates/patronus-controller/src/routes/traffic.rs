@@ -67,7 +67,7 @@ pub struct TrafficBucket {
     tag = "paths",
     summary = "Traffic the edges reported, per SLA class, path or site, in time buckets.",
     params(StatsQuery),
-    security(("bearer" = [])),
+    security(("bearer" = ["viewer"])),
     responses((status = 200, body = Page<TrafficBucket>), crate::error::ApiErrors)
 )]
 async fn stats(

@@ -11,7 +11,7 @@ use serde_json::json;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::app::{AppState, Principal};
+use crate::app::{Admin, AppState, UserOrAdmin};
 use crate::auth::{self as a, Role};
 use crate::error::{ApiError, extract};
 use crate::routes::{Page, Paging, check_if_match, created, inserted, updated, with_etag};
@@ -133,15 +133,14 @@ pub async fn create_user(store: &Store, actor: &Actor, new: NewUser) -> Result<U
     tag = "users",
     summary = "List users.",
     params(ListQuery),
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     responses((status = 200, body = Page<UserRow>), crate::error::ApiErrors)
 )]
 async fn list(
     State(s): State<AppState>,
-    p: Principal,
+    Admin(_p): Admin,
     extract::Query(q): extract::Query<ListQuery>,
 ) -> Result<Json<Page<UserRow>>, ApiError> {
-    p.require(Role::Admin)?;
     let paging = Paging::new(q.limit, q.offset)?;
     let sort = q.sort.as_deref().unwrap_or("id");
     let (descending, key) = match sort.strip_prefix('-') {
@@ -182,15 +181,14 @@ async fn list(
     tag = "users",
     summary = "Create a user.",
     request_body = NewUser,
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     responses((status = 201, body = UserRow), crate::error::ApiErrors)
 )]
 async fn create(
     State(s): State<AppState>,
-    p: Principal,
+    Admin(p): Admin,
     extract::Json(new): extract::Json<NewUser>,
 ) -> Result<Response, ApiError> {
-    p.require(Role::Admin)?;
     let u = create_user(&s.store, &p.actor(), new).await?;
     Ok(created(format!("/api/v1/users/{}", u.id), u.version, u))
 }
@@ -201,17 +199,13 @@ async fn create(
     tag = "users",
     summary = "Read a user.",
     params(("id" = i64, Path, description = "The object's id")),
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     responses((status = 200, body = UserRow), crate::error::ApiErrors)
 )]
 async fn show(
     State(s): State<AppState>,
-    p: Principal,
-    extract::Path(id): extract::Path<i64>,
+    UserOrAdmin { id, .. }: UserOrAdmin,
 ) -> Result<Response, ApiError> {
-    if p.user_id() != Some(id) {
-        p.require(Role::Admin)?;
-    }
     let u = s
         .store
         .user(id)
@@ -237,17 +231,16 @@ async fn other_admins(store: &Store, except: i64) -> Result<i64, ApiError> {
     summary = "Change a user (If-Match).",
     params(("id" = i64, Path, description = "The object's id")),
     request_body = UserPatch,
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     responses((status = 200, body = UserRow), crate::error::ApiErrors)
 )]
 async fn update(
     State(s): State<AppState>,
-    p: Principal,
+    Admin(p): Admin,
     extract::Path(id): extract::Path<i64>,
     headers: HeaderMap,
     extract::Json(patch): extract::Json<UserPatch>,
 ) -> Result<Response, ApiError> {
-    p.require(Role::Admin)?;
     let cur = s
         .store
         .user(id)
@@ -324,15 +317,14 @@ async fn update(
     tag = "users",
     summary = "Delete a user.",
     params(("id" = i64, Path, description = "The object's id")),
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     responses((status = 204, description = "Deleted"), crate::error::ApiErrors)
 )]
 async fn remove(
     State(s): State<AppState>,
-    p: Principal,
+    Admin(p): Admin,
     extract::Path(id): extract::Path<i64>,
 ) -> Result<StatusCode, ApiError> {
-    p.require(Role::Admin)?;
     if p.user_id() == Some(id) {
         return Err(ApiError::conflict("you cannot delete yourself"));
     }
@@ -361,19 +353,18 @@ async fn remove(
     summary = "Change a password (your own needs the current one).",
     params(("id" = i64, Path, description = "The object's id")),
     request_body = PasswordChange,
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     responses((status = 204, description = "Changed"), crate::error::ApiErrors)
 )]
 async fn set_password(
     State(s): State<AppState>,
-    p: Principal,
-    extract::Path(id): extract::Path<i64>,
+    UserOrAdmin {
+        principal: p,
+        id,
+        own,
+    }: UserOrAdmin,
     extract::Json(req): extract::Json<PasswordChange>,
 ) -> Result<StatusCode, ApiError> {
-    let own = p.user_id() == Some(id);
-    if !own {
-        p.require(Role::Admin)?;
-    }
     let target = s
         .store
         .user(id)

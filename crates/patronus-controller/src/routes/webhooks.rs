@@ -10,8 +10,8 @@ use sqlx::Row;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::app::{AppState, Principal};
-use crate::auth::{self as a, Role};
+use crate::app::{Admin, AppState};
+use crate::auth::{self as a};
 use crate::error::{ApiError, extract};
 use crate::routes::{Page, Paging, check_if_match, created, patched, updated, with_etag};
 use crate::store::{Audit, Store, now_ms, now_s};
@@ -122,15 +122,14 @@ pub struct ListQuery {
     tag = "webhooks",
     summary = "List webhooks (never their secrets).",
     params(ListQuery),
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     responses((status = 200, body = Page<WebhookView>), crate::error::ApiErrors)
 )]
 async fn list(
     State(s): State<AppState>,
-    p: Principal,
+    Admin(_p): Admin,
     extract::Query(q): extract::Query<ListQuery>,
 ) -> Result<axum::Json<Page<WebhookView>>, ApiError> {
-    p.require(Role::Admin)?;
     let paging = Paging::new(q.limit, q.offset)?;
     let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM webhooks")
         .fetch_one(s.store.pool())
@@ -152,15 +151,14 @@ async fn list(
     tag = "webhooks",
     summary = "Register a webhook; its signing secret is in this response only.",
     request_body = WebhookSpec,
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     responses((status = 201, body = WebhookView), crate::error::ApiErrors)
 )]
 async fn create(
     State(s): State<AppState>,
-    p: Principal,
+    Admin(p): Admin,
     extract::Json(mut spec): extract::Json<WebhookSpec>,
 ) -> Result<Response, ApiError> {
-    p.require(Role::Admin)?;
     check(&mut spec)?;
     let secret = format!("{SECRET_PREFIX}{}", a::b64url(&a::random_bytes::<32>()));
     let now = now_s();
@@ -199,15 +197,14 @@ async fn create(
     tag = "webhooks",
     summary = "Read a webhook.",
     params(("id" = i64, Path, description = "The object's id")),
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     responses((status = 200, body = WebhookView), crate::error::ApiErrors)
 )]
 async fn show(
     State(s): State<AppState>,
-    p: Principal,
+    Admin(_p): Admin,
     extract::Path(id): extract::Path<i64>,
 ) -> Result<Response, ApiError> {
-    p.require(Role::Admin)?;
     let v = load(&s.store, id).await?;
     Ok(with_etag(StatusCode::OK, v.version, v))
 }
@@ -220,17 +217,16 @@ async fn show(
                or `enabled`.",
     params(("id" = i64, Path, description = "The object's id")),
     request_body(content = serde_json::Value, description = "A JSON merge patch (RFC 7386) of the object"),
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     responses((status = 200, body = WebhookView), crate::error::ApiErrors)
 )]
 async fn update(
     State(s): State<AppState>,
-    p: Principal,
+    Admin(p): Admin,
     extract::Path(id): extract::Path<i64>,
     headers: HeaderMap,
     extract::Json(patch): extract::Json<Value>,
 ) -> Result<Response, ApiError> {
-    p.require(Role::Admin)?;
     let cur = load(&s.store, id).await?;
     check_if_match(&headers, cur.version)?;
     let mut spec: WebhookSpec = patched(&cur.spec, &patch)?;
@@ -269,15 +265,14 @@ async fn update(
     tag = "webhooks",
     summary = "Delete a webhook and its deliveries.",
     params(("id" = i64, Path, description = "The object's id")),
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     responses((status = 204, description = "Deleted"), crate::error::ApiErrors)
 )]
 async fn remove(
     State(s): State<AppState>,
-    p: Principal,
+    Admin(p): Admin,
     extract::Path(id): extract::Path<i64>,
 ) -> Result<StatusCode, ApiError> {
-    p.require(Role::Admin)?;
     let cur = load(&s.store, id).await?;
     let audit = Audit::new(
         p.actor(),
@@ -301,15 +296,14 @@ pub struct Queued {
     tag = "webhooks",
     summary = "Send this webhook a `ping` event now, to test it; see its deliveries for how it went.",
     params(("id" = i64, Path, description = "The object's id")),
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     responses((status = 202, body = Queued), crate::error::ApiErrors)
 )]
 async fn ping(
     State(s): State<AppState>,
-    p: Principal,
+    Admin(p): Admin,
     extract::Path(id): extract::Path<i64>,
 ) -> Result<Response, ApiError> {
-    p.require(Role::Admin)?;
     let hook = load(&s.store, id).await?;
     if !hook.spec.enabled {
         return Err(ApiError::conflict(format!(
@@ -366,16 +360,15 @@ pub struct DeliveryQuery {
     tag = "webhooks",
     summary = "This webhook's deliveries, newest first.",
     params(("id" = i64, Path, description = "The object's id"), DeliveryQuery),
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     responses((status = 200, body = Page<DeliveryView>), crate::error::ApiErrors)
 )]
 async fn deliveries(
     State(s): State<AppState>,
-    p: Principal,
+    Admin(_p): Admin,
     extract::Path(id): extract::Path<i64>,
     extract::Query(q): extract::Query<DeliveryQuery>,
 ) -> Result<axum::Json<Page<DeliveryView>>, ApiError> {
-    p.require(Role::Admin)?;
     let paging = Paging::new(q.limit, q.offset)?;
     load(&s.store, id).await?;
     if let Some(st) = &q.status {
@@ -440,15 +433,14 @@ async fn deliveries(
         ("id" = i64, Path, description = "The webhook's id"),
         ("delivery_id" = i64, Path, description = "The delivery's id")
     ),
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     responses((status = 202, description = "Queued"), crate::error::ApiErrors)
 )]
 async fn redeliver(
     State(s): State<AppState>,
-    p: Principal,
+    Admin(_p): Admin,
     extract::Path((id, delivery)): extract::Path<(i64, i64)>,
 ) -> Result<StatusCode, ApiError> {
-    p.require(Role::Admin)?;
     let status: Option<String> =
         sqlx::query_scalar("SELECT status FROM webhook_deliveries WHERE id = ? AND webhook_id = ?")
             .bind(delivery)
