@@ -288,6 +288,11 @@ pub fn render_metrics(s: &EdgeStatus) -> String {
         ("tx_errors", "Sends the kernel refused.", c.tx_errors),
         ("probes_sent", "Probes sent on all paths.", c.probes_sent),
         (
+            "probes_unsent",
+            "Probes held back because their path had no completed handshake.",
+            c.probes_unsent,
+        ),
+        (
             "probe_requests_rejected",
             "Probe requests refused as malformed.",
             s.probe_requests_rejected,

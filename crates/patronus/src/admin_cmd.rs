@@ -156,6 +156,17 @@ pub enum PathCmd {
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
+    /// A path's changes of state as its edges saw them (down, up with its first round trip,
+    /// an SLA class broken or met again), oldest first.
+    Events {
+        /// The path's id, as `path list` shows it (the two link ids, lower first: 3-7).
+        id: String,
+        /// Only down, up, sla-violated or sla-restored.
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
     /// The paths the topology gives, with what their edges last measured.
     List {
         /// Only paths with this site (name or id) at one end.
@@ -189,6 +200,36 @@ pub fn path(cmd: PathCmd) -> anyhow::Result<()> {
                     ("FROM", "from"),
                     ("TO", "to"),
                     ("REASON", "reason"),
+                    ("FLOWS", "flows"),
+                ],
+            );
+        }
+        PathCmd::Events { id, kind, output } => {
+            let mut q = format!("/api/v1/paths/{}/events?limit=500", urlencode(&id));
+            if let Some(k) = kind {
+                q.push_str(&format!("&kind={}", urlencode(&k)));
+            }
+            let mut v = s.call("GET", &q, None)?;
+            // What each event measured, beside it in the table (JSON keeps the API's shape).
+            if let (Output::Table, Some(items)) = (output, v["items"].as_array_mut()) {
+                for e in items {
+                    for key in ["rtt_ms", "jitter_ms", "loss_pct", "silent_ms", "flows"] {
+                        e[key] = e["detail"][key].clone();
+                    }
+                }
+            }
+            print(
+                output,
+                &v,
+                &[
+                    ("AT MS", "at_ms"),
+                    ("SITE", "site"),
+                    ("KIND", "kind"),
+                    ("CLASS", "class"),
+                    ("RTT MS", "rtt_ms"),
+                    ("JIT MS", "jitter_ms"),
+                    ("LOSS %", "loss_pct"),
+                    ("SILENT MS", "silent_ms"),
                     ("FLOWS", "flows"),
                 ],
             );

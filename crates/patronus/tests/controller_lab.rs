@@ -199,6 +199,23 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
         if let Some(p) = found {
             let rtt = p["rtt_ms"].as_f64().unwrap();
             assert!((15.0..60.0).contains(&rtt), "{p}");
+            // And the path came up with a first round trip that measured the path, not the
+            // handshake its first probe might have waited behind.
+            let id = p["id"].as_str().unwrap();
+            let (ok, out, err) = cli(
+                &lab,
+                &home,
+                &["path", "events", id, "--kind", "up", "--output", "json"],
+                "",
+            );
+            assert!(ok, "{err}");
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            let ups = v["items"].as_array().unwrap();
+            assert!(!ups.is_empty(), "{out}");
+            for e in ups {
+                let rtt = e["detail"]["rtt_ms"].as_f64().unwrap();
+                assert!((15.0..60.0).contains(&rtt), "{e}");
+            }
             break;
         }
         assert!(
