@@ -13,9 +13,10 @@
 //! its next packet the same way. So a failover moves every flow on the dead path the moment
 //! each sends its next packet, and costs nothing for flows of other peers.
 //!
-//! The table is bounded (`flow_capacity`). Flows idle for `flow_idle_timeout` are forgotten by a
-//! sweep that runs every quarter of the timeout (at most once a second); an expired flow is simply
-//! decided afresh on its next packet. When the table is full, new flows are still decided and
+//! The table is bounded (`flow_capacity`) and made at its full size. Flows idle for
+//! `flow_idle_timeout` are forgotten by a sweep that passes over the table once every quarter of
+//! the timeout (at most once a second), a run of 8192 slots at a time spread over that quarter;
+//! an expired flow is simply decided afresh on its next packet. When the table is full, new flows are still decided and
 //! forwarded, just not cached (counted in [`EngineStats::flow_table_full`]).
 
 use std::cmp::Reverse;
@@ -39,6 +40,8 @@ use crate::{ClassId, Decision, DropReason, Event, MoveReason, PathId, PathState,
 
 /// Events kept for `poll_event` before the oldest are dropped (and counted).
 const MAX_QUEUED_EVENTS: usize = 65_536;
+/// Flow-table slots the idle-flow sweep looks at per call (8192 x 64 bytes = 512 KiB).
+const SWEEP_RUN: usize = 8192;
 
 /// Everything the engine is configured with. The same types the controller stores.
 #[derive(Debug, Clone)]
@@ -261,6 +264,8 @@ pub struct Engine {
     cfg_gen: u16,
     timers: BinaryHeap<Reverse<(Instant, u32, u32)>>,
     next_sweep: Instant,
+    /// Where the next run of the idle-flow sweep starts.
+    sweep_at: usize,
     transmits: VecDeque<Transmit>,
     events: VecDeque<(Instant, Event)>,
     scratch_events: Vec<Event>,
@@ -379,6 +384,7 @@ impl Engine {
             cfg_gen: 0,
             timers: BinaryHeap::new(),
             next_sweep: now + config.flow_idle_timeout / 4,
+            sweep_at: 0,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             scratch_events: Vec::new(),
@@ -923,7 +929,9 @@ impl Engine {
         let now_s = secs_since(self.epoch, now);
         let paths = &mut self.paths;
         let before = self.flows.len();
-        self.flows.retain(|f| {
+        // One run of the table per call, so that a full pass takes `period` and no call
+        // holds up a packet for long (a run is 512 KiB of slots).
+        self.sweep_at = self.flows.retain_run(self.sweep_at, SWEEP_RUN, |f| {
             let keep = now_s.saturating_sub(f.last_seen) < idle;
             if !keep {
                 release(paths, f.decision);
@@ -931,7 +939,9 @@ impl Engine {
             keep
         });
         self.stats.flows_expired += (before - self.flows.len()) as u64;
-        self.next_sweep = now + (self.flow_idle / 4).max(Duration::from_secs(1));
+        let period = (self.flow_idle / 4).max(Duration::from_secs(1));
+        let runs = u32::try_from(self.flows.slots().div_ceil(SWEEP_RUN)).unwrap_or(u32::MAX);
+        self.next_sweep = now + period / runs.max(1);
     }
 
     /// When the engine next needs [`Engine::handle_timeout`]. Drain `poll_transmit` and

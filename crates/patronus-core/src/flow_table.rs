@@ -7,9 +7,13 @@
 //! what one such read costs on the machine at hand next to what a cache hit costs.
 //!
 //! Deletion uses backward shifting (Knuth, TAOCP vol. 3, 6.4, algorithm R), so there are no
-//! tombstones and lookups never degrade. The table starts small and doubles while it is at most
-//! half full, up to twice the configured number of flows; the doubling rehashes every entry
-//! (a one-off pause proportional to the table size, on a cache miss).
+//! tombstones and lookups never degrade. The table is made at its full size, at least twice the
+//! configured number of flows, so it is never more than half full and never rehashes: a table
+//! that doubled as it filled stalled the one packet that made it grow, 9 ms at 65,536 flows on
+//! the machine the README describes (`patronus bench path-select` saw it as the slowest miss).
+//! Its memory is held from the start (32 MiB for the default 262,144 flows). Expiry walks it a
+//! bounded run of slots at a time ([`FlowTable::retain_run`]), so no pass over the whole table
+//! stalls a packet either.
 
 use std::hash::Hasher;
 
@@ -169,14 +173,24 @@ pub(crate) struct FlowTable {
 }
 
 impl FlowTable {
-    /// A table for at most `max` flows.
+    /// A table for at most `max` flows, at its full size.
     pub fn new(max: usize) -> Self {
+        let n = max
+            .saturating_mul(2)
+            .checked_next_power_of_two()
+            .unwrap_or(1 << (usize::BITS - 1))
+            .max(MIN_SLOTS);
         Self {
-            slots: vec![EMPTY; MIN_SLOTS],
-            bits: MIN_SLOTS.trailing_zeros(),
+            slots: vec![EMPTY; n],
+            bits: n.trailing_zeros(),
             len: 0,
-            max,
+            max: max.min(n / 2),
         }
+    }
+
+    /// Slots in the table (the unit of [`FlowTable::retain_run`]).
+    pub fn slots(&self) -> usize {
+        self.slots.len()
     }
 
     pub fn len(&self) -> usize {
@@ -250,9 +264,6 @@ impl FlowTable {
         if self.is_full() {
             return false;
         }
-        if (self.len + 1) * 2 > self.slots.len() {
-            self.grow();
-        }
         let mut i = self.home(k);
         while self.slots[i].occupied() {
             i = (i + 1) & self.mask();
@@ -272,19 +283,6 @@ impl FlowTable {
         s.set_flow(f);
         self.len += 1;
         true
-    }
-
-    fn grow(&mut self) {
-        let doubled = vec![EMPTY; self.slots.len() * 2];
-        let old = std::mem::replace(&mut self.slots, doubled);
-        self.bits += 1;
-        for s in old.into_iter().filter(Slot::occupied) {
-            let mut i = self.home(&s.key());
-            while self.slots[i].occupied() {
-                i = (i + 1) & self.mask();
-            }
-            self.slots[i] = s;
-        }
     }
 
     pub fn remove(&mut self, k: &FlowKey) -> Option<Flow> {
@@ -322,9 +320,18 @@ impl FlowTable {
     }
 
     /// Keeps the flows for which `keep` is true.
-    pub fn retain(&mut self, mut keep: impl FnMut(&Flow) -> bool) {
-        let mut i = 0;
-        while i < self.slots.len() {
+    /// Removes the flows `keep` refuses among the `count` slots from `start` on; returns where
+    /// the next run starts (0 after the last slot). A flow that a removal shifts back across
+    /// `start` waits for the next pass.
+    pub fn retain_run(
+        &mut self,
+        start: usize,
+        count: usize,
+        mut keep: impl FnMut(&Flow) -> bool,
+    ) -> usize {
+        let end = start.saturating_add(count).min(self.slots.len());
+        let mut i = start;
+        while i < end {
             if self.slots[i].occupied() && !keep(&self.slots[i].flow()) {
                 // Another entry may have shifted into slot i: look at it again.
                 self.remove_at(i);
@@ -332,11 +339,11 @@ impl FlowTable {
                 i += 1;
             }
         }
+        if end == self.slots.len() { 0 } else { end }
     }
 
     pub fn clear(&mut self) {
-        self.slots = vec![EMPTY; MIN_SLOTS];
-        self.bits = MIN_SLOTS.trailing_zeros();
+        self.slots.fill(EMPTY);
         self.len = 0;
     }
 }
@@ -405,8 +412,21 @@ mod tests {
                 }
                 6..=8 => assert_eq!(t.remove(&key(i)), model.remove(&key(i))),
                 _ => {
+                    // Sweeps in runs of a few slots at a time, pass after pass, until a pass
+                    // removes nothing (a flow shifted back across a run's start waits for the
+                    // next pass): then exactly the model's flows remain.
                     let cut = step.saturating_sub(2_000);
-                    t.retain(|f| f.last_seen >= cut);
+                    let run = 1 + (x >> 20) as usize % 100;
+                    loop {
+                        let before = t.len();
+                        let mut at = t.retain_run(0, run, |f| f.last_seen >= cut);
+                        while at != 0 {
+                            at = t.retain_run(at, run, |f| f.last_seen >= cut);
+                        }
+                        if t.len() == before {
+                            break;
+                        }
+                    }
                     model.retain(|_, f| f.last_seen >= cut);
                 }
             }

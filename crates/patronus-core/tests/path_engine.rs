@@ -790,6 +790,32 @@ fn idle_flows_expire_and_a_full_table_still_forwards() {
 }
 
 #[test]
+fn a_full_sized_table_expires_idle_flows_within_a_quarter_timeout_of_their_idle_time() {
+    // The default table (524,288 slots) is swept in 64 runs spread over each quarter timeout.
+    let cfg = EngineConfig {
+        flow_idle_timeout: 8 * SEC,
+        ..EngineConfig::default()
+    };
+    let mut net = two_sites(&cfg);
+    net.run_for(2 * SEC);
+    let s: Vec<usize> = (0..50)
+        .map(|i| net.stream("a", "b", UDP, 100 + i, 0, 10))
+        .collect();
+    net.run_for(SEC);
+    assert_eq!(net.engine("a").flow_count(), 50);
+    for &i in &s {
+        net.streams[i].stop_at = Some(net.now);
+    }
+    // Idle for less than the timeout: kept.
+    net.run_for(7 * SEC);
+    assert_eq!(net.engine("a").flow_count(), 50);
+    // Past it by a quarter timeout (plus the second the table's clock rounds to): gone.
+    net.run_for(4 * SEC);
+    assert_eq!(net.engine("a").flow_count(), 0);
+    assert_eq!(net.engine("a").stats().flows_expired, 50);
+}
+
+#[test]
 fn a_policy_change_reclassifies_flows_and_keeps_those_whose_path_still_fits() {
     let mut net = two_sites(&EngineConfig::default());
     net.run_for(2 * SEC);
