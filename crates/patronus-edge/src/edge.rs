@@ -472,6 +472,30 @@ impl std::fmt::Debug for Edge {
     }
 }
 
+/// The path engine's part of `cfg`.
+fn engine_config(cfg: &EdgeConfig, instance: u32) -> EngineConfig {
+    EngineConfig {
+        failover: cfg.failover.clone(),
+        classes: cfg.classes.clone(),
+        policies: cfg.policies.clone(),
+        default_class: cfg.default_class.clone(),
+        default_steering: cfg.default_steering,
+        instance,
+        ..EngineConfig::default()
+    }
+}
+
+/// Everything an edge would refuse in `cfg` that can be known without the machine: the
+/// configuration's own checks and the path engine's (classes, failover settings, policies).
+/// A configuration that passes is one a running edge applies whole.
+pub fn check(cfg: &EdgeConfig) -> Result<(), EdgeError> {
+    cfg.validate()
+        .map_err(|e| EdgeError::Config(e.to_string()))?;
+    engine_config(cfg, 0)
+        .validate()
+        .map_err(|e| EdgeError::Config(e.to_string()))
+}
+
 impl Edge {
     /// Builds everything the edge needs: TUN, routes, sockets, sessions, engine. Fails with a
     /// message that names what could not be done.
@@ -481,19 +505,8 @@ impl Edge {
         let now = Instant::now();
         let mut instance = [0u8; 4];
         getrandom::getrandom(&mut instance).map_err(|e| EdgeError::Config(e.to_string()))?;
-        let mut engine = Engine::new(
-            EngineConfig {
-                failover: cfg.failover.clone(),
-                classes: cfg.classes.clone(),
-                policies: cfg.policies.clone(),
-                default_class: cfg.default_class.clone(),
-                default_steering: cfg.default_steering,
-                instance: u32::from_le_bytes(instance),
-                ..EngineConfig::default()
-            },
-            now,
-        )
-        .map_err(|e| EdgeError::Config(e.to_string()))?;
+        let mut engine = Engine::new(engine_config(cfg, u32::from_le_bytes(instance)), now)
+            .map_err(|e| EdgeError::Config(e.to_string()))?;
 
         // Sockets: one per link, bound to the link's address and device.
         let mut links = Vec::new();

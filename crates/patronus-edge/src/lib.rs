@@ -34,6 +34,19 @@ mod tests {
         assert_eq!(cfg.policies.len(), 2);
     }
 
+    /// What a running edge would refuse is refused before anything is applied or kept: here a
+    /// policy naming a class the configuration does not define.
+    #[test]
+    fn a_configuration_the_engine_would_refuse_fails_the_check() {
+        let text = include_str!("../edge.example.toml");
+        let cfg: patronus_api::EdgeConfig = toml::from_str(text).unwrap_or_else(|e| panic!("{e}"));
+        crate::edge::check(&cfg).unwrap_or_else(|e| panic!("{e}"));
+        let text = text.replace("class = \"realtime\"", "class = \"platinum\"");
+        let cfg: patronus_api::EdgeConfig = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
+        let e = crate::edge::check(&cfg).unwrap_err().to_string();
+        assert!(e.contains("platinum"), "{e}");
+    }
+
     #[test]
     fn a_bad_configuration_is_reported_key_by_key() {
         let text = include_str!("../edge.example.toml")

@@ -550,18 +550,29 @@ impl Follow {
     }
 }
 
-/// Makes the controller's view of the site this machine's configuration, and keeps it as the
-/// last good one (only if it fits: a configuration this machine cannot run is never kept).
-fn adopt(
+/// This machine's configuration from the controller's view of the site, if the edge would run
+/// it whole: it fits this machine's links and passes the edge's and the path engine's checks.
+fn fit(
     local: &patronus_api::EdgeLocal,
     site: &patronus_api::SiteConfig,
 ) -> anyhow::Result<EdgeConfig> {
     let (cfg, notes) = local
         .edge_config(site, local.state_dir.join("private.key"))
         .map_err(|e| anyhow::anyhow!("it does not fit this machine: {e}"))?;
+    patronus_edge::edge::check(&cfg).map_err(|e| anyhow::anyhow!("the edge refuses it: {e}"))?;
     for n in notes {
         eprintln!("edge: {n}");
     }
+    Ok(cfg)
+}
+
+/// Makes the controller's view of the site this machine's configuration, and keeps it as the
+/// last good one (only if it fits: a configuration this machine cannot run is never kept).
+fn adopt(
+    local: &patronus_api::EdgeLocal,
+    site: &patronus_api::SiteConfig,
+) -> anyhow::Result<EdgeConfig> {
+    let cfg = fit(local, site)?;
     crate::api_client::write_private(
         &local.state_dir.join("site-config.json"),
         serde_json::to_string_pretty(site)?.as_bytes(),
@@ -592,35 +603,43 @@ fn from_controller(
         None,
         &[],
     );
-    let mut etag = None;
-    let site: SiteConfig = match fetched {
-        Ok(r) if r.status == 200 => {
-            etag = r.etag;
-            serde_json::from_value(r.body)
-                .context("the controller's configuration does not parse")?
-        }
+    // The controller's configuration if it answers with one this edge would run; otherwise
+    // (unreachable, or a configuration that does not parse or that the edge refuses) the
+    // last good one it kept, so that a bad push cannot stop an edge at its restart.
+    let fresh: Result<(SiteConfig, EdgeConfig, Option<String>), String> = match fetched {
+        Ok(r) if r.status == 200 => serde_json::from_value::<SiteConfig>(r.body)
+            .map_err(|e| format!("its configuration does not parse: {e}"))
+            .and_then(|site| {
+                adopt(&local, &site)
+                    .map(|cfg| (site, cfg, r.etag))
+                    .map_err(|e| format!("its configuration is not used: {e:#}"))
+            }),
         Ok(r) if r.status == 401 => bail!(
             "the controller refused this edge's credential ({}): was the site enrolled again \
              elsewhere?",
             crate::api_client::error_text(&r)
         ),
-        other => {
-            let why = match other {
-                Ok(r) => crate::api_client::error_text(&r),
-                Err(e) => format!("{e:#}"),
-            };
-            let text = std::fs::read_to_string(&cache).with_context(|| {
-                format!("the controller is unreachable ({why}) and there is no configuration from it yet")
-            })?;
+        Ok(r) => Err(format!(
+            "the controller is unreachable ({})",
+            crate::api_client::error_text(&r)
+        )),
+        Err(e) => Err(format!("the controller is unreachable ({e:#})")),
+    };
+    let (site, cfg, etag) = match fresh {
+        Ok(f) => f,
+        Err(why) => {
+            let text = std::fs::read_to_string(&cache)
+                .with_context(|| format!("{why}, and there is no earlier configuration from it"))?;
             eprintln!(
-                "edge: the controller is unreachable ({why}); running on the last configuration ({})",
+                "edge: {why}; running on the last good configuration ({})",
                 cache.display()
             );
-            serde_json::from_str(&text)
-                .with_context(|| format!("{} is damaged", cache.display()))?
+            let site: SiteConfig = serde_json::from_str(&text)
+                .with_context(|| format!("{} is damaged", cache.display()))?;
+            let cfg = fit(&local, &site).with_context(|| format!("{}", path.display()))?;
+            (site, cfg, None)
         }
     };
-    let cfg = adopt(&local, &site).with_context(|| format!("{}", path.display()))?;
     if resumed && !local.state_dir.join("private.key.next").exists() {
         set_rotations_done(&local.state_dir, site.key_rotation)?;
     }
