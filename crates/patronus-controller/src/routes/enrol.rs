@@ -630,6 +630,8 @@ async fn next_config(
 
 /// How long reported samples are kept.
 pub const SAMPLE_RETENTION_S: i64 = 7 * 24 * 3600;
+/// How long failovers are kept: rare, and what an operator looks back on after an incident.
+pub const FAILOVER_RETENTION_S: i64 = 90 * 24 * 3600;
 
 #[utoipa::path(
     post,
@@ -861,6 +863,13 @@ async fn telemetry(
            (SELECT id FROM path_events WHERE received_s < ? ORDER BY id LIMIT 1000)",
     )
     .bind(now - SAMPLE_RETENTION_S)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "DELETE FROM failover_events WHERE id IN
+           (SELECT id FROM failover_events WHERE at_ms < ? ORDER BY id LIMIT 1000)",
+    )
+    .bind((now - FAILOVER_RETENTION_S) * 1000)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
