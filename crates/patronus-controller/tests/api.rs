@@ -2309,6 +2309,7 @@ async fn an_edge_enrols_once_with_a_token_and_then_acts_as_its_own_site_only() {
             Some(enroll(&old, json!({}))),
         )
         .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{r:?}");
     assert!(
         r.body["error"]["message"]
             .as_str()
@@ -2790,8 +2791,8 @@ async fn webhooks_get_signed_events_retried_until_delivered_with_their_status_in
             Some(&t),
             Some(json!({
                 "url": url,
-                "events": ["config.changed", "site.online", "path.down", "path.up",
-                           "sla.violated", "failover"],
+                "events": ["config.changed", "site.online", "site.offline", "path.down",
+                           "path.up", "sla.violated", "failover"],
                 "description": "the NOC"
             })),
         )
@@ -2923,9 +2924,12 @@ async fn webhooks_get_signed_events_retried_until_delivered_with_their_status_in
             .collect::<Vec<_>>()
     );
     let up = report["paths"][0].clone();
-    let mut up = json!({ "paths": [up], "path_events": [{ "seq": 2,
-        "at_ms": 1_795_000_004_000i64, "peer": "b1", "local_link": "mpls",
-        "remote_link": "mpls", "kind": "up", "rtt_ms": 20.0 }] });
+    let mut up = json!({ "paths": [up], "path_events": [
+        { "seq": 2, "at_ms": 1_795_000_004_000i64, "peer": "b1", "local_link": "mpls",
+          "remote_link": "mpls", "kind": "up", "rtt_ms": 20.0 },
+        { "seq": 3, "at_ms": 1_795_000_009_000i64, "peer": "b1", "local_link": "mpls",
+          "remote_link": "mpls", "kind": "sla-violated", "class": "realtime",
+          "rtt_ms": 180.5, "jitter_ms": 4.0, "loss_pct": 0.0 }] });
     up["paths"][0]["state"] = json!("up");
     up["paths"][0]["rtt_ms"] = json!(20.0);
     a.call(
@@ -2936,6 +2940,17 @@ async fn webhooks_get_signed_events_retried_until_delivered_with_their_status_in
     )
     .await;
     wait_for(&got, "path.up").await;
+    // The class the path broke, and what it measured, at the edge's millisecond.
+    let (_, v) = wait_for(&got, "sla.violated").await;
+    assert_eq!(
+        (
+            v["data"]["class"].as_str(),
+            v["data"]["rtt_ms"].as_f64(),
+            v["data"]["at_ms"].as_i64()
+        ),
+        (Some("realtime"), Some(180.5), Some(1_795_000_009_000)),
+        "{v}"
+    );
     // The path's history of state changes.
     let path_id = v_path_id(&a, &t).await;
     let r = a
@@ -2953,7 +2968,7 @@ async fn webhooks_get_signed_events_retried_until_delivered_with_their_status_in
         .iter()
         .map(|e| e["kind"].as_str().unwrap())
         .collect();
-    assert_eq!(kinds, ["down", "up"], "{r:?}");
+    assert_eq!(kinds, ["down", "up", "sla-violated"], "{r:?}");
     assert_eq!(r.body["items"][0]["detail"]["flows"], 3);
     let r = a
         .call(
@@ -2964,6 +2979,36 @@ async fn webhooks_get_signed_events_retried_until_delivered_with_their_status_in
         )
         .await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    // The edge falls silent: once it has not been heard from for 15 s, its site is
+    // announced offline, with when it was last seen.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(25);
+    let offline = loop {
+        let found = got.lock().unwrap().iter().find_map(|(_, b)| {
+            let v: Value = serde_json::from_str(b).unwrap();
+            (v["type"] == "site.offline").then_some(v)
+        });
+        if let Some(v) = found {
+            break v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no site.offline");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(offline["data"]["site"], "hq", "{offline}");
+    assert!(offline["data"]["last_seen"].is_i64(), "{offline}");
+    let r = a
+        .call(
+            Method::GET,
+            &format!("/api/v1/sites/{}", ids[0]),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (r.body["online"].as_bool(), r.body["last_seen"].as_i64()),
+        (Some(false), offline["data"]["last_seen"].as_i64()),
+        "{r:?}"
+    );
 
     // A ping on request; a disabled webhook hears nothing, and cannot be pinged.
     let r = a
