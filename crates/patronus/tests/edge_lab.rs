@@ -58,6 +58,14 @@ fn tcp_a_to_b(lab: &Lab, dst: std::net::IpAddr) -> patronus_lab::iperf::Throughp
     .unwrap()
 }
 
+/// Now, in Unix milliseconds: the clock the edges stamp their events with.
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 fn forwarded_up(lab: &Lab, link: &str) -> u64 {
     lab.link_status(link).unwrap().up_stats.forwarded
 }
@@ -487,7 +495,7 @@ fn a_brownout_moves_realtime_within_a_second_leaves_bulk_and_failback_waits_for_
     };
     let (voice_cfg, bulk_cfg) = (stream(40000, 200), stream(40001, 500));
     let links = ["a/mpls", "a/inet"];
-    let (voice, bulk, checks) = std::thread::scope(|s| {
+    let (voice, bulk, checks, breach_ms) = std::thread::scope(|s| {
         let v = s.spawn(|| stream::run(&a_h1, &b_h1, b_host, &voice_cfg).unwrap());
         let b = s.spawn(|| stream::run(&a_h1, &b_h1, b_host, &bulk_cfg).unwrap());
         std::thread::sleep(Duration::from_millis(700));
@@ -495,9 +503,13 @@ fn a_brownout_moves_realtime_within_a_second_leaves_bulk_and_failback_waits_for_
         // Brownout on MPLS: one-way delay ramps to 80 ms each way (RTT 160 ms, over realtime's
         // 150 ms) in 10 ms steps. A step of tens of ms at once would look like an outage (no
         // reply within the detection time) and move everything, which is a different scenario.
+        let mut breach_ms = 0;
         for d in (10..=80).step_by(10) {
             lab.link_command("a/mpls", &["set", &format!("delay={d}ms")])
                 .unwrap();
+            if d == 80 {
+                breach_ms = unix_ms();
+            }
             std::thread::sleep(Duration::from_millis(60));
         }
         std::thread::sleep(Duration::from_secs(1));
@@ -512,6 +524,7 @@ fn a_brownout_moves_realtime_within_a_second_leaves_bulk_and_failback_waits_for_
             v.join().unwrap(),
             b.join().unwrap(),
             [start, brownout, held, back],
+            breach_ms,
         )
     });
     let _ = writeln!(
@@ -536,6 +549,29 @@ fn a_brownout_moves_realtime_within_a_second_leaves_bulk_and_failback_waits_for_
     assert!((500..720).contains(&held[0]), "held {held:?}");
     // 5.5-6.5 s after: back on MPLS.
     assert!(back[0] >= 700 && back[1] < 150, "back {back:?}");
+    // The move itself, to the millisecond the edge made it: within a second of the step that
+    // took MPLS past realtime's 150 ms, and no flow moved for the SLA before that step.
+    let status = edge_status(&lab, "a");
+    let moves: Vec<i64> = status["failover_events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["reason"] == "sla-violated")
+        .map(|e| e["at_ms"].as_i64().unwrap())
+        .collect();
+    let first = *moves
+        .first()
+        .unwrap_or_else(|| panic!("no SLA move: {status}"));
+    assert!(
+        (0..1000).contains(&(first - breach_ms)),
+        "voice moved {} ms after the breaching step: {moves:?}",
+        first - breach_ms
+    );
+    let _ = writeln!(
+        std::io::stderr(),
+        "voice moved {} ms after the breaching step",
+        first - breach_ms
+    );
     // And not one packet lost, in either stream, through all of it.
     assert_eq!(
         (voice.lost, bulk.lost),
