@@ -149,6 +149,33 @@ pub struct PeerConfig {
     /// that the peer can move its sessions to it without losing a packet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_public_key: Option<WgPublicKey>,
+    /// How this peer's paths are probed.
+    #[serde(default, skip_serializing_if = "ProbeMode::is_stamp")]
+    pub probe: ProbeMode,
+}
+
+/// How a peer answers the probes that measure its paths.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "kebab-case")]
+pub enum ProbeMode {
+    /// STAMP (RFC 8762 layout) to port 862 of the peer's overlay address: a Patronus edge, or
+    /// `patronus edge reflect` beside a stock WireGuard peer. Both directions' jitter.
+    #[default]
+    Stamp,
+    /// ICMP echo requests to the peer's overlay address, which any IP stack answers: a stock
+    /// WireGuard peer with nothing else installed. Round trip and loss are measured as with
+    /// STAMP; with no timestamps from the peer, the round trip's whole variation counts as the
+    /// jitter (an upper bound for either direction's).
+    IcmpEcho,
+}
+
+impl ProbeMode {
+    pub fn is_stamp(&self) -> bool {
+        *self == Self::Stamp
+    }
 }
 
 /// What the controller compiles for one site: everything its edge needs that is not a fact of

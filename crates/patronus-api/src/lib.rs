@@ -23,8 +23,8 @@ mod sla;
 
 pub use edge::{
     ClassReport, ConfigDelta, EdgeConfig, EdgeLink, EdgeLocal, FailoverEvent, KeyError, LocalLink,
-    PathEvent, PathReport, PeerConfig, SiteConfig, SiteHead, SiteShared, Telemetry, WgPublicKey,
-    key_from_base64, key_to_base64,
+    PathEvent, PathReport, PeerConfig, ProbeMode, SiteConfig, SiteHead, SiteShared, Telemetry,
+    WgPublicKey, key_from_base64, key_to_base64,
 };
 pub use error::{FieldError, FieldErrors};
 pub use failover::FailoverSettings;

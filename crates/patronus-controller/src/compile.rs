@@ -343,6 +343,8 @@ pub fn compile(net: &Network) -> Result<Vec<Compiled>, ApiError> {
             lan_prefixes: s.lan_prefixes.clone(),
             links: s.links.iter().map(|l| l.link.clone()).collect(),
             next_public_key: net.next_keys.get(&s.id).copied(),
+            // Every site the controller knows runs a Patronus edge.
+            probe: patronus_api::ProbeMode::Stamp,
         };
         index_of.insert(s.id, all.len());
         all.push(PeerEntry {

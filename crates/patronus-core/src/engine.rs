@@ -818,7 +818,38 @@ impl Engine {
         bytes: &[u8],
         now: Instant,
     ) -> Result<(), ProbeError> {
-        let result = ProbeReply::decode(bytes);
+        self.take_reply(path, ProbeReply::decode(bytes), now)
+    }
+
+    /// An ICMP echo reply arrived on `path`, carrying `bytes`: one of our probe requests, sent
+    /// as an echo request to a peer that has no STAMP reflector (a stock WireGuard host, whose
+    /// IP stack echoes the data back unchanged). It is checked like any reply (path, run, sequence
+    /// and T1 must be ours) and taken as one the peer stamped nothing in: T2 and T3 read as the
+    /// moment it arrived, so the round trip and loss are measured as with STAMP, and the round
+    /// trip's whole variation counts as the forward direction's jitter (the reverse reads 0).
+    /// That is an upper bound of either direction's jitter, never an underestimate.
+    pub fn handle_echo_reply(
+        &mut self,
+        path: PathId,
+        bytes: &[u8],
+        now: Instant,
+    ) -> Result<(), ProbeError> {
+        let t = NtpTime::from_duration(now.saturating_duration_since(self.epoch));
+        let reply = probe::ProbeRequest::decode(bytes).map(|request| ProbeReply {
+            request,
+            t2: t,
+            t3: t,
+            sender_ttl: 0,
+        });
+        self.take_reply(path, reply, now)
+    }
+
+    fn take_reply(
+        &mut self,
+        path: PathId,
+        result: Result<ProbeReply, ProbeError>,
+        now: Instant,
+    ) -> Result<(), ProbeError> {
         let Some(Some(p)) = self.paths.get_mut(path.0 as usize) else {
             self.stats.replies_rejected += 1;
             return Err(result.err().unwrap_or(ProbeError::UnknownPath(path.0)));

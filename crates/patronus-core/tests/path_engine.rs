@@ -1033,3 +1033,49 @@ fn each_class_counts_what_its_flows_sent_once_even_when_duplicated() {
     assert_eq!(counted["business"], (sent(web), 200 * sent(web)));
     assert_eq!(counted["bulk"], (0, 0));
 }
+
+#[test]
+fn a_peer_that_only_echoes_is_measured_by_round_trip_with_its_whole_variation_as_jitter() {
+    // A stock WireGuard peer answers probes sent as ICMP echo requests by echoing them: no
+    // timestamps of its own. Round trips alternate 20 and 30 ms.
+    let (mut a, _b, pa, _pb, t0) = engine_pair();
+    let mut now = t0;
+    let mut answered = 0;
+    for i in 0..200u32 {
+        a.handle_timeout(now);
+        while let Some(tx) = a.poll_transmit() {
+            if tx.path != pa {
+                continue;
+            }
+            let rtt = if i % 2 == 0 { 20 * MS } else { 30 * MS };
+            a.handle_echo_reply(pa, &tx.payload, now + rtt).unwrap();
+            answered += 1;
+            if answered == 1 {
+                let s = a.path(pa, now + rtt).unwrap();
+                assert_eq!(s.state, PathState::Up);
+                assert_eq!(s.rtt, Some(rtt), "the first round trip, exactly");
+            }
+            // The same echo again is a duplicate, and garbage is refused: neither changes
+            // anything.
+            assert!(matches!(
+                a.handle_echo_reply(pa, &tx.payload, now + rtt + MS),
+                Err(patronus_core::ProbeError::Duplicate(_))
+            ));
+            assert!(a.handle_echo_reply(pa, &[0u8; 60], now + rtt).is_err());
+        }
+        now = a.poll_timeout().unwrap().max(now + MS);
+    }
+    let s = a.path(pa, now).unwrap();
+    assert!(answered > 100, "{answered}");
+    assert_eq!(s.state, PathState::Up);
+    assert_eq!(s.loss, 0.0);
+    let rtt = s.rtt.unwrap();
+    assert!(rtt > 20 * MS && rtt < 30 * MS, "{rtt:?}");
+    // RFC 3550 jitter of a transit that alternates by 10 ms converges on 10 ms: all of the
+    // round trip's variation, none hidden by splitting it between the directions.
+    assert!(
+        s.jitter > Duration::from_micros(9_500) && s.jitter <= 10 * MS,
+        "{:?}",
+        s.jitter
+    );
+}

@@ -41,7 +41,7 @@ use nix::sys::socket::{
 };
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
-use patronus_api::{EdgeConfig, EdgeLink, PeerConfig, Prefix};
+use patronus_api::{EdgeConfig, EdgeLink, PeerConfig, Prefix, ProbeMode};
 use patronus_core::engine::{Engine, EngineConfig};
 use patronus_core::packet::PacketMeta;
 use patronus_core::probe::STAMP_PORT;
@@ -420,6 +420,8 @@ pub struct Edge {
     failover_seq: u64,
     /// Structured path state changes, for the controller.
     path_log: VecDeque<patronus_api::PathEvent>,
+    /// The sequence number of the last probe sent as an ICMP echo request.
+    echo_seq: u16,
     path_seq: u64,
     overlay: IpAddr,
     engine: Engine,
@@ -631,6 +633,7 @@ impl Edge {
             failover_log: VecDeque::new(),
             failover_seq: 0,
             path_log: VecDeque::new(),
+            echo_seq: 0,
             path_seq: 0,
             overlay: cfg.overlay,
             engine,
@@ -1249,18 +1252,24 @@ impl Edge {
             let Some(Some(p)) = self.paths.get(t.path.0 as usize) else {
                 continue;
             };
-            let dst = self.peers[p.peer].overlay;
+            let peer = &self.peers[p.peer];
+            let dst = peer.overlay;
             let mut pkt = std::mem::take(&mut self.probe_buf);
-            if wire::udp_packet(
-                self.overlay,
-                dst,
-                PROBE_SENDER_PORT,
-                STAMP_PORT,
-                &t.payload,
-                &mut pkt,
-            )
-            .is_some()
-            {
+            let built = match peer.config.probe {
+                ProbeMode::Stamp => wire::udp_packet(
+                    self.overlay,
+                    dst,
+                    PROBE_SENDER_PORT,
+                    STAMP_PORT,
+                    &t.payload,
+                    &mut pkt,
+                ),
+                ProbeMode::IcmpEcho => {
+                    self.echo_seq = self.echo_seq.wrapping_add(1);
+                    wire::echo_request(self.overlay, dst, self.echo_seq, &t.payload, &mut pkt)
+                }
+            };
+            if built.is_some() {
                 if p.tunn.time_since_last_handshake().is_some() {
                     let n = self.encapsulate(t.path, &pkt);
                     if n > 0 {
@@ -1842,6 +1851,10 @@ impl Edge {
         match wire::inspect(pkt, self.overlay) {
             Inner::ProbeReply { payload } => {
                 let _ = self.engine.handle_probe_reply(id, payload, now);
+                self.to_tun.discard();
+            }
+            Inner::EchoReply { payload } => {
+                let _ = self.engine.handle_echo_reply(id, payload, now);
                 self.to_tun.discard();
             }
             Inner::ProbeRequest {

@@ -15,7 +15,9 @@
 //!
 //! Probes are STAMP packets (see `patronus_core::probe`) in UDP between the two sites' overlay
 //! addresses, inside the tunnel of the path they measure: requests go from port
-//! [`PROBE_SENDER_PORT`] to port 862, replies come back from 862.
+//! [`PROBE_SENDER_PORT`] to port 862, replies come back from 862. To a peer with no reflector (a
+//! stock WireGuard host) the same probe bytes are the data of an ICMP echo request with
+//! identifier [`PROBE_ECHO_ID`], which the peer's IP stack sends back unchanged.
 
 use std::net::IpAddr;
 
@@ -23,6 +25,10 @@ use patronus_core::probe::STAMP_PORT;
 
 /// The UDP port probes are sent from.
 pub const PROBE_SENDER_PORT: u16 = 863;
+
+/// The ICMP echo identifier of probes sent as echo requests (to a peer that has no STAMP
+/// reflector): "PT".
+pub const PROBE_ECHO_ID: u16 = 0x5054;
 
 /// A WireGuard message, as far as routing it to a tunnel needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,6 +142,59 @@ pub fn udp_packet(
     Some(())
 }
 
+/// Writes an ICMP (IPv4) or ICMPv6 echo request from `src` to `dst` with identifier
+/// [`PROBE_ECHO_ID`], sequence `seq` and `payload` as its data into `out` (cleared first). The
+/// families of `src` and `dst` must match; `None` if they do not.
+pub fn echo_request(
+    src: IpAddr,
+    dst: IpAddr,
+    seq: u16,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> Option<()> {
+    out.clear();
+    let icmp_len = (8 + payload.len()) as u16;
+    let mut icmp = [0u8; 8];
+    icmp[4..6].copy_from_slice(&PROBE_ECHO_ID.to_be_bytes());
+    icmp[6..8].copy_from_slice(&seq.to_be_bytes());
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut ip = [0u8; 20];
+            ip[0] = 0x45;
+            ip[2..4].copy_from_slice(&(20 + icmp_len).to_be_bytes());
+            ip[8] = 64;
+            ip[9] = 1;
+            ip[12..16].copy_from_slice(&s.octets());
+            ip[16..20].copy_from_slice(&d.octets());
+            let c = checksum(&ip);
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            icmp[0] = 8;
+            let c = finish(add(add(0, &icmp), payload));
+            icmp[2..4].copy_from_slice(&c.to_be_bytes());
+            out.extend_from_slice(&ip);
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut ip = [0u8; 40];
+            ip[0] = 0x60;
+            ip[4..6].copy_from_slice(&icmp_len.to_be_bytes());
+            ip[6] = 58;
+            ip[7] = 64;
+            ip[8..24].copy_from_slice(&s.octets());
+            ip[24..40].copy_from_slice(&d.octets());
+            icmp[0] = 128;
+            // Pseudo-header (RFC 4443, 2.3), then the message.
+            let sum = add(u32::from(icmp_len) + 58, &ip[8..40]);
+            let c = finish(add(add(sum, &icmp), payload));
+            icmp[2..4].copy_from_slice(&c.to_be_bytes());
+            out.extend_from_slice(&ip);
+        }
+        _ => return None,
+    }
+    out.extend_from_slice(&icmp);
+    out.extend_from_slice(payload);
+    Some(())
+}
+
 /// What a packet that came out of a tunnel is, for the edge.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Inner<'a> {
@@ -148,6 +207,8 @@ pub enum Inner<'a> {
     },
     /// A reply to one of our probes.
     ProbeReply { payload: &'a [u8] },
+    /// An echo reply to one of our probes sent as an echo request: the probe, echoed.
+    EchoReply { payload: &'a [u8] },
     /// Anything else: traffic for the LAN.
     Data,
 }
@@ -178,7 +239,17 @@ pub fn inspect(pkt: &[u8], overlay: IpAddr) -> Inner<'_> {
         }
         _ => return Inner::Data,
     };
-    if proto != 17 || dst != overlay || l4.len() < 8 {
+    if dst != overlay || l4.len() < 8 {
+        return Inner::Data;
+    }
+    let echo_reply = matches!(
+        (src, proto, l4[0], l4[1]),
+        (IpAddr::V4(_), 1, 0, 0) | (IpAddr::V6(_), 58, 129, 0)
+    );
+    if echo_reply && u16::from_be_bytes([l4[4], l4[5]]) == PROBE_ECHO_ID {
+        return Inner::EchoReply { payload: &l4[8..] };
+    }
+    if proto != 17 {
         return Inner::Data;
     }
     let sport = u16::from_be_bytes([l4[0], l4[1]]);
@@ -224,6 +295,43 @@ mod tests {
         assert_eq!(classify(&resp), Some(WgMessage::ToSession(0x2010)));
         for bad in [&[][..], &[4, 0, 0], &[4, 1, 0, 0, 0, 0, 0, 0], &[9; 64]] {
             assert_eq!(classify(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn echo_probes_carry_the_probe_and_only_our_echo_replies_are_taken() {
+        let payload = [7u8; 60];
+        let mut buf = Vec::new();
+        for (a, b) in [("10.255.0.1", "10.255.0.2"), ("fd00:ff::1", "fd00:ff::2")] {
+            let (a, b): (IpAddr, IpAddr) = (a.parse().unwrap(), b.parse().unwrap());
+            echo_request(a, b, 9, &payload, &mut buf).unwrap();
+            let (hdr, next) = if a.is_ipv4() { (20, 1) } else { (40, 58) };
+            assert_eq!(buf.len(), hdr + 8 + 60);
+            // The message's checksum verifies (with the pseudo-header over IPv6).
+            let sum = match (a, b) {
+                (IpAddr::V6(s), IpAddr::V6(d)) => add(add(68 + 58, &s.octets()), &d.octets()),
+                _ => 0,
+            };
+            assert_eq!(finish(add(sum, &buf[hdr..])), 0, "{a}");
+            assert_eq!(buf[if a.is_ipv4() { 9 } else { 6 }], next);
+            // A request to us is the kernel's to answer.
+            assert_eq!(inspect(&buf, b), Inner::Data);
+            // The peer's reply: addresses swapped, type echo reply, same identifier and data.
+            let mut reply = buf.clone();
+            let (s, d) = if a.is_ipv4() {
+                (12..16, 16..20)
+            } else {
+                (8..24, 24..40)
+            };
+            let (src, dst) = (reply[s.clone()].to_vec(), reply[d.clone()].to_vec());
+            reply[s].copy_from_slice(&dst);
+            reply[d].copy_from_slice(&src);
+            reply[hdr] = if a.is_ipv4() { 0 } else { 129 };
+            assert_eq!(inspect(&reply, a), Inner::EchoReply { payload: &payload });
+            assert_eq!(inspect(&reply, b), Inner::Data, "not for us");
+            // Someone else's ping reply (another identifier) goes to the LAN side.
+            reply[hdr + 4] ^= 1;
+            assert_eq!(inspect(&reply, a), Inner::Data);
         }
     }
 

@@ -83,6 +83,7 @@ pub fn edge_config(
                 lan_prefixes: vec![s.lan4, s.lan6],
                 links: s.links.iter().map(|l| link(l, true)).collect(),
                 next_public_key: None,
+                probe: patronus_api::ProbeMode::Stamp,
             })
             .collect(),
         classes: patronus_api::SlaClass::builtins(),
