@@ -1,6 +1,6 @@
 //! Fuzzes everything that reads bytes from the network in the path engine: the probe codec
 //! (request, reply, reflector), the IP header parser, and an engine fed the input as a probe
-//! reply, a probe request and a packet to decide. None may panic; whatever decodes must
+//! reply, an echoed probe, a probe request and a packet to decide. None may panic; whatever decodes must
 //! re-encode to something that decodes the same.
 #![no_main]
 
@@ -21,7 +21,12 @@ fuzz_target!(|data: &[u8]| {
     let _ = reflect(data, NtpTime(1), NtpTime(2), 64);
 
     let now = Instant::now();
-    let mut engine = Engine::new(EngineConfig::default(), now).expect("the default configuration is valid");
+    // A small flow table: the table is made at its full size, and one is made per input.
+    let config = EngineConfig {
+        flow_capacity: 64,
+        ..EngineConfig::default()
+    };
+    let mut engine = Engine::new(config, now).expect("the configuration is valid");
     let peer = engine
         .add_peer("b", &["10.2.0.0/16".parse().expect("a valid prefix")])
         .expect("a fresh engine takes a peer");
@@ -30,6 +35,8 @@ fuzz_target!(|data: &[u8]| {
     engine.handle_timeout(now);
     let _ = engine.handle_probe_reply(path, data, now + Duration::from_millis(5));
     let _ = engine.handle_probe_reply(PathId(7), data, now);
+    let _ = engine.handle_echo_reply(path, data, now + Duration::from_millis(6));
+    let _ = engine.handle_echo_reply(PathId(7), data, now);
     let _ = engine.handle_probe_request(path, data, 64, now);
     if let Ok(meta) = PacketMeta::parse(data) {
         let _ = engine.decide(&meta, data.len(), now);
