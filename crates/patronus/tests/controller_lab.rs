@@ -597,7 +597,10 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
         edges::controller_edge(&lab, patronus(), "hq", &locals[0], "run", None).unwrap();
         edges::wait_for_tunnel(&lab, "hq/h1", b1, Duration::from_secs(20)).unwrap();
         let log = std::fs::read_to_string(edges::edge_dir(&lab, "hq").join("edge.log")).unwrap();
-        assert!(log.contains("running on the last configuration"), "{log}");
+        assert!(
+            log.contains("running on the last good configuration"),
+            "{log}"
+        );
         lab.link_command("hq/mpls", &["cut"]).unwrap();
         std::thread::sleep(Duration::from_secs(1));
         let ping = lab
