@@ -427,6 +427,8 @@ pub struct Edge {
     engine: Engine,
     tun: SyncDevice,
     tun_mtu: u16,
+    /// The largest MTU the TUN's buffers hold.
+    tun_mtu_cap: u16,
     links: Vec<LinkSock>,
     paths: Vec<Option<PathRt>>,
     by_endpoint: HashMap<(usize, SocketAddr), PathId>,
@@ -472,6 +474,28 @@ impl std::fmt::Debug for Edge {
             .field("paths", &self.paths.len())
             .finish()
     }
+}
+
+/// The TUN MTU for `cfg`: the smallest MTU of the links its paths cross, ours and the peers'
+/// (a packet leaves on one of ours and arrives on one of theirs), less WireGuard's overhead.
+fn tun_mtu_for(cfg: &EdgeConfig, v6_underlay: bool) -> u16 {
+    let overhead = if v6_underlay {
+        OVERHEAD_V6
+    } else {
+        OVERHEAD_V4
+    };
+    cfg.links
+        .iter()
+        .map(|l| l.link.mtu)
+        .chain(cfg.peers.iter().flat_map(|p| {
+            p.links
+                .iter()
+                .filter(|l| l.endpoint.is_some())
+                .map(|l| l.mtu)
+        }))
+        .min()
+        .unwrap_or(1500)
+        .saturating_sub(overhead)
 }
 
 /// The path engine's part of `cfg`.
@@ -540,14 +564,8 @@ impl Edge {
             });
         }
 
-        // The TUN device: MTU leaves room for WireGuard on the smallest link.
-        let overhead = if links.iter().any(|l| l.v6) {
-            OVERHEAD_V6
-        } else {
-            OVERHEAD_V4
-        };
-        let min_mtu = cfg.links.iter().map(|l| l.link.mtu).min().unwrap_or(1500);
-        let tun_mtu = min_mtu.saturating_sub(overhead);
+        // The TUN device: MTU leaves room for WireGuard on the smallest link any path crosses.
+        let tun_mtu = tun_mtu_for(cfg, links.iter().any(|l| l.v6));
         let tun = DeviceBuilder::new()
             .name(cfg.tun_name.clone())
             .mtu(tun_mtu)
@@ -639,6 +657,7 @@ impl Edge {
             engine,
             tun,
             tun_mtu,
+            tun_mtu_cap: tun_mtu.max(1500 - OVERHEAD_V4),
             links,
             paths,
             by_endpoint,
@@ -805,6 +824,18 @@ impl Edge {
         }
         if added + removed > 0 {
             notes.push(format!("peers: {added} added, {removed} removed"));
+        }
+        // A peer's link with a smaller MTU lowers the TUN's at once (and its removal raises it
+        // again), within what the TUN's buffers were made for.
+        let mtu = tun_mtu_for(new, self.links.iter().any(|l| l.v6)).min(self.tun_mtu_cap);
+        if mtu != self.tun_mtu {
+            match self.tun.set_mtu(mtu) {
+                Ok(()) => {
+                    notes.push(format!("TUN MTU {} -> {mtu}", self.tun_mtu));
+                    self.tun_mtu = mtu;
+                }
+                Err(e) => notes.push(format!("TUN MTU {mtu}: {e}")),
+            }
         }
         let old = std::mem::replace(&mut self.current, new.clone());
         if refused {
@@ -1897,5 +1928,23 @@ impl Edge {
         let c = self.to_tun.counts();
         self.counters.tun_writes = c.writes;
         self.counters.tun_write_errors = c.errors;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_tun_mtu_leaves_room_for_wireguard_on_the_smallest_link_of_either_end() {
+        let text = include_str!("../edge.example.toml");
+        let mut cfg: patronus_api::EdgeConfig =
+            toml::from_str(text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(super::tun_mtu_for(&cfg, false), 1440);
+        assert_eq!(super::tun_mtu_for(&cfg, true), 1420);
+        // A peer's LTE link with a 1400-byte MTU: every path to it crosses that link or may.
+        cfg.peers[0].links[1].mtu = 1400;
+        assert_eq!(super::tun_mtu_for(&cfg, false), 1340);
+        // A peer link we never dial (no endpoint) carries no path of ours.
+        cfg.peers[0].links[1].endpoint = None;
+        assert_eq!(super::tun_mtu_for(&cfg, false), 1440);
     }
 }
