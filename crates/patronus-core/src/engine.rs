@@ -16,8 +16,9 @@
 //! The table is bounded (`flow_capacity`) and made at its full size. Flows idle for
 //! `flow_idle_timeout` are forgotten by a sweep that passes over the table once every quarter of
 //! the timeout (at most once a second), a run of 8192 slots at a time spread over that quarter;
-//! an expired flow is simply decided afresh on its next packet. When the table is full, new flows are still decided and
-//! forwarded, just not cached (counted in [`EngineStats::flow_table_full`]).
+//! an expired flow is simply decided afresh on its next packet. When the table is full, new
+//! flows are still decided and forwarded, just not cached (counted in
+//! [`EngineStats::flow_table_full`]).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -834,7 +835,7 @@ impl Engine {
         bytes: &[u8],
         now: Instant,
     ) -> Result<(), ProbeError> {
-        let t = NtpTime::from_duration(now.saturating_duration_since(self.epoch));
+        let t = self.ntp(now);
         let reply = probe::ProbeRequest::decode(bytes).map(|request| ProbeReply {
             request,
             t2: t,
@@ -842,6 +843,11 @@ impl Engine {
             sender_ttl: 0,
         });
         self.take_reply(path, reply, now)
+    }
+
+    /// `now` on the probes' clock (the engine's epoch), as [`Ctx`] reads it too.
+    fn ntp(&self, now: Instant) -> NtpTime {
+        NtpTime::from_duration(now.saturating_duration_since(self.epoch))
     }
 
     fn take_reply(
@@ -889,7 +895,7 @@ impl Engine {
         ttl: u8,
         now: Instant,
     ) -> Result<[u8; PROBE_LEN], ProbeError> {
-        let t = NtpTime::from_duration(now.saturating_duration_since(self.epoch));
+        let t = self.ntp(now);
         let reply = probe::reflect(bytes, t, t, ttl);
         match (&reply, self.paths.get_mut(path.0 as usize)) {
             (Err(_), _) => self.stats.probe_requests_rejected += 1,

@@ -319,7 +319,6 @@ impl FlowTable {
         self.len -= 1;
     }
 
-    /// Keeps the flows for which `keep` is true.
     /// Removes the flows `keep` refuses among the `count` slots from `start` on; returns where
     /// the next run starts (0 after the last slot). A flow that a removal shifts back across
     /// `start` waits for the next pass.

@@ -174,6 +174,16 @@ struct PathRt {
 }
 
 impl PathRt {
+    /// A fresh sending session of ours (`secret`) with `peer_key`, on the other side of the
+    /// index space than the session it replaces; any second session goes.
+    fn remake(&mut self, secret: &StaticSecret, peer_key: [u8; 32], id: PathId) {
+        self.side ^= 1;
+        self.tunn = new_tunn(secret, peer_key, id, self.side);
+        self.peer_key = peer_key;
+        self.own = public_of(secret);
+        self.alt = None;
+    }
+
     /// The sending session, or (`alt`) the other one of a key roll, if there is one.
     fn session(&mut self, alt: bool) -> Option<&mut Tunn> {
         if alt {
@@ -195,6 +205,20 @@ struct Alt {
     peer_key: [u8; 32],
     own: [u8; 32],
     drop_at: Option<Instant>,
+}
+
+impl Alt {
+    /// A session of ours (`secret`) with `peer_key`, on `side`, that takes over sending as
+    /// soon as it has a session.
+    fn next(secret: &StaticSecret, peer_key: [u8; 32], id: PathId, side: u32) -> Self {
+        Self {
+            tunn: new_tunn(secret, peer_key, id, side),
+            next: true,
+            peer_key,
+            own: public_of(secret),
+            drop_at: None,
+        }
+    }
 }
 
 /// How long a replaced session still receives what was sent on it before the switch.
@@ -230,6 +254,15 @@ fn new_tunn(secret: &StaticSecret, peer_key: [u8; 32], id: PathId, side: u32) ->
         tunnel_index(id, side),
         None,
     ))
+}
+
+/// A handshake initiation of session `t` into `out`, unless one is already under way; its
+/// length (0 for none).
+fn initiation(t: &mut Tunn, out: &mut [u8]) -> usize {
+    match t.format_handshake_initiation(out, false) {
+        TunnResult::WriteToNetwork(d) => d.len(),
+        _ => 0,
+    }
 }
 
 /// What a decapsulation produced, without the borrow of the buffer it wrote to.
@@ -318,13 +351,7 @@ fn build_peer(
             }
             let tunn = new_tunn(secret, p.public_key.0, id, 0);
             // A peer rolling its key: its next key is accepted from the start.
-            let alt = p.next_public_key.map(|k| Alt {
-                tunn: new_tunn(secret, k.0, id, 1),
-                next: true,
-                peer_key: k.0,
-                own: public_of(secret),
-                drop_at: None,
-            });
+            let alt = p.next_public_key.map(|k| Alt::next(secret, k.0, id, 1));
             let slot = id.0 as usize;
             if paths.len() <= slot {
                 paths.resize_with(slot + 1, || None);
@@ -368,8 +395,6 @@ pub enum Roll {
 }
 
 impl ConfigInbox {
-    /// Hands `cfg` to the edge, replacing one it has not taken yet; the edge applies it in its
-    /// loop.
     /// Hands the edge a step of its key roll.
     pub fn roll(&self, step: Roll) {
         if let Ok(mut s) = self.roll.lock() {
@@ -378,6 +403,8 @@ impl ConfigInbox {
         let _ = self.wake.write(1);
     }
 
+    /// Hands `cfg` to the edge, replacing one it has not taken yet; the edge applies it in its
+    /// loop.
     pub fn send(&self, cfg: EdgeConfig) {
         if let Ok(mut s) = self.slot.lock() {
             *s = Some(cfg);
@@ -1178,63 +1205,63 @@ impl Edge {
     /// Keeps a path's change of state as a structured event for the controller.
     fn log_path_event(&mut self, ev: &Event, now: Instant) {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        let (path, kind, class, metrics, silent, flows, rtt) = match *ev {
-            Event::PathUp { path, rtt } => (path, "up", None, None, None, None, Some(ms(rtt))),
-            Event::PathDown {
-                path,
-                silent_for,
-                flows,
-            } => (
-                path,
-                "down",
-                None,
-                None,
-                Some(ms(silent_for)),
-                Some(flows),
-                None,
-            ),
-            Event::SlaViolated {
-                path,
-                class,
-                metrics,
-            } => (
-                path,
-                "sla-violated",
-                Some(class),
-                Some(metrics),
-                None,
-                None,
-                None,
-            ),
-            Event::SlaRestored { path, class } => {
-                (path, "sla-restored", Some(class), None, None, None, None)
-            }
+        let path = match *ev {
+            Event::PathUp { path, .. }
+            | Event::PathDown { path, .. }
+            | Event::SlaViolated { path, .. }
+            | Event::SlaRestored { path, .. } => path,
             Event::FlowMoved { .. } => return,
         };
         let Some(p) = self.engine.path(path, now) else {
             return;
         };
-        self.path_seq += 1;
-        if self.path_log.len() == RECENT_EVENTS {
-            self.path_log.pop_front();
-        }
-        let at_ms = unix_ms();
-        self.path_log.push_back(patronus_api::PathEvent {
-            seq: self.path_seq,
-            at_ms,
+        let class = |c| self.engine.class_name(c).map(|n| n.to_string());
+        let mut e = patronus_api::PathEvent {
+            seq: self.path_seq + 1,
+            at_ms: unix_ms(),
             peer: p.peer_name.clone(),
             local_link: p.local_link.to_string(),
             remote_link: p.remote_link.to_string(),
-            kind: kind.to_owned(),
-            class: class
-                .and_then(|c| self.engine.class_name(c))
-                .map(|n| n.to_string()),
-            rtt_ms: rtt.or(metrics.map(|m| ms(m.rtt))),
-            jitter_ms: metrics.map(|m| ms(m.jitter)),
-            loss_pct: metrics.map(|m| m.loss * 100.0),
-            silent_ms: silent,
-            flows,
-        });
+            kind: String::new(),
+            class: None,
+            rtt_ms: None,
+            jitter_ms: None,
+            loss_pct: None,
+            silent_ms: None,
+            flows: None,
+        };
+        match *ev {
+            Event::PathUp { rtt, .. } => {
+                e.kind = "up".into();
+                e.rtt_ms = Some(ms(rtt));
+            }
+            Event::PathDown {
+                silent_for, flows, ..
+            } => {
+                e.kind = "down".into();
+                e.silent_ms = Some(ms(silent_for));
+                e.flows = Some(flows);
+            }
+            Event::SlaViolated {
+                class: c, metrics, ..
+            } => {
+                e.kind = "sla-violated".into();
+                e.class = class(c);
+                e.rtt_ms = Some(ms(metrics.rtt));
+                e.jitter_ms = Some(ms(metrics.jitter));
+                e.loss_pct = Some(metrics.loss * 100.0);
+            }
+            Event::SlaRestored { class: c, .. } => {
+                e.kind = "sla-restored".into();
+                e.class = class(c);
+            }
+            Event::FlowMoved { .. } => return,
+        }
+        self.path_seq = e.seq;
+        if self.path_log.len() == RECENT_EVENTS {
+            self.path_log.pop_front();
+        }
+        self.path_log.push_back(e);
     }
 
     /// Sends `out_buf[..len]` on path `id` (its link socket, to its endpoint).
@@ -1266,23 +1293,22 @@ impl Edge {
         }
     }
 
-    /// A handshake initiation on path `id`'s sending session into `out_buf`, unless one is
-    /// already under way; returns its length (0 for none).
-    fn start_handshake(&mut self, id: PathId) -> usize {
-        let Some(Some(p)) = self.paths.get_mut(id.0 as usize) else {
-            return 0;
-        };
-        match p.tunn.format_handshake_initiation(&mut self.out_buf, false) {
-            TunnResult::WriteToNetwork(d) => d.len(),
-            _ => 0,
-        }
-    }
-
     fn send_probes(&mut self) {
         while let Some(t) = self.engine.poll_transmit() {
-            let Some(Some(p)) = self.paths.get(t.path.0 as usize) else {
+            let Some(Some(p)) = self.paths.get_mut(t.path.0 as usize) else {
                 continue;
             };
+            if p.tunn.time_since_last_handshake().is_none() {
+                // The session would queue the probe until its handshake completes, and the
+                // first round trip of every path would read the handshake's time (200-350 ms
+                // in the demo, each an SLA violation). Start the handshake instead.
+                self.counters.probes_unsent += 1;
+                let n = initiation(&mut p.tunn, &mut self.out_buf);
+                if n > 0 {
+                    self.send_on(t.path, n);
+                }
+                continue;
+            }
             let peer = &self.peers[p.peer];
             let dst = peer.overlay;
             let mut pkt = std::mem::take(&mut self.probe_buf);
@@ -1301,22 +1327,11 @@ impl Edge {
                 }
             };
             if built.is_some() {
-                if p.tunn.time_since_last_handshake().is_some() {
-                    let n = self.encapsulate(t.path, &pkt);
-                    if n > 0 {
-                        self.send_on(t.path, n);
-                    }
-                    self.counters.probes_sent += 1;
-                } else {
-                    // The session would queue the probe until its handshake completes, and the
-                    // first round trip of every path would read the handshake's time (200-350
-                    // ms in the demo, each an SLA violation). Start the handshake instead.
-                    self.counters.probes_unsent += 1;
-                    let n = self.start_handshake(t.path);
-                    if n > 0 {
-                        self.send_on(t.path, n);
-                    }
+                let n = self.encapsulate(t.path, &pkt);
+                if n > 0 {
+                    self.send_on(t.path, n);
                 }
+                self.counters.probes_sent += 1;
             }
             self.probe_buf = pkt;
         }
@@ -1361,18 +1376,9 @@ impl Edge {
                 continue;
             }
             let id = PathId(i as u32);
-            let mut t = new_tunn(&secret, p.peer_key, id, p.side ^ 1);
-            let n = match t.format_handshake_initiation(&mut self.out_buf, false) {
-                TunnResult::WriteToNetwork(d) => d.len(),
-                _ => 0,
-            };
-            p.alt = Some(Alt {
-                tunn: t,
-                next: true,
-                peer_key: p.peer_key,
-                own: public_of(&secret),
-                drop_at: None,
-            });
+            let mut alt = Alt::next(&secret, p.peer_key, id, p.side ^ 1);
+            let n = initiation(&mut alt.tunn, &mut self.out_buf);
+            p.alt = Some(alt);
             if n > 0 {
                 self.send_on(id, n);
             }
@@ -1405,11 +1411,8 @@ impl Edge {
                     // Our roll's session: it sends from now on.
                     self.promote(i);
                 } else {
-                    let id = PathId(i as u32);
-                    p.tunn = new_tunn(&secret, p.peer_key, id, p.side ^ 1);
-                    p.own = new;
-                    p.side ^= 1;
-                    p.alt = None;
+                    let peer_key = p.peer_key;
+                    p.remake(&secret, peer_key, PathId(i as u32));
                 }
             }
             let Some(Some(p)) = self.paths.get_mut(i) else {
@@ -1447,11 +1450,7 @@ impl Edge {
                 {
                     self.promote(idx);
                 } else {
-                    p.tunn = new_tunn(&self.secret, want, pid, p.side ^ 1);
-                    p.side ^= 1;
-                    p.peer_key = want;
-                    p.own = own;
-                    p.alt = None;
+                    p.remake(&self.secret, want, pid);
                 }
             }
             let Some(Some(p)) = self.paths.get_mut(idx) else {
@@ -1460,13 +1459,7 @@ impl Edge {
             match next {
                 Some(k) => {
                     if !p.alt.as_ref().is_some_and(|a| a.next && a.peer_key == k) {
-                        p.alt = Some(Alt {
-                            tunn: new_tunn(&self.secret, k, pid, p.side ^ 1),
-                            next: true,
-                            peer_key: k,
-                            own,
-                            drop_at: None,
-                        });
+                        p.alt = Some(Alt::next(&self.secret, k, pid, p.side ^ 1));
                     }
                 }
                 // The roll is over (or given up): an unused new session goes; an old one

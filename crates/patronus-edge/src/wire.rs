@@ -87,6 +87,46 @@ fn checksum(data: &[u8]) -> u16 {
     finish(add(0, data))
 }
 
+/// Writes the IPv4 or IPv6 header of a packet of `l4_len` bytes of protocol `proto` from `src`
+/// to `dst` into `out` (cleared first). Returns, for IPv6, the pseudo-header's sum (RFC 8200,
+/// 8.1) that the upper layer's checksum starts from; `None` if the families differ.
+fn ip_header(
+    src: IpAddr,
+    dst: IpAddr,
+    proto: u8,
+    l4_len: u16,
+    out: &mut Vec<u8>,
+) -> Option<Option<u32>> {
+    out.clear();
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut ip = [0u8; 20];
+            ip[0] = 0x45;
+            ip[2..4].copy_from_slice(&(20 + l4_len).to_be_bytes());
+            ip[8] = 64;
+            ip[9] = proto;
+            ip[12..16].copy_from_slice(&s.octets());
+            ip[16..20].copy_from_slice(&d.octets());
+            let c = checksum(&ip);
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            out.extend_from_slice(&ip);
+            Some(None)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut ip = [0u8; 40];
+            ip[0] = 0x60;
+            ip[4..6].copy_from_slice(&l4_len.to_be_bytes());
+            ip[6] = proto;
+            ip[7] = 64;
+            ip[8..24].copy_from_slice(&s.octets());
+            ip[24..40].copy_from_slice(&d.octets());
+            out.extend_from_slice(&ip);
+            Some(Some(add(u32::from(l4_len) + u32::from(proto), &ip[8..40])))
+        }
+        _ => None,
+    }
+}
+
 /// Writes an IP/UDP packet carrying `payload` into `out` (cleared first). The families of `src`
 /// and `dst` must match; `None` if they do not.
 pub fn udp_packet(
@@ -97,47 +137,21 @@ pub fn udp_packet(
     payload: &[u8],
     out: &mut Vec<u8>,
 ) -> Option<()> {
-    out.clear();
     let udp_len = (8 + payload.len()) as u16;
     let mut udp = [0u8; 8];
     udp[0..2].copy_from_slice(&sport.to_be_bytes());
     udp[2..4].copy_from_slice(&dport.to_be_bytes());
     udp[4..6].copy_from_slice(&udp_len.to_be_bytes());
-    match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let mut ip = [0u8; 20];
-            ip[0] = 0x45;
-            ip[2..4].copy_from_slice(&(20 + udp_len).to_be_bytes());
-            ip[8] = 64;
-            ip[9] = 17;
-            ip[12..16].copy_from_slice(&s.octets());
-            ip[16..20].copy_from_slice(&d.octets());
-            let c = checksum(&ip);
-            ip[10..12].copy_from_slice(&c.to_be_bytes());
-            out.extend_from_slice(&ip);
-            // UDP checksum 0: optional over IPv4, and the tunnel authenticates every byte.
-            out.extend_from_slice(&udp);
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let mut ip = [0u8; 40];
-            ip[0] = 0x60;
-            ip[4..6].copy_from_slice(&udp_len.to_be_bytes());
-            ip[6] = 17;
-            ip[7] = 64;
-            ip[8..24].copy_from_slice(&s.octets());
-            ip[24..40].copy_from_slice(&d.octets());
-            // Pseudo-header, then the UDP header and payload (mandatory over IPv6).
-            let sum = add(u32::from(udp_len) + 17, &ip[8..40]);
-            let c = match finish(add(add(sum, &udp), payload)) {
-                0 => 0xffff,
-                c => c,
-            };
-            udp[6..8].copy_from_slice(&c.to_be_bytes());
-            out.extend_from_slice(&ip);
-            out.extend_from_slice(&udp);
-        }
-        _ => return None,
+    // The checksum: mandatory over IPv6; 0 (none) over IPv4, where it is optional and the
+    // tunnel authenticates every byte anyway.
+    if let Some(pseudo) = ip_header(src, dst, 17, udp_len, out)? {
+        let c = match finish(add(add(pseudo, &udp), payload)) {
+            0 => 0xffff,
+            c => c,
+        };
+        udp[6..8].copy_from_slice(&c.to_be_bytes());
     }
+    out.extend_from_slice(&udp);
     out.extend_from_slice(payload);
     Some(())
 }
@@ -152,44 +166,16 @@ pub fn echo_request(
     payload: &[u8],
     out: &mut Vec<u8>,
 ) -> Option<()> {
-    out.clear();
     let icmp_len = (8 + payload.len()) as u16;
+    let (proto, kind) = if src.is_ipv4() { (1, 8) } else { (58, 128) };
+    // ICMPv6's checksum covers the pseudo-header (RFC 4443, 2.3); ICMP's does not.
+    let pseudo = ip_header(src, dst, proto, icmp_len, out)?.unwrap_or(0);
     let mut icmp = [0u8; 8];
+    icmp[0] = kind;
     icmp[4..6].copy_from_slice(&PROBE_ECHO_ID.to_be_bytes());
     icmp[6..8].copy_from_slice(&seq.to_be_bytes());
-    match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let mut ip = [0u8; 20];
-            ip[0] = 0x45;
-            ip[2..4].copy_from_slice(&(20 + icmp_len).to_be_bytes());
-            ip[8] = 64;
-            ip[9] = 1;
-            ip[12..16].copy_from_slice(&s.octets());
-            ip[16..20].copy_from_slice(&d.octets());
-            let c = checksum(&ip);
-            ip[10..12].copy_from_slice(&c.to_be_bytes());
-            icmp[0] = 8;
-            let c = finish(add(add(0, &icmp), payload));
-            icmp[2..4].copy_from_slice(&c.to_be_bytes());
-            out.extend_from_slice(&ip);
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let mut ip = [0u8; 40];
-            ip[0] = 0x60;
-            ip[4..6].copy_from_slice(&icmp_len.to_be_bytes());
-            ip[6] = 58;
-            ip[7] = 64;
-            ip[8..24].copy_from_slice(&s.octets());
-            ip[24..40].copy_from_slice(&d.octets());
-            icmp[0] = 128;
-            // Pseudo-header (RFC 4443, 2.3), then the message.
-            let sum = add(u32::from(icmp_len) + 58, &ip[8..40]);
-            let c = finish(add(add(sum, &icmp), payload));
-            icmp[2..4].copy_from_slice(&c.to_be_bytes());
-            out.extend_from_slice(&ip);
-        }
-        _ => return None,
-    }
+    let c = finish(add(add(pseudo, &icmp), payload));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
     out.extend_from_slice(&icmp);
     out.extend_from_slice(payload);
     Some(())
