@@ -465,7 +465,9 @@ async fn around(State(state): State<AppState>, mut req: Request, next: Next) -> 
         .unwrap_or_else(|| crate::auth::b64url(&crate::auth::random_bytes::<12>()));
     req.extensions_mut().insert(RequestId(id.clone()));
     let method = req.method().clone();
-    let path = req.uri().path().to_owned();
+    let write = !matches!(method, axum::http::Method::GET | axum::http::Method::HEAD);
+    // The path a write names, for its `config.changed` event (reads keep none).
+    let path = write.then(|| req.uri().path().to_owned());
     // The route's pattern (`/api/v1/users/{id}`), never the raw path or query.
     let route = req
         .extensions()
@@ -499,10 +501,7 @@ async fn around(State(state): State<AppState>, mut req: Request, next: Next) -> 
         "/api/v1/edge/",
         "/api/v1/webhooks",
     ];
-    if !matches!(method, axum::http::Method::GET | axum::http::Method::HEAD)
-        && resp.status().is_success()
-        && !no_config.iter().any(|p| route.starts_with(p))
-    {
+    if write && resp.status().is_success() && !no_config.iter().any(|p| route.starts_with(p)) {
         state.changed();
         crate::webhooks::emit_soon(
             &state,

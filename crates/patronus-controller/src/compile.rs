@@ -39,27 +39,23 @@ pub struct Network {
 
 impl Network {
     pub async fn load(store: &Store) -> Result<Self, ApiError> {
-        let rows = sqlx::query_as::<_, (i64, Option<String>, Option<String>, i64)>(
-            "SELECT id, public_key, next_public_key, key_rotation FROM sites
-             WHERE public_key IS NOT NULL OR key_rotation > 0",
-        )
-        .fetch_all(store.pool())
-        .await?;
-        let (mut keys, mut next_keys, mut rotations) =
-            (HashMap::new(), HashMap::new(), HashMap::new());
-        for (id, key, next, rotation) in rows {
-            if let Some(k) = key.and_then(|k| k.parse().ok()) {
-                keys.insert(id, k);
-            }
-            if let Some(k) = next.and_then(|k| k.parse().ok()) {
-                next_keys.insert(id, k);
-            }
-            if rotation > 0 {
-                rotations.insert(id, rotation as u64);
-            }
-        }
+        let sites = load_sites(store).await?;
+        let parse = |k: &Option<String>| k.as_deref().and_then(|k| k.parse().ok());
+        let keys = sites
+            .iter()
+            .filter_map(|s| Some((s.id, parse(&s.public_key)?)))
+            .collect();
+        let next_keys = sites
+            .iter()
+            .filter_map(|s| Some((s.id, parse(&s.next_public_key)?)))
+            .collect();
+        let rotations = sites
+            .iter()
+            .filter(|s| s.key_rotation > 0)
+            .map(|s| (s.id, s.key_rotation as u64))
+            .collect();
         Ok(Self {
-            sites: load_sites(store).await?,
+            sites,
             keys,
             next_keys,
             rotations,

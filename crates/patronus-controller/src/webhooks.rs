@@ -336,24 +336,15 @@ async fn attempt(state: &AppState, d: Due) {
     };
     let attempts = d.attempts + 1;
     let now = now_ms();
-    let (status, code, error, next) = match outcome {
-        Ok(code) if (200..300).contains(&code) => ("delivered", Some(code), None, now),
-        Ok(code) => (
-            "pending",
-            Some(code),
-            Some(format!("answered HTTP {code}")),
-            now,
-        ),
-        Err(e) => ("pending", None, Some(e), now),
+    let (code, error) = match outcome {
+        Ok(code) if (200..300).contains(&code) => (Some(code), None),
+        Ok(code) => (Some(code), Some(format!("answered HTTP {code}"))),
+        Err(e) => (None, Some(e)),
     };
-    let (status, next) = if status == "pending" {
-        if attempts >= MAX_ATTEMPTS {
-            ("failed", next)
-        } else {
-            ("pending", now + backoff_ms(attempts))
-        }
-    } else {
-        (status, next)
+    let (status, next) = match error {
+        None => ("delivered", now),
+        Some(_) if attempts >= MAX_ATTEMPTS => ("failed", now),
+        Some(_) => ("pending", now + backoff_ms(attempts)),
     };
     let r = sqlx::query(
         "UPDATE webhook_deliveries SET status = ?, attempts = ?, next_attempt_ms = ?,

@@ -420,14 +420,14 @@ async fn enroll(
         .await?;
     }
     // A roll the replaced machine left unfinished ends here: its next key is not trusted.
-    sqlx::query(
+    let key_rotation: i64 = sqlx::query_scalar(
         "UPDATE sites SET public_key = ?, next_public_key = NULL, version = version + 1,
-         updated_at = ? WHERE id = ?",
+         updated_at = ? WHERE id = ? RETURNING key_rotation",
     )
     .bind(req.public_key.to_string())
     .bind(now)
     .bind(site_id)
-    .execute(&mut *tx)
+    .fetch_one(&mut *tx)
     .await?;
     // One edge per site: a new enrolment replaces the old machine's credential.
     sqlx::query("UPDATE site_credentials SET revoked = 1 WHERE site_id = ?")
@@ -454,10 +454,6 @@ async fn enroll(
         json!({ "public_key": req.public_key.to_string(), "endpoints": req.endpoints }),
     )
     .await?;
-    let key_rotation: i64 = sqlx::query_scalar("SELECT key_rotation FROM sites WHERE id = ?")
-        .bind(site_id)
-        .fetch_one(&mut *tx)
-        .await?;
     tx.commit().await?;
     Ok(axum::Json(Enrolled {
         site_id,
@@ -888,6 +884,18 @@ struct Totals {
     rx_bytes: u64,
 }
 
+impl Totals {
+    /// What `self` counts beyond `earlier`, unless some counter of `self` is behind it.
+    fn checked_sub(&self, earlier: &Totals) -> Option<Totals> {
+        Some(Totals {
+            tx_packets: self.tx_packets.checked_sub(earlier.tx_packets)?,
+            tx_bytes: self.tx_bytes.checked_sub(earlier.tx_bytes)?,
+            rx_packets: self.rx_packets.checked_sub(earlier.rx_packets)?,
+            rx_bytes: self.rx_bytes.checked_sub(earlier.rx_bytes)?,
+        })
+    }
+}
+
 /// Turns the report's running totals into what was sent since the previous report (kept per
 /// site and key in `traffic_counters`, so that a report delivered twice adds nothing and a
 /// restarted controller loses nothing), and keeps the differences that are not zero as
@@ -954,30 +962,20 @@ async fn record_traffic(
         if !seen.insert(key.clone()) {
             continue;
         }
-        let delta = match before.get(&key) {
-            // The same run: what it sent since.
-            Some((started, b)) if *started == t.started_ms => {
-                if cur.tx_packets < b.tx_packets
-                    || cur.tx_bytes < b.tx_bytes
-                    || cur.rx_packets < b.rx_packets
-                    || cur.rx_bytes < b.rx_bytes
-                {
-                    // Older than what was counted (a late report): nothing new in it.
-                    continue;
-                }
-                Totals {
-                    tx_packets: cur.tx_packets - b.tx_packets,
-                    tx_bytes: cur.tx_bytes - b.tx_bytes,
-                    rx_packets: cur.rx_packets - b.rx_packets,
-                    rx_bytes: cur.rx_bytes - b.rx_bytes,
-                }
-            }
+        // The totals counted so far in this same run of the edge, if any.
+        let counted = before
+            .get(&key)
+            .filter(|(started, _)| *started == t.started_ms)
+            .map(|(_, b)| b);
+        let delta = match counted {
+            // The same run: what it sent since; nothing, from a late report older than that.
+            Some(b) => match cur.checked_sub(b) {
+                Some(d) if d != Totals::default() => d,
+                _ => continue,
+            },
             // A new run of the edge (or the first report): all of it is new.
-            _ => cur,
+            None => cur,
         };
-        if delta == Totals::default() && before.get(&key).is_some_and(|(s, _)| *s == t.started_ms) {
-            continue;
-        }
         let i = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         sqlx::query(
             "INSERT INTO traffic_counters
@@ -1034,17 +1032,12 @@ async fn rolling_neighbour(store: &Store, id: i64) -> Result<Option<String>, Api
     }
     let t = crate::routes::topology::load(store).await?;
     let sites = crate::routes::sites::load_sites(store).await?;
-    for (a, b) in crate::routes::topology::connected_pairs(&t, &sites) {
-        let other = if a.id == id {
-            b
-        } else if b.id == id {
-            a
-        } else {
-            continue;
-        };
-        if let Some((_, name)) = rolling.iter().find(|(r, _)| *r == other.id) {
-            return Ok(Some(name.clone()));
-        }
-    }
-    Ok(None)
+    let by_id = |id: i64| sites.iter().find(|s| s.id == id);
+    let Some(me) = by_id(id) else {
+        return Ok(None);
+    };
+    Ok(rolling
+        .into_iter()
+        .find(|(r, _)| by_id(*r).is_some_and(|o| crate::routes::topology::connected(&t, me, o)))
+        .map(|(_, name)| name))
 }

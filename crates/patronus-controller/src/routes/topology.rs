@@ -353,6 +353,18 @@ pub struct PathView {
     pub last_report: Option<i64>,
 }
 
+/// Whether the topology connects sites `a` and `b`: two different active sites, in a full
+/// mesh always, in hub and spoke when either is a hub (the pairs [`connected_pairs`] lists).
+pub fn connected(t: &Topology, a: &SiteView, b: &SiteView) -> bool {
+    a.id != b.id
+        && a.status == SiteStatus::Active
+        && b.status == SiteStatus::Active
+        && match t.mode {
+            Mode::FullMesh => true,
+            Mode::HubSpoke => t.hubs.contains(&a.id) || t.hubs.contains(&b.id),
+        }
+}
+
 /// Pairs of sites that the topology connects, lower id first, in order.
 pub fn connected_pairs<'a>(
     t: &Topology,
@@ -551,25 +563,31 @@ async fn current_path(s: &AppState, id: &str) -> Result<Option<PathView>, ApiErr
     };
     let t = load(&s.store).await?;
     let sites = load_sites(&s.store).await?;
-    for (a, b) in connected_pairs(&t, &sites) {
-        for la in &a.links {
-            for lb in &b.links {
-                if (la.id, lb.id) == (x, y) || (la.id, lb.id) == (y, x) {
-                    let live = s.live.lock().map(|l| l.clone()).unwrap_or_default();
-                    return Ok(Some(path(a, la, b, lb, &live, crate::store::now_s())));
-                }
-            }
-        }
+    let owner = |link: i64| {
+        sites
+            .iter()
+            .find_map(|s| s.links.iter().find(|l| l.id == link).map(|l| (s, l)))
+    };
+    let (Some(ex), Some(ey)) = (owner(x), owner(y)) else {
+        return Ok(None);
+    };
+    if !connected(&t, ex.0, ey.0) {
+        return Ok(None);
     }
-    Ok(None)
+    // Oriented as `connected_pairs` orients a pair: the site with the lower id first.
+    let ((a, la), (b, lb)) = if ex.0.id < ey.0.id {
+        (ex, ey)
+    } else {
+        (ey, ex)
+    };
+    let live = s.live.lock().unwrap_or_else(|e| e.into_inner());
+    Ok(Some(path(a, la, b, lb, &live, crate::store::now_s())))
 }
 
 /// 404 unless `id` is a path now, or was one whose history is still kept (a removed link's
 /// measurements stay readable until their retention ends).
 async fn known_path(s: &AppState, id: &str) -> Result<(), ApiError> {
-    if current_path(s, id).await?.is_some() {
-        return Ok(());
-    }
+    // The indexed look-up first; the topology only for a path with no history yet.
     let kept: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM path_samples WHERE path_id = ?1)
              OR EXISTS (SELECT 1 FROM path_events WHERE path_id = ?1)",
@@ -577,7 +595,7 @@ async fn known_path(s: &AppState, id: &str) -> Result<(), ApiError> {
     .bind(id)
     .fetch_one(s.store.pool())
     .await?;
-    if kept {
+    if kept || current_path(s, id).await?.is_some() {
         Ok(())
     } else {
         Err(ApiError::not_found(format!("path {id}")))
