@@ -209,15 +209,7 @@ pub fn path(cmd: PathCmd) -> anyhow::Result<()> {
             if let Some(k) = kind {
                 q.push_str(&format!("&kind={}", urlencode(&k)));
             }
-            let mut v = s.call("GET", &q, None)?;
-            // What each event measured, beside it in the table (JSON keeps the API's shape).
-            if let (Output::Table, Some(items)) = (output, v["items"].as_array_mut()) {
-                for e in items {
-                    for key in ["rtt_ms", "jitter_ms", "loss_pct", "silent_ms", "flows"] {
-                        e[key] = e["detail"][key].clone();
-                    }
-                }
-            }
+            let v = s.call("GET", &q, None)?;
             print(
                 output,
                 &v,
@@ -226,11 +218,11 @@ pub fn path(cmd: PathCmd) -> anyhow::Result<()> {
                     ("SITE", "site"),
                     ("KIND", "kind"),
                     ("CLASS", "class"),
-                    ("RTT MS", "rtt_ms"),
-                    ("JIT MS", "jitter_ms"),
-                    ("LOSS %", "loss_pct"),
-                    ("SILENT MS", "silent_ms"),
-                    ("FLOWS", "flows"),
+                    ("RTT MS", "/detail/rtt_ms"),
+                    ("JIT MS", "/detail/jitter_ms"),
+                    ("LOSS %", "/detail/loss_pct"),
+                    ("SILENT MS", "/detail/silent_ms"),
+                    ("FLOWS", "/detail/flows"),
                 ],
             );
         }
@@ -337,9 +329,17 @@ fn print(output: Output, v: &Value, columns: &[(&str, &str)]) {
     }
 }
 
-/// Aligned columns: (header, JSON key).
+/// Aligned columns: (header, JSON key, or a JSON pointer such as `/detail/rtt_ms` for a
+/// nested field).
 fn table(rows: &[&Value], columns: &[(&str, &str)]) {
-    let cell = |r: &Value, k: &str| match &r[k] {
+    let field = |r: &'_ Value, k: &str| -> Value {
+        if k.starts_with('/') {
+            r.pointer(k).cloned().unwrap_or(Value::Null)
+        } else {
+            r[k].clone()
+        }
+    };
+    let cell = |r: &Value, k: &str| match &field(r, k) {
         Value::Null => "-".to_owned(),
         Value::String(s) => s.clone(),
         Value::Array(a) => a
@@ -807,9 +807,7 @@ pub fn traffic(cmd: TrafficCmd) -> anyhow::Result<()> {
         bucket,
         output,
     } = cmd;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let now = patronus_controller::store::now_s();
     let mut q = format!(
         "/api/v1/traffic/stats?limit=500&by={}&bucket={bucket}&from={}",
         urlencode(&by),

@@ -161,19 +161,7 @@ pub fn request(
     token: Option<&str>,
     body: Option<&Value>,
 ) -> anyhow::Result<Response> {
-    request_with(url, method, path, token, body, &[])
-}
-
-/// [`request`] with more headers (`If-None-Match`, say).
-pub fn request_with(
-    url: &str,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&Value>,
-    headers: &[(&str, &str)],
-) -> anyhow::Result<Response> {
-    request_via(None, url, method, path, token, body, headers)
+    request_via(None, url, method, path, token, body, &[])
 }
 
 /// The local addresses an edge's requests may leave from: one per WAN link. With the
@@ -226,32 +214,24 @@ fn connect_from(
     addr: std::net::SocketAddr,
     timeout: Duration,
 ) -> std::io::Result<TcpStream> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
-        .build()?;
-    rt.block_on(async {
-        let sock = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    sock.bind(&std::net::SocketAddr::new(src, 0).into())?;
+    sock.connect_timeout(&addr.into(), timeout).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no connection from {src} within {timeout:?}"),
+            )
         } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        sock.bind(std::net::SocketAddr::new(src, 0))?;
-        let s = tokio::time::timeout(timeout, sock.connect(addr))
-            .await
-            .map_err(|_| {
-                std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no connection from {src} within {timeout:?}"),
-                )
-            })??;
-        let s = s.into_std()?;
-        s.set_nonblocking(false)?;
-        Ok(s)
-    })
+            e
+        }
+    })?;
+    Ok(sock.into())
 }
 
-/// [`request_with`], leaving from `via`'s addresses if given.
+/// [`request`], leaving from `via`'s addresses if given, with more headers
+/// (`If-None-Match`, say).
 pub fn request_via(
     via: Option<&Via>,
     url: &str,
@@ -381,6 +361,14 @@ fn dechunk(mut b: &[u8]) -> anyhow::Result<Vec<u8>> {
 }
 
 /// The API's error message, or the status.
+/// Why a request did not succeed: the API's message, or the transport's error.
+pub fn failure_text(r: &anyhow::Result<Response>) -> String {
+    match r {
+        Ok(r) => error_text(r),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
 pub fn error_text(r: &Response) -> String {
     r.body["error"]["message"]
         .as_str()

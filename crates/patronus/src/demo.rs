@@ -15,7 +15,7 @@
 //! `patronus lab link`. Ctrl-C removes everything.
 
 use std::collections::VecDeque;
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -82,7 +82,6 @@ struct StreamTally {
 struct Log {
     lines: VecDeque<String>,
     printed: usize,
-    total: usize,
 }
 
 impl Log {
@@ -94,7 +93,6 @@ impl Log {
             t.as_secs() % 60,
             t.subsec_millis()
         ));
-        self.total += 1;
         while self.lines.len() > 14 {
             self.lines.pop_front();
             self.printed = self.printed.saturating_sub(1);
@@ -665,16 +663,6 @@ fn forward(listener: &TcpListener, ns: &str, to: SocketAddr) {
 
 /// Copies `from` to `to` until `from` ends, then ends `to`'s writing side.
 fn pump(mut from: TcpStream, mut to: TcpStream) {
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        }
-    }
+    let _ = std::io::copy(&mut from, &mut to);
     let _ = to.shutdown(std::net::Shutdown::Write);
 }

@@ -241,10 +241,7 @@ fn report(
             }
             other if !failing => {
                 failing = true;
-                let why = match other {
-                    Ok(r) => crate::api_client::error_text(&r),
-                    Err(e) => format!("{e:#}"),
-                };
+                let why = crate::api_client::failure_text(&other);
                 eprintln!("edge: telemetry not delivered ({why}); retrying every 5 s");
             }
             _ => {}
@@ -258,12 +255,11 @@ struct Follow {
     /// The links' addresses, to reach the controller over whichever link works.
     via: std::sync::Arc<crate::api_client::Via>,
     credential: String,
-    /// The version of the configuration in force (none when it came from the cache).
-    etag: Option<String>,
     /// Key rotations asked for in the configuration last seen.
     key_rotation: u64,
-    /// The configuration of version `etag`, that deltas apply to.
-    site: Option<patronus_api::SiteConfig>,
+    /// The version of the configuration in force and that configuration, which deltas apply
+    /// to (none when it came from the cache).
+    held: Option<(String, patronus_api::SiteConfig)>,
 }
 
 /// How many key rotations this edge has done (`<state>/key-rotations`).
@@ -319,10 +315,7 @@ fn post_key(
             }
             other => {
                 if started.elapsed() > patience {
-                    let why = match other {
-                        Ok(r) => crate::api_client::error_text(&r),
-                        Err(e) => format!("{e:#}"),
-                    };
+                    let why = crate::api_client::failure_text(&other);
                     bail!("the controller did not take {step}: {why}");
                 }
                 std::thread::sleep(std::time::Duration::from_secs(2));
@@ -364,23 +357,25 @@ fn roll_key(
     let started = Instant::now();
     loop {
         std::thread::sleep(Duration::from_millis(250));
-        let r = status.lock().ok().and_then(|s| s.key_roll.clone());
-        if let Some(r) = r {
-            if r.live_paths > 0 && r.moved == r.live_paths {
-                eprintln!(
-                    "edge: key rotation {rotation}: all {} live paths moved in {:.1} s",
-                    r.live_paths, r.since_s
-                );
-                break;
-            }
-            if started.elapsed() > Duration::from_secs(30) {
-                eprintln!(
-                    "edge: key rotation {rotation}: {} of {} live paths moved in 30 s; the rest \
-                     move now",
-                    r.moved, r.live_paths
-                );
-                break;
-            }
+        let r = status
+            .lock()
+            .ok()
+            .and_then(|s| s.key_roll.clone())
+            .unwrap_or_default();
+        if r.live_paths > 0 && r.moved == r.live_paths {
+            eprintln!(
+                "edge: key rotation {rotation}: all {} live paths moved in {:.1} s",
+                r.live_paths, r.since_s
+            );
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            eprintln!(
+                "edge: key rotation {rotation}: {} of {} live paths moved in 30 s; the rest \
+                 move now",
+                r.moved, r.live_paths
+            );
+            break;
         }
     }
     post_key(
@@ -470,12 +465,12 @@ impl Follow {
                     });
             }
             let mut headers = Vec::new();
-            if let Some(e) = &self.etag {
+            if let Some((e, _)) = &self.held {
                 headers.push(("If-None-Match", e.as_str()));
             }
             // Holding a version the controller sent, the edge asks for what changed since;
             // otherwise (first start, or on the cached one) for the whole configuration.
-            let delta = self.etag.is_some() && self.site.is_some();
+            let delta = self.held.is_some();
             let path = if delta {
                 "/api/v1/edge/config/delta?wait=25"
             } else {
@@ -494,22 +489,22 @@ impl Follow {
                 Ok(r) if r.status == 304 => backoff = std::time::Duration::from_secs(1),
                 Ok(r) if r.status == 409 && delta => {
                     // The controller no longer has our version: the whole configuration.
-                    self.etag = None;
+                    self.held = None;
                 }
                 Ok(r) if r.status == 200 => {
                     backoff = std::time::Duration::from_secs(1);
-                    let parsed = match (delta, &self.site) {
-                        (true, Some(base)) => {
+                    let parsed = match &self.held {
+                        Some((_, base)) => {
                             serde_json::from_value::<patronus_api::ConfigDelta>(r.body)
                                 .map(|d| d.apply(base))
                         }
-                        _ => serde_json::from_value::<patronus_api::SiteConfig>(r.body),
+                        None => serde_json::from_value::<patronus_api::SiteConfig>(r.body),
                     };
                     let site = match parsed {
                         Ok(s) => s,
                         Err(e) => {
                             eprintln!("edge: the controller's configuration does not parse: {e}");
-                            self.etag = None;
+                            self.held = None;
                             std::thread::sleep(std::time::Duration::from_secs(5));
                             continue;
                         }
@@ -523,8 +518,7 @@ impl Follow {
                                 if delta { " (a delta)" } else { "" }
                             );
                             inbox.send(cfg);
-                            self.etag = r.etag;
-                            self.site = Some(site);
+                            self.held = r.etag.map(|e| (e, site));
                         }
                         Err(e) => eprintln!("edge: the new configuration is not used: {e:#}"),
                     }
@@ -537,10 +531,7 @@ impl Follow {
                     return;
                 }
                 other => {
-                    let why = match other {
-                        Ok(r) => crate::api_client::error_text(&r),
-                        Err(e) => format!("{e:#}"),
-                    };
+                    let why = crate::api_client::failure_text(&other);
                     eprintln!("edge: the controller is away ({why}); retrying in {backoff:?}");
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
@@ -587,7 +578,7 @@ fn from_controller(
     use patronus_api::SiteConfig;
     let local = read_local(path)?;
     let via = std::sync::Arc::new(via(&local));
-    let (_, credential) = enrol(&local, &via, token)?;
+    let credential = enrol(&local, &via, token)?;
     let resumed = local.state_dir.join("private.key.next").exists();
     if let Err(e) = finish_interrupted_roll(&local, &via, &credential) {
         eprintln!("edge: {e:#}; running on the key in private.key");
@@ -619,11 +610,10 @@ fn from_controller(
              elsewhere?",
             crate::api_client::error_text(&r)
         ),
-        Ok(r) => Err(format!(
+        other => Err(format!(
             "the controller is unreachable ({})",
-            crate::api_client::error_text(&r)
+            crate::api_client::failure_text(&other)
         )),
-        Err(e) => Err(format!("the controller is unreachable ({e:#})")),
     };
     let (site, cfg, etag) = match fresh {
         Ok(f) => f,
@@ -648,11 +638,10 @@ fn from_controller(
         key,
         Follow {
             key_rotation: site.key_rotation,
-            site: etag.is_some().then(|| site.clone()),
+            held: etag.map(|e| (e, site)),
             local,
             via,
             credential,
-            etag,
         },
     ))
 }
@@ -673,12 +662,13 @@ fn read_local(path: &Path) -> anyhow::Result<patronus_api::EdgeLocal> {
     Ok(local)
 }
 
-/// This edge's key and site credential: enrols first if it has no credential yet.
+/// This edge's site credential: enrols first (with its key, made here if there is none) if it
+/// has no credential yet.
 fn enrol(
     local: &patronus_api::EdgeLocal,
     via: &crate::api_client::Via,
     token: Option<String>,
-) -> anyhow::Result<(PrivateKey, String)> {
+) -> anyhow::Result<String> {
     let dir = &local.state_dir;
     {
         use std::os::unix::fs::DirBuilderExt;
@@ -742,7 +732,7 @@ fn enrol(
         }
         Err(e) => return Err(e).with_context(|| format!("reading {}", cred_path.display())),
     };
-    Ok((key, credential))
+    Ok(credential)
 }
 
 /// Reads and validates a configuration, naming every bad key.
