@@ -161,8 +161,10 @@ impl AppState {
             e.announced_online = true;
             crate::webhooks::emit_soon(
                 self,
-                crate::webhooks::EventKind::SiteOnline,
-                serde_json::json!({ "site_id": id, "site": name }),
+                vec![(
+                    crate::webhooks::EventKind::SiteOnline,
+                    serde_json::json!({ "site_id": id, "site": name }),
+                )],
             );
         }
         HeardGuard {
@@ -505,13 +507,15 @@ async fn around(State(state): State<AppState>, mut req: Request, next: Next) -> 
         state.changed();
         crate::webhooks::emit_soon(
             &state,
-            crate::webhooks::EventKind::ConfigChanged,
-            serde_json::json!({
-                "method": method.as_str(),
-                "path": path,
-                "request_id": id,
-                "generation": *state.changes.borrow(),
-            }),
+            vec![(
+                crate::webhooks::EventKind::ConfigChanged,
+                serde_json::json!({
+                    "method": method.as_str(),
+                    "path": path,
+                    "request_id": id,
+                    "generation": *state.changes.borrow(),
+                }),
+            )],
         );
     }
     tracing::info!(

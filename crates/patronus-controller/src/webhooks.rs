@@ -115,59 +115,85 @@ pub async fn emit(
     data: Value,
     only: Option<i64>,
 ) -> Result<Option<String>, sqlx::Error> {
+    Ok(emit_all(state, vec![(kind, data)], only)
+        .await?
+        .pop()
+        .flatten())
+}
+
+/// [`emit`] for several events at once: the webhooks are read once and every delivery is
+/// written in one transaction. Returns each event's id, if anyone will hear it.
+pub async fn emit_all(
+    state: &AppState,
+    events: Vec<(EventKind, Value)>,
+    only: Option<i64>,
+) -> Result<Vec<Option<String>>, sqlx::Error> {
     let rows = sqlx::query("SELECT id, events FROM webhooks WHERE enabled = 1")
         .fetch_all(state.store.pool())
         .await?;
     let mut hooks = Vec::new();
     for r in &rows {
         let id: i64 = r.try_get("id")?;
-        let events: Vec<EventKind> =
+        let wants: Vec<EventKind> =
             serde_json::from_str(r.try_get::<&str, _>("events")?).unwrap_or_default();
-        let wanted = match only {
-            Some(o) => o == id,
-            None => events.contains(&kind),
-        };
-        if wanted {
-            hooks.push(id);
-        }
+        hooks.push((id, wants));
     }
-    if hooks.is_empty() {
-        return Ok(None);
-    }
-    let id = format!(
-        "evt_{}",
-        crate::auth::b64url(&crate::auth::random_bytes::<12>())
-    );
     let now = now_ms();
-    let payload = json!({ "id": id, "type": kind, "at_ms": now, "data": data }).to_string();
-    let mut tx = state.store.begin().await?;
-    for hook in hooks {
-        sqlx::query(
-            "INSERT INTO webhook_deliveries
-             (webhook_id, event_id, event, payload, status, next_attempt_ms, created_ms)
-             VALUES (?, ?, ?, ?, 'pending', ?, ?)",
-        )
-        .bind(hook)
-        .bind(&id)
-        .bind(kind.as_str())
-        .bind(&payload)
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+    let mut ids = Vec::with_capacity(events.len());
+    let mut tx = None;
+    for (kind, data) in events {
+        let to: Vec<i64> = hooks
+            .iter()
+            .filter(|(id, wants)| only.map_or(wants.contains(&kind), |o| o == *id))
+            .map(|(id, _)| *id)
+            .collect();
+        if to.is_empty() {
+            ids.push(None);
+            continue;
+        }
+        let id = format!(
+            "evt_{}",
+            crate::auth::b64url(&crate::auth::random_bytes::<12>())
+        );
+        let payload = json!({ "id": id, "type": kind, "at_ms": now, "data": data }).to_string();
+        let tx = match &mut tx {
+            Some(tx) => tx,
+            None => tx.insert(state.store.begin().await?),
+        };
+        for hook in to {
+            sqlx::query(
+                "INSERT INTO webhook_deliveries
+                 (webhook_id, event_id, event, payload, status, next_attempt_ms, created_ms)
+                 VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+            )
+            .bind(hook)
+            .bind(&id)
+            .bind(kind.as_str())
+            .bind(&payload)
+            .bind(now)
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
+        }
+        ids.push(Some(id));
     }
-    tx.commit().await?;
-    state.webhook_wake.notify_one();
-    Ok(Some(id))
+    if let Some(tx) = tx {
+        tx.commit().await?;
+        state.webhook_wake.notify_one();
+    }
+    Ok(ids)
 }
 
-/// [`emit`] without waiting: for callers that must not be slowed or failed by it (a failure
-/// is logged).
-pub fn emit_soon(state: &AppState, kind: EventKind, data: Value) {
+/// [`emit_all`] without waiting: for callers that must not be slowed or failed by it (a
+/// failure is logged).
+pub fn emit_soon(state: &AppState, events: Vec<(EventKind, Value)>) {
+    if events.is_empty() {
+        return;
+    }
     let state = state.clone();
     tokio::spawn(async move {
-        if let Err(e) = emit(&state, kind, data, None).await {
-            tracing::warn!(event = kind.as_str(), error = %e, "webhook event not queued");
+        if let Err(e) = emit_all(&state, events, None).await {
+            tracing::warn!(error = %e, "webhook events not queued");
         }
     });
 }
@@ -195,8 +221,10 @@ async fn watch_presence(state: AppState) {
                 let (_, last_seen) = state.presence_of(id);
                 emit_soon(
                     &state,
-                    EventKind::SiteOffline,
-                    json!({ "site_id": id, "site": name, "last_seen": last_seen }),
+                    vec![(
+                        EventKind::SiteOffline,
+                        json!({ "site_id": id, "site": name, "last_seen": last_seen }),
+                    )],
                 );
             }
         }

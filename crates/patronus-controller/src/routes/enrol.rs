@@ -682,6 +682,14 @@ async fn telemetry(
     for r in &rows {
         ids.insert((r.try_get("site")?, r.try_get("link")?), r.try_get("id")?);
     }
+    // The id of the path between this site's `local` link and `peer`'s `remote` link, if the
+    // controller knows both (a report may name a configuration it no longer has).
+    let path_of = |local: &str, peer: &str, remote: &str| {
+        Some(crate::routes::topology::path_id(
+            *ids.get(&(site.site.clone(), local.to_owned()))?,
+            *ids.get(&(peer.to_owned(), remote.to_owned()))?,
+        ))
+    };
     let now = now_s();
     let mut samples = Vec::new();
     for (i, p) in t.paths.iter().enumerate() {
@@ -698,14 +706,10 @@ async fn telemetry(
                 "measurements must be finite and >= 0",
             ));
         }
-        let (Some(a), Some(b)) = (
-            ids.get(&(site.site.clone(), p.local_link.clone())),
-            ids.get(&(p.peer.clone(), p.remote_link.clone())),
-        ) else {
-            // A path of a configuration the controller no longer has: not an error.
-            continue;
-        };
-        samples.push((crate::routes::topology::path_id(*a, *b), p));
+        // A path of a configuration the controller no longer has: not an error.
+        if let Some(id) = path_of(&p.local_link, &p.peer, &p.remote_link) {
+            samples.push((id, p));
+        }
     }
     let mut events = Vec::new();
     {
@@ -740,16 +744,10 @@ async fn telemetry(
         .await?;
     }
     for e in &t.failovers {
-        let path = |l: &str, r: &str| {
-            Some(crate::routes::topology::path_id(
-                *ids.get(&(site.site.clone(), l.to_owned()))?,
-                *ids.get(&(e.peer.clone(), r.to_owned()))?,
-            ))
-        };
         // A report delivered twice (an answer lost on the way back) is kept once.
         let (from, to) = (
-            path(&e.from_local_link, &e.from_remote_link),
-            path(&e.to_local_link, &e.to_remote_link),
+            path_of(&e.from_local_link, &e.peer, &e.from_remote_link),
+            path_of(&e.to_local_link, &e.peer, &e.to_remote_link),
         );
         let new = sqlx::query(
             "INSERT OR IGNORE INTO failover_events
@@ -789,13 +787,7 @@ async fn telemetry(
     // Each end's view of a path changing, at the moment it saw it: kept once (a report may
     // come twice), and told to webhooks (down, up again, breaking an SLA).
     for e in &t.path_events {
-        let path = match (
-            ids.get(&(site.site.clone(), e.local_link.clone())),
-            ids.get(&(e.peer.clone(), e.remote_link.clone())),
-        ) {
-            (Some(a), Some(b)) => Some(crate::routes::topology::path_id(*a, *b)),
-            _ => None,
-        };
+        let path = path_of(&e.local_link, &e.peer, &e.remote_link);
         let new = sqlx::query(
             "INSERT OR IGNORE INTO path_events
              (site_id, seq, at_ms, path_id, kind, class, detail, received_s)
@@ -840,38 +832,26 @@ async fn telemetry(
     }
     record_traffic(&mut tx, site.site_id, now, &t, &samples).await?;
     // Retention: what is older goes, a little at a time.
-    sqlx::query(
-        "DELETE FROM path_samples WHERE id IN
-           (SELECT id FROM path_samples WHERE at_s < ? ORDER BY id LIMIT 1000)",
-    )
-    .bind(now - SAMPLE_RETENTION_S)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "DELETE FROM traffic_samples WHERE id IN
-           (SELECT id FROM traffic_samples WHERE at_s < ? ORDER BY id LIMIT 1000)",
-    )
-    .bind(now - SAMPLE_RETENTION_S)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "DELETE FROM path_events WHERE id IN
-           (SELECT id FROM path_events WHERE received_s < ? ORDER BY id LIMIT 1000)",
-    )
-    .bind(now - SAMPLE_RETENTION_S)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "DELETE FROM failover_events WHERE id IN
-           (SELECT id FROM failover_events WHERE at_ms < ? ORDER BY id LIMIT 1000)",
-    )
-    .bind((now - FAILOVER_RETENTION_S) * 1000)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    for (kind, data) in events {
-        crate::webhooks::emit_soon(&s, kind, data);
+    for (table, column, before) in [
+        ("path_samples", "at_s", now - SAMPLE_RETENTION_S),
+        ("traffic_samples", "at_s", now - SAMPLE_RETENTION_S),
+        ("path_events", "received_s", now - SAMPLE_RETENTION_S),
+        (
+            "failover_events",
+            "at_ms",
+            (now - FAILOVER_RETENTION_S) * 1000,
+        ),
+    ] {
+        sqlx::query(&format!(
+            "DELETE FROM {table} WHERE id IN
+               (SELECT id FROM {table} WHERE {column} < ? ORDER BY id LIMIT 1000)"
+        ))
+        .bind(before)
+        .execute(&mut *tx)
+        .await?;
     }
+    tx.commit().await?;
+    crate::webhooks::emit_soon(&s, events);
     Ok(StatusCode::NO_CONTENT)
 }
 
