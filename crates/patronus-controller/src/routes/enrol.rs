@@ -501,8 +501,7 @@ async fn edge_config(
         .map(|v| v.as_bytes().to_vec());
     match next_config(&s, &site, seen.as_deref(), q.wait).await? {
         Next::Unchanged(tag) => not_modified(tag),
-        Next::Changed(configs, tag) => {
-            let c = configs.get(&site.site_id).ok_or_else(|| no_config(&site))?;
+        Next::Changed(c, tag) => {
             let mut r = ([(header::CONTENT_TYPE, "application/json")], c.to_json()).into_response();
             r.headers_mut().insert(header::ETAG, tag);
             Ok(r)
@@ -545,8 +544,7 @@ async fn edge_config_delta(
         .to_vec();
     match next_config(&s, &site, Some(&seen), q.wait).await? {
         Next::Unchanged(tag) => not_modified(tag),
-        Next::Changed(configs, tag) => {
-            let c = configs.get(&site.site_id).ok_or_else(|| no_config(&site))?;
+        Next::Changed(c, tag) => {
             let base = s.previous_config(site.site_id, &seen).ok_or_else(|| {
                 ApiError::new(
                     StatusCode::CONFLICT,
@@ -570,8 +568,8 @@ async fn edge_config_delta(
 enum Next {
     /// Still the version the edge holds (its ETag).
     Unchanged(HeaderValue),
-    /// Another one: every site's configurations, and this site's ETag.
-    Changed(crate::app::Compiled, HeaderValue),
+    /// Another one, and its ETag.
+    Changed(crate::compile::Compiled, HeaderValue),
 }
 
 fn no_config(site: &SiteCaller) -> ApiError {
@@ -612,7 +610,7 @@ async fn next_config(
         let etag = c.etag();
         let tag = HeaderValue::from_str(&etag).map_err(ApiError::internal)?;
         if seen != Some(etag.as_bytes()) {
-            return Ok(Next::Changed(configs, tag));
+            return Ok(Next::Changed(c.clone(), tag));
         }
         let timed_out = tokio::select! {
             r = changes.changed() => r.is_err(),
