@@ -3226,6 +3226,8 @@ async fn a_key_rotation_is_asked_by_an_operator_announced_to_peers_then_committe
     // The edge announces its new key: the peers accept both.
     let r = step(json!({ "next": old })).await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{r:?}");
+    // Its own code: the edge finishing an interrupted roll reads it (not the message).
+    assert_eq!(r.body["error"]["code"], "key_is_current", "{r:?}");
     let r = step(json!({ "commit": new })).await;
     assert_eq!(r.status, StatusCode::CONFLICT, "not announced: {r:?}");
     let r = step(json!({ "next": new })).await;

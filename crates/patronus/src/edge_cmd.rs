@@ -297,7 +297,7 @@ fn post_key(
         );
         match r {
             Ok(r) if r.status == 204 => return Ok(true),
-            Ok(r) if r.status == 422 && r.body.to_string().contains("current key") => {
+            Ok(r) if r.status == 422 && r.body["error"]["code"] == "key_is_current" => {
                 return Ok(false);
             }
             // A connected site is rolling its key: ours waits for it.

@@ -146,7 +146,12 @@ async fn edge_key(
         KeyStep::Next(k) => {
             let k = k.to_string();
             if current.as_deref() == Some(k.as_str()) {
-                return Err(ApiError::field("next", "is the site's current key"));
+                // Its own code: an edge finishing an interrupted roll learns from it that the
+                // commit already happened.
+                return Err(ApiError {
+                    code: "key_is_current",
+                    ..ApiError::field("next", "is the site's current key")
+                });
             }
             let taken: Option<String> = sqlx::query_scalar(
                 "SELECT name FROM sites WHERE id != ? AND (public_key = ? OR next_public_key = ?)",
