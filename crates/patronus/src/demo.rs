@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use nix::sys::signal::{SigSet, Signal};
 use patronus_edge::status::EdgeStatus;
 use patronus_lab::edges::{self, STATUS_PORT};
 use patronus_lab::lab::run_dir;
@@ -102,11 +101,7 @@ impl Log {
 
 pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     // Shutdown signals go to one thread that sets `stop`; the main loop then removes the lab.
-    let mut signals = SigSet::empty();
-    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        signals.add(s);
-    }
-    signals.thread_block()?;
+    let signals = crate::block_shutdown_signals()?;
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();

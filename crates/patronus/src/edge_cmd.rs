@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
-use nix::sys::signal::{SigSet, Signal};
 use patronus_api::EdgeConfig;
 use patronus_edge::{Edge, PrivateKey};
 
@@ -89,11 +88,7 @@ pub fn run(cmd: EdgeCmd) -> anyhow::Result<()> {
         } => {
             // Shutdown signals are taken by one thread with sigwait, which stops the loop; the
             // TUN device (and with it every route through it) goes when the edge exits.
-            let mut signals = SigSet::empty();
-            for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-                signals.add(s);
-            }
-            signals.thread_block()?;
+            let signals = crate::block_shutdown_signals()?;
             let (cfg, key, follow) = match (config, local) {
                 (Some(config), _) => {
                     let cfg = load(&config)?;

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use clap::Subcommand;
-use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signal::Signal;
 use patronus_lab::lab::{self, LabState, run_dir};
 use patronus_lab::stream::{self, StreamConfig};
 use patronus_lab::{EmulatorStatus, Lab, LabOptions, LinkStatus, Topology, iperf, netns};
@@ -277,11 +277,7 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
 fn foreground(a: UpArgs) -> anyhow::Result<()> {
     // Block the shutdown signals in every thread (threads inherit the mask) and take them with
     // sigwait below, so that teardown runs whichever signal arrives, even during setup.
-    let mut signals = SigSet::empty();
-    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        signals.add(s);
-    }
-    signals.thread_block()?;
+    let signals = crate::block_shutdown_signals()?;
     let topo = topology(&a)?;
     let lab = Arc::new(Lab::up(
         &topo,

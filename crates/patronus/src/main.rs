@@ -79,6 +79,18 @@ enum Command {
     Webhook(admin_cmd::WebhookCmd),
 }
 
+/// Blocks SIGINT, SIGTERM and SIGHUP in this thread (the threads it starts later inherit the
+/// mask), so that one thread can take them with `sigwait` on the set returned.
+fn block_shutdown_signals() -> nix::Result<nix::sys::signal::SigSet> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        signals.add(s);
+    }
+    signals.thread_block()?;
+    Ok(signals)
+}
+
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Bench(b) => bench::run(b),
