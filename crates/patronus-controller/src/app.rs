@@ -311,7 +311,7 @@ impl FromRequestParts<AppState> for Principal {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let ip = client_ip(parts);
         let token = bearer(parts)?;
-        if token.starts_with(crate::routes::enrol::CREDENTIAL_PREFIX) {
+        if token.starts_with(crate::routes::edge::CREDENTIAL_PREFIX) {
             return Err(ApiError::forbidden(
                 "a site's credential is for its edge's own configuration (/api/v1/edge/...)",
             ));
@@ -417,10 +417,14 @@ pub fn routes_and_document() -> (Router<AppState>, utoipa::openapi::OpenApi) {
             .merge(crate::routes::users::routes())
             .merge(crate::routes::sites::routes())
             .merge(crate::routes::topology::routes())
+            .merge(crate::routes::paths::routes())
+            .merge(crate::routes::sla_classes::routes())
             .merge(crate::routes::policies::routes())
+            .merge(crate::routes::failover::routes())
             .merge(crate::routes::api_keys::routes())
             .merge(crate::routes::audit::routes())
-            .merge(crate::routes::enrol::routes())
+            .merge(crate::routes::enroll::routes())
+            .merge(crate::routes::edge::routes())
             .merge(crate::routes::webhooks::routes())
             .merge(crate::routes::traffic::routes())
             .split_for_parts();

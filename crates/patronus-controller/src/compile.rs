@@ -60,7 +60,7 @@ impl Network {
             next_keys,
             rotations,
             topology: topology::load(store).await?,
-            classes: crate::routes::policies::all_classes(store)
+            classes: crate::routes::sla_classes::all_classes(store)
                 .await?
                 .into_iter()
                 .map(|d| d.spec)
@@ -70,7 +70,7 @@ impl Network {
                 .into_iter()
                 .map(|d| d.spec)
                 .collect(),
-            failover: crate::routes::policies::failover(store).await?.0,
+            failover: crate::routes::failover::failover(store).await?.0,
         })
     }
 }

@@ -8,7 +8,7 @@ use anyhow::Context;
 use crate::app::{AppState, router};
 use crate::auth::{self, Role};
 use crate::config::Config;
-use crate::routes::users::{NewUser, create_user};
+use crate::routes::users::{NewUser, add_user};
 use crate::store::{Actor, Store, create_private_dir};
 
 /// Opens everything the API needs, creating it on first start.
@@ -59,7 +59,7 @@ async fn bootstrap_admin(
         name: "bootstrap".into(),
         source: "environment".into(),
     };
-    let u = create_user(
+    let u = add_user(
         store,
         &actor,
         NewUser {

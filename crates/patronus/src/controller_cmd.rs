@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use patronus_controller::auth::Role;
 use patronus_controller::config::{Config, Overrides};
-use patronus_controller::routes::users::{NewUser, create_user};
+use patronus_controller::routes::users::{NewUser, add_user};
 use patronus_controller::store::{Actor, Store};
 
 #[derive(Debug, Args)]
@@ -107,7 +107,7 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
                 name: "cli".into(),
                 source: "local".into(),
             };
-            let u = create_user(
+            let u = add_user(
                 &store,
                 &actor,
                 NewUser {

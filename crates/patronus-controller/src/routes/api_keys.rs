@@ -25,8 +25,8 @@ pub const PREFIX: &str = "pak_";
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(list, create))
-        .routes(routes!(revoke))
+        .routes(routes!(list_api_keys, create_api_key))
+        .routes(routes!(revoke_api_key))
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -121,7 +121,7 @@ pub struct ListQuery {
     security(("bearer" = ["admin"])),
     responses((status = 200, body = Page<KeyView>), crate::error::ApiErrors)
 )]
-async fn list(
+async fn list_api_keys(
     State(s): State<AppState>,
     Admin(_p): Admin,
     extract::Query(q): extract::Query<ListQuery>,
@@ -162,7 +162,7 @@ async fn list(
     security(("bearer" = ["admin"])),
     responses((status = 201, body = KeyView), crate::error::ApiErrors)
 )]
-async fn create(
+async fn create_api_key(
     State(s): State<AppState>,
     Admin(p): Admin,
     extract::Json(new): extract::Json<NewKey>,
@@ -222,7 +222,7 @@ async fn create(
     security(("bearer" = ["admin"])),
     responses((status = 204, description = "Revoked"), crate::error::ApiErrors)
 )]
-async fn revoke(
+async fn revoke_api_key(
     State(s): State<AppState>,
     Admin(p): Admin,
     extract::Path(id): extract::Path<i64>,

@@ -12,7 +12,7 @@ use crate::routes::{Page, Paging};
 use crate::store::{AuditQuery, AuditRow};
 
 pub fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(list))
+    OpenApiRouter::new().routes(routes!(list_audit))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -41,7 +41,7 @@ pub struct ListQuery {
     security(("bearer" = ["admin"])),
     responses((status = 200, body = Page<AuditRow>), crate::error::ApiErrors)
 )]
-async fn list(
+async fn list_audit(
     State(s): State<AppState>,
     Admin(_p): Admin,
     extract::Query(q): extract::Query<ListQuery>,

@@ -3,9 +3,13 @@
 pub mod api_keys;
 pub mod audit;
 pub mod auth;
-pub mod enrol;
+pub mod edge;
+pub mod enroll;
+pub mod failover;
+pub mod paths;
 pub mod policies;
 pub mod sites;
+pub mod sla_classes;
 pub mod system;
 pub mod topology;
 pub mod traffic;
@@ -13,6 +17,7 @@ pub mod users;
 pub mod webhooks;
 
 use serde::Serialize;
+use sqlx::Row;
 
 use crate::error::ApiError;
 
@@ -70,6 +75,77 @@ impl Paging {
         e.into_result().map_err(ApiError::validation)?;
         Ok(self)
     }
+}
+
+/// A stored document and its bookkeeping, as the API shows it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Doc<T> {
+    pub id: i64,
+    #[serde(flatten)]
+    pub spec: T,
+    /// Built-in classes only: these cannot be deleted.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub builtin: bool,
+    pub version: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+pub(crate) fn doc<T: serde::de::DeserializeOwned>(
+    r: &sqlx::sqlite::SqliteRow,
+) -> Result<Doc<T>, ApiError> {
+    let spec: String = r.try_get("spec")?;
+    Ok(Doc {
+        id: r.try_get("id")?,
+        spec: serde_json::from_str(&spec).map_err(ApiError::internal)?,
+        builtin: r.try_get::<i64, _>("builtin").unwrap_or(0) != 0,
+        version: r.try_get("version")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+pub(crate) fn page<T>(items: Vec<T>, paging: Paging) -> Page<T> {
+    let total = items.len() as i64;
+    let items = items
+        .into_iter()
+        .skip(paging.offset as usize)
+        .take(paging.limit as usize)
+        .collect();
+    Page::new(items, total, paging)
+}
+
+/// A sort key's name and how to get it.
+pub(crate) type SortKey<T> = (&'static str, fn(&T) -> String);
+
+/// Sorts `items` by the key `sort` names among `keys` (the first is the default).
+pub(crate) fn sort_by<T>(
+    items: &mut [T],
+    sort: Option<&str>,
+    keys: &[SortKey<T>],
+) -> Result<(), ApiError> {
+    let sort = sort.unwrap_or(keys[0].0);
+    let (desc, name) = sort.strip_prefix('-').map_or((false, sort), |k| (true, k));
+    let Some((_, key)) = keys.iter().find(|(k, _)| *k == name) else {
+        let names: Vec<&str> = keys.iter().map(|(k, _)| *k).collect();
+        return Err(ApiError::field(
+            "sort",
+            format!(
+                "must be one of {} (- in front for descending)",
+                names.join(", ")
+            ),
+        ));
+    };
+    items.sort_by_cached_key(key);
+    if desc {
+        items.reverse();
+    }
+    Ok(())
+}
+
+/// Zero-padded, so that numbers sort as strings.
+pub(crate) fn num(n: i64) -> String {
+    format!("{n:020}")
 }
 
 /// The `ETag` of a versioned object: its version, quoted.

@@ -5,6 +5,10 @@
 //! site). Deleting a site deletes its links. Updates are JSON merge patches (RFC 7386) checked
 //! against the version in `If-Match`.
 
+pub mod enrollment_tokens;
+pub mod links;
+pub mod rotate_key;
+
 use std::collections::HashMap;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -26,10 +30,11 @@ use crate::store::{Audit, Store, now_s};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(list, create))
-        .routes(routes!(show, update, remove))
-        .routes(routes!(list_links, create_link))
-        .routes(routes!(show_link, update_link, remove_link))
+        .routes(routes!(list_sites, create_site))
+        .routes(routes!(show_site, update_site, remove_site))
+        .merge(links::routes())
+        .merge(enrollment_tokens::routes())
+        .merge(rotate_key::routes())
 }
 
 /// Whether a site is meant to carry traffic. (Whether its edge is online comes from the edge.)
@@ -120,7 +125,7 @@ impl SiteSpec {
 }
 
 /// The most WAN links one site may have.
-const MAX_LINKS: usize = 16;
+pub(crate) const MAX_LINKS: usize = 16;
 
 fn validate_links(links: &[Link], e: &mut FieldErrors) {
     if links.len() > MAX_LINKS {
@@ -222,7 +227,7 @@ fn site_from_row(r: &SqliteRow) -> Result<SiteView, ApiError> {
     })
 }
 
-fn link_from_row(r: &SqliteRow) -> Result<LinkView, ApiError> {
+pub(crate) fn link_from_row(r: &SqliteRow) -> Result<LinkView, ApiError> {
     let spec: String = r.try_get("spec")?;
     Ok(LinkView {
         id: r.try_get("id")?,
@@ -320,7 +325,7 @@ async fn check_overlap(
     Ok(())
 }
 
-async fn insert_link(
+pub(crate) async fn insert_link(
     tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
     site_id: i64,
     link: &Link,
@@ -364,7 +369,7 @@ pub struct ListQuery {
     security(("bearer" = ["viewer"])),
     responses((status = 200, body = Page<SiteView>), crate::error::ApiErrors)
 )]
-async fn list(
+async fn list_sites(
     State(s): State<AppState>,
     _p: Principal,
     extract::Query(q): extract::Query<ListQuery>,
@@ -442,7 +447,7 @@ async fn list(
     security(("bearer" = ["operator"])),
     responses((status = 201, body = SiteView), crate::error::ApiErrors)
 )]
-async fn create(
+async fn create_site(
     State(s): State<AppState>,
     Operator(p): Operator,
     extract::Json(spec): extract::Json<SiteSpec>,
@@ -495,7 +500,7 @@ async fn create(
     security(("bearer" = ["viewer"])),
     responses((status = 200, body = SiteView), crate::error::ApiErrors)
 )]
-async fn show(
+async fn show_site(
     State(s): State<AppState>,
     _p: Principal,
     extract::Path(id): extract::Path<i64>,
@@ -515,7 +520,7 @@ async fn show(
     security(("bearer" = ["operator"])),
     responses((status = 200, body = SiteView), crate::error::ApiErrors)
 )]
-async fn update(
+async fn update_site(
     State(s): State<AppState>,
     Operator(p): Operator,
     extract::Path(id): extract::Path<i64>,
@@ -577,7 +582,7 @@ async fn update(
     security(("bearer" = ["operator"])),
     responses((status = 204, description = "Deleted"), crate::error::ApiErrors)
 )]
-async fn remove(
+async fn remove_site(
     State(s): State<AppState>,
     Operator(p): Operator,
     extract::Path(id): extract::Path<i64>,
@@ -591,175 +596,5 @@ async fn remove(
         json!({ "name": cur.name, "links": cur.links.len() }),
     );
     s.store.delete_audited("sites", id, audit).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
-
-async fn load_link(store: &Store, site: i64, link: i64) -> Result<LinkView, ApiError> {
-    let row = sqlx::query("SELECT * FROM links WHERE id = ? AND site_id = ?")
-        .bind(link)
-        .bind(site)
-        .fetch_optional(store.pool())
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("link {link} of site {site}")))?;
-    link_from_row(&row)
-}
-
-#[utoipa::path(
-    get,
-    path = "/api/v1/sites/{id}/links",
-    tag = "links",
-    summary = "List the links of a site.",
-    params(("id" = i64, Path, description = "The object's id")),
-    security(("bearer" = ["viewer"])),
-    responses((status = 200, body = Page<LinkView>), crate::error::ApiErrors)
-)]
-async fn list_links(
-    State(s): State<AppState>,
-    _p: Principal,
-    extract::Path(id): extract::Path<i64>,
-) -> Result<Json<Page<LinkView>>, ApiError> {
-    let site = load_site(&s.store, id).await?;
-    let n = site.links.len() as i64;
-    Ok(Json(Page {
-        items: site.links,
-        total: n,
-        limit: n,
-        offset: 0,
-    }))
-}
-
-#[utoipa::path(
-    post,
-    path = "/api/v1/sites/{id}/links",
-    tag = "links",
-    summary = "Add a WAN link to a site.",
-    params(("id" = i64, Path, description = "The object's id")),
-    request_body = Link,
-    security(("bearer" = ["operator"])),
-    responses((status = 201, body = LinkView), crate::error::ApiErrors)
-)]
-async fn create_link(
-    State(s): State<AppState>,
-    Operator(p): Operator,
-    extract::Path(id): extract::Path<i64>,
-    extract::Json(link): extract::Json<Link>,
-) -> Result<Response, ApiError> {
-    let site = load_site(&s.store, id).await?;
-    link.validate().map_err(ApiError::validation)?;
-    if site.links.len() >= MAX_LINKS {
-        return Err(ApiError::field(
-            "links",
-            format!("at most {MAX_LINKS} links per site"),
-        ));
-    }
-    // A name the site already has is a conflict, found by the insert (UNIQUE (site_id, name)).
-    let mut tx = s.store.begin().await?;
-    let link_id = insert_link(&mut tx, id, &link).await?;
-    Store::audit(
-        &mut tx,
-        &p.actor(),
-        "link.create",
-        &format!("site/{id}/link/{link_id}"),
-        serde_json::to_value(&link).unwrap_or_default(),
-    )
-    .await?;
-    tx.commit().await?;
-    let l = load_link(&s.store, id, link_id).await?;
-    Ok(created(
-        format!("/api/v1/sites/{id}/links/{link_id}"),
-        l.version,
-        l,
-    ))
-}
-
-#[utoipa::path(
-    get,
-    path = "/api/v1/sites/{id}/links/{link}",
-    tag = "links",
-    summary = "Read a link.",
-    params(("id" = i64, Path, description = "The site's id"), ("link" = i64, Path, description = "The link's id")),
-    security(("bearer" = ["viewer"])),
-    responses((status = 200, body = LinkView), crate::error::ApiErrors)
-)]
-async fn show_link(
-    State(s): State<AppState>,
-    _p: Principal,
-    extract::Path((site, link)): extract::Path<(i64, i64)>,
-) -> Result<Response, ApiError> {
-    let l = load_link(&s.store, site, link).await?;
-    Ok(with_etag(StatusCode::OK, l.version, l))
-}
-
-#[utoipa::path(
-    patch,
-    path = "/api/v1/sites/{id}/links/{link}",
-    tag = "links",
-    summary = "Change a link (JSON merge patch; If-Match).",
-    params(("id" = i64, Path, description = "The site's id"), ("link" = i64, Path, description = "The link's id")),
-    request_body(content = serde_json::Value, description = "A JSON merge patch (RFC 7386) of the object"),
-    security(("bearer" = ["operator"])),
-    responses((status = 200, body = LinkView), crate::error::ApiErrors)
-)]
-async fn update_link(
-    State(s): State<AppState>,
-    Operator(p): Operator,
-    extract::Path((site, link)): extract::Path<(i64, i64)>,
-    headers: HeaderMap,
-    extract::Json(patch): extract::Json<Value>,
-) -> Result<Response, ApiError> {
-    let cur = load_link(&s.store, site, link).await?;
-    check_if_match(&headers, cur.version)?;
-    let new: Link = patched(&cur.link, &patch)?;
-    new.validate().map_err(ApiError::validation)?;
-    let mut tx = s.store.begin().await?;
-    let r = sqlx::query(
-        "UPDATE links SET name = ?, spec = ?, version = version + 1, updated_at = ?
-         WHERE id = ? AND version = ?",
-    )
-    .bind(new.name.as_str())
-    .bind(serde_json::to_string(&new).map_err(ApiError::internal)?)
-    .bind(now_s())
-    .bind(link)
-    .bind(cur.version)
-    .execute(&mut *tx)
-    .await;
-    updated(r, "link", || {
-        format!("the site already has a link named {}", new.name)
-    })?;
-    Store::audit(
-        &mut tx,
-        &p.actor(),
-        "link.update",
-        &format!("site/{site}/link/{link}"),
-        patch,
-    )
-    .await?;
-    tx.commit().await?;
-    let l = load_link(&s.store, site, link).await?;
-    Ok(with_etag(StatusCode::OK, l.version, l))
-}
-
-#[utoipa::path(
-    delete,
-    path = "/api/v1/sites/{id}/links/{link}",
-    tag = "links",
-    summary = "Delete a link.",
-    params(("id" = i64, Path, description = "The site's id"), ("link" = i64, Path, description = "The link's id")),
-    security(("bearer" = ["operator"])),
-    responses((status = 204, description = "Deleted"), crate::error::ApiErrors)
-)]
-async fn remove_link(
-    State(s): State<AppState>,
-    Operator(p): Operator,
-    extract::Path((site, link)): extract::Path<(i64, i64)>,
-) -> Result<StatusCode, ApiError> {
-    let cur = load_link(&s.store, site, link).await?;
-    let audit = Audit::new(
-        p.actor(),
-        "link.delete",
-        &format!("site/{site}/link/{link}"),
-        json!({ "name": cur.link.name }),
-    );
-    s.store.delete_audited("links", link, audit).await?;
     Ok(StatusCode::NO_CONTENT)
 }

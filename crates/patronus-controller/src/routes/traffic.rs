@@ -1,6 +1,6 @@
 //! `/api/v1/traffic/stats`: what the edges sent and received, per SLA class, per path or per
 //! site, in time buckets. The edges report running totals; the controller keeps what changed
-//! between two reports (see `enrol::record_traffic`), so a bucket holds what was sent in it,
+//! between two reports (see `edge::telemetry::record_traffic`), so a bucket holds what was sent in it,
 //! to the resolution of the reports (5 s).
 
 use axum::Json;
@@ -16,7 +16,7 @@ use crate::routes::{Page, Paging};
 use crate::store::now_s;
 
 pub fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(stats))
+    OpenApiRouter::new().routes(routes!(traffic_stats))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -70,7 +70,7 @@ pub struct TrafficBucket {
     security(("bearer" = ["viewer"])),
     responses((status = 200, body = Page<TrafficBucket>), crate::error::ApiErrors)
 )]
-async fn stats(
+async fn traffic_stats(
     State(s): State<AppState>,
     _p: Principal,
     extract::Query(q): extract::Query<StatsQuery>,

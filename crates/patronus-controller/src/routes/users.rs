@@ -19,8 +19,8 @@ use crate::store::{Actor, Audit, Store, UserQuery, UserRow, UserSort, now_s};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(list, create))
-        .routes(routes!(show, update, remove))
+        .routes(routes!(list_users, create_user))
+        .routes(routes!(show_user, update_user, remove_user))
         .routes(routes!(set_password))
 }
 
@@ -79,7 +79,7 @@ pub fn email_problem(email: &str) -> Option<&'static str> {
 }
 
 /// Creates a user; shared with the offline command and the first-admin bootstrap.
-pub async fn create_user(store: &Store, actor: &Actor, new: NewUser) -> Result<UserRow, ApiError> {
+pub async fn add_user(store: &Store, actor: &Actor, new: NewUser) -> Result<UserRow, ApiError> {
     let email = new.email.trim().to_owned();
     let mut e = FieldErrors::default();
     if let Some(p) = email_problem(&email) {
@@ -136,7 +136,7 @@ pub async fn create_user(store: &Store, actor: &Actor, new: NewUser) -> Result<U
     security(("bearer" = ["admin"])),
     responses((status = 200, body = Page<UserRow>), crate::error::ApiErrors)
 )]
-async fn list(
+async fn list_users(
     State(s): State<AppState>,
     Admin(_p): Admin,
     extract::Query(q): extract::Query<ListQuery>,
@@ -184,12 +184,12 @@ async fn list(
     security(("bearer" = ["admin"])),
     responses((status = 201, body = UserRow), crate::error::ApiErrors)
 )]
-async fn create(
+async fn create_user(
     State(s): State<AppState>,
     Admin(p): Admin,
     extract::Json(new): extract::Json<NewUser>,
 ) -> Result<Response, ApiError> {
-    let u = create_user(&s.store, &p.actor(), new).await?;
+    let u = add_user(&s.store, &p.actor(), new).await?;
     Ok(created(format!("/api/v1/users/{}", u.id), u.version, u))
 }
 
@@ -202,7 +202,7 @@ async fn create(
     security(("bearer" = ["admin"])),
     responses((status = 200, body = UserRow), crate::error::ApiErrors)
 )]
-async fn show(
+async fn show_user(
     State(s): State<AppState>,
     UserOrAdmin { id, .. }: UserOrAdmin,
 ) -> Result<Response, ApiError> {
@@ -234,7 +234,7 @@ async fn other_admins(store: &Store, except: i64) -> Result<i64, ApiError> {
     security(("bearer" = ["admin"])),
     responses((status = 200, body = UserRow), crate::error::ApiErrors)
 )]
-async fn update(
+async fn update_user(
     State(s): State<AppState>,
     Admin(p): Admin,
     extract::Path(id): extract::Path<i64>,
@@ -320,7 +320,7 @@ async fn update(
     security(("bearer" = ["admin"])),
     responses((status = 204, description = "Deleted"), crate::error::ApiErrors)
 )]
-async fn remove(
+async fn remove_user(
     State(s): State<AppState>,
     Admin(p): Admin,
     extract::Path(id): extract::Path<i64>,

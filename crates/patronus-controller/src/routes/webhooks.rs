@@ -22,11 +22,11 @@ pub const SECRET_PREFIX: &str = "whsec_";
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(list, create))
-        .routes(routes!(show, update, remove))
-        .routes(routes!(ping))
-        .routes(routes!(deliveries))
-        .routes(routes!(redeliver))
+        .routes(routes!(list_webhooks, create_webhook))
+        .routes(routes!(show_webhook, update_webhook, remove_webhook))
+        .routes(routes!(ping_webhook))
+        .routes(routes!(list_deliveries))
+        .routes(routes!(retry_delivery))
 }
 
 /// What a webhook is: where to post, and which events.
@@ -125,7 +125,7 @@ pub struct ListQuery {
     security(("bearer" = ["admin"])),
     responses((status = 200, body = Page<WebhookView>), crate::error::ApiErrors)
 )]
-async fn list(
+async fn list_webhooks(
     State(s): State<AppState>,
     Admin(_p): Admin,
     extract::Query(q): extract::Query<ListQuery>,
@@ -154,7 +154,7 @@ async fn list(
     security(("bearer" = ["admin"])),
     responses((status = 201, body = WebhookView), crate::error::ApiErrors)
 )]
-async fn create(
+async fn create_webhook(
     State(s): State<AppState>,
     Admin(p): Admin,
     extract::Json(mut spec): extract::Json<WebhookSpec>,
@@ -200,7 +200,7 @@ async fn create(
     security(("bearer" = ["admin"])),
     responses((status = 200, body = WebhookView), crate::error::ApiErrors)
 )]
-async fn show(
+async fn show_webhook(
     State(s): State<AppState>,
     Admin(_p): Admin,
     extract::Path(id): extract::Path<i64>,
@@ -220,7 +220,7 @@ async fn show(
     security(("bearer" = ["admin"])),
     responses((status = 200, body = WebhookView), crate::error::ApiErrors)
 )]
-async fn update(
+async fn update_webhook(
     State(s): State<AppState>,
     Admin(p): Admin,
     extract::Path(id): extract::Path<i64>,
@@ -268,7 +268,7 @@ async fn update(
     security(("bearer" = ["admin"])),
     responses((status = 204, description = "Deleted"), crate::error::ApiErrors)
 )]
-async fn remove(
+async fn remove_webhook(
     State(s): State<AppState>,
     Admin(p): Admin,
     extract::Path(id): extract::Path<i64>,
@@ -299,7 +299,7 @@ pub struct Queued {
     security(("bearer" = ["admin"])),
     responses((status = 202, body = Queued), crate::error::ApiErrors)
 )]
-async fn ping(
+async fn ping_webhook(
     State(s): State<AppState>,
     Admin(p): Admin,
     extract::Path(id): extract::Path<i64>,
@@ -363,7 +363,7 @@ pub struct DeliveryQuery {
     security(("bearer" = ["admin"])),
     responses((status = 200, body = Page<DeliveryView>), crate::error::ApiErrors)
 )]
-async fn deliveries(
+async fn list_deliveries(
     State(s): State<AppState>,
     Admin(_p): Admin,
     extract::Path(id): extract::Path<i64>,
@@ -436,7 +436,7 @@ async fn deliveries(
     security(("bearer" = ["admin"])),
     responses((status = 202, description = "Queued"), crate::error::ApiErrors)
 )]
-async fn redeliver(
+async fn retry_delivery(
     State(s): State<AppState>,
     Admin(_p): Admin,
     extract::Path((id, delivery)): extract::Path<(i64, i64)>,

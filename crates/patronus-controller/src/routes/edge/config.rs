@@ -1,0 +1,177 @@
+//! `/api/v1/edge/config`: an edge's configuration, whole or as a delta, with a long poll.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::app::AppState;
+use crate::error::{ApiError, extract};
+use crate::routes::edge::SiteCaller;
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(edge_config))
+        .routes(routes!(edge_config_delta))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ConfigQuery {
+    /// With `If-None-Match`: hold the request up to this many seconds (at most 25) until the
+    /// configuration changes, then answer at once (a long poll: a change reaches the edge
+    /// without polling delay).
+    pub wait: Option<u64>,
+}
+
+/// The longest a long poll is held (below the request timeout).
+pub const MAX_WAIT_S: u64 = 25;
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/edge/config",
+    tag = "enrolment",
+    summary = "The calling edge's configuration (site credential). ETag is its version; with \
+               If-None-Match it answers 304 when nothing changed, after waiting up to `wait` s.",
+    params(ConfigQuery),
+    security(("site" = [])),
+    responses(
+        (status = 200, body = patronus_api::SiteConfig),
+        (status = 304, description = "Unchanged since the version in If-None-Match"),
+        crate::error::ApiErrors
+    )
+)]
+async fn edge_config(
+    State(s): State<AppState>,
+    site: SiteCaller,
+    headers: HeaderMap,
+    extract::Query(q): extract::Query<ConfigQuery>,
+) -> Result<Response, ApiError> {
+    let _heard = s.heard_from(site.site_id, &site.site);
+    let seen = headers
+        .get(header::IF_NONE_MATCH)
+        .map(|v| v.as_bytes().to_vec());
+    match next_config(&s, &site, seen.as_deref(), q.wait).await? {
+        Next::Unchanged(tag) => not_modified(tag),
+        Next::Changed(c, tag) => {
+            let mut r = ([(header::CONTENT_TYPE, "application/json")], c.to_json()).into_response();
+            r.headers_mut().insert(header::ETAG, tag);
+            Ok(r)
+        }
+    }
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/edge/config/delta",
+    tag = "enrolment",
+    summary = "What changed in the calling edge's configuration since the version in \
+               If-None-Match (required), after waiting up to `wait` s: 304 when nothing did; \
+               409 when the controller no longer has that version (fetch the whole \
+               configuration then).",
+    params(ConfigQuery),
+    security(("site" = [])),
+    responses(
+        (status = 200, body = patronus_api::ConfigDelta),
+        (status = 304, description = "Unchanged since the version in If-None-Match"),
+        crate::error::ApiErrors
+    )
+)]
+async fn edge_config_delta(
+    State(s): State<AppState>,
+    site: SiteCaller,
+    headers: HeaderMap,
+    extract::Query(q): extract::Query<ConfigQuery>,
+) -> Result<Response, ApiError> {
+    let _heard = s.heard_from(site.site_id, &site.site);
+    let seen = headers
+        .get(header::IF_NONE_MATCH)
+        .ok_or_else(|| {
+            ApiError::field(
+                "If-None-Match",
+                "name the version the delta applies to (the ETag you hold)",
+            )
+        })?
+        .as_bytes()
+        .to_vec();
+    match next_config(&s, &site, Some(&seen), q.wait).await? {
+        Next::Unchanged(tag) => not_modified(tag),
+        Next::Changed(c, tag) => {
+            let base = s.previous_config(site.site_id, &seen).ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    "base_unknown",
+                    "the controller no longer has the version you hold: fetch \
+                     /api/v1/edge/config",
+                )
+            })?;
+            let mut r = (
+                [(header::CONTENT_TYPE, "application/json")],
+                c.delta_from(&base),
+            )
+                .into_response();
+            r.headers_mut().insert(header::ETAG, tag);
+            Ok(r)
+        }
+    }
+}
+
+/// What a (long) poll for a configuration found.
+enum Next {
+    /// Still the version the edge holds (its ETag).
+    Unchanged(HeaderValue),
+    /// Another one, and its ETag.
+    Changed(crate::compile::Compiled, HeaderValue),
+}
+
+fn no_config(site: &SiteCaller) -> ApiError {
+    ApiError::not_found(format!(
+        "a configuration for site {} (is it active?)",
+        site.site
+    ))
+}
+
+fn not_modified(tag: HeaderValue) -> Result<Response, ApiError> {
+    let mut r = StatusCode::NOT_MODIFIED.into_response();
+    r.headers_mut().insert(header::ETAG, tag);
+    Ok(r)
+}
+
+/// The site's configuration once it differs from `seen` (an ETag), waiting up to `wait`
+/// seconds for a change.
+async fn next_config(
+    s: &AppState,
+    site: &SiteCaller,
+    seen: Option<&[u8]>,
+    wait: Option<u64>,
+) -> Result<Next, ApiError> {
+    let wait = wait.unwrap_or(0);
+    if wait > MAX_WAIT_S {
+        return Err(ApiError::field(
+            "wait",
+            format!("must be at most {MAX_WAIT_S}"),
+        ));
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(wait);
+    // Subscribed before the first look, so that a change between the look and the wait is
+    // not missed.
+    let mut changes = s.changes.subscribe();
+    loop {
+        let configs = s.configs().await?;
+        let c = configs.get(&site.site_id).ok_or_else(|| no_config(site))?;
+        let etag = c.etag();
+        let tag = HeaderValue::from_str(&etag).map_err(ApiError::internal)?;
+        if seen != Some(etag.as_bytes()) {
+            return Ok(Next::Changed(c.clone(), tag));
+        }
+        let timed_out = tokio::select! {
+            r = changes.changed() => r.is_err(),
+            _ = tokio::time::sleep_until(deadline) => true,
+        };
+        if timed_out {
+            return Ok(Next::Unchanged(tag));
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! Enrolment: how an edge becomes a site's edge. An operator asks for a one-time, expiring token
+//! for a site; the edge presents it once, with the public key it generated itself (the private
+//! key never leaves the edge) and, optionally, its links' public endpoints; it receives a
+//! credential of its own, which from then on authenticates it as that site and nothing else.
+//!
+//! Tokens and credentials are 32 random bytes, shown once, stored as SHA-256. A token is spent
+//! by the same statement that checks it, so two edges racing with one token cannot both win;
+//! enrolling again (a replaced machine) revokes the site's earlier credentials.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use axum::extract::State;
+use patronus_api::WgPublicKey;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sqlx::Row;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::app::AppState;
+use crate::auth::{self as a};
+use crate::error::{ApiError, extract};
+use crate::routes::auth::AuthRateLimited;
+use crate::routes::edge::CREDENTIAL_PREFIX;
+use crate::routes::sites::load_site;
+use crate::store::{Actor, Store, now_s};
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(enroll))
+}
+
+/// Prefix of an enrolment token.
+pub const TOKEN_PREFIX: &str = "pet_";
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    pub token: String,
+    /// The edge's WireGuard public key (the edge generated the pair and keeps the private key).
+    pub public_key: WgPublicKey,
+    /// Public `ip:port` of some of the site's links, by link name (links behind NAT or with
+    /// dynamic addresses are left out).
+    #[serde(default)]
+    #[schema(value_type = BTreeMap<String, String>)]
+    pub endpoints: BTreeMap<String, SocketAddr>,
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Enrolled {
+    pub site_id: i64,
+    pub site: String,
+    /// The edge's credential from now on (`Authorization: Bearer psc_...`); shown once.
+    pub credential: String,
+    /// Key rotations asked for this site so far: a new edge starts with a new key, so it
+    /// counts them as done.
+    pub key_rotation: i64,
+}
+
+#[utoipa::path(
+    post,
+    path = "/api/v1/enroll",
+    tag = "enrolment",
+    summary = "An edge enrols with a token and its public key, and gets its site credential.",
+    request_body = EnrollRequest,
+    responses((status = 200, body = Enrolled), crate::error::ApiErrors)
+)]
+async fn enroll(
+    State(s): State<AppState>,
+    _limit: AuthRateLimited,
+    ip: crate::routes::auth::ClientIp,
+    extract::Json(req): extract::Json<EnrollRequest>,
+) -> Result<axum::Json<Enrolled>, ApiError> {
+    let hash = a::sha256(req.token.as_bytes());
+    let now = now_s();
+    let mut tx = s.store.begin().await?;
+    // Checked and spent in one statement.
+    let site_id: Option<i64> = sqlx::query_scalar(
+        "UPDATE enrollment_tokens SET used_at = ?
+         WHERE token_hash = ? AND used_at IS NULL AND expires_at > ? RETURNING site_id",
+    )
+    .bind(now)
+    .bind(&hash[..])
+    .bind(now)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(site_id) = site_id else {
+        let why =
+            sqlx::query("SELECT used_at, expires_at FROM enrollment_tokens WHERE token_hash = ?")
+                .bind(&hash[..])
+                .fetch_optional(&mut *tx)
+                .await?;
+        let message = match why {
+            Some(r) if r.try_get::<Option<i64>, _>("used_at")?.is_some() => {
+                "this enrolment token was already used; ask for a new one"
+            }
+            Some(_) => "this enrolment token has expired; ask for a new one",
+            None => "unknown enrolment token",
+        };
+        return Err(ApiError::unauthorized(message));
+    };
+    let site = load_site(&s.store, site_id).await?;
+    // Endpoints for links the site has; anything else undoes the enrolment (the token stays).
+    for (name, endpoint) in &req.endpoints {
+        let Some(l) = site.links.iter().find(|l| l.link.name.as_str() == name) else {
+            return Err(ApiError::field(
+                &format!("endpoints.{name}"),
+                format!("site {} has no link named {name}", site.name),
+            ));
+        };
+        let mut link = l.link.clone();
+        link.endpoint = Some(*endpoint);
+        sqlx::query(
+            "UPDATE links SET spec = ?, version = version + 1, updated_at = ? WHERE id = ?",
+        )
+        .bind(serde_json::to_string(&link).map_err(ApiError::internal)?)
+        .bind(now)
+        .bind(l.id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    // A roll the replaced machine left unfinished ends here: its next key is not trusted.
+    let key_rotation: i64 = sqlx::query_scalar(
+        "UPDATE sites SET public_key = ?, next_public_key = NULL, version = version + 1,
+         updated_at = ? WHERE id = ? RETURNING key_rotation",
+    )
+    .bind(req.public_key.to_string())
+    .bind(now)
+    .bind(site_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    // One edge per site: a new enrolment replaces the old machine's credential.
+    sqlx::query("UPDATE site_credentials SET revoked = 1 WHERE site_id = ?")
+        .bind(site_id)
+        .execute(&mut *tx)
+        .await?;
+    let credential = format!("{CREDENTIAL_PREFIX}{}", a::b64url(&a::random_bytes::<32>()));
+    sqlx::query("INSERT INTO site_credentials (site_id, secret_hash, created_at) VALUES (?, ?, ?)")
+        .bind(site_id)
+        .bind(&a::sha256(credential.as_bytes())[..])
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    let actor = Actor {
+        id: None,
+        name: format!("edge of {}", site.name),
+        source: ip.0.to_string(),
+    };
+    Store::audit(
+        &mut tx,
+        &actor,
+        "site.enroll",
+        &format!("site/{site_id}"),
+        json!({ "public_key": req.public_key.to_string(), "endpoints": req.endpoints }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(axum::Json(Enrolled {
+        site_id,
+        site: site.name,
+        credential,
+        key_rotation,
+    }))
+}
