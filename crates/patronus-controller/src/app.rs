@@ -30,11 +30,8 @@ pub struct Inner {
     pub auth_limiter: RateLimiter,
     pub lockout: Lockout,
     pub http: crate::metrics::HttpMetrics,
-    /// Bumped after every write the API acknowledges: edges waiting for a new configuration
-    /// wake on it.
-    pub changes: tokio::sync::watch::Sender<u64>,
-    /// Every site's configuration, compiled once per generation of `changes`.
-    pub compiled: tokio::sync::Mutex<Option<(u64, Compiled)>>,
+    /// Every site's configuration, compiled once per configuration generation (the store's).
+    pub compiled: tokio::sync::Mutex<Option<(i64, Compiled)>>,
     /// The generation compiled before that one: what edges one change behind hold, for
     /// deltas.
     pub previous: std::sync::Mutex<Option<Compiled>>,
@@ -43,8 +40,6 @@ pub struct Inner {
     /// The latest measurement of each path (by path id), as an edge at one of its ends
     /// reported it.
     pub live: std::sync::Mutex<std::collections::HashMap<String, LivePath>>,
-    /// Wakes the webhook delivery worker when a delivery is queued.
-    pub webhook_wake: tokio::sync::Notify,
     /// The TLS client of `https://` webhooks.
     pub webhook_tls: Arc<rustls::ClientConfig>,
 }
@@ -99,7 +94,7 @@ impl AppState {
     /// Every site's configuration as of now: compiled at most once per change, however many
     /// edges ask.
     pub async fn configs(&self) -> Result<Compiled, ApiError> {
-        let generation = *self.changes.borrow();
+        let generation = self.store.generation();
         let mut cache = self.compiled.lock().await;
         if let Some((g, c)) = &*cache {
             if *g == generation {
@@ -126,6 +121,13 @@ impl AppState {
             .get(&id)
             .filter(|c| c.etag().as_bytes() == etag)
             .cloned()
+    }
+
+    /// The latest report of every path. A panic elsewhere while the map was locked cannot have
+    /// left it half-written (each report is one insert), so a poisoned lock still gives what the
+    /// edges reported, never an empty map in its place.
+    pub fn live_paths(&self) -> std::collections::HashMap<String, LivePath> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Whether site `id`'s edge is online, and when it was last heard from.
@@ -173,11 +175,6 @@ impl AppState {
         }
     }
 
-    /// Tells waiting edges that the state changed.
-    pub fn changed(&self) {
-        self.changes.send_modify(|g| *g += 1);
-    }
-
     pub fn new(
         config: Config,
         store: Store,
@@ -189,12 +186,10 @@ impl AppState {
             auth_limiter: RateLimiter::new(config.auth_rate_per_minute),
             lockout: Lockout::new(config.lockout_after_failures),
             http: crate::metrics::HttpMetrics::default(),
-            changes: tokio::sync::watch::channel(0).0,
             compiled: tokio::sync::Mutex::new(None),
             previous: std::sync::Mutex::new(None),
             presence: std::sync::Mutex::new(std::collections::HashMap::new()),
             live: std::sync::Mutex::new(std::collections::HashMap::new()),
-            webhook_wake: tokio::sync::Notify::new(),
             webhook_tls,
             config,
             store,
@@ -228,13 +223,76 @@ impl Drop for HeardGuard {
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
-/// The calling client's address (the TCP peer).
-pub fn client_ip(parts: &Parts) -> IpAddr {
+/// The calling client's address: the TCP peer's, or, when the peer is one of the
+/// `trusted_proxies`, the address the proxies say they forwarded for (`Forwarded`, RFC 7239,
+/// else `X-Forwarded-For`): the nearest hop that is not itself a trusted proxy. What an
+/// untrusted peer writes in those headers is ignored, so nobody can choose their own rate-limit
+/// bucket or audit address.
+pub fn client_ip(parts: &Parts, trusted_proxies: &[patronus_api::Prefix]) -> IpAddr {
     let ext = &parts.extensions;
-    ext.get::<ConnectInfo<SocketAddr>>()
+    let peer = ext
+        .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip())
         .or_else(|| ext.get::<MockConnectInfo<SocketAddr>>().map(|c| c.0.ip()))
-        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let trusted = |ip: IpAddr| trusted_proxies.iter().any(|p| p.contains(ip));
+    if !trusted(peer) {
+        return peer;
+    }
+    let forwarded = forwarded_for(&parts.headers);
+    // From the nearest hop outwards: each trusted proxy vouches for the one before it.
+    let mut client = peer;
+    for hop in forwarded.iter().rev() {
+        match hop {
+            Some(ip) => {
+                client = *ip;
+                if !trusted(*ip) {
+                    break;
+                }
+            }
+            // `unknown` or an obfuscated name: the proxy knows no more than itself.
+            None => break,
+        }
+    }
+    client
+}
+
+/// The hops a request was forwarded for, oldest first: from `Forwarded` (RFC 7239) if present,
+/// else `X-Forwarded-For`. A hop that is not an address (`unknown`, `_hidden`) is `None`.
+fn forwarded_for(headers: &axum::http::HeaderMap) -> Vec<Option<IpAddr>> {
+    let values = |name: &str| -> Vec<String> {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+            .take(64)
+            .collect()
+    };
+    let node = |raw: &str| -> Option<IpAddr> {
+        let raw = raw.trim().trim_matches('"');
+        if let Some(rest) = raw.strip_prefix('[') {
+            return rest.split(']').next()?.parse().ok();
+        }
+        raw.parse()
+            .ok()
+            .or_else(|| raw.rsplit_once(':').and_then(|(ip, _)| ip.parse().ok()))
+    };
+    let forwarded = values("forwarded");
+    if !forwarded.is_empty() {
+        return forwarded
+            .iter()
+            .map(|element| {
+                element.split(';').find_map(|pair| {
+                    let (k, v) = pair.split_once('=')?;
+                    k.trim().eq_ignore_ascii_case("for").then(|| node(v))?
+                })
+            })
+            .collect();
+    }
+    values("x-forwarded-for").iter().map(|v| node(v)).collect()
 }
 
 /// Who is calling: a user (with an access token) or an API key.
@@ -309,7 +367,7 @@ impl FromRequestParts<AppState> for Principal {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let ip = client_ip(parts);
+        let ip = client_ip(parts, &state.config.trusted_proxies);
         let token = bearer(parts)?;
         if token.starts_with(crate::routes::edge::CREDENTIAL_PREFIX) {
             return Err(ApiError::forbidden(
@@ -320,7 +378,7 @@ impl FromRequestParts<AppState> for Principal {
             let (id, name, role) = crate::routes::api_keys::check(&state.store, token)
                 .await?
                 .ok_or_else(|| {
-                    ApiError::unauthorized("the API key is invalid, revoked or expired")
+                    ApiError::invalid_token("the API key is invalid, revoked or expired")
                 })?;
             return Ok(Self {
                 subject: Subject::ApiKey { id, name },
@@ -331,13 +389,13 @@ impl FromRequestParts<AppState> for Principal {
         let id = state
             .tokens
             .check_access(token)
-            .ok_or_else(|| ApiError::unauthorized("the access token is invalid or expired"))?;
+            .ok_or_else(|| ApiError::invalid_token("the access token is invalid or expired"))?;
         let user = state
             .store
             .user(id)
             .await?
             .filter(|u| !u.disabled)
-            .ok_or_else(|| ApiError::unauthorized("the access token is invalid or expired"))?;
+            .ok_or_else(|| ApiError::invalid_token("the access token is invalid or expired"))?;
         let role = Role::parse(&user.role).ok_or_else(|| {
             ApiError::internal(format!("user {} has role {}", user.id, user.role))
         })?;
@@ -454,7 +512,25 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Request id, timeout and the log line, around every request.
+tokio::task_local! {
+    /// The id of the request this task answers: audit records carry it.
+    static REQUEST_ID: String;
+}
+
+/// The id of the request the current task answers, if it answers one.
+pub fn current_request_id() -> Option<String> {
+    REQUEST_ID.try_with(Clone::clone).ok()
+}
+
+/// A request taking longer than this is logged at WARN (the long poll excepted: it waits on
+/// purpose).
+pub const SLOW_REQUEST: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Request id, timeout, metrics and the log line, around every request.
+///
+/// A write (any method but GET, HEAD and OPTIONS) runs to its end in a task of its own: a client
+/// that hangs up cannot cut a write between its commit and its log line, nor roll back a change
+/// half-way through the handler's work.
 async fn around(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
     let id = req
@@ -471,64 +547,67 @@ async fn around(State(state): State<AppState>, mut req: Request, next: Next) -> 
         .unwrap_or_else(|| crate::auth::b64url(&crate::auth::random_bytes::<12>()));
     req.extensions_mut().insert(RequestId(id.clone()));
     let method = req.method().clone();
-    let write = !matches!(method, axum::http::Method::GET | axum::http::Method::HEAD);
-    // The path a write names, for its `config.changed` event (reads keep none).
-    let path = write.then(|| req.uri().path().to_owned());
+    let write = !matches!(
+        method,
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+    );
     // The route's pattern (`/api/v1/users/{id}`), never the raw path or query.
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map(|m| m.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".into());
-    let mut resp = match tokio::time::timeout(state.config.request_timeout, next.run(req)).await {
-        Ok(r) => r,
-        Err(_) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "timeout",
-            "the request took longer than the controller allows",
-        )
-        .into_response(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&id) {
+    let timeout = state.config.request_timeout;
+    let work = REQUEST_ID.scope(id.clone(), async move {
+        match tokio::time::timeout(timeout, next.run(req)).await {
+            Ok(r) => r,
+            Err(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "timeout",
+                "the request took longer than the controller allows",
+            )
+            .into_response(),
+        }
+    });
+    let done = move |resp: Response| finish(&state, &id, &method, &route, started, resp);
+    if write {
+        match tokio::spawn(async move { done(work.await) }).await {
+            Ok(r) => r,
+            Err(e) => ApiError::internal(format!("the request's task failed: {e}")).into_response(),
+        }
+    } else {
+        done(work.await)
+    }
+}
+
+/// Counts an answered request and logs it: at DEBUG as a rule; a write that succeeded at INFO
+/// (it changed something); a slow request and a server error at WARN.
+fn finish(
+    state: &AppState,
+    id: &str,
+    method: &axum::http::Method,
+    route: &str,
+    started: Instant,
+    mut resp: Response,
+) -> Response {
+    if let Ok(v) = HeaderValue::from_str(id) {
         resp.headers_mut().insert("x-request-id", v);
     }
-    state.http.record(
-        &route,
-        method.as_str(),
-        resp.status().as_u16(),
-        started.elapsed(),
-    );
-    // An acknowledged write may change some edge's configuration (one to users, API keys,
-    // sessions or an edge's own reports cannot: it wakes no edge).
-    let no_config = [
-        "/api/v1/auth/",
-        "/api/v1/users",
-        "/api/v1/api-keys",
-        "/api/v1/edge/",
-        "/api/v1/webhooks",
-    ];
-    if write && resp.status().is_success() && !no_config.iter().any(|p| route.starts_with(p)) {
-        state.changed();
-        crate::webhooks::emit_soon(
-            &state,
-            vec![(
-                crate::webhooks::EventKind::ConfigChanged,
-                serde_json::json!({
-                    "method": method.as_str(),
-                    "path": path,
-                    "request_id": id,
-                    "generation": *state.changes.borrow(),
-                }),
-            )],
-        );
+    let took = started.elapsed();
+    let status = resp.status().as_u16();
+    state.http.record(route, method.as_str(), status, took);
+    let ms = took.as_secs_f64() * 1e3;
+    let method = crate::metrics::method_label(method.as_str());
+    let write = !matches!(method, "GET" | "HEAD" | "OPTIONS");
+    let waits = route == "/api/v1/edge/config";
+    if status >= 500 {
+        tracing::warn!(request_id = %id, method, route, status, ms, "request failed");
+    } else if took > SLOW_REQUEST && !waits {
+        tracing::warn!(request_id = %id, method, route, status, ms, "slow request");
+    } else if write && resp.status().is_success() {
+        tracing::info!(request_id = %id, method, route, status, ms, "request");
+    } else {
+        tracing::debug!(request_id = %id, method, route, status, ms, "request");
     }
-    tracing::info!(
-        request_id = %id,
-        %method,
-        route = %route,
-        status = resp.status().as_u16(),
-        ms = started.elapsed().as_secs_f64() * 1e3,
-        "request"
-    );
     resp
 }

@@ -335,18 +335,21 @@ impl Lockout {
         }
     }
 
-    pub fn failed(&self, email: &str, now: Instant) {
+    /// Counts a failure; returns the lock it starts, if the account is locked from now.
+    pub fn failed(&self, email: &str, now: Instant) -> Option<Duration> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if s.len() > 100_000 {
             s.retain(|_, (_, until)| until.is_some_and(|u| u > now));
         }
         let (n, until) = s.entry(email.to_lowercase()).or_insert((0, None));
         *n += 1;
-        if *n >= self.after {
-            let doublings = (*n - self.after).min(6);
-            let lock = Duration::from_secs(60 << doublings).min(Duration::from_secs(3600));
-            *until = Some(now + lock);
+        if *n < self.after {
+            return None;
         }
+        let doublings = (*n - self.after).min(6);
+        let lock = Duration::from_secs(60 << doublings).min(Duration::from_secs(3600));
+        *until = Some(now + lock);
+        Some(lock)
     }
 
     pub fn succeeded(&self, email: &str) {
@@ -436,11 +439,11 @@ mod tests {
         assert!(r.check("192.0.2.2".parse().unwrap(), now).is_ok());
 
         let l = Lockout::new(2);
-        l.failed("A@x", now);
+        assert_eq!(l.failed("A@x", now), None);
         assert!(l.check("a@x", now).is_ok());
-        l.failed("a@x", now);
+        assert_eq!(l.failed("a@x", now), Some(Duration::from_secs(60)));
         assert_eq!(l.check("a@X", now), Err(60));
-        l.failed("a@x", now);
+        assert_eq!(l.failed("a@x", now), Some(Duration::from_secs(120)));
         assert_eq!(l.check("a@x", now), Err(120));
         assert!(l.check("a@x", now + Duration::from_secs(121)).is_ok());
         l.succeeded("a@x");

@@ -39,7 +39,9 @@ pub struct Network {
 
 impl Network {
     pub async fn load(store: &Store) -> Result<Self, ApiError> {
-        let sites = load_sites(store).await?;
+        // One read transaction: every part from the same snapshot of the database.
+        let mut tx = store.pool().begin().await?;
+        let sites = load_sites(&mut tx).await?;
         let parse = |k: &Option<String>| k.as_deref().and_then(|k| k.parse().ok());
         let keys = sites
             .iter()
@@ -59,18 +61,18 @@ impl Network {
             keys,
             next_keys,
             rotations,
-            topology: topology::load(store).await?,
-            classes: crate::routes::sla_classes::all_classes(store)
+            topology: topology::load(&mut tx).await?,
+            classes: crate::routes::sla_classes::all_classes(&mut tx)
                 .await?
                 .into_iter()
                 .map(|d| d.spec)
                 .collect(),
-            policies: crate::routes::policies::all_policies(store)
+            policies: crate::routes::policies::all_policies(&mut tx)
                 .await?
                 .into_iter()
                 .map(|d| d.spec)
                 .collect(),
-            failover: crate::routes::failover::failover(store).await?.0,
+            failover: crate::routes::failover::failover(&mut tx).await?.0,
         })
     }
 }

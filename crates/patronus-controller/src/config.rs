@@ -33,9 +33,29 @@ pub struct Config {
     pub auth_rate_per_minute: u32,
     /// Failed logins in a row after which an account is locked for a while.
     pub lockout_after_failures: u32,
+    /// Connections served at once; more wait in the listen queue. Also held below the
+    /// process's open-file limit (see [`crate::server::connection_cap`]).
+    pub max_connections: u32,
+    /// Connections served at once from one client address (trusted proxies excepted: theirs
+    /// count against `max_connections` only).
+    pub max_connections_per_address: u32,
+    /// How long a client may take to send a request's headers, from their first byte.
+    pub header_read_timeout: Duration,
+    /// How long a connection may stay open with no request on it.
+    pub idle_timeout: Duration,
+    /// The most detailed log level written: `error`, `warn`, `info` (the default: writes,
+    /// errors, slow requests, security events) or `debug` (every request too).
+    pub log_level: tracing::Level,
     /// CA certificates (PEM) trusted for `https://` webhook URLs, beside the Mozilla roots
     /// compiled in: an internal CA, say.
     pub webhook_ca_file: Option<PathBuf>,
+    /// Internal networks (loopback, private, link-local...) webhooks may nevertheless post to:
+    /// by default none, so a webhook cannot reach the controller's own network.
+    pub webhook_allowed_networks: Vec<patronus_api::Prefix>,
+    /// Reverse proxies (a TLS terminator in front of the controller) whose `Forwarded` or
+    /// `X-Forwarded-For` is believed: a request from one of them counts as coming from the
+    /// client it names, for rate limits and the audit log. By default none.
+    pub trusted_proxies: Vec<patronus_api::Prefix>,
 }
 
 impl Default for Config {
@@ -58,7 +78,14 @@ impl Config {
             max_body_bytes: 1 << 20,
             auth_rate_per_minute: 30,
             lockout_after_failures: 5,
+            max_connections: 4096,
+            max_connections_per_address: 128,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            log_level: tracing::Level::INFO,
             webhook_ca_file: None,
+            webhook_allowed_networks: Vec::new(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -75,7 +102,14 @@ pub const KEYS: &[&str] = &[
     "max_body_bytes",
     "auth_rate_per_minute",
     "lockout_after_failures",
+    "max_connections",
+    "max_connections_per_address",
+    "header_read_timeout_s",
+    "idle_timeout_s",
+    "log_level",
     "webhook_ca_file",
+    "webhook_allowed_networks",
+    "trusted_proxies",
 ];
 
 /// Values given on the command line; `None` leaves the file's or the environment's.
@@ -168,6 +202,12 @@ impl Config {
         if let Some(v) = take(&values, "webhook_ca_file", &mut errors) {
             c.webhook_ca_file = Some(v);
         }
+        if let Some(v) = networks(&values, "webhook_allowed_networks", &mut errors) {
+            c.webhook_allowed_networks = v;
+        }
+        if let Some(v) = networks(&values, "trusted_proxies", &mut errors) {
+            c.trusted_proxies = v;
+        }
         if let Some(v) = take(&values, "jwt_key_file", &mut errors) {
             c.jwt_key_file = v;
         }
@@ -192,6 +232,42 @@ impl Config {
         }
         if let Some(v) = secs("request_timeout_s", 1, 600, &mut errors) {
             c.request_timeout = v;
+        }
+        if let Some(v) = take::<String>(&values, "log_level", &mut errors) {
+            match v.to_ascii_lowercase().as_str() {
+                "error" => c.log_level = tracing::Level::ERROR,
+                "warn" => c.log_level = tracing::Level::WARN,
+                "info" => c.log_level = tracing::Level::INFO,
+                "debug" => c.log_level = tracing::Level::DEBUG,
+                "trace" => c.log_level = tracing::Level::TRACE,
+                _ => errors.push(
+                    source_of(&values, "log_level"),
+                    "must be error, warn, info, debug or trace",
+                ),
+            }
+        }
+        if let Some(v) = secs("header_read_timeout_s", 1, 300, &mut errors) {
+            c.header_read_timeout = v;
+        }
+        if let Some(v) = secs("idle_timeout_s", 1, 3600, &mut errors) {
+            c.idle_timeout = v;
+        }
+        for (key, min, max) in [
+            ("max_connections", 16, 1_000_000),
+            ("max_connections_per_address", 1, 1_000_000),
+        ] {
+            if let Some(v) = take::<u32>(&values, key, &mut errors) {
+                if !(min..=max).contains(&v) {
+                    errors.push(
+                        source_of(&values, key),
+                        format!("must be between {min} and {max}"),
+                    );
+                } else if key == "max_connections" {
+                    c.max_connections = v;
+                } else {
+                    c.max_connections_per_address = v;
+                }
+            }
         }
         if let Some(v) = take::<usize>(&values, "max_body_bytes", &mut errors) {
             if v < 1024 {
@@ -240,6 +316,45 @@ fn source_of(values: &[(String, Source)], key: &str) -> String {
         .find(|(k, _)| k == key)
         .map(|(_, s)| s.from.clone())
         .unwrap_or_else(|| key.to_owned())
+}
+
+/// The networks `key` lists: an array of `address/length` strings in a file, a
+/// comma-separated string in the environment. Each bad one is named with its index.
+fn networks(
+    values: &[(String, Source)],
+    key: &str,
+    errors: &mut FieldErrors,
+) -> Option<Vec<patronus_api::Prefix>> {
+    let (_, s) = values.iter().find(|(k, _)| k == key)?;
+    let items: Vec<String> = match &s.value {
+        toml::Value::String(v) => v
+            .split(',')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        other => match other.clone().try_into() {
+            Ok(v) => v,
+            Err(e) => {
+                errors.push(
+                    s.from.clone(),
+                    format!("must be a list of networks such as \"10.0.0.0/8\": {e}"),
+                );
+                return None;
+            }
+        },
+    };
+    let mut out = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        match item.parse::<patronus_api::Prefix>() {
+            Ok(p) => out.push(p),
+            Err(e) => errors.push(
+                format!("{}[{i}]", s.from),
+                format!("{item:?} is not a network (address/length): {e}"),
+            ),
+        }
+    }
+    Some(out)
 }
 
 /// The value of `key` as a `T`, or an error naming where it came from.

@@ -18,6 +18,9 @@ pub struct ApiError {
     pub details: Option<serde_json::Value>,
     /// Seconds, for 429.
     pub retry_after: Option<u64>,
+    /// For 401: the RFC 6750 `error` of the `WWW-Authenticate` challenge (`invalid_token` when a
+    /// credential was presented and refused; none when none was presented).
+    pub challenge_error: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -41,6 +44,7 @@ impl ApiError {
             message: message.into(),
             details: None,
             retry_after: None,
+            challenge_error: None,
         }
     }
 
@@ -48,8 +52,18 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
+    /// 401 for a request that presented no credential (or a login that failed).
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    /// 401 for a bearer credential that was presented and refused (invalid, expired, revoked):
+    /// its challenge says `error="invalid_token"` (RFC 6750, section 3.1).
+    pub fn invalid_token(message: impl Into<String>) -> Self {
+        Self {
+            challenge_error: Some("invalid_token"),
+            ..Self::unauthorized(message)
+        }
     }
 
     pub fn forbidden(message: impl Into<String>) -> Self {
@@ -123,6 +137,16 @@ impl IntoResponse for ApiError {
             },
         };
         let mut resp = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            // RFC 7235: a 401 carries a challenge; RFC 6750 gives the bearer scheme's.
+            let challenge = match self.challenge_error {
+                Some(e) => format!("Bearer realm=\"patronus\", error=\"{e}\""),
+                None => "Bearer realm=\"patronus\"".to_owned(),
+            };
+            if let Ok(v) = HeaderValue::from_str(&challenge) {
+                resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
+        }
         if let Some(s) = self.retry_after {
             if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
                 resp.headers_mut().insert(header::RETRY_AFTER, v);

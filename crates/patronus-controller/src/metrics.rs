@@ -1,5 +1,11 @@
 //! The controller's own Prometheus metrics: requests by route, method and status, their latency
-//! (a histogram per route), the database pool, and how many objects the store holds.
+//! (a histogram per route), the database pool, how many objects the store holds, the build and
+//! the process.
+//!
+//! Every label value a client can choose comes from a closed set: the route is the pattern the
+//! router matched (`unmatched` for anything else, never the path a client sent) and the method
+//! one of the standard ones (`other` for anything else), so no request can add a series that
+//! the controller's own routes do not already define.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -24,11 +30,29 @@ pub struct HttpMetrics {
     requests: Mutex<BTreeMap<(String, String, u16), u64>>,
     /// (route, method) -> latency.
     latency: Mutex<BTreeMap<(String, String), Histogram>>,
+    /// Connections closed at once for being over a connection cap.
+    refused: std::sync::atomic::AtomicU64,
+}
+
+/// The methods counted by name; any other is counted as `other`.
+const METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE",
+];
+
+/// The `method` label of a request's method: its name if standard, else `other`.
+pub fn method_label(method: &str) -> &'static str {
+    METHODS
+        .iter()
+        .find(|m| **m == method)
+        .copied()
+        .unwrap_or("other")
 }
 
 impl HttpMetrics {
+    /// Counts one answered request. `route` must be a route pattern of the router (or
+    /// `unmatched`); the method is folded into [`method_label`].
     pub fn record(&self, route: &str, method: &str, status: u16, took: Duration) {
-        let key = (route.to_owned(), method.to_owned());
+        let key = (route.to_owned(), method_label(method).to_owned());
         {
             let mut r = self.requests.lock().unwrap_or_else(|e| e.into_inner());
             *r.entry((key.0.clone(), key.1.clone(), status)).or_default() += 1;
@@ -45,8 +69,22 @@ impl HttpMetrics {
         h.sum += s;
     }
 
+    /// Counts a connection closed at once for being over a cap.
+    pub fn refused_connection(&self) {
+        self.refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The HTTP families, in the text exposition format.
     pub fn render(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP patronus_http_connections_refused_total Connections closed at once for being over \
+             the total or per-address connection cap.\n\
+             # TYPE patronus_http_connections_refused_total counter\n\
+             patronus_http_connections_refused_total {}",
+            self.refused.load(std::sync::atomic::Ordering::Relaxed)
+        );
         let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
         out.push_str("# HELP patronus_http_requests_total HTTP requests answered, by route pattern, method and status.\n");
         out.push_str("# TYPE patronus_http_requests_total counter\n");
@@ -98,6 +136,99 @@ impl HttpMetrics {
     }
 }
 
+/// `patronus_build_info`: 1, labelled with the version that is running.
+pub fn build_info(out: &mut String) {
+    gauge(
+        out,
+        "patronus_build_info",
+        "Always 1; the labels say which build of the controller is running.",
+        &[(
+            format!(
+                "{{version=\"{}\",component=\"controller\"}}",
+                env!("CARGO_PKG_VERSION")
+            ),
+            1.0,
+        )],
+    );
+}
+
+/// The standard `process_*` metrics, read from `/proc/self` (Linux). A value that cannot be read
+/// is left out, never written as 0.
+pub fn process(out: &mut String) {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let fields: Vec<&str> = stat
+        .as_deref()
+        .and_then(|s| s.rsplit_once(')'))
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // Field n of proc(5) is fields[n - 3].
+    let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<f64>().ok());
+    let ticks = 100.0; // USER_HZ, 100 on every Linux ABI.
+    let page = 4096.0;
+    if let (Some(utime), Some(stime)) = (field(14), field(15)) {
+        let _ = writeln!(
+            out,
+            "# HELP process_cpu_seconds_total User and system CPU time spent, seconds.\n\
+             # TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {}",
+            (utime + stime) / ticks
+        );
+    }
+    if let Some(vsize) = field(23) {
+        gauge(
+            out,
+            "process_virtual_memory_bytes",
+            "Virtual memory size, bytes.",
+            &[(String::new(), vsize)],
+        );
+    }
+    if let Some(rss) = field(24) {
+        gauge(
+            out,
+            "process_resident_memory_bytes",
+            "Resident memory size, bytes.",
+            &[(String::new(), rss * page)],
+        );
+    }
+    let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    });
+    if let (Some(boot), Some(start)) = (boot, field(22)) {
+        gauge(
+            out,
+            "process_start_time_seconds",
+            "Start time of the process since the Unix epoch, seconds.",
+            &[(String::new(), boot + start / ticks)],
+        );
+    }
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        gauge(
+            out,
+            "process_open_fds",
+            "Open file descriptors.",
+            &[(String::new(), dir.count() as f64)],
+        );
+    }
+    let max_fds = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3))
+                .and_then(|v| v.parse::<f64>().ok())
+        });
+    if let Some(max) = max_fds {
+        gauge(
+            out,
+            "process_max_fds",
+            "The soft limit on open file descriptors.",
+            &[(String::new(), max)],
+        );
+    }
+}
+
 /// A one-sample gauge family.
 pub fn gauge(out: &mut String, name: &str, help: &str, samples: &[(String, f64)]) {
     let _ = writeln!(out, "# HELP {name} {help}");
@@ -127,5 +258,42 @@ mod tests {
         assert!(out.contains(
             r#"patronus_http_request_duration_seconds_count{route="/a",method="GET"} 2"#
         ));
+    }
+
+    #[test]
+    fn methods_outside_the_standard_set_share_one_label() {
+        let m = HttpMetrics::default();
+        for method in ["ZZTEST1", "ZZTEST2", "get", "PROPFIND"] {
+            m.record("unmatched", method, 405, Duration::from_millis(1));
+        }
+        m.record("unmatched", "PATCH", 405, Duration::from_millis(1));
+        let mut out = String::new();
+        m.render(&mut out);
+        assert!(
+            out.contains(
+                r#"patronus_http_requests_total{route="unmatched",method="other",status="405"} 4"#
+            ),
+            "{out}"
+        );
+        assert!(out.contains(r#"method="PATCH""#));
+        assert!(
+            !out.contains("ZZTEST") && !out.contains("PROPFIND"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn process_metrics_are_read_from_proc() {
+        let mut out = String::new();
+        process(&mut out);
+        for name in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_max_fds",
+            "process_start_time_seconds",
+        ] {
+            assert!(out.contains(&format!("\n{name} ")), "{name} in {out}");
+        }
     }
 }

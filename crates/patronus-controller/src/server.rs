@@ -1,7 +1,10 @@
 //! Start-up and serving: the data directory, the database, the signing key, the first admin,
 //! then HTTP until SIGTERM or Ctrl-C, finishing the requests in flight.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
@@ -104,7 +107,15 @@ fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Serves until `shutdown` completes, then finishes the requests in flight.
+/// Serves until `shutdown` completes, then finishes the requests in flight (for at most the
+/// request timeout) and closes the store.
+///
+/// Connections are served here rather than by `axum::serve`, for what an exposed service needs
+/// and it lacks: at most `max_connections` at once (and never more than the open-file limit
+/// leaves room for), at most `max_connections_per_address` from one address, a header-read
+/// timeout counted from a request's first byte, and an idle timeout for connections with no
+/// request in flight. A connection over a cap is closed at once: a client that opens sockets and
+/// sends nothing cannot starve the others.
 pub async fn serve(
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -117,16 +128,340 @@ pub async fn serve(
     on_listening(listener.local_addr()?);
     let store = state.store.clone();
     crate::webhooks::start(&state);
-    axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
+    let limits = Arc::new(Limits::new(&state.config));
+    tracing::info!(
+        max_connections = limits.total,
+        per_address = limits.per_address,
+        "serving HTTP"
+    );
+    let timeouts = Timeouts {
+        header: state.config.header_read_timeout,
+        idle: state.config.idle_timeout,
+    };
+    let drain = state.config.request_timeout;
+    let app = router(state.clone());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors, most likely: the connections already open are
+                    // served; accepting resumes when one closes.
+                    tracing::warn!(error = %e, "accepting a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Some(slot) = limits.admit(peer.ip()) else {
+            state.http.refused_connection();
+            tracing::debug!(%peer, "connection refused: over the connection limit");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        connections.spawn(serve_connection(
+            app.clone(),
+            stream,
+            peer,
+            slot,
+            timeouts,
+            stopped.clone(),
+        ));
+    }
+    drop(listener);
+    let _ = stop.send(true);
+    if tokio::time::timeout(drain, async {
+        while connections.join_next().await.is_some() {}
+    })
     .await
-    .context("serving HTTP")?;
+    .is_err()
+    {
+        tracing::warn!(
+            left = connections.len(),
+            "requests still open after the drain time; closing them"
+        );
+        connections.abort_all();
+    }
     // Closing the pool checkpoints the write-ahead log into the database file.
     store.pool().close().await;
     Ok(())
+}
+
+/// The most connections the controller serves at once: `max_connections`, held below what the
+/// open-file limit (`soft`, when known) leaves once the database, the log and outgoing webhook
+/// connections have theirs.
+pub fn connection_cap(max_connections: u32, soft: Option<u64>) -> u32 {
+    /// Descriptors kept for everything but client connections.
+    const RESERVE: u64 = 96;
+    match soft {
+        Some(soft) => {
+            let room = soft.saturating_sub(RESERVE).max(16);
+            max_connections.min(u32::try_from(room).unwrap_or(u32::MAX))
+        }
+        None => max_connections,
+    }
+}
+
+/// The open-file soft limit, from `/proc/self/limits`.
+fn open_file_limit() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("Max open files"))?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
+}
+
+/// The connection caps and who holds what.
+#[derive(Debug)]
+struct Limits {
+    total: u32,
+    per_address: u32,
+    trusted: Vec<patronus_api::Prefix>,
+    open: Mutex<(u32, HashMap<IpAddr, u32>)>,
+}
+
+impl Limits {
+    fn new(c: &crate::config::Config) -> Self {
+        Self {
+            total: connection_cap(c.max_connections, open_file_limit()),
+            per_address: c.max_connections_per_address,
+            trusted: c.trusted_proxies.clone(),
+            open: Mutex::new((0, HashMap::new())),
+        }
+    }
+
+    /// A place for a connection from `ip`, or `None` over a cap.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if open.0 >= self.total {
+            return None;
+        }
+        let capped = !self.trusted.iter().any(|p| p.contains(ip));
+        if capped {
+            let n = open.1.entry(ip).or_insert(0);
+            if *n >= self.per_address {
+                return None;
+            }
+            *n += 1;
+        }
+        open.0 += 1;
+        Some(Slot {
+            limits: self.clone(),
+            ip: capped.then_some(ip),
+        })
+    }
+}
+
+/// A connection's place under the caps, given back when it closes.
+#[derive(Debug)]
+struct Slot {
+    limits: Arc<Limits>,
+    /// The address it counts against, unless it is a trusted proxy's.
+    ip: Option<IpAddr>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.limits.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.0 = open.0.saturating_sub(1);
+        if let Some(ip) = self.ip {
+            if let Some(n) = open.1.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    open.1.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    header: Duration,
+    idle: Duration,
+}
+
+/// What a connection is doing, for its timeouts.
+#[derive(Debug)]
+struct Activity {
+    /// Requests being answered.
+    in_flight: u32,
+    /// When the last request was answered (or the connection opened).
+    idle_since: Instant,
+    /// When the first byte of a request not yet handed to the router arrived.
+    head_started: Option<Instant>,
+}
+
+type Shared = Arc<Mutex<Activity>>;
+
+/// When the connection must close if nothing changes (`None` while a request is answered).
+fn deadline(a: &Activity, t: Timeouts) -> Option<Instant> {
+    if a.in_flight > 0 {
+        return None;
+    }
+    Some(match a.head_started {
+        Some(h) => h + t.header,
+        None => a.idle_since + t.idle,
+    })
+}
+
+/// Serves one connection until it closes, times out, or the server stops (then its request in
+/// flight is finished and the connection closed).
+async fn serve_connection(
+    app: axum::Router,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    slot: Slot,
+    t: Timeouts,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let activity: Shared = Arc::new(Mutex::new(Activity {
+        in_flight: 0,
+        idle_since: Instant::now(),
+        head_started: None,
+    }));
+    let io = hyper_util::rt::TokioIo::new(Watched {
+        inner: stream,
+        activity: activity.clone(),
+    });
+    let service = {
+        let activity = activity.clone();
+        hyper::service::service_fn(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            {
+                let mut a = activity.lock().unwrap_or_else(|e| e.into_inner());
+                a.in_flight += 1;
+                a.head_started = None;
+            }
+            let done = InFlight(activity.clone());
+            let mut app = app.clone();
+            async move {
+                let r = tower::Service::call(&mut app, req).await;
+                drop(done);
+                r
+            }
+        })
+    };
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(io, service);
+    tokio::pin!(conn);
+    let mut stopping = false;
+    loop {
+        let wake = {
+            let a = activity.lock().unwrap_or_else(|e| e.into_inner());
+            deadline(&a, t)
+        };
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "connection ended");
+                }
+                break;
+            }
+            _ = stopped.changed(), if !stopping => {
+                stopping = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = sleep_until(wake) => {
+                let a = activity.lock().unwrap_or_else(|e| e.into_inner());
+                if deadline(&a, t).is_some_and(|d| d <= Instant::now()) {
+                    let why = if a.head_started.is_some() { "header read" } else { "idle" };
+                    tracing::debug!(%peer, why, "connection timed out");
+                    break;
+                }
+            }
+        }
+    }
+    drop(slot);
+}
+
+/// Sleeps until `at`, or forever.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Marks a request answered when dropped (however its future ends).
+struct InFlight(Shared);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut a = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        a.in_flight = a.in_flight.saturating_sub(1);
+        a.idle_since = Instant::now();
+    }
+}
+
+/// A client socket that notes when a request's first byte arrives.
+struct Watched {
+    inner: tokio::net::TcpStream,
+    activity: Shared,
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            let mut a = self.activity.lock().unwrap_or_else(|e| e.into_inner());
+            if a.in_flight == 0 && a.head_started.is_none() {
+                a.head_started = Some(Instant::now());
+            }
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// A future that completes on SIGTERM or SIGINT. The handlers are installed now, before the

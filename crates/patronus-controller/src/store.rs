@@ -8,10 +8,11 @@ use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
 };
 use sqlx::{Row, Sqlite, Transaction};
+use tokio::sync::{Notify, watch};
 
 /// The schema, in order. A migration is never edited once released: a change is a new one.
 const MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -316,6 +317,20 @@ CREATE INDEX path_events_path_at ON path_events(path_id, at_ms);
 CREATE INDEX path_events_received ON path_events(received_s);
 "#,
     ),
+    (
+        14,
+        "the configuration generation, bumped by every write that changes what an edge runs; \
+         the request behind each audit record; audit records by action",
+        r#"
+CREATE TABLE config_generation (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    generation INTEGER NOT NULL
+);
+INSERT INTO config_generation (id, generation) VALUES (1, 0);
+ALTER TABLE audit_log ADD COLUMN request_id TEXT;
+CREATE INDEX audit_log_action ON audit_log(action, id);
+"#,
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -353,6 +368,17 @@ pub struct Actor {
     pub name: String,
     /// The client's address, if over the network.
     pub source: String,
+}
+
+impl Actor {
+    /// Someone not (yet) authenticated, by the email they gave.
+    pub fn anonymous(email: &str, source: std::net::IpAddr) -> Self {
+        Self {
+            id: None,
+            name: format!("unauthenticated ({email})"),
+            source: source.to_string(),
+        }
+    }
 }
 
 /// An audit record to write in the same transaction as its change.
@@ -422,6 +448,8 @@ pub struct AuditRow {
     pub target: String,
     pub details: serde_json::Value,
     pub source: String,
+    /// The API request that did it (its `X-Request-Id`, also in the controller's log line).
+    pub request_id: Option<String>,
 }
 
 /// What a refresh token turned out to be.
@@ -432,12 +460,85 @@ pub enum RefreshOutcome {
     /// Unknown or expired.
     Invalid,
     /// Already rotated or revoked: someone replayed it. Its whole family is now revoked.
-    Reused,
+    Reused { user_id: i64 },
 }
 
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: SqlitePool,
+    /// The configuration generation last committed: edges waiting for a new configuration
+    /// watch it.
+    generation: watch::Sender<i64>,
+    /// Wakes the webhook delivery worker when a transaction that queued deliveries commits.
+    webhook_wake: std::sync::Arc<Notify>,
+}
+
+/// A write transaction. It holds SQLite's write lock from its first statement (`BEGIN
+/// IMMEDIATE`), so what it reads cannot change under it before it commits: an update reads the
+/// current row inside its own transaction and cannot lose a race to another writer.
+///
+/// A write that changes what some edge runs says so with [`Tx::config_changed`], inside the
+/// transaction: the configuration generation is bumped with the change itself, and waiting
+/// edges are woken when (and only if) it commits. It dereferences to the connection, so
+/// statements run on `&mut *tx`.
+#[derive(Debug)]
+pub struct Tx {
+    tx: Transaction<'static, Sqlite>,
+    generation: Option<i64>,
+    deliveries_queued: bool,
+    store: Store,
+}
+
+impl std::ops::Deref for Tx {
+    type Target = SqliteConnection;
+
+    fn deref(&self) -> &SqliteConnection {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for Tx {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        &mut self.tx
+    }
+}
+
+impl Tx {
+    /// This transaction changes what some edge runs: the configuration generation is bumped in
+    /// it. Returns the new generation.
+    pub async fn config_changed(&mut self) -> Result<i64, sqlx::Error> {
+        let g: i64 = sqlx::query_scalar(
+            "UPDATE config_generation SET generation = generation + 1 WHERE id = 1
+             RETURNING generation",
+        )
+        .fetch_one(&mut *self.tx)
+        .await?;
+        self.generation = Some(g);
+        Ok(g)
+    }
+
+    /// Webhook deliveries were written in this transaction: the worker is woken on commit.
+    pub fn deliveries_queued(&mut self) {
+        self.deliveries_queued = true;
+    }
+
+    /// Commits; then wakes whoever waits on what it changed.
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await?;
+        if let Some(g) = self.generation {
+            self.store.generation.send_if_modified(|cur| {
+                let newer = g > *cur;
+                if newer {
+                    *cur = g;
+                }
+                newer
+            });
+        }
+        if self.deliveries_queued {
+            self.store.webhook_wake.notify_one();
+        }
+        Ok(())
+    }
 }
 
 impl Store {
@@ -460,13 +561,42 @@ impl Store {
             .connect_with(opts)
             .await
             .map_err(db(format!("opening {}", path.display())))?;
-        let store = Self { pool };
+        let mut store = Self {
+            pool,
+            generation: watch::channel(0).0,
+            webhook_wake: std::sync::Arc::new(Notify::new()),
+        };
         store.migrate().await?;
+        let g: i64 = sqlx::query_scalar("SELECT generation FROM config_generation WHERE id = 1")
+            .fetch_one(&store.pool)
+            .await
+            .map_err(db("reading the configuration generation"))?;
+        store.generation = watch::channel(g).0;
         Ok(store)
     }
 
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// A connection from the pool, for reads.
+    pub async fn conn(&self) -> Result<sqlx::pool::PoolConnection<Sqlite>, sqlx::Error> {
+        self.pool.acquire().await
+    }
+
+    /// The configuration generation last committed.
+    pub fn generation(&self) -> i64 {
+        *self.generation.borrow()
+    }
+
+    /// Changes of the configuration generation, as they commit.
+    pub fn watch_generation(&self) -> watch::Receiver<i64> {
+        self.generation.subscribe()
+    }
+
+    /// Wakes when a transaction that queued webhook deliveries commits.
+    pub fn webhook_wake(&self) -> &Notify {
+        &self.webhook_wake
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -527,8 +657,13 @@ impl Store {
     /// A write transaction, holding SQLite's write lock from its first statement: one that
     /// reads before it writes then waits its turn (busy timeout) instead of failing with
     /// "database is locked" when another writer committed meanwhile.
-    pub async fn begin(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
-        self.pool.begin_with("BEGIN IMMEDIATE").await
+    pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
+        Ok(Tx {
+            tx: self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            generation: None,
+            deliveries_queued: false,
+            store: self.clone(),
+        })
     }
 
     // ----- users -----
@@ -540,12 +675,7 @@ impl Store {
     }
 
     pub async fn user(&self, id: i64) -> Result<Option<UserRow>, sqlx::Error> {
-        sqlx::query("SELECT * FROM users WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?
-            .map(|r| UserRow::from_row(&r))
-            .transpose()
+        user(&mut *self.pool.acquire().await?, id).await
     }
 
     pub async fn user_by_email(&self, email: &str) -> Result<Option<UserRow>, sqlx::Error> {
@@ -617,15 +747,16 @@ impl Store {
 
     /// Appends an audit record inside the write's own transaction.
     pub async fn audit(
-        tx: &mut Transaction<'static, Sqlite>,
+        tx: &mut Tx,
         actor: &Actor,
         action: &str,
         target: &str,
         details: serde_json::Value,
     ) -> Result<(), sqlx::Error> {
         sqlx::query(
-            "INSERT INTO audit_log (at_ms, actor_id, actor, action, target, details, source)
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO audit_log
+             (at_ms, actor_id, actor, action, target, details, source, request_id)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(now_ms())
         .bind(actor.id)
@@ -634,24 +765,16 @@ impl Store {
         .bind(target)
         .bind(details.to_string())
         .bind(&actor.source)
+        .bind(crate::app::current_request_id())
         .execute(&mut **tx)
         .await
         .map(|_| ())
     }
 
-    /// Deletes row `id` of `table` (a name from the code, never from a request) with its audit
-    /// record, in one transaction.
-    pub async fn delete_audited(
-        &self,
-        table: &'static str,
-        id: i64,
-        audit: Audit,
-    ) -> Result<(), sqlx::Error> {
+    /// Appends an audit record of something that changed nothing else (a refused login, a
+    /// lockout), in a transaction of its own.
+    pub async fn audit_event(&self, audit: Audit) -> Result<(), sqlx::Error> {
         let mut tx = self.begin().await?;
-        sqlx::query(&format!("DELETE FROM {table} WHERE id = ?"))
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
         Self::audit(
             &mut tx,
             &audit.actor,
@@ -661,6 +784,15 @@ impl Store {
         )
         .await?;
         tx.commit().await
+    }
+
+    /// Deletes row `id` of `table` (a name from the code, never from a request) in `tx`.
+    pub async fn delete_row(tx: &mut Tx, table: &'static str, id: i64) -> Result<(), sqlx::Error> {
+        sqlx::query(&format!("DELETE FROM {table} WHERE id = ?"))
+            .bind(id)
+            .execute(&mut **tx)
+            .await
+            .map(|_| ())
     }
 
     pub async fn audit_log(&self, q: &AuditQuery) -> Result<(Vec<AuditRow>, i64), sqlx::Error> {
@@ -721,6 +853,7 @@ impl Store {
                     details: serde_json::from_str(r.try_get::<&str, _>("details")?)
                         .unwrap_or(serde_json::Value::Null),
                     source: r.try_get("source")?,
+                    request_id: r.try_get("request_id")?,
                 })
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()?;
@@ -730,7 +863,7 @@ impl Store {
     // ----- refresh tokens -----
 
     pub async fn insert_refresh(
-        tx: &mut Transaction<'static, Sqlite>,
+        tx: &mut Tx,
         user_id: i64,
         family: &str,
         token_hash: &[u8],
@@ -777,7 +910,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await?;
-            return Ok(RefreshOutcome::Reused);
+            return Ok(RefreshOutcome::Reused { user_id });
         }
         if row.try_get::<i64, _>("expires_at")? <= now_s() {
             return Ok(RefreshOutcome::Invalid);
@@ -806,10 +939,7 @@ impl Store {
     }
 
     /// Revokes every refresh token of a user (password change, disable, role change).
-    pub async fn revoke_all_refresh(
-        tx: &mut Transaction<'static, Sqlite>,
-        user_id: i64,
-    ) -> Result<(), sqlx::Error> {
+    pub async fn revoke_all_refresh(tx: &mut Tx, user_id: i64) -> Result<(), sqlx::Error> {
         sqlx::query("UPDATE refresh_tokens SET revoked = 1 WHERE user_id = ?")
             .bind(user_id)
             .execute(&mut **tx)
@@ -818,8 +948,18 @@ impl Store {
     }
 }
 
+/// User `id`, read on `conn` (a write transaction's, to update it).
+pub async fn user(conn: &mut SqliteConnection, id: i64) -> Result<Option<UserRow>, sqlx::Error> {
+    sqlx::query("SELECT * FROM users WHERE id = ?")
+        .bind(id)
+        .fetch_optional(conn)
+        .await?
+        .map(|r| UserRow::from_row(&r))
+        .transpose()
+}
+
 /// The built-in SLA classes, once, with the migration that makes their table.
-async fn seed_classes(tx: &mut Transaction<'static, Sqlite>) -> Result<(), sqlx::Error> {
+async fn seed_classes(tx: &mut SqliteConnection) -> Result<(), sqlx::Error> {
     let now = now_s();
     for c in patronus_api::SlaClass::builtins() {
         sqlx::query(
@@ -830,7 +970,7 @@ async fn seed_classes(tx: &mut Transaction<'static, Sqlite>) -> Result<(), sqlx:
         .bind(serde_json::to_string(&c).unwrap_or_default())
         .bind(now)
         .bind(now)
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await?;
     }
     Ok(())

@@ -18,6 +18,14 @@
 //! `https://` URLs are verified against the Mozilla roots compiled in (`webpki-roots`) and
 //! the CA certificates of the `webhook_ca_file` setting; `http://` ones are for receivers on a
 //! trusted network.
+//!
+//! The controller posts only to public addresses unless the operator allowed more: a URL whose
+//! host is (or, at each delivery, resolves to) a loopback, link-local (cloud metadata at
+//! 169.254.169.254), private, shared (CGNAT), unique-local, multicast or reserved address is
+//! refused, unless that address lies in `webhook_allowed_networks`. The check runs on the
+//! addresses the name resolves to at each delivery, and the connection goes to the address that
+//! was checked, so a name that changes its answer cannot steer a delivery inward. A webhook
+//! cannot make the controller a scanner of its own network.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +37,7 @@ use serde_json::{Value, json};
 use sqlx::Row;
 
 use crate::app::AppState;
-use crate::store::now_ms;
+use crate::store::{Actor, Tx, now_ms};
 
 /// What a webhook can ask to hear about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
@@ -107,6 +115,76 @@ pub fn check_url(url: &str) -> Result<Uri, String> {
     Ok(uri)
 }
 
+/// Why the controller does not post to `ip` unless an operator allowed it: the kind of
+/// internal or special address it is, or `None` for a public one.
+pub fn internal(ip: std::net::IpAddr) -> Option<&'static str> {
+    use std::net::IpAddr;
+    let v4 = |a: std::net::Ipv4Addr| -> Option<&'static str> {
+        let [o0, o1, o2, _] = a.octets();
+        Some(match (o0, o1, o2) {
+            _ if a.is_loopback() => "loopback",
+            _ if a.is_link_local() => "link-local",
+            _ if a.is_private() => "private",
+            _ if a.is_multicast() => "multicast",
+            _ if a.is_broadcast() => "broadcast",
+            (0, _, _) => "this-network",
+            (100, 64..=127, _) => "shared (carrier-grade NAT)",
+            (192, 0, 0) => "IETF protocol assignment",
+            (192, 0, 2) | (198, 51, 100) | (203, 0, 113) => "documentation",
+            (198, 18..=19, _) => "benchmarking",
+            (240..=255, _, _) => "reserved",
+            _ => return None,
+        })
+    };
+    match ip {
+        IpAddr::V4(a) => v4(a),
+        IpAddr::V6(a) => {
+            let s = a.segments();
+            if let Some(m) = a.to_ipv4_mapped() {
+                return v4(m).or(Some("IPv4-mapped"));
+            }
+            // NAT64 (RFC 6052): the IPv4 address it stands for decides.
+            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                let o = a.octets();
+                return v4(std::net::Ipv4Addr::new(o[12], o[13], o[14], o[15]));
+            }
+            Some(match s[0] {
+                _ if a.is_loopback() => "loopback",
+                _ if a.is_unspecified() => "unspecified",
+                0xfe80..=0xfebf => "link-local",
+                0xfc00..=0xfdff => "unique-local",
+                0xff00..=0xffff => "multicast",
+                0x2001 if s[1] == 0x0db8 => "documentation",
+                0x0100 if s[1..4] == [0, 0, 0] => "discard-only",
+                // Other IPv4-compatible or reserved low addresses.
+                0 => "reserved",
+                _ => return None,
+            })
+        }
+    }
+}
+
+/// `Err` with the reason if the controller must not post to `ip`: internal (see [`internal`])
+/// and in none of the networks the operator allowed.
+pub fn check_destination(
+    ip: std::net::IpAddr,
+    allowed: &[patronus_api::Prefix],
+) -> Result<(), String> {
+    let ip = match ip {
+        std::net::IpAddr::V6(a) => a
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(a), std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    match internal(ip) {
+        Some(kind) if !allowed.iter().any(|p| p.contains(ip)) => Err(format!(
+            "{ip} is a {kind} address: the controller posts to internal addresses only in \
+             webhook_allowed_networks"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Queues `kind` for every enabled webhook that asked for it (`only`: for that webhook alone,
 /// whatever it asked for) and wakes the worker. Returns the event's id, if anyone will hear it.
 pub async fn emit(
@@ -128,8 +206,21 @@ pub async fn emit_all(
     events: Vec<(EventKind, Value)>,
     only: Option<i64>,
 ) -> Result<Vec<Option<String>>, sqlx::Error> {
+    let mut tx = state.store.begin().await?;
+    let ids = queue(&mut tx, events, only).await?;
+    tx.commit().await?;
+    Ok(ids)
+}
+
+/// Queues events in `tx`: their deliveries commit (and the worker wakes) with the rest of the
+/// transaction, or not at all. Returns each event's id, if anyone will hear it.
+pub async fn queue(
+    tx: &mut Tx,
+    events: Vec<(EventKind, Value)>,
+    only: Option<i64>,
+) -> Result<Vec<Option<String>>, sqlx::Error> {
     let rows = sqlx::query("SELECT id, events FROM webhooks WHERE enabled = 1")
-        .fetch_all(state.store.pool())
+        .fetch_all(&mut **tx)
         .await?;
     let mut hooks = Vec::new();
     for r in &rows {
@@ -140,7 +231,6 @@ pub async fn emit_all(
     }
     let now = now_ms();
     let mut ids = Vec::with_capacity(events.len());
-    let mut tx = None;
     for (kind, data) in events {
         let to: Vec<i64> = hooks
             .iter()
@@ -156,10 +246,6 @@ pub async fn emit_all(
             crate::auth::b64url(&crate::auth::random_bytes::<12>())
         );
         let payload = json!({ "id": id, "type": kind, "at_ms": now, "data": data }).to_string();
-        let tx = match &mut tx {
-            Some(tx) => tx,
-            None => tx.insert(state.store.begin().await?),
-        };
         for hook in to {
             sqlx::query(
                 "INSERT INTO webhook_deliveries
@@ -175,13 +261,31 @@ pub async fn emit_all(
             .execute(&mut **tx)
             .await?;
         }
+        tx.deliveries_queued();
         ids.push(Some(id));
     }
-    if let Some(tx) = tx {
-        tx.commit().await?;
-        state.webhook_wake.notify_one();
-    }
     Ok(ids)
+}
+
+/// A write in `tx` changes what some edge runs: the configuration generation is bumped and
+/// `config.changed` queued, both in `tx`, so that an edge learns of a change and a webhook
+/// hears of it exactly when the change commits.
+pub async fn config_changed(
+    tx: &mut Tx,
+    actor: &Actor,
+    action: &str,
+    target: &str,
+) -> Result<i64, sqlx::Error> {
+    let generation = tx.config_changed().await?;
+    let data = json!({
+        "generation": generation,
+        "action": action,
+        "target": target,
+        "actor": actor.name,
+        "request_id": crate::app::current_request_id(),
+    });
+    queue(tx, vec![(EventKind::ConfigChanged, data)], None).await?;
+    Ok(generation)
 }
 
 /// [`emit_all`] without waiting: for callers that must not be slowed or failed by it (a
@@ -290,7 +394,7 @@ async fn deliver_forever(state: AppState) {
             tokio::spawn(async move {
                 attempt(&state, d).await;
                 drop(permit);
-                state.webhook_wake.notify_one();
+                state.store.webhook_wake().notify_one();
             });
         }
         // Until the next one is due (at most a second), or something new is queued.
@@ -304,7 +408,7 @@ async fn deliver_forever(state: AppState) {
         .flatten();
         let wait = next.map_or(1000, |n| (n - now_ms()).clamp(10, 1000));
         tokio::select! {
-            _ = state.webhook_wake.notified() => {}
+            _ = state.store.webhook_wake().notified() => {}
             _ = tokio::time::sleep(Duration::from_millis(wait as u64)) => {}
         }
     }
@@ -352,6 +456,7 @@ async fn attempt(state: &AppState, d: Due) {
         ATTEMPT_TIMEOUT,
         post(
             &state.webhook_tls,
+            &state.config.webhook_allowed_networks,
             &d.url,
             &headers,
             d.payload.clone().into_bytes(),
@@ -450,6 +555,7 @@ pub fn tls_client(
 /// One `POST` over a fresh HTTP/1.1 connection (TLS for `https://`); the answer's status code.
 async fn post(
     tls: &std::sync::Arc<rustls::ClientConfig>,
+    allowed: &[patronus_api::Prefix],
     url: &str,
     headers: &[(&str, String)],
     body: Vec<u8>,
@@ -459,11 +565,26 @@ async fn post(
     let host = uri.host().unwrap_or_default();
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
     let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let addr = tokio::net::lookup_host((bare, port))
+    // Every address the name has now is checked; the connection goes to one that passed.
+    let mut refused = None;
+    let mut addr = None;
+    for a in tokio::net::lookup_host((bare, port))
         .await
         .map_err(|e| format!("resolving {host}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{host} has no address"))?;
+    {
+        match check_destination(a.ip(), allowed) {
+            Ok(()) => {
+                addr = Some(a);
+                break;
+            }
+            Err(e) => refused = refused.or(Some(e)),
+        }
+    }
+    let addr = match (addr, refused) {
+        (Some(a), _) => a,
+        (None, Some(why)) => return Err(format!("refused: {host}: {why}")),
+        (None, None) => return Err(format!("{host} has no address")),
+    };
     let stream = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connecting to {addr}: {e}"))?;
@@ -542,6 +663,55 @@ mod tests {
                 assert!(b >= base * 8 / 10 && b <= base * 12 / 10, "{attempts}: {b}");
             }
         }
+    }
+
+    #[test]
+    fn internal_addresses_are_refused_unless_their_network_is_allowed() {
+        let refused = [
+            "127.0.0.1",
+            "127.8.9.10",
+            "169.254.169.254",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "100.64.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "fe80::1",
+            "fd00::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+            "2001:db8::1",
+        ];
+        for ip in refused {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            let e = check_destination(ip, &[]).unwrap_err();
+            assert!(e.contains("webhook_allowed_networks"), "{ip}: {e}");
+        }
+        for ip in [
+            "93.184.216.34",
+            "1.1.1.1",
+            "2606:4700:4700::1111",
+            "64:ff9b::101:101",
+        ] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            assert_eq!(check_destination(ip, &[]), Ok(()), "{ip}");
+        }
+        let allowed: Vec<patronus_api::Prefix> = vec!["127.0.0.0/8".parse().unwrap()];
+        assert_eq!(
+            check_destination("127.0.0.1".parse().unwrap(), &allowed),
+            Ok(())
+        );
+        assert_eq!(
+            check_destination("::ffff:127.0.0.1".parse().unwrap(), &allowed),
+            Ok(())
+        );
+        assert!(check_destination("10.0.0.1".parse().unwrap(), &allowed).is_err());
     }
 
     #[test]

@@ -55,11 +55,6 @@ enum ControllerCmd {
 }
 
 pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
     let env: Vec<(String, String)> = std::env::vars().collect();
     let c = &args.common;
     let file = c
@@ -75,6 +70,13 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
             database: c.database.clone(),
         },
     )?;
+    tracing_subscriber::fmt()
+        .with_target(false)
+        .with_max_level(config.log_level)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+    raise_open_file_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -122,5 +124,20 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
             outln!("added user {} ({}) with id {}", u.email, u.role, u.id);
             Ok(())
         }),
+    }
+}
+
+/// Raises the open-file soft limit to the hard limit: every client connection is a descriptor,
+/// and the default soft limit (often 1024) is far below what a controller serving many edges
+/// needs. The controller still caps its connections below the limit it ends up with.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-file limit"),
+            Err(e) => tracing::warn!(soft, hard, error = %e, "could not raise the open-file limit"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not read the open-file limit"),
     }
 }

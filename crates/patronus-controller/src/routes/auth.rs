@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::app::{AppState, Principal, Subject, client_ip};
 use crate::auth::{self as a, Role, Tokens};
 use crate::error::{ApiError, extract};
-use crate::store::{Actor, RefreshOutcome, Store, UserRow, now_s};
+use crate::store::{Actor, Audit, RefreshOutcome, Store, UserRow, now_s};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -57,7 +57,10 @@ impl FromRequestParts<AppState> for AuthRateLimited {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         state
             .auth_limiter
-            .check(client_ip(parts), Instant::now())
+            .check(
+                client_ip(parts, &state.config.trusted_proxies),
+                Instant::now(),
+            )
             .map_err(|wait| {
                 ApiError::too_many("too many login or token requests from this address", wait)
             })?;
@@ -118,12 +121,7 @@ async fn login(
 ) -> Result<Json<TokenResponse>, ApiError> {
     let now = Instant::now();
     let email = req.email.trim().to_owned();
-    s.lockout.check(&email, now).map_err(|wait| {
-        ApiError::too_many(
-            "too many failed logins for this account; it is locked for a while",
-            wait,
-        )
-    })?;
+    check_lockout(&s, &email, now)?;
     let user = s.store.user_by_email(&email).await?;
     let hash = user
         .as_ref()
@@ -136,13 +134,21 @@ async fn login(
         .map_err(ApiError::internal)?;
     let user = match user {
         Some(u) if ok => u,
-        _ => {
-            s.lockout.failed(&email, now);
+        other => {
+            let target = other.map_or_else(|| "auth".to_owned(), |u| format!("user/{}", u.id));
+            wrong_password(&s, &email, &target, "auth.login_failed", parts.0).await?;
             return Err(ApiError::unauthorized("wrong email or password"));
         }
     };
     s.lockout.succeeded(&email);
     if user.disabled {
+        let audit = Audit::new(
+            Actor::anonymous(&email, parts.0),
+            "auth.login_refused",
+            &format!("user/{}", user.id),
+            serde_json::json!({ "email": email, "why": "the account is disabled" }),
+        );
+        s.store.audit_event(audit).await?;
         return Err(ApiError::forbidden("this account is disabled"));
     }
     let role = Role::parse(&user.role).ok_or_else(|| ApiError::internal("bad role in store"))?;
@@ -154,15 +160,52 @@ async fn login(
     Ok(Json(issue(&s.store, &s.tokens, &user, role, &actor).await?))
 }
 
+/// 429 while `email`'s account is locked by failed password checks (a login's or a password
+/// change's).
+pub fn check_lockout(s: &AppState, email: &str, now: Instant) -> Result<(), ApiError> {
+    s.lockout.check(email, now).map_err(|wait| {
+        ApiError::too_many(
+            "too many failed password checks for this account; it is locked for a while",
+            wait,
+        )
+    })
+}
+
+/// A wrong password given for `email` (at login, `auth.login_failed`, or to change one's own,
+/// `user.password_failed`): counted towards the account's lockout, and audited with the lockout
+/// it starts, if it starts one.
+pub async fn wrong_password(
+    s: &AppState,
+    email: &str,
+    target: &str,
+    action: &'static str,
+    source: std::net::IpAddr,
+) -> Result<(), ApiError> {
+    let lock = s.lockout.failed(email, Instant::now());
+    let actor = Actor::anonymous(email, source);
+    let details = serde_json::json!({ "email": email });
+    s.store
+        .audit_event(Audit::new(actor.clone(), action, target, details))
+        .await?;
+    if let Some(lock) = lock {
+        tracing::warn!(%email, %source, seconds = lock.as_secs(), "account locked after failed password checks");
+        let details = serde_json::json!({ "email": email, "seconds": lock.as_secs() });
+        s.store
+            .audit_event(Audit::new(actor, "auth.locked", target, details))
+            .await?;
+    }
+    Ok(())
+}
+
 /// The client's address, as an extractor.
 #[derive(Debug)]
 pub struct ClientIp(pub std::net::IpAddr);
 
-impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
+impl FromRequestParts<AppState> for ClientIp {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        Ok(Self(client_ip(parts)))
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        Ok(Self(client_ip(parts, &state.config.trusted_proxies)))
     }
 }
 
@@ -177,6 +220,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
 async fn refresh(
     State(s): State<AppState>,
     _limit: AuthRateLimited,
+    ClientIp(ip): ClientIp,
     extract::Json(req): extract::Json<RefreshRequest>,
 ) -> Result<Json<TokenResponse>, ApiError> {
     let old = a::sha256(req.refresh_token.as_bytes());
@@ -185,13 +229,28 @@ async fn refresh(
     let user_id = match s.store.rotate_refresh(&old, &new, expires).await? {
         RefreshOutcome::Rotated { user_id } => user_id,
         RefreshOutcome::Invalid => {
-            return Err(ApiError::unauthorized(
+            return Err(ApiError::invalid_token(
                 "the refresh token is invalid or expired",
             ));
         }
-        RefreshOutcome::Reused => {
-            tracing::warn!("a rotated refresh token was used again; its session is revoked");
-            return Err(ApiError::unauthorized(
+        RefreshOutcome::Reused { user_id } => {
+            tracing::warn!(
+                user_id,
+                %ip,
+                "a rotated refresh token was used again; its session is revoked"
+            );
+            let audit = Audit::new(
+                Actor {
+                    id: Some(user_id),
+                    name: format!("user/{user_id}"),
+                    source: ip.to_string(),
+                },
+                "auth.session_revoked",
+                &format!("user/{user_id}"),
+                serde_json::json!({ "why": "a refresh token was used twice" }),
+            );
+            s.store.audit_event(audit).await?;
+            return Err(ApiError::invalid_token(
                 "this refresh token was already used; the session is revoked, log in again",
             ));
         }
@@ -201,7 +260,7 @@ async fn refresh(
         .user(user_id)
         .await?
         .filter(|u| !u.disabled)
-        .ok_or_else(|| ApiError::unauthorized("the refresh token is invalid or expired"))?;
+        .ok_or_else(|| ApiError::invalid_token("the refresh token is invalid or expired"))?;
     let role = Role::parse(&user.role).ok_or_else(|| ApiError::internal("bad role in store"))?;
     Ok(Json(TokenResponse {
         access_token: s.tokens.access(user.id, role, now_s()),
@@ -236,6 +295,13 @@ async fn logout(
     if !s.store.revoke_refresh(&hash, user).await? {
         return Err(ApiError::not_found("that refresh token of yours"));
     }
+    let audit = Audit::new(
+        p.actor(),
+        "auth.logout",
+        &format!("user/{user}"),
+        serde_json::json!({}),
+    );
+    s.store.audit_event(audit).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -37,7 +37,7 @@ impl FromRequestParts<AppState> for SiteCaller {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let token = bearer(parts)?;
         if !token.starts_with(CREDENTIAL_PREFIX) {
-            return Err(ApiError::unauthorized(
+            return Err(ApiError::invalid_token(
                 "this is for enrolled edges: authenticate with the site's credential",
             ));
         }
@@ -49,7 +49,7 @@ impl FromRequestParts<AppState> for SiteCaller {
         .bind(&hash[..])
         .fetch_optional(state.store.pool())
         .await?
-        .ok_or_else(|| ApiError::unauthorized("the site credential is invalid or revoked"))?;
+        .ok_or_else(|| ApiError::invalid_token("the site credential is invalid or revoked"))?;
         Ok(Self {
             site_id: row.try_get("id")?,
             site: row.try_get("name")?,

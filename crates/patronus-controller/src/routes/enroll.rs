@@ -21,10 +21,11 @@ use utoipa_axum::routes;
 use crate::app::AppState;
 use crate::auth::{self as a};
 use crate::error::{ApiError, extract};
+use crate::routes::audit_config;
 use crate::routes::auth::AuthRateLimited;
 use crate::routes::edge::CREDENTIAL_PREFIX;
 use crate::routes::sites::load_site;
-use crate::store::{Actor, Store, now_s};
+use crate::store::{Actor, now_s};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(enroll))
@@ -99,7 +100,7 @@ async fn enroll(
         };
         return Err(ApiError::unauthorized(message));
     };
-    let site = load_site(&s.store, site_id).await?;
+    let site = load_site(&mut *s.store.conn().await?, site_id).await?;
     // Endpoints for links the site has; anything else undoes the enrolment (the token stays).
     for (name, endpoint) in &req.endpoints {
         let Some(l) = site.links.iter().find(|l| l.link.name.as_str() == name) else {
@@ -146,7 +147,7 @@ async fn enroll(
         name: format!("edge of {}", site.name),
         source: ip.0.to_string(),
     };
-    Store::audit(
+    audit_config(
         &mut tx,
         &actor,
         "site.enroll",

@@ -13,10 +13,12 @@ use sqlx::Row;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use sqlx::sqlite::SqliteConnection;
+
 use crate::app::{Admin, AppState, Principal};
 use crate::error::{ApiError, extract};
-use crate::routes::{Page, Paging, check_if_match, patched, with_etag};
-use crate::store::{Store, now_s};
+use crate::routes::{Page, Paging, audit_config, check_if_match, patched, with_etag};
+use crate::store::now_s;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -26,9 +28,9 @@ pub fn routes() -> OpenApiRouter<AppState> {
 
 // ----- failover settings -----
 
-pub async fn failover(store: &Store) -> Result<(FailoverSettings, i64), ApiError> {
+pub async fn failover(conn: &mut SqliteConnection) -> Result<(FailoverSettings, i64), ApiError> {
     let r = sqlx::query("SELECT value, version FROM settings WHERE key = 'failover'")
-        .fetch_optional(store.pool())
+        .fetch_optional(&mut *conn)
         .await?;
     match r {
         Some(r) => {
@@ -51,7 +53,7 @@ pub async fn failover(store: &Store) -> Result<(FailoverSettings, i64), ApiError
     responses((status = 200, body = FailoverSettings), crate::error::ApiErrors)
 )]
 async fn show_failover(State(s): State<AppState>, _p: Principal) -> Result<Response, ApiError> {
-    let (f, version) = failover(&s.store).await?;
+    let (f, version) = failover(&mut *s.store.conn().await?).await?;
     Ok(with_etag(StatusCode::OK, version, f))
 }
 
@@ -71,11 +73,11 @@ async fn update_failover(
     extract::Json(patch): extract::Json<Value>,
 ) -> Result<Response, ApiError> {
     // Settings are the admins' (operators write network objects).
-    let (cur, version) = failover(&s.store).await?;
+    let mut tx = s.store.begin().await?;
+    let (cur, version) = failover(&mut tx).await?;
     check_if_match(&headers, version)?;
     let new: FailoverSettings = patched(&cur, &patch)?;
     new.validate().map_err(ApiError::validation)?;
-    let mut tx = s.store.begin().await?;
     let r = sqlx::query(
         "INSERT INTO settings (key, value, version, updated_at) VALUES ('failover', ?, 1, ?)
          ON CONFLICT (key) DO UPDATE SET value = excluded.value, version = version + 1,
@@ -91,9 +93,9 @@ async fn update_failover(
             "the settings changed while this update ran; read them again",
         ));
     }
-    Store::audit(&mut tx, &p.actor(), "failover.update", "failover", patch).await?;
+    audit_config(&mut tx, &p.actor(), "failover.update", "failover", patch).await?;
+    let (f, version) = failover(&mut tx).await?;
     tx.commit().await?;
-    let (f, version) = failover(&s.store).await?;
     Ok(with_etag(StatusCode::OK, version, f))
 }
 

@@ -148,6 +148,21 @@ pub(crate) fn num(n: i64) -> String {
     format!("{n:020}")
 }
 
+/// Audits a write that changes what some edge runs, in its transaction: the audit record, the
+/// configuration generation bumped and `config.changed` queued commit with the change, or none
+/// of them does.
+pub async fn audit_config(
+    tx: &mut crate::store::Tx,
+    actor: &crate::store::Actor,
+    action: &'static str,
+    target: &str,
+    details: serde_json::Value,
+) -> Result<(), ApiError> {
+    crate::store::Store::audit(tx, actor, action, target, details).await?;
+    crate::webhooks::config_changed(tx, actor, action, target).await?;
+    Ok(())
+}
+
 /// The `ETag` of a versioned object: its version, quoted.
 pub fn etag(version: i64) -> axum::http::HeaderValue {
     axum::http::HeaderValue::from_str(&format!("\"{version}\""))

@@ -125,9 +125,11 @@ async fn list_paths(
             ));
         }
     }
-    let t = load(&s.store).await?;
-    let sites = load_sites(&s.store).await?;
-    let live = s.live.lock().map(|l| l.clone()).unwrap_or_default();
+    // One read transaction: the topology and the sites from the same snapshot.
+    let mut snapshot = s.store.pool().begin().await?;
+    let t = load(&mut snapshot).await?;
+    let sites = load_sites(&mut snapshot).await?;
+    let live = s.live_paths();
     let now = crate::store::now_s();
     let pairs: Vec<_> = connected_pairs(&t, &sites)
         .into_iter()
@@ -209,8 +211,10 @@ async fn current_path(s: &AppState, id: &str) -> Result<Option<PathView>, ApiErr
     else {
         return Ok(None);
     };
-    let t = load(&s.store).await?;
-    let sites = load_sites(&s.store).await?;
+    // One read transaction: the topology and the sites from the same snapshot.
+    let mut snapshot = s.store.pool().begin().await?;
+    let t = load(&mut snapshot).await?;
+    let sites = load_sites(&mut snapshot).await?;
     let owner = |link: i64| {
         sites
             .iter()

@@ -11,13 +11,15 @@ use serde_json::{Value, json};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use sqlx::sqlite::SqliteConnection;
+
 use crate::app::{AppState, Operator, Principal};
 use crate::error::{ApiError, extract};
 use crate::routes::{
-    Doc, Page, Paging, check_if_match, created, doc, inserted, num, page, patched, sort_by,
-    updated, with_etag,
+    Doc, Page, Paging, audit_config, check_if_match, created, doc, inserted, num, page, patched,
+    sort_by, updated, with_etag,
 };
-use crate::store::{Audit, Store, now_s};
+use crate::store::{Store, now_s};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -25,9 +27,9 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(show_policy, update_policy, remove_policy))
 }
 
-pub async fn all_policies(store: &Store) -> Result<Vec<Doc<Policy>>, ApiError> {
+pub async fn all_policies(conn: &mut SqliteConnection) -> Result<Vec<Doc<Policy>>, ApiError> {
     sqlx::query("SELECT * FROM policies ORDER BY ord, id")
-        .fetch_all(store.pool())
+        .fetch_all(&mut *conn)
         .await?
         .iter()
         .map(doc)
@@ -61,7 +63,7 @@ async fn list_policies(
     extract::Query(q): extract::Query<ListQuery>,
 ) -> Result<Json<Page<Doc<Policy>>>, ApiError> {
     let paging = Paging::new(q.limit, q.offset)?;
-    let mut items: Vec<_> = all_policies(&s.store)
+    let mut items: Vec<_> = all_policies(&mut *s.store.conn().await?)
         .await?
         .into_iter()
         .filter(|p| {
@@ -83,10 +85,10 @@ async fn list_policies(
     Ok(Json(page(items, paging)))
 }
 
-async fn load_policy(store: &Store, id: i64) -> Result<Doc<Policy>, ApiError> {
+async fn load_policy(conn: &mut SqliteConnection, id: i64) -> Result<Doc<Policy>, ApiError> {
     let r = sqlx::query("SELECT * FROM policies WHERE id = ?")
         .bind(id)
-        .fetch_optional(store.pool())
+        .fetch_optional(&mut *conn)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("policy {id}")))?;
     doc(&r)
@@ -106,20 +108,24 @@ async fn show_policy(
     _p: Principal,
     extract::Path(id): extract::Path<i64>,
 ) -> Result<Response, ApiError> {
-    let p = load_policy(&s.store, id).await?;
+    let p = load_policy(&mut *s.store.conn().await?, id).await?;
     Ok(with_etag(StatusCode::OK, p.version, p))
 }
 
 /// Validation against the classes, and uniqueness of name and order against the other
 /// policies (409 naming the one in the way).
-async fn check_policy(store: &Store, policy: &Policy, id: Option<i64>) -> Result<(), ApiError> {
-    let classes: Vec<SlaClass> = crate::routes::sla_classes::all_classes(store)
+async fn check_policy(
+    conn: &mut SqliteConnection,
+    policy: &Policy,
+    id: Option<i64>,
+) -> Result<(), ApiError> {
+    let classes: Vec<SlaClass> = crate::routes::sla_classes::all_classes(&mut *conn)
         .await?
         .into_iter()
         .map(|c| c.spec)
         .collect();
     policy.validate(&classes).map_err(ApiError::validation)?;
-    for other in all_policies(store).await? {
+    for other in all_policies(&mut *conn).await? {
         if Some(other.id) == id {
             continue;
         }
@@ -153,9 +159,9 @@ async fn create_policy(
     Operator(p): Operator,
     extract::Json(policy): extract::Json<Policy>,
 ) -> Result<Response, ApiError> {
-    check_policy(&s.store, &policy, None).await?;
-    let now = now_s();
     let mut tx = s.store.begin().await?;
+    check_policy(&mut tx, &policy, None).await?;
+    let now = now_s();
     let r = sqlx::query(
         "INSERT INTO policies (name, ord, spec, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
     )
@@ -167,7 +173,7 @@ async fn create_policy(
     .execute(&mut *tx)
     .await;
     let id = inserted(r, || "a policy with that name or order exists")?;
-    Store::audit(
+    audit_config(
         &mut tx,
         &p.actor(),
         "policy.create",
@@ -175,8 +181,8 @@ async fn create_policy(
         serde_json::to_value(&policy).unwrap_or_default(),
     )
     .await?;
+    let d = load_policy(&mut tx, id).await?;
     tx.commit().await?;
-    let d = load_policy(&s.store, id).await?;
     Ok(created(format!("/api/v1/policies/{id}"), d.version, d))
 }
 
@@ -197,11 +203,11 @@ async fn update_policy(
     headers: HeaderMap,
     extract::Json(patch): extract::Json<Value>,
 ) -> Result<Response, ApiError> {
-    let cur = load_policy(&s.store, id).await?;
+    let mut tx = s.store.begin().await?;
+    let cur = load_policy(&mut tx, id).await?;
     check_if_match(&headers, cur.version)?;
     let policy: Policy = patched(&cur.spec, &patch)?;
-    check_policy(&s.store, &policy, Some(id)).await?;
-    let mut tx = s.store.begin().await?;
+    check_policy(&mut tx, &policy, Some(id)).await?;
     let r = sqlx::query(
         "UPDATE policies SET name = ?, ord = ?, spec = ?, version = version + 1, updated_at = ?
          WHERE id = ? AND version = ?",
@@ -215,7 +221,7 @@ async fn update_policy(
     .execute(&mut *tx)
     .await;
     updated(r, "policy", || "a policy with that name or order exists")?;
-    Store::audit(
+    audit_config(
         &mut tx,
         &p.actor(),
         "policy.update",
@@ -223,8 +229,8 @@ async fn update_policy(
         patch,
     )
     .await?;
+    let d = load_policy(&mut tx, id).await?;
     tx.commit().await?;
-    let d = load_policy(&s.store, id).await?;
     Ok(with_etag(StatusCode::OK, d.version, d))
 }
 
@@ -241,14 +247,20 @@ async fn remove_policy(
     State(s): State<AppState>,
     Operator(p): Operator,
     extract::Path(id): extract::Path<i64>,
+    headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    let cur = load_policy(&s.store, id).await?;
-    let audit = Audit::new(
-        p.actor(),
+    let mut tx = s.store.begin().await?;
+    let cur = load_policy(&mut tx, id).await?;
+    check_if_match(&headers, cur.version)?;
+    Store::delete_row(&mut tx, "policies", id).await?;
+    audit_config(
+        &mut tx,
+        &p.actor(),
         "policy.delete",
         &format!("policy/{id}"),
         json!({ "name": cur.spec.name }),
-    );
-    s.store.delete_audited("policies", id, audit).await?;
+    )
+    .await?;
+    tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -23,10 +23,14 @@ use serde_json::{Value, json};
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 
+use sqlx::sqlite::SqliteConnection;
+
 use crate::app::{AppState, Operator, Principal};
 use crate::error::{ApiError, extract};
-use crate::routes::{Page, Paging, check_if_match, created, inserted, patched, updated, with_etag};
-use crate::store::{Audit, Store, now_s};
+use crate::routes::{
+    Page, Paging, audit_config, check_if_match, created, inserted, patched, updated, with_etag,
+};
+use crate::store::{Store, now_s};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -240,7 +244,7 @@ pub(crate) fn link_from_row(r: &SqliteRow) -> Result<LinkView, ApiError> {
 }
 
 /// Fills in the links of `sites` with one query.
-async fn attach_links(store: &Store, sites: &mut [SiteView]) -> Result<(), ApiError> {
+async fn attach_links(conn: &mut SqliteConnection, sites: &mut [SiteView]) -> Result<(), ApiError> {
     if sites.is_empty() {
         return Ok(());
     }
@@ -250,13 +254,13 @@ async fn attach_links(store: &Store, sites: &mut [SiteView]) -> Result<(), ApiEr
         "SELECT * FROM links WHERE site_id IN ({}) ORDER BY site_id, id",
         ids.join(",")
     );
-    let rows = sqlx::query(&sql).fetch_all(store.pool()).await?;
+    let rows = sqlx::query(&sql).fetch_all(&mut *conn).await?;
     let mut by_site: HashMap<i64, Vec<LinkView>> = HashMap::new();
     for r in &rows {
         let l = link_from_row(r)?;
         by_site.entry(l.site_id).or_default().push(l);
     }
-    let addrs = crate::routes::topology::addresses(store).await?;
+    let addrs = crate::routes::topology::addresses(&mut *conn).await?;
     for s in sites {
         s.links = by_site.remove(&s.id).unwrap_or_default();
         s.overlay_address = addrs.get(&s.id).copied();
@@ -265,33 +269,33 @@ async fn attach_links(store: &Store, sites: &mut [SiteView]) -> Result<(), ApiEr
 }
 
 /// Every site with its links, in id order.
-pub async fn load_sites(store: &Store) -> Result<Vec<SiteView>, ApiError> {
+pub async fn load_sites(conn: &mut SqliteConnection) -> Result<Vec<SiteView>, ApiError> {
     let rows = sqlx::query("SELECT * FROM sites ORDER BY id")
-        .fetch_all(store.pool())
+        .fetch_all(&mut *conn)
         .await?;
     let mut sites = rows
         .iter()
         .map(site_from_row)
         .collect::<Result<Vec<_>, _>>()?;
-    attach_links(store, &mut sites).await?;
+    attach_links(&mut *conn, &mut sites).await?;
     Ok(sites)
 }
 
-pub async fn load_site(store: &Store, id: i64) -> Result<SiteView, ApiError> {
+pub async fn load_site(conn: &mut SqliteConnection, id: i64) -> Result<SiteView, ApiError> {
     let row = sqlx::query("SELECT * FROM sites WHERE id = ?")
         .bind(id)
-        .fetch_optional(store.pool())
+        .fetch_optional(&mut *conn)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("site {id}")))?;
     let mut s = [site_from_row(&row)?];
-    attach_links(store, &mut s).await?;
+    attach_links(&mut *conn, &mut s).await?;
     let [s] = s;
     Ok(s)
 }
 
 /// 409 if one of `prefixes` overlaps a prefix of another site.
 async fn check_overlap(
-    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    tx: &mut crate::store::Tx,
     site_id: Option<i64>,
     prefixes: &[Prefix],
 ) -> Result<(), ApiError> {
@@ -326,7 +330,7 @@ async fn check_overlap(
 }
 
 pub(crate) async fn insert_link(
-    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    tx: &mut crate::store::Tx,
     site_id: i64,
     link: &Link,
 ) -> Result<i64, ApiError> {
@@ -431,7 +435,7 @@ async fn list_sites(
         .iter()
         .map(site_from_row)
         .collect::<Result<Vec<_>, _>>()?;
-    attach_links(&s.store, &mut items).await?;
+    attach_links(&mut *s.store.conn().await?, &mut items).await?;
     for site in &mut items {
         (site.online, site.last_seen) = s.presence_of(site.id);
     }
@@ -478,7 +482,7 @@ async fn create_site(
         insert_link(&mut tx, id, l).await?;
     }
     crate::routes::topology::allocate(&mut tx, id).await?;
-    Store::audit(
+    audit_config(
         &mut tx,
         &p.actor(),
         "site.create",
@@ -486,8 +490,8 @@ async fn create_site(
         serde_json::to_value(&spec).unwrap_or_default(),
     )
     .await?;
+    let site = load_site(&mut tx, id).await?;
     tx.commit().await?;
-    let site = load_site(&s.store, id).await?;
     Ok(created(format!("/api/v1/sites/{id}"), site.version, site))
 }
 
@@ -505,7 +509,7 @@ async fn show_site(
     _p: Principal,
     extract::Path(id): extract::Path<i64>,
 ) -> Result<Response, ApiError> {
-    let mut site = load_site(&s.store, id).await?;
+    let mut site = load_site(&mut *s.store.conn().await?, id).await?;
     (site.online, site.last_seen) = s.presence_of(id);
     Ok(with_etag(StatusCode::OK, site.version, site))
 }
@@ -527,7 +531,8 @@ async fn update_site(
     headers: HeaderMap,
     extract::Json(patch): extract::Json<Value>,
 ) -> Result<Response, ApiError> {
-    let cur = load_site(&s.store, id).await?;
+    let mut tx = s.store.begin().await?;
+    let cur = load_site(&mut tx, id).await?;
     check_if_match(&headers, cur.version)?;
     if patch.get("links").is_some() {
         return Err(ApiError::field(
@@ -539,7 +544,6 @@ async fn update_site(
     spec.validate()
         .into_result()
         .map_err(ApiError::validation)?;
-    let mut tx = s.store.begin().await?;
     check_overlap(&mut tx, Some(id), &spec.lan_prefixes).await?;
     let r = sqlx::query(
         "UPDATE sites SET name = ?, description = ?, location = ?, latitude = ?, longitude = ?,
@@ -559,7 +563,7 @@ async fn update_site(
     .execute(&mut *tx)
     .await;
     updated(r, "site", || format!("a site named {} exists", spec.name))?;
-    Store::audit(
+    audit_config(
         &mut tx,
         &p.actor(),
         "site.update",
@@ -567,8 +571,8 @@ async fn update_site(
         patch,
     )
     .await?;
+    let mut site = load_site(&mut tx, id).await?;
     tx.commit().await?;
-    let mut site = load_site(&s.store, id).await?;
     (site.online, site.last_seen) = s.presence_of(id);
     Ok(with_etag(StatusCode::OK, site.version, site))
 }
@@ -586,15 +590,21 @@ async fn remove_site(
     State(s): State<AppState>,
     Operator(p): Operator,
     extract::Path(id): extract::Path<i64>,
+    headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    let cur = load_site(&s.store, id).await?;
+    let mut tx = s.store.begin().await?;
+    let cur = load_site(&mut tx, id).await?;
+    check_if_match(&headers, cur.version)?;
     // Its links go with it (ON DELETE CASCADE), and so does its place among the hubs.
-    let audit = Audit::new(
-        p.actor(),
+    Store::delete_row(&mut tx, "sites", id).await?;
+    audit_config(
+        &mut tx,
+        &p.actor(),
         "site.delete",
         &format!("site/{id}"),
         json!({ "name": cur.name, "links": cur.links.len() }),
-    );
-    s.store.delete_audited("sites", id, audit).await?;
+    )
+    .await?;
+    tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -14,13 +14,15 @@ use serde_json::{Value, json};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use sqlx::sqlite::SqliteConnection;
+
 use crate::app::{AppState, Operator, Principal};
 use crate::error::{ApiError, extract};
 use crate::routes::{
-    Doc, Page, Paging, check_if_match, created, doc, inserted, num, page, patched, sort_by,
-    updated, with_etag,
+    Doc, Page, Paging, audit_config, check_if_match, created, doc, inserted, num, page, patched,
+    sort_by, updated, with_etag,
 };
-use crate::store::{Audit, Store, now_s};
+use crate::store::{Store, now_s};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -28,9 +30,9 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(show_class, update_class, remove_class))
 }
 
-pub async fn all_classes(store: &Store) -> Result<Vec<Doc<SlaClass>>, ApiError> {
+pub async fn all_classes(conn: &mut SqliteConnection) -> Result<Vec<Doc<SlaClass>>, ApiError> {
     sqlx::query("SELECT * FROM sla_classes ORDER BY id")
-        .fetch_all(store.pool())
+        .fetch_all(&mut *conn)
         .await?
         .iter()
         .map(doc)
@@ -61,7 +63,7 @@ async fn list_classes(
     extract::Query(q): extract::Query<ListQuery>,
 ) -> Result<Json<Page<Doc<SlaClass>>>, ApiError> {
     let paging = Paging::new(q.limit, q.offset)?;
-    let mut items = all_classes(&s.store).await?;
+    let mut items = all_classes(&mut *s.store.conn().await?).await?;
     sort_by(
         &mut items,
         q.sort.as_deref(),
@@ -70,10 +72,10 @@ async fn list_classes(
     Ok(Json(page(items, paging)))
 }
 
-async fn load_class(store: &Store, id: i64) -> Result<Doc<SlaClass>, ApiError> {
+async fn load_class(conn: &mut SqliteConnection, id: i64) -> Result<Doc<SlaClass>, ApiError> {
     let r = sqlx::query("SELECT * FROM sla_classes WHERE id = ?")
         .bind(id)
-        .fetch_optional(store.pool())
+        .fetch_optional(&mut *conn)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("SLA class {id}")))?;
     doc(&r)
@@ -93,7 +95,7 @@ async fn show_class(
     _p: Principal,
     extract::Path(id): extract::Path<i64>,
 ) -> Result<Response, ApiError> {
-    let c = load_class(&s.store, id).await?;
+    let c = load_class(&mut *s.store.conn().await?, id).await?;
     Ok(with_etag(StatusCode::OK, c.version, c))
 }
 
@@ -124,7 +126,7 @@ async fn create_class(
     .execute(&mut *tx)
     .await;
     let id = inserted(r, || format!("an SLA class named {} exists", class.name))?;
-    Store::audit(
+    audit_config(
         &mut tx,
         &p.actor(),
         "sla_class.create",
@@ -132,14 +134,14 @@ async fn create_class(
         serde_json::to_value(&class).unwrap_or_default(),
     )
     .await?;
+    let c = load_class(&mut tx, id).await?;
     tx.commit().await?;
-    let c = load_class(&s.store, id).await?;
     Ok(created(format!("/api/v1/sla-classes/{id}"), c.version, c))
 }
 
 /// The enabled or disabled policies that use class `name`.
-async fn users_of_class(store: &Store, name: &str) -> Result<Vec<String>, ApiError> {
-    Ok(crate::routes::policies::all_policies(store)
+async fn users_of_class(conn: &mut SqliteConnection, name: &str) -> Result<Vec<String>, ApiError> {
+    Ok(crate::routes::policies::all_policies(&mut *conn)
         .await?
         .into_iter()
         .filter(|p| p.spec.class.as_str() == name)
@@ -164,12 +166,13 @@ async fn update_class(
     headers: HeaderMap,
     extract::Json(patch): extract::Json<Value>,
 ) -> Result<Response, ApiError> {
-    let cur = load_class(&s.store, id).await?;
+    let mut tx = s.store.begin().await?;
+    let cur = load_class(&mut tx, id).await?;
     check_if_match(&headers, cur.version)?;
     let class: SlaClass = patched(&cur.spec, &patch)?;
     class.validate().map_err(ApiError::validation)?;
     if class.name != cur.spec.name {
-        let users = users_of_class(&s.store, cur.spec.name.as_str()).await?;
+        let users = users_of_class(&mut tx, cur.spec.name.as_str()).await?;
         if !users.is_empty() {
             return Err(ApiError::conflict(format!(
                 "class {} is used by policies {}; it cannot be renamed",
@@ -178,7 +181,6 @@ async fn update_class(
             )));
         }
     }
-    let mut tx = s.store.begin().await?;
     let r = sqlx::query(
         "UPDATE sla_classes SET name = ?, spec = ?, version = version + 1, updated_at = ?
          WHERE id = ? AND version = ?",
@@ -193,7 +195,7 @@ async fn update_class(
     updated(r, "class", || {
         format!("an SLA class named {} exists", class.name)
     })?;
-    Store::audit(
+    audit_config(
         &mut tx,
         &p.actor(),
         "sla_class.update",
@@ -201,8 +203,8 @@ async fn update_class(
         patch,
     )
     .await?;
+    let c = load_class(&mut tx, id).await?;
     tx.commit().await?;
-    let c = load_class(&s.store, id).await?;
     Ok(with_etag(StatusCode::OK, c.version, c))
 }
 
@@ -219,15 +221,18 @@ async fn remove_class(
     State(s): State<AppState>,
     Operator(p): Operator,
     extract::Path(id): extract::Path<i64>,
+    headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    let cur = load_class(&s.store, id).await?;
+    let mut tx = s.store.begin().await?;
+    let cur = load_class(&mut tx, id).await?;
+    check_if_match(&headers, cur.version)?;
     if cur.builtin {
         return Err(ApiError::conflict(format!(
             "{} is a built-in class: edit it, but it stays",
             cur.spec.name
         )));
     }
-    let users = users_of_class(&s.store, cur.spec.name.as_str()).await?;
+    let users = users_of_class(&mut tx, cur.spec.name.as_str()).await?;
     if !users.is_empty() {
         return Err(ApiError::conflict(format!(
             "class {} is used by policies {}",
@@ -235,12 +240,15 @@ async fn remove_class(
             users.join(", ")
         )));
     }
-    let audit = Audit::new(
-        p.actor(),
+    Store::delete_row(&mut tx, "sla_classes", id).await?;
+    audit_config(
+        &mut tx,
+        &p.actor(),
         "sla_class.delete",
         &format!("sla-class/{id}"),
         json!({ "name": cur.spec.name }),
-    );
-    s.store.delete_audited("sla_classes", id, audit).await?;
+    )
+    .await?;
+    tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -72,7 +72,7 @@ async fn metrics(State(s): State<AppState>, _p: Principal) -> Result<Response, A
     );
     // What the edges last reported of each path (fresh reports only).
     let now = crate::store::now_s();
-    let live = s.live.lock().map(|l| l.clone()).unwrap_or_default();
+    let live = s.live_paths();
     let mut fresh: Vec<_> = live
         .into_iter()
         .filter(|(_, m)| now - m.at <= crate::app::LIVE_FOR_S)
@@ -99,22 +99,24 @@ async fn metrics(State(s): State<AppState>, _p: Principal) -> Result<Response, A
     );
     gauge(
         &mut out,
-        "patronus_path_rtt_ms",
-        "Round-trip time the path's edge reports, ms.",
-        &series(&|m| m.rtt_ms),
+        "patronus_path_rtt_seconds",
+        "Round-trip time the path's edge reports, seconds.",
+        &series(&|m| m.rtt_ms.map(|v| v / 1e3)),
     );
     gauge(
         &mut out,
-        "patronus_path_jitter_ms",
-        "RFC 3550 jitter the path's edge reports, ms.",
-        &series(&|m| Some(m.jitter_ms)),
+        "patronus_path_jitter_seconds",
+        "RFC 3550 jitter the path's edge reports, seconds.",
+        &series(&|m| Some(m.jitter_ms / 1e3)),
     );
     gauge(
         &mut out,
-        "patronus_path_loss_percent",
-        "Probe loss the path's edge reports, percent.",
-        &series(&|m| Some(m.loss_pct)),
+        "patronus_path_loss_ratio",
+        "Share of probes lost that the path's edge reports, 0 to 1.",
+        &series(&|m| Some(m.loss_pct / 100.0)),
     );
+    crate::metrics::build_info(&mut out);
+    crate::metrics::process(&mut out);
     let mut r = out.into_response();
     r.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -20,13 +20,15 @@ use axum::response::Response;
 use patronus_api::Prefix;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::Row;
+
+use sqlx::sqlite::SqliteConnection;
 
 use crate::app::{AppState, Operator, Principal};
 use crate::error::{ApiError, extract};
 use crate::routes::sites::{SiteStatus, SiteView};
-use crate::routes::{check_if_match, patched, with_etag};
-use crate::store::{Store, now_s};
+use crate::routes::{audit_config, check_if_match, patched, with_etag};
+use crate::store::now_s;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(show_topology, update_topology))
@@ -59,13 +61,13 @@ pub struct TopologySpec {
     pub overlay_prefix: Prefix,
 }
 
-pub async fn load(store: &Store) -> Result<Topology, ApiError> {
+pub async fn load(conn: &mut SqliteConnection) -> Result<Topology, ApiError> {
     let row =
         sqlx::query("SELECT mode, overlay_prefix, version, updated_at FROM topology WHERE id = 1")
-            .fetch_one(store.pool())
+            .fetch_one(&mut *conn)
             .await?;
     let hubs = sqlx::query_scalar::<_, i64>("SELECT site_id FROM hubs")
-        .fetch_all(store.pool())
+        .fetch_all(&mut *conn)
         .await?;
     Ok(Topology {
         mode: serde_json::from_value(Value::String(row.try_get("mode")?))
@@ -81,7 +83,7 @@ pub async fn load(store: &Store) -> Result<Topology, ApiError> {
 }
 
 /// The overlay prefix, inside a transaction.
-pub async fn overlay_prefix(tx: &mut Transaction<'static, Sqlite>) -> Result<Prefix, ApiError> {
+pub async fn overlay_prefix(tx: &mut crate::store::Tx) -> Result<Prefix, ApiError> {
     let p: String = sqlx::query_scalar("SELECT overlay_prefix FROM topology WHERE id = 1")
         .fetch_one(&mut **tx)
         .await?;
@@ -110,10 +112,7 @@ pub fn host_addr(p: &Prefix, host: u128) -> IpAddr {
 }
 
 /// Gives `site` the lowest free overlay address, in the site's own transaction.
-pub async fn allocate(
-    tx: &mut Transaction<'static, Sqlite>,
-    site: i64,
-) -> Result<IpAddr, ApiError> {
+pub async fn allocate(tx: &mut crate::store::Tx, site: i64) -> Result<IpAddr, ApiError> {
     let prefix = overlay_prefix(tx).await?;
     let used: Vec<i64> = sqlx::query_scalar("SELECT host FROM overlay_addresses ORDER BY host")
         .fetch_all(&mut **tx)
@@ -142,10 +141,10 @@ pub async fn allocate(
 }
 
 /// Every site's overlay address.
-pub async fn addresses(store: &Store) -> Result<BTreeMap<i64, IpAddr>, ApiError> {
-    let prefix = load(store).await?.overlay_prefix;
+pub async fn addresses(conn: &mut SqliteConnection) -> Result<BTreeMap<i64, IpAddr>, ApiError> {
+    let prefix = load(&mut *conn).await?.overlay_prefix;
     let rows = sqlx::query("SELECT site_id, host FROM overlay_addresses")
-        .fetch_all(store.pool())
+        .fetch_all(&mut *conn)
         .await?;
     rows.iter()
         .map(|r| {
@@ -168,15 +167,15 @@ pub struct TopologyView {
     updated_at: i64,
 }
 
-async fn view(store: &Store) -> Result<(TopologyView, i64), ApiError> {
-    let t = load(store).await?;
+async fn view(conn: &mut SqliteConnection) -> Result<(TopologyView, i64), ApiError> {
+    let t = load(&mut *conn).await?;
     let names: BTreeMap<i64, String> = sqlx::query("SELECT id, name FROM sites")
-        .fetch_all(store.pool())
+        .fetch_all(&mut *conn)
         .await?
         .iter()
         .map(|r| Ok((r.try_get("id")?, r.try_get("name")?)))
         .collect::<Result<_, sqlx::Error>>()?;
-    let addrs = addresses(store).await?;
+    let addrs = addresses(&mut *conn).await?;
     let v = TopologyView {
         mode: t.mode,
         overlay_prefix: t.overlay_prefix,
@@ -204,7 +203,7 @@ async fn view(store: &Store) -> Result<(TopologyView, i64), ApiError> {
     responses((status = 200, body = TopologyView), crate::error::ApiErrors)
 )]
 async fn show_topology(State(s): State<AppState>, _p: Principal) -> Result<Response, ApiError> {
-    let (v, version) = view(&s.store).await?;
+    let (v, version) = view(&mut *s.store.conn().await?).await?;
     Ok(with_etag(StatusCode::OK, version, v))
 }
 
@@ -223,7 +222,8 @@ async fn update_topology(
     headers: HeaderMap,
     extract::Json(patch): extract::Json<Value>,
 ) -> Result<Response, ApiError> {
-    let cur = load(&s.store).await?;
+    let mut tx = s.store.begin().await?;
+    let cur = load(&mut tx).await?;
     check_if_match(&headers, cur.version)?;
     let spec: TopologySpec = patched(
         &TopologySpec {
@@ -237,7 +237,6 @@ async fn update_topology(
     if spec.mode == Mode::HubSpoke && hubs.is_empty() {
         return Err(ApiError::field("hubs", "hub-spoke needs at least one hub"));
     }
-    let mut tx = s.store.begin().await?;
     let sites: Vec<(i64, String, String)> =
         sqlx::query("SELECT id, name, lan_prefixes FROM sites ORDER BY id")
             .fetch_all(&mut *tx)
@@ -312,9 +311,9 @@ async fn update_topology(
             .execute(&mut *tx)
             .await?;
     }
-    Store::audit(&mut tx, &p.actor(), "topology.update", "topology", patch).await?;
+    audit_config(&mut tx, &p.actor(), "topology.update", "topology", patch).await?;
+    let (v, version) = view(&mut tx).await?;
     tx.commit().await?;
-    let (v, version) = view(&s.store).await?;
     Ok(with_etag(StatusCode::OK, version, v))
 }
 

@@ -54,11 +54,13 @@ pub struct TrafficBucket {
     /// With `by=class`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub class: Option<String>,
-    pub tx_packets: i64,
-    pub tx_bytes: i64,
+    /// Sums over the bucket, summed as floating point so that no report can make them
+    /// overflow: exact up to 2^53 (9 PB) per bucket, and never more than 2^64 - 1.
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
     /// Not measured per class: `null` there.
-    pub rx_packets: Option<i64>,
-    pub rx_bytes: Option<i64>,
+    pub rx_packets: Option<u64>,
+    pub rx_bytes: Option<u64>,
 }
 
 #[utoipa::path(
@@ -114,8 +116,8 @@ async fn traffic_stats(
     };
     let grouped = format!(
         "SELECT (t.at_s / ?1) * ?1 AS start, t.site_id, s.name AS site, {key} AS k,
-                SUM(t.tx_packets) AS tx_packets, SUM(t.tx_bytes) AS tx_bytes,
-                SUM(t.rx_packets) AS rx_packets, SUM(t.rx_bytes) AS rx_bytes
+                TOTAL(t.tx_packets) AS tx_packets, TOTAL(t.tx_bytes) AS tx_bytes,
+                TOTAL(t.rx_packets) AS rx_packets, TOTAL(t.rx_bytes) AS rx_bytes
          FROM traffic_samples t JOIN sites s ON s.id = t.site_id
          WHERE t.at_s >= ?2 AND t.at_s < ?3 AND {kind}
            AND (?4 IS NULL OR t.site_id = ?4)
@@ -156,12 +158,20 @@ async fn traffic_stats(
                 site: r.try_get("site")?,
                 path_id: if by == "path" { k.clone() } else { None },
                 class: if per_class { k } else { None },
-                tx_packets: r.try_get("tx_packets")?,
-                tx_bytes: r.try_get("tx_bytes")?,
-                rx_packets: (!per_class).then(|| r.try_get("rx_packets")).transpose()?,
-                rx_bytes: (!per_class).then(|| r.try_get("rx_bytes")).transpose()?,
+                tx_packets: sum(r, "tx_packets")?,
+                tx_bytes: sum(r, "tx_bytes")?,
+                rx_packets: (!per_class).then(|| sum(r, "rx_packets")).transpose()?,
+                rx_bytes: (!per_class).then(|| sum(r, "rx_bytes")).transpose()?,
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
     Ok(Json(Page::new(items, total, paging)))
+}
+
+/// A `TOTAL()` column as a count: a float sum (SQLite's `SUM` of integers fails on overflow),
+/// rounded, never negative, saturating at `u64::MAX`.
+fn sum(r: &sqlx::sqlite::SqliteRow, column: &str) -> Result<u64, sqlx::Error> {
+    let v: f64 = r.try_get(column)?;
+    // `as` from f64 saturates (and maps NaN to 0).
+    Ok(v.round().max(0.0) as u64)
 }

@@ -13,9 +13,12 @@ use utoipa_axum::routes;
 
 use crate::app::{Admin, AppState, UserOrAdmin};
 use crate::auth::{self as a, Role};
+use sqlx::sqlite::SqliteConnection;
+
 use crate::error::{ApiError, extract};
+use crate::routes::auth::{AuthRateLimited, check_lockout, wrong_password};
 use crate::routes::{Page, Paging, check_if_match, created, inserted, updated, with_etag};
-use crate::store::{Actor, Audit, Store, UserQuery, UserRow, UserSort, now_s};
+use crate::store::{Actor, Store, UserQuery, UserRow, UserSort, now_s};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -215,12 +218,12 @@ async fn show_user(
 }
 
 /// Enabled admins other than `except`.
-async fn other_admins(store: &Store, except: i64) -> Result<i64, ApiError> {
+async fn other_admins(conn: &mut SqliteConnection, except: i64) -> Result<i64, ApiError> {
     Ok(sqlx::query_scalar(
         "SELECT COUNT(*) FROM users WHERE role = 'admin' AND disabled = 0 AND id != ?",
     )
     .bind(except)
-    .fetch_one(store.pool())
+    .fetch_one(conn)
     .await?)
 }
 
@@ -241,9 +244,10 @@ async fn update_user(
     headers: HeaderMap,
     extract::Json(patch): extract::Json<UserPatch>,
 ) -> Result<Response, ApiError> {
-    let cur = s
-        .store
-        .user(id)
+    // Read in the write transaction: two admins demoting each other at once cannot both see
+    // the other as the admin who stays.
+    let mut tx = s.store.begin().await?;
+    let cur = crate::store::user(&mut tx, id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("user {id}")))?;
     check_if_match(&headers, cur.version)?;
@@ -265,17 +269,12 @@ async fn update_user(
     let role = patch.role.map(Role::as_str).unwrap_or(&cur.role).to_owned();
     let disabled = patch.disabled.unwrap_or(cur.disabled);
     let stays_admin = role == "admin" && !disabled;
-    if cur.role == "admin"
-        && !cur.disabled
-        && !stays_admin
-        && other_admins(&s.store, id).await? == 0
+    if cur.role == "admin" && !cur.disabled && !stays_admin && other_admins(&mut tx, id).await? == 0
     {
         return Err(ApiError::conflict(
             "this is the last enabled admin; make another admin first",
         ));
     }
-    let mut tx = s.store.begin().await?;
-    // The version in the WHERE makes a concurrent update lose cleanly (412), not silently.
     let r = sqlx::query(
         "UPDATE users SET email = ?, name = ?, role = ?, disabled = ?, version = version + 1,
          updated_at = ? WHERE id = ? AND version = ?",
@@ -302,12 +301,10 @@ async fn update_user(
         json!({ "email": patch.email, "name": patch.name, "role": patch.role, "disabled": patch.disabled }),
     )
     .await?;
-    tx.commit().await?;
-    let u = s
-        .store
-        .user(id)
+    let u = crate::store::user(&mut tx, id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("user {id}")))?;
+    tx.commit().await?;
     Ok(with_etag(StatusCode::OK, u.version, u))
 }
 
@@ -324,25 +321,29 @@ async fn remove_user(
     State(s): State<AppState>,
     Admin(p): Admin,
     extract::Path(id): extract::Path<i64>,
+    headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     if p.user_id() == Some(id) {
         return Err(ApiError::conflict("you cannot delete yourself"));
     }
-    let cur = s
-        .store
-        .user(id)
+    let mut tx = s.store.begin().await?;
+    let cur = crate::store::user(&mut tx, id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("user {id}")))?;
-    if cur.role == "admin" && !cur.disabled && other_admins(&s.store, id).await? == 0 {
+    check_if_match(&headers, cur.version)?;
+    if cur.role == "admin" && !cur.disabled && other_admins(&mut tx, id).await? == 0 {
         return Err(ApiError::conflict("this is the last enabled admin"));
     }
-    let audit = Audit::new(
-        p.actor(),
+    Store::delete_row(&mut tx, "users", id).await?;
+    Store::audit(
+        &mut tx,
+        &p.actor(),
         "user.delete",
         &format!("user/{id}"),
         json!({ "email": cur.email }),
-    );
-    s.store.delete_audited("users", id, audit).await?;
+    )
+    .await?;
+    tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -363,6 +364,7 @@ async fn set_password(
         id,
         own,
     }: UserOrAdmin,
+    _limit: AuthRateLimited,
     extract::Json(req): extract::Json<PasswordChange>,
 ) -> Result<StatusCode, ApiError> {
     let target = s
@@ -371,6 +373,9 @@ async fn set_password(
         .await?
         .ok_or_else(|| ApiError::not_found(format!("user {id}")))?;
     if own {
+        // A stolen access token must not be a way around the login's lockout: a wrong current
+        // password counts as a failed login, and a locked account cannot try.
+        check_lockout(&s, &target.email, std::time::Instant::now())?;
         let Some(current) = req.current_password else {
             return Err(ApiError::field(
                 "current_password",
@@ -382,8 +387,17 @@ async fn set_password(
             .await
             .map_err(ApiError::internal)?;
         if !ok {
+            wrong_password(
+                &s,
+                &target.email,
+                &format!("user/{id}"),
+                "user.password_failed",
+                p.ip,
+            )
+            .await?;
             return Err(ApiError::field("current_password", "is wrong"));
         }
+        s.lockout.succeeded(&target.email);
     }
     if let Some(problem) = a::password_problem(&req.new_password, &target.email) {
         return Err(ApiError::field("new_password", problem));

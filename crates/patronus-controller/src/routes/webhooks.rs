@@ -10,11 +10,13 @@ use sqlx::Row;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use sqlx::sqlite::SqliteConnection;
+
 use crate::app::{Admin, AppState};
 use crate::auth::{self as a};
 use crate::error::{ApiError, extract};
 use crate::routes::{Page, Paging, check_if_match, created, patched, updated, with_etag};
-use crate::store::{Audit, Store, now_ms, now_s};
+use crate::store::{Store, now_ms, now_s};
 use crate::webhooks::EventKind;
 
 /// Every webhook secret starts with this.
@@ -60,11 +62,32 @@ pub struct WebhookView {
     pub secret: Option<String>,
 }
 
-fn check(spec: &mut WebhookSpec) -> Result<(), ApiError> {
+/// Validates a webhook; `allowed` are the internal networks it may post to. A URL naming an
+/// internal address is refused here; one naming a host is checked again at every delivery, on
+/// what the name resolves to then.
+fn check(spec: &mut WebhookSpec, allowed: &[patronus_api::Prefix]) -> Result<(), ApiError> {
     let mut e = patronus_api::FieldErrors::default();
     spec.url = spec.url.trim().to_owned();
-    if let Err(why) = crate::webhooks::check_url(&spec.url) {
-        e.push("url", why);
+    match crate::webhooks::check_url(&spec.url) {
+        Err(why) => e.push("url", why),
+        Ok(uri) => {
+            let host = uri.host().unwrap_or_default();
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            let ip = match bare.parse::<std::net::IpAddr>() {
+                Ok(ip) => Some(ip),
+                // `localhost` is loopback by definition (RFC 6761), whatever a resolver says.
+                Err(_)
+                    if bare.eq_ignore_ascii_case("localhost")
+                        || bare.to_ascii_lowercase().ends_with(".localhost") =>
+                {
+                    Some(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
+                }
+                Err(_) => None,
+            };
+            if let Some(Err(why)) = ip.map(|ip| crate::webhooks::check_destination(ip, allowed)) {
+                e.push("url", why);
+            }
+        }
     }
     if spec.events.is_empty() {
         e.push("events", "name at least one event");
@@ -83,10 +106,10 @@ fn check(spec: &mut WebhookSpec) -> Result<(), ApiError> {
     e.into_result().map_err(ApiError::validation)
 }
 
-async fn load(store: &Store, id: i64) -> Result<WebhookView, ApiError> {
+async fn load(conn: &mut SqliteConnection, id: i64) -> Result<WebhookView, ApiError> {
     let r = sqlx::query("SELECT * FROM webhooks WHERE id = ?")
         .bind(id)
-        .fetch_optional(store.pool())
+        .fetch_optional(&mut *conn)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("webhook {id}")))?;
     view(&r)
@@ -159,7 +182,7 @@ async fn create_webhook(
     Admin(p): Admin,
     extract::Json(mut spec): extract::Json<WebhookSpec>,
 ) -> Result<Response, ApiError> {
-    check(&mut spec)?;
+    check(&mut spec, &s.config.webhook_allowed_networks)?;
     let secret = format!("{SECRET_PREFIX}{}", a::b64url(&a::random_bytes::<32>()));
     let now = now_s();
     let mut tx = s.store.begin().await?;
@@ -186,7 +209,7 @@ async fn create_webhook(
     )
     .await?;
     tx.commit().await?;
-    let mut v = load(&s.store, id).await?;
+    let mut v = load(&mut *s.store.conn().await?, id).await?;
     v.secret = Some(secret);
     Ok(created(format!("/api/v1/webhooks/{id}"), v.version, v))
 }
@@ -205,7 +228,7 @@ async fn show_webhook(
     Admin(_p): Admin,
     extract::Path(id): extract::Path<i64>,
 ) -> Result<Response, ApiError> {
-    let v = load(&s.store, id).await?;
+    let v = load(&mut *s.store.conn().await?, id).await?;
     Ok(with_etag(StatusCode::OK, v.version, v))
 }
 
@@ -227,11 +250,11 @@ async fn update_webhook(
     headers: HeaderMap,
     extract::Json(patch): extract::Json<Value>,
 ) -> Result<Response, ApiError> {
-    let cur = load(&s.store, id).await?;
+    let mut tx = s.store.begin().await?;
+    let cur = load(&mut tx, id).await?;
     check_if_match(&headers, cur.version)?;
     let mut spec: WebhookSpec = patched(&cur.spec, &patch)?;
-    check(&mut spec)?;
-    let mut tx = s.store.begin().await?;
+    check(&mut spec, &s.config.webhook_allowed_networks)?;
     let r = sqlx::query(
         "UPDATE webhooks SET url = ?, events = ?, description = ?, enabled = ?,
          version = version + 1, updated_at = ? WHERE id = ? AND version = ?",
@@ -254,8 +277,8 @@ async fn update_webhook(
         patch,
     )
     .await?;
+    let v = load(&mut tx, id).await?;
     tx.commit().await?;
-    let v = load(&s.store, id).await?;
     Ok(with_etag(StatusCode::OK, v.version, v))
 }
 
@@ -272,15 +295,21 @@ async fn remove_webhook(
     State(s): State<AppState>,
     Admin(p): Admin,
     extract::Path(id): extract::Path<i64>,
+    headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    let cur = load(&s.store, id).await?;
-    let audit = Audit::new(
-        p.actor(),
+    let mut tx = s.store.begin().await?;
+    let cur = load(&mut tx, id).await?;
+    check_if_match(&headers, cur.version)?;
+    Store::delete_row(&mut tx, "webhooks", id).await?;
+    Store::audit(
+        &mut tx,
+        &p.actor(),
         "webhook.delete",
         &format!("webhook/{id}"),
         json!({ "url": cur.spec.url }),
-    );
-    s.store.delete_audited("webhooks", id, audit).await?;
+    )
+    .await?;
+    tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -304,7 +333,7 @@ async fn ping_webhook(
     Admin(p): Admin,
     extract::Path(id): extract::Path<i64>,
 ) -> Result<Response, ApiError> {
-    let hook = load(&s.store, id).await?;
+    let hook = load(&mut *s.store.conn().await?, id).await?;
     if !hook.spec.enabled {
         return Err(ApiError::conflict(format!(
             "webhook {id} is disabled: enable it first"
@@ -370,7 +399,7 @@ async fn list_deliveries(
     extract::Query(q): extract::Query<DeliveryQuery>,
 ) -> Result<axum::Json<Page<DeliveryView>>, ApiError> {
     let paging = Paging::new(q.limit, q.offset)?;
-    load(&s.store, id).await?;
+    load(&mut *s.store.conn().await?, id).await?;
     if let Some(st) = &q.status {
         if !matches!(st.as_str(), "pending" | "delivered" | "failed") {
             return Err(ApiError::field(
@@ -460,7 +489,7 @@ async fn retry_delivery(
             .bind(delivery)
             .execute(s.store.pool())
             .await?;
-            s.webhook_wake.notify_one();
+            s.store.webhook_wake().notify_one();
             Ok(StatusCode::ACCEPTED)
         }
         Some(other) => Err(ApiError::conflict(format!(

@@ -157,7 +157,7 @@ async fn next_config(
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(wait);
     // Subscribed before the first look, so that a change between the look and the wait is
     // not missed.
-    let mut changes = s.changes.subscribe();
+    let mut changes = s.store.watch_generation();
     loop {
         let configs = s.configs().await?;
         let c = configs.get(&site.site_id).ok_or_else(|| no_config(site))?;

@@ -10,9 +10,10 @@ use utoipa_axum::routes;
 
 use crate::app::AppState;
 use crate::error::{ApiError, extract};
+use crate::routes::audit_config;
 use crate::routes::edge::SiteCaller;
 use crate::routes::sites::rotate_key::rolling_neighbour;
-use crate::store::{Actor, Store, now_s};
+use crate::store::{Actor, now_s};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(edge_key))
@@ -78,7 +79,7 @@ async fn edge_key(
                     format!("is site {other}'s key: make a new one"),
                 ));
             }
-            if let Some(other) = rolling_neighbour(&s.store, site.site_id)
+            if let Some(other) = rolling_neighbour(&mut tx, site.site_id)
                 .await?
                 .filter(|o| *o != site.site)
             {
@@ -130,7 +131,8 @@ async fn edge_key(
         name: format!("edge of {}", site.site),
         source: ip.0.to_string(),
     };
-    Store::audit(
+    // The peers' configurations carry the key (or the next one).
+    audit_config(
         &mut tx,
         &actor,
         action,
@@ -139,7 +141,5 @@ async fn edge_key(
     )
     .await?;
     tx.commit().await?;
-    // An edge's own reports wake no one; this changes its peers' configurations.
-    s.changed();
     Ok(StatusCode::NO_CONTENT)
 }

@@ -273,7 +273,7 @@ impl Totals {
 /// restarted controller loses nothing), and keeps the differences that are not zero as
 /// samples.
 async fn record_traffic(
-    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    tx: &mut crate::store::Tx,
     site_id: i64,
     now: i64,
     t: &patronus_api::Telemetry,

@@ -58,7 +58,7 @@ async fn create_enrollment_token(
             "must be between 1 and 10080",
         ));
     }
-    let site = load_site(&s.store, id).await?;
+    let site = load_site(&mut *s.store.conn().await?, id).await?;
     let token = format!("{TOKEN_PREFIX}{}", a::b64url(&a::random_bytes::<32>()));
     let now = now_s();
     let expires_at = now + i64::from(minutes) * 60;

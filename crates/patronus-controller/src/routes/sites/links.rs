@@ -10,11 +10,13 @@ use axum::response::Response;
 use patronus_api::Link;
 use serde_json::{Value, json};
 
+use sqlx::sqlite::SqliteConnection;
+
 use crate::app::{AppState, Operator, Principal};
 use crate::error::{ApiError, extract};
 use crate::routes::sites::{LinkView, MAX_LINKS, insert_link, link_from_row, load_site};
-use crate::routes::{Page, check_if_match, created, patched, updated, with_etag};
-use crate::store::{Audit, Store, now_s};
+use crate::routes::{Page, audit_config, check_if_match, created, patched, updated, with_etag};
+use crate::store::{Store, now_s};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -22,11 +24,15 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(show_link, update_link, remove_link))
 }
 
-async fn load_link(store: &Store, site: i64, link: i64) -> Result<LinkView, ApiError> {
+async fn load_link(
+    conn: &mut SqliteConnection,
+    site: i64,
+    link: i64,
+) -> Result<LinkView, ApiError> {
     let row = sqlx::query("SELECT * FROM links WHERE id = ? AND site_id = ?")
         .bind(link)
         .bind(site)
-        .fetch_optional(store.pool())
+        .fetch_optional(&mut *conn)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("link {link} of site {site}")))?;
     link_from_row(&row)
@@ -46,7 +52,7 @@ async fn list_links(
     _p: Principal,
     extract::Path(id): extract::Path<i64>,
 ) -> Result<Json<Page<LinkView>>, ApiError> {
-    let site = load_site(&s.store, id).await?;
+    let site = load_site(&mut *s.store.conn().await?, id).await?;
     let n = site.links.len() as i64;
     Ok(Json(Page {
         items: site.links,
@@ -72,7 +78,8 @@ async fn create_link(
     extract::Path(id): extract::Path<i64>,
     extract::Json(link): extract::Json<Link>,
 ) -> Result<Response, ApiError> {
-    let site = load_site(&s.store, id).await?;
+    let mut tx = s.store.begin().await?;
+    let site = load_site(&mut tx, id).await?;
     link.validate().map_err(ApiError::validation)?;
     if site.links.len() >= MAX_LINKS {
         return Err(ApiError::field(
@@ -81,9 +88,8 @@ async fn create_link(
         ));
     }
     // A name the site already has is a conflict, found by the insert (UNIQUE (site_id, name)).
-    let mut tx = s.store.begin().await?;
     let link_id = insert_link(&mut tx, id, &link).await?;
-    Store::audit(
+    audit_config(
         &mut tx,
         &p.actor(),
         "link.create",
@@ -91,8 +97,8 @@ async fn create_link(
         serde_json::to_value(&link).unwrap_or_default(),
     )
     .await?;
+    let l = load_link(&mut tx, id, link_id).await?;
     tx.commit().await?;
-    let l = load_link(&s.store, id, link_id).await?;
     Ok(created(
         format!("/api/v1/sites/{id}/links/{link_id}"),
         l.version,
@@ -114,7 +120,7 @@ async fn show_link(
     _p: Principal,
     extract::Path((site, link)): extract::Path<(i64, i64)>,
 ) -> Result<Response, ApiError> {
-    let l = load_link(&s.store, site, link).await?;
+    let l = load_link(&mut *s.store.conn().await?, site, link).await?;
     Ok(with_etag(StatusCode::OK, l.version, l))
 }
 
@@ -135,11 +141,11 @@ async fn update_link(
     headers: HeaderMap,
     extract::Json(patch): extract::Json<Value>,
 ) -> Result<Response, ApiError> {
-    let cur = load_link(&s.store, site, link).await?;
+    let mut tx = s.store.begin().await?;
+    let cur = load_link(&mut tx, site, link).await?;
     check_if_match(&headers, cur.version)?;
     let new: Link = patched(&cur.link, &patch)?;
     new.validate().map_err(ApiError::validation)?;
-    let mut tx = s.store.begin().await?;
     let r = sqlx::query(
         "UPDATE links SET name = ?, spec = ?, version = version + 1, updated_at = ?
          WHERE id = ? AND version = ?",
@@ -154,7 +160,7 @@ async fn update_link(
     updated(r, "link", || {
         format!("the site already has a link named {}", new.name)
     })?;
-    Store::audit(
+    audit_config(
         &mut tx,
         &p.actor(),
         "link.update",
@@ -162,8 +168,8 @@ async fn update_link(
         patch,
     )
     .await?;
+    let l = load_link(&mut tx, site, link).await?;
     tx.commit().await?;
-    let l = load_link(&s.store, site, link).await?;
     Ok(with_etag(StatusCode::OK, l.version, l))
 }
 
@@ -180,14 +186,20 @@ async fn remove_link(
     State(s): State<AppState>,
     Operator(p): Operator,
     extract::Path((site, link)): extract::Path<(i64, i64)>,
+    headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    let cur = load_link(&s.store, site, link).await?;
-    let audit = Audit::new(
-        p.actor(),
+    let mut tx = s.store.begin().await?;
+    let cur = load_link(&mut tx, site, link).await?;
+    check_if_match(&headers, cur.version)?;
+    Store::delete_row(&mut tx, "links", link).await?;
+    audit_config(
+        &mut tx,
+        &p.actor(),
         "link.delete",
         &format!("site/{site}/link/{link}"),
         json!({ "name": cur.link.name }),
-    );
-    s.store.delete_audited("links", link, audit).await?;
+    )
+    .await?;
+    tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
 }

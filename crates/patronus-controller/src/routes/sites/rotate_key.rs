@@ -9,10 +9,13 @@ use sqlx::Row;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use sqlx::sqlite::SqliteConnection;
+
 use crate::app::{AppState, Operator};
 use crate::error::{ApiError, extract};
+use crate::routes::audit_config;
 use crate::routes::sites::load_site;
-use crate::store::{Store, now_s};
+use crate::store::now_s;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(rotate_key))
@@ -41,15 +44,15 @@ async fn rotate_key(
     Operator(p): Operator,
     extract::Path(id): extract::Path<i64>,
 ) -> Result<Response, ApiError> {
-    let site = load_site(&s.store, id).await?;
-    if let Some(other) = rolling_neighbour(&s.store, id).await? {
+    let mut tx = s.store.begin().await?;
+    let site = load_site(&mut tx, id).await?;
+    if let Some(other) = rolling_neighbour(&mut tx, id).await? {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "peer_rolling",
             format!("{other} is rolling its key: one roll at a time between connected sites"),
         ));
     }
-    let mut tx = s.store.begin().await?;
     let r = sqlx::query(
         "UPDATE sites SET key_rotation = key_rotation + 1, version = version + 1, updated_at = ?
          WHERE id = ? AND public_key IS NOT NULL RETURNING key_rotation",
@@ -65,7 +68,7 @@ async fn rotate_key(
         )));
     };
     let rotation: i64 = r.try_get("key_rotation")?;
-    Store::audit(
+    audit_config(
         &mut tx,
         &p.actor(),
         "site.rotate_key",
@@ -84,10 +87,13 @@ async fn rotate_key(
 /// The name of a site connected to site `id` by the topology (or `id` itself) whose edge is
 /// rolling its key, if one is: two connected sites rolling at once could each accept the
 /// other's next key with its own old one.
-pub(crate) async fn rolling_neighbour(store: &Store, id: i64) -> Result<Option<String>, ApiError> {
+pub(crate) async fn rolling_neighbour(
+    conn: &mut SqliteConnection,
+    id: i64,
+) -> Result<Option<String>, ApiError> {
     let rolling: Vec<(i64, String)> =
         sqlx::query_as("SELECT id, name FROM sites WHERE next_public_key IS NOT NULL")
-            .fetch_all(store.pool())
+            .fetch_all(&mut *conn)
             .await?;
     if rolling.is_empty() {
         return Ok(None);
@@ -95,8 +101,8 @@ pub(crate) async fn rolling_neighbour(store: &Store, id: i64) -> Result<Option<S
     if let Some((_, name)) = rolling.iter().find(|(r, _)| *r == id) {
         return Ok(Some(name.clone()));
     }
-    let t = crate::routes::topology::load(store).await?;
-    let sites = crate::routes::sites::load_sites(store).await?;
+    let t = crate::routes::topology::load(&mut *conn).await?;
+    let sites = crate::routes::sites::load_sites(&mut *conn).await?;
     let by_id = |id: i64| sites.iter().find(|s| s.id == id);
     let Some(me) = by_id(id) else {
         return Ok(None);

@@ -1,0 +1,17 @@
+//! The API over HTTP semantics, through the real router, against a real SQLite file in a
+//! temporary directory: success, validation, 401/403/404/405/409/412/413/422/429.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test with a line number
+
+mod harness;
+mod schema;
+
+mod auth;
+mod edge;
+mod policies;
+mod sites;
+mod system;
+mod topology;
+mod traffic;
+mod users;
+mod webhooks;

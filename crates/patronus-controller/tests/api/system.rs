@@ -1,0 +1,607 @@
+//! Public endpoints, the error shape, limits, metrics, the OpenAPI document, paging and the
+//! sweep over every documented operation.
+
+use crate::harness::*;
+
+#[tokio::test]
+async fn public_endpoints_answer_and_unknown_routes_and_methods_get_the_error_shape() {
+    let a = api().await;
+    let r = a.call(Method::GET, "/health", None, None).await;
+    assert_eq!(
+        (r.status, r.body["status"].as_str()),
+        (StatusCode::OK, Some("ok"))
+    );
+    let r = a.call(Method::GET, "/ready", None, None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = a.call(Method::GET, "/api/v1/version", None, None).await;
+    assert_eq!(r.body["api"], "v1");
+    assert_eq!(r.body["schema_version"], 14);
+    let r = a
+        .call(Method::GET, "/api/v1/nothing-here", None, None)
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = a.call(Method::PUT, "/api/v1/auth/login", None, None).await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    // A sane request id is echoed; anything else is replaced.
+    let r = a
+        .call_with(
+            Method::GET,
+            "/health",
+            None,
+            None,
+            &[("x-request-id", "abc-123")],
+        )
+        .await;
+    assert_eq!(r.headers["x-request-id"], "abc-123");
+    let r = a
+        .call_with(
+            Method::GET,
+            "/health",
+            None,
+            None,
+            &[("x-request-id", "a b\tc")],
+        )
+        .await;
+    assert_ne!(r.headers["x-request-id"], "a b\tc");
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_413_and_state_files_are_private() {
+    let a = api_with(|c| c.max_body_bytes = 2048).await;
+    let admin = a.admin().await;
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/users",
+            Some(&admin),
+            Some(json!({ "email": "a@b.c", "role": "viewer", "password": "x".repeat(4096) })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{r:?}");
+    let mode = |p: &str| {
+        std::fs::metadata(a.dir.path().join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("state"), 0o700);
+    assert_eq!(mode("state/jwt.key"), 0o600);
+    assert_eq!(mode("state/controller.db"), 0o600);
+    let _ = &a.state;
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_and_objects_by_kind_for_authenticated_scrapers() {
+    let a = api().await;
+    let t = a.admin().await;
+    sites(&a, &t, &["hq"]).await;
+    a.call(Method::GET, "/api/v1/sites/999", Some(&t), None)
+        .await;
+    let r = a
+        .app
+        .clone()
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let req = Request::get("/metrics")
+        .header(header::AUTHORIZATION, format!("Bearer {t}"))
+        .body(Body::empty())
+        .unwrap();
+    let r = a.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(
+        r.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text =
+        String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    for want in [
+        r#"patronus_http_requests_total{route="/api/v1/sites",method="POST",status="201"} 1"#,
+        r#"patronus_http_requests_total{route="/api/v1/sites/{id}",method="GET",status="404"} 1"#,
+        r#"patronus_http_request_duration_seconds_count{route="/api/v1/auth/login",method="POST"} 1"#,
+        r#"patronus_objects{kind="sites"} 1"#,
+        r#"patronus_objects{kind="links"} 2"#,
+        r#"patronus_objects{kind="sla_classes"} 4"#,
+        "patronus_db_pool_connections{state=\"idle\"}",
+    ] {
+        assert!(text.contains(want), "{want} in\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn the_document_lists_every_route_the_router_serves_and_nothing_else() {
+    let a = api().await;
+    let r = a
+        .call(Method::GET, "/api/v1/openapi.json", None, None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(
+        r.body["openapi"].as_str().unwrap().starts_with("3.1"),
+        "{}",
+        r.body["openapi"]
+    );
+    let doc = patronus_controller::app::document();
+    let mut operations = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        let concrete = path.replace("{id}", "1").replace("{link}", "1");
+        for method in [
+            Method::GET,
+            Method::POST,
+            Method::PATCH,
+            Method::DELETE,
+            Method::PUT,
+        ] {
+            let documented = item.get(method.as_str().to_lowercase()).is_some();
+            let req = Request::builder()
+                .method(method.clone())
+                .uri(&concrete)
+                .body(Body::empty())
+                .unwrap();
+            let resp = a.app.clone().oneshot(req).await.unwrap();
+            let status = resp.status();
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            let text = String::from_utf8_lossy(&bytes);
+            let unrouted =
+                status == StatusCode::METHOD_NOT_ALLOWED || text.contains("no such route");
+            assert_eq!(!unrouted, documented, "{method} {path}: {status} {text}");
+            operations += usize::from(documented);
+        }
+    }
+    assert!(operations >= 40, "{operations} operations");
+
+    // Every operation that needs credentials refuses none, a bad one, a refresh token and an
+    // expired access token with 401; the public ones are the system's.
+    let login = a.login(ADMIN, ADMIN_PW).await;
+    let refresh = login.body["refresh_token"].as_str().unwrap().to_owned();
+    let key = std::fs::read(a.dir.path().join("state/jwt.key")).unwrap();
+    let t = Tokens::new(
+        &key,
+        std::time::Duration::from_secs(60),
+        std::time::Duration::from_secs(60),
+    );
+    let expired = t.access(1, Role::Admin, patronus_controller::store::now_s() - 3600);
+    let mut public = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        let concrete = path.replace("{id}", "1").replace("{link}", "1");
+        for (method, op) in item.as_object().unwrap() {
+            if op.get("security").is_none() {
+                public.push(format!("{method} {path}"));
+                continue;
+            }
+            let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            for token in [
+                None,
+                Some("garbage"),
+                Some(refresh.as_str()),
+                Some(expired.as_str()),
+            ] {
+                let r = a
+                    .call(method.clone(), &concrete, token, Some(json!({})))
+                    .await;
+                assert_eq!(
+                    r.status,
+                    StatusCode::UNAUTHORIZED,
+                    "{method} {path} with {token:?}: {r:?}"
+                );
+            }
+        }
+    }
+    public.sort();
+    assert_eq!(
+        public,
+        [
+            "get /api/v1/openapi.json",
+            "get /api/v1/version",
+            "get /docs",
+            "get /health",
+            "get /ready",
+            "post /api/v1/auth/login",
+            "post /api/v1/auth/refresh",
+            "post /api/v1/enroll",
+        ]
+    );
+    // Every route is registered with its documentation (`routes!` of an annotated handler):
+    // no plain axum `.route(` anywhere in the controller's source.
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = vec![src.clone()];
+    while let Some(p) = files.pop() {
+        if p.is_dir() {
+            files.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        } else if p.extension().is_some_and(|e| e == "rs") {
+            let text = std::fs::read_to_string(&p).unwrap();
+            assert!(
+                !text.contains(".route("),
+                "{} registers an undocumented route",
+                p.display()
+            );
+        }
+    }
+    // The page renders the document, with nothing fetched from elsewhere.
+    let req = Request::get("/docs").body(Body::empty()).unwrap();
+    let resp = a.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let page = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(page.contains("/api/v1/sites/{id}/links") && page.contains("SiteView"));
+    assert!(!page.contains("<script") && !page.contains("https://"));
+}
+
+#[tokio::test]
+async fn every_list_checks_its_paging_and_sort_and_sorts() {
+    let a = api().await;
+    let t = a.admin().await;
+    let doc = patronus_controller::app::document();
+    let mut lists = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        let Some(get) = item.get("get") else { continue };
+        let params: Vec<&str> = get["parameters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["name"].as_str())
+            .collect();
+        if !params.contains(&"limit") {
+            continue;
+        }
+        lists += 1;
+        let path = path.replace("{id}", "1");
+        if path.contains("/sites/1") {
+            continue; // needs a site; the links list is a site's, not paged
+        }
+        for bad in ["limit=0", "offset=-1", "limit=many"] {
+            let r = a
+                .call(Method::GET, &format!("{path}?{bad}"), Some(&t), None)
+                .await;
+            assert_eq!(
+                r.status,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "{path}?{bad}: {r:?}"
+            );
+        }
+        if params.contains(&"sort") {
+            let r = a
+                .call(
+                    Method::GET,
+                    &format!("{path}?sort=password_hash"),
+                    Some(&t),
+                    None,
+                )
+                .await;
+            assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{path}: {r:?}");
+        }
+    }
+    assert!(lists >= 7, "{lists} lists");
+    let r = a
+        .call(
+            Method::GET,
+            "/api/v1/sla-classes?sort=-name&limit=1",
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (
+            r.body["total"].as_i64(),
+            r.body["items"][0]["name"].as_str()
+        ),
+        (Some(4), Some("realtime"))
+    );
+    for (name, order) in [("b", 20), ("a", 30), ("c", 10)] {
+        let r = a
+            .call(
+                Method::POST,
+                "/api/v1/policies",
+                Some(&t),
+                Some(voice(name, order, "bulk")),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED);
+    }
+    let names = |r: &Reply| -> Vec<String> {
+        r.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let r = a
+        .call(Method::GET, "/api/v1/policies", Some(&t), None)
+        .await;
+    assert_eq!(names(&r), ["c", "b", "a"], "evaluation order by default");
+    let r = a
+        .call(Method::GET, "/api/v1/policies?sort=name", Some(&t), None)
+        .await;
+    assert_eq!(names(&r), ["a", "b", "c"]);
+    let id = r.body["items"][0]["id"].as_i64().unwrap();
+    let r = a
+        .call(
+            Method::GET,
+            &format!("/api/v1/policies/{id}"),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["order"].as_i64()),
+        (StatusCode::OK, Some(30))
+    );
+    assert_eq!(r.headers[header::ETAG], "\"1\"");
+}
+
+/// One of every object, for the sweeps over every documented operation.
+struct World {
+    admin: String,
+    operator: String,
+    viewer: String,
+    /// hq's site credential, as its edge holds it.
+    site: String,
+    /// The id a path parameter stands for, by the path segment before it.
+    ids: std::collections::HashMap<&'static str, String>,
+}
+
+async fn world(a: &Api) -> World {
+    let admin = a.admin().await;
+    let (_, operator) = a.user(&admin, "op@example.net", "operator").await;
+    let (_, viewer) = a.user(&admin, "viewer@example.net", "viewer").await;
+    let (target, _) = a.user(&admin, "target@example.net", "viewer").await;
+    let s = sites(a, &admin, &["hq", "b1"]).await;
+    let site = enrolled(a, &admin, s[0], 1).await;
+    let mut ids = std::collections::HashMap::new();
+    let post = async |path: &str, body: Value| {
+        let r = a.call(Method::POST, path, Some(&admin), Some(body)).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{path}: {r:?}");
+        r.body["id"].to_string()
+    };
+    ids.insert("users", target.to_string());
+    ids.insert("sites", s[0].to_string());
+    ids.insert(
+        "sla-classes",
+        post("/api/v1/sla-classes", json!({ "name": "gold" })).await,
+    );
+    ids.insert(
+        "policies",
+        post("/api/v1/policies", voice("voice", 10, "gold")).await,
+    );
+    let hook = post(
+        "/api/v1/webhooks",
+        json!({ "url": "http://127.0.0.1:9/h", "events": ["failover"] }),
+    )
+    .await;
+    ids.insert(
+        "api-keys",
+        post("/api/v1/api-keys", json!({ "name": "k", "role": "viewer" })).await,
+    );
+    let r = a
+        .call(
+            Method::GET,
+            &format!("/api/v1/sites/{}/links", s[0]),
+            Some(&admin),
+            None,
+        )
+        .await;
+    ids.insert("links", r.body["items"][0]["id"].to_string());
+    ids.insert("paths", v_path_id(a, &admin).await);
+    let r = a
+        .call(
+            Method::POST,
+            &format!("/api/v1/webhooks/{hook}/ping"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert!(r.status.is_success(), "{r:?}");
+    let r = a
+        .call(
+            Method::GET,
+            &format!("/api/v1/webhooks/{hook}/deliveries"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    ids.insert("deliveries", r.body["items"][0]["id"].to_string());
+    ids.insert("webhooks", hook);
+    World {
+        admin,
+        operator,
+        viewer,
+        site,
+        ids,
+    }
+}
+
+/// `path` with its parameters filled from `w`; the `missing`-th one names nothing.
+fn concrete(path: &str, w: &World, missing: Option<usize>) -> String {
+    let mut out = Vec::new();
+    let mut n = 0;
+    let segments: Vec<&str> = path.split('/').collect();
+    for (i, seg) in segments.iter().enumerate() {
+        if seg.starts_with('{') {
+            let of = segments[i - 1];
+            out.push(if missing == Some(n) {
+                if of == "paths" {
+                    "999998-999999"
+                } else {
+                    "999999"
+                }
+                .to_owned()
+            } else {
+                w.ids
+                    .get(of)
+                    .unwrap_or_else(|| panic!("no fixture for {seg} after {of} in {path}"))
+                    .clone()
+            });
+            n += 1;
+        } else {
+            out.push((*seg).to_owned());
+        }
+    }
+    out.join("/")
+}
+
+/// A body the operation accepts (so that what is checked is not the body).
+fn body_for(method: &str, path: &str) -> Option<Value> {
+    match (method, path) {
+        ("get" | "delete", _) => None,
+        ("post", "/api/v1/sites/{id}/links") => Some(json!({ "name": "lte9", "kind": "lte" })),
+        ("post", "/api/v1/users/{id}/password") => {
+            Some(json!({ "new_password": "Another-Password-7" }))
+        }
+        _ => Some(json!({})),
+    }
+}
+
+#[tokio::test]
+async fn every_operation_enforces_the_role_its_document_names_and_404s_what_does_not_exist() {
+    let a = api().await;
+    let w = world(&a).await;
+    let doc = patronus_controller::app::document();
+    let roles = [
+        (Role::Viewer, w.viewer.as_str()),
+        (Role::Operator, w.operator.as_str()),
+        (Role::Admin, w.admin.as_str()),
+    ];
+    let mut checked = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let Some(security) = op.get("security") else {
+                continue;
+            };
+            let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let body = body_for(method, path);
+            let params = path.matches('{').count();
+            let (scheme, scopes) = security[0].as_object().unwrap().iter().next().unwrap();
+            let here = concrete(path, &w, None);
+            if scheme == "site" {
+                // An edge's operation: no user's token is its credential...
+                for (role, t) in roles {
+                    let r = a.call(m.clone(), &here, Some(t), body.clone()).await;
+                    assert_eq!(
+                        r.status,
+                        StatusCode::UNAUTHORIZED,
+                        "{role:?} {method} {path}"
+                    );
+                }
+                // ... and the site's is let in.
+                let r = a.call(m.clone(), &here, Some(&w.site), body.clone()).await;
+                assert!(
+                    !matches!(r.status.as_u16(), 401 | 403),
+                    "site {method} {path}: {r:?}"
+                );
+                checked += 1;
+                continue;
+            }
+            assert_eq!(scheme, "bearer", "{method} {path}");
+            let least = scopes
+                .as_array()
+                .and_then(|s| s.first())
+                .and_then(Value::as_str)
+                .and_then(Role::parse)
+                .unwrap_or_else(|| panic!("{method} {path} names no role: {security}"));
+            // A site's credential is for its edge's operations only.
+            let r = a.call(m.clone(), &here, Some(&w.site), body.clone()).await;
+            assert_eq!(
+                r.status,
+                StatusCode::FORBIDDEN,
+                "site {method} {path}: {r:?}"
+            );
+            for (role, t) in roles {
+                if role < least {
+                    // Refused before anything else is looked at: a body that does not even
+                    // parse gets the same 403.
+                    for b in [body.clone(), Some(json!({ "unexpected": [1, 2] }))] {
+                        let r = a.call(m.clone(), &here, Some(t), b).await;
+                        assert_eq!(
+                            r.status,
+                            StatusCode::FORBIDDEN,
+                            "{role:?} {method} {path}: {r:?}"
+                        );
+                    }
+                } else if params == 0 {
+                    if method == "get" {
+                        let r = a.call(m.clone(), &here, Some(t), None).await;
+                        assert!(r.status.is_success(), "{role:?} {method} {path}: {r:?}");
+                    }
+                } else {
+                    // Let in, and told that what the path names does not exist, whichever
+                    // of its parameters names nothing.
+                    for missing in 0..params {
+                        let there = concrete(path, &w, Some(missing));
+                        let r = a.call(m.clone(), &there, Some(t), body.clone()).await;
+                        assert_eq!(
+                            r.status,
+                            StatusCode::NOT_FOUND,
+                            "{role:?} {method} {there}: {r:?}"
+                        );
+                    }
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 55, "{checked} operations");
+
+    // Every update checks If-Match: a stale version is 412 and changes nothing.
+    let mut patches = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        if item.get("patch").is_none() {
+            continue;
+        }
+        let here = concrete(path, &w, None);
+        let before = a.call(Method::GET, &here, Some(&w.admin), None).await;
+        assert_eq!(before.status, StatusCode::OK, "{path}: {before:?}");
+        let r = a
+            .call_with(
+                Method::PATCH,
+                &here,
+                Some(&w.admin),
+                Some(json!({})),
+                &[("if-match", "\"999999\"")],
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::PRECONDITION_FAILED, "{path}: {r:?}");
+        let after = a.call(Method::GET, &here, Some(&w.admin), None).await;
+        assert_eq!(before.body, after.body, "{path}");
+        patches += 1;
+    }
+    assert!(patches >= 8, "{patches} updates");
+
+    // A delivery is tried again by hand only once it has failed.
+    let hook = &w.ids["webhooks"];
+    let delivery = &w.ids["deliveries"];
+    let retry = format!("/api/v1/webhooks/{hook}/deliveries/{delivery}/retry");
+    let r = a.call(Method::POST, &retry, Some(&w.admin), None).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{r:?}");
+    sqlx::query("UPDATE webhook_deliveries SET status = 'failed', attempts = 10 WHERE id = ?")
+        .bind(delivery.parse::<i64>().unwrap())
+        .execute(a.state.store.pool())
+        .await
+        .unwrap();
+    let r = a.call(Method::POST, &retry, Some(&w.admin), None).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{r:?}");
+    let r = a
+        .call(
+            Method::GET,
+            &format!("/api/v1/webhooks/{hook}/deliveries"),
+            Some(&w.admin),
+            None,
+        )
+        .await;
+    let d = &r.body["items"][0];
+    assert_eq!(
+        (d["status"].as_str(), d["attempts"].as_i64()),
+        (Some("pending"), Some(0)),
+        "{d}"
+    );
+}
