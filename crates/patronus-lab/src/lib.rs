@@ -16,6 +16,7 @@ pub mod impair;
 pub mod iperf;
 pub mod lab;
 pub mod netns;
+pub mod stats;
 pub mod stream;
 pub mod topology;
 pub mod webhook;
