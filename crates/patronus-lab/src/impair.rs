@@ -335,6 +335,11 @@ pub struct DirStats {
     pub dropped_random: u64,
     pub dropped_burst: u64,
     pub dropped_queue: u64,
+    /// The longest a forwarded packet spent on the rate-limited line, µs: waiting in the buffer
+    /// for the line, then its own transmission. The emulator's queueing, from the real arrival
+    /// times; at most `queue` plus one packet's transmission time. 0 without a `rate`.
+    #[serde(default)]
+    pub line_max_us: u64,
 }
 
 /// One direction of one emulated link: its impairment and the state that applying it needs.
@@ -416,6 +421,7 @@ impl Shaper {
             let tx_ns = (len as u64 * 8).saturating_mul(1_000_000_000) / rate.max(1);
             self.line_free_at = start + tx_ns;
             sent = self.line_free_at;
+            self.stats.line_max_us = self.stats.line_max_us.max((sent - now) / 1000);
         }
         let mut delay_ns = imp.delay_us as f64 * 1000.0;
         if imp.jitter_us > 0 {
@@ -496,6 +502,8 @@ mod tests {
         }
         assert_eq!(releases[6], Err(Drop::Queue), "6 ms of queue is over 5 ms");
         assert_eq!(s.stats.dropped_queue, 4);
+        // The last packet let through waited 5 ms for the line and took 1 ms on it.
+        assert_eq!(s.stats.line_max_us, 6_000);
     }
 
     #[test]
