@@ -12,6 +12,8 @@
 
 pub mod edges;
 pub mod emulator;
+#[cfg(feature = "harness")]
+pub mod harness;
 pub mod impair;
 pub mod iperf;
 pub mod lab;
