@@ -45,6 +45,11 @@ fn the_demo_runs_a_round_of_cuts_and_degradations_and_cleans_up() {
         failovers.iter().any(|f| f["reason"] == "sla-violated"),
         "the degraded branch1/mpls: {stdout}"
     );
+    eprintln!(
+        "demo streams: {}; failovers: {}",
+        summary["streams"],
+        failovers.len()
+    );
     for s in summary["streams"].as_array().unwrap() {
         let (sent, lost) = (s["sent"].as_u64().unwrap(), s["lost"].as_u64().unwrap());
         assert!(sent > 0 && lost * 100 < sent * 2, "{s}");

@@ -77,6 +77,7 @@ fn lab_up_link_exec_status_and_down_work_from_the_command_line() {
         .and_then(|v| v.trim().split('/').nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap();
+    eprintln!("lab CLI: rtt avg {avg} ms across a 30 ms delay");
     assert!((30.0..40.0).contains(&avg), "rtt avg {avg} ms");
 
     let status: serde_json::Value =
