@@ -17,7 +17,7 @@
 //!
 //! A test file lists its tests in its `main`:
 //!
-//! ```ignore
+//! ```text
 //! fn main() -> std::process::ExitCode {
 //!     patronus_lab::harness::run(
 //!         "edge lab",

@@ -153,12 +153,12 @@ pub fn run(a: &Args) -> anyhow::Result<Value> {
     }
 
     progress(format_args!(
-        "bringing {} paths up through their probes ({} build)",
+        "bringing {} paths up through their probes ({})",
         engine.path_ids().count(),
         if cfg!(debug_assertions) {
-            "debug: figures far above a release build's"
+            "a debug build: its figures are far above a release build's"
         } else {
-            "release"
+            "a release build"
         }
     ));
     // Bring every path Up: answer its probes with the real reflector, under a virtual clock.
