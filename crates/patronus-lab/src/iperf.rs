@@ -18,6 +18,8 @@ pub enum IperfError {
 pub struct Throughput {
     /// Received goodput, Gbit/s.
     pub gbps: f64,
+    /// Bytes the receiver received.
+    pub bytes: u64,
     /// TCP retransmissions the sender counted.
     pub retransmits: u64,
     pub seconds: f64,
@@ -111,8 +113,12 @@ pub fn tcp(
     let bps = end["sum_received"]["bits_per_second"]
         .as_f64()
         .ok_or_else(|| IperfError::Failed("no end.sum_received.bits_per_second".into()))?;
+    let bytes = end["sum_received"]["bytes"]
+        .as_u64()
+        .ok_or_else(|| IperfError::Failed("no end.sum_received.bytes".into()))?;
     let result = Throughput {
         gbps: bps / 1e9,
+        bytes,
         retransmits: end["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
         seconds: end["sum_received"]["seconds"].as_f64().unwrap_or(0.0),
     };

@@ -136,7 +136,7 @@ pub fn valid_run_id(run: &str) -> bool {
 /// A fresh run id: 6 characters of base 36 from the clock and the PID.
 pub fn new_run_id() -> String {
     let mut x = crate::emulator::now_ns() ^ ((std::process::id() as u64) << 32);
-    x = crate::impair::SplitMix64(x).next_u64();
+    x = crate::stats::SplitMix64(x).next_u64();
     (0..6)
         .map(|_| {
             let d = (x % 36) as u32;

@@ -12,10 +12,13 @@
 
 pub mod edges;
 pub mod emulator;
+#[cfg(feature = "harness")]
+pub mod harness;
 pub mod impair;
 pub mod iperf;
 pub mod lab;
 pub mod netns;
+pub mod stats;
 pub mod stream;
 pub mod topology;
 pub mod webhook;

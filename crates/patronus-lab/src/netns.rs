@@ -211,21 +211,3 @@ pub fn privilege_problem() -> Option<String> {
     }
     None
 }
-
-/// For tests: true if this process can build labs. If it cannot, says so loudly on stderr (past
-/// the test harness's capture) and returns false, unless `PATRONUS_REQUIRE_LAB` is set (as CI
-/// sets it), in which case the missing privilege is a failure.
-pub fn lab_available(what: &str) -> bool {
-    let Some(problem) = privilege_problem() else {
-        return true;
-    };
-    assert!(
-        std::env::var_os("PATRONUS_REQUIRE_LAB").is_none(),
-        "PATRONUS_REQUIRE_LAB is set but {problem}"
-    );
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n*** SKIPPED {what}: {problem}. Run as root (CI does) to run it. ***\n"
-    );
-    false
-}

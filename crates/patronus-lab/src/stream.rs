@@ -13,19 +13,26 @@
 //! - Duplicates and reordered packets (a packet whose sequence number is below one already seen).
 //! - **One-way delay** (receive time − send time). Both ends run in this process and read the same
 //!   `CLOCK_MONOTONIC`, so the difference is the true one-way delay, with no clock offset. Its mean,
-//!   standard deviation, percentiles, and the RFC 3550 interarrival jitter (the smoothed mean of
-//!   |ΔD| between consecutive arrivals, gain 1/16).
+//!   standard deviation, nearest-rank percentiles, and the RFC 3550 interarrival jitter (the
+//!   smoothed mean of |ΔD| between consecutive arrivals, gain 1/16).
+//! - When the sender sent its first and last packet (Unix ms), to place the stream beside
+//!   events that other processes stamp, such as an edge's.
+//!
+//! A figure that nothing measured is `None` (`null` in JSON), never 0: the loss of a stream
+//! that sent nothing, the delay of one of which nothing arrived, jitter with fewer than two
+//! arrivals, the mean burst length of a stream that lost nothing.
 //!
 //! The stream's packets are `magic "PLS1"`, a random stream id, a 64-bit sequence number and a
 //! 64-bit send time, padded to `size`; anything else arriving on the port is ignored and counted.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::emulator::now_ns;
 use crate::netns::{self, NetnsError};
+use crate::stats::percentile;
 
 const MAGIC: &[u8; 4] = b"PLS1";
 /// Bytes of header in each stream packet; smaller sizes are raised to this.
@@ -39,7 +46,7 @@ pub const MAX_PACKETS: u64 = 10_000_000;
 pub struct StreamConfig {
     /// Packets per second (1..=1,000,000).
     pub rate_pps: u32,
-    /// How long the sender sends.
+    /// How long the sender sends (at most, with [`run_until`]).
     pub duration: Duration,
     /// UDP payload bytes per packet (at least [`HEADER`]).
     pub size: usize,
@@ -62,20 +69,23 @@ impl Default for StreamConfig {
     }
 }
 
+/// One-way delay of the packets that arrived (at least one did).
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct DelayStats {
     pub mean_ms: f64,
     pub stddev_ms: f64,
     pub min_ms: f64,
+    /// Nearest-rank percentiles ([`crate::stats::percentile`]).
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
-    /// RFC 3550 interarrival jitter: the smoothed (gain 1/16) |ΔD| at the end of the stream.
-    pub jitter_ms: f64,
+    /// RFC 3550 interarrival jitter: the smoothed (gain 1/16) |ΔD| at the end of the stream;
+    /// `None` with a single arrival.
+    pub jitter_ms: Option<f64>,
     /// Mean |IPDV| (RFC 5481) over all consecutive arrivals: the unsmoothed counterpart of
     /// `jitter_ms`, steadier for comparing runs. For independent normal delays of standard
-    /// deviation σ it is 2σ/√π ≈ 1.13σ.
-    pub ipdv_mean_ms: f64,
+    /// deviation σ it is 2σ/√π ≈ 1.13σ. `None` with a single arrival.
+    pub ipdv_mean_ms: Option<f64>,
 }
 
 /// A run of consecutive lost packets.
@@ -97,7 +107,8 @@ pub struct StreamReport {
     pub send_errors: u64,
     pub received: u64,
     pub lost: u64,
-    pub loss_pct: f64,
+    /// `None` when nothing was sent.
+    pub loss_pct: Option<f64>,
     /// Loss-derived outage time: `lost / rate_pps`, in ms (RFC 6412, RFC 6413).
     pub outage_ms: f64,
     pub duplicates: u64,
@@ -106,12 +117,44 @@ pub struct StreamReport {
     pub foreign: u64,
     /// Longest run of consecutive lost packets.
     pub longest_gap_packets: u64,
-    /// Longest time between two consecutive arrivals, in ms.
-    pub longest_silence_ms: f64,
+    /// Longest time between two consecutive arrivals, in ms; `None` with fewer than two.
+    pub longest_silence_ms: Option<f64>,
     pub loss_bursts: u64,
-    pub mean_burst: f64,
-    pub delay: DelayStats,
+    /// Mean length of a loss burst, in packets; `None` when nothing was lost.
+    pub mean_burst: Option<f64>,
+    /// `None` when nothing arrived.
+    pub delay: Option<DelayStats>,
+    /// When the first and the last packet were sent, Unix ms; `None` for a stream that never
+    /// ran (a [`model`]).
+    pub first_sent_unix_ms: Option<u64>,
+    pub last_sent_unix_ms: Option<u64>,
     pub gaps: Vec<Gap>,
+}
+
+/// Watches and stops a running stream from another thread (see [`run_until`]).
+#[derive(Debug, Default)]
+pub struct Control {
+    stop: AtomicBool,
+    sent: AtomicU64,
+}
+
+impl Control {
+    /// Asks the sender to stop after the packet it is sending (it sends at least one).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+
+    /// Packets sent so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Acquire)
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +185,19 @@ pub fn run(
     dst: IpAddr,
     cfg: &StreamConfig,
 ) -> Result<StreamReport, StreamError> {
+    run_until(src_ns, dst_ns, dst, cfg, &Control::default())
+}
+
+/// [`run`], which another thread can watch ([`Control::sent`]) and end early
+/// ([`Control::stop`]): the sender sends until told to stop or for `duration`, whichever comes
+/// first, then the receiver lingers as usual. Blocks until then.
+pub fn run_until(
+    src_ns: &str,
+    dst_ns: &str,
+    dst: IpAddr,
+    cfg: &StreamConfig,
+    control: &Control,
+) -> Result<StreamReport, StreamError> {
     if !(1..=1_000_000).contains(&cfg.rate_pps) {
         return Err(StreamError::Config(format!(
             "rate {} pps is outside 1..=1000000",
@@ -159,6 +215,12 @@ pub fn run(
     if count > MAX_PACKETS {
         return Err(StreamError::Config(format!(
             "{count} packets (rate × duration) is more than one stream holds ({MAX_PACKETS})"
+        )));
+    }
+    if count == 0 {
+        return Err(StreamError::Config(format!(
+            "rate × duration is no packet at all ({} pps for {:?})",
+            cfg.rate_pps, cfg.duration
         )));
     }
     let stream_id = (now_ns() as u32) ^ std::process::id().rotate_left(16);
@@ -214,7 +276,7 @@ pub fn run(
             }
         });
 
-        let sender = s.spawn(move || -> Result<(u64, u64), StreamError> {
+        let sender = s.spawn(move || -> Result<(u64, u64, u64, u64), StreamError> {
             let port = match port_rx.recv() {
                 Ok(Some(p)) => p,
                 _ => return Err(StreamError::Config("the receiver did not start".into())),
@@ -234,7 +296,12 @@ pub fn run(
                 let interval = 1e9 / cfg.rate_pps as f64;
                 let start = now_ns();
                 let mut errors = 0;
+                let mut sent = 0;
+                let (mut first_ms, mut last_ms) = (0, 0);
                 for seq in 0..count {
+                    if seq > 0 && control.stop.load(Ordering::Acquire) {
+                        break;
+                    }
                     let due = start + (seq as f64 * interval) as u64;
                     let now = now_ns();
                     if due > now {
@@ -245,8 +312,14 @@ pub fn run(
                     if sock.send_to(&pkt, to).is_err() {
                         errors += 1;
                     }
+                    last_ms = unix_ms();
+                    if seq == 0 {
+                        first_ms = last_ms;
+                    }
+                    sent += 1;
+                    control.sent.store(sent, Ordering::Release);
                 }
-                Ok((count, errors))
+                Ok((sent, errors, first_ms, last_ms))
             });
             done.store(true, Ordering::Release);
             r.map_err(StreamError::Netns)
@@ -261,15 +334,11 @@ pub fn run(
             .unwrap_or_else(|_| Err(StreamError::Config("the receiver panicked".into())));
         // The receiver's error first: when it failed, the sender only knows that it did.
         let (arrivals, foreign) = received?;
-        let (sent, send_errors) = sent?;
-        Ok(report(
-            cfg.rate_pps,
-            size,
-            sent,
-            send_errors,
-            &arrivals,
-            foreign,
-        ))
+        let (sent, send_errors, first_ms, last_ms) = sent?;
+        let mut r = report(cfg.rate_pps, size, sent, send_errors, &arrivals, foreign);
+        r.first_sent_unix_ms = Some(first_ms);
+        r.last_sent_unix_ms = Some(last_ms);
+        Ok(r)
     })
 }
 
@@ -386,51 +455,40 @@ pub fn report(
         send_errors,
         received,
         lost,
-        loss_pct: if sent == 0 {
-            0.0
-        } else {
-            100.0 * lost as f64 / sent as f64
-        },
+        loss_pct: (sent > 0).then(|| 100.0 * lost as f64 / sent as f64),
         outage_ms: lost as f64 * interval_ms,
         duplicates,
         reordered,
         foreign,
         longest_gap_packets: longest,
-        longest_silence_ms: longest_silence as f64 / 1e6,
+        longest_silence_ms: (arrivals.len() >= 2).then(|| longest_silence as f64 / 1e6),
         loss_bursts: bursts,
-        mean_burst: if bursts == 0 {
-            0.0
-        } else {
-            lost as f64 / bursts as f64
-        },
-        delay: delay_stats(
-            &mut delays,
-            jitter / 1e6,
-            ipdv_sum / 1e6 / (received.max(2) - 1) as f64,
-        ),
+        mean_burst: (bursts > 0).then(|| lost as f64 / bursts as f64),
+        delay: delay_stats(&mut delays, jitter / 1e6, ipdv_sum / 1e6),
+        first_sent_unix_ms: None,
+        last_sent_unix_ms: None,
         gaps,
     }
 }
 
-fn delay_stats(d: &mut [f64], jitter_ms: f64, ipdv_mean_ms: f64) -> DelayStats {
-    if d.is_empty() {
-        return DelayStats::default();
-    }
+/// `jitter_ms` is the final smoothed value, `ipdv_sum_ms` the sum of |ΔD| over the
+/// `d.len() - 1` consecutive pairs.
+fn delay_stats(d: &mut [f64], jitter_ms: f64, ipdv_sum_ms: f64) -> Option<DelayStats> {
     let n = d.len() as f64;
     let mean = d.iter().sum::<f64>() / n;
     let var = d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
     d.sort_by(f64::total_cmp);
-    let pct = |p: f64| d[((p * (d.len() - 1) as f64).round() as usize).min(d.len() - 1)];
-    DelayStats {
+    let pairs = (d.len() >= 2).then(|| (d.len() - 1) as f64);
+    Some(DelayStats {
         mean_ms: mean,
         stddev_ms: var.sqrt(),
-        min_ms: d[0],
-        p50_ms: pct(0.5),
-        p99_ms: pct(0.99),
-        max_ms: d[d.len() - 1],
-        jitter_ms,
-        ipdv_mean_ms,
-    }
+        min_ms: *d.first()?,
+        p50_ms: percentile(d, 0.5)?,
+        p99_ms: percentile(d, 0.99)?,
+        max_ms: *d.last()?,
+        jitter_ms: pairs.map(|_| jitter_ms),
+        ipdv_mean_ms: pairs.map(|p| ipdv_sum_ms / p),
+    })
 }
 
 #[cfg(test)]
@@ -470,7 +528,31 @@ mod tests {
         );
         assert_eq!(r.longest_gap_packets, 10);
         assert_eq!(r.loss_bursts, 2);
-        assert!((r.delay.mean_ms - 5.0).abs() < 1e-9 && r.delay.jitter_ms < 1e-9);
+        let d = r.delay.unwrap();
+        assert!((d.mean_ms - 5.0).abs() < 1e-9 && d.jitter_ms.unwrap() < 1e-9);
+        assert_eq!(r.mean_burst, Some(7.5));
+    }
+
+    #[test]
+    fn what_nothing_measured_is_reported_as_no_data_not_as_zero() {
+        let r = report(100, 24, 0, 0, &[], 0);
+        assert_eq!((r.loss_pct, r.mean_burst), (None, None));
+        assert!(r.delay.is_none() && r.longest_silence_ms.is_none());
+        // Sent, and nothing arrived: a loss of 100 %, and still no delay.
+        let r = report(100, 24, 10, 0, &[], 0);
+        assert_eq!(r.loss_pct, Some(100.0));
+        assert!(r.delay.is_none());
+        // One arrival: a delay, no jitter.
+        let r = report(100, 24, 1, 0, &[(0, 3_000_000, 1_000_000)], 0);
+        assert_eq!((r.loss_pct, r.mean_burst), (Some(0.0), None));
+        let d = r.delay.unwrap();
+        assert_eq!((d.mean_ms, d.p99_ms), (2.0, 2.0));
+        assert_eq!((d.jitter_ms, d.ipdv_mean_ms), (None, None));
+        let json = serde_json::to_value(report(100, 24, 0, 0, &[], 0)).unwrap();
+        assert!(
+            json["loss_pct"].is_null() && json["delay"].is_null(),
+            "{json}"
+        );
     }
 
     #[test]

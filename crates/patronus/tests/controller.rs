@@ -24,6 +24,28 @@ struct Controller {
     child: Child,
     addr: SocketAddr,
     log: Arc<Mutex<String>>,
+    /// Reads stderr into `log` until the process closes it.
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Controller {
+    /// Stops the controller with `signal`, waits until it has exited and its stderr is read to
+    /// the end, and returns all it wrote: a log that can prove what is not in it.
+    fn finish(mut self, signal: nix::sys::signal::Signal) -> String {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "still running 30 s after {signal}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Some(r) = self.reader.take() {
+            r.join().unwrap();
+        }
+        self.log.lock().unwrap().clone()
+    }
 }
 
 impl Drop for Controller {
@@ -56,7 +78,7 @@ fn start_with(dir: &Path, env: &[(&str, &str)]) -> Controller {
     let log = Arc::new(Mutex::new(String::new()));
     let (tx, rx) = std::sync::mpsc::channel();
     let sink = log.clone();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
             if let Some(rest) = line.split("listening on http://").nth(1) {
@@ -73,7 +95,12 @@ fn start_with(dir: &Path, env: &[(&str, &str)]) -> Controller {
         .unwrap_or_else(|_| panic!("the controller did not start: {}", log.lock().unwrap()))
         .parse()
         .unwrap();
-    Controller { child, addr, log }
+    Controller {
+        child,
+        addr,
+        log,
+        reader: Some(reader),
+    }
 }
 
 /// One HTTP/1.1 request on its own connection; (status, body).
@@ -160,9 +187,7 @@ fn a_controller_killed_mid_write_loses_no_acknowledged_write_and_logs_no_secret(
     while acked.lock().unwrap().len() < 40 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let mut c = c;
-    c.child.kill().unwrap();
-    c.child.wait().unwrap();
+    let first_log = c.finish(nix::sys::signal::Signal::SIGKILL);
     let attempted = writer.join().unwrap();
     let acked = acked.lock().unwrap().clone();
     assert!(
@@ -170,8 +195,6 @@ fn a_controller_killed_mid_write_loses_no_acknowledged_write_and_logs_no_secret(
         "only {} writes before the kill",
         acked.len()
     );
-    let first_log = c.log.lock().unwrap().clone();
-    drop(c);
 
     // It starts again on the same state, and every acknowledged write is there.
     let c = start(&state);
@@ -270,8 +293,14 @@ fn a_controller_killed_mid_write_loses_no_acknowledged_write_and_logs_no_secret(
     )
     .unwrap();
     assert_eq!(status, 401);
-    std::thread::sleep(Duration::from_millis(200));
-    let log = format!("{first_log}{}", c.log.lock().unwrap());
+    // Private state, while the controller runs (a clean stop removes the WAL file).
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&state), 0o700);
+    for f in ["controller.db", "controller.db-wal", "jwt.key"] {
+        assert_eq!(mode(&state.join(f)), 0o600, "{f}");
+    }
+    // All that the second run wrote, to its end.
+    let log = first_log + &c.finish(nix::sys::signal::Signal::SIGTERM);
     let jwt_key = std::fs::read(state.join("jwt.key")).unwrap();
     let hex: String = jwt_key.iter().map(|b| format!("{b:02x}")).collect();
     for secret in [
@@ -288,13 +317,6 @@ fn a_controller_killed_mid_write_loses_no_acknowledged_write_and_logs_no_secret(
         assert!(!log.contains(secret), "a secret is in the log:\n{log}");
     }
     assert!(log.contains("request"), "the log has request lines: {log}");
-
-    // Private state.
-    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode(&state), 0o700);
-    for f in ["controller.db", "controller.db-wal", "jwt.key"] {
-        assert_eq!(mode(&state.join(f)), 0o600, "{f}");
-    }
 }
 
 #[test]
@@ -532,8 +554,7 @@ fn without_a_given_password_the_first_admin_gets_a_generated_one_in_a_private_fi
         &password,
     );
     assert!(ok, "{err}");
-    std::thread::sleep(Duration::from_millis(100));
-    let log = c.log.lock().unwrap().clone();
+    let log = c.finish(nix::sys::signal::Signal::SIGTERM);
     assert!(log.contains("initial-admin-password"), "{log}");
     assert!(!log.contains(password.trim()), "the password is in the log");
 }

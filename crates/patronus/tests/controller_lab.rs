@@ -1,7 +1,8 @@
 //! Controller and edges as one system, in the lab: sites created through the controller's CLI,
 //! edges enrolled with one-time tokens (their keys made on their own machines), configurations
-//! from the controller, traffic through the tunnels. Needs root: without it the test says so on
-//! stderr and passes, unless `PATRONUS_REQUIRE_LAB=1`.
+//! from the controller, traffic through the tunnels. Runs on the lab's harness
+//! (`patronus_lab::harness`): without root the test is counted as ignored, and
+//! `PATRONUS_REQUIRE_LAB=1` makes that a failure.
 #![allow(clippy::unwrap_used)]
 
 use std::io::Write;
@@ -10,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use patronus_lab::edges;
-use patronus_lab::{Lab, LabOptions, Topology, netns};
+use patronus_lab::{Lab, LabOptions, Topology};
 
 fn patronus() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_patronus"))
@@ -41,11 +42,16 @@ fn cli(lab: &Lab, home: &Path, args: &[&str], stdin: &str) -> (bool, String, Str
     )
 }
 
-#[test]
+fn main() -> std::process::ExitCode {
+    patronus_lab::harness::run(
+        "controller lab",
+        vec![patronus_lab::lab_test!(
+            three_sites_enrolled_with_tokens_through_the_controller_carry_traffic
+        )],
+    )
+}
+
 fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
-    if !netns::lab_available("controller lab test") {
-        return;
-    }
     let lab = Lab::up(&Topology::three_sites_mixed(), LabOptions::default()).unwrap();
     let run: PathBuf = patronus_lab::lab::run_dir(lab.run_id());
     let plan = lab.plan().clone();
@@ -504,8 +510,9 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
     assert!(ok, "{err}");
     edges::wait_for_tunnel(&lab, "hq/h1", b2, Duration::from_secs(20)).unwrap();
 
-    // A key rotation, under a stream: hq's edge makes a new key pair, its peers accept both
-    // keys while each path's session moves to the new one, and nothing is lost.
+    // A key rotation, under a stream that runs from before the roll is asked for until after it
+    // has ended at the controller and in every edge: hq's edge makes a new key pair, its peers
+    // accept both keys while each path's session moves to the new one, and nothing is lost.
     let key_of = |site: &str| {
         let out = Command::new(patronus())
             .args(["edge", "pubkey", "--key"])
@@ -514,42 +521,111 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
             .unwrap();
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
+    // An edge's recent events: (Unix ms, text).
+    let events = |site: &str| -> Vec<(u64, String)> {
+        let out = lab
+            .exec(
+                site,
+                &[patronus().to_str().unwrap(), "edge", "status", "--json"],
+            )
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["unix_ms"].as_u64().unwrap(),
+                    e["text"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let at = |evs: &[(u64, String)], text: &str, nth: usize| {
+        evs.iter()
+            .filter(|(_, t)| t.contains(text))
+            .nth(nth)
+            .map(|(ms, _)| *ms)
+    };
     let before = key_of("hq");
     let dst = lab.addr("branch1/h1", false).unwrap();
-    let r = std::thread::scope(|sc| {
+    let control = patronus_lab::stream::Control::default();
+    let (hq_h1, b1_h1) = (lab.ns("hq/h1").unwrap(), lab.ns("branch1/h1").unwrap());
+    let (r, roll) = std::thread::scope(|sc| {
         let run = sc.spawn(|| {
             let cfg = patronus_lab::stream::StreamConfig {
                 rate_pps: 1000,
-                duration: Duration::from_secs(8),
+                // At most; stopped a second after the roll is over everywhere.
+                duration: Duration::from_secs(120),
                 port: 48000,
                 ..Default::default()
             };
-            patronus_lab::stream::run(
-                &lab.ns("hq/h1").unwrap(),
-                &lab.ns("branch1/h1").unwrap(),
-                dst,
-                &cfg,
-            )
-            .unwrap()
+            patronus_lab::stream::run_until(&hq_h1, &b1_h1, dst, &cfg, &control).unwrap()
         });
-        std::thread::sleep(Duration::from_secs(1));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while control.sent() < 100 {
+            assert!(Instant::now() < deadline, "the stream did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let (ok, _, err) = cli(&lab, &home, &["site", "rotate-key", "hq"], "");
         assert!(ok, "{err}");
-        run.join().unwrap()
-    });
-    assert_eq!(r.lost, 0, "{r:?}");
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        let (ok, out, err) = cli(&lab, &home, &["site", "show", "hq", "--output", "json"], "");
-        assert!(ok, "{err}");
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        let after = key_of("hq");
-        if after != before && v["public_key"] == after.as_str() && v["next_public_key"].is_null() {
-            break;
+        // Over at the controller (the new key is the site's, no next key), in hq's edge
+        // (committed) and in each peer's (the announcement of the next key, then the commit:
+        // two rolls in place).
+        let deadline = Instant::now() + Duration::from_secs(40);
+        let roll = loop {
+            let (ok, out, err) = cli(&lab, &home, &["site", "show", "hq", "--output", "json"], "");
+            assert!(ok, "{err}");
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            let after = key_of("hq");
+            let committed = after != before
+                && v["public_key"] == after.as_str()
+                && v["next_public_key"].is_null();
+            let hq = events("hq");
+            let begun = at(&hq, "key roll: moving", 0);
+            let done = at(&hq, "key roll: done", 0);
+            let peers =
+                ["branch1", "branch2"].map(|p| at(&events(p), "peers' keys rolled in place", 1));
+            if let (true, Some(begun), Some(done), [Some(b1), Some(b2)]) =
+                (committed, begun, done, peers)
+            {
+                break (begun, done.max(b1).max(b2));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the key did not roll: {out}\nhq: {hq:?}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        // A second more of the stream, for what was in flight when the last edge moved.
+        let more = control.sent() + 1000;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while control.sent() < more {
+            assert!(Instant::now() < deadline, "the stream stalled");
+            std::thread::sleep(Duration::from_millis(10));
         }
-        assert!(Instant::now() < deadline, "the key did not roll: {out}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
+        control.stop();
+        (run.join().unwrap(), roll)
+    });
+    let (first, last) = (r.first_sent_unix_ms.unwrap(), r.last_sent_unix_ms.unwrap());
+    eprintln!(
+        "key roll: the stream ran {} ms before the roll began and {} ms after it ended \
+         everywhere ({} ms of roll); {} sent, {} lost",
+        roll.0 as i64 - first as i64,
+        last as i64 - roll.1 as i64,
+        roll.1 - roll.0,
+        r.sent,
+        r.lost
+    );
+    assert!(first < roll.0, "the stream began after the roll");
+    assert!(
+        last >= roll.1 + 500,
+        "the stream ended {} ms after the roll",
+        last as i64 - roll.1 as i64
+    );
+    assert_eq!(r.lost, 0, "{r:?}");
     let hq_log = std::fs::read_to_string(edges::edge_dir(&lab, "hq").join("edge.log")).unwrap();
     assert!(hq_log.contains("key roll: done"), "{hq_log}");
     assert!(hq_log.contains("live paths moved in"), "{hq_log}");

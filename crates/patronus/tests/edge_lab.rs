@@ -1,24 +1,31 @@
 //! The edge end to end in the lab: real TUN devices, real WireGuard (boringtun) over emulated
-//! WAN links, the real `patronus` binary. Needs root: without it each test says so on stderr and
-//! passes, unless `PATRONUS_REQUIRE_LAB=1`.
+//! WAN links, the real `patronus` binary. Runs on the lab's harness (`patronus_lab::harness`):
+//! without root each test is counted as ignored, and `PATRONUS_REQUIRE_LAB=1` makes that a
+//! failure.
 #![allow(clippy::unwrap_used)]
 
 use std::io::Write;
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use patronus_lab::edges::{self, Underlay};
 use patronus_lab::stream::{self, StreamConfig};
-use patronus_lab::{Lab, LabOptions, Topology, netns};
+use patronus_lab::{Lab, LabOptions, Topology, lab_test, netns};
 
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> Option<MutexGuard<'static, ()>> {
-    if !netns::lab_available("edge lab test") {
-        return None;
-    }
-    Some(SERIAL.lock().unwrap_or_else(|e| e.into_inner()))
+fn main() -> std::process::ExitCode {
+    patronus_lab::harness::run(
+        "edge lab",
+        vec![
+            lab_test!(two_sites_reach_each_other_through_the_tunnels_on_the_path_the_engine_chose, needs "iperf3"),
+            lab_test!(cutting_the_active_link_moves_the_stream_within_the_failover_budget),
+            lab_test!(in_duplicate_mode_a_cut_loses_nothing_and_delivers_no_copy),
+            lab_test!(an_ipv6_underlay_carries_both_families_between_lan_hosts, needs "iperf3"),
+            lab_test!(a_packet_too_big_for_the_tunnel_gets_an_icmp_error_not_a_silent_drop),
+            lab_test!(garbage_replays_and_malformed_probes_change_nothing_and_crash_nothing),
+            lab_test!(a_brownout_moves_realtime_within_a_second_leaves_bulk_and_failback_waits_for_the_hold_down),
+            lab_test!(a_stock_wireguard_go_peer_exchanges_traffic_with_a_patronus_edge, needs "iperf3", "wireguard-go", "wg"),
+        ],
+    )
 }
 
 fn patronus() -> &'static Path {
@@ -46,16 +53,45 @@ fn a_to_b(lab: &Lab, dst: std::net::IpAddr, rate_pps: u32, secs: u64) -> stream:
     .unwrap()
 }
 
-/// One 2-second iperf3 TCP stream from a/h1 to `dst` (an address of b/h1).
+/// One 2-second iperf3 TCP stream from a/h1 to `dst` (an address of b/h1) through the tunnel,
+/// and one over the same emulated MPLS links between the edges without it, in the same run.
+/// The tunnel must carry at least 0.15 of what the links carry bare. The ratio, not an absolute
+/// rate, because both sides swing together with the build profile and the machine's load: in a
+/// debug build (emulator and edges alike; the emulator is the bottleneck of both) the three tests
+/// that call this measured 0.44-0.65 on a quiet machine and 0.31-0.68 with one of the two cores
+/// held busy (two runs), so 0.15 is about half the lowest.
 fn tcp_a_to_b(lab: &Lab, dst: std::net::IpAddr) -> patronus_lab::iperf::Throughput {
-    patronus_lab::iperf::tcp(
+    let tunnel = patronus_lab::iperf::tcp(
         &lab.ns("b/h1").unwrap(),
         &lab.ns("a/h1").unwrap(),
         dst,
         None,
         2,
     )
-    .unwrap()
+    .unwrap();
+    let (_, bp) = lab.plan().link("b/mpls").unwrap();
+    let (_, ap) = lab.plan().link("a/mpls").unwrap();
+    let bare = patronus_lab::iperf::tcp(
+        &lab.ns("b").unwrap(),
+        &lab.ns("a").unwrap(),
+        bp.addr4.into(),
+        Some(ap.addr4.into()),
+        2,
+    )
+    .unwrap();
+    let ratio = tunnel.gbps / bare.gbps;
+    let _ = writeln!(
+        std::io::stderr(),
+        "tcp through the tunnel {:.3} Gbit/s ({} bytes), over the bare links {:.3} Gbit/s: {ratio:.2}",
+        tunnel.gbps,
+        tunnel.bytes,
+        bare.gbps,
+    );
+    assert!(
+        ratio >= 0.15,
+        "the tunnel carried {ratio:.3} of the links' {bare:?}: {tunnel:?}"
+    );
+    tunnel
 }
 
 /// Now, in Unix milliseconds: the clock the edges stamp their events with.
@@ -70,9 +106,7 @@ fn forwarded_up(lab: &Lab, link: &str) -> u64 {
     lab.link_status(link).unwrap().up_stats.forwarded
 }
 
-#[test]
 fn two_sites_reach_each_other_through_the_tunnels_on_the_path_the_engine_chose() {
-    let Some(_g) = serial() else { return };
     let lab = lab_with_edges(&Topology::two_sites_two_links(), Underlay::V4);
     let b_host = lab.addr("b/h1", false).unwrap();
     edges::wait_for_tunnel(&lab, "a/h1", b_host, Duration::from_secs(15)).unwrap();
@@ -130,7 +164,6 @@ fn two_sites_reach_each_other_through_the_tunnels_on_the_path_the_engine_chose()
     // TCP between the LAN hosts, last: it loads this 2-core machine enough to lose probes, and
     // the engine rightly reacts to that.
     let tcp = tcp_a_to_b(&lab, b_host);
-    assert!(tcp.gbps > 0.0, "{tcp:?}");
     assert_coalesced(&lab, "b");
     let _ = writeln!(
         std::io::stderr(),
@@ -139,9 +172,7 @@ fn two_sites_reach_each_other_through_the_tunnels_on_the_path_the_engine_chose()
     );
 }
 
-#[test]
 fn cutting_the_active_link_moves_the_stream_within_the_failover_budget() {
-    let Some(_g) = serial() else { return };
     let lab = lab_with_edges(&Topology::two_sites_two_links(), Underlay::V4);
     let b_host = lab.addr("b/h1", false).unwrap();
     edges::wait_for_tunnel(&lab, "a/h1", b_host, Duration::from_secs(15)).unwrap();
@@ -170,9 +201,7 @@ fn cutting_the_active_link_moves_the_stream_within_the_failover_budget() {
     assert!(run.cut.windows(2).all(|w| w[0] != w[1]), "{:?}", run.cut);
 }
 
-#[test]
 fn in_duplicate_mode_a_cut_loses_nothing_and_delivers_no_copy() {
-    let Some(_g) = serial() else { return };
     let lab = Lab::up(&Topology::two_sites_two_links(), LabOptions::default()).unwrap();
     edges::start_edges(&lab, patronus(), Underlay::V4, |c| {
         c.default_steering = patronus_api::SteeringMode::Duplicate;
@@ -190,9 +219,7 @@ fn in_duplicate_mode_a_cut_loses_nothing_and_delivers_no_copy() {
     assert_eq!(run.stream.duplicates, 0);
 }
 
-#[test]
 fn an_ipv6_underlay_carries_both_families_between_lan_hosts() {
-    let Some(_g) = serial() else { return };
     let lab = lab_with_edges(&Topology::two_sites_two_links(), Underlay::V6);
     let b4 = lab.addr("b/h1", false).unwrap();
     let b6 = lab.addr("b/h1", true).unwrap();
@@ -211,14 +238,11 @@ fn an_ipv6_underlay_carries_both_families_between_lan_hosts() {
     let up = |l: &str| lab.link_status(l).unwrap().up_stats.forwarded;
     assert!(up("a/mpls") + up("a/inet") >= r.sent);
     // TCP over IPv6 in the overlay: b's edge writes it to its TUN as TCPv6 GSO packets.
-    let tcp = tcp_a_to_b(&lab, b6);
-    assert!(tcp.gbps > 0.0, "{tcp:?}");
+    tcp_a_to_b(&lab, b6);
     assert_coalesced(&lab, "b");
 }
 
-#[test]
 fn a_packet_too_big_for_the_tunnel_gets_an_icmp_error_not_a_silent_drop() {
-    let Some(_g) = serial() else { return };
     let lab = lab_with_edges(&Topology::two_sites_two_links(), Underlay::V4);
     let b_host = lab.addr("b/h1", false).unwrap();
     edges::wait_for_tunnel(&lab, "a/h1", b_host, Duration::from_secs(15)).unwrap();
@@ -290,9 +314,7 @@ fn udp_payload(pkt: &[u8], port: u16) -> Option<&[u8]> {
     (u16::from_be_bytes([udp[2], udp[3]]) == port).then(|| &udp[8..])
 }
 
-#[test]
 fn garbage_replays_and_malformed_probes_change_nothing_and_crash_nothing() {
-    let Some(_g) = serial() else { return };
     let lab = lab_with_edges(&Topology::two_sites_two_links(), Underlay::V4);
     let b_host = lab.addr("b/h1", false).unwrap();
     edges::wait_for_tunnel(&lab, "a/h1", b_host, Duration::from_secs(15)).unwrap();
@@ -440,20 +462,23 @@ fn garbage_replays_and_malformed_probes_change_nothing_and_crash_nothing() {
     }
 }
 
-/// Packets that entered the WAN from each of `links` during `window`.
+/// Packets per second that entered the WAN from each of `links` during about `window`: over
+/// the time that really passed between the two readings of the counters, however much longer
+/// than `window` a busy machine made it.
 fn rates(lab: &Lab, links: &[&str], window: Duration) -> Vec<u64> {
+    let t0 = std::time::Instant::now();
     let before: Vec<u64> = links.iter().map(|l| forwarded_up(lab, l)).collect();
     std::thread::sleep(window);
-    links
+    let after: Vec<u64> = links.iter().map(|l| forwarded_up(lab, l)).collect();
+    let secs = t0.elapsed().as_secs_f64();
+    after
         .iter()
         .zip(before)
-        .map(|(l, b)| forwarded_up(lab, l) - b)
+        .map(|(a, b)| ((a - b) as f64 / secs).round() as u64)
         .collect()
 }
 
-#[test]
 fn a_brownout_moves_realtime_within_a_second_leaves_bulk_and_failback_waits_for_the_hold_down() {
-    let Some(_g) = serial() else { return };
     // MPLS is clean, broadband has 10 ms each way: MPLS is the better path for everything.
     let mut t = Topology::two_sites_two_links();
     for s in &mut t.sites {
@@ -529,7 +554,7 @@ fn a_brownout_moves_realtime_within_a_second_leaves_bulk_and_failback_waits_for_
     });
     let _ = writeln!(
         std::io::stderr(),
-        "packets per window [mpls, inet]: start {:?}, brownout {:?}, hold-down {:?}, after {:?}",
+        "packets/s [mpls, inet]: start {:?}, brownout {:?}, hold-down {:?}, after {:?}",
         checks[0],
         checks[1],
         checks[2],
@@ -539,8 +564,8 @@ fn a_brownout_moves_realtime_within_a_second_leaves_bulk_and_failback_waits_for_
     // Each link also carries probes and probe replies: up to about 150 packets/s (50/s on a
     // path that carries traffic, 10/s on a standby one, in both directions' sessions). The
     // streams are 200/s (voice) and 500/s (bulk).
-    // Start: both streams on MPLS (350 packets in 0.5 s), broadband carries only probes.
-    assert!(start[0] >= 350 && start[1] < 80, "start {start:?}");
+    // Start: both streams on MPLS (700/s), broadband carries only probes.
+    assert!(start[0] >= 700 && start[1] < 160, "start {start:?}");
     // A second after the ramp: voice on broadband, bulk still on MPLS.
     assert!((200..350).contains(&brownout[1]), "brownout {brownout:?}");
     assert!((500..720).contains(&brownout[0]), "brownout {brownout:?}");
@@ -582,26 +607,7 @@ fn a_brownout_moves_realtime_within_a_second_leaves_bulk_and_failback_waits_for_
     );
 }
 
-#[test]
 fn a_stock_wireguard_go_peer_exchanges_traffic_with_a_patronus_edge() {
-    let Some(_g) = serial() else { return };
-    for tool in ["wireguard-go", "wg"] {
-        if std::process::Command::new(tool)
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            assert!(
-                std::env::var_os("PATRONUS_REQUIRE_LAB").is_none(),
-                "{tool} is missing (apt-get install wireguard-go wireguard-tools)"
-            );
-            let _ = writeln!(
-                std::io::stderr(),
-                "\n*** SKIPPED interop test: {tool} is not installed ***\n"
-            );
-            return;
-        }
-    }
     let lab = Lab::up(&Topology::two_sites_two_links(), LabOptions::default()).unwrap();
     let plan = lab.plan().clone();
     // Site b runs Debian's wireguard-go, configured with wg, on its MPLS link only; site a runs
@@ -647,7 +653,6 @@ fn a_stock_wireguard_go_peer_exchanges_traffic_with_a_patronus_edge() {
     )
     .unwrap();
     let tcp = tcp_a_to_b(&lab, b_host);
-    assert!(tcp.gbps > 0.0);
     let ifname = edges::wg_ifname(&lab, "b").unwrap();
     let hs = lab
         .exec("b", &["wg", "show", &ifname, "latest-handshakes"])

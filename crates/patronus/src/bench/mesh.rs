@@ -14,6 +14,8 @@ use patronus_controller::compile::{Network, compile};
 use patronus_controller::store::{Store, now_s};
 use serde_json::{Value, json};
 
+use super::{fig, progress};
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Sites in the network.
@@ -150,6 +152,7 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
         .build()?;
     let result = rt.block_on(async {
         let rss_start = rss_mb();
+        progress(format_args!("writing {} sites into a store", args.sites));
         let store = Store::open(&dir.join("controller.db")).await?;
         let t = Instant::now();
         populate(&store, args.sites).await?;
@@ -161,6 +164,7 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
             other => anyhow::bail!("--topology {other}: full-mesh, hub-spoke or both"),
         };
         let full_mesh = if mesh {
+            progress(format_args!("compiling every configuration, full mesh"));
             run_one(&store, rss_start).await?
         } else {
             Value::Null
@@ -173,6 +177,10 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
                 .bind(args.hubs as i64)
                 .execute(store.pool())
                 .await?;
+            progress(format_args!(
+                "compiling every configuration, hub and spoke ({} hubs)",
+                args.hubs
+            ));
             run_one(&store, rss_start).await?
         } else {
             Value::Null
@@ -209,4 +217,26 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
     });
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+pub fn summary(r: &Value) -> String {
+    let one = |name: &str, t: &Value| {
+        if t.is_null() {
+            return String::new();
+        }
+        format!(
+            "\n  {name}: {} paths, compiled in {}, {} per site, {} resident ({} per site)",
+            t["paths"],
+            fig(&t["compile_ms"], 1, " ms"),
+            fig(&t["bytes_per_site"], 0, " bytes"),
+            fig(&t["rss_mb"], 0, " MB"),
+            fig(&t["rss_kb_per_site"], 1, " KB"),
+        )
+    };
+    format!(
+        "mesh: {} sites{}{}",
+        r["sites"],
+        one("full mesh", &r["full_mesh"]),
+        one("hub and spoke", &r["hub_spoke"]),
+    )
 }

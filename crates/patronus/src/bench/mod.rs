@@ -1,5 +1,7 @@
-//! `patronus bench …`: benchmarks that measure the real code and print JSON. Each states what
-//! it ran and on what machine; the numbers in the docs are copied from their output.
+//! `patronus bench …`: benchmarks that measure the real code and print JSON on stdout. Each
+//! states what it ran and on what machine; the numbers in the docs are copied from their output.
+//! Progress while one runs, and a short human summary of its result, go to stderr. A figure that
+//! nothing measured is `null` in the JSON and "no data" in the summary, never 0.
 
 use std::io::Write;
 
@@ -36,18 +38,43 @@ pub enum Bench {
 }
 
 pub fn run(b: Bench) -> anyhow::Result<()> {
-    let report = match b {
-        Bench::PathSelect(args) => path_select::run(&args)?,
-        Bench::WanEmulator(args) => wan_emulator::run(&args)?,
-        Bench::Failover(args) => failover::run(&args)?,
-        Bench::Throughput(args) => throughput::run(&args)?,
-        Bench::Mesh(args) => mesh::run(&args)?,
-        Bench::Push(args) => push::run(&args)?,
+    let (report, summary) = match b {
+        Bench::PathSelect(args) => with_summary(path_select::run(&args)?, path_select::summary),
+        Bench::WanEmulator(args) => with_summary(wan_emulator::run(&args)?, wan_emulator::summary),
+        Bench::Failover(args) => with_summary(failover::run(&args)?, failover::summary),
+        Bench::Throughput(args) => with_summary(throughput::run(&args)?, throughput::summary),
+        Bench::Mesh(args) => with_summary(mesh::run(&args)?, mesh::summary),
+        Bench::Push(args) => with_summary(push::run(&args)?, push::summary),
     };
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, &report)?;
     writeln!(out)?;
+    drop(out);
+    let _ = writeln!(std::io::stderr(), "{summary}");
     Ok(())
+}
+
+/// The summary is made from the JSON itself, so that it can say nothing the JSON does not.
+fn with_summary(
+    report: serde_json::Value,
+    summary: fn(&serde_json::Value) -> String,
+) -> (serde_json::Value, String) {
+    let s = summary(&report);
+    (report, s)
+}
+
+/// A progress line on stderr while a benchmark runs.
+pub fn progress(what: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr(), "bench: {what}");
+}
+
+/// A figure of a report for a summary: `value` with `decimals` and `unit`, or "no data" when
+/// the report holds none (null or absent).
+pub fn fig(v: &serde_json::Value, decimals: usize, unit: &str) -> String {
+    match v.as_f64() {
+        Some(x) => format!("{x:.decimals$}{unit}"),
+        None => "no data".to_owned(),
+    }
 }
 
 /// What the benchmark ran on: CPU model and count, from /proc (Linux); null where unknown.
@@ -66,16 +93,11 @@ pub fn machine() -> serde_json::Value {
     })
 }
 
-/// Nearest-rank percentiles of a sample, in the sample's unit.
+/// Nearest-rank percentiles ([`patronus_lab::stats::percentile`]) of a sample of
+/// nanoseconds; null for an empty sample.
 pub fn percentiles(samples: &mut [u64]) -> serde_json::Value {
     samples.sort_unstable();
-    let at = |q: f64| -> Option<u64> {
-        if samples.is_empty() {
-            return None;
-        }
-        let rank = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
-        Some(samples[rank - 1])
-    };
+    let at = |q: f64| patronus_lab::stats::percentile(samples, q);
     serde_json::json!({
         "samples": samples.len(),
         "p50_ns": at(0.50),

@@ -20,6 +20,8 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::{fig, progress};
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Simulated edges (one site each).
@@ -148,6 +150,10 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
             ),
             ("PATRONUS_ADMIN_PASSWORD".to_owned(), password.clone()),
         ];
+        progress(format_args!(
+            "a controller with {} sites ({})",
+            args.edges, args.topology
+        ));
         let state = patronus_controller::server::prepare(config, &env).await?;
         let store = state.store.clone();
         super::mesh::populate(&store, args.edges).await?;
@@ -194,6 +200,10 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
         ));
         let addr = addr_rx.await.context("the controller did not start")?;
 
+        progress(format_args!(
+            "{} edges fetch their configuration and long-poll for the next",
+            args.edges
+        ));
         // Every edge fetches its configuration, then waits for the next.
         let waiting = Arc::new(AtomicUsize::new(0));
         let mut edges = Vec::new();
@@ -246,6 +256,9 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
             "name": "voice", "order": 10, "class": "realtime", "steering": "duplicate",
             "match": { "protocol": "udp", "dst_ports": ["16384-32767"] }
         });
+        progress(format_args!(
+            "one policy written; waiting for every edge to hold its new configuration"
+        ));
         let t0 = Instant::now();
         let (status, _) = post(addr, "/api/v1/policies", Some(&token), &policy).await?;
         anyhow::ensure!(status == 201, "policy: {status}");
@@ -260,10 +273,7 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
         let _ = stop_tx.send(());
         let _ = server.await;
         delays_us.sort_unstable();
-        let pct = |q: f64| {
-            let rank = ((q * delays_us.len() as f64).ceil() as usize).clamp(1, delays_us.len());
-            delays_us[rank - 1] as f64 / 1e3
-        };
+        let pct = |q: f64| patronus_lab::stats::percentile(&delays_us, q).map(|us| us as f64 / 1e3);
         anyhow::Ok(json!({
             "bench": "push",
             "edges": args.edges,
@@ -280,4 +290,18 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
     });
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+pub fn summary(r: &Value) -> String {
+    format!(
+        "push: {} edges ({}, {}): every edge held the new configuration after p50 {}, p99 {}, \
+         slowest {}; {} per edge",
+        r["edges"],
+        r["topology"].as_str().unwrap_or("?"),
+        r["protocol"].as_str().unwrap_or("?"),
+        fig(&r["p50_ms"], 1, " ms"),
+        fig(&r["p99_ms"], 1, " ms"),
+        fig(&r["max_ms"], 1, " ms"),
+        fig(&r["bytes_per_edge"], 0, " bytes"),
+    )
 }

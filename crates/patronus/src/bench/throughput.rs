@@ -10,6 +10,9 @@ use anyhow::Context;
 use patronus_api::LinkKind;
 use patronus_lab::edges::{self, StockPeer, Underlay};
 use patronus_lab::{Lab, LabOptions, Topology, iperf};
+use serde_json::Value;
+
+use super::{fig, progress};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -18,7 +21,7 @@ pub struct Args {
     seconds: u32,
 }
 
-pub fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
+pub fn run(args: &Args) -> anyhow::Result<Value> {
     // Plain routing gives the raw baseline: LAN to LAN over the veths, no tunnel. The tunnels'
     // routes (through their TUN devices) then take precedence: they are more specific than
     // the edges' default routes.
@@ -33,6 +36,7 @@ pub fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
     let (a_ns, b_ns) = (lab.ns("a/h1")?, lab.ns("b/h1")?);
     let b_host = lab.addr("b/h1", false)?;
     let tcp = |what: &str| {
+        progress(format_args!("TCP for {} s {what}", args.seconds));
         iperf::tcp(&b_ns, &a_ns, b_host, None, args.seconds)
             .with_context(|| format!("iperf3 {what}"))
     };
@@ -94,4 +98,17 @@ pub fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
         },
         "machine": super::machine(),
     }))
+}
+
+pub fn summary(r: &Value) -> String {
+    format!(
+        "throughput, one TCP stream for {} s: Patronus {}, wireguard-go {}, bare veth {}; \
+         Patronus / wireguard-go {}, Patronus / bare veth {}",
+        r["seconds"],
+        fig(&r["patronus_gbps"], 2, " Gbit/s"),
+        fig(&r["wireguard_go_gbps"], 2, " Gbit/s"),
+        fig(&r["raw_gbps"], 2, " Gbit/s"),
+        fig(&r["patronus_over_wireguard_go"], 2, "x"),
+        fig(&r["patronus_over_raw"], 2, "x"),
+    )
 }

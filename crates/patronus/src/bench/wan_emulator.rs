@@ -6,7 +6,8 @@
 //!   the ratio is what the emulator costs.
 //! - **Accuracy**: a constant-rate UDP stream through a link set to `delay=50ms jitter=5ms
 //!   loss=10%` in one direction; the measured mean and standard deviation of the one-way delay,
-//!   RFC 3550 jitter and loss, against the settings.
+//!   RFC 3550 jitter and loss, against the settings. Delay figures are null if no packet
+//!   arrived.
 
 use std::time::Duration;
 
@@ -14,6 +15,9 @@ use anyhow::Context;
 use patronus_api::LinkKind;
 use patronus_lab::stream::{self, StreamConfig};
 use patronus_lab::{Dir, Impairment, Lab, LabOptions, Topology, iperf};
+use serde_json::Value;
+
+use super::{fig, progress};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -25,7 +29,7 @@ pub struct Args {
     accuracy_seconds: u64,
 }
 
-pub fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
+pub fn run(args: &Args) -> anyhow::Result<Value> {
     let topology = Topology::two_sites(
         "bench-wan-emulator",
         &[
@@ -39,6 +43,10 @@ pub fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
         let (_, p) = lab.plan().link(l).context("bench link")?;
         Ok(p.addr4.into())
     };
+    progress(format_args!(
+        "TCP for {} s through the emulator, then {} s over the bare veth",
+        args.seconds, args.seconds
+    ));
     let emulated = iperf::tcp(
         &b,
         &a,
@@ -61,6 +69,10 @@ pub fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
         linger: Duration::from_millis(500),
         ..Default::default()
     };
+    progress(format_args!(
+        "a 100 packets/s stream for {} s through delay=50ms jitter=5ms loss=10%",
+        args.accuracy_seconds
+    ));
     let acc = stream::run(&a, &b, addr("b/emulated")?, &cfg).context("accuracy stream")?;
     let model = stream::model(&imp, &cfg, 99);
     lab.down()?;
@@ -81,23 +93,48 @@ pub fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
             "set": "delay=50ms jitter=5ms (normal) loss=10%, one direction",
             "packets_per_second": cfg.rate_pps,
             "sent": acc.sent,
-            "mean_delay_ms": acc.delay.mean_ms,
-            "delay_stddev_ms": acc.delay.stddev_ms,
-            "delay_p50_ms": acc.delay.p50_ms,
-            "delay_p99_ms": acc.delay.p99_ms,
-            "rfc3550_jitter_ms": acc.delay.jitter_ms,
-            "ipdv_mean_ms": acc.delay.ipdv_mean_ms,
+            "received": acc.received,
+            "mean_delay_ms": acc.delay.as_ref().map(|d| d.mean_ms),
+            "delay_stddev_ms": acc.delay.as_ref().map(|d| d.stddev_ms),
+            "delay_p50_ms": acc.delay.as_ref().map(|d| d.p50_ms),
+            "delay_p99_ms": acc.delay.as_ref().map(|d| d.p99_ms),
+            "rfc3550_jitter_ms": acc.delay.as_ref().and_then(|d| d.jitter_ms),
+            "ipdv_mean_ms": acc.delay.as_ref().and_then(|d| d.ipdv_mean_ms),
             "loss_pct": acc.loss_pct,
             "reordered": acc.reordered,
             // The same shaper in virtual time (stream::model): a perfect emulator's figures.
             "model": {
-                "mean_delay_ms": model.delay.mean_ms,
-                "delay_stddev_ms": model.delay.stddev_ms,
-                "rfc3550_jitter_ms": model.delay.jitter_ms,
-                "ipdv_mean_ms": model.delay.ipdv_mean_ms,
+                "sent": model.sent,
+                "received": model.received,
+                "mean_delay_ms": model.delay.as_ref().map(|d| d.mean_ms),
+                "delay_stddev_ms": model.delay.as_ref().map(|d| d.stddev_ms),
+                "rfc3550_jitter_ms": model.delay.as_ref().and_then(|d| d.jitter_ms),
+                "ipdv_mean_ms": model.delay.as_ref().and_then(|d| d.ipdv_mean_ms),
                 "loss_pct": model.loss_pct,
             },
         },
         "machine": super::machine(),
     }))
+}
+
+pub fn summary(r: &Value) -> String {
+    let (t, a, m) = (&r["throughput"], &r["accuracy"], &r["accuracy"]["model"]);
+    format!(
+        "wan-emulator:\n  TCP through the emulator {} ({} retransmits), over the bare veth {}: \
+         ratio {}\n  {} sent, {} received; mean delay {} (model {}), stddev {} (model {}), \
+         loss {} (model {}), {} reordered",
+        fig(&t["emulated_gbps"], 2, " Gbit/s"),
+        t["emulated_retransmits"],
+        fig(&t["bare_veth_gbps"], 2, " Gbit/s"),
+        fig(&t["emulated_over_bare"], 2, ""),
+        a["sent"],
+        a["received"],
+        fig(&a["mean_delay_ms"], 2, " ms"),
+        fig(&m["mean_delay_ms"], 2, " ms"),
+        fig(&a["delay_stddev_ms"], 2, " ms"),
+        fig(&m["delay_stddev_ms"], 2, " ms"),
+        fig(&a["loss_pct"], 1, " %"),
+        fig(&m["loss_pct"], 1, " %"),
+        a["reordered"],
+    )
 }
