@@ -491,7 +491,7 @@ pub fn routes_and_document() -> (Router<AppState>, utoipa::openapi::OpenApi) {
 
 /// The OpenAPI document, as served.
 pub fn document() -> serde_json::Value {
-    crate::docs::close_composed_objects(routes_and_document().1)
+    crate::docs::finish(routes_and_document().1)
 }
 
 /// The whole API.

@@ -217,8 +217,8 @@ pub fn password_problem(password: &str, email: &str) -> Option<String> {
     if password.chars().count() < 12 {
         return Some("must be at least 12 characters".into());
     }
-    if password.len() > 1024 {
-        return Some("must be at most 1024 bytes".into());
+    if password.chars().count() > 1024 {
+        return Some("must be at most 1024 characters".into());
     }
     let classes = [
         password.chars().any(|c| c.is_lowercase()),

@@ -30,7 +30,7 @@ fn rendered() -> &'static (String, String) {
     path = "/api/v1/openapi.json",
     tag = "system",
     summary = "This document (OpenAPI 3.1).",
-    responses((status = 200, body = serde_json::Value), crate::error::ApiErrors)
+    responses((status = 200, body = serde_json::Value))
 )]
 pub async fn openapi_json() -> impl axum::response::IntoResponse {
     (
@@ -45,7 +45,7 @@ pub async fn openapi_json() -> impl axum::response::IntoResponse {
     path = "/docs",
     tag = "system",
     summary = "This document as an HTML page, rendered on the server.",
-    responses((status = 200, content_type = "text/html", body = String), crate::error::ApiErrors)
+    responses((status = 200, content_type = "text/html", body = String))
 )]
 pub async fn docs_page() -> axum::response::Html<String> {
     axum::response::Html(rendered().1.clone())
@@ -213,6 +213,133 @@ pub fn page(doc: &serde_json::Value) -> String {
     }
     h.push_str("</body></html>");
     h
+}
+
+/// The document as served: generated, then
+/// - the error responses each operation can give added from its shape (see
+///   [`crate::error::error_response`]), beside those its handler names;
+/// - every integer given the range of the Rust type behind it (a `u32` is not an `int32`);
+/// - composed objects closed (see [`close_composed_objects`]).
+pub fn finish(doc: OpenApi) -> serde_json::Value {
+    let mut v = close_composed_objects(doc);
+    add_errors(&mut v);
+    integer_ranges(&mut v);
+    v
+}
+
+/// Adds to every operation the error responses its shape implies.
+fn add_errors(doc: &mut serde_json::Value) {
+    use serde_json::Value;
+    let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else {
+        return;
+    };
+    for item in paths.values_mut() {
+        let Some(item) = item.as_object_mut() else {
+            continue;
+        };
+        for (method, op) in item.iter_mut() {
+            let params = op["parameters"].as_array().cloned().unwrap_or_default();
+            let has = |place: &str| params.iter().any(|p| p["in"] == place);
+            let bearer = op["security"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|r| r.get("bearer").is_some()));
+            let secured = op.get("security").is_some();
+            let body = op.get("requestBody").is_some();
+            let mut errors: Vec<(&str, &str)> = vec![
+                ("500", "Internal error; the log has the cause"),
+                ("503", "Not ready, or the request took longer than the controller allows"),
+            ];
+            if secured {
+                errors.push(("401", "Missing, invalid or expired credentials"));
+            }
+            if bearer {
+                errors.push(("403", "The caller's role does not allow this"));
+            }
+            if has("path") {
+                errors.push(("404", "No such object"));
+            }
+            if body {
+                errors.push(("400", "Malformed request (not JSON)"));
+                errors.push(("413", "Body too large"));
+                errors.push(("415", "Body not sent as application/json"));
+            }
+            if body || has("query") {
+                errors.push(("422", "Invalid fields; `details` names each"));
+            }
+            if matches!(method.as_str(), "patch" | "delete") && has("path") {
+                errors.push(("412", "If-Match names another version than the current one"));
+            }
+            let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) else {
+                continue;
+            };
+            for (status, description) in errors {
+                if !responses.contains_key(status) {
+                    let r = serde_json::to_value(crate::error::error_response(description))
+                        .unwrap_or_default();
+                    responses.insert(status.to_owned(), r);
+                }
+            }
+        }
+    }
+}
+
+/// Gives every integer schema the range the Rust type behind it holds. The generator writes
+/// an unsigned type as its signed format with `minimum: 0` (`u32` as `int32`, `u64` as `int64`),
+/// which says less than the server takes (a `u32` is not an `int32`): such a schema becomes the
+/// unsigned range, in the smallest standard format that holds it (`u32`: `int64` up to
+/// 4294967295; `u64`: no format, up to 18446744073709551615). Signed ones get their format's
+/// range. Bounds already stated (by validation) are kept. `u8` and `u16` fields state their
+/// own bounds.
+fn integer_ranges(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::Array(a) => a.iter_mut().for_each(integer_ranges),
+        Value::Object(o) => {
+            let integer = match o.get("type") {
+                Some(Value::String(t)) => t == "integer",
+                Some(Value::Array(ts)) => ts.iter().any(|t| t == "integer"),
+                _ => false,
+            };
+            if integer {
+                let unsigned = o
+                    .get("minimum")
+                    .and_then(Value::as_f64)
+                    .is_some_and(|m| m >= 0.0);
+                let stated_max = o.get("maximum").and_then(Value::as_f64);
+                let format = o.get("format").and_then(Value::as_str).unwrap_or("int64");
+                let (format, lo, hi): (Option<&str>, i128, i128) = match (format, unsigned) {
+                    ("int32", true) => (Some("int64"), 0, u32::MAX.into()),
+                    ("int32", false) => (Some("int32"), i32::MIN.into(), i32::MAX.into()),
+                    // An i64 with a stated non-negative range is left in int64.
+                    (_, true) if stated_max.is_some_and(|m| m <= i64::MAX as f64) => {
+                        (Some("int64"), 0, i64::MAX.into())
+                    }
+                    (_, true) => (None, 0, u64::MAX.into()),
+                    (_, false) => (Some("int64"), i64::MIN.into(), i64::MAX.into()),
+                };
+                match format {
+                    Some(f) => o.insert("format".into(), f.into()),
+                    None => o.remove("format"),
+                };
+                let number = |n: i128| -> Value {
+                    u64::try_from(n)
+                        .map(Value::from)
+                        .or_else(|_| i64::try_from(n).map(Value::from))
+                        .unwrap_or(Value::Null)
+                };
+                if o.get("minimum").and_then(Value::as_f64).is_none() {
+                    o.insert("minimum".into(), number(lo));
+                }
+                if stated_max.is_none() {
+                    o.insert("maximum".into(), number(hi));
+                }
+            }
+            for x in o.values_mut() {
+                integer_ranges(x);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// A view that flattens a closed type (`deny_unknown_fields`: `additionalProperties: false`)

@@ -229,50 +229,58 @@ pub struct ErrorDetail {
     pub details: Option<Vec<patronus_api::FieldError>>,
 }
 
-/// The error responses an operation may give, all in the one shape.
-#[derive(Debug)]
-pub struct ApiErrors;
+/// The error responses every operation documents are derived from its shape
+/// ([`crate::docs::finish`]): 401 and 403 where it is secured, 404 where it has path parameters,
+/// 400/413/415/422 where it takes a body, 422 where it takes query parameters, 412 on PATCH and
+/// DELETE (If-Match), 500 and 503 everywhere. The others an operation can give are named in its
+/// `responses(...)` with these.
+macro_rules! error_responses {
+    ($($(#[$doc:meta])* $name:ident => $status:literal, $description:literal;)*) => {$(
+        $(#[$doc])*
+        #[derive(Debug)]
+        pub struct $name;
 
-impl utoipa::IntoResponses for ApiErrors {
-    fn responses() -> std::collections::BTreeMap<
-        String,
-        utoipa::openapi::RefOr<utoipa::openapi::response::Response>,
-    > {
-        use utoipa::openapi::response::ResponseBuilder;
-        use utoipa::openapi::{ContentBuilder, Ref};
-        [
-            ("400", "Malformed request (not JSON)"),
-            ("401", "Missing, invalid or expired credentials"),
-            ("403", "The caller's role does not allow this"),
-            ("404", "No such object or route"),
-            (
-                "409",
-                "Conflicts with the stored state (duplicate name, overlap, in use)",
-            ),
-            ("412", "If-Match names an older version"),
-            ("413", "Body too large"),
-            ("415", "Body not sent as application/json"),
-            ("422", "Invalid fields; `details` names each"),
-            ("429", "Rate limited or account locked; see Retry-After"),
-            ("500", "Internal error; the log has the cause"),
-            ("503", "Not ready, or the request took too long"),
-        ]
-        .into_iter()
-        .map(|(status, description)| {
-            let content = ContentBuilder::new()
+        impl utoipa::IntoResponses for $name {
+            fn responses() -> std::collections::BTreeMap<
+                String,
+                utoipa::openapi::RefOr<utoipa::openapi::response::Response>,
+            > {
+                [($status.to_owned(), error_response($description).into())].into()
+            }
+        }
+    )*};
+}
+
+/// A response in the error shape.
+pub fn error_response(description: &str) -> utoipa::openapi::response::Response {
+    use utoipa::openapi::response::ResponseBuilder;
+    use utoipa::openapi::{ContentBuilder, Ref};
+    ResponseBuilder::new()
+        .description(description)
+        .content(
+            "application/json",
+            ContentBuilder::new()
                 .schema(Some(Ref::from_schema_name("ErrorBody")))
-                .build();
-            (
-                status.to_owned(),
-                ResponseBuilder::new()
-                    .description(description)
-                    .content("application/json", content)
-                    .build()
-                    .into(),
-            )
-        })
-        .collect()
-    }
+                .build(),
+        )
+        .build()
+}
+
+error_responses! {
+    /// 400 beyond a malformed body.
+    BadRequest => "400", "The request cannot be done as asked";
+    /// 401 on an operation that takes no bearer credential (a login, a token in the body).
+    Unauthorized => "401", "The credentials in the request are wrong, expired or spent";
+    /// 403 on an operation that takes no bearer credential.
+    Forbidden => "403", "The account may not do this";
+    /// 404 beyond the path parameters.
+    NotFound => "404", "What the request names does not exist";
+    /// 409.
+    Conflict => "409", "Conflicts with the stored state (duplicate name, overlap, in use)";
+    /// 422 on an operation with neither body nor query parameters.
+    Unprocessable => "422", "The request is not valid for this object; `details` says why";
+    /// 429.
+    RateLimited => "429", "Rate limited or account locked; see Retry-After";
 }
 
 /// Extractors whose rejections use the one error shape.

@@ -168,6 +168,9 @@ fn demo(
     ])
     .arg(&state)
     .env("PATRONUS_ADMIN_EMAIL", ADMIN)
+    // The demo's webhook receiver listens beside the controller, on the lab's private
+    // addresses.
+    .env("PATRONUS_WEBHOOK_ALLOWED_NETWORKS", format!("{ctl}/32"))
     .env("RUST_LOG", "warn");
     let log = std::fs::File::create(run.join("controller.log"))?;
     lab.spawn_logged("controller", cmd, log)?;

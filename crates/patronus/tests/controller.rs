@@ -276,7 +276,7 @@ fn a_controller_killed_mid_write_loses_no_acknowledged_write_and_logs_no_secret(
         "POST",
         "/api/v1/webhooks",
         Some(&token2),
-        Some(r#"{"url":"http://127.0.0.1:9/hook","events":["failover"]}"#),
+        Some(r#"{"url":"http://93.184.216.34:9/hook","events":["failover"]}"#),
     )
     .unwrap();
     assert_eq!(status, 201, "{body}");

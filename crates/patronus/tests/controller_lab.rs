@@ -68,7 +68,9 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
         "--data-dir",
     ])
     .arg(&state)
-    .env("PATRONUS_ADMIN_EMAIL", "admin@example.net");
+    .env("PATRONUS_ADMIN_EMAIL", "admin@example.net")
+    // The webhook receiver listens beside the controller, on the lab's private addresses.
+    .env("PATRONUS_WEBHOOK_ALLOWED_NETWORKS", format!("{ctl}/32"));
     let log = std::fs::File::create(run.join("controller.log")).unwrap();
     let controller = lab.spawn_logged("controller", cmd, log).unwrap();
     let home = run.join("cli");

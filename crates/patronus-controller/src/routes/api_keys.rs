@@ -36,6 +36,7 @@ pub struct NewKey {
     pub role: Role,
     /// 1 to 365 days; 90 when left out.
     #[serde(default = "default_days")]
+    #[schema(minimum = 1, maximum = 365)]
     pub expires_in_days: u32,
 }
 
@@ -106,7 +107,11 @@ pub async fn check(store: &Store, key: &str) -> Result<Option<(i64, String, Role
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Items per page, 1 to 500; 50 when left out.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
+    /// Items to skip; 0 when left out.
+    #[param(minimum = 0, maximum = 9007199254740991)]
     pub offset: Option<i64>,
     /// `id` (default), `name`, `created_at`, `expires_at`; `-` in front for descending.
     pub sort: Option<String>,
@@ -119,7 +124,7 @@ pub struct ListQuery {
     summary = "List API keys (never the keys themselves).",
     params(ListQuery),
     security(("bearer" = ["admin"])),
-    responses((status = 200, body = Page<KeyView>), crate::error::ApiErrors)
+    responses((status = 200, body = Page<KeyView>))
 )]
 async fn list_api_keys(
     State(s): State<AppState>,
@@ -160,7 +165,7 @@ async fn list_api_keys(
     summary = "Issue an API key; the key is in this response only.",
     request_body = NewKey,
     security(("bearer" = ["admin"])),
-    responses((status = 201, body = KeyView), crate::error::ApiErrors)
+    responses((status = 201, body = KeyView))
 )]
 async fn create_api_key(
     State(s): State<AppState>,
@@ -220,7 +225,7 @@ async fn create_api_key(
     summary = "Revoke an API key.",
     params(("id" = i64, Path, description = "The object's id")),
     security(("bearer" = ["admin"])),
-    responses((status = 204, description = "Revoked"), crate::error::ApiErrors)
+    responses((status = 204, description = "Revoked"))
 )]
 async fn revoke_api_key(
     State(s): State<AppState>,

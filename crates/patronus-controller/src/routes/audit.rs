@@ -18,7 +18,11 @@ pub fn routes() -> OpenApiRouter<AppState> {
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Items per page, 1 to 500; 50 when left out.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
+    /// Items to skip; 0 when left out.
+    #[param(minimum = 0, maximum = 9007199254740991)]
     pub offset: Option<i64>,
     /// The actor's email (or `cli`, `bootstrap`).
     pub actor: Option<String>,
@@ -39,7 +43,7 @@ pub struct ListQuery {
     summary = "Read the audit log, newest first.",
     params(ListQuery),
     security(("bearer" = ["admin"])),
-    responses((status = 200, body = Page<AuditRow>), crate::error::ApiErrors)
+    responses((status = 200, body = Page<AuditRow>))
 )]
 async fn list_audit(
     State(s): State<AppState>,

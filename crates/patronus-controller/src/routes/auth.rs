@@ -111,7 +111,7 @@ async fn issue(
     tag = "auth",
     summary = "Log in with email and password.",
     request_body = LoginRequest,
-    responses((status = 200, body = TokenResponse), crate::error::ApiErrors)
+    responses((status = 200, body = TokenResponse), crate::error::Unauthorized, crate::error::Forbidden, crate::error::RateLimited)
 )]
 async fn login(
     State(s): State<AppState>,
@@ -215,7 +215,7 @@ impl FromRequestParts<AppState> for ClientIp {
     tag = "auth",
     summary = "Rotate a refresh token for a new token pair.",
     request_body = RefreshRequest,
-    responses((status = 200, body = TokenResponse), crate::error::ApiErrors)
+    responses((status = 200, body = TokenResponse), crate::error::Unauthorized, crate::error::RateLimited)
 )]
 async fn refresh(
     State(s): State<AppState>,
@@ -279,7 +279,7 @@ async fn refresh(
     summary = "End the session a refresh token belongs to.",
     request_body = RefreshRequest,
     security(("bearer" = ["viewer"])),
-    responses((status = 204, description = "Logged out"), crate::error::ApiErrors)
+    responses((status = 204, description = "Logged out"), crate::error::BadRequest, crate::error::NotFound)
 )]
 async fn logout(
     State(s): State<AppState>,
@@ -327,7 +327,7 @@ pub struct KeyRef {
     tag = "auth",
     summary = "The calling user (or API key).",
     security(("bearer" = ["viewer"])),
-    responses((status = 200, body = Me), crate::error::ApiErrors)
+    responses((status = 200, body = Me))
 )]
 async fn me(p: Principal) -> Json<Me> {
     Json(match p.subject {

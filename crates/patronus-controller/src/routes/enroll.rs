@@ -64,7 +64,7 @@ pub struct Enrolled {
     tag = "enrolment",
     summary = "An edge enrols with a token and its public key, and gets its site credential.",
     request_body = EnrollRequest,
-    responses((status = 200, body = Enrolled), crate::error::ApiErrors)
+    responses((status = 200, body = Enrolled), crate::error::Unauthorized, crate::error::RateLimited, crate::error::Conflict)
 )]
 async fn enroll(
     State(s): State<AppState>,

@@ -50,7 +50,7 @@ pub async fn failover(conn: &mut SqliteConnection) -> Result<(FailoverSettings, 
     tag = "failover",
     summary = "Read the failover settings.",
     security(("bearer" = ["viewer"])),
-    responses((status = 200, body = FailoverSettings), crate::error::ApiErrors)
+    responses((status = 200, body = FailoverSettings))
 )]
 async fn show_failover(State(s): State<AppState>, _p: Principal) -> Result<Response, ApiError> {
     let (f, version) = failover(&mut *s.store.conn().await?).await?;
@@ -64,7 +64,7 @@ async fn show_failover(State(s): State<AppState>, _p: Principal) -> Result<Respo
     summary = "Change the failover settings (JSON merge patch; If-Match).",
     request_body(content = serde_json::Value, description = "A JSON merge patch (RFC 7386) of the object"),
     security(("bearer" = ["admin"])),
-    responses((status = 200, body = FailoverSettings), crate::error::ApiErrors)
+    responses((status = 200, body = FailoverSettings))
 )]
 async fn update_failover(
     State(s): State<AppState>,
@@ -121,7 +121,11 @@ pub struct FailoverView {
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct FailoverQuery {
+    /// Items per page, 1 to 500; 50 when left out.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
+    /// Items to skip; 0 when left out.
+    #[param(minimum = 0, maximum = 9007199254740991)]
     pub offset: Option<i64>,
     /// Events reported by this site's edge (id).
     pub site: Option<i64>,
@@ -140,7 +144,7 @@ pub struct FailoverQuery {
     summary = "Failovers the edges reported, newest first.",
     params(FailoverQuery),
     security(("bearer" = ["viewer"])),
-    responses((status = 200, body = Page<FailoverView>), crate::error::ApiErrors)
+    responses((status = 200, body = Page<FailoverView>))
 )]
 async fn failover_events(
     State(s): State<AppState>,

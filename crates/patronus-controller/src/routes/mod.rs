@@ -55,6 +55,9 @@ pub const DEFAULT_LIMIT: i64 = 50;
 /// The most items one page holds.
 pub const MAX_LIMIT: i64 = 500;
 
+/// The largest offset: 2^53 - 1, the largest integer every JSON client reads exactly.
+pub const MAX_OFFSET: i64 = (1 << 53) - 1;
+
 impl Paging {
     pub fn new(limit: Option<i64>, offset: Option<i64>) -> Result<Self, ApiError> {
         Self {
@@ -69,8 +72,8 @@ impl Paging {
         if !(1..=MAX_LIMIT).contains(&self.limit) {
             e.push("limit", format!("must be between 1 and {MAX_LIMIT}"));
         }
-        if self.offset < 0 {
-            e.push("offset", "must not be negative");
+        if !(0..=MAX_OFFSET).contains(&self.offset) {
+            e.push("offset", format!("must be between 0 and {MAX_OFFSET}"));
         }
         e.into_result().map_err(ApiError::validation)?;
         Ok(self)

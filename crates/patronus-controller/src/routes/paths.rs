@@ -94,7 +94,11 @@ fn path(
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct PathQuery {
+    /// Items per page, 1 to 500; 50 when left out.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
+    /// Items to skip; 0 when left out.
+    #[param(minimum = 0, maximum = 9007199254740991)]
     pub offset: Option<i64>,
     /// Paths with this site (id) at one end.
     pub site: Option<i64>,
@@ -109,7 +113,7 @@ pub struct PathQuery {
     summary = "List the paths the topology gives.",
     params(PathQuery),
     security(("bearer" = ["viewer"])),
-    responses((status = 200, body = Page<PathView>), crate::error::ApiErrors)
+    responses((status = 200, body = Page<PathView>))
 )]
 async fn list_paths(
     State(s): State<AppState>,
@@ -190,7 +194,7 @@ async fn list_paths(
     summary = "Read a path.",
     params(("id" = String, Path, description = "The two link ids, lower first: 3-7")),
     security(("bearer" = ["viewer"])),
-    responses((status = 200, body = PathView), crate::error::ApiErrors)
+    responses((status = 200, body = PathView))
 )]
 async fn show_path(
     State(s): State<AppState>,
@@ -276,7 +280,11 @@ pub struct PathSample {
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct MetricsQuery {
+    /// Items per page, 1 to 500; 50 when left out.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
+    /// Items to skip; 0 when left out.
+    #[param(minimum = 0, maximum = 9007199254740991)]
     pub offset: Option<i64>,
     /// Unix seconds, inclusive.
     pub since: Option<i64>,
@@ -294,7 +302,7 @@ pub struct MetricsQuery {
     summary = "A path's measurements as its edges reported them, oldest first.",
     params(("id" = String, Path, description = "The two link ids, lower first: 3-7"), MetricsQuery),
     security(("bearer" = ["viewer"])),
-    responses((status = 200, body = Page<PathSample>), crate::error::ApiErrors)
+    responses((status = 200, body = Page<PathSample>))
 )]
 async fn path_metrics(
     State(s): State<AppState>,
@@ -421,7 +429,11 @@ pub struct PathEventView {
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct PathEventQuery {
+    /// Items per page, 1 to 500; 50 when left out.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
+    /// Items to skip; 0 when left out.
+    #[param(minimum = 0, maximum = 9007199254740991)]
     pub offset: Option<i64>,
     /// Unix milliseconds, inclusive.
     pub since_ms: Option<i64>,
@@ -439,7 +451,7 @@ pub struct PathEventQuery {
                them, to the millisecond, oldest first.",
     params(("id" = String, Path, description = "The two link ids, lower first: 3-7"), PathEventQuery),
     security(("bearer" = ["viewer"])),
-    responses((status = 200, body = Page<PathEventView>), crate::error::ApiErrors)
+    responses((status = 200, body = Page<PathEventView>))
 )]
 async fn path_events(
     State(s): State<AppState>,

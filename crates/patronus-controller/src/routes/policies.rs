@@ -39,7 +39,11 @@ pub async fn all_policies(conn: &mut SqliteConnection) -> Result<Vec<Doc<Policy>
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Items per page, 1 to 500; 50 when left out.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
+    /// Items to skip; 0 when left out.
+    #[param(minimum = 0, maximum = 9007199254740991)]
     pub offset: Option<i64>,
     /// Policies of this class.
     pub class: Option<String>,
@@ -55,7 +59,7 @@ pub struct ListQuery {
     summary = "List policies in evaluation order.",
     params(ListQuery),
     security(("bearer" = ["viewer"])),
-    responses((status = 200, body = Page<Doc<Policy>>), crate::error::ApiErrors)
+    responses((status = 200, body = Page<Doc<Policy>>))
 )]
 async fn list_policies(
     State(s): State<AppState>,
@@ -101,7 +105,7 @@ async fn load_policy(conn: &mut SqliteConnection, id: i64) -> Result<Doc<Policy>
     summary = "Read a policy.",
     params(("id" = i64, Path, description = "The object's id")),
     security(("bearer" = ["viewer"])),
-    responses((status = 200, body = Doc<Policy>), crate::error::ApiErrors)
+    responses((status = 200, body = Doc<Policy>))
 )]
 async fn show_policy(
     State(s): State<AppState>,
@@ -152,7 +156,7 @@ async fn check_policy(
     summary = "Create a policy.",
     request_body = Policy,
     security(("bearer" = ["operator"])),
-    responses((status = 201, body = Doc<Policy>), crate::error::ApiErrors)
+    responses((status = 201, body = Doc<Policy>), crate::error::Conflict)
 )]
 async fn create_policy(
     State(s): State<AppState>,
@@ -194,7 +198,7 @@ async fn create_policy(
     params(("id" = i64, Path, description = "The object's id")),
     request_body(content = serde_json::Value, description = "A JSON merge patch (RFC 7386) of the object"),
     security(("bearer" = ["operator"])),
-    responses((status = 200, body = Doc<Policy>), crate::error::ApiErrors)
+    responses((status = 200, body = Doc<Policy>), crate::error::Conflict)
 )]
 async fn update_policy(
     State(s): State<AppState>,
@@ -241,7 +245,7 @@ async fn update_policy(
     summary = "Delete a policy.",
     params(("id" = i64, Path, description = "The object's id")),
     security(("bearer" = ["operator"])),
-    responses((status = 204, description = "Deleted"), crate::error::ApiErrors)
+    responses((status = 204, description = "Deleted"))
 )]
 async fn remove_policy(
     State(s): State<AppState>,

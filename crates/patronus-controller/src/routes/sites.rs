@@ -353,7 +353,11 @@ pub(crate) async fn insert_link(
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Items per page, 1 to 500; 50 when left out.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
+    /// Items to skip; 0 when left out.
+    #[param(minimum = 0, maximum = 9007199254740991)]
     pub offset: Option<i64>,
     /// Exact name.
     pub name: Option<String>,
@@ -371,7 +375,7 @@ pub struct ListQuery {
     summary = "List sites with their links.",
     params(ListQuery),
     security(("bearer" = ["viewer"])),
-    responses((status = 200, body = Page<SiteView>), crate::error::ApiErrors)
+    responses((status = 200, body = Page<SiteView>))
 )]
 async fn list_sites(
     State(s): State<AppState>,
@@ -449,7 +453,7 @@ async fn list_sites(
     summary = "Create a site, with its links.",
     request_body = SiteSpec,
     security(("bearer" = ["operator"])),
-    responses((status = 201, body = SiteView), crate::error::ApiErrors)
+    responses((status = 201, body = SiteView), crate::error::Conflict)
 )]
 async fn create_site(
     State(s): State<AppState>,
@@ -502,7 +506,7 @@ async fn create_site(
     summary = "Read a site.",
     params(("id" = i64, Path, description = "The object's id")),
     security(("bearer" = ["viewer"])),
-    responses((status = 200, body = SiteView), crate::error::ApiErrors)
+    responses((status = 200, body = SiteView))
 )]
 async fn show_site(
     State(s): State<AppState>,
@@ -522,7 +526,7 @@ async fn show_site(
     params(("id" = i64, Path, description = "The object's id")),
     request_body(content = serde_json::Value, description = "A JSON merge patch (RFC 7386) of the object"),
     security(("bearer" = ["operator"])),
-    responses((status = 200, body = SiteView), crate::error::ApiErrors)
+    responses((status = 200, body = SiteView), crate::error::Conflict)
 )]
 async fn update_site(
     State(s): State<AppState>,
@@ -584,7 +588,7 @@ async fn update_site(
     summary = "Delete a site and its links.",
     params(("id" = i64, Path, description = "The object's id")),
     security(("bearer" = ["operator"])),
-    responses((status = 204, description = "Deleted"), crate::error::ApiErrors)
+    responses((status = 204, description = "Deleted"))
 )]
 async fn remove_site(
     State(s): State<AppState>,

@@ -42,7 +42,11 @@ pub async fn all_classes(conn: &mut SqliteConnection) -> Result<Vec<Doc<SlaClass
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Items per page, 1 to 500; 50 when left out.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
+    /// Items to skip; 0 when left out.
+    #[param(minimum = 0, maximum = 9007199254740991)]
     pub offset: Option<i64>,
     /// `id` (default) or `name`; `-` in front for descending.
     pub sort: Option<String>,
@@ -55,7 +59,7 @@ pub struct ListQuery {
     summary = "List SLA classes.",
     params(ListQuery),
     security(("bearer" = ["viewer"])),
-    responses((status = 200, body = Page<Doc<SlaClass>>), crate::error::ApiErrors)
+    responses((status = 200, body = Page<Doc<SlaClass>>))
 )]
 async fn list_classes(
     State(s): State<AppState>,
@@ -88,7 +92,7 @@ async fn load_class(conn: &mut SqliteConnection, id: i64) -> Result<Doc<SlaClass
     summary = "Read an SLA class.",
     params(("id" = i64, Path, description = "The object's id")),
     security(("bearer" = ["viewer"])),
-    responses((status = 200, body = Doc<SlaClass>), crate::error::ApiErrors)
+    responses((status = 200, body = Doc<SlaClass>))
 )]
 async fn show_class(
     State(s): State<AppState>,
@@ -106,7 +110,7 @@ async fn show_class(
     summary = "Create an SLA class.",
     request_body = SlaClass,
     security(("bearer" = ["operator"])),
-    responses((status = 201, body = Doc<SlaClass>), crate::error::ApiErrors)
+    responses((status = 201, body = Doc<SlaClass>), crate::error::Conflict)
 )]
 async fn create_class(
     State(s): State<AppState>,
@@ -157,7 +161,7 @@ async fn users_of_class(conn: &mut SqliteConnection, name: &str) -> Result<Vec<S
     params(("id" = i64, Path, description = "The object's id")),
     request_body(content = serde_json::Value, description = "A JSON merge patch (RFC 7386) of the object"),
     security(("bearer" = ["operator"])),
-    responses((status = 200, body = Doc<SlaClass>), crate::error::ApiErrors)
+    responses((status = 200, body = Doc<SlaClass>), crate::error::Conflict)
 )]
 async fn update_class(
     State(s): State<AppState>,
@@ -215,7 +219,7 @@ async fn update_class(
     summary = "Delete an SLA class no policy uses (not a built-in).",
     params(("id" = i64, Path, description = "The object's id")),
     security(("bearer" = ["operator"])),
-    responses((status = 204, description = "Deleted"), crate::error::ApiErrors)
+    responses((status = 204, description = "Deleted"), crate::error::Conflict)
 )]
 async fn remove_class(
     State(s): State<AppState>,

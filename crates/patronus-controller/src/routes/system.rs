@@ -31,7 +31,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
     tag = "system",
     summary = "Prometheus metrics (text format).",
     security(("bearer" = ["viewer"])),
-    responses((status = 200, content_type = "text/plain", body = String), crate::error::ApiErrors)
+    responses((status = 200, content_type = "text/plain", body = String))
 )]
 async fn metrics(State(s): State<AppState>, _p: Principal) -> Result<Response, ApiError> {
     let mut out = String::new();
@@ -149,7 +149,7 @@ pub struct VersionInfo {
     path = "/health",
     tag = "system",
     summary = "Liveness: the process answers.",
-    responses((status = 200, body = Status), crate::error::ApiErrors)
+    responses((status = 200, body = Status))
 )]
 async fn health() -> Json<Status> {
     Json(Status { status: "ok" })
@@ -161,7 +161,7 @@ async fn health() -> Json<Status> {
     path = "/ready",
     tag = "system",
     summary = "Readiness: the database answers.",
-    responses((status = 200, body = Status), crate::error::ApiErrors)
+    responses((status = 200, body = Status))
 )]
 async fn ready(State(s): State<AppState>) -> Result<Json<Status>, ApiError> {
     match s.store.ping().await {
@@ -182,7 +182,7 @@ async fn ready(State(s): State<AppState>) -> Result<Json<Status>, ApiError> {
     path = "/api/v1/version",
     tag = "system",
     summary = "Versions of the controller, the API and the schema.",
-    responses((status = 200, body = VersionInfo), crate::error::ApiErrors)
+    responses((status = 200, body = VersionInfo))
 )]
 async fn version(State(s): State<AppState>) -> Result<Json<VersionInfo>, ApiError> {
     Ok(Json(VersionInfo {

@@ -200,7 +200,7 @@ async fn view(conn: &mut SqliteConnection) -> Result<(TopologyView, i64), ApiErr
     tag = "topology",
     summary = "Read the topology and overlay address plan.",
     security(("bearer" = ["viewer"])),
-    responses((status = 200, body = TopologyView), crate::error::ApiErrors)
+    responses((status = 200, body = TopologyView))
 )]
 async fn show_topology(State(s): State<AppState>, _p: Principal) -> Result<Response, ApiError> {
     let (v, version) = view(&mut *s.store.conn().await?).await?;
@@ -214,7 +214,7 @@ async fn show_topology(State(s): State<AppState>, _p: Principal) -> Result<Respo
     summary = "Change mode, hubs or overlay prefix (JSON merge patch; If-Match).",
     request_body(content = serde_json::Value, description = "A JSON merge patch (RFC 7386) of the object"),
     security(("bearer" = ["operator"])),
-    responses((status = 200, body = TopologyView), crate::error::ApiErrors)
+    responses((status = 200, body = TopologyView), crate::error::Conflict)
 )]
 async fn update_topology(
     State(s): State<AppState>,

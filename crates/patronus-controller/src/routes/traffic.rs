@@ -22,7 +22,11 @@ pub fn routes() -> OpenApiRouter<AppState> {
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct StatsQuery {
+    /// Items per page, 1 to 500; 50 when left out.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
+    /// Items to skip; 0 when left out.
+    #[param(minimum = 0, maximum = 9007199254740991)]
     pub offset: Option<i64>,
     /// `class` (default: what each SLA class's traffic sent, per site), `path` (each path's
     /// traffic as the site at one end sent and received it) or `site` (all of a site's paths).
@@ -70,7 +74,7 @@ pub struct TrafficBucket {
     summary = "Traffic the edges reported, per SLA class, path or site, in time buckets.",
     params(StatsQuery),
     security(("bearer" = ["viewer"])),
-    responses((status = 200, body = Page<TrafficBucket>), crate::error::ApiErrors)
+    responses((status = 200, body = Page<TrafficBucket>))
 )]
 async fn traffic_stats(
     State(s): State<AppState>,

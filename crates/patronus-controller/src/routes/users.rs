@@ -30,17 +30,26 @@ pub fn routes() -> OpenApiRouter<AppState> {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewUser {
+    /// One `@` between a name and a domain, no spaces, at most 254 characters; unique
+    /// (without regard to case).
+    #[schema(pattern = r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+$", max_length = 254)]
     pub email: String,
     #[serde(default)]
+    #[schema(max_length = 200)]
     pub name: String,
     pub role: Role,
+    /// 12 to 1024 characters, mixing at least three of: lower case, upper case, digits, other
+    /// characters; not containing the email's name.
+    #[schema(min_length = 12, max_length = 1024)]
     pub password: String,
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UserPatch {
+    #[schema(pattern = r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+$", max_length = 254)]
     pub email: Option<String>,
+    #[schema(max_length = 200)]
     pub name: Option<String>,
     pub role: Option<Role>,
     pub disabled: Option<bool>,
@@ -51,13 +60,19 @@ pub struct UserPatch {
 pub struct PasswordChange {
     /// Required when changing one's own password.
     pub current_password: Option<String>,
+    /// The rules of [`NewUser::password`].
+    #[schema(min_length = 12, max_length = 1024)]
     pub new_password: String,
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Items per page, 1 to 500; 50 when left out.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
+    /// Items to skip; 0 when left out.
+    #[param(minimum = 0, maximum = 9007199254740991)]
     pub offset: Option<i64>,
     pub role: Option<Role>,
     pub disabled: Option<bool>,
@@ -70,7 +85,7 @@ pub struct ListQuery {
 pub fn email_problem(email: &str) -> Option<&'static str> {
     let mut parts = email.split('@');
     let (local, domain) = (parts.next().unwrap_or(""), parts.next());
-    if email.len() > 254 {
+    if email.chars().count() > 254 {
         Some("must be at most 254 characters")
     } else if email.chars().any(|c| c.is_whitespace() || c.is_control()) {
         Some("must not contain spaces")
@@ -137,7 +152,7 @@ pub async fn add_user(store: &Store, actor: &Actor, new: NewUser) -> Result<User
     summary = "List users.",
     params(ListQuery),
     security(("bearer" = ["admin"])),
-    responses((status = 200, body = Page<UserRow>), crate::error::ApiErrors)
+    responses((status = 200, body = Page<UserRow>))
 )]
 async fn list_users(
     State(s): State<AppState>,
@@ -185,7 +200,7 @@ async fn list_users(
     summary = "Create a user.",
     request_body = NewUser,
     security(("bearer" = ["admin"])),
-    responses((status = 201, body = UserRow), crate::error::ApiErrors)
+    responses((status = 201, body = UserRow), crate::error::Conflict)
 )]
 async fn create_user(
     State(s): State<AppState>,
@@ -203,7 +218,7 @@ async fn create_user(
     summary = "Read a user.",
     params(("id" = i64, Path, description = "The object's id")),
     security(("bearer" = ["admin"])),
-    responses((status = 200, body = UserRow), crate::error::ApiErrors)
+    responses((status = 200, body = UserRow))
 )]
 async fn show_user(
     State(s): State<AppState>,
@@ -235,7 +250,7 @@ async fn other_admins(conn: &mut SqliteConnection, except: i64) -> Result<i64, A
     params(("id" = i64, Path, description = "The object's id")),
     request_body = UserPatch,
     security(("bearer" = ["admin"])),
-    responses((status = 200, body = UserRow), crate::error::ApiErrors)
+    responses((status = 200, body = UserRow), crate::error::Conflict)
 )]
 async fn update_user(
     State(s): State<AppState>,
@@ -315,7 +330,7 @@ async fn update_user(
     summary = "Delete a user.",
     params(("id" = i64, Path, description = "The object's id")),
     security(("bearer" = ["admin"])),
-    responses((status = 204, description = "Deleted"), crate::error::ApiErrors)
+    responses((status = 204, description = "Deleted"), crate::error::Conflict)
 )]
 async fn remove_user(
     State(s): State<AppState>,
@@ -355,7 +370,7 @@ async fn remove_user(
     params(("id" = i64, Path, description = "The object's id")),
     request_body = PasswordChange,
     security(("bearer" = ["admin"])),
-    responses((status = 204, description = "Changed"), crate::error::ApiErrors)
+    responses((status = 204, description = "Changed"), crate::error::RateLimited)
 )]
 async fn set_password(
     State(s): State<AppState>,

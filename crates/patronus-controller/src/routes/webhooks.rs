@@ -135,7 +135,11 @@ fn view(r: &sqlx::sqlite::SqliteRow) -> Result<WebhookView, ApiError> {
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Items per page, 1 to 500; 50 when left out.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
+    /// Items to skip; 0 when left out.
+    #[param(minimum = 0, maximum = 9007199254740991)]
     pub offset: Option<i64>,
 }
 
@@ -146,7 +150,7 @@ pub struct ListQuery {
     summary = "List webhooks (never their secrets).",
     params(ListQuery),
     security(("bearer" = ["admin"])),
-    responses((status = 200, body = Page<WebhookView>), crate::error::ApiErrors)
+    responses((status = 200, body = Page<WebhookView>))
 )]
 async fn list_webhooks(
     State(s): State<AppState>,
@@ -175,7 +179,7 @@ async fn list_webhooks(
     summary = "Register a webhook; its signing secret is in this response only.",
     request_body = WebhookSpec,
     security(("bearer" = ["admin"])),
-    responses((status = 201, body = WebhookView), crate::error::ApiErrors)
+    responses((status = 201, body = WebhookView))
 )]
 async fn create_webhook(
     State(s): State<AppState>,
@@ -221,7 +225,7 @@ async fn create_webhook(
     summary = "Read a webhook.",
     params(("id" = i64, Path, description = "The object's id")),
     security(("bearer" = ["admin"])),
-    responses((status = 200, body = WebhookView), crate::error::ApiErrors)
+    responses((status = 200, body = WebhookView))
 )]
 async fn show_webhook(
     State(s): State<AppState>,
@@ -241,7 +245,7 @@ async fn show_webhook(
     params(("id" = i64, Path, description = "The object's id")),
     request_body(content = serde_json::Value, description = "A JSON merge patch (RFC 7386) of the object"),
     security(("bearer" = ["admin"])),
-    responses((status = 200, body = WebhookView), crate::error::ApiErrors)
+    responses((status = 200, body = WebhookView))
 )]
 async fn update_webhook(
     State(s): State<AppState>,
@@ -289,7 +293,7 @@ async fn update_webhook(
     summary = "Delete a webhook and its deliveries.",
     params(("id" = i64, Path, description = "The object's id")),
     security(("bearer" = ["admin"])),
-    responses((status = 204, description = "Deleted"), crate::error::ApiErrors)
+    responses((status = 204, description = "Deleted"))
 )]
 async fn remove_webhook(
     State(s): State<AppState>,
@@ -326,7 +330,7 @@ pub struct Queued {
     summary = "Send this webhook a `ping` event now, to test it; see its deliveries for how it went.",
     params(("id" = i64, Path, description = "The object's id")),
     security(("bearer" = ["admin"])),
-    responses((status = 202, body = Queued), crate::error::ApiErrors)
+    responses((status = 202, body = Queued))
 )]
 async fn ping_webhook(
     State(s): State<AppState>,
@@ -375,7 +379,11 @@ pub struct DeliveryView {
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct DeliveryQuery {
+    /// Items per page, 1 to 500; 50 when left out.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
+    /// Items to skip; 0 when left out.
+    #[param(minimum = 0, maximum = 9007199254740991)]
     pub offset: Option<i64>,
     /// `pending`, `delivered` or `failed`.
     pub status: Option<String>,
@@ -390,7 +398,7 @@ pub struct DeliveryQuery {
     summary = "This webhook's deliveries, newest first.",
     params(("id" = i64, Path, description = "The object's id"), DeliveryQuery),
     security(("bearer" = ["admin"])),
-    responses((status = 200, body = Page<DeliveryView>), crate::error::ApiErrors)
+    responses((status = 200, body = Page<DeliveryView>))
 )]
 async fn list_deliveries(
     State(s): State<AppState>,
@@ -463,7 +471,7 @@ async fn list_deliveries(
         ("delivery_id" = i64, Path, description = "The delivery's id")
     ),
     security(("bearer" = ["admin"])),
-    responses((status = 202, description = "Queued"), crate::error::ApiErrors)
+    responses((status = 202, description = "Queued"), crate::error::Conflict)
 )]
 async fn retry_delivery(
     State(s): State<AppState>,

@@ -605,3 +605,44 @@ async fn every_operation_enforces_the_role_its_document_names_and_404s_what_does
         "{d}"
     );
 }
+
+#[tokio::test]
+async fn the_served_document_passes_a_standard_validator_and_names_each_operation_once() {
+    let a = api().await;
+    let r = a.call(Method::GET, "/api/v1/openapi.json", None, None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let doc = r.body;
+    let mut ids = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let id = op["operationId"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{method} {path} has no operationId"));
+            ids.entry(id.to_owned())
+                .or_default()
+                .push(format!("{method} {path}"));
+        }
+    }
+    let repeated: Vec<_> = ids.iter().filter(|(_, ops)| ops.len() > 1).collect();
+    assert!(repeated.is_empty(), "operation ids used twice: {repeated:?}");
+    // An independent validator of the OpenAPI 3.1 specification (PyPI's openapi-spec-validator,
+    // which .ci/run and the README's test command install).
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("openapi.json");
+    std::fs::write(&file, serde_json::to_vec_pretty(&doc).unwrap()).unwrap();
+    let out = std::process::Command::new("openapi-spec-validator")
+        .arg(&file)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "openapi-spec-validator is needed to check the document ({e}): \
+                 pip install openapi-spec-validator==0.9.0"
+            )
+        });
+    assert!(
+        out.status.success(),
+        "the document is not valid OpenAPI:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

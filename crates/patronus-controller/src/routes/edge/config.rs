@@ -23,6 +23,7 @@ pub struct ConfigQuery {
     /// With `If-None-Match`: hold the request up to this many seconds (at most 25) until the
     /// configuration changes, then answer at once (a long poll: a change reaches the edge
     /// without polling delay).
+    #[param(minimum = 0, maximum = 25)]
     pub wait: Option<u64>,
 }
 
@@ -40,7 +41,7 @@ pub const MAX_WAIT_S: u64 = 25;
     responses(
         (status = 200, body = patronus_api::SiteConfig),
         (status = 304, description = "Unchanged since the version in If-None-Match"),
-        crate::error::ApiErrors
+        crate::error::NotFound
     )
 )]
 async fn edge_config(
@@ -76,7 +77,8 @@ async fn edge_config(
     responses(
         (status = 200, body = patronus_api::ConfigDelta),
         (status = 304, description = "Unchanged since the version in If-None-Match"),
-        crate::error::ApiErrors
+        crate::error::NotFound,
+        crate::error::Conflict
     )
 )]
 async fn edge_config_delta(

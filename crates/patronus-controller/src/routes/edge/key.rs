@@ -38,7 +38,7 @@ pub enum KeyStep {
                `commit` once its sessions use it.",
     request_body = KeyStep,
     security(("site" = [])),
-    responses((status = 204, description = "Recorded"), crate::error::ApiErrors)
+    responses((status = 204, description = "Recorded"), crate::error::Conflict)
 )]
 async fn edge_key(
     State(s): State<AppState>,

@@ -28,7 +28,7 @@ pub const FAILOVER_RETENTION_S: i64 = 90 * 24 * 3600;
     summary = "The calling edge reports its paths' measurements (site credential).",
     request_body = patronus_api::Telemetry,
     security(("site" = [])),
-    responses((status = 204, description = "Recorded"), crate::error::ApiErrors)
+    responses((status = 204, description = "Recorded"))
 )]
 async fn edge_telemetry(
     State(s): State<AppState>,

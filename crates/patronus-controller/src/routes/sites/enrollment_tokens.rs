@@ -24,6 +24,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
 pub struct NewToken {
     /// 1 to 10080 (a week); 60 when left out.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 10080)]
     pub expires_in_minutes: Option<u32>,
 }
 
@@ -43,7 +44,7 @@ pub struct TokenView {
     params(("id" = i64, Path, description = "The site's id")),
     request_body = NewToken,
     security(("bearer" = ["operator"])),
-    responses((status = 201, body = TokenView), crate::error::ApiErrors)
+    responses((status = 201, body = TokenView))
 )]
 async fn create_enrollment_token(
     State(s): State<AppState>,

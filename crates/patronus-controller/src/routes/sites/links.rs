@@ -45,7 +45,7 @@ async fn load_link(
     summary = "List the links of a site.",
     params(("id" = i64, Path, description = "The object's id")),
     security(("bearer" = ["viewer"])),
-    responses((status = 200, body = Page<LinkView>), crate::error::ApiErrors)
+    responses((status = 200, body = Page<LinkView>))
 )]
 async fn list_links(
     State(s): State<AppState>,
@@ -70,7 +70,7 @@ async fn list_links(
     params(("id" = i64, Path, description = "The object's id")),
     request_body = Link,
     security(("bearer" = ["operator"])),
-    responses((status = 201, body = LinkView), crate::error::ApiErrors)
+    responses((status = 201, body = LinkView), crate::error::Conflict)
 )]
 async fn create_link(
     State(s): State<AppState>,
@@ -113,7 +113,7 @@ async fn create_link(
     summary = "Read a link.",
     params(("id" = i64, Path, description = "The site's id"), ("link" = i64, Path, description = "The link's id")),
     security(("bearer" = ["viewer"])),
-    responses((status = 200, body = LinkView), crate::error::ApiErrors)
+    responses((status = 200, body = LinkView))
 )]
 async fn show_link(
     State(s): State<AppState>,
@@ -132,7 +132,7 @@ async fn show_link(
     params(("id" = i64, Path, description = "The site's id"), ("link" = i64, Path, description = "The link's id")),
     request_body(content = serde_json::Value, description = "A JSON merge patch (RFC 7386) of the object"),
     security(("bearer" = ["operator"])),
-    responses((status = 200, body = LinkView), crate::error::ApiErrors)
+    responses((status = 200, body = LinkView), crate::error::Conflict)
 )]
 async fn update_link(
     State(s): State<AppState>,
@@ -180,7 +180,7 @@ async fn update_link(
     summary = "Delete a link.",
     params(("id" = i64, Path, description = "The site's id"), ("link" = i64, Path, description = "The link's id")),
     security(("bearer" = ["operator"])),
-    responses((status = 204, description = "Deleted"), crate::error::ApiErrors)
+    responses((status = 204, description = "Deleted"))
 )]
 async fn remove_link(
     State(s): State<AppState>,

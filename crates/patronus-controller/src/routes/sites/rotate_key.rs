@@ -37,7 +37,7 @@ pub struct Rotation {
                both keys until it has.",
     params(("id" = i64, Path, description = "The site's id")),
     security(("bearer" = ["operator"])),
-    responses((status = 202, body = Rotation), crate::error::ApiErrors)
+    responses((status = 202, body = Rotation), crate::error::Conflict)
 )]
 async fn rotate_key(
     State(s): State<AppState>,
