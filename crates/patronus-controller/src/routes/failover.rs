@@ -6,7 +6,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use patronus_api::FailoverSettings;
+use patronus_api::{FailoverReason, FailoverSettings};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::Row;
@@ -112,7 +112,7 @@ pub struct FailoverView {
     /// The links by name, as the edge reported them.
     pub from: String,
     pub to: String,
-    pub reason: String,
+    pub reason: FailoverReason,
     pub flows: i64,
 }
 
@@ -123,8 +123,9 @@ pub struct FailoverQuery {
     pub offset: Option<i64>,
     /// Events reported by this site's edge (id).
     pub site: Option<i64>,
-    /// `path-down`, `sla-violated`, ...
-    pub reason: Option<String>,
+    /// Only this reason.
+    #[param(inline)]
+    pub reason: Option<FailoverReason>,
     /// Unix milliseconds, inclusive.
     pub since: Option<i64>,
     /// Unix milliseconds, exclusive.
@@ -153,8 +154,8 @@ async fn failover_events(
     let total: i64 = sqlx::query_scalar(&count)
         .bind(q.site)
         .bind(q.site)
-        .bind(&q.reason)
-        .bind(&q.reason)
+        .bind(q.reason.map(FailoverReason::as_str))
+        .bind(q.reason.map(FailoverReason::as_str))
         .bind(since)
         .bind(until)
         .fetch_one(s.store.pool())
@@ -166,8 +167,8 @@ async fn failover_events(
     let rows = sqlx::query(&sql)
         .bind(q.site)
         .bind(q.site)
-        .bind(&q.reason)
-        .bind(&q.reason)
+        .bind(q.reason.map(FailoverReason::as_str))
+        .bind(q.reason.map(FailoverReason::as_str))
         .bind(since)
         .bind(until)
         .bind(paging.limit)
@@ -189,7 +190,7 @@ async fn failover_events(
                 to_path: r.try_get("to_path")?,
                 from: format!("{}>{}", e.from_local_link, e.from_remote_link),
                 to: format!("{}>{}", e.to_local_link, e.to_remote_link),
-                reason: r.try_get("reason")?,
+                reason: e.reason,
                 flows: r.try_get("flows")?,
             })
         })

@@ -10,7 +10,7 @@ use utoipa_axum::routes;
 
 use axum::Json;
 use axum::extract::State;
-use patronus_api::LinkKind;
+use patronus_api::{LinkKind, PathEventKind, PathState};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
@@ -47,7 +47,7 @@ pub struct PathView {
     pub id: String,
     pub a: PathEnd,
     pub b: PathEnd,
-    pub state: Option<String>,
+    pub state: Option<PathState>,
     pub rtt_ms: Option<f64>,
     pub jitter_ms: Option<f64>,
     pub loss_pct: Option<f64>,
@@ -82,7 +82,7 @@ fn path(
     PathView {
         a: end(a, la),
         b: end(b, lb),
-        state: m.map(|m| m.state.clone()),
+        state: m.map(|m| m.state),
         rtt_ms: m.and_then(|m| m.rtt_ms),
         jitter_ms: m.map(|m| m.jitter_ms),
         loss_pct: m.map(|m| m.loss_pct),
@@ -98,8 +98,31 @@ pub struct PathQuery {
     pub offset: Option<i64>,
     /// Paths with this site (id) at one end.
     pub site: Option<i64>,
-    /// `up`, `degraded`, `down` or `unknown` (no report yet).
-    pub state: Option<String>,
+    /// Only paths in this state (`unknown`: no edge reported it lately).
+    #[param(inline)]
+    pub state: Option<StateFilter>,
+}
+
+/// A path's state, or `unknown`: no edge has reported the path lately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum StateFilter {
+    Up,
+    Degraded,
+    Down,
+    Unknown,
+}
+
+impl StateFilter {
+    /// The state a path's live fields hold when it matches.
+    fn state(self) -> Option<PathState> {
+        match self {
+            StateFilter::Up => Some(PathState::Up),
+            StateFilter::Degraded => Some(PathState::Degraded),
+            StateFilter::Down => Some(PathState::Down),
+            StateFilter::Unknown => None,
+        }
+    }
 }
 
 #[utoipa::path(
@@ -117,14 +140,6 @@ async fn list_paths(
     extract::Query(q): extract::Query<PathQuery>,
 ) -> Result<Json<Page<PathView>>, ApiError> {
     let paging = Paging::new(q.limit, q.offset)?;
-    if let Some(st) = q.state.as_deref() {
-        if !matches!(st, "up" | "degraded" | "down" | "unknown") {
-            return Err(ApiError::field(
-                "state",
-                "must be up, degraded, down or unknown",
-            ));
-        }
-    }
     let t = load(&s.store).await?;
     let sites = load_sites(&s.store).await?;
     let live = s.live.lock().map(|l| l.clone()).unwrap_or_default();
@@ -133,7 +148,7 @@ async fn list_paths(
         .into_iter()
         .filter(|(a, b)| q.site.is_none_or(|id| a.id == id || b.id == id))
         .collect();
-    if let Some(st) = q.state.as_deref() {
+    if let Some(st) = q.state {
         // Filtered by state: every path is looked at.
         let all: Vec<PathView> = pairs
             .iter()
@@ -143,7 +158,7 @@ async fn list_paths(
                     .iter()
                     .flat_map(move |la| b.links.iter().map(move |lb| path(a, la, b, lb, live, now)))
             })
-            .filter(|p| p.state.as_deref().unwrap_or("unknown") == st)
+            .filter(|p| p.state == st.state())
             .collect();
         let total = all.len() as i64;
         let items = all
@@ -257,7 +272,7 @@ pub struct PathSample {
     pub at: i64,
     /// The site whose edge reported it.
     pub site_id: i64,
-    pub state: String,
+    pub state: PathState,
     pub rtt_ms: Option<f64>,
     pub jitter_ms: f64,
     pub loss_pct: f64,
@@ -335,7 +350,10 @@ async fn path_metrics(
             Ok(PathSample {
                 at: r.try_get("at_s")?,
                 site_id: r.try_get("site_id")?,
-                state: r.try_get("state")?,
+                state: r
+                    .try_get::<&str, _>("state")?
+                    .parse()
+                    .map_err(ApiError::internal)?,
                 rtt_ms: r.try_get("rtt_ms")?,
                 jitter_ms: r.try_get("jitter_ms")?,
                 loss_pct: r.try_get("loss_pct")?,
@@ -343,7 +361,7 @@ async fn path_metrics(
                 rtt_ms_max: None,
             })
         })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        .collect::<Result<Vec<_>, ApiError>>()?;
     Ok(Json(Page::new(items, total, paging)))
 }
 
@@ -387,7 +405,8 @@ async fn path_metrics_bucketed(
             Ok(PathSample {
                 at: r.try_get("bucket")?,
                 site_id: r.try_get("site_id")?,
-                state: ["up", "degraded", "down"][worst.clamp(0, 2) as usize].to_owned(),
+                state: [PathState::Up, PathState::Degraded, PathState::Down]
+                    [worst.clamp(0, 2) as usize],
                 rtt_ms: r.try_get("rtt")?,
                 jitter_ms: r.try_get("jitter")?,
                 loss_pct: r.try_get("loss")?,
@@ -407,8 +426,7 @@ pub struct PathEventView {
     pub site: String,
     /// Unix milliseconds, the edge's clock.
     pub at_ms: i64,
-    /// `down`, `up`, `sla-violated`, `sla-restored`.
-    pub kind: String,
+    pub kind: PathEventKind,
     pub class: Option<String>,
     /// The event as the edge reported it.
     pub detail: patronus_api::PathEvent,
@@ -424,7 +442,8 @@ pub struct PathEventQuery {
     /// Unix milliseconds, exclusive.
     pub until_ms: Option<i64>,
     /// Only this kind.
-    pub kind: Option<String>,
+    #[param(inline)]
+    pub kind: Option<PathEventKind>,
 }
 
 #[utoipa::path(
@@ -444,14 +463,6 @@ async fn path_events(
     extract::Query(q): extract::Query<PathEventQuery>,
 ) -> Result<Json<Page<PathEventView>>, ApiError> {
     let paging = Paging::new(q.limit, q.offset)?;
-    if let Some(k) = q.kind.as_deref() {
-        if !matches!(k, "down" | "up" | "sla-violated" | "sla-restored") {
-            return Err(ApiError::field(
-                "kind",
-                "must be down, up, sla-violated or sla-restored",
-            ));
-        }
-    }
     known_path(&s, &id).await?;
     let (since, until) = (q.since_ms.unwrap_or(0), q.until_ms.unwrap_or(i64::MAX));
     let filter =
@@ -462,7 +473,7 @@ async fn path_events(
     .bind(&id)
     .bind(since)
     .bind(until)
-    .bind(&q.kind)
+    .bind(q.kind.map(PathEventKind::as_str))
     .fetch_one(s.store.pool())
     .await?;
     let rows = sqlx::query(&format!(
@@ -473,7 +484,7 @@ async fn path_events(
     .bind(&id)
     .bind(since)
     .bind(until)
-    .bind(&q.kind)
+    .bind(q.kind.map(PathEventKind::as_str))
     .bind(paging.limit)
     .bind(paging.offset)
     .fetch_all(s.store.pool())
@@ -481,15 +492,17 @@ async fn path_events(
     let items = rows
         .iter()
         .map(|r| {
+            let detail: patronus_api::PathEvent =
+                serde_json::from_str(r.try_get::<&str, _>("detail")?)
+                    .map_err(ApiError::internal)?;
             Ok(PathEventView {
                 id: r.try_get("id")?,
                 site_id: r.try_get("site_id")?,
                 site: r.try_get("site")?,
                 at_ms: r.try_get("at_ms")?,
-                kind: r.try_get("kind")?,
+                kind: detail.kind,
                 class: r.try_get("class")?,
-                detail: serde_json::from_str(r.try_get::<&str, _>("detail")?)
-                    .map_err(ApiError::internal)?,
+                detail,
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;

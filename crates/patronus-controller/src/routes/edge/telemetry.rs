@@ -2,6 +2,7 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use patronus_api::PathEventKind;
 use serde_json::json;
 use sqlx::Row;
 use utoipa_axum::router::OpenApiRouter;
@@ -85,12 +86,6 @@ async fn edge_telemetry(
     let now = now_s();
     let mut samples = Vec::new();
     for (i, p) in t.paths.iter().enumerate() {
-        if !matches!(p.state.as_str(), "up" | "degraded" | "down") {
-            return Err(ApiError::field(
-                &format!("paths[{i}].state"),
-                "must be up, degraded or down",
-            ));
-        }
         let finite = |v: f64| v.is_finite() && v >= 0.0;
         if !finite(p.jitter_ms) || !finite(p.loss_pct) || p.rtt_ms.is_some_and(|r| !finite(r)) {
             return Err(ApiError::field(
@@ -110,7 +105,7 @@ async fn edge_telemetry(
             live.insert(
                 id.clone(),
                 crate::app::LivePath {
-                    state: p.state.clone(),
+                    state: p.state,
                     rtt_ms: p.rtt_ms,
                     jitter_ms: p.jitter_ms,
                     loss_pct: p.loss_pct,
@@ -128,7 +123,7 @@ async fn edge_telemetry(
         .bind(id)
         .bind(site.site_id)
         .bind(now)
-        .bind(&p.state)
+        .bind(p.state.as_str())
         .bind(p.rtt_ms)
         .bind(p.jitter_ms)
         .bind(p.loss_pct)
@@ -153,7 +148,7 @@ async fn edge_telemetry(
         .bind(&from)
         .bind(&to)
         .bind(serde_json::to_string(e).map_err(ApiError::internal)?)
-        .bind(&e.reason)
+        .bind(e.reason.as_str())
         .bind(i64::from(e.flows))
         .execute(&mut *tx)
         .await?
@@ -189,7 +184,7 @@ async fn edge_telemetry(
         .bind(e.seq as i64)
         .bind(e.at_ms)
         .bind(&path)
-        .bind(&e.kind)
+        .bind(e.kind.as_str())
         .bind(&e.class)
         .bind(serde_json::to_string(e).map_err(ApiError::internal)?)
         .bind(now)
@@ -197,11 +192,11 @@ async fn edge_telemetry(
         .await?
         .rows_affected()
             == 1;
-        let kind = match e.kind.as_str() {
-            "down" => crate::webhooks::EventKind::PathDown,
-            "up" => crate::webhooks::EventKind::PathUp,
-            "sla-violated" => crate::webhooks::EventKind::SlaViolated,
-            _ => continue,
+        let kind = match e.kind {
+            PathEventKind::Down => crate::webhooks::EventKind::PathDown,
+            PathEventKind::Up => crate::webhooks::EventKind::PathUp,
+            PathEventKind::SlaViolated => crate::webhooks::EventKind::SlaViolated,
+            PathEventKind::SlaRestored | PathEventKind::Unknown => continue,
         };
         if new {
             events.push((
