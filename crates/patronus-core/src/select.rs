@@ -595,6 +595,252 @@ mod tests {
         }
     }
 
+    /// What the table leaves out: each mode's own keys, and the epoch wrapping.
+    #[test]
+    fn the_move_rule_beyond_the_table() {
+        use MoveReason::*;
+        use SteeringMode::*;
+        let m = 0.2;
+        let cheap = |mut c: Cand| {
+            c.cost = (0, 0, 100, 0);
+            c
+        };
+        let avoided = |mut c: Cand| {
+            c.pref = 2;
+            c
+        };
+        let rows: &[(Cand, Cand, SteeringMode, Option<MoveReason>, &str)] = &[
+            (
+                cand(1, 0, 0.50),
+                avoided(cand(2, 0, 0.10)),
+                BestQuality,
+                None,
+                "an avoided link kind never attracts, however good",
+            ),
+            (
+                cand(1, 0, 0.50),
+                cand(2, 0, 0.39),
+                Duplicate,
+                Some(Better),
+                "duplicate moves its primary as best-quality does",
+            ),
+            (
+                cand(1, 0, 0.50),
+                cand(2, 0, 0.45),
+                Duplicate,
+                None,
+                "and stays within the margin",
+            ),
+            (
+                cand(1, 0, 0.50),
+                cand(2, 0, 0.39),
+                LowestCost,
+                Some(Better),
+                "as cheap and better by the margin attracts in lowest-cost",
+            ),
+            (
+                cand(1, 0, 0.50),
+                cand(2, 0, 0.45),
+                LowestCost,
+                None,
+                "as cheap and within the margin does not",
+            ),
+            (
+                cand(1, 0, 0.50),
+                avoided(cheap(cand(2, 0, 0.10))),
+                LowestCost,
+                None,
+                "preference comes before cost",
+            ),
+            (
+                cand(1, 2, 1.50),
+                cand(2, 0, 0.90),
+                LoadBalance,
+                Some(SlaViolated),
+                "load-balance flows leave a path that breaks their SLA",
+            ),
+        ];
+        for (cur, top, mode, want, why) in rows {
+            assert_eq!(should_move(cur, top, *mode, m, DECIDED), *want, "{why}");
+        }
+        // Epochs wrap: one past u32::MAX is still after.
+        let mut top = cand(2, 0, 0.10);
+        top.eligible_epoch = Some(1);
+        let cur = cand(1, 0, 0.50);
+        assert_eq!(
+            should_move(&cur, &top, BestQuality, m, u32::MAX - 1),
+            Some(Better)
+        );
+        assert_eq!(should_move(&cur, &top, BestQuality, m, 2), None);
+    }
+
+    #[test]
+    fn lowest_cost_ranks_paths_that_meet_the_sla_by_cost_and_the_other_modes_by_score() {
+        let good = cand(1, 0, 0.1);
+        let mut cheap = cand(2, 0, 0.9);
+        cheap.cost = (0, 0, 100, 0);
+        assert_eq!(
+            order(&cheap, &good, SteeringMode::LowestCost),
+            Ordering::Less
+        );
+        for mode in [
+            SteeringMode::BestQuality,
+            SteeringMode::LoadBalance,
+            SteeringMode::Duplicate,
+        ] {
+            assert_eq!(order(&good, &cheap, mode), Ordering::Less, "{mode:?}");
+        }
+        // Equal in everything but the id: the lower id, both ways round.
+        let twin = cand(3, 0, 0.1);
+        assert_eq!(
+            order(&good, &twin, SteeringMode::BestQuality),
+            Ordering::Less
+        );
+        assert_eq!(
+            order(&twin, &good, SteeringMode::BestQuality),
+            Ordering::Greater
+        );
+    }
+
+    #[test]
+    fn tiers_then_fates_rank_paths_before_any_score() {
+        let mode = SteeringMode::BestQuality;
+        let with = |c: Cand, fate: Fate| Cand { fate, ..c };
+        // Best first; each beats every later one whatever the scores say.
+        let ranked = [
+            with(cand(1, 0, 0.9), Fate::Clear),
+            with(cand(2, 0, 0.1), Fate::Dented),
+            with(cand(3, 1, 0.1), Fate::Clear),
+            with(cand(4, 1, 0.1), Fate::Dented),
+            with(cand(5, 0, 0.1), Fate::Doomed),
+            with(cand(6, 1, 0.1), Fate::Doomed),
+            with(cand(7, 2, 1.9), Fate::Clear),
+            with(cand(8, 2, 1.1), Fate::Dented),
+            with(cand(9, 2, 1.1), Fate::Doomed),
+        ];
+        for (i, a) in ranked.iter().enumerate() {
+            for b in &ranked[i + 1..] {
+                assert_eq!(order(a, b, mode), Ordering::Less, "{:?} {:?}", a.id, b.id);
+            }
+        }
+    }
+
+    #[test]
+    fn a_strict_flow_is_dropped_when_no_path_meets_its_sla_and_nothing_is_no_path() {
+        let mut profile = plain(SteeringMode::BestQuality);
+        profile.strict = true;
+        let breaking = [cand(1, 2, 1.5)];
+        assert_eq!(
+            choose(&breaking, &profile),
+            Decision::Drop(DropReason::SlaUnavailable)
+        );
+        let r = reconsider(
+            &breaking,
+            &profile,
+            Decision::Send(PathId(1)),
+            DECIDED,
+            0.2,
+            |_| MoveReason::PathDown,
+        );
+        assert_eq!(
+            (r.decision, r.moved),
+            (Decision::Drop(DropReason::SlaUnavailable), None)
+        );
+        assert_eq!(choose(&[], &profile), Decision::Drop(DropReason::NoPath));
+    }
+
+    #[test]
+    fn a_reconsidered_flow_stays_moves_for_the_reason_given_or_takes_a_first_path() {
+        let profile = plain(SteeringMode::BestQuality);
+        let cands = [cand(1, 0, 0.5), cand(2, 0, 0.45)];
+        let stay = reconsider(
+            &cands,
+            &profile,
+            Decision::Send(PathId(1)),
+            DECIDED,
+            0.2,
+            |_| unreachable!("path 1 is a candidate"),
+        );
+        assert_eq!(
+            (stay.decision, stay.moved),
+            (Decision::Send(PathId(1)), None)
+        );
+        // Its path is gone from the candidates: the caller says why.
+        let gone = reconsider(
+            &cands,
+            &profile,
+            Decision::Send(PathId(9)),
+            DECIDED,
+            0.2,
+            |id| {
+                assert_eq!(id, PathId(9));
+                MoveReason::PathRemoved
+            },
+        );
+        assert_eq!(
+            (gone.decision, gone.moved),
+            (Decision::Send(PathId(2)), Some(MoveReason::PathRemoved))
+        );
+        // A flow that was dropped is no move when it gets a path.
+        let first = reconsider(
+            &cands,
+            &profile,
+            Decision::Drop(DropReason::NoPath),
+            DECIDED,
+            0.2,
+            |_| unreachable!("no path to leave"),
+        );
+        assert_eq!(
+            (first.decision, first.moved),
+            (Decision::Send(PathId(2)), None)
+        );
+    }
+
+    #[test]
+    fn a_duplicated_flow_that_stays_gets_a_second_path_disjoint_from_its_own() {
+        let profile = plain(SteeringMode::Duplicate);
+        // Path 1 (local 7) carries the flow; path 2 is better but within the margin and
+        // shares local link 7; path 3 is on local link 8.
+        let mut cands = vec![cand(1, 0, 0.5), cand(2, 0, 0.45), cand(3, 0, 0.9)];
+        cands[0].local = 7;
+        cands[1].local = 7;
+        cands[2].local = 8;
+        let r = reconsider(
+            &cands,
+            &profile,
+            Decision::Send(PathId(1)),
+            DECIDED,
+            0.2,
+            |_| unreachable!("path 1 is a candidate"),
+        );
+        assert_eq!(
+            (r.decision, r.moved),
+            (
+                Decision::Duplicate {
+                    primary: PathId(1),
+                    secondary: PathId(3)
+                },
+                None
+            )
+        );
+        // Alone, a path carries the flow by itself.
+        assert_eq!(choose(&cands[..1], &profile), Decision::Send(PathId(1)));
+    }
+
+    #[test]
+    fn load_balance_spreads_flows_equally_while_a_capacity_is_unknown() {
+        let profile = plain(SteeringMode::LoadBalance);
+        let mut cands = vec![cand(1, 0, 0.1), cand(2, 0, 0.2)];
+        cands[0].capacity = 100_000;
+        for _ in 0..100 {
+            let Decision::Send(id) = choose(&cands, &profile) else {
+                panic!()
+            };
+            cands.iter_mut().find(|c| c.id == id).unwrap().flows += 1;
+        }
+        assert_eq!((cands[0].flows, cands[1].flows), (50, 50));
+    }
+
     #[test]
     fn the_least_bad_path_wins_in_tier_two_whatever_the_mode() {
         let a = cand(1, 2, 3.0);
