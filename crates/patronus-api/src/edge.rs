@@ -323,7 +323,7 @@ pub struct PathEvent {
     pub local_link: String,
     pub remote_link: String,
     /// `sla-violated` and `sla-restored` are for `class`. A kind this build does not know is
-    /// kept as `unknown` (see [`PathEventKind`]).
+    /// kept as `unknown`: it comes from a newer edge.
     #[serde(deserialize_with = "PathEventKind::reported")]
     pub kind: PathEventKind,
     #[serde(default)]
@@ -358,7 +358,7 @@ pub struct FailoverEvent {
     pub from_remote_link: String,
     pub to_local_link: String,
     pub to_remote_link: String,
-    /// A reason this build does not know is kept as `unknown` (see [`FailoverReason`]).
+    /// A reason this build does not know is kept as `unknown`: it comes from a newer edge.
     #[serde(deserialize_with = "FailoverReason::reported")]
     pub reason: FailoverReason,
     pub flows: u32,
