@@ -31,7 +31,9 @@ fuzz_target!(|data: &[u8]| {
         .add_peer("b", &["10.2.0.0/16".parse().expect("a valid prefix")])
         .expect("a fresh engine takes a peer");
     let link = Link::new(Name::new("mpls").expect("a valid name"), LinkKind::Mpls);
-    let path = engine.add_path(peer, &link, &link, now).expect("a fresh peer takes a path");
+    let path = engine
+        .add_path(peer, &link, &link, now)
+        .expect("a fresh peer takes a path");
     engine.handle_timeout(now);
     let _ = engine.handle_probe_reply(path, data, now + Duration::from_millis(5));
     let _ = engine.handle_probe_reply(PathId(7), data, now);

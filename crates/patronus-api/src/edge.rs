@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use crate::{
-    FailoverSettings, FieldErrors, Link, Name, Policy, Prefix, SlaClass, SteeringMode,
-    validate_policies,
+    FailoverReason, FailoverSettings, FieldErrors, Link, Name, PathEventKind, PathState, Policy,
+    Prefix, SlaClass, SteeringMode, validate_policies,
 };
 
 /// A WireGuard public key (Curve25519), written as WireGuard writes it: 44 characters of
@@ -283,16 +283,20 @@ impl ConfigDelta {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Telemetry {
+    #[cfg_attr(feature = "openapi", schema(max_items = 4096))]
     pub paths: Vec<PathReport>,
     /// Failovers since the last report (an edge keeps its last 256).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_items = 1024))]
     pub failovers: Vec<FailoverEvent>,
     /// Path state changes since the last report, each at the moment the edge saw it (an edge
     /// keeps its last 256).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_items = 1024))]
     pub path_events: Vec<PathEvent>,
     /// What each SLA class's traffic sent since this run of the edge started.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_items = 256))]
     pub classes: Vec<ClassReport>,
     /// When this run of the edge started (Unix ms): its counters count from 0 since then, so
     /// a report with another start is a new run, not a counter going backwards.
@@ -306,7 +310,9 @@ pub struct Telemetry {
 #[serde(deny_unknown_fields)]
 pub struct ClassReport {
     pub class: String,
+    #[cfg_attr(feature = "openapi", schema(maximum = 9223372036854775807.0))]
     pub tx_packets: u64,
+    #[cfg_attr(feature = "openapi", schema(maximum = 9223372036854775807.0))]
     pub tx_bytes: u64,
 }
 
@@ -316,15 +322,17 @@ pub struct ClassReport {
 #[serde(deny_unknown_fields)]
 pub struct PathEvent {
     /// The edge's own count of path events in this run, from 1.
+    #[cfg_attr(feature = "openapi", schema(maximum = 9223372036854775807.0))]
     pub seq: u64,
     /// Unix milliseconds.
     pub at_ms: i64,
     pub peer: String,
     pub local_link: String,
     pub remote_link: String,
-    /// `down` (no sign of life for the detection time), `up` (alive again, or for the first
-    /// time), `sla-violated`, `sla-restored` (for `class`).
-    pub kind: String,
+    /// `sla-violated` and `sla-restored` are for `class`. A kind this build does not know is
+    /// kept as `unknown`: it comes from a newer edge.
+    #[serde(deserialize_with = "PathEventKind::reported")]
+    pub kind: PathEventKind,
     #[serde(default)]
     pub class: Option<String>,
     /// What the path measured: the first reply's RTT for `up`; RTT, jitter and loss for
@@ -348,6 +356,7 @@ pub struct PathEvent {
 #[serde(deny_unknown_fields)]
 pub struct FailoverEvent {
     /// The edge's own count of failover events, from 1.
+    #[cfg_attr(feature = "openapi", schema(maximum = 9223372036854775807.0))]
     pub seq: u64,
     /// Unix milliseconds.
     pub at_ms: i64,
@@ -357,8 +366,9 @@ pub struct FailoverEvent {
     pub from_remote_link: String,
     pub to_local_link: String,
     pub to_remote_link: String,
-    /// `path-down`, `sla-violated`, `better-path`, `returned`, ...
-    pub reason: String,
+    /// A reason this build does not know is kept as `unknown`: it comes from a newer edge.
+    #[serde(deserialize_with = "FailoverReason::reported")]
+    pub reason: FailoverReason,
     pub flows: u32,
 }
 
@@ -373,8 +383,7 @@ pub struct PathReport {
     pub local_link: String,
     /// The peer's link.
     pub remote_link: String,
-    /// `up`, `degraded` or `down`.
-    pub state: String,
+    pub state: PathState,
     /// Round-trip time, ms (none before the first reply).
     pub rtt_ms: Option<f64>,
     /// RFC 3550 interarrival jitter, ms.
@@ -382,11 +391,15 @@ pub struct PathReport {
     /// Probe loss over the sliding window, percent.
     pub loss_pct: f64,
     /// Counters since the edge started.
+    #[cfg_attr(feature = "openapi", schema(maximum = 9223372036854775807.0))]
     pub tx_bytes: u64,
+    #[cfg_attr(feature = "openapi", schema(maximum = 9223372036854775807.0))]
     pub rx_bytes: u64,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(maximum = 9223372036854775807.0))]
     pub tx_packets: u64,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(maximum = 9223372036854775807.0))]
     pub rx_packets: u64,
 }
 
@@ -611,6 +624,56 @@ fn is_zero(v: &u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A report as today's edges write it, with an event kind and a failover reason from a
+    /// newer edge: the events are kept, their word read as `unknown`; a state nobody knows is
+    /// refused with the values that exist.
+    #[test]
+    fn a_report_keeps_events_of_unknown_kind_or_reason_and_refuses_an_unknown_state() {
+        let report = |state: &str, kind: &str, reason: &str| {
+            serde_json::json!({
+                "paths": [{ "peer": "b1", "local_link": "mpls", "remote_link": "lte",
+                    "state": state, "rtt_ms": 20.5, "jitter_ms": 0.5, "loss_pct": 0.0,
+                    "tx_bytes": 1, "rx_bytes": 2 }],
+                "failovers": [{ "seq": 1, "at_ms": 5, "peer": "b1",
+                    "from_local_link": "mpls", "from_remote_link": "mpls",
+                    "to_local_link": "lte", "to_remote_link": "mpls",
+                    "reason": reason, "flows": 3 }],
+                "path_events": [{ "seq": 1, "at_ms": 5, "peer": "b1", "local_link": "mpls",
+                    "remote_link": "lte", "kind": kind }],
+            })
+        };
+        let t: Telemetry =
+            serde_json::from_value(report("degraded", "sla-restored", "path-down")).unwrap();
+        assert_eq!(t.paths[0].state, PathState::Degraded);
+        assert_eq!(t.path_events[0].kind, PathEventKind::SlaRestored);
+        assert_eq!(t.failovers[0].reason, FailoverReason::PathDown);
+        assert_eq!(
+            serde_json::to_value(&t).unwrap()["failovers"][0]["reason"],
+            "path-down"
+        );
+
+        let t: Telemetry = serde_json::from_value(report("up", "rekeyed", "returned")).unwrap();
+        assert_eq!(t.path_events[0].kind, PathEventKind::Unknown);
+        assert_eq!(
+            (t.failovers[0].reason, t.failovers[0].flows),
+            (FailoverReason::Unknown, 3)
+        );
+
+        let e = serde_json::from_value::<Telemetry>(report("sideways", "up", "better"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown variant `sideways`, expected one of"),
+            "{e}"
+        );
+        let mut numeric = report("up", "up", "better");
+        numeric["failovers"][0]["reason"] = serde_json::json!(7);
+        assert!(
+            serde_json::from_value::<Telemetry>(numeric).is_err(),
+            "a reason is a word"
+        );
+    }
 
     #[test]
     fn keys_round_trip_through_wireguard_base64_and_bad_ones_are_refused() {

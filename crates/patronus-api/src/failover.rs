@@ -11,24 +11,31 @@ use crate::FieldErrors;
 pub struct FailoverSettings {
     /// Probe interval of a path that carries traffic. Shorter detects failure sooner; each probe
     /// costs about 130 bytes on the wire each way (60 at 50/s ≈ 52 kbit/s per direction).
+    #[cfg_attr(feature = "openapi", schema(minimum = 5, maximum = 1000))]
     pub active_probe_interval_ms: u32,
     /// Probe interval of an idle path (standby, or Down and waiting to come back). Longer saves
     /// bandwidth on metered links; shorter keeps standby measurements fresher.
+    #[cfg_attr(feature = "openapi", schema(minimum = 20, maximum = 10000))]
     pub standby_probe_interval_ms: u32,
     /// A path is Down after this many probe intervals pass with no sign of life (BFD's detect
     /// multiplier). Lower detects sooner; higher survives short bursts of loss without a move.
+    #[cfg_attr(feature = "openapi", schema(minimum = 2, maximum = 50))]
     pub down_after_misses: u32,
     /// A path that failed (went Down or broke a class's SLA) must stay healthy this long before
     /// flows return to it. Longer avoids ping-pong on a flapping link; shorter returns traffic to
     /// the preferred link sooner.
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 600000))]
     pub hold_down_ms: u32,
     /// Flap damping: each failure adds 1 to a path's penalty, which halves every half-life; the
     /// hold-down doubles for each point of penalty above 1.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1000, maximum = 3600000))]
     pub flap_half_life_ms: u32,
     /// The damped hold-down never exceeds this.
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 3600000))]
     pub max_hold_down_ms: u32,
     /// A path must be better by this share of the current path's score (and by at least 2 % of
     /// the SLA budget) before it attracts flows that are on a path meeting their SLA.
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 100))]
     pub min_improvement_pct: u32,
 }
 

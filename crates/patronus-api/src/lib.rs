@@ -17,6 +17,7 @@ mod link;
 mod name;
 #[cfg(feature = "openapi")]
 mod openapi;
+mod path;
 mod policy;
 mod prefix;
 mod sla;
@@ -30,6 +31,7 @@ pub use error::{FieldError, FieldErrors};
 pub use failover::FailoverSettings;
 pub use link::{Link, LinkKind};
 pub use name::{Name, NameError};
+pub use path::{FailoverReason, PathEventKind, PathState, UnknownValue};
 pub use policy::{
     Dscp, LinkPreference, MAX_POLICIES, Match, MeteredUse, Policy, PortRange, Protocol,
     SteeringMode, validate_policies,

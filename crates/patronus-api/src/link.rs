@@ -71,15 +71,19 @@ pub struct Link {
     /// Upstream and downstream capacity in kbit/s, when known. `load-balance` spreads flows in
     /// proportion to the capacity of each path; unknown capacity counts as equal shares.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub up_kbps: Option<u64>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub down_kbps: Option<u64>,
     /// Flat monthly price (any one currency across the deployment).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0))]
     pub monthly_cost: Option<f64>,
     /// Price per GB transferred, for metered links. This, not the flat price, is what makes a
     /// link expensive to *use*, so `lowest-cost` orders by it.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0))]
     pub cost_per_gb: Option<f64>,
     /// Metered links (LTE with a data cap, say) are used last by `lowest-cost` and can be
     /// avoided or forbidden per policy.
@@ -87,9 +91,11 @@ pub struct Link {
     pub metered: bool,
     /// Operator preference among otherwise equal links: lower is preferred.
     #[serde(default = "default_priority")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 255))]
     pub priority: u8,
     /// The IP MTU of the underlay on this link.
     #[serde(default = "default_mtu")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1280, maximum = 9216))]
     pub mtu: u16,
 }
 

@@ -92,8 +92,8 @@ schema!(
     WgPublicKey,
     "WgPublicKey",
     string(
-        "A WireGuard public key: 32 bytes in base64.",
-        None,
+        "A WireGuard public key: 32 bytes in standard base64 (44 characters, one '=').",
+        Some("^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"),
         "n0aI1nHk0yOa5R8uHzTq8M0oJ9Jt5Pq8wJm1f3V0rR4="
     )
 );

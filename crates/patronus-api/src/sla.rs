@@ -18,10 +18,12 @@ pub struct SlaClass {
     #[serde(default)]
     pub description: String,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub max_latency_ms: Option<u32>,
     #[serde(default)]
     pub max_jitter_ms: Option<u32>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 100))]
     pub max_loss_pct: Option<f64>,
 }
 

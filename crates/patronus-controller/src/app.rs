@@ -47,7 +47,7 @@ pub struct Inner {
 /// A path's latest reported measurement.
 #[derive(Debug, Clone)]
 pub struct LivePath {
-    pub state: String,
+    pub state: patronus_api::PathState,
     pub rtt_ms: Option<f64>,
     pub jitter_ms: f64,
     pub loss_pct: f64,

@@ -247,7 +247,10 @@ fn add_errors(doc: &mut serde_json::Value) {
             let body = op.get("requestBody").is_some();
             let mut errors: Vec<(&str, &str)> = vec![
                 ("500", "Internal error; the log has the cause"),
-                ("503", "Not ready, or the request took longer than the controller allows"),
+                (
+                    "503",
+                    "Not ready, or the request took longer than the controller allows",
+                ),
             ];
             if secured {
                 errors.push(("401", "Missing, invalid or expired credentials"));
@@ -266,7 +269,7 @@ fn add_errors(doc: &mut serde_json::Value) {
             if body || has("query") {
                 errors.push(("422", "Invalid fields; `details` names each"));
             }
-            if matches!(method.as_str(), "patch" | "delete") && has("path") {
+            if matches!(method.as_str(), "patch" | "delete") {
                 errors.push(("412", "If-Match names another version than the current one"));
             }
             let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) else {
@@ -305,6 +308,10 @@ fn integer_ranges(v: &mut serde_json::Value) {
                     .get("minimum")
                     .and_then(Value::as_f64)
                     .is_some_and(|m| m >= 0.0);
+                // A bound of i64::MAX, written as a float in an attribute, is i64::MAX exactly.
+                if o.get("maximum").and_then(Value::as_f64) == Some(i64::MAX as f64) {
+                    o.insert("maximum".into(), i64::MAX.into());
+                }
                 let stated_max = o.get("maximum").and_then(Value::as_f64);
                 let format = o.get("format").and_then(Value::as_str).unwrap_or("int64");
                 let (format, lo, hi): (Option<&str>, i128, i128) = match (format, unsigned) {

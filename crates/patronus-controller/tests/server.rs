@@ -187,6 +187,31 @@ async fn exchange(s: &mut TcpStream, request: &str) -> (u16, String) {
     }
 }
 
+/// Whether the controller's end of the connection from `client_port` has nothing left unread
+/// in its kernel buffer (`/proc/net/tcp`'s rx_queue), and the client's end nothing unsent.
+fn read_by_server(server_port: u16, client_port: u16) -> bool {
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port = |field: &str| u16::from_str_radix(field.rsplit(':').next().unwrap_or(""), 16).ok();
+    let mut server_end = None;
+    let mut client_end = None;
+    for line in tcp.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (local, remote, queues) = (port(f[1]), port(f[2]), f[4]);
+        let (tx, rx) = queues.split_once(':').unwrap();
+        let (tx, rx) = (
+            u64::from_str_radix(tx, 16).unwrap(),
+            u64::from_str_radix(rx, 16).unwrap(),
+        );
+        if local == Some(server_port) && remote == Some(client_port) {
+            server_end = Some(rx);
+        }
+        if local == Some(client_port) && remote == Some(server_port) {
+            client_end = Some(tx);
+        }
+    }
+    server_end == Some(0) && client_end == Some(0)
+}
+
 fn get(path: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nhost: patronus\r\n\r\n")
 }
@@ -380,6 +405,17 @@ async fn a_write_whose_client_hung_up_still_commits_and_leaves_its_log_line() {
     socket.set_zero_linger().unwrap();
     let mut s = socket.connect(c.addr).await.unwrap();
     s.write_all(request.as_bytes()).await.unwrap();
+    // A reset discards what the controller's kernel holds unread: wait until the controller has
+    // read the whole request, so that the reset cuts the request's handling, not its arrival.
+    let client_port = s.local_addr().unwrap().port();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !read_by_server(c.addr.port(), client_port) {
+        assert!(
+            Instant::now() < deadline,
+            "the controller never read the request"
+        );
+        tokio::task::yield_now().await;
+    }
     drop(s);
     // The audit record proves the write committed; its log line follows it.
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -1126,7 +1126,7 @@ impl Engine {
                         name: c.name.clone(),
                         score: live.then(|| score(&p.metrics, b)),
                         meets_sla: live && p.classes[i].compliant,
-                        eligible: p.tier(class, now) == Some(0),
+                        eligible: p.tier(class, now) == Some(select::Tier::Eligible),
                     }
                 })
                 .collect(),

@@ -46,6 +46,7 @@ use std::time::Duration;
 pub use engine::{Engine, EngineConfig, EngineStats, PathSnapshot, Transmit};
 pub use packet::{FlowKey, PacketError, PacketMeta};
 pub use path::PathCounters;
+pub use patronus_api::PathState;
 pub use probe::{PROBE_LEN, ProbeError, STAMP_PORT};
 pub use score::Metrics;
 
@@ -64,27 +65,6 @@ pub struct ClassId(pub u8);
 impl fmt::Display for PathId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "path#{}", self.0)
-    }
-}
-
-/// The state of a path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum PathState {
-    /// Replies arrive and the path meets every class's SLA.
-    Up,
-    /// Replies arrive but the path breaks at least one class's SLA.
-    Degraded,
-    /// No reply yet, or no sign of life for the detection time.
-    Down,
-}
-
-impl PathState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PathState::Up => "up",
-            PathState::Degraded => "degraded",
-            PathState::Down => "down",
-        }
     }
 }
 
@@ -147,14 +127,15 @@ pub enum MoveReason {
     PolicyChanged,
 }
 
-impl MoveReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MoveReason::PathDown => "path-down",
-            MoveReason::PathRemoved => "path-removed",
-            MoveReason::SlaViolated => "sla-violated",
-            MoveReason::Better => "better",
-            MoveReason::PolicyChanged => "policy-changed",
+/// What an edge reports: every reason the engine has is one the wire carries.
+impl From<MoveReason> for patronus_api::FailoverReason {
+    fn from(r: MoveReason) -> Self {
+        match r {
+            MoveReason::PathDown => Self::PathDown,
+            MoveReason::PathRemoved => Self::PathRemoved,
+            MoveReason::SlaViolated => Self::SlaViolated,
+            MoveReason::Better => Self::Better,
+            MoveReason::PolicyChanged => Self::PolicyChanged,
         }
     }
 }

@@ -44,6 +44,7 @@ use patronus_api::{FailoverSettings, LinkKind};
 use crate::estimate::{Jitter, LossWindow, RttEstimator};
 use crate::probe::{NtpTime, PROBE_LEN, ProbeError, ProbeReply, ProbeRequest};
 use crate::score::{Metrics, SlaBounds};
+use crate::select::Tier;
 use crate::{ClassId, Event, PathId, PathState, PeerId};
 
 /// How long after data last arrived on a path it still counts as active.
@@ -285,26 +286,25 @@ impl Path {
         self.loss.resolved()
     }
 
-    /// 0 = eligible (meets the class, out of hold-down), 1 = meets it but in hold-down,
-    /// 2 = live but breaking it; `None` when Down.
-    pub fn tier(&self, class: ClassId, now: Instant) -> Option<u8> {
+    /// How the path serves the class; `None` when Down.
+    pub fn tier(&self, class: ClassId, now: Instant) -> Option<Tier> {
         if self.state == PathState::Down {
             return None;
         }
         let h = self.classes.get(usize::from(class.0))?;
         Some(if !h.compliant {
-            2
+            Tier::Breaks
         } else if !h.failed || h.eligible_at.is_some_and(|t| t <= now) {
-            0
+            Tier::Eligible
         } else {
-            1
+            Tier::HoldDown
         })
     }
 
     /// The peer epoch at which the path became eligible for the class, if it is eligible now
     /// and the engine has stamped that change.
     pub fn eligible_epoch(&self, class: ClassId, now: Instant) -> Option<u32> {
-        if self.tier(class, now) != Some(0) {
+        if self.tier(class, now) != Some(Tier::Eligible) {
             return None;
         }
         self.classes.get(usize::from(class.0))?.eligible_epoch

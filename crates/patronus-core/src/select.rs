@@ -6,23 +6,23 @@
 //! Candidates are the peer's live paths that the class's link preferences admit (`only`, and
 //! `metered = never`, exclude; Down paths are never candidates). They are ranked by, in order:
 //!
-//! 1. **tier**: 0 meets the class's SLA and is out of hold-down; 1 meets it but is in
-//!    hold-down; 2 is live but breaks it;
-//! 2. **fate**: 2 when the path shares its local or remote link with another path of the same
-//!    peer that went Down in the last [`FATE_WINDOW`], 1 when it shares one with a path that
-//!    broke this class's SLA then, 0 otherwise. The other paths over a cut or impaired link are
-//!    about to be found Down or degraded too, but an idle path is probed slowly and its
-//!    estimators lag; failing over onto it would cost a second outage or a second move. So among
-//!    the paths that meet the SLA (tiers 0 and 1), one sharing a link with a path that just went
-//!    Down ranks after every other, even one still in hold-down: a recovered path is a better bet
+//! 1. **tier** ([`Tier`]): `Eligible` meets the class's SLA and is out of hold-down;
+//!    `HoldDown` meets it but is in hold-down; `Breaks` is live but breaks it;
+//! 2. **fate** ([`Fate`]): `Doomed` when the path shares its local or remote link with another
+//!    path of the same peer that went Down in the last [`FATE_WINDOW`], `Dented` when it shares
+//!    one with a path that broke this class's SLA then, `Clear` otherwise. The other paths over a
+//!    cut or impaired link are about to be found Down or degraded too, but an idle path is
+//!    probed slowly and its estimators lag; failing over onto it would cost a second outage or a
+//!    second move. So among the paths that meet the SLA (`Eligible` and `HoldDown`), a `Doomed`
+//!    one ranks after every other, even one still in hold-down: a recovered path is a better bet
 //!    than the sibling of a dead one. Fate only steers where a flow goes when it must move: it
 //!    never moves a flow off a path that meets its SLA;
 //! 3. **preference**: 0 preferred link kinds at both ends, 2 an avoided kind (or a metered
 //!    link when the class avoids metered links) at either end, 1 otherwise;
-//! 4. in tiers 0 and 1, the mode's own order: `lowest-cost` by cost (unmetered first, then
-//!    price per GB, then link priority, then link kind), then score; the other modes by score
-//!    (see [`crate::score`]), then cost. In tier 2 always by score: with no path meeting the
-//!    SLA, the least-bad path wins whatever the mode;
+//! 4. among paths that meet the SLA, the mode's own order: `lowest-cost` by cost (unmetered
+//!    first, then price per GB, then link priority, then link kind), then score; the other modes
+//!    by score (see [`crate::score`]), then cost. Among paths that break it always by score:
+//!    with no path meeting the SLA, the least-bad path wins whatever the mode;
 //! 5. the path id, so that equal paths always rank the same way.
 //!
 //! # Modes
@@ -46,7 +46,7 @@
 //!   top-ranked path;
 //! - when its path breaks its SLA: to a path that meets it, or, if none does, to the least-bad
 //!   path only if that is better by the margin;
-//! - while its path meets its SLA, only to a path that became *eligible* (tier 0) since the
+//! - while its path meets its SLA, only to a path that became `Eligible` since the
 //!   flow's decision was last made or confirmed (a path back from a failure and out of its
 //!   hold-down, or a new one), and only if that path ranks ahead by link preference, or is
 //!   cheaper (`lowest-cost`), or scores better by the margin (`best-quality`, `duplicate`).
@@ -73,6 +73,29 @@ use crate::{ClassId, Decision, DropReason, MoveReason, PathId};
 pub const FATE_WINDOW: Duration = Duration::from_secs(5);
 /// The smallest score improvement that moves a flow off a path meeting its SLA.
 pub const MIN_IMPROVEMENT_FLOOR: f64 = 0.02;
+
+/// How a live path serves a class, best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Tier {
+    /// Meets the class's SLA and is out of hold-down.
+    Eligible,
+    /// Meets the class's SLA but serves its hold-down.
+    HoldDown,
+    /// Breaks the class's SLA.
+    Breaks,
+}
+
+/// What happened lately to a path's siblings (the peer's other paths over its local or remote
+/// link), best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Fate {
+    /// None went Down or broke the class's SLA in the last [`FATE_WINDOW`].
+    Clear,
+    /// One broke the class's SLA.
+    Dented,
+    /// One went Down.
+    Doomed,
+}
 
 /// What a policy (or the default) asks of selection, compiled.
 #[derive(Debug, Clone)]
@@ -121,12 +144,12 @@ pub(crate) type CostKey = (u8, u64, u16, u8);
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Cand {
     pub id: PathId,
-    pub tier: u8,
-    pub fate: u8,
+    pub tier: Tier,
+    pub fate: Fate,
     pub pref: u8,
     pub cost: CostKey,
     pub score: f64,
-    /// The peer epoch at which the path became eligible for the class (tier 0 only).
+    /// The peer epoch at which the path became eligible for the class (`Eligible` only).
     pub eligible_epoch: Option<u32>,
     local: u16,
     remote: u16,
@@ -165,11 +188,11 @@ pub(crate) fn candidates(
             })
         };
         if siblings().any(|q| recent(q.down_since)) {
-            2
+            Fate::Doomed
         } else if siblings().any(|q| recent(q.classes.get(class).and_then(|h| h.violated_at))) {
-            1
+            Fate::Dented
         } else {
-            0
+            Fate::Clear
         }
     };
     let Some(sla) = classes.get(usize::from(profile.class.0)) else {
@@ -200,20 +223,30 @@ pub(crate) fn candidates(
 
 /// The ranking key before the mode's own order: SLA-meeting paths first, among them the ones
 /// not doomed by a dead sibling, then tier, fate and preference (see the module doc).
-fn rank(c: &Cand) -> (bool, bool, u8, u8, u8) {
-    (c.tier == 2, c.fate == 2, c.tier, c.fate, c.pref)
+fn rank(c: &Cand) -> (bool, bool, Tier, Fate, u8) {
+    (
+        c.tier == Tier::Breaks,
+        c.fate == Fate::Doomed,
+        c.tier,
+        c.fate,
+        c.pref,
+    )
 }
 
 /// The ranking order of two candidates under a mode (`Less` ranks first).
 pub(crate) fn order(a: &Cand, b: &Cand, mode: SteeringMode) -> Ordering {
+    let by_score = || a.score.total_cmp(&b.score).then(a.cost.cmp(&b.cost));
+    let by_cost = || a.cost.cmp(&b.cost).then(a.score.total_cmp(&b.score));
+    // Equal ranks have equal tiers: `a`'s tells for both.
+    let meets = a.tier != Tier::Breaks;
     rank(a)
         .cmp(&rank(b))
-        .then_with(|| {
-            if a.tier == 2 || mode != SteeringMode::LowestCost {
-                a.score.total_cmp(&b.score).then(a.cost.cmp(&b.cost))
-            } else {
-                a.cost.cmp(&b.cost).then(a.score.total_cmp(&b.score))
-            }
+        .then_with(|| match mode {
+            SteeringMode::LowestCost if meets => by_cost(),
+            SteeringMode::LowestCost
+            | SteeringMode::BestQuality
+            | SteeringMode::LoadBalance
+            | SteeringMode::Duplicate => by_score(),
         })
         .then(a.id.cmp(&b.id))
 }
@@ -242,7 +275,7 @@ pub(crate) fn choose(cands: &[Cand], profile: &Profile) -> Decision {
     let Some(top) = best(cands, profile.mode) else {
         return Decision::Drop(DropReason::NoPath);
     };
-    if profile.strict && top.tier == 2 {
+    if profile.strict && top.tier == Tier::Breaks {
         return Decision::Drop(DropReason::SlaUnavailable);
     }
     match profile.mode {
@@ -296,31 +329,31 @@ pub(crate) fn should_move(
     if cur.id == top.id {
         return None;
     }
-    if cur.tier == 2 {
-        return (top.tier < 2 || improves(top.score, cur.score, margin))
+    if cur.tier == Tier::Breaks {
+        return (top.tier != Tier::Breaks || improves(top.score, cur.score, margin))
             .then_some(MoveReason::SlaViolated);
     }
     // Epochs wrap; "after" is judged over half the u32 range.
-    let newly_eligible = top.tier == 0
+    let newly_eligible = top.tier == Tier::Eligible
         && top
             .eligible_epoch
             .is_some_and(|e| (e.wrapping_sub(decided) as i32) > 0);
-    if !newly_eligible || mode == SteeringMode::LoadBalance {
+    if !newly_eligible {
         return None;
     }
-    match top.pref.cmp(&cur.pref) {
-        Ordering::Less => return Some(MoveReason::Better),
-        Ordering::Greater => return None,
-        Ordering::Equal => {}
-    }
-    if mode == SteeringMode::LowestCost {
-        match top.cost.cmp(&cur.cost) {
-            Ordering::Less => return Some(MoveReason::Better),
-            Ordering::Greater => return None,
-            Ordering::Equal => {}
-        }
-    }
-    improves(top.score, cur.score, margin).then_some(MoveReason::Better)
+    // Ahead on the mode's own keys, or level on them and better by the margin.
+    let ahead = |keys: Ordering| match keys {
+        Ordering::Less => true,
+        Ordering::Greater => false,
+        Ordering::Equal => improves(top.score, cur.score, margin),
+    };
+    let moves = match mode {
+        SteeringMode::BestQuality | SteeringMode::Duplicate => ahead(top.pref.cmp(&cur.pref)),
+        SteeringMode::LowestCost => ahead(top.pref.cmp(&cur.pref).then(top.cost.cmp(&cur.cost))),
+        // New flows fill the other paths.
+        SteeringMode::LoadBalance => false,
+    };
+    moves.then_some(MoveReason::Better)
 }
 
 /// The outcome of reconsidering a flow that already has a decision.
@@ -357,7 +390,7 @@ pub(crate) fn reconsider(
             moved,
         };
     };
-    if profile.strict && top.tier == 2 {
+    if profile.strict && top.tier == Tier::Breaks {
         return Reconsidered {
             decision: Decision::Drop(DropReason::SlaUnavailable),
             moved: None,
@@ -377,7 +410,9 @@ pub(crate) fn reconsider(
                     },
                     None => Decision::Send(cur.id),
                 },
-                _ => Decision::Send(cur.id),
+                SteeringMode::BestQuality
+                | SteeringMode::LowestCost
+                | SteeringMode::LoadBalance => Decision::Send(cur.id),
             };
             Reconsidered {
                 decision,
@@ -394,16 +429,18 @@ mod tests {
     /// The epoch at which the flows of these tests were last decided.
     const DECIDED: u32 = 10;
 
-    /// A candidate that (if tier 0) became eligible after the flow was last decided.
+    /// A candidate of tier 0 (`Eligible`), 1 (`HoldDown`) or 2 (`Breaks`); if `Eligible`, it
+    /// became so after the flow was last decided.
     fn cand(id: u32, tier: u8, score: f64) -> Cand {
+        let tier = [Tier::Eligible, Tier::HoldDown, Tier::Breaks][usize::from(tier)];
         Cand {
             id: PathId(id),
             tier,
-            fate: 0,
+            fate: Fate::Clear,
             pref: 1,
             cost: (0, 0, 200, 0),
             score,
-            eligible_epoch: (tier == 0).then_some(DECIDED + 1),
+            eligible_epoch: (tier == Tier::Eligible).then_some(DECIDED + 1),
             local: id as u16,
             remote: 0,
             flows: 0,
@@ -439,7 +476,7 @@ mod tests {
             c
         };
         let shared = |mut c: Cand| {
-            c.fate = 1;
+            c.fate = Fate::Dented;
             c
         };
         let old = |mut c: Cand| {
@@ -558,6 +595,252 @@ mod tests {
         }
     }
 
+    /// What the table leaves out: each mode's own keys, and the epoch wrapping.
+    #[test]
+    fn the_move_rule_beyond_the_table() {
+        use MoveReason::*;
+        use SteeringMode::*;
+        let m = 0.2;
+        let cheap = |mut c: Cand| {
+            c.cost = (0, 0, 100, 0);
+            c
+        };
+        let avoided = |mut c: Cand| {
+            c.pref = 2;
+            c
+        };
+        let rows: &[(Cand, Cand, SteeringMode, Option<MoveReason>, &str)] = &[
+            (
+                cand(1, 0, 0.50),
+                avoided(cand(2, 0, 0.10)),
+                BestQuality,
+                None,
+                "an avoided link kind never attracts, however good",
+            ),
+            (
+                cand(1, 0, 0.50),
+                cand(2, 0, 0.39),
+                Duplicate,
+                Some(Better),
+                "duplicate moves its primary as best-quality does",
+            ),
+            (
+                cand(1, 0, 0.50),
+                cand(2, 0, 0.45),
+                Duplicate,
+                None,
+                "and stays within the margin",
+            ),
+            (
+                cand(1, 0, 0.50),
+                cand(2, 0, 0.39),
+                LowestCost,
+                Some(Better),
+                "as cheap and better by the margin attracts in lowest-cost",
+            ),
+            (
+                cand(1, 0, 0.50),
+                cand(2, 0, 0.45),
+                LowestCost,
+                None,
+                "as cheap and within the margin does not",
+            ),
+            (
+                cand(1, 0, 0.50),
+                avoided(cheap(cand(2, 0, 0.10))),
+                LowestCost,
+                None,
+                "preference comes before cost",
+            ),
+            (
+                cand(1, 2, 1.50),
+                cand(2, 0, 0.90),
+                LoadBalance,
+                Some(SlaViolated),
+                "load-balance flows leave a path that breaks their SLA",
+            ),
+        ];
+        for (cur, top, mode, want, why) in rows {
+            assert_eq!(should_move(cur, top, *mode, m, DECIDED), *want, "{why}");
+        }
+        // Epochs wrap: one past u32::MAX is still after.
+        let mut top = cand(2, 0, 0.10);
+        top.eligible_epoch = Some(1);
+        let cur = cand(1, 0, 0.50);
+        assert_eq!(
+            should_move(&cur, &top, BestQuality, m, u32::MAX - 1),
+            Some(Better)
+        );
+        assert_eq!(should_move(&cur, &top, BestQuality, m, 2), None);
+    }
+
+    #[test]
+    fn lowest_cost_ranks_paths_that_meet_the_sla_by_cost_and_the_other_modes_by_score() {
+        let good = cand(1, 0, 0.1);
+        let mut cheap = cand(2, 0, 0.9);
+        cheap.cost = (0, 0, 100, 0);
+        assert_eq!(
+            order(&cheap, &good, SteeringMode::LowestCost),
+            Ordering::Less
+        );
+        for mode in [
+            SteeringMode::BestQuality,
+            SteeringMode::LoadBalance,
+            SteeringMode::Duplicate,
+        ] {
+            assert_eq!(order(&good, &cheap, mode), Ordering::Less, "{mode:?}");
+        }
+        // Equal in everything but the id: the lower id, both ways round.
+        let twin = cand(3, 0, 0.1);
+        assert_eq!(
+            order(&good, &twin, SteeringMode::BestQuality),
+            Ordering::Less
+        );
+        assert_eq!(
+            order(&twin, &good, SteeringMode::BestQuality),
+            Ordering::Greater
+        );
+    }
+
+    #[test]
+    fn tiers_then_fates_rank_paths_before_any_score() {
+        let mode = SteeringMode::BestQuality;
+        let with = |c: Cand, fate: Fate| Cand { fate, ..c };
+        // Best first; each beats every later one whatever the scores say.
+        let ranked = [
+            with(cand(1, 0, 0.9), Fate::Clear),
+            with(cand(2, 0, 0.1), Fate::Dented),
+            with(cand(3, 1, 0.1), Fate::Clear),
+            with(cand(4, 1, 0.1), Fate::Dented),
+            with(cand(5, 0, 0.1), Fate::Doomed),
+            with(cand(6, 1, 0.1), Fate::Doomed),
+            with(cand(7, 2, 1.9), Fate::Clear),
+            with(cand(8, 2, 1.1), Fate::Dented),
+            with(cand(9, 2, 1.1), Fate::Doomed),
+        ];
+        for (i, a) in ranked.iter().enumerate() {
+            for b in &ranked[i + 1..] {
+                assert_eq!(order(a, b, mode), Ordering::Less, "{:?} {:?}", a.id, b.id);
+            }
+        }
+    }
+
+    #[test]
+    fn a_strict_flow_is_dropped_when_no_path_meets_its_sla_and_nothing_is_no_path() {
+        let mut profile = plain(SteeringMode::BestQuality);
+        profile.strict = true;
+        let breaking = [cand(1, 2, 1.5)];
+        assert_eq!(
+            choose(&breaking, &profile),
+            Decision::Drop(DropReason::SlaUnavailable)
+        );
+        let r = reconsider(
+            &breaking,
+            &profile,
+            Decision::Send(PathId(1)),
+            DECIDED,
+            0.2,
+            |_| MoveReason::PathDown,
+        );
+        assert_eq!(
+            (r.decision, r.moved),
+            (Decision::Drop(DropReason::SlaUnavailable), None)
+        );
+        assert_eq!(choose(&[], &profile), Decision::Drop(DropReason::NoPath));
+    }
+
+    #[test]
+    fn a_reconsidered_flow_stays_moves_for_the_reason_given_or_takes_a_first_path() {
+        let profile = plain(SteeringMode::BestQuality);
+        let cands = [cand(1, 0, 0.5), cand(2, 0, 0.45)];
+        let stay = reconsider(
+            &cands,
+            &profile,
+            Decision::Send(PathId(1)),
+            DECIDED,
+            0.2,
+            |_| unreachable!("path 1 is a candidate"),
+        );
+        assert_eq!(
+            (stay.decision, stay.moved),
+            (Decision::Send(PathId(1)), None)
+        );
+        // Its path is gone from the candidates: the caller says why.
+        let gone = reconsider(
+            &cands,
+            &profile,
+            Decision::Send(PathId(9)),
+            DECIDED,
+            0.2,
+            |id| {
+                assert_eq!(id, PathId(9));
+                MoveReason::PathRemoved
+            },
+        );
+        assert_eq!(
+            (gone.decision, gone.moved),
+            (Decision::Send(PathId(2)), Some(MoveReason::PathRemoved))
+        );
+        // A flow that was dropped is no move when it gets a path.
+        let first = reconsider(
+            &cands,
+            &profile,
+            Decision::Drop(DropReason::NoPath),
+            DECIDED,
+            0.2,
+            |_| unreachable!("no path to leave"),
+        );
+        assert_eq!(
+            (first.decision, first.moved),
+            (Decision::Send(PathId(2)), None)
+        );
+    }
+
+    #[test]
+    fn a_duplicated_flow_that_stays_gets_a_second_path_disjoint_from_its_own() {
+        let profile = plain(SteeringMode::Duplicate);
+        // Path 1 (local 7) carries the flow; path 2 is better but within the margin and
+        // shares local link 7; path 3 is on local link 8.
+        let mut cands = vec![cand(1, 0, 0.5), cand(2, 0, 0.45), cand(3, 0, 0.9)];
+        cands[0].local = 7;
+        cands[1].local = 7;
+        cands[2].local = 8;
+        let r = reconsider(
+            &cands,
+            &profile,
+            Decision::Send(PathId(1)),
+            DECIDED,
+            0.2,
+            |_| unreachable!("path 1 is a candidate"),
+        );
+        assert_eq!(
+            (r.decision, r.moved),
+            (
+                Decision::Duplicate {
+                    primary: PathId(1),
+                    secondary: PathId(3)
+                },
+                None
+            )
+        );
+        // Alone, a path carries the flow by itself.
+        assert_eq!(choose(&cands[..1], &profile), Decision::Send(PathId(1)));
+    }
+
+    #[test]
+    fn load_balance_spreads_flows_equally_while_a_capacity_is_unknown() {
+        let profile = plain(SteeringMode::LoadBalance);
+        let mut cands = vec![cand(1, 0, 0.1), cand(2, 0, 0.2)];
+        cands[0].capacity = 100_000;
+        for _ in 0..100 {
+            let Decision::Send(id) = choose(&cands, &profile) else {
+                panic!()
+            };
+            cands.iter_mut().find(|c| c.id == id).unwrap().flows += 1;
+        }
+        assert_eq!((cands[0].flows, cands[1].flows), (50, 50));
+    }
+
     #[test]
     fn the_least_bad_path_wins_in_tier_two_whatever_the_mode() {
         let a = cand(1, 2, 3.0);
@@ -576,7 +859,7 @@ mod tests {
         // earlier failure (tier 1). Regression: the sibling used to win on tier, went Down a
         // detection time later, and the flow lost packets twice.
         let mut sibling = cand(2, 0, 0.1);
-        sibling.fate = 2;
+        sibling.fate = Fate::Doomed;
         let recovering = cand(3, 1, 0.5);
         assert_eq!(
             choose(&[sibling, recovering], &plain(SteeringMode::BestQuality)),
@@ -591,7 +874,7 @@ mod tests {
         );
         // Sharing a link with a path that broke the SLA (fate 1) only orders within a tier.
         let mut dented = cand(5, 0, 0.1);
-        dented.fate = 1;
+        dented.fate = Fate::Dented;
         assert_eq!(
             choose(&[dented, recovering], &plain(SteeringMode::BestQuality)),
             Decision::Send(PathId(5))

@@ -496,8 +496,12 @@ impl Coalescer {
         });
     }
 
-    /// Hands each buffer ready to go (virtio-net header and packet) to `write`, in order.
-    fn drain(&mut self, keep_open: bool, mut write: impl FnMut(&[u8]) -> Result<(), ()>) {
+    /// Hands each buffer ready to go (virtio-net header and packet) to `write`, in order:
+    /// everything, or with `keep_open` all but the packets more segments may still join. An
+    /// `Err` from `write` counts as a write the TUN refused. [`Self::flush`] writes them to the
+    /// TUN; this is for whatever else takes them (a test, a fuzzer). Call it between a
+    /// [`Self::commit`] or [`Self::discard`] and the next [`Self::slot`].
+    pub fn drain(&mut self, keep_open: bool, mut write: impl FnMut(&[u8]) -> Result<(), ()>) {
         debug_assert!(matches!(self.slot, Slot::None));
         if !keep_open {
             self.close_all();

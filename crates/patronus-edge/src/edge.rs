@@ -41,7 +41,9 @@ use nix::sys::socket::{
 };
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
-use patronus_api::{EdgeConfig, EdgeLink, PeerConfig, Prefix, ProbeMode};
+use patronus_api::{
+    EdgeConfig, EdgeLink, FailoverReason, PathEventKind, PeerConfig, Prefix, ProbeMode,
+};
 use patronus_core::engine::{Engine, EngineConfig};
 use patronus_core::packet::PacketMeta;
 use patronus_core::probe::STAMP_PORT;
@@ -441,7 +443,7 @@ pub struct Edge {
     roll: Option<(StaticSecret, String, Instant)>,
     shared: Shared,
     next_publish: Instant,
-    failovers: BTreeMap<String, u64>,
+    failovers: BTreeMap<FailoverReason, u64>,
     /// Structured failover events, for the controller.
     failover_log: VecDeque<patronus_api::FailoverEvent>,
     failover_seq: u64,
@@ -984,7 +986,7 @@ impl Edge {
                     local_link: snap.local_link.to_string(),
                     remote_link: snap.remote_link.to_string(),
                     endpoint: rt.endpoint,
-                    state: format!("{:?}", snap.state).to_lowercase(),
+                    state: snap.state,
                     rtt_ms: snap.rtt.map(ms),
                     rtt_p99_ms: snap.rtt_p99.map(ms),
                     jitter_ms: ms(snap.jitter),
@@ -1112,7 +1114,7 @@ impl Edge {
     fn drain_events(&mut self, now: Instant) {
         let mut moves = 0u32;
         // Flow moves of this turn, by (from, to, reason): one failover event each.
-        let mut batch: BTreeMap<(u32, u32, &'static str), u32> = BTreeMap::new();
+        let mut batch: BTreeMap<(u32, u32, FailoverReason), u32> = BTreeMap::new();
         while let Some((_, ev)) = self.engine.poll_event() {
             let is_move = matches!(ev, Event::FlowMoved { .. });
             self.log_path_event(&ev, now);
@@ -1149,11 +1151,8 @@ impl Edge {
                     to,
                     reason,
                 } => {
-                    *self
-                        .failovers
-                        .entry(reason.as_str().to_string())
-                        .or_default() += 1;
-                    *batch.entry((from.0, to.0, reason.as_str())).or_default() += 1;
+                    *self.failovers.entry(reason.into()).or_default() += 1;
+                    *batch.entry((from.0, to.0, reason.into())).or_default() += 1;
                     format!(
                         "flow {} -> {} moved from {} to {} ({reason:?})",
                         flow.src(),
@@ -1196,7 +1195,7 @@ impl Edge {
                 from_remote_link: f.remote_link.to_string(),
                 to_local_link: t.local_link.to_string(),
                 to_remote_link: t.remote_link.to_string(),
-                reason: reason.to_owned(),
+                reason,
                 flows,
             });
         }
@@ -1205,11 +1204,11 @@ impl Edge {
     /// Keeps a path's change of state as a structured event for the controller.
     fn log_path_event(&mut self, ev: &Event, now: Instant) {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        let path = match *ev {
-            Event::PathUp { path, .. }
-            | Event::PathDown { path, .. }
-            | Event::SlaViolated { path, .. }
-            | Event::SlaRestored { path, .. } => path,
+        let (path, kind) = match *ev {
+            Event::PathUp { path, .. } => (path, PathEventKind::Up),
+            Event::PathDown { path, .. } => (path, PathEventKind::Down),
+            Event::SlaViolated { path, .. } => (path, PathEventKind::SlaViolated),
+            Event::SlaRestored { path, .. } => (path, PathEventKind::SlaRestored),
             Event::FlowMoved { .. } => return,
         };
         let Some(p) = self.engine.path(path, now) else {
@@ -1222,7 +1221,7 @@ impl Edge {
             peer: p.peer_name.clone(),
             local_link: p.local_link.to_string(),
             remote_link: p.remote_link.to_string(),
-            kind: String::new(),
+            kind,
             class: None,
             rtt_ms: None,
             jitter_ms: None,
@@ -1232,27 +1231,23 @@ impl Edge {
         };
         match *ev {
             Event::PathUp { rtt, .. } => {
-                e.kind = "up".into();
                 e.rtt_ms = Some(ms(rtt));
             }
             Event::PathDown {
                 silent_for, flows, ..
             } => {
-                e.kind = "down".into();
                 e.silent_ms = Some(ms(silent_for));
                 e.flows = Some(flows);
             }
             Event::SlaViolated {
                 class: c, metrics, ..
             } => {
-                e.kind = "sla-violated".into();
                 e.class = class(c);
                 e.rtt_ms = Some(ms(metrics.rtt));
                 e.jitter_ms = Some(ms(metrics.jitter));
                 e.loss_pct = Some(metrics.loss * 100.0);
             }
             Event::SlaRestored { class: c, .. } => {
-                e.kind = "sla-restored".into();
                 e.class = class(c);
             }
             Event::FlowMoved { .. } => return,

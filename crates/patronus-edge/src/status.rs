@@ -20,6 +20,8 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use patronus_api::{FailoverReason, PathState};
+
 use crate::edge::{EdgeCounters, RecentEvent};
 
 /// How often the loop publishes a snapshot.
@@ -32,8 +34,7 @@ pub struct PathStatus {
     pub local_link: String,
     pub remote_link: String,
     pub endpoint: Option<SocketAddr>,
-    /// `up`, `degraded` or `down`.
-    pub state: String,
+    pub state: PathState,
     pub rtt_ms: Option<f64>,
     pub rtt_p99_ms: Option<f64>,
     pub jitter_ms: f64,
@@ -82,8 +83,8 @@ pub struct EdgeStatus {
     /// Probe requests and replies the engine refused (malformed, stale, wrong path).
     pub probe_requests_rejected: u64,
     pub probe_replies_rejected: u64,
-    /// Flow moves by reason (`path-down`, `sla-violated`, ...).
-    pub failovers: BTreeMap<String, u64>,
+    /// Flow moves by reason.
+    pub failovers: BTreeMap<FailoverReason, u64>,
     /// The last failover events, oldest first.
     #[serde(default)]
     pub failover_events: Vec<patronus_api::FailoverEvent>,
@@ -141,10 +142,10 @@ pub fn render_metrics(s: &EdgeStatus) -> String {
         "gauge",
         "Path state: 1 up, 0.5 degraded (breaks some SLA), 0 down.",
         per_path(&|p| {
-            Some(match p.state.as_str() {
-                "up" => 1.0,
-                "degraded" => 0.5,
-                _ => 0.0,
+            Some(match p.state {
+                PathState::Up => 1.0,
+                PathState::Degraded => 0.5,
+                PathState::Down => 0.0,
             })
         }),
     );
@@ -234,7 +235,7 @@ pub fn render_metrics(s: &EdgeStatus) -> String {
         "Flow moves from one path to another, by reason.",
         s.failovers
             .iter()
-            .map(|(r, n)| (format!("{{reason=\"{}\"}}", esc(r)), *n as f64))
+            .map(|(r, n)| (format!("{{reason=\"{r}\"}}"), *n as f64))
             .collect(),
     );
     let c = &s.counters;
@@ -378,11 +379,11 @@ mod tests {
                 peer: "b\"x".into(),
                 local_link: "mpls".into(),
                 remote_link: "inet".into(),
-                state: "degraded".into(),
+                state: PathState::Degraded,
                 rtt_ms: Some(12.5),
                 ..Default::default()
             }],
-            failovers: [("path-down".to_string(), 3)].into_iter().collect(),
+            failovers: [(FailoverReason::PathDown, 3)].into_iter().collect(),
             ..Default::default()
         };
         let m = render_metrics(&s);
@@ -393,5 +394,24 @@ mod tests {
         assert!(m.contains("patronus_path_rtt_seconds{peer=\"b\\\"x\",local_link=\"mpls\",remote_link=\"inet\"} 0.0125"));
         assert!(m.contains("patronus_failovers_total{reason=\"path-down\"} 3"));
         assert!(m.contains("patronus_edge_rx_rejected_total 0"));
+    }
+
+    /// `/status` as `patronus edge status`, the demo and the lab tests read it.
+    #[test]
+    fn the_status_document_spells_states_and_reasons_as_the_wire_does() {
+        let s = EdgeStatus {
+            paths: vec![PathStatus {
+                state: PathState::Degraded,
+                ..Default::default()
+            }],
+            failovers: [(FailoverReason::SlaViolated, 2)].into_iter().collect(),
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["paths"][0]["state"], "degraded");
+        assert_eq!(v["failovers"]["sla-violated"], 2);
+        let back: EdgeStatus = serde_json::from_value(v).unwrap();
+        assert_eq!(back.failovers[&FailoverReason::SlaViolated], 2);
+        assert_eq!(back.paths[0].state, PathState::Degraded);
     }
 }

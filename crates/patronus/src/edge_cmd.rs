@@ -181,7 +181,7 @@ fn report(
                     peer: p.peer.clone(),
                     local_link: p.local_link.clone(),
                     remote_link: p.remote_link.clone(),
-                    state: p.state.clone(),
+                    state: p.state,
                     rtt_ms: p.rtt_ms,
                     jitter_ms: p.jitter_ms,
                     loss_pct: p.loss_pct,
@@ -799,7 +799,12 @@ fn status(addr: std::net::SocketAddr, json: bool) -> anyhow::Result<()> {
         );
     }
     if !s.failovers.is_empty() {
-        outln!("flow moves: {:?}", s.failovers);
+        let moves: Vec<String> = s
+            .failovers
+            .iter()
+            .map(|(r, n)| format!("{r} {n}"))
+            .collect();
+        outln!("flow moves: {}", moves.join(", "));
     }
     for e in s.events.iter().rev().take(10).rev() {
         outln!("  {} {}", e.unix_ms, e.text);

@@ -32,6 +32,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewKey {
+    #[schema(min_length = 1, max_length = 100)]
     pub name: String,
     pub role: Role,
     /// 1 to 365 days; 90 when left out.
@@ -111,7 +112,7 @@ pub struct ListQuery {
     #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
     /// Items to skip; 0 when left out.
-    #[param(minimum = 0, maximum = 9007199254740991)]
+    #[param(minimum = 0, maximum = 9007199254740991.0)]
     pub offset: Option<i64>,
     /// `id` (default), `name`, `created_at`, `expires_at`; `-` in front for descending.
     pub sort: Option<String>,

@@ -6,7 +6,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use patronus_api::FailoverSettings;
+use patronus_api::{FailoverReason, FailoverSettings};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::Row;
@@ -114,7 +114,7 @@ pub struct FailoverView {
     /// The links by name, as the edge reported them.
     pub from: String,
     pub to: String,
-    pub reason: String,
+    pub reason: FailoverReason,
     pub flows: i64,
 }
 
@@ -125,12 +125,13 @@ pub struct FailoverQuery {
     #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
     /// Items to skip; 0 when left out.
-    #[param(minimum = 0, maximum = 9007199254740991)]
+    #[param(minimum = 0, maximum = 9007199254740991.0)]
     pub offset: Option<i64>,
     /// Events reported by this site's edge (id).
     pub site: Option<i64>,
-    /// `path-down`, `sla-violated`, ...
-    pub reason: Option<String>,
+    /// Only this reason.
+    #[param(inline)]
+    pub reason: Option<FailoverReason>,
     /// Unix milliseconds, inclusive.
     pub since: Option<i64>,
     /// Unix milliseconds, exclusive.
@@ -159,8 +160,8 @@ async fn failover_events(
     let total: i64 = sqlx::query_scalar(&count)
         .bind(q.site)
         .bind(q.site)
-        .bind(&q.reason)
-        .bind(&q.reason)
+        .bind(q.reason.map(FailoverReason::as_str))
+        .bind(q.reason.map(FailoverReason::as_str))
         .bind(since)
         .bind(until)
         .fetch_one(s.store.pool())
@@ -172,8 +173,8 @@ async fn failover_events(
     let rows = sqlx::query(&sql)
         .bind(q.site)
         .bind(q.site)
-        .bind(&q.reason)
-        .bind(&q.reason)
+        .bind(q.reason.map(FailoverReason::as_str))
+        .bind(q.reason.map(FailoverReason::as_str))
         .bind(since)
         .bind(until)
         .bind(paging.limit)
@@ -195,7 +196,7 @@ async fn failover_events(
                 to_path: r.try_get("to_path")?,
                 from: format!("{}>{}", e.from_local_link, e.from_remote_link),
                 to: format!("{}>{}", e.to_local_link, e.to_remote_link),
-                reason: r.try_get("reason")?,
+                reason: e.reason,
                 flows: r.try_get("flows")?,
             })
         })

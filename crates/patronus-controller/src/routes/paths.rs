@@ -10,7 +10,7 @@ use utoipa_axum::routes;
 
 use axum::Json;
 use axum::extract::State;
-use patronus_api::LinkKind;
+use patronus_api::{LinkKind, PathEventKind, PathState};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
@@ -47,7 +47,7 @@ pub struct PathView {
     pub id: String,
     pub a: PathEnd,
     pub b: PathEnd,
-    pub state: Option<String>,
+    pub state: Option<PathState>,
     pub rtt_ms: Option<f64>,
     pub jitter_ms: Option<f64>,
     pub loss_pct: Option<f64>,
@@ -82,7 +82,7 @@ fn path(
     PathView {
         a: end(a, la),
         b: end(b, lb),
-        state: m.map(|m| m.state.clone()),
+        state: m.map(|m| m.state),
         rtt_ms: m.and_then(|m| m.rtt_ms),
         jitter_ms: m.map(|m| m.jitter_ms),
         loss_pct: m.map(|m| m.loss_pct),
@@ -98,12 +98,35 @@ pub struct PathQuery {
     #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
     /// Items to skip; 0 when left out.
-    #[param(minimum = 0, maximum = 9007199254740991)]
+    #[param(minimum = 0, maximum = 9007199254740991.0)]
     pub offset: Option<i64>,
     /// Paths with this site (id) at one end.
     pub site: Option<i64>,
-    /// `up`, `degraded`, `down` or `unknown` (no report yet).
-    pub state: Option<String>,
+    /// Only paths in this state (`unknown`: no edge reported it lately).
+    #[param(inline)]
+    pub state: Option<StateFilter>,
+}
+
+/// A path's state, or `unknown`: no edge has reported the path lately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum StateFilter {
+    Up,
+    Degraded,
+    Down,
+    Unknown,
+}
+
+impl StateFilter {
+    /// The state a path's live fields hold when it matches.
+    fn state(self) -> Option<PathState> {
+        match self {
+            StateFilter::Up => Some(PathState::Up),
+            StateFilter::Degraded => Some(PathState::Degraded),
+            StateFilter::Down => Some(PathState::Down),
+            StateFilter::Unknown => None,
+        }
+    }
 }
 
 #[utoipa::path(
@@ -121,14 +144,6 @@ async fn list_paths(
     extract::Query(q): extract::Query<PathQuery>,
 ) -> Result<Json<Page<PathView>>, ApiError> {
     let paging = Paging::new(q.limit, q.offset)?;
-    if let Some(st) = q.state.as_deref() {
-        if !matches!(st, "up" | "degraded" | "down" | "unknown") {
-            return Err(ApiError::field(
-                "state",
-                "must be up, degraded, down or unknown",
-            ));
-        }
-    }
     // One read transaction: the topology and the sites from the same snapshot.
     let mut snapshot = s.store.pool().begin().await?;
     let t = load(&mut snapshot).await?;
@@ -139,7 +154,7 @@ async fn list_paths(
         .into_iter()
         .filter(|(a, b)| q.site.is_none_or(|id| a.id == id || b.id == id))
         .collect();
-    if let Some(st) = q.state.as_deref() {
+    if let Some(st) = q.state {
         // Filtered by state: every path is looked at.
         let all: Vec<PathView> = pairs
             .iter()
@@ -149,7 +164,7 @@ async fn list_paths(
                     .iter()
                     .flat_map(move |la| b.links.iter().map(move |lb| path(a, la, b, lb, live, now)))
             })
-            .filter(|p| p.state.as_deref().unwrap_or("unknown") == st)
+            .filter(|p| p.state == st.state())
             .collect();
         let total = all.len() as i64;
         let items = all
@@ -265,7 +280,7 @@ pub struct PathSample {
     pub at: i64,
     /// The site whose edge reported it.
     pub site_id: i64,
-    pub state: String,
+    pub state: PathState,
     pub rtt_ms: Option<f64>,
     pub jitter_ms: f64,
     pub loss_pct: f64,
@@ -284,7 +299,7 @@ pub struct MetricsQuery {
     #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
     /// Items to skip; 0 when left out.
-    #[param(minimum = 0, maximum = 9007199254740991)]
+    #[param(minimum = 0, maximum = 9007199254740991.0)]
     pub offset: Option<i64>,
     /// Unix seconds, inclusive.
     pub since: Option<i64>,
@@ -347,7 +362,10 @@ async fn path_metrics(
             Ok(PathSample {
                 at: r.try_get("at_s")?,
                 site_id: r.try_get("site_id")?,
-                state: r.try_get("state")?,
+                state: r
+                    .try_get::<&str, _>("state")?
+                    .parse()
+                    .map_err(ApiError::internal)?,
                 rtt_ms: r.try_get("rtt_ms")?,
                 jitter_ms: r.try_get("jitter_ms")?,
                 loss_pct: r.try_get("loss_pct")?,
@@ -355,7 +373,7 @@ async fn path_metrics(
                 rtt_ms_max: None,
             })
         })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        .collect::<Result<Vec<_>, ApiError>>()?;
     Ok(Json(Page::new(items, total, paging)))
 }
 
@@ -399,7 +417,8 @@ async fn path_metrics_bucketed(
             Ok(PathSample {
                 at: r.try_get("bucket")?,
                 site_id: r.try_get("site_id")?,
-                state: ["up", "degraded", "down"][worst.clamp(0, 2) as usize].to_owned(),
+                state: [PathState::Up, PathState::Degraded, PathState::Down]
+                    [worst.clamp(0, 2) as usize],
                 rtt_ms: r.try_get("rtt")?,
                 jitter_ms: r.try_get("jitter")?,
                 loss_pct: r.try_get("loss")?,
@@ -419,8 +438,7 @@ pub struct PathEventView {
     pub site: String,
     /// Unix milliseconds, the edge's clock.
     pub at_ms: i64,
-    /// `down`, `up`, `sla-violated`, `sla-restored`.
-    pub kind: String,
+    pub kind: PathEventKind,
     pub class: Option<String>,
     /// The event as the edge reported it.
     pub detail: patronus_api::PathEvent,
@@ -433,14 +451,15 @@ pub struct PathEventQuery {
     #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
     /// Items to skip; 0 when left out.
-    #[param(minimum = 0, maximum = 9007199254740991)]
+    #[param(minimum = 0, maximum = 9007199254740991.0)]
     pub offset: Option<i64>,
     /// Unix milliseconds, inclusive.
     pub since_ms: Option<i64>,
     /// Unix milliseconds, exclusive.
     pub until_ms: Option<i64>,
     /// Only this kind.
-    pub kind: Option<String>,
+    #[param(inline)]
+    pub kind: Option<PathEventKind>,
 }
 
 #[utoipa::path(
@@ -460,14 +479,6 @@ async fn path_events(
     extract::Query(q): extract::Query<PathEventQuery>,
 ) -> Result<Json<Page<PathEventView>>, ApiError> {
     let paging = Paging::new(q.limit, q.offset)?;
-    if let Some(k) = q.kind.as_deref() {
-        if !matches!(k, "down" | "up" | "sla-violated" | "sla-restored") {
-            return Err(ApiError::field(
-                "kind",
-                "must be down, up, sla-violated or sla-restored",
-            ));
-        }
-    }
     known_path(&s, &id).await?;
     let (since, until) = (q.since_ms.unwrap_or(0), q.until_ms.unwrap_or(i64::MAX));
     let filter =
@@ -478,7 +489,7 @@ async fn path_events(
     .bind(&id)
     .bind(since)
     .bind(until)
-    .bind(&q.kind)
+    .bind(q.kind.map(PathEventKind::as_str))
     .fetch_one(s.store.pool())
     .await?;
     let rows = sqlx::query(&format!(
@@ -489,7 +500,7 @@ async fn path_events(
     .bind(&id)
     .bind(since)
     .bind(until)
-    .bind(&q.kind)
+    .bind(q.kind.map(PathEventKind::as_str))
     .bind(paging.limit)
     .bind(paging.offset)
     .fetch_all(s.store.pool())
@@ -497,15 +508,17 @@ async fn path_events(
     let items = rows
         .iter()
         .map(|r| {
+            let detail: patronus_api::PathEvent =
+                serde_json::from_str(r.try_get::<&str, _>("detail")?)
+                    .map_err(ApiError::internal)?;
             Ok(PathEventView {
                 id: r.try_get("id")?,
                 site_id: r.try_get("site_id")?,
                 site: r.try_get("site")?,
                 at_ms: r.try_get("at_ms")?,
-                kind: r.try_get("kind")?,
+                kind: detail.kind,
                 class: r.try_get("class")?,
-                detail: serde_json::from_str(r.try_get::<&str, _>("detail")?)
-                    .map_err(ApiError::internal)?,
+                detail,
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;

@@ -43,7 +43,7 @@ pub struct ListQuery {
     #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
     /// Items to skip; 0 when left out.
-    #[param(minimum = 0, maximum = 9007199254740991)]
+    #[param(minimum = 0, maximum = 9007199254740991.0)]
     pub offset: Option<i64>,
     /// Policies of this class.
     pub class: Option<String>,

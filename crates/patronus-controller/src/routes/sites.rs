@@ -69,20 +69,29 @@ impl SiteStatus {
 pub struct SiteSpec {
     pub name: Name,
     #[serde(default)]
+    #[schema(max_length = 1000)]
     pub description: String,
     /// Free text: an address, a city.
     #[serde(default)]
+    #[schema(max_length = 500)]
     pub location: String,
+    /// With `longitude`, or neither.
     #[serde(default)]
+    #[schema(minimum = -90, maximum = 90)]
     pub latitude: Option<f64>,
     #[serde(default)]
+    #[schema(minimum = -180, maximum = 180)]
     pub longitude: Option<f64>,
+    /// No two overlap, here or with another site's, nor with the overlay prefix; none is a
+    /// default route.
     #[serde(default)]
+    #[schema(max_items = 256)]
     pub lan_prefixes: Vec<Prefix>,
     #[serde(default)]
     pub status: SiteStatus,
     /// On creation only: the site's WAN links. Afterwards, `/sites/{id}/links`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_items = 16)]
     pub links: Option<Vec<Link>>,
 }
 
@@ -357,7 +366,7 @@ pub struct ListQuery {
     #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
     /// Items to skip; 0 when left out.
-    #[param(minimum = 0, maximum = 9007199254740991)]
+    #[param(minimum = 0, maximum = 9007199254740991.0)]
     pub offset: Option<i64>,
     /// Exact name.
     pub name: Option<String>,

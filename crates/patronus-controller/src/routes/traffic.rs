@@ -26,7 +26,7 @@ pub struct StatsQuery {
     #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
     /// Items to skip; 0 when left out.
-    #[param(minimum = 0, maximum = 9007199254740991)]
+    #[param(minimum = 0, maximum = 9007199254740991.0)]
     pub offset: Option<i64>,
     /// `class` (default: what each SLA class's traffic sent, per site), `path` (each path's
     /// traffic as the site at one end sent and received it) or `site` (all of a site's paths).

@@ -32,7 +32,10 @@ pub fn routes() -> OpenApiRouter<AppState> {
 pub struct NewUser {
     /// One `@` between a name and a domain, no spaces, at most 254 characters; unique
     /// (without regard to case).
-    #[schema(pattern = r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+$", max_length = 254)]
+    #[schema(
+        pattern = r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+$",
+        max_length = 254
+    )]
     pub email: String,
     #[serde(default)]
     #[schema(max_length = 200)]
@@ -47,7 +50,10 @@ pub struct NewUser {
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UserPatch {
-    #[schema(pattern = r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+$", max_length = 254)]
+    #[schema(
+        pattern = r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+$",
+        max_length = 254
+    )]
     pub email: Option<String>,
     #[schema(max_length = 200)]
     pub name: Option<String>,
@@ -72,7 +78,7 @@ pub struct ListQuery {
     #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
     /// Items to skip; 0 when left out.
-    #[param(minimum = 0, maximum = 9007199254740991)]
+    #[param(minimum = 0, maximum = 9007199254740991.0)]
     pub offset: Option<i64>,
     pub role: Option<Role>,
     pub disabled: Option<bool>,

@@ -35,11 +35,15 @@ pub fn routes() -> OpenApiRouter<AppState> {
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookSpec {
-    /// `http://host[:port]/path`.
+    /// An `https` URL (or `http`, on a trusted network). Its host must be public, unless its
+    /// network is in the controller's `webhook_allowed_networks`.
+    #[schema(max_length = 2000)]
     pub url: String,
-    /// The kinds of event to post (at least one).
+    /// The kinds of event to post (at least one; `ping` is sent on request, not subscribed to).
+    #[schema(min_items = 1)]
     pub events: Vec<EventKind>,
     #[serde(default)]
+    #[schema(max_length = 500)]
     pub description: String,
     #[serde(default = "yes")]
     pub enabled: bool,
@@ -139,7 +143,7 @@ pub struct ListQuery {
     #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
     /// Items to skip; 0 when left out.
-    #[param(minimum = 0, maximum = 9007199254740991)]
+    #[param(minimum = 0, maximum = 9007199254740991.0)]
     pub offset: Option<i64>,
 }
 
@@ -330,7 +334,7 @@ pub struct Queued {
     summary = "Send this webhook a `ping` event now, to test it; see its deliveries for how it went.",
     params(("id" = i64, Path, description = "The object's id")),
     security(("bearer" = ["admin"])),
-    responses((status = 202, body = Queued))
+    responses((status = 202, body = Queued), crate::error::Conflict)
 )]
 async fn ping_webhook(
     State(s): State<AppState>,
@@ -383,7 +387,7 @@ pub struct DeliveryQuery {
     #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
     /// Items to skip; 0 when left out.
-    #[param(minimum = 0, maximum = 9007199254740991)]
+    #[param(minimum = 0, maximum = 9007199254740991.0)]
     pub offset: Option<i64>,
     /// `pending`, `delivered` or `failed`.
     pub status: Option<String>,

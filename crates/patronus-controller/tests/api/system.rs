@@ -609,7 +609,9 @@ async fn every_operation_enforces_the_role_its_document_names_and_404s_what_does
 #[tokio::test]
 async fn the_served_document_passes_a_standard_validator_and_names_each_operation_once() {
     let a = api().await;
-    let r = a.call(Method::GET, "/api/v1/openapi.json", None, None).await;
+    let r = a
+        .call(Method::GET, "/api/v1/openapi.json", None, None)
+        .await;
     assert_eq!(r.status, StatusCode::OK);
     let doc = r.body;
     let mut ids = std::collections::BTreeMap::<String, Vec<String>>::new();
@@ -624,7 +626,10 @@ async fn the_served_document_passes_a_standard_validator_and_names_each_operatio
         }
     }
     let repeated: Vec<_> = ids.iter().filter(|(_, ops)| ops.len() > 1).collect();
-    assert!(repeated.is_empty(), "operation ids used twice: {repeated:?}");
+    assert!(
+        repeated.is_empty(),
+        "operation ids used twice: {repeated:?}"
+    );
     // An independent validator of the OpenAPI 3.1 specification (PyPI's openapi-spec-validator,
     // which .ci/run and the README's test command install).
     let dir = tempfile::tempdir().unwrap();

@@ -2,6 +2,7 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use patronus_api::PathEventKind;
 use serde_json::json;
 use sqlx::Row;
 use utoipa_axum::router::OpenApiRouter;
@@ -83,14 +84,41 @@ async fn edge_telemetry(
         ))
     };
     let now = now_s();
+    // Counters must fit the store's integers: a count beyond them is a broken edge, not traffic.
+    let mut e = patronus_api::FieldErrors::default();
+    let big = |v: u64| i64::try_from(v).is_err();
+    for (i, p) in t.paths.iter().enumerate() {
+        for (name, v) in [
+            ("tx_bytes", p.tx_bytes),
+            ("rx_bytes", p.rx_bytes),
+            ("tx_packets", p.tx_packets),
+            ("rx_packets", p.rx_packets),
+        ] {
+            if big(v) {
+                e.push(format!("paths[{i}].{name}"), "must be at most 2^63 - 1");
+            }
+        }
+    }
+    for (i, c) in t.classes.iter().enumerate() {
+        for (name, v) in [("tx_bytes", c.tx_bytes), ("tx_packets", c.tx_packets)] {
+            if big(v) {
+                e.push(format!("classes[{i}].{name}"), "must be at most 2^63 - 1");
+            }
+        }
+    }
+    for (i, ev) in t.failovers.iter().enumerate() {
+        if big(ev.seq) {
+            e.push(format!("failovers[{i}].seq"), "must be at most 2^63 - 1");
+        }
+    }
+    for (i, ev) in t.path_events.iter().enumerate() {
+        if big(ev.seq) {
+            e.push(format!("path_events[{i}].seq"), "must be at most 2^63 - 1");
+        }
+    }
+    e.into_result().map_err(ApiError::validation)?;
     let mut samples = Vec::new();
     for (i, p) in t.paths.iter().enumerate() {
-        if !matches!(p.state.as_str(), "up" | "degraded" | "down") {
-            return Err(ApiError::field(
-                &format!("paths[{i}].state"),
-                "must be up, degraded or down",
-            ));
-        }
         let finite = |v: f64| v.is_finite() && v >= 0.0;
         if !finite(p.jitter_ms) || !finite(p.loss_pct) || p.rtt_ms.is_some_and(|r| !finite(r)) {
             return Err(ApiError::field(
@@ -110,7 +138,7 @@ async fn edge_telemetry(
             live.insert(
                 id.clone(),
                 crate::app::LivePath {
-                    state: p.state.clone(),
+                    state: p.state,
                     rtt_ms: p.rtt_ms,
                     jitter_ms: p.jitter_ms,
                     loss_pct: p.loss_pct,
@@ -128,7 +156,7 @@ async fn edge_telemetry(
         .bind(id)
         .bind(site.site_id)
         .bind(now)
-        .bind(&p.state)
+        .bind(p.state.as_str())
         .bind(p.rtt_ms)
         .bind(p.jitter_ms)
         .bind(p.loss_pct)
@@ -153,7 +181,7 @@ async fn edge_telemetry(
         .bind(&from)
         .bind(&to)
         .bind(serde_json::to_string(e).map_err(ApiError::internal)?)
-        .bind(&e.reason)
+        .bind(e.reason.as_str())
         .bind(i64::from(e.flows))
         .execute(&mut *tx)
         .await?
@@ -189,7 +217,7 @@ async fn edge_telemetry(
         .bind(e.seq as i64)
         .bind(e.at_ms)
         .bind(&path)
-        .bind(&e.kind)
+        .bind(e.kind.as_str())
         .bind(&e.class)
         .bind(serde_json::to_string(e).map_err(ApiError::internal)?)
         .bind(now)
@@ -197,11 +225,11 @@ async fn edge_telemetry(
         .await?
         .rows_affected()
             == 1;
-        let kind = match e.kind.as_str() {
-            "down" => crate::webhooks::EventKind::PathDown,
-            "up" => crate::webhooks::EventKind::PathUp,
-            "sla-violated" => crate::webhooks::EventKind::SlaViolated,
-            _ => continue,
+        let kind = match e.kind {
+            PathEventKind::Down => crate::webhooks::EventKind::PathDown,
+            PathEventKind::Up => crate::webhooks::EventKind::PathUp,
+            PathEventKind::SlaViolated => crate::webhooks::EventKind::SlaViolated,
+            PathEventKind::SlaRestored | PathEventKind::Unknown => continue,
         };
         if new {
             events.push((

@@ -2,8 +2,8 @@
 //! template, the response by status, and validates the JSON body against its schema. The
 //! validator covers the JSON Schema the document uses (`$ref`, `type` with "null", `properties`,
 //! `required`, `additionalProperties`, `items`, `oneOf`, `anyOf`, `allOf`, `enum`, `minimum`,
-//! `maximum`; `pattern` and `format` are not checked), and fails loudly on any other keyword, so
-//! that nothing passes by being ignored.
+//! `maximum`, `minLength`, `maxLength`, `minItems`, `maxItems`; `pattern` and `format` are not
+//! checked), and fails loudly on any other keyword, so that nothing passes by being ignored.
 
 use axum::http::HeaderMap;
 use serde_json::Value;
@@ -151,6 +151,10 @@ fn validate_in(schema: &Value, v: &Value, at: &str, errors: &mut Vec<String>, pa
                     | "enum"
                     | "minimum"
                     | "maximum"
+                    | "minLength"
+                    | "maxLength"
+                    | "minItems"
+                    | "maxItems"
                     | "format"
                     | "description"
                     | "examples"
@@ -189,6 +193,19 @@ fn validate_in(schema: &Value, v: &Value, at: &str, errors: &mut Vec<String>, pa
     if let (Some(max), Some(n)) = (s.get("maximum").and_then(Value::as_f64), v.as_f64()) {
         if n > max {
             errors.push(format!("{at}: {n} > maximum {max}"));
+        }
+    }
+    let bound = |k: &str| s.get(k).and_then(Value::as_u64);
+    if let Some(text) = v.as_str() {
+        let n = text.chars().count() as u64;
+        if bound("minLength").is_some_and(|m| n < m) || bound("maxLength").is_some_and(|m| n > m) {
+            errors.push(format!("{at}: {n} characters, outside its length bounds"));
+        }
+    }
+    if let Some(items) = v.as_array() {
+        let n = items.len() as u64;
+        if bound("minItems").is_some_and(|m| n < m) || bound("maxItems").is_some_and(|m| n > m) {
+            errors.push(format!("{at}: {n} items, outside its bounds"));
         }
     }
     if let Some(all) = s.get("allOf").and_then(Value::as_array) {
