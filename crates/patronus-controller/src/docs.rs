@@ -58,7 +58,9 @@ pub async fn docs_page() -> axum::response::Html<String> {
         description = "The desired state of a Patronus SD-WAN. Authenticate with \
             `POST /api/v1/auth/login` and send `Authorization: Bearer <access_token>` (or an API \
             key). Each operation's security requirement names the least role it needs (`viewer`, \
-            `operator`, `admin`); a caller below it gets 403. Every error is an object `error` with `code`, `message` and `details`. \
+            `operator`, `admin`); a caller below it gets 403. An operation on `/users/{id}` that \
+            also lists the requirement `self` may be done by the user the path names, whatever \
+            its role (reading oneself, changing one's own password). Every error is an object `error` with `code`, `message` and `details`. \
             Updates are JSON merge patches; send the `ETag` you read as `If-Match` to get 412 \
             instead of overwriting a change you have not seen."
     ),

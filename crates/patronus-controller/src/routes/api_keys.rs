@@ -232,7 +232,11 @@ async fn revoke_api_key(
     State(s): State<AppState>,
     Admin(p): Admin,
     extract::Path(id): extract::Path<i64>,
+    headers: axum::http::HeaderMap,
 ) -> Result<StatusCode, ApiError> {
+    // An API key has no versions (it is never changed, only revoked): no entity tag but `*`
+    // can match it (RFC 9110, 13.1.1).
+    crate::routes::check_if_match_unversioned(&headers)?;
     let mut tx = s.store.begin().await?;
     let r = sqlx::query("UPDATE api_keys SET revoked = 1 WHERE id = ?")
         .bind(id)

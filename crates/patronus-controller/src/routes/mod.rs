@@ -215,6 +215,17 @@ pub fn check_if_match(headers: &axum::http::HeaderMap, version: i64) -> Result<(
     }
 }
 
+/// `If-Match` on an object that has no versions: only `*` (it exists) can match; any entity tag
+/// is 412.
+pub fn check_if_match_unversioned(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    match headers.get(axum::http::header::IF_MATCH) {
+        Some(v) if v.to_str().map(str::trim).ok() != Some("*") => Err(
+            ApiError::precondition_failed("this object has no versions: If-Match can only be *"),
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Whether a write failed on a UNIQUE constraint.
 pub fn unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())

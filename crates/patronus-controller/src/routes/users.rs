@@ -223,7 +223,7 @@ async fn create_user(
     tag = "users",
     summary = "Read a user.",
     params(("id" = i64, Path, description = "The object's id")),
-    security(("bearer" = ["admin"])),
+    security(("bearer" = ["admin"]), ("bearer" = ["self"])),
     responses((status = 200, body = UserRow))
 )]
 async fn show_user(
@@ -375,7 +375,7 @@ async fn remove_user(
     summary = "Change a password (your own needs the current one).",
     params(("id" = i64, Path, description = "The object's id")),
     request_body = PasswordChange,
-    security(("bearer" = ["admin"])),
+    security(("bearer" = ["admin"]), ("bearer" = ["self"])),
     responses((status = 204, description = "Changed"), crate::error::RateLimited)
 )]
 async fn set_password(

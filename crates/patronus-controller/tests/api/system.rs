@@ -345,6 +345,8 @@ struct World {
     admin: String,
     operator: String,
     viewer: String,
+    /// The viewer's and the operator's own user ids, with their tokens.
+    own: [(i64, String); 2],
     /// hq's site credential, as its edge holds it.
     site: String,
     /// The id a path parameter stands for, by the path segment before it.
@@ -353,8 +355,8 @@ struct World {
 
 async fn world(a: &Api) -> World {
     let admin = a.admin().await;
-    let (_, operator) = a.user(&admin, "op@example.net", "operator").await;
-    let (_, viewer) = a.user(&admin, "viewer@example.net", "viewer").await;
+    let (operator_id, operator) = a.user(&admin, "op@example.net", "operator").await;
+    let (viewer_id, viewer) = a.user(&admin, "viewer@example.net", "viewer").await;
     let (target, _) = a.user(&admin, "target@example.net", "viewer").await;
     let s = sites(a, &admin, &["hq", "b1"]).await;
     let site = enrolled(a, &admin, s[0], 1).await;
@@ -413,6 +415,7 @@ async fn world(a: &Api) -> World {
     ids.insert("deliveries", r.body["items"][0]["id"].to_string());
     ids.insert("webhooks", hook);
     World {
+        own: [(viewer_id, viewer.clone()), (operator_id, operator.clone())],
         admin,
         operator,
         viewer,
@@ -552,6 +555,36 @@ async fn every_operation_enforces_the_role_its_document_names_and_404s_what_does
     }
     assert!(checked >= 55, "{checked} operations");
 
+    // On `/users/{id}`, a user below the role named acts on itself exactly where the document
+    // lists the `self` requirement.
+    let mut own_checked = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        if !path.starts_with("/api/v1/users/{id}") {
+            continue;
+        }
+        for (method, op) in item.as_object().unwrap() {
+            let selfish = op["security"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["bearer"] == json!(["self"]));
+            let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            for (id, t) in &w.own {
+                let mine = path.replace("{id}", &id.to_string());
+                let r = a
+                    .call(m.clone(), &mine, Some(t), body_for(method, path))
+                    .await;
+                if selfish {
+                    assert_ne!(r.status, StatusCode::FORBIDDEN, "{method} {mine}: {r:?}");
+                } else {
+                    assert_eq!(r.status, StatusCode::FORBIDDEN, "{method} {mine}: {r:?}");
+                }
+                own_checked += 1;
+            }
+        }
+    }
+    assert!(own_checked >= 8, "{own_checked}");
+
     // Every update checks If-Match: a stale version is 412 and changes nothing.
     let mut patches = 0;
     for (path, item) in doc["paths"].as_object().unwrap() {
@@ -576,6 +609,35 @@ async fn every_operation_enforces_the_role_its_document_names_and_404s_what_does
         patches += 1;
     }
     assert!(patches >= 8, "{patches} updates");
+
+    // So does every delete: a stale version is 412 and deletes nothing.
+    let mut deletes = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        if item.get("delete").is_none() {
+            continue;
+        }
+        let here = concrete(path, &w, None);
+        let before = match item.get("get") {
+            Some(_) => Some(a.call(Method::GET, &here, Some(&w.admin), None).await.body),
+            None => None,
+        };
+        let r = a
+            .call_with(
+                Method::DELETE,
+                &here,
+                Some(&w.admin),
+                None,
+                &[("if-match", "\"999999\"")],
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::PRECONDITION_FAILED, "{path}: {r:?}");
+        if let Some(before) = before {
+            let after = a.call(Method::GET, &here, Some(&w.admin), None).await;
+            assert_eq!(before, after.body, "{path}");
+        }
+        deletes += 1;
+    }
+    assert!(deletes >= 7, "{deletes} deletes");
 
     // A delivery is tried again by hand only once it has failed.
     let hook = &w.ids["webhooks"];
@@ -650,4 +712,251 @@ async fn the_served_document_passes_a_standard_validator_and_names_each_operatio
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The `minimum` and `maximum` the document states for `field` of schema `name` (through a
+/// nullable type or a `$ref`).
+fn stated(doc: &Value, name: &str, field: &str) -> (Option<f64>, Option<f64>) {
+    let s = &doc["components"]["schemas"][name]["properties"][field];
+    assert!(!s.is_null(), "{name}.{field} is not in the document");
+    (s["minimum"].as_f64(), s["maximum"].as_f64())
+}
+
+/// The same for query parameter `param` of `method path`.
+fn stated_param(doc: &Value, method: &str, path: &str, param: &str) -> (Option<f64>, Option<f64>) {
+    let p = doc["paths"][path][method]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == param)
+        .unwrap_or_else(|| panic!("{method} {path} has no parameter {param}"));
+    (
+        p["schema"]["minimum"].as_f64(),
+        p["schema"]["maximum"].as_f64(),
+    )
+}
+
+#[tokio::test]
+async fn the_bounds_the_document_states_are_the_ones_the_server_enforces() {
+    let a = api().await;
+    let t = a.admin().await;
+    let doc = a
+        .call(Method::GET, "/api/v1/openapi.json", None, None)
+        .await
+        .body;
+    let id = sites(&a, &t, &["hq"]).await[0];
+    let status = |r: Reply| r.status;
+
+    // Paging, on every list alike.
+    assert_eq!(
+        stated_param(&doc, "get", "/api/v1/sites", "limit"),
+        (Some(1.0), Some(500.0))
+    );
+    assert_eq!(
+        stated_param(&doc, "get", "/api/v1/sites", "offset"),
+        (Some(0.0), Some(9007199254740991.0))
+    );
+    for (q, want) in [
+        ("limit=1", 200),
+        ("limit=500", 200),
+        ("limit=0", 422),
+        ("limit=501", 422),
+        ("offset=0", 200),
+        ("offset=9007199254740991", 200),
+        ("offset=-1", 422),
+        ("offset=9007199254740992", 422),
+    ] {
+        let r = a
+            .call(Method::GET, &format!("/api/v1/sites?{q}"), Some(&t), None)
+            .await;
+        assert_eq!(r.status.as_u16(), want, "{q}: {r:?}");
+    }
+
+    // An API key's lifetime.
+    assert_eq!(
+        stated(&doc, "NewKey", "expires_in_days"),
+        (Some(1.0), Some(365.0))
+    );
+    for (days, want) in [(1, 201), (365, 201), (0, 422), (366, 422)] {
+        let r = a
+            .call(
+                Method::POST,
+                "/api/v1/api-keys",
+                Some(&t),
+                Some(json!({ "name": "k", "role": "viewer", "expires_in_days": days })),
+            )
+            .await;
+        assert_eq!(r.status.as_u16(), want, "{days} days: {r:?}");
+    }
+
+    // An enrolment token's lifetime.
+    assert_eq!(
+        stated(&doc, "NewToken", "expires_in_minutes"),
+        (Some(1.0), Some(10080.0))
+    );
+    for (minutes, want) in [(1, 201), (10080, 201), (0, 422), (10081, 422)] {
+        let r = a
+            .call(
+                Method::POST,
+                &format!("/api/v1/sites/{id}/enrollment-tokens"),
+                Some(&t),
+                Some(json!({ "expires_in_minutes": minutes })),
+            )
+            .await;
+        assert_eq!(r.status.as_u16(), want, "{minutes} minutes: {r:?}");
+    }
+
+    // A link's MTU and capacity.
+    assert_eq!(stated(&doc, "Link", "mtu"), (Some(1280.0), Some(9216.0)));
+    assert_eq!(stated(&doc, "Link", "up_kbps").0, Some(1.0));
+    for (n, (field, value, want)) in [
+        ("mtu", json!(1280), 201),
+        ("mtu", json!(9216), 201),
+        ("mtu", json!(1279), 422),
+        ("mtu", json!(9217), 422),
+        ("up_kbps", json!(1), 201),
+        ("up_kbps", json!(0), 422),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut link = json!({ "name": format!("l{n}"), "kind": "lte" });
+        link[field] = value.clone();
+        let r = a
+            .call(
+                Method::POST,
+                &format!("/api/v1/sites/{id}/links"),
+                Some(&t),
+                Some(link),
+            )
+            .await;
+        assert_eq!(r.status.as_u16(), want, "{field} {value}: {r:?}");
+        if r.status == StatusCode::CREATED {
+            let path = format!("/api/v1/sites/{id}/links/{}", r.body["id"]);
+            assert_eq!(
+                status(a.call(Method::DELETE, &path, Some(&t), None).await),
+                StatusCode::NO_CONTENT
+            );
+        }
+    }
+
+    // An SLA class's latency bound is a u32 above 0: all of it, and no more.
+    assert_eq!(
+        stated(&doc, "SlaClass", "max_latency_ms"),
+        (Some(1.0), Some(4294967295.0))
+    );
+    for (n, (ms, want)) in [
+        (json!(1), 201),
+        (json!(4294967295u64), 201),
+        (json!(0), 422),
+        (json!(4294967296u64), 422),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let r = a
+            .call(
+                Method::POST,
+                "/api/v1/sla-classes",
+                Some(&t),
+                Some(json!({ "name": format!("c{n}"), "max_latency_ms": ms })),
+            )
+            .await;
+        assert_eq!(r.status.as_u16(), want, "{ms}: {r:?}");
+    }
+
+    // The long poll's wait.
+    let cred = enrolled(&a, &t, id, 3).await;
+    assert_eq!(
+        stated_param(&doc, "get", "/api/v1/edge/config", "wait"),
+        (Some(0.0), Some(25.0))
+    );
+    for (wait, want) in [(25, 200), (26, 422)] {
+        let r = a
+            .call(
+                Method::GET,
+                &format!("/api/v1/edge/config?wait={wait}"),
+                Some(&cred),
+                None,
+            )
+            .await;
+        assert_eq!(r.status.as_u16(), want, "wait={wait}: {r:?}");
+    }
+
+    // A user's email and password.
+    let email = &doc["components"]["schemas"]["NewUser"]["properties"]["email"];
+    assert_eq!(email["maxLength"], 254);
+    let password = &doc["components"]["schemas"]["NewUser"]["properties"]["password"];
+    assert_eq!(
+        (&password["minLength"], &password["maxLength"]),
+        (&json!(12), &json!(1024))
+    );
+    let long = format!("{}@example.net", "a".repeat(254 - 12));
+    for (email, password, want) in [
+        (long.clone(), "Some-Password-9".to_owned(), 201),
+        (format!("b{long}"), "Some-Password-9".to_owned(), 422),
+        ("c@example.net".to_owned(), "Short-Pass-9".to_owned(), 201),
+        ("d@example.net".to_owned(), "Short-Pass9".to_owned(), 422),
+        (
+            "e@example.net".to_owned(),
+            format!("Aa1-{}", "x".repeat(1020)),
+            201,
+        ),
+        (
+            "f@example.net".to_owned(),
+            format!("Aa1-{}", "x".repeat(1021)),
+            422,
+        ),
+    ] {
+        let r = a
+            .call(
+                Method::POST,
+                "/api/v1/users",
+                Some(&t),
+                Some(json!({ "email": email, "role": "viewer", "password": password })),
+            )
+            .await;
+        assert_eq!(r.status.as_u16(), want, "{email}: {r:?}");
+    }
+
+    // Every integer in the document has both bounds, within what its format holds.
+    let mut unbounded = Vec::new();
+    every_integer(&doc, "$", &mut unbounded);
+    assert!(unbounded.is_empty(), "{unbounded:#?}");
+}
+
+/// Integer schemas in `v` without both bounds, or with bounds their format cannot hold.
+fn every_integer(v: &Value, at: &str, bad: &mut Vec<String>) {
+    match v {
+        Value::Object(o) => {
+            let integer = o.get("type").is_some_and(|t| {
+                t == "integer" || t.as_array().is_some_and(|a| a.contains(&json!("integer")))
+            });
+            if integer {
+                let (lo, hi) = (o.get("minimum"), o.get("maximum"));
+                let fits = match o.get("format").and_then(Value::as_str) {
+                    Some("int32") => (i32::MIN as f64, i32::MAX as f64),
+                    Some("int64") => (i64::MIN as f64, i64::MAX as f64),
+                    None => (0.0, u64::MAX as f64),
+                    Some(other) => {
+                        bad.push(format!("{at}: format {other}"));
+                        return;
+                    }
+                };
+                match (lo.and_then(Value::as_f64), hi.and_then(Value::as_f64)) {
+                    (Some(lo), Some(hi)) if lo >= fits.0 && hi <= fits.1 => {}
+                    _ => bad.push(format!("{at}: {}", Value::Object(o.clone()))),
+                }
+            }
+            for (k, x) in o {
+                every_integer(x, &format!("{at}.{k}"), bad);
+            }
+        }
+        Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                every_integer(x, &format!("{at}[{i}]"), bad);
+            }
+        }
+        _ => {}
+    }
 }
