@@ -311,6 +311,18 @@ pub fn render_metrics(s: &EdgeStatus) -> String {
             vec![(String::new(), v as f64)],
         );
     }
+    family(
+        "patronus_build_info",
+        "gauge",
+        "Always 1; the labels say which build of the edge is running.",
+        vec![(
+            format!(
+                "{{version=\"{}\",component=\"edge\"}}",
+                env!("CARGO_PKG_VERSION")
+            ),
+            1.0,
+        )],
+    );
     o
 }
 
@@ -394,6 +406,39 @@ mod tests {
         assert!(m.contains("patronus_path_rtt_seconds{peer=\"b\\\"x\",local_link=\"mpls\",remote_link=\"inet\"} 0.0125"));
         assert!(m.contains("patronus_failovers_total{reason=\"path-down\"} 3"));
         assert!(m.contains("patronus_edge_rx_rejected_total 0"));
+        assert!(m.contains("patronus_build_info{version=\""));
+        promtool_accepts(&m);
+    }
+
+    /// Prometheus's own checker (Debian's `prometheus` package, which `.ci/run` installs) finds
+    /// nothing to say of `metrics`.
+    fn promtool_accepts(metrics: &str) {
+        use std::io::Write;
+        let mut child = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "promtool checks the metrics ({e}): apt-get install --no-install-recommends \
+                     prometheus"
+                )
+            });
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(metrics.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool check metrics:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// `/status` as `patronus edge status`, the demo and the lab tests read it.

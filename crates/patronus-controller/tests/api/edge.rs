@@ -861,3 +861,60 @@ async fn only_the_writes_that_change_a_configuration_bump_its_generation() {
         .unwrap();
     assert_eq!(stored, g + 1);
 }
+
+#[tokio::test]
+async fn a_reason_or_kind_from_a_newer_edge_is_kept_as_unknown_and_a_bad_filter_is_422() {
+    let a = api().await;
+    let t = a.admin().await;
+    let ids = sites(&a, &t, &["hq", "b1"]).await;
+    let cred = enrolled(&a, &t, ids[0], 5).await;
+    // A reason and a kind this controller does not know: the report is taken (an edge resends
+    // what was refused, so refusing it would stall all of its telemetry).
+    let report = json!({ "paths": [],
+        "failovers": [{ "seq": 1, "at_ms": 1_795_000_000_000i64, "peer": "b1",
+            "from_local_link": "mpls", "from_remote_link": "mpls",
+            "to_local_link": "inet", "to_remote_link": "mpls",
+            "reason": "returned", "flows": 1 }],
+        "path_events": [{ "seq": 1, "at_ms": 1_795_000_000_000i64, "peer": "b1",
+            "local_link": "mpls", "remote_link": "mpls", "kind": "wobbling" }] });
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/edge/telemetry",
+            Some(&cred),
+            Some(report),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
+    let r = a
+        .call(
+            Method::GET,
+            "/api/v1/failover/events?reason=unknown",
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(r.body["total"], 1, "{r:?}");
+    assert_eq!(r.body["items"][0]["reason"], "unknown");
+    // A state it does not know is refused, by name: it would have no meaning here.
+    let bad = json!({ "paths": [{ "peer": "b1", "local_link": "mpls", "remote_link": "mpls",
+        "state": "wobbly", "rtt_ms": 1.0, "jitter_ms": 0.0, "loss_pct": 0.0,
+        "tx_bytes": 0, "rx_bytes": 0 }] });
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/edge/telemetry",
+            Some(&cred),
+            Some(bad),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{r:?}");
+    // Filters take the documented values only.
+    for q in [
+        "/api/v1/failover/events?reason=bogus",
+        "/api/v1/paths?state=bogus",
+    ] {
+        let r = a.call(Method::GET, q, Some(&t), None).await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{q}: {r:?}");
+    }
+}

@@ -112,6 +112,85 @@ async fn metrics_count_requests_by_route_and_objects_by_kind_for_authenticated_s
     }
 }
 
+/// The controller's `/metrics` as an admin reads it.
+async fn metrics_text(a: &Api, t: &str) -> String {
+    let req = Request::get("/metrics")
+        .header(header::AUTHORIZATION, format!("Bearer {t}"))
+        .body(Body::empty())
+        .unwrap();
+    let r = a.app.clone().oneshot(req).await.unwrap();
+    String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn no_method_or_path_a_client_makes_up_adds_a_metric_series() {
+    let a = api().await;
+    let t = a.admin().await;
+    // Without logging in: made-up methods on a real route, made-up paths; then as many
+    // again, all different: the second round adds no line to /metrics.
+    // (Reading /metrics is a request too: its own series exist from the first read.)
+    metrics_text(&a, &t).await;
+    let mut lines = Vec::new();
+    for round in 0..2 {
+        for n in 0..100 {
+            let m = Method::from_bytes(format!("ZZTEST{round}X{n}").as_bytes()).unwrap();
+            let r = a.call(m, "/health", None, None).await;
+            assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+            let r = a
+                .call(Method::GET, &format!("/made/up/{round}/{n}"), None, None)
+                .await;
+            assert_eq!(r.status, StatusCode::NOT_FOUND);
+        }
+        lines.push(metrics_text(&a, &t).await.lines().count());
+    }
+    assert_eq!(lines[0], lines[1]);
+    let text = metrics_text(&a, &t).await;
+    assert!(
+        !text.contains("ZZTEST") && !text.contains("/made/up"),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"route="/health",method="other",status="405"} 200"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"route="unmatched",method="GET",status="404"} 200"#),
+        "{text}"
+    );
+    promtool_accepts(&text);
+}
+
+/// Prometheus's own checker (Debian's `prometheus` package, which `.ci/run` installs) finds
+/// nothing to say of `metrics`.
+fn promtool_accepts(metrics: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "promtool checks the metrics ({e}): apt-get install --no-install-recommends \
+                 prometheus"
+            )
+        });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test]
 async fn the_document_lists_every_route_the_router_serves_and_nothing_else() {
     let a = api().await;
