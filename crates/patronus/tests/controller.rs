@@ -66,7 +66,13 @@ fn start(dir: &Path) -> Controller {
 }
 
 fn start_with(dir: &Path, env: &[(&str, &str)]) -> Controller {
-    let mut child = Command::new(patronus())
+    start_under(Command::new(patronus()), dir, env)
+}
+
+/// Starts the controller as `program`'s command (the binary itself, or a wrapper such as
+/// `prlimit ... patronus` that runs it).
+fn start_under(mut program: Command, dir: &Path, env: &[(&str, &str)]) -> Controller {
+    let mut child = program
         .args(["controller", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir)
         .envs(env.iter().copied())
@@ -715,4 +721,94 @@ fn the_cli_reaches_a_tls_fronted_controller_and_refuses_a_certificate_it_cannot_
         &[("PATRONUS_CA_FILE", empty.as_path())],
     );
     assert!(!ok && err.contains("no PEM certificate"), "{err}");
+}
+
+/// A connection to the controller from `from`, another address of this host's loopback.
+fn connect_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from((from, 0)).into()).unwrap();
+    s.connect(&to.into()).unwrap();
+    s.into()
+}
+
+#[test]
+fn with_256_file_descriptors_300_idle_connections_leave_the_api_reachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut limited = Command::new("prlimit");
+    limited.arg("--nofile=256:256").arg(patronus());
+    let c = start_under(
+        limited,
+        &dir.path().join("state"),
+        &[
+            ("PATRONUS_ADMIN_EMAIL", ADMIN),
+            ("PATRONUS_ADMIN_PASSWORD", PASSWORD),
+            ("PATRONUS_IDLE_TIMEOUT_S", "5"),
+        ],
+    );
+    // 300 connections from one address that never send a byte.
+    let mut idle: Vec<TcpStream> = (0..300)
+        .map(|_| connect_from([127, 0, 0, 1], c.addr))
+        .collect();
+    // Others are still served, and the database still has its descriptors.
+    let mut other = connect_from([127, 0, 0, 2], c.addr);
+    other
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let login = format!(r#"{{"email":"{ADMIN}","password":"{PASSWORD}"}}"#);
+    write!(
+        other,
+        "POST /api/v1/auth/login HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{login}",
+        login.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    other.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // The idle ones that were let in are closed after the idle timeout; the rest were closed
+    // at once. Every one ends.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for s in &mut idle {
+        let left = deadline.saturating_duration_since(Instant::now());
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        let mut b = [0u8; 1];
+        match s.read(&mut b) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("an idle connection was not closed: {other:?}"),
+        }
+    }
+    let log = c.finish(nix::sys::signal::Signal::SIGTERM);
+    // It held its connections below what 256 descriptors allow.
+    assert!(log.contains("max_connections=160"), "{log}");
+    assert!(!log.contains("accepting a connection"), "{log}");
+}
+
+#[test]
+fn the_controller_raises_its_open_file_limit_to_the_hard_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut limited = Command::new("prlimit");
+    limited.arg("--nofile=100:4096").arg(patronus());
+    let c = start_under(
+        limited,
+        &dir.path().join("state"),
+        &[
+            ("PATRONUS_ADMIN_EMAIL", ADMIN),
+            ("PATRONUS_ADMIN_PASSWORD", PASSWORD),
+        ],
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", c.child.id())).unwrap();
+    let files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert_eq!(
+        files.split_whitespace().collect::<Vec<_>>()[3..5],
+        ["4096", "4096"],
+        "{files}"
+    );
+    let log = c.finish(nix::sys::signal::Signal::SIGTERM);
+    assert!(log.contains("raised the open-file limit"), "{log}");
+    assert!(log.contains("max_connections=4000"), "{log}");
 }
