@@ -1,13 +1,12 @@
 //! Admin commands that talk to the controller's API: `patronus login`, `site`, `link`,
 //! `policy`, `class`, `failover`, `path`, `traffic`, `webhook`.
 
-use std::io::BufRead;
-
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
 use crate::api_client::{self, Credentials, Session};
+use crate::terminal;
 
 #[derive(Debug, Clone, Copy, Default, ValueEnum)]
 pub enum Output {
@@ -25,15 +24,11 @@ pub struct LoginArgs {
     email: String,
 }
 
-/// Logs in (the password is the first line of stdin) and keeps the tokens 0600 in the user's
-/// config directory.
+/// Logs in (the password typed without echo on a terminal, else the first line of stdin) and
+/// keeps the tokens 0600 in the user's config directory.
 pub fn login(a: LoginArgs) -> anyhow::Result<()> {
-    let mut password = String::new();
-    std::io::stdin()
-        .lock()
-        .read_line(&mut password)
-        .context("reading the password from stdin")?;
-    let password = password.trim_end_matches(['\r', '\n']);
+    let password = terminal::read_secret(&format!("password for {} at {}: ", a.email, a.url))
+        .context("the password")?;
     let r = api_client::request(
         &a.url,
         "POST",

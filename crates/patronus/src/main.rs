@@ -23,6 +23,7 @@ mod controller_cmd;
 mod demo;
 mod edge_cmd;
 mod lab_cmd;
+mod terminal;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,8 +51,8 @@ enum Command {
     /// A multi-site WAN in network namespaces on this machine, with emulated WAN links (root).
     #[command(subcommand)]
     Lab(lab_cmd::LabCmd),
-    /// Log in to a controller (the password is read from stdin); the session is kept 0600 in
-    /// ~/.config/patronus.
+    /// Log in to a controller (the password is prompted for without echo on a terminal, else
+    /// read from stdin); the session is kept 0600 in ~/.config/patronus.
     Login(admin_cmd::LoginArgs),
     /// Sites, through the controller's API.
     #[command(subcommand)]

@@ -695,3 +695,116 @@ fn the_cli_reaches_a_tls_fronted_controller_and_refuses_a_certificate_it_cannot_
     );
     assert!(!ok && err.contains("no PEM certificate"), "{err}");
 }
+
+/// What a pseudo-terminal's master side has read so far, filled by a thread.
+struct Terminal {
+    master: std::fs::File,
+    seen: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Terminal {
+    /// Runs the CLI with stdin, stdout and stderr on a new pseudo-terminal.
+    fn run(home: &Path, args: &[&str]) -> (Child, Terminal) {
+        let pty = nix::pty::openpty(None, None).unwrap();
+        let child = {
+            let slave = |fd: &std::os::fd::OwnedFd| Stdio::from(fd.try_clone().unwrap());
+            let mut cmd = Command::new(patronus());
+            cmd.args(args)
+                .env("XDG_CONFIG_HOME", home)
+                .env_remove("PATRONUS_CA_FILE")
+                .stdin(slave(&pty.slave))
+                .stdout(slave(&pty.slave))
+                .stderr(slave(&pty.slave));
+            cmd.spawn().unwrap()
+            // The command and `pty.slave` drop here: the child holds the only copies, so the
+            // master reads EIO once it has exited.
+        };
+        let master = std::fs::File::from(pty.master);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (mut r, sink) = (master.try_clone().unwrap(), seen.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = r.read(&mut buf) {
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        (child, Terminal { master, seen })
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.seen.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until the terminal shows `what`.
+    fn wait_for(&self, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.text().contains(what) {
+            assert!(
+                Instant::now() < deadline,
+                "no {what:?} in {:?}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn echo_is_on(&self) -> bool {
+        nix::sys::termios::tcgetattr(&self.master)
+            .unwrap()
+            .local_flags
+            .contains(nix::sys::termios::LocalFlags::ECHO)
+    }
+}
+
+fn wait_exit(child: &mut Child, term: &Terminal) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the CLI is still running: {:?}",
+            term.text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn on_a_terminal_login_prompts_for_the_password_and_never_echoes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(&dir.path().join("state"));
+    let home = dir.path().join("home");
+    let url = format!("http://{}", c.addr);
+    let args = ["login", "--url", &url, "--email", ADMIN];
+
+    let (mut child, term) = Terminal::run(&home, &args);
+    term.wait_for(&format!("password for {ADMIN} at {url}: "));
+    assert!(!term.echo_is_on(), "echo is on at the prompt");
+    (&term.master)
+        .write_all(format!("{PASSWORD}\n").as_bytes())
+        .unwrap();
+    let status = wait_exit(&mut child, &term);
+    let shown = term.text();
+    assert!(status.success(), "{shown}");
+    assert!(shown.contains("logged in"), "{shown}");
+    assert!(
+        !shown.contains(PASSWORD),
+        "the password was echoed: {shown:?}"
+    );
+    assert!(term.echo_is_on(), "echo stayed off");
+
+    // Interrupted at the prompt, it puts the terminal back as it was.
+    let (mut child, term) = Terminal::run(&home, &args);
+    term.wait_for("password for");
+    assert!(!term.echo_is_on());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = wait_exit(&mut child, &term);
+    assert_eq!(status.code(), Some(130), "{}", term.text());
+    assert!(term.echo_is_on(), "echo stayed off after Ctrl-C");
+}
