@@ -1,11 +1,11 @@
 //! Admin commands that talk to the controller's API: `patronus login`, `site`, `link`,
 //! `policy`, `class`, `failover`, `path`, `traffic`, `webhook`.
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
-use crate::api_client::{self, Credentials, Session};
+use crate::api_client::{self, Session};
 use crate::terminal;
 
 #[derive(Debug, Clone, Copy, Default, ValueEnum)]
@@ -29,28 +29,7 @@ pub struct LoginArgs {
 pub fn login(a: LoginArgs) -> anyhow::Result<()> {
     let password = terminal::read_secret(&format!("password for {} at {}: ", a.email, a.url))
         .context("the password")?;
-    let r = api_client::request(
-        &a.url,
-        "POST",
-        "/api/v1/auth/login",
-        None,
-        Some(&json!({ "email": a.email, "password": password })),
-    )?;
-    if r.status != 200 {
-        bail!("login failed: {}", api_client::error_text(&r));
-    }
-    let creds = Credentials {
-        url: a.url.trim_end_matches('/').to_owned(),
-        email: a.email,
-        access_token: r.body["access_token"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned(),
-        refresh_token: r.body["refresh_token"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned(),
-    };
+    let creds = api_client::login(&a.url, &a.email, &password)?;
     let path = api_client::save(&creds)?;
     outln!(
         "logged in to {} as {} (session kept in {})",
@@ -299,7 +278,7 @@ fn site_id(s: &mut Session, site: &str) -> anyhow::Result<i64> {
         .with_context(|| format!("no site named {site}"))
 }
 
-fn urlencode(s: &str) -> String {
+pub(crate) fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
@@ -311,7 +290,7 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
-fn print(output: Output, v: &Value, columns: &[Col]) {
+pub(crate) fn print(output: Output, v: &Value, columns: &[Col]) {
     match output {
         Output::Json => outln!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
         Output::Table => {
@@ -326,7 +305,7 @@ fn print(output: Output, v: &Value, columns: &[Col]) {
 
 /// How a table shows a field; `--output json` keeps every value as the API sent it.
 #[derive(Debug, Clone, Copy)]
-enum Fmt {
+pub(crate) enum Fmt {
     /// As it comes: text, a number, a list joined with commas.
     Raw,
     /// Unix seconds, as RFC 3339 UTC.
@@ -339,7 +318,7 @@ enum Fmt {
 
 /// A table column: its header, the JSON key (or a JSON pointer such as `/detail/rtt_ms` for a
 /// nested field), and how its values are shown.
-type Col = (&'static str, &'static str, Fmt);
+pub(crate) type Col = (&'static str, &'static str, Fmt);
 
 /// Unix milliseconds as RFC 3339 UTC (`2026-11-26T14:05:09Z`, or `...09.123Z` with
 /// `millis`); `None` outside the years 0 to 9999, which RFC 3339 cannot write.

@@ -392,6 +392,27 @@ pub fn error_text(r: &Response) -> String {
         .unwrap_or_else(|| format!("HTTP {}", r.status))
 }
 
+/// Logs in to the controller at `url` with an email and password: the session to keep.
+pub fn login(url: &str, email: &str, password: &str) -> anyhow::Result<Credentials> {
+    let r = request(
+        url,
+        "POST",
+        "/api/v1/auth/login",
+        None,
+        Some(&serde_json::json!({ "email": email, "password": password })),
+    )?;
+    if r.status != 200 {
+        bail!("login failed: {}", error_text(&r));
+    }
+    let token = |k: &str| r.body[k].as_str().unwrap_or_default().to_owned();
+    Ok(Credentials {
+        url: url.trim_end_matches('/').to_owned(),
+        email: email.to_owned(),
+        access_token: token("access_token"),
+        refresh_token: token("refresh_token"),
+    })
+}
+
 /// A logged-in session: calls the API, refreshing the access token once when it has lapsed.
 #[derive(Debug)]
 pub struct Session {
@@ -431,6 +452,13 @@ impl Session {
             bail!("{method} {path}: {}", error_text(&r));
         }
         Ok(r.body)
+    }
+
+    /// Logs in again to the same controller (after a password change ended every session),
+    /// and keeps the new session; where it is kept.
+    pub fn login(&mut self, email: &str, password: &str) -> anyhow::Result<PathBuf> {
+        self.creds = login(&self.creds.url, email, password)?;
+        save(&self.creds)
     }
 
     fn refresh(&mut self) -> anyhow::Result<()> {

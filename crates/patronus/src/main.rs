@@ -24,6 +24,7 @@ mod demo;
 mod edge_cmd;
 mod lab_cmd;
 mod terminal;
+mod user_cmd;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -78,6 +79,12 @@ enum Command {
     /// Webhooks: URLs told of events (signed), and how each delivery went.
     #[command(subcommand)]
     Webhook(admin_cmd::WebhookCmd),
+    /// Users, their roles and passwords, through the controller's API.
+    #[command(subcommand)]
+    User(user_cmd::UserCmd),
+    /// API keys for scripts and integrations, through the controller's API.
+    #[command(subcommand)]
+    ApiKey(user_cmd::ApiKeyCmd),
 }
 
 /// Blocks SIGINT, SIGTERM and SIGHUP in this thread (the threads it starts later inherit the
@@ -107,6 +114,8 @@ fn main() -> ExitCode {
         Command::Failover(c) => admin_cmd::failover(c),
         Command::Webhook(c) => admin_cmd::webhook(c),
         Command::Traffic(c) => admin_cmd::traffic(c),
+        Command::User(c) => user_cmd::user(c),
+        Command::ApiKey(c) => user_cmd::api_key(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -32,6 +32,16 @@ pub fn read_secret(prompt: &str) -> anyhow::Result<String> {
     Ok(secret)
 }
 
+/// A new secret: on a terminal typed twice, without echo, and refused unless both match; else
+/// the next line of stdin.
+pub fn read_new_secret(prompt: &str) -> anyhow::Result<String> {
+    let first = read_secret(prompt)?;
+    if interactive() && hidden_line("again: ")? != first {
+        bail!("the two entries differ; nothing was changed");
+    }
+    Ok(first)
+}
+
 fn read_line() -> anyhow::Result<String> {
     let mut line = String::new();
     std::io::stdin().lock().read_line(&mut line)?;
