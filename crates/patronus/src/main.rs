@@ -21,6 +21,7 @@ mod api_client;
 mod bench;
 mod controller_cmd;
 mod demo;
+mod demo_view;
 mod edge_cmd;
 mod lab_cmd;
 mod terminal;

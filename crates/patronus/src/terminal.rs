@@ -1,4 +1,5 @@
-//! The terminal, for the commands that face a person: secrets typed without echo.
+//! The terminal, for the commands that face a person: secrets typed without echo, and the
+//! window's size.
 //!
 //! A secret is prompted for (on stderr) and read with echo off only when stdin is a terminal;
 //! otherwise it is a line of stdin, so scripts and tests pipe it in. While echo is off, a
@@ -93,4 +94,21 @@ fn watch_signals() -> anyhow::Result<()> {
         })?;
     let _ = STARTED.set(());
     Ok(())
+}
+
+/// The terminal's size in columns and rows: the window's (TIOCGWINSZ on stdout), else
+/// `COLUMNS` and `LINES`, else 80 × 24.
+pub fn size() -> (usize, usize) {
+    if let Ok(w) = termios::tcgetwinsize(std::io::stdout()) {
+        if w.ws_col > 0 && w.ws_row > 0 {
+            return (usize::from(w.ws_col), usize::from(w.ws_row));
+        }
+    }
+    let var = |k: &str| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|&n| n > 0)
+    };
+    (var("COLUMNS").unwrap_or(80), var("LINES").unwrap_or(24))
 }
