@@ -14,7 +14,7 @@
 //! the admin's credentials printed, so that a user can log in and look, or cut links with
 //! `patronus lab link`. Ctrl-C removes everything.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{IsTerminal, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -77,7 +77,8 @@ struct StreamTally {
 }
 
 /// The view's event log: one line per event, in the order the view learned of them, each
-/// with the time it happened, counted from the start of the streams.
+/// with the time it happened (counted from the start of the streams) and, when it reached the
+/// view a second or more later, how much later.
 #[derive(Debug)]
 struct Log {
     /// The start of the streams, Unix ms.
@@ -405,6 +406,7 @@ fn demo(
     }
     let _screen = tty.then(Screen::enter);
     let mut seen_hooks = 0;
+    let mut ups = Ups::default();
     let mut last_status = Instant::now() - Duration::from_secs(10);
     let mut last_draw = Instant::now() - Duration::from_secs(10);
     let mut last_table = Instant::now();
@@ -455,15 +457,15 @@ fn demo(
         }
         // Events, as the controller's webhook delivers them.
         let got = hook.received();
+        let received_ms = now_ms();
+        let batch: Vec<Value> = got[seen_hooks..].iter().map(|r| r.json()).collect();
+        seen_hooks = got.len();
         {
             let mut l = lock(&log);
-            for r in &got[seen_hooks..] {
-                if let Some(line) = describe(&r.json()) {
-                    l.push(now_ms(), &line, None);
-                }
+            for e in describe(&batch, &mut ups) {
+                l.push(e.at_ms, &e.text, Some(received_ms - e.at_ms));
             }
         }
-        seen_hooks = got.len();
         // The view.
         let news = !lock(&log).unprinted.is_empty();
         if tty {
@@ -607,51 +609,127 @@ fn next_step(in_cycle: Duration, step: usize) -> String {
     }
 }
 
-/// One line for a webhook event.
-fn describe(v: &Value) -> Option<String> {
-    let d = &v["data"];
-    let s = |k: &str| d[k].as_str().unwrap_or("?").to_owned();
-    let ms = |k: &str| {
+/// The paths the view has seen go down, by (reporting site, its end, the other end): their
+/// next `up` is "up again", while a path's first is just "up".
+type Ups = HashSet<(String, String, String)>;
+
+/// An event line: when it happened (Unix ms: the edge's moment for what an edge saw, else
+/// the controller's) and what.
+#[derive(Debug)]
+struct Described {
+    at_ms: i64,
+    text: String,
+}
+
+/// Lines for a batch of webhook events. An edge's reports often carry several events of one
+/// change: a path that breaks several SLA classes at once is one line naming the classes, and
+/// flows moved together from one path to another (reported as they each moved) are one line
+/// with their sum.
+fn describe(batch: &[Value], ups: &mut Ups) -> Vec<Described> {
+    let s = |d: &Value, k: &str| d[k].as_str().unwrap_or("?").to_owned();
+    let ms = |d: &Value, k: &str| {
         d[k].as_f64()
             .map_or_else(|| "-".to_owned(), |x| format!("{x:.1}"))
     };
-    Some(match v["type"].as_str()? {
-        "failover" => format!(
-            "{}: failover to {}: {} ⇒ {} ({}, {} flow{})",
-            s("site"),
-            s("peer"),
-            s("from"),
-            s("to"),
-            s("reason"),
-            d["flows"],
-            if d["flows"] == 1 { "" } else { "s" }
-        ),
-        "path.down" => format!(
-            "{}: path {} — {} down",
-            s("reported_by"),
-            s("from"),
-            s("to")
-        ),
-        "path.up" => format!(
-            "{}: path {} — {} up again (rtt {} ms)",
-            s("reported_by"),
-            s("from"),
-            s("to"),
-            ms("rtt_ms")
-        ),
-        "sla.violated" => format!(
-            "{}: path {} — {} breaks an SLA (rtt {} ms, jitter {} ms, loss {} %)",
-            s("reported_by"),
-            s("from"),
-            s("to"),
-            ms("rtt_ms"),
-            ms("jitter_ms"),
-            ms("loss_pct")
-        ),
-        "site.online" => format!("{}: online (the controller hears its edge)", s("site")),
-        "site.offline" => format!("{}: offline", s("site")),
-        _ => return None,
-    })
+    // (grouping key, the first event of the group, SLA classes, flows)
+    let mut groups: Vec<(String, &Value, Vec<String>, u64)> = Vec::new();
+    for e in batch {
+        let d = &e["data"];
+        let key = match e["type"].as_str() {
+            Some("sla.violated") => format!(
+                "sla {} {} {} {}",
+                s(d, "reported_by"),
+                s(d, "from"),
+                s(d, "to"),
+                d["at_ms"]
+            ),
+            Some("failover") => format!(
+                "failover {} {} {} {} {}",
+                s(d, "site"),
+                s(d, "peer"),
+                s(d, "from"),
+                s(d, "to"),
+                s(d, "reason")
+            ),
+            _ => format!("#{}", groups.len()),
+        };
+        let flows = d["flows"].as_u64().unwrap_or(0);
+        match groups.iter_mut().find(|g| g.0 == key) {
+            Some(g) => {
+                g.2.extend(d["class"].as_str().map(str::to_owned));
+                g.3 += flows;
+            }
+            None => groups.push((
+                key,
+                e,
+                d["class"].as_str().map(str::to_owned).into_iter().collect(),
+                flows,
+            )),
+        }
+    }
+    let mut out = Vec::new();
+    for (_, e, classes, flows) in groups {
+        let d = &e["data"];
+        let path = || (s(d, "reported_by"), s(d, "from"), s(d, "to"));
+        let text = match e["type"].as_str() {
+            Some("failover") => format!(
+                "{}: failover to {}: {} ⇒ {} ({}, {flows} flow{})",
+                s(d, "site"),
+                s(d, "peer"),
+                s(d, "from"),
+                s(d, "to"),
+                s(d, "reason"),
+                if flows == 1 { "" } else { "s" }
+            ),
+            Some("path.down") => {
+                let (by, from, to) = path();
+                let text = format!("{by}: path {from} — {to} down");
+                ups.insert((by, from, to));
+                text
+            }
+            Some("path.up") => {
+                let (by, from, to) = path();
+                let again = if ups.contains(&(by.clone(), from.clone(), to.clone())) {
+                    " again"
+                } else {
+                    ""
+                };
+                format!(
+                    "{by}: path {from} — {to} up{again} (rtt {} ms)",
+                    ms(d, "rtt_ms")
+                )
+            }
+            Some("sla.violated") => {
+                let (by, from, to) = path();
+                let classes = if classes.is_empty() {
+                    "an SLA class".to_owned()
+                } else {
+                    format!("SLA {}", classes.join(", "))
+                };
+                format!(
+                    "{by}: path {from} — {to} breaks {classes} (rtt {} ms, jitter {} ms, loss {} %)",
+                    ms(d, "rtt_ms"),
+                    ms(d, "jitter_ms"),
+                    ms(d, "loss_pct")
+                )
+            }
+            Some("site.online") => {
+                format!("{}: online (the controller hears its edge)", s(d, "site"))
+            }
+            Some("site.offline") => format!("{}: offline", s(d, "site")),
+            Some("config.changed") => match (d["method"].as_str(), d["path"].as_str()) {
+                (Some(m), Some(p)) => format!("controller: configuration changed ({m} {p})"),
+                _ => "controller: configuration changed".to_owned(),
+            },
+            _ => continue,
+        };
+        let at_ms = d["at_ms"]
+            .as_i64()
+            .or_else(|| e["at_ms"].as_i64())
+            .unwrap_or_else(now_ms);
+        out.push(Described { at_ms, text });
+    }
+    out
 }
 
 /// Each site's paths that carry traffic or are not up, from the edges' own status, most
@@ -785,4 +863,103 @@ fn forward(listener: &TcpListener, ns: &str, to: SocketAddr) {
 fn pump(mut from: TcpStream, mut to: TcpStream) {
     let _ = std::io::copy(&mut from, &mut to);
     let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: &str, data: Value) -> Value {
+        json!({ "type": kind, "at_ms": 9_000, "data": data })
+    }
+
+    fn path(kind: &str, at_ms: i64, class: Option<&str>) -> Value {
+        event(
+            kind,
+            json!({ "reported_by": "hq", "from": "hq/mpls", "to": "branch1/mpls",
+                    "at_ms": at_ms, "class": class, "rtt_ms": 20.123, "jitter_ms": 1.0,
+                    "loss_pct": 4.56 }),
+        )
+    }
+
+    fn texts(batch: &[Value], ups: &mut Ups) -> Vec<String> {
+        describe(batch, ups).into_iter().map(|d| d.text).collect()
+    }
+
+    #[test]
+    fn a_paths_first_up_is_just_up_and_only_an_up_after_a_down_is_up_again() {
+        let mut ups = Ups::default();
+        let up = texts(&[path("path.up", 1, None)], &mut ups);
+        assert_eq!(up, ["hq: path hq/mpls — branch1/mpls up (rtt 20.1 ms)"]);
+        let down_up = texts(
+            &[path("path.down", 2, None), path("path.up", 3, None)],
+            &mut ups,
+        );
+        assert_eq!(
+            down_up,
+            [
+                "hq: path hq/mpls — branch1/mpls down",
+                "hq: path hq/mpls — branch1/mpls up again (rtt 20.1 ms)"
+            ]
+        );
+    }
+
+    #[test]
+    fn classes_broken_at_once_are_one_line_that_names_them() {
+        let batch = [
+            path("sla.violated", 5, Some("realtime")),
+            path("sla.violated", 5, Some("business")),
+            path("sla.violated", 6, Some("realtime")),
+        ];
+        let lines = describe(&batch, &mut Ups::default());
+        let texts: Vec<&str> = lines.iter().map(|d| d.text.as_str()).collect();
+        assert_eq!(
+            texts,
+            [
+                "hq: path hq/mpls — branch1/mpls breaks SLA realtime, business (rtt 20.1 ms, \
+                 jitter 1.0 ms, loss 4.6 %)",
+                "hq: path hq/mpls — branch1/mpls breaks SLA realtime (rtt 20.1 ms, jitter 1.0 \
+                 ms, loss 4.6 %)"
+            ]
+        );
+        assert_eq!(
+            (lines[0].at_ms, lines[1].at_ms),
+            (5, 6),
+            "the edge's moments"
+        );
+    }
+
+    #[test]
+    fn flows_moved_together_are_one_failover_line_with_their_sum() {
+        let moved = |to: &str| {
+            event(
+                "failover",
+                json!({ "site": "hq", "peer": "branch1", "from": "mpls>mpls", "to": to,
+                        "reason": "path-down", "flows": 1, "at_ms": 7 }),
+            )
+        };
+        let config = event(
+            "config.changed",
+            json!({ "method": "POST", "path": "/api/v1/policies" }),
+        );
+        let lines = describe(
+            &[
+                moved("inet>lte"),
+                moved("inet>lte"),
+                moved("lte>lte"),
+                config,
+            ],
+            &mut Ups::default(),
+        );
+        let texts: Vec<&str> = lines.iter().map(|d| d.text.as_str()).collect();
+        assert_eq!(
+            texts,
+            [
+                "hq: failover to branch1: mpls>mpls ⇒ inet>lte (path-down, 2 flows)",
+                "hq: failover to branch1: mpls>mpls ⇒ lte>lte (path-down, 1 flow)",
+                "controller: configuration changed (POST /api/v1/policies)"
+            ]
+        );
+        assert_eq!(lines[2].at_ms, 9_000, "the controller's moment");
+    }
 }

@@ -74,7 +74,7 @@ pub fn render(f: &Frame, cols: usize, rows: usize) -> Vec<String> {
     let room = rows.saturating_sub(out.len() + 1);
     if room > 0 {
         out.push(fit(
-            "EVENTS (as the controller's webhook tells them)",
+            "EVENTS (as the controller's webhook tells them; the time an edge saw each)",
             width,
         ));
         out.extend(last_wrapped(&f.events, width, room));
