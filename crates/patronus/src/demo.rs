@@ -407,6 +407,8 @@ fn demo(
     let _screen = tty.then(Screen::enter);
     let mut seen_hooks = 0;
     let mut ups = Ups::default();
+    let mut timings: Vec<Timing> = Vec::new();
+    let mut steps: Vec<(i64, String)> = Vec::new();
     let mut last_status = Instant::now() - Duration::from_secs(10);
     let mut last_draw = Instant::now() - Duration::from_secs(10);
     let mut last_table = Instant::now();
@@ -446,6 +448,7 @@ fn demo(
                     String::new()
                 };
                 lock(&log).push(at_ms, &format!("lab: {what} {link}{detail}"), None);
+                steps.push((at_ms, format!("{what} {link}")));
                 step += 1;
             }
         } else if in_cycle >= CYCLE {
@@ -465,6 +468,14 @@ fn demo(
             for e in describe(&batch, &mut ups) {
                 l.push(e.at_ms, &e.text, Some(received_ms - e.at_ms));
             }
+        }
+        for e in batch.iter().filter(|e| e["type"] == "failover") {
+            timings.push(Timing {
+                event: e.clone(),
+                controller_ms: e["at_ms"].as_i64().unwrap_or_default(),
+                received_ms,
+                shown_ms: None,
+            });
         }
         // The view.
         let news = !lock(&log).unprinted.is_empty();
@@ -517,12 +528,14 @@ fn demo(
                 {
                     break;
                 }
+                mark_shown(&mut timings);
             }
         } else {
             let new = std::mem::take(&mut lock(&log).unprinted);
             for line in new {
                 outln!("{line}");
             }
+            mark_shown(&mut timings);
             if last_table.elapsed() >= Duration::from_secs(20) {
                 last_table = Instant::now();
                 for l in demo_view::paths_lines(&paths(lab, &plan, &mut prev_tx)) {
@@ -541,14 +554,23 @@ fn demo(
     }
     // What happened, for scripts (and the demo's test).
     let events: Vec<Value> = hook.received().iter().map(|r| r.json()).collect();
-    let failovers: Vec<Value> = events
-        .iter()
-        .filter(|e| e["type"] == "failover")
-        .map(|e| {
-            json!({ "site": e["data"]["site"], "peer": e["data"]["peer"],
-                         "reason": e["data"]["reason"] })
-        })
-        .collect();
+    let failovers: Vec<Value> = timings.iter().map(|t| t.json(&steps)).collect();
+    // Each failover's way to the view, from the step of the schedule before it.
+    for f in &failovers {
+        if let Some(step) = f["after"].as_str() {
+            outln!(
+                "demo: {}'s failover to {} ({}) after `{step}`: edge +{} ms, controller +{} ms, \
+                 webhook delivered +{} ms, view +{} ms",
+                f["site"].as_str().unwrap_or("?"),
+                f["peer"].as_str().unwrap_or("?"),
+                f["reason"].as_str().unwrap_or("?"),
+                f["edge_ms"],
+                f["controller_ms"],
+                f["received_ms"],
+                f["shown_ms"]
+            );
+        }
+    }
     let summary = json!({
         "run_id": lab.run_id(),
         "seconds": start.elapsed().as_secs(),
@@ -584,6 +606,49 @@ impl Drop for Screen {
         let _ = so
             .write_all(b"\x1b[?25h\x1b[?1049l")
             .and_then(|()| so.flush());
+    }
+}
+
+/// A failover as the view learned of it, to time its way from the edge to the view.
+#[derive(Debug)]
+struct Timing {
+    /// The webhook's event.
+    event: Value,
+    /// When the controller queued it (the edge's report had just been stored), Unix ms.
+    controller_ms: i64,
+    /// When the view found its delivery (it looks every 100 ms), Unix ms.
+    received_ms: i64,
+    /// When the view first drew (or printed) it, Unix ms.
+    shown_ms: Option<i64>,
+}
+
+impl Timing {
+    /// The failover, and if it came after a step of the schedule, each moment in ms after it.
+    fn json(&self, steps: &[(i64, String)]) -> Value {
+        let d = &self.event["data"];
+        let edge_ms = d["at_ms"].as_i64().unwrap_or_default();
+        let mut v = json!({
+            "site": d["site"], "peer": d["peer"], "reason": d["reason"], "flows": d["flows"],
+            "from": d["from"], "to": d["to"], "at_ms": edge_ms,
+        });
+        if let Some((at, what)) = steps.iter().rev().find(|(at, _)| *at <= edge_ms) {
+            v["after"] = what.as_str().into();
+            v["edge_ms"] = (edge_ms - at).into();
+            v["controller_ms"] = (self.controller_ms - at).into();
+            v["received_ms"] = (self.received_ms - at).into();
+            v["shown_ms"] = self.shown_ms.map(|s| s - at).into();
+        }
+        v
+    }
+}
+
+fn mark_shown(timings: &mut [Timing]) {
+    let now = now_ms();
+    for t in timings.iter_mut().rev() {
+        if t.shown_ms.is_some() {
+            break;
+        }
+        t.shown_ms = Some(now);
     }
 }
 
