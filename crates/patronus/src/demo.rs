@@ -290,7 +290,7 @@ fn demo(
         Some(json!({
             "url": hook.url(),
             "events": ["site.online", "site.offline", "path.down", "path.up",
-                       "sla.violated", "failover"],
+                       "sla.violated", "failover", "config.changed"],
             "description": "the demo's live view",
         })),
     )?;
@@ -858,7 +858,7 @@ fn paths(
         sites.push(demo_view::Site {
             name: name.to_owned(),
             summary: format!(
-                "{up} of {} paths up · {} flows cached, idle ones for 120 s · {} failovers",
+                "{up}/{} paths up · {} flows cached (idle ones 120 s) · {} failovers",
                 st.paths.len(),
                 st.flows,
                 st.failovers.values().sum::<u64>()
