@@ -812,7 +812,7 @@ fn paths(
             Err(e) => {
                 sites.push(demo_view::Site {
                     name: name.to_owned(),
-                    summary: format!("the edge's status does not answer ({e:#})"),
+                    summary: vec![format!("the edge's status does not answer ({e:#})")],
                     paths: Vec::new(),
                 });
                 continue;
@@ -857,16 +857,29 @@ fn paths(
         });
         sites.push(demo_view::Site {
             name: name.to_owned(),
-            summary: format!(
-                "{up}/{} paths up · {} flows cached (idle ones 120 s) · {} failovers",
-                st.paths.len(),
-                st.flows,
-                st.failovers.values().sum::<u64>()
-            ),
+            summary: vec![
+                format!("{up}/{} paths up", st.paths.len()),
+                plural(st.failovers.values().sum::<u64>(), "failover"),
+                format!(
+                    "{} (idle ones 120 s)",
+                    plural(st.flows as u64, "flow cached")
+                ),
+            ],
             paths: rows,
         });
     }
     sites
+}
+
+/// `1 failover`, `2 failovers`; `2 flows cached`.
+fn plural(n: u64, what: &str) -> String {
+    if n == 1 {
+        return format!("1 {what}");
+    }
+    match what.split_once(' ') {
+        Some((noun, rest)) => format!("{n} {noun}s {rest}"),
+        None => format!("{n} {what}s"),
+    }
 }
 
 fn stream_rows(t: &Mutex<Vec<StreamTally>>) -> Vec<demo_view::StreamRow> {

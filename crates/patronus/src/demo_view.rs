@@ -21,8 +21,10 @@ pub struct Frame {
 #[derive(Debug, Default)]
 pub struct Site {
     pub name: String,
-    /// One line about the site as a whole (or why its edge does not answer).
-    pub summary: String,
+    /// What to say about the site as a whole (or why its edge does not answer), most important
+    /// first: the parts are joined on the site's line, after the first of them comes how many
+    /// of its rows did not fit, and what the width cannot hold is cut.
+    pub summary: Vec<String>,
     /// Its paths worth a row, most urgent first.
     pub paths: Vec<PathRow>,
 }
@@ -350,8 +352,10 @@ fn paths_table(sites: &[Site], width: usize, spare: usize) -> Vec<String> {
     for (s, &n) in sites.iter().zip(&take) {
         let mut summary = s.summary.clone();
         if n < s.paths.len() {
-            let _ = write!(summary, " · {} more not shown", s.paths.len() - n);
+            let hidden = format!("{} more not shown", s.paths.len() - n);
+            summary.insert(summary.len().min(1), hidden);
         }
+        let summary = summary.join(" · ");
         out.push(fit(&format!("{:<site_w$}  {summary}", s.name), width));
         for r in rows.by_ref().take(n) {
             out.push(line(&columns, &chosen, &r, width));
@@ -428,7 +432,11 @@ mod tests {
     fn frame(paths_per_site: usize, events: usize) -> Frame {
         let site = |name: &str| Site {
             name: name.into(),
-            summary: format!("{paths_per_site} of 12 paths up · 9 flows cached"),
+            summary: vec![
+                format!("{paths_per_site}/12 paths up"),
+                "3 failovers".into(),
+                "9 flows cached (idle ones 120 s)".into(),
+            ],
             paths: (0..paths_per_site)
                 .map(|i| PathRow {
                     peer: "branch1".into(),
@@ -490,6 +498,12 @@ mod tests {
         check(&lines, 80, 24);
         assert_eq!(lines.len(), 24);
         let text = lines.join("\n");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("hq ") && l.contains("12/12 paths up · 11 more not shown")),
+            "{text}"
+        );
         for s in [
             "hq ",
             "branch1 ",
