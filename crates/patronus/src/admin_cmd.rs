@@ -1,13 +1,12 @@
 //! Admin commands that talk to the controller's API: `patronus login`, `site`, `link`,
 //! `policy`, `class`, `failover`, `path`, `traffic`, `webhook`.
 
-use std::io::BufRead;
-
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
-use crate::api_client::{self, Credentials, Session};
+use crate::api_client::{self, Session};
+use crate::terminal;
 
 #[derive(Debug, Clone, Copy, Default, ValueEnum)]
 pub enum Output {
@@ -25,37 +24,12 @@ pub struct LoginArgs {
     email: String,
 }
 
-/// Logs in (the password is the first line of stdin) and keeps the tokens 0600 in the user's
-/// config directory.
+/// Logs in (the password typed without echo on a terminal, else the first line of stdin) and
+/// keeps the tokens 0600 in the user's config directory.
 pub fn login(a: LoginArgs) -> anyhow::Result<()> {
-    let mut password = String::new();
-    std::io::stdin()
-        .lock()
-        .read_line(&mut password)
-        .context("reading the password from stdin")?;
-    let password = password.trim_end_matches(['\r', '\n']);
-    let r = api_client::request(
-        &a.url,
-        "POST",
-        "/api/v1/auth/login",
-        None,
-        Some(&json!({ "email": a.email, "password": password })),
-    )?;
-    if r.status != 200 {
-        bail!("login failed: {}", api_client::error_text(&r));
-    }
-    let creds = Credentials {
-        url: a.url.trim_end_matches('/').to_owned(),
-        email: a.email,
-        access_token: r.body["access_token"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned(),
-        refresh_token: r.body["refresh_token"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned(),
-    };
+    let password = terminal::read_secret(&format!("password for {} at {}: ", a.email, a.url))
+        .context("the password")?;
+    let creds = api_client::login(&a.url, &a.email, &password)?;
     let path = api_client::save(&creds)?;
     outln!(
         "logged in to {} as {} (session kept in {})",
@@ -194,13 +168,13 @@ pub fn path(cmd: PathCmd) -> anyhow::Result<()> {
                 output,
                 &v,
                 &[
-                    ("AT MS", "at_ms"),
-                    ("SITE", "site"),
-                    ("PEER", "peer"),
-                    ("FROM", "from"),
-                    ("TO", "to"),
-                    ("REASON", "reason"),
-                    ("FLOWS", "flows"),
+                    ("AT (UTC)", "at_ms", Fmt::UnixMs),
+                    ("SITE", "site", Fmt::Raw),
+                    ("PEER", "peer", Fmt::Raw),
+                    ("FROM", "from", Fmt::Raw),
+                    ("TO", "to", Fmt::Raw),
+                    ("REASON", "reason", Fmt::Raw),
+                    ("FLOWS", "flows", Fmt::Raw),
                 ],
             );
         }
@@ -214,15 +188,15 @@ pub fn path(cmd: PathCmd) -> anyhow::Result<()> {
                 output,
                 &v,
                 &[
-                    ("AT MS", "at_ms"),
-                    ("SITE", "site"),
-                    ("KIND", "kind"),
-                    ("CLASS", "class"),
-                    ("RTT MS", "/detail/rtt_ms"),
-                    ("JIT MS", "/detail/jitter_ms"),
-                    ("LOSS %", "/detail/loss_pct"),
-                    ("SILENT MS", "/detail/silent_ms"),
-                    ("FLOWS", "/detail/flows"),
+                    ("AT (UTC)", "at_ms", Fmt::UnixMs),
+                    ("SITE", "site", Fmt::Raw),
+                    ("KIND", "kind", Fmt::Raw),
+                    ("CLASS", "class", Fmt::Raw),
+                    ("RTT MS", "/detail/rtt_ms", Fmt::Dec(1)),
+                    ("JIT MS", "/detail/jitter_ms", Fmt::Dec(1)),
+                    ("LOSS %", "/detail/loss_pct", Fmt::Dec(1)),
+                    ("SILENT MS", "/detail/silent_ms", Fmt::Dec(0)),
+                    ("FLOWS", "/detail/flows", Fmt::Raw),
                 ],
             );
         }
@@ -259,13 +233,13 @@ pub fn path(cmd: PathCmd) -> anyhow::Result<()> {
                 output,
                 &v,
                 &[
-                    ("ID", "id"),
-                    ("FROM", "from"),
-                    ("TO", "to"),
-                    ("STATE", "state"),
-                    ("RTT MS", "rtt_ms"),
-                    ("JITTER MS", "jitter_ms"),
-                    ("LOSS %", "loss_pct"),
+                    ("ID", "id", Fmt::Raw),
+                    ("FROM", "from", Fmt::Raw),
+                    ("TO", "to", Fmt::Raw),
+                    ("STATE", "state", Fmt::Raw),
+                    ("RTT MS", "rtt_ms", Fmt::Dec(1)),
+                    ("JITTER MS", "jitter_ms", Fmt::Dec(1)),
+                    ("LOSS %", "loss_pct", Fmt::Dec(1)),
                 ],
             );
         }
@@ -304,7 +278,7 @@ fn site_id(s: &mut Session, site: &str) -> anyhow::Result<i64> {
         .with_context(|| format!("no site named {site}"))
 }
 
-fn urlencode(s: &str) -> String {
+pub(crate) fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
@@ -316,7 +290,7 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
-fn print(output: Output, v: &Value, columns: &[(&str, &str)]) {
+pub(crate) fn print(output: Output, v: &Value, columns: &[Col]) {
     match output {
         Output::Json => outln!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
         Output::Table => {
@@ -329,18 +303,78 @@ fn print(output: Output, v: &Value, columns: &[(&str, &str)]) {
     }
 }
 
-/// Aligned columns: (header, JSON key, or a JSON pointer such as `/detail/rtt_ms` for a
-/// nested field).
-fn table(rows: &[&Value], columns: &[(&str, &str)]) {
-    let field = |r: &'_ Value, k: &str| -> Value {
-        if k.starts_with('/') {
-            r.pointer(k).cloned().unwrap_or(Value::Null)
-        } else {
-            r[k].clone()
+/// How a table shows a field; `--output json` keeps every value as the API sent it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Fmt {
+    /// As it comes: text, a number, a list joined with commas.
+    Raw,
+    /// Unix seconds, as RFC 3339 UTC.
+    UnixS,
+    /// Unix milliseconds, as RFC 3339 UTC to the millisecond.
+    UnixMs,
+    /// A measurement, rounded to this many decimals.
+    Dec(usize),
+}
+
+/// A table column: its header, the JSON key (or a JSON pointer such as `/detail/rtt_ms` for a
+/// nested field), and how its values are shown.
+pub(crate) type Col = (&'static str, &'static str, Fmt);
+
+/// Unix milliseconds as RFC 3339 UTC (`2026-11-26T14:05:09Z`, or `...09.123Z` with
+/// `millis`); `None` outside the years 0 to 9999, which RFC 3339 cannot write.
+fn rfc3339(unix_ms: i64, millis: bool) -> Option<String> {
+    const MIN: i64 = -62_167_219_200_000; // 0000-01-01T00:00:00Z
+    const MAX: i64 = 253_402_300_799_999; // 9999-12-31T23:59:59.999Z
+    if !(MIN..=MAX).contains(&unix_ms) {
+        return None;
+    }
+    let secs = unix_ms.div_euclid(1000);
+    let (mut days, day_s) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let leap = |y: i64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let year_days = |y: i64| if leap(y) { 366 } else { 365 };
+    let mut year = 1970;
+    while days < 0 {
+        year -= 1;
+        days += year_days(year);
+    }
+    while days >= year_days(year) {
+        days -= year_days(year);
+        year += 1;
+    }
+    let feb = if leap(year) { 29 } else { 28 };
+    let mut month = 1;
+    for len in [31, feb, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31] {
+        if days < len {
+            break;
         }
+        days -= len;
+        month += 1;
+    }
+    let time = format!(
+        "{year:04}-{month:02}-{:02}T{:02}:{:02}:{:02}",
+        days + 1,
+        day_s / 3600,
+        day_s / 60 % 60,
+        day_s % 60
+    );
+    Some(if millis {
+        format!("{time}.{:03}Z", unix_ms.rem_euclid(1000))
+    } else {
+        format!("{time}Z")
+    })
+}
+
+/// A value as a table cell.
+fn cell(v: &Value, fmt: Fmt) -> String {
+    let time = |ms: Option<i64>, millis| ms.and_then(|ms| rfc3339(ms, millis));
+    let shown = match (fmt, v) {
+        (_, Value::Null) => Some("-".to_owned()),
+        (Fmt::UnixS, v) => time(v.as_i64().and_then(|s| s.checked_mul(1000)), false),
+        (Fmt::UnixMs, v) => time(v.as_i64(), true),
+        (Fmt::Dec(places), Value::Number(n)) => n.as_f64().map(|x| format!("{x:.places$}")),
+        _ => None,
     };
-    let cell = |r: &Value, k: &str| match &field(r, k) {
-        Value::Null => "-".to_owned(),
+    shown.unwrap_or_else(|| match v {
         Value::String(s) => s.clone(),
         Value::Array(a) => a
             .iter()
@@ -352,21 +386,37 @@ fn table(rows: &[&Value], columns: &[(&str, &str)]) {
             .collect::<Vec<_>>()
             .join(","),
         other => other.to_string(),
+    })
+}
+
+/// Aligned columns.
+fn table(rows: &[&Value], columns: &[Col]) {
+    let field = |r: &'_ Value, k: &str| -> Value {
+        if k.starts_with('/') {
+            r.pointer(k).cloned().unwrap_or(Value::Null)
+        } else {
+            r[k].clone()
+        }
     };
     let cells: Vec<Vec<String>> = rows
         .iter()
-        .map(|r| columns.iter().map(|(_, k)| cell(r, k)).collect())
+        .map(|r| {
+            columns
+                .iter()
+                .map(|&(_, k, fmt)| cell(&field(r, k), fmt))
+                .collect()
+        })
         .collect();
     let widths: Vec<usize> = columns
         .iter()
         .enumerate()
-        .map(|(i, (h, _))| {
+        .map(|(i, (h, _, _))| {
             cells
                 .iter()
-                .map(|c| c[i].len())
+                .map(|c| c[i].chars().count())
                 .max()
                 .unwrap_or(0)
-                .max(h.len())
+                .max(h.chars().count())
         })
         .collect();
     let line = |c: Vec<String>| {
@@ -380,31 +430,33 @@ fn table(rows: &[&Value], columns: &[(&str, &str)]) {
     };
     outln!(
         "{}",
-        line(columns.iter().map(|(h, _)| h.to_string()).collect())
+        line(columns.iter().map(|(h, _, _)| h.to_string()).collect())
     );
     for c in cells {
         outln!("{}", line(c));
     }
 }
 
-const SITE_COLUMNS: &[(&str, &str)] = &[
-    ("ID", "id"),
-    ("NAME", "name"),
-    ("STATUS", "status"),
-    ("OVERLAY", "overlay_address"),
-    ("LAN", "lan_prefixes"),
-    ("LOCATION", "location"),
+const SITE_COLUMNS: &[Col] = &[
+    ("ID", "id", Fmt::Raw),
+    ("NAME", "name", Fmt::Raw),
+    ("STATUS", "status", Fmt::Raw),
+    ("OVERLAY", "overlay_address", Fmt::Raw),
+    ("LAN", "lan_prefixes", Fmt::Raw),
+    ("LOCATION", "location", Fmt::Raw),
+    ("ONLINE", "online", Fmt::Raw),
+    ("LAST SEEN (UTC)", "last_seen", Fmt::UnixS),
 ];
 
-const LINK_COLUMNS: &[(&str, &str)] = &[
-    ("ID", "id"),
-    ("NAME", "name"),
-    ("KIND", "kind"),
-    ("ENDPOINT", "endpoint"),
-    ("UP KBPS", "up_kbps"),
-    ("DOWN KBPS", "down_kbps"),
-    ("METERED", "metered"),
-    ("PRIORITY", "priority"),
+const LINK_COLUMNS: &[Col] = &[
+    ("ID", "id", Fmt::Raw),
+    ("NAME", "name", Fmt::Raw),
+    ("KIND", "kind", Fmt::Raw),
+    ("ENDPOINT", "endpoint", Fmt::Raw),
+    ("UP KBPS", "up_kbps", Fmt::Raw),
+    ("DOWN KBPS", "down_kbps", Fmt::Raw),
+    ("METERED", "metered", Fmt::Raw),
+    ("PRIORITY", "priority", Fmt::Raw),
 ];
 
 pub fn site(cmd: SiteCmd) -> anyhow::Result<()> {
@@ -544,12 +596,12 @@ pub fn link(cmd: LinkCmd) -> anyhow::Result<()> {
 pub fn policy(cmd: PolicyCmd) -> anyhow::Result<()> {
     let mut s = Session::open()?;
     let columns = [
-        ("ID", "id"),
-        ("ORDER", "order"),
-        ("NAME", "name"),
-        ("CLASS", "class"),
-        ("STEERING", "steering"),
-        ("ENABLED", "enabled"),
+        ("ID", "id", Fmt::Raw),
+        ("ORDER", "order", Fmt::Raw),
+        ("NAME", "name", Fmt::Raw),
+        ("CLASS", "class", Fmt::Raw),
+        ("STEERING", "steering", Fmt::Raw),
+        ("ENABLED", "enabled", Fmt::Raw),
     ];
     match cmd {
         PolicyCmd::Create { json, output } => {
@@ -609,11 +661,11 @@ pub enum WebhookCmd {
 pub fn webhook(cmd: WebhookCmd) -> anyhow::Result<()> {
     let mut s = Session::open()?;
     let columns = [
-        ("ID", "id"),
-        ("URL", "url"),
-        ("EVENTS", "events"),
-        ("ENABLED", "enabled"),
-        ("DESCRIPTION", "description"),
+        ("ID", "id", Fmt::Raw),
+        ("URL", "url", Fmt::Raw),
+        ("EVENTS", "events", Fmt::Raw),
+        ("ENABLED", "enabled", Fmt::Raw),
+        ("DESCRIPTION", "description", Fmt::Raw),
     ];
     match cmd {
         WebhookCmd::List { output } => {
@@ -667,13 +719,14 @@ pub fn webhook(cmd: WebhookCmd) -> anyhow::Result<()> {
                 output,
                 &v,
                 &[
-                    ("ID", "id"),
-                    ("EVENT", "event"),
-                    ("STATUS", "status"),
-                    ("ATTEMPTS", "attempts"),
-                    ("HTTP", "last_status"),
-                    ("ERROR", "last_error"),
-                    ("CREATED_MS", "created_ms"),
+                    ("ID", "id", Fmt::Raw),
+                    ("EVENT", "event", Fmt::Raw),
+                    ("STATUS", "status", Fmt::Raw),
+                    ("ATTEMPTS", "attempts", Fmt::Raw),
+                    ("HTTP", "last_status", Fmt::Raw),
+                    ("ERROR", "last_error", Fmt::Raw),
+                    ("CREATED (UTC)", "created_ms", Fmt::UnixMs),
+                    ("DELIVERED (UTC)", "delivered_ms", Fmt::UnixMs),
                 ],
             );
         }
@@ -699,13 +752,13 @@ pub enum ClassCmd {
     },
 }
 
-const CLASS_COLUMNS: &[(&str, &str)] = &[
-    ("ID", "id"),
-    ("NAME", "name"),
-    ("LATENCY_MS", "max_latency_ms"),
-    ("JITTER_MS", "max_jitter_ms"),
-    ("LOSS_%", "max_loss_pct"),
-    ("DESCRIPTION", "description"),
+const CLASS_COLUMNS: &[Col] = &[
+    ("ID", "id", Fmt::Raw),
+    ("NAME", "name", Fmt::Raw),
+    ("LATENCY_MS", "max_latency_ms", Fmt::Raw),
+    ("JITTER_MS", "max_jitter_ms", Fmt::Raw),
+    ("LOSS_%", "max_loss_pct", Fmt::Raw),
+    ("DESCRIPTION", "description", Fmt::Raw),
 ];
 
 pub fn class(cmd: ClassCmd) -> anyhow::Result<()> {
@@ -822,15 +875,54 @@ pub fn traffic(cmd: TrafficCmd) -> anyhow::Result<()> {
         output,
         &v,
         &[
-            ("START", "start"),
-            ("SITE", "site"),
-            ("CLASS", "class"),
-            ("PATH", "path_id"),
-            ("TX_PACKETS", "tx_packets"),
-            ("TX_BYTES", "tx_bytes"),
-            ("RX_PACKETS", "rx_packets"),
-            ("RX_BYTES", "rx_bytes"),
+            ("START (UTC)", "start", Fmt::UnixS),
+            ("SITE", "site", Fmt::Raw),
+            ("CLASS", "class", Fmt::Raw),
+            ("PATH", "path_id", Fmt::Raw),
+            ("TX_PACKETS", "tx_packets", Fmt::Raw),
+            ("TX_BYTES", "tx_bytes", Fmt::Raw),
+            ("RX_PACKETS", "rx_packets", Fmt::Raw),
+            ("RX_BYTES", "rx_bytes", Fmt::Raw),
         ],
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_show_times_in_rfc_3339_utc_and_measurements_rounded() {
+        let t = |ms, millis| rfc3339(ms, millis).unwrap();
+        assert_eq!(t(0, false), "1970-01-01T00:00:00Z");
+        assert_eq!(t(1_796_133_962_372, true), "2026-12-01T14:06:02.372Z");
+        assert_eq!(t(951_782_400_000, false), "2000-02-29T00:00:00Z");
+        assert_eq!(
+            t(4_107_456_000_000 + 86_400_000, false),
+            "2100-03-01T00:00:00Z"
+        );
+        assert_eq!(t(-1, true), "1969-12-31T23:59:59.999Z");
+        assert_eq!(t(-62_167_219_200_000, false), "0000-01-01T00:00:00Z");
+        assert_eq!(t(253_402_300_799_999, true), "9999-12-31T23:59:59.999Z");
+        assert_eq!(rfc3339(253_402_300_800_000, false), None);
+        assert_eq!(rfc3339(i64::MIN, false), None);
+
+        assert_eq!(
+            cell(&json!(1_796_133_962_372_i64), Fmt::UnixMs),
+            "2026-12-01T14:06:02.372Z"
+        );
+        assert_eq!(
+            cell(&json!(1_796_133_962), Fmt::UnixS),
+            "2026-12-01T14:06:02Z"
+        );
+        assert_eq!(cell(&json!(41.462661999999995), Fmt::Dec(1)), "41.5");
+        assert_eq!(cell(&json!(0.0), Fmt::Dec(1)), "0.0");
+        assert_eq!(cell(&json!(12), Fmt::Dec(0)), "12");
+        assert_eq!(cell(&Value::Null, Fmt::UnixMs), "-");
+        // What cannot be a time stays as the API sent it.
+        assert_eq!(cell(&json!(i64::MAX), Fmt::UnixS), i64::MAX.to_string());
+        assert_eq!(cell(&json!("soon"), Fmt::UnixMs), "soon");
+        assert_eq!(cell(&json!(["a", 1]), Fmt::Raw), "a,1");
+    }
 }

@@ -166,8 +166,13 @@ pub fn request(
 
 /// The local addresses an edge's requests may leave from: one per WAN link. With the
 /// source-based routing a multi-homed edge has (a rule per link address), each address leaves
-/// over its own link, so the edge reaches its controller over whichever link works; the one
-/// that worked last is tried first.
+/// over its own link, so the edge reaches its controller over whichever link works.
+///
+/// Connections are raced, happy-eyeballs style (RFC 8305): the source that worked last starts
+/// first, and each next one starts [`Via::STAGGER`] later or as soon as the one before fails;
+/// the first to connect wins. A link that dies silently (its packets blackholed) thus costs a
+/// request 250 ms, not the whole connect timeout: trying the sources in turn made an edge's
+/// first report after a cut of the link it last used wait 3 s for that link's timeout.
 #[derive(Debug, Default)]
 pub struct Via {
     sources: Vec<std::net::IpAddr>,
@@ -175,6 +180,9 @@ pub struct Via {
 }
 
 impl Via {
+    /// How long a connection attempt has alone before the next source starts one too.
+    pub const STAGGER: Duration = Duration::from_millis(250);
+
     pub fn new(sources: Vec<std::net::IpAddr>) -> Self {
         Self {
             sources,
@@ -182,24 +190,59 @@ impl Via {
         }
     }
 
-    /// Connects to `addr` from each source of its family in turn.
-    fn connect(&self, addr: std::net::SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    /// Connects to `addr` from the sources of its family, raced as described above; then, if
+    /// none connects, as the routing table says.
+    pub(crate) fn connect(
+        &self,
+        addr: std::net::SocketAddr,
+        timeout: Duration,
+    ) -> std::io::Result<TcpStream> {
         use std::sync::atomic::Ordering;
+        use std::sync::mpsc;
         let n = self.sources.len();
         let first = self.preferred.load(Ordering::Relaxed);
+        let mut order = (0..n)
+            .map(|k| (first + k) % n)
+            .filter(|&i| self.sources[i].is_ipv4() == addr.is_ipv4());
+        let (tx, rx) = mpsc::channel::<(usize, std::io::Result<TcpStream>)>();
+        // Each attempt runs on its own thread until it connects or times out; one that ends
+        // after the race is decided drops its connection.
+        let start = |i: usize| {
+            let (tx, src) = (tx.clone(), self.sources[i]);
+            std::thread::Builder::new()
+                .name("connect".into())
+                .spawn(move || {
+                    let _ = tx.send((i, connect_from(src, addr, timeout)));
+                })
+                .is_ok()
+        };
+        let mut running = 0;
         let mut last = None;
-        for k in 0..n {
-            let i = (first + k) % n;
-            let src = self.sources[i];
-            if src.is_ipv4() != addr.is_ipv4() {
+        loop {
+            if running == 0 {
+                match order.next() {
+                    Some(i) => running += usize::from(start(i)),
+                    None => break,
+                }
                 continue;
             }
-            match connect_from(src, addr, timeout) {
-                Ok(s) => {
+            match rx.recv_timeout(Self::STAGGER) {
+                Ok((i, Ok(s))) => {
                     self.preferred.store(i, Ordering::Relaxed);
                     return Ok(s);
                 }
-                Err(e) => last = Some(e),
+                Ok((_, Err(e))) => {
+                    running -= 1;
+                    last = Some(e);
+                    if let Some(i) = order.next() {
+                        running += usize::from(start(i));
+                    }
+                }
+                Err(_) => {
+                    if let Some(i) = order.next() {
+                        running += usize::from(start(i));
+                    }
+                }
             }
         }
         // Last, as the routing table says (a management network, a link whose address is
@@ -392,6 +435,27 @@ pub fn error_text(r: &Response) -> String {
         .unwrap_or_else(|| format!("HTTP {}", r.status))
 }
 
+/// Logs in to the controller at `url` with an email and password: the session to keep.
+pub fn login(url: &str, email: &str, password: &str) -> anyhow::Result<Credentials> {
+    let r = request(
+        url,
+        "POST",
+        "/api/v1/auth/login",
+        None,
+        Some(&serde_json::json!({ "email": email, "password": password })),
+    )?;
+    if r.status != 200 {
+        bail!("login failed: {}", error_text(&r));
+    }
+    let token = |k: &str| r.body[k].as_str().unwrap_or_default().to_owned();
+    Ok(Credentials {
+        url: url.trim_end_matches('/').to_owned(),
+        email: email.to_owned(),
+        access_token: token("access_token"),
+        refresh_token: token("refresh_token"),
+    })
+}
+
 /// A logged-in session: calls the API, refreshing the access token once when it has lapsed.
 #[derive(Debug)]
 pub struct Session {
@@ -431,6 +495,13 @@ impl Session {
             bail!("{method} {path}: {}", error_text(&r));
         }
         Ok(r.body)
+    }
+
+    /// Logs in again to the same controller (after a password change ended every session),
+    /// and keeps the new session; where it is kept.
+    pub fn login(&mut self, email: &str, password: &str) -> anyhow::Result<PathBuf> {
+        self.creds = login(&self.creds.url, email, password)?;
+        save(&self.creds)
     }
 
     fn refresh(&mut self) -> anyhow::Result<()> {

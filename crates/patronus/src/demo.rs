@@ -14,7 +14,7 @@
 //! the admin's credentials printed, so that a user can log in and look, or cut links with
 //! `patronus lab link`. Ctrl-C removes everything.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{IsTerminal, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -30,7 +30,7 @@ use patronus_lab::webhook::Receiver;
 use patronus_lab::{Dir, Lab, LabOptions, Topology, netns, stream};
 use serde_json::{Value, json};
 
-use crate::api_client;
+use crate::{api_client, demo_view, terminal};
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -76,27 +76,55 @@ struct StreamTally {
     last_outage_ms: f64,
 }
 
-/// The shared event log of the view.
-#[derive(Debug, Default)]
+/// The view's event log: one line per event, in the order the view learned of them, each
+/// with the time it happened (counted from the start of the streams) and, when it reached the
+/// view a second or more later, how much later.
+#[derive(Debug)]
 struct Log {
+    /// The start of the streams, Unix ms.
+    t0_ms: i64,
     lines: VecDeque<String>,
-    printed: usize,
+    /// Lines not yet printed (without a terminal, lines are printed as they come).
+    unprinted: Vec<String>,
 }
 
+/// Lines the log keeps.
+const LOG_LINES: usize = 500;
+
 impl Log {
-    fn push(&mut self, start: Instant, line: String) {
-        let t = start.elapsed();
-        self.lines.push_back(format!(
-            "{:02}:{:02}.{:03}  {line}",
-            t.as_secs() / 60,
-            t.as_secs() % 60,
-            t.subsec_millis()
-        ));
-        while self.lines.len() > 14 {
-            self.lines.pop_front();
-            self.printed = self.printed.saturating_sub(1);
+    fn new(t0_ms: i64) -> Self {
+        Self {
+            t0_ms,
+            lines: VecDeque::new(),
+            unprinted: Vec::new(),
         }
     }
+
+    /// Adds what happened at `at_ms` (Unix ms); `late_ms`: how long after that the view
+    /// learned of it.
+    fn push(&mut self, at_ms: i64, text: &str, late_ms: Option<i64>) {
+        let t = at_ms - self.t0_ms;
+        let sign = if t < 0 { "-" } else { "" };
+        let t = t.unsigned_abs();
+        let mut line = format!(
+            "{sign}{:02}:{:02}.{:03}  {text}",
+            t / 60_000,
+            t / 1000 % 60,
+            t % 1000
+        );
+        if let Some(late) = late_ms.filter(|&l| l >= 1000) {
+            line.push_str(&format!(" [+{:.1} s]", late as f64 / 1e3));
+        }
+        self.lines.push_back(line.clone());
+        self.unprinted.push(line);
+        while self.lines.len() > LOG_LINES {
+            self.lines.pop_front();
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    patronus_controller::store::now_ms()
 }
 
 pub fn run(a: DemoArgs) -> anyhow::Result<()> {
@@ -265,7 +293,7 @@ fn demo(
         Some(json!({
             "url": hook.url(),
             "events": ["site.online", "site.offline", "path.down", "path.up",
-                       "sla.violated", "failover"],
+                       "sla.violated", "failover", "config.changed"],
             "description": "the demo's live view",
         })),
     )?;
@@ -306,7 +334,7 @@ fn demo(
     }
 
     let start = Instant::now();
-    let log: Arc<Mutex<Log>> = Arc::default();
+    let log = Arc::new(Mutex::new(Log::new(now_ms())));
     let tallies: Arc<Mutex<Vec<StreamTally>>> =
         Arc::new(Mutex::new(vec![StreamTally::default(); STREAMS.len()]));
     let streams_stop = Arc::new(AtomicBool::new(false));
@@ -327,7 +355,8 @@ fn demo(
                     let r = match stream::run(&src, &dst_ns, dst, &cfg) {
                         Ok(r) => r,
                         Err(e) => {
-                            lock(&log).push(start, format!("stream {name} {from} → {to}: {e}"));
+                            let line = format!("stream {name} {from} → {to}: {e}");
+                            lock(&log).push(now_ms(), &line, None);
                             std::thread::sleep(Duration::from_secs(1));
                             continue;
                         }
@@ -337,40 +366,61 @@ fn demo(
                     t[i].lost += r.lost;
                     if r.lost > 0 {
                         t[i].last_outage_ms = r.outage_ms;
-                        lock(&log).push(
-                            start,
-                            format!(
-                                "stream {name} {from} → {to}: {} of {} lost in the last 5 s \
-                                 ({:.0} ms of outage)",
-                                r.lost, r.sent, r.outage_ms
-                            ),
+                        let line = format!(
+                            "stream {name} {from} → {to}: {} of {} lost in the last 5 s \
+                             ({:.0} ms of outage)",
+                            r.lost, r.sent, r.outage_ms
                         );
+                        lock(&log).push(now_ms(), &line, None);
                     }
                 }
             })?;
     }
 
     let tty = std::io::stdout().is_terminal();
-    let banner = format!(
-        "Patronus demo (lab {run_id}): a controller and 3 sites, enrolled with tokens\n\
-         API  {url}  (OpenAPI docs: {url}/docs)\n\
-         \x20    admin {ADMIN}, password {password}\n\
-         \x20    patronus login --url {url} --email {ADMIN}   (the password on stdin), then\n\
-         \x20    patronus path list --site hq | patronus path failovers | patronus webhook list\n\
-         Lab  patronus lab link hq/lte cut | patronus lab status | patronus lab exec hq -- ip route\n\
-         Ctrl-C stops the demo and removes everything.",
-        run_id = lab.run_id(),
-    );
+    let password_file = state.join("initial-admin-password");
+    let schedule = SCHEDULE
+        .iter()
+        .enumerate()
+        .map(|(i, (at, what, link, _))| {
+            if i > 0 && SCHEDULE[i - 1].2 == *link {
+                format!("{at} {what}")
+            } else {
+                format!("{at} {what} {link}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let schedule = format!("each {} s: {schedule}", CYCLE.as_secs());
     if !tty {
-        outln!("{banner}");
+        outln!(
+            "Patronus demo (lab {run_id}): a controller and 3 sites, enrolled with tokens\n\
+             API  {url}  (OpenAPI docs: {url}/docs)\n\
+             \x20    admin {ADMIN}, password {password}\n\
+             \x20    (the password is also in {file} while the demo runs)\n\
+             \x20    patronus login --url {url} --email {ADMIN}   (the password on stdin), then\n\
+             \x20    patronus path list --site hq | patronus path failovers | patronus webhook list\n\
+             Lab  patronus lab link hq/lte cut | patronus lab status | patronus lab exec hq -- ip route\n\
+             Schedule {schedule}\n\
+             Ctrl-C stops the demo and removes everything.",
+            run_id = lab.run_id(),
+            file = password_file.display(),
+        );
     }
+    let _screen = tty.then(Screen::enter);
     let mut seen_hooks = 0;
+    let mut ups = Ups::default();
+    let mut timings: Vec<Timing> = Vec::new();
+    let mut steps: Vec<(i64, String)> = Vec::new();
+    let mut last_status = Instant::now() - Duration::from_secs(10);
     let mut last_draw = Instant::now() - Duration::from_secs(10);
     let mut last_table = Instant::now();
+    let mut size = (0, 0);
+    let mut sites: Vec<demo_view::Site> = Vec::new();
     let mut saved: Option<(&str, patronus_lab::Impairment, patronus_lab::Impairment)> = None;
     let mut cycle = 0u32;
     let mut step = 0usize;
-    let mut prev_tx: std::collections::HashMap<String, (u64, Instant)> = Default::default();
+    let mut prev_tx: HashMap<String, (u64, Instant)> = HashMap::new();
     loop {
         if stop.load(Ordering::SeqCst) {
             break;
@@ -386,6 +436,7 @@ fn demo(
                         lab.impairment(link, Dir::Down)?,
                     ));
                 }
+                let at_ms = now_ms();
                 if args.is_empty() {
                     if let Some((l, up, down)) = saved.take() {
                         lab.set_link(l, Dir::Up, up)?;
@@ -399,7 +450,8 @@ fn demo(
                 } else {
                     String::new()
                 };
-                lock(&log).push(start, format!("lab: {what} {link}{detail}"));
+                lock(&log).push(at_ms, &format!("lab: {what} {link}{detail}"), None);
+                steps.push((at_ms, format!("{what} {link}")));
                 step += 1;
             }
         } else if in_cycle >= CYCLE {
@@ -411,67 +463,117 @@ fn demo(
         }
         // Events, as the controller's webhook delivers them.
         let got = hook.received();
-        for r in &got[seen_hooks..] {
-            if let Some(line) = describe(&r.json()) {
-                lock(&log).push(start, line);
+        let received_ms = now_ms();
+        let batch: Vec<Value> = got[seen_hooks..].iter().map(|r| r.json()).collect();
+        seen_hooks = got.len();
+        {
+            let mut l = lock(&log);
+            for e in describe(&batch, &mut ups) {
+                l.push(e.at_ms, &e.text, Some(received_ms - e.at_ms));
             }
         }
-        seen_hooks = got.len();
+        for e in batch.iter().filter(|e| e["type"] == "failover") {
+            timings.push(Timing {
+                event: e.clone(),
+                controller_ms: e["at_ms"].as_i64().unwrap_or_default(),
+                received_ms,
+                shown_ms: None,
+            });
+        }
         // The view.
-        if tty && last_draw.elapsed() >= Duration::from_secs(1) {
-            last_draw = Instant::now();
-            let mut out = String::from("\x1b[H\x1b[2J");
-            out.push_str(&banner);
-            out.push_str("\n\n");
-            out.push_str(&next_step(in_cycle, step));
-            out.push_str(&paths_view(lab, &plan, &mut prev_tx));
-            out.push_str(&streams_view(&tallies));
-            out.push_str("\nEVENTS\n");
-            for l in &lock(&log).lines {
-                out.push_str(l);
-                out.push('\n');
+        let news = !lock(&log).unprinted.is_empty();
+        if tty {
+            let now_size = terminal::size();
+            if last_status.elapsed() >= Duration::from_secs(1) {
+                last_status = Instant::now();
+                sites = paths(lab, &plan, &mut prev_tx);
             }
-            let mut so = std::io::stdout().lock();
-            if so
-                .write_all(out.as_bytes())
-                .and_then(|()| so.flush())
-                .is_err()
-            {
-                break;
+            if news || now_size != size || last_draw.elapsed() >= Duration::from_secs(1) {
+                last_draw = Instant::now();
+                size = now_size;
+                let mut header = vec![
+                    format!(
+                        "Patronus demo (lab {}) · {} · {}",
+                        lab.run_id(),
+                        clock(start.elapsed()),
+                        next_step(in_cycle, step)
+                    ),
+                    format!("API {url} (/docs)"),
+                    format!("login {ADMIN}"),
+                    "Ctrl-C ends it".to_owned(),
+                    format!("password {password}"),
+                    format!("(also in {})", password_file.display()),
+                    schedule.clone(),
+                ];
+                if size.1 >= 40 {
+                    header.push(format!(
+                        "try: patronus login --url {url} --email {ADMIN}; patronus path \
+                         failovers; patronus lab link hq/lte cut"
+                    ));
+                }
+                let frame = demo_view::Frame {
+                    header,
+                    sites: std::mem::take(&mut sites),
+                    streams: stream_rows(&tallies),
+                    events: lock(&log).lines.iter().cloned().collect(),
+                };
+                let lines = demo_view::render(&frame, size.0, size.1);
+                sites = frame.sites;
+                lock(&log).unprinted.clear();
+                let mut out = String::from("\x1b[H");
+                out.push_str(&lines.join("\x1b[K\r\n"));
+                out.push_str("\x1b[K\x1b[J");
+                let mut so = std::io::stdout().lock();
+                if so
+                    .write_all(out.as_bytes())
+                    .and_then(|()| so.flush())
+                    .is_err()
+                {
+                    break;
+                }
+                mark_shown(&mut timings);
             }
-        } else if !tty {
-            let mut l = lock(&log);
-            let new: Vec<String> = l
-                .lines
-                .iter()
-                .skip(l.printed.min(l.lines.len()))
-                .cloned()
-                .collect();
-            l.printed = l.lines.len();
-            drop(l);
+        } else {
+            let new = std::mem::take(&mut lock(&log).unprinted);
             for line in new {
                 outln!("{line}");
             }
+            mark_shown(&mut timings);
             if last_table.elapsed() >= Duration::from_secs(20) {
                 last_table = Instant::now();
-                outln!("{}", paths_view(lab, &plan, &mut prev_tx));
+                for l in demo_view::paths_lines(&paths(lab, &plan, &mut prev_tx)) {
+                    outln!("{l}");
+                }
             }
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    drop(_screen);
     streams_stop.store(true, Ordering::SeqCst);
     let t = lock(&tallies).clone();
-    outln!("\n{}", streams_view(&tallies));
+    outln!();
+    for l in demo_view::streams_lines(&stream_rows(&tallies)) {
+        outln!("{l}");
+    }
     // What happened, for scripts (and the demo's test).
     let events: Vec<Value> = hook.received().iter().map(|r| r.json()).collect();
-    let failovers: Vec<Value> = events
-        .iter()
-        .filter(|e| e["type"] == "failover")
-        .map(|e| {
-            json!({ "site": e["data"]["site"], "peer": e["data"]["peer"],
-                         "reason": e["data"]["reason"] })
-        })
-        .collect();
+    let failovers: Vec<Value> = timings.iter().map(|t| t.json(&steps)).collect();
+    // Each failover's way to the view, from the step of the schedule before it.
+    for f in &failovers {
+        if let Some(step) = f["after"].as_str() {
+            outln!(
+                "demo: {}'s failover to {} ({}) after `{step}`: edge +{} ms, controller +{} ms, \
+                 webhook delivered +{} ms, view +{} ms",
+                f["site"].as_str().unwrap_or("?"),
+                f["peer"].as_str().unwrap_or("?"),
+                f["reason"].as_str().unwrap_or("?"),
+                f["edge_ms"],
+                f["controller_ms"],
+                f["received_ms"],
+                f["shown_ms"]
+            );
+        }
+    }
     let summary = json!({
         "run_id": lab.run_id(),
         "seconds": start.elapsed().as_secs(),
@@ -486,139 +588,318 @@ fn demo(
     Ok(())
 }
 
+/// The terminal's alternate screen, with the cursor hidden, until dropped: the view draws over
+/// itself there, and the shell's screen comes back as it was.
+#[derive(Debug)]
+struct Screen;
+
+impl Screen {
+    fn enter() -> Self {
+        let mut so = std::io::stdout().lock();
+        let _ = so
+            .write_all(b"\x1b[?1049h\x1b[?25l\x1b[H\x1b[2J")
+            .and_then(|()| so.flush());
+        Self
+    }
+}
+
+impl Drop for Screen {
+    fn drop(&mut self) {
+        let mut so = std::io::stdout().lock();
+        let _ = so
+            .write_all(b"\x1b[?25h\x1b[?1049l")
+            .and_then(|()| so.flush());
+    }
+}
+
+/// A failover as the view learned of it, to time its way from the edge to the view.
+#[derive(Debug)]
+struct Timing {
+    /// The webhook's event.
+    event: Value,
+    /// When the controller queued it (the edge's report had just been stored), Unix ms.
+    controller_ms: i64,
+    /// When the view found its delivery (it looks every 100 ms), Unix ms.
+    received_ms: i64,
+    /// When the view first drew (or printed) it, Unix ms.
+    shown_ms: Option<i64>,
+}
+
+impl Timing {
+    /// The failover, and if it came after a step of the schedule, each moment in ms after it.
+    fn json(&self, steps: &[(i64, String)]) -> Value {
+        let d = &self.event["data"];
+        let edge_ms = d["at_ms"].as_i64().unwrap_or_default();
+        let mut v = json!({
+            "site": d["site"], "peer": d["peer"], "reason": d["reason"], "flows": d["flows"],
+            "from": d["from"], "to": d["to"], "at_ms": edge_ms,
+        });
+        if let Some((at, what)) = steps.iter().rev().find(|(at, _)| *at <= edge_ms) {
+            v["after"] = what.as_str().into();
+            v["edge_ms"] = (edge_ms - at).into();
+            v["controller_ms"] = (self.controller_ms - at).into();
+            v["received_ms"] = (self.received_ms - at).into();
+            v["shown_ms"] = self.shown_ms.map(|s| s - at).into();
+        }
+        v
+    }
+}
+
+fn mark_shown(timings: &mut [Timing]) {
+    let now = now_ms();
+    for t in timings.iter_mut().rev() {
+        if t.shown_ms.is_some() {
+            break;
+        }
+        t.shown_ms = Some(now);
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `mm:ss`.
+fn clock(d: Duration) -> String {
+    format!("{:02}:{:02}", d.as_secs() / 60, d.as_secs() % 60)
 }
 
 fn next_step(in_cycle: Duration, step: usize) -> String {
     match SCHEDULE.get(step) {
         Some((at, what, link, _)) => format!(
-            "next: {what} {link} in {} s\n\n",
+            "next: {what} {link} in {} s",
             at.saturating_sub(in_cycle.as_secs())
         ),
         None => format!(
-            "next: a new round in {} s\n\n",
+            "next: a new round in {} s",
             CYCLE.as_secs().saturating_sub(in_cycle.as_secs())
         ),
     }
 }
 
-/// One line for a webhook event.
-fn describe(v: &Value) -> Option<String> {
-    let d = &v["data"];
-    let s = |k: &str| d[k].as_str().unwrap_or("?").to_owned();
-    let ms = |k: &str| {
+/// The paths the view has seen go down, by (reporting site, its end, the other end): their
+/// next `up` is "up again", while a path's first is just "up".
+type Ups = HashSet<(String, String, String)>;
+
+/// An event line: when it happened (Unix ms: the edge's moment for what an edge saw, else
+/// the controller's) and what.
+#[derive(Debug)]
+struct Described {
+    at_ms: i64,
+    text: String,
+}
+
+/// Lines for a batch of webhook events. An edge's reports often carry several events of one
+/// change: a path that breaks several SLA classes at once is one line naming the classes, and
+/// flows moved together from one path to another (reported as they each moved) are one line
+/// with their sum.
+fn describe(batch: &[Value], ups: &mut Ups) -> Vec<Described> {
+    let s = |d: &Value, k: &str| d[k].as_str().unwrap_or("?").to_owned();
+    let ms = |d: &Value, k: &str| {
         d[k].as_f64()
             .map_or_else(|| "-".to_owned(), |x| format!("{x:.1}"))
     };
-    Some(match v["type"].as_str()? {
-        "failover" => format!(
-            "{}: failover to {}: {} ⇒ {} ({}, {} flow{})",
-            s("site"),
-            s("peer"),
-            s("from"),
-            s("to"),
-            s("reason"),
-            d["flows"],
-            if d["flows"] == 1 { "" } else { "s" }
-        ),
-        "path.down" => format!(
-            "{}: path {} — {} down",
-            s("reported_by"),
-            s("from"),
-            s("to")
-        ),
-        "path.up" => format!(
-            "{}: path {} — {} up again (rtt {} ms)",
-            s("reported_by"),
-            s("from"),
-            s("to"),
-            ms("rtt_ms")
-        ),
-        "sla.violated" => format!(
-            "{}: path {} — {} breaks an SLA (rtt {} ms, jitter {} ms, loss {} %)",
-            s("reported_by"),
-            s("from"),
-            s("to"),
-            ms("rtt_ms"),
-            ms("jitter_ms"),
-            ms("loss_pct")
-        ),
-        "site.online" => format!("{}: online (the controller hears its edge)", s("site")),
-        "site.offline" => format!("{}: offline", s("site")),
-        _ => return None,
-    })
+    // (grouping key, the first event of the group, SLA classes, flows)
+    let mut groups: Vec<(String, &Value, Vec<String>, u64)> = Vec::new();
+    for e in batch {
+        let d = &e["data"];
+        let key = match e["type"].as_str() {
+            Some("sla.violated") => format!(
+                "sla {} {} {} {}",
+                s(d, "reported_by"),
+                s(d, "from"),
+                s(d, "to"),
+                d["at_ms"]
+            ),
+            Some("failover") => format!(
+                "failover {} {} {} {} {}",
+                s(d, "site"),
+                s(d, "peer"),
+                s(d, "from"),
+                s(d, "to"),
+                s(d, "reason")
+            ),
+            _ => format!("#{}", groups.len()),
+        };
+        let flows = d["flows"].as_u64().unwrap_or(0);
+        match groups.iter_mut().find(|g| g.0 == key) {
+            Some(g) => {
+                g.2.extend(d["class"].as_str().map(str::to_owned));
+                g.3 += flows;
+            }
+            None => groups.push((
+                key,
+                e,
+                d["class"].as_str().map(str::to_owned).into_iter().collect(),
+                flows,
+            )),
+        }
+    }
+    let mut out = Vec::new();
+    for (_, e, classes, flows) in groups {
+        let d = &e["data"];
+        let path = || (s(d, "reported_by"), s(d, "from"), s(d, "to"));
+        let text = match e["type"].as_str() {
+            Some("failover") => format!(
+                "{}: failover to {}: {} ⇒ {} ({}, {flows} flow{})",
+                s(d, "site"),
+                s(d, "peer"),
+                s(d, "from"),
+                s(d, "to"),
+                s(d, "reason"),
+                if flows == 1 { "" } else { "s" }
+            ),
+            Some("path.down") => {
+                let (by, from, to) = path();
+                let text = format!("{by}: path {from} — {to} down");
+                ups.insert((by, from, to));
+                text
+            }
+            Some("path.up") => {
+                let (by, from, to) = path();
+                let again = if ups.contains(&(by.clone(), from.clone(), to.clone())) {
+                    " again"
+                } else {
+                    ""
+                };
+                format!(
+                    "{by}: path {from} — {to} up{again} (rtt {} ms)",
+                    ms(d, "rtt_ms")
+                )
+            }
+            Some("sla.violated") => {
+                let (by, from, to) = path();
+                let classes = if classes.is_empty() {
+                    "an SLA class".to_owned()
+                } else {
+                    format!("SLA {}", classes.join(", "))
+                };
+                format!(
+                    "{by}: path {from} — {to} breaks {classes} (rtt {} ms, jitter {} ms, loss {} %)",
+                    ms(d, "rtt_ms"),
+                    ms(d, "jitter_ms"),
+                    ms(d, "loss_pct")
+                )
+            }
+            Some("site.online") => {
+                format!("{}: online (the controller hears its edge)", s(d, "site"))
+            }
+            Some("site.offline") => format!("{}: offline", s(d, "site")),
+            Some("config.changed") => match (d["method"].as_str(), d["path"].as_str()) {
+                (Some(m), Some(p)) => format!("controller: configuration changed ({m} {p})"),
+                _ => "controller: configuration changed".to_owned(),
+            },
+            _ => continue,
+        };
+        let at_ms = d["at_ms"]
+            .as_i64()
+            .or_else(|| e["at_ms"].as_i64())
+            .unwrap_or_else(now_ms);
+        out.push(Described { at_ms, text });
+    }
+    out
 }
 
-/// Each site's paths that carry flows or are not up, from the edges' own status.
-fn paths_view(
+/// Each site's paths that carry traffic or are not up, from the edges' own status, most
+/// urgent first.
+fn paths(
     lab: &Lab,
     plan: &patronus_lab::Plan,
-    prev: &mut std::collections::HashMap<String, (u64, Instant)>,
-) -> String {
-    use std::fmt::Write as _;
-    let mut o = format!(
-        "{:<8} {:<8} {:<11} {:<9} {:>7} {:>7} {:>7} {:>5} {:>9}\n",
-        "SITE", "PEER", "PATH", "STATE", "RTT ms", "JIT ms", "LOSS %", "FLOWS", "TX kbit/s"
-    );
+    prev: &mut HashMap<String, (u64, Instant)>,
+) -> Vec<demo_view::Site> {
+    let mut sites = Vec::new();
     for s in &plan.sites {
-        let site = s.name.as_str();
-        let Ok(st) = edge_status(lab, site) else {
-            let _ = writeln!(o, "{site:<8} (the edge's status does not answer)");
-            continue;
+        let name = s.name.as_str();
+        let st = match edge_status(lab, name) {
+            Ok(st) => st,
+            Err(e) => {
+                sites.push(demo_view::Site {
+                    name: name.to_owned(),
+                    summary: vec![format!("the edge's status does not answer ({e:#})")],
+                    paths: Vec::new(),
+                });
+                continue;
+            }
         };
-        let (mut up, mut total) = (0, 0);
+        let mut rows = Vec::new();
+        let up = st.paths.iter().filter(|p| p.state == "up").count();
         for p in &st.paths {
-            total += 1;
-            up += usize::from(p.state == "up");
-            let key = format!("{site}/{}/{}>{}", p.peer, p.local_link, p.remote_link);
+            let key = format!("{name}/{}/{}>{}", p.peer, p.local_link, p.remote_link);
             let now = Instant::now();
-            let rate = prev
+            let tx_kbps = prev
                 .insert(key, (p.tx_bytes, now))
                 .map(|(b, t)| {
-                    (p.tx_bytes.saturating_sub(b)) as f64 * 8.0
+                    p.tx_bytes.saturating_sub(b) as f64 * 8.0
                         / 1e3
                         / now.duration_since(t).as_secs_f64().max(1e-3)
                 })
                 .unwrap_or(0.0);
-            if p.flows == 0 && p.state == "up" {
+            if p.state == "up" && tx_kbps == 0.0 {
                 continue;
             }
-            let _ = writeln!(
-                o,
-                "{site:<8} {:<8} {:<11} {:<9} {:>7} {:>7.1} {:>7.1} {:>5} {:>9.0}",
-                p.peer,
-                format!("{}>{}", p.local_link, p.remote_link),
-                p.state,
-                p.rtt_ms.map_or_else(|| "-".into(), |r| format!("{r:.1}")),
-                p.jitter_ms,
-                p.loss_pct,
-                p.flows,
-                rate
-            );
+            rows.push(demo_view::PathRow {
+                peer: p.peer.clone(),
+                path: format!("{}>{}", p.local_link, p.remote_link),
+                state: p.state.as_str().to_owned(),
+                rtt_ms: p.rtt_ms,
+                rtt_p99_ms: p.rtt_p99_ms,
+                jitter_ms: p.jitter_ms,
+                loss_pct: p.loss_pct,
+                flows: p.flows,
+                flaps: p.flaps,
+                tx_kbps,
+            });
         }
-        let _ = writeln!(
-            o,
-            "{site:<8} {up} of {total} paths up, {} flows, {} failovers",
-            st.flows,
-            st.failovers.values().sum::<u64>()
-        );
+        let urgency = |state: &str| match state {
+            "down" => 0,
+            "degraded" => 1,
+            _ => 2,
+        };
+        rows.sort_by(|a, b| {
+            (urgency(&a.state), &a.peer, &a.path).cmp(&(urgency(&b.state), &b.peer, &b.path))
+        });
+        sites.push(demo_view::Site {
+            name: name.to_owned(),
+            summary: vec![
+                format!("{up}/{} paths up", st.paths.len()),
+                plural(st.failovers.values().sum::<u64>(), "failover"),
+                format!(
+                    "{} (idle ones 120 s)",
+                    plural(st.flows as u64, "flow cached")
+                ),
+            ],
+            paths: rows,
+        });
     }
-    o
+    sites
 }
 
-fn streams_view(t: &Arc<Mutex<Vec<StreamTally>>>) -> String {
-    use std::fmt::Write as _;
-    let t = lock(t).clone();
-    let mut o = String::from("\nSTREAMS (UDP, constant rate)\n");
-    for (tally, (name, from, to, port, rate)) in t.iter().zip(STREAMS) {
-        let _ = writeln!(
-            o,
-            "{name:<6} {from:>10} → {to:<11} port {port:<5} {rate:>4} pkt/s  sent {:>7}  lost {:>5}  last outage {:.0} ms",
-            tally.sent, tally.lost, tally.last_outage_ms
-        );
+/// `1 failover`, `2 failovers`; `2 flows cached`.
+fn plural(n: u64, what: &str) -> String {
+    if n == 1 {
+        return format!("1 {what}");
     }
-    o
+    match what.split_once(' ') {
+        Some((noun, rest)) => format!("{n} {noun}s {rest}"),
+        None => format!("{n} {what}s"),
+    }
+}
+
+fn stream_rows(t: &Mutex<Vec<StreamTally>>) -> Vec<demo_view::StreamRow> {
+    lock(t)
+        .iter()
+        .zip(STREAMS)
+        .map(|(t, &(name, from, to, port, rate))| demo_view::StreamRow {
+            name: name.to_owned(),
+            from: from.to_owned(),
+            to: to.to_owned(),
+            port,
+            rate_pps: rate,
+            sent: t.sent,
+            lost: t.lost,
+            last_outage_ms: t.last_outage_ms,
+        })
+        .collect()
 }
 
 /// The edge's `/status`, read inside its namespace.
@@ -663,4 +944,103 @@ fn forward(listener: &TcpListener, ns: &str, to: SocketAddr) {
 fn pump(mut from: TcpStream, mut to: TcpStream) {
     let _ = std::io::copy(&mut from, &mut to);
     let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: &str, data: Value) -> Value {
+        json!({ "type": kind, "at_ms": 9_000, "data": data })
+    }
+
+    fn path(kind: &str, at_ms: i64, class: Option<&str>) -> Value {
+        event(
+            kind,
+            json!({ "reported_by": "hq", "from": "hq/mpls", "to": "branch1/mpls",
+                    "at_ms": at_ms, "class": class, "rtt_ms": 20.123, "jitter_ms": 1.0,
+                    "loss_pct": 4.56 }),
+        )
+    }
+
+    fn texts(batch: &[Value], ups: &mut Ups) -> Vec<String> {
+        describe(batch, ups).into_iter().map(|d| d.text).collect()
+    }
+
+    #[test]
+    fn a_paths_first_up_is_just_up_and_only_an_up_after_a_down_is_up_again() {
+        let mut ups = Ups::default();
+        let up = texts(&[path("path.up", 1, None)], &mut ups);
+        assert_eq!(up, ["hq: path hq/mpls — branch1/mpls up (rtt 20.1 ms)"]);
+        let down_up = texts(
+            &[path("path.down", 2, None), path("path.up", 3, None)],
+            &mut ups,
+        );
+        assert_eq!(
+            down_up,
+            [
+                "hq: path hq/mpls — branch1/mpls down",
+                "hq: path hq/mpls — branch1/mpls up again (rtt 20.1 ms)"
+            ]
+        );
+    }
+
+    #[test]
+    fn classes_broken_at_once_are_one_line_that_names_them() {
+        let batch = [
+            path("sla.violated", 5, Some("realtime")),
+            path("sla.violated", 5, Some("business")),
+            path("sla.violated", 6, Some("realtime")),
+        ];
+        let lines = describe(&batch, &mut Ups::default());
+        let texts: Vec<&str> = lines.iter().map(|d| d.text.as_str()).collect();
+        assert_eq!(
+            texts,
+            [
+                "hq: path hq/mpls — branch1/mpls breaks SLA realtime, business (rtt 20.1 ms, \
+                 jitter 1.0 ms, loss 4.6 %)",
+                "hq: path hq/mpls — branch1/mpls breaks SLA realtime (rtt 20.1 ms, jitter 1.0 \
+                 ms, loss 4.6 %)"
+            ]
+        );
+        assert_eq!(
+            (lines[0].at_ms, lines[1].at_ms),
+            (5, 6),
+            "the edge's moments"
+        );
+    }
+
+    #[test]
+    fn flows_moved_together_are_one_failover_line_with_their_sum() {
+        let moved = |to: &str| {
+            event(
+                "failover",
+                json!({ "site": "hq", "peer": "branch1", "from": "mpls>mpls", "to": to,
+                        "reason": "path-down", "flows": 1, "at_ms": 7 }),
+            )
+        };
+        let config = event(
+            "config.changed",
+            json!({ "method": "POST", "path": "/api/v1/policies" }),
+        );
+        let lines = describe(
+            &[
+                moved("inet>lte"),
+                moved("inet>lte"),
+                moved("lte>lte"),
+                config,
+            ],
+            &mut Ups::default(),
+        );
+        let texts: Vec<&str> = lines.iter().map(|d| d.text.as_str()).collect();
+        assert_eq!(
+            texts,
+            [
+                "hq: failover to branch1: mpls>mpls ⇒ inet>lte (path-down, 2 flows)",
+                "hq: failover to branch1: mpls>mpls ⇒ lte>lte (path-down, 1 flow)",
+                "controller: configuration changed (POST /api/v1/policies)"
+            ]
+        );
+        assert_eq!(lines[2].at_ms, 9_000, "the controller's moment");
+    }
 }

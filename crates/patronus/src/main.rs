@@ -21,8 +21,11 @@ mod api_client;
 mod bench;
 mod controller_cmd;
 mod demo;
+mod demo_view;
 mod edge_cmd;
 mod lab_cmd;
+mod terminal;
+mod user_cmd;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,8 +53,8 @@ enum Command {
     /// A multi-site WAN in network namespaces on this machine, with emulated WAN links (root).
     #[command(subcommand)]
     Lab(lab_cmd::LabCmd),
-    /// Log in to a controller (the password is read from stdin); the session is kept 0600 in
-    /// ~/.config/patronus.
+    /// Log in to a controller (the password is prompted for without echo on a terminal, else
+    /// read from stdin); the session is kept 0600 in ~/.config/patronus.
     Login(admin_cmd::LoginArgs),
     /// Sites, through the controller's API.
     #[command(subcommand)]
@@ -77,6 +80,12 @@ enum Command {
     /// Webhooks: URLs told of events (signed), and how each delivery went.
     #[command(subcommand)]
     Webhook(admin_cmd::WebhookCmd),
+    /// Users, their roles and passwords, through the controller's API.
+    #[command(subcommand)]
+    User(user_cmd::UserCmd),
+    /// API keys for scripts and integrations, through the controller's API.
+    #[command(subcommand)]
+    ApiKey(user_cmd::ApiKeyCmd),
 }
 
 /// Blocks SIGINT, SIGTERM and SIGHUP in this thread (the threads it starts later inherit the
@@ -106,6 +115,8 @@ fn main() -> ExitCode {
         Command::Failover(c) => admin_cmd::failover(c),
         Command::Webhook(c) => admin_cmd::webhook(c),
         Command::Traffic(c) => admin_cmd::traffic(c),
+        Command::User(c) => user_cmd::user(c),
+        Command::ApiKey(c) => user_cmd::api_key(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

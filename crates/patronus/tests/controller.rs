@@ -812,3 +812,308 @@ fn the_controller_raises_its_open_file_limit_to_the_hard_limit() {
     assert!(log.contains("raised the open-file limit"), "{log}");
     assert!(log.contains("max_connections=4000"), "{log}");
 }
+
+/// What a pseudo-terminal's master side has read so far, filled by a thread.
+struct Terminal {
+    master: std::fs::File,
+    seen: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Terminal {
+    /// Runs the CLI with stdin, stdout and stderr on a new pseudo-terminal.
+    fn run(home: &Path, args: &[&str]) -> (Child, Terminal) {
+        let pty = nix::pty::openpty(None, None).unwrap();
+        let child = {
+            let slave = |fd: &std::os::fd::OwnedFd| Stdio::from(fd.try_clone().unwrap());
+            let mut cmd = Command::new(patronus());
+            cmd.args(args)
+                .env("XDG_CONFIG_HOME", home)
+                .env_remove("PATRONUS_CA_FILE")
+                .stdin(slave(&pty.slave))
+                .stdout(slave(&pty.slave))
+                .stderr(slave(&pty.slave));
+            cmd.spawn().unwrap()
+            // The command and `pty.slave` drop here: the child holds the only copies, so the
+            // master reads EIO once it has exited.
+        };
+        let master = std::fs::File::from(pty.master);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (mut r, sink) = (master.try_clone().unwrap(), seen.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = r.read(&mut buf) {
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        (child, Terminal { master, seen })
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.seen.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until the terminal shows `what`.
+    fn wait_for(&self, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.text().contains(what) {
+            assert!(
+                Instant::now() < deadline,
+                "no {what:?} in {:?}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn echo_is_on(&self) -> bool {
+        nix::sys::termios::tcgetattr(&self.master)
+            .unwrap()
+            .local_flags
+            .contains(nix::sys::termios::LocalFlags::ECHO)
+    }
+}
+
+fn wait_exit(child: &mut Child, term: &Terminal) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the CLI is still running: {:?}",
+            term.text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn on_a_terminal_passwords_are_prompted_for_and_never_echoed() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(&dir.path().join("state"));
+    let home = dir.path().join("home");
+    let url = format!("http://{}", c.addr);
+    let args = ["login", "--url", &url, "--email", ADMIN];
+
+    let (mut child, term) = Terminal::run(&home, &args);
+    term.wait_for(&format!("password for {ADMIN} at {url}: "));
+    assert!(!term.echo_is_on(), "echo is on at the prompt");
+    (&term.master)
+        .write_all(format!("{PASSWORD}\n").as_bytes())
+        .unwrap();
+    let status = wait_exit(&mut child, &term);
+    let shown = term.text();
+    assert!(status.success(), "{shown}");
+    assert!(shown.contains("logged in"), "{shown}");
+    assert!(
+        !shown.contains(PASSWORD),
+        "the password was echoed: {shown:?}"
+    );
+    assert!(term.echo_is_on(), "echo stayed off");
+
+    // A new password is typed twice, unseen; two that differ change nothing.
+    let type_in = |term: &Terminal, prompt: &str, text: &str| {
+        term.wait_for(prompt);
+        assert!(!term.echo_is_on(), "echo is on at {prompt:?}");
+        (&term.master)
+            .write_all(format!("{text}\n").as_bytes())
+            .unwrap();
+    };
+    let (mut child, term) = Terminal::run(&home, &["user", "password"]);
+    type_in(&term, "current password: ", PASSWORD);
+    type_in(&term, "new password: ", "Typed-Twice-Pass-77");
+    type_in(&term, "again: ", "Typed-Twice-Pass-78");
+    let status = wait_exit(&mut child, &term);
+    let shown = term.text();
+    assert!(!status.success() && shown.contains("differ"), "{shown}");
+    assert!(
+        !shown.contains("Typed-Twice") && !shown.contains(PASSWORD),
+        "{shown:?}"
+    );
+    let (status, _) = http(
+        c.addr,
+        "POST",
+        "/api/v1/auth/login",
+        None,
+        Some(&format!(r#"{{"email":"{ADMIN}","password":"{PASSWORD}"}}"#)),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "the password changed");
+
+    // Interrupted at the prompt, it puts the terminal back as it was.
+    let (mut child, term) = Terminal::run(&home, &args);
+    term.wait_for("password for");
+    assert!(!term.echo_is_on());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = wait_exit(&mut child, &term);
+    assert_eq!(status.code(), Some(130), "{}", term.text());
+    assert!(term.echo_is_on(), "echo stayed off after Ctrl-C");
+}
+
+/// Whether `text` holds an RFC 3339 UTC time (`2026-12-01T14:06:02Z`, milliseconds or not).
+fn has_rfc3339(text: &str) -> bool {
+    text.split_whitespace().any(|w| {
+        let b = w.as_bytes();
+        b.len() >= 20
+            && b[4] == b'-'
+            && b[7] == b'-'
+            && b[10] == b'T'
+            && b[13] == b':'
+            && w.ends_with('Z')
+            && w[..4].parse::<u32>().is_ok()
+    })
+}
+
+#[test]
+fn the_cli_manages_users_their_passwords_and_api_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(&dir.path().join("state"));
+    let url = format!("http://{}", c.addr);
+    let admin = dir.path().join("admin");
+    let ops = dir.path().join("ops");
+    let login = |home: &Path, email: &str, password: &str| {
+        cli(
+            home,
+            &["login", "--url", &url, "--email", email],
+            &format!("{password}\n"),
+        )
+    };
+    let (ok, _, err) = login(&admin, ADMIN, PASSWORD);
+    assert!(ok, "{err}");
+
+    // Created with a password from stdin; a weak one is refused with the rule.
+    let (ok, _, err) = cli(
+        &admin,
+        &["user", "create", "ops@example.net", "--role", "operator"],
+        "short\n",
+    );
+    assert!(!ok && err.contains("password"), "{err}");
+    let (ok, out, err) = cli(
+        &admin,
+        &[
+            "user",
+            "create",
+            "ops@example.net",
+            "--role",
+            "operator",
+            "--name",
+            "Ops",
+        ],
+        "Operator-Pass-123\n",
+    );
+    assert!(ok && out.contains("operator"), "{out}{err}");
+    let (ok, out, _) = cli(&admin, &["user", "list"], "");
+    assert!(
+        ok && out.contains(ADMIN) && out.contains("ops@example.net"),
+        "{out}"
+    );
+    assert!(out.starts_with("ID") && has_rfc3339(&out), "{out}");
+    let (ok, out, _) = cli(&admin, &["user", "list", "--output", "json"], "");
+    assert!(ok);
+    let created = json(&out)["items"][1]["created_at"].clone();
+    assert!(created.is_i64(), "json keeps the API's values: {out}");
+    let (ok, _, err) = login(&ops, "ops@example.net", "Operator-Pass-123");
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(&ops, &["site", "create", "s1", "--lan", "10.9.0.0/24"], "");
+    assert!(ok, "{err}");
+
+    // A role change takes effect on the user's next request.
+    let (ok, out, err) = cli(
+        &admin,
+        &["user", "set-role", "ops@example.net", "viewer"],
+        "",
+    );
+    assert!(ok && out.contains("viewer"), "{out}{err}");
+    let (ok, _, err) = cli(&ops, &["site", "create", "s2", "--lan", "10.9.1.0/24"], "");
+    assert!(!ok && err.contains("403"), "{err}");
+
+    // Disabled: locked out; enabled: back in.
+    let (ok, out, err) = cli(&admin, &["user", "disable", "ops@example.net"], "");
+    assert!(ok && out.contains("disabled"), "{out}{err}");
+    let (ok, _, _) = cli(&ops, &["site", "list"], "");
+    assert!(!ok);
+    let (ok, _, _) = login(&ops, "ops@example.net", "Operator-Pass-123");
+    assert!(!ok);
+    let (ok, _, err) = cli(&admin, &["user", "enable", "ops@example.net"], "");
+    assert!(ok, "{err}");
+    let (ok, _, err) = login(&ops, "ops@example.net", "Operator-Pass-123");
+    assert!(ok, "{err}");
+
+    // An admin sets another user's password; the old one stops working.
+    let (ok, _, err) = cli(
+        &admin,
+        &["user", "password", "ops@example.net"],
+        "Second-Operator-Pass-456\n",
+    );
+    assert!(ok, "{err}");
+    let (ok, _, _) = login(&ops, "ops@example.net", "Operator-Pass-123");
+    assert!(!ok);
+    let (ok, _, err) = login(&ops, "ops@example.net", "Second-Operator-Pass-456");
+    assert!(ok, "{err}");
+
+    // A user changes their own: the current one first (a wrong one changes nothing), and the
+    // session goes on with the new one.
+    let (ok, _, err) = cli(
+        &ops,
+        &["user", "password"],
+        "Not-The-Current-Pass-1\nThird-Operator-Pass-789\n",
+    );
+    assert!(!ok && err.contains("current_password"), "{err}");
+    let (ok, out, err) = cli(
+        &ops,
+        &["user", "password"],
+        "Second-Operator-Pass-456\nThird-Operator-Pass-789\n",
+    );
+    assert!(ok && out.contains("this one continues"), "{out}{err}");
+    let (ok, out, err) = cli(&ops, &["site", "list"], "");
+    assert!(ok && out.contains("s1"), "{out}{err}");
+    let (ok, _, err) = login(
+        &dir.path().join("ops2"),
+        "ops@example.net",
+        "Third-Operator-Pass-789",
+    );
+    assert!(ok, "{err}");
+
+    // An API key: printed once, alone on stdout; listed by hint only; revoked by name.
+    let (ok, out, err) = cli(
+        &admin,
+        &[
+            "api-key",
+            "create",
+            "ci",
+            "--role",
+            "viewer",
+            "--expires-in-days",
+            "7",
+        ],
+        "",
+    );
+    assert!(ok && err.contains("shown this once"), "{out}{err}");
+    let key = out.trim().to_owned();
+    assert!(
+        key.starts_with("pak_") && !key.contains(char::is_whitespace),
+        "{out}"
+    );
+    let (status, _) = http(c.addr, "GET", "/api/v1/sites", Some(&key), None).unwrap();
+    assert_eq!(status, 200);
+    let (ok, out, _) = cli(&admin, &["api-key", "list"], "");
+    assert!(
+        ok && out.contains("ci") && out.contains(&key[..10]),
+        "{out}"
+    );
+    assert!(!out.contains(&key) && has_rfc3339(&out), "{out}");
+    let (ok, _, err) = cli(&admin, &["api-key", "revoke", "nosuch"], "");
+    assert!(!ok && err.contains("no API key named nosuch"), "{err}");
+    let (ok, _, err) = cli(&admin, &["api-key", "revoke", "ci"], "");
+    assert!(ok, "{err}");
+    let (status, _) = http(c.addr, "GET", "/api/v1/sites", Some(&key), None).unwrap();
+    assert_eq!(status, 401);
+    // Only admins manage users.
+    let (ok, _, err) = cli(&ops, &["user", "list"], "");
+    assert!(!ok && err.contains("403"), "{err}");
+}
