@@ -394,11 +394,9 @@ mod tests {
     fn the_table_behaves_like_a_map_under_inserts_removes_and_sweeps() {
         let mut t = FlowTable::new(300);
         let mut model: HashMap<FlowKey, Flow> = HashMap::new();
-        let mut x = 12345u64;
+        let mut rng = patronus_lab::stats::SplitMix64(12345);
         for step in 0..50_000u32 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            let x = rng.next_u64();
             let i = (x % 400) as u32;
             match x % 10 {
                 0..=5 => {

@@ -653,7 +653,7 @@ fn garbage_replayed_and_misdirected_replies_change_nothing_and_crash_nothing() {
         a.handle_probe_reply(pa, &forged.encode(), t),
         Err(ProbeError::Stale(7))
     ));
-    let mut rng = sim::Rng::new(1);
+    let mut rng = sim::Rng(1);
     for len in 0..200 {
         let junk: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
         assert!(a.handle_probe_reply(pa, &junk, t).is_err());

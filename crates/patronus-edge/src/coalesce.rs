@@ -866,13 +866,8 @@ mod tests {
 
     #[test]
     fn random_arrivals_are_never_lost_reordered_within_a_flow_or_corrupted() {
-        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
+        let mut rng = patronus_lab::stats::SplitMix64(0x9e37_79b9_7f4a_7c15);
+        let mut next = move || rng.next_u64();
         for _ in 0..200 {
             let mut flows: Vec<_> = (0..3u16)
                 .map(|f| {

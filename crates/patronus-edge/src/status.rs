@@ -354,7 +354,9 @@ pub fn serve(listener: TcpListener, shared: Shared) {
             }
         }
         let path = line.split_whitespace().nth(1).unwrap_or("");
-        let snapshot = shared.lock().map(|s| s.clone()).unwrap_or_default();
+        // A panic elsewhere cannot leave the status half-written (it is replaced whole): a
+        // poisoned lock still serves what the edge last published, never an empty status.
+        let snapshot = shared.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let (status, ctype, body) = match path {
             "/metrics" => (
                 "200 OK",
@@ -407,38 +409,7 @@ mod tests {
         assert!(m.contains("patronus_failovers_total{reason=\"path-down\"} 3"));
         assert!(m.contains("patronus_edge_rx_rejected_total 0"));
         assert!(m.contains("patronus_build_info{version=\""));
-        promtool_accepts(&m);
-    }
-
-    /// Prometheus's own checker (Debian's `prometheus` package, which `.ci/run` installs) finds
-    /// nothing to say of `metrics`.
-    fn promtool_accepts(metrics: &str) {
-        use std::io::Write;
-        let mut child = std::process::Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "promtool checks the metrics ({e}): apt-get install --no-install-recommends \
-                     prometheus"
-                )
-            });
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(metrics.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "promtool check metrics:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        patronus_lab::harness::promtool_accepts(&m);
     }
 
     /// `/status` as `patronus edge status`, the demo and the lab tests read it.

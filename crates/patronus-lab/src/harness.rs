@@ -133,3 +133,30 @@ pub fn run(suite: &str, tests: Vec<LabTest>) -> ExitCode {
     }
     conclusion.exit_code()
 }
+
+/// Panics unless Prometheus's own checker (`promtool check metrics`, from Debian's
+/// `prometheus` package, which `.ci/deps` installs) finds nothing to say of `metrics`, a
+/// `/metrics` page in the text exposition format.
+pub fn promtool_accepts(metrics: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("promtool checks the metrics ({e}): run .ci/deps to install it"));
+    if let Some(mut stdin) = child.stdin.take() {
+        if let Err(e) = stdin.write_all(metrics.as_bytes()) {
+            panic!("writing to promtool: {e}");
+        }
+    }
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("waiting for promtool: {e}"));
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -139,12 +139,17 @@ pub fn run(cmd: EdgeCmd) -> anyhow::Result<()> {
     }
 }
 
-/// Controller mode: enrols on the first start (generating the key pair here; only the public
-/// key leaves), then fetches the site's configuration, keeping the last good one so that the
-/// edge starts and forwards with the controller down.
-/// Every 5 s, the paths' measurements to the controller, and at once when there is a failover
-/// to tell (best effort: measurements that cannot be delivered are dropped, and the next report
-/// says where things are; failover events are sent again until the controller has them).
+/// How often the reporter looks for news (a failover, a path's change of state).
+const NEWS_LOOK: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The least time between two reports sent for news.
+const NEWS_GAP: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Every 5 s, the paths' measurements to the controller, and within [`NEWS_LOOK`] when there is a
+/// failover or a path's change of state to tell, at most one such report per [`NEWS_GAP`] (a
+/// flapping path's events go together); while the controller cannot be reached, every 5 s
+/// (best effort: measurements that cannot be delivered are dropped, and the next report says
+/// where things are; events are sent again until the controller has them).
 fn report(
     via: &crate::api_client::Via,
     url: &str,
@@ -158,21 +163,24 @@ fn report(
     // The last path event the controller has.
     let mut reported_paths = 0u64;
     let mut last = Instant::now();
+    let mut last_news: Option<Instant> = None;
     loop {
-        std::thread::sleep(Duration::from_millis(200));
-        let snap = {
+        std::thread::sleep(NEWS_LOOK);
+        let (snap, news) = {
             let Ok(s) = status.lock() else { return };
             let news = s.failover_events.iter().any(|e| e.seq > reported)
                 || s.path_events.iter().any(|e| e.seq > reported_paths);
-            let every = if failing { 5 } else { 1 };
-            let due = last.elapsed() >= Duration::from_secs(5)
-                || (news && last.elapsed() >= Duration::from_secs(every));
-            if !due {
+            let periodic = last.elapsed() >= Duration::from_secs(5);
+            let news_due = news && !failing && last_news.is_none_or(|t| t.elapsed() >= NEWS_GAP);
+            if !(periodic || news_due) {
                 continue;
             }
-            s.clone()
+            (s.clone(), news)
         };
         last = Instant::now();
+        if news {
+            last_news = Some(last);
+        }
         let t = patronus_api::Telemetry {
             paths: snap
                 .paths

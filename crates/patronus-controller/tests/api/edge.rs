@@ -346,7 +346,20 @@ async fn a_waiting_edge_gets_a_change_as_soon_as_it_is_made_and_304_when_there_i
             started.elapsed(),
         )
     });
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // The change is made once the edge's request is waiting (counted open in its presence), so
+    // that it is the change, not the first look, that answers it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while a
+        .state
+        .presence
+        .lock()
+        .unwrap()
+        .get(&ids[0])
+        .is_none_or(|p| p.open == 0)
+    {
+        assert!(std::time::Instant::now() < deadline, "the long poll never waited");
+        tokio::task::yield_now().await;
+    }
     let r = a
         .call(
             Method::POST,

@@ -157,38 +157,7 @@ async fn no_method_or_path_a_client_makes_up_adds_a_metric_series() {
         text.contains(r#"route="unmatched",method="GET",status="404"} 200"#),
         "{text}"
     );
-    promtool_accepts(&text);
-}
-
-/// Prometheus's own checker (Debian's `prometheus` package, which `.ci/run` installs) finds
-/// nothing to say of `metrics`.
-fn promtool_accepts(metrics: &str) {
-    use std::io::Write;
-    let mut child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!(
-                "promtool checks the metrics ({e}): apt-get install --no-install-recommends \
-                 prometheus"
-            )
-        });
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(metrics.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    patronus_lab::harness::promtool_accepts(&text);
 }
 
 #[tokio::test]

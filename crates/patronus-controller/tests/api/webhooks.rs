@@ -156,17 +156,20 @@ async fn webhooks_get_signed_events_retried_until_delivered_with_their_status_in
         (v["data"]["reason"].as_str(), v["data"]["flows"].as_u64()),
         (Some("path-down"), Some(3))
     );
-    // A report repeated is not news: one path.down, one failover.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let count = |kind: &str| {
-        got.lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, b)| serde_json::from_str::<Value>(b).unwrap()["type"] == kind)
-            .count()
+    // A report repeated is not news: one path.down, one failover. The deliveries are queued by
+    // the transaction that keeps the report, so once it is answered the table is final.
+    let queued = |kind: &'static str| {
+        let pool = a.state.store.pool().clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM webhook_deliveries WHERE event = ?")
+                .bind(kind)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
     };
     assert_eq!(
-        (count("path.down"), count("failover")),
+        (queued("path.down").await, queued("failover").await),
         (1, 1),
         "{:?}",
         got.lock()
@@ -293,7 +296,16 @@ async fn webhooks_get_signed_events_retried_until_delivered_with_their_status_in
         )
         .await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{r:?}");
-    let before = got.lock().unwrap().len();
+    // A change made while it is disabled queues nothing for it: config.changed is queued by the
+    // write's own transaction, so the table is final once the write is answered.
+    let deliveries = || async {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM webhook_deliveries WHERE webhook_id = ?")
+            .bind(hook)
+            .fetch_one(a.state.store.pool())
+            .await
+            .unwrap()
+    };
+    let before = deliveries().await;
     let r = a
         .call(
             Method::POST,
@@ -303,8 +315,7 @@ async fn webhooks_get_signed_events_retried_until_delivered_with_their_status_in
         )
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    assert_eq!(got.lock().unwrap().len(), before);
+    assert_eq!(deliveries().await, before);
     // Deleted with its deliveries; the secret is in no audit record.
     let r = a
         .call(

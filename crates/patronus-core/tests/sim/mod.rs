@@ -32,28 +32,8 @@ pub struct Impair {
     pub blackhole: bool,
 }
 
-/// A small deterministic PRNG (SplitMix64).
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
+/// The lab's seeded PRNG (SplitMix64): one generator for every test and benchmark.
+pub use patronus_lab::stats::SplitMix64 as Rng;
 
 pub struct SiteSpec {
     pub name: &'static str,
@@ -214,7 +194,7 @@ impl Net {
             impair,
             queue: BinaryHeap::new(),
             order: 0,
-            rng: Rng::new(seed),
+            rng: Rng(seed),
             streams: Vec::new(),
             log: Vec::new(),
             replies: Vec::new(),
@@ -330,10 +310,10 @@ impl Net {
         let i = self.impair[&(to, to_link)][INGRESS];
         let mut delay = Duration::ZERO;
         for imp in [e, i] {
-            if imp.blackhole || (imp.loss > 0.0 && self.rng.unit() < imp.loss) {
+            if imp.blackhole || (imp.loss > 0.0 && self.rng.next_f64() < imp.loss) {
                 return;
             }
-            let j = imp.jitter.as_secs_f64() * (2.0 * self.rng.unit() - 1.0);
+            let j = imp.jitter.as_secs_f64() * (2.0 * self.rng.next_f64() - 1.0);
             delay += Duration::from_secs_f64((imp.delay.as_secs_f64() + j).max(0.0));
         }
         self.order += 1;

@@ -270,8 +270,10 @@ async fn edge_telemetry(
         .execute(&mut *tx)
         .await?;
     }
+    // Told to webhooks with the same transaction that keeps them: an event is announced if and
+    // only if it was kept.
+    crate::webhooks::queue(&mut tx, events, None).await?;
     tx.commit().await?;
-    crate::webhooks::emit_soon(&s, events);
     Ok(StatusCode::NO_CONTENT)
 }
 
