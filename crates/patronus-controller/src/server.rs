@@ -128,6 +128,7 @@ pub async fn serve(
     on_listening(listener.local_addr()?);
     let store = state.store.clone();
     crate::webhooks::start(&state);
+    tokio::spawn(housekeeping(store.clone()));
     let limits = Arc::new(Limits::new(&state.config));
     tracing::info!(
         max_connections = limits.total,
@@ -190,6 +191,32 @@ pub async fn serve(
     // Closing the pool checkpoints the write-ahead log into the database file.
     store.pool().close().await;
     Ok(())
+}
+
+/// Refused attempts kept in the audit log: the newest this many, and none older than
+/// [`REFUSED_ATTEMPTS_DAYS`].
+pub const REFUSED_ATTEMPTS_KEPT: i64 = 100_000;
+/// How long refused attempts are kept in the audit log.
+pub const REFUSED_ATTEMPTS_DAYS: i64 = 90;
+
+/// Every hour: what anyone can add to the store without logging in is held to its bound.
+async fn housekeeping(store: crate::store::Store) {
+    let mut tick = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tick.tick().await;
+        let before = crate::store::now_ms() - REFUSED_ATTEMPTS_DAYS * 86_400_000;
+        match store
+            .trim_refused_attempts(REFUSED_ATTEMPTS_KEPT, before)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                removed = n,
+                "old refused attempts removed from the audit log"
+            ),
+            Err(e) => tracing::warn!(error = %e, "refused attempts not trimmed"),
+        }
+    }
 }
 
 /// The most connections the controller serves at once: `max_connections`, held below what the

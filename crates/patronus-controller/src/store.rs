@@ -786,6 +786,35 @@ impl Store {
         tx.commit().await
     }
 
+    /// Bounds what refused attempts (failed logins and password checks, lockouts) leave in the
+    /// audit log: anyone can cause them, so at most `keep` are kept, the newest, and none older
+    /// than `before_ms`. The other audit records (what authenticated callers did) are kept.
+    pub async fn trim_refused_attempts(
+        &self,
+        keep: i64,
+        before_ms: i64,
+    ) -> Result<u64, sqlx::Error> {
+        const REFUSED: &str = "action IN ('auth.login_failed', 'user.password_failed', 'auth.locked', 'auth.login_refused')";
+        let mut tx = self.begin().await?;
+        let old = sqlx::query(&format!(
+            "DELETE FROM audit_log WHERE {REFUSED} AND at_ms < ?"
+        ))
+        .bind(before_ms)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let over = sqlx::query(&format!(
+            "DELETE FROM audit_log WHERE {REFUSED} AND id < (
+               SELECT id FROM audit_log WHERE {REFUSED} ORDER BY id DESC LIMIT 1 OFFSET ?)"
+        ))
+        .bind(keep - 1)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(old + over)
+    }
+
     /// Deletes row `id` of `table` (a name from the code, never from a request) in `tx`.
     pub async fn delete_row(tx: &mut Tx, table: &'static str, id: i64) -> Result<(), sqlx::Error> {
         sqlx::query(&format!("DELETE FROM {table} WHERE id = ?"))

@@ -144,7 +144,9 @@ pub fn promtool_accepts(metrics: &str) {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("promtool checks the metrics ({e}): run .ci/deps to install it"));
+        .unwrap_or_else(|e| {
+            panic!("promtool checks the metrics ({e}): run .ci/deps to install it")
+        });
     if let Some(mut stdin) = child.stdin.take() {
         if let Err(e) = stdin.write_all(metrics.as_bytes()) {
             panic!("writing to promtool: {e}");

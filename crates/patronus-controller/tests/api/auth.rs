@@ -680,3 +680,49 @@ async fn behind_a_trusted_proxy_each_client_has_its_own_rate_limit_and_nobody_pi
         assert_eq!(r.status, want, "{xff}");
     }
 }
+
+#[tokio::test]
+async fn refused_attempts_in_the_audit_log_are_bounded_and_the_rest_is_kept() {
+    let a = api().await;
+    let t = a.admin().await;
+    for n in 0..8 {
+        let r = a
+            .login(&format!("guess{n}@example.net"), "Wrong-Password-1")
+            .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    }
+    let count = |action: &'static str| {
+        let pool = a.state.store.pool().clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM audit_log WHERE action = ?")
+                .bind(action)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(count("auth.login_failed").await, 8);
+    let logins = count("auth.login").await;
+    // At most five kept: the newest.
+    let removed = a.state.store.trim_refused_attempts(5, 0).await.unwrap();
+    assert_eq!(removed, 3);
+    assert_eq!(count("auth.login_failed").await, 5);
+    let r = a
+        .call(
+            Method::GET,
+            "/api/v1/audit?action=auth.login_failed&order=asc",
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(r.body["items"][0]["details"]["email"], "guess3@example.net");
+    // Older than the cutoff: gone, whatever the count; what signed-in callers did stays.
+    let removed = a
+        .state
+        .store
+        .trim_refused_attempts(100, i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(removed, 5);
+    assert_eq!(count("auth.login").await, logins);
+}

@@ -357,7 +357,10 @@ async fn a_waiting_edge_gets_a_change_as_soon_as_it_is_made_and_304_when_there_i
         .get(&ids[0])
         .is_none_or(|p| p.open == 0)
     {
-        assert!(std::time::Instant::now() < deadline, "the long poll never waited");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the long poll never waited"
+        );
         tokio::task::yield_now().await;
     }
     let r = a
