@@ -1016,3 +1016,71 @@ fn every_integer(v: &Value, at: &str, bad: &mut Vec<String>) {
         _ => {}
     }
 }
+
+#[tokio::test]
+async fn each_operation_documents_only_the_errors_it_can_give() {
+    let a = api().await;
+    let doc = a
+        .call(Method::GET, "/api/v1/openapi.json", None, None)
+        .await
+        .body;
+    let mut checked = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let statuses: Vec<&str> = op["responses"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(String::as_str)
+                .collect();
+            let has = |s: &str| statuses.contains(&s);
+            let params = op["parameters"].as_array().cloned().unwrap_or_default();
+            let body = op.get("requestBody").is_some();
+            let secured = op.get("security").is_some();
+            let at = format!("{method} {path}");
+            // A body's errors only with a body.
+            for s in ["413", "415"] {
+                assert_eq!(has(s), body, "{at}: {s}");
+            }
+            // 412 only where If-Match is read: updates and deletes.
+            assert_eq!(
+                has("412"),
+                matches!(method.as_str(), "patch" | "delete"),
+                "{at}"
+            );
+            // 404 with path parameters (or what a handler names); 401 and 403 where secured.
+            if params.iter().any(|p| p["in"] == "path") {
+                assert!(has("404"), "{at}");
+            }
+            if secured {
+                assert!(has("401"), "{at}");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 60, "{checked}");
+    // The public operations that take no credential at all document no credential's errors.
+    for (method, path) in [
+        ("get", "/health"),
+        ("get", "/ready"),
+        ("get", "/api/v1/version"),
+        ("get", "/api/v1/openapi.json"),
+    ] {
+        let r = doc["paths"][path][method]["responses"].as_object().unwrap();
+        let mut errors: Vec<&str> = r
+            .keys()
+            .map(String::as_str)
+            .filter(|s| s.starts_with(['4', '5']))
+            .collect();
+        errors.sort_unstable();
+        assert_eq!(errors, ["500", "503"], "{method} {path}");
+    }
+    // A list of SLA classes documents the filters it takes, and no others.
+    let params: Vec<&str> = doc["paths"]["/api/v1/sla-classes"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(params, ["limit", "offset", "sort"]);
+}
