@@ -425,6 +425,9 @@ pub struct EdgeLocal {
     pub metrics_listen: Option<SocketAddr>,
     /// This machine's WAN links, named as the controller knows them.
     pub links: Vec<LocalLink>,
+    /// Bounds on the replies to handshake initiations (see [`HandshakeLimits`]).
+    #[serde(default)]
+    pub handshake: HandshakeLimits,
 }
 
 /// One of this machine's WAN links.
@@ -499,6 +502,7 @@ impl EdgeLocal {
             default_class: default_class(),
             default_steering: SteeringMode::default(),
             metrics_listen: self.metrics_listen,
+            handshake: self.handshake,
         };
         cfg.validate()?;
         Ok((cfg, notes))
@@ -539,6 +543,58 @@ pub struct EdgeConfig {
     /// through a local agent or, later, the controller).
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// How many cookie replies the edge sends to handshake initiations it is too busy for.
+    #[serde(default)]
+    pub handshake: HandshakeLimits,
+}
+
+/// Bounds on what unauthenticated handshake initiations can make an edge do.
+///
+/// Anyone who knows an edge's public key can make initiations that pass its first MAC check,
+/// and send them from a spoofed address. Beyond a few per second on a path, the edge stops
+/// doing the X25519 work for initiations that do not prove they can receive at their source
+/// (WireGuard's cookie, MAC2) and answers them with a cookie reply instead; these limits bound
+/// those replies (1 s of burst each), per path (a link and a source) and for the whole edge.
+/// What they leave over is dropped and counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandshakeLimits {
+    /// Cookie replies per second to one path's source (1 to 1000).
+    #[serde(default = "default_cookies_per_path")]
+    pub cookies_per_path_per_s: u32,
+    /// Cookie replies per second for the whole edge (1 to 100000).
+    #[serde(default = "default_cookies_per_edge")]
+    pub cookies_per_edge_per_s: u32,
+}
+
+fn default_cookies_per_path() -> u32 {
+    10
+}
+
+fn default_cookies_per_edge() -> u32 {
+    200
+}
+
+impl Default for HandshakeLimits {
+    fn default() -> Self {
+        Self {
+            cookies_per_path_per_s: default_cookies_per_path(),
+            cookies_per_edge_per_s: default_cookies_per_edge(),
+        }
+    }
+}
+
+impl HandshakeLimits {
+    pub fn validate(&self) -> Result<(), FieldErrors> {
+        let mut errs = FieldErrors::default();
+        if !(1..=1000).contains(&self.cookies_per_path_per_s) {
+            errs.push("cookies_per_path_per_s", "must be 1 to 1000");
+        }
+        if !(1..=100_000).contains(&self.cookies_per_edge_per_s) {
+            errs.push("cookies_per_edge_per_s", "must be 1 to 100000");
+        }
+        errs.into_result()
+    }
 }
 
 fn default_tun() -> String {
@@ -606,6 +662,9 @@ impl EdgeConfig {
         }
         if let Err(e) = self.failover.validate() {
             errs.extend_prefixed("failover", e);
+        }
+        if let Err(e) = self.handshake.validate() {
+            errs.extend_prefixed("handshake", e);
         }
         if !self.classes.iter().any(|c| c.name == self.default_class) {
             errs.push("default_class", "names no class in `classes`");

@@ -31,6 +31,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -51,6 +52,7 @@ use patronus_core::{Decision, Event, PathId, PeerId};
 use tun_rs::{DeviceBuilder, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use crate::coalesce::Coalescer;
+use crate::handshake::{Bucket, Guard, Verdict};
 use crate::keys::PrivateKey;
 use crate::status::{self, EdgeStatus, PathStatus, Shared};
 use crate::wire::{self, Inner, PROBE_SENDER_PORT, WgMessage};
@@ -146,6 +148,15 @@ pub struct EdgeCounters {
     /// Paths whose sending session moved to a new key (ours or the peer's) in a key roll.
     #[serde(default)]
     pub sessions_rekeyed: u64,
+    /// Handshake messages passed to their session (see [`crate::handshake`]).
+    #[serde(default)]
+    pub handshakes_admitted: u64,
+    /// Cookie replies sent to handshake messages that came while their path was under load.
+    #[serde(default)]
+    pub handshake_cookies_sent: u64,
+    /// Handshake messages dropped unanswered: under load, and the cookie budget spent.
+    #[serde(default)]
+    pub handshakes_dropped: u64,
 }
 
 /// One WAN link's socket.
@@ -246,7 +257,9 @@ fn tunnel_index(id: PathId, side: u32) -> u32 {
     (id.0 + 1) | (side * GEN_BIT)
 }
 
-/// A WireGuard session of ours (`secret`) with a peer's key.
+/// A WireGuard session of ours (`secret`) with a peer's key. Its own rate limiter only checks
+/// MAC1: whether a handshake message needs a cookie is decided before, by the path's
+/// [`Guard`], with a budget for the replies.
 fn new_tunn(secret: &StaticSecret, peer_key: [u8; 32], id: PathId, side: u32) -> Box<Tunn> {
     Box::new(Tunn::new(
         secret.clone(),
@@ -254,7 +267,10 @@ fn new_tunn(secret: &StaticSecret, peer_key: [u8; 32], id: PathId, side: u32) ->
         None,
         None,
         tunnel_index(id, side),
-        None,
+        Some(Arc::new(RateLimiter::new(
+            &PublicKey::from(secret),
+            u64::MAX,
+        ))),
     ))
 }
 
@@ -469,6 +485,11 @@ pub struct Edge {
     timer_at: Option<Instant>,
     stop: Arc<EventFd>,
     next_wg_tick: Instant,
+    /// Each path's check of handshake messages, by path index, made when the first comes.
+    guards: HashMap<usize, Guard>,
+    /// The edge's budget of cookie replies, over all paths.
+    cookies: Bucket,
+    handshake: patronus_api::HandshakeLimits,
     counters: EdgeCounters,
     events: VecDeque<RecentEvent>,
     // Buffers, reused.
@@ -696,6 +717,9 @@ impl Edge {
             timer_at: None,
             stop,
             next_wg_tick: now,
+            guards: HashMap::new(),
+            cookies: Bucket::new(cfg.handshake.cookies_per_edge_per_s, now),
+            handshake: cfg.handshake,
             counters: EdgeCounters::default(),
             events: VecDeque::new(),
             rx_orig: vec![0; VIRTIO_NET_HDR_LEN + 65_536],
@@ -865,6 +889,13 @@ impl Edge {
                 }
                 Err(e) => notes.push(format!("TUN MTU {mtu}: {e}")),
             }
+        }
+        if new.handshake != self.handshake {
+            // New budgets start full; the paths' counts of the current second are kept.
+            self.handshake = new.handshake;
+            self.cookies = Bucket::new(new.handshake.cookies_per_edge_per_s, now);
+            self.guards.clear();
+            notes.push("handshake limits changed".into());
         }
         let old = std::mem::replace(&mut self.current, new.clone());
         if refused {
@@ -1115,8 +1146,12 @@ impl Edge {
         let mut moves = 0u32;
         // Flow moves of this turn, by (from, to, reason): one failover event each.
         let mut batch: BTreeMap<(u32, u32, FailoverReason), u32> = BTreeMap::new();
+        let mut down = Vec::new();
         while let Some((_, ev)) = self.engine.poll_event() {
             let is_move = matches!(ev, Event::FlowMoved { .. });
+            if let Event::PathDown { path, .. } = ev {
+                down.push(path);
+            }
             self.log_path_event(&ev, now);
             let text = match ev {
                 Event::PathUp { path, rtt } => {
@@ -1174,6 +1209,20 @@ impl Edge {
         }
         if moves > 5 {
             self.record(format!("... and {} more flow moves", moves - 5));
+        }
+        // A path that went silent may have lost its session at the other end (the peer
+        // restarted, say) while ours still looks valid: handshake again now rather than after
+        // boringtun's 15 s. This side's initiation also brings a path up when the peer's own
+        // initiations cannot get through (its endpoint spoofed by a flood: see
+        // `crate::handshake`). One is under way at a time; boringtun retries it every 5 s.
+        for path in down {
+            let Some(Some(p)) = self.paths.get_mut(path.0 as usize) else {
+                continue;
+            };
+            let n = initiation(&mut p.tunn, &mut self.out_buf);
+            if n > 0 {
+                self.send_on(path, n);
+            }
         }
         let at_ms = unix_ms();
         for ((from, to, reason), flows) in batch {
@@ -1342,6 +1391,16 @@ impl Edge {
                 p.alt = None;
             }
         }
+        let paths = &self.paths;
+        self.guards.retain(|i, g| {
+            let Some(Some(p)) = paths.get(*i) else {
+                return false;
+            };
+            let mut in_use = vec![p.own];
+            in_use.extend(p.alt.as_ref().map(|a| a.own));
+            g.tick(&in_use);
+            true
+        });
         for i in 0..self.paths.len() {
             for alt in [false, true] {
                 let Some(Some(p)) = self.paths.get_mut(i) else {
@@ -1758,6 +1817,11 @@ impl Edge {
         now: Instant,
     ) {
         let idx = id.0 as usize;
+        if matches!(self.net_bufs[buf].get(at.start), Some(1 | 2))
+            && !self.admit_handshake(idx, side, link, from, buf, at.clone(), now)
+        {
+            return;
+        }
         let Some(Some(p)) = self.paths.get_mut(idx) else {
             return;
         };
@@ -1805,6 +1869,75 @@ impl Edge {
                 self.send_queued(idx, on_alt, link, from);
             }
             Decap::Tunnel(len) => self.deliver(id, len, now),
+        }
+    }
+
+    /// Whether handshake message `net_bufs[buf][at]` (an initiation if `side` is none, else a
+    /// response to the session on `side`) may go to its session; if not, it was refused,
+    /// answered with a cookie or dropped here, and counted (see [`crate::handshake`]).
+    #[allow(clippy::too_many_arguments)] // the datagram's coordinates, passed down as they are
+    fn admit_handshake(
+        &mut self,
+        idx: usize,
+        side: Option<u32>,
+        link: usize,
+        from: SocketAddr,
+        buf: usize,
+        at: Range<usize>,
+        now: Instant,
+    ) -> bool {
+        let Some(Some(p)) = self.paths.get(idx) else {
+            return false;
+        };
+        // The keys of ours it may be for: a response names its session; an initiation is for
+        // the sending session, or during a roll the new key's.
+        let (response, keys) = match side {
+            Some(g) if g == p.side => (true, [Some(p.own), None]),
+            Some(_) => (true, [p.alt.as_ref().map(|a| a.own), None]),
+            None => (
+                false,
+                [
+                    Some(p.own),
+                    p.alt.as_ref().filter(|a| a.next).map(|a| a.own),
+                ],
+            ),
+        };
+        let rate = self.handshake.cookies_per_path_per_s;
+        let guard = self
+            .guards
+            .entry(idx)
+            .or_insert_with(|| Guard::new(rate, now));
+        let msg = &self.net_bufs[buf][at];
+        let mut cookie = [0u8; 64];
+        let mut verdict = Verdict::Refuse;
+        for own in keys.into_iter().flatten() {
+            verdict = guard.check(own, response, from.ip(), msg, &mut cookie, now);
+            if verdict != Verdict::Refuse {
+                break;
+            }
+        }
+        match verdict {
+            Verdict::Admit => {
+                self.counters.handshakes_admitted += 1;
+                true
+            }
+            Verdict::Refuse => {
+                self.counters.rx_rejected += 1;
+                false
+            }
+            Verdict::Cookie(n) if self.cookies.take(now) => {
+                if let Some(l) = self.links.get(link) {
+                    if l.sock.send_to(&cookie[..n], from).is_err() {
+                        self.counters.tx_errors += 1;
+                    }
+                }
+                self.counters.handshake_cookies_sent += 1;
+                false
+            }
+            Verdict::Cookie(_) | Verdict::Drop => {
+                self.counters.handshakes_dropped += 1;
+                false
+            }
         }
     }
 

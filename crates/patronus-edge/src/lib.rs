@@ -15,6 +15,7 @@
 
 pub mod coalesce;
 pub mod edge;
+pub mod handshake;
 pub mod keys;
 pub mod routes;
 pub mod status;

@@ -294,6 +294,21 @@ pub fn render_metrics(s: &EdgeStatus) -> String {
             c.probes_unsent,
         ),
         (
+            "handshakes_admitted",
+            "Handshake messages passed to their session.",
+            c.handshakes_admitted,
+        ),
+        (
+            "handshake_cookies_sent",
+            "Cookie replies sent to handshake messages that came while their path was under load.",
+            c.handshake_cookies_sent,
+        ),
+        (
+            "handshakes_dropped",
+            "Handshake messages dropped unanswered: under load with the cookie budget spent.",
+            c.handshakes_dropped,
+        ),
+        (
             "probe_requests_rejected",
             "Probe requests refused as malformed.",
             s.probe_requests_rejected,

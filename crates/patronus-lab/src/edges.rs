@@ -92,6 +92,7 @@ pub fn edge_config(
         default_class: patronus_api::Name::new("business").unwrap_or_else(|_| unreachable!()),
         default_steering: Default::default(),
         metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], STATUS_PORT))),
+        handshake: Default::default(),
     }
 }
 
@@ -199,6 +200,7 @@ pub fn local_config(plan: &Plan, index: usize, controller: &str, state_dir: Path
                 public_endpoint: Some(SocketAddr::new(l.addr4.into(), EDGE_PORT)),
             })
             .collect(),
+        handshake: Default::default(),
     }
 }
 
