@@ -1911,7 +1911,15 @@ impl Edge {
         let mut cookie = [0u8; 64];
         let mut verdict = Verdict::Refuse;
         for own in keys.into_iter().flatten() {
-            verdict = guard.check(own, response, from.ip(), msg, &mut cookie, now);
+            verdict = guard.check(
+                own,
+                response,
+                from.ip(),
+                msg,
+                &mut cookie,
+                &mut self.cookies,
+                now,
+            );
             if verdict != Verdict::Refuse {
                 break;
             }
@@ -1925,7 +1933,7 @@ impl Edge {
                 self.counters.rx_rejected += 1;
                 false
             }
-            Verdict::Cookie(n) if self.cookies.take(now) => {
+            Verdict::Cookie(n) => {
                 if let Some(l) = self.links.get(link) {
                     if l.sock.send_to(&cookie[..n], from).is_err() {
                         self.counters.tx_errors += 1;
@@ -1934,7 +1942,7 @@ impl Edge {
                 self.counters.handshake_cookies_sent += 1;
                 false
             }
-            Verdict::Cookie(_) | Verdict::Drop => {
+            Verdict::Drop => {
                 self.counters.handshakes_dropped += 1;
                 false
             }

@@ -26,6 +26,7 @@
 use std::time::Instant;
 
 use boringtun::noise::TunnResult;
+use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::x25519::PublicKey;
 
@@ -51,12 +52,17 @@ impl Bucket {
         }
     }
 
-    /// Takes a token if there is one.
-    pub fn take(&mut self, now: Instant) -> bool {
+    /// Whether a token is there (refilled up to `now`).
+    pub fn ready(&mut self, now: Instant) -> bool {
         let dt = now.saturating_duration_since(self.at).as_secs_f64();
         self.at = now;
         self.tokens = (self.tokens + dt * self.rate).min(self.rate);
-        if self.tokens >= 1.0 {
+        self.tokens >= 1.0
+    }
+
+    /// Takes a token if there is one.
+    pub fn take(&mut self, now: Instant) -> bool {
+        if self.ready(now) {
             self.tokens -= 1.0;
             true
         } else {
@@ -95,9 +101,10 @@ pub enum Verdict {
     /// Not a valid handshake message for this key (bad MAC1, malformed).
     Refuse,
     /// Under load without a valid MAC2: send the cookie reply of this length (written to the
-    /// buffer given), if the edge's bucket also allows.
+    /// buffer given; a token of both budgets is spent).
     Cookie(usize),
-    /// Under load without a valid MAC2, and this path's cookie budget is spent: drop.
+    /// Under load without a valid MAC2, and the path's or the edge's cookie budget is spent:
+    /// drop (no cookie was made: what a dropped message costs is its MAC checks).
     Drop,
 }
 
@@ -110,14 +117,17 @@ impl Guard {
     }
 
     /// Checks `msg` (an initiation, or a response if `response`), from `from`, for the session
-    /// made with our key `own`; a cookie reply is written to `cookie` (64 bytes).
+    /// made with our key `own`; a cookie reply is written to `cookie` (64 bytes) if this
+    /// path's budget and the edge's (`edge`) both have a token.
+    #[allow(clippy::too_many_arguments)] // one message, where it is from and for, and budgets
     pub fn check(
         &mut self,
         own: [u8; 32],
         response: bool,
         from: std::net::IpAddr,
         msg: &[u8],
-        cookie: &mut [u8],
+        cookie: &mut [u8; 64],
+        edge: &mut Bucket,
         now: Instant,
     ) -> Verdict {
         let i = match self.keys.iter().position(|k| k.own == own) {
@@ -138,16 +148,19 @@ impl Guard {
         } else {
             &k.initiations
         };
-        match limiter.verify_packet(Some(from), msg, cookie) {
+        // Without a budget, boringtun is given no room for a cookie: it then stops at "under
+        // load, no valid MAC2" instead of encrypting a reply that would be thrown away.
+        let budget = self.cookies.ready(now) && edge.ready(now);
+        let room: &mut [u8] = if budget { &mut cookie[..] } else { &mut [] };
+        match limiter.verify_packet(Some(from), msg, room) {
             Ok(_) => Verdict::Admit,
             Err(TunnResult::WriteToNetwork(c)) => {
                 let n = c.len();
-                if self.cookies.take(now) {
-                    Verdict::Cookie(n)
-                } else {
-                    Verdict::Drop
-                }
+                self.cookies.take(now);
+                edge.take(now);
+                Verdict::Cookie(n)
             }
+            Err(TunnResult::Err(WireGuardError::DestinationBufferTooSmall)) => Verdict::Drop,
             Err(_) => Verdict::Refuse,
         }
     }
@@ -194,11 +207,12 @@ mod tests {
         let own = PublicKey::from(&me).to_bytes();
         let now = Instant::now();
         let mut g = Guard::new(5, now);
+        let mut edge = Bucket::new(1000, now);
         let from = "192.0.2.7".parse().unwrap();
         let mut cookie = [0u8; 64];
         let mut seen = [0usize; 4];
         for m in initiations(66, &PublicKey::from(&me), 100) {
-            let v = g.check(own, false, from, &m, &mut cookie, now);
+            let v = g.check(own, false, from, &m, &mut cookie, &mut edge, now);
             seen[match v {
                 Verdict::Admit => 0,
                 Verdict::Refuse => 1,
@@ -214,27 +228,50 @@ mod tests {
         // A response is counted apart: the flood of initiations does not make it need MAC2.
         let responder = initiations(66, &PublicKey::from(&me), 1);
         assert_eq!(
-            g.check(own, true, from, &responder[0], &mut cookie, now),
+            g.check(own, true, from, &responder[0], &mut cookie, &mut edge, now),
             Verdict::Admit
         );
         // Initiations for another key fail MAC1 and are refused, whatever the load.
         let other = initiations(66, &PublicKey::from(&key(9)), 1);
         assert_eq!(
-            g.check(own, false, from, &other[0], &mut cookie, now),
+            g.check(own, false, from, &other[0], &mut cookie, &mut edge, now),
             Verdict::Refuse
         );
         // The budget refills at its rate: 100 ms later, half a token; 200 ms, one.
         let m = initiations(66, &PublicKey::from(&me), 2);
         let later = now + Duration::from_millis(100);
         assert_eq!(
-            g.check(own, false, from, &m[0], &mut cookie, later),
+            g.check(own, false, from, &m[0], &mut cookie, &mut edge, later),
             Verdict::Drop
         );
         let later = now + Duration::from_millis(200);
         assert!(matches!(
-            g.check(own, false, from, &m[1], &mut cookie, later),
+            g.check(own, false, from, &m[1], &mut cookie, &mut edge, later),
             Verdict::Cookie(64)
         ));
+    }
+
+    /// The edge's budget bounds the replies of all paths together.
+    #[test]
+    fn the_edge_budget_bounds_the_replies_of_every_path() {
+        let me = key(1);
+        let own = PublicKey::from(&me).to_bytes();
+        let now = Instant::now();
+        let mut edge = Bucket::new(3, now);
+        let mut cookie = [0u8; 64];
+        let from = "192.0.2.7".parse().unwrap();
+        let mut cookies = 0;
+        for _ in 0..4 {
+            let mut g = Guard::new(100, now);
+            for m in initiations(66, &PublicKey::from(&me), 20) {
+                if let Verdict::Cookie(_) =
+                    g.check(own, false, from, &m, &mut cookie, &mut edge, now)
+                {
+                    cookies += 1;
+                }
+            }
+        }
+        assert_eq!(cookies, 3);
     }
 
     /// A genuine initiator that got a cookie reply proves it receives at its address: its next
@@ -245,10 +282,11 @@ mod tests {
         let own = PublicKey::from(&me).to_bytes();
         let now = Instant::now();
         let mut g = Guard::new(1000, now);
+        let mut edge = Bucket::new(1000, now);
         let from: std::net::IpAddr = "192.0.2.7".parse().unwrap();
         let mut cookie = [0u8; 64];
         for m in initiations(66, &PublicKey::from(&me), 50) {
-            let _ = g.check(own, false, from, &m, &mut cookie, now);
+            let _ = g.check(own, false, from, &m, &mut cookie, &mut edge, now);
         }
         let mut genuine = Tunn::new(key(2), PublicKey::from(&me), None, None, 7, None);
         let mut out = vec![0u8; 256];
@@ -256,7 +294,8 @@ mod tests {
             TunnResult::WriteToNetwork(d) => d.to_vec(),
             _ => panic!("no initiation"),
         };
-        let Verdict::Cookie(n) = g.check(own, false, from, &first, &mut cookie, now) else {
+        let Verdict::Cookie(n) = g.check(own, false, from, &first, &mut cookie, &mut edge, now)
+        else {
             panic!("no cookie under load");
         };
         // The genuine initiator takes the cookie and tries again.
@@ -267,13 +306,13 @@ mod tests {
             _ => panic!("no second initiation"),
         };
         assert_eq!(
-            g.check(own, false, from, &again, &mut cookie, now),
+            g.check(own, false, from, &again, &mut cookie, &mut edge, now),
             Verdict::Admit
         );
         // The same initiation from another address has no valid MAC2 there.
         let elsewhere = "198.51.100.9".parse().unwrap();
         assert!(matches!(
-            g.check(own, false, elsewhere, &again, &mut cookie, now),
+            g.check(own, false, elsewhere, &again, &mut cookie, &mut edge, now),
             Verdict::Cookie(_)
         ));
     }

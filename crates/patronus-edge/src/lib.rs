@@ -35,6 +35,18 @@ mod tests {
         assert_eq!(cfg.policies.len(), 2);
     }
 
+    /// The handshake limits are the defaults when left out, and a bad one is named by its key.
+    #[test]
+    fn handshake_limits_default_and_a_bad_one_is_named() {
+        let text = include_str!("../edge.example.toml");
+        let cfg: patronus_api::EdgeConfig = toml::from_str(text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.handshake, patronus_api::HandshakeLimits::default());
+        let text = text.replace("cookies_per_path_per_s = 10", "cookies_per_path_per_s = 0");
+        let cfg: patronus_api::EdgeConfig = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("handshake.cookies_per_path_per_s"), "{e}");
+    }
+
     /// What a running edge would refuse is refused before anything is applied or kept: here a
     /// policy naming a class the configuration does not define.
     #[test]
