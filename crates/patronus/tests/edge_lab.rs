@@ -957,7 +957,10 @@ fn restart_a(lab: &Lab, cfg: &patronus_api::EdgeConfig, pid: u32) -> (u32, Vec<(
     loop {
         std::thread::sleep(Duration::from_millis(100));
         let out = lab
-            .exec("a", &[patronus().to_str().unwrap(), "edge", "status", "--json"])
+            .exec(
+                "a",
+                &[patronus().to_str().unwrap(), "edge", "status", "--json"],
+            )
             .unwrap();
         if out.status.success() {
             let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -965,7 +968,11 @@ fn restart_a(lab: &Lab, cfg: &patronus_api::EdgeConfig, pid: u32) -> (u32, Vec<(
             if !paths.is_empty() && paths.iter().all(|p| p["state"] == "up") {
                 let mut ups: Vec<(String, i64)> = Vec::new();
                 for e in st["path_events"].as_array().unwrap() {
-                    let name = format!("{}>{}", e["local_link"].as_str().unwrap(), e["remote_link"].as_str().unwrap());
+                    let name = format!(
+                        "{}>{}",
+                        e["local_link"].as_str().unwrap(),
+                        e["remote_link"].as_str().unwrap()
+                    );
                     if e["kind"] == "up" && !ups.iter().any(|(n, _)| *n == name) {
                         ups.push((name, e["at_ms"].as_i64().unwrap() - t0));
                     }
@@ -1026,7 +1033,10 @@ fn a_peer_that_restarts_during_a_handshake_flood_gets_every_path_back() {
     let quiet_max = quiet.iter().map(|(_, t)| *t).max().unwrap();
     for (path, t) in &flood {
         if path == "mpls>mpls" {
-            assert!(*t <= 10_000, "the flooded path came up {t} ms after the restart");
+            assert!(
+                *t <= 10_000,
+                "the flooded path came up {t} ms after the restart"
+            );
         } else {
             assert!(
                 *t <= quiet_max + 1000,
