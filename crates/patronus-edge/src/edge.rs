@@ -63,6 +63,9 @@ pub const OVERHEAD_V6: u16 = 80;
 pub const OVERHEAD_V4: u16 = 60;
 /// How often boringtun's timers run.
 const WG_TICK: Duration = Duration::from_millis(100);
+/// How often a path that is down starts a fresh handshake (WireGuard's own retry is 5 s, too
+/// slow for a peer that restarted a moment after the path went down).
+const DOWN_REHANDSHAKE: Duration = Duration::from_secs(1);
 /// Events kept for status.
 const RECENT_EVENTS: usize = 256;
 /// `recvmmsg` calls per socket per wake-up, so one busy link cannot starve the others.
@@ -274,13 +277,19 @@ fn new_tunn(secret: &StaticSecret, peer_key: [u8; 32], id: PathId, side: u32) ->
     ))
 }
 
-/// A handshake initiation of session `t` into `out`, unless one is already under way; its
-/// length (0 for none).
-fn initiation(t: &mut Tunn, out: &mut [u8]) -> usize {
-    match t.format_handshake_initiation(out, false) {
+/// A handshake initiation of session `t` into `out`, unless one is already under way (or
+/// `force`: a fresh one anyway); its length (0 for none).
+fn initiation_of(t: &mut Tunn, out: &mut [u8], force: bool) -> usize {
+    match t.format_handshake_initiation(out, force) {
         TunnResult::WriteToNetwork(d) => d.len(),
         _ => 0,
     }
+}
+
+/// A handshake initiation of session `t` into `out`, unless one is already under way; its
+/// length (0 for none).
+fn initiation(t: &mut Tunn, out: &mut [u8]) -> usize {
+    initiation_of(t, out, false)
 }
 
 /// What a decapsulation produced, without the borrow of the buffer it wrote to.
@@ -489,6 +498,8 @@ pub struct Edge {
     guards: HashMap<usize, Guard>,
     /// The edge's budget of cookie replies, over all paths.
     cookies: Bucket,
+    /// Paths that are down, by index, and when each starts its next fresh handshake.
+    down_paths: HashMap<usize, Instant>,
     handshake: patronus_api::HandshakeLimits,
     counters: EdgeCounters,
     events: VecDeque<RecentEvent>,
@@ -719,6 +730,7 @@ impl Edge {
             next_wg_tick: now,
             guards: HashMap::new(),
             cookies: Bucket::new(cfg.handshake.cookies_per_edge_per_s, now),
+            down_paths: HashMap::new(),
             handshake: cfg.handshake,
             counters: EdgeCounters::default(),
             events: VecDeque::new(),
@@ -1149,8 +1161,12 @@ impl Edge {
         let mut down = Vec::new();
         while let Some((_, ev)) = self.engine.poll_event() {
             let is_move = matches!(ev, Event::FlowMoved { .. });
-            if let Event::PathDown { path, .. } = ev {
-                down.push(path);
+            match ev {
+                Event::PathDown { path, .. } => down.push(path),
+                Event::PathUp { path, .. } => {
+                    self.down_paths.remove(&(path.0 as usize));
+                }
+                _ => {}
             }
             self.log_path_event(&ev, now);
             let text = match ev {
@@ -1210,20 +1226,6 @@ impl Edge {
         if moves > 5 {
             self.record(format!("... and {} more flow moves", moves - 5));
         }
-        // A path that went silent may have lost its session at the other end (the peer
-        // restarted, say) while ours still looks valid: handshake again now rather than after
-        // boringtun's 15 s. This side's initiation also brings a path up when the peer's own
-        // initiations cannot get through (its endpoint spoofed by a flood: see
-        // `crate::handshake`). One is under way at a time; boringtun retries it every 5 s.
-        for path in down {
-            let Some(Some(p)) = self.paths.get_mut(path.0 as usize) else {
-                continue;
-            };
-            let n = initiation(&mut p.tunn, &mut self.out_buf);
-            if n > 0 {
-                self.send_on(path, n);
-            }
-        }
         let at_ms = unix_ms();
         for ((from, to, reason), flows) in batch {
             let (Some(f), Some(t)) = (
@@ -1247,6 +1249,42 @@ impl Edge {
                 reason,
                 flows,
             });
+        }
+        // A path that went silent may have lost its session at the other end (the peer
+        // restarted, say) while ours still looks valid: handshake again now rather than after
+        // boringtun's 15 s, and again every second while it stays down (a restarting peer may
+        // not listen yet). This side's initiation also brings a path up when the peer's own
+        // initiations cannot get through (its endpoint spoofed by a flood: see
+        // `crate::handshake`).
+        for path in down {
+            let idx = path.0 as usize;
+            if self.paths.get(idx).is_some_and(Option::is_some) {
+                self.down_paths.insert(idx, now);
+            }
+        }
+        self.rehandshake_down(now);
+    }
+
+    /// A fresh handshake on every down path whose turn it is (see [`DOWN_REHANDSHAKE`]).
+    fn rehandshake_down(&mut self, now: Instant) {
+        let paths = &self.paths;
+        self.down_paths
+            .retain(|i, _| matches!(paths.get(*i), Some(Some(_))));
+        let due: Vec<usize> = self
+            .down_paths
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(i, _)| *i)
+            .collect();
+        for idx in due {
+            self.down_paths.insert(idx, now + DOWN_REHANDSHAKE);
+            let Some(Some(p)) = self.paths.get_mut(idx) else {
+                continue;
+            };
+            let n = initiation_of(&mut p.tunn, &mut self.out_buf, true);
+            if n > 0 {
+                self.send_on(PathId(idx as u32), n);
+            }
         }
     }
 
@@ -1383,6 +1421,7 @@ impl Edge {
 
     fn wg_tick(&mut self) {
         let now = Instant::now();
+        self.rehandshake_down(now);
         for p in self.paths.iter_mut().flatten() {
             if p.alt
                 .as_ref()

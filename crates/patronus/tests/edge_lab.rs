@@ -990,9 +990,11 @@ fn restart_a(lab: &Lab, cfg: &patronus_api::EdgeConfig, pid: u32) -> (u32, Vec<(
 
 /// A peer that restarts while its endpoint on one path is being spoofed by a flood of
 /// initiations (so its own initiations on that path drown in the flood) gets every other path
-/// back as fast as without the flood, and the flooded one within 10 s: b notices the path is
-/// down and handshakes itself (a's response is not counted with the flood), or a's own retry
-/// carries the cookie b sent it. The bound is two of WireGuard's 5 s handshake retries.
+/// back as fast as without the flood, and the flooded one within 5 s: b notices the path is
+/// down and handshakes itself once a second (a's response is not counted with the flood); the
+/// first of those may reach a before its new process listens, the next does not. 5 s leaves
+/// room for three more lost in a slow debug run, and is WireGuard's own retry, which a's
+/// initiation carrying b's cookie would need.
 fn a_peer_that_restarts_during_a_handshake_flood_gets_every_path_back() {
     let lab = Lab::up(&Topology::two_sites_two_links(), LabOptions::default()).unwrap();
     let started = edges::start_edges(&lab, patronus(), Underlay::V4, |_| {}).unwrap();
@@ -1034,7 +1036,7 @@ fn a_peer_that_restarts_during_a_handshake_flood_gets_every_path_back() {
     for (path, t) in &flood {
         if path == "mpls>mpls" {
             assert!(
-                *t <= 10_000,
+                *t <= 5_000,
                 "the flooded path came up {t} ms after the restart"
             );
         } else {
