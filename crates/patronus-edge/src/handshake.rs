@@ -78,7 +78,8 @@ struct KeyGuard {
     responses: RateLimiter,
 }
 
-/// A path's guard: one [`KeyGuard`] per own key in use (two during a key roll).
+/// A path's guard: one check per own key in use (two during a key roll), and its budget of
+/// cookie replies.
 pub struct Guard {
     keys: Vec<KeyGuard>,
     cookies: Bucket,
