@@ -187,6 +187,10 @@ struct PathRt {
     side: u32,
     /// During a key roll (ours or the peer's), the path's other session.
     alt: Option<Alt>,
+    /// Its check of handshake messages, made when the first comes (see [`crate::handshake`]).
+    guard: Option<Guard>,
+    /// While the path is down: when it next starts a fresh handshake (see [`DOWN_REHANDSHAKE`]).
+    rehandshake_at: Option<Instant>,
 }
 
 impl PathRt {
@@ -395,6 +399,8 @@ fn build_peer(
                 own: public_of(secret),
                 side: 0,
                 alt,
+                guard: None,
+                rehandshake_at: None,
             });
         }
     }
@@ -494,12 +500,8 @@ pub struct Edge {
     timer_at: Option<Instant>,
     stop: Arc<EventFd>,
     next_wg_tick: Instant,
-    /// Each path's check of handshake messages, by path index, made when the first comes.
-    guards: HashMap<usize, Guard>,
     /// The edge's budget of cookie replies, over all paths.
     cookies: Bucket,
-    /// Paths that are down, by index, and when each starts its next fresh handshake.
-    down_paths: HashMap<usize, Instant>,
     handshake: patronus_api::HandshakeLimits,
     counters: EdgeCounters,
     events: VecDeque<RecentEvent>,
@@ -728,9 +730,7 @@ impl Edge {
             timer_at: None,
             stop,
             next_wg_tick: now,
-            guards: HashMap::new(),
             cookies: Bucket::new(cfg.handshake.cookies_per_edge_per_s, now),
-            down_paths: HashMap::new(),
             handshake: cfg.handshake,
             counters: EdgeCounters::default(),
             events: VecDeque::new(),
@@ -906,7 +906,9 @@ impl Edge {
             // New budgets start full; the paths' counts of the current second are kept.
             self.handshake = new.handshake;
             self.cookies = Bucket::new(new.handshake.cookies_per_edge_per_s, now);
-            self.guards.clear();
+            for p in self.paths.iter_mut().flatten() {
+                p.guard = None;
+            }
             notes.push("handshake limits changed".into());
         }
         let old = std::mem::replace(&mut self.current, new.clone());
@@ -1164,7 +1166,9 @@ impl Edge {
             match ev {
                 Event::PathDown { path, .. } => down.push(path),
                 Event::PathUp { path, .. } => {
-                    self.down_paths.remove(&(path.0 as usize));
+                    if let Some(Some(p)) = self.paths.get_mut(path.0 as usize) {
+                        p.rehandshake_at = None;
+                    }
                 }
                 _ => {}
             }
@@ -1257,34 +1261,20 @@ impl Edge {
         // initiations cannot get through (its endpoint spoofed by a flood: see
         // `crate::handshake`).
         for path in down {
-            let idx = path.0 as usize;
-            if self.paths.get(idx).is_some_and(Option::is_some) {
-                self.down_paths.insert(idx, now);
-            }
+            self.rehandshake(path.0 as usize, now);
         }
-        self.rehandshake_down(now);
     }
 
-    /// A fresh handshake on every down path whose turn it is (see [`DOWN_REHANDSHAKE`]).
-    fn rehandshake_down(&mut self, now: Instant) {
-        let paths = &self.paths;
-        self.down_paths
-            .retain(|i, _| matches!(paths.get(*i), Some(Some(_))));
-        let due: Vec<usize> = self
-            .down_paths
-            .iter()
-            .filter(|(_, at)| **at <= now)
-            .map(|(i, _)| *i)
-            .collect();
-        for idx in due {
-            self.down_paths.insert(idx, now + DOWN_REHANDSHAKE);
-            let Some(Some(p)) = self.paths.get_mut(idx) else {
-                continue;
-            };
-            let n = initiation_of(&mut p.tunn, &mut self.out_buf, true);
-            if n > 0 {
-                self.send_on(PathId(idx as u32), n);
-            }
+    /// A fresh handshake on down path `idx`, and the time of its next one (see
+    /// [`DOWN_REHANDSHAKE`]); [`Self::wg_tick`] starts those.
+    fn rehandshake(&mut self, idx: usize, now: Instant) {
+        let Some(Some(p)) = self.paths.get_mut(idx) else {
+            return;
+        };
+        p.rehandshake_at = Some(now + DOWN_REHANDSHAKE);
+        let n = initiation_of(&mut p.tunn, &mut self.out_buf, true);
+        if n > 0 {
+            self.send_on(PathId(idx as u32), n);
         }
     }
 
@@ -1421,25 +1411,27 @@ impl Edge {
 
     fn wg_tick(&mut self) {
         let now = Instant::now();
-        self.rehandshake_down(now);
-        for p in self.paths.iter_mut().flatten() {
+        let mut due = Vec::new();
+        for (i, p) in self.paths.iter_mut().enumerate() {
+            let Some(p) = p else {
+                continue;
+            };
             if p.alt
                 .as_ref()
                 .is_some_and(|a| a.drop_at.is_some_and(|t| t <= now))
             {
                 p.alt = None;
             }
+            if let Some(g) = p.guard.as_mut() {
+                g.tick(p.own, p.alt.as_ref().map(|a| a.own));
+            }
+            if p.rehandshake_at.is_some_and(|t| t <= now) {
+                due.push(i);
+            }
         }
-        let paths = &self.paths;
-        self.guards.retain(|i, g| {
-            let Some(Some(p)) = paths.get(*i) else {
-                return false;
-            };
-            let mut in_use = vec![p.own];
-            in_use.extend(p.alt.as_ref().map(|a| a.own));
-            g.tick(&in_use);
-            true
-        });
+        for i in due {
+            self.rehandshake(i, now);
+        }
         for i in 0..self.paths.len() {
             for alt in [false, true] {
                 let Some(Some(p)) = self.paths.get_mut(i) else {
@@ -1925,7 +1917,7 @@ impl Edge {
         at: Range<usize>,
         now: Instant,
     ) -> bool {
-        let Some(Some(p)) = self.paths.get(idx) else {
+        let Some(Some(p)) = self.paths.get_mut(idx) else {
             return false;
         };
         // The keys of ours it may be for: a response names its session; an initiation is for
@@ -1942,10 +1934,7 @@ impl Edge {
             ),
         };
         let rate = self.handshake.cookies_per_path_per_s;
-        let guard = self
-            .guards
-            .entry(idx)
-            .or_insert_with(|| Guard::new(rate, now));
+        let guard = p.guard.get_or_insert_with(|| Guard::new(rate, now));
         let msg = &self.net_bufs[buf][at];
         let mut cookie = [0u8; 64];
         let mut verdict = Verdict::Refuse;

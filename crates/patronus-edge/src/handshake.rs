@@ -167,9 +167,10 @@ impl Guard {
     }
 
     /// Starts a new second of counting where one has passed (called often: each limiter resets
-    /// itself once a second), and forgets keys no session of the path uses any more.
-    pub fn tick(&mut self, in_use: &[[u8; 32]]) {
-        self.keys.retain(|k| in_use.contains(&k.own));
+    /// itself once a second), and forgets keys no session of the path uses any more (`own`,
+    /// and `alt` during a key roll).
+    pub fn tick(&mut self, own: [u8; 32], alt: Option<[u8; 32]>) {
+        self.keys.retain(|k| k.own == own || Some(k.own) == alt);
         for k in &self.keys {
             k.initiations.reset_count();
             k.responses.reset_count();
