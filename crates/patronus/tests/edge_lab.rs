@@ -821,8 +821,8 @@ fn a_handshake_flood_from_a_peers_own_endpoint_costs_the_traffic_nothing_and_get
         let f = s.spawn(|| {
             netns::run_in::<_, netns::NetnsError>(&wan, || Ok(flood(&pkts, dst, RATE, SECS)))
         });
-        // The stream starts once the flood runs and ends before it stops.
-        std::thread::sleep(Duration::from_millis(500));
+        // The stream starts once b is dropping the flood and ends before the flood stops.
+        wait_for_drops(&lab);
         let r = a_to_b(&lab, b_host, 1000, SECS - 2);
         (f.join().unwrap().unwrap(), r)
     });
@@ -923,6 +923,25 @@ fn a_handshake_flood_from_a_peers_own_endpoint_costs_the_traffic_nothing_and_get
             "{site}: {}",
             a["paths"]
         );
+    }
+}
+
+/// Returns once b's edge has dropped more handshake initiations than when called: a flood has
+/// reached it and put the flooded path under load.
+fn wait_for_drops(lab: &Lab) {
+    let dropped = || {
+        edge_status(lab, "b")["counters"]["handshakes_dropped"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = dropped();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while dropped() <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flood did not reach b within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -1029,7 +1048,7 @@ fn a_peer_that_restarts_during_a_handshake_flood_gets_every_path_back() {
                 Ok(sent)
             })
         });
-        std::thread::sleep(Duration::from_secs(2));
+        wait_for_drops(&lab);
         let r = restart_a(&lab, &cfg, pid);
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let sent = f.join().unwrap().unwrap();
