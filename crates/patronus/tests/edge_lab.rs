@@ -1020,7 +1020,7 @@ fn restart_a(lab: &Lab, cfg: &patronus_api::EdgeConfig, pid: u32) -> (u32, Vec<(
 /// not cross the flooded link back as fast as without the flood, and the flooded one (and the
 /// other one on its link) within 10 s: b notices the path is down and handshakes itself once a
 /// second (a's response is not counted with the flood); the first of those may reach a before
-/// its new process listens, the next does not. Measured 1.0-1.1 s on a quiet machine, and up
+/// its new process listens, the next does not. Measured 1.0-1.25 s on a quiet machine, and up
 /// to 3.6 s for the flooded link's paths with a release build running beside the test (the
 /// emulator's queue); 10 s is two of WireGuard's own 5 s retries.
 fn a_peer_that_restarts_during_a_handshake_flood_gets_every_path_back() {
