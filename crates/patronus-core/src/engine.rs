@@ -32,7 +32,7 @@ use patronus_api::{
 use crate::classify::Classifier;
 use crate::flow_table::{Flow, FlowTable};
 use crate::packet::{FlowKey, PacketMeta};
-use crate::path::{Ctx, LinkEnd, Path, PathCounters};
+use crate::path::{Change, Ctx, Events, LinkEnd, Path, PathCounters};
 use crate::probe::{self, NtpTime, PROBE_LEN, ProbeError, ProbeReply};
 use crate::route::RouteTable;
 use crate::score::{SlaBounds, score};
@@ -171,6 +171,17 @@ pub struct EngineStats {
     pub events_dropped: u64,
     pub probe_requests_rejected: u64,
     pub replies_rejected: u64,
+    /// Times the engine's timers ran late by more than [`crate::path::LATE`] (the host was
+    /// busy or the process stopped): that lateness was excused to every path.
+    pub late_wakeups: u64,
+    /// The total and the largest of those latenesses.
+    pub late_total: Duration,
+    pub late_max: Duration,
+    /// Times a path's detection time ran out while its whole peer was silent (held Up).
+    pub peer_silences: u64,
+    /// Times a path went Down as steering sees it (each reported or not: see
+    /// [`Engine::poll_report`]).
+    pub paths_down: u64,
 }
 
 impl EngineStats {
@@ -251,6 +262,8 @@ pub struct Engine {
     /// Each peer's epoch (see the module documentation), apart from `peers` so the fast path
     /// reads a small dense array.
     epochs: Vec<u32>,
+    /// Each peer's latest evidence of life on any path (see [`crate::path`]).
+    peer_evidence: Vec<Option<Instant>>,
     paths: Vec<Option<Path>>,
     /// Transmit counters per path id.
     tx: Vec<TxCount>,
@@ -269,7 +282,8 @@ pub struct Engine {
     sweep_at: usize,
     transmits: VecDeque<Transmit>,
     events: VecDeque<(Instant, Event)>,
-    scratch_events: Vec<Event>,
+    reports: VecDeque<(Instant, Event)>,
+    scratch_events: Events,
     scratch_cands: Vec<Cand>,
     scratch_due: Vec<(u32, u32)>,
     stats: EngineStats,
@@ -326,6 +340,15 @@ fn reschedule(
     }
 }
 
+/// Queues an event, dropping the oldest (and counting it) when the queue is full.
+fn push_bounded(queue: &mut VecDeque<(Instant, Event)>, dropped: &mut u64, now: Instant, e: Event) {
+    if queue.len() >= MAX_QUEUED_EVENTS {
+        queue.pop_front();
+        *dropped += 1;
+    }
+    queue.push_back((now, e));
+}
+
 /// Advances a peer's epoch: every cached decision for it is reconsidered on its next packet.
 /// Returns the new epoch.
 fn bump(epochs: &mut [u32], peer: PeerId) -> u32 {
@@ -374,6 +397,7 @@ impl Engine {
             routes: RouteTable::default(),
             peers: Vec::new(),
             epochs: Vec::new(),
+            peer_evidence: Vec::new(),
             paths: Vec::new(),
             tx: Vec::new(),
             local_links: Vec::new(),
@@ -388,7 +412,8 @@ impl Engine {
             sweep_at: 0,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
-            scratch_events: Vec::new(),
+            reports: VecDeque::new(),
+            scratch_events: Events::default(),
             scratch_cands: Vec::new(),
             scratch_due: Vec::new(),
             stats: EngineStats::default(),
@@ -466,13 +491,14 @@ impl Engine {
         self.classifier = classifier;
         self.profiles = profiles;
         self.profile_names = names;
-        let ctx = Ctx {
-            settings: &self.settings,
-            classes: &self.bounds,
-            instance: self.instance,
-            epoch: self.epoch,
-        };
         for p in self.paths.iter_mut().flatten() {
+            let ctx = Ctx {
+                settings: &self.settings,
+                classes: &self.bounds,
+                instance: self.instance,
+                epoch: self.epoch,
+                peer_evidence: self.peer_evidence.get(p.peer.0 as usize).copied().flatten(),
+            };
             let change = p.reconfigure(&map, now, &ctx, &mut self.scratch_events);
             if change.any() {
                 p.stamp(bump(&mut self.epochs, p.peer));
@@ -519,6 +545,7 @@ impl Engine {
             remote_links: Vec::new(),
         });
         self.epochs.push(0);
+        self.peer_evidence.push(None);
         // The new prefixes may be more specific than ones other peers own.
         self.config_changed();
         Ok(id)
@@ -841,6 +868,8 @@ impl Engine {
             t2: t,
             t3: t,
             sender_ttl: 0,
+            // An IP stack echoing bytes reads nothing in them.
+            reads_heard: false,
         });
         self.take_reply(path, reply, now)
     }
@@ -865,6 +894,7 @@ impl Engine {
             classes: &self.bounds,
             instance: self.instance,
             epoch: self.epoch,
+            peer_evidence: self.peer_evidence.get(p.peer.0 as usize).copied().flatten(),
         };
         let outcome =
             result.and_then(|reply| p.on_reply(&reply, now, &ctx, &mut self.scratch_events));
@@ -874,6 +904,7 @@ impl Engine {
                     p.stamp(bump(&mut self.epochs, p.peer));
                 }
                 reschedule(&mut self.timers, p, &self.settings);
+                self.note_evidence(path, now);
                 self.flush_events(now);
                 Ok(())
             }
@@ -885,24 +916,74 @@ impl Engine {
         }
     }
 
-    /// A probe request arrived on `path` (with the IP TTL or hop limit it arrived with, 0 if
-    /// unknown): returns the reply to send back on the same path. Requests prove only one
-    /// direction, so they are not evidence of life.
+    /// A probe request arrived on `path` at `arrived` (with the IP TTL or hop limit it arrived
+    /// with, 0 if unknown): returns the reply to send back on the same path now, stamped with
+    /// both moments (STAMP's T2 and T3: the sender subtracts the time it waited here, so an edge
+    /// that reads its socket late does not inflate its peer's round trip). A request proves the
+    /// peer-to-us direction only; what it says it heard from us may prove ours (see
+    /// [`crate::path`]).
     pub fn handle_probe_request(
         &mut self,
         path: PathId,
         bytes: &[u8],
         ttl: u8,
+        arrived: Instant,
         now: Instant,
     ) -> Result<[u8; PROBE_LEN], ProbeError> {
-        let t = self.ntp(now);
-        let reply = probe::reflect(bytes, t, t, ttl);
-        match (&reply, self.paths.get_mut(path.0 as usize)) {
-            (Err(_), _) => self.stats.probe_requests_rejected += 1,
-            (Ok(_), Some(Some(p))) => p.count_reflected(),
-            (Ok(_), _) => {}
+        let request = match probe::ProbeRequest::decode(bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                self.stats.probe_requests_rejected += 1;
+                return Err(e);
+            }
+        };
+        let reply = ProbeReply {
+            request,
+            t2: self.ntp(arrived.min(now)),
+            t3: self.ntp(now),
+            sender_ttl: ttl,
+            reads_heard: true,
         }
-        reply
+        .encode();
+        if let Some(Some(p)) = self.paths.get_mut(path.0 as usize) {
+            p.count_reflected();
+            if p.on_request(&request, arrived.min(now)) {
+                reschedule(&mut self.timers, p, &self.settings);
+                self.note_evidence(path, now);
+            }
+        }
+        Ok(reply)
+    }
+
+    /// Path `path` showed evidence of life: its peer's latest evidence moves on, and paths to
+    /// that peer held while the whole peer seemed silent are looked at again now (the silence
+    /// was theirs alone: see [`crate::path`]).
+    fn note_evidence(&mut self, path: PathId, now: Instant) {
+        let Some(Some(p)) = self.paths.get(path.0 as usize) else {
+            return;
+        };
+        let (peer, Some(at)) = (p.peer, p.last_evidence()) else {
+            return;
+        };
+        let Some(slot) = self.peer_evidence.get_mut(peer.0 as usize) else {
+            return;
+        };
+        if slot.is_some_and(|t| t >= at) {
+            return;
+        }
+        *slot = Some(at);
+        let Some(peer_paths) = self.peers.get(peer.0 as usize).map(|p| p.paths.clone()) else {
+            return;
+        };
+        for id in peer_paths {
+            if let Some(Some(q)) = self.paths.get_mut(id.0 as usize) {
+                if q.is_held() {
+                    q.timer_gen = q.timer_gen.wrapping_add(1);
+                    q.scheduled = Some(now);
+                    self.timers.push(Reverse((now, q.id.0, q.timer_gen)));
+                }
+            }
+        }
     }
 
     /// A data packet of `len` bytes arrived from the peer on `path`.
@@ -916,7 +997,23 @@ impl Engine {
 
     /// Runs everything due at `now`: probes, loss and Down detection, hold-down ends, flow
     /// expiry. Call it when [`Engine::poll_timeout`] is reached (calling it early is harmless).
+    ///
+    /// When the earliest timer due is more than [`crate::path::LATE`] in the past, the caller
+    /// ran late (a busy host, a stopped process): that lateness is excused to every path before
+    /// anything is declared Down, and counted ([`EngineStats::late_wakeups`]). Read what the
+    /// sockets hold before calling this after a stall, so replies that came meanwhile count.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(&Reverse((at, _, _))) = self.timers.peek() {
+            let late = now.saturating_duration_since(at);
+            if late > crate::path::LATE {
+                self.stats.late_wakeups += 1;
+                self.stats.late_total += late;
+                self.stats.late_max = self.stats.late_max.max(late);
+                for p in self.paths.iter_mut().flatten() {
+                    p.excuse(late);
+                }
+            }
+        }
         let mut due = std::mem::take(&mut self.scratch_due);
         due.clear();
         while let Some(&Reverse((at, idx, tgen))) = self.timers.peek() {
@@ -939,6 +1036,7 @@ impl Engine {
                 classes: &self.bounds,
                 instance: self.instance,
                 epoch: self.epoch,
+                peer_evidence: self.peer_evidence.get(p.peer.0 as usize).copied().flatten(),
             };
             let (change, probe) = p.on_timeout(now, &ctx, &mut self.scratch_events);
             if let Some(payload) = probe {
@@ -951,6 +1049,11 @@ impl Engine {
                 p.stamp(bump(&mut self.epochs, p.peer));
             }
             reschedule(&mut self.timers, p, &self.settings);
+            if change.contains(Change::PEER_SILENT) {
+                self.stats.peer_silences += 1;
+                let peer = p.peer;
+                self.probe_peer_now(peer, now);
+            }
         }
         self.scratch_due = due;
         if now >= self.next_sweep {
@@ -981,6 +1084,23 @@ impl Engine {
         self.next_sweep = now + period / runs.max(1);
     }
 
+    /// Every live path to `peer` probes now (a path of it went silent: which of them still
+    /// answer?).
+    fn probe_peer_now(&mut self, peer: PeerId, now: Instant) {
+        let Some(peer_paths) = self.peers.get(peer.0 as usize).map(|p| p.paths.clone()) else {
+            return;
+        };
+        for id in peer_paths {
+            if let Some(Some(q)) = self.paths.get_mut(id.0 as usize) {
+                if q.speed_up(now, &self.settings) {
+                    q.timer_gen = q.timer_gen.wrapping_add(1);
+                    q.scheduled = Some(now);
+                    self.timers.push(Reverse((now, q.id.0, q.timer_gen)));
+                }
+            }
+        }
+    }
+
     /// When the engine next needs [`Engine::handle_timeout`]. Drain `poll_transmit` and
     /// `poll_event` first.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
@@ -1004,23 +1124,33 @@ impl Engine {
         self.transmits.pop_front()
     }
 
-    /// The next event, with the time it happened.
+    /// The next event, with the time it happened: every change steering acted on (paths going
+    /// Down and Up, SLAs broken and met, flows moved), at once.
     pub fn poll_event(&mut self) -> Option<(Instant, Event)> {
         self.events.pop_front()
     }
 
+    /// The next reported change of a path (`PathUp`, `PathDown`, `SlaViolated`, `SlaRestored`),
+    /// with the time it happened: the path's state with hysteresis, for operators, telemetry
+    /// and webhooks (see [`crate::path`]).
+    pub fn poll_report(&mut self) -> Option<(Instant, Event)> {
+        self.reports.pop_front()
+    }
+
     fn push_event(&mut self, now: Instant, e: Event) {
-        if self.events.len() >= MAX_QUEUED_EVENTS {
-            self.events.pop_front();
-            self.stats.events_dropped += 1;
-        }
-        self.events.push_back((now, e));
+        push_bounded(&mut self.events, &mut self.stats.events_dropped, now, e);
     }
 
     fn flush_events(&mut self, now: Instant) {
         let mut evs = std::mem::take(&mut self.scratch_events);
-        for e in evs.drain(..) {
+        for e in evs.internal.drain(..) {
+            if matches!(e, Event::PathDown { .. }) {
+                self.stats.paths_down += 1;
+            }
             self.push_event(now, e);
+        }
+        for e in evs.reported.drain(..) {
+            push_bounded(&mut self.reports, &mut self.stats.events_dropped, now, e);
         }
         self.scratch_events = evs;
     }

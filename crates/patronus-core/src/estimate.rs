@@ -116,6 +116,10 @@ pub(crate) struct LossWindow {
     next: usize,
     len: usize,
     lost_count: u32,
+    /// Records made since the window was created, and the first of them still counted (the
+    /// window was reset there): each record's index, for [`LossWindow::amend`].
+    total: u64,
+    base: u64,
 }
 
 impl LossWindow {
@@ -125,10 +129,13 @@ impl LossWindow {
             next: 0,
             len: 0,
             lost_count: 0,
+            total: 0,
+            base: 0,
         }
     }
 
-    pub fn record(&mut self, lost: bool) {
+    /// Records an outcome; returns its index, for [`LossWindow::amend`].
+    pub fn record(&mut self, lost: bool) -> u64 {
         if self.len == self.lost.len() && self.lost[self.next] {
             self.lost_count -= 1;
         }
@@ -136,6 +143,21 @@ impl LossWindow {
         self.lost_count += u32::from(lost);
         self.next = (self.next + 1) % self.lost.len();
         self.len = (self.len + 1).min(self.lost.len());
+        self.total += 1;
+        self.total - 1
+    }
+
+    /// Record `index`, recorded as lost, was not lost after all (if it is still counted).
+    pub fn amend(&mut self, index: u64) {
+        let back = self.total.saturating_sub(index);
+        if index < self.base || back == 0 || back > self.len as u64 {
+            return;
+        }
+        let cap = self.lost.len();
+        let pos = (self.next + cap - (back as usize % cap)) % cap;
+        if std::mem::take(&mut self.lost[pos]) {
+            self.lost_count -= 1;
+        }
     }
 
     pub fn reset(&mut self) {
@@ -143,6 +165,7 @@ impl LossWindow {
         self.next = 0;
         self.len = 0;
         self.lost_count = 0;
+        self.base = self.total;
     }
 
     /// The loss estimate used for SLAs: lost / max(resolved, LOSS_MIN_SAMPLES).
@@ -218,8 +241,18 @@ mod tests {
         assert_eq!(w.fraction(), 0.01);
         w.record(false); // the loss slides out
         assert_eq!(w.fraction(), 0.0);
-        w.record(true);
+        let i = w.record(true);
+        w.record(false);
+        assert_eq!(w.fraction(), 0.01);
+        w.amend(i);
+        assert_eq!(w.fraction(), 0.0);
+        w.amend(i); // twice changes nothing
+        assert_eq!(w.fraction(), 0.0);
+        let i = w.record(true);
         w.reset();
         assert_eq!((w.fraction(), w.resolved()), (0.0, 0));
+        w.record(true);
+        w.amend(i); // from before the reset: not counted any more
+        assert_eq!(w.fraction(), 1.0 / 20.0);
     }
 }

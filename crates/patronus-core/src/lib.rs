@@ -13,13 +13,15 @@
 //! loop {
 //!     for each packet from the LAN:    engine.decide(&PacketMeta::parse(pkt)?, len, now)
 //!                                          → send on the path(s) it names, or drop
-//!     for each probe request received:  engine.handle_probe_request(path, bytes, ttl, now)
+//!     for each probe request received:  engine.handle_probe_request(path, bytes, ttl, arrived, now)
 //!                                          → send the reply back on the same path
 //!     for each probe reply received:    engine.handle_probe_reply(path, bytes, now)
 //!     for each data packet received:    engine.handle_data_received(path, len, now)
 //!     when poll_timeout() is reached:   engine.handle_timeout(now)
 //!     then drain:                       engine.poll_transmit()  → probes to send
-//!                                       engine.poll_event()     → for metrics and telemetry
+//!                                       engine.poll_event()     → what steering did, for metrics
+//!                                       engine.poll_report()    → reported path changes, for
+//!                                                                 operators and telemetry
 //!     sleep until engine.poll_timeout() or the next packet
 //! }
 //! ```

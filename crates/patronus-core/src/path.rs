@@ -6,20 +6,36 @@
 //! directions work, so **a path is never Up without a reply**. A live path is `Up` when it meets
 //! every class's SLA and `Degraded` when it breaks at least one (see [`crate::score`]).
 //!
-//! **Liveness** is BFD-like. Evidence of life is a valid probe reply or a data packet received
-//! on the path (data proves only the peer-to-us direction; a path whose other direction died
-//! still goes Down, because the peer stops sending on a path whose probes it sees fail). A path
-//! is declared Down when no evidence arrived for
+//! **Liveness** is BFD-like, and each piece of evidence must prove *both* directions: a valid
+//! probe reply, or a probe request from the peer saying it heard from us recently (the request's
+//! `heard` field, see [`crate::probe`]): then what we sent (data, probes, replies) reached it,
+//! and its request reached us. Data or requests merely arriving prove only the peer-to-us
+//! direction, so they are not evidence: an edge whose sending direction died while the peer's
+//! traffic still arrives detects it as fast as a hard cut. The evidence a `heard` field gives
+//! is dated at the moment our packet reached the peer, less half a round trip for its request's
+//! way back. A path is declared Down when no evidence arrived for
 //!
 //! ```text
-//! detection time = down_after_misses × probe interval + 4 × RTTVAR
+//! detection time = down_after_misses × probe interval + 4 × RTTVAR (+ the edge's lateness)
 //! ```
 //!
 //! counted from the last evidence, or from one smoothed RTT after the probe interval last
 //! changed, whichever is later. The RTTVAR term keeps a jittery path from being declared Down by
 //! its own jitter; on a steady path it is close to zero. A sudden delay increase larger than the
-//! detection time looks like an outage and is treated as one. Probe requests *from* the peer are
-//! not evidence: they prove only one direction, and a peer keeps probing a path it sees Down.
+//! detection time looks like an outage and is treated as one.
+//!
+//! **The edge's own lateness is not held against a path**: when the engine runs its timers late
+//! (the host was busy, the process was stopped) by more than [`LATE`], every path's detection
+//! time is extended by that lateness until the path next shows evidence (see
+//! [`crate::Engine::handle_timeout`]). A real cut during the stall is detected one detection
+//! time after it ends.
+//!
+//! **A silence the whole peer shares is the peer's, not the path's**: when a path's detection
+//! time runs out and no other path to the same peer has shown evidence since this one last did,
+//! the peer (its host stalled, its site offline) or this edge is the silent party, and moving
+//! flows to another path to that peer would gain nothing. The path is then held Up, every path
+//! to the peer is probed at once, and the path goes Down as soon as another path to the peer
+//! answers (the silence was its own after all) or [`PEER_SILENCE_GRACE`] after its deadline.
 //!
 //! **Cadence**: a path that carries traffic (flows are assigned to it, or data arrived on it
 //! in the last second) is probed every `active_probe_interval`; an idle or Down path every
@@ -35,6 +51,16 @@
 //! penalty that halves every `flap_half_life`; the hold-down is multiplied by
 //! `2^(penalty - 1)` (at least 1, at most `max_hold_down`). A path that fails once waits the
 //! plain hold-down; one that keeps failing waits longer each time.
+//!
+//! **Reported state** (the events an operator, the controller and its webhooks see) changes
+//! with hysteresis, while steering reacts to every change at once. A path is reported Down the
+//! first time it goes Down, and reported Up again only once it has stayed up for its (damped)
+//! hold-down, the moment it is trusted with flows again; its first Up is reported at once. A
+//! class is reported broken the first time the path breaks it, and met again only once the path
+//! is eligible for it (met continuously for the damped hold-down). So a path that flaps or keeps
+//! breaking an SLA is reported once per episode, and its episodes grow further apart with each
+//! failure (the damping): a link at 30 % loss for a minute reports a handful of changes, not
+//! hundreds. The internal transitions remain [`Events::internal`], for steering logs and tests.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -58,6 +84,25 @@ const MAX_WAIT: Duration = Duration::from_secs(2);
 const INITIAL_WAIT: Duration = Duration::from_secs(1);
 /// The most probe records kept; beyond this the oldest are resolved (as lost if unanswered).
 const MAX_PENDING: usize = 1024;
+/// Lateness of the engine's timers below this is ordinary scheduling noise: not excused, not
+/// counted.
+pub const LATE: Duration = Duration::from_millis(10);
+/// How long past its deadline a path whose silence the whole peer shares is held Up (see the
+/// module docs). Longer than any stall a busy host causes; short against an outage's length.
+pub const PEER_SILENCE_GRACE: Duration = Duration::from_secs(1);
+
+/// How long a probe was waited for before it counted as lost, in nanoseconds.
+fn waited_ns(p: &Pending) -> i64 {
+    i64::try_from(p.deadline.saturating_duration_since(p.sent).as_nanos()).unwrap_or(i64::MAX)
+}
+
+/// What a path's changes produce: the transitions steering acts on at once, and the reported
+/// ones (with hysteresis: see the module docs).
+#[derive(Debug, Default)]
+pub(crate) struct Events {
+    pub internal: Vec<Event>,
+    pub reported: Vec<Event>,
+}
 
 /// What changed in a path, so the engine knows whether flows must reconsider it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -68,9 +113,16 @@ impl Change {
     pub const STATE: Change = Change(1);
     pub const COMPLIANCE: Change = Change(2);
     pub const ELIGIBILITY: Change = Change(4);
+    /// The path's silence is shared by its whole peer: every path to the peer should probe now.
+    pub const PEER_SILENT: Change = Change(8);
 
+    /// Whether flows must reconsider the path.
     pub fn any(self) -> bool {
-        self.0 != 0
+        self.0 & !Self::PEER_SILENT.0 != 0
+    }
+
+    pub fn contains(self, other: Change) -> bool {
+        self.0 & other.0 == other.0
     }
 }
 
@@ -93,6 +145,8 @@ pub(crate) struct Ctx<'a> {
     pub classes: &'a [SlaBounds],
     pub instance: u32,
     pub epoch: Instant,
+    /// The latest evidence of life of any path to this path's peer.
+    pub peer_evidence: Option<Instant>,
 }
 
 impl Ctx<'_> {
@@ -130,6 +184,8 @@ struct Pending {
     t1: NtpTime,
     deadline: Instant,
     outcome: Outcome,
+    /// Its record in the loss window, once recorded.
+    recorded: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -146,6 +202,8 @@ pub(crate) struct ClassHealth {
     pub eligible_epoch: Option<u32>,
     /// Became eligible, not yet stamped with the epoch of that change.
     unstamped: bool,
+    /// The class is reported broken (an `SlaViolated` was reported, no `SlaRestored` since).
+    reported_broken: bool,
 }
 
 /// Traffic and probe counters of a path.
@@ -176,6 +234,26 @@ pub(crate) struct Path {
     interval: Duration,
     /// When data last arrived on the path.
     last_rx: Option<Instant>,
+    /// When anything (data, a probe, a reply) last arrived from the peer on the path.
+    last_heard: Option<Instant>,
+    /// The peer reads the `heard` field of our requests (a packet of it said so).
+    peer_reads_heard: bool,
+    /// Lateness of this edge excused since the last evidence (see [`LATE`]).
+    excused: Duration,
+    /// The detection time ran out while the whole peer was silent: held Up (see the module docs).
+    held: bool,
+    /// The verdict on the oldest unresolved probe waits until then: the whole peer is silent
+    /// (see `record_outcomes`).
+    deferred: Option<Instant>,
+    /// After such a silence: probes sent before the first moment are judged no earlier than
+    /// the second, a waiting time after the peer spoke again.
+    reprieve: Option<(Instant, Instant)>,
+    /// The path is reported live (reported Up since its last reported Down).
+    reported_live: bool,
+    /// Anything was reported about the path's liveness yet.
+    ever_reported: bool,
+    /// When the path, up since, is reported Up (its damped hold-down then ends).
+    report_up_at: Option<Instant>,
     pub up_since: Option<Instant>,
     pub down_since: Option<Instant>,
     last_evidence: Option<Instant>,
@@ -224,6 +302,15 @@ impl Path {
             state: PathState::Down,
             interval: settings.standby_probe_interval(),
             last_rx: None,
+            last_heard: None,
+            peer_reads_heard: false,
+            excused: Duration::ZERO,
+            held: false,
+            deferred: None,
+            reprieve: None,
+            reported_live: false,
+            ever_reported: false,
+            report_up_at: None,
             up_since: None,
             down_since: None,
             last_evidence: None,
@@ -329,7 +416,8 @@ impl Path {
                     .is_some_and(|t| now.saturating_duration_since(t) < ACTIVE_GRACE))
     }
 
-    /// Data arrived on the path: evidence of life (if the path is live) and activity.
+    /// Data arrived on the path: activity, and something heard from the peer. Not evidence of
+    /// life: it proves only the peer-to-us direction (see the module docs).
     pub fn on_data_received(
         &mut self,
         len: usize,
@@ -338,11 +426,67 @@ impl Path {
     ) -> bool {
         self.counters.rx_packets += 1;
         self.counters.rx_bytes += len as u64;
-        self.last_rx = Some(now);
-        if self.state != PathState::Down {
-            self.last_evidence = Some(now);
-        }
+        self.last_rx = Some(self.last_rx.map_or(now, |t| t.max(now)));
+        self.heard(now);
         self.speed_up(now, settings)
+    }
+
+    fn heard(&mut self, at: Instant) {
+        self.last_heard = Some(self.last_heard.map_or(at, |t| t.max(at)));
+    }
+
+    /// Evidence of life (both directions) dated `at`.
+    fn evidence(&mut self, at: Instant) {
+        if self.last_evidence.is_none_or(|t| t < at) {
+            self.last_evidence = Some(at);
+            self.excused = Duration::ZERO;
+            self.held = false;
+        }
+    }
+
+    /// The latest evidence of life, if the path is live.
+    pub fn last_evidence(&self) -> Option<Instant> {
+        if self.state == PathState::Down {
+            None
+        } else {
+            self.last_evidence
+        }
+    }
+
+    /// A probe request from the peer arrived on the path at `arrived`. It proves the peer-to-us
+    /// direction; its `heard` field, when it says the peer received something of ours, proves
+    /// ours too. True if that was evidence.
+    pub fn on_request(&mut self, request: &ProbeRequest, arrived: Instant) -> bool {
+        self.heard(arrived);
+        self.peer_reads_heard |= request.reads_heard;
+        let Some(heard) = request.heard else {
+            return false;
+        };
+        // Our packet reached the peer `heard` before it sent this request, which then took
+        // about half a round trip to come here.
+        let back = self.rtt.srtt().unwrap_or_default() / 2;
+        let Some(at) = arrived.checked_sub(heard + back) else {
+            return false;
+        };
+        if self.state == PathState::Down || self.up_since.is_none_or(|u| at < u) {
+            return false;
+        }
+        let fresher = self.last_evidence.is_none_or(|t| t < at);
+        self.evidence(at);
+        fresher
+    }
+
+    /// This edge ran its timers `late`: the silence that caused is not held against the path.
+    pub fn excuse(&mut self, late: Duration) {
+        if self.state != PathState::Down {
+            self.excused += late;
+        }
+    }
+
+    /// The path is held Up, or defers a probe's verdict, while its whole peer is silent: the
+    /// peer's next evidence should wake it.
+    pub fn is_held(&self) -> bool {
+        self.held || self.deferred.is_some()
     }
 
     /// Switches a live path to the active cadence, probing at once.
@@ -371,17 +515,32 @@ impl Path {
         let evidence = self.last_evidence.or(self.up_since)?;
         let after_cadence = self.cadence_changed + self.rtt.srtt().unwrap_or_default();
         let anchor = evidence.max(after_cadence);
-        Some(anchor + self.interval * settings.down_after_misses + self.rtt.rttvar() * 4)
+        Some(
+            anchor
+                + self.interval * settings.down_after_misses
+                + self.rtt.rttvar() * 4
+                + self.excused,
+        )
     }
 
     /// The earliest moment the path has something to do.
     pub fn next_wake(&self, settings: &FailoverSettings) -> Instant {
         let mut wake = self.next_probe_at;
         if let Some(p) = self.pending.get(self.cursor) {
-            wake = wake.min(p.deadline);
+            let mut verdict = p.deadline;
+            if let Some(d) = self.deferred {
+                verdict = verdict.max(d);
+            }
+            if let Some((_, until)) = self.reprieve.filter(|(b, _)| p.sent < *b) {
+                verdict = verdict.max(until);
+            }
+            wake = wake.min(verdict);
         }
         if let Some(d) = self.down_deadline(settings) {
-            wake = wake.min(d);
+            wake = wake.min(if self.held { d + PEER_SILENCE_GRACE } else { d });
+        }
+        if let Some(t) = self.report_up_at {
+            wake = wake.min(t);
         }
         for h in &self.classes {
             if h.compliant && h.failed {
@@ -398,18 +557,42 @@ impl Path {
         &mut self,
         now: Instant,
         ctx: &Ctx<'_>,
-        events: &mut Vec<Event>,
+        events: &mut Events,
     ) -> (Change, Option<[u8; PROBE_LEN]>) {
         let mut change = self.resolve(now, ctx, events);
-        if self.down_deadline(ctx.settings).is_some_and(|d| now >= d) {
-            change |= self.go_down(now, ctx, events);
+        if let Some(deadline) = self.down_deadline(ctx.settings).filter(|d| now >= *d) {
+            let anchor = self.last_evidence.or(self.up_since).unwrap_or(now);
+            let peer_heard_since = ctx.peer_evidence.is_some_and(|t| t > anchor);
+            if peer_heard_since || now >= deadline + PEER_SILENCE_GRACE {
+                change |= self.go_down(now, ctx, events);
+            } else if !self.held {
+                self.held = true;
+                change |= Change::PEER_SILENT;
+            }
         }
-        for h in &mut self.classes {
+        if self
+            .report_up_at
+            .is_some_and(|t| t <= now && self.state != PathState::Down)
+        {
+            self.report_up_at = None;
+            self.reported_live = true;
+            events.reported.push(Event::PathUp {
+                path: self.id,
+                rtt: self.rtt.srtt().unwrap_or_default(),
+            });
+        }
+        for (i, h) in self.classes.iter_mut().enumerate() {
             if h.compliant && h.failed && h.eligible_at.is_some_and(|t| t <= now) {
                 h.failed = false;
                 h.eligible_at = None;
                 h.unstamped = true;
                 change |= Change::ELIGIBILITY;
+                if std::mem::take(&mut h.reported_broken) {
+                    events.reported.push(Event::SlaRestored {
+                        path: self.id,
+                        class: ClassId(i as u8),
+                    });
+                }
             }
         }
         let probe = (now >= self.next_probe_at).then(|| self.make_probe(now, ctx));
@@ -439,7 +622,7 @@ impl Path {
                         p.outcome = Outcome::Lost;
                         self.counters.probes_lost += 1;
                     }
-                    self.loss.record(p.outcome != Outcome::Received);
+                    p.recorded = Some(self.loss.record(p.outcome != Outcome::Received));
                 }
                 self.cursor = 1;
             }
@@ -459,6 +642,7 @@ impl Path {
             t1,
             deadline,
             outcome: Outcome::Waiting,
+            recorded: None,
         });
         self.counters.probes_sent += 1;
         ProbeRequest {
@@ -466,14 +650,19 @@ impl Path {
             t1,
             path: self.id.0,
             instance: ctx.instance,
+            heard: self
+                .last_heard
+                .filter(|_| self.peer_reads_heard)
+                .map(|t| now.saturating_duration_since(t)),
+            reads_heard: true,
         }
         .encode()
     }
 
     /// Resolves probe records in send order: replied ones as received, expired ones as lost;
     /// forgets records too old for a late reply.
-    fn resolve(&mut self, now: Instant, ctx: &Ctx<'_>, events: &mut Vec<Event>) -> Change {
-        if self.record_outcomes(now) && self.state != PathState::Down {
+    fn resolve(&mut self, now: Instant, ctx: &Ctx<'_>, events: &mut Events) -> Change {
+        if self.record_outcomes(now, ctx.peer_evidence) && self.state != PathState::Down {
             self.evaluate(now, ctx, events, false)
         } else {
             Change::NONE
@@ -483,19 +672,49 @@ impl Path {
     /// Records resolved probes in the loss window in send order (expiring those past their
     /// waiting time) and forgets records too old for a late reply. True if anything was
     /// recorded.
-    fn record_outcomes(&mut self, now: Instant) -> bool {
+    ///
+    /// A probe whose waiting time ran out while nothing at all came from the peer since its
+    /// reply was due (`peer_evidence`, on any path) is not judged yet: the whole peer is silent, which
+    /// says nothing about this path's loss (see the module docs). Its verdict waits for the
+    /// peer's next sign of life (a reply the reflector held, STAMP's T2 and T3 show) or for
+    /// [`PEER_SILENCE_GRACE`].
+    fn record_outcomes(&mut self, now: Instant, peer_evidence: Option<Instant>) -> bool {
         let mut recorded = false;
+        let heard = peer_evidence.max(self.last_evidence);
+        let srtt = self.rtt.srtt().unwrap_or_default();
+        let waiting = self.waiting_time();
+        let mut was_deferring = self.deferred.take().is_some();
         while let Some(p) = self.pending.get_mut(self.cursor) {
-            match p.outcome {
+            if p.outcome == Outcome::Waiting && p.deadline <= now && self.state != PathState::Down {
+                // Silent since the reply was due.
+                let peer_silent = heard.is_none_or(|t| t < p.sent + srtt);
+                if peer_silent && now < p.deadline + PEER_SILENCE_GRACE {
+                    self.deferred = Some(p.deadline + PEER_SILENCE_GRACE);
+                    break;
+                }
+                if std::mem::take(&mut was_deferring) {
+                    // The peer speaks again: replies it held may still come, for every probe
+                    // sent before now.
+                    self.reprieve = Some((now, now + waiting));
+                }
+                if self
+                    .reprieve
+                    .is_some_and(|(before, until)| p.sent < before && now < until)
+                {
+                    break;
+                }
+            }
+            let lost = match p.outcome {
                 Outcome::Waiting if p.deadline <= now => {
                     p.outcome = Outcome::Lost;
                     self.counters.probes_lost += 1;
-                    self.loss.record(true);
+                    true
                 }
                 Outcome::Waiting => break,
-                Outcome::Received => self.loss.record(false),
-                Outcome::Lost | Outcome::LateReceived => self.loss.record(true),
-            }
+                Outcome::Received => false,
+                Outcome::Lost | Outcome::LateReceived => true,
+            };
+            p.recorded = Some(self.loss.record(lost));
             recorded = true;
             self.cursor += 1;
         }
@@ -517,7 +736,7 @@ impl Path {
         reply: &ProbeReply,
         now: Instant,
         ctx: &Ctx<'_>,
-        events: &mut Vec<Event>,
+        events: &mut Events,
     ) -> Result<Change, ProbeError> {
         let r = &reply.request;
         if r.path != self.id.0 {
@@ -547,13 +766,24 @@ impl Path {
         match p.outcome {
             Outcome::Received | Outcome::LateReceived => return Err(ProbeError::Duplicate(r.seq)),
             Outcome::Lost => {
-                p.outcome = Outcome::LateReceived;
                 self.counters.probes_late += 1;
+                if rtt_ns - dwell_ns <= waited_ns(p) {
+                    // Late only because the reflector held it (its host stalled: STAMP's T2
+                    // and T3 say so): the network lost nothing.
+                    p.outcome = Outcome::Received;
+                    self.counters.probes_lost = self.counters.probes_lost.saturating_sub(1);
+                    if let Some(i) = p.recorded {
+                        self.loss.amend(i);
+                    }
+                } else {
+                    p.outcome = Outcome::LateReceived;
+                }
             }
             Outcome::Waiting => p.outcome = Outcome::Received,
         }
         self.counters.probes_received += 1;
-        self.last_evidence = Some(now);
+        self.heard(now);
+        self.peer_reads_heard |= reply.reads_heard;
 
         let mut change = Change::NONE;
         let came_up = self.state == PathState::Down;
@@ -575,8 +805,10 @@ impl Path {
             self.up_since = Some(now);
             self.down_since = None;
             self.cadence_changed = now;
+            self.last_evidence = None;
             change |= Change::STATE;
         }
+        self.evidence(now);
         let rtt_sample = rtt_ns - dwell_ns;
         self.rtt
             .on_sample(Duration::from_nanos(rtt_sample.unsigned_abs()));
@@ -584,23 +816,35 @@ impl Path {
         self.rev
             .on_transit(ctx.ntp(now).nanos_since(reply.t3), rtt_sample);
         if came_up {
-            events.push(Event::PathUp {
+            let up = Event::PathUp {
                 path: self.id,
                 rtt: self.rtt.srtt().unwrap_or_default(),
-            });
+            };
+            events.internal.push(up.clone());
+            if self.ever_reported {
+                // Reported once the path has earned it (see the module docs).
+                self.report_up_at = Some(now + self.hold_down(now, ctx.settings));
+            } else {
+                self.ever_reported = true;
+                self.reported_live = true;
+                events.reported.push(up);
+            }
         }
         // Record this outcome (and any resolved before it) in the loss window.
-        self.record_outcomes(now);
+        self.record_outcomes(now, ctx.peer_evidence);
         change |= self.evaluate(now, ctx, events, came_up);
         Ok(change)
     }
 
-    fn go_down(&mut self, now: Instant, ctx: &Ctx<'_>, events: &mut Vec<Event>) -> Change {
+    fn go_down(&mut self, now: Instant, ctx: &Ctx<'_>, events: &mut Events) -> Change {
         let silent_for =
             now.saturating_duration_since(self.last_evidence.or(self.up_since).unwrap_or(now));
         self.state = PathState::Down;
         self.up_since = None;
         self.down_since = Some(now);
+        self.excused = Duration::ZERO;
+        self.held = false;
+        self.report_up_at = None;
         self.interval = ctx.settings.standby_probe_interval();
         self.cadence_changed = now;
         for h in &mut self.classes {
@@ -611,11 +855,16 @@ impl Path {
             h.unstamped = false;
         }
         self.add_penalty(now, ctx.settings);
-        events.push(Event::PathDown {
+        let down = Event::PathDown {
             path: self.id,
             silent_for,
             flows: self.flows,
-        });
+        };
+        events.internal.push(down.clone());
+        self.ever_reported = true;
+        if std::mem::take(&mut self.reported_live) {
+            events.reported.push(down);
+        }
         Change::STATE | Change::COMPLIANCE
     }
 
@@ -649,7 +898,7 @@ impl Path {
         map: &[Option<usize>],
         now: Instant,
         ctx: &Ctx<'_>,
-        events: &mut Vec<Event>,
+        events: &mut Events,
     ) -> Change {
         let alive = self.state != PathState::Down;
         let old = std::mem::take(&mut self.classes);
@@ -697,7 +946,7 @@ impl Path {
         &mut self,
         now: Instant,
         ctx: &Ctx<'_>,
-        events: &mut Vec<Event>,
+        events: &mut Events,
         initial: bool,
     ) -> Change {
         self.metrics = Metrics {
@@ -729,7 +978,7 @@ impl Path {
                 h.eligible_at = h.failed.then_some(now + hold_down);
                 h.unstamped = !h.failed;
                 if !initial {
-                    events.push(Event::SlaRestored {
+                    events.internal.push(Event::SlaRestored {
                         path: self.id,
                         class,
                     });
@@ -741,11 +990,15 @@ impl Path {
                 h.unstamped = false;
                 h.violated_at = Some(now);
                 violated = true;
-                events.push(Event::SlaViolated {
+                let e = Event::SlaViolated {
                     path: self.id,
                     class,
                     metrics: m,
-                });
+                };
+                if !std::mem::replace(&mut h.reported_broken, true) {
+                    events.reported.push(e.clone());
+                }
+                events.internal.push(e);
             }
         }
         if violated && !initial {

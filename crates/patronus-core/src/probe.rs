@@ -17,7 +17,8 @@
 //!  4 T1 transmit timestamp      NTP 64      4 T3 transmit timestamp          NTP 64
 //! 12 error estimate             u16        12 error estimate                 u16
 //! 14 SSID (path id, low 16 bits) u16       14 SSID (echoed)                  u16
-//! 16 MBZ                        28 bytes   16 T2 receive timestamp           NTP 64
+//! 16 heard (see below)          u32        16 T2 receive timestamp           NTP 64
+//! 20 MBZ                        24 bytes
 //!                                          24 session-sender sequence number u32
 //!                                          28 session-sender timestamp T1    NTP 64
 //!                                          36 session-sender error estimate  u16
@@ -29,6 +30,19 @@
 //!    48 version u8 = 1 | 49 kind u8 (1 request, 2 reply) | 50 reserved u16 = 0
 //!    52 path id u32 (the sender's) | 56 sender instance u32 (changes on every restart)
 //! ```
+//!
+//! **What the sender hears** (the path's other direction). A request's `heard` field says how long
+//! ago, in microseconds plus one, the sender last received anything from the reflector on this
+//! path (data, probes, replies); 0 means "not carried". It travels in the direction opposite to
+//! the reflector's own traffic, so it tells the reflector whether *its* sending direction works
+//! even while its own probes are unanswered: a path whose one direction died is then detected by
+//! both ends, and traffic the peer acknowledges this way is evidence of life for both directions.
+//!
+//! Edges of the first codec revision refuse a request whose bytes 16..44 are not zero, and
+//! ignore the TLV's flags byte. So every packet an edge of this revision sends sets bit 0 of the
+//! flags byte
+//! ([`FLAG_HEARD`]: "I read the heard field"), and a sender fills `heard` only on a path where
+//! a packet from the peer carried that bit. Old and new edges keep measuring each other.
 //!
 //! All integers are big-endian. Timestamps are in NTP 32.32 format (RFC 5905) counted from an
 //! epoch of the sender's choosing: only differences are used, and each difference is taken
@@ -51,6 +65,9 @@ const KIND_REPLY: u8 = 2;
 /// RFC 4656 error estimate: S=0 (not synchronized), Z=0 (NTP format), scale 12, multiplier 1:
 /// an error of 2^-20 s, about 1 µs, the resolution of the timestamps the edge takes.
 const ERROR_ESTIMATE: u16 = (12 << 8) | 1;
+/// Bit of the TLV's flags byte set by every packet of this revision: "I read `heard`".
+/// (RFC 8972 defines the byte's three high bits; the low ones are unused.)
+pub const FLAG_HEARD: u8 = 0x01;
 
 /// A timestamp in NTP 32.32 fixed-point format: seconds in the high 32 bits, the fraction of a
 /// second in the low 32. Arithmetic wraps, as NTP's does.
@@ -84,6 +101,11 @@ pub struct ProbeRequest {
     pub path: u32,
     /// The sender's instance tag; replies to a previous run of the sender carry another one.
     pub instance: u32,
+    /// How long before sending this the sender last heard from the reflector on this path;
+    /// `None` when not carried. Whole microseconds, saturating at about 71 minutes.
+    pub heard: Option<Duration>,
+    /// The sender reads `heard` fields ([`FLAG_HEARD`]).
+    pub reads_heard: bool,
 }
 
 /// What a session-reflector sends back.
@@ -97,6 +119,8 @@ pub struct ProbeReply {
     pub t3: NtpTime,
     /// The TTL (hop limit) the request arrived with, as the reflector saw it; 0 if unknown.
     pub sender_ttl: u8,
+    /// The reflector reads `heard` fields ([`FLAG_HEARD`]).
+    pub reads_heard: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -165,8 +189,8 @@ fn check_zero(b: &[u8; PROBE_LEN], from: usize, to: usize) -> Result<(), ProbeEr
     }
 }
 
-fn put_tlv(b: &mut [u8; PROBE_LEN], kind: u8, path: u32, instance: u32) {
-    b[44] = 0;
+fn put_tlv(b: &mut [u8; PROBE_LEN], kind: u8, path: u32, instance: u32, reads_heard: bool) {
+    b[44] = if reads_heard { FLAG_HEARD } else { 0 };
     b[45] = TLV_TYPE;
     put_u16(b, 46, TLV_VALUE_LEN);
     b[48] = VERSION;
@@ -207,7 +231,17 @@ impl ProbeRequest {
         put_u16(&mut b, 12, ERROR_ESTIMATE);
         // RFC 8972's SSID is 16 bits; the TLV carries the full path id.
         put_u16(&mut b, 14, self.path as u16);
-        put_tlv(&mut b, KIND_REQUEST, self.path, self.instance);
+        if let Some(h) = self.heard {
+            let us = u32::try_from(h.as_micros()).unwrap_or(u32::MAX - 1);
+            put_u32(&mut b, 16, us.saturating_add(1));
+        }
+        put_tlv(
+            &mut b,
+            KIND_REQUEST,
+            self.path,
+            self.instance,
+            self.reads_heard,
+        );
         b
     }
 
@@ -219,12 +253,15 @@ impl ProbeRequest {
                 got: kind,
             });
         }
-        check_zero(b, 16, BASE_LEN)?;
+        check_zero(b, 20, BASE_LEN)?;
+        let heard = get_u32(b, 16);
         Ok(ProbeRequest {
             seq: get_u32(b, 0),
             t1: NtpTime(get_u64(b, 4)),
             path,
             instance,
+            heard: (heard > 0).then(|| Duration::from_micros(u64::from(heard - 1))),
+            reads_heard: b[44] & FLAG_HEARD != 0,
         })
     }
 }
@@ -244,7 +281,7 @@ impl ProbeReply {
         put_u64(&mut b, 28, r.t1.0);
         put_u16(&mut b, 36, ERROR_ESTIMATE);
         b[40] = self.sender_ttl;
-        put_tlv(&mut b, KIND_REPLY, r.path, r.instance);
+        put_tlv(&mut b, KIND_REPLY, r.path, r.instance, self.reads_heard);
         b
     }
 
@@ -269,10 +306,14 @@ impl ProbeReply {
                 t1: NtpTime(get_u64(b, 28)),
                 path,
                 instance,
+                // A reply does not echo these.
+                heard: None,
+                reads_heard: false,
             },
             t2: NtpTime(get_u64(b, 16)),
             t3: NtpTime(get_u64(b, 4)),
             sender_ttl: b[40],
+            reads_heard: b[44] & FLAG_HEARD != 0,
         })
     }
 }
@@ -291,6 +332,7 @@ pub fn reflect(
         t2,
         t3,
         sender_ttl,
+        reads_heard: true,
     }
     .encode())
 }
@@ -305,6 +347,8 @@ mod tests {
             t1: NtpTime::from_duration(Duration::from_millis(1500)),
             path: 0x0001_0002,
             instance: 0xdead_beef,
+            heard: None,
+            reads_heard: true,
         }
     }
 
@@ -316,9 +360,48 @@ mod tests {
         let t2 = NtpTime::from_duration(Duration::from_secs(100));
         let t3 = NtpTime::from_duration(Duration::from_micros(100_000_050));
         let reply = ProbeReply::decode(&reflect(&bytes, t2, t3, 64).unwrap()).unwrap();
-        assert_eq!(reply.request, r);
+        assert_eq!(
+            reply.request,
+            ProbeRequest {
+                reads_heard: false,
+                ..r
+            }
+        );
         assert_eq!((reply.t2, reply.t3, reply.sender_ttl), (t2, t3, 64));
+        assert!(reply.reads_heard);
         assert_eq!(reply.t3.nanos_since(reply.t2), 50_000);
+    }
+
+    #[test]
+    fn heard_round_trips_in_microseconds_and_a_first_revision_request_carries_none() {
+        for (heard, read) in [
+            (Duration::ZERO, Duration::ZERO),
+            (
+                Duration::from_nanos(20_001_999),
+                Duration::from_micros(20_001),
+            ),
+            (
+                Duration::from_secs(1 << 40),
+                Duration::from_micros(u64::from(u32::MAX) - 1),
+            ),
+        ] {
+            let r = ProbeRequest {
+                heard: Some(heard),
+                ..req()
+            };
+            let got = ProbeRequest::decode(&r.encode()).unwrap();
+            assert_eq!(got.heard, Some(read), "{heard:?}");
+        }
+        // What an edge of the first revision sends: zeros at 16..44, no flag.
+        let mut old = req().encode();
+        old[44] = 0;
+        let got = ProbeRequest::decode(&old).unwrap();
+        assert_eq!((got.heard, got.reads_heard), (None, false));
+        // What it accepts: a request without `heard` (only the flags byte differs, which it
+        // does not read).
+        let new = req().encode();
+        assert_eq!(new[16..44], [0u8; 28]);
+        assert_eq!(new[44], FLAG_HEARD);
     }
 
     #[test]

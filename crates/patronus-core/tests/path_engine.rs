@@ -609,7 +609,9 @@ fn first_exchange(
 ) -> (patronus_core::Transmit, [u8; patronus_core::PROBE_LEN]) {
     a.handle_timeout(t0);
     let probe = a.poll_transmit().unwrap();
-    let reply = b.handle_probe_request(pb, &probe.payload, 64, at).unwrap();
+    let reply = b
+        .handle_probe_request(pb, &probe.payload, 64, at, at)
+        .unwrap();
     (probe, reply)
 }
 
@@ -657,7 +659,7 @@ fn garbage_replayed_and_misdirected_replies_change_nothing_and_crash_nothing() {
     for len in 0..200 {
         let junk: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
         assert!(a.handle_probe_reply(pa, &junk, t).is_err());
-        assert!(a.handle_probe_request(pa, &junk, 64, t).is_err());
+        assert!(a.handle_probe_request(pa, &junk, 64, t, t).is_err());
         let _ = patronus_core::PacketMeta::parse(&junk);
     }
     // A reply to a previous run of the sender (another instance tag) is stale.
@@ -722,7 +724,9 @@ fn a_more_specific_peer_prefix_reroutes_cached_flows() {
     let bp = b.add_path(back, &l, &l, t0).unwrap();
     e.handle_timeout(t0);
     let probe = e.poll_transmit().unwrap();
-    let reply = b.handle_probe_request(bp, &probe.payload, 64, t0).unwrap();
+    let reply = b
+        .handle_probe_request(bp, &probe.payload, 64, t0, t0)
+        .unwrap();
     e.handle_probe_reply(hub_path, &reply, t0 + MS).unwrap();
     let pkt = patronus_core::packet::ipv4_header([10, 1, 0, 1], [10, 2, 0, 1], 17, 1, 2, 0);
     let meta = patronus_core::PacketMeta::parse(&pkt).unwrap();
@@ -1078,4 +1082,183 @@ fn a_peer_that_only_echoes_is_measured_by_round_trip_with_its_whole_variation_as
         "{:?}",
         s.jitter
     );
+}
+
+/// Reported changes (`poll_report`) of a site about one path.
+fn reported_of(net: &Net, site: &str, path: PathId) -> Vec<(Duration, Event)> {
+    net.reported(site)
+        .into_iter()
+        .filter(|(_, e)| match e {
+            Event::PathUp { path: p, .. }
+            | Event::PathDown { path: p, .. }
+            | Event::SlaViolated { path: p, .. }
+            | Event::SlaRestored { path: p, .. } => *p == path,
+            Event::FlowMoved { .. } => false,
+        })
+        .collect()
+}
+
+/// Internal changes of a site about one path (what steering acted on).
+fn internal_of(net: &Net, site: &str, path: PathId) -> usize {
+    net.events(site)
+        .into_iter()
+        .filter(|(_, e)| match e {
+            Event::PathUp { path: p, .. }
+            | Event::PathDown { path: p, .. }
+            | Event::SlaViolated { path: p, .. }
+            | Event::SlaRestored { path: p, .. } => *p == path,
+            Event::FlowMoved { .. } => false,
+        })
+        .count()
+}
+
+#[test]
+fn a_one_way_failure_is_detected_by_both_ends_as_fast_as_a_cut_while_data_flows_the_other_way() {
+    let mut net = two_sites(&EngineConfig::default());
+    net.run_for(2 * SEC);
+    let ab = net.stream("a", "b", UDP, 5004, 46, 100);
+    let ba = net.stream("b", "a", UDP, 5004, 46, 100);
+    net.run_for(3 * SEC);
+    let (pa, pb) = (
+        net.path("a", "mpls", "b", "mpls"),
+        net.path("b", "mpls", "a", "mpls"),
+    );
+    assert_eq!(current_path(&net, ab), Some(pa));
+    assert_eq!(current_path(&net, ba), Some(pb));
+
+    // A's MPLS upstream dies; its downstream works, and B's stream keeps arriving on it.
+    let cut = net.elapsed();
+    net.impair_egress("a", "mpls", |i| i.blackhole = true);
+    net.run_for(2 * SEC);
+
+    // A, whose sending direction died, no longer takes B's data as proof of life: it is
+    // detected like a hard cut (the cut test's bound: detection time plus a probe interval).
+    let down_a = downs(&net, "a", pa);
+    assert_eq!(down_a.len(), 1, "{down_a:?}");
+    assert!(down_a[0] - cut <= 80 * MS, "a: {:?}", down_a[0] - cut);
+    // B, whose probes A still answers but whose answers die, and whose own requests A no longer
+    // hears from, detects it too.
+    let down_b = downs(&net, "b", pb);
+    assert_eq!(down_b.len(), 1, "{down_b:?}");
+    assert!(down_b[0] - cut <= 80 * MS, "b: {:?}", down_b[0] - cut);
+    // The stream in the dead direction is out for as long as after a cut; the other one
+    // loses nothing (its direction works until B moves it).
+    let r = net.report(ab, cut - SEC, net.elapsed() - SEC);
+    assert!(r.outage <= 90 * MS, "{r:?}");
+    let r = net.report(ba, cut - SEC, net.elapsed() - SEC);
+    assert_eq!(r.lost, 0, "{r:?}");
+}
+
+#[test]
+fn an_edge_that_stalls_for_250ms_blames_no_path_and_its_peer_moves_no_flow() {
+    let mut net = two_sites(&EngineConfig::default());
+    net.run_for(2 * SEC);
+    let ab = net.stream("a", "b", UDP, 5004, 46, 100);
+    let ba = net.stream("b", "a", UDP, 5004, 46, 100);
+    net.run_for(3 * SEC);
+    let before = (net.events("a").len(), net.events("b").len());
+
+    // A's process stops for 250 ms (SIGSTOP) on a healthy network.
+    net.stall("a", 250 * MS);
+    net.run_for(2 * SEC);
+    for (site, n) in [("a", before.0), ("b", before.1)] {
+        let after: Vec<_> = net.events(site).into_iter().skip(n).collect();
+        assert!(after.is_empty(), "{site}: {after:#?}");
+    }
+    // A knew it was late; B saw its whole peer fall silent and held the path.
+    let sa = net.engine("a").stats();
+    assert_eq!(sa.late_wakeups, 1, "{sa:?}");
+    assert!(sa.late_max >= 200 * MS, "{sa:?}");
+    assert!(net.engine("b").stats().peer_silences >= 1);
+    let pa = net.path("a", "mpls", "b", "mpls");
+    assert_eq!(current_path(&net, ab), Some(pa));
+    assert_eq!(
+        current_path(&net, ba),
+        Some(net.path("b", "mpls", "a", "mpls"))
+    );
+
+    // A real cut during a stall is still detected, one detection time after the stall ends.
+    net.stall("a", 250 * MS);
+    net.run_for(100 * MS);
+    net.cut("a", "mpls");
+    net.run_for(150 * MS);
+    let resumed = net.elapsed();
+    net.run_for(2 * SEC);
+    let down_a = downs(&net, "a", pa);
+    assert_eq!(down_a.len(), 1, "{down_a:?}");
+    assert!(
+        down_a[0] >= resumed && down_a[0] - resumed <= 80 * MS,
+        "a: {:?} after the stall",
+        down_a[0].checked_sub(resumed)
+    );
+    // B, which held the path while all of A was silent, lets go as soon as A's other link
+    // answers.
+    let down_b = downs(&net, "b", net.path("b", "mpls", "a", "mpls"));
+    assert_eq!(down_b.len(), 1, "{down_b:?}");
+    assert!(
+        down_b[0] - resumed <= 80 * MS,
+        "b: {:?}",
+        down_b[0] - resumed
+    );
+    assert_ne!(current_path(&net, ab), Some(pa));
+}
+
+#[test]
+fn a_link_at_30pct_loss_for_a_minute_reports_a_handful_of_changes_while_flows_leave_it() {
+    let cfg = config_with(vec![policy("voice 10 realtime best-quality udp 5004")]);
+    let mut net = two_sites(&cfg);
+    net.run_for(2 * SEC);
+    let ab = net.stream("a", "b", UDP, 5004, 46, 50);
+    let ba = net.stream("b", "a", UDP, 5004, 46, 50);
+    net.run_for(3 * SEC);
+    let lossy = [
+        ("a", net.path("a", "mpls", "b", "mpls")),
+        ("a", net.path("a", "mpls", "b", "inet")),
+        ("b", net.path("b", "mpls", "a", "mpls")),
+        ("b", net.path("b", "inet", "a", "mpls")),
+    ];
+    let before: Vec<usize> = lossy
+        .iter()
+        .map(|(s, p)| reported_of(&net, s, *p).len())
+        .collect();
+    let internal_before: Vec<usize> = lossy
+        .iter()
+        .map(|(s, p)| internal_of(&net, s, *p))
+        .collect();
+
+    net.impair("a", "mpls", |i| i.loss = 0.3);
+    let start = net.elapsed();
+    net.run_for(60 * SEC);
+
+    let mut reported = 0;
+    let mut internal = 0;
+    for (i, (site, p)) in lossy.iter().enumerate() {
+        let r: Vec<_> = reported_of(&net, site, *p)
+            .into_iter()
+            .skip(before[i])
+            .collect();
+        println!(
+            "{site} {}: {} reported, {} internal: {r:?}",
+            net.path_name(site, *p),
+            r.len(),
+            internal_of(&net, site, *p) - internal_before[i]
+        );
+        // The bound: reported Down once, each of the 4 classes reported broken once, and two
+        // more (Up, then Down or a broken class) per reported Up, which needs the path up for
+        // its damped hold-down (5 s, then 10 s, 20 s...): in a minute of failures, one at most.
+        assert!(r.len() <= 1 + 4 + 2, "{site} {}: {r:#?}", net.path_name(site, *p));
+        reported += r.len();
+        internal += internal_of(&net, site, *p) - internal_before[i];
+    }
+    // Steering saw every change (hundreds); the reports are a handful.
+    println!("reported {reported}, internal {internal}");
+    assert!(internal > 10 * reported, "{internal} internal, {reported} reported");
+    // Flows left the lossy link and stayed off.
+    for (s, site) in [(ab, "a"), (ba, "b")] {
+        let runs = net.path_runs(s);
+        let last = runs.last().unwrap().1.unwrap();
+        assert!(!net.path_name(site, last).contains("mpls>mpls"), "{runs:?}");
+        let tail: Vec<_> = runs.iter().filter(|(t, _)| *t > start + 5 * SEC).collect();
+        assert!(tail.len() <= 1, "{site}: {tail:?}");
+    }
 }

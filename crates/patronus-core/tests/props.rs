@@ -18,14 +18,24 @@ use proptest::prelude::*;
 use sim::{MS, Net, SiteSpec, link};
 
 fn request() -> impl Strategy<Value = ProbeRequest> {
-    (any::<u32>(), any::<u64>(), any::<u32>(), any::<u32>()).prop_map(
-        |(seq, t1, path, instance)| ProbeRequest {
-            seq,
-            t1: NtpTime(t1),
-            path,
-            instance,
-        },
+    (
+        any::<u32>(),
+        any::<u64>(),
+        any::<u32>(),
+        any::<u32>(),
+        prop::option::of(0..u32::MAX - 1),
+        any::<bool>(),
     )
+        .prop_map(
+            |(seq, t1, path, instance, heard, reads_heard)| ProbeRequest {
+                seq,
+                t1: NtpTime(t1),
+                path,
+                instance,
+                heard: heard.map(|us| Duration::from_micros(u64::from(us))),
+                reads_heard,
+            },
+        )
 }
 
 proptest! {
@@ -35,7 +45,9 @@ proptest! {
         prop_assert_eq!(ProbeRequest::decode(&bytes), Ok(r));
         let reply = reflect(&bytes, NtpTime(t2), NtpTime(t3), ttl).unwrap();
         let back = ProbeReply::decode(&reply).unwrap();
-        prop_assert_eq!(back, ProbeReply { request: r, t2: NtpTime(t2), t3: NtpTime(t3), sender_ttl: ttl });
+        // A reply echoes neither what the sender heard nor whether it reads that.
+        let echoed = ProbeRequest { heard: None, reads_heard: false, ..r };
+        prop_assert_eq!(back, ProbeReply { request: echoed, t2: NtpTime(t2), t3: NtpTime(t3), sender_ttl: ttl, reads_heard: true });
         prop_assert_eq!(back.encode(), reply);
     }
 
@@ -56,9 +68,9 @@ proptest! {
         bytes[bit / 8] ^= 1 << (bit % 8);
         // Flipping a bit of a field gives another valid request; flipping a bit of the framing
         // (MBZ, TLV type, length, version, kind, SSID) is refused. Never the same request.
-        // Only the error estimate (bytes 12..14) and the TLV flags (byte 44), which a
-        // reflector may set, are ignored.
-        let ignored = (12..14).contains(&(bit / 8)) || bit / 8 == 44;
+        // Only the error estimate (bytes 12..14) and the TLV flags (byte 44) but its lowest
+        // bit (FLAG_HEARD), which a reflector may set, are ignored.
+        let ignored = (12..14).contains(&(bit / 8)) || (bit / 8 == 44 && bit % 8 != 0);
         if !ignored {
             prop_assert_ne!(ProbeRequest::decode(&bytes), Ok(r));
         }

@@ -54,6 +54,11 @@ struct Site {
     /// path → (peer site, local link index, remote link index)
     paths: HashMap<PathId, (usize, usize, usize)>,
     by_links: HashMap<(usize, usize, usize), PathId>,
+    /// The site's process is stopped until then: what arrives waits in its socket, nothing
+    /// runs (see [`Net::stall`]).
+    stalled_until: Option<Instant>,
+    /// Packets that arrived while stalled, with their arrival time (the kernel's timestamp).
+    backlog: Vec<InFlight>,
 }
 
 #[derive(Debug, Clone)]
@@ -129,6 +134,8 @@ pub struct Net {
     pub streams: Vec<Stream>,
     /// Every event of every engine: (time, site, event).
     pub log: Vec<(Instant, usize, Event)>,
+    /// Every reported change of every engine (`poll_report`): (time, site, event).
+    pub reports: Vec<(Instant, usize, Event)>,
     /// Every probe reply the engines accepted: (time, site, path).
     pub replies: Vec<(Instant, usize, PathId)>,
     pub rejected_replies: u64,
@@ -156,6 +163,8 @@ impl Net {
                     peers: HashMap::new(),
                     paths: HashMap::new(),
                     by_links: HashMap::new(),
+                    stalled_until: None,
+                    backlog: Vec::new(),
                 }
             })
             .collect();
@@ -197,6 +206,7 @@ impl Net {
             rng: Rng(seed),
             streams: Vec::new(),
             log: Vec::new(),
+            reports: Vec::new(),
             replies: Vec::new(),
             rejected_replies: 0,
         }
@@ -328,7 +338,24 @@ impl Net {
         }));
     }
 
+    /// Stops `site`'s process for `d` from now, as SIGSTOP would: its engine is not called,
+    /// its streams do not send, and what arrives for it waits in its socket until the stall
+    /// ends; then it reads the backlog (with each packet's arrival time, as the kernel stamps
+    /// it) before running its timers.
+    pub fn stall(&mut self, site: &str, d: Duration) {
+        let s = self.site(site);
+        self.sites[s].stalled_until = Some(self.now + d);
+    }
+
+    fn stalled(&self, site: usize) -> bool {
+        self.sites[site].stalled_until.is_some_and(|t| t > self.now)
+    }
+
     fn deliver(&mut self, p: InFlight) {
+        if self.stalled(p.to) {
+            self.sites[p.to].backlog.push(p);
+            return;
+        }
         let to = p.to;
         // The receiver's path is the same link pair seen from its side.
         let Some(&path) = self.sites[to]
@@ -337,30 +364,35 @@ impl Net {
         else {
             return;
         };
-        let now = self.now;
+        let (now, arrived) = (self.now, p.at);
         match p.payload {
             Payload::Probe(bytes) => {
                 if let Ok(reply) = self.sites[to]
                     .engine
-                    .handle_probe_request(path, &bytes, 64, now)
+                    .handle_probe_request(path, &bytes, 64, arrived, now)
                 {
                     self.send(to, path, Payload::Reply(reply.to_vec()));
                 }
             }
             Payload::Reply(bytes) => {
-                match self.sites[to].engine.handle_probe_reply(path, &bytes, now) {
-                    Ok(()) => self.replies.push((now, to, path)),
+                match self.sites[to]
+                    .engine
+                    .handle_probe_reply(path, &bytes, arrived)
+                {
+                    Ok(()) => self.replies.push((arrived, to, path)),
                     Err(_) => self.rejected_replies += 1,
                 }
             }
             Payload::Data { stream, seq, len } => {
-                self.sites[to].engine.handle_data_received(path, len, now);
+                self.sites[to]
+                    .engine
+                    .handle_data_received(path, len, arrived);
                 let st = &mut self.streams[stream];
                 let slot = &mut st.arrived[seq as usize];
                 if slot.is_some() {
                     st.duplicates += 1;
                 } else {
-                    *slot = Some(now);
+                    *slot = Some(arrived);
                 }
             }
         }
@@ -382,12 +414,17 @@ impl Net {
                 next = next.min(p.at);
             }
             for s in &mut self.sites {
-                if let Some(t) = s.engine.poll_timeout() {
-                    next = next.min(t);
+                match s.stalled_until {
+                    Some(t) if t > self.now => next = next.min(t),
+                    _ => {
+                        if let Some(t) = s.engine.poll_timeout() {
+                            next = next.min(t);
+                        }
+                    }
                 }
             }
             for st in &self.streams {
-                if st.stop_at.is_none_or(|s| st.next_at < s) {
+                if st.stop_at.is_none_or(|s| st.next_at < s) && !self.stalled(st.from) {
                     next = next.min(st.next_at);
                 }
             }
@@ -398,6 +435,14 @@ impl Net {
                 self.deliver(p);
             }
             for s in 0..self.sites.len() {
+                if self.stalled(s) {
+                    continue;
+                }
+                if self.sites[s].stalled_until.take().is_some() {
+                    for p in std::mem::take(&mut self.sites[s].backlog) {
+                        self.deliver(p);
+                    }
+                }
                 if self.sites[s]
                     .engine
                     .poll_timeout()
@@ -409,7 +454,10 @@ impl Net {
             }
             for i in 0..self.streams.len() {
                 let st = &self.streams[i];
-                if st.next_at > now || st.stop_at.is_some_and(|s| st.next_at >= s) {
+                if st.next_at > now
+                    || st.stop_at.is_some_and(|s| st.next_at >= s)
+                    || self.stalled(st.from)
+                {
                     continue;
                 }
                 let (from, meta, len, seq) = (st.from, st.meta, st.len, st.seq);
@@ -467,6 +515,19 @@ impl Net {
         while let Some((at, e)) = self.sites[site].engine.poll_event() {
             self.log.push((at, site, e));
         }
+        while let Some((at, e)) = self.sites[site].engine.poll_report() {
+            self.reports.push((at, site, e));
+        }
+    }
+
+    /// Reported changes of one site, with their time since the start of the run.
+    pub fn reported(&self, site: &str) -> Vec<(Duration, Event)> {
+        let s = self.site(site);
+        self.reports
+            .iter()
+            .filter(|(_, i, _)| *i == s)
+            .map(|(t, _, e)| (*t - self.start, e.clone()))
+            .collect()
     }
 
     /// Events of one site, with their time since the start of the run.
