@@ -68,6 +68,9 @@ const WG_TICK: Duration = Duration::from_millis(100);
 const DOWN_REHANDSHAKE: Duration = Duration::from_secs(1);
 /// Events kept for status.
 const RECENT_EVENTS: usize = 256;
+/// The longest a datagram is believed to have waited in its socket; a longer wait by the
+/// clocks means the real-time clock was stepped.
+const MAX_SOCKET_WAIT: Duration = Duration::from_secs(10);
 /// `recvmmsg` calls per socket per wake-up, so one busy link cannot starve the others.
 const READ_BUDGET: usize = 16;
 /// Receives per `recvmmsg`, each up to 64 KB of datagrams the kernel coalesced.
@@ -245,6 +248,20 @@ impl Alt {
 const OLD_SESSION_GRACE: Duration = Duration::from_secs(10);
 
 /// Now, in Unix milliseconds (the clock events are reported with).
+/// When a datagram read at `now` (`wall` on the real-time clock) arrived, by the kernel's
+/// stamp on that clock: earlier by the time it waited in the socket. `now` when there is no
+/// stamp, or when the clocks disagree beyond reason (the real-time clock was stepped).
+fn arrival(now: Instant, wall: Option<TimeSpec>, stamp: Option<TimeSpec>) -> Instant {
+    let (Some(wall), Some(stamp)) = (wall, stamp) else {
+        return now;
+    };
+    let waited = Duration::from(wall).checked_sub(Duration::from(stamp));
+    match waited {
+        Some(w) if w <= MAX_SOCKET_WAIT => now.checked_sub(w).unwrap_or(now),
+        _ => now,
+    }
+}
+
 fn unix_ms() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -618,6 +635,14 @@ impl Edge {
             if let Err(e) = setsockopt(&sock, sockopt::UdpGroSegment, &true) {
                 eprintln!("edge: link {name}: no UDP_GRO ({e}); receiving one datagram per call");
             }
+            // The kernel's receive time of each datagram: a probe read late (the loop was busy
+            // or stopped) is still measured from when it came (see `read_link`).
+            if let Err(e) = setsockopt(&sock, sockopt::ReceiveTimestampns, &true) {
+                eprintln!(
+                    "edge: link {name}: no receive timestamps ({e}); probes read late will \
+                     measure the lateness too"
+                );
+            }
             let _ = setsockopt(&sock, sockopt::RcvBufForce, &SOCKET_BUFFER);
             let _ = setsockopt(&sock, sockopt::SndBufForce, &SOCKET_BUFFER);
             links.push(LinkSock {
@@ -969,7 +994,20 @@ impl Edge {
     pub fn run(&mut self) -> Result<(), EdgeError> {
         let mut events = vec![EpollEvent::empty(); 32];
         loop {
-            let now = Instant::now();
+            let mut now = Instant::now();
+            if self
+                .engine
+                .poll_timeout()
+                .is_some_and(|t| now.saturating_duration_since(t) > patronus_core::path::LATE)
+            {
+                // Late (the host was busy or the process stopped): read what came meanwhile
+                // first, so replies that arrived count before any path is judged silent.
+                for l in 0..self.links.len() {
+                    self.read_link(l);
+                }
+                self.flush_tun(false);
+                now = Instant::now();
+            }
             self.engine.handle_timeout(now);
             self.send_probes();
             self.drain_events(now);
@@ -1059,6 +1097,11 @@ impl Edge {
             counters: self.counters,
             probe_requests_rejected: self.engine.stats().probe_requests_rejected,
             probe_replies_rejected: self.engine.stats().replies_rejected,
+            loop_late: self.engine.stats().late_wakeups,
+            loop_late_seconds: self.engine.stats().late_total.as_secs_f64(),
+            loop_late_max_seconds: self.engine.stats().late_max.as_secs_f64(),
+            peer_silences: self.engine.stats().peer_silences,
+            path_downs: self.engine.stats().paths_down,
             failovers: self.failovers.clone(),
             failover_events: self.failover_log.iter().cloned().collect(),
             path_events: self.path_log.iter().cloned().collect(),
@@ -1131,15 +1174,9 @@ impl Edge {
         );
     }
 
+    /// Prints an event and keeps it for status.
     fn record(&mut self, text: String) {
-        self.record_as(text, true);
-    }
-
-    /// Keeps an event for status; `log` also prints it (flow moves are too many to print each).
-    fn record_as(&mut self, text: String, log: bool) {
-        if log {
-            eprintln!("edge: {text}");
-        }
+        eprintln!("edge: {text}");
         if self.events.len() == RECENT_EVENTS {
             self.events.pop_front();
         }
@@ -1161,8 +1198,9 @@ impl Edge {
         // Flow moves of this turn, by (from, to, reason): one failover event each.
         let mut batch: BTreeMap<(u32, u32, FailoverReason), u32> = BTreeMap::new();
         let mut down = Vec::new();
+        // What steering acted on: paths' internal changes (for re-handshakes, not reported:
+        // see below) and flow moves.
         while let Some((_, ev)) = self.engine.poll_event() {
-            let is_move = matches!(ev, Event::FlowMoved { .. });
             match ev {
                 Event::PathDown { path, .. } => down.push(path),
                 Event::PathUp { path, .. } => {
@@ -1172,6 +1210,33 @@ impl Edge {
                 }
                 _ => {}
             }
+            let Event::FlowMoved {
+                flow,
+                from,
+                to,
+                reason,
+            } = ev
+            else {
+                continue;
+            };
+            *self.failovers.entry(reason.into()).or_default() += 1;
+            *batch.entry((from.0, to.0, reason.into())).or_default() += 1;
+            // A failover moves every flow of a path; print the first few, count them all.
+            moves += 1;
+            if moves <= 5 {
+                let text = format!(
+                    "flow {} -> {} moved from {} to {} ({reason:?})",
+                    flow.src(),
+                    flow.dst(),
+                    self.path_name(from, now),
+                    self.path_name(to, now)
+                );
+                self.record(text);
+            }
+        }
+        // What operators, telemetry and webhooks see: the paths' changes with hysteresis (see
+        // `patronus_core::path`).
+        while let Some((_, ev)) = self.engine.poll_report() {
             self.log_path_event(&ev, now);
             let text = match ev {
                 Event::PathUp { path, rtt } => {
@@ -1196,36 +1261,13 @@ impl Edge {
                     self.engine.class_name(class).map_or("?", |n| n.as_str())
                 ),
                 Event::SlaRestored { path, class } => format!(
-                    "path {} meets the SLA of class {} again",
+                    "path {} meets the SLA of class {} again (held it for its hold-down)",
                     self.path_name(path, now),
                     self.engine.class_name(class).map_or("?", |n| n.as_str())
                 ),
-                Event::FlowMoved {
-                    flow,
-                    from,
-                    to,
-                    reason,
-                } => {
-                    *self.failovers.entry(reason.into()).or_default() += 1;
-                    *batch.entry((from.0, to.0, reason.into())).or_default() += 1;
-                    format!(
-                        "flow {} -> {} moved from {} to {} ({reason:?})",
-                        flow.src(),
-                        flow.dst(),
-                        self.path_name(from, now),
-                        self.path_name(to, now)
-                    )
-                }
+                Event::FlowMoved { .. } => continue,
             };
-            if is_move {
-                // A failover moves every flow of a path; print the first few, count them all.
-                moves += 1;
-                if moves <= 5 {
-                    self.record_as(text, true);
-                }
-            } else {
-                self.record(text);
-            }
+            self.record(text);
         }
         if moves > 5 {
             self.record(format!("... and {} more flow moves", moves - 5));
@@ -1740,8 +1782,8 @@ impl Edge {
                 return;
             };
             let fd = l.sock.as_raw_fd();
-            // (bytes, source, segment size) of each receive.
-            let mut got = [(0usize, None::<SocketAddr>, 0usize); RECV_BATCH];
+            // (bytes, source, segment size, kernel receive time) of each receive.
+            let mut got = [(0usize, None::<SocketAddr>, 0usize, None::<TimeSpec>); RECV_BATCH];
             let n = {
                 // Fresh headers for every call: nix's `recvmmsg` does not reset the lengths of
                 // the address and control buffers that the kernel shortened on the previous
@@ -1749,7 +1791,7 @@ impl Edge {
                 // it on the next one (its datagrams would be read as one).
                 let mut mmsg = MultiHeaders::<SockaddrStorage>::preallocate(
                     RECV_BATCH,
-                    Some(nix::cmsg_space!(i32)),
+                    Some(nix::cmsg_space!(i32, TimeSpec)),
                 );
                 let mut bufs = self.net_bufs.iter_mut();
                 let mut iovs: [[IoSliceMut<'_>; 1]; RECV_BATCH] = std::array::from_fn(|_| {
@@ -1775,27 +1817,34 @@ impl Edge {
                             })
                     });
                     let mut seg = msg.bytes;
+                    let mut stamp = None;
                     if let Ok(cmsgs) = msg.cmsgs() {
                         for c in cmsgs {
-                            if let ControlMessageOwned::UdpGroSegments(s) = c {
-                                seg = usize::try_from(s).unwrap_or(msg.bytes).max(1);
+                            match c {
+                                ControlMessageOwned::UdpGroSegments(s) => {
+                                    seg = usize::try_from(s).unwrap_or(msg.bytes).max(1);
+                                }
+                                ControlMessageOwned::ScmTimestampns(t) => stamp = Some(t),
+                                _ => {}
                             }
                         }
                     }
-                    *slot = (msg.bytes, from, seg.max(1));
+                    *slot = (msg.bytes, from, seg.max(1), stamp);
                     n += 1;
                 }
                 n
             };
             let now = Instant::now();
-            for (buf, &(len, from, seg)) in got[..n].iter().enumerate() {
+            let wall = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME).ok();
+            for (buf, &(len, from, seg, stamp)) in got[..n].iter().enumerate() {
                 let Some(from) = from else {
                     continue;
                 };
+                let arrived = arrival(now, wall, stamp);
                 let mut at = 0;
                 while at < len {
                     let end = (at + seg).min(len);
-                    self.handle_segment(link, from, buf, at..end, now);
+                    self.handle_segment(link, from, buf, at..end, arrived);
                     at = end;
                 }
             }
@@ -2018,7 +2067,8 @@ impl Edge {
         }
     }
 
-    /// A packet of `len` bytes decrypted on path `id` is in the TUN queue's slot.
+    /// A packet of `len` bytes decrypted on path `id` is in the TUN queue's slot. `now` is when
+    /// its datagram arrived (the kernel's stamp): probes are measured from then.
     fn deliver(&mut self, id: PathId, len: usize, now: Instant) {
         let Some(Some(p)) = self.paths.get(id.0 as usize) else {
             self.to_tun.discard();
@@ -2051,7 +2101,9 @@ impl Edge {
                 sport,
                 ttl,
             } => {
-                let reply = self.engine.handle_probe_request(id, payload, ttl, now);
+                let reply = self
+                    .engine
+                    .handle_probe_request(id, payload, ttl, now, Instant::now());
                 self.to_tun.discard();
                 if let Ok(reply) = reply {
                     let mut pkt = std::mem::take(&mut self.probe_buf);

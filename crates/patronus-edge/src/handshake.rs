@@ -55,7 +55,8 @@ impl Bucket {
     /// Whether a token is there (refilled up to `now`).
     pub fn ready(&mut self, now: Instant) -> bool {
         let dt = now.saturating_duration_since(self.at).as_secs_f64();
-        self.at = now;
+        // Datagrams are timed by their arrival, which across sockets is not quite monotonic.
+        self.at = self.at.max(now);
         self.tokens = (self.tokens + dt * self.rate).min(self.rate);
         self.tokens >= 1.0
     }

@@ -83,6 +83,23 @@ pub struct EdgeStatus {
     /// Probe requests and replies the engine refused (malformed, stale, wrong path).
     pub probe_requests_rejected: u64,
     pub probe_replies_rejected: u64,
+    /// Times the event loop ran its timers late by more than `patronus_core::path::LATE`
+    /// (the host busy, the process stopped), the total and the largest lateness: excused to
+    /// the paths, not blamed on them.
+    #[serde(default)]
+    pub loop_late: u64,
+    #[serde(default)]
+    pub loop_late_seconds: f64,
+    #[serde(default)]
+    pub loop_late_max_seconds: f64,
+    /// Times a path's detection time ran out while every path to its peer was silent (the
+    /// path was held up: see `patronus_core::path`).
+    #[serde(default)]
+    pub peer_silences: u64,
+    /// Times a path went down as steering sees it, reported or not (`path_events` has the
+    /// reported changes, with hysteresis).
+    #[serde(default)]
+    pub path_downs: u64,
     /// Flow moves by reason.
     pub failovers: BTreeMap<FailoverReason, u64>,
     /// The last failover events, oldest first.
@@ -318,6 +335,24 @@ pub fn render_metrics(s: &EdgeStatus) -> String {
             "Probe replies refused (malformed, stale, wrong path).",
             s.probe_replies_rejected,
         ),
+        (
+            "loop_late",
+            "Times the event loop ran its timers more than 10 ms late (host busy or process \
+             stopped); the lateness was not held against the paths.",
+            s.loop_late,
+        ),
+        (
+            "peer_silences",
+            "Times a path's detection time ran out while every path to its peer was silent \
+             (held up: the peer, not the path, was silent).",
+            s.peer_silences,
+        ),
+        (
+            "path_downs",
+            "Times a path went down as steering sees it (reported changes are path events, \
+             with hysteresis).",
+            s.path_downs,
+        ),
     ] {
         family(
             &format!("patronus_edge_{name}_total"),
@@ -326,6 +361,18 @@ pub fn render_metrics(s: &EdgeStatus) -> String {
             vec![(String::new(), v as f64)],
         );
     }
+    family(
+        "patronus_edge_loop_late_seconds_total",
+        "counter",
+        "Total lateness of the event loop's late runs.",
+        vec![(String::new(), s.loop_late_seconds)],
+    );
+    family(
+        "patronus_edge_loop_late_max_seconds",
+        "gauge",
+        "The largest lateness of the event loop since the edge started.",
+        vec![(String::new(), s.loop_late_max_seconds)],
+    );
     family(
         "patronus_build_info",
         "gauge",

@@ -196,6 +196,7 @@ pub fn run(a: &Args) -> anyhow::Result<Value> {
             replies.push(Reverse((now + rtt, tx.path.0, reply)));
         }
         while engine.poll_event().is_some() {}
+        while engine.poll_report().is_some() {}
     }
     now = warm_until;
     let up = engine
