@@ -1246,13 +1246,20 @@ fn a_link_at_30pct_loss_for_a_minute_reports_a_handful_of_changes_while_flows_le
         // The bound: reported Down once, each of the 4 classes reported broken once, and two
         // more (Up, then Down or a broken class) per reported Up, which needs the path up for
         // its damped hold-down (5 s, then 10 s, 20 s...): in a minute of failures, one at most.
-        assert!(r.len() <= 1 + 4 + 2, "{site} {}: {r:#?}", net.path_name(site, *p));
+        assert!(
+            r.len() <= 1 + 4 + 2,
+            "{site} {}: {r:#?}",
+            net.path_name(site, *p)
+        );
         reported += r.len();
         internal += internal_of(&net, site, *p) - internal_before[i];
     }
     // Steering saw every change (hundreds); the reports are a handful.
     println!("reported {reported}, internal {internal}");
-    assert!(internal > 10 * reported, "{internal} internal, {reported} reported");
+    assert!(
+        internal > 10 * reported,
+        "{internal} internal, {reported} reported"
+    );
     // Flows left the lossy link and stayed off.
     for (s, site) in [(ab, "a"), (ba, "b")] {
         let runs = net.path_runs(s);

@@ -296,7 +296,8 @@ pub struct FailoverRun {
 /// sites running edges); `trials` times, cut the link of `site` that carries it (found on the
 /// emulated link's counters, not from the edge), restore it a second later, and let 1.5 s pass.
 /// The flow stays where it failed over to, so the next trial cuts the other link. Each cut's
-/// outage is the loss-derived time of the gaps that start within its window.
+/// outage is the loss-derived time of the gaps that start within its window. (One stream, hard
+/// cuts: [`failure_trials`] has the other failures and a stream each way.)
 pub fn failover_trials(
     lab: &Lab,
     from: &str,
@@ -305,81 +306,221 @@ pub fn failover_trials(
     trials: usize,
     rate_pps: u32,
 ) -> Result<FailoverRun, LabError> {
+    let run = failure_trials(
+        lab,
+        &Trials {
+            from,
+            to,
+            site,
+            failure: Failure::Cut,
+            trials,
+            rate_pps,
+            both_ways: false,
+            edge_pid: None,
+        },
+    )?;
+    Ok(FailoverRun {
+        outages_ms: run.forward_ms,
+        unexplained_ms: run.unexplained_ms[0],
+        cut: run.targets,
+        stream: run.forward,
+    })
+}
+
+/// What a failover trial does (see [`failure_trials`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Both directions of the site's link carrying its outbound stream cut.
+    Cut,
+    /// Only the site's sending direction (into the WAN) of the link carrying its outbound stream.
+    OneWayUp,
+    /// Only the site's receiving direction of the link carrying its inbound stream.
+    OneWayDown,
+    /// The site's edge process stopped (SIGSTOP) for this long, then continued (SIGCONT), on
+    /// healthy links.
+    Stall(Duration),
+}
+
+impl Failure {
+    pub fn name(self) -> &'static str {
+        match self {
+            Failure::Cut => "cut",
+            Failure::OneWayUp => "one-way-up",
+            Failure::OneWayDown => "one-way-down",
+            Failure::Stall(_) => "stall",
+        }
+    }
+}
+
+/// A run of failover trials: where, what, how often.
+#[derive(Debug, Clone)]
+pub struct Trials<'a> {
+    /// LAN hosts (`site/host`) the forward stream goes from and to.
+    pub from: &'a str,
+    pub to: &'a str,
+    /// The site whose link (or edge) fails.
+    pub site: &'a str,
+    pub failure: Failure,
+    pub trials: usize,
+    pub rate_pps: u32,
+    /// A second stream from `to` to `from` at the same rate (two-way traffic, as voice, video
+    /// and TCP make).
+    pub both_ways: bool,
+    /// The site's edge process, for [`Failure::Stall`].
+    pub edge_pid: Option<u32>,
+}
+
+/// The result of [`failure_trials`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TrialRun {
+    pub failure: &'static str,
+    /// What each trial acted on: a link (`site/link`), or the edge process.
+    pub targets: Vec<String>,
+    /// Loss-derived outage of each trial (ms) of the forward stream and of the reverse one
+    /// (empty without it).
+    pub forward_ms: Vec<f64>,
+    pub reverse_ms: Vec<f64>,
+    /// Loss outside every trial's window, forward and reverse: should be 0.
+    pub unexplained_ms: [f64; 2],
+    pub forward: crate::stream::StreamReport,
+    pub reverse: Option<crate::stream::StreamReport>,
+}
+
+/// Failover trials: constant-rate UDP streams between LAN hosts of two sites running edges
+/// (from `from` to `to`, and back with `both_ways`); `trials` times, the failure strikes the
+/// link of `site` that carries the affected stream (found on the emulated link's counters, not
+/// from the edge) or its edge process, is repaired a second later (a stall lasts what it says),
+/// and 1.5 s pass. Flows stay where they failed over to, so the next trial strikes the other
+/// link. Each trial's outage, per stream, is the loss-derived time of the gaps that start
+/// within its window (200 ms before it to 1.2 s after).
+pub fn failure_trials(lab: &Lab, t: &Trials<'_>) -> Result<TrialRun, LabError> {
     let links: Vec<String> = lab
         .plan()
-        .site(site)
-        .ok_or_else(|| LabError::NoNode(site.into(), lab.plan().nodes().join(", ")))?
+        .site(t.site)
+        .ok_or_else(|| LabError::NoNode(t.site.into(), lab.plan().nodes().join(", ")))?
         .links
         .iter()
-        .map(|l| format!("{site}/{}", l.name))
+        .map(|l| format!("{}/{}", t.site, l.name))
         .collect();
-    let dst = lab.addr(to, false)?;
-    let (from_ns, to_ns) = (lab.ns(from)?, lab.ns(to)?);
+    let (from_ns, to_ns) = (lab.ns(t.from)?, lab.ns(t.to)?);
+    let (to_addr, from_addr) = (lab.addr(t.to, false)?, lab.addr(t.from, false)?);
     let settle = Duration::from_secs(1);
     let period = Duration::from_millis(2500);
     let cfg = crate::stream::StreamConfig {
-        rate_pps,
-        duration: settle + period * trials as u32 + Duration::from_millis(500),
+        rate_pps: t.rate_pps,
+        duration: settle + period * t.trials as u32 + Duration::from_millis(500),
         size: 100,
         linger: Duration::from_millis(500),
         ..Default::default()
     };
-    let forwarded =
-        |l: &str| -> Result<u64, LabError> { Ok(lab.link_status(l)?.up_stats.forwarded) };
+    let pid = match (t.failure, t.edge_pid) {
+        (Failure::Stall(_), None) => {
+            return Err(LabError::Other(
+                "a stall trial needs the edge's process id".into(),
+            ));
+        }
+        (_, p) => p.map(|p| nix::unistd::Pid::from_raw(p as i32)),
+    };
+    let signal = |sig| -> Result<(), LabError> {
+        let Some(pid) = pid else {
+            return Ok(());
+        };
+        nix::sys::signal::kill(pid, sig)
+            .map_err(|e| LabError::Other(format!("sending {sig} to the edge ({pid}): {e}")))
+    };
+    // The busy link over the next 200 ms, by what it forwards up (out of the site) or down.
+    let busiest = |down: bool| -> Result<String, LabError> {
+        let count = |l: &str| -> Result<u64, LabError> {
+            let s = lab.link_status(l)?;
+            Ok(if down {
+                s.down_stats.forwarded
+            } else {
+                s.up_stats.forwarded
+            })
+        };
+        let before: Vec<u64> = links.iter().map(|l| count(l)).collect::<Result<_, _>>()?;
+        std::thread::sleep(Duration::from_millis(200));
+        let mut best = (0, 0u64);
+        for (i, l) in links.iter().enumerate() {
+            let d = count(l)? - before[i];
+            if d > best.1 {
+                best = (i, d);
+            }
+        }
+        Ok(links[best.0].clone())
+    };
     std::thread::scope(|s| {
         let t0 = Instant::now();
-        let h = s.spawn(|| crate::stream::run(&from_ns, &to_ns, dst, &cfg));
-        let mut cuts = Vec::new();
-        let mut cut_names = Vec::new();
+        let fwd = s.spawn(|| crate::stream::run(&from_ns, &to_ns, to_addr, &cfg));
+        let rev = t
+            .both_ways
+            .then(|| s.spawn(|| crate::stream::run(&to_ns, &from_ns, from_addr, &cfg)));
+        let mut at = Vec::new();
+        let mut targets = Vec::new();
         let result = (|| -> Result<(), LabError> {
             std::thread::sleep(settle);
-            for _ in 0..trials {
-                // The busy link: most packets over the last 200 ms.
-                let before: Vec<u64> = links
-                    .iter()
-                    .map(|l| forwarded(l))
-                    .collect::<Result<_, _>>()?;
-                std::thread::sleep(Duration::from_millis(200));
-                let mut best = (0, 0u64);
-                for (i, l) in links.iter().enumerate() {
-                    let d = forwarded(l)? - before[i];
-                    if d > best.1 {
-                        best = (i, d);
+            for _ in 0..t.trials {
+                let dir = match t.failure {
+                    Failure::Stall(d) => {
+                        std::thread::sleep(Duration::from_millis(200));
+                        at.push(t0.elapsed());
+                        targets.push(format!("{} edge", t.site));
+                        signal(nix::sys::signal::Signal::SIGSTOP)?;
+                        std::thread::sleep(d);
+                        signal(nix::sys::signal::Signal::SIGCONT)?;
+                        std::thread::sleep(period - Duration::from_millis(200) - d.min(period / 2));
+                        continue;
                     }
-                }
-                let link = &links[best.0];
-                cuts.push(t0.elapsed());
-                lab.link_command(link, &["cut"])?;
-                cut_names.push(link.clone());
+                    Failure::Cut => "dir=both",
+                    Failure::OneWayUp => "dir=up",
+                    Failure::OneWayDown => "dir=down",
+                };
+                let link = busiest(t.failure == Failure::OneWayDown && t.both_ways)?;
+                at.push(t0.elapsed());
+                lab.link_command(&link, &["cut", dir])?;
+                targets.push(link.clone());
                 std::thread::sleep(Duration::from_secs(1));
-                lab.link_command(link, &["restore"])?;
+                lab.link_command(&link, &["restore", dir])?;
                 std::thread::sleep(period - Duration::from_millis(1200));
             }
             Ok(())
         })();
-        let report = h
-            .join()
-            .map_err(|_| LabError::Other("the stream thread panicked".into()))?
-            .map_err(|e| LabError::Other(e.to_string()))?;
+        // Whatever happened, the edge runs again.
+        let _ = signal(nix::sys::signal::Signal::SIGCONT);
+        let join = |h: std::thread::ScopedJoinHandle<'_, Result<_, _>>| {
+            h.join()
+                .map_err(|_| LabError::Other("a stream thread panicked".into()))?
+                .map_err(|e: crate::stream::StreamError| LabError::Other(e.to_string()))
+        };
+        let forward = join(fwd)?;
+        let reverse = rev.map(join).transpose()?;
         result?;
-        let interval = 1.0 / f64::from(rate_pps);
-        let mut outages = vec![0.0; cuts.len()];
-        let mut unexplained = 0.0;
-        for g in &report.gaps {
-            let at = g.first_seq as f64 * interval;
-            match cuts.iter().position(|c| {
-                let c = c.as_secs_f64();
-                at >= c - 0.2 && at <= c + 1.2
-            }) {
-                Some(i) => outages[i] += g.ms,
-                None => unexplained += g.ms,
+        let interval = 1.0 / f64::from(t.rate_pps);
+        let attribute = |r: &crate::stream::StreamReport| {
+            let mut outages = vec![0.0; at.len()];
+            let mut unexplained = 0.0;
+            for g in &r.gaps {
+                let when = g.first_seq as f64 * interval;
+                match at.iter().position(|c| {
+                    let c = c.as_secs_f64();
+                    when >= c - 0.2 && when <= c + 1.2
+                }) {
+                    Some(i) => outages[i] += g.ms,
+                    None => unexplained += g.ms,
+                }
             }
-        }
-        Ok(FailoverRun {
-            outages_ms: outages,
-            unexplained_ms: unexplained,
-            cut: cut_names,
-            stream: report,
+            (outages, unexplained)
+        };
+        let (forward_ms, fu) = attribute(&forward);
+        let (reverse_ms, ru) = reverse.as_ref().map(attribute).unwrap_or_default();
+        Ok(TrialRun {
+            failure: t.failure.name(),
+            targets,
+            forward_ms,
+            reverse_ms,
+            unexplained_ms: [fu, ru],
+            forward,
+            reverse,
         })
     })
 }
