@@ -653,6 +653,157 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
         .unwrap();
     }
 
+    // A lossy link for a minute: 30 % loss each way on hq's MPLS link, under a stream each way
+    // between hq and branch1. Steering reacts to every change of the paths over it (hundreds,
+    // at this loss); what is reported, to the edges' status, the controller and its webhooks,
+    // has hysteresis (`patronus_core::path`): per path, one `down`, one `sla.violated` per
+    // class it breaks, and two more per reported `up`, which needs the path up for its damped
+    // hold-down (4 s here, doubling with each failure): at most one in a minute of failures.
+    // So at most 1 + C + 2 per path, C the SLA classes; the 8 paths over hq/mpls (4 from hq,
+    // one from each of branch1's and branch2's links to it) stay within 8 times that.
+    let (ok, out, err) = cli(&lab, &home, &["class", "list", "--output", "json"], "");
+    assert!(ok, "{err}");
+    let classes = serde_json::from_str::<serde_json::Value>(&out).unwrap()["items"]
+        .as_array()
+        .unwrap()
+        .len();
+    let per_path = 1 + classes + 2;
+    let hook2 = patronus_lab::webhook::Receiver::start_in(
+        &lab.ns("controller").unwrap(),
+        std::net::SocketAddr::new(ctl, 0),
+    )
+    .unwrap();
+    let (ok, _, err) = cli(
+        &lab,
+        &home,
+        &[
+            "webhook",
+            "create",
+            &hook2.url(),
+            "--event",
+            "path.down",
+            "--event",
+            "path.up",
+            "--event",
+            "sla.violated",
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    let on_lossy = |from: &str, to: &str| from == "hq/mpls" || to == "hq/mpls";
+    // Packets each of hq's links carried out of and into the site.
+    let counts = || {
+        ["hq/mpls", "hq/inet", "hq/lte"].map(|l| {
+            let s = lab.link_status(l).unwrap();
+            (s.up_stats.packets, s.down_stats.forwarded)
+        })
+    };
+    let (hq_ns, b1_ns) = (lab.ns("hq/h1").unwrap(), lab.ns("branch1/h1").unwrap());
+    let (hq_addr, b1_addr) = (
+        lab.addr("hq/h1", false).unwrap(),
+        lab.addr("branch1/h1", false).unwrap(),
+    );
+    let lossy_from_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let (ab, ba, moved) = std::thread::scope(|sc| {
+        let stream = |from: &str, to: &str, dst, port| {
+            let (from, to) = (from.to_owned(), to.to_owned());
+            sc.spawn(move || {
+                let cfg = patronus_lab::stream::StreamConfig {
+                    rate_pps: 200,
+                    duration: Duration::from_secs(62),
+                    port,
+                    ..Default::default()
+                };
+                patronus_lab::stream::run(&from, &to, dst, &cfg).unwrap()
+            })
+        };
+        let ab = stream(&hq_ns, &b1_ns, b1_addr, 49000);
+        let ba = stream(&b1_ns, &hq_ns, hq_addr, 49001);
+        std::thread::sleep(Duration::from_secs(1));
+        lab.link_command("hq/mpls", &["set", "loss=30%"]).unwrap();
+        // Give the flows 10 s to leave, then count where they go for 50 s.
+        std::thread::sleep(Duration::from_secs(10));
+        let c0 = counts();
+        std::thread::sleep(Duration::from_secs(50));
+        let c1 = counts();
+        lab.link_command("hq/mpls", &["set", "loss=0%"]).unwrap();
+        let (ab, ba) = (ab.join().unwrap(), ba.join().unwrap());
+        let moved: Vec<(u64, u64)> = c0
+            .iter()
+            .zip(&c1)
+            .map(|(a, b)| (b.0 - a.0, b.1 - a.1))
+            .collect();
+        eprintln!(
+            "lossy minute: hq->branch1 {} sent {} lost, branch1->hq {} sent {} lost; packets \
+             out of / into hq in the last 50 s on mpls, inet, lte: {moved:?}",
+            ab.sent, ab.lost, ba.sent, ba.lost
+        );
+        (ab, ba, moved)
+    });
+    // Flows left the lossy link and stayed off: a stream that stayed, or came back, would have
+    // lost 30 % of what it sent meanwhile; and the other links carried the streams' 10,000
+    // packets each way in those 50 s (the lossy one carried probes: 8 paths' worth).
+    for r in [&ab, &ba] {
+        assert!(r.lost * 100 < r.sent, "{r:?}");
+    }
+    let elsewhere = (moved[1].0 + moved[2].0, moved[1].1 + moved[2].1);
+    assert!(elsewhere.0 >= 10_000 && elsewhere.1 >= 10_000, "{moved:?}");
+    // What the edges report about the paths over hq/mpls: each end's recent path events.
+    let mut reported = std::collections::BTreeMap::<String, usize>::new();
+    for site in ["hq", "branch1", "branch2"] {
+        let out = lab
+            .exec(
+                site,
+                &[patronus().to_str().unwrap(), "edge", "status", "--json"],
+            )
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for e in v["path_events"].as_array().unwrap() {
+            let at = e["at_ms"].as_u64().unwrap();
+            let (from, to) = (
+                format!("{site}/{}", e["local_link"].as_str().unwrap()),
+                format!(
+                    "{}/{}",
+                    e["peer"].as_str().unwrap(),
+                    e["remote_link"].as_str().unwrap()
+                ),
+            );
+            if on_lossy(&from, &to) && at >= lossy_from_ms {
+                *reported.entry(format!("{from}>{to}")).or_default() += 1;
+            }
+        }
+    }
+    eprintln!("reported changes per path over hq/mpls (bound {per_path} each): {reported:?}");
+    assert!(!reported.is_empty(), "30 % loss reported nothing");
+    assert!(reported.len() <= 8, "{reported:?}");
+    for (path, n) in &reported {
+        assert!(*n <= per_path, "{path}: {n} reported changes");
+    }
+    // The webhooks: every reported down, up and broken SLA reached the controller with the
+    // edges' next telemetry and was delivered; no more than the bound.
+    std::thread::sleep(Duration::from_secs(10));
+    let hooks: Vec<serde_json::Value> = hook2
+        .received()
+        .iter()
+        .map(|r| r.json())
+        .filter(|v| {
+            on_lossy(
+                v["data"]["from"].as_str().unwrap_or(""),
+                v["data"]["to"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    let kinds: Vec<&str> = hooks.iter().map(|v| v["type"].as_str().unwrap()).collect();
+    eprintln!(
+        "webhooks about paths over hq/mpls: {} ({kinds:?})",
+        hooks.len()
+    );
+    assert!(!hooks.is_empty());
+    assert!(hooks.len() <= 8 * per_path, "{kinds:?}");
+
     // Headless for a minute: with the controller gone, a stream between branch1 and branch2
     // loses nothing for the whole minute, while hq's edge is restarted (it comes back on the
     // configuration it kept and forwards) and then fails over a cut on its own.
