@@ -32,7 +32,7 @@ use patronus_api::{
 use crate::classify::Classifier;
 use crate::flow_table::{Flow, FlowTable};
 use crate::packet::{FlowKey, PacketMeta};
-use crate::path::{Change, Ctx, Events, LinkEnd, Path, PathCounters};
+use crate::path::{Change, Ctx, Events, LinkEnd, Path, PathCounters, PeerLife};
 use crate::probe::{self, NtpTime, PROBE_LEN, ProbeError, ProbeReply};
 use crate::route::RouteTable;
 use crate::score::{SlaBounds, score};
@@ -262,12 +262,8 @@ pub struct Engine {
     /// Each peer's epoch (see the module documentation), apart from `peers` so the fast path
     /// reads a small dense array.
     epochs: Vec<u32>,
-    /// Each peer's latest evidence of life on any path (see [`crate::path`]).
-    peer_evidence: Vec<Option<Instant>>,
-    /// When each peer's replies last showed it stalled (see [`crate::path`]).
-    peer_stalled: Vec<Option<Instant>>,
-    /// When each peer's paths were last all probed at once (see `probe_peer_now`).
-    peer_probed: Vec<Option<Instant>>,
+    /// What each peer as a whole has shown (see [`PeerLife`]).
+    life: Vec<PeerLife>,
     /// The `now` of the last `handle_timeout`.
     last_timeout: Option<Instant>,
     paths: Vec<Option<Path>>,
@@ -403,9 +399,7 @@ impl Engine {
             routes: RouteTable::default(),
             peers: Vec::new(),
             epochs: Vec::new(),
-            peer_evidence: Vec::new(),
-            peer_stalled: Vec::new(),
-            peer_probed: Vec::new(),
+            life: Vec::new(),
             last_timeout: None,
             paths: Vec::new(),
             tx: Vec::new(),
@@ -506,8 +500,11 @@ impl Engine {
                 classes: &self.bounds,
                 instance: self.instance,
                 epoch: self.epoch,
-                peer_evidence: self.peer_evidence.get(p.peer.0 as usize).copied().flatten(),
-                peer_stalled: self.peer_stalled.get(p.peer.0 as usize).copied().flatten(),
+                peer: self
+                    .life
+                    .get(p.peer.0 as usize)
+                    .copied()
+                    .unwrap_or_default(),
             };
             let change = p.reconfigure(&map, now, &ctx, &mut self.scratch_events);
             if change.any() {
@@ -555,9 +552,7 @@ impl Engine {
             remote_links: Vec::new(),
         });
         self.epochs.push(0);
-        self.peer_evidence.push(None);
-        self.peer_stalled.push(None);
-        self.peer_probed.push(None);
+        self.life.push(PeerLife::default());
         // The new prefixes may be more specific than ones other peers own.
         self.config_changed();
         Ok(id)
@@ -903,8 +898,8 @@ impl Engine {
         };
         let held_ns = result.as_ref().map_or(0, |r| r.t3.nanos_since(r.t2));
         if u128::try_from(held_ns).is_ok_and(|ns| ns > crate::path::LATE.as_nanos()) {
-            if let Some(slot) = self.peer_stalled.get_mut(p.peer.0 as usize) {
-                *slot = Some(now);
+            if let Some(life) = self.life.get_mut(p.peer.0 as usize) {
+                life.stalled = Some(now);
             }
         }
         let ctx = Ctx {
@@ -912,8 +907,11 @@ impl Engine {
             classes: &self.bounds,
             instance: self.instance,
             epoch: self.epoch,
-            peer_evidence: self.peer_evidence.get(p.peer.0 as usize).copied().flatten(),
-            peer_stalled: self.peer_stalled.get(p.peer.0 as usize).copied().flatten(),
+            peer: self
+                .life
+                .get(p.peer.0 as usize)
+                .copied()
+                .unwrap_or_default(),
         };
         let outcome =
             result.and_then(|reply| p.on_reply(&reply, now, &ctx, &mut self.scratch_events));
@@ -984,13 +982,13 @@ impl Engine {
         let (peer, Some(at)) = (p.peer, p.last_evidence()) else {
             return;
         };
-        let Some(slot) = self.peer_evidence.get_mut(peer.0 as usize) else {
+        let Some(life) = self.life.get_mut(peer.0 as usize) else {
             return;
         };
-        if slot.is_some_and(|t| t >= at) {
+        if life.evidence.is_some_and(|t| t >= at) {
             return;
         }
-        *slot = Some(at);
+        life.evidence = Some(at);
         let Some(peer_paths) = self.peers.get(peer.0 as usize).map(|p| p.paths.clone()) else {
             return;
         };
@@ -1060,8 +1058,11 @@ impl Engine {
                 classes: &self.bounds,
                 instance: self.instance,
                 epoch: self.epoch,
-                peer_evidence: self.peer_evidence.get(p.peer.0 as usize).copied().flatten(),
-                peer_stalled: self.peer_stalled.get(p.peer.0 as usize).copied().flatten(),
+                peer: self
+                    .life
+                    .get(p.peer.0 as usize)
+                    .copied()
+                    .unwrap_or_default(),
             };
             let (change, probe) = p.on_timeout(now, &ctx, &mut self.scratch_events);
             if let Some(payload) = probe {
@@ -1115,8 +1116,8 @@ impl Engine {
     /// still?), at most once per detection time of the active cadence per peer.
     fn probe_peer_now(&mut self, peer: PeerId, silent: PathId, now: Instant) {
         let every = self.settings.active_probe_interval() * self.settings.down_after_misses;
-        match self.peer_probed.get_mut(peer.0 as usize) {
-            Some(last) if last.is_none_or(|t| now >= t + every) => *last = Some(now),
+        match self.life.get_mut(peer.0 as usize) {
+            Some(life) if life.probed.is_none_or(|t| now >= t + every) => life.probed = Some(now),
             _ => return,
         }
         let Some(peer_paths) = self.peers.get(peer.0 as usize).map(|p| p.paths.clone()) else {

@@ -39,8 +39,11 @@
 //! goes Down at once, unless the answer shows that the peer held it (its host stalled: STAMP's
 //! T3 - T2): then the held path gets one detection time from then to answer too (what a
 //! stalled peer held comes back on each path after that path's delay). After
-//! [`PEER_SILENCE_GRACE`] past its deadline it goes Down anyway. Verdicts on its probes wait likewise, and a reply the peer held while stalled
-//! (its STAMP T2 and T3 say so) is not counted lost.
+//! [`PEER_SILENCE_GRACE`] past its deadline it goes Down anyway. Verdicts on its probes wait
+//! likewise, and a reply the peer held while stalled (its STAMP T2 and T3 say so) is not counted
+//! lost. A path whose reply is overdue has the peer's other paths probed at once (at most once per
+//! detection time of the active cadence), so that by its deadline they have shown whether the
+//! peer still answers: a real cut still ends at the detection time.
 //!
 //! **Cadence**: a path that carries traffic (flows are assigned to it, or data arrived on it
 //! in the last second) is probed every `active_probe_interval`; an idle or Down path every
@@ -65,7 +68,8 @@
 //! is eligible for it (met continuously for the damped hold-down). So a path that flaps or keeps
 //! breaking an SLA is reported once per episode, and its episodes grow further apart with each
 //! failure (the damping): a link at 30 % loss for a minute reports a handful of changes, not
-//! hundreds. The internal transitions remain [`Events::internal`], for steering logs and tests.
+//! hundreds. The internal transitions remain in [`crate::Engine::poll_event`], for steering logs
+//! and tests.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -152,11 +156,21 @@ pub(crate) struct Ctx<'a> {
     pub classes: &'a [SlaBounds],
     pub instance: u32,
     pub epoch: Instant,
-    /// The latest evidence of life of any path to this path's peer.
-    pub peer_evidence: Option<Instant>,
+    /// What this path's peer as a whole has shown.
+    pub peer: PeerLife,
+}
+
+/// What the engine knows of a peer as a whole, to tell a path's silence from its peer's (see
+/// the module docs).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct PeerLife {
+    /// The latest evidence of life on any of its paths.
+    pub evidence: Option<Instant>,
     /// When a reply last showed that the peer held it for more than [`LATE`] (STAMP's T3 - T2):
     /// its host was stalled.
-    pub peer_stalled: Option<Instant>,
+    pub stalled: Option<Instant>,
+    /// When all its paths were last probed at once (a path's reply was overdue).
+    pub probed: Option<Instant>,
 }
 
 impl Ctx<'_> {
@@ -634,9 +648,10 @@ impl Path {
         if let Some(deadline) = self.down_deadline(ctx.settings).filter(|d| now >= *d) {
             let anchor = self.last_evidence.or(self.up_since).unwrap_or(now);
             let peer_heard_since = ctx
-                .peer_evidence
+                .peer
+                .evidence
                 .is_some_and(|t| t > self.overdue_after(anchor));
-            let peer_was_stalled = ctx.peer_stalled.is_some_and(|t| t > anchor);
+            let peer_was_stalled = ctx.peer.stalled.is_some_and(|t| t > anchor);
             if self.held && peer_heard_since && peer_was_stalled {
                 // The peer speaks again on another path, and its replies say it was stalled
                 // (held them). This one gets a detection time from now to show life too: what
@@ -742,7 +757,7 @@ impl Path {
     /// Resolves probe records in send order: replied ones as received, expired ones as lost;
     /// forgets records too old for a late reply.
     fn resolve(&mut self, now: Instant, ctx: &Ctx<'_>, events: &mut Events) -> Change {
-        if self.record_outcomes(now, ctx.peer_evidence) && self.state != PathState::Down {
+        if self.record_outcomes(now, ctx.peer.evidence) && self.state != PathState::Down {
             self.evaluate(now, ctx, events, false)
         } else {
             Change::NONE
@@ -754,10 +769,10 @@ impl Path {
     /// recorded.
     ///
     /// A probe whose waiting time ran out while nothing at all came from the peer since its
-    /// reply was due (`peer_evidence`, on any path) is not judged yet: the whole peer is silent, which
-    /// says nothing about this path's loss (see the module docs). Its verdict waits for the
-    /// peer's next sign of life (a reply the reflector held, STAMP's T2 and T3 show) or for
-    /// [`PEER_SILENCE_GRACE`].
+    /// reply was due (`peer_evidence`, on any of its paths) is not judged yet: the whole peer
+    /// is silent, which says nothing about this path's loss (see the module docs). Its verdict
+    /// waits for the peer's next sign of life (a reply the reflector held, STAMP's T2 and T3
+    /// show) or for [`PEER_SILENCE_GRACE`].
     fn record_outcomes(&mut self, now: Instant, peer_evidence: Option<Instant>) -> bool {
         let mut recorded = false;
         let heard = peer_evidence.max(self.last_evidence);
@@ -911,7 +926,7 @@ impl Path {
             }
         }
         // Record this outcome (and any resolved before it) in the loss window.
-        self.record_outcomes(now, ctx.peer_evidence);
+        self.record_outcomes(now, ctx.peer.evidence);
         change |= self.evaluate(now, ctx, events, came_up);
         Ok(change)
     }

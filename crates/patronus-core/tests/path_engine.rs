@@ -1084,17 +1084,22 @@ fn a_peer_that_only_echoes_is_measured_by_round_trip_with_its_whole_variation_as
     );
 }
 
+/// Whether `e` is a change of path `path` (its state or an SLA class).
+fn changes(e: &Event, path: PathId) -> bool {
+    match e {
+        Event::PathUp { path: p, .. }
+        | Event::PathDown { path: p, .. }
+        | Event::SlaViolated { path: p, .. }
+        | Event::SlaRestored { path: p, .. } => *p == path,
+        Event::FlowMoved { .. } => false,
+    }
+}
+
 /// Reported changes (`poll_report`) of a site about one path.
 fn reported_of(net: &Net, site: &str, path: PathId) -> Vec<(Duration, Event)> {
     net.reported(site)
         .into_iter()
-        .filter(|(_, e)| match e {
-            Event::PathUp { path: p, .. }
-            | Event::PathDown { path: p, .. }
-            | Event::SlaViolated { path: p, .. }
-            | Event::SlaRestored { path: p, .. } => *p == path,
-            Event::FlowMoved { .. } => false,
-        })
+        .filter(|(_, e)| changes(e, path))
         .collect()
 }
 
@@ -1102,13 +1107,7 @@ fn reported_of(net: &Net, site: &str, path: PathId) -> Vec<(Duration, Event)> {
 fn internal_of(net: &Net, site: &str, path: PathId) -> usize {
     net.events(site)
         .into_iter()
-        .filter(|(_, e)| match e {
-            Event::PathUp { path: p, .. }
-            | Event::PathDown { path: p, .. }
-            | Event::SlaViolated { path: p, .. }
-            | Event::SlaRestored { path: p, .. } => *p == path,
-            Event::FlowMoved { .. } => false,
-        })
+        .filter(|(_, e)| changes(e, path))
         .count()
 }
 
