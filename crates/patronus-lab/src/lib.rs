@@ -12,6 +12,7 @@
 
 pub mod edges;
 pub mod emulator;
+pub mod flood;
 #[cfg(feature = "harness")]
 pub mod harness;
 pub mod impair;

@@ -817,6 +817,8 @@ fn the_controller_raises_its_open_file_limit_to_the_hard_limit() {
 struct Terminal {
     master: std::fs::File,
     seen: Arc<Mutex<Vec<u8>>>,
+    /// The reader reached the end (the CLI exited and closed the terminal).
+    closed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Terminal {
@@ -838,14 +840,23 @@ impl Terminal {
         };
         let master = std::fs::File::from(pty.master);
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let (mut r, sink) = (master.try_clone().unwrap(), seen.clone());
+        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (mut r, sink, end) = (master.try_clone().unwrap(), seen.clone(), closed.clone());
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n @ 1..) = r.read(&mut buf) {
                 sink.lock().unwrap().extend_from_slice(&buf[..n]);
             }
+            end.store(true, std::sync::atomic::Ordering::SeqCst);
         });
-        (child, Terminal { master, seen })
+        (
+            child,
+            Terminal {
+                master,
+                seen,
+                closed,
+            },
+        )
     }
 
     fn text(&self) -> String {
@@ -877,6 +888,11 @@ fn wait_exit(child: &mut Child, term: &Terminal) -> std::process::ExitStatus {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(status) = child.try_wait().unwrap() {
+            // Everything the CLI wrote before it exited, its last error included, is read.
+            while !term.closed.load(std::sync::atomic::Ordering::SeqCst) {
+                assert!(Instant::now() < deadline, "the terminal stays open");
+                std::thread::sleep(Duration::from_millis(5));
+            }
             return status;
         }
         assert!(

@@ -10,7 +10,13 @@ use std::time::Duration;
 
 use patronus_lab::edges::{self, Underlay};
 use patronus_lab::stream::{self, StreamConfig};
-use patronus_lab::{Lab, LabOptions, Topology, lab_test, netns};
+use patronus_lab::{Lab, LabOptions, Topology, flood, lab_test, netns};
+
+/// The flood at `rate` per second for `secs` from the calling thread's namespace; how many went.
+fn flood(pkts: &[Vec<u8>], dst: std::net::SocketAddrV4, rate: u64, secs: u64) -> u64 {
+    let never = std::sync::atomic::AtomicBool::new(false);
+    flood::send(pkts, dst, rate, Duration::from_secs(secs), &never).unwrap()
+}
 
 fn main() -> std::process::ExitCode {
     patronus_lab::harness::run(
@@ -679,53 +685,6 @@ fn a_stock_wireguard_go_peer_exchanges_traffic_with_a_patronus_edge() {
     );
 }
 
-/// An IPv4 UDP packet from `src` to `dst` (the kernel fills in the IP checksum and length of a
-/// raw socket's packets; a UDP checksum of 0 means none over IPv4).
-fn spoofed(src: std::net::SocketAddrV4, dst: std::net::SocketAddrV4, payload: &[u8]) -> Vec<u8> {
-    let total = (20 + 8 + payload.len()) as u16;
-    let mut p = vec![0x45, 0];
-    p.extend_from_slice(&total.to_be_bytes());
-    p.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]);
-    p.extend_from_slice(&src.ip().octets());
-    p.extend_from_slice(&dst.ip().octets());
-    p.extend_from_slice(&src.port().to_be_bytes());
-    p.extend_from_slice(&dst.port().to_be_bytes());
-    p.extend_from_slice(&(8 + payload.len() as u16).to_be_bytes());
-    p.extend_from_slice(&[0, 0]);
-    p.extend_from_slice(payload);
-    p
-}
-
-/// Sends `pkts` round and round on a raw socket (in the calling thread's namespace) at `rate`
-/// per second for `secs`; returns how many went.
-fn flood(pkts: &[Vec<u8>], dst: std::net::SocketAddrV4, rate: u64, secs: u64) -> u64 {
-    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-    // IPPROTO_RAW: the packets carry their own IP header.
-    let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(255))).unwrap();
-    let to = SockAddr::from(dst);
-    let start = std::time::Instant::now();
-    let end = Duration::from_secs(secs);
-    let mut sent = 0u64;
-    loop {
-        let t = start.elapsed();
-        if t >= end {
-            return sent;
-        }
-        let due = (t.as_secs_f64() * rate as f64) as u64;
-        while sent < due {
-            // A full socket buffer is the attacker's problem: count what the kernel took.
-            if s.send_to(&pkts[(sent % pkts.len() as u64) as usize], &to)
-                .is_ok()
-            {
-                sent += 1;
-            } else {
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
 /// 50,000 handshake initiations a second for 15 s, each with a valid MAC1 for b (anyone who
 /// knows b's public key can make them), spoofed from a's real endpoint on its MPLS link to b's
 /// MPLS link, while a stream crosses from a to b (on that very path). b admits a few a second
@@ -733,8 +692,6 @@ fn flood(pkts: &[Vec<u8>], dst: std::net::SocketAddrV4, rate: u64, secs: u64) ->
 /// and drops the rest; the stream loses nothing, no path goes down and no flow moves.
 fn a_handshake_flood_from_a_peers_own_endpoint_costs_the_traffic_nothing_and_gets_bounded_replies()
 {
-    use boringtun::noise::{Tunn, TunnResult};
-    use boringtun::x25519::{PublicKey, StaticSecret};
     const SECS: u64 = 15;
     const RATE: u64 = 50_000;
     let lab = Lab::up(&Topology::two_sites_two_links(), LabOptions::default()).unwrap();
@@ -780,21 +737,12 @@ fn a_handshake_flood_from_a_peers_own_endpoint_costs_the_traffic_nothing_and_get
     let (a_link, b_link) = (busier(a_links, a0, a1), busier(b_links, b0, b1));
 
     // 1000 distinct initiations to b's key from a key b does not know.
-    let b_key = PublicKey::from(started[0].0.peers[0].public_key.0);
+    let b_key = started[0].0.peers[0].public_key.0;
     let (_, ap) = lab.plan().link(a_link).unwrap();
     let (_, bp) = lab.plan().link(b_link).unwrap();
     let src = std::net::SocketAddrV4::new(ap.addr4, edges::EDGE_PORT);
     let dst = std::net::SocketAddrV4::new(bp.addr4, edges::EDGE_PORT);
-    let pkts: Vec<Vec<u8>> = (0..1000u32)
-        .map(|i| {
-            let mut t = Tunn::new(StaticSecret::from([7; 32]), b_key, None, None, i, None);
-            let mut out = vec![0u8; 256];
-            match t.format_handshake_initiation(&mut out, false) {
-                TunnResult::WriteToNetwork(d) => spoofed(src, dst, d),
-                _ => panic!("no initiation"),
-            }
-        })
-        .collect();
+    let pkts = flood::initiations(b_key, src, dst, 1000);
 
     let before = edge_status(&lab, "b");
     let a_before = edge_status(&lab, "a");
@@ -945,35 +893,6 @@ fn wait_for_drops(lab: &Lab) {
     }
 }
 
-/// `count` initiations to `to` from a key nobody knows, each in an IPv4 packet spoofed from
-/// `src` to `dst`.
-fn flood_packets(
-    to: [u8; 32],
-    src: std::net::SocketAddrV4,
-    dst: std::net::SocketAddrV4,
-    count: u32,
-) -> Vec<Vec<u8>> {
-    use boringtun::noise::{Tunn, TunnResult};
-    use boringtun::x25519::{PublicKey, StaticSecret};
-    (0..count)
-        .map(|i| {
-            let mut t = Tunn::new(
-                StaticSecret::from([7; 32]),
-                PublicKey::from(to),
-                None,
-                None,
-                i,
-                None,
-            );
-            let mut out = vec![0u8; 256];
-            match t.format_handshake_initiation(&mut out, false) {
-                TunnResult::WriteToNetwork(d) => spoofed(src, dst, d),
-                _ => panic!("no initiation"),
-            }
-        })
-        .collect()
-}
-
 /// Restarts a's edge (SIGTERM, then the same configuration) and returns, for each of a's
 /// paths (`local>remote`), how long after the new process started it reported the path up.
 fn restart_a(lab: &Lab, cfg: &patronus_api::EdgeConfig, pid: u32) -> (u32, Vec<(String, i64)>) {
@@ -1035,7 +954,7 @@ fn a_peer_that_restarts_during_a_handshake_flood_gets_every_path_back() {
     let (_, bp) = lab.plan().link("b/mpls").unwrap();
     let src = std::net::SocketAddrV4::new(ap.addr4, edges::EDGE_PORT);
     let dst = std::net::SocketAddrV4::new(bp.addr4, edges::EDGE_PORT);
-    let pkts = flood_packets(cfg.peers[0].public_key.0, src, dst, 1000);
+    let pkts = flood::initiations(cfg.peers[0].public_key.0, src, dst, 1000);
     let wan = lab.ns("wan").unwrap();
     let stop = std::sync::atomic::AtomicBool::new(false);
     let flooded = std::thread::scope(|s| {
