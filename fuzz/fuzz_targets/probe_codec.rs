@@ -39,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = engine.handle_probe_reply(PathId(7), data, now);
     let _ = engine.handle_echo_reply(path, data, now + Duration::from_millis(6));
     let _ = engine.handle_echo_reply(PathId(7), data, now);
-    let _ = engine.handle_probe_request(path, data, 64, now);
+    let _ = engine.handle_probe_request(path, data, 64, now, now + Duration::from_millis(1));
     if let Ok(meta) = PacketMeta::parse(data) {
         let _ = engine.decide(&meta, data.len(), now);
     }
