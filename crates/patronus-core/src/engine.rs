@@ -342,6 +342,13 @@ fn reschedule(
     }
 }
 
+/// Schedules a path's next wake-up at `now`, replacing whatever was scheduled.
+fn wake_now(timers: &mut BinaryHeap<Reverse<(Instant, u32, u32)>>, p: &mut Path, now: Instant) {
+    p.timer_gen = p.timer_gen.wrapping_add(1);
+    p.scheduled = Some(now);
+    timers.push(Reverse((now, p.id.0, p.timer_gen)));
+}
+
 /// Queues an event, dropping the oldest (and counting it) when the queue is full.
 fn push_bounded(queue: &mut VecDeque<(Instant, Event)>, dropped: &mut u64, now: Instant, e: Event) {
     if queue.len() >= MAX_QUEUED_EVENTS {
@@ -500,11 +507,7 @@ impl Engine {
                 classes: &self.bounds,
                 instance: self.instance,
                 epoch: self.epoch,
-                peer: self
-                    .life
-                    .get(p.peer.0 as usize)
-                    .copied()
-                    .unwrap_or_default(),
+                life: &self.life,
             };
             let change = p.reconfigure(&map, now, &ctx, &mut self.scratch_events);
             if change.any() {
@@ -896,8 +899,9 @@ impl Engine {
             self.stats.replies_rejected += 1;
             return Err(result.err().unwrap_or(ProbeError::UnknownPath(path.0)));
         };
+        // A reply the reflector held longer than a late loop would: its host was stalled.
         let held_ns = result.as_ref().map_or(0, |r| r.t3.nanos_since(r.t2));
-        if u128::try_from(held_ns).is_ok_and(|ns| ns > crate::path::LATE.as_nanos()) {
+        if held_ns > crate::path::LATE.as_nanos() as i64 {
             if let Some(life) = self.life.get_mut(p.peer.0 as usize) {
                 life.stalled = Some(now);
             }
@@ -907,11 +911,7 @@ impl Engine {
             classes: &self.bounds,
             instance: self.instance,
             epoch: self.epoch,
-            peer: self
-                .life
-                .get(p.peer.0 as usize)
-                .copied()
-                .unwrap_or_default(),
+            life: &self.life,
         };
         let outcome =
             result.and_then(|reply| p.on_reply(&reply, now, &ctx, &mut self.scratch_events));
@@ -947,6 +947,7 @@ impl Engine {
         arrived: Instant,
         now: Instant,
     ) -> Result<[u8; PROBE_LEN], ProbeError> {
+        let arrived = arrived.min(now);
         let request = match probe::ProbeRequest::decode(bytes) {
             Ok(r) => r,
             Err(e) => {
@@ -956,7 +957,7 @@ impl Engine {
         };
         let reply = ProbeReply {
             request,
-            t2: self.ntp(arrived.min(now)),
+            t2: self.ntp(arrived),
             t3: self.ntp(now),
             sender_ttl: ttl,
             reads_heard: true,
@@ -964,7 +965,7 @@ impl Engine {
         .encode();
         if let Some(Some(p)) = self.paths.get_mut(path.0 as usize) {
             p.count_reflected();
-            if p.on_request(&request, arrived.min(now)) {
+            if p.on_request(&request, arrived) {
                 reschedule(&mut self.timers, p, &self.settings);
                 self.note_evidence(path, now);
             }
@@ -995,9 +996,7 @@ impl Engine {
         for id in peer_paths {
             if let Some(Some(q)) = self.paths.get_mut(id.0 as usize) {
                 if q.is_held() {
-                    q.timer_gen = q.timer_gen.wrapping_add(1);
-                    q.scheduled = Some(now);
-                    self.timers.push(Reverse((now, q.id.0, q.timer_gen)));
+                    wake_now(&mut self.timers, q, now);
                 }
             }
         }
@@ -1058,11 +1057,7 @@ impl Engine {
                 classes: &self.bounds,
                 instance: self.instance,
                 epoch: self.epoch,
-                peer: self
-                    .life
-                    .get(p.peer.0 as usize)
-                    .copied()
-                    .unwrap_or_default(),
+                life: &self.life,
             };
             let (change, probe) = p.on_timeout(now, &ctx, &mut self.scratch_events);
             if let Some(payload) = probe {
@@ -1126,9 +1121,7 @@ impl Engine {
         for id in peer_paths.into_iter().filter(|id| *id != silent) {
             if let Some(Some(q)) = self.paths.get_mut(id.0 as usize) {
                 if q.speed_up(now, &self.settings) {
-                    q.timer_gen = q.timer_gen.wrapping_add(1);
-                    q.scheduled = Some(now);
-                    self.timers.push(Reverse((now, q.id.0, q.timer_gen)));
+                    wake_now(&mut self.timers, q, now);
                 }
             }
         }

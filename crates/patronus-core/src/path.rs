@@ -156,8 +156,8 @@ pub(crate) struct Ctx<'a> {
     pub classes: &'a [SlaBounds],
     pub instance: u32,
     pub epoch: Instant,
-    /// What this path's peer as a whole has shown.
-    pub peer: PeerLife,
+    /// What each peer as a whole has shown, by peer id.
+    pub life: &'a [PeerLife],
 }
 
 /// What the engine knows of a peer as a whole, to tell a path's silence from its peer's (see
@@ -174,6 +174,11 @@ pub(crate) struct PeerLife {
 }
 
 impl Ctx<'_> {
+    /// What `peer` as a whole has shown.
+    fn peer(&self, peer: PeerId) -> PeerLife {
+        self.life.get(peer.0 as usize).copied().unwrap_or_default()
+    }
+
     fn ntp(&self, now: Instant) -> NtpTime {
         NtpTime::from_duration(now.saturating_duration_since(self.epoch))
     }
@@ -648,10 +653,10 @@ impl Path {
         if let Some(deadline) = self.down_deadline(ctx.settings).filter(|d| now >= *d) {
             let anchor = self.last_evidence.or(self.up_since).unwrap_or(now);
             let peer_heard_since = ctx
-                .peer
+                .peer(self.peer)
                 .evidence
                 .is_some_and(|t| t > self.overdue_after(anchor));
-            let peer_was_stalled = ctx.peer.stalled.is_some_and(|t| t > anchor);
+            let peer_was_stalled = ctx.peer(self.peer).stalled.is_some_and(|t| t > anchor);
             if self.held && peer_heard_since && peer_was_stalled {
                 // The peer speaks again on another path, and its replies say it was stalled
                 // (held them). This one gets a detection time from now to show life too: what
@@ -757,7 +762,8 @@ impl Path {
     /// Resolves probe records in send order: replied ones as received, expired ones as lost;
     /// forgets records too old for a late reply.
     fn resolve(&mut self, now: Instant, ctx: &Ctx<'_>, events: &mut Events) -> Change {
-        if self.record_outcomes(now, ctx.peer.evidence) && self.state != PathState::Down {
+        if self.record_outcomes(now, ctx.peer(self.peer).evidence) && self.state != PathState::Down
+        {
             self.evaluate(now, ctx, events, false)
         } else {
             Change::NONE
@@ -926,7 +932,7 @@ impl Path {
             }
         }
         // Record this outcome (and any resolved before it) in the loss window.
-        self.record_outcomes(now, ctx.peer.evidence);
+        self.record_outcomes(now, ctx.peer(self.peer).evidence);
         change |= self.evaluate(now, ctx, events, came_up);
         Ok(change)
     }

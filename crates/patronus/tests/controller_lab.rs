@@ -753,6 +753,8 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
     assert!(elsewhere.0 >= 10_000 && elsewhere.1 >= 10_000, "{moved:?}");
     // What the edges report about the paths over hq/mpls: each end's recent path events.
     let mut reported = std::collections::BTreeMap::<String, usize>::new();
+    // Of those, the kinds a webhook is told of.
+    let mut to_deliver = 0;
     for site in ["hq", "branch1", "branch2"] {
         let out = lab
             .exec(
@@ -773,6 +775,9 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
             );
             if on_lossy(&from, &to) && at >= lossy_from_ms {
                 *reported.entry(format!("{from}>{to}")).or_default() += 1;
+                if ["down", "up", "sla-violated"].contains(&e["kind"].as_str().unwrap()) {
+                    to_deliver += 1;
+                }
             }
         }
     }
@@ -782,20 +787,31 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
     for (path, n) in &reported {
         assert!(*n <= per_path, "{path}: {n} reported changes");
     }
-    // The webhooks: every reported down, up and broken SLA reached the controller with the
-    // edges' next telemetry and was delivered; no more than the bound.
-    std::thread::sleep(Duration::from_secs(10));
-    let hooks: Vec<serde_json::Value> = hook2
-        .received()
-        .iter()
-        .map(|r| r.json())
-        .filter(|v| {
-            on_lossy(
-                v["data"]["from"].as_str().unwrap_or(""),
-                v["data"]["to"].as_str().unwrap_or(""),
-            )
-        })
-        .collect();
+    // The webhooks: every reported down, up and broken SLA reaches the controller with the
+    // edges' next telemetry and is delivered; no more than the bound.
+    let lossy_hooks = || -> Vec<serde_json::Value> {
+        hook2
+            .received()
+            .iter()
+            .map(|r| r.json())
+            .filter(|v| {
+                on_lossy(
+                    v["data"]["from"].as_str().unwrap_or(""),
+                    v["data"]["to"].as_str().unwrap_or(""),
+                )
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lossy_hooks().len() < to_deliver {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {to_deliver} webhooks delivered",
+            lossy_hooks().len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let hooks = lossy_hooks();
     let kinds: Vec<&str> = hooks.iter().map(|v| v["type"].as_str().unwrap()).collect();
     eprintln!(
         "webhooks about paths over hq/mpls: {} ({kinds:?})",
