@@ -84,6 +84,13 @@ const GSO_MAX_BYTES: usize = 64_000;
 const MAX_DATAGRAM: usize = 9216 + 48;
 /// Socket buffers: a few milliseconds of line rate, so bursts are not dropped.
 const SOCKET_BUFFER: usize = 8 << 20;
+/// The handshake queue's buffer: about 1,400 messages (a queued datagram takes about 768
+/// bytes of buffer), 28 ms of a 50,000/s flood. A genuine message waits no longer than the
+/// queue takes to drain; beyond that the flood is dropped by the kernel, at no cost to us.
+const HANDSHAKE_BUFFER: usize = 1 << 20;
+/// Handshake datagrams read from a link's handshake queue per wake-up: a flood gets this
+/// much of each pass of the loop, and the data and the TUN the rest.
+const HANDSHAKE_BUDGET: usize = 64;
 
 /// Encrypted datagrams for one path (or path pair, in duplicate mode), sent with one
 /// UDP_SEGMENT `sendmsg`: every datagram but the last has the same length.
@@ -101,6 +108,7 @@ const TOKEN_TUN: u64 = 0;
 const TOKEN_TIMER: u64 = 1;
 const TOKEN_STOP: u64 = 2;
 const TOKEN_CONFIG: u64 = 3;
+/// Link `i`'s data socket is `TOKEN_LINK_BASE + 2 i`, its handshake socket the next.
 const TOKEN_LINK_BASE: u64 = 16;
 
 #[derive(Debug, thiserror::Error)]
@@ -165,11 +173,24 @@ pub struct EdgeCounters {
     pub handshakes_dropped: u64,
 }
 
-/// One WAN link's socket.
+/// One WAN link's sockets (see [`crate::linksock`]).
 struct LinkSock {
     name: String,
+    /// Data and probes; every send goes from here.
     sock: UdpSocket,
+    /// Handshake messages, when the kernel gave them their own queue.
+    hs: Option<UdpSocket>,
     v6: bool,
+    /// What the kernel dropped for want of room in each queue (data, handshake), as it last
+    /// said (`SO_RXQ_OVFL`, a running count per socket).
+    drops: [u32; 2],
+}
+
+/// Which of a link's queues to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Queue {
+    Data,
+    Handshake,
 }
 
 /// One path at run time.
@@ -619,36 +640,46 @@ impl Edge {
         for l in &cfg.links {
             let name = l.link.name.to_string();
             let addr = SocketAddr::new(l.address, cfg.listen_port);
-            let sock =
-                UdpSocket::bind(addr).map_err(io_err(format!("link {name}: binding {addr}")))?;
             let dev = l.interface.clone().unwrap_or_else(|| name.clone());
-            setsockopt(
-                &sock,
-                sockopt::BindToDevice,
-                &std::ffi::OsString::from(&dev),
-            )
-            .map_err(sys_err(format!("link {name}: binding to device {dev}")))?;
-            sock.set_nonblocking(true)
-                .map_err(io_err(format!("link {name}: non-blocking")))?;
-            // Coalesced receive (UDP_GRO) and large buffers; both only help, so a kernel that
-            // refuses them is noted and the edge carries on.
-            if let Err(e) = setsockopt(&sock, sockopt::UdpGroSegment, &true) {
-                eprintln!("edge: link {name}: no UDP_GRO ({e}); receiving one datagram per call");
+            let (socks, note) =
+                crate::linksock::bind_link(addr, Some(&dev)).map_err(|e| EdgeError::Io {
+                    what: format!("link {name}: {}", e.what),
+                    error: e.error,
+                })?;
+            if let Some(note) = note {
+                eprintln!("edge: link {name}: {note}");
             }
-            // The kernel's receive time of each datagram: a probe read late (the loop was busy
-            // or stopped) is still measured from when it came (see `read_link`).
-            if let Err(e) = setsockopt(&sock, sockopt::ReceiveTimestampns, &true) {
-                eprintln!(
-                    "edge: link {name}: no receive timestamps ({e}); probes read late will \
-                     measure the lateness too"
-                );
+            for sock in std::iter::once(&socks.data).chain(&socks.handshake) {
+                // Coalesced receive (UDP_GRO) and large buffers; both only help, so a kernel
+                // that refuses them is noted and the edge carries on. (UDP_GRO on both: the
+                // kernel's GRO picks a socket of the group by hash, before the steering.)
+                if let Err(e) = setsockopt(sock, sockopt::UdpGroSegment, &true) {
+                    eprintln!(
+                        "edge: link {name}: no UDP_GRO ({e}); receiving one datagram per call"
+                    );
+                }
+                // The kernel's receive time of each datagram: a probe read late (the loop was
+                // busy or stopped) is still measured from when it came (see `read_link`).
+                if let Err(e) = setsockopt(sock, sockopt::ReceiveTimestampns, &true) {
+                    eprintln!(
+                        "edge: link {name}: no receive timestamps ({e}); probes read late will \
+                         measure the lateness too"
+                    );
+                }
+                // The count of datagrams dropped for want of room, on every read.
+                let _ = setsockopt(sock, sockopt::RxqOvfl, &1);
+                let _ = setsockopt(sock, sockopt::SndBufForce, &SOCKET_BUFFER);
             }
-            let _ = setsockopt(&sock, sockopt::RcvBufForce, &SOCKET_BUFFER);
-            let _ = setsockopt(&sock, sockopt::SndBufForce, &SOCKET_BUFFER);
+            let _ = setsockopt(&socks.data, sockopt::RcvBufForce, &SOCKET_BUFFER);
+            if let Some(hs) = &socks.handshake {
+                let _ = setsockopt(hs, sockopt::RcvBufForce, &HANDSHAKE_BUFFER);
+            }
             links.push(LinkSock {
                 name,
-                sock,
+                sock: socks.data,
+                hs: socks.handshake,
                 v6: l.address.is_ipv6(),
+                drops: [0; 2],
             });
         }
 
@@ -713,7 +744,10 @@ impl Edge {
         });
         add(inbox.wake.as_fd(), TOKEN_CONFIG)?;
         for (i, l) in links.iter().enumerate() {
-            add(l.sock.as_fd(), TOKEN_LINK_BASE + i as u64)?;
+            add(l.sock.as_fd(), TOKEN_LINK_BASE + 2 * i as u64)?;
+            if let Some(hs) = &l.hs {
+                add(hs.as_fd(), TOKEN_LINK_BASE + 2 * i as u64 + 1)?;
+            }
         }
         let buf_len = VIRTIO_NET_HDR_LEN + usize::from(tun_mtu).max(1500) + 64;
         let shared: Shared = Arc::default();
@@ -1003,7 +1037,7 @@ impl Edge {
                 // Late (the host was busy or the process stopped): read what came meanwhile
                 // first, so replies that arrived count before any path is judged silent.
                 for l in 0..self.links.len() {
-                    self.read_link(l);
+                    self.read_link(l, Queue::Data);
                 }
                 self.flush_tun(false);
                 now = Instant::now();
@@ -1046,7 +1080,11 @@ impl Edge {
                         self.timer_at = None;
                     }
                     TOKEN_TUN => self.read_tun()?,
-                    t => self.read_link((t - TOKEN_LINK_BASE) as usize),
+                    t => {
+                        let (link, hs) = ((t - TOKEN_LINK_BASE) / 2, t % 2 == 1);
+                        let queue = if hs { Queue::Handshake } else { Queue::Data };
+                        self.read_link(link as usize, queue);
+                    }
                 }
             }
             self.flush_tun(false);
@@ -1138,6 +1176,16 @@ impl Edge {
                     class: c.to_string(),
                     tx_packets: p,
                     tx_bytes: b,
+                })
+                .collect(),
+            links: self
+                .links
+                .iter()
+                .map(|l| status::LinkStatus {
+                    name: l.name.clone(),
+                    handshake_queue: l.hs.is_some(),
+                    data_drops: u64::from(l.drops[0]),
+                    handshake_drops: u64::from(l.drops[1]),
                 })
                 .collect(),
             paths,
@@ -1774,16 +1822,23 @@ impl Edge {
         self.tx.closed = false;
     }
 
-    /// Reads what `link`'s socket has: up to [`RECV_BATCH`] receives per `recvmmsg`, each up to
-    /// 64 KB of datagrams the kernel coalesced (UDP_GRO).
-    fn read_link(&mut self, link: usize) {
+    /// Reads what `link`'s `queue` has: up to [`RECV_BATCH`] receives per `recvmmsg`, each up to
+    /// 64 KB of datagrams the kernel coalesced (UDP_GRO); from the data queue up to
+    /// [`READ_BUDGET`] calls, from the handshake queue until [`HANDSHAKE_BUDGET`] datagrams.
+    fn read_link(&mut self, link: usize, queue: Queue) {
+        let mut handled = 0;
         for _ in 0..READ_BUDGET {
             let Some(l) = self.links.get(link) else {
                 return;
             };
-            let fd = l.sock.as_raw_fd();
+            let fd = match (queue, &l.hs) {
+                (Queue::Data, _) => l.sock.as_raw_fd(),
+                (Queue::Handshake, Some(hs)) => hs.as_raw_fd(),
+                (Queue::Handshake, None) => return,
+            };
             // (bytes, source, segment size, kernel receive time) of each receive.
             let mut got = [(0usize, None::<SocketAddr>, 0usize, None::<TimeSpec>); RECV_BATCH];
+            let mut dropped = None;
             let n = {
                 // Fresh headers for every call: nix's `recvmmsg` does not reset the lengths of
                 // the address and control buffers that the kernel shortened on the previous
@@ -1791,7 +1846,7 @@ impl Edge {
                 // it on the next one (its datagrams would be read as one).
                 let mut mmsg = MultiHeaders::<SockaddrStorage>::preallocate(
                     RECV_BATCH,
-                    Some(nix::cmsg_space!(i32, TimeSpec)),
+                    Some(nix::cmsg_space!(i32, TimeSpec, u32)),
                 );
                 let mut bufs = self.net_bufs.iter_mut();
                 let mut iovs: [[IoSliceMut<'_>; 1]; RECV_BATCH] = std::array::from_fn(|_| {
@@ -1825,6 +1880,7 @@ impl Edge {
                                     seg = usize::try_from(s).unwrap_or(msg.bytes).max(1);
                                 }
                                 ControlMessageOwned::ScmTimestampns(t) => stamp = Some(t),
+                                ControlMessageOwned::RxqOvfl(d) => dropped = Some(d),
                                 _ => {}
                             }
                         }
@@ -1834,6 +1890,9 @@ impl Edge {
                 }
                 n
             };
+            if let (Some(d), Some(l)) = (dropped, self.links.get_mut(link)) {
+                l.drops[queue as usize] = d;
+            }
             let now = Instant::now();
             let wall = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME).ok();
             for (buf, &(len, from, seg, stamp)) in got[..n].iter().enumerate() {
@@ -1845,13 +1904,14 @@ impl Edge {
                 while at < len {
                     let end = (at + seg).min(len);
                     self.handle_segment(link, from, buf, at..end, arrived);
+                    handled += 1;
                     at = end;
                 }
             }
             // Coalesced packets that nothing more can join go now; the one still growing may
             // take segments from the next receive.
             self.flush_tun(true);
-            if n < RECV_BATCH {
+            if n < RECV_BATCH || (queue == Queue::Handshake && handled >= HANDSHAKE_BUDGET) {
                 return;
             }
         }

@@ -17,6 +17,7 @@ pub mod coalesce;
 pub mod edge;
 pub mod handshake;
 pub mod keys;
+pub mod linksock;
 pub mod routes;
 pub mod status;
 pub mod wire;

@@ -27,6 +27,18 @@ use crate::edge::{EdgeCounters, RecentEvent};
 /// How often the loop publishes a snapshot.
 pub const PUBLISH_EVERY: Duration = Duration::from_millis(250);
 
+/// A WAN link's receive queues (see [`crate::linksock`]).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct LinkStatus {
+    pub name: String,
+    /// Whether handshake messages have a queue of their own on this link.
+    pub handshake_queue: bool,
+    /// Datagrams the kernel dropped because the data queue was full (since the edge started).
+    pub data_drops: u64,
+    /// ... and because the handshake queue was full: a handshake flood lands here.
+    pub handshake_drops: u64,
+}
+
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct PathStatus {
     pub id: u32,
@@ -118,6 +130,9 @@ pub struct EdgeStatus {
     /// The key roll in progress, if any.
     #[serde(default)]
     pub key_roll: Option<RollStatus>,
+    /// The WAN links' receive queues.
+    #[serde(default)]
+    pub links: Vec<LinkStatus>,
     pub paths: Vec<PathStatus>,
     pub events: Vec<RecentEvent>,
 }
@@ -362,6 +377,28 @@ pub fn render_metrics(s: &EdgeStatus) -> String {
         );
     }
     family(
+        "patronus_edge_socket_drops_total",
+        "counter",
+        "Datagrams the kernel dropped because a link's receive queue was full, by link and \
+         queue (data: data and probes; handshake: WireGuard handshake messages).",
+        s.links
+            .iter()
+            .flat_map(|l| {
+                let mut v = vec![(
+                    format!("{{link=\"{}\",queue=\"data\"}}", esc(&l.name)),
+                    l.data_drops as f64,
+                )];
+                if l.handshake_queue {
+                    v.push((
+                        format!("{{link=\"{}\",queue=\"handshake\"}}", esc(&l.name)),
+                        l.handshake_drops as f64,
+                    ));
+                }
+                v
+            })
+            .collect(),
+    );
+    family(
         "patronus_edge_loop_late_seconds_total",
         "counter",
         "Total lateness of the event loop's late runs.",
@@ -460,9 +497,27 @@ mod tests {
                 ..Default::default()
             }],
             failovers: [(FailoverReason::PathDown, 3)].into_iter().collect(),
+            links: vec![
+                LinkStatus {
+                    name: "mpls".into(),
+                    handshake_queue: true,
+                    data_drops: 0,
+                    handshake_drops: 7,
+                },
+                LinkStatus {
+                    name: "lte".into(),
+                    ..Default::default()
+                },
+            ],
             ..Default::default()
         };
         let m = render_metrics(&s);
+        assert!(
+            m.contains("patronus_edge_socket_drops_total{link=\"mpls\",queue=\"handshake\"} 7")
+        );
+        // A link without a handshake queue has no such series.
+        assert!(m.contains("patronus_edge_socket_drops_total{link=\"lte\",queue=\"data\"} 0"));
+        assert!(!m.contains("link=\"lte\",queue=\"handshake\""));
         assert!(
             m.contains(r#"patronus_path_up{peer="b\"x",local_link="mpls",remote_link="inet"} 0.5"#),
             "{m}"

@@ -809,6 +809,27 @@ fn a_handshake_flood_from_a_peers_own_endpoint_costs_the_traffic_nothing_and_get
         r.sent,
         r.lost
     );
+    // b's links each have a queue for handshakes (see `patronus_edge::linksock`), and the
+    // kernel dropped nothing from the data queues: whatever overflowed was the flood's own.
+    let drops = |s: &serde_json::Value, q: &str| -> u64 {
+        let links = s["links"].as_array().unwrap();
+        assert!(
+            links.iter().all(|l| l["handshake_queue"] == true),
+            "{links:?}"
+        );
+        links.iter().map(|l| l[q].as_u64().unwrap()).sum()
+    };
+    let _ = writeln!(
+        std::io::stderr(),
+        "b's queues dropped: data {}, handshake {}",
+        drops(&after, "data_drops") - drops(&before, "data_drops"),
+        drops(&after, "handshake_drops") - drops(&before, "handshake_drops")
+    );
+    assert_eq!(
+        drops(&after, "data_drops"),
+        drops(&before, "data_drops"),
+        "the flood pushed datagrams out of b's data queue"
+    );
     // It was a flood: at least half the rate reached the wire from the sender.
     assert!(sent >= RATE * SECS / 2, "sent only {sent}");
     assert_eq!(r.lost, 0, "the stream lost packets: {:?}", r.gaps);
