@@ -14,6 +14,7 @@
 //! second copy to arrive fails that session's replay check and is dropped.
 
 pub mod coalesce;
+pub mod crypto_rate;
 pub mod edge;
 pub mod handshake;
 pub mod keys;

@@ -5,6 +5,14 @@
 //! Patronus while a handshake flood (`--flood-rate` initiations a second with a valid MAC1 for
 //! b's key, spoofed from a's endpoint, sent from the WAN between them) hits b's link: the ratio
 //! of the two Patronus runs is what the flood costs the traffic.
+//!
+//! Beside the bare veth, the run measures a bound that the CPU alone sets: how fast one core
+//! seals and opens WireGuard data messages of the tunnel's MTU with the edge's own code, and
+//! what all the machine's cores could carry if they did nothing else (see
+//! `patronus_edge::crypto_rate`). The bare veth's rate is set by the kernel's forwarding and
+//! moves with the host (11.0 to 12.7 Gbit/s on one 2-vCPU guest from one run to the next); the
+//! ratio to the crypto bound says how much of the CPU's cryptographic speed the tunnel turns
+//! into traffic.
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -124,6 +132,28 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
     let started = edges::start_edges(&lab, &exe, Underlay::V4, |_| {})?;
     edges::wait_for_tunnel(&lab, "a/h1", b_host, Duration::from_secs(15))?;
     let patronus = tcp("through Patronus")?;
+    // The crypto bound, with the edges idle: at the TUN's MTU, the size of a full segment.
+    let mtu = {
+        let out = lab.exec(
+            "b",
+            &[
+                exe.to_str().unwrap_or("patronus"),
+                "edge",
+                "status",
+                "--json",
+            ],
+        )?;
+        anyhow::ensure!(out.status.success(), "edge status in b failed");
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        v["tun_mtu"].as_u64().context("b's status has no tun_mtu")? as usize
+    };
+    progress(format_args!(
+        "sealing and opening {mtu}-byte packets on one core for 2 s"
+    ));
+    let crypto = patronus_edge::crypto_rate::measure(mtu, Duration::from_secs(2))
+        .map_err(|e| anyhow::anyhow!("measuring the crypto bound: {e}"))?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let ceiling_gbps = crypto.ceiling_bits_per_s(cores) / 1e9;
     let b_key = started
         .first()
         .and_then(|(cfg, _)| cfg.peers.first())
@@ -190,6 +220,14 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
         "raw_gbps": raw.gbps,
         "patronus_over_wireguard_go": patronus.gbps / wg.gbps,
         "patronus_over_raw": patronus.gbps / raw.gbps,
+        "crypto_bound": {
+            "packet_bytes": crypto.packet_bytes,
+            "seal_gbps_one_core": crypto.seal_bytes_per_s * 8.0 / 1e9,
+            "open_gbps_one_core": crypto.open_bytes_per_s * 8.0 / 1e9,
+            "cores": cores,
+            "gbps": ceiling_gbps,
+        },
+        "patronus_over_crypto_bound": patronus.gbps / ceiling_gbps,
         "flood": flooded.as_ref().map(|(r, sent, b)| serde_json::json!({
             "rate_per_s": args.flood_rate,
             "initiations_sent": sent,
@@ -197,6 +235,7 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
             "patronus_gbps": r.gbps,
             "retransmits": r.retransmits,
             "over_no_flood": r.gbps / patronus.gbps,
+            "over_closed_port": control.as_ref().map(|(c, _, _)| r.gbps / c.gbps),
             "same_flood_to_a_closed_port": control.as_ref().map(|(c, sent, _)| serde_json::json!({
                 "initiations_sent": sent,
                 "patronus_gbps": c.gbps,
@@ -219,7 +258,8 @@ pub fn summary(r: &Value) -> String {
     } else {
         format!(
             "; under {} handshake initiations/s: Patronus {} ({} of the run without; b answered \
-             {}, dropped {}); the same flood to a closed port: {} ({})",
+             {}, dropped {}); the same flood to a closed port: {} ({}); flood to the edge over \
+             flood to a closed port {}",
             flood["rate_per_s"],
             fig(&flood["patronus_gbps"], 2, " Gbit/s"),
             fig(&flood["over_no_flood"], 2, "x"),
@@ -235,16 +275,23 @@ pub fn summary(r: &Value) -> String {
                 2,
                 "x"
             ),
+            fig(&flood["over_closed_port"], 2, "x"),
         )
     };
     format!(
         "throughput, one TCP stream for {} s: Patronus {}, wireguard-go {}, bare veth {}; \
-         Patronus / wireguard-go {}, Patronus / bare veth {}{flood}",
+         Patronus / wireguard-go {}, Patronus / bare veth {}; crypto bound of {} cores {} \
+         (one core seals {}, opens {}), Patronus / crypto bound {}{flood}",
         r["seconds"],
         fig(&r["patronus_gbps"], 2, " Gbit/s"),
         fig(&r["wireguard_go_gbps"], 2, " Gbit/s"),
         fig(&r["raw_gbps"], 2, " Gbit/s"),
         fig(&r["patronus_over_wireguard_go"], 2, "x"),
         fig(&r["patronus_over_raw"], 2, "x"),
+        r["crypto_bound"]["cores"],
+        fig(&r["crypto_bound"]["gbps"], 2, " Gbit/s"),
+        fig(&r["crypto_bound"]["seal_gbps_one_core"], 2, " Gbit/s"),
+        fig(&r["crypto_bound"]["open_gbps_one_core"], 2, " Gbit/s"),
+        fig(&r["patronus_over_crypto_bound"], 2, "x"),
     )
 }
