@@ -19,6 +19,7 @@ pub mod impair;
 pub mod iperf;
 pub mod lab;
 pub mod netns;
+pub mod postgres;
 pub mod stats;
 pub mod stream;
 pub mod topology;
