@@ -62,12 +62,14 @@ impl Network {
             next_keys,
             rotations,
             topology: topology::load(&mut tx).await?,
-            classes: crate::routes::sla_classes::all_classes(&mut tx)
+            classes: crate::store::docs::CLASSES
+                .all(&mut tx)
                 .await?
                 .into_iter()
                 .map(|d| d.spec)
                 .collect(),
-            policies: crate::routes::policies::all_policies(&mut tx)
+            policies: crate::store::docs::POLICIES
+                .all(&mut tx)
                 .await?
                 .into_iter()
                 .map(|d| d.spec)

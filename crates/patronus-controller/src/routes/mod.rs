@@ -14,10 +14,10 @@ pub mod system;
 pub mod topology;
 pub mod traffic;
 pub mod users;
+pub mod versioned;
 pub mod webhooks;
 
 use serde::Serialize;
-use sqlx::Row;
 
 use crate::error::ApiError;
 
@@ -80,33 +80,7 @@ impl Paging {
     }
 }
 
-/// A stored document and its bookkeeping, as the API shows it.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct Doc<T> {
-    pub id: i64,
-    #[serde(flatten)]
-    pub spec: T,
-    /// Built-in classes only: these cannot be deleted.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub builtin: bool,
-    pub version: i64,
-    pub created_at: i64,
-    pub updated_at: i64,
-}
-
-pub(crate) fn doc<T: serde::de::DeserializeOwned>(
-    r: &sqlx::sqlite::SqliteRow,
-) -> Result<Doc<T>, ApiError> {
-    let spec: String = r.try_get("spec")?;
-    Ok(Doc {
-        id: r.try_get("id")?,
-        spec: serde_json::from_str(&spec).map_err(ApiError::internal)?,
-        builtin: r.try_get::<i64, _>("builtin").unwrap_or(0) != 0,
-        version: r.try_get("version")?,
-        created_at: r.try_get("created_at")?,
-        updated_at: r.try_get("updated_at")?,
-    })
-}
+pub use crate::store::docs::Doc;
 
 pub(crate) fn page<T>(items: Vec<T>, paging: Paging) -> Page<T> {
     let total = items.len() as i64;

@@ -7,19 +7,16 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use patronus_api::{Policy, SlaClass};
-use serde_json::{Value, json};
+use serde_json::Value;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use sqlx::sqlite::SqliteConnection;
-
 use crate::app::{AppState, Operator, Principal};
 use crate::error::{ApiError, extract};
-use crate::routes::{
-    Doc, Page, Paging, audit_config, check_if_match, created, doc, inserted, num, page, patched,
-    sort_by, updated, with_etag,
-};
-use crate::store::{Store, now_s};
+use crate::routes::versioned::Resource;
+use crate::routes::{Doc, Page, Paging, num, page, sort_by, with_etag};
+use crate::store::Conn;
+use crate::store::docs::{CLASSES, POLICIES};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -27,13 +24,16 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(show_policy, update_policy, remove_policy))
 }
 
-pub async fn all_policies(conn: &mut SqliteConnection) -> Result<Vec<Doc<Policy>>, ApiError> {
-    sqlx::query("SELECT * FROM policies ORDER BY ord, id")
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(doc)
-        .collect()
+const RESOURCE: Resource<Policy> = Resource {
+    table: &POLICIES,
+    path: "/api/v1/policies",
+    target: "policy",
+    actions: ["policy.create", "policy.update", "policy.delete"],
+    name: |p| p.name.to_string(),
+};
+
+fn taken(_: &Policy) -> String {
+    "a policy with that name or order exists".into()
 }
 
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
@@ -67,7 +67,8 @@ async fn list_policies(
     extract::Query(q): extract::Query<ListQuery>,
 ) -> Result<Json<Page<Doc<Policy>>>, ApiError> {
     let paging = Paging::new(q.limit, q.offset)?;
-    let mut items: Vec<_> = all_policies(&mut *s.store.conn().await?)
+    let mut items: Vec<_> = POLICIES
+        .all(&mut *s.store.conn().await?)
         .await?
         .into_iter()
         .filter(|p| {
@@ -89,15 +90,6 @@ async fn list_policies(
     Ok(Json(page(items, paging)))
 }
 
-async fn load_policy(conn: &mut SqliteConnection, id: i64) -> Result<Doc<Policy>, ApiError> {
-    let r = sqlx::query("SELECT * FROM policies WHERE id = ?")
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("policy {id}")))?;
-    doc(&r)
-}
-
 #[utoipa::path(
     get,
     path = "/api/v1/policies/{id}",
@@ -112,24 +104,21 @@ async fn show_policy(
     _p: Principal,
     extract::Path(id): extract::Path<i64>,
 ) -> Result<Response, ApiError> {
-    let p = load_policy(&mut *s.store.conn().await?, id).await?;
+    let p = RESOURCE.load(&mut *s.store.conn().await?, id).await?;
     Ok(with_etag(StatusCode::OK, p.version, p))
 }
 
 /// Validation against the classes, and uniqueness of name and order against the other
 /// policies (409 naming the one in the way).
-async fn check_policy(
-    conn: &mut SqliteConnection,
-    policy: &Policy,
-    id: Option<i64>,
-) -> Result<(), ApiError> {
-    let classes: Vec<SlaClass> = crate::routes::sla_classes::all_classes(&mut *conn)
+async fn check_policy(conn: &mut Conn, policy: &Policy, id: Option<i64>) -> Result<(), ApiError> {
+    let classes: Vec<SlaClass> = CLASSES
+        .all(&mut *conn)
         .await?
         .into_iter()
         .map(|c| c.spec)
         .collect();
     policy.validate(&classes).map_err(ApiError::validation)?;
-    for other in all_policies(&mut *conn).await? {
+    for other in POLICIES.all(&mut *conn).await? {
         if Some(other.id) == id {
             continue;
         }
@@ -163,31 +152,15 @@ async fn create_policy(
     Operator(p): Operator,
     extract::Json(policy): extract::Json<Policy>,
 ) -> Result<Response, ApiError> {
-    let mut tx = s.store.begin().await?;
-    check_policy(&mut tx, &policy, None).await?;
-    let now = now_s();
-    let r = sqlx::query(
-        "INSERT INTO policies (name, ord, spec, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
-    )
-    .bind(policy.name.as_str())
-    .bind(i64::from(policy.order))
-    .bind(serde_json::to_string(&policy).map_err(ApiError::internal)?)
-    .bind(now)
-    .bind(now)
-    .execute(&mut *tx)
-    .await;
-    let id = inserted(r, || "a policy with that name or order exists")?;
-    audit_config(
-        &mut tx,
-        &p.actor(),
-        "policy.create",
-        &format!("policy/{id}"),
-        serde_json::to_value(&policy).unwrap_or_default(),
-    )
-    .await?;
-    let d = load_policy(&mut tx, id).await?;
-    tx.commit().await?;
-    Ok(created(format!("/api/v1/policies/{id}"), d.version, d))
+    RESOURCE
+        .create(
+            &s.store,
+            &p.actor(),
+            policy,
+            async |tx, policy| check_policy(tx, policy, None).await,
+            taken,
+        )
+        .await
 }
 
 #[utoipa::path(
@@ -207,35 +180,12 @@ async fn update_policy(
     headers: HeaderMap,
     extract::Json(patch): extract::Json<Value>,
 ) -> Result<Response, ApiError> {
-    let mut tx = s.store.begin().await?;
-    let cur = load_policy(&mut tx, id).await?;
-    check_if_match(&headers, cur.version)?;
-    let policy: Policy = patched(&cur.spec, &patch)?;
-    check_policy(&mut tx, &policy, Some(id)).await?;
-    let r = sqlx::query(
-        "UPDATE policies SET name = ?, ord = ?, spec = ?, version = version + 1, updated_at = ?
-         WHERE id = ? AND version = ?",
-    )
-    .bind(policy.name.as_str())
-    .bind(i64::from(policy.order))
-    .bind(serde_json::to_string(&policy).map_err(ApiError::internal)?)
-    .bind(now_s())
-    .bind(id)
-    .bind(cur.version)
-    .execute(&mut *tx)
-    .await;
-    updated(r, "policy", || "a policy with that name or order exists")?;
-    audit_config(
-        &mut tx,
-        &p.actor(),
-        "policy.update",
-        &format!("policy/{id}"),
-        patch,
-    )
-    .await?;
-    let d = load_policy(&mut tx, id).await?;
-    tx.commit().await?;
-    Ok(with_etag(StatusCode::OK, d.version, d))
+    let check = async |tx: &mut crate::store::Tx, _: &Doc<Policy>, policy: &Policy| {
+        check_policy(tx, policy, Some(id)).await
+    };
+    RESOURCE
+        .update(&s.store, &p.actor(), id, &headers, patch, check, taken)
+        .await
 }
 
 #[utoipa::path(
@@ -253,18 +203,7 @@ async fn remove_policy(
     extract::Path(id): extract::Path<i64>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    let mut tx = s.store.begin().await?;
-    let cur = load_policy(&mut tx, id).await?;
-    check_if_match(&headers, cur.version)?;
-    Store::delete_row(&mut tx, "policies", id).await?;
-    audit_config(
-        &mut tx,
-        &p.actor(),
-        "policy.delete",
-        &format!("policy/{id}"),
-        json!({ "name": cur.spec.name }),
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(StatusCode::NO_CONTENT)
+    RESOURCE
+        .delete(&s.store, &p.actor(), id, &headers, async |_, _| Ok(()))
+        .await
 }

@@ -10,19 +10,16 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use patronus_api::SlaClass;
-use serde_json::{Value, json};
+use serde_json::Value;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use sqlx::sqlite::SqliteConnection;
-
 use crate::app::{AppState, Operator, Principal};
 use crate::error::{ApiError, extract};
-use crate::routes::{
-    Doc, Page, Paging, audit_config, check_if_match, created, doc, inserted, num, page, patched,
-    sort_by, updated, with_etag,
-};
-use crate::store::{Store, now_s};
+use crate::routes::versioned::Resource;
+use crate::routes::{Doc, Page, Paging, num, page, sort_by, with_etag};
+use crate::store::Conn;
+use crate::store::docs::CLASSES;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -30,13 +27,16 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(show_class, update_class, remove_class))
 }
 
-pub async fn all_classes(conn: &mut SqliteConnection) -> Result<Vec<Doc<SlaClass>>, ApiError> {
-    sqlx::query("SELECT * FROM sla_classes ORDER BY id")
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(doc)
-        .collect()
+const RESOURCE: Resource<SlaClass> = Resource {
+    table: &CLASSES,
+    path: "/api/v1/sla-classes",
+    target: "sla-class",
+    actions: ["sla_class.create", "sla_class.update", "sla_class.delete"],
+    name: |c| c.name.to_string(),
+};
+
+fn name_taken(c: &SlaClass) -> String {
+    format!("an SLA class named {} exists", c.name)
 }
 
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
@@ -67,22 +67,13 @@ async fn list_classes(
     extract::Query(q): extract::Query<ListQuery>,
 ) -> Result<Json<Page<Doc<SlaClass>>>, ApiError> {
     let paging = Paging::new(q.limit, q.offset)?;
-    let mut items = all_classes(&mut *s.store.conn().await?).await?;
+    let mut items = CLASSES.all(&mut *s.store.conn().await?).await?;
     sort_by(
         &mut items,
         q.sort.as_deref(),
         &[("id", |c| num(c.id)), ("name", |c| c.spec.name.to_string())],
     )?;
     Ok(Json(page(items, paging)))
-}
-
-async fn load_class(conn: &mut SqliteConnection, id: i64) -> Result<Doc<SlaClass>, ApiError> {
-    let r = sqlx::query("SELECT * FROM sla_classes WHERE id = ?")
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("SLA class {id}")))?;
-    doc(&r)
 }
 
 #[utoipa::path(
@@ -99,7 +90,7 @@ async fn show_class(
     _p: Principal,
     extract::Path(id): extract::Path<i64>,
 ) -> Result<Response, ApiError> {
-    let c = load_class(&mut *s.store.conn().await?, id).await?;
+    let c = RESOURCE.load(&mut *s.store.conn().await?, id).await?;
     Ok(with_etag(StatusCode::OK, c.version, c))
 }
 
@@ -117,35 +108,21 @@ async fn create_class(
     Operator(p): Operator,
     extract::Json(class): extract::Json<SlaClass>,
 ) -> Result<Response, ApiError> {
-    class.validate().map_err(ApiError::validation)?;
-    let now = now_s();
-    let mut tx = s.store.begin().await?;
-    let r = sqlx::query(
-        "INSERT INTO sla_classes (name, spec, builtin, created_at, updated_at) VALUES (?, ?, 0, ?, ?)",
-    )
-    .bind(class.name.as_str())
-    .bind(serde_json::to_string(&class).map_err(ApiError::internal)?)
-    .bind(now)
-    .bind(now)
-    .execute(&mut *tx)
-    .await;
-    let id = inserted(r, || format!("an SLA class named {} exists", class.name))?;
-    audit_config(
-        &mut tx,
-        &p.actor(),
-        "sla_class.create",
-        &format!("sla-class/{id}"),
-        serde_json::to_value(&class).unwrap_or_default(),
-    )
-    .await?;
-    let c = load_class(&mut tx, id).await?;
-    tx.commit().await?;
-    Ok(created(format!("/api/v1/sla-classes/{id}"), c.version, c))
+    RESOURCE
+        .create(
+            &s.store,
+            &p.actor(),
+            class,
+            async |_, c| c.validate().map_err(ApiError::validation),
+            name_taken,
+        )
+        .await
 }
 
 /// The enabled or disabled policies that use class `name`.
-async fn users_of_class(conn: &mut SqliteConnection, name: &str) -> Result<Vec<String>, ApiError> {
-    Ok(crate::routes::policies::all_policies(&mut *conn)
+async fn users_of_class(conn: &mut Conn, name: &str) -> Result<Vec<String>, ApiError> {
+    Ok(crate::store::docs::POLICIES
+        .all(&mut *conn)
         .await?
         .into_iter()
         .filter(|p| p.spec.class.as_str() == name)
@@ -170,46 +147,23 @@ async fn update_class(
     headers: HeaderMap,
     extract::Json(patch): extract::Json<Value>,
 ) -> Result<Response, ApiError> {
-    let mut tx = s.store.begin().await?;
-    let cur = load_class(&mut tx, id).await?;
-    check_if_match(&headers, cur.version)?;
-    let class: SlaClass = patched(&cur.spec, &patch)?;
-    class.validate().map_err(ApiError::validation)?;
-    if class.name != cur.spec.name {
-        let users = users_of_class(&mut tx, cur.spec.name.as_str()).await?;
-        if !users.is_empty() {
-            return Err(ApiError::conflict(format!(
-                "class {} is used by policies {}; it cannot be renamed",
-                cur.spec.name,
-                users.join(", ")
-            )));
+    let check = async |tx: &mut crate::store::Tx, cur: &Doc<SlaClass>, class: &SlaClass| {
+        class.validate().map_err(ApiError::validation)?;
+        if class.name != cur.spec.name {
+            let users = users_of_class(tx, cur.spec.name.as_str()).await?;
+            if !users.is_empty() {
+                return Err(ApiError::conflict(format!(
+                    "class {} is used by policies {}; it cannot be renamed",
+                    cur.spec.name,
+                    users.join(", ")
+                )));
+            }
         }
-    }
-    let r = sqlx::query(
-        "UPDATE sla_classes SET name = ?, spec = ?, version = version + 1, updated_at = ?
-         WHERE id = ? AND version = ?",
-    )
-    .bind(class.name.as_str())
-    .bind(serde_json::to_string(&class).map_err(ApiError::internal)?)
-    .bind(now_s())
-    .bind(id)
-    .bind(cur.version)
-    .execute(&mut *tx)
-    .await;
-    updated(r, "class", || {
-        format!("an SLA class named {} exists", class.name)
-    })?;
-    audit_config(
-        &mut tx,
-        &p.actor(),
-        "sla_class.update",
-        &format!("sla-class/{id}"),
-        patch,
-    )
-    .await?;
-    let c = load_class(&mut tx, id).await?;
-    tx.commit().await?;
-    Ok(with_etag(StatusCode::OK, c.version, c))
+        Ok(())
+    };
+    RESOURCE
+        .update(&s.store, &p.actor(), id, &headers, patch, check, name_taken)
+        .await
 }
 
 #[utoipa::path(
@@ -227,32 +181,24 @@ async fn remove_class(
     extract::Path(id): extract::Path<i64>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    let mut tx = s.store.begin().await?;
-    let cur = load_class(&mut tx, id).await?;
-    check_if_match(&headers, cur.version)?;
-    if cur.builtin {
-        return Err(ApiError::conflict(format!(
-            "{} is a built-in class: edit it, but it stays",
-            cur.spec.name
-        )));
-    }
-    let users = users_of_class(&mut tx, cur.spec.name.as_str()).await?;
-    if !users.is_empty() {
-        return Err(ApiError::conflict(format!(
-            "class {} is used by policies {}",
-            cur.spec.name,
-            users.join(", ")
-        )));
-    }
-    Store::delete_row(&mut tx, "sla_classes", id).await?;
-    audit_config(
-        &mut tx,
-        &p.actor(),
-        "sla_class.delete",
-        &format!("sla-class/{id}"),
-        json!({ "name": cur.spec.name }),
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(StatusCode::NO_CONTENT)
+    let check = async |tx: &mut crate::store::Tx, cur: &Doc<SlaClass>| {
+        if cur.builtin {
+            return Err(ApiError::conflict(format!(
+                "{} is a built-in class: edit it, but it stays",
+                cur.spec.name
+            )));
+        }
+        let users = users_of_class(tx, cur.spec.name.as_str()).await?;
+        if !users.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "class {} is used by policies {}",
+                cur.spec.name,
+                users.join(", ")
+            )));
+        }
+        Ok(())
+    };
+    RESOURCE
+        .delete(&s.store, &p.actor(), id, &headers, check)
+        .await
 }

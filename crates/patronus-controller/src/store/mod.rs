@@ -14,6 +14,12 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 use tokio::sync::{Notify, watch};
 
+pub mod docs;
+
+/// A connection to the store's database: what the store's functions run their statements on
+/// (a pooled connection or a transaction, [`Tx`], dereference to it).
+pub type Conn = SqliteConnection;
+
 /// The schema, in order. A migration is never edited once released: a change is a new one.
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (
