@@ -269,7 +269,8 @@ async fn attach_links(conn: &mut SqliteConnection, sites: &mut [SiteView]) -> Re
         let l = link_from_row(r)?;
         by_site.entry(l.site_id).or_default().push(l);
     }
-    let addrs = crate::routes::topology::addresses(&mut *conn).await?;
+    let ids: Vec<i64> = sites.iter().map(|s| s.id).collect();
+    let addrs = crate::store::topology::addresses_of(&mut *conn, &ids).await?;
     for s in sites {
         s.links = by_site.remove(&s.id).unwrap_or_default();
         s.overlay_address = addrs.get(&s.id).copied();

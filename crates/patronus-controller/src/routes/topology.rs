@@ -10,7 +10,6 @@
 //!   local link × remote link for every pair of sites [`connected`] here.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -29,26 +28,12 @@ use crate::error::{ApiError, extract};
 use crate::routes::sites::{SiteStatus, SiteView};
 use crate::routes::{audit_config, check_if_match, patched, with_etag};
 use crate::store::now_s;
+pub use crate::store::topology::{
+    Mode, Topology, addresses, allocate, host_addr, host_range, load, overlay_prefix,
+};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(show_topology, update_topology))
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    FullMesh,
-    HubSpoke,
-}
-
-/// The topology as stored.
-#[derive(Debug, Clone)]
-pub struct Topology {
-    pub mode: Mode,
-    pub overlay_prefix: Prefix,
-    pub hubs: BTreeSet<i64>,
-    pub version: i64,
-    pub updated_at: i64,
 }
 
 /// What a client may change (a merge patch of it).
@@ -59,101 +44,6 @@ pub struct TopologySpec {
     /// Site ids.
     pub hubs: Vec<i64>,
     pub overlay_prefix: Prefix,
-}
-
-pub async fn load(conn: &mut SqliteConnection) -> Result<Topology, ApiError> {
-    let row =
-        sqlx::query("SELECT mode, overlay_prefix, version, updated_at FROM topology WHERE id = 1")
-            .fetch_one(&mut *conn)
-            .await?;
-    let hubs = sqlx::query_scalar::<_, i64>("SELECT site_id FROM hubs")
-        .fetch_all(&mut *conn)
-        .await?;
-    Ok(Topology {
-        mode: serde_json::from_value(Value::String(row.try_get("mode")?))
-            .map_err(ApiError::internal)?,
-        overlay_prefix: row
-            .try_get::<String, _>("overlay_prefix")?
-            .parse()
-            .map_err(ApiError::internal)?,
-        hubs: hubs.into_iter().collect(),
-        version: row.try_get("version")?,
-        updated_at: row.try_get("updated_at")?,
-    })
-}
-
-/// The overlay prefix, inside a transaction.
-pub async fn overlay_prefix(tx: &mut crate::store::Tx) -> Result<Prefix, ApiError> {
-    let p: String = sqlx::query_scalar("SELECT overlay_prefix FROM topology WHERE id = 1")
-        .fetch_one(&mut **tx)
-        .await?;
-    p.parse().map_err(ApiError::internal)
-}
-
-/// Host numbers usable in `p`: not the network address, nor the IPv4 broadcast. (Capped for
-/// IPv6: nobody has 2^32 sites.)
-fn host_range(p: &Prefix) -> (u128, u128) {
-    let (lo, hi) = p.range();
-    let size = hi - lo + 1;
-    let last = if p.is_ipv4() {
-        size.saturating_sub(2)
-    } else {
-        (size - 1).min(u128::from(u32::MAX))
-    };
-    (1, last)
-}
-
-pub fn host_addr(p: &Prefix, host: u128) -> IpAddr {
-    let (lo, _) = p.range();
-    match p.addr() {
-        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::from((lo + host) as u32)),
-        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(lo + host)),
-    }
-}
-
-/// Gives `site` the lowest free overlay address, in the site's own transaction.
-pub async fn allocate(tx: &mut crate::store::Tx, site: i64) -> Result<IpAddr, ApiError> {
-    let prefix = overlay_prefix(tx).await?;
-    let used: Vec<i64> = sqlx::query_scalar("SELECT host FROM overlay_addresses ORDER BY host")
-        .fetch_all(&mut **tx)
-        .await?;
-    let (first, last) = host_range(&prefix);
-    let mut host = first;
-    for u in used {
-        let u = u as u128;
-        if u == host {
-            host += 1;
-        } else if u > host {
-            break;
-        }
-    }
-    if host > last {
-        return Err(ApiError::conflict(format!(
-            "the overlay prefix {prefix} has no free address; widen it in /api/v1/topology"
-        )));
-    }
-    sqlx::query("INSERT INTO overlay_addresses (site_id, host) VALUES (?, ?)")
-        .bind(site)
-        .bind(host as i64)
-        .execute(&mut **tx)
-        .await?;
-    Ok(host_addr(&prefix, host))
-}
-
-/// Every site's overlay address.
-pub async fn addresses(conn: &mut SqliteConnection) -> Result<BTreeMap<i64, IpAddr>, ApiError> {
-    let prefix = load(&mut *conn).await?.overlay_prefix;
-    let rows = sqlx::query("SELECT site_id, host FROM overlay_addresses")
-        .fetch_all(&mut *conn)
-        .await?;
-    rows.iter()
-        .map(|r| {
-            Ok((
-                r.try_get("site_id")?,
-                host_addr(&prefix, r.try_get::<i64, _>("host")? as u128),
-            ))
-        })
-        .collect()
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
