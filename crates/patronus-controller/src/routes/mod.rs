@@ -200,6 +200,24 @@ pub fn check_if_match_unversioned(headers: &axum::http::HeaderMap) -> Result<(),
     }
 }
 
+/// A store write's error as the API says it: 409 with `conflict` for a uniqueness rule, 412 if
+/// the `what` changed since it was read.
+pub(crate) fn write_error(
+    e: crate::store::docs::WriteError,
+    what: &str,
+    conflict: impl FnOnce() -> String,
+) -> ApiError {
+    use crate::store::docs::WriteError;
+    match e {
+        WriteError::Unique => ApiError::conflict(conflict()),
+        WriteError::Stale => ApiError::precondition_failed(format!(
+            "the {what} changed while this update ran; read it again"
+        )),
+        WriteError::Db(e) => e.into(),
+        WriteError::Encode(e) => ApiError::internal(e),
+    }
+}
+
 /// Whether a write failed on a UNIQUE constraint.
 pub fn unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())

@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
-use crate::routes::{audit_config, check_if_match, created, patched, with_etag};
+use crate::routes::{audit_config, check_if_match, created, patched, with_etag, write_error};
 use crate::store::docs::{Doc, DocTable, WriteError};
 use crate::store::{Actor, Conn, Store, Tx, now_s};
 
@@ -38,15 +38,7 @@ impl<T: Serialize + DeserializeOwned + 'static> Resource<T> {
     }
 
     fn write_error(&self, e: WriteError, conflict: impl FnOnce() -> String) -> ApiError {
-        match e {
-            WriteError::Unique => ApiError::conflict(conflict()),
-            WriteError::Stale => ApiError::precondition_failed(format!(
-                "the {} changed while this update ran; read it again",
-                self.table.what
-            )),
-            WriteError::Db(e) => e.into(),
-            WriteError::Encode(e) => ApiError::internal(e),
-        }
+        write_error(e, self.table.what, conflict)
     }
 
     /// Creates `spec` after `check` (in the write transaction) passes: 201 with `Location`;

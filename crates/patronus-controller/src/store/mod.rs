@@ -15,6 +15,7 @@ use sqlx::{Row, Sqlite, Transaction};
 use tokio::sync::{Notify, watch};
 
 pub mod docs;
+pub mod sites;
 pub mod topology;
 
 /// A connection to the store's database: what the store's functions run their statements on

@@ -1,0 +1,447 @@
+//! Sites and their WAN links: what a client writes ([`SiteSpec`]), what the API shows
+//! ([`SiteView`], [`LinkView`]), and every statement on the `sites` and `links` tables that
+//! the site routes make.
+
+use std::collections::HashMap;
+
+use patronus_api::{FieldErrors, Link, Name, Prefix};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::Row;
+use sqlx::sqlite::SqliteRow;
+
+use super::Conn;
+use super::docs::WriteError;
+use crate::error::ApiError;
+
+/// Whether a site is meant to carry traffic. (Whether its edge is online comes from the edge.)
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SiteStatus {
+    /// Defined, not yet deployed.
+    Planned,
+    #[default]
+    Active,
+    /// Kept, but given no paths.
+    Disabled,
+}
+
+impl SiteStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SiteStatus::Planned => "planned",
+            SiteStatus::Active => "active",
+            SiteStatus::Disabled => "disabled",
+        }
+    }
+}
+
+/// What a client writes about a site.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SiteSpec {
+    pub name: Name,
+    #[serde(default)]
+    #[schema(max_length = 1000)]
+    pub description: String,
+    /// Free text: an address, a city.
+    #[serde(default)]
+    #[schema(max_length = 500)]
+    pub location: String,
+    /// With `longitude`, or neither.
+    #[serde(default)]
+    #[schema(minimum = -90, maximum = 90)]
+    pub latitude: Option<f64>,
+    #[serde(default)]
+    #[schema(minimum = -180, maximum = 180)]
+    pub longitude: Option<f64>,
+    /// No two overlap, here or with another site's, nor with the overlay prefix; none is a
+    /// default route.
+    #[serde(default)]
+    #[schema(max_items = 256)]
+    pub lan_prefixes: Vec<Prefix>,
+    #[serde(default)]
+    pub status: SiteStatus,
+    /// On creation only: the site's WAN links. Afterwards, `/sites/{id}/links`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_items = 16)]
+    pub links: Option<Vec<Link>>,
+}
+
+impl SiteSpec {
+    pub fn validate(&self) -> FieldErrors {
+        let mut e = FieldErrors::default();
+        if self.description.chars().count() > 1000 {
+            e.push("description", "must be at most 1000 characters");
+        }
+        if self.location.chars().count() > 500 {
+            e.push("location", "must be at most 500 characters");
+        }
+        match (self.latitude, self.longitude) {
+            (Some(lat), Some(lon)) => {
+                if !(lat.is_finite() && (-90.0..=90.0).contains(&lat)) {
+                    e.push("latitude", "must be within -90..=90");
+                }
+                if !(lon.is_finite() && (-180.0..=180.0).contains(&lon)) {
+                    e.push("longitude", "must be within -180..=180");
+                }
+            }
+            (None, None) => {}
+            _ => e.push("latitude", "latitude and longitude go together"),
+        }
+        if self.lan_prefixes.len() > 256 {
+            e.push("lan_prefixes", "at most 256 prefixes");
+        }
+        for (i, a) in self.lan_prefixes.iter().enumerate() {
+            if a.prefix_len() == 0 {
+                e.push(format!("lan_prefixes[{i}]"), "a default route is not a LAN");
+            }
+            if let Some(j) = self.lan_prefixes[..i].iter().position(|b| b.overlaps(a)) {
+                e.push(
+                    format!("lan_prefixes[{i}]"),
+                    format!("{a} overlaps lan_prefixes[{j}] ({})", self.lan_prefixes[j]),
+                );
+            }
+        }
+        if let Some(links) = &self.links {
+            validate_links(links, &mut e);
+        }
+        e
+    }
+}
+
+/// The most WAN links one site may have.
+pub const MAX_LINKS: usize = 16;
+
+pub fn validate_links(links: &[Link], e: &mut FieldErrors) {
+    if links.len() > MAX_LINKS {
+        e.push("links", format!("at most {MAX_LINKS} links per site"));
+    }
+    for (i, l) in links.iter().enumerate() {
+        if let Err(le) = l.validate() {
+            e.extend_prefixed(&format!("links[{i}]"), le);
+        }
+        if links[..i].iter().any(|o| o.name == l.name) {
+            e.push(
+                format!("links[{i}].name"),
+                format!("{} is used twice", l.name),
+            );
+        }
+    }
+}
+
+/// A link as the API shows it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct LinkView {
+    pub id: i64,
+    pub site_id: i64,
+    #[serde(flatten)]
+    pub link: Link,
+    pub version: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// A site as the API shows it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct SiteView {
+    pub id: i64,
+    pub name: String,
+    pub description: String,
+    pub location: String,
+    pub latitude: Option<f64>,
+    pub longitude: Option<f64>,
+    pub lan_prefixes: Vec<Prefix>,
+    pub status: SiteStatus,
+    /// Its address in the overlay (see `/api/v1/topology`).
+    #[schema(value_type = Option<String>)]
+    pub overlay_address: Option<std::net::IpAddr>,
+    /// Its edge's WireGuard public key, once the edge has enrolled.
+    pub public_key: Option<String>,
+    /// The key its edge is rolling to, while it does (peers accept both).
+    pub next_public_key: Option<String>,
+    /// Key rotations asked for (`POST .../rotate-key`).
+    pub key_rotation: i64,
+    /// Whether its edge is in touch with the controller (has a request open, or had one in the
+    /// last 15 s). False until the edge first connects after the controller started.
+    pub online: bool,
+    /// When the controller last heard from its edge (unix seconds), since it started.
+    pub last_seen: Option<i64>,
+    pub links: Vec<LinkView>,
+    pub version: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl SiteView {
+    pub fn spec(&self) -> Result<SiteSpec, ApiError> {
+        Ok(SiteSpec {
+            name: Name::new(self.name.clone()).map_err(ApiError::internal)?,
+            description: self.description.clone(),
+            location: self.location.clone(),
+            latitude: self.latitude,
+            longitude: self.longitude,
+            lan_prefixes: self.lan_prefixes.clone(),
+            status: self.status,
+            links: None,
+        })
+    }
+}
+
+fn site_from_row(r: &SqliteRow) -> Result<SiteView, ApiError> {
+    let prefixes: String = r.try_get("lan_prefixes")?;
+    let status: String = r.try_get("status")?;
+    Ok(SiteView {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        description: r.try_get("description")?,
+        location: r.try_get("location")?,
+        latitude: r.try_get("latitude")?,
+        longitude: r.try_get("longitude")?,
+        lan_prefixes: serde_json::from_str(&prefixes).map_err(ApiError::internal)?,
+        status: serde_json::from_value(Value::String(status)).map_err(ApiError::internal)?,
+        overlay_address: None,
+        public_key: r.try_get("public_key")?,
+        next_public_key: r.try_get("next_public_key")?,
+        key_rotation: r.try_get("key_rotation")?,
+        online: false,
+        last_seen: None,
+        links: Vec::new(),
+        version: r.try_get("version")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+pub fn link_from_row(r: &SqliteRow) -> Result<LinkView, ApiError> {
+    let spec: String = r.try_get("spec")?;
+    Ok(LinkView {
+        id: r.try_get("id")?,
+        site_id: r.try_get("site_id")?,
+        link: serde_json::from_str(&spec).map_err(ApiError::internal)?,
+        version: r.try_get("version")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+/// Fills in the links of `sites` with one query.
+async fn attach_links(conn: &mut Conn, sites: &mut [SiteView]) -> Result<(), ApiError> {
+    if sites.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<String> = sites.iter().map(|s| s.id.to_string()).collect();
+    // Ids are integers from the database: safe to inline.
+    let sql = format!(
+        "SELECT * FROM links WHERE site_id IN ({}) ORDER BY site_id, id",
+        ids.join(",")
+    );
+    let rows = sqlx::query(&sql).fetch_all(&mut *conn).await?;
+    let mut by_site: HashMap<i64, Vec<LinkView>> = HashMap::new();
+    for r in &rows {
+        let l = link_from_row(r)?;
+        by_site.entry(l.site_id).or_default().push(l);
+    }
+    let ids: Vec<i64> = sites.iter().map(|s| s.id).collect();
+    let addrs = crate::store::topology::addresses_of(&mut *conn, &ids).await?;
+    for s in sites {
+        s.links = by_site.remove(&s.id).unwrap_or_default();
+        s.overlay_address = addrs.get(&s.id).copied();
+    }
+    Ok(())
+}
+
+/// Every site with its links, in id order.
+pub async fn load_sites(conn: &mut Conn) -> Result<Vec<SiteView>, ApiError> {
+    let rows = sqlx::query("SELECT * FROM sites ORDER BY id")
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut sites = rows
+        .iter()
+        .map(site_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    attach_links(&mut *conn, &mut sites).await?;
+    Ok(sites)
+}
+
+pub async fn load_site(conn: &mut Conn, id: i64) -> Result<SiteView, ApiError> {
+    let row = sqlx::query("SELECT * FROM sites WHERE id = ?")
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("site {id}")))?;
+    let mut s = [site_from_row(&row)?];
+    attach_links(&mut *conn, &mut s).await?;
+    let [s] = s;
+    Ok(s)
+}
+
+/// Every other site's name and LAN prefixes (all sites but `except`).
+pub async fn others_prefixes(
+    conn: &mut Conn,
+    except: Option<i64>,
+) -> Result<Vec<(String, Vec<Prefix>)>, ApiError> {
+    let rows = sqlx::query("SELECT id, name, lan_prefixes FROM sites WHERE id != ?")
+        .bind(except.unwrap_or(-1))
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter()
+        .map(|r| {
+            let theirs: Vec<Prefix> =
+                serde_json::from_str(r.try_get("lan_prefixes")?).map_err(ApiError::internal)?;
+            Ok((r.try_get("name")?, theirs))
+        })
+        .collect()
+}
+
+/// Stores `link` as a new link of site `site_id`; its id.
+pub async fn insert_link(
+    conn: &mut Conn,
+    site_id: i64,
+    link: &Link,
+    now: i64,
+) -> Result<i64, WriteError> {
+    let r = sqlx::query(
+        "INSERT INTO links (site_id, name, spec, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(site_id)
+    .bind(link.name.as_str())
+    .bind(serde_json::to_string(link).map_err(WriteError::Encode)?)
+    .bind(now)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(r.last_insert_rowid())
+}
+
+/// Which sites a list shows.
+#[derive(Debug, Default)]
+pub struct SiteFilter {
+    /// Exact name.
+    pub name: Option<String>,
+    pub status: Option<SiteStatus>,
+    /// Part of the name, description or location.
+    pub text: Option<String>,
+}
+
+/// The list's sort keys (columns).
+pub const SORT_KEYS: [&str; 4] = ["id", "name", "created_at", "updated_at"];
+
+/// A page of sites (with their links and overlay addresses) by `filter`, sorted by `column`
+/// (one of [`SORT_KEYS`]), and how many match in all. Costs what the page holds.
+pub async fn page(
+    conn: &mut Conn,
+    filter: &SiteFilter,
+    column: &str,
+    desc: bool,
+    limit: i64,
+    offset: i64,
+) -> Result<(Vec<SiteView>, i64), ApiError> {
+    let Some(column) = SORT_KEYS.iter().find(|k| **k == column) else {
+        return Err(ApiError::internal(format!("sort column {column}")));
+    };
+    let mut sql = String::from(" WHERE 1=1");
+    let mut binds: Vec<String> = Vec::new();
+    if let Some(n) = &filter.name {
+        sql.push_str(" AND name = ?");
+        binds.push(n.clone());
+    }
+    if let Some(st) = filter.status {
+        sql.push_str(" AND status = ?");
+        binds.push(st.as_str().to_owned());
+    }
+    if let Some(t) = &filter.text {
+        let like = format!(
+            "%{}%",
+            t.replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        );
+        sql.push_str(
+            " AND (name LIKE ? ESCAPE '\\' OR description LIKE ? ESCAPE '\\' OR location LIKE ? ESCAPE '\\')",
+        );
+        binds.extend([like.clone(), like.clone(), like]);
+    }
+    let count_sql = format!("SELECT COUNT(*) FROM sites{sql}");
+    let mut count = sqlx::query_scalar::<_, i64>(&count_sql);
+    for b in &binds {
+        count = count.bind(b);
+    }
+    let total = count.fetch_one(&mut *conn).await?;
+    let list_sql = format!(
+        "SELECT * FROM sites{sql} ORDER BY {column} {}, id LIMIT ? OFFSET ?",
+        if desc { "DESC" } else { "ASC" }
+    );
+    let mut query = sqlx::query(&list_sql);
+    for b in &binds {
+        query = query.bind(b);
+    }
+    let rows = query.bind(limit).bind(offset).fetch_all(&mut *conn).await?;
+    let mut items = rows
+        .iter()
+        .map(site_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    attach_links(&mut *conn, &mut items).await?;
+    Ok((items, total))
+}
+
+/// Stores a new site (version 1, without its links); its id.
+pub async fn insert(conn: &mut Conn, spec: &SiteSpec, now: i64) -> Result<i64, WriteError> {
+    let r = sqlx::query(
+        "INSERT INTO sites (name, description, location, latitude, longitude, lan_prefixes,
+         status, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(spec.name.as_str())
+    .bind(&spec.description)
+    .bind(&spec.location)
+    .bind(spec.latitude)
+    .bind(spec.longitude)
+    .bind(serde_json::to_string(&spec.lan_prefixes).map_err(WriteError::Encode)?)
+    .bind(spec.status.as_str())
+    .bind(now)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(r.last_insert_rowid())
+}
+
+/// Replaces site `id`'s fields (not its links), if it is still at `version`.
+pub async fn update(
+    conn: &mut Conn,
+    id: i64,
+    version: i64,
+    spec: &SiteSpec,
+    now: i64,
+) -> Result<(), WriteError> {
+    let r = sqlx::query(
+        "UPDATE sites SET name = ?, description = ?, location = ?, latitude = ?, longitude = ?,
+         lan_prefixes = ?, status = ?, version = version + 1, updated_at = ?
+         WHERE id = ? AND version = ?",
+    )
+    .bind(spec.name.as_str())
+    .bind(&spec.description)
+    .bind(&spec.location)
+    .bind(spec.latitude)
+    .bind(spec.longitude)
+    .bind(serde_json::to_string(&spec.lan_prefixes).map_err(WriteError::Encode)?)
+    .bind(spec.status.as_str())
+    .bind(now)
+    .bind(id)
+    .bind(version)
+    .execute(&mut *conn)
+    .await?;
+    if r.rows_affected() == 0 {
+        return Err(WriteError::Stale);
+    }
+    Ok(())
+}
+
+/// Deletes site `id`; its links, overlay address and place among the hubs go with it (ON
+/// DELETE CASCADE).
+pub async fn delete(conn: &mut Conn, id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM sites WHERE id = ?")
+        .bind(id)
+        .execute(&mut *conn)
+        .await
+        .map(|_| ())
+}
