@@ -9,7 +9,7 @@
 //! - The **paths** that follow ([`crate::routes::paths`]) are derived, never stored: one per
 //!   local link × remote link for every pair of sites [`connected`] here.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -19,18 +19,16 @@ use axum::response::Response;
 use patronus_api::Prefix;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use sqlx::Row;
-
-use sqlx::sqlite::SqliteConnection;
 
 use crate::app::{AppState, Operator, Principal};
 use crate::error::{ApiError, extract};
 use crate::routes::sites::{SiteStatus, SiteView};
-use crate::routes::{audit_config, check_if_match, patched, with_etag};
-use crate::store::now_s;
+use crate::routes::{audit_config, check_if_match, patched, with_etag, write_error};
+use crate::store::topology as store;
 pub use crate::store::topology::{
     Mode, Topology, addresses, allocate, host_addr, host_range, load, overlay_prefix,
 };
+use crate::store::{Conn, now_s};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(show_topology, update_topology))
@@ -57,14 +55,9 @@ pub struct TopologyView {
     updated_at: i64,
 }
 
-async fn view(conn: &mut SqliteConnection) -> Result<(TopologyView, i64), ApiError> {
+async fn view(conn: &mut Conn) -> Result<(TopologyView, i64), ApiError> {
     let t = load(&mut *conn).await?;
-    let names: BTreeMap<i64, String> = sqlx::query("SELECT id, name FROM sites")
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(|r| Ok((r.try_get("id")?, r.try_get("name")?)))
-        .collect::<Result<_, sqlx::Error>>()?;
+    let names = store::site_names(&mut *conn).await?;
     let addrs = addresses(&mut *conn).await?;
     let v = TopologyView {
         mode: t.mode,
@@ -127,19 +120,7 @@ async fn update_topology(
     if spec.mode == Mode::HubSpoke && hubs.is_empty() {
         return Err(ApiError::field("hubs", "hub-spoke needs at least one hub"));
     }
-    let sites: Vec<(i64, String, String)> =
-        sqlx::query("SELECT id, name, lan_prefixes FROM sites ORDER BY id")
-            .fetch_all(&mut *tx)
-            .await?
-            .iter()
-            .map(|r| {
-                Ok((
-                    r.try_get("id")?,
-                    r.try_get("name")?,
-                    r.try_get("lan_prefixes")?,
-                ))
-            })
-            .collect::<Result<_, sqlx::Error>>()?;
+    let sites = store::sites_for_plan(&mut tx).await?;
     for h in &hubs {
         if !sites.iter().any(|(id, _, _)| id == h) {
             return Err(ApiError::field("hubs", format!("there is no site {h}")));
@@ -159,7 +140,6 @@ async fn update_topology(
             ));
         }
         for (_, name, lan) in &sites {
-            let lan: Vec<Prefix> = serde_json::from_str(lan).map_err(ApiError::internal)?;
             if let Some(q) = lan.iter().find(|q| q.overlaps(&prefix)) {
                 return Err(ApiError::conflict(format!(
                     "overlay_prefix: {prefix} overlaps {q} of site {name}"
@@ -167,40 +147,16 @@ async fn update_topology(
             }
         }
         // Renumber in creation order.
-        sqlx::query("DELETE FROM overlay_addresses")
-            .execute(&mut *tx)
-            .await?;
-        for (i, (id, _, _)) in sites.iter().enumerate() {
-            sqlx::query("INSERT INTO overlay_addresses (site_id, host) VALUES (?, ?)")
-                .bind(id)
-                .bind((first + i as u128) as i64)
-                .execute(&mut *tx)
-                .await?;
-        }
+        let hosts: Vec<(i64, i64)> = sites
+            .iter()
+            .enumerate()
+            .map(|(i, (id, _, _))| (*id, (first + i as u128) as i64))
+            .collect();
+        store::renumber(&mut tx, &hosts).await?;
     }
-    let mode = serde_json::to_value(spec.mode).map_err(ApiError::internal)?;
-    let r = sqlx::query(
-        "UPDATE topology SET mode = ?, overlay_prefix = ?, version = version + 1, updated_at = ?
-         WHERE id = 1 AND version = ?",
-    )
-    .bind(mode.as_str())
-    .bind(prefix.to_string())
-    .bind(now_s())
-    .bind(cur.version)
-    .execute(&mut *tx)
-    .await?;
-    if r.rows_affected() == 0 {
-        return Err(ApiError::precondition_failed(
-            "the topology changed while this update ran; read it again",
-        ));
-    }
-    sqlx::query("DELETE FROM hubs").execute(&mut *tx).await?;
-    for h in &hubs {
-        sqlx::query("INSERT INTO hubs (site_id) VALUES (?)")
-            .bind(h)
-            .execute(&mut *tx)
-            .await?;
-    }
+    store::update(&mut tx, cur.version, spec.mode, &prefix, &hubs, now_s())
+        .await
+        .map_err(|e| write_error(e, "topology", String::new))?;
     audit_config(&mut tx, &p.actor(), "topology.update", "topology", patch).await?;
     let (v, version) = view(&mut tx).await?;
     tx.commit().await?;

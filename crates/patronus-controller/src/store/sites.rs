@@ -314,6 +314,70 @@ pub async fn insert_link(
     Ok(r.last_insert_rowid())
 }
 
+/// Link `link` of site `site`, if there is one.
+pub async fn get_link(conn: &mut Conn, site: i64, link: i64) -> Result<Option<LinkView>, ApiError> {
+    let row = sqlx::query("SELECT * FROM links WHERE id = ? AND site_id = ?")
+        .bind(link)
+        .bind(site)
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.as_ref().map(link_from_row).transpose()
+}
+
+/// Replaces link `id`, if it is still at `version`, with `link` as the next version.
+pub async fn update_link(
+    conn: &mut Conn,
+    id: i64,
+    version: i64,
+    link: &Link,
+    now: i64,
+) -> Result<(), WriteError> {
+    let r = sqlx::query(
+        "UPDATE links SET name = ?, spec = ?, version = version + 1, updated_at = ?
+         WHERE id = ? AND version = ?",
+    )
+    .bind(link.name.as_str())
+    .bind(serde_json::to_string(link).map_err(WriteError::Encode)?)
+    .bind(now)
+    .bind(id)
+    .bind(version)
+    .execute(&mut *conn)
+    .await?;
+    if r.rows_affected() == 0 {
+        return Err(WriteError::Stale);
+    }
+    Ok(())
+}
+
+/// Deletes link `id`.
+pub async fn delete_link(conn: &mut Conn, id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM links WHERE id = ?")
+        .bind(id)
+        .execute(&mut *conn)
+        .await
+        .map(|_| ())
+}
+
+/// Asks site `id`'s edge to roll its key (counts one more rotation, as a new version of the
+/// site); the new count, or none if the site has no edge yet (or is gone).
+pub async fn ask_rotation(conn: &mut Conn, id: i64, now: i64) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE sites SET key_rotation = key_rotation + 1, version = version + 1, updated_at = ?
+         WHERE id = ? AND public_key IS NOT NULL RETURNING key_rotation",
+    )
+    .bind(now)
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await
+}
+
+/// The sites whose edges are rolling their keys (id, name).
+pub async fn rolling(conn: &mut Conn) -> Result<Vec<(i64, String)>, sqlx::Error> {
+    sqlx::query_as("SELECT id, name FROM sites WHERE next_public_key IS NOT NULL")
+        .fetch_all(&mut *conn)
+        .await
+}
+
 /// Which sites a list shows.
 #[derive(Debug, Default)]
 pub struct SiteFilter {

@@ -9,6 +9,7 @@ use serde_json::Value;
 use sqlx::Row;
 
 use super::Conn;
+use super::docs::WriteError;
 use crate::error::ApiError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -143,4 +144,81 @@ pub async fn addresses_of(conn: &mut Conn, ids: &[i64]) -> Result<BTreeMap<i64, 
             ))
         })
         .collect()
+}
+
+/// Every site's name, by id.
+pub async fn site_names(conn: &mut Conn) -> Result<BTreeMap<i64, String>, sqlx::Error> {
+    sqlx::query("SELECT id, name FROM sites")
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get("id")?, r.try_get("name")?)))
+        .collect()
+}
+
+/// Every site's id, name and LAN prefixes, in creation (id) order: what a change of the plan
+/// is checked against.
+pub async fn sites_for_plan(conn: &mut Conn) -> Result<Vec<(i64, String, Vec<Prefix>)>, ApiError> {
+    sqlx::query("SELECT id, name, lan_prefixes FROM sites ORDER BY id")
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|r| {
+            let lan: String = r.try_get("lan_prefixes")?;
+            Ok((
+                r.try_get("id")?,
+                r.try_get("name")?,
+                serde_json::from_str(&lan).map_err(ApiError::internal)?,
+            ))
+        })
+        .collect()
+}
+
+/// Gives the sites these host numbers, and no other site any.
+pub async fn renumber(conn: &mut Conn, hosts: &[(i64, i64)]) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM overlay_addresses")
+        .execute(&mut *conn)
+        .await?;
+    for (site, host) in hosts {
+        sqlx::query("INSERT INTO overlay_addresses (site_id, host) VALUES (?, ?)")
+            .bind(site)
+            .bind(host)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Writes the topology's mode, prefix and hubs as its next version, if it is still at
+/// `version`.
+pub async fn update(
+    conn: &mut Conn,
+    version: i64,
+    mode: Mode,
+    prefix: &Prefix,
+    hubs: &BTreeSet<i64>,
+    now: i64,
+) -> Result<(), WriteError> {
+    let mode = serde_json::to_value(mode).map_err(WriteError::Encode)?;
+    let r = sqlx::query(
+        "UPDATE topology SET mode = ?, overlay_prefix = ?, version = version + 1, updated_at = ?
+         WHERE id = 1 AND version = ?",
+    )
+    .bind(mode.as_str())
+    .bind(prefix.to_string())
+    .bind(now)
+    .bind(version)
+    .execute(&mut *conn)
+    .await?;
+    if r.rows_affected() == 0 {
+        return Err(WriteError::Stale);
+    }
+    sqlx::query("DELETE FROM hubs").execute(&mut *conn).await?;
+    for h in hubs {
+        sqlx::query("INSERT INTO hubs (site_id) VALUES (?)")
+            .bind(h)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
 }

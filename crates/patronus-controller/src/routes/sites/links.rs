@@ -10,13 +10,11 @@ use axum::response::Response;
 use patronus_api::Link;
 use serde_json::{Value, json};
 
-use sqlx::sqlite::SqliteConnection;
-
 use crate::app::{AppState, Operator, Principal};
 use crate::error::{ApiError, extract};
-use crate::routes::sites::{LinkView, MAX_LINKS, insert_link, link_from_row, load_site};
-use crate::routes::{Page, audit_config, check_if_match, created, patched, updated, with_etag};
-use crate::store::{Store, now_s};
+use crate::routes::sites::{LinkView, MAX_LINKS, insert_link, load_site};
+use crate::routes::{Page, audit_config, check_if_match, created, patched, with_etag, write_error};
+use crate::store::{Conn, now_s, sites as store};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -24,18 +22,10 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(show_link, update_link, remove_link))
 }
 
-async fn load_link(
-    conn: &mut SqliteConnection,
-    site: i64,
-    link: i64,
-) -> Result<LinkView, ApiError> {
-    let row = sqlx::query("SELECT * FROM links WHERE id = ? AND site_id = ?")
-        .bind(link)
-        .bind(site)
-        .fetch_optional(&mut *conn)
+async fn load_link(conn: &mut Conn, site: i64, link: i64) -> Result<LinkView, ApiError> {
+    store::get_link(conn, site, link)
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("link {link} of site {site}")))?;
-    link_from_row(&row)
+        .ok_or_else(|| ApiError::not_found(format!("link {link} of site {site}")))
 }
 
 #[utoipa::path(
@@ -146,20 +136,13 @@ async fn update_link(
     check_if_match(&headers, cur.version)?;
     let new: Link = patched(&cur.link, &patch)?;
     new.validate().map_err(ApiError::validation)?;
-    let r = sqlx::query(
-        "UPDATE links SET name = ?, spec = ?, version = version + 1, updated_at = ?
-         WHERE id = ? AND version = ?",
-    )
-    .bind(new.name.as_str())
-    .bind(serde_json::to_string(&new).map_err(ApiError::internal)?)
-    .bind(now_s())
-    .bind(link)
-    .bind(cur.version)
-    .execute(&mut *tx)
-    .await;
-    updated(r, "link", || {
-        format!("the site already has a link named {}", new.name)
-    })?;
+    store::update_link(&mut tx, link, cur.version, &new, now_s())
+        .await
+        .map_err(|e| {
+            write_error(e, "link", || {
+                format!("the site already has a link named {}", new.name)
+            })
+        })?;
     audit_config(
         &mut tx,
         &p.actor(),
@@ -191,7 +174,7 @@ async fn remove_link(
     let mut tx = s.store.begin().await?;
     let cur = load_link(&mut tx, site, link).await?;
     check_if_match(&headers, cur.version)?;
-    Store::delete_row(&mut tx, "links", link).await?;
+    store::delete_link(&mut tx, link).await?;
     audit_config(
         &mut tx,
         &p.actor(),

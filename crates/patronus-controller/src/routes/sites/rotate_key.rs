@@ -5,7 +5,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sqlx::Row;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -53,21 +52,12 @@ async fn rotate_key(
             format!("{other} is rolling its key: one roll at a time between connected sites"),
         ));
     }
-    let r = sqlx::query(
-        "UPDATE sites SET key_rotation = key_rotation + 1, version = version + 1, updated_at = ?
-         WHERE id = ? AND public_key IS NOT NULL RETURNING key_rotation",
-    )
-    .bind(now_s())
-    .bind(id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(r) = r else {
+    let Some(rotation) = crate::store::sites::ask_rotation(&mut tx, id, now_s()).await? else {
         return Err(ApiError::conflict(format!(
             "site {} has no edge yet: enrol one first",
             site.name
         )));
     };
-    let rotation: i64 = r.try_get("key_rotation")?;
     audit_config(
         &mut tx,
         &p.actor(),
@@ -91,10 +81,7 @@ pub(crate) async fn rolling_neighbour(
     conn: &mut SqliteConnection,
     id: i64,
 ) -> Result<Option<String>, ApiError> {
-    let rolling: Vec<(i64, String)> =
-        sqlx::query_as("SELECT id, name FROM sites WHERE next_public_key IS NOT NULL")
-            .fetch_all(&mut *conn)
-            .await?;
+    let rolling = crate::store::sites::rolling(&mut *conn).await?;
     if rolling.is_empty() {
         return Ok(None);
     }
