@@ -14,7 +14,6 @@ use axum::extract::State;
 use patronus_api::WgPublicKey;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sqlx::Row;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -25,6 +24,7 @@ use crate::routes::audit_config;
 use crate::routes::auth::AuthRateLimited;
 use crate::routes::edge::CREDENTIAL_PREFIX;
 use crate::routes::sites::load_site;
+use crate::store::enrollment::{self, Refused};
 use crate::store::{Actor, now_s};
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -76,29 +76,15 @@ async fn enroll(
     let now = now_s();
     let mut tx = s.store.begin().await?;
     // Checked and spent in one statement.
-    let site_id: Option<i64> = sqlx::query_scalar(
-        "UPDATE enrollment_tokens SET used_at = ?
-         WHERE token_hash = ? AND used_at IS NULL AND expires_at > ? RETURNING site_id",
-    )
-    .bind(now)
-    .bind(&hash[..])
-    .bind(now)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(site_id) = site_id else {
-        let why =
-            sqlx::query("SELECT used_at, expires_at FROM enrollment_tokens WHERE token_hash = ?")
-                .bind(&hash[..])
-                .fetch_optional(&mut *tx)
-                .await?;
-        let message = match why {
-            Some(r) if r.try_get::<Option<i64>, _>("used_at")?.is_some() => {
-                "this enrolment token was already used; ask for a new one"
-            }
-            Some(_) => "this enrolment token has expired; ask for a new one",
-            None => "unknown enrolment token",
-        };
-        return Err(ApiError::unauthorized(message));
+    let site_id = match enrollment::spend_token(&mut tx, &hash[..], now).await? {
+        Ok(id) => id,
+        Err(why) => {
+            return Err(ApiError::unauthorized(match why {
+                Refused::Used => "this enrolment token was already used; ask for a new one",
+                Refused::Expired => "this enrolment token has expired; ask for a new one",
+                Refused::Unknown => "unknown enrolment token",
+            }));
+        }
     };
     let site = load_site(&mut *s.store.conn().await?, site_id).await?;
     // Endpoints for links the site has; anything else undoes the enrolment (the token stays).
@@ -111,37 +97,19 @@ async fn enroll(
         };
         let mut link = l.link.clone();
         link.endpoint = Some(*endpoint);
-        sqlx::query(
-            "UPDATE links SET spec = ?, version = version + 1, updated_at = ? WHERE id = ?",
-        )
-        .bind(serde_json::to_string(&link).map_err(ApiError::internal)?)
-        .bind(now)
-        .bind(l.id)
-        .execute(&mut *tx)
-        .await?;
+        enrollment::set_link(&mut tx, l.id, &link, now).await?;
     }
     // A roll the replaced machine left unfinished ends here: its next key is not trusted.
-    let key_rotation: i64 = sqlx::query_scalar(
-        "UPDATE sites SET public_key = ?, next_public_key = NULL, version = version + 1,
-         updated_at = ? WHERE id = ? RETURNING key_rotation",
-    )
-    .bind(req.public_key.to_string())
-    .bind(now)
-    .bind(site_id)
-    .fetch_one(&mut *tx)
-    .await?;
     // One edge per site: a new enrolment replaces the old machine's credential.
-    sqlx::query("UPDATE site_credentials SET revoked = 1 WHERE site_id = ?")
-        .bind(site_id)
-        .execute(&mut *tx)
-        .await?;
     let credential = format!("{CREDENTIAL_PREFIX}{}", a::b64url(&a::random_bytes::<32>()));
-    sqlx::query("INSERT INTO site_credentials (site_id, secret_hash, created_at) VALUES (?, ?, ?)")
-        .bind(site_id)
-        .bind(&a::sha256(credential.as_bytes())[..])
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+    let key_rotation = enrollment::enrol(
+        &mut tx,
+        site_id,
+        &req.public_key.to_string(),
+        &a::sha256(credential.as_bytes())[..],
+        now,
+    )
+    .await?;
     let actor = Actor {
         id: None,
         name: format!("edge of {}", site.name),

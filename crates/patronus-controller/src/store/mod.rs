@@ -15,6 +15,7 @@ use sqlx::{Row, Sqlite, Transaction};
 use tokio::sync::{Notify, watch};
 
 pub mod docs;
+pub mod enrollment;
 pub mod sites;
 pub mod topology;
 

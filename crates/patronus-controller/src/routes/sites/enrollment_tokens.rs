@@ -64,16 +64,14 @@ async fn create_enrollment_token(
     let now = now_s();
     let expires_at = now + i64::from(minutes) * 60;
     let mut tx = s.store.begin().await?;
-    sqlx::query(
-        "INSERT INTO enrollment_tokens (site_id, token_hash, expires_at, created_by, created_at)
-         VALUES (?, ?, ?, ?, ?)",
+    crate::store::enrollment::create_token(
+        &mut tx,
+        id,
+        &a::sha256(token.as_bytes())[..],
+        expires_at,
+        p.user_id(),
+        now,
     )
-    .bind(id)
-    .bind(&a::sha256(token.as_bytes())[..])
-    .bind(expires_at)
-    .bind(p.user_id())
-    .bind(now)
-    .execute(&mut *tx)
     .await?;
     Store::audit(
         &mut tx,
