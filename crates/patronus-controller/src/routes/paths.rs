@@ -12,13 +12,14 @@ use axum::Json;
 use axum::extract::State;
 use patronus_api::{LinkKind, PathEventKind, PathState};
 use serde::{Deserialize, Serialize};
-use sqlx::Row;
 
 use crate::app::{AppState, Principal};
 use crate::error::{ApiError, extract};
 use crate::routes::sites::{SiteView, load_sites};
 use crate::routes::topology::{connected, connected_pairs, load, path_id};
 use crate::routes::{Page, Paging};
+use crate::store::history;
+pub use crate::store::history::{PathEventView, PathSample};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -259,37 +260,12 @@ async fn current_path(s: &AppState, id: &str) -> Result<Option<PathView>, ApiErr
 /// measurements stay readable until their retention ends).
 async fn known_path(s: &AppState, id: &str) -> Result<(), ApiError> {
     // The indexed look-up first; the topology only for a path with no history yet.
-    let kept: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM path_samples WHERE path_id = ?1)
-             OR EXISTS (SELECT 1 FROM path_events WHERE path_id = ?1)",
-    )
-    .bind(id)
-    .fetch_one(s.store.pool())
-    .await?;
+    let kept = history::kept(&mut *s.store.conn().await?, id).await?;
     if kept || current_path(s, id).await?.is_some() {
         Ok(())
     } else {
         Err(ApiError::not_found(format!("path {id}")))
     }
-}
-
-/// One reported measurement of a path.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct PathSample {
-    /// Unix seconds.
-    pub at: i64,
-    /// The site whose edge reported it.
-    pub site_id: i64,
-    pub state: PathState,
-    pub rtt_ms: Option<f64>,
-    pub jitter_ms: f64,
-    pub loss_pct: f64,
-    /// With `resolution`: the reports the bucket sums up (RTT, jitter and loss are their
-    /// means, the RTT's worst is `rtt_ms_max`, and `state` the worst state among them).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub samples: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rtt_ms_max: Option<f64>,
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -335,113 +311,25 @@ async fn path_metrics(
                 "must be between 5 and 86400 seconds",
             ));
         }
-        return path_metrics_bucketed(&s, &id, since, until, res, paging).await;
-    }
-    let total: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM path_samples WHERE path_id = ? AND at_s >= ? AND at_s < ?",
-    )
-    .bind(&id)
-    .bind(since)
-    .bind(until)
-    .fetch_one(s.store.pool())
-    .await?;
-    let rows = sqlx::query(
-        "SELECT at_s, site_id, state, rtt_ms, jitter_ms, loss_pct FROM path_samples
-         WHERE path_id = ? AND at_s >= ? AND at_s < ? ORDER BY id LIMIT ? OFFSET ?",
-    )
-    .bind(&id)
-    .bind(since)
-    .bind(until)
-    .bind(paging.limit)
-    .bind(paging.offset)
-    .fetch_all(s.store.pool())
-    .await?;
-    let items = rows
-        .iter()
-        .map(|r| {
-            Ok(PathSample {
-                at: r.try_get("at_s")?,
-                site_id: r.try_get("site_id")?,
-                state: r
-                    .try_get::<&str, _>("state")?
-                    .parse()
-                    .map_err(ApiError::internal)?,
-                rtt_ms: r.try_get("rtt_ms")?,
-                jitter_ms: r.try_get("jitter_ms")?,
-                loss_pct: r.try_get("loss_pct")?,
-                samples: None,
-                rtt_ms_max: None,
-            })
-        })
-        .collect::<Result<Vec<_>, ApiError>>()?;
-    Ok(Json(Page::new(items, total, paging)))
-}
-
-/// A path's samples summed up per `res` seconds and reporting site.
-async fn path_metrics_bucketed(
-    s: &AppState,
-    id: &str,
-    since: i64,
-    until: i64,
-    res: i64,
-    paging: Paging,
-) -> Result<Json<Page<PathSample>>, ApiError> {
-    let grouped = "SELECT (at_s / ?1) * ?1 AS bucket, site_id, COUNT(*) AS n,
-                AVG(rtt_ms) AS rtt, MAX(rtt_ms) AS rtt_max, AVG(jitter_ms) AS jitter,
-                AVG(loss_pct) AS loss,
-                MAX(CASE state WHEN 'down' THEN 2 WHEN 'degraded' THEN 1 ELSE 0 END) AS worst
-         FROM path_samples WHERE path_id = ?2 AND at_s >= ?3 AND at_s < ?4
-         GROUP BY bucket, site_id";
-    let total: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM ({grouped})"))
-        .bind(res)
-        .bind(id)
-        .bind(since)
-        .bind(until)
-        .fetch_one(s.store.pool())
+        let (items, total) = history::samples(
+            &mut *s.store.conn().await?,
+            &id,
+            (since, until),
+            Some(res),
+            (paging.limit, paging.offset),
+        )
         .await?;
-    let rows = sqlx::query(&format!(
-        "{grouped} ORDER BY bucket, site_id LIMIT ?5 OFFSET ?6"
-    ))
-    .bind(res)
-    .bind(id)
-    .bind(since)
-    .bind(until)
-    .bind(paging.limit)
-    .bind(paging.offset)
-    .fetch_all(s.store.pool())
+        return Ok(Json(Page::new(items, total, paging)));
+    }
+    let (items, total) = history::samples(
+        &mut *s.store.conn().await?,
+        &id,
+        (since, until),
+        None,
+        (paging.limit, paging.offset),
+    )
     .await?;
-    let items = rows
-        .iter()
-        .map(|r| {
-            let worst: i64 = r.try_get("worst")?;
-            Ok(PathSample {
-                at: r.try_get("bucket")?,
-                site_id: r.try_get("site_id")?,
-                state: [PathState::Up, PathState::Degraded, PathState::Down]
-                    [worst.clamp(0, 2) as usize],
-                rtt_ms: r.try_get("rtt")?,
-                jitter_ms: r.try_get("jitter")?,
-                loss_pct: r.try_get("loss")?,
-                samples: Some(r.try_get("n")?),
-                rtt_ms_max: r.try_get("rtt_max")?,
-            })
-        })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
     Ok(Json(Page::new(items, total, paging)))
-}
-
-/// A path's change of state, as the edge of `site_id` saw it.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct PathEventView {
-    pub id: i64,
-    pub site_id: i64,
-    pub site: String,
-    /// Unix milliseconds, the edge's clock.
-    pub at_ms: i64,
-    pub kind: PathEventKind,
-    pub class: Option<String>,
-    /// The event as the edge reported it.
-    pub detail: patronus_api::PathEvent,
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -481,46 +369,13 @@ async fn path_events(
     let paging = Paging::new(q.limit, q.offset)?;
     known_path(&s, &id).await?;
     let (since, until) = (q.since_ms.unwrap_or(0), q.until_ms.unwrap_or(i64::MAX));
-    let filter =
-        "e.path_id = ?1 AND e.at_ms >= ?2 AND e.at_ms < ?3 AND (?4 IS NULL OR e.kind = ?4)";
-    let total: i64 = sqlx::query_scalar(&format!(
-        "SELECT COUNT(*) FROM path_events e WHERE {filter}"
-    ))
-    .bind(&id)
-    .bind(since)
-    .bind(until)
-    .bind(q.kind.map(PathEventKind::as_str))
-    .fetch_one(s.store.pool())
+    let (items, total) = history::events(
+        &mut *s.store.conn().await?,
+        &id,
+        (since, until),
+        q.kind,
+        (paging.limit, paging.offset),
+    )
     .await?;
-    let rows = sqlx::query(&format!(
-        "SELECT e.id, e.site_id, s.name AS site, e.at_ms, e.kind, e.class, e.detail
-         FROM path_events e JOIN sites s ON s.id = e.site_id WHERE {filter}
-         ORDER BY e.at_ms, e.id LIMIT ?5 OFFSET ?6"
-    ))
-    .bind(&id)
-    .bind(since)
-    .bind(until)
-    .bind(q.kind.map(PathEventKind::as_str))
-    .bind(paging.limit)
-    .bind(paging.offset)
-    .fetch_all(s.store.pool())
-    .await?;
-    let items = rows
-        .iter()
-        .map(|r| {
-            let detail: patronus_api::PathEvent =
-                serde_json::from_str(r.try_get::<&str, _>("detail")?)
-                    .map_err(ApiError::internal)?;
-            Ok(PathEventView {
-                id: r.try_get("id")?,
-                site_id: r.try_get("site_id")?,
-                site: r.try_get("site")?,
-                at_ms: r.try_get("at_ms")?,
-                kind: detail.kind,
-                class: r.try_get("class")?,
-                detail,
-            })
-        })
-        .collect::<Result<Vec<_>, ApiError>>()?;
     Ok(Json(Page::new(items, total, paging)))
 }

@@ -16,6 +16,7 @@ use tokio::sync::{Notify, watch};
 
 pub mod docs;
 pub mod enrollment;
+pub mod history;
 pub mod sites;
 pub mod topology;
 
