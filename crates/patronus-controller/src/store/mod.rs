@@ -18,6 +18,7 @@ pub mod docs;
 pub mod enrollment;
 pub mod history;
 pub mod sites;
+pub mod telemetry;
 pub mod topology;
 
 /// A connection to the store's database: what the store's functions run their statements on

@@ -4,7 +4,6 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use patronus_api::PathEventKind;
 use serde_json::json;
-use sqlx::Row;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -12,15 +11,13 @@ use crate::app::AppState;
 use crate::error::{ApiError, extract};
 use crate::routes::edge::SiteCaller;
 use crate::store::now_s;
+use crate::store::telemetry::{self, Totals};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(edge_telemetry))
 }
 
-/// How long reported samples are kept.
-pub const SAMPLE_RETENTION_S: i64 = 7 * 24 * 3600;
-/// How long failovers are kept: rare, and what an operator looks back on after an incident.
-pub const FAILOVER_RETENTION_S: i64 = 90 * 24 * 3600;
+pub use crate::store::telemetry::{FAILOVER_RETENTION_S, SAMPLE_RETENTION_S};
 
 #[utoipa::path(
     post,
@@ -61,20 +58,7 @@ async fn edge_telemetry(
     names.extend(t.failovers.iter().map(|e| e.peer.as_str()));
     names.extend(t.path_events.iter().map(|e| e.peer.as_str()));
     names.insert(site.site.as_str());
-    let sql = format!(
-        "SELECT l.id, l.name AS link, s.name AS site FROM links l JOIN sites s ON s.id = l.site_id
-         WHERE s.name IN ({})",
-        vec!["?"; names.len()].join(",")
-    );
-    let mut query = sqlx::query(&sql);
-    for n in &names {
-        query = query.bind(*n);
-    }
-    let rows = query.fetch_all(s.store.pool()).await?;
-    let mut ids: std::collections::HashMap<(String, String), i64> = Default::default();
-    for r in &rows {
-        ids.insert((r.try_get("site")?, r.try_get("link")?), r.try_get("id")?);
-    }
+    let ids = telemetry::link_ids(&mut *s.store.conn().await?, &names).await?;
     // The id of the path between this site's `local` link and `peer`'s `remote` link, if the
     // controller knows both (a report may name a configuration it no longer has).
     let path_of = |local: &str, peer: &str, remote: &str| {
@@ -149,19 +133,7 @@ async fn edge_telemetry(
     }
     let mut tx = s.store.begin().await?;
     for (id, p) in &samples {
-        sqlx::query(
-            "INSERT INTO path_samples (path_id, site_id, at_s, state, rtt_ms, jitter_ms, loss_pct)
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(id)
-        .bind(site.site_id)
-        .bind(now)
-        .bind(p.state.as_str())
-        .bind(p.rtt_ms)
-        .bind(p.jitter_ms)
-        .bind(p.loss_pct)
-        .execute(&mut *tx)
-        .await?;
+        telemetry::insert_sample(&mut tx, id, site.site_id, now, p).await?;
     }
     for e in &t.failovers {
         // A report delivered twice (an answer lost on the way back) is kept once.
@@ -169,24 +141,7 @@ async fn edge_telemetry(
             path_of(&e.from_local_link, &e.peer, &e.from_remote_link),
             path_of(&e.to_local_link, &e.peer, &e.to_remote_link),
         );
-        let new = sqlx::query(
-            "INSERT OR IGNORE INTO failover_events
-             (site_id, seq, at_ms, peer, from_path, to_path, detail, reason, flows)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(site.site_id)
-        .bind(e.seq as i64)
-        .bind(e.at_ms)
-        .bind(&e.peer)
-        .bind(&from)
-        .bind(&to)
-        .bind(serde_json::to_string(e).map_err(ApiError::internal)?)
-        .bind(e.reason.as_str())
-        .bind(i64::from(e.flows))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
+        let new = telemetry::insert_failover(&mut tx, site.site_id, e, (&from, &to)).await?;
         if new {
             events.push((
                 crate::webhooks::EventKind::Failover,
@@ -208,23 +163,7 @@ async fn edge_telemetry(
     // come twice), and told to webhooks (down, up again, breaking an SLA).
     for e in &t.path_events {
         let path = path_of(&e.local_link, &e.peer, &e.remote_link);
-        let new = sqlx::query(
-            "INSERT OR IGNORE INTO path_events
-             (site_id, seq, at_ms, path_id, kind, class, detail, received_s)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(site.site_id)
-        .bind(e.seq as i64)
-        .bind(e.at_ms)
-        .bind(&path)
-        .bind(e.kind.as_str())
-        .bind(&e.class)
-        .bind(serde_json::to_string(e).map_err(ApiError::internal)?)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
+        let new = telemetry::insert_path_event(&mut tx, site.site_id, e, &path, now).await?;
         let kind = match e.kind {
             PathEventKind::Down => crate::webhooks::EventKind::PathDown,
             PathEventKind::Up => crate::webhooks::EventKind::PathUp,
@@ -251,51 +190,12 @@ async fn edge_telemetry(
         }
     }
     record_traffic(&mut tx, site.site_id, now, &t, &samples).await?;
-    // Retention: what is older goes, a little at a time.
-    for (table, column, before) in [
-        ("path_samples", "at_s", now - SAMPLE_RETENTION_S),
-        ("traffic_samples", "at_s", now - SAMPLE_RETENTION_S),
-        ("path_events", "received_s", now - SAMPLE_RETENTION_S),
-        (
-            "failover_events",
-            "at_ms",
-            (now - FAILOVER_RETENTION_S) * 1000,
-        ),
-    ] {
-        sqlx::query(&format!(
-            "DELETE FROM {table} WHERE id IN
-               (SELECT id FROM {table} WHERE {column} < ? ORDER BY id LIMIT 1000)"
-        ))
-        .bind(before)
-        .execute(&mut *tx)
-        .await?;
-    }
+    telemetry::prune(&mut tx, now).await?;
     // Told to webhooks with the same transaction that keeps them: an event is announced if and
     // only if it was kept.
     crate::webhooks::queue(&mut tx, events, None).await?;
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-/// Counters as an edge reports them: totals since its run started.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Totals {
-    tx_packets: u64,
-    tx_bytes: u64,
-    rx_packets: u64,
-    rx_bytes: u64,
-}
-
-impl Totals {
-    /// What `self` counts beyond `earlier`, unless some counter of `self` is behind it.
-    fn checked_sub(&self, earlier: &Totals) -> Option<Totals> {
-        Some(Totals {
-            tx_packets: self.tx_packets.checked_sub(earlier.tx_packets)?,
-            tx_bytes: self.tx_bytes.checked_sub(earlier.tx_bytes)?,
-            rx_packets: self.rx_packets.checked_sub(earlier.rx_packets)?,
-            rx_bytes: self.rx_bytes.checked_sub(earlier.rx_bytes)?,
-        })
-    }
 }
 
 /// Turns the report's running totals into what was sent since the previous report (kept per
@@ -338,26 +238,7 @@ async fn record_traffic(
     if current.is_empty() {
         return Ok(());
     }
-    let rows = sqlx::query("SELECT * FROM traffic_counters WHERE site_id = ?")
-        .bind(site_id)
-        .fetch_all(&mut **tx)
-        .await?;
-    let mut before: std::collections::HashMap<String, (i64, Totals)> = Default::default();
-    for r in &rows {
-        let n = |k: &str| r.try_get::<i64, _>(k).map(|v| v as u64);
-        before.insert(
-            r.try_get("key")?,
-            (
-                r.try_get("started_ms")?,
-                Totals {
-                    tx_packets: n("tx_packets")?,
-                    tx_bytes: n("tx_bytes")?,
-                    rx_packets: n("rx_packets")?,
-                    rx_bytes: n("rx_bytes")?,
-                },
-            ),
-        );
-    }
+    let before = telemetry::counters(tx, site_id).await?;
     let mut seen = std::collections::HashSet::new();
     for (key, path, class, cur) in current {
         // A key named twice in one report counts once.
@@ -378,42 +259,11 @@ async fn record_traffic(
             // A new run of the edge (or the first report): all of it is new.
             None => cur,
         };
-        let i = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        sqlx::query(
-            "INSERT INTO traffic_counters
-             (site_id, key, started_ms, tx_packets, tx_bytes, rx_packets, rx_bytes)
-             VALUES (?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT (site_id, key) DO UPDATE SET started_ms = excluded.started_ms,
-               tx_packets = excluded.tx_packets, tx_bytes = excluded.tx_bytes,
-               rx_packets = excluded.rx_packets, rx_bytes = excluded.rx_bytes",
-        )
-        .bind(site_id)
-        .bind(&key)
-        .bind(t.started_ms)
-        .bind(i(cur.tx_packets))
-        .bind(i(cur.tx_bytes))
-        .bind(i(cur.rx_packets))
-        .bind(i(cur.rx_bytes))
-        .execute(&mut **tx)
-        .await?;
+        telemetry::set_counter(tx, site_id, &key, t.started_ms, &cur).await?;
         if delta == Totals::default() {
             continue;
         }
-        sqlx::query(
-            "INSERT INTO traffic_samples
-             (site_id, at_s, path_id, class, tx_packets, tx_bytes, rx_packets, rx_bytes)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(site_id)
-        .bind(now)
-        .bind(path)
-        .bind(class)
-        .bind(i(delta.tx_packets))
-        .bind(i(delta.tx_bytes))
-        .bind(i(delta.rx_packets))
-        .bind(i(delta.rx_bytes))
-        .execute(&mut **tx)
-        .await?;
+        telemetry::insert_traffic(tx, site_id, now, (path, class), &delta).await?;
     }
     Ok(())
 }

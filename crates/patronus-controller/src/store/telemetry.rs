@@ -1,0 +1,247 @@
+//! What edges report (telemetry): path samples, failovers, path events, traffic counters and
+//! samples, and their retention.
+
+use std::collections::{BTreeSet, HashMap};
+
+use patronus_api::{FailoverEvent, PathEvent, PathReport};
+use sqlx::Row;
+
+use super::Conn;
+
+/// How long reported samples are kept.
+pub const SAMPLE_RETENTION_S: i64 = 7 * 24 * 3600;
+/// How long failovers are kept: rare, and what an operator looks back on after an incident.
+pub const FAILOVER_RETENTION_S: i64 = 90 * 24 * 3600;
+
+/// Counters as an edge reports them: totals since its run started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+}
+
+impl Totals {
+    /// What `self` counts beyond `earlier`, unless some counter of `self` is behind it.
+    pub fn checked_sub(&self, earlier: &Totals) -> Option<Totals> {
+        Some(Totals {
+            tx_packets: self.tx_packets.checked_sub(earlier.tx_packets)?,
+            tx_bytes: self.tx_bytes.checked_sub(earlier.tx_bytes)?,
+            rx_packets: self.rx_packets.checked_sub(earlier.rx_packets)?,
+            rx_bytes: self.rx_bytes.checked_sub(earlier.rx_bytes)?,
+        })
+    }
+}
+
+/// The ids of the links of the sites `names`, by (site name, link name).
+pub async fn link_ids(
+    conn: &mut Conn,
+    names: &BTreeSet<&str>,
+) -> Result<HashMap<(String, String), i64>, sqlx::Error> {
+    let sql = format!(
+        "SELECT l.id, l.name AS link, s.name AS site FROM links l JOIN sites s ON s.id = l.site_id
+         WHERE s.name IN ({})",
+        vec!["?"; names.len()].join(",")
+    );
+    let mut query = sqlx::query(&sql);
+    for n in names {
+        query = query.bind(*n);
+    }
+    let mut ids = HashMap::new();
+    for r in &query.fetch_all(&mut *conn).await? {
+        ids.insert((r.try_get("site")?, r.try_get("link")?), r.try_get("id")?);
+    }
+    Ok(ids)
+}
+
+/// Keeps site `site_id`'s measurement of path `path_id`.
+pub async fn insert_sample(
+    conn: &mut Conn,
+    path_id: &str,
+    site_id: i64,
+    now: i64,
+    p: &PathReport,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO path_samples (path_id, site_id, at_s, state, rtt_ms, jitter_ms, loss_pct)
+         VALUES (?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(path_id)
+    .bind(site_id)
+    .bind(now)
+    .bind(p.state.as_str())
+    .bind(p.rtt_ms)
+    .bind(p.jitter_ms)
+    .bind(p.loss_pct)
+    .execute(&mut *conn)
+    .await
+    .map(|_| ())
+}
+
+fn encode(v: &impl serde::Serialize) -> Result<String, sqlx::Error> {
+    serde_json::to_string(v).map_err(|e| sqlx::Error::Encode(Box::new(e)))
+}
+
+/// Keeps a failover site `site_id` reported (between the paths `from` and `to`, where known);
+/// whether it is new (a report delivered twice is kept once, by its sequence number).
+pub async fn insert_failover(
+    conn: &mut Conn,
+    site_id: i64,
+    e: &FailoverEvent,
+    (from, to): (&Option<String>, &Option<String>),
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "INSERT INTO failover_events
+         (site_id, seq, at_ms, peer, from_path, to_path, detail, reason, flows)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+    )
+    .bind(site_id)
+    .bind(e.seq as i64)
+    .bind(e.at_ms)
+    .bind(&e.peer)
+    .bind(from)
+    .bind(to)
+    .bind(encode(e)?)
+    .bind(e.reason.as_str())
+    .bind(i64::from(e.flows))
+    .execute(&mut *conn)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Keeps a path event site `site_id` reported (on `path`, where known); whether it is new.
+pub async fn insert_path_event(
+    conn: &mut Conn,
+    site_id: i64,
+    e: &PathEvent,
+    path: &Option<String>,
+    now: i64,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "INSERT INTO path_events
+         (site_id, seq, at_ms, path_id, kind, class, detail, received_s)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+    )
+    .bind(site_id)
+    .bind(e.seq as i64)
+    .bind(e.at_ms)
+    .bind(path)
+    .bind(e.kind.as_str())
+    .bind(&e.class)
+    .bind(encode(e)?)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Deletes what is older than its retention, at most 1,000 rows of each table per call.
+pub async fn prune(conn: &mut Conn, now: i64) -> Result<(), sqlx::Error> {
+    for (table, column, before) in [
+        ("path_samples", "at_s", now - SAMPLE_RETENTION_S),
+        ("traffic_samples", "at_s", now - SAMPLE_RETENTION_S),
+        ("path_events", "received_s", now - SAMPLE_RETENTION_S),
+        (
+            "failover_events",
+            "at_ms",
+            (now - FAILOVER_RETENTION_S) * 1000,
+        ),
+    ] {
+        sqlx::query(&format!(
+            "DELETE FROM {table} WHERE id IN
+               (SELECT id FROM {table} WHERE {column} < ? ORDER BY id LIMIT 1000)"
+        ))
+        .bind(before)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Site `site_id`'s running totals as last reported, by key: the edge run they are from (its
+/// start, unix ms) and the totals.
+pub async fn counters(
+    conn: &mut Conn,
+    site_id: i64,
+) -> Result<HashMap<String, (i64, Totals)>, sqlx::Error> {
+    let rows = sqlx::query("SELECT * FROM traffic_counters WHERE site_id = ?")
+        .bind(site_id)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut before = HashMap::new();
+    for r in &rows {
+        let n = |k: &str| r.try_get::<i64, _>(k).map(|v| v as u64);
+        before.insert(
+            r.try_get("key")?,
+            (
+                r.try_get("started_ms")?,
+                Totals {
+                    tx_packets: n("tx_packets")?,
+                    tx_bytes: n("tx_bytes")?,
+                    rx_packets: n("rx_packets")?,
+                    rx_bytes: n("rx_bytes")?,
+                },
+            ),
+        );
+    }
+    Ok(before)
+}
+
+fn int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Site `site_id`'s running totals for `key`, from the edge run that started at `started_ms`.
+pub async fn set_counter(
+    conn: &mut Conn,
+    site_id: i64,
+    key: &str,
+    started_ms: i64,
+    cur: &Totals,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO traffic_counters
+         (site_id, key, started_ms, tx_packets, tx_bytes, rx_packets, rx_bytes)
+         VALUES (?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT (site_id, key) DO UPDATE SET started_ms = excluded.started_ms,
+           tx_packets = excluded.tx_packets, tx_bytes = excluded.tx_bytes,
+           rx_packets = excluded.rx_packets, rx_bytes = excluded.rx_bytes",
+    )
+    .bind(site_id)
+    .bind(key)
+    .bind(started_ms)
+    .bind(int(cur.tx_packets))
+    .bind(int(cur.tx_bytes))
+    .bind(int(cur.rx_packets))
+    .bind(int(cur.rx_bytes))
+    .execute(&mut *conn)
+    .await
+    .map(|_| ())
+}
+
+/// Keeps what site `site_id` sent since its previous report, on a path or in a class.
+pub async fn insert_traffic(
+    conn: &mut Conn,
+    site_id: i64,
+    now: i64,
+    (path, class): (Option<&str>, Option<&str>),
+    delta: &Totals,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO traffic_samples
+         (site_id, at_s, path_id, class, tx_packets, tx_bytes, rx_packets, rx_bytes)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(site_id)
+    .bind(now)
+    .bind(path)
+    .bind(class)
+    .bind(int(delta.tx_packets))
+    .bind(int(delta.tx_bytes))
+    .bind(int(delta.rx_packets))
+    .bind(int(delta.rx_bytes))
+    .execute(&mut *conn)
+    .await
+    .map(|_| ())
+}
