@@ -7,17 +7,14 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use patronus_api::{FailoverReason, FailoverSettings};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::Value;
-use sqlx::Row;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use sqlx::sqlite::SqliteConnection;
-
 use crate::app::{Admin, AppState, Principal};
 use crate::error::{ApiError, extract};
-use crate::routes::{Page, Paging, audit_config, check_if_match, patched, with_etag};
+use crate::routes::{Page, Paging, audit_config, check_if_match, patched, with_etag, write_error};
 use crate::store::now_s;
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -28,21 +25,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
 
 // ----- failover settings -----
 
-pub async fn failover(conn: &mut SqliteConnection) -> Result<(FailoverSettings, i64), ApiError> {
-    let r = sqlx::query("SELECT value, version FROM settings WHERE key = 'failover'")
-        .fetch_optional(&mut *conn)
-        .await?;
-    match r {
-        Some(r) => {
-            let v: String = r.try_get("value")?;
-            Ok((
-                serde_json::from_str(&v).map_err(ApiError::internal)?,
-                r.try_get("version")?,
-            ))
-        }
-        None => Ok((FailoverSettings::default(), 0)),
-    }
-}
+pub use crate::store::settings::failover;
 
 #[utoipa::path(
     get,
@@ -78,45 +61,16 @@ async fn update_failover(
     check_if_match(&headers, version)?;
     let new: FailoverSettings = patched(&cur, &patch)?;
     new.validate().map_err(ApiError::validation)?;
-    let r = sqlx::query(
-        "INSERT INTO settings (key, value, version, updated_at) VALUES ('failover', ?, 1, ?)
-         ON CONFLICT (key) DO UPDATE SET value = excluded.value, version = version + 1,
-         updated_at = excluded.updated_at WHERE version = ?",
-    )
-    .bind(serde_json::to_string(&new).map_err(ApiError::internal)?)
-    .bind(now_s())
-    .bind(version)
-    .execute(&mut *tx)
-    .await?;
-    if r.rows_affected() == 0 {
-        return Err(ApiError::precondition_failed(
-            "the settings changed while this update ran; read them again",
-        ));
-    }
+    crate::store::settings::set_failover(&mut tx, &new, version, now_s())
+        .await
+        .map_err(|e| write_error(e, "settings", String::new))?;
     audit_config(&mut tx, &p.actor(), "failover.update", "failover", patch).await?;
     let (f, version) = failover(&mut tx).await?;
     tx.commit().await?;
     Ok(with_etag(StatusCode::OK, version, f))
 }
 
-/// Flows that moved from one path to another, as the edge of `site_id` reported it.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct FailoverView {
-    pub id: i64,
-    pub site_id: i64,
-    pub site: String,
-    /// Unix milliseconds, the edge's clock.
-    pub at_ms: i64,
-    pub peer: String,
-    /// The path ids (null if the controller no longer has one of the links).
-    pub from_path: Option<String>,
-    pub to_path: Option<String>,
-    /// The links by name, as the edge reported them.
-    pub from: String,
-    pub to: String,
-    pub reason: FailoverReason,
-    pub flows: i64,
-}
+pub use crate::store::history::FailoverView;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -153,53 +107,13 @@ async fn failover_events(
     extract::Query(q): extract::Query<FailoverQuery>,
 ) -> Result<Json<Page<FailoverView>>, ApiError> {
     let paging = Paging::new(q.limit, q.offset)?;
-    let filter = " WHERE (? IS NULL OR e.site_id = ?) AND (? IS NULL OR e.reason = ?)
-                   AND e.at_ms >= ? AND e.at_ms < ?";
     let (since, until) = (q.since.unwrap_or(0), q.until.unwrap_or(i64::MAX));
-    let count = format!("SELECT COUNT(*) FROM failover_events e{filter}");
-    let total: i64 = sqlx::query_scalar(&count)
-        .bind(q.site)
-        .bind(q.site)
-        .bind(q.reason.map(FailoverReason::as_str))
-        .bind(q.reason.map(FailoverReason::as_str))
-        .bind(since)
-        .bind(until)
-        .fetch_one(s.store.pool())
-        .await?;
-    let sql = format!(
-        "SELECT e.*, s.name AS site FROM failover_events e JOIN sites s ON s.id = e.site_id{filter}
-         ORDER BY e.at_ms DESC, e.id DESC LIMIT ? OFFSET ?"
-    );
-    let rows = sqlx::query(&sql)
-        .bind(q.site)
-        .bind(q.site)
-        .bind(q.reason.map(FailoverReason::as_str))
-        .bind(q.reason.map(FailoverReason::as_str))
-        .bind(since)
-        .bind(until)
-        .bind(paging.limit)
-        .bind(paging.offset)
-        .fetch_all(s.store.pool())
-        .await?;
-    let items = rows
-        .iter()
-        .map(|r| {
-            let e: patronus_api::FailoverEvent =
-                serde_json::from_str(r.try_get("detail")?).map_err(ApiError::internal)?;
-            Ok(FailoverView {
-                id: r.try_get("id")?,
-                site_id: r.try_get("site_id")?,
-                site: r.try_get("site")?,
-                at_ms: r.try_get("at_ms")?,
-                peer: r.try_get("peer")?,
-                from_path: r.try_get("from_path")?,
-                to_path: r.try_get("to_path")?,
-                from: format!("{}>{}", e.from_local_link, e.from_remote_link),
-                to: format!("{}>{}", e.to_local_link, e.to_remote_link),
-                reason: e.reason,
-                flows: r.try_get("flows")?,
-            })
-        })
-        .collect::<Result<Vec<_>, ApiError>>()?;
+    let (items, total) = crate::store::history::failovers(
+        &mut *s.store.conn().await?,
+        (q.site, q.reason),
+        (since, until),
+        (paging.limit, paging.offset),
+    )
+    .await?;
     Ok(Json(Page::new(items, total, paging)))
 }

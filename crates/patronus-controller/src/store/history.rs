@@ -1,7 +1,7 @@
 //! Paths' history: the measurements their edges reported and their changes of state, read a
 //! page at a time (the writes are the edges' telemetry, `routes::edge::telemetry`).
 
-use patronus_api::{PathEventKind, PathState};
+use patronus_api::{FailoverReason, PathEventKind, PathState};
 use serde::Serialize;
 use sqlx::Row;
 
@@ -204,6 +204,83 @@ pub async fn events(
                 kind: detail.kind,
                 class: r.try_get("class")?,
                 detail,
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    Ok((items, total))
+}
+
+/// Flows that moved from one path to another, as the edge of `site_id` reported it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct FailoverView {
+    pub id: i64,
+    pub site_id: i64,
+    pub site: String,
+    /// Unix milliseconds, the edge's clock.
+    pub at_ms: i64,
+    pub peer: String,
+    /// The path ids (null if the controller no longer has one of the links).
+    pub from_path: Option<String>,
+    pub to_path: Option<String>,
+    /// The links by name, as the edge reported them.
+    pub from: String,
+    pub to: String,
+    pub reason: FailoverReason,
+    pub flows: i64,
+}
+
+/// A page of the failovers edges reported (of site `site`, for `reason`, if given) in
+/// `[since, until)` (unix ms), newest first, and how many there are.
+pub async fn failovers(
+    conn: &mut Conn,
+    (site, reason): (Option<i64>, Option<FailoverReason>),
+    (since, until): (i64, i64),
+    (limit, offset): (i64, i64),
+) -> Result<(Vec<FailoverView>, i64), ApiError> {
+    let filter = " WHERE (? IS NULL OR e.site_id = ?) AND (? IS NULL OR e.reason = ?)
+                   AND e.at_ms >= ? AND e.at_ms < ?";
+    let count = format!("SELECT COUNT(*) FROM failover_events e{filter}");
+    let total: i64 = sqlx::query_scalar(&count)
+        .bind(site)
+        .bind(site)
+        .bind(reason.map(FailoverReason::as_str))
+        .bind(reason.map(FailoverReason::as_str))
+        .bind(since)
+        .bind(until)
+        .fetch_one(&mut *conn)
+        .await?;
+    let sql = format!(
+        "SELECT e.*, s.name AS site FROM failover_events e JOIN sites s ON s.id = e.site_id{filter}
+         ORDER BY e.at_ms DESC, e.id DESC LIMIT ? OFFSET ?"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(site)
+        .bind(site)
+        .bind(reason.map(FailoverReason::as_str))
+        .bind(reason.map(FailoverReason::as_str))
+        .bind(since)
+        .bind(until)
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(&mut *conn)
+        .await?;
+    let items = rows
+        .iter()
+        .map(|r| {
+            let e: patronus_api::FailoverEvent =
+                serde_json::from_str(r.try_get("detail")?).map_err(ApiError::internal)?;
+            Ok(FailoverView {
+                id: r.try_get("id")?,
+                site_id: r.try_get("site_id")?,
+                site: r.try_get("site")?,
+                at_ms: r.try_get("at_ms")?,
+                peer: r.try_get("peer")?,
+                from_path: r.try_get("from_path")?,
+                to_path: r.try_get("to_path")?,
+                from: format!("{}>{}", e.from_local_link, e.from_remote_link),
+                to: format!("{}>{}", e.to_local_link, e.to_remote_link),
+                reason: e.reason,
+                flows: r.try_get("flows")?,
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;

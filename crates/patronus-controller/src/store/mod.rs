@@ -17,6 +17,7 @@ use tokio::sync::{Notify, watch};
 pub mod docs;
 pub mod enrollment;
 pub mod history;
+pub mod settings;
 pub mod sites;
 pub mod telemetry;
 pub mod topology;

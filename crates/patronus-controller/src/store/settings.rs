@@ -1,0 +1,48 @@
+//! Settings kept as one versioned JSON document each (`settings`): the failover settings.
+
+use patronus_api::FailoverSettings;
+use sqlx::Row;
+
+use super::Conn;
+use super::docs::WriteError;
+use crate::error::ApiError;
+
+/// The failover settings and their version (0 and the defaults until first changed).
+pub async fn failover(conn: &mut Conn) -> Result<(FailoverSettings, i64), ApiError> {
+    let r = sqlx::query("SELECT value, version FROM settings WHERE key = 'failover'")
+        .fetch_optional(&mut *conn)
+        .await?;
+    match r {
+        Some(r) => {
+            let v: String = r.try_get("value")?;
+            Ok((
+                serde_json::from_str(&v).map_err(ApiError::internal)?,
+                r.try_get("version")?,
+            ))
+        }
+        None => Ok((FailoverSettings::default(), 0)),
+    }
+}
+
+/// Writes the failover settings as the next version, if they are still at `version`.
+pub async fn set_failover(
+    conn: &mut Conn,
+    new: &FailoverSettings,
+    version: i64,
+    now: i64,
+) -> Result<(), WriteError> {
+    let r = sqlx::query(
+        "INSERT INTO settings (key, value, version, updated_at) VALUES ('failover', ?, 1, ?)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value, version = settings.version + 1,
+         updated_at = excluded.updated_at WHERE settings.version = ?",
+    )
+    .bind(serde_json::to_string(new).map_err(WriteError::Encode)?)
+    .bind(now)
+    .bind(version)
+    .execute(&mut *conn)
+    .await?;
+    if r.rows_affected() == 0 {
+        return Err(WriteError::Stale);
+    }
+    Ok(())
+}
