@@ -7,7 +7,6 @@ pub mod telemetry;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use sqlx::Row;
 use utoipa_axum::router::OpenApiRouter;
 
 use crate::app::{AppState, bearer};
@@ -42,17 +41,12 @@ impl FromRequestParts<AppState> for SiteCaller {
             ));
         }
         let hash = a::sha256(token.as_bytes());
-        let row = sqlx::query(
-            "SELECT s.id, s.name FROM site_credentials c JOIN sites s ON s.id = c.site_id
-             WHERE c.secret_hash = ? AND c.revoked = 0",
+        let (site_id, site) = crate::store::enrollment::site_of_credential(
+            &mut *state.store.conn().await?,
+            &hash[..],
         )
-        .bind(&hash[..])
-        .fetch_optional(state.store.pool())
         .await?
         .ok_or_else(|| ApiError::invalid_token("the site credential is invalid or revoked"))?;
-        Ok(Self {
-            site_id: row.try_get("id")?,
-            site: row.try_get("name")?,
-        })
+        Ok(Self { site_id, site })
     }
 }

@@ -49,21 +49,12 @@ async fn metrics(State(s): State<AppState>, _p: Principal) -> Result<Response, A
             ),
         ],
     );
-    let mut counts = Vec::new();
-    for (kind, sql) in [
-        ("users", "SELECT COUNT(*) FROM users"),
-        ("sites", "SELECT COUNT(*) FROM sites"),
-        ("links", "SELECT COUNT(*) FROM links"),
-        ("sla_classes", "SELECT COUNT(*) FROM sla_classes"),
-        ("policies", "SELECT COUNT(*) FROM policies"),
-        (
-            "api_keys",
-            "SELECT COUNT(*) FROM api_keys WHERE revoked = 0",
-        ),
-    ] {
-        let n: i64 = sqlx::query_scalar(sql).fetch_one(pool).await?;
-        counts.push((format!("{{kind=\"{kind}\"}}"), n as f64));
-    }
+    let counts: Vec<(String, f64)> =
+        crate::store::Store::object_counts(&mut *s.store.conn().await?)
+            .await?
+            .into_iter()
+            .map(|(kind, n)| (format!("{{kind=\"{kind}\"}}"), n as f64))
+            .collect();
     gauge(
         &mut out,
         "patronus_objects",

@@ -115,3 +115,17 @@ pub async fn enrol(
         .await?;
     Ok(key_rotation)
 }
+
+/// The site (id, name) whose unrevoked credential has this hash.
+pub async fn site_of_credential(
+    conn: &mut Conn,
+    secret_hash: &[u8],
+) -> Result<Option<(i64, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT s.id, s.name FROM site_credentials c JOIN sites s ON s.id = c.site_id
+         WHERE c.secret_hash = ? AND c.revoked = 0",
+    )
+    .bind(secret_hash)
+    .fetch_optional(&mut *conn)
+    .await
+}

@@ -828,6 +828,25 @@ impl Store {
     }
 
     /// Deletes row `id` of `table` (a name from the code, never from a request) in `tx`.
+    /// How many objects of each kind the store holds (API keys: those not revoked).
+    pub async fn object_counts(conn: &mut Conn) -> Result<Vec<(&'static str, i64)>, sqlx::Error> {
+        let mut counts = Vec::new();
+        for (kind, sql) in [
+            ("users", "SELECT COUNT(*) FROM users"),
+            ("sites", "SELECT COUNT(*) FROM sites"),
+            ("links", "SELECT COUNT(*) FROM links"),
+            ("sla_classes", "SELECT COUNT(*) FROM sla_classes"),
+            ("policies", "SELECT COUNT(*) FROM policies"),
+            (
+                "api_keys",
+                "SELECT COUNT(*) FROM api_keys WHERE revoked = 0",
+            ),
+        ] {
+            counts.push((kind, sqlx::query_scalar(sql).fetch_one(&mut *conn).await?));
+        }
+        Ok(counts)
+    }
+
     pub async fn delete_row(tx: &mut Tx, table: &'static str, id: i64) -> Result<(), sqlx::Error> {
         sqlx::query(&format!("DELETE FROM {table} WHERE id = ?"))
             .bind(id)

@@ -378,6 +378,65 @@ pub async fn rolling(conn: &mut Conn) -> Result<Vec<(i64, String)>, sqlx::Error>
         .await
 }
 
+/// Site `id`'s edge's key and the key it is rolling to, if any.
+pub async fn keys(
+    conn: &mut Conn,
+    id: i64,
+) -> Result<(Option<String>, Option<String>), sqlx::Error> {
+    sqlx::query_as("SELECT public_key, next_public_key FROM sites WHERE id = ?")
+        .bind(id)
+        .fetch_one(&mut *conn)
+        .await
+}
+
+/// The name of a site other than `except` whose key, or next key, is `key`.
+pub async fn key_owner(
+    conn: &mut Conn,
+    except: i64,
+    key: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT name FROM sites WHERE id != ? AND (public_key = ? OR next_public_key = ?)",
+    )
+    .bind(except)
+    .bind(key)
+    .bind(key)
+    .fetch_optional(&mut *conn)
+    .await
+}
+
+/// Site `id`'s edge announces the key it rolls to.
+pub async fn set_next_key(
+    conn: &mut Conn,
+    id: i64,
+    key: &str,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE sites SET next_public_key = ?, version = version + 1, updated_at = ? WHERE id = ?",
+    )
+    .bind(key)
+    .bind(now)
+    .bind(id)
+    .execute(&mut *conn)
+    .await
+    .map(|_| ())
+}
+
+/// Site `id`'s edge finished its roll: `key` is its key.
+pub async fn commit_key(conn: &mut Conn, id: i64, key: &str, now: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE sites SET public_key = ?, next_public_key = NULL, version = version + 1,
+         updated_at = ? WHERE id = ?",
+    )
+    .bind(key)
+    .bind(now)
+    .bind(id)
+    .execute(&mut *conn)
+    .await
+    .map(|_| ())
+}
+
 /// Which sites a list shows.
 #[derive(Debug, Default)]
 pub struct SiteFilter {

@@ -4,9 +4,11 @@
 use std::collections::{BTreeSet, HashMap};
 
 use patronus_api::{FailoverEvent, PathEvent, PathReport};
+use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
 use super::Conn;
+use crate::error::ApiError;
 
 /// How long reported samples are kept.
 pub const SAMPLE_RETENTION_S: i64 = 7 * 24 * 3600;
@@ -244,4 +246,102 @@ pub async fn insert_traffic(
     .execute(&mut *conn)
     .await
     .map(|_| ())
+}
+
+/// What was sent (and, for paths and sites, received) in one bucket.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TrafficBucket {
+    /// Unix seconds at which the bucket starts.
+    pub start: i64,
+    pub site_id: i64,
+    pub site: String,
+    /// With `by=path`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_id: Option<String>,
+    /// With `by=class`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+    /// Sums over the bucket, summed as floating point so that no report can make them
+    /// overflow: exact up to 2^53 (9 PB) per bucket, and never more than 2^64 - 1.
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Not measured per class: `null` there.
+    pub rx_packets: Option<u64>,
+    pub rx_bytes: Option<u64>,
+}
+
+/// A page of traffic buckets (`bucket` seconds each, in `[from, to)`), `by` `class`, `path` or
+/// `site`, of `site`, `path` or `class` if given, and how many there are.
+pub async fn traffic(
+    conn: &mut Conn,
+    by: &str,
+    (bucket, from, to): (i64, i64, i64),
+    (site, path, class): (Option<i64>, Option<&str>, Option<&str>),
+    (limit, offset): (i64, i64),
+) -> Result<(Vec<TrafficBucket>, i64), ApiError> {
+    let (key, kind) = match by {
+        "class" => ("t.class", "t.class IS NOT NULL"),
+        "path" => ("t.path_id", "t.path_id IS NOT NULL"),
+        _ => ("NULL", "t.path_id IS NOT NULL"),
+    };
+    let grouped = format!(
+        "SELECT (t.at_s / ?1) * ?1 AS start, t.site_id, s.name AS site, {key} AS k,
+                TOTAL(t.tx_packets) AS tx_packets, TOTAL(t.tx_bytes) AS tx_bytes,
+                TOTAL(t.rx_packets) AS rx_packets, TOTAL(t.rx_bytes) AS rx_bytes
+         FROM traffic_samples t JOIN sites s ON s.id = t.site_id
+         WHERE t.at_s >= ?2 AND t.at_s < ?3 AND {kind}
+           AND (?4 IS NULL OR t.site_id = ?4)
+           AND (?5 IS NULL OR t.path_id = ?5)
+           AND (?6 IS NULL OR t.class = ?6)
+         GROUP BY start, t.site_id, k"
+    );
+    let total: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM ({grouped})"))
+        .bind(bucket)
+        .bind(from)
+        .bind(to)
+        .bind(site)
+        .bind(path)
+        .bind(class)
+        .fetch_one(&mut *conn)
+        .await?;
+    let rows = sqlx::query(&format!(
+        "{grouped} ORDER BY start, t.site_id, k LIMIT ?7 OFFSET ?8"
+    ))
+    .bind(bucket)
+    .bind(from)
+    .bind(to)
+    .bind(site)
+    .bind(path)
+    .bind(class)
+    .bind(limit)
+    .bind(offset)
+    .fetch_all(&mut *conn)
+    .await?;
+    let items = rows
+        .iter()
+        .map(|r| {
+            let k: Option<String> = r.try_get("k")?;
+            let per_class = by == "class";
+            Ok(TrafficBucket {
+                start: r.try_get("start")?,
+                site_id: r.try_get("site_id")?,
+                site: r.try_get("site")?,
+                path_id: if by == "path" { k.clone() } else { None },
+                class: if per_class { k } else { None },
+                tx_packets: sum(r, "tx_packets")?,
+                tx_bytes: sum(r, "tx_bytes")?,
+                rx_packets: (!per_class).then(|| sum(r, "rx_packets")).transpose()?,
+                rx_bytes: (!per_class).then(|| sum(r, "rx_bytes")).transpose()?,
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    Ok((items, total))
+}
+
+/// A `TOTAL()` column as a count: a float sum (SQLite's `SUM` of integers fails on overflow),
+/// rounded, never negative, saturating at `u64::MAX`.
+fn sum(r: &sqlx::sqlite::SqliteRow, column: &str) -> Result<u64, sqlx::Error> {
+    let v: f64 = r.try_get(column)?;
+    // `as` from f64 saturates (and maps NaN to 0).
+    Ok(v.round().max(0.0) as u64)
 }

@@ -13,6 +13,7 @@ use crate::error::{ApiError, extract};
 use crate::routes::audit_config;
 use crate::routes::edge::SiteCaller;
 use crate::routes::sites::rotate_key::rolling_neighbour;
+use crate::store::sites as store;
 use crate::store::{Actor, now_s};
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -49,11 +50,7 @@ async fn edge_key(
     let _heard = s.heard_from(site.site_id, &site.site);
     let now = now_s();
     let mut tx = s.store.begin().await?;
-    let (current, next): (Option<String>, Option<String>) =
-        sqlx::query_as("SELECT public_key, next_public_key FROM sites WHERE id = ?")
-            .bind(site.site_id)
-            .fetch_one(&mut *tx)
-            .await?;
+    let (current, next) = store::keys(&mut tx, site.site_id).await?;
     let (action, detail) = match &step {
         KeyStep::Next(k) => {
             let k = k.to_string();
@@ -65,14 +62,7 @@ async fn edge_key(
                     ..ApiError::field("next", "is the site's current key")
                 });
             }
-            let taken: Option<String> = sqlx::query_scalar(
-                "SELECT name FROM sites WHERE id != ? AND (public_key = ? OR next_public_key = ?)",
-            )
-            .bind(site.site_id)
-            .bind(&k)
-            .bind(&k)
-            .fetch_optional(&mut *tx)
-            .await?;
+            let taken = store::key_owner(&mut tx, site.site_id, &k).await?;
             if let Some(other) = taken {
                 return Err(ApiError::field(
                     "next",
@@ -89,15 +79,7 @@ async fn edge_key(
                     format!("{other} is rolling its key: try again when it is done"),
                 ));
             }
-            sqlx::query(
-                "UPDATE sites SET next_public_key = ?, version = version + 1, updated_at = ?
-                 WHERE id = ?",
-            )
-            .bind(&k)
-            .bind(now)
-            .bind(site.site_id)
-            .execute(&mut *tx)
-            .await?;
+            store::set_next_key(&mut tx, site.site_id, &k, now).await?;
             ("site.key_next", json!({ "next_public_key": k }))
         }
         KeyStep::Commit(k) => {
@@ -111,15 +93,7 @@ async fn edge_key(
                     "that key was not announced as next: announce it first",
                 ));
             }
-            sqlx::query(
-                "UPDATE sites SET public_key = ?, next_public_key = NULL, version = version + 1,
-                 updated_at = ? WHERE id = ?",
-            )
-            .bind(&k)
-            .bind(now)
-            .bind(site.site_id)
-            .execute(&mut *tx)
-            .await?;
+            store::commit_key(&mut tx, site.site_id, &k, now).await?;
             (
                 "site.key_rotated",
                 json!({ "public_key": k, "previous": current }),
