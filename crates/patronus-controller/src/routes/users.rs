@@ -13,12 +13,11 @@ use utoipa_axum::routes;
 
 use crate::app::{Admin, AppState, UserOrAdmin};
 use crate::auth::{self as a, Role};
-use sqlx::sqlite::SqliteConnection;
 
 use crate::error::{ApiError, extract};
 use crate::routes::auth::{AuthRateLimited, check_lockout, wrong_password};
-use crate::routes::{Page, Paging, check_if_match, created, inserted, updated, with_etag};
-use crate::store::{Actor, Store, UserQuery, UserRow, UserSort, now_s};
+use crate::routes::{Page, Paging, check_if_match, created, with_etag, write_error};
+use crate::store::{Actor, Store, UserQuery, UserRow, UserSort, now_s, users};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -123,19 +122,9 @@ pub async fn add_user(store: &Store, actor: &Actor, new: NewUser) -> Result<User
         .map_err(ApiError::internal)?;
     let now = now_s();
     let mut tx = store.begin().await?;
-    let r = sqlx::query(
-        "INSERT INTO users (email, name, role, password_hash, created_at, updated_at)
-         VALUES (?, ?, ?, ?, ?, ?)",
-    )
-    .bind(&email)
-    .bind(&new.name)
-    .bind(new.role.as_str())
-    .bind(&hash)
-    .bind(now)
-    .bind(now)
-    .execute(&mut *tx)
-    .await;
-    let id = inserted(r, || format!("a user with email {email} exists"))?;
+    let id = users::insert(&mut tx, (&email, &new.name, new.role.as_str()), &hash, now)
+        .await
+        .map_err(|e| write_error(e, "user", || format!("a user with email {email} exists")))?;
     Store::audit(
         &mut tx,
         actor,
@@ -238,16 +227,6 @@ async fn show_user(
     Ok(with_etag(StatusCode::OK, u.version, u))
 }
 
-/// Enabled admins other than `except`.
-async fn other_admins(conn: &mut SqliteConnection, except: i64) -> Result<i64, ApiError> {
-    Ok(sqlx::query_scalar(
-        "SELECT COUNT(*) FROM users WHERE role = 'admin' AND disabled = 0 AND id != ?",
-    )
-    .bind(except)
-    .fetch_one(conn)
-    .await?)
-}
-
 #[utoipa::path(
     patch,
     path = "/api/v1/users/{id}",
@@ -290,26 +269,23 @@ async fn update_user(
     let role = patch.role.map(Role::as_str).unwrap_or(&cur.role).to_owned();
     let disabled = patch.disabled.unwrap_or(cur.disabled);
     let stays_admin = role == "admin" && !disabled;
-    if cur.role == "admin" && !cur.disabled && !stays_admin && other_admins(&mut tx, id).await? == 0
+    if cur.role == "admin"
+        && !cur.disabled
+        && !stays_admin
+        && users::other_admins(&mut tx, id).await? == 0
     {
         return Err(ApiError::conflict(
             "this is the last enabled admin; make another admin first",
         ));
     }
-    let r = sqlx::query(
-        "UPDATE users SET email = ?, name = ?, role = ?, disabled = ?, version = version + 1,
-         updated_at = ? WHERE id = ? AND version = ?",
+    users::update(
+        &mut tx,
+        (id, cur.version),
+        (&email, &name, &role, disabled),
+        now_s(),
     )
-    .bind(&email)
-    .bind(&name)
-    .bind(&role)
-    .bind(disabled as i64)
-    .bind(now_s())
-    .bind(id)
-    .bind(cur.version)
-    .execute(&mut *tx)
-    .await;
-    updated(r, "user", || format!("a user with email {email} exists"))?;
+    .await
+    .map_err(|e| write_error(e, "user", || format!("a user with email {email} exists")))?;
     if disabled || role != cur.role {
         // Sessions end with the access they were granted under.
         Store::revoke_all_refresh(&mut tx, id).await?;
@@ -352,7 +328,7 @@ async fn remove_user(
         .await?
         .ok_or_else(|| ApiError::not_found(format!("user {id}")))?;
     check_if_match(&headers, cur.version)?;
-    if cur.role == "admin" && !cur.disabled && other_admins(&mut tx, id).await? == 0 {
+    if cur.role == "admin" && !cur.disabled && users::other_admins(&mut tx, id).await? == 0 {
         return Err(ApiError::conflict("this is the last enabled admin"));
     }
     Store::delete_row(&mut tx, "users", id).await?;
@@ -429,14 +405,7 @@ async fn set_password(
         .map_err(ApiError::internal)?
         .map_err(ApiError::internal)?;
     let mut tx = s.store.begin().await?;
-    sqlx::query(
-        "UPDATE users SET password_hash = ?, version = version + 1, updated_at = ? WHERE id = ?",
-    )
-    .bind(&hash)
-    .bind(now_s())
-    .bind(id)
-    .execute(&mut *tx)
-    .await?;
+    users::set_password(&mut tx, id, &hash, now_s()).await?;
     Store::revoke_all_refresh(&mut tx, id).await?;
     Store::audit(
         &mut tx,

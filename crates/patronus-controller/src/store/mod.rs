@@ -21,6 +21,7 @@ pub mod settings;
 pub mod sites;
 pub mod telemetry;
 pub mod topology;
+pub mod users;
 
 /// A connection to the store's database: what the store's functions run their statements on
 /// (a pooled connection or a transaction, [`Tx`], dereference to it).
