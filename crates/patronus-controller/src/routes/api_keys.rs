@@ -7,9 +7,8 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
-use sqlx::Row;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -45,64 +44,14 @@ fn default_days() -> u32 {
     90
 }
 
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct KeyView {
-    pub id: i64,
-    pub name: String,
-    pub role: Role,
-    /// The first characters of the key, to recognise it.
-    pub hint: String,
-    pub created_by: Option<i64>,
-    pub created_at: i64,
-    pub expires_at: i64,
-    pub last_used_at: Option<i64>,
-    pub revoked: bool,
-    /// Only in the response that creates the key.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub key: Option<String>,
-}
-
-fn view(r: &sqlx::sqlite::SqliteRow) -> Result<KeyView, ApiError> {
-    Ok(KeyView {
-        id: r.try_get("id")?,
-        name: r.try_get("name")?,
-        role: Role::parse(r.try_get("role")?).ok_or_else(|| ApiError::internal("bad role"))?,
-        hint: r.try_get("hint")?,
-        created_by: r.try_get("created_by")?,
-        created_at: r.try_get("created_at")?,
-        expires_at: r.try_get("expires_at")?,
-        last_used_at: r.try_get("last_used_at")?,
-        revoked: r.try_get::<i64, _>("revoked")? != 0,
-        key: None,
-    })
-}
+use crate::store::api_keys;
+pub use crate::store::api_keys::KeyView;
 
 /// The id, name and role of a valid key; records its use.
 pub async fn check(store: &Store, key: &str) -> Result<Option<(i64, String, Role)>, ApiError> {
     let hash = a::sha256(key.as_bytes());
     let now = now_s();
-    let Some(r) = sqlx::query(
-        "SELECT id, name, role FROM api_keys WHERE key_hash = ? AND revoked = 0 AND expires_at > ?",
-    )
-    .bind(&hash[..])
-    .bind(now)
-    .fetch_optional(store.pool())
-    .await?
-    else {
-        return Ok(None);
-    };
-    let id: i64 = r.try_get("id")?;
-    // At most one write a minute per key.
-    sqlx::query(
-        "UPDATE api_keys SET last_used_at = ? WHERE id = ? AND COALESCE(last_used_at, 0) < ?",
-    )
-    .bind(now)
-    .bind(id)
-    .bind(now - 60)
-    .execute(store.pool())
-    .await?;
-    let role = Role::parse(r.try_get("role")?).ok_or_else(|| ApiError::internal("bad role"))?;
-    Ok(Some((id, r.try_get("name")?, role)))
+    api_keys::check(&mut *store.conn().await?, &hash[..], now).await
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -133,29 +82,21 @@ async fn list_api_keys(
     extract::Query(q): extract::Query<ListQuery>,
 ) -> Result<Json<Page<KeyView>>, ApiError> {
     let paging = Paging::new(q.limit, q.offset)?;
-    let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_keys")
-        .fetch_one(s.store.pool())
-        .await?;
     let sort = q.sort.as_deref().unwrap_or("id");
     let (desc, key) = sort.strip_prefix('-').map_or((false, sort), |k| (true, k));
-    if !matches!(key, "id" | "name" | "created_at" | "expires_at") {
+    if !api_keys::SORT_KEYS.contains(&key) {
         return Err(ApiError::field(
             "sort",
             "must be one of id, name, created_at, expires_at (- in front for descending)",
         ));
     }
-    let sql = format!(
-        "SELECT * FROM api_keys ORDER BY {key} {}, id LIMIT ? OFFSET ?",
-        if desc { "DESC" } else { "ASC" }
-    );
-    let items = sqlx::query(&sql)
-        .bind(paging.limit)
-        .bind(paging.offset)
-        .fetch_all(s.store.pool())
-        .await?
-        .iter()
-        .map(view)
-        .collect::<Result<Vec<_>, _>>()?;
+    let (items, total) = api_keys::page(
+        &mut *s.store.conn().await?,
+        key,
+        desc,
+        (paging.limit, paging.offset),
+    )
+    .await?;
     Ok(Json(Page::new(items, total, paging)))
 }
 
@@ -187,20 +128,14 @@ async fn create_api_key(
     let now = now_s();
     let expires = now + i64::from(new.expires_in_days) * 86_400;
     let mut tx = s.store.begin().await?;
-    let id = sqlx::query(
-        "INSERT INTO api_keys (name, role, key_hash, hint, created_by, created_at, expires_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
+    let id = api_keys::insert(
+        &mut tx,
+        (&name, new.role, &hint),
+        &a::sha256(key.as_bytes())[..],
+        p.user_id(),
+        (now, expires),
     )
-    .bind(&name)
-    .bind(new.role.as_str())
-    .bind(&a::sha256(key.as_bytes())[..])
-    .bind(&hint)
-    .bind(p.user_id())
-    .bind(now)
-    .bind(expires)
-    .execute(&mut *tx)
-    .await?
-    .last_insert_rowid();
+    .await?;
     Store::audit(
         &mut tx,
         &p.actor(),
@@ -210,11 +145,9 @@ async fn create_api_key(
     )
     .await?;
     tx.commit().await?;
-    let r = sqlx::query("SELECT * FROM api_keys WHERE id = ?")
-        .bind(id)
-        .fetch_one(s.store.pool())
-        .await?;
-    let mut v = view(&r)?;
+    let mut v = api_keys::get(&mut *s.store.conn().await?, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("API key {id}")))?;
     v.key = Some(key);
     Ok(created(format!("/api/v1/api-keys/{id}"), 1, v))
 }
@@ -238,11 +171,7 @@ async fn revoke_api_key(
     // can match it (RFC 9110, 13.1.1).
     crate::routes::check_if_match_unversioned(&headers)?;
     let mut tx = s.store.begin().await?;
-    let r = sqlx::query("UPDATE api_keys SET revoked = 1 WHERE id = ?")
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-    if r.rows_affected() == 0 {
+    if !api_keys::revoke(&mut tx, id).await? {
         return Err(ApiError::not_found(format!("API key {id}")));
     }
     Store::audit(

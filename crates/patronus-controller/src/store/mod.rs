@@ -14,6 +14,7 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 use tokio::sync::{Notify, watch};
 
+pub mod api_keys;
 pub mod docs;
 pub mod enrollment;
 pub mod history;
