@@ -40,7 +40,7 @@ pub struct Network {
 impl Network {
     pub async fn load(store: &Store) -> Result<Self, ApiError> {
         // One read transaction: every part from the same snapshot of the database.
-        let mut tx = store.pool().begin().await?;
+        let mut tx = store.snapshot().await?;
         let sites = load_sites(&mut tx).await?;
         let parse = |k: &Option<String>| k.as_deref().and_then(|k| k.parse().ok());
         let keys = sites

@@ -3,7 +3,8 @@
 //!
 //! - [`config`]: file, environment and flags, every bad key named.
 //! - [`store`]: SQLite in WAL mode with versioned migrations; every acknowledged write is one
-//!   transaction with its audit record.
+//!   transaction with its audit record. Every SQL statement is in the store, by resource (a
+//!   test keeps it so): the routes and `compile` call the store, not the database.
 //! - [`auth`]: argon2id passwords, short-lived HS256 access tokens, rotating refresh tokens,
 //!   roles, rate limits and lockout.
 //! - [`app`] and [`routes`]: the axum router, one error shape ([`error`]).
@@ -26,3 +27,54 @@ pub mod webhooks;
 pub use app::{AppState, router};
 pub use config::Config;
 pub use store::Store;
+
+#[cfg(test)]
+mod tests {
+    /// Every file under `dir` (recursively) whose path is not under `except`.
+    fn sources(dir: &std::path::Path, except: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let p = e.unwrap_or_else(|e| panic!("{e}")).path();
+            if p.starts_with(except) {
+                continue;
+            }
+            if p.is_dir() {
+                sources(&p, except, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+
+    /// The store layer holds: no statement, row or connection type of the database outside
+    /// `src/store/` (so that a second backend changes the store, not the routes).
+    #[test]
+    fn no_sql_outside_the_store() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        sources(&src, &src.join("store"), &mut files);
+        assert!(files.len() > 20, "{files:?}");
+        let mut found = Vec::new();
+        for f in &files {
+            let text = std::fs::read_to_string(f).unwrap_or_else(|e| panic!("{e}"));
+            for (n, line) in text.lines().enumerate() {
+                // Spelt in two halves, so that this test does not find itself.
+                if [
+                    ("sqlx::", "query"),
+                    ("sqlx::", "sqlite"),
+                    ("Sqlite", "Connection"),
+                    ("Sqlite", "Row"),
+                ]
+                .iter()
+                .any(|(a, b)| line.contains(&format!("{a}{b}")))
+                {
+                    found.push(format!("{}:{}: {}", f.display(), n + 1, line.trim()));
+                }
+            }
+        }
+        assert!(
+            found.is_empty(),
+            "SQL outside src/store/:\n{}",
+            found.join("\n")
+        );
+    }
+}

@@ -189,7 +189,7 @@ pub async fn serve(
         connections.abort_all();
     }
     // Closing the pool checkpoints the write-ahead log into the database file.
-    store.pool().close().await;
+    store.close().await;
     Ok(())
 }
 

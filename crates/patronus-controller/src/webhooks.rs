@@ -34,9 +34,9 @@ use axum::http::Uri;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use sqlx::Row;
 
 use crate::app::AppState;
+use crate::store::webhooks::{self as store, Due};
 use crate::store::{Actor, Tx, now_ms};
 
 /// What a webhook can ask to hear about.
@@ -219,16 +219,7 @@ pub async fn queue(
     events: Vec<(EventKind, Value)>,
     only: Option<i64>,
 ) -> Result<Vec<Option<String>>, sqlx::Error> {
-    let rows = sqlx::query("SELECT id, events FROM webhooks WHERE enabled = 1")
-        .fetch_all(&mut **tx)
-        .await?;
-    let mut hooks = Vec::new();
-    for r in &rows {
-        let id: i64 = r.try_get("id")?;
-        let wants: Vec<EventKind> =
-            serde_json::from_str(r.try_get::<&str, _>("events")?).unwrap_or_default();
-        hooks.push((id, wants));
-    }
+    let hooks = store::enabled(tx).await?;
     let now = now_ms();
     let mut ids = Vec::with_capacity(events.len());
     for (kind, data) in events {
@@ -247,19 +238,7 @@ pub async fn queue(
         );
         let payload = json!({ "id": id, "type": kind, "at_ms": now, "data": data }).to_string();
         for hook in to {
-            sqlx::query(
-                "INSERT INTO webhook_deliveries
-                 (webhook_id, event_id, event, payload, status, next_attempt_ms, created_ms)
-                 VALUES (?, ?, ?, ?, 'pending', ?, ?)",
-            )
-            .bind(hook)
-            .bind(&id)
-            .bind(kind.as_str())
-            .bind(&payload)
-            .bind(now)
-            .bind(now)
-            .execute(&mut **tx)
-            .await?;
+            store::queue(tx, hook, (&id, kind, &payload), now).await?;
         }
         tx.deliveries_queued();
         ids.push(Some(id));
@@ -315,12 +294,13 @@ async fn watch_presence(state: AppState) {
     loop {
         tick.tick().await;
         for id in state.newly_offline() {
-            let name: Option<String> = sqlx::query_scalar("SELECT name FROM sites WHERE id = ?")
-                .bind(id)
-                .fetch_optional(state.store.pool())
-                .await
-                .ok()
-                .flatten();
+            let name = match state.store.conn().await {
+                Ok(mut c) => crate::store::sites::name_of(&mut c, id)
+                    .await
+                    .ok()
+                    .flatten(),
+                Err(_) => None,
+            };
             if let Some(name) = name {
                 let (_, last_seen) = state.presence_of(id);
                 emit_soon(
@@ -335,15 +315,6 @@ async fn watch_presence(state: AppState) {
     }
 }
 
-struct Due {
-    id: i64,
-    url: String,
-    secret: String,
-    event: String,
-    payload: String,
-    attempts: i64,
-}
-
 async fn deliver_forever(state: AppState) {
     let slots = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
     let mut last_cleanup = 0;
@@ -351,12 +322,10 @@ async fn deliver_forever(state: AppState) {
         let now = now_ms();
         if now - last_cleanup > 3_600_000 {
             last_cleanup = now;
-            let r = sqlx::query(
-                "DELETE FROM webhook_deliveries WHERE status != 'pending' AND created_ms < ?",
-            )
-            .bind(now - RETENTION_MS)
-            .execute(state.store.pool())
-            .await;
+            let r = match state.store.conn().await {
+                Ok(mut c) => store::prune(&mut c, now - RETENTION_MS).await,
+                Err(e) => Err(e),
+            };
             if let Err(e) = r {
                 tracing::warn!(error = %e, "old webhook deliveries not removed");
             }
@@ -376,17 +345,14 @@ async fn deliver_forever(state: AppState) {
             // Claimed in the database: the row is not due again until this attempt is over
             // (or could not have lasted longer), so it is never posted twice at once, and a
             // row that changed since it was read (done, or rescheduled) is left alone.
-            let claimed = sqlx::query(
-                "UPDATE webhook_deliveries SET next_attempt_ms = ?
-                 WHERE id = ? AND status = 'pending' AND attempts = ? AND next_attempt_ms <= ?",
-            )
-            .bind(now_ms() + LEASE_MS)
-            .bind(d.id)
-            .bind(d.attempts)
-            .bind(now_ms())
-            .execute(state.store.pool())
-            .await
-            .is_ok_and(|r| r.rows_affected() == 1);
+            let claimed = match state.store.conn().await {
+                Ok(mut c) => {
+                    let now = now_ms();
+                    store::claim(&mut c, &d, now, now + LEASE_MS).await
+                }
+                Err(e) => Err(e),
+            }
+            .unwrap_or(false);
             if !claimed {
                 continue;
             }
@@ -398,14 +364,10 @@ async fn deliver_forever(state: AppState) {
             });
         }
         // Until the next one is due (at most a second), or something new is queued.
-        let next: Option<i64> = sqlx::query_scalar(
-            "SELECT MIN(d.next_attempt_ms) FROM webhook_deliveries d
-             JOIN webhooks w ON w.id = d.webhook_id WHERE d.status = 'pending' AND w.enabled = 1",
-        )
-        .fetch_one(state.store.pool())
-        .await
-        .ok()
-        .flatten();
+        let next = match state.store.conn().await {
+            Ok(mut c) => store::next_due(&mut c).await.ok().flatten(),
+            Err(_) => None,
+        };
         let wait = next.map_or(1000, |n| (n - now_ms()).clamp(10, 1000));
         tokio::select! {
             _ = state.store.webhook_wake().notified() => {}
@@ -415,27 +377,7 @@ async fn deliver_forever(state: AppState) {
 }
 
 async fn due(state: &AppState, now: i64) -> Result<Vec<Due>, sqlx::Error> {
-    let rows = sqlx::query(
-        "SELECT d.id, d.event, d.payload, d.attempts, w.url, w.secret
-         FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id
-         WHERE d.status = 'pending' AND d.next_attempt_ms <= ? AND w.enabled = 1
-         ORDER BY d.next_attempt_ms, d.id LIMIT 64",
-    )
-    .bind(now)
-    .fetch_all(state.store.pool())
-    .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(Due {
-                id: r.try_get("id")?,
-                url: r.try_get("url")?,
-                secret: r.try_get("secret")?,
-                event: r.try_get("event")?,
-                payload: r.try_get("payload")?,
-                attempts: r.try_get("attempts")?,
-            })
-        })
-        .collect()
+    store::due(&mut *state.store.conn().await?, now).await
 }
 
 /// One attempt at a delivery, and its outcome written down.
@@ -479,23 +421,16 @@ async fn attempt(state: &AppState, d: Due) {
         Some(_) if attempts >= MAX_ATTEMPTS => ("failed", now),
         Some(_) => ("pending", now + backoff_ms(attempts)),
     };
-    let r = sqlx::query(
-        "UPDATE webhook_deliveries SET status = ?, attempts = ?, next_attempt_ms = ?,
-         last_status = ?, last_error = ?,
-         delivered_ms = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_ms END
-         WHERE id = ? AND attempts = ?",
-    )
-    .bind(status)
-    .bind(attempts)
-    .bind(next)
-    .bind(code.map(i64::from))
-    .bind(&error)
-    .bind(status)
-    .bind(now)
-    .bind(d.id)
-    .bind(d.attempts)
-    .execute(state.store.pool())
-    .await;
+    let outcome = store::Outcome {
+        status,
+        next_ms: next,
+        code: code.map(i64::from),
+        error: error.as_deref(),
+    };
+    let r = match state.store.conn().await {
+        Ok(mut c) => store::record(&mut c, &d, &outcome, now).await,
+        Err(e) => Err(e),
+    };
     if let Err(e) = r {
         tracing::warn!(delivery = d.id, error = %e, "webhook delivery outcome not recorded");
     }

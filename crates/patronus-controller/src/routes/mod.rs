@@ -218,41 +218,6 @@ pub(crate) fn write_error(
     }
 }
 
-/// Whether a write failed on a UNIQUE constraint.
-pub fn unique_violation(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
-}
-
-/// The id of the inserted row, or 409 with `conflict()` if it broke a uniqueness rule.
-pub fn inserted<M: Into<String>>(
-    r: Result<sqlx::sqlite::SqliteQueryResult, sqlx::Error>,
-    conflict: impl FnOnce() -> M,
-) -> Result<i64, ApiError> {
-    match r {
-        Ok(r) => Ok(r.last_insert_rowid()),
-        Err(e) if unique_violation(&e) => Err(ApiError::conflict(conflict())),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Checks an `UPDATE ... WHERE id = ? AND version = ?`: 412 if no row changed (another writer
-/// got there between the read and this write), 409 with `conflict()` if it broke a uniqueness
-/// rule.
-pub fn updated<M: Into<String>>(
-    r: Result<sqlx::sqlite::SqliteQueryResult, sqlx::Error>,
-    what: &str,
-    conflict: impl FnOnce() -> M,
-) -> Result<(), ApiError> {
-    match r {
-        Ok(r) if r.rows_affected() == 0 => Err(ApiError::precondition_failed(format!(
-            "the {what} changed while this update ran; read it again"
-        ))),
-        Ok(_) => Ok(()),
-        Err(e) if unique_violation(&e) => Err(ApiError::conflict(conflict())),
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// `current` with a JSON merge patch applied, read back as a `T`: 422 (serde names the field)
 /// if the result is not one.
 pub fn patched<T: Serialize + serde::de::DeserializeOwned>(

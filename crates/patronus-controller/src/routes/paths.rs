@@ -146,7 +146,7 @@ async fn list_paths(
 ) -> Result<Json<Page<PathView>>, ApiError> {
     let paging = Paging::new(q.limit, q.offset)?;
     // One read transaction: the topology and the sites from the same snapshot.
-    let mut snapshot = s.store.pool().begin().await?;
+    let mut snapshot = s.store.snapshot().await?;
     let t = load(&mut snapshot).await?;
     let sites = load_sites(&mut snapshot).await?;
     let live = s.live_paths();
@@ -232,7 +232,7 @@ async fn current_path(s: &AppState, id: &str) -> Result<Option<PathView>, ApiErr
         return Ok(None);
     };
     // One read transaction: the topology and the sites from the same snapshot.
-    let mut snapshot = s.store.pool().begin().await?;
+    let mut snapshot = s.store.snapshot().await?;
     let t = load(&mut snapshot).await?;
     let sites = load_sites(&mut snapshot).await?;
     let owner = |link: i64| {

@@ -36,17 +36,14 @@ pub fn routes() -> OpenApiRouter<AppState> {
 async fn metrics(State(s): State<AppState>, _p: Principal) -> Result<Response, ApiError> {
     let mut out = String::new();
     s.http.render(&mut out);
-    let pool = s.store.pool();
+    let (open, idle) = s.store.connections();
     gauge(
         &mut out,
         "patronus_db_pool_connections",
         "Database connections, by state.",
         &[
-            ("{state=\"idle\"}".into(), pool.num_idle() as f64),
-            (
-                "{state=\"busy\"}".into(),
-                (pool.size() as usize).saturating_sub(pool.num_idle()) as f64,
-            ),
+            ("{state=\"idle\"}".into(), idle as f64),
+            ("{state=\"busy\"}".into(), open.saturating_sub(idle) as f64),
         ],
     );
     let counts: Vec<(String, f64)> =

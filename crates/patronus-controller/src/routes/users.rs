@@ -331,7 +331,7 @@ async fn remove_user(
     if cur.role == "admin" && !cur.disabled && users::other_admins(&mut tx, id).await? == 0 {
         return Err(ApiError::conflict("this is the last enabled admin"));
     }
-    Store::delete_row(&mut tx, "users", id).await?;
+    users::delete(&mut tx, id).await?;
     Store::audit(
         &mut tx,
         &p.actor(),

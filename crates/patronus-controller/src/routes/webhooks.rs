@@ -6,17 +6,14 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use sqlx::Row;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-
-use sqlx::sqlite::SqliteConnection;
 
 use crate::app::{Admin, AppState};
 use crate::auth::{self as a};
 use crate::error::{ApiError, extract};
-use crate::routes::{Page, Paging, check_if_match, created, patched, updated, with_etag};
-use crate::store::{Store, now_ms, now_s};
+use crate::routes::{Page, Paging, check_if_match, created, patched, with_etag, write_error};
+use crate::store::{Conn, Store, now_ms, now_s};
 use crate::webhooks::EventKind;
 
 /// Every webhook secret starts with this.
@@ -31,39 +28,13 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(retry_delivery))
 }
 
-/// What a webhook is: where to post, and which events.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct WebhookSpec {
-    /// An `https` URL (or `http`, on a trusted network). Its host must be public, unless its
-    /// network is in the controller's `webhook_allowed_networks`.
-    #[schema(max_length = 2000)]
-    pub url: String,
-    /// The kinds of event to post (at least one; `ping` is sent on request, not subscribed to).
-    #[schema(min_items = 1)]
-    pub events: Vec<EventKind>,
-    #[serde(default)]
-    #[schema(max_length = 500)]
-    pub description: String,
-    #[serde(default = "yes")]
-    pub enabled: bool,
-}
+use crate::store::webhooks as store;
+pub use crate::store::webhooks::{DeliveryView, WebhookSpec, WebhookView};
 
-fn yes() -> bool {
-    true
-}
-
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct WebhookView {
-    pub id: i64,
-    #[serde(flatten)]
-    pub spec: WebhookSpec,
-    pub version: i64,
-    pub created_at: i64,
-    pub updated_at: i64,
-    /// The signing key: only in the response that creates the webhook.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub secret: Option<String>,
+async fn load(conn: &mut Conn, id: i64) -> Result<WebhookView, ApiError> {
+    store::get(conn, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("webhook {id}")))
 }
 
 /// Validates a webhook; `allowed` are the internal networks it may post to. A URL naming an
@@ -110,32 +81,6 @@ fn check(spec: &mut WebhookSpec, allowed: &[patronus_api::Prefix]) -> Result<(),
     e.into_result().map_err(ApiError::validation)
 }
 
-async fn load(conn: &mut SqliteConnection, id: i64) -> Result<WebhookView, ApiError> {
-    let r = sqlx::query("SELECT * FROM webhooks WHERE id = ?")
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("webhook {id}")))?;
-    view(&r)
-}
-
-fn view(r: &sqlx::sqlite::SqliteRow) -> Result<WebhookView, ApiError> {
-    Ok(WebhookView {
-        id: r.try_get("id")?,
-        spec: WebhookSpec {
-            url: r.try_get("url")?,
-            events: serde_json::from_str(r.try_get::<&str, _>("events")?)
-                .map_err(ApiError::internal)?,
-            description: r.try_get("description")?,
-            enabled: r.try_get::<i64, _>("enabled")? != 0,
-        },
-        version: r.try_get("version")?,
-        created_at: r.try_get("created_at")?,
-        updated_at: r.try_get("updated_at")?,
-        secret: None,
-    })
-}
-
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
@@ -162,17 +107,8 @@ async fn list_webhooks(
     extract::Query(q): extract::Query<ListQuery>,
 ) -> Result<axum::Json<Page<WebhookView>>, ApiError> {
     let paging = Paging::new(q.limit, q.offset)?;
-    let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM webhooks")
-        .fetch_one(s.store.pool())
-        .await?;
-    let items = sqlx::query("SELECT * FROM webhooks ORDER BY id LIMIT ? OFFSET ?")
-        .bind(paging.limit)
-        .bind(paging.offset)
-        .fetch_all(s.store.pool())
-        .await?
-        .iter()
-        .map(view)
-        .collect::<Result<Vec<_>, _>>()?;
+    let (items, total) =
+        store::page(&mut *s.store.conn().await?, (paging.limit, paging.offset)).await?;
     Ok(axum::Json(Page::new(items, total, paging)))
 }
 
@@ -194,20 +130,7 @@ async fn create_webhook(
     let secret = format!("{SECRET_PREFIX}{}", a::b64url(&a::random_bytes::<32>()));
     let now = now_s();
     let mut tx = s.store.begin().await?;
-    let id = sqlx::query(
-        "INSERT INTO webhooks (url, events, description, secret, enabled, created_at, updated_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(&spec.url)
-    .bind(serde_json::to_string(&spec.events).map_err(ApiError::internal)?)
-    .bind(&spec.description)
-    .bind(&secret)
-    .bind(spec.enabled)
-    .bind(now)
-    .bind(now)
-    .execute(&mut *tx)
-    .await?
-    .last_insert_rowid();
+    let id = store::insert(&mut tx, &spec, &secret, now).await?;
     Store::audit(
         &mut tx,
         &p.actor(),
@@ -263,20 +186,9 @@ async fn update_webhook(
     check_if_match(&headers, cur.version)?;
     let mut spec: WebhookSpec = patched(&cur.spec, &patch)?;
     check(&mut spec, &s.config.webhook_allowed_networks)?;
-    let r = sqlx::query(
-        "UPDATE webhooks SET url = ?, events = ?, description = ?, enabled = ?,
-         version = version + 1, updated_at = ? WHERE id = ? AND version = ?",
-    )
-    .bind(&spec.url)
-    .bind(serde_json::to_string(&spec.events).map_err(ApiError::internal)?)
-    .bind(&spec.description)
-    .bind(spec.enabled)
-    .bind(now_s())
-    .bind(id)
-    .bind(cur.version)
-    .execute(&mut *tx)
-    .await;
-    updated(r, "webhook", || "conflict")?;
+    store::update(&mut tx, (id, cur.version), &spec, now_s())
+        .await
+        .map_err(|e| write_error(e, "webhook", || "conflict".into()))?;
     Store::audit(
         &mut tx,
         &p.actor(),
@@ -308,7 +220,7 @@ async fn remove_webhook(
     let mut tx = s.store.begin().await?;
     let cur = load(&mut tx, id).await?;
     check_if_match(&headers, cur.version)?;
-    Store::delete_row(&mut tx, "webhooks", id).await?;
+    store::delete(&mut tx, id).await?;
     Store::audit(
         &mut tx,
         &p.actor(),
@@ -358,28 +270,6 @@ async fn ping_webhook(
     Ok((StatusCode::ACCEPTED, axum::Json(Queued { event_id })).into_response())
 }
 
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct DeliveryView {
-    pub id: i64,
-    pub webhook_id: i64,
-    pub event_id: String,
-    pub event: String,
-    /// `pending` (queued, or waiting for its next attempt), `delivered` or `failed` (every
-    /// attempt failed).
-    pub status: String,
-    pub attempts: i64,
-    /// Unix ms of the next attempt, while pending.
-    pub next_attempt_ms: Option<i64>,
-    /// The HTTP status of the last answer, if there was one.
-    pub last_status: Option<i64>,
-    /// Why the last attempt failed.
-    pub last_error: Option<String>,
-    pub created_ms: i64,
-    pub delivered_ms: Option<i64>,
-    /// The body posted.
-    pub payload: Value,
-}
-
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct DeliveryQuery {
@@ -420,48 +310,13 @@ async fn list_deliveries(
             ));
         }
     }
-    let filter = "webhook_id = ?1 AND (?2 IS NULL OR status = ?2) AND (?3 IS NULL OR event = ?3)";
-    let total: i64 = sqlx::query_scalar(&format!(
-        "SELECT COUNT(*) FROM webhook_deliveries WHERE {filter}"
-    ))
-    .bind(id)
-    .bind(&q.status)
-    .bind(&q.event)
-    .fetch_one(s.store.pool())
+    let (items, total) = store::deliveries(
+        &mut *s.store.conn().await?,
+        id,
+        (q.status.as_deref(), q.event.as_deref()),
+        (paging.limit, paging.offset),
+    )
     .await?;
-    let rows = sqlx::query(&format!(
-        "SELECT * FROM webhook_deliveries WHERE {filter} ORDER BY id DESC LIMIT ?4 OFFSET ?5"
-    ))
-    .bind(id)
-    .bind(&q.status)
-    .bind(&q.event)
-    .bind(paging.limit)
-    .bind(paging.offset)
-    .fetch_all(s.store.pool())
-    .await?;
-    let items = rows
-        .iter()
-        .map(|r| {
-            let status: String = r.try_get("status")?;
-            Ok(DeliveryView {
-                id: r.try_get("id")?,
-                webhook_id: r.try_get("webhook_id")?,
-                event_id: r.try_get("event_id")?,
-                event: r.try_get("event")?,
-                next_attempt_ms: (status == "pending")
-                    .then(|| r.try_get("next_attempt_ms"))
-                    .transpose()?,
-                status,
-                attempts: r.try_get("attempts")?,
-                last_status: r.try_get("last_status")?,
-                last_error: r.try_get("last_error")?,
-                created_ms: r.try_get("created_ms")?,
-                delivered_ms: r.try_get("delivered_ms")?,
-                payload: serde_json::from_str(r.try_get::<&str, _>("payload")?)
-                    .unwrap_or(Value::Null),
-            })
-        })
-        .collect::<Result<Vec<_>, ApiError>>()?;
     Ok(axum::Json(Page::new(items, total, paging)))
 }
 
@@ -482,25 +337,13 @@ async fn retry_delivery(
     Admin(_p): Admin,
     extract::Path((id, delivery)): extract::Path<(i64, i64)>,
 ) -> Result<StatusCode, ApiError> {
-    let status: Option<String> =
-        sqlx::query_scalar("SELECT status FROM webhook_deliveries WHERE id = ? AND webhook_id = ?")
-            .bind(delivery)
-            .bind(id)
-            .fetch_optional(s.store.pool())
-            .await?;
+    let status = store::delivery_status(&mut *s.store.conn().await?, id, delivery).await?;
     match status.as_deref() {
         None => Err(ApiError::not_found(format!(
             "delivery {delivery} of webhook {id}"
         ))),
         Some("failed") => {
-            sqlx::query(
-                "UPDATE webhook_deliveries SET status = 'pending', attempts = 0,
-                 next_attempt_ms = ? WHERE id = ?",
-            )
-            .bind(now_ms())
-            .bind(delivery)
-            .execute(s.store.pool())
-            .await?;
+            store::retry(&mut *s.store.conn().await?, delivery, now_ms()).await?;
             s.store.webhook_wake().notify_one();
             Ok(StatusCode::ACCEPTED)
         }

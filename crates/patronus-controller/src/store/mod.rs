@@ -23,6 +23,7 @@ pub mod sites;
 pub mod telemetry;
 pub mod topology;
 pub mod users;
+pub mod webhooks;
 
 /// A connection to the store's database: what the store's functions run their statements on
 /// (a pooled connection or a transaction, [`Tx`], dereference to it).
@@ -593,6 +594,21 @@ impl Store {
         &self.pool
     }
 
+    /// A read transaction: every statement on it sees the same snapshot of the database.
+    pub async fn snapshot(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
+        self.pool.begin().await
+    }
+
+    /// The pool's connections: (open, idle).
+    pub fn connections(&self) -> (usize, usize) {
+        (self.pool.size() as usize, self.pool.num_idle())
+    }
+
+    /// Closes every connection (SQLite: checkpoints the write-ahead log into the database).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
     /// A connection from the pool, for reads.
     pub async fn conn(&self) -> Result<sqlx::pool::PoolConnection<Sqlite>, sqlx::Error> {
         self.pool.acquire().await
@@ -847,14 +863,6 @@ impl Store {
             counts.push((kind, sqlx::query_scalar(sql).fetch_one(&mut *conn).await?));
         }
         Ok(counts)
-    }
-
-    pub async fn delete_row(tx: &mut Tx, table: &'static str, id: i64) -> Result<(), sqlx::Error> {
-        sqlx::query(&format!("DELETE FROM {table} WHERE id = ?"))
-            .bind(id)
-            .execute(&mut **tx)
-            .await
-            .map(|_| ())
     }
 
     pub async fn audit_log(&self, q: &AuditQuery) -> Result<(Vec<AuditRow>, i64), sqlx::Error> {

@@ -437,6 +437,14 @@ pub async fn commit_key(conn: &mut Conn, id: i64, key: &str, now: i64) -> Result
     .map(|_| ())
 }
 
+/// Site `id`'s name, if there is such a site.
+pub async fn name_of(conn: &mut Conn, id: i64) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT name FROM sites WHERE id = ?")
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await
+}
+
 /// Which sites a list shows.
 #[derive(Debug, Default)]
 pub struct SiteFilter {

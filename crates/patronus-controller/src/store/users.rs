@@ -79,3 +79,12 @@ pub async fn set_password(
     .await
     .map(|_| ())
 }
+
+/// Deletes user `id` (their sessions go with them: ON DELETE CASCADE).
+pub async fn delete(conn: &mut Conn, id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM users WHERE id = ?")
+        .bind(id)
+        .execute(&mut *conn)
+        .await
+        .map(|_| ())
+}

@@ -8,8 +8,6 @@ use serde_json::json;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use sqlx::sqlite::SqliteConnection;
-
 use crate::app::{AppState, Operator};
 use crate::error::{ApiError, extract};
 use crate::routes::audit_config;
@@ -78,7 +76,7 @@ async fn rotate_key(
 /// rolling its key, if one is: two connected sites rolling at once could each accept the
 /// other's next key with its own old one.
 pub(crate) async fn rolling_neighbour(
-    conn: &mut SqliteConnection,
+    conn: &mut crate::store::Conn,
     id: i64,
 ) -> Result<Option<String>, ApiError> {
     let rolling = crate::store::sites::rolling(&mut *conn).await?;
