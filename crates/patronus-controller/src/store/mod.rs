@@ -2,6 +2,30 @@
 //! acknowledged survives the process being killed), with versioned migrations applied at start.
 //!
 //! Every write that the API acknowledges is one transaction that also appends its audit record.
+//!
+//! Every SQL statement of the controller is here, by resource: documents stored as their spec
+//! (SLA classes, policies: [`docs`]), [`sites`] and their links, [`topology`], [`enrollment`],
+//! paths' [`history`], edges' [`telemetry`], [`settings`], [`users`], [`api_keys`],
+//! [`webhooks`] and their delivery queue, and here in the root users' sessions and the audit
+//! log. Handlers and `compile` call these functions with a [`Conn`] (a pooled connection, a
+//! [`Tx`] or a [`Store::snapshot`]); a test in the crate's root fails on SQL anywhere else.
+//!
+//! # Two backends (issue 14; PostgreSQL not built yet)
+//!
+//! The plan for PostgreSQL beside SQLite, decided while moving the statements here: native
+//! sqlx drivers behind one enum (`Conn` and `Tx` become enums over SQLite and PostgreSQL
+//! connections), each statement written once with PostgreSQL's `$1` placeholders and run on
+//! SQLite as `?1` (SQLite numbers `?NNN` parameters explicitly; its `$1` would be a *named*
+//! parameter numbered by first appearance), each function's body expanded for both drivers by a
+//! macro so that rows are decoded by concrete types, and one set of migrations per backend
+//! (types and auto-increment differ). Not sqlx's `Any` driver: it decodes only the types both
+//! sides share (no `Json`, transact-rs/sqlx#3997, whose fix was closed unmerged), sets no
+//! SQLite pragmas, and gives no access to PostgreSQL's `LISTEN`/`NOTIFY` or advisory locks,
+//! which several controllers need. Not a trait with one implementation per backend (atuin's
+//! `atuin-server-database`): with a hundred statements that is every statement written twice,
+//! and the two copies drift. The statements are already kept portable where it costs nothing:
+//! `ON CONFLICT DO NOTHING` rather than `INSERT OR IGNORE`, qualified columns in upserts,
+//! integers for times, JSON as text.
 
 use std::path::Path;
 use std::str::FromStr;
