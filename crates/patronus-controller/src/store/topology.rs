@@ -85,8 +85,12 @@ pub fn host_addr(p: &Prefix, host: u128) -> IpAddr {
 pub async fn allocate(tx: &mut crate::store::Tx, site: i64) -> Result<IpAddr, ApiError> {
     let prefix = overlay_prefix(tx).await?;
     let (first, last) = host_range(&prefix);
+    // Hosts are unique and start at 1: when the largest equals the count there is no gap, and
+    // the next is one more (the common case, without looking for a gap).
     let host: i64 = sqlx::query_scalar(
         "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM overlay_addresses WHERE host = ?1) THEN ?1
+         WHEN (SELECT MAX(host) FROM overlay_addresses) = (SELECT COUNT(*) FROM overlay_addresses)
+         THEN (SELECT MAX(host) FROM overlay_addresses) + 1
          ELSE (SELECT MIN(a.host) + 1 FROM overlay_addresses a WHERE NOT EXISTS
                (SELECT 1 FROM overlay_addresses b WHERE b.host = a.host + 1)) END",
     )

@@ -43,51 +43,73 @@ fn rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-pub(super) async fn populate(store: &Store, n: usize) -> anyhow::Result<()> {
+pub(super) async fn populate(store: &Store, n: usize) -> anyhow::Result<Vec<String>> {
+    use patronus_controller::store::{enrollment, sites, topology};
     let now = now_s();
     let mut tx = store.begin().await?;
+    let mut credentials = Vec::with_capacity(n);
     for i in 0..n {
         let (hi, lo) = (i / 256, i % 256);
-        let lan = format!("[\"10.{hi}.{lo}.0/24\"]");
-        let mut key = [0u8; 32];
-        getrandom::getrandom(&mut key).context("random key")?;
-        let id = sqlx::query(
-            "INSERT INTO sites (name, lan_prefixes, public_key, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(format!("site-{i:05}"))
-        .bind(&lan)
-        .bind(patronus_api::key_to_base64(&key))
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .last_insert_rowid();
+        let spec: sites::SiteSpec = serde_json::from_value(json!({
+            "name": format!("site-{i:05}"),
+            "lan_prefixes": [format!("10.{hi}.{lo}.0/24")],
+        }))?;
+        let id = sites::insert(&mut tx, &spec, now).await?;
         for (j, (name, kind)) in [("mpls", "mpls"), ("inet", "broadband")].iter().enumerate() {
-            let link = json!({
+            let link: patronus_api::Link = serde_json::from_value(json!({
                 "name": name,
                 "kind": kind,
                 "endpoint": format!("100.{}.{}.{}:{}", 64 + j * 16 + hi / 256, hi % 256, lo, 51820),
                 "up_kbps": 100_000,
                 "down_kbps": 100_000,
-            });
-            sqlx::query(
-                "INSERT INTO links (site_id, name, spec, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
-            )
-            .bind(id)
-            .bind(name)
-            .bind(link.to_string())
-            .bind(now)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+            }))?;
+            sites::insert_link(&mut tx, id, &link, now).await?;
         }
-        sqlx::query("INSERT INTO overlay_addresses (site_id, host) VALUES (?, ?)")
-            .bind(id)
-            .bind(i as i64 + 1)
-            .execute(&mut *tx)
-            .await?;
+        topology::allocate(&mut tx, id)
+            .await
+            .map_err(|e| anyhow::anyhow!(e.message))?;
+        // Enrolled: a key made for the benchmark and a site credential.
+        let mut key = [0u8; 32];
+        getrandom::getrandom(&mut key).context("random key")?;
+        let mut b = [0u8; 32];
+        getrandom::getrandom(&mut b).context("random credential")?;
+        let c = format!("psc_{}", patronus_controller::auth::b64url(&b));
+        let hash = patronus_controller::auth::sha256(c.as_bytes());
+        enrollment::enrol(
+            &mut tx,
+            id,
+            &patronus_api::key_to_base64(&key),
+            &hash[..],
+            now,
+        )
+        .await?;
+        credentials.push(c);
     }
+    tx.commit().await?;
+    Ok(credentials)
+}
+
+/// Makes the topology hub and spoke with the first `hubs` sites as hubs.
+pub(super) async fn hub_and_spoke(store: &Store, hubs: usize) -> anyhow::Result<()> {
+    use patronus_controller::store::topology;
+    let mut tx = store.begin().await?;
+    let cur = topology::load(&mut tx)
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))?;
+    let first: std::collections::BTreeSet<i64> = topology::site_names(&mut tx)
+        .await?
+        .into_keys()
+        .take(hubs)
+        .collect();
+    topology::update(
+        &mut tx,
+        cur.version,
+        topology::Mode::HubSpoke,
+        &cur.overlay_prefix,
+        &first,
+        now_s(),
+    )
+    .await?;
     tx.commit().await?;
     Ok(())
 }
@@ -170,13 +192,7 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
             Value::Null
         };
         let hub_spoke = if spoke {
-            sqlx::query("UPDATE topology SET mode = 'hub-spoke' WHERE id = 1")
-                .execute(store.pool())
-                .await?;
-            sqlx::query("INSERT INTO hubs (site_id) SELECT id FROM sites ORDER BY id LIMIT ?")
-                .bind(args.hubs as i64)
-                .execute(store.pool())
-                .await?;
+            hub_and_spoke(&store, args.hubs).await?;
             progress(format_args!(
                 "compiling every configuration, hub and spoke ({} hubs)",
                 args.hubs

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use patronus_controller::config::Config;
-use patronus_controller::store::now_s;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -156,36 +155,11 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
         ));
         let state = patronus_controller::server::prepare(config, &env).await?;
         let store = state.store.clone();
-        super::mesh::populate(&store, args.edges).await?;
-        if hub_spoke {
-            sqlx::query("UPDATE topology SET mode = 'hub-spoke' WHERE id = 1")
-                .execute(store.pool())
-                .await?;
-            sqlx::query("INSERT INTO hubs (site_id) SELECT id FROM sites ORDER BY id LIMIT 2")
-                .execute(store.pool())
-                .await?;
-        }
         // A credential per site, as enrolment leaves them.
-        let mut creds = Vec::with_capacity(args.edges);
-        let mut tx = store.begin().await?;
-        let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM sites ORDER BY id")
-            .fetch_all(&mut *tx)
-            .await?;
-        for id in &ids {
-            let mut b = [0u8; 32];
-            getrandom::getrandom(&mut b)?;
-            let c = format!("psc_{}", patronus_controller::auth::b64url(&b));
-            sqlx::query(
-                "INSERT INTO site_credentials (site_id, secret_hash, created_at) VALUES (?, ?, ?)",
-            )
-            .bind(id)
-            .bind(&patronus_controller::auth::sha256(c.as_bytes())[..])
-            .bind(now_s())
-            .execute(&mut *tx)
-            .await?;
-            creds.push(c);
+        let creds = super::mesh::populate(&store, args.edges).await?;
+        if hub_spoke {
+            super::mesh::hub_and_spoke(&store, 2).await?;
         }
-        tx.commit().await?;
 
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
