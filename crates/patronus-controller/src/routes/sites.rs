@@ -54,16 +54,14 @@ async fn check_overlap(
             )));
         }
     }
-    for (name, theirs) in store::others_prefixes(tx, site_id).await? {
-        for (i, p) in prefixes.iter().enumerate() {
-            if let Some(q) = theirs.iter().find(|q| q.overlaps(p)) {
-                let mut e = ApiError::conflict(format!(
-                    "lan_prefixes[{i}]: {p} overlaps {q} of site {name}"
-                ));
-                e.details = Some(json!([{ "field": format!("lan_prefixes[{i}]"),
-                    "problem": format!("overlaps {q} of site {name}") }]));
-                return Err(e);
-            }
+    for (i, p) in prefixes.iter().enumerate() {
+        if let Some((name, q)) = store::overlapping(tx, site_id, p).await? {
+            let mut e = ApiError::conflict(format!(
+                "lan_prefixes[{i}]: {p} overlaps {q} of site {name}"
+            ));
+            e.details = Some(json!([{ "field": format!("lan_prefixes[{i}]"),
+                "problem": format!("overlaps {q} of site {name}") }]));
+            return Err(e);
         }
     }
     Ok(())

@@ -370,6 +370,23 @@ ALTER TABLE audit_log ADD COLUMN request_id TEXT;
 CREATE INDEX audit_log_action ON audit_log(action, id);
 "#,
     ),
+    (
+        15,
+        "every site's LAN prefixes as indexed address ranges, so that a new prefix is checked \
+         against the others with one look-up instead of by reading every site",
+        r#"
+-- lo and hi: the first and last address, 16 bytes big-endian (an IPv4 address in the last 4).
+CREATE TABLE site_prefixes (
+    site_id INTEGER NOT NULL REFERENCES sites(id) ON DELETE CASCADE,
+    family  INTEGER NOT NULL CHECK (family IN (4, 6)),
+    lo      BLOB    NOT NULL,
+    hi      BLOB    NOT NULL,
+    prefix  TEXT    NOT NULL
+);
+CREATE INDEX site_prefixes_lo ON site_prefixes(family, lo);
+CREATE INDEX site_prefixes_site ON site_prefixes(site_id);
+"#,
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -679,6 +696,11 @@ impl Store {
                 seed_classes(&mut tx)
                     .await
                     .map_err(db("seeding the built-in SLA classes"))?;
+            }
+            if *version == 15 {
+                sites::index_all_prefixes(&mut tx)
+                    .await
+                    .map_err(db("indexing the sites' LAN prefixes"))?;
             }
             sqlx::query(
                 "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",

@@ -276,22 +276,81 @@ pub async fn load_site(conn: &mut Conn, id: i64) -> Result<SiteView, ApiError> {
     Ok(s)
 }
 
-/// Every other site's name and LAN prefixes (all sites but `except`).
-pub async fn others_prefixes(
+/// A prefix's family and its first and last address as 16 big-endian bytes (how
+/// `site_prefixes` keeps them: bytes compare as the addresses do).
+fn range_of(p: &Prefix) -> (i64, [u8; 16], [u8; 16]) {
+    let (lo, hi) = p.range();
+    (
+        if p.is_ipv4() { 4 } else { 6 },
+        lo.to_be_bytes(),
+        hi.to_be_bytes(),
+    )
+}
+
+/// Indexes site `site_id`'s LAN prefixes (replacing what was indexed for it).
+async fn set_prefixes(
     conn: &mut Conn,
-    except: Option<i64>,
-) -> Result<Vec<(String, Vec<Prefix>)>, ApiError> {
-    let rows = sqlx::query("SELECT id, name, lan_prefixes FROM sites WHERE id != ?")
-        .bind(except.unwrap_or(-1))
+    site_id: i64,
+    prefixes: &[Prefix],
+) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM site_prefixes WHERE site_id = ?")
+        .bind(site_id)
+        .execute(&mut *conn)
+        .await?;
+    for p in prefixes {
+        let (family, lo, hi) = range_of(p);
+        sqlx::query(
+            "INSERT INTO site_prefixes (site_id, family, lo, hi, prefix) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(site_id)
+        .bind(family)
+        .bind(&lo[..])
+        .bind(&hi[..])
+        .bind(p.to_string())
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Indexes every site's LAN prefixes (the migration that made the index fills it with this).
+pub async fn index_all_prefixes(conn: &mut Conn) -> Result<(), sqlx::Error> {
+    let rows: Vec<(i64, String)> = sqlx::query_as("SELECT id, lan_prefixes FROM sites")
         .fetch_all(&mut *conn)
         .await?;
-    rows.iter()
-        .map(|r| {
-            let theirs: Vec<Prefix> =
-                serde_json::from_str(r.try_get("lan_prefixes")?).map_err(ApiError::internal)?;
-            Ok((r.try_get("name")?, theirs))
-        })
-        .collect()
+    for (id, json) in rows {
+        let prefixes: Vec<Prefix> =
+            serde_json::from_str(&json).map_err(|e| sqlx::Error::ColumnDecode {
+                index: format!("sites.lan_prefixes of site {id}"),
+                source: Box::new(e),
+            })?;
+        set_prefixes(conn, id, &prefixes).await?;
+    }
+    Ok(())
+}
+
+/// A LAN prefix of a site other than `except` that overlaps `p`: the site's name and the
+/// prefix. One indexed look-up: the sites' prefixes never overlap each other (every write
+/// checks), so among those that start at or before `p`'s last address, only the one that
+/// starts last can reach `p`.
+pub async fn overlapping(
+    conn: &mut Conn,
+    except: Option<i64>,
+    p: &Prefix,
+) -> Result<Option<(String, String)>, sqlx::Error> {
+    let (family, lo, hi) = range_of(p);
+    let row: Option<(String, String, Vec<u8>)> = sqlx::query_as(
+        "SELECT s.name, p.prefix, p.hi FROM site_prefixes p JOIN sites s ON s.id = p.site_id
+         WHERE p.family = ? AND p.lo <= ? AND p.site_id != ? ORDER BY p.lo DESC LIMIT 1",
+    )
+    .bind(family)
+    .bind(&hi[..])
+    .bind(except.unwrap_or(-1))
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.and_then(|(name, prefix, their_hi)| {
+        (their_hi.as_slice() >= &lo[..]).then_some((name, prefix))
+    }))
 }
 
 /// Stores `link` as a new link of site `site_id`; its id.
@@ -533,7 +592,9 @@ pub async fn insert(conn: &mut Conn, spec: &SiteSpec, now: i64) -> Result<i64, W
     .bind(now)
     .execute(&mut *conn)
     .await?;
-    Ok(r.last_insert_rowid())
+    let id = r.last_insert_rowid();
+    set_prefixes(conn, id, &spec.lan_prefixes).await?;
+    Ok(id)
 }
 
 /// Replaces site `id`'s fields (not its links), if it is still at `version`.
@@ -564,6 +625,7 @@ pub async fn update(
     if r.rows_affected() == 0 {
         return Err(WriteError::Stale);
     }
+    set_prefixes(conn, id, &spec.lan_prefixes).await?;
     Ok(())
 }
 
@@ -575,4 +637,95 @@ pub async fn delete(conn: &mut Conn, id: i64) -> Result<(), sqlx::Error> {
         .execute(&mut *conn)
         .await
         .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, prefixes: &[&str]) -> SiteSpec {
+        serde_json::from_value(serde_json::json!({ "name": name, "lan_prefixes": prefixes }))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// An overlap is found by one look-up in the index, whatever the number of sites (the
+    /// query plan says so: no scan of the table), on either side of the new prefix; a site's own
+    /// prefixes do not count against it; and the migration's fill indexes sites written before
+    /// the index existed.
+    #[tokio::test]
+    async fn overlaps_are_found_through_the_index_and_the_index_is_filled_for_old_sites() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = super::super::Store::open(&dir.path().join("db.sqlite"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut tx = store.begin().await.unwrap_or_else(|e| panic!("{e}"));
+        let a = insert(&mut tx, &spec("a", &["10.1.0.0/16", "2001:db8:1::/48"]), 0)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        insert(&mut tx, &spec("b", &["10.3.0.0/24"]), 0)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let over = async |tx: &mut super::super::Tx, except, p: &str| {
+            overlapping(tx, except, &p.parse().unwrap_or_else(|e| panic!("{e}")))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let hit = |site: &str, prefix: &str| Some((site.to_owned(), prefix.to_owned()));
+        // Inside, around, and across the start of a's prefix; after b's; between them.
+        assert_eq!(
+            over(&mut tx, None, "10.1.2.0/24").await,
+            hit("a", "10.1.0.0/16")
+        );
+        assert_eq!(
+            over(&mut tx, None, "10.0.0.0/8").await,
+            hit("b", "10.3.0.0/24")
+        );
+        assert_eq!(
+            over(&mut tx, None, "10.0.0.0/15").await,
+            hit("a", "10.1.0.0/16")
+        );
+        assert_eq!(
+            over(&mut tx, None, "10.3.0.128/25").await,
+            hit("b", "10.3.0.0/24")
+        );
+        assert_eq!(over(&mut tx, None, "10.2.0.0/16").await, None);
+        assert_eq!(over(&mut tx, None, "10.4.0.0/16").await, None);
+        assert_eq!(
+            over(&mut tx, None, "2001:db8::/32").await,
+            hit("a", "2001:db8:1::/48")
+        );
+        // IPv4 and IPv6 never meet; a site's own prefixes are not in its way.
+        assert_eq!(over(&mut tx, None, "::/96").await, None);
+        assert_eq!(over(&mut tx, Some(a), "10.1.2.0/24").await, None);
+
+        let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(
+            "EXPLAIN QUERY PLAN SELECT s.name, p.prefix, p.hi FROM site_prefixes p
+             JOIN sites s ON s.id = p.site_id
+             WHERE p.family = 4 AND p.lo <= x'00' AND p.site_id != 1 ORDER BY p.lo DESC LIMIT 1",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        let plan: Vec<&str> = plan.iter().map(|r| r.3.as_str()).collect();
+        assert!(
+            plan.iter()
+                .any(|d| d.contains("USING INDEX site_prefixes_lo")),
+            "{plan:?}"
+        );
+        assert!(!plan.iter().any(|d| d.starts_with("SCAN")), "{plan:?}");
+
+        // Sites from before the index: the migration's fill finds them.
+        sqlx::query("DELETE FROM site_prefixes")
+            .execute(&mut *tx)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(over(&mut tx, None, "10.1.2.0/24").await, None);
+        index_all_prefixes(&mut tx)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            over(&mut tx, None, "10.1.2.0/24").await,
+            hit("a", "10.1.0.0/16")
+        );
+    }
 }
