@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::app::{AppState, Principal};
 use crate::error::{ApiError, extract};
 use crate::routes::sites::{SiteView, load_sites};
-use crate::routes::topology::{connected, connected_pairs, load, path_id};
+use crate::routes::topology::{connected, connected_pair_counts, connected_pairs, load, path_id};
 use crate::routes::{Page, Paging};
 use crate::store::history;
 pub use crate::store::history::{PathEventView, PathSample};
@@ -148,17 +148,14 @@ async fn list_paths(
     // One read transaction: the topology and the sites from the same snapshot.
     let mut snapshot = s.store.snapshot().await?;
     let t = load(&mut snapshot).await?;
-    let sites = load_sites(&mut snapshot).await?;
     let live = s.live_paths();
     let now = crate::store::now_s();
-    let pairs: Vec<_> = connected_pairs(&t, &sites)
-        .into_iter()
-        .filter(|(a, b)| q.site.is_none_or(|id| a.id == id || b.id == id))
-        .collect();
     if let Some(st) = q.state {
         // Filtered by state: every path is looked at.
-        let all: Vec<PathView> = pairs
-            .iter()
+        let sites = load_sites(&mut snapshot).await?;
+        let all: Vec<PathView> = connected_pairs(&t, &sites)
+            .into_iter()
+            .filter(|(a, b)| q.site.is_none_or(|id| a.id == id || b.id == id))
             .flat_map(|(a, b)| {
                 let live = &live;
                 a.links
@@ -175,18 +172,50 @@ async fn list_paths(
             .collect();
         return Ok(Json(Page::new(items, total, paging)));
     }
-    let total: i64 = pairs
-        .iter()
-        .map(|(a, b)| (a.links.len() * b.links.len()) as i64)
-        .sum();
+    // Otherwise the page is found from each site's link count, and only its own sites are
+    // read: a page costs what it holds, not what the network holds.
+    let active = crate::store::sites::active_link_counts(&mut snapshot).await?;
+    let pairs = || {
+        connected_pair_counts(&t, &active)
+            .filter(|(a, b)| q.site.is_none_or(|id| a.0 == id || b.0 == id))
+    };
+    let total: i64 = match (t.mode, q.site) {
+        // A full mesh counted without walking it: every pair of links of different sites.
+        (crate::routes::topology::Mode::FullMesh, None) => {
+            let (sum, squares) = active
+                .iter()
+                .fold((0i64, 0i64), |(s, q), (_, n)| (s + n, q + n * n));
+            (sum * sum - squares) / 2
+        }
+        _ => pairs().map(|(a, b)| a.1 * b.1).sum(),
+    };
+    // The pairs the page takes paths from, and how many of the first one's paths to skip.
     let mut skip = paging.offset;
-    let mut items = Vec::new();
-    'pairs: for (a, b) in pairs {
-        let n = (a.links.len() * b.links.len()) as i64;
-        if skip >= n {
+    let mut wanted = Vec::new();
+    let mut room = paging.limit;
+    for (a, b) in pairs() {
+        let n = a.1 * b.1;
+        if wanted.is_empty() && skip >= n {
             skip -= n;
             continue;
         }
+        if room <= 0 {
+            break;
+        }
+        // Only the first pair starts part-way (at `skip`).
+        room -= n - if wanted.is_empty() { skip } else { 0 };
+        wanted.push((a.0, b.0));
+    }
+    let mut ids: Vec<i64> = wanted.iter().flat_map(|(a, b)| [*a, *b]).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let sites = crate::store::sites::load_sites_by_ids(&mut snapshot, &ids).await?;
+    let site = |id: i64| sites.iter().find(|s| s.id == id);
+    let mut items = Vec::new();
+    'pairs: for (a, b) in &wanted {
+        let (Some(a), Some(b)) = (site(*a), site(*b)) else {
+            continue;
+        };
         for la in &a.links {
             for lb in &b.links {
                 if skip > 0 {
@@ -234,7 +263,15 @@ async fn current_path(s: &AppState, id: &str) -> Result<Option<PathView>, ApiErr
     // One read transaction: the topology and the sites from the same snapshot.
     let mut snapshot = s.store.snapshot().await?;
     let t = load(&mut snapshot).await?;
-    let sites = load_sites(&mut snapshot).await?;
+    // The two links' sites only.
+    let mut ids: Vec<i64> = crate::store::sites::link_sites(&mut snapshot, &[x, y])
+        .await?
+        .into_iter()
+        .map(|(_, site)| site)
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let sites = crate::store::sites::load_sites_by_ids(&mut snapshot, &ids).await?;
     let owner = |link: i64| {
         sites
             .iter()

@@ -211,6 +211,39 @@ pub fn connected_pairs<'a>(
     pairs
 }
 
+/// A site's id and how many links it has.
+pub type SiteLinks = (i64, i64);
+
+/// The pairs of active sites the topology connects, as [`connected_pairs`] orders them, from
+/// each active site's id and link count (in id order): (a, links of a, b, links of b). Lazy:
+/// a full mesh is walked as far as it is read, not built.
+pub fn connected_pair_counts<'a>(
+    t: &'a Topology,
+    active: &'a [SiteLinks],
+) -> Box<dyn Iterator<Item = (SiteLinks, SiteLinks)> + 'a> {
+    match t.mode {
+        Mode::FullMesh => Box::new(
+            active
+                .iter()
+                .enumerate()
+                .flat_map(move |(i, a)| active[i + 1..].iter().map(move |b| (*a, *b))),
+        ),
+        Mode::HubSpoke => {
+            let mut pairs = Vec::new();
+            for h in active.iter().filter(|h| t.hubs.contains(&h.0)) {
+                for s in active {
+                    if s.0 == h.0 || (t.hubs.contains(&s.0) && s.0 < h.0) {
+                        continue;
+                    }
+                    pairs.push(if h.0 < s.0 { (*h, *s) } else { (*s, *h) });
+                }
+            }
+            pairs.sort_by_key(|(a, b)| (a.0, b.0));
+            Box::new(pairs.into_iter())
+        }
+    }
+}
+
 /// The id of the path between two links: their ids, lower first.
 pub fn path_id(x: i64, y: i64) -> String {
     format!("{}-{}", x.min(y), x.max(y))

@@ -496,6 +496,52 @@ pub async fn commit_key(conn: &mut Conn, id: i64, key: &str, now: i64) -> Result
     .map(|_| ())
 }
 
+/// Every active site's id and number of links, in id order: what the paths between them
+/// are counted and paged by, without reading the sites themselves.
+pub async fn active_link_counts(conn: &mut Conn) -> Result<Vec<(i64, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT s.id, COUNT(l.id) FROM sites s LEFT JOIN links l ON l.site_id = s.id
+         WHERE s.status = 'active' GROUP BY s.id ORDER BY s.id",
+    )
+    .fetch_all(&mut *conn)
+    .await
+}
+
+/// The sites `ids` (those that exist), with their links and overlay addresses, in id order.
+pub async fn load_sites_by_ids(conn: &mut Conn, ids: &[i64]) -> Result<Vec<SiteView>, ApiError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Ids are integers: safe to inline.
+    let list: Vec<String> = ids.iter().map(i64::to_string).collect();
+    let rows = sqlx::query(&format!(
+        "SELECT * FROM sites WHERE id IN ({}) ORDER BY id",
+        list.join(",")
+    ))
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut sites = rows
+        .iter()
+        .map(site_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    attach_links(&mut *conn, &mut sites).await?;
+    Ok(sites)
+}
+
+/// The site each of these links belongs to (those that exist): (link, site).
+pub async fn link_sites(conn: &mut Conn, links: &[i64]) -> Result<Vec<(i64, i64)>, sqlx::Error> {
+    if links.is_empty() {
+        return Ok(Vec::new());
+    }
+    let list: Vec<String> = links.iter().map(i64::to_string).collect();
+    sqlx::query_as(&format!(
+        "SELECT id, site_id FROM links WHERE id IN ({})",
+        list.join(",")
+    ))
+    .fetch_all(&mut *conn)
+    .await
+}
+
 /// Site `id`'s name, if there is such a site.
 pub async fn name_of(conn: &mut Conn, id: i64) -> Result<Option<String>, sqlx::Error> {
     sqlx::query_scalar("SELECT name FROM sites WHERE id = ?")

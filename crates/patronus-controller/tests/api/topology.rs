@@ -219,3 +219,79 @@ async fn paths_follow_sites_links_and_the_topology_and_invent_no_measurements() 
         .await;
     assert_eq!(r.body["hubs"], json!([]));
 }
+
+/// A page of paths, found from the sites' link counts without reading every site, is exactly
+/// the slice of the whole list (which `state=unknown` still builds by reading everything: no
+/// edge has reported, so every path is unknown), for every offset and several limits, in a full
+/// mesh and in hub and spoke, with and without a site filter, with sites of 0 to 3 links and a
+/// disabled one.
+#[tokio::test]
+async fn every_page_of_paths_is_the_slice_of_the_whole_list() {
+    let a = api().await;
+    let t = a.admin().await;
+    let links = |n: usize| -> Vec<Value> {
+        ["mpls", "inet", "lte"][..n]
+            .iter()
+            .map(|l| json!({ "name": l, "kind": "broadband" }))
+            .collect()
+    };
+    let mut ids = Vec::new();
+    for (i, n) in [2usize, 0, 3, 1, 2, 3].iter().enumerate() {
+        let r = a
+            .call(
+                Method::POST,
+                "/api/v1/sites",
+                Some(&t),
+                Some(json!({
+                    "name": format!("s{i}"),
+                    "lan_prefixes": [format!("10.{}.0.0/16", i + 1)],
+                    "links": links(*n),
+                })),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+        ids.push(r.body["id"].as_i64().unwrap());
+    }
+    let r = a
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/sites/{}", ids[4]),
+            Some(&t),
+            Some(json!({ "status": "disabled" })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    let get = async |q: &str| {
+        let r = a
+            .call(Method::GET, &format!("/api/v1/paths?{q}"), Some(&t), None)
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{q}: {r:?}");
+        r.body
+    };
+    for topology in [
+        json!({ "mode": "full-mesh", "hubs": [] }),
+        json!({ "mode": "hub-spoke", "hubs": [ids[2], ids[5]] }),
+    ] {
+        let r = a
+            .call(Method::PATCH, "/api/v1/topology", Some(&t), Some(topology))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{r:?}");
+        for site in [String::new(), format!("&site={}", ids[3])] {
+            let all = get(&format!("state=unknown&limit=500{site}")).await;
+            let all: Vec<Value> = all["items"].as_array().unwrap().clone();
+            assert!(!all.is_empty());
+            for limit in [1usize, 2, 5, 500] {
+                for offset in 0..=all.len() + 1 {
+                    let page = get(&format!("limit={limit}&offset={offset}{site}")).await;
+                    assert_eq!(page["total"], all.len(), "{limit} {offset} {site}");
+                    let want: Vec<Value> = all.iter().skip(offset).take(limit).cloned().collect();
+                    assert_eq!(
+                        page["items"].as_array().unwrap(),
+                        &want,
+                        "limit {limit} offset {offset}{site}"
+                    );
+                }
+            }
+        }
+    }
+}
