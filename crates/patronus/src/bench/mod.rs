@@ -7,6 +7,7 @@ use std::io::Write;
 
 use clap::Subcommand;
 
+mod api_cost;
 mod failover;
 mod mesh;
 mod path_select;
@@ -35,6 +36,9 @@ pub enum Bench {
     /// in one process: the time from one policy write until every edge holds its new
     /// configuration.
     Push(push::Args),
+    /// A real controller with N sites: what one API request (create a site, a page of sites, a
+    /// page of paths, one path) costs at each size, and the ratio between sizes.
+    ApiCost(api_cost::Args),
 }
 
 pub fn run(b: Bench) -> anyhow::Result<()> {
@@ -45,6 +49,7 @@ pub fn run(b: Bench) -> anyhow::Result<()> {
         Bench::Throughput(args) => with_summary(throughput::run(&args)?, throughput::summary),
         Bench::Mesh(args) => with_summary(mesh::run(&args)?, mesh::summary),
         Bench::Push(args) => with_summary(push::run(&args)?, push::summary),
+        Bench::ApiCost(args) => with_summary(api_cost::run(&args)?, api_cost::summary),
     };
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, &report)?;

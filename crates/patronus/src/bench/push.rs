@@ -36,7 +36,7 @@ pub struct Args {
 }
 
 /// One request on its own connection: (status, etag, body length).
-async fn get(
+pub(super) async fn get(
     addr: SocketAddr,
     path: &str,
     token: &str,
@@ -72,7 +72,7 @@ async fn get(
     Ok((status, etag, buf.len() - split - 4))
 }
 
-async fn post(
+pub(super) async fn post(
     addr: SocketAddr,
     path: &str,
     token: Option<&str>,
