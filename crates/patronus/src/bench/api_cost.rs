@@ -7,14 +7,11 @@
 //! holds: the report gives each request's median at each size and the ratio of the largest
 //! size's median to the smallest's, from one run.
 
-use std::net::SocketAddr;
 use std::time::Instant;
 
-use anyhow::Context;
-use patronus_controller::config::Config;
 use serde_json::{Value, json};
 
-use super::push::{get, post};
+use super::push::{BenchController, get, post};
 use super::{fig, progress};
 
 #[derive(Debug, clap::Args)]
@@ -38,46 +35,9 @@ async fn one_size(n: usize, requests: usize) -> anyhow::Result<Value> {
         "patronus-bench-api-cost-{}-{n}",
         std::process::id()
     ));
-    let mut config = Config::with_data_dir(dir.clone());
-    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    config.auth_rate_per_minute = 1_000_000;
-    let mut pw = [0u8; 18];
-    getrandom::getrandom(&mut pw)?;
-    let password = format!("{}-Aa1", patronus_controller::auth::b64url(&pw));
-    let env = vec![
-        (
-            "PATRONUS_ADMIN_EMAIL".to_owned(),
-            "bench@example.net".to_owned(),
-        ),
-        ("PATRONUS_ADMIN_PASSWORD".to_owned(), password.clone()),
-    ];
     progress(format_args!("a controller with {n} sites"));
-    let state = patronus_controller::server::prepare(config, &env).await?;
-    super::mesh::populate(&state.store, n).await?;
-    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(patronus_controller::server::serve(
-        state,
-        async {
-            let _ = stop_rx.await;
-        },
-        move |a| {
-            let _ = addr_tx.send(a);
-        },
-    ));
-    let addr = addr_rx.await.context("the controller did not start")?;
-    let (status, login) = post(
-        addr,
-        "/api/v1/auth/login",
-        None,
-        &json!({ "email": "bench@example.net", "password": password }),
-    )
-    .await?;
-    anyhow::ensure!(status == 200, "login: {status}");
-    let token = login["access_token"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let c = BenchController::start(&dir, n, None).await?;
+    let (addr, token) = (c.addr, c.login().await?);
     let (status, _, _) = get(addr, "/api/v1/paths?limit=1", &token, None).await?;
     anyhow::ensure!(status == 200, "GET /paths: {status}");
     // A path that exists: between the first two sites' first links (ids 1 and 3).
@@ -106,8 +66,7 @@ async fn one_size(n: usize, requests: usize) -> anyhow::Result<Value> {
             anyhow::ensure!(status == 200, "GET {p}: {status}");
         }
     }
-    let _ = stop_tx.send(());
-    let _ = server.await;
+    c.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
     let [a, b, c, d] = times;
     Ok(json!({

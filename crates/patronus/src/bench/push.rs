@@ -107,6 +107,85 @@ pub(super) async fn post(
 }
 
 /// Lets this process hold a socket per edge on both ends.
+/// A controller for a benchmark, serving on loopback: its store in a directory of the
+/// caller's, with `sites` sites written into it (each enrolled, its credential kept) and the
+/// first `hubs` of them hubs if given, and an admin whose password was made for it.
+pub(super) struct BenchController {
+    pub addr: SocketAddr,
+    pub creds: Vec<String>,
+    password: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl BenchController {
+    pub(super) async fn start(
+        dir: &std::path::Path,
+        sites: usize,
+        hubs: Option<usize>,
+    ) -> anyhow::Result<Self> {
+        let mut config = Config::with_data_dir(dir.to_path_buf());
+        config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.auth_rate_per_minute = 1_000_000;
+        let mut pw = [0u8; 18];
+        getrandom::getrandom(&mut pw)?;
+        let password = format!("{}-Aa1", patronus_controller::auth::b64url(&pw));
+        let env = vec![
+            (
+                "PATRONUS_ADMIN_EMAIL".to_owned(),
+                "bench@example.net".to_owned(),
+            ),
+            ("PATRONUS_ADMIN_PASSWORD".to_owned(), password.clone()),
+        ];
+        let state = patronus_controller::server::prepare(config, &env).await?;
+        let creds = super::mesh::populate(&state.store, sites).await?;
+        if let Some(h) = hubs {
+            super::mesh::hub_and_spoke(&state.store, h).await?;
+        }
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(patronus_controller::server::serve(
+            state,
+            async {
+                let _ = stop_rx.await;
+            },
+            move |a| {
+                let _ = addr_tx.send(a);
+            },
+        ));
+        let addr = addr_rx.await.context("the controller did not start")?;
+        Ok(Self {
+            addr,
+            creds,
+            password,
+            stop,
+            server,
+        })
+    }
+
+    /// The admin's access token.
+    pub(super) async fn login(&self) -> anyhow::Result<String> {
+        let (status, login) = post(
+            self.addr,
+            "/api/v1/auth/login",
+            None,
+            &json!({ "email": "bench@example.net", "password": self.password }),
+        )
+        .await?;
+        anyhow::ensure!(status == 200, "login: {status}");
+        Ok(login["access_token"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
+    }
+
+    /// Stops the server and waits for it.
+    pub(super) async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.server.await;
+    }
+}
+
 fn raise_fd_limit(need: u64) -> anyhow::Result<()> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
@@ -136,43 +215,12 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
         .enable_all()
         .build()?;
     let result = rt.block_on(async {
-        let mut config = Config::with_data_dir(dir.clone());
-        config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        config.auth_rate_per_minute = 1_000_000;
-        let mut pw = [0u8; 18];
-        getrandom::getrandom(&mut pw)?;
-        let password = format!("{}-Aa1", patronus_controller::auth::b64url(&pw));
-        let env = vec![
-            (
-                "PATRONUS_ADMIN_EMAIL".to_owned(),
-                "bench@example.net".to_owned(),
-            ),
-            ("PATRONUS_ADMIN_PASSWORD".to_owned(), password.clone()),
-        ];
         progress(format_args!(
             "a controller with {} sites ({})",
             args.edges, args.topology
         ));
-        let state = patronus_controller::server::prepare(config, &env).await?;
-        let store = state.store.clone();
-        // A credential per site, as enrolment leaves them.
-        let creds = super::mesh::populate(&store, args.edges).await?;
-        if hub_spoke {
-            super::mesh::hub_and_spoke(&store, 2).await?;
-        }
-
-        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(patronus_controller::server::serve(
-            state,
-            async {
-                let _ = stop_rx.await;
-            },
-            move |a| {
-                let _ = addr_tx.send(a);
-            },
-        ));
-        let addr = addr_rx.await.context("the controller did not start")?;
+        let c = BenchController::start(&dir, args.edges, hub_spoke.then_some(2)).await?;
+        let (addr, creds) = (c.addr, c.creds.clone());
 
         progress(format_args!(
             "{} edges fetch their configuration and long-poll for the next",
@@ -214,18 +262,7 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
         // Let the last long polls reach the server.
         tokio::time::sleep(Duration::from_millis(500)).await;
 
-        let (status, login) = post(
-            addr,
-            "/api/v1/auth/login",
-            None,
-            &json!({ "email": "bench@example.net", "password": password }),
-        )
-        .await?;
-        anyhow::ensure!(status == 200, "login: {status}");
-        let token = login["access_token"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
+        let token = c.login().await?;
         let policy = json!({
             "name": "voice", "order": 10, "class": "realtime", "steering": "duplicate",
             "match": { "protocol": "udp", "dst_ports": ["16384-32767"] }
@@ -244,8 +281,7 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
             delays_us.push(at.saturating_duration_since(t0).as_micros() as u64);
             bytes += b;
         }
-        let _ = stop_tx.send(());
-        let _ = server.await;
+        c.stop().await;
         delays_us.sort_unstable();
         let pct = |q: f64| patronus_lab::stats::percentile(&delays_us, q).map(|us| us as f64 / 1e3);
         anyhow::Ok(json!({
