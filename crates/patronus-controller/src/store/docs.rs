@@ -192,18 +192,11 @@ impl<T: Serialize + DeserializeOwned + 'static> DocTable<T> {
             .bind(version)
             .execute(&mut *conn)
             .await?;
-        if r.rows_affected() == 0 {
-            return Err(WriteError::Stale);
-        }
-        Ok(())
+        super::one_row_changed(r)
     }
 
     /// Deletes document `id` (nothing if it is gone).
     pub async fn delete(&self, conn: &mut Conn, id: i64) -> Result<(), sqlx::Error> {
-        sqlx::query(&format!("DELETE FROM {} WHERE id = ?", self.table))
-            .bind(id)
-            .execute(&mut *conn)
-            .await
-            .map(|_| ())
+        super::delete_by_id(conn, self.table, id).await
     }
 }

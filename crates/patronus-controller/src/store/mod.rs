@@ -53,6 +53,24 @@ pub mod webhooks;
 /// (a pooled connection or a transaction, [`Tx`], dereference to it).
 pub type Conn = SqliteConnection;
 
+/// The end of a versioned update (`... WHERE id = ? AND version = ?`): stale if it changed no
+/// row (another writer got there first, or the row is gone).
+fn one_row_changed(r: sqlx::sqlite::SqliteQueryResult) -> Result<(), docs::WriteError> {
+    if r.rows_affected() == 0 {
+        return Err(docs::WriteError::Stale);
+    }
+    Ok(())
+}
+
+/// Deletes row `id` of `table` (a constant, never a client's input); nothing if it is gone.
+async fn delete_by_id(conn: &mut Conn, table: &'static str, id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!("DELETE FROM {table} WHERE id = ?"))
+        .bind(id)
+        .execute(&mut *conn)
+        .await
+        .map(|_| ())
+}
+
 /// The schema, in order. A migration is never edited once released: a change is a new one.
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (

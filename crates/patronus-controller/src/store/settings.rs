@@ -41,8 +41,5 @@ pub async fn set_failover(
     .bind(version)
     .execute(&mut *conn)
     .await?;
-    if r.rows_affected() == 0 {
-        return Err(WriteError::Stale);
-    }
-    Ok(())
+    super::one_row_changed(r)
 }

@@ -402,19 +402,12 @@ pub async fn update_link(
     .bind(version)
     .execute(&mut *conn)
     .await?;
-    if r.rows_affected() == 0 {
-        return Err(WriteError::Stale);
-    }
-    Ok(())
+    super::one_row_changed(r)
 }
 
 /// Deletes link `id`.
 pub async fn delete_link(conn: &mut Conn, id: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM links WHERE id = ?")
-        .bind(id)
-        .execute(&mut *conn)
-        .await
-        .map(|_| ())
+    super::delete_by_id(conn, "links", id).await
 }
 
 /// Asks site `id`'s edge to roll its key (counts one more rotation, as a new version of the
@@ -668,9 +661,7 @@ pub async fn update(
     .bind(version)
     .execute(&mut *conn)
     .await?;
-    if r.rows_affected() == 0 {
-        return Err(WriteError::Stale);
-    }
+    super::one_row_changed(r)?;
     set_prefixes(conn, id, &spec.lan_prefixes).await?;
     Ok(())
 }
@@ -678,11 +669,7 @@ pub async fn update(
 /// Deletes site `id`; its links, overlay address and place among the hubs go with it (ON
 /// DELETE CASCADE).
 pub async fn delete(conn: &mut Conn, id: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM sites WHERE id = ?")
-        .bind(id)
-        .execute(&mut *conn)
-        .await
-        .map(|_| ())
+    super::delete_by_id(conn, "sites", id).await
 }
 
 #[cfg(test)]

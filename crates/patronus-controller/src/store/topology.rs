@@ -214,9 +214,7 @@ pub async fn update(
     .bind(version)
     .execute(&mut *conn)
     .await?;
-    if r.rows_affected() == 0 {
-        return Err(WriteError::Stale);
-    }
+    super::one_row_changed(r)?;
     sqlx::query("DELETE FROM hubs").execute(&mut *conn).await?;
     for h in hubs {
         sqlx::query("INSERT INTO hubs (site_id) VALUES (?)")

@@ -56,10 +56,7 @@ pub async fn update(
     .bind(version)
     .execute(&mut *conn)
     .await?;
-    if r.rows_affected() == 0 {
-        return Err(WriteError::Stale);
-    }
-    Ok(())
+    super::one_row_changed(r)
 }
 
 /// Gives user `id` a new password hash.
@@ -82,9 +79,5 @@ pub async fn set_password(
 
 /// Deletes user `id` (their sessions go with them: ON DELETE CASCADE).
 pub async fn delete(conn: &mut Conn, id: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM users WHERE id = ?")
-        .bind(id)
-        .execute(&mut *conn)
-        .await
-        .map(|_| ())
+    super::delete_by_id(conn, "users", id).await
 }

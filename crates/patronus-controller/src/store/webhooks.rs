@@ -161,19 +161,12 @@ pub async fn update(
     .bind(version)
     .execute(&mut *conn)
     .await?;
-    if r.rows_affected() == 0 {
-        return Err(WriteError::Stale);
-    }
-    Ok(())
+    super::one_row_changed(r)
 }
 
 /// Deletes webhook `id` and its deliveries (ON DELETE CASCADE).
 pub async fn delete(conn: &mut Conn, id: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM webhooks WHERE id = ?")
-        .bind(id)
-        .execute(&mut *conn)
-        .await
-        .map(|_| ())
+    super::delete_by_id(conn, "webhooks", id).await
 }
 
 /// A page of webhook `id`'s deliveries (of `status` and `event`, if given), newest first, and
