@@ -184,43 +184,28 @@ pub fn connected_pairs<'a>(
         .iter()
         .filter(|s| s.status == SiteStatus::Active)
         .collect();
-    let mut pairs = Vec::new();
-    match t.mode {
-        Mode::FullMesh => {
-            for (i, a) in active.iter().enumerate() {
-                for b in &active[i + 1..] {
-                    pairs.push((*a, *b));
-                }
-            }
-        }
-        // Every hub with every other site, once: hubs × sites, not sites².
-        Mode::HubSpoke => {
-            let hubs = active.iter().filter(|h| t.hubs.contains(&h.id));
-            for h in hubs {
-                for s in &active {
-                    // A hub with itself never; two hubs once.
-                    if s.id == h.id || (t.hubs.contains(&s.id) && s.id < h.id) {
-                        continue;
-                    }
-                    pairs.push(if h.id < s.id { (*h, *s) } else { (*s, *h) });
-                }
-            }
-            pairs.sort_by_key(|(a, b)| (a.id, b.id));
-        }
-    }
-    pairs
+    pairs_of(t, &active, |s| s.id).collect()
 }
 
 /// A site's id and how many links it has.
 pub type SiteLinks = (i64, i64);
 
-/// The pairs of active sites the topology connects, as [`connected_pairs`] orders them, from
-/// each active site's id and link count (in id order): (a, links of a, b, links of b). Lazy:
-/// a full mesh is walked as far as it is read, not built.
+/// The same pairs as [`connected_pairs`], in the same order, from each active site's id and
+/// link count (in id order): what a page of paths is found with, without reading the sites.
 pub fn connected_pair_counts<'a>(
     t: &'a Topology,
     active: &'a [SiteLinks],
 ) -> Box<dyn Iterator<Item = (SiteLinks, SiteLinks)> + 'a> {
+    pairs_of(t, active, |s| s.0)
+}
+
+/// The pairs the topology makes of `active` sites (in id order; `id` gives each one's id),
+/// lower id first, in order. Lazy: a full mesh is walked as far as it is read, not built.
+fn pairs_of<'a, T: Copy + 'a>(
+    t: &'a Topology,
+    active: &'a [T],
+    id: fn(&T) -> i64,
+) -> Box<dyn Iterator<Item = (T, T)> + 'a> {
     match t.mode {
         Mode::FullMesh => Box::new(
             active
@@ -228,17 +213,19 @@ pub fn connected_pair_counts<'a>(
                 .enumerate()
                 .flat_map(move |(i, a)| active[i + 1..].iter().map(move |b| (*a, *b))),
         ),
+        // Every hub with every other site, once: hubs × sites, not sites².
         Mode::HubSpoke => {
             let mut pairs = Vec::new();
-            for h in active.iter().filter(|h| t.hubs.contains(&h.0)) {
+            for h in active.iter().filter(|h| t.hubs.contains(&id(h))) {
                 for s in active {
-                    if s.0 == h.0 || (t.hubs.contains(&s.0) && s.0 < h.0) {
+                    // A hub with itself never; two hubs once.
+                    if id(s) == id(h) || (t.hubs.contains(&id(s)) && id(s) < id(h)) {
                         continue;
                     }
-                    pairs.push(if h.0 < s.0 { (*h, *s) } else { (*s, *h) });
+                    pairs.push(if id(h) < id(s) { (*h, *s) } else { (*s, *h) });
                 }
             }
-            pairs.sort_by_key(|(a, b)| (a.0, b.0));
+            pairs.sort_by_key(|(a, b)| (id(a), id(b)));
             Box::new(pairs.into_iter())
         }
     }

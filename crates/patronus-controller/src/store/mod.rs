@@ -62,6 +62,12 @@ fn one_row_changed(r: sqlx::sqlite::SqliteQueryResult) -> Result<(), docs::Write
     Ok(())
 }
 
+/// `ids` as an SQL list (`1,2,3`) for `IN (...)`: integers, so safe to inline, and one
+/// statement whatever their number.
+fn id_list(ids: &[i64]) -> String {
+    ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+}
+
 /// Deletes row `id` of `table` (a constant, never a client's input); nothing if it is gone.
 async fn delete_by_id(conn: &mut Conn, table: &'static str, id: i64) -> Result<(), sqlx::Error> {
     sqlx::query(&format!("DELETE FROM {table} WHERE id = ?"))

@@ -230,11 +230,10 @@ async fn attach_links(conn: &mut Conn, sites: &mut [SiteView]) -> Result<(), Api
     if sites.is_empty() {
         return Ok(());
     }
-    let ids: Vec<String> = sites.iter().map(|s| s.id.to_string()).collect();
-    // Ids are integers from the database: safe to inline.
+    let ids: Vec<i64> = sites.iter().map(|s| s.id).collect();
     let sql = format!(
         "SELECT * FROM links WHERE site_id IN ({}) ORDER BY site_id, id",
-        ids.join(",")
+        super::id_list(&ids)
     );
     let rows = sqlx::query(&sql).fetch_all(&mut *conn).await?;
     let mut by_site: HashMap<i64, Vec<LinkView>> = HashMap::new();
@@ -265,15 +264,10 @@ pub async fn load_sites(conn: &mut Conn) -> Result<Vec<SiteView>, ApiError> {
 }
 
 pub async fn load_site(conn: &mut Conn, id: i64) -> Result<SiteView, ApiError> {
-    let row = sqlx::query("SELECT * FROM sites WHERE id = ?")
-        .bind(id)
-        .fetch_optional(&mut *conn)
+    load_sites_by_ids(conn, &[id])
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("site {id}")))?;
-    let mut s = [site_from_row(&row)?];
-    attach_links(&mut *conn, &mut s).await?;
-    let [s] = s;
-    Ok(s)
+        .pop()
+        .ok_or_else(|| ApiError::not_found(format!("site {id}")))
 }
 
 /// A prefix's family and its first and last address as 16 big-endian bytes (how
@@ -505,11 +499,9 @@ pub async fn load_sites_by_ids(conn: &mut Conn, ids: &[i64]) -> Result<Vec<SiteV
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    // Ids are integers: safe to inline.
-    let list: Vec<String> = ids.iter().map(i64::to_string).collect();
     let rows = sqlx::query(&format!(
         "SELECT * FROM sites WHERE id IN ({}) ORDER BY id",
-        list.join(",")
+        super::id_list(ids)
     ))
     .fetch_all(&mut *conn)
     .await?;
@@ -526,10 +518,9 @@ pub async fn link_sites(conn: &mut Conn, links: &[i64]) -> Result<Vec<(i64, i64)
     if links.is_empty() {
         return Ok(Vec::new());
     }
-    let list: Vec<String> = links.iter().map(i64::to_string).collect();
     sqlx::query_as(&format!(
         "SELECT id, site_id FROM links WHERE id IN ({})",
-        list.join(",")
+        super::id_list(links)
     ))
     .fetch_all(&mut *conn)
     .await

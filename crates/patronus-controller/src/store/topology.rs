@@ -132,11 +132,9 @@ pub async fn addresses_of(conn: &mut Conn, ids: &[i64]) -> Result<BTreeMap<i64, 
         return Ok(BTreeMap::new());
     }
     let prefix = load(&mut *conn).await?.overlay_prefix;
-    // Ids are integers: safe to inline, and one statement for the page.
-    let list: Vec<String> = ids.iter().map(i64::to_string).collect();
     let rows = sqlx::query(&format!(
         "SELECT site_id, host FROM overlay_addresses WHERE site_id IN ({})",
-        list.join(",")
+        super::id_list(ids)
     ))
     .fetch_all(&mut *conn)
     .await?;

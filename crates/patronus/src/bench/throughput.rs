@@ -36,6 +36,21 @@ pub struct Args {
     flood_rate: u64,
 }
 
+/// b's edge status (`patronus edge status --json` in b).
+fn b_status(lab: &Lab, exe: &std::path::Path) -> anyhow::Result<Value> {
+    let out = lab.exec(
+        "b",
+        &[
+            exe.to_str().unwrap_or("patronus"),
+            "edge",
+            "status",
+            "--json",
+        ],
+    )?;
+    anyhow::ensure!(out.status.success(), "edge status in b failed");
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
 /// One Patronus run under a handshake flood at `rate` to `port` of b's link, spoofed from a's
 /// endpoint: the throughput, how many initiations went, and what b's edge did with them. To the
 /// edge's port it measures what the flood costs through the edge; to a closed port, what the
@@ -55,20 +70,7 @@ fn under_flood(
     let dst = SocketAddrV4::new(b.addr4, port);
     let pkts = flood::initiations(b_key, src, dst, 1000);
     let wan = lab.ns("wan")?;
-    let counters = || -> anyhow::Result<Value> {
-        let out = lab.exec(
-            "b",
-            &[
-                exe.to_str().unwrap_or("patronus"),
-                "edge",
-                "status",
-                "--json",
-            ],
-        )?;
-        anyhow::ensure!(out.status.success(), "edge status in b failed");
-        let v: Value = serde_json::from_slice(&out.stdout)?;
-        Ok(v["counters"].clone())
-    };
+    let counters = || -> anyhow::Result<Value> { Ok(b_status(lab, exe)?["counters"].clone()) };
     let before = counters()?;
     let stop = AtomicBool::new(false);
     let (sent, r) = std::thread::scope(|s| {
@@ -133,20 +135,9 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
     edges::wait_for_tunnel(&lab, "a/h1", b_host, Duration::from_secs(15))?;
     let patronus = tcp("through Patronus")?;
     // The crypto bound, with the edges idle: at the TUN's MTU, the size of a full segment.
-    let mtu = {
-        let out = lab.exec(
-            "b",
-            &[
-                exe.to_str().unwrap_or("patronus"),
-                "edge",
-                "status",
-                "--json",
-            ],
-        )?;
-        anyhow::ensure!(out.status.success(), "edge status in b failed");
-        let v: Value = serde_json::from_slice(&out.stdout)?;
-        v["tun_mtu"].as_u64().context("b's status has no tun_mtu")? as usize
-    };
+    let mtu = b_status(&lab, &exe)?["tun_mtu"]
+        .as_u64()
+        .context("b's status has no tun_mtu")? as usize;
     progress(format_args!(
         "sealing and opening {mtu}-byte packets on one core for 2 s"
     ));
