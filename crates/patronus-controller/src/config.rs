@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use patronus_api::FieldErrors;
+
+pub use crate::store::Database;
 use serde::de::DeserializeOwned;
 
 /// Where the controller keeps its state when nothing says otherwise.
@@ -18,8 +20,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Directory for the database and the token signing key (created 0700).
     pub data_dir: PathBuf,
-    /// The SQLite database file; default `<data_dir>/controller.db`.
-    pub database: PathBuf,
+    /// Where the state lives: an SQLite file (a path or `sqlite://<path>`; default
+    /// `<data_dir>/controller.db`) or a PostgreSQL database (`postgres://…`).
+    pub database: Database,
     /// The access-token signing key (32 random bytes, created 0600 on first start when
     /// missing); default `<data_dir>/jwt.key`.
     pub jwt_key_file: PathBuf,
@@ -69,7 +72,7 @@ impl Config {
     pub fn with_data_dir(dir: PathBuf) -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            database: dir.join("controller.db"),
+            database: Database::Sqlite(dir.join("controller.db")),
             jwt_key_file: dir.join("jwt.key"),
             data_dir: dir,
             access_token_ttl: Duration::from_secs(15 * 60),
@@ -117,7 +120,7 @@ pub const KEYS: &[&str] = &[
 pub struct Overrides {
     pub listen: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
-    pub database: Option<PathBuf>,
+    pub database: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -196,8 +199,11 @@ impl Config {
         if let Some(v) = take(&values, "listen", &mut errors) {
             c.listen = v;
         }
-        if let Some(v) = take(&values, "database", &mut errors) {
-            c.database = v;
+        if let Some(v) = take::<String>(&values, "database", &mut errors) {
+            match Database::parse(&v) {
+                Ok(d) => c.database = d,
+                Err(e) => errors.push(source_of(&values, "database"), e),
+            }
         }
         if let Some(v) = take(&values, "webhook_ca_file", &mut errors) {
             c.webhook_ca_file = Some(v);
@@ -303,7 +309,10 @@ impl Config {
             c.listen = v;
         }
         if let Some(v) = &flags.database {
-            c.database = v.clone();
+            match Database::parse(v) {
+                Ok(d) => c.database = d,
+                Err(e) => errors.push("--database", e),
+            }
         }
         errors.into_result().map_err(ConfigError::Invalid)?;
         Ok(c)
@@ -391,7 +400,10 @@ mod tests {
         std::fs::write(&path, include_str!("../controller.example.toml")).unwrap();
         let c = Config::load(Some(&path), [], &Overrides::default()).unwrap();
         assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
-        assert_eq!(c.database, PathBuf::from("/var/lib/patronus/controller.db"));
+        assert_eq!(
+            c.database,
+            Database::Sqlite(PathBuf::from("/var/lib/patronus/controller.db"))
+        );
         assert_eq!(c.access_token_ttl, Duration::from_secs(900));
     }
 
@@ -420,7 +432,10 @@ mod tests {
         .unwrap();
         assert_eq!(c.listen, "127.0.0.1:3000".parse().unwrap());
         assert_eq!(c.request_timeout, Duration::from_secs(7));
-        assert_eq!(c.database, PathBuf::from("/srv/a/controller.db"));
+        assert_eq!(
+            c.database,
+            Database::Sqlite(PathBuf::from("/srv/a/controller.db"))
+        );
     }
 
     #[test]
@@ -448,6 +463,51 @@ mod tests {
             "PATRONUS_LISTEN",
         ] {
             assert!(e.contains(want), "{want} in {e}");
+        }
+    }
+
+    #[test]
+    fn the_database_is_a_path_an_sqlite_url_or_a_postgres_url_and_a_bad_one_is_named() {
+        let load = |v: &str| {
+            Config::load(
+                None,
+                env(&[("PATRONUS_DATABASE", v)]),
+                &Overrides::default(),
+            )
+            .map(|c| c.database)
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            load("/srv/c.db").unwrap(),
+            Database::Sqlite("/srv/c.db".into())
+        );
+        assert_eq!(
+            load("sqlite:///srv/c.db").unwrap(),
+            Database::Sqlite("/srv/c.db".into())
+        );
+        let pg = load("postgres://patronus:s3cret@db.example.net:5433/patronus").unwrap();
+        assert_eq!(
+            pg,
+            Database::Postgres("postgres://patronus:s3cret@db.example.net:5433/patronus".into())
+        );
+        // Printed (logs, errors, Debug) without its password.
+        assert_eq!(
+            format!("{pg:?}"),
+            "postgres://patronus:***@db.example.net:5433/patronus"
+        );
+        for (bad, why) in [
+            (
+                "postgres://patronus:s3cret@db:notaport/x",
+                "not a valid PostgreSQL URL",
+            ),
+            ("mysql://db/x", "unknown database scheme `mysql://`"),
+            ("sqlite://", "needs a file path"),
+            ("", "empty"),
+        ] {
+            let e = load(bad).unwrap_err();
+            assert!(e.contains("PATRONUS_DATABASE"), "{e}");
+            assert!(e.contains(why), "{bad}: {e}");
+            assert!(!e.contains("s3cret"), "{e}");
         }
     }
 }

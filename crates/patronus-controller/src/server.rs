@@ -17,7 +17,7 @@ use crate::store::{Actor, Store, create_private_dir};
 /// Opens everything the API needs, creating it on first start.
 pub async fn prepare(config: Config, env: &[(String, String)]) -> anyhow::Result<AppState> {
     create_private_dir(&config.data_dir)?;
-    let store = Store::open(&config.database).await?;
+    let store = Store::connect(&config.database).await?;
     let key = auth::load_or_create_key(&config.jwt_key_file)?;
     bootstrap_admin(&store, &config.data_dir, env).await?;
     let webhook_tls = crate::webhooks::tls_client(&config).map_err(anyhow::Error::msg)?;

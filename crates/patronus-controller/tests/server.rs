@@ -420,10 +420,10 @@ async fn a_write_whose_client_hung_up_still_commits_and_leaves_its_log_line() {
     // The audit record proves the write committed; its log line follows it.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let audited: i64 = sqlx::query_scalar(
+        let audited: i64 = patronus_controller::store::db::query_scalar(
             "SELECT COUNT(*) FROM audit_log WHERE action = 'user.create' AND request_id = 'hung-up-1'",
         )
-        .fetch_one(c.state.store.pool())
+        .fetch_one(&mut *c.state.store.conn().await.unwrap())
         .await
         .unwrap();
         let logged = String::from_utf8_lossy(&log().lock().unwrap()).contains("hung-up-1");

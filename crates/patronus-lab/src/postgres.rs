@@ -55,6 +55,8 @@ pub struct Postgres {
     /// The user and group the server runs as (None: the caller's own).
     owner: Option<(u32, u32)>,
     server: Option<Child>,
+    /// `-c name=value` settings the server starts with.
+    settings: Vec<(String, String)>,
 }
 
 /// The superuser's name.
@@ -63,6 +65,11 @@ pub const USER: &str = "patronus";
 impl Postgres {
     /// Makes a cluster and starts it; returns once it accepts connections (30 s at most).
     pub fn start() -> Result<Self, PgError> {
+        Self::start_with(&[])
+    }
+
+    /// [`Postgres::start`], with these server settings (`-c name=value`) on top.
+    pub fn start_with(settings: &[(&str, &str)]) -> Result<Self, PgError> {
         let bin = bin_dir()?;
         let owner = if nix::unistd::geteuid().is_root() {
             let user = ["postgres", "nobody"]
@@ -89,6 +96,10 @@ impl Postgres {
             password: random_hex(16)?,
             owner,
             server: None,
+            settings: settings
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         };
         pg.init()?;
         // A free port can be taken between finding it and the server binding it: try again.
@@ -174,6 +185,11 @@ impl Postgres {
             .args(["-c", "listen_addresses=127.0.0.1"])
             .arg("-c")
             .arg(format!("unix_socket_directories={}", self.dir.display()))
+            .args(
+                self.settings
+                    .iter()
+                    .flat_map(|(k, v)| ["-c".to_owned(), format!("{k}={v}")]),
+            )
             .stdout(log)
             .stderr(err)
             .spawn()
@@ -248,6 +264,18 @@ impl Postgres {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
+    /// Database `db`'s rows, as `pg_dump --data-only` writes them.
+    pub fn dump(&self, db: &str) -> Result<String, PgError> {
+        let out = self
+            .command("pg_dump")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", USER])
+            .args(["--data-only", "-d", db])
+            .output()
+            .map_err(io("running pg_dump"))?;
+        check(&format!("pg_dump {db}"), &out)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Creates database `name` (a plain identifier).
     pub fn create_database(&self, name: &str) -> Result<(), PgError> {
         if name.is_empty()
@@ -280,6 +308,60 @@ impl Postgres {
     /// The directory the cluster lives in.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+}
+
+/// One server for the whole test process, started on first use: a test suite that makes a
+/// database per test on it pays `initdb` once. It runs without `fsync` (nothing it holds
+/// outlives the process) and allows many connections (tests run in parallel, each with its
+/// own pool). A process's statics are never dropped, so a watchdog started with it (a shell
+/// in its own session) stops the server and removes its directory once the test process has
+/// exited, however it exited.
+pub fn shared() -> Result<&'static Postgres, String> {
+    static SHARED: std::sync::OnceLock<Result<Postgres, String>> = std::sync::OnceLock::new();
+    SHARED
+        .get_or_init(|| {
+            let pg = Postgres::start_with(&[
+                ("fsync", "off"),
+                ("synchronous_commit", "off"),
+                ("full_page_writes", "off"),
+                ("max_connections", "400"),
+            ])
+            .map_err(|e| e.to_string())?;
+            pg.watch(std::process::id()).map_err(|e| e.to_string())?;
+            Ok(pg)
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+impl Postgres {
+    /// Starts a watchdog that stops this server and removes its directory when process `pid`
+    /// is gone.
+    fn watch(&self, pid: u32) -> Result<(), PgError> {
+        use std::os::unix::process::CommandExt;
+        let server = self
+            .server
+            .as_ref()
+            .map(Child::id)
+            .ok_or_else(|| PgError::Command {
+                what: "watching the server".into(),
+                output: "it is not running".into(),
+            })?;
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; kill -QUIT {server}; \
+             while kill -0 {server} 2>/dev/null; do sleep 0.1; done; rm -rf '{}'",
+            self.dir.display()
+        );
+        Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .map_err(io("starting the server's watchdog"))?;
+        Ok(())
     }
 }
 

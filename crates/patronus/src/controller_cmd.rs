@@ -32,9 +32,11 @@ struct Common {
     /// Directory for the database and signing key [default: /var/lib/patronus].
     #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
-    /// The SQLite database [default: DATA_DIR/controller.db].
+    /// The database: an SQLite file (a path or sqlite://PATH) or postgres://… (prefer the
+    /// `database` key or PATRONUS_DATABASE for a URL with a password: arguments are public)
+    /// [default: DATA_DIR/controller.db].
     #[arg(long, global = true)]
-    database: Option<PathBuf>,
+    database: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -103,7 +105,7 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
                 .context("reading the password from stdin")?;
             let password = password.trim_end_matches(['\r', '\n']).to_owned();
             patronus_controller::store::create_private_dir(&config.data_dir)?;
-            let store = Store::open(&config.database).await?;
+            let store = Store::connect(&config.database).await?;
             let actor = Actor {
                 id: None,
                 name: "cli".into(),

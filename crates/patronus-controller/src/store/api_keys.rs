@@ -1,9 +1,10 @@
 //! API keys (only their SHA-256 is stored).
 
 use serde::Serialize;
-use sqlx::Row;
 
 use super::Conn;
+#[allow(unused_imports)]
+use super::db::{Row, query, query_as, query_scalar};
 use crate::auth::Role;
 use crate::error::ApiError;
 
@@ -24,11 +25,11 @@ pub struct KeyView {
     pub key: Option<String>,
 }
 
-fn view(r: &sqlx::sqlite::SqliteRow) -> Result<KeyView, ApiError> {
+fn view(r: &Row) -> Result<KeyView, ApiError> {
     Ok(KeyView {
         id: r.try_get("id")?,
         name: r.try_get("name")?,
-        role: Role::parse(r.try_get("role")?).ok_or_else(|| ApiError::internal("bad role"))?,
+        role: Role::parse(r.str("role")?).ok_or_else(|| ApiError::internal("bad role"))?,
         hint: r.try_get("hint")?,
         created_by: r.try_get("created_by")?,
         created_at: r.try_get("created_at")?,
@@ -49,7 +50,7 @@ pub async fn check(
     hash: &[u8],
     now: i64,
 ) -> Result<Option<(i64, String, Role)>, ApiError> {
-    let Some(r) = sqlx::query(
+    let Some(r) = query(
         "SELECT id, name, role FROM api_keys WHERE key_hash = ? AND revoked = 0 AND expires_at > ?",
     )
     .bind(hash)
@@ -60,15 +61,13 @@ pub async fn check(
         return Ok(None);
     };
     let id: i64 = r.try_get("id")?;
-    sqlx::query(
-        "UPDATE api_keys SET last_used_at = ? WHERE id = ? AND COALESCE(last_used_at, 0) < ?",
-    )
-    .bind(now)
-    .bind(id)
-    .bind(now - 60)
-    .execute(&mut *conn)
-    .await?;
-    let role = Role::parse(r.try_get("role")?).ok_or_else(|| ApiError::internal("bad role"))?;
+    query("UPDATE api_keys SET last_used_at = ? WHERE id = ? AND COALESCE(last_used_at, 0) < ?")
+        .bind(now)
+        .bind(id)
+        .bind(now - 60)
+        .execute(&mut *conn)
+        .await?;
+    let role = Role::parse(r.str("role")?).ok_or_else(|| ApiError::internal("bad role"))?;
     Ok(Some((id, r.try_get("name")?, role)))
 }
 
@@ -82,14 +81,14 @@ pub async fn page(
     let Some(column) = SORT_KEYS.iter().find(|k| **k == column) else {
         return Err(ApiError::internal(format!("sort column {column}")));
     };
-    let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_keys")
+    let total: i64 = query_scalar("SELECT COUNT(*) FROM api_keys")
         .fetch_one(&mut *conn)
         .await?;
     let sql = format!(
         "SELECT * FROM api_keys ORDER BY {column} {}, id LIMIT ? OFFSET ?",
         if desc { "DESC" } else { "ASC" }
     );
-    let items = sqlx::query(&sql)
+    let items = query(&sql)
         .bind(limit)
         .bind(offset)
         .fetch_all(&mut *conn)
@@ -102,7 +101,7 @@ pub async fn page(
 
 /// Key `id`, if there is one.
 pub async fn get(conn: &mut Conn, id: i64) -> Result<Option<KeyView>, ApiError> {
-    sqlx::query("SELECT * FROM api_keys WHERE id = ?")
+    query("SELECT * FROM api_keys WHERE id = ?")
         .bind(id)
         .fetch_optional(&mut *conn)
         .await?
@@ -119,9 +118,9 @@ pub async fn insert(
     created_by: Option<i64>,
     (now, expires): (i64, i64),
 ) -> Result<i64, sqlx::Error> {
-    let r = sqlx::query(
+    let r = query_scalar::<i64>(
         "INSERT INTO api_keys (name, role, key_hash, hint, created_by, created_at, expires_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
+         VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
     )
     .bind(name)
     .bind(role.as_str())
@@ -130,14 +129,14 @@ pub async fn insert(
     .bind(created_by)
     .bind(now)
     .bind(expires)
-    .execute(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
-    Ok(r.last_insert_rowid())
+    Ok(r)
 }
 
 /// Revokes key `id`; whether there was one.
 pub async fn revoke(conn: &mut Conn, id: i64) -> Result<bool, sqlx::Error> {
-    let r = sqlx::query("UPDATE api_keys SET revoked = 1 WHERE id = ?")
+    let r = query("UPDATE api_keys SET revoked = 1 WHERE id = ?")
         .bind(id)
         .execute(&mut *conn)
         .await?;

@@ -7,9 +7,10 @@ use std::marker::PhantomData;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use sqlx::Row;
 
 use super::Conn;
+#[allow(unused_imports)]
+use super::db::{Row, query, query_as, query_scalar};
 
 /// A stored document and its bookkeeping, as the API shows it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -94,7 +95,7 @@ pub const POLICIES: DocTable<patronus_api::Policy> = DocTable {
     _t: PhantomData,
 };
 
-type Query<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+type Query<'q> = super::db::Query<'q>;
 
 fn bind_col(q: Query<'_>, c: Col) -> Query<'_> {
     match c {
@@ -104,7 +105,7 @@ fn bind_col(q: Query<'_>, c: Col) -> Query<'_> {
 }
 
 impl<T: Serialize + DeserializeOwned + 'static> DocTable<T> {
-    fn read(&self, r: &sqlx::sqlite::SqliteRow) -> Result<Doc<T>, sqlx::Error> {
+    fn read(&self, r: &Row) -> Result<Doc<T>, sqlx::Error> {
         let spec: String = r.try_get("spec")?;
         let spec = serde_json::from_str(&spec).map_err(|e| sqlx::Error::ColumnDecode {
             index: format!("{}.spec", self.table),
@@ -122,7 +123,7 @@ impl<T: Serialize + DeserializeOwned + 'static> DocTable<T> {
 
     /// Every document, in the table's order.
     pub async fn all(&self, conn: &mut Conn) -> Result<Vec<Doc<T>>, sqlx::Error> {
-        sqlx::query(&format!(
+        query(&format!(
             "SELECT * FROM {} ORDER BY {}",
             self.table, self.order
         ))
@@ -135,7 +136,7 @@ impl<T: Serialize + DeserializeOwned + 'static> DocTable<T> {
 
     /// Document `id`, if there is one.
     pub async fn get(&self, conn: &mut Conn, id: i64) -> Result<Option<Doc<T>>, sqlx::Error> {
-        sqlx::query(&format!("SELECT * FROM {} WHERE id = ?", self.table))
+        query(&format!("SELECT * FROM {} WHERE id = ?", self.table))
             .bind(id)
             .fetch_optional(&mut *conn)
             .await?
@@ -147,18 +148,23 @@ impl<T: Serialize + DeserializeOwned + 'static> DocTable<T> {
     pub async fn insert(&self, conn: &mut Conn, spec: &T, now: i64) -> Result<i64, WriteError> {
         let names: Vec<&str> = self.columns.iter().map(|(n, _)| *n).collect();
         let sql = format!(
-            "INSERT INTO {} ({}, spec, created_at, updated_at) VALUES ({}?, ?, ?)",
+            "INSERT INTO {} ({}, spec, created_at, updated_at) VALUES ({}?, ?, ?) RETURNING id",
             self.table,
             names.join(", "),
             "?, ".repeat(names.len()),
         );
         let json = serde_json::to_string(spec).map_err(WriteError::Encode)?;
-        let mut q = sqlx::query(&sql);
+        let mut q = query(&sql);
         for (_, get) in self.columns {
             q = bind_col(q, get(spec));
         }
-        let r = q.bind(json).bind(now).bind(now).execute(&mut *conn).await?;
-        Ok(r.last_insert_rowid())
+        let id = q
+            .bind(json)
+            .bind(now)
+            .bind(now)
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok(id.try_get("id")?)
     }
 
     /// Replaces document `id`, if it is still at `version`, with `spec` as the next version.
@@ -181,7 +187,7 @@ impl<T: Serialize + DeserializeOwned + 'static> DocTable<T> {
             self.table
         );
         let json = serde_json::to_string(spec).map_err(WriteError::Encode)?;
-        let mut q = sqlx::query(&sql);
+        let mut q = query(&sql);
         for (_, get) in self.columns {
             q = bind_col(q, get(spec));
         }

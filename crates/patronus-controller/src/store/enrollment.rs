@@ -4,6 +4,8 @@
 use patronus_api::Link;
 
 use super::Conn;
+#[allow(unused_imports)]
+use super::db::{Row, query, query_as, query_scalar};
 
 /// Stores a token (its hash) for site `site_id`, valid until `expires_at`.
 pub async fn create_token(
@@ -14,7 +16,7 @@ pub async fn create_token(
     created_by: Option<i64>,
     now: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    query(
         "INSERT INTO enrollment_tokens (site_id, token_hash, expires_at, created_by, created_at)
          VALUES (?, ?, ?, ?, ?)",
     )
@@ -43,7 +45,7 @@ pub async fn spend_token(
     token_hash: &[u8],
     now: i64,
 ) -> Result<Result<i64, Refused>, sqlx::Error> {
-    let site_id: Option<i64> = sqlx::query_scalar(
+    let site_id: Option<i64> = query_scalar(
         "UPDATE enrollment_tokens SET used_at = ?
          WHERE token_hash = ? AND used_at IS NULL AND expires_at > ? RETURNING site_id",
     )
@@ -56,7 +58,7 @@ pub async fn spend_token(
         return Ok(Ok(id));
     }
     let used: Option<Option<i64>> =
-        sqlx::query_scalar("SELECT used_at FROM enrollment_tokens WHERE token_hash = ?")
+        query_scalar("SELECT used_at FROM enrollment_tokens WHERE token_hash = ?")
             .bind(token_hash)
             .fetch_optional(&mut *conn)
             .await?;
@@ -75,7 +77,7 @@ pub async fn set_link(
     now: i64,
 ) -> Result<(), sqlx::Error> {
     let spec = serde_json::to_string(link).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-    sqlx::query("UPDATE links SET spec = ?, version = version + 1, updated_at = ? WHERE id = ?")
+    query("UPDATE links SET spec = ?, version = version + 1, updated_at = ? WHERE id = ?")
         .bind(spec)
         .bind(now)
         .bind(link_id)
@@ -94,7 +96,7 @@ pub async fn enrol(
     secret_hash: &[u8],
     now: i64,
 ) -> Result<i64, sqlx::Error> {
-    let key_rotation: i64 = sqlx::query_scalar(
+    let key_rotation: i64 = query_scalar(
         "UPDATE sites SET public_key = ?, next_public_key = NULL, version = version + 1,
          updated_at = ? WHERE id = ? RETURNING key_rotation",
     )
@@ -103,11 +105,11 @@ pub async fn enrol(
     .bind(site_id)
     .fetch_one(&mut *conn)
     .await?;
-    sqlx::query("UPDATE site_credentials SET revoked = 1 WHERE site_id = ?")
+    query("UPDATE site_credentials SET revoked = 1 WHERE site_id = ?")
         .bind(site_id)
         .execute(&mut *conn)
         .await?;
-    sqlx::query("INSERT INTO site_credentials (site_id, secret_hash, created_at) VALUES (?, ?, ?)")
+    query("INSERT INTO site_credentials (site_id, secret_hash, created_at) VALUES (?, ?, ?)")
         .bind(site_id)
         .bind(secret_hash)
         .bind(now)
@@ -121,7 +123,7 @@ pub async fn site_of_credential(
     conn: &mut Conn,
     secret_hash: &[u8],
 ) -> Result<Option<(i64, String)>, sqlx::Error> {
-    sqlx::query_as(
+    query_as(
         "SELECT s.id, s.name FROM site_credentials c JOIN sites s ON s.id = c.site_id
          WHERE c.secret_hash = ? AND c.revoked = 0",
     )

@@ -3,9 +3,10 @@
 
 use patronus_api::{FailoverReason, PathEventKind, PathState};
 use serde::Serialize;
-use sqlx::Row;
 
 use super::Conn;
+#[allow(unused_imports)]
+use super::db::{Row, query, query_as, query_scalar};
 use crate::error::ApiError;
 
 /// One reported measurement of a path.
@@ -43,7 +44,7 @@ pub struct PathEventView {
 
 /// Whether path `id` has any history (samples or events) kept.
 pub async fn kept(conn: &mut Conn, id: &str) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
+    query_scalar(
         "SELECT EXISTS (SELECT 1 FROM path_samples WHERE path_id = ?1)
              OR EXISTS (SELECT 1 FROM path_events WHERE path_id = ?1)",
     )
@@ -65,7 +66,7 @@ pub async fn samples(
     if let Some(res) = resolution {
         return bucketed(conn, id, (since, until), res, (limit, offset)).await;
     }
-    let total: i64 = sqlx::query_scalar(
+    let total: i64 = query_scalar(
         "SELECT COUNT(*) FROM path_samples WHERE path_id = ? AND at_s >= ? AND at_s < ?",
     )
     .bind(id)
@@ -73,7 +74,7 @@ pub async fn samples(
     .bind(until)
     .fetch_one(&mut *conn)
     .await?;
-    let rows = sqlx::query(
+    let rows = query(
         "SELECT at_s, site_id, state, rtt_ms, jitter_ms, loss_pct FROM path_samples
          WHERE path_id = ? AND at_s >= ? AND at_s < ? ORDER BY id LIMIT ? OFFSET ?",
     )
@@ -91,7 +92,7 @@ pub async fn samples(
                 at: r.try_get("at_s")?,
                 site_id: r.try_get("site_id")?,
                 state: r
-                    .try_get::<&str, _>("state")?
+                    .try_get::<String, _>("state")?
                     .parse()
                     .map_err(ApiError::internal)?,
                 rtt_ms: r.try_get("rtt_ms")?,
@@ -116,17 +117,18 @@ async fn bucketed(
     let grouped = "SELECT (at_s / ?1) * ?1 AS bucket, site_id, COUNT(*) AS n,
                 AVG(rtt_ms) AS rtt, MAX(rtt_ms) AS rtt_max, AVG(jitter_ms) AS jitter,
                 AVG(loss_pct) AS loss,
-                MAX(CASE state WHEN 'down' THEN 2 WHEN 'degraded' THEN 1 ELSE 0 END) AS worst
+                CAST(MAX(CASE state WHEN 'down' THEN 2 WHEN 'degraded' THEN 1 ELSE 0 END) AS BIGINT)
+                  AS worst
          FROM path_samples WHERE path_id = ?2 AND at_s >= ?3 AND at_s < ?4
          GROUP BY bucket, site_id";
-    let total: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM ({grouped})"))
+    let total: i64 = query_scalar(&format!("SELECT COUNT(*) FROM ({grouped}) AS g"))
         .bind(res)
         .bind(id)
         .bind(since)
         .bind(until)
         .fetch_one(&mut *conn)
         .await?;
-    let rows = sqlx::query(&format!(
+    let rows = query(&format!(
         "{grouped} ORDER BY bucket, site_id LIMIT ?5 OFFSET ?6"
     ))
     .bind(res)
@@ -168,7 +170,7 @@ pub async fn events(
 ) -> Result<(Vec<PathEventView>, i64), ApiError> {
     let filter =
         "e.path_id = ?1 AND e.at_ms >= ?2 AND e.at_ms < ?3 AND (?4 IS NULL OR e.kind = ?4)";
-    let total: i64 = sqlx::query_scalar(&format!(
+    let total: i64 = query_scalar(&format!(
         "SELECT COUNT(*) FROM path_events e WHERE {filter}"
     ))
     .bind(id)
@@ -177,7 +179,7 @@ pub async fn events(
     .bind(kind.map(PathEventKind::as_str))
     .fetch_one(&mut *conn)
     .await?;
-    let rows = sqlx::query(&format!(
+    let rows = query(&format!(
         "SELECT e.id, e.site_id, s.name AS site, e.at_ms, e.kind, e.class, e.detail
          FROM path_events e JOIN sites s ON s.id = e.site_id WHERE {filter}
          ORDER BY e.at_ms, e.id LIMIT ?5 OFFSET ?6"
@@ -194,8 +196,7 @@ pub async fn events(
         .iter()
         .map(|r| {
             let detail: patronus_api::PathEvent =
-                serde_json::from_str(r.try_get::<&str, _>("detail")?)
-                    .map_err(ApiError::internal)?;
+                serde_json::from_str(r.str("detail")?).map_err(ApiError::internal)?;
             Ok(PathEventView {
                 id: r.try_get("id")?,
                 site_id: r.try_get("site_id")?,
@@ -240,7 +241,7 @@ pub async fn failovers(
     let filter = " WHERE (? IS NULL OR e.site_id = ?) AND (? IS NULL OR e.reason = ?)
                    AND e.at_ms >= ? AND e.at_ms < ?";
     let count = format!("SELECT COUNT(*) FROM failover_events e{filter}");
-    let total: i64 = sqlx::query_scalar(&count)
+    let total: i64 = query_scalar(&count)
         .bind(site)
         .bind(site)
         .bind(reason.map(FailoverReason::as_str))
@@ -253,7 +254,7 @@ pub async fn failovers(
         "SELECT e.*, s.name AS site FROM failover_events e JOIN sites s ON s.id = e.site_id{filter}
          ORDER BY e.at_ms DESC, e.id DESC LIMIT ? OFFSET ?"
     );
-    let rows = sqlx::query(&sql)
+    let rows = query(&sql)
         .bind(site)
         .bind(site)
         .bind(reason.map(FailoverReason::as_str))
@@ -268,7 +269,7 @@ pub async fn failovers(
         .iter()
         .map(|r| {
             let e: patronus_api::FailoverEvent =
-                serde_json::from_str(r.try_get("detail")?).map_err(ApiError::internal)?;
+                serde_json::from_str(r.str("detail")?).map_err(ApiError::internal)?;
             Ok(FailoverView {
                 id: r.try_get("id")?,
                 site_id: r.try_get("site_id")?,

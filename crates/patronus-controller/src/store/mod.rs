@@ -1,5 +1,7 @@
-//! The controller's store: SQLite (WAL, foreign keys on, `synchronous = FULL`, so a write the API
-//! acknowledged survives the process being killed), with versioned migrations applied at start.
+//! The controller's store, on SQLite (the embedded default: WAL, foreign keys on,
+//! `synchronous = FULL`, so a write the API acknowledged survives the process being killed) or
+//! PostgreSQL (several controllers over one database, and PostgreSQL's own replication), chosen
+//! by the configured [`Database`]; each with its migrations ([`schema`]), applied at start.
 //!
 //! Every write that the API acknowledges is one transaction that also appends its audit record.
 //!
@@ -10,33 +12,36 @@
 //! log. Handlers and `compile` call these functions with a [`Conn`] (a pooled connection, a
 //! [`Tx`] or a [`Store::snapshot`]); a test in the crate's root fails on SQL anywhere else.
 //!
-//! # Two backends (issue 14; PostgreSQL not built yet)
+//! # Two backends, one set of statements
 //!
-//! The plan for PostgreSQL beside SQLite, decided while moving the statements here: native
-//! sqlx drivers behind one enum (`Conn` and `Tx` become enums over SQLite and PostgreSQL
-//! connections), each statement written once with PostgreSQL's `$1` placeholders and run on
-//! SQLite as `?1` (SQLite numbers `?NNN` parameters explicitly; its `$1` would be a *named*
-//! parameter numbered by first appearance), each function's body expanded for both drivers by a
-//! macro so that rows are decoded by concrete types, and one set of migrations per backend
-//! (types and auto-increment differ). Not sqlx's `Any` driver: it decodes only the types both
-//! sides share (no `Json`, transact-rs/sqlx#3997, whose fix was closed unmerged), sets no
-//! SQLite pragmas, and gives no access to PostgreSQL's `LISTEN`/`NOTIFY` or advisory locks,
-//! which several controllers need. Not a trait with one implementation per backend (atuin's
-//! `atuin-server-database`): with a hundred statements that is every statement written twice,
-//! and the two copies drift. The statements are already kept portable where it costs nothing:
-//! `ON CONFLICT DO NOTHING` rather than `INSERT OR IGNORE`, qualified columns in upserts,
-//! integers for times, JSON as text.
+//! Each statement is written once and runs on both ([`db`]): `?` parameters, numbered for
+//! PostgreSQL when it runs; values bound from a closed set of types; rows decoded by the native
+//! driver. What differs between the two is kept out of the statements where it costs nothing
+//! (`RETURNING id` rather than SQLite's last row id, `ON CONFLICT DO NOTHING` rather than
+//! `INSERT OR IGNORE`, `lower(email)` rather than `COLLATE NOCASE`, `CAST(... AS BIGINT)` where
+//! PostgreSQL would make a narrower integer, a float sum rather than SQLite's `TOTAL`, integers
+//! for times and flags, JSON as text), and the rest is in the schema of each backend.
+//!
+//! Why not sqlx's `Any` driver: it decodes only the types both sides share (no `Json`,
+//! transact-rs/sqlx#3997, whose fix was closed unmerged), sets no SQLite pragmas, and gives no
+//! access to PostgreSQL's advisory locks or `LISTEN`/`NOTIFY`, which several controllers need.
+//! Why not one implementation of a store trait per backend (atuin's `atuin-server-database`):
+//! with a hundred statements that is every statement written twice, and the two copies drift.
+//! The whole API test suite runs on both (`tests/api` and `tests/api_postgres.rs`).
 
 use std::path::Path;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteRow, SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{Postgres, Sqlite, Transaction};
 use tokio::sync::{Notify, watch};
+
+pub mod db;
+pub mod schema;
 
 pub mod api_keys;
 pub mod docs;
@@ -49,13 +54,14 @@ pub mod topology;
 pub mod users;
 pub mod webhooks;
 
-/// A connection to the store's database: what the store's functions run their statements on
-/// (a pooled connection or a transaction, [`Tx`], dereference to it).
-pub type Conn = SqliteConnection;
+pub use db::{AsConn, Conn, Raw, Row};
+#[allow(unused_imports)]
+use db::{query, query_as, query_scalar};
+pub use schema::Database;
 
 /// The end of a versioned update (`... WHERE id = ? AND version = ?`): stale if it changed no
 /// row (another writer got there first, or the row is gone).
-fn one_row_changed(r: sqlx::sqlite::SqliteQueryResult) -> Result<(), docs::WriteError> {
+fn one_row_changed(r: db::Done) -> Result<(), docs::WriteError> {
     if r.rows_affected() == 0 {
         return Err(docs::WriteError::Stale);
     }
@@ -70,348 +76,12 @@ fn id_list(ids: &[i64]) -> String {
 
 /// Deletes row `id` of `table` (a constant, never a client's input); nothing if it is gone.
 async fn delete_by_id(conn: &mut Conn, table: &'static str, id: i64) -> Result<(), sqlx::Error> {
-    sqlx::query(&format!("DELETE FROM {table} WHERE id = ?"))
+    query(&format!("DELETE FROM {table} WHERE id = ?"))
         .bind(id)
         .execute(&mut *conn)
         .await
         .map(|_| ())
 }
-
-/// The schema, in order. A migration is never edited once released: a change is a new one.
-const MIGRATIONS: &[(i64, &str, &str)] = &[
-    (
-        1,
-        "users, refresh tokens, audit log",
-        r#"
-CREATE TABLE users (
-    id            INTEGER PRIMARY KEY AUTOINCREMENT,
-    email         TEXT    NOT NULL UNIQUE COLLATE NOCASE,
-    name          TEXT    NOT NULL DEFAULT '',
-    role          TEXT    NOT NULL CHECK (role IN ('admin', 'operator', 'viewer')),
-    password_hash TEXT    NOT NULL,
-    disabled      INTEGER NOT NULL DEFAULT 0,
-    version       INTEGER NOT NULL DEFAULT 1,
-    created_at    INTEGER NOT NULL,
-    updated_at    INTEGER NOT NULL
-);
-CREATE TABLE refresh_tokens (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    user_id     INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
-    family      TEXT    NOT NULL,
-    token_hash  BLOB    NOT NULL UNIQUE,
-    expires_at  INTEGER NOT NULL,
-    rotated     INTEGER NOT NULL DEFAULT 0,
-    revoked     INTEGER NOT NULL DEFAULT 0,
-    created_at  INTEGER NOT NULL
-);
-CREATE INDEX refresh_tokens_family ON refresh_tokens(family);
-CREATE INDEX refresh_tokens_user ON refresh_tokens(user_id);
-CREATE TABLE audit_log (
-    id        INTEGER PRIMARY KEY AUTOINCREMENT,
-    at_ms     INTEGER NOT NULL,
-    actor_id  INTEGER,
-    actor     TEXT    NOT NULL,
-    action    TEXT    NOT NULL,
-    target    TEXT    NOT NULL,
-    details   TEXT    NOT NULL DEFAULT '{}',
-    source    TEXT    NOT NULL DEFAULT ''
-);
-CREATE INDEX audit_log_at ON audit_log(at_ms);
-"#,
-    ),
-    (
-        2,
-        "sites and their WAN links",
-        r#"
-CREATE TABLE sites (
-    id           INTEGER PRIMARY KEY AUTOINCREMENT,
-    name         TEXT    NOT NULL UNIQUE,
-    description  TEXT    NOT NULL DEFAULT '',
-    location     TEXT    NOT NULL DEFAULT '',
-    latitude     REAL,
-    longitude    REAL,
-    lan_prefixes TEXT    NOT NULL DEFAULT '[]',
-    status       TEXT    NOT NULL DEFAULT 'active'
-                         CHECK (status IN ('planned', 'active', 'disabled')),
-    version      INTEGER NOT NULL DEFAULT 1,
-    created_at   INTEGER NOT NULL,
-    updated_at   INTEGER NOT NULL
-);
-CREATE TABLE links (
-    id         INTEGER PRIMARY KEY AUTOINCREMENT,
-    site_id    INTEGER NOT NULL REFERENCES sites(id) ON DELETE CASCADE,
-    name       TEXT    NOT NULL,
-    -- The patronus_api::Link the edges receive, as JSON.
-    spec       TEXT    NOT NULL,
-    version    INTEGER NOT NULL DEFAULT 1,
-    created_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL,
-    UNIQUE (site_id, name)
-);
-"#,
-    ),
-    (
-        3,
-        "topology and overlay address plan",
-        r#"
-CREATE TABLE topology (
-    id             INTEGER PRIMARY KEY CHECK (id = 1),
-    mode           TEXT    NOT NULL CHECK (mode IN ('full-mesh', 'hub-spoke')),
-    overlay_prefix TEXT    NOT NULL,
-    version        INTEGER NOT NULL DEFAULT 1,
-    updated_at     INTEGER NOT NULL
-);
-INSERT INTO topology (id, mode, overlay_prefix, updated_at) VALUES (1, 'full-mesh', '10.255.0.0/16', 0);
-CREATE TABLE hubs (
-    site_id INTEGER PRIMARY KEY REFERENCES sites(id) ON DELETE CASCADE
-);
--- Host number within the overlay prefix (1 = its first address).
-CREATE TABLE overlay_addresses (
-    site_id INTEGER PRIMARY KEY REFERENCES sites(id) ON DELETE CASCADE,
-    host    INTEGER NOT NULL UNIQUE
-);
-"#,
-    ),
-    (
-        4,
-        "SLA classes (the four built-ins seeded), policies, settings",
-        r#"
-CREATE TABLE sla_classes (
-    id         INTEGER PRIMARY KEY AUTOINCREMENT,
-    name       TEXT    NOT NULL UNIQUE,
-    -- The patronus_api::SlaClass the edges receive, as JSON.
-    spec       TEXT    NOT NULL,
-    builtin    INTEGER NOT NULL DEFAULT 0,
-    version    INTEGER NOT NULL DEFAULT 1,
-    created_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL
-);
-CREATE TABLE policies (
-    id         INTEGER PRIMARY KEY AUTOINCREMENT,
-    name       TEXT    NOT NULL UNIQUE,
-    ord        INTEGER NOT NULL UNIQUE,
-    -- The patronus_api::Policy the edges receive, as JSON.
-    spec       TEXT    NOT NULL,
-    version    INTEGER NOT NULL DEFAULT 1,
-    created_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL
-);
-CREATE TABLE settings (
-    key        TEXT    PRIMARY KEY,
-    value      TEXT    NOT NULL,
-    version    INTEGER NOT NULL DEFAULT 1,
-    updated_at INTEGER NOT NULL
-);
-"#,
-    ),
-    (
-        5,
-        "API keys",
-        r#"
-CREATE TABLE api_keys (
-    id           INTEGER PRIMARY KEY AUTOINCREMENT,
-    name         TEXT    NOT NULL,
-    role         TEXT    NOT NULL CHECK (role IN ('admin', 'operator', 'viewer')),
-    key_hash     BLOB    NOT NULL UNIQUE,
-    hint         TEXT    NOT NULL,
-    created_by   INTEGER REFERENCES users(id) ON DELETE SET NULL,
-    created_at   INTEGER NOT NULL,
-    expires_at   INTEGER NOT NULL,
-    last_used_at INTEGER,
-    revoked      INTEGER NOT NULL DEFAULT 0
-);
-"#,
-    ),
-    (
-        6,
-        "a site's WireGuard public key, set when its edge enrols",
-        r#"
-ALTER TABLE sites ADD COLUMN public_key TEXT;
-"#,
-    ),
-    (
-        7,
-        "enrolment tokens and site credentials",
-        r#"
-CREATE TABLE enrollment_tokens (
-    id         INTEGER PRIMARY KEY AUTOINCREMENT,
-    site_id    INTEGER NOT NULL REFERENCES sites(id) ON DELETE CASCADE,
-    token_hash BLOB    NOT NULL UNIQUE,
-    expires_at INTEGER NOT NULL,
-    used_at    INTEGER,
-    created_by INTEGER REFERENCES users(id) ON DELETE SET NULL,
-    created_at INTEGER NOT NULL
-);
-CREATE TABLE site_credentials (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    site_id     INTEGER NOT NULL REFERENCES sites(id) ON DELETE CASCADE,
-    secret_hash BLOB    NOT NULL UNIQUE,
-    created_at  INTEGER NOT NULL,
-    revoked     INTEGER NOT NULL DEFAULT 0
-);
-"#,
-    ),
-    (
-        8,
-        "path measurements reported by the edges",
-        r#"
-CREATE TABLE path_samples (
-    id        INTEGER PRIMARY KEY AUTOINCREMENT,
-    path_id   TEXT    NOT NULL,
-    site_id   INTEGER NOT NULL REFERENCES sites(id) ON DELETE CASCADE,
-    at_s      INTEGER NOT NULL,
-    state     TEXT    NOT NULL,
-    rtt_ms    REAL,
-    jitter_ms REAL    NOT NULL,
-    loss_pct  REAL    NOT NULL
-);
-CREATE INDEX path_samples_path_at ON path_samples(path_id, at_s);
-"#,
-    ),
-    (
-        9,
-        "failover events reported by the edges",
-        r#"
-CREATE TABLE failover_events (
-    id        INTEGER PRIMARY KEY AUTOINCREMENT,
-    site_id   INTEGER NOT NULL REFERENCES sites(id) ON DELETE CASCADE,
-    seq       INTEGER NOT NULL,
-    at_ms     INTEGER NOT NULL,
-    peer      TEXT    NOT NULL,
-    from_path TEXT,
-    to_path   TEXT,
-    detail    TEXT    NOT NULL,
-    reason    TEXT    NOT NULL,
-    flows     INTEGER NOT NULL,
-    UNIQUE (site_id, seq, at_ms)
-);
-CREATE INDEX failover_events_at ON failover_events(at_ms);
-"#,
-    ),
-    (
-        10,
-        "webhooks and their deliveries",
-        r#"
-CREATE TABLE webhooks (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    url         TEXT    NOT NULL,
-    events      TEXT    NOT NULL,
-    description TEXT    NOT NULL DEFAULT '',
-    secret      TEXT    NOT NULL,
-    enabled     INTEGER NOT NULL DEFAULT 1,
-    version     INTEGER NOT NULL DEFAULT 1,
-    created_at  INTEGER NOT NULL,
-    updated_at  INTEGER NOT NULL
-);
-CREATE TABLE webhook_deliveries (
-    id              INTEGER PRIMARY KEY AUTOINCREMENT,
-    webhook_id      INTEGER NOT NULL REFERENCES webhooks(id) ON DELETE CASCADE,
-    event_id        TEXT    NOT NULL,
-    event           TEXT    NOT NULL,
-    payload         TEXT    NOT NULL,
-    status          TEXT    NOT NULL CHECK (status IN ('pending', 'delivered', 'failed')),
-    attempts        INTEGER NOT NULL DEFAULT 0,
-    next_attempt_ms INTEGER NOT NULL,
-    last_status     INTEGER,
-    last_error      TEXT,
-    created_ms      INTEGER NOT NULL,
-    delivered_ms    INTEGER
-);
-CREATE INDEX webhook_deliveries_due ON webhook_deliveries(status, next_attempt_ms);
-CREATE INDEX webhook_deliveries_hook ON webhook_deliveries(webhook_id, id);
-"#,
-    ),
-    (
-        11,
-        "traffic counters reported by the edges, per path and per SLA class",
-        r#"
-CREATE TABLE traffic_counters (
-    site_id    INTEGER NOT NULL REFERENCES sites(id) ON DELETE CASCADE,
-    key        TEXT    NOT NULL,
-    started_ms INTEGER NOT NULL,
-    tx_packets INTEGER NOT NULL,
-    tx_bytes   INTEGER NOT NULL,
-    rx_packets INTEGER NOT NULL,
-    rx_bytes   INTEGER NOT NULL,
-    PRIMARY KEY (site_id, key)
-);
-CREATE TABLE traffic_samples (
-    id         INTEGER PRIMARY KEY AUTOINCREMENT,
-    site_id    INTEGER NOT NULL REFERENCES sites(id) ON DELETE CASCADE,
-    at_s       INTEGER NOT NULL,
-    path_id    TEXT,
-    class      TEXT,
-    tx_packets INTEGER NOT NULL,
-    tx_bytes   INTEGER NOT NULL,
-    rx_packets INTEGER NOT NULL,
-    rx_bytes   INTEGER NOT NULL,
-    CHECK ((path_id IS NULL) != (class IS NULL))
-);
-CREATE INDEX traffic_samples_at ON traffic_samples(at_s);
-CREATE INDEX traffic_samples_site_at ON traffic_samples(site_id, at_s);
-"#,
-    ),
-    (
-        12,
-        "key rotation: rotations asked for, and the key an edge is rolling to",
-        r#"
-ALTER TABLE sites ADD COLUMN key_rotation INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE sites ADD COLUMN next_public_key TEXT;
-"#,
-    ),
-    (
-        13,
-        "path state changes reported by the edges, at the moment they saw them",
-        r#"
-CREATE TABLE path_events (
-    id      INTEGER PRIMARY KEY AUTOINCREMENT,
-    site_id INTEGER NOT NULL REFERENCES sites(id) ON DELETE CASCADE,
-    seq     INTEGER NOT NULL,
-    at_ms   INTEGER NOT NULL,
-    path_id TEXT,
-    kind    TEXT    NOT NULL,
-    class   TEXT,
-    detail  TEXT    NOT NULL,
-    -- When the controller got it (retention counts from this, not from the edge's clock).
-    received_s INTEGER NOT NULL,
-    UNIQUE (site_id, seq, at_ms)
-);
-CREATE INDEX path_events_path_at ON path_events(path_id, at_ms);
-CREATE INDEX path_events_received ON path_events(received_s);
-"#,
-    ),
-    (
-        14,
-        "the configuration generation, bumped by every write that changes what an edge runs; \
-         the request behind each audit record; audit records by action",
-        r#"
-CREATE TABLE config_generation (
-    id         INTEGER PRIMARY KEY CHECK (id = 1),
-    generation INTEGER NOT NULL
-);
-INSERT INTO config_generation (id, generation) VALUES (1, 0);
-ALTER TABLE audit_log ADD COLUMN request_id TEXT;
-CREATE INDEX audit_log_action ON audit_log(action, id);
-"#,
-    ),
-    (
-        15,
-        "every site's LAN prefixes as indexed address ranges, so that a new prefix is checked \
-         against the others with one look-up instead of by reading every site",
-        r#"
--- lo and hi: the first and last address, 16 bytes big-endian (an IPv4 address in the last 4).
-CREATE TABLE site_prefixes (
-    site_id INTEGER NOT NULL REFERENCES sites(id) ON DELETE CASCADE,
-    family  INTEGER NOT NULL CHECK (family IN (4, 6)),
-    lo      BLOB    NOT NULL,
-    hi      BLOB    NOT NULL,
-    prefix  TEXT    NOT NULL
-);
-CREATE INDEX site_prefixes_lo ON site_prefixes(family, lo);
-CREATE INDEX site_prefixes_site ON site_prefixes(site_id);
-"#,
-    ),
-];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -419,6 +89,11 @@ pub enum StoreError {
     Io { what: String, error: std::io::Error },
     #[error("{what}: {error}")]
     Db { what: String, error: sqlx::Error },
+    #[error(
+        "the database's schema is at version {found}, newer than this binary knows ({known}): \
+         run the release that wrote it, or a newer one"
+    )]
+    TooNew { found: i64, known: i64 },
 }
 
 fn db(what: impl Into<String>) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -503,7 +178,7 @@ pub struct UserRow {
 }
 
 impl UserRow {
-    fn from_row(r: &SqliteRow) -> Result<Self, sqlx::Error> {
+    fn from_row(r: &Row) -> Result<Self, sqlx::Error> {
         Ok(Self {
             id: r.try_get("id")?,
             email: r.try_get("email")?,
@@ -543,9 +218,16 @@ pub enum RefreshOutcome {
     Reused { user_id: i64 },
 }
 
+/// The pool of connections to one of the two backends.
+#[derive(Debug, Clone)]
+enum Pool {
+    Sqlite(SqlitePool),
+    Pg(PgPool),
+}
+
 #[derive(Debug, Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: Pool,
     /// The configuration generation last committed: edges waiting for a new configuration
     /// watch it.
     generation: watch::Sender<i64>,
@@ -553,45 +235,137 @@ pub struct Store {
     webhook_wake: std::sync::Arc<Notify>,
 }
 
-/// A write transaction. It holds SQLite's write lock from its first statement (`BEGIN
-/// IMMEDIATE`), so what it reads cannot change under it before it commits: an update reads the
-/// current row inside its own transaction and cannot lose a race to another writer.
+/// A transaction on either backend.
+#[derive(Debug)]
+enum TxInner {
+    Sqlite(Transaction<'static, Sqlite>),
+    Pg(Transaction<'static, Postgres>),
+}
+
+impl AsConn for TxInner {
+    fn raw(&mut self) -> Raw<'_> {
+        match self {
+            TxInner::Sqlite(t) => Raw::Sqlite(t),
+            TxInner::Pg(t) => Raw::Pg(t),
+        }
+    }
+}
+
+impl TxInner {
+    async fn commit(self) -> Result<(), sqlx::Error> {
+        match self {
+            TxInner::Sqlite(t) => t.commit().await,
+            TxInner::Pg(t) => t.commit().await,
+        }
+    }
+}
+
+/// A write transaction. Writers take turns, on both backends: on SQLite it holds the write
+/// lock from its first statement (`BEGIN IMMEDIATE`); on PostgreSQL its first statement takes
+/// a transaction-scoped advisory lock that every writer of every controller takes
+/// (`pg_advisory_xact_lock`), and each statement then sees everything committed before it.
+/// So what a transaction reads cannot change under it before it commits: an update reads the
+/// current row inside its own transaction and cannot lose a race to another writer, and the
+/// checks across rows (overlapping prefixes, overlay addresses) hold with several controllers.
 ///
 /// A write that changes what some edge runs says so with [`Tx::config_changed`], inside the
 /// transaction: the configuration generation is bumped with the change itself, and waiting
-/// edges are woken when (and only if) it commits. It dereferences to the connection, so
+/// edges are woken when (and only if) it commits. It dereferences to a [`Conn`], so
 /// statements run on `&mut *tx`.
 #[derive(Debug)]
 pub struct Tx {
-    tx: Transaction<'static, Sqlite>,
+    tx: TxInner,
     generation: Option<i64>,
     deliveries_queued: bool,
     store: Store,
 }
 
-impl std::ops::Deref for Tx {
-    type Target = SqliteConnection;
+impl AsConn for Tx {
+    fn raw(&mut self) -> Raw<'_> {
+        self.tx.raw()
+    }
+}
 
-    fn deref(&self) -> &SqliteConnection {
-        &self.tx
+impl std::ops::Deref for Tx {
+    type Target = Conn;
+
+    fn deref(&self) -> &Conn {
+        self
     }
 }
 
 impl std::ops::DerefMut for Tx {
-    fn deref_mut(&mut self) -> &mut SqliteConnection {
-        &mut self.tx
+    fn deref_mut(&mut self) -> &mut Conn {
+        self
     }
 }
+
+/// A read transaction: every statement on it sees the same snapshot of the database.
+#[derive(Debug)]
+pub struct Snapshot(TxInner);
+
+impl AsConn for Snapshot {
+    fn raw(&mut self) -> Raw<'_> {
+        self.0.raw()
+    }
+}
+
+impl std::ops::Deref for Snapshot {
+    type Target = Conn;
+
+    fn deref(&self) -> &Conn {
+        self
+    }
+}
+
+impl std::ops::DerefMut for Snapshot {
+    fn deref_mut(&mut self) -> &mut Conn {
+        self
+    }
+}
+
+/// A connection from the pool.
+#[derive(Debug)]
+pub enum Pooled {
+    Sqlite(sqlx::pool::PoolConnection<Sqlite>),
+    Pg(sqlx::pool::PoolConnection<Postgres>),
+}
+
+impl AsConn for Pooled {
+    fn raw(&mut self) -> Raw<'_> {
+        match self {
+            Pooled::Sqlite(c) => Raw::Sqlite(c),
+            Pooled::Pg(c) => Raw::Pg(c),
+        }
+    }
+}
+
+impl std::ops::Deref for Pooled {
+    type Target = Conn;
+
+    fn deref(&self) -> &Conn {
+        self
+    }
+}
+
+impl std::ops::DerefMut for Pooled {
+    fn deref_mut(&mut self) -> &mut Conn {
+        self
+    }
+}
+
+/// The advisory lock every write transaction takes on PostgreSQL ("PTRS").
+const WRITE_LOCK: i64 = 0x5054_5253;
 
 impl Tx {
     /// This transaction changes what some edge runs: the configuration generation is bumped in
     /// it. Returns the new generation.
     pub async fn config_changed(&mut self) -> Result<i64, sqlx::Error> {
-        let g: i64 = sqlx::query_scalar(
+        let g: i64 = query_scalar(
             "UPDATE config_generation SET generation = generation + 1 WHERE id = 1
              RETURNING generation",
         )
-        .fetch_one(&mut *self.tx)
+        .fetch_one(&mut *self)
         .await?;
         self.generation = Some(g);
         Ok(g)
@@ -622,6 +396,17 @@ impl Tx {
 }
 
 impl Store {
+    /// Opens `database` and brings its schema up to this binary's. An SQLite file is created
+    /// on first start (its directory 0700, the file 0600). A database that cannot be reached,
+    /// or whose schema is newer than this binary knows, is an error that says so; nothing is
+    /// served half-way.
+    pub async fn connect(database: &Database) -> Result<Self, StoreError> {
+        match database {
+            Database::Sqlite(path) => Self::open(path).await,
+            Database::Postgres(url) => Self::open_postgres(url).await,
+        }
+    }
+
     /// Opens (creating on first start: the directory 0700, the file 0600) and migrates.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -641,42 +426,87 @@ impl Store {
             .connect_with(opts)
             .await
             .map_err(db(format!("opening {}", path.display())))?;
+        Self::start(Pool::Sqlite(pool)).await
+    }
+
+    /// Connects to the PostgreSQL database at `url` and migrates it.
+    async fn open_postgres(url: &str) -> Result<Self, StoreError> {
+        let shown = Database::Postgres(url.to_owned()).display();
+        let opts: PgConnectOptions = url.parse().map_err(db(format!("parsing {shown}")))?;
+        let opts = opts.application_name("patronus-controller");
+        // One connection first, on its own: a pool that cannot connect reports only that it
+        // timed out, this says why (refused, no such database, authentication failed, ...).
+        sqlx::ConnectOptions::connect(&opts)
+            .await
+            .map_err(db(format!("connecting to {shown}")))
+            .map(sqlx::Connection::close)?
+            .await
+            .map_err(db(format!("connecting to {shown}")))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(opts)
+            .await
+            .map_err(db(format!("connecting to {shown}")))?;
+        Self::start(Pool::Pg(pool)).await
+    }
+
+    async fn start(pool: Pool) -> Result<Self, StoreError> {
         let mut store = Self {
             pool,
             generation: watch::channel(0).0,
             webhook_wake: std::sync::Arc::new(Notify::new()),
         };
         store.migrate().await?;
-        let g: i64 = sqlx::query_scalar("SELECT generation FROM config_generation WHERE id = 1")
-            .fetch_one(&store.pool)
+        let g: i64 = query_scalar("SELECT generation FROM config_generation WHERE id = 1")
+            .fetch_one(&mut *store.conn().await.map_err(db("connecting"))?)
             .await
             .map_err(db("reading the configuration generation"))?;
         store.generation = watch::channel(g).0;
         Ok(store)
     }
 
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
+    /// Which backend: `sqlite` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        match self.pool {
+            Pool::Sqlite(_) => "sqlite",
+            Pool::Pg(_) => "postgres",
+        }
     }
 
     /// A read transaction: every statement on it sees the same snapshot of the database.
-    pub async fn snapshot(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
-        self.pool.begin().await
+    pub async fn snapshot(&self) -> Result<Snapshot, sqlx::Error> {
+        Ok(Snapshot(match &self.pool {
+            Pool::Sqlite(p) => TxInner::Sqlite(p.begin().await?),
+            Pool::Pg(p) => TxInner::Pg(
+                p.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    .await?,
+            ),
+        }))
     }
 
     /// The pool's connections: (open, idle).
     pub fn connections(&self) -> (usize, usize) {
-        (self.pool.size() as usize, self.pool.num_idle())
+        match &self.pool {
+            Pool::Sqlite(p) => (p.size() as usize, p.num_idle()),
+            Pool::Pg(p) => (p.size() as usize, p.num_idle()),
+        }
     }
 
     /// Closes every connection (SQLite: checkpoints the write-ahead log into the database).
     pub async fn close(&self) {
-        self.pool.close().await;
+        match &self.pool {
+            Pool::Sqlite(p) => p.close().await,
+            Pool::Pg(p) => p.close().await,
+        }
     }
 
     /// A connection from the pool, for reads.
-    pub async fn conn(&self) -> Result<sqlx::pool::PoolConnection<Sqlite>, sqlx::Error> {
-        self.pool.acquire().await
+    pub async fn conn(&self) -> Result<Pooled, sqlx::Error> {
+        Ok(match &self.pool {
+            Pool::Sqlite(p) => Pooled::Sqlite(p.acquire().await?),
+            Pool::Pg(p) => Pooled::Pg(p.acquire().await?),
+        })
     }
 
     /// The configuration generation last committed.
@@ -695,28 +525,50 @@ impl Store {
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::query(
+        let (migrations, latest) = match self.pool {
+            Pool::Sqlite(_) => (schema::SQLITE_MIGRATIONS, schema::SQLITE_MIGRATIONS),
+            Pool::Pg(_) => (schema::PG_MIGRATIONS, schema::PG_MIGRATIONS),
+        };
+        let known = latest.last().map_or(0, |m| m.0);
+        let mut conn = self.conn().await.map_err(db("connecting"))?;
+        query(
             "CREATE TABLE IF NOT EXISTS schema_migrations (
-                version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)",
+                version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
         )
-        .execute(&self.pool)
+        .execute(&mut *conn)
         .await
         .map_err(db("creating schema_migrations"))?;
-        let applied: i64 =
-            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
-                .fetch_one(&self.pool)
-                .await
-                .map_err(db("reading schema_migrations"))?;
-        for (version, name, sql) in MIGRATIONS {
+        drop(conn);
+        let applied = self
+            .schema_version()
+            .await
+            .map_err(db("reading schema_migrations"))?;
+        if applied > known {
+            return Err(StoreError::TooNew {
+                found: applied,
+                known,
+            });
+        }
+        for (version, name, sql) in migrations {
             if *version <= applied {
                 continue;
             }
-            let mut tx = self.pool.begin().await.map_err(db("migration"))?;
-            sqlx::raw_sql(sql)
-                .execute(&mut *tx)
+            let mut tx = self.begin().await.map_err(db("migration"))?;
+            // A second controller starting at the same time waits on the write lock, then
+            // finds the migration applied.
+            let now: i64 = query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+                .fetch_one(&mut *tx)
                 .await
-                .map_err(db(format!("migration {version} ({name})")))?;
-            if *version == 4 {
+                .map_err(db("reading schema_migrations"))?;
+            if now >= *version {
+                continue;
+            }
+            match tx.raw() {
+                Raw::Sqlite(c) => sqlx::raw_sql(sql).execute(c).await.map(|_| ()),
+                Raw::Pg(c) => sqlx::raw_sql(sql).execute(c).await.map(|_| ()),
+            }
+            .map_err(db(format!("migration {version} ({name})")))?;
+            if *version == 4 || (self.backend() == "postgres" && *version == 15) {
                 seed_classes(&mut tx)
                     .await
                     .map_err(db("seeding the built-in SLA classes"))?;
@@ -726,15 +578,13 @@ impl Store {
                     .await
                     .map_err(db("indexing the sites' LAN prefixes"))?;
             }
-            sqlx::query(
-                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
-            )
-            .bind(version)
-            .bind(name)
-            .bind(now_s())
-            .execute(&mut *tx)
-            .await
-            .map_err(db("recording a migration"))?;
+            query("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)")
+                .bind(*version)
+                .bind(*name)
+                .bind(now_s())
+                .execute(&mut *tx)
+                .await
+                .map_err(db("recording a migration"))?;
             tx.commit().await.map_err(db("migration commit"))?;
         }
         Ok(())
@@ -742,24 +592,35 @@ impl Store {
 
     /// The newest schema version applied.
     pub async fn schema_version(&self) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
-            .fetch_one(&self.pool)
+        query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+            .fetch_one(&mut *self.conn().await?)
             .await
     }
 
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
+        query("SELECT 1")
+            .execute(&mut *self.conn().await?)
             .await
             .map(|_| ())
     }
 
-    /// A write transaction, holding SQLite's write lock from its first statement: one that
-    /// reads before it writes then waits its turn (busy timeout) instead of failing with
-    /// "database is locked" when another writer committed meanwhile.
+    /// A write transaction; writers take their turn (see [`Tx`]): one that reads before it
+    /// writes waits (SQLite's busy timeout, PostgreSQL's lock queue) instead of failing when
+    /// another writer committed meanwhile.
     pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
+        let tx = match &self.pool {
+            Pool::Sqlite(p) => TxInner::Sqlite(p.begin_with("BEGIN IMMEDIATE").await?),
+            Pool::Pg(p) => {
+                let mut t = p.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(WRITE_LOCK)
+                    .execute(&mut *t)
+                    .await?;
+                TxInner::Pg(t)
+            }
+        };
         Ok(Tx {
-            tx: self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            tx,
             generation: None,
             deliveries_queued: false,
             store: self.clone(),
@@ -769,19 +630,19 @@ impl Store {
     // ----- users -----
 
     pub async fn user_count(&self) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar("SELECT COUNT(*) FROM users")
-            .fetch_one(&self.pool)
+        query_scalar("SELECT COUNT(*) FROM users")
+            .fetch_one(&mut *self.conn().await?)
             .await
     }
 
     pub async fn user(&self, id: i64) -> Result<Option<UserRow>, sqlx::Error> {
-        user(&mut *self.pool.acquire().await?, id).await
+        user(&mut *self.conn().await?, id).await
     }
 
     pub async fn user_by_email(&self, email: &str) -> Result<Option<UserRow>, sqlx::Error> {
-        sqlx::query("SELECT * FROM users WHERE email = ?")
+        query("SELECT * FROM users WHERE lower(email) = lower(?)")
             .bind(email)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *self.conn().await?)
             .await?
             .map(|r| UserRow::from_row(&r))
             .transpose()
@@ -797,7 +658,9 @@ impl Store {
             filter.push_str(" AND disabled = ?");
         }
         if q.search.is_some() {
-            filter.push_str(" AND (email LIKE ? ESCAPE '\\' OR name LIKE ? ESCAPE '\\')");
+            filter.push_str(
+                " AND (lower(email) LIKE lower(?) ESCAPE '\\' OR lower(name) LIKE lower(?) ESCAPE '\\')",
+            );
         }
         let like = q.search.as_ref().map(|s| {
             format!(
@@ -823,18 +686,18 @@ impl Store {
             }};
         }
         let count = format!("SELECT COUNT(*) FROM users{filter}");
-        let total: i64 = bind_filters!(sqlx::query_scalar(&count))
-            .fetch_one(&self.pool)
+        let total: i64 = bind_filters!(query_scalar(&count))
+            .fetch_one(&mut *self.conn().await?)
             .await?;
         let sql = format!(
             "SELECT * FROM users{filter} ORDER BY {} {}, id LIMIT ? OFFSET ?",
             q.sort.column(),
             if q.descending { "DESC" } else { "ASC" }
         );
-        let rows = bind_filters!(sqlx::query(&sql))
+        let rows = bind_filters!(query(&sql))
             .bind(q.limit)
             .bind(q.offset)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.conn().await?)
             .await?;
         let users = rows
             .iter()
@@ -853,7 +716,7 @@ impl Store {
         target: &str,
         details: serde_json::Value,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        query(
             "INSERT INTO audit_log
              (at_ms, actor_id, actor, action, target, details, source, request_id)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -896,14 +759,14 @@ impl Store {
     ) -> Result<u64, sqlx::Error> {
         const REFUSED: &str = "action IN ('auth.login_failed', 'user.password_failed', 'auth.locked', 'auth.login_refused')";
         let mut tx = self.begin().await?;
-        let old = sqlx::query(&format!(
+        let old = query(&format!(
             "DELETE FROM audit_log WHERE {REFUSED} AND at_ms < ?"
         ))
         .bind(before_ms)
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        let over = sqlx::query(&format!(
+        let over = query(&format!(
             "DELETE FROM audit_log WHERE {REFUSED} AND id < (
                SELECT id FROM audit_log WHERE {REFUSED} ORDER BY id DESC LIMIT 1 OFFSET ?)"
         ))
@@ -930,7 +793,7 @@ impl Store {
                 "SELECT COUNT(*) FROM api_keys WHERE revoked = 0",
             ),
         ] {
-            counts.push((kind, sqlx::query_scalar(sql).fetch_one(&mut *conn).await?));
+            counts.push((kind, query_scalar(sql).fetch_one(&mut *conn).await?));
         }
         Ok(counts)
     }
@@ -968,17 +831,17 @@ impl Store {
             }};
         }
         let count = format!("SELECT COUNT(*) FROM audit_log{filter}");
-        let total: i64 = bind_filters!(sqlx::query_scalar(&count))
-            .fetch_one(&self.pool)
+        let total: i64 = bind_filters!(query_scalar(&count))
+            .fetch_one(&mut *self.conn().await?)
             .await?;
         let sql = format!(
             "SELECT * FROM audit_log{filter} ORDER BY id {} LIMIT ? OFFSET ?",
             if q.oldest_first { "ASC" } else { "DESC" }
         );
-        let rows = bind_filters!(sqlx::query(&sql))
+        let rows = bind_filters!(query(&sql))
             .bind(q.limit)
             .bind(q.offset)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.conn().await?)
             .await?;
         let items = rows
             .iter()
@@ -990,7 +853,7 @@ impl Store {
                     actor: r.try_get("actor")?,
                     action: r.try_get("action")?,
                     target: r.try_get("target")?,
-                    details: serde_json::from_str(r.try_get::<&str, _>("details")?)
+                    details: serde_json::from_str(r.str("details")?)
                         .unwrap_or(serde_json::Value::Null),
                     source: r.try_get("source")?,
                     request_id: r.try_get("request_id")?,
@@ -1009,7 +872,7 @@ impl Store {
         token_hash: &[u8],
         expires_at: i64,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        query(
             "INSERT INTO refresh_tokens (user_id, family, token_hash, expires_at, created_at)
              VALUES (?, ?, ?, ?, ?)",
         )
@@ -1032,7 +895,7 @@ impl Store {
         expires_at: i64,
     ) -> Result<RefreshOutcome, sqlx::Error> {
         let mut tx = self.begin().await?;
-        let row = sqlx::query(
+        let row = query(
             "SELECT user_id, family, expires_at, rotated, revoked FROM refresh_tokens
              WHERE token_hash = ?",
         )
@@ -1045,7 +908,7 @@ impl Store {
         let user_id: i64 = row.try_get("user_id")?;
         let family: String = row.try_get("family")?;
         if row.try_get::<i64, _>("rotated")? != 0 || row.try_get::<i64, _>("revoked")? != 0 {
-            sqlx::query("UPDATE refresh_tokens SET revoked = 1 WHERE family = ?")
+            query("UPDATE refresh_tokens SET revoked = 1 WHERE family = ?")
                 .bind(&family)
                 .execute(&mut *tx)
                 .await?;
@@ -1055,7 +918,7 @@ impl Store {
         if row.try_get::<i64, _>("expires_at")? <= now_s() {
             return Ok(RefreshOutcome::Invalid);
         }
-        sqlx::query("UPDATE refresh_tokens SET rotated = 1 WHERE token_hash = ?")
+        query("UPDATE refresh_tokens SET rotated = 1 WHERE token_hash = ?")
             .bind(old)
             .execute(&mut *tx)
             .await?;
@@ -1067,20 +930,20 @@ impl Store {
     /// Revokes the family of the token whose hash is `hash`, if it belongs to `user_id`.
     /// Returns whether there was one.
     pub async fn revoke_refresh(&self, hash: &[u8], user_id: i64) -> Result<bool, sqlx::Error> {
-        let r = sqlx::query(
+        let r = query(
             "UPDATE refresh_tokens SET revoked = 1 WHERE family IN
                (SELECT family FROM refresh_tokens WHERE token_hash = ? AND user_id = ?)",
         )
         .bind(hash)
         .bind(user_id)
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(r.rows_affected() > 0)
     }
 
     /// Revokes every refresh token of a user (password change, disable, role change).
     pub async fn revoke_all_refresh(tx: &mut Tx, user_id: i64) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE refresh_tokens SET revoked = 1 WHERE user_id = ?")
+        query("UPDATE refresh_tokens SET revoked = 1 WHERE user_id = ?")
             .bind(user_id)
             .execute(&mut **tx)
             .await
@@ -1089,8 +952,8 @@ impl Store {
 }
 
 /// User `id`, read on `conn` (a write transaction's, to update it).
-pub async fn user(conn: &mut SqliteConnection, id: i64) -> Result<Option<UserRow>, sqlx::Error> {
-    sqlx::query("SELECT * FROM users WHERE id = ?")
+pub async fn user(conn: &mut Conn, id: i64) -> Result<Option<UserRow>, sqlx::Error> {
+    query("SELECT * FROM users WHERE id = ?")
         .bind(id)
         .fetch_optional(conn)
         .await?
@@ -1099,10 +962,10 @@ pub async fn user(conn: &mut SqliteConnection, id: i64) -> Result<Option<UserRow
 }
 
 /// The built-in SLA classes, once, with the migration that makes their table.
-async fn seed_classes(tx: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+async fn seed_classes(tx: &mut Conn) -> Result<(), sqlx::Error> {
     let now = now_s();
     for c in patronus_api::SlaClass::builtins() {
-        sqlx::query(
+        query(
             "INSERT INTO sla_classes (name, spec, builtin, created_at, updated_at)
              VALUES (?, ?, 1, ?, ?)",
         )
@@ -1141,7 +1004,7 @@ impl UserSort {
     fn column(self) -> &'static str {
         match self {
             UserSort::Id => "id",
-            UserSort::Email => "email",
+            UserSort::Email => "lower(email)",
             UserSort::Name => "name",
             UserSort::Role => "role",
             UserSort::CreatedAt => "created_at",

@@ -1,15 +1,16 @@
 //! Settings kept as one versioned JSON document each (`settings`): the failover settings.
 
 use patronus_api::FailoverSettings;
-use sqlx::Row;
 
 use super::Conn;
+#[allow(unused_imports)]
+use super::db::{Row, query, query_as, query_scalar};
 use super::docs::WriteError;
 use crate::error::ApiError;
 
 /// The failover settings and their version (0 and the defaults until first changed).
 pub async fn failover(conn: &mut Conn) -> Result<(FailoverSettings, i64), ApiError> {
-    let r = sqlx::query("SELECT value, version FROM settings WHERE key = 'failover'")
+    let r = query("SELECT value, version FROM settings WHERE key = 'failover'")
         .fetch_optional(&mut *conn)
         .await?;
     match r {
@@ -31,7 +32,7 @@ pub async fn set_failover(
     version: i64,
     now: i64,
 ) -> Result<(), WriteError> {
-    let r = sqlx::query(
+    let r = query(
         "INSERT INTO settings (key, value, version, updated_at) VALUES ('failover', ?, 1, ?)
          ON CONFLICT (key) DO UPDATE SET value = excluded.value, version = settings.version + 1,
          updated_at = excluded.updated_at WHERE settings.version = ?",

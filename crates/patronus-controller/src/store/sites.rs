@@ -7,10 +7,10 @@ use std::collections::HashMap;
 use patronus_api::{FieldErrors, Link, Name, Prefix};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
 
 use super::Conn;
+#[allow(unused_imports)]
+use super::db::{Row, query, query_as, query_scalar};
 use super::docs::WriteError;
 use crate::error::ApiError;
 
@@ -188,7 +188,7 @@ impl SiteView {
     }
 }
 
-fn site_from_row(r: &SqliteRow) -> Result<SiteView, ApiError> {
+fn site_from_row(r: &Row) -> Result<SiteView, ApiError> {
     let prefixes: String = r.try_get("lan_prefixes")?;
     let status: String = r.try_get("status")?;
     Ok(SiteView {
@@ -213,7 +213,7 @@ fn site_from_row(r: &SqliteRow) -> Result<SiteView, ApiError> {
     })
 }
 
-pub fn link_from_row(r: &SqliteRow) -> Result<LinkView, ApiError> {
+pub fn link_from_row(r: &Row) -> Result<LinkView, ApiError> {
     let spec: String = r.try_get("spec")?;
     Ok(LinkView {
         id: r.try_get("id")?,
@@ -235,7 +235,7 @@ async fn attach_links(conn: &mut Conn, sites: &mut [SiteView]) -> Result<(), Api
         "SELECT * FROM links WHERE site_id IN ({}) ORDER BY site_id, id",
         super::id_list(&ids)
     );
-    let rows = sqlx::query(&sql).fetch_all(&mut *conn).await?;
+    let rows = query(&sql).fetch_all(&mut *conn).await?;
     let mut by_site: HashMap<i64, Vec<LinkView>> = HashMap::new();
     for r in &rows {
         let l = link_from_row(r)?;
@@ -252,7 +252,7 @@ async fn attach_links(conn: &mut Conn, sites: &mut [SiteView]) -> Result<(), Api
 
 /// Every site with its links, in id order.
 pub async fn load_sites(conn: &mut Conn) -> Result<Vec<SiteView>, ApiError> {
-    let rows = sqlx::query("SELECT * FROM sites ORDER BY id")
+    let rows = query("SELECT * FROM sites ORDER BY id")
         .fetch_all(&mut *conn)
         .await?;
     let mut sites = rows
@@ -287,29 +287,27 @@ async fn set_prefixes(
     site_id: i64,
     prefixes: &[Prefix],
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM site_prefixes WHERE site_id = ?")
+    query("DELETE FROM site_prefixes WHERE site_id = ?")
         .bind(site_id)
         .execute(&mut *conn)
         .await?;
     for p in prefixes {
         let (family, lo, hi) = range_of(p);
-        sqlx::query(
-            "INSERT INTO site_prefixes (site_id, family, lo, hi, prefix) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(site_id)
-        .bind(family)
-        .bind(&lo[..])
-        .bind(&hi[..])
-        .bind(p.to_string())
-        .execute(&mut *conn)
-        .await?;
+        query("INSERT INTO site_prefixes (site_id, family, lo, hi, prefix) VALUES (?, ?, ?, ?, ?)")
+            .bind(site_id)
+            .bind(family)
+            .bind(&lo[..])
+            .bind(&hi[..])
+            .bind(p.to_string())
+            .execute(&mut *conn)
+            .await?;
     }
     Ok(())
 }
 
 /// Indexes every site's LAN prefixes (the migration that made the index fills it with this).
 pub async fn index_all_prefixes(conn: &mut Conn) -> Result<(), sqlx::Error> {
-    let rows: Vec<(i64, String)> = sqlx::query_as("SELECT id, lan_prefixes FROM sites")
+    let rows: Vec<(i64, String)> = query_as("SELECT id, lan_prefixes FROM sites")
         .fetch_all(&mut *conn)
         .await?;
     for (id, json) in rows {
@@ -333,7 +331,7 @@ pub async fn overlapping(
     p: &Prefix,
 ) -> Result<Option<(String, String)>, sqlx::Error> {
     let (family, lo, hi) = range_of(p);
-    let row: Option<(String, String, Vec<u8>)> = sqlx::query_as(
+    let row: Option<(String, String, Vec<u8>)> = query_as(
         "SELECT s.name, p.prefix, p.hi FROM site_prefixes p JOIN sites s ON s.id = p.site_id
          WHERE p.family = ? AND p.lo <= ? AND p.site_id != ? ORDER BY p.lo DESC LIMIT 1",
     )
@@ -354,22 +352,22 @@ pub async fn insert_link(
     link: &Link,
     now: i64,
 ) -> Result<i64, WriteError> {
-    let r = sqlx::query(
-        "INSERT INTO links (site_id, name, spec, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+    let r = query_scalar::<i64>(
+        "INSERT INTO links (site_id, name, spec, created_at, updated_at) VALUES (?, ?, ?, ?, ?) RETURNING id",
     )
     .bind(site_id)
     .bind(link.name.as_str())
     .bind(serde_json::to_string(link).map_err(WriteError::Encode)?)
     .bind(now)
     .bind(now)
-    .execute(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
-    Ok(r.last_insert_rowid())
+    Ok(r)
 }
 
 /// Link `link` of site `site`, if there is one.
 pub async fn get_link(conn: &mut Conn, site: i64, link: i64) -> Result<Option<LinkView>, ApiError> {
-    let row = sqlx::query("SELECT * FROM links WHERE id = ? AND site_id = ?")
+    let row = query("SELECT * FROM links WHERE id = ? AND site_id = ?")
         .bind(link)
         .bind(site)
         .fetch_optional(&mut *conn)
@@ -385,7 +383,7 @@ pub async fn update_link(
     link: &Link,
     now: i64,
 ) -> Result<(), WriteError> {
-    let r = sqlx::query(
+    let r = query(
         "UPDATE links SET name = ?, spec = ?, version = version + 1, updated_at = ?
          WHERE id = ? AND version = ?",
     )
@@ -407,7 +405,7 @@ pub async fn delete_link(conn: &mut Conn, id: i64) -> Result<(), sqlx::Error> {
 /// Asks site `id`'s edge to roll its key (counts one more rotation, as a new version of the
 /// site); the new count, or none if the site has no edge yet (or is gone).
 pub async fn ask_rotation(conn: &mut Conn, id: i64, now: i64) -> Result<Option<i64>, sqlx::Error> {
-    sqlx::query_scalar(
+    query_scalar(
         "UPDATE sites SET key_rotation = key_rotation + 1, version = version + 1, updated_at = ?
          WHERE id = ? AND public_key IS NOT NULL RETURNING key_rotation",
     )
@@ -419,7 +417,7 @@ pub async fn ask_rotation(conn: &mut Conn, id: i64, now: i64) -> Result<Option<i
 
 /// The sites whose edges are rolling their keys (id, name).
 pub async fn rolling(conn: &mut Conn) -> Result<Vec<(i64, String)>, sqlx::Error> {
-    sqlx::query_as("SELECT id, name FROM sites WHERE next_public_key IS NOT NULL")
+    query_as("SELECT id, name FROM sites WHERE next_public_key IS NOT NULL")
         .fetch_all(&mut *conn)
         .await
 }
@@ -429,7 +427,7 @@ pub async fn keys(
     conn: &mut Conn,
     id: i64,
 ) -> Result<(Option<String>, Option<String>), sqlx::Error> {
-    sqlx::query_as("SELECT public_key, next_public_key FROM sites WHERE id = ?")
+    query_as("SELECT public_key, next_public_key FROM sites WHERE id = ?")
         .bind(id)
         .fetch_one(&mut *conn)
         .await
@@ -441,14 +439,12 @@ pub async fn key_owner(
     except: i64,
     key: &str,
 ) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT name FROM sites WHERE id != ? AND (public_key = ? OR next_public_key = ?)",
-    )
-    .bind(except)
-    .bind(key)
-    .bind(key)
-    .fetch_optional(&mut *conn)
-    .await
+    query_scalar("SELECT name FROM sites WHERE id != ? AND (public_key = ? OR next_public_key = ?)")
+        .bind(except)
+        .bind(key)
+        .bind(key)
+        .fetch_optional(&mut *conn)
+        .await
 }
 
 /// Site `id`'s edge announces the key it rolls to.
@@ -458,7 +454,7 @@ pub async fn set_next_key(
     key: &str,
     now: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    query(
         "UPDATE sites SET next_public_key = ?, version = version + 1, updated_at = ? WHERE id = ?",
     )
     .bind(key)
@@ -471,7 +467,7 @@ pub async fn set_next_key(
 
 /// Site `id`'s edge finished its roll: `key` is its key.
 pub async fn commit_key(conn: &mut Conn, id: i64, key: &str, now: i64) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    query(
         "UPDATE sites SET public_key = ?, next_public_key = NULL, version = version + 1,
          updated_at = ? WHERE id = ?",
     )
@@ -486,7 +482,7 @@ pub async fn commit_key(conn: &mut Conn, id: i64, key: &str, now: i64) -> Result
 /// Every active site's id and number of links, in id order: what the paths between them
 /// are counted and paged by, without reading the sites themselves.
 pub async fn active_link_counts(conn: &mut Conn) -> Result<Vec<(i64, i64)>, sqlx::Error> {
-    sqlx::query_as(
+    query_as(
         "SELECT s.id, COUNT(l.id) FROM sites s LEFT JOIN links l ON l.site_id = s.id
          WHERE s.status = 'active' GROUP BY s.id ORDER BY s.id",
     )
@@ -499,7 +495,7 @@ pub async fn load_sites_by_ids(conn: &mut Conn, ids: &[i64]) -> Result<Vec<SiteV
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let rows = sqlx::query(&format!(
+    let rows = query(&format!(
         "SELECT * FROM sites WHERE id IN ({}) ORDER BY id",
         super::id_list(ids)
     ))
@@ -518,7 +514,7 @@ pub async fn link_sites(conn: &mut Conn, links: &[i64]) -> Result<Vec<(i64, i64)
     if links.is_empty() {
         return Ok(Vec::new());
     }
-    sqlx::query_as(&format!(
+    query_as(&format!(
         "SELECT id, site_id FROM links WHERE id IN ({})",
         super::id_list(links)
     ))
@@ -528,7 +524,7 @@ pub async fn link_sites(conn: &mut Conn, links: &[i64]) -> Result<Vec<(i64, i64)
 
 /// Site `id`'s name, if there is such a site.
 pub async fn name_of(conn: &mut Conn, id: i64) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar("SELECT name FROM sites WHERE id = ?")
+    query_scalar("SELECT name FROM sites WHERE id = ?")
         .bind(id)
         .fetch_optional(&mut *conn)
         .await
@@ -578,12 +574,13 @@ pub async fn page(
                 .replace('_', "\\_")
         );
         sql.push_str(
-            " AND (name LIKE ? ESCAPE '\\' OR description LIKE ? ESCAPE '\\' OR location LIKE ? ESCAPE '\\')",
+            " AND (lower(name) LIKE lower(?) ESCAPE '\\' OR lower(description) LIKE lower(?) ESCAPE '\\' \
+               OR lower(location) LIKE lower(?) ESCAPE '\\')",
         );
         binds.extend([like.clone(), like.clone(), like]);
     }
     let count_sql = format!("SELECT COUNT(*) FROM sites{sql}");
-    let mut count = sqlx::query_scalar::<_, i64>(&count_sql);
+    let mut count = query_scalar::<i64>(&count_sql);
     for b in &binds {
         count = count.bind(b);
     }
@@ -592,7 +589,7 @@ pub async fn page(
         "SELECT * FROM sites{sql} ORDER BY {column} {}, id LIMIT ? OFFSET ?",
         if desc { "DESC" } else { "ASC" }
     );
-    let mut query = sqlx::query(&list_sql);
+    let mut query = query(&list_sql);
     for b in &binds {
         query = query.bind(b);
     }
@@ -607,9 +604,9 @@ pub async fn page(
 
 /// Stores a new site (version 1, without its links); its id.
 pub async fn insert(conn: &mut Conn, spec: &SiteSpec, now: i64) -> Result<i64, WriteError> {
-    let r = sqlx::query(
+    let r = query_scalar::<i64>(
         "INSERT INTO sites (name, description, location, latitude, longitude, lan_prefixes,
-         status, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         status, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
     )
     .bind(spec.name.as_str())
     .bind(&spec.description)
@@ -620,9 +617,9 @@ pub async fn insert(conn: &mut Conn, spec: &SiteSpec, now: i64) -> Result<i64, W
     .bind(spec.status.as_str())
     .bind(now)
     .bind(now)
-    .execute(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
-    let id = r.last_insert_rowid();
+    let id = r;
     set_prefixes(conn, id, &spec.lan_prefixes).await?;
     Ok(id)
 }
@@ -635,7 +632,7 @@ pub async fn update(
     spec: &SiteSpec,
     now: i64,
 ) -> Result<(), WriteError> {
-    let r = sqlx::query(
+    let r = query(
         "UPDATE sites SET name = ?, description = ?, location = ?, latitude = ?, longitude = ?,
          lan_prefixes = ?, status = ?, version = version + 1, updated_at = ?
          WHERE id = ? AND version = ?",
@@ -722,7 +719,7 @@ mod tests {
         assert_eq!(over(&mut tx, None, "::/96").await, None);
         assert_eq!(over(&mut tx, Some(a), "10.1.2.0/24").await, None);
 
-        let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(
+        let plan: Vec<(i64, i64, i64, String)> = query_as(
             "EXPLAIN QUERY PLAN SELECT s.name, p.prefix, p.hi FROM site_prefixes p
              JOIN sites s ON s.id = p.site_id
              WHERE p.family = 4 AND p.lo <= x'00' AND p.site_id != 1 ORDER BY p.lo DESC LIMIT 1",
@@ -739,7 +736,7 @@ mod tests {
         assert!(!plan.iter().any(|d| d.starts_with("SCAN")), "{plan:?}");
 
         // Sites from before the index: the migration's fill finds them.
-        sqlx::query("DELETE FROM site_prefixes")
+        query("DELETE FROM site_prefixes")
             .execute(&mut *tx)
             .await
             .unwrap_or_else(|e| panic!("{e}"));

@@ -5,9 +5,10 @@ use std::collections::{BTreeSet, HashMap};
 
 use patronus_api::{FailoverEvent, PathEvent, PathReport};
 use serde::{Deserialize, Serialize};
-use sqlx::Row;
 
 use super::Conn;
+#[allow(unused_imports)]
+use super::db::{Row, query, query_as, query_scalar};
 use crate::error::ApiError;
 
 /// How long reported samples are kept.
@@ -46,7 +47,7 @@ pub async fn link_ids(
          WHERE s.name IN ({})",
         vec!["?"; names.len()].join(",")
     );
-    let mut query = sqlx::query(&sql);
+    let mut query = query(&sql);
     for n in names {
         query = query.bind(*n);
     }
@@ -65,7 +66,7 @@ pub async fn insert_sample(
     now: i64,
     p: &PathReport,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    query(
         "INSERT INTO path_samples (path_id, site_id, at_s, state, rtt_ms, jitter_ms, loss_pct)
          VALUES (?, ?, ?, ?, ?, ?, ?)",
     )
@@ -93,7 +94,7 @@ pub async fn insert_failover(
     e: &FailoverEvent,
     (from, to): (&Option<String>, &Option<String>),
 ) -> Result<bool, sqlx::Error> {
-    let r = sqlx::query(
+    let r = query(
         "INSERT INTO failover_events
          (site_id, seq, at_ms, peer, from_path, to_path, detail, reason, flows)
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
@@ -120,7 +121,7 @@ pub async fn insert_path_event(
     path: &Option<String>,
     now: i64,
 ) -> Result<bool, sqlx::Error> {
-    let r = sqlx::query(
+    let r = query(
         "INSERT INTO path_events
          (site_id, seq, at_ms, path_id, kind, class, detail, received_s)
          VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
@@ -150,7 +151,7 @@ pub async fn prune(conn: &mut Conn, now: i64) -> Result<(), sqlx::Error> {
             (now - FAILOVER_RETENTION_S) * 1000,
         ),
     ] {
-        sqlx::query(&format!(
+        query(&format!(
             "DELETE FROM {table} WHERE id IN
                (SELECT id FROM {table} WHERE {column} < ? ORDER BY id LIMIT 1000)"
         ))
@@ -167,7 +168,7 @@ pub async fn counters(
     conn: &mut Conn,
     site_id: i64,
 ) -> Result<HashMap<String, (i64, Totals)>, sqlx::Error> {
-    let rows = sqlx::query("SELECT * FROM traffic_counters WHERE site_id = ?")
+    let rows = query("SELECT * FROM traffic_counters WHERE site_id = ?")
         .bind(site_id)
         .fetch_all(&mut *conn)
         .await?;
@@ -202,7 +203,7 @@ pub async fn set_counter(
     started_ms: i64,
     cur: &Totals,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    query(
         "INSERT INTO traffic_counters
          (site_id, key, started_ms, tx_packets, tx_bytes, rx_packets, rx_bytes)
          VALUES (?, ?, ?, ?, ?, ?, ?)
@@ -230,7 +231,7 @@ pub async fn insert_traffic(
     (path, class): (Option<&str>, Option<&str>),
     delta: &Totals,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    query(
         "INSERT INTO traffic_samples
          (site_id, at_s, path_id, class, tx_packets, tx_bytes, rx_packets, rx_bytes)
          VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -286,16 +287,19 @@ pub async fn traffic(
     };
     let grouped = format!(
         "SELECT (t.at_s / ?1) * ?1 AS start, t.site_id, s.name AS site, {key} AS k,
-                TOTAL(t.tx_packets) AS tx_packets, TOTAL(t.tx_bytes) AS tx_bytes,
-                TOTAL(t.rx_packets) AS rx_packets, TOTAL(t.rx_bytes) AS rx_bytes
+                {} AS tx_packets, {} AS tx_bytes, {} AS rx_packets, {} AS rx_bytes
          FROM traffic_samples t JOIN sites s ON s.id = t.site_id
          WHERE t.at_s >= ?2 AND t.at_s < ?3 AND {kind}
            AND (?4 IS NULL OR t.site_id = ?4)
            AND (?5 IS NULL OR t.path_id = ?5)
            AND (?6 IS NULL OR t.class = ?6)
-         GROUP BY start, t.site_id, k"
+         GROUP BY start, t.site_id, s.name, k",
+        float_sum("t.tx_packets"),
+        float_sum("t.tx_bytes"),
+        float_sum("t.rx_packets"),
+        float_sum("t.rx_bytes"),
     );
-    let total: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM ({grouped})"))
+    let total: i64 = query_scalar(&format!("SELECT COUNT(*) FROM ({grouped}) AS g"))
         .bind(bucket)
         .bind(from)
         .bind(to)
@@ -304,7 +308,7 @@ pub async fn traffic(
         .bind(class)
         .fetch_one(&mut *conn)
         .await?;
-    let rows = sqlx::query(&format!(
+    let rows = query(&format!(
         "{grouped} ORDER BY start, t.site_id, k LIMIT ?7 OFFSET ?8"
     ))
     .bind(bucket)
@@ -338,9 +342,15 @@ pub async fn traffic(
     Ok((items, total))
 }
 
-/// A `TOTAL()` column as a count: a float sum (SQLite's `SUM` of integers fails on overflow),
+/// The sum of integer column `col` as a float, 0 when there are no rows (SQLite's `TOTAL`,
+/// written so that both backends run it).
+fn float_sum(col: &str) -> String {
+    format!("COALESCE(SUM(CAST({col} AS DOUBLE PRECISION)), 0.0)")
+}
+
+/// A [`float_sum`] column as a count: a float sum (SQLite's `SUM` of integers fails on overflow),
 /// rounded, never negative, saturating at `u64::MAX`.
-fn sum(r: &sqlx::sqlite::SqliteRow, column: &str) -> Result<u64, sqlx::Error> {
+fn sum(r: &Row, column: &str) -> Result<u64, sqlx::Error> {
     let v: f64 = r.try_get(column)?;
     // `as` from f64 saturates (and maps NaN to 0).
     Ok(v.round().max(0.0) as u64)

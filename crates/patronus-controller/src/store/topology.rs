@@ -6,9 +6,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use patronus_api::Prefix;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sqlx::Row;
 
 use super::Conn;
+#[allow(unused_imports)]
+use super::db::{Row, query, query_as, query_scalar};
 use super::docs::WriteError;
 use crate::error::ApiError;
 
@@ -30,11 +31,10 @@ pub struct Topology {
 }
 
 pub async fn load(conn: &mut Conn) -> Result<Topology, ApiError> {
-    let row =
-        sqlx::query("SELECT mode, overlay_prefix, version, updated_at FROM topology WHERE id = 1")
-            .fetch_one(&mut *conn)
-            .await?;
-    let hubs = sqlx::query_scalar::<_, i64>("SELECT site_id FROM hubs")
+    let row = query("SELECT mode, overlay_prefix, version, updated_at FROM topology WHERE id = 1")
+        .fetch_one(&mut *conn)
+        .await?;
+    let hubs = query_scalar::<i64>("SELECT site_id FROM hubs")
         .fetch_all(&mut *conn)
         .await?;
     Ok(Topology {
@@ -52,7 +52,7 @@ pub async fn load(conn: &mut Conn) -> Result<Topology, ApiError> {
 
 /// The overlay prefix, inside a transaction.
 pub async fn overlay_prefix(tx: &mut crate::store::Tx) -> Result<Prefix, ApiError> {
-    let p: String = sqlx::query_scalar("SELECT overlay_prefix FROM topology WHERE id = 1")
+    let p: String = query_scalar("SELECT overlay_prefix FROM topology WHERE id = 1")
         .fetch_one(&mut **tx)
         .await?;
     p.parse().map_err(ApiError::internal)
@@ -87,7 +87,7 @@ pub async fn allocate(tx: &mut crate::store::Tx, site: i64) -> Result<IpAddr, Ap
     let (first, last) = host_range(&prefix);
     // Hosts are unique and start at 1: when the largest equals the count there is no gap, and
     // the next is one more (the common case, without looking for a gap).
-    let host: i64 = sqlx::query_scalar(
+    let host: i64 = query_scalar(
         "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM overlay_addresses WHERE host = ?1) THEN ?1
          WHEN (SELECT MAX(host) FROM overlay_addresses) = (SELECT COUNT(*) FROM overlay_addresses)
          THEN (SELECT MAX(host) FROM overlay_addresses) + 1
@@ -103,7 +103,7 @@ pub async fn allocate(tx: &mut crate::store::Tx, site: i64) -> Result<IpAddr, Ap
             "the overlay prefix {prefix} has no free address; widen it in /api/v1/topology"
         )));
     }
-    sqlx::query("INSERT INTO overlay_addresses (site_id, host) VALUES (?, ?)")
+    query("INSERT INTO overlay_addresses (site_id, host) VALUES (?, ?)")
         .bind(site)
         .bind(host as i64)
         .execute(&mut **tx)
@@ -113,7 +113,7 @@ pub async fn allocate(tx: &mut crate::store::Tx, site: i64) -> Result<IpAddr, Ap
 
 pub async fn addresses(conn: &mut Conn) -> Result<BTreeMap<i64, IpAddr>, ApiError> {
     let prefix = load(&mut *conn).await?.overlay_prefix;
-    let rows = sqlx::query("SELECT site_id, host FROM overlay_addresses")
+    let rows = query("SELECT site_id, host FROM overlay_addresses")
         .fetch_all(&mut *conn)
         .await?;
     rows.iter()
@@ -132,7 +132,7 @@ pub async fn addresses_of(conn: &mut Conn, ids: &[i64]) -> Result<BTreeMap<i64, 
         return Ok(BTreeMap::new());
     }
     let prefix = load(&mut *conn).await?.overlay_prefix;
-    let rows = sqlx::query(&format!(
+    let rows = query(&format!(
         "SELECT site_id, host FROM overlay_addresses WHERE site_id IN ({})",
         super::id_list(ids)
     ))
@@ -150,7 +150,7 @@ pub async fn addresses_of(conn: &mut Conn, ids: &[i64]) -> Result<BTreeMap<i64, 
 
 /// Every site's name, by id.
 pub async fn site_names(conn: &mut Conn) -> Result<BTreeMap<i64, String>, sqlx::Error> {
-    sqlx::query("SELECT id, name FROM sites")
+    query("SELECT id, name FROM sites")
         .fetch_all(&mut *conn)
         .await?
         .iter()
@@ -161,7 +161,7 @@ pub async fn site_names(conn: &mut Conn) -> Result<BTreeMap<i64, String>, sqlx::
 /// Every site's id, name and LAN prefixes, in creation (id) order: what a change of the plan
 /// is checked against.
 pub async fn sites_for_plan(conn: &mut Conn) -> Result<Vec<(i64, String, Vec<Prefix>)>, ApiError> {
-    sqlx::query("SELECT id, name, lan_prefixes FROM sites ORDER BY id")
+    query("SELECT id, name, lan_prefixes FROM sites ORDER BY id")
         .fetch_all(&mut *conn)
         .await?
         .iter()
@@ -178,11 +178,11 @@ pub async fn sites_for_plan(conn: &mut Conn) -> Result<Vec<(i64, String, Vec<Pre
 
 /// Gives the sites these host numbers, and no other site any.
 pub async fn renumber(conn: &mut Conn, hosts: &[(i64, i64)]) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM overlay_addresses")
+    query("DELETE FROM overlay_addresses")
         .execute(&mut *conn)
         .await?;
     for (site, host) in hosts {
-        sqlx::query("INSERT INTO overlay_addresses (site_id, host) VALUES (?, ?)")
+        query("INSERT INTO overlay_addresses (site_id, host) VALUES (?, ?)")
             .bind(site)
             .bind(host)
             .execute(&mut *conn)
@@ -202,7 +202,7 @@ pub async fn update(
     now: i64,
 ) -> Result<(), WriteError> {
     let mode = serde_json::to_value(mode).map_err(WriteError::Encode)?;
-    let r = sqlx::query(
+    let r = query(
         "UPDATE topology SET mode = ?, overlay_prefix = ?, version = version + 1, updated_at = ?
          WHERE id = 1 AND version = ?",
     )
@@ -213,9 +213,9 @@ pub async fn update(
     .execute(&mut *conn)
     .await?;
     super::one_row_changed(r)?;
-    sqlx::query("DELETE FROM hubs").execute(&mut *conn).await?;
+    query("DELETE FROM hubs").execute(&mut *conn).await?;
     for h in hubs {
-        sqlx::query("INSERT INTO hubs (site_id) VALUES (?)")
+        query("INSERT INTO hubs (site_id) VALUES (?)")
             .bind(h)
             .execute(&mut *conn)
             .await?;

@@ -1,6 +1,8 @@
 //! Users: the writes of the user routes (reads and sessions are in the store's root).
 
 use super::Conn;
+#[allow(unused_imports)]
+use super::db::{Row, query, query_as, query_scalar};
 use super::docs::WriteError;
 
 /// Stores a new user (`email`, `name`, `role`) with this password hash; its id.
@@ -10,9 +12,9 @@ pub async fn insert(
     password_hash: &str,
     now: i64,
 ) -> Result<i64, WriteError> {
-    let r = sqlx::query(
+    let r = query_scalar::<i64>(
         "INSERT INTO users (email, name, role, password_hash, created_at, updated_at)
-         VALUES (?, ?, ?, ?, ?, ?)",
+         VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
     )
     .bind(email)
     .bind(name)
@@ -20,19 +22,17 @@ pub async fn insert(
     .bind(password_hash)
     .bind(now)
     .bind(now)
-    .execute(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
-    Ok(r.last_insert_rowid())
+    Ok(r)
 }
 
 /// Enabled admins other than `except`.
 pub async fn other_admins(conn: &mut Conn, except: i64) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT COUNT(*) FROM users WHERE role = 'admin' AND disabled = 0 AND id != ?",
-    )
-    .bind(except)
-    .fetch_one(&mut *conn)
-    .await
+    query_scalar("SELECT COUNT(*) FROM users WHERE role = 'admin' AND disabled = 0 AND id != ?")
+        .bind(except)
+        .fetch_one(&mut *conn)
+        .await
 }
 
 /// Writes user `id`'s email, name, role and whether it is disabled as its next version, if it
@@ -43,7 +43,7 @@ pub async fn update(
     (email, name, role, disabled): (&str, &str, &str, bool),
     now: i64,
 ) -> Result<(), WriteError> {
-    let r = sqlx::query(
+    let r = query(
         "UPDATE users SET email = ?, name = ?, role = ?, disabled = ?, version = version + 1,
          updated_at = ? WHERE id = ? AND version = ?",
     )
@@ -66,15 +66,13 @@ pub async fn set_password(
     password_hash: &str,
     now: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE users SET password_hash = ?, version = version + 1, updated_at = ? WHERE id = ?",
-    )
-    .bind(password_hash)
-    .bind(now)
-    .bind(id)
-    .execute(&mut *conn)
-    .await
-    .map(|_| ())
+    query("UPDATE users SET password_hash = ?, version = version + 1, updated_at = ? WHERE id = ?")
+        .bind(password_hash)
+        .bind(now)
+        .bind(id)
+        .execute(&mut *conn)
+        .await
+        .map(|_| ())
 }
 
 /// Deletes user `id` (their sessions go with them: ON DELETE CASCADE).

@@ -3,9 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sqlx::Row;
 
 use super::Conn;
+#[allow(unused_imports)]
+use super::db::{Row, query, query_as, query_scalar};
 use super::docs::WriteError;
 use crate::error::ApiError;
 use crate::webhooks::EventKind;
@@ -67,13 +68,12 @@ pub struct DeliveryView {
     pub payload: Value,
 }
 
-fn view(r: &sqlx::sqlite::SqliteRow) -> Result<WebhookView, ApiError> {
+fn view(r: &Row) -> Result<WebhookView, ApiError> {
     Ok(WebhookView {
         id: r.try_get("id")?,
         spec: WebhookSpec {
             url: r.try_get("url")?,
-            events: serde_json::from_str(r.try_get::<&str, _>("events")?)
-                .map_err(ApiError::internal)?,
+            events: serde_json::from_str(r.str("events")?).map_err(ApiError::internal)?,
             description: r.try_get("description")?,
             enabled: r.try_get::<i64, _>("enabled")? != 0,
         },
@@ -86,7 +86,7 @@ fn view(r: &sqlx::sqlite::SqliteRow) -> Result<WebhookView, ApiError> {
 
 /// Webhook `id` (without its secret), if there is one.
 pub async fn get(conn: &mut Conn, id: i64) -> Result<Option<WebhookView>, ApiError> {
-    sqlx::query("SELECT * FROM webhooks WHERE id = ?")
+    query("SELECT * FROM webhooks WHERE id = ?")
         .bind(id)
         .fetch_optional(&mut *conn)
         .await?
@@ -100,10 +100,10 @@ pub async fn page(
     conn: &mut Conn,
     (limit, offset): (i64, i64),
 ) -> Result<(Vec<WebhookView>, i64), ApiError> {
-    let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM webhooks")
+    let total: i64 = query_scalar("SELECT COUNT(*) FROM webhooks")
         .fetch_one(&mut *conn)
         .await?;
-    let items = sqlx::query("SELECT * FROM webhooks ORDER BY id LIMIT ? OFFSET ?")
+    let items = query("SELECT * FROM webhooks ORDER BY id LIMIT ? OFFSET ?")
         .bind(limit)
         .bind(offset)
         .fetch_all(&mut *conn)
@@ -125,20 +125,20 @@ pub async fn insert(
     secret: &str,
     now: i64,
 ) -> Result<i64, sqlx::Error> {
-    let r = sqlx::query(
+    let r = query_scalar::<i64>(
         "INSERT INTO webhooks (url, events, description, secret, enabled, created_at, updated_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
+         VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
     )
     .bind(&spec.url)
     .bind(events_json(&spec.events)?)
     .bind(&spec.description)
     .bind(secret)
-    .bind(spec.enabled)
+    .bind(i64::from(spec.enabled))
     .bind(now)
     .bind(now)
-    .execute(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
-    Ok(r.last_insert_rowid())
+    Ok(r)
 }
 
 /// Writes webhook `id` as its next version, if it is still at `version`.
@@ -148,14 +148,14 @@ pub async fn update(
     spec: &WebhookSpec,
     now: i64,
 ) -> Result<(), WriteError> {
-    let r = sqlx::query(
+    let r = query(
         "UPDATE webhooks SET url = ?, events = ?, description = ?, enabled = ?,
          version = version + 1, updated_at = ? WHERE id = ? AND version = ?",
     )
     .bind(&spec.url)
     .bind(events_json(&spec.events)?)
     .bind(&spec.description)
-    .bind(spec.enabled)
+    .bind(i64::from(spec.enabled))
     .bind(now)
     .bind(id)
     .bind(version)
@@ -178,7 +178,7 @@ pub async fn deliveries(
     (limit, offset): (i64, i64),
 ) -> Result<(Vec<DeliveryView>, i64), ApiError> {
     let filter = "webhook_id = ?1 AND (?2 IS NULL OR status = ?2) AND (?3 IS NULL OR event = ?3)";
-    let total: i64 = sqlx::query_scalar(&format!(
+    let total: i64 = query_scalar(&format!(
         "SELECT COUNT(*) FROM webhook_deliveries WHERE {filter}"
     ))
     .bind(id)
@@ -186,7 +186,7 @@ pub async fn deliveries(
     .bind(event)
     .fetch_one(&mut *conn)
     .await?;
-    let rows = sqlx::query(&format!(
+    let rows = query(&format!(
         "SELECT * FROM webhook_deliveries WHERE {filter} ORDER BY id DESC LIMIT ?4 OFFSET ?5"
     ))
     .bind(id)
@@ -214,8 +214,7 @@ pub async fn deliveries(
                 last_error: r.try_get("last_error")?,
                 created_ms: r.try_get("created_ms")?,
                 delivered_ms: r.try_get("delivered_ms")?,
-                payload: serde_json::from_str(r.try_get::<&str, _>("payload")?)
-                    .unwrap_or(Value::Null),
+                payload: serde_json::from_str(r.str("payload")?).unwrap_or(Value::Null),
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
@@ -228,7 +227,7 @@ pub async fn delivery_status(
     id: i64,
     delivery: i64,
 ) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar("SELECT status FROM webhook_deliveries WHERE id = ? AND webhook_id = ?")
+    query_scalar("SELECT status FROM webhook_deliveries WHERE id = ? AND webhook_id = ?")
         .bind(delivery)
         .bind(id)
         .fetch_optional(&mut *conn)
@@ -237,7 +236,7 @@ pub async fn delivery_status(
 
 /// Makes delivery `delivery` pending again, due now, its attempts starting over.
 pub async fn retry(conn: &mut Conn, delivery: i64, now_ms: i64) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    query(
         "UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_attempt_ms = ?
          WHERE id = ?",
     )
@@ -252,13 +251,12 @@ pub async fn retry(conn: &mut Conn, delivery: i64, now_ms: i64) -> Result<(), sq
 
 /// The enabled webhooks and the events each wants (unreadable lists want nothing).
 pub async fn enabled(conn: &mut Conn) -> Result<Vec<(i64, Vec<EventKind>)>, sqlx::Error> {
-    let rows = sqlx::query("SELECT id, events FROM webhooks WHERE enabled = 1")
+    let rows = query("SELECT id, events FROM webhooks WHERE enabled = 1")
         .fetch_all(&mut *conn)
         .await?;
     rows.iter()
         .map(|r| {
-            let wants: Vec<EventKind> =
-                serde_json::from_str(r.try_get::<&str, _>("events")?).unwrap_or_default();
+            let wants: Vec<EventKind> = serde_json::from_str(r.str("events")?).unwrap_or_default();
             Ok((r.try_get("id")?, wants))
         })
         .collect()
@@ -271,7 +269,7 @@ pub async fn queue(
     (event_id, kind, payload): (&str, EventKind, &str),
     now_ms: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    query(
         "INSERT INTO webhook_deliveries
          (webhook_id, event_id, event, payload, status, next_attempt_ms, created_ms)
          VALUES (?, ?, ?, ?, 'pending', ?, ?)",
@@ -289,7 +287,7 @@ pub async fn queue(
 
 /// Forgets finished deliveries created before `before_ms`.
 pub async fn prune(conn: &mut Conn, before_ms: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM webhook_deliveries WHERE status != 'pending' AND created_ms < ?")
+    query("DELETE FROM webhook_deliveries WHERE status != 'pending' AND created_ms < ?")
         .bind(before_ms)
         .execute(&mut *conn)
         .await
@@ -309,7 +307,7 @@ pub struct Due {
 
 /// Up to 64 deliveries due at `now_ms` (of enabled webhooks), the longest due first.
 pub async fn due(conn: &mut Conn, now_ms: i64) -> Result<Vec<Due>, sqlx::Error> {
-    let rows = sqlx::query(
+    let rows = query(
         "SELECT d.id, d.event, d.payload, d.attempts, w.url, w.secret
          FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id
          WHERE d.status = 'pending' AND d.next_attempt_ms <= ? AND w.enabled = 1
@@ -340,7 +338,7 @@ pub async fn claim(
     now_ms: i64,
     until_ms: i64,
 ) -> Result<bool, sqlx::Error> {
-    let r = sqlx::query(
+    let r = query(
         "UPDATE webhook_deliveries SET next_attempt_ms = ?
          WHERE id = ? AND status = 'pending' AND attempts = ? AND next_attempt_ms <= ?",
     )
@@ -355,7 +353,7 @@ pub async fn claim(
 
 /// When the next pending delivery of an enabled webhook is due (unix ms), if any.
 pub async fn next_due(conn: &mut Conn) -> Result<Option<i64>, sqlx::Error> {
-    sqlx::query_scalar(
+    query_scalar(
         "SELECT MIN(d.next_attempt_ms) FROM webhook_deliveries d
          JOIN webhooks w ON w.id = d.webhook_id WHERE d.status = 'pending' AND w.enabled = 1",
     )
@@ -382,7 +380,7 @@ pub async fn record(
     o: &Outcome<'_>,
     now_ms: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    query(
         "UPDATE webhook_deliveries SET status = ?, attempts = ?, next_attempt_ms = ?,
          last_status = ?, last_error = ?,
          delivered_ms = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_ms END

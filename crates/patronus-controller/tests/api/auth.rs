@@ -1,6 +1,6 @@
 //! Login, tokens, roles, rate limits, audit and API keys.
 
-use crate::harness::*;
+use super::harness::*;
 
 #[tokio::test]
 async fn login_refresh_rotation_reuse_and_logout() {
@@ -473,10 +473,10 @@ async fn api_keys_are_shown_once_work_as_bearer_tokens_with_their_role_and_die_w
     let r = a.call(Method::GET, "/api/v1/sites", Some(&key), None).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     // The database holds no key, only its hash.
-    let db = std::fs::read(a.dir.path().join("state/controller.db")).unwrap();
-    let wal = std::fs::read(a.dir.path().join("state/controller.db-wal")).unwrap_or_default();
-    for bytes in [db, wal] {
+    let hex: String = key.bytes().map(|b| format!("{b:02x}")).collect();
+    for bytes in a.stored().await {
         assert!(!bytes.windows(key.len()).any(|w| w == key.as_bytes()));
+        assert!(!bytes.windows(hex.len()).any(|w| w == hex.as_bytes()));
     }
 }
 
@@ -692,13 +692,15 @@ async fn refused_attempts_in_the_audit_log_are_bounded_and_the_rest_is_kept() {
         assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     }
     let count = |action: &'static str| {
-        let pool = a.state.store.pool().clone();
+        let store = a.state.store.clone();
         async move {
-            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM audit_log WHERE action = ?")
-                .bind(action)
-                .fetch_one(&pool)
-                .await
-                .unwrap()
+            patronus_controller::store::db::query_scalar::<i64>(
+                "SELECT COUNT(*) FROM audit_log WHERE action = ?",
+            )
+            .bind(action)
+            .fetch_one(&mut *store.conn().await.unwrap())
+            .await
+            .unwrap()
         }
     };
     assert_eq!(count("auth.login_failed").await, 8);

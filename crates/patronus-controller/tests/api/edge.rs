@@ -1,6 +1,6 @@
 //! Enrolment and the edge's own operations: configuration, long poll, telemetry, key roll.
 
-use crate::harness::*;
+use super::harness::*;
 
 #[tokio::test]
 async fn each_site_gets_its_peers_by_topology_and_a_change_reaches_only_the_configurations_it_concerns()
@@ -194,10 +194,12 @@ async fn an_edge_enrols_once_with_a_token_and_then_acts_as_its_own_site_only() {
         )
         .await;
     let old = r.body["token"].as_str().unwrap().to_owned();
-    sqlx::query("UPDATE enrollment_tokens SET expires_at = 0 WHERE used_at IS NULL")
-        .execute(a.state.store.pool())
-        .await
-        .unwrap();
+    patronus_controller::store::db::query(
+        "UPDATE enrollment_tokens SET expires_at = 0 WHERE used_at IS NULL",
+    )
+    .execute(&mut *a.state.store.conn().await.unwrap())
+    .await
+    .unwrap();
     let r = a
         .call(
             Method::POST,
@@ -871,10 +873,11 @@ async fn only_the_writes_that_change_a_configuration_bump_its_generation() {
     assert_eq!(r.status, StatusCode::OK, "{r:?}");
     assert_eq!(a.state.store.generation(), g + 1);
     // The generation is the store's: a controller opened on the same database starts from it.
-    let stored: i64 = sqlx::query_scalar("SELECT generation FROM config_generation")
-        .fetch_one(a.state.store.pool())
-        .await
-        .unwrap();
+    let stored: i64 =
+        patronus_controller::store::db::query_scalar("SELECT generation FROM config_generation")
+            .fetch_one(&mut *a.state.store.conn().await.unwrap())
+            .await
+            .unwrap();
     assert_eq!(stored, g + 1);
 }
 

@@ -1,5 +1,6 @@
-//! The shared harness: a controller on a real SQLite file in a temporary directory, called through
-//! its router, and helpers that build the objects tests need.
+//! The shared harness: a controller on a real SQLite file in a temporary directory (or a
+//! PostgreSQL database of its own: `api_postgres`), called through its router, and helpers
+//! that build the objects tests need.
 
 pub use std::net::SocketAddr;
 pub use std::os::unix::fs::PermissionsExt;
@@ -15,7 +16,7 @@ pub use patronus_controller::{AppState, router};
 pub use serde_json::{Value, json};
 pub use tower::ServiceExt;
 
-pub(crate) use crate::schema;
+pub(crate) use super::schema;
 
 /// What a webhook receiver got: each request's headers and body.
 pub type Received = std::sync::Arc<std::sync::Mutex<Vec<(HeaderMap, String)>>>;
@@ -41,9 +42,31 @@ impl std::fmt::Debug for Reply {
     }
 }
 
+/// The database a test's controller gets: a file in its temporary directory, or on
+/// PostgreSQL (the suite's `api_postgres` run) a fresh database of its own on the process's
+/// one throwaway server ([`patronus_lab::postgres::shared`]).
+fn database(dir: &std::path::Path) -> patronus_controller::config::Database {
+    use patronus_controller::config::Database;
+    match crate::BACKEND {
+        "postgres" => {
+            static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let pg = patronus_lab::postgres::shared()
+                .unwrap_or_else(|e| panic!("the API suite on PostgreSQL needs a server: {e}"));
+            let name = format!(
+                "api_{}",
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            );
+            pg.create_database(&name).unwrap();
+            Database::Postgres(pg.url(&name))
+        }
+        _ => Database::Sqlite(dir.join("state").join("controller.db")),
+    }
+}
+
 pub async fn api_with(tune: impl FnOnce(&mut Config)) -> Api {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::with_data_dir(dir.path().join("state"));
+    config.database = database(dir.path());
     config.auth_rate_per_minute = 10_000;
     // The tests' webhook receivers listen on loopback.
     config.webhook_allowed_networks = vec!["127.0.0.0/8".parse().unwrap()];
@@ -58,6 +81,29 @@ pub async fn api_with(tune: impl FnOnce(&mut Config)) -> Api {
     let app =
         router(state.clone()).layer(MockConnectInfo(SocketAddr::from(([192, 0, 2, 7], 40000))));
     Api { app, state, dir }
+}
+
+impl Api {
+    /// Everything the database holds, as stored: the SQLite file and its write-ahead log, or
+    /// a data-only `pg_dump` of the test's PostgreSQL database (bytes shown in hex).
+    pub async fn stored(&self) -> Vec<Vec<u8>> {
+        use patronus_controller::config::Database;
+        match &self.state.config.database {
+            Database::Sqlite(path) => {
+                let mut wal = path.clone().into_os_string();
+                wal.push("-wal");
+                vec![
+                    std::fs::read(path).unwrap(),
+                    std::fs::read(wal).unwrap_or_default(),
+                ]
+            }
+            Database::Postgres(url) => {
+                let db = url.rsplit('/').next().unwrap();
+                let pg = patronus_lab::postgres::shared().unwrap();
+                vec![pg.dump(db).unwrap().into_bytes()]
+            }
+        }
+    }
 }
 
 pub async fn api() -> Api {
@@ -247,10 +293,10 @@ pub async fn enrolled(a: &Api, t: &str, id: i64, key_byte: u8) -> String {
 /// Gives site `id` a public key, as its edge's enrolment will.
 pub async fn enrol(a: &Api, id: i64, key_byte: u8) {
     let key = patronus_api::key_to_base64(&[key_byte; 32]);
-    sqlx::query("UPDATE sites SET public_key = ? WHERE id = ?")
+    patronus_controller::store::db::query("UPDATE sites SET public_key = ? WHERE id = ?")
         .bind(key)
         .bind(id)
-        .execute(a.state.store.pool())
+        .execute(&mut *a.state.store.conn().await.unwrap())
         .await
         .unwrap();
 }

@@ -3,8 +3,12 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test with a line number
 
+/// Which backend the suite runs on (`tests/api_postgres.rs` runs it again on PostgreSQL).
+#[allow(dead_code)]
+pub const BACKEND: &str = "sqlite";
+
 mod harness;
-mod schema;
+pub(crate) mod schema;
 
 mod auth;
 mod edge;

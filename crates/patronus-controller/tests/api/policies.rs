@@ -1,6 +1,6 @@
 //! SLA classes, policies and failover settings.
 
-use crate::harness::*;
+use super::harness::*;
 
 #[tokio::test]
 async fn sla_classes_start_with_four_built_ins_that_can_be_edited_not_deleted() {

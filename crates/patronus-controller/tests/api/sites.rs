@@ -1,6 +1,6 @@
 //! `/api/v1/sites` and their links.
 
-use crate::harness::*;
+use super::harness::*;
 
 #[tokio::test]
 async fn sites_with_links_are_created_read_by_viewers_and_written_by_operators() {

@@ -1,6 +1,6 @@
 //! `/api/v1/topology` and the paths it makes.
 
-use crate::harness::*;
+use super::harness::*;
 
 #[tokio::test]
 async fn overlay_addresses_are_allocated_without_collisions_and_renumbered_with_the_prefix() {

@@ -1,6 +1,6 @@
 //! `/api/v1/traffic/stats`.
 
-use crate::harness::*;
+use super::harness::*;
 
 #[tokio::test]
 async fn traffic_stats_add_up_what_edges_sent_per_class_path_and_site_across_restarts() {

@@ -1,6 +1,6 @@
 //! `/api/v1/users`.
 
-use crate::harness::*;
+use super::harness::*;
 
 #[tokio::test]
 async fn users_validate_conflict_paginate_and_update_with_if_match() {

@@ -1,6 +1,6 @@
 //! Webhooks: signed, retried, verified deliveries.
 
-use crate::harness::*;
+use super::harness::*;
 
 #[tokio::test]
 async fn webhooks_get_signed_events_retried_until_delivered_with_their_status_in_the_api() {
@@ -159,13 +159,15 @@ async fn webhooks_get_signed_events_retried_until_delivered_with_their_status_in
     // A report repeated is not news: one path.down, one failover. The deliveries are queued by
     // the transaction that keeps the report, so once it is answered the table is final.
     let queued = |kind: &'static str| {
-        let pool = a.state.store.pool().clone();
+        let store = a.state.store.clone();
         async move {
-            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM webhook_deliveries WHERE event = ?")
-                .bind(kind)
-                .fetch_one(&pool)
-                .await
-                .unwrap()
+            patronus_controller::store::db::query_scalar::<i64>(
+                "SELECT COUNT(*) FROM webhook_deliveries WHERE event = ?",
+            )
+            .bind(kind)
+            .fetch_one(&mut *store.conn().await.unwrap())
+            .await
+            .unwrap()
         }
     };
     assert_eq!(
@@ -299,11 +301,13 @@ async fn webhooks_get_signed_events_retried_until_delivered_with_their_status_in
     // A change made while it is disabled queues nothing for it: config.changed is queued by the
     // write's own transaction, so the table is final once the write is answered.
     let deliveries = || async {
-        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM webhook_deliveries WHERE webhook_id = ?")
-            .bind(hook)
-            .fetch_one(a.state.store.pool())
-            .await
-            .unwrap()
+        patronus_controller::store::db::query_scalar::<i64>(
+            "SELECT COUNT(*) FROM webhook_deliveries WHERE webhook_id = ?",
+        )
+        .bind(hook)
+        .fetch_one(&mut *a.state.store.conn().await.unwrap())
+        .await
+        .unwrap()
     };
     let before = deliveries().await;
     let r = a
@@ -326,10 +330,11 @@ async fn webhooks_get_signed_events_retried_until_delivered_with_their_status_in
         )
         .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
-    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM webhook_deliveries")
-        .fetch_one(a.state.store.pool())
-        .await
-        .unwrap();
+    let left: i64 =
+        patronus_controller::store::db::query_scalar("SELECT COUNT(*) FROM webhook_deliveries")
+            .fetch_one(&mut *a.state.store.conn().await.unwrap())
+            .await
+            .unwrap();
     assert_eq!(left, 0);
     let r = a
         .call(Method::GET, "/api/v1/audit?limit=500", Some(&t), None)
@@ -472,10 +477,10 @@ async fn webhooks_to_internal_addresses_are_refused_at_creation_and_at_every_del
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
     let hook = r.body["id"].as_i64().unwrap();
-    sqlx::query("UPDATE webhooks SET url = ? WHERE id = ?")
+    patronus_controller::store::db::query("UPDATE webhooks SET url = ? WHERE id = ?")
         .bind(&url)
         .bind(hook)
-        .execute(a.state.store.pool())
+        .execute(&mut *a.state.store.conn().await.unwrap())
         .await
         .unwrap();
     let r = a

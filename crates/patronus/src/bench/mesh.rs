@@ -201,7 +201,7 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
         } else {
             Value::Null
         };
-        store.pool().close().await;
+        store.close().await;
         // The headline figures at the top: the full mesh's when it ran (the harder case),
         // else the hub and spoke's; both in full below.
         let (topology, head) = if full_mesh.is_null() {

@@ -1,0 +1,96 @@
+//! The store's backends at start-up: a PostgreSQL that refuses the connection and a schema
+//! newer than the binary each stop the controller before it serves anything, with one error
+//! that names the problem (and never the database's password).
+
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test with a line number
+
+use patronus_controller::config::{Config, Database};
+use patronus_controller::store::Store;
+
+const ENV: &[(&str, &str)] = &[
+    ("PATRONUS_ADMIN_EMAIL", "admin@example.net"),
+    ("PATRONUS_ADMIN_PASSWORD", "Correct-Horse-Battery-1"),
+];
+
+fn env() -> Vec<(String, String)> {
+    ENV.iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_postgres_that_refuses_the_connection_stops_the_start_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::with_data_dir(dir.path().join("state"));
+    // A port nobody listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    config.database = Database::Postgres(format!(
+        "postgres://patronus:pw-not-to-show@127.0.0.1:{port}/patronus"
+    ));
+    let e = format!(
+        "{:#}",
+        patronus_controller::server::prepare(config.clone(), &env())
+            .await
+            .map(|_| ())
+            .expect_err("a refused database must stop the start")
+    );
+    assert!(
+        e.contains(&format!(
+            "connecting to postgres://patronus:***@127.0.0.1:{port}/patronus"
+        )),
+        "{e}"
+    );
+    assert!(e.to_lowercase().contains("refused"), "{e}");
+    assert!(!e.contains("pw-not-to-show"), "{e}");
+    // Nothing was made past the database: no signing key, no first admin's password file.
+    assert!(!config.jwt_key_file.exists());
+}
+
+/// Opens `database`, records a schema version past this binary's, and checks that opening it
+/// again fails, naming both versions, and changes nothing.
+async fn newer_schema_is_refused(database: Database) {
+    let store = Store::connect(&database).await.unwrap();
+    let known = store.schema_version().await.unwrap();
+    patronus_controller::store::db::query(
+        "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, 'from the future', 0)",
+    )
+    .bind(known + 1)
+    .execute(&mut *store.conn().await.unwrap())
+    .await
+    .unwrap();
+    store.close().await;
+    let e = Store::connect(&database).await.err().unwrap().to_string();
+    assert!(
+        e.contains(&format!(
+            "schema is at version {}, newer than this binary knows ({known})",
+            known + 1
+        )),
+        "{e}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::with_data_dir(dir.path().join("state"));
+    config.database = database;
+    assert!(
+        patronus_controller::server::prepare(config.clone(), &env())
+            .await
+            .is_err()
+    );
+    assert!(!config.jwt_key_file.exists());
+}
+
+#[tokio::test]
+async fn a_schema_newer_than_the_binary_is_refused_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    newer_schema_is_refused(Database::Sqlite(dir.path().join("c.db"))).await;
+}
+
+#[tokio::test]
+async fn a_schema_newer_than_the_binary_is_refused_on_postgres() {
+    let pg = patronus_lab::postgres::shared().unwrap();
+    pg.create_database("newer_schema").unwrap();
+    newer_schema_is_refused(Database::Postgres(pg.url("newer_schema"))).await;
+}
