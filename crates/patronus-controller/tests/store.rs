@@ -94,3 +94,69 @@ async fn a_schema_newer_than_the_binary_is_refused_on_postgres() {
     pg.create_database("newer_schema").unwrap();
     newer_schema_is_refused(Database::Postgres(pg.url("newer_schema"))).await;
 }
+
+/// Waits until `store`'s configuration generation reaches `g` (the edges' long polls wait on
+/// the same watch); fails after 10 s.
+async fn sees(store: &Store, g: i64, what: &str) {
+    let mut w = store.watch_generation();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        w.wait_for(|cur| *cur >= g),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{what}: generation {g} not seen in 10 s"))
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_write_on_one_controller_wakes_the_edges_waiting_on_another_even_after_a_reconnect() {
+    let pg = patronus_lab::postgres::shared().unwrap();
+    pg.create_database("two_controllers").unwrap();
+    let database = Database::Postgres(pg.url("two_controllers"));
+    let a = Store::connect(&database).await.unwrap();
+    let b = Store::connect(&database).await.unwrap();
+    let g = a.generation();
+    assert_eq!(b.generation(), g);
+    let bump = |s: Store| async move {
+        let mut tx = s.begin().await.unwrap();
+        let g = tx.config_changed().await.unwrap();
+        tx.commit().await.unwrap();
+        g
+    };
+    // A's write reaches B through NOTIFY (B also reads the table every 5 s: its counters say
+    // which way each generation came; three writes, so that the check cannot have beaten
+    // every announcement).
+    let mut g1 = g;
+    for _ in 0..3 {
+        g1 = bump(a.clone()).await;
+        sees(&b, g1, "B after A's write").await;
+    }
+    assert_eq!(g1, g + 3);
+    let (announced, _) = b.generations_followed();
+    assert!(announced >= 1, "B learnt nothing by NOTIFY");
+    // B's write reaches A.
+    let g2 = bump(b.clone()).await;
+    sees(&a, g2, "A after B's write").await;
+    // B's listening connection is cut (as a network failure or a restarted server would);
+    // the write made while it is down still reaches B.
+    pg.psql(
+        "two_controllers",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = 'two_controllers' AND query LIKE 'LISTEN%'",
+    )
+    .unwrap();
+    let g3 = bump(a.clone()).await;
+    sees(&b, g3, "B after its listener was cut").await;
+    // By the announcement, or by the reread after the reconnect or the periodic check: either
+    // way B counted it.
+    let (announced, reread) = b.generations_followed();
+    assert!(announced + reread >= 2, "{announced} + {reread}");
+    // A rolled-back write announces nothing.
+    let mut tx = a.begin().await.unwrap();
+    tx.config_changed().await.unwrap();
+    drop(tx);
+    let g4 = bump(a.clone()).await;
+    assert_eq!(g4, g3 + 1);
+    sees(&b, g4, "B after a rolled-back write").await;
+    assert_eq!(b.generation(), g4);
+}

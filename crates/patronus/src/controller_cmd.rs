@@ -54,6 +54,19 @@ enum ControllerCmd {
         #[arg(long, default_value = "")]
         name: String,
     },
+    /// Copy the whole state (users, keys, sites, credentials, history, audit, webhooks and
+    /// their deliveries) into a fresh PostgreSQL database, ids and all: then point the
+    /// controller at it and start it; edges reconnect by themselves. Stop the controller
+    /// first: what it writes after the copy's snapshot is not copied.
+    Migrate {
+        /// The source [default: the configured database].
+        #[arg(long)]
+        from: Option<String>,
+        /// The target, postgres://… [default: PATRONUS_MIGRATE_TO, which keeps a password off
+        /// the command line].
+        #[arg(long)]
+        to: Option<String>,
+    },
 }
 
 pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
@@ -126,7 +139,54 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
             outln!("added user {} ({}) with id {}", u.email, u.role, u.id);
             Ok(())
         }),
+        ControllerCmd::Migrate { from, to } => rt.block_on(migrate(&config, from, to)),
     }
+}
+
+/// `patronus controller migrate`: see [`patronus_controller::store::copy`].
+async fn migrate(config: &Config, from: Option<String>, to: Option<String>) -> anyhow::Result<()> {
+    use patronus_controller::config::Database;
+    let from = match from {
+        Some(f) => Database::parse(&f).map_err(|e| anyhow::anyhow!("--from: {e}"))?,
+        None => config.database.clone(),
+    };
+    let to = to
+        .or_else(|| std::env::var("PATRONUS_MIGRATE_TO").ok())
+        .context("give the target with --to or PATRONUS_MIGRATE_TO")?;
+    let to = Database::parse(&to).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
+    if !matches!(to, Database::Postgres(_)) {
+        anyhow::bail!("--to {}: the target must be postgres://…", to.display());
+    }
+    if let Database::Sqlite(path) = &from {
+        // Opening would make an empty database and copy nothing.
+        anyhow::ensure!(path.exists(), "--from {}: no such file", path.display());
+    }
+    let source = Store::connect(&from)
+        .await
+        .with_context(|| format!("opening the source {}", from.display()))?;
+    let target = Store::connect(&to)
+        .await
+        .with_context(|| format!("opening the target {}", to.display()))?;
+    let actor = Actor {
+        id: None,
+        name: "cli".into(),
+        source: "local".into(),
+    };
+    let copied = patronus_controller::store::copy::copy_all(&source, &target, &actor)
+        .await
+        .with_context(|| format!("copying {} into {}", from.display(), to.display()))?;
+    for (table, rows) in &copied {
+        outln!("{table:<20} {rows:>10} rows");
+    }
+    outln!(
+        "copied {} into {} (schema {}); set `database` to it and start the controller",
+        from.display(),
+        to.display(),
+        target.schema_version().await?
+    );
+    source.close().await;
+    target.close().await;
+    Ok(())
 }
 
 /// Raises the open-file soft limit to the hard limit: every client connection is a descriptor,

@@ -1133,3 +1133,61 @@ fn the_cli_manages_users_their_passwords_and_api_keys() {
     let (ok, _, err) = cli(&ops, &["user", "list"], "");
     assert!(!ok && err.contains("403"), "{err}");
 }
+
+#[test]
+fn migrate_moves_a_controller_from_sqlite_to_postgres_without_a_password_in_sight() {
+    let pg = patronus_lab::postgres::Postgres::start().unwrap();
+    pg.create_database("patronus").unwrap();
+    let url = pg.url("patronus");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let c = start(&state);
+    let token = login(c.addr)["access_token"].as_str().unwrap().to_owned();
+    let (status, body) = http(
+        c.addr,
+        "POST",
+        "/api/v1/sites",
+        Some(&token),
+        Some(r#"{"name":"hq","lan_prefixes":["10.1.0.0/16"],"links":[{"name":"mpls","kind":"mpls"}]}"#),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{body}");
+    c.finish(nix::sys::signal::Signal::SIGTERM);
+
+    // The target's URL (with its password) comes from the environment, never the arguments.
+    let migrate = || {
+        Command::new(patronus())
+            .args(["controller", "migrate", "--data-dir"])
+            .arg(&state)
+            .env("PATRONUS_MIGRATE_TO", &url)
+            .output()
+            .unwrap()
+    };
+    let out = migrate();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("sites ") && l.ends_with(" 1 rows")),
+        "{stdout}"
+    );
+    assert!(stdout.contains(":***@127.0.0.1"), "{stdout}");
+    assert!(!format!("{stdout}{stderr}").contains(pg.password()));
+    // Again, over the database now in use: refused, and nothing changed.
+    let out = migrate();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already holds 1 users and 1 sites"));
+
+    // The controller on PostgreSQL: the same data directory (its signing key), so the token
+    // issued on SQLite is good, and the site is there.
+    let c = start_with(&state, &[("PATRONUS_DATABASE", &url)]);
+    let (status, body) = http(c.addr, "GET", "/api/v1/sites", Some(&token), None).unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["items"][0]["name"], "hq", "{body}");
+    let log = c.finish(nix::sys::signal::Signal::SIGTERM);
+    assert!(!log.contains(pg.password()), "{log}");
+}

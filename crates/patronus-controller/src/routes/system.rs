@@ -46,6 +46,17 @@ async fn metrics(State(s): State<AppState>, _p: Principal) -> Result<Response, A
             ("{state=\"busy\"}".into(), open.saturating_sub(idle) as f64),
         ],
     );
+    let (announced, reread) = s.store.generations_followed();
+    crate::metrics::counter(
+        &mut out,
+        "patronus_config_generations_followed_total",
+        "Newer configuration generations learnt from other controllers (PostgreSQL), by how: \
+         announced (NOTIFY) or reread (from the table, after a reconnect or on the periodic check).",
+        &[
+            ("{how=\"announced\"}".into(), announced as f64),
+            ("{how=\"reread\"}".into(), reread as f64),
+        ],
+    );
     let counts: Vec<(String, f64)> =
         crate::store::Store::object_counts(&mut *s.store.conn().await?)
             .await?

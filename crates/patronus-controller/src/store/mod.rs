@@ -44,6 +44,7 @@ pub mod db;
 pub mod schema;
 
 pub mod api_keys;
+pub mod copy;
 pub mod docs;
 pub mod enrollment;
 pub mod history;
@@ -233,6 +234,8 @@ pub struct Store {
     generation: watch::Sender<i64>,
     /// Wakes the webhook delivery worker when a transaction that queued deliveries commits.
     webhook_wake: std::sync::Arc<Notify>,
+    /// Newer generations learnt from other controllers: (announced, read from the table).
+    followed: std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>,
 }
 
 /// A transaction on either backend.
@@ -357,6 +360,12 @@ impl std::ops::DerefMut for Pooled {
 /// The advisory lock every write transaction takes on PostgreSQL ("PTRS").
 const WRITE_LOCK: i64 = 0x5054_5253;
 
+/// The PostgreSQL channel a committed configuration generation is announced on.
+const GENERATION_CHANNEL: &str = "patronus_generation";
+
+/// How often a controller on PostgreSQL reads the generation even without a notification.
+const GENERATION_RECHECK: Duration = Duration::from_secs(5);
+
 impl Tx {
     /// This transaction changes what some edge runs: the configuration generation is bumped in
     /// it. Returns the new generation.
@@ -367,6 +376,14 @@ impl Tx {
         )
         .fetch_one(&mut *self)
         .await?;
+        if let TxInner::Pg(t) = &mut self.tx {
+            // Delivered to every controller's listener when (and only if) this commits.
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(GENERATION_CHANNEL)
+                .bind(g.to_string())
+                .execute(&mut **t)
+                .await?;
+        }
         self.generation = Some(g);
         Ok(g)
     }
@@ -380,13 +397,7 @@ impl Tx {
     pub async fn commit(self) -> Result<(), sqlx::Error> {
         self.tx.commit().await?;
         if let Some(g) = self.generation {
-            self.store.generation.send_if_modified(|cur| {
-                let newer = g > *cur;
-                if newer {
-                    *cur = g;
-                }
-                newer
-            });
+            self.store.generation_seen(g);
         }
         if self.deliveries_queued {
             self.store.webhook_wake.notify_one();
@@ -456,6 +467,7 @@ impl Store {
             pool,
             generation: watch::channel(0).0,
             webhook_wake: std::sync::Arc::new(Notify::new()),
+            followed: std::sync::Arc::default(),
         };
         store.migrate().await?;
         let g: i64 = query_scalar("SELECT generation FROM config_generation WHERE id = 1")
@@ -463,7 +475,43 @@ impl Store {
             .await
             .map_err(db("reading the configuration generation"))?;
         store.generation = watch::channel(g).0;
+        if let Pool::Pg(pool) = &store.pool {
+            let mut listener = sqlx::postgres::PgListener::connect_with(pool)
+                .await
+                .map_err(db("listening for configuration changes"))?;
+            listener
+                .listen(GENERATION_CHANNEL)
+                .await
+                .map_err(db("listening for configuration changes"))?;
+            tokio::spawn(follow_generation(store.clone(), pool.clone(), listener));
+        }
         Ok(store)
+    }
+
+    /// Raises the generation edges wait on to `g`, if it is newer; whether it was.
+    fn generation_seen(&self, g: i64) -> bool {
+        self.generation.send_if_modified(|cur| {
+            let newer = g > *cur;
+            if newer {
+                *cur = g;
+            }
+            newer
+        })
+    }
+
+    /// How many newer configuration generations this controller learnt from others (on
+    /// PostgreSQL): (announced by `NOTIFY`, found by reading the table after a reconnect or
+    /// on the periodic check).
+    pub fn generations_followed(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.followed[0].load(Relaxed),
+            self.followed[1].load(Relaxed),
+        )
+    }
+
+    fn followed(&self, how: usize) {
+        self.followed[how].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Which backend: `sqlite` or `postgres`.
@@ -522,6 +570,13 @@ impl Store {
     /// Wakes when a transaction that queued webhook deliveries commits.
     pub fn webhook_wake(&self) -> &Notify {
         &self.webhook_wake
+    }
+
+    /// The generation as committed in the database (what another controller may have moved).
+    async fn stored_generation(&self) -> Result<i64, sqlx::Error> {
+        query_scalar("SELECT generation FROM config_generation WHERE id = 1")
+            .fetch_one(&mut *self.conn().await?)
+            .await
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -948,6 +1003,55 @@ impl Store {
             .execute(&mut **tx)
             .await
             .map(|_| ())
+    }
+}
+
+/// Several controllers over one PostgreSQL: the configuration generation another controller
+/// committed, as it is announced (`NOTIFY` in the writing transaction), so that the edges
+/// waiting here for a new configuration are woken at once whichever controller took the
+/// write. A notification can be lost only with the listening connection; when it is
+/// re-established (sqlx reconnects it) the generation is read from the table, and it is read
+/// every few seconds anyway, so no edge is left behind. Stops when the pool is closed.
+async fn follow_generation(store: Store, pool: PgPool, mut listener: sqlx::postgres::PgListener) {
+    let mut recheck = tokio::time::interval(GENERATION_RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reread = false;
+    while !pool.is_closed() {
+        tokio::select! {
+            n = listener.try_recv() => match n {
+                Ok(Some(n)) => match n.payload().parse::<i64>() {
+                    Ok(g) => {
+                        if store.generation_seen(g) {
+                            store.followed(0);
+                        }
+                    }
+                    Err(_) => reread = true,
+                },
+                // The connection was lost and is re-established: what was announced meanwhile
+                // is not replayed.
+                Ok(None) => reread = true,
+                Err(e) => {
+                    if pool.is_closed() {
+                        break;
+                    }
+                    tracing::warn!(error = %e, "listening for configuration changes");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    reread = true;
+                }
+            },
+            _ = recheck.tick() => reread = true,
+        }
+        if reread && !pool.is_closed() {
+            match store.stored_generation().await {
+                Ok(g) => {
+                    if store.generation_seen(g) {
+                        store.followed(1);
+                    }
+                    reread = false;
+                }
+                Err(e) => tracing::warn!(error = %e, "reading the configuration generation"),
+            }
+        }
     }
 }
 

@@ -71,6 +71,11 @@ pub async fn api_with(tune: impl FnOnce(&mut Config)) -> Api {
     // The tests' webhook receivers listen on loopback.
     config.webhook_allowed_networks = vec!["127.0.0.0/8".parse().unwrap()];
     tune(&mut config);
+    api_on(config, dir).await
+}
+
+/// A controller with `config` (its state where `config` says; `dir` is kept with it).
+pub async fn api_on(config: Config, dir: tempfile::TempDir) -> Api {
     let env = vec![
         ("PATRONUS_ADMIN_EMAIL".to_string(), ADMIN.to_string()),
         ("PATRONUS_ADMIN_PASSWORD".to_string(), ADMIN_PW.to_string()),

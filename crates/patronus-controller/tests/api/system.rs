@@ -1088,3 +1088,180 @@ async fn each_operation_documents_only_the_errors_it_can_give() {
         .collect();
     assert_eq!(params, ["limit", "offset", "sort"]);
 }
+
+/// `patronus controller migrate`'s copy: a populated controller (on the suite's backend:
+/// SQLite, or PostgreSQL in `api_postgres`, i.e. between two PostgreSQL servers) copied into a
+/// fresh PostgreSQL database serves the same objects and history to the same tokens, its
+/// edges' credentials still work, and new objects get new ids.
+#[tokio::test]
+async fn the_whole_state_is_copied_into_a_fresh_postgres_and_served_the_same() {
+    use patronus_controller::config::Database;
+    let a = api().await;
+    let t = a.admin().await;
+    let ids = sites(&a, &t, &["hq", "b1", "b2"]).await;
+    let cred = enrolled(&a, &t, ids[0], 5).await;
+    a.user(&t, "ops@example.net", "operator").await;
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/api-keys",
+            Some(&t),
+            Some(json!({ "name": "ci", "role": "viewer", "expires_in_days": 30 })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    let api_key = r.body["key"].as_str().unwrap().to_owned();
+    let (url, _got) = receiver(0).await;
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/webhooks",
+            Some(&t),
+            Some(json!({ "url": url, "events": ["config.changed", "path.down"] })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    let hook = r.body["id"].as_i64().unwrap();
+    // A configuration change: a delivery for the webhook.
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/policies",
+            Some(&t),
+            Some(voice("voice", 10, "realtime")),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    for (state, rtt) in [("up", 21.5), ("down", 0.0), ("up", 19.0)] {
+        let r = a
+            .call(
+                Method::POST,
+                "/api/v1/edge/telemetry",
+                Some(&cred),
+                Some(json!({ "paths": [
+                    { "peer": "b1", "local_link": "mpls", "remote_link": "mpls", "state": state,
+                      "rtt_ms": rtt, "jitter_ms": 0.4, "loss_pct": 0.0,
+                      "tx_bytes": 1000, "rx_bytes": 900 }
+                ]})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
+    }
+    let path = v_path_id(&a, &t).await;
+
+    let pg = patronus_lab::postgres::shared().unwrap();
+    let name = format!("migrated_{}", crate::BACKEND);
+    pg.create_database(&name).unwrap();
+    let target = Database::Postgres(pg.url(&name));
+    let store = patronus_controller::store::Store::connect(&target)
+        .await
+        .unwrap();
+    let actor = patronus_controller::store::Actor {
+        id: None,
+        name: "cli".into(),
+        source: "local".into(),
+    };
+    let copied = patronus_controller::store::copy::copy_all(&a.state.store, &store, &actor)
+        .await
+        .unwrap();
+    let rows = |t: &str| copied.iter().find(|(n, _)| *n == t).unwrap().1;
+    assert_eq!(rows("sites"), 3);
+    assert!(rows("path_samples") >= 3, "{copied:?}");
+    assert!(rows("webhook_deliveries") >= 1, "{copied:?}");
+    // Copying again, over a database now in use, is refused.
+    let e = patronus_controller::store::copy::copy_all(&a.state.store, &store, &actor)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("already holds"), "{e}");
+    store.close().await;
+
+    // A controller on the copy, with the same configuration otherwise (the signing key).
+    let mut config = a.state.config.clone();
+    config.database = target;
+    let b = api_on(config, tempfile::tempdir().unwrap()).await;
+    let mut same = vec![
+        "/api/v1/sites".to_owned(),
+        "/api/v1/users".to_owned(),
+        "/api/v1/api-keys".to_owned(),
+        "/api/v1/policies".to_owned(),
+        "/api/v1/sla-classes".to_owned(),
+        "/api/v1/topology".to_owned(),
+        "/api/v1/webhooks".to_owned(),
+        format!("/api/v1/webhooks/{hook}/deliveries"),
+        format!("/api/v1/paths/{path}/metrics?since=0"),
+        format!("/api/v1/paths/{path}/events"),
+        "/api/v1/failover".to_owned(),
+        "/api/v1/failover/events".to_owned(),
+    ];
+    same.extend(ids.iter().map(|id| format!("/api/v1/sites/{id}")));
+    for p in &same {
+        let (ra, rb) = (
+            a.call(Method::GET, p, Some(&t), None).await,
+            b.call(Method::GET, p, Some(&t), None).await,
+        );
+        assert_eq!(ra.status, StatusCode::OK, "{p}: {ra:?}");
+        // Whether an edge is in touch is each controller's own knowledge (the copy's has
+        // heard from no edge yet): everything else is the same.
+        fn stored(mut v: Value) -> Value {
+            match &mut v {
+                Value::Object(m) => {
+                    m.remove("online");
+                    m.remove("last_seen");
+                    for x in m.values_mut() {
+                        *x = stored(x.take());
+                    }
+                }
+                Value::Array(a) => {
+                    for x in a {
+                        *x = stored(x.take());
+                    }
+                }
+                _ => {}
+            }
+            v
+        }
+        assert_eq!(stored(ra.body), stored(rb.body), "{p}");
+        assert_eq!(
+            ra.headers.get(header::ETAG),
+            rb.headers.get(header::ETAG),
+            "{p}"
+        );
+    }
+    // The audit log, and one more record: the copy itself.
+    let mut logs = Vec::new();
+    for x in [&a, &b] {
+        let r = x
+            .call(Method::GET, "/api/v1/audit?limit=500", Some(&t), None)
+            .await;
+        logs.push(r.body["items"].as_array().unwrap().clone());
+    }
+    let (la, lb) = (&logs[0], &logs[1]);
+    assert_eq!(lb[0]["action"], "store.migrate", "{:?}", lb[0]);
+    assert_eq!(la[..], lb[1..]);
+    // The API key and the edge's credential work on the copy.
+    let r = b
+        .call(Method::GET, "/api/v1/sites", Some(&api_key), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    let r = b
+        .call(
+            Method::POST,
+            "/api/v1/edge/telemetry",
+            Some(&cred),
+            Some(json!({ "paths": [] })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
+    // A new site gets an id past the copied ones.
+    let r = b
+        .call(
+            Method::POST,
+            "/api/v1/sites",
+            Some(&t),
+            Some(site("b3", &["10.9.0.0/16"])),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    assert!(r.body["id"].as_i64().unwrap() > ids[2], "{r:?}");
+}
