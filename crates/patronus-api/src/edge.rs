@@ -408,8 +408,9 @@ pub struct PathReport {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeLocal {
-    /// The controller's base URL (`https://host[:port]`, or `http://` on a trusted network).
-    pub controller: String,
+    /// The controller's base URL (`https://host[:port]`, or `http://` on a trusted network),
+    /// or a list of them: several controllers over one database, used one at a time.
+    pub controller: ControllerUrls,
     /// CA certificates (PEM) trusted for an `https://` controller, beside the Mozilla roots
     /// compiled in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -428,6 +429,68 @@ pub struct EdgeLocal {
     /// Bounds on the replies to handshake initiations (see [`HandshakeLimits`]).
     #[serde(default)]
     pub handshake: HandshakeLimits,
+}
+
+/// The controllers an edge talks to: one base URL, or several controllers over one database
+/// (written as a TOML array). The edge uses one at a time: the last that answered, and the
+/// next in the list when it fails.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerUrls(Vec<String>);
+
+impl ControllerUrls {
+    /// At least one URL.
+    pub fn new(urls: Vec<String>) -> Result<Self, String> {
+        if urls.is_empty() {
+            return Err("give at least one controller URL".into());
+        }
+        if let Some(u) = urls.iter().find(|u| u.trim().is_empty()) {
+            return Err(format!("an empty controller URL: {u:?}"));
+        }
+        Ok(Self(urls))
+    }
+
+    pub fn urls(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl From<&str> for ControllerUrls {
+    fn from(url: &str) -> Self {
+        Self(vec![url.to_owned()])
+    }
+}
+
+impl fmt::Display for ControllerUrls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.join(", "))
+    }
+}
+
+impl serde::Serialize for ControllerUrls {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => s.serialize_str(one),
+            many => many.serialize(s),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ControllerUrls {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        let urls = match OneOrMany::deserialize(d)
+            .map_err(|_| serde::de::Error::custom("a controller URL, or a list of them"))?
+        {
+            OneOrMany::One(u) => vec![u],
+            OneOrMany::Many(v) => v,
+        };
+        Self::new(urls).map_err(serde::de::Error::custom)
+    }
 }
 
 /// One of this machine's WAN links.
@@ -683,6 +746,28 @@ fn is_zero(v: &u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_controller_is_one_url_or_a_list_and_never_none() {
+        let one: ControllerUrls =
+            serde_json::from_value(serde_json::json!("http://a:8080")).unwrap();
+        assert_eq!(one.urls(), ["http://a:8080"]);
+        assert_eq!(serde_json::to_value(&one).unwrap(), "http://a:8080");
+        let two: ControllerUrls =
+            serde_json::from_value(serde_json::json!(["http://a:8080", "http://b:8080"])).unwrap();
+        assert_eq!(two.urls().len(), 2);
+        assert_eq!(
+            serde_json::to_value(&two).unwrap(),
+            serde_json::json!(["http://a:8080", "http://b:8080"])
+        );
+        for bad in [
+            serde_json::json!([]),
+            serde_json::json!([""]),
+            serde_json::json!(3),
+        ] {
+            assert!(serde_json::from_value::<ControllerUrls>(bad).is_err());
+        }
+    }
 
     /// A report as today's edges write it, with an event kind and a failover reason from a
     /// newer edge: the events are kept, their word read as `unknown`; a state nobody knows is

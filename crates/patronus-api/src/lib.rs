@@ -23,9 +23,9 @@ mod prefix;
 mod sla;
 
 pub use edge::{
-    ClassReport, ConfigDelta, EdgeConfig, EdgeLink, EdgeLocal, FailoverEvent, HandshakeLimits,
-    KeyError, LocalLink, PathEvent, PathReport, PeerConfig, ProbeMode, SiteConfig, SiteHead,
-    SiteShared, Telemetry, WgPublicKey, key_from_base64, key_to_base64,
+    ClassReport, ConfigDelta, ControllerUrls, EdgeConfig, EdgeLink, EdgeLocal, FailoverEvent,
+    HandshakeLimits, KeyError, LocalLink, PathEvent, PathReport, PeerConfig, ProbeMode, SiteConfig,
+    SiteHead, SiteShared, Telemetry, WgPublicKey, key_from_base64, key_to_base64,
 };
 pub use error::{FieldError, FieldErrors};
 pub use failover::FailoverSettings;

@@ -1188,6 +1188,8 @@ impl Edge {
                     handshake_drops: u64::from(l.drops[1]),
                 })
                 .collect(),
+            // Joined when served (see status::control_now).
+            control: None,
             paths,
             events: self.events.iter().cloned().collect(),
         }

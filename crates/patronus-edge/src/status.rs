@@ -76,6 +76,46 @@ pub struct RollStatus {
     pub moved: usize,
 }
 
+/// The edge's control connection, when a controller runs it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ControlStatus {
+    /// The controller in use (the last that answered).
+    pub controller: String,
+    /// How many controllers the edge knows.
+    pub controllers: usize,
+    /// Times the edge moved to another controller because the one in use failed.
+    pub failovers: u64,
+}
+
+/// The process's control connection: one edge per process, and its controller agent runs
+/// beside the engine (which publishes [`EdgeStatus`]), so it is kept here and joined to the
+/// status when served.
+static CONTROL: Mutex<Option<ControlStatus>> = Mutex::new(None);
+
+/// The controller agent used `url` (one of `controllers`).
+pub fn control_in_use(url: &str, controllers: usize) {
+    let mut c = CONTROL.lock().unwrap_or_else(|e| e.into_inner());
+    let s = c.get_or_insert_with(ControlStatus::default);
+    if s.controller != url {
+        s.controller = url.to_owned();
+    }
+    s.controllers = controllers;
+}
+
+/// The control connection as it is now, if a controller runs this edge.
+pub fn control_now() -> Option<ControlStatus> {
+    CONTROL.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// The controller agent moved to `url` because the controller in use failed.
+pub fn control_moved(url: &str, controllers: usize) {
+    control_in_use(url, controllers);
+    let mut c = CONTROL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(s) = c.as_mut() {
+        s.failovers += 1;
+    }
+}
+
 /// One SLA class's traffic.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ClassStatus {
@@ -133,6 +173,9 @@ pub struct EdgeStatus {
     /// The WAN links' receive queues.
     #[serde(default)]
     pub links: Vec<LinkStatus>,
+    /// The control connection, when a controller runs this edge.
+    #[serde(default)]
+    pub control: Option<ControlStatus>,
     pub paths: Vec<PathStatus>,
     pub events: Vec<RecentEvent>,
 }
@@ -410,6 +453,21 @@ pub fn render_metrics(s: &EdgeStatus) -> String {
         "The largest lateness of the event loop since the edge started.",
         vec![(String::new(), s.loop_late_max_seconds)],
     );
+    if let Some(c) = &s.control {
+        family(
+            "patronus_edge_control_failovers_total",
+            "counter",
+            "Times the edge moved its control connection to another controller because the one \
+             in use failed.",
+            vec![(String::new(), c.failovers as f64)],
+        );
+        family(
+            "patronus_edge_controller_info",
+            "gauge",
+            "Always 1; the label is the controller the edge uses now (one the operator listed).",
+            vec![(format!("{{controller=\"{}\"}}", esc(&c.controller)), 1.0)],
+        );
+    }
     family(
         "patronus_build_info",
         "gauge",
@@ -455,7 +513,11 @@ pub fn serve(listener: TcpListener, shared: Shared) {
         let path = line.split_whitespace().nth(1).unwrap_or("");
         // A panic elsewhere cannot leave the status half-written (it is replaced whole): a
         // poisoned lock still serves what the edge last published, never an empty status.
-        let snapshot = shared.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut snapshot = shared.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let control = control_now();
+        if control.is_some() {
+            Arc::make_mut(&mut snapshot).control = control;
+        }
         let (status, ctype, body) = match path {
             "/metrics" => (
                 "200 OK",

@@ -184,7 +184,7 @@ pub fn start_edges(
 pub fn local_config(plan: &Plan, index: usize, controller: &str, state_dir: PathBuf) -> EdgeLocal {
     let me = &plan.sites[index];
     EdgeLocal {
-        controller: controller.to_owned(),
+        controller: controller.into(),
         ca_file: None,
         state_dir,
         listen_port: EDGE_PORT,

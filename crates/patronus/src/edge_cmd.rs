@@ -106,11 +106,11 @@ pub fn run(cmd: EdgeCmd) -> anyhow::Result<()> {
             let stop = edge.stop_handle();
             if let Some(f) = follow {
                 let status = edge.status_shared();
-                let (url, credential) = (f.local.controller.clone(), f.credential.clone());
+                let (urls, credential) = (f.local.controller.clone(), f.credential.clone());
                 let via = f.via.clone();
                 std::thread::Builder::new()
                     .name("telemetry".into())
-                    .spawn(move || report(&via, &url, &credential, &status))?;
+                    .spawn(move || report(&via, &urls, &credential, &status))?;
                 let inbox = edge.config_inbox();
                 let status = edge.status_shared();
                 std::thread::Builder::new()
@@ -152,7 +152,7 @@ const NEWS_GAP: std::time::Duration = std::time::Duration::from_millis(200);
 /// where things are; events are sent again until the controller has them).
 fn report(
     via: &crate::api_client::Via,
-    url: &str,
+    urls: &patronus_api::ControllerUrls,
     credential: &str,
     status: &patronus_edge::status::Shared,
 ) {
@@ -227,9 +227,9 @@ fn report(
         let Ok(body) = serde_json::to_value(&t) else {
             continue;
         };
-        let r = crate::api_client::request_via(
-            Some(via),
-            url,
+        let r = control(
+            urls,
+            via,
             "POST",
             "/api/v1/edge/telemetry",
             Some(credential),
@@ -250,6 +250,59 @@ fn report(
             _ => {}
         }
     }
+}
+
+/// The controller (of `urls`) this edge uses now: the last that answered.
+static CURRENT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One request to the controllers: to the one in use first, then, if it cannot be reached or
+/// answers that it cannot serve (502, 503, 504), to each next one in turn; the first that
+/// answers otherwise is the one in use from then on. A move is logged and counted
+/// (`patronus_edge_control_failovers_total`, `control` in `edge status`). A long poll on a
+/// controller that dies fails at once (its connection is reset or closed), so the edge is on
+/// the next controller within the time it takes to connect to it.
+fn control(
+    urls: &patronus_api::ControllerUrls,
+    via: &crate::api_client::Via,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&serde_json::Value>,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<crate::api_client::Response> {
+    use std::sync::atomic::Ordering;
+    let all = urls.urls();
+    let first = CURRENT.load(Ordering::Relaxed) % all.len();
+    let mut last = None;
+    for k in 0..all.len() {
+        let i = (first + k) % all.len();
+        let r =
+            crate::api_client::request_via(Some(via), &all[i], method, path, token, body, headers);
+        let unavailable = match &r {
+            Ok(r) => matches!(r.status, 502..=504),
+            Err(_) => true,
+        };
+        if unavailable && k + 1 < all.len() {
+            last = Some(r);
+            continue;
+        }
+        if !unavailable && CURRENT.swap(i, Ordering::Relaxed) % all.len() != i {
+            let from = &all[first];
+            let why = last
+                .as_ref()
+                .map(crate::api_client::failure_text)
+                .unwrap_or_default();
+            eprintln!(
+                "edge: the control connection moved from {from} to {} ({why})",
+                all[i]
+            );
+            patronus_edge::status::control_moved(&all[i], all.len());
+        } else if !unavailable {
+            patronus_edge::status::control_in_use(&all[i], all.len());
+        }
+        return r;
+    }
+    last.unwrap_or_else(|| Err(anyhow::anyhow!("no controller URL")))
 }
 
 /// What the edge needs to keep following the controller once it runs.
@@ -289,9 +342,9 @@ fn post_key(
 ) -> anyhow::Result<bool> {
     let started = std::time::Instant::now();
     loop {
-        let r = crate::api_client::request_via(
-            Some(via),
+        let r = control(
             &local.controller,
+            via,
             "POST",
             "/api/v1/edge/key",
             Some(credential),
@@ -479,9 +532,9 @@ impl Follow {
             } else {
                 "/api/v1/edge/config?wait=25"
             };
-            let r = crate::api_client::request_via(
-                Some(&self.via),
+            let r = control(
                 &self.local.controller,
+                &self.via,
                 "GET",
                 path,
                 Some(&self.credential),
@@ -588,9 +641,9 @@ fn from_controller(
     }
     let key = PrivateKey::load_or_create(&local.state_dir.join("private.key"))?;
     let cache = local.state_dir.join("site-config.json");
-    let fetched = crate::api_client::request_via(
-        Some(&via),
+    let fetched = control(
         &local.controller,
+        &via,
         "GET",
         "/api/v1/edge/config",
         Some(&credential),
@@ -703,9 +756,9 @@ fn enrol(
                 .iter()
                 .filter_map(|l| Some((l.name.to_string(), l.public_endpoint?.to_string().into())))
                 .collect();
-            let r = crate::api_client::request_via(
-                Some(via),
+            let r = control(
                 &local.controller,
+                via,
                 "POST",
                 "/api/v1/enroll",
                 None,
@@ -835,5 +888,63 @@ fn reflect(listen: std::net::SocketAddr) -> anyhow::Result<()> {
         if let Ok(reply) = reflect(&buf[..n], t2, NtpTime::from_duration(epoch.elapsed()), 0) {
             let _ = sock.send_to(&reply, from);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    /// A controller stand-in on loopback that answers every request with `status`; its URL.
+    fn answering(status: u16) -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { continue };
+                let mut buf = [0u8; 4096];
+                let _ = c.read(&mut buf);
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+                );
+            }
+        });
+        url
+    }
+
+    #[test]
+    fn the_control_connection_moves_past_a_dead_or_unavailable_controller_and_stays() {
+        // A port nobody listens on, a controller that cannot serve, one that answers.
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", l.local_addr().unwrap())
+        };
+        let (unavailable, good) = (answering(503), answering(204));
+        let urls = patronus_api::ControllerUrls::new(vec![
+            dead.clone(),
+            unavailable.clone(),
+            good.clone(),
+        ])
+        .unwrap();
+        let via = crate::api_client::Via::new(Vec::new());
+        let call = || {
+            super::control(&urls, &via, "GET", "/x", None, None, &[])
+                .unwrap()
+                .status
+        };
+        assert_eq!(call(), 204);
+        let c = patronus_edge::status::control_now().unwrap();
+        assert_eq!(
+            (c.controller.as_str(), c.controllers, c.failovers),
+            (good.as_str(), 3, 1)
+        );
+        // The one that answered is tried first from then on: no new move.
+        assert_eq!(call(), 204);
+        assert_eq!(patronus_edge::status::control_now().unwrap().failovers, 1);
+        // With every controller failing, the last failure is the answer.
+        let all_bad = patronus_api::ControllerUrls::new(vec![dead, unavailable]).unwrap();
+        let r = super::control(&all_bad, &via, "GET", "/x", None, None, &[]);
+        assert!(r.is_err() || r.unwrap().status == 503);
     }
 }

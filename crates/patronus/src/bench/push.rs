@@ -1,9 +1,15 @@
-//! `patronus bench push`: a real controller (its HTTP server on loopback, its SQLite store in a
-//! temporary directory) and N simulated edges in this process, each a real client of the
+//! `patronus bench push`: real controllers (their HTTP servers on loopback, their store an
+//! SQLite file in a temporary directory, or one PostgreSQL database on a throwaway server the
+//! bench starts and stops) and N simulated edges in this process, each a real client of the
 //! configuration protocol: it fetches its configuration, then waits for what changes with a
 //! long poll (`If-None-Match` + `wait`) on the delta endpoint (`--full`: the whole
-//! configuration). One policy is created through the API; the benchmark
-//! reports how long after that write each edge held its new configuration.
+//! configuration). One policy is created through the API of the first controller; the
+//! benchmark reports how long after that write each edge held its new configuration.
+//!
+//! With `--controllers N` (PostgreSQL only) the edges are spread over N controllers, all
+//! serving, and the write reaches the edges of the others through PostgreSQL's `NOTIFY`.
+//! A PostgreSQL run is followed by the same run on SQLite with one controller, in the same
+//! JSON, to compare.
 //!
 //! The sites are written into the store as in `bench mesh`, each with a site credential (as
 //! enrolment would leave it).
@@ -14,7 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use patronus_controller::config::Config;
+use patronus_controller::config::{Config, Database};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -33,6 +39,13 @@ pub struct Args {
     /// version held), to compare.
     #[arg(long)]
     full: bool,
+    /// The store: `sqlite` or `postgres` (a throwaway server the bench starts; then the same
+    /// run on SQLite with one controller follows, to compare).
+    #[arg(long, default_value = "sqlite")]
+    backend: String,
+    /// Controllers serving at once, the edges spread over them (more than one: PostgreSQL).
+    #[arg(long, default_value_t = 1)]
+    controllers: usize,
 }
 
 /// One request on its own connection: (status, etag, body length).
@@ -114,6 +127,7 @@ pub(super) struct BenchController {
     pub addr: SocketAddr,
     pub creds: Vec<String>,
     password: String,
+    database: Database,
     stop: tokio::sync::oneshot::Sender<()>,
     server: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -124,7 +138,29 @@ impl BenchController {
         sites: usize,
         hubs: Option<usize>,
     ) -> anyhow::Result<Self> {
+        let database = Database::Sqlite(dir.join("controller.db"));
+        Self::start_on(dir, database, sites, hubs).await
+    }
+
+    /// Another controller over `first`'s database and data directory (its signing key): it
+    /// serves the same sites, credentials and admin.
+    pub(super) async fn join(dir: &std::path::Path, first: &Self) -> anyhow::Result<Self> {
+        let mut c = Self::start_on(dir, first.database.clone(), 0, None).await?;
+        c.creds = first.creds.clone();
+        c.password = first.password.clone();
+        Ok(c)
+    }
+
+    /// A controller on `database` with `sites` sites written into it (none: a controller
+    /// that joins a populated database).
+    pub(super) async fn start_on(
+        dir: &std::path::Path,
+        database: Database,
+        sites: usize,
+        hubs: Option<usize>,
+    ) -> anyhow::Result<Self> {
         let mut config = Config::with_data_dir(dir.to_path_buf());
+        config.database = database.clone();
         config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         config.auth_rate_per_minute = 1_000_000;
         let mut pw = [0u8; 18];
@@ -138,7 +174,11 @@ impl BenchController {
             ("PATRONUS_ADMIN_PASSWORD".to_owned(), password.clone()),
         ];
         let state = patronus_controller::server::prepare(config, &env).await?;
-        let creds = super::mesh::populate(&state.store, sites).await?;
+        let creds = if sites > 0 {
+            super::mesh::populate(&state.store, sites).await?
+        } else {
+            Vec::new()
+        };
         if let Some(h) = hubs {
             super::mesh::hub_and_spoke(&state.store, h).await?;
         }
@@ -158,6 +198,7 @@ impl BenchController {
             addr,
             creds,
             password,
+            database,
             stop,
             server,
         })
@@ -204,29 +245,103 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
         (1..=20_000).contains(&args.edges),
         "--edges must be 1 to 20000"
     );
+    anyhow::ensure!(
+        (1..=16).contains(&args.controllers),
+        "--controllers must be 1 to 16"
+    );
     let hub_spoke = match args.topology.as_str() {
         "hub-spoke" => true,
         "full-mesh" => false,
         other => bail!("--topology {other}: hub-spoke or full-mesh"),
     };
-    raise_fd_limit(2 * args.edges as u64 + 256)?;
-    let dir = std::env::temp_dir().join(format!("patronus-bench-push-{}", std::process::id()));
+    let postgres = match args.backend.as_str() {
+        "sqlite" => {
+            anyhow::ensure!(
+                args.controllers == 1,
+                "--controllers {}: several controllers share a PostgreSQL database (--backend \
+                 postgres); SQLite is one controller's",
+                args.controllers
+            );
+            false
+        }
+        "postgres" => true,
+        other => bail!("--backend {other}: sqlite or postgres"),
+    };
+    raise_fd_limit(2 * args.edges as u64 + 256 * args.controllers as u64)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let result = rt.block_on(async {
+    let mut runs = Vec::new();
+    if postgres {
+        progress(format_args!("a throwaway PostgreSQL server"));
+        let pg = patronus_lab::postgres::Postgres::start()
+            .context("starting PostgreSQL for the bench")?;
+        pg.create_database("bench_push")
+            .context("creating the bench's database")?;
+        let database = Database::Postgres(pg.url("bench_push"));
+        runs.push(rt.block_on(run_once(args, hub_spoke, database, args.controllers))?);
+        drop(pg);
+    }
+    let dir = std::env::temp_dir().join(format!("patronus-bench-push-{}", std::process::id()));
+    let database = Database::Sqlite(dir.join("controller.db"));
+    let sqlite = rt.block_on(run_once(args, hub_spoke, database, 1));
+    let _ = std::fs::remove_dir_all(&dir);
+    runs.push(sqlite?);
+    let first = runs[0].clone();
+    Ok(json!({
+        "bench": "push",
+        "edges": args.edges,
+        "topology": args.topology,
+        "protocol": if args.full { "full" } else { "delta" },
+        "backend": first["backend"],
+        "controllers": first["controllers"],
+        "initial_fetch_ms": first["initial_fetch_ms"],
+        "policy_write_ms": first["policy_write_ms"],
+        "p50_ms": first["p50_ms"],
+        "p99_ms": first["p99_ms"],
+        "max_ms": first["max_ms"],
+        "bytes_per_edge": first["bytes_per_edge"],
+        "runs": runs,
+        "machine": super::machine(),
+    }))
+}
+
+/// One run: `controllers` controllers on `database`, the edges spread over them.
+async fn run_once(
+    args: &Args,
+    hub_spoke: bool,
+    database: Database,
+    controllers: usize,
+) -> anyhow::Result<Value> {
+    let backend = match database {
+        Database::Sqlite(_) => "sqlite",
+        Database::Postgres(_) => "postgres",
+    };
+    let dir = std::env::temp_dir().join(format!(
+        "patronus-bench-push-{}-{backend}",
+        std::process::id()
+    ));
+    let result = async {
         progress(format_args!(
-            "a controller with {} sites ({})",
+            "{controllers} controller(s) on {backend} with {} sites ({})",
             args.edges, args.topology
         ));
-        let c = BenchController::start(&dir, args.edges, hub_spoke.then_some(2)).await?;
-        let (addr, creds) = (c.addr, c.creds.clone());
+        let mut cs = vec![
+            BenchController::start_on(&dir, database, args.edges, hub_spoke.then_some(2)).await?,
+        ];
+        for _ in 1..controllers {
+            let c = BenchController::join(&dir, &cs[0]).await?;
+            cs.push(c);
+        }
+        let addrs: Vec<SocketAddr> = cs.iter().map(|c| c.addr).collect();
+        let creds = cs[0].creds.clone();
 
         progress(format_args!(
             "{} edges fetch their configuration and long-poll for the next",
             args.edges
         ));
-        // Every edge fetches its configuration, then waits for the next.
+        // Every edge fetches its configuration, then waits for the next, on the controller
+        // its number picks.
         let waiting = Arc::new(AtomicUsize::new(0));
         let mut edges = Vec::new();
         let t = Instant::now();
@@ -235,8 +350,9 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
         } else {
             "/api/v1/edge/config/delta?wait=25"
         };
-        for c in creds {
+        for (i, c) in creds.into_iter().enumerate() {
             let waiting = waiting.clone();
+            let addr = addrs[i % addrs.len()];
             edges.push(tokio::spawn(async move {
                 let (status, etag, _) = get(addr, "/api/v1/edge/config", &c, None).await?;
                 anyhow::ensure!(status == 200, "initial fetch: {status}");
@@ -262,7 +378,7 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
         // Let the last long polls reach the server.
         tokio::time::sleep(Duration::from_millis(500)).await;
 
-        let token = c.login().await?;
+        let token = cs[0].login().await?;
         let policy = json!({
             "name": "voice", "order": 10, "class": "realtime", "steering": "duplicate",
             "match": { "protocol": "udp", "dst_ports": ["16384-32767"] }
@@ -271,47 +387,70 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
             "one policy written; waiting for every edge to hold its new configuration"
         ));
         let t0 = Instant::now();
-        let (status, _) = post(addr, "/api/v1/policies", Some(&token), &policy).await?;
+        let (status, _) = post(addrs[0], "/api/v1/policies", Some(&token), &policy).await?;
         anyhow::ensure!(status == 201, "policy: {status}");
         let write_ms = t0.elapsed().as_secs_f64() * 1e3;
         let mut delays_us = Vec::with_capacity(edges.len());
+        let mut per_controller: Vec<Vec<u64>> = vec![Vec::new(); controllers];
         let mut bytes = 0usize;
-        for e in edges {
+        for (i, e) in edges.into_iter().enumerate() {
             let (at, b) = e.await??;
-            delays_us.push(at.saturating_duration_since(t0).as_micros() as u64);
+            let us = at.saturating_duration_since(t0).as_micros() as u64;
+            delays_us.push(us);
+            per_controller[i % controllers].push(us);
             bytes += b;
         }
-        c.stop().await;
+        for c in cs {
+            c.stop().await;
+        }
         delays_us.sort_unstable();
-        let pct = |q: f64| patronus_lab::stats::percentile(&delays_us, q).map(|us| us as f64 / 1e3);
+        let pct =
+            |v: &[u64], q: f64| patronus_lab::stats::percentile(v, q).map(|us| us as f64 / 1e3);
+        let by_controller: Vec<Value> = per_controller
+            .iter_mut()
+            .map(|v| {
+                v.sort_unstable();
+                json!({ "edges": v.len(), "p99_ms": pct(v, 0.99), "max_ms": pct(v, 1.0) })
+            })
+            .collect();
         anyhow::Ok(json!({
-            "bench": "push",
-            "edges": args.edges,
-            "topology": args.topology,
-            "protocol": if args.full { "full" } else { "delta" },
+            "backend": backend,
+            "controllers": controllers,
             "initial_fetch_ms": initial_ms,
             "policy_write_ms": write_ms,
-            "p50_ms": pct(0.50),
-            "p99_ms": pct(0.99),
-            "max_ms": pct(1.0),
+            "p50_ms": pct(&delays_us, 0.50),
+            "p99_ms": pct(&delays_us, 0.99),
+            "max_ms": pct(&delays_us, 1.0),
+            "by_controller": by_controller,
             "bytes_per_edge": bytes as f64 / args.edges as f64,
-            "machine": super::machine(),
         }))
-    });
+    }
+    .await;
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
 pub fn summary(r: &Value) -> String {
+    let runs = r["runs"].as_array().cloned().unwrap_or_default();
+    let each: Vec<String> = runs
+        .iter()
+        .map(|run| {
+            format!(
+                "{} controller(s) on {}: p50 {}, p99 {}, slowest {}",
+                run["controllers"],
+                run["backend"].as_str().unwrap_or("?"),
+                fig(&run["p50_ms"], 1, " ms"),
+                fig(&run["p99_ms"], 1, " ms"),
+                fig(&run["max_ms"], 1, " ms"),
+            )
+        })
+        .collect();
     format!(
-        "push: {} edges ({}, {}): every edge held the new configuration after p50 {}, p99 {}, \
-         slowest {}; {} per edge",
+        "push: {} edges ({}, {}): every edge held the new configuration after {}; {} per edge",
         r["edges"],
         r["topology"].as_str().unwrap_or("?"),
         r["protocol"].as_str().unwrap_or("?"),
-        fig(&r["p50_ms"], 1, " ms"),
-        fig(&r["p99_ms"], 1, " ms"),
-        fig(&r["max_ms"], 1, " ms"),
+        each.join("; "),
         fig(&r["bytes_per_edge"], 0, " bytes"),
     )
 }
