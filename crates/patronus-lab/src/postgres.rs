@@ -251,6 +251,18 @@ impl Postgres {
         )
     }
 
+    /// A URL for database `db` as the superuser, over the server's Unix socket: reachable
+    /// from every network namespace of the machine (the lab's controllers run in one of their
+    /// own), by root or the server's user.
+    pub fn socket_url(&self, db: &str) -> String {
+        format!(
+            "postgres://{USER}:{}@localhost/{db}?host={}&port={}",
+            self.password,
+            self.dir.display(),
+            self.port
+        )
+    }
+
     /// Runs `sql` with `psql` in database `db`; returns its output (unaligned, tuples only).
     pub fn psql(&self, db: &str, sql: &str) -> Result<String, PgError> {
         let out = self

@@ -256,11 +256,12 @@ fn report(
 static CURRENT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// One request to the controllers: to the one in use first, then, if it cannot be reached or
-/// answers that it cannot serve (502, 503, 504), to each next one in turn; the first that
-/// answers otherwise is the one in use from then on. A move is logged and counted
-/// (`patronus_edge_control_failovers_total`, `control` in `edge status`). A long poll on a
-/// controller that dies fails at once (its connection is reset or closed), so the edge is on
-/// the next controller within the time it takes to connect to it.
+/// answers that it cannot serve (502, 503, 504), to each next one in turn. Giving up on the one
+/// in use moves the control connection to the next at once, before that one answers (a long
+/// poll there may take 25 s to), so the edge's other requests go there too; a move is logged
+/// and counted (`patronus_edge_control_failovers_total`, `control` in `edge status`). A long
+/// poll on a controller that dies fails at once (its connection is closed or reset), so the
+/// edge is on the next controller within the time it takes to notice that.
 fn control(
     urls: &patronus_api::ControllerUrls,
     via: &crate::api_client::Via,
@@ -272,35 +273,38 @@ fn control(
 ) -> anyhow::Result<crate::api_client::Response> {
     use std::sync::atomic::Ordering;
     let all = urls.urls();
-    let first = CURRENT.load(Ordering::Relaxed) % all.len();
+    let n = all.len();
+    let first = CURRENT.load(Ordering::Relaxed) % n;
     let mut last = None;
-    for k in 0..all.len() {
-        let i = (first + k) % all.len();
+    for k in 0..n {
+        let i = (first + k) % n;
         let r =
             crate::api_client::request_via(Some(via), &all[i], method, path, token, body, headers);
         let unavailable = match &r {
             Ok(r) => matches!(r.status, 502..=504),
             Err(_) => true,
         };
-        if unavailable && k + 1 < all.len() {
-            last = Some(r);
-            continue;
+        if !unavailable {
+            patronus_edge::status::control_in_use(&all[i], n);
+            return r;
         }
-        if !unavailable && CURRENT.swap(i, Ordering::Relaxed) % all.len() != i {
-            let from = &all[first];
-            let why = last
-                .as_ref()
-                .map(crate::api_client::failure_text)
-                .unwrap_or_default();
-            eprintln!(
-                "edge: the control connection moved from {from} to {} ({why})",
-                all[i]
-            );
-            patronus_edge::status::control_moved(&all[i], all.len());
-        } else if !unavailable {
-            patronus_edge::status::control_in_use(&all[i], all.len());
+        if n > 1 {
+            let next = (i + 1) % n;
+            // Only the first request to give up on `i` moves (and says so).
+            if CURRENT
+                .compare_exchange(i, next, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                eprintln!(
+                    "edge: the control connection moved from {} to {} ({})",
+                    all[i],
+                    all[next],
+                    crate::api_client::failure_text(&r)
+                );
+                patronus_edge::status::control_moved(&all[next], n);
+            }
         }
-        return r;
+        last = Some(r);
     }
     last.unwrap_or_else(|| Err(anyhow::anyhow!("no controller URL")))
 }
@@ -934,14 +938,15 @@ mod tests {
                 .status
         };
         assert_eq!(call(), 204);
+        // Two moves: past the dead one, then past the one that cannot serve.
         let c = patronus_edge::status::control_now().unwrap();
         assert_eq!(
             (c.controller.as_str(), c.controllers, c.failovers),
-            (good.as_str(), 3, 1)
+            (good.as_str(), 3, 2)
         );
         // The one that answered is tried first from then on: no new move.
         assert_eq!(call(), 204);
-        assert_eq!(patronus_edge::status::control_now().unwrap().failovers, 1);
+        assert_eq!(patronus_edge::status::control_now().unwrap().failovers, 2);
         // With every controller failing, the last failure is the answer.
         let all_bad = patronus_api::ControllerUrls::new(vec![dead, unavailable]).unwrap();
         let r = super::control(&all_bad, &via, "GET", "/x", None, None, &[]);

@@ -45,9 +45,14 @@ fn cli(lab: &Lab, home: &Path, args: &[&str], stdin: &str) -> (bool, String, Str
 fn main() -> std::process::ExitCode {
     patronus_lab::harness::run(
         "controller lab",
-        vec![patronus_lab::lab_test!(
-            three_sites_enrolled_with_tokens_through_the_controller_carry_traffic
-        )],
+        vec![
+            patronus_lab::lab_test!(
+                three_sites_enrolled_with_tokens_through_the_controller_carry_traffic
+            ),
+            patronus_lab::lab_test!(
+                edges_spread_over_three_controllers_follow_a_write_and_survive_their_controller_killed
+            ),
+        ],
     )
 }
 
@@ -890,4 +895,253 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
         std::thread::sleep(Duration::from_millis(500));
     }
     lab.down().unwrap();
+}
+
+/// How many configurations edge `site` has taken from its controllers so far (its log).
+fn configurations(lab: &Lab, site: &str) -> usize {
+    std::fs::read_to_string(edges::edge_dir(lab, site).join("edge.log"))
+        .unwrap_or_default()
+        .matches("edge: new configuration")
+        .count()
+}
+
+/// Edge `site`'s log line saying its control connection moved, if it has one.
+fn moved(lab: &Lab, site: &str) -> Option<String> {
+    std::fs::read_to_string(edges::edge_dir(lab, site).join("edge.log"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.contains("control connection moved"))
+        .map(str::to_owned)
+}
+
+/// Three controllers over one PostgreSQL (a throwaway server on a Unix socket, which every
+/// namespace reaches), all serving; each edge lists the three, a different one first. A write
+/// on the first controller reaches every edge, held by any of them; then the controller of
+/// branch1's edge is killed outright (SIGKILL) in the middle of a stream through branch1: the
+/// edge is on another controller within 5 s and the stream loses nothing; a second write
+/// reaches every edge again.
+fn edges_spread_over_three_controllers_follow_a_write_and_survive_their_controller_killed() {
+    let lab = Lab::up(&Topology::three_sites_mixed(), LabOptions::default()).unwrap();
+    let run: PathBuf = patronus_lab::lab::run_dir(lab.run_id());
+    let plan = lab.plan().clone();
+    let ctl = lab.addr("controller", false).unwrap();
+    let pg = patronus_lab::postgres::Postgres::start().unwrap();
+    pg.create_database("patronus").unwrap();
+    let database = pg.socket_url("patronus");
+    let urls: Vec<String> = (0..3)
+        .map(|i| format!("http://{ctl}:{}", 8080 + i))
+        .collect();
+
+    // Three controllers, one data directory (the signing key) and one database; the first
+    // makes the schema and the first admin.
+    let state = run.join("controller");
+    let mut controllers = Vec::new();
+    for (i, url) in urls.iter().enumerate() {
+        let mut cmd = Command::new(patronus());
+        cmd.args([
+            "controller",
+            "--listen",
+            url.trim_start_matches("http://"),
+            "--data-dir",
+        ])
+        .arg(&state)
+        .env("PATRONUS_DATABASE", &database)
+        .env("PATRONUS_ADMIN_EMAIL", "admin@example.net");
+        let log = std::fs::File::create(run.join(format!("controller{i}.log"))).unwrap();
+        controllers.push(lab.spawn_logged("controller", cmd, log).unwrap());
+        // Each logs in once it serves (the first also made the password).
+        let home = run.join(format!("cli{i}"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let password =
+                std::fs::read_to_string(state.join("initial-admin-password")).unwrap_or_default();
+            let (ok, _, err) = cli(
+                &lab,
+                &home,
+                &["login", "--url", url, "--email", "admin@example.net"],
+                &password,
+            );
+            if ok {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "controller {i} does not serve: {err}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let home = run.join("cli0");
+
+    for s in &plan.sites {
+        let (lan4, lan6) = (s.lan4.to_string(), s.lan6.to_string());
+        let (ok, _, err) = cli(
+            &lab,
+            &home,
+            &[
+                "site",
+                "create",
+                s.name.as_str(),
+                "--lan",
+                &lan4,
+                "--lan",
+                &lan6,
+            ],
+            "",
+        );
+        assert!(ok, "{err}");
+        for l in &s.links {
+            let (ok, _, err) = cli(
+                &lab,
+                &home,
+                &[
+                    "link",
+                    "add",
+                    s.name.as_str(),
+                    l.name.as_str(),
+                    "--kind",
+                    l.kind.as_str(),
+                ],
+                "",
+            );
+            assert!(ok, "{err}");
+        }
+    }
+    // Edge i lists controller i first (so each edge is held by a different one).
+    for (i, s) in plan.sites.iter().enumerate() {
+        let (ok, token, err) = cli(&lab, &home, &["site", "enroll-token", s.name.as_str()], "");
+        assert!(ok, "{err}");
+        let mut local = edges::local_config(
+            &plan,
+            i,
+            &urls[i],
+            edges::edge_dir(&lab, s.name.as_str()).join("state"),
+        );
+        local.controller =
+            patronus_api::ControllerUrls::new((0..3).map(|k| urls[(i + k) % 3].clone()).collect())
+                .unwrap();
+        edges::controller_edge(
+            &lab,
+            patronus(),
+            s.name.as_str(),
+            &local,
+            "enroll",
+            Some(token.trim()),
+        )
+        .unwrap();
+        edges::controller_edge(&lab, patronus(), s.name.as_str(), &local, "run", None).unwrap();
+    }
+    for (from, to) in [
+        ("hq/h1", "branch1/h1"),
+        ("hq/h1", "branch2/h1"),
+        ("branch1/h1", "branch2/h1"),
+    ] {
+        let dst = lab.addr(to, false).unwrap();
+        edges::wait_for_tunnel(&lab, from, dst, Duration::from_secs(20)).unwrap();
+    }
+
+    // A write on the first controller reaches every edge, whichever controller holds it.
+    let wait_all = |before: &[usize], what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let now: Vec<usize> = plan
+                .sites
+                .iter()
+                .map(|s| configurations(&lab, s.name.as_str()))
+                .collect();
+            if now.iter().zip(before).all(|(n, b)| n > b) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: configurations {before:?} -> {now:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let before: Vec<usize> = plan
+        .sites
+        .iter()
+        .map(|s| configurations(&lab, s.name.as_str()))
+        .collect();
+    let (ok, _, err) = cli(
+        &lab,
+        &home,
+        &["link", "add", "hq", "spare", "--kind", "lte"],
+        "",
+    );
+    assert!(ok, "{err}");
+    wait_all(&before, "the first write");
+    assert!(
+        plan.sites
+            .iter()
+            .all(|s| moved(&lab, s.name.as_str()).is_none())
+    );
+
+    // branch1's controller (the second) is killed in the middle of a stream through branch1.
+    let b1 = lab.addr("branch1/h1", false).unwrap();
+    let (from_ns, to_ns) = (lab.ns("hq/h1").unwrap(), lab.ns("branch1/h1").unwrap());
+    let started = Instant::now();
+    let (r, took, killed_after) = std::thread::scope(|sc| {
+        let stream = sc.spawn(|| {
+            let cfg = patronus_lab::stream::StreamConfig {
+                rate_pps: 200,
+                duration: Duration::from_secs(8),
+                port: 46100,
+                ..Default::default()
+            };
+            patronus_lab::stream::run(&from_ns, &to_ns, b1, &cfg).unwrap()
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(controllers[1] as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let killed = Instant::now();
+        let killed_after = killed - started;
+        let took = loop {
+            if let Some(line) = moved(&lab, "branch1") {
+                eprintln!("{line}");
+                assert!(line.contains(&urls[1]), "{line}");
+                break killed.elapsed();
+            }
+            assert!(
+                killed.elapsed() < Duration::from_secs(5),
+                "branch1's edge did not move within 5 s of its controller's kill"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (stream.join().unwrap(), took, killed_after)
+    });
+    eprintln!("branch1's edge moved {took:?} after its controller was killed");
+    assert!(r.sent > 1000, "{r:?}");
+    // Nothing lost from shortly before the kill to the end. (A loss in the stream's first
+    // moments, right after the edges took the new configuration, is not the kill's: seen
+    // once, 13 packets at the 5th, and none with the stream started 2 s later.)
+    let kill_seq = killed_after.as_secs_f64() * 200.0;
+    for g in &r.gaps {
+        assert!(
+            (g.first_seq + g.lost) as f64 <= kill_seq - 40.0,
+            "lost around or after the kill (packet {kill_seq:.0}): {r:?}"
+        );
+    }
+    if r.lost > 0 {
+        eprintln!("lost before the kill: {:?}", r.gaps);
+    }
+    // The others stayed where they were; a second write reaches all three again.
+    assert!(moved(&lab, "hq").is_none() && moved(&lab, "branch2").is_none());
+    let before: Vec<usize> = plan
+        .sites
+        .iter()
+        .map(|s| configurations(&lab, s.name.as_str()))
+        .collect();
+    let (ok, _, err) = cli(
+        &lab,
+        &home,
+        &["link", "add", "hq", "spare2", "--kind", "lte"],
+        "",
+    );
+    assert!(ok, "{err}");
+    wait_all(&before, "the write after the kill");
 }

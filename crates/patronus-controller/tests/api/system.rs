@@ -1265,3 +1265,96 @@ async fn the_whole_state_is_copied_into_a_fresh_postgres_and_served_the_same() {
     assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
     assert!(r.body["id"].as_i64().unwrap() > ids[2], "{r:?}");
 }
+
+/// Three controllers over one PostgreSQL database (and one data directory: the signing key),
+/// each serving: a token issued by A is good on C; a refresh token rotated on A and replayed on
+/// B revokes the session everywhere; an edge waiting on C gets the change written on A as it
+/// is made. (In the `api` run the suite's SQLite controller plays no part: these controllers
+/// are on a PostgreSQL database of their own.)
+#[tokio::test]
+async fn three_controllers_over_one_postgres_share_tokens_sessions_and_changes() {
+    use patronus_controller::config::Database;
+    let pg = patronus_lab::postgres::shared().unwrap();
+    let name = format!("three_{}", crate::BACKEND);
+    pg.create_database(&name).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::with_data_dir(dir.path().join("state"));
+    config.database = Database::Postgres(pg.url(&name));
+    config.auth_rate_per_minute = 10_000;
+    let a = api_on(config.clone(), tempfile::tempdir().unwrap()).await;
+    let b = api_on(config.clone(), tempfile::tempdir().unwrap()).await;
+    let c = api_on(config, tempfile::tempdir().unwrap()).await;
+
+    // A token from A works on C.
+    let r = a.login(ADMIN, ADMIN_PW).await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    let t = r.body["access_token"].as_str().unwrap().to_owned();
+    let refresh1 = r.body["refresh_token"].as_str().unwrap().to_owned();
+    let r = c.call(Method::GET, "/api/v1/sites", Some(&t), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    // Rotated on A, replayed on B: refused, and the rotated one dies with it (on C too).
+    async fn refresh(x: &Api, token: &str) -> Reply {
+        let body = json!({ "refresh_token": token });
+        x.call(Method::POST, "/api/v1/auth/refresh", None, Some(body))
+            .await
+    }
+    let r = refresh(&a, &refresh1).await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    let refresh2 = r.body["refresh_token"].as_str().unwrap().to_owned();
+    let r = refresh(&b, &refresh1).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{r:?}");
+    let r = refresh(&c, &refresh2).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{r:?}");
+
+    // An edge waits on C; the change is written on A.
+    let ids = sites(&a, &t, &["hq", "b1"]).await;
+    let cred = enrolled(&a, &t, ids[0], 5).await;
+    let r = c
+        .call(Method::GET, "/api/v1/edge/config", Some(&cred), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    let etag = r.headers[header::ETAG].to_str().unwrap().to_owned();
+    let app = c.app.clone();
+    let (c2, e2) = (cred.clone(), etag.clone());
+    let waiting = tokio::spawn(async move {
+        let req = Request::get("/api/v1/edge/config?wait=20")
+            .header(header::AUTHORIZATION, format!("Bearer {c2}"))
+            .header(header::IF_NONE_MATCH, e2)
+            .body(Body::empty())
+            .unwrap();
+        let resp = app.oneshot(req).await.unwrap();
+        (resp.status(), resp.headers()[header::ETAG].clone())
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while c
+        .state
+        .presence
+        .lock()
+        .unwrap()
+        .get(&ids[0])
+        .is_none_or(|p| p.open == 0)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the long poll never waited"
+        );
+        tokio::task::yield_now().await;
+    }
+    let announced = c.state.store.generations_followed().0;
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/policies",
+            Some(&t),
+            Some(voice("voice", 10, "realtime")),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    let (status, new_etag) = waiting.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_ne!(new_etag.to_str().unwrap(), etag);
+    // C learnt it from A's announcement or its own periodic read: either way, counted.
+    let (n, reread) = c.state.store.generations_followed();
+    assert!(n + reread > announced, "{n} {reread}");
+    let _ = &b;
+}

@@ -163,6 +163,9 @@ impl BenchController {
         config.database = database.clone();
         config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         config.auth_rate_per_minute = 1_000_000;
+        // The simulated edges all connect from 127.0.0.1, where real ones each have an
+        // address of their own: the per-address cap would refuse all but 128 of them.
+        config.max_connections_per_address = 1_000_000;
         let mut pw = [0u8; 18];
         getrandom::getrandom(&mut pw)?;
         let password = format!("{}-Aa1", patronus_controller::auth::b64url(&pw));
@@ -368,9 +371,19 @@ async fn run_once(
             }));
         }
         while waiting.load(Ordering::SeqCst) < args.edges {
+            // An edge that gave up says why, rather than the wait running out.
+            if let Some(i) = edges.iter().position(|e| e.is_finished()) {
+                let e = edges.swap_remove(i);
+                match e.await? {
+                    Err(e) => return Err(e.context(format!("edge {i}"))),
+                    Ok(_) => bail!("edge {i} had its configuration before the write"),
+                }
+            }
             anyhow::ensure!(
                 t.elapsed() < Duration::from_secs(120),
-                "edges did not all connect"
+                "{} of {} edges connected in 120 s",
+                waiting.load(Ordering::SeqCst),
+                args.edges
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
