@@ -42,6 +42,45 @@ fn cli(lab: &Lab, home: &Path, args: &[&str], stdin: &str) -> (bool, String, Str
     )
 }
 
+/// Creates the lab's sites and their links through the CLI (logged in at `home`), as an
+/// operator would enter them.
+fn create_sites(lab: &Lab, home: &Path) {
+    for s in &lab.plan().sites {
+        let (lan4, lan6) = (s.lan4.to_string(), s.lan6.to_string());
+        let (ok, _, err) = cli(
+            lab,
+            home,
+            &[
+                "site",
+                "create",
+                s.name.as_str(),
+                "--lan",
+                &lan4,
+                "--lan",
+                &lan6,
+            ],
+            "",
+        );
+        assert!(ok, "{err}");
+        for l in &s.links {
+            let (ok, _, err) = cli(
+                lab,
+                home,
+                &[
+                    "link",
+                    "add",
+                    s.name.as_str(),
+                    l.name.as_str(),
+                    "--kind",
+                    l.kind.as_str(),
+                ],
+                "",
+            );
+            assert!(ok, "{err}");
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     patronus_lab::harness::run(
         "controller lab",
@@ -97,40 +136,7 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
     }
 
     // The sites and their links, as an operator would enter them.
-    for s in &plan.sites {
-        let (lan4, lan6) = (s.lan4.to_string(), s.lan6.to_string());
-        let (ok, _, err) = cli(
-            &lab,
-            &home,
-            &[
-                "site",
-                "create",
-                s.name.as_str(),
-                "--lan",
-                &lan4,
-                "--lan",
-                &lan6,
-            ],
-            "",
-        );
-        assert!(ok, "{err}");
-        for l in &s.links {
-            let (ok, _, err) = cli(
-                &lab,
-                &home,
-                &[
-                    "link",
-                    "add",
-                    s.name.as_str(),
-                    l.name.as_str(),
-                    "--kind",
-                    l.kind.as_str(),
-                ],
-                "",
-            );
-            assert!(ok, "{err}");
-        }
-    }
+    create_sites(&lab, &home);
     // Each edge enrols with its own token; the data planes start once all have enrolled.
     let mut locals = Vec::new();
     for (i, s) in plan.sites.iter().enumerate() {
@@ -973,40 +979,7 @@ fn edges_spread_over_three_controllers_follow_a_write_and_survive_their_controll
     }
     let home = run.join("cli0");
 
-    for s in &plan.sites {
-        let (lan4, lan6) = (s.lan4.to_string(), s.lan6.to_string());
-        let (ok, _, err) = cli(
-            &lab,
-            &home,
-            &[
-                "site",
-                "create",
-                s.name.as_str(),
-                "--lan",
-                &lan4,
-                "--lan",
-                &lan6,
-            ],
-            "",
-        );
-        assert!(ok, "{err}");
-        for l in &s.links {
-            let (ok, _, err) = cli(
-                &lab,
-                &home,
-                &[
-                    "link",
-                    "add",
-                    s.name.as_str(),
-                    l.name.as_str(),
-                    "--kind",
-                    l.kind.as_str(),
-                ],
-                "",
-            );
-            assert!(ok, "{err}");
-        }
-    }
+    create_sites(&lab, &home);
     // Edge i lists controller i first (so each edge is held by a different one).
     for (i, s) in plan.sites.iter().enumerate() {
         let (ok, token, err) = cli(&lab, &home, &["site", "enroll-token", s.name.as_str()], "");

@@ -332,39 +332,7 @@ async fn a_waiting_edge_gets_a_change_as_soon_as_it_is_made_and_304_when_there_i
         .await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
     // A change while the edge waits: the answer comes with it, not at the end of the wait.
-    let app = a.app.clone();
-    let (c2, e2) = (cred.clone(), etag.clone());
-    let waiting = tokio::spawn(async move {
-        let req = Request::get("/api/v1/edge/config?wait=20")
-            .header(header::AUTHORIZATION, format!("Bearer {c2}"))
-            .header(header::IF_NONE_MATCH, e2)
-            .body(Body::empty())
-            .unwrap();
-        let started = std::time::Instant::now();
-        let resp = app.oneshot(req).await.unwrap();
-        (
-            resp.status(),
-            resp.headers()[header::ETAG].clone(),
-            started.elapsed(),
-        )
-    });
-    // The change is made once the edge's request is waiting (counted open in its presence), so
-    // that it is the change, not the first look, that answers it.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while a
-        .state
-        .presence
-        .lock()
-        .unwrap()
-        .get(&ids[0])
-        .is_none_or(|p| p.open == 0)
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the long poll never waited"
-        );
-        tokio::task::yield_now().await;
-    }
+    let waiting = waiting_poll(&a, ids[0], &cred, &etag).await;
     let r = a
         .call(
             Method::POST,

@@ -446,6 +446,49 @@ pub async fn tls_receiver(
     (port, got)
 }
 
+/// Starts edge `cred`'s long poll (`wait=20`, holding `etag`) on `a` and returns once it is
+/// waiting (counted open in site `site`'s presence), so that what answers it is a change, not
+/// the first look; the task gives the answer's status, ETag and how long it took.
+pub async fn waiting_poll(
+    a: &Api,
+    site: i64,
+    cred: &str,
+    etag: &str,
+) -> tokio::task::JoinHandle<(StatusCode, header::HeaderValue, std::time::Duration)> {
+    let app = a.app.clone();
+    let (c2, e2) = (cred.to_owned(), etag.to_owned());
+    let waiting = tokio::spawn(async move {
+        let req = Request::get("/api/v1/edge/config?wait=20")
+            .header(header::AUTHORIZATION, format!("Bearer {c2}"))
+            .header(header::IF_NONE_MATCH, e2)
+            .body(Body::empty())
+            .unwrap();
+        let started = std::time::Instant::now();
+        let resp = app.oneshot(req).await.unwrap();
+        (
+            resp.status(),
+            resp.headers()[header::ETAG].clone(),
+            started.elapsed(),
+        )
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while a
+        .state
+        .presence
+        .lock()
+        .unwrap()
+        .get(&site)
+        .is_none_or(|p| p.open == 0)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the long poll never waited"
+        );
+        tokio::task::yield_now().await;
+    }
+    waiting
+}
+
 /// The id of hq's MPLS path to b1 (link ids, lower first).
 pub async fn v_path_id(a: &Api, t: &str) -> String {
     let r = a

@@ -1314,32 +1314,7 @@ async fn three_controllers_over_one_postgres_share_tokens_sessions_and_changes()
         .await;
     assert_eq!(r.status, StatusCode::OK, "{r:?}");
     let etag = r.headers[header::ETAG].to_str().unwrap().to_owned();
-    let app = c.app.clone();
-    let (c2, e2) = (cred.clone(), etag.clone());
-    let waiting = tokio::spawn(async move {
-        let req = Request::get("/api/v1/edge/config?wait=20")
-            .header(header::AUTHORIZATION, format!("Bearer {c2}"))
-            .header(header::IF_NONE_MATCH, e2)
-            .body(Body::empty())
-            .unwrap();
-        let resp = app.oneshot(req).await.unwrap();
-        (resp.status(), resp.headers()[header::ETAG].clone())
-    });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while c
-        .state
-        .presence
-        .lock()
-        .unwrap()
-        .get(&ids[0])
-        .is_none_or(|p| p.open == 0)
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the long poll never waited"
-        );
-        tokio::task::yield_now().await;
-    }
+    let waiting = waiting_poll(&c, ids[0], &cred, &etag).await;
     let announced = c.state.store.generations_followed().0;
     let r = a
         .call(
@@ -1350,7 +1325,7 @@ async fn three_controllers_over_one_postgres_share_tokens_sessions_and_changes()
         )
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
-    let (status, new_etag) = waiting.await.unwrap();
+    let (status, new_etag, _) = waiting.await.unwrap();
     assert_eq!(status, StatusCode::OK);
     assert_ne!(new_etag.to_str().unwrap(), etag);
     // C learnt it from A's announcement or its own periodic read: either way, counted.
