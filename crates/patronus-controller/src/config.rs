@@ -495,10 +495,21 @@ mod tests {
             format!("{pg:?}"),
             "postgres://patronus:***@db.example.net:5433/patronus"
         );
+        // A password in the query is hidden too, however its key is written.
+        let q = load("postgres://patronus@db/x?sslmode=prefer&pass%77ord=s3cret").unwrap();
+        assert_eq!(
+            format!("{q:?}"),
+            "postgres://patronus@db/x?sslmode=prefer&pass%77ord=***"
+        );
         for (bad, why) in [
             (
                 "postgres://patronus:s3cret@db:notaport/x",
                 "not a valid PostgreSQL URL",
+            ),
+            // sqlx would log an unknown parameter with its value: refused by name.
+            (
+                "postgres://patronus@db/x?pasword=s3cret",
+                "unknown parameter(s) in the PostgreSQL URL: pasword",
             ),
             ("mysql://db/x", "unknown database scheme `mysql://`"),
             ("sqlite://", "needs a file path"),

@@ -262,6 +262,10 @@ static CURRENT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize:
 /// and counted (`patronus_edge_control_failovers_total`, `control` in `edge status`). A long
 /// poll on a controller that dies fails at once (its connection is closed or reset), so the
 /// edge is on the next controller within the time it takes to notice that.
+///
+/// A write (POST) moves on only if it never reached the controller (no connection) or the
+/// controller said it could not serve it: one whose answer was lost may have been done, and
+/// doing it again elsewhere would spend an enrolment token twice or count a report twice.
 fn control(
     urls: &patronus_api::ControllerUrls,
     via: &crate::api_client::Via,
@@ -282,13 +286,19 @@ fn control(
             crate::api_client::request_via(Some(via), &all[i], method, path, token, body, headers);
         let unavailable = match &r {
             Ok(r) => matches!(r.status, 502..=504),
-            Err(_) => true,
+            Err(e) => method == "GET" || never_reached(e),
         };
         if !unavailable {
+            // Where it answered is where the next request goes (another request may have
+            // moved elsewhere meanwhile).
+            CURRENT.store(i, Ordering::Relaxed);
             patronus_edge::status::control_in_use(&all[i], n);
             return r;
         }
-        if n > 1 {
+        // When none answers, the last one tried stays in use: the next request starts there
+        // (and each move on the way was logged and counted: during an outage of them all,
+        // the count grows with every request, as it should for an alert to see it).
+        if k + 1 < n {
             let next = (i + 1) % n;
             // Only the first request to give up on `i` moves (and says so).
             if CURRENT
@@ -307,6 +317,13 @@ fn control(
         last = Some(r);
     }
     last.unwrap_or_else(|| Err(anyhow::anyhow!("no controller URL")))
+}
+
+/// Whether a request failed before reaching the controller: no address, or no connection
+/// (`api_client::request_via` says which step failed first).
+fn never_reached(e: &anyhow::Error) -> bool {
+    let m = e.to_string();
+    m.starts_with("connecting to the controller") || m.starts_with("resolving")
 }
 
 /// What the edge needs to keep following the controller once it runs.

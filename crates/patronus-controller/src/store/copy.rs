@@ -126,10 +126,15 @@ pub async fn copy_all(
         let columns = target_columns(&mut dst, table).await?;
         let n = copy_table(&mut src, &mut dst, table, *identity, &columns).await?;
         if *identity {
+            // Past every id the source ever gave, not only those it still holds: a deleted
+            // link's id must not come back (a path's id is its links' ids, and its history
+            // is kept by that id).
+            let given = ids_given(&mut src, from.backend(), table).await?;
             query_scalar::<i64>(&format!(
                 "SELECT setval(pg_get_serial_sequence('{table}', 'id'),
-                               COALESCE((SELECT MAX(id) FROM {table}), 0) + 1, false)"
+                               GREATEST(COALESCE((SELECT MAX(id) FROM {table}), 0), ?) + 1, false)"
             ))
+            .bind(given)
             .fetch_one(&mut *dst)
             .await
             .map_err(db(format!("moving {table}'s id sequence")))?;
@@ -157,6 +162,31 @@ pub async fn copy_all(
         .map_err(db("auditing the copy"))?;
     dst.commit().await.map_err(db("committing the copy"))?;
     Ok(copied)
+}
+
+/// The highest id the source's `table` ever gave (deleted rows included): SQLite's
+/// `AUTOINCREMENT` keeps it in `sqlite_sequence`, PostgreSQL in the identity's sequence.
+async fn ids_given(
+    src: &mut super::Snapshot,
+    backend: &str,
+    table: &str,
+) -> Result<i64, CopyError> {
+    let sql = if backend == "postgres" {
+        "SELECT COALESCE((SELECT last_value FROM pg_sequences
+                          WHERE schemaname = current_schema() AND sequencename = ?), 0)"
+    } else {
+        "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = ?), 0)"
+    };
+    let name = if backend == "postgres" {
+        format!("{table}_id_seq")
+    } else {
+        table.to_owned()
+    };
+    query_scalar(sql)
+        .bind(name)
+        .fetch_one(&mut **src)
+        .await
+        .map_err(db(format!("reading the ids {table} gave")))
 }
 
 /// The target's columns of `table`, in order, with how each travels.

@@ -95,12 +95,13 @@ arg_from!(Bool:
     bool => |v| Some(v),
 );
 
-/// `sql` with PostgreSQL's numbered parameters: each `?` outside a quoted literal or
-/// identifier becomes `$1`, `$2`, ... in order (`?NNN` becomes `$NNN`).
+/// `sql` with PostgreSQL's numbered parameters, numbered as SQLite numbers them: `?NNN`
+/// becomes `$NNN`, and each bare `?` outside a quoted literal or identifier the next number
+/// after the largest so far.
 pub fn numbered(sql: &str) -> String {
     let mut out = String::with_capacity(sql.len() + 16);
     let mut quote: Option<char> = None;
-    let mut n = 0u32;
+    let mut largest = 0u32;
     let mut chars = sql.chars().peekable();
     while let Some(c) = chars.next() {
         match quote {
@@ -117,12 +118,15 @@ pub fn numbered(sql: &str) -> String {
             None if c == '?' => {
                 out.push('$');
                 if chars.peek().is_some_and(char::is_ascii_digit) {
+                    let mut digits = String::new();
                     while let Some(d) = chars.next_if(char::is_ascii_digit) {
-                        out.push(d);
+                        digits.push(d);
                     }
+                    largest = largest.max(digits.parse().unwrap_or(u32::MAX));
+                    out.push_str(&digits);
                 } else {
-                    n += 1;
-                    out.push_str(&n.to_string());
+                    largest += 1;
+                    out.push_str(&largest.to_string());
                 }
             }
             None => out.push(c),
@@ -421,6 +425,8 @@ mod tests {
             "SELECT a FROM t WHERE b = $1 AND c LIKE $2 ESCAPE '\\' AND d = '?' LIMIT $3"
         );
         assert_eq!(numbered("x = ?2 OR y = ?1"), "x = $2 OR y = $1");
+        // A bare ? after ?N is N + 1, as SQLite counts.
+        assert_eq!(numbered("a = ?3 AND b = ?"), "a = $3 AND b = $4");
         assert_eq!(numbered("SELECT \"a?\" FROM t"), "SELECT \"a?\" FROM t");
     }
 }

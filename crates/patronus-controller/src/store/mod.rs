@@ -585,15 +585,19 @@ impl Store {
             Pool::Pg(_) => (schema::PG_MIGRATIONS, schema::PG_MIGRATIONS),
         };
         let known = latest.last().map_or(0, |m| m.0);
-        let mut conn = self.conn().await.map_err(db("connecting"))?;
+        // Under the write lock: controllers starting together on a fresh PostgreSQL database
+        // would otherwise race to create it (and one would fail on a duplicate type name).
+        let mut tx = self.begin().await.map_err(db("connecting"))?;
         query(
             "CREATE TABLE IF NOT EXISTS schema_migrations (
                 version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
         )
-        .execute(&mut *conn)
+        .execute(&mut *tx)
         .await
         .map_err(db("creating schema_migrations"))?;
-        drop(conn);
+        tx.commit()
+            .await
+            .map_err(db("creating schema_migrations"))?;
         let applied = self
             .schema_version()
             .await

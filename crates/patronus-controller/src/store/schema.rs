@@ -5,8 +5,10 @@
 //! the schema SQLite reached at 15 (the first version that ran on PostgreSQL), in PostgreSQL's
 //! types: `BIGINT` for every integer (what the code decodes as `i64`; flags stay 0/1 integers
 //! as on SQLite), `DOUBLE PRECISION` for `REAL`, `BYTEA` for `BLOB`, identity columns for
-//! `AUTOINCREMENT` (by default, so that `controller migrate` can keep ids), and a unique index
-//! on `lower(email)` for SQLite's `COLLATE NOCASE`. From 16 on, every change is one migration
+//! `AUTOINCREMENT` (by default, so that `controller migrate` can keep ids), a unique index
+//! on `lower(email)` for SQLite's `COLLATE NOCASE`, and text in the "C" collation whatever
+//! the database's default: text sorts byte by byte and `lower()` folds ASCII only, as on
+//! SQLite. From 16 on, every change is one migration
 //! in each list, with the same number.
 
 use std::fmt;
@@ -29,6 +31,14 @@ impl Database {
             return Err("empty: give a file path, sqlite://<path> or postgres://…".into());
         }
         if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            let unknown = unknown_parameters(s);
+            if !unknown.is_empty() {
+                return Err(format!(
+                    "unknown parameter(s) in the PostgreSQL URL: {} (known: {})",
+                    unknown.join(", "),
+                    PG_PARAMETERS.join(", ")
+                ));
+            }
             s.parse::<sqlx::postgres::PgConnectOptions>().map_err(|e| {
                 format!(
                     "not a valid PostgreSQL URL: {}",
@@ -67,35 +77,125 @@ impl fmt::Debug for Database {
     }
 }
 
-/// `url` with the password of its user-info (`user:password@`) and of a `password=` query
-/// parameter replaced by `***`.
-fn redact_url(url: &str) -> String {
-    let mut out = url.to_owned();
-    if let Some((scheme, rest)) = url.split_once("://") {
-        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-        let authority = &rest[..authority_end];
-        if let Some((userinfo, host)) = authority.rsplit_once('@') {
-            if let Some((user, _)) = userinfo.split_once(':') {
-                out = format!("{scheme}://{user}:***@{host}{}", &rest[authority_end..]);
+/// The query parameters sqlx reads from a PostgreSQL URL. It logs any other one *with its
+/// value* (and ignores it), so those are refused before the URL reaches it: a mistyped
+/// `pasword=` would otherwise put a password in the log.
+const PG_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// The query parameters of `url` that sqlx would not read, by name (decoded).
+fn unknown_parameters(url: &str) -> Vec<String> {
+    let Some((_, query)) = url.split_once('?') else {
+        return Vec::new();
+    };
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| percent_decode(p.split_once('=').map_or(p, |(k, _)| k)))
+        .filter(|k| !PG_PARAMETERS.contains(&k.as_str()))
+        .collect()
+}
+
+/// `s` with its `%XX` escapes decoded (others left as they are).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
             }
         }
+        out.push(b[i]);
+        i += 1;
     }
-    if let Some(i) = out.find("password=") {
-        let end = out[i..].find('&').map_or(out.len(), |e| i + e);
-        out.replace_range(i + "password=".len()..end, "***");
-    }
-    out
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `url` with the password of its user-info (`user:password@`) and the value of every query
+/// parameter that is a password (`password`, `sslpassword`, however written) replaced by `***`.
+fn redact_url(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let base = match base.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            match authority.rsplit_once('@') {
+                Some((userinfo, host)) => match userinfo.split_once(':') {
+                    Some((user, _)) => format!("{scheme}://{user}:***@{host}{path}"),
+                    None => base.to_owned(),
+                },
+                None => base.to_owned(),
+            }
+        }
+        None => base.to_owned(),
+    };
+    let Some(query) = query else {
+        return base;
+    };
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|p| match p.split_once('=') {
+            Some((k, _)) if is_secret(k) => format!("{k}=***"),
+            _ => p.to_owned(),
+        })
+        .collect();
+    format!("{base}?{}", pairs.join("&"))
+}
+
+fn is_secret(key: &str) -> bool {
+    let k = percent_decode(key).to_ascii_lowercase();
+    k.contains("password")
 }
 
 /// An error about `url` that must not repeat its password.
 fn redact_error(error: &str, url: &str) -> String {
-    match url.split_once("://").and_then(|(_, r)| r.split_once('@')) {
-        Some((userinfo, _)) => match userinfo.split_once(':') {
-            Some((_, pw)) if !pw.is_empty() => error.replace(pw, "***"),
-            _ => error.to_owned(),
-        },
-        None => error.to_owned(),
+    let mut e = error.to_owned();
+    let mut secrets = Vec::new();
+    if let Some((userinfo, _)) = url.split_once("://").and_then(|(_, r)| r.rsplit_once('@')) {
+        if let Some((_, pw)) = userinfo.split_once(':') {
+            secrets.push(pw.to_owned());
+            secrets.push(percent_decode(pw));
+        }
     }
+    if let Some((_, q)) = url.split_once('?') {
+        for p in q.split('&') {
+            if let Some((k, v)) = p.split_once('=') {
+                if is_secret(k) {
+                    secrets.push(v.to_owned());
+                    secrets.push(percent_decode(v));
+                }
+            }
+        }
+    }
+    for s in secrets.iter().filter(|s| !s.is_empty()) {
+        e = e.replace(s.as_str(), "***");
+    }
+    e
 }
 
 /// PostgreSQL's schema: see the module's documentation.
@@ -105,10 +205,10 @@ pub const PG_MIGRATIONS: &[(i64, &str, &str)] = &[(
     r#"
 CREATE TABLE users (
     id            BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
-    email         TEXT    NOT NULL,
-    name          TEXT    NOT NULL DEFAULT '',
-    role          TEXT    NOT NULL CHECK (role IN ('admin', 'operator', 'viewer')),
-    password_hash TEXT    NOT NULL,
+    email         TEXT COLLATE "C"    NOT NULL,
+    name          TEXT COLLATE "C"    NOT NULL DEFAULT '',
+    role          TEXT COLLATE "C"    NOT NULL CHECK (role IN ('admin', 'operator', 'viewer')),
+    password_hash TEXT COLLATE "C"    NOT NULL,
     disabled      BIGINT  NOT NULL DEFAULT 0,
     version       BIGINT  NOT NULL DEFAULT 1,
     created_at    BIGINT  NOT NULL,
@@ -118,7 +218,7 @@ CREATE UNIQUE INDEX users_email ON users (lower(email));
 CREATE TABLE refresh_tokens (
     id          BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
     user_id     BIGINT  NOT NULL REFERENCES users(id) ON DELETE CASCADE,
-    family      TEXT    NOT NULL,
+    family      TEXT COLLATE "C"    NOT NULL,
     token_hash  BYTEA   NOT NULL UNIQUE,
     expires_at  BIGINT  NOT NULL,
     rotated     BIGINT  NOT NULL DEFAULT 0,
@@ -131,38 +231,38 @@ CREATE TABLE audit_log (
     id         BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
     at_ms      BIGINT  NOT NULL,
     actor_id   BIGINT,
-    actor      TEXT    NOT NULL,
-    action     TEXT    NOT NULL,
-    target     TEXT    NOT NULL,
-    details    TEXT    NOT NULL DEFAULT '{}',
-    source     TEXT    NOT NULL DEFAULT '',
-    request_id TEXT
+    actor      TEXT COLLATE "C"    NOT NULL,
+    action     TEXT COLLATE "C"    NOT NULL,
+    target     TEXT COLLATE "C"    NOT NULL,
+    details    TEXT COLLATE "C"    NOT NULL DEFAULT '{}',
+    source     TEXT COLLATE "C"    NOT NULL DEFAULT '',
+    request_id TEXT COLLATE "C"
 );
 CREATE INDEX audit_log_at ON audit_log(at_ms);
 CREATE INDEX audit_log_action ON audit_log(action, id);
 
 CREATE TABLE sites (
     id              BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
-    name            TEXT    NOT NULL UNIQUE,
-    description     TEXT    NOT NULL DEFAULT '',
-    location        TEXT    NOT NULL DEFAULT '',
+    name            TEXT COLLATE "C"    NOT NULL UNIQUE,
+    description     TEXT COLLATE "C"    NOT NULL DEFAULT '',
+    location        TEXT COLLATE "C"    NOT NULL DEFAULT '',
     latitude        DOUBLE PRECISION,
     longitude       DOUBLE PRECISION,
-    lan_prefixes    TEXT    NOT NULL DEFAULT '[]',
-    status          TEXT    NOT NULL DEFAULT 'active'
+    lan_prefixes    TEXT COLLATE "C"    NOT NULL DEFAULT '[]',
+    status          TEXT COLLATE "C"    NOT NULL DEFAULT 'active'
                             CHECK (status IN ('planned', 'active', 'disabled')),
     version         BIGINT  NOT NULL DEFAULT 1,
     created_at      BIGINT  NOT NULL,
     updated_at      BIGINT  NOT NULL,
-    public_key      TEXT,
+    public_key      TEXT COLLATE "C",
     key_rotation    BIGINT  NOT NULL DEFAULT 0,
-    next_public_key TEXT
+    next_public_key TEXT COLLATE "C"
 );
 CREATE TABLE links (
     id         BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
     site_id    BIGINT  NOT NULL REFERENCES sites(id) ON DELETE CASCADE,
-    name       TEXT    NOT NULL,
-    spec       TEXT    NOT NULL,
+    name       TEXT COLLATE "C"    NOT NULL,
+    spec       TEXT COLLATE "C"    NOT NULL,
     version    BIGINT  NOT NULL DEFAULT 1,
     created_at BIGINT  NOT NULL,
     updated_at BIGINT  NOT NULL,
@@ -171,8 +271,8 @@ CREATE TABLE links (
 
 CREATE TABLE topology (
     id             BIGINT  PRIMARY KEY CHECK (id = 1),
-    mode           TEXT    NOT NULL CHECK (mode IN ('full-mesh', 'hub-spoke')),
-    overlay_prefix TEXT    NOT NULL,
+    mode           TEXT COLLATE "C"    NOT NULL CHECK (mode IN ('full-mesh', 'hub-spoke')),
+    overlay_prefix TEXT COLLATE "C"    NOT NULL,
     version        BIGINT  NOT NULL DEFAULT 1,
     updated_at     BIGINT  NOT NULL
 );
@@ -187,8 +287,8 @@ CREATE TABLE overlay_addresses (
 
 CREATE TABLE sla_classes (
     id         BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
-    name       TEXT    NOT NULL UNIQUE,
-    spec       TEXT    NOT NULL,
+    name       TEXT COLLATE "C"    NOT NULL UNIQUE,
+    spec       TEXT COLLATE "C"    NOT NULL,
     builtin    BIGINT  NOT NULL DEFAULT 0,
     version    BIGINT  NOT NULL DEFAULT 1,
     created_at BIGINT  NOT NULL,
@@ -196,26 +296,26 @@ CREATE TABLE sla_classes (
 );
 CREATE TABLE policies (
     id         BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
-    name       TEXT    NOT NULL UNIQUE,
+    name       TEXT COLLATE "C"    NOT NULL UNIQUE,
     ord        BIGINT  NOT NULL UNIQUE,
-    spec       TEXT    NOT NULL,
+    spec       TEXT COLLATE "C"    NOT NULL,
     version    BIGINT  NOT NULL DEFAULT 1,
     created_at BIGINT  NOT NULL,
     updated_at BIGINT  NOT NULL
 );
 CREATE TABLE settings (
-    key        TEXT    PRIMARY KEY,
-    value      TEXT    NOT NULL,
+    key        TEXT COLLATE "C"    PRIMARY KEY,
+    value      TEXT COLLATE "C"    NOT NULL,
     version    BIGINT  NOT NULL DEFAULT 1,
     updated_at BIGINT  NOT NULL
 );
 
 CREATE TABLE api_keys (
     id           BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
-    name         TEXT    NOT NULL,
-    role         TEXT    NOT NULL CHECK (role IN ('admin', 'operator', 'viewer')),
+    name         TEXT COLLATE "C"    NOT NULL,
+    role         TEXT COLLATE "C"    NOT NULL CHECK (role IN ('admin', 'operator', 'viewer')),
     key_hash     BYTEA   NOT NULL UNIQUE,
-    hint         TEXT    NOT NULL,
+    hint         TEXT COLLATE "C"    NOT NULL,
     created_by   BIGINT REFERENCES users(id) ON DELETE SET NULL,
     created_at   BIGINT  NOT NULL,
     expires_at   BIGINT  NOT NULL,
@@ -242,10 +342,10 @@ CREATE TABLE site_credentials (
 
 CREATE TABLE path_samples (
     id        BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
-    path_id   TEXT    NOT NULL,
+    path_id   TEXT COLLATE "C"    NOT NULL,
     site_id   BIGINT  NOT NULL REFERENCES sites(id) ON DELETE CASCADE,
     at_s      BIGINT  NOT NULL,
-    state     TEXT    NOT NULL,
+    state     TEXT COLLATE "C"    NOT NULL,
     rtt_ms    DOUBLE PRECISION,
     jitter_ms DOUBLE PRECISION NOT NULL,
     loss_pct  DOUBLE PRECISION NOT NULL
@@ -257,11 +357,11 @@ CREATE TABLE failover_events (
     site_id   BIGINT  NOT NULL REFERENCES sites(id) ON DELETE CASCADE,
     seq       BIGINT  NOT NULL,
     at_ms     BIGINT  NOT NULL,
-    peer      TEXT    NOT NULL,
-    from_path TEXT,
-    to_path   TEXT,
-    detail    TEXT    NOT NULL,
-    reason    TEXT    NOT NULL,
+    peer      TEXT COLLATE "C"    NOT NULL,
+    from_path TEXT COLLATE "C",
+    to_path   TEXT COLLATE "C",
+    detail    TEXT COLLATE "C"    NOT NULL,
+    reason    TEXT COLLATE "C"    NOT NULL,
     flows     BIGINT  NOT NULL,
     UNIQUE (site_id, seq, at_ms)
 );
@@ -269,10 +369,10 @@ CREATE INDEX failover_events_at ON failover_events(at_ms);
 
 CREATE TABLE webhooks (
     id          BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
-    url         TEXT    NOT NULL,
-    events      TEXT    NOT NULL,
-    description TEXT    NOT NULL DEFAULT '',
-    secret      TEXT    NOT NULL,
+    url         TEXT COLLATE "C"    NOT NULL,
+    events      TEXT COLLATE "C"    NOT NULL,
+    description TEXT COLLATE "C"    NOT NULL DEFAULT '',
+    secret      TEXT COLLATE "C"    NOT NULL,
     enabled     BIGINT  NOT NULL DEFAULT 1,
     version     BIGINT  NOT NULL DEFAULT 1,
     created_at  BIGINT  NOT NULL,
@@ -281,14 +381,14 @@ CREATE TABLE webhooks (
 CREATE TABLE webhook_deliveries (
     id              BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
     webhook_id      BIGINT  NOT NULL REFERENCES webhooks(id) ON DELETE CASCADE,
-    event_id        TEXT    NOT NULL,
-    event           TEXT    NOT NULL,
-    payload         TEXT    NOT NULL,
-    status          TEXT    NOT NULL CHECK (status IN ('pending', 'delivered', 'failed')),
+    event_id        TEXT COLLATE "C"    NOT NULL,
+    event           TEXT COLLATE "C"    NOT NULL,
+    payload         TEXT COLLATE "C"    NOT NULL,
+    status          TEXT COLLATE "C"    NOT NULL CHECK (status IN ('pending', 'delivered', 'failed')),
     attempts        BIGINT  NOT NULL DEFAULT 0,
     next_attempt_ms BIGINT  NOT NULL,
     last_status     BIGINT,
-    last_error      TEXT,
+    last_error      TEXT COLLATE "C",
     created_ms      BIGINT  NOT NULL,
     delivered_ms    BIGINT
 );
@@ -297,7 +397,7 @@ CREATE INDEX webhook_deliveries_hook ON webhook_deliveries(webhook_id, id);
 
 CREATE TABLE traffic_counters (
     site_id    BIGINT  NOT NULL REFERENCES sites(id) ON DELETE CASCADE,
-    key        TEXT    NOT NULL,
+    key        TEXT COLLATE "C"    NOT NULL,
     started_ms BIGINT  NOT NULL,
     tx_packets BIGINT  NOT NULL,
     tx_bytes   BIGINT  NOT NULL,
@@ -309,8 +409,8 @@ CREATE TABLE traffic_samples (
     id         BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
     site_id    BIGINT  NOT NULL REFERENCES sites(id) ON DELETE CASCADE,
     at_s       BIGINT  NOT NULL,
-    path_id    TEXT,
-    class      TEXT,
+    path_id    TEXT COLLATE "C",
+    class      TEXT COLLATE "C",
     tx_packets BIGINT  NOT NULL,
     tx_bytes   BIGINT  NOT NULL,
     rx_packets BIGINT  NOT NULL,
@@ -325,10 +425,10 @@ CREATE TABLE path_events (
     site_id    BIGINT  NOT NULL REFERENCES sites(id) ON DELETE CASCADE,
     seq        BIGINT  NOT NULL,
     at_ms      BIGINT  NOT NULL,
-    path_id    TEXT,
-    kind       TEXT    NOT NULL,
-    class      TEXT,
-    detail     TEXT    NOT NULL,
+    path_id    TEXT COLLATE "C",
+    kind       TEXT COLLATE "C"    NOT NULL,
+    class      TEXT COLLATE "C",
+    detail     TEXT COLLATE "C"    NOT NULL,
     received_s BIGINT  NOT NULL,
     UNIQUE (site_id, seq, at_ms)
 );
@@ -346,7 +446,7 @@ CREATE TABLE site_prefixes (
     family  BIGINT  NOT NULL CHECK (family IN (4, 6)),
     lo      BYTEA   NOT NULL,
     hi      BYTEA   NOT NULL,
-    prefix  TEXT    NOT NULL
+    prefix  TEXT COLLATE "C"    NOT NULL
 );
 CREATE INDEX site_prefixes_lo ON site_prefixes(family, lo);
 CREATE INDEX site_prefixes_site ON site_prefixes(site_id);

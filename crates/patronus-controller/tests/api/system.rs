@@ -1148,6 +1148,27 @@ async fn the_whole_state_is_copied_into_a_fresh_postgres_and_served_the_same() {
         assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
     }
     let path = v_path_id(&a, &t).await;
+    // The newest site and its links deleted: their ids are never given again, on the copy
+    // either.
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/sites",
+            Some(&t),
+            Some(site("gone", &["10.77.0.0/16"])),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    let gone = r.body["id"].as_i64().unwrap();
+    let r = a
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/sites/{gone}"),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
 
     let pg = patronus_lab::postgres::shared().unwrap();
     let name = format!("migrated_{}", crate::BACKEND);
@@ -1253,7 +1274,7 @@ async fn the_whole_state_is_copied_into_a_fresh_postgres_and_served_the_same() {
         )
         .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
-    // A new site gets an id past the copied ones.
+    // A new site gets an id past every one the source gave, its links too.
     let r = b
         .call(
             Method::POST,
@@ -1263,7 +1284,18 @@ async fn the_whole_state_is_copied_into_a_fresh_postgres_and_served_the_same() {
         )
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
-    assert!(r.body["id"].as_i64().unwrap() > ids[2], "{r:?}");
+    assert!(r.body["id"].as_i64().unwrap() > gone, "{r:?}");
+    let newest_link = r.body["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["id"].as_i64().unwrap())
+        .min()
+        .unwrap();
+    assert!(
+        newest_link > 8,
+        "the deleted site's links were 7 and 8: {r:?}"
+    );
 }
 
 /// Three controllers over one PostgreSQL database (and one data directory: the signing key),
