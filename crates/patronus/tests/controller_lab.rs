@@ -911,13 +911,14 @@ fn configurations(lab: &Lab, site: &str) -> usize {
         .count()
 }
 
-/// Edge `site`'s log line saying its control connection moved, if it has one.
-fn moved(lab: &Lab, site: &str) -> Option<String> {
+/// Edge `site`'s log lines saying its control connection moved, oldest first.
+fn moves(lab: &Lab, site: &str) -> Vec<String> {
     std::fs::read_to_string(edges::edge_dir(lab, site).join("edge.log"))
         .unwrap_or_default()
         .lines()
-        .find(|l| l.contains("control connection moved"))
+        .filter(|l| l.contains("control connection moved"))
         .map(str::to_owned)
+        .collect()
 }
 
 /// Three controllers over one PostgreSQL (a throwaway server on a Unix socket, which every
@@ -925,7 +926,8 @@ fn moved(lab: &Lab, site: &str) -> Option<String> {
 /// on the first controller reaches every edge, held by any of them; then the controller of
 /// branch1's edge is killed outright (SIGKILL) in the middle of a stream through branch1: the
 /// edge is on another controller within 5 s and the stream loses nothing; a second write
-/// reaches every edge again.
+/// reaches every edge again. Then the controller branch2's edge (and now branch1's) is on is
+/// killed the same way: both move to the last one, and a third write reaches all three.
 fn edges_spread_over_three_controllers_follow_a_write_and_survive_their_controller_killed() {
     let lab = Lab::up(&Topology::three_sites_mixed(), LabOptions::default()).unwrap();
     let run: PathBuf = patronus_lab::lab::run_dir(lab.run_id());
@@ -1048,62 +1050,20 @@ fn edges_spread_over_three_controllers_follow_a_write_and_survive_their_controll
     assert!(
         plan.sites
             .iter()
-            .all(|s| moved(&lab, s.name.as_str()).is_none())
+            .all(|s| moves(&lab, s.name.as_str()).is_empty())
     );
 
     // branch1's controller (the second) is killed in the middle of a stream through branch1.
-    let b1 = lab.addr("branch1/h1", false).unwrap();
-    let (from_ns, to_ns) = (lab.ns("hq/h1").unwrap(), lab.ns("branch1/h1").unwrap());
-    let started = Instant::now();
-    let (r, took, killed_after) = std::thread::scope(|sc| {
-        let stream = sc.spawn(|| {
-            let cfg = patronus_lab::stream::StreamConfig {
-                rate_pps: 200,
-                duration: Duration::from_secs(8),
-                port: 46100,
-                ..Default::default()
-            };
-            patronus_lab::stream::run(&from_ns, &to_ns, b1, &cfg).unwrap()
-        });
-        std::thread::sleep(Duration::from_secs(1));
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(controllers[1] as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        let killed = Instant::now();
-        let killed_after = killed - started;
-        let took = loop {
-            if let Some(line) = moved(&lab, "branch1") {
-                eprintln!("{line}");
-                assert!(line.contains(&urls[1]), "{line}");
-                break killed.elapsed();
-            }
-            assert!(
-                killed.elapsed() < Duration::from_secs(5),
-                "branch1's edge did not move within 5 s of its controller's kill"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        (stream.join().unwrap(), took, killed_after)
-    });
-    eprintln!("branch1's edge moved {took:?} after its controller was killed");
-    assert!(r.sent > 1000, "{r:?}");
-    // Nothing lost from shortly before the kill to the end. (A loss in the stream's first
-    // moments, right after the edges took the new configuration, is not the kill's: seen
-    // once, 13 packets at the 5th, and none with the stream started 2 s later.)
-    let kill_seq = killed_after.as_secs_f64() * 200.0;
-    for g in &r.gaps {
-        assert!(
-            (g.first_seq + g.lost) as f64 <= kill_seq - 40.0,
-            "lost around or after the kill (packet {kill_seq:.0}): {r:?}"
-        );
-    }
-    if r.lost > 0 {
-        eprintln!("lost before the kill: {:?}", r.gaps);
-    }
+    kill_under_stream(
+        &lab,
+        controllers[1],
+        &urls[1],
+        "branch1",
+        &["branch1"],
+        46100,
+    );
     // The others stayed where they were; a second write reaches all three again.
-    assert!(moved(&lab, "hq").is_none() && moved(&lab, "branch2").is_none());
+    assert!(moves(&lab, "hq").is_empty() && moves(&lab, "branch2").is_empty());
     let before: Vec<usize> = plan
         .sites
         .iter()
@@ -1117,4 +1077,97 @@ fn edges_spread_over_three_controllers_follow_a_write_and_survive_their_controll
     );
     assert!(ok, "{err}");
     wait_all(&before, "the write after the kill");
+
+    // Then the third, which holds branch2's edge and now branch1's too: both move (to the
+    // first, the one left), a stream through branch2 loses nothing, and a write reaches all.
+    kill_under_stream(
+        &lab,
+        controllers[2],
+        &urls[2],
+        "branch2",
+        &["branch2", "branch1"],
+        46200,
+    );
+    assert_eq!(moves(&lab, "branch1").len(), 2);
+    assert_eq!(moves(&lab, "branch2").len(), 1);
+    assert!(moves(&lab, "hq").is_empty());
+    let before: Vec<usize> = plan
+        .sites
+        .iter()
+        .map(|s| configurations(&lab, s.name.as_str()))
+        .collect();
+    let (ok, _, err) = cli(
+        &lab,
+        &home,
+        &["link", "add", "hq", "spare3", "--kind", "lte"],
+        "",
+    );
+    assert!(ok, "{err}");
+    wait_all(&before, "the write after the second kill");
+}
+
+/// Kills controller `pid` (at `url`; SIGKILL) one second into a stream from hq/h1 to `to`'s
+/// host, then waits for each edge of `movers` to move its control connection off `url`
+/// (within 5 s of the kill), and checks that the stream lost nothing from shortly before the
+/// kill to its end.
+fn kill_under_stream(lab: &Lab, pid: u32, url: &str, to: &str, movers: &[&str], port: u16) {
+    let dst = lab.addr(&format!("{to}/h1"), false).unwrap();
+    let (from_ns, to_ns) = (
+        lab.ns("hq/h1").unwrap(),
+        lab.ns(&format!("{to}/h1")).unwrap(),
+    );
+    let before: Vec<usize> = movers.iter().map(|m| moves(lab, m).len()).collect();
+    let started = Instant::now();
+    let (r, killed_after) = std::thread::scope(|sc| {
+        let stream = sc.spawn(|| {
+            let cfg = patronus_lab::stream::StreamConfig {
+                rate_pps: 200,
+                duration: Duration::from_secs(8),
+                port,
+                ..Default::default()
+            };
+            patronus_lab::stream::run(&from_ns, &to_ns, dst, &cfg).unwrap()
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let killed = Instant::now();
+        for (m, n) in movers.iter().zip(&before) {
+            loop {
+                let now = moves(lab, m);
+                if now.len() > *n {
+                    let line = &now[*n];
+                    assert!(line.contains(&format!("moved from {url} ")), "{line}");
+                    eprintln!(
+                        "{m}'s edge moved {:?} after the kill: {line}",
+                        killed.elapsed()
+                    );
+                    break;
+                }
+                assert!(
+                    killed.elapsed() < Duration::from_secs(5),
+                    "{m}'s edge did not move within 5 s of its controller's kill"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        (stream.join().unwrap(), killed - started)
+    });
+    assert!(r.sent > 1000, "{r:?}");
+    // Nothing lost from shortly before the kill to the end. (A loss in the stream's first
+    // moments, right after the edges took a new configuration, is not the kill's: seen once,
+    // 13 packets at the 5th, and none with the stream started 2 s later.)
+    let kill_seq = killed_after.as_secs_f64() * 200.0;
+    for g in &r.gaps {
+        assert!(
+            (g.first_seq + g.lost) as f64 <= kill_seq - 40.0,
+            "lost around or after the kill (packet {kill_seq:.0}): {r:?}"
+        );
+    }
+    if r.lost > 0 {
+        eprintln!("lost before the kill: {:?}", r.gaps);
+    }
 }
