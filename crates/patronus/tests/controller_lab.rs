@@ -1015,16 +1015,27 @@ fn edges_spread_over_three_controllers_follow_a_write_and_survive_their_controll
         edges::wait_for_tunnel(&lab, from, dst, Duration::from_secs(20)).unwrap();
     }
 
-    // A write on the first controller reaches every edge, whichever controller holds it.
-    let wait_all = |before: &[usize], what: &str| {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let now: Vec<usize> = plan
-                .sites
+    // A write on the first controller (a link added to hq, which changes every site's
+    // configuration) reaches every edge, whichever controller holds it.
+    let write_reaches_all = |link: &str, what: &str| {
+        let held = || -> Vec<usize> {
+            plan.sites
                 .iter()
                 .map(|s| configurations(&lab, s.name.as_str()))
-                .collect();
-            if now.iter().zip(before).all(|(n, b)| n > b) {
+                .collect()
+        };
+        let before = held();
+        let (ok, _, err) = cli(
+            &lab,
+            &home,
+            &["link", "add", "hq", link, "--kind", "lte"],
+            "",
+        );
+        assert!(ok, "{err}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let now = held();
+            if now.iter().zip(&before).all(|(n, b)| n > b) {
                 return;
             }
             assert!(
@@ -1034,19 +1045,7 @@ fn edges_spread_over_three_controllers_follow_a_write_and_survive_their_controll
             std::thread::sleep(Duration::from_millis(100));
         }
     };
-    let before: Vec<usize> = plan
-        .sites
-        .iter()
-        .map(|s| configurations(&lab, s.name.as_str()))
-        .collect();
-    let (ok, _, err) = cli(
-        &lab,
-        &home,
-        &["link", "add", "hq", "spare", "--kind", "lte"],
-        "",
-    );
-    assert!(ok, "{err}");
-    wait_all(&before, "the first write");
+    write_reaches_all("spare", "the first write");
     assert!(
         plan.sites
             .iter()
@@ -1064,19 +1063,7 @@ fn edges_spread_over_three_controllers_follow_a_write_and_survive_their_controll
     );
     // The others stayed where they were; a second write reaches all three again.
     assert!(moves(&lab, "hq").is_empty() && moves(&lab, "branch2").is_empty());
-    let before: Vec<usize> = plan
-        .sites
-        .iter()
-        .map(|s| configurations(&lab, s.name.as_str()))
-        .collect();
-    let (ok, _, err) = cli(
-        &lab,
-        &home,
-        &["link", "add", "hq", "spare2", "--kind", "lte"],
-        "",
-    );
-    assert!(ok, "{err}");
-    wait_all(&before, "the write after the kill");
+    write_reaches_all("spare2", "the write after the kill");
 
     // Then the third, which holds branch2's edge and now branch1's too: both move (to the
     // first, the one left), a stream through branch2 loses nothing, and a write reaches all.
@@ -1091,19 +1078,7 @@ fn edges_spread_over_three_controllers_follow_a_write_and_survive_their_controll
     assert_eq!(moves(&lab, "branch1").len(), 2);
     assert_eq!(moves(&lab, "branch2").len(), 1);
     assert!(moves(&lab, "hq").is_empty());
-    let before: Vec<usize> = plan
-        .sites
-        .iter()
-        .map(|s| configurations(&lab, s.name.as_str()))
-        .collect();
-    let (ok, _, err) = cli(
-        &lab,
-        &home,
-        &["link", "add", "hq", "spare3", "--kind", "lte"],
-        "",
-    );
-    assert!(ok, "{err}");
-    wait_all(&before, "the write after the second kill");
+    write_reaches_all("spare3", "the write after the second kill");
 }
 
 /// Kills controller `pid` (at `url`; SIGKILL) one second into a stream from hq/h1 to `to`'s

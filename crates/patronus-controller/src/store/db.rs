@@ -13,8 +13,6 @@
 //! connection, a transaction, or a native connection itself. The store's functions take
 //! `&mut Conn` (`dyn AsConn`), so handlers pass `&mut *tx` whatever the backend.
 
-use std::marker::PhantomData;
-
 use sqlx::postgres::{PgConnection, PgRow};
 use sqlx::sqlite::{SqliteConnection, SqliteRow};
 use sqlx::{Postgres, Sqlite};
@@ -325,23 +323,32 @@ tuple_from_row!(A 0, B 1, C 2, D 3, E 4, F 5);
 tuple_from_row!(A 0, B 1, C 2, D 3, E 4, F 5, G 6);
 tuple_from_row!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7);
 
-/// A statement whose rows decode as `T`.
+/// A statement whose rows each decode into a `T` (a tuple: [`query_as`]; the first column:
+/// [`query_scalar`]).
 #[must_use = "a query does nothing until it runs"]
 #[derive(Debug)]
 pub struct QueryAs<'q, T> {
     q: Query<'q>,
-    out: PhantomData<fn() -> T>,
+    decode: fn(&Row) -> Result<T, sqlx::Error>,
 }
 
 /// A statement whose rows decode into tuples.
 pub fn query_as<T: FromRow>(sql: &str) -> QueryAs<'_, T> {
     QueryAs {
         q: query(sql),
-        out: PhantomData,
+        decode: T::from_row,
     }
 }
 
-impl<'q, T: FromRow> QueryAs<'q, T> {
+/// A statement whose rows are one value each (the first column).
+pub fn query_scalar<T: Value>(sql: &str) -> QueryAs<'_, T> {
+    QueryAs {
+        q: query(sql),
+        decode: |r| r.try_get(0usize),
+    }
+}
+
+impl<'q, T> QueryAs<'q, T> {
     pub fn bind(mut self, v: impl Into<Arg>) -> Self {
         self.q = self.q.bind(v);
         self
@@ -352,7 +359,7 @@ impl<'q, T: FromRow> QueryAs<'q, T> {
             .fetch_all(conn)
             .await?
             .iter()
-            .map(T::from_row)
+            .map(self.decode)
             .collect()
     }
 
@@ -361,56 +368,12 @@ impl<'q, T: FromRow> QueryAs<'q, T> {
             .fetch_optional(conn)
             .await?
             .as_ref()
-            .map(T::from_row)
+            .map(self.decode)
             .transpose()
     }
 
     pub async fn fetch_one(self, conn: &mut Conn) -> Result<T, sqlx::Error> {
-        T::from_row(&self.q.fetch_one(conn).await?)
-    }
-}
-
-/// A statement whose rows are one value each (the first column).
-#[must_use = "a query does nothing until it runs"]
-#[derive(Debug)]
-pub struct QueryScalar<'q, T> {
-    q: Query<'q>,
-    out: PhantomData<fn() -> T>,
-}
-
-/// A statement whose rows are one value each.
-pub fn query_scalar<T: Value>(sql: &str) -> QueryScalar<'_, T> {
-    QueryScalar {
-        q: query(sql),
-        out: PhantomData,
-    }
-}
-
-impl<'q, T: Value> QueryScalar<'q, T> {
-    pub fn bind(mut self, v: impl Into<Arg>) -> Self {
-        self.q = self.q.bind(v);
-        self
-    }
-
-    pub async fn fetch_all(self, conn: &mut Conn) -> Result<Vec<T>, sqlx::Error> {
-        self.q
-            .fetch_all(conn)
-            .await?
-            .iter()
-            .map(|r| r.try_get(0usize))
-            .collect()
-    }
-
-    pub async fn fetch_optional(self, conn: &mut Conn) -> Result<Option<T>, sqlx::Error> {
-        self.q
-            .fetch_optional(conn)
-            .await?
-            .map(|r| r.try_get(0usize))
-            .transpose()
-    }
-
-    pub async fn fetch_one(self, conn: &mut Conn) -> Result<T, sqlx::Error> {
-        self.q.fetch_one(conn).await?.try_get(0usize)
+        (self.decode)(&self.q.fetch_one(conn).await?)
     }
 }
 

@@ -289,20 +289,6 @@ impl AsConn for Tx {
     }
 }
 
-impl std::ops::Deref for Tx {
-    type Target = Conn;
-
-    fn deref(&self) -> &Conn {
-        self
-    }
-}
-
-impl std::ops::DerefMut for Tx {
-    fn deref_mut(&mut self) -> &mut Conn {
-        self
-    }
-}
-
 /// A read transaction: every statement on it sees the same snapshot of the database.
 #[derive(Debug)]
 pub struct Snapshot(TxInner);
@@ -310,20 +296,6 @@ pub struct Snapshot(TxInner);
 impl AsConn for Snapshot {
     fn raw(&mut self) -> Raw<'_> {
         self.0.raw()
-    }
-}
-
-impl std::ops::Deref for Snapshot {
-    type Target = Conn;
-
-    fn deref(&self) -> &Conn {
-        self
-    }
-}
-
-impl std::ops::DerefMut for Snapshot {
-    fn deref_mut(&mut self) -> &mut Conn {
-        self
     }
 }
 
@@ -343,19 +315,26 @@ impl AsConn for Pooled {
     }
 }
 
-impl std::ops::Deref for Pooled {
-    type Target = Conn;
+/// Each of these is a [`Conn`] where a function takes one (`&mut *tx`).
+macro_rules! deref_to_conn {
+    ($($t:ty),+) => {$(
+        impl std::ops::Deref for $t {
+            type Target = Conn;
 
-    fn deref(&self) -> &Conn {
-        self
-    }
+            fn deref(&self) -> &Conn {
+                self
+            }
+        }
+
+        impl std::ops::DerefMut for $t {
+            fn deref_mut(&mut self) -> &mut Conn {
+                self
+            }
+        }
+    )+};
 }
 
-impl std::ops::DerefMut for Pooled {
-    fn deref_mut(&mut self) -> &mut Conn {
-        self
-    }
-}
+deref_to_conn!(Tx, Snapshot, Pooled);
 
 /// The advisory lock every write transaction takes on PostgreSQL ("PTRS").
 const WRITE_LOCK: i64 = 0x5054_5253;
