@@ -35,8 +35,10 @@ pub struct Inner {
     /// The generation compiled before that one: what edges one change behind hold, for
     /// deltas.
     pub previous: std::sync::Mutex<Option<Compiled>>,
-    /// When each site's edge was last heard from, and how many of its requests are open.
-    pub presence: std::sync::Mutex<std::collections::HashMap<i64, Presence>>,
+    /// What this controller has heard of each site's edge (see [`crate::presence`]).
+    pub presence: std::sync::Mutex<std::collections::HashMap<i64, crate::presence::Heard>>,
+    /// Wakes the presence writer: an edge was newly heard from.
+    pub presence_wake: tokio::sync::Notify,
     /// The latest measurement of each path (by path id), as an edge at one of its ends
     /// reported it.
     pub live: std::sync::Mutex<std::collections::HashMap<String, LivePath>>,
@@ -57,27 +59,6 @@ pub struct LivePath {
 
 /// A report older than this says nothing about the path now: its fields read `null`.
 pub const LIVE_FOR_S: i64 = 30;
-
-/// What the controller has seen of a site's edge since it started.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Presence {
-    /// Unix seconds.
-    pub last_seen: i64,
-    /// Requests in progress (a waiting long poll is one).
-    pub open: u32,
-    /// Whether it was last announced online (`site.online`) rather than offline.
-    pub announced_online: bool,
-}
-
-impl Presence {
-    fn online(&self, now: i64) -> bool {
-        self.open > 0 || now - self.last_seen <= ONLINE_WITHIN_S
-    }
-}
-
-/// A site whose edge has an open request, or was heard from this recently, is online. (An edge
-/// reports every 5 s and keeps a long poll open.)
-pub const ONLINE_WITHIN_S: i64 = 15;
 
 /// Every site's compiled configuration, by site id.
 pub type Compiled = Arc<std::collections::HashMap<i64, crate::compile::Compiled>>;
@@ -130,51 +111,6 @@ impl AppState {
         self.live.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Whether site `id`'s edge is online, and when it was last heard from.
-    pub fn presence_of(&self, id: i64) -> (bool, Option<i64>) {
-        let p = self.presence.lock().unwrap_or_else(|e| e.into_inner());
-        match p.get(&id) {
-            Some(p) => (p.online(crate::store::now_s()), Some(p.last_seen)),
-            None => (false, None),
-        }
-    }
-
-    /// The sites announced online whose edges have gone quiet since: they are announced
-    /// offline now.
-    pub fn newly_offline(&self) -> Vec<i64> {
-        let now = crate::store::now_s();
-        let mut p = self.presence.lock().unwrap_or_else(|e| e.into_inner());
-        p.iter_mut()
-            .filter(|(_, p)| p.announced_online && !p.online(now))
-            .map(|(id, p)| {
-                p.announced_online = false;
-                *id
-            })
-            .collect()
-    }
-
-    /// Records that site `id`'s edge is in touch; the guard marks the end of its request.
-    pub fn heard_from(&self, id: i64, name: &str) -> HeardGuard {
-        let mut p = self.presence.lock().unwrap_or_else(|e| e.into_inner());
-        let e = p.entry(id).or_default();
-        e.last_seen = crate::store::now_s();
-        e.open += 1;
-        if !e.announced_online {
-            e.announced_online = true;
-            crate::webhooks::emit_soon(
-                self,
-                vec![(
-                    crate::webhooks::EventKind::SiteOnline,
-                    serde_json::json!({ "site_id": id, "site": name }),
-                )],
-            );
-        }
-        HeardGuard {
-            state: self.clone(),
-            id,
-        }
-    }
-
     pub fn new(
         config: Config,
         store: Store,
@@ -189,32 +125,12 @@ impl AppState {
             compiled: tokio::sync::Mutex::new(None),
             previous: std::sync::Mutex::new(None),
             presence: std::sync::Mutex::new(std::collections::HashMap::new()),
+            presence_wake: tokio::sync::Notify::new(),
             live: std::sync::Mutex::new(std::collections::HashMap::new()),
             webhook_tls,
             config,
             store,
         }))
-    }
-}
-
-/// Ends an edge's request in [`AppState::heard_from`]'s count (however the request ends).
-#[derive(Debug)]
-pub struct HeardGuard {
-    state: AppState,
-    id: i64,
-}
-
-impl Drop for HeardGuard {
-    fn drop(&mut self) {
-        let mut p = self
-            .state
-            .presence
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = p.get_mut(&self.id) {
-            e.open = e.open.saturating_sub(1);
-            e.last_seen = crate::store::now_s();
-        }
     }
 }
 

@@ -7,11 +7,9 @@
 //! re-reads the user, so disabling a user or changing a role takes effect at once, not when the
 //! token expires.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -19,7 +17,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::store::StoreError;
+use crate::store::{Store, StoreError, throttle};
 
 /// Roles, each allowed what the one below it is and more.
 #[derive(
@@ -83,6 +81,22 @@ pub fn b64url(data: &[u8]) -> String {
         }
     }
     out
+}
+
+/// A name for signing key `key` that says nothing of it (an HMAC of a fixed text under it):
+/// recorded in the database, so that a controller started with another key than the others is
+/// refused (the tokens it issued would be refused by them) rather than found out by its users.
+pub fn key_fingerprint(key: &[u8]) -> String {
+    use hmac::Mac;
+    let Ok(mut mac) = hmac::Hmac::<Sha256>::new_from_slice(key) else {
+        // HMAC takes a key of any length.
+        return String::new();
+    };
+    mac.update(b"patronus access-token signing key fingerprint");
+    mac.finalize().into_bytes()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The access-token key: read from `path`, or generated there (0600) when missing.
@@ -269,92 +283,122 @@ pub fn dummy_hash() -> &'static str {
 
 // ----- rate limits and lockout -----
 
-/// Token buckets per client address: `per_minute` requests, refilled continuously.
+/// Token buckets per client address: `per_minute` requests, refilled continuously. The buckets
+/// are in the database ([`crate::store::throttle`]), shared by every controller over it.
 #[derive(Debug)]
 pub struct RateLimiter {
     per_minute: u32,
-    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
 }
 
 impl RateLimiter {
     pub fn new(per_minute: u32) -> Self {
         Self {
             per_minute: per_minute.max(1),
-            buckets: Mutex::new(HashMap::new()),
         }
     }
 
-    /// `Ok` to go on, or `Err(seconds)` to wait.
-    pub fn check(&self, ip: IpAddr, now: Instant) -> Result<(), u64> {
+    /// `Ok(Ok)` to go on, or `Ok(Err(seconds))` to wait; one token taken from `ip`'s bucket.
+    pub async fn check(
+        &self,
+        store: &Store,
+        ip: IpAddr,
+        now_ms: i64,
+    ) -> Result<Result<(), u64>, sqlx::Error> {
+        let address = ip.to_string();
+        let mut tx = store.begin().await?;
+        let bucket = throttle::bucket(&mut tx, &address).await?;
+        let (verdict, tokens) = self.take(bucket, now_ms);
+        throttle::set_bucket(&mut tx, &address, tokens, now_ms).await?;
+        tx.commit().await?;
+        Ok(verdict)
+    }
+
+    /// A bucket that held `bucket` (tokens, when counted), asked for one token at `now_ms`:
+    /// the verdict, and the tokens left. A bucket counted "later" by a controller whose clock
+    /// is ahead is not refilled backwards.
+    fn take(&self, bucket: Option<(f64, i64)>, now_ms: i64) -> (Result<(), u64>, f64) {
         let cap = f64::from(self.per_minute);
-        let rate = cap / 60.0;
-        let mut b = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        if b.len() > 100_000 {
-            // Forget full buckets rather than grow without bound under a spray of addresses.
-            b.retain(|_, (tokens, at)| {
-                *tokens + now.duration_since(*at).as_secs_f64() * rate < cap
-            });
-        }
-        let (tokens, at) = b.entry(ip).or_insert((cap, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(cap);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            Ok(())
+        let per_ms = cap / 60_000.0;
+        let tokens = match bucket {
+            Some((tokens, at)) => (tokens + (now_ms - at).max(0) as f64 * per_ms).min(cap),
+            None => cap,
+        };
+        if tokens >= 1.0 {
+            (Ok(()), tokens - 1.0)
         } else {
-            Err(((1.0 - *tokens) / rate).ceil() as u64)
+            let wait_s = ((1.0 - tokens) / per_ms / 1000.0).ceil() as u64;
+            (Err(wait_s.max(1)), tokens)
         }
     }
 }
 
-/// Failed logins per account (by the email given, existing or not, so that a lockout says
-/// nothing about which accounts exist). After `after` failures in a row the account is locked
-/// for one minute, doubling with each further failure up to an hour; a success clears it.
+/// Failed password checks per account (by the email given, in lower case, existing or not, so
+/// that a lockout says nothing about which accounts exist), in the database and so counted
+/// across every controller. After `after` failures in a row the account is locked for one
+/// minute, doubling with each further failure up to an hour; a success clears it, and a count
+/// with no lock is forgotten after [`FAILURES_FORGOTTEN_MS`].
 #[derive(Debug)]
 pub struct Lockout {
     after: u32,
-    state: Mutex<HashMap<String, (u32, Option<Instant>)>>,
 }
+
+/// Failed checks in a row that led to no lock are forgotten this long after the last one.
+pub const FAILURES_FORGOTTEN_MS: i64 = 24 * 3_600_000;
 
 impl Lockout {
     pub fn new(after: u32) -> Self {
         Self {
             after: after.max(1),
-            state: Mutex::new(HashMap::new()),
         }
     }
 
-    /// `Err(seconds)` while locked.
-    pub fn check(&self, email: &str, now: Instant) -> Result<(), u64> {
-        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        match s.get(&email.to_lowercase()) {
-            Some((_, Some(until))) if *until > now => {
-                Err(until.duration_since(now).as_secs_f64().ceil() as u64)
+    /// `Ok(Err(seconds))` while locked.
+    pub async fn check(
+        &self,
+        store: &Store,
+        email: &str,
+        now_ms: i64,
+    ) -> Result<Result<(), u64>, sqlx::Error> {
+        let f = throttle::failures(&mut *store.conn().await?, &email.to_lowercase()).await?;
+        Ok(match f {
+            Some((_, Some(until))) if until > now_ms => {
+                Err(((until - now_ms) as u64).div_ceil(1000))
             }
             _ => Ok(()),
-        }
+        })
     }
 
     /// Counts a failure; returns the lock it starts, if the account is locked from now.
-    pub fn failed(&self, email: &str, now: Instant) -> Option<Duration> {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if s.len() > 100_000 {
-            s.retain(|_, (_, until)| until.is_some_and(|u| u > now));
-        }
-        let (n, until) = s.entry(email.to_lowercase()).or_insert((0, None));
-        *n += 1;
-        if *n < self.after {
-            return None;
-        }
-        let doublings = (*n - self.after).min(6);
-        let lock = Duration::from_secs(60 << doublings).min(Duration::from_secs(3600));
-        *until = Some(now + lock);
-        Some(lock)
+    pub async fn failed(
+        &self,
+        store: &Store,
+        email: &str,
+        now_ms: i64,
+    ) -> Result<Option<Duration>, sqlx::Error> {
+        let email = email.to_lowercase();
+        let mut tx = store.begin().await?;
+        let before = throttle::failures(&mut tx, &email).await?;
+        let (n, lock) = self.count(before.map(|(n, _)| n));
+        let until = lock.map(|l| now_ms + l.as_millis() as i64);
+        throttle::set_failures(&mut tx, &email, n, until, now_ms).await?;
+        tx.commit().await?;
+        Ok(lock)
     }
 
-    pub fn succeeded(&self, email: &str) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.remove(&email.to_lowercase());
+    /// After `before` failures in a row, one more: the new count, and the lock it starts.
+    fn count(&self, before: Option<i64>) -> (i64, Option<Duration>) {
+        let n = before.unwrap_or(0).saturating_add(1);
+        let after = i64::from(self.after);
+        if n < after {
+            return (n, None);
+        }
+        let doublings = (n - after).min(6) as u32;
+        let lock = Duration::from_secs(60 << doublings).min(Duration::from_secs(3600));
+        (n, Some(lock))
+    }
+
+    pub async fn succeeded(&self, store: &Store, email: &str) -> Result<(), sqlx::Error> {
+        throttle::clear_failures(&mut *store.conn().await?, &email.to_lowercase()).await
     }
 }
 
@@ -427,27 +471,25 @@ mod tests {
 
     #[test]
     fn the_rate_limit_refills_and_the_lockout_doubles() {
-        let now = Instant::now();
-        let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let r = RateLimiter::new(3);
+        let now = 1_000_000;
+        let mut bucket = None;
         for _ in 0..3 {
-            assert!(r.check(ip, now).is_ok());
+            let (verdict, left) = r.take(bucket, now);
+            assert!(verdict.is_ok());
+            bucket = Some((left, now));
         }
-        let wait = r.check(ip, now).unwrap_err();
+        let (verdict, left) = r.take(bucket, now);
+        let wait = verdict.unwrap_err();
         assert!((1..=20).contains(&wait), "{wait}");
-        assert!(r.check(ip, now + Duration::from_secs(20)).is_ok());
-        assert!(r.check("192.0.2.2".parse().unwrap(), now).is_ok());
+        assert!(r.take(Some((left, now)), now + 20_000).0.is_ok());
+        // A bucket counted by a controller whose clock is ahead is not refilled backwards.
+        assert!(r.take(Some((0.0, now + 5_000)), now).0.is_err());
 
         let l = Lockout::new(2);
-        assert_eq!(l.failed("A@x", now), None);
-        assert!(l.check("a@x", now).is_ok());
-        assert_eq!(l.failed("a@x", now), Some(Duration::from_secs(60)));
-        assert_eq!(l.check("a@X", now), Err(60));
-        assert_eq!(l.failed("a@x", now), Some(Duration::from_secs(120)));
-        assert_eq!(l.check("a@x", now), Err(120));
-        assert!(l.check("a@x", now + Duration::from_secs(121)).is_ok());
-        l.succeeded("a@x");
-        l.failed("a@x", now);
-        assert!(l.check("a@x", now).is_ok());
+        assert_eq!(l.count(None), (1, None));
+        assert_eq!(l.count(Some(1)), (2, Some(Duration::from_secs(60))));
+        assert_eq!(l.count(Some(2)), (3, Some(Duration::from_secs(120))));
+        assert_eq!(l.count(Some(40)), (41, Some(Duration::from_secs(3600))));
     }
 }

@@ -18,6 +18,7 @@ pub mod config;
 pub mod docs;
 pub mod error;
 pub mod metrics;
+pub mod presence;
 pub mod routes;
 pub mod server;
 pub mod store;

@@ -19,9 +19,51 @@ pub async fn prepare(config: Config, env: &[(String, String)]) -> anyhow::Result
     create_private_dir(&config.data_dir)?;
     let store = Store::connect(&config.database).await?;
     let key = auth::load_or_create_key(&config.jwt_key_file)?;
+    check_signing_key(&store, &config, &key, env).await?;
     bootstrap_admin(&store, &config.data_dir, env).await?;
     let webhook_tls = crate::webhooks::tls_client(&config).map_err(anyhow::Error::msg)?;
     Ok(AppState::new(config, store, &key, webhook_tls))
+}
+
+/// The signing key must be the one every controller over the database uses: the first to start
+/// records its fingerprint, and one started with another key stops here, saying so, unless
+/// `PATRONUS_REPLACE_SIGNING_KEY=1` (the operator gave every controller a new key: access
+/// tokens signed with the old one are refused from then on).
+async fn check_signing_key(
+    store: &Store,
+    config: &Config,
+    key: &[u8],
+    env: &[(String, String)],
+) -> anyhow::Result<()> {
+    let replace = env
+        .iter()
+        .any(|(k, v)| k == "PATRONUS_REPLACE_SIGNING_KEY" && v == "1");
+    let fingerprint = auth::key_fingerprint(key);
+    let mut tx = store.begin().await?;
+    let other = crate::store::settings::claim_signing_key(
+        &mut tx,
+        &fingerprint,
+        replace,
+        crate::store::now_s(),
+    )
+    .await?;
+    tx.commit().await?;
+    if let Some(other) = other {
+        anyhow::bail!(
+            "jwt_key_file {}: this is not the key the controllers over this database sign access \
+             tokens with (this one's fingerprint is {fingerprint}, theirs {other}): give every \
+             controller the same key file (mode 0600), or, to replace the key on all of them, \
+             start with PATRONUS_REPLACE_SIGNING_KEY=1",
+            config.jwt_key_file.display()
+        );
+    }
+    if replace {
+        tracing::warn!(
+            %fingerprint,
+            "PATRONUS_REPLACE_SIGNING_KEY: this controller's signing key is now the one; access tokens signed with another are refused"
+        );
+    }
+    Ok(())
 }
 
 /// With an empty database, `PATRONUS_ADMIN_EMAIL` (and `PATRONUS_ADMIN_PASSWORD`, or else a
@@ -199,12 +241,36 @@ pub const REFUSED_ATTEMPTS_KEPT: i64 = 100_000;
 /// How long refused attempts are kept in the audit log.
 pub const REFUSED_ATTEMPTS_DAYS: i64 = 90;
 
-/// Every hour: what anyone can add to the store without logging in is held to its bound.
+/// What anyone can add to the store without logging in, held to its bound: every minute, rate
+/// buckets full again and failure counts that lock nothing are removed; every hour, refused
+/// attempts beyond what the audit log keeps. (Each is a conditional delete: any number of
+/// controllers can run it.)
 async fn housekeeping(store: crate::store::Store) {
-    let mut tick = tokio::time::interval(Duration::from_secs(3600));
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    let mut rounds: u64 = 0;
     loop {
         tick.tick().await;
-        let before = crate::store::now_ms() - REFUSED_ATTEMPTS_DAYS * 86_400_000;
+        let now = crate::store::now_ms();
+        let pruned = async {
+            let mut tx = store.begin().await?;
+            let n = crate::store::throttle::prune(
+                &mut tx,
+                now - 60_000,
+                now - auth::FAILURES_FORGOTTEN_MS,
+                now,
+            )
+            .await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(n)
+        };
+        if let Err(e) = pruned.await {
+            tracing::warn!(error = %e, "rate buckets and old login failures not removed");
+        }
+        rounds += 1;
+        if rounds % 60 != 1 {
+            continue;
+        }
+        let before = now - REFUSED_ATTEMPTS_DAYS * 86_400_000;
         match store
             .trim_refused_attempts(REFUSED_ATTEMPTS_KEPT, before)
             .await

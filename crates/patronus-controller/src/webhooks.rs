@@ -45,7 +45,7 @@ pub enum EventKind {
     /// A site's edge got in touch (after starting, or after being offline).
     #[serde(rename = "site.online")]
     SiteOnline,
-    /// A site's edge has not been heard from for [`crate::app::ONLINE_WITHIN_S`] seconds.
+    /// A site's edge has not been heard from for [`crate::store::presence::ONLINE_WITHIN_MS`].
     #[serde(rename = "site.offline")]
     SiteOffline,
     /// An edge reports a path down (no probe answered).
@@ -281,38 +281,11 @@ pub fn emit_soon(state: &AppState, events: Vec<(EventKind, Value)>) {
     });
 }
 
-/// Starts the delivery worker and the watch for edges gone quiet. Call once, inside the
-/// runtime.
+/// Starts the delivery worker and the presence writer (which announces sites online and
+/// offline). Call once, inside the runtime.
 pub fn start(state: &AppState) {
     tokio::spawn(deliver_forever(state.clone()));
-    tokio::spawn(watch_presence(state.clone()));
-}
-
-/// Every few seconds: sites whose edge went quiet are announced offline.
-async fn watch_presence(state: AppState) {
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
-    loop {
-        tick.tick().await;
-        for id in state.newly_offline() {
-            let name = match state.store.conn().await {
-                Ok(mut c) => crate::store::sites::name_of(&mut c, id)
-                    .await
-                    .ok()
-                    .flatten(),
-                Err(_) => None,
-            };
-            if let Some(name) = name {
-                let (_, last_seen) = state.presence_of(id);
-                emit_soon(
-                    &state,
-                    vec![(
-                        EventKind::SiteOffline,
-                        json!({ "site_id": id, "site": name, "last_seen": last_seen }),
-                    )],
-                );
-            }
-        }
-    }
+    tokio::spawn(crate::presence::run(state.clone()));
 }
 
 async fn deliver_forever(state: AppState) {

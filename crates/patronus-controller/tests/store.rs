@@ -1,6 +1,7 @@
 //! The store's backends at start-up: a PostgreSQL that refuses the connection and a schema
 //! newer than the binary each stop the controller before it serves anything, with one error
-//! that names the problem (and never the database's password).
+//! that names the problem (and never the database's password); so does a signing key other than
+//! the one the controllers over the database use.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test with a line number
 
@@ -159,4 +160,31 @@ async fn a_write_on_one_controller_wakes_the_edges_waiting_on_another_even_after
     assert_eq!(g4, g3 + 1);
     sees(&b, g4, "B after a rolled-back write").await;
     assert_eq!(b.generation(), g4);
+}
+
+#[tokio::test]
+async fn a_controller_with_another_signing_key_than_the_others_refuses_to_start() {
+    use patronus_controller::server::prepare;
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = Config::with_data_dir(dir.path().join("a"));
+    first.database = Database::Sqlite(dir.path().join("shared.db"));
+    let a = prepare(first.clone(), &env()).await.unwrap();
+    a.store.close().await;
+    // A second controller over the same database with a key of its own (its own data
+    // directory): refused, naming the key file, before it serves a token the others refuse.
+    let mut second = first.clone();
+    second.jwt_key_file = dir.path().join("b").join("jwt.key");
+    let e = format!("{:#}", prepare(second.clone(), &env()).await.unwrap_err());
+    assert!(
+        e.contains(&second.jwt_key_file.display().to_string()) && e.contains("not the key"),
+        "{e}"
+    );
+    let a = prepare(first.clone(), &env()).await.unwrap();
+    a.store.close().await;
+    // Replaced on purpose: the second's key is the one from now on, and the first's is refused.
+    let mut replace = env();
+    replace.push(("PATRONUS_REPLACE_SIGNING_KEY".to_owned(), "1".to_owned()));
+    let b = prepare(second, &replace).await.unwrap();
+    b.store.close().await;
+    assert!(prepare(first, &env()).await.is_err());
 }

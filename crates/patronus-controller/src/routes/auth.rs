@@ -1,6 +1,5 @@
 //! `/api/v1/auth`: login, refresh (rotating), logout, and who am I.
 
-use std::time::Instant;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -13,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::app::{AppState, Principal, Subject, client_ip};
 use crate::auth::{self as a, Role, Tokens};
 use crate::error::{ApiError, extract};
-use crate::store::{Actor, Audit, RefreshOutcome, Store, UserRow, now_s};
+use crate::store::{Actor, Audit, RefreshOutcome, Store, UserRow, now_ms, now_s};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -55,12 +54,11 @@ impl FromRequestParts<AppState> for AuthRateLimited {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let ip = client_ip(parts, &state.config.trusted_proxies);
         state
             .auth_limiter
-            .check(
-                client_ip(parts, &state.config.trusted_proxies),
-                Instant::now(),
-            )
+            .check(&state.store, ip, now_ms())
+            .await?
             .map_err(|wait| {
                 ApiError::too_many("too many login or token requests from this address", wait)
             })?;
@@ -119,9 +117,8 @@ async fn login(
     parts: ClientIp,
     extract::Json(req): extract::Json<LoginRequest>,
 ) -> Result<Json<TokenResponse>, ApiError> {
-    let now = Instant::now();
     let email = req.email.trim().to_owned();
-    check_lockout(&s, &email, now)?;
+    check_lockout(&s, &email).await?;
     let user = s.store.user_by_email(&email).await?;
     let hash = user
         .as_ref()
@@ -140,7 +137,7 @@ async fn login(
             return Err(ApiError::unauthorized("wrong email or password"));
         }
     };
-    s.lockout.succeeded(&email);
+    s.lockout.succeeded(&s.store, &email).await?;
     if user.disabled {
         let audit = Audit::new(
             Actor::anonymous(&email, parts.0),
@@ -162,13 +159,16 @@ async fn login(
 
 /// 429 while `email`'s account is locked by failed password checks (a login's or a password
 /// change's).
-pub fn check_lockout(s: &AppState, email: &str, now: Instant) -> Result<(), ApiError> {
-    s.lockout.check(email, now).map_err(|wait| {
-        ApiError::too_many(
-            "too many failed password checks for this account; it is locked for a while",
-            wait,
-        )
-    })
+pub async fn check_lockout(s: &AppState, email: &str) -> Result<(), ApiError> {
+    s.lockout
+        .check(&s.store, email, now_ms())
+        .await?
+        .map_err(|wait| {
+            ApiError::too_many(
+                "too many failed password checks for this account; it is locked for a while",
+                wait,
+            )
+        })
 }
 
 /// A wrong password given for `email` (at login, `auth.login_failed`, or to change one's own,
@@ -181,7 +181,7 @@ pub async fn wrong_password(
     action: &'static str,
     source: std::net::IpAddr,
 ) -> Result<(), ApiError> {
-    let lock = s.lockout.failed(email, Instant::now());
+    let lock = s.lockout.failed(&s.store, email, now_ms()).await?;
     let actor = Actor::anonymous(email, source);
     let details = serde_json::json!({ "email": email });
     s.store

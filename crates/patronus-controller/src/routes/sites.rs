@@ -130,8 +130,9 @@ async fn list_sites(
         status: q.status,
         text: q.q,
     };
+    let mut conn = s.store.conn().await?;
     let (mut items, total) = store::page(
-        &mut *s.store.conn().await?,
+        &mut conn,
         &filter,
         column,
         desc,
@@ -139,9 +140,7 @@ async fn list_sites(
         paging.offset,
     )
     .await?;
-    for site in &mut items {
-        (site.online, site.last_seen) = s.presence_of(site.id);
-    }
+    with_presence(&s, &mut conn, &mut items).await?;
     Ok(Json(Page::new(items, total, paging)))
 }
 
@@ -199,8 +198,9 @@ async fn show_site(
     _p: Principal,
     extract::Path(id): extract::Path<i64>,
 ) -> Result<Response, ApiError> {
-    let mut site = load_site(&mut *s.store.conn().await?, id).await?;
-    (site.online, site.last_seen) = s.presence_of(id);
+    let mut conn = s.store.conn().await?;
+    let mut site = load_site(&mut conn, id).await?;
+    with_presence(&s, &mut conn, std::slice::from_mut(&mut site)).await?;
     Ok(with_etag(StatusCode::OK, site.version, site))
 }
 
@@ -248,7 +248,12 @@ async fn update_site(
     .await?;
     let mut site = load_site(&mut tx, id).await?;
     tx.commit().await?;
-    (site.online, site.last_seen) = s.presence_of(id);
+    with_presence(
+        &s,
+        &mut *s.store.conn().await?,
+        std::slice::from_mut(&mut site),
+    )
+    .await?;
     Ok(with_etag(StatusCode::OK, site.version, site))
 }
 
@@ -282,4 +287,22 @@ async fn remove_site(
     .await?;
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Fills in whether each site's edge is online, as every controller over the database sees it.
+async fn with_presence(
+    s: &AppState,
+    conn: &mut crate::store::Conn,
+    sites: &mut [SiteView],
+) -> Result<(), ApiError> {
+    let ids: Vec<i64> = sites.iter().map(|site| site.id).collect();
+    let seen = s.presence_of(conn, &ids).await?;
+    for site in sites {
+        let (online, last_seen) = seen
+            .get(&site.id)
+            .map_or((false, None), |(o, at)| (*o, Some(*at)));
+        site.online = online;
+        site.last_seen = last_seen;
+    }
+    Ok(())
 }

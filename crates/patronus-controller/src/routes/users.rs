@@ -372,7 +372,7 @@ async fn set_password(
     if own {
         // A stolen access token must not be a way around the login's lockout: a wrong current
         // password counts as a failed login, and a locked account cannot try.
-        check_lockout(&s, &target.email, std::time::Instant::now())?;
+        check_lockout(&s, &target.email).await?;
         let Some(current) = req.current_password else {
             return Err(ApiError::field(
                 "current_password",
@@ -394,7 +394,7 @@ async fn set_password(
             .await?;
             return Err(ApiError::field("current_password", "is wrong"));
         }
-        s.lockout.succeeded(&target.email);
+        s.lockout.succeeded(&s.store, &target.email).await?;
     }
     if let Some(problem) = a::password_problem(&req.new_password, &target.email) {
         return Err(ApiError::field("new_password", problem));

@@ -38,6 +38,9 @@ pub const TABLES: &[(&str, bool)] = &[
     ("path_events", true),
     ("config_generation", false),
     ("site_prefixes", false),
+    ("presence", false),
+    ("rate_buckets", false),
+    ("login_failures", false),
 ];
 
 /// Rows per `INSERT` (PostgreSQL takes at most 65,535 parameters in a statement).

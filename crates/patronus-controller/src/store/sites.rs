@@ -162,10 +162,10 @@ pub struct SiteView {
     pub next_public_key: Option<String>,
     /// Key rotations asked for (`POST .../rotate-key`).
     pub key_rotation: i64,
-    /// Whether its edge is in touch with the controller (has a request open, or had one in the
-    /// last 15 s). False until the edge first connects after the controller started.
+    /// Whether its edge is in touch with a controller (has a request open with one, or had one
+    /// in the last 15 s), whichever controller it is on.
     pub online: bool,
-    /// When the controller last heard from its edge (unix seconds), since it started.
+    /// When a controller last heard from its edge (unix seconds); null if none ever did.
     pub last_seen: Option<i64>,
     pub links: Vec<LinkView>,
     pub version: i64,

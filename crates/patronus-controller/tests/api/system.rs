@@ -15,7 +15,7 @@ async fn public_endpoints_answer_and_unknown_routes_and_methods_get_the_error_sh
     assert_eq!(r.status, StatusCode::OK);
     let r = a.call(Method::GET, "/api/v1/version", None, None).await;
     assert_eq!(r.body["api"], "v1");
-    assert_eq!(r.body["schema_version"], 15);
+    assert_eq!(r.body["schema_version"], 16);
     let r = a
         .call(Method::GET, "/api/v1/nothing-here", None, None)
         .await;
@@ -1364,4 +1364,145 @@ async fn three_controllers_over_one_postgres_share_tokens_sessions_and_changes()
     let (n, reread) = c.state.store.generations_followed();
     assert!(n + reread > announced, "{n} {reread}");
     let _ = &b;
+}
+
+#[tokio::test]
+async fn the_newest_contact_with_an_edge_wins_and_each_announcement_is_made_once() {
+    use patronus_controller::store::presence::{record, transitions};
+    let a = api().await;
+    let t = a.admin().await;
+    let id = sites(&a, &t, &["hq"]).await[0];
+    let t0: i64 = 1_900_000_000_000;
+    let mut tx = a.state.store.begin().await.unwrap();
+    // The edge moved from controller A to B: B hears it at t0 + 5 s; A's write of its older
+    // contact (the connection the edge left) lands after B's, and takes nothing back.
+    record(&mut tx, &[(id, t0 + 5_000)]).await.unwrap();
+    record(&mut tx, &[(id, t0)]).await.unwrap();
+    let on = transitions(&mut tx, t0 + 5_000).await.unwrap();
+    assert_eq!(on.len(), 1, "{on:?}");
+    assert!(on[0].online && on[0].site == "hq", "{on:?}");
+    // Another controller looking at the same moment announces nothing more.
+    assert_eq!(transitions(&mut tx, t0 + 5_000).await.unwrap(), []);
+    // 15 s after A's contact but not after B's: still online.
+    assert_eq!(transitions(&mut tx, t0 + 16_000).await.unwrap(), []);
+    // 15 s after B's: offline, once, with B's contact as the last.
+    let off = transitions(&mut tx, t0 + 20_001).await.unwrap();
+    assert_eq!(off.len(), 1, "{off:?}");
+    assert!(
+        !off[0].online && off[0].last_seen == (t0 + 5_000) / 1000,
+        "{off:?}"
+    );
+    assert_eq!(transitions(&mut tx, t0 + 20_001).await.unwrap(), []);
+    // A site deleted meanwhile is not brought back by a late write.
+    record(&mut tx, &[(id + 1000, t0)]).await.unwrap();
+    tx.commit().await.unwrap();
+    let seen = patronus_controller::store::presence::last_seen(
+        &mut *a.state.store.conn().await.unwrap(),
+        &[id, id + 1000],
+    )
+    .await
+    .unwrap();
+    assert_eq!(seen, [(id, t0 + 5_000)].into_iter().collect());
+}
+
+#[tokio::test]
+async fn presence_lockouts_and_rate_limits_hold_across_controllers() {
+    use patronus_controller::config::Database;
+    use patronus_controller::presence::flush;
+    let pg = patronus_lab::postgres::shared().unwrap();
+    let name = format!("shared_limits_{}", crate::BACKEND);
+    pg.create_database(&name).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::with_data_dir(dir.path().join("state"));
+    config.database = Database::Postgres(pg.url(&name));
+    config.auth_rate_per_minute = 12;
+    config.lockout_after_failures = 3;
+    let a = api_on(config.clone(), tempfile::tempdir().unwrap()).await;
+    let b = api_on(config, tempfile::tempdir().unwrap()).await;
+    // Auth requests (logins, enrolments) from the test's one address, 192.0.2.7: this login
+    // and the enrolment.
+    let started = std::time::Instant::now();
+    let t = a.admin().await;
+    let id = sites(&a, &t, &["hq"]).await[0];
+    let cred = enrolled(&a, &t, id, 5).await;
+    let mut requests: u64 = 2;
+
+    // The edge is heard on A: A announces it online, B finds nothing to announce, and B shows
+    // it online.
+    let r = a
+        .call(Method::GET, "/api/v1/edge/config", Some(&cred), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(flush(&a.state).await.unwrap(), 1);
+    assert_eq!(flush(&b.state).await.unwrap(), 0);
+    let path = format!("/api/v1/sites/{id}");
+    let r = b.call(Method::GET, &path, Some(&t), None).await;
+    assert_eq!(r.body["online"], true, "{r:?}");
+    // It moves to B: nothing to announce on either.
+    let r = b
+        .call(Method::GET, "/api/v1/edge/config", Some(&cred), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(flush(&b.state).await.unwrap(), 0);
+    assert_eq!(flush(&a.state).await.unwrap(), 0);
+
+    // Two wrong passwords on A and one on B lock the account on every controller.
+    let other = a.token(ADMIN, ADMIN_PW).await;
+    requests += 1;
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/users",
+            Some(&other),
+            Some(
+                json!({ "email": "ops@example.com", "name": "Ops", "role": "operator",
+                         "password": "Tr0ub4dor&3-horse" }),
+            ),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    for x in [&a, &a, &b] {
+        let r = x.login("ops@example.com", "wrong-password-1").await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{r:?}");
+        requests += 1;
+    }
+    let r = b.login("OPS@example.com", "Tr0ub4dor&3-horse").await;
+    requests += 1;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{r:?}");
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("locked"),
+        "{r:?}"
+    );
+
+    // The address's allowance (12 a minute, one more every 5 s) is one, whichever controller
+    // it asks: alternating between two controllers does not double it.
+    let mut refused_at = None;
+    for i in (requests + 1)..=24 {
+        let x = if i % 2 == 0 { &a } else { &b };
+        // Each a different account, so that no lock-out answers first.
+        let r = x
+            .login(&format!("nobody{i}@example.com"), "wrong-password-2")
+            .await;
+        if r.status == StatusCode::TOO_MANY_REQUESTS {
+            assert!(
+                r.body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("this address"),
+                "{r:?}"
+            );
+            refused_at = Some(i);
+            break;
+        }
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{r:?}");
+    }
+    let refilled = started.elapsed().as_secs() / 5 + 1;
+    let refused_at = refused_at.expect("never refused");
+    assert!(
+        (13..=13 + refilled).contains(&refused_at),
+        "refused at request {refused_at}"
+    );
 }

@@ -50,7 +50,7 @@ async fn edge_config(
     headers: HeaderMap,
     extract::Query(q): extract::Query<ConfigQuery>,
 ) -> Result<Response, ApiError> {
-    let _heard = s.heard_from(site.site_id, &site.site);
+    let _heard = s.heard_from(site.site_id);
     let seen = headers
         .get(header::IF_NONE_MATCH)
         .map(|v| v.as_bytes().to_vec());
@@ -87,7 +87,7 @@ async fn edge_config_delta(
     headers: HeaderMap,
     extract::Query(q): extract::Query<ConfigQuery>,
 ) -> Result<Response, ApiError> {
-    let _heard = s.heard_from(site.site_id, &site.site);
+    let _heard = s.heard_from(site.site_id);
     let seen = headers
         .get(header::IF_NONE_MATCH)
         .ok_or_else(|| {

@@ -47,7 +47,7 @@ async fn edge_key(
     ip: crate::routes::auth::ClientIp,
     extract::Json(step): extract::Json<KeyStep>,
 ) -> Result<StatusCode, ApiError> {
-    let _heard = s.heard_from(site.site_id, &site.site);
+    let _heard = s.heard_from(site.site_id);
     let now = now_s();
     let mut tx = s.store.begin().await?;
     let (current, next) = store::keys(&mut tx, site.site_id).await?;

@@ -33,7 +33,7 @@ async fn edge_telemetry(
     site: SiteCaller,
     extract::Json(t): extract::Json<patronus_api::Telemetry>,
 ) -> Result<StatusCode, ApiError> {
-    let _heard = s.heard_from(site.site_id, &site.site);
+    let _heard = s.heard_from(site.site_id);
     if t.paths.len() > 4096 {
         return Err(ApiError::field("paths", "at most 4096 paths per report"));
     }
