@@ -1191,3 +1191,175 @@ fn migrate_moves_a_controller_from_sqlite_to_postgres_without_a_password_in_sigh
     let log = c.finish(nix::sys::signal::Signal::SIGTERM);
     assert!(!log.contains(pg.password()), "{log}");
 }
+
+/// What a webhook receiver saw: every POST (its delivery id and event id, in arrival order),
+/// how many it is holding unanswered, and how many it has answered.
+#[derive(Default)]
+struct Seen {
+    posts: Vec<(String, String)>,
+    open: usize,
+    answered: usize,
+}
+
+/// A webhook receiver on loopback that holds each POST `hold` before answering 200.
+fn slow_receiver(hold: Duration) -> (SocketAddr, Arc<Mutex<Seen>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let sink = seen.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let sink = sink.clone();
+            std::thread::spawn(move || {
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let (mut delivery, mut length) = (String::new(), 0usize);
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let line = line.trim_end();
+                    if line.is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = line.split_once(':') {
+                        match k.to_ascii_lowercase().as_str() {
+                            "x-patronus-delivery" => delivery = v.trim().to_owned(),
+                            "content-length" => length = v.trim().parse().unwrap_or(0),
+                            _ => {}
+                        }
+                    }
+                }
+                let mut body = vec![0; length];
+                if r.read_exact(&mut body).is_err() {
+                    return;
+                }
+                let event = serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["id"].as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                {
+                    let mut s = sink.lock().unwrap();
+                    s.posts.push((delivery, event));
+                    s.open += 1;
+                }
+                std::thread::sleep(hold);
+                let _ = conn.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                );
+                let mut s = sink.lock().unwrap();
+                s.open -= 1;
+                s.answered += 1;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[test]
+fn a_controller_killed_mid_burst_leaves_every_webhook_event_delivered_by_the_others() {
+    let pg = patronus_lab::postgres::Postgres::start().unwrap();
+    pg.create_database("patronus").unwrap();
+    let url = pg.url("patronus");
+    let dir = tempfile::tempdir().unwrap();
+    // One data directory (one signing key) for three controllers over one PostgreSQL.
+    let state = dir.path().join("state");
+    let env = [
+        ("PATRONUS_ADMIN_EMAIL", ADMIN),
+        ("PATRONUS_ADMIN_PASSWORD", PASSWORD),
+        ("PATRONUS_DATABASE", url.as_str()),
+        ("PATRONUS_WEBHOOK_ALLOWED_NETWORKS", "127.0.0.0/8"),
+    ];
+    let a = start_with(&state, &env);
+    let b = start_with(&state, &env);
+    let _c = start_with(&state, &env);
+    let token = login(a.addr)["access_token"].as_str().unwrap().to_owned();
+    let (receiver, seen) = slow_receiver(Duration::from_millis(400));
+    let (status, body) = http(
+        a.addr,
+        "POST",
+        "/api/v1/webhooks",
+        Some(&token),
+        Some(&format!(
+            r#"{{"url":"http://{receiver}/hook","events":["config.changed"]}}"#
+        )),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let hook = json(&body)["id"].as_i64().unwrap();
+
+    // A burst of 40 changes (40 events): the first on A until A has deliveries in flight,
+    // then A is killed and the rest go to B.
+    const EVENTS: usize = 40;
+    let mut on = a.addr;
+    let mut killed = None;
+    let mut a = Some(a);
+    for i in 0..EVENTS {
+        let site = format!(
+            r#"{{"name":"s{i}","lan_prefixes":["10.{i}.0.0/16"],"links":[{{"name":"mpls","kind":"mpls"}}]}}"#
+        );
+        let (status, body) = http(on, "POST", "/api/v1/sites", Some(&token), Some(&site)).unwrap();
+        assert_eq!(status, 201, "{body}");
+        if killed.is_none() && i >= 9 {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while seen.lock().unwrap().open < 3 {
+                assert!(Instant::now() < deadline, "A delivers nothing");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let answered = seen.lock().unwrap().answered;
+            a.take().unwrap().finish(nix::sys::signal::Signal::SIGKILL);
+            // Posted by the time A was dead and not answered before it was killed: the only
+            // deliveries a receiver can see twice (A may have died before recording them).
+            killed = Some(seen.lock().unwrap().posts.len() - answered);
+            on = b.addr;
+        }
+    }
+    let in_flight = killed.expect("A was never killed with deliveries in flight");
+
+    // Every delivery is marked delivered (by B or C), within the lease of those A held.
+    let path = format!("/api/v1/webhooks/{hook}/deliveries?limit=100");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let deliveries = loop {
+        let (status, body) = http(b.addr, "GET", &path, Some(&token), None).unwrap();
+        assert_eq!(status, 200, "{body}");
+        let v = json(&body);
+        let items = v["items"].as_array().unwrap().clone();
+        if items.len() == EVENTS && items.iter().all(|d| d["status"] == "delivered") {
+            break items;
+        }
+        assert!(Instant::now() < deadline, "not all delivered: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+
+    // At the receiver: every event, each under one delivery (one per webhook, not one per
+    // controller), and a second POST of a delivery only for those A had in flight.
+    let s = seen.lock().unwrap();
+    let mut by_event: std::collections::HashMap<&str, std::collections::HashSet<&str>> =
+        std::collections::HashMap::new();
+    for (delivery, event) in &s.posts {
+        by_event.entry(event).or_default().insert(delivery);
+    }
+    for d in &deliveries {
+        let event = d["event_id"].as_str().unwrap();
+        let ids = by_event
+            .get(event)
+            .unwrap_or_else(|| panic!("{event} never arrived"));
+        assert_eq!(
+            ids.iter().copied().collect::<Vec<_>>(),
+            [d["id"].to_string().as_str()],
+            "{event}"
+        );
+    }
+    assert_eq!(by_event.len(), EVENTS);
+    let again = s.posts.len() - EVENTS;
+    assert!(
+        again <= in_flight,
+        "{again} posted twice, {in_flight} in flight when A was killed"
+    );
+    eprintln!(
+        "{EVENTS} events, {} posts: {again} posted again after A was killed with {in_flight} in flight",
+        s.posts.len()
+    );
+}

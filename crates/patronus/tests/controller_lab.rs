@@ -213,7 +213,12 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
             .as_array()
             .unwrap()
             .iter()
-            .find(|p| p["from"] == "hq/mpls" && p["to"] == "branch1/mpls")
+            .find(|p| {
+                let end = |e: &serde_json::Value| format!("{}/{}", e["site"], e["link"]);
+                let mut ends = [end(&p["a"]), end(&p["b"])];
+                ends.sort();
+                ends == [r#""branch1"/"mpls""#, r#""hq"/"mpls""#]
+            })
             .cloned();
         if let Some(p) = found {
             let rtt = p["rtt_ms"].as_f64().unwrap();
@@ -834,6 +839,41 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
     // Headless for a minute: with the controller gone, a stream between branch1 and branch2
     // loses nothing for the whole minute, while hq's edge is restarted (it comes back on the
     // configuration it kept and forwards) and then fails over a cut on its own.
+    // What the controller holds before it stops: after it moves to PostgreSQL, all of it is
+    // there, the same.
+    let json_of = |args: &[&str]| -> serde_json::Value {
+        let mut args = args.to_vec();
+        args.extend(["--output", "json"]);
+        let (ok, out, err) = cli(&lab, &home, &args, "");
+        assert!(ok, "{args:?}: {err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let mpls_path = json_of(&["path", "list", "--site", "hq"])["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["from"] == "hq/mpls" && p["to"] == "branch1/mpls")
+        .map(|p| p["id"].as_str().unwrap().to_owned())
+        .expect("no path hq/mpls - branch1/mpls");
+    let history = |json_of: &dyn Fn(&[&str]) -> serde_json::Value| {
+        [
+            json_of(&["path", "failovers"]),
+            json_of(&["path", "events", mpls_path.as_str()]),
+            json_of(&["webhook", "list"]),
+            json_of(&["policy", "list"]),
+        ]
+        .map(|v| v["items"].as_array().unwrap().clone())
+    };
+    let kept = history(&json_of);
+    assert!(kept.iter().all(|items| !items.is_empty()), "{kept:?}");
+    let sites_before: Vec<(serde_json::Value, serde_json::Value)> =
+        json_of(&["site", "list"])["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| (s["id"].clone(), s["version"].clone()))
+            .collect();
+
     lab.stop(controller).unwrap();
     let headless = Instant::now();
     let (b1_ns, b2_ns) = (lab.ns("branch1/h1").unwrap(), lab.ns("branch2/h1").unwrap());
@@ -873,7 +913,24 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
     assert_eq!(r.lost, 0, "{r:?}");
     assert!(r.received >= 11_900, "{r:?}");
 
-    // The controller back: the edges find it by themselves and are online again.
+    // The installation moves up to PostgreSQL while the controller is down (`patronus
+    // controller migrate`), and the controller comes back on it at the same address: the edges
+    // find it by themselves and are online again.
+    let pg = patronus_lab::postgres::Postgres::start().unwrap();
+    pg.create_database("patronus").unwrap();
+    let database = pg.socket_url("patronus");
+    let out = Command::new(patronus())
+        .args(["controller", "migrate", "--data-dir"])
+        .arg(&state)
+        .env("PATRONUS_MIGRATE_TO", &database)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut cmd = Command::new(patronus());
     cmd.args([
         "controller",
@@ -881,7 +938,8 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
         &format!("{ctl}:8080"),
         "--data-dir",
     ])
-    .arg(&state);
+    .arg(&state)
+    .env("PATRONUS_DATABASE", &database);
     let log = std::fs::File::create(run.join("controller-2.log")).unwrap();
     lab.spawn_logged("controller", cmd, log).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -900,6 +958,32 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+    // Everything from before is there, the same: the sites at their versions, every failover,
+    // the path's history, the webhooks, the policies (with what was added since, such as the
+    // failover hq made headless).
+    let sites_after: Vec<(serde_json::Value, serde_json::Value)> =
+        json_of(&["site", "list"])["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| (s["id"].clone(), s["version"].clone()))
+            .collect();
+    assert_eq!(sites_after, sites_before);
+    let now = history(&json_of);
+    for (before, after) in kept.iter().zip(&now) {
+        for item in before {
+            let same = after.iter().find(|a| a["id"] == item["id"]);
+            assert_eq!(same, Some(item), "lost or changed by the move");
+        }
+    }
+    eprintln!(
+        "moved to PostgreSQL: {} sites, {} failovers, {} events of {mpls_path}, {} webhooks, {} policies",
+        sites_after.len(),
+        now[0].len(),
+        now[1].len(),
+        now[2].len(),
+        now[3].len()
+    );
     lab.down().unwrap();
 }
 
@@ -1079,6 +1163,32 @@ fn edges_spread_over_three_controllers_follow_a_write_and_survive_their_controll
     assert_eq!(moves(&lab, "branch2").len(), 1);
     assert!(moves(&lab, "hq").is_empty());
     write_reaches_all("spare3", "the write after the second kill");
+
+    // Every acknowledged write survived both kills, and the one controller left shows every
+    // site online (the edges that moved kept them so; nothing announced them offline).
+    let (ok, out, err) = cli(&lab, &home, &["link", "list", "hq", "--output", "json"], "");
+    assert!(ok, "{err}");
+    let links: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let names: Vec<&str> = links["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
+    for l in ["spare", "spare2", "spare3"] {
+        assert!(names.contains(&l), "{l} lost: {names:?}");
+    }
+    let (ok, out, err) = cli(&lab, &home, &["site", "list", "--output", "json"], "");
+    assert!(ok, "{err}");
+    let sites: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        sites["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["online"] == true),
+        "{sites}"
+    );
 }
 
 /// Kills controller `pid` (at `url`; SIGKILL) one second into a stream from hq/h1 to `to`'s
