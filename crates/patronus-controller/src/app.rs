@@ -39,6 +39,9 @@ pub struct Inner {
     pub presence: std::sync::Mutex<std::collections::HashMap<i64, crate::presence::Heard>>,
     /// Wakes the presence writer: an edge was newly heard from.
     pub presence_wake: tokio::sync::Notify,
+    /// The database's clock less this machine's (ms), as last read: presence is written and
+    /// compared in the database's time.
+    pub clock_offset_ms: std::sync::atomic::AtomicI64,
     /// The latest measurement of each path (by path id), as an edge at one of its ends
     /// reported it.
     pub live: std::sync::Mutex<std::collections::HashMap<String, LivePath>>,
@@ -126,6 +129,7 @@ impl AppState {
             previous: std::sync::Mutex::new(None),
             presence: std::sync::Mutex::new(std::collections::HashMap::new()),
             presence_wake: tokio::sync::Notify::new(),
+            clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
             live: std::sync::Mutex::new(std::collections::HashMap::new()),
             webhook_tls,
             config,

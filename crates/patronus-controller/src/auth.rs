@@ -7,8 +7,10 @@
 //! re-reads the user, so disabling a user or changing a role takes effect at once, not when the
 //! token expires.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use argon2::Argon2;
@@ -169,6 +171,8 @@ pub struct Tokens {
     dec: DecodingKey,
     pub access_ttl: Duration,
     pub refresh_ttl: Duration,
+    /// The key's [`key_fingerprint`].
+    pub fingerprint: String,
 }
 
 impl std::fmt::Debug for Tokens {
@@ -183,6 +187,7 @@ impl std::fmt::Debug for Tokens {
 impl Tokens {
     pub fn new(key: &[u8], access_ttl: Duration, refresh_ttl: Duration) -> Self {
         Self {
+            fingerprint: key_fingerprint(key),
             enc: EncodingKey::from_secret(key),
             dec: DecodingKey::from_secret(key),
             access_ttl,
@@ -283,60 +288,97 @@ pub fn dummy_hash() -> &'static str {
 
 // ----- rate limits and lockout -----
 
-/// Token buckets per client address: `per_minute` requests, refilled continuously. The buckets
-/// are in the database ([`crate::store::throttle`]), shared by every controller over it.
+/// Token buckets per client address: `per_minute` requests, refilled continuously. Each
+/// controller keeps its own buckets as a first gate (what it refuses costs nothing more), and
+/// the database keeps the shared ones ([`crate::store::throttle`]), so that the allowance is
+/// one across every controller over it.
 #[derive(Debug)]
 pub struct RateLimiter {
     per_minute: u32,
+    local: Mutex<HashMap<IpAddr, (f64, i64)>>,
 }
 
 impl RateLimiter {
     pub fn new(per_minute: u32) -> Self {
         Self {
             per_minute: per_minute.max(1),
+            local: Mutex::new(HashMap::new()),
         }
     }
 
-    /// `Ok(Ok)` to go on, or `Ok(Err(seconds))` to wait; one token taken from `ip`'s bucket.
+    fn cap(&self) -> f64 {
+        f64::from(self.per_minute)
+    }
+
+    fn per_ms(&self) -> f64 {
+        self.cap() / 60_000.0
+    }
+
+    /// `Ok(Ok)` to go on, or `Ok(Err(seconds))` to wait; one token taken from `ip`'s bucket,
+    /// here and in the database.
     pub async fn check(
         &self,
         store: &Store,
         ip: IpAddr,
         now_ms: i64,
     ) -> Result<Result<(), u64>, sqlx::Error> {
-        let address = ip.to_string();
-        let mut tx = store.begin().await?;
-        let bucket = throttle::bucket(&mut tx, &address).await?;
-        let (verdict, tokens) = self.take(bucket, now_ms);
-        throttle::set_bucket(&mut tx, &address, tokens, now_ms).await?;
-        tx.commit().await?;
-        Ok(verdict)
+        {
+            let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
+            if local.len() > 100_000 {
+                // Forget full buckets rather than grow without bound under a spray of
+                // addresses.
+                let (cap, per_ms) = (self.cap(), self.per_ms());
+                local.retain(|_, (tokens, at)| *tokens + (now_ms - *at) as f64 * per_ms < cap);
+            }
+            let bucket = local.get(&ip).copied();
+            let (verdict, tokens) = self.take(bucket, now_ms);
+            local.insert(ip, (tokens, now_ms.max(bucket.map_or(now_ms, |b| b.1))));
+            if let Err(wait) = verdict {
+                return Ok(Err(wait));
+            }
+        }
+        let (taken, tokens) = throttle::take_token(
+            &mut *store.conn().await?,
+            &ip.to_string(),
+            self.cap(),
+            self.per_ms(),
+            now_ms,
+        )
+        .await?;
+        Ok(if taken {
+            Ok(())
+        } else {
+            Err(self.wait_s(tokens))
+        })
     }
 
     /// A bucket that held `bucket` (tokens, when counted), asked for one token at `now_ms`:
-    /// the verdict, and the tokens left. A bucket counted "later" by a controller whose clock
-    /// is ahead is not refilled backwards.
+    /// the verdict, and the tokens left. A bucket counted "later" by a clock that is ahead is
+    /// not refilled backwards. (The database's [`throttle::take_token`] is the same, in SQL.)
     fn take(&self, bucket: Option<(f64, i64)>, now_ms: i64) -> (Result<(), u64>, f64) {
-        let cap = f64::from(self.per_minute);
-        let per_ms = cap / 60_000.0;
+        let cap = self.cap();
         let tokens = match bucket {
-            Some((tokens, at)) => (tokens + (now_ms - at).max(0) as f64 * per_ms).min(cap),
+            Some((tokens, at)) => (tokens + (now_ms - at).max(0) as f64 * self.per_ms()).min(cap),
             None => cap,
         };
         if tokens >= 1.0 {
             (Ok(()), tokens - 1.0)
         } else {
-            let wait_s = ((1.0 - tokens) / per_ms / 1000.0).ceil() as u64;
-            (Err(wait_s.max(1)), tokens)
+            (Err(self.wait_s(tokens)), tokens)
         }
+    }
+
+    /// Seconds until a bucket holding `tokens` holds one.
+    fn wait_s(&self, tokens: f64) -> u64 {
+        (((1.0 - tokens).max(0.0) / self.per_ms() / 1000.0).ceil() as u64).max(1)
     }
 }
 
-/// Failed password checks per account (by the email given, in lower case, existing or not, so
-/// that a lockout says nothing about which accounts exist), in the database and so counted
-/// across every controller. After `after` failures in a row the account is locked for one
-/// minute, doubling with each further failure up to an hour; a success clears it, and a count
-/// with no lock is forgotten after [`FAILURES_FORGOTTEN_MS`].
+/// Failed password checks per account (by the email given, existing or not, so that a lockout
+/// says nothing about which accounts exist; kept as the SHA-256 of the email in lower case), in
+/// the database and so counted across every controller. After `after` failures in a row the
+/// account is locked for one minute, doubling with each further failure up to an hour; a
+/// success clears it, and a count with no lock is forgotten after [`FAILURES_FORGOTTEN_MS`].
 #[derive(Debug)]
 pub struct Lockout {
     after: u32,
@@ -344,6 +386,14 @@ pub struct Lockout {
 
 /// Failed checks in a row that led to no lock are forgotten this long after the last one.
 pub const FAILURES_FORGOTTEN_MS: i64 = 24 * 3_600_000;
+
+/// The key of `email`'s failure count: fixed in size whatever was typed, and no email at rest.
+fn account(email: &str) -> String {
+    sha256(email.to_lowercase().as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 
 impl Lockout {
     pub fn new(after: u32) -> Self {
@@ -359,11 +409,9 @@ impl Lockout {
         email: &str,
         now_ms: i64,
     ) -> Result<Result<(), u64>, sqlx::Error> {
-        let f = throttle::failures(&mut *store.conn().await?, &email.to_lowercase()).await?;
-        Ok(match f {
-            Some((_, Some(until))) if until > now_ms => {
-                Err(((until - now_ms) as u64).div_ceil(1000))
-            }
+        let until = throttle::locked_until(&mut *store.conn().await?, &account(email)).await?;
+        Ok(match until {
+            Some(until) if until > now_ms => Err(((until - now_ms) as u64).div_ceil(1000)),
             _ => Ok(()),
         })
     }
@@ -375,30 +423,28 @@ impl Lockout {
         email: &str,
         now_ms: i64,
     ) -> Result<Option<Duration>, sqlx::Error> {
-        let email = email.to_lowercase();
-        let mut tx = store.begin().await?;
-        let before = throttle::failures(&mut tx, &email).await?;
-        let (n, lock) = self.count(before.map(|(n, _)| n));
-        let until = lock.map(|l| now_ms + l.as_millis() as i64);
-        throttle::set_failures(&mut tx, &email, n, until, now_ms).await?;
-        tx.commit().await?;
+        let account = account(email);
+        let mut conn = store.conn().await?;
+        let n = throttle::count_failure(&mut conn, &account, now_ms).await?;
+        let lock = self.lock_after(n);
+        if let Some(l) = lock {
+            throttle::lock(&mut conn, &account, now_ms + l.as_millis() as i64).await?;
+        }
         Ok(lock)
     }
 
-    /// After `before` failures in a row, one more: the new count, and the lock it starts.
-    fn count(&self, before: Option<i64>) -> (i64, Option<Duration>) {
-        let n = before.unwrap_or(0).saturating_add(1);
+    /// The lock `n` failures in a row start, if any.
+    fn lock_after(&self, n: i64) -> Option<Duration> {
         let after = i64::from(self.after);
         if n < after {
-            return (n, None);
+            return None;
         }
         let doublings = (n - after).min(6) as u32;
-        let lock = Duration::from_secs(60 << doublings).min(Duration::from_secs(3600));
-        (n, Some(lock))
+        Some(Duration::from_secs(60 << doublings).min(Duration::from_secs(3600)))
     }
 
     pub async fn succeeded(&self, store: &Store, email: &str) -> Result<(), sqlx::Error> {
-        throttle::clear_failures(&mut *store.conn().await?, &email.to_lowercase()).await
+        throttle::clear_failures(&mut *store.conn().await?, &account(email)).await
     }
 }
 
@@ -487,9 +533,12 @@ mod tests {
         assert!(r.take(Some((0.0, now + 5_000)), now).0.is_err());
 
         let l = Lockout::new(2);
-        assert_eq!(l.count(None), (1, None));
-        assert_eq!(l.count(Some(1)), (2, Some(Duration::from_secs(60))));
-        assert_eq!(l.count(Some(2)), (3, Some(Duration::from_secs(120))));
-        assert_eq!(l.count(Some(40)), (41, Some(Duration::from_secs(3600))));
+        assert_eq!(l.lock_after(1), None);
+        assert_eq!(l.lock_after(2), Some(Duration::from_secs(60)));
+        assert_eq!(l.lock_after(3), Some(Duration::from_secs(120)));
+        assert_eq!(l.lock_after(41), Some(Duration::from_secs(3600)));
+        // One key per account, whatever the case, and of one size whatever was typed.
+        assert_eq!(account("A@x"), account("a@X"));
+        assert_eq!(account(&"a".repeat(100_000)).len(), 64);
     }
 }

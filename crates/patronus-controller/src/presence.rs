@@ -3,6 +3,7 @@
 //! the `site.online` and `site.offline` announcements once ([`crate::store::presence`]).
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::json;
@@ -68,12 +69,15 @@ impl AppState {
         ids: &[i64],
     ) -> Result<HashMap<i64, (bool, i64)>, sqlx::Error> {
         let mut seen = store::last_seen(conn, ids).await?;
-        let now = now_ms();
+        // In the database's time, as what other controllers wrote.
+        let offset = self.clock_offset_ms.load(Ordering::Relaxed);
+        let local_now = now_ms();
+        let now = local_now + offset;
         {
             let p = self.presence.lock().unwrap_or_else(|e| e.into_inner());
             for id in ids {
                 if let Some(h) = p.get(id) {
-                    let at = h.at(now);
+                    let at = h.at(local_now) + offset;
                     let e = seen.entry(*id).or_insert(at);
                     *e = (*e).max(at);
                 }
@@ -148,10 +152,19 @@ pub async fn run(state: AppState) {
     }
 }
 
-/// One round of [`run`]: returns the announcements it made.
+/// One round of [`run`]: returns the announcements it made. Times are written and compared in
+/// the database's clock, so that controllers whose clocks disagree still agree on who is
+/// online.
 pub async fn flush(state: &AppState) -> Result<usize, sqlx::Error> {
-    let now = now_ms();
-    let heard = state.unwritten(now);
+    let local_now = now_ms();
+    let now = state.store.clock_ms().await?;
+    let offset = now - local_now;
+    state.clock_offset_ms.store(offset, Ordering::Relaxed);
+    let heard: Vec<(i64, i64)> = state
+        .unwritten(local_now)
+        .into_iter()
+        .map(|(id, at)| (id, at + offset))
+        .collect();
     if heard.is_empty() && !store::any_due(&mut *state.store.conn().await?, now).await? {
         return Ok(0);
     }

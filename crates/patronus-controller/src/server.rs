@@ -12,6 +12,7 @@ use crate::app::{AppState, router};
 use crate::auth::{self, Role};
 use crate::config::Config;
 use crate::routes::users::{NewUser, add_user};
+use crate::store::settings::KeyClaim;
 use crate::store::{Actor, Store, create_private_dir};
 
 /// Opens everything the API needs, creating it on first start.
@@ -40,7 +41,7 @@ async fn check_signing_key(
         .any(|(k, v)| k == "PATRONUS_REPLACE_SIGNING_KEY" && v == "1");
     let fingerprint = auth::key_fingerprint(key);
     let mut tx = store.begin().await?;
-    let other = crate::store::settings::claim_signing_key(
+    let claim = crate::store::settings::claim_signing_key(
         &mut tx,
         &fingerprint,
         replace,
@@ -48,20 +49,19 @@ async fn check_signing_key(
     )
     .await?;
     tx.commit().await?;
-    if let Some(other) = other {
-        anyhow::bail!(
+    match claim {
+        KeyClaim::Other(other) => anyhow::bail!(
             "jwt_key_file {}: this is not the key the controllers over this database sign access \
              tokens with (this one's fingerprint is {fingerprint}, theirs {other}): give every \
              controller the same key file (mode 0600), or, to replace the key on all of them, \
              start with PATRONUS_REPLACE_SIGNING_KEY=1",
             config.jwt_key_file.display()
-        );
-    }
-    if replace {
-        tracing::warn!(
+        ),
+        KeyClaim::Replaced => tracing::warn!(
             %fingerprint,
-            "PATRONUS_REPLACE_SIGNING_KEY: this controller's signing key is now the one; access tokens signed with another are refused"
-        );
+            "PATRONUS_REPLACE_SIGNING_KEY: this controller's signing key is now the one; access tokens signed with the old one are refused, and a controller still running with it says so every minute until restarted with this key"
+        ),
+        KeyClaim::Same | KeyClaim::Recorded => {}
     }
     Ok(())
 }
@@ -170,7 +170,10 @@ pub async fn serve(
     on_listening(listener.local_addr()?);
     let store = state.store.clone();
     crate::webhooks::start(&state);
-    tokio::spawn(housekeeping(store.clone()));
+    tokio::spawn(housekeeping(
+        store.clone(),
+        state.tokens.fingerprint.clone(),
+    ));
     let limits = Arc::new(Limits::new(&state.config));
     tracing::info!(
         max_connections = limits.total,
@@ -244,8 +247,9 @@ pub const REFUSED_ATTEMPTS_DAYS: i64 = 90;
 /// What anyone can add to the store without logging in, held to its bound: every minute, rate
 /// buckets full again and failure counts that lock nothing are removed; every hour, refused
 /// attempts beyond what the audit log keeps. (Each is a conditional delete: any number of
-/// controllers can run it.)
-async fn housekeeping(store: crate::store::Store) {
+/// controllers can run it.) And every minute, an error if another controller has replaced the
+/// signing key this one signs with (`fingerprint`).
+async fn housekeeping(store: crate::store::Store, fingerprint: String) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     let mut rounds: u64 = 0;
     loop {
@@ -265,6 +269,19 @@ async fn housekeeping(store: crate::store::Store) {
         };
         if let Err(e) = pruned.await {
             tracing::warn!(error = %e, "rate buckets and old login failures not removed");
+        }
+        let recorded = match store.conn().await {
+            Ok(mut c) => crate::store::settings::signing_key(&mut c).await,
+            Err(e) => Err(e),
+        };
+        if let Ok(Some(recorded)) = recorded {
+            if recorded != fingerprint {
+                tracing::error!(
+                    ours = %fingerprint,
+                    theirs = %recorded,
+                    "the signing key was replaced (PATRONUS_REPLACE_SIGNING_KEY on another controller): the access tokens this controller issues are refused by the others; restart it with the new jwt_key_file"
+                );
+            }
         }
         rounds += 1;
         if rounds % 60 != 1 {

@@ -503,6 +503,20 @@ impl Store {
         }
     }
 
+    /// The database's clock (unix ms): the one clock that what several controllers write and
+    /// compare (such as when an edge was last heard from) is read against, whatever their own
+    /// clocks say. On SQLite (one machine) it is this machine's.
+    pub async fn clock_ms(&self) -> Result<i64, sqlx::Error> {
+        match self.pool {
+            Pool::Sqlite(_) => Ok(now_ms()),
+            Pool::Pg(_) => {
+                query_scalar("SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)")
+                    .fetch_one(&mut *self.conn().await?)
+                    .await
+            }
+        }
+    }
+
     /// A read transaction: every statement on it sees the same snapshot of the database.
     pub async fn snapshot(&self) -> Result<Snapshot, sqlx::Error> {
         Ok(Snapshot(match &self.pool {

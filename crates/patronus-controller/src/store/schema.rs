@@ -468,16 +468,18 @@ CREATE TABLE presence (
 );
 CREATE INDEX presence_online ON presence(online, last_seen);
 -- Login and token throttling shared by every controller: a token bucket per client address
--- (tokens, refilled from at_ms) and failed password checks in a row per account (email in
--- lower case), locked until locked_until_ms.
+-- (tokens, refilled from at_ms; taken: whether the last request got one) and failed password
+-- checks in a row per account (account: the SHA-256 of the email in lower case, in hex), locked
+-- until locked_until_ms.
 CREATE TABLE rate_buckets (
     address TEXT COLLATE "C" PRIMARY KEY,
     tokens  DOUBLE PRECISION NOT NULL,
-    at_ms   BIGINT  NOT NULL
+    at_ms   BIGINT  NOT NULL,
+    taken   BIGINT  NOT NULL
 );
 CREATE INDEX rate_buckets_at ON rate_buckets(at_ms);
 CREATE TABLE login_failures (
-    email           TEXT COLLATE "C" PRIMARY KEY,
+    account         TEXT COLLATE "C" PRIMARY KEY,
     failures        BIGINT  NOT NULL,
     locked_until_ms BIGINT,
     at_ms           BIGINT  NOT NULL
@@ -836,16 +838,18 @@ CREATE TABLE presence (
 );
 CREATE INDEX presence_online ON presence(online, last_seen);
 -- Login and token throttling shared by every controller: a token bucket per client address
--- (tokens, refilled from at_ms) and failed password checks in a row per account (email in
--- lower case), locked until locked_until_ms.
+-- (tokens, refilled from at_ms; taken: whether the last request got one) and failed password
+-- checks in a row per account (account: the SHA-256 of the email in lower case, in hex), locked
+-- until locked_until_ms.
 CREATE TABLE rate_buckets (
     address TEXT    PRIMARY KEY,
     tokens  REAL    NOT NULL,
-    at_ms   INTEGER NOT NULL
+    at_ms   INTEGER NOT NULL,
+    taken   INTEGER NOT NULL
 );
 CREATE INDEX rate_buckets_at ON rate_buckets(at_ms);
 CREATE TABLE login_failures (
-    email           TEXT    PRIMARY KEY,
+    account         TEXT    PRIMARY KEY,
     failures        INTEGER NOT NULL,
     locked_until_ms INTEGER,
     at_ms           INTEGER NOT NULL

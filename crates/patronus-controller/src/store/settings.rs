@@ -45,35 +45,50 @@ pub async fn set_failover(
     super::one_row_changed(r)
 }
 
+/// What [`claim_signing_key`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyClaim {
+    /// The key recorded is this one.
+    Same,
+    /// None was recorded: this one is now.
+    Recorded,
+    /// Another was recorded, and this one replaced it.
+    Replaced,
+    /// Another is recorded (its fingerprint), and stays.
+    Other(String),
+}
+
+/// The fingerprint of the signing key every controller over this database uses, if one is
+/// recorded.
+pub async fn signing_key(conn: &mut Conn) -> Result<Option<String>, sqlx::Error> {
+    query_scalar("SELECT value FROM settings WHERE key = 'signing_key_fingerprint'")
+        .fetch_optional(conn)
+        .await
+}
+
 /// Records `fingerprint` as the signing key's of every controller over this database, if none
-/// is yet (or `replace`: an operator has given every controller a new key); returns the one
-/// recorded before if it is another and stays (this controller's key is not the others', and
-/// the tokens it issued would be refused by them).
+/// is yet, or if `replace` (an operator has given every controller a new key).
 pub async fn claim_signing_key(
     conn: &mut Conn,
     fingerprint: &str,
     replace: bool,
     now: i64,
-) -> Result<Option<String>, sqlx::Error> {
-    let recorded: Option<String> =
-        query_scalar("SELECT value FROM settings WHERE key = 'signing_key_fingerprint'")
-            .fetch_optional(&mut *conn)
-            .await?;
-    match recorded {
-        Some(r) if r == fingerprint => Ok(None),
-        Some(r) if !replace => Ok(Some(r)),
-        _ => {
-            query(
-                "INSERT INTO settings (key, value, version, updated_at)
-                 VALUES ('signing_key_fingerprint', ?, 1, ?)
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value,
-                     version = settings.version + 1, updated_at = excluded.updated_at",
-            )
-            .bind(fingerprint)
-            .bind(now)
-            .execute(conn)
-            .await?;
-            Ok(None)
-        }
-    }
+) -> Result<KeyClaim, sqlx::Error> {
+    let claim = match signing_key(&mut *conn).await? {
+        Some(r) if r == fingerprint => return Ok(KeyClaim::Same),
+        Some(r) if !replace => return Ok(KeyClaim::Other(r)),
+        Some(_) => KeyClaim::Replaced,
+        None => KeyClaim::Recorded,
+    };
+    query(
+        "INSERT INTO settings (key, value, version, updated_at)
+         VALUES ('signing_key_fingerprint', ?, 1, ?)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value,
+             version = settings.version + 1, updated_at = excluded.updated_at",
+    )
+    .bind(fingerprint)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(claim)
 }

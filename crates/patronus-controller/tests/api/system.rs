@@ -1482,9 +1482,10 @@ async fn presence_lockouts_and_rate_limits_hold_across_controllers() {
     let mut refused_at = None;
     for i in (requests + 1)..=24 {
         let x = if i % 2 == 0 { &a } else { &b };
-        // Each a different account, so that no lock-out answers first.
+        // A refresh with a token nobody holds: as limited as a login, and cheap to refuse.
+        let body = json!({ "refresh_token": format!("not-a-token-{i}") });
         let r = x
-            .login(&format!("nobody{i}@example.com"), "wrong-password-2")
+            .call(Method::POST, "/api/v1/auth/refresh", None, Some(body))
             .await;
         if r.status == StatusCode::TOO_MANY_REQUESTS {
             assert!(
@@ -1505,4 +1506,49 @@ async fn presence_lockouts_and_rate_limits_hold_across_controllers() {
         (13..=13 + refilled).contains(&refused_at),
         "refused at request {refused_at}"
     );
+}
+
+#[tokio::test]
+async fn rate_buckets_and_failure_counts_that_limit_nobody_are_forgotten() {
+    use patronus_controller::store::throttle::{count_failure, lock, prune, take_token};
+    let a = api().await;
+    let mut c = a.state.store.conn().await.unwrap();
+    let t0: i64 = 1_900_000_000_000;
+    // Two tokens a minute: the third request within the minute is refused, with what is left.
+    let per_ms = 2.0 / 60_000.0;
+    assert_eq!(
+        take_token(&mut c, "192.0.2.1", 2.0, per_ms, t0)
+            .await
+            .unwrap(),
+        (true, 1.0)
+    );
+    assert!(
+        take_token(&mut c, "192.0.2.1", 2.0, per_ms, t0)
+            .await
+            .unwrap()
+            .0
+    );
+    let (taken, left) = take_token(&mut c, "192.0.2.1", 2.0, per_ms, t0 + 15_000)
+        .await
+        .unwrap();
+    assert!(!taken && (left - 0.5).abs() < 1e-9, "{left}");
+    // An earlier time (another controller's clock behind) refills nothing.
+    let (taken, left) = take_token(&mut c, "192.0.2.1", 2.0, per_ms, t0)
+        .await
+        .unwrap();
+    assert!(!taken && (left - 0.5).abs() < 1e-9, "{left}");
+    assert_eq!(count_failure(&mut c, "quiet", t0).await.unwrap(), 1);
+    assert_eq!(count_failure(&mut c, "locked", t0).await.unwrap(), 1);
+    assert_eq!(count_failure(&mut c, "locked", t0).await.unwrap(), 2);
+    lock(&mut c, "locked", t0 + 3_600_000).await.unwrap();
+    // A minute on, the bucket is full again and goes; a day on, the count that locks nothing
+    // goes too, and the locked account's stays while locked.
+    let n = prune(&mut c, t0 + 15_001, t0 - 1, t0 + 60_000)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let n = prune(&mut c, t0, t0 + 1, t0 + 60_000).await.unwrap();
+    assert_eq!(n, 1);
+    let n = prune(&mut c, t0, t0 + 1, t0 + 3_600_001).await.unwrap();
+    assert_eq!(n, 1);
 }
