@@ -75,26 +75,26 @@ pub async fn transitions(conn: &mut Conn, now_ms: i64) -> Result<Vec<Transition>
         (
             true,
             "UPDATE presence SET online = 1 WHERE online = 0 AND last_seen >= ?
-             RETURNING site_id, last_seen",
+             RETURNING site_id, last_seen, (SELECT name FROM sites WHERE id = presence.site_id)",
         ),
         (
             false,
             "UPDATE presence SET online = 0 WHERE online = 1 AND last_seen < ?
-             RETURNING site_id, last_seen",
+             RETURNING site_id, last_seen, (SELECT name FROM sites WHERE id = presence.site_id)",
         ),
     ] {
-        let changed: Vec<(i64, i64)> = query_as(sql).bind(since).fetch_all(&mut *conn).await?;
-        for (site_id, last_seen) in changed {
-            let site = super::sites::name_of(&mut *conn, site_id)
-                .await?
-                .unwrap_or_default();
-            out.push(Transition {
-                site_id,
-                site,
-                online,
-                last_seen: last_seen / 1000,
-            });
-        }
+        let changed: Vec<(i64, i64, Option<String>)> =
+            query_as(sql).bind(since).fetch_all(&mut *conn).await?;
+        out.extend(
+            changed
+                .into_iter()
+                .map(|(site_id, last_seen, site)| Transition {
+                    site_id,
+                    site: site.unwrap_or_default(),
+                    online,
+                    last_seen: last_seen / 1000,
+                }),
+        );
     }
     Ok(out)
 }
