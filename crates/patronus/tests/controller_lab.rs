@@ -866,13 +866,16 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
     };
     let kept = history(&json_of);
     assert!(kept.iter().all(|items| !items.is_empty()), "{kept:?}");
-    let sites_before: Vec<(serde_json::Value, serde_json::Value)> =
+    // Each site's id and version.
+    let versions = |json_of: &dyn Fn(&[&str]) -> serde_json::Value| -> Vec<(i64, i64)> {
         json_of(&["site", "list"])["items"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|s| (s["id"].clone(), s["version"].clone()))
-            .collect();
+            .map(|s| (s["id"].as_i64().unwrap(), s["version"].as_i64().unwrap()))
+            .collect()
+    };
+    let sites_before = versions(&json_of);
 
     lab.stop(controller).unwrap();
     let headless = Instant::now();
@@ -961,13 +964,7 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
     // Everything from before is there, the same: the sites at their versions, every failover,
     // the path's history, the webhooks, the policies (with what was added since, such as the
     // failover hq made headless).
-    let sites_after: Vec<(serde_json::Value, serde_json::Value)> =
-        json_of(&["site", "list"])["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| (s["id"].clone(), s["version"].clone()))
-            .collect();
+    let sites_after = versions(&json_of);
     assert_eq!(sites_after, sites_before);
     let now = history(&json_of);
     for (before, after) in kept.iter().zip(&now) {
