@@ -68,6 +68,23 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
 }
 
+/// HMAC-SHA256 under `key` of `parts`, one after the other.
+pub fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    use hmac::Mac;
+    let Ok(mut mac) = hmac::Hmac::<Sha256>::new_from_slice(key) else {
+        unreachable!("HMAC takes a key of any length")
+    };
+    for p in parts {
+        mac.update(p);
+    }
+    mac.finalize().into_bytes().into()
+}
+
+/// Lower-case hex.
+pub fn hex(data: &[u8]) -> String {
+    data.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 const B64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
 /// Unpadded base64url.
@@ -89,16 +106,7 @@ pub fn b64url(data: &[u8]) -> String {
 /// recorded in the database, so that a controller started with another key than the others is
 /// refused (the tokens it issued would be refused by them) rather than found out by its users.
 pub fn key_fingerprint(key: &[u8]) -> String {
-    use hmac::Mac;
-    let Ok(mut mac) = hmac::Hmac::<Sha256>::new_from_slice(key) else {
-        // HMAC takes a key of any length.
-        return String::new();
-    };
-    mac.update(b"patronus access-token signing key fingerprint");
-    mac.finalize().into_bytes()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(&hmac_sha256(key, &[b"patronus access-token signing key fingerprint"])[..16])
 }
 
 /// The access-token key: read from `path`, or generated there (0600) when missing.
@@ -389,10 +397,7 @@ pub const FAILURES_FORGOTTEN_MS: i64 = 24 * 3_600_000;
 
 /// The key of `email`'s failure count: fixed in size whatever was typed, and no email at rest.
 fn account(email: &str) -> String {
-    sha256(email.to_lowercase().as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(&sha256(email.to_lowercase().as_bytes()))
 }
 
 impl Lockout {

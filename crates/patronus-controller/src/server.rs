@@ -255,17 +255,15 @@ async fn housekeeping(store: crate::store::Store, fingerprint: String) {
     loop {
         tick.tick().await;
         let now = crate::store::now_ms();
+        // Each delete is atomic on its own: no write lock.
         let pruned = async {
-            let mut tx = store.begin().await?;
-            let n = crate::store::throttle::prune(
-                &mut tx,
+            crate::store::throttle::prune(
+                &mut *store.conn().await?,
                 now - 60_000,
                 now - auth::FAILURES_FORGOTTEN_MS,
                 now,
             )
-            .await?;
-            tx.commit().await?;
-            Ok::<_, sqlx::Error>(n)
+            .await
         };
         if let Err(e) = pruned.await {
             tracing::warn!(error = %e, "rate buckets and old login failures not removed");

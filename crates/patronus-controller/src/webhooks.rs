@@ -31,7 +31,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::Uri;
-use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -267,20 +266,6 @@ pub async fn config_changed(
     Ok(generation)
 }
 
-/// [`emit_all`] without waiting: for callers that must not be slowed or failed by it (a
-/// failure is logged).
-pub fn emit_soon(state: &AppState, events: Vec<(EventKind, Value)>) {
-    if events.is_empty() {
-        return;
-    }
-    let state = state.clone();
-    tokio::spawn(async move {
-        if let Err(e) = emit_all(&state, events, None).await {
-            tracing::warn!(error = %e, "webhook events not queued");
-        }
-    });
-}
-
 /// Starts the delivery worker and the presence writer (which announces sites online and
 /// offline). Call once, inside the runtime.
 pub fn start(state: &AppState) {
@@ -438,17 +423,10 @@ pub fn backoff_ms(attempts: i64) -> i64 {
 
 /// `HMAC-SHA256(secret, "<t>." + body)`, in lower-case hex.
 pub fn sign(secret: &str, t: i64, body: &[u8]) -> String {
-    let Ok(mut mac) = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()) else {
-        // HMAC takes a key of any length.
-        return String::new();
-    };
-    mac.update(format!("{t}.").as_bytes());
-    mac.update(body);
-    mac.finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::auth::hex(&crate::auth::hmac_sha256(
+        secret.as_bytes(),
+        &[format!("{t}.").as_bytes(), body],
+    ))
 }
 
 /// The TLS client of `https://` webhooks: the Mozilla roots compiled in, and the CA
