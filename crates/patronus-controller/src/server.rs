@@ -149,6 +149,27 @@ fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How many connections the kernel may hold for the controller before it accepts them (capped
+/// by `net.core.somaxconn`, 4096 by default since Linux 5.4). Edges come in herds: when a
+/// controller dies or restarts, every edge it held reconnects within a second, and with the
+/// 1024 that tokio's `bind` asks for, a thousand simulated edges connecting at once overflowed
+/// the queue here: the SYNs dropped were retried a second later (`bench push` then saw edges
+/// 250-460 ms behind the rest, and `nstat` 1,200 `ListenOverflows` per run).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listening socket on `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as `bind` sets it,
+/// so that a restarted controller binds its port while old connections linger in TIME_WAIT).
+pub fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Serves until `shutdown` completes, then finishes the requests in flight (for at most the
 /// request timeout) and closes the store.
 ///
@@ -164,9 +185,7 @@ pub async fn serve(
     on_listening: impl FnOnce(SocketAddr),
 ) -> anyhow::Result<()> {
     let addr = state.config.listen;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("listening on {addr}"))?;
+    let listener = listen(addr).with_context(|| format!("listening on {addr}"))?;
     on_listening(listener.local_addr()?);
     let store = state.store.clone();
     crate::webhooks::start(&state);

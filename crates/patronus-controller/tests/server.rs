@@ -1,5 +1,6 @@
-//! The controller over real sockets: connection caps, header-read and idle timeouts, a long poll
-//! that outlives the idle timeout, and a write whose client hung up still logged.
+//! The controller over real sockets: its listen backlog, connection caps, header-read and idle
+//! timeouts, a long poll that outlives the idle timeout, and a write whose client hung up still
+//! logged.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test with a line number
 
@@ -313,6 +314,33 @@ async fn a_long_poll_outlives_the_idle_timeout() {
     assert_eq!(status, 304);
     assert!(started.elapsed() >= Duration::from_millis(2900));
     c.stop().await;
+}
+
+#[tokio::test]
+async fn the_controller_queues_a_herd_of_reconnecting_edges_rather_than_dropping_their_syns() {
+    let c = start(|_| {}).await;
+    // What the kernel reports of the listening socket (`ss`: Send-Q is its backlog), against
+    // what it allows at most: tokio's default of 1024 overflowed with 1000 edges at once.
+    let ss = std::process::Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{}", c.addr.port())])
+        .output()
+        .expect("ss (iproute2) is needed to read the listening socket");
+    let out = String::from_utf8_lossy(&ss.stdout);
+    let backlog: u32 = out
+        .split_whitespace()
+        .nth(2)
+        .and_then(|q| q.parse().ok())
+        .unwrap_or_else(|| panic!("no listening socket on {} in {out:?}", c.addr));
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        backlog,
+        patronus_controller::server::LISTEN_BACKLOG.min(somaxconn)
+    );
+    assert!(backlog > 1024 || somaxconn <= 1024, "{backlog}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -46,6 +46,15 @@ async fn metrics(State(s): State<AppState>, _p: Principal) -> Result<Response, A
             ("{state=\"busy\"}".into(), open.saturating_sub(idle) as f64),
         ],
     );
+    gauge(
+        &mut out,
+        "patronus_edge_config_long_polls",
+        "Edges' configuration long polls held by this controller now, waiting for a change.",
+        &[(
+            String::new(),
+            s.long_polls.load(std::sync::atomic::Ordering::Relaxed) as f64,
+        )],
+    );
     let (announced, reread) = s.store.generations_followed();
     crate::metrics::counter(
         &mut out,

@@ -332,7 +332,11 @@ async fn a_waiting_edge_gets_a_change_as_soon_as_it_is_made_and_304_when_there_i
         .await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
     // A change while the edge waits: the answer comes with it, not at the end of the wait.
+    // Meanwhile the controller counts the poll it holds, and only while it holds it.
+    let held = "\npatronus_edge_config_long_polls ";
+    assert!(metrics_text(&a, &t).await.contains(&format!("{held}0\n")));
     let waiting = waiting_poll(&a, ids[0], &cred, &etag).await;
+    assert!(metrics_text(&a, &t).await.contains(&format!("{held}1\n")));
     let r = a
         .call(
             Method::POST,
@@ -346,6 +350,7 @@ async fn a_waiting_edge_gets_a_change_as_soon_as_it_is_made_and_304_when_there_i
     assert_eq!(status, StatusCode::OK);
     assert_ne!(new_etag.to_str().unwrap(), etag);
     assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    assert!(metrics_text(&a, &t).await.contains(&format!("{held}0\n")));
 }
 
 #[tokio::test]

@@ -446,9 +446,20 @@ pub async fn tls_receiver(
     (port, got)
 }
 
+/// The controller's `/metrics` as an admin reads it.
+pub async fn metrics_text(a: &Api, t: &str) -> String {
+    let req = Request::get("/metrics")
+        .header(header::AUTHORIZATION, format!("Bearer {t}"))
+        .body(Body::empty())
+        .unwrap();
+    let r = a.app.clone().oneshot(req).await.unwrap();
+    String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+}
+
 /// Starts edge `cred`'s long poll (`wait=20`, holding `etag`) on `a` and returns once it is
-/// waiting (counted open in site `site`'s presence), so that what answers it is a change, not
-/// the first look; the task gives the answer's status, ETag and how long it took.
+/// waiting (open in site `site`'s presence and counted among the controller's long polls), so
+/// that what answers it is a change, not the first look; the task gives the answer's status,
+/// ETag and how long it took.
 pub async fn waiting_poll(
     a: &Api,
     site: i64,
@@ -456,6 +467,12 @@ pub async fn waiting_poll(
     etag: &str,
 ) -> tokio::task::JoinHandle<(StatusCode, header::HeaderValue, std::time::Duration)> {
     let app = a.app.clone();
+    let polls = || {
+        a.state
+            .long_polls
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let before = polls();
     let (c2, e2) = (cred.to_owned(), etag.to_owned());
     let waiting = tokio::spawn(async move {
         let req = Request::get("/api/v1/edge/config?wait=20")
@@ -479,6 +496,7 @@ pub async fn waiting_poll(
         .unwrap()
         .get(&site)
         .is_none_or(|p| p.open == 0)
+        || polls() <= before
     {
         assert!(
             std::time::Instant::now() < deadline,

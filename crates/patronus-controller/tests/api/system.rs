@@ -114,16 +114,6 @@ async fn metrics_count_requests_by_route_and_objects_by_kind_for_authenticated_s
     }
 }
 
-/// The controller's `/metrics` as an admin reads it.
-async fn metrics_text(a: &Api, t: &str) -> String {
-    let req = Request::get("/metrics")
-        .header(header::AUTHORIZATION, format!("Bearer {t}"))
-        .body(Body::empty())
-        .unwrap();
-    let r = a.app.clone().oneshot(req).await.unwrap();
-    String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
-}
-
 #[tokio::test]
 async fn no_method_or_path_a_client_makes_up_adds_a_metric_series() {
     let a = api().await;

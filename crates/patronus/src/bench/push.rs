@@ -128,6 +128,8 @@ pub(super) struct BenchController {
     pub creds: Vec<String>,
     password: String,
     database: Database,
+    /// The controller's state, read for what its metrics would say.
+    state: patronus_controller::app::AppState,
     stop: tokio::sync::oneshot::Sender<()>,
     server: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -188,7 +190,7 @@ impl BenchController {
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(patronus_controller::server::serve(
-            state,
+            state.clone(),
             async {
                 let _ = stop_rx.await;
             },
@@ -202,6 +204,7 @@ impl BenchController {
             creds,
             password,
             database,
+            state,
             stop,
             server,
         })
@@ -221,6 +224,13 @@ impl BenchController {
             .as_str()
             .unwrap_or_default()
             .to_owned())
+    }
+
+    /// Configuration long polls this controller holds now (`patronus_edge_config_long_polls`).
+    pub(super) fn long_polls(&self) -> usize {
+        self.state
+            .long_polls
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Stops the server and waits for it.
@@ -388,8 +398,17 @@ async fn run_once(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let initial_ms = t.elapsed().as_secs_f64() * 1e3;
-        // Let the last long polls reach the server.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // The write is timed only once every long poll is held by a controller: an edge whose
+        // request was still on its way would be timed from the write, not from the wake.
+        while cs.iter().map(|c| c.long_polls()).sum::<usize>() < args.edges {
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(120),
+                "{} of {} long polls held in 120 s",
+                cs.iter().map(|c| c.long_polls()).sum::<usize>(),
+                args.edges
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
 
         let token = cs[0].login().await?;
         let policy = json!({

@@ -168,6 +168,10 @@ async fn next_config(
         if seen != Some(etag.as_bytes()) {
             return Ok(Next::Changed(c.clone(), tag));
         }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(Next::Unchanged(tag));
+        }
+        let _held = LongPoll::held(s);
         let timed_out = tokio::select! {
             r = changes.changed() => r.is_err(),
             _ = tokio::time::sleep_until(deadline) => true,
@@ -175,5 +179,24 @@ async fn next_config(
         if timed_out {
             return Ok(Next::Unchanged(tag));
         }
+    }
+}
+
+/// Counts a long poll in [`crate::app::Inner::long_polls`] while it waits (however it ends).
+struct LongPoll<'a>(&'a AppState);
+
+impl<'a> LongPoll<'a> {
+    fn held(s: &'a AppState) -> Self {
+        s.long_polls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(s)
+    }
+}
+
+impl Drop for LongPoll<'_> {
+    fn drop(&mut self) {
+        self.0
+            .long_polls
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
