@@ -3,11 +3,13 @@
 //! deliveries with it; `patronus lab demo` prints the events it receives as they come.
 //!
 //! It reads one request per connection (`Content-Length` bodies up to 1 MiB), and closes
-//! anything else; it checks no signature (its users do, with the webhook's secret).
+//! anything else; it checks no signature (its users do, with the webhook's secret). A request
+//! counts as received once it is read, before it is answered; a receiver started with a hold
+//! answers each only after it, so that deliveries stay in flight (a slow endpoint).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,15 +42,28 @@ impl Received {
 pub struct Receiver {
     addr: SocketAddr,
     got: Arc<Mutex<Vec<Received>>>,
+    /// Requests read and not answered yet.
+    open: Arc<AtomicUsize>,
+    /// Requests answered.
+    answered: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
 }
 
 const MAX_BODY: usize = 1 << 20;
 
+/// Connections served at once; more wait in the listen queue.
+const MAX_OPEN: usize = 64;
+
 impl Receiver {
     /// Listens on `addr` inside namespace `ns` (the socket stays in it; the thread that serves
-    /// it need not).
+    /// it need not), answering each request as soon as it is read.
     pub fn start_in(ns: &str, addr: SocketAddr) -> Result<Self, NetnsError> {
+        Self::start_holding(ns, addr, Duration::ZERO)
+    }
+
+    /// As [`Receiver::start_in`], but each request is answered `hold` after it was read (each
+    /// connection on a thread of its own, up to 64 at once).
+    pub fn start_holding(ns: &str, addr: SocketAddr, hold: Duration) -> Result<Self, NetnsError> {
         let listener = netns::run_in(ns, || {
             TcpListener::bind(addr).map_err(|e| NetnsError::Enter {
                 name: ns.into(),
@@ -60,8 +75,11 @@ impl Receiver {
             message: e.to_string(),
         })?;
         let got: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let open = Arc::new(AtomicUsize::new(0));
+        let answered = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (g, st) = (got.clone(), stop.clone());
+        let (g, o, a, st) = (got.clone(), open.clone(), answered.clone(), stop.clone());
+        let threads = Arc::new(AtomicUsize::new(0));
         std::thread::Builder::new()
             .name("webhook-receiver".into())
             .spawn(move || {
@@ -70,8 +88,19 @@ impl Receiver {
                         return;
                     }
                     let Ok(conn) = conn else { continue };
-                    if let Some(r) = serve(conn) {
-                        g.lock().unwrap_or_else(|e| e.into_inner()).push(r);
+                    while threads.load(Ordering::SeqCst) >= MAX_OPEN {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    threads.fetch_add(1, Ordering::SeqCst);
+                    let (g, o, a, t) = (g.clone(), o.clone(), a.clone(), threads.clone());
+                    let served = std::thread::Builder::new()
+                        .name("webhook-request".into())
+                        .spawn(move || {
+                            serve(conn, hold, &g, &o, &a);
+                            t.fetch_sub(1, Ordering::SeqCst);
+                        });
+                    if served.is_err() {
+                        threads.fetch_sub(1, Ordering::SeqCst);
                     }
                 }
             })
@@ -79,7 +108,23 @@ impl Receiver {
                 name: ns.into(),
                 message: e.to_string(),
             })?;
-        Ok(Self { addr, got, stop })
+        Ok(Self {
+            addr,
+            got,
+            open,
+            answered,
+            stop,
+        })
+    }
+
+    /// Requests read and not answered yet (in flight, for the sender).
+    pub fn in_flight(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    /// Requests answered so far.
+    pub fn answered(&self) -> usize {
+        self.answered.load(Ordering::SeqCst)
     }
 
     /// `http://addr/hook`.
@@ -120,8 +165,38 @@ impl Drop for Receiver {
     }
 }
 
-/// Reads one request and answers it.
-fn serve(conn: TcpStream) -> Option<Received> {
+/// Reads one request, keeps it if it is a `POST`, and answers it after `hold`.
+fn serve(
+    conn: TcpStream,
+    hold: Duration,
+    got: &Mutex<Vec<Received>>,
+    open: &AtomicUsize,
+    answered: &AtomicUsize,
+) {
+    let Some((received, post)) = read(&conn) else {
+        return;
+    };
+    open.fetch_add(1, Ordering::SeqCst);
+    if let Some(r) = received {
+        got.lock().unwrap_or_else(|e| e.into_inner()).push(r);
+    }
+    std::thread::sleep(hold);
+    let status = if post {
+        "204 No Content"
+    } else {
+        "405 Method Not Allowed"
+    };
+    let mut w = conn;
+    let _ = write!(
+        w,
+        "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    answered.fetch_add(1, Ordering::SeqCst);
+    open.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// One request: what a `POST` carried (none for another method), and whether it was one.
+fn read(conn: &TcpStream) -> Option<(Option<Received>, bool)> {
     conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     let mut reader = BufReader::new(conn.try_clone().ok()?);
     let mut line = String::new();
@@ -153,18 +228,9 @@ fn serve(conn: TcpStream) -> Option<Received> {
     }
     let mut body = vec![0; len];
     reader.read_exact(&mut body).ok()?;
-    let status = if post {
-        "204 No Content"
-    } else {
-        "405 Method Not Allowed"
-    };
-    let mut w = conn;
-    let _ = write!(
-        w,
-        "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    post.then(|| Received {
+    let received = post.then(|| Received {
         headers,
         body: String::from_utf8_lossy(&body).into_owned(),
-    })
+    });
+    Some((received, post))
 }

@@ -1008,7 +1008,9 @@ fn moves(lab: &Lab, site: &str) -> Vec<String> {
 /// branch1's edge is killed outright (SIGKILL) in the middle of a stream through branch1: the
 /// edge is on another controller within 5 s and the stream loses nothing; a second write
 /// reaches every edge again. Then the controller branch2's edge (and now branch1's) is on is
-/// killed the same way: both move to the last one, and a third write reaches all three.
+/// killed the same way: both move to the last one, and a third write reaches all three. In
+/// between, a fourth controller is killed in the middle of a burst of webhook events (see
+/// [`webhook_burst_survives_its_deliverer_killed`]).
 fn edges_spread_over_three_controllers_follow_a_write_and_survive_their_controller_killed() {
     let lab = Lab::up(&Topology::three_sites_mixed(), LabOptions::default()).unwrap();
     let run: PathBuf = patronus_lab::lab::run_dir(lab.run_id());
@@ -1017,11 +1019,12 @@ fn edges_spread_over_three_controllers_follow_a_write_and_survive_their_controll
     let pg = patronus_lab::postgres::Postgres::start().unwrap();
     pg.create_database("patronus").unwrap();
     let database = pg.socket_url("patronus");
-    let urls: Vec<String> = (0..3)
+    // The edges' three, and a fourth that no edge lists: the webhook burst's.
+    let urls: Vec<String> = (0..4)
         .map(|i| format!("http://{ctl}:{}", 8080 + i))
         .collect();
 
-    // Three controllers, one data directory (the signing key) and one database; the first
+    // Four controllers, one data directory (the signing key) and one database; the first
     // makes the schema and the first admin.
     let state = run.join("controller");
     let mut controllers = Vec::new();
@@ -1035,7 +1038,8 @@ fn edges_spread_over_three_controllers_follow_a_write_and_survive_their_controll
         ])
         .arg(&state)
         .env("PATRONUS_DATABASE", &database)
-        .env("PATRONUS_ADMIN_EMAIL", "admin@example.net");
+        .env("PATRONUS_ADMIN_EMAIL", "admin@example.net")
+        .env("PATRONUS_WEBHOOK_ALLOWED_NETWORKS", format!("{ctl}/32"));
         let log = std::fs::File::create(run.join(format!("controller{i}.log"))).unwrap();
         controllers.push(lab.spawn_logged("controller", cmd, log).unwrap());
         // Each logs in once it serves (the first also made the password).
@@ -1133,6 +1137,8 @@ fn edges_spread_over_three_controllers_follow_a_write_and_survive_their_controll
             .all(|s| moves(&lab, s.name.as_str()).is_empty())
     );
 
+    webhook_burst_survives_its_deliverer_killed(&lab, &run, &home, controllers[3], ctl);
+
     // branch1's controller (the second) is killed in the middle of a stream through branch1.
     kill_under_stream(
         &lab,
@@ -1185,6 +1191,134 @@ fn edges_spread_over_three_controllers_follow_a_write_and_survive_their_controll
             .iter()
             .all(|s| s["online"] == true),
         "{sites}"
+    );
+}
+
+/// A burst of 30 `ping` events for one webhook, asked of the fourth controller (its CLI home
+/// `cli3`), at a receiver that holds each request 500 ms: once ten are asked and deliveries are
+/// in flight, the fourth is killed (SIGKILL) and the rest are asked of the first. Every
+/// controller delivers (each delivery claimed by one, with a lease): every event reaches the
+/// receiver under its one delivery id (one per webhook, not one per controller), all are
+/// recorded delivered, and only a delivery in flight when the controller died may be posted
+/// twice (same delivery id: a receiver that keeps the ids it has seen gets each once).
+fn webhook_burst_survives_its_deliverer_killed(
+    lab: &Lab,
+    run: &Path,
+    home: &Path,
+    fourth: u32,
+    ctl: std::net::IpAddr,
+) {
+    const EVENTS: usize = 30;
+    let receiver = patronus_lab::webhook::Receiver::start_holding(
+        &lab.ns("controller").unwrap(),
+        std::net::SocketAddr::new(ctl, 0),
+        Duration::from_millis(500),
+    )
+    .unwrap();
+    let (ok, out, err) = cli(
+        lab,
+        home,
+        &[
+            "webhook",
+            "create",
+            &receiver.url(),
+            "--event",
+            "failover",
+            "--output",
+            "json",
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    let hook = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"].to_string();
+    let mut on = run.join("cli3");
+    let mut in_flight = None;
+    for i in 0..EVENTS {
+        let (ok, _, err) = cli(lab, &on, &["webhook", "ping", &hook], "");
+        assert!(ok, "ping {i}: {err}");
+        if in_flight.is_none() && i >= 9 {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while receiver.in_flight() < 2 {
+                assert!(Instant::now() < deadline, "nothing delivered in 30 s");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let answered = receiver.answered();
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(fourth as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .unwrap();
+            // Posted by the time it was dead and not answered before: the only deliveries
+            // the receiver may see twice.
+            in_flight = Some(receiver.received().len() - answered);
+            on = home.to_path_buf();
+        }
+    }
+    let in_flight = in_flight.unwrap();
+
+    // All recorded delivered, by the controllers left (within the lease of those the fourth
+    // had claimed).
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let deliveries = loop {
+        let (ok, out, err) = cli(
+            lab,
+            home,
+            &[
+                "webhook",
+                "deliveries",
+                &hook,
+                "--event",
+                "ping",
+                "--output",
+                "json",
+            ],
+            "",
+        );
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let items = v["items"].as_array().unwrap().clone();
+        if items.len() == EVENTS && items.iter().all(|d| d["status"] == "delivered") {
+            break items;
+        }
+        assert!(Instant::now() < deadline, "not all delivered: {v}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    // Counted at the receiver (the pings: a failover meanwhile would be the webhook's too).
+    let posts: Vec<_> = receiver
+        .received()
+        .into_iter()
+        .filter(|p| p.json()["type"] == "ping")
+        .collect();
+    let mut by_event: std::collections::HashMap<String, std::collections::HashSet<String>> =
+        std::collections::HashMap::new();
+    for p in &posts {
+        let event = p.json()["id"].as_str().unwrap_or_default().to_owned();
+        let delivery = p
+            .header("x-patronus-delivery")
+            .unwrap_or_default()
+            .to_owned();
+        by_event.entry(event).or_default().insert(delivery);
+    }
+    assert_eq!(by_event.len(), EVENTS, "{by_event:?}");
+    for d in &deliveries {
+        let event = d["event_id"].as_str().unwrap();
+        let ids = by_event
+            .get(event)
+            .unwrap_or_else(|| panic!("{event} never arrived"));
+        assert_eq!(
+            ids.iter().cloned().collect::<Vec<_>>(),
+            [d["id"].to_string()],
+            "{event}"
+        );
+    }
+    let again = posts.len() - EVENTS;
+    assert!(
+        again <= in_flight,
+        "{again} posted twice, {in_flight} in flight at the kill"
+    );
+    eprintln!(
+        "webhook burst: {EVENTS} events, {} posts, {again} posted again after the kill with {in_flight} in flight",
+        posts.len()
     );
 }
 
