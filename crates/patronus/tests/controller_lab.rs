@@ -1010,7 +1010,8 @@ fn moves(lab: &Lab, site: &str) -> Vec<String> {
 /// reaches every edge again. Then the controller branch2's edge (and now branch1's) is on is
 /// killed the same way: both move to the last one, and a third write reaches all three. In
 /// between, a fourth controller is killed in the middle of a burst of webhook events (see
-/// [`webhook_burst_survives_its_deliverer_killed`]).
+/// [`webhook_burst_survives_its_deliverer_killed`]); before the sites are made, tokens and
+/// sessions are shown to be shared ([`sessions_are_shared`]).
 fn edges_spread_over_three_controllers_follow_a_write_and_survive_their_controller_killed() {
     let lab = Lab::up(&Topology::three_sites_mixed(), LabOptions::default()).unwrap();
     let run: PathBuf = patronus_lab::lab::run_dir(lab.run_id());
@@ -1065,6 +1066,8 @@ fn edges_spread_over_three_controllers_follow_a_write_and_survive_their_controll
         }
     }
     let home = run.join("cli0");
+    let password = std::fs::read_to_string(state.join("initial-admin-password")).unwrap();
+    sessions_are_shared(&lab, &urls, password.trim());
 
     create_sites(&lab, &home);
     // Edge i lists controller i first (so each edge is held by a different one).
@@ -1192,6 +1195,83 @@ fn edges_spread_over_three_controllers_follow_a_write_and_survive_their_controll
             .all(|s| s["online"] == true),
         "{sites}"
     );
+}
+
+/// One HTTP/1.1 request to the controller at `url` (in the lab's controller namespace):
+/// (status, JSON body or `Null`).
+fn http_in(
+    lab: &Lab,
+    url: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+    let mut s = patronus_lab::netns::run_in(&lab.ns("controller").unwrap(), || {
+        std::net::TcpStream::connect(addr).map_err(|e| patronus_lab::netns::NetnsError::Enter {
+            name: "controller".into(),
+            message: format!("connecting to {addr}: {e}"),
+        })
+    })
+    .unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut got = String::new();
+    s.read_to_string(&mut got).unwrap();
+    let status = got.split(' ').nth(1).unwrap().parse().unwrap();
+    let json = got
+        .split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str(b).ok())
+        .unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
+
+/// A token issued by the first controller is good on the third; a refresh token rotated on
+/// the first and replayed on the second ends the session on all of them.
+fn sessions_are_shared(lab: &Lab, urls: &[String], password: &str) {
+    let (status, login) = http_in(
+        lab,
+        &urls[0],
+        "POST",
+        "/api/v1/auth/login",
+        None,
+        Some(serde_json::json!({ "email": "admin@example.net", "password": password })),
+    );
+    assert_eq!(status, 200, "{login}");
+    let access = login["access_token"].as_str().unwrap();
+    let refresh1 = login["refresh_token"].as_str().unwrap();
+    let (status, sites) = http_in(lab, &urls[2], "GET", "/api/v1/sites", Some(access), None);
+    assert_eq!(status, 200, "a token from the first on the third: {sites}");
+    let refresh = |url: &str, token: &str| {
+        http_in(
+            lab,
+            url,
+            "POST",
+            "/api/v1/auth/refresh",
+            None,
+            Some(serde_json::json!({ "refresh_token": token })),
+        )
+    };
+    let (status, rotated) = refresh(&urls[0], refresh1);
+    assert_eq!(status, 200, "{rotated}");
+    let refresh2 = rotated["refresh_token"].as_str().unwrap();
+    // The old one replayed on the second: refused, and the session it belongs to is over,
+    // so the token it was rotated into is refused on the third.
+    let (status, replay) = refresh(&urls[1], refresh1);
+    assert_eq!(status, 401, "a replayed refresh token: {replay}");
+    let (status, after) = refresh(&urls[2], refresh2);
+    assert_eq!(status, 401, "the session after a replay: {after}");
 }
 
 /// A burst of 30 `ping` events for one webhook, asked of the fourth controller (its CLI home
