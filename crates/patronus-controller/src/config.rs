@@ -59,6 +59,14 @@ pub struct Config {
     /// `X-Forwarded-For` is believed: a request from one of them counts as coming from the
     /// client it names, for rate limits and the audit log. By default none.
     pub trusted_proxies: Vec<patronus_api::Prefix>,
+    /// Where `patronus backup` writes and `patronus restore` reads backups; default
+    /// `<data_dir>/backups` (keep them on another disk or machine: see the README).
+    pub backup_dir: PathBuf,
+    /// The age X25519 recipients (`age1…`) backups are encrypted to. The identities that
+    /// decrypt them are kept away from the controller.
+    pub backup_recipients: Vec<String>,
+    /// Backups `patronus backup prune` keeps per tier.
+    pub backup_retention: crate::backup::Retention,
 }
 
 impl Default for Config {
@@ -74,7 +82,6 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             database: Database::Sqlite(dir.join("controller.db")),
             jwt_key_file: dir.join("jwt.key"),
-            data_dir: dir,
             access_token_ttl: Duration::from_secs(15 * 60),
             refresh_token_ttl: Duration::from_secs(30 * 24 * 3600),
             request_timeout: Duration::from_secs(30),
@@ -89,6 +96,10 @@ impl Config {
             webhook_ca_file: None,
             webhook_allowed_networks: Vec::new(),
             trusted_proxies: Vec::new(),
+            backup_dir: dir.join("backups"),
+            backup_recipients: Vec::new(),
+            backup_retention: crate::backup::Retention::default(),
+            data_dir: dir,
         }
     }
 }
@@ -113,6 +124,12 @@ pub const KEYS: &[&str] = &[
     "webhook_ca_file",
     "webhook_allowed_networks",
     "trusted_proxies",
+    "backup_dir",
+    "backup_recipients",
+    "backup_keep_hourly",
+    "backup_keep_daily",
+    "backup_keep_weekly",
+    "backup_keep_monthly",
 ];
 
 /// Values given on the command line; `None` leaves the file's or the environment's.
@@ -305,6 +322,39 @@ impl Config {
                 c.lockout_after_failures = v;
             }
         }
+        if let Some(v) = take(&values, "backup_dir", &mut errors) {
+            c.backup_dir = v;
+        }
+        if let Some(v) = list(
+            &values,
+            "backup_recipients",
+            "age recipients such as \"age1…\"",
+            &mut errors,
+        ) {
+            for (i, r) in v.iter().enumerate() {
+                if crate::backup::recipients(std::slice::from_ref(r)).is_err() {
+                    errors.push(
+                        format!("{}[{i}]", source_of(&values, "backup_recipients")),
+                        format!("{r:?} is not an age X25519 recipient (age1…)"),
+                    );
+                }
+            }
+            c.backup_recipients = v;
+        }
+        for (key, slot) in [
+            ("backup_keep_hourly", &mut c.backup_retention.hourly),
+            ("backup_keep_daily", &mut c.backup_retention.daily),
+            ("backup_keep_weekly", &mut c.backup_retention.weekly),
+            ("backup_keep_monthly", &mut c.backup_retention.monthly),
+        ] {
+            if let Some(v) = take::<usize>(&values, key, &mut errors) {
+                if v > 10_000 {
+                    errors.push(source_of(&values, key), "must be at most 10000");
+                } else {
+                    *slot = v;
+                }
+            }
+        }
         if let Some(v) = flags.listen {
             c.listen = v;
         }
@@ -329,30 +379,40 @@ fn source_of(values: &[(String, Source)], key: &str) -> String {
 
 /// The networks `key` lists: an array of `address/length` strings in a file, a
 /// comma-separated string in the environment. Each bad one is named with its index.
+/// The strings `key` lists: an array in a file, or a comma-separated string (the
+/// environment's form).
+fn list(
+    values: &[(String, Source)],
+    key: &str,
+    what: &str,
+    errors: &mut FieldErrors,
+) -> Option<Vec<String>> {
+    let (_, s) = values.iter().find(|(k, _)| k == key)?;
+    match &s.value {
+        toml::Value::String(v) => Some(
+            v.split(',')
+                .map(str::trim)
+                .filter(|x| !x.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        ),
+        other => match other.clone().try_into() {
+            Ok(v) => Some(v),
+            Err(e) => {
+                errors.push(s.from.clone(), format!("must be a list of {what}: {e}"));
+                None
+            }
+        },
+    }
+}
+
 fn networks(
     values: &[(String, Source)],
     key: &str,
     errors: &mut FieldErrors,
 ) -> Option<Vec<patronus_api::Prefix>> {
-    let (_, s) = values.iter().find(|(k, _)| k == key)?;
-    let items: Vec<String> = match &s.value {
-        toml::Value::String(v) => v
-            .split(',')
-            .map(str::trim)
-            .filter(|x| !x.is_empty())
-            .map(str::to_owned)
-            .collect(),
-        other => match other.clone().try_into() {
-            Ok(v) => v,
-            Err(e) => {
-                errors.push(
-                    s.from.clone(),
-                    format!("must be a list of networks such as \"10.0.0.0/8\": {e}"),
-                );
-                return None;
-            }
-        },
-    };
+    let s = &values.iter().find(|(k, _)| k == key)?.1;
+    let items = list(values, key, "networks such as \"10.0.0.0/8\"", errors)?;
     let mut out = Vec::new();
     for (i, item) in items.iter().enumerate() {
         match item.parse::<patronus_api::Prefix>() {

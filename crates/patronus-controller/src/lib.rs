@@ -10,9 +10,11 @@
 //! - [`app`] and [`routes`]: the axum router, one error shape ([`error`]).
 //! - [`webhooks`]: events told to the URLs admins registered, signed, retried.
 //! - [`server`]: start-up (first admin, key, database), serving and graceful shutdown.
+//! - [`backup`]: encrypted, verified backups of the whole state, their retention and restore.
 
 pub mod app;
 pub mod auth;
+pub mod backup;
 pub mod compile;
 pub mod config;
 pub mod docs;

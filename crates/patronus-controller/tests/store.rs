@@ -188,3 +188,43 @@ async fn a_controller_with_another_signing_key_than_the_others_refuses_to_start(
     b.store.close().await;
     assert!(prepare(first, &env()).await.is_err());
 }
+
+/// A live SQLite database with bytes overwritten is found damaged at start, before anything is
+/// read or migrated, and the error names the file and the way back (`patronus restore`):
+/// a b-tree page overwritten, and the file's header overwritten.
+#[tokio::test]
+async fn a_damaged_sqlite_database_is_named_at_start_with_the_restore_command() {
+    for (at, what) in [(4096u64, "a page"), (0, "the header")] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("controller.db");
+        let store = Store::connect(&Database::Sqlite(path.clone()))
+            .await
+            .unwrap();
+        store.close().await;
+        {
+            use std::io::{Seek, SeekFrom, Write};
+            // Closed, the store has checkpointed its write-ahead log into the file: what is
+            // overwritten is the database itself.
+            let wal = dir.path().join("controller.db-wal");
+            assert!(std::fs::metadata(&wal).map_or(true, |m| m.len() == 0));
+            assert!(std::fs::metadata(&path).unwrap().len() > 8192);
+            let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            f.seek(SeekFrom::Start(at)).unwrap();
+            f.write_all(&[0xA5; 4096]).unwrap();
+        }
+        let mut config = Config::with_data_dir(dir.path().to_path_buf());
+        config.database = Database::Sqlite(path.clone());
+        let e = format!(
+            "{:#}",
+            patronus_controller::server::prepare(config, &env())
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("{what} overwritten, and the controller started"))
+        );
+        assert!(
+            e.contains(&format!("{}: the database is damaged", path.display()))
+                && e.contains("patronus restore"),
+            "{what}: {e}"
+        );
+    }
+}

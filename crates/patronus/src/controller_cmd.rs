@@ -21,7 +21,7 @@ pub struct ControllerArgs {
 
 /// Where the configuration and the state are; for every subcommand.
 #[derive(Debug, Args)]
-struct Common {
+pub(crate) struct Common {
     /// A TOML configuration file (see crates/patronus-controller/controller.example.toml);
     /// also PATRONUS_CONFIG.
     #[arg(long, global = true)]
@@ -69,22 +69,28 @@ enum ControllerCmd {
     },
 }
 
+impl Common {
+    /// The configuration: the file, then `env`, then these flags.
+    pub(crate) fn config(&self, env: &[(String, String)]) -> anyhow::Result<Config> {
+        let file = self
+            .config
+            .clone()
+            .or_else(|| std::env::var_os("PATRONUS_CONFIG").map(PathBuf::from));
+        Ok(Config::load(
+            file.as_deref(),
+            env.to_vec(),
+            &Overrides {
+                listen: self.listen,
+                data_dir: self.data_dir.clone(),
+                database: self.database.clone(),
+            },
+        )?)
+    }
+}
+
 pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
     let env: Vec<(String, String)> = std::env::vars().collect();
-    let c = &args.common;
-    let file = c
-        .config
-        .clone()
-        .or_else(|| std::env::var_os("PATRONUS_CONFIG").map(PathBuf::from));
-    let config = Config::load(
-        file.as_deref(),
-        env.clone(),
-        &Overrides {
-            listen: c.listen,
-            data_dir: c.data_dir.clone(),
-            database: c.database.clone(),
-        },
-    )?;
+    let config = args.common.config(&env)?;
     tracing_subscriber::fmt()
         .with_target(false)
         .with_max_level(config.log_level)

@@ -18,6 +18,7 @@ macro_rules! outln {
 
 mod admin_cmd;
 mod api_client;
+mod backup_cmd;
 mod bench;
 mod controller_cmd;
 mod demo;
@@ -41,6 +42,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Backups of the controller's state: create (online), list, verify, prune, keygen.
+    Backup(backup_cmd::BackupArgs),
+    /// Restore the controller's database from a backup (stop the controllers first).
+    Restore(backup_cmd::RestoreArgs),
     /// Benchmarks; each prints one JSON object on stdout.
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -104,6 +109,8 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Bench(b) => bench::run(b),
         Command::Controller(c) => controller_cmd::run(c),
+        Command::Backup(b) => backup_cmd::run(b),
+        Command::Restore(r) => backup_cmd::restore(r),
         Command::Lab(l) => lab_cmd::run(l),
         Command::Edge(e) => edge_cmd::run(e),
         Command::Login(a) => admin_cmd::login(a),

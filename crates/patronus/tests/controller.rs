@@ -1363,3 +1363,124 @@ fn a_controller_killed_mid_burst_leaves_every_webhook_event_delivered_by_the_oth
         s.posts.len()
     );
 }
+
+/// The backup commands against a controller as an operator runs them: an identity made
+/// (0600), a backup taken while the controller serves, listed and verified; a site deleted by
+/// mistake; the controller stopped and the backup restored (only with `--replace` over a
+/// database in use); started again, the site is back and the session of before still works.
+/// Then the database file is damaged: the controller refuses to start, naming the file and
+/// `patronus restore`; with the file moved aside, a restore into a fresh one brings it back.
+#[test]
+fn backups_are_taken_while_serving_and_a_restore_brings_back_a_deleted_site_or_a_damaged_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let state_arg = state.to_str().unwrap();
+    let env = [
+        ("PATRONUS_ADMIN_EMAIL", ADMIN),
+        ("PATRONUS_ADMIN_PASSWORD", PASSWORD),
+    ];
+    let c = start_with(&state, &env);
+    let token = login(c.addr)["access_token"].as_str().unwrap().to_owned();
+    let site =
+        r#"{"name":"hq","lan_prefixes":["10.1.0.0/16"],"links":[{"name":"mpls","kind":"mpls"}]}"#;
+    let (status, body) = http(c.addr, "POST", "/api/v1/sites", Some(&token), Some(site)).unwrap();
+    assert_eq!(status, 201, "{body}");
+    let id = json(&body)["id"].as_i64().unwrap();
+
+    let home = dir.path().join("home");
+    let identity = dir.path().join("identity.txt");
+    let id_arg = identity.to_str().unwrap();
+    let (ok, recipient, err) = cli(&home, &["backup", "keygen", "--out", id_arg], "");
+    assert!(ok, "{err}");
+    assert!(recipient.trim().starts_with("age1"), "{recipient}");
+    assert_eq!(
+        std::fs::metadata(&identity).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let backup = |args: &[&str]| {
+        let mut all = vec!["backup"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--data-dir", state_arg]);
+        cli(&home, &all, "")
+    };
+    let (ok, out, err) = backup(&["create", "--recipient", recipient.trim()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("backup patronus-"), "{out}");
+    let (ok, out, err) = backup(&["list", "--output", "json"]);
+    assert!(ok, "{err}");
+    let list = json(&out);
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    let (ok, out, err) = backup(&["verify", "--identity", id_arg]);
+    assert!(ok, "{err}");
+    assert!(out.contains("is whole"), "{out}");
+
+    // The mistake, then the controller stopped and the backup restored.
+    let (status, body) = http(
+        c.addr,
+        "DELETE",
+        &format!("/api/v1/sites/{id}"),
+        Some(&token),
+        None,
+    )
+    .unwrap();
+    assert_eq!(status, 204, "{body}");
+    c.finish(nix::sys::signal::Signal::SIGTERM);
+    let restore = |extra: &[&str]| {
+        let mut all = vec!["restore", "--identity", id_arg, "--data-dir", state_arg];
+        all.extend_from_slice(extra);
+        cli(&home, &all, "")
+    };
+    let (ok, _, err) = restore(&[]);
+    assert!(!ok && err.contains("--replace"), "{err}");
+    let (ok, out, err) = restore(&["--replace"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("restored patronus-"), "{out}");
+    let c = start_with(&state, &env);
+    let (status, body) = http(
+        c.addr,
+        "GET",
+        &format!("/api/v1/sites/{id}"),
+        Some(&token),
+        None,
+    )
+    .unwrap();
+    assert_eq!(status, 200, "the deleted site is back: {body}");
+    c.finish(nix::sys::signal::Signal::SIGTERM);
+
+    // The database file damaged: refused at start, naming the file and the way back.
+    let db = state.join("controller.db");
+    {
+        use std::io::{Seek, SeekFrom};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
+        f.seek(SeekFrom::Start(4096)).unwrap();
+        f.write_all(&[0xA5; 8192]).unwrap();
+    }
+    let out = Command::new(patronus())
+        .args([
+            "controller",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            state_arg,
+        ])
+        .envs(env)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("{}: the database is damaged", db.display()))
+            && err.contains("patronus restore"),
+        "{err}"
+    );
+    for f in ["controller.db", "controller.db-wal", "controller.db-shm"] {
+        let _ = std::fs::rename(state.join(f), state.join(format!("{f}.damaged")));
+    }
+    let (ok, _, err) = restore(&[]);
+    assert!(ok, "{err}");
+    let c = start_with(&state, &env);
+    let (status, body) = http(c.addr, "GET", "/api/v1/sites", Some(&token), None).unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["total"], 1, "{body}");
+    c.finish(nix::sys::signal::Signal::SIGTERM);
+}

@@ -80,13 +80,40 @@ fn db(what: impl Into<String>) -> impl FnOnce(sqlx::Error) -> CopyError {
     move |error| CopyError::Db { what, error }
 }
 
-/// A column of the target and how its values travel.
-#[derive(Debug, Clone, Copy)]
-enum Kind {
+/// A column and how its values travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
     Int,
     Float,
     Text,
     Bytes,
+}
+
+impl Kind {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Kind::Int => "int",
+            Kind::Float => "float",
+            Kind::Text => "text",
+            Kind::Bytes => "bytes",
+        }
+    }
+
+    pub(super) fn parse(s: &str) -> Option<Self> {
+        [Kind::Int, Kind::Float, Kind::Text, Kind::Bytes]
+            .into_iter()
+            .find(|k| k.name() == s)
+    }
+
+    /// Column `i` of `r`, as a value of this kind.
+    pub(super) fn read(self, r: &super::Row, i: usize) -> Result<Arg, sqlx::Error> {
+        match self {
+            Kind::Int => r.try_get(i).map(Arg::I64),
+            Kind::Float => r.try_get(i).map(Arg::F64),
+            Kind::Text => r.try_get(i).map(Arg::Text),
+            Kind::Bytes => r.try_get(i).map(Arg::Bytes),
+        }
+    }
 }
 
 /// Copies everything `from` holds into `to` (see the module); returns the rows copied per
@@ -126,21 +153,20 @@ pub async fn copy_all(
     }
     let mut copied = Vec::new();
     for (table, identity) in TABLES {
-        let columns = target_columns(&mut dst, table).await?;
+        let columns = columns(&mut *dst, "postgres", table)
+            .await
+            .map_err(db(format!("reading {table}'s columns")))?;
         let n = copy_table(&mut src, &mut dst, table, *identity, &columns).await?;
         if *identity {
             // Past every id the source ever gave, not only those it still holds: a deleted
             // link's id must not come back (a path's id is its links' ids, and its history
             // is kept by that id).
-            let given = ids_given(&mut src, from.backend(), table).await?;
-            query_scalar::<i64>(&format!(
-                "SELECT setval(pg_get_serial_sequence('{table}', 'id'),
-                               GREATEST(COALESCE((SELECT MAX(id) FROM {table}), 0), ?) + 1, false)"
-            ))
-            .bind(given)
-            .fetch_one(&mut *dst)
-            .await
-            .map_err(db(format!("moving {table}'s id sequence")))?;
+            let given = ids_given(&mut *src, from.backend(), table)
+                .await
+                .map_err(db(format!("reading the ids {table} gave")))?;
+            set_ids_given(&mut dst, "postgres", table, given)
+                .await
+                .map_err(db(format!("moving {table}'s id sequence")))?;
         }
         let in_target: i64 = query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
             .fetch_one(&mut *dst)
@@ -167,13 +193,13 @@ pub async fn copy_all(
     Ok(copied)
 }
 
-/// The highest id the source's `table` ever gave (deleted rows included): SQLite's
-/// `AUTOINCREMENT` keeps it in `sqlite_sequence`, PostgreSQL in the identity's sequence.
-async fn ids_given(
-    src: &mut super::Snapshot,
+/// The highest id `table` ever gave (deleted rows included): SQLite's `AUTOINCREMENT` keeps
+/// it in `sqlite_sequence`, PostgreSQL in the identity's sequence.
+pub(super) async fn ids_given(
+    conn: &mut super::Conn,
     backend: &str,
     table: &str,
-) -> Result<i64, CopyError> {
+) -> Result<i64, sqlx::Error> {
     let sql = if backend == "postgres" {
         "SELECT COALESCE((SELECT last_value FROM pg_sequences
                           WHERE schemaname = current_schema() AND sequencename = ?), 0)"
@@ -185,36 +211,64 @@ async fn ids_given(
     } else {
         table.to_owned()
     };
-    query_scalar(sql)
-        .bind(name)
-        .fetch_one(&mut **src)
-        .await
-        .map_err(db(format!("reading the ids {table} gave")))
+    query_scalar(sql).bind(name).fetch_one(conn).await
 }
 
-/// The target's columns of `table`, in order, with how each travels.
-async fn target_columns(dst: &mut Tx, table: &str) -> Result<Vec<(String, Kind)>, CopyError> {
-    let cols: Vec<(String, String)> = query_as(
+/// Moves `table`'s next id past `given` and past every id it holds.
+pub(super) async fn set_ids_given(
+    tx: &mut Tx,
+    backend: &str,
+    table: &str,
+    given: i64,
+) -> Result<(), sqlx::Error> {
+    if backend == "postgres" {
+        query_scalar::<i64>(&format!(
+            "SELECT setval(pg_get_serial_sequence('{table}', 'id'),
+                           GREATEST(COALESCE((SELECT MAX(id) FROM {table}), 0), ?) + 1, false)"
+        ))
+        .bind(given)
+        .fetch_one(&mut **tx)
+        .await?;
+    } else {
+        query("DELETE FROM sqlite_sequence WHERE name = ?")
+            .bind(table)
+            .execute(&mut **tx)
+            .await?;
+        query(&format!(
+            "INSERT INTO sqlite_sequence (name, seq)
+             SELECT ?, MAX(COALESCE((SELECT MAX(id) FROM {table}), 0), ?)"
+        ))
+        .bind(table)
+        .bind(given)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// `table`'s columns, in order, with how each travels.
+pub(super) async fn columns(
+    conn: &mut super::Conn,
+    backend: &str,
+    table: &str,
+) -> Result<Vec<(String, Kind)>, sqlx::Error> {
+    let sql = if backend == "postgres" {
         "SELECT column_name::text, data_type::text FROM information_schema.columns
-         WHERE table_schema = current_schema() AND table_name = ? ORDER BY ordinal_position",
-    )
-    .bind(table)
-    .fetch_all(&mut **dst)
-    .await
-    .map_err(db(format!("reading {table}'s columns")))?;
+         WHERE table_schema = current_schema() AND table_name = ? ORDER BY ordinal_position"
+    } else {
+        "SELECT name, lower(type) FROM pragma_table_info(?) ORDER BY cid"
+    };
+    let cols: Vec<(String, String)> = query_as(sql).bind(table).fetch_all(conn).await?;
     cols.into_iter()
         .map(|(name, ty)| {
             let kind = match ty.as_str() {
-                "bigint" | "integer" | "smallint" => Kind::Int,
+                "bigint" | "integer" | "smallint" | "int" => Kind::Int,
                 "double precision" | "real" => Kind::Float,
                 "text" | "character varying" => Kind::Text,
-                "bytea" => Kind::Bytes,
+                "bytea" | "blob" => Kind::Bytes,
                 other => {
-                    return Err(CopyError::Db {
-                        what: format!("{table}.{name}"),
-                        error: sqlx::Error::TypeNotFound {
-                            type_name: other.to_owned(),
-                        },
+                    return Err(sqlx::Error::TypeNotFound {
+                        type_name: format!("{table}.{name}: {other}"),
                     });
                 }
             };
@@ -281,31 +335,44 @@ async fn write_rows(
     columns: &[(String, Kind)],
     rows: &[super::Row],
 ) -> Result<(), CopyError> {
+    let mut values = Vec::with_capacity(rows.len());
+    for r in rows {
+        let mut row = Vec::with_capacity(columns.len());
+        for (i, (name, kind)) in columns.iter().enumerate() {
+            row.push(kind.read(r, i).map_err(|e| CopyError::Db {
+                what: format!("reading {table}.{name} from the source"),
+                error: e,
+            })?);
+        }
+        values.push(row);
+    }
+    write_values(dst, table, names, columns.len(), &values)
+        .await
+        .map_err(db(format!("writing {table} to the target")))
+}
+
+/// Inserts `rows` (each `width` values of the columns `names`) into `table`, [`BATCH`] to a
+/// statement.
+pub(super) async fn write_values(
+    dst: &mut Tx,
+    table: &str,
+    names: &str,
+    width: usize,
+    rows: &[Vec<Arg>],
+) -> Result<(), sqlx::Error> {
+    let one = format!("({})", vec!["?"; width].join(", "));
     for batch in rows.chunks(BATCH) {
-        let one = format!("({})", vec!["?"; columns.len()].join(", "));
         let sql = format!(
             "INSERT INTO {table} ({names}) VALUES {}",
             vec![one.as_str(); batch.len()].join(", ")
         );
         let mut q = query(&sql);
         for r in batch {
-            for (i, (name, kind)) in columns.iter().enumerate() {
-                let v = match kind {
-                    Kind::Int => r.try_get(i).map(Arg::I64),
-                    Kind::Float => r.try_get(i).map(Arg::F64),
-                    Kind::Text => r.try_get(i).map(Arg::Text),
-                    Kind::Bytes => r.try_get(i).map(Arg::Bytes),
-                }
-                .map_err(|e| CopyError::Db {
-                    what: format!("reading {table}.{name} from the source"),
-                    error: e,
-                })?;
-                q = q.bind(v);
+            for v in r {
+                q = q.bind(v.clone());
             }
         }
-        q.execute(&mut **dst)
-            .await
-            .map_err(db(format!("writing {table} to the target")))?;
+        q.execute(&mut **dst).await?;
     }
     Ok(())
 }

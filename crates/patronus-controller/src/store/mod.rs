@@ -29,7 +29,7 @@
 //! with a hundred statements that is every statement written twice, and the two copies drift.
 //! The whole API test suite runs on both (`tests/api` and `tests/api_postgres.rs`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -46,6 +46,7 @@ pub mod schema;
 pub mod api_keys;
 pub mod copy;
 pub mod docs;
+pub mod dump;
 pub mod enrollment;
 pub mod history;
 pub mod presence;
@@ -97,6 +98,12 @@ pub enum StoreError {
          run the release that wrote it, or a newer one"
     )]
     TooNew { found: i64, known: i64 },
+    #[error(
+        "{path}: the database is damaged ({detail}). Stop every controller, move the file \
+         aside (with its -wal and -shm), and restore the latest backup: `patronus restore \
+         --identity <age identity file>` (`patronus backup list` shows the backups)"
+    )]
+    Damaged { path: PathBuf, detail: String },
 }
 
 fn db(what: impl Into<String>) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -413,11 +420,36 @@ impl Store {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5));
+        let damaged = |detail: String| StoreError::Damaged {
+            path: path.to_owned(),
+            detail,
+        };
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .connect_with(opts)
             .await
-            .map_err(db(format!("opening {}", path.display())))?;
+            .map_err(|e| match e.as_database_error() {
+                // SQLITE_CORRUPT, SQLITE_NOTADB: the file itself.
+                Some(d) if matches!(d.code().as_deref(), Some("11" | "26")) => {
+                    damaged(d.message().to_owned())
+                }
+                _ => StoreError::Db {
+                    what: format!("opening {}", path.display()),
+                    error: e,
+                },
+            })?;
+        // Checked before anything is read or migrated: a damaged file is named, with the way
+        // back, rather than failing later on whatever page a request happens to touch.
+        let found: Vec<String> = query_scalar("PRAGMA quick_check")
+            .fetch_all(&mut *Pooled::Sqlite(
+                pool.acquire().await.map_err(db("opening"))?,
+            ))
+            .await
+            .map_err(|e| damaged(e.to_string()))?;
+        if found != ["ok"] {
+            pool.close().await;
+            return Err(damaged(found.join("; ")));
+        }
         Self::start(Pool::Sqlite(pool)).await
     }
 
@@ -539,7 +571,17 @@ impl Store {
     /// Closes every connection (SQLite: checkpoints the write-ahead log into the database).
     pub async fn close(&self) {
         match &self.pool {
-            Pool::Sqlite(p) => p.close().await,
+            Pool::Sqlite(p) => {
+                // The last connection to close would checkpoint, but the pool's close does not
+                // wait for its connections' threads to finish: checkpoint here, so that the
+                // file alone holds everything once this returns.
+                if let Ok(c) = p.acquire().await {
+                    let _ = query("PRAGMA wal_checkpoint(TRUNCATE)")
+                        .execute(&mut *Pooled::Sqlite(c))
+                        .await;
+                }
+                p.close().await
+            }
             Pool::Pg(p) => p.close().await,
         }
     }
@@ -649,6 +691,26 @@ impl Store {
         query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
             .fetch_one(&mut *self.conn().await?)
             .await
+    }
+
+    /// SQLite's `integrity_check` and `foreign_key_check` of the database: `ok`, or what they
+    /// found. (PostgreSQL checks its pages itself and has no such statement: `ok`.)
+    pub async fn integrity_check(&self) -> Result<String, sqlx::Error> {
+        if self.backend() != "sqlite" {
+            return Ok("ok".into());
+        }
+        let mut conn = self.conn().await?;
+        let found: Vec<String> = query_scalar("PRAGMA integrity_check")
+            .fetch_all(&mut *conn)
+            .await?;
+        let broken: i64 = query_scalar("SELECT COUNT(*) FROM pragma_foreign_key_check")
+            .fetch_one(&mut *conn)
+            .await?;
+        let mut out = found.join("; ");
+        if broken > 0 {
+            out = format!("{out}; {broken} rows whose foreign keys point nowhere");
+        }
+        Ok(out)
     }
 
     pub async fn ping(&self) -> Result<(), sqlx::Error> {

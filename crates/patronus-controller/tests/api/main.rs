@@ -11,6 +11,7 @@ mod harness;
 pub(crate) mod schema;
 
 mod auth;
+mod backup;
 mod edge;
 mod policies;
 mod sites;

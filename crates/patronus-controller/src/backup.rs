@@ -1,0 +1,662 @@
+//! Backups of the controller's state (`patronus backup`, `patronus restore`).
+//!
+//! A backup is the store's portable dump ([`crate::store::dump`]: every table, from one
+//! snapshot, on either backend) encrypted with [age](https://age-encryption.org/v1) to the
+//! X25519 recipients of the configuration (`age1…`; the identity that decrypts is kept away
+//! from the controller, and only `verify` and `restore` need it), so the standard `age -d`
+//! reads it too. Beside each `NAME.age` lies `NAME.json`, its manifest: the schema version,
+//! the rows of each table, the SHA-256 of the plaintext and of the ciphertext, and the
+//! recipients. The ciphertext is written to a temporary name, synced and renamed, and the
+//! manifest after it: a backup listed is a backup whole.
+//!
+//! Retention is tiered ([`Retention`]): the newest backup of each of the last `hourly` hours,
+//! `daily` days, `weekly` weeks and `monthly` months (UTC) that have one is kept, and the
+//! newest of all; `prune` deletes the rest.
+
+use std::io::{BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest, Sha256};
+
+use crate::store::dump::{self, DumpError, Summary};
+use crate::store::{Actor, Store};
+
+/// The manifest's format name and version.
+pub const FORMAT: &str = "patronus-backup";
+pub const VERSION: i64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("{path}: {error}")]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{0}")]
+    Dump(#[from] DumpError),
+    #[error("recipient {0:?} is not an age X25519 recipient (age1…)")]
+    Recipient(String),
+    #[error("no recipients: give the age recipients (age1…) a backup is encrypted to")]
+    NoRecipients,
+    #[error("{path}: no age identity (AGE-SECRET-KEY-1…) in it")]
+    NoIdentity { path: PathBuf },
+    #[error("encrypting: {0}")]
+    Encrypt(String),
+    #[error(
+        "{name}: the identity does not decrypt this backup (it was made for {recipients:?}): \
+         give the identity of one of them"
+    )]
+    WrongIdentity {
+        name: String,
+        recipients: Vec<String>,
+    },
+    #[error("{name}: {message}")]
+    Corrupt { name: String, message: String },
+    #[error("{path}: not a backup manifest: {message}")]
+    Manifest { path: PathBuf, message: String },
+    #[error("no backup {0} in the directory")]
+    NotFound(String),
+    #[error("{0}")]
+    Scratch(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
+    move |error| BackupError::Io {
+        path: path.to_owned(),
+        error,
+    }
+}
+
+/// What lies beside each backup (`NAME.json`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub version: i64,
+    pub name: String,
+    pub created_ms: i64,
+    pub schema_version: i64,
+    /// The backend it was taken from.
+    pub backend: String,
+    /// Rows per table.
+    pub rows: Vec<(String, i64)>,
+    pub plaintext_sha256: String,
+    pub plaintext_bytes: u64,
+    pub ciphertext_sha256: String,
+    pub ciphertext_bytes: u64,
+    /// The age recipients it is encrypted to.
+    pub recipients: Vec<String>,
+    /// How long the dump and encryption took (ms).
+    pub took_ms: u64,
+}
+
+/// Parses age X25519 recipients (`age1…`).
+pub fn recipients(list: &[String]) -> Result<Vec<age::x25519::Recipient>, BackupError> {
+    if list.is_empty() {
+        return Err(BackupError::NoRecipients);
+    }
+    list.iter()
+        .map(|r| {
+            age::x25519::Recipient::from_str(r.trim())
+                .map_err(|_| BackupError::Recipient(r.clone()))
+        })
+        .collect()
+}
+
+/// Reads the age identities (`AGE-SECRET-KEY-1…`, one per line; `#` comments, as
+/// `age-keygen` writes them) of the file at `path`.
+pub fn identities(path: &Path) -> Result<Vec<age::x25519::Identity>, BackupError> {
+    let text = std::fs::read_to_string(path).map_err(io(path))?;
+    let ids: Vec<_> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("AGE-SECRET-KEY-1"))
+        .filter_map(|l| age::x25519::Identity::from_str(l).ok())
+        .collect();
+    if ids.is_empty() {
+        return Err(BackupError::NoIdentity {
+            path: path.to_owned(),
+        });
+    }
+    Ok(ids)
+}
+
+/// A new identity, as `age-keygen` writes it, and its recipient.
+pub fn keygen() -> (String, String) {
+    use age::secrecy::ExposeSecret;
+    let id = age::x25519::Identity::generate();
+    let recipient = id.to_public().to_string();
+    let secret = id.to_string();
+    (
+        format!(
+            "# created: by patronus backup keygen\n# public key: {recipient}\n{}\n",
+            secret.expose_secret()
+        ),
+        recipient,
+    )
+}
+
+/// Counts and hashes what passes through.
+struct Hashing<T> {
+    inner: T,
+    hash: Arc<Mutex<(Sha256, u64)>>,
+}
+
+impl<T> Hashing<T> {
+    fn new(inner: T) -> Self {
+        Self {
+            inner,
+            hash: Arc::new(Mutex::new((Sha256::new(), 0))),
+        }
+    }
+}
+
+fn digest(h: &Mutex<(Sha256, u64)>) -> (String, u64) {
+    let h = h.lock().unwrap_or_else(|e| e.into_inner());
+    (crate::auth::hex(&h.0.clone().finalize()), h.1)
+}
+
+impl<T: Write> Write for Hashing<T> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        let mut h = self.hash.lock().unwrap_or_else(|e| e.into_inner());
+        h.0.update(&buf[..n]);
+        h.1 += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<T: Read> Read for Hashing<T> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let mut h = self.hash.lock().unwrap_or_else(|e| e.into_inner());
+        h.0.update(&buf[..n]);
+        h.1 += n as u64;
+        Ok(n)
+    }
+}
+
+/// A backup's name: `patronus-YYYYMMDDTHHMMSS.mmmZ` of its time (UTC), which sorts as time.
+pub fn name_of(created_ms: i64) -> String {
+    let (secs, ms) = (created_ms.div_euclid(1000), created_ms.rem_euclid(1000));
+    let (days, s) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil(days);
+    format!(
+        "patronus-{y:04}{m:02}{d:02}T{:02}{:02}{:02}.{ms:03}Z",
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    )
+}
+
+/// The civil date (proleptic Gregorian, UTC) of a day counted from 1970-01-01.
+pub fn civil(days: i64) -> (i64, u32, u32) {
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), BackupError> {
+    let tmp = path.with_extension("partial");
+    let mut f = private_file(&tmp)?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// A new file only its owner reads (a backup is encrypted, but what is in a directory of them
+/// is nobody else's business either).
+fn private_file(path: &Path) -> Result<std::fs::File, BackupError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))
+}
+
+/// Takes a backup of `store` into directory `dir` (made 0700 if missing), encrypted to
+/// `recipients`; returns its manifest. The store keeps serving meanwhile.
+pub async fn create(
+    store: &Store,
+    dir: &Path,
+    recipients: &[age::x25519::Recipient],
+) -> Result<Manifest, BackupError> {
+    if recipients.is_empty() {
+        return Err(BackupError::NoRecipients);
+    }
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io(dir))?;
+    }
+    let started = std::time::Instant::now();
+    let tmp = dir.join(format!(".creating-{}.age", std::process::id()));
+    let file = private_file(&tmp)?;
+    let cipher = Hashing::new(std::io::BufWriter::with_capacity(1 << 16, file));
+    let cipher_hash = cipher.hash.clone();
+    let encryptor =
+        age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
+            .map_err(|e| BackupError::Encrypt(e.to_string()))?;
+    let stream = encryptor.wrap_output(cipher).map_err(io(&tmp))?;
+    let mut plain = Hashing::new(std::io::BufWriter::with_capacity(1 << 16, stream));
+    let plain_hash = plain.hash.clone();
+    let dumped = dump::dump(store, &mut plain).await;
+    let summary = match dumped {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e.into());
+        }
+    };
+    let stream = plain.inner.into_inner().map_err(|e| BackupError::Io {
+        path: tmp.clone(),
+        error: e.into_error(),
+    })?;
+    let cipher = stream.finish().map_err(io(&tmp))?;
+    let file = cipher.inner.into_inner().map_err(|e| BackupError::Io {
+        path: tmp.clone(),
+        error: e.into_error(),
+    })?;
+    file.sync_all().map_err(io(&tmp))?;
+    let name = name_of(summary.created_ms);
+    let path = dir.join(format!("{name}.age"));
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    let (plaintext_sha256, plaintext_bytes) = digest(&plain_hash);
+    let (ciphertext_sha256, ciphertext_bytes) = digest(&cipher_hash);
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        version: VERSION,
+        name: name.clone(),
+        created_ms: summary.created_ms,
+        schema_version: summary.schema_version,
+        backend: summary.backend,
+        rows: summary.rows,
+        plaintext_sha256,
+        plaintext_bytes,
+        ciphertext_sha256,
+        ciphertext_bytes,
+        recipients: recipients.iter().map(ToString::to_string).collect(),
+        took_ms: started.elapsed().as_millis() as u64,
+    };
+    let json = serde_json::to_vec_pretty(&manifest).map_err(|e| BackupError::Manifest {
+        path: dir.join(format!("{name}.json")),
+        message: e.to_string(),
+    })?;
+    write_atomically(&dir.join(format!("{name}.json")), &json)?;
+    sync_dir(dir);
+    Ok(manifest)
+}
+
+/// Makes the renames in `dir` durable (best effort: not every filesystem syncs directories).
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Every backup in `dir` (those with a manifest), oldest first.
+pub fn list(dir: &Path) -> Result<Vec<Manifest>, BackupError> {
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(io(dir)(e)),
+    };
+    for e in entries {
+        let path = e.map_err(io(dir))?.path();
+        let is_manifest = path.extension().is_some_and(|x| x == "json")
+            && path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("patronus-"));
+        if is_manifest {
+            out.push(read_manifest(&path)?);
+        }
+    }
+    out.sort_by(|a, b| a.created_ms.cmp(&b.created_ms).then(a.name.cmp(&b.name)));
+    Ok(out)
+}
+
+fn read_manifest(path: &Path) -> Result<Manifest, BackupError> {
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| BackupError::Manifest {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    if m.format != FORMAT || m.version != VERSION {
+        return Err(BackupError::Manifest {
+            path: path.to_owned(),
+            message: format!("format {} version {}", m.format, m.version),
+        });
+    }
+    Ok(m)
+}
+
+/// The backup to restore: `name` if given, else the newest taken at or before `before_ms`
+/// if given, else the newest.
+pub fn pick(
+    dir: &Path,
+    name: Option<&str>,
+    before_ms: Option<i64>,
+) -> Result<Manifest, BackupError> {
+    let all = list(dir)?;
+    let found = match (name, before_ms) {
+        (Some(n), _) => all
+            .into_iter()
+            .find(|m| m.name == n.trim_end_matches(".age")),
+        (None, Some(t)) => all.into_iter().rev().find(|m| m.created_ms <= t),
+        (None, None) => all.into_iter().next_back(),
+    };
+    found.ok_or_else(|| {
+        BackupError::NotFound(match (name, before_ms) {
+            (Some(n), _) => n.to_owned(),
+            (None, Some(t)) => format!("taken at or before {}", name_of(t)),
+            (None, None) => format!("at all ({})", dir.display()),
+        })
+    })
+}
+
+/// Checks the ciphertext against the manifest (its size and SHA-256), before anything is
+/// decrypted.
+fn check_ciphertext(dir: &Path, m: &Manifest) -> Result<PathBuf, BackupError> {
+    let path = dir.join(format!("{}.age", m.name));
+    let mut f = std::fs::File::open(&path).map_err(io(&path))?;
+    let mut h = Hashing::new(std::io::sink());
+    std::io::copy(&mut f, &mut h).map_err(io(&path))?;
+    let (sha, bytes) = digest(&h.hash);
+    if sha != m.ciphertext_sha256 || bytes != m.ciphertext_bytes {
+        return Err(BackupError::Corrupt {
+            name: m.name.clone(),
+            message: format!(
+                "the file is not what was written ({bytes} bytes, SHA-256 {sha}; the manifest \
+                 says {} bytes, {}): it was changed or damaged; restore another backup",
+                m.ciphertext_bytes, m.ciphertext_sha256
+            ),
+        });
+    }
+    Ok(path)
+}
+
+/// Opens backup `m` for reading its plaintext with `ids`; the hash of what is read is
+/// compared with the manifest by the returned check once everything is read.
+#[allow(clippy::type_complexity)]
+fn open(
+    dir: &Path,
+    m: &Manifest,
+    ids: &[age::x25519::Identity],
+) -> Result<
+    (
+        BufReader<Hashing<age::stream::StreamReader<BufReader<std::fs::File>>>>,
+        impl Fn() -> Result<(), String> + Send + Sync,
+    ),
+    BackupError,
+> {
+    let path = check_ciphertext(dir, m)?;
+    let f = std::fs::File::open(&path).map_err(io(&path))?;
+    let decryptor =
+        age::Decryptor::new_buffered(BufReader::new(f)).map_err(|e| BackupError::Corrupt {
+            name: m.name.clone(),
+            message: format!("not an age file: {e}"),
+        })?;
+    let reader = decryptor
+        .decrypt(ids.iter().map(|i| i as &dyn age::Identity))
+        .map_err(|e| match e {
+            age::DecryptError::NoMatchingKeys => BackupError::WrongIdentity {
+                name: m.name.clone(),
+                recipients: m.recipients.clone(),
+            },
+            e => BackupError::Corrupt {
+                name: m.name.clone(),
+                message: e.to_string(),
+            },
+        })?;
+    let plain = Hashing::new(reader);
+    let hash = plain.hash.clone();
+    let (want, want_bytes) = (m.plaintext_sha256.clone(), m.plaintext_bytes);
+    let check = move || {
+        let (sha, bytes) = digest(&hash);
+        if sha == want && bytes == want_bytes {
+            Ok(())
+        } else {
+            Err(format!(
+                "the decrypted backup is not what was written ({bytes} bytes, SHA-256 {sha}; \
+                 the manifest says {want_bytes}, {want})"
+            ))
+        }
+    };
+    Ok((BufReader::with_capacity(1 << 16, plain), check))
+}
+
+/// What `verify` found.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Verified {
+    pub name: String,
+    pub rows: Vec<(String, i64)>,
+    /// `ok` from SQLite's `integrity_check` of the scratch database it was restored into.
+    pub integrity: String,
+}
+
+/// Checks backup `m` without touching any live database: the ciphertext's hash, decryption
+/// with `ids`, the plaintext's hash, the dump whole, then a restore into a scratch SQLite
+/// database (in a temporary directory of `scratch`) and its integrity check.
+pub async fn verify(
+    dir: &Path,
+    m: &Manifest,
+    ids: &[age::x25519::Identity],
+    scratch: &Path,
+) -> Result<Verified, BackupError> {
+    let (mut reader, check) = open(dir, m, ids)?;
+    let summary = dump::scan(&mut reader).map_err(|e| corrupt(m, e))?;
+    // Whatever followed the trailer is read too (`scan` stops at the trailer).
+    std::io::copy(&mut reader, &mut std::io::sink()).map_err(|e| corrupt(m, e))?;
+    check().map_err(|message| BackupError::Corrupt {
+        name: m.name.clone(),
+        message,
+    })?;
+    if summary.rows != m.rows || summary.schema_version != m.schema_version {
+        return Err(BackupError::Corrupt {
+            name: m.name.clone(),
+            message: "the dump's tables do not match the manifest".into(),
+        });
+    }
+    let (mut reader, check) = open(dir, m, ids)?;
+    let tmp = scratch.join(format!(".verify-{}-{}", std::process::id(), m.name));
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let result = async {
+        let db = crate::store::Database::Sqlite(tmp.join("scratch.db"));
+        let store = Store::connect(&db)
+            .await
+            .map_err(|e| BackupError::Scratch(format!("a scratch database: {e:#}")))?;
+        let actor = Actor {
+            id: None,
+            name: "cli".into(),
+            source: "backup verify".into(),
+        };
+        let loaded = dump::load(&store, &mut reader, &actor, true, &check).await;
+        let integrity = match loaded {
+            Ok(_) => store
+                .integrity_check()
+                .await
+                .map_err(|e| BackupError::Scratch(format!("integrity check: {e}"))),
+            Err(e) => Err(e.into()),
+        };
+        store.close().await;
+        integrity
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&tmp);
+    let integrity = result?;
+    if integrity != "ok" {
+        return Err(BackupError::Corrupt {
+            name: m.name.clone(),
+            message: format!("restored, the database fails its integrity check: {integrity}"),
+        });
+    }
+    Ok(Verified {
+        name: m.name.clone(),
+        rows: summary.rows,
+        integrity,
+    })
+}
+
+fn corrupt(m: &Manifest, e: impl std::fmt::Display) -> BackupError {
+    BackupError::Corrupt {
+        name: m.name.clone(),
+        message: e.to_string(),
+    }
+}
+
+/// Replaces everything `store` holds with backup `m` (decrypted with `ids`), in one
+/// transaction: checked against its manifest first, and never half-restored (see
+/// [`dump::load`]). Refuses a store that holds users or sites unless `replace`.
+pub async fn restore(
+    store: &Store,
+    dir: &Path,
+    m: &Manifest,
+    ids: &[age::x25519::Identity],
+    actor: &Actor,
+    replace: bool,
+) -> Result<Summary, BackupError> {
+    let (mut reader, check) = open(dir, m, ids)?;
+    Ok(dump::load(store, &mut reader, actor, replace, &check).await?)
+}
+
+/// How many backups of each tier `prune` keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub hourly: usize,
+    pub daily: usize,
+    pub weekly: usize,
+    pub monthly: usize,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            hourly: 24,
+            daily: 7,
+            weekly: 4,
+            monthly: 12,
+        }
+    }
+}
+
+impl Retention {
+    /// Which of backups taken at `times` (unix ms) to keep: the newest of each of the last
+    /// `hourly` hours, `daily` days, `weekly` weeks (Monday to Sunday) and `monthly` months
+    /// (UTC) that have one, and the newest of all. Returned as a mask in `times`' order.
+    pub fn keep(&self, times: &[i64]) -> Vec<bool> {
+        let mut order: Vec<usize> = (0..times.len()).collect();
+        order.sort_by(|a, b| times[*b].cmp(&times[*a]));
+        let mut keep = vec![false; times.len()];
+        if let Some(newest) = order.first() {
+            keep[*newest] = true;
+        }
+        let hour = |t: i64| t.div_euclid(3_600_000);
+        let day = |t: i64| t.div_euclid(86_400_000);
+        // 1970-01-01 was a Thursday: day + 3 counts from a Monday.
+        let week = |t: i64| (day(t) + 3).div_euclid(7);
+        let month = |t: i64| {
+            let (y, m, _) = civil(day(t));
+            y * 12 + i64::from(m)
+        };
+        let tiers: [(&dyn Fn(i64) -> i64, usize); 4] = [
+            (&hour, self.hourly),
+            (&day, self.daily),
+            (&week, self.weekly),
+            (&month, self.monthly),
+        ];
+        for (bucket, count) in tiers {
+            let mut last = None;
+            let mut kept = 0;
+            for &i in &order {
+                if kept == count {
+                    break;
+                }
+                let b = bucket(times[i]);
+                if last != Some(b) {
+                    // The newest of a bucket not seen yet.
+                    keep[i] = true;
+                    last = Some(b);
+                    kept += 1;
+                }
+            }
+        }
+        keep
+    }
+}
+
+/// Deletes the backups in `dir` that `retention` does not keep; returns the names deleted.
+pub fn prune(dir: &Path, retention: &Retention) -> Result<Vec<String>, BackupError> {
+    let all = list(dir)?;
+    let times: Vec<i64> = all.iter().map(|m| m.created_ms).collect();
+    let keep = retention.keep(&times);
+    let mut gone = Vec::new();
+    for (m, k) in all.iter().zip(keep) {
+        if k {
+            continue;
+        }
+        // The manifest first: a backup without one is not listed, so a prune cut short
+        // leaves no listed backup without its file.
+        for ext in ["json", "age"] {
+            let p = dir.join(format!("{}.{ext}", m.name));
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&p)(e)),
+            }
+        }
+        gone.push(m.name.clone());
+    }
+    sync_dir(dir);
+    Ok(gone)
+}
+
+/// Reads a whole backup's plaintext (for tests and `age`-free inspection).
+pub fn plaintext(
+    dir: &Path,
+    m: &Manifest,
+    ids: &[age::x25519::Identity],
+) -> Result<Vec<u8>, BackupError> {
+    let (mut reader, check) = open(dir, m, ids)?;
+    let mut out = Vec::new();
+    reader.read_to_end(&mut out).map_err(|e| corrupt(m, e))?;
+    check().map_err(|message| BackupError::Corrupt {
+        name: m.name.clone(),
+        message,
+    })?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_sort_as_time_and_civil_dates_are_right() {
+        assert_eq!(name_of(0), "patronus-19700101T000000.000Z");
+        assert_eq!(name_of(1_796_213_849_552), "patronus-20261202T121729.552Z");
+        assert_eq!(civil(-1), (1969, 12, 31));
+        assert_eq!(civil(19_782), (2024, 2, 29));
+        assert!(name_of(1_000) < name_of(10_000_000_000_000));
+    }
+}

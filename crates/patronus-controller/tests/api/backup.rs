@@ -1,0 +1,383 @@
+//! Backups (`patronus_controller::backup`): a round trip on this suite's backend and across to
+//! the other one, the standard `age` decrypting a backup, a damaged backup refused, and the
+//! tiered retention over 400 days of hourly backups.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use patronus_controller::backup::{self, Retention};
+use patronus_controller::config::Database;
+use patronus_controller::store::{Actor, Store, dump};
+use serde_json::Value;
+
+use super::harness::*;
+
+fn actor() -> Actor {
+    Actor {
+        id: None,
+        name: "cli".into(),
+        source: "test".into(),
+    }
+}
+
+/// Every table of a dump, each row as a map of column to value (backends order columns
+/// differently), rows sorted (tables without ids come back in any order).
+type Tables = BTreeMap<String, Vec<BTreeMap<String, Value>>>;
+
+fn tables_of(dump: &[u8]) -> Tables {
+    let mut out = Tables::new();
+    let mut current: Option<(String, Vec<String>)> = None;
+    for line in dump.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        let v: Value = serde_json::from_slice(line).unwrap();
+        if let (Some((table, cols)), Value::Array(values)) = (&current, &v) {
+            let row = cols.iter().cloned().zip(values.iter().cloned()).collect();
+            out.get_mut(table).unwrap().push(row);
+        } else if let Some(table) = v["table"].as_str() {
+            let cols = v["columns"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c[0].as_str().unwrap().to_owned())
+                .collect();
+            out.insert(table.to_owned(), Vec::new());
+            current = Some((table.to_owned(), cols));
+        } else {
+            current = None;
+        }
+    }
+    for rows in out.values_mut() {
+        rows.sort_by_key(|r| serde_json::to_string(r).unwrap());
+    }
+    out
+}
+
+async fn tables_now(store: &Store) -> Tables {
+    let mut out = Vec::new();
+    dump::dump(store, &mut out).await.unwrap();
+    tables_of(&out)
+}
+
+/// `after` holds exactly what `backup` held, but for what a restore adds: its own audit
+/// record and the configuration generation one further.
+fn same_but_the_restore(backup: &Tables, after: &Tables) {
+    assert_eq!(
+        backup.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>()
+    );
+    for (table, rows) in backup {
+        let now = &after[table];
+        match table.as_str() {
+            "audit_log" => {
+                let restores: Vec<_> = now
+                    .iter()
+                    .filter(|r| !rows.contains(r))
+                    .map(|r| r["action"].clone())
+                    .collect();
+                assert_eq!(restores, ["store.restore"], "audit_log");
+                assert_eq!(now.len(), rows.len() + 1);
+            }
+            "config_generation" => {
+                assert_eq!(
+                    now[0]["generation"].as_i64().unwrap(),
+                    rows[0]["generation"].as_i64().unwrap() + 1
+                );
+            }
+            _ => assert_eq!(rows, now, "table {table}"),
+        }
+    }
+}
+
+/// A controller with something in every kind of table: users and sessions, sites, links and
+/// prefixes, an enrolled edge with its credential, its telemetry (floats), a policy.
+async fn populated() -> (Api, String) {
+    let a = api().await;
+    let t = a.admin().await;
+    a.user(&t, "ops@example.net", "operator").await;
+    let ids = sites(&a, &t, &["hq", "b1", "b2"]).await;
+    let cred = enrolled(&a, &t, ids[0], 5).await;
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/edge/telemetry",
+            Some(&cred),
+            Some(json!({ "paths": [
+                { "peer": "b1", "local_link": "mpls", "remote_link": "mpls", "state": "up",
+                  "rtt_ms": 21.123456789, "jitter_ms": 0.1, "loss_pct": 1.0 / 3.0,
+                  "tx_bytes": 1000, "rx_bytes": 900 }
+            ]})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/policies",
+            Some(&t),
+            Some(voice("voice", 10, "realtime")),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    (a, t)
+}
+
+fn keys(
+    dir: &Path,
+) -> (
+    Vec<age::x25519::Recipient>,
+    Vec<age::x25519::Identity>,
+    String,
+) {
+    let (identity, recipient) = backup::keygen();
+    let path = dir.join("identity.txt");
+    std::fs::write(&path, identity).unwrap();
+    (
+        backup::recipients(std::slice::from_ref(&recipient)).unwrap(),
+        backup::identities(&path).unwrap(),
+        path.to_str().unwrap().to_owned(),
+    )
+}
+
+/// A fresh store on the other backend than this suite's.
+async fn other_backend(dir: &Path) -> Store {
+    let db = if crate::BACKEND == "postgres" {
+        Database::Sqlite(dir.join("other.db"))
+    } else {
+        let pg = patronus_lab::postgres::shared().unwrap();
+        let name = format!("backup_other_{}", std::process::id());
+        pg.create_database(&name).unwrap();
+        Database::Postgres(pg.url(&name))
+    };
+    Store::connect(&db).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_backup_restores_what_it_held_here_and_on_the_other_backend_and_age_reads_it() {
+    let (a, t) = populated().await;
+    let store = &a.state.store;
+    let work = tempfile::tempdir().unwrap();
+    let (recipients, ids, identity_file) = keys(work.path());
+    let dir = work.path().join("backups");
+    let m = backup::create(store, &dir, &recipients).await.unwrap();
+    assert_eq!(m.backend, crate::BACKEND);
+    assert!(m.rows.iter().all(|(_, n)| *n >= 0));
+    let rows = |t: &str| m.rows.iter().find(|(n, _)| n == t).unwrap().1;
+    assert!(rows("sites") == 3 && rows("path_samples") >= 1 && rows("users") == 2);
+    let plain = backup::plaintext(&dir, &m, &ids).unwrap();
+    let held = tables_of(&plain);
+    assert_eq!(
+        held,
+        tables_now(store).await,
+        "the backup is the state it was taken of"
+    );
+    // Backups are private, and the identity decrypts them with the standard age as well.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join(format!("{}.age", m.name))), 0o600);
+    }
+    let age = std::process::Command::new("age")
+        .args(["--decrypt", "--identity", &identity_file])
+        .arg(dir.join(format!("{}.age", m.name)))
+        .output()
+        .expect("the `age` command (Debian's age; .ci/deps installs it)");
+    assert!(
+        age.status.success(),
+        "{}",
+        String::from_utf8_lossy(&age.stderr)
+    );
+    assert!(age.stdout == plain, "age -d gives the same plaintext");
+    let v = backup::verify(&dir, &m, &ids, work.path()).await.unwrap();
+    assert_eq!(v.integrity, "ok");
+
+    // Changes after the backup: a site deleted, a policy added.
+    let r = a
+        .call(Method::GET, "/api/v1/sites?limit=10", Some(&t), None)
+        .await;
+    let b2 = r.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "b2")
+        .unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    let r = a
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/sites/{b2}"),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/policies",
+            Some(&t),
+            Some(voice("video", 20, "realtime")),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    assert_ne!(tables_now(store).await["sites"], held["sites"]);
+
+    // Over a database in use only when told to; then it holds the backup again.
+    let refused = backup::restore(store, &dir, &m, &ids, &actor(), false).await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("--replace")),
+        "{refused:?}"
+    );
+    backup::restore(store, &dir, &m, &ids, &actor(), true)
+        .await
+        .unwrap();
+    same_but_the_restore(&held, &tables_now(store).await);
+    // The restored site answers through the API, and the token of before still works.
+    let r = a
+        .call(Method::GET, &format!("/api/v1/sites/{b2}"), Some(&t), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+
+    // The same backup into a fresh database of the other backend.
+    let other = other_backend(work.path()).await;
+    backup::restore(&other, &dir, &m, &ids, &actor(), false)
+        .await
+        .unwrap();
+    same_but_the_restore(&held, &tables_now(&other).await);
+    // A second restore on the same one adds ids past those given: new rows get new ids.
+    other.close().await;
+}
+
+#[tokio::test]
+async fn a_damaged_backup_or_a_wrong_identity_is_refused_and_the_database_is_left_as_it_was() {
+    let (a, _t) = populated().await;
+    let store = &a.state.store;
+    let work = tempfile::tempdir().unwrap();
+    let (recipients, ids, _) = keys(work.path());
+    let dir = work.path().join("backups");
+    let m = backup::create(store, &dir, &recipients).await.unwrap();
+    let before = tables_now(store).await;
+
+    // Another identity: named as the wrong one, nothing restored.
+    let other = work.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let (_, wrong, _) = keys(&other);
+    let e = backup::restore(store, &dir, &m, &wrong, &actor(), true)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("identity does not decrypt"), "{e}");
+
+    // One byte flipped in the middle of the ciphertext.
+    let path = dir.join(format!("{}.age", m.name));
+    let mut bytes = std::fs::read(&path).unwrap();
+    let i = bytes.len() / 2;
+    bytes[i] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let e = backup::verify(&dir, &m, &ids, work.path())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("changed or damaged"), "{e}");
+    let e = backup::restore(store, &dir, &m, &ids, &actor(), true)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("changed or damaged"), "{e}");
+    // A manifest made to agree with the damage: age's authentication refuses it in the
+    // middle of the load, and the transaction leaves the database untouched.
+    let mut forged = m.clone();
+    let sha = {
+        use sha2::Digest;
+        patronus_controller::auth::hex(&sha2::Sha256::digest(&bytes))
+    };
+    forged.ciphertext_sha256 = sha;
+    let e = backup::restore(store, &dir, &forged, &ids, &actor(), true)
+        .await
+        .unwrap_err();
+    assert!(!e.to_string().is_empty());
+    assert_eq!(before, tables_now(store).await, "nothing half-restored");
+
+    // A backup from a newer schema than this binary's: refused, naming both versions.
+    let mut newer = Vec::new();
+    dump::dump(store, &mut newer).await.unwrap();
+    let text = String::from_utf8(newer).unwrap();
+    let v = m.schema_version;
+    let text = text.replacen(
+        &format!("\"schema_version\":{v}"),
+        &format!("\"schema_version\":{}", v + 1),
+        1,
+    );
+    let e = dump::load(store, &mut text.as_bytes(), &actor(), true, &|| Ok(()))
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains(&format!("schema version {} and the database of {v}", v + 1)),
+        "{e}"
+    );
+    // Cut short: refused.
+    let cut = &text.as_bytes()[..text.len() / 2];
+    let cut = String::from_utf8_lossy(cut).replacen(
+        &format!("\"schema_version\":{}", v + 1),
+        &format!("\"schema_version\":{v}"),
+        1,
+    );
+    let cut = &cut[..cut.rfind('\n').unwrap() + 1];
+    let e = dump::load(store, &mut cut.as_bytes(), &actor(), true, &|| Ok(()))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("cut short"), "{e}");
+    assert_eq!(before, tables_now(store).await, "nothing half-restored");
+}
+
+/// 400 days of hourly backups up to 2026-02-04T23:30Z (a Wednesday), kept 24/7/4/12: the 24
+/// of the last day; the last of each of the 6 days before; of the weeks, the last of
+/// the Sundays Jan 25 and Jan 18 (Feb 1 is already a day's); of the months, the last of Dec
+/// back to Mar 2025 (10; Feb and Jan are already kept). 42 in all.
+#[test]
+fn prune_keeps_exactly_the_tiered_set_over_400_days_of_hourly_backups() {
+    let start = 1_735_691_400_000i64; // 2025-01-01T00:30:00Z
+    let hour = 3_600_000;
+    let times: Vec<i64> = (0..400 * 24).map(|i| start + i * hour).collect();
+    let dir = tempfile::tempdir().unwrap();
+    for t in &times {
+        let name = backup::name_of(*t);
+        let m = json!({
+            "format": "patronus-backup", "version": 1, "name": name, "created_ms": t,
+            "schema_version": 1, "backend": "sqlite", "rows": [], "plaintext_sha256": "",
+            "plaintext_bytes": 0, "ciphertext_sha256": "", "ciphertext_bytes": 0,
+            "recipients": [], "took_ms": 0
+        });
+        std::fs::write(dir.path().join(format!("{name}.json")), m.to_string()).unwrap();
+        std::fs::write(dir.path().join(format!("{name}.age")), b"").unwrap();
+    }
+    let mut want: Vec<String> = (0..24)
+        .map(|h| format!("patronus-20260204T{h:02}3000.000Z"))
+        .collect();
+    for day in [
+        "20260203", "20260202", "20260201", "20260131", "20260130", "20260129", "20260125",
+        "20260118", "20251231", "20251130", "20251031", "20250930", "20250831", "20250731",
+        "20250630", "20250531", "20250430", "20250331",
+    ] {
+        want.push(format!("patronus-{day}T233000.000Z"));
+    }
+    want.sort();
+    assert_eq!(times.len(), 9600);
+    let gone = backup::prune(dir.path(), &Retention::default()).unwrap();
+    let left: Vec<String> = backup::list(dir.path())
+        .unwrap()
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    assert_eq!(left, want);
+    assert_eq!(gone.len(), 9600 - 42);
+    // Nothing of what was pruned is left on disk.
+    let files = std::fs::read_dir(dir.path()).unwrap().count();
+    assert_eq!(files, 42 * 2);
+    // Pruning again deletes nothing.
+    assert!(
+        backup::prune(dir.path(), &Retention::default())
+            .unwrap()
+            .is_empty()
+    );
+}

@@ -1,0 +1,336 @@
+//! `patronus backup` and `patronus restore`: see [`patronus_controller::backup`]. They work on
+//! the controller's database directly (its configuration says where), like `controller
+//! migrate`, and on the backup directory (`backup_dir`).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use patronus_controller::backup::{self, Manifest, Retention};
+use patronus_controller::config::Config;
+use patronus_controller::store::{Actor, Store};
+
+use crate::controller_cmd::Common;
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    #[command(subcommand)]
+    cmd: BackupCmd,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, Subcommand)]
+enum BackupCmd {
+    /// Take a backup now, while the controller serves: one consistent snapshot of the whole
+    /// state, encrypted to the configured recipients, with its manifest.
+    Create {
+        /// Into this directory [default: the configured backup_dir].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// An age recipient (age1…) to encrypt to, instead of the configured
+        /// backup_recipients (repeat for several).
+        #[arg(long = "recipient")]
+        recipients: Vec<String>,
+    },
+    /// The backups in the directory, oldest first.
+    List {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// `table` or `json`.
+        #[arg(long, default_value = "table")]
+        output: String,
+    },
+    /// Check a backup without touching the live database: its hashes, its decryption, and a
+    /// restore into a scratch database with its integrity check.
+    Verify {
+        /// The backup [default: the newest].
+        name: Option<String>,
+        /// The age identity file that decrypts it.
+        #[arg(long)]
+        identity: PathBuf,
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Delete the backups the tiered retention does not keep (the newest of each of the last
+    /// N hours, days, weeks and months; counts from the configuration unless given).
+    Prune {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long)]
+        keep_hourly: Option<usize>,
+        #[arg(long)]
+        keep_daily: Option<usize>,
+        #[arg(long)]
+        keep_weekly: Option<usize>,
+        #[arg(long)]
+        keep_monthly: Option<usize>,
+    },
+    /// Make an age identity (written 0600 to --out; keep it away from the controller) and
+    /// print its recipient, for backup_recipients.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The backup to restore [default: the newest, or the newest at or before --before].
+    name: Option<String>,
+    /// The newest backup taken at or before this time (RFC 3339, `2026-12-01T17:00:00Z`, or
+    /// unix seconds).
+    #[arg(long, conflicts_with = "name")]
+    before: Option<String>,
+    /// The age identity file that decrypts it.
+    #[arg(long)]
+    identity: PathBuf,
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Replace what the database holds (required when it holds any user or site). Stop the
+    /// controllers first.
+    #[arg(long)]
+    replace: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn actor(what: &str) -> Actor {
+    Actor {
+        id: None,
+        name: "cli".into(),
+        source: what.into(),
+    }
+}
+
+pub fn run(args: BackupArgs) -> anyhow::Result<()> {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let config = args.common.config(&env)?;
+    let dir_of = |d: Option<PathBuf>| d.unwrap_or_else(|| config.backup_dir.clone());
+    match args.cmd {
+        BackupCmd::Create { dir, recipients } => {
+            let dir = dir_of(dir);
+            let given = if recipients.is_empty() {
+                config.backup_recipients.clone()
+            } else {
+                recipients
+            };
+            let recipients = backup::recipients(&given).context(
+                "set backup_recipients (or PATRONUS_BACKUP_RECIPIENTS), or give --recipient",
+            )?;
+            let m = runtime()?.block_on(async {
+                let store = open_existing(&config).await?;
+                let m = backup::create(&store, &dir, &recipients).await;
+                store.close().await;
+                anyhow::Ok(m?)
+            })?;
+            outln!(
+                "backup {} in {}: {} rows, {} bytes encrypted to {} recipient(s), in {} ms",
+                m.name,
+                dir.display(),
+                m.rows.iter().map(|(_, n)| n).sum::<i64>(),
+                m.ciphertext_bytes,
+                m.recipients.len(),
+                m.took_ms
+            );
+            Ok(())
+        }
+        BackupCmd::List { dir, output } => {
+            let all = backup::list(&dir_of(dir))?;
+            if output == "json" {
+                outln!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                outln!(
+                    "{:<32} {:>7} {:>10} {:>12}",
+                    "NAME",
+                    "SCHEMA",
+                    "ROWS",
+                    "BYTES"
+                );
+                for m in &all {
+                    outln!(
+                        "{:<32} {:>7} {:>10} {:>12}",
+                        m.name,
+                        m.schema_version,
+                        m.rows.iter().map(|(_, n)| n).sum::<i64>(),
+                        m.ciphertext_bytes
+                    );
+                }
+            }
+            Ok(())
+        }
+        BackupCmd::Verify {
+            name,
+            identity,
+            dir,
+        } => {
+            let dir = dir_of(dir);
+            let m = backup::pick(&dir, name.as_deref(), None)?;
+            let ids = backup::identities(&identity)?;
+            let v = runtime()?.block_on(backup::verify(&dir, &m, &ids, &dir))?;
+            outln!(
+                "backup {} is whole: hashes match, it decrypts, and restored into a scratch \
+                 database it holds {} rows (integrity: {})",
+                v.name,
+                v.rows.iter().map(|(_, n)| n).sum::<i64>(),
+                v.integrity
+            );
+            Ok(())
+        }
+        BackupCmd::Prune {
+            dir,
+            keep_hourly,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+        } => {
+            let r = config.backup_retention;
+            let retention = Retention {
+                hourly: keep_hourly.unwrap_or(r.hourly),
+                daily: keep_daily.unwrap_or(r.daily),
+                weekly: keep_weekly.unwrap_or(r.weekly),
+                monthly: keep_monthly.unwrap_or(r.monthly),
+            };
+            let dir = dir_of(dir);
+            let gone = backup::prune(&dir, &retention)?;
+            for g in &gone {
+                outln!("deleted {g}");
+            }
+            outln!("{} deleted, {} kept", gone.len(), backup::list(&dir)?.len());
+            Ok(())
+        }
+        BackupCmd::Keygen { out } => {
+            let (identity, recipient) = backup::keygen();
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&out)
+                .with_context(|| format!("{}: writing the identity", out.display()))?;
+            f.write_all(identity.as_bytes())?;
+            eprintln!(
+                "identity written to {} (0600): keep it away from the controller; only \
+                 `verify` and `restore` need it",
+                out.display()
+            );
+            outln!("{recipient}");
+            Ok(())
+        }
+    }
+}
+
+/// The configured database, which must exist (an SQLite file not there would be made empty).
+async fn open_existing(config: &Config) -> anyhow::Result<Store> {
+    if let patronus_controller::config::Database::Sqlite(p) = &config.database {
+        anyhow::ensure!(p.exists(), "{}: no such database", p.display());
+    }
+    Store::connect(&config.database)
+        .await
+        .with_context(|| format!("opening {}", config.database.display()))
+}
+
+/// `patronus restore`.
+pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let config = args.common.config(&env)?;
+    let dir = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| config.backup_dir.clone());
+    let before = args.before.as_deref().map(parse_time).transpose()?;
+    let m: Manifest = backup::pick(&dir, args.name.as_deref(), before)?;
+    let ids = backup::identities(&args.identity)?;
+    runtime()?.block_on(async {
+        if let patronus_controller::config::Database::Sqlite(p) = &config.database {
+            patronus_controller::store::create_private_dir(
+                p.parent().unwrap_or(std::path::Path::new(".")),
+            )?;
+        }
+        let store = Store::connect(&config.database)
+            .await
+            .with_context(|| format!("opening {}", config.database.display()))?;
+        let restored = backup::restore(
+            &store,
+            &dir,
+            &m,
+            &ids,
+            &actor("patronus restore"),
+            args.replace,
+        )
+        .await;
+        store.close().await;
+        let s = restored?;
+        outln!(
+            "restored {} into {}: {} rows (taken on {} at schema {}); start the controller",
+            m.name,
+            config.database.display(),
+            s.rows.iter().map(|(_, n)| n).sum::<i64>(),
+            s.backend,
+            s.schema_version
+        );
+        anyhow::Ok(())
+    })
+}
+
+/// RFC 3339 UTC (`2026-12-01T17:00:00Z`) or unix seconds, as unix ms.
+fn parse_time(s: &str) -> anyhow::Result<i64> {
+    if let Ok(secs) = s.parse::<i64>() {
+        return Ok(secs * 1000);
+    }
+    let bad = || {
+        anyhow::anyhow!("--before {s:?}: give RFC 3339 UTC (2026-12-01T17:00:00Z) or unix seconds")
+    };
+    let s = s.strip_suffix('Z').ok_or_else(bad)?;
+    let (date, time) = s.split_once('T').ok_or_else(bad)?;
+    let d: Vec<i64> = date
+        .split('-')
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .map_err(|_| bad())?;
+    let t: Vec<i64> = time
+        .split(':')
+        .map(|x| x.split('.').next().unwrap_or("").parse())
+        .collect::<Result<_, _>>()
+        .map_err(|_| bad())?;
+    let ([y, mo, da], [h, mi, se]) = (d.as_slice(), t.as_slice()) else {
+        return Err(bad());
+    };
+    // Days from civil (the inverse of `backup::civil`).
+    let (y, mo) = if *mo <= 2 {
+        (y - 1, mo + 9)
+    } else {
+        (*y, mo - 3)
+    };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * mo + 2) / 5 + da - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let ms = ((days * 24 + h) * 60 + mi) * 60_000 + se * 1000;
+    anyhow::ensure!(backup::name_of(ms).len() == 29, "{}", bad());
+    Ok(ms)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn before_takes_rfc3339_or_unix_seconds() {
+        assert_eq!(super::parse_time("1700000000").unwrap(), 1_700_000_000_000);
+        assert_eq!(
+            super::parse_time("2026-12-02T12:17:29Z").unwrap(),
+            1_796_213_849_000
+        );
+        assert_eq!(super::parse_time("1970-01-01T00:00:00Z").unwrap(), 0);
+        assert!(super::parse_time("yesterday").is_err());
+        assert!(super::parse_time("2026-12-02 12:37").is_err());
+    }
+}
