@@ -45,6 +45,8 @@ pub struct Inner {
     /// The latest measurement of each path (by path id), as an edge at one of its ends
     /// reported it.
     pub live: std::sync::Mutex<std::collections::HashMap<String, LivePath>>,
+    /// What this controller's scheduled backups did (for `/metrics`).
+    pub backups: std::sync::Mutex<crate::backup::Status>,
     /// Configuration long polls held now, waiting for a change.
     pub long_polls: std::sync::atomic::AtomicUsize,
     /// The TLS client of `https://` webhooks.
@@ -134,6 +136,7 @@ impl AppState {
             clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
             live: std::sync::Mutex::new(std::collections::HashMap::new()),
             long_polls: std::sync::atomic::AtomicUsize::new(0),
+            backups: std::sync::Mutex::new(crate::backup::Status::default()),
             webhook_tls,
             config,
             store,

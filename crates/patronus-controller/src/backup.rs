@@ -647,6 +647,152 @@ pub fn plaintext(
     Ok(out)
 }
 
+/// What this controller's scheduled backups did, for `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    /// The last success: when (unix ms), how long it took (ms), its size (bytes).
+    pub last_success: Option<(i64, u64, u64)>,
+    pub successes: u64,
+    pub failures: u64,
+    /// Times it looked whether one was due (taken or not).
+    pub looks: u64,
+}
+
+/// How long a controller that claimed a scheduled backup holds the claim: if it dies, another
+/// takes the backup after this.
+const CLAIM_MS: i64 = 30 * 60 * 1000;
+/// After a failure, the next try.
+const RETRY_MS: i64 = 5 * 60 * 1000;
+/// How often a controller looks whether a scheduled backup is due.
+const LOOK_EVERY: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Takes the scheduled backups (`backup_interval_s`) while the controller serves: whichever
+/// controller over the database claims one first takes it
+/// ([`crate::store::settings::claim_backup`]), into `backup_dir`, then prunes with the
+/// configured retention. A failure is logged, counted and told to webhooks (`backup.failed`),
+/// and tried again in 5 minutes. Call once, inside the runtime.
+pub async fn schedule(state: crate::AppState) {
+    schedule_every(state, LOOK_EVERY).await
+}
+
+/// [`schedule`], looking every `look_every` whether a backup is due.
+pub async fn schedule_every(state: crate::AppState, look_every: std::time::Duration) {
+    let Some(interval) = state.config.backup_interval else {
+        return;
+    };
+    let recipients = match recipients(&state.config.backup_recipients) {
+        Ok(r) => r,
+        Err(e) => {
+            // The configuration was checked at start: not reached.
+            tracing::error!(error = %e, "scheduled backups are off");
+            return;
+        }
+    };
+    let holder = format!(
+        "{}:{}",
+        std::env::var("HOSTNAME").unwrap_or_default(),
+        std::process::id()
+    );
+    let mut tick = tokio::time::interval(look_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = crate::store::now_ms();
+        let claimed = async {
+            crate::store::settings::claim_backup(
+                &mut *state.store.conn().await?,
+                &holder,
+                now,
+                CLAIM_MS,
+            )
+            .await
+        }
+        .await;
+        state
+            .backups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .looks += 1;
+        match claimed {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not look whether a backup is due");
+                continue;
+            }
+        }
+        // Off the runtime's workers: a backup serializes and encrypts the whole database.
+        let (store, dir) = (state.store.clone(), state.config.backup_dir.clone());
+        let rs = recipients.clone();
+        let retention = state.config.backup_retention;
+        let handle = tokio::runtime::Handle::current();
+        let taken = tokio::task::spawn_blocking(move || {
+            handle.block_on(async {
+                let m = create(&store, &dir, &rs).await?;
+                let pruned = prune(&dir, &retention)?;
+                Ok::<_, BackupError>((m, pruned))
+            })
+        })
+        .await;
+        let taken = match taken {
+            Ok(r) => r,
+            Err(e) => Err(BackupError::Scratch(format!("the backup task failed: {e}"))),
+        };
+        let next = match &taken {
+            Ok((m, pruned)) => {
+                tracing::info!(
+                    backup = %m.name, bytes = m.ciphertext_bytes, took_ms = m.took_ms,
+                    pruned = pruned.len(), "scheduled backup taken"
+                );
+                let mut s = state.backups.lock().unwrap_or_else(|e| e.into_inner());
+                s.last_success = Some((m.created_ms, m.took_ms, m.ciphertext_bytes));
+                s.successes += 1;
+                m.created_ms + interval.as_millis() as i64
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "scheduled backup failed; trying again in 5 minutes");
+                state
+                    .backups
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .failures += 1;
+                let told = async {
+                    let mut tx = state.store.begin().await?;
+                    crate::webhooks::queue(
+                        &mut tx,
+                        vec![(
+                            crate::webhooks::EventKind::BackupFailed,
+                            serde_json::json!({
+                                "error": e.to_string(),
+                                "dir": state.config.backup_dir.display().to_string(),
+                            }),
+                        )],
+                        None,
+                    )
+                    .await?;
+                    tx.deliveries_queued();
+                    tx.commit().await
+                };
+                if let Err(e) = told.await {
+                    tracing::warn!(error = %e, "backup.failed not queued for webhooks");
+                }
+                crate::store::now_ms() + RETRY_MS
+            }
+        };
+        let released = async {
+            crate::store::settings::backup_due_at(
+                &mut *state.store.conn().await?,
+                next,
+                crate::store::now_ms(),
+            )
+            .await
+        };
+        if let Err(e) = released.await {
+            tracing::warn!(error = %e, "the next backup's time not recorded");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

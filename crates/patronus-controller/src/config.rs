@@ -65,8 +65,13 @@ pub struct Config {
     /// The age X25519 recipients (`age1…`) backups are encrypted to. The identities that
     /// decrypt them are kept away from the controller.
     pub backup_recipients: Vec<String>,
-    /// Backups `patronus backup prune` keeps per tier.
+    /// Backups `patronus backup prune` keeps per tier (and the controller, after each
+    /// scheduled backup).
     pub backup_retention: crate::backup::Retention,
+    /// How often the controller takes a backup itself (one controller of several over a
+    /// database), then prunes; `None` (0, the default): only when `patronus backup create` is
+    /// run.
+    pub backup_interval: Option<Duration>,
 }
 
 impl Default for Config {
@@ -99,6 +104,7 @@ impl Config {
             backup_dir: dir.join("backups"),
             backup_recipients: Vec::new(),
             backup_retention: crate::backup::Retention::default(),
+            backup_interval: None,
             data_dir: dir,
         }
     }
@@ -130,6 +136,7 @@ pub const KEYS: &[&str] = &[
     "backup_keep_daily",
     "backup_keep_weekly",
     "backup_keep_monthly",
+    "backup_interval_s",
 ];
 
 /// Values given on the command line; `None` leaves the file's or the environment's.
@@ -353,6 +360,24 @@ impl Config {
                 } else {
                     *slot = v;
                 }
+            }
+        }
+        if let Some(v) = take::<u64>(&values, "backup_interval_s", &mut errors) {
+            if v == 0 {
+                c.backup_interval = None;
+            } else if !(60..=31 * 24 * 3600).contains(&v) {
+                errors.push(
+                    source_of(&values, "backup_interval_s"),
+                    "must be 0 (no scheduled backups) or between 60 and 2678400 seconds",
+                );
+            } else if c.backup_recipients.is_empty() {
+                errors.push(
+                    source_of(&values, "backup_interval_s"),
+                    "scheduled backups need backup_recipients (the age recipients they are \
+                     encrypted to)",
+                );
+            } else {
+                c.backup_interval = Some(Duration::from_secs(v));
             }
         }
         if let Some(v) = flags.listen {

@@ -189,6 +189,7 @@ pub async fn serve(
     on_listening(listener.local_addr()?);
     let store = state.store.clone();
     crate::webhooks::start(&state);
+    tokio::spawn(crate::backup::schedule(state.clone()));
     tokio::spawn(housekeeping(
         store.clone(),
         state.tokens.fingerprint.clone(),

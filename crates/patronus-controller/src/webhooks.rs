@@ -65,6 +65,9 @@ pub enum EventKind {
     /// Asked for by an admin, to test a webhook; sent whatever the webhook's events.
     #[serde(rename = "ping")]
     Ping,
+    /// A scheduled backup of the controller's state failed (it is tried again in 5 minutes).
+    #[serde(rename = "backup.failed")]
+    BackupFailed,
 }
 
 impl EventKind {
@@ -78,6 +81,7 @@ impl EventKind {
             Self::Failover => "failover",
             Self::ConfigChanged => "config.changed",
             Self::Ping => "ping",
+            Self::BackupFailed => "backup.failed",
         }
     }
 }

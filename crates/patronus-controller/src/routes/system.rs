@@ -55,6 +55,37 @@ async fn metrics(State(s): State<AppState>, _p: Principal) -> Result<Response, A
             s.long_polls.load(std::sync::atomic::Ordering::Relaxed) as f64,
         )],
     );
+    let backups = s.backups.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    crate::metrics::counter(
+        &mut out,
+        "patronus_backups_total",
+        "Scheduled backups this controller took, by outcome.",
+        &[
+            ("{outcome=\"ok\"}".into(), backups.successes as f64),
+            ("{outcome=\"failed\"}".into(), backups.failures as f64),
+        ],
+    );
+    // Absent until this controller has taken one: no made-up zero.
+    if let Some((at_ms, took_ms, bytes)) = backups.last_success {
+        gauge(
+            &mut out,
+            "patronus_backup_last_success_timestamp_seconds",
+            "When this controller's last scheduled backup was taken.",
+            &[(String::new(), at_ms as f64 / 1e3)],
+        );
+        gauge(
+            &mut out,
+            "patronus_backup_last_duration_seconds",
+            "How long this controller's last scheduled backup took.",
+            &[(String::new(), took_ms as f64 / 1e3)],
+        );
+        gauge(
+            &mut out,
+            "patronus_backup_last_size_bytes",
+            "The size of this controller's last scheduled backup (encrypted).",
+            &[(String::new(), bytes as f64)],
+        );
+    }
     let (announced, reread) = s.store.generations_followed();
     crate::metrics::counter(
         &mut out,

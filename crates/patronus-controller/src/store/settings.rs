@@ -92,3 +92,38 @@ pub async fn claim_signing_key(
     .await?;
     Ok(claim)
 }
+
+/// Claims the next scheduled backup: one controller of those over the database takes each.
+/// The `backup_due` row's `version` holds the time (unix ms) before which no controller may
+/// start one; a controller whose `now` is past it moves it to `now + lease_ms` (its claim) in
+/// one statement, and only the one whose statement changed the row goes on. If it dies
+/// meanwhile, the lease runs out and another takes the backup.
+pub async fn claim_backup(
+    conn: &mut Conn,
+    holder: &str,
+    now: i64,
+    lease_ms: i64,
+) -> Result<bool, sqlx::Error> {
+    let r = query(
+        "INSERT INTO settings (key, value, version, updated_at) VALUES ('backup_due', ?, ?, ?)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value, version = excluded.version,
+         updated_at = excluded.updated_at WHERE settings.version <= ?",
+    )
+    .bind(holder)
+    .bind(now + lease_ms)
+    .bind(now / 1000)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// The claimed backup is over: the next is due at `next_ms`.
+pub async fn backup_due_at(conn: &mut Conn, next_ms: i64, now: i64) -> Result<(), sqlx::Error> {
+    query("UPDATE settings SET version = ?, updated_at = ? WHERE key = 'backup_due'")
+        .bind(next_ms)
+        .bind(now / 1000)
+        .execute(&mut *conn)
+        .await
+        .map(|_| ())
+}

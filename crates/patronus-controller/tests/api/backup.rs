@@ -381,3 +381,110 @@ fn prune_keeps_exactly_the_tiered_set_over_400_days_of_hourly_backups() {
             .is_empty()
     );
 }
+
+/// Two controllers over one database, each looking every 50 ms whether a backup is due (every
+/// 60 s): one of them takes it, and after both have looked again several times there is still
+/// one (the claim in the database, not luck). Then, with the directory unusable, the backup
+/// fails: counted, told to a webhook as `backup.failed`, and not tried again at once.
+#[tokio::test]
+async fn one_controller_of_two_takes_each_scheduled_backup_and_a_failure_is_told() {
+    let work = tempfile::tempdir().unwrap();
+    let (_identity, recipient) = backup::keygen();
+    let dir = work.path().join("backups");
+    let (d, r) = (dir.clone(), recipient.clone());
+    let a = api_with(move |c| {
+        c.backup_dir = d;
+        c.backup_recipients = vec![r];
+        c.backup_interval = Some(std::time::Duration::from_secs(60));
+    })
+    .await;
+    let b = api_on(a.state.config.clone(), tempfile::tempdir().unwrap()).await;
+    let every = std::time::Duration::from_millis(50);
+    let looks = |x: &Api| x.state.backups.lock().unwrap().looks;
+    let taken = |x: &Api| x.state.backups.lock().unwrap().successes;
+    let runs = [
+        tokio::spawn(backup::schedule_every(a.state.clone(), every)),
+        tokio::spawn(backup::schedule_every(b.state.clone(), every)),
+    ];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while backup::list(&dir).unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no scheduled backup");
+        tokio::time::sleep(every).await;
+    }
+    let (la, lb) = (looks(&a), looks(&b));
+    while looks(&a) < la + 3 || looks(&b) < lb + 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the schedulers stopped looking"
+        );
+        tokio::time::sleep(every).await;
+    }
+    assert_eq!(backup::list(&dir).unwrap().len(), 1);
+    assert_eq!(taken(&a) + taken(&b), 1);
+    for r in runs {
+        r.abort();
+    }
+    let t = a.admin().await;
+    let text = metrics_text(&a, &t).await + &metrics_text(&b, &t).await;
+    assert!(
+        text.contains("patronus_backup_last_success_timestamp_seconds "),
+        "{text}"
+    );
+
+    // The directory is a file now: the next backup fails.
+    let (url, got) = receiver(0).await;
+    patronus_controller::webhooks::start(&a.state);
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/webhooks",
+            Some(&t),
+            Some(json!({ "url": url, "events": ["backup.failed"] })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    let blocked = work.path().join("blocked");
+    std::fs::write(&blocked, b"not a directory").unwrap();
+    let mut config = a.state.config.clone();
+    config.backup_dir = blocked.join("backups");
+    let c = api_on(config, tempfile::tempdir().unwrap()).await;
+    // Due now.
+    patronus_controller::store::settings::backup_due_at(
+        &mut *c.state.store.conn().await.unwrap(),
+        0,
+        0,
+    )
+    .await
+    .unwrap();
+    let run = tokio::spawn(backup::schedule_every(c.state.clone(), every));
+    let (_, event) = wait_for(&got, "backup.failed").await;
+    assert!(
+        event["data"]["error"].as_str().unwrap().contains("blocked"),
+        "{event}"
+    );
+    let l = looks(&c);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while looks(&c) < l + 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the scheduler stopped looking"
+        );
+        tokio::time::sleep(every).await;
+    }
+    let s = c.state.backups.lock().unwrap().clone();
+    assert_eq!(
+        (s.successes, s.failures),
+        (0, 1),
+        "tried again only in 5 minutes"
+    );
+    let text = metrics_text(&c, &t).await;
+    assert!(
+        text.contains("patronus_backups_total{outcome=\"failed\"} 1"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("patronus_backup_last_success"),
+        "no made-up success"
+    );
+    run.abort();
+}
