@@ -60,6 +60,8 @@ pub enum BackupError {
     NotFound(String),
     #[error("{0}")]
     Scratch(String),
+    #[error("{what}: {message}")]
+    Conflict { what: String, message: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
@@ -538,6 +540,187 @@ pub async fn restore(
 ) -> Result<Summary, BackupError> {
     let (mut reader, check) = open(dir, m, ids)?;
     Ok(dump::load(store, &mut reader, actor, replace, &check).await?)
+}
+
+/// What `restore --site|--policy|--class` brings back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectKind {
+    Site,
+    Policy,
+    Class,
+}
+
+impl ObjectKind {
+    fn table(self) -> &'static str {
+        match self {
+            Self::Site => "sites",
+            Self::Policy => "policies",
+            Self::Class => "sla_classes",
+        }
+    }
+
+    fn word(self) -> &'static str {
+        match self {
+            Self::Site => "site",
+            Self::Policy => "policy",
+            Self::Class => "class",
+        }
+    }
+}
+
+/// What a restore of one object wrote: its id and the rows per table.
+#[derive(Debug, Clone)]
+pub struct RestoredObject {
+    pub id: i64,
+    pub rows: Vec<(String, usize)>,
+}
+
+/// Brings back one object deleted since backup `m` was taken (a site with everything that was
+/// its: links, prefixes, overlay address, hub role, credentials, history; or a policy or a
+/// class), into the live database and as an API write would: in one transaction with its
+/// audit record (`site.restore`, ...), the configuration generation bumped and
+/// `config.changed` told. Its ids are those it had (never given again), so its paths and the
+/// edge's credential are what they were. Refused, with nothing written, when the object is
+/// still there, its name or its policy order was taken since, or a LAN prefix of the site now
+/// overlaps another site's.
+pub async fn restore_object(
+    store: &Store,
+    dir: &Path,
+    m: &Manifest,
+    ids: &[age::x25519::Identity],
+    kind: ObjectKind,
+    name: &str,
+    actor: &Actor,
+) -> Result<RestoredObject, BackupError> {
+    use crate::store::db::Arg;
+    let refuse = |message: String| BackupError::Corrupt {
+        name: m.name.clone(),
+        message,
+    };
+    let (mut reader, check) = open(dir, m, ids)?;
+    let (schema, found) =
+        dump::extract(&mut reader, kind.table(), name).map_err(|e| corrupt(m, e))?;
+    check().map_err(refuse)?;
+    let mut o = found.ok_or_else(|| {
+        BackupError::NotFound(format!("{} {name:?} in backup {}", kind.word(), m.name))
+    })?;
+    let live = store
+        .schema_version()
+        .await
+        .map_err(|e| BackupError::Scratch(e.to_string()))?;
+    if live != schema {
+        return Err(DumpError::Versions {
+            dump: schema,
+            database: live,
+        }
+        .into());
+    }
+    let conflict = |message: String| BackupError::Conflict {
+        what: format!("{} {name:?}", kind.word()),
+        message,
+    };
+    let db = |e: sqlx::Error| BackupError::Scratch(format!("the database: {e}"));
+    let mut tx = store.begin().await.map_err(db)?;
+    let table = kind.table();
+    if dump::taken(&mut tx, table, "id", "id", Arg::I64(Some(o.id)))
+        .await
+        .map_err(db)?
+        .is_some()
+    {
+        return Err(conflict(format!(
+            "it is in the database (id {}): nothing to restore",
+            o.id
+        )));
+    }
+    if let Some(other) = dump::taken(
+        &mut tx,
+        table,
+        "id",
+        "name",
+        Arg::Text(Some(name.to_owned())),
+    )
+    .await
+    .map_err(db)?
+    {
+        return Err(conflict(format!(
+            "another {} has its name now (id {other}): rename or delete it first",
+            kind.word()
+        )));
+    }
+    if kind == ObjectKind::Policy {
+        for ord in o.column("policies", "ord") {
+            if let Some(other) = dump::taken(&mut tx, "policies", "id", "ord", ord.clone())
+                .await
+                .map_err(db)?
+            {
+                return Err(conflict(format!(
+                    "its order ({ord:?}) is policy {other}'s now: move that one first"
+                )));
+            }
+        }
+    }
+    if kind == ObjectKind::Site {
+        for p in o.column("site_prefixes", "prefix") {
+            let Arg::Text(Some(p)) = p else { continue };
+            let Ok(prefix) = p.parse::<patronus_api::Prefix>() else {
+                continue;
+            };
+            if let Some((site, theirs)) =
+                crate::store::sites::overlapping(&mut tx, Some(o.id), &prefix)
+                    .await
+                    .map_err(db)?
+            {
+                return Err(conflict(format!(
+                    "its LAN prefix {p} overlaps {theirs} of site {site} now"
+                )));
+            }
+        }
+    }
+    // Its overlay address, unless another site was given it since: then a new one.
+    let mut readdress = false;
+    for host in o.column("overlay_addresses", "host") {
+        if dump::taken(&mut tx, "overlay_addresses", "site_id", "host", host)
+            .await
+            .map_err(db)?
+            .is_some()
+        {
+            readdress = true;
+        }
+    }
+    if readdress {
+        o.without("overlay_addresses");
+    }
+    dump::insert_object(&mut tx, &o).await.map_err(db)?;
+    if readdress {
+        crate::routes::topology::allocate(&mut tx, o.id)
+            .await
+            .map_err(|e| BackupError::Scratch(e.message))?;
+    }
+    let rows: Vec<(String, usize)> = o
+        .rows
+        .iter()
+        .map(|(t, _, r)| (t.clone(), r.len()))
+        .collect();
+    let action = match kind {
+        ObjectKind::Site => "site.restore",
+        ObjectKind::Policy => "policy.restore",
+        ObjectKind::Class => "class.restore",
+    };
+    crate::routes::audit_config(
+        &mut tx,
+        actor,
+        action,
+        &format!("{}/{}", kind.word(), o.id),
+        serde_json::json!({
+            "name": name,
+            "backup": m.name,
+            "rows": rows.iter().map(|(t, n)| (t.clone(), serde_json::Value::from(*n))).collect::<serde_json::Map<_, _>>(),
+        }),
+    )
+    .await
+    .map_err(|e| BackupError::Scratch(e.message))?;
+    tx.commit().await.map_err(db)?;
+    Ok(RestoredObject { id: o.id, rows })
 }
 
 /// How many backups of each tier `prune` keeps.

@@ -1366,8 +1366,9 @@ fn a_controller_killed_mid_burst_leaves_every_webhook_event_delivered_by_the_oth
 
 /// The backup commands against a controller as an operator runs them: an identity made
 /// (0600), a backup taken while the controller serves, listed and verified; a site deleted by
-/// mistake; the controller stopped and the backup restored (only with `--replace` over a
-/// database in use); started again, the site is back and the session of before still works.
+/// mistake and brought back alone (`restore --site`) while it serves; deleted again, the
+/// controller stopped and the whole backup restored (only with `--replace` over a database in
+/// use); started again, the site is back and the session of before still works.
 /// Then the database file is damaged: the controller refuses to start, naming the file and
 /// `patronus restore`; with the file moved aside, a restore into a fresh one brings it back.
 #[test]
@@ -1414,22 +1415,33 @@ fn backups_are_taken_while_serving_and_a_restore_brings_back_a_deleted_site_or_a
     assert!(ok, "{err}");
     assert!(out.contains("is whole"), "{out}");
 
-    // The mistake, then the controller stopped and the backup restored.
-    let (status, body) = http(
-        c.addr,
-        "DELETE",
-        &format!("/api/v1/sites/{id}"),
-        Some(&token),
-        None,
-    )
-    .unwrap();
-    assert_eq!(status, 204, "{body}");
-    c.finish(nix::sys::signal::Signal::SIGTERM);
+    // The mistake, undone alone while the controller serves.
+    let delete = || {
+        let (status, body) = http(
+            c.addr,
+            "DELETE",
+            &format!("/api/v1/sites/{id}"),
+            Some(&token),
+            None,
+        )
+        .unwrap();
+        assert_eq!(status, 204, "{body}");
+    };
+    delete();
     let restore = |extra: &[&str]| {
         let mut all = vec!["restore", "--identity", id_arg, "--data-dir", state_arg];
         all.extend_from_slice(extra);
         cli(&home, &all, "")
     };
+    let (ok, out, err) = restore(&["--site", "hq"]);
+    assert!(ok, "{err}");
+    assert!(out.contains(&format!("(id {id})")), "{out}");
+    let path = format!("/api/v1/sites/{id}");
+    let (status, body) = http(c.addr, "GET", &path, Some(&token), None).unwrap();
+    assert_eq!(status, 200, "restored while serving: {body}");
+    // The same mistake again, then the whole backup restored with the controller stopped.
+    delete();
+    c.finish(nix::sys::signal::Signal::SIGTERM);
     let (ok, _, err) = restore(&[]);
     assert!(!ok && err.contains("--replace"), "{err}");
     let (ok, out, err) = restore(&["--replace"]);

@@ -90,7 +90,8 @@ async fn metrics(State(s): State<AppState>, _p: Principal) -> Result<Response, A
     crate::metrics::counter(
         &mut out,
         "patronus_config_generations_followed_total",
-        "Newer configuration generations learnt from other controllers (PostgreSQL), by how: \
+        "Newer configuration generations learnt from other controllers (PostgreSQL) or processes \
+         (SQLite: `patronus restore --site`), by how: \
          announced (NOTIFY) or reread (from the table, after a reconnect or on the periodic check).",
         &[
             ("{how=\"announced\"}".into(), announced as f64),

@@ -82,7 +82,7 @@ fn db(what: impl Into<String>) -> impl FnOnce(sqlx::Error) -> CopyError {
 
 /// A column and how its values travel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Kind {
+pub enum Kind {
     Int,
     Float,
     Text,
@@ -90,7 +90,7 @@ pub(super) enum Kind {
 }
 
 impl Kind {
-    pub(super) fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Kind::Int => "int",
             Kind::Float => "float",

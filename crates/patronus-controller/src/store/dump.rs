@@ -493,3 +493,155 @@ pub fn scan(input: &mut (dyn BufRead + Send)) -> Result<Summary, DumpError> {
         rows,
     })
 }
+
+/// One object of a dump (a site, a policy, a class) and every row that belongs to it: for a
+/// site, the rows of every table with a `site_id` of it (links, prefixes, overlay address, hub,
+/// credentials, history...), each table with its columns, in the dump's (parents first) order.
+#[derive(Debug, Clone)]
+pub struct Object {
+    pub table: String,
+    pub id: i64,
+    pub name: String,
+    #[allow(clippy::type_complexity)]
+    pub rows: Vec<(String, Vec<(String, Kind)>, Vec<Vec<Arg>>)>,
+}
+
+impl Object {
+    /// Leaves out the rows of `table`.
+    pub fn without(&mut self, table: &str) {
+        self.rows.retain(|(t, _, _)| t != table);
+    }
+}
+
+impl Object {
+    /// The values of column `col` in the rows of `table` it holds.
+    pub fn column(&self, table: &str, col: &str) -> Vec<Arg> {
+        self.rows
+            .iter()
+            .filter(|(t, _, _)| t == table)
+            .flat_map(|(_, cols, rows)| {
+                let i = cols.iter().position(|(n, _)| n == col);
+                rows.iter().filter_map(move |r| i.map(|i| r[i].clone()))
+            })
+            .collect()
+    }
+}
+
+/// Reads a whole dump (every line, so that its hash can be checked after) and takes out of it
+/// the row of `table` whose `name` is `name`, with what belongs to it when `table` is `sites`.
+/// Returns the dump's schema version and the object, if the dump holds it.
+pub fn extract(
+    input: &mut (dyn BufRead + Send),
+    table: &str,
+    name: &str,
+) -> Result<(i64, Option<Object>), DumpError> {
+    let mut lines = Lines {
+        input,
+        line: 0,
+        buf: String::new(),
+    };
+    let (schema_version, _, _) = header(&mut lines)?;
+    let mut found: Option<Object> = None;
+    let mut total = 0;
+    // The table being read: its name, columns, and the column that picks rows (`name` in
+    // `table`, `site_id` in a site's other tables).
+    let mut current: Option<(String, Vec<(String, Kind)>, Option<usize>)> = None;
+    loop {
+        let v = lines.next()?.ok_or(DumpError::Truncated { rows: total })?;
+        match (&current, v) {
+            (Some((t, cols, pick)), serde_json::Value::Array(values)) => {
+                total += 1;
+                let Some(i) = pick else { continue };
+                let hit = if t == table {
+                    values.get(*i).and_then(|v| v.as_str()) == Some(name)
+                } else {
+                    let id = found.as_ref().map(|o| o.id);
+                    id.is_some() && values.get(*i).and_then(|v| v.as_i64()) == id
+                };
+                if !hit {
+                    continue;
+                }
+                let row = values
+                    .into_iter()
+                    .zip(cols)
+                    .map(|(v, (n, k))| from_json(v, *k).map_err(|e| format!("{n}: {e}")))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| lines.bad(format!("{t}.{e}")))?;
+                if t == table {
+                    let id_at = cols.iter().position(|(n, _)| n == "id");
+                    let Some(Arg::I64(Some(id))) = id_at.map(|i| row[i].clone()) else {
+                        return Err(lines.bad(format!("a row of {t} without an id")));
+                    };
+                    found = Some(Object {
+                        table: t.clone(),
+                        id,
+                        name: name.to_owned(),
+                        rows: Vec::new(),
+                    });
+                }
+                if let Some(o) = &mut found {
+                    match o.rows.last_mut() {
+                        Some((lt, _, rows)) if lt == t => rows.push(row),
+                        _ => o.rows.push((t.clone(), cols.clone(), vec![row])),
+                    }
+                }
+            }
+            (Some(_), _) => current = None,
+            (None, v) if v["end_of_dump"] == true => break,
+            (None, v) => {
+                let t = v["table"]
+                    .as_str()
+                    .ok_or_else(|| lines.bad(format!("expected a table, found {v}")))?
+                    .to_owned();
+                let cols: Vec<(String, Kind)> = v["columns"]
+                    .as_array()
+                    .ok_or_else(|| lines.bad("no columns"))?
+                    .iter()
+                    .map(|c| Some((c[0].as_str()?.to_owned(), Kind::parse(c[1].as_str()?)?)))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| lines.bad(format!("bad columns of {t}")))?;
+                let pick = if t == table {
+                    cols.iter().position(|(n, _)| n == "name")
+                } else if table == "sites" {
+                    cols.iter().position(|(n, _)| n == "site_id")
+                } else {
+                    None
+                };
+                current = Some((t, cols, pick));
+            }
+        }
+    }
+    while lines.next()?.is_some() {}
+    Ok((schema_version, found))
+}
+
+/// The id of the row of `table` whose `column` is `value`, if there is one (read in `tx`);
+/// `id` names the id column (`site_id` in a table of sites' parts).
+pub async fn taken(
+    tx: &mut super::Tx,
+    table: &str,
+    id: &str,
+    column: &str,
+    value: Arg,
+) -> Result<Option<i64>, sqlx::Error> {
+    query_scalar(&format!(
+        "SELECT {id} FROM {table} WHERE {column} = ? LIMIT 1"
+    ))
+    .bind(value)
+    .fetch_optional(&mut **tx)
+    .await
+}
+
+/// Writes every row of `o` (ids kept: the database never gives an id twice, so they are
+/// free).
+pub async fn insert_object(tx: &mut super::Tx, o: &Object) -> Result<(), sqlx::Error> {
+    for (table, cols, rows) in &o.rows {
+        let names = cols
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        write_values(tx, table, &names, cols.len(), rows).await?;
+    }
+    Ok(())
+}

@@ -498,6 +498,9 @@ impl Store {
                 .map_err(db("listening for configuration changes"))?;
             tokio::spawn(follow_generation(store.clone(), pool.clone(), listener));
         }
+        if let Pool::Sqlite(pool) = &store.pool {
+            tokio::spawn(reread_generation(store.clone(), pool.clone()));
+        }
         Ok(store)
     }
 
@@ -1111,6 +1114,25 @@ async fn follow_generation(store: Store, pool: PgPool, mut listener: sqlx::postg
                     reread = false;
                 }
                 Err(e) => tracing::warn!(error = %e, "reading the configuration generation"),
+            }
+        }
+    }
+}
+
+/// SQLite: a write by another process on the file (`patronus restore --site`, say) bumps the
+/// generation without this process knowing; it is read every few seconds, so the edges
+/// waiting here get the change. Stops when the pool is closed.
+async fn reread_generation(store: Store, pool: SqlitePool) {
+    let mut recheck = tokio::time::interval(GENERATION_RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !pool.is_closed() {
+        recheck.tick().await;
+        if pool.is_closed() {
+            break;
+        }
+        if let Ok(g) = store.stored_generation().await {
+            if store.generation_seen(g) {
+                store.followed(1);
             }
         }
     }

@@ -488,3 +488,187 @@ async fn one_controller_of_two_takes_each_scheduled_backup_and_a_failure_is_told
     );
     run.abort();
 }
+
+/// An operator's mistakes undone one object at a time, while the rest of the day's changes
+/// stay: the enrolled site hq deleted (its edge's credential works again once it is back, its
+/// links keep their ids, so its paths and history are what they were; its overlay address,
+/// given to a new site meanwhile, is replaced by a free one), b2 deleted and its LAN
+/// prefix taken by a new site (refused, naming the overlap), a policy deleted and its order
+/// taken (refused, then restored once the order is free). Each restore is audited and tells
+/// the edges (`config.changed`); one that finds the object still there, or no such object in
+/// the backup, changes nothing.
+#[tokio::test]
+async fn one_deleted_site_or_policy_comes_back_from_a_backup_as_an_api_write_would() {
+    use backup::ObjectKind::{Policy, Site};
+    let a = api().await;
+    let t = a.admin().await;
+    let ids = sites(&a, &t, &["hq", "b1", "b2"]).await;
+    let cred = enrolled(&a, &t, ids[0], 5).await;
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/policies",
+            Some(&t),
+            Some(voice("voice", 10, "realtime")),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    let voice_id = r.body["id"].as_i64().unwrap();
+    let hq_before = a
+        .call(
+            Method::GET,
+            &format!("/api/v1/sites/{}", ids[0]),
+            Some(&t),
+            None,
+        )
+        .await
+        .body;
+    let store = &a.state.store;
+    let work = tempfile::tempdir().unwrap();
+    let (recipients, keys_, _) = keys(work.path());
+    let dir = work.path().join("backups");
+    let m = backup::create(store, &dir, &recipients).await.unwrap();
+
+    // The afternoon's changes: two sites and a policy deleted, b2's prefix given to a new
+    // site, voice's order to a new policy.
+    for path in [
+        format!("/api/v1/sites/{}", ids[0]),
+        format!("/api/v1/sites/{}", ids[2]),
+        format!("/api/v1/policies/{voice_id}"),
+    ] {
+        let r = a.call(Method::DELETE, &path, Some(&t), None).await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
+    }
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/sites",
+            Some(&t),
+            Some(site("b9", &["10.3.0.0/16"])),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    // The lowest overlay address free was hq's.
+    let b9_overlay = r.body["overlay_address"].clone();
+    assert_eq!(b9_overlay, hq_before["overlay_address"]);
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/policies",
+            Some(&t),
+            Some(voice("video", 10, "realtime")),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    let video_id = r.body["id"].as_i64().unwrap();
+    let r = a
+        .call(Method::GET, "/api/v1/edge/config", Some(&cred), None)
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::UNAUTHORIZED,
+        "the deleted site's credential"
+    );
+    let audit_rows = || async {
+        a.call(Method::GET, "/api/v1/audit?limit=200", Some(&t), None)
+            .await
+            .body["total"]
+            .as_i64()
+            .unwrap()
+    };
+    let generation = || a.state.store.generation();
+
+    // hq comes back, as it was, and its edge is in again with its credential.
+    let (g0, n0) = (generation(), audit_rows().await);
+    let r = backup::restore_object(store, &dir, &m, &keys_, Site, "hq", &actor())
+        .await
+        .unwrap();
+    assert_eq!(r.id, ids[0]);
+    assert!(generation() > g0, "the edges are told");
+    assert_eq!(audit_rows().await, n0 + 1);
+    let hq = a
+        .call(
+            Method::GET,
+            &format!("/api/v1/sites/{}", ids[0]),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(hq.status, StatusCode::OK, "{hq:?}");
+    for k in ["name", "links", "lan_prefixes", "public_key"] {
+        assert_eq!(hq.body[k], hq_before[k], "{k}");
+    }
+    // Its overlay address went to b9 meanwhile: hq is given another.
+    assert!(hq.body["overlay_address"].is_string());
+    assert_ne!(hq.body["overlay_address"], b9_overlay);
+    let r = a
+        .call(Method::GET, "/api/v1/edge/config", Some(&cred), None)
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "the edge's credential works again: {r:?}"
+    );
+    let r = a
+        .call(
+            Method::GET,
+            "/api/v1/audit?action=site.restore",
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(r.body["total"], 1, "{r:?}");
+
+    // Again: it is there, nothing to do. A name the backup does not hold: not found.
+    let (g1, n1) = (generation(), audit_rows().await);
+    let e = backup::restore_object(store, &dir, &m, &keys_, Site, "hq", &actor())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("is in the database"), "{e}");
+    let e = backup::restore_object(store, &dir, &m, &keys_, Site, "nowhere", &actor())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("site \"nowhere\""), "{e}");
+    // b2's prefix belongs to b9 now.
+    let e = backup::restore_object(store, &dir, &m, &keys_, Site, "b2", &actor())
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("overlaps 10.3.0.0/16 of site b9"),
+        "{e}"
+    );
+    // voice's order is video's.
+    let e = backup::restore_object(store, &dir, &m, &keys_, Policy, "voice", &actor())
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains(&format!("policy {video_id}'s now")),
+        "{e}"
+    );
+    assert_eq!(
+        (generation(), audit_rows().await),
+        (g1, n1),
+        "nothing written"
+    );
+    let r = a
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/policies/{video_id}"),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
+    backup::restore_object(store, &dir, &m, &keys_, Policy, "voice", &actor())
+        .await
+        .unwrap();
+    let r = a
+        .call(
+            Method::GET,
+            &format!("/api/v1/policies/{voice_id}"),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+}
