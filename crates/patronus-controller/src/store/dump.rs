@@ -494,6 +494,9 @@ pub fn scan(input: &mut (dyn BufRead + Send)) -> Result<Summary, DumpError> {
     })
 }
 
+/// A table's columns, in the dump's order, with how each travels.
+pub type Columns = Vec<(String, Kind)>;
+
 /// One object of a dump (a site, a policy, a class) and every row that belongs to it: for a
 /// site, the rows of every table with a `site_id` of it (links, prefixes, overlay address, hub,
 /// credentials, history...), each table with its columns, in the dump's (parents first) order.
@@ -502,8 +505,8 @@ pub struct Object {
     pub table: String,
     pub id: i64,
     pub name: String,
-    #[allow(clippy::type_complexity)]
-    pub rows: Vec<(String, Vec<(String, Kind)>, Vec<Vec<Arg>>)>,
+    /// Per table: its name, its columns and the object's rows.
+    pub rows: Vec<(String, Columns, Vec<Vec<Arg>>)>,
 }
 
 impl Object {
@@ -545,7 +548,7 @@ pub fn extract(
     let mut total = 0;
     // The table being read: its name, columns, and the column that picks rows (`name` in
     // `table`, `site_id` in a site's other tables).
-    let mut current: Option<(String, Vec<(String, Kind)>, Option<usize>)> = None;
+    let mut current: Option<(String, Columns, Option<usize>)> = None;
     loop {
         let v = lines.next()?.ok_or(DumpError::Truncated { rows: total })?;
         match (&current, v) {
