@@ -323,6 +323,15 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
             s.backend,
             s.schema_version
         );
+        if !config.jwt_key_file.exists() {
+            // A backup holds no signing key: whoever can read one could forge tokens else.
+            eprintln!(
+                "{} is missing: put back the signing key kept with your identity, or start the \
+                 controller once with PATRONUS_REPLACE_SIGNING_KEY=1 (every session ends; \
+                 users log in again)",
+                config.jwt_key_file.display()
+            );
+        }
         anyhow::Ok(())
     })
 }
