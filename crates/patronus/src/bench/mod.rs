@@ -8,6 +8,7 @@ use std::io::Write;
 use clap::Subcommand;
 
 mod api_cost;
+mod backup;
 mod failover;
 mod mesh;
 mod path_select;
@@ -39,6 +40,9 @@ pub enum Bench {
     /// A real controller with N sites: what one API request (create a site, a page of sites, a
     /// page of paths, one path) costs at each size, and the ratio between sizes.
     ApiCost(api_cost::Args),
+    /// A backup of a controller with N sites and a week of telemetry: its time, size,
+    /// verification and restore, and the API's reads before and during it.
+    Backup(backup::Args),
 }
 
 pub fn run(b: Bench) -> anyhow::Result<()> {
@@ -50,6 +54,7 @@ pub fn run(b: Bench) -> anyhow::Result<()> {
         Bench::Mesh(args) => with_summary(mesh::run(&args)?, mesh::summary),
         Bench::Push(args) => with_summary(push::run(&args)?, push::summary),
         Bench::ApiCost(args) => with_summary(api_cost::run(&args)?, api_cost::summary),
+        Bench::Backup(args) => with_summary(backup::run(&args)?, backup::summary),
     };
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, &report)?;

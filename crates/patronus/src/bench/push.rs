@@ -226,6 +226,11 @@ impl BenchController {
             .to_owned())
     }
 
+    /// The controller's store.
+    pub(super) fn store(&self) -> &patronus_controller::store::Store {
+        &self.state.store
+    }
+
     /// Configuration long polls this controller holds now (`patronus_edge_config_long_polls`).
     pub(super) fn long_polls(&self) -> usize {
         self.state
