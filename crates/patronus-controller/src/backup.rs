@@ -56,7 +56,7 @@ pub enum BackupError {
     Corrupt { name: String, message: String },
     #[error("{path}: not a backup manifest: {message}")]
     Manifest { path: PathBuf, message: String },
-    #[error("no backup {0} in the directory")]
+    #[error("not found: {0}")]
     NotFound(String),
     #[error("{0}")]
     Scratch(String),
@@ -100,10 +100,20 @@ pub fn recipients(list: &[String]) -> Result<Vec<age::x25519::Recipient>, Backup
     }
     list.iter()
         .map(|r| {
-            age::x25519::Recipient::from_str(r.trim())
-                .map_err(|_| BackupError::Recipient(r.clone()))
+            age::x25519::Recipient::from_str(r.trim()).map_err(|_| {
+                BackupError::Recipient(if looks_secret(r) {
+                    "an age identity (a secret key: keep it off the controller)".into()
+                } else {
+                    r.clone()
+                })
+            })
         })
         .collect()
+}
+
+/// Whether `s` looks like an age identity (which must never be echoed).
+pub fn looks_secret(s: &str) -> bool {
+    s.trim().to_ascii_uppercase().starts_with("AGE-SECRET-KEY-")
 }
 
 /// Reads the age identities (`AGE-SECRET-KEY-1…`, one per line; `#` comments, as
@@ -251,7 +261,26 @@ pub async fn create(
             .map_err(io(dir))?;
     }
     let started = std::time::Instant::now();
-    let tmp = dir.join(format!(".creating-{}.age", std::process::id()));
+    let tmp = dir.join(format!(
+        ".creating-{}-{}.age",
+        std::process::id(),
+        crate::store::now_ms()
+    ));
+    let written = write_backup(store, dir, &tmp, recipients, started).await;
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+async fn write_backup(
+    store: &Store,
+    dir: &Path,
+    tmp: &Path,
+    recipients: &[age::x25519::Recipient],
+    started: std::time::Instant,
+) -> Result<Manifest, BackupError> {
+    let tmp = tmp.to_path_buf();
     let file = private_file(&tmp)?;
     let cipher = Hashing::new(std::io::BufWriter::with_capacity(1 << 16, file));
     let cipher_hash = cipher.hash.clone();
@@ -261,14 +290,7 @@ pub async fn create(
     let stream = encryptor.wrap_output(cipher).map_err(io(&tmp))?;
     let mut plain = Hashing::new(std::io::BufWriter::with_capacity(1 << 16, stream));
     let plain_hash = plain.hash.clone();
-    let dumped = dump::dump(store, &mut plain).await;
-    let summary = match dumped {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e.into());
-        }
-    };
+    let summary = dump::dump(store, &mut plain).await?;
     let stream = plain.inner.into_inner().map_err(|e| BackupError::Io {
         path: tmp.clone(),
         error: e.into_error(),
@@ -282,6 +304,8 @@ pub async fn create(
     let name = name_of(summary.created_ms);
     let path = dir.join(format!("{name}.age"));
     std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    // The backup's name is durable before its manifest is written.
+    sync_dir(dir);
     let (plaintext_sha256, plaintext_bytes) = digest(&plain_hash);
     let (ciphertext_sha256, ciphertext_bytes) = digest(&cipher_hash);
     let manifest = Manifest {
@@ -331,7 +355,12 @@ pub fn list(dir: &Path) -> Result<Vec<Manifest>, BackupError> {
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with("patronus-"));
         if is_manifest {
-            out.push(read_manifest(&path)?);
+            // One unreadable manifest (or one whose name is not its file's) neither stops the
+            // others from being listed nor gets anything deleted: it is left alone, and said.
+            match read_manifest(&path) {
+                Ok(m) => out.push(m),
+                Err(e) => tracing::warn!(error = %e, "not a backup; left alone"),
+            }
         }
     }
     out.sort_by(|a, b| a.created_ms.cmp(&b.created_ms).then(a.name.cmp(&b.name)));
@@ -348,6 +377,16 @@ fn read_manifest(path: &Path) -> Result<Manifest, BackupError> {
         return Err(BackupError::Manifest {
             path: path.to_owned(),
             message: format!("format {} version {}", m.format, m.version),
+        });
+    }
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default();
+    if m.name != stem {
+        return Err(BackupError::Manifest {
+            path: path.to_owned(),
+            message: format!("it names backup {:?}, not {stem:?}", m.name),
         });
     }
     Ok(m)
@@ -370,9 +409,13 @@ pub fn pick(
     };
     found.ok_or_else(|| {
         BackupError::NotFound(match (name, before_ms) {
-            (Some(n), _) => n.to_owned(),
-            (None, Some(t)) => format!("taken at or before {}", name_of(t)),
-            (None, None) => format!("at all ({})", dir.display()),
+            (Some(n), _) => format!("backup {n} in {}", dir.display()),
+            (None, Some(t)) => format!(
+                "a backup taken at or before {} in {}",
+                name_of(t),
+                dir.display()
+            ),
+            (None, None) => format!("a backup in {}", dir.display()),
         })
     })
 }
@@ -481,8 +524,21 @@ pub async fn verify(
         });
     }
     let (mut reader, check) = open(dir, m, ids)?;
-    let tmp = scratch.join(format!(".verify-{}-{}", std::process::id(), m.name));
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    // Decrypted data: in a directory only this user reads, removed after (keep `scratch` off
+    // the backup directory, which may be synced elsewhere).
+    let tmp = scratch.join(format!(
+        ".patronus-verify-{}-{}",
+        std::process::id(),
+        m.name
+    ));
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&tmp)
+            .map_err(io(&tmp))?;
+    }
     let result = async {
         let db = crate::store::Database::Sqlite(tmp.join("scratch.db"));
         let store = Store::connect(&db)
@@ -654,9 +710,24 @@ pub async fn restore_object(
                 .map_err(db)?
             {
                 return Err(conflict(format!(
-                    "its order ({ord:?}) is policy {other}'s now: move that one first"
+                    "its order ({}) is policy {other}'s now: move that one first",
+                    match ord {
+                        Arg::I64(Some(n)) => n.to_string(),
+                        other => format!("{other:?}"),
+                    }
                 )));
             }
+        }
+        // As the API checks a new policy: its classes must exist now, and so on.
+        for spec in o.column("policies", "spec") {
+            let Arg::Text(Some(spec)) = spec else {
+                return Err(conflict("the backup's policy has no spec".into()));
+            };
+            let policy: patronus_api::Policy = serde_json::from_str(&spec)
+                .map_err(|e| conflict(format!("the backup's policy does not parse: {e}")))?;
+            crate::routes::policies::check_policy(&mut tx, &policy, None)
+                .await
+                .map_err(|e| conflict(e.message))?;
         }
     }
     if kind == ObjectKind::Site {
@@ -690,7 +761,7 @@ pub async fn restore_object(
     if readdress {
         o.without("overlay_addresses");
     }
-    dump::insert_object(&mut tx, &o).await.map_err(db)?;
+    dump::insert_object(&mut tx, store.backend(), &o).await?;
     if readdress {
         crate::routes::topology::allocate(&mut tx, o.id)
             .await
@@ -912,7 +983,12 @@ pub async fn schedule_every(state: crate::AppState, look_every: std::time::Durat
         let taken = tokio::task::spawn_blocking(move || {
             handle.block_on(async {
                 let m = create(&store, &dir, &rs).await?;
-                let pruned = prune(&dir, &retention)?;
+                // A prune that fails leaves the backup taken: it is said, not counted as a
+                // failed backup (that would take another every 5 minutes).
+                let pruned = prune(&dir, &retention).unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "old backups not pruned");
+                    Vec::new()
+                });
                 Ok::<_, BackupError>((m, pruned))
             })
         })

@@ -340,9 +340,14 @@ impl Config {
         ) {
             for (i, r) in v.iter().enumerate() {
                 if crate::backup::recipients(std::slice::from_ref(r)).is_err() {
+                    let what = if crate::backup::looks_secret(r) {
+                        "an age identity (a secret key: keep it off the controller)".to_owned()
+                    } else {
+                        format!("{r:?}")
+                    };
                     errors.push(
                         format!("{}[{i}]", source_of(&values, "backup_recipients")),
-                        format!("{r:?} is not an age X25519 recipient (age1…)"),
+                        format!("{what} is not an age X25519 recipient (age1…)"),
                     );
                 }
             }

@@ -185,7 +185,7 @@ pub fn run(args: BackupArgs) -> anyhow::Result<()> {
             let dir = dir_of(dir);
             let m = backup::pick(&dir, name.as_deref(), None)?;
             let ids = backup::identities(&identity)?;
-            let v = runtime()?.block_on(backup::verify(&dir, &m, &ids, &dir))?;
+            let v = runtime()?.block_on(backup::verify(&dir, &m, &ids, &std::env::temp_dir()))?;
             outln!(
                 "backup {} is whole: hashes match, it decrypts, and restored into a scratch \
                  database it holds {} rows (integrity: {})",
@@ -339,7 +339,10 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
 /// RFC 3339 UTC (`2026-12-01T17:00:00Z`) or unix seconds, as unix ms.
 fn parse_time(s: &str) -> anyhow::Result<i64> {
     if let Ok(secs) = s.parse::<i64>() {
-        return Ok(secs * 1000);
+        return secs
+            .checked_mul(1000)
+            .filter(|ms| *ms >= 0)
+            .ok_or_else(|| anyhow::anyhow!("--before {s}: out of range"));
     }
     let bad = || {
         anyhow::anyhow!("--before {s:?}: give RFC 3339 UTC (2026-12-01T17:00:00Z) or unix seconds")
@@ -359,6 +362,13 @@ fn parse_time(s: &str) -> anyhow::Result<i64> {
     let ([y, mo, da], [h, mi, se]) = (d.as_slice(), t.as_slice()) else {
         return Err(bad());
     };
+    let ok = (1970..=9999).contains(y)
+        && (1..=12).contains(mo)
+        && (1..=31).contains(da)
+        && (0..=23).contains(h)
+        && (0..=59).contains(mi)
+        && (0..=60).contains(se);
+    anyhow::ensure!(ok, "{}", bad());
     // Days from civil (the inverse of `backup::civil`).
     let (y, mo) = if *mo <= 2 {
         (y - 1, mo + 9)
@@ -387,5 +397,8 @@ mod tests {
         assert_eq!(super::parse_time("1970-01-01T00:00:00Z").unwrap(), 0);
         assert!(super::parse_time("yesterday").is_err());
         assert!(super::parse_time("2026-12-02 12:37").is_err());
+        assert!(super::parse_time("2026-13-02T12:17:29Z").is_err());
+        assert!(super::parse_time("2026-12-02T25:17:29Z").is_err());
+        assert!(super::parse_time("9223372036854775807").is_err());
     }
 }

@@ -110,7 +110,11 @@ async fn show_policy(
 
 /// Validation against the classes, and uniqueness of name and order against the other
 /// policies (409 naming the one in the way).
-async fn check_policy(conn: &mut Conn, policy: &Policy, id: Option<i64>) -> Result<(), ApiError> {
+pub(crate) async fn check_policy(
+    conn: &mut Conn,
+    policy: &Policy,
+    id: Option<i64>,
+) -> Result<(), ApiError> {
     let classes: Vec<SlaClass> = CLASSES
         .all(&mut *conn)
         .await?

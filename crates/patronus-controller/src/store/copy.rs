@@ -214,13 +214,16 @@ pub(super) async fn ids_given(
     query_scalar(sql).bind(name).fetch_one(conn).await
 }
 
-/// Moves `table`'s next id past `given` and past every id it holds.
+/// Moves `table`'s next id past `given`, past every id it holds and past every id it gave
+/// already (never back: an id given once is never given again).
 pub(super) async fn set_ids_given(
     tx: &mut Tx,
     backend: &str,
     table: &str,
     given: i64,
 ) -> Result<(), sqlx::Error> {
+    let before = ids_given(&mut **tx, backend, table).await?;
+    let given = given.max(before);
     if backend == "postgres" {
         query_scalar::<i64>(&format!(
             "SELECT setval(pg_get_serial_sequence('{table}', 'id'),

@@ -324,6 +324,13 @@ pub async fn load(
     if !replace && (users > 0 || sites > 0) {
         return Err(DumpError::TargetInUse { users, sites });
     }
+    // The generation only moves forward: controllers still running, and edges, compare it
+    // with what they hold, and one from an older backup would look like no change.
+    let generation_before: i64 =
+        query_scalar("SELECT COALESCE(MAX(generation), 0) FROM config_generation")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db("reading the configuration generation"))?;
     for (table, _) in TABLES.iter().rev() {
         query(&format!("DELETE FROM {table}"))
             .execute(&mut *tx)
@@ -347,20 +354,7 @@ pub async fn load(
             })
             .collect::<Option<_>>()
             .ok_or_else(|| lines.bad(format!("bad columns of {table}")))?;
-        // The same columns on both sides (by name: their order may differ by backend).
-        let here = columns(&mut *tx, backend, table)
-            .await
-            .map_err(db(format!("reading {table}'s columns")))?;
-        let mut a: Vec<&str> = cols.iter().map(|(n, _)| n.as_str()).collect();
-        let mut b: Vec<&str> = here.iter().map(|(n, _)| n.as_str()).collect();
-        a.sort_unstable();
-        b.sort_unstable();
-        if a != b {
-            return Err(DumpError::Table {
-                table: table.to_string(),
-                message: format!("the dump has columns {a:?}, the database {b:?}"),
-            });
-        }
+        same_columns(&mut tx, backend, table, &cols).await?;
         let names = cols
             .iter()
             .map(|(n, _)| n.as_str())
@@ -430,6 +424,12 @@ pub async fn load(
         return Err(lines.bad("more after the trailer"));
     }
     check().map_err(DumpError::Check)?;
+    query("UPDATE config_generation SET generation = ? WHERE generation < ?")
+        .bind(generation_before)
+        .bind(generation_before)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("moving the configuration generation forward"))?;
     let details = serde_json::json!({
         "from": from,
         "created_ms": created_ms,
@@ -450,6 +450,36 @@ pub async fn load(
         created_ms,
         rows,
     })
+}
+
+/// The dump's columns of `table` must be the database's, by name and kind (their order may
+/// differ by backend): what is written is only ever what the schema has.
+async fn same_columns(
+    tx: &mut super::Tx,
+    backend: &str,
+    table: &str,
+    cols: &Columns,
+) -> Result<(), DumpError> {
+    if !TABLES.iter().any(|(t, _)| *t == table) {
+        return Err(DumpError::Table {
+            table: table.to_owned(),
+            message: "not a table of the controller's".into(),
+        });
+    }
+    let here = columns(&mut **tx, backend, table)
+        .await
+        .map_err(db(format!("reading {table}'s columns")))?;
+    let mut a: Vec<(&str, Kind)> = cols.iter().map(|(n, k)| (n.as_str(), *k)).collect();
+    let mut b: Vec<(&str, Kind)> = here.iter().map(|(n, k)| (n.as_str(), *k)).collect();
+    a.sort_unstable_by_key(|(n, _)| *n);
+    b.sort_unstable_by_key(|(n, _)| *n);
+    if a != b {
+        return Err(DumpError::Table {
+            table: table.to_owned(),
+            message: format!("the dump has columns {a:?}, the database {b:?}"),
+        });
+    }
+    Ok(())
 }
 
 /// Reads a whole dump without loading it: its summary, or why it is not a complete dump.
@@ -554,6 +584,13 @@ pub fn extract(
         match (&current, v) {
             (Some((t, cols, pick)), serde_json::Value::Array(values)) => {
                 total += 1;
+                if values.len() != cols.len() {
+                    return Err(lines.bad(format!(
+                        "{} values in a row of {t}, which has {} columns",
+                        values.len(),
+                        cols.len()
+                    )));
+                }
                 let Some(i) = pick else { continue };
                 let hit = if t == table {
                     values.get(*i).and_then(|v| v.as_str()) == Some(name)
@@ -636,15 +673,26 @@ pub async fn taken(
 }
 
 /// Writes every row of `o` (ids kept: the database never gives an id twice, so they are
-/// free).
-pub async fn insert_object(tx: &mut super::Tx, o: &Object) -> Result<(), sqlx::Error> {
+/// free), once each of its tables is found to be the controller's with the database's
+/// columns; then moves each identity past the ids written.
+pub async fn insert_object(tx: &mut super::Tx, backend: &str, o: &Object) -> Result<(), DumpError> {
+    for (table, cols, _) in &o.rows {
+        same_columns(tx, backend, table, cols).await?;
+    }
     for (table, cols, rows) in &o.rows {
         let names = cols
             .iter()
             .map(|(n, _)| n.as_str())
             .collect::<Vec<_>>()
             .join(", ");
-        write_values(tx, table, &names, cols.len(), rows).await?;
+        write_values(tx, table, &names, cols.len(), rows)
+            .await
+            .map_err(db(format!("writing {table}")))?;
+        if TABLES.iter().any(|(t, id)| t == table && *id) {
+            set_ids_given(tx, backend, table, 0)
+                .await
+                .map_err(db(format!("moving {table}'s ids")))?;
+        }
     }
     Ok(())
 }

@@ -428,24 +428,34 @@ impl Store {
             .max_connections(8)
             .connect_with(opts)
             .await
-            .map_err(|e| match e.as_database_error() {
-                // SQLITE_CORRUPT, SQLITE_NOTADB: the file itself.
-                Some(d) if matches!(d.code().as_deref(), Some("11" | "26")) => {
-                    damaged(d.message().to_owned())
+            .map_err(|e| {
+                if is_corrupt(&e) {
+                    damaged(e.to_string())
+                } else {
+                    StoreError::Db {
+                        what: format!("opening {}", path.display()),
+                        error: e,
+                    }
                 }
-                _ => StoreError::Db {
-                    what: format!("opening {}", path.display()),
-                    error: e,
-                },
             })?;
         // Checked before anything is read or migrated: a damaged file is named, with the way
-        // back, rather than failing later on whatever page a request happens to touch.
+        // back, rather than failing later on whatever page a request happens to touch. Any
+        // other error (locked, I/O) is not called damage.
         let found: Vec<String> = query_scalar("PRAGMA quick_check")
             .fetch_all(&mut *Pooled::Sqlite(
                 pool.acquire().await.map_err(db("opening"))?,
             ))
             .await
-            .map_err(|e| damaged(e.to_string()))?;
+            .map_err(|e| {
+                if is_corrupt(&e) {
+                    damaged(e.to_string())
+                } else {
+                    StoreError::Db {
+                        what: format!("checking {}", path.display()),
+                        error: e,
+                    }
+                }
+            })?;
         if found != ["ok"] {
             pool.close().await;
             return Err(damaged(found.join("; ")));
@@ -1117,6 +1127,15 @@ async fn follow_generation(store: Store, pool: PgPool, mut listener: sqlx::postg
             }
         }
     }
+}
+
+/// SQLite's SQLITE_CORRUPT (11) or SQLITE_NOTADB (26), extended codes included (the
+/// primary code is the low byte).
+fn is_corrupt(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .and_then(|c| c.parse::<i64>().ok())
+        .is_some_and(|c| matches!(c & 0xff, 11 | 26))
 }
 
 /// SQLite: a write by another process on the file (`patronus restore --site`, say) bumps the

@@ -58,8 +58,9 @@ async fn tables_now(store: &Store) -> Tables {
 }
 
 /// `after` holds exactly what `backup` held, but for what a restore adds: its own audit
-/// record and the configuration generation one further.
-fn same_but_the_restore(backup: &Tables, after: &Tables) {
+/// record, and the configuration generation past both the backup's and `before` (what the
+/// database had: it never goes back, or running controllers and edges would miss the change).
+fn same_but_the_restore(backup: &Tables, after: &Tables, before: i64) {
     assert_eq!(
         backup.keys().collect::<Vec<_>>(),
         after.keys().collect::<Vec<_>>()
@@ -77,10 +78,8 @@ fn same_but_the_restore(backup: &Tables, after: &Tables) {
                 assert_eq!(now.len(), rows.len() + 1);
             }
             "config_generation" => {
-                assert_eq!(
-                    now[0]["generation"].as_i64().unwrap(),
-                    rows[0]["generation"].as_i64().unwrap() + 1
-                );
+                let g = now[0]["generation"].as_i64().unwrap();
+                assert_eq!(g, rows[0]["generation"].as_i64().unwrap().max(before) + 1);
             }
             _ => assert_eq!(rows, now, "table {table}"),
         }
@@ -230,10 +229,15 @@ async fn a_backup_restores_what_it_held_here_and_on_the_other_backend_and_age_re
             .is_err_and(|e| e.to_string().contains("--replace")),
         "{refused:?}"
     );
+    let before = store.generation();
     backup::restore(store, &dir, &m, &ids, &actor(), true)
         .await
         .unwrap();
-    same_but_the_restore(&held, &tables_now(store).await);
+    same_but_the_restore(&held, &tables_now(store).await, before);
+    assert!(
+        store.generation() > before,
+        "the generation moved forward, not back"
+    );
     // The restored site answers through the API, and the token of before still works.
     let r = a
         .call(Method::GET, &format!("/api/v1/sites/{b2}"), Some(&t), None)
@@ -242,10 +246,11 @@ async fn a_backup_restores_what_it_held_here_and_on_the_other_backend_and_age_re
 
     // The same backup into a fresh database of the other backend.
     let other = other_backend(work.path()).await;
+    let fresh = other.generation();
     backup::restore(&other, &dir, &m, &ids, &actor(), false)
         .await
         .unwrap();
-    same_but_the_restore(&held, &tables_now(&other).await);
+    same_but_the_restore(&held, &tables_now(&other).await, fresh);
     // A second restore on the same one adds ids past those given: new rows get new ids.
     other.close().await;
 }
@@ -327,7 +332,64 @@ async fn a_damaged_backup_or_a_wrong_identity_is_refused_and_the_database_is_lef
         .await
         .unwrap_err();
     assert!(e.to_string().contains("cut short"), "{e}");
+    // A dump that names a table of its own (a statement hidden in a name): refused by name,
+    // before anything is written.
+    let hostile = text.replacen(
+        &format!("\"schema_version\":{}", v + 1),
+        &format!("\"schema_version\":{v}"),
+        1,
+    );
+    let hostile = hostile.replacen(
+        "\"table\":\"users\"",
+        "\"table\":\"users (id) VALUES (1); DROP TABLE sites; --\"",
+        1,
+    );
+    assert!(hostile.contains("DROP TABLE"));
+    let e = dump::load(store, &mut hostile.as_bytes(), &actor(), true, &|| Ok(()))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("expected table users"), "{e}");
+    // The same kind of name in the part of a dump one site is taken from: refused when it is
+    // written, by the list of the controller's tables, inside a transaction left unfinished.
+    let sneaky = hostile.replacen(
+        "\"table\":\"links\"",
+        "\"table\":\"links (id) VALUES (1); DROP TABLE sites; --\"",
+        1,
+    );
+    let (_, o) = dump::extract(&mut sneaky.as_bytes(), "sites", "hq").unwrap();
+    let o = o.unwrap();
+    assert!(o.rows.iter().any(|(t, _, _)| t.contains("DROP")));
+    let mut tx = store.begin().await.unwrap();
+    let e = dump::insert_object(&mut tx, store.backend(), &o)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("not a table of the controller's"),
+        "{e}"
+    );
+    drop(tx);
     assert_eq!(before, tables_now(store).await, "nothing half-restored");
+
+    // A manifest that is not one, or that names another backup, is left alone: the others
+    // are listed, and prune deletes neither it nor what it names.
+    std::fs::write(dir.join("patronus-broken.json"), b"{").unwrap();
+    let mut alias = m.clone();
+    alias.name = "../elsewhere".into();
+    std::fs::write(
+        dir.join("patronus-alias.json"),
+        serde_json::to_vec(&alias).unwrap(),
+    )
+    .unwrap();
+    let listed = backup::list(&dir).unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(
+        backup::prune(&dir, &Retention::default())
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        dir.join("patronus-broken.json").exists() && dir.join(format!("{}.age", m.name)).exists()
+    );
 }
 
 /// 400 days of hourly backups up to 2026-02-04T23:30Z (a Wednesday), kept 24/7/4/12: the 24
@@ -671,4 +733,51 @@ async fn one_deleted_site_or_policy_comes_back_from_a_backup_as_an_api_write_wou
         )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    // The restores moved no identity back: a site made now gets an id past every one given.
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/sites",
+            Some(&t),
+            Some(site("b10", &["10.9.0.0/16"])),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    assert!(r.body["id"].as_i64().unwrap() > ids[2] + 1, "{r:?}");
+
+    // A policy whose class was deleted since: refused as the API refuses it, nothing written.
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/sla-classes",
+            Some(&t),
+            Some(json!({ "name": "gold", "max_latency_ms": 80 })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    let gold = r.body["id"].as_i64().unwrap();
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/policies",
+            Some(&t),
+            Some(voice("p-gold", 30, "gold")),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    let p_gold = r.body["id"].as_i64().unwrap();
+    let m2 = backup::create(store, &dir, &recipients).await.unwrap();
+    for path in [
+        format!("/api/v1/policies/{p_gold}"),
+        format!("/api/v1/sla-classes/{gold}"),
+    ] {
+        let r = a.call(Method::DELETE, &path, Some(&t), None).await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
+    }
+    let g = generation();
+    let e = backup::restore_object(store, &dir, &m2, &keys_, Policy, "p-gold", &actor())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("gold"), "{e}");
+    assert_eq!(generation(), g, "nothing written");
 }
