@@ -1,7 +1,8 @@
 //! The store's backends at start-up: a PostgreSQL that refuses the connection and a schema
 //! newer than the binary each stop the controller before it serves anything, with one error
 //! that names the problem (and never the database's password); so does a signing key other than
-//! the one the controllers over the database use.
+//! the one the controllers over the database use; so does a damaged SQLite file; and a backup
+//! tool does not migrate an older schema under its controllers.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test with a line number
 
@@ -227,4 +228,32 @@ async fn a_damaged_sqlite_database_is_named_at_start_with_the_restore_command() 
             "{what}: {e}"
         );
     }
+}
+
+/// A tool on a database the controllers own (`patronus backup create`) does not migrate one at
+/// an older schema under them: it refuses, naming both versions.
+#[tokio::test]
+async fn a_backup_tool_refuses_to_migrate_an_older_schema_under_its_controllers() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = Database::Sqlite(dir.path().join("c.db"));
+    let store = Store::connect(&database).await.unwrap();
+    let known = store.schema_version().await.unwrap();
+    patronus_controller::store::db::query("DELETE FROM schema_migrations WHERE version = ?")
+        .bind(known)
+        .execute(&mut *store.conn().await.unwrap())
+        .await
+        .unwrap();
+    store.close().await;
+    let e = Store::connect_existing(&database)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains(&format!(
+            "schema is at version {}, older than this binary's ({known})",
+            known - 1
+        )),
+        "{e}"
+    );
 }

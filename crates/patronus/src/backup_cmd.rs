@@ -244,7 +244,7 @@ async fn open_existing(config: &Config) -> anyhow::Result<Store> {
     if let patronus_controller::config::Database::Sqlite(p) = &config.database {
         anyhow::ensure!(p.exists(), "{}: no such database", p.display());
     }
-    Store::connect(&config.database)
+    Store::connect_existing(&config.database)
         .await
         .with_context(|| format!("opening {}", config.database.display()))
 }

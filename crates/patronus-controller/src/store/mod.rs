@@ -99,6 +99,12 @@ pub enum StoreError {
     )]
     TooNew { found: i64, known: i64 },
     #[error(
+        "the database's schema is at version {found}, older than this binary's ({known}): use \
+         the binary of the controllers that run on it (this one would migrate it under them), \
+         or start this release's controller first"
+    )]
+    TooOld { found: i64, known: i64 },
+    #[error(
         "{path}: the database is damaged ({detail}). Stop every controller, move the file \
          aside (with its -wal and -shm), and restore the latest backup: `patronus restore \
          --identity <age identity file>` (`patronus backup list` shows the backups)"
@@ -401,13 +407,28 @@ impl Store {
     /// served half-way.
     pub async fn connect(database: &Database) -> Result<Self, StoreError> {
         match database {
-            Database::Sqlite(path) => Self::open(path).await,
-            Database::Postgres(url) => Self::open_postgres(url).await,
+            Database::Sqlite(path) => Self::open_with(path, true).await,
+            Database::Postgres(url) => Self::open_postgres(url, true).await,
+        }
+    }
+
+    /// As [`Store::connect`], for tools that work on a database the controllers own
+    /// (`patronus backup create`): one at an older schema than this binary's is not migrated
+    /// under the controllers still running on it, but refused.
+    pub async fn connect_existing(database: &Database) -> Result<Self, StoreError> {
+        match database {
+            Database::Sqlite(path) => Self::open_with(path, false).await,
+            Database::Postgres(url) => Self::open_postgres(url, false).await,
         }
     }
 
     /// Opens (creating on first start: the directory 0700, the file 0600) and migrates.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with(path, true).await
+    }
+
+    /// [`Store::open`]; migrating an older schema only if `migrate`.
+    async fn open_with(path: &Path, migrate: bool) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             create_private_dir(dir)?;
         }
@@ -460,11 +481,11 @@ impl Store {
             pool.close().await;
             return Err(damaged(found.join("; ")));
         }
-        Self::start(Pool::Sqlite(pool)).await
+        Self::start(Pool::Sqlite(pool), migrate).await
     }
 
     /// Connects to the PostgreSQL database at `url` and migrates it.
-    async fn open_postgres(url: &str) -> Result<Self, StoreError> {
+    async fn open_postgres(url: &str, migrate: bool) -> Result<Self, StoreError> {
         let shown = Database::Postgres(url.to_owned()).display();
         let opts: PgConnectOptions = url.parse().map_err(db(format!("parsing {shown}")))?;
         let opts = opts.application_name("patronus-controller");
@@ -482,17 +503,17 @@ impl Store {
             .connect_with(opts)
             .await
             .map_err(db(format!("connecting to {shown}")))?;
-        Self::start(Pool::Pg(pool)).await
+        Self::start(Pool::Pg(pool), migrate).await
     }
 
-    async fn start(pool: Pool) -> Result<Self, StoreError> {
+    async fn start(pool: Pool, migrate: bool) -> Result<Self, StoreError> {
         let mut store = Self {
             pool,
             generation: watch::channel(0).0,
             webhook_wake: std::sync::Arc::new(Notify::new()),
             followed: std::sync::Arc::default(),
         };
-        store.migrate().await?;
+        store.migrate(migrate).await?;
         let g: i64 = query_scalar("SELECT generation FROM config_generation WHERE id = 1")
             .fetch_one(&mut *store.conn().await.map_err(db("connecting"))?)
             .await
@@ -629,7 +650,7 @@ impl Store {
             .await
     }
 
-    async fn migrate(&self) -> Result<(), StoreError> {
+    async fn migrate(&self, older_too: bool) -> Result<(), StoreError> {
         let (migrations, latest) = match self.pool {
             Pool::Sqlite(_) => (schema::SQLITE_MIGRATIONS, schema::SQLITE_MIGRATIONS),
             Pool::Pg(_) => (schema::PG_MIGRATIONS, schema::PG_MIGRATIONS),
@@ -654,6 +675,12 @@ impl Store {
             .map_err(db("reading schema_migrations"))?;
         if applied > known {
             return Err(StoreError::TooNew {
+                found: applied,
+                known,
+            });
+        }
+        if applied < known && applied > 0 && !older_too {
+            return Err(StoreError::TooOld {
                 found: applied,
                 known,
             });
