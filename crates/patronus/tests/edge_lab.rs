@@ -6,7 +6,7 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use patronus_lab::edges::{self, Underlay};
 use patronus_lab::stream::{self, StreamConfig};
@@ -515,8 +515,37 @@ fn a_brownout_moves_realtime_within_a_second_leaves_bulk_and_failback_waits_for_
     .unwrap();
     let b_host = lab.addr("b/h1", false).unwrap();
     edges::wait_for_tunnel(&lab, "a/h1", b_host, Duration::from_secs(15)).unwrap();
-    // Let the estimators see the 10 ms difference.
-    std::thread::sleep(Duration::from_secs(1));
+    // The estimators see the 10 ms difference before the streams start: a's MPLS path is up
+    // and measured at least 10 ms faster than every path over broadband. (A fixed second was
+    // not always enough on a busy machine: voice started on broadband, where it may stay.)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = edge_status(&lab, "a");
+        let paths = status["paths"].as_array().cloned().unwrap_or_default();
+        let rtt = |p: &serde_json::Value| p["rtt_ms"].as_f64();
+        let mpls = paths
+            .iter()
+            .find(|p| p["local_link"] == "mpls" && p["remote_link"] == "mpls");
+        let ready = mpls.is_some_and(|m| {
+            m["state"] == "up"
+                && m["probes_received"].as_u64().unwrap_or(0) >= 10
+                && paths
+                    .iter()
+                    .filter(|p| p["local_link"] == "inet" || p["remote_link"] == "inet")
+                    .all(|p| match (rtt(m), rtt(p)) {
+                        (Some(m), Some(p)) => p >= m + 10.0,
+                        _ => false,
+                    })
+        });
+        if ready {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "estimators not settled: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     let (a_h1, b_h1) = (lab.ns("a/h1").unwrap(), lab.ns("b/h1").unwrap());
     let stream = |port: u16, pps: u32| StreamConfig {
