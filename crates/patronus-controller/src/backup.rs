@@ -457,11 +457,8 @@ fn open(
 > {
     let path = check_ciphertext(dir, m)?;
     let f = std::fs::File::open(&path).map_err(io(&path))?;
-    let decryptor =
-        age::Decryptor::new_buffered(BufReader::new(f)).map_err(|e| BackupError::Corrupt {
-            name: m.name.clone(),
-            message: format!("not an age file: {e}"),
-        })?;
+    let decryptor = age::Decryptor::new_buffered(BufReader::new(f))
+        .map_err(|e| corrupt(m, format!("not an age file: {e}")))?;
     let reader = decryptor
         .decrypt(ids.iter().map(|i| i as &dyn age::Identity))
         .map_err(|e| match e {
@@ -469,10 +466,7 @@ fn open(
                 name: m.name.clone(),
                 recipients: m.recipients.clone(),
             },
-            e => BackupError::Corrupt {
-                name: m.name.clone(),
-                message: e.to_string(),
-            },
+            e => corrupt(m, e),
         })?;
     let plain = Hashing::new(reader);
     let hash = plain.hash.clone();
@@ -501,28 +495,15 @@ pub struct Verified {
 }
 
 /// Checks backup `m` without touching any live database: the ciphertext's hash, decryption
-/// with `ids`, the plaintext's hash, the dump whole, then a restore into a scratch SQLite
-/// database (in a temporary directory of `scratch`) and its integrity check.
+/// with `ids`, then, in one pass, a restore into a scratch SQLite database (in a temporary
+/// directory of `scratch`) that checks the dump whole and the plaintext's hash, its tables
+/// against the manifest, and the database's integrity.
 pub async fn verify(
     dir: &Path,
     m: &Manifest,
     ids: &[age::x25519::Identity],
     scratch: &Path,
 ) -> Result<Verified, BackupError> {
-    let (mut reader, check) = open(dir, m, ids)?;
-    let summary = dump::scan(&mut reader).map_err(|e| corrupt(m, e))?;
-    // Whatever followed the trailer is read too (`scan` stops at the trailer).
-    std::io::copy(&mut reader, &mut std::io::sink()).map_err(|e| corrupt(m, e))?;
-    check().map_err(|message| BackupError::Corrupt {
-        name: m.name.clone(),
-        message,
-    })?;
-    if summary.rows != m.rows || summary.schema_version != m.schema_version {
-        return Err(BackupError::Corrupt {
-            name: m.name.clone(),
-            message: "the dump's tables do not match the manifest".into(),
-        });
-    }
     let (mut reader, check) = open(dir, m, ids)?;
     // Decrypted data: in a directory only this user reads, removed after (keep `scratch` off
     // the backup directory, which may be synced elsewhere).
@@ -550,24 +531,28 @@ pub async fn verify(
             source: "backup verify".into(),
         };
         let loaded = dump::load(&store, &mut reader, &actor, true, &check).await;
-        let integrity = match loaded {
-            Ok(_) => store
+        let checked = match loaded {
+            Ok(summary) => store
                 .integrity_check()
                 .await
+                .map(|integrity| (summary, integrity))
                 .map_err(|e| BackupError::Scratch(format!("integrity check: {e}"))),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(corrupt(m, e)),
         };
         store.close().await;
-        integrity
+        checked
     }
     .await;
     let _ = std::fs::remove_dir_all(&tmp);
-    let integrity = result?;
+    let (summary, integrity) = result?;
+    if summary.rows != m.rows || summary.schema_version != m.schema_version {
+        return Err(corrupt(m, "the dump's tables do not match the manifest"));
+    }
     if integrity != "ok" {
-        return Err(BackupError::Corrupt {
-            name: m.name.clone(),
-            message: format!("restored, the database fails its integrity check: {integrity}"),
-        });
+        return Err(corrupt(
+            m,
+            format!("restored, the database fails its integrity check: {integrity}"),
+        ));
     }
     Ok(Verified {
         name: m.name.clone(),
@@ -649,14 +634,10 @@ pub async fn restore_object(
     actor: &Actor,
 ) -> Result<RestoredObject, BackupError> {
     use crate::store::db::Arg;
-    let refuse = |message: String| BackupError::Corrupt {
-        name: m.name.clone(),
-        message,
-    };
     let (mut reader, check) = open(dir, m, ids)?;
     let (schema, found) =
         dump::extract(&mut reader, kind.table(), name).map_err(|e| corrupt(m, e))?;
-    check().map_err(refuse)?;
+    check().map_err(|message| corrupt(m, message))?;
     let mut o = found.ok_or_else(|| {
         BackupError::NotFound(format!("{} {name:?} in backup {}", kind.word(), m.name))
     })?;
@@ -894,10 +875,7 @@ pub fn plaintext(
     let (mut reader, check) = open(dir, m, ids)?;
     let mut out = Vec::new();
     reader.read_to_end(&mut out).map_err(|e| corrupt(m, e))?;
-    check().map_err(|message| BackupError::Corrupt {
-        name: m.name.clone(),
-        message,
-    })?;
+    check().map_err(|message| corrupt(m, message))?;
     Ok(out)
 }
 

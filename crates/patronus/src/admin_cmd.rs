@@ -329,30 +329,10 @@ fn rfc3339(unix_ms: i64, millis: bool) -> Option<String> {
         return None;
     }
     let secs = unix_ms.div_euclid(1000);
-    let (mut days, day_s) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let leap = |y: i64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-    let year_days = |y: i64| if leap(y) { 366 } else { 365 };
-    let mut year = 1970;
-    while days < 0 {
-        year -= 1;
-        days += year_days(year);
-    }
-    while days >= year_days(year) {
-        days -= year_days(year);
-        year += 1;
-    }
-    let feb = if leap(year) { 29 } else { 28 };
-    let mut month = 1;
-    for len in [31, feb, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31] {
-        if days < len {
-            break;
-        }
-        days -= len;
-        month += 1;
-    }
+    let (days, day_s) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (year, month, day) = patronus_controller::backup::civil(days);
     let time = format!(
-        "{year:04}-{month:02}-{:02}T{:02}:{:02}:{:02}",
-        days + 1,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
         day_s / 3600,
         day_s / 60 % 60,
         day_s % 60

@@ -289,11 +289,7 @@ async fn copy_table(
     identity: bool,
     columns: &[(String, Kind)],
 ) -> Result<i64, CopyError> {
-    let names = columns
-        .iter()
-        .map(|(n, _)| n.as_str())
-        .collect::<Vec<_>>()
-        .join(", ");
+    let names = column_list(columns);
     let id_at = columns.iter().position(|(n, _)| n == "id");
     let mut after = i64::MIN;
     let mut total = 0;
@@ -321,7 +317,7 @@ async fn copy_table(
         if let (true, Some(i), Some(last)) = (identity, id_at, rows.last()) {
             after = last.try_get(i).map_err(db(format!("reading {table}.id")))?;
         }
-        write_rows(dst, table, &names, columns, &rows).await?;
+        write_rows(dst, table, columns, &rows).await?;
         total += rows.len() as i64;
         if !identity || id_at.is_none() {
             break;
@@ -334,7 +330,6 @@ async fn copy_table(
 async fn write_rows(
     dst: &mut Tx,
     table: &'static str,
-    names: &str,
     columns: &[(String, Kind)],
     rows: &[super::Row],
 ) -> Result<(), CopyError> {
@@ -349,20 +344,29 @@ async fn write_rows(
         }
         values.push(row);
     }
-    write_values(dst, table, names, columns.len(), &values)
+    write_values(dst, table, columns, &values)
         .await
         .map_err(db(format!("writing {table} to the target")))
 }
 
-/// Inserts `rows` (each `width` values of the columns `names`) into `table`, [`BATCH`] to a
+/// `columns`' names, as a statement lists them.
+pub(super) fn column_list(columns: &[(String, Kind)]) -> String {
+    columns
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Inserts `rows` (each a value of every one of `columns`) into `table`, [`BATCH`] to a
 /// statement.
 pub(super) async fn write_values(
     dst: &mut Tx,
     table: &str,
-    names: &str,
-    width: usize,
+    columns: &[(String, Kind)],
     rows: &[Vec<Arg>],
 ) -> Result<(), sqlx::Error> {
+    let (names, width) = (column_list(columns), columns.len());
     let one = format!("({})", vec!["?"; width].join(", "));
     for batch in rows.chunks(BATCH) {
         let sql = format!(

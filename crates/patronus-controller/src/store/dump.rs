@@ -20,7 +20,7 @@
 
 use std::io::{BufRead, Write};
 
-use super::copy::{Kind, TABLES, columns, ids_given, set_ids_given, write_values};
+use super::copy::{Kind, TABLES, column_list, columns, ids_given, set_ids_given, write_values};
 use super::db::{Arg, query, query_scalar};
 use super::{Actor, Store};
 
@@ -127,11 +127,7 @@ pub async fn dump(store: &Store, out: &mut (dyn Write + Send)) -> Result<Summary
                 "ids_given": given,
             }),
         )?;
-        let names = cols
-            .iter()
-            .map(|(n, _)| n.as_str())
-            .collect::<Vec<_>>()
-            .join(", ");
+        let names = column_list(&cols);
         let id_at = cols.iter().position(|(n, _)| n == "id");
         let mut after = i64::MIN;
         let mut n = 0i64;
@@ -240,7 +236,48 @@ struct Lines<'a> {
     buf: String,
 }
 
-impl Lines<'_> {
+impl<'a> Lines<'a> {
+    fn new(input: &'a mut (dyn BufRead + Send)) -> Self {
+        Self {
+            input,
+            line: 0,
+            buf: String::new(),
+        }
+    }
+
+    /// A table header's columns (`[[name, kind], ...]`).
+    fn columns(&self, header: &serde_json::Value, table: &str) -> Result<Columns, DumpError> {
+        header["columns"]
+            .as_array()
+            .ok_or_else(|| self.bad("no columns"))?
+            .iter()
+            .map(|c| Some((c[0].as_str()?.to_owned(), Kind::parse(c[1].as_str()?)?)))
+            .collect::<Option<_>>()
+            .ok_or_else(|| self.bad(format!("bad columns of {table}")))
+    }
+
+    /// A row of `table`, one value per column of `cols`.
+    fn row(
+        &self,
+        values: Vec<serde_json::Value>,
+        table: &str,
+        cols: &Columns,
+    ) -> Result<Vec<Arg>, DumpError> {
+        if values.len() != cols.len() {
+            return Err(self.bad(format!(
+                "{} values in a row of {table}, which has {} columns",
+                values.len(),
+                cols.len()
+            )));
+        }
+        values
+            .into_iter()
+            .zip(cols)
+            .map(|(v, (name, kind))| from_json(v, *kind).map_err(|e| format!("{name}: {e}")))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.bad(format!("{table}.{e}")))
+    }
+
     /// The next line as JSON; `None` at the end of the stream.
     fn next(&mut self) -> Result<Option<serde_json::Value>, DumpError> {
         self.buf.clear();
@@ -299,11 +336,7 @@ pub async fn load(
     check: &(dyn Fn() -> Result<(), String> + Sync),
 ) -> Result<Summary, DumpError> {
     let backend = store.backend();
-    let mut lines = Lines {
-        input,
-        line: 0,
-        buf: String::new(),
-    };
+    let mut lines = Lines::new(input);
     let (schema_version, from, created_ms) = header(&mut lines)?;
     let database = store
         .schema_version()
@@ -344,22 +377,8 @@ pub async fn load(
         if t["table"] != *table {
             return Err(lines.bad(format!("expected table {table}, found {t}")));
         }
-        let cols: Vec<(String, Kind)> = t["columns"]
-            .as_array()
-            .ok_or_else(|| lines.bad("no columns"))?
-            .iter()
-            .map(|c| {
-                let name = c[0].as_str()?.to_owned();
-                Some((name, Kind::parse(c[1].as_str()?)?))
-            })
-            .collect::<Option<_>>()
-            .ok_or_else(|| lines.bad(format!("bad columns of {table}")))?;
+        let cols = lines.columns(&t, table)?;
         same_columns(&mut tx, backend, table, &cols).await?;
-        let names = cols
-            .iter()
-            .map(|(n, _)| n.as_str())
-            .collect::<Vec<_>>()
-            .join(", ");
         let mut batch: Vec<Vec<Arg>> = Vec::with_capacity(LOAD_BATCH);
         let mut n = 0i64;
         let end = loop {
@@ -367,31 +386,18 @@ pub async fn load(
             let serde_json::Value::Array(values) = v else {
                 break v;
             };
-            if values.len() != cols.len() {
-                return Err(lines.bad(format!(
-                    "{} values in a row of {table}, which has {} columns",
-                    values.len(),
-                    cols.len()
-                )));
-            }
-            let row = values
-                .into_iter()
-                .zip(&cols)
-                .map(|(v, (name, kind))| from_json(v, *kind).map_err(|e| format!("{name}: {e}")))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| lines.bad(format!("{table}.{e}")))?;
-            batch.push(row);
+            batch.push(lines.row(values, table, &cols)?);
             n += 1;
             total += 1;
             if batch.len() == LOAD_BATCH {
-                write_values(&mut tx, table, &names, cols.len(), &batch)
+                write_values(&mut tx, table, &cols, &batch)
                     .await
                     .map_err(db(format!("writing {table}")))?;
                 batch.clear();
             }
         };
         if !batch.is_empty() {
-            write_values(&mut tx, table, &names, cols.len(), &batch)
+            write_values(&mut tx, table, &cols, &batch)
                 .await
                 .map_err(db(format!("writing {table}")))?;
         }
@@ -482,48 +488,6 @@ async fn same_columns(
     Ok(())
 }
 
-/// Reads a whole dump without loading it: its summary, or why it is not a complete dump.
-pub fn scan(input: &mut (dyn BufRead + Send)) -> Result<Summary, DumpError> {
-    let mut lines = Lines {
-        input,
-        line: 0,
-        buf: String::new(),
-    };
-    let (schema_version, backend, created_ms) = header(&mut lines)?;
-    let mut rows = Vec::new();
-    let mut total = 0;
-    let mut table: Option<(String, i64)> = None;
-    loop {
-        let v = lines.next()?.ok_or(DumpError::Truncated { rows: total })?;
-        match (&mut table, v) {
-            (Some((_, n)), serde_json::Value::Array(_)) => {
-                *n += 1;
-                total += 1;
-            }
-            (Some((t, n)), end) => {
-                if end["end"] != t.as_str() || end["rows"] != *n {
-                    return Err(lines.bad(format!("{t} ends with {end}, after {n} rows")));
-                }
-                rows.push((t.clone(), *n));
-                table = None;
-            }
-            (None, v) if v["end_of_dump"] == true => break,
-            (None, v) => {
-                let t = v["table"]
-                    .as_str()
-                    .ok_or_else(|| lines.bad(format!("expected a table, found {v}")))?;
-                table = Some((t.to_owned(), 0));
-            }
-        }
-    }
-    Ok(Summary {
-        schema_version,
-        backend,
-        created_ms,
-        rows,
-    })
-}
-
 /// A table's columns, in the dump's order, with how each travels.
 pub type Columns = Vec<(String, Kind)>;
 
@@ -568,11 +532,7 @@ pub fn extract(
     table: &str,
     name: &str,
 ) -> Result<(i64, Option<Object>), DumpError> {
-    let mut lines = Lines {
-        input,
-        line: 0,
-        buf: String::new(),
-    };
+    let mut lines = Lines::new(input);
     let (schema_version, _, _) = header(&mut lines)?;
     let mut found: Option<Object> = None;
     let mut total = 0;
@@ -601,12 +561,7 @@ pub fn extract(
                 if !hit {
                     continue;
                 }
-                let row = values
-                    .into_iter()
-                    .zip(cols)
-                    .map(|(v, (n, k))| from_json(v, *k).map_err(|e| format!("{n}: {e}")))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| lines.bad(format!("{t}.{e}")))?;
+                let row = lines.row(values, t, cols)?;
                 if t == table {
                     let id_at = cols.iter().position(|(n, _)| n == "id");
                     let Some(Arg::I64(Some(id))) = id_at.map(|i| row[i].clone()) else {
@@ -633,13 +588,7 @@ pub fn extract(
                     .as_str()
                     .ok_or_else(|| lines.bad(format!("expected a table, found {v}")))?
                     .to_owned();
-                let cols: Vec<(String, Kind)> = v["columns"]
-                    .as_array()
-                    .ok_or_else(|| lines.bad("no columns"))?
-                    .iter()
-                    .map(|c| Some((c[0].as_str()?.to_owned(), Kind::parse(c[1].as_str()?)?)))
-                    .collect::<Option<_>>()
-                    .ok_or_else(|| lines.bad(format!("bad columns of {t}")))?;
+                let cols = lines.columns(&v, &t)?;
                 let pick = if t == table {
                     cols.iter().position(|(n, _)| n == "name")
                 } else if table == "sites" {
@@ -680,12 +629,7 @@ pub async fn insert_object(tx: &mut super::Tx, backend: &str, o: &Object) -> Res
         same_columns(tx, backend, table, cols).await?;
     }
     for (table, cols, rows) in &o.rows {
-        let names = cols
-            .iter()
-            .map(|(n, _)| n.as_str())
-            .collect::<Vec<_>>()
-            .join(", ");
-        write_values(tx, table, &names, cols.len(), rows)
+        write_values(tx, table, cols, rows)
             .await
             .map_err(db(format!("writing {table}")))?;
         if TABLES.iter().any(|(t, id)| t == table && *id) {

@@ -445,38 +445,30 @@ impl Store {
             path: path.to_owned(),
             detail,
         };
+        // Corruption is named as such, with the way back; any other error (locked, I/O) is not.
+        let failed = |what: &str| {
+            let what = format!("{what} {}", path.display());
+            move |e: sqlx::Error| {
+                if is_corrupt(&e) {
+                    damaged(e.to_string())
+                } else {
+                    StoreError::Db { what, error: e }
+                }
+            }
+        };
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .connect_with(opts)
             .await
-            .map_err(|e| {
-                if is_corrupt(&e) {
-                    damaged(e.to_string())
-                } else {
-                    StoreError::Db {
-                        what: format!("opening {}", path.display()),
-                        error: e,
-                    }
-                }
-            })?;
+            .map_err(failed("opening"))?;
         // Checked before anything is read or migrated: a damaged file is named, with the way
-        // back, rather than failing later on whatever page a request happens to touch. Any
-        // other error (locked, I/O) is not called damage.
+        // back, rather than failing later on whatever page a request happens to touch.
         let found: Vec<String> = query_scalar("PRAGMA quick_check")
             .fetch_all(&mut *Pooled::Sqlite(
                 pool.acquire().await.map_err(db("opening"))?,
             ))
             .await
-            .map_err(|e| {
-                if is_corrupt(&e) {
-                    damaged(e.to_string())
-                } else {
-                    StoreError::Db {
-                        what: format!("checking {}", path.display()),
-                        error: e,
-                    }
-                }
-            })?;
+            .map_err(failed("checking"))?;
         if found != ["ok"] {
             pool.close().await;
             return Err(damaged(found.join("; ")));
