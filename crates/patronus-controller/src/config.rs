@@ -72,6 +72,16 @@ pub struct Config {
     /// database), then prunes; `None` (0, the default): only when `patronus backup create` is
     /// run.
     pub backup_interval: Option<Duration>,
+    /// S3-compatible object storage that backups go to (`s3://BUCKET/PREFIX`) instead of
+    /// `backup_dir`, which then only stages each one while it is uploaded. The credentials
+    /// come from the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, optionally
+    /// `AWS_SESSION_TOKEN`), never from this file.
+    pub backup_url: Option<String>,
+    /// The object store's endpoint (`https://…`; `http://` only if given so), for MinIO, Ceph
+    /// and the like; default AWS's for the region.
+    pub backup_s3_endpoint: Option<String>,
+    /// The bucket's region; default `us-east-1`.
+    pub backup_s3_region: String,
 }
 
 impl Default for Config {
@@ -105,6 +115,9 @@ impl Config {
             backup_recipients: Vec::new(),
             backup_retention: crate::backup::Retention::default(),
             backup_interval: None,
+            backup_url: None,
+            backup_s3_endpoint: None,
+            backup_s3_region: "us-east-1".into(),
             data_dir: dir,
         }
     }
@@ -137,6 +150,9 @@ pub const KEYS: &[&str] = &[
     "backup_keep_weekly",
     "backup_keep_monthly",
     "backup_interval_s",
+    "backup_url",
+    "backup_s3_endpoint",
+    "backup_s3_region",
 ];
 
 /// Values given on the command line; `None` leaves the file's or the environment's.
@@ -384,6 +400,25 @@ impl Config {
             } else {
                 c.backup_interval = Some(Duration::from_secs(v));
             }
+        }
+        if let Some(v) = take::<String>(&values, "backup_url", &mut errors) {
+            match crate::backup::object::parse_url(&v) {
+                Ok(_) => c.backup_url = Some(v),
+                Err(e) => errors.push(source_of(&values, "backup_url"), e),
+            }
+        }
+        if let Some(v) = take::<String>(&values, "backup_s3_endpoint", &mut errors) {
+            if v.starts_with("https://") || v.starts_with("http://") {
+                c.backup_s3_endpoint = Some(v);
+            } else {
+                errors.push(
+                    source_of(&values, "backup_s3_endpoint"),
+                    "must be an https:// (or http://) URL",
+                );
+            }
+        }
+        if let Some(v) = take::<String>(&values, "backup_s3_region", &mut errors) {
+            c.backup_s3_region = v;
         }
         if let Some(v) = flags.listen {
             c.listen = v;

@@ -23,7 +23,17 @@ pub async fn prepare(config: Config, env: &[(String, String)]) -> anyhow::Result
     check_signing_key(&store, &config, &key, env).await?;
     bootstrap_admin(&store, &config.data_dir, env).await?;
     let webhook_tls = crate::webhooks::tls_client(&config).map_err(anyhow::Error::msg)?;
-    Ok(AppState::new(config, store, &key, webhook_tls))
+    // A backup destination that cannot work (no credentials for the object store) stops the
+    // start, not the first scheduled backup hours later.
+    let destination = crate::backup::Destination::from_config(&config, env)
+        .context("backup_url (scheduled backups)")?;
+    let state = AppState::new(config, store, &key, webhook_tls);
+    state
+        .backups
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .destination = Some(destination);
+    Ok(state)
 }
 
 /// The signing key must be the one every controller over the database uses: the first to start

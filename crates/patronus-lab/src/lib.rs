@@ -20,6 +20,7 @@ pub mod iperf;
 pub mod lab;
 pub mod netns;
 pub mod postgres;
+pub mod s3;
 pub mod stats;
 pub mod stream;
 pub mod topology;

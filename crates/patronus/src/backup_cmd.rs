@@ -25,7 +25,7 @@ enum BackupCmd {
     /// Take a backup now, while the controller serves: one consistent snapshot of the whole
     /// state, encrypted to the configured recipients, with its manifest.
     Create {
-        /// Into this directory [default: the configured backup_dir].
+        /// Into this directory [default: the configured backup_url, else backup_dir].
         #[arg(long)]
         dir: Option<PathBuf>,
         /// An age recipient (age1…) to encrypt to, instead of the configured
@@ -35,6 +35,7 @@ enum BackupCmd {
     },
     /// The backups in the directory, oldest first.
     List {
+        /// A directory of backups [default: the configured backup_url, else backup_dir].
         #[arg(long)]
         dir: Option<PathBuf>,
         /// `table` or `json`.
@@ -49,12 +50,14 @@ enum BackupCmd {
         /// The age identity file that decrypts it.
         #[arg(long)]
         identity: PathBuf,
+        /// A directory of backups [default: the configured backup_url, else backup_dir].
         #[arg(long)]
         dir: Option<PathBuf>,
     },
     /// Delete the backups the tiered retention does not keep (the newest of each of the last
     /// N hours, days, weeks and months; counts from the configuration unless given).
     Prune {
+        /// A directory of backups [default: the configured backup_url, else backup_dir].
         #[arg(long)]
         dir: Option<PathBuf>,
         #[arg(long)]
@@ -85,6 +88,7 @@ pub struct RestoreArgs {
     /// The age identity file that decrypts it.
     #[arg(long)]
     identity: PathBuf,
+    /// A directory of backups [default: the configured backup_url, else backup_dir].
     #[arg(long)]
     dir: Option<PathBuf>,
     /// Replace what the database holds (required when it holds any user or site). Stop the
@@ -124,10 +128,10 @@ fn actor(what: &str) -> Actor {
 pub fn run(args: BackupArgs) -> anyhow::Result<()> {
     let env: Vec<(String, String)> = std::env::vars().collect();
     let config = args.common.config(&env)?;
-    let dir_of = |d: Option<PathBuf>| d.unwrap_or_else(|| config.backup_dir.clone());
+    let dest_of = |d: Option<PathBuf>| destination(&config, &env, d);
     match args.cmd {
         BackupCmd::Create { dir, recipients } => {
-            let dir = dir_of(dir);
+            let dest = dest_of(dir)?;
             let given = if recipients.is_empty() {
                 config.backup_recipients.clone()
             } else {
@@ -138,14 +142,14 @@ pub fn run(args: BackupArgs) -> anyhow::Result<()> {
             )?;
             let m = runtime()?.block_on(async {
                 let store = open_existing(&config).await?;
-                let m = backup::create(&store, &dir, &recipients).await;
+                let m = dest.create(&store, &recipients).await;
                 store.close().await;
                 anyhow::Ok(m?)
             })?;
             outln!(
                 "backup {} in {}: {} rows, {} bytes encrypted to {} recipient(s), in {} ms",
                 m.name,
-                dir.display(),
+                dest.describe(),
                 m.rows.iter().map(|(_, n)| n).sum::<i64>(),
                 m.ciphertext_bytes,
                 m.recipients.len(),
@@ -154,7 +158,8 @@ pub fn run(args: BackupArgs) -> anyhow::Result<()> {
             Ok(())
         }
         BackupCmd::List { dir, output } => {
-            let all = backup::list(&dir_of(dir))?;
+            let dest = dest_of(dir)?;
+            let all = runtime()?.block_on(dest.list())?;
             if output == "json" {
                 outln!("{}", serde_json::to_string_pretty(&all)?);
             } else {
@@ -182,10 +187,14 @@ pub fn run(args: BackupArgs) -> anyhow::Result<()> {
             identity,
             dir,
         } => {
-            let dir = dir_of(dir);
-            let m = backup::pick(&dir, name.as_deref(), None)?;
+            let dest = dest_of(dir)?;
             let ids = backup::identities(&identity)?;
-            let v = runtime()?.block_on(backup::verify(&dir, &m, &ids, &std::env::temp_dir()))?;
+            let scratch = std::env::temp_dir();
+            let v = runtime()?.block_on(async {
+                let m = dest.pick(name.as_deref(), None).await?;
+                let local = dest.fetch(&m, &scratch).await?;
+                backup::verify(local.dir(), &m, &ids, &scratch).await
+            })?;
             outln!(
                 "backup {} is whole: hashes match, it decrypts, and restored into a scratch \
                  database it holds {} rows (integrity: {})",
@@ -209,12 +218,15 @@ pub fn run(args: BackupArgs) -> anyhow::Result<()> {
                 weekly: keep_weekly.unwrap_or(r.weekly),
                 monthly: keep_monthly.unwrap_or(r.monthly),
             };
-            let dir = dir_of(dir);
-            let gone = backup::prune(&dir, &retention)?;
+            let dest = dest_of(dir)?;
+            let (gone, kept) = runtime()?.block_on(async {
+                let gone = dest.prune(&retention).await?;
+                anyhow::Ok((gone, dest.list().await?.len()))
+            })?;
             for g in &gone {
                 outln!("deleted {g}");
             }
-            outln!("{} deleted, {} kept", gone.len(), backup::list(&dir)?.len());
+            outln!("{} deleted, {} kept", gone.len(), kept);
             Ok(())
         }
         BackupCmd::Keygen { out } => {
@@ -239,6 +251,19 @@ pub fn run(args: BackupArgs) -> anyhow::Result<()> {
     }
 }
 
+/// Where backups are: `--dir` if given, else the configured destination (`backup_url`, or
+/// `backup_dir`).
+fn destination(
+    config: &Config,
+    env: &[(String, String)],
+    dir: Option<PathBuf>,
+) -> anyhow::Result<backup::Destination> {
+    Ok(match dir {
+        Some(d) => backup::Destination::Dir(d),
+        None => backup::Destination::from_config(config, env)?,
+    })
+}
+
 /// The configured database, which must exist (an SQLite file not there would be made empty).
 async fn open_existing(config: &Config) -> anyhow::Result<Store> {
     if let patronus_controller::config::Database::Sqlite(p) = &config.database {
@@ -253,13 +278,17 @@ async fn open_existing(config: &Config) -> anyhow::Result<Store> {
 pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     let env: Vec<(String, String)> = std::env::vars().collect();
     let config = args.common.config(&env)?;
-    let dir = args
-        .dir
-        .clone()
-        .unwrap_or_else(|| config.backup_dir.clone());
+    let dest = destination(&config, &env, args.dir.clone())?;
     let before = args.before.as_deref().map(parse_time).transpose()?;
-    let m: Manifest = backup::pick(&dir, args.name.as_deref(), before)?;
     let ids = backup::identities(&args.identity)?;
+    let scratch = std::env::temp_dir();
+    let rt = runtime()?;
+    let (m, local): (Manifest, _) = rt.block_on(async {
+        let m = dest.pick(args.name.as_deref(), before).await?;
+        let local = dest.fetch(&m, &scratch).await?;
+        anyhow::Ok((m, local))
+    })?;
+    let dir = local.dir();
     let one = [
         (backup::ObjectKind::Site, &args.site),
         (backup::ObjectKind::Policy, &args.policy),
@@ -268,11 +297,11 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     .into_iter()
     .find_map(|(k, n)| n.clone().map(|n| (k, n)));
     if let Some((kind, name)) = one {
-        return runtime()?.block_on(async {
+        return rt.block_on(async {
             let store = open_existing(&config).await?;
             let restored = backup::restore_object(
                 &store,
-                &dir,
+                dir,
                 &m,
                 &ids,
                 kind,
@@ -295,7 +324,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
             anyhow::Ok(())
         });
     }
-    runtime()?.block_on(async {
+    rt.block_on(async {
         if let patronus_controller::config::Database::Sqlite(p) = &config.database {
             patronus_controller::store::create_private_dir(
                 p.parent().unwrap_or(std::path::Path::new(".")),
@@ -306,7 +335,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
             .with_context(|| format!("opening {}", config.database.display()))?;
         let restored = backup::restore(
             &store,
-            &dir,
+            dir,
             &m,
             &ids,
             &actor("patronus restore"),

@@ -23,6 +23,9 @@ use sha2::{Digest, Sha256};
 use crate::store::dump::{self, DumpError, Summary};
 use crate::store::{Actor, Store};
 
+pub mod object;
+pub use object::Destination;
+
 /// The manifest's format name and version.
 pub const FORMAT: &str = "patronus-backup";
 pub const VERSION: i64 = 1;
@@ -62,6 +65,8 @@ pub enum BackupError {
     Scratch(String),
     #[error("{what}: {message}")]
     Conflict { what: String, message: String },
+    #[error("{url}: {message}")]
+    Remote { url: String, message: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
@@ -242,6 +247,16 @@ fn private_file(path: &Path) -> Result<std::fs::File, BackupError> {
         .map_err(io(path))
 }
 
+/// Makes directory `path` (and its parents) if missing, readable by this user only.
+fn private_dir(path: &Path) -> Result<(), BackupError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(io(path))
+}
+
 /// Takes a backup of `store` into directory `dir` (made 0700 if missing), encrypted to
 /// `recipients`; returns its manifest. The store keeps serving meanwhile.
 pub async fn create(
@@ -252,14 +267,7 @@ pub async fn create(
     if recipients.is_empty() {
         return Err(BackupError::NoRecipients);
     }
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(io(dir))?;
-    }
+    private_dir(dir)?;
     let started = std::time::Instant::now();
     let tmp = dir.join(format!(
         ".creating-{}-{}.age",
@@ -369,7 +377,12 @@ pub fn list(dir: &Path) -> Result<Vec<Manifest>, BackupError> {
 
 fn read_manifest(path: &Path) -> Result<Manifest, BackupError> {
     let bytes = std::fs::read(path).map_err(io(path))?;
-    let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| BackupError::Manifest {
+    parse_manifest(&bytes, path)
+}
+
+/// Manifest `bytes`, read from file `path` (whose stem must be the backup's name).
+fn parse_manifest(bytes: &[u8], path: &Path) -> Result<Manifest, BackupError> {
+    let m: Manifest = serde_json::from_slice(bytes).map_err(|e| BackupError::Manifest {
         path: path.to_owned(),
         message: e.to_string(),
     })?;
@@ -399,7 +412,16 @@ pub fn pick(
     name: Option<&str>,
     before_ms: Option<i64>,
 ) -> Result<Manifest, BackupError> {
-    let all = list(dir)?;
+    choose(list(dir)?, name, before_ms, &dir.display().to_string())
+}
+
+/// [`pick`] from `all` (oldest first), found in `place`.
+fn choose(
+    all: Vec<Manifest>,
+    name: Option<&str>,
+    before_ms: Option<i64>,
+    place: &str,
+) -> Result<Manifest, BackupError> {
     let found = match (name, before_ms) {
         (Some(n), _) => all
             .into_iter()
@@ -409,13 +431,9 @@ pub fn pick(
     };
     found.ok_or_else(|| {
         BackupError::NotFound(match (name, before_ms) {
-            (Some(n), _) => format!("backup {n} in {}", dir.display()),
-            (None, Some(t)) => format!(
-                "a backup taken at or before {} in {}",
-                name_of(t),
-                dir.display()
-            ),
-            (None, None) => format!("a backup in {}", dir.display()),
+            (Some(n), _) => format!("backup {n} in {place}"),
+            (None, Some(t)) => format!("a backup taken at or before {} in {place}", name_of(t)),
+            (None, None) => format!("a backup in {place}"),
         })
     })
 }
@@ -512,14 +530,7 @@ pub async fn verify(
         std::process::id(),
         m.name
     ));
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&tmp)
-            .map_err(io(&tmp))?;
-    }
+    private_dir(&tmp)?;
     let result = async {
         let db = crate::store::Database::Sqlite(tmp.join("scratch.db"));
         let store = Store::connect(&db)
@@ -888,6 +899,8 @@ pub struct Status {
     pub failures: u64,
     /// Times it looked whether one was due (taken or not).
     pub looks: u64,
+    /// Where they go (the configuration's, set at start; `backup_dir` if not set).
+    pub destination: Option<Destination>,
 }
 
 /// How long a controller that claimed a scheduled backup holds the claim: if it dies, another
@@ -954,16 +967,24 @@ pub async fn schedule_every(state: crate::AppState, look_every: std::time::Durat
             }
         }
         // Off the runtime's workers: a backup serializes and encrypts the whole database.
-        let (store, dir) = (state.store.clone(), state.config.backup_dir.clone());
+        let store = state.store.clone();
+        let dest = state
+            .backups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .destination
+            .clone()
+            .unwrap_or_else(|| Destination::Dir(state.config.backup_dir.clone()));
+        let place = dest.describe();
         let rs = recipients.clone();
         let retention = state.config.backup_retention;
         let handle = tokio::runtime::Handle::current();
         let taken = tokio::task::spawn_blocking(move || {
             handle.block_on(async {
-                let m = create(&store, &dir, &rs).await?;
+                let m = dest.create(&store, &rs).await?;
                 // A prune that fails leaves the backup taken: it is said, not counted as a
                 // failed backup (that would take another every 5 minutes).
-                let pruned = prune(&dir, &retention).unwrap_or_else(|e| {
+                let pruned = dest.prune(&retention).await.unwrap_or_else(|e| {
                     tracing::error!(error = %e, "old backups not pruned");
                     Vec::new()
                 });
@@ -1001,7 +1022,7 @@ pub async fn schedule_every(state: crate::AppState, look_every: std::time::Durat
                             crate::webhooks::EventKind::BackupFailed,
                             serde_json::json!({
                                 "error": e.to_string(),
-                                "dir": state.config.backup_dir.display().to_string(),
+                                "destination": place,
                             }),
                         )],
                         None,
