@@ -173,14 +173,23 @@ pub struct Claims {
     pub jti: String,
 }
 
-/// Signs and checks access tokens.
+/// Signs and checks access tokens. The key can be replaced while the controller runs
+/// ([`Tokens::replace`], after `patronus controller rotate-secrets`), and the controller can
+/// be told its key is no longer the one every controller uses ([`Tokens::distrust`]): then it
+/// signs nothing and accepts no access token until it has the right key.
 pub struct Tokens {
-    enc: EncodingKey,
-    dec: DecodingKey,
+    keys: std::sync::RwLock<Keys>,
     pub access_ttl: Duration,
     pub refresh_ttl: Duration,
+}
+
+struct Keys {
+    enc: EncodingKey,
+    dec: DecodingKey,
     /// The key's [`key_fingerprint`].
-    pub fingerprint: String,
+    fingerprint: String,
+    /// False once the database records another key as the one (this one was replaced).
+    trusted: bool,
 }
 
 impl std::fmt::Debug for Tokens {
@@ -195,15 +204,38 @@ impl std::fmt::Debug for Tokens {
 impl Tokens {
     pub fn new(key: &[u8], access_ttl: Duration, refresh_ttl: Duration) -> Self {
         Self {
-            fingerprint: key_fingerprint(key),
-            enc: EncodingKey::from_secret(key),
-            dec: DecodingKey::from_secret(key),
+            keys: std::sync::RwLock::new(Keys::of(key)),
             access_ttl,
             refresh_ttl,
         }
     }
 
-    pub fn access(&self, user_id: i64, role: Role, now: i64) -> String {
+    fn keys(&self) -> std::sync::RwLockReadGuard<'_, Keys> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The key's fingerprint ([`key_fingerprint`]).
+    pub fn fingerprint(&self) -> String {
+        self.keys().fingerprint.clone()
+    }
+
+    /// Whether this key is the one every controller uses (as far as last checked).
+    pub fn trusted(&self) -> bool {
+        self.keys().trusted
+    }
+
+    /// Signs with `key` from now on: tokens signed with the one before are refused.
+    pub fn replace(&self, key: &[u8]) {
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Keys::of(key);
+    }
+
+    /// The key was replaced elsewhere: sign nothing and accept nothing until [`Tokens::replace`].
+    pub fn distrust(&self) {
+        self.keys.write().unwrap_or_else(|e| e.into_inner()).trusted = false;
+    }
+
+    /// An access token for `user_id`; `None` while the key is distrusted.
+    pub fn access(&self, user_id: i64, role: Role, now: i64) -> Option<String> {
         let claims = Claims {
             sub: user_id.to_string(),
             role,
@@ -212,8 +244,12 @@ impl Tokens {
             exp: now + self.access_ttl.as_secs() as i64,
             jti: b64url(&random_bytes::<12>()),
         };
+        let keys = self.keys();
         // HS256 over our own claims cannot fail.
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.enc).unwrap_or_default()
+        keys.trusted.then(|| {
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &keys.enc)
+                .unwrap_or_default()
+        })
     }
 
     /// The user id of a valid, unexpired access token.
@@ -221,7 +257,11 @@ impl Tokens {
         let mut v = Validation::new(Algorithm::HS256);
         v.leeway = 0;
         v.set_required_spec_claims(&["exp", "sub"]);
-        let data = jsonwebtoken::decode::<Claims>(token, &self.dec, &v).ok()?;
+        let keys = self.keys();
+        if !keys.trusted {
+            return None;
+        }
+        let data = jsonwebtoken::decode::<Claims>(token, &keys.dec, &v).ok()?;
         if data.claims.typ != "access" {
             return None;
         }
@@ -233,6 +273,17 @@ impl Tokens {
         let token = format!("prt_{}", b64url(&random_bytes::<32>()));
         let hash = sha256(token.as_bytes());
         (token, hash)
+    }
+}
+
+impl Keys {
+    fn of(key: &[u8]) -> Self {
+        Self {
+            enc: EncodingKey::from_secret(key),
+            dec: DecodingKey::from_secret(key),
+            fingerprint: key_fingerprint(key),
+            trusted: true,
+        }
     }
 }
 
@@ -461,18 +512,26 @@ mod tests {
     fn a_refresh_token_or_a_forged_or_expired_token_is_not_an_access_token() {
         let t = Tokens::new(&[7; 32], Duration::from_secs(60), Duration::from_secs(3600));
         let now = crate::store::now_s();
-        let good = t.access(42, Role::Operator, now);
+        let good = t.access(42, Role::Operator, now).unwrap();
         assert_eq!(t.check_access(&good), Some(42));
         let (refresh, _) = Tokens::refresh();
         assert_eq!(t.check_access(&refresh), None);
         let other = Tokens::new(&[8; 32], Duration::from_secs(60), Duration::from_secs(3600));
         assert_eq!(other.check_access(&good), None, "another key");
-        let old = t.access(42, Role::Operator, now - 120);
+        let old = t.access(42, Role::Operator, now - 120).unwrap();
         assert_eq!(t.check_access(&old), None, "expired");
         // alg=none with the same claims.
         let parts: Vec<&str> = good.split('.').collect();
         let none = format!("{}.{}.", b64url(br#"{"alg":"none","typ":"JWT"}"#), parts[1]);
         assert_eq!(t.check_access(&none), None);
+        // Replaced: the old key's tokens are refused; distrusted: nothing is signed or taken.
+        t.replace(&[9; 32]);
+        assert_eq!(t.check_access(&good), None, "signed with the key before");
+        let fresh = t.access(42, Role::Operator, now).unwrap();
+        assert_eq!(t.check_access(&fresh), Some(42));
+        t.distrust();
+        assert_eq!(t.check_access(&fresh), None);
+        assert_eq!(t.access(42, Role::Operator, now), None);
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod error;
 pub mod metrics;
 pub mod presence;
 pub mod routes;
+pub mod secrets;
 pub mod server;
 pub mod store;
 pub mod tls;

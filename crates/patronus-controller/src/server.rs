@@ -69,7 +69,7 @@ async fn check_signing_key(
         ),
         KeyClaim::Replaced => tracing::warn!(
             %fingerprint,
-            "PATRONUS_REPLACE_SIGNING_KEY: this controller's signing key is now the one; access tokens signed with the old one are refused, and a controller still running with it says so every minute until restarted with this key"
+            "PATRONUS_REPLACE_SIGNING_KEY: this controller's signing key is now the one; access tokens signed with the old one are refused; a controller still running with it takes the new key from its jwt_key_file within seconds, and until it has it signs and accepts no token"
         ),
         KeyClaim::Same | KeyClaim::Recorded => {}
     }
@@ -200,10 +200,8 @@ pub async fn serve(
     let store = state.store.clone();
     crate::webhooks::start(&state);
     tokio::spawn(crate::backup::schedule(state.clone()));
-    tokio::spawn(housekeeping(
-        store.clone(),
-        state.tokens.fingerprint.clone(),
-    ));
+    tokio::spawn(housekeeping(store.clone()));
+    tokio::spawn(watch_signing_key(state.clone(), SIGNING_KEY_LOOK));
     let limits = Arc::new(Limits::new(&state.config));
     tracing::info!(
         max_connections = limits.total,
@@ -277,9 +275,8 @@ pub const REFUSED_ATTEMPTS_DAYS: i64 = 90;
 /// What anyone can add to the store without logging in, held to its bound: every minute, rate
 /// buckets full again and failure counts that lock nothing are removed; every hour, refused
 /// attempts beyond what the audit log keeps. (Each is a conditional delete: any number of
-/// controllers can run it.) And every minute, an error if another controller has replaced the
-/// signing key this one signs with (`fingerprint`).
-async fn housekeeping(store: crate::store::Store, fingerprint: String) {
+/// controllers can run it.)
+async fn housekeeping(store: crate::store::Store) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     let mut rounds: u64 = 0;
     loop {
@@ -298,19 +295,6 @@ async fn housekeeping(store: crate::store::Store, fingerprint: String) {
         if let Err(e) = pruned.await {
             tracing::warn!(error = %e, "rate buckets and old login failures not removed");
         }
-        let recorded = match store.conn().await {
-            Ok(mut c) => crate::store::settings::signing_key(&mut c).await,
-            Err(e) => Err(e),
-        };
-        if let Ok(Some(recorded)) = recorded {
-            if recorded != fingerprint {
-                tracing::error!(
-                    ours = %fingerprint,
-                    theirs = %recorded,
-                    "the signing key was replaced (PATRONUS_REPLACE_SIGNING_KEY on another controller): the access tokens this controller issues are refused by the others; restart it with the new jwt_key_file"
-                );
-            }
-        }
         rounds += 1;
         if rounds % 60 != 1 {
             continue;
@@ -326,6 +310,54 @@ async fn housekeeping(store: crate::store::Store, fingerprint: String) {
                 "old refused attempts removed from the audit log"
             ),
             Err(e) => tracing::warn!(error = %e, "refused attempts not trimmed"),
+        }
+    }
+}
+
+/// How often a controller checks that its signing key is still the one recorded.
+const SIGNING_KEY_LOOK: Duration = Duration::from_secs(2);
+
+/// Keeps this controller's signing key the one recorded in the database
+/// (`patronus controller rotate-secrets`, or `PATRONUS_REPLACE_SIGNING_KEY` on another
+/// controller, replaces it there): when the record changes, the controller reads its
+/// `jwt_key_file` again and signs with it if it is the recorded key; if it is not (the new key
+/// has not reached this machine yet), it accepts no access token and signs none (503 on login)
+/// until it is, checking every `every`. Tokens signed with the old key are refused from then on.
+pub async fn watch_signing_key(state: AppState, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let recorded = match state.store.conn().await {
+            Ok(mut c) => crate::store::settings::signing_key(&mut c).await,
+            Err(e) => Err(e),
+        };
+        let Ok(Some(recorded)) = recorded else {
+            continue;
+        };
+        let ours = state.tokens.fingerprint();
+        if recorded == ours && state.tokens.trusted() {
+            continue;
+        }
+        let file = &state.config.jwt_key_file;
+        match std::fs::read(file) {
+            Ok(key) if key.len() >= 32 && auth::key_fingerprint(&key) == recorded => {
+                state.tokens.replace(&key);
+                tracing::warn!(
+                    fingerprint = %recorded,
+                    "the signing key was replaced: signing with the new jwt_key_file; access tokens signed with the old key are refused"
+                );
+            }
+            _ if state.tokens.trusted() => {
+                state.tokens.distrust();
+                tracing::error!(
+                    ours = %ours,
+                    recorded = %recorded,
+                    file = %file.display(),
+                    "the signing key was replaced and this controller's jwt_key_file is not the new key: it accepts no access token and signs none until the new key is in that file"
+                );
+            }
+            _ => {}
         }
     }
 }

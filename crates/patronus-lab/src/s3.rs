@@ -63,17 +63,36 @@ pub fn moto_server() -> Result<PathBuf, S3Error> {
 pub struct ObjectServer {
     addr: SocketAddr,
     child: Child,
+    /// The network namespace it listens in (None: this process's).
+    ns: Option<String>,
 }
 
 impl ObjectServer {
-    /// Starts the server; returns once it answers (30 s at most).
+    /// Starts the server on this namespace's loopback; returns once it answers (30 s at most).
     pub fn start() -> Result<Self, S3Error> {
+        Self::start_in(None)
+    }
+
+    /// Starts the server on the loopback of network namespace `ns` (a lab node's, from
+    /// [`crate::Lab::ns`]: for a controller running there), or this one's.
+    pub fn start_in(ns: Option<&str>) -> Result<Self, S3Error> {
         let bin = moto_server()?;
-        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .and_then(|l| l.local_addr())
-            .map_err(io("finding a free port"))?
-            .port();
-        let child = Command::new(&bin)
+        let ns = ns.map(str::to_owned);
+        let port = in_ns(ns.as_deref(), || {
+            TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                .and_then(|l| l.local_addr())
+                .map_err(io("finding a free port"))
+        })?
+        .port();
+        let mut cmd = match &ns {
+            Some(n) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", n]).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let child = cmd
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -83,6 +102,7 @@ impl ObjectServer {
         let mut server = Self {
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
             child,
+            ns,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -137,8 +157,20 @@ impl ObjectServer {
         self.exchange(method, path, body).map(|(s, _)| s)
     }
 
-    /// One HTTP/1.1 request on a new connection (unsigned: moto takes it).
+    /// One HTTP/1.1 request on a new connection (unsigned: moto takes it), from the server's
+    /// namespace.
     fn exchange(&self, method: &str, path: &str, body: &[u8]) -> Result<(u16, Vec<u8>), S3Error> {
+        in_ns(self.ns.as_deref(), || {
+            self.exchange_here(method, path, body)
+        })
+    }
+
+    fn exchange_here(
+        &self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<(u16, Vec<u8>), S3Error> {
         let what = || format!("{method} {}{path}", self.endpoint());
         let mut s =
             TcpStream::connect_timeout(&self.addr, Duration::from_secs(2)).map_err(io(what()))?;
@@ -165,6 +197,23 @@ impl ObjectServer {
             None => Vec::new(),
         };
         Ok((status, body))
+    }
+}
+
+/// Runs `f` in namespace `ns` (or here).
+fn in_ns<T: Send>(
+    ns: Option<&str>,
+    f: impl FnOnce() -> Result<T, S3Error> + Send,
+) -> Result<T, S3Error> {
+    match ns {
+        Some(n) => crate::netns::run_in(n, f),
+        None => f(),
+    }
+}
+
+impl From<crate::netns::NetnsError> for S3Error {
+    fn from(e: crate::netns::NetnsError) -> Self {
+        Self::Failed(e.to_string())
     }
 }
 

@@ -80,6 +80,19 @@ pub enum SiteCmd {
         #[arg(long, default_value_t = 60)]
         expires_in_minutes: u32,
     },
+    /// The site's edge machine is lost (or being swapped): cuts the old machine off (its
+    /// credential revoked, its key forgotten by its peers) and prints a one-time token for the
+    /// new one (`patronus edge run --local edge.toml --token T`), which enrols with a key of
+    /// its own.
+    ReplaceEdge {
+        site: String,
+        /// 1 to 10080.
+        #[arg(long, default_value_t = 60)]
+        expires_in_minutes: u32,
+        /// Leave the current machine working until the new one enrols (a planned swap).
+        #[arg(long)]
+        keep_current: bool,
+    },
     /// Asks the site's edge to roll to a new key pair, made on the edge; its peers accept both
     /// keys until every session has moved, so no traffic is lost. `site show` gives the key.
     RotateKey { site: String },
@@ -499,6 +512,34 @@ pub fn site(cmd: SiteCmd) -> anyhow::Result<()> {
             // The token alone on stdout, for scripts; what it is on stderr.
             eprintln!(
                 "enrolment token for site {site}, valid {expires_in_minutes} min, usable once:"
+            );
+            outln!("{}", v["token"].as_str().unwrap_or_default());
+        }
+        SiteCmd::ReplaceEdge {
+            site,
+            expires_in_minutes,
+            keep_current,
+        } => {
+            let id = site_id(&mut s, &site)?;
+            let v = s.call(
+                "POST",
+                &format!("/api/v1/sites/{id}/replace-edge"),
+                Some(&json!({
+                    "expires_in_minutes": expires_in_minutes,
+                    "keep_current": keep_current,
+                })),
+            )?;
+            eprintln!(
+                "{}; enrolment token for the new machine, valid {expires_in_minutes} min, usable \
+                 once (patronus edge run --local edge.toml --token T):",
+                if keep_current {
+                    format!("site {site}'s current edge keeps working until the new one enrols")
+                } else {
+                    format!(
+                        "site {site}'s old edge is cut off (credential revoked, key forgotten by \
+                         its peers)"
+                    )
+                }
             );
             outln!("{}", v["token"].as_str().unwrap_or_default());
         }

@@ -67,6 +67,37 @@ enum ControllerCmd {
         #[arg(long)]
         to: Option<String>,
     },
+    /// After a breach: a new access-token signing key (written to jwt_key_file; every running
+    /// controller over the database takes it from its own jwt_key_file within seconds, or
+    /// refuses every token until that file holds it) and every session ended; on request,
+    /// every API key revoked, every site credential revoked with a new one-time enrolment
+    /// token per site, and every edge's WireGuard key rolled. See the README's "After a
+    /// breach".
+    RotateSecrets {
+        /// Revoke every API key (make new ones with `patronus api-key create`).
+        #[arg(long)]
+        revoke_api_keys: bool,
+        /// Revoke every site credential and unused enrolment token, and write one new
+        /// one-time token per enrolled site to --tokens-out, for each edge to enrol again
+        /// with (put it in the edge's <state_dir>/enroll-token).
+        #[arg(long, requires = "tokens_out")]
+        revoke_site_credentials: bool,
+        /// Where the new enrolment tokens go (`SITE TOKEN` per line, mode 0600; the file
+        /// must not exist).
+        #[arg(long)]
+        tokens_out: Option<PathBuf>,
+        /// How long the new tokens are valid (minutes, 1 to 10080).
+        #[arg(long, default_value_t = 1440)]
+        token_minutes: u32,
+        /// Ask every edge to roll its WireGuard key (zero-loss), connected sites one after
+        /// the other, and wait for them (the controllers must be running).
+        #[arg(long)]
+        roll_edge_keys: bool,
+        /// How long to wait for each round of key rolls (and for edges to enrol again), in
+        /// seconds.
+        #[arg(long, default_value_t = 300)]
+        patience_s: u64,
+    },
 }
 
 impl Common {
@@ -146,7 +177,128 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
             Ok(())
         }),
         ControllerCmd::Migrate { from, to } => rt.block_on(migrate(&config, from, to)),
+        ControllerCmd::RotateSecrets {
+            revoke_api_keys,
+            revoke_site_credentials,
+            tokens_out,
+            token_minutes,
+            roll_edge_keys,
+            patience_s,
+        } => rt.block_on(rotate_secrets(
+            &config,
+            patronus_controller::secrets::Rotation {
+                revoke_api_keys,
+                revoke_site_credentials,
+                token_minutes,
+            },
+            tokens_out,
+            roll_edge_keys.then(|| std::time::Duration::from_secs(patience_s)),
+        )),
     }
+}
+
+/// `patronus controller rotate-secrets`: see [`patronus_controller::secrets`].
+async fn rotate_secrets(
+    config: &Config,
+    what: patronus_controller::secrets::Rotation,
+    tokens_out: Option<PathBuf>,
+    roll: Option<std::time::Duration>,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    anyhow::ensure!(
+        (1..=10_080).contains(&what.token_minutes),
+        "--token-minutes {}: must be between 1 and 10080",
+        what.token_minutes
+    );
+    // The tokens file first: a rotation whose tokens could not be written would leave every
+    // edge locked out.
+    let mut out = match &tokens_out {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(p)
+                .with_context(|| format!("--tokens-out {}", p.display()))?,
+        ),
+        None => None,
+    };
+    if let patronus_controller::config::Database::Sqlite(p) = &config.database {
+        anyhow::ensure!(p.exists(), "{}: no such database", p.display());
+    }
+    let store = Store::connect_existing(&config.database)
+        .await
+        .with_context(|| format!("opening {}", config.database.display()))?;
+    let actor = Actor {
+        id: None,
+        name: "cli".into(),
+        source: "rotate-secrets".into(),
+    };
+    let result = async {
+        let done = patronus_controller::secrets::rotate(&store, &config.jwt_key_file, what, &actor)
+            .await?;
+        if let (Some(f), Some(p)) = (out.as_mut(), &tokens_out) {
+            for (site, token) in &done.tokens {
+                writeln!(f, "{site} {token}").with_context(|| p.display().to_string())?;
+            }
+            f.sync_all().with_context(|| p.display().to_string())?;
+        }
+        outln!(
+            "new signing key {} in {} (copy it, mode 0600, to every controller's \
+             jwt_key_file); {} sessions ended, {} API keys revoked, {} site credentials \
+             revoked, {} unused enrolment tokens expired",
+            done.fingerprint,
+            config.jwt_key_file.display(),
+            done.sessions_ended,
+            done.api_keys_revoked,
+            done.credentials_revoked,
+            done.tokens_expired
+        );
+        if let Some(p) = &tokens_out {
+            outln!(
+                "{} one-time enrolment tokens in {}: put each in its edge's \
+                 <state_dir>/enroll-token (the edge enrols again with its key and carries on)",
+                done.tokens.len(),
+                p.display()
+            );
+        }
+        if let Some(patience) = roll {
+            let rolled = patronus_controller::secrets::roll_edge_keys(
+                &store,
+                &actor,
+                patience,
+                &|m: &str| eprintln!("rotate-secrets: {m}"),
+            )
+            .await?;
+            outln!(
+                "{} edges rolled their WireGuard keys in {} rounds; {} did not{}",
+                rolled.rolled.len(),
+                rolled.rounds,
+                rolled.not_rolled.len(),
+                rolled
+                    .not_rolled
+                    .iter()
+                    .map(|(s, why)| format!("\n  {s}: {why}"))
+                    .collect::<String>()
+            );
+            anyhow::ensure!(
+                rolled.not_rolled.is_empty(),
+                "some edges did not roll their keys: run again with --roll-edge-keys once they \
+                 are back"
+            );
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    store.close().await;
+    // An empty tokens file left by a rotation that failed before writing it is removed.
+    if let (Err(_), Some(p)) = (&result, &tokens_out) {
+        if std::fs::metadata(p).is_ok_and(|m| m.len() == 0) {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    result
 }
 
 /// `patronus controller migrate`: see [`patronus_controller::store::copy`].

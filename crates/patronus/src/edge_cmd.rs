@@ -153,7 +153,7 @@ const NEWS_GAP: std::time::Duration = std::time::Duration::from_millis(200);
 fn report(
     via: &crate::api_client::Via,
     urls: &patronus_api::ControllerUrls,
-    credential: &str,
+    credential: &Credential,
     status: &patronus_edge::status::Shared,
 ) {
     use std::time::{Duration, Instant};
@@ -232,7 +232,7 @@ fn report(
             via,
             "POST",
             "/api/v1/edge/telemetry",
-            Some(credential),
+            Some(&credential.get()),
             Some(&body),
             &[],
         );
@@ -326,12 +326,36 @@ fn never_reached(e: &anyhow::Error) -> bool {
     m.starts_with("connecting to the controller") || m.starts_with("resolving")
 }
 
+/// This edge's site credential, shared by the threads that talk to the controller: replaced
+/// when the edge enrols again.
+#[derive(Debug, Clone)]
+struct Credential(std::sync::Arc<std::sync::RwLock<String>>);
+
+impl Credential {
+    fn new(c: String) -> Self {
+        Self(std::sync::Arc::new(std::sync::RwLock::new(c)))
+    }
+
+    fn get(&self) -> String {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set(&self, c: String) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = c;
+    }
+}
+
+/// The file an operator puts a new enrolment token in for an edge whose credential the
+/// controller refuses (revoked after a breach: `patronus controller rotate-secrets
+/// --revoke-site-credentials`): the running edge enrols again with it, with the key it has.
+const ENROLL_TOKEN_FILE: &str = "enroll-token";
+
 /// What the edge needs to keep following the controller once it runs.
 struct Follow {
     local: patronus_api::EdgeLocal,
     /// The links' addresses, to reach the controller over whichever link works.
     via: std::sync::Arc<crate::api_client::Via>,
-    credential: String,
+    credential: Credential,
     /// Key rotations asked for in the configuration last seen.
     key_rotation: u64,
     /// The version of the configuration in force and that configuration, which deltas apply
@@ -507,6 +531,81 @@ fn finish_interrupted_roll(
 }
 
 impl Follow {
+    /// Waits until an operator puts a new enrolment token in `<state_dir>/enroll-token`, then
+    /// enrols again with it and this edge's key (the key does not change: the peers' sessions
+    /// carry on), and takes the new credential. A token the controller refuses is moved to
+    /// `enroll-token.refused`, and the wait goes on.
+    ///
+    /// Meanwhile, every 5 s, the credential it has is tried again: a site restored from a
+    /// backup after it was deleted by mistake brings its credential back.
+    fn enrol_again(&mut self) {
+        let file = self.local.state_dir.join(ENROLL_TOKEN_FILE);
+        let mut waited = 0u32;
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            waited += 1;
+            if waited % 5 == 0 {
+                let r = control(
+                    &self.local.controller,
+                    &self.via,
+                    "GET",
+                    "/api/v1/edge/config",
+                    Some(&self.credential.get()),
+                    None,
+                    &[],
+                );
+                if matches!(r, Ok(ref r) if r.status == 200) {
+                    eprintln!("edge: the controller accepts this edge's credential again");
+                    return;
+                }
+            }
+            let Ok(token) = std::fs::read_to_string(&file) else {
+                continue;
+            };
+            let token = token.trim().to_owned();
+            let attempt = (|| {
+                let key = PrivateKey::load_or_create(&self.local.state_dir.join("private.key"))?;
+                let r = control(
+                    &self.local.controller,
+                    &self.via,
+                    "POST",
+                    "/api/v1/enroll",
+                    None,
+                    Some(&serde_json::json!({
+                        "token": token,
+                        "public_key": key.public().to_string(),
+                    })),
+                    &[],
+                )?;
+                if r.status != 200 {
+                    bail!("enrolment refused: {}", crate::api_client::error_text(&r));
+                }
+                let c = r.body["credential"]
+                    .as_str()
+                    .context("the controller's answer has no credential")?
+                    .to_owned();
+                crate::api_client::write_private(
+                    &self.local.state_dir.join("credential"),
+                    c.as_bytes(),
+                )?;
+                anyhow::Ok(c)
+            })();
+            match attempt {
+                Ok(c) => {
+                    self.credential.set(c);
+                    let _ = std::fs::remove_file(&file);
+                    eprintln!("edge: enrolled again with the token in {}", file.display());
+                    return;
+                }
+                Err(e) if e.to_string().starts_with("enrolment refused") => {
+                    eprintln!("edge: {e:#}; the token is moved to enroll-token.refused");
+                    let _ = std::fs::rename(&file, file.with_extension("refused"));
+                }
+                Err(e) => eprintln!("edge: enrolling again: {e:#}; trying again"),
+            }
+        }
+    }
+
     /// Waits for each new configuration (a long poll) and hands it to the running edge; keeps
     /// it on disk as the last good one. Retries with backoff while the controller is away;
     /// stops if the controller refuses the credential.
@@ -523,11 +622,8 @@ impl Follow {
             if self.key_rotation > rotations_done(&self.local)
                 && !rolling.swap(true, std::sync::atomic::Ordering::SeqCst)
             {
-                let (local, via, credential) = (
-                    self.local.clone(),
-                    self.via.clone(),
-                    self.credential.clone(),
-                );
+                let (local, via, credential) =
+                    (self.local.clone(), self.via.clone(), self.credential.get());
                 let (inbox, status, rolling) = (inbox.clone(), status.clone(), rolling.clone());
                 let rotation = self.key_rotation;
                 let _ = std::thread::Builder::new()
@@ -558,7 +654,7 @@ impl Follow {
                 &self.via,
                 "GET",
                 path,
-                Some(&self.credential),
+                Some(&self.credential.get()),
                 None,
                 &headers,
             );
@@ -602,10 +698,13 @@ impl Follow {
                 }
                 Ok(r) if r.status == 401 => {
                     eprintln!(
-                        "edge: the controller refused this edge's credential ({}); no more updates",
-                        crate::api_client::error_text(&r)
+                        "edge: the controller refused this edge's credential ({}); forwarding \
+                         on the configuration it has; put a new enrolment token in {} to enrol \
+                         again",
+                        crate::api_client::error_text(&r),
+                        self.local.state_dir.join(ENROLL_TOKEN_FILE).display()
                     );
-                    return;
+                    self.enrol_again();
                 }
                 other => {
                     let why = crate::api_client::failure_text(&other);
@@ -682,11 +781,12 @@ fn from_controller(
                     .map(|cfg| (site, cfg, r.etag))
                     .map_err(|e| format!("its configuration is not used: {e:#}"))
             }),
-        Ok(r) if r.status == 401 => bail!(
-            "the controller refused this edge's credential ({}): was the site enrolled again \
-             elsewhere?",
+        // Refused (revoked after a breach, or the site enrolled again elsewhere): the edge
+        // runs on what it has and waits for a new enrolment token (see `Follow::enrol_again`).
+        Ok(r) if r.status == 401 => Err(format!(
+            "the controller refused this edge's credential ({})",
             crate::api_client::error_text(&r)
-        ),
+        )),
         other => Err(format!(
             "the controller is unreachable ({})",
             crate::api_client::failure_text(&other)
@@ -718,7 +818,7 @@ fn from_controller(
             held: etag.map(|e| (e, site)),
             local,
             via,
-            credential,
+            credential: Credential::new(credential),
         },
     ))
 }

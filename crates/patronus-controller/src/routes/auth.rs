@@ -67,6 +67,25 @@ impl FromRequestParts<AppState> for AuthRateLimited {
 }
 
 /// Issues a token pair in a new refresh family.
+/// 503 while this controller's signing key is not the one every controller uses (it was
+/// replaced, and this one has not read the new key yet): it signs nothing.
+fn signing(tokens: &Tokens) -> Result<(), ApiError> {
+    if tokens.trusted() {
+        Ok(())
+    } else {
+        Err(key_replaced())
+    }
+}
+
+fn key_replaced() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        "signing_key_replaced",
+        "this controller's signing key was replaced and it has not read the new jwt_key_file \
+         yet: it signs no tokens; try another controller",
+    )
+}
+
 async fn issue(
     store: &Store,
     tokens: &Tokens,
@@ -74,6 +93,7 @@ async fn issue(
     role: Role,
     actor: &Actor,
 ) -> Result<TokenResponse, ApiError> {
+    signing(tokens)?;
     let now = now_s();
     let (refresh, hash) = Tokens::refresh();
     let family = a::b64url(&a::random_bytes::<16>());
@@ -96,7 +116,7 @@ async fn issue(
     .await?;
     tx.commit().await?;
     Ok(TokenResponse {
-        access_token: tokens.access(user.id, role, now),
+        access_token: tokens.access(user.id, role, now).ok_or_else(key_replaced)?,
         refresh_token: refresh,
         token_type: "Bearer".into(),
         expires_in: tokens.access_ttl.as_secs(),
@@ -117,6 +137,7 @@ async fn login(
     parts: ClientIp,
     extract::Json(req): extract::Json<LoginRequest>,
 ) -> Result<Json<TokenResponse>, ApiError> {
+    signing(&s.tokens)?;
     let email = req.email.trim().to_owned();
     check_lockout(&s, &email).await?;
     let user = s.store.user_by_email(&email).await?;
@@ -223,6 +244,7 @@ async fn refresh(
     ClientIp(ip): ClientIp,
     extract::Json(req): extract::Json<RefreshRequest>,
 ) -> Result<Json<TokenResponse>, ApiError> {
+    signing(&s.tokens)?;
     let old = a::sha256(req.refresh_token.as_bytes());
     let (token, new) = Tokens::refresh();
     let expires = now_s() + s.tokens.refresh_ttl.as_secs() as i64;
@@ -263,7 +285,10 @@ async fn refresh(
         .ok_or_else(|| ApiError::invalid_token("the refresh token is invalid or expired"))?;
     let role = Role::parse(&user.role).ok_or_else(|| ApiError::internal("bad role in store"))?;
     Ok(Json(TokenResponse {
-        access_token: s.tokens.access(user.id, role, now_s()),
+        access_token: s
+            .tokens
+            .access(user.id, role, now_s())
+            .ok_or_else(key_replaced)?,
         refresh_token: token,
         token_type: "Bearer".into(),
         expires_in: s.tokens.access_ttl.as_secs(),

@@ -7,6 +7,7 @@
 
 pub mod enrollment_tokens;
 pub mod links;
+pub mod replace_edge;
 pub mod rotate_key;
 
 use utoipa_axum::router::OpenApiRouter;
@@ -38,6 +39,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .merge(links::routes())
         .merge(enrollment_tokens::routes())
         .merge(rotate_key::routes())
+        .merge(replace_edge::routes())
 }
 
 /// 409 if one of `prefixes` overlaps a prefix of another site.

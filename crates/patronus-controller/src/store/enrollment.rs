@@ -131,3 +131,49 @@ pub async fn site_of_credential(
     .fetch_optional(&mut *conn)
     .await
 }
+
+/// Revokes the unrevoked credentials of site `site_id` (of every site if `None`); how many.
+pub async fn revoke_credentials(conn: &mut Conn, site_id: Option<i64>) -> Result<u64, sqlx::Error> {
+    let r = match site_id {
+        Some(id) => {
+            query("UPDATE site_credentials SET revoked = 1 WHERE revoked = 0 AND site_id = ?")
+                .bind(id)
+                .execute(&mut *conn)
+                .await?
+        }
+        None => {
+            query("UPDATE site_credentials SET revoked = 1 WHERE revoked = 0")
+                .execute(&mut *conn)
+                .await?
+        }
+    };
+    Ok(r.rows_affected())
+}
+
+/// Site `site_id` has no edge any more (its machine is lost): its key, and any key it was
+/// rolling to, are forgotten, so its peers stop accepting them; the next enrolment gives it
+/// one. Whether it had a key.
+pub async fn forget_edge(conn: &mut Conn, site_id: i64, now: i64) -> Result<bool, sqlx::Error> {
+    let r = query(
+        "UPDATE sites SET public_key = NULL, next_public_key = NULL, version = version + 1,
+         updated_at = ? WHERE id = ? AND public_key IS NOT NULL",
+    )
+    .bind(now)
+    .bind(site_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(r.rows_affected() > 0)
+}
+
+/// Makes every unused, unexpired enrolment token expired now (of every site): after a breach,
+/// tokens handed out before enrol nothing. How many.
+pub async fn expire_tokens(conn: &mut Conn, now: i64) -> Result<u64, sqlx::Error> {
+    let r = query(
+        "UPDATE enrollment_tokens SET expires_at = ? WHERE used_at IS NULL AND expires_at >= ?",
+    )
+    .bind(now - 1)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(r.rows_affected())
+}

@@ -107,12 +107,12 @@ async fn missing_bad_expired_and_foreign_tokens_are_401() {
         std::time::Duration::from_secs(60),
     );
     let now = patronus_controller::store::now_s();
-    let expired = t.access(1, Role::Admin, now - 3600);
+    let expired = t.access(1, Role::Admin, now - 3600).unwrap();
     let r = a
         .call(Method::GET, "/api/v1/users", Some(&expired), None)
         .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
-    let valid = t.access(1, Role::Admin, now);
+    let valid = t.access(1, Role::Admin, now).unwrap();
     let r = a
         .call(Method::GET, "/api/v1/users", Some(&valid), None)
         .await;
@@ -127,7 +127,7 @@ async fn missing_bad_expired_and_foreign_tokens_are_401() {
         .call(
             Method::GET,
             "/api/v1/users",
-            Some(&other.access(1, Role::Admin, now)),
+            Some(&other.access(1, Role::Admin, now).unwrap()),
             None,
         )
         .await;

@@ -14,6 +14,7 @@ mod auth;
 mod backup;
 mod edge;
 mod policies;
+mod secrets;
 mod sites;
 mod system;
 mod topology;

@@ -203,7 +203,9 @@ async fn the_document_lists_every_route_the_router_serves_and_nothing_else() {
         std::time::Duration::from_secs(60),
         std::time::Duration::from_secs(60),
     );
-    let expired = t.access(1, Role::Admin, patronus_controller::store::now_s() - 3600);
+    let expired = t
+        .access(1, Role::Admin, patronus_controller::store::now_s() - 3600)
+        .unwrap();
     let mut public = Vec::new();
     for (path, item) in doc["paths"].as_object().unwrap() {
         let concrete = path.replace("{id}", "1").replace("{link}", "1");

@@ -1,0 +1,116 @@
+//! `/api/v1/sites/{id}/replace-edge`: a site's edge machine is lost (dead, stolen, or being
+//! swapped); a new machine takes its place by enrolling with a new token, with a key of its
+//! own (an edge's private key never leaves the machine that made it, so nothing is restored
+//! onto the new one).
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::app::{AppState, Operator};
+use crate::auth::{self as a};
+use crate::error::{ApiError, extract};
+use crate::routes::audit_config;
+use crate::routes::enroll::TOKEN_PREFIX;
+use crate::routes::sites::load_site;
+use crate::store::{enrollment, now_s};
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(replace_edge))
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplaceEdge {
+    /// 1 to 10080 (a week); 60 when left out.
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 10080)]
+    pub expires_in_minutes: Option<u32>,
+    /// Leave the current machine working until the new one enrols (a planned swap). By
+    /// default the lost machine is cut off now: its credential is revoked and its key
+    /// forgotten, so its peers drop it at once.
+    #[serde(default)]
+    pub keep_current: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Replacement {
+    pub site_id: i64,
+    /// Shown once: the new machine enrols with it (`patronus edge run --local edge.toml
+    /// --token T`).
+    pub token: String,
+    pub expires_at: i64,
+    /// Whether the old machine was cut off (its credential revoked, its key forgotten).
+    pub cut_off: bool,
+}
+
+#[utoipa::path(
+    post,
+    path = "/api/v1/sites/{id}/replace-edge",
+    tag = "enrolment",
+    summary = "Replace a site's edge machine: cut the old one off (unless keep_current) and get \
+               a one-time token for the new one.",
+    params(("id" = i64, Path, description = "The site's id")),
+    request_body = ReplaceEdge,
+    security(("bearer" = ["operator"])),
+    responses((status = 201, body = Replacement))
+)]
+async fn replace_edge(
+    State(s): State<AppState>,
+    Operator(p): Operator,
+    extract::Path(id): extract::Path<i64>,
+    extract::Json(req): extract::Json<ReplaceEdge>,
+) -> Result<Response, ApiError> {
+    let minutes = req.expires_in_minutes.unwrap_or(60);
+    if !(1..=10_080).contains(&minutes) {
+        return Err(ApiError::field(
+            "expires_in_minutes",
+            "must be between 1 and 10080",
+        ));
+    }
+    let token = format!("{TOKEN_PREFIX}{}", a::b64url(&a::random_bytes::<32>()));
+    let now = now_s();
+    let expires_at = now + i64::from(minutes) * 60;
+    let mut tx = s.store.begin().await?;
+    let site = load_site(&mut tx, id).await?;
+    let (mut revoked, mut forgot) = (0, false);
+    if !req.keep_current {
+        revoked = enrollment::revoke_credentials(&mut tx, Some(id)).await?;
+        forgot = enrollment::forget_edge(&mut tx, id, now).await?;
+    }
+    enrollment::create_token(
+        &mut tx,
+        id,
+        &a::sha256(token.as_bytes())[..],
+        expires_at,
+        p.user_id(),
+        now,
+    )
+    .await?;
+    audit_config(
+        &mut tx,
+        &p.actor(),
+        "site.replace_edge",
+        &format!("site/{id}"),
+        json!({
+            "site": site.name,
+            "keep_current": req.keep_current,
+            "credentials_revoked": revoked,
+            "key_forgotten": forgot,
+            "expires_at": expires_at,
+        }),
+    )
+    .await?;
+    tx.commit().await?;
+    let body = Replacement {
+        site_id: id,
+        token,
+        expires_at,
+        cut_off: !req.keep_current,
+    };
+    Ok((StatusCode::CREATED, axum::Json(body)).into_response())
+}
