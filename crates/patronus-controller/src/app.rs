@@ -49,6 +49,9 @@ pub struct Inner {
     pub backups: std::sync::Mutex<crate::backup::Status>,
     /// Configuration long polls held now, waiting for a change.
     pub long_polls: std::sync::atomic::AtomicUsize,
+    /// True once the controller is shutting down: held long polls answer at once (their
+    /// edges go to another controller instead of waiting on one that is leaving).
+    pub stopping: tokio::sync::watch::Sender<bool>,
     /// The TLS client of `https://` webhooks.
     pub webhook_tls: Arc<rustls::ClientConfig>,
 }
@@ -136,6 +139,7 @@ impl AppState {
             clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
             live: std::sync::Mutex::new(std::collections::HashMap::new()),
             long_polls: std::sync::atomic::AtomicUsize::new(0),
+            stopping: tokio::sync::watch::Sender::new(false),
             backups: std::sync::Mutex::new(crate::backup::Status::default()),
             webhook_tls,
             config,

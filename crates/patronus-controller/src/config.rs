@@ -201,13 +201,31 @@ impl Config {
                 path: path.to_owned(),
                 error: e.to_string(),
             })?;
+            // A `[backup]` table holds the backup_* keys without their prefix
+            // (`[backup] interval_s = 3600` is `backup_interval_s = 3600`).
+            let mut flat = Vec::new();
             for (k, v) in table {
-                if KEYS.contains(&k.as_str()) {
-                    let from = format!("{} ({})", k, path.display());
+                match (k.as_str(), v) {
+                    ("backup", toml::Value::Table(t)) => {
+                        for (bk, bv) in t {
+                            flat.push((format!("backup_{bk}"), format!("backup.{bk}"), bv));
+                        }
+                    }
+                    (_, v) => flat.push((k.clone(), k, v)),
+                }
+            }
+            for (k, shown, v) in flat {
+                if values.iter().any(|(have, _)| *have == k) {
+                    errors.push(
+                        format!("{shown} ({})", path.display()),
+                        "given twice (at the top and in [backup])",
+                    );
+                } else if KEYS.contains(&k.as_str()) {
+                    let from = format!("{} ({})", shown, path.display());
                     values.push((k, Source { value: v, from }));
                 } else {
                     errors.push(
-                        format!("{k} ({})", path.display()),
+                        format!("{shown} ({})", path.display()),
                         format!("unknown key; known keys are {}", KEYS.join(", ")),
                     );
                 }
@@ -586,6 +604,43 @@ mod tests {
             "between 60 and 86400",
             "max_body_bytes",
             "PATRONUS_LISTEN",
+        ] {
+            assert!(e.contains(want), "{want} in {e}");
+        }
+    }
+
+    #[test]
+    fn a_backup_table_holds_the_backup_keys_and_a_bad_one_is_named_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let (_, recipient) = crate::backup::keygen();
+        std::fs::write(
+            &path,
+            format!(
+                "[backup]\ninterval_s = 3600\nrecipients = [\"{recipient}\"]\n\
+                 url = \"s3://patronus-backups/prod\"\ns3_endpoint = \"http://127.0.0.1:9000\"\n\
+                 keep_daily = 14\n"
+            ),
+        )
+        .unwrap();
+        let c = Config::load(Some(&path), [], &Overrides::default()).unwrap();
+        assert_eq!(c.backup_interval, Some(Duration::from_secs(3600)));
+        assert_eq!(c.backup_url.as_deref(), Some("s3://patronus-backups/prod"));
+        assert_eq!(c.backup_retention.daily, 14);
+        std::fs::write(
+            &path,
+            "backup_interval_s = 60\n[backup]\ninterval_s = 60\nurl = \"https://x\"\nkeep = 1\n",
+        )
+        .unwrap();
+        let e = Config::load(Some(&path), [], &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        for want in [
+            "backup.interval_s",
+            "given twice",
+            "backup.url",
+            "s3://",
+            "backup.keep",
         ] {
             assert!(e.contains(want), "{want} in {e}");
         }

@@ -248,6 +248,7 @@ pub async fn serve(
         ));
     }
     drop(listener);
+    state.stopping.send_replace(true);
     let _ = stop.send(true);
     if tokio::time::timeout(drain, async {
         while connections.join_next().await.is_some() {}
@@ -328,37 +329,43 @@ pub async fn watch_signing_key(state: AppState, every: Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let recorded = match state.store.conn().await {
-            Ok(mut c) => crate::store::settings::signing_key(&mut c).await,
-            Err(e) => Err(e),
-        };
-        let Ok(Some(recorded)) = recorded else {
-            continue;
-        };
-        let ours = state.tokens.fingerprint();
-        if recorded == ours && state.tokens.trusted() {
-            continue;
+        follow_signing_key(&state).await;
+    }
+}
+
+/// One look of [`watch_signing_key`]; also taken before a login or a refresh signs a token,
+/// so that none is signed with a key replaced since the last look.
+pub async fn follow_signing_key(state: &AppState) {
+    let recorded = match state.store.conn().await {
+        Ok(mut c) => crate::store::settings::signing_key(&mut c).await,
+        Err(e) => Err(e),
+    };
+    let Ok(Some(recorded)) = recorded else {
+        return;
+    };
+    let ours = state.tokens.fingerprint();
+    if recorded == ours && state.tokens.trusted() {
+        return;
+    }
+    let file = &state.config.jwt_key_file;
+    match std::fs::read(file) {
+        Ok(key) if key.len() >= 32 && auth::key_fingerprint(&key) == recorded => {
+            state.tokens.replace(&key);
+            tracing::warn!(
+                fingerprint = %recorded,
+                "the signing key was replaced: signing with the new jwt_key_file; access tokens signed with the old key are refused"
+            );
         }
-        let file = &state.config.jwt_key_file;
-        match std::fs::read(file) {
-            Ok(key) if key.len() >= 32 && auth::key_fingerprint(&key) == recorded => {
-                state.tokens.replace(&key);
-                tracing::warn!(
-                    fingerprint = %recorded,
-                    "the signing key was replaced: signing with the new jwt_key_file; access tokens signed with the old key are refused"
-                );
-            }
-            _ if state.tokens.trusted() => {
-                state.tokens.distrust();
-                tracing::error!(
-                    ours = %ours,
-                    recorded = %recorded,
-                    file = %file.display(),
-                    "the signing key was replaced and this controller's jwt_key_file is not the new key: it accepts no access token and signs none until the new key is in that file"
-                );
-            }
-            _ => {}
+        _ if state.tokens.trusted() => {
+            state.tokens.distrust();
+            tracing::error!(
+                ours = %ours,
+                recorded = %recorded,
+                file = %file.display(),
+                "the signing key was replaced and this controller's jwt_key_file is not the new key: it accepts no access token and signs none until the new key is in that file"
+            );
         }
+        _ => {}
     }
 }
 

@@ -254,7 +254,7 @@ async fn a_silent_or_half_sent_connection_is_closed_and_an_idle_one_after_its_ti
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_long_poll_outlives_the_idle_timeout() {
+async fn a_long_poll_outlives_the_idle_timeout_and_ends_at_shutdown() {
     let c = start(|c| c.idle_timeout = Duration::from_secs(1)).await;
     let t = c.admin().await;
     let site = c
@@ -313,7 +313,29 @@ async fn a_long_poll_outlives_the_idle_timeout() {
     let (status, _) = exchange(&mut s, &ask(&etag)).await;
     assert_eq!(status, 304);
     assert!(started.elapsed() >= Duration::from_millis(2900));
+    // At shutdown a held long poll is answered at once, so that its edge asks another
+    // controller, not after its 25 s (which held a stopping controller that long).
+    let long = format!(
+        "GET /api/v1/edge/config?wait=25 HTTP/1.1\r\nhost: p\r\nauthorization: Bearer {cred}\r\n\
+         if-none-match: {etag}\r\n\r\n"
+    );
+    let held = tokio::spawn(async move {
+        let started = Instant::now();
+        let (status, _) = exchange(&mut s, &long).await;
+        (status, started.elapsed())
+    });
+    while c
+        .state
+        .long_polls
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 0
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     c.stop().await;
+    let (status, took) = held.await.unwrap();
+    assert_eq!(status, 304);
+    assert!(took < Duration::from_secs(20), "held {took:?} at shutdown");
 }
 
 #[tokio::test]

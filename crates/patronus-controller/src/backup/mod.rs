@@ -909,7 +909,7 @@ const CLAIM_MS: i64 = 30 * 60 * 1000;
 /// After a failure, the next try.
 const RETRY_MS: i64 = 5 * 60 * 1000;
 /// How often a controller looks whether a scheduled backup is due.
-const LOOK_EVERY: std::time::Duration = std::time::Duration::from_secs(20);
+const LOOK_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Takes the scheduled backups (`backup_interval_s`) while the controller serves: whichever
 /// controller over the database claims one first takes it

@@ -137,6 +137,7 @@ async fn login(
     parts: ClientIp,
     extract::Json(req): extract::Json<LoginRequest>,
 ) -> Result<Json<TokenResponse>, ApiError> {
+    crate::server::follow_signing_key(&s).await;
     signing(&s.tokens)?;
     let email = req.email.trim().to_owned();
     check_lockout(&s, &email).await?;
@@ -244,6 +245,7 @@ async fn refresh(
     ClientIp(ip): ClientIp,
     extract::Json(req): extract::Json<RefreshRequest>,
 ) -> Result<Json<TokenResponse>, ApiError> {
+    crate::server::follow_signing_key(&s).await;
     signing(&s.tokens)?;
     let old = a::sha256(req.refresh_token.as_bytes());
     let (token, new) = Tokens::refresh();

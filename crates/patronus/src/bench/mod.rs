@@ -9,6 +9,7 @@ use clap::Subcommand;
 
 mod api_cost;
 mod backup;
+mod dr;
 mod failover;
 mod mesh;
 mod path_select;
@@ -43,6 +44,10 @@ pub enum Bench {
     /// A backup of a controller with N sites and a week of telemetry: its time, size,
     /// verification and restore, and the API's reads before and during it.
     Backup(backup::Args),
+    /// (root) Every disaster-recovery drill in the lab (controller killed, database
+    /// corrupted, machine lost, site deleted, edge machine lost, secrets compromised): RTO,
+    /// RPO and the data plane's loss of each, beside the seed's targets.
+    Dr(dr::Args),
 }
 
 pub fn run(b: Bench) -> anyhow::Result<()> {
@@ -55,6 +60,7 @@ pub fn run(b: Bench) -> anyhow::Result<()> {
         Bench::Push(args) => with_summary(push::run(&args)?, push::summary),
         Bench::ApiCost(args) => with_summary(api_cost::run(&args)?, api_cost::summary),
         Bench::Backup(args) => with_summary(backup::run(&args)?, backup::summary),
+        Bench::Dr(args) => with_summary(dr::run(&args)?, dr::summary),
     };
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, &report)?;

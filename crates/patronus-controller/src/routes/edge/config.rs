@@ -160,6 +160,7 @@ async fn next_config(
     // Subscribed before the first look, so that a change between the look and the wait is
     // not missed.
     let mut changes = s.store.watch_generation();
+    let mut stopping = s.stopping.subscribe();
     loop {
         let configs = s.configs().await?;
         let c = configs.get(&site.site_id).ok_or_else(|| no_config(site))?;
@@ -168,13 +169,15 @@ async fn next_config(
         if seen != Some(etag.as_bytes()) {
             return Ok(Next::Changed(c.clone(), tag));
         }
-        if tokio::time::Instant::now() >= deadline {
+        if tokio::time::Instant::now() >= deadline || *stopping.borrow() {
             return Ok(Next::Unchanged(tag));
         }
         let _held = LongPoll::held(s);
         let timed_out = tokio::select! {
             r = changes.changed() => r.is_err(),
             _ = tokio::time::sleep_until(deadline) => true,
+            // Shutting down: answered now, so that the edge asks another controller.
+            _ = stopping.wait_for(|v| *v) => true,
         };
         if timed_out {
             return Ok(Next::Unchanged(tag));
