@@ -436,6 +436,13 @@ pub async fn load(
         .execute(&mut *tx)
         .await
         .map_err(db("moving the configuration generation forward"))?;
+    // A scheduled backup's dump holds that backup's own claim on the schedule (taken for 30
+    // minutes while it ran): restored, it would hold off the next scheduled backup that long.
+    // Without it, the restored controllers take one at once (`bench dr` found this).
+    query("DELETE FROM settings WHERE key = 'backup_due'")
+        .execute(&mut *tx)
+        .await
+        .map_err(db("clearing the backup schedule"))?;
     let details = serde_json::json!({
         "from": from,
         "created_ms": created_ms,

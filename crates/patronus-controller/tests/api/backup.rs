@@ -451,7 +451,7 @@ fn prune_keeps_exactly_the_tiered_set_over_400_days_of_hourly_backups() {
 #[tokio::test]
 async fn one_controller_of_two_takes_each_scheduled_backup_and_a_failure_is_told() {
     let work = tempfile::tempdir().unwrap();
-    let (_identity, recipient) = backup::keygen();
+    let (identity, recipient) = backup::keygen();
     let dir = work.path().join("backups");
     let (d, r) = (dir.clone(), recipient.clone());
     let a = api_with(move |c| {
@@ -486,6 +486,28 @@ async fn one_controller_of_two_takes_each_scheduled_backup_and_a_failure_is_told
     for r in runs {
         r.abort();
     }
+    // The backup holds its own claim on the schedule (taken while it ran); restored, the claim
+    // does not come back, or the restored controllers would take no backup for 30 minutes.
+    let id_file = work.path().join("identity.txt");
+    std::fs::write(&id_file, identity).unwrap();
+    let ids = backup::identities(&id_file).unwrap();
+    let m = backup::pick(&dir, None, None).unwrap();
+    let plain = String::from_utf8(backup::plaintext(&dir, &m, &ids).unwrap()).unwrap();
+    assert!(plain.contains("backup_due"), "the claim is in the dump");
+    let fresh = Store::connect(&Database::Sqlite(work.path().join("fresh.db")))
+        .await
+        .unwrap();
+    backup::restore(&fresh, &dir, &m, &ids, &actor(), false)
+        .await
+        .unwrap();
+    let claims: i64 = patronus_controller::store::db::query_scalar(
+        "SELECT COUNT(*) FROM settings WHERE key = 'backup_due'",
+    )
+    .fetch_one(&mut *fresh.conn().await.unwrap())
+    .await
+    .unwrap();
+    assert_eq!(claims, 0);
+    fresh.close().await;
     let t = a.admin().await;
     let text = metrics_text(&a, &t).await + &metrics_text(&b, &t).await;
     assert!(
