@@ -29,7 +29,9 @@
 //! the writes acknowledged before the failure and absent after it, and how old the oldest of
 //! them was at the failure (for a restore: the time since the backup it went back to). Its RTO
 //! runs from the failure to the API answering with every edge online, every path that was up
-//! before up again, and the drill's state back (the restored site, the rolled keys). A UDP
+//! before reported up again since the failure (edges report every 5 s, and at once on a
+//! change), and the drill's state back (the restored site, the new edge's key, the rolled
+//! keys). A UDP
 //! stream between the LAN hosts of two sites the drill does not touch (`hq/h1` to
 //! `branch1/h1`) runs through each drill: its loss is the data plane's.
 
@@ -389,7 +391,7 @@ impl World {
             let total = w.get("/api/v1/paths?limit=500")?["items"]
                 .as_array()
                 .map_or(0, Vec::len);
-            let up = w.up_paths()?;
+            let up = w.up_paths(0)?;
             if up == total && total > 0 && w.all_online()? {
                 stable += 1;
             } else {
@@ -538,10 +540,15 @@ impl World {
         Ok(r.body)
     }
 
-    fn up_paths(&self) -> anyhow::Result<usize> {
+    /// Paths up, as reported after `since` (unix s; 0: ever).
+    fn up_paths(&self, since: i64) -> anyhow::Result<usize> {
         Ok(self.get("/api/v1/paths?state=up&limit=500")?["items"]
             .as_array()
-            .map_or(0, Vec::len))
+            .map_or(0, |a| {
+                a.iter()
+                    .filter(|p| p["last_report"].as_i64().is_some_and(|t| t > since))
+                    .count()
+            }))
     }
 
     fn all_online(&self) -> anyhow::Result<bool> {
@@ -554,9 +561,11 @@ impl World {
         }))
     }
 
-    /// Whether the API answers with every edge online and every path up that was up before.
-    fn recovered(&self) -> bool {
-        self.all_online().unwrap_or(false) && self.up_paths().is_ok_and(|n| n >= self.paths_up)
+    /// Whether the API answers with every edge online and every path that was up before up
+    /// again, as the edges reported after `since` (unix s: a report in the second of the
+    /// failure does not count, so a recovery reads up to a second late rather than early).
+    fn recovered(&self, since: i64) -> bool {
+        self.all_online().unwrap_or(false) && self.up_paths(since).is_ok_and(|n| n >= self.paths_up)
     }
 
     /// Waits until [`World::recovered`] and `also`; the time since `from`, or `None` (said in
@@ -567,8 +576,9 @@ impl World {
         notes: &mut Vec<String>,
         also: &dyn Fn(&World) -> bool,
     ) -> Option<f64> {
+        let since = patronus_controller::store::now_s() - from.elapsed().as_secs() as i64;
         loop {
-            if self.recovered() && also(self) {
+            if self.recovered(since) && also(self) {
                 return Some(from.elapsed().as_secs_f64());
             }
             if from.elapsed() > self.patience {
@@ -577,6 +587,16 @@ impl World {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Whether `from` gets an answer from `to` through the tunnels (one ping, 300 ms).
+    fn reaches(&self, from: &str, to: &str) -> bool {
+        let Ok(addr) = self.lab.addr(to, false) else {
+            return false;
+        };
+        self.lab
+            .exec(from, &["ping", "-c", "1", "-W", "0.3", &addr.to_string()])
+            .is_ok_and(|o| o.status.success())
     }
 
     fn backups(&self) -> anyhow::Result<Vec<Value>> {
@@ -874,11 +894,13 @@ impl World {
                 notes.push(out.trim().to_owned());
                 Ok(())
             },
-            &|_| true,
+            // hq reaches branch2's LAN again.
+            &|w| w.reaches("hq/h1", "branch2/h1"),
         )
     }
 
     fn edge_replaced(&mut self) -> anyhow::Result<Outcome> {
+        let old_key = self.keys()?[2].clone();
         self.drill(
             &mut |w, notes| {
                 let i = w
@@ -911,7 +933,11 @@ impl World {
                 ));
                 Ok(())
             },
-            &|_| true,
+            // The new machine's key is the site's, and hq reaches branch2's LAN through it.
+            &|w| {
+                w.keys().is_ok_and(|k| !k[2].is_empty() && k[2] != old_key)
+                    && w.reaches("hq/h1", "branch2/h1")
+            },
         )
     }
 
