@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::auth;
-use crate::routes::enroll::TOKEN_PREFIX;
 use crate::store::db::{query, query_as, query_scalar};
 use crate::store::{Actor, Store, StoreError, enrollment, now_s};
 
@@ -119,21 +118,12 @@ pub async fn rotate(
             query_as("SELECT id, name FROM sites WHERE public_key IS NOT NULL ORDER BY name")
                 .fetch_all(&mut *tx)
                 .await?;
-        let expires_at = now + i64::from(what.token_minutes.clamp(1, 10_080)) * 60;
+        let minutes = what.token_minutes.clamp(1, 10_080);
         for (id, name) in enrolled {
-            let token = format!(
-                "{TOKEN_PREFIX}{}",
-                auth::b64url(&auth::random_bytes::<32>())
-            );
-            enrollment::create_token(
-                &mut tx,
-                id,
-                &auth::sha256(token.as_bytes())[..],
-                expires_at,
-                actor.id,
-                now,
-            )
-            .await?;
+            let (token, _) =
+                crate::routes::sites::enrollment_tokens::mint(&mut tx, id, minutes, actor.id)
+                    .await
+                    .map_err(|e| RotateError::Api(e.message))?;
             done.tokens.push((name, token));
         }
     }

@@ -563,35 +563,11 @@ impl Follow {
                 continue;
             };
             let token = token.trim().to_owned();
-            let attempt = (|| {
-                let key = PrivateKey::load_or_create(&self.local.state_dir.join("private.key"))?;
-                let r = control(
-                    &self.local.controller,
-                    &self.via,
-                    "POST",
-                    "/api/v1/enroll",
-                    None,
-                    Some(&serde_json::json!({
-                        "token": token,
-                        "public_key": key.public().to_string(),
-                    })),
-                    &[],
-                )?;
-                if r.status != 200 {
-                    bail!("enrolment refused: {}", crate::api_client::error_text(&r));
-                }
-                let c = r.body["credential"]
-                    .as_str()
-                    .context("the controller's answer has no credential")?
-                    .to_owned();
-                crate::api_client::write_private(
-                    &self.local.state_dir.join("credential"),
-                    c.as_bytes(),
-                )?;
-                anyhow::Ok(c)
-            })();
+            let attempt = PrivateKey::load_or_create(&self.local.state_dir.join("private.key"))
+                .map_err(anyhow::Error::from)
+                .and_then(|key| enrol_with(&self.local, &self.via, &token, &key));
             match attempt {
-                Ok(c) => {
+                Ok((c, _)) => {
                     self.credential.set(c);
                     let _ = std::fs::remove_file(&file);
                     eprintln!("edge: enrolled again with the token in {}", file.display());
@@ -839,6 +815,44 @@ fn read_local(path: &Path) -> anyhow::Result<patronus_api::EdgeLocal> {
     Ok(local)
 }
 
+/// Enrols with `token`, this edge's `key` and its links' public endpoints; writes the
+/// credential the controller gives to `<state_dir>/credential` and returns it, with the
+/// controller's answer.
+fn enrol_with(
+    local: &patronus_api::EdgeLocal,
+    via: &crate::api_client::Via,
+    token: &str,
+    key: &PrivateKey,
+) -> anyhow::Result<(String, serde_json::Value)> {
+    let endpoints: serde_json::Map<String, serde_json::Value> = local
+        .links
+        .iter()
+        .filter_map(|l| Some((l.name.to_string(), l.public_endpoint?.to_string().into())))
+        .collect();
+    let r = control(
+        &local.controller,
+        via,
+        "POST",
+        "/api/v1/enroll",
+        None,
+        Some(&serde_json::json!({
+            "token": token,
+            "public_key": key.public().to_string(),
+            "endpoints": endpoints,
+        })),
+        &[],
+    )?;
+    if r.status != 200 {
+        bail!("enrolment refused: {}", crate::api_client::error_text(&r));
+    }
+    let c = r.body["credential"]
+        .as_str()
+        .context("the controller's answer has no credential")?
+        .to_owned();
+    crate::api_client::write_private(&local.state_dir.join("credential"), c.as_bytes())?;
+    Ok((c, r.body))
+}
+
 /// This edge's site credential: enrols first (with its key, made here if there is none) if it
 /// has no credential yet.
 fn enrol(
@@ -872,37 +886,12 @@ fn enrol(
             let token = token.context(
                 "this edge has not enrolled yet: give --token (from `patronus site enroll-token`)",
             )?;
-            let endpoints: serde_json::Map<String, serde_json::Value> = local
-                .links
-                .iter()
-                .filter_map(|l| Some((l.name.to_string(), l.public_endpoint?.to_string().into())))
-                .collect();
-            let r = control(
-                &local.controller,
-                via,
-                "POST",
-                "/api/v1/enroll",
-                None,
-                Some(&serde_json::json!({
-                    "token": token,
-                    "public_key": key.public().to_string(),
-                    "endpoints": endpoints,
-                })),
-                &[],
-            )?;
-            if r.status != 200 {
-                bail!("enrolment refused: {}", crate::api_client::error_text(&r));
-            }
-            let c = r.body["credential"]
-                .as_str()
-                .context("the controller's answer has no credential")?
-                .to_owned();
-            crate::api_client::write_private(&cred_path, c.as_bytes())?;
+            let (c, body) = enrol_with(local, via, &token, &key)?;
             // Its key is new: the rotations asked for so far are done.
-            set_rotations_done(dir, r.body["key_rotation"].as_u64().unwrap_or(0))?;
+            set_rotations_done(dir, body["key_rotation"].as_u64().unwrap_or(0))?;
             eprintln!(
                 "edge: enrolled as site {} with public key {}",
-                r.body["site"].as_str().unwrap_or("?"),
+                body["site"].as_str().unwrap_or("?"),
                 key.public()
             );
             c

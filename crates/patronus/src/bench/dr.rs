@@ -589,6 +589,17 @@ impl World {
         }
     }
 
+    /// `patronus restore` of the newest backup in the bucket, with `extra`: what it said.
+    fn restore(&self, extra: &[&str]) -> anyhow::Result<String> {
+        let (data, identity) = (
+            self.data.to_string_lossy().into_owned(),
+            self.identity.to_string_lossy().into_owned(),
+        );
+        let mut args = vec!["restore", "--data-dir", &data, "--identity", &identity];
+        args.extend_from_slice(extra);
+        Ok(self.cli(&args)?.trim().to_owned())
+    }
+
     /// Whether `from` gets an answer from `to` through the tunnels (one ping, 300 ms).
     fn reaches(&self, from: &str, to: &str) -> bool {
         let Ok(addr) = self.lab.addr(to, false) else {
@@ -830,14 +841,7 @@ impl World {
                         std::fs::rename(&f, format!("{}.damaged", f.display()))?;
                     }
                 }
-                let out = w.cli(&[
-                    "restore",
-                    "--data-dir",
-                    &w.data.to_string_lossy(),
-                    "--identity",
-                    &w.identity.to_string_lossy(),
-                ])?;
-                notes.push(out.trim().to_owned());
+                notes.push(w.restore(&[])?);
                 w.start_controller(&[])
             },
             &|_| true,
@@ -850,14 +854,7 @@ impl World {
             &mut |w, notes| {
                 w.kill_controller();
                 std::fs::remove_dir_all(&w.data)?;
-                let out = w.cli(&[
-                    "restore",
-                    "--data-dir",
-                    &w.data.to_string_lossy(),
-                    "--identity",
-                    &w.identity.to_string_lossy(),
-                ])?;
-                notes.push(out.trim().to_owned());
+                notes.push(w.restore(&[])?);
                 // The signing key was on the lost machine: a new one, every session ends.
                 w.start_controller(&[("PATRONUS_REPLACE_SIGNING_KEY", "1")])?;
                 let deadline = Instant::now() + Duration::from_secs(30);
@@ -882,16 +879,7 @@ impl World {
                     .context("branch2")?;
                 let r = w.request("DELETE", &format!("/api/v1/sites/{id}"), None)?;
                 anyhow::ensure!(r.status == 204, "DELETE branch2: {}", r.status);
-                let out = w.cli(&[
-                    "restore",
-                    "--site",
-                    "branch2",
-                    "--data-dir",
-                    &w.data.to_string_lossy(),
-                    "--identity",
-                    &w.identity.to_string_lossy(),
-                ])?;
-                notes.push(out.trim().to_owned());
+                notes.push(w.restore(&["--site", "branch2"])?);
                 Ok(())
             },
             // hq reaches branch2's LAN again.

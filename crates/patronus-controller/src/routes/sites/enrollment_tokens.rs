@@ -52,27 +52,10 @@ async fn create_enrollment_token(
     extract::Path(id): extract::Path<i64>,
     extract::Json(req): extract::Json<NewToken>,
 ) -> Result<Response, ApiError> {
-    let minutes = req.expires_in_minutes.unwrap_or(60);
-    if !(1..=10_080).contains(&minutes) {
-        return Err(ApiError::field(
-            "expires_in_minutes",
-            "must be between 1 and 10080",
-        ));
-    }
+    let minutes = valid_minutes(req.expires_in_minutes)?;
     let site = load_site(&mut *s.store.conn().await?, id).await?;
-    let token = format!("{TOKEN_PREFIX}{}", a::b64url(&a::random_bytes::<32>()));
-    let now = now_s();
-    let expires_at = now + i64::from(minutes) * 60;
     let mut tx = s.store.begin().await?;
-    crate::store::enrollment::create_token(
-        &mut tx,
-        id,
-        &a::sha256(token.as_bytes())[..],
-        expires_at,
-        p.user_id(),
-        now,
-    )
-    .await?;
+    let (token, expires_at) = mint(&mut tx, id, minutes, p.user_id()).await?;
     Store::audit(
         &mut tx,
         &p.actor(),
@@ -88,4 +71,39 @@ async fn create_enrollment_token(
         expires_at,
     };
     Ok((StatusCode::CREATED, axum::Json(body)).into_response())
+}
+
+/// `expires_in_minutes` as asked (60 when left out), or the field's error.
+pub(crate) fn valid_minutes(asked: Option<u32>) -> Result<u32, ApiError> {
+    let minutes = asked.unwrap_or(60);
+    if !(1..=10_080).contains(&minutes) {
+        return Err(ApiError::field(
+            "expires_in_minutes",
+            "must be between 1 and 10080",
+        ));
+    }
+    Ok(minutes)
+}
+
+/// A new one-time enrolment token for site `id`, valid `minutes`, stored (its hash) in `tx`:
+/// the token (shown once) and when it expires.
+pub(crate) async fn mint(
+    tx: &mut crate::store::Tx,
+    id: i64,
+    minutes: u32,
+    created_by: Option<i64>,
+) -> Result<(String, i64), ApiError> {
+    let token = format!("{TOKEN_PREFIX}{}", a::b64url(&a::random_bytes::<32>()));
+    let now = now_s();
+    let expires_at = now + i64::from(minutes) * 60;
+    crate::store::enrollment::create_token(
+        tx,
+        id,
+        &a::sha256(token.as_bytes())[..],
+        expires_at,
+        created_by,
+        now,
+    )
+    .await?;
+    Ok((token, expires_at))
 }

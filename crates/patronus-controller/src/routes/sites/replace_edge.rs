@@ -12,10 +12,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::app::{AppState, Operator};
-use crate::auth::{self as a};
 use crate::error::{ApiError, extract};
 use crate::routes::audit_config;
-use crate::routes::enroll::TOKEN_PREFIX;
 use crate::routes::sites::load_site;
 use crate::store::{enrollment, now_s};
 
@@ -65,32 +63,16 @@ async fn replace_edge(
     extract::Path(id): extract::Path<i64>,
     extract::Json(req): extract::Json<ReplaceEdge>,
 ) -> Result<Response, ApiError> {
-    let minutes = req.expires_in_minutes.unwrap_or(60);
-    if !(1..=10_080).contains(&minutes) {
-        return Err(ApiError::field(
-            "expires_in_minutes",
-            "must be between 1 and 10080",
-        ));
-    }
-    let token = format!("{TOKEN_PREFIX}{}", a::b64url(&a::random_bytes::<32>()));
-    let now = now_s();
-    let expires_at = now + i64::from(minutes) * 60;
+    let minutes = super::enrollment_tokens::valid_minutes(req.expires_in_minutes)?;
     let mut tx = s.store.begin().await?;
     let site = load_site(&mut tx, id).await?;
     let (mut revoked, mut forgot) = (0, false);
     if !req.keep_current {
         revoked = enrollment::revoke_credentials(&mut tx, Some(id)).await?;
-        forgot = enrollment::forget_edge(&mut tx, id, now).await?;
+        forgot = enrollment::forget_edge(&mut tx, id, now_s()).await?;
     }
-    enrollment::create_token(
-        &mut tx,
-        id,
-        &a::sha256(token.as_bytes())[..],
-        expires_at,
-        p.user_id(),
-        now,
-    )
-    .await?;
+    let (token, expires_at) =
+        super::enrollment_tokens::mint(&mut tx, id, minutes, p.user_id()).await?;
     audit_config(
         &mut tx,
         &p.actor(),
