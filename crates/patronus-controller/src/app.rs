@@ -316,6 +316,14 @@ impl FromRequestParts<AppState> for Principal {
                 ip,
             });
         }
+        // The key recorded in the database is read on every request with a user's token, so
+        // that no token signed with a key replaced by `rotate-secrets` is taken, not even in
+        // the seconds before this controller's next look (one small read; API keys and site
+        // credentials are looked up in the database anyway).
+        let recorded = crate::store::settings::signing_key(&mut *state.store.conn().await?).await?;
+        if recorded.is_some_and(|r| r != state.tokens.fingerprint()) {
+            crate::server::follow_signing_key(state).await;
+        }
         let id = state
             .tokens
             .check_access(token)

@@ -40,6 +40,9 @@ pub struct Rotated {
     /// were revoked.
     #[serde(skip)]
     pub tokens: Vec<(String, String)>,
+    /// The rotation committed but the new key could not be moved into place: why, and where
+    /// it is (the operator moves it; until then the controllers sign nothing).
+    pub key_not_in_place: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +92,12 @@ pub async fn rotate(
         f.write_all(&key)
             .and_then(|()| f.sync_all())
             .map_err(io(&next))?;
+        // Owned as the key it replaces (the controller's user), not as whoever runs this:
+        // root running it for a controller that runs as its own user.
+        if let Ok(old) = std::fs::metadata(key_file) {
+            use std::os::unix::fs::MetadataExt;
+            std::os::unix::fs::chown(&next, Some(old.uid()), Some(old.gid())).map_err(io(&next))?;
+        }
     }
     let now = now_s();
     let mut tx = store.begin().await?;
@@ -104,6 +113,7 @@ pub async fn rotate(
         credentials_revoked: 0,
         tokens_expired: 0,
         tokens: Vec::new(),
+        key_not_in_place: None,
     };
     if what.revoke_api_keys {
         done.api_keys_revoked = query("UPDATE api_keys SET revoked = 1 WHERE revoked = 0")
@@ -113,11 +123,26 @@ pub async fn rotate(
     }
     if what.revoke_site_credentials {
         done.credentials_revoked = enrollment::revoke_credentials(&mut tx, None).await?;
-        done.tokens_expired = enrollment::expire_tokens(&mut tx, now).await?;
+        // A new token for every site with an edge, and for every site that had a token
+        // waiting (a machine being enrolled or replaced).
+        let waiting: Vec<i64> = query_scalar(
+            "SELECT DISTINCT site_id FROM enrollment_tokens WHERE used_at IS NULL AND expires_at >= ?",
+        )
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        done.tokens_expired = enrollment::expire_tokens(&mut tx, None, now).await?;
         let enrolled: Vec<(i64, String)> =
-            query_as("SELECT id, name FROM sites WHERE public_key IS NOT NULL ORDER BY name")
+            query_as::<(i64, String)>("SELECT id, name FROM sites ORDER BY name")
                 .fetch_all(&mut *tx)
                 .await?;
+        let with_edge: Vec<i64> = query_scalar("SELECT id FROM sites WHERE public_key IS NOT NULL")
+            .fetch_all(&mut *tx)
+            .await?;
+        let enrolled: Vec<(i64, String)> = enrolled
+            .into_iter()
+            .filter(|(id, _)| with_edge.contains(id) || waiting.contains(id))
+            .collect();
         let minutes = what.token_minutes.clamp(1, 10_080);
         for (id, name) in enrolled {
             let (token, _) =
@@ -143,7 +168,18 @@ pub async fn rotate(
     )
     .await?;
     tx.commit().await?;
-    std::fs::rename(&next, key_file).map_err(io(key_file))?;
+    // Committed: whatever happens to the file now, what was done is returned (the new tokens
+    // exist only here), with what is left for the operator.
+    if let Err(e) = std::fs::rename(&next, key_file) {
+        done.key_not_in_place = Some(format!(
+            "the new key is in {} and could not be moved to {} ({e}): move it there (mode 0600, \
+             owned by the controller's user); until then the controllers sign and accept no \
+             token",
+            next.display(),
+            key_file.display()
+        ));
+        return Ok(done);
+    }
     let dir = key_file
         .parent()
         .filter(|d| !d.as_os_str().is_empty())

@@ -348,24 +348,42 @@ pub async fn follow_signing_key(state: &AppState) {
         return;
     }
     let file = &state.config.jwt_key_file;
-    match std::fs::read(file) {
-        Ok(key) if key.len() >= 32 && auth::key_fingerprint(&key) == recorded => {
+    // The file as the controller would read it at start (0600, at least 32 bytes), but never
+    // made here: a missing file is a missing key.
+    let read = std::fs::metadata(file)
+        .map_err(|error| crate::store::StoreError::Io {
+            what: file.display().to_string(),
+            error,
+        })
+        .and_then(|_| auth::load_or_create_key(file))
+        .and_then(|key| {
+            if auth::key_fingerprint(&key) == recorded {
+                Ok(key)
+            } else {
+                Err(crate::store::StoreError::Io {
+                    what: file.display().to_string(),
+                    error: std::io::Error::other("it holds another key than the one recorded"),
+                })
+            }
+        });
+    match read {
+        Ok(key) => {
             state.tokens.replace(&key);
             tracing::warn!(
                 fingerprint = %recorded,
                 "the signing key was replaced: signing with the new jwt_key_file; access tokens signed with the old key are refused"
             );
         }
-        _ if state.tokens.trusted() => {
+        Err(e) if state.tokens.trusted() => {
             state.tokens.distrust();
             tracing::error!(
                 ours = %ours,
                 recorded = %recorded,
-                file = %file.display(),
+                error = %e,
                 "the signing key was replaced and this controller's jwt_key_file is not the new key: it accepts no access token and signs none until the new key is in that file"
             );
         }
-        _ => {}
+        Err(_) => {}
     }
 }
 

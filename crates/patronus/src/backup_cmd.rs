@@ -352,6 +352,12 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
             s.backend,
             s.schema_version
         );
+        eprintln!(
+            "note: what was revoked after {} (API keys, sessions, site credentials) is valid \
+             again; if the backup is older than a breach, run `patronus controller \
+             rotate-secrets` again before serving",
+            m.name
+        );
         if !config.jwt_key_file.exists() {
             // A backup holds no signing key: whoever can read one could forge tokens else.
             eprintln!(

@@ -244,6 +244,9 @@ async fn rotate_secrets(
             }
             f.sync_all().with_context(|| p.display().to_string())?;
         }
+        if let Some(why) = &done.key_not_in_place {
+            eprintln!("rotate-secrets: {why}");
+        }
         outln!(
             "new signing key {} in {} (copy it, mode 0600, to every controller's \
              jwt_key_file); {} sessions ended, {} API keys revoked, {} site credentials \
@@ -263,6 +266,10 @@ async fn rotate_secrets(
                 p.display()
             );
         }
+        anyhow::ensure!(
+            done.key_not_in_place.is_none(),
+            "the rotation is done but the new key is not in place (above)"
+        );
         if let Some(patience) = roll {
             let rolled = patronus_controller::secrets::roll_edge_keys(
                 &store,

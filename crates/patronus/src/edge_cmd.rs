@@ -842,8 +842,17 @@ fn enrol_with(
         })),
         &[],
     )?;
-    if r.status != 200 {
+    // A token refused is a 4xx; a controller too busy (429) or failing (5xx) has not looked
+    // at it, and the token is tried again, not put aside.
+    if (400..500).contains(&r.status) && r.status != 429 && r.status != 408 {
         bail!("enrolment refused: {}", crate::api_client::error_text(&r));
+    }
+    if r.status != 200 {
+        bail!(
+            "the controller did not take the enrolment (HTTP {}): {}",
+            r.status,
+            crate::api_client::error_text(&r)
+        );
     }
     let c = r.body["credential"]
         .as_str()

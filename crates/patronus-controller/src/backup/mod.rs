@@ -247,6 +247,23 @@ fn private_file(path: &Path) -> Result<std::fs::File, BackupError> {
         .map_err(io(path))
 }
 
+/// Makes a new directory under `parent` named `prefix-<random>`, readable by this user only;
+/// fails rather than take one that exists (a shared temporary directory: another user could
+/// have made it, or put a link in it).
+fn fresh_private_dir(parent: &Path, prefix: &str) -> Result<PathBuf, BackupError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut random = [0u8; 8];
+    getrandom::getrandom(&mut random)
+        .map_err(|e| BackupError::Scratch(format!("random bytes: {e}")))?;
+    let name: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let path = parent.join(format!("{prefix}-{name}"));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&path)
+        .map_err(io(&path))?;
+    Ok(path)
+}
+
 /// Makes directory `path` (and its parents) if missing, readable by this user only.
 fn private_dir(path: &Path) -> Result<(), BackupError> {
     use std::os::unix::fs::DirBuilderExt;
@@ -525,12 +542,7 @@ pub async fn verify(
     let (mut reader, check) = open(dir, m, ids)?;
     // Decrypted data: in a directory only this user reads, removed after (keep `scratch` off
     // the backup directory, which may be synced elsewhere).
-    let tmp = scratch.join(format!(
-        ".patronus-verify-{}-{}",
-        std::process::id(),
-        m.name
-    ));
-    private_dir(&tmp)?;
+    let tmp = fresh_private_dir(scratch, ".patronus-verify")?;
     let result = async {
         let db = crate::store::Database::Sqlite(tmp.join("scratch.db"));
         let store = Store::connect(&db)

@@ -214,9 +214,7 @@ impl Destination {
                 remove: false,
             }),
             Self::Object(b) => {
-                let dir =
-                    scratch.join(format!(".patronus-fetch-{}-{}", std::process::id(), m.name));
-                super::private_dir(&dir)?;
+                let dir = super::fresh_private_dir(scratch, ".patronus-fetch")?;
                 let fetched = Fetched { dir, remove: true };
                 b.download(m, &fetched.dir).await?;
                 Ok(fetched)
@@ -335,13 +333,34 @@ impl Bucket {
                 },
                 e => remote(&self.url, e),
             })?;
-        let mut out = tokio::fs::File::from_std(super::private_file(&path)?);
+        let file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(super::io(&path))?
+        };
+        let mut out = tokio::fs::File::from_std(file);
         let mut chunks = got.into_stream();
+        let mut written = 0u64;
         while let Some(chunk) = chunks
             .try_next()
             .await
             .map_err(|e| remote(&self.url, format!("downloading {}.age: {e}", m.name)))?
         {
+            // Never more than the manifest says: the hash check comes after.
+            written += chunk.len() as u64;
+            if written > m.ciphertext_bytes {
+                return Err(BackupError::Corrupt {
+                    name: m.name.clone(),
+                    message: format!(
+                        "the object in {} is larger than its manifest says ({} bytes)",
+                        self.url, m.ciphertext_bytes
+                    ),
+                });
+            }
             out.write_all(&chunk).await.map_err(super::io(&path))?;
         }
         out.flush().await.map_err(super::io(&path))?;

@@ -86,6 +86,18 @@ fn key_replaced() -> ApiError {
     )
 }
 
+/// Inside a transaction that has written a session: the signing key recorded is still this
+/// controller's. Write transactions take turns (SQLite's lock, PostgreSQL's advisory lock), so
+/// a rotation either committed before this read, and the session is not made (the transaction
+/// is dropped, so rolled back), or commits after this one, and revokes it with the others.
+async fn still_the_key(tx: &mut crate::store::Tx, tokens: &Tokens) -> Result<(), ApiError> {
+    let recorded = crate::store::settings::signing_key(tx).await?;
+    if recorded.is_some_and(|r| r != tokens.fingerprint()) {
+        return Err(key_replaced());
+    }
+    Ok(())
+}
+
 async fn issue(
     store: &Store,
     tokens: &Tokens,
@@ -106,6 +118,7 @@ async fn issue(
         now + tokens.refresh_ttl.as_secs() as i64,
     )
     .await?;
+    still_the_key(&mut tx, tokens).await?;
     Store::audit(
         &mut tx,
         actor,
@@ -250,8 +263,16 @@ async fn refresh(
     let old = a::sha256(req.refresh_token.as_bytes());
     let (token, new) = Tokens::refresh();
     let expires = now_s() + s.tokens.refresh_ttl.as_secs() as i64;
-    let user_id = match s.store.rotate_refresh(&old, &new, expires).await? {
+    let user_id = match s
+        .store
+        .rotate_refresh(&old, &new, expires, &s.tokens.fingerprint())
+        .await?
+    {
         RefreshOutcome::Rotated { user_id } => user_id,
+        RefreshOutcome::KeyReplaced => {
+            crate::server::follow_signing_key(&s).await;
+            return Err(key_replaced());
+        }
         RefreshOutcome::Invalid => {
             return Err(ApiError::invalid_token(
                 "the refresh token is invalid or expired",

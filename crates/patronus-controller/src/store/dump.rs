@@ -364,6 +364,11 @@ pub async fn load(
             .fetch_one(&mut *tx)
             .await
             .map_err(db("reading the configuration generation"))?;
+    // The signing key the running controllers use stays the one recorded: a backup from
+    // before a rotation must not make the old (perhaps stolen) key the one again.
+    let signing_key = super::settings::signing_key(&mut tx)
+        .await
+        .map_err(db("reading the signing key's fingerprint"))?;
     for (table, _) in TABLES.iter().rev() {
         query(&format!("DELETE FROM {table}"))
             .execute(&mut *tx)
@@ -443,6 +448,11 @@ pub async fn load(
         .execute(&mut *tx)
         .await
         .map_err(db("clearing the backup schedule"))?;
+    if let Some(fingerprint) = &signing_key {
+        super::settings::claim_signing_key(&mut tx, fingerprint, true, crate::store::now_s())
+            .await
+            .map_err(db("keeping the signing key's fingerprint"))?;
+    }
     let details = serde_json::json!({
         "from": from,
         "created_ms": created_ms,

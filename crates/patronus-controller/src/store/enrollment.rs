@@ -165,15 +165,36 @@ pub async fn forget_edge(conn: &mut Conn, site_id: i64, now: i64) -> Result<bool
     Ok(r.rows_affected() > 0)
 }
 
-/// Makes every unused, unexpired enrolment token expired now (of every site): after a breach,
-/// tokens handed out before enrol nothing. How many.
-pub async fn expire_tokens(conn: &mut Conn, now: i64) -> Result<u64, sqlx::Error> {
-    let r = query(
-        "UPDATE enrollment_tokens SET expires_at = ? WHERE used_at IS NULL AND expires_at >= ?",
-    )
-    .bind(now - 1)
-    .bind(now)
-    .execute(&mut *conn)
-    .await?;
+/// Makes every unused, unexpired enrolment token of site `site_id` (of every site if `None`)
+/// expired now: tokens handed out before a breach, or for a machine now cut off, enrol
+/// nothing. How many.
+pub async fn expire_tokens(
+    conn: &mut Conn,
+    site_id: Option<i64>,
+    now: i64,
+) -> Result<u64, sqlx::Error> {
+    let r = match site_id {
+        Some(id) => {
+            query(
+                "UPDATE enrollment_tokens SET expires_at = ?
+                 WHERE used_at IS NULL AND expires_at >= ? AND site_id = ?",
+            )
+            .bind(now - 1)
+            .bind(now)
+            .bind(id)
+            .execute(&mut *conn)
+            .await?
+        }
+        None => {
+            query(
+                "UPDATE enrollment_tokens SET expires_at = ?
+                 WHERE used_at IS NULL AND expires_at >= ?",
+            )
+            .bind(now - 1)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?
+        }
+    };
     Ok(r.rows_affected())
 }

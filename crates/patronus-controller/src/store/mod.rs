@@ -232,6 +232,8 @@ pub enum RefreshOutcome {
     Invalid,
     /// Already rotated or revoked: someone replayed it. Its whole family is now revoked.
     Reused { user_id: i64 },
+    /// The signing key was replaced since this controller last looked: nothing written.
+    KeyReplaced,
 }
 
 /// The pool of connections to one of the two backends.
@@ -1041,6 +1043,7 @@ impl Store {
         old: &[u8],
         new: &[u8],
         expires_at: i64,
+        signing_key: &str,
     ) -> Result<RefreshOutcome, sqlx::Error> {
         let mut tx = self.begin().await?;
         let row = query(
@@ -1071,6 +1074,15 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         Self::insert_refresh(&mut tx, user_id, &family, new, expires_at).await?;
+        // A rotation of the signing key committed since this controller last looked: no new
+        // session (dropped, the transaction rolls back). Writers take turns, so a rotation
+        // after this commit revokes it with the others.
+        if settings::signing_key(&mut tx)
+            .await?
+            .is_some_and(|k| k != signing_key)
+        {
+            return Ok(RefreshOutcome::KeyReplaced);
+        }
         tx.commit().await?;
         Ok(RefreshOutcome::Rotated { user_id })
     }

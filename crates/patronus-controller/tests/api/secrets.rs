@@ -59,6 +59,16 @@ async fn a_lost_edge_is_cut_off_and_a_new_machine_enrols_with_a_key_of_its_own()
     assert_eq!(r.body["cut_off"], false);
     assert_eq!(config_of(old.clone()).await.status, StatusCode::OK);
 
+    // A token handed out earlier (perhaps with the machine that is now lost).
+    let r = a
+        .call(
+            Method::POST,
+            &format!("/api/v1/sites/{hq}/enrollment-tokens"),
+            Some(&t),
+            Some(json!({})),
+        )
+        .await;
+    let earlier = r.body["token"].as_str().unwrap().to_owned();
     // The machine is lost: cut off now, its key gone from its peers' configuration.
     let r = a
         .call(
@@ -84,6 +94,16 @@ async fn a_lost_edge_is_cut_off_and_a_new_machine_enrols_with_a_key_of_its_own()
     assert_eq!(seen.status, StatusCode::OK);
     assert!(!seen.body.to_string().contains(&key(5)), "{seen:?}");
 
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/enroll",
+            None,
+            Some(json!({ "token": earlier, "public_key": key(8) })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{r:?}");
+    assert!(r.body.to_string().contains("expired"), "{r:?}");
     // The new machine enrols with its own key; its peers get that key.
     let r = a
         .call(
@@ -148,12 +168,16 @@ async fn rotating_secrets_ends_every_session_and_a_controller_without_the_new_ke
     std::fs::copy(&a.state.config.jwt_key_file, &config_b.jwt_key_file).unwrap();
     let b = api_on(config_b, dir_b).await;
     let tb = b.admin().await;
-    for s in [&a, &b] {
-        tokio::spawn(patronus_controller::server::watch_signing_key(
-            s.state.clone(),
-            Duration::from_millis(20),
-        ));
-    }
+    // A backup from before the rotation, restored after it, must not bring the old key back.
+    let (identity, recipient) = patronus_controller::backup::keygen();
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("id"), identity).unwrap();
+    let ids = patronus_controller::backup::identities(&work.path().join("id")).unwrap();
+    let recipients = patronus_controller::backup::recipients(&[recipient]).unwrap();
+    let before =
+        patronus_controller::backup::create(&a.state.store, &work.path().join("b"), &recipients)
+            .await
+            .unwrap();
 
     let actor = Actor {
         id: None,
@@ -183,20 +207,15 @@ async fn rotating_secrets_ends_every_session_and_a_controller_without_the_new_ke
             .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
-    // Controller a reads the new key from its file; b's file still holds the old one, so b
-    // trusts no token and signs none.
-    until("a signs with the new key", || {
-        a.state.tokens.fingerprint() == done.fingerprint && a.state.tokens.trusted()
-    })
-    .await;
-    until("b distrusts its key", || !b.state.tokens.trusted()).await;
-
+    // At once, before any periodic look: the next request with the old key's token is
+    // refused, and controller a now signs with the new key from its file.
     let r = a.call(Method::GET, "/api/v1/users", Some(&t), None).await;
     assert_eq!(
         r.status,
         StatusCode::UNAUTHORIZED,
         "signed with the old key"
     );
+    assert!(a.state.tokens.fingerprint() == done.fingerprint && a.state.tokens.trusted());
     let r = a
         .call(
             Method::POST,
@@ -215,7 +234,9 @@ async fn rotating_secrets_ends_every_session_and_a_controller_without_the_new_ke
         .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{r:?}");
     let r = b.call(Method::GET, "/api/v1/users", Some(&tb), None).await;
+    // b's file still holds the old key: b trusts no token and signs none.
     assert_eq!(r.status, StatusCode::UNAUTHORIZED, "b accepts nothing");
+    assert!(!b.state.tokens.trusted());
     let r = b.login(ADMIN, ADMIN_PW).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{r:?}");
     assert_eq!(r.body["error"]["code"], "signing_key_replaced");
@@ -240,8 +261,12 @@ async fn rotating_secrets_ends_every_session_and_a_controller_without_the_new_ke
         .await;
     assert_eq!(r.status, StatusCode::OK);
 
-    // The new key reaches b's machine: b takes it, and a's tokens work there too.
+    // The new key reaches b's machine: b's periodic look takes it, and a's tokens work there.
     std::fs::copy(&a.state.config.jwt_key_file, &b.state.config.jwt_key_file).unwrap();
+    tokio::spawn(patronus_controller::server::watch_signing_key(
+        b.state.clone(),
+        Duration::from_millis(20),
+    ));
     until("b takes the new key", || b.state.tokens.trusted()).await;
     let r = b.call(Method::GET, "/api/v1/users", Some(&t2), None).await;
     assert_eq!(r.status, StatusCode::OK);
@@ -257,4 +282,25 @@ async fn rotating_secrets_ends_every_session_and_a_controller_without_the_new_ke
     let record = r.body["items"][0].to_string();
     assert!(record.contains(&done.fingerprint), "{record}");
     assert!(!record.contains(&done.tokens[0].1));
+
+    // The backup from before is restored: the key recorded stays the new one (a's tokens keep
+    // working), though what was revoked since is back (restore says so).
+    patronus_controller::backup::restore(
+        &a.state.store,
+        &work.path().join("b"),
+        &before,
+        &ids,
+        &actor,
+        true,
+    )
+    .await
+    .unwrap();
+    let recorded = patronus_controller::store::settings::signing_key(
+        &mut *a.state.store.conn().await.unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(recorded.as_deref(), Some(done.fingerprint.as_str()));
+    let r = a.call(Method::GET, "/api/v1/users", Some(&t2), None).await;
+    assert_eq!(r.status, StatusCode::OK);
 }

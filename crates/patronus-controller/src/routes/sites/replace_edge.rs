@@ -29,8 +29,8 @@ pub struct ReplaceEdge {
     #[schema(minimum = 1, maximum = 10080)]
     pub expires_in_minutes: Option<u32>,
     /// Leave the current machine working until the new one enrols (a planned swap). By
-    /// default the lost machine is cut off now: its credential is revoked and its key
-    /// forgotten, so its peers drop it at once.
+    /// default the lost machine is cut off now: its credential is revoked, its key forgotten
+    /// (its peers drop it at once), and the site's unused enrolment tokens expire.
     #[serde(default)]
     pub keep_current: bool,
 }
@@ -70,6 +70,8 @@ async fn replace_edge(
     if !req.keep_current {
         revoked = enrollment::revoke_credentials(&mut tx, Some(id)).await?;
         forgot = enrollment::forget_edge(&mut tx, id, now_s()).await?;
+        // Tokens handed out before (perhaps with the lost machine) enrol nothing.
+        enrollment::expire_tokens(&mut tx, Some(id), now_s()).await?;
     }
     let (token, expires_at) =
         super::enrollment_tokens::mint(&mut tx, id, minutes, p.user_id()).await?;
