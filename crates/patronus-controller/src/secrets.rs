@@ -124,25 +124,16 @@ pub async fn rotate(
     if what.revoke_site_credentials {
         done.credentials_revoked = enrollment::revoke_credentials(&mut tx, None).await?;
         // A new token for every site with an edge, and for every site that had a token
-        // waiting (a machine being enrolled or replaced).
-        let waiting: Vec<i64> = query_scalar(
-            "SELECT DISTINCT site_id FROM enrollment_tokens WHERE used_at IS NULL AND expires_at >= ?",
+        // waiting (a machine being enrolled or replaced): read before those expire.
+        let enrolled: Vec<(i64, String)> = query_as(
+            "SELECT id, name FROM sites WHERE public_key IS NOT NULL OR id IN
+                 (SELECT site_id FROM enrollment_tokens WHERE used_at IS NULL AND expires_at >= ?)
+             ORDER BY name",
         )
         .bind(now)
         .fetch_all(&mut *tx)
         .await?;
         done.tokens_expired = enrollment::expire_tokens(&mut tx, None, now).await?;
-        let enrolled: Vec<(i64, String)> =
-            query_as::<(i64, String)>("SELECT id, name FROM sites ORDER BY name")
-                .fetch_all(&mut *tx)
-                .await?;
-        let with_edge: Vec<i64> = query_scalar("SELECT id FROM sites WHERE public_key IS NOT NULL")
-            .fetch_all(&mut *tx)
-            .await?;
-        let enrolled: Vec<(i64, String)> = enrolled
-            .into_iter()
-            .filter(|(id, _)| with_edge.contains(id) || waiting.contains(id))
-            .collect();
         let minutes = what.token_minutes.clamp(1, 10_080);
         for (id, name) in enrolled {
             let (token, _) =

@@ -861,18 +861,21 @@ impl Retention {
         }
         keep
     }
+
+    /// The backups of `all` (as listed) that this retention does not keep.
+    pub fn doomed(&self, all: Vec<Manifest>) -> Vec<Manifest> {
+        let times: Vec<i64> = all.iter().map(|m| m.created_ms).collect();
+        all.into_iter()
+            .zip(self.keep(&times))
+            .filter_map(|(m, keep)| (!keep).then_some(m))
+            .collect()
+    }
 }
 
 /// Deletes the backups in `dir` that `retention` does not keep; returns the names deleted.
 pub fn prune(dir: &Path, retention: &Retention) -> Result<Vec<String>, BackupError> {
-    let all = list(dir)?;
-    let times: Vec<i64> = all.iter().map(|m| m.created_ms).collect();
-    let keep = retention.keep(&times);
     let mut gone = Vec::new();
-    for (m, k) in all.iter().zip(keep) {
-        if k {
-            continue;
-        }
+    for m in retention.doomed(list(dir)?) {
         // The manifest first: a backup without one is not listed, so a prune cut short
         // leaves no listed backup without its file.
         for ext in ["json", "age"] {
@@ -883,7 +886,7 @@ pub fn prune(dir: &Path, retention: &Retention) -> Result<Vec<String>, BackupErr
                 Err(e) => return Err(io(&p)(e)),
             }
         }
-        gone.push(m.name.clone());
+        gone.push(m.name);
     }
     sync_dir(dir);
     Ok(gone)

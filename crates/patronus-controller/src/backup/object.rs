@@ -182,13 +182,8 @@ impl Destination {
         match self {
             Self::Dir(d) => super::prune(d, retention),
             Self::Object(b) => {
-                let all = b.list().await?;
-                let times: Vec<i64> = all.iter().map(|m| m.created_ms).collect();
                 let mut gone = Vec::new();
-                for (m, keep) in all.iter().zip(retention.keep(&times)) {
-                    if keep {
-                        continue;
-                    }
+                for m in retention.doomed(b.list().await?) {
                     // The manifest first, as in a directory.
                     for ext in ["json", "age"] {
                         let key = b.key(&format!("{}.{ext}", m.name));
@@ -197,7 +192,7 @@ impl Destination {
                             Err(e) => return Err(remote(&b.url, e)),
                         }
                     }
-                    gone.push(m.name.clone());
+                    gone.push(m.name);
                 }
                 Ok(gone)
             }

@@ -119,6 +119,31 @@ async fn populated() -> (Api, String) {
     (a, t)
 }
 
+/// Deletes site `name` through the API (as an operator's mistake would); its id.
+async fn delete_site(a: &Api, t: &str, name: &str) -> i64 {
+    let r = a
+        .call(Method::GET, "/api/v1/sites?limit=10", Some(t), None)
+        .await;
+    let id = r.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    let r = a
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/sites/{id}"),
+            Some(t),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
+    id
+}
+
 fn keys(
     dir: &Path,
 ) -> (
@@ -190,26 +215,7 @@ async fn a_backup_restores_what_it_held_here_and_on_the_other_backend_and_age_re
     assert_eq!(v.integrity, "ok");
 
     // Changes after the backup: a site deleted, a policy added.
-    let r = a
-        .call(Method::GET, "/api/v1/sites?limit=10", Some(&t), None)
-        .await;
-    let b2 = r.body["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "b2")
-        .unwrap()["id"]
-        .as_i64()
-        .unwrap();
-    let r = a
-        .call(
-            Method::DELETE,
-            &format!("/api/v1/sites/{b2}"),
-            Some(&t),
-            None,
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
+    let b2 = delete_site(&a, &t, "b2").await;
     let r = a
         .call(
             Method::POST,
@@ -840,9 +846,12 @@ async fn backups_go_to_an_s3_bucket_and_the_latest_comes_back_from_it() {
 
     let mut taken = Vec::new();
     for _ in 0..3 {
-        taken.push(dest.create(store, &recipients).await.unwrap());
-        // Names are the snapshot's millisecond.
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let m = dest.create(store, &recipients).await.unwrap();
+        // Names are the snapshot's millisecond: the next one is taken in a later one.
+        while patronus_controller::store::now_ms() <= m.created_ms {
+            tokio::task::yield_now().await;
+        }
+        taken.push(m);
     }
     let held = tables_now(store).await;
     let listed = dest.list().await.unwrap();
@@ -875,26 +884,7 @@ async fn backups_go_to_an_s3_bucket_and_the_latest_comes_back_from_it() {
     assert_eq!(server.keys("patronus-backups").unwrap().len(), 2);
 
     // A change after the last backup; the latest comes back, checked and whole.
-    let r = a
-        .call(Method::GET, "/api/v1/sites?limit=10", Some(&t), None)
-        .await;
-    let b1 = r.body["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "b1")
-        .unwrap()["id"]
-        .as_i64()
-        .unwrap();
-    let r = a
-        .call(
-            Method::DELETE,
-            &format!("/api/v1/sites/{b1}"),
-            Some(&t),
-            None,
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
+    delete_site(&a, &t, "b1").await;
     assert_ne!(tables_now(store).await["sites"], held["sites"]);
     let scratch = work.path().join("scratch");
     std::fs::create_dir(&scratch).unwrap();
