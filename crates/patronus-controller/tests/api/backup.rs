@@ -144,7 +144,7 @@ async fn delete_site(a: &Api, t: &str, name: &str) -> i64 {
     id
 }
 
-fn keys(
+pub(crate) fn keys(
     dir: &Path,
 ) -> (
     Vec<age::x25519::Recipient>,

@@ -169,11 +169,8 @@ async fn rotating_secrets_ends_every_session_and_a_controller_without_the_new_ke
     let b = api_on(config_b, dir_b).await;
     let tb = b.admin().await;
     // A backup from before the rotation, restored after it, must not bring the old key back.
-    let (identity, recipient) = patronus_controller::backup::keygen();
     let work = tempfile::tempdir().unwrap();
-    std::fs::write(work.path().join("id"), identity).unwrap();
-    let ids = patronus_controller::backup::identities(&work.path().join("id")).unwrap();
-    let recipients = patronus_controller::backup::recipients(&[recipient]).unwrap();
+    let (recipients, ids, _) = super::backup::keys(work.path());
     let before =
         patronus_controller::backup::create(&a.state.store, &work.path().join("b"), &recipients)
             .await
