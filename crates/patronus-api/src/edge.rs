@@ -415,6 +415,16 @@ pub struct EdgeLocal {
     /// compiled in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
+    /// The controller's certificate fingerprint (`sha256:…`, as it prints it at start), or a
+    /// list of them (several controllers with certificates of their own): trusted instead of
+    /// any CA. `patronus edge enroll --ca-fingerprint` keeps one in the state directory
+    /// instead.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "one_or_many"
+    )]
+    pub ca_fingerprint: Vec<String>,
     /// Where the edge keeps its private key, its credential and the last configuration it got
     /// (created 0700; the files in it 0600).
     pub state_dir: PathBuf,
@@ -429,6 +439,20 @@ pub struct EdgeLocal {
     /// Bounds on the replies to handshake initiations (see [`HandshakeLimits`]).
     #[serde(default)]
     pub handshake: HandshakeLimits,
+}
+
+/// A string, or a list of them.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match <OneOrMany as serde::Deserialize>::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 /// The controllers an edge talks to: one base URL, or several controllers over one database

@@ -54,6 +54,8 @@ pub struct Inner {
     pub stopping: tokio::sync::watch::Sender<bool>,
     /// The TLS client of `https://` webhooks.
     pub webhook_tls: Arc<rustls::ClientConfig>,
+    /// The API's TLS (its certificate), set by [`crate::server::prepare`] unless `plain_http`.
+    pub tls: std::sync::OnceLock<Arc<crate::https::ServerTls>>,
 }
 
 /// A path's latest reported measurement.
@@ -142,6 +144,7 @@ impl AppState {
             stopping: tokio::sync::watch::Sender::new(false),
             backups: std::sync::Mutex::new(crate::backup::Status::default()),
             webhook_tls,
+            tls: std::sync::OnceLock::new(),
             config,
             store,
         }))

@@ -16,8 +16,11 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/patronus";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    /// Address the HTTP API listens on.
+    /// Address the API listens on (HTTPS, or HTTP with `plain_http`).
     pub listen: SocketAddr,
+    /// How the API is served: TLS from the given files, TLS from a self-signed certificate
+    /// made on first start (the default), or plain HTTP.
+    pub tls: Tls,
     /// Directory for the database and the token signing key (created 0700).
     pub data_dir: PathBuf,
     /// Where the state lives: an SQLite file (a path or `sqlite://<path>`; default
@@ -84,6 +87,21 @@ pub struct Config {
     pub backup_s3_region: String,
 }
 
+/// How the controller serves its API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tls {
+    /// HTTPS from `tls_cert_file` (the chain, PEM) and `tls_key_file` (its key, PEM, not
+    /// readable by everyone), read again on SIGHUP and when they change.
+    Files { cert: PathBuf, key: PathBuf },
+    /// HTTPS from a self-signed certificate made on first start in `<data_dir>/tls/` for
+    /// loopback, the host name, the listen address and these `tls_names`; clients pin its
+    /// fingerprint.
+    SelfSigned { names: Vec<String> },
+    /// `plain_http = true`: no TLS. Refused beyond loopback unless `trusted_proxies` names the
+    /// TLS-terminating proxy in front.
+    Plain,
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self::with_data_dir(PathBuf::from(DEFAULT_DATA_DIR))
@@ -95,6 +113,7 @@ impl Config {
     pub fn with_data_dir(dir: PathBuf) -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tls: Tls::SelfSigned { names: Vec::new() },
             database: Database::Sqlite(dir.join("controller.db")),
             jwt_key_file: dir.join("jwt.key"),
             access_token_ttl: Duration::from_secs(15 * 60),
@@ -126,6 +145,10 @@ impl Config {
 /// The keys a configuration file may hold, each also `PATRONUS_<KEY>` in the environment.
 pub const KEYS: &[&str] = &[
     "listen",
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_names",
+    "plain_http",
     "data_dir",
     "database",
     "jwt_key_file",
@@ -201,14 +224,14 @@ impl Config {
                 path: path.to_owned(),
                 error: e.to_string(),
             })?;
-            // A `[backup]` table holds the backup_* keys without their prefix
-            // (`[backup] interval_s = 3600` is `backup_interval_s = 3600`).
+            // A `[backup]` or `[tls]` table holds the backup_* or tls_* keys without their
+            // prefix (`[backup] interval_s = 3600` is `backup_interval_s = 3600`).
             let mut flat = Vec::new();
             for (k, v) in table {
                 match (k.as_str(), v) {
-                    ("backup", toml::Value::Table(t)) => {
-                        for (bk, bv) in t {
-                            flat.push((format!("backup_{bk}"), format!("backup.{bk}"), bv));
+                    (t @ ("backup" | "tls"), toml::Value::Table(inner)) => {
+                        for (bk, bv) in inner {
+                            flat.push((format!("{t}_{bk}"), format!("{t}.{bk}"), bv));
                         }
                     }
                     (_, v) => flat.push((k.clone(), k, v)),
@@ -218,7 +241,7 @@ impl Config {
                 if values.iter().any(|(have, _)| *have == k) {
                     errors.push(
                         format!("{shown} ({})", path.display()),
-                        "given twice (at the top and in [backup])",
+                        "given twice (at the top and in its table)",
                     );
                 } else if KEYS.contains(&k.as_str()) {
                     let from = format!("{} ({})", shown, path.display());
@@ -244,6 +267,7 @@ impl Config {
             let value = raw
                 .parse::<i64>()
                 .map(toml::Value::Integer)
+                .or_else(|_| raw.parse::<bool>().map(toml::Value::Boolean))
                 .unwrap_or_else(|_| toml::Value::String(raw.clone()));
             values.retain(|(k, _)| *k != key);
             values.push((key, Source { value, from: name }));
@@ -441,6 +465,7 @@ impl Config {
         if let Some(v) = flags.listen {
             c.listen = v;
         }
+        c.tls = tls(&values, &c, &mut errors);
         if let Some(v) = &flags.database {
             match Database::parse(v) {
                 Ok(d) => c.database = d,
@@ -449,6 +474,64 @@ impl Config {
         }
         errors.into_result().map_err(ConfigError::Invalid)?;
         Ok(c)
+    }
+}
+
+/// The `tls_*` and `plain_http` keys, checked against each other and against where the
+/// controller listens.
+fn tls(values: &[(String, Source)], c: &Config, errors: &mut FieldErrors) -> Tls {
+    let cert: Option<PathBuf> = take(values, "tls_cert_file", errors);
+    let key: Option<PathBuf> = take(values, "tls_key_file", errors);
+    let names = list(values, "tls_names", "host names or addresses", errors);
+    let plain = take::<bool>(values, "plain_http", errors).unwrap_or(false);
+    let given = |k: &str| values.iter().any(|(have, _)| have == k);
+    if plain {
+        for k in ["tls_cert_file", "tls_key_file", "tls_names"] {
+            if given(k) {
+                errors.push(
+                    source_of(values, k),
+                    "plain_http = true serves no TLS: remove one of the two",
+                );
+            }
+        }
+        if !c.listen.ip().is_loopback() && c.trusted_proxies.is_empty() {
+            errors.push(
+                source_of(values, "plain_http"),
+                format!(
+                    "plain HTTP on {} would carry passwords and tokens unencrypted beyond this                      machine: serve TLS (remove plain_http), listen on loopback, or name the                      TLS-terminating proxy in front in trusted_proxies",
+                    c.listen
+                ),
+            );
+        }
+        return Tls::Plain;
+    }
+    match (cert, key) {
+        (Some(cert), Some(key)) => {
+            if given("tls_names") {
+                errors.push(
+                    source_of(values, "tls_names"),
+                    "names only the self-signed certificate; with tls_cert_file the                      certificate's own names count",
+                );
+            }
+            Tls::Files { cert, key }
+        }
+        (None, None) => Tls::SelfSigned {
+            names: names.unwrap_or_default(),
+        },
+        (Some(_), None) => {
+            errors.push(
+                source_of(values, "tls_cert_file"),
+                "needs tls_key_file (the certificate's private key) too",
+            );
+            Tls::Plain
+        }
+        (None, Some(_)) => {
+            errors.push(
+                source_of(values, "tls_key_file"),
+                "needs tls_cert_file (the certificate chain) too",
+            );
+            Tls::Plain
+        }
     }
 }
 

@@ -9,6 +9,8 @@
 //!   roles, rate limits and lockout.
 //! - [`app`] and [`routes`]: the axum router, one error shape ([`error`]).
 //! - [`webhooks`]: events told to the URLs admins registered, signed, retried.
+//! - [`https`]: the controller's own TLS: its certificate (given, or made on first start),
+//!   reloaded when it changes.
 //! - [`server`]: start-up (first admin, key, database), serving and graceful shutdown.
 //! - [`backup`]: encrypted, verified backups of the whole state, their retention and restore.
 
@@ -19,6 +21,7 @@ pub mod compile;
 pub mod config;
 pub mod docs;
 pub mod error;
+pub mod https;
 pub mod metrics;
 pub mod presence;
 pub mod routes;

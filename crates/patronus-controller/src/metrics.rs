@@ -32,6 +32,8 @@ pub struct HttpMetrics {
     latency: Mutex<BTreeMap<(String, String), Histogram>>,
     /// Connections closed at once for being over a connection cap.
     refused: std::sync::atomic::AtomicU64,
+    /// TLS handshakes that failed or timed out.
+    handshakes_failed: std::sync::atomic::AtomicU64,
 }
 
 /// The methods counted by name; any other is counted as `other`.
@@ -75,8 +77,24 @@ impl HttpMetrics {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Counts a TLS handshake that failed or timed out (a client that does not trust the
+    /// certificate, a scanner, a client that sent nothing).
+    pub fn failed_handshake(&self) {
+        self.handshakes_failed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The HTTP families, in the text exposition format.
     pub fn render(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP patronus_http_tls_handshakes_failed_total TLS handshakes on the API's port \
+             that failed or timed out (a client that refuses the certificate, a scanner).\n\
+             # TYPE patronus_http_tls_handshakes_failed_total counter\n\
+             patronus_http_tls_handshakes_failed_total {}",
+            self.handshakes_failed
+                .load(std::sync::atomic::Ordering::Relaxed)
+        );
         let _ = writeln!(
             out,
             "# HELP patronus_http_connections_refused_total Connections closed at once for being over \

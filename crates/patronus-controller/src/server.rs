@@ -1,5 +1,6 @@
 //! Start-up and serving: the data directory, the database, the signing key, the first admin,
-//! then HTTP until SIGTERM or Ctrl-C, finishing the requests in flight.
+//! the TLS certificate, then HTTPS (or HTTP) until SIGTERM or Ctrl-C, finishing the requests in
+//! flight.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -27,7 +28,11 @@ pub async fn prepare(config: Config, env: &[(String, String)]) -> anyhow::Result
     // start, not the first scheduled backup hours later.
     let destination = crate::backup::Destination::from_config(&config, env)
         .context("backup_url (scheduled backups)")?;
+    let tls = crate::https::ServerTls::from_config(&config)?;
     let state = AppState::new(config, store, &key, webhook_tls);
+    if let Some(tls) = tls {
+        let _ = state.tls.set(tls);
+    }
     state
         .backups
         .lock()
@@ -180,33 +185,81 @@ pub fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// Where the controller serves, once it does.
+#[derive(Debug, Clone)]
+pub struct Listening {
+    pub addr: SocketAddr,
+    /// The served certificate's fingerprint (`sha256:…`), unless `plain_http`.
+    pub fingerprint: Option<String>,
+}
+
+impl Listening {
+    /// The API's base URL: `https://addr` (or `http://` with `plain_http`).
+    pub fn url(&self) -> String {
+        let scheme = if self.fingerprint.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
+    }
+}
+
 /// Serves until `shutdown` completes, then finishes the requests in flight (for at most the
-/// request timeout) and closes the store.
+/// request timeout) and closes the store; with the background work of a controller
+/// (webhooks, scheduled backups, housekeeping, following the signing key and the TLS
+/// certificate files).
+pub async fn serve(
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    on_listening: impl FnOnce(&Listening),
+) -> anyhow::Result<()> {
+    let addr = state.config.listen;
+    let listener = listen(addr).with_context(|| format!("listening on {addr}"))?;
+    let tls = state.tls.get().cloned();
+    if let Some(tls) = &tls {
+        // Installed before the listener is announced: a SIGHUP from then on reloads the
+        // certificate instead of ending the process.
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("watching SIGHUP")?;
+        tokio::spawn(crate::https::watch(
+            tls.clone(),
+            Some(hup),
+            crate::https::LOOK_EVERY,
+        ));
+    }
+    on_listening(&Listening {
+        addr: listener.local_addr()?,
+        fingerprint: tls.as_ref().map(|t| t.fingerprint()),
+    });
+    crate::webhooks::start(&state);
+    tokio::spawn(crate::backup::schedule(state.clone()));
+    tokio::spawn(housekeeping(state.store.clone()));
+    tokio::spawn(watch_signing_key(state.clone(), SIGNING_KEY_LOOK));
+    serve_connections(state, listener, shutdown).await
+}
+
+/// The connections of [`serve`], on `listener`, over TLS when the state has a certificate.
 ///
 /// Connections are served here rather than by `axum::serve`, for what an exposed service needs
 /// and it lacks: at most `max_connections` at once (and never more than the open-file limit
 /// leaves room for), at most `max_connections_per_address` from one address, a header-read
-/// timeout counted from a request's first byte, and an idle timeout for connections with no
-/// request in flight. A connection over a cap is closed at once: a client that opens sockets and
-/// sends nothing cannot starve the others.
-pub async fn serve(
+/// timeout counted from a request's first byte (and one for the TLS handshake), and an idle
+/// timeout for connections with no request in flight. A connection over a cap is closed at
+/// once: a client that opens sockets and sends nothing cannot starve the others.
+pub async fn serve_connections(
     state: AppState,
+    listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    on_listening: impl FnOnce(SocketAddr),
 ) -> anyhow::Result<()> {
-    let addr = state.config.listen;
-    let listener = listen(addr).with_context(|| format!("listening on {addr}"))?;
-    on_listening(listener.local_addr()?);
     let store = state.store.clone();
-    crate::webhooks::start(&state);
-    tokio::spawn(crate::backup::schedule(state.clone()));
-    tokio::spawn(housekeeping(store.clone()));
-    tokio::spawn(watch_signing_key(state.clone(), SIGNING_KEY_LOOK));
+    let tls = state.tls.get().cloned();
     let limits = Arc::new(Limits::new(&state.config));
     tracing::info!(
         max_connections = limits.total,
         per_address = limits.per_address,
-        "serving HTTP"
+        tls = tls.is_some(),
+        "serving the API"
     );
     let timeouts = Timeouts {
         header: state.config.header_read_timeout,
@@ -238,14 +291,33 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        connections.spawn(serve_connection(
-            app.clone(),
-            stream,
-            peer,
-            slot,
-            timeouts,
-            stopped.clone(),
-        ));
+        let (app, stopped) = (app.clone(), stopped.clone());
+        match &tls {
+            None => {
+                connections.spawn(serve_connection(app, stream, peer, slot, timeouts, stopped));
+            }
+            Some(tls) => {
+                let (acceptor, state) = (tls.acceptor(), state.clone());
+                connections.spawn(async move {
+                    // The handshake has the header-read timeout: a client that connects and
+                    // sends nothing (or half a handshake) holds its slot no longer than one
+                    // that sends half a request.
+                    match tokio::time::timeout(timeouts.header, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            serve_connection(app, tls, peer, slot, timeouts, stopped).await;
+                        }
+                        Ok(Err(e)) => {
+                            state.http.failed_handshake();
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            state.http.failed_handshake();
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                        }
+                    }
+                });
+            }
+        }
     }
     drop(listener);
     state.stopping.send_replace(true);
@@ -510,14 +582,16 @@ fn deadline(a: &Activity, t: Timeouts) -> Option<Instant> {
 
 /// Serves one connection until it closes, times out, or the server stops (then its request in
 /// flight is finished and the connection closed).
-async fn serve_connection(
+async fn serve_connection<S>(
     app: axum::Router,
-    stream: tokio::net::TcpStream,
+    stream: S,
     peer: SocketAddr,
     slot: Slot,
     t: Timeouts,
     mut stopped: tokio::sync::watch::Receiver<bool>,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let activity: Shared = Arc::new(Mutex::new(Activity {
         in_flight: 0,
         idle_since: Instant::now(),
@@ -599,13 +673,13 @@ impl Drop for InFlight {
     }
 }
 
-/// A client socket that notes when a request's first byte arrives.
-struct Watched {
-    inner: tokio::net::TcpStream,
+/// A client connection that notes when a request's first byte arrives.
+struct Watched<S> {
+    inner: S,
     activity: Shared,
 }
 
-impl tokio::io::AsyncRead for Watched {
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<S> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -623,7 +697,7 @@ impl tokio::io::AsyncRead for Watched {
     }
 }
 
-impl tokio::io::AsyncWrite for Watched {
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<S> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,

@@ -37,3 +37,149 @@ pub fn client_config(
         .with_no_client_auth();
     Ok(Arc::new(tls))
 }
+
+/// A certificate's SHA-256 fingerprint as Patronus prints it: `sha256:` and 64 lowercase hex
+/// digits, over the certificate's DER bytes (the same digest as
+/// `openssl x509 -noout -fingerprint -sha256`, which prints it in upper case with colons).
+pub fn fingerprint(der: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(der);
+    let mut s = String::with_capacity(71);
+    s.push_str("sha256:");
+    for b in digest {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+/// A fingerprint to pin, in Patronus's form (`sha256:…`) or openssl's (`AB:CD:…`, with or
+/// without `SHA256 Fingerprint=` before it): 32 bytes of hex, in any case, colons allowed.
+pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], String> {
+    let t = s.trim();
+    let t = t
+        .strip_prefix("sha256 Fingerprint=")
+        .or_else(|| t.strip_prefix("SHA256 Fingerprint="))
+        .or_else(|| t.strip_prefix("sha256:"))
+        .or_else(|| t.strip_prefix("SHA256:"))
+        .unwrap_or(t);
+    let hex: Vec<u8> = t.bytes().filter(|&b| b != b':').collect();
+    let bad = || {
+        format!(
+            "{s:?} is not a SHA-256 certificate fingerprint (sha256: and 64 hex digits, as the \
+             controller prints it at start)"
+        )
+    };
+    if hex.len() != 64 {
+        return Err(bad());
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        let text = std::str::from_utf8(pair).map_err(|_| bad())?;
+        out[i] = u8::from_str_radix(text, 16).map_err(|_| bad())?;
+    }
+    Ok(out)
+}
+
+/// A client configuration that trusts exactly the certificates whose fingerprints are `pins`
+/// (a controller's self-signed one, or those of several controllers over one database), as
+/// SSH trusts a host key: no CA, no name, no validity dates. The server must still prove it
+/// holds the certificate's private key (its handshake signature is checked with the pinned
+/// certificate's public key), so the pin cannot be used by anyone who merely has the
+/// certificate.
+pub fn pinned_client_config(pins: Vec<[u8; 32]>) -> Result<Arc<rustls::ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(Pinned {
+        pins,
+        algorithms: provider.signature_verification_algorithms,
+    });
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok(Arc::new(tls))
+}
+
+/// The verifier of [`pinned_client_config`].
+#[derive(Debug)]
+struct Pinned {
+    pins: Vec<[u8; 32]>,
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+/// The error a client gets from a controller whose certificate is not the pinned one.
+#[derive(Debug)]
+pub struct NotPinned {
+    /// The fingerprint of the certificate the server showed.
+    pub seen: String,
+}
+
+impl std::fmt::Display for NotPinned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the controller's certificate has fingerprint {}, which is not the pinned one: \
+             this is another server, or the controller's certificate was replaced (then pin \
+             the new fingerprint it prints at start)",
+            self.seen
+        )
+    }
+}
+
+impl std::error::Error for NotPinned {}
+
+/// The [`NotPinned`] inside a failed TLS connection's error, if that is why it failed (rustls
+/// shows it only in debug form).
+pub fn not_pinned(e: &std::io::Error) -> Option<&NotPinned> {
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o)) => {
+            o.0.downcast_ref::<NotPinned>()
+        }
+        _ => None,
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use sha2::Digest;
+        let digest: [u8; 32] = sha2::Sha256::digest(end_entity.as_ref()).into();
+        if self.pins.contains(&digest) {
+            return Ok(rustls::client::danger::ServerCertVerified::assertion());
+        }
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Other(rustls::OtherError(Arc::new(NotPinned {
+                seen: fingerprint(end_entity.as_ref()),
+            }))),
+        ))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}

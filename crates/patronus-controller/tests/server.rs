@@ -101,6 +101,8 @@ async fn start(tune: impl FnOnce(&mut Config)) -> Running {
     let mut config = Config::with_data_dir(dir.path().join("state"));
     config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.auth_rate_per_minute = 10_000;
+    // These tests speak raw HTTP to the server; the TLS ones set `tls` themselves.
+    config.tls = patronus_controller::config::Tls::Plain;
     tune(&mut config);
     let env = vec![
         ("PATRONUS_ADMIN_EMAIL".to_string(), ADMIN.to_string()),
@@ -118,8 +120,8 @@ async fn start(tune: impl FnOnce(&mut Config)) -> Running {
             async {
                 let _ = stopped.await;
             },
-            move |a| {
-                let _ = tx.send(a);
+            move |a: &patronus_controller::server::Listening| {
+                let _ = tx.send(a.addr);
             },
         )
         .await

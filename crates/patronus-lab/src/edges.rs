@@ -186,6 +186,7 @@ pub fn local_config(plan: &Plan, index: usize, controller: &str, state_dir: Path
     EdgeLocal {
         controller: controller.into(),
         ca_file: None,
+        ca_fingerprint: Vec::new(),
         state_dir,
         listen_port: EDGE_PORT,
         tun_name: "patronus0".into(),

@@ -18,18 +18,33 @@ pub enum Output {
 #[derive(Debug, Args)]
 pub struct LoginArgs {
     /// The controller's base URL.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    #[arg(long, default_value = "https://127.0.0.1:8080")]
     url: String,
     #[arg(long)]
     email: String,
+    /// Trust only the controller certificate with this SHA-256 fingerprint (the controller
+    /// prints it at start; `sha256:…` or openssl's colon form), kept with the session; also
+    /// PATRONUS_CA_FINGERPRINT. Without it, the controller's certificate must come from a
+    /// trusted CA (the Mozilla roots, or PATRONUS_CA_FILE).
+    #[arg(long)]
+    ca_fingerprint: Option<String>,
 }
 
 /// Logs in (the password typed without echo on a terminal, else the first line of stdin) and
 /// keeps the tokens 0600 in the user's config directory.
 pub fn login(a: LoginArgs) -> anyhow::Result<()> {
+    // Checked before the password is asked for; pinned before anything is sent.
+    let fp = a.ca_fingerprint.clone().or_else(|| {
+        std::env::var("PATRONUS_CA_FINGERPRINT")
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+    });
+    if let Some(fp) = &fp {
+        api_client::pin(std::slice::from_ref(fp)).context("--ca-fingerprint")?;
+    }
     let password = terminal::read_secret(&format!("password for {} at {}: ", a.email, a.url))
         .context("the password")?;
-    let creds = api_client::login(&a.url, &a.email, &password)?;
+    let creds = api_client::login(&a.url, &a.email, &password, fp.as_deref())?;
     let path = api_client::save(&creds)?;
     outln!(
         "logged in to {} as {} (session kept in {})",

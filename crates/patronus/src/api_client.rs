@@ -2,9 +2,11 @@
 //! TCP, one connection per request, credentials kept 0600 in the user's config directory, the
 //! access token refreshed when it lapses.
 //!
-//! It speaks `https://` (rustls; the Mozilla roots compiled in, plus the CA certificates of
-//! `PATRONUS_CA_FILE` or an edge's `ca_file`) and `http://` (loopback, a lab, a trusted
-//! network). A controller served beyond loopback sits behind a TLS-terminating proxy.
+//! It speaks `https://` (rustls): to a controller whose certificate fingerprint is pinned
+//! (`--ca-fingerprint`, `PATRONUS_CA_FINGERPRINT` or an edge's `ca_fingerprint`: the
+//! controller's self-signed certificate), or else trusting the Mozilla roots compiled in plus
+//! the CA certificates of `PATRONUS_CA_FILE` or an edge's `ca_file`. And `http://` to a
+//! controller served with `plain_http` (loopback, or behind a TLS-terminating proxy).
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -22,6 +24,9 @@ pub struct Credentials {
     pub email: String,
     pub access_token: String,
     pub refresh_token: String,
+    /// The controller certificate's fingerprint pinned at login (`--ca-fingerprint`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_fingerprint: Option<String>,
 }
 
 /// `$XDG_CONFIG_HOME/patronus/credentials.json`, or `~/.config/patronus/credentials.json`.
@@ -69,12 +74,16 @@ pub fn load() -> anyhow::Result<Credentials> {
     let path = credentials_path()?;
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!(
-            "no login at {}: run `patronus login --url http://HOST:8080 --email YOU` first",
+            "no login at {}: run `patronus login --url https://HOST:8080 --email YOU` first",
             path.display()
         )
     })?;
-    serde_json::from_str(&text)
-        .with_context(|| format!("{} is damaged; log in again", path.display()))
+    let creds: Credentials = serde_json::from_str(&text)
+        .with_context(|| format!("{} is damaged; log in again", path.display()))?;
+    if let Some(fp) = &creds.ca_fingerprint {
+        pin(std::slice::from_ref(fp))?;
+    }
+    Ok(creds)
 }
 
 /// One HTTP response.
@@ -132,6 +141,26 @@ fn target(url: &str) -> anyhow::Result<Target> {
 }
 
 static CA_FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+static PINS: std::sync::OnceLock<Vec<[u8; 32]>> = std::sync::OnceLock::new();
+
+/// Trust only the controller certificates with these fingerprints (`sha256:…`, or openssl's
+/// colon form) for `https://` controllers, instead of any CA. Set once, before the first
+/// request; without it, `PATRONUS_CA_FINGERPRINT` (comma-separated) is read.
+pub fn pin(fingerprints: &[String]) -> anyhow::Result<()> {
+    let pins = parse_pins(fingerprints)?;
+    if PINS.get().is_some_and(|p| *p != pins) {
+        bail!("two different controller certificate fingerprints were pinned");
+    }
+    let _ = PINS.set(pins);
+    Ok(())
+}
+
+fn parse_pins(fingerprints: &[String]) -> anyhow::Result<Vec<[u8; 32]>> {
+    fingerprints
+        .iter()
+        .map(|f| patronus_controller::tls::parse_fingerprint(f).map_err(anyhow::Error::msg))
+        .collect()
+}
 
 /// Trust the CA certificates of `path` (PEM) for `https://` controllers, beside the Mozilla
 /// roots (an edge's `ca_file`). Without it, `PATRONUS_CA_FILE` is read.
@@ -144,6 +173,19 @@ fn tls_config() -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
     static TLS: std::sync::OnceLock<Result<std::sync::Arc<rustls::ClientConfig>, String>> =
         std::sync::OnceLock::new();
     let built = TLS.get_or_init(|| {
+        let pins = match PINS.get() {
+            Some(p) => p.clone(),
+            None => match std::env::var("PATRONUS_CA_FINGERPRINT") {
+                Ok(v) if !v.trim().is_empty() => {
+                    let list: Vec<String> = v.split(',').map(|s| s.trim().to_owned()).collect();
+                    parse_pins(&list).map_err(|e| format!("PATRONUS_CA_FINGERPRINT: {e}"))?
+                }
+                _ => Vec::new(),
+            },
+        };
+        if !pins.is_empty() {
+            return patronus_controller::tls::pinned_client_config(pins);
+        }
         let file = CA_FILE
             .get()
             .cloned()
@@ -327,6 +369,10 @@ pub fn request_via(
         let mut s = rustls::StreamOwned::new(conn, s);
         s.write_all(head.as_bytes())
             .and_then(|()| s.write_all(body.as_bytes()))
+            .map_err(|e| match patronus_controller::tls::not_pinned(&e) {
+                Some(p) => anyhow::anyhow!("{p}"),
+                None => anyhow::Error::new(e),
+            })
             .with_context(|| format!("TLS with the controller at {url}"))?;
         match s.read_to_end(&mut raw) {
             Ok(_) => {}
@@ -435,8 +481,14 @@ pub fn error_text(r: &Response) -> String {
         .unwrap_or_else(|| format!("HTTP {}", r.status))
 }
 
-/// Logs in to the controller at `url` with an email and password: the session to keep.
-pub fn login(url: &str, email: &str, password: &str) -> anyhow::Result<Credentials> {
+/// Logs in to the controller at `url` with an email and password: the session to keep (with
+/// `ca_fingerprint`, already pinned with [`pin`], kept in it for the next commands).
+pub fn login(
+    url: &str,
+    email: &str,
+    password: &str,
+    ca_fingerprint: Option<&str>,
+) -> anyhow::Result<Credentials> {
     let r = request(
         url,
         "POST",
@@ -453,6 +505,7 @@ pub fn login(url: &str, email: &str, password: &str) -> anyhow::Result<Credentia
         email: email.to_owned(),
         access_token: token("access_token"),
         refresh_token: token("refresh_token"),
+        ca_fingerprint: ca_fingerprint.map(str::to_owned),
     })
 }
 
@@ -500,7 +553,8 @@ impl Session {
     /// Logs in again to the same controller (after a password change ended every session),
     /// and keeps the new session; where it is kept.
     pub fn login(&mut self, email: &str, password: &str) -> anyhow::Result<PathBuf> {
-        self.creds = login(&self.creds.url, email, password)?;
+        let pinned = self.creds.ca_fingerprint.clone();
+        self.creds = login(&self.creds.url, email, password, pinned.as_deref())?;
         save(&self.creds)
     }
 

@@ -137,11 +137,19 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
         ControllerCmd::Run => rt.block_on(async {
             let shutdown = patronus_controller::server::shutdown_signal()?;
             let state = patronus_controller::server::prepare(config, &env).await?;
-            patronus_controller::server::serve(state, shutdown, |addr| {
-                eprintln!(
-                    "controller: listening on http://{addr}/ (API under /api/v1; log in \
-                         with POST /api/v1/auth/login)"
-                )
+            patronus_controller::server::serve(state, shutdown, |l| {
+                let url = l.url();
+                match &l.fingerprint {
+                    Some(fp) => eprintln!(
+                        "controller: listening on {url}/ (API under /api/v1; log in with \
+                         POST /api/v1/auth/login); certificate {fp} (pin it: patronus login \
+                         --url {url} --ca-fingerprint {fp})"
+                    ),
+                    None => eprintln!(
+                        "controller: listening on {url}/ (plain HTTP; API under /api/v1; log \
+                         in with POST /api/v1/auth/login)"
+                    ),
+                }
             })
             .await
         }),

@@ -182,8 +182,8 @@ fn demo(
     let run = run_dir(lab.run_id());
     let plan = lab.plan().clone();
     let ctl = lab.addr("controller", false)?;
-    let inside = format!("http://{ctl}:8080");
-    let url = format!("http://{}", listener.local_addr()?);
+    let inside = format!("https://{ctl}:8080");
+    let url = format!("https://{}", listener.local_addr()?);
 
     say("starting the controller");
     let state = run.join("controller");
@@ -210,6 +210,10 @@ fn demo(
             .name("api-forwarder".into())
             .spawn(move || forward(&listener, &ns, to))?;
     }
+    // The controller makes a self-signed certificate on first start: the demo, the edges and
+    // the operator's CLI pin its fingerprint.
+    let fingerprint = controller_fingerprint(&state, Duration::from_secs(30))?;
+    api_client::pin(std::slice::from_ref(&fingerprint))?;
     let deadline = Instant::now() + Duration::from_secs(30);
     let (password, token) = loop {
         let password = std::fs::read_to_string(state.join("initial-admin-password"))
@@ -306,12 +310,13 @@ fn demo(
             &format!("/api/v1/sites/{id}/enrollment-tokens"),
             Some(json!({ "expires_in_minutes": 10 })),
         )?;
-        let local = edges::local_config(
+        let mut local = edges::local_config(
             &plan,
             i,
             &inside,
             edges::edge_dir(lab, s.name.as_str()).join("state"),
         );
+        local.ca_fingerprint = vec![fingerprint.clone()];
         edges::controller_edge(
             lab,
             exe,
@@ -398,7 +403,9 @@ fn demo(
              API  {url}  (OpenAPI docs: {url}/docs)\n\
              \x20    admin {ADMIN}, password {password}\n\
              \x20    (the password is also in {file} while the demo runs)\n\
-             \x20    patronus login --url {url} --email {ADMIN}   (the password on stdin), then\n\
+             \x20    certificate {fingerprint}\n\
+             \x20    patronus login --url {url} --ca-fingerprint {fingerprint} --email {ADMIN}\n\
+             \x20    (the password on stdin), then\n\
              \x20    patronus path list --site hq | patronus path failovers | patronus webhook list\n\
              Lab  patronus lab link hq/lte cut | patronus lab status | patronus lab exec hq -- ip route\n\
              Schedule {schedule}\n\
@@ -507,8 +514,8 @@ fn demo(
                 ];
                 if size.1 >= 40 {
                     header.push(format!(
-                        "try: patronus login --url {url} --email {ADMIN}; patronus path \
-                         failovers; patronus lab link hq/lte cut"
+                        "try: patronus login --url {url} --ca-fingerprint {fingerprint} --email \
+                         {ADMIN}; patronus path failovers; patronus lab link hq/lte cut"
                     ));
                 }
                 let frame = demo_view::Frame {
@@ -915,6 +922,27 @@ fn edge_status(lab: &Lab, site: &str) -> anyhow::Result<EdgeStatus> {
         )
     })?;
     Ok(serde_json::from_value(r.body)?)
+}
+
+/// The fingerprint of the self-signed certificate a controller with its state in `data_dir`
+/// made on first start, once it has (`<data_dir>/tls/fingerprint`), waiting up to `timeout`.
+pub(crate) fn controller_fingerprint(data_dir: &Path, timeout: Duration) -> anyhow::Result<String> {
+    let file = patronus_controller::https::fingerprint_path(data_dir);
+    let deadline = Instant::now() + timeout;
+    loop {
+        // Written whole (beside, then renamed): present means complete.
+        if let Ok(t) = std::fs::read_to_string(&file) {
+            return Ok(t.trim().to_owned());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the controller made no TLS certificate in {} s ({} is missing)",
+                timeout.as_secs(),
+                file.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Forwards connections on `listener` to `to` inside namespace `ns`.

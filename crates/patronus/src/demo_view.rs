@@ -451,7 +451,7 @@ mod tests {
         Frame {
             header: vec![
                 "Patronus demo (lab abc123) · 00:42 · next: degrade branch1/mpls in 3 s".into(),
-                "API http://127.0.0.1:8080 (/docs)".into(),
+                "API https://127.0.0.1:8080 (/docs)".into(),
                 "login admin@example.net".into(),
                 "Ctrl-C ends it".into(),
                 format!("password {PASSWORD}"),
@@ -487,7 +487,7 @@ mod tests {
         }
         let top = lines[..6].join("\n");
         assert!(top.contains(PASSWORD), "the password is not on top: {top}");
-        assert!(top.contains("http://127.0.0.1:8080"));
+        assert!(top.contains("https://127.0.0.1:8080"));
         assert!(top.contains("initial-admin-password"), "{top}");
         assert!(top.contains("next: degrade branch1/mpls"), "{top}");
     }

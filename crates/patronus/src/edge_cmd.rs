@@ -23,6 +23,9 @@ pub enum EdgeCmd {
         /// also PATRONUS_ENROLL_TOKEN.
         #[arg(long, requires = "local")]
         token: Option<String>,
+        /// Trust only the controller certificate with this fingerprint (as with `enroll`).
+        #[arg(long, requires = "local")]
+        ca_fingerprint: Option<String>,
     },
     /// Enrol with a controller (generating this edge's key pair; only the public key is sent)
     /// without starting the data plane; `run --local` then starts it.
@@ -33,6 +36,11 @@ pub enum EdgeCmd {
         /// The one-time token from `patronus site enroll-token`; also PATRONUS_ENROLL_TOKEN.
         #[arg(long)]
         token: Option<String>,
+        /// Trust only the controller certificate with this SHA-256 fingerprint (printed by the
+        /// controller at start), instead of any CA; kept in the state directory for the next
+        /// starts (`ca_fingerprint` in the local file does the same).
+        #[arg(long)]
+        ca_fingerprint: Option<String>,
     },
     /// Print the edge's public key, generating its private key (0600) first if there is none.
     Pubkey {
@@ -69,9 +77,13 @@ pub fn run(cmd: EdgeCmd) -> anyhow::Result<()> {
             Ok(())
         }
         EdgeCmd::Status { addr, json } => status(addr, json),
-        EdgeCmd::Enroll { local, token } => {
+        EdgeCmd::Enroll {
+            local,
+            token,
+            ca_fingerprint,
+        } => {
             let token = token.or_else(|| std::env::var("PATRONUS_ENROLL_TOKEN").ok());
-            let local_cfg = read_local(&local)?;
+            let local_cfg = read_local(&local, ca_fingerprint.as_deref())?;
             enrol(&local_cfg, &via(&local_cfg), token)?;
             Ok(())
         }
@@ -85,6 +97,7 @@ pub fn run(cmd: EdgeCmd) -> anyhow::Result<()> {
             config,
             local,
             token,
+            ca_fingerprint,
         } => {
             // Shutdown signals are taken by one thread with sigwait, which stops the loop; the
             // TUN device (and with it every route through it) goes when the edge exits.
@@ -97,7 +110,8 @@ pub fn run(cmd: EdgeCmd) -> anyhow::Result<()> {
                 }
                 (None, Some(local)) => {
                     let token = token.or_else(|| std::env::var("PATRONUS_ENROLL_TOKEN").ok());
-                    let (cfg, key, follow) = from_controller(&local, token)?;
+                    let (cfg, key, follow) =
+                        from_controller(&local, token, ca_fingerprint.as_deref())?;
                     (cfg, key, Some(follow))
                 }
                 (None, None) => bail!("give --config or --local"),
@@ -726,9 +740,10 @@ fn adopt(
 fn from_controller(
     path: &Path,
     token: Option<String>,
+    ca_fingerprint: Option<&str>,
 ) -> anyhow::Result<(EdgeConfig, PrivateKey, Follow)> {
     use patronus_api::SiteConfig;
-    let local = read_local(path)?;
+    let local = read_local(path, ca_fingerprint)?;
     let via = std::sync::Arc::new(via(&local));
     let credential = enrol(&local, &via, token)?;
     let resumed = local.state_dir.join("private.key.next").exists();
@@ -804,7 +819,14 @@ fn via(local: &patronus_api::EdgeLocal) -> crate::api_client::Via {
     crate::api_client::Via::new(local.links.iter().map(|l| l.address).collect())
 }
 
-fn read_local(path: &Path) -> anyhow::Result<patronus_api::EdgeLocal> {
+/// Where `--ca-fingerprint` is kept for the next starts.
+const PIN_FILE: &str = "controller-fingerprint";
+
+/// Reads this machine's part of the configuration, and sets how the controller's certificate
+/// is trusted: `pin` (`--ca-fingerprint`, then kept in the state directory), else the local
+/// file's `ca_fingerprint`, else the one kept at enrolment, else `ca_file` and the built-in
+/// roots.
+fn read_local(path: &Path, pin: Option<&str>) -> anyhow::Result<patronus_api::EdgeLocal> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let local: patronus_api::EdgeLocal =
@@ -812,7 +834,40 @@ fn read_local(path: &Path) -> anyhow::Result<patronus_api::EdgeLocal> {
     if let Some(ca) = &local.ca_file {
         crate::api_client::set_ca_file(ca.clone());
     }
+    for (i, f) in local.ca_fingerprint.iter().enumerate() {
+        patronus_controller::tls::parse_fingerprint(f)
+            .map_err(|e| anyhow::anyhow!("{}: ca_fingerprint[{i}]: {e}", path.display()))?;
+    }
+    let kept = local.state_dir.join(PIN_FILE);
+    let pins = if let Some(fp) = pin {
+        patronus_controller::tls::parse_fingerprint(fp)
+            .map_err(|e| anyhow::anyhow!("--ca-fingerprint: {e}"))?;
+        create_state_dir(&local.state_dir)?;
+        crate::api_client::write_private(&kept, format!("{}\n", fp.trim()).as_bytes())?;
+        vec![fp.trim().to_owned()]
+    } else if !local.ca_fingerprint.is_empty() {
+        local.ca_fingerprint.clone()
+    } else {
+        match std::fs::read_to_string(&kept) {
+            Ok(t) => vec![t.trim().to_owned()],
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", kept.display())),
+        }
+    };
+    if !pins.is_empty() {
+        crate::api_client::pin(&pins).with_context(|| format!("{}", kept.display()))?;
+    }
     Ok(local)
+}
+
+/// The state directory, 0700, made if missing.
+fn create_state_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
 }
 
 /// Enrols with `token`, this edge's `key` and its links' public endpoints; writes the
@@ -870,14 +925,7 @@ fn enrol(
     token: Option<String>,
 ) -> anyhow::Result<String> {
     let dir = &local.state_dir;
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
-    }
+    create_state_dir(dir)?;
     let key = PrivateKey::load_or_create(&dir.join("private.key"))?;
     let cred_path = dir.join("credential");
     let credential = match std::fs::read_to_string(&cred_path) {

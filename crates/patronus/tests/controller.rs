@@ -70,11 +70,13 @@ fn start_with(dir: &Path, env: &[(&str, &str)]) -> Controller {
 }
 
 /// Starts the controller as `program`'s command (the binary itself, or a wrapper such as
-/// `prlimit ... patronus` that runs it).
+/// `prlimit ... patronus` that runs it). These tests speak raw HTTP/1.1 to it, so it serves
+/// plain HTTP on loopback unless `env` says `PATRONUS_PLAIN_HTTP=false` (the TLS tests).
 fn start_under(mut program: Command, dir: &Path, env: &[(&str, &str)]) -> Controller {
     let mut child = program
         .args(["controller", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir)
+        .env("PATRONUS_PLAIN_HTTP", "true")
         .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -87,7 +89,8 @@ fn start_under(mut program: Command, dir: &Path, env: &[(&str, &str)]) -> Contro
     let reader = std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
-            if let Some(rest) = line.split("listening on http://").nth(1) {
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                let rest = rest.split_once("://").map_or(rest, |(_, r)| r);
                 let addr = rest.split('/').next().unwrap_or("").to_owned();
                 let _ = tx.send(addr);
             }
@@ -1475,6 +1478,7 @@ fn backups_are_taken_while_serving_and_a_restore_brings_back_a_deleted_site_or_a
             "--data-dir",
             state_arg,
         ])
+        .env("PATRONUS_PLAIN_HTTP", "true")
         .envs(env)
         .output()
         .unwrap();
@@ -1494,5 +1498,560 @@ fn backups_are_taken_while_serving_and_a_restore_brings_back_a_deleted_site_or_a
     let (status, body) = http(c.addr, "GET", "/api/v1/sites", Some(&token), None).unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(json(&body)["total"], 1, "{body}");
+    c.finish(nix::sys::signal::Signal::SIGTERM);
+}
+
+/// A TLS connection to `addr` that trusts only the certificate with fingerprint `pin`, its
+/// handshake done (so that a certificate refused shows here, before any request is written).
+fn tls_connect(
+    addr: SocketAddr,
+    pin: &str,
+) -> std::io::Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
+    let pin = patronus_controller::tls::parse_fingerprint(pin).unwrap();
+    let config = patronus_controller::tls::pinned_client_config(vec![pin]).unwrap();
+    let conn = rustls::ClientConnection::new(config, "localhost".try_into().unwrap())
+        .map_err(std::io::Error::other)?;
+    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock)?;
+    }
+    Ok(s)
+}
+
+/// Writes one request (`Connection: close`) on `s`.
+fn send(
+    s: &mut impl Write,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&serde_json::Value>,
+) {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str(&format!(
+        "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    ));
+    s.write_all(head.as_bytes()).unwrap();
+    s.flush().unwrap();
+}
+
+/// Reads a whole response (to the connection's close): (status, head, body).
+fn receive(s: &mut impl Read) -> (u16, String, String) {
+    let mut raw = Vec::new();
+    if let Err(e) = s.read_to_end(&mut raw) {
+        // A close without close_notify after the whole answer.
+        assert!(
+            e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty(),
+            "{e}"
+        );
+    }
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not HTTP: {text:?}"));
+    (status, head.to_owned(), body.to_owned())
+}
+
+/// One request over a connection pinned to `pin`: (status, head, body).
+fn https(
+    addr: SocketAddr,
+    pin: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> (u16, String, String) {
+    let mut s = tls_connect(addr, pin).unwrap();
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth
+        .as_deref()
+        .map(|a| vec![("Authorization", a)])
+        .unwrap_or_default();
+    send(&mut s, method, path, &headers, body.as_ref());
+    receive(&mut s)
+}
+
+/// The fingerprint the controller printed in its "listening" line.
+fn printed_fingerprint(c: &Controller) -> String {
+    let log = c.log.lock().unwrap().clone();
+    let line = log
+        .lines()
+        .find(|l| l.contains("listening on https://"))
+        .unwrap_or_else(|| panic!("no https listening line: {log}"));
+    let at = line.find("certificate sha256:").unwrap() + "certificate ".len();
+    line[at..at + 71].to_owned()
+}
+
+/// A self-signed certificate for `localhost` written to `cert` and its key (0600) to `key`,
+/// each replaced whole (written beside, then renamed), as a certificate renewal would;
+/// returns its fingerprint.
+fn write_certificate(cert: &Path, key: &Path) -> String {
+    use std::os::unix::fs::OpenOptionsExt;
+    let k = rcgen::KeyPair::generate().unwrap();
+    let c = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .self_signed(&k)
+        .unwrap();
+    for (path, text, mode) in [(key, k.serialize_pem(), 0o600), (cert, c.pem(), 0o644)] {
+        let tmp = path.with_extension("new");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)
+            .unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+    patronus_controller::tls::fingerprint(c.der())
+}
+
+#[test]
+fn by_default_the_controller_serves_https_with_its_own_certificate_that_the_cli_pins() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let env = [
+        ("PATRONUS_ADMIN_EMAIL", ADMIN),
+        ("PATRONUS_ADMIN_PASSWORD", PASSWORD),
+        ("PATRONUS_PLAIN_HTTP", "false"),
+    ];
+    let c = start_with(&state, &env);
+    let fp = printed_fingerprint(&c);
+    // The certificate and its key are in the data directory, the key and the directory
+    // private; the fingerprint file says what the log said.
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&state.join("tls")), 0o700);
+    assert_eq!(mode(&state.join("tls/key.pem")), 0o600);
+    assert_eq!(
+        std::fs::read_to_string(state.join("tls/fingerprint"))
+            .unwrap()
+            .trim(),
+        fp
+    );
+    let url = format!("https://{}", c.addr);
+    let home = dir.path().join("home");
+
+    // Plain HTTP to the TLS port gets no answer (and is counted).
+    assert!(http(c.addr, "GET", "/health", None, None).is_err());
+
+    // The CLI with the pin logs in, keeps the pin with the session, and works.
+    let (ok, _, err) = cli(
+        &home,
+        &[
+            "login",
+            "--url",
+            &url,
+            "--ca-fingerprint",
+            &fp,
+            "--email",
+            ADMIN,
+        ],
+        PASSWORD,
+    );
+    assert!(ok, "{err}");
+    let (ok, out, err) = cli(&home, &["site", "create", "hq", "--lan", "10.1.0.0/16"], "");
+    assert!(ok && out.contains("hq"), "{out} {err}");
+    // In openssl's form (upper case, colons) the pin is the same.
+    let colons: String = fp.as_bytes()["sha256:".len()..]
+        .chunks(2)
+        .map(|p| String::from_utf8_lossy(p).to_uppercase())
+        .collect::<Vec<_>>()
+        .join(":");
+    let (ok, _, err) = cli(
+        &dir.path().join("home-openssl"),
+        &[
+            "login",
+            "--url",
+            &url,
+            "--ca-fingerprint",
+            &colons,
+            "--email",
+            ADMIN,
+        ],
+        PASSWORD,
+    );
+    assert!(ok, "{err}");
+
+    // Another pin, or none (no CA vouches for a self-signed certificate): refused at the
+    // handshake, before the request (and the password in it) is written, saying why.
+    let wrong = format!("sha256:{}", "ab".repeat(32));
+    let (ok, _, err) = cli(
+        &dir.path().join("home2"),
+        &[
+            "login",
+            "--url",
+            &url,
+            "--ca-fingerprint",
+            &wrong,
+            "--email",
+            ADMIN,
+        ],
+        PASSWORD,
+    );
+    assert!(
+        !ok && err.contains(&format!(
+            "has fingerprint {fp}, which is not the pinned one"
+        )),
+        "{err}"
+    );
+    let (ok, _, err) = cli(
+        &dir.path().join("home3"),
+        &["login", "--url", &url, "--email", ADMIN],
+        PASSWORD,
+    );
+    assert!(!ok && err.contains("certificate"), "{err}");
+    let (ok, _, err) = cli(
+        &dir.path().join("home4"),
+        &[
+            "login",
+            "--url",
+            &url,
+            "--ca-fingerprint",
+            "sha256:nothex",
+            "--email",
+            ADMIN,
+        ],
+        PASSWORD,
+    );
+    assert!(
+        !ok && err.contains("--ca-fingerprint") && err.contains("not a SHA-256"),
+        "{err}"
+    );
+    // Each refused handshake is counted.
+    let token = json(
+        &https(
+            c.addr,
+            &fp,
+            "POST",
+            "/api/v1/auth/login",
+            None,
+            Some(serde_json::json!({ "email": ADMIN, "password": PASSWORD })),
+        )
+        .2,
+    )["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, _, metrics) = https(c.addr, &fp, "GET", "/metrics", Some(&token), None);
+    assert_eq!(status, 200);
+    let failed: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("patronus_http_tls_handshakes_failed_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(failed >= 3, "{failed}");
+
+    // The certificate is kept: a restart serves the same one.
+    c.finish(nix::sys::signal::Signal::SIGTERM);
+    let c = start_with(&state, &env);
+    assert_eq!(printed_fingerprint(&c), fp);
+    c.finish(nix::sys::signal::Signal::SIGTERM);
+
+    // Plain HTTP beyond loopback is refused, by key; so are half a certificate and a key
+    // everyone can read.
+    let out = Command::new(patronus())
+        .args(["controller", "--listen", "0.0.0.0:0", "--data-dir"])
+        .arg(&state)
+        .env("PATRONUS_PLAIN_HTTP", "true")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("PATRONUS_PLAIN_HTTP: plain HTTP on 0.0.0.0:0"),
+        "{err}"
+    );
+    let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    write_certificate(&cert, &key);
+    let out = Command::new(patronus())
+        .args(["controller", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&state)
+        .env("PATRONUS_TLS_CERT_FILE", &cert)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("PATRONUS_TLS_CERT_FILE: needs tls_key_file"),
+        "{err}"
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new(patronus())
+        .args(["controller", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&state)
+        .env("PATRONUS_TLS_CERT_FILE", &cert)
+        .env("PATRONUS_TLS_KEY_FILE", &key)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("readable by every user"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_new_certificate_is_served_to_new_connections_on_sighup_and_a_held_long_poll_survives_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let first = write_certificate(&cert, &key);
+    let c = start_with(
+        &dir.path().join("state"),
+        &[
+            ("PATRONUS_ADMIN_EMAIL", ADMIN),
+            ("PATRONUS_ADMIN_PASSWORD", PASSWORD),
+            ("PATRONUS_PLAIN_HTTP", "false"),
+            ("PATRONUS_TLS_CERT_FILE", cert.to_str().unwrap()),
+            ("PATRONUS_TLS_KEY_FILE", key.to_str().unwrap()),
+        ],
+    );
+    assert_eq!(printed_fingerprint(&c), first);
+    let login = |pin: &str| {
+        let (status, _, body) = https(
+            c.addr,
+            pin,
+            "POST",
+            "/api/v1/auth/login",
+            None,
+            Some(serde_json::json!({ "email": ADMIN, "password": PASSWORD })),
+        );
+        assert_eq!(status, 200, "{body}");
+        json(&body)["access_token"].as_str().unwrap().to_owned()
+    };
+    let admin = login(&first);
+
+    // An edge's credential, and its configuration's ETag.
+    let (status, _, body) = https(
+        c.addr,
+        &first,
+        "POST",
+        "/api/v1/sites",
+        Some(&admin),
+        Some(serde_json::json!({
+            "name": "hq",
+            "lan_prefixes": ["10.1.0.0/16"],
+            "links": [{ "name": "mpls", "kind": "mpls", "endpoint": "198.51.100.1:51820" }]
+        })),
+    );
+    assert_eq!(status, 201, "{body}");
+    let site = json(&body)["id"].as_i64().unwrap();
+    let (_, _, body) = https(
+        c.addr,
+        &first,
+        "POST",
+        &format!("/api/v1/sites/{site}/enrollment-tokens"),
+        Some(&admin),
+        Some(serde_json::json!({})),
+    );
+    let token = json(&body)["token"].as_str().unwrap().to_owned();
+    let (status, _, body) = https(
+        c.addr,
+        &first,
+        "POST",
+        "/api/v1/enroll",
+        None,
+        Some(
+            serde_json::json!({ "token": token, "public_key": patronus_api::key_to_base64(&[7; 32]) }),
+        ),
+    );
+    assert_eq!(status, 200, "{body}");
+    let credential = json(&body)["credential"].as_str().unwrap().to_owned();
+    let (status, head, _) = https(
+        c.addr,
+        &first,
+        "GET",
+        "/api/v1/edge/config",
+        Some(&credential),
+        None,
+    );
+    assert_eq!(status, 200);
+    let etag = head
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("etag: ")
+                .or_else(|| l.strip_prefix("ETag: "))
+        })
+        .unwrap()
+        .to_owned();
+
+    // The long poll, held by the controller (its gauge says so) on a connection made with the
+    // first certificate.
+    let long_polls = |pin: &str, token: &str| -> u64 {
+        let (_, _, m) = https(c.addr, pin, "GET", "/metrics", Some(token), None);
+        m.lines()
+            .find_map(|l| l.strip_prefix("patronus_edge_config_long_polls "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap() as u64
+    };
+    let mut held = tls_connect(c.addr, &first).unwrap();
+    let auth = format!("Bearer {credential}");
+    send(
+        &mut held,
+        "GET",
+        "/api/v1/edge/config?wait=25",
+        &[
+            ("Authorization", auth.as_str()),
+            ("If-None-Match", etag.as_str()),
+        ],
+        None,
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while long_polls(&first, &admin) == 0 {
+        assert!(Instant::now() < deadline, "the long poll was never held");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The certificate renewed in place, then SIGHUP: new connections get the new one.
+    let second = write_certificate(&cert, &key);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c.child.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tls_connect(c.addr, &second).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate is not served: {}",
+            c.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let err = tls_connect(c.addr, &first).map(|_| ()).unwrap_err();
+    assert_eq!(
+        patronus_controller::tls::not_pinned(&err).map(|p| p.seen.as_str()),
+        Some(second.as_str()),
+        "{err}"
+    );
+    // The held poll is still held, and a change answers it on its old connection.
+    let admin = login(&second);
+    assert_eq!(long_polls(&second, &admin), 1);
+    let (status, _, body) = https(
+        c.addr,
+        &second,
+        "POST",
+        &format!("/api/v1/sites/{site}/links"),
+        Some(&admin),
+        Some(serde_json::json!({ "name": "lte", "kind": "lte" })),
+    );
+    assert_eq!(status, 201, "{body}");
+    let (status, head, body) = receive(&mut held);
+    assert_eq!(status, 200, "{head}\n{body}");
+    assert!(body.contains("lte"), "{body}");
+
+    // A renewal that leaves a key not matching the certificate is not served: the last good
+    // certificate stays, and the log says why.
+    let k = rcgen::KeyPair::generate().unwrap();
+    std::fs::write(dir.path().join("other.pem"), k.serialize_pem()).unwrap();
+    std::fs::set_permissions(
+        dir.path().join("other.pem"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    std::fs::rename(dir.path().join("other.pem"), &key).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c.child.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !c.log.lock().unwrap().contains("cannot be used") {
+        assert!(Instant::now() < deadline, "{}", c.log.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(tls_connect(c.addr, &second).is_ok());
+    c.finish(nix::sys::signal::Signal::SIGTERM);
+}
+
+#[test]
+fn an_edge_with_a_wrong_pinned_fingerprint_refuses_to_enrol_and_keeps_its_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start_with(
+        &dir.path().join("state"),
+        &[
+            ("PATRONUS_ADMIN_EMAIL", ADMIN),
+            ("PATRONUS_ADMIN_PASSWORD", PASSWORD),
+            ("PATRONUS_PLAIN_HTTP", "false"),
+        ],
+    );
+    let fp = printed_fingerprint(&c);
+    let url = format!("https://{}", c.addr);
+    let home = dir.path().join("home");
+    let (ok, _, err) = cli(
+        &home,
+        &[
+            "login",
+            "--url",
+            &url,
+            "--ca-fingerprint",
+            &fp,
+            "--email",
+            ADMIN,
+        ],
+        PASSWORD,
+    );
+    assert!(ok, "{err}");
+    for args in [
+        &["site", "create", "hq", "--lan", "10.1.0.0/16"][..],
+        &["link", "add", "hq", "mpls", "--kind", "mpls"],
+    ] {
+        let (ok, out, err) = cli(&home, args, "");
+        assert!(ok, "{out} {err}");
+    }
+    let (ok, token, err) = cli(&home, &["site", "enroll-token", "hq"], "");
+    assert!(ok, "{err}");
+    let state = dir.path().join("edge");
+    let local = dir.path().join("local.toml");
+    std::fs::write(
+        &local,
+        format!(
+            "controller = \"{url}\"\nstate_dir = \"{}\"\n[[links]]\nname = \"mpls\"\naddress = \"127.0.0.1\"\n",
+            state.display()
+        ),
+    )
+    .unwrap();
+    let enroll = |pin: &str| {
+        Command::new(patronus())
+            .args(["edge", "enroll", "--local"])
+            .arg(&local)
+            .args(["--ca-fingerprint", pin])
+            .env("PATRONUS_ENROLL_TOKEN", token.trim())
+            .output()
+            .unwrap()
+    };
+    let wrong = format!("sha256:{}", "cd".repeat(32));
+    let out = enroll(&wrong);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains(&format!(
+                "has fingerprint {fp}, which is not the pinned one"
+            )),
+        "{err}"
+    );
+    // Nothing reached the controller: the token is still good, with the right pin, which the
+    // edge keeps for its next starts.
+    let out = enroll(&fp);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(state.join("credential").exists());
+    assert_eq!(
+        std::fs::read_to_string(state.join("controller-fingerprint"))
+            .unwrap()
+            .trim(),
+        fp
+    );
     c.finish(nix::sys::signal::Signal::SIGTERM);
 }

@@ -101,9 +101,10 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
     let run: PathBuf = patronus_lab::lab::run_dir(lab.run_id());
     let plan = lab.plan().clone();
     let ctl = lab.addr("controller", false).unwrap();
-    let url = format!("http://{ctl}:8080");
+    let url = format!("https://{ctl}:8080");
 
-    // The controller, in its own namespace, with a first admin whose password it generates.
+    // The controller, in its own namespace, with a first admin whose password it generates
+    // (and a self-signed certificate, whose fingerprint the CLI and the edges pin).
     let state = run.join("controller");
     let mut cmd = Command::new(patronus());
     cmd.args([
@@ -119,6 +120,7 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
     let log = std::fs::File::create(run.join("controller.log")).unwrap();
     let controller = lab.spawn_logged("controller", cmd, log).unwrap();
     let home = run.join("cli");
+    let fp = fingerprint(&state);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let password =
@@ -126,7 +128,15 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
         let (ok, _, err) = cli(
             &lab,
             &home,
-            &["login", "--url", &url, "--email", "admin@example.net"],
+            &[
+                "login",
+                "--url",
+                &url,
+                "--ca-fingerprint",
+                &fp,
+                "--email",
+                "admin@example.net",
+            ],
             &password,
         );
         if ok {
@@ -143,12 +153,13 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
     for (i, s) in plan.sites.iter().enumerate() {
         let (ok, token, err) = cli(&lab, &home, &["site", "enroll-token", s.name.as_str()], "");
         assert!(ok, "{err}");
-        let local = edges::local_config(
+        let mut local = edges::local_config(
             &plan,
             i,
             &url,
             edges::edge_dir(&lab, s.name.as_str()).join("state"),
         );
+        local.ca_fingerprint = vec![fp.clone()];
         edges::controller_edge(
             &lab,
             patronus(),
@@ -163,7 +174,10 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
             &lab,
             patronus(),
             "branch1",
-            &edges::local_config(&plan, 1, &url, run.join("intruder")),
+            &patronus_api::EdgeLocal {
+                ca_fingerprint: vec![fp.clone()],
+                ..edges::local_config(&plan, 1, &url, run.join("intruder"))
+            },
             "enroll",
             Some(token.trim()),
         )
@@ -1023,7 +1037,7 @@ fn edges_spread_over_three_controllers_follow_a_write_and_survive_their_controll
     let database = pg.socket_url("patronus");
     // The edges' three, and a fourth that no edge lists: the webhook burst's.
     let urls: Vec<String> = (0..4)
-        .map(|i| format!("http://{ctl}:{}", 8080 + i))
+        .map(|i| format!("https://{ctl}:{}", 8080 + i))
         .collect();
 
     // Four controllers, one data directory (the signing key) and one database; the first
@@ -1035,7 +1049,7 @@ fn edges_spread_over_three_controllers_follow_a_write_and_survive_their_controll
         cmd.args([
             "controller",
             "--listen",
-            url.trim_start_matches("http://"),
+            url.trim_start_matches("https://"),
             "--data-dir",
         ])
         .arg(&state)
@@ -1044,8 +1058,10 @@ fn edges_spread_over_three_controllers_follow_a_write_and_survive_their_controll
         .env("PATRONUS_WEBHOOK_ALLOWED_NETWORKS", format!("{ctl}/32"));
         let log = std::fs::File::create(run.join(format!("controller{i}.log"))).unwrap();
         controllers.push(lab.spawn_logged("controller", cmd, log).unwrap());
-        // Each logs in once it serves (the first also made the password).
+        // Each logs in once it serves (the first also made the password, and the certificate
+        // in the data directory that all four serve).
         let home = run.join(format!("cli{i}"));
+        let fp = fingerprint(&state);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let password =
@@ -1053,7 +1069,15 @@ fn edges_spread_over_three_controllers_follow_a_write_and_survive_their_controll
             let (ok, _, err) = cli(
                 &lab,
                 &home,
-                &["login", "--url", url, "--email", "admin@example.net"],
+                &[
+                    "login",
+                    "--url",
+                    url,
+                    "--ca-fingerprint",
+                    &fp,
+                    "--email",
+                    "admin@example.net",
+                ],
                 &password,
             );
             if ok {
@@ -1068,7 +1092,8 @@ fn edges_spread_over_three_controllers_follow_a_write_and_survive_their_controll
     }
     let home = run.join("cli0");
     let password = std::fs::read_to_string(state.join("initial-admin-password")).unwrap();
-    sessions_are_shared(&lab, &urls, password.trim());
+    let fp = fingerprint(&state);
+    sessions_are_shared(&lab, &urls, &fp, password.trim());
 
     create_sites(&lab, &home);
     // Edge i lists controller i first (so each edge is held by a different one).
@@ -1084,6 +1109,7 @@ fn edges_spread_over_three_controllers_follow_a_write_and_survive_their_controll
         local.controller =
             patronus_api::ControllerUrls::new((0..3).map(|k| urls[(i + k) % 3].clone()).collect())
                 .unwrap();
+        local.ca_fingerprint = vec![fp.clone()];
         edges::controller_edge(
             &lab,
             patronus(),
@@ -1198,25 +1224,32 @@ fn edges_spread_over_three_controllers_follow_a_write_and_survive_their_controll
     );
 }
 
-/// One HTTP/1.1 request to the controller at `url` (in the lab's controller namespace):
-/// (status, JSON body or `Null`).
+/// One HTTP/1.1 request to the controller at `url` (in the lab's controller namespace), over
+/// TLS trusting only the certificate with fingerprint `pin`: (status, JSON body or `Null`).
 fn http_in(
     lab: &Lab,
     url: &str,
+    pin: &str,
     method: &str,
     path: &str,
     token: Option<&str>,
     body: Option<serde_json::Value>,
 ) -> (u16, serde_json::Value) {
     use std::io::{Read, Write};
-    let addr: std::net::SocketAddr = url.trim_start_matches("http://").parse().unwrap();
-    let mut s = patronus_lab::netns::run_in(&lab.ns("controller").unwrap(), || {
+    let addr: std::net::SocketAddr = url.trim_start_matches("https://").parse().unwrap();
+    let tcp = patronus_lab::netns::run_in(&lab.ns("controller").unwrap(), || {
         std::net::TcpStream::connect(addr).map_err(|e| patronus_lab::netns::NetnsError::Enter {
             name: "controller".into(),
             message: format!("connecting to {addr}: {e}"),
         })
     })
     .unwrap();
+    let config = patronus_controller::tls::pinned_client_config(vec![
+        patronus_controller::tls::parse_fingerprint(pin).unwrap(),
+    ])
+    .unwrap();
+    let conn = rustls::ClientConnection::new(config, "localhost".try_into().unwrap()).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
@@ -1228,8 +1261,15 @@ fn http_in(
         body.len()
     )
     .unwrap();
-    let mut got = String::new();
-    s.read_to_string(&mut got).unwrap();
+    let mut raw = Vec::new();
+    if let Err(e) = s.read_to_end(&mut raw) {
+        // A close without close_notify after the whole answer.
+        assert!(
+            e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty(),
+            "{e}"
+        );
+    }
+    let got = String::from_utf8_lossy(&raw);
     let status = got.split(' ').nth(1).unwrap().parse().unwrap();
     let json = got
         .split_once("\r\n\r\n")
@@ -1238,12 +1278,27 @@ fn http_in(
     (status, json)
 }
 
+/// The fingerprint of the self-signed certificate the controller with its state in `state`
+/// made on first start, once it has (30 s at most).
+fn fingerprint(state: &Path) -> String {
+    let file = patronus_controller::https::fingerprint_path(state);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(t) = std::fs::read_to_string(&file) {
+            return t.trim().to_owned();
+        }
+        assert!(Instant::now() < deadline, "no {}", file.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A token issued by the first controller is good on the third; a refresh token rotated on
 /// the first and replayed on the second ends the session on all of them.
-fn sessions_are_shared(lab: &Lab, urls: &[String], password: &str) {
+fn sessions_are_shared(lab: &Lab, urls: &[String], pin: &str, password: &str) {
     let (status, login) = http_in(
         lab,
         &urls[0],
+        pin,
         "POST",
         "/api/v1/auth/login",
         None,
@@ -1252,12 +1307,21 @@ fn sessions_are_shared(lab: &Lab, urls: &[String], password: &str) {
     assert_eq!(status, 200, "{login}");
     let access = login["access_token"].as_str().unwrap();
     let refresh1 = login["refresh_token"].as_str().unwrap();
-    let (status, sites) = http_in(lab, &urls[2], "GET", "/api/v1/sites", Some(access), None);
+    let (status, sites) = http_in(
+        lab,
+        &urls[2],
+        pin,
+        "GET",
+        "/api/v1/sites",
+        Some(access),
+        None,
+    );
     assert_eq!(status, 200, "a token from the first on the third: {sites}");
     let refresh = |url: &str, token: &str| {
         http_in(
             lab,
             url,
+            pin,
             "POST",
             "/api/v1/auth/refresh",
             None,

@@ -385,7 +385,7 @@ async fn writes_are_audited_with_who_and_from_where() {
     assert_eq!(r.body["total"], 1, "{r:?}");
     let e = &r.body["items"][0];
     assert_eq!(e["actor"], ADMIN);
-    assert_eq!(e["source"], "192.0.2.7");
+    assert_eq!(e["source"], "127.0.0.7");
     assert_eq!(e["target"], format!("user/{id}"));
     let r = a
         .call(
@@ -593,10 +593,10 @@ async fn a_401_says_how_to_authenticate() {
 
 #[tokio::test]
 async fn behind_a_trusted_proxy_each_client_has_its_own_rate_limit_and_nobody_picks_one() {
-    // The harness's requests come from 192.0.2.7: here, the TLS proxy in front.
+    // The harness's requests come from 127.0.0.7: here, the TLS proxy in front.
     let a = api_with(|c| {
         c.auth_rate_per_minute = 2;
-        c.trusted_proxies = vec!["192.0.2.7/32".parse().unwrap()];
+        c.trusted_proxies = vec!["127.0.0.7/32".parse().unwrap()];
     })
     .await;
     let login = |xff: &'static str| {

@@ -1,6 +1,8 @@
 //! The shared harness: a controller on a real SQLite file in a temporary directory (or a
-//! PostgreSQL database of its own: `api_postgres`), called through its router, and helpers
-//! that build the objects tests need.
+//! PostgreSQL database of its own: `api_postgres`), served over HTTPS on loopback with the
+//! self-signed certificate it makes on first start, which the harness's client pins; and
+//! helpers that build the objects tests need. Every request comes from 127.0.0.7 (the few
+//! tests that call the router directly say so too).
 
 pub use std::net::SocketAddr;
 pub use std::os::unix::fs::PermissionsExt;
@@ -25,10 +27,20 @@ pub const ADMIN: &str = "admin@example.net";
 pub const ADMIN_PW: &str = "Correct-Horse-Battery-1";
 
 pub struct Api {
+    /// The router, with the harness's client address, for the tests that call it directly.
     pub app: Router,
     pub state: AppState,
     pub dir: tempfile::TempDir,
+    /// Where the controller serves HTTPS.
+    pub addr: SocketAddr,
+    /// The client configuration that trusts this controller's certificate (pinned).
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    /// Stops the server when dropped.
+    _stop: tokio::sync::oneshot::Sender<()>,
 }
+
+/// The address every request of the harness comes from.
+pub const CLIENT: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 7);
 
 pub struct Reply {
     pub status: StatusCode,
@@ -83,9 +95,59 @@ pub async fn api_on(config: Config, dir: tempfile::TempDir) -> Api {
     let state = patronus_controller::server::prepare(config, &env)
         .await
         .unwrap();
-    let app =
-        router(state.clone()).layer(MockConnectInfo(SocketAddr::from(([192, 0, 2, 7], 40000))));
-    Api { app, state, dir }
+    let app = router(state.clone()).layer(MockConnectInfo(SocketAddr::from((CLIENT, 40000))));
+    let fingerprint = state
+        .tls
+        .get()
+        .expect("the controller serves TLS by default")
+        .fingerprint();
+    let pin = patronus_controller::tls::parse_fingerprint(&fingerprint).unwrap();
+    let tls = patronus_controller::tls::pinned_client_config(vec![pin]).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(patronus_controller::server::serve_connections(
+        state.clone(),
+        listener,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    Api {
+        app,
+        state,
+        dir,
+        addr,
+        tls,
+        _stop: stop,
+    }
+}
+
+impl Api {
+    /// Sends `req` to the controller over a TLS connection of its own, from [`CLIENT`].
+    pub async fn send(&self, req: Request<Body>) -> axum::http::Response<hyper::body::Incoming> {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((CLIENT, 0))).unwrap();
+        let tcp = socket.connect(self.addr).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let (mut parts, body) = req.into_parts();
+        parts
+            .headers
+            .entry(header::HOST)
+            .or_insert(header::HeaderValue::from_static("localhost"));
+        sender
+            .send_request(Request::from_parts(parts, body))
+            .await
+            .unwrap()
+    }
 }
 
 impl Api {
@@ -149,7 +211,7 @@ impl Api {
             None => req.body(Body::empty()),
         }
         .unwrap();
-        let resp = self.app.clone().oneshot(req).await.unwrap();
+        let resp = self.send(req).await;
         let status = resp.status();
         let headers = resp.headers().clone();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
@@ -452,7 +514,7 @@ pub async fn metrics_text(a: &Api, t: &str) -> String {
         .header(header::AUTHORIZATION, format!("Bearer {t}"))
         .body(Body::empty())
         .unwrap();
-    let r = a.app.clone().oneshot(req).await.unwrap();
+    let r = a.send(req).await;
     String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
 }
 

@@ -1411,7 +1411,7 @@ async fn presence_lockouts_and_rate_limits_hold_across_controllers() {
     config.lockout_after_failures = 3;
     let a = api_on(config.clone(), tempfile::tempdir().unwrap()).await;
     let b = api_on(config, tempfile::tempdir().unwrap()).await;
-    // Auth requests (logins, enrolments) from the test's one address, 192.0.2.7: this login
+    // Auth requests (logins, enrolments) from the test's one address, 127.0.0.7: this login
     // and the enrolment.
     let started = std::time::Instant::now();
     let t = a.admin().await;

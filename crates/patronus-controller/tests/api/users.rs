@@ -309,7 +309,7 @@ async fn a_wrong_current_password_counts_as_a_failed_login_and_locks_the_account
         .await;
     assert_eq!(r.body["total"], 3, "{r:?}");
     assert_eq!(r.body["items"][0]["target"], format!("user/{id}"));
-    assert_eq!(r.body["items"][0]["source"], "192.0.2.7");
+    assert_eq!(r.body["items"][0]["source"], "127.0.0.7");
     let r = a
         .call(
             Method::GET,

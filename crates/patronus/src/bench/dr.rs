@@ -71,6 +71,8 @@ struct World {
     exe: PathBuf,
     run: PathBuf,
     url: String,
+    /// The controller certificate's, which the edges pin.
+    fingerprint: String,
     data: PathBuf,
     /// The CLI's home (its saved login).
     home: PathBuf,
@@ -279,7 +281,23 @@ impl World {
         let identity = run.join("backup-identity.txt");
         crate::api_client::write_private(&identity, identity_text.as_bytes())?;
         let ctl = lab.addr("controller", false)?;
+        // The controller's certificate is the operator's, kept apart from its data directory
+        // (as the backup identity is): a controller on a new machine serves the same one, and
+        // the edges that pin it follow.
+        let tls_dir = run.join("controller-tls");
+        let fingerprint = patronus_controller::https::generate(&tls_dir, &[ctl.to_string()])?;
+        let (cert, key) = patronus_controller::https::generated_paths(&tls_dir);
+        crate::api_client::pin(std::slice::from_ref(&fingerprint))?;
         let env = vec![
+            (
+                "PATRONUS_TLS_CERT_FILE".into(),
+                cert.to_string_lossy().into_owned(),
+            ),
+            (
+                "PATRONUS_TLS_KEY_FILE".into(),
+                key.to_string_lossy().into_owned(),
+            ),
+            ("PATRONUS_CA_FINGERPRINT".into(), fingerprint.clone()),
             ("PATRONUS_BACKUP_RECIPIENTS".into(), recipient),
             (
                 "PATRONUS_BACKUP_INTERVAL_S".into(),
@@ -301,7 +319,8 @@ impl World {
             ("PATRONUS_ADMIN_EMAIL".into(), EMAIL.into()),
         ];
         let mut w = World {
-            url: format!("http://{ctl}:8080"),
+            url: format!("https://{ctl}:8080"),
+            fingerprint,
             data: run.join("controller"),
             home: run.join("cli"),
             identity,
@@ -371,7 +390,8 @@ impl World {
         for (i, s) in plan.sites.iter().enumerate() {
             let token = w.cli(&["site", "enroll-token", s.name.as_str()])?;
             let state = edges::edge_dir(&w.lab, s.name.as_str()).join("state");
-            let local = edges::local_config(&plan, i, &w.url, state.clone());
+            let mut local = edges::local_config(&plan, i, &w.url, state.clone());
+            local.ca_fingerprint = vec![w.fingerprint.clone()];
             w.edge_state.push((s.name.to_string(), state));
             let pid = edges::controller_edge(
                 &w.lab,
@@ -443,7 +463,7 @@ impl World {
         self.starts += 1;
         let mut cmd = Command::new(&self.exe);
         cmd.args(["controller", "--listen"])
-            .arg(self.url.trim_start_matches("http://"))
+            .arg(self.url.trim_start_matches("https://"))
             .arg("--data-dir")
             .arg(&self.data);
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
@@ -510,7 +530,7 @@ impl World {
         );
         let (url, password) = (self.url.clone(), self.password.clone());
         let creds = patronus_lab::netns::run_in(&self.lab.ns("controller")?, move || {
-            crate::api_client::login(&url, EMAIL, &password)
+            crate::api_client::login(&url, EMAIL, &password, None)
         })?;
         *self.token.lock().map_err(|_| anyhow::anyhow!("poisoned"))? = creds.access_token;
         Ok(())
@@ -810,7 +830,7 @@ impl World {
                 corrupt(&db)?;
                 // The start refuses it, naming the file and the way back.
                 let mut c = w.command(&["controller", "--listen"])?;
-                c.arg(w.url.trim_start_matches("http://"))
+                c.arg(w.url.trim_start_matches("https://"))
                     .arg("--data-dir")
                     .arg(&w.data)
                     .stdout(Stdio::null())
@@ -902,7 +922,8 @@ impl World {
                 let token = w.cli(&["site", "replace-edge", "branch2"])?;
                 let plan = w.lab.plan().clone();
                 let state = edges::edge_dir(&w.lab, "branch2").join("state-new");
-                let local = edges::local_config(&plan, 2, &w.url, state.clone());
+                let mut local = edges::local_config(&plan, 2, &w.url, state.clone());
+                local.ca_fingerprint = vec![w.fingerprint.clone()];
                 if let Some(e) = w.edge_state.iter_mut().find(|(s, _)| s == "branch2") {
                     e.1 = state;
                 }

@@ -164,6 +164,10 @@ impl BenchController {
         let mut config = Config::with_data_dir(dir.to_path_buf());
         config.database = database.clone();
         config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        // The simulated edges speak plain HTTP on loopback: this measures the controller's
+        // fan-out, not TLS handshakes (each real edge's request is a TLS connection; see the
+        // README).
+        config.tls = patronus_controller::config::Tls::Plain;
         config.auth_rate_per_minute = 1_000_000;
         // The simulated edges all connect from 127.0.0.1, where real ones each have an
         // address of their own: the per-address cap would refuse all but 128 of them.
@@ -194,8 +198,8 @@ impl BenchController {
             async {
                 let _ = stop_rx.await;
             },
-            move |a| {
-                let _ = addr_tx.send(a);
+            move |a: &patronus_controller::server::Listening| {
+                let _ = addr_tx.send(a.addr);
             },
         ));
         let addr = addr_rx.await.context("the controller did not start")?;
