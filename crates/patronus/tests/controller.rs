@@ -89,14 +89,17 @@ fn start_under(mut program: Command, dir: &Path, env: &[(&str, &str)]) -> Contro
     let reader = std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
+            // Kept before the address is announced: the test reads the line next.
+            {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
             if let Some(rest) = line.split("listening on ").nth(1) {
                 let rest = rest.split_once("://").map_or(rest, |(_, r)| r);
                 let addr = rest.split('/').next().unwrap_or("").to_owned();
                 let _ = tx.send(addr);
             }
-            let mut l = sink.lock().unwrap();
-            l.push_str(&line);
-            l.push('\n');
         }
     });
     let addr = rx
@@ -1969,6 +1972,17 @@ fn a_new_certificate_is_served_to_new_connections_on_sighup_and_a_held_long_poll
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(tls_connect(c.addr, &second).is_ok());
+    // A good pair written without a signal is found by the look every 5 s.
+    let third = write_certificate(&cert, &key);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tls_connect(c.addr, &third).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the changed files were not read: {}",
+            c.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     c.finish(nix::sys::signal::Signal::SIGTERM);
 }
 

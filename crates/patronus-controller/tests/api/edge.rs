@@ -496,11 +496,8 @@ async fn edges_report_their_paths_and_the_api_shows_what_they_measured() {
         .body(Body::empty())
         .unwrap();
     let text = String::from_utf8(
-        a.app
-            .clone()
-            .oneshot(req)
+        a.send(req)
             .await
-            .unwrap()
             .into_body()
             .collect()
             .await

@@ -1,22 +1,20 @@
 //! The shared harness: a controller on a real SQLite file in a temporary directory (or a
 //! PostgreSQL database of its own: `api_postgres`), served over HTTPS on loopback with the
 //! self-signed certificate it makes on first start, which the harness's client pins; and
-//! helpers that build the objects tests need. Every request comes from 127.0.0.7 (the few
-//! tests that call the router directly say so too).
+//! helpers that build the objects tests need. Every request comes from 127.0.0.7, on a
+//! connection of its own.
 
 pub use std::net::SocketAddr;
 pub use std::os::unix::fs::PermissionsExt;
 
 pub use axum::Router;
 pub use axum::body::Body;
-pub use axum::extract::connect_info::MockConnectInfo;
 pub use axum::http::{HeaderMap, Method, Request, StatusCode, header};
 pub use http_body_util::BodyExt;
+pub use patronus_controller::AppState;
 pub use patronus_controller::auth::{Role, Tokens};
 pub use patronus_controller::config::Config;
-pub use patronus_controller::{AppState, router};
 pub use serde_json::{Value, json};
-pub use tower::ServiceExt;
 
 pub(crate) use super::schema;
 
@@ -27,14 +25,10 @@ pub const ADMIN: &str = "admin@example.net";
 pub const ADMIN_PW: &str = "Correct-Horse-Battery-1";
 
 pub struct Api {
-    /// The router, with the harness's client address, for the tests that call it directly.
-    pub app: Router,
     pub state: AppState,
     pub dir: tempfile::TempDir,
-    /// Where the controller serves HTTPS.
-    pub addr: SocketAddr,
-    /// The client configuration that trusts this controller's certificate (pinned).
-    tls: std::sync::Arc<rustls::ClientConfig>,
+    /// The controller's HTTPS client.
+    pub client: Client,
     /// Stops the server when dropped.
     _stop: tokio::sync::oneshot::Sender<()>,
 }
@@ -95,7 +89,6 @@ pub async fn api_on(config: Config, dir: tempfile::TempDir) -> Api {
     let state = patronus_controller::server::prepare(config, &env)
         .await
         .unwrap();
-    let app = router(state.clone()).layer(MockConnectInfo(SocketAddr::from((CLIENT, 40000))));
     let fingerprint = state
         .tls
         .get()
@@ -114,16 +107,29 @@ pub async fn api_on(config: Config, dir: tempfile::TempDir) -> Api {
         },
     ));
     Api {
-        app,
         state,
         dir,
-        addr,
-        tls,
+        client: Client { addr, tls },
         _stop: stop,
     }
 }
 
+/// A client of one test's controller: where it serves HTTPS, and the TLS configuration that
+/// trusts its certificate (pinned).
+#[derive(Clone)]
+pub struct Client {
+    pub addr: SocketAddr,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+}
+
 impl Api {
+    /// Sends `req` to the controller over a TLS connection of its own, from [`CLIENT`].
+    pub async fn send(&self, req: Request<Body>) -> axum::http::Response<hyper::body::Incoming> {
+        self.client.send(req).await
+    }
+}
+
+impl Client {
     /// Sends `req` to the controller over a TLS connection of its own, from [`CLIENT`].
     pub async fn send(&self, req: Request<Body>) -> axum::http::Response<hyper::body::Incoming> {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -528,7 +534,7 @@ pub async fn waiting_poll(
     cred: &str,
     etag: &str,
 ) -> tokio::task::JoinHandle<(StatusCode, header::HeaderValue, std::time::Duration)> {
-    let app = a.app.clone();
+    let client = a.client.clone();
     let polls = || {
         a.state
             .long_polls
@@ -543,7 +549,7 @@ pub async fn waiting_poll(
             .body(Body::empty())
             .unwrap();
         let started = std::time::Instant::now();
-        let resp = app.oneshot(req).await.unwrap();
+        let resp = client.send(req).await;
         (
             resp.status(),
             resp.headers()[header::ETAG].clone(),

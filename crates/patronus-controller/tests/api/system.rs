@@ -81,17 +81,14 @@ async fn metrics_count_requests_by_route_and_objects_by_kind_for_authenticated_s
     a.call(Method::GET, "/api/v1/sites/999", Some(&t), None)
         .await;
     let r = a
-        .app
-        .clone()
-        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
-        .await
-        .unwrap();
+        .send(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     let req = Request::get("/metrics")
         .header(header::AUTHORIZATION, format!("Bearer {t}"))
         .body(Body::empty())
         .unwrap();
-    let r = a.app.clone().oneshot(req).await.unwrap();
+    let r = a.send(req).await;
     assert_eq!(r.status(), StatusCode::OK);
     assert!(
         r.headers()[header::CONTENT_TYPE]
@@ -181,7 +178,7 @@ async fn the_document_lists_every_route_the_router_serves_and_nothing_else() {
                 .uri(&concrete)
                 .body(Body::empty())
                 .unwrap();
-            let resp = a.app.clone().oneshot(req).await.unwrap();
+            let resp = a.send(req).await;
             let status = resp.status();
             let bytes = resp.into_body().collect().await.unwrap().to_bytes();
             let text = String::from_utf8_lossy(&bytes);
@@ -264,7 +261,7 @@ async fn the_document_lists_every_route_the_router_serves_and_nothing_else() {
     }
     // The page renders the document, with nothing fetched from elsewhere.
     let req = Request::get("/docs").body(Body::empty()).unwrap();
-    let resp = a.app.clone().oneshot(req).await.unwrap();
+    let resp = a.send(req).await;
     assert_eq!(resp.status(), StatusCode::OK);
     let page = String::from_utf8(
         resp.into_body()

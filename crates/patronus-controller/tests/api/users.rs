@@ -51,7 +51,7 @@ async fn users_validate_conflict_paginate_and_update_with_if_match() {
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from("{\"email\": "))
         .unwrap();
-    let resp = a.app.clone().oneshot(req).await.unwrap();
+    let resp = a.send(req).await;
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     let headers = resp.headers().clone();
     let body: Value =
