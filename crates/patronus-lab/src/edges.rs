@@ -41,17 +41,27 @@ pub fn edge_config(
     key_file: PathBuf,
     underlay: Underlay,
 ) -> EdgeConfig {
+    // The edge's own address on a link (behind its NAT, if it has one: IPv4 only there).
     let addr = |l: &crate::topology::LinkPlan| -> IpAddr {
         match underlay {
-            Underlay::V4 => l.addr4.into(),
+            Underlay::V4 => l.local4().into(),
             Underlay::V6 => l.addr6.into(),
         }
     };
+    // Where peers send: the link's address, or the NAT's fixed public port for the edge's
+    // (`open` and `cgnat`; a symmetric NAT has none to give).
     let link = |l: &crate::topology::LinkPlan, endpoint: bool| {
         let mut k = Link::new(l.name.clone(), l.kind);
         k.mtu = l.mtu;
         if endpoint {
-            k.endpoint = Some(SocketAddr::new(addr(l), EDGE_PORT));
+            k.endpoint = match (&l.nat, underlay) {
+                (None, Underlay::V4) => Some(SocketAddr::new(l.addr4.into(), EDGE_PORT)),
+                (None, Underlay::V6) => Some(SocketAddr::new(l.addr6.into(), EDGE_PORT)),
+                (Some(n), _) if n.kind != crate::topology::NatKind::Symmetric => {
+                    Some(SocketAddr::new(l.addr4.into(), n.public_port))
+                }
+                (Some(_), _) => None,
+            };
         }
         k
     };
@@ -197,8 +207,12 @@ pub fn local_config(plan: &Plan, index: usize, controller: &str, state_dir: Path
             .map(|l| LocalLink {
                 name: l.name.clone(),
                 interface: None,
-                address: l.addr4.into(),
-                public_endpoint: Some(SocketAddr::new(l.addr4.into(), EDGE_PORT)),
+                address: l.local4().into(),
+                // Behind a NAT, the public endpoint is not this machine's to know.
+                public_endpoint: l
+                    .nat
+                    .is_none()
+                    .then(|| SocketAddr::new(l.addr4.into(), EDGE_PORT)),
             })
             .collect(),
         handshake: Default::default(),

@@ -150,6 +150,8 @@ pub fn new_run_id() -> String {
 #[derive(Debug)]
 pub struct Lab {
     state: LabState,
+    /// Links given a new IPv4 address since the start ([`Lab::renumber`]), by index.
+    renumbered: Mutex<std::collections::HashMap<usize, std::net::Ipv4Addr>>,
     emulator: Mutex<Option<Emulator>>,
     children: Mutex<Vec<Child>>,
     torn_down: AtomicBool,
@@ -183,6 +185,7 @@ impl Lab {
                 plain_routing: opts.plain_routing,
                 ready: false,
             },
+            renumbered: Mutex::new(std::collections::HashMap::new()),
             emulator: Mutex::new(None),
             children: Mutex::new(Vec::new()),
             torn_down: AtomicBool::new(false),
@@ -198,7 +201,23 @@ impl Lab {
     fn write_state(&self) -> Result<(), LabError> {
         let path = run_dir(&self.state.run_id).join("state.json");
         let tmp = path.with_extension("json.tmp");
-        let text = serde_json::to_string_pretty(&self.state)
+        // The plan as it is now: with the renumbered links' addresses.
+        let mut state = self.state.clone();
+        {
+            let renumbered = self.renumbered.lock().unwrap_or_else(|e| e.into_inner());
+            let links = state
+                .plan
+                .sites
+                .iter_mut()
+                .flat_map(|s| s.links.iter_mut())
+                .chain(state.plan.controller.iter_mut());
+            for l in links {
+                if let Some(a) = renumbered.get(&l.index) {
+                    l.addr4 = *a;
+                }
+            }
+        }
+        let text = serde_json::to_string_pretty(&state)
             .map_err(|e| LabError::Other(format!("serialising lab state: {e}")))?;
         // Written whole and renamed, so a reader never sees half a state.
         std::fs::write(&tmp, text).map_err(io(format!("writing {}", tmp.display())))?;
@@ -238,21 +257,41 @@ impl Lab {
             ])
             .collect();
         for n in &nodes {
-            let is_router = n == "wan" || plan.site(n).is_some();
+            let is_router = n == "wan" || plan.site(n).is_some() || n.ends_with("/nat");
             netns::sysctls(&ns(n), if is_router { &router } else { base })?;
         }
 
         // veth pairs, created directly in their namespaces.
         let mut veths = Vec::new();
         for (owner, l) in plan.links() {
-            veths.push(format!(
-                "link add name {} mtu {} netns {} type veth peer name l{} mtu {} netns {wan}",
-                l.name,
-                l.mtu,
-                ns(owner),
-                l.index,
-                l.mtu
-            ));
+            match l.nat_node(owner) {
+                // The edge's link into its NAT, and the NAT's `out` into the WAN.
+                Some(nat) => {
+                    veths.push(format!(
+                        "link add name {} mtu {} netns {} type veth peer name in mtu {} netns {}",
+                        l.name,
+                        l.mtu,
+                        ns(owner),
+                        l.mtu,
+                        ns(&nat)
+                    ));
+                    veths.push(format!(
+                        "link add name out mtu {} netns {} type veth peer name l{} mtu {} netns {wan}",
+                        l.mtu,
+                        ns(&nat),
+                        l.index,
+                        l.mtu
+                    ));
+                }
+                None => veths.push(format!(
+                    "link add name {} mtu {} netns {} type veth peer name l{} mtu {} netns {wan}",
+                    l.name,
+                    l.mtu,
+                    ns(owner),
+                    l.index,
+                    l.mtu
+                )),
+            }
         }
         for s in &plan.sites {
             for (j, h) in s.hosts.iter().enumerate() {
@@ -346,6 +385,34 @@ impl Lab {
         ip_batch(&["-n", &wan], &v4)?;
         ip_batch(&["-6", "-n", &wan], &v6)?;
 
+        // NATs: the public address outside, the edge's gateway inside, and the rules.
+        for (owner, l) in plan.links() {
+            let (Some(node), Some(n)) = (l.nat_node(owner), l.nat.as_ref()) else {
+                continue;
+            };
+            let nns = ns(&node);
+            ip_batch(
+                &["-n", &nns],
+                &[
+                    "link set lo up".into(),
+                    format!("addr add {}/24 dev in", n.gw_inside4),
+                    "link set in up".into(),
+                    format!("addr add {}/24 dev out", l.addr4),
+                    "link set out up".into(),
+                    format!("route add default via {}", l.gw4),
+                ],
+            )?;
+            crate::nat::load(&nns, &crate::nat::ruleset(l, n))?;
+            let timeouts = crate::nat::timeouts(n.timeout_s);
+            netns::sysctls(
+                &nns,
+                &timeouts
+                    .iter()
+                    .map(|(k, v)| (*k, v.as_str()))
+                    .collect::<Vec<_>>(),
+            )?;
+        }
+
         // Edges: LAN bridge, WAN links with a default route each (metric by order, and a table
         // per link for traffic sourced from its address).
         for s in &plan.sites {
@@ -370,6 +437,21 @@ impl Lab {
             for (j, l) in s.links.iter().enumerate() {
                 let t = EDGE_TABLE_BASE + j as u32;
                 let metric = 100 + j;
+                if let Some(n) = &l.nat {
+                    // Behind its NAT: a private address, IPv4 only.
+                    v4.push(format!("addr add {}/24 dev {}", n.inside4, l.name));
+                    v4.push(format!("link set {} up", l.name));
+                    v4.push(format!(
+                        "route add default via {} dev {} metric {metric}",
+                        n.gw_inside4, l.name
+                    ));
+                    v4.push(format!(
+                        "route add default via {} dev {} table {t}",
+                        n.gw_inside4, l.name
+                    ));
+                    v4.push(format!("rule add from {} lookup {t} pref 100", n.inside4));
+                    continue;
+                }
                 v4.push(format!("addr add {}/24 dev {}", l.addr4, l.name));
                 v4.push(format!("addr add {}/64 dev {} nodad", l.addr6, l.name));
                 v4.push(format!("link set {} up", l.name));
@@ -587,6 +669,76 @@ impl Lab {
                     .collect();
                 LabError::NoLink(site_link.into(), all.join(", "))
             })
+    }
+
+    /// The IPv4 address of `site/link` now: the plan's, or the one [`Lab::renumber`] gave it
+    /// (on a link behind a NAT, the NAT's public address).
+    pub fn link_addr4(&self, site_link: &str) -> Result<std::net::Ipv4Addr, LabError> {
+        let k = self.link_index(site_link)?;
+        let renumbered = self.renumbered.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(match renumbered.get(&k) {
+            Some(a) => *a,
+            None => self
+                .state
+                .plan
+                .links()
+                .find(|(_, l)| l.index == k)
+                .map(|(_, l)| l.addr4)
+                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+        })
+    }
+
+    /// Gives `site/link` a new IPv4 address in its /24, as a new DHCP lease or a modem restart
+    /// would, while everything runs: the edge's own address on a link without NAT (what is
+    /// bound to the old one stops working), the NAT's public address on a link with one (every
+    /// mapping it held is gone with it). Returns the old address and the new one. The plan
+    /// ([`Lab::plan`]) keeps the addresses the lab started with; [`Lab::link_addr4`] and
+    /// `patronus lab status` show the new one.
+    pub fn renumber(
+        &self,
+        site_link: &str,
+    ) -> Result<(std::net::Ipv4Addr, std::net::Ipv4Addr), LabError> {
+        let (owner, l) = self
+            .state
+            .plan
+            .link(site_link)
+            .ok_or_else(|| LabError::NoLink(site_link.into(), String::new()))?;
+        let old = self.link_addr4(site_link)?;
+        let new = crate::nat::next_address(old);
+        let (node, lines) = match l.nat_node(owner) {
+            Some(nat) => (
+                nat,
+                crate::nat::move_address_lines("out", old, new, l.gw4, None, None),
+            ),
+            None => {
+                let j = self
+                    .state
+                    .plan
+                    .site(owner)
+                    .and_then(|s| s.links.iter().position(|x| x.index == l.index));
+                let dev = l.name.to_string();
+                let lines = match j {
+                    Some(j) => crate::nat::move_address_lines(
+                        &dev,
+                        old,
+                        new,
+                        l.gw4,
+                        Some(100 + j),
+                        Some(EDGE_TABLE_BASE + j as u32),
+                    ),
+                    // The controller's uplink: one default route.
+                    None => crate::nat::move_address_lines(&dev, old, new, l.gw4, None, None),
+                };
+                (owner.to_owned(), lines)
+            }
+        };
+        ip_batch(&["-n", &self.ns(&node)?], &lines)?;
+        self.renumbered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(l.index, new);
+        self.write_state()?;
+        Ok((old, new))
     }
 
     /// The current impairment of one direction of `site/link`.

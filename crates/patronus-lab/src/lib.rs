@@ -18,6 +18,7 @@ pub mod harness;
 pub mod impair;
 pub mod iperf;
 pub mod lab;
+pub mod nat;
 pub mod netns;
 pub mod postgres;
 pub mod s3;

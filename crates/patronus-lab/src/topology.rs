@@ -85,6 +85,54 @@ pub struct LinkSpec {
     pub impair: Option<String>,
     #[serde(default)]
     pub mtu: Option<u16>,
+    /// The link sits behind a NAT (IPv4; see [`crate::nat`]): `open`, `cgnat` or `symmetric`.
+    #[serde(default)]
+    pub nat: Option<NatKind>,
+    /// How long the NAT keeps a UDP mapping with no traffic, in seconds (default 30).
+    #[serde(default)]
+    pub nat_timeout_s: Option<u32>,
+}
+
+/// How a NAT in front of a link maps and filters UDP (RFC 4787's terms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NatKind {
+    /// Endpoint-independent mapping and filtering ("full cone"): the edge's port has one
+    /// public port, which anyone may send to.
+    Open,
+    /// Endpoint-independent mapping, address-and-port-dependent filtering: one public port,
+    /// which only the endpoints the edge has sent to may send to (home routers, RFC 6888
+    /// carrier-grade NAT).
+    Cgnat,
+    /// Endpoint-dependent mapping ("symmetric"): a new random public port for each
+    /// destination, address-and-port-dependent filtering.
+    Symmetric,
+}
+
+impl NatKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NatKind::Open => "open",
+            NatKind::Cgnat => "cgnat",
+            NatKind::Symmetric => "symmetric",
+        }
+    }
+}
+
+/// The default lifetime of an idle NAT mapping.
+pub const NAT_TIMEOUT_S: u32 = 30;
+
+/// A NAT in front of a link: its own namespace (`<site>/<link>/nat`) between the site's edge and
+/// the WAN, holding the link's public address.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NatPlan {
+    pub kind: NatKind,
+    pub timeout_s: u32,
+    /// The edge's (private) address on the link, and the NAT's on the same /24.
+    pub inside4: Ipv4Addr,
+    pub gw_inside4: Ipv4Addr,
+    /// The public port the edge's WireGuard port is mapped to (`open` and `cgnat`).
+    pub public_port: u16,
 }
 
 /// A topology that cannot be built; each message names the field.
@@ -114,6 +162,8 @@ fn link(n: &str, kind: LinkKind) -> LinkSpec {
         emulated: true,
         impair: None,
         mtu: None,
+        nat: None,
+        nat_timeout_s: None,
     }
 }
 
@@ -362,7 +412,17 @@ impl Topology {
                         "{at}.name: another link of this site has this name"
                     )));
                 }
-                links.push(link_plan(k, l, &at)?);
+                let lp = link_plan(k, l, &at)?;
+                if let Some(n) = &lp.nat {
+                    let inside = prefix(IpAddr::V4(n.inside4), 24);
+                    if inside.overlaps(&lan4) {
+                        return Err(invalid(format!(
+                            "{at}.nat: the NAT's inside network {inside} overlaps the site's LAN \
+                             {lan4}: give the site another `lan`"
+                        )));
+                    }
+                }
+                links.push(lp);
                 k += 1;
             }
             let host_addr = |j: u8| (offset4(lan4, 9 + j as u32), offset6(lan6, 9 + j as u128));
@@ -444,6 +504,32 @@ fn link_plan(k: usize, l: &LinkSpec, at: &str) -> Result<LinkPlan, TopologyError
     if !(1280..=9000).contains(&mtu) {
         return Err(invalid(format!("{at}.mtu: {mtu} is outside 1280..=9000")));
     }
+    if l.nat.is_none() && l.nat_timeout_s.is_some() {
+        return Err(invalid(format!(
+            "{at}.nat_timeout_s: only a link with `nat` has a NAT mapping timeout"
+        )));
+    }
+    let timeout_s = l.nat_timeout_s.unwrap_or(NAT_TIMEOUT_S);
+    if !(1..=86_400).contains(&timeout_s) {
+        return Err(invalid(format!(
+            "{at}.nat_timeout_s: {timeout_s} is outside 1..=86400"
+        )));
+    }
+    if l.nat.is_some() && !l.emulated {
+        return Err(invalid(format!(
+            "{at}.nat: a NAT sits on an emulated link only"
+        )));
+    }
+    // The inside of link k's NAT: a /24 of 172.16.0.0/12 (4096 of them; the links of one site
+    // never share one).
+    let inside_net = 0xac10_0000u32 + (((k % 4096) as u32) << 8);
+    let nat = l.nat.map(|kind| NatPlan {
+        kind,
+        timeout_s,
+        inside4: Ipv4Addr::from(inside_net + 2),
+        gw_inside4: Ipv4Addr::from(inside_net + 1),
+        public_port: 20_000 + (k % 40_000) as u16,
+    });
     let net4 = 0x6440_0000u32 + ((k as u32) << 8);
     let net6 = Ipv6Addr::new(0xfd00, 2, k as u16, 0, 0, 0, 0, 0);
     let p6 = prefix(IpAddr::V6(net6), 64);
@@ -460,6 +546,7 @@ fn link_plan(k: usize, l: &LinkSpec, at: &str) -> Result<LinkPlan, TopologyError
         gw6: offset6(p6, 1),
         addr6: offset6(p6, 2),
         impairment,
+        nat,
     })
 }
 
@@ -507,6 +594,24 @@ pub struct LinkPlan {
     pub gw6: Ipv6Addr,
     /// The impairment both directions start with.
     pub impairment: Impairment,
+    /// The NAT in front of the link, if any: then `addr4` is its public address, and the
+    /// edge's own is `nat.inside4` (the edge has no IPv6 on such a link).
+    #[serde(default)]
+    pub nat: Option<NatPlan>,
+}
+
+impl LinkPlan {
+    /// The edge's own IPv4 address on this link (behind its NAT, if it has one).
+    pub fn local4(&self) -> Ipv4Addr {
+        self.nat.as_ref().map_or(self.addr4, |n| n.inside4)
+    }
+
+    /// The node name of the link's NAT, `<owner>/<link>/nat`.
+    pub fn nat_node(&self, owner: &str) -> Option<String> {
+        self.nat
+            .as_ref()
+            .map(|_| format!("{owner}/{}/nat", self.name))
+    }
 }
 
 impl Plan {
@@ -529,12 +634,14 @@ impl Plan {
             .find(|(owner, lp)| *owner == s && lp.name.as_str() == l)
     }
 
-    /// Every node name: `wan`, each site (its edge), each `site/hN` host, and `controller`.
+    /// Every node name: `wan`, each site (its edge), each `site/hN` host, each
+    /// `site/link/nat` NAT, and `controller`.
     pub fn nodes(&self) -> Vec<String> {
         let mut v = vec!["wan".to_string()];
         for s in &self.sites {
             v.push(s.name.to_string());
             v.extend(s.hosts.iter().map(|h| format!("{}/{}", s.name, h.name)));
+            v.extend(s.links.iter().filter_map(|l| l.nat_node(s.name.as_str())));
         }
         if self.controller.is_some() {
             v.push("controller".into());

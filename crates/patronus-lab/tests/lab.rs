@@ -22,6 +22,9 @@ fn main() -> std::process::ExitCode {
             lab_test!(an_ipv6_underlay_is_emulated_like_ipv4_and_settings_apply_per_direction),
             lab_test!(the_mixed_builder_starts_with_its_link_qualities_and_a_reachable_controller),
             lab_test!(a_slow_sender_does_not_hold_up_a_fast_one_at_a_shared_destination),
+            lab_test!(
+                nats_map_and_filter_as_their_kind_says_expire_idle_mappings_and_follow_a_renumbering
+            ),
         ],
     )
 }
@@ -474,4 +477,172 @@ fn a_slow_sender_does_not_hold_up_a_fast_one_at_a_shared_destination() {
     assert!(slow_ms >= 104.0, "slow {slow_ms}");
     assert!((14.0..20.0).contains(&fast_ms), "fast {fast_ms}");
     assert_eq!((slow.lost, fast.lost), (0, 0));
+}
+
+/// A UDP socket bound to `addr` inside `node`'s namespace, with a 5 s receive timeout.
+fn udp_in(lab: &Lab, node: &str, addr: std::net::SocketAddr) -> std::net::UdpSocket {
+    let s = netns::run_in(&lab.ns(node).unwrap(), || {
+        std::net::UdpSocket::bind(addr).map_err(|e| netns::NetnsError::Command {
+            command: format!("binding {addr} in {node}"),
+            message: e.to_string(),
+        })
+    })
+    .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s
+}
+
+/// The next datagram on `s`: (its text, where it came from).
+fn next(s: &std::net::UdpSocket) -> (String, std::net::SocketAddr) {
+    let mut buf = [0u8; 1500];
+    let (n, from) = s.recv_from(&mut buf).unwrap();
+    (String::from_utf8_lossy(&buf[..n]).into_owned(), from)
+}
+
+/// Waits (5 s at most) until the NAT of `link` has dropped more than `before` unsolicited
+/// packets; returns the new count.
+fn dropped_beyond(lab: &Lab, link: &str, before: u64) -> u64 {
+    let ns = lab.ns(&format!("{link}/nat")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = patronus_lab::nat::unsolicited(&ns).unwrap();
+        if n > before {
+            return n;
+        }
+        assert!(Instant::now() < deadline, "{link}: nothing was kept out");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn nats_map_and_filter_as_their_kind_says_expire_idle_mappings_and_follow_a_renumbering() {
+    let topology: Topology = toml::from_str(
+        r#"
+        name = "nat"
+        [[sites]]
+        name = "a"
+        links = [
+            { name = "open", kind = "broadband", nat = "open" },
+            { name = "cg", kind = "lte", nat = "cgnat", nat_timeout_s = 3 },
+            { name = "sym", kind = "lte", nat = "symmetric" },
+        ]
+        [[sites]]
+        name = "b"
+        links = [{ name = "p1", kind = "mpls" }, { name = "p2", kind = "broadband" }]
+        [[sites]]
+        name = "x"
+        links = [{ name = "x1", kind = "broadband" }]
+        "#,
+    )
+    .unwrap();
+    let lab = Lab::up(&topology, LabOptions::default()).unwrap();
+    let plan = lab.plan().clone();
+    let link = |name: &str| plan.link(name).unwrap().1.clone();
+    let at = |l: &str, port: u16| std::net::SocketAddr::new(link(l).addr4.into(), port);
+    let b1 = udp_in(&lab, "b", at("b/p1", 5000));
+    let b1_other_port = udp_in(&lab, "b", at("b/p1", 5009));
+    let b2 = udp_in(&lab, "b", at("b/p2", 5001));
+    let x = udp_in(&lab, "x", at("x/x1", 5002));
+
+    for (name, kind) in [
+        ("a/open", "open"),
+        ("a/cg", "cgnat"),
+        ("a/sym", "symmetric"),
+    ] {
+        let l = link(name);
+        let nat = l.nat.clone().unwrap();
+        assert_eq!(nat.kind.as_str(), kind);
+        let public = std::net::IpAddr::from(l.addr4);
+        let edge = udp_in(
+            &lab,
+            "a",
+            std::net::SocketAddr::new(nat.inside4.into(), patronus_lab::edges::EDGE_PORT),
+        );
+        // The mapping: the same public port towards every destination, or a new one for each.
+        edge.send_to(b"to p1", b1.local_addr().unwrap()).unwrap();
+        edge.send_to(b"to p2", b2.local_addr().unwrap()).unwrap();
+        let (text, s1) = next(&b1);
+        assert_eq!(text, "to p1");
+        let (_, s2) = next(&b2);
+        assert_eq!((s1.ip(), s2.ip()), (public, public), "{name}");
+        if kind == "symmetric" {
+            assert_ne!(
+                s1.port(),
+                s2.port(),
+                "{name}: one port for two destinations"
+            );
+        } else {
+            assert_eq!(
+                (s1.port(), s2.port()),
+                (nat.public_port, nat.public_port),
+                "{name}"
+            );
+        }
+        // The endpoint the edge sent to gets in.
+        b1.send_to(b"reply", s1).unwrap();
+        assert_eq!(next(&edge).0, "reply", "{name}");
+        // Others: everyone (open), or nobody, not even the same address from another port.
+        let ns = lab.ns(&format!("{name}/nat")).unwrap();
+        let before = patronus_lab::nat::unsolicited(&ns).unwrap();
+        x.send_to(b"stranger", s1).unwrap();
+        if kind == "open" {
+            assert_eq!(next(&edge), ("stranger".into(), x.local_addr().unwrap()));
+        } else {
+            let after = dropped_beyond(&lab, name, before);
+            b1_other_port.send_to(b"other port", s1).unwrap();
+            dropped_beyond(&lab, name, after);
+            // What arrives next is what the edge's peer sent after them.
+            b1.send_to(b"marker", s1).unwrap();
+            assert_eq!(next(&edge).0, "marker", "{name}");
+        }
+        if kind == "cgnat" {
+            // Idle beyond the mapping's 3 s (the NAT's timer has to run), the mapping is gone:
+            // the peer's packet is kept out, until the edge sends again, on the same public port.
+            std::thread::sleep(Duration::from_millis(4500));
+            let before = patronus_lab::nat::unsolicited(&ns).unwrap();
+            b1.send_to(b"too late", s1).unwrap();
+            dropped_beyond(&lab, name, before);
+            edge.send_to(b"again", b1.local_addr().unwrap()).unwrap();
+            assert_eq!(next(&b1), ("again".into(), s1), "{name}");
+            b1.send_to(b"back", s1).unwrap();
+            assert_eq!(next(&edge).0, "back", "{name}");
+
+            // A new public address (the carrier renumbered the link): the old mapping is gone,
+            // and the edge's next packet comes from the new address.
+            let (old, new) = lab.renumber(name).unwrap();
+            assert_eq!(
+                (std::net::IpAddr::from(old), lab.link_addr4(name).unwrap()),
+                (public, new)
+            );
+            edge.send_to(b"renumbered", b1.local_addr().unwrap())
+                .unwrap();
+            let (text, from) = next(&b1);
+            assert_eq!(
+                (text.as_str(), from),
+                (
+                    "renumbered",
+                    std::net::SocketAddr::new(new.into(), nat.public_port)
+                )
+            );
+        }
+    }
+
+    // A link without NAT renumbered: the edge's own address moves; a socket on the new one
+    // reaches the WAN, and the lab's state says so.
+    let (old, new) = lab.renumber("b/p2").unwrap();
+    assert_eq!(old, link("b/p2").addr4);
+    let moved = udp_in(&lab, "b", std::net::SocketAddr::new(new.into(), 5003));
+    moved
+        .send_to(b"from the new address", x.local_addr().unwrap())
+        .unwrap();
+    assert_eq!(
+        next(&x),
+        ("from the new address".into(), moved.local_addr().unwrap())
+    );
+    let state = lab::runs().remove(lab.run_id()).unwrap().unwrap();
+    assert_eq!(state.plan.link("b/p2").unwrap().1.addr4, new);
+    assert!(
+        !lab.exec("b", &["ip", "-4", "addr", "show", "dev", "p2"])
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("{old}/")))
+            .unwrap()
+    );
 }

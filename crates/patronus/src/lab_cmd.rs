@@ -52,7 +52,8 @@ pub enum LabCmd {
         command: Vec<String>,
     },
     /// Show or change a WAN link: `set delay=40ms jitter=5ms loss=2% [dir=up|down|both]`,
-    /// `cut`, `restore` (undo cut), `clear` (no impairment), `show`.
+    /// `cut`, `restore` (undo cut), `clear` (no impairment), `show`, or `renumber` (a new IPv4
+    /// address, as a new DHCP lease gives: the edge's, or its NAT's public one).
     ///
     /// Keys for set: delay, jitter, dist=normal|uniform, reorder=on|off, loss=N%,
     /// ge=P%:R%[:BAD%[:GOOD%]] (Gilbert-Elliott bursty loss), rate=10mbit|off, queue=50ms,
@@ -169,6 +170,15 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
             settings,
         } => {
             let state = find(run)?;
+            if verb == "renumber" {
+                let reply = request(&state, &serde_json::json!({ "renumber": link }))?;
+                outln!(
+                    "{link}: {} -> {}",
+                    reply["old"].as_str().unwrap_or("?"),
+                    reply["new"].as_str().unwrap_or("?")
+                );
+                return Ok(());
+            }
             let mut args = vec![verb];
             args.extend(settings);
             let reply: LinkStatus = serde_json::from_value(request(
@@ -351,6 +361,10 @@ fn handle(lab: &Lab, line: &str) -> anyhow::Result<serde_json::Value> {
         let args: Vec<String> = serde_json::from_value(req["args"].clone()).unwrap_or_default();
         return Ok(serde_json::to_value(lab.link_command(link, &args)?)?);
     }
+    if let Some(link) = req.get("renumber").and_then(|l| l.as_str()) {
+        let (old, new) = lab.renumber(link)?;
+        return Ok(serde_json::json!({ "old": old.to_string(), "new": new.to_string() }));
+    }
     if req.get("status").is_some() {
         return Ok(serde_json::to_value(lab.emulator_status()?)?);
     }
@@ -441,6 +455,26 @@ fn summary(s: &LabState) -> String {
                 l.gw4,
                 l.gw6
             );
+            if let Some(n) = &l.nat {
+                let _ = writeln!(
+                    o,
+                    "    behind a {} NAT ({}/nat): the edge at {}, mappings live {} s{}",
+                    n.kind.as_str(),
+                    format_args!("{}/{}", site.name, l.name),
+                    n.inside4,
+                    n.timeout_s,
+                    if n.kind == patronus_lab::topology::NatKind::Symmetric {
+                        String::new()
+                    } else {
+                        format!(
+                            ", its port {} is {}:{}",
+                            patronus_lab::edges::EDGE_PORT,
+                            l.addr4,
+                            n.public_port
+                        )
+                    }
+                );
+            }
         }
     }
     if let Some(l) = &s.plan.controller {
