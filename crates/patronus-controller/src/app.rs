@@ -54,6 +54,8 @@ pub struct Inner {
     pub stopping: tokio::sync::watch::Sender<bool>,
     /// The TLS client of `https://` webhooks.
     pub webhook_tls: Arc<rustls::ClientConfig>,
+    /// What the STUN responder did (see [`crate::stun`]).
+    pub stun: crate::stun::StunMetrics,
     /// The API's TLS (its certificate), set by [`crate::server::prepare`] unless `plain_http`.
     pub tls: std::sync::OnceLock<Arc<crate::https::ServerTls>>,
 }
@@ -145,6 +147,7 @@ impl AppState {
             backups: std::sync::Mutex::new(crate::backup::Status::default()),
             webhook_tls,
             tls: std::sync::OnceLock::new(),
+            stun: crate::stun::StunMetrics::default(),
             config,
             store,
         }))

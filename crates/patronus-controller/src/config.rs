@@ -21,6 +21,8 @@ pub struct Config {
     /// How the API is served: TLS from the given files, TLS from a self-signed certificate
     /// made on first start (the default), or plain HTTP.
     pub tls: Tls,
+    /// The UDP port the STUN responder answers on, at `listen`'s address.
+    pub stun_port: StunPort,
     /// Directory for the database and the token signing key (created 0700).
     pub data_dir: PathBuf,
     /// Where the state lives: an SQLite file (a path or `sqlite://<path>`; default
@@ -87,6 +89,16 @@ pub struct Config {
     pub backup_s3_region: String,
 }
 
+/// Where the STUN responder answers (UDP, at `listen`'s address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StunPort {
+    /// The port number the API is served on (the default).
+    Api,
+    Port(u16),
+    /// `stun_port = 0`: no responder.
+    Off,
+}
+
 /// How the controller serves its API.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Tls {
@@ -114,6 +126,7 @@ impl Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             tls: Tls::SelfSigned { names: Vec::new() },
+            stun_port: StunPort::Api,
             database: Database::Sqlite(dir.join("controller.db")),
             jwt_key_file: dir.join("jwt.key"),
             access_token_ttl: Duration::from_secs(15 * 60),
@@ -149,6 +162,7 @@ pub const KEYS: &[&str] = &[
     "tls_key_file",
     "tls_names",
     "plain_http",
+    "stun_port",
     "data_dir",
     "database",
     "jwt_key_file",
@@ -464,6 +478,11 @@ impl Config {
         }
         if let Some(v) = flags.listen {
             c.listen = v;
+        }
+        match take::<u16>(&values, "stun_port", &mut errors) {
+            Some(0) => c.stun_port = StunPort::Off,
+            Some(p) => c.stun_port = StunPort::Port(p),
+            None => {}
         }
         c.tls = tls(&values, &c, &mut errors);
         if let Some(v) = &flags.database {

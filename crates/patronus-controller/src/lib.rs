@@ -11,6 +11,7 @@
 //! - [`webhooks`]: events told to the URLs admins registered, signed, retried.
 //! - [`https`]: the controller's own TLS: its certificate (given, or made on first start),
 //!   reloaded when it changes.
+//! - [`stun`]: endpoint discovery, STUN Binding answered on UDP at the API's address.
 //! - [`server`]: start-up (first admin, key, database), serving and graceful shutdown.
 //! - [`backup`]: encrypted, verified backups of the whole state, their retention and restore.
 
@@ -28,6 +29,7 @@ pub mod routes;
 pub mod secrets;
 pub mod server;
 pub mod store;
+pub mod stun;
 pub mod tls;
 pub mod webhooks;
 

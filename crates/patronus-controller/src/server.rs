@@ -191,6 +191,8 @@ pub struct Listening {
     pub addr: SocketAddr,
     /// The served certificate's fingerprint (`sha256:…`), unless `plain_http`.
     pub fingerprint: Option<String>,
+    /// Where the STUN responder answers (UDP), unless `stun_port = 0`.
+    pub stun: Option<SocketAddr>,
 }
 
 impl Listening {
@@ -228,10 +230,30 @@ pub async fn serve(
             crate::https::LOOK_EVERY,
         ));
     }
+    let local = listener.local_addr()?;
+    let stun_port = match state.config.stun_port {
+        crate::config::StunPort::Api => Some(local.port()),
+        crate::config::StunPort::Port(p) => Some(p),
+        crate::config::StunPort::Off => None,
+    };
+    let stun = match stun_port {
+        Some(p) => {
+            let at = SocketAddr::new(local.ip(), p);
+            let socket = tokio::net::UdpSocket::bind(at)
+                .await
+                .with_context(|| format!("stun_port: binding UDP {at} for the STUN responder"))?;
+            Some((socket.local_addr()?, socket))
+        }
+        None => None,
+    };
     on_listening(&Listening {
-        addr: listener.local_addr()?,
+        addr: local,
         fingerprint: tls.as_ref().map(|t| t.fingerprint()),
+        stun: stun.as_ref().map(|(a, _)| *a),
     });
+    if let Some((_, socket)) = stun {
+        tokio::spawn(crate::stun::serve(state.clone(), socket));
+    }
     crate::webhooks::start(&state);
     tokio::spawn(crate::backup::schedule(state.clone()));
     tokio::spawn(housekeeping(state.store.clone()));

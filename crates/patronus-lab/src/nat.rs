@@ -16,7 +16,7 @@
 //! a real NAT. Inbound UDP that no mapping lets in is dropped and counted (the `unsolicited`
 //! counter, [`unsolicited`]): a test proves a packet was kept out by that count, not by waiting.
 //!
-//! [`renumber`] gives a link a new address at run time, as a new DHCP lease (or a modem
+//! [`Lab::renumber`](crate::lab::Lab::renumber) gives a link a new address at run time, as a new DHCP lease (or a modem
 //! restart) would: the edge's own address on a link without NAT, the NAT's public address on
 //! one with (its mappings, removed with the address, are gone too).
 

@@ -139,6 +139,9 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
             let state = patronus_controller::server::prepare(config, &env).await?;
             patronus_controller::server::serve(state, shutdown, |l| {
                 let url = l.url();
+                if let Some(stun) = l.stun {
+                    eprintln!("controller: answering STUN Binding requests on udp {stun}");
+                }
                 match &l.fingerprint {
                     Some(fp) => eprintln!(
                         "controller: listening on {url}/ (API under /api/v1; log in with \

@@ -2069,3 +2069,157 @@ fn an_edge_with_a_wrong_pinned_fingerprint_refuses_to_enrol_and_keeps_its_token(
     );
     c.finish(nix::sys::signal::Signal::SIGTERM);
 }
+
+/// One STUN exchange from `socket` to `to`: the answer read as the request's, keyed with `key`
+/// if given.
+fn stun_exchange(
+    socket: &std::net::UdpSocket,
+    to: SocketAddr,
+    request: &[u8],
+    transaction: &[u8; 12],
+    key: Option<&[u8]>,
+) -> Option<patronus_controller::stun::Answer> {
+    socket.send_to(request, to).unwrap();
+    let mut buf = [0u8; 1500];
+    let (n, _) = socket.recv_from(&mut buf).unwrap();
+    patronus_controller::stun::read_answer(&buf[..n], transaction, key)
+}
+
+/// The controller's `patronus_stun_requests_total` for `result`.
+fn stun_count(addr: SocketAddr, token: &str, result: &str) -> u64 {
+    let (_, text) = http(addr, "GET", "/metrics", Some(token), None).unwrap();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!(
+                "patronus_stun_requests_total{{result=\"{result}\"}} "
+            ))
+        })
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn the_controller_answers_stun_on_its_api_port_and_keys_its_answers_to_a_site() {
+    use patronus_controller::stun::{self, Answer};
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(&dir.path().join("state"));
+    assert!(c.log.lock().unwrap().contains(&format!(
+        "answering STUN Binding requests on udp {}",
+        c.addr
+    )));
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let me = socket.local_addr().unwrap();
+
+    // An independent client (coturn's) is answered with where it sends from.
+    let out = Command::new("turnutils_stunclient")
+        .args(["-p", &c.addr.port().to_string(), "127.0.0.1"])
+        .output()
+        .expect("turnutils_stunclient (Debian's coturn; .ci/deps installs it)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("UDP reflexive addr: 127.0.0.1:"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Anonymous: the address, unkeyed.
+    let t = [1u8; 12];
+    assert_eq!(
+        stun_exchange(&socket, c.addr, &stun::binding_request(&t, None), &t, None),
+        Some(Answer::Mapped {
+            addr: me,
+            keyed: false
+        })
+    );
+
+    // A site's: keyed with the hash of its credential, in both directions.
+    let token = json(&login(c.addr).to_string())["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, body) = http(
+        c.addr,
+        "POST",
+        "/api/v1/sites",
+        Some(&token),
+        Some(
+            r#"{"name":"hq","lan_prefixes":["10.1.0.0/16"],"links":[{"name":"lte","kind":"lte"}]}"#,
+        ),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let site = json(&body)["id"].as_i64().unwrap();
+    let (_, body) = http(
+        c.addr,
+        "POST",
+        &format!("/api/v1/sites/{site}/enrollment-tokens"),
+        Some(&token),
+        Some("{}"),
+    )
+    .unwrap();
+    let enrol = format!(
+        r#"{{"token":"{}","public_key":"{}"}}"#,
+        json(&body)["token"].as_str().unwrap(),
+        patronus_api::key_to_base64(&[9; 32])
+    );
+    let (status, body) = http(c.addr, "POST", "/api/v1/enroll", None, Some(&enrol)).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let credential = json(&body)["credential"].as_str().unwrap().to_owned();
+    let key = patronus_controller::auth::sha256(credential.as_bytes());
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    let t = [2u8; 12];
+    let signed = stun::binding_request(&t, Some((site, now_ms(), &key)));
+    assert_eq!(
+        stun_exchange(&socket, c.addr, &signed, &t, Some(&key)),
+        Some(Answer::Mapped {
+            addr: me,
+            keyed: true
+        })
+    );
+    // The same request again (a replay), another key, another site, an old clock: 401.
+    assert_eq!(
+        stun_exchange(&socket, c.addr, &signed, &t, None),
+        Some(Answer::Error(401))
+    );
+    let t = [3u8; 12];
+    let wrong = stun::binding_request(&t, Some((site, now_ms(), &[0u8; 32])));
+    assert_eq!(
+        stun_exchange(&socket, c.addr, &wrong, &t, None),
+        Some(Answer::Error(401))
+    );
+    let t = [4u8; 12];
+    let other = stun::binding_request(&t, Some((site + 1, now_ms(), &key)));
+    assert_eq!(
+        stun_exchange(&socket, c.addr, &other, &t, None),
+        Some(Answer::Error(401))
+    );
+    let t = [5u8; 12];
+    let old = stun::binding_request(&t, Some((site, now_ms() - 60_000, &key)));
+    assert_eq!(
+        stun_exchange(&socket, c.addr, &old, &t, None),
+        Some(Answer::Error(401))
+    );
+    // Garbage gets no answer: the counter says it was dropped.
+    let before = stun_count(c.addr, &token, "dropped");
+    socket
+        .send_to(b"not stun at all, just bytes", c.addr)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stun_count(c.addr, &token, "dropped") == before {
+        assert!(Instant::now() < deadline, "the garbage was not counted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(stun_count(c.addr, &token, "site"), 1);
+    assert_eq!(stun_count(c.addr, &token, "unauthorized"), 4);
+    assert!(stun_count(c.addr, &token, "anonymous") >= 2);
+    c.finish(nix::sys::signal::Signal::SIGTERM);
+}

@@ -36,6 +36,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
 async fn metrics(State(s): State<AppState>, _p: Principal) -> Result<Response, ApiError> {
     let mut out = String::new();
     s.http.render(&mut out);
+    s.stun.render(&mut out);
     let (open, idle) = s.store.connections();
     gauge(
         &mut out,

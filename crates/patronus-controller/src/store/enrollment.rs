@@ -132,6 +132,14 @@ pub async fn site_of_credential(
     .await
 }
 
+/// The hashes of site `site_id`'s unrevoked credentials: the keys of its STUN requests.
+pub async fn credential_hashes(conn: &mut Conn, site_id: i64) -> Result<Vec<Vec<u8>>, sqlx::Error> {
+    query_scalar("SELECT secret_hash FROM site_credentials WHERE site_id = ? AND revoked = 0")
+        .bind(site_id)
+        .fetch_all(&mut *conn)
+        .await
+}
+
 /// Revokes the unrevoked credentials of site `site_id` (of every site if `None`); how many.
 pub async fn revoke_credentials(conn: &mut Conn, site_id: Option<i64>) -> Result<u64, sqlx::Error> {
     let r = match site_id {
