@@ -341,7 +341,8 @@ pub fn compile(net: &Network) -> Result<Vec<Compiled>, ApiError> {
             public_key: *key,
             overlay,
             lan_prefixes: s.lan_prefixes.clone(),
-            links: s.links.iter().map(|l| l.link.clone()).collect(),
+            // As the peers reach it: configured, else observed (`crate::stun`).
+            links: s.links.iter().map(|l| l.for_peers()).collect(),
             next_public_key: net.next_keys.get(&s.id).copied(),
             // Every site the controller knows runs a Patronus edge.
             probe: patronus_api::ProbeMode::Stamp,

@@ -9,13 +9,17 @@
 //! - **anonymous** (no USERNAME, no MESSAGE-INTEGRITY-SHA256): a plain reflection, as any public
 //!   STUN server gives. The answer is no larger than the request plus 32 bytes, so the
 //!   controller is no amplifier, and nothing is recorded.
-//! - **a site's**: USERNAME `patronus-site:<site id>`, a PATRONUS-TIME attribute (the sender's
+//! - **a site's**: USERNAME `patronus-site:<site id>:<link name>` (or without the link), a
+//!   PATRONUS-TIME attribute (the sender's
 //!   clock, Unix milliseconds; within [`MAX_SKEW_MS`] of the controller's), and
 //!   MESSAGE-INTEGRITY-SHA256 keyed with the hash the controller keeps of the site's
 //!   credential (SHA-256 of the credential the edge holds). The answer is keyed the same way,
 //!   so the edge knows it comes from its controller and was not altered on the way. A request
 //!   whose integrity, site, time or transaction (seen before: a replay) does not check out gets
-//!   401, without integrity. Lookups of site credentials are held to a budget per second.
+//!   401, without integrity. Lookups of site credentials are held to a budget per second. The
+//!   address a site's request came from is recorded as its link's observed endpoint
+//!   (`links.observed_endpoint`): when it changes, the configuration generation moves, and the
+//!   site's peers are given it for a link that has no configured endpoint.
 //!
 //! Everything else (responses, indications, garbage) is dropped unanswered; a request with an
 //! unknown comprehension-required attribute gets 420 (RFC 8489 §6.3.1).
@@ -56,6 +60,8 @@ pub struct Request {
     pub transaction: [u8; 12],
     /// The site it claims to come from, if it names one.
     pub site: Option<i64>,
+    /// The site's link it was sent from, if it names one.
+    pub link: Option<String>,
     pub time_ms: Option<i64>,
     /// Where MESSAGE-INTEGRITY-SHA256 starts, and its value.
     integrity: Option<(usize, [u8; 32])>,
@@ -103,6 +109,7 @@ pub fn parse(datagram: &[u8]) -> Result<Request, NotRequest> {
     let mut req = Request {
         transaction,
         site: None,
+        link: None,
         time_ms: None,
         integrity: None,
         unknown: Vec::new(),
@@ -154,14 +161,30 @@ pub fn parse(datagram: &[u8]) -> Result<Request, NotRequest> {
     match username {
         None if req.integrity.is_some() => req.unusable_auth = true,
         None => {}
-        Some(u) => match std::str::from_utf8(u)
-            .ok()
-            .and_then(|u| u.strip_prefix(SITE_USER))
-            .and_then(|id| id.parse::<i64>().ok())
-        {
-            Some(id) if req.integrity.is_some() => req.site = Some(id),
-            _ => req.unusable_auth = true,
-        },
+        Some(u) => {
+            // `<id>` or `<id>:<link>`, the link a valid name.
+            let parsed = std::str::from_utf8(u)
+                .ok()
+                .and_then(|u| u.strip_prefix(SITE_USER))
+                .and_then(|rest| {
+                    let (id, link) = match rest.split_once(':') {
+                        Some((id, l)) => (id, Some(l)),
+                        None => (rest, None),
+                    };
+                    let link = match link {
+                        Some(l) => Some(patronus_api::Name::new(l).ok()?.to_string()),
+                        None => None,
+                    };
+                    Some((id.parse::<i64>().ok()?, link))
+                });
+            match parsed {
+                Some((id, link)) if req.integrity.is_some() => {
+                    req.site = Some(id);
+                    req.link = link;
+                }
+                _ => req.unusable_auth = true,
+            }
+        }
     }
     Ok(req)
 }
@@ -327,15 +350,30 @@ pub fn error(req: &Request, code: u16, reason: &str) -> Vec<u8> {
     w.finish()
 }
 
-/// A site's Binding request (what an edge sends from each link): site `site`, its clock
-/// `time_ms`, keyed with `key` (SHA-256 of the site's credential). Without `site`, an
-/// anonymous one.
-pub fn binding_request(transaction: &[u8; 12], site: Option<(i64, i64, &[u8])>) -> Vec<u8> {
+/// Who sends a site's Binding request.
+#[derive(Debug, Clone, Copy)]
+pub struct SiteAuth<'a> {
+    pub site: i64,
+    /// The link it is sent from (whose observed endpoint the answer is).
+    pub link: Option<&'a str>,
+    /// The sender's clock, Unix milliseconds.
+    pub time_ms: i64,
+    /// SHA-256 of the site's credential.
+    pub key: &'a [u8],
+}
+
+/// A Binding request (what an edge sends from each link): a site's, keyed, or without `site`
+/// an anonymous one.
+pub fn binding_request(transaction: &[u8; 12], site: Option<SiteAuth<'_>>) -> Vec<u8> {
     let mut w = Writer::new(BINDING_REQUEST, transaction);
-    if let Some((id, time_ms, key)) = site {
-        w.attr(ATTR_USERNAME, format!("{SITE_USER}{id}").as_bytes());
-        w.attr(ATTR_PATRONUS_TIME, &time_ms.to_be_bytes());
-        w.integrity(key);
+    if let Some(a) = site {
+        let user = match a.link {
+            Some(l) => format!("{SITE_USER}{}:{l}", a.site),
+            None => format!("{SITE_USER}{}", a.site),
+        };
+        w.attr(ATTR_USERNAME, user.as_bytes());
+        w.attr(ATTR_PATRONUS_TIME, &a.time_ms.to_be_bytes());
+        w.integrity(a.key);
     }
     w.finish()
 }
@@ -516,6 +554,11 @@ pub async fn serve(state: crate::AppState, socket: tokio::net::UdpSocket) {
             match site_key(&state, &req, datagram, site, now, &mut seen).await {
                 Some(key) => {
                     metrics.count(1);
+                    if let Some(link) = &req.link {
+                        if let Err(e) = observed(&state, site, link, from, now).await {
+                            tracing::warn!(site, %link, error = %e, "STUN: recording an observed endpoint");
+                        }
+                    }
                     success(&req, from, Some(&key))
                 }
                 None => {
@@ -531,6 +574,24 @@ pub async fn serve(state: crate::AppState, socket: tokio::net::UdpSocket) {
             tracing::debug!(%from, error = %e, "STUN: answering");
         }
     }
+}
+
+/// Records that site `site`'s `link` was seen from `from`; when that is new, the configuration
+/// generation moves with it (its peers are given the endpoint).
+async fn observed(
+    state: &crate::AppState,
+    site: i64,
+    link: &str,
+    from: SocketAddr,
+    now_ms: i64,
+) -> Result<(), sqlx::Error> {
+    let mut tx = state.store.begin().await?;
+    if crate::store::sites::observe_link(&mut tx, site, link, from, now_ms / 1000).await? {
+        tx.config_changed().await?;
+        tx.commit().await?;
+        tracing::info!(site, %link, endpoint = %from, "a link was observed at a new endpoint");
+    }
+    Ok(())
 }
 
 /// The key `req` (site `site`'s) is made with, if its time, its integrity and its novelty all
@@ -606,9 +667,18 @@ mod tests {
     #[test]
     fn a_sites_request_verifies_with_its_key_only_and_its_answer_too() {
         let key = [7u8; 32];
-        let raw = binding_request(&TXID, Some((42, 1_700_000_000_000, &key)));
+        let raw = binding_request(
+            &TXID,
+            Some(SiteAuth {
+                site: 42,
+                link: Some("lte"),
+                time_ms: 1_700_000_000_000,
+                key: &key,
+            }),
+        );
         let req = parse(&raw).unwrap();
         assert_eq!(req.site, Some(42));
+        assert_eq!(req.link.as_deref(), Some("lte"));
         assert_eq!(req.time_ms, Some(1_700_000_000_000));
         assert!(req.authenticated() && !req.unusable_auth);
         assert!(req.verify(&raw, &key));
@@ -672,7 +742,15 @@ mod tests {
     #[test]
     fn no_datagram_makes_the_parser_panic() {
         let key = [3u8; 32];
-        let valid = binding_request(&TXID, Some((1, 2, &key)));
+        let valid = binding_request(
+            &TXID,
+            Some(SiteAuth {
+                site: 1,
+                link: None,
+                time_ms: 2,
+                key: &key,
+            }),
+        );
         // Every truncation, every length field, and pseudo-random bytes after a valid header.
         for n in 0..valid.len() {
             let _ = parse(&valid[..n]);

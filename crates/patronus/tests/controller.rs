@@ -2147,7 +2147,8 @@ fn the_controller_answers_stun_on_its_api_port_and_keys_its_answers_to_a_site() 
         "/api/v1/sites",
         Some(&token),
         Some(
-            r#"{"name":"hq","lan_prefixes":["10.1.0.0/16"],"links":[{"name":"lte","kind":"lte"}]}"#,
+            r#"{"name":"hq","lan_prefixes":["10.1.0.0/16"],"links":[{"name":"lte","kind":"lte"},
+            {"name":"mpls","kind":"mpls","endpoint":"198.51.100.1:51820"}]}"#,
         ),
     )
     .unwrap();
@@ -2176,10 +2177,19 @@ fn the_controller_answers_stun_on_its_api_port_and_keys_its_answers_to_a_site() 
             .unwrap()
             .as_millis() as i64
     };
+    let auth = |site: i64, link: &'static str, time_ms: i64, key: &'static [u8]| {
+        Some(stun::SiteAuth {
+            site,
+            link: Some(link),
+            time_ms,
+            key,
+        })
+    };
+    let key: &'static [u8] = Box::leak(Box::new(key));
     let t = [2u8; 12];
-    let signed = stun::binding_request(&t, Some((site, now_ms(), &key)));
+    let signed = stun::binding_request(&t, auth(site, "lte", now_ms(), key));
     assert_eq!(
-        stun_exchange(&socket, c.addr, &signed, &t, Some(&key)),
+        stun_exchange(&socket, c.addr, &signed, &t, Some(key)),
         Some(Answer::Mapped {
             addr: me,
             keyed: true
@@ -2191,19 +2201,19 @@ fn the_controller_answers_stun_on_its_api_port_and_keys_its_answers_to_a_site() 
         Some(Answer::Error(401))
     );
     let t = [3u8; 12];
-    let wrong = stun::binding_request(&t, Some((site, now_ms(), &[0u8; 32])));
+    let wrong = stun::binding_request(&t, auth(site, "lte", now_ms(), &[0u8; 32]));
     assert_eq!(
         stun_exchange(&socket, c.addr, &wrong, &t, None),
         Some(Answer::Error(401))
     );
     let t = [4u8; 12];
-    let other = stun::binding_request(&t, Some((site + 1, now_ms(), &key)));
+    let other = stun::binding_request(&t, auth(site + 1, "lte", now_ms(), key));
     assert_eq!(
         stun_exchange(&socket, c.addr, &other, &t, None),
         Some(Answer::Error(401))
     );
     let t = [5u8; 12];
-    let old = stun::binding_request(&t, Some((site, now_ms() - 60_000, &key)));
+    let old = stun::binding_request(&t, auth(site, "lte", now_ms() - 60_000, key));
     assert_eq!(
         stun_exchange(&socket, c.addr, &old, &t, None),
         Some(Answer::Error(401))
@@ -2218,8 +2228,83 @@ fn the_controller_answers_stun_on_its_api_port_and_keys_its_answers_to_a_site() 
         assert!(Instant::now() < deadline, "the garbage was not counted");
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(stun_count(c.addr, &token, "site"), 1);
     assert_eq!(stun_count(c.addr, &token, "unauthorized"), 4);
+
+    // Where hq's LTE link was seen from is recorded, and a peer is given it as that link's
+    // endpoint; MPLS, with a configured endpoint, keeps that one for the peers.
+    let t = [6u8; 12];
+    let mpls = stun::binding_request(&t, auth(site, "mpls", now_ms(), key));
+    assert!(matches!(
+        stun_exchange(&socket, c.addr, &mpls, &t, Some(key)),
+        Some(Answer::Mapped { keyed: true, .. })
+    ));
+    assert_eq!(stun_count(c.addr, &token, "site"), 2);
+    let (_, body) = http(
+        c.addr,
+        "GET",
+        &format!("/api/v1/sites/{site}"),
+        Some(&token),
+        None,
+    )
+    .unwrap();
+    let links = json(&body)["links"].as_array().unwrap().clone();
+    for l in &links {
+        assert_eq!(l["observed_endpoint"], me.to_string(), "{l}");
+        assert!(l["observed_since"].as_i64().unwrap() > 0, "{l}");
+    }
+    let (status, body) = http(
+        c.addr,
+        "POST",
+        "/api/v1/sites",
+        Some(&token),
+        Some(r#"{"name":"b","lan_prefixes":["10.2.0.0/16"],"links":[{"name":"inet","kind":"broadband"}]}"#),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let b = json(&body)["id"].as_i64().unwrap();
+    let (_, body) = http(
+        c.addr,
+        "POST",
+        &format!("/api/v1/sites/{b}/enrollment-tokens"),
+        Some(&token),
+        Some("{}"),
+    )
+    .unwrap();
+    let enrol = format!(
+        r#"{{"token":"{}","public_key":"{}"}}"#,
+        json(&body)["token"].as_str().unwrap(),
+        patronus_api::key_to_base64(&[10; 32])
+    );
+    let (_, body) = http(c.addr, "POST", "/api/v1/enroll", None, Some(&enrol)).unwrap();
+    let b_credential = json(&body)["credential"].as_str().unwrap().to_owned();
+    let (status, body) = http(
+        c.addr,
+        "GET",
+        "/api/v1/edge/config",
+        Some(&b_credential),
+        None,
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let config = json(&body);
+    let hq = config["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "hq")
+        .unwrap()
+        .clone();
+    let endpoint = |name: &str| {
+        hq["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == name)
+            .unwrap()["endpoint"]
+            .clone()
+    };
+    assert_eq!(endpoint("lte"), me.to_string(), "{hq}");
+    assert_eq!(endpoint("mpls"), "198.51.100.1:51820", "{hq}");
     assert!(stun_count(c.addr, &token, "anonymous") >= 2);
     c.finish(nix::sys::signal::Signal::SIGTERM);
 }

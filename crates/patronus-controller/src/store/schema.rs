@@ -487,6 +487,16 @@ CREATE TABLE login_failures (
 CREATE INDEX login_failures_at ON login_failures(at_ms);
 "#,
     ),
+    (
+        17,
+        "each link's endpoint as the controller's STUN responder observed it",
+        r#"
+-- Where a site's link was last seen from by the STUN responder (what NATs made of its address),
+-- and since when: given to the peers when the link has no configured endpoint.
+ALTER TABLE links ADD COLUMN observed_endpoint TEXT COLLATE "C";
+ALTER TABLE links ADD COLUMN observed_since BIGINT;
+"#,
+    ),
 ];
 
 /// The schema, in order. A migration is never edited once released: a change is a new one.
@@ -855,6 +865,16 @@ CREATE TABLE login_failures (
     at_ms           INTEGER NOT NULL
 );
 CREATE INDEX login_failures_at ON login_failures(at_ms);
+"#,
+    ),
+    (
+        17,
+        "each link's endpoint as the controller's STUN responder observed it",
+        r#"
+-- Where a site's link was last seen from by the STUN responder (what NATs made of its address),
+-- and since when: given to the peers when the link has no configured endpoint.
+ALTER TABLE links ADD COLUMN observed_endpoint TEXT;
+ALTER TABLE links ADD COLUMN observed_since INTEGER;
 "#,
     ),
 ];

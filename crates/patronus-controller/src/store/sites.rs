@@ -137,6 +137,12 @@ pub struct LinkView {
     pub site_id: i64,
     #[serde(flatten)]
     pub link: Link,
+    /// Where the controller's STUN responder last saw this link's edge from (`ip:port`, what
+    /// NATs made of its address); peers are given it when the link has no `endpoint`.
+    #[schema(value_type = Option<String>)]
+    pub observed_endpoint: Option<std::net::SocketAddr>,
+    /// Since when (Unix seconds) the link has been seen from there.
+    pub observed_since: Option<i64>,
     pub version: i64,
     pub created_at: i64,
     pub updated_at: i64,
@@ -219,10 +225,50 @@ pub fn link_from_row(r: &Row) -> Result<LinkView, ApiError> {
         id: r.try_get("id")?,
         site_id: r.try_get("site_id")?,
         link: serde_json::from_str(&spec).map_err(ApiError::internal)?,
+        observed_endpoint: r
+            .try_get::<Option<String>, _>("observed_endpoint")?
+            .and_then(|e| e.parse().ok()),
+        observed_since: r.try_get("observed_since")?,
         version: r.try_get("version")?,
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,
     })
+}
+
+impl LinkView {
+    /// The link as its peers are told of it: its configured endpoint, else where it was
+    /// observed.
+    pub fn for_peers(&self) -> Link {
+        let mut l = self.link.clone();
+        if l.endpoint.is_none() {
+            l.endpoint = self.observed_endpoint;
+        }
+        l
+    }
+}
+
+/// Records that site `site_id`'s link `link` was seen from `endpoint` (by the STUN
+/// responder); true if that is new (the link was seen from elsewhere before, or never).
+pub async fn observe_link(
+    conn: &mut Conn,
+    site_id: i64,
+    link: &str,
+    endpoint: std::net::SocketAddr,
+    now_s: i64,
+) -> Result<bool, sqlx::Error> {
+    let e = endpoint.to_string();
+    let r = query(
+        "UPDATE links SET observed_endpoint = ?, observed_since = ?
+         WHERE site_id = ? AND name = ? AND (observed_endpoint IS NULL OR observed_endpoint <> ?)",
+    )
+    .bind(&e)
+    .bind(now_s)
+    .bind(site_id)
+    .bind(link)
+    .bind(&e)
+    .execute(&mut *conn)
+    .await?;
+    Ok(r.rows_affected() > 0)
 }
 
 /// Fills in the links of `sites` with one query.
