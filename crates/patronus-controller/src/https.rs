@@ -269,8 +269,10 @@ pub fn generate(data_dir: &Path, names: &[String]) -> anyhow::Result<String> {
     Ok(fp)
 }
 
-/// Writes `path` whole with `mode`: beside it first, then renamed over it.
-fn replace_file(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
+/// Writes `path` whole with `mode`: beside it first (created with that mode, so it is never
+/// wider), synced, then renamed over it; a reader never sees half a file. (Also the CLI's way
+/// of keeping its session and an edge's files.)
+pub fn replace_file(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");

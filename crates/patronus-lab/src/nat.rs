@@ -21,7 +21,7 @@
 //! one with (its mappings, removed with the address, are gone too).
 
 use std::net::Ipv4Addr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use crate::netns::NetnsError;
 use crate::topology::{LinkPlan, NatKind, NatPlan};
@@ -77,18 +77,8 @@ pub fn ruleset(link: &LinkPlan, nat: &NatPlan) -> String {
 
 /// Loads `rules` with `nft -f -` in namespace `ns`.
 pub fn load(ns: &str, rules: &str) -> Result<(), NetnsError> {
-    use std::io::Write;
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, "nft", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(NetnsError::NoIp)?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(rules.as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
+    let out =
+        crate::netns::ip_with_input(&["netns", "exec", ns, "nft", "-f", "-"], rules.as_bytes())?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         return Err(NetnsError::Command {

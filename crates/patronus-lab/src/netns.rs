@@ -41,19 +41,9 @@ pub fn ip_batch(args: &[&str], lines: &[String]) -> Result<(), NetnsError> {
     if lines.is_empty() {
         return Ok(());
     }
-    let mut child = Command::new("ip")
-        .args(args)
-        .args(["-batch", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(NetnsError::NoIp)?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(lines.join("\n").as_bytes())?;
-        stdin.write_all(b"\n")?;
-    }
-    let out = child.wait_with_output()?;
+    let mut all = args.to_vec();
+    all.extend(["-batch", "-"]);
+    let out = ip_with_input(&all, format!("{}\n", lines.join("\n")).as_bytes())?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         // iproute2 names the failing batch line as "Command failed -:N"; show that line.
@@ -71,6 +61,22 @@ pub fn ip_batch(args: &[&str], lines: &[String]) -> Result<(), NetnsError> {
         });
     }
     Ok(())
+}
+
+/// Runs `ip [args]` with `input` on its stdin; its output (stdout discarded), whatever its
+/// exit status.
+pub fn ip_with_input(args: &[&str], input: &[u8]) -> Result<std::process::Output, NetnsError> {
+    let mut child = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(NetnsError::NoIp)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(input)?;
+    }
+    Ok(child.wait_with_output()?)
 }
 
 /// Runs one `ip` command.

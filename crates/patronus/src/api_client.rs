@@ -55,19 +55,7 @@ pub fn save(c: &Credentials) -> anyhow::Result<PathBuf> {
 /// Writes a file readable by its owner only, replacing it whole: written beside, then renamed,
 /// so there is never a half-written file nor a moment with a wider mode.
 pub fn write_private(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    patronus_controller::https::replace_file(path, bytes, 0o600)
 }
 
 pub fn load() -> anyhow::Result<Credentials> {

@@ -2085,6 +2085,30 @@ fn stun_exchange(
     patronus_controller::stun::read_answer(&buf[..n], transaction, key)
 }
 
+/// A site created from `spec` (JSON) and enrolled with a key made of `key_byte`, over plain
+/// HTTP: its id and its credential.
+fn enrolled_site(addr: SocketAddr, token: &str, spec: &str, key_byte: u8) -> (i64, String) {
+    let (status, body) = http(addr, "POST", "/api/v1/sites", Some(token), Some(spec)).unwrap();
+    assert_eq!(status, 201, "{body}");
+    let site = json(&body)["id"].as_i64().unwrap();
+    let (_, body) = http(
+        addr,
+        "POST",
+        &format!("/api/v1/sites/{site}/enrollment-tokens"),
+        Some(token),
+        Some("{}"),
+    )
+    .unwrap();
+    let enrol = format!(
+        r#"{{"token":"{}","public_key":"{}"}}"#,
+        json(&body)["token"].as_str().unwrap(),
+        patronus_api::key_to_base64(&[key_byte; 32])
+    );
+    let (status, body) = http(addr, "POST", "/api/v1/enroll", None, Some(&enrol)).unwrap();
+    assert_eq!(status, 200, "{body}");
+    (site, json(&body)["credential"].as_str().unwrap().to_owned())
+}
+
 /// The controller's `patronus_stun_requests_total` for `result`.
 fn stun_count(addr: SocketAddr, token: &str, result: &str) -> u64 {
     let (_, text) = http(addr, "GET", "/metrics", Some(token), None).unwrap();
@@ -2141,35 +2165,13 @@ fn the_controller_answers_stun_on_its_api_port_and_keys_its_answers_to_a_site() 
         .as_str()
         .unwrap()
         .to_owned();
-    let (status, body) = http(
+    let (site, credential) = enrolled_site(
         c.addr,
-        "POST",
-        "/api/v1/sites",
-        Some(&token),
-        Some(
-            r#"{"name":"hq","lan_prefixes":["10.1.0.0/16"],"links":[{"name":"lte","kind":"lte"},
-            {"name":"mpls","kind":"mpls","endpoint":"198.51.100.1:51820"}]}"#,
-        ),
-    )
-    .unwrap();
-    assert_eq!(status, 201, "{body}");
-    let site = json(&body)["id"].as_i64().unwrap();
-    let (_, body) = http(
-        c.addr,
-        "POST",
-        &format!("/api/v1/sites/{site}/enrollment-tokens"),
-        Some(&token),
-        Some("{}"),
-    )
-    .unwrap();
-    let enrol = format!(
-        r#"{{"token":"{}","public_key":"{}"}}"#,
-        json(&body)["token"].as_str().unwrap(),
-        patronus_api::key_to_base64(&[9; 32])
+        &token,
+        r#"{"name":"hq","lan_prefixes":["10.1.0.0/16"],"links":[{"name":"lte","kind":"lte"},
+        {"name":"mpls","kind":"mpls","endpoint":"198.51.100.1:51820"}]}"#,
+        9,
     );
-    let (status, body) = http(c.addr, "POST", "/api/v1/enroll", None, Some(&enrol)).unwrap();
-    assert_eq!(status, 200, "{body}");
-    let credential = json(&body)["credential"].as_str().unwrap().to_owned();
     let key = patronus_controller::auth::sha256(credential.as_bytes());
     let now_ms = || {
         std::time::SystemTime::now()
@@ -2252,31 +2254,12 @@ fn the_controller_answers_stun_on_its_api_port_and_keys_its_answers_to_a_site() 
         assert_eq!(l["observed_endpoint"], me.to_string(), "{l}");
         assert!(l["observed_since"].as_i64().unwrap() > 0, "{l}");
     }
-    let (status, body) = http(
+    let (_, b_credential) = enrolled_site(
         c.addr,
-        "POST",
-        "/api/v1/sites",
-        Some(&token),
-        Some(r#"{"name":"b","lan_prefixes":["10.2.0.0/16"],"links":[{"name":"inet","kind":"broadband"}]}"#),
-    )
-    .unwrap();
-    assert_eq!(status, 201, "{body}");
-    let b = json(&body)["id"].as_i64().unwrap();
-    let (_, body) = http(
-        c.addr,
-        "POST",
-        &format!("/api/v1/sites/{b}/enrollment-tokens"),
-        Some(&token),
-        Some("{}"),
-    )
-    .unwrap();
-    let enrol = format!(
-        r#"{{"token":"{}","public_key":"{}"}}"#,
-        json(&body)["token"].as_str().unwrap(),
-        patronus_api::key_to_base64(&[10; 32])
+        &token,
+        r#"{"name":"b","lan_prefixes":["10.2.0.0/16"],"links":[{"name":"inet","kind":"broadband"}]}"#,
+        10,
     );
-    let (_, body) = http(c.addr, "POST", "/api/v1/enroll", None, Some(&enrol)).unwrap();
-    let b_credential = json(&body)["credential"].as_str().unwrap().to_owned();
     let (status, body) = http(
         c.addr,
         "GET",
