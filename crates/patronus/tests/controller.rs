@@ -1504,6 +1504,23 @@ fn backups_are_taken_while_serving_and_a_restore_brings_back_a_deleted_site_or_a
     c.finish(nix::sys::signal::Signal::SIGTERM);
 }
 
+/// `patronus login` to `url` as the admin, pinning the certificate fingerprint `pin`.
+fn login_pinned(home: &Path, url: &str, pin: &str) -> (bool, String, String) {
+    cli(
+        home,
+        &[
+            "login",
+            "--url",
+            url,
+            "--ca-fingerprint",
+            pin,
+            "--email",
+            ADMIN,
+        ],
+        PASSWORD,
+    )
+}
+
 /// A TLS connection to `addr` that trusts only the certificate with fingerprint `pin`, its
 /// handshake done (so that a certificate refused shows here, before any request is written).
 fn tls_connect(
@@ -1648,19 +1665,7 @@ fn by_default_the_controller_serves_https_with_its_own_certificate_that_the_cli_
     assert!(http(c.addr, "GET", "/health", None, None).is_err());
 
     // The CLI with the pin logs in, keeps the pin with the session, and works.
-    let (ok, _, err) = cli(
-        &home,
-        &[
-            "login",
-            "--url",
-            &url,
-            "--ca-fingerprint",
-            &fp,
-            "--email",
-            ADMIN,
-        ],
-        PASSWORD,
-    );
+    let (ok, _, err) = login_pinned(&home, &url, &fp);
     assert!(ok, "{err}");
     let (ok, out, err) = cli(&home, &["site", "create", "hq", "--lan", "10.1.0.0/16"], "");
     assert!(ok && out.contains("hq"), "{out} {err}");
@@ -1670,37 +1675,13 @@ fn by_default_the_controller_serves_https_with_its_own_certificate_that_the_cli_
         .map(|p| String::from_utf8_lossy(p).to_uppercase())
         .collect::<Vec<_>>()
         .join(":");
-    let (ok, _, err) = cli(
-        &dir.path().join("home-openssl"),
-        &[
-            "login",
-            "--url",
-            &url,
-            "--ca-fingerprint",
-            &colons,
-            "--email",
-            ADMIN,
-        ],
-        PASSWORD,
-    );
+    let (ok, _, err) = login_pinned(&dir.path().join("home-openssl"), &url, &colons);
     assert!(ok, "{err}");
 
     // Another pin, or none (no CA vouches for a self-signed certificate): refused at the
     // handshake, before the request (and the password in it) is written, saying why.
     let wrong = format!("sha256:{}", "ab".repeat(32));
-    let (ok, _, err) = cli(
-        &dir.path().join("home2"),
-        &[
-            "login",
-            "--url",
-            &url,
-            "--ca-fingerprint",
-            &wrong,
-            "--email",
-            ADMIN,
-        ],
-        PASSWORD,
-    );
+    let (ok, _, err) = login_pinned(&dir.path().join("home2"), &url, &wrong);
     assert!(
         !ok && err.contains(&format!(
             "has fingerprint {fp}, which is not the pinned one"
@@ -2000,19 +1981,7 @@ fn an_edge_with_a_wrong_pinned_fingerprint_refuses_to_enrol_and_keeps_its_token(
     let fp = printed_fingerprint(&c);
     let url = format!("https://{}", c.addr);
     let home = dir.path().join("home");
-    let (ok, _, err) = cli(
-        &home,
-        &[
-            "login",
-            "--url",
-            &url,
-            "--ca-fingerprint",
-            &fp,
-            "--email",
-            ADMIN,
-        ],
-        PASSWORD,
-    );
+    let (ok, _, err) = login_pinned(&home, &url, &fp);
     assert!(ok, "{err}");
     for args in [
         &["site", "create", "hq", "--lan", "10.1.0.0/16"][..],
