@@ -517,7 +517,9 @@ fn tls(values: &[(String, Source)], c: &Config, errors: &mut FieldErrors) -> Tls
             errors.push(
                 source_of(values, "plain_http"),
                 format!(
-                    "plain HTTP on {} would carry passwords and tokens unencrypted beyond this                      machine: serve TLS (remove plain_http), listen on loopback, or name the                      TLS-terminating proxy in front in trusted_proxies",
+                    "plain HTTP on {} would carry passwords and tokens unencrypted beyond this \
+                     machine: serve TLS (remove plain_http), listen on loopback, or name the \
+                     TLS-terminating proxy in front in trusted_proxies",
                     c.listen
                 ),
             );
@@ -529,7 +531,8 @@ fn tls(values: &[(String, Source)], c: &Config, errors: &mut FieldErrors) -> Tls
             if given("tls_names") {
                 errors.push(
                     source_of(values, "tls_names"),
-                    "names only the self-signed certificate; with tls_cert_file the                      certificate's own names count",
+                    "names only the self-signed certificate; with tls_cert_file the \
+                     certificate's own names count",
                 );
             }
             Tls::Files { cert, key }

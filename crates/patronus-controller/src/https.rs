@@ -48,19 +48,28 @@ pub struct ServerTls {
     attempted: Mutex<Option<Stamp>>,
 }
 
-/// The certificate new handshakes get, replaceable while the server runs.
+/// The certificate new handshakes get, replaceable while the server runs: with its leaf's
+/// fingerprint and a digest of the whole chain.
 #[derive(Debug)]
-struct Current(RwLock<(Arc<CertifiedKey>, String)>);
+struct Current(RwLock<Loaded>);
+
+#[derive(Debug)]
+struct Loaded {
+    key: Arc<CertifiedKey>,
+    fingerprint: String,
+    chain: [u8; 32],
+}
 
 impl rustls::server::ResolvesServerCert for Current {
     fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.read().unwrap_or_else(|e| e.into_inner()).0.clone())
+        Some(self.0.read().unwrap_or_else(|e| e.into_inner()).key.clone())
     }
 }
 
-/// What identifies a version of the two files.
+/// What identifies a version of the two files (the change time too: a copy that keeps the
+/// modification time and the length still changes it).
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp(Vec<(u64, u64, i64, i64)>);
+struct Stamp(Vec<(u64, u64, i64, i64, i64, i64)>);
 
 fn stamp(files: &[&Path]) -> Option<Stamp> {
     use std::os::unix::fs::MetadataExt;
@@ -68,7 +77,14 @@ fn stamp(files: &[&Path]) -> Option<Stamp> {
         .iter()
         .map(|f| {
             let m = std::fs::metadata(f).ok()?;
-            Some((m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
+            Some((
+                m.ino(),
+                m.len(),
+                m.mtime(),
+                m.mtime_nsec(),
+                m.ctime(),
+                m.ctime_nsec(),
+            ))
         })
         .collect::<Option<Vec<_>>>()
         .map(Stamp)
@@ -137,7 +153,7 @@ impl ServerTls {
             .0
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .1
+            .fingerprint
             .clone()
     }
 
@@ -158,13 +174,14 @@ impl ServerTls {
             }
             *attempted = now;
         }
-        let (key, fp) =
+        let loaded =
             load(&self.cert_file, &self.key_file, &self.provider).map_err(|e| format!("{e:#}"))?;
         let mut current = self.current.0.write().unwrap_or_else(|e| e.into_inner());
-        if current.1 == fp {
+        // A new chain with the same leaf (an intermediate renewed or added) is served too.
+        if current.chain == loaded.chain {
             return Ok(false);
         }
-        *current = (key, fp);
+        *current = loaded;
         Ok(true)
     }
 }
@@ -175,7 +192,7 @@ fn load(
     cert_file: &Path,
     key_file: &Path,
     provider: &rustls::crypto::CryptoProvider,
-) -> anyhow::Result<(Arc<CertifiedKey>, String)> {
+) -> anyhow::Result<Loaded> {
     use std::os::unix::fs::PermissionsExt;
     let chain = CertificateDer::pem_file_iter(cert_file)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
@@ -183,7 +200,16 @@ fn load(
     let Some(leaf) = chain.first() else {
         anyhow::bail!("{}: holds no PEM certificate", cert_file.display());
     };
-    let fp = crate::tls::fingerprint(leaf.as_ref());
+    let fingerprint = crate::tls::fingerprint(leaf.as_ref());
+    let chain_digest = {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for c in &chain {
+            h.update((c.len() as u64).to_be_bytes());
+            h.update(c.as_ref());
+        }
+        h.finalize().into()
+    };
     let mode = std::fs::metadata(key_file)
         .with_context(|| format!("reading the private key {}", key_file.display()))?
         .permissions()
@@ -204,7 +230,11 @@ fn load(
             key_file.display()
         )
     })?;
-    Ok((Arc::new(certified), fp))
+    Ok(Loaded {
+        key: Arc::new(certified),
+        fingerprint,
+        chain: chain_digest,
+    })
 }
 
 /// The names the self-signed certificate holds: loopback, this machine's host name, the

@@ -239,9 +239,24 @@ pub async fn serve(
     let stun = match stun_port {
         Some(p) => {
             let at = SocketAddr::new(local.ip(), p);
-            let socket = tokio::net::UdpSocket::bind(at)
-                .await
-                .with_context(|| format!("stun_port: binding UDP {at} for the STUN responder"))?;
+            let socket = match tokio::net::UdpSocket::bind(at).await {
+                Ok(s) => s,
+                // An API on a port the kernel chose (tests, benches): that number may be taken
+                // for UDP; the responder then takes one the kernel chooses too (it says where).
+                Err(_)
+                    if state.config.listen.port() == 0
+                        && state.config.stun_port == crate::config::StunPort::Api =>
+                {
+                    tokio::net::UdpSocket::bind(SocketAddr::new(local.ip(), 0))
+                        .await
+                        .context("binding UDP for the STUN responder")?
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("stun_port: binding UDP {at} for the STUN responder")
+                    });
+                }
+            };
             Some((socket.local_addr()?, socket))
         }
         None => None,

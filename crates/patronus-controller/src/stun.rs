@@ -7,22 +7,27 @@
 //! Two kinds of request are answered:
 //!
 //! - **anonymous** (no USERNAME, no MESSAGE-INTEGRITY-SHA256): a plain reflection, as any public
-//!   STUN server gives. The answer is no larger than the request plus 32 bytes, so the
-//!   controller is no amplifier, and nothing is recorded.
+//!   STUN server gives, and nothing is recorded. An answer to anyone without the key is at most
+//!   64 bytes (less than twice the smallest request bigger than 36): no amplifier worth the
+//!   name.
 //! - **a site's**: USERNAME `patronus-site:<site id>:<link name>` (or without the link), a
 //!   PATRONUS-TIME attribute (the sender's
 //!   clock, Unix milliseconds; within [`MAX_SKEW_MS`] of the controller's), and
 //!   MESSAGE-INTEGRITY-SHA256 keyed with the hash the controller keeps of the site's
 //!   credential (SHA-256 of the credential the edge holds). The answer is keyed the same way,
 //!   so the edge knows it comes from its controller and was not altered on the way. A request
-//!   whose integrity, site, time or transaction (seen before: a replay) does not check out gets
-//!   401, without integrity. Lookups of site credentials are held to a budget per second. The
+//!   whose clock, site or integrity does not check out gets 401, without integrity; one that
+//!   lacks half of USERNAME and MESSAGE-INTEGRITY-SHA256, 400. A retransmission (the same
+//!   transaction from the same address, RFC 8489 §6.2.1) gets the same answer again, the same
+//!   transaction from elsewhere (a replay) nothing. Lookups of site credentials are held to a
+//!   budget per second, overall and per source address, checked after the clock. The
 //!   address a site's request came from is recorded as its link's observed endpoint
 //!   (`links.observed_endpoint`): when it changes, the configuration generation moves, and the
 //!   site's peers are given it for a link that has no configured endpoint.
 //!
 //! Everything else (responses, indications, garbage) is dropped unanswered; a request with an
-//! unknown comprehension-required attribute gets 420 (RFC 8489 §6.3.1).
+//! unknown comprehension-required attribute gets 420 (RFC 8489 §6.3.1), keyed if it was a
+//! site's whose integrity checked out.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -67,8 +72,11 @@ pub struct Request {
     integrity: Option<(usize, [u8; 32])>,
     /// Comprehension-required attributes this server does not know.
     pub unknown: Vec<u16>,
-    /// A USERNAME that is not a site's, or a MESSAGE-INTEGRITY without one: answered 401.
+    /// A USERNAME that is not a site's, or MESSAGE-INTEGRITY(-SHA256) without one: refused.
     pub unusable_auth: bool,
+    /// Of those, the ones missing half of USERNAME and MESSAGE-INTEGRITY-SHA256: 400, not 401
+    /// (RFC 8489 §9.1.3).
+    pub bad_request: bool,
 }
 
 /// Why a datagram is not a Binding request this server answers (it is dropped).
@@ -114,6 +122,7 @@ pub fn parse(datagram: &[u8]) -> Result<Request, NotRequest> {
         integrity: None,
         unknown: Vec::new(),
         unusable_auth: false,
+        bad_request: false,
     };
     let mut username = None;
     let mut at = 20;
@@ -159,7 +168,10 @@ pub fn parse(datagram: &[u8]) -> Result<Request, NotRequest> {
         at = next;
     }
     match username {
-        None if req.integrity.is_some() => req.unusable_auth = true,
+        None if req.integrity.is_some() => {
+            req.unusable_auth = true;
+            req.bad_request = true;
+        }
         None => {}
         Some(u) => {
             // `<id>` or `<id>:<link>`, the link a valid name.
@@ -178,11 +190,15 @@ pub fn parse(datagram: &[u8]) -> Result<Request, NotRequest> {
                     Some((id.parse::<i64>().ok()?, link))
                 });
             match parsed {
-                Some((id, link)) if req.integrity.is_some() => {
+                _ if req.integrity.is_none() => {
+                    req.unusable_auth = true;
+                    req.bad_request = true;
+                }
+                Some((id, link)) => {
                     req.site = Some(id);
                     req.link = link;
                 }
-                _ => req.unusable_auth = true,
+                None => req.unusable_auth = true,
             }
         }
     }
@@ -336,9 +352,14 @@ pub fn success(req: &Request, from: SocketAddr, key: Option<&[u8]>) -> Vec<u8> {
     w.finish()
 }
 
-/// An error answer to `req`: `code` (401, 420, ...) with `reason`, and the unknown attributes
-/// for 420.
+/// An error answer to `req`: `code` (400, 401, 420, ...) with `reason`, and the unknown
+/// attributes for 420.
 pub fn error(req: &Request, code: u16, reason: &str) -> Vec<u8> {
+    error_keyed(req, code, reason, None)
+}
+
+/// [`error`], keyed with `key` (an error to a site's authenticated request).
+pub fn error_keyed(req: &Request, code: u16, reason: &str, key: Option<&[u8]>) -> Vec<u8> {
     let mut w = Writer::new(BINDING_ERROR, &req.transaction);
     let mut v = vec![0, 0, (code / 100) as u8, (code % 100) as u8];
     v.extend_from_slice(reason.as_bytes());
@@ -346,6 +367,9 @@ pub fn error(req: &Request, code: u16, reason: &str) -> Vec<u8> {
     if code == 420 {
         let list: Vec<u8> = req.unknown.iter().flat_map(|t| t.to_be_bytes()).collect();
         w.attr(ATTR_UNKNOWN_ATTRIBUTES, &list);
+    }
+    if let Some(k) = key {
+        w.integrity(k);
     }
     w.finish()
 }
@@ -474,55 +498,99 @@ impl StunMetrics {
     }
 }
 
-/// Site requests checked against the store per second, at most (each is one query).
+/// Site requests checked against the store per second, at most (each is one query), and from
+/// one source address.
 pub const SITE_LOOKUPS_PER_S: u32 = 2_000;
-/// Transactions of site requests remembered, to refuse a replay (older than twice
-/// [`MAX_SKEW_MS`] are refused by their time anyway).
-const REMEMBERED: usize = 100_000;
+pub const SITE_LOOKUPS_PER_SOURCE_PER_S: u32 = 20;
+/// Answers to site requests kept, to answer a retransmission (RFC 8489 §6.2.1: the same
+/// transaction, resent when an answer is late or lost) the same and refuse a replay from
+/// elsewhere: every transaction of the last [`REMEMBER`] at the lookup budget.
+const REMEMBERED: usize = SITE_LOOKUPS_PER_S as usize * 2 * MAX_SKEW_MS as usize / 1000;
+/// How long an answer is kept: past it, the request's clock is out of the window anyway.
+const REMEMBER: std::time::Duration = std::time::Duration::from_millis(2 * MAX_SKEW_MS as u64);
 
-/// The responder's memory: transactions seen, and the lookup budget.
-#[derive(Debug, Default)]
-struct Seen {
-    order: std::collections::VecDeque<([u8; 12], i64)>,
-    set: std::collections::HashSet<[u8; 12]>,
-    window_start_ms: i64,
-    lookups: u32,
+/// A site request answered: who sent it, what it was, what it got.
+#[derive(Debug)]
+struct Answered {
+    from: SocketAddr,
+    request: Vec<u8>,
+    answer: Vec<u8>,
 }
 
-impl Seen {
-    /// Takes one lookup from this second's budget.
-    fn lookup(&mut self, now_ms: i64) -> bool {
-        if now_ms - self.window_start_ms >= 1000 {
-            self.window_start_ms = now_ms;
-            self.lookups = 0;
+/// The responder's memory: answers to recent site requests, the lookup budgets of this
+/// second, and what each site's links were last recorded at.
+#[derive(Debug)]
+struct Memory {
+    answers: std::collections::HashMap<[u8; 12], Answered>,
+    order: std::collections::VecDeque<([u8; 12], std::time::Instant)>,
+    second: std::time::Instant,
+    lookups: u32,
+    per_source: std::collections::HashMap<IpAddr, u32>,
+    /// (site, link) -> the endpoint last recorded and the request clock it came with.
+    observed: std::collections::HashMap<(i64, String), (SocketAddr, i64)>,
+}
+
+impl Memory {
+    fn new() -> Self {
+        Self {
+            answers: Default::default(),
+            order: Default::default(),
+            second: std::time::Instant::now(),
+            lookups: 0,
+            per_source: Default::default(),
+            observed: Default::default(),
         }
-        self.lookups += 1;
-        self.lookups <= SITE_LOOKUPS_PER_S
     }
 
-    /// Remembers `t`; false if it was seen already (a replay).
-    fn first(&mut self, t: [u8; 12], now_ms: i64) -> bool {
-        while let Some(&(old, at)) = self.order.front() {
-            if now_ms - at > 2 * MAX_SKEW_MS || self.order.len() >= REMEMBERED {
-                self.order.pop_front();
-                self.set.remove(&old);
-            } else {
-                break;
-            }
+    /// Takes a lookup from this second's budgets (the whole one and `from`'s).
+    fn lookup(&mut self, from: IpAddr, now: std::time::Instant) -> bool {
+        if now.duration_since(self.second) >= std::time::Duration::from_secs(1) {
+            self.second = now;
+            self.lookups = 0;
+            self.per_source.clear();
         }
-        if !self.set.insert(t) {
+        if self.lookups >= SITE_LOOKUPS_PER_S {
             return false;
         }
-        self.order.push_back((t, now_ms));
+        let n = self.per_source.entry(from).or_insert(0);
+        if *n >= SITE_LOOKUPS_PER_SOURCE_PER_S {
+            return false;
+        }
+        *n += 1;
+        self.lookups += 1;
         true
     }
+
+    /// Forgets answers older than [`REMEMBER`]; whether there is room for one more (the
+    /// memory is never made by evicting a live one: a replay must not get through).
+    fn room(&mut self, now: std::time::Instant) -> bool {
+        while let Some(&(t, at)) = self.order.front() {
+            if now.duration_since(at) <= REMEMBER {
+                break;
+            }
+            self.order.pop_front();
+            self.answers.remove(&t);
+        }
+        self.order.len() < REMEMBERED
+    }
+
+    fn remember(&mut self, t: [u8; 12], a: Answered, now: std::time::Instant) {
+        self.answers.insert(t, a);
+        self.order.push_back((t, now));
+    }
+}
+
+/// What to do with a datagram.
+enum Reply {
+    Send(Vec<u8>),
+    /// Counted, unanswered.
+    Drop(usize),
 }
 
 /// Answers STUN on `socket` until the task is dropped.
 pub async fn serve(state: crate::AppState, socket: tokio::net::UdpSocket) {
     let mut buf = vec![0u8; 2048];
-    let mut seen = Seen::default();
-    let metrics = &state.stun;
+    let mut memory = Memory::new();
     loop {
         let (n, from) = match socket.recv_from(&mut buf).await {
             Ok(r) => r,
@@ -531,83 +599,156 @@ pub async fn serve(state: crate::AppState, socket: tokio::net::UdpSocket) {
                 continue;
             }
         };
-        let datagram = &buf[..n];
-        let req = match parse(datagram) {
-            Ok(r) => r,
-            Err(_) => {
-                metrics.count(4);
-                continue;
-            }
-        };
-        let answer = if !req.unknown.is_empty() {
-            metrics.count(3);
-            error(&req, 420, "Unknown Attribute")
-        } else if req.unusable_auth {
-            metrics.count(2);
-            error(&req, 401, "Unauthorized")
-        } else if let Some(site) = req.site {
-            let now = crate::store::now_ms();
-            if !seen.lookup(now) {
-                metrics.count(5);
-                continue;
-            }
-            match site_key(&state, &req, datagram, site, now, &mut seen).await {
-                Some(key) => {
-                    metrics.count(1);
-                    if let Some(link) = &req.link {
-                        if let Err(e) = observed(&state, site, link, from, now).await {
-                            tracing::warn!(site, %link, error = %e, "STUN: recording an observed endpoint");
-                        }
-                    }
-                    success(&req, from, Some(&key))
-                }
-                None => {
-                    metrics.count(2);
-                    error(&req, 401, "Unauthorized")
+        // An IPv4 client of a dual-stack socket is answered and recorded as IPv4.
+        let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+        match answer(&state, &buf[..n], from, &mut memory).await {
+            Reply::Send(a) => {
+                if let Err(e) = socket.send_to(&a, from).await {
+                    tracing::debug!(%from, error = %e, "STUN: answering");
                 }
             }
-        } else {
-            metrics.count(0);
-            success(&req, from, None)
-        };
-        if let Err(e) = socket.send_to(&answer, from).await {
-            tracing::debug!(%from, error = %e, "STUN: answering");
+            Reply::Drop(result) => state.stun.count(result),
         }
     }
 }
 
-/// Records that site `site`'s `link` was seen from `from`; when that is new, the configuration
-/// generation moves with it (its peers are given the endpoint).
-async fn observed(
+/// The answer to `datagram` from `from`.
+async fn answer(
     state: &crate::AppState,
+    datagram: &[u8],
+    from: SocketAddr,
+    memory: &mut Memory,
+) -> Reply {
+    let metrics = &state.stun;
+    let Ok(req) = parse(datagram) else {
+        return Reply::Drop(4);
+    };
+    let Some(site) = req.site.filter(|_| !req.unusable_auth) else {
+        // Not a site's: anonymous, or refused before any lookup.
+        return Reply::Send(if req.unusable_auth {
+            metrics.count(2);
+            error(
+                &req,
+                if req.bad_request { 400 } else { 401 },
+                "Unauthorized",
+            )
+        } else if !req.unknown.is_empty() {
+            metrics.count(3);
+            error(&req, 420, "Unknown Attribute")
+        } else {
+            metrics.count(0);
+            success(&req, from, None)
+        });
+    };
+    let now = std::time::Instant::now();
+    let now_ms = crate::store::now_ms();
+    // Its clock first: what is out of the window costs nothing more.
+    if req
+        .time_ms
+        .is_none_or(|t| now_ms.abs_diff(t) > MAX_SKEW_MS as u64)
+    {
+        metrics.count(2);
+        return Reply::Send(error(&req, 401, "Unauthorized"));
+    }
+    // A retransmission gets the same answer; the same transaction from elsewhere (a replay)
+    // gets nothing.
+    if let Some(a) = memory.answers.get(&req.transaction) {
+        if a.from == from && a.request == datagram {
+            metrics.count(1);
+            return Reply::Send(a.answer.clone());
+        }
+        return Reply::Drop(2);
+    }
+    if !memory.room(now) || !memory.lookup(from.ip(), now) {
+        return Reply::Drop(5);
+    }
+    let Some(key) = site_key(state, &req, datagram, site).await else {
+        metrics.count(2);
+        return Reply::Send(error(&req, 401, "Unauthorized"));
+    };
+    // Authenticated: an unknown attribute is refused now, with integrity.
+    let reply = if req.unknown.is_empty() {
+        metrics.count(1);
+        if let Some(link) = &req.link {
+            observe(
+                state,
+                memory,
+                site,
+                link,
+                from,
+                req.time_ms.unwrap_or(now_ms),
+            )
+            .await;
+        }
+        success(&req, from, Some(&key))
+    } else {
+        metrics.count(3);
+        error_keyed(&req, 420, "Unknown Attribute", Some(&key))
+    };
+    memory.remember(
+        req.transaction,
+        Answered {
+            from,
+            request: datagram.to_vec(),
+            answer: reply.clone(),
+        },
+        now,
+    );
+    Reply::Send(reply)
+}
+
+/// Records that site `site`'s `link` was seen from `from` by a request made at `time_ms` (its
+/// clock), unless a later request said otherwise already; when the endpoint is new and the
+/// link has no configured one, the configuration generation moves with it (its peers are
+/// given it).
+async fn observe(
+    state: &crate::AppState,
+    memory: &mut Memory,
     site: i64,
     link: &str,
     from: SocketAddr,
-    now_ms: i64,
-) -> Result<(), sqlx::Error> {
-    let mut tx = state.store.begin().await?;
-    if crate::store::sites::observe_link(&mut tx, site, link, from, now_ms / 1000).await? {
-        tx.config_changed().await?;
-        tx.commit().await?;
-        tracing::info!(site, %link, endpoint = %from, "a link was observed at a new endpoint");
+    time_ms: i64,
+) {
+    let k = (site, link.to_owned());
+    match memory.observed.get(&k) {
+        Some(&(_, t)) if t > time_ms => return,
+        Some(&(e, _)) if e == from => {
+            memory.observed.insert(k, (from, time_ms));
+            return;
+        }
+        _ => {}
     }
-    Ok(())
+    let write = async {
+        let mut tx = state.store.begin().await?;
+        let changed =
+            crate::store::sites::observe_link(&mut tx, site, link, from, time_ms / 1000).await?;
+        if changed == Some(true) {
+            tx.config_changed().await?;
+        }
+        tx.commit().await?;
+        Ok::<_, sqlx::Error>(changed)
+    };
+    match write.await {
+        Ok(changed) => {
+            if changed.is_some() {
+                tracing::info!(site, %link, endpoint = %from, "a link was observed at a new endpoint");
+            }
+            // Bounded by the sites' links: only authenticated requests get here.
+            memory.observed.insert(k, (from, time_ms));
+        }
+        Err(e) => {
+            tracing::warn!(site, %link, error = %e, "STUN: recording an observed endpoint");
+        }
+    }
 }
 
-/// The key `req` (site `site`'s) is made with, if its time, its integrity and its novelty all
-/// check out.
+/// The key `req` (site `site`'s) is made with, if one of the site's credentials made it.
 async fn site_key(
     state: &crate::AppState,
     req: &Request,
     datagram: &[u8],
     site: i64,
-    now_ms: i64,
-    seen: &mut Seen,
 ) -> Option<[u8; 32]> {
-    let t = req.time_ms?;
-    if (now_ms - t).abs() > MAX_SKEW_MS {
-        return None;
-    }
     let keys = match state.store.conn().await {
         Ok(mut c) => crate::store::enrollment::credential_hashes(&mut c, site).await,
         Err(e) => Err(e),
@@ -619,12 +760,10 @@ async fn site_key(
             return None;
         }
     };
-    let key = keys.into_iter().find(|k| req.verify(datagram, k))?;
-    // Checked after the integrity: a forged request cannot use up a transaction.
-    if !seen.first(req.transaction, now_ms) {
-        return None;
-    }
-    key.try_into().ok()
+    keys.into_iter()
+        .find(|k| req.verify(datagram, k))?
+        .try_into()
+        .ok()
 }
 
 #[cfg(test)]
@@ -732,7 +871,13 @@ mod tests {
         let mut w = Writer::new(BINDING_REQUEST, &TXID);
         w.attr(ATTR_USERNAME, b"alice");
         w.integrity(&[1; 32]);
-        assert!(parse(&w.finish()).unwrap().unusable_auth);
+        let r = parse(&w.finish()).unwrap();
+        assert!(r.unusable_auth && !r.bad_request);
+        // Integrity without a USERNAME: half of it, 400.
+        let mut w = Writer::new(BINDING_REQUEST, &TXID);
+        w.integrity(&[1; 32]);
+        let r = parse(&w.finish()).unwrap();
+        assert!(r.unusable_auth && r.bad_request);
         // Responses and indications are not requests; garbage is malformed.
         let answer = success(&anon, "192.0.2.1:1".parse().unwrap(), None);
         assert_eq!(parse(&answer), Err(NotRequest::Other));

@@ -164,6 +164,17 @@ impl Lab {
             return Err(LabError::Privilege(p));
         }
         let plan = topology.plan()?;
+        // Plain routing sends a site's LAN through its first link's address: behind a NAT that
+        // is the NAT's, which has no way to the LAN.
+        if opts.plain_routing {
+            if let Some(s) = plan.sites.iter().find(|s| s.links[0].nat.is_some()) {
+                return Err(LabError::Other(format!(
+                    "--plain-routing: site {}'s first link is behind a NAT, which does not route \
+                     its LAN; put a link without NAT first",
+                    s.name
+                )));
+            }
+        }
         // Remains of crashed labs go first; what cannot be removed is reported, not fatal.
         for e in clean(false)?.errors {
             eprintln!("lab: cleaning up an old lab: {e}");
@@ -402,7 +413,7 @@ impl Lab {
                     format!("route add default via {}", l.gw4),
                 ],
             )?;
-            crate::nat::load(&nns, &crate::nat::ruleset(l, n))?;
+            crate::nat::load(&nns, &crate::nat::ruleset(n))?;
             let timeouts = crate::nat::timeouts(n.timeout_s);
             netns::sysctls(
                 &nns,

@@ -24,20 +24,20 @@ use std::net::Ipv4Addr;
 use std::process::Command;
 
 use crate::netns::NetnsError;
-use crate::topology::{LinkPlan, NatKind, NatPlan};
+use crate::topology::{NatKind, NatPlan};
 
 /// The port the edges listen on, whose mapping `open` and `cgnat` fix.
 pub use crate::edges::EDGE_PORT;
 
 /// The nftables ruleset of a link's NAT.
-pub fn ruleset(link: &LinkPlan, nat: &NatPlan) -> String {
-    let public = link.addr4;
+pub fn ruleset(nat: &NatPlan) -> String {
     let inside = nat.inside4;
     let port = nat.public_port;
     let (pre, post) = match nat.kind {
         NatKind::Open => (
             format!(
-                "        iifname \"out\" ip daddr {public} udp dport {port} dnat to {inside}:{EDGE_PORT}\n"
+                // Whatever the public address is now (a renumbering changes it).
+                "        iifname \"out\" udp dport {port} dnat to {inside}:{EDGE_PORT}\n"
             ),
             format!(
                 "        oifname \"out\" ip saddr {inside} udp sport {EDGE_PORT} masquerade to :{port}\n\

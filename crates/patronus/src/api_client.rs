@@ -130,6 +130,9 @@ fn target(url: &str) -> anyhow::Result<Target> {
 
 static CA_FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 static PINS: std::sync::OnceLock<Vec<[u8; 32]>> = std::sync::OnceLock::new();
+/// The TLS client configuration, built at the first `https://` request.
+static TLS: std::sync::OnceLock<Result<std::sync::Arc<rustls::ClientConfig>, String>> =
+    std::sync::OnceLock::new();
 
 /// Trust only the controller certificates with these fingerprints (`sha256:…`, or openssl's
 /// colon form) for `https://` controllers, instead of any CA. Set once, before the first
@@ -138,6 +141,9 @@ pub fn pin(fingerprints: &[String]) -> anyhow::Result<()> {
     let pins = parse_pins(fingerprints)?;
     if PINS.get().is_some_and(|p| *p != pins) {
         bail!("two different controller certificate fingerprints were pinned");
+    }
+    if PINS.get().is_none() && TLS.get().is_some() {
+        bail!("a controller certificate fingerprint was pinned after the first connection");
     }
     let _ = PINS.set(pins);
     Ok(())
@@ -158,8 +164,6 @@ pub fn set_ca_file(path: PathBuf) {
 
 /// The TLS client configuration, built once.
 fn tls_config() -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
-    static TLS: std::sync::OnceLock<Result<std::sync::Arc<rustls::ClientConfig>, String>> =
-        std::sync::OnceLock::new();
     let built = TLS.get_or_init(|| {
         let pins = match PINS.get() {
             Some(p) => p.clone(),
@@ -315,6 +319,16 @@ pub fn request_via(
     headers: &[(&str, &str)],
 ) -> anyhow::Result<Response> {
     let t = target(url)?;
+    if !t.tls
+        && (PINS.get().is_some()
+            || std::env::var("PATRONUS_CA_FINGERPRINT").is_ok_and(|v| !v.trim().is_empty()))
+    {
+        bail!(
+            "{url}: a controller certificate fingerprint is pinned, but this URL is plain \
+             http:// (nothing would be checked, and the password or credential would go in \
+             clear): use https://"
+        );
+    }
     let auth = t.authority.as_str();
     let addr = auth
         .to_socket_addrs()

@@ -2097,10 +2097,19 @@ fn the_controller_answers_stun_on_its_api_port_and_keys_its_answers_to_a_site() 
     use patronus_controller::stun::{self, Answer};
     let dir = tempfile::tempdir().unwrap();
     let c = start(&dir.path().join("state"));
-    assert!(c.log.lock().unwrap().contains(&format!(
-        "answering STUN Binding requests on udp {}",
-        c.addr
-    )));
+    // On the API's port number (unless the kernel gave that number to another UDP socket: the
+    // test's controller listens on a port it chose).
+    let stun_at: SocketAddr = c
+        .log
+        .lock()
+        .unwrap()
+        .lines()
+        .find_map(|l| l.split("answering STUN Binding requests on udp ").nth(1))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(stun_at.ip(), c.addr.ip());
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     socket
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -2109,7 +2118,7 @@ fn the_controller_answers_stun_on_its_api_port_and_keys_its_answers_to_a_site() 
 
     // An independent client (coturn's) is answered with where it sends from.
     let out = Command::new("turnutils_stunclient")
-        .args(["-p", &c.addr.port().to_string(), "127.0.0.1"])
+        .args(["-p", &stun_at.port().to_string(), "127.0.0.1"])
         .output()
         .expect("turnutils_stunclient (Debian's coturn; .ci/deps installs it)");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -2122,7 +2131,7 @@ fn the_controller_answers_stun_on_its_api_port_and_keys_its_answers_to_a_site() 
     // Anonymous: the address, unkeyed.
     let t = [1u8; 12];
     assert_eq!(
-        stun_exchange(&socket, c.addr, &stun::binding_request(&t, None), &t, None),
+        stun_exchange(&socket, stun_at, &stun::binding_request(&t, None), &t, None),
         Some(Answer::Mapped {
             addr: me,
             keyed: false
@@ -2160,39 +2169,52 @@ fn the_controller_answers_stun_on_its_api_port_and_keys_its_answers_to_a_site() 
     let t = [2u8; 12];
     let signed = stun::binding_request(&t, auth(site, "lte", now_ms(), key));
     assert_eq!(
-        stun_exchange(&socket, c.addr, &signed, &t, Some(key)),
+        stun_exchange(&socket, stun_at, &signed, &t, Some(key)),
         Some(Answer::Mapped {
             addr: me,
             keyed: true
         })
     );
-    // The same request again (a replay), another key, another site, an old clock: 401.
+    // Sent again from the same address (a retransmission): the same answer. From elsewhere (a
+    // replay): none, and counted as refused.
     assert_eq!(
-        stun_exchange(&socket, c.addr, &signed, &t, None),
-        Some(Answer::Error(401))
+        stun_exchange(&socket, stun_at, &signed, &t, Some(key)),
+        Some(Answer::Mapped {
+            addr: me,
+            keyed: true
+        })
     );
+    let elsewhere = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let before = stun_count(c.addr, &token, "unauthorized");
+    elsewhere.send_to(&signed, stun_at).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stun_count(c.addr, &token, "unauthorized") == before {
+        assert!(Instant::now() < deadline, "the replay was not refused");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Another key, another site, an old clock: 401; half of the authentication: 400.
     let t = [3u8; 12];
     let wrong = stun::binding_request(&t, auth(site, "lte", now_ms(), &[0u8; 32]));
     assert_eq!(
-        stun_exchange(&socket, c.addr, &wrong, &t, None),
+        stun_exchange(&socket, stun_at, &wrong, &t, None),
         Some(Answer::Error(401))
     );
     let t = [4u8; 12];
     let other = stun::binding_request(&t, auth(site + 1, "lte", now_ms(), key));
     assert_eq!(
-        stun_exchange(&socket, c.addr, &other, &t, None),
+        stun_exchange(&socket, stun_at, &other, &t, None),
         Some(Answer::Error(401))
     );
     let t = [5u8; 12];
     let old = stun::binding_request(&t, auth(site, "lte", now_ms() - 60_000, key));
     assert_eq!(
-        stun_exchange(&socket, c.addr, &old, &t, None),
+        stun_exchange(&socket, stun_at, &old, &t, None),
         Some(Answer::Error(401))
     );
     // Garbage gets no answer: the counter says it was dropped.
     let before = stun_count(c.addr, &token, "dropped");
     socket
-        .send_to(b"not stun at all, just bytes", c.addr)
+        .send_to(b"not stun at all, just bytes", stun_at)
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while stun_count(c.addr, &token, "dropped") == before {
@@ -2200,16 +2222,17 @@ fn the_controller_answers_stun_on_its_api_port_and_keys_its_answers_to_a_site() 
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(stun_count(c.addr, &token, "unauthorized"), 4);
+    assert_eq!(stun_count(c.addr, &token, "site"), 2);
 
     // Where hq's LTE link was seen from is recorded, and a peer is given it as that link's
     // endpoint; MPLS, with a configured endpoint, keeps that one for the peers.
     let t = [6u8; 12];
     let mpls = stun::binding_request(&t, auth(site, "mpls", now_ms(), key));
     assert!(matches!(
-        stun_exchange(&socket, c.addr, &mpls, &t, Some(key)),
+        stun_exchange(&socket, stun_at, &mpls, &t, Some(key)),
         Some(Answer::Mapped { keyed: true, .. })
     ));
-    assert_eq!(stun_count(c.addr, &token, "site"), 2);
+    assert_eq!(stun_count(c.addr, &token, "site"), 3);
     let (_, body) = http(
         c.addr,
         "GET",

@@ -495,6 +495,8 @@ CREATE INDEX login_failures_at ON login_failures(at_ms);
 -- and since when: given to the peers when the link has no configured endpoint.
 ALTER TABLE links ADD COLUMN observed_endpoint TEXT COLLATE "C";
 ALTER TABLE links ADD COLUMN observed_since BIGINT;
+-- The STUN responder looks up a site's credentials by site.
+CREATE INDEX site_credentials_site ON site_credentials(site_id);
 "#,
     ),
 ];
@@ -875,6 +877,8 @@ CREATE INDEX login_failures_at ON login_failures(at_ms);
 -- and since when: given to the peers when the link has no configured endpoint.
 ALTER TABLE links ADD COLUMN observed_endpoint TEXT;
 ALTER TABLE links ADD COLUMN observed_since INTEGER;
+-- The STUN responder looks up a site's credentials by site.
+CREATE INDEX site_credentials_site ON site_credentials(site_id);
 "#,
     ),
 ];

@@ -248,27 +248,29 @@ impl LinkView {
 }
 
 /// Records that site `site_id`'s link `link` was seen from `endpoint` (by the STUN
-/// responder); true if that is new (the link was seen from elsewhere before, or never).
+/// responder). `None` if it was already recorded there (or there is no such link); else whether
+/// its peers see the change (the link has no configured endpoint, so they are given this one).
 pub async fn observe_link(
     conn: &mut Conn,
     site_id: i64,
     link: &str,
     endpoint: std::net::SocketAddr,
     now_s: i64,
-) -> Result<bool, sqlx::Error> {
+) -> Result<Option<bool>, sqlx::Error> {
     let e = endpoint.to_string();
-    let r = query(
+    let spec: Option<String> = query_scalar(
         "UPDATE links SET observed_endpoint = ?, observed_since = ?
-         WHERE site_id = ? AND name = ? AND (observed_endpoint IS NULL OR observed_endpoint <> ?)",
+         WHERE site_id = ? AND name = ? AND (observed_endpoint IS NULL OR observed_endpoint <> ?)
+         RETURNING spec",
     )
     .bind(&e)
     .bind(now_s)
     .bind(site_id)
     .bind(link)
     .bind(&e)
-    .execute(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await?;
-    Ok(r.rows_affected() > 0)
+    Ok(spec.map(|spec| serde_json::from_str::<Link>(&spec).map_or(true, |l| l.endpoint.is_none())))
 }
 
 /// Fills in the links of `sites` with one query.
