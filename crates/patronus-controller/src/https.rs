@@ -157,11 +157,6 @@ impl ServerTls {
             .clone()
     }
 
-    /// The certificate file served.
-    pub fn cert_file(&self) -> &Path {
-        &self.cert_file
-    }
-
     /// Reads the files again if they changed since the last attempt (or always, if `forced`:
     /// a SIGHUP), and serves what they hold from the next handshake on. Returns whether the
     /// certificate served changed; an error leaves the previous one served.

@@ -448,33 +448,26 @@ impl Lab {
             for (j, l) in s.links.iter().enumerate() {
                 let t = EDGE_TABLE_BASE + j as u32;
                 let metric = 100 + j;
-                if let Some(n) = &l.nat {
-                    // Behind its NAT: a private address, IPv4 only.
-                    v4.push(format!("addr add {}/24 dev {}", n.inside4, l.name));
-                    v4.push(format!("link set {} up", l.name));
-                    v4.push(format!(
-                        "route add default via {} dev {} metric {metric}",
-                        n.gw_inside4, l.name
-                    ));
-                    v4.push(format!(
-                        "route add default via {} dev {} table {t}",
-                        n.gw_inside4, l.name
-                    ));
-                    v4.push(format!("rule add from {} lookup {t} pref 100", n.inside4));
-                    continue;
-                }
-                v4.push(format!("addr add {}/24 dev {}", l.addr4, l.name));
-                v4.push(format!("addr add {}/64 dev {} nodad", l.addr6, l.name));
+                // Behind a NAT: its private address and gateway, and no IPv6.
+                let (addr4, gw4) = match &l.nat {
+                    Some(n) => (n.inside4, n.gw_inside4),
+                    None => (l.addr4, l.gw4),
+                };
+                v4.push(format!("addr add {addr4}/24 dev {}", l.name));
                 v4.push(format!("link set {} up", l.name));
                 v4.push(format!(
-                    "route add default via {} dev {} metric {metric}",
-                    l.gw4, l.name
+                    "route add default via {gw4} dev {} metric {metric}",
+                    l.name
                 ));
                 v4.push(format!(
-                    "route add default via {} dev {} table {t}",
-                    l.gw4, l.name
+                    "route add default via {gw4} dev {} table {t}",
+                    l.name
                 ));
-                v4.push(format!("rule add from {} lookup {t} pref 100", l.addr4));
+                v4.push(format!("rule add from {addr4} lookup {t} pref 100"));
+                if l.nat.is_some() {
+                    continue;
+                }
+                v4.push(format!("addr add {}/64 dev {} nodad", l.addr6, l.name));
                 v6.push(format!(
                     "route add default via {} dev {} metric {metric}",
                     l.gw6, l.name

@@ -34,11 +34,10 @@ pub struct LoginArgs {
 /// keeps the tokens 0600 in the user's config directory.
 pub fn login(a: LoginArgs) -> anyhow::Result<()> {
     // Checked before the password is asked for; pinned before anything is sent.
-    let fp = a.ca_fingerprint.clone().or_else(|| {
-        std::env::var("PATRONUS_CA_FINGERPRINT")
-            .ok()
-            .filter(|v| !v.trim().is_empty())
-    });
+    let fp = a
+        .ca_fingerprint
+        .clone()
+        .or_else(api_client::env_fingerprints);
     if let Some(fp) = &fp {
         api_client::pin(std::slice::from_ref(fp)).context("--ca-fingerprint")?;
     }

@@ -149,6 +149,13 @@ pub fn pin(fingerprints: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `PATRONUS_CA_FINGERPRINT`, if set to something.
+pub fn env_fingerprints() -> Option<String> {
+    std::env::var("PATRONUS_CA_FINGERPRINT")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+}
+
 fn parse_pins(fingerprints: &[String]) -> anyhow::Result<Vec<[u8; 32]>> {
     fingerprints
         .iter()
@@ -167,12 +174,12 @@ fn tls_config() -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
     let built = TLS.get_or_init(|| {
         let pins = match PINS.get() {
             Some(p) => p.clone(),
-            None => match std::env::var("PATRONUS_CA_FINGERPRINT") {
-                Ok(v) if !v.trim().is_empty() => {
+            None => match env_fingerprints() {
+                Some(v) => {
                     let list: Vec<String> = v.split(',').map(|s| s.trim().to_owned()).collect();
                     parse_pins(&list).map_err(|e| format!("PATRONUS_CA_FINGERPRINT: {e}"))?
                 }
-                _ => Vec::new(),
+                None => Vec::new(),
             },
         };
         if !pins.is_empty() {
@@ -319,10 +326,7 @@ pub fn request_via(
     headers: &[(&str, &str)],
 ) -> anyhow::Result<Response> {
     let t = target(url)?;
-    if !t.tls
-        && (PINS.get().is_some()
-            || std::env::var("PATRONUS_CA_FINGERPRINT").is_ok_and(|v| !v.trim().is_empty()))
-    {
+    if !t.tls && (PINS.get().is_some() || env_fingerprints().is_some()) {
         bail!(
             "{url}: a controller certificate fingerprint is pinned, but this URL is plain \
              http:// (nothing would be checked, and the password or credential would go in \
