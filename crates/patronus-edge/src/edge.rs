@@ -31,9 +31,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use boringtun::noise::rate_limiter::RateLimiter;
-use boringtun::noise::{Tunn, TunnResult};
-use boringtun::x25519::{PublicKey, StaticSecret};
+use boringtun::x25519::StaticSecret;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{
@@ -52,8 +50,9 @@ use patronus_core::{Decision, Event, PathId, PeerId};
 use tun_rs::{DeviceBuilder, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use crate::coalesce::Coalescer;
-use crate::handshake::{Bucket, Guard, Verdict};
+use crate::handshake::Bucket;
 use crate::keys::PrivateKey;
+use crate::session::{self, PathSession, Received, Sealed, public_of};
 use crate::status::{self, EdgeStatus, PathStatus, Shared};
 use crate::wire::{self, Inner, PROBE_SENDER_PORT, WgMessage};
 
@@ -63,9 +62,6 @@ pub const OVERHEAD_V6: u16 = 80;
 pub const OVERHEAD_V4: u16 = 60;
 /// How often boringtun's timers run.
 const WG_TICK: Duration = Duration::from_millis(100);
-/// How often a path that is down starts a fresh handshake (WireGuard's own retry is 5 s, too
-/// slow for a peer that restarted a moment after the path went down).
-const DOWN_REHANDSHAKE: Duration = Duration::from_secs(1);
 /// Events kept for status.
 const RECENT_EVENTS: usize = 256;
 /// The longest a datagram is believed to have waited in its socket; a longer wait by the
@@ -171,6 +167,10 @@ pub struct EdgeCounters {
     /// Handshake messages dropped unanswered: under load, and the cookie budget spent.
     #[serde(default)]
     pub handshakes_dropped: u64,
+    /// Paths whose peer's endpoint moved to the source of an authenticated datagram (the peer
+    /// roamed, or its NAT mapped it anew; see [`crate::session`]).
+    #[serde(default)]
+    pub endpoints_moved: u64,
 }
 
 /// One WAN link's sockets (see [`crate::linksock`]).
@@ -197,76 +197,9 @@ enum Queue {
 struct PathRt {
     peer: usize,
     link: usize,
-    /// Where the peer's end of this path is, from the configuration. Endpoints are never
-    /// learned from traffic: a cookie reply is "authentic" to anyone who knows our public key,
-    /// and a duplicated packet arrives from the other path's address.
-    endpoint: Option<SocketAddr>,
-    /// The session that sends.
-    tunn: Box<Tunn>,
-    /// The peer's key `tunn` was made with.
-    peer_key: [u8; 32],
-    /// Our (public) key `tunn` was made with.
-    own: [u8; 32],
-    /// Which of the two index spaces `tunn`'s sessions use (see [`tunnel_index`]).
-    side: u32,
-    /// During a key roll (ours or the peer's), the path's other session.
-    alt: Option<Alt>,
-    /// Its check of handshake messages, made when the first comes (see [`crate::handshake`]).
-    guard: Option<Guard>,
-    /// While the path is down: when it next starts a fresh handshake (see [`DOWN_REHANDSHAKE`]).
-    rehandshake_at: Option<Instant>,
+    /// Its WireGuard sessions and where the peer's end is.
+    s: PathSession,
 }
-
-impl PathRt {
-    /// A fresh sending session of ours (`secret`) with `peer_key`, on the other side of the
-    /// index space than the session it replaces; any second session goes.
-    fn remake(&mut self, secret: &StaticSecret, peer_key: [u8; 32], id: PathId) {
-        self.side ^= 1;
-        self.tunn = new_tunn(secret, peer_key, id, self.side);
-        self.peer_key = peer_key;
-        self.own = public_of(secret);
-        self.alt = None;
-    }
-
-    /// The sending session, or (`alt`) the other one of a key roll, if there is one.
-    fn session(&mut self, alt: bool) -> Option<&mut Tunn> {
-        if alt {
-            self.alt.as_mut().map(|a| &mut *a.tunn)
-        } else {
-            Some(&mut self.tunn)
-        }
-    }
-}
-
-/// A path's second WireGuard session while a key rolls. Receiving is by session index, so both
-/// sessions receive what is addressed to them; a handshake initiation is tried on both.
-struct Alt {
-    tunn: Box<Tunn>,
-    /// Made with the new key (ours, or the peer's): it takes over sending as soon as it has a
-    /// session. Otherwise it is the old one, kept only to receive what is still in flight (it
-    /// takes no new handshake) until `drop_at`.
-    next: bool,
-    peer_key: [u8; 32],
-    own: [u8; 32],
-    drop_at: Option<Instant>,
-}
-
-impl Alt {
-    /// A session of ours (`secret`) with `peer_key`, on `side`, that takes over sending as
-    /// soon as it has a session.
-    fn next(secret: &StaticSecret, peer_key: [u8; 32], id: PathId, side: u32) -> Self {
-        Self {
-            tunn: new_tunn(secret, peer_key, id, side),
-            next: true,
-            peer_key,
-            own: public_of(secret),
-            drop_at: None,
-        }
-    }
-}
-
-/// How long a replaced session still receives what was sent on it before the switch.
-const OLD_SESSION_GRACE: Duration = Duration::from_secs(10);
 
 /// Now, in Unix milliseconds (the clock events are reported with).
 /// When a datagram read at `now` (`wall` on the real-time clock) arrived, by the kernel's
@@ -287,77 +220,6 @@ fn unix_ms() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
-}
-
-/// The public half of a secret, as bytes.
-fn public_of(secret: &StaticSecret) -> [u8; 32] {
-    PublicKey::from(secret).to_bytes()
-}
-
-/// Bit of a tunnel index that tells a path's two sessions (sides) apart during a key roll.
-const GEN_BIT: u32 = 1 << 22;
-
-/// The WireGuard index (24 bits) of path `id`'s session on side `side` (0 or 1).
-fn tunnel_index(id: PathId, side: u32) -> u32 {
-    (id.0 + 1) | (side * GEN_BIT)
-}
-
-/// A WireGuard session of ours (`secret`) with a peer's key. Its own rate limiter only checks
-/// MAC1: whether a handshake message needs a cookie is decided before, by the path's
-/// [`Guard`], with a budget for the replies.
-fn new_tunn(secret: &StaticSecret, peer_key: [u8; 32], id: PathId, side: u32) -> Box<Tunn> {
-    Box::new(Tunn::new(
-        secret.clone(),
-        PublicKey::from(peer_key),
-        None,
-        None,
-        tunnel_index(id, side),
-        Some(Arc::new(RateLimiter::new(
-            &PublicKey::from(secret),
-            u64::MAX,
-        ))),
-    ))
-}
-
-/// A handshake initiation of session `t` into `out`, unless one is already under way (or
-/// `force`: a fresh one anyway); its length (0 for none).
-fn initiation_of(t: &mut Tunn, out: &mut [u8], force: bool) -> usize {
-    match t.format_handshake_initiation(out, force) {
-        TunnResult::WriteToNetwork(d) => d.len(),
-        _ => 0,
-    }
-}
-
-/// A handshake initiation of session `t` into `out`, unless one is already under way; its
-/// length (0 for none).
-fn initiation(t: &mut Tunn, out: &mut [u8]) -> usize {
-    initiation_of(t, out, false)
-}
-
-/// What a decapsulation produced, without the borrow of the buffer it wrote to.
-enum Decap {
-    Done,
-    Rejected,
-    /// A datagram of this length, copied to the start of `reply`, to send back (a handshake
-    /// message).
-    Network(usize),
-    /// A packet of this length, at the start of `dst`, to deliver.
-    Tunnel(usize),
-}
-
-fn decap(t: &mut Tunn, from: IpAddr, datagram: &[u8], dst: &mut [u8], reply: &mut [u8]) -> Decap {
-    match t.decapsulate(Some(from), datagram, dst) {
-        TunnResult::Done => Decap::Done,
-        TunnResult::Err(_) => Decap::Rejected,
-        TunnResult::WriteToNetwork(d) => {
-            let n = d.len().min(reply.len());
-            reply[..n].copy_from_slice(&d[..n]);
-            Decap::Network(n)
-        }
-        TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _) => {
-            Decap::Tunnel(p.len())
-        }
-    }
 }
 
 struct PeerRt {
@@ -410,17 +272,14 @@ fn build_peer(
                     return Err(EdgeError::Config(format!("peer {}: {e}", p.name)));
                 }
             };
-            if id.0 + 1 >= GEN_BIT {
+            if id.0 + 1 >= session::GEN_BIT {
                 engine.remove_peer(peer);
                 return Err(EdgeError::Config(format!(
                     "peer {}: more than {} paths",
                     p.name,
-                    GEN_BIT - 2
+                    session::GEN_BIT - 2
                 )));
             }
-            let tunn = new_tunn(secret, p.public_key.0, id, 0);
-            // A peer rolling its key: its next key is accepted from the start.
-            let alt = p.next_public_key.map(|k| Alt::next(secret, k.0, id, 1));
             let slot = id.0 as usize;
             if paths.len() <= slot {
                 paths.resize_with(slot + 1, || None);
@@ -431,14 +290,15 @@ fn build_peer(
             paths[slot] = Some(PathRt {
                 peer: peer.0 as usize,
                 link: li,
-                endpoint: r.endpoint,
-                tunn,
-                peer_key: p.public_key.0,
-                own: public_of(secret),
-                side: 0,
-                alt,
-                guard: None,
-                rehandshake_at: None,
+                // A peer rolling its key: its next key is accepted from the start.
+                s: PathSession::new(
+                    secret,
+                    p.public_key.0,
+                    p.next_public_key.map(|k| k.0),
+                    id,
+                    r.endpoint,
+                    None,
+                ),
             });
         }
     }
@@ -966,7 +826,7 @@ impl Edge {
             self.handshake = new.handshake;
             self.cookies = Bucket::new(new.handshake.cookies_per_edge_per_s, now);
             for p in self.paths.iter_mut().flatten() {
-                p.guard = None;
+                p.s.reset_guard();
             }
             notes.push("handshake limits changed".into());
         }
@@ -1106,7 +966,7 @@ impl Edge {
                     peer: snap.peer_name.clone(),
                     local_link: snap.local_link.to_string(),
                     remote_link: snap.remote_link.to_string(),
-                    endpoint: rt.endpoint,
+                    endpoint: rt.s.endpoint(),
                     state: snap.state,
                     rtt_ms: snap.rtt.map(ms),
                     rtt_p99_ms: snap.rtt_p99.map(ms),
@@ -1122,7 +982,7 @@ impl Edge {
                     probes_sent: c.probes_sent,
                     probes_received: c.probes_received,
                     probes_lost: c.probes_lost,
-                    last_handshake_s: rt.tunn.time_since_last_handshake().map(|d| d.as_secs_f64()),
+                    last_handshake_s: rt.s.last_handshake().map(|d| d.as_secs_f64()),
                 })
             })
             .collect();
@@ -1165,7 +1025,7 @@ impl Edge {
                     }
                     r.live_paths += 1;
                     // Moved: its sending session is made with the new key.
-                    r.moved += usize::from(p.own == new);
+                    r.moved += usize::from(p.s.sends_with(new));
                 }
                 r
             }),
@@ -1255,7 +1115,7 @@ impl Edge {
                 Event::PathDown { path, .. } => down.push(path),
                 Event::PathUp { path, .. } => {
                     if let Some(Some(p)) = self.paths.get_mut(path.0 as usize) {
-                        p.rehandshake_at = None;
+                        p.s.up();
                     }
                 }
                 _ => {}
@@ -1358,13 +1218,12 @@ impl Edge {
     }
 
     /// A fresh handshake on down path `idx`, and the time of its next one (see
-    /// [`DOWN_REHANDSHAKE`]); [`Self::wg_tick`] starts those.
+    /// [`session::DOWN_REHANDSHAKE`]); [`Self::wg_tick`] starts those.
     fn rehandshake(&mut self, idx: usize, now: Instant) {
         let Some(Some(p)) = self.paths.get_mut(idx) else {
             return;
         };
-        p.rehandshake_at = Some(now + DOWN_REHANDSHAKE);
-        let n = initiation_of(&mut p.tunn, &mut self.out_buf, true);
+        let n = p.s.down(&mut self.out_buf, now);
         if n > 0 {
             self.send_on(PathId(idx as u32), n);
         }
@@ -1433,7 +1292,7 @@ impl Edge {
         let Some(Some(p)) = self.paths.get(id.0 as usize) else {
             return;
         };
-        let Some(ep) = p.endpoint else {
+        let Some(ep) = p.s.endpoint() else {
             return;
         };
         if self.links[p.link]
@@ -1451,9 +1310,9 @@ impl Edge {
         let Some(Some(p)) = self.paths.get_mut(id.0 as usize) else {
             return 0;
         };
-        match p.tunn.encapsulate(packet, &mut self.out_buf) {
-            TunnResult::WriteToNetwork(d) => d.len(),
-            _ => 0,
+        match p.s.encapsulate(packet, &mut self.out_buf) {
+            Sealed::Data(n) | Sealed::Initiation(n) => n,
+            Sealed::Nothing => 0,
         }
     }
 
@@ -1462,12 +1321,12 @@ impl Edge {
             let Some(Some(p)) = self.paths.get_mut(t.path.0 as usize) else {
                 continue;
             };
-            if p.tunn.time_since_last_handshake().is_none() {
+            if p.s.last_handshake().is_none() {
                 // The session would queue the probe until its handshake completes, and the
                 // first round trip of every path would read the handshake's time (200-350 ms
                 // in the demo, each an SLA violation). Start the handshake instead.
                 self.counters.probes_unsent += 1;
-                let n = initiation(&mut p.tunn, &mut self.out_buf);
+                let n = p.s.initiation(&mut self.out_buf, false);
                 if n > 0 {
                     self.send_on(t.path, n);
                 }
@@ -1503,40 +1362,20 @@ impl Edge {
 
     fn wg_tick(&mut self) {
         let now = Instant::now();
-        let mut due = Vec::new();
-        for (i, p) in self.paths.iter_mut().enumerate() {
-            let Some(p) = p else {
-                continue;
-            };
-            if p.alt
-                .as_ref()
-                .is_some_and(|a| a.drop_at.is_some_and(|t| t <= now))
-            {
-                p.alt = None;
-            }
-            if let Some(g) = p.guard.as_mut() {
-                g.tick(p.own, p.alt.as_ref().map(|a| a.own));
-            }
-            if p.rehandshake_at.is_some_and(|t| t <= now) {
-                due.push(i);
-            }
-        }
-        for i in due {
-            self.rehandshake(i, now);
-        }
-        for i in 0..self.paths.len() {
-            for alt in [false, true] {
-                let Some(Some(p)) = self.paths.get_mut(i) else {
-                    break;
-                };
-                let Some(t) = p.session(alt) else {
-                    break;
-                };
-                if let TunnResult::WriteToNetwork(d) = t.update_timers(&mut self.out_buf) {
-                    let n = d.len();
-                    self.send_on(PathId(i as u32), n);
+        let Self {
+            paths,
+            links,
+            out_buf,
+            counters,
+            ..
+        } = self;
+        for p in paths.iter_mut().flatten() {
+            let sock = &links[p.link].sock;
+            p.s.tick(now, out_buf, &mut |d, to| {
+                if sock.send_to(d, to).is_err() {
+                    counters.tx_errors += 1;
                 }
-            }
+            });
         }
     }
 
@@ -1553,9 +1392,7 @@ impl Edge {
                 continue;
             }
             let id = PathId(i as u32);
-            let mut alt = Alt::next(&secret, p.peer_key, id, p.side ^ 1);
-            let n = initiation(&mut alt.tunn, &mut self.out_buf);
-            p.alt = Some(alt);
+            let n = p.s.begin_roll(&secret, &mut self.out_buf);
             if n > 0 {
                 self.send_on(id, n);
             }
@@ -1575,30 +1412,9 @@ impl Edge {
         let Some((secret, public, _)) = self.roll.take() else {
             return;
         };
-        let new = public_of(&secret);
-        for i in 0..self.paths.len() {
-            let Some(Some(p)) = self.paths.get_mut(i) else {
-                continue;
-            };
-            if p.own != new {
-                if p.alt
-                    .as_ref()
-                    .is_some_and(|a| a.next && a.own == new && a.peer_key == p.peer_key)
-                {
-                    // Our roll's session: it sends from now on.
-                    self.promote(i);
-                } else {
-                    let peer_key = p.peer_key;
-                    p.remake(&secret, peer_key, PathId(i as u32));
-                }
-            }
-            let Some(Some(p)) = self.paths.get_mut(i) else {
-                continue;
-            };
-            // A peer's next key, accepted with our old one: with the new one now.
-            if let Some(a) = p.alt.as_mut().filter(|a| a.next && a.own != new) {
-                a.tunn = new_tunn(&secret, a.peer_key, PathId(i as u32), p.side ^ 1);
-                a.own = new;
+        for p in self.paths.iter_mut().flatten() {
+            if p.s.commit_roll(&secret) {
+                self.counters.sessions_rekeyed += 1;
             }
         }
         self.secret = secret;
@@ -1613,39 +1429,13 @@ impl Edge {
     /// `public_key` that is that one promotes it (if it has not taken over already).
     fn rekey_peer(&mut self, i: usize, np: &PeerConfig) {
         let want = np.public_key.0;
-        let next = np.next_public_key.map(|k| k.0).filter(|k| *k != want);
-        for pid in self.engine.peer_paths(PeerId(i as u32)).to_vec() {
-            let idx = pid.0 as usize;
-            let Some(Some(p)) = self.paths.get_mut(idx) else {
+        let next = np.next_public_key.map(|k| k.0);
+        for pid in self.engine.peer_paths(PeerId(i as u32)) {
+            let Some(Some(p)) = self.paths.get_mut(pid.0 as usize) else {
                 continue;
             };
-            let own = public_of(&self.secret);
-            if p.peer_key != want {
-                if p.alt
-                    .as_ref()
-                    .is_some_and(|a| a.peer_key == want && a.own == own)
-                {
-                    self.promote(idx);
-                } else {
-                    p.remake(&self.secret, want, pid);
-                }
-            }
-            let Some(Some(p)) = self.paths.get_mut(idx) else {
-                continue;
-            };
-            match next {
-                Some(k) => {
-                    if !p.alt.as_ref().is_some_and(|a| a.next && a.peer_key == k) {
-                        p.alt = Some(Alt::next(&self.secret, k, pid, p.side ^ 1));
-                    }
-                }
-                // The roll is over (or given up): an unused new session goes; an old one
-                // stays until its grace ends, to receive what is in flight.
-                None => {
-                    if p.alt.as_ref().is_some_and(|a| a.next) {
-                        p.alt = None;
-                    }
-                }
+            if p.s.rekey(&self.secret, want, next) {
+                self.counters.sessions_rekeyed += 1;
             }
         }
         self.peers[i].config = np.clone();
@@ -1721,25 +1511,25 @@ impl Edge {
             return;
         };
         let at = self.tx.len;
-        let n = match p.tunn.encapsulate(pkt, &mut self.tx.buf[at..at + room]) {
-            TunnResult::WriteToNetwork(d) => d.len(),
-            _ => return,
-        };
-        if self.tx.buf[at] != 4 {
+        let n = match p.s.encapsulate(pkt, &mut self.tx.buf[at..at + room]) {
+            Sealed::Data(n) => n,
+            Sealed::Nothing => return,
             // No session yet: boringtun queued the packet and handed back a handshake
             // initiation, which goes on the primary path alone, now, outside the batch.
-            let (link, ep) = (p.link, p.endpoint);
-            if let Some(ep) = ep {
-                if self.links[link]
-                    .sock
-                    .send_to(&self.tx.buf[at..at + n], ep)
-                    .is_err()
-                {
-                    self.counters.tx_errors += 1;
+            Sealed::Initiation(n) => {
+                let (link, ep) = (p.link, p.s.endpoint());
+                if let Some(ep) = ep {
+                    if self.links[link]
+                        .sock
+                        .send_to(&self.tx.buf[at..at + n], ep)
+                        .is_err()
+                    {
+                        self.counters.tx_errors += 1;
+                    }
                 }
+                return;
             }
-            return;
-        }
+        };
         let tx = &mut self.tx;
         if tx.count == 0 {
             tx.stride = n;
@@ -1770,7 +1560,7 @@ impl Edge {
                 let Some(Some(p)) = self.paths.get(id.0 as usize) else {
                     continue;
                 };
-                let Some(ep) = p.endpoint else {
+                let Some(ep) = p.s.endpoint() else {
                     continue;
                 };
                 let sock = &self.links[p.link].sock;
@@ -1930,11 +1720,10 @@ impl Edge {
     ) {
         let (id, side) = match wire::classify(&self.net_bufs[buf][at.clone()]) {
             Some(WgMessage::Initiation) => (self.by_endpoint.get(&(link, from)).copied(), None),
-            Some(WgMessage::ToSession(r)) => {
-                let t = wire::tunnel_of(r);
-                let path = t & (GEN_BIT - 1);
-                ((path > 0).then(|| PathId(path - 1)), Some(t / GEN_BIT))
-            }
+            Some(WgMessage::ToSession(r)) => match session::path_of(wire::tunnel_of(r)) {
+                Some((id, side)) => (Some(id), Some(side)),
+                None => (None, None),
+            },
             None => (None, None),
         };
         match id {
@@ -1959,173 +1748,82 @@ impl Edge {
         now: Instant,
     ) {
         let idx = id.0 as usize;
-        if matches!(self.net_bufs[buf].get(at.start), Some(1 | 2))
-            && !self.admit_handshake(idx, side, link, from, buf, at.clone(), now)
-        {
-            return;
-        }
-        let Some(Some(p)) = self.paths.get_mut(idx) else {
+        // Another path's endpoint: a `duplicate` copy sent under this path's session, which
+        // must not move this path's endpoint there.
+        let elsewhere = self
+            .by_endpoint
+            .get(&(link, from))
+            .is_some_and(|other| *other != id);
+        let Self {
+            paths,
+            links,
+            net_bufs,
+            out_buf,
+            to_tun,
+            cookies,
+            counters,
+            handshake,
+            ..
+        } = self;
+        let Some(Some(p)) = paths.get_mut(idx) else {
             return;
         };
+        let before = p.s.endpoint();
+        let may_move = link == p.link && !elsewhere;
         // The datagram is decrypted where it will be written to the TUN if it is data (see
         // [`crate::coalesce`]): its plaintext is no longer than it.
-        let dst = self.to_tun.slot(at.len());
-        let datagram = &self.net_bufs[buf][at];
-        let mut on_alt = side.is_some_and(|g| g != p.side);
-        let reply = &mut self.out_buf[..];
-        let mut result = match p.session(on_alt) {
-            Some(t) => decap(t, from.ip(), datagram, dst, reply),
-            None => Decap::Rejected,
-        };
-        if side.is_none() && matches!(result, Decap::Rejected) {
-            // An initiation made with the new key of a roll (an old session takes none).
-            if let Some(a) = p.alt.as_mut().filter(|a| a.next) {
-                result = decap(&mut a.tunn, from.ip(), datagram, dst, reply);
-                on_alt = true;
-            }
-        }
-        // The new key's session takes over as soon as it can send.
-        if on_alt
-            && p.alt
-                .as_ref()
-                .is_some_and(|a| a.next && a.tunn.time_since_last_handshake().is_some())
-        {
-            self.promote(idx);
-            on_alt = false;
-        }
-        match result {
-            Decap::Done => self.to_tun.discard(),
-            Decap::Rejected => {
-                self.to_tun.discard();
-                self.counters.rx_rejected += 1;
-            }
-            Decap::Network(n) => {
-                // A handshake response: back the way the peer came; then whatever the session
-                // queued behind the handshake.
-                if let Some(l) = self.links.get(link) {
-                    if l.sock.send_to(&self.out_buf[..n], from).is_err() {
-                        self.counters.tx_errors += 1;
-                    }
+        let dst = to_tun.slot(at.len());
+        let sock = &links[link].sock;
+        let mut send_errors = 0;
+        let got = p.s.receive(
+            side,
+            from,
+            &net_bufs[buf][at],
+            dst,
+            out_buf,
+            may_move,
+            &mut session::Context {
+                cookies,
+                cookies_per_path_per_s: handshake.cookies_per_path_per_s,
+                counters,
+            },
+            now,
+            &mut |d, to| {
+                if sock.send_to(d, to).is_err() {
+                    send_errors += 1;
                 }
-                self.to_tun.discard();
-                self.send_queued(idx, on_alt, link, from);
-            }
-            Decap::Tunnel(len) => self.deliver(id, len, now),
+            },
+        );
+        self.counters.tx_errors += send_errors;
+        let (after, own_link) = (p.s.endpoint(), p.link);
+        if after != before {
+            self.moved(id, own_link, before, after);
+        }
+        match got {
+            Received::Packet(len) => self.deliver(id, len, now),
+            Received::Nothing => self.to_tun.discard(),
         }
     }
 
-    /// Whether handshake message `net_bufs[buf][at]` (an initiation if `side` is none, else a
-    /// response to the session on `side`) may go to its session; if not, it was refused,
-    /// answered with a cookie or dropped here, and counted (see [`crate::handshake`]).
-    #[allow(clippy::too_many_arguments)] // the datagram's coordinates, passed down as they are
-    fn admit_handshake(
+    /// Path `id`'s endpoint (on local `link`) moved from `before` to `after`: initiations from
+    /// there are its now.
+    fn moved(
         &mut self,
-        idx: usize,
-        side: Option<u32>,
+        id: PathId,
         link: usize,
-        from: SocketAddr,
-        buf: usize,
-        at: Range<usize>,
-        now: Instant,
-    ) -> bool {
-        let Some(Some(p)) = self.paths.get_mut(idx) else {
-            return false;
-        };
-        // The keys of ours it may be for: a response names its session; an initiation is for
-        // the sending session, or during a roll the new key's.
-        let (response, keys) = match side {
-            Some(g) if g == p.side => (true, [Some(p.own), None]),
-            Some(_) => (true, [p.alt.as_ref().map(|a| a.own), None]),
-            None => (
-                false,
-                [
-                    Some(p.own),
-                    p.alt.as_ref().filter(|a| a.next).map(|a| a.own),
-                ],
-            ),
-        };
-        let rate = self.handshake.cookies_per_path_per_s;
-        let guard = p.guard.get_or_insert_with(|| Guard::new(rate, now));
-        let msg = &self.net_bufs[buf][at];
-        let mut cookie = [0u8; 64];
-        let mut verdict = Verdict::Refuse;
-        for own in keys.into_iter().flatten() {
-            verdict = guard.check(
-                own,
-                response,
-                from.ip(),
-                msg,
-                &mut cookie,
-                &mut self.cookies,
-                now,
-            );
-            if verdict != Verdict::Refuse {
-                break;
+        before: Option<SocketAddr>,
+        after: Option<SocketAddr>,
+    ) {
+        if let Some(b) = before {
+            if self.by_endpoint.get(&(link, b)) == Some(&id) {
+                self.by_endpoint.remove(&(link, b));
             }
         }
-        match verdict {
-            Verdict::Admit => {
-                self.counters.handshakes_admitted += 1;
-                true
-            }
-            Verdict::Refuse => {
-                self.counters.rx_rejected += 1;
-                false
-            }
-            Verdict::Cookie(n) => {
-                if let Some(l) = self.links.get(link) {
-                    if l.sock.send_to(&cookie[..n], from).is_err() {
-                        self.counters.tx_errors += 1;
-                    }
-                }
-                self.counters.handshake_cookies_sent += 1;
-                false
-            }
-            Verdict::Drop => {
-                self.counters.handshakes_dropped += 1;
-                false
-            }
-        }
-    }
-
-    /// Path `idx`'s new-key session sends from now on; the old one stays to receive.
-    fn promote(&mut self, idx: usize) {
-        let Some(Some(p)) = self.paths.get_mut(idx) else {
-            return;
-        };
-        let Some(a) = &mut p.alt else {
-            return;
-        };
-        std::mem::swap(&mut p.tunn, &mut a.tunn);
-        std::mem::swap(&mut p.peer_key, &mut a.peer_key);
-        std::mem::swap(&mut p.own, &mut a.own);
-        a.next = false;
-        a.drop_at = Some(Instant::now() + OLD_SESSION_GRACE);
-        p.side ^= 1;
-        self.counters.sessions_rekeyed += 1;
-    }
-
-    /// Sends the packets a session (`alt`: the path's other one) queued while it had no keys,
-    /// now that it has.
-    fn send_queued(&mut self, idx: usize, alt: bool, link: usize, to: SocketAddr) {
-        loop {
-            let Some(Some(p)) = self.paths.get_mut(idx) else {
-                return;
-            };
-            let Some(t) = p.session(alt) else {
-                return;
-            };
-            match t.decapsulate(None, &[], &mut self.out_buf) {
-                TunnResult::WriteToNetwork(d) => {
-                    let len = d.len();
-                    if let Some(l) = self.links.get(link) {
-                        if l.sock.send_to(&self.out_buf[..len], to).is_err() {
-                            self.counters.tx_errors += 1;
-                        }
-                    }
-                }
-                _ => return,
-            }
+        if let Some(a) = after {
+            self.by_endpoint.insert((link, a), id);
+            let now = Instant::now();
+            let name = self.path_name(id, now);
+            self.record(format!("path {name}: the peer's endpoint is now {a}"));
         }
     }
 

@@ -20,6 +20,7 @@ pub mod handshake;
 pub mod keys;
 pub mod linksock;
 pub mod routes;
+pub mod session;
 pub mod status;
 pub mod wire;
 
