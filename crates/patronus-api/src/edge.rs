@@ -439,6 +439,10 @@ pub struct EdgeLocal {
     /// Bounds on the replies to handshake initiations (see [`HandshakeLimits`]).
     #[serde(default)]
     pub handshake: HandshakeLimits,
+    /// WireGuard's persistent keepalive on every path, seconds (0: off; see
+    /// [`EdgeConfig::keepalive_s`]).
+    #[serde(default = "default_keepalive")]
+    pub keepalive_s: u16,
 }
 
 /// A string, or a list of them.
@@ -590,6 +594,7 @@ impl EdgeLocal {
             default_steering: SteeringMode::default(),
             metrics_listen: self.metrics_listen,
             handshake: self.handshake,
+            keepalive_s: self.keepalive_s,
         };
         cfg.validate()?;
         Ok((cfg, notes))
@@ -633,6 +638,17 @@ pub struct EdgeConfig {
     /// How many cookie replies the edge sends to handshake initiations it is too busy for.
     #[serde(default)]
     pub handshake: HandshakeLimits,
+    /// WireGuard's persistent keepalive on every path, seconds; 0 turns it off. A NAT forgets
+    /// an idle UDP mapping after 30 s or more (RFC 4787 asks for at least 2 minutes; carrier
+    /// NATs do less), so 25 s keeps a path's mapping open whatever else it carries. (The path
+    /// engine's probes cross every path at least once a second anyway: the keepalive matters
+    /// for probes that stop, with the edge's own loop, say.)
+    #[serde(default = "default_keepalive")]
+    pub keepalive_s: u16,
+}
+
+fn default_keepalive() -> u16 {
+    25
 }
 
 /// Bounds on what unauthenticated handshake initiations can make an edge do.
@@ -752,6 +768,9 @@ impl EdgeConfig {
         }
         if let Err(e) = self.handshake.validate() {
             errs.extend_prefixed("handshake", e);
+        }
+        if self.keepalive_s > 3600 {
+            errs.push("keepalive_s", "must be 0 (off) to 3600 seconds");
         }
         if !self.classes.iter().any(|c| c.name == self.default_class) {
             errs.push("default_class", "names no class in `classes`");

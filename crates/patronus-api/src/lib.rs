@@ -21,6 +21,7 @@ mod path;
 mod policy;
 mod prefix;
 mod sla;
+pub mod stun;
 
 pub use edge::{
     ClassReport, ConfigDelta, ControllerUrls, EdgeConfig, EdgeLink, EdgeLocal, FailoverEvent,

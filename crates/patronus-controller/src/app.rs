@@ -56,6 +56,9 @@ pub struct Inner {
     pub webhook_tls: Arc<rustls::ClientConfig>,
     /// What the STUN responder did (see [`crate::stun`]).
     pub stun: crate::stun::StunMetrics,
+    /// The UDP port the STUN responder answers on, once it does: told to edges with their
+    /// configuration ([`crate::stun::PORT_HEADER`]).
+    pub stun_port: std::sync::OnceLock<u16>,
     /// The API's TLS (its certificate), set by [`crate::server::prepare`] unless `plain_http`.
     pub tls: std::sync::OnceLock<Arc<crate::https::ServerTls>>,
 }
@@ -148,6 +151,7 @@ impl AppState {
             webhook_tls,
             tls: std::sync::OnceLock::new(),
             stun: crate::stun::StunMetrics::default(),
+            stun_port: std::sync::OnceLock::new(),
             config,
             store,
         }))

@@ -266,7 +266,8 @@ pub async fn serve(
         fingerprint: tls.as_ref().map(|t| t.fingerprint()),
         stun: stun.as_ref().map(|(a, _)| *a),
     });
-    if let Some((_, socket)) = stun {
+    if let Some((at, socket)) = stun {
+        let _ = state.stun_port.set(at.port());
         tokio::spawn(crate::stun::serve(state.clone(), socket));
     }
     crate::webhooks::start(&state);

@@ -176,14 +176,73 @@ pub struct EdgeCounters {
 /// One WAN link's sockets (see [`crate::linksock`]).
 struct LinkSock {
     name: String,
+    /// The interface it is on.
+    dev: String,
+    /// The address its sockets are bound to: the configured one, or the one the interface got
+    /// instead (see [`Edge::check_addresses`]).
+    address: IpAddr,
     /// Data and probes; every send goes from here.
     sock: UdpSocket,
     /// Handshake messages, when the kernel gave them their own queue.
     hs: Option<UdpSocket>,
     v6: bool,
+    /// Its endpoint discovery (see [`Discovery`]).
+    stun: LinkStun,
     /// What the kernel dropped for want of room in each queue (data, handshake), as it last
     /// said (`SO_RXQ_OVFL`, a running count per socket).
     drops: [u32; 2],
+}
+
+/// Where an edge asks its controller how each of its links is seen from outside: a STUN
+/// Binding request (`patronus_api::stun`) from each link's own socket, keyed with the site's
+/// credential. The controller records the source it saw as the link's observed endpoint and
+/// gives it to the site's peers; the answer tells this edge the same (its status shows it).
+#[derive(Clone)]
+pub struct Discovery {
+    /// The controller's STUN addresses; a link asks the first of its own address family.
+    pub servers: Vec<SocketAddr>,
+    /// The site's name.
+    pub site: String,
+    /// SHA-256 of the site's credential.
+    pub key: [u8; 32],
+}
+
+impl std::fmt::Debug for Discovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Discovery")
+            .field("servers", &self.servers)
+            .field("site", &self.site)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How often a link asks again once answered: the answer may change (a NAT's mapping, a new
+/// address), and the request keeps the link's mapping towards the controller open.
+const STUN_EVERY: Duration = Duration::from_secs(25);
+/// The first retry of an unanswered request; each next one waits twice as long, up to
+/// [`STUN_EVERY`].
+const STUN_RETRY: Duration = Duration::from_secs(1);
+/// The most paths an initiation from an unknown address is tried on (see
+/// [`Edge::initiation_from_elsewhere`]).
+const MAX_INITIATION_CANDIDATES: usize = 4;
+/// How often the links' interfaces are checked for a new address.
+const ADDRESS_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// A link's endpoint discovery.
+#[derive(Debug, Default)]
+struct LinkStun {
+    /// The request waiting for its answer: its transaction.
+    pending: Option<[u8; 12]>,
+    /// When to ask next (none: at the next tick).
+    next_at: Option<Instant>,
+    /// Requests unanswered in a row (the retry's backoff).
+    unanswered: u32,
+    /// When the last request went.
+    sent_at: Option<Instant>,
+    /// Where the controller last saw this link's socket, and when it said so.
+    observed: Option<(SocketAddr, Instant)>,
+    /// The controller's last refusal (a STUN error code), until it answers again.
+    refused: Option<u16>,
 }
 
 /// Which of a link's queues to read.
@@ -238,8 +297,29 @@ fn routed(p: &PeerConfig) -> Vec<Prefix> {
     v
 }
 
+/// Whether local link `l` and peer link `r` make a path: the same address family, or a peer
+/// link with no endpoint known yet (one may be learned).
+fn pairs(l: &EdgeLink, r: &patronus_api::Link) -> bool {
+    r.endpoint
+        .is_none_or(|e| e.is_ipv6() == l.address.is_ipv6())
+}
+
+/// The (local link, peer link) pairs peer `p`'s paths are, by index.
+fn path_pairs(local_links: &[EdgeLink], p: &PeerConfig) -> Vec<(usize, usize)> {
+    let mut v = Vec::new();
+    for (li, l) in local_links.iter().enumerate() {
+        for (ri, r) in p.links.iter().enumerate() {
+            if pairs(l, r) {
+                v.push((li, ri));
+            }
+        }
+    }
+    v
+}
+
 /// Registers peer `p` with the engine and builds a WireGuard session for each of its paths:
 /// every local link × every remote link of the same address family.
+#[allow(clippy::too_many_arguments)] // the edge's parts a peer is built into, and its settings
 fn build_peer(
     engine: &mut Engine,
     local_links: &[EdgeLink],
@@ -248,6 +328,7 @@ fn build_peer(
     now: Instant,
     paths: &mut Vec<Option<PathRt>>,
     by_endpoint: &mut HashMap<(usize, SocketAddr), PathId>,
+    keepalive_s: u16,
 ) -> Result<(PeerId, PeerRt), EdgeError> {
     let peer = engine
         .add_peer(p.name.as_str(), &routed(p))
@@ -259,9 +340,7 @@ fn build_peer(
     };
     for (li, l) in local_links.iter().enumerate() {
         for r in &p.links {
-            if r.endpoint
-                .is_some_and(|e| e.is_ipv6() != l.address.is_ipv6())
-            {
+            if !pairs(l, r) {
                 continue;
             }
             let id = match engine.add_path(peer, &l.link, r, now) {
@@ -297,7 +376,7 @@ fn build_peer(
                     p.next_public_key.map(|k| k.0),
                     id,
                     r.endpoint,
-                    None,
+                    Some(keepalive_s),
                 ),
             });
         }
@@ -310,6 +389,8 @@ fn build_peer(
 pub struct ConfigInbox {
     slot: std::sync::Mutex<Option<EdgeConfig>>,
     roll: std::sync::Mutex<Option<Roll>>,
+    /// Endpoint discovery to start, change or stop (the inner `None`).
+    discovery: std::sync::Mutex<Option<Option<Discovery>>>,
     wake: EventFd,
 }
 
@@ -330,6 +411,15 @@ impl ConfigInbox {
     pub fn roll(&self, step: Roll) {
         if let Ok(mut s) = self.roll.lock() {
             *s = Some(step);
+        }
+        let _ = self.wake.write(1);
+    }
+
+    /// Starts endpoint discovery with `d`, or changes it (another controller, say), or stops
+    /// it (`None`).
+    pub fn discover(&self, d: Option<Discovery>) {
+        if let Ok(mut s) = self.discovery.lock() {
+            *s = Some(d);
         }
         let _ = self.wake.write(1);
     }
@@ -420,6 +510,10 @@ pub struct Edge {
     tun_index: u32,
     current: EdgeConfig,
     inbox: Arc<ConfigInbox>,
+    /// Endpoint discovery, once the edge's agent gave it (see [`Discovery`]).
+    discovery: Option<Discovery>,
+    /// When the links' interfaces are next checked for a new address.
+    next_address_check: Instant,
     /// Cleared when the kernel refuses UDP_SEGMENT; sends then go one datagram at a time.
     gso: bool,
 }
@@ -434,6 +528,59 @@ impl std::fmt::Debug for Edge {
             )
             .field("paths", &self.paths.len())
             .finish()
+    }
+}
+
+/// A link's sockets, bound to `addr` on device `dev`, with the options the loop relies on.
+fn open_link(name: String, dev: String, addr: SocketAddr) -> Result<LinkSock, EdgeError> {
+    let (socks, note) =
+        crate::linksock::bind_link(addr, Some(&dev)).map_err(|e| EdgeError::Io {
+            what: format!("link {name}: {}", e.what),
+            error: e.error,
+        })?;
+    if let Some(note) = note {
+        eprintln!("edge: link {name}: {note}");
+    }
+    for sock in std::iter::once(&socks.data).chain(&socks.handshake) {
+        // Coalesced receive (UDP_GRO) and large buffers; both only help, so a kernel
+        // that refuses them is noted and the edge carries on. (UDP_GRO on both: the
+        // kernel's GRO picks a socket of the group by hash, before the steering.)
+        if let Err(e) = setsockopt(sock, sockopt::UdpGroSegment, &true) {
+            eprintln!("edge: link {name}: no UDP_GRO ({e}); receiving one datagram per call");
+        }
+        // The kernel's receive time of each datagram: a probe read late (the loop was
+        // busy or stopped) is still measured from when it came (see `read_link`).
+        if let Err(e) = setsockopt(sock, sockopt::ReceiveTimestampns, &true) {
+            eprintln!(
+                "edge: link {name}: no receive timestamps ({e}); probes read late will \
+                 measure the lateness too"
+            );
+        }
+        // The count of datagrams dropped for want of room, on every read.
+        let _ = setsockopt(sock, sockopt::RxqOvfl, &1);
+        let _ = setsockopt(sock, sockopt::SndBufForce, &SOCKET_BUFFER);
+    }
+    let _ = setsockopt(&socks.data, sockopt::RcvBufForce, &SOCKET_BUFFER);
+    if let Some(hs) = &socks.handshake {
+        let _ = setsockopt(hs, sockopt::RcvBufForce, &HANDSHAKE_BUFFER);
+    }
+    Ok(LinkSock {
+        name,
+        dev,
+        address: addr.ip(),
+        sock: socks.data,
+        hs: socks.handshake,
+        v6: addr.is_ipv6(),
+        drops: [0; 2],
+        stun: LinkStun::default(),
+    })
+}
+
+/// Whether `a` is link-local (not an address a link is reached at from elsewhere).
+fn is_link_local(a: IpAddr) -> bool {
+    match a {
+        IpAddr::V4(a) => a.is_link_local(),
+        IpAddr::V6(a) => a.segments()[0] & 0xffc0 == 0xfe80,
     }
 }
 
@@ -499,48 +646,12 @@ impl Edge {
         let mut links = Vec::new();
         for l in &cfg.links {
             let name = l.link.name.to_string();
-            let addr = SocketAddr::new(l.address, cfg.listen_port);
             let dev = l.interface.clone().unwrap_or_else(|| name.clone());
-            let (socks, note) =
-                crate::linksock::bind_link(addr, Some(&dev)).map_err(|e| EdgeError::Io {
-                    what: format!("link {name}: {}", e.what),
-                    error: e.error,
-                })?;
-            if let Some(note) = note {
-                eprintln!("edge: link {name}: {note}");
-            }
-            for sock in std::iter::once(&socks.data).chain(&socks.handshake) {
-                // Coalesced receive (UDP_GRO) and large buffers; both only help, so a kernel
-                // that refuses them is noted and the edge carries on. (UDP_GRO on both: the
-                // kernel's GRO picks a socket of the group by hash, before the steering.)
-                if let Err(e) = setsockopt(sock, sockopt::UdpGroSegment, &true) {
-                    eprintln!(
-                        "edge: link {name}: no UDP_GRO ({e}); receiving one datagram per call"
-                    );
-                }
-                // The kernel's receive time of each datagram: a probe read late (the loop was
-                // busy or stopped) is still measured from when it came (see `read_link`).
-                if let Err(e) = setsockopt(sock, sockopt::ReceiveTimestampns, &true) {
-                    eprintln!(
-                        "edge: link {name}: no receive timestamps ({e}); probes read late will \
-                         measure the lateness too"
-                    );
-                }
-                // The count of datagrams dropped for want of room, on every read.
-                let _ = setsockopt(sock, sockopt::RxqOvfl, &1);
-                let _ = setsockopt(sock, sockopt::SndBufForce, &SOCKET_BUFFER);
-            }
-            let _ = setsockopt(&socks.data, sockopt::RcvBufForce, &SOCKET_BUFFER);
-            if let Some(hs) = &socks.handshake {
-                let _ = setsockopt(hs, sockopt::RcvBufForce, &HANDSHAKE_BUFFER);
-            }
-            links.push(LinkSock {
+            links.push(open_link(
                 name,
-                sock: socks.data,
-                hs: socks.handshake,
-                v6: l.address.is_ipv6(),
-                drops: [0; 2],
-            });
+                dev,
+                SocketAddr::new(l.address, cfg.listen_port),
+            )?);
         }
 
         // The TUN device: MTU leaves room for WireGuard on the smallest link any path crosses.
@@ -575,6 +686,7 @@ impl Edge {
                 now,
                 &mut paths,
                 &mut by_endpoint,
+                cfg.keepalive_s,
             )?;
             debug_assert_eq!(id.0 as usize, peers.len());
             peers.push(rt);
@@ -599,6 +711,7 @@ impl Edge {
         let inbox = Arc::new(ConfigInbox {
             slot: std::sync::Mutex::new(None),
             roll: std::sync::Mutex::new(None),
+            discovery: std::sync::Mutex::new(None),
             wake: EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
                 .map_err(sys_err("eventfd"))?,
         });
@@ -674,6 +787,8 @@ impl Edge {
             tun_index,
             current: cfg.clone(),
             inbox,
+            discovery: None,
+            next_address_check: now + ADDRESS_CHECK_EVERY,
         })
     }
 
@@ -709,6 +824,7 @@ impl Edge {
             || new.listen_port != cur.listen_port
             || new.tun_name != cur.tun_name
             || new.metrics_listen != cur.metrics_listen
+            || new.keepalive_s != cur.keepalive_s
         {
             notes.push(
                 "this edge's own links or addresses changed: applied at its next start".into(),
@@ -721,8 +837,10 @@ impl Edge {
         let now = Instant::now();
         let mut refused = false;
         let (mut added, mut removed) = (0, 0);
-        // A peer whose keys alone changed rolls its key: its sessions move in place.
-        let mut rekeyed = 0;
+        // A peer whose keys alone changed rolls its key, one whose links' endpoints alone
+        // changed moved (its NAT, a new address): its sessions change in place, its routes,
+        // paths and flows stay.
+        let (mut rekeyed, mut moved) = (0, 0);
         for i in 0..self.peers.len() {
             let rt = &self.peers[i];
             if !rt.active || new.peers.contains(&rt.config) {
@@ -732,16 +850,34 @@ impl Edge {
                 let mut a = (*np).clone();
                 a.public_key = rt.config.public_key;
                 a.next_public_key = rt.config.next_public_key;
+                // Endpoints that make the same paths (see `build_peer`).
+                if path_pairs(&self.local_links, np) != path_pairs(&self.local_links, &rt.config) {
+                    return false;
+                }
+                for (l, old) in a.links.iter_mut().zip(&rt.config.links) {
+                    l.endpoint = old.endpoint;
+                }
                 a == rt.config
             };
             if let Some(np) = new.peers.iter().find(same) {
                 let np = np.clone();
-                self.rekey_peer(i, &np);
-                rekeyed += 1;
+                let old = rt.config.clone();
+                if (np.public_key, np.next_public_key) != (old.public_key, old.next_public_key) {
+                    self.rekey_peer(i, &np);
+                    rekeyed += 1;
+                }
+                if np.links != old.links {
+                    self.move_peer(i, &np, now);
+                    moved += 1;
+                }
+                self.peers[i].config = np;
             }
         }
         if rekeyed > 0 {
             notes.push(format!("{rekeyed} peers' keys rolled in place"));
+        }
+        if moved > 0 {
+            notes.push(format!("{moved} peers' endpoints changed in place"));
         }
         // Gone or changed peers leave first, so that a changed peer can take its prefixes again.
         for i in 0..self.peers.len() {
@@ -764,6 +900,7 @@ impl Edge {
                 now,
                 &mut self.paths,
                 &mut self.by_endpoint,
+                new.keepalive_s,
             ) {
                 Ok((id, rt)) => {
                     debug_assert_eq!(id.0 as usize, self.peers.len());
@@ -928,6 +1065,10 @@ impl Edge {
                         if let Some(cfg) = next {
                             self.apply(&cfg);
                         }
+                        let discovery = self.inbox.discovery.lock().ok().and_then(|mut s| s.take());
+                        if let Some(d) = discovery {
+                            self.set_discovery(d);
+                        }
                         let roll = self.inbox.roll.lock().ok().and_then(|mut s| s.take());
                         match roll {
                             Some(Roll::Begin(key)) => self.begin_roll(&key, Instant::now()),
@@ -1046,6 +1187,13 @@ impl Edge {
                     handshake_queue: l.hs.is_some(),
                     data_drops: u64::from(l.drops[0]),
                     handshake_drops: u64::from(l.drops[1]),
+                    address: Some(l.address),
+                    observed: l.stun.observed.map(|(a, _)| a),
+                    observed_age_s: l
+                        .stun
+                        .observed
+                        .map(|(_, t)| now.saturating_duration_since(t).as_secs_f64()),
+                    stun_refused: l.stun.refused,
                 })
                 .collect(),
             // Joined when served (see status::control_now).
@@ -1214,6 +1362,10 @@ impl Edge {
         // `crate::handshake`).
         for path in down {
             self.rehandshake(path.0 as usize, now);
+            if let Some(Some(p)) = self.paths.get(path.0 as usize) {
+                let link = p.link;
+                self.stun_soon(link, now);
+            }
         }
     }
 
@@ -1326,6 +1478,11 @@ impl Edge {
                 // first round trip of every path would read the handshake's time (200-350 ms
                 // in the demo, each an SLA violation). Start the handshake instead.
                 self.counters.probes_unsent += 1;
+                if p.s.endpoint().is_none() {
+                    // Nowhere to send it yet: no initiation either, which would count as one
+                    // under way and hold back the next for WireGuard's 5 s.
+                    continue;
+                }
                 let n = p.s.initiation(&mut self.out_buf, false);
                 if n > 0 {
                     self.send_on(t.path, n);
@@ -1377,6 +1534,11 @@ impl Edge {
                 }
             });
         }
+        self.stun_tick(now);
+        if now >= self.next_address_check {
+            self.next_address_check = now + ADDRESS_CHECK_EVERY;
+            self.check_addresses();
+        }
     }
 
     /// Starts this edge's key roll: every path gets a second session, made with the new key,
@@ -1421,6 +1583,32 @@ impl Edge {
         self.record(format!("key roll: done, the edge's key is {public}"));
         self.public_key = public;
         self.publish(Instant::now());
+    }
+
+    /// Peer `i`'s links' endpoints changed and nothing else: each path takes its link's new
+    /// one (a link that has none now keeps what its path learned).
+    fn move_peer(&mut self, i: usize, np: &PeerConfig, now: Instant) {
+        for pid in self.engine.peer_paths(PeerId(i as u32)).to_vec() {
+            let Some(remote) = self
+                .engine
+                .path(pid, now)
+                .map(|s| s.remote_link.to_string())
+            else {
+                continue;
+            };
+            let Some(r) = np.links.iter().find(|l| l.name.as_str() == remote) else {
+                continue;
+            };
+            let Some(Some(p)) = self.paths.get_mut(pid.0 as usize) else {
+                continue;
+            };
+            let before = p.s.endpoint();
+            p.s.configure(r.endpoint);
+            let (after, link) = (p.s.endpoint(), p.link);
+            if after != before {
+                self.moved(pid, link, before, after);
+            }
+        }
     }
 
     /// A peer's keys changed and nothing else (it rolls its key): its paths' sessions move in
@@ -1718,8 +1906,20 @@ impl Edge {
         at: Range<usize>,
         now: Instant,
     ) {
+        if wire::is_stun_answer(&self.net_bufs[buf][at.clone()]) {
+            self.handle_stun(link, from, buf, at, now);
+            return;
+        }
         let (id, side) = match wire::classify(&self.net_bufs[buf][at.clone()]) {
-            Some(WgMessage::Initiation) => (self.by_endpoint.get(&(link, from)).copied(), None),
+            Some(WgMessage::Initiation) => match self.by_endpoint.get(&(link, from)) {
+                Some(id) => (Some(*id), None),
+                None => {
+                    // From an address no path knows: the peer moved, or it is behind a NAT
+                    // nobody has seen yet.
+                    self.initiation_from_elsewhere(link, from, buf, at, now);
+                    return;
+                }
+            },
             Some(WgMessage::ToSession(r)) => match session::path_of(wire::tunnel_of(r)) {
                 Some((id, side)) => (Some(id), Some(side)),
                 None => (None, None),
@@ -1731,6 +1931,280 @@ impl Edge {
                 self.handle_datagram(id, side, link, from, buf, at, now)
             }
             _ => self.counters.rx_unknown += 1,
+        }
+    }
+
+    /// A handshake initiation, `net_bufs[buf][at]`, from `from` on `link`, an address no path
+    /// has as its endpoint. It is for the path on `link` whose peer sent its earlier handshakes
+    /// with the same sender index base (see [`session::peer_base`]): a peer that moved keeps
+    /// its numbering. Failing that, for the one path on `link` with no endpoint at all (a peer
+    /// behind a NAT nobody has seen yet) if there is exactly one. Candidates are tried in turn
+    /// (two peers may number a path alike) until one's session accepts it; each refusal counts.
+    fn initiation_from_elsewhere(
+        &mut self,
+        link: usize,
+        from: SocketAddr,
+        buf: usize,
+        at: Range<usize>,
+        now: Instant,
+    ) {
+        let d = &self.net_bufs[buf][at.clone()];
+        let Some(sender) = d
+            .get(4..8)
+            .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+        else {
+            self.counters.rx_unknown += 1;
+            return;
+        };
+        let base = session::peer_base(sender);
+        let on_link = || {
+            self.paths
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| Some((PathId(i as u32), p.as_ref()?)))
+                .filter(|(_, p)| p.link == link)
+        };
+        let mut candidates: Vec<PathId> = on_link()
+            .filter(|(_, p)| p.s.peer_base() == Some(base))
+            .map(|(id, _)| id)
+            .take(MAX_INITIATION_CANDIDATES)
+            .collect();
+        if candidates.is_empty() {
+            let unknown: Vec<PathId> = on_link()
+                .filter(|(_, p)| p.s.endpoint().is_none())
+                .map(|(id, _)| id)
+                .take(2)
+                .collect();
+            if unknown.len() == 1 {
+                candidates = unknown;
+            }
+        }
+        if candidates.is_empty() {
+            self.counters.rx_unknown += 1;
+            return;
+        }
+        for id in candidates {
+            self.handle_datagram(id, None, link, from, buf, at.clone(), now);
+            if matches!(self.paths.get(id.0 as usize), Some(Some(p)) if p.s.endpoint() == Some(from))
+            {
+                return;
+            }
+        }
+    }
+
+    /// Starts, changes or stops endpoint discovery: every link asks at once.
+    fn set_discovery(&mut self, d: Option<Discovery>) {
+        match &d {
+            Some(d) => self.record(format!(
+                "endpoint discovery: asking the controller at {} how each link is seen",
+                d.servers
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            None if self.discovery.is_some() => {
+                self.record("endpoint discovery: stopped".into());
+            }
+            None => {}
+        }
+        self.discovery = d;
+        for l in &mut self.links {
+            l.stun = LinkStun::default();
+        }
+    }
+
+    /// Sends each link's STUN request when it is due (see [`Discovery`]).
+    fn stun_tick(&mut self, now: Instant) {
+        let Some(d) = &self.discovery else {
+            return;
+        };
+        for l in &mut self.links {
+            if l.stun.next_at.is_some_and(|t| t > now) {
+                continue;
+            }
+            let Some(server) = d.servers.iter().find(|s| s.is_ipv6() == l.v6) else {
+                continue;
+            };
+            if l.stun.pending.is_some() {
+                l.stun.unanswered = l.stun.unanswered.saturating_add(1);
+            }
+            let mut transaction = [0u8; 12];
+            if getrandom::getrandom(&mut transaction).is_err() {
+                continue;
+            }
+            let req = patronus_api::stun::binding_request(
+                &transaction,
+                Some(patronus_api::stun::SiteAuth {
+                    site: &d.site,
+                    link: Some(&l.name),
+                    time_ms: unix_ms(),
+                    key: &d.key,
+                }),
+            );
+            if l.sock.send_to(&req, *server).is_err() {
+                self.counters.tx_errors += 1;
+            }
+            l.stun.pending = Some(transaction);
+            l.stun.sent_at = Some(now);
+            let backoff = STUN_RETRY
+                .saturating_mul(1 << l.stun.unanswered.min(5))
+                .min(STUN_EVERY);
+            l.stun.next_at = Some(now + backoff);
+        }
+    }
+
+    /// A STUN answer on `link`: the controller's, to the link's request, keyed with the
+    /// site's key; anything else is counted as unknown.
+    fn handle_stun(
+        &mut self,
+        link: usize,
+        from: SocketAddr,
+        buf: usize,
+        at: Range<usize>,
+        now: Instant,
+    ) {
+        let (Some(d), Some(l)) = (&self.discovery, self.links.get_mut(link)) else {
+            self.counters.rx_unknown += 1;
+            return;
+        };
+        let answer = match l.stun.pending {
+            Some(t) if d.servers.contains(&from) => {
+                patronus_api::stun::read_answer(&self.net_bufs[buf][at], &t, Some(&d.key))
+            }
+            _ => None,
+        };
+        let text = match answer {
+            Some(patronus_api::stun::Answer::Mapped { addr, .. }) => {
+                let before = l.stun.observed.map(|(a, _)| a);
+                l.stun.observed = Some((addr, now));
+                l.stun.refused = None;
+                (before != Some(addr))
+                    .then(|| format!("link {}: the controller sees it at {addr}", l.name))
+            }
+            Some(patronus_api::stun::Answer::Error(code)) => {
+                let first = l.stun.refused != Some(code);
+                l.stun.refused = Some(code);
+                first.then(|| {
+                    format!(
+                        "link {}: the controller refused its endpoint report ({code}{})",
+                        l.name,
+                        if code == 401 {
+                            ": a revoked credential, or a clock more than 30 s off"
+                        } else {
+                            ""
+                        }
+                    )
+                })
+            }
+            None => {
+                self.counters.rx_unknown += 1;
+                return;
+            }
+        };
+        l.stun.pending = None;
+        l.stun.unanswered = 0;
+        l.stun.next_at = Some(now + STUN_EVERY);
+        if let Some(t) = text {
+            self.record(t);
+        }
+    }
+
+    /// Asks the controller again now how `link` is seen (its paths went down: its address or
+    /// its NAT's mapping may have changed), unless it asked in the last second.
+    fn stun_soon(&mut self, link: usize, now: Instant) {
+        if let Some(l) = self.links.get_mut(link) {
+            let soon = l.stun.sent_at.map_or(now, |t| (t + STUN_RETRY).max(now));
+            if l.stun.next_at.is_some_and(|t| t > soon) {
+                l.stun.next_at = Some(soon);
+            }
+        }
+    }
+
+    /// Rebinds a link whose address is gone from its interface to the address the interface
+    /// has instead (a new DHCP lease): when the old one is missing and exactly one other of the
+    /// same family (not link-local) is there. The link's paths then handshake from the new
+    /// address at once (their peers follow it: see [`session`]) and the controller is asked
+    /// how the link is seen now.
+    fn check_addresses(&mut self) {
+        let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+            return;
+        };
+        let mut by_dev: HashMap<String, Vec<IpAddr>> = HashMap::new();
+        for a in addrs {
+            let ip = a.address.as_ref().and_then(|s| {
+                s.as_sockaddr_in()
+                    .map(|a| IpAddr::V4(a.ip()))
+                    .or_else(|| s.as_sockaddr_in6().map(|a| IpAddr::V6(a.ip())))
+            });
+            if let Some(ip) = ip {
+                by_dev.entry(a.interface_name).or_default().push(ip);
+            }
+        }
+        for i in 0..self.links.len() {
+            let l = &self.links[i];
+            let Some(have) = by_dev.get(&l.dev) else {
+                continue;
+            };
+            if have.contains(&l.address) {
+                continue;
+            }
+            let others: Vec<IpAddr> = have
+                .iter()
+                .copied()
+                .filter(|a| a.is_ipv6() == l.v6 && !is_link_local(*a))
+                .collect();
+            if let [new] = others[..] {
+                self.rebind(i, new);
+            }
+        }
+    }
+
+    /// Moves link `i`'s sockets to address `new` (same port and device).
+    fn rebind(&mut self, i: usize, new: IpAddr) {
+        let l = &self.links[i];
+        let (old, port) = (l.address, l.sock.local_addr().map_or(0, |a| a.port()));
+        let fresh = match open_link(l.name.clone(), l.dev.clone(), SocketAddr::new(new, port)) {
+            Ok(f) => f,
+            Err(e) => {
+                let text = format!(
+                    "link {}: its address moved from {old} to {new}, and rebinding failed: {e}",
+                    l.name
+                );
+                self.record(text);
+                return;
+            }
+        };
+        let token = TOKEN_LINK_BASE + 2 * i as u64;
+        let _ = self.epoll.delete(&self.links[i].sock);
+        if let Some(hs) = &self.links[i].hs {
+            let _ = self.epoll.delete(hs);
+        }
+        let _ = self
+            .epoll
+            .add(&fresh.sock, EpollEvent::new(EpollFlags::EPOLLIN, token));
+        if let Some(hs) = &fresh.hs {
+            let _ = self
+                .epoll
+                .add(hs, EpollEvent::new(EpollFlags::EPOLLIN, token + 1));
+        }
+        let name = fresh.name.clone();
+        self.links[i] = fresh;
+        self.record(format!(
+            "link {name}: its address moved from {old} to {new}; its sockets are rebound"
+        ));
+        // Its paths handshake from the new address now.
+        for idx in 0..self.paths.len() {
+            let Some(Some(p)) = self.paths.get_mut(idx) else {
+                continue;
+            };
+            if p.link != i {
+                continue;
+            }
+            let n = p.s.initiation(&mut self.out_buf, true);
+            if n > 0 {
+                self.send_on(PathId(idx as u32), n);
+            }
         }
     }
 
@@ -1806,7 +2280,8 @@ impl Edge {
     }
 
     /// Path `id`'s endpoint (on local `link`) moved from `before` to `after`: initiations from
-    /// there are its now.
+    /// there are its now. A path that had none, or no session yet, handshakes there at once
+    /// (one that is up carries on: its peer is already talking from there).
     fn moved(
         &mut self,
         id: PathId,
@@ -1824,6 +2299,14 @@ impl Edge {
             let now = Instant::now();
             let name = self.path_name(id, now);
             self.record(format!("path {name}: the peer's endpoint is now {a}"));
+            if let Some(Some(p)) = self.paths.get_mut(id.0 as usize) {
+                if before.is_none() || p.s.last_handshake().is_none() {
+                    let n = p.s.initiation(&mut self.out_buf, true);
+                    if n > 0 {
+                        self.send_on(id, n);
+                    }
+                }
+            }
         }
     }
 

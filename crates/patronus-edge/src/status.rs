@@ -27,7 +27,7 @@ use crate::edge::{EdgeCounters, RecentEvent};
 /// How often the loop publishes a snapshot.
 pub const PUBLISH_EVERY: Duration = Duration::from_millis(250);
 
-/// A WAN link's receive queues (see [`crate::linksock`]).
+/// A WAN link: its receive queues (see [`crate::linksock`]), its address and how it is seen.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct LinkStatus {
     pub name: String,
@@ -37,6 +37,17 @@ pub struct LinkStatus {
     pub data_drops: u64,
     /// ... and because the handshake queue was full: a handshake flood lands here.
     pub handshake_drops: u64,
+    /// The address its sockets are bound to (it follows the interface's: see `Edge`).
+    #[serde(default)]
+    pub address: Option<std::net::IpAddr>,
+    /// Where the controller last saw it from (endpoint discovery), and how long ago it said so.
+    #[serde(default)]
+    pub observed: Option<SocketAddr>,
+    #[serde(default)]
+    pub observed_age_s: Option<f64>,
+    /// The controller's refusal of its last endpoint report (a STUN error code), if it refused.
+    #[serde(default)]
+    pub stun_refused: Option<u16>,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -565,6 +576,7 @@ mod tests {
                     handshake_queue: true,
                     data_drops: 0,
                     handshake_drops: 7,
+                    ..Default::default()
                 },
                 LinkStatus {
                     name: "lte".into(),

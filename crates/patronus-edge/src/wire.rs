@@ -39,6 +39,17 @@ pub enum WgMessage {
     ToSession(u32),
 }
 
+/// Whether a datagram is a STUN Binding answer (success or error: RFC 8489, with the magic
+/// cookie), which no WireGuard message can be (their second byte is 0).
+pub fn is_stun_answer(d: &[u8]) -> bool {
+    d.len() >= 20
+        && matches!(
+            u16::from_be_bytes([d[0], d[1]]),
+            patronus_api::stun::BINDING_SUCCESS | patronus_api::stun::BINDING_ERROR
+        )
+        && d[4..8] == patronus_api::stun::MAGIC.to_be_bytes()
+}
+
 /// Classifies a datagram; `None` for anything that is not a well-formed WireGuard message.
 pub fn classify(d: &[u8]) -> Option<WgMessage> {
     let le = |at: usize| -> Option<u32> {
@@ -265,6 +276,37 @@ pub fn source(pkt: &[u8]) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A STUN answer (the controller's, on a link socket) is never taken for WireGuard, nor
+    /// WireGuard or a STUN request for an answer.
+    #[test]
+    fn stun_answers_are_told_from_wireguard() {
+        use patronus_api::stun;
+        let t = [7u8; 12];
+        let mut w = stun::Writer::new(stun::BINDING_SUCCESS, &t);
+        w.attr(
+            stun::ATTR_XOR_MAPPED_ADDRESS,
+            &stun::xor_address("192.0.2.1:20000".parse().unwrap(), &t),
+        );
+        let ok = w.finish();
+        let err = stun::Writer::new(stun::BINDING_ERROR, &t).finish();
+        for a in [&ok, &err] {
+            assert!(is_stun_answer(a));
+            assert_eq!(classify(a), None);
+        }
+        assert!(!is_stun_answer(&stun::binding_request(&t, None)));
+        let mut init = vec![0u8; 148];
+        init[0] = 1;
+        init[4..8].copy_from_slice(&stun::MAGIC.to_be_bytes());
+        let mut data = vec![0u8; 64];
+        data[0] = 4;
+        data[4..8].copy_from_slice(&stun::MAGIC.to_be_bytes());
+        for d in [&init, &data] {
+            assert!(!is_stun_answer(d));
+            assert!(classify(d).is_some());
+        }
+        assert!(!is_stun_answer(&ok[..19]));
+    }
 
     #[test]
     fn wireguard_messages_are_told_apart_and_garbage_is_none() {

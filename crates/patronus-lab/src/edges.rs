@@ -103,6 +103,7 @@ pub fn edge_config(
         default_steering: Default::default(),
         metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], STATUS_PORT))),
         handshake: Default::default(),
+        keepalive_s: 25,
     }
 }
 
@@ -216,6 +217,7 @@ pub fn local_config(plan: &Plan, index: usize, controller: &str, state_dir: Path
             })
             .collect(),
         handshake: Default::default(),
+        keepalive_s: 25,
     }
 }
 

@@ -80,6 +80,10 @@ pub struct Response {
     pub status: u16,
     pub body: Value,
     pub etag: Option<String>,
+    /// The controller's STUN port (`patronus-stun-port`), on an edge's configuration.
+    pub stun_port: Option<u16>,
+    /// The URL of the controller that answered.
+    pub url: String,
 }
 
 /// A controller's base URL, taken apart.
@@ -89,6 +93,20 @@ struct Target {
     host: String,
     /// `host:port`.
     authority: String,
+}
+
+/// The UDP addresses of `url`'s host at `port` (its name resolved).
+pub fn udp_addresses(url: &str, port: u16) -> anyhow::Result<Vec<std::net::SocketAddr>> {
+    use std::net::ToSocketAddrs;
+    let t = target(url)?;
+    let found: Vec<std::net::SocketAddr> = (t.host.as_str(), port)
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {}", t.host))?
+        .collect();
+    if found.is_empty() {
+        bail!("{} has no address", t.host);
+    }
+    Ok(found)
 }
 
 /// `https://host[:port]` or `http://host[:port]`.
@@ -394,7 +412,9 @@ pub fn request_via(
         s.read_to_end(&mut raw)
             .context("reading the controller's answer")?;
     }
-    parse(&raw)
+    let mut r = parse(&raw)?;
+    r.url = url.to_owned();
+    Ok(r)
 }
 
 fn parse(raw: &[u8]) -> anyhow::Result<Response> {
@@ -421,13 +441,21 @@ fn parse(raw: &[u8]) -> anyhow::Result<Response> {
         serde_json::from_slice(&body)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()))
     };
-    let etag = head.lines().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.trim()
-            .eq_ignore_ascii_case("etag")
-            .then(|| v.trim().to_owned())
-    });
-    Ok(Response { status, body, etag })
+    let header = |name: &str| {
+        head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_owned())
+        })
+    };
+    Ok(Response {
+        status,
+        body,
+        etag: header("etag"),
+        stun_port: header(patronus_controller::stun::PORT_HEADER).and_then(|p| p.parse().ok()),
+        url: String::new(),
+    })
 }
 
 fn dechunk(mut b: &[u8]) -> anyhow::Result<Vec<u8>> {

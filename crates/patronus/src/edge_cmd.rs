@@ -375,6 +375,12 @@ struct Follow {
     /// The version of the configuration in force and that configuration, which deltas apply
     /// to (none when it came from the cache).
     held: Option<(String, patronus_api::SiteConfig)>,
+    /// The site's name, for endpoint discovery.
+    site: String,
+    /// The controller's STUN service as last told (its URL and UDP port), and the discovery
+    /// the edge was given for it.
+    stun: Option<(String, u16)>,
+    discovery: Option<(String, u16, [u8; 32])>,
 }
 
 /// How many key rotations this edge has done (`<state>/key-rotations`).
@@ -545,6 +551,33 @@ fn finish_interrupted_roll(
 }
 
 impl Follow {
+    /// Tells the edge where to ask how its links are seen (see
+    /// `patronus_edge::edge::Discovery`): the controller that answered last, at the STUN port
+    /// it gave, keyed with the credential; or to stop, if it gave none.
+    fn discover(&mut self, inbox: &patronus_edge::edge::ConfigInbox) {
+        let key = patronus_controller::auth::sha256(self.credential.get().as_bytes());
+        let want = self.stun.clone().map(|(url, port)| (url, port, key));
+        if want == self.discovery {
+            return;
+        }
+        let d = match &want {
+            Some((url, port, key)) => match crate::api_client::udp_addresses(url, *port) {
+                Ok(servers) => Some(patronus_edge::edge::Discovery {
+                    servers,
+                    site: self.site.clone(),
+                    key: *key,
+                }),
+                Err(e) => {
+                    eprintln!("edge: endpoint discovery: {e:#}");
+                    return;
+                }
+            },
+            None => None,
+        };
+        inbox.discover(d);
+        self.discovery = want;
+    }
+
     /// Waits until an operator puts a new enrolment token in `<state_dir>/enroll-token`, then
     /// enrols again with it and this edge's key (the key does not change: the peers' sessions
     /// carry on), and takes the new credential. A token the controller refuses is moved to
@@ -606,6 +639,7 @@ impl Follow {
     ) {
         let rolling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut backoff = std::time::Duration::from_secs(1);
+        self.discover(&inbox);
         loop {
             // A key rotation asked for and not done yet: rolled on a thread of its own, while
             // configurations keep coming (the peers' included).
@@ -648,6 +682,12 @@ impl Follow {
                 None,
                 &headers,
             );
+            if let Ok(r) = &r {
+                if matches!(r.status, 200 | 304) {
+                    self.stun = r.stun_port.map(|p| (r.url.clone(), p));
+                    self.discover(&inbox);
+                }
+            }
             match r {
                 Ok(r) if r.status == 304 => backoff = std::time::Duration::from_secs(1),
                 Ok(r) if r.status == 409 && delta => {
@@ -764,6 +804,10 @@ fn from_controller(
     // The controller's configuration if it answers with one this edge would run; otherwise
     // (unreachable, or a configuration that does not parse or that the edge refuses) the
     // last good one it kept, so that a bad push cannot stop an edge at its restart.
+    let stun_port = match &fetched {
+        Ok(r) if r.status == 200 => r.stun_port.map(|p| (r.url.clone(), p)),
+        _ => None,
+    };
     let fresh: Result<(SiteConfig, EdgeConfig, Option<String>), String> = match fetched {
         Ok(r) if r.status == 200 => serde_json::from_value::<SiteConfig>(r.body)
             .map_err(|e| format!("its configuration does not parse: {e}"))
@@ -806,6 +850,9 @@ fn from_controller(
         key,
         Follow {
             key_rotation: site.key_rotation,
+            site: site.site.to_string(),
+            stun: stun_port,
+            discovery: None,
             held: etag.map(|e| (e, site)),
             local,
             via,

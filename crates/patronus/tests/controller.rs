@@ -2157,7 +2157,7 @@ fn the_controller_answers_stun_on_its_api_port_and_keys_its_answers_to_a_site() 
             .unwrap()
             .as_millis() as i64
     };
-    let auth = |site: i64, link: &'static str, time_ms: i64, key: &'static [u8]| {
+    let auth = |site: &'static str, link: &'static str, time_ms: i64, key: &'static [u8]| {
         Some(stun::SiteAuth {
             site,
             link: Some(link),
@@ -2167,7 +2167,7 @@ fn the_controller_answers_stun_on_its_api_port_and_keys_its_answers_to_a_site() 
     };
     let key: &'static [u8] = Box::leak(Box::new(key));
     let t = [2u8; 12];
-    let signed = stun::binding_request(&t, auth(site, "lte", now_ms(), key));
+    let signed = stun::binding_request(&t, auth("hq", "lte", now_ms(), key));
     assert_eq!(
         stun_exchange(&socket, stun_at, &signed, &t, Some(key)),
         Some(Answer::Mapped {
@@ -2194,19 +2194,19 @@ fn the_controller_answers_stun_on_its_api_port_and_keys_its_answers_to_a_site() 
     }
     // Another key, another site, an old clock: 401; half of the authentication: 400.
     let t = [3u8; 12];
-    let wrong = stun::binding_request(&t, auth(site, "lte", now_ms(), &[0u8; 32]));
+    let wrong = stun::binding_request(&t, auth("hq", "lte", now_ms(), &[0u8; 32]));
     assert_eq!(
         stun_exchange(&socket, stun_at, &wrong, &t, None),
         Some(Answer::Error(401))
     );
     let t = [4u8; 12];
-    let other = stun::binding_request(&t, auth(site + 1, "lte", now_ms(), key));
+    let other = stun::binding_request(&t, auth("nowhere", "lte", now_ms(), key));
     assert_eq!(
         stun_exchange(&socket, stun_at, &other, &t, None),
         Some(Answer::Error(401))
     );
     let t = [5u8; 12];
-    let old = stun::binding_request(&t, auth(site, "lte", now_ms() - 60_000, key));
+    let old = stun::binding_request(&t, auth("hq", "lte", now_ms() - 60_000, key));
     assert_eq!(
         stun_exchange(&socket, stun_at, &old, &t, None),
         Some(Answer::Error(401))
@@ -2227,7 +2227,7 @@ fn the_controller_answers_stun_on_its_api_port_and_keys_its_answers_to_a_site() 
     // Where hq's LTE link was seen from is recorded, and a peer is given it as that link's
     // endpoint; MPLS, with a configured endpoint, keeps that one for the peers.
     let t = [6u8; 12];
-    let mpls = stun::binding_request(&t, auth(site, "mpls", now_ms(), key));
+    let mpls = stun::binding_request(&t, auth("hq", "mpls", now_ms(), key));
     assert!(matches!(
         stun_exchange(&socket, stun_at, &mpls, &t, Some(key)),
         Some(Answer::Mapped { keyed: true, .. })

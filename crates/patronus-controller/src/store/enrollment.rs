@@ -132,12 +132,19 @@ pub async fn site_of_credential(
     .await
 }
 
-/// The hashes of site `site_id`'s unrevoked credentials: the keys of its STUN requests.
-pub async fn credential_hashes(conn: &mut Conn, site_id: i64) -> Result<Vec<Vec<u8>>, sqlx::Error> {
-    query_scalar("SELECT secret_hash FROM site_credentials WHERE site_id = ? AND revoked = 0")
-        .bind(site_id)
-        .fetch_all(&mut *conn)
-        .await
+/// The hashes of site `site`'s unrevoked credentials, with its id: the keys of its STUN
+/// requests.
+pub async fn credential_hashes(
+    conn: &mut Conn,
+    site: &str,
+) -> Result<Vec<(i64, Vec<u8>)>, sqlx::Error> {
+    query_as(
+        "SELECT c.site_id, c.secret_hash FROM site_credentials c JOIN sites s ON s.id = c.site_id
+         WHERE s.name = ? AND c.revoked = 0",
+    )
+    .bind(site)
+    .fetch_all(&mut *conn)
+    .await
 }
 
 /// Revokes the unrevoked credentials of site `site_id` (of every site if `None`); how many.

@@ -55,11 +55,11 @@ async fn edge_config(
         .get(header::IF_NONE_MATCH)
         .map(|v| v.as_bytes().to_vec());
     match next_config(&s, &site, seen.as_deref(), q.wait).await? {
-        Next::Unchanged(tag) => not_modified(tag),
+        Next::Unchanged(tag) => not_modified(&s, tag),
         Next::Changed(c, tag) => {
             let mut r = ([(header::CONTENT_TYPE, "application/json")], c.to_json()).into_response();
             r.headers_mut().insert(header::ETAG, tag);
-            Ok(r)
+            Ok(with_stun_port(&s, r))
         }
     }
 }
@@ -99,7 +99,7 @@ async fn edge_config_delta(
         .as_bytes()
         .to_vec();
     match next_config(&s, &site, Some(&seen), q.wait).await? {
-        Next::Unchanged(tag) => not_modified(tag),
+        Next::Unchanged(tag) => not_modified(&s, tag),
         Next::Changed(c, tag) => {
             let base = s.previous_config(site.site_id, &seen).ok_or_else(|| {
                 ApiError::new(
@@ -115,9 +115,19 @@ async fn edge_config_delta(
             )
                 .into_response();
             r.headers_mut().insert(header::ETAG, tag);
-            Ok(r)
+            Ok(with_stun_port(&s, r))
         }
     }
+}
+
+/// `r` with the port this controller answers STUN on ([`crate::stun::PORT_HEADER`]), if it
+/// does: the edge asks there, at the address it reached the API at.
+fn with_stun_port(s: &AppState, mut r: Response) -> Response {
+    if let Some(p) = s.stun_port.get() {
+        r.headers_mut()
+            .insert(crate::stun::PORT_HEADER, HeaderValue::from(*p));
+    }
+    r
 }
 
 /// What a (long) poll for a configuration found.
@@ -135,10 +145,10 @@ fn no_config(site: &SiteCaller) -> ApiError {
     ))
 }
 
-fn not_modified(tag: HeaderValue) -> Result<Response, ApiError> {
+fn not_modified(s: &AppState, tag: HeaderValue) -> Result<Response, ApiError> {
     let mut r = StatusCode::NOT_MODIFIED.into_response();
     r.headers_mut().insert(header::ETAG, tag);
-    Ok(r)
+    Ok(with_stun_port(s, r))
 }
 
 /// The site's configuration once it differs from `seen` (an ETag), waiting up to `wait`

@@ -1,0 +1,350 @@
+//! Sites behind NAT, in the lab: the edges learn how their links are seen from outside through
+//! the controller's STUN responder, their peers are given those endpoints with the
+//! configuration, and the paths form, fail over and follow a new address like any other. Runs
+//! on the lab's harness (`patronus_lab::harness`): without root the test is counted as ignored,
+//! and `PATRONUS_REQUIRE_LAB=1` makes that a failure.
+#![allow(clippy::unwrap_used)]
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use patronus_lab::edges;
+use patronus_lab::{Lab, LabOptions, Topology};
+
+fn patronus() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_patronus"))
+}
+
+fn main() -> std::process::ExitCode {
+    patronus_lab::harness::run(
+        "nat lab",
+        vec![patronus_lab::lab_test!(
+            a_site_behind_nat_on_every_link_reaches_a_hub_fails_over_and_follows_a_new_address
+        )],
+    )
+}
+
+/// Runs the admin CLI inside the controller's namespace; (ok, stdout, stderr).
+fn cli(lab: &Lab, home: &Path, args: &[&str], stdin: &str) -> (bool, String, String) {
+    let mut c = lab
+        .command("controller", patronus().to_str().unwrap())
+        .unwrap();
+    c.args(args)
+        .env("XDG_CONFIG_HOME", home)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A controller in the lab's `controller` namespace, an admin logged in at `home`, and the
+/// lab's sites and links created through the CLI; the URL and the certificate's fingerprint.
+fn controller(lab: &Lab, run: &Path, home: &Path) -> (String, String) {
+    let ctl = lab.addr("controller", false).unwrap();
+    let url = format!("https://{ctl}:8080");
+    let state = run.join("controller");
+    let mut cmd = Command::new(patronus());
+    cmd.args([
+        "controller",
+        "--listen",
+        &format!("{ctl}:8080"),
+        "--data-dir",
+    ])
+    .arg(&state)
+    .env("PATRONUS_ADMIN_EMAIL", "admin@example.net");
+    let log = std::fs::File::create(run.join("controller.log")).unwrap();
+    lab.spawn_logged("controller", cmd, log).unwrap();
+    let file = patronus_controller::https::fingerprint_path(&state);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let fp = loop {
+        if let Ok(t) = std::fs::read_to_string(&file) {
+            break t.trim().to_owned();
+        }
+        assert!(Instant::now() < deadline, "no {}", file.display());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    loop {
+        let password =
+            std::fs::read_to_string(state.join("initial-admin-password")).unwrap_or_default();
+        let (ok, _, err) = cli(
+            lab,
+            home,
+            &[
+                "login",
+                "--url",
+                &url,
+                "--ca-fingerprint",
+                &fp,
+                "--email",
+                "admin@example.net",
+            ],
+            &password,
+        );
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no controller: {err}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for s in &lab.plan().sites {
+        let lan = s.lan4.to_string();
+        let (ok, _, err) = cli(
+            lab,
+            home,
+            &["site", "create", s.name.as_str(), "--lan", &lan],
+            "",
+        );
+        assert!(ok, "{err}");
+        for l in &s.links {
+            let (ok, _, err) = cli(
+                lab,
+                home,
+                &[
+                    "link",
+                    "add",
+                    s.name.as_str(),
+                    l.name.as_str(),
+                    "--kind",
+                    l.kind.as_str(),
+                ],
+                "",
+            );
+            assert!(ok, "{err}");
+        }
+    }
+    (url, fp)
+}
+
+/// `site`'s edge's status; `Null` while it does not answer (starting).
+fn try_status(lab: &Lab, site: &str) -> serde_json::Value {
+    let out = lab
+        .exec(
+            site,
+            &[patronus().to_str().unwrap(), "edge", "status", "--json"],
+        )
+        .unwrap();
+    if !out.status.success() {
+        return serde_json::Value::Null;
+    }
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn edge_status(lab: &Lab, site: &str) -> serde_json::Value {
+    let s = try_status(lab, site);
+    assert!(!s.is_null(), "{site}'s edge does not answer\n{}", logs(lab));
+    s
+}
+
+/// Every edge's log, for a failure's message.
+fn logs(lab: &Lab) -> String {
+    lab.plan()
+        .sites
+        .iter()
+        .map(|s| {
+            let log =
+                std::fs::read_to_string(edges::edge_dir(lab, s.name.as_str()).join("edge.log"))
+                    .unwrap_or_default();
+            format!("--- {} ---\n{log}\n", s.name)
+        })
+        .collect()
+}
+
+/// Waits until every one of `site`'s paths is up and `ok` holds for each; how long it took.
+fn paths_up(
+    lab: &Lab,
+    site: &str,
+    count: usize,
+    within: Duration,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> Duration {
+    paths_in(lab, site, count, within, |p| p["state"] == "up" && ok(p))
+}
+
+/// Waits until every one of `site`'s paths is alive (up, or degraded: replies arrive) and `ok`
+/// holds for each; how long it took.
+fn paths_alive(
+    lab: &Lab,
+    site: &str,
+    count: usize,
+    within: Duration,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> Duration {
+    paths_in(lab, site, count, within, |p| p["state"] != "down" && ok(p))
+}
+
+fn paths_in(
+    lab: &Lab,
+    site: &str,
+    count: usize,
+    within: Duration,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        let s = try_status(lab, site);
+        let paths = s["paths"].as_array().cloned().unwrap_or_default();
+        if paths.len() == count && paths.iter().all(&ok) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "{site}'s paths not all up within {within:?}: {:#}\n{}",
+            s["paths"],
+            logs(lab)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Site `a` has all its links behind NAT (an "open" one and a carrier-grade one, whose filter
+/// lets in only what answers what went out); the hub `b` has public links. Neither `a`'s
+/// configuration nor its enrolment names an endpoint for its links: `a`'s edge asks the
+/// controller (STUN from each link's socket), the controller gives `b` what it saw, and every
+/// path forms within 5 s of both edges running. A stream between the LAN hosts fails over a
+/// cut of `a`'s active link within the usual figures. Then the NAT of `a`'s LTE link gets a new
+/// public address (a modem restart): its paths come back within 3 s (replies arrive again, b
+/// sending to the new address), neither edge restarted.
+fn a_site_behind_nat_on_every_link_reaches_a_hub_fails_over_and_follows_a_new_address() {
+    let topology: Topology = toml::from_str(
+        r#"
+        name = "nat-hub"
+        controller = true
+        [[sites]]
+        name = "a"
+        links = [
+            { name = "inet", kind = "broadband", nat = "open" },
+            { name = "lte", kind = "lte", nat = "cgnat" },
+        ]
+        [[sites]]
+        name = "b"
+        links = [{ name = "mpls", kind = "mpls" }, { name = "inet", kind = "broadband" }]
+        "#,
+    )
+    .unwrap();
+    let lab = Lab::up(&topology, LabOptions::default()).unwrap();
+    let run: PathBuf = patronus_lab::lab::run_dir(lab.run_id());
+    let plan = lab.plan().clone();
+    let home = run.join("cli");
+    let (url, fp) = controller(&lab, &run, &home);
+
+    let mut locals = Vec::new();
+    for (i, s) in plan.sites.iter().enumerate() {
+        let (ok, token, err) = cli(&lab, &home, &["site", "enroll-token", s.name.as_str()], "");
+        assert!(ok, "{err}");
+        let mut local = edges::local_config(
+            &plan,
+            i,
+            &url,
+            edges::edge_dir(&lab, s.name.as_str()).join("state"),
+        );
+        local.ca_fingerprint = vec![fp.clone()];
+        if s.name.as_str() == "a" {
+            assert!(local.links.iter().all(|l| l.public_endpoint.is_none()));
+        }
+        edges::controller_edge(
+            &lab,
+            patronus(),
+            s.name.as_str(),
+            &local,
+            "enroll",
+            Some(token.trim()),
+        )
+        .unwrap();
+        locals.push(local);
+    }
+    for (s, local) in plan.sites.iter().zip(&locals) {
+        edges::controller_edge(&lab, patronus(), s.name.as_str(), local, "run", None).unwrap();
+    }
+    let started = Instant::now();
+
+    // What each of a's links looks like from outside: its NAT's public address and the port
+    // the NAT keeps for the edge's.
+    let public = |link: &str| {
+        let l = plan.link(link).unwrap().1.clone();
+        SocketAddr::new(
+            lab.link_addr4(link).unwrap().into(),
+            l.nat.as_ref().unwrap().public_port,
+        )
+    };
+    // Every path up on both ends, b's towards a's links at their public endpoints.
+    let a_up = paths_up(&lab, "a", 4, Duration::from_secs(20), |_| true);
+    let b_up = paths_up(&lab, "b", 4, Duration::from_secs(20), |p| {
+        p["endpoint"].as_str()
+            == Some(&public(&format!("a/{}", p["remote_link"].as_str().unwrap())).to_string())
+    });
+    let formed = started.elapsed();
+    let _ = writeln!(
+        std::io::stderr(),
+        "paths formed {formed:?} after start (a {a_up:?}, b {b_up:?})"
+    );
+    assert!(
+        formed < Duration::from_secs(5),
+        "{formed:?}\n{}",
+        logs(&lab)
+    );
+    // a knows how the controller sees each link.
+    let s = edge_status(&lab, "a");
+    for l in s["links"].as_array().unwrap() {
+        let name = format!("a/{}", l["name"].as_str().unwrap());
+        assert_eq!(l["observed"], public(&name).to_string(), "{l}");
+    }
+
+    // A stream from a's LAN to b's, and hard cuts of the link it is on.
+    let r = edges::failover_trials(&lab, "a/h1", "b/h1", "a", 4, 1000).unwrap();
+    let _ = writeln!(
+        std::io::stderr(),
+        "failover outages {:?} ms (cut {:?})",
+        r.outages_ms,
+        r.cut
+    );
+    let mut sorted = r.outages_ms.clone();
+    sorted.sort_by(f64::total_cmp);
+    let p50 = sorted[sorted.len() / 2];
+    assert!(p50 <= 100.0, "{:?}\n{}", r.outages_ms, logs(&lab));
+
+    // The LTE NAT's public address changes: every mapping it held is gone with it.
+    paths_up(&lab, "b", 4, Duration::from_secs(20), |_| true);
+    let (old, new) = lab.renumber("a/lte").unwrap();
+    let renumbered = Instant::now();
+    // Back: replies arrive again (the loss of the moment may leave a path degraded until its
+    // measurements forget it), and b sends to the new address.
+    let back = paths_alive(&lab, "b", 4, Duration::from_secs(20), |p| {
+        p["remote_link"] != "lte"
+            || p["endpoint"]
+                .as_str()
+                .is_some_and(|e| e.starts_with(&format!("{new}:")))
+    });
+    let _ = writeln!(
+        std::io::stderr(),
+        "a/lte renumbered {old} -> {new}: b's paths to it back in {back:?}"
+    );
+    assert!(
+        renumbered.elapsed() < Duration::from_secs(3),
+        "{back:?}\n{}",
+        logs(&lab)
+    );
+    paths_alive(&lab, "a", 4, Duration::from_secs(3), |_| true);
+    // No edge restarted: each still runs its first process.
+    for site in ["a", "b"] {
+        let s = edge_status(&lab, site);
+        assert!(
+            s["uptime_s"].as_f64().unwrap() > started.elapsed().as_secs_f64() - 1.0,
+            "{site}"
+        );
+    }
+}
