@@ -1479,11 +1479,10 @@ impl Edge {
                 // in the demo, each an SLA violation). Start the handshake instead.
                 self.counters.probes_unsent += 1;
                 if p.s.endpoint().is_none() {
-                    // Nowhere to send it yet: no initiation either, which would count as one
-                    // under way and hold back the next for WireGuard's 5 s.
+                    // Nowhere to send it yet: no initiation either.
                     continue;
                 }
-                let n = p.s.initiation(&mut self.out_buf, false);
+                let n = p.s.hello(&mut self.out_buf, Instant::now());
                 if n > 0 {
                     self.send_on(t.path, n);
                 }

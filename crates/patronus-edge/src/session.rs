@@ -198,6 +198,8 @@ pub struct PathSession {
     guard: Option<Guard>,
     /// While the path is down: when it next starts a fresh handshake (see [`DOWN_REHANDSHAKE`]).
     rehandshake_at: Option<Instant>,
+    /// When [`Self::hello`] last started a handshake.
+    hello_at: Option<Instant>,
 }
 
 impl std::fmt::Debug for PathSession {
@@ -236,6 +238,7 @@ impl PathSession {
             alt: None,
             guard: None,
             rehandshake_at: None,
+            hello_at: None,
         };
         s.alt = next.map(|k| s.next_alt(secret, k));
         s
@@ -306,6 +309,22 @@ impl PathSession {
     /// `force`: a fresh one anyway); its length (0 for none).
     pub fn initiation(&mut self, out: &mut [u8], force: bool) -> usize {
         initiation_of(&mut self.tunn, out, force)
+    }
+
+    /// A path with no session yet wants one: a fresh handshake into `out` (its length), unless
+    /// this started one less than [`DOWN_REHANDSHAKE`] ago. Not WireGuard's 5 s between tries:
+    /// behind NATs the first initiations are lost by design (each side's opens its own NAT for
+    /// the other's: hole punching), and a path should form within a second or two of both
+    /// sides knowing where the other is.
+    pub fn hello(&mut self, out: &mut [u8], now: Instant) -> usize {
+        if self
+            .hello_at
+            .is_some_and(|t| now.saturating_duration_since(t) < DOWN_REHANDSHAKE)
+        {
+            return 0;
+        }
+        self.hello_at = Some(now);
+        self.initiation(out, true)
     }
 
     /// The path went down: a fresh handshake now, into `out` (its length), and one every
@@ -992,6 +1011,18 @@ mod tests {
         a.s.up();
         a.tick(now + 3 * DOWN_REHANDSHAKE, &mut wire);
         assert!(wire.iter().all(|d| d.0[0] != 1), "up: no more");
+    }
+
+    /// A path with no session yet tries again every second, not every 5 s: behind NATs the
+    /// first initiations of both sides are lost by design.
+    #[test]
+    fn a_path_without_a_session_says_hello_every_second() {
+        let (mut a, _) = pair();
+        let now = Instant::now();
+        let mut out = vec![0u8; 256];
+        assert_eq!(a.s.hello(&mut out, now), 148);
+        assert_eq!(a.s.hello(&mut out, now + Duration::from_millis(900)), 0);
+        assert_eq!(a.s.hello(&mut out, now + DOWN_REHANDSHAKE), 148);
     }
 
     #[test]
