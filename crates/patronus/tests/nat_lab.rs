@@ -218,8 +218,9 @@ fn paths_in(
 
 /// The controller, the lab's sites created through it, and every site's edge enrolled with a
 /// token and running (WireGuard keepalive `keepalive_s`); when the edges were started. The
-/// sites' links behind a NAT have no endpoint in their local configuration or enrolment.
-fn system(lab: &Lab, keepalive_s: u16) -> Instant {
+/// sites' links behind a NAT, and those named in `discovered` (`site/link`), have no endpoint
+/// in their local configuration or enrolment: the controller gives peers what it observes.
+fn system(lab: &Lab, keepalive_s: u16, discovered: &[&str]) -> Instant {
     let run: PathBuf = patronus_lab::lab::run_dir(lab.run_id());
     let plan = lab.plan().clone();
     let home = run.join("cli");
@@ -236,8 +237,11 @@ fn system(lab: &Lab, keepalive_s: u16) -> Instant {
         );
         local.ca_fingerprint = vec![fp.clone()];
         local.keepalive_s = keepalive_s;
-        for (l, lp) in local.links.iter().zip(&s.links) {
+        for (l, lp) in local.links.iter_mut().zip(&s.links) {
             assert_eq!(l.public_endpoint.is_none(), lp.nat.is_some(), "{}", l.name);
+            if discovered.contains(&format!("{}/{}", s.name, l.name).as_str()) {
+                l.public_endpoint = None;
+            }
         }
         edges::controller_edge(
             lab,
@@ -280,7 +284,8 @@ fn p50(v: &[f64]) -> f64 {
 /// path forms within 5 s of both edges running. A stream between the LAN hosts fails over a
 /// cut of `a`'s active link within the usual figures. Then the NAT of `a`'s LTE link gets a new
 /// public address (a modem restart): its paths come back within 3 s (replies arrive again, b
-/// sending to the new address), neither edge restarted.
+/// sending to the new address). Then b's internet link, whose endpoint b leaves to discovery,
+/// gets a new address of its own: its paths come back within 3 s too. Neither edge restarted.
 fn a_site_behind_nat_on_every_link_reaches_a_hub_fails_over_and_follows_a_new_address() {
     let topology: Topology = toml::from_str(
         r#"
@@ -299,7 +304,7 @@ fn a_site_behind_nat_on_every_link_reaches_a_hub_fails_over_and_follows_a_new_ad
     )
     .unwrap();
     let lab = Lab::up(&topology, LabOptions::default()).unwrap();
-    let started = system(&lab, 25);
+    let started = system(&lab, 25, &["b/inet"]);
 
     // Every path up on both ends, b's towards a's links at their public endpoints.
     let a_up = paths_up(&lab, "a", 4, Duration::from_secs(20), |_| true);
@@ -361,6 +366,42 @@ fn a_site_behind_nat_on_every_link_reaches_a_hub_fails_over_and_follows_a_new_ad
         logs(&lab)
     );
     paths_alive(&lab, "a", 4, Duration::from_secs(3), |_| true);
+    // b's internet link gets a new address of its own (a new DHCP lease): b's edge rebinds the
+    // link's sockets to it and asks the controller how the link is seen now; a is given that
+    // and sends there, which also opens its carrier-grade NAT for b's answers.
+    paths_up(&lab, "b", 4, Duration::from_secs(20), |_| true);
+    let (old, new) = lab.renumber("b/inet").unwrap();
+    let renumbered = Instant::now();
+    let back = paths_alive(&lab, "a", 4, Duration::from_secs(20), |p| {
+        p["remote_link"] != "inet"
+            || p["endpoint"]
+                .as_str()
+                .is_some_and(|e| e.starts_with(&format!("{new}:")))
+    });
+    let _ = writeln!(
+        std::io::stderr(),
+        "b/inet renumbered {old} -> {new}: a's paths to it back in {back:?}"
+    );
+    assert!(
+        renumbered.elapsed() < Duration::from_secs(3),
+        "{back:?}\n{}",
+        logs(&lab)
+    );
+    paths_alive(&lab, "b", 4, Duration::from_secs(3), |_| true);
+    let link = edge_status(&lab, "b")["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "inet")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        link["address"],
+        new.to_string(),
+        "{link}\n{:#}\n{}",
+        edge_status(&lab, "a")["paths"],
+        logs(&lab)
+    );
     // No edge restarted: each still runs its first process.
     for site in ["a", "b"] {
         let s = edge_status(&lab, site);
@@ -399,7 +440,7 @@ fn two_sites_behind_carrier_grade_nat_punch_through_and_idle_past_the_mapping_ti
     )
     .unwrap();
     let lab = Lab::up(&topology, LabOptions::default()).unwrap();
-    let started = system(&lab, 0);
+    let started = system(&lab, 0, &[]);
     let a_up = paths_up(&lab, "a", 4, Duration::from_secs(20), |_| true);
     let b_up = paths_up(&lab, "b", 4, Duration::from_secs(20), |_| true);
     let formed = started.elapsed();
