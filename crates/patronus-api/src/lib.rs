@@ -20,6 +20,7 @@ mod openapi;
 mod path;
 mod policy;
 mod prefix;
+pub mod relay;
 mod sla;
 pub mod stun;
 

@@ -41,7 +41,17 @@ pub const PORT_HEADER: &str = "patronus-stun-port";
 #[derive(Debug, Default)]
 pub struct StunMetrics {
     counts: [std::sync::atomic::AtomicU64; 6],
+    relayed: [std::sync::atomic::AtomicU64; 5],
 }
+
+/// The `result` labels of `patronus_relay_datagrams_total`, in [`StunMetrics`]'s order.
+pub const RELAY_RESULTS: [&str; 5] = [
+    "relayed",
+    "malformed",
+    "unregistered",
+    "unknown_destination",
+    "throttled",
+];
 
 /// The `result` labels of `patronus_stun_requests_total`, in [`StunMetrics`]'s order.
 pub const RESULTS: [&str; 6] = [
@@ -56,6 +66,10 @@ pub const RESULTS: [&str; 6] = [
 impl StunMetrics {
     fn count(&self, result: usize) {
         self.counts[result].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn count_relay(&self, result: usize) {
+        self.relayed[result].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The family, in the text exposition format.
@@ -73,6 +87,20 @@ impl StunMetrics {
                 out,
                 "patronus_stun_requests_total{{result=\"{r}\"}} {}",
                 self.counts[i].load(std::sync::atomic::Ordering::Relaxed)
+            );
+        }
+        out.push_str(
+            "# HELP patronus_relay_datagrams_total Datagrams the controller's UDP port was asked \
+             to relay between sites' links (`patronus_api::relay`), by what was done with them: \
+             relayed, or dropped as malformed, from an address no site registered, to a link not \
+             registered, or over the sender's budget.\n\
+             # TYPE patronus_relay_datagrams_total counter\n",
+        );
+        for (i, r) in RELAY_RESULTS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "patronus_relay_datagrams_total{{result=\"{r}\"}} {}",
+                self.relayed[i].load(std::sync::atomic::Ordering::Relaxed)
             );
         }
     }
@@ -108,6 +136,82 @@ struct Memory {
     per_source: std::collections::HashMap<IpAddr, u32>,
     /// (site, link) -> the endpoint last recorded and the request clock it came with.
     observed: std::collections::HashMap<(i64, String), (SocketAddr, i64)>,
+    /// Who may relay and be relayed to (see [`Relay`]).
+    relay: Relay,
+}
+
+/// How long a link's registration with the relay lasts: three of the edges' requests (every
+/// 25 s) may be lost.
+const REGISTRATION: std::time::Duration = std::time::Duration::from_secs(80);
+/// Datagrams one registered address may have relayed per second.
+pub const RELAY_PER_SOURCE_PER_S: u32 = 50_000;
+
+/// The relay's registrations: each site link whose authenticated STUN request came lately, at
+/// the address it came from (what its NATs made of the link's socket towards this port, the
+/// one address the relay can reach it at), by (site name, link) and by address.
+#[derive(Debug, Default)]
+struct Relay {
+    by_link: std::collections::HashMap<(String, String), (SocketAddr, std::time::Instant)>,
+    by_addr: std::collections::HashMap<SocketAddr, ((String, String), std::time::Instant)>,
+    /// This second's relayed datagrams per source, and when it began.
+    second: Option<std::time::Instant>,
+    sent: std::collections::HashMap<SocketAddr, u32>,
+}
+
+impl Relay {
+    /// `site`'s `link` is at `from` (an authenticated request said so).
+    fn register(&mut self, site: &str, link: &str, from: SocketAddr, now: std::time::Instant) {
+        let k = (site.to_owned(), link.to_owned());
+        if let Some((old, _)) = self.by_link.insert(k.clone(), (from, now)) {
+            if old != from {
+                self.by_addr.remove(&old);
+            }
+        }
+        self.by_addr.insert(from, (k, now));
+        // Bounded by the sites' links, and what expired goes as new ones come.
+        self.by_link
+            .retain(|_, (_, t)| now.saturating_duration_since(*t) < REGISTRATION);
+        self.by_addr
+            .retain(|_, (_, t)| now.saturating_duration_since(*t) < REGISTRATION);
+    }
+
+    /// What to send where for frame `d` from `from`, or the result to count.
+    fn forward(
+        &mut self,
+        d: &[u8],
+        from: SocketAddr,
+        now: std::time::Instant,
+    ) -> Result<(Vec<u8>, SocketAddr), usize> {
+        let f = patronus_api::relay::parse(d)
+            .filter(|f| f.kind == patronus_api::relay::TO)
+            .ok_or(1usize)?;
+        let live = |t: &std::time::Instant| now.saturating_duration_since(*t) < REGISTRATION;
+        let ((site, link), _) = self
+            .by_addr
+            .get(&from)
+            .filter(|(_, t)| live(t))
+            .ok_or(2usize)?;
+        let (to, _) = self
+            .by_link
+            .get(&(f.site.to_owned(), f.link.to_owned()))
+            .filter(|(_, t)| live(t))
+            .ok_or(3usize)?;
+        if self
+            .second
+            .is_none_or(|s| now.saturating_duration_since(s) >= std::time::Duration::from_secs(1))
+        {
+            self.second = Some(now);
+            self.sent.clear();
+        }
+        let n = self.sent.entry(from).or_insert(0);
+        if *n >= RELAY_PER_SOURCE_PER_S {
+            return Err(4);
+        }
+        *n += 1;
+        let mut out = patronus_api::relay::header(patronus_api::relay::FROM, site, link);
+        out.extend_from_slice(&d[f.at..]);
+        Ok((out, *to))
+    }
 }
 
 impl Memory {
@@ -119,6 +223,7 @@ impl Memory {
             lookups: 0,
             per_source: Default::default(),
             observed: Default::default(),
+            relay: Relay::default(),
         }
     }
 
@@ -169,7 +274,8 @@ enum Reply {
 
 /// Answers STUN on `socket` until the task is dropped.
 pub async fn serve(state: crate::AppState, socket: tokio::net::UdpSocket) {
-    let mut buf = vec![0u8; 2048];
+    // Room for a relayed WireGuard datagram of a jumbo-frame link.
+    let mut buf = vec![0u8; 9300];
     let mut memory = Memory::new();
     loop {
         let (n, from) = match socket.recv_from(&mut buf).await {
@@ -181,6 +287,21 @@ pub async fn serve(state: crate::AppState, socket: tokio::net::UdpSocket) {
         };
         // An IPv4 client of a dual-stack socket is answered and recorded as IPv4.
         let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+        if patronus_api::relay::is_frame(&buf[..n]) {
+            match memory
+                .relay
+                .forward(&buf[..n], from, std::time::Instant::now())
+            {
+                Ok((out, to)) => {
+                    state.stun.count_relay(0);
+                    if let Err(e) = socket.send_to(&out, to).await {
+                        tracing::debug!(%to, error = %e, "relay: sending");
+                    }
+                }
+                Err(result) => state.stun.count_relay(result),
+            }
+            continue;
+        }
         match answer(&state, &buf[..n], from, &mut memory).await {
             Reply::Send(a) => {
                 if let Err(e) = socket.send_to(&a, from).await {
@@ -249,6 +370,9 @@ async fn answer(
     // Authenticated: an unknown attribute is refused now, with integrity.
     let reply = if req.unknown.is_empty() {
         metrics.count(1);
+        if let (Some(link), Some(name)) = (&req.link, &req.site) {
+            memory.relay.register(name, link, from, now);
+        }
         if let Some(link) = &req.link {
             observe(
                 state,

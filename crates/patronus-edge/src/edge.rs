@@ -188,6 +188,9 @@ struct LinkSock {
     v6: bool,
     /// Its endpoint discovery (see [`Discovery`]).
     stun: LinkStun,
+    /// The relay this link's paths may fall back to: the controller's UDP port it asks (see
+    /// [`patronus_api::relay`]).
+    relay: Option<SocketAddr>,
     /// What the kernel dropped for want of room in each queue (data, handshake), as it last
     /// said (`SO_RXQ_OVFL`, a running count per socket).
     drops: [u32; 2],
@@ -226,7 +229,7 @@ const STUN_RETRY: Duration = Duration::from_secs(1);
 /// [`Edge::initiation_from_elsewhere`]).
 const MAX_INITIATION_CANDIDATES: usize = 4;
 /// How often the links' interfaces are checked for a new address.
-const ADDRESS_CHECK_EVERY: Duration = Duration::from_secs(1);
+const ADDRESS_CHECK_EVERY: Duration = Duration::from_millis(500);
 
 /// A link's endpoint discovery.
 #[derive(Debug, Default)]
@@ -245,6 +248,30 @@ struct LinkStun {
     refused: Option<u16>,
 }
 
+impl LinkSock {
+    /// Sends datagram `d` to `to`; framed with `hdr` (a path's relay header) when `to` is this
+    /// link's relay. Whether the kernel took it.
+    fn send(&self, d: &[u8], to: SocketAddr, hdr: &[u8]) -> bool {
+        if Some(to) == self.relay && !hdr.is_empty() {
+            let addr = SockaddrStorage::from(to);
+            sendmsg(
+                self.sock.as_raw_fd(),
+                &[IoSlice::new(hdr), IoSlice::new(d)],
+                &[],
+                MsgFlags::empty(),
+                Some(&addr),
+            )
+            .is_ok()
+        } else {
+            self.sock.send_to(d, to).is_ok()
+        }
+    }
+}
+
+/// Paths with no session after this many hellos (one a second) go through the relay, if their
+/// link has one.
+const RELAY_AFTER_HELLOS: u32 = 2;
+
 /// Which of a link's queues to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Queue {
@@ -258,6 +285,8 @@ struct PathRt {
     link: usize,
     /// Its WireGuard sessions and where the peer's end is.
     s: PathSession,
+    /// The relay header that names the peer's end (see [`patronus_api::relay`]).
+    relay_hdr: Vec<u8>,
 }
 
 /// Now, in Unix milliseconds (the clock events are reported with).
@@ -328,6 +357,7 @@ fn build_peer(
     now: Instant,
     paths: &mut Vec<Option<PathRt>>,
     by_endpoint: &mut HashMap<(usize, SocketAddr), PathId>,
+    by_relay: &mut HashMap<(usize, String, String), PathId>,
     keepalive_s: u16,
 ) -> Result<(PeerId, PeerRt), EdgeError> {
     let peer = engine
@@ -366,6 +396,7 @@ fn build_peer(
             if let Some(ep) = r.endpoint {
                 by_endpoint.insert((li, ep), id);
             }
+            by_relay.insert((li, p.name.to_string(), r.name.to_string()), id);
             paths[slot] = Some(PathRt {
                 peer: peer.0 as usize,
                 link: li,
@@ -377,6 +408,11 @@ fn build_peer(
                     id,
                     r.endpoint,
                     Some(keepalive_s),
+                ),
+                relay_hdr: patronus_api::relay::header(
+                    patronus_api::relay::TO,
+                    p.name.as_str(),
+                    r.name.as_str(),
                 ),
             });
         }
@@ -480,6 +516,8 @@ pub struct Edge {
     links: Vec<LinkSock>,
     paths: Vec<Option<PathRt>>,
     by_endpoint: HashMap<(usize, SocketAddr), PathId>,
+    /// Paths by (local link, peer's site, peer's link), for relayed datagrams.
+    by_relay: HashMap<(usize, String, String), PathId>,
     peers: Vec<PeerRt>,
     epoll: Epoll,
     timer: TimerFd,
@@ -573,6 +611,7 @@ fn open_link(name: String, dev: String, addr: SocketAddr) -> Result<LinkSock, Ed
         v6: addr.is_ipv6(),
         drops: [0; 2],
         stun: LinkStun::default(),
+        relay: None,
     })
 }
 
@@ -677,6 +716,7 @@ impl Edge {
         let mut peers = Vec::new();
         let mut paths: Vec<Option<PathRt>> = Vec::new();
         let mut by_endpoint = HashMap::new();
+        let mut by_relay = HashMap::new();
         for p in &cfg.peers {
             let (id, rt) = build_peer(
                 &mut engine,
@@ -686,6 +726,7 @@ impl Edge {
                 now,
                 &mut paths,
                 &mut by_endpoint,
+                &mut by_relay,
                 cfg.keepalive_s,
             )?;
             debug_assert_eq!(id.0 as usize, peers.len());
@@ -756,6 +797,7 @@ impl Edge {
             links,
             paths,
             by_endpoint,
+            by_relay,
             peers,
             epoll,
             timer,
@@ -900,6 +942,7 @@ impl Edge {
                 now,
                 &mut self.paths,
                 &mut self.by_endpoint,
+                &mut self.by_relay,
                 new.keepalive_s,
             ) {
                 Ok((id, rt)) => {
@@ -993,6 +1036,8 @@ impl Edge {
         }
         let paths = &self.paths;
         self.by_endpoint
+            .retain(|_, p| matches!(paths.get(p.0 as usize), Some(Some(_))));
+        self.by_relay
             .retain(|_, p| matches!(paths.get(p.0 as usize), Some(Some(_))));
         self.engine.remove_peer(id);
         let prefixes = routed(&self.peers[i].config);
@@ -1108,6 +1153,8 @@ impl Edge {
                     local_link: snap.local_link.to_string(),
                     remote_link: snap.remote_link.to_string(),
                     endpoint: rt.s.endpoint(),
+                    relayed: rt.s.endpoint().is_some()
+                        && rt.s.endpoint() == self.links.get(rt.link).and_then(|l| l.relay),
                     state: snap.state,
                     rtt_ms: snap.rtt.map(ms),
                     rtt_p99_ms: snap.rtt_p99.map(ms),
@@ -1447,11 +1494,7 @@ impl Edge {
         let Some(ep) = p.s.endpoint() else {
             return;
         };
-        if self.links[p.link]
-            .sock
-            .send_to(&self.out_buf[..len], ep)
-            .is_err()
-        {
+        if !self.links[p.link].send(&self.out_buf[..len], ep, &p.relay_hdr) {
             self.counters.tx_errors += 1;
         }
     }
@@ -1480,6 +1523,17 @@ impl Edge {
                 self.counters.probes_unsent += 1;
                 if p.s.endpoint().is_none() {
                     // Nowhere to send it yet: no initiation either.
+                    continue;
+                }
+                // No direct handshake came through (both ends behind endpoint-dependent NAT,
+                // say): through the relay, if the link has one.
+                let relay = self.links[p.link].relay;
+                if p.s.hellos() >= RELAY_AFTER_HELLOS && relay.is_some() && p.s.endpoint() != relay
+                {
+                    let (link, before) = (p.link, p.s.endpoint());
+                    p.s.relay_via(relay);
+                    let id = t.path;
+                    self.moved(id, link, before, relay);
                     continue;
                 }
                 let n = p.s.hello(&mut self.out_buf, Instant::now());
@@ -1525,13 +1579,25 @@ impl Edge {
             counters,
             ..
         } = self;
-        for p in paths.iter_mut().flatten() {
-            let sock = &links[p.link].sock;
+        let mut moved = Vec::new();
+        for (i, p) in paths.iter_mut().enumerate() {
+            let Some(p) = p else {
+                continue;
+            };
+            let l = &links[p.link];
+            let hdr = &p.relay_hdr;
+            let before = p.s.endpoint();
             p.s.tick(now, out_buf, &mut |d, to| {
-                if sock.send_to(d, to).is_err() {
+                if !l.send(d, to, hdr) {
                     counters.tx_errors += 1;
                 }
             });
+            if p.s.endpoint() != before {
+                moved.push((PathId(i as u32), p.link, before, p.s.endpoint()));
+            }
+        }
+        for (id, link, before, after) in moved {
+            self.moved(id, link, before, after);
         }
         self.stun_tick(now);
         if now >= self.next_address_check {
@@ -1602,7 +1668,7 @@ impl Edge {
                 continue;
             };
             let before = p.s.endpoint();
-            p.s.configure(r.endpoint);
+            p.s.configure(r.endpoint, now);
             let (after, link) = (p.s.endpoint(), p.link);
             if after != before {
                 self.moved(pid, link, before, after);
@@ -1704,13 +1770,8 @@ impl Edge {
             // No session yet: boringtun queued the packet and handed back a handshake
             // initiation, which goes on the primary path alone, now, outside the batch.
             Sealed::Initiation(n) => {
-                let (link, ep) = (p.link, p.s.endpoint());
-                if let Some(ep) = ep {
-                    if self.links[link]
-                        .sock
-                        .send_to(&self.tx.buf[at..at + n], ep)
-                        .is_err()
-                    {
+                if let Some(ep) = p.s.endpoint() {
+                    if !self.links[p.link].send(&self.tx.buf[at..at + n], ep, &p.relay_hdr) {
                         self.counters.tx_errors += 1;
                     }
                 }
@@ -1750,9 +1811,12 @@ impl Edge {
                 let Some(ep) = p.s.endpoint() else {
                     continue;
                 };
-                let sock = &self.links[p.link].sock;
+                let l = &self.links[p.link];
+                let sock = &l.sock;
                 let data = &self.tx.buf[..self.tx.len];
-                let sent = if self.tx.count > 1 && self.gso {
+                // Through the relay, each datagram goes framed, on its own.
+                let relayed = Some(ep) == l.relay;
+                let sent = if self.tx.count > 1 && self.gso && !relayed {
                     let seg = self.tx.stride as u16;
                     let cmsg = [ControlMessage::UdpGsoSegments(&seg)];
                     let addr = SockaddrStorage::from(ep);
@@ -1788,7 +1852,7 @@ impl Edge {
                 };
                 if !sent {
                     for d in data.chunks(self.tx.stride.max(1)) {
-                        if sock.send_to(d, ep).is_err() {
+                        if !l.send(d, ep, &p.relay_hdr) {
                             self.counters.tx_errors += 1;
                         }
                     }
@@ -1909,6 +1973,10 @@ impl Edge {
             self.handle_stun(link, from, buf, at, now);
             return;
         }
+        if patronus_api::relay::is_frame(&self.net_bufs[buf][at.clone()]) {
+            self.handle_relayed(link, from, buf, at, now);
+            return;
+        }
         let (id, side) = match wire::classify(&self.net_bufs[buf][at.clone()]) {
             Some(WgMessage::Initiation) => match self.by_endpoint.get(&(link, from)) {
                 Some(id) => (Some(*id), None),
@@ -1927,7 +1995,7 @@ impl Edge {
         };
         match id {
             Some(id) if matches!(self.paths.get(id.0 as usize), Some(Some(_))) => {
-                self.handle_datagram(id, side, link, from, buf, at, now)
+                self.handle_datagram(id, side, link, from, buf, at, false, now)
             }
             _ => self.counters.rx_unknown += 1,
         }
@@ -1968,14 +2036,26 @@ impl Edge {
             .map(|(id, _)| id)
             .take(MAX_INITIATION_CANDIDATES)
             .collect();
-        if candidates.is_empty() {
-            let unknown: Vec<PathId> = on_link()
-                .filter(|(_, p)| p.s.endpoint().is_none())
+        // A path with no endpoint yet, or (behind an endpoint-dependent NAT, whose mapping
+        // towards us is not the one the controller saw) one that expects the peer at this
+        // address on another port and has no session: if exactly one.
+        for fits in [
+            &(|p: &PathRt| p.s.endpoint().is_none()) as &dyn Fn(&PathRt) -> bool,
+            &|p: &PathRt| {
+                p.s.last_handshake().is_none()
+                    && p.s.endpoint().is_some_and(|e| e.ip() == from.ip())
+            },
+        ] {
+            if !candidates.is_empty() {
+                break;
+            }
+            let found: Vec<PathId> = on_link()
+                .filter(|(_, p)| fits(p))
                 .map(|(id, _)| id)
                 .take(2)
                 .collect();
-            if unknown.len() == 1 {
-                candidates = unknown;
+            if found.len() == 1 {
+                candidates = found;
             }
         }
         if candidates.is_empty() {
@@ -1983,11 +2063,56 @@ impl Edge {
             return;
         }
         for id in candidates {
-            self.handle_datagram(id, None, link, from, buf, at.clone(), now);
+            self.handle_datagram(id, None, link, from, buf, at.clone(), false, now);
             if matches!(self.paths.get(id.0 as usize), Some(Some(p)) if p.s.endpoint() == Some(from))
             {
                 return;
             }
+        }
+    }
+
+    /// A relay frame, `net_bufs[buf][at]`, from `from` on `link`: from the link's relay, it
+    /// names the peer's site and link it comes from, and so its path; the WireGuard datagram
+    /// in it goes to that path. Anything else is counted as unknown.
+    fn handle_relayed(
+        &mut self,
+        link: usize,
+        from: SocketAddr,
+        buf: usize,
+        at: Range<usize>,
+        now: Instant,
+    ) {
+        let d = &self.net_bufs[buf][at.clone()];
+        let found = patronus_api::relay::parse(d)
+            .filter(|f| f.kind == patronus_api::relay::FROM)
+            .filter(|_| self.links.get(link).and_then(|l| l.relay) == Some(from))
+            .and_then(|f| {
+                let id = self
+                    .by_relay
+                    .get(&(link, f.site.to_owned(), f.link.to_owned()))?;
+                Some((*id, f.at))
+            });
+        let Some((id, skip)) = found else {
+            self.counters.rx_unknown += 1;
+            return;
+        };
+        let inner = at.start + skip..at.end;
+        let side = match wire::classify(&self.net_bufs[buf][inner.clone()]) {
+            Some(WgMessage::Initiation) => None,
+            Some(WgMessage::ToSession(r)) => match session::path_of(wire::tunnel_of(r)) {
+                Some((p, side)) if p == id => Some(side),
+                _ => {
+                    self.counters.rx_unknown += 1;
+                    return;
+                }
+            },
+            None => {
+                self.counters.rx_unknown += 1;
+                return;
+            }
+        };
+        if matches!(self.paths.get(id.0 as usize), Some(Some(_))) {
+            self.handle_datagram(id, side, link, from, buf, inner, true, now);
         }
     }
 
@@ -2007,10 +2132,13 @@ impl Edge {
             }
             None => {}
         }
-        self.discovery = d;
         for l in &mut self.links {
             l.stun = LinkStun::default();
+            l.relay = d
+                .as_ref()
+                .and_then(|d| d.servers.iter().find(|s| s.is_ipv6() == l.v6).copied());
         }
+        self.discovery = d;
     }
 
     /// Sends each link's STUN request when it is due (see [`Discovery`]).
@@ -2218,6 +2346,7 @@ impl Edge {
         from: SocketAddr,
         buf: usize,
         at: Range<usize>,
+        relayed: bool,
         now: Instant,
     ) {
         let idx = id.0 as usize;
@@ -2242,11 +2371,14 @@ impl Edge {
             return;
         };
         let before = p.s.endpoint();
-        let may_move = link == p.link && !elsewhere;
+        // Relayed: the frame named the path; otherwise a datagram moves a path's endpoint
+        // only on the path's own link and not from another path's endpoint.
+        let may_move = relayed || (link == p.link && !elsewhere);
         // The datagram is decrypted where it will be written to the TUN if it is data (see
         // [`crate::coalesce`]): its plaintext is no longer than it.
         let dst = to_tun.slot(at.len());
-        let sock = &links[link].sock;
+        let l = &links[link];
+        let hdr = &p.relay_hdr;
         let mut send_errors = 0;
         let got = p.s.receive(
             side,
@@ -2262,7 +2394,7 @@ impl Edge {
             },
             now,
             &mut |d, to| {
-                if sock.send_to(d, to).is_err() {
+                if !l.send(d, to, hdr) {
                     send_errors += 1;
                 }
             },
@@ -2294,13 +2426,16 @@ impl Edge {
             }
         }
         if let Some(a) = after {
-            self.by_endpoint.insert((link, a), id);
+            // The relay is every relayed path's endpoint: its frames name their path.
+            if Some(a) != self.links.get(link).and_then(|l| l.relay) {
+                self.by_endpoint.insert((link, a), id);
+            }
             let now = Instant::now();
             let name = self.path_name(id, now);
             self.record(format!("path {name}: the peer's endpoint is now {a}"));
             if let Some(Some(p)) = self.paths.get_mut(id.0 as usize) {
                 if before.is_none() || p.s.last_handshake().is_none() {
-                    let n = p.s.initiation(&mut self.out_buf, true);
+                    let n = p.s.hello(&mut self.out_buf, now);
                     if n > 0 {
                         self.send_on(id, n);
                     }

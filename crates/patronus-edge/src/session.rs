@@ -41,6 +41,10 @@ pub const GEN_BIT: u32 = 1 << 22;
 /// How long a replaced session still receives what was sent on it before the switch.
 pub const OLD_SESSION_GRACE: Duration = Duration::from_secs(10);
 
+/// How recently a peer must have been heard from its endpoint for the configuration not to
+/// move it (see [`PathSession::configure`]).
+pub const LIVE: Duration = Duration::from_secs(1);
+
 /// How often a path that is down starts a fresh handshake (WireGuard's own retry is 5 s, too
 /// slow for a peer that restarted a moment after the path went down).
 pub const DOWN_REHANDSHAKE: Duration = Duration::from_secs(1);
@@ -198,8 +202,15 @@ pub struct PathSession {
     guard: Option<Guard>,
     /// While the path is down: when it next starts a fresh handshake (see [`DOWN_REHANDSHAKE`]).
     rehandshake_at: Option<Instant>,
-    /// When [`Self::hello`] last started a handshake.
+    /// When authenticated traffic last came from the endpoint.
+    heard_at: Option<Instant>,
+    /// The configured endpoint changed while the peer was talking from elsewhere: taken when
+    /// it falls silent.
+    pending: bool,
+    /// When [`Self::hello`] last started a handshake, and how many it started since the path
+    /// was last up.
     hello_at: Option<Instant>,
+    hellos: u32,
 }
 
 impl std::fmt::Debug for PathSession {
@@ -238,7 +249,10 @@ impl PathSession {
             alt: None,
             guard: None,
             rehandshake_at: None,
+            heard_at: None,
+            pending: false,
             hello_at: None,
+            hellos: 0,
         };
         s.alt = next.map(|k| s.next_alt(secret, k));
         s
@@ -270,14 +284,31 @@ impl PathSession {
         self.configured
     }
 
-    /// The configuration gives a new endpoint (or none): it is where datagrams go from now on;
-    /// none keeps what was learned.
-    pub fn configure(&mut self, endpoint: Option<SocketAddr>) {
+    /// The configuration gives a new endpoint (or none). It is where datagrams go from now on,
+    /// unless the peer is talking from where they go now (authenticated traffic in the last
+    /// [`LIVE`]): a peer behind an endpoint-dependent NAT reaches us from another port than the
+    /// one the controller saw, and a relayed path stays relayed. If the peer falls silent
+    /// later, the configured one is taken then (see [`Self::tick`]). None keeps what was
+    /// learned.
+    pub fn configure(&mut self, endpoint: Option<SocketAddr>, now: Instant) {
         if endpoint != self.configured {
             self.configured = endpoint;
-            if endpoint.is_some() {
-                self.endpoint = endpoint;
+            self.pending = endpoint.is_some() && endpoint != self.endpoint;
+            if !self.live(now) {
+                self.take_configured();
             }
+        }
+    }
+
+    fn live(&self, now: Instant) -> bool {
+        self.heard_at
+            .is_some_and(|t| now.saturating_duration_since(t) < LIVE)
+    }
+
+    fn take_configured(&mut self) {
+        if self.pending {
+            self.endpoint = self.configured;
+            self.pending = false;
         }
     }
 
@@ -324,7 +355,23 @@ impl PathSession {
             return 0;
         }
         self.hello_at = Some(now);
+        self.hellos = self.hellos.saturating_add(1);
         self.initiation(out, true)
+    }
+
+    /// How many handshakes [`Self::hello`] started since the path was last up.
+    pub fn hellos(&self) -> u32 {
+        self.hellos
+    }
+
+    /// Datagrams go to `relay` from now on (no direct handshake came through); the
+    /// configured endpoint stays, and wins again when the configuration changes it, as does
+    /// authenticated traffic from elsewhere.
+    pub fn relay_via(&mut self, relay: Option<SocketAddr>) {
+        if relay.is_some() {
+            self.endpoint = relay;
+            self.hello_at = None;
+        }
     }
 
     /// The path went down: a fresh handshake now, into `out` (its length), and one every
@@ -337,6 +384,7 @@ impl PathSession {
     /// The path is up again.
     pub fn up(&mut self) {
         self.rehandshake_at = None;
+        self.hellos = 0;
     }
 
     /// Forgets the handshake guard (its limits changed): the next message makes a new one.
@@ -357,6 +405,9 @@ impl PathSession {
         }
         if let Some(g) = self.guard.as_mut() {
             g.tick(self.own, self.alt.as_ref().map(|a| a.own));
+        }
+        if self.pending && !self.live(now) {
+            self.take_configured();
         }
         if self.rehandshake_at.is_some_and(|t| t <= now) {
             let n = self.down(out, now);
@@ -550,6 +601,9 @@ impl PathSession {
             if self.endpoint != Some(from) && (may_move || self.endpoint.is_none()) {
                 self.endpoint = Some(from);
                 ctx.counters.endpoints_moved += 1;
+            }
+            if self.endpoint == Some(from) {
+                self.heard_at = Some(now);
             }
         }
         match result {
@@ -912,9 +966,32 @@ mod tests {
         b.take(&d, attacker, false, &mut wire);
         assert_eq!(b.received.len(), 2);
         assert_eq!(b.s.endpoint(), Some(moved));
-        // The configuration names an endpoint again: it wins.
-        b.s.configure(Some(addr("203.0.113.10:51820")));
-        assert_eq!(b.s.endpoint(), Some(addr("203.0.113.10:51820")));
+        // The configuration names another endpoint: the peer was heard from where it is a
+        // moment ago, so that stays; once it has not been heard for a while, the configured
+        // one wins.
+        let now = Instant::now();
+        b.s.configure(Some(addr("203.0.113.10:51820")), now);
+        assert_eq!(b.s.endpoint(), Some(moved));
+        b.s.configure(Some(addr("203.0.113.11:51820")), now + 2 * LIVE);
+        assert_eq!(b.s.endpoint(), Some(addr("203.0.113.11:51820")));
+        // Changed while the peer talks, and then the peer falls silent: taken then.
+        b.take(
+            &{
+                a.send(&packet(4), &mut wire);
+                wire.remove(0).0
+            },
+            moved,
+            true,
+            &mut wire,
+        );
+        assert_eq!(b.s.endpoint(), Some(moved));
+        let now = Instant::now();
+        b.s.configure(Some(addr("203.0.113.12:51820")), now);
+        assert_eq!(b.s.endpoint(), Some(moved));
+        b.tick(now + LIVE / 2, &mut wire);
+        assert_eq!(b.s.endpoint(), Some(moved));
+        b.tick(now + 2 * LIVE, &mut wire);
+        assert_eq!(b.s.endpoint(), Some(addr("203.0.113.12:51820")));
     }
 
     /// A peer with no known endpoint (behind a NAT the controller has not seen yet) is learned

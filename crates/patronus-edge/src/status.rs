@@ -57,6 +57,10 @@ pub struct PathStatus {
     pub local_link: String,
     pub remote_link: String,
     pub endpoint: Option<SocketAddr>,
+    /// Whether its datagrams go through the relay (the controller's UDP port, see
+    /// `patronus_api::relay`) rather than straight to the peer's endpoint.
+    #[serde(default)]
+    pub relayed: bool,
     pub state: PathState,
     pub rtt_ms: Option<f64>,
     pub rtt_p99_ms: Option<f64>,
@@ -234,6 +238,12 @@ pub fn render_metrics(s: &EdgeStatus) -> String {
                 PathState::Down => 0.0,
             })
         }),
+    );
+    family(
+        "patronus_path_relayed",
+        "gauge",
+        "1 if the path's datagrams go through the relay, 0 if straight to the peer.",
+        per_path(&|p| Some(if p.relayed { 1.0 } else { 0.0 })),
     );
     family(
         "patronus_path_rtt_seconds",

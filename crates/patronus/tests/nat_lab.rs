@@ -28,6 +28,9 @@ fn main() -> std::process::ExitCode {
             patronus_lab::lab_test!(
                 two_sites_behind_carrier_grade_nat_punch_through_and_idle_past_the_mapping_timeout
             ),
+            patronus_lab::lab_test!(
+                two_sites_behind_symmetric_nat_relay_through_the_controller_and_fail_over
+            ),
         ],
     )
 }
@@ -496,4 +499,92 @@ fn two_sites_behind_carrier_grade_nat_punch_through_and_idle_past_the_mapping_ti
     assert_eq!((downs("a"), downs("b")), before, "{}", logs(&lab));
     paths_alive(&lab, "a", 4, Duration::from_secs(1), |_| true);
     paths_alive(&lab, "b", 4, Duration::from_secs(1), |_| true);
+}
+
+/// Both sites have their LTE link behind a symmetric NAT (a new public port for every
+/// destination, filtering by address and port): LTE to LTE cannot form directly, since neither
+/// end can know the port the other's NAT will use for it; it goes through the relay on the
+/// controller's UDP port, still WireGuard end to end, and both ends say so (status and
+/// metrics). LTE to a public MPLS link forms directly: the public end follows the NAT's port
+/// from the authenticated handshake. Every path forms within 5 s; a stream fails over cuts of
+/// a's active link within the usual figures, relayed path or not.
+fn two_sites_behind_symmetric_nat_relay_through_the_controller_and_fail_over() {
+    let topology: Topology = toml::from_str(
+        r#"
+        name = "nat-symmetric"
+        controller = true
+        [[sites]]
+        name = "a"
+        links = [
+            { name = "mpls", kind = "mpls" },
+            { name = "lte", kind = "lte", nat = "symmetric" },
+        ]
+        [[sites]]
+        name = "b"
+        links = [
+            { name = "mpls", kind = "mpls" },
+            { name = "lte", kind = "lte", nat = "symmetric" },
+        ]
+        "#,
+    )
+    .unwrap();
+    let lab = Lab::up(&topology, LabOptions::default()).unwrap();
+    let started = system(&lab, 25, &[]);
+    let a_up = paths_up(&lab, "a", 4, Duration::from_secs(20), |_| true);
+    let b_up = paths_up(&lab, "b", 4, Duration::from_secs(20), |_| true);
+    let formed = started.elapsed();
+    let _ = writeln!(
+        std::io::stderr(),
+        "paths formed {formed:?} after start (a {a_up:?}, b {b_up:?})"
+    );
+    assert!(
+        formed < Duration::from_secs(5),
+        "{formed:?}\n{}",
+        logs(&lab)
+    );
+    let ctl = lab.addr("controller", false).unwrap();
+    for site in ["a", "b"] {
+        let s = edge_status(&lab, site);
+        for p in s["paths"].as_array().unwrap() {
+            let both_lte = p["local_link"] == "lte" && p["remote_link"] == "lte";
+            assert_eq!(p["relayed"], both_lte, "{site}: {p}");
+            let at_controller = p["endpoint"]
+                .as_str()
+                .is_some_and(|e| e.starts_with(&format!("{ctl}:")));
+            assert_eq!(at_controller, both_lte, "{site}: {p}");
+        }
+        let metrics = patronus_lab::netns::run_in::<_, patronus_lab::netns::NetnsError>(
+            &lab.ns(site).unwrap(),
+            || {
+                use std::io::Read;
+                let mut c = std::net::TcpStream::connect(("127.0.0.1", edges::STATUS_PORT))?;
+                c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+                let mut body = String::new();
+                c.read_to_string(&mut body)?;
+                Ok(body)
+            },
+        )
+        .unwrap();
+        let peer = if site == "a" { "b" } else { "a" };
+        assert!(
+            metrics.contains(&format!(
+                "patronus_path_relayed{{peer=\"{peer}\",local_link=\"lte\",remote_link=\"lte\"}} 1"
+            )),
+            "{metrics}"
+        );
+    }
+
+    let r = edges::failover_trials(&lab, "a/h1", "b/h1", "a", 4, 1000).unwrap();
+    let _ = writeln!(
+        std::io::stderr(),
+        "failover outages {:?} ms (cut {:?})",
+        r.outages_ms,
+        r.cut
+    );
+    assert!(
+        p50(&r.outages_ms) <= 100.0,
+        "{:?}\n{}",
+        r.outages_ms,
+        logs(&lab)
+    );
 }
