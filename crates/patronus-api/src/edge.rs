@@ -401,6 +401,9 @@ pub struct PathReport {
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(maximum = 9223372036854775807.0))]
     pub rx_packets: u64,
+    /// Whether the path's datagrams go through the relay rather than straight to the peer.
+    #[serde(default)]
+    pub relayed: bool,
 }
 
 /// What an edge that a controller runs knows of its own machine; everything else comes from the

@@ -70,6 +70,8 @@ pub struct LivePath {
     pub rtt_ms: Option<f64>,
     pub jitter_ms: f64,
     pub loss_pct: f64,
+    /// Whether the reporting edge sends through the relay.
+    pub relayed: bool,
     /// Unix seconds.
     pub at: i64,
 }

@@ -264,6 +264,7 @@ pub fn path(cmd: PathCmd) -> anyhow::Result<()> {
                     ("FROM", "from", Fmt::Raw),
                     ("TO", "to", Fmt::Raw),
                     ("STATE", "state", Fmt::Raw),
+                    ("RELAYED", "relayed", Fmt::Raw),
                     ("RTT MS", "rtt_ms", Fmt::Dec(1)),
                     ("JITTER MS", "jitter_ms", Fmt::Dec(1)),
                     ("LOSS %", "loss_pct", Fmt::Dec(1)),

@@ -211,6 +211,7 @@ fn report(
                     rx_bytes: p.rx_bytes,
                     tx_packets: p.tx_packets,
                     rx_packets: p.rx_packets,
+                    relayed: p.relayed,
                 })
                 .collect(),
             classes: snap
@@ -1046,8 +1047,9 @@ fn status(addr: std::net::SocketAddr, json: bool) -> anyhow::Result<()> {
         s.flows
     );
     outln!(
-        "{:<24} {:<9} {:>9} {:>9} {:>7} {:>6} {:>12} {:>12} {:>9}",
+        "{:<24} {:<7} {:<9} {:>9} {:>9} {:>7} {:>6} {:>12} {:>12} {:>9}",
         "path",
+        "via",
         "state",
         "rtt ms",
         "jitter ms",
@@ -1060,8 +1062,9 @@ fn status(addr: std::net::SocketAddr, json: bool) -> anyhow::Result<()> {
     for p in &s.paths {
         let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
         outln!(
-            "{:<24} {:<9} {:>9} {:>9.1} {:>7.1} {:>6} {:>12} {:>12} {:>9}",
+            "{:<24} {:<7} {:<9} {:>9} {:>9.1} {:>7.1} {:>6} {:>12} {:>12} {:>9}",
             format!("{}:{}->{}", p.peer, p.local_link, p.remote_link),
+            if p.relayed { "relay" } else { "direct" },
             p.state,
             opt(p.rtt_ms),
             p.jitter_ms,

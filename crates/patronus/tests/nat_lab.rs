@@ -223,7 +223,7 @@ fn paths_in(
 /// token and running (WireGuard keepalive `keepalive_s`); when the edges were started. The
 /// sites' links behind a NAT, and those named in `discovered` (`site/link`), have no endpoint
 /// in their local configuration or enrolment: the controller gives peers what it observes.
-fn system(lab: &Lab, keepalive_s: u16, discovered: &[&str]) -> Instant {
+fn system(lab: &Lab, keepalive_s: u16, discovered: &[&str]) -> (Instant, PathBuf) {
     let run: PathBuf = patronus_lab::lab::run_dir(lab.run_id());
     let plan = lab.plan().clone();
     let home = run.join("cli");
@@ -260,7 +260,7 @@ fn system(lab: &Lab, keepalive_s: u16, discovered: &[&str]) -> Instant {
     for (s, local) in plan.sites.iter().zip(&locals) {
         edges::controller_edge(lab, patronus(), s.name.as_str(), local, "run", None).unwrap();
     }
-    Instant::now()
+    (Instant::now(), home)
 }
 
 /// How `site/link` (behind a NAT) is seen from outside: its NAT's public address (now) and
@@ -307,7 +307,7 @@ fn a_site_behind_nat_on_every_link_reaches_a_hub_fails_over_and_follows_a_new_ad
     )
     .unwrap();
     let lab = Lab::up(&topology, LabOptions::default()).unwrap();
-    let started = system(&lab, 25, &["b/inet"]);
+    let (started, _) = system(&lab, 25, &["b/inet"]);
 
     // Every path up on both ends, b's towards a's links at their public endpoints.
     let a_up = paths_up(&lab, "a", 4, Duration::from_secs(20), |_| true);
@@ -443,7 +443,7 @@ fn two_sites_behind_carrier_grade_nat_punch_through_and_idle_past_the_mapping_ti
     )
     .unwrap();
     let lab = Lab::up(&topology, LabOptions::default()).unwrap();
-    let started = system(&lab, 0, &[]);
+    let (started, _) = system(&lab, 0, &[]);
     let a_up = paths_up(&lab, "a", 4, Duration::from_secs(20), |_| true);
     let b_up = paths_up(&lab, "b", 4, Duration::from_secs(20), |_| true);
     let formed = started.elapsed();
@@ -505,7 +505,7 @@ fn two_sites_behind_carrier_grade_nat_punch_through_and_idle_past_the_mapping_ti
 /// destination, filtering by address and port): LTE to LTE cannot form directly, since neither
 /// end can know the port the other's NAT will use for it; it goes through the relay on the
 /// controller's UDP port, still WireGuard end to end, and both ends say so (status and
-/// metrics). LTE to a public MPLS link forms directly: the public end follows the NAT's port
+/// metrics, and the controller's API from their reports). LTE to a public MPLS link forms directly: the public end follows the NAT's port
 /// from the authenticated handshake. Every path forms within 5 s; a stream fails over cuts of
 /// a's active link within the usual figures, relayed path or not.
 fn two_sites_behind_symmetric_nat_relay_through_the_controller_and_fail_over() {
@@ -529,7 +529,7 @@ fn two_sites_behind_symmetric_nat_relay_through_the_controller_and_fail_over() {
     )
     .unwrap();
     let lab = Lab::up(&topology, LabOptions::default()).unwrap();
-    let started = system(&lab, 25, &[]);
+    let (started, home) = system(&lab, 25, &[]);
     let a_up = paths_up(&lab, "a", 4, Duration::from_secs(20), |_| true);
     let b_up = paths_up(&lab, "b", 4, Duration::from_secs(20), |_| true);
     let formed = started.elapsed();
@@ -572,6 +572,24 @@ fn two_sites_behind_symmetric_nat_relay_through_the_controller_and_fail_over() {
             )),
             "{metrics}"
         );
+    }
+
+    // The controller's API says the same, from the edges' reports.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, out, err) = cli(&lab, &home, &["path", "list", "--output", "json"], "");
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let items = v["items"].as_array().unwrap().clone();
+        if items.len() == 4 && items.iter().all(|p| p["relayed"].is_boolean()) {
+            for p in &items {
+                let both_lte = p["a"]["link"] == "lte" && p["b"]["link"] == "lte";
+                assert_eq!(p["relayed"], both_lte, "{p}");
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "no report of every path: {out}");
+        std::thread::sleep(Duration::from_millis(500));
     }
 
     let r = edges::failover_trials(&lab, "a/h1", "b/h1", "a", 4, 1000).unwrap();

@@ -52,6 +52,9 @@ pub struct PathView {
     pub rtt_ms: Option<f64>,
     pub jitter_ms: Option<f64>,
     pub loss_pct: Option<f64>,
+    /// Whether the last report says the path goes through the relay (the controller's UDP
+    /// port) rather than straight between the two links.
+    pub relayed: Option<bool>,
     pub last_report: Option<i64>,
 }
 
@@ -87,6 +90,7 @@ fn path(
         rtt_ms: m.and_then(|m| m.rtt_ms),
         jitter_ms: m.map(|m| m.jitter_ms),
         loss_pct: m.map(|m| m.loss_pct),
+        relayed: m.map(|m| m.relayed),
         last_report: live.get(&id).map(|m| m.at),
         id,
     }

@@ -66,6 +66,7 @@ async fn write_samples(store: &Store, sites: usize, samples: usize) -> anyhow::R
         rx_bytes: 0,
         tx_packets: 0,
         rx_packets: 0,
+        relayed: false,
     };
     let per_tx = 10_000;
     let mut written = 0;

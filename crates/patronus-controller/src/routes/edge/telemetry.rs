@@ -126,6 +126,7 @@ async fn edge_telemetry(
                     rtt_ms: p.rtt_ms,
                     jitter_ms: p.jitter_ms,
                     loss_pct: p.loss_pct,
+                    relayed: p.relayed,
                     at: now,
                 },
             );
