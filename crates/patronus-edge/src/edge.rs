@@ -18,6 +18,12 @@
 //!    path is alive. TCP segments are decrypted in place into larger packets (see
 //!    [`crate::coalesce`]), one TUN write each.
 //!
+//! The per-path WireGuard logic (sessions, key roll, handshake guard, where the peer is) is in
+//! [`crate::session`], without I/O. Around it the loop keeps endpoint discovery (a STUN request
+//! to the controller from each link's socket, see [`Discovery`]), each link's address (rebound
+//! when the interface's changes) and the relay (frames of `patronus_api::relay` to and from the
+//! controller's UDP port, for paths no direct handshake gets through).
+//!
 //! Sends use `sendmsg` with UDP_SEGMENT, up to 64 datagrams per call, not `sendmmsg`: what one
 //! turn sends to one destination is already one call, and consecutive batches differ in socket
 //! or in segment size, which one `sendmmsg` (whose control messages are shared) cannot carry.
@@ -2005,8 +2011,10 @@ impl Edge {
     /// has as its endpoint. It is for the path on `link` whose peer sent its earlier handshakes
     /// with the same sender index base (see [`session::peer_base`]): a peer that moved keeps
     /// its numbering. Failing that, for the one path on `link` with no endpoint at all (a peer
-    /// behind a NAT nobody has seen yet) if there is exactly one. Candidates are tried in turn
-    /// (two peers may number a path alike) until one's session accepts it; each refusal counts.
+    /// behind a NAT nobody has seen yet), or else with no session and an endpoint at this
+    /// address on another port (an endpoint-dependent NAT's mapping towards us), if there is
+    /// exactly one. Candidates are tried in turn (two peers may number a path alike) until
+    /// one's session accepts it; each refusal counts.
     fn initiation_from_elsewhere(
         &mut self,
         link: usize,

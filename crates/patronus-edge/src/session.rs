@@ -7,7 +7,7 @@
 //!
 //! # Sessions and indices
 //!
-//! A path has one sending session, and during a key roll a second one ([`Alt`]): the new key's,
+//! A path has one sending session, and during a key roll a second one (`Alt`): the new key's,
 //! which takes over as soon as it can send, or the old one, which only receives what is still
 //! in flight until [`OLD_SESSION_GRACE`] ends. Each session's WireGuard index tells the path
 //! and which of the two it is (see [`tunnel_index`]): the receiver finds a datagram's session
@@ -21,7 +21,13 @@
 //! datagram, as WireGuard does: a handshake message that completed, or data that decrypted and
 //! passed the replay check. A cookie reply moves nothing (anyone who knows our public key can
 //! make one), and the caller says whether a datagram may move it at all: a `duplicate` copy
-//! arrives under this path's session from another path's address.
+//! arrives under this path's session from another path's address. A configured endpoint that
+//! changes while the peer talks from elsewhere is taken only once the peer falls silent
+//! ([`LIVE`]); a path the caller sends through a relay has the relay as its endpoint.
+//!
+//! A path with no session says hello (a fresh initiation) at most once a second
+//! ([`PathSession::hello`]): behind filtering NATs both ends' first initiations are lost by
+//! design, each opening its own NAT for the other's.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
