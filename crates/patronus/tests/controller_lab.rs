@@ -5,7 +5,6 @@
 //! `PATRONUS_REQUIRE_LAB=1` makes that a failure.
 #![allow(clippy::unwrap_used)]
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,73 +12,8 @@ use std::time::{Duration, Instant};
 use patronus_lab::edges;
 use patronus_lab::{Lab, LabOptions, Topology};
 
-fn patronus() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_patronus"))
-}
-
-/// Runs the admin CLI inside the controller's namespace; (ok, stdout, stderr).
-fn cli(lab: &Lab, home: &Path, args: &[&str], stdin: &str) -> (bool, String, String) {
-    let mut c = lab
-        .command("controller", patronus().to_str().unwrap())
-        .unwrap();
-    c.args(args)
-        .env("XDG_CONFIG_HOME", home)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Creates the lab's sites and their links through the CLI (logged in at `home`), as an
-/// operator would enter them.
-fn create_sites(lab: &Lab, home: &Path) {
-    for s in &lab.plan().sites {
-        let (lan4, lan6) = (s.lan4.to_string(), s.lan6.to_string());
-        let (ok, _, err) = cli(
-            lab,
-            home,
-            &[
-                "site",
-                "create",
-                s.name.as_str(),
-                "--lan",
-                &lan4,
-                "--lan",
-                &lan6,
-            ],
-            "",
-        );
-        assert!(ok, "{err}");
-        for l in &s.links {
-            let (ok, _, err) = cli(
-                lab,
-                home,
-                &[
-                    "link",
-                    "add",
-                    s.name.as_str(),
-                    l.name.as_str(),
-                    "--kind",
-                    l.kind.as_str(),
-                ],
-                "",
-            );
-            assert!(ok, "{err}");
-        }
-    }
-}
+mod lab_common;
+use lab_common::{cli, create_sites, fingerprint, login_admin, patronus};
 
 fn main() -> std::process::ExitCode {
     patronus_lab::harness::run(
@@ -120,31 +54,7 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
     let log = std::fs::File::create(run.join("controller.log")).unwrap();
     let controller = lab.spawn_logged("controller", cmd, log).unwrap();
     let home = run.join("cli");
-    let fp = fingerprint(&state);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let password =
-            std::fs::read_to_string(state.join("initial-admin-password")).unwrap_or_default();
-        let (ok, _, err) = cli(
-            &lab,
-            &home,
-            &[
-                "login",
-                "--url",
-                &url,
-                "--ca-fingerprint",
-                &fp,
-                "--email",
-                "admin@example.net",
-            ],
-            &password,
-        );
-        if ok {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no controller: {err}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let fp = login_admin(&lab, &home, &url, &state);
 
     // The sites and their links, as an operator would enter them.
     create_sites(&lab, &home);
@@ -1061,34 +971,7 @@ fn edges_spread_over_three_controllers_follow_a_write_and_survive_their_controll
         // Each logs in once it serves (the first also made the password, and the certificate
         // in the data directory that all four serve).
         let home = run.join(format!("cli{i}"));
-        let fp = fingerprint(&state);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let password =
-                std::fs::read_to_string(state.join("initial-admin-password")).unwrap_or_default();
-            let (ok, _, err) = cli(
-                &lab,
-                &home,
-                &[
-                    "login",
-                    "--url",
-                    url,
-                    "--ca-fingerprint",
-                    &fp,
-                    "--email",
-                    "admin@example.net",
-                ],
-                &password,
-            );
-            if ok {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "controller {i} does not serve: {err}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        login_admin(&lab, &home, url, &state);
     }
     let home = run.join("cli0");
     let password = std::fs::read_to_string(state.join("initial-admin-password")).unwrap();
@@ -1276,20 +1159,6 @@ fn http_in(
         .and_then(|(_, b)| serde_json::from_str(b).ok())
         .unwrap_or(serde_json::Value::Null);
     (status, json)
-}
-
-/// The fingerprint of the self-signed certificate the controller with its state in `state`
-/// made on first start, once it has (30 s at most).
-fn fingerprint(state: &Path) -> String {
-    let file = patronus_controller::https::fingerprint_path(state);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(t) = std::fs::read_to_string(&file) {
-            return t.trim().to_owned();
-        }
-        assert!(Instant::now() < deadline, "no {}", file.display());
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// A token issued by the first controller is good on the third; a refresh token rotated on

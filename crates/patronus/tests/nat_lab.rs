@@ -8,15 +8,14 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use patronus_lab::edges;
 use patronus_lab::{Lab, LabOptions, Topology};
 
-fn patronus() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_patronus"))
-}
+mod lab_common;
+use lab_common::{cli, create_sites, login_admin, patronus};
 
 fn main() -> std::process::ExitCode {
     patronus_lab::harness::run(
@@ -26,37 +25,15 @@ fn main() -> std::process::ExitCode {
                 a_site_behind_nat_on_every_link_reaches_a_hub_fails_over_and_follows_a_new_address
             ),
             patronus_lab::lab_test!(
+                a_site_behind_open_nat_on_every_link_forms_every_path_directly_and_fails_over
+            ),
+            patronus_lab::lab_test!(
                 two_sites_behind_carrier_grade_nat_punch_through_and_idle_past_the_mapping_timeout
             ),
             patronus_lab::lab_test!(
                 two_sites_behind_symmetric_nat_relay_through_the_controller_and_fail_over
             ),
         ],
-    )
-}
-
-/// Runs the admin CLI inside the controller's namespace; (ok, stdout, stderr).
-fn cli(lab: &Lab, home: &Path, args: &[&str], stdin: &str) -> (bool, String, String) {
-    let mut c = lab
-        .command("controller", patronus().to_str().unwrap())
-        .unwrap();
-    c.args(args)
-        .env("XDG_CONFIG_HOME", home)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
 
@@ -77,64 +54,8 @@ fn controller(lab: &Lab, run: &Path, home: &Path) -> (String, String) {
     .env("PATRONUS_ADMIN_EMAIL", "admin@example.net");
     let log = std::fs::File::create(run.join("controller.log")).unwrap();
     lab.spawn_logged("controller", cmd, log).unwrap();
-    let file = patronus_controller::https::fingerprint_path(&state);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let fp = loop {
-        if let Ok(t) = std::fs::read_to_string(&file) {
-            break t.trim().to_owned();
-        }
-        assert!(Instant::now() < deadline, "no {}", file.display());
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    loop {
-        let password =
-            std::fs::read_to_string(state.join("initial-admin-password")).unwrap_or_default();
-        let (ok, _, err) = cli(
-            lab,
-            home,
-            &[
-                "login",
-                "--url",
-                &url,
-                "--ca-fingerprint",
-                &fp,
-                "--email",
-                "admin@example.net",
-            ],
-            &password,
-        );
-        if ok {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no controller: {err}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    for s in &lab.plan().sites {
-        let lan = s.lan4.to_string();
-        let (ok, _, err) = cli(
-            lab,
-            home,
-            &["site", "create", s.name.as_str(), "--lan", &lan],
-            "",
-        );
-        assert!(ok, "{err}");
-        for l in &s.links {
-            let (ok, _, err) = cli(
-                lab,
-                home,
-                &[
-                    "link",
-                    "add",
-                    s.name.as_str(),
-                    l.name.as_str(),
-                    "--kind",
-                    l.kind.as_str(),
-                ],
-                "",
-            );
-            assert!(ok, "{err}");
-        }
-    }
+    let fp = login_admin(lab, home, &url, &state);
+    create_sites(lab, home);
     (url, fp)
 }
 
@@ -280,6 +201,76 @@ fn p50(v: &[f64]) -> f64 {
     sorted[sorted.len() / 2]
 }
 
+/// Waits until all four paths of `a` and of `b` are up, each of b's meeting `ok_b`; asserts
+/// that took less than 5 s from `started` (when the edges were started).
+fn formed(lab: &Lab, started: Instant, ok_b: impl Fn(&serde_json::Value) -> bool) {
+    let a_up = paths_up(lab, "a", 4, Duration::from_secs(20), |_| true);
+    let b_up = paths_up(lab, "b", 4, Duration::from_secs(20), ok_b);
+    let formed = started.elapsed();
+    let _ = writeln!(
+        std::io::stderr(),
+        "paths formed {formed:?} after start (a {a_up:?}, b {b_up:?})"
+    );
+    assert!(formed < Duration::from_secs(5), "{formed:?}\n{}", logs(lab));
+}
+
+/// A stream from a's LAN to b's, and four hard cuts of the link of a's it is on: their
+/// median outage within 100 ms.
+fn failover(lab: &Lab) {
+    let r = edges::failover_trials(lab, "a/h1", "b/h1", "a", 4, 1000).unwrap();
+    let _ = writeln!(
+        std::io::stderr(),
+        "failover outages {:?} ms (cut {:?})",
+        r.outages_ms,
+        r.cut
+    );
+    assert!(
+        p50(&r.outages_ms) <= 100.0,
+        "{:?}\n{}",
+        r.outages_ms,
+        logs(lab)
+    );
+}
+
+/// Asserts that each edge reports every path direct, but LTE to LTE relayed if `lte_relayed`.
+fn assert_via(lab: &Lab, lte_relayed: bool) {
+    for site in ["a", "b"] {
+        for p in edge_status(lab, site)["paths"].as_array().unwrap() {
+            let relayed = lte_relayed && p["local_link"] == "lte" && p["remote_link"] == "lte";
+            assert_eq!(p["relayed"], relayed, "{site}: {p}");
+        }
+    }
+}
+
+/// Renumbers `link` (`site/link`) with every path up, and asserts that `peer`'s paths to it
+/// come back within 3 s: replies arrive again (the loss of the moment may leave a path
+/// degraded until its measurements forget it) and they send to the new address; then the
+/// other end's paths are alive too. The new address.
+fn renumber(lab: &Lab, link: &str, peer: &str) -> std::net::Ipv4Addr {
+    let (site, name) = link.split_once('/').unwrap();
+    paths_up(lab, "a", 4, Duration::from_secs(20), |_| true);
+    paths_up(lab, "b", 4, Duration::from_secs(20), |_| true);
+    let (old, new) = lab.renumber(link).unwrap();
+    let renumbered = Instant::now();
+    let back = paths_alive(lab, peer, 4, Duration::from_secs(20), |p| {
+        p["remote_link"] != name
+            || p["endpoint"]
+                .as_str()
+                .is_some_and(|e| e.starts_with(&format!("{new}:")))
+    });
+    let _ = writeln!(
+        std::io::stderr(),
+        "{link} renumbered {old} -> {new}: {peer}'s paths to it back in {back:?}"
+    );
+    assert!(
+        renumbered.elapsed() < Duration::from_secs(3),
+        "{back:?}\n{}",
+        logs(lab)
+    );
+    paths_alive(lab, site, 4, Duration::from_secs(3), |_| true);
+    new
+}
+
 /// Site `a` has all its links behind NAT (an "open" one and a carrier-grade one, whose filter
 /// lets in only what answers what went out); the hub `b` has public links. Neither `a`'s
 /// configuration nor its enrolment names an endpoint for its links: `a`'s edge asks the
@@ -310,21 +301,11 @@ fn a_site_behind_nat_on_every_link_reaches_a_hub_fails_over_and_follows_a_new_ad
     let (started, _) = system(&lab, 25, &["b/inet"]);
 
     // Every path up on both ends, b's towards a's links at their public endpoints.
-    let a_up = paths_up(&lab, "a", 4, Duration::from_secs(20), |_| true);
-    let b_up = paths_up(&lab, "b", 4, Duration::from_secs(20), |p| {
+    formed(&lab, started, |p| {
         p["endpoint"].as_str()
             == Some(&public(&lab, &format!("a/{}", p["remote_link"].as_str().unwrap())).to_string())
     });
-    let formed = started.elapsed();
-    let _ = writeln!(
-        std::io::stderr(),
-        "paths formed {formed:?} after start (a {a_up:?}, b {b_up:?})"
-    );
-    assert!(
-        formed < Duration::from_secs(5),
-        "{formed:?}\n{}",
-        logs(&lab)
-    );
+    assert_via(&lab, false);
     // a knows how the controller sees each link.
     let s = edge_status(&lab, "a");
     for l in s["links"].as_array().unwrap() {
@@ -332,65 +313,13 @@ fn a_site_behind_nat_on_every_link_reaches_a_hub_fails_over_and_follows_a_new_ad
         assert_eq!(l["observed"], public(&lab, &name).to_string(), "{l}");
     }
 
-    // A stream from a's LAN to b's, and hard cuts of the link it is on.
-    let r = edges::failover_trials(&lab, "a/h1", "b/h1", "a", 4, 1000).unwrap();
-    let _ = writeln!(
-        std::io::stderr(),
-        "failover outages {:?} ms (cut {:?})",
-        r.outages_ms,
-        r.cut
-    );
-    assert!(
-        p50(&r.outages_ms) <= 100.0,
-        "{:?}\n{}",
-        r.outages_ms,
-        logs(&lab)
-    );
-
+    failover(&lab);
     // The LTE NAT's public address changes: every mapping it held is gone with it.
-    paths_up(&lab, "b", 4, Duration::from_secs(20), |_| true);
-    let (old, new) = lab.renumber("a/lte").unwrap();
-    let renumbered = Instant::now();
-    // Back: replies arrive again (the loss of the moment may leave a path degraded until its
-    // measurements forget it), and b sends to the new address.
-    let back = paths_alive(&lab, "b", 4, Duration::from_secs(20), |p| {
-        p["remote_link"] != "lte"
-            || p["endpoint"]
-                .as_str()
-                .is_some_and(|e| e.starts_with(&format!("{new}:")))
-    });
-    let _ = writeln!(
-        std::io::stderr(),
-        "a/lte renumbered {old} -> {new}: b's paths to it back in {back:?}"
-    );
-    assert!(
-        renumbered.elapsed() < Duration::from_secs(3),
-        "{back:?}\n{}",
-        logs(&lab)
-    );
-    paths_alive(&lab, "a", 4, Duration::from_secs(3), |_| true);
+    renumber(&lab, "a/lte", "b");
     // b's internet link gets a new address of its own (a new DHCP lease): b's edge rebinds the
     // link's sockets to it and asks the controller how the link is seen now; a is given that
     // and sends there, which also opens its carrier-grade NAT for b's answers.
-    paths_up(&lab, "b", 4, Duration::from_secs(20), |_| true);
-    let (old, new) = lab.renumber("b/inet").unwrap();
-    let renumbered = Instant::now();
-    let back = paths_alive(&lab, "a", 4, Duration::from_secs(20), |p| {
-        p["remote_link"] != "inet"
-            || p["endpoint"]
-                .as_str()
-                .is_some_and(|e| e.starts_with(&format!("{new}:")))
-    });
-    let _ = writeln!(
-        std::io::stderr(),
-        "b/inet renumbered {old} -> {new}: a's paths to it back in {back:?}"
-    );
-    assert!(
-        renumbered.elapsed() < Duration::from_secs(3),
-        "{back:?}\n{}",
-        logs(&lab)
-    );
-    paths_alive(&lab, "b", 4, Duration::from_secs(3), |_| true);
+    let new = renumber(&lab, "b/inet", "a");
     let link = edge_status(&lab, "b")["links"]
         .as_array()
         .unwrap()
@@ -444,18 +373,7 @@ fn two_sites_behind_carrier_grade_nat_punch_through_and_idle_past_the_mapping_ti
     .unwrap();
     let lab = Lab::up(&topology, LabOptions::default()).unwrap();
     let (started, _) = system(&lab, 0, &[]);
-    let a_up = paths_up(&lab, "a", 4, Duration::from_secs(20), |_| true);
-    let b_up = paths_up(&lab, "b", 4, Duration::from_secs(20), |_| true);
-    let formed = started.elapsed();
-    let _ = writeln!(
-        std::io::stderr(),
-        "paths formed {formed:?} after start (a {a_up:?}, b {b_up:?})"
-    );
-    assert!(
-        formed < Duration::from_secs(5),
-        "{formed:?}\n{}",
-        logs(&lab)
-    );
+    formed(&lab, started, |_| true);
     // LTE to LTE goes NAT to NAT, each end at the other's public mapping.
     for (site, peer) in [("a", "b"), ("b", "a")] {
         let s = edge_status(&lab, site);
@@ -473,19 +391,8 @@ fn two_sites_behind_carrier_grade_nat_punch_through_and_idle_past_the_mapping_ti
         );
     }
 
-    let r = edges::failover_trials(&lab, "a/h1", "b/h1", "a", 4, 1000).unwrap();
-    let _ = writeln!(
-        std::io::stderr(),
-        "failover outages {:?} ms (cut {:?})",
-        r.outages_ms,
-        r.cut
-    );
-    assert!(
-        p50(&r.outages_ms) <= 100.0,
-        "{:?}\n{}",
-        r.outages_ms,
-        logs(&lab)
-    );
+    assert_via(&lab, false);
+    failover(&lab);
 
     // Idle past the mappings' timeout, keepalive off: nothing goes down.
     paths_up(&lab, "a", 4, Duration::from_secs(20), |_| true);
@@ -530,24 +437,13 @@ fn two_sites_behind_symmetric_nat_relay_through_the_controller_and_fail_over() {
     .unwrap();
     let lab = Lab::up(&topology, LabOptions::default()).unwrap();
     let (started, home) = system(&lab, 25, &[]);
-    let a_up = paths_up(&lab, "a", 4, Duration::from_secs(20), |_| true);
-    let b_up = paths_up(&lab, "b", 4, Duration::from_secs(20), |_| true);
-    let formed = started.elapsed();
-    let _ = writeln!(
-        std::io::stderr(),
-        "paths formed {formed:?} after start (a {a_up:?}, b {b_up:?})"
-    );
-    assert!(
-        formed < Duration::from_secs(5),
-        "{formed:?}\n{}",
-        logs(&lab)
-    );
+    formed(&lab, started, |_| true);
+    assert_via(&lab, true);
     let ctl = lab.addr("controller", false).unwrap();
     for site in ["a", "b"] {
         let s = edge_status(&lab, site);
         for p in s["paths"].as_array().unwrap() {
             let both_lte = p["local_link"] == "lte" && p["remote_link"] == "lte";
-            assert_eq!(p["relayed"], both_lte, "{site}: {p}");
             let at_controller = p["endpoint"]
                 .as_str()
                 .is_some_and(|e| e.starts_with(&format!("{ctl}:")));
@@ -592,17 +488,36 @@ fn two_sites_behind_symmetric_nat_relay_through_the_controller_and_fail_over() {
         std::thread::sleep(Duration::from_millis(500));
     }
 
-    let r = edges::failover_trials(&lab, "a/h1", "b/h1", "a", 4, 1000).unwrap();
-    let _ = writeln!(
-        std::io::stderr(),
-        "failover outages {:?} ms (cut {:?})",
-        r.outages_ms,
-        r.cut
-    );
-    assert!(
-        p50(&r.outages_ms) <= 100.0,
-        "{:?}\n{}",
-        r.outages_ms,
-        logs(&lab)
-    );
+    failover(&lab);
+}
+
+/// Site `a` has both its links behind "open" NATs (endpoint-independent mapping and filtering,
+/// a public port of their own), its endpoints left to discovery; `b`'s links are public. Every
+/// path forms within 5 s, directly, b's at a's public ports; a stream fails over cuts of a's
+/// active link within the usual figures.
+fn a_site_behind_open_nat_on_every_link_forms_every_path_directly_and_fails_over() {
+    let topology: Topology = toml::from_str(
+        r#"
+        name = "nat-open"
+        controller = true
+        [[sites]]
+        name = "a"
+        links = [
+            { name = "mpls", kind = "mpls", nat = "open" },
+            { name = "inet", kind = "broadband", nat = "open" },
+        ]
+        [[sites]]
+        name = "b"
+        links = [{ name = "mpls", kind = "mpls" }, { name = "inet", kind = "broadband" }]
+        "#,
+    )
+    .unwrap();
+    let lab = Lab::up(&topology, LabOptions::default()).unwrap();
+    let (started, _) = system(&lab, 25, &[]);
+    formed(&lab, started, |p| {
+        p["endpoint"].as_str()
+            == Some(&public(&lab, &format!("a/{}", p["remote_link"].as_str().unwrap())).to_string())
+    });
+    assert_via(&lab, false);
+    failover(&lab);
 }
