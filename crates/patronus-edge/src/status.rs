@@ -405,6 +405,17 @@ pub fn render_metrics(s: &EdgeStatus) -> String {
             c.handshakes_dropped,
         ),
         (
+            "sessions_rekeyed",
+            "Paths whose sending session moved to a new key in a key roll (ours or the peer's).",
+            c.sessions_rekeyed,
+        ),
+        (
+            "endpoints_moved",
+            "Times a path's peer endpoint moved to the source of authenticated traffic (the peer \
+             roamed, its NAT mapped it anew, or the path went to or from the relay).",
+            c.endpoints_moved,
+        ),
+        (
             "probe_requests_rejected",
             "Probe requests refused as malformed.",
             s.probe_requests_rejected,
