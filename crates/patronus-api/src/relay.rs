@@ -28,17 +28,34 @@ pub const MAX_NAME: usize = 63;
 /// A frame's header: `kind` ([`TO`] or [`FROM`]), a site and a link; empty if a name is empty
 /// or longer than [`MAX_NAME`].
 pub fn header(kind: u8, site: &str, link: &str) -> Vec<u8> {
+    header_for(kind, &names(site, link))
+}
+
+/// A site and a link as a header carries them (each its length, then its bytes): what
+/// [`Frame::names`] gives back, and a key that needs no parsing to look a frame up by. Empty if
+/// a name is empty or longer than [`MAX_NAME`].
+pub fn names(site: &str, link: &str) -> Vec<u8> {
     if site.is_empty() || link.is_empty() || site.len() > MAX_NAME || link.len() > MAX_NAME {
         return Vec::new();
     }
-    let mut h = Vec::with_capacity(6 + site.len() + link.len());
+    let mut n = Vec::with_capacity(2 + site.len() + link.len());
+    n.push(site.len() as u8);
+    n.extend_from_slice(site.as_bytes());
+    n.push(link.len() as u8);
+    n.extend_from_slice(link.as_bytes());
+    n
+}
+
+/// A frame's header of `kind` for `names` (see [`names`]); empty if `names` is.
+pub fn header_for(kind: u8, names: &[u8]) -> Vec<u8> {
+    if names.is_empty() {
+        return Vec::new();
+    }
+    let mut h = Vec::with_capacity(4 + names.len());
     h.extend_from_slice(&MAGIC);
     h.push(VERSION);
     h.push(kind);
-    h.push(site.len() as u8);
-    h.extend_from_slice(site.as_bytes());
-    h.push(link.len() as u8);
-    h.extend_from_slice(link.as_bytes());
+    h.extend_from_slice(names);
     h
 }
 
@@ -48,6 +65,8 @@ pub struct Frame<'a> {
     pub kind: u8,
     pub site: &'a str,
     pub link: &'a str,
+    /// The site and the link as the header carries them (see [`names`]).
+    pub names: &'a [u8],
     /// Where the datagram starts.
     pub at: usize,
 }
@@ -80,6 +99,7 @@ pub fn parse(d: &[u8]) -> Option<Frame<'_>> {
         kind,
         site,
         link,
+        names: &d[4..at],
         at,
     })
 }
@@ -94,6 +114,7 @@ mod tests {
         f.extend_from_slice(&[4, 0, 0, 0, 9, 9]);
         let r = parse(&f).unwrap();
         assert_eq!((r.kind, r.site, r.link), (TO, "branch-1", "lte"));
+        assert_eq!(r.names, names("branch-1", "lte"));
         assert_eq!(&f[r.at..], &[4, 0, 0, 0, 9, 9]);
         // Without a datagram, truncated anywhere, another version or kind: none.
         let h = header(FROM, "a", "b");

@@ -151,8 +151,12 @@ pub const RELAY_PER_SOURCE_PER_S: u32 = 50_000;
 /// one address the relay can reach it at), by (site name, link) and by address.
 #[derive(Debug, Default)]
 struct Relay {
-    by_link: std::collections::HashMap<(String, String), (SocketAddr, std::time::Instant)>,
-    by_addr: std::collections::HashMap<SocketAddr, ((String, String), std::time::Instant)>,
+    /// Keyed by site and link as a frame's header names them (`patronus_api::relay::names`):
+    /// a frame is looked up without parsing its names or copying them.
+    by_link: std::collections::HashMap<Vec<u8>, (SocketAddr, std::time::Instant)>,
+    by_addr: std::collections::HashMap<SocketAddr, (Vec<u8>, std::time::Instant)>,
+    /// When expired registrations were last forgotten.
+    pruned: Option<std::time::Instant>,
     /// This second's relayed datagrams per source, and when it began.
     second: Option<std::time::Instant>,
     sent: std::collections::HashMap<SocketAddr, u32>,
@@ -161,18 +165,28 @@ struct Relay {
 impl Relay {
     /// `site`'s `link` is at `from` (an authenticated request said so).
     fn register(&mut self, site: &str, link: &str, from: SocketAddr, now: std::time::Instant) {
-        let k = (site.to_owned(), link.to_owned());
+        let k = patronus_api::relay::names(site, link);
+        if k.is_empty() {
+            return;
+        }
         if let Some((old, _)) = self.by_link.insert(k.clone(), (from, now)) {
             if old != from {
                 self.by_addr.remove(&old);
             }
         }
         self.by_addr.insert(from, (k, now));
-        // Bounded by the sites' links, and what expired goes as new ones come.
-        self.by_link
-            .retain(|_, (_, t)| now.saturating_duration_since(*t) < REGISTRATION);
-        self.by_addr
-            .retain(|_, (_, t)| now.saturating_duration_since(*t) < REGISTRATION);
+        // Bounded by the sites' links, and what expired goes as new ones come (looked at once
+        // a second, not on every registration).
+        if self
+            .pruned
+            .is_none_or(|p| now.saturating_duration_since(p) >= std::time::Duration::from_secs(1))
+        {
+            self.pruned = Some(now);
+            self.by_link
+                .retain(|_, (_, t)| now.saturating_duration_since(*t) < REGISTRATION);
+            self.by_addr
+                .retain(|_, (_, t)| now.saturating_duration_since(*t) < REGISTRATION);
+        }
     }
 
     /// What to send where for frame `d` from `from`, or the result to count.
@@ -186,14 +200,14 @@ impl Relay {
             .filter(|f| f.kind == patronus_api::relay::TO)
             .ok_or(1usize)?;
         let live = |t: &std::time::Instant| now.saturating_duration_since(*t) < REGISTRATION;
-        let ((site, link), _) = self
+        let (names, _) = self
             .by_addr
             .get(&from)
             .filter(|(_, t)| live(t))
             .ok_or(2usize)?;
         let (to, _) = self
             .by_link
-            .get(&(f.site.to_owned(), f.link.to_owned()))
+            .get(f.names)
             .filter(|(_, t)| live(t))
             .ok_or(3usize)?;
         if self
@@ -208,7 +222,7 @@ impl Relay {
             return Err(4);
         }
         *n += 1;
-        let mut out = patronus_api::relay::header(patronus_api::relay::FROM, site, link);
+        let mut out = patronus_api::relay::header_for(patronus_api::relay::FROM, names);
         out.extend_from_slice(&d[f.at..]);
         Ok((out, *to))
     }

@@ -363,7 +363,7 @@ fn build_peer(
     now: Instant,
     paths: &mut Vec<Option<PathRt>>,
     by_endpoint: &mut HashMap<(usize, SocketAddr), PathId>,
-    by_relay: &mut HashMap<(usize, String, String), PathId>,
+    by_relay: &mut [HashMap<Vec<u8>, PathId>],
     keepalive_s: u16,
 ) -> Result<(PeerId, PeerRt), EdgeError> {
     let peer = engine
@@ -402,7 +402,10 @@ fn build_peer(
             if let Some(ep) = r.endpoint {
                 by_endpoint.insert((li, ep), id);
             }
-            by_relay.insert((li, p.name.to_string(), r.name.to_string()), id);
+            let names = patronus_api::relay::names(p.name.as_str(), r.name.as_str());
+            if let Some(m) = by_relay.get_mut(li) {
+                m.insert(names.clone(), id);
+            }
             paths[slot] = Some(PathRt {
                 peer: peer.0 as usize,
                 link: li,
@@ -415,11 +418,7 @@ fn build_peer(
                     r.endpoint,
                     Some(keepalive_s),
                 ),
-                relay_hdr: patronus_api::relay::header(
-                    patronus_api::relay::TO,
-                    p.name.as_str(),
-                    r.name.as_str(),
-                ),
+                relay_hdr: patronus_api::relay::header_for(patronus_api::relay::TO, &names),
             });
         }
     }
@@ -523,7 +522,9 @@ pub struct Edge {
     paths: Vec<Option<PathRt>>,
     by_endpoint: HashMap<(usize, SocketAddr), PathId>,
     /// Paths by (local link, peer's site, peer's link), for relayed datagrams.
-    by_relay: HashMap<(usize, String, String), PathId>,
+    /// Keyed by the peer's site and link as a relay frame names them
+    /// (`patronus_api::relay::names`), one map per local link.
+    by_relay: Vec<HashMap<Vec<u8>, PathId>>,
     peers: Vec<PeerRt>,
     epoll: Epoll,
     timer: TimerFd,
@@ -722,7 +723,7 @@ impl Edge {
         let mut peers = Vec::new();
         let mut paths: Vec<Option<PathRt>> = Vec::new();
         let mut by_endpoint = HashMap::new();
-        let mut by_relay = HashMap::new();
+        let mut by_relay = vec![HashMap::new(); cfg.links.len()];
         for p in &cfg.peers {
             let (id, rt) = build_peer(
                 &mut engine,
@@ -1043,8 +1044,9 @@ impl Edge {
         let paths = &self.paths;
         self.by_endpoint
             .retain(|_, p| matches!(paths.get(p.0 as usize), Some(Some(_))));
-        self.by_relay
-            .retain(|_, p| matches!(paths.get(p.0 as usize), Some(Some(_))));
+        for m in &mut self.by_relay {
+            m.retain(|_, p| matches!(paths.get(p.0 as usize), Some(Some(_))));
+        }
         self.engine.remove_peer(id);
         let prefixes = routed(&self.peers[i].config);
         if let Err(e) = crate::routes::remove(&self.tun_name, self.tun_index, &prefixes) {
@@ -1975,14 +1977,6 @@ impl Edge {
         at: Range<usize>,
         now: Instant,
     ) {
-        if wire::is_stun_answer(&self.net_bufs[buf][at.clone()]) {
-            self.handle_stun(link, from, buf, at, now);
-            return;
-        }
-        if patronus_api::relay::is_frame(&self.net_bufs[buf][at.clone()]) {
-            self.handle_relayed(link, from, buf, at, now);
-            return;
-        }
         let (id, side) = match wire::classify(&self.net_bufs[buf][at.clone()]) {
             Some(WgMessage::Initiation) => match self.by_endpoint.get(&(link, from)) {
                 Some(id) => (Some(*id), None),
@@ -1997,7 +1991,19 @@ impl Edge {
                 Some((id, side)) => (Some(id), Some(side)),
                 None => (None, None),
             },
-            None => (None, None),
+            // Not WireGuard (whose second to fourth bytes are 0): the controller's STUN answer
+            // or a relayed frame, checked only here, off the path of the tunnels' datagrams.
+            None => {
+                let d = &self.net_bufs[buf][at.clone()];
+                if wire::is_stun_answer(d) {
+                    self.handle_stun(link, from, buf, at, now);
+                } else if patronus_api::relay::is_frame(d) {
+                    self.handle_relayed(link, from, buf, at, now);
+                } else {
+                    self.counters.rx_unknown += 1;
+                }
+                return;
+            }
         };
         match id {
             Some(id) if matches!(self.paths.get(id.0 as usize), Some(Some(_))) => {
@@ -2044,27 +2050,25 @@ impl Edge {
             .map(|(id, _)| id)
             .take(MAX_INITIATION_CANDIDATES)
             .collect();
-        // A path with no endpoint yet, or (behind an endpoint-dependent NAT, whose mapping
-        // towards us is not the one the controller saw) one that expects the peer at this
-        // address on another port and has no session: if exactly one.
-        for fits in [
-            &(|p: &PathRt| p.s.endpoint().is_none()) as &dyn Fn(&PathRt) -> bool,
-            &|p: &PathRt| {
-                p.s.last_handshake().is_none()
-                    && p.s.endpoint().is_some_and(|e| e.ip() == from.ip())
-            },
-        ] {
-            if !candidates.is_empty() {
-                break;
-            }
-            let found: Vec<PathId> = on_link()
-                .filter(|(_, p)| fits(p))
-                .map(|(id, _)| id)
-                .take(2)
-                .collect();
-            if found.len() == 1 {
-                candidates = found;
-            }
+        // The one path with no endpoint yet, or else (behind an endpoint-dependent NAT, whose
+        // mapping towards us is not the one the controller saw) the one that expects the peer
+        // at this address on another port and has no session.
+        let only = |fits: &dyn Fn(&PathRt) -> bool| match on_link()
+            .filter(|(_, p)| fits(p))
+            .map(|(id, _)| id)
+            .take(2)
+            .collect::<Vec<_>>()[..]
+        {
+            [id] => Some(id),
+            _ => None,
+        };
+        if candidates.is_empty() {
+            candidates.extend(only(&|p| p.s.endpoint().is_none()).or_else(|| {
+                only(&|p| {
+                    p.s.last_handshake().is_none()
+                        && p.s.endpoint().is_some_and(|e| e.ip() == from.ip())
+                })
+            }));
         }
         if candidates.is_empty() {
             self.counters.rx_unknown += 1;
@@ -2094,12 +2098,7 @@ impl Edge {
         let found = patronus_api::relay::parse(d)
             .filter(|f| f.kind == patronus_api::relay::FROM)
             .filter(|_| self.links.get(link).and_then(|l| l.relay) == Some(from))
-            .and_then(|f| {
-                let id = self
-                    .by_relay
-                    .get(&(link, f.site.to_owned(), f.link.to_owned()))?;
-                Some((*id, f.at))
-            });
+            .and_then(|f| Some((*self.by_relay.get(link)?.get(f.names)?, f.at)));
         let Some((id, skip)) = found else {
             self.counters.rx_unknown += 1;
             return;

@@ -285,11 +285,6 @@ impl PathSession {
         self.endpoint
     }
 
-    /// The endpoint the configuration gives.
-    pub fn configured(&self) -> Option<SocketAddr> {
-        self.configured
-    }
-
     /// The configuration gives a new endpoint (or none). It is where datagrams go from now on,
     /// unless the peer is talking from where they go now (authenticated traffic in the last
     /// [`LIVE`]): a peer behind an endpoint-dependent NAT reaches us from another port than the
@@ -321,11 +316,6 @@ impl PathSession {
     /// The peer's index base on this path, once known (see [`peer_base`]).
     pub fn peer_base(&self) -> Option<u32> {
         self.peer_base
-    }
-
-    /// Our public key the sending session was made with.
-    pub fn own(&self) -> [u8; 32] {
-        self.own
     }
 
     /// How long ago the sending session's last handshake completed (none: it has no keys).
@@ -465,17 +455,10 @@ impl PathSession {
                 self.remake(secret, self.peer_key);
             }
         }
-        if self.alt.as_ref().is_some_and(|a| a.next && a.own != new) {
-            let side = self.side ^ 1;
-            let tunn = self.make(
-                secret,
-                self.alt.as_ref().map_or([0; 32], |a| a.peer_key),
-                side,
-            );
-            if let Some(a) = self.alt.as_mut() {
-                a.tunn = tunn;
-                a.own = new;
-            }
+        // A peer's next key, accepted with our old key: with the new one now.
+        let stale = self.alt.as_ref().filter(|a| a.next && a.own != new);
+        if let Some(peer_key) = stale.map(|a| a.peer_key) {
+            self.alt = Some(self.next_alt(secret, peer_key));
         }
         promoted
     }

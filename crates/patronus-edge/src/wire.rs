@@ -306,6 +306,10 @@ mod tests {
             assert!(classify(d).is_some());
         }
         assert!(!is_stun_answer(&ok[..19]));
+        // Nor is a relay frame WireGuard.
+        let mut frame = patronus_api::relay::header(patronus_api::relay::FROM, "a", "lte");
+        frame.extend_from_slice(&data);
+        assert_eq!(classify(&frame), None);
     }
 
     #[test]

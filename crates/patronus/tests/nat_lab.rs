@@ -399,10 +399,8 @@ fn two_sites_behind_carrier_grade_nat_punch_through_and_idle_past_the_mapping_ti
     paths_up(&lab, "b", 4, Duration::from_secs(20), |_| true);
     let downs = |site: &str| edge_status(&lab, site)["path_downs"].as_u64().unwrap();
     let before = (downs("a"), downs("b"));
-    let idle = Instant::now();
-    while idle.elapsed() < Duration::from_secs(35) {
-        std::thread::sleep(Duration::from_secs(1));
-    }
+    // Time past the mappings' timeout is the point here; the counters say what it did.
+    std::thread::sleep(Duration::from_secs(35));
     assert_eq!((downs("a"), downs("b")), before, "{}", logs(&lab));
     paths_alive(&lab, "a", 4, Duration::from_secs(1), |_| true);
     paths_alive(&lab, "b", 4, Duration::from_secs(1), |_| true);
