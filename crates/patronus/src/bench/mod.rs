@@ -8,6 +8,7 @@ use std::io::Write;
 use clap::Subcommand;
 
 mod api_cost;
+mod api_load;
 mod backup;
 mod dr;
 mod failover;
@@ -41,6 +42,10 @@ pub enum Bench {
     /// A real controller with N sites: what one API request (create a site, a page of sites, a
     /// page of paths, one path) costs at each size, and the ratio between sizes.
     ApiCost(api_cost::Args),
+    /// A real controller with N sites under load from many keep-alive connections at once:
+    /// authenticated reads, writes and a mix, on SQLite and PostgreSQL: rate, p50/p99/max,
+    /// errors.
+    ApiLoad(api_load::Args),
     /// A backup of a controller with N sites and a week of telemetry: its time, size,
     /// verification and restore, and the API's reads before and during it.
     Backup(backup::Args),
@@ -59,6 +64,7 @@ pub fn run(b: Bench) -> anyhow::Result<()> {
         Bench::Mesh(args) => with_summary(mesh::run(&args)?, mesh::summary),
         Bench::Push(args) => with_summary(push::run(&args)?, push::summary),
         Bench::ApiCost(args) => with_summary(api_cost::run(&args)?, api_cost::summary),
+        Bench::ApiLoad(args) => with_summary(api_load::run(&args)?, api_load::summary),
         Bench::Backup(args) => with_summary(backup::run(&args)?, backup::summary),
         Bench::Dr(args) => with_summary(dr::run(&args)?, dr::summary),
     };

@@ -249,7 +249,7 @@ impl BenchController {
     }
 }
 
-fn raise_fd_limit(need: u64) -> anyhow::Result<()> {
+pub(super) fn raise_fd_limit(need: u64) -> anyhow::Result<()> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
     if soft < need {
