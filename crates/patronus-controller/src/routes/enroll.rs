@@ -86,7 +86,9 @@ async fn enroll(
             }));
         }
     };
-    let site = load_site(&mut *s.store.conn().await?, site_id).await?;
+    // Read in the transaction: a second connection taken while this one holds the write lock
+    // waits on a pool that other writers, queued behind that lock, may have emptied.
+    let site = load_site(&mut tx, site_id).await?;
     // Endpoints for links the site has; anything else undoes the enrolment (the token stays).
     for (name, endpoint) in &req.endpoints {
         let Some(l) = site.links.iter().find(|l| l.link.name.as_str() == name) else {

@@ -72,10 +72,22 @@ fn one_row_changed(r: db::Done) -> Result<(), docs::WriteError> {
     Ok(())
 }
 
-/// `ids` as an SQL list (`1,2,3`) for `IN (...)`: integers, so safe to inline, and one
-/// statement whatever their number.
-fn id_list(ids: &[i64]) -> String {
-    ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+/// The rows of `sql` (`{}` where the `IN` list goes) for every id of `ids`, 500 bound
+/// parameters at a time. The statement's text depends only on how many ids a chunk holds, so
+/// it is prepared once and then reused from the connection's statement cache: ids written into
+/// the text made every list a new statement for the database to parse and plan. Rows come
+/// chunk by chunk: a caller that needs an order across chunks sorts them.
+async fn rows_for_ids(conn: &mut Conn, sql: &str, ids: &[i64]) -> Result<Vec<Row>, sqlx::Error> {
+    let mut out = Vec::new();
+    for chunk in ids.chunks(500) {
+        let text = sql.replacen("{}", &vec!["?"; chunk.len()].join(", "), 1);
+        let mut q = query(&text);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        out.extend(q.fetch_all(&mut *conn).await?);
+    }
+    Ok(out)
 }
 
 /// Deletes row `id` of `table` (a constant, never a client's input); nothing if it is gone.

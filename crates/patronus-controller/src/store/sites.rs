@@ -279,11 +279,13 @@ async fn attach_links(conn: &mut Conn, sites: &mut [SiteView]) -> Result<(), Api
         return Ok(());
     }
     let ids: Vec<i64> = sites.iter().map(|s| s.id).collect();
-    let sql = format!(
+    // Chunks split the list by site: each site's links stay in id order.
+    let rows = super::rows_for_ids(
+        &mut *conn,
         "SELECT * FROM links WHERE site_id IN ({}) ORDER BY site_id, id",
-        super::id_list(&ids)
-    );
-    let rows = query(&sql).fetch_all(&mut *conn).await?;
+        &ids,
+    )
+    .await?;
     let mut by_site: HashMap<i64, Vec<LinkView>> = HashMap::new();
     for r in &rows {
         let l = link_from_row(r)?;
@@ -543,16 +545,12 @@ pub async fn load_sites_by_ids(conn: &mut Conn, ids: &[i64]) -> Result<Vec<SiteV
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let rows = query(&format!(
-        "SELECT * FROM sites WHERE id IN ({}) ORDER BY id",
-        super::id_list(ids)
-    ))
-    .fetch_all(&mut *conn)
-    .await?;
+    let rows = super::rows_for_ids(&mut *conn, "SELECT * FROM sites WHERE id IN ({})", ids).await?;
     let mut sites = rows
         .iter()
         .map(site_from_row)
         .collect::<Result<Vec<_>, _>>()?;
+    sites.sort_by_key(|s| s.id);
     attach_links(&mut *conn, &mut sites).await?;
     Ok(sites)
 }
@@ -562,12 +560,15 @@ pub async fn link_sites(conn: &mut Conn, links: &[i64]) -> Result<Vec<(i64, i64)
     if links.is_empty() {
         return Ok(Vec::new());
     }
-    query_as(&format!(
+    super::rows_for_ids(
+        &mut *conn,
         "SELECT id, site_id FROM links WHERE id IN ({})",
-        super::id_list(links)
-    ))
-    .fetch_all(&mut *conn)
-    .await
+        links,
+    )
+    .await?
+    .iter()
+    .map(|r| Ok((r.try_get("id")?, r.try_get("site_id")?)))
+    .collect()
 }
 
 /// Site `id`'s name, if there is such a site.

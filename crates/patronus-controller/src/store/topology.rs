@@ -132,11 +132,11 @@ pub async fn addresses_of(conn: &mut Conn, ids: &[i64]) -> Result<BTreeMap<i64, 
         return Ok(BTreeMap::new());
     }
     let prefix = load(&mut *conn).await?.overlay_prefix;
-    let rows = query(&format!(
+    let rows = super::rows_for_ids(
+        &mut *conn,
         "SELECT site_id, host FROM overlay_addresses WHERE site_id IN ({})",
-        super::id_list(ids)
-    ))
-    .fetch_all(&mut *conn)
+        ids,
+    )
     .await?;
     rows.iter()
         .map(|r| {
