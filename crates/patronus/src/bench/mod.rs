@@ -12,7 +12,9 @@ mod api_load;
 mod backup;
 mod dr;
 mod failover;
+mod http;
 mod mesh;
+mod mesh_setup;
 mod path_select;
 mod push;
 mod throughput;
@@ -35,6 +37,10 @@ pub enum Bench {
     /// N sites with two links each in a real controller store; every site's configuration
     /// compiled for a full mesh and for hub and spoke: time, size, memory.
     Mesh(mesh::Args),
+    /// From an empty controller (its own process) to every site enrolled and every simulated
+    /// edge holding its whole configuration, through the real API, enrolment and long poll:
+    /// time, and the controller's memory and CPU, at each size.
+    MeshSetup(mesh_setup::Args),
     /// A real controller and N simulated edges (real clients of the configuration long poll)
     /// in one process: the time from one policy write until every edge holds its new
     /// configuration.
@@ -62,6 +68,7 @@ pub fn run(b: Bench) -> anyhow::Result<()> {
         Bench::Failover(args) => with_summary(failover::run(&args)?, failover::summary),
         Bench::Throughput(args) => with_summary(throughput::run(&args)?, throughput::summary),
         Bench::Mesh(args) => with_summary(mesh::run(&args)?, mesh::summary),
+        Bench::MeshSetup(args) => with_summary(mesh_setup::run(&args)?, mesh_setup::summary),
         Bench::Push(args) => with_summary(push::run(&args)?, push::summary),
         Bench::ApiCost(args) => with_summary(api_cost::run(&args)?, api_cost::summary),
         Bench::ApiLoad(args) => with_summary(api_load::run(&args)?, api_load::summary),

@@ -1,0 +1,501 @@
+//! `patronus bench mesh-setup`: from an empty controller to every site enrolled and holding
+//! its whole configuration, through the real API and enrolment, with simulated edges.
+//!
+//! For each size in `--sites`, a controller is started as its own process (`patronus
+//! controller`, plain HTTP on loopback, its SQLite store in a temporary directory), so that its
+//! memory and CPU are its own. Then, as an operator's script would, `--api-workers` clients
+//! each take the next site: create it with two links (`POST /sites`), ask for an enrolment
+//! token (`POST /sites/{id}/enrollment-tokens`), and hand the token to a simulated edge. Each
+//! edge speaks the edge's protocol on one keep-alive connection: enrols with the token and a
+//! public key of its own (`POST /enroll`, its links' endpoints with it), fetches its
+//! configuration, then follows it with the delta long poll (`/edge/config/delta?wait=25`),
+//! applying each delta to the peers it holds, until it holds every peer the topology gives it
+//! (full mesh: every other site; hub and spoke: the hubs, or every site for a hub).
+//!
+//! Timed from the first API request to the last edge holding its whole configuration. The
+//! simulated edges hold no tunnels: `bench mesh-setup --lab` (not built yet) is the form with
+//! real edges.
+
+use std::collections::BTreeSet;
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use super::http::Client;
+use super::{fig, progress};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Network sizes (sites, two links each), comma-separated.
+    #[arg(long, default_value = "100,500,1000", value_delimiter = ',')]
+    sites: Vec<usize>,
+    /// `full-mesh` or `hub-spoke` (2 hubs, created first).
+    #[arg(long, default_value = "full-mesh")]
+    topology: String,
+    /// API clients creating sites and tokens at once.
+    #[arg(long, default_value_t = 8)]
+    api_workers: usize,
+    /// Give up on a size after this many seconds.
+    #[arg(long, default_value_t = 900)]
+    timeout: u64,
+}
+
+const HUBS: usize = 2;
+
+/// A `patronus controller` process of this binary on loopback, in its own directory.
+struct ControllerProcess {
+    child: Child,
+    addr: SocketAddr,
+    password: String,
+}
+
+impl ControllerProcess {
+    fn start(dir: &std::path::Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let config = dir.join("controller.toml");
+        // The simulated edges all come from 127.0.0.1: the per-address limits of a
+        // controller facing the Internet would refuse them.
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\nplain_http = true\n\
+                 auth_rate_per_minute = 1000000\nmax_connections = 100000\n\
+                 max_connections_per_address = 1000000\nlog_level = \"warn\"\n",
+                dir.display().to_string()
+            ),
+        )?;
+        let mut pw = [0u8; 18];
+        getrandom::getrandom(&mut pw)?;
+        let password = format!("{}-Aa1", patronus_controller::auth::b64url(&pw));
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["controller", "--config"])
+            .arg(&config)
+            .env("PATRONUS_ADMIN_EMAIL", "bench@example.net")
+            .env("PATRONUS_ADMIN_PASSWORD", &password)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting `patronus controller`")?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Reads the controller's log to its end (so that it never blocks on a full pipe), and
+        // passes on the address it listens on.
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.split("listening on http://").nth(1)
+                    && let Some(t) = tx.take()
+                {
+                    let _ = t.send(rest.split('/').next().unwrap_or("").to_owned());
+                } else if !line.contains("listening on") {
+                    progress(format_args!("controller: {line}"));
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(a) => a.parse().context("the controller's address")?,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the controller did not say where it listens within 60 s");
+            }
+        };
+        Ok(Self {
+            child,
+            addr,
+            password,
+        })
+    }
+
+    /// Resident and peak memory (MB) and CPU time (s, user + system) so far.
+    fn usage(&self) -> (Option<f64>, Option<f64>, Option<f64>) {
+        let pid = self.child.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let kb = |key: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+                .map(|v| v / 1024.0)
+        };
+        let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                // The fields after the command's name, which is in parentheses.
+                let rest = s.rsplit_once(')')?.1;
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+                let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+                    .ok()
+                    .flatten()? as f64;
+                Some(ticks / hz)
+            });
+        (kb("VmRSS:"), kb("VmHWM:"), cpu)
+    }
+
+    fn stop(mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// What one simulated edge did: when it enrolled and when it held its whole configuration,
+/// the configurations and deltas it fetched, and their bytes.
+struct EdgeDone {
+    enrolled: Instant,
+    complete: Instant,
+    fetches: usize,
+    bytes: usize,
+}
+
+/// One simulated edge: enrols with `token`, then follows its configuration until it holds
+/// `expect` peers.
+async fn edge(
+    addr: SocketAddr,
+    token: String,
+    i: usize,
+    expect: usize,
+    deadline: Instant,
+) -> anyhow::Result<EdgeDone> {
+    let mut c = Client::connect(addr, "").await?;
+    // The edge makes its key pair and keeps the private key; only the public key goes out.
+    let key = patronus_edge::keys::PrivateKey::generate()?;
+    let (hi, lo) = (i / 256, i % 256);
+    let a = c
+        .request(
+            "POST",
+            "/api/v1/enroll",
+            None,
+            Some(&json!({
+                "token": token,
+                "public_key": key.public().to_string(),
+                "endpoints": {
+                    "mpls": format!("100.{}.{hi}.{lo}:51820", 64 + hi / 256),
+                    "inet": format!("100.{}.{hi}.{lo}:51820", 80 + hi / 256),
+                }
+            })),
+        )
+        .await?;
+    anyhow::ensure!(
+        a.status == 200,
+        "enrol: {} {}",
+        a.status,
+        String::from_utf8_lossy(&a.body)
+    );
+    let enrolled = Instant::now();
+    let v: Value = serde_json::from_slice(&a.body)?;
+    c.token = v["credential"]
+        .as_str()
+        .context("no credential")?
+        .to_owned();
+    let (mut fetches, mut bytes) = (0usize, 0usize);
+    let mut peers = BTreeSet::new();
+    let mut etag = String::new();
+    let mut whole = true;
+    loop {
+        if whole {
+            let a = c.request("GET", "/api/v1/edge/config", None, None).await?;
+            anyhow::ensure!(a.status == 200, "GET /edge/config: {}", a.status);
+            let cfg: patronus_api::SiteConfig = serde_json::from_slice(&a.body)?;
+            peers = cfg.peers.into_iter().map(|p| p.name).collect();
+            etag = a.etag.context("no ETag")?;
+            (fetches, bytes) = (fetches + 1, bytes + a.body.len());
+            whole = false;
+        }
+        if peers.len() >= expect {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{} of {expect} peers when the time ran out",
+            peers.len()
+        );
+        let a = c
+            .send(
+                "GET",
+                "/api/v1/edge/config/delta?wait=25",
+                &[("If-None-Match", &etag)],
+                None,
+            )
+            .await?;
+        match a.status {
+            200 => {
+                let d: patronus_api::ConfigDelta = serde_json::from_slice(&a.body)?;
+                for gone in d.remove {
+                    peers.remove(&gone);
+                }
+                peers.extend(d.upsert.into_iter().map(|p| p.name));
+                etag = a.etag.context("no ETag")?;
+                (fetches, bytes) = (fetches + 1, bytes + a.body.len());
+            }
+            304 => {}
+            // The controller no longer has the version held: fetch it whole, as an edge does.
+            409 => whole = true,
+            s => bail!("delta long poll: {s}"),
+        }
+    }
+    Ok(EdgeDone {
+        enrolled,
+        complete: Instant::now(),
+        fetches,
+        bytes,
+    })
+}
+
+/// Creates site `i` with two links and an enrolment token for it: (site id, token).
+async fn create_site(admin: &mut Client, i: usize) -> anyhow::Result<(i64, String)> {
+    let (hi, lo) = (i / 256, i % 256);
+    let a = admin
+        .request(
+            "POST",
+            "/api/v1/sites",
+            None,
+            Some(&json!({
+                "name": format!("site-{i:05}"),
+                "lan_prefixes": [format!("10.{hi}.{lo}.0/24")],
+                "links": [
+                    { "name": "mpls", "kind": "mpls", "up_kbps": 100000, "down_kbps": 100000 },
+                    { "name": "inet", "kind": "broadband", "up_kbps": 100000, "down_kbps": 100000 }
+                ]
+            })),
+        )
+        .await?;
+    anyhow::ensure!(
+        a.status == 201,
+        "POST /sites: {} {}",
+        a.status,
+        String::from_utf8_lossy(&a.body)
+    );
+    let id = serde_json::from_slice::<Value>(&a.body)?["id"]
+        .as_i64()
+        .context("no site id")?;
+    let a = admin
+        .request(
+            "POST",
+            &format!("/api/v1/sites/{id}/enrollment-tokens"),
+            None,
+            Some(&json!({})),
+        )
+        .await?;
+    anyhow::ensure!(a.status == 201, "POST enrollment-tokens: {}", a.status);
+    let token = serde_json::from_slice::<Value>(&a.body)?["token"]
+        .as_str()
+        .context("no token")?
+        .to_owned();
+    Ok((id, token))
+}
+
+async fn login(addr: SocketAddr, password: &str) -> anyhow::Result<String> {
+    let mut c = Client::connect(addr, "").await?;
+    let a = c
+        .request(
+            "POST",
+            "/api/v1/auth/login",
+            None,
+            Some(&json!({ "email": "bench@example.net", "password": password })),
+        )
+        .await?;
+    anyhow::ensure!(a.status == 200, "login: {}", a.status);
+    Ok(serde_json::from_slice::<Value>(&a.body)?["access_token"]
+        .as_str()
+        .context("no access token")?
+        .to_owned())
+}
+
+async fn one_size(
+    n: usize,
+    hub_spoke: bool,
+    args: &Args,
+    ctl: &ControllerProcess,
+) -> anyhow::Result<Value> {
+    let addr = ctl.addr;
+    let token = login(addr, &ctl.password).await?;
+    let (rss_before, _, cpu_before) = ctl.usage();
+    let expect = move |i: usize| {
+        if hub_spoke && i >= HUBS { HUBS } else { n - 1 }
+    };
+    let deadline = Instant::now() + Duration::from_secs(args.timeout);
+    let t0 = Instant::now();
+    let mut edges = Vec::with_capacity(n);
+    let mut first = 0;
+    if hub_spoke {
+        // The hubs first, then the topology names them, then the spokes.
+        let mut admin = Client::connect(addr, &token).await?;
+        let mut hubs = Vec::new();
+        for i in 0..HUBS {
+            let (id, t) = create_site(&mut admin, i).await?;
+            hubs.push(id);
+            edges.push(tokio::spawn(edge(addr, t, i, expect(i), deadline)));
+        }
+        let a = admin.request("GET", "/api/v1/topology", None, None).await?;
+        anyhow::ensure!(a.status == 200, "GET /topology: {}", a.status);
+        let a = admin
+            .request(
+                "PATCH",
+                "/api/v1/topology",
+                a.etag.as_deref(),
+                Some(&json!({ "mode": "hub-spoke", "hubs": hubs })),
+            )
+            .await?;
+        anyhow::ensure!(a.status == 200, "PATCH /topology: {}", a.status);
+        first = HUBS;
+    }
+    let next = Arc::new(AtomicUsize::new(first));
+    let mut workers = Vec::new();
+    for _ in 0..args.api_workers {
+        let (next, token) = (next.clone(), token.clone());
+        workers.push(tokio::spawn(async move {
+            let mut admin = Client::connect(addr, &token).await?;
+            let mut spawned = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                let (_, t) = create_site(&mut admin, i).await?;
+                spawned.push(tokio::spawn(edge(addr, t, i, expect(i), deadline)));
+            }
+            anyhow::Ok(spawned)
+        }));
+    }
+    for w in workers {
+        edges.extend(w.await??);
+    }
+    let api_s = t0.elapsed().as_secs_f64();
+    progress(format_args!(
+        "{n} sites created, {api_s:.1} s; waiting for every edge to hold its configuration"
+    ));
+    let mut done = Vec::with_capacity(n);
+    for (i, e) in edges.into_iter().enumerate() {
+        done.push(e.await?.with_context(|| format!("edge {i}"))?);
+    }
+    let setup_s = done
+        .iter()
+        .map(|d| d.complete.saturating_duration_since(t0).as_secs_f64())
+        .fold(0.0, f64::max);
+    let last_enrolled_s = done
+        .iter()
+        .map(|d| d.enrolled.saturating_duration_since(t0).as_secs_f64())
+        .fold(0.0, f64::max);
+    let mut lag_us: Vec<u64> = done
+        .iter()
+        .map(|d| d.complete.saturating_duration_since(d.enrolled).as_micros() as u64)
+        .collect();
+    lag_us.sort_unstable();
+    let ms = |q: f64| patronus_lab::stats::percentile(&lag_us, q).map(|v| v as f64 / 1e3);
+    let (rss, hwm, cpu) = ctl.usage();
+    let fetches: usize = done.iter().map(|d| d.fetches).sum();
+    let bytes: usize = done.iter().map(|d| d.bytes).sum();
+    Ok(json!({
+        "sites": n,
+        "setup_s": setup_s,
+        "last_enrolled_s": last_enrolled_s,
+        "api_s": api_s,
+        "enrolled_to_complete_p50_ms": ms(0.5),
+        "enrolled_to_complete_p99_ms": ms(0.99),
+        "enrolled_to_complete_max_ms": ms(1.0),
+        "config_fetches": fetches,
+        "config_bytes": bytes,
+        "controller": {
+            "rss_mb": rss,
+            "peak_rss_mb": hwm,
+            "rss_per_site_kb": rss.zip(rss_before).map(|(a, b)| (a - b) * 1024.0 / n as f64),
+            "cpu_s": cpu.zip(cpu_before).map(|(a, b)| a - b),
+        },
+    }))
+}
+
+pub fn run(args: &Args) -> anyhow::Result<Value> {
+    anyhow::ensure!(
+        !args.sites.is_empty() && args.sites.iter().all(|n| (3..=10_000).contains(n)),
+        "--sites: sizes from 3 to 10000"
+    );
+    anyhow::ensure!(
+        (1..=64).contains(&args.api_workers),
+        "--api-workers must be 1 to 64"
+    );
+    let hub_spoke = match args.topology.as_str() {
+        "hub-spoke" => true,
+        "full-mesh" => false,
+        other => bail!("--topology {other}: full-mesh or hub-spoke"),
+    };
+    let largest = args.sites.iter().max().copied().unwrap_or(0);
+    super::push::raise_fd_limit(2 * largest as u64 + 1024)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let mut sizes = Vec::new();
+    for &n in &args.sites {
+        let dir = std::env::temp_dir().join(format!(
+            "patronus-bench-mesh-setup-{}-{n}",
+            std::process::id()
+        ));
+        progress(format_args!(
+            "{n} sites ({}): a controller process, then every site through the API",
+            args.topology
+        ));
+        let result = ControllerProcess::start(&dir).and_then(|ctl| {
+            let r = rt.block_on(one_size(n, hub_spoke, args, &ctl));
+            ctl.stop();
+            r
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+        let r = result?;
+        progress(format_args!(
+            "{n} sites: every edge held its configuration after {}",
+            fig(&r["setup_s"], 1, " s")
+        ));
+        sizes.push(r);
+    }
+    Ok(json!({
+        "bench": "mesh-setup",
+        "form": "simulated edges",
+        "topology": args.topology,
+        "api_workers": args.api_workers,
+        "sizes": sizes,
+        "machine": super::machine(),
+    }))
+}
+
+pub fn summary(r: &Value) -> String {
+    let mut lines = vec![format!(
+        "mesh-setup ({}, {}, {} API workers): from an empty controller to every edge holding its configuration",
+        r["form"].as_str().unwrap_or("?"),
+        r["topology"].as_str().unwrap_or("?"),
+        r["api_workers"],
+    )];
+    for s in r["sizes"].as_array().into_iter().flatten() {
+        lines.push(format!(
+            "  {} sites: {} (all enrolled after {}); an edge complete {} after it enrolled (p99); controller {} resident, {} per site, {} CPU",
+            s["sites"],
+            fig(&s["setup_s"], 1, " s"),
+            fig(&s["last_enrolled_s"], 1, " s"),
+            fig(&s["enrolled_to_complete_p99_ms"], 0, " ms"),
+            fig(&s["controller"]["rss_mb"], 0, " MB"),
+            fig(&s["controller"]["rss_per_site_kb"], 1, " KB"),
+            fig(&s["controller"]["cpu_s"], 1, " s"),
+        ));
+    }
+    lines.join("\n")
+}
