@@ -299,6 +299,56 @@ async fn an_edge_enrols_once_with_a_token_and_then_acts_as_its_own_site_only() {
     }
 }
 
+/// Enrolments and site creations at once, more of them than the pool has connections: an
+/// enrolment that held the write lock and asked for a second connection waited on a pool
+/// emptied by writers queued behind that lock, until the busy timeout made them fail with 500
+/// "database is locked" (found by `bench mesh-setup`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn enrolments_and_site_creations_at_once_all_succeed() {
+    let a = std::sync::Arc::new(api().await);
+    let t = a.admin().await;
+    let names: Vec<String> = (0..24).map(|i| format!("e{i}")).collect();
+    let ids = sites(
+        &a,
+        &t,
+        &names.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    let mut tokens = Vec::new();
+    for id in &ids {
+        let r = a
+            .call(
+                Method::POST,
+                &format!("/api/v1/sites/{id}/enrollment-tokens"),
+                Some(&t),
+                Some(json!({})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+        tokens.push(r.body["token"].as_str().unwrap().to_owned());
+    }
+    let mut calls = tokio::task::JoinSet::new();
+    for (i, token) in tokens.into_iter().enumerate() {
+        let (a, t) = (a.clone(), t.clone());
+        calls.spawn(async move {
+            let key = patronus_api::key_to_base64(&[i as u8 + 1; 32]);
+            let enrol = json!({ "token": token, "public_key": key });
+            let r = a
+                .call(Method::POST, "/api/v1/enroll", None, Some(enrol))
+                .await;
+            assert_eq!(r.status, StatusCode::OK, "enrolment {i}: {r:?}");
+            let new = site(&format!("n{i}"), &[&format!("10.{}.0.0/16", 100 + i)]);
+            let r = a
+                .call(Method::POST, "/api/v1/sites", Some(&t), Some(new))
+                .await;
+            assert_eq!(r.status, StatusCode::CREATED, "site {i}: {r:?}");
+        });
+    }
+    while let Some(r) = calls.join_next().await {
+        r.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn a_waiting_edge_gets_a_change_as_soon_as_it_is_made_and_304_when_there_is_none() {
     let a = api().await;
