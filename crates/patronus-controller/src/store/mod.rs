@@ -265,6 +265,12 @@ pub struct Store {
     webhook_wake: std::sync::Arc<Notify>,
     /// Newer generations learnt from other controllers: (announced, read from the table).
     followed: std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>,
+    /// This controller's writers take turns here, first come first served, before they take
+    /// a connection: a writer waiting for its turn holds no connection. Waiting in the
+    /// database's lock instead held a pooled connection per waiter (so a writer that needed a
+    /// second one could find the pool empty), and SQLite's busy handler, which sleeps and
+    /// retries, let some writers wait seconds while later ones went first.
+    writers: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 /// A transaction on either backend.
@@ -310,6 +316,9 @@ pub struct Tx {
     generation: Option<i64>,
     deliveries_queued: bool,
     store: Store,
+    /// This controller's write turn, given back after the transaction ends (fields drop in
+    /// order).
+    _turn: tokio::sync::OwnedMutexGuard<()>,
 }
 
 impl AsConn for Tx {
@@ -518,6 +527,7 @@ impl Store {
             generation: watch::channel(0).0,
             webhook_wake: std::sync::Arc::new(Notify::new()),
             followed: std::sync::Arc::default(),
+            writers: std::sync::Arc::default(),
         };
         store.migrate(migrate).await?;
         let g: i64 = query_scalar("SELECT generation FROM config_generation WHERE id = 1")
@@ -770,6 +780,7 @@ impl Store {
     /// writes waits (SQLite's busy timeout, PostgreSQL's lock queue) instead of failing when
     /// another writer committed meanwhile.
     pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
+        let turn = self.writers.clone().lock_owned().await;
         let tx = match &self.pool {
             Pool::Sqlite(p) => TxInner::Sqlite(p.begin_with("BEGIN IMMEDIATE").await?),
             Pool::Pg(p) => {
@@ -786,6 +797,7 @@ impl Store {
             generation: None,
             deliveries_queued: false,
             store: self.clone(),
+            _turn: turn,
         })
     }
 
