@@ -265,12 +265,15 @@ pub struct Store {
     webhook_wake: std::sync::Arc<Notify>,
     /// Newer generations learnt from other controllers: (announced, read from the table).
     followed: std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>,
-    /// This controller's writers take turns here, first come first served, before they take
-    /// a connection: a writer waiting for its turn holds no connection. Waiting in the
-    /// database's lock instead held a pooled connection per waiter (so a writer that needed a
-    /// second one could find the pool empty), and SQLite's busy handler, which sleeps and
-    /// retries, let some writers wait seconds while later ones went first.
+    /// This controller's writers take turns here, first come first served, and then write on
+    /// [`Store::writer`]'s one connection: a writer waiting for its turn holds no connection,
+    /// and readers never hold up a writer that has its turn. Waiting in the database's lock
+    /// instead held a pooled connection per waiter (so a writer that needed a second one
+    /// could find the pool empty), and SQLite's busy handler, which sleeps and retries, let
+    /// some writers wait seconds while later ones went first.
     writers: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// The write transactions' own connection (a pool of one, connected when first needed).
+    writer: Pool,
 }
 
 /// A transaction on either backend.
@@ -522,8 +525,22 @@ impl Store {
     }
 
     async fn start(pool: Pool, migrate: bool) -> Result<Self, StoreError> {
+        let writer = match &pool {
+            Pool::Sqlite(p) => Pool::Sqlite(
+                SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .connect_lazy_with((*p.connect_options()).clone()),
+            ),
+            Pool::Pg(p) => Pool::Pg(
+                PgPoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect_lazy_with((*p.connect_options()).clone()),
+            ),
+        };
         let mut store = Self {
             pool,
+            writer,
             generation: watch::channel(0).0,
             webhook_wake: std::sync::Arc::new(Notify::new()),
             followed: std::sync::Arc::default(),
@@ -620,6 +637,10 @@ impl Store {
 
     /// Closes every connection (SQLite: checkpoints the write-ahead log into the database).
     pub async fn close(&self) {
+        match &self.writer {
+            Pool::Sqlite(p) => p.close().await,
+            Pool::Pg(p) => p.close().await,
+        }
         match &self.pool {
             Pool::Sqlite(p) => {
                 // The last connection to close would checkpoint, but the pool's close does not
@@ -781,7 +802,7 @@ impl Store {
     /// another writer committed meanwhile.
     pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
         let turn = self.writers.clone().lock_owned().await;
-        let tx = match &self.pool {
+        let tx = match &self.writer {
             Pool::Sqlite(p) => TxInner::Sqlite(p.begin_with("BEGIN IMMEDIATE").await?),
             Pool::Pg(p) => {
                 let mut t = p.begin().await?;
