@@ -265,14 +265,15 @@ pub struct Store {
     webhook_wake: std::sync::Arc<Notify>,
     /// Newer generations learnt from other controllers: (announced, read from the table).
     followed: std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>,
-    /// This controller's writers take turns here, first come first served, and then write on
-    /// [`Store::writer`]'s one connection: a writer waiting for its turn holds no connection,
+    /// On SQLite, this controller's writers take turns here, first come first served, and then
+    /// write on [`Store::writer`]'s one connection: a writer waiting for its turn holds no connection,
     /// and readers never hold up a writer that has its turn. Waiting in the database's lock
     /// instead held a pooled connection per waiter (so a writer that needed a second one
     /// could find the pool empty), and SQLite's busy handler, which sleeps and retries, let
     /// some writers wait seconds while later ones went first.
     writers: std::sync::Arc<tokio::sync::Mutex<()>>,
-    /// The write transactions' own connection (a pool of one, connected when first needed).
+    /// SQLite: the write transactions' own connection (a pool of one, connected when first
+    /// needed). PostgreSQL: the shared pool.
     writer: Pool,
 }
 
@@ -319,9 +320,9 @@ pub struct Tx {
     generation: Option<i64>,
     deliveries_queued: bool,
     store: Store,
-    /// This controller's write turn, given back after the transaction ends (fields drop in
-    /// order).
-    _turn: tokio::sync::OwnedMutexGuard<()>,
+    /// This controller's write turn (SQLite), given back after the transaction ends (fields
+    /// drop in order).
+    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl AsConn for Tx {
@@ -531,12 +532,8 @@ impl Store {
                     .max_connections(1)
                     .connect_lazy_with((*p.connect_options()).clone()),
             ),
-            Pool::Pg(p) => Pool::Pg(
-                PgPoolOptions::new()
-                    .max_connections(1)
-                    .acquire_timeout(Duration::from_secs(10))
-                    .connect_lazy_with((*p.connect_options()).clone()),
-            ),
+            // Not used: PostgreSQL's writers take connections from the shared pool.
+            Pool::Pg(p) => Pool::Pg(p.clone()),
         };
         let mut store = Self {
             pool,
@@ -637,9 +634,8 @@ impl Store {
 
     /// Closes every connection (SQLite: checkpoints the write-ahead log into the database).
     pub async fn close(&self) {
-        match &self.writer {
-            Pool::Sqlite(p) => p.close().await,
-            Pool::Pg(p) => p.close().await,
+        if let Pool::Sqlite(w) = &self.writer {
+            w.close().await;
         }
         match &self.pool {
             Pool::Sqlite(p) => {
@@ -801,16 +797,25 @@ impl Store {
     /// writes waits (SQLite's busy timeout, PostgreSQL's lock queue) instead of failing when
     /// another writer committed meanwhile.
     pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
-        let turn = self.writers.clone().lock_owned().await;
-        let tx = match &self.writer {
-            Pool::Sqlite(p) => TxInner::Sqlite(p.begin_with("BEGIN IMMEDIATE").await?),
+        let (tx, turn) = match &self.writer {
+            Pool::Sqlite(p) => {
+                let turn = self.writers.clone().lock_owned().await;
+                (
+                    TxInner::Sqlite(p.begin_with("BEGIN IMMEDIATE").await?),
+                    Some(turn),
+                )
+            }
+            // PostgreSQL queues the advisory lock's waiters in order itself. A turn taken in
+            // the controller first made the mixed load of bench api-load worse (p99 of its
+            // writes 155 -> ~500 ms): the holder's statements queue behind the readers' for
+            // the CPU, and every other writer waits on it.
             Pool::Pg(p) => {
                 let mut t = p.begin().await?;
                 sqlx::query("SELECT pg_advisory_xact_lock($1)")
                     .bind(WRITE_LOCK)
                     .execute(&mut *t)
                     .await?;
-                TxInner::Pg(t)
+                (TxInner::Pg(t), None)
             }
         };
         Ok(Tx {
