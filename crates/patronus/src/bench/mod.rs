@@ -17,6 +17,7 @@ mod mesh;
 mod mesh_setup;
 mod path_select;
 mod push;
+mod report;
 mod throughput;
 mod wan_emulator;
 
@@ -59,6 +60,10 @@ pub enum Bench {
     /// corrupted, machine lost, site deleted, edge machine lost, secrets compromised): RTO,
     /// RPO and the data plane's loss of each, beside the seed's targets.
     Dr(dr::Args),
+    /// Runs the benches (all but `dr`, or those named; `--short` for CI's form) and puts their
+    /// figures beside the seed's baseline table, as JSON and Markdown; with `--baseline` an
+    /// earlier report's JSON, fails when a figure got worse than its tolerance allows.
+    Report(report::Args),
 }
 
 pub fn run(b: Bench) -> anyhow::Result<()> {
@@ -74,12 +79,17 @@ pub fn run(b: Bench) -> anyhow::Result<()> {
         Bench::ApiLoad(args) => with_summary(api_load::run(&args)?, api_load::summary),
         Bench::Backup(args) => with_summary(backup::run(&args)?, backup::summary),
         Bench::Dr(args) => with_summary(dr::run(&args)?, dr::summary),
+        Bench::Report(args) => with_summary(report::run(&args)?, report::summary),
     };
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, &report)?;
     writeln!(out)?;
     drop(out);
     let _ = writeln!(std::io::stderr(), "{summary}");
+    // A report that found a failed bench or a regression says so in its JSON, and fails.
+    if let Some(why) = report::verdict(&report) {
+        anyhow::bail!("bench report: {why}");
+    }
     Ok(())
 }
 

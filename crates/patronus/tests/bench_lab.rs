@@ -1,0 +1,80 @@
+//! Every benchmark of `patronus bench report`'s suite, in its short form, as CI runs them: so
+//! that none can rot unnoticed. Each runs as its own process and must print its JSON; the
+//! figures of a short run are not checked against anything (a debug build on a busy machine),
+//! only that each bench measured something. `bench dr` is run by `controller_lab`.
+//! Runs on the lab's harness: without root it is counted as ignored, and
+//! `PATRONUS_REQUIRE_LAB=1` makes that a failure.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn main() -> std::process::ExitCode {
+    patronus_lab::harness::run(
+        "bench",
+        vec![
+            patronus_lab::lab_test!(every_bench_of_the_report_runs_in_its_short_form).needs(&[
+                "iperf3",
+                "wireguard-go",
+                "wg",
+            ]),
+        ],
+    )
+}
+
+fn every_bench_of_the_report_runs_in_its_short_form() {
+    let dir = tempfile::tempdir().unwrap();
+    let md = dir.path().join("report.md");
+    let out = Command::new(env!("CARGO_BIN_EXE_patronus"))
+        .args(["bench", "report", "--short", "--markdown"])
+        .arg(&md)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "bench report --short failed:\n{stderr}"
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let results = r["results"].as_object().unwrap();
+    for name in [
+        "path-select",
+        "mesh",
+        "mesh-setup",
+        "push",
+        "api-cost",
+        "api-load",
+        "backup",
+        "wan-emulator",
+        "failover",
+        "throughput",
+    ] {
+        let res = &results[name];
+        assert!(res["error"].is_null(), "{name}: {}", res["error"]);
+        assert_eq!(res["result"]["bench"], name, "{name} printed its JSON");
+    }
+    // The figures a short run has are in the report, each with its command.
+    let figures = r["figures"].as_array().unwrap();
+    for id in [
+        "path_select_p99_ns",
+        "failover_cut_p50_ms",
+        "throughput_over_veth",
+        "api_load_sqlite_site_per_s",
+    ] {
+        let f = figures.iter().find(|f| f["id"] == id).unwrap();
+        assert!(f["value"].as_f64().is_some(), "{id}: no value in {f}");
+        assert!(
+            f["command"]
+                .as_str()
+                .unwrap()
+                .starts_with("patronus bench ")
+        );
+    }
+    let text = std::fs::read_to_string(&md).unwrap();
+    assert!(
+        text.contains("| Figure | The seed's plan | Patronus | Command |"),
+        "{text}"
+    );
+    assert!(text.contains("≈ 47 µs"), "{text}");
+}
