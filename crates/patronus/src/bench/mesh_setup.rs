@@ -17,9 +17,7 @@
 //! real edges.
 
 use std::collections::BTreeSet;
-use std::io::BufRead;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -28,6 +26,7 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
 use super::http::Client;
+use super::process::ControllerProcess;
 use super::{fig, progress};
 
 #[derive(Debug, clap::Args)]
@@ -47,118 +46,6 @@ pub struct Args {
 }
 
 const HUBS: usize = 2;
-
-/// A `patronus controller` process of this binary on loopback, in its own directory.
-struct ControllerProcess {
-    child: Child,
-    addr: SocketAddr,
-    password: String,
-}
-
-impl ControllerProcess {
-    fn start(dir: &std::path::Path) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        let config = dir.join("controller.toml");
-        // The simulated edges all come from 127.0.0.1: the per-address limits of a
-        // controller facing the Internet would refuse them.
-        std::fs::write(
-            &config,
-            format!(
-                "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\nplain_http = true\n\
-                 auth_rate_per_minute = 1000000\nmax_connections = 100000\n\
-                 max_connections_per_address = 1000000\nlog_level = \"warn\"\n",
-                dir.display().to_string()
-            ),
-        )?;
-        let mut pw = [0u8; 18];
-        getrandom::getrandom(&mut pw)?;
-        let password = format!("{}-Aa1", patronus_controller::auth::b64url(&pw));
-        let mut child = Command::new(std::env::current_exe()?)
-            .args(["controller", "--config"])
-            .arg(&config)
-            .env("PATRONUS_ADMIN_EMAIL", "bench@example.net")
-            .env("PATRONUS_ADMIN_PASSWORD", &password)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting `patronus controller`")?;
-        let stderr = child.stderr.take().context("no stderr")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Reads the controller's log to its end (so that it never blocks on a full pipe), and
-        // passes on the address it listens on.
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Some(rest) = line.split("listening on http://").nth(1)
-                    && let Some(t) = tx.take()
-                {
-                    let _ = t.send(rest.split('/').next().unwrap_or("").to_owned());
-                } else if !line.contains("listening on") {
-                    progress(format_args!("controller: {line}"));
-                }
-            }
-        });
-        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(a) => a.parse().context("the controller's address")?,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("the controller did not say where it listens within 60 s");
-            }
-        };
-        Ok(Self {
-            child,
-            addr,
-            password,
-        })
-    }
-
-    /// Resident and peak memory (MB) and CPU time (s, user + system) so far.
-    fn usage(&self) -> (Option<f64>, Option<f64>, Option<f64>) {
-        let pid = self.child.id();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let kb = |key: &str| {
-            status
-                .lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-                .map(|v| v / 1024.0)
-        };
-        let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                // The fields after the command's name, which is in parentheses.
-                let rest = s.rsplit_once(')')?.1;
-                let f: Vec<&str> = rest.split_whitespace().collect();
-                let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-                let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-                    .ok()
-                    .flatten()? as f64;
-                Some(ticks / hz)
-            });
-        (kb("VmRSS:"), kb("VmHWM:"), cpu)
-    }
-
-    fn stop(mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for ControllerProcess {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 /// What one simulated edge did: when it enrolled and when it held its whole configuration,
 /// the configurations and deltas it fetched, and their bytes.
@@ -455,7 +342,7 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
             "{n} sites ({}): a controller process, then every site through the API",
             args.topology
         ));
-        let result = ControllerProcess::start(&dir).and_then(|ctl| {
+        let result = ControllerProcess::start(&dir, None, None).and_then(|ctl| {
             let r = rt.block_on(one_size(n, hub_spoke, args, &ctl));
             ctl.stop();
             r

@@ -16,6 +16,7 @@ mod http;
 mod mesh;
 mod mesh_setup;
 mod path_select;
+mod process;
 mod push;
 mod report;
 mod throughput;

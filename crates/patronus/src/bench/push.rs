@@ -1,6 +1,6 @@
-//! `patronus bench push`: real controllers (their HTTP servers on loopback, their store an
-//! SQLite file in a temporary directory, or one PostgreSQL database on a throwaway server the
-//! bench starts and stops) and N simulated edges in this process, each a real client of the
+//! `patronus bench push`: real controllers (`patronus controller` processes on loopback, their
+//! store an SQLite file in a temporary directory, or one PostgreSQL database on a throwaway
+//! server the bench starts and stops) and N simulated edges in this process, each a real client of the
 //! configuration protocol: it fetches its configuration, then waits for what changes with a
 //! long poll (`If-None-Match` + `wait`) on the delta endpoint (`--full`: the whole
 //! configuration). One policy is created through the API of the first controller; the
@@ -127,8 +127,7 @@ pub(super) struct BenchController {
     pub addr: SocketAddr,
     pub creds: Vec<String>,
     password: String,
-    database: Database,
-    /// The controller's state, read for what its metrics would say.
+    /// The controller's state (its store).
     state: patronus_controller::app::AppState,
     stop: tokio::sync::oneshot::Sender<()>,
     server: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -144,15 +143,6 @@ impl BenchController {
         Self::start_on(dir, database, sites, hubs).await
     }
 
-    /// Another controller over `first`'s database and data directory (its signing key): it
-    /// serves the same sites, credentials and admin.
-    pub(super) async fn join(dir: &std::path::Path, first: &Self) -> anyhow::Result<Self> {
-        let mut c = Self::start_on(dir, first.database.clone(), 0, None).await?;
-        c.creds = first.creds.clone();
-        c.password = first.password.clone();
-        Ok(c)
-    }
-
     /// A controller on `database` with `sites` sites written into it (none: a controller
     /// that joins a populated database).
     pub(super) async fn start_on(
@@ -162,7 +152,7 @@ impl BenchController {
         hubs: Option<usize>,
     ) -> anyhow::Result<Self> {
         let mut config = Config::with_data_dir(dir.to_path_buf());
-        config.database = database.clone();
+        config.database = database;
         config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         // The simulated edges speak plain HTTP on loopback: this measures the controller's
         // fan-out, not TLS handshakes (each real edge's request is a TLS connection; see the
@@ -207,7 +197,6 @@ impl BenchController {
             addr,
             creds,
             password,
-            database,
             state,
             stop,
             server,
@@ -235,18 +224,41 @@ impl BenchController {
         &self.state.store
     }
 
-    /// Configuration long polls this controller holds now (`patronus_edge_config_long_polls`).
-    pub(super) fn long_polls(&self) -> usize {
-        self.state
-            .long_polls
-            .load(std::sync::atomic::Ordering::Relaxed)
-    }
-
     /// Stops the server and waits for it.
     pub(super) async fn stop(self) {
         let _ = self.stop.send(());
         let _ = self.server.await;
     }
+}
+
+/// The admin's access token from the controller at `addr`.
+async fn login(addr: SocketAddr, password: &str) -> anyhow::Result<String> {
+    let (status, login) = post(
+        addr,
+        "/api/v1/auth/login",
+        None,
+        &json!({ "email": "bench@example.net", "password": password }),
+    )
+    .await?;
+    anyhow::ensure!(status == 200, "login: {status}");
+    Ok(login["access_token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned())
+}
+
+/// Configuration long polls the controller at `addr` holds now, from its metrics
+/// (`patronus_edge_config_long_polls`).
+async fn long_polls(addr: SocketAddr, token: &str) -> anyhow::Result<usize> {
+    let mut c = super::http::Client::connect(addr, token).await?;
+    let a = c.request("GET", "/metrics", None, None).await?;
+    anyhow::ensure!(a.status == 200, "GET /metrics: {}", a.status);
+    let text = String::from_utf8_lossy(&a.body);
+    text.lines()
+        .find_map(|l| l.strip_prefix("patronus_edge_config_long_polls "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as usize)
+        .context("no patronus_edge_config_long_polls in the controller's metrics")
 }
 
 pub(super) fn raise_fd_limit(need: u64) -> anyhow::Result<()> {
@@ -354,15 +366,32 @@ async fn run_once(
             "{controllers} controller(s) on {backend} with {} sites ({})",
             args.edges, args.topology
         ));
-        let mut cs = vec![
-            BenchController::start_on(&dir, database, args.edges, hub_spoke.then_some(2)).await?,
-        ];
-        for _ in 1..controllers {
-            let c = BenchController::join(&dir, &cs[0]).await?;
-            cs.push(c);
+        // The store is written here, then served by controller processes of their own: the
+        // edges' sockets and the controllers' are then in different processes, each under
+        // its open-file limit (10,000 edges hold 10,000 sockets on each side).
+        let url = match &database {
+            Database::Sqlite(path) => path.display().to_string(),
+            Database::Postgres(u) => u.clone(),
+        };
+        let first =
+            BenchController::start_on(&dir, database, args.edges, hub_spoke.then_some(2)).await?;
+        let (creds, password) = (first.creds.clone(), first.password.clone());
+        let store = first.store().clone();
+        first.stop().await;
+        store.close().await;
+        let mut cs = Vec::new();
+        for _ in 0..controllers {
+            cs.push(super::process::ControllerProcess::start(
+                &dir,
+                Some(&url),
+                Some(password.clone()),
+            )?);
         }
         let addrs: Vec<SocketAddr> = cs.iter().map(|c| c.addr).collect();
-        let creds = cs[0].creds.clone();
+        let mut tokens = Vec::new();
+        for a in &addrs {
+            tokens.push(login(*a, &password).await?);
+        }
 
         progress(format_args!(
             "{} edges fetch their configuration and long-poll for the next",
@@ -382,17 +411,29 @@ async fn run_once(
             let waiting = waiting.clone();
             let addr = addrs[i % addrs.len()];
             edges.push(tokio::spawn(async move {
-                let (status, etag, _) = get(addr, "/api/v1/edge/config", &c, None).await?;
-                anyhow::ensure!(status == 200, "initial fetch: {status}");
-                let etag = etag.context("no ETag")?;
+                // One keep-alive connection, as an edge holds to its controller.
+                let mut conn = super::http::Client::connect(addr, &c).await?;
+                let a = conn
+                    .request("GET", "/api/v1/edge/config", None, None)
+                    .await?;
+                anyhow::ensure!(
+                    a.status == 200,
+                    "initial fetch: {} {}",
+                    a.status,
+                    String::from_utf8_lossy(&a.body)
+                );
+                let etag = a.etag.context("no ETag")?;
                 waiting.fetch_add(1, Ordering::SeqCst);
-                let (status, new, bytes) = get(addr, poll, &c, Some(&etag)).await?;
+                let a = conn
+                    .send("GET", poll, &[("If-None-Match", &etag)], None)
+                    .await?;
                 let at = Instant::now();
                 anyhow::ensure!(
-                    status == 200 && new.as_deref() != Some(&etag),
-                    "long poll: {status}"
+                    a.status == 200 && a.etag.as_deref() != Some(&etag),
+                    "long poll: {}",
+                    a.status
                 );
-                anyhow::Ok((at, bytes))
+                anyhow::Ok((at, a.body.len()))
             }));
         }
         while waiting.load(Ordering::SeqCst) < args.edges {
@@ -415,17 +456,23 @@ async fn run_once(
         let initial_ms = t.elapsed().as_secs_f64() * 1e3;
         // The write is timed only once every long poll is held by a controller: an edge whose
         // request was still on its way would be timed from the write, not from the wake.
-        while cs.iter().map(|c| c.long_polls()).sum::<usize>() < args.edges {
+        loop {
+            let mut held = 0;
+            for (a, tok) in addrs.iter().zip(&tokens) {
+                held += long_polls(*a, tok).await?;
+            }
+            if held >= args.edges {
+                break;
+            }
             anyhow::ensure!(
                 t.elapsed() < Duration::from_secs(120),
-                "{} of {} long polls held in 120 s",
-                cs.iter().map(|c| c.long_polls()).sum::<usize>(),
+                "{held} of {} long polls held in 120 s",
                 args.edges
             );
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
 
-        let token = cs[0].login().await?;
+        let token = tokens[0].clone();
         let policy = json!({
             "name": "voice", "order": 10, "class": "realtime", "steering": "duplicate",
             "match": { "protocol": "udp", "dst_ports": ["16384-32767"] }
@@ -448,7 +495,7 @@ async fn run_once(
             bytes += b;
         }
         for c in cs {
-            c.stop().await;
+            c.stop();
         }
         delays_us.sort_unstable();
         let pct =
