@@ -307,7 +307,8 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
         "postgres" => true,
         other => bail!("--backend {other}: sqlite or postgres"),
     };
-    raise_fd_limit(2 * args.edges as u64 + 256 * args.controllers as u64)?;
+    // The edges' sockets only: the controllers are processes of their own.
+    raise_fd_limit(args.edges as u64 + 1024)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
