@@ -48,6 +48,7 @@ fn every_bench_of_the_report_runs_in_its_short_form() {
         "backup",
         "wan-emulator",
         "failover",
+        "failover-storm",
         "throughput",
     ] {
         let res = &results[name];

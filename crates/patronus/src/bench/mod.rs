@@ -12,6 +12,7 @@ mod api_load;
 mod backup;
 mod dr;
 mod failover;
+mod failover_storm;
 mod http;
 mod mesh;
 mod mesh_setup;
@@ -33,6 +34,10 @@ pub enum Bench {
     /// (root) Hard failover through real edges in the lab: loss-derived outage per link cut,
     /// with the default steering and with `duplicate`.
     Failover(failover::Args),
+    /// (root) A hub and N spokes enrolled through a controller, a stream from every spoke;
+    /// the hub's active link cut: every stream's outage, and how long until the API and the
+    /// webhooks show every failover.
+    FailoverStorm(failover_storm::Args),
     /// (root) One TCP stream between LAN hosts of two sites: through Patronus, through a pair
     /// of wireguard-go peers, and over the bare veth, in one run.
     Throughput(throughput::Args),
@@ -72,6 +77,9 @@ pub fn run(b: Bench) -> anyhow::Result<()> {
         Bench::PathSelect(args) => with_summary(path_select::run(&args)?, path_select::summary),
         Bench::WanEmulator(args) => with_summary(wan_emulator::run(&args)?, wan_emulator::summary),
         Bench::Failover(args) => with_summary(failover::run(&args)?, failover::summary),
+        Bench::FailoverStorm(args) => {
+            with_summary(failover_storm::run(&args)?, failover_storm::summary)
+        }
         Bench::Throughput(args) => with_summary(throughput::run(&args)?, throughput::summary),
         Bench::Mesh(args) => with_summary(mesh::run(&args)?, mesh::summary),
         Bench::MeshSetup(args) => with_summary(mesh_setup::run(&args)?, mesh_setup::summary),

@@ -22,7 +22,7 @@ use super::progress;
 pub struct Args {
     /// The benches to run, comma-separated (default: all but `dr`, which the lab tests run
     /// and which takes minutes): path-select, mesh, mesh-setup, push, api-cost, api-load,
-    /// backup, wan-emulator, failover, throughput, dr.
+    /// backup, wan-emulator, failover, failover-storm, throughput, dr.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Each bench in its short form (seconds, small N), as CI runs them: the figures then
@@ -113,6 +113,13 @@ const SUITE: &[Entry] = &[
         name: "failover",
         full: &[],
         short: &["--trials", "2"],
+        root: true,
+        default: true,
+    },
+    Entry {
+        name: "failover-storm",
+        full: &["--spokes", "10", "--cuts", "6"],
+        short: &["--spokes", "3", "--cuts", "1"],
         root: true,
         default: true,
     },
@@ -267,6 +274,28 @@ const FIGURES: &[Figure] = &[
         seed: "",
         better: Better::Lower,
         tolerance: 1.5,
+    },
+    Figure {
+        id: "failover_storm_p99_ms",
+        what: "Failover storm: the hub's active link cut under every spoke's stream, outage p99",
+        bench: "failover-storm",
+        get: |r| r["outage_ms_p99"].as_f64(),
+        unit: " ms",
+        decimals: 0,
+        seed: "",
+        better: Better::Lower,
+        tolerance: 1.5,
+    },
+    Figure {
+        id: "failover_storm_api_s",
+        what: "Failover storm: until the API lists every spoke's failover (worst cut)",
+        bench: "failover-storm",
+        get: |r| r["api_every_failover_s_max"].as_f64(),
+        unit: " s",
+        decimals: 2,
+        seed: "",
+        better: Better::Lower,
+        tolerance: 3.0,
     },
     Figure {
         id: "throughput_over_wireguard_go",

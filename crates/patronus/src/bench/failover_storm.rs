@@ -1,0 +1,420 @@
+//! `patronus bench failover-storm` (root): a hub and `--spokes` spokes in the lab, each site with
+//! a broadband and an LTE link, enrolled through a real controller (TLS, its own namespace)
+//! with a webhook for failovers. A UDP stream runs from a LAN host of every spoke to the hub's
+//! LAN host; then the hub's active link is cut, so every spoke's flow fails over at once (the
+//! cuts alternate between the hub's two links, the one to cut made the better one before).
+//! Per cut: the outage of every stream (loss-derived), how long until the controller's API
+//! lists a failover from every spoke, and how long until the webhook receiver holds one for
+//! every spoke. The link is restored and every path waited for before the next cut.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use patronus_lab::{Lab, LabOptions, Topology, edges};
+use serde_json::{Value, json};
+
+use super::{fig, progress};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Spokes (each an edge process with two links; the hub has the same).
+    #[arg(long, default_value_t = 10)]
+    spokes: usize,
+    /// Cuts of the hub's active link, one after another.
+    #[arg(long, default_value_t = 3)]
+    cuts: usize,
+    /// Packets per second of each spoke's stream.
+    #[arg(long, default_value_t = 200)]
+    rate: u32,
+    /// How long to wait for the API and the webhooks to show every failover, in seconds.
+    #[arg(long, default_value_t = 60)]
+    patience_s: u64,
+}
+
+const EMAIL: &str = "admin@example.net";
+
+/// The lab, its controller and a logged-in API client in the controller's namespace.
+struct Storm {
+    lab: Lab,
+    url: String,
+    token: String,
+    controller: u32,
+    edges: Vec<u32>,
+}
+
+impl Storm {
+    fn request(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let (url, token) = (self.url.clone(), self.token.clone());
+        let (m, p) = (method.to_owned(), path.to_owned());
+        let r = patronus_lab::netns::run_in(&self.lab.ns("controller")?, move || {
+            crate::api_client::request(&url, &m, &p, Some(&token), body.as_ref())
+        })?;
+        anyhow::ensure!(
+            (200..300).contains(&r.status),
+            "{method} {path}: {} {}",
+            r.status,
+            r.body
+        );
+        Ok(r.body)
+    }
+
+    fn paths_up(&self) -> anyhow::Result<usize> {
+        Ok(
+            self.request("GET", "/api/v1/paths?state=up&limit=500", None)?["items"]
+                .as_array()
+                .map_or(0, Vec::len),
+        )
+    }
+
+    /// Waits until the API shows `want` paths up, three reads in a row.
+    fn wait_paths(&self, want: usize, patience: Duration) -> anyhow::Result<f64> {
+        let t = Instant::now();
+        let mut stable = 0;
+        loop {
+            let up = self.paths_up()?;
+            stable = if up >= want { stable + 1 } else { 0 };
+            if stable >= 3 {
+                return Ok(t.elapsed().as_secs_f64());
+            }
+            anyhow::ensure!(
+                t.elapsed() < patience,
+                "{up} of {want} paths up after {} s",
+                patience.as_secs()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+}
+
+impl Drop for Storm {
+    fn drop(&mut self) {
+        for pid in self.edges.iter().chain(std::iter::once(&self.controller)) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+}
+
+fn up(args: &Args) -> anyhow::Result<(Storm, patronus_lab::webhook::Receiver)> {
+    let exe = std::env::current_exe().context("finding this program")?;
+    progress(format_args!("lab up: a hub and {} spokes", args.spokes));
+    let lab = Lab::up(
+        &Topology::hub_and_spokes(args.spokes)?,
+        LabOptions::default(),
+    )?;
+    let run: PathBuf = patronus_lab::lab::run_dir(lab.run_id());
+    let ctl = lab.addr("controller", false)?;
+    let url = format!("https://{ctl}:8080");
+    let tls_dir = run.join("controller-tls");
+    let fingerprint = patronus_controller::https::generate(&tls_dir, &[ctl.to_string()])?;
+    let (cert, key) = patronus_controller::https::generated_paths(&tls_dir);
+    crate::api_client::pin(std::slice::from_ref(&fingerprint))?;
+    let mut pw = [0u8; 18];
+    getrandom::getrandom(&mut pw)?;
+    let password = format!("{}-Aa1", patronus_controller::auth::b64url(&pw));
+    let mut cmd = Command::new(&exe);
+    cmd.args([
+        "controller",
+        "--listen",
+        &format!("{ctl}:8080"),
+        "--data-dir",
+    ])
+    .arg(run.join("controller"))
+    .env("PATRONUS_TLS_CERT_FILE", &cert)
+    .env("PATRONUS_TLS_KEY_FILE", &key)
+    .env("PATRONUS_ADMIN_EMAIL", EMAIL)
+    .env("PATRONUS_ADMIN_PASSWORD", &password)
+    // The webhook receiver listens beside the controller, on the lab's private address.
+    .env("PATRONUS_WEBHOOK_ALLOWED_NETWORKS", format!("{ctl}/32"));
+    let log = std::fs::File::create(run.join("controller.log"))?;
+    let controller = lab.spawn_logged("controller", cmd, log)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let token = loop {
+        let (u, p) = (url.clone(), password.clone());
+        match patronus_lab::netns::run_in(&lab.ns("controller")?, move || {
+            crate::api_client::login(&u, EMAIL, &p, None)
+        }) {
+            Ok(c) => break c.access_token,
+            Err(e) => {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "the controller did not answer: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    };
+    let mut storm = Storm {
+        lab,
+        url: url.clone(),
+        token,
+        controller,
+        edges: Vec::new(),
+    };
+    progress(format_args!("sites, hub-and-spoke topology, enrolment"));
+    let plan = storm.lab.plan().clone();
+    let mut ids = Vec::new();
+    for s in &plan.sites {
+        let links: Vec<Value> = s
+            .links
+            .iter()
+            .map(|l| json!({ "name": l.name.as_str(), "kind": l.kind.as_str() }))
+            .collect();
+        let site = storm.request(
+            "POST",
+            "/api/v1/sites",
+            Some(json!({
+                "name": s.name.as_str(),
+                "lan_prefixes": [s.lan4.to_string(), s.lan6.to_string()],
+                "links": links,
+            })),
+        )?;
+        ids.push(site["id"].as_i64().context("a site id")?);
+    }
+    let hub = ids[0];
+    let (url_t, token_t) = (storm.url.clone(), storm.token.clone());
+    let topo = patronus_lab::netns::run_in(&storm.lab.ns("controller")?, move || {
+        crate::api_client::request(&url_t, "GET", "/api/v1/topology", Some(&token_t), None)
+    })?;
+    let (url_t, token_t) = (storm.url.clone(), storm.token.clone());
+    let etag = topo.etag.context("the topology's ETag")?;
+    let r = patronus_lab::netns::run_in(&storm.lab.ns("controller")?, move || {
+        crate::api_client::request_via(
+            None,
+            &url_t,
+            "PATCH",
+            "/api/v1/topology",
+            Some(&token_t),
+            Some(&json!({ "mode": "hub-spoke", "hubs": [hub] })),
+            &[("If-Match", &etag)],
+        )
+    })?;
+    anyhow::ensure!(r.status == 200, "PATCH /topology: {} {}", r.status, r.body);
+    let receiver = patronus_lab::webhook::Receiver::start_in(
+        &storm.lab.ns("controller")?,
+        std::net::SocketAddr::new(ctl, 0),
+    )?;
+    storm.request(
+        "POST",
+        "/api/v1/webhooks",
+        Some(json!({ "url": receiver.url(), "events": ["failover"] })),
+    )?;
+    for (i, (s, id)) in plan.sites.iter().zip(&ids).enumerate() {
+        let t = storm.request(
+            "POST",
+            &format!("/api/v1/sites/{id}/enrollment-tokens"),
+            Some(json!({})),
+        )?;
+        let mut local = edges::local_config(
+            &plan,
+            i,
+            &url,
+            edges::edge_dir(&storm.lab, s.name.as_str()).join("state"),
+        );
+        local.ca_fingerprint = vec![fingerprint.clone()];
+        let pid = edges::controller_edge(
+            &storm.lab,
+            &exe,
+            s.name.as_str(),
+            &local,
+            "run",
+            Some(t["token"].as_str().context("a token")?),
+        )?;
+        storm.edges.push(pid);
+    }
+    Ok((storm, receiver))
+}
+
+/// Spokes (by name) with a failover to the hub at or after `since_ms` in the API.
+fn failovers_in_api(
+    s: &Storm,
+    since_ms: i64,
+) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    let v = s.request(
+        "GET",
+        &format!("/api/v1/failover/events?since={since_ms}&limit=500"),
+        None,
+    )?;
+    Ok(v["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["peer"] == "hub")
+        .filter_map(|e| e["site"].as_str().map(str::to_owned))
+        .collect())
+}
+
+/// Spokes with a failover webhook at or after `since_ms`.
+fn failovers_hooked(
+    r: &patronus_lab::webhook::Receiver,
+    since_ms: i64,
+) -> std::collections::BTreeSet<String> {
+    r.received()
+        .iter()
+        .map(|d| d.json())
+        .filter(|v| v["type"] == "failover" && v["data"]["peer"] == "hub")
+        .filter(|v| v["data"]["at_ms"].as_i64().is_some_and(|t| t >= since_ms))
+        .filter_map(|v| v["data"]["site"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn now_ms() -> i64 {
+    patronus_controller::store::now_ms()
+}
+
+pub fn run(args: &Args) -> anyhow::Result<Value> {
+    anyhow::ensure!(
+        (1..=100).contains(&args.spokes),
+        "--spokes must be 1 to 100"
+    );
+    anyhow::ensure!((1..=100).contains(&args.cuts), "--cuts must be 1 to 100");
+    anyhow::ensure!(
+        (10..=10_000).contains(&args.rate),
+        "--rate must be 10 to 10000"
+    );
+    let patience = Duration::from_secs(args.patience_s);
+    let (storm, receiver) = up(args)?;
+    let want = 4 * args.spokes;
+    progress(format_args!("waiting for all {want} paths up"));
+    storm.wait_paths(want, Duration::from_secs(120))?;
+    let hub_host = storm.lab.addr("hub/h1", false)?;
+    let hub_ns = storm.lab.ns("hub/h1")?;
+    let mut outages = Vec::new();
+    let mut cuts = Vec::new();
+    for k in 0..args.cuts {
+        // The link to cut is made the better one (the other gets 20 ms more delay), so that
+        // every spoke's new flow takes it and every one must move when it is cut. The two
+        // links take turns: flows moved by a cut stay where they went (no failback).
+        let (target, other) = if k % 2 == 0 {
+            ("hub/inet", "hub/lte")
+        } else {
+            ("hub/lte", "hub/inet")
+        };
+        storm.lab.link_command(other, &["set", "delay=20ms"])?;
+        storm.lab.link_command(target, &["set", "delay=0ms"])?;
+        std::thread::sleep(Duration::from_secs(3));
+        progress(format_args!(
+            "cut {} of {}: {} streams, then {target} cut",
+            k + 1,
+            args.cuts,
+            args.spokes
+        ));
+        let reports = std::thread::scope(|sc| -> anyhow::Result<_> {
+            let mut runs = Vec::new();
+            for i in 1..=args.spokes {
+                let from = storm.lab.ns(&format!("spoke{i}/h1"))?;
+                let to = hub_ns.clone();
+                let cfg = patronus_lab::stream::StreamConfig {
+                    rate_pps: args.rate,
+                    duration: Duration::from_secs(4),
+                    // A new flow every cut.
+                    port: 46000 + (k * args.spokes + i) as u16,
+                    ..Default::default()
+                };
+                runs.push(sc.spawn(move || patronus_lab::stream::run(&from, &to, hub_host, &cfg)));
+            }
+            std::thread::sleep(Duration::from_millis(1500));
+            let cut_ms = now_ms();
+            let cut_at = Instant::now();
+            storm.lab.link_command(target, &["cut"])?;
+            // The API and the webhooks, watched while the streams run on.
+            let (mut api_s, mut hook_s) = (None, None);
+            while api_s.is_none() || hook_s.is_none() {
+                if api_s.is_none() && failovers_in_api(&storm, cut_ms)?.len() >= args.spokes {
+                    api_s = Some(cut_at.elapsed().as_secs_f64());
+                }
+                if hook_s.is_none() && failovers_hooked(&receiver, cut_ms).len() >= args.spokes {
+                    hook_s = Some(cut_at.elapsed().as_secs_f64());
+                }
+                if cut_at.elapsed() > patience {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let mut reports = Vec::new();
+            for r in runs {
+                reports.push(
+                    r.join()
+                        .map_err(|_| anyhow::anyhow!("a stream thread panicked"))??,
+                );
+            }
+            Ok((cut_ms, api_s, hook_s, reports))
+        })?;
+        let (cut_ms, api_s, hook_s, reports) = reports;
+        let in_api = failovers_in_api(&storm, cut_ms)?.len();
+        let hooked = failovers_hooked(&receiver, cut_ms).len();
+        let lost: u64 = reports.iter().map(|r| r.lost).sum();
+        let mut o: Vec<f64> = reports.iter().map(|r| r.outage_ms).collect();
+        outages.extend(o.iter().copied());
+        o.sort_by(f64::total_cmp);
+        progress(format_args!(
+            "cut {}: outages {:.0}..{:.0} ms; every failover in the API after {}, every webhook after {}",
+            k + 1,
+            o.first().copied().unwrap_or(f64::NAN),
+            o.last().copied().unwrap_or(f64::NAN),
+            api_s.map_or("never".to_owned(), |s| format!("{s:.2} s")),
+            hook_s.map_or("never".to_owned(), |s| format!("{s:.2} s")),
+        ));
+        storm.lab.link_command(target, &["restore"])?;
+        let back_s = storm.wait_paths(want, Duration::from_secs(120))?;
+        cuts.push(json!({
+            "cut": target,
+            "outages_ms": o,
+            "packets_lost": lost,
+            "packets_sent": reports.iter().map(|r| r.sent).sum::<u64>(),
+            "api_every_failover_s": api_s,
+            "spokes_failed_over_in_api": in_api,
+            "webhook_every_failover_s": hook_s,
+            "spokes_with_a_webhook": hooked,
+            "paths_back_after_restore_s": back_s,
+        }));
+    }
+    outages.sort_by(f64::total_cmp);
+    let pct = |q: f64| -> Option<f64> {
+        if outages.is_empty() {
+            return None;
+        }
+        let i = ((q * outages.len() as f64).ceil() as usize).clamp(1, outages.len()) - 1;
+        Some(outages[i])
+    };
+    let worst = |k: &str| {
+        cuts.iter()
+            .map(|c| c[k].as_f64())
+            .try_fold(0.0f64, |m, v| v.map(|v| m.max(v)))
+    };
+    let webhooks = receiver.received().len();
+    drop(storm);
+    Ok(json!({
+        "bench": "failover-storm",
+        "spokes": args.spokes,
+        "cuts": args.cuts,
+        "rate_pps": args.rate,
+        "set": "before each cut, the other hub link 20 ms more delay, so that every new flow is on the link cut",
+        "streams": args.spokes * args.cuts,
+        "outage_ms_p50": pct(0.5),
+        "outage_ms_p99": pct(0.99),
+        "outage_ms_max": outages.last(),
+        "api_every_failover_s_max": worst("api_every_failover_s"),
+        "webhook_every_failover_s_max": worst("webhook_every_failover_s"),
+        "webhooks_received": webhooks,
+        "per_cut": cuts,
+        "machine": super::machine(),
+    }))
+}
+
+pub fn summary(r: &Value) -> String {
+    format!(
+        "failover-storm: {} spokes, {} cuts of the hub's active link: stream outage p50 {}, p99 {}, max {}; every failover in the API within {}, every webhook within {} (worst cut)",
+        r["spokes"],
+        r["cuts"],
+        fig(&r["outage_ms_p50"], 0, " ms"),
+        fig(&r["outage_ms_p99"], 0, " ms"),
+        fig(&r["outage_ms_max"], 0, " ms"),
+        fig(&r["api_every_failover_s_max"], 2, " s"),
+        fig(&r["webhook_every_failover_s_max"], 2, " s"),
+    )
+}
