@@ -88,6 +88,51 @@ impl Storm {
     }
 }
 
+impl Storm {
+    /// Waits until the API shows, for every spoke, its paths to the hub's `better` link with
+    /// a round trip at least 10 ms below those to the hub's other link: the edges have
+    /// measured the delay just set, and a new flow will take `better`.
+    fn wait_preferred(
+        &self,
+        better: &str,
+        spokes: usize,
+        patience: Duration,
+    ) -> anyhow::Result<()> {
+        let t = Instant::now();
+        loop {
+            let v = self.request("GET", "/api/v1/paths?limit=500", None)?;
+            let mut best: std::collections::HashMap<(String, bool), f64> = Default::default();
+            for p in v["items"].as_array().into_iter().flatten() {
+                let (a, b) = (&p["a"], &p["b"]);
+                let (hub, spoke) = if a["site"] == "hub" { (a, b) } else { (b, a) };
+                let (Some(site), Some(rtt)) = (spoke["site"].as_str(), p["rtt_ms"].as_f64()) else {
+                    continue;
+                };
+                let e = best
+                    .entry((site.to_owned(), hub["link"] == better))
+                    .or_insert(f64::MAX);
+                *e = e.min(rtt);
+            }
+            let ready = (1..=spokes).all(|i| {
+                let site = format!("spoke{i}");
+                match (best.get(&(site.clone(), true)), best.get(&(site, false))) {
+                    (Some(b), Some(o)) => b + 10.0 < *o,
+                    _ => false,
+                }
+            });
+            if ready {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                t.elapsed() < patience,
+                "the API did not show hub/{better} as the better link for every spoke within {} s",
+                patience.as_secs()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+}
+
 impl Drop for Storm {
     fn drop(&mut self) {
         for pid in self.edges.iter().chain(std::iter::once(&self.controller)) {
@@ -296,7 +341,11 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
         };
         storm.lab.link_command(other, &["set", "delay=20ms"])?;
         storm.lab.link_command(target, &["set", "delay=0ms"])?;
-        std::thread::sleep(Duration::from_secs(3));
+        storm.wait_preferred(
+            target.trim_start_matches("hub/"),
+            args.spokes,
+            Duration::from_secs(60),
+        )?;
         progress(format_args!(
             "cut {} of {}: {} streams, then {target} cut",
             k + 1,
