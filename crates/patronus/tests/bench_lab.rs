@@ -50,11 +50,19 @@ fn every_bench_of_the_report_runs_in_its_short_form() {
         "failover",
         "failover-storm",
         "throughput",
+        "soak",
     ] {
         let res = &results[name];
         assert!(res["error"].is_null(), "{name}: {}", res["error"]);
         assert_eq!(res["result"]["bench"], name, "{name} printed its JSON");
     }
+    // Two minutes of churn with a controller restart: no false failover, nothing lost outside
+    // the churn, nothing left behind.
+    let soak = &results["soak"]["result"];
+    assert_eq!(soak["controller_restarts"], 1, "{soak}");
+    assert_eq!(soak["failovers_unexplained"], 0, "{soak}");
+    assert_eq!(soak["packets_lost_outside_churn"], 0, "{soak}");
+    assert_eq!(soak["left_behind"], serde_json::json!([]), "{soak}");
     // The figures a short run has are in the report, each with its command.
     let figures = r["figures"].as_array().unwrap();
     for id in [

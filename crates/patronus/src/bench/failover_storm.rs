@@ -7,14 +7,12 @@
 //! lists a failover from every spoke, and how long until the webhook receiver holds one for
 //! every spoke. The link is restored and every path waited for before the next cut.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use patronus_lab::{Lab, LabOptions, Topology, edges};
+use patronus_lab::Topology;
 use serde_json::{Value, json};
 
+use super::world::World;
 use super::{fig, progress};
 
 #[derive(Debug, clap::Args)]
@@ -33,250 +31,9 @@ pub struct Args {
     patience_s: u64,
 }
 
-const EMAIL: &str = "admin@example.net";
-
-/// The lab, its controller and a logged-in API client in the controller's namespace.
-struct Storm {
-    lab: Lab,
-    url: String,
-    token: String,
-    controller: u32,
-    edges: Vec<u32>,
-}
-
-impl Storm {
-    fn request(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
-        let (url, token) = (self.url.clone(), self.token.clone());
-        let (m, p) = (method.to_owned(), path.to_owned());
-        let r = patronus_lab::netns::run_in(&self.lab.ns("controller")?, move || {
-            crate::api_client::request(&url, &m, &p, Some(&token), body.as_ref())
-        })?;
-        anyhow::ensure!(
-            (200..300).contains(&r.status),
-            "{method} {path}: {} {}",
-            r.status,
-            r.body
-        );
-        Ok(r.body)
-    }
-
-    fn paths_up(&self) -> anyhow::Result<usize> {
-        Ok(
-            self.request("GET", "/api/v1/paths?state=up&limit=500", None)?["items"]
-                .as_array()
-                .map_or(0, Vec::len),
-        )
-    }
-
-    /// Waits until the API shows `want` paths up, three reads in a row.
-    fn wait_paths(&self, want: usize, patience: Duration) -> anyhow::Result<f64> {
-        let t = Instant::now();
-        let mut stable = 0;
-        loop {
-            let up = self.paths_up()?;
-            stable = if up >= want { stable + 1 } else { 0 };
-            if stable >= 3 {
-                return Ok(t.elapsed().as_secs_f64());
-            }
-            anyhow::ensure!(
-                t.elapsed() < patience,
-                "{up} of {want} paths up after {} s",
-                patience.as_secs()
-            );
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    }
-}
-
-impl Storm {
-    /// Waits until the API shows, for every spoke, its paths to the hub's `better` link with
-    /// a round trip at least 10 ms below those to the hub's other link: the edges have
-    /// measured the delay just set, and a new flow will take `better`.
-    fn wait_preferred(
-        &self,
-        better: &str,
-        spokes: usize,
-        patience: Duration,
-    ) -> anyhow::Result<()> {
-        let t = Instant::now();
-        loop {
-            let v = self.request("GET", "/api/v1/paths?limit=500", None)?;
-            let mut best: std::collections::HashMap<(String, bool), f64> = Default::default();
-            for p in v["items"].as_array().into_iter().flatten() {
-                let (a, b) = (&p["a"], &p["b"]);
-                let (hub, spoke) = if a["site"] == "hub" { (a, b) } else { (b, a) };
-                let (Some(site), Some(rtt)) = (spoke["site"].as_str(), p["rtt_ms"].as_f64()) else {
-                    continue;
-                };
-                let e = best
-                    .entry((site.to_owned(), hub["link"] == better))
-                    .or_insert(f64::MAX);
-                *e = e.min(rtt);
-            }
-            let ready = (1..=spokes).all(|i| {
-                let site = format!("spoke{i}");
-                match (best.get(&(site.clone(), true)), best.get(&(site, false))) {
-                    (Some(b), Some(o)) => b + 10.0 < *o,
-                    _ => false,
-                }
-            });
-            if ready {
-                return Ok(());
-            }
-            anyhow::ensure!(
-                t.elapsed() < patience,
-                "the API did not show hub/{better} as the better link for every spoke within {} s",
-                patience.as_secs()
-            );
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    }
-}
-
-impl Drop for Storm {
-    fn drop(&mut self) {
-        for pid in self.edges.iter().chain(std::iter::once(&self.controller)) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(*pid as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-    }
-}
-
-fn up(args: &Args) -> anyhow::Result<(Storm, patronus_lab::webhook::Receiver)> {
-    let exe = std::env::current_exe().context("finding this program")?;
-    progress(format_args!("lab up: a hub and {} spokes", args.spokes));
-    let lab = Lab::up(
-        &Topology::hub_and_spokes(args.spokes)?,
-        LabOptions::default(),
-    )?;
-    let run: PathBuf = patronus_lab::lab::run_dir(lab.run_id());
-    let ctl = lab.addr("controller", false)?;
-    let url = format!("https://{ctl}:8080");
-    let tls_dir = run.join("controller-tls");
-    let fingerprint = patronus_controller::https::generate(&tls_dir, &[ctl.to_string()])?;
-    let (cert, key) = patronus_controller::https::generated_paths(&tls_dir);
-    crate::api_client::pin(std::slice::from_ref(&fingerprint))?;
-    let mut pw = [0u8; 18];
-    getrandom::getrandom(&mut pw)?;
-    let password = format!("{}-Aa1", patronus_controller::auth::b64url(&pw));
-    let mut cmd = Command::new(&exe);
-    cmd.args([
-        "controller",
-        "--listen",
-        &format!("{ctl}:8080"),
-        "--data-dir",
-    ])
-    .arg(run.join("controller"))
-    .env("PATRONUS_TLS_CERT_FILE", &cert)
-    .env("PATRONUS_TLS_KEY_FILE", &key)
-    .env("PATRONUS_ADMIN_EMAIL", EMAIL)
-    .env("PATRONUS_ADMIN_PASSWORD", &password)
-    // The webhook receiver listens beside the controller, on the lab's private address.
-    .env("PATRONUS_WEBHOOK_ALLOWED_NETWORKS", format!("{ctl}/32"));
-    let log = std::fs::File::create(run.join("controller.log"))?;
-    let controller = lab.spawn_logged("controller", cmd, log)?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let token = loop {
-        let (u, p) = (url.clone(), password.clone());
-        match patronus_lab::netns::run_in(&lab.ns("controller")?, move || {
-            crate::api_client::login(&u, EMAIL, &p, None)
-        }) {
-            Ok(c) => break c.access_token,
-            Err(e) => {
-                anyhow::ensure!(
-                    Instant::now() < deadline,
-                    "the controller did not answer: {e}"
-                );
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        }
-    };
-    let mut storm = Storm {
-        lab,
-        url: url.clone(),
-        token,
-        controller,
-        edges: Vec::new(),
-    };
-    progress(format_args!("sites, hub-and-spoke topology, enrolment"));
-    let plan = storm.lab.plan().clone();
-    let mut ids = Vec::new();
-    for s in &plan.sites {
-        let links: Vec<Value> = s
-            .links
-            .iter()
-            .map(|l| json!({ "name": l.name.as_str(), "kind": l.kind.as_str() }))
-            .collect();
-        let site = storm.request(
-            "POST",
-            "/api/v1/sites",
-            Some(json!({
-                "name": s.name.as_str(),
-                "lan_prefixes": [s.lan4.to_string(), s.lan6.to_string()],
-                "links": links,
-            })),
-        )?;
-        ids.push(site["id"].as_i64().context("a site id")?);
-    }
-    let hub = ids[0];
-    let (url_t, token_t) = (storm.url.clone(), storm.token.clone());
-    let topo = patronus_lab::netns::run_in(&storm.lab.ns("controller")?, move || {
-        crate::api_client::request(&url_t, "GET", "/api/v1/topology", Some(&token_t), None)
-    })?;
-    let (url_t, token_t) = (storm.url.clone(), storm.token.clone());
-    let etag = topo.etag.context("the topology's ETag")?;
-    let r = patronus_lab::netns::run_in(&storm.lab.ns("controller")?, move || {
-        crate::api_client::request_via(
-            None,
-            &url_t,
-            "PATCH",
-            "/api/v1/topology",
-            Some(&token_t),
-            Some(&json!({ "mode": "hub-spoke", "hubs": [hub] })),
-            &[("If-Match", &etag)],
-        )
-    })?;
-    anyhow::ensure!(r.status == 200, "PATCH /topology: {} {}", r.status, r.body);
-    let receiver = patronus_lab::webhook::Receiver::start_in(
-        &storm.lab.ns("controller")?,
-        std::net::SocketAddr::new(ctl, 0),
-    )?;
-    storm.request(
-        "POST",
-        "/api/v1/webhooks",
-        Some(json!({ "url": receiver.url(), "events": ["failover"] })),
-    )?;
-    for (i, (s, id)) in plan.sites.iter().zip(&ids).enumerate() {
-        let t = storm.request(
-            "POST",
-            &format!("/api/v1/sites/{id}/enrollment-tokens"),
-            Some(json!({})),
-        )?;
-        let mut local = edges::local_config(
-            &plan,
-            i,
-            &url,
-            edges::edge_dir(&storm.lab, s.name.as_str()).join("state"),
-        );
-        local.ca_fingerprint = vec![fingerprint.clone()];
-        let pid = edges::controller_edge(
-            &storm.lab,
-            &exe,
-            s.name.as_str(),
-            &local,
-            "run",
-            Some(t["token"].as_str().context("a token")?),
-        )?;
-        storm.edges.push(pid);
-    }
-    Ok((storm, receiver))
-}
-
 /// Spokes (by name) with a failover to the hub at or after `since_ms` in the API.
 fn failovers_in_api(
-    s: &Storm,
+    s: &World,
     since_ms: i64,
 ) -> anyhow::Result<std::collections::BTreeSet<String>> {
     let v = s.request(
@@ -322,7 +79,9 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
         "--rate must be 10 to 10000"
     );
     let patience = Duration::from_secs(args.patience_s);
-    let (storm, receiver) = up(args)?;
+    progress(format_args!("lab up: a hub and {} spokes", args.spokes));
+    let (storm, receiver) =
+        super::world::up(&Topology::hub_and_spokes(args.spokes)?, true, &["failover"])?;
     let want = 4 * args.spokes;
     progress(format_args!("waiting for all {want} paths up"));
     storm.wait_paths(want, Duration::from_secs(120))?;

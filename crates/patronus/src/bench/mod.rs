@@ -20,8 +20,10 @@ mod path_select;
 mod process;
 mod push;
 mod report;
+mod soak;
 mod throughput;
 mod wan_emulator;
+mod world;
 
 #[derive(Debug, Subcommand)]
 pub enum Bench {
@@ -70,6 +72,10 @@ pub enum Bench {
     /// figures beside the seed's baseline table, as JSON and Markdown; with `--baseline` an
     /// earlier report's JSON, fails when a figure got worse than its tolerance allows.
     Report(report::Args),
+    /// (root) Three sites and a controller for `--duration`: streams, link cuts and
+    /// degradations, configuration changes and controller restarts on a schedule; memory,
+    /// descriptors and sockets of every process over time, false failovers, what is left.
+    Soak(soak::Args),
 }
 
 pub fn run(b: Bench) -> anyhow::Result<()> {
@@ -89,6 +95,7 @@ pub fn run(b: Bench) -> anyhow::Result<()> {
         Bench::Backup(args) => with_summary(backup::run(&args)?, backup::summary),
         Bench::Dr(args) => with_summary(dr::run(&args)?, dr::summary),
         Bench::Report(args) => with_summary(report::run(&args)?, report::summary),
+        Bench::Soak(args) => with_summary(soak::run(&args)?, soak::summary),
     };
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, &report)?;

@@ -21,8 +21,9 @@ use super::progress;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The benches to run, comma-separated (default: all but `dr`, which the lab tests run
-    /// and which takes minutes): path-select, mesh, mesh-setup, push, api-cost, api-load,
-    /// backup, wan-emulator, failover, failover-storm, throughput, dr.
+    /// and which takes minutes, and `soak`, which takes an hour; `--short` runs the soak too):
+    /// path-select, mesh, mesh-setup, push, api-cost, api-load,
+    /// backup, wan-emulator, failover, failover-storm, throughput, soak, dr.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Each bench in its short form (seconds, small N), as CI runs them: the figures then
@@ -129,6 +130,13 @@ const SUITE: &[Entry] = &[
         short: &["--seconds", "2"],
         root: true,
         default: true,
+    },
+    Entry {
+        name: "soak",
+        full: &["--duration", "3600"],
+        short: &["--duration", "120", "--restart-every", "60"],
+        root: true,
+        default: false,
     },
     Entry {
         name: "dr",
@@ -675,7 +683,9 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
             let mut results = Map::new();
             for e in SUITE {
                 let named = args.only.iter().any(|n| n == e.name);
-                if named || (args.only.is_empty() && e.default) {
+                // The short form runs every bench but `dr` (the lab tests run it), the soak too.
+                let by_default = e.default || (args.short && e.name != "dr");
+                if named || (args.only.is_empty() && by_default) {
                     results.insert(e.name.to_owned(), run_one(e, args.short));
                 }
             }
