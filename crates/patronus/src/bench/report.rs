@@ -119,7 +119,7 @@ const SUITE: &[Entry] = &[
     },
     Entry {
         name: "failover-storm",
-        full: &["--spokes", "10", "--cuts", "6"],
+        full: &["--spokes", "30", "--cuts", "4"],
         short: &["--spokes", "3", "--cuts", "1"],
         root: true,
         default: true,
