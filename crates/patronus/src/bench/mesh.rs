@@ -32,15 +32,7 @@ pub struct Args {
 
 /// This process's resident memory, MiB.
 fn rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
+    super::proc_status_kb(None, "VmRSS:").map(|kb| kb as f64 / 1024.0)
 }
 
 pub(super) async fn populate(store: &Store, n: usize) -> anyhow::Result<Vec<String>> {

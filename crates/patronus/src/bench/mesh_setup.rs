@@ -193,23 +193,6 @@ async fn create_site(admin: &mut Client, i: usize) -> anyhow::Result<(i64, Strin
     Ok((id, token))
 }
 
-async fn login(addr: SocketAddr, password: &str) -> anyhow::Result<String> {
-    let mut c = Client::connect(addr, "").await?;
-    let a = c
-        .request(
-            "POST",
-            "/api/v1/auth/login",
-            None,
-            Some(&json!({ "email": "bench@example.net", "password": password })),
-        )
-        .await?;
-    anyhow::ensure!(a.status == 200, "login: {}", a.status);
-    Ok(serde_json::from_slice::<Value>(&a.body)?["access_token"]
-        .as_str()
-        .context("no access token")?
-        .to_owned())
-}
-
 async fn one_size(
     n: usize,
     hub_spoke: bool,
@@ -217,7 +200,7 @@ async fn one_size(
     ctl: &ControllerProcess,
 ) -> anyhow::Result<Value> {
     let addr = ctl.addr;
-    let token = login(addr, &ctl.password).await?;
+    let token = super::push::login(addr, &ctl.password).await?;
     let (rss_before, _, cpu_before) = ctl.usage();
     let expect = move |i: usize| {
         if hub_spoke && i >= HUBS { HUBS } else { n - 1 }

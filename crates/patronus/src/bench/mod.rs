@@ -148,6 +148,22 @@ pub fn machine() -> serde_json::Value {
     })
 }
 
+/// A `kB` figure of `/proc/<pid>/status` (`key` such as `VmRSS:`; this process's when `pid`
+/// is none), in KiB.
+pub fn proc_status_kb(pid: Option<u32>, key: &str) -> Option<u64> {
+    let path = pid.map_or("/proc/self/status".to_owned(), |p| {
+        format!("/proc/{p}/status")
+    });
+    std::fs::read_to_string(path)
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// Nearest-rank percentiles ([`patronus_lab::stats::percentile`]) of a sample of
 /// nanoseconds; null for an empty sample.
 pub fn percentiles(samples: &mut [u64]) -> serde_json::Value {

@@ -94,15 +94,7 @@ impl ControllerProcess {
     /// Resident and peak memory (MB) and CPU time (s, user + system) so far.
     pub(super) fn usage(&self) -> (Option<f64>, Option<f64>, Option<f64>) {
         let pid = self.child.id();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let kb = |key: &str| {
-            status
-                .lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-                .map(|v| v / 1024.0)
-        };
+        let kb = |key: &str| super::proc_status_kb(Some(pid), key).map(|v| v as f64 / 1024.0);
         let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
             .and_then(|s| {

@@ -205,18 +205,7 @@ impl BenchController {
 
     /// The admin's access token.
     pub(super) async fn login(&self) -> anyhow::Result<String> {
-        let (status, login) = post(
-            self.addr,
-            "/api/v1/auth/login",
-            None,
-            &json!({ "email": "bench@example.net", "password": self.password }),
-        )
-        .await?;
-        anyhow::ensure!(status == 200, "login: {status}");
-        Ok(login["access_token"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned())
+        login(self.addr, &self.password).await
     }
 
     /// The controller's store.
@@ -231,8 +220,8 @@ impl BenchController {
     }
 }
 
-/// The admin's access token from the controller at `addr`.
-async fn login(addr: SocketAddr, password: &str) -> anyhow::Result<String> {
+/// The bench admin's access token from the controller at `addr`.
+pub(super) async fn login(addr: SocketAddr, password: &str) -> anyhow::Result<String> {
     let (status, login) = post(
         addr,
         "/api/v1/auth/login",

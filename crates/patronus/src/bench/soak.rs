@@ -49,14 +49,7 @@ const LEAD_MS: i64 = 250;
 
 /// Resident memory (KB), open descriptors and, of those, sockets of process `pid`.
 fn usage(pid: u32) -> Option<(u64, u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
+    let rss = super::proc_status_kb(Some(pid), "VmRSS:")?;
     let (mut fds, mut sockets) = (0, 0);
     for e in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
         fds += 1;
