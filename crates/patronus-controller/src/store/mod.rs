@@ -265,15 +265,13 @@ pub struct Store {
     webhook_wake: std::sync::Arc<Notify>,
     /// Newer generations learnt from other controllers: (announced, read from the table).
     followed: std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>,
-    /// On SQLite, this controller's writers take turns here, first come first served, and then
-    /// write on [`Store::writer`]'s one connection: a writer waiting for its turn holds no connection,
-    /// and readers never hold up a writer that has its turn. Waiting in the database's lock
-    /// instead held a pooled connection per waiter (so a writer that needed a second one
-    /// could find the pool empty), and SQLite's busy handler, which sleeps and retries, let
-    /// some writers wait seconds while later ones went first.
-    writers: std::sync::Arc<tokio::sync::Mutex<()>>,
-    /// SQLite: the write transactions' own connection (a pool of one, connected when first
-    /// needed). PostgreSQL: the shared pool.
+    /// SQLite: the write transactions' own connection, a pool of one (connected when first
+    /// needed), which is this controller's write turn: the pool hands it out first come first
+    /// served, a writer waiting for it holds no other connection, and readers never hold up a
+    /// writer that has it. Waiting in the database's lock instead held a pooled connection per
+    /// waiter (so a writer that needed a second one could find the pool empty), and SQLite's
+    /// busy handler, which sleeps and retries, let some writers wait seconds while later ones
+    /// went first. PostgreSQL: the shared pool (its lock queue is in order already).
     writer: Pool,
 }
 
@@ -320,9 +318,6 @@ pub struct Tx {
     generation: Option<i64>,
     deliveries_queued: bool,
     store: Store,
-    /// This controller's write turn (SQLite), given back after the transaction ends (fields
-    /// drop in order).
-    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl AsConn for Tx {
@@ -532,7 +527,7 @@ impl Store {
                     .max_connections(1)
                     .connect_lazy_with((*p.connect_options()).clone()),
             ),
-            // Not used: PostgreSQL's writers take connections from the shared pool.
+            // PostgreSQL's writers take their connections from the shared pool.
             Pool::Pg(p) => Pool::Pg(p.clone()),
         };
         let mut store = Self {
@@ -541,7 +536,6 @@ impl Store {
             generation: watch::channel(0).0,
             webhook_wake: std::sync::Arc::new(Notify::new()),
             followed: std::sync::Arc::default(),
-            writers: std::sync::Arc::default(),
         };
         store.migrate(migrate).await?;
         let g: i64 = query_scalar("SELECT generation FROM config_generation WHERE id = 1")
@@ -797,14 +791,8 @@ impl Store {
     /// writes waits (SQLite's busy timeout, PostgreSQL's lock queue) instead of failing when
     /// another writer committed meanwhile.
     pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
-        let (tx, turn) = match &self.writer {
-            Pool::Sqlite(p) => {
-                let turn = self.writers.clone().lock_owned().await;
-                (
-                    TxInner::Sqlite(p.begin_with("BEGIN IMMEDIATE").await?),
-                    Some(turn),
-                )
-            }
+        let tx = match &self.writer {
+            Pool::Sqlite(p) => TxInner::Sqlite(p.begin_with("BEGIN IMMEDIATE").await?),
             // PostgreSQL queues the advisory lock's waiters in order itself. A turn taken in
             // the controller first made the mixed load of bench api-load worse (p99 of its
             // writes 155 -> ~500 ms): the holder's statements queue behind the readers' for
@@ -815,7 +803,7 @@ impl Store {
                     .bind(WRITE_LOCK)
                     .execute(&mut *t)
                     .await?;
-                (TxInner::Pg(t), None)
+                TxInner::Pg(t)
             }
         };
         Ok(Tx {
@@ -823,7 +811,6 @@ impl Store {
             generation: None,
             deliveries_queued: false,
             store: self.clone(),
-            _turn: turn,
         })
     }
 
