@@ -24,6 +24,8 @@ use anyhow::Context;
 use patronus_controller::config::Database;
 use serde_json::{Value, json};
 
+use patronus_lab::stats::SplitMix64 as Rng;
+
 use super::http::{Answer, Client};
 use super::push::BenchController;
 use super::{fig, progress};
@@ -63,21 +65,11 @@ pub struct Args {
     scenario: Vec<String>,
 }
 
-/// A small xorshift generator: which site or path a request names (not security).
-struct Rng(u64);
-
-impl Rng {
-    fn new() -> Self {
-        let mut b = [0u8; 8];
-        let _ = getrandom::getrandom(&mut b);
-        Self(u64::from_le_bytes(b) | 1)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % n.max(1) as u64) as usize
-    }
+/// A generator for which site or path a request names, seeded apart for each connection.
+fn rng() -> Rng {
+    let mut b = [0u8; 8];
+    let _ = getrandom::getrandom(&mut b);
+    Rng(u64::from_le_bytes(b))
 }
 
 /// What one connection saw: latencies (µs) of answers with the expected status, and the
@@ -116,15 +108,20 @@ struct Network {
     first_link: i64,
 }
 
+/// The reads the mix draws from, evenly.
+const MIXED_READS: [&str; 4] = ["sites-page", "site", "paths-page", "path"];
+
 impl Network {
-    fn read_path(&self, rng: &mut Rng) -> String {
-        match rng.below(4) {
-            0 => "/api/v1/sites?limit=50".to_owned(),
-            1 => format!(
+    /// The request path of read scenario `kind`.
+    fn read(&self, kind: &str, rng: &mut Rng) -> String {
+        match kind {
+            "me" => "/api/v1/auth/me".to_owned(),
+            "sites-page" => "/api/v1/sites?limit=50".to_owned(),
+            "site" => format!(
                 "/api/v1/sites/{}",
                 self.first_site + rng.below(self.sites) as i64
             ),
-            2 => "/api/v1/paths?limit=50".to_owned(),
+            "paths-page" => "/api/v1/paths?limit=50".to_owned(),
             _ => self.path(rng),
         }
     }
@@ -151,6 +148,16 @@ fn new_site(n: u32) -> Value {
     })
 }
 
+/// The id of the object an answer holds.
+fn id_of(a: &Answer) -> Option<i64> {
+    serde_json::from_slice::<Value>(&a.body).ok()?["id"].as_i64()
+}
+
+/// The merge patch the writes send (a new description each time).
+fn patch(k: u64) -> Value {
+    json!({ "description": format!("patched {k}") })
+}
+
 /// One connection's closed loop until `until`.
 async fn one_connection(
     mut c: Client,
@@ -160,7 +167,7 @@ async fn one_connection(
     until: Instant,
 ) -> Tally {
     let mut t = Tally::default();
-    let mut rng = Rng::new();
+    let mut rng = rng();
     // The mix's own site, created before the clock matters to it (its creation is not counted).
     let mut own: Option<(i64, String)> = None;
     if scenario == "mix" {
@@ -170,66 +177,39 @@ async fn one_connection(
             .await
             && a.status == 201
         {
-            let id = serde_json::from_slice::<Value>(&a.body)
-                .ok()
-                .and_then(|v| v["id"].as_i64());
-            own = id.zip(a.etag);
+            own = id_of(&a).zip(a.etag);
         }
     }
     let mut k = 0u64;
     while Instant::now() < until {
         k += 1;
-        let ok = match scenario {
-            "me" | "sites-page" | "site" | "paths-page" | "path" => {
-                let path = match scenario {
-                    "me" => "/api/v1/auth/me".to_owned(),
-                    "sites-page" => "/api/v1/sites?limit=50".to_owned(),
-                    "site" => format!(
-                        "/api/v1/sites/{}",
-                        net.first_site + rng.below(net.sites) as i64
-                    ),
-                    "paths-page" => "/api/v1/paths?limit=50".to_owned(),
-                    _ => net.path(&mut rng),
-                };
-                let s = Instant::now();
-                let a = c.request("GET", &path, None, None).await;
-                t.record(s, &a, 200)
-            }
-            "write" => {
-                let n = serial.fetch_add(1, Ordering::Relaxed);
-                let s = Instant::now();
-                let a = c
-                    .request("POST", "/api/v1/sites", None, Some(&new_site(n)))
-                    .await;
-                let created = t.record(s, &a, 201);
-                let a = a.ok().filter(|_| created);
-                let id = a
-                    .as_ref()
-                    .and_then(|a| serde_json::from_slice::<Value>(&a.body).ok()?["id"].as_i64());
-                match (id, a.and_then(|a| a.etag)) {
-                    (Some(id), Some(etag)) => {
-                        let path = format!("/api/v1/sites/{id}");
-                        let s = Instant::now();
-                        let p = c
-                            .request(
-                                "PATCH",
-                                &path,
-                                Some(&etag),
-                                Some(&json!({ "description": format!("patched {k}") })),
-                            )
-                            .await;
-                        let patched = t.record(s, &p, 200);
-                        let etag = p.ok().filter(|_| patched).and_then(|a| a.etag);
-                        let s = Instant::now();
-                        let d = c
-                            .request("DELETE", &path, etag.as_deref().or(Some("*")), None)
-                            .await;
-                        t.record(s, &d, 204)
-                    }
-                    _ => false,
+        let ok = if scenario == "write" {
+            let n = serial.fetch_add(1, Ordering::Relaxed);
+            let s = Instant::now();
+            let a = c
+                .request("POST", "/api/v1/sites", None, Some(&new_site(n)))
+                .await;
+            let created = t.record(s, &a, 201);
+            let a = a.ok().filter(|_| created);
+            match (a.as_ref().and_then(id_of), a.and_then(|a| a.etag)) {
+                (Some(id), Some(etag)) => {
+                    let path = format!("/api/v1/sites/{id}");
+                    let s = Instant::now();
+                    let p = c
+                        .request("PATCH", &path, Some(&etag), Some(&patch(k)))
+                        .await;
+                    let patched = t.record(s, &p, 200);
+                    let etag = p.ok().filter(|_| patched).and_then(|a| a.etag);
+                    let s = Instant::now();
+                    let d = c
+                        .request("DELETE", &path, etag.as_deref().or(Some("*")), None)
+                        .await;
+                    t.record(s, &d, 204)
                 }
+                _ => false,
             }
-            _ if k % 10 == 0 => match own.as_mut() {
+        } else if scenario == "mix" && k % 10 == 0 {
+            match own.as_mut() {
                 Some((id, etag)) => {
                     let s = Instant::now();
                     let p = c
@@ -237,7 +217,7 @@ async fn one_connection(
                             "PATCH",
                             &format!("/api/v1/sites/{id}"),
                             Some(etag),
-                            Some(&json!({ "description": format!("patched {k}") })),
+                            Some(&patch(k)),
                         )
                         .await;
                     let ok = t.record(s, &p, 200);
@@ -250,13 +230,17 @@ async fn one_connection(
                     *t.bad.entry(0).or_default() += 1;
                     false
                 }
-            },
-            _ => {
-                let path = net.read_path(&mut rng);
-                let s = Instant::now();
-                let a = c.request("GET", &path, None, None).await;
-                t.record(s, &a, 200)
             }
+        } else {
+            let kind = if scenario == "mix" {
+                MIXED_READS[rng.below(MIXED_READS.len())]
+            } else {
+                scenario
+            };
+            let path = net.read(kind, &mut rng);
+            let s = Instant::now();
+            let a = c.request("GET", &path, None, None).await;
+            t.record(s, &a, 200)
         };
         // A failed connection is opened again (and its failure counted above).
         if !ok && let Ok(fresh) = Client::connect(c.addr, &c.token).await {
@@ -329,6 +313,14 @@ async fn one_scenario(
     }))
 }
 
+/// The controller's data directory for a run on `backend` (removed after it).
+fn scratch_dir(backend: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "patronus-bench-api-load-{}-{backend}",
+        std::process::id()
+    ))
+}
+
 async fn one_backend(
     args: &Args,
     database: Database,
@@ -338,10 +330,7 @@ async fn one_backend(
         Database::Sqlite(_) => "sqlite",
         Database::Postgres(_) => "postgres",
     };
-    let dir = std::env::temp_dir().join(format!(
-        "patronus-bench-api-load-{}-{backend}",
-        std::process::id()
-    ));
+    let dir = scratch_dir(backend);
     let result = async {
         progress(format_args!(
             "a controller on {backend} with {} sites",
@@ -356,7 +345,7 @@ async fn one_backend(
             sites: args.sites,
             first_site,
             // Each site's two links were written right after it, in one transaction.
-            first_link: first_link(&c, first_site).await?,
+            first_link: first_link(c.addr, &token, first_site).await?,
         });
         let serial = Arc::new(AtomicU32::new(0));
         let mut out = Vec::new();
@@ -372,14 +361,11 @@ async fn one_backend(
 }
 
 /// The id of the first site's first link, read through the API.
-async fn first_link(c: &BenchController, site: i64) -> anyhow::Result<i64> {
-    let token = c.login().await?;
-    let mut client = Client::connect(c.addr, &token).await?;
-    let a = client
-        .request("GET", &format!("/api/v1/sites/{site}"), None, None)
+async fn first_link(addr: SocketAddr, token: &str, site: i64) -> anyhow::Result<i64> {
+    let mut client = Client::connect(addr, token).await?;
+    let v = client
+        .json("GET", &format!("/api/v1/sites/{site}"), None, 200)
         .await?;
-    anyhow::ensure!(a.status == 200, "GET /sites/{site}: {}", a.status);
-    let v: Value = serde_json::from_slice(&a.body)?;
     v["links"]
         .as_array()
         .and_then(|l| l.iter().filter_map(|l| l["id"].as_i64()).min())
@@ -434,11 +420,7 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
             let database = Database::Postgres(pg.url("bench_api_load"));
             backends.push(rt.block_on(one_backend(args, database, &scenarios))?);
         } else {
-            let dir = std::env::temp_dir().join(format!(
-                "patronus-bench-api-load-{}-sqlite",
-                std::process::id()
-            ));
-            let database = Database::Sqlite(dir.join("controller.db"));
+            let database = Database::Sqlite(scratch_dir("sqlite").join("controller.db"));
             backends.push(rt.block_on(one_backend(args, database, &scenarios))?);
         }
     }

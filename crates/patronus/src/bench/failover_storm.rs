@@ -9,6 +9,7 @@
 
 use std::time::{Duration, Instant};
 
+use patronus_controller::store::now_ms;
 use patronus_lab::Topology;
 use serde_json::{Value, json};
 
@@ -65,8 +66,47 @@ fn failovers_hooked(
         .collect()
 }
 
-fn now_ms() -> i64 {
-    patronus_controller::store::now_ms()
+/// Waits until the API shows, for every spoke, its paths to the hub's `better` link with
+/// a round trip at least 10 ms below those to the hub's other link: the edges have
+/// measured the delay just set, and a new flow will take `better`.
+fn wait_preferred(
+    world: &World,
+    better: &str,
+    spokes: usize,
+    patience: Duration,
+) -> anyhow::Result<()> {
+    let t = Instant::now();
+    loop {
+        let v = world.request("GET", "/api/v1/paths?limit=500", None)?;
+        let mut best: std::collections::HashMap<(String, bool), f64> = Default::default();
+        for p in v["items"].as_array().into_iter().flatten() {
+            let (a, b) = (&p["a"], &p["b"]);
+            let (hub, spoke) = if a["site"] == "hub" { (a, b) } else { (b, a) };
+            let (Some(site), Some(rtt)) = (spoke["site"].as_str(), p["rtt_ms"].as_f64()) else {
+                continue;
+            };
+            let e = best
+                .entry((site.to_owned(), hub["link"] == better))
+                .or_insert(f64::MAX);
+            *e = e.min(rtt);
+        }
+        let ready = (1..=spokes).all(|i| {
+            let site = format!("spoke{i}");
+            match (best.get(&(site.clone(), true)), best.get(&(site, false))) {
+                (Some(b), Some(o)) => b + 10.0 < *o,
+                _ => false,
+            }
+        });
+        if ready {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            t.elapsed() < patience,
+            "the API did not show hub/{better} as the better link for every spoke within {} s",
+            patience.as_secs()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Value> {
@@ -81,13 +121,13 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
     );
     let patience = Duration::from_secs(args.patience_s);
     progress(format_args!("lab up: a hub and {} spokes", args.spokes));
-    let (storm, receiver) =
+    let (world, receiver) =
         super::world::up(&Topology::hub_and_spokes(args.spokes)?, true, &["failover"])?;
     let want = 4 * args.spokes;
     progress(format_args!("waiting for all {want} paths up"));
-    storm.wait_paths(want, Duration::from_secs(120))?;
-    let hub_host = storm.lab.addr("hub/h1", false)?;
-    let hub_ns = storm.lab.ns("hub/h1")?;
+    world.wait_paths(want, Duration::from_secs(120))?;
+    let hub_host = world.lab.addr("hub/h1", false)?;
+    let hub_ns = world.lab.ns("hub/h1")?;
     let mut outages = Vec::new();
     let mut cuts = Vec::new();
     for k in 0..args.cuts {
@@ -99,9 +139,10 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
         } else {
             ("hub/lte", "hub/inet")
         };
-        storm.lab.link_command(other, &["set", "delay=20ms"])?;
-        storm.lab.link_command(target, &["set", "delay=0ms"])?;
-        storm.wait_preferred(
+        world.lab.link_command(other, &["set", "delay=20ms"])?;
+        world.lab.link_command(target, &["set", "delay=0ms"])?;
+        wait_preferred(
+            &world,
             target.trim_start_matches("hub/"),
             args.spokes,
             Duration::from_secs(60),
@@ -115,7 +156,7 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
         let reports = std::thread::scope(|sc| -> anyhow::Result<_> {
             let mut runs = Vec::new();
             for i in 1..=args.spokes {
-                let from = storm.lab.ns(&format!("spoke{i}/h1"))?;
+                let from = world.lab.ns(&format!("spoke{i}/h1"))?;
                 let to = hub_ns.clone();
                 let cfg = patronus_lab::stream::StreamConfig {
                     rate_pps: args.rate,
@@ -129,11 +170,11 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
             std::thread::sleep(Duration::from_millis(1500));
             let cut_ms = now_ms();
             let cut_at = Instant::now();
-            storm.lab.link_command(target, &["cut"])?;
+            world.lab.link_command(target, &["cut"])?;
             // The API and the webhooks, watched while the streams run on.
             let (mut api_s, mut hook_s) = (None, None);
             while api_s.is_none() || hook_s.is_none() {
-                if api_s.is_none() && failovers_in_api(&storm, cut_ms)?.len() >= args.spokes {
+                if api_s.is_none() && failovers_in_api(&world, cut_ms)?.len() >= args.spokes {
                     api_s = Some(cut_at.elapsed().as_secs_f64());
                 }
                 if hook_s.is_none() && failovers_hooked(&receiver, cut_ms).len() >= args.spokes {
@@ -154,7 +195,7 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
             Ok((cut_ms, api_s, hook_s, reports))
         })?;
         let (cut_ms, api_s, hook_s, reports) = reports;
-        let in_api = failovers_in_api(&storm, cut_ms)?.len();
+        let in_api = failovers_in_api(&world, cut_ms)?.len();
         let hooked = failovers_hooked(&receiver, cut_ms).len();
         let lost: u64 = reports.iter().map(|r| r.lost).sum();
         let mut o: Vec<f64> = reports.iter().map(|r| r.outage_ms).collect();
@@ -168,8 +209,8 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
             api_s.map_or("never".to_owned(), |s| format!("{s:.2} s")),
             hook_s.map_or("never".to_owned(), |s| format!("{s:.2} s")),
         ));
-        storm.lab.link_command(target, &["restore"])?;
-        let back_s = storm.wait_paths(want, Duration::from_secs(120))?;
+        world.lab.link_command(target, &["restore"])?;
+        let back_s = world.wait_paths(want, Duration::from_secs(120))?;
         cuts.push(json!({
             "cut": target,
             "outages_ms": o,
@@ -183,20 +224,14 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
         }));
     }
     outages.sort_by(f64::total_cmp);
-    let pct = |q: f64| -> Option<f64> {
-        if outages.is_empty() {
-            return None;
-        }
-        let i = ((q * outages.len() as f64).ceil() as usize).clamp(1, outages.len()) - 1;
-        Some(outages[i])
-    };
+    let pct = |q: f64| patronus_lab::stats::percentile(&outages, q);
     let worst = |k: &str| {
         cuts.iter()
             .map(|c| c[k].as_f64())
             .try_fold(0.0f64, |m, v| v.map(|v| m.max(v)))
     };
     let webhooks = receiver.received().len();
-    drop(storm);
+    drop(world);
     Ok(json!({
         "bench": "failover-storm",
         "spokes": args.spokes,

@@ -51,6 +51,25 @@ impl Client {
         }
     }
 
+    /// A request whose answer must have status `expect`: its JSON, or an error naming the
+    /// request, the status and what the controller said.
+    pub(super) async fn json(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        expect: u16,
+    ) -> anyhow::Result<Value> {
+        let a = self.request(method, path, None, body).await?;
+        anyhow::ensure!(
+            a.status == expect,
+            "{method} {path}: {} {}",
+            a.status,
+            String::from_utf8_lossy(&a.body)
+        );
+        serde_json::from_slice(&a.body).with_context(|| format!("{method} {path}: not JSON"))
+    }
+
     /// A request with these extra headers; the bearer token (when there is one) and the body's
     /// headers are added.
     pub(super) async fn send(

@@ -69,11 +69,10 @@ async fn edge(
     // The edge makes its key pair and keeps the private key; only the public key goes out.
     let key = patronus_edge::keys::PrivateKey::generate()?;
     let (hi, lo) = (i / 256, i % 256);
-    let a = c
-        .request(
+    let v = c
+        .json(
             "POST",
             "/api/v1/enroll",
-            None,
             Some(&json!({
                 "token": token,
                 "public_key": key.public().to_string(),
@@ -82,16 +81,10 @@ async fn edge(
                     "inet": format!("100.{}.{hi}.{lo}:51820", 80 + hi / 256),
                 }
             })),
+            200,
         )
         .await?;
-    anyhow::ensure!(
-        a.status == 200,
-        "enrol: {} {}",
-        a.status,
-        String::from_utf8_lossy(&a.body)
-    );
     let enrolled = Instant::now();
-    let v: Value = serde_json::from_slice(&a.body)?;
     c.token = v["credential"]
         .as_str()
         .context("no credential")?
@@ -153,11 +146,10 @@ async fn edge(
 /// Creates site `i` with two links and an enrolment token for it: (site id, token).
 async fn create_site(admin: &mut Client, i: usize) -> anyhow::Result<(i64, String)> {
     let (hi, lo) = (i / 256, i % 256);
-    let a = admin
-        .request(
+    let site = admin
+        .json(
             "POST",
             "/api/v1/sites",
-            None,
             Some(&json!({
                 "name": format!("site-{i:05}"),
                 "lan_prefixes": [format!("10.{hi}.{lo}.0/24")],
@@ -166,27 +158,18 @@ async fn create_site(admin: &mut Client, i: usize) -> anyhow::Result<(i64, Strin
                     { "name": "inet", "kind": "broadband", "up_kbps": 100000, "down_kbps": 100000 }
                 ]
             })),
+            201,
         )
         .await?;
-    anyhow::ensure!(
-        a.status == 201,
-        "POST /sites: {} {}",
-        a.status,
-        String::from_utf8_lossy(&a.body)
-    );
-    let id = serde_json::from_slice::<Value>(&a.body)?["id"]
-        .as_i64()
-        .context("no site id")?;
-    let a = admin
-        .request(
+    let id = site["id"].as_i64().context("no site id")?;
+    let token = admin
+        .json(
             "POST",
             &format!("/api/v1/sites/{id}/enrollment-tokens"),
-            None,
             Some(&json!({})),
+            201,
         )
-        .await?;
-    anyhow::ensure!(a.status == 201, "POST enrollment-tokens: {}", a.status);
-    let token = serde_json::from_slice::<Value>(&a.body)?["token"]
+        .await?["token"]
         .as_str()
         .context("no token")?
         .to_owned();
@@ -311,7 +294,8 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
         other => bail!("--topology {other}: full-mesh or hub-spoke"),
     };
     let largest = args.sites.iter().max().copied().unwrap_or(0);
-    super::push::raise_fd_limit(2 * largest as u64 + 1024)?;
+    // The edges' sockets only: the controller is a process of its own.
+    super::push::raise_fd_limit(largest as u64 + 1024)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -148,6 +148,14 @@ pub fn machine() -> serde_json::Value {
     })
 }
 
+/// A new admin password for a bench's controller: random, and of every class the password
+/// rules ask for.
+pub fn admin_password() -> anyhow::Result<String> {
+    let mut pw = [0u8; 18];
+    getrandom::getrandom(&mut pw)?;
+    Ok(format!("{}-Aa1", patronus_controller::auth::b64url(&pw)))
+}
+
 /// A `kB` figure of `/proc/<pid>/status` (`key` such as `VmRSS:`; this process's when `pid`
 /// is none), in KiB.
 pub fn proc_status_kb(pid: Option<u32>, key: &str) -> Option<u64> {

@@ -18,6 +18,11 @@ pub(super) struct ControllerProcess {
     pub password: String,
 }
 
+/// `s` as a TOML string, quoted and escaped.
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
 impl ControllerProcess {
     /// A controller with its data in `dir`, on `database` (a URL; none: `dir`'s SQLite file),
     /// its admin `bench@example.net` with `password` (none: one made for it, on an empty
@@ -34,20 +39,19 @@ impl ControllerProcess {
         std::fs::write(
             &config,
             format!(
-                "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\nplain_http = true\n\
+                "data_dir = {}\nlisten = \"127.0.0.1:0\"\nplain_http = true\n\
                  auth_rate_per_minute = 1000000\nmax_connections = 100000\n\
                  max_connections_per_address = 1000000\nlog_level = \"warn\"\n{}",
-                dir.display().to_string(),
-                database.map_or(String::new(), |d| format!("database = {d:?}\n")),
+                toml_string(&dir.display().to_string()),
+                database.map_or(String::new(), |d| format!(
+                    "database = {}\n",
+                    toml_string(d)
+                )),
             ),
         )?;
         let password = match password {
             Some(p) => p,
-            None => {
-                let mut pw = [0u8; 18];
-                getrandom::getrandom(&mut pw)?;
-                format!("{}-Aa1", patronus_controller::auth::b64url(&pw))
-            }
+            None => super::admin_password()?,
         };
         let mut child = Command::new(std::env::current_exe()?)
             .args(["controller", "--config"])

@@ -22,9 +22,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use patronus_controller::config::{Config, Database};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
+use super::http::Client;
 use super::{fig, progress};
 
 #[derive(Debug, clap::Args)]
@@ -55,71 +54,30 @@ pub(super) async fn get(
     token: &str,
     if_none_match: Option<&str>,
 ) -> anyhow::Result<(u16, Option<String>, usize)> {
-    let mut s = TcpStream::connect(addr).await?;
-    let inm = if_none_match
-        .map(|e| format!("If-None-Match: {e}\r\n"))
-        .unwrap_or_default();
-    s.write_all(
-        format!(
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n{inm}Connection: close\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await?;
-    let split = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .context("not HTTP")?;
-    let head = String::from_utf8_lossy(&buf[..split]);
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("no status")?;
-    let etag = head.lines().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.eq_ignore_ascii_case("etag").then(|| v.trim().to_owned())
-    });
-    Ok((status, etag, buf.len() - split - 4))
+    let mut c = Client::connect(addr, token).await?;
+    let headers: &[(&str, &str)] = match if_none_match {
+        Some(e) => &[("If-None-Match", e)],
+        None => &[],
+    };
+    let a = c.send("GET", path, headers, None).await?;
+    Ok((a.status, a.etag, a.body.len()))
 }
 
+/// One JSON request on its own connection: (status, the answer's JSON or null).
 pub(super) async fn post(
     addr: SocketAddr,
     path: &str,
     token: Option<&str>,
     body: &Value,
 ) -> anyhow::Result<(u16, Value)> {
-    let mut s = TcpStream::connect(addr).await?;
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let body = body.to_string();
-    s.write_all(
-        format!(
-            "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .await?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await?;
-    let text = String::from_utf8_lossy(&buf);
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("no status")?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .and_then(|(_, b)| serde_json::from_str(b).ok())
-        .unwrap_or(Value::Null);
-    Ok((status, body))
+    let mut c = Client::connect(addr, token.unwrap_or("")).await?;
+    let a = c.request("POST", path, None, Some(body)).await?;
+    Ok((
+        a.status,
+        serde_json::from_slice(&a.body).unwrap_or(Value::Null),
+    ))
 }
 
-/// Lets this process hold a socket per edge on both ends.
 /// A controller for a benchmark, serving on loopback: its store in a directory of the
 /// caller's, with `sites` sites written into it (each enrolled, its credential kept) and the
 /// first `hubs` of them hubs if given, and an admin whose password was made for it.
@@ -162,9 +120,7 @@ impl BenchController {
         // The simulated edges all connect from 127.0.0.1, where real ones each have an
         // address of their own: the per-address cap would refuse all but 128 of them.
         config.max_connections_per_address = 1_000_000;
-        let mut pw = [0u8; 18];
-        getrandom::getrandom(&mut pw)?;
-        let password = format!("{}-Aa1", patronus_controller::auth::b64url(&pw));
+        let password = super::admin_password()?;
         let env = vec![
             (
                 "PATRONUS_ADMIN_EMAIL".to_owned(),
@@ -239,7 +195,7 @@ pub(super) async fn login(addr: SocketAddr, password: &str) -> anyhow::Result<St
 /// Configuration long polls the controller at `addr` holds now, from its metrics
 /// (`patronus_edge_config_long_polls`).
 async fn long_polls(addr: SocketAddr, token: &str) -> anyhow::Result<usize> {
-    let mut c = super::http::Client::connect(addr, token).await?;
+    let mut c = Client::connect(addr, token).await?;
     let a = c.request("GET", "/metrics", None, None).await?;
     anyhow::ensure!(a.status == 200, "GET /metrics: {}", a.status);
     let text = String::from_utf8_lossy(&a.body);
@@ -402,7 +358,7 @@ async fn run_once(
             let addr = addrs[i % addrs.len()];
             edges.push(tokio::spawn(async move {
                 // One keep-alive connection, as an edge holds to its controller.
-                let mut conn = super::http::Client::connect(addr, &c).await?;
+                let mut conn = Client::connect(addr, &c).await?;
                 let a = conn
                     .request("GET", "/api/v1/edge/config", None, None)
                     .await?;

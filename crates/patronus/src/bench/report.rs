@@ -169,6 +169,22 @@ struct Figure {
     tolerance: f64,
 }
 
+impl Entry {
+    fn args(&self, short: bool) -> &'static [&'static str] {
+        if short { self.short } else { self.full }
+    }
+}
+
+impl Figure {
+    /// Its value in `results` (by bench name, as a report holds them), if its bench ran and
+    /// measured it.
+    fn of(&self, results: &Map<String, Value>) -> Option<f64> {
+        results
+            .get(self.bench)
+            .and_then(|r| (self.get)(&r["result"]))
+    }
+}
+
 fn sized(r: &Value, list: &str, key: &str, n: u64, field: &str) -> Option<f64> {
     r[list]
         .as_array()?
@@ -464,9 +480,8 @@ fn commit() -> Option<String> {
 }
 
 fn command_of(e: &Entry, short: bool) -> String {
-    let args = if short { e.short } else { e.full };
     let mut c = format!("patronus bench {}", e.name);
-    for a in args {
+    for a in e.args(short) {
         c.push(' ');
         c.push_str(a);
     }
@@ -485,7 +500,7 @@ fn run_one(e: &Entry, short: bool) -> Value {
         Command::new(exe)
             .arg("bench")
             .arg(e.name)
-            .args(if short { e.short } else { e.full })
+            .args(e.args(short))
             .stdin(Stdio::null())
             .stderr(Stdio::inherit())
             .output()
@@ -514,16 +529,14 @@ fn figures(results: &Map<String, Value>) -> Vec<Value> {
     FIGURES
         .iter()
         .map(|f| {
-            let r = &results.get(f.bench);
-            let value = r.and_then(|r| (f.get)(&r["result"]));
             json!({
                 "id": f.id,
                 "what": f.what,
                 "bench": f.bench,
-                "value": value,
+                "value": f.of(results),
                 "unit": f.unit,
                 "seed": (!f.seed.is_empty()).then_some(f.seed),
-                "command": r.and_then(|r| r["command"].as_str()),
+                "command": results.get(f.bench).and_then(|r| r["command"].as_str()),
             })
         })
         .collect()
@@ -541,8 +554,7 @@ fn compare(now: &Map<String, Value>, base: &Map<String, Value>) -> (Vec<Value>, 
     let mut rows = Vec::new();
     let mut regressed = Vec::new();
     for f in FIGURES {
-        let get = |m: &Map<String, Value>| m.get(f.bench).and_then(|r| (f.get)(&r["result"]));
-        let (Some(b), n) = (get(base), get(now)) else {
+        let (Some(b), n) = (f.of(base), f.of(now)) else {
             continue;
         };
         let verdict = match n {
@@ -574,18 +586,15 @@ fn compare(now: &Map<String, Value>, base: &Map<String, Value>) -> (Vec<Value>, 
 fn markdown(report: &Value) -> String {
     let mut md = String::new();
     let machine = &report["machine"];
+    let short = report["short"] == true;
     md.push_str(&format!(
         "Measured by `patronus bench report{}` on commit `{}`, {} ({} CPUs, \"{}\"){}.\n\n",
-        if report["short"] == true {
-            " --short"
-        } else {
-            ""
-        },
+        if short { " --short" } else { "" },
         report["commit"].as_str().unwrap_or("unknown"),
         report["date"].as_str().unwrap_or("?"),
         machine["cpus"],
         machine["cpu"].as_str().unwrap_or("?"),
-        if report["short"] == true {
+        if short {
             "; the short form (small N, seconds): these figures show that each bench works, not \
              what the product does at scale"
         } else {
@@ -647,13 +656,11 @@ fn markdown(report: &Value) -> String {
     md
 }
 
+/// Today's date, UTC (`2026-12-03`).
 fn today() -> String {
-    Command::new("date")
-        .args(["-u", "+%Y-%m-%d"])
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
+    let days = patronus_controller::store::now_s().div_euclid(86_400);
+    let (y, m, d) = patronus_controller::backup::civil(days);
+    format!("{y:04}-{m:02}-{d:02}")
 }
 
 fn read_report(path: &std::path::Path) -> anyhow::Result<Value> {

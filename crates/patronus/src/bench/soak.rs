@@ -15,6 +15,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use patronus_controller::store::now_ms;
 use patronus_lab::Topology;
 use serde_json::{Value, json};
 
@@ -99,10 +100,6 @@ fn figures(name: &str, s: &Series, half_s: f64) -> Value {
     })
 }
 
-fn now_ms() -> i64 {
-    patronus_controller::store::now_ms()
-}
-
 pub fn run(args: &Args) -> anyhow::Result<Value> {
     anyhow::ensure!(
         (30..=7 * 24 * 3600).contains(&args.duration),
@@ -131,7 +128,7 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
     let mut windows: Vec<Window> = Vec::new();
     let mut series: Vec<(String, Series)> = Vec::new();
     let mut controller_pids = vec![world.controller];
-    let (mut cuts, mut degradations, mut changes, mut restarts) = (0u64, 0u64, 0u64, 0u64);
+    let mut changes = 0u64;
     let mut policy: Option<i64> = None;
     let reports = std::thread::scope(|sc| -> anyhow::Result<_> {
         let mut runs = Vec::new();
@@ -168,84 +165,87 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
         let mut next_sample = start;
         let mut next_cycle = start + Duration::from_secs(5);
         let mut next_restart = start + Duration::from_secs(restart_every);
-        while Instant::now() < end {
-            let now = Instant::now();
-            if now >= next_sample {
-                sample(&world, &mut series);
-                next_sample += Duration::from_secs(5);
-            }
-            if now >= next_restart {
-                progress(format_args!(
-                    "{:.0} s: the controller restarted",
-                    start.elapsed().as_secs_f64()
-                ));
-                let from_ms = now_ms();
-                world.stop_controller()?;
-                world.start_controller()?;
-                world.login()?;
-                controller_pids.push(world.controller);
-                restarts += 1;
-                windows.push(Window {
-                    what: "controller restart",
-                    from_ms,
-                    to_ms: now_ms(),
-                });
-                next_restart += Duration::from_secs(restart_every);
-            }
-            if now >= next_cycle && now + Duration::from_secs(15) < end {
-                // A cut.
-                let from_ms = now_ms();
-                world.lab.link_command("hq/mpls", &["cut"])?;
-                std::thread::sleep(Duration::from_secs(3));
-                world.lab.link_command("hq/mpls", &["restore"])?;
-                windows.push(Window {
-                    what: "cut hq/mpls",
-                    from_ms,
-                    to_ms: now_ms(),
-                });
-                cuts += 1;
-                // A degradation.
-                std::thread::sleep(Duration::from_secs(2));
-                let from_ms = now_ms();
-                world
-                    .lab
-                    .link_command("branch2/inet", &["set", "delay=120ms"])?;
-                std::thread::sleep(Duration::from_secs(5));
-                world
-                    .lab
-                    .link_command("branch2/inet", &["set", "delay=10ms"])?;
-                windows.push(Window {
-                    what: "degrade branch2/inet",
-                    from_ms,
-                    to_ms: now_ms(),
-                });
-                degradations += 1;
-                // A configuration change.
-                match policy.take() {
-                    None => {
-                        let p = world.request(
-                            "POST",
-                            "/api/v1/policies",
-                            Some(json!({
-                                "name": "soak", "order": 50, "class": "realtime",
-                                "match": { "protocol": "udp", "dst_ports": ["49000-49100"] }
-                            })),
-                        )?;
-                        policy = p["id"].as_i64();
-                    }
-                    Some(id) => {
-                        world.request("DELETE", &format!("/api/v1/policies/{id}"), None)?;
-                    }
+        // The churn, until the end or an error; the streams stop either way, so that an error
+        // is reported at once rather than after the streams' own end.
+        let churn = (|| -> anyhow::Result<()> {
+            while Instant::now() < end {
+                let now = Instant::now();
+                if now >= next_sample {
+                    sample(&world, &mut series);
+                    next_sample += Duration::from_secs(5);
                 }
-                changes += 1;
-                next_cycle += Duration::from_secs(20);
-                sample(&world, &mut series);
+                if now >= next_restart {
+                    progress(format_args!(
+                        "{:.0} s: the controller restarted",
+                        start.elapsed().as_secs_f64()
+                    ));
+                    let from_ms = now_ms();
+                    world.stop_controller()?;
+                    world.start_controller()?;
+                    world.login()?;
+                    controller_pids.push(world.controller);
+                    windows.push(Window {
+                        what: "controller restart",
+                        from_ms,
+                        to_ms: now_ms(),
+                    });
+                    next_restart += Duration::from_secs(restart_every);
+                }
+                if now >= next_cycle && now + Duration::from_secs(15) < end {
+                    // A cut.
+                    let from_ms = now_ms();
+                    world.lab.link_command("hq/mpls", &["cut"])?;
+                    std::thread::sleep(Duration::from_secs(3));
+                    world.lab.link_command("hq/mpls", &["restore"])?;
+                    windows.push(Window {
+                        what: "cut hq/mpls",
+                        from_ms,
+                        to_ms: now_ms(),
+                    });
+                    // A degradation.
+                    std::thread::sleep(Duration::from_secs(2));
+                    let from_ms = now_ms();
+                    world
+                        .lab
+                        .link_command("branch2/inet", &["set", "delay=120ms"])?;
+                    std::thread::sleep(Duration::from_secs(5));
+                    world
+                        .lab
+                        .link_command("branch2/inet", &["set", "delay=10ms"])?;
+                    windows.push(Window {
+                        what: "degrade branch2/inet",
+                        from_ms,
+                        to_ms: now_ms(),
+                    });
+                    // A configuration change.
+                    match policy.take() {
+                        None => {
+                            let p = world.request(
+                                "POST",
+                                "/api/v1/policies",
+                                Some(json!({
+                                    "name": "soak", "order": 50, "class": "realtime",
+                                    "match": { "protocol": "udp", "dst_ports": ["49000-49100"] }
+                                })),
+                            )?;
+                            policy = p["id"].as_i64();
+                        }
+                        Some(id) => {
+                            world.request("DELETE", &format!("/api/v1/policies/{id}"), None)?;
+                        }
+                    }
+                    changes += 1;
+                    next_cycle += Duration::from_secs(20);
+                    sample(&world, &mut series);
+                }
+                std::thread::sleep(Duration::from_millis(200));
             }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+            Ok(())
+        })();
         for c in &control {
             c.stop();
         }
+        churn?;
         let mut reports = Vec::new();
         for r in runs {
             reports.push(
@@ -256,6 +256,7 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
         Ok(reports)
     })?;
     let elapsed = start.elapsed().as_secs_f64();
+    let count = |what: &str| windows.iter().filter(|w| w.what == what).count();
     // Every failover since the start, each explained by a churn window or not.
     let events = world.request(
         "GET",
@@ -346,10 +347,10 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
         "duration_s": elapsed,
         "rate_pps": args.rate,
         "streams": flows.len(),
-        "cuts": cuts,
-        "degradations": degradations,
+        "cuts": count("cut hq/mpls"),
+        "degradations": count("degrade branch2/inet"),
         "config_changes": changes,
-        "controller_restarts": restarts,
+        "controller_restarts": count("controller restart"),
         "failovers": total_failovers,
         "failovers_by_cause": by_cause,
         "failovers_unexplained": unexplained.len(),

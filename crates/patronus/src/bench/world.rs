@@ -107,20 +107,14 @@ impl World {
         Ok(r.body)
     }
 
-    pub fn paths_up(&self) -> anyhow::Result<usize> {
-        Ok(
-            self.request("GET", "/api/v1/paths?state=up&limit=500", None)?["items"]
-                .as_array()
-                .map_or(0, Vec::len),
-        )
-    }
-
     /// Waits until the API shows `want` paths up, three reads in a row.
     pub fn wait_paths(&self, want: usize, patience: Duration) -> anyhow::Result<f64> {
         let t = Instant::now();
         let mut stable = 0;
         loop {
-            let up = self.paths_up()?;
+            let up = self.request("GET", "/api/v1/paths?state=up&limit=500", None)?["items"]
+                .as_array()
+                .map_or(0, Vec::len);
             stable = if up >= want { stable + 1 } else { 0 };
             if stable >= 3 {
                 return Ok(t.elapsed().as_secs_f64());
@@ -128,51 +122,6 @@ impl World {
             anyhow::ensure!(
                 t.elapsed() < patience,
                 "{up} of {want} paths up after {} s",
-                patience.as_secs()
-            );
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    }
-}
-
-impl World {
-    /// Waits until the API shows, for every spoke, its paths to the hub's `better` link with
-    /// a round trip at least 10 ms below those to the hub's other link: the edges have
-    /// measured the delay just set, and a new flow will take `better`.
-    pub fn wait_preferred(
-        &self,
-        better: &str,
-        spokes: usize,
-        patience: Duration,
-    ) -> anyhow::Result<()> {
-        let t = Instant::now();
-        loop {
-            let v = self.request("GET", "/api/v1/paths?limit=500", None)?;
-            let mut best: std::collections::HashMap<(String, bool), f64> = Default::default();
-            for p in v["items"].as_array().into_iter().flatten() {
-                let (a, b) = (&p["a"], &p["b"]);
-                let (hub, spoke) = if a["site"] == "hub" { (a, b) } else { (b, a) };
-                let (Some(site), Some(rtt)) = (spoke["site"].as_str(), p["rtt_ms"].as_f64()) else {
-                    continue;
-                };
-                let e = best
-                    .entry((site.to_owned(), hub["link"] == better))
-                    .or_insert(f64::MAX);
-                *e = e.min(rtt);
-            }
-            let ready = (1..=spokes).all(|i| {
-                let site = format!("spoke{i}");
-                match (best.get(&(site.clone(), true)), best.get(&(site, false))) {
-                    (Some(b), Some(o)) => b + 10.0 < *o,
-                    _ => false,
-                }
-            });
-            if ready {
-                return Ok(());
-            }
-            anyhow::ensure!(
-                t.elapsed() < patience,
-                "the API did not show hub/{better} as the better link for every spoke within {} s",
                 patience.as_secs()
             );
             std::thread::sleep(Duration::from_millis(300));
@@ -213,9 +162,7 @@ pub(super) fn up(
     let fingerprint = patronus_controller::https::generate(&tls_dir, &[ctl.to_string()])?;
     let (cert, key) = patronus_controller::https::generated_paths(&tls_dir);
     crate::api_client::pin(std::slice::from_ref(&fingerprint))?;
-    let mut pw = [0u8; 18];
-    getrandom::getrandom(&mut pw)?;
-    let password = format!("{}-Aa1", patronus_controller::auth::b64url(&pw));
+    let password = super::admin_password()?;
     let env = vec![
         (
             "PATRONUS_TLS_CERT_FILE".to_owned(),
