@@ -45,6 +45,8 @@ pub struct Inner {
     /// The latest measurement of each path (by path id), as an edge at one of its ends
     /// reported it.
     pub live: std::sync::Mutex<std::collections::HashMap<String, LivePath>>,
+    /// Which of those measurements the history keeps (see [`crate::sampling`]).
+    pub sampler: crate::sampling::Sampler,
     /// What this controller's scheduled backups did (for `/metrics`).
     pub backups: std::sync::Mutex<crate::backup::Status>,
     /// Configuration long polls held now, waiting for a change.
@@ -147,6 +149,7 @@ impl AppState {
             presence_wake: tokio::sync::Notify::new(),
             clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
             live: std::sync::Mutex::new(std::collections::HashMap::new()),
+            sampler: crate::sampling::Sampler::default(),
             long_polls: std::sync::atomic::AtomicUsize::new(0),
             stopping: tokio::sync::watch::Sender::new(false),
             backups: std::sync::Mutex::new(crate::backup::Status::default()),

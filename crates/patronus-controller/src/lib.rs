@@ -26,6 +26,7 @@ pub mod https;
 pub mod metrics;
 pub mod presence;
 pub mod routes;
+pub mod sampling;
 pub mod secrets;
 pub mod server;
 pub mod store;

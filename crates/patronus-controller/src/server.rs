@@ -383,10 +383,10 @@ pub const REFUSED_ATTEMPTS_KEPT: i64 = 100_000;
 /// How long refused attempts are kept in the audit log.
 pub const REFUSED_ATTEMPTS_DAYS: i64 = 90;
 
-/// What anyone can add to the store without logging in, held to its bound: every minute, rate
-/// buckets full again and failure counts that lock nothing are removed; every hour, refused
-/// attempts beyond what the audit log keeps. (Each is a conditional delete: any number of
-/// controllers can run it.)
+/// What anyone can add to the store without logging in, held to its bound, and telemetry to
+/// its retention: every minute, rate buckets full again, failure counts that lock nothing and
+/// telemetry older than its retention are removed; every hour, refused attempts beyond what
+/// the audit log keeps. (Each is a conditional delete: any number of controllers can run it.)
 async fn housekeeping(store: crate::store::Store) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     let mut rounds: u64 = 0;
@@ -405,6 +405,34 @@ async fn housekeeping(store: crate::store::Store) {
         };
         if let Err(e) = pruned.await {
             tracing::warn!(error = %e, "rate buckets and old login failures not removed");
+        }
+        // Traffic pending for a minute that no report came to keep (its edge went quiet).
+        let flushed = async {
+            let mut tx = store.begin().await?;
+            let n = crate::store::telemetry::flush_traffic(
+                &mut tx,
+                crate::store::now_s() - crate::store::telemetry::TRAFFIC_EVERY_S,
+            )
+            .await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(n)
+        };
+        if let Err(e) = flushed.await {
+            tracing::warn!(error = %e, "pending traffic not kept");
+        }
+        // Telemetry beyond its retention, a batch at a time.
+        let t = std::time::Instant::now();
+        let swept = async {
+            crate::store::telemetry::sweep(&mut *store.conn().await?, crate::store::now_s()).await
+        };
+        match swept.await {
+            Ok(rows) if rows.iter().any(|(_, n)| *n > 0) => tracing::info!(
+                ?rows,
+                took_ms = t.elapsed().as_millis() as u64,
+                "telemetry beyond its retention removed"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "telemetry beyond its retention not removed"),
         }
         rounds += 1;
         if rounds % 60 != 1 {

@@ -323,7 +323,7 @@ pub struct MetricsQuery {
     /// Unix seconds, exclusive.
     pub until: Option<i64>,
     /// Seconds per bucket (5 to 86400): each reporting site's samples in a bucket summed up
-    /// into one. Without it, every report.
+    /// into one. Without it, every kept sample.
     pub resolution: Option<i64>,
 }
 
@@ -332,6 +332,10 @@ pub struct MetricsQuery {
     path = "/api/v1/paths/{id}/metrics",
     tag = "paths",
     summary = "A path's measurements as its edges reported them, oldest first.",
+    description = "Every report updates the path's live state (`GET /paths/{id}`); the history \
+        keeps a report when the state changed or RTT, jitter or loss moved beyond a deadband \
+        (RTT 2 ms and 10 %, jitter 1 ms and 25 %, loss 0.5 points), and once a minute \
+        otherwise, for 7 days.",
     params(("id" = String, Path, description = "The two link ids, lower first: 3-7"), MetricsQuery),
     security(("bearer" = ["viewer"])),
     responses((status = 200, body = Page<PathSample>))

@@ -87,6 +87,24 @@ async fn metrics(State(s): State<AppState>, _p: Principal) -> Result<Response, A
             &[(String::new(), bytes as f64)],
         );
     }
+    let reported = s
+        .sampler
+        .reported
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let written = s.sampler.written.load(std::sync::atomic::Ordering::Relaxed);
+    crate::metrics::counter(
+        &mut out,
+        "patronus_path_measurements_total",
+        "Path measurements edges reported to this controller, by whether the history kept them \
+         (a change beyond a deadband, or a minute since the last kept one).",
+        &[
+            ("{kept=\"true\"}".into(), written as f64),
+            (
+                "{kept=\"false\"}".into(),
+                reported.saturating_sub(written) as f64,
+            ),
+        ],
+    );
     let (announced, reread) = s.store.generations_followed();
     crate::metrics::counter(
         &mut out,

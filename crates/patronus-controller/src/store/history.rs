@@ -20,8 +20,10 @@ pub struct PathSample {
     pub rtt_ms: Option<f64>,
     pub jitter_ms: f64,
     pub loss_pct: f64,
-    /// With `resolution`: the reports the bucket sums up (RTT, jitter and loss are their
-    /// means, the RTT's worst is `rtt_ms_max`, and `state` the worst state among them).
+    /// With `resolution`: the kept samples the bucket sums up (RTT, jitter and loss are their
+    /// means, the RTT's worst is `rtt_ms_max`, and `state` the worst state among them). A
+    /// sample is kept when it differs from the last one kept beyond a deadband, and once a
+    /// minute otherwise (see the controller's `sampling` module).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub samples: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -499,6 +499,21 @@ ALTER TABLE links ADD COLUMN observed_since BIGINT;
 CREATE INDEX site_credentials_site ON site_credentials(site_id);
 "#,
     ),
+    (
+        18,
+        "traffic summed per minute in the counters before it is kept as a sample",
+        r#"
+-- What a site sent since its traffic was last kept as a sample (traffic_samples), summed over
+-- its reports, and since when (unix s; NULL: nothing pending). Kept as one sample a minute per
+-- path and class, instead of one per report; reads add what is pending.
+ALTER TABLE traffic_counters ADD COLUMN pending_tx_packets BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE traffic_counters ADD COLUMN pending_tx_bytes BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE traffic_counters ADD COLUMN pending_rx_packets BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE traffic_counters ADD COLUMN pending_rx_bytes BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE traffic_counters ADD COLUMN pending_since BIGINT;
+CREATE INDEX traffic_counters_pending ON traffic_counters(pending_since);
+"#,
+    ),
 ];
 
 /// The schema, in order. A migration is never edited once released: a change is a new one.
@@ -879,6 +894,21 @@ ALTER TABLE links ADD COLUMN observed_endpoint TEXT;
 ALTER TABLE links ADD COLUMN observed_since INTEGER;
 -- The STUN responder looks up a site's credentials by site.
 CREATE INDEX site_credentials_site ON site_credentials(site_id);
+"#,
+    ),
+    (
+        18,
+        "traffic summed per minute in the counters before it is kept as a sample",
+        r#"
+-- What a site sent since its traffic was last kept as a sample (traffic_samples), summed over
+-- its reports, and since when (unix s; NULL: nothing pending). Kept as one sample a minute per
+-- path and class, instead of one per report; reads add what is pending.
+ALTER TABLE traffic_counters ADD COLUMN pending_tx_packets INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE traffic_counters ADD COLUMN pending_tx_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE traffic_counters ADD COLUMN pending_rx_packets INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE traffic_counters ADD COLUMN pending_rx_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE traffic_counters ADD COLUMN pending_since INTEGER;
+CREATE INDEX traffic_counters_pending ON traffic_counters(pending_since);
 "#,
     ),
 ];

@@ -26,6 +26,28 @@ pub struct Totals {
 }
 
 impl Totals {
+    /// Whether every counter fits the store's integers (at most 2^63 - 1).
+    pub fn fits_store(&self) -> bool {
+        [
+            self.tx_packets,
+            self.tx_bytes,
+            self.rx_packets,
+            self.rx_bytes,
+        ]
+        .iter()
+        .all(|v| i64::try_from(*v).is_ok())
+    }
+
+    /// Both summed, each counter at most `u64::MAX`.
+    pub fn saturating_add(&self, other: &Totals) -> Totals {
+        Totals {
+            tx_packets: self.tx_packets.saturating_add(other.tx_packets),
+            tx_bytes: self.tx_bytes.saturating_add(other.tx_bytes),
+            rx_packets: self.rx_packets.saturating_add(other.rx_packets),
+            rx_bytes: self.rx_bytes.saturating_add(other.rx_bytes),
+        }
+    }
+
     /// What `self` counts beyond `earlier`, unless some counter of `self` is behind it.
     pub fn checked_sub(&self, earlier: &Totals) -> Option<Totals> {
         Some(Totals {
@@ -58,28 +80,34 @@ pub async fn link_ids(
     Ok(ids)
 }
 
-/// Keeps site `site_id`'s measurement of path `path_id`.
-pub async fn insert_sample(
+/// Keeps site `site_id`'s measurements `samples` (path id, report) at `now`: one statement per
+/// 500 rows, not one per row (a hub reports thousands of paths at once).
+pub async fn insert_samples(
     conn: &mut Conn,
-    path_id: &str,
     site_id: i64,
     now: i64,
-    p: &PathReport,
+    samples: &[(&str, &PathReport)],
 ) -> Result<(), sqlx::Error> {
-    query(
-        "INSERT INTO path_samples (path_id, site_id, at_s, state, rtt_ms, jitter_ms, loss_pct)
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(path_id)
-    .bind(site_id)
-    .bind(now)
-    .bind(p.state.as_str())
-    .bind(p.rtt_ms)
-    .bind(p.jitter_ms)
-    .bind(p.loss_pct)
-    .execute(&mut *conn)
-    .await
-    .map(|_| ())
+    for chunk in samples.chunks(500) {
+        let sql = format!(
+            "INSERT INTO path_samples (path_id, site_id, at_s, state, rtt_ms, jitter_ms, loss_pct)
+             VALUES {}",
+            vec!["(?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ")
+        );
+        let mut q = query(&sql);
+        for (path_id, p) in chunk {
+            q = q
+                .bind(*path_id)
+                .bind(site_id)
+                .bind(now)
+                .bind(p.state.as_str())
+                .bind(p.rtt_ms)
+                .bind(p.jitter_ms)
+                .bind(p.loss_pct);
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
 }
 
 fn encode(v: &impl serde::Serialize) -> Result<String, sqlx::Error> {
@@ -139,35 +167,76 @@ pub async fn insert_path_event(
     Ok(r.rows_affected() == 1)
 }
 
-/// Deletes what is older than its retention, at most 1,000 rows of each table per call.
-pub async fn prune(conn: &mut Conn, now: i64) -> Result<(), sqlx::Error> {
-    for (table, column, before) in [
-        ("path_samples", "at_s", now - SAMPLE_RETENTION_S),
-        ("traffic_samples", "at_s", now - SAMPLE_RETENTION_S),
-        ("path_events", "received_s", now - SAMPLE_RETENTION_S),
+/// Rows deleted per statement by [`sweep`]: each delete is its own short write.
+pub const SWEEP_BATCH: i64 = 5_000;
+
+/// Deletes what is older than its retention at `now` (unix seconds), [`SWEEP_BATCH`] rows per
+/// statement until none is left: the rows deleted, by table. Each delete is atomic on its own,
+/// so any number of controllers can sweep at once, and writers wait for one batch at most.
+pub async fn sweep(conn: &mut Conn, now: i64) -> Result<Vec<(&'static str, u64)>, sqlx::Error> {
+    let mut out = Vec::new();
+    for (table, column, before, indexed) in [
+        ("path_samples", "at_s", now - SAMPLE_RETENTION_S, false),
+        ("traffic_samples", "at_s", now - SAMPLE_RETENTION_S, true),
+        ("path_events", "received_s", now - SAMPLE_RETENTION_S, true),
         (
             "failover_events",
             "at_ms",
             (now - FAILOVER_RETENTION_S) * 1000,
+            true,
         ),
     ] {
-        query(&format!(
-            "DELETE FROM {table} WHERE id IN
-               (SELECT id FROM {table} WHERE {column} < ? ORDER BY id LIMIT 1000)"
-        ))
-        .bind(before)
-        .execute(&mut *conn)
-        .await?;
+        let sql = if indexed {
+            format!(
+                "DELETE FROM {table} WHERE id IN
+                   (SELECT id FROM {table} WHERE {column} < ? ORDER BY id LIMIT {SWEEP_BATCH})"
+            )
+        } else {
+            // No index on the time (the biggest table: it would cost every insert): rows are
+            // written in the order of the controllers' clocks, so the old ones are the first
+            // ids. The oldest batch is looked at, not the whole table.
+            format!(
+                "DELETE FROM {table} WHERE id IN
+                   (SELECT id FROM {table} ORDER BY id LIMIT {SWEEP_BATCH}) AND {column} < ?"
+            )
+        };
+        let mut deleted = 0;
+        loop {
+            let n = query(&sql)
+                .bind(before)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+            deleted += n;
+            if n < SWEEP_BATCH as u64 {
+                break;
+            }
+        }
+        out.push((table, deleted));
     }
-    Ok(())
+    Ok(out)
 }
 
-/// Site `site_id`'s running totals as last reported, by key: the edge run they are from (its
-/// start, unix ms) and the totals.
+/// Traffic is kept as one sample per path and class at most this often (seconds): what the
+/// reports between say is summed in the counters (`pending`) until then.
+pub const TRAFFIC_EVERY_S: i64 = 60;
+
+/// What the store holds for one key (`path:<id>` or `class:<name>`) of a site: the running
+/// totals last reported, from the edge run that started at `started_ms` (unix ms), and what was
+/// sent since the last sample kept, since `pending_since` (unix s).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub started_ms: i64,
+    pub totals: Totals,
+    pub pending: Totals,
+    pub pending_since: Option<i64>,
+}
+
+/// Site `site_id`'s counters, by key.
 pub async fn counters(
     conn: &mut Conn,
     site_id: i64,
-) -> Result<HashMap<String, (i64, Totals)>, sqlx::Error> {
+) -> Result<HashMap<String, Counter>, sqlx::Error> {
     let rows = query("SELECT * FROM traffic_counters WHERE site_id = ?")
         .bind(site_id)
         .fetch_all(&mut *conn)
@@ -177,15 +246,22 @@ pub async fn counters(
         let n = |k: &str| r.try_get::<i64, _>(k).map(|v| v as u64);
         before.insert(
             r.try_get("key")?,
-            (
-                r.try_get("started_ms")?,
-                Totals {
+            Counter {
+                started_ms: r.try_get("started_ms")?,
+                totals: Totals {
                     tx_packets: n("tx_packets")?,
                     tx_bytes: n("tx_bytes")?,
                     rx_packets: n("rx_packets")?,
                     rx_bytes: n("rx_bytes")?,
                 },
-            ),
+                pending: Totals {
+                    tx_packets: n("pending_tx_packets")?,
+                    tx_bytes: n("pending_tx_bytes")?,
+                    rx_packets: n("pending_rx_packets")?,
+                    rx_bytes: n("pending_rx_bytes")?,
+                },
+                pending_since: r.try_get("pending_since")?,
+            },
         );
     }
     Ok(before)
@@ -195,32 +271,73 @@ fn int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// Site `site_id`'s running totals for `key`, from the edge run that started at `started_ms`.
+/// Site `site_id`'s counter for `key`.
 pub async fn set_counter(
     conn: &mut Conn,
     site_id: i64,
     key: &str,
-    started_ms: i64,
-    cur: &Totals,
+    c: &Counter,
 ) -> Result<(), sqlx::Error> {
     query(
         "INSERT INTO traffic_counters
-         (site_id, key, started_ms, tx_packets, tx_bytes, rx_packets, rx_bytes)
-         VALUES (?, ?, ?, ?, ?, ?, ?)
+         (site_id, key, started_ms, tx_packets, tx_bytes, rx_packets, rx_bytes,
+          pending_tx_packets, pending_tx_bytes, pending_rx_packets, pending_rx_bytes,
+          pending_since)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
          ON CONFLICT (site_id, key) DO UPDATE SET started_ms = excluded.started_ms,
            tx_packets = excluded.tx_packets, tx_bytes = excluded.tx_bytes,
-           rx_packets = excluded.rx_packets, rx_bytes = excluded.rx_bytes",
+           rx_packets = excluded.rx_packets, rx_bytes = excluded.rx_bytes,
+           pending_tx_packets = excluded.pending_tx_packets,
+           pending_tx_bytes = excluded.pending_tx_bytes,
+           pending_rx_packets = excluded.pending_rx_packets,
+           pending_rx_bytes = excluded.pending_rx_bytes,
+           pending_since = excluded.pending_since",
     )
     .bind(site_id)
     .bind(key)
-    .bind(started_ms)
-    .bind(int(cur.tx_packets))
-    .bind(int(cur.tx_bytes))
-    .bind(int(cur.rx_packets))
-    .bind(int(cur.rx_bytes))
+    .bind(c.started_ms)
+    .bind(int(c.totals.tx_packets))
+    .bind(int(c.totals.tx_bytes))
+    .bind(int(c.totals.rx_packets))
+    .bind(int(c.totals.rx_bytes))
+    .bind(int(c.pending.tx_packets))
+    .bind(int(c.pending.tx_bytes))
+    .bind(int(c.pending.rx_packets))
+    .bind(int(c.pending.rx_bytes))
+    .bind(c.pending_since)
     .execute(&mut *conn)
     .await
     .map(|_| ())
+}
+
+/// The path id and class of a counter's key, as a sample holds them (SQL, over `key`).
+const KEY_PATH: &str = "CASE WHEN key LIKE 'path:%' THEN substr(key, 6) END";
+const KEY_CLASS: &str = "CASE WHEN key LIKE 'class:%' THEN substr(key, 7) END";
+
+/// Keeps as samples the traffic pending since `before` (unix s) or earlier, of every site: what
+/// edges that stopped reporting (or report nothing new) left in the counters. One transaction
+/// (`tx`, a write): the rows written and emptied are the same. The samples kept.
+pub async fn flush_traffic(tx: &mut Conn, before: i64) -> Result<u64, sqlx::Error> {
+    let kept = query(&format!(
+        "INSERT INTO traffic_samples
+         (site_id, at_s, path_id, class, tx_packets, tx_bytes, rx_packets, rx_bytes)
+         SELECT site_id, pending_since, {KEY_PATH}, {KEY_CLASS}, pending_tx_packets,
+                pending_tx_bytes, pending_rx_packets, pending_rx_bytes
+         FROM traffic_counters WHERE pending_since IS NOT NULL AND pending_since <= ?"
+    ))
+    .bind(before)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    query(
+        "UPDATE traffic_counters SET pending_tx_packets = 0, pending_tx_bytes = 0,
+           pending_rx_packets = 0, pending_rx_bytes = 0, pending_since = NULL
+         WHERE pending_since IS NOT NULL AND pending_since <= ?",
+    )
+    .bind(before)
+    .execute(&mut *tx)
+    .await?;
+    Ok(kept)
 }
 
 /// Keeps what site `site_id` sent since its previous report, on a path or in a class.
@@ -288,7 +405,14 @@ pub async fn traffic(
     let grouped = format!(
         "SELECT (t.at_s / ?1) * ?1 AS start, t.site_id, s.name AS site, {key} AS k,
                 {} AS tx_packets, {} AS tx_bytes, {} AS rx_packets, {} AS rx_bytes
-         FROM traffic_samples t JOIN sites s ON s.id = t.site_id
+         FROM (SELECT site_id, at_s, path_id, class, tx_packets, tx_bytes, rx_packets,
+                      rx_bytes
+               FROM traffic_samples
+               UNION ALL
+               SELECT site_id, pending_since, {KEY_PATH}, {KEY_CLASS}, pending_tx_packets,
+                      pending_tx_bytes, pending_rx_packets, pending_rx_bytes
+               FROM traffic_counters WHERE pending_since IS NOT NULL) t
+         JOIN sites s ON s.id = t.site_id
          WHERE t.at_s >= ?2 AND t.at_s < ?3 AND {kind}
            AND (?4 IS NULL OR t.site_id = ?4)
            AND (?5 IS NULL OR t.path_id = ?5)

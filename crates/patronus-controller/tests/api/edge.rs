@@ -427,6 +427,98 @@ async fn a_site_is_online_while_its_edge_is_in_touch() {
 }
 
 #[tokio::test]
+async fn the_history_keeps_what_changed_and_the_live_state_every_report() {
+    let a = api().await;
+    let t = a.admin().await;
+    let ids = sites(&a, &t, &["hq", "b1"]).await;
+    let cred = enrolled(&a, &t, ids[0], 5).await;
+    let report = |state: &str, rtt: f64, loss: f64| {
+        json!({ "paths": [
+            { "peer": "b1", "local_link": "mpls", "remote_link": "mpls", "state": state,
+              "rtt_ms": rtt, "jitter_ms": 0.4, "loss_pct": loss, "tx_bytes": 0, "rx_bytes": 0 }
+        ]})
+    };
+    // Noise within the deadbands (RTT 2 ms and 10 %, loss 0.5 points), then an RTT that moved,
+    // loss that moved, and a state that changed: the first report and the three changes.
+    for (state, rtt, loss) in [
+        ("up", 20.0, 0.0),
+        ("up", 21.0, 0.0),
+        ("up", 19.5, 0.2),
+        ("up", 20.4, 0.0),
+        ("up", 25.0, 0.0),
+        ("up", 25.5, 0.0),
+        ("up", 25.0, 1.0),
+        ("down", 25.0, 1.0),
+        ("down", 25.0, 1.0),
+    ] {
+        let r = a
+            .call(
+                Method::POST,
+                "/api/v1/edge/telemetry",
+                Some(&cred),
+                Some(report(state, rtt, loss)),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
+    }
+    let r = a.call(Method::GET, "/api/v1/paths", Some(&t), None).await;
+    let p = r.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["a"]["link"] == "mpls" && p["b"]["link"] == "mpls")
+        .unwrap_or_else(|| panic!("{r:?}"))
+        .clone();
+    let id = p["id"].as_str().unwrap();
+    let r = a
+        .call(
+            Method::GET,
+            &format!("/api/v1/paths/{id}/metrics"),
+            Some(&t),
+            None,
+        )
+        .await;
+    let kept: Vec<(f64, f64, &str)> = r.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["rtt_ms"].as_f64().unwrap(),
+                i["loss_pct"].as_f64().unwrap(),
+                i["state"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kept,
+        [
+            (20.0, 0.0, "up"),
+            (25.0, 0.0, "up"),
+            (25.0, 1.0, "up"),
+            (25.0, 1.0, "down")
+        ],
+        "{r:?}"
+    );
+    // The live state is the latest report, kept or not.
+    let r = a
+        .call(Method::GET, &format!("/api/v1/paths/{id}"), Some(&t), None)
+        .await;
+    assert_eq!(r.body["state"], "down", "{r:?}");
+    let req = Request::get("/metrics")
+        .header(header::AUTHORIZATION, format!("Bearer {t}"))
+        .body(Body::empty())
+        .unwrap();
+    let body = a.send(req).await.into_body().collect().await.unwrap();
+    let text = String::from_utf8(body.to_bytes().to_vec()).unwrap();
+    assert!(
+        text.contains("patronus_path_measurements_total{kept=\"true\"} 4")
+            && text.contains("patronus_path_measurements_total{kept=\"false\"} 5"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
 async fn edges_report_their_paths_and_the_api_shows_what_they_measured() {
     let a = api().await;
     let t = a.admin().await;

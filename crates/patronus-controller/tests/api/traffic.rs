@@ -158,3 +158,103 @@ async fn counters_at_the_top_of_their_range_never_break_the_stats() {
     let bytes = r.body["items"][0]["tx_bytes"].as_f64().unwrap();
     assert!(bytes >= 1.8e19, "{r:?}");
 }
+
+#[tokio::test]
+async fn traffic_is_kept_a_sample_a_minute_and_read_at_once() {
+    let a = api().await;
+    let t = a.admin().await;
+    let ids = sites(&a, &t, &["hq", "b1"]).await;
+    let cred = enrolled(&a, &t, ids[0], 5).await;
+    let report = |started: i64, tx: u64| {
+        json!({
+            "started_ms": started,
+            "paths": [{ "peer": "b1", "local_link": "mpls", "remote_link": "mpls", "state": "up",
+                        "rtt_ms": 20.0, "jitter_ms": 0.1, "loss_pct": 0.0,
+                        "tx_bytes": tx, "rx_bytes": tx, "tx_packets": tx / 100,
+                        "rx_packets": tx / 100 }],
+            "classes": [{ "class": "bulk", "tx_packets": tx / 100, "tx_bytes": tx }]
+        })
+    };
+    // Six reports within the minute, the edge restarting after the fourth.
+    for (started, tx) in [
+        (1000, 1000),
+        (1000, 3000),
+        (1000, 3000),
+        (1000, 6000),
+        (2000, 500),
+        (2000, 1500),
+    ] {
+        let r = a
+            .call(
+                Method::POST,
+                "/api/v1/edge/telemetry",
+                Some(&cred),
+                Some(report(started, tx)),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
+    }
+    let sum = |v: &Value| -> i64 {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["tx_bytes"].as_i64().unwrap())
+            .sum()
+    };
+    let samples = || async {
+        patronus_controller::store::db::query_scalar::<i64>("SELECT COUNT(*) FROM traffic_samples")
+            .fetch_one(&mut *a.state.store.conn().await.unwrap())
+            .await
+            .unwrap()
+    };
+    // Nothing kept as a sample yet, and all of it read: 6000 of the first run, 1500 of the
+    // second, on the path and in the class.
+    assert_eq!(samples().await, 0);
+    for by in ["path", "class"] {
+        let r = a
+            .call(
+                Method::GET,
+                &format!("/api/v1/traffic/stats?by={by}"),
+                Some(&t),
+                None,
+            )
+            .await;
+        assert_eq!(sum(&r.body), 7500, "by {by}: {r:?}");
+    }
+    // A minute on (the housekeeping's flush, as of then): one sample per path and class,
+    // the same sums.
+    let mut tx = a.state.store.begin().await.unwrap();
+    let kept = patronus_controller::store::telemetry::flush_traffic(
+        &mut tx,
+        patronus_controller::store::now_s() + 60,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!((kept, samples().await), (2, 2));
+    for by in ["path", "class"] {
+        let r = a
+            .call(
+                Method::GET,
+                &format!("/api/v1/traffic/stats?by={by}"),
+                Some(&t),
+                None,
+            )
+            .await;
+        assert_eq!(sum(&r.body), 7500, "by {by}: {r:?}");
+    }
+    // What comes after is pending again, and read with the rest.
+    a.call(
+        Method::POST,
+        "/api/v1/edge/telemetry",
+        Some(&cred),
+        Some(report(2000, 2500)),
+    )
+    .await;
+    let r = a
+        .call(Method::GET, "/api/v1/traffic/stats?by=site", Some(&t), None)
+        .await;
+    assert_eq!(sum(&r.body), 8500, "{r:?}");
+    assert_eq!(samples().await, 2);
+}

@@ -132,10 +132,17 @@ async fn edge_telemetry(
             );
         }
     }
+    // The history keeps what says something new (see `crate::sampling`); the live view above
+    // has every report.
+    let keep = s.sampler.select(site.site_id, now, &samples);
+    let kept: Vec<_> = samples
+        .iter()
+        .zip(&keep)
+        .filter(|(_, k)| **k)
+        .map(|((id, p), _)| (id.as_str(), *p))
+        .collect();
     let mut tx = s.store.begin().await?;
-    for (id, p) in &samples {
-        telemetry::insert_sample(&mut tx, id, site.site_id, now, p).await?;
-    }
+    telemetry::insert_samples(&mut tx, site.site_id, now, &kept).await?;
     for e in &t.failovers {
         // A report delivered twice (an answer lost on the way back) is kept once.
         let (from, to) = (
@@ -191,18 +198,19 @@ async fn edge_telemetry(
         }
     }
     record_traffic(&mut tx, site.site_id, now, &t, &samples).await?;
-    telemetry::prune(&mut tx, now).await?;
     // Told to webhooks with the same transaction that keeps them: an event is announced if and
     // only if it was kept.
     crate::webhooks::queue(&mut tx, events, None).await?;
     tx.commit().await?;
+    s.sampler.kept(site.site_id, now, &samples, &keep);
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// Turns the report's running totals into what was sent since the previous report (kept per
 /// site and key in `traffic_counters`, so that a report delivered twice adds nothing and a
-/// restarted controller loses nothing), and keeps the differences that are not zero as
-/// samples.
+/// restarted controller loses nothing), sums it there, and keeps the sum as a sample once a
+/// minute ([`telemetry::TRAFFIC_EVERY_S`]; the housekeeping keeps what edges that went quiet
+/// left). Reads of the traffic add what is pending: nothing waits to be seen.
 async fn record_traffic(
     tx: &mut crate::store::Tx,
     site_id: i64,
@@ -241,30 +249,53 @@ async fn record_traffic(
     }
     let before = telemetry::counters(tx, site_id).await?;
     let mut seen = std::collections::HashSet::new();
+    let zero = Totals::default();
     for (key, path, class, cur) in current {
         // A key named twice in one report counts once.
         if !seen.insert(key.clone()) {
             continue;
         }
-        // The totals counted so far in this same run of the edge, if any.
-        let counted = before
-            .get(&key)
-            .filter(|(started, _)| *started == t.started_ms)
-            .map(|(_, b)| b);
-        let delta = match counted {
-            // The same run: what it sent since; nothing, from a late report older than that.
-            Some(b) => match cur.checked_sub(b) {
-                Some(d) if d != Totals::default() => d,
-                _ => continue,
-            },
+        let prev = before.get(&key).copied().unwrap_or_default();
+        let known = before.contains_key(&key);
+        // What was sent since the totals kept, and the totals to keep.
+        let (delta, started_ms, totals) = if known && prev.started_ms == t.started_ms {
+            match cur.checked_sub(&prev.totals) {
+                // The same run: what it sent since.
+                Some(d) => (d, t.started_ms, cur),
+                // A late report, older than the totals kept: it adds nothing.
+                None => (zero, prev.started_ms, prev.totals),
+            }
+        } else {
             // A new run of the edge (or the first report): all of it is new.
-            None => cur,
+            (cur, t.started_ms, cur)
         };
-        telemetry::set_counter(tx, site_id, &key, t.started_ms, &cur).await?;
-        if delta == Totals::default() {
-            continue;
+        // Summed with what is pending (from this run or the one before: nothing is lost when
+        // the edge restarts), and kept as a sample once a minute.
+        let mut c = telemetry::Counter {
+            started_ms,
+            totals,
+            pending: prev.pending.saturating_add(&delta),
+            pending_since: prev.pending_since.or((delta != zero).then_some(now)),
+        };
+        // A sum beyond the store's integers: what was pending is kept first, on its own.
+        if !c.pending.fits_store() {
+            if let Some(since) = prev.pending_since {
+                telemetry::insert_traffic(tx, site_id, since, (path, class), &prev.pending).await?;
+            }
+            c.pending = delta;
+            c.pending_since = (delta != zero).then_some(now);
         }
-        telemetry::insert_traffic(tx, site_id, now, (path, class), &delta).await?;
+        let due = c
+            .pending_since
+            .filter(|since| now - since >= telemetry::TRAFFIC_EVERY_S);
+        if let Some(since) = due {
+            telemetry::insert_traffic(tx, site_id, since, (path, class), &c.pending).await?;
+            c.pending = zero;
+            c.pending_since = None;
+        }
+        if !known || c != prev {
+            telemetry::set_counter(tx, site_id, &key, &c).await?;
+        }
     }
     Ok(())
 }
