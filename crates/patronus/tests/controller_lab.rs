@@ -598,9 +598,12 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
     // between hq and branch1. Steering reacts to every change of the paths over it (hundreds,
     // at this loss); what is reported, to the edges' status, the controller and its webhooks,
     // has hysteresis (`patronus_core::path`): per path, one `down`, one `sla.violated` per
-    // class it breaks, and two more per reported `up`, which needs the path up for its damped
-    // hold-down (4 s here, doubling with each failure): at most one in a minute of failures.
-    // So at most 1 + C + 2 per path, C the SLA classes; the 8 paths over hq/mpls (4 from hq,
+    // class it breaks (restored only after the class is met for the damped hold-down, which
+    // 30 % loss never allows), and two more per reported `up`, which comes a damped hold-down
+    // after the path came back (4 s here, doubling with each point of penalty, which halves
+    // every 30 s): at most three in a minute of failures (4 + 8 + 16 s of hold-down, and the
+    // downs between), so at most 1 + C + 2 * 3 per path, C the SLA classes (a run with two ups
+    // reported 8 changes for one path). The 8 paths over hq/mpls (4 from hq,
     // one from each of branch1's and branch2's links to it) stay within 8 times that.
     let (ok, out, err) = cli(&lab, &home, &["class", "list", "--output", "json"], "");
     assert!(ok, "{err}");
@@ -608,7 +611,7 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
         .as_array()
         .unwrap()
         .len();
-    let per_path = 1 + classes + 2;
+    let per_path = 1 + classes + 2 * 3;
     let hook2 = patronus_lab::webhook::Receiver::start_in(
         &lab.ns("controller").unwrap(),
         std::net::SocketAddr::new(ctl, 0),
@@ -648,6 +651,8 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64;
+    // Until the loss ends: what comes after (the paths back up) is not the lossy minute's.
+    let lossy_to_ms = std::cell::Cell::new(u64::MAX);
     let (ab, ba, moved) = std::thread::scope(|sc| {
         let stream = |from: &str, to: &str, dst, port| {
             let (from, to) = (from.to_owned(), to.to_owned());
@@ -671,6 +676,12 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
         std::thread::sleep(Duration::from_secs(50));
         let c1 = counts();
         lab.link_command("hq/mpls", &["set", "loss=0%"]).unwrap();
+        lossy_to_ms.set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64,
+        );
         let (ab, ba) = (ab.join().unwrap(), ba.join().unwrap());
         let moved: Vec<(u64, u64)> = c0
             .iter()
@@ -714,7 +725,7 @@ fn three_sites_enrolled_with_tokens_through_the_controller_carry_traffic() {
                     e["remote_link"].as_str().unwrap()
                 ),
             );
-            if on_lossy(&from, &to) && at >= lossy_from_ms {
+            if on_lossy(&from, &to) && at >= lossy_from_ms && at <= lossy_to_ms.get() {
                 *reported.entry(format!("{from}>{to}")).or_default() += 1;
                 if ["down", "up", "sla-violated"].contains(&e["kind"].as_str().unwrap()) {
                     to_deliver += 1;
