@@ -38,24 +38,44 @@ fn every_bench_of_the_report_runs_in_its_short_form() {
     );
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     let results = r["results"].as_object().unwrap();
-    for name in [
-        "path-select",
-        "mesh",
-        "mesh-setup",
-        "push",
-        "api-cost",
-        "api-load",
-        "backup",
-        "wan-emulator",
-        "failover",
-        "failover-storm",
-        "throughput",
-        "soak",
+    for (name, bench) in [
+        ("path-select", "path-select"),
+        ("mesh", "mesh"),
+        ("mesh-setup", "mesh-setup"),
+        ("mesh-setup-lab", "mesh-setup"),
+        ("push", "push"),
+        ("api-cost", "api-cost"),
+        ("api-load", "api-load"),
+        ("backup", "backup"),
+        ("db-stress", "db-stress"),
+        ("wan-emulator", "wan-emulator"),
+        ("failover", "failover"),
+        ("failover-storm", "failover-storm"),
+        ("health-load", "health-load"),
+        ("throughput", "throughput"),
+        ("soak", "soak"),
     ] {
         let res = &results[name];
         assert!(res["error"].is_null(), "{name}: {}", res["error"]);
-        assert_eq!(res["result"]["bench"], name, "{name} printed its JSON");
+        assert_eq!(res["result"]["bench"], bench, "{name} printed its JSON");
     }
+    // The lab form of mesh setup: every path of 3 real edges Up at the controller.
+    let lab = &results["mesh-setup-lab"]["result"];
+    assert_eq!(lab["form"], "real edges in the lab", "{lab}");
+    assert!(lab["sizes"][0]["setup_s"].as_f64().is_some(), "{lab}");
+    // Health probing: every path end measured, and its RTT near the emulated one.
+    let health = &results["health-load"]["result"];
+    assert_eq!(health["paths"], 24, "{health}");
+    assert_eq!(health["idle"]["path_ends_without_rtt"], 0, "{health}");
+    assert_eq!(health["busy"]["streams"]["count"], 6, "{health}");
+    // The store under load: the sweep removed exactly what was beyond retention (the bench
+    // checks it), every list read answered, every report of the ingest answered.
+    let db = &results["db-stress"]["result"]["backends"][0];
+    for (page, r) in db["reads"].as_object().unwrap() {
+        assert_eq!(r["errors"], 0, "{page}: {r}");
+    }
+    assert_eq!(db["ingest"]["reports"]["errors"], 0, "{db}");
+    assert!(db["ingest"]["kept_share"].as_f64().unwrap() < 1.0, "{db}");
     // Two minutes of churn with a controller restart: no false failover, nothing lost outside
     // the churn, nothing left behind.
     let soak = &results["soak"]["result"];

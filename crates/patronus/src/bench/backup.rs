@@ -77,12 +77,11 @@ async fn write_samples(store: &Store, sites: usize, samples: usize) -> anyhow::R
             let site = (k / 8) % sites + 1;
             let path = format!("{}-{}", 2 * site - 1, k % 8);
             let at = now - week + (k as i64 * week) / samples as i64;
-            patronus_controller::store::telemetry::insert_sample(
+            patronus_controller::store::telemetry::insert_samples(
                 &mut tx,
-                &path,
                 site as i64,
                 at,
-                &report,
+                &[(&path, &report)],
             )
             .await?;
         }

@@ -13,8 +13,9 @@
 //! (full mesh: every other site; hub and spoke: the hubs, or every site for a hub).
 //!
 //! Timed from the first API request to the last edge holding its whole configuration. The
-//! simulated edges hold no tunnels: `bench mesh-setup --lab` (not built yet) is the form with
-//! real edges.
+//! simulated edges hold no tunnels: `bench mesh-setup --lab` is the form with real edges, each
+//! size a lab of that many sites (an edge process each) enrolled through a controller with
+//! TLS, timed from the first API request until every path reads Up at the controller.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -43,6 +44,11 @@ pub struct Args {
     /// Give up on a size after this many seconds.
     #[arg(long, default_value_t = 900)]
     timeout: u64,
+    /// (root) Real edges in the lab instead of simulated ones: each size is a lab of that many
+    /// sites (an edge process each, two links each), timed until every path reads Up at the
+    /// controller. Sizes up to 60.
+    #[arg(long)]
+    lab: bool,
 }
 
 const HUBS: usize = 2;
@@ -144,7 +150,7 @@ async fn edge(
 }
 
 /// Creates site `i` with two links and an enrolment token for it: (site id, token).
-async fn create_site(admin: &mut Client, i: usize) -> anyhow::Result<(i64, String)> {
+pub(super) async fn create_site(admin: &mut Client, i: usize) -> anyhow::Result<(i64, String)> {
     let (hi, lo) = (i / 256, i % 256);
     let site = admin
         .json(
@@ -279,20 +285,93 @@ async fn one_size(
     }))
 }
 
+/// The lab form: `n` real sites (full mesh: each with an `inet` and an `lte` link; hub and
+/// spoke: the lab's hub and `n - 1` spokes), enrolled through a controller with TLS, timed from
+/// the first API request until every path reads Up at the controller.
+fn lab_size(n: usize, hub_spoke: bool, args: &Args) -> anyhow::Result<Value> {
+    use patronus_api::LinkKind;
+    let topology = if hub_spoke {
+        patronus_lab::Topology::hub_and_spokes(n - 1)?
+    } else {
+        super::world::full_mesh(
+            n,
+            &[
+                ("inet", LinkKind::Broadband, None),
+                ("lte", LinkKind::Lte, None),
+            ],
+        )
+    };
+    let paths = if hub_spoke {
+        (n - 1) * 4
+    } else {
+        n * (n - 1) / 2 * 4
+    };
+    progress(format_args!(
+        "{n} sites ({}), {paths} paths: a lab, a controller, every site through the API",
+        args.topology
+    ));
+    let t = Instant::now();
+    let (world, _receiver) = super::world::up(&topology, hub_spoke, &["failover"])?;
+    let lab_s = world.api_started.saturating_duration_since(t).as_secs_f64();
+    let enrolled_s = world.api_started.elapsed().as_secs_f64();
+    world.wait_paths(paths, Duration::from_secs(args.timeout))?;
+    // `wait_paths` reads three times in a row to be sure; the first of them is the figure.
+    let setup_s = world.api_started.elapsed().as_secs_f64();
+    let edges_cpu_s: f64 = world
+        .edges
+        .iter()
+        .filter_map(|(_, pid)| super::cpu_s(*pid))
+        .sum();
+    Ok(json!({
+        "sites": n,
+        "paths": paths,
+        "lab_up_s": lab_s,
+        "api_and_edges_started_s": enrolled_s,
+        "setup_s": setup_s,
+        "edges_cpu_s": edges_cpu_s,
+    }))
+}
+
+fn run_lab(args: &Args, hub_spoke: bool) -> anyhow::Result<Value> {
+    anyhow::ensure!(
+        args.sites.iter().all(|n| (3..=60).contains(n)),
+        "--lab: sizes from 3 to 60 sites (each is an edge process and its namespaces)"
+    );
+    let mut sizes = Vec::new();
+    for &n in &args.sites {
+        let r = lab_size(n, hub_spoke, args)?;
+        progress(format_args!(
+            "{n} sites: every path Up at the controller after {}",
+            fig(&r["setup_s"], 1, " s")
+        ));
+        sizes.push(r);
+    }
+    Ok(json!({
+        "bench": "mesh-setup",
+        "form": "real edges in the lab",
+        "topology": args.topology,
+        "sizes": sizes,
+        "machine": super::machine(),
+    }))
+}
+
 pub fn run(args: &Args) -> anyhow::Result<Value> {
     anyhow::ensure!(
         !args.sites.is_empty() && args.sites.iter().all(|n| (3..=10_000).contains(n)),
         "--sites: sizes from 3 to 10000"
-    );
-    anyhow::ensure!(
-        (1..=64).contains(&args.api_workers),
-        "--api-workers must be 1 to 64"
     );
     let hub_spoke = match args.topology.as_str() {
         "hub-spoke" => true,
         "full-mesh" => false,
         other => bail!("--topology {other}: full-mesh or hub-spoke"),
     };
+    if args.lab {
+        return run_lab(args, hub_spoke);
+    }
+    anyhow::ensure!(
+        (1..=64).contains(&args.api_workers),
+        "--api-workers must be 1 to 64"
+    );
     let largest = args.sites.iter().max().copied().unwrap_or(0);
     // The edges' sockets only: the controller is a process of its own.
     super::push::raise_fd_limit(largest as u64 + 1024)?;
@@ -333,13 +412,31 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
 }
 
 pub fn summary(r: &Value) -> String {
+    let goal = if r["api_workers"].is_null() {
+        "every path Up at the controller".to_owned()
+    } else {
+        format!(
+            "every edge holding its configuration ({} API workers)",
+            r["api_workers"]
+        )
+    };
     let mut lines = vec![format!(
-        "mesh-setup ({}, {}, {} API workers): from an empty controller to every edge holding its configuration",
+        "mesh-setup ({}, {}): from an empty controller to {goal}",
         r["form"].as_str().unwrap_or("?"),
         r["topology"].as_str().unwrap_or("?"),
-        r["api_workers"],
     )];
     for s in r["sizes"].as_array().into_iter().flatten() {
+        if s.get("paths").is_some() {
+            lines.push(format!(
+                "  {} sites, {} paths: every path Up at the controller after {} (the lab up in {} before); edges' CPU {}",
+                s["sites"],
+                s["paths"],
+                fig(&s["setup_s"], 1, " s"),
+                fig(&s["lab_up_s"], 1, " s"),
+                fig(&s["edges_cpu_s"], 1, " s"),
+            ));
+            continue;
+        }
         lines.push(format!(
             "  {} sites: {} (all enrolled after {}); an edge complete {} after it enrolled (p99); controller {} resident, {} per site, {} CPU",
             s["sites"],

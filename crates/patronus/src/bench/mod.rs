@@ -10,9 +10,11 @@ use clap::Subcommand;
 mod api_cost;
 mod api_load;
 mod backup;
+mod db_stress;
 mod dr;
 mod failover;
 mod failover_storm;
+mod health_load;
 mod http;
 mod mesh;
 mod mesh_setup;
@@ -40,6 +42,10 @@ pub enum Bench {
     /// the hub's active link cut: every stream's outage, and how long until the API and the
     /// webhooks show every failover.
     FailoverStorm(failover_storm::Args),
+    /// (root) A full mesh of real edges in the lab (1,012 paths by default) at the default
+    /// probe rates, idle and busy: the edges' CPU per 1,000 paths, the probes' bytes on the
+    /// WAN, and each path's measured RTT beside the emulated one.
+    HealthLoad(health_load::Args),
     /// (root) One TCP stream between LAN hosts of two sites: through Patronus, through a pair
     /// of wireguard-go peers, and over the bare veth, in one run.
     Throughput(throughput::Args),
@@ -64,6 +70,11 @@ pub enum Bench {
     /// A backup of a controller with N sites and a week of telemetry: its time, size,
     /// verification and restore, and the API's reads before and during it.
     Backup(backup::Args),
+    /// A controller (its own process) with N enrolled sites and a store filled with a million
+    /// path samples, 100,000 audit records and 10,000 failovers: the list endpoints' p99, the
+    /// retention sweep, the database's size; then every edge reporting every 5 s: whether the
+    /// controller keeps up, what it keeps, its CPU and the growth per day.
+    DbStress(db_stress::Args),
     /// (root) Every disaster-recovery drill in the lab (controller killed, database
     /// corrupted, machine lost, site deleted, edge machine lost, secrets compromised): RTO,
     /// RPO and the data plane's loss of each, beside the seed's targets.
@@ -86,6 +97,7 @@ pub fn run(b: Bench) -> anyhow::Result<()> {
         Bench::FailoverStorm(args) => {
             with_summary(failover_storm::run(&args)?, failover_storm::summary)
         }
+        Bench::HealthLoad(args) => with_summary(health_load::run(&args)?, health_load::summary),
         Bench::Throughput(args) => with_summary(throughput::run(&args)?, throughput::summary),
         Bench::Mesh(args) => with_summary(mesh::run(&args)?, mesh::summary),
         Bench::MeshSetup(args) => with_summary(mesh_setup::run(&args)?, mesh_setup::summary),
@@ -93,6 +105,7 @@ pub fn run(b: Bench) -> anyhow::Result<()> {
         Bench::ApiCost(args) => with_summary(api_cost::run(&args)?, api_cost::summary),
         Bench::ApiLoad(args) => with_summary(api_load::run(&args)?, api_load::summary),
         Bench::Backup(args) => with_summary(backup::run(&args)?, backup::summary),
+        Bench::DbStress(args) => with_summary(db_stress::run(&args)?, db_stress::summary),
         Bench::Dr(args) => with_summary(dr::run(&args)?, dr::summary),
         Bench::Report(args) => with_summary(report::run(&args)?, report::summary),
         Bench::Soak(args) => with_summary(soak::run(&args)?, soak::summary),
@@ -170,6 +183,18 @@ pub fn proc_status_kb(pid: Option<u32>, key: &str) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
+}
+
+/// The CPU time (user + system, seconds) process `pid` has used so far.
+pub fn cpu_s(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command's name, which is in parentheses.
+    let f: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()? as f64;
+    Some(ticks / hz)
 }
 
 /// Nearest-rank percentiles ([`patronus_lab::stats::percentile`]) of a sample of

@@ -99,19 +99,7 @@ impl ControllerProcess {
     pub(super) fn usage(&self) -> (Option<f64>, Option<f64>, Option<f64>) {
         let pid = self.child.id();
         let kb = |key: &str| super::proc_status_kb(Some(pid), key).map(|v| v as f64 / 1024.0);
-        let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                // The fields after the command's name, which is in parentheses.
-                let rest = s.rsplit_once(')')?.1;
-                let f: Vec<&str> = rest.split_whitespace().collect();
-                let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-                let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-                    .ok()
-                    .flatten()? as f64;
-                Some(ticks / hz)
-            });
-        (kb("VmRSS:"), kb("VmHWM:"), cpu)
+        (kb("VmRSS:"), kb("VmHWM:"), super::cpu_s(pid))
     }
 
     pub(super) fn stop(mut self) {

@@ -22,8 +22,8 @@ use super::progress;
 pub struct Args {
     /// The benches to run, comma-separated (default: all but `dr`, which the lab tests run
     /// and which takes minutes, and `soak`, which takes an hour; `--short` runs the soak too):
-    /// path-select, mesh, mesh-setup, push, api-cost, api-load,
-    /// backup, wan-emulator, failover, failover-storm, throughput, soak, dr.
+    /// path-select, mesh, mesh-setup, mesh-setup-lab, push, api-cost, api-load, backup,
+    /// db-stress, wan-emulator, failover, failover-storm, health-load, throughput, soak, dr.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Each bench in its short form (seconds, small N), as CI runs them: the figures then
@@ -45,7 +45,10 @@ pub struct Args {
 /// One bench of the suite: its arguments in the full and the short form, and whether it needs
 /// root (the lab).
 struct Entry {
+    /// The key of its result in the report.
     name: &'static str,
+    /// The `patronus bench` subcommand it runs.
+    command: &'static str,
     full: &'static [&'static str],
     short: &'static [&'static str],
     root: bool,
@@ -56,6 +59,7 @@ struct Entry {
 const SUITE: &[Entry] = &[
     Entry {
         name: "path-select",
+        command: "path-select",
         full: &[],
         short: &["--packets", "200000", "--flows", "10000"],
         root: false,
@@ -63,6 +67,7 @@ const SUITE: &[Entry] = &[
     },
     Entry {
         name: "mesh",
+        command: "mesh",
         full: &["--sites", "1000"],
         short: &["--sites", "100"],
         root: false,
@@ -70,13 +75,23 @@ const SUITE: &[Entry] = &[
     },
     Entry {
         name: "mesh-setup",
+        command: "mesh-setup",
         full: &["--sites", "100,500,1000"],
         short: &["--sites", "20,50"],
         root: false,
         default: true,
     },
     Entry {
+        name: "mesh-setup-lab",
+        command: "mesh-setup",
+        full: &["--lab", "--sites", "10,25"],
+        short: &["--lab", "--sites", "3"],
+        root: true,
+        default: true,
+    },
+    Entry {
         name: "push",
+        command: "push",
         full: &["--edges", "1000"],
         short: &["--edges", "50"],
         root: false,
@@ -84,6 +99,7 @@ const SUITE: &[Entry] = &[
     },
     Entry {
         name: "api-cost",
+        command: "api-cost",
         full: &["--sites", "10,1000"],
         short: &["--sites", "10,50", "--requests", "10"],
         root: false,
@@ -91,6 +107,7 @@ const SUITE: &[Entry] = &[
     },
     Entry {
         name: "api-load",
+        command: "api-load",
         full: &["--sites", "1000", "--seconds", "10"],
         short: &["--sites", "50", "--connections", "8", "--seconds", "0.5"],
         root: false,
@@ -98,13 +115,36 @@ const SUITE: &[Entry] = &[
     },
     Entry {
         name: "backup",
+        command: "backup",
         full: &["--sites", "1000"],
         short: &["--sites", "20", "--samples", "2000"],
         root: false,
         default: true,
     },
     Entry {
+        name: "db-stress",
+        command: "db-stress",
+        full: &[],
+        short: &[
+            "--sites",
+            "20",
+            "--samples",
+            "20000",
+            "--audit",
+            "2000",
+            "--failovers",
+            "500",
+            "--reads",
+            "20",
+            "--ingest-s",
+            "10",
+        ],
+        root: false,
+        default: true,
+    },
+    Entry {
         name: "wan-emulator",
+        command: "wan-emulator",
         full: &[],
         short: &["--seconds", "2", "--accuracy-seconds", "3"],
         root: true,
@@ -112,6 +152,7 @@ const SUITE: &[Entry] = &[
     },
     Entry {
         name: "failover",
+        command: "failover",
         full: &[],
         short: &["--trials", "2"],
         root: true,
@@ -119,13 +160,23 @@ const SUITE: &[Entry] = &[
     },
     Entry {
         name: "failover-storm",
+        command: "failover-storm",
         full: &["--spokes", "30", "--cuts", "4"],
         short: &["--spokes", "3", "--cuts", "1"],
         root: true,
         default: true,
     },
     Entry {
+        name: "health-load",
+        command: "health-load",
+        full: &[],
+        short: &["--sites", "4", "--window-s", "5"],
+        root: true,
+        default: true,
+    },
+    Entry {
         name: "throughput",
+        command: "throughput",
         full: &[],
         short: &["--seconds", "2"],
         root: true,
@@ -133,6 +184,7 @@ const SUITE: &[Entry] = &[
     },
     Entry {
         name: "soak",
+        command: "soak",
         full: &["--duration", "3600"],
         short: &["--duration", "120", "--restart-every", "60"],
         root: true,
@@ -140,6 +192,7 @@ const SUITE: &[Entry] = &[
     },
     Entry {
         name: "dr",
+        command: "dr",
         full: &[],
         short: &[],
         root: true,
@@ -204,6 +257,15 @@ fn api_load(r: &Value, backend: &str, scenario: &str, field: &str) -> Option<f64
         .as_f64()
 }
 
+/// The SQLite run of a `db-stress` result, if it is the full size (1000 sites).
+fn db_stress(r: &Value) -> Option<&Value> {
+    (r["sites"].as_u64() == Some(1000)).then_some(())?;
+    r["backends"]
+        .as_array()?
+        .iter()
+        .find(|b| b["backend"] == "sqlite")
+}
+
 const FIGURES: &[Figure] = &[
     Figure {
         id: "mesh_setup_100_s",
@@ -256,6 +318,18 @@ const FIGURES: &[Figure] = &[
         tolerance: 1.5,
     },
     Figure {
+        id: "mesh_setup_lab_25_s",
+        what: "Mesh setup, 25 real edges in the lab (full mesh, 1200 paths), until every path \
+               reads Up at the controller",
+        bench: "mesh-setup-lab",
+        get: |r| sized(r, "sizes", "sites", 25, "setup_s"),
+        unit: " s",
+        decimals: 1,
+        seed: "",
+        better: Better::Lower,
+        tolerance: 2.0,
+    },
+    Figure {
         id: "path_select_p99_ns",
         what: "Path selection at 1000 paths, p99 of every decision",
         bench: "path-select",
@@ -273,6 +347,50 @@ const FIGURES: &[Figure] = &[
         get: |r| r["miss"]["p99_ns"].as_f64(),
         unit: " ns",
         decimals: 0,
+        seed: "",
+        better: Better::Lower,
+        tolerance: 3.0,
+    },
+    Figure {
+        id: "health_load_idle_cores_per_1000",
+        what: "Health probing of 1012 real paths, idle: the edges' CPU cores per 1000 paths",
+        bench: "health-load",
+        get: |r| r["idle"]["edges_cpu_cores_per_1000_paths"].as_f64(),
+        unit: "",
+        decimals: 3,
+        seed: "",
+        better: Better::Lower,
+        tolerance: 1.5,
+    },
+    Figure {
+        id: "health_load_busy_cores_per_1000",
+        what: "Health probing, busy (a stream between every pair of sites): cores per 1000 paths",
+        bench: "health-load",
+        get: |r| r["busy"]["edges_cpu_cores_per_1000_paths"].as_f64(),
+        unit: "",
+        decimals: 3,
+        seed: "",
+        better: Better::Lower,
+        tolerance: 1.5,
+    },
+    Figure {
+        id: "health_load_idle_kbit_per_1000",
+        what: "Health probing, idle: the probes' kbit/s on the WAN per 1000 paths",
+        bench: "health-load",
+        get: |r| r["idle"]["overhead_kbit_per_s_per_1000_paths"].as_f64(),
+        unit: " kbit/s",
+        decimals: 0,
+        seed: "",
+        better: Better::Lower,
+        tolerance: 1.3,
+    },
+    Figure {
+        id: "health_load_idle_rtt_error_p99_ms",
+        what: "Health probing, idle: measured RTT less the emulated one, p99",
+        bench: "health-load",
+        get: |r| r["idle"]["rtt_error_ms"]["p99"].as_f64(),
+        unit: " ms",
+        decimals: 2,
         seed: "",
         better: Better::Lower,
         tolerance: 3.0,
@@ -443,6 +561,57 @@ const FIGURES: &[Figure] = &[
         tolerance: 2.0,
     },
     Figure {
+        id: "db_stress_list_p99_ms",
+        what: "1M samples, 100k audit records, 10k failovers: the slowest list endpoint's p99, \
+               SQLite",
+        bench: "db-stress",
+        get: |r| {
+            db_stress(r)?["reads"]
+                .as_object()?
+                .values()
+                .filter_map(|v| v["p99_ms"].as_f64())
+                .reduce(f64::max)
+        },
+        unit: " ms",
+        decimals: 1,
+        seed: "",
+        better: Better::Lower,
+        tolerance: 2.0,
+    },
+    Figure {
+        id: "db_stress_sweep_s",
+        what: "The retention sweep of 100k expired samples in a store of 1M, SQLite",
+        bench: "db-stress",
+        get: |r| db_stress(r)?["sweep"]["seconds"].as_f64(),
+        unit: " s",
+        decimals: 2,
+        seed: "",
+        better: Better::Lower,
+        tolerance: 2.0,
+    },
+    Figure {
+        id: "db_stress_ingest_cpu_cores",
+        what: "Telemetry of 1000 sites every 5 s: the controller's CPU cores, SQLite",
+        bench: "db-stress",
+        get: |r| db_stress(r)?["ingest"]["controller_cpu_cores"].as_f64(),
+        unit: "",
+        decimals: 2,
+        seed: "",
+        better: Better::Lower,
+        tolerance: 1.5,
+    },
+    Figure {
+        id: "db_stress_ingest_mb_per_day",
+        what: "Telemetry of 1000 sites every 5 s: the database's growth per day, SQLite",
+        bench: "db-stress",
+        get: |r| db_stress(r)?["ingest"]["database_growth_mb_per_day"].as_f64(),
+        unit: " MB",
+        decimals: 0,
+        seed: "",
+        better: Better::Lower,
+        tolerance: 1.5,
+    },
+    Figure {
         id: "dr_controller_killed_rto_s",
         what: "Controller killed: RTO",
         bench: "dr",
@@ -480,7 +649,7 @@ fn commit() -> Option<String> {
 }
 
 fn command_of(e: &Entry, short: bool) -> String {
-    let mut c = format!("patronus bench {}", e.name);
+    let mut c = format!("patronus bench {}", e.command);
     for a in e.args(short) {
         c.push(' ');
         c.push_str(a);
@@ -499,7 +668,7 @@ fn run_one(e: &Entry, short: bool) -> Value {
     let out = std::env::current_exe().and_then(|exe| {
         Command::new(exe)
             .arg("bench")
-            .arg(e.name)
+            .arg(e.command)
             .args(e.args(short))
             .stdin(Stdio::null())
             .stderr(Stdio::inherit())

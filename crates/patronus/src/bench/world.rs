@@ -30,6 +30,8 @@ pub(super) struct World {
     pub controller: u32,
     /// Each site's edge: (site, pid).
     pub edges: Vec<(String, u32)>,
+    /// When the first site was created through the API (the controller up and empty).
+    pub api_started: Instant,
 }
 
 impl World {
@@ -112,9 +114,9 @@ impl World {
         let t = Instant::now();
         let mut stable = 0;
         loop {
-            let up = self.request("GET", "/api/v1/paths?state=up&limit=500", None)?["items"]
-                .as_array()
-                .map_or(0, Vec::len);
+            let up = self.request("GET", "/api/v1/paths?state=up&limit=1", None)?["total"]
+                .as_u64()
+                .unwrap_or(0) as usize;
             stable = if up >= want { stable + 1 } else { 0 };
             if stable >= 3 {
                 return Ok(t.elapsed().as_secs_f64());
@@ -142,6 +144,39 @@ impl Drop for World {
                 nix::sys::signal::Signal::SIGTERM,
             );
         }
+    }
+}
+
+/// A full mesh of `n` sites `site1..`, each with `links` (name, kind, impairment), and a
+/// controller namespace.
+pub(super) fn full_mesh(
+    n: usize,
+    links: &[(&str, patronus_api::LinkKind, Option<String>)],
+) -> Topology {
+    use patronus_lab::topology::{LinkSpec, SiteSpec};
+    Topology {
+        name: format!("full-mesh-{n}"),
+        controller: true,
+        sites: (1..=n)
+            .map(|i| SiteSpec {
+                name: format!("site{i}").parse().expect("a valid site name"),
+                lan: None,
+                lan6: None,
+                hosts: 1,
+                links: links
+                    .iter()
+                    .map(|(name, kind, impair)| LinkSpec {
+                        name: name.parse().expect("a valid link name"),
+                        kind: *kind,
+                        emulated: true,
+                        impair: impair.clone(),
+                        mtu: None,
+                        nat: None,
+                        nat_timeout_s: None,
+                    })
+                    .collect(),
+            })
+            .collect(),
     }
 }
 
@@ -191,10 +226,12 @@ pub(super) fn up(
         starts: 0,
         controller: 0,
         edges: Vec::new(),
+        api_started: Instant::now(),
     };
     world.start_controller()?;
     world.login()?;
     let mut storm = world;
+    storm.api_started = Instant::now();
     progress(format_args!("sites, topology, enrolment"));
     let plan = storm.lab.plan().clone();
     let mut ids = Vec::new();
