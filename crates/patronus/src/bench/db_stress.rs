@@ -207,10 +207,12 @@ async fn build_network(addr: SocketAddr, token: &str, n: usize) -> anyhow::Resul
     Ok(Network { sites, ends })
 }
 
-/// The database's size in bytes, as its own engine counts it.
+/// The database's size in bytes, as its own engine counts it: on SQLite the pages in use (the
+/// file keeps the pages that deletes freed, and reuses them).
 async fn db_bytes(store: &Store, sqlite: bool) -> anyhow::Result<i64> {
     let sql = if sqlite {
-        "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()"
+        "SELECT (page_count - freelist_count) * page_size
+         FROM pragma_page_count(), pragma_freelist_count(), pragma_page_size()"
     } else {
         "SELECT pg_database_size(current_database())"
     };
