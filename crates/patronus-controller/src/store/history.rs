@@ -240,29 +240,37 @@ pub async fn failovers(
     (since, until): (i64, i64),
     (limit, offset): (i64, i64),
 ) -> Result<(Vec<FailoverView>, i64), ApiError> {
-    let filter = " WHERE (? IS NULL OR e.site_id = ?) AND (? IS NULL OR e.reason = ?)
-                   AND e.at_ms >= ? AND e.at_ms < ?";
+    // Only the filters given are written: `(? IS NULL OR e.site_id = ?)` would keep the
+    // planner off the site's index, and a site's page would walk every failover in time order.
+    let mut conds = vec!["e.at_ms >= ?", "e.at_ms < ?"];
+    if site.is_some() {
+        conds.push("e.site_id = ?");
+    }
+    if reason.is_some() {
+        conds.push("e.reason = ?");
+    }
+    let filter = format!(" WHERE {}", conds.join(" AND "));
+    macro_rules! bind_filter {
+        ($q:expr) => {{
+            let mut q = $q.bind(since).bind(until);
+            if let Some(site) = site {
+                q = q.bind(site);
+            }
+            if let Some(reason) = reason {
+                q = q.bind(reason.as_str());
+            }
+            q
+        }};
+    }
     let count = format!("SELECT COUNT(*) FROM failover_events e{filter}");
-    let total: i64 = query_scalar(&count)
-        .bind(site)
-        .bind(site)
-        .bind(reason.map(FailoverReason::as_str))
-        .bind(reason.map(FailoverReason::as_str))
-        .bind(since)
-        .bind(until)
+    let total: i64 = bind_filter!(query_scalar(&count))
         .fetch_one(&mut *conn)
         .await?;
     let sql = format!(
         "SELECT e.*, s.name AS site FROM failover_events e JOIN sites s ON s.id = e.site_id{filter}
          ORDER BY e.at_ms DESC, e.id DESC LIMIT ? OFFSET ?"
     );
-    let rows = query(&sql)
-        .bind(site)
-        .bind(site)
-        .bind(reason.map(FailoverReason::as_str))
-        .bind(reason.map(FailoverReason::as_str))
-        .bind(since)
-        .bind(until)
+    let rows = bind_filter!(query(&sql))
         .bind(limit)
         .bind(offset)
         .fetch_all(&mut *conn)
