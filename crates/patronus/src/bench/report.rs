@@ -84,7 +84,7 @@ const SUITE: &[Entry] = &[
     Entry {
         name: "mesh-setup-lab",
         command: "mesh-setup",
-        full: &["--lab", "--sites", "10,25"],
+        full: &["--lab", "--sites", "10,20", "--timeout", "300"],
         short: &["--lab", "--sites", "3"],
         root: true,
         default: true,
@@ -318,11 +318,11 @@ const FIGURES: &[Figure] = &[
         tolerance: 1.5,
     },
     Figure {
-        id: "mesh_setup_lab_25_s",
-        what: "Mesh setup, 25 real edges in the lab (full mesh, 1200 paths), until every path \
+        id: "mesh_setup_lab_20_s",
+        what: "Mesh setup, 20 real edges in the lab (full mesh, 760 paths), until every path \
                reads Up at the controller",
         bench: "mesh-setup-lab",
-        get: |r| sized(r, "sizes", "sites", 25, "setup_s"),
+        get: |r| sized(r, "sizes", "sites", 20, "setup_s"),
         unit: " s",
         decimals: 1,
         seed: "",
