@@ -422,10 +422,7 @@ async fn housekeeping(store: crate::store::Store) {
         }
         // Telemetry beyond its retention, a batch at a time.
         let t = std::time::Instant::now();
-        let swept = async {
-            crate::store::telemetry::sweep(&mut *store.conn().await?, crate::store::now_s()).await
-        };
-        match swept.await {
+        match crate::store::telemetry::sweep(&store, crate::store::now_s()).await {
             Ok(rows) if rows.iter().any(|(_, n)| *n > 0) => tracing::info!(
                 ?rows,
                 took_ms = t.elapsed().as_millis() as u64,

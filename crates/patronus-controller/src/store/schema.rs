@@ -512,6 +512,9 @@ ALTER TABLE traffic_counters ADD COLUMN pending_rx_packets BIGINT NOT NULL DEFAU
 ALTER TABLE traffic_counters ADD COLUMN pending_rx_bytes BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE traffic_counters ADD COLUMN pending_since BIGINT;
 CREATE INDEX traffic_counters_pending ON traffic_counters(pending_since);
+-- The retention sweep finds expired samples by time: without an index, a run of rows stamped
+-- by a clock gone ahead would stall a sweep that walks them in id order.
+CREATE INDEX path_samples_at ON path_samples(at_s);
 "#,
     ),
 ];
@@ -909,6 +912,9 @@ ALTER TABLE traffic_counters ADD COLUMN pending_rx_packets INTEGER NOT NULL DEFA
 ALTER TABLE traffic_counters ADD COLUMN pending_rx_bytes INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE traffic_counters ADD COLUMN pending_since INTEGER;
 CREATE INDEX traffic_counters_pending ON traffic_counters(pending_since);
+-- The retention sweep finds expired samples by time: without an index, a run of rows stamped
+-- by a clock gone ahead would stall a sweep that walks them in id order.
+CREATE INDEX path_samples_at ON path_samples(at_s);
 "#,
     ),
 ];

@@ -171,42 +171,38 @@ pub async fn insert_path_event(
 pub const SWEEP_BATCH: i64 = 5_000;
 
 /// Deletes what is older than its retention at `now` (unix seconds), [`SWEEP_BATCH`] rows per
-/// statement until none is left: the rows deleted, by table. Each delete is atomic on its own,
-/// so any number of controllers can sweep at once, and writers wait for one batch at most.
-pub async fn sweep(conn: &mut Conn, now: i64) -> Result<Vec<(&'static str, u64)>, sqlx::Error> {
+/// statement until none is left: the rows deleted, by table. Each batch is a write transaction
+/// of its own ([`super::Store::begin`]: the writers' turn), so writers wait for one batch at
+/// most, and any number of controllers can sweep at once.
+pub async fn sweep(
+    store: &super::Store,
+    now: i64,
+) -> Result<Vec<(&'static str, u64)>, sqlx::Error> {
     let mut out = Vec::new();
-    for (table, column, before, indexed) in [
-        ("path_samples", "at_s", now - SAMPLE_RETENTION_S, false),
-        ("traffic_samples", "at_s", now - SAMPLE_RETENTION_S, true),
-        ("path_events", "received_s", now - SAMPLE_RETENTION_S, true),
+    for (table, column, before) in [
+        ("path_samples", "at_s", now - SAMPLE_RETENTION_S),
+        ("traffic_samples", "at_s", now - SAMPLE_RETENTION_S),
+        ("path_events", "received_s", now - SAMPLE_RETENTION_S),
         (
             "failover_events",
             "at_ms",
             (now - FAILOVER_RETENTION_S) * 1000,
-            true,
         ),
     ] {
-        let sql = if indexed {
-            format!(
-                "DELETE FROM {table} WHERE id IN
-                   (SELECT id FROM {table} WHERE {column} < ? ORDER BY id LIMIT {SWEEP_BATCH})"
-            )
-        } else {
-            // No index on the time (the biggest table: it would cost every insert): rows are
-            // written in the order of the controllers' clocks, so the old ones are the first
-            // ids. The oldest batch is looked at, not the whole table.
-            format!(
-                "DELETE FROM {table} WHERE id IN
-                   (SELECT id FROM {table} ORDER BY id LIMIT {SWEEP_BATCH}) AND {column} < ?"
-            )
-        };
+        // Each table has an index on the time it is swept by.
+        let sql = format!(
+            "DELETE FROM {table} WHERE id IN
+               (SELECT id FROM {table} WHERE {column} < ? ORDER BY id LIMIT {SWEEP_BATCH})"
+        );
         let mut deleted = 0;
         loop {
+            let mut tx = store.begin().await?;
             let n = query(&sql)
                 .bind(before)
-                .execute(&mut *conn)
+                .execute(&mut *tx)
                 .await?
                 .rows_affected();
+            tx.commit().await?;
             deleted += n;
             if n < SWEEP_BATCH as u64 {
                 break;

@@ -702,7 +702,7 @@ async fn one_backend(args: &Args, database: Option<String>) -> anyhow::Result<Va
 
         progress(format_args!("the retention sweep"));
         let t = Instant::now();
-        let swept = telemetry::sweep(&mut *store.conn().await?, patronus_controller::store::now_s())
+        let swept = telemetry::sweep(&store, patronus_controller::store::now_s())
             .await?;
         let sweep_s = t.elapsed().as_secs_f64();
         let swept_samples = swept
@@ -715,7 +715,7 @@ async fn one_backend(args: &Args, database: Option<String>) -> anyhow::Result<Va
         );
         // The sweep again, with nothing to remove: what every minute of a quiet store costs.
         let t = Instant::now();
-        telemetry::sweep(&mut *store.conn().await?, patronus_controller::store::now_s()).await?;
+        telemetry::sweep(&store, patronus_controller::store::now_s()).await?;
         let idle_sweep_s = t.elapsed().as_secs_f64();
         let rows = json!({
             "path_samples": count(&store, "path_samples").await?,
