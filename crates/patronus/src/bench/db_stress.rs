@@ -96,28 +96,7 @@ struct Network {
 }
 
 async fn enrol(addr: SocketAddr, token: &str, i: usize) -> anyhow::Result<String> {
-    let mut c = Client::connect(addr, "").await?;
-    let key = patronus_edge::keys::PrivateKey::generate()?;
-    let (hi, lo) = (i / 256, i % 256);
-    let v = c
-        .json(
-            "POST",
-            "/api/v1/enroll",
-            Some(&json!({
-                "token": token,
-                "public_key": key.public().to_string(),
-                "endpoints": {
-                    "mpls": format!("100.{}.{hi}.{lo}:51820", 64 + hi / 256),
-                    "inet": format!("100.{}.{hi}.{lo}:51820", 80 + hi / 256),
-                }
-            })),
-            200,
-        )
-        .await?;
-    Ok(v["credential"]
-        .as_str()
-        .context("no credential")?
-        .to_owned())
+    super::mesh_setup::enrol(&mut Client::connect(addr, "").await?, token, i).await
 }
 
 /// Creates the sites (hubs first, then the topology, then the spokes, 8 clients at once) and

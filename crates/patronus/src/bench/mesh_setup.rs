@@ -72,29 +72,9 @@ async fn edge(
     deadline: Instant,
 ) -> anyhow::Result<EdgeDone> {
     let mut c = Client::connect(addr, "").await?;
-    // The edge makes its key pair and keeps the private key; only the public key goes out.
-    let key = patronus_edge::keys::PrivateKey::generate()?;
-    let (hi, lo) = (i / 256, i % 256);
-    let v = c
-        .json(
-            "POST",
-            "/api/v1/enroll",
-            Some(&json!({
-                "token": token,
-                "public_key": key.public().to_string(),
-                "endpoints": {
-                    "mpls": format!("100.{}.{hi}.{lo}:51820", 64 + hi / 256),
-                    "inet": format!("100.{}.{hi}.{lo}:51820", 80 + hi / 256),
-                }
-            })),
-            200,
-        )
-        .await?;
+    let credential = enrol(&mut c, &token, i).await?;
     let enrolled = Instant::now();
-    c.token = v["credential"]
-        .as_str()
-        .context("no credential")?
-        .to_owned();
+    c.token = credential;
     let (mut fetches, mut bytes) = (0usize, 0usize);
     let mut peers = BTreeSet::new();
     let mut etag = String::new();
@@ -147,6 +127,32 @@ async fn edge(
         fetches,
         bytes,
     })
+}
+
+/// Enrols simulated edge `i` with `token` on `c`, as an edge does: a key pair of its own
+/// (only the public key goes out) and its links' endpoints; its site credential.
+pub(super) async fn enrol(c: &mut Client, token: &str, i: usize) -> anyhow::Result<String> {
+    let key = patronus_edge::keys::PrivateKey::generate()?;
+    let (hi, lo) = (i / 256, i % 256);
+    let v = c
+        .json(
+            "POST",
+            "/api/v1/enroll",
+            Some(&json!({
+                "token": token,
+                "public_key": key.public().to_string(),
+                "endpoints": {
+                    "mpls": format!("100.{}.{hi}.{lo}:51820", 64 + hi / 256),
+                    "inet": format!("100.{}.{hi}.{lo}:51820", 80 + hi / 256),
+                }
+            })),
+            200,
+        )
+        .await?;
+    Ok(v["credential"]
+        .as_str()
+        .context("no credential")?
+        .to_owned())
 }
 
 /// Creates site `i` with two links and an enrolment token for it: (site id, token).
