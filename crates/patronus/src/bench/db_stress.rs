@@ -110,17 +110,7 @@ async fn build_network(addr: SocketAddr, token: &str, n: usize) -> anyhow::Resul
         hubs.push(id);
         *slot = Some((format!("site-{i:05}"), id, enrol(addr, &t, i).await?));
     }
-    let a = admin.request("GET", "/api/v1/topology", None, None).await?;
-    anyhow::ensure!(a.status == 200, "GET /topology: {}", a.status);
-    let a = admin
-        .request(
-            "PATCH",
-            "/api/v1/topology",
-            a.etag.as_deref(),
-            Some(&json!({ "mode": "hub-spoke", "hubs": hubs })),
-        )
-        .await?;
-    anyhow::ensure!(a.status == 200, "PATCH /topology: {}", a.status);
+    super::mesh_setup::make_hub_spoke(&mut admin, &hubs).await?;
     let next = Arc::new(AtomicUsize::new(HUBS));
     let mut workers = Vec::new();
     for _ in 0..8 {

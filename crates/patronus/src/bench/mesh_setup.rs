@@ -155,6 +155,23 @@ pub(super) async fn enrol(c: &mut Client, token: &str, i: usize) -> anyhow::Resu
         .to_owned())
 }
 
+/// Makes the topology hub and spoke with `hubs`, as an operator does (read, then write with
+/// its ETag).
+pub(super) async fn make_hub_spoke(admin: &mut Client, hubs: &[i64]) -> anyhow::Result<()> {
+    let a = admin.request("GET", "/api/v1/topology", None, None).await?;
+    anyhow::ensure!(a.status == 200, "GET /topology: {}", a.status);
+    let a = admin
+        .request(
+            "PATCH",
+            "/api/v1/topology",
+            a.etag.as_deref(),
+            Some(&json!({ "mode": "hub-spoke", "hubs": hubs })),
+        )
+        .await?;
+    anyhow::ensure!(a.status == 200, "PATCH /topology: {}", a.status);
+    Ok(())
+}
+
 /// Creates site `i` with two links and an enrolment token for it: (site id, token).
 pub(super) async fn create_site(admin: &mut Client, i: usize) -> anyhow::Result<(i64, String)> {
     let (hi, lo) = (i / 256, i % 256);
@@ -213,17 +230,7 @@ async fn one_size(
             hubs.push(id);
             edges.push(tokio::spawn(edge(addr, t, i, expect(i), deadline)));
         }
-        let a = admin.request("GET", "/api/v1/topology", None, None).await?;
-        anyhow::ensure!(a.status == 200, "GET /topology: {}", a.status);
-        let a = admin
-            .request(
-                "PATCH",
-                "/api/v1/topology",
-                a.etag.as_deref(),
-                Some(&json!({ "mode": "hub-spoke", "hubs": hubs })),
-            )
-            .await?;
-        anyhow::ensure!(a.status == 200, "PATCH /topology: {}", a.status);
+        make_hub_spoke(&mut admin, &hubs).await?;
         first = HUBS;
     }
     let next = Arc::new(AtomicUsize::new(first));
