@@ -32,9 +32,10 @@ pub struct Inner {
     pub http: crate::metrics::HttpMetrics,
     /// Every site's configuration, compiled once per configuration generation (the store's).
     pub compiled: tokio::sync::Mutex<Option<(i64, Compiled)>>,
-    /// The generation compiled before that one: what edges one change behind hold, for
-    /// deltas.
-    pub previous: std::sync::Mutex<Option<Compiled>>,
+    /// The generations compiled before that one, newest first (at most
+    /// [`KEPT_GENERATIONS`]): what edges a few changes behind hold, for deltas. They share
+    /// every fragment that did not change with the newer ones.
+    pub previous: std::sync::Mutex<std::collections::VecDeque<Compiled>>,
     /// What this controller has heard of each site's edge (see [`crate::presence`]).
     pub presence: std::sync::Mutex<std::collections::HashMap<i64, crate::presence::Heard>>,
     /// Wakes the presence writer: an edge was newly heard from.
@@ -78,6 +79,12 @@ pub struct LivePath {
     pub at: i64,
 }
 
+/// Compiled generations kept for deltas besides the newest. An edge holds a version it was
+/// sent, and asks again as soon as it applied it; during a mass enrolment several generations
+/// are compiled meanwhile. One that fell further behind fetches its configuration whole (409).
+/// Each costs its tables (about 0.3 KB a site), not the peers it shares with the newest.
+pub const KEPT_GENERATIONS: usize = 16;
+
 /// A report older than this says nothing about the path now: its fields read `null`.
 pub const LIVE_FOR_S: i64 = 30;
 
@@ -95,33 +102,43 @@ impl std::ops::Deref for AppState {
 impl AppState {
     /// Every site's configuration as of now: compiled at most once per change, however many
     /// edges ask.
+    ///
+    /// Any compilation that began after this call did is recent enough for it: under a burst
+    /// of changes (a mass enrolment: every new site and every new key is a generation) the
+    /// callers waiting on the lock share the one compiled meanwhile, instead of each compiling
+    /// the generation of its own moment in turn.
     pub async fn configs(&self) -> Result<Compiled, ApiError> {
-        let generation = self.store.generation();
+        let wanted = self.store.generation();
         let mut cache = self.compiled.lock().await;
         if let Some((g, c)) = &*cache {
-            if *g == generation {
+            if *g >= wanted {
                 return Ok(c.clone());
             }
         }
+        // Read before the snapshot: what is compiled is at least this generation.
+        let generation = self.store.generation();
         let net = crate::compile::Network::load(&self.store).await?;
         let all: Compiled = Arc::new(
-            crate::compile::compile(&net)?
+            crate::compile::compile_reusing(&net, cache.as_ref().map(|(_, c)| &**c))?
                 .into_iter()
                 .map(|c| (c.site_id, c))
                 .collect(),
         );
         if let Some((_, old)) = cache.replace((generation, all.clone())) {
-            *self.previous.lock().unwrap_or_else(|e| e.into_inner()) = Some(old);
+            let mut prev = self.previous.lock().unwrap_or_else(|e| e.into_inner());
+            prev.push_front(old);
+            prev.truncate(KEPT_GENERATIONS);
         }
         Ok(all)
     }
 
-    /// Site `id`'s configuration of the previous generation, if its ETag is `etag`.
+    /// Site `id`'s configuration of a generation compiled before the newest, if its ETag is
+    /// `etag`.
     pub fn previous_config(&self, id: i64, etag: &[u8]) -> Option<crate::compile::Compiled> {
         let prev = self.previous.lock().unwrap_or_else(|e| e.into_inner());
-        prev.as_ref()?
-            .get(&id)
-            .filter(|c| c.etag().as_bytes() == etag)
+        prev.iter()
+            .filter_map(|g| g.get(&id))
+            .find(|c| c.etag().as_bytes() == etag)
             .cloned()
     }
 
@@ -144,7 +161,7 @@ impl AppState {
             lockout: Lockout::new(config.lockout_after_failures),
             http: crate::metrics::HttpMetrics::default(),
             compiled: tokio::sync::Mutex::new(None),
-            previous: std::sync::Mutex::new(None),
+            previous: std::sync::Mutex::new(std::collections::VecDeque::new()),
             presence: std::sync::Mutex::new(std::collections::HashMap::new()),
             presence_wake: tokio::sync::Notify::new(),
             clock_offset_ms: std::sync::atomic::AtomicI64::new(0),

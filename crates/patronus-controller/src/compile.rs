@@ -323,6 +323,23 @@ fn mix(h: u64) -> u64 {
 /// as a peer, and each configuration selects from that one list; its version sums its peers'
 /// (mixed) hashes, so that "all but me" costs one subtraction.
 pub fn compile(net: &Network) -> Result<Vec<Compiled>, ApiError> {
+    compile_reusing(net, None)
+}
+
+/// [`compile`], sharing with `previous` (the generation compiled before, by site id) every
+/// fragment whose bytes did not change, and its whole peer list if none did. Older generations
+/// kept for deltas then cost their tables, not copies of every peer; and a delta between two
+/// generations that share the peer list needs no walk of it.
+pub fn compile_reusing(
+    net: &Network,
+    previous: Option<&HashMap<i64, Compiled>>,
+) -> Result<Vec<Compiled>, ApiError> {
+    let old_all: Option<&Arc<[PeerEntry]>> = previous
+        .and_then(|p| p.values().next())
+        .map(|c| &c.peers.all);
+    let old_peer: HashMap<i64, &PeerEntry> = old_all
+        .map(|a| a.iter().map(|p| (p.site_id, p)).collect())
+        .unwrap_or_default();
     let active: Vec<&SiteView> = net
         .sites
         .iter()
@@ -348,13 +365,27 @@ pub fn compile(net: &Network) -> Result<Vec<Compiled>, ApiError> {
             probe: patronus_api::ProbeMode::Stamp,
         };
         index_of.insert(s.id, all.len());
-        all.push(PeerEntry {
-            site_id: s.id,
-            name: Arc::from(s.name.as_str()),
-            fragment: Fragment::new(json(&peer)?),
+        let bytes = json(&peer)?;
+        all.push(match old_peer.get(&s.id) {
+            Some(o) if *o.name == *s.name && *o.fragment.bytes == *bytes => (*o).clone(),
+            _ => PeerEntry {
+                site_id: s.id,
+                name: Arc::from(s.name.as_str()),
+                fragment: Fragment::new(bytes),
+            },
         });
     }
-    let all: Arc<[PeerEntry]> = all.into();
+    let all: Arc<[PeerEntry]> = match old_all {
+        Some(o)
+            if o.len() == all.len()
+                && o.iter().zip(&all).all(|(a, b)| {
+                    a.site_id == b.site_id && Arc::ptr_eq(&a.fragment.bytes, &b.fragment.bytes)
+                }) =>
+        {
+            o.clone()
+        }
+        _ => all.into(),
+    };
     let sum_all = all
         .iter()
         .fold(0u64, |h, p| h.wrapping_add(mix(p.fragment.hash)));
@@ -367,7 +398,10 @@ pub fn compile(net: &Network) -> Result<Vec<Compiled>, ApiError> {
             failover: &net.failover,
         })?[1..],
     );
-    let tail = Fragment::new(tail);
+    let tail = match previous.and_then(|p| p.values().next()) {
+        Some(o) if *o.tail.bytes == *tail => o.tail.clone(),
+        _ => Fragment::new(tail),
+    };
     // Who talks to whom (as `connected_pairs` says): in a full mesh everyone with everyone; in
     // hub and spoke, a hub with everyone and a spoke with the hubs.
     let hubs: Vec<u32> = match net.topology.mode {
@@ -393,7 +427,10 @@ pub fn compile(net: &Network) -> Result<Vec<Compiled>, ApiError> {
         })?;
         head.pop();
         head.extend_from_slice(b",\"peers\":[");
-        let head = Fragment::new(head);
+        let head = match previous.and_then(|p| p.get(&s.id)) {
+            Some(o) if *o.head.bytes == *head => o.head.clone(),
+            _ => Fragment::new(head),
+        };
         let me = index_of.get(&s.id).copied();
         let everyone = net.topology.mode == Mode::FullMesh || net.topology.hubs.contains(&s.id);
         let (selection, peers_sum) = if everyone {

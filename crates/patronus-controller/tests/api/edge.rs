@@ -927,6 +927,11 @@ async fn a_delta_carries_only_what_changed_and_makes_the_same_configuration() {
     );
     let (_, c4) = full(&hq).await;
     assert_eq!(d.apply(&c3), c4);
+    // An edge several changes behind still gets a delta, from the version it holds.
+    let r = delta(&e1).await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    let d: patronus_api::ConfigDelta = serde_json::from_value(r.body.clone()).unwrap();
+    assert_eq!(d.apply(&c1), c4);
     // A version the controller no longer has; no version at all.
     let r = delta("\"0000000000000000\"").await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{r:?}");
