@@ -54,12 +54,14 @@ pub struct Args {
 const HUBS: usize = 2;
 
 /// What one simulated edge did: when it enrolled and when it held its whole configuration,
-/// the configurations and deltas it fetched, and their bytes.
+/// the configurations and deltas it fetched, and their bytes; how many were whole
+/// configurations.
 struct EdgeDone {
     enrolled: Instant,
     complete: Instant,
     fetches: usize,
     bytes: usize,
+    whole: usize,
 }
 
 /// One simulated edge: enrols with `token`, then follows its configuration until it holds
@@ -75,7 +77,7 @@ async fn edge(
     let credential = enrol(&mut c, &token, i).await?;
     let enrolled = Instant::now();
     c.token = credential;
-    let (mut fetches, mut bytes) = (0usize, 0usize);
+    let (mut fetches, mut bytes, mut wholes) = (0usize, 0usize, 0usize);
     let mut peers = BTreeSet::new();
     let mut etag = String::new();
     let mut whole = true;
@@ -87,6 +89,7 @@ async fn edge(
             peers = cfg.peers.into_iter().map(|p| p.name).collect();
             etag = a.etag.context("no ETag")?;
             (fetches, bytes) = (fetches + 1, bytes + a.body.len());
+            wholes += 1;
             whole = false;
         }
         if peers.len() >= expect {
@@ -126,6 +129,7 @@ async fn edge(
         complete: Instant::now(),
         fetches,
         bytes,
+        whole: wholes,
     })
 }
 
@@ -279,6 +283,8 @@ async fn one_size(
     let (rss, hwm, cpu) = ctl.usage();
     let fetches: usize = done.iter().map(|d| d.fetches).sum();
     let bytes: usize = done.iter().map(|d| d.bytes).sum();
+    // One per edge at least (its first); more are 409s: the version it held was gone.
+    let wholes: usize = done.iter().map(|d| d.whole).sum();
     Ok(json!({
         "sites": n,
         "setup_s": setup_s,
@@ -289,6 +295,7 @@ async fn one_size(
         "enrolled_to_complete_max_ms": ms(1.0),
         "config_fetches": fetches,
         "config_bytes": bytes,
+        "whole_config_fetches": wholes,
         "controller": {
             "rss_mb": rss,
             "peak_rss_mb": hwm,
@@ -472,11 +479,14 @@ pub fn summary(r: &Value) -> String {
             continue;
         }
         lines.push(format!(
-            "  {} sites: {} (all enrolled after {}); an edge complete {} after it enrolled (p99); controller {} resident, {} per site, {} CPU",
+            "  {} sites: {} (all enrolled after {}); an edge complete {} after it enrolled (p99); {} configurations and deltas, {} of them whole ({} MB); controller {} resident, {} per site, {} CPU",
             s["sites"],
             fig(&s["setup_s"], 1, " s"),
             fig(&s["last_enrolled_s"], 1, " s"),
             fig(&s["enrolled_to_complete_p99_ms"], 0, " ms"),
+            s["config_fetches"],
+            s["whole_config_fetches"],
+            fig(&json!(s["config_bytes"].as_f64().map(|b| b / 1e6)), 0, ""),
             fig(&s["controller"]["rss_mb"], 0, " MB"),
             fig(&s["controller"]["rss_per_site_kb"], 1, " KB"),
             fig(&s["controller"]["cpu_s"], 1, " s"),
