@@ -33,7 +33,7 @@ use super::{fig, progress};
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Network sizes (sites, two links each), comma-separated.
-    #[arg(long, default_value = "100,500,1000", value_delimiter = ',')]
+    #[arg(long, default_value = "100,500,1000,2000", value_delimiter = ',')]
     sites: Vec<usize>,
     /// `full-mesh` or `hub-spoke` (2 hubs, created first).
     #[arg(long, default_value = "full-mesh")]

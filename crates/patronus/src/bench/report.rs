@@ -76,7 +76,7 @@ const SUITE: &[Entry] = &[
     Entry {
         name: "mesh-setup",
         command: "mesh-setup",
-        full: &["--sites", "100,500,1000"],
+        full: &["--sites", "100,500,1000,2000"],
         short: &["--sites", "20,50"],
         root: false,
         default: true,
@@ -301,14 +301,25 @@ const FIGURES: &[Figure] = &[
         tolerance: 2.0,
     },
     Figure {
-        id: "mesh_setup_1000_kb_per_site",
-        what: "Mesh setup, 1000 sites: the controller's memory per site",
+        id: "mesh_setup_2000_s",
+        what: "Mesh setup, 2000 sites (about 2 GB of configurations and deltas to the edges)",
+        bench: "mesh-setup",
+        get: |r| sized(r, "sizes", "sites", 2000, "setup_s"),
+        unit: " s",
+        decimals: 1,
+        seed: "",
+        better: Better::Lower,
+        tolerance: 2.0,
+    },
+    Figure {
+        id: "mesh_setup_2000_kb_per_site",
+        what: "Mesh setup, 2000 sites: the controller's memory per site",
         bench: "mesh-setup",
         get: |r| {
             r["sizes"]
                 .as_array()?
                 .iter()
-                .find(|s| s["sites"].as_u64() == Some(1000))?["controller"]["rss_per_site_kb"]
+                .find(|s| s["sites"].as_u64() == Some(2000))?["controller"]["rss_per_site_kb"]
                 .as_f64()
         },
         unit: " KB",
