@@ -437,6 +437,10 @@ pub struct EdgeLocal {
     pub tun_name: String,
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// A file holding the bearer token every request to `metrics_listen` must carry (see
+    /// [`EdgeConfig::metrics_token_file`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_token_file: Option<PathBuf>,
     /// This machine's WAN links, named as the controller knows them.
     pub links: Vec<LocalLink>,
     /// Bounds on the replies to handshake initiations (see [`HandshakeLimits`]).
@@ -596,6 +600,7 @@ impl EdgeLocal {
             default_class: default_class(),
             default_steering: SteeringMode::default(),
             metrics_listen: self.metrics_listen,
+            metrics_token_file: self.metrics_token_file.clone(),
             handshake: self.handshake,
             keepalive_s: self.keepalive_s,
         };
@@ -634,10 +639,15 @@ pub struct EdgeConfig {
     #[serde(default)]
     pub default_steering: SteeringMode,
     /// Where the edge serves Prometheus metrics (`/metrics`) and its status (`/status`). A
-    /// loopback address: the endpoint has no authentication (a scraper on another host goes
-    /// through a local agent or, later, the controller).
+    /// loopback address, unless `metrics_token_file` is set.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// A file holding a bearer token (one line, not readable by other users): every request to
+    /// `metrics_listen` must then carry `Authorization: Bearer <token>` (Prometheus's
+    /// `authorization.credentials_file`), and the address may be any, so that a Prometheus on
+    /// another host scrapes the edge directly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_token_file: Option<PathBuf>,
     /// How many cookie replies the edge sends to handshake initiations it is too busy for.
     #[serde(default)]
     pub handshake: HandshakeLimits,
@@ -757,11 +767,12 @@ impl EdgeConfig {
             }
         }
         if let Some(a) = self.metrics_listen {
-            if !a.ip().is_loopback() {
+            if !a.ip().is_loopback() && self.metrics_token_file.is_none() {
                 errs.push(
                     "metrics_listen",
                     format!(
-                        "{a} is not a loopback address; the status endpoint has no authentication"
+                        "{a} is not a loopback address; the status endpoint has no \
+                         authentication unless metrics_token_file is set"
                     ),
                 );
             }

@@ -62,6 +62,14 @@ pub struct Inner {
     /// The UDP port the STUN responder answers on, once it does: told to edges with their
     /// configuration ([`crate::stun::PORT_HEADER`]).
     pub stun_port: std::sync::OnceLock<u16>,
+    /// Webhook delivery attempts by outcome: delivered, to be retried, given up (`failed`).
+    pub webhook_attempts: [std::sync::atomic::AtomicU64; 3],
+    /// From this controller learning of a configuration change to its sending to an edge that
+    /// was waiting for it (`patronus_config_push_seconds`).
+    pub push_lag: crate::metrics::Timing,
+    /// The configuration version each site's edge holds, as it last said (the ETag of its
+    /// last request for its configuration) or was last sent: `patronus_site_config_current`.
+    pub held: std::sync::Mutex<std::collections::HashMap<i64, Vec<u8>>>,
     /// The API's TLS (its certificate), set by [`crate::server::prepare`] unless `plain_http`.
     pub tls: std::sync::OnceLock<Arc<crate::https::ServerTls>>,
 }
@@ -132,6 +140,21 @@ impl AppState {
         Ok(all)
     }
 
+    /// Site `id`'s edge holds configuration version `etag` (as it says, or as it was sent).
+    pub fn holds(&self, id: i64, etag: &[u8]) {
+        let mut h = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        match h.get_mut(&id) {
+            Some(v) if v.as_slice() == etag => {}
+            Some(v) => {
+                v.clear();
+                v.extend_from_slice(etag);
+            }
+            None => {
+                h.insert(id, etag.to_vec());
+            }
+        }
+    }
+
     /// Site `id`'s configuration of a generation compiled before the newest, if its ETag is
     /// `etag`.
     pub fn previous_config(&self, id: i64, etag: &[u8]) -> Option<crate::compile::Compiled> {
@@ -172,6 +195,9 @@ impl AppState {
             backups: std::sync::Mutex::new(crate::backup::Status::default()),
             webhook_tls,
             tls: std::sync::OnceLock::new(),
+            webhook_attempts: Default::default(),
+            push_lag: Default::default(),
+            held: Default::default(),
             stun: crate::stun::StunMetrics::default(),
             stun_port: std::sync::OnceLock::new(),
             config,

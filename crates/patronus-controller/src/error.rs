@@ -156,8 +156,13 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Requests that failed on a database error (`patronus_db_errors_total`): counted where such an
+/// error becomes the API's answer, whichever handler met it.
+pub static DB_ERRORS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
+        DB_ERRORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         ApiError::internal(format!("database: {e}"))
     }
 }

@@ -58,6 +58,8 @@ struct Loaded {
     key: Arc<CertifiedKey>,
     fingerprint: String,
     chain: [u8; 32],
+    /// When the leaf expires (Unix seconds), if its DER reads.
+    not_after: Option<i64>,
 }
 
 impl rustls::server::ResolvesServerCert for Current {
@@ -147,6 +149,15 @@ impl ServerTls {
         tokio_rustls::TlsAcceptor::from(self.config.clone())
     }
 
+    /// When the certificate served now expires (Unix seconds), if it reads.
+    pub fn not_after(&self) -> Option<i64> {
+        self.current
+            .0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .not_after
+    }
+
     /// The fingerprint of the certificate served now (`sha256:…`).
     pub fn fingerprint(&self) -> String {
         self.current
@@ -196,6 +207,7 @@ fn load(
         anyhow::bail!("{}: holds no PEM certificate", cert_file.display());
     };
     let fingerprint = crate::tls::fingerprint(leaf.as_ref());
+    let not_after = crate::tls::not_after(leaf.as_ref());
     let chain_digest = {
         use sha2::Digest;
         let mut h = sha2::Sha256::new();
@@ -229,6 +241,7 @@ fn load(
         key: Arc::new(certified),
         fingerprint,
         chain: chain_digest,
+        not_after,
     })
 }
 

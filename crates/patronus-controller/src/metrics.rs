@@ -247,6 +247,39 @@ pub fn process(out: &mut String) {
     }
 }
 
+/// One histogram with the latency buckets ([`BUCKETS`]), for a figure with no label:
+/// [`crate::app::Inner::push_lag`].
+#[derive(Debug, Default)]
+pub struct Timing(Mutex<Histogram>);
+
+impl Timing {
+    pub fn observe(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        let mut h = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if secs <= *b {
+                h.counts[i] += 1;
+            }
+        }
+        h.count += 1;
+        h.sum += secs;
+    }
+
+    /// The family, with every bucket even before the first observation (a zero, not an
+    /// absent series: a dashboard's query of it has data from the start).
+    pub fn render(&self, out: &mut String, name: &str, help: &str) {
+        let h = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        for (i, b) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {}", h.counts[i]);
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
+        let _ = writeln!(out, "{name}_sum {}", h.sum);
+        let _ = writeln!(out, "{name}_count {}", h.count);
+    }
+}
+
 /// A counter family.
 pub fn counter(out: &mut String, name: &str, help: &str, samples: &[(String, f64)]) {
     let _ = writeln!(out, "# HELP {name} {help}");

@@ -183,3 +183,93 @@ impl rustls::client::danger::ServerCertVerifier for Pinned {
         self.algorithms.supported_schemes()
     }
 }
+
+/// When an X.509 certificate (DER) expires: its `notAfter`, Unix seconds; `None` if the bytes
+/// are not a certificate this reads. A few lines of DER, not a parser crate: the path is
+/// Certificate → tbsCertificate → (version, serial, signature, issuer) → validity → notAfter.
+pub fn not_after(der: &[u8]) -> Option<i64> {
+    /// One DER element at the start of `b`: (tag, contents, the rest after it).
+    fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, b) = b.split_first()?;
+        let (&first, mut b) = b.split_first()?;
+        let len = if first < 0x80 {
+            usize::from(first)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 || b.len() < n {
+                return None;
+            }
+            let (l, rest) = b.split_at(n);
+            b = rest;
+            l.iter().fold(0usize, |a, &x| (a << 8) | usize::from(x))
+        };
+        (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
+    }
+    let (0x30, cert, _) = tlv(der)? else {
+        return None;
+    };
+    let (0x30, mut tbs, _) = tlv(cert)? else {
+        return None;
+    };
+    // The version, [0] EXPLICIT, is there for v2 and v3.
+    if tbs.first() == Some(&0xa0) {
+        tbs = tlv(tbs)?.2;
+    }
+    // serialNumber, signature, issuer.
+    for _ in 0..3 {
+        tbs = tlv(tbs)?.2;
+    }
+    let (0x30, validity, _) = tlv(tbs)? else {
+        return None;
+    };
+    let (_, _, rest) = tlv(validity)?;
+    let (tag, t, _) = tlv(rest)?;
+    let t = std::str::from_utf8(t).ok()?.strip_suffix('Z')?;
+    let (year, t) = match tag {
+        // UTCTime, YYMMDDHHMMSS: 50..99 are the 1900s (RFC 5280).
+        0x17 => {
+            let yy: i64 = t.get(..2)?.parse().ok()?;
+            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, t.get(2..)?)
+        }
+        // GeneralizedTime, YYYYMMDDHHMMSS.
+        0x18 => (t.get(..4)?.parse().ok()?, t.get(4..)?),
+        _ => return None,
+    };
+    if t.len() != 10 || !t.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let n = |i: usize| -> i64 { t[i..i + 2].parse().unwrap_or(0) };
+    let (month, day, h, m, s) = (n(0), n(2), n(4), n(6), n(8));
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm), proleptic Gregorian.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + h * 3600 + m * 60 + s)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_certificates_expiry_is_read_from_its_der() {
+        for (year, unix) in [
+            (2036, 2_082_758_400),
+            (2049, 2_493_072_000),
+            (2051, 2_556_144_000),
+        ] {
+            let mut params = rcgen::CertificateParams::new(vec!["x.test".into()]).unwrap();
+            params.not_after = rcgen::date_time_ymd(year, 1, 1);
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            assert_eq!(super::not_after(cert.der()), Some(unix), "{year}");
+        }
+        assert_eq!(super::not_after(b"not a certificate"), None);
+        assert_eq!(super::not_after(&[0x30, 0x82, 0xff]), None);
+    }
+}

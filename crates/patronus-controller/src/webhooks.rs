@@ -383,6 +383,12 @@ async fn attempt(state: &AppState, d: Due) {
         Some(_) if attempts >= MAX_ATTEMPTS => ("failed", now),
         Some(_) => ("pending", now + backoff_ms(attempts)),
     };
+    state.webhook_attempts[match status {
+        "delivered" => 0,
+        "pending" => 1,
+        _ => 2,
+    }]
+    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let outcome = store::Outcome {
         status,
         next_ms: next,

@@ -773,12 +773,16 @@ impl Edge {
         let buf_len = VIRTIO_NET_HDR_LEN + usize::from(tun_mtu).max(1500) + 64;
         let shared: Shared = Arc::default();
         if let Some(addr) = cfg.metrics_listen {
+            let token = match &cfg.metrics_token_file {
+                Some(f) => Some(status::read_token(f).map_err(EdgeError::Config)?),
+                None => None,
+            };
             let listener = std::net::TcpListener::bind(addr)
                 .map_err(io_err(format!("metrics_listen {addr}")))?;
             let s = shared.clone();
             std::thread::Builder::new()
                 .name("edge-status".into())
-                .spawn(move || status::serve(listener, s))
+                .spawn(move || status::serve(listener, s, token))
                 .map_err(io_err("starting the status thread"))?;
         }
         Ok(Self {
@@ -873,6 +877,7 @@ impl Edge {
             || new.listen_port != cur.listen_port
             || new.tun_name != cur.tun_name
             || new.metrics_listen != cur.metrics_listen
+            || new.metrics_token_file != cur.metrics_token_file
             || new.keepalive_s != cur.keepalive_s
         {
             notes.push(

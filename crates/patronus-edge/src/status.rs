@@ -100,6 +100,9 @@ pub struct ControlStatus {
     pub controllers: usize,
     /// Times the edge moved to another controller because the one in use failed.
     pub failovers: u64,
+    /// The version (ETag) of the configuration the edge runs, once it has one.
+    #[serde(default)]
+    pub config_version: Option<String>,
 }
 
 /// The process's control connection: one edge per process, and its controller agent runs
@@ -120,6 +123,20 @@ pub fn control_in_use(url: &str, controllers: usize) {
 /// The control connection as it is now, if a controller runs this edge.
 pub fn control_now() -> Option<ControlStatus> {
     CONTROL.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// The edge runs the controller's configuration of version `etag` (an ETag, quoted).
+pub fn control_config(etag: &str) {
+    let mut c = CONTROL.lock().unwrap_or_else(|e| e.into_inner());
+    let s = c.get_or_insert_with(ControlStatus::default);
+    // At most 64 visible characters: the controller's ETags are 18.
+    let v: String = etag
+        .trim_matches('"')
+        .chars()
+        .filter(|c| c.is_ascii_graphic() && *c != '"' && *c != '\\')
+        .take(64)
+        .collect();
+    s.config_version = Some(v);
 }
 
 /// The controller agent moved to `url` because the controller in use failed.
@@ -268,6 +285,13 @@ pub fn render_metrics(s: &EdgeStatus) -> String {
         "gauge",
         "Flows currently steered onto the path.",
         per_path(&|p| Some(f64::from(p.flows))),
+    );
+    family(
+        "patronus_path_handshake_age_seconds",
+        "gauge",
+        "Time since the path's WireGuard session last completed a handshake (absent before the \
+         first).",
+        per_path(&|p| p.last_handshake_s),
     );
     family(
         "patronus_path_flaps_total",
@@ -493,6 +517,16 @@ pub fn render_metrics(s: &EdgeStatus) -> String {
              in use failed.",
             vec![(String::new(), c.failovers as f64)],
         );
+        if let Some(v) = &c.config_version {
+            family(
+                "patronus_edge_config_info",
+                "gauge",
+                "Always 1; the label is the version of the controller's configuration the edge \
+                 runs (the controller's `patronus_site_config_current` compares it with the \
+                 current one).",
+                vec![(format!("{{version=\"{}\"}}", esc(v)), 1.0)],
+            );
+        }
         family(
             "patronus_edge_controller_info",
             "gauge",
@@ -515,9 +549,47 @@ pub fn render_metrics(s: &EdgeStatus) -> String {
     o
 }
 
+/// The bearer token of `metrics_token_file`: one line, at most 4 KiB, in a file no other user
+/// can read.
+pub fn read_token(path: &std::path::Path) -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let p = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| format!("metrics_token_file {p}: {e}"))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(format!(
+            "metrics_token_file {p}: readable by other users (mode {:o}); chmod 600 it",
+            meta.permissions().mode() & 0o777
+        ));
+    }
+    if meta.len() > 4096 {
+        return Err(format!("metrics_token_file {p}: longer than 4 KiB"));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("metrics_token_file {p}: {e}"))?;
+    let token = text.trim();
+    if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "metrics_token_file {p}: must hold one token (no spaces), and holds none"
+        ));
+    }
+    Ok(token.to_owned())
+}
+
+/// Whether `header` (an `Authorization` value) is `Bearer <token>`, in time that does not
+/// depend on where they differ.
+fn bearer_matches(header: Option<&str>, token: &str) -> bool {
+    let Some(given) = header.and_then(|h| {
+        let (scheme, rest) = h.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+    }) else {
+        return false;
+    };
+    let (a, b) = (given.as_bytes(), token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
 /// Serves `/metrics` and `/status` from `shared` on `listener`, one request at a time, until
-/// the process ends.
-pub fn serve(listener: TcpListener, shared: Shared) {
+/// the process ends; with `token`, only to requests that carry it as a bearer token.
+pub fn serve(listener: TcpListener, shared: Shared, token: Option<String>) {
     for conn in listener.incoming() {
         let Ok(mut conn) = conn else { continue };
         let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
@@ -532,14 +604,31 @@ pub fn serve(listener: TcpListener, shared: Shared) {
             continue;
         }
         let mut header = String::new();
+        let mut authorization = None;
         loop {
             header.clear();
             match reader.read_line(&mut header) {
                 Ok(n) if n > 0 && !header.trim().is_empty() => {}
                 _ => break,
             }
+            if let Some((name, value)) = header.split_once(':') {
+                if name.trim().eq_ignore_ascii_case("authorization") {
+                    authorization = Some(value.trim().to_owned());
+                }
+            }
             if started.elapsed() > Duration::from_secs(2) {
                 break;
+            }
+        }
+        if let Some(t) = &token {
+            if !bearer_matches(authorization.as_deref(), t) {
+                let body = r#"{"error":{"code":"unauthorized","message":"this edge's status needs its metrics token: Authorization: Bearer <token>"}}"#;
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                continue;
             }
         }
         let path = line.split_whitespace().nth(1).unwrap_or("");
@@ -578,6 +667,17 @@ pub fn serve(listener: TcpListener, shared: Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_metrics_token_is_asked_as_a_bearer_token() {
+        assert!(bearer_matches(Some("Bearer s3cret"), "s3cret"));
+        assert!(bearer_matches(Some("bearer  s3cret "), "s3cret"));
+        assert!(!bearer_matches(Some("Bearer s3cre"), "s3cret"));
+        assert!(!bearer_matches(Some("Bearer s3cretX"), "s3cret"));
+        assert!(!bearer_matches(Some("Basic s3cret"), "s3cret"));
+        assert!(!bearer_matches(Some("s3cret"), "s3cret"));
+        assert!(!bearer_matches(None, "s3cret"));
+    }
 
     #[test]
     fn metrics_carry_one_series_per_path_and_escape_labels() {

@@ -102,6 +102,7 @@ pub fn edge_config(
         default_class: patronus_api::Name::new("business").unwrap_or_else(|_| unreachable!()),
         default_steering: Default::default(),
         metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], STATUS_PORT))),
+        metrics_token_file: None,
         handshake: Default::default(),
         keepalive_s: 25,
     }
@@ -202,6 +203,7 @@ pub fn local_config(plan: &Plan, index: usize, controller: &str, state_dir: Path
         listen_port: EDGE_PORT,
         tun_name: "patronus0".into(),
         metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], STATUS_PORT))),
+        metrics_token_file: None,
         links: me
             .links
             .iter()

@@ -43,6 +43,11 @@ pub(crate) struct Common {
 enum ControllerCmd {
     /// Serve the API (what `patronus controller` alone does).
     Run,
+    /// Exit 0 if the controller of this configuration answers `/ready` (it serves and its
+    /// database answers), else 1: for container health checks and scripts. Asks its listen
+    /// address (loopback if it listens on every address), trusting only the certificate it
+    /// serves (the configured file's, or the one it made in <data_dir>/tls/).
+    Ready,
     /// Add a user to the database directly, without the API (the first admin, or a way back
     /// in). Reads the password from the first line of stdin.
     AddUser {
@@ -133,7 +138,11 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    if let Some(ControllerCmd::Ready) = args.cmd {
+        return ready(&config);
+    }
     match args.cmd.unwrap_or(ControllerCmd::Run) {
+        ControllerCmd::Ready => unreachable!("answered above"),
         ControllerCmd::Run => rt.block_on(async {
             let shutdown = patronus_controller::server::shutdown_signal()?;
             let state = patronus_controller::server::prepare(config, &env).await?;
@@ -378,4 +387,44 @@ fn raise_open_file_limit() {
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "could not read the open-file limit"),
     }
+}
+
+/// `patronus controller ready`: the controller of `config` answers `/ready`.
+fn ready(config: &Config) -> anyhow::Result<()> {
+    use patronus_controller::config::Tls;
+    let mut addr = config.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let cert = match &config.tls {
+        Tls::Plain => None,
+        Tls::Files { cert, .. } => Some(cert.clone()),
+        Tls::SelfSigned { .. } => Some(config.data_dir.join("tls").join("cert.pem")),
+    };
+    let url = match &cert {
+        None => format!("http://{addr}"),
+        Some(cert) => {
+            use rustls::pki_types::CertificateDer;
+            use rustls::pki_types::pem::PemObject;
+            let leaf = CertificateDer::pem_file_iter(cert)
+                .and_then(|mut certs| certs.next().transpose())
+                .with_context(|| format!("reading the certificate {}", cert.display()))?
+                .with_context(|| format!("{}: holds no certificate", cert.display()))?;
+            crate::api_client::pin(&[patronus_controller::tls::fingerprint(leaf.as_ref())])?;
+            format!("https://{addr}")
+        }
+    };
+    let r = crate::api_client::request(&url, "GET", "/ready", None, None)
+        .with_context(|| format!("{url}/ready"))?;
+    anyhow::ensure!(
+        r.status == 200,
+        "{url}/ready answered {}: {}",
+        r.status,
+        crate::api_client::error_text(&r)
+    );
+    outln!("ready");
+    Ok(())
 }

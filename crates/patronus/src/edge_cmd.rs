@@ -55,6 +55,9 @@ pub enum EdgeCmd {
         /// Print the JSON snapshot instead of a table.
         #[arg(long)]
         json: bool,
+        /// The edge's `metrics_token_file`, if it has one.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
     },
     /// Answer Patronus path probes (STAMP, RFC 8762 layout) on a peer that does not run a Patronus
     /// edge, e.g. a stock WireGuard box: listen on its overlay address, port 862.
@@ -76,7 +79,11 @@ pub fn run(cmd: EdgeCmd) -> anyhow::Result<()> {
             outln!("{}", k.public());
             Ok(())
         }
-        EdgeCmd::Status { addr, json } => status(addr, json),
+        EdgeCmd::Status {
+            addr,
+            json,
+            token_file,
+        } => status(addr, json, token_file.as_deref()),
         EdgeCmd::Enroll {
             local,
             token,
@@ -722,6 +729,9 @@ impl Follow {
                                 if delta { " (a delta)" } else { "" }
                             );
                             inbox.send(cfg);
+                            if let Some(e) = &r.etag {
+                                patronus_edge::status::control_config(e);
+                            }
                             self.held = r.etag.map(|e| (e, site));
                         }
                         Err(e) => eprintln!("edge: the new configuration is not used: {e:#}"),
@@ -845,6 +855,9 @@ fn from_controller(
     };
     if resumed && !local.state_dir.join("private.key.next").exists() {
         set_rotations_done(&local.state_dir, site.key_rotation)?;
+    }
+    if let Some(e) = &etag {
+        patronus_edge::status::control_config(e);
     }
     Ok((
         cfg,
@@ -1018,15 +1031,28 @@ fn load(path: &Path) -> anyhow::Result<EdgeConfig> {
     Ok(cfg)
 }
 
-fn status(addr: std::net::SocketAddr, json: bool) -> anyhow::Result<()> {
+fn status(addr: std::net::SocketAddr, json: bool, token_file: Option<&Path>) -> anyhow::Result<()> {
     use std::io::{Read, Write};
+    let auth = match token_file {
+        Some(f) => format!(
+            "Authorization: Bearer {}\r\n",
+            patronus_edge::status::read_token(f).map_err(anyhow::Error::msg)?
+        ),
+        None => String::new(),
+    };
     let mut conn =
         std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))
             .with_context(|| format!("no edge answers on {addr} (is metrics_listen set?)"))?;
     conn.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-    conn.write_all(format!("GET /status HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+    conn.write_all(format!("GET /status HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n").as_bytes())?;
     let mut resp = String::new();
     conn.read_to_string(&mut resp)?;
+    if resp.starts_with("HTTP/1.1 401") {
+        bail!(
+            "the edge at {addr} asks for its metrics token: give its metrics_token_file with \
+             --token-file"
+        );
+    }
     let body = resp
         .split_once("\r\n\r\n")
         .map(|(_, b)| b)

@@ -174,6 +174,107 @@ async fn metrics(State(s): State<AppState>, _p: Principal) -> Result<Response, A
         "Share of probes lost that the path's edge reports, 0 to 1.",
         &series(&|m| Some(m.loss_pct / 100.0)),
     );
+    let attempts = |i: usize| s.webhook_attempts[i].load(std::sync::atomic::Ordering::Relaxed);
+    crate::metrics::counter(
+        &mut out,
+        "patronus_webhook_attempts_total",
+        "Webhook delivery attempts by outcome: delivered, retry (failed, to be tried again), \
+         failed (the last attempt failed: the delivery is given up).",
+        &[
+            ("{outcome=\"delivered\"}".into(), attempts(0) as f64),
+            ("{outcome=\"retry\"}".into(), attempts(1) as f64),
+            ("{outcome=\"failed\"}".into(), attempts(2) as f64),
+        ],
+    );
+    crate::metrics::counter(
+        &mut out,
+        "patronus_db_errors_total",
+        "Requests that failed on a database error.",
+        &[(
+            String::new(),
+            crate::error::DB_ERRORS.load(std::sync::atomic::Ordering::Relaxed) as f64,
+        )],
+    );
+    s.push_lag.render(
+        &mut out,
+        "patronus_config_push_seconds",
+        "From this controller learning of a configuration change to its sending to an edge \
+         that was waiting for it (the edge's long poll answered).",
+    );
+    if let Some(every) = s.config.backup_interval {
+        gauge(
+            &mut out,
+            "patronus_backup_interval_seconds",
+            "The configured interval of scheduled backups (their recovery point objective).",
+            &[(String::new(), every.as_secs_f64())],
+        );
+    }
+    if let Some(t) = s.tls.get().and_then(|t| t.not_after()) {
+        gauge(
+            &mut out,
+            "patronus_tls_certificate_expiry_timestamp_seconds",
+            "When the API's TLS certificate served now expires.",
+            &[(String::new(), t as f64)],
+        );
+    }
+    // Each active site with an enrolled edge (one series each: sites are made by operators).
+    let (sites, seen) = {
+        let mut conn = s.store.conn().await?;
+        let sites = crate::store::presence::enrolled_active(&mut conn).await?;
+        let ids: Vec<i64> = sites.iter().map(|(id, _)| *id).collect();
+        let seen = s.presence_of(&mut conn, &ids).await?;
+        (sites, seen)
+    };
+    let site_label = |name: &str| {
+        format!(
+            "{{site=\"{}\"}}",
+            name.replace('\\', "\\\\").replace('"', "\\\"")
+        )
+    };
+    gauge(
+        &mut out,
+        "patronus_site_online",
+        "1 if the site's edge was in touch with a controller over this database lately, else 0 \
+         (active sites with an enrolled edge).",
+        &sites
+            .iter()
+            .map(|(id, name)| {
+                let online = seen.get(id).is_some_and(|(o, _)| *o);
+                (site_label(name), if online { 1.0 } else { 0.0 })
+            })
+            .collect::<Vec<_>>(),
+    );
+    // Whether the edges in touch with this controller hold their current configuration.
+    let configs = s.configs().await?;
+    let in_touch: std::collections::HashSet<i64> = {
+        let now = crate::store::now_ms();
+        let p = s.presence.lock().unwrap_or_else(|e| e.into_inner());
+        p.iter()
+            .filter(|(_, h)| {
+                h.open > 0 || now - h.last_seen <= crate::store::presence::ONLINE_WITHIN_MS
+            })
+            .map(|(id, _)| *id)
+            .collect()
+    };
+    let current: Vec<(String, f64)> = {
+        let held = s.held.lock().unwrap_or_else(|e| e.into_inner());
+        sites
+            .iter()
+            .filter(|(id, _)| in_touch.contains(id))
+            .filter_map(|(id, name)| {
+                let now = configs.get(id)?.etag();
+                let same = held.get(id).is_some_and(|h| h.as_slice() == now.as_bytes());
+                Some((site_label(name), if same { 1.0 } else { 0.0 }))
+            })
+            .collect()
+    };
+    gauge(
+        &mut out,
+        "patronus_site_config_current",
+        "1 if the site's edge holds its current configuration, 0 if an older one (edges in touch \
+         with this controller).",
+        &current,
+    );
     crate::metrics::build_info(&mut out);
     crate::metrics::process(&mut out);
     let mut r = out.into_response();

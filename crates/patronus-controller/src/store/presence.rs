@@ -99,6 +99,16 @@ pub async fn transitions(conn: &mut Conn, now_ms: i64) -> Result<Vec<Transition>
     Ok(out)
 }
 
+/// The active sites with an enrolled edge (a public key), by id: those whose edge is expected
+/// to be online.
+pub async fn enrolled_active(conn: &mut Conn) -> Result<Vec<(i64, String)>, sqlx::Error> {
+    query_as::<(i64, String)>(
+        "SELECT id, name FROM sites WHERE status = 'active' AND public_key IS NOT NULL ORDER BY id",
+    )
+    .fetch_all(&mut *conn)
+    .await
+}
+
 /// When each of `ids`' edges was last heard from by any controller (unix ms); a site never
 /// heard from is absent.
 pub async fn last_seen(

@@ -54,9 +54,13 @@ async fn edge_config(
     let seen = headers
         .get(header::IF_NONE_MATCH)
         .map(|v| v.as_bytes().to_vec());
+    if let Some(seen) = &seen {
+        s.holds(site.site_id, seen);
+    }
     match next_config(&s, &site, seen.as_deref(), q.wait).await? {
         Next::Unchanged(tag) => not_modified(&s, tag),
         Next::Changed(c, tag) => {
+            s.holds(site.site_id, tag.as_bytes());
             let mut r = ([(header::CONTENT_TYPE, "application/json")], c.to_json()).into_response();
             r.headers_mut().insert(header::ETAG, tag);
             Ok(with_stun_port(&s, r))
@@ -98,6 +102,7 @@ async fn edge_config_delta(
         })?
         .as_bytes()
         .to_vec();
+    s.holds(site.site_id, &seen);
     match next_config(&s, &site, Some(&seen), q.wait).await? {
         Next::Unchanged(tag) => not_modified(&s, tag),
         Next::Changed(c, tag) => {
@@ -109,6 +114,7 @@ async fn edge_config_delta(
                      /api/v1/edge/config",
                 )
             })?;
+            s.holds(site.site_id, tag.as_bytes());
             let mut r = (
                 [(header::CONTENT_TYPE, "application/json")],
                 c.delta_from(&base),
@@ -171,12 +177,17 @@ async fn next_config(
     // not missed.
     let mut changes = s.store.watch_generation();
     let mut stopping = s.stopping.subscribe();
+    // When the last change this poll waited for arrived: a change it then sends is a push.
+    let mut woke: Option<std::time::Instant> = None;
     loop {
         let configs = s.configs().await?;
         let c = configs.get(&site.site_id).ok_or_else(|| no_config(site))?;
         let etag = c.etag();
         let tag = HeaderValue::from_str(&etag).map_err(ApiError::internal)?;
         if seen != Some(etag.as_bytes()) {
+            if let Some(at) = woke {
+                s.push_lag.observe(at.elapsed());
+            }
             return Ok(Next::Changed(c.clone(), tag));
         }
         if tokio::time::Instant::now() >= deadline || *stopping.borrow() {
@@ -192,6 +203,7 @@ async fn next_config(
         if timed_out {
             return Ok(Next::Unchanged(tag));
         }
+        woke = Some(std::time::Instant::now());
     }
 }
 
