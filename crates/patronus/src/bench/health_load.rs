@@ -39,8 +39,9 @@ pub struct Args {
     /// Packets per second of each busy window's stream (one per pair of sites).
     #[arg(long, default_value_t = 20)]
     rate: u32,
-    /// Give up when the paths are not all Up after this many seconds.
-    #[arg(long, default_value_t = 600)]
+    /// Measure anyway when the paths are not all Up after this many seconds (the JSON says
+    /// how many were: `all_up_s` null, `up_at_start`).
+    #[arg(long, default_value_t = 180)]
     timeout: u64,
 }
 
@@ -201,12 +202,28 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
     ));
     let t = Instant::now();
     let (world, _receiver) = super::world::up(&topology, false, &["failover"])?;
-    world.wait_paths(paths, Duration::from_secs(args.timeout))?;
-    let up_s = t.elapsed().as_secs_f64();
-    progress(format_args!(
-        "every path Up after {up_s:.0} s; idle for {} s",
-        args.window_s
-    ));
+    // A machine that cannot carry every path is the finding, not a failure: the windows then
+    // measure what it does carry (each says how many path ends were Up).
+    let up_s = match world.wait_paths(paths, Duration::from_secs(args.timeout)) {
+        Ok(_) => {
+            let up_s = t.elapsed().as_secs_f64();
+            progress(format_args!(
+                "every path Up after {up_s:.0} s; idle for {} s",
+                args.window_s
+            ));
+            Some(up_s)
+        }
+        Err(e) => {
+            progress(format_args!(
+                "{e}: this machine does not carry them all; measuring what it does, idle for {} s",
+                args.window_s
+            ));
+            None
+        }
+    };
+    let up_at_start = world.request("GET", "/api/v1/paths?state=up&limit=1", None)?["total"]
+        .as_u64()
+        .unwrap_or(0);
     // Let the first measurements settle (the estimators start from the first replies).
     std::thread::sleep(Duration::from_secs(5));
     let a = snapshot(&world)?;
@@ -284,6 +301,7 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
         "paths": paths,
         "links": LINKS.iter().map(|(n, _, ms)| json!({ "name": n, "one_way_delay_ms": ms })).collect::<Vec<_>>(),
         "all_up_s": up_s,
+        "up_at_start": up_at_start,
         "idle": idle,
         "busy": busy,
         "machine": super::machine(),
@@ -291,11 +309,17 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
 }
 
 pub fn summary(r: &Value) -> String {
+    let up = if r["all_up_s"].is_null() {
+        format!(
+            "not every one Up: {} at the start of the windows",
+            r["up_at_start"]
+        )
+    } else {
+        format!("every one Up after {}", fig(&r["all_up_s"], 0, " s"))
+    };
     let mut lines = vec![format!(
-        "health-load: {} sites in a full mesh, {} real paths, every one Up after {}",
-        r["sites"],
-        r["paths"],
-        fig(&r["all_up_s"], 0, " s")
+        "health-load: {} sites in a full mesh, {} real paths, {up}",
+        r["sites"], r["paths"],
     )];
     for w in ["idle", "busy"] {
         let x = &r[w];
