@@ -247,7 +247,7 @@ pub fn process(out: &mut String) {
     }
 }
 
-/// One histogram with the latency buckets ([`BUCKETS`]), for a figure with no label:
+/// One histogram with the latency buckets of the HTTP metrics, for a figure with no label:
 /// [`crate::app::Inner::push_lag`].
 #[derive(Debug, Default)]
 pub struct Timing(Mutex<Histogram>);
