@@ -354,36 +354,23 @@ fn prometheus_scrapes_the_lab_and_every_dashboard_and_rule_expression_has_data()
     }
 
     // The container image's health check: `patronus controller ready` with the controller's
-    // own configuration asks its /ready over the certificate it serves.
-    let mut cmd = lab
-        .command("controller", patronus().to_str().unwrap())
-        .unwrap();
-    cmd.args([
-        "controller",
-        "ready",
-        "--listen",
-        &format!("{ctl}:8080"),
-        "--data-dir",
-    ])
-    .arg(&state);
-    let out = cmd.output().unwrap();
+    // own configuration asks its /ready over the certificate it serves; where no controller
+    // answers, it fails.
+    let ready = |port: u16| {
+        let mut cmd = lab
+            .command("controller", patronus().to_str().unwrap())
+            .unwrap();
+        cmd.args(["controller", "ready", "--listen", &format!("{ctl}:{port}")])
+            .arg("--data-dir")
+            .arg(&state);
+        cmd.output().unwrap()
+    };
+    let out = ready(8080);
     assert!(
         out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ready",
         "{out:?}"
     );
-    // And fails, saying why, where no controller answers.
-    let mut cmd = lab
-        .command("controller", patronus().to_str().unwrap())
-        .unwrap();
-    cmd.args([
-        "controller",
-        "ready",
-        "--listen",
-        &format!("{ctl}:8081"),
-        "--data-dir",
-    ])
-    .arg(&state);
-    let out = cmd.output().unwrap();
+    let out = ready(8081);
     assert!(!out.status.success(), "{out:?}");
 
     // `promtool check metrics` on what the controller and an edge really serve.
