@@ -31,7 +31,10 @@ pub struct Inner {
     pub lockout: Lockout,
     pub http: crate::metrics::HttpMetrics,
     /// Every site's configuration, compiled once per configuration generation (the store's).
-    pub compiled: tokio::sync::Mutex<Option<(i64, Compiled)>>,
+    pub compiled: tokio::sync::Mutex<Option<CompiledAt>>,
+    /// Compiles that read the sites, and compiles that kept the ones read before (only
+    /// settings changed): `patronus_config_compiles_total`.
+    pub compiles: [std::sync::atomic::AtomicU64; 2],
     /// The generations compiled before that one, newest first (at most
     /// [`KEPT_GENERATIONS`]): what edges a few changes behind hold, for deltas. They share
     /// every fragment that did not change with the newer ones.
@@ -99,6 +102,17 @@ pub const LIVE_FOR_S: i64 = 30;
 /// Every site's compiled configuration, by site id.
 pub type Compiled = Arc<std::collections::HashMap<i64, crate::compile::Compiled>>;
 
+/// The newest compile: its generation, and the sites it read (at `sites_read_at`, a generation
+/// no newer than when they were read), which the next compile keeps while no change since
+/// touched them.
+#[derive(Debug)]
+pub struct CompiledAt {
+    pub generation: i64,
+    pub configs: Compiled,
+    sites: Arc<Vec<crate::routes::sites::SiteView>>,
+    sites_read_at: i64,
+}
+
 impl std::ops::Deref for AppState {
     type Target = Inner;
 
@@ -118,23 +132,47 @@ impl AppState {
     pub async fn configs(&self) -> Result<Compiled, ApiError> {
         let wanted = self.store.generation();
         let mut cache = self.compiled.lock().await;
-        if let Some((g, c)) = &*cache {
-            if *g >= wanted {
-                return Ok(c.clone());
+        if let Some(c) = &*cache {
+            if c.generation >= wanted {
+                return Ok(c.configs.clone());
             }
         }
-        // Read before the snapshot: what is compiled is at least this generation.
+        // Read before the snapshot: what is compiled is at least this generation. Then what
+        // touched the sites, read after it: a change of the sites marks itself before it
+        // commits (`crate::store::Touches`), so one in this generation is seen.
         let generation = self.store.generation();
-        let net = crate::compile::Network::load(&self.store).await?;
+        let touched = self.store.sites_touched();
+        let kept = cache
+            .as_ref()
+            .filter(|c| c.sites_read_at >= touched)
+            .map(|c| (c.sites.clone(), c.sites_read_at));
+        let (net, sites_read_at) = match kept {
+            Some((sites, at)) => (
+                crate::compile::Network::load_reusing(&self.store, Some(sites)).await?,
+                at,
+            ),
+            None => (
+                crate::compile::Network::load(&self.store).await?,
+                generation,
+            ),
+        };
+        self.compiles[usize::from(sites_read_at != generation)]
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let all: Compiled = Arc::new(
-            crate::compile::compile_reusing(&net, cache.as_ref().map(|(_, c)| &**c))?
+            crate::compile::compile_reusing(&net, cache.as_ref().map(|c| &*c.configs))?
                 .into_iter()
                 .map(|c| (c.site_id, c))
                 .collect(),
         );
-        if let Some((_, old)) = cache.replace((generation, all.clone())) {
+        let next = CompiledAt {
+            generation,
+            configs: all.clone(),
+            sites: net.sites,
+            sites_read_at,
+        };
+        if let Some(old) = cache.replace(next) {
             let mut prev = self.previous.lock().unwrap_or_else(|e| e.into_inner());
-            prev.push_front(old);
+            prev.push_front(old.configs);
             prev.truncate(KEPT_GENERATIONS);
         }
         Ok(all)
@@ -184,6 +222,7 @@ impl AppState {
             lockout: Lockout::new(config.lockout_after_failures),
             http: crate::metrics::HttpMetrics::default(),
             compiled: tokio::sync::Mutex::new(None),
+            compiles: Default::default(),
             previous: std::sync::Mutex::new(std::collections::VecDeque::new()),
             presence: std::sync::Mutex::new(std::collections::HashMap::new()),
             presence_wake: tokio::sync::Notify::new(),

@@ -257,8 +257,9 @@ pub async fn config_changed(
     actor: &Actor,
     action: &str,
     target: &str,
+    touches: crate::store::Touches,
 ) -> Result<i64, sqlx::Error> {
-    let generation = tx.config_changed().await?;
+    let generation = tx.config_changed_touching(touches).await?;
     let data = json!({
         "generation": generation,
         "action": action,

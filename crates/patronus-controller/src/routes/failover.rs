@@ -14,7 +14,9 @@ use utoipa_axum::routes;
 
 use crate::app::{Admin, AppState, Principal};
 use crate::error::{ApiError, extract};
-use crate::routes::{Page, Paging, audit_config, check_if_match, patched, with_etag, write_error};
+use crate::routes::{
+    Page, Paging, audit_settings, check_if_match, patched, with_etag, write_error,
+};
 use crate::store::now_s;
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -64,7 +66,7 @@ async fn update_failover(
     crate::store::settings::set_failover(&mut tx, &new, version, now_s())
         .await
         .map_err(|e| write_error(e, "settings", String::new))?;
-    audit_config(&mut tx, &p.actor(), "failover.update", "failover", patch).await?;
+    audit_settings(&mut tx, &p.actor(), "failover.update", "failover", patch).await?;
     let (f, version) = failover(&mut tx).await?;
     tx.commit().await?;
     Ok(with_etag(StatusCode::OK, version, f))

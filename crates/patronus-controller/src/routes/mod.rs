@@ -136,7 +136,26 @@ pub async fn audit_config(
     details: serde_json::Value,
 ) -> Result<(), ApiError> {
     crate::store::Store::audit(tx, actor, action, target, details).await?;
-    crate::webhooks::config_changed(tx, actor, action, target).await?;
+    crate::webhooks::config_changed(tx, actor, action, target, crate::store::Touches::Sites)
+        .await?;
+    Ok(())
+}
+
+/// [`audit_config`] for a change of the network-wide settings only (policies, SLA classes,
+/// failover settings; not the topology, which renumbers sites): the next compile keeps the
+/// sites it read last
+/// ([`crate::store::Touches::Settings`]). A policy written to a thousand sites is then one
+/// read of the policies, not of every site and link.
+pub async fn audit_settings(
+    tx: &mut crate::store::Tx,
+    actor: &crate::store::Actor,
+    action: &'static str,
+    target: &str,
+    details: serde_json::Value,
+) -> Result<(), ApiError> {
+    crate::store::Store::audit(tx, actor, action, target, details).await?;
+    crate::webhooks::config_changed(tx, actor, action, target, crate::store::Touches::Settings)
+        .await?;
     Ok(())
 }
 

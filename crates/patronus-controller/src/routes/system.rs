@@ -105,6 +105,18 @@ async fn metrics(State(s): State<AppState>, _p: Principal) -> Result<Response, A
             ),
         ],
     );
+    let load = |i: usize| s.compiles[i].load(std::sync::atomic::Ordering::Relaxed) as f64;
+    crate::metrics::counter(
+        &mut out,
+        "patronus_config_compiles_total",
+        "Compiles of every site's configuration (one per configuration generation an edge asked \
+         for), by whether they read the sites again or kept the ones read before (only \
+         policies, SLA classes or failover settings changed since).",
+        &[
+            ("{sites=\"read\"}".into(), load(0)),
+            ("{sites=\"kept\"}".into(), load(1)),
+        ],
+    );
     let (announced, reread) = s.store.generations_followed();
     crate::metrics::counter(
         &mut out,

@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
-use crate::routes::{audit_config, check_if_match, created, patched, with_etag, write_error};
+use crate::routes::{audit_settings, check_if_match, created, patched, with_etag, write_error};
 use crate::store::docs::{Doc, DocTable, WriteError};
 use crate::store::{Actor, Conn, Store, Tx, now_s};
 
@@ -58,7 +58,7 @@ impl<T: Serialize + DeserializeOwned + 'static> Resource<T> {
             .insert(&mut tx, &spec, now_s())
             .await
             .map_err(|e| self.write_error(e, || conflict(&spec)))?;
-        audit_config(
+        audit_settings(
             &mut tx,
             actor,
             self.actions[0],
@@ -94,7 +94,7 @@ impl<T: Serialize + DeserializeOwned + 'static> Resource<T> {
             .update(&mut tx, id, cur.version, &spec, now_s())
             .await
             .map_err(|e| self.write_error(e, || conflict(&spec)))?;
-        audit_config(
+        audit_settings(
             &mut tx,
             actor,
             self.actions[1],
@@ -121,7 +121,7 @@ impl<T: Serialize + DeserializeOwned + 'static> Resource<T> {
         check_if_match(headers, cur.version)?;
         check(&mut tx, &cur).await?;
         self.table.delete(&mut tx, id).await?;
-        audit_config(
+        audit_settings(
             &mut tx,
             actor,
             self.actions[2],

@@ -265,6 +265,9 @@ pub struct Store {
     webhook_wake: std::sync::Arc<Notify>,
     /// Newer generations learnt from other controllers: (announced, read from the table).
     followed: std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>,
+    /// The newest generation that may have changed the sites (anything but the network-wide
+    /// settings, [`Touches`]): a compile reads the sites again only past it.
+    sites_touched: std::sync::Arc<std::sync::atomic::AtomicI64>,
     /// SQLite: the write transactions' own connection, a pool of one (connected when first
     /// needed), which is this controller's write turn: the pool hands it out first come first
     /// served, a writer waiting for it holds no other connection, and readers never hold up a
@@ -382,10 +385,28 @@ const GENERATION_CHANNEL: &str = "patronus_generation";
 /// How often a controller on PostgreSQL reads the generation even without a notification.
 const GENERATION_RECHECK: Duration = Duration::from_secs(5);
 
+/// What a configuration change touched, for what a compile may keep from the one before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Touches {
+    /// Sites, their links, keys or endpoints (or anything: the safe answer).
+    Sites,
+    /// Only the network-wide settings a compile reads afresh every time: policies, SLA
+    /// classes, failover settings (not the topology: it renumbers sites).
+    Settings,
+}
+
 impl Tx {
     /// This transaction changes what some edge runs: the configuration generation is bumped in
     /// it. Returns the new generation.
     pub async fn config_changed(&mut self) -> Result<i64, sqlx::Error> {
+        self.config_changed_touching(Touches::Sites).await
+    }
+
+    /// [`Tx::config_changed`], saying what the change touched. A change of the sites is
+    /// marked before it commits, while this transaction holds the write turn: a compile that
+    /// sees this generation (or any later one) then reads the sites again. A mark whose
+    /// transaction rolls back costs one needless read.
+    pub async fn config_changed_touching(&mut self, touches: Touches) -> Result<i64, sqlx::Error> {
         let g: i64 = query_scalar(
             "UPDATE config_generation SET generation = generation + 1 WHERE id = 1
              RETURNING generation",
@@ -399,6 +420,9 @@ impl Tx {
                 .bind(g.to_string())
                 .execute(&mut **t)
                 .await?;
+        }
+        if touches == Touches::Sites {
+            self.store.sites_touched_at(g);
         }
         self.generation = Some(g);
         Ok(g)
@@ -536,6 +560,7 @@ impl Store {
             generation: watch::channel(0).0,
             webhook_wake: std::sync::Arc::new(Notify::new()),
             followed: std::sync::Arc::default(),
+            sites_touched: std::sync::Arc::default(),
         };
         store.migrate(migrate).await?;
         let g: i64 = query_scalar("SELECT generation FROM config_generation WHERE id = 1")
@@ -557,6 +582,28 @@ impl Store {
             tokio::spawn(reread_generation(store.clone(), pool.clone()));
         }
         Ok(store)
+    }
+
+    /// Generation `g` may have changed the sites.
+    fn sites_touched_at(&self, g: i64) {
+        self.sites_touched
+            .fetch_max(g, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The newest generation that may have changed the sites: sites read as of a generation
+    /// at least this one are current.
+    pub fn sites_touched(&self) -> i64 {
+        self.sites_touched.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Generation `g`, read from the database or announced: if it is newer than what this
+    /// controller committed, someone else (another controller, another process on the same
+    /// file) did, and what it touched is not known, so it counts as touching the sites.
+    fn generation_learnt(&self, g: i64) -> bool {
+        if g > self.generation() {
+            self.sites_touched_at(g);
+        }
+        self.generation_seen(g)
     }
 
     /// Raises the generation edges wait on to `g`, if it is newer; whether it was.
@@ -1163,7 +1210,7 @@ async fn follow_generation(store: Store, pool: PgPool, mut listener: sqlx::postg
             n = listener.try_recv() => match n {
                 Ok(Some(n)) => match n.payload().parse::<i64>() {
                     Ok(g) => {
-                        if store.generation_seen(g) {
+                        if store.generation_learnt(g) {
                             store.followed(0);
                         }
                     }
@@ -1186,7 +1233,7 @@ async fn follow_generation(store: Store, pool: PgPool, mut listener: sqlx::postg
         if reread && !pool.is_closed() {
             match store.stored_generation().await {
                 Ok(g) => {
-                    if store.generation_seen(g) {
+                    if store.generation_learnt(g) {
                         store.followed(1);
                     }
                     reread = false;
@@ -1218,7 +1265,7 @@ async fn reread_generation(store: Store, pool: SqlitePool) {
             break;
         }
         if let Ok(g) = store.stored_generation().await {
-            if store.generation_seen(g) {
+            if store.generation_learnt(g) {
                 store.followed(1);
             }
         }

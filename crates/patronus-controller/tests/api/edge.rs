@@ -108,6 +108,97 @@ async fn each_site_gets_its_peers_by_topology_and_a_change_reaches_only_the_conf
     assert_eq!(peers(&d["hq"].1), ["b2"]);
 }
 
+/// A policy (a network-wide setting) changes every configuration but no site: the compile
+/// keeps the sites it read before, and what it makes is what a compile from scratch makes; a
+/// change of a site (and one of each after another) reads them again.
+#[tokio::test]
+async fn a_settings_change_keeps_the_sites_read_before_and_a_site_change_reads_them_again() {
+    use patronus_controller::compile::{Network, compile};
+    let a = api().await;
+    let t = a.admin().await;
+    let ids = sites(&a, &t, &["hq", "b1", "b2"]).await;
+    for (i, id) in ids.iter().enumerate() {
+        enrol(&a, *id, i as u8 + 1).await;
+    }
+    let compiles = || {
+        a.state
+            .compiles
+            .each_ref()
+            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+    };
+    // Served (compiled with the sites kept or read), and from scratch: the same versions.
+    let same_as_from_scratch = || async {
+        let served = a.state.configs().await.unwrap();
+        let fresh = compile(&Network::load(&a.state.store).await.unwrap()).unwrap();
+        assert_eq!(served.len(), fresh.len());
+        for c in fresh {
+            assert_eq!(served[&c.site_id].version, c.version, "site {}", c.site_id);
+            assert_eq!(served[&c.site_id].to_json(), c.to_json());
+        }
+    };
+    same_as_from_scratch().await;
+    let [read, kept] = compiles();
+    assert!(read >= 1);
+
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/policies",
+            Some(&t),
+            Some(voice("voice", 10, "realtime")),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    same_as_from_scratch().await;
+    assert_eq!(compiles(), [read, kept + 1]);
+
+    // A link's priority: the sites are read again.
+    let site = a
+        .call(
+            Method::GET,
+            &format!("/api/v1/sites/{}", ids[2]),
+            Some(&t),
+            None,
+        )
+        .await;
+    let link = site.body["links"][0]["id"].as_i64().unwrap();
+    let r = a
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/sites/{}/links/{link}", ids[2]),
+            Some(&t),
+            Some(json!({ "priority": 7 })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    same_as_from_scratch().await;
+    assert_eq!(compiles(), [read + 1, kept + 1]);
+
+    // A site change, then a policy, compiled together: the site change is not lost behind
+    // the later settings-only change.
+    let r = a
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/sites/{}", ids[1]),
+            Some(&t),
+            Some(json!({ "status": "disabled" })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    let r = a
+        .call(
+            Method::POST,
+            "/api/v1/policies",
+            Some(&t),
+            Some(voice("video", 20, "realtime")),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    same_as_from_scratch().await;
+    assert_eq!(compiles(), [read + 2, kept + 1]);
+    assert!(!a.state.configs().await.unwrap().contains_key(&ids[1]));
+}
+
 #[tokio::test]
 async fn an_edge_enrols_once_with_a_token_and_then_acts_as_its_own_site_only() {
     let a = api().await;
