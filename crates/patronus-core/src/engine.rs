@@ -182,6 +182,35 @@ pub struct EngineStats {
     /// Times a path went Down as steering sees it (each reported or not: see
     /// [`Engine::poll_report`]).
     pub paths_down: u64,
+    /// How long each path that went Down with flows on it had been silent: the outage its
+    /// flows saw at this end before they moved (each moves at its next packet).
+    pub failover_outages: Outages,
+}
+
+/// The upper bounds (seconds) of [`Outages`]' buckets, below a last one for the rest.
+pub const OUTAGE_BOUNDS_S: [f64; 11] =
+    [0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0];
+
+/// A histogram of outages: how many fell in each bucket of [`OUTAGE_BOUNDS_S`] (not
+/// cumulative; the last bucket is beyond the last bound), their count and their sum.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Outages {
+    pub buckets: [u64; OUTAGE_BOUNDS_S.len() + 1],
+    pub count: u64,
+    pub sum: Duration,
+}
+
+impl Outages {
+    pub fn observe(&mut self, d: Duration) {
+        let s = d.as_secs_f64();
+        let i = OUTAGE_BOUNDS_S
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(OUTAGE_BOUNDS_S.len());
+        self.buckets[i] += 1;
+        self.count += 1;
+        self.sum += d;
+    }
 }
 
 impl EngineStats {
@@ -242,6 +271,8 @@ struct Peer {
 struct TxCount {
     packets: u64,
     bytes: u64,
+    /// Times a path stopped meeting the class's SLA (internal transitions, each counted).
+    sla_breaches: u64,
 }
 
 /// The path engine of one edge. See the crate documentation for how to drive it.
@@ -1170,8 +1201,21 @@ impl Engine {
     fn flush_events(&mut self, now: Instant) {
         let mut evs = std::mem::take(&mut self.scratch_events);
         for e in evs.internal.drain(..) {
-            if matches!(e, Event::PathDown { .. }) {
-                self.stats.paths_down += 1;
+            match &e {
+                Event::PathDown {
+                    silent_for, flows, ..
+                } => {
+                    self.stats.paths_down += 1;
+                    if *flows > 0 {
+                        self.stats.failover_outages.observe(*silent_for);
+                    }
+                }
+                Event::SlaViolated { class, .. } => {
+                    if let Some(t) = self.class_tx.get_mut(usize::from(class.0)) {
+                        t.sla_breaches += 1;
+                    }
+                }
+                _ => {}
             }
             self.push_event(now, e);
         }
@@ -1216,13 +1260,14 @@ impl Engine {
             .map(|i| ClassId(i as u8))
     }
 
-    /// What each SLA class's traffic sent since the engine started (a class that was removed
-    /// and added again starts over): (class, packets, bytes).
-    pub fn class_counters(&self) -> impl Iterator<Item = (&Name, u64, u64)> + '_ {
+    /// What each SLA class's traffic sent since the engine started, and how many times a path
+    /// stopped meeting the class's SLA (a class that was removed and added again starts over):
+    /// (class, packets, bytes, SLA breaches).
+    pub fn class_counters(&self) -> impl Iterator<Item = (&Name, u64, u64, u64)> + '_ {
         self.classes
             .iter()
             .zip(&self.class_tx)
-            .map(|(c, t)| (&c.name, t.packets, t.bytes))
+            .map(|(c, t)| (&c.name, t.packets, t.bytes, t.sla_breaches))
     }
 
     pub fn class_name(&self, id: ClassId) -> Option<&Name> {

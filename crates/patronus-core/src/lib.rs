@@ -45,7 +45,9 @@ pub mod select;
 use std::fmt;
 use std::time::Duration;
 
-pub use engine::{Engine, EngineConfig, EngineStats, PathSnapshot, Transmit};
+pub use engine::{
+    Engine, EngineConfig, EngineStats, OUTAGE_BOUNDS_S, Outages, PathSnapshot, Transmit,
+};
 pub use packet::{FlowKey, PacketError, PacketMeta};
 pub use path::PathCounters;
 pub use patronus_api::PathState;

@@ -183,6 +183,30 @@ fn a_blackholed_active_path_is_abandoned_within_its_down_after_window() {
     let r = net.report(s, cut - SEC, net.elapsed() - SEC);
     assert!(r.outage <= 90 * MS, "{r:?}");
     assert!(r.lost > 0, "the cut must cost something: {r:?}");
+
+    // The outage histogram holds the one path that went down with a flow on it (the other
+    // path of the cut link carried none), its silence in the bucket that bounds it.
+    let silent = net
+        .events("a")
+        .into_iter()
+        .find_map(|(_, e)| match e {
+            Event::PathDown {
+                path,
+                silent_for,
+                flows,
+            } if path == primary => Some((silent_for, flows)),
+            _ => None,
+        })
+        .unwrap();
+    assert!(silent.1 > 0);
+    let outages = net.engine("a").stats().failover_outages;
+    assert_eq!((outages.count, outages.sum), (1, silent.0), "{outages:?}");
+    let bucket = patronus_core::OUTAGE_BOUNDS_S
+        .iter()
+        .position(|b| silent.0.as_secs_f64() <= *b)
+        .unwrap();
+    assert_eq!(outages.buckets[bucket], 1, "{outages:?}");
+    assert_eq!(outages.buckets.iter().sum::<u64>(), 1);
 }
 
 #[test]
@@ -335,6 +359,20 @@ fn voice_leaves_a_path_whose_jitter_breaks_its_sla_while_bulk_stays() {
         downs(&net, "a", primary).is_empty(),
         "jitter is not an outage"
     );
+    assert_eq!(net.engine("a").stats().failover_outages.count, 0);
+    // Each class counts the times a path broke its SLA.
+    let breaches: std::collections::HashMap<String, u64> = net
+        .engine("a")
+        .class_counters()
+        .map(|(n, _, _, b)| (n.to_string(), b))
+        .collect();
+    let violations = net
+        .events("a")
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::SlaViolated { class, .. } if *class == realtime))
+        .count() as u64;
+    assert!(violations >= 1);
+    assert_eq!(breaches["realtime"], violations);
     assert!(
         moves_of(&net, "a", bulk).is_empty(),
         "bulk has no jitter bound and stays: {:?} {:#?}",
@@ -1030,7 +1068,7 @@ fn each_class_counts_what_its_flows_sent_once_even_when_duplicated() {
     let counted: std::collections::HashMap<String, (u64, u64)> = net
         .engine("a")
         .class_counters()
-        .map(|(n, p, b)| (n.to_string(), (p, b)))
+        .map(|(n, p, b, _)| (n.to_string(), (p, b)))
         .collect();
     let sent = |s: usize| net.streams[s].sent.len() as u64;
     assert_eq!(counted["realtime"], (sent(voice), 200 * sent(voice)));

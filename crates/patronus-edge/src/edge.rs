@@ -1202,6 +1202,7 @@ impl Edge {
             peer_silences: self.engine.stats().peer_silences,
             path_downs: self.engine.stats().paths_down,
             failovers: self.failovers.clone(),
+            failover_outages: self.engine.stats().failover_outages.into(),
             failover_events: self.failover_log.iter().cloned().collect(),
             path_events: self.path_log.iter().cloned().collect(),
             flows: self.engine.flow_count(),
@@ -1233,10 +1234,11 @@ impl Edge {
             classes: self
                 .engine
                 .class_counters()
-                .map(|(c, p, b)| status::ClassStatus {
+                .map(|(c, p, b, breaches)| status::ClassStatus {
                     class: c.to_string(),
                     tx_packets: p,
                     tx_bytes: b,
+                    sla_breaches: breaches,
                 })
                 .collect(),
             links: self

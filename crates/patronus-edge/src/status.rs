@@ -154,6 +154,40 @@ pub struct ClassStatus {
     pub class: String,
     pub tx_packets: u64,
     pub tx_bytes: u64,
+    /// Times a path stopped meeting the class's SLA.
+    #[serde(default)]
+    pub sla_breaches: u64,
+}
+
+/// How long the paths that went down with flows on them had been silent: the outages those
+/// flows saw at this edge (see [`patronus_core::EngineStats::failover_outages`]).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct OutageStatus {
+    /// (upper bound in seconds, how many were at most that): cumulative, as Prometheus has
+    /// them; the last bound is infinite (`null` in JSON).
+    pub buckets: Vec<(Option<f64>, u64)>,
+    pub count: u64,
+    pub sum_seconds: f64,
+}
+
+impl From<patronus_core::Outages> for OutageStatus {
+    fn from(o: patronus_core::Outages) -> Self {
+        let mut total = 0;
+        let buckets = o
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                total += n;
+                (patronus_core::OUTAGE_BOUNDS_S.get(i).copied(), total)
+            })
+            .collect();
+        Self {
+            buckets,
+            count: o.count,
+            sum_seconds: o.sum.as_secs_f64(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -186,6 +220,9 @@ pub struct EdgeStatus {
     pub path_downs: u64,
     /// Flow moves by reason.
     pub failovers: BTreeMap<FailoverReason, u64>,
+    /// The outages of the flows of paths that went down.
+    #[serde(default)]
+    pub failover_outages: OutageStatus,
     /// The last failover events, oldest first.
     #[serde(default)]
     pub failover_events: Vec<patronus_api::FailoverEvent>,
@@ -350,6 +387,21 @@ pub fn render_metrics(s: &EdgeStatus) -> String {
         );
     }
     family(
+        "patronus_class_sla_breaches_total",
+        "counter",
+        "Times a path stopped meeting the SLA class's bounds (latency, jitter or loss); its \
+         flows then move to a path that meets them.",
+        s.classes
+            .iter()
+            .map(|c| {
+                (
+                    format!("{{class=\"{}\"}}", esc(&c.class)),
+                    c.sla_breaches as f64,
+                )
+            })
+            .collect(),
+    );
+    family(
         "patronus_failovers_total",
         "counter",
         "Flow moves from one path to another, by reason.",
@@ -358,6 +410,35 @@ pub fn render_metrics(s: &EdgeStatus) -> String {
             .map(|(r, n)| (format!("{{reason=\"{r}\"}}"), *n as f64))
             .collect(),
     );
+    let outages = &s.failover_outages;
+    let mut rows: Vec<(String, f64)> = outages
+        .buckets
+        .iter()
+        .map(|(le, n)| {
+            // Whole numbers as `1.0`: what Prometheus 3 stores whatever was written, and
+            // what 2 stores as written, so one rule matches both.
+            let le = le.map_or("+Inf".to_owned(), |b| {
+                if b.fract() == 0.0 {
+                    format!("{b:.1}")
+                } else {
+                    b.to_string()
+                }
+            });
+            (format!("_bucket{{le=\"{le}\"}}"), *n as f64)
+        })
+        .collect();
+    rows.push(("_sum".to_owned(), outages.sum_seconds));
+    rows.push(("_count".to_owned(), outages.count as f64));
+    // None in a status from a build before the histogram: no half a histogram.
+    if !outages.buckets.is_empty() {
+        family(
+            "patronus_failover_outage_seconds",
+            "histogram",
+            "How long each path that went down with flows on it had been silent when it was \
+         declared down: the outage its flows saw at this edge (they move at their next packet).",
+            rows,
+        );
+    }
     let c = &s.counters;
     for (name, help, v) in [
         (
@@ -691,6 +772,17 @@ mod tests {
                 ..Default::default()
             }],
             failovers: [(FailoverReason::PathDown, 3)].into_iter().collect(),
+            failover_outages: {
+                let mut o = patronus_core::Outages::default();
+                o.observe(std::time::Duration::from_millis(62));
+                o.observe(std::time::Duration::from_millis(1500));
+                o.into()
+            },
+            classes: vec![ClassStatus {
+                class: "realtime".into(),
+                sla_breaches: 4,
+                ..Default::default()
+            }],
             links: vec![
                 LinkStatus {
                     name: "mpls".into(),
@@ -719,6 +811,15 @@ mod tests {
         );
         assert!(m.contains("patronus_path_rtt_seconds{peer=\"b\\\"x\",local_link=\"mpls\",remote_link=\"inet\"} 0.0125"));
         assert!(m.contains("patronus_failovers_total{reason=\"path-down\"} 3"));
+        assert!(m.contains("patronus_class_sla_breaches_total{class=\"realtime\"} 4"));
+        // Cumulative buckets, whole bounds written as Prometheus 3 stores them.
+        assert!(m.contains("patronus_failover_outage_seconds_bucket{le=\"0.05\"} 0"));
+        assert!(m.contains("patronus_failover_outage_seconds_bucket{le=\"0.075\"} 1"));
+        assert!(m.contains("patronus_failover_outage_seconds_bucket{le=\"1.0\"} 1"));
+        assert!(m.contains("patronus_failover_outage_seconds_bucket{le=\"2.0\"} 2"));
+        assert!(m.contains("patronus_failover_outage_seconds_bucket{le=\"+Inf\"} 2"));
+        assert!(m.contains("patronus_failover_outage_seconds_count 2"));
+        assert!(m.contains("patronus_failover_outage_seconds_sum 1.562"));
         assert!(m.contains("patronus_edge_rx_rejected_total 0"));
         assert!(m.contains("patronus_build_info{version=\""));
         patronus_lab::harness::promtool_accepts(&m);

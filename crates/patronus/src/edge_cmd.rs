@@ -1110,6 +1110,23 @@ fn status(addr: std::net::SocketAddr, json: bool, token_file: Option<&Path>) -> 
             .collect();
         outln!("flow moves: {}", moves.join(", "));
     }
+    let o = &s.failover_outages;
+    if o.count > 0 {
+        outln!(
+            "paths down with flows on them: {}, silent {:.0} ms on average before their flows moved",
+            o.count,
+            o.sum_seconds / o.count as f64 * 1e3
+        );
+    }
+    let breaches: Vec<String> = s
+        .classes
+        .iter()
+        .filter(|c| c.sla_breaches > 0)
+        .map(|c| format!("{} {}", c.class, c.sla_breaches))
+        .collect();
+    if !breaches.is_empty() {
+        outln!("SLA breaches by class: {}", breaches.join(", "));
+    }
     for e in s.events.iter().rev().take(10).rev() {
         outln!("  {} {}", e.unix_ms, e.text);
     }

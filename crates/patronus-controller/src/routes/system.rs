@@ -268,24 +268,46 @@ async fn metrics(State(s): State<AppState>, _p: Principal) -> Result<Response, A
             .map(|(id, _)| *id)
             .collect()
     };
-    let current: Vec<(String, f64)> = {
+    let (mut current, mut versions) = (Vec::new(), Vec::new());
+    {
         let held = s.held.lock().unwrap_or_else(|e| e.into_inner());
-        sites
-            .iter()
-            .filter(|(id, _)| in_touch.contains(id))
-            .filter_map(|(id, name)| {
-                let now = configs.get(id)?.etag();
-                let same = held.get(id).is_some_and(|h| h.as_slice() == now.as_bytes());
-                Some((site_label(name), if same { 1.0 } else { 0.0 }))
-            })
-            .collect()
-    };
+        for (id, name) in sites.iter().filter(|(id, _)| in_touch.contains(id)) {
+            let Some(now) = configs.get(id).map(|c| c.etag()) else {
+                continue;
+            };
+            let h = held.get(id);
+            let same = h.is_some_and(|h| h.as_slice() == now.as_bytes());
+            current.push((site_label(name), if same { 1.0 } else { 0.0 }));
+            // The ETag the edge named (its `If-None-Match`, or the one it was sent): hex
+            // digits only, at most 16, so an edge cannot put anything else in a label.
+            if let Some(h) = h {
+                let version: String = h
+                    .iter()
+                    .filter(|b| b.is_ascii_hexdigit())
+                    .take(16)
+                    .map(|b| char::from(*b))
+                    .collect();
+                if !version.is_empty() {
+                    let label = site_label(name);
+                    let label = label.trim_end_matches('}');
+                    versions.push((format!("{label},version=\"{version}\"}}"), 1.0));
+                }
+            }
+        }
+    }
     gauge(
         &mut out,
         "patronus_site_config_current",
         "1 if the site's edge holds its current configuration, 0 if an older one (edges in touch \
          with this controller).",
         &current,
+    );
+    gauge(
+        &mut out,
+        "patronus_site_config_info",
+        "Always 1; the label is the version of the configuration the site's edge holds, as the \
+         edge's `patronus_edge_config_info` has it (edges in touch with this controller).",
+        &versions,
     );
     crate::metrics::build_info(&mut out);
     crate::metrics::process(&mut out);

@@ -491,7 +491,41 @@ async fn a_waiting_edge_gets_a_change_as_soon_as_it_is_made_and_304_when_there_i
     assert_eq!(status, StatusCode::OK);
     assert_ne!(new_etag.to_str().unwrap(), etag);
     assert!(took < std::time::Duration::from_secs(5), "{took:?}");
-    assert!(metrics_text(&a, &t).await.contains(&format!("{held}0\n")));
+    let m = metrics_text(&a, &t).await;
+    assert!(m.contains(&format!("{held}0\n")));
+    // The edge holds what it was sent: the current version, which the metrics name.
+    let version = new_etag.to_str().unwrap().trim_matches('"');
+    assert!(
+        m.contains("patronus_site_config_current{site=\"hq\"} 1\n"),
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!(
+            "patronus_site_config_info{{site=\"hq\",version=\"{version}\"}} 1\n"
+        )),
+        "{m}"
+    );
+    // An edge asking for a delta from a version that is not one: behind (409, fetch it
+    // whole), and of what it sent only hex digits reach a label.
+    let r = a
+        .call_with(
+            Method::GET,
+            "/api/v1/edge/config/delta",
+            Some(&cred),
+            None,
+            &[("if-none-match", "\"a\\\"}x 1 b\"")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    let m = metrics_text(&a, &t).await;
+    assert!(
+        m.contains("patronus_site_config_current{site=\"hq\"} 0\n"),
+        "{m}"
+    );
+    assert!(
+        m.contains("patronus_site_config_info{site=\"hq\",version=\"a1b\"} 1\n"),
+        "{m}"
+    );
 }
 
 #[tokio::test]
