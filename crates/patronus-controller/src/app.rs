@@ -55,6 +55,8 @@ pub struct Inner {
     pub backups: std::sync::Mutex<crate::backup::Status>,
     /// Configuration long polls held now, waiting for a change.
     pub long_polls: std::sync::atomic::AtomicUsize,
+    /// Event streams served now (`/api/v1/events/stream`).
+    pub event_streams: std::sync::atomic::AtomicUsize,
     /// True once the controller is shutting down: held long polls answer at once (their
     /// edges go to another controller instead of waiting on one that is leaving).
     pub stopping: tokio::sync::watch::Sender<bool>,
@@ -230,6 +232,7 @@ impl AppState {
             live: std::sync::Mutex::new(std::collections::HashMap::new()),
             sampler: crate::sampling::Sampler::default(),
             long_polls: std::sync::atomic::AtomicUsize::new(0),
+            event_streams: std::sync::atomic::AtomicUsize::new(0),
             stopping: tokio::sync::watch::Sender::new(false),
             backups: std::sync::Mutex::new(crate::backup::Status::default()),
             webhook_tls,
@@ -516,6 +519,7 @@ pub fn routes_and_document() -> (Router<AppState>, utoipa::openapi::OpenApi) {
             .merge(crate::routes::failover::routes())
             .merge(crate::routes::api_keys::routes())
             .merge(crate::routes::audit::routes())
+            .merge(crate::routes::events::routes())
             .merge(crate::routes::enroll::routes())
             .merge(crate::routes::edge::routes())
             .merge(crate::routes::webhooks::routes())

@@ -677,9 +677,12 @@ async fn serve_connection<S>(
             let done = InFlight(activity.clone());
             let mut app = app.clone();
             async move {
+                // In flight until its body is sent, not just its head: an event stream (or a
+                // large body to a slow reader) is not an idle connection.
                 let r = tower::Service::call(&mut app, req).await;
-                drop(done);
-                r
+                r.map(|resp| {
+                    resp.map(|body| axum::body::Body::new(Answering { body, _done: done }))
+                })
             }
         })
     };
@@ -733,6 +736,32 @@ impl Drop for InFlight {
         let mut a = self.0.lock().unwrap_or_else(|e| e.into_inner());
         a.in_flight = a.in_flight.saturating_sub(1);
         a.idle_since = Instant::now();
+    }
+}
+
+/// A response's body, holding its request [`InFlight`] until it is sent (or dropped).
+struct Answering {
+    body: axum::body::Body,
+    _done: InFlight,
+}
+
+impl axum::body::HttpBody for Answering {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 

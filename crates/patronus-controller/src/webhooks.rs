@@ -231,7 +231,9 @@ pub async fn queue(
             .filter(|(id, wants)| only.map_or(wants.contains(&kind), |o| o == *id))
             .map(|(id, _)| *id)
             .collect();
-        if to.is_empty() {
+        // Every event but a test sent to one webhook is kept for the event stream.
+        let streamed = only.is_none();
+        if to.is_empty() && !streamed {
             ids.push(None);
             continue;
         }
@@ -240,6 +242,14 @@ pub async fn queue(
             crate::auth::b64url(&crate::auth::random_bytes::<12>())
         );
         let payload = json!({ "id": id, "type": kind, "at_ms": now, "data": data }).to_string();
+        if streamed {
+            store::record_event(tx, (&id, kind, &payload), now).await?;
+            tx.events_recorded();
+        }
+        if to.is_empty() {
+            ids.push(None);
+            continue;
+        }
         for hook in to {
             store::queue(tx, hook, (&id, kind, &payload), now).await?;
         }

@@ -5,6 +5,7 @@ pub mod audit;
 pub mod auth;
 pub mod edge;
 pub mod enroll;
+pub mod events;
 pub mod failover;
 pub mod paths;
 pub mod policies;

@@ -56,6 +56,15 @@ async fn metrics(State(s): State<AppState>, _p: Principal) -> Result<Response, A
             s.long_polls.load(std::sync::atomic::Ordering::Relaxed) as f64,
         )],
     );
+    gauge(
+        &mut out,
+        "patronus_event_streams",
+        "Event streams (/api/v1/events/stream) this controller serves now.",
+        &[(
+            String::new(),
+            s.event_streams.load(std::sync::atomic::Ordering::Relaxed) as f64,
+        )],
+    );
     let backups = s.backups.lock().unwrap_or_else(|e| e.into_inner()).clone();
     crate::metrics::counter(
         &mut out,

@@ -41,6 +41,7 @@ pub const TABLES: &[(&str, bool)] = &[
     ("presence", false),
     ("rate_buckets", false),
     ("login_failures", false),
+    ("events", true),
 ];
 
 /// Rows per `INSERT` (PostgreSQL takes at most 65,535 parameters in a statement).

@@ -263,6 +263,8 @@ pub struct Store {
     generation: watch::Sender<i64>,
     /// Wakes the webhook delivery worker when a transaction that queued deliveries commits.
     webhook_wake: std::sync::Arc<Notify>,
+    /// Bumped when a transaction that kept events commits: the event streams read what is new.
+    events: watch::Sender<u64>,
     /// Newer generations learnt from other controllers: (announced, read from the table).
     followed: std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>,
     /// The newest generation that may have changed the sites (anything but the network-wide
@@ -320,6 +322,7 @@ pub struct Tx {
     tx: TxInner,
     generation: Option<i64>,
     deliveries_queued: bool,
+    events_recorded: bool,
     store: Store,
 }
 
@@ -433,6 +436,11 @@ impl Tx {
         self.deliveries_queued = true;
     }
 
+    /// Events were kept in this transaction: the event streams are woken on commit.
+    pub fn events_recorded(&mut self) {
+        self.events_recorded = true;
+    }
+
     /// Commits; then wakes whoever waits on what it changed.
     pub async fn commit(self) -> Result<(), sqlx::Error> {
         self.tx.commit().await?;
@@ -441,6 +449,9 @@ impl Tx {
         }
         if self.deliveries_queued {
             self.store.webhook_wake.notify_one();
+        }
+        if self.events_recorded {
+            self.store.events.send_modify(|n| *n += 1);
         }
         Ok(())
     }
@@ -559,6 +570,7 @@ impl Store {
             writer,
             generation: watch::channel(0).0,
             webhook_wake: std::sync::Arc::new(Notify::new()),
+            events: watch::channel(0).0,
             followed: std::sync::Arc::default(),
             sites_touched: std::sync::Arc::default(),
         };
@@ -712,6 +724,12 @@ impl Store {
         self.generation.subscribe()
     }
 
+    /// Changes whenever a transaction that kept events commits here (events kept by other
+    /// controllers are not announced: an event stream also reads every second).
+    pub fn watch_events(&self) -> watch::Receiver<u64> {
+        self.events.subscribe()
+    }
+
     /// Wakes when a transaction that queued webhook deliveries commits.
     pub fn webhook_wake(&self) -> &Notify {
         &self.webhook_wake
@@ -857,6 +875,7 @@ impl Store {
             tx,
             generation: None,
             deliveries_queued: false,
+            events_recorded: false,
             store: self.clone(),
         })
     }

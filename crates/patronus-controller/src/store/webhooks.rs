@@ -285,13 +285,74 @@ pub async fn queue(
     .map(|_| ())
 }
 
-/// Forgets finished deliveries created before `before_ms`.
+/// Forgets finished deliveries, and events, created before `before_ms`.
 pub async fn prune(conn: &mut Conn, before_ms: i64) -> Result<(), sqlx::Error> {
     query("DELETE FROM webhook_deliveries WHERE status != 'pending' AND created_ms < ?")
         .bind(before_ms)
         .execute(&mut *conn)
+        .await?;
+    query("DELETE FROM events WHERE at_ms < ?")
+        .bind(before_ms)
+        .execute(&mut *conn)
         .await
         .map(|_| ())
+}
+
+// ----- the event stream -----
+
+/// Keeps event `event_id` for the event stream; its number (in commit order: writers take
+/// turns) is what a subscriber resumes after.
+pub async fn record_event(
+    conn: &mut Conn,
+    (event_id, kind, payload): (&str, EventKind, &str),
+    at_ms: i64,
+) -> Result<(), sqlx::Error> {
+    query("INSERT INTO events (event_id, kind, at_ms, payload) VALUES (?, ?, ?, ?)")
+        .bind(event_id)
+        .bind(kind.as_str())
+        .bind(at_ms)
+        .bind(payload)
+        .execute(&mut *conn)
+        .await
+        .map(|_| ())
+}
+
+/// One kept event: its number, kind and body (the webhook payload).
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub id: i64,
+    pub kind: String,
+    pub payload: String,
+}
+
+/// Up to `limit` events numbered after `after`, in order.
+pub async fn events_after(
+    conn: &mut Conn,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    let rows = query("SELECT id, kind, payload FROM events WHERE id > ? ORDER BY id LIMIT ?")
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(StoredEvent {
+                id: r.try_get("id")?,
+                kind: r.try_get("kind")?,
+                payload: r.try_get("payload")?,
+            })
+        })
+        .collect()
+}
+
+/// The numbers of the oldest and the newest event kept (0 when there is none).
+pub async fn event_bounds(conn: &mut Conn) -> Result<(i64, i64), sqlx::Error> {
+    let r = query("SELECT COALESCE(MIN(id), 0) AS lo, COALESCE(MAX(id), 0) AS hi FROM events")
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok((r.try_get("lo")?, r.try_get("hi")?))
 }
 
 /// A delivery that is due, with where and how to post it.

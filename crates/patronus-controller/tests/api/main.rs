@@ -13,6 +13,7 @@ pub(crate) mod schema;
 mod auth;
 mod backup;
 mod edge;
+mod events;
 mod policies;
 mod secrets;
 mod sites;

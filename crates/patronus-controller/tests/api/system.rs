@@ -15,7 +15,7 @@ async fn public_endpoints_answer_and_unknown_routes_and_methods_get_the_error_sh
     assert_eq!(r.status, StatusCode::OK);
     let r = a.call(Method::GET, "/api/v1/version", None, None).await;
     assert_eq!(r.body["api"], "v1");
-    assert_eq!(r.body["schema_version"], 18);
+    assert_eq!(r.body["schema_version"], 19);
     let r = a
         .call(Method::GET, "/api/v1/nothing-here", None, None)
         .await;
@@ -551,6 +551,36 @@ async fn every_operation_enforces_the_role_its_document_names_and_404s_what_does
                 .and_then(Value::as_str)
                 .and_then(Role::parse)
                 .unwrap_or_else(|| panic!("{method} {path} names no role: {security}"));
+            // A stream (`text/event-stream`) never ends: its status is read, then it is dropped.
+            if op["responses"]["200"]["content"]
+                .get("text/event-stream")
+                .is_some()
+            {
+                let status = |t: String| {
+                    let req = Request::builder()
+                        .method(m.clone())
+                        .uri(here.clone())
+                        .header(header::AUTHORIZATION, format!("Bearer {t}"))
+                        .body(Body::empty())
+                        .unwrap();
+                    async { a.send(req).await.status() }
+                };
+                assert_eq!(
+                    status(w.site.clone()).await,
+                    StatusCode::FORBIDDEN,
+                    "{path}"
+                );
+                for (role, t) in roles {
+                    let want = if role < least {
+                        StatusCode::FORBIDDEN
+                    } else {
+                        StatusCode::OK
+                    };
+                    assert_eq!(status(t.to_owned()).await, want, "{role:?} {path}");
+                }
+                checked += 1;
+                continue;
+            }
             // A site's credential is for its edge's operations only.
             let r = a.call(m.clone(), &here, Some(&w.site), body.clone()).await;
             assert_eq!(

@@ -1,0 +1,299 @@
+//! `GET /api/v1/events/stream`: the events webhooks are sent (path down and up, SLA breaches,
+//! failovers, sites online and offline, configuration changes), live, as server-sent events.
+//!
+//! Every event is kept in the store, numbered in commit order, in the transaction that made it
+//! ([`crate::webhooks::queue`]); a stream reads them in that order. Its `id:` is that number,
+//! so a client that reconnects with `Last-Event-ID` (browsers' `EventSource` does it by
+//! itself) gets every event it missed, as long as the store keeps them
+//! ([`crate::webhooks::RETENTION_MS`]); when it no longer does, an `event: gap` says so first.
+//! A stream is woken when this controller commits events and reads every second anyway, for
+//! those committed by other controllers on the same PostgreSQL. It ends after
+//! [`MAX_STREAM`] (the client reconnects with its credentials, still valid or not) and when the
+//! controller stops.
+
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::Value;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::app::{AppState, Principal};
+use crate::auth::Role;
+use crate::error::{ApiError, extract};
+use crate::store::webhooks::{StoredEvent, event_bounds, events_after};
+use crate::webhooks::EventKind;
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(stream))
+}
+
+/// How long one stream lasts before the controller ends it (the client reconnects, and is
+/// authenticated again).
+pub const MAX_STREAM: Duration = Duration::from_secs(300);
+/// A comment line after this long without an event, so that proxies and clients see the
+/// connection alive.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// How often a stream reads the store without being woken (events of other controllers).
+const RECHECK: Duration = Duration::from_secs(1);
+/// Streams one controller serves at once.
+pub const MAX_STREAMS: usize = 1024;
+/// Events read from the store at a time.
+const BATCH: i64 = 256;
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct StreamQuery {
+    /// Only these kinds, comma-separated (`path.down,path.up,sla.violated,failover,
+    /// site.online,site.offline,config.changed,backup.failed`).
+    pub kind: Option<String>,
+    /// Only events about this site (either end of a path, the site of a failover or of a
+    /// presence change).
+    pub site: Option<String>,
+    /// Resume after this event number, as `Last-Event-ID` does (which wins when both are
+    /// given).
+    pub after: Option<i64>,
+}
+
+/// What a stream sends.
+struct Filter {
+    kinds: Option<Vec<EventKind>>,
+    site: Option<String>,
+    admin: bool,
+}
+
+impl Filter {
+    /// The event as sent to this subscriber, or `None` if it is not for it.
+    fn frame(&self, e: &StoredEvent) -> Option<Bytes> {
+        let kind: EventKind = serde_json::from_value(Value::String(e.kind.clone())).ok()?;
+        if self.kinds.as_ref().is_some_and(|k| !k.contains(&kind)) {
+            return None;
+        }
+        // What the admins alone read (backups' errors name their storage).
+        if !self.admin && kind == EventKind::BackupFailed {
+            return None;
+        }
+        let mut payload: Value = serde_json::from_str(&e.payload).ok()?;
+        if let Some(site) = &self.site {
+            if !about(&payload["data"], site) {
+                return None;
+            }
+        }
+        if !self.admin {
+            // Who made a change is the audit log's, which only admins read.
+            if let Some(d) = payload["data"].as_object_mut() {
+                d.remove("actor");
+                d.remove("request_id");
+            }
+        }
+        Some(Bytes::from(format!(
+            "id: {}\nevent: {}\ndata: {}\n\n",
+            e.id,
+            kind.as_str(),
+            payload
+        )))
+    }
+}
+
+/// Whether an event's data concerns site `name`.
+fn about(data: &Value, name: &str) -> bool {
+    let is = |k: &str| data[k].as_str() == Some(name);
+    let end = |k: &str| {
+        data[k]
+            .as_str()
+            .and_then(|v| v.split_once('/'))
+            .is_some_and(|(s, _)| s == name)
+    };
+    is("site") || is("reported_by") || is("peer") || end("from") || end("to")
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/events/stream",
+    tag = "webhooks",
+    summary = "The events webhooks are sent, live, as server-sent events (`text/event-stream`): \
+               `id:` is the event's number (send it back as `Last-Event-ID` to resume without \
+               losing any), `event:` its kind, `data:` the webhook payload. A comment every 15 s \
+               keeps the connection alive; the stream ends after 5 minutes (reconnect); \
+               `event: gap` says events were missed (older than the store keeps).",
+    params(StreamQuery, ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this event")),
+    security(("bearer" = ["viewer"])),
+    responses((status = 200, content_type = "text/event-stream", body = String))
+)]
+async fn stream(
+    State(s): State<AppState>,
+    p: Principal,
+    headers: HeaderMap,
+    extract::Query(q): extract::Query<StreamQuery>,
+) -> Result<Response, ApiError> {
+    let kinds = match &q.kind {
+        None => None,
+        Some(list) => Some(
+            list.split(',')
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .take(16)
+                .map(|k| {
+                    serde_json::from_value::<EventKind>(Value::String(k.to_owned()))
+                        .ok()
+                        .filter(|k| *k != EventKind::Ping)
+                        .ok_or_else(|| {
+                            ApiError::field("kind", format!("{k:?} is not an event kind"))
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    if let Some(site) = &q.site {
+        if site.is_empty() || site.len() > 64 {
+            return Err(ApiError::field(
+                "site",
+                "a site's name (1 to 64 characters)",
+            ));
+        }
+    }
+    let resume = match headers.get("last-event-id") {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<i64>().ok())
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| {
+                    ApiError::field("Last-Event-ID", "an event number this stream sent")
+                })?,
+        ),
+        None => q.after,
+    };
+    if resume.is_some_and(|n| n < 0) {
+        return Err(ApiError::field("after", "an event number this stream sent"));
+    }
+    let filter = Filter {
+        kinds,
+        site: q.site,
+        admin: p.role >= Role::Admin,
+    };
+    let guard = StreamSlot::take(&s).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            format!("this controller serves {MAX_STREAMS} event streams already"),
+        )
+    })?;
+    let (lo, hi) = event_bounds(&mut *s.store.conn().await?).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    // The start: the reconnection delay asked of clients, then a gap if the client's last event
+    // is no longer kept (or is not one of this store's: a restore), then what came after it.
+    let mut first = String::from("retry: 2000\n\n");
+    let after = match resume {
+        None => hi,
+        Some(n) if n > hi || (n + 1 < lo && lo > 0) => {
+            first.push_str(&format!(
+                "event: gap\ndata: {{\"after\":{n},\"oldest\":{lo},\"newest\":{hi}}}\n\n"
+            ));
+            if n > hi { hi } else { lo - 1 }
+        }
+        Some(n) => n,
+    };
+    let _ = tx.try_send(Bytes::from(first));
+    tokio::spawn(follow(s.clone(), filter, after, tx, guard));
+    let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+    }));
+    let mut r = (StatusCode::OK, body).into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // Proxies that buffer (nginx) would hold the events back.
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(r)
+}
+
+/// Sends the events after `after` to `tx`, then each as it commits, until the client goes, the
+/// stream's time is up or the controller stops.
+async fn follow(
+    s: AppState,
+    filter: Filter,
+    mut after: i64,
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    _slot: StreamSlot,
+) {
+    let mut woken = s.store.watch_events();
+    let mut stopping = s.stopping.subscribe();
+    let end = tokio::time::Instant::now() + MAX_STREAM;
+    let mut quiet_since = tokio::time::Instant::now();
+    loop {
+        let batch = match s.store.conn().await {
+            Ok(mut c) => events_after(&mut c, after, BATCH).await,
+            Err(e) => Err(e),
+        };
+        let batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "the event stream could not read the events");
+                Vec::new()
+            }
+        };
+        let full = batch.len() as i64 == BATCH;
+        for e in &batch {
+            after = e.id;
+            if let Some(frame) = filter.frame(e) {
+                if tx.send(frame).await.is_err() {
+                    return;
+                }
+                quiet_since = tokio::time::Instant::now();
+            }
+        }
+        if full {
+            continue;
+        }
+        if quiet_since.elapsed() >= KEEP_ALIVE {
+            if tx
+                .send(Bytes::from_static(b": keep-alive\n\n"))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            quiet_since = tokio::time::Instant::now();
+        }
+        tokio::select! {
+            r = woken.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(RECHECK) => {}
+            _ = stopping.wait_for(|v| *v) => return,
+            _ = tokio::time::sleep_until(end) => return,
+            _ = tx.closed() => return,
+        }
+    }
+}
+
+/// One of the [`MAX_STREAMS`] streams, counted in `patronus_event_streams` while it lasts.
+struct StreamSlot(AppState);
+
+impl StreamSlot {
+    fn take(s: &AppState) -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        let n = s.event_streams.fetch_add(1, Ordering::SeqCst);
+        if n >= MAX_STREAMS {
+            s.event_streams.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Self(s.clone()))
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0
+            .event_streams
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
