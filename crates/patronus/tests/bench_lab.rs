@@ -44,6 +44,7 @@ fn every_bench_of_the_report_runs_in_its_short_form() {
         ("mesh-setup", "mesh-setup"),
         ("mesh-setup-lab", "mesh-setup"),
         ("push", "push"),
+        ("events", "events"),
         ("api-cost", "api-cost"),
         ("api-load", "api-load"),
         ("backup", "backup"),

@@ -21,6 +21,7 @@ pub mod webhooks;
 use serde::Serialize;
 
 use crate::error::ApiError;
+use crate::store::Touches;
 
 /// A page of a list, with the total that matched.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -136,17 +137,13 @@ pub async fn audit_config(
     target: &str,
     details: serde_json::Value,
 ) -> Result<(), ApiError> {
-    crate::store::Store::audit(tx, actor, action, target, details).await?;
-    crate::webhooks::config_changed(tx, actor, action, target, crate::store::Touches::Sites)
-        .await?;
-    Ok(())
+    audit_change(tx, actor, (action, target, details), Touches::Sites).await
 }
 
 /// [`audit_config`] for a change of the network-wide settings only (policies, SLA classes,
 /// failover settings; not the topology, which renumbers sites): the next compile keeps the
-/// sites it read last
-/// ([`crate::store::Touches::Settings`]). A policy written to a thousand sites is then one
-/// read of the policies, not of every site and link.
+/// sites it read last ([`Touches::Settings`]). A policy written to a thousand sites is then
+/// one read of the policies, not of every site and link.
 pub async fn audit_settings(
     tx: &mut crate::store::Tx,
     actor: &crate::store::Actor,
@@ -154,9 +151,17 @@ pub async fn audit_settings(
     target: &str,
     details: serde_json::Value,
 ) -> Result<(), ApiError> {
+    audit_change(tx, actor, (action, target, details), Touches::Settings).await
+}
+
+async fn audit_change(
+    tx: &mut crate::store::Tx,
+    actor: &crate::store::Actor,
+    (action, target, details): (&'static str, &str, serde_json::Value),
+    touches: Touches,
+) -> Result<(), ApiError> {
     crate::store::Store::audit(tx, actor, action, target, details).await?;
-    crate::webhooks::config_changed(tx, actor, action, target, crate::store::Touches::Settings)
-        .await?;
+    crate::webhooks::config_changed(tx, actor, action, target, touches).await?;
     Ok(())
 }
 

@@ -12,6 +12,7 @@ mod api_load;
 mod backup;
 mod db_stress;
 mod dr;
+mod events;
 mod failover;
 mod failover_storm;
 mod health_load;
@@ -60,6 +61,10 @@ pub enum Bench {
     /// in one process: the time from one policy write until every edge holds its new
     /// configuration.
     Push(push::Args),
+    /// A controller (its own process) and N subscribers on its event stream: configuration
+    /// changes at a steady rate, each to every subscriber: deliveries (none may be missing),
+    /// their latency, and the controller's CPU with and without the subscribers, and idle.
+    Events(events::Args),
     /// A real controller with N sites: what one API request (create a site, a page of sites, a
     /// page of paths, one path) costs at each size, and the ratio between sizes.
     ApiCost(api_cost::Args),
@@ -102,6 +107,7 @@ pub fn run(b: Bench) -> anyhow::Result<()> {
         Bench::Mesh(args) => with_summary(mesh::run(&args)?, mesh::summary),
         Bench::MeshSetup(args) => with_summary(mesh_setup::run(&args)?, mesh_setup::summary),
         Bench::Push(args) => with_summary(push::run(&args)?, push::summary),
+        Bench::Events(args) => with_summary(events::run(&args)?, events::summary),
         Bench::ApiCost(args) => with_summary(api_cost::run(&args)?, api_cost::summary),
         Bench::ApiLoad(args) => with_summary(api_load::run(&args)?, api_load::summary),
         Bench::Backup(args) => with_summary(backup::run(&args)?, backup::summary),

@@ -98,6 +98,23 @@ const SUITE: &[Entry] = &[
         default: true,
     },
     Entry {
+        name: "events",
+        command: "events",
+        full: &["--subscribers", "100", "--events", "200"],
+        short: &[
+            "--subscribers",
+            "10",
+            "--events",
+            "20",
+            "--rate",
+            "50",
+            "--idle-s",
+            "2",
+        ],
+        root: false,
+        default: true,
+    },
+    Entry {
         name: "api-cost",
         command: "api-cost",
         full: &["--sites", "10,1000"],
