@@ -57,6 +57,10 @@ pub struct Inner {
     pub long_polls: std::sync::atomic::AtomicUsize,
     /// Event streams served now (`/api/v1/events/stream`).
     pub event_streams: std::sync::atomic::AtomicUsize,
+    /// Every new event, read from the store once and prepared for every stream
+    /// ([`crate::routes::events`]); its reader starts with the first stream.
+    pub event_tail: tokio::sync::broadcast::Sender<Arc<crate::routes::events::Prepared>>,
+    pub event_tail_started: std::sync::Once,
     /// True once the controller is shutting down: held long polls answer at once (their
     /// edges go to another controller instead of waiting on one that is leaving).
     pub stopping: tokio::sync::watch::Sender<bool>,
@@ -233,6 +237,8 @@ impl AppState {
             sampler: crate::sampling::Sampler::default(),
             long_polls: std::sync::atomic::AtomicUsize::new(0),
             event_streams: std::sync::atomic::AtomicUsize::new(0),
+            event_tail: tokio::sync::broadcast::channel(crate::routes::events::TAIL_CAPACITY).0,
+            event_tail_started: std::sync::Once::new(),
             stopping: tokio::sync::watch::Sender::new(false),
             backups: std::sync::Mutex::new(crate::backup::Status::default()),
             webhook_tls,

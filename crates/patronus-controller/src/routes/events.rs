@@ -6,10 +6,13 @@
 //! so a client that reconnects with `Last-Event-ID` (browsers' `EventSource` does it by
 //! itself) gets every event it missed, as long as the store keeps them
 //! ([`crate::webhooks::RETENTION_MS`]); when it no longer does, an `event: gap` says so first.
-//! A stream is woken when this controller commits events and reads every second anyway, for
-//! those committed by other controllers on the same PostgreSQL. It ends after
-//! [`MAX_STREAM`] (the client reconnects with its credentials, still valid or not) and when the
-//! controller stops.
+//! One reader per controller (the tail) reads new events from the store when this controller
+//! commits some, and every second anyway (those of other controllers on the same PostgreSQL),
+//! prepares each once (its frame for admins, its frame for the others, the sites it concerns)
+//! and hands it to every stream; a stream reads the store itself only to catch up (from
+//! `Last-Event-ID`, or when it fell more than [`TAIL_CAPACITY`] events behind). A stream ends
+//! after [`MAX_STREAM`] (the client reconnects with its credentials, still valid or not) and
+//! when the controller stops.
 
 use std::time::Duration;
 
@@ -44,6 +47,9 @@ const RECHECK: Duration = Duration::from_secs(1);
 pub const MAX_STREAMS: usize = 1024;
 /// Events read from the store at a time.
 const BATCH: i64 = 256;
+/// Events the tail holds for streams that have not taken them yet; a stream further behind
+/// catches up from the store.
+pub const TAIL_CAPACITY: usize = 1024;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -66,49 +72,77 @@ struct Filter {
     admin: bool,
 }
 
-impl Filter {
-    /// The event as sent to this subscriber, or `None` if it is not for it.
-    fn frame(&self, e: &StoredEvent) -> Option<Bytes> {
+/// One event as the streams send it, prepared once for all of them.
+#[derive(Debug)]
+pub struct Prepared {
+    id: i64,
+    kind: EventKind,
+    /// The frame for admins, and the one for the others (without who made a change: the audit
+    /// log's, which only admins read).
+    full: Bytes,
+    redacted: Bytes,
+    /// The sites the event is about.
+    sites: Vec<String>,
+}
+
+impl Prepared {
+    /// `None` for an event this build cannot read (a newer controller's kind).
+    fn new(e: &StoredEvent) -> Option<Self> {
         let kind: EventKind = serde_json::from_value(Value::String(e.kind.clone())).ok()?;
-        if self.kinds.as_ref().is_some_and(|k| !k.contains(&kind)) {
-            return None;
-        }
-        // What the admins alone read (backups' errors name their storage).
-        if !self.admin && kind == EventKind::BackupFailed {
-            return None;
-        }
         let mut payload: Value = serde_json::from_str(&e.payload).ok()?;
-        if let Some(site) = &self.site {
-            if !about(&payload["data"], site) {
-                return None;
+        let frame = |p: &Value| {
+            Bytes::from(format!(
+                "id: {}\nevent: {}\ndata: {p}\n\n",
+                e.id,
+                kind.as_str()
+            ))
+        };
+        let full = frame(&payload);
+        let data = &payload["data"];
+        let mut sites = Vec::new();
+        for k in ["site", "reported_by", "peer"] {
+            if let Some(v) = data[k].as_str() {
+                sites.push(v.to_owned());
             }
         }
-        if !self.admin {
-            // Who made a change is the audit log's, which only admins read.
-            if let Some(d) = payload["data"].as_object_mut() {
-                d.remove("actor");
-                d.remove("request_id");
+        for k in ["from", "to"] {
+            if let Some((site, _)) = data[k].as_str().and_then(|v| v.split_once('/')) {
+                sites.push(site.to_owned());
             }
         }
-        Some(Bytes::from(format!(
-            "id: {}\nevent: {}\ndata: {}\n\n",
-            e.id,
-            kind.as_str(),
-            payload
-        )))
+        if let Some(d) = payload["data"].as_object_mut() {
+            d.remove("actor");
+            d.remove("request_id");
+        }
+        Some(Self {
+            id: e.id,
+            kind,
+            full,
+            redacted: frame(&payload),
+            sites,
+        })
     }
 }
 
-/// Whether an event's data concerns site `name`.
-fn about(data: &Value, name: &str) -> bool {
-    let is = |k: &str| data[k].as_str() == Some(name);
-    let end = |k: &str| {
-        data[k]
-            .as_str()
-            .and_then(|v| v.split_once('/'))
-            .is_some_and(|(s, _)| s == name)
-    };
-    is("site") || is("reported_by") || is("peer") || end("from") || end("to")
+impl Filter {
+    /// The event as sent to this subscriber, or `None` if it is not for it.
+    fn frame(&self, e: &Prepared) -> Option<Bytes> {
+        if self.kinds.as_ref().is_some_and(|k| !k.contains(&e.kind)) {
+            return None;
+        }
+        // What the admins alone read (backups' errors name their storage).
+        if !self.admin && e.kind == EventKind::BackupFailed {
+            return None;
+        }
+        if self.site.as_ref().is_some_and(|s| !e.sites.contains(s)) {
+            return None;
+        }
+        Some(if self.admin {
+            e.full.clone()
+        } else {
+            e.redacted.clone()
+        })
+    }
 }
 
 #[utoipa::path(
@@ -226,51 +260,102 @@ async fn follow(
     tx: tokio::sync::mpsc::Sender<Bytes>,
     _slot: StreamSlot,
 ) {
-    let mut woken = s.store.watch_events();
+    // The tail starts where the first stream does: at or before what any stream reads from the
+    // store, so that no event falls between a stream's catch-up and what the tail hands on.
+    s.event_tail_started
+        .call_once(|| drop(tokio::spawn(tail(s.clone(), after))));
+    // Subscribed before catching up: an event the tail hands on after this is in `live`; one it
+    // handed on before is in the store already, where the catch-up reads it.
+    let mut live = s.event_tail.subscribe();
     let mut stopping = s.stopping.subscribe();
     let end = tokio::time::Instant::now() + MAX_STREAM;
     let mut quiet_since = tokio::time::Instant::now();
+    let mut behind = true;
     loop {
-        let batch = match s.store.conn().await {
-            Ok(mut c) => events_after(&mut c, after, BATCH).await,
-            Err(e) => Err(e),
-        };
-        let batch = match batch {
-            Ok(b) => b,
-            Err(e) => {
+        if behind {
+            // From the store, up to the newest event.
+            let batch = match s.store.conn().await {
+                Ok(mut c) => events_after(&mut c, after, BATCH).await,
+                Err(e) => Err(e),
+            };
+            let batch = batch.unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "the event stream could not read the events");
                 Vec::new()
-            }
-        };
-        let full = batch.len() as i64 == BATCH;
-        for e in &batch {
-            after = e.id;
-            if let Some(frame) = filter.frame(e) {
-                if tx.send(frame).await.is_err() {
-                    return;
+            });
+            behind = batch.len() as i64 == BATCH;
+            for e in &batch {
+                after = e.id;
+                if let Some(frame) = Prepared::new(e).and_then(|p| filter.frame(&p)) {
+                    if tx.send(frame).await.is_err() {
+                        return;
+                    }
+                    quiet_since = tokio::time::Instant::now();
                 }
-                quiet_since = tokio::time::Instant::now();
+            }
+            if behind {
+                continue;
             }
         }
-        if full {
-            continue;
-        }
-        if quiet_since.elapsed() >= KEEP_ALIVE {
-            if tx
-                .send(Bytes::from_static(b": keep-alive\n\n"))
-                .await
-                .is_err()
-            {
+        let keep_alive = quiet_since + KEEP_ALIVE;
+        // What woke the stream, acted on after the select (whose futures hold borrows).
+        let frame = tokio::select! {
+            r = live.recv() => match r {
+                Ok(e) if e.id > after => {
+                    after = e.id;
+                    filter.frame(&e)
+                }
+                Ok(_) => None,
+                // More than the tail holds went by: caught up from the store.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    behind = true;
+                    None
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+            _ = tokio::time::sleep_until(keep_alive) => Some(Bytes::from_static(b": keep-alive\n\n")),
+            _ = stopping.wait_for(|v| *v) => return,
+            _ = tokio::time::sleep_until(end) => return,
+            _ = tx.closed() => return,
+        };
+        if let Some(frame) = frame {
+            if tx.send(frame).await.is_err() {
                 return;
             }
             quiet_since = tokio::time::Instant::now();
+        }
+    }
+}
+
+/// The controller's one reader of new events: each read once, prepared once, handed to every
+/// stream. Runs for the controller's life once a stream started it.
+async fn tail(s: AppState, mut after: i64) {
+    let mut woken = s.store.watch_events();
+    let mut stopping = s.stopping.subscribe();
+    loop {
+        let read = async { events_after(&mut *s.store.conn().await?, after, BATCH).await };
+        let full = match read.await {
+            Ok(batch) => {
+                after = batch.last().map_or(after, |e| e.id);
+                for e in &batch {
+                    if let Some(p) = Prepared::new(e) {
+                        // No stream listening is no error.
+                        let _ = s.event_tail.send(std::sync::Arc::new(p));
+                    }
+                }
+                batch.len() as i64 == BATCH
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the event tail could not read the events");
+                false
+            }
+        };
+        if full {
+            continue;
         }
         tokio::select! {
             r = woken.changed() => if r.is_err() { return },
             _ = tokio::time::sleep(RECHECK) => {}
             _ = stopping.wait_for(|v| *v) => return,
-            _ = tokio::time::sleep_until(end) => return,
-            _ = tx.closed() => return,
         }
     }
 }
