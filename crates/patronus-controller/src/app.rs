@@ -59,7 +59,7 @@ pub struct Inner {
     pub event_streams: std::sync::atomic::AtomicUsize,
     /// Every new event, read from the store once and prepared for every stream
     /// ([`crate::routes::events`]); its reader starts with the first stream.
-    pub event_tail: tokio::sync::broadcast::Sender<Arc<crate::routes::events::Prepared>>,
+    pub event_tail: tokio::sync::broadcast::Sender<Arc<crate::routes::events::Tail>>,
     pub event_tail_started: std::sync::Once,
     /// True once the controller is shutting down: held long polls answer at once (their
     /// edges go to another controller instead of waiting on one that is leaving).

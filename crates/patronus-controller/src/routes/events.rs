@@ -72,6 +72,15 @@ struct Filter {
     admin: bool,
 }
 
+/// What the tail hands to the streams.
+#[derive(Debug)]
+pub enum Tail {
+    Event(Prepared),
+    /// The store's newest event is older than the tail's position: the store was restored
+    /// (its events numbered anew). Streams end; their clients reconnect and are told of the gap.
+    WentBack,
+}
+
 /// One event as the streams send it, prepared once for all of them.
 #[derive(Debug)]
 pub struct Prepared {
@@ -299,12 +308,13 @@ async fn follow(
         let keep_alive = quiet_since + KEEP_ALIVE;
         // What woke the stream, acted on after the select (whose futures hold borrows).
         let frame = tokio::select! {
-            r = live.recv() => match r {
-                Ok(e) if e.id > after => {
+            r = live.recv() => match r.as_deref() {
+                Ok(Tail::Event(e)) if e.id > after => {
                     after = e.id;
-                    filter.frame(&e)
+                    filter.frame(e)
                 }
-                Ok(_) => None,
+                Ok(Tail::Event(_)) => None,
+                Ok(Tail::WentBack) => return,
                 // More than the tail holds went by: caught up from the store.
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                     behind = true;
@@ -332,14 +342,33 @@ async fn tail(s: AppState, mut after: i64) {
     let mut woken = s.store.watch_events();
     let mut stopping = s.stopping.subscribe();
     loop {
-        let read = async { events_after(&mut *s.store.conn().await?, after, BATCH).await };
+        let read = async {
+            let mut c = s.store.conn().await?;
+            let batch = events_after(&mut c, after, BATCH).await?;
+            // Nothing new: is the store behind the tail (restored under it)?
+            let newest = if batch.is_empty() {
+                Some(event_bounds(&mut c).await?.1)
+            } else {
+                None
+            };
+            Ok::<_, sqlx::Error>((batch, newest))
+        };
         let full = match read.await {
-            Ok(batch) => {
+            Ok((batch, newest)) => {
+                if let Some(n) = newest.filter(|n| *n < after) {
+                    tracing::info!(
+                        newest = n,
+                        was = after,
+                        "the events were numbered anew (a restore): event streams restart"
+                    );
+                    after = n;
+                    let _ = s.event_tail.send(std::sync::Arc::new(Tail::WentBack));
+                }
                 after = batch.last().map_or(after, |e| e.id);
                 for e in &batch {
                     if let Some(p) = Prepared::new(e) {
                         // No stream listening is no error.
-                        let _ = s.event_tail.send(std::sync::Arc::new(p));
+                        let _ = s.event_tail.send(std::sync::Arc::new(Tail::Event(p)));
                     }
                 }
                 batch.len() as i64 == BATCH

@@ -30,6 +30,19 @@ impl Stream {
         s
     }
 
+    /// Whether the controller ends the stream within `within` (comments and events skipped).
+    async fn ends_within(&mut self, within: std::time::Duration) -> bool {
+        tokio::time::timeout(within, async {
+            while let Some(f) = self.body.frame().await {
+                if f.is_err() {
+                    break;
+                }
+            }
+        })
+        .await
+        .is_ok()
+    }
+
     /// The next block (up to a blank line), comments included.
     async fn block(&mut self) -> String {
         loop {
@@ -228,4 +241,29 @@ async fn a_viewer_sees_events_without_who_made_them_and_filters_hold() {
             .await
             .contains("\npatronus_event_streams ")
     );
+}
+
+/// A store whose events are numbered anew under a running controller (a restore): its streams
+/// end, and a client that reconnects with its last id is told of the gap, then gets what is new.
+#[tokio::test]
+async fn a_stream_restarts_when_the_store_goes_back_and_says_what_was_lost() {
+    let a = api().await;
+    let t = a.admin().await;
+    let mut s = Stream::open(&a, &t, "", None).await;
+    policy(&a, &t, "p1", 10).await;
+    policy(&a, &t, "p2", 20).await;
+    let _ = s.event().await;
+    let last = s.event().await.0.unwrap();
+    // As a restore of an older backup leaves it: the newest event behind what was streamed.
+    patronus_controller::store::db::query("DELETE FROM events WHERE id >= ?")
+        .bind(last)
+        .execute(&mut *a.state.store.conn().await.unwrap())
+        .await
+        .unwrap();
+    assert!(s.ends_within(std::time::Duration::from_secs(10)).await);
+    let mut s = Stream::open(&a, &t, "", Some(last)).await;
+    let gap = s.event().await;
+    assert_eq!((gap.0, gap.1.as_str()), (None, "gap"), "{gap:?}");
+    policy(&a, &t, "p3", 30).await;
+    assert_eq!(s.event().await.1, "config.changed");
 }
