@@ -271,8 +271,6 @@ struct Peer {
 struct TxCount {
     packets: u64,
     bytes: u64,
-    /// Times a path stopped meeting the class's SLA (internal transitions, each counted).
-    sla_breaches: u64,
 }
 
 /// The path engine of one edge. See the crate documentation for how to drive it.
@@ -302,6 +300,9 @@ pub struct Engine {
     tx: Vec<TxCount>,
     /// Transmit counters per SLA class (by class id): what each class of traffic sent.
     class_tx: Vec<TxCount>,
+    /// Times a path stopped meeting each class's SLA (internal transitions, each counted),
+    /// by class id: off the packet path, so not in `class_tx`.
+    class_breaches: Vec<u64>,
     local_links: Vec<Name>,
     flows: FlowTable,
     flow_idle: Duration,
@@ -428,6 +429,7 @@ impl Engine {
             settings: config.failover,
             bounds: config.classes.iter().map(SlaBounds::from_class).collect(),
             class_tx: vec![TxCount::default(); config.classes.len()],
+            class_breaches: vec![0; config.classes.len()],
             classes: config.classes,
             default_class: config.default_class,
             default_steering: config.default_steering,
@@ -515,6 +517,13 @@ impl Engine {
             .map(|m| {
                 m.and_then(|i| self.class_tx.get(i).copied())
                     .unwrap_or_default()
+            })
+            .collect();
+        self.class_breaches = map
+            .iter()
+            .map(|m| {
+                m.and_then(|i| self.class_breaches.get(i).copied())
+                    .unwrap_or(0)
             })
             .collect();
         self.margin = f64::from(failover.min_improvement_pct) / 100.0;
@@ -1211,8 +1220,8 @@ impl Engine {
                     }
                 }
                 Event::SlaViolated { class, .. } => {
-                    if let Some(t) = self.class_tx.get_mut(usize::from(class.0)) {
-                        t.sla_breaches += 1;
+                    if let Some(n) = self.class_breaches.get_mut(usize::from(class.0)) {
+                        *n += 1;
                     }
                 }
                 _ => {}
@@ -1266,8 +1275,8 @@ impl Engine {
     pub fn class_counters(&self) -> impl Iterator<Item = (&Name, u64, u64, u64)> + '_ {
         self.classes
             .iter()
-            .zip(&self.class_tx)
-            .map(|(c, t)| (&c.name, t.packets, t.bytes, t.sla_breaches))
+            .zip(self.class_tx.iter().zip(&self.class_breaches))
+            .map(|(c, (t, b))| (&c.name, t.packets, t.bytes, *b))
     }
 
     pub fn class_name(&self, id: ClassId) -> Option<&Name> {
