@@ -105,7 +105,8 @@ pub async fn rotate(
     let sessions_ended = query("UPDATE refresh_tokens SET revoked = 1 WHERE revoked = 0")
         .execute(&mut *tx)
         .await?
-        .rows_affected();
+        .rows_affected()
+        + crate::store::sessions::end_all(&mut tx, None).await?;
     let mut done = Rotated {
         fingerprint: fingerprint.clone(),
         sessions_ended,

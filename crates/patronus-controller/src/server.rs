@@ -406,6 +406,12 @@ async fn housekeeping(store: crate::store::Store) {
         if let Err(e) = pruned.await {
             tracing::warn!(error = %e, "rate buckets and old login failures not removed");
         }
+        let ended = async {
+            crate::store::sessions::prune(&mut *store.conn().await?, crate::store::now_ms()).await
+        };
+        if let Err(e) = ended.await {
+            tracing::warn!(error = %e, "ended dashboard sessions not removed");
+        }
         // Traffic pending for a minute that no report came to keep (its edge went quiet).
         let flushed = async {
             let mut tx = store.begin().await?;

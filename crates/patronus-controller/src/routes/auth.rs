@@ -69,7 +69,7 @@ impl FromRequestParts<AppState> for AuthRateLimited {
 /// Issues a token pair in a new refresh family.
 /// 503 while this controller's signing key is not the one every controller uses (it was
 /// replaced, and this one has not read the new key yet): it signs nothing.
-fn signing(tokens: &Tokens) -> Result<(), ApiError> {
+pub(crate) fn signing(tokens: &Tokens) -> Result<(), ApiError> {
     if tokens.trusted() {
         Ok(())
     } else {
@@ -77,7 +77,7 @@ fn signing(tokens: &Tokens) -> Result<(), ApiError> {
     }
 }
 
-fn key_replaced() -> ApiError {
+pub(crate) fn key_replaced() -> ApiError {
     ApiError::new(
         axum::http::StatusCode::SERVICE_UNAVAILABLE,
         "signing_key_replaced",
@@ -152,14 +152,31 @@ async fn login(
 ) -> Result<Json<TokenResponse>, ApiError> {
     crate::server::follow_signing_key(&s).await;
     signing(&s.tokens)?;
-    let email = req.email.trim().to_owned();
-    check_lockout(&s, &email).await?;
+    let (user, role) = authenticate(&s, &req.email, req.password, parts.0).await?;
+    let actor = Actor {
+        id: Some(user.id),
+        name: user.email.clone(),
+        source: parts.0.to_string(),
+    };
+    Ok(Json(issue(&s.store, &s.tokens, &user, role, &actor).await?))
+}
+
+/// Checks an email and password as a login does, the API's or the dashboard's: the account's
+/// lockout, the password (as long for an unknown email as for a wrong password), the failure
+/// counted and audited, a disabled account refused. The user and their role.
+pub async fn authenticate(
+    s: &AppState,
+    email: &str,
+    password: String,
+    ip: std::net::IpAddr,
+) -> Result<(UserRow, Role), ApiError> {
+    let email = email.trim().to_owned();
+    check_lockout(s, &email).await?;
     let user = s.store.user_by_email(&email).await?;
     let hash = user
         .as_ref()
         .map(|u| u.password_hash.clone())
         .unwrap_or_else(|| a::dummy_hash().to_owned());
-    let password = req.password;
     // argon2 takes tens of milliseconds of CPU: off the async workers.
     let ok = tokio::task::spawn_blocking(move || a::verify_password(&password, &hash))
         .await
@@ -168,14 +185,14 @@ async fn login(
         Some(u) if ok => u,
         other => {
             let target = other.map_or_else(|| "auth".to_owned(), |u| format!("user/{}", u.id));
-            wrong_password(&s, &email, &target, "auth.login_failed", parts.0).await?;
+            wrong_password(s, &email, &target, "auth.login_failed", ip).await?;
             return Err(ApiError::unauthorized("wrong email or password"));
         }
     };
     s.lockout.succeeded(&s.store, &email).await?;
     if user.disabled {
         let audit = Audit::new(
-            Actor::anonymous(&email, parts.0),
+            Actor::anonymous(&email, ip),
             "auth.login_refused",
             &format!("user/{}", user.id),
             serde_json::json!({ "email": email, "why": "the account is disabled" }),
@@ -184,12 +201,7 @@ async fn login(
         return Err(ApiError::forbidden("this account is disabled"));
     }
     let role = Role::parse(&user.role).ok_or_else(|| ApiError::internal("bad role in store"))?;
-    let actor = Actor {
-        id: Some(user.id),
-        name: user.email.clone(),
-        source: parts.0.to_string(),
-    };
-    Ok(Json(issue(&s.store, &s.tokens, &user, role, &actor).await?))
+    Ok((user, role))
 }
 
 /// 429 while `email`'s account is locked by failed password checks (a login's or a password

@@ -32,7 +32,9 @@ use crate::store::webhooks::{StoredEvent, event_bounds, events_after};
 use crate::webhooks::EventKind;
 
 pub fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(stream))
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(stream))
 }
 
 /// How long one stream lasts before the controller ends it (the client reconnects, and is
@@ -107,22 +109,8 @@ impl Prepared {
             ))
         };
         let full = frame(&payload);
-        let data = &payload["data"];
-        let mut sites = Vec::new();
-        for k in ["site", "reported_by", "peer"] {
-            if let Some(v) = data[k].as_str() {
-                sites.push(v.to_owned());
-            }
-        }
-        for k in ["from", "to"] {
-            if let Some((site, _)) = data[k].as_str().and_then(|v| v.split_once('/')) {
-                sites.push(site.to_owned());
-            }
-        }
-        if let Some(d) = payload["data"].as_object_mut() {
-            d.remove("actor");
-            d.remove("request_id");
-        }
+        let sites = sites_of(&payload["data"]);
+        redact(&mut payload);
         Some(Self {
             id: e.id,
             kind,
@@ -133,7 +121,86 @@ impl Prepared {
     }
 }
 
+/// The sites an event's data is about.
+fn sites_of(data: &Value) -> Vec<String> {
+    let mut sites = Vec::new();
+    for k in ["site", "reported_by", "peer"] {
+        if let Some(v) = data[k].as_str() {
+            sites.push(v.to_owned());
+        }
+    }
+    for k in ["from", "to"] {
+        if let Some((site, _)) = data[k].as_str().and_then(|v| v.split_once('/')) {
+            sites.push(site.to_owned());
+        }
+    }
+    sites
+}
+
+/// An event's payload as those who do not read the audit log see it: without who made a change.
+fn redact(payload: &mut Value) {
+    if let Some(d) = payload["data"].as_object_mut() {
+        d.remove("actor");
+        d.remove("request_id");
+    }
+}
+
 impl Filter {
+    /// `kind` and `site` of a request, checked (422 naming the parameter).
+    fn parse(kind: Option<&str>, site: Option<String>, admin: bool) -> Result<Self, ApiError> {
+        let kinds = match kind {
+            None => None,
+            Some(list) => Some(
+                list.split(',')
+                    .map(str::trim)
+                    .filter(|k| !k.is_empty())
+                    .take(16)
+                    .map(|k| {
+                        serde_json::from_value::<EventKind>(Value::String(k.to_owned()))
+                            .ok()
+                            .filter(|k| *k != EventKind::Ping)
+                            .ok_or_else(|| {
+                                ApiError::field("kind", format!("{k:?} is not an event kind"))
+                            })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        if let Some(site) = &site {
+            if site.is_empty() || site.len() > 64 {
+                return Err(ApiError::field(
+                    "site",
+                    "a site's name (1 to 64 characters)",
+                ));
+            }
+        }
+        Ok(Self { kinds, site, admin })
+    }
+
+    /// A kept event as the list shows it to this caller (its number as `seq`), or `None`.
+    fn item(&self, e: &StoredEvent) -> Option<Value> {
+        let kind: EventKind = serde_json::from_value(Value::String(e.kind.clone())).ok()?;
+        if self.kinds.as_ref().is_some_and(|k| !k.contains(&kind)) {
+            return None;
+        }
+        if !self.admin && kind == EventKind::BackupFailed {
+            return None;
+        }
+        let mut payload: Value = serde_json::from_str(&e.payload).ok()?;
+        if self
+            .site
+            .as_ref()
+            .is_some_and(|s| !sites_of(&payload["data"]).contains(s))
+        {
+            return None;
+        }
+        if !self.admin {
+            redact(&mut payload);
+        }
+        payload["seq"] = Value::from(e.id);
+        Some(payload)
+    }
+
     /// The event as sent to this subscriber, or `None` if it is not for it.
     fn frame(&self, e: &Prepared) -> Option<Bytes> {
         if self.kinds.as_ref().is_some_and(|k| !k.contains(&e.kind)) {
@@ -152,6 +219,93 @@ impl Filter {
             e.redacted.clone()
         })
     }
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Only these kinds, comma-separated (as the stream's `kind`).
+    pub kind: Option<String>,
+    /// Only events about this site.
+    pub site: Option<String>,
+    /// Events numbered before this one (the previous page's `next_before`); the newest
+    /// without it.
+    pub before: Option<i64>,
+    /// At most this many (1 to 500, 50 by default).
+    pub limit: Option<i64>,
+}
+
+/// A page of kept events, newest first.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct EventPage {
+    /// Webhook payloads (`id`, `type`, `at_ms`, `data`), each with its number as `seq`.
+    #[schema(value_type = Vec<Object>)]
+    pub items: Vec<Value>,
+    /// Pass as `before` for the next page; absent at the oldest event kept.
+    pub next_before: Option<i64>,
+}
+
+/// Events looked at for one page at most: a filter that matches little answers with what it
+/// found in them and where to go on (`next_before`), not with a scan of every event kept.
+const LIST_SCAN: i64 = 5_000;
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/events",
+    tag = "webhooks",
+    summary = "The events kept (7 days), newest first: what the stream sends, for a page of \
+               history. Pages go back with `before`.",
+    params(ListQuery),
+    security(("bearer" = ["viewer"])),
+    responses((status = 200, body = EventPage))
+)]
+async fn list(
+    State(s): State<AppState>,
+    p: Principal,
+    extract::Query(q): extract::Query<ListQuery>,
+) -> Result<axum::Json<EventPage>, ApiError> {
+    let filter = Filter::parse(q.kind.as_deref(), q.site, p.role >= Role::Admin)?;
+    let limit = q.limit.unwrap_or(super::DEFAULT_LIMIT);
+    if !(1..=super::MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::field(
+            "limit",
+            format!("must be between 1 and {}", super::MAX_LIMIT),
+        ));
+    }
+    let mut before = q.before.unwrap_or(i64::MAX);
+    if before < 0 {
+        return Err(ApiError::field("before", "an event number"));
+    }
+    let mut items = Vec::new();
+    let mut scanned = 0;
+    let mut conn = s.store.conn().await?;
+    loop {
+        let batch = crate::store::webhooks::events_before(&mut conn, before, BATCH).await?;
+        let last = batch.len() < BATCH as usize;
+        for e in &batch {
+            before = e.id;
+            scanned += 1;
+            if let Some(item) = filter.item(e) {
+                items.push(item);
+                if items.len() as i64 == limit {
+                    break;
+                }
+            }
+        }
+        if items.len() as i64 == limit || scanned >= LIST_SCAN {
+            break;
+        }
+        if last {
+            return Ok(axum::Json(EventPage {
+                items,
+                next_before: None,
+            }));
+        }
+    }
+    Ok(axum::Json(EventPage {
+        items,
+        next_before: Some(before),
+    }))
 }
 
 #[utoipa::path(
@@ -173,32 +327,7 @@ async fn stream(
     headers: HeaderMap,
     extract::Query(q): extract::Query<StreamQuery>,
 ) -> Result<Response, ApiError> {
-    let kinds = match &q.kind {
-        None => None,
-        Some(list) => Some(
-            list.split(',')
-                .map(str::trim)
-                .filter(|k| !k.is_empty())
-                .take(16)
-                .map(|k| {
-                    serde_json::from_value::<EventKind>(Value::String(k.to_owned()))
-                        .ok()
-                        .filter(|k| *k != EventKind::Ping)
-                        .ok_or_else(|| {
-                            ApiError::field("kind", format!("{k:?} is not an event kind"))
-                        })
-                })
-                .collect::<Result<Vec<_>, _>>()?,
-        ),
-    };
-    if let Some(site) = &q.site {
-        if site.is_empty() || site.len() > 64 {
-            return Err(ApiError::field(
-                "site",
-                "a site's name (1 to 64 characters)",
-            ));
-        }
-    }
+    let filter = Filter::parse(q.kind.as_deref(), q.site, p.role >= Role::Admin)?;
     let resume = match headers.get("last-event-id") {
         Some(v) => Some(
             v.to_str()
@@ -214,11 +343,6 @@ async fn stream(
     if resume.is_some_and(|n| n < 0) {
         return Err(ApiError::field("after", "an event number this stream sent"));
     }
-    let filter = Filter {
-        kinds,
-        site: q.site,
-        admin: p.role >= Role::Admin,
-    };
     let guard = StreamSlot::take(&s).ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -42,6 +42,7 @@ pub const TABLES: &[(&str, bool)] = &[
     ("rate_buckets", false),
     ("login_failures", false),
     ("events", true),
+    ("ui_sessions", false),
 ];
 
 /// Rows per `INSERT` (PostgreSQL takes at most 65,535 parameters in a statement).

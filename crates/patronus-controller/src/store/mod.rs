@@ -50,6 +50,7 @@ pub mod dump;
 pub mod enrollment;
 pub mod history;
 pub mod presence;
+pub mod sessions;
 pub mod settings;
 pub mod sites;
 pub mod telemetry;
@@ -1204,13 +1205,14 @@ impl Store {
         Ok(r.rows_affected() > 0)
     }
 
-    /// Revokes every refresh token of a user (password change, disable, role change).
+    /// Revokes every refresh token of a user and ends their dashboard sessions (password
+    /// change, disable, role change).
     pub async fn revoke_all_refresh(tx: &mut Tx, user_id: i64) -> Result<(), sqlx::Error> {
         query("UPDATE refresh_tokens SET revoked = 1 WHERE user_id = ?")
             .bind(user_id)
             .execute(&mut **tx)
-            .await
-            .map(|_| ())
+            .await?;
+        sessions::end_all(tx, Some(user_id)).await.map(|_| ())
     }
 }
 

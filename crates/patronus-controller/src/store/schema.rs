@@ -534,6 +534,25 @@ CREATE TABLE events (
 CREATE INDEX events_at ON events(at_ms);
 "#,
     ),
+    (
+        20,
+        "dashboard sessions",
+        r#"
+-- A dashboard login (`/ui`): the SHA-256 of its cookie's secret, never the secret; the CSRF
+-- token its forms carry; when it was made and last used (unix ms) and when it ends whatever
+-- its use. Any controller over the database serves it.
+CREATE TABLE ui_sessions (
+    token_hash  BYTEA   PRIMARY KEY,
+    user_id     BIGINT  NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    csrf        TEXT COLLATE "C" NOT NULL,
+    created_ms  BIGINT  NOT NULL,
+    seen_ms     BIGINT  NOT NULL,
+    expires_ms  BIGINT  NOT NULL
+);
+CREATE INDEX ui_sessions_user ON ui_sessions(user_id);
+CREATE INDEX ui_sessions_expires ON ui_sessions(expires_ms);
+"#,
+    ),
 ];
 
 /// The schema, in order. A migration is never edited once released: a change is a new one.
@@ -949,6 +968,25 @@ CREATE TABLE events (
     payload  TEXT NOT NULL
 );
 CREATE INDEX events_at ON events(at_ms);
+"#,
+    ),
+    (
+        20,
+        "dashboard sessions",
+        r#"
+-- A dashboard login (`/ui`): the SHA-256 of its cookie's secret, never the secret; the CSRF
+-- token its forms carry; when it was made and last used (unix ms) and when it ends whatever
+-- its use. Any controller over the database serves it.
+CREATE TABLE ui_sessions (
+    token_hash  BLOB    PRIMARY KEY,
+    user_id     INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    csrf        TEXT NOT NULL,
+    created_ms  INTEGER NOT NULL,
+    seen_ms     INTEGER NOT NULL,
+    expires_ms  INTEGER NOT NULL
+);
+CREATE INDEX ui_sessions_user ON ui_sessions(user_id);
+CREATE INDEX ui_sessions_expires ON ui_sessions(expires_ms);
 "#,
     ),
 ];

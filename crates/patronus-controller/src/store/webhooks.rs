@@ -347,6 +347,28 @@ pub async fn events_after(
         .collect()
 }
 
+/// Up to `limit` events numbered before `before`, newest first.
+pub async fn events_before(
+    conn: &mut Conn,
+    before: i64,
+    limit: i64,
+) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    let rows = query("SELECT id, kind, payload FROM events WHERE id < ? ORDER BY id DESC LIMIT ?")
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(StoredEvent {
+                id: r.try_get("id")?,
+                kind: r.try_get("kind")?,
+                payload: r.try_get("payload")?,
+            })
+        })
+        .collect()
+}
+
 /// The numbers of the oldest and the newest event kept (0 when there is none).
 pub async fn event_bounds(conn: &mut Conn) -> Result<(i64, i64), sqlx::Error> {
     let r = query("SELECT COALESCE(MIN(id), 0) AS lo, COALESCE(MAX(id), 0) AS hi FROM events")
