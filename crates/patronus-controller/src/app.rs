@@ -539,11 +539,12 @@ pub fn document() -> serde_json::Value {
     crate::docs::finish(routes_and_document().1)
 }
 
-/// The whole API.
+/// The whole API, and the dashboard (`/ui`, [`crate::ui`]), which calls the API's routes as
+/// its users.
 pub fn router(state: AppState) -> Router {
     let limit = state.config.max_body_bytes;
     let (routes, _) = routes_and_document();
-    routes
+    let api = routes
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -552,9 +553,11 @@ pub fn router(state: AppState) -> Router {
                 "this route does not take that method",
             )
         })
+        .with_state(state.clone());
+    crate::ui::routes(state.clone(), api.clone())
+        .merge(api)
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), around))
-        .with_state(state)
 }
 
 tokio::task_local! {

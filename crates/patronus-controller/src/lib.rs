@@ -32,6 +32,7 @@ pub mod server;
 pub mod store;
 pub mod stun;
 pub mod tls;
+pub mod ui;
 pub mod webhooks;
 
 pub use app::{AppState, router};

@@ -20,5 +20,6 @@ mod sites;
 mod system;
 mod topology;
 mod traffic;
+mod ui;
 mod users;
 mod webhooks;
