@@ -10,9 +10,10 @@
 //! voice SLA and repaired; the live view shows every path that carries flows or is not up,
 //! the streams' losses, and each event as the controller's webhook tells it.
 //!
-//! The API stays reachable on `--listen` (a forwarder into the controller's namespace), with
-//! the admin's credentials printed, so that a user can log in and look, or cut links with
-//! `patronus lab link`. Ctrl-C removes everything.
+//! The API and the dashboard (`/ui/`) stay reachable on `--listen` (a forwarder into the
+//! controller's namespace), with the admin's credentials printed, so that a user can log in and
+//! look, or cut links with `patronus lab link` (`--no-schedule` leaves that to them). Ctrl-C
+//! removes everything.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{IsTerminal, Write};
@@ -41,6 +42,10 @@ pub struct DemoArgs {
     /// without it, the demo runs until Ctrl-C.
     #[arg(long)]
     cycles: Option<u32>,
+    /// No scheduled cuts or degradations: the links change only when you change them
+    /// (`patronus lab link`), say while you watch the dashboard.
+    #[arg(long, conflicts_with = "cycles")]
+    no_schedule: bool,
 }
 
 const ADMIN: &str = "admin@example.net";
@@ -396,10 +401,15 @@ fn demo(
         })
         .collect::<Vec<_>>()
         .join(", ");
-    let schedule = format!("each {} s: {schedule}", CYCLE.as_secs());
+    let schedule = if a.no_schedule {
+        "none (--no-schedule): cut links with patronus lab link".to_owned()
+    } else {
+        format!("each {} s: {schedule}", CYCLE.as_secs())
+    };
     if !tty {
         outln!(
             "Patronus demo (lab {run_id}): a controller and 3 sites, enrolled with tokens\n\
+             Dashboard {url}/ui/  (log in as the admin below)\n\
              API  {url}  (OpenAPI docs: {url}/docs)\n\
              \x20    admin {ADMIN}, password {password}\n\
              \x20    (the password is also in {file} while the demo runs)\n\
@@ -434,7 +444,9 @@ fn demo(
         }
         // The schedule.
         let in_cycle = start.elapsed().saturating_sub(CYCLE * cycle);
-        if let Some(&(at, what, link, args)) = SCHEDULE.get(step) {
+        if a.no_schedule {
+            // Nothing scheduled: the events and the view only.
+        } else if let Some(&(at, what, link, args)) = SCHEDULE.get(step) {
             if in_cycle >= Duration::from_secs(at) {
                 if what == "degrade" {
                     saved = Some((
@@ -503,9 +515,13 @@ fn demo(
                         "Patronus demo (lab {}) · {} · {}",
                         lab.run_id(),
                         clock(start.elapsed()),
-                        next_step(in_cycle, step)
+                        if a.no_schedule {
+                            "no schedule".to_owned()
+                        } else {
+                            next_step(in_cycle, step)
+                        }
                     ),
-                    format!("API {url} (/docs)"),
+                    format!("dashboard {url}/ui/ · API {url} (/docs)"),
                     format!("login {ADMIN}"),
                     "Ctrl-C ends it".to_owned(),
                     format!("password {password}"),

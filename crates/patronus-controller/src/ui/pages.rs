@@ -729,7 +729,10 @@ pub async fn path(
             "/api/v1/paths/{id}/metrics?since={}&resolution=30&limit=500",
             now - 3600
         ),
-        format!("/api/v1/paths/{id}/events?limit=50"),
+        format!(
+            "/api/v1/paths/{id}/events?since_ms={}&limit=500",
+            (now - 3600) * 1000
+        ),
     );
     let (m, events) = tokio::join!(v.get(&ui, &u1), v.get(&ui, &u2));
     let m = items(&m);
@@ -750,8 +753,8 @@ pub async fn path(
                 div.chart { h3 { "Jitter, ms" } (svg::chart(&m, now - 3600, now, "jitter_ms", "ms")) }
                 div.chart { h3 { "Loss, %" } (svg::chart(&m, now - 3600, now, "loss_pct", "%")) }
             }
-            h2 { "State changes" }
-            @let ev = items(&events);
+            h2 { "State changes, last hour (newest first)" }
+            @let ev: Vec<Value> = items(&events).into_iter().rev().take(50).collect();
             @if ev.is_empty() { p.small { "None kept." } } @else {
                 div.scroll { table {
                     thead { tr { th { "When" } th { "Seen by" } th { "What" } th { "Class" } th.n { "RTT ms" } th.n { "Loss %" } } }
@@ -762,8 +765,8 @@ pub async fn path(
                                 td { (e["site"].as_str().unwrap_or("?")) }
                                 td { (e["kind"].as_str().unwrap_or("?")) }
                                 td { (e["class"].as_str().unwrap_or("–")) }
-                                td.n { (num(&e["rtt_ms"], 1)) }
-                                td.n { (num(&e["loss_pct"], 2)) }
+                                td.n { (num(&e["detail"]["rtt_ms"], 1)) }
+                                td.n { (num(&e["detail"]["loss_pct"], 2)) }
                             }
                         }
                     }

@@ -141,6 +141,11 @@ pub fn chart(samples: &[Value], t0: i64, t1: i64, field: &str, unit: &str) -> Ma
     if pts.is_empty() {
         return html! { p.nodata { "No measurement in this hour." } };
     }
+    // A history shorter than the window is drawn over what there is (five minutes at least),
+    // not as a sliver at the right edge; the axis says which.
+    let first = pts.first().map_or(t0, |p| p.0);
+    let t0 = t0.max(first - 30).min(t1 - 300);
+    let span_min = (t1 - t0 + 59) / 60;
     let max = pts.iter().map(|p| p.1).fold(0.0_f64, f64::max);
     let top = nice(max);
     let x = |t: i64| L + (t - t0) as f64 / (t1 - t0).max(1) as f64 * (CW - L - R);
@@ -164,7 +169,7 @@ pub fn chart(samples: &[Value], t0: i64, t1: i64, field: &str, unit: &str) -> Ma
             line.grid x1=(L) y1=(T) x2=(CW - R) y2=(T) {}
             text.tick x=(L - 4.0) y=(T + 4.0) text-anchor="end" { (fmt(top)) }
             text.tick x=(L - 4.0) y=(CH - B) text-anchor="end" { "0" }
-            text.tick x=(L) y=(CH - 6.0) { "−60 min" }
+            text.tick x=(L) y=(CH - 6.0) { "−" (span_min) " min" }
             text.tick x=(CW - R) y=(CH - 6.0) text-anchor="end" { "now" }
             @for l in &lines {
                 @if l.split(' ').filter(|s| !s.is_empty()).count() == 1 {
