@@ -299,12 +299,14 @@ async fn with_presence(
 ) -> Result<(), ApiError> {
     let ids: Vec<i64> = sites.iter().map(|site| site.id).collect();
     let seen = s.presence_of(conn, &ids).await?;
+    let mut versions = crate::store::presence::versions(conn, &ids).await?;
     for site in sites {
         let (online, last_seen) = seen
             .get(&site.id)
             .map_or((false, None), |(o, at)| (*o, Some(*at)));
         site.online = online;
         site.last_seen = last_seen;
+        site.edge_version = versions.remove(&site.id);
     }
     Ok(())
 }

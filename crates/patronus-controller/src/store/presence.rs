@@ -128,3 +128,76 @@ pub async fn last_seen(
     }
     Ok(out)
 }
+
+/// Longest version an edge's `User-Agent` may give that is kept.
+pub const MAX_VERSION: usize = 32;
+
+/// The version in a `User-Agent` of Patronus's (`patronus-cli/0.1.0`, `patronus-edge/0.2.0-rc.1`):
+/// digits, letters, `.`, `-` and `+`, at most [`MAX_VERSION`]; anything else is no version.
+pub fn version_of(user_agent: &str) -> Option<&str> {
+    let (product, version) = user_agent.split_whitespace().next()?.split_once('/')?;
+    (product.starts_with("patronus")
+        && !version.is_empty()
+        && version.len() <= MAX_VERSION
+        && version
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-+".contains(&b)))
+    .then_some(version)
+}
+
+/// Records the version site `site_id`'s edge runs (a write only when it changed).
+pub async fn set_version(conn: &mut Conn, site_id: i64, version: &str) -> Result<(), sqlx::Error> {
+    query(
+        "UPDATE presence SET edge_version = ?
+         WHERE site_id = ? AND (edge_version IS NULL OR edge_version <> ?)",
+    )
+    .bind(version)
+    .bind(site_id)
+    .bind(version)
+    .execute(&mut *conn)
+    .await
+    .map(|_| ())
+}
+
+/// The version each of `ids`' edges last said it runs; a site with none is absent.
+pub async fn versions(
+    conn: &mut Conn,
+    ids: &[i64],
+) -> Result<std::collections::HashMap<i64, String>, sqlx::Error> {
+    let mut out = std::collections::HashMap::new();
+    for chunk in ids.chunks(500) {
+        let marks = vec!["?"; chunk.len()].join(", ");
+        let sql = format!(
+            "SELECT site_id, edge_version FROM presence
+             WHERE edge_version IS NOT NULL AND site_id IN ({marks})"
+        );
+        let mut q = query_as::<(i64, String)>(&sql);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        out.extend(q.fetch_all(&mut *conn).await?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_a_plain_version_of_a_patronus_agent_is_kept() {
+        use super::version_of;
+        assert_eq!(version_of("patronus-cli/0.1.0"), Some("0.1.0"));
+        assert_eq!(
+            version_of("patronus-edge/0.2.0-rc.1+g1 (linux)"),
+            Some("0.2.0-rc.1+g1")
+        );
+        for bad in [
+            "curl/8.0",
+            "patronus-cli/",
+            "patronus-cli/0.1\"><script>",
+            "patronus-cli",
+            &format!("patronus-cli/{}", "1".repeat(33)),
+        ] {
+            assert_eq!(version_of(bad), None, "{bad}");
+        }
+    }
+}

@@ -553,6 +553,15 @@ CREATE INDEX ui_sessions_user ON ui_sessions(user_id);
 CREATE INDEX ui_sessions_expires ON ui_sessions(expires_ms);
 "#,
     ),
+    (
+        21,
+        "the version of the patronus each edge runs",
+        r#"
+-- What the edge's last report said it runs (the version in its User-Agent), for the API's
+-- sites and the dashboard.
+ALTER TABLE presence ADD COLUMN edge_version TEXT COLLATE "C";
+"#,
+    ),
 ];
 
 /// The schema, in order. A migration is never edited once released: a change is a new one.
@@ -987,6 +996,15 @@ CREATE TABLE ui_sessions (
 );
 CREATE INDEX ui_sessions_user ON ui_sessions(user_id);
 CREATE INDEX ui_sessions_expires ON ui_sessions(expires_ms);
+"#,
+    ),
+    (
+        21,
+        "the version of the patronus each edge runs",
+        r#"
+-- What the edge's last report said it runs (the version in its User-Agent), for the API's
+-- sites and the dashboard.
+ALTER TABLE presence ADD COLUMN edge_version TEXT;
 "#,
     ),
 ];

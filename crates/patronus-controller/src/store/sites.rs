@@ -173,6 +173,9 @@ pub struct SiteView {
     pub online: bool,
     /// When a controller last heard from its edge (unix seconds); null if none ever did.
     pub last_seen: Option<i64>,
+    /// The version of Patronus its edge runs, as its last report said (its `User-Agent`);
+    /// null before the first.
+    pub edge_version: Option<String>,
     pub links: Vec<LinkView>,
     pub version: i64,
     pub created_at: i64,
@@ -212,6 +215,7 @@ fn site_from_row(r: &Row) -> Result<SiteView, ApiError> {
         key_rotation: r.try_get("key_rotation")?,
         online: false,
         last_seen: None,
+        edge_version: None,
         links: Vec::new(),
         version: r.try_get("version")?,
         created_at: r.try_get("created_at")?,

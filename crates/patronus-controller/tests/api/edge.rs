@@ -684,6 +684,38 @@ async fn edges_report_their_paths_and_the_api_shows_what_they_measured() {
         )
         .await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    // The version the edge runs, from its User-Agent, once its presence is recorded (the
+    // presence writer's job, which this harness does not run: written here as it would).
+    patronus_controller::store::presence::record(
+        &mut *a.state.store.conn().await.unwrap(),
+        &[(ids[0], patronus_controller::store::now_ms())],
+    )
+    .await
+    .unwrap();
+    for ua in ["patronus-cli/0.9.1", "patronus-cli/<b>1</b>", "curl/8"] {
+        let r = a
+            .call_with(
+                Method::POST,
+                "/api/v1/edge/telemetry",
+                Some(&cred),
+                Some(report("up", 21.5)),
+                &[("user-agent", ua)],
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
+    }
+    let r = a
+        .call(
+            Method::GET,
+            &format!("/api/v1/sites/{}", ids[0]),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(
+        r.body["edge_version"], "0.9.1",
+        "only a plain version is kept: {r:?}"
+    );
     let r = a
         .call(Method::GET, "/api/v1/paths?state=up", Some(&t), None)
         .await;

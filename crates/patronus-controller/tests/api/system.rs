@@ -15,7 +15,7 @@ async fn public_endpoints_answer_and_unknown_routes_and_methods_get_the_error_sh
     assert_eq!(r.status, StatusCode::OK);
     let r = a.call(Method::GET, "/api/v1/version", None, None).await;
     assert_eq!(r.body["api"], "v1");
-    assert_eq!(r.body["schema_version"], 20);
+    assert_eq!(r.body["schema_version"], 21);
     let r = a
         .call(Method::GET, "/api/v1/nothing-here", None, None)
         .await;

@@ -31,6 +31,7 @@ pub use crate::store::telemetry::{FAILOVER_RETENTION_S, SAMPLE_RETENTION_S};
 async fn edge_telemetry(
     State(s): State<AppState>,
     site: SiteCaller,
+    headers: axum::http::HeaderMap,
     extract::Json(t): extract::Json<patronus_api::Telemetry>,
 ) -> Result<StatusCode, ApiError> {
     let _heard = s.heard_from(site.site_id);
@@ -201,6 +202,14 @@ async fn edge_telemetry(
     // Told to webhooks with the same transaction that keeps them: an event is announced if and
     // only if it was kept.
     crate::webhooks::queue(&mut tx, events, None).await?;
+    // The version of Patronus the edge runs, as its User-Agent says (kept for the sites' view).
+    if let Some(v) = headers
+        .get(axum::http::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::store::presence::version_of)
+    {
+        crate::store::presence::set_version(&mut tx, site.site_id, v).await?;
+    }
     tx.commit().await?;
     s.sampler.kept(site.site_id, now, &samples, &keep);
     Ok(StatusCode::NO_CONTENT)
