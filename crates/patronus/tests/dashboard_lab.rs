@@ -11,14 +11,13 @@
 #![allow(clippy::unwrap_used)]
 
 mod browser;
+mod lab_common;
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use browser::Browser;
+use lab_common::demo::{lab_link, start_demo};
 use serde_json::{Value, json};
 
 fn main() -> std::process::ExitCode {
@@ -28,85 +27,6 @@ fn main() -> std::process::ExitCode {
             the_dashboard_shows_the_lab_live_and_keeps_each_role_to_its_rights
         )],
     )
-}
-
-/// The demo, stopped (Ctrl-C, as a person would) and waited for when dropped: it removes its lab.
-struct Demo {
-    child: Child,
-    url: String,
-    password: String,
-    run_id: String,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_demo() -> Demo {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_patronus"))
-        .args(["lab", "demo", "--no-schedule", "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    let (mut url, mut password, mut run_id) = (None, None, None);
-    let deadline = Instant::now() + Duration::from_secs(240);
-    while url.is_none() || password.is_none() || run_id.is_none() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let l = lines
-            .recv_timeout(left)
-            .unwrap_or_else(|e| panic!("the demo did not come up: {e}"));
-        eprintln!("{l}");
-        if let Some(rest) = l.trim().strip_prefix("Dashboard ") {
-            url = Some(
-                rest.split_whitespace()
-                    .next()
-                    .unwrap()
-                    .trim_end_matches("/ui/")
-                    .to_owned(),
-            );
-        }
-        if let Some((_, pw)) = l.split_once("admin@example.net, password ") {
-            password = Some(pw.trim().to_owned());
-        }
-        if let Some(rest) = l.strip_prefix("Patronus demo (lab ") {
-            run_id = Some(rest.split(')').next().unwrap().to_owned());
-        }
-    }
-    Demo {
-        child,
-        url: url.unwrap(),
-        password: password.unwrap(),
-        run_id: run_id.unwrap(),
-        lines,
-    }
-}
-
-fn lab_link(d: &Demo, link: &str, verb: &str) {
-    let out = Command::new(env!("CARGO_BIN_EXE_patronus"))
-        .args(["lab", "link", "--run", &d.run_id, link, verb])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "lab link {link} {verb}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Where screenshots go: `PATRONUS_SCREENSHOTS` (the README's: `docs/screenshots`, from the
@@ -219,6 +139,13 @@ fn the_dashboard_shows_the_lab_live_and_keeps_each_role_to_its_rights() {
     let b = Browser::start(1280, 800).unwrap();
 
     // Log in; the overview lists the lab's three sites, and (once the edges report) all online.
+    b.goto(&format!("{url}/ui/")).unwrap();
+    assert_eq!(
+        b.eval("return location.pathname", &[]).unwrap(),
+        "/ui/login",
+        "a page without a session goes to the login"
+    );
+    shot(&b, "login");
     login(&b, &url, "admin@example.net", &demo.password);
     let sites = b
         .eval(

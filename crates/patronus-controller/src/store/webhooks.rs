@@ -336,6 +336,10 @@ pub async fn events_after(
         .bind(limit)
         .fetch_all(&mut *conn)
         .await?;
+    stored_events(&rows)
+}
+
+fn stored_events(rows: &[Row]) -> Result<Vec<StoredEvent>, sqlx::Error> {
     rows.iter()
         .map(|r| {
             Ok(StoredEvent {
@@ -358,15 +362,7 @@ pub async fn events_before(
         .bind(limit)
         .fetch_all(&mut *conn)
         .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(StoredEvent {
-                id: r.try_get("id")?,
-                kind: r.try_get("kind")?,
-                payload: r.try_get("payload")?,
-            })
-        })
-        .collect()
+    stored_events(&rows)
 }
 
 /// The numbers of the oldest and the newest event kept (0 when there is none).

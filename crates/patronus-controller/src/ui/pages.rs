@@ -267,23 +267,7 @@ async fn overview_page(ui: &Ui, v: &Viewer, notice: Option<&Notice>) -> Response
             e.1 += 1;
         }
     }
-    // Traffic of the last hour per class, summed over sites and minutes.
-    let mut classes: Vec<(String, f64, f64)> = Vec::new();
-    for b in items(&traffic) {
-        let class = b["class"].as_str().unwrap_or("?").to_owned();
-        let (p, by) = (
-            b["tx_packets"].as_f64().unwrap_or(0.0),
-            b["tx_bytes"].as_f64().unwrap_or(0.0),
-        );
-        match classes.iter_mut().find(|c| c.0 == class) {
-            Some(c) => {
-                c.1 += p;
-                c.2 += by;
-            }
-            None => classes.push((class, p, by)),
-        }
-    }
-    classes.sort_by(|a, b| b.2.total_cmp(&a.2));
+    let classes = by_class(&traffic);
     let empty = Notice::default();
     let body = html! {
         h1 { "Overview" }
@@ -314,7 +298,7 @@ async fn overview_page(ui: &Ui, v: &Viewer, notice: Option<&Notice>) -> Response
             h2 { "Sites" }
             div.scroll {
                 table {
-                    thead { tr { th { "Site" } th { "Edge" } th { "Last contact" } th { "Links" } th { "Paths up" } } }
+                    thead { tr { th { "Site" } th { "Edge" } th { "Last contact" } th { "Version" } th { "Links" } th { "Paths up" } } }
                     tbody {
                         @for s in &sites {
                             @let id = s["id"].as_i64().unwrap_or(0);
@@ -325,11 +309,12 @@ async fn overview_page(ui: &Ui, v: &Viewer, notice: Option<&Notice>) -> Response
                                 td { a href={ "/ui/sites/" (id) } { (name) } }
                                 td { @if s["online"] == true { span.ok { "online" } } @else { span.bad { "offline" } } }
                                 td { @match s["last_seen"].as_i64() { Some(t) => (ago(t)), None => "never" } }
+                                td { (s["edge_version"].as_str().unwrap_or("–")) }
                                 td { (s["links"].as_array().map_or(0, Vec::len)) }
                                 td { (up) " / " (mine.len()) }
                             }
                         }
-                        @if sites.is_empty() { tr { td colspan="5" { "No sites yet." } } }
+                        @if sites.is_empty() { tr { td colspan="6" { "No sites yet." } } }
                     }
                 }
             }
@@ -373,6 +358,28 @@ async fn overview_page(ui: &Ui, v: &Viewer, notice: Option<&Notice>) -> Response
     };
     let status = notice.map_or(StatusCode::OK, |_| StatusCode::UNPROCESSABLE_ENTITY);
     page_response(status, layout(v, "Overview", "/ui/", body))
+}
+
+/// Traffic buckets (`/traffic/stats?by=class`) summed per class: (class, packets, bytes), the
+/// busiest first.
+fn by_class(traffic: &Option<Value>) -> Vec<(String, f64, f64)> {
+    let mut classes: Vec<(String, f64, f64)> = Vec::new();
+    for b in items(traffic) {
+        let class = b["class"].as_str().unwrap_or("?").to_owned();
+        let (p, by) = (
+            b["tx_packets"].as_f64().unwrap_or(0.0),
+            b["tx_bytes"].as_f64().unwrap_or(0.0),
+        );
+        match classes.iter_mut().find(|c| c.0 == class) {
+            Some(c) => {
+                c.1 += p;
+                c.2 += by;
+            }
+            None => classes.push((class, p, by)),
+        }
+    }
+    classes.sort_by(|a, b| b.2.total_cmp(&a.2));
+    classes
 }
 
 fn failover_table(list: &[Value]) -> Markup {
@@ -560,21 +567,7 @@ async fn site_page(ui: &Ui, v: &Viewer, id: i64, notice: Option<&Notice>) -> Res
             .await;
         charts.push(items(&m));
     }
-    let mut classes: Vec<(String, f64, f64)> = Vec::new();
-    for b in items(&traffic) {
-        let class = b["class"].as_str().unwrap_or("?").to_owned();
-        let (p, by) = (
-            b["tx_packets"].as_f64().unwrap_or(0.0),
-            b["tx_bytes"].as_f64().unwrap_or(0.0),
-        );
-        match classes.iter_mut().find(|c| c.0 == class) {
-            Some(c) => {
-                c.1 += p;
-                c.2 += by;
-            }
-            None => classes.push((class, p, by)),
-        }
-    }
+    let classes = by_class(&traffic);
     let name = s["name"].as_str().unwrap_or("?").to_owned();
     let version = s["version"].as_i64().unwrap_or(0);
     let back = format!("/ui/sites/{id}");
@@ -596,6 +589,7 @@ async fn site_page(ui: &Ui, v: &Viewer, id: i64, notice: Option<&Notice>) -> Res
                 h2 { "Edge" }
                 p { @if s["online"] == true { span.ok { "online" } } @else { span.bad { "offline" } } }
                 p.small { "last contact: " @match s["last_seen"].as_i64() { Some(t) => { (ago(t)) }, None => "never" } }
+                p.small { "runs Patronus " (s["edge_version"].as_str().unwrap_or("(not reported yet)")) }
             }
             div.card {
                 h2 { "Addresses" }

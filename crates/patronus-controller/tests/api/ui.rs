@@ -211,6 +211,39 @@ async fn the_login_sets_a_strict_cookie_and_every_page_is_behind_it() {
     assert_eq!(js.status, StatusCode::OK);
     assert!(js.body.contains("EventSource"));
 
+    // A session unused for 30 minutes has ended, and the housekeeping forgets it; one in use
+    // lasts.
+    {
+        use patronus_controller::store::{now_ms, sessions};
+        let hash = patronus_controller::auth::sha256(session.split_once('=').unwrap().1.as_bytes());
+        let mut conn = a.state.store.conn().await.unwrap();
+        let now = now_ms();
+        assert!(
+            sessions::find(&mut conn, &hash, now + sessions::IDLE_MS - 1_000)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            sessions::find(&mut conn, &hash, now + 2 * sessions::IDLE_MS)
+                .await
+                .unwrap()
+                .is_none(),
+            "unused for 30 minutes"
+        );
+        assert!(
+            sessions::find(&mut conn, &hash, now + sessions::MAX_MS + 1)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(
+            sessions::prune(&mut conn, now).await.unwrap(),
+            0,
+            "a live session is kept"
+        );
+    }
+
     // Logout ends the session on the server: the cookie is worth nothing after it.
     let csrf = page(&a, Method::GET, "/ui/", &session, &[])
         .await
