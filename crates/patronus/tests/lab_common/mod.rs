@@ -4,6 +4,8 @@
 // Each test binary that includes this uses some of it.
 #![allow(dead_code)]
 
+pub mod demo;
+
 use std::io::Write;
 use std::path::Path;
 use std::process::Stdio;
