@@ -1,7 +1,7 @@
 //! A small W3C WebDriver client, for the tests that drive a real browser (`dashboard_lab`):
-//! Debian's `chromium` through its `chromedriver`, both started here (browser downloaders cannot work on a machine
-//! that reaches only package registries, so fantoccini's and chromiumoxide's fetches are no
-//! use; the protocol is a handful of JSON requests). Blocking, over plain HTTP/1.1 on loopback.
+//! Debian's `chromium` through its `chromedriver`, both started here. Blocking, over plain
+//! HTTP/1.1 on loopback: the protocol is a handful of JSON requests, and a WebDriver crate
+//! (fantoccini) would add a TLS stack and a cookie crate to the build for them.
 //!
 //! The browser runs headless with a fresh profile, every background connection off (this
 //! machine refuses them), accepting the lab controller's self-signed certificate, and keeps
