@@ -88,6 +88,20 @@ fn items(v: &Option<Value>) -> Vec<Value> {
         .unwrap_or_default()
 }
 
+/// Every page's `head`: the stylesheet, the icon, and (for pages with a session) the script.
+fn head(title: &str, script: bool) -> Markup {
+    html! {
+        head {
+            meta charset="utf-8";
+            meta name="viewport" content="width=device-width, initial-scale=1";
+            title { (title) " · Patronus" }
+            link rel="stylesheet" href="/ui/assets/app.css";
+            link rel="icon" href="/ui/assets/icon.svg" type="image/svg+xml";
+            @if script { script src="/ui/assets/app.js" defer {} }
+        }
+    }
+}
+
 /// The page around every page's content.
 fn layout(v: &Viewer, title: &str, active: &str, body: Markup) -> Markup {
     let nav = [
@@ -99,14 +113,7 @@ fn layout(v: &Viewer, title: &str, active: &str, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                title { (title) " · Patronus" }
-                link rel="stylesheet" href="/ui/assets/app.css";
-                link rel="icon" href="/ui/assets/icon.svg" type="image/svg+xml";
-                script src="/ui/assets/app.js" defer {}
-            }
+            (head(title, true))
             body data-role=(v.role.as_str()) {
                 header.top {
                     a.brand href="/ui/" { "Patronus" }
@@ -133,13 +140,7 @@ pub fn bare(title: &str, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                title { (title) " · Patronus" }
-                link rel="stylesheet" href="/ui/assets/app.css";
-                link rel="icon" href="/ui/assets/icon.svg" type="image/svg+xml";
-            }
+            (head(title, false))
             body.bare {
                 main #main {
                     h1 { (title) }

@@ -150,17 +150,18 @@ pub fn chart(samples: &[Value], t0: i64, t1: i64, field: &str, unit: &str) -> Ma
     let top = nice(max);
     let x = |t: i64| L + (t - t0) as f64 / (t1 - t0).max(1) as f64 * (CW - L - R);
     let y = |v: f64| T + (1.0 - v / top) * (CH - T - B);
-    let mut lines: Vec<String> = Vec::new();
-    let mut cur = String::new();
+    // Runs of points without a gap; a run of one is drawn as a dot.
+    let mut runs: Vec<Vec<(f64, f64)>> = Vec::new();
     let mut last: Option<i64> = None;
     for (t, v) in &pts {
-        if last.is_some_and(|l| t - l > 180) && !cur.is_empty() {
-            lines.push(std::mem::take(&mut cur));
+        if runs.is_empty() || last.is_some_and(|l| t - l > 180) {
+            runs.push(Vec::new());
         }
-        cur.push_str(&format!("{:.1},{:.1} ", x(*t), y(*v)));
+        if let Some(run) = runs.last_mut() {
+            run.push((x(*t), y(*v)));
+        }
         last = Some(*t);
     }
-    lines.push(cur);
     let newest = pts.last().map_or(0.0, |p| p.1);
     html! {
         svg.chart viewBox={ "0 0 " (CW) " " (CH) } role="img"
@@ -171,12 +172,11 @@ pub fn chart(samples: &[Value], t0: i64, t1: i64, field: &str, unit: &str) -> Ma
             text.tick x=(L - 4.0) y=(CH - B) text-anchor="end" { "0" }
             text.tick x=(L) y=(CH - 6.0) { "−" (span_min) " min" }
             text.tick x=(CW - R) y=(CH - 6.0) text-anchor="end" { "now" }
-            @for l in &lines {
-                @if l.split(' ').filter(|s| !s.is_empty()).count() == 1 {
-                    @let (px, py) = l.trim().split_once(',').unwrap_or(("0", "0"));
-                    circle.pt cx=(px) cy=(py) r="2" {}
+            @for run in &runs {
+                @if let [(px, py)] = run.as_slice() {
+                    circle.pt cx=(format!("{px:.1}")) cy=(format!("{py:.1}")) r="2" {}
                 } @else {
-                    polyline.series points=(l.trim()) {}
+                    polyline.series points=(run.iter().map(|(px, py)| format!("{px:.1},{py:.1}")).collect::<Vec<_>>().join(" ")) {}
                 }
             }
             title { (unit) ", last hour" }
