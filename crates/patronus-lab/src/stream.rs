@@ -128,7 +128,16 @@ pub struct StreamReport {
     /// ran (a [`model`]).
     pub first_sent_unix_ms: Option<u64>,
     pub last_sent_unix_ms: Option<u64>,
+    /// When the first packet was sent on this boot's `CLOCK_MONOTONIC`, ns ([`monotonic_ns`]):
+    /// a gap's time is this plus its sequence number over the rate, and neither moves when the
+    /// wall clock is stepped during a run (NTP on a VM does).
+    pub first_sent_mono_ns: Option<u64>,
     pub gaps: Vec<Gap>,
+}
+
+/// Now on `CLOCK_MONOTONIC`, ns: the clock of [`StreamReport::first_sent_mono_ns`].
+pub fn monotonic_ns() -> u64 {
+    now_ns()
 }
 
 /// Watches and stops a running stream from another thread (see [`run_until`]).
@@ -276,7 +285,7 @@ pub fn run_until(
             }
         });
 
-        let sender = s.spawn(move || -> Result<(u64, u64, u64, u64), StreamError> {
+        let sender = s.spawn(move || -> Result<(u64, u64, u64, u64, u64), StreamError> {
             let port = match port_rx.recv() {
                 Ok(Some(p)) => p,
                 _ => return Err(StreamError::Config("the receiver did not start".into())),
@@ -297,7 +306,7 @@ pub fn run_until(
                 let start = now_ns();
                 let mut errors = 0;
                 let mut sent = 0;
-                let (mut first_ms, mut last_ms) = (0, 0);
+                let (mut first_ms, mut last_ms, mut first_ns) = (0, 0, 0);
                 for seq in 0..count {
                     if seq > 0 && control.stop.load(Ordering::Acquire) {
                         break;
@@ -315,11 +324,12 @@ pub fn run_until(
                     last_ms = unix_ms();
                     if seq == 0 {
                         first_ms = last_ms;
+                        first_ns = now_ns();
                     }
                     sent += 1;
                     control.sent.store(sent, Ordering::Release);
                 }
-                Ok((sent, errors, first_ms, last_ms))
+                Ok((sent, errors, first_ms, last_ms, first_ns))
             });
             done.store(true, Ordering::Release);
             r.map_err(StreamError::Netns)
@@ -334,10 +344,11 @@ pub fn run_until(
             .unwrap_or_else(|_| Err(StreamError::Config("the receiver panicked".into())));
         // The receiver's error first: when it failed, the sender only knows that it did.
         let (arrivals, foreign) = received?;
-        let (sent, send_errors, first_ms, last_ms) = sent?;
+        let (sent, send_errors, first_ms, last_ms, first_ns) = sent?;
         let mut r = report(cfg.rate_pps, size, sent, send_errors, &arrivals, foreign);
         r.first_sent_unix_ms = Some(first_ms);
         r.last_sent_unix_ms = Some(last_ms);
+        r.first_sent_mono_ns = Some(first_ns);
         Ok(r)
     })
 }
@@ -467,6 +478,7 @@ pub fn report(
         delay: delay_stats(&mut delays, jitter / 1e6, ipdv_sum / 1e6),
         first_sent_unix_ms: None,
         last_sent_unix_ms: None,
+        first_sent_mono_ns: None,
         gaps,
     }
 }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use patronus_controller::store::now_ms;
 use patronus_lab::Topology;
+use patronus_lab::stream::monotonic_ns;
 use serde_json::{Value, json};
 
 use super::world::World;
@@ -35,11 +36,34 @@ pub struct Args {
     rate: u32,
 }
 
-/// A churn event's window, unix ms: a failover or a loss inside it is explained.
+/// A churn event's window: a failover or a loss inside it is explained. Failovers carry the
+/// controller's wall-clock time, so they are matched on `from_ms`/`to_ms` (Unix ms); losses
+/// are timed by the streams on `CLOCK_MONOTONIC`, so they are matched on `from_ns`/`to_ns`. A
+/// wall clock stepped during the run (NTP on a VM) then misplaces no loss.
 struct Window {
     what: &'static str,
     from_ms: i64,
     to_ms: i64,
+    from_ns: u64,
+    to_ns: u64,
+}
+
+impl Window {
+    /// A window that began at `from` (wall ms, monotonic ns) and ends now.
+    fn until_now(what: &'static str, from: (i64, u64)) -> Window {
+        Window {
+            what,
+            from_ms: from.0,
+            to_ms: now_ms(),
+            from_ns: from.1,
+            to_ns: monotonic_ns(),
+        }
+    }
+}
+
+/// Now on both clocks: wall ms and monotonic ns.
+fn both_clocks() -> (i64, u64) {
+    (now_ms(), monotonic_ns())
 }
 
 /// How long after a churn event ends its effects may still show (detection, a report).
@@ -124,7 +148,7 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
     let control: Vec<patronus_lab::stream::Control> =
         flows.iter().map(|_| Default::default()).collect();
     let start = Instant::now();
-    let start_ms = now_ms();
+    let (start_ms, start_ns) = both_clocks();
     let mut windows: Vec<Window> = Vec::new();
     let mut series: Vec<(String, Series)> = Vec::new();
     let mut controller_pids = vec![world.controller];
@@ -179,32 +203,24 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
                         "{:.0} s: the controller restarted",
                         start.elapsed().as_secs_f64()
                     ));
-                    let from_ms = now_ms();
+                    let from = both_clocks();
                     world.stop_controller()?;
                     world.start_controller()?;
                     world.login()?;
                     controller_pids.push(world.controller);
-                    windows.push(Window {
-                        what: "controller restart",
-                        from_ms,
-                        to_ms: now_ms(),
-                    });
+                    windows.push(Window::until_now("controller restart", from));
                     next_restart += Duration::from_secs(restart_every);
                 }
                 if now >= next_cycle && now + Duration::from_secs(15) < end {
                     // A cut.
-                    let from_ms = now_ms();
+                    let from = both_clocks();
                     world.lab.link_command("hq/mpls", &["cut"])?;
                     std::thread::sleep(Duration::from_secs(3));
                     world.lab.link_command("hq/mpls", &["restore"])?;
-                    windows.push(Window {
-                        what: "cut hq/mpls",
-                        from_ms,
-                        to_ms: now_ms(),
-                    });
+                    windows.push(Window::until_now("cut hq/mpls", from));
                     // A degradation.
                     std::thread::sleep(Duration::from_secs(2));
-                    let from_ms = now_ms();
+                    let from = both_clocks();
                     world
                         .lab
                         .link_command("branch2/inet", &["set", "delay=120ms"])?;
@@ -212,11 +228,7 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
                     world
                         .lab
                         .link_command("branch2/inet", &["set", "delay=10ms"])?;
-                    windows.push(Window {
-                        what: "degrade branch2/inet",
-                        from_ms,
-                        to_ms: now_ms(),
-                    });
+                    windows.push(Window::until_now("degrade branch2/inet", from));
                     // A configuration change.
                     match policy.take() {
                         None => {
@@ -256,6 +268,9 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
         Ok(reports)
     })?;
     let elapsed = start.elapsed().as_secs_f64();
+    // How far the wall clock moved apart from the monotonic one during the run: a step (NTP)
+    // shifts the failovers' times against the windows; the losses are immune to it.
+    let wall_step_ms = (now_ms() - start_ms) - (monotonic_ns() - start_ns) as i64 / 1_000_000;
     let count = |what: &str| windows.iter().filter(|w| w.what == what).count();
     // Every failover since the start, each explained by a churn window or not.
     let events = world.request(
@@ -289,16 +304,24 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
     // Packets lost outside every churn window.
     let mut lost_outside = 0u64;
     let mut gaps_outside = Vec::new();
+    let loss_explained = |at_ns: u64| -> bool {
+        let (lead, settle) = (LEAD_MS as u64 * 1_000_000, SETTLE_MS as u64 * 1_000_000);
+        windows
+            .iter()
+            .any(|w| at_ns + lead >= w.from_ns && at_ns <= w.to_ns + settle)
+    };
     for ((from, to, _), r) in flows.iter().zip(&reports) {
-        let first = r.first_sent_unix_ms.unwrap_or(0) as f64;
+        let first = r
+            .first_sent_mono_ns
+            .context("a stream reported no first send")?;
         for g in &r.gaps {
-            let at = (first + g.first_seq as f64 * 1000.0 / f64::from(r.rate_pps)) as i64;
-            if explained(at).is_none() {
+            let at = first + (g.first_seq as f64 * 1e9 / f64::from(r.rate_pps)) as u64;
+            if !loss_explained(at) {
                 lost_outside += g.lost;
                 if gaps_outside.len() < 50 {
                     gaps_outside.push(json!({
                         "stream": format!("{from} -> {to}"),
-                        "at_s": (at - start_ms) as f64 / 1e3,
+                        "at_s": at.saturating_sub(start_ns) as f64 / 1e9,
                         "lost": g.lost,
                     }));
                 }
@@ -362,9 +385,10 @@ pub fn run(args: &Args) -> anyhow::Result<Value> {
         "moves_to_a_better_path": better_moves,
         "churn": windows.iter().map(|w| json!({
             "what": w.what,
-            "from_s": (w.from_ms - start_ms) as f64 / 1e3,
-            "to_s": (w.to_ms - start_ms) as f64 / 1e3,
+            "from_s": w.from_ns.saturating_sub(start_ns) as f64 / 1e9,
+            "to_s": w.to_ns.saturating_sub(start_ns) as f64 / 1e9,
         })).collect::<Vec<_>>(),
+        "wall_clock_step_ms": wall_step_ms,
         "processes": processes,
         "left_behind": left,
         "machine": super::machine(),
@@ -396,6 +420,11 @@ pub fn summary(r: &Value) -> String {
                 format!("{a:?}")
             }),
     )];
+    if let Some(step) = r["wall_clock_step_ms"].as_i64().filter(|s| s.abs() >= 100) {
+        lines.push(format!(
+            "  the wall clock was stepped {step} ms during the run (losses are timed on the monotonic clock)"
+        ));
+    }
     for p in r["processes"].as_array().into_iter().flatten() {
         lines.push(format!(
             "  {}: {} -> {} resident ({} per hour in the second half), {} -> {} descriptors ({} per hour)",
