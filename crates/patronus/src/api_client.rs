@@ -343,8 +343,32 @@ pub fn request_via(
     body: Option<&Value>,
     headers: &[(&str, &str)],
 ) -> anyhow::Result<Response> {
+    request_checked(via, url, method, path, token, body, headers, true)
+}
+
+/// A GET of a local, plain-HTTP endpoint that is not the controller (an edge's status on
+/// loopback): no controller pin applies to it, and it carries no credential.
+pub fn get_local_plain(url: &str, path: &str) -> anyhow::Result<Response> {
+    anyhow::ensure!(
+        url.starts_with("http://127.") || url.starts_with("http://[::1]"),
+        "{url}: only a loopback http:// URL is read without TLS"
+    );
+    request_checked(None, url, "GET", path, None, None, &[], false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn request_checked(
+    via: Option<&Via>,
+    url: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+    headers: &[(&str, &str)],
+    controller: bool,
+) -> anyhow::Result<Response> {
     let t = target(url)?;
-    if !t.tls && (PINS.get().is_some() || env_fingerprints().is_some()) {
+    if controller && !t.tls && (PINS.get().is_some() || env_fingerprints().is_some()) {
         bail!(
             "{url}: a controller certificate fingerprint is pinned, but this URL is plain \
              http:// (nothing would be checked, and the password or credential would go in \

@@ -929,13 +929,9 @@ fn stream_rows(t: &Mutex<Vec<StreamTally>>) -> Vec<demo_view::StreamRow> {
 fn edge_status(lab: &Lab, site: &str) -> anyhow::Result<EdgeStatus> {
     let ns = lab.ns(site)?;
     let r = netns::run_in::<_, anyhow::Error>(&ns, || {
-        api_client::request(
-            &format!("http://127.0.0.1:{STATUS_PORT}"),
-            "GET",
-            "/status",
-            None,
-            None,
-        )
+        // The edge's own status on its loopback, not the controller: the controller's pin
+        // (set by the demo for its API calls) does not apply to it.
+        api_client::get_local_plain(&format!("http://127.0.0.1:{STATUS_PORT}"), "/status")
     })?;
     Ok(serde_json::from_value(r.body)?)
 }

@@ -84,6 +84,21 @@ pub fn start_demo() -> Demo {
             run_id = Some(rest.split(')').next().unwrap().to_owned());
         }
     }
+    // The view reads each edge's own status: it must show their paths, not an error (it once
+    // refused the edges' plain-HTTP status because the controller's pin was set).
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let l = lines
+            .recv_timeout(left)
+            .unwrap_or_else(|e| panic!("the demo's view showed no edge's paths: {e}"));
+        assert!(
+            !l.contains("status does not answer"),
+            "the demo's view: {l}"
+        );
+        if l.contains(" paths up · ") {
+            break;
+        }
+    }
     Demo {
         child,
         url: url.unwrap(),
