@@ -290,6 +290,12 @@ async fn refresh(
                 "the refresh token is invalid or expired",
             ));
         }
+        RefreshOutcome::Revoked => {
+            return Err(ApiError::invalid_token(
+                "the session was ended (a logout, a password or role change, a replayed token, or the \
+                 controller's secrets rotated); log in again",
+            ));
+        }
         RefreshOutcome::Reused { user_id } => {
             tracing::warn!(
                 user_id,

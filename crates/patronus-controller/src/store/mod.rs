@@ -243,8 +243,11 @@ pub enum RefreshOutcome {
     Rotated { user_id: i64 },
     /// Unknown or expired.
     Invalid,
-    /// Already rotated or revoked: someone replayed it. Its whole family is now revoked.
+    /// Already rotated: someone replayed it. Its whole family is now revoked.
     Reused { user_id: i64 },
+    /// Revoked and never rotated: its session was ended (logout, a password or role change,
+    /// a rotation of the secrets). Nothing was replayed.
+    Revoked,
     /// The signing key was replaced since this controller last looked: nothing written.
     KeyReplaced,
 }
@@ -1162,7 +1165,10 @@ impl Store {
         };
         let user_id: i64 = row.try_get("user_id")?;
         let family: String = row.try_get("family")?;
-        if row.try_get::<i64, _>("rotated")? != 0 || row.try_get::<i64, _>("revoked")? != 0 {
+        if row.try_get::<i64, _>("rotated")? == 0 && row.try_get::<i64, _>("revoked")? != 0 {
+            return Ok(RefreshOutcome::Revoked);
+        }
+        if row.try_get::<i64, _>("rotated")? != 0 {
             query("UPDATE refresh_tokens SET revoked = 1 WHERE family = ?")
                 .bind(&family)
                 .execute(&mut *tx)

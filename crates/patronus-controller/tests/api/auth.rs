@@ -89,6 +89,18 @@ async fn login_refresh_rotation_reuse_and_logout() {
         )
         .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    // An ended session is not a replay: it says so, and no reuse is recorded.
+    let message = r.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("the session was ended"), "{message}");
+    let audit = a
+        .call(
+            Method::GET,
+            "/api/v1/audit?action=auth.session_revoked",
+            Some(&a.admin().await),
+            None,
+        )
+        .await;
+    assert_eq!(audit.body["total"], 1, "only the replay above: {audit:?}");
 }
 
 #[tokio::test]
