@@ -1201,6 +1201,7 @@ impl Edge {
             loop_late_max_seconds: self.engine.stats().late_max.as_secs_f64(),
             peer_silences: self.engine.stats().peer_silences,
             path_downs: self.engine.stats().paths_down,
+            flow_table_full: self.engine.stats().flow_table_full,
             failovers: self.failovers.clone(),
             failover_outages: self.engine.stats().failover_outages.into(),
             failover_events: self.failover_log.iter().cloned().collect(),

@@ -218,6 +218,10 @@ pub struct EdgeStatus {
     /// reported changes, with hysteresis).
     #[serde(default)]
     pub path_downs: u64,
+    /// Packets of new flows decided but not cached because the flow table was full (each is
+    /// decided again on its next packet; nothing is dropped).
+    #[serde(default)]
+    pub flow_table_full: u64,
     /// Flow moves by reason.
     pub failovers: BTreeMap<FailoverReason, u64>,
     /// The outages of the flows of paths that went down.
@@ -547,6 +551,12 @@ pub fn render_metrics(s: &EdgeStatus) -> String {
             "Times a path went down as steering sees it (reported changes are path events, \
              with hysteresis).",
             s.path_downs,
+        ),
+        (
+            "flow_table_full",
+            "Packets of new flows decided but not cached because the flow table was full \
+             (forwarded all the same; each is decided again on its next packet).",
+            s.flow_table_full,
         ),
     ] {
         family(
