@@ -7,7 +7,8 @@
 //!
 //! What a block can rely on: `patronus` on `PATH` (this build's), `PATRONUS_URL` (the
 //! controller), `PATRONUS_CA_FINGERPRINT` (its certificate's, which the CLI pins),
-//! `PATRONUS_CA_FILE` (the certificate, for curl), `PATRONUS_ADMIN_PASSWORD`, a `HOME` of its
+//! `PATRONUS_CA_FILE` (the certificate, for curl), `PATRONUS_ADMIN_PASSWORD`,
+//! `PATRONUS_DATA_DIR` (the controller's data directory, for `backup` and `restore`), a `HOME` of its
 //! own (the CLI's login is kept there) and a working directory shared by the blocks of a run;
 //! what a block `export`s, the blocks after it see. Each block runs under `bash -euo pipefail`.
 //! Runs on the lab's harness: without root it is counted as ignored, and
@@ -23,7 +24,12 @@ use lab_common::demo::start_demo;
 
 /// The documents whose commands are run, in this order (each may use what the ones before it
 /// made).
-const DOCS: &[&str] = &["docs/api-guide.md", "docs/runbook.md"];
+const DOCS: &[&str] = &[
+    "docs/api-guide.md",
+    "docs/runbook.md",
+    "docs/disaster-recovery.md",
+    "docs/tuning.md",
+];
 
 fn main() -> std::process::ExitCode {
     patronus_lab::harness::run(
@@ -207,6 +213,7 @@ fn every_command_the_docs_show_runs_and_prints_what_they_show() {
             .env("PATRONUS_CA_FINGERPRINT", &demo.fingerprint)
             .env("PATRONUS_CA_FILE", &ca_file)
             .env("PATRONUS_ADMIN_PASSWORD", &demo.password)
+            .env("PATRONUS_DATA_DIR", &demo.state)
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
