@@ -81,7 +81,7 @@ fn every_alert_fires_on_its_case_and_names_a_runbook_section() {
     let runbook = std::fs::read_to_string(repo().join("docs/runbook.md")).unwrap();
     let anchors: BTreeSet<String> = runbook
         .lines()
-        .filter_map(|l| l.strip_prefix("## "))
+        .filter_map(|l| l.strip_prefix("## ").or_else(|| l.strip_prefix("### ")))
         .map(|h| {
             h.to_lowercase()
                 .chars()
