@@ -574,8 +574,21 @@ impl Lab {
             .ok_or_else(|| LabError::Other("exec: empty command".into()))?;
         let mut c = self.command(node, first.as_ref())?;
         c.args(rest.iter().map(|s| s.as_ref())).stdin(Stdio::null());
-        c.output()
-            .map_err(io(format!("running {} in {node}", first.as_ref())))
+        let out = c
+            .output()
+            .map_err(io(format!("running {} in {node}", first.as_ref())))?;
+        // `ip netns exec` reports a program it could not start as a failed run of it: say
+        // what is missing, rather than let a caller take it for the command's own failure.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() && stderr.starts_with("exec of \"") {
+            return Err(LabError::Other(format!(
+                "`{}` could not be started in {node} ({}): install it (.ci/deps installs \
+                 what the lab uses)",
+                first.as_ref(),
+                stderr.trim()
+            )));
+        }
+        Ok(out)
     }
 
     /// Starts a process in `node` that the lab kills when it is torn down.
